@@ -1,0 +1,300 @@
+//! `archive-agent push`: store one file PostgreSQL hands to `archive_command`.
+//!
+//! The rules PostgreSQL depends on (see "Continuous Archiving" in its documentation):
+//! success only once the file is durable in the repository; the same name with the same bytes
+//! is success (PostgreSQL may retry a push whose acknowledgement it lost); the same name with
+//! other bytes is refused and nothing is overwritten.
+
+use std::path::Path;
+
+use crate::config::Settings;
+use crate::exit;
+use crate::repo::descriptor::DescriptorError;
+use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
+use crate::repo::object::{self, MAX_ORIGINAL_LEN, ObjectError, SealedObject};
+use crate::repo::store::{Access, CreateSemantics, PutNew};
+use crate::repo::{ClusterIdentity, RepoDescriptor, Store, StoreError};
+use crate::retry::RetryPolicy;
+use crate::wal::{NameError, PageError, SegmentInfo, WalFileName};
+
+/// Largest timeline history or backup history file accepted (they are a few hundred bytes).
+const MAX_TEXT_FILE_LEN: u64 = 16 << 20;
+
+/// What a successful push did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushOutcome {
+    pub name: WalFileName,
+    pub size: u64,
+    /// Bytes the stored object takes in the repository.
+    pub stored_size: u64,
+    /// `false` when an identical copy was already archived.
+    pub newly_stored: bool,
+}
+
+/// Why a push failed. [`PushError::exit_code`] never exceeds 125: a higher status would kill
+/// PostgreSQL's archiver.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("{0}")]
+    Name(#[from] NameError),
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is {len} bytes, more than a {kind} can be; refusing it")]
+    TooLarge {
+        path: String,
+        len: u64,
+        kind: &'static str,
+    },
+    #[error("{name} is not a valid WAL segment: {source}; refusing to archive it (check the file in pg_wal)")]
+    InvalidWal { name: String, source: PageError },
+    #[error(
+        "{name} comes from {file}, but repository {repo} belongs to {stored}; refusing to mix clusters (use a separate repository for this cluster)"
+    )]
+    ForeignCluster {
+        name: String,
+        file: ClusterIdentity,
+        stored: ClusterIdentity,
+        repo: String,
+    },
+    #[error("repository {repo}: {source}")]
+    Descriptor { repo: String, source: DescriptorError },
+    #[error(
+        "{name} is already archived with different content: stored blake3 {stored_hash} ({stored_len} bytes), new blake3 {new_hash} ({new_len} bytes); refusing to overwrite. Find out why PostgreSQL produced a different file under this name (two clusters sharing one repository?) before removing either copy"
+    )]
+    Conflict {
+        name: String,
+        stored_hash: String,
+        stored_len: u64,
+        new_hash: String,
+        new_len: u64,
+    },
+    #[error(
+        "the archived copy of {name} ({key} in {repo}) is corrupt: {source}; refusing to overwrite it automatically. Move the object aside after checking it, and PostgreSQL's next retry will store the file again"
+    )]
+    StoredCorrupt {
+        name: String,
+        key: String,
+        repo: String,
+        source: Box<ObjectError>,
+    },
+    #[error("{0}; PostgreSQL will retry the push")]
+    Store(#[from] StoreError),
+}
+
+impl PushError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            PushError::Name(_) => exit::USAGE,
+            PushError::Read { .. } | PushError::Store(_) => exit::NOT_FOUND_OR_RETRY,
+            PushError::TooLarge { .. }
+            | PushError::InvalidWal { .. }
+            | PushError::ForeignCluster { .. }
+            | PushError::Descriptor { .. }
+            | PushError::Conflict { .. }
+            | PushError::StoredCorrupt { .. } => exit::REFUSED,
+        }
+    }
+}
+
+/// The name PostgreSQL archives is the last component of `%p` (it runs the command in the data
+/// directory, with `%p` like `pg_wal/000000010000000000000001`).
+pub fn name_of(wal_path: &Path) -> Result<WalFileName, NameError> {
+    match wal_path.file_name().and_then(|n| n.to_str()) {
+        Some(n) => n.parse(),
+        None if wal_path.as_os_str().is_empty() => Err(NameError::Empty),
+        None => Err(NameError::Invalid(wal_path.display().to_string())),
+    }
+}
+
+/// Archive the file at `wal_path`.
+pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, PushError> {
+    let name = name_of(wal_path)?;
+    let name_str = name.to_string();
+    let content = read_bounded(wal_path, &name)?;
+    let info = match name.wal_segment() {
+        Some(seg) => Some(
+            crate::wal::page::validate_segment(&content, &seg).map_err(|source| PushError::InvalidWal {
+                name: name_str.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+
+    let retry = RetryPolicy::with_total(settings.retry_timeout);
+    let store = retry
+        .run("opening the repository", || async {
+            Store::open(&settings.repo, Access::ReadWrite, settings.retry_timeout)
+        })
+        .await
+        .map_err(|(e, _)| e)?;
+    check_cluster(&store, &retry, &name_str, info.as_ref()).await?;
+
+    let key = wal_key(&name);
+    let new_hash = blake3::hash(&content);
+    if let Some(outcome) = compare_stored(&store, &retry, &key, &name, &content, &new_hash).await? {
+        return Ok(outcome);
+    }
+    let sealed =
+        SealedObject::seal(&name_str, &content, settings.compress_level).map_err(|e| PushError::Read {
+            path: wal_path.display().to_string(),
+            source: e,
+        })?;
+    let stored_size = sealed.bytes.len() as u64;
+    let put = retry
+        .run(&format!("storing {name_str}"), || {
+            store.put_new(&key, sealed.bytes.clone())
+        })
+        .await
+        .map_err(|(e, _)| e)?;
+    match put {
+        PutNew::Created if store.create_semantics() == CreateSemantics::Atomic => {}
+        // The store may have let a concurrent writer replace either copy: read back what is there.
+        _ => {
+            return compare_stored(&store, &retry, &key, &name, &content, &new_hash)
+                .await?
+                .map(|o| PushOutcome {
+                    newly_stored: put == PutNew::Created,
+                    ..o
+                })
+                .ok_or_else(|| {
+                    PushError::Store(StoreError {
+                        op: "read back",
+                        key: key.clone(),
+                        repo: store.url().to_string(),
+                        message: "object missing right after it was written".into(),
+                        transient: true,
+                    })
+                });
+        }
+    }
+    Ok(PushOutcome {
+        name,
+        size: content.len() as u64,
+        stored_size,
+        newly_stored: true,
+    })
+}
+
+fn read_bounded(path: &Path, name: &WalFileName) -> Result<Vec<u8>, PushError> {
+    let shown = || path.display().to_string();
+    let read_err = |source| PushError::Read {
+        path: shown(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(read_err)?.len();
+    let limit = if name.wal_segment().is_some() {
+        MAX_ORIGINAL_LEN
+    } else {
+        MAX_TEXT_FILE_LEN
+    };
+    if len > limit {
+        return Err(PushError::TooLarge {
+            path: shown(),
+            len,
+            kind: name.kind(),
+        });
+    }
+    std::fs::read(path).map_err(read_err)
+}
+
+/// Make sure the repository belongs to the cluster that wrote this segment, recording the
+/// identity on the first push of a segment. History and backup files carry no identity; they are
+/// accepted into a repository whose identity is still unknown.
+async fn check_cluster(
+    store: &Store,
+    retry: &RetryPolicy,
+    name: &str,
+    info: Option<&SegmentInfo>,
+) -> Result<(), PushError> {
+    let read = || async {
+        let bytes = retry
+            .run("reading walvault.json", || store.get(DESCRIPTOR_KEY))
+            .await
+            .map_err(|(e, _)| e)?;
+        bytes
+            .map(|b| {
+                RepoDescriptor::parse(&b).map_err(|source| PushError::Descriptor {
+                    repo: store.url().to_string(),
+                    source,
+                })
+            })
+            .transpose()
+    };
+    let mut stored = read().await?;
+    if stored.is_none() {
+        let Some(info) = info else { return Ok(()) };
+        let desc = RepoDescriptor::new(ClusterIdentity::from(info));
+        let put = retry
+            .run("creating walvault.json", || {
+                store.put_new(DESCRIPTOR_KEY, desc.to_json().into())
+            })
+            .await
+            .map_err(|(e, _)| e)?;
+        if put == PutNew::Created {
+            tracing::info!(repo = %store.url(), cluster = %desc.cluster, "initialized repository");
+        }
+        stored = read().await?;
+    }
+    if let (Some(stored), Some(info)) = (stored, info) {
+        let file = ClusterIdentity::from(info);
+        if stored.cluster != file {
+            return Err(PushError::ForeignCluster {
+                name: name.to_string(),
+                file,
+                stored: stored.cluster,
+                repo: store.url().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `Some` when an identical copy is already stored, `None` when nothing is stored, an error when
+/// something else is.
+async fn compare_stored(
+    store: &Store,
+    retry: &RetryPolicy,
+    key: &str,
+    name: &WalFileName,
+    content: &[u8],
+    new_hash: &blake3::Hash,
+) -> Result<Option<PushOutcome>, PushError> {
+    let name_str = name.to_string();
+    let Some(bytes) = retry
+        .run(&format!("checking for an archived {name_str}"), || store.get(key))
+        .await
+        .map_err(|(e, _)| e)?
+    else {
+        return Ok(None);
+    };
+    let header = object::read_header(&bytes).map_err(|source| PushError::StoredCorrupt {
+        name: name_str.clone(),
+        key: key.to_string(),
+        repo: store.url().to_string(),
+        source: Box::new(source),
+    })?;
+    if header.blake3 != *new_hash.as_bytes() || header.original_len != content.len() as u64 {
+        return Err(PushError::Conflict {
+            name: name_str,
+            stored_hash: header.blake3_hex(),
+            stored_len: header.original_len,
+            new_hash: new_hash.to_hex().to_string(),
+            new_len: content.len() as u64,
+        });
+    }
+    // Same hash in the header: make sure the stored copy really holds those bytes before telling
+    // PostgreSQL it may recycle its own.
+    object::open(&bytes, &name_str).map_err(|source| PushError::StoredCorrupt {
+        name: name_str.clone(),
+        key: key.to_string(),
+        repo: store.url().to_string(),
+        source: Box::new(source),
+    })?;
+    Ok(Some(PushOutcome {
+        name: *name,
+        size: content.len() as u64,
+        stored_size: bytes.len() as u64,
+        newly_stored: false,
+    }))
+}

@@ -1,0 +1,80 @@
+//! What both binaries share on the command line: repository flags, logging, and how a bad command
+//! line is reported (one line, exit 2).
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{DEFAULT_CONFIG_PATH, Overrides, Settings};
+use crate::exit;
+
+/// Where the repository is and how to reach it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RepoArgs {
+    /// Repository URL: file:///var/lib/walvault or s3://bucket/prefix
+    #[arg(long, env = "WALVAULT_REPO", global = true, value_name = "URL")]
+    pub repo: Option<String>,
+    /// TOML file with repo, compress_level, retry_timeout [default: /etc/walvault/walvault.toml if it exists]
+    #[arg(long, env = "WALVAULT_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Give up on an unreachable repository after this long (500ms, 30s, 5m) [default: 60s]
+    #[arg(long, env = "WALVAULT_RETRY_TIMEOUT", global = true, value_name = "DURATION")]
+    pub retry_timeout: Option<String>,
+}
+
+impl RepoArgs {
+    pub fn settings(&self, compress_level: Option<i32>) -> Result<Settings, crate::config::ConfigError> {
+        Settings::resolve(
+            Overrides {
+                repo: self.repo.clone(),
+                config: self.config.clone(),
+                compress_level,
+                retry_timeout: self.retry_timeout.clone(),
+            },
+            std::path::Path::new(DEFAULT_CONFIG_PATH),
+        )
+    }
+}
+
+/// Parse the command line; on a usage error print one line and exit 2 (help and version exit 0).
+pub fn parse_or_exit<T: Parser>(program: &str) -> T {
+    match T::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            std::process::exit(0);
+        }
+        Err(e) => {
+            // clap's message spans several lines; keep its first paragraph, on one line.
+            let text = e.to_string();
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let first = first.join(" ");
+            let first = first.strip_prefix("error: ").unwrap_or(&first);
+            eprintln!("{program}: {first} (see {program} --help)");
+            std::process::exit(i32::from(exit::USAGE));
+        }
+    }
+}
+
+/// Log to stderr, which PostgreSQL captures into its server log. `WALVAULT_LOG` sets the filter
+/// (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WALVAULT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
+}
+
+/// A single-threaded runtime: push and fetch handle one file each and must start fast.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}

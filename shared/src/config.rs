@@ -1,0 +1,196 @@
+//! Settings shared by both agents, from flags, `WALVAULT_*` environment variables and a TOML file.
+//!
+//! Precedence, highest first: command-line flag, environment variable (clap merges these two),
+//! then the TOML file named by `--config`/`WALVAULT_CONFIG`, else `/etc/walvault/walvault.toml`
+//! when it exists.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::repo::RepoUrl;
+use crate::repo::url::UrlError;
+
+/// Read when neither `--config` nor `WALVAULT_CONFIG` names a file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/walvault/walvault.toml";
+/// zstd level for WAL files; see README "Compression level" for the measurement behind it.
+pub const DEFAULT_COMPRESS_LEVEL: i32 = 3;
+/// How long a push or fetch keeps retrying transient storage errors before giving up.
+pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Values given on the command line or in the environment (`None` when absent).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub repo: Option<String>,
+    pub config: Option<PathBuf>,
+    pub compress_level: Option<i32>,
+    pub retry_timeout: Option<String>,
+}
+
+/// The resolved settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub repo: RepoUrl,
+    pub compress_level: i32,
+    pub retry_timeout: Duration,
+}
+
+/// The TOML file; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    repo: Option<String>,
+    compress_level: Option<i32>,
+    retry_timeout: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no repository configured: pass --repo URL, set WALVAULT_REPO, or put repo = \"file:///path\" in a TOML file named by --config or WALVAULT_CONFIG"
+    )]
+    NoRepository,
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    #[error("compress level {0} is out of range: use 1 (fastest) to 19 (smallest)")]
+    Level(i32),
+    #[error("invalid duration {0:?}: use a number with a unit, like 500ms, 30s, 5m or 1h")]
+    Duration(String),
+}
+
+/// Parse `500ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::Duration(s.to_string());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" | "min" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    Ok(Duration::from_millis(ms))
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.message().to_string(),
+    })
+}
+
+impl Settings {
+    /// Resolve settings; `default_config` is the file read when none is named (injected for tests).
+    pub fn resolve(o: Overrides, default_config: &Path) -> Result<Settings, ConfigError> {
+        let file = match &o.config {
+            Some(path) => read_file(path)?,
+            None if default_config.is_file() => read_file(default_config)?,
+            None => FileConfig::default(),
+        };
+        let repo = o.repo.or(file.repo).ok_or(ConfigError::NoRepository)?;
+        let compress_level = o
+            .compress_level
+            .or(file.compress_level)
+            .unwrap_or(DEFAULT_COMPRESS_LEVEL);
+        if !(1..=19).contains(&compress_level) {
+            return Err(ConfigError::Level(compress_level));
+        }
+        let retry_timeout = match o.retry_timeout.or(file.retry_timeout) {
+            Some(s) => parse_duration(&s)?,
+            None => DEFAULT_RETRY_TIMEOUT,
+        };
+        Ok(Settings {
+            repo: repo.parse()?,
+            compress_level,
+            retry_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        for bad in ["", "s", "1d", "-1s", "1.5s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn flag_beats_file_and_file_fills_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("w.toml");
+        std::fs::write(
+            &cfg,
+            "repo = \"file:///from/file\"\ncompress_level = 9\nretry_timeout = \"5s\"\n",
+        )
+        .unwrap();
+        let from_file = Settings::resolve(
+            Overrides {
+                config: Some(cfg.clone()),
+                ..Default::default()
+            },
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
+        assert_eq!(from_file.repo.as_str(), "file:///from/file");
+        assert_eq!(from_file.compress_level, 9);
+        assert_eq!(from_file.retry_timeout, Duration::from_secs(5));
+        let flag = Settings::resolve(
+            Overrides {
+                repo: Some("file:///from/flag".into()),
+                config: Some(cfg),
+                ..Default::default()
+            },
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
+        assert_eq!(flag.repo.as_str(), "file:///from/flag");
+        assert_eq!(flag.compress_level, 9);
+    }
+
+    #[test]
+    fn missing_repo_unknown_keys_and_bad_levels_are_errors() {
+        let none = Settings::resolve(Overrides::default(), Path::new("/nonexistent"));
+        assert!(matches!(none, Err(ConfigError::NoRepository)));
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("w.toml");
+        std::fs::write(&cfg, "repository = \"file:///typo\"\n").unwrap();
+        let typo = Settings::resolve(
+            Overrides {
+                config: Some(cfg),
+                ..Default::default()
+            },
+            Path::new("/x"),
+        );
+        assert!(matches!(typo, Err(ConfigError::Parse { .. })));
+        let level = Settings::resolve(
+            Overrides {
+                repo: Some("file:///r".into()),
+                compress_level: Some(40),
+                ..Default::default()
+            },
+            Path::new("/x"),
+        );
+        assert!(matches!(level, Err(ConfigError::Level(40))));
+    }
+}

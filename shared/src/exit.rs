@@ -1,0 +1,18 @@
+//! Exit codes, chosen for how PostgreSQL reads them (`src/backend/access/transam/xlogarchive.c`,
+//! `src/backend/postmaster/pgarch.c`, `wait_result_is_any_signal` in `src/port/wait_error.c`).
+
+/// Done: the file is durably archived (push) or complete at the destination (fetch).
+pub const SUCCESS: u8 = 0;
+/// fetch: the file is not in the repository. PostgreSQL then ends archive recovery or, in standby
+/// mode, tries again later. push: a failure PostgreSQL should retry (it will, every few seconds).
+pub const NOT_FOUND_OR_RETRY: u8 = 1;
+/// Bad arguments or an invalid file name; nothing was touched.
+pub const USAGE: u8 = 2;
+/// push refused for good: same name with different bytes, WAL from another cluster, invalid WAL
+/// content. PostgreSQL keeps retrying (and pg_wal grows) until a human acts; the log says what to do.
+pub const REFUSED: u8 = 3;
+/// fetch could not tell whether the file exists, or the stored copy is corrupt. Above 125, so
+/// PostgreSQL's startup process stops with FATAL instead of treating it as "end of archive" and
+/// promoting early. Not 143 (128 + SIGTERM), which PostgreSQL takes for a shutdown request.
+/// push never uses it: an exit above 125 kills PostgreSQL's archiver process.
+pub const FATAL: u8 = 200;

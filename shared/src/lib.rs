@@ -1,0 +1,17 @@
+//! walvault: the library behind `archive-agent` and `restore-agent`.
+//!
+//! Pure parts (WAL names, page headers, the object envelope, the repository layout) are plain
+//! functions over bytes and values; the storage, the file system and the clock live at the edges
+//! (`repo::store`, `archive`, `restore`). The binaries only parse flags, call into here and map
+//! the outcome to an exit code (see [`exit`]).
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+pub mod archive;
+pub mod cli;
+pub mod config;
+pub mod exit;
+pub mod fsutil;
+pub mod repo;
+pub mod restore;
+pub mod retry;
+pub mod wal;

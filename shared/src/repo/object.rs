@@ -1,0 +1,288 @@
+//! The envelope every archived WAL file is stored in (format "WALVAULT" object v1, see
+//! `docs/FORMAT.md`): a fixed header with the original length and blake3 hash, the file name, a
+//! CRC over the header, then the (zstd-compressed) payload. Decoding verifies all of it, so a
+//! truncated, corrupted or misplaced object is reported as such and never handed to PostgreSQL.
+
+use bytes::Bytes;
+
+pub const MAGIC: &[u8; 8] = b"WALVAULT";
+pub const VERSION: u16 = 1;
+/// Bytes before the name: magic, version, kind, codec, name length, original length, hash, payload length.
+const FIXED_LEN: usize = 64;
+const CRC_LEN: usize = 4;
+const MAX_NAME_LEN: usize = 64;
+/// Largest original we will ever allocate for: a 1 GiB segment (the largest PostgreSQL allows).
+pub const MAX_ORIGINAL_LEN: u64 = 1 << 30;
+
+/// What the object holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// A file PostgreSQL archived: segment, partial segment, `.history` or `.backup`.
+    WalFile = 1,
+}
+
+/// How the payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    None = 0,
+    Zstd = 1,
+}
+
+/// Why stored bytes are not a valid object. Every variant means "corrupt or foreign", never "missing".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ObjectError {
+    #[error("truncated: {len} bytes is shorter than an object header")]
+    TooShort { len: usize },
+    #[error("not a walvault object (bad magic)")]
+    BadMagic,
+    #[error("object format version {0} is newer than this walvault understands (1); upgrade walvault")]
+    UnsupportedVersion(u16),
+    #[error("unknown object kind {0}")]
+    UnknownKind(u8),
+    #[error("unknown codec {0}")]
+    UnknownCodec(u8),
+    #[error("header checksum mismatch (corrupt header)")]
+    HeaderChecksum,
+    #[error("invalid name length {0} in header")]
+    BadNameLength(u32),
+    #[error("original length {0} exceeds the 1 GiB limit")]
+    TooLarge(u64),
+    #[error("truncated or padded: header promises {expected} payload bytes, object has {found}")]
+    PayloadLength { expected: u64, found: u64 },
+    #[error("holds {found:?}, not {expected:?} (misplaced object)")]
+    WrongName { expected: String, found: String },
+    #[error("payload does not decompress: {0}")]
+    Decompress(String),
+    #[error("content is {found} bytes, header says {expected}")]
+    ContentLength { expected: u64, found: u64 },
+    #[error("content hash mismatch: header blake3 {expected}, content blake3 {found}")]
+    ContentHash { expected: String, found: String },
+}
+
+/// The header of an object, readable without decompressing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectHeader {
+    pub kind: ObjectKind,
+    pub codec: Codec,
+    pub name: String,
+    pub original_len: u64,
+    pub blake3: [u8; 32],
+    pub payload_len: u64,
+}
+
+impl ObjectHeader {
+    pub fn blake3_hex(&self) -> String {
+        hex::encode(self.blake3)
+    }
+    fn encoded_len(&self) -> usize {
+        FIXED_LEN + self.name.len() + CRC_LEN
+    }
+}
+
+/// An object ready to be stored: the encoded bytes and their header.
+#[derive(Debug, Clone)]
+pub struct SealedObject {
+    pub header: ObjectHeader,
+    pub bytes: Bytes,
+}
+
+impl SealedObject {
+    /// Compress `content` with zstd at `level` and wrap it. `name` must be a validated WAL name.
+    pub fn seal(name: &str, content: &[u8], level: i32) -> std::io::Result<SealedObject> {
+        assert!(name.len() <= MAX_NAME_LEN, "names are validated before sealing");
+        let payload = zstd::bulk::compress(content, level)?;
+        let header = ObjectHeader {
+            kind: ObjectKind::WalFile,
+            codec: Codec::Zstd,
+            name: name.to_string(),
+            original_len: content.len() as u64,
+            blake3: *blake3::hash(content).as_bytes(),
+            payload_len: payload.len() as u64,
+        };
+        let mut out = Vec::with_capacity(header.encoded_len() + payload.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.push(header.kind as u8);
+        out.push(header.codec as u8);
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header.original_len.to_le_bytes());
+        out.extend_from_slice(&header.blake3);
+        out.extend_from_slice(&header.payload_len.to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&payload);
+        Ok(SealedObject {
+            header,
+            bytes: Bytes::from(out),
+        })
+    }
+}
+
+fn take<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut v = [0u8; N];
+    v.copy_from_slice(&b[at..at + N]);
+    v
+}
+
+/// Parse and check the header (magic, version, CRC, lengths) of an encoded object.
+pub fn read_header(bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
+    if bytes.len() < FIXED_LEN + CRC_LEN {
+        return Err(ObjectError::TooShort { len: bytes.len() });
+    }
+    if &bytes[0..8] != MAGIC {
+        return Err(ObjectError::BadMagic);
+    }
+    let version = u16::from_le_bytes(take(bytes, 8));
+    if version != VERSION {
+        return Err(ObjectError::UnsupportedVersion(version));
+    }
+    let name_len = u32::from_le_bytes(take(bytes, 12));
+    if name_len == 0 || name_len as usize > MAX_NAME_LEN {
+        return Err(ObjectError::BadNameLength(name_len));
+    }
+    let header_end = FIXED_LEN + name_len as usize;
+    if bytes.len() < header_end + CRC_LEN {
+        return Err(ObjectError::TooShort { len: bytes.len() });
+    }
+    let stored_crc = u32::from_le_bytes(take(bytes, header_end));
+    if crc32fast::hash(&bytes[..header_end]) != stored_crc {
+        return Err(ObjectError::HeaderChecksum);
+    }
+    // The CRC matched, so the remaining fields are as written; still check them against our limits.
+    let kind = match bytes[10] {
+        1 => ObjectKind::WalFile,
+        k => return Err(ObjectError::UnknownKind(k)),
+    };
+    let codec = match bytes[11] {
+        0 => Codec::None,
+        1 => Codec::Zstd,
+        c => return Err(ObjectError::UnknownCodec(c)),
+    };
+    let original_len = u64::from_le_bytes(take(bytes, 16));
+    if original_len > MAX_ORIGINAL_LEN {
+        return Err(ObjectError::TooLarge(original_len));
+    }
+    let name = String::from_utf8_lossy(&bytes[FIXED_LEN..header_end]).into_owned();
+    Ok(ObjectHeader {
+        kind,
+        codec,
+        name,
+        original_len,
+        blake3: take(bytes, 24),
+        payload_len: u64::from_le_bytes(take(bytes, 56)),
+    })
+}
+
+/// Decode an object stored for `expected_name`, verifying header, length and blake3 of the content.
+pub fn open(bytes: &[u8], expected_name: &str) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+    let header = read_header(bytes)?;
+    let payload = &bytes[header.encoded_len()..];
+    if payload.len() as u64 != header.payload_len {
+        return Err(ObjectError::PayloadLength {
+            expected: header.payload_len,
+            found: payload.len() as u64,
+        });
+    }
+    if header.name != expected_name {
+        return Err(ObjectError::WrongName {
+            expected: expected_name.to_string(),
+            found: header.name,
+        });
+    }
+    let content = match header.codec {
+        Codec::None => payload.to_vec(),
+        // The capacity bound makes a decompression bomb fail instead of allocating without limit.
+        Codec::Zstd => zstd::bulk::decompress(payload, header.original_len as usize)
+            .map_err(|e| ObjectError::Decompress(e.to_string()))?,
+    };
+    if content.len() as u64 != header.original_len {
+        return Err(ObjectError::ContentLength {
+            expected: header.original_len,
+            found: content.len() as u64,
+        });
+    }
+    let found = blake3::hash(&content);
+    if found.as_bytes() != &header.blake3 {
+        return Err(ObjectError::ContentHash {
+            expected: header.blake3_hex(),
+            found: found.to_hex().to_string(),
+        });
+    }
+    Ok((header, content))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NAME: &str = "000000010000000000000001";
+
+    fn sample() -> Vec<u8> {
+        (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn round_trips_and_compresses() {
+        let content = sample();
+        let sealed = SealedObject::seal(NAME, &content, 3).unwrap();
+        assert!(sealed.bytes.len() < content.len() / 4);
+        let (header, back) = open(&sealed.bytes, NAME).unwrap();
+        assert_eq!(back, content);
+        assert_eq!(header.blake3_hex(), blake3::hash(&content).to_hex().to_string());
+    }
+
+    /// Frozen fixture: format v1 must stay readable by every later version.
+    #[test]
+    fn frozen_v1_fixture_still_decodes() {
+        let fixture = include_bytes!("../../tests/fixtures/object-v1-history.wvo");
+        let (header, content) = open(fixture, "00000002.history").unwrap();
+        assert_eq!(header.codec, Codec::Zstd);
+        assert_eq!(content, b"1\t0/3000060\tno recovery target specified\n");
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_detected() {
+        let content = sample();
+        let sealed = SealedObject::seal(NAME, &content, 3).unwrap();
+        for cut in [0, 10, 63, 70, sealed.bytes.len() / 2, sealed.bytes.len() - 1] {
+            assert!(open(&sealed.bytes[..cut], NAME).is_err(), "truncated at {cut}");
+        }
+        for at in (0..sealed.bytes.len()).step_by(97) {
+            let mut bad = sealed.bytes.to_vec();
+            bad[at] ^= 0x10;
+            assert!(open(&bad, NAME).is_err(), "flip at {at} not detected");
+        }
+        let mut longer = sealed.bytes.to_vec();
+        longer.push(0);
+        assert!(matches!(
+            open(&longer, NAME),
+            Err(ObjectError::PayloadLength { .. })
+        ));
+        assert!(matches!(
+            open(&sealed.bytes, "000000010000000000000002"),
+            Err(ObjectError::WrongName { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = open(&bytes, NAME);
+        }
+
+        #[test]
+        fn arbitrary_payload_behind_a_valid_header_never_panics(
+            content in proptest::collection::vec(any::<u8>(), 0..2048),
+            noise in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let sealed = SealedObject::seal(NAME, &content, 1).unwrap();
+            let header_len = sealed.header.encoded_len();
+            let mut forged = sealed.bytes[..header_len].to_vec();
+            forged.extend_from_slice(&noise);
+            let _ = open(&forged, NAME);
+            prop_assert_eq!(open(&sealed.bytes, NAME).unwrap().1, content);
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Object storage behind the repository, through `object_store`, with errors classified for the
+//! one retry policy (see [`crate::retry`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use super::url::{RepoLocation, RepoUrl};
+use crate::retry::Retryable;
+
+/// Whether this process may write to the repository. Only archive-agent writes; restore-agent
+/// opens read-only, so a restore host can run with read-only credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// A storage failure, classified.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot {op} {key}{}repository {repo}: {message}", if key.is_empty() { "" } else { " in " })]
+pub struct StoreError {
+    pub op: &'static str,
+    pub key: String,
+    pub repo: String,
+    pub message: String,
+    pub transient: bool,
+}
+
+impl Retryable for StoreError {
+    fn is_transient(&self) -> bool {
+        self.transient
+    }
+}
+
+/// How a store treats "create only if absent" writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateSemantics {
+    /// The store refuses to replace an existing object (local file system: link(2) fails with EEXIST).
+    Atomic,
+    /// The store may silently overwrite (S3-compatible stores that ignore `If-None-Match`): callers
+    /// check before writing and read back after.
+    CheckThenWrite,
+}
+
+/// Outcome of [`Store::put_new`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutNew {
+    Created,
+    AlreadyExists,
+}
+
+/// The repository's object store, rooted at the repository prefix.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: Path,
+    url: RepoUrl,
+    create: CreateSemantics,
+}
+
+impl Store {
+    /// Open the store a URL names. A local repository directory is created when opened for
+    /// writing; opened read-only, a missing directory is a (retryable: it may be a mount that is
+    /// not up yet) error, never an empty repository.
+    pub fn open(url: &RepoUrl, access: Access, timeout: Duration) -> Result<Store, StoreError> {
+        let fail = |message: String, transient: bool| StoreError {
+            op: "open",
+            key: String::new(),
+            repo: url.to_string(),
+            message,
+            transient,
+        };
+        match url.location() {
+            RepoLocation::Local(dir) => {
+                if access == Access::ReadWrite {
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| fail(format!("cannot create {}: {e}", dir.display()), true))?;
+                } else if !dir.is_dir() {
+                    return Err(fail(
+                        format!("{} does not exist or is not a directory", dir.display()),
+                        true,
+                    ));
+                }
+                // fsync on: a put returns only once file and directory entry are on disk, which is
+                // what lets push acknowledge a segment to PostgreSQL.
+                let fs = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| fail(e.to_string(), true))?
+                    .with_fsync(true);
+                Ok(Store {
+                    inner: Arc::new(fs),
+                    prefix: Path::default(),
+                    url: url.clone(),
+                    create: CreateSemantics::Atomic,
+                })
+            }
+            RepoLocation::S3 { prefix, .. } => {
+                let retry = object_store::RetryConfig {
+                    max_retries: 3,
+                    retry_timeout: timeout,
+                    ..Default::default()
+                };
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url.as_str())
+                    .with_retry(retry)
+                    .build()
+                    .map_err(|e| fail(e.to_string(), false))?;
+                Ok(Store {
+                    inner: Arc::new(s3),
+                    prefix: Path::from(prefix),
+                    url: url.clone(),
+                    create: CreateSemantics::CheckThenWrite,
+                })
+            }
+        }
+    }
+
+    pub fn url(&self) -> &RepoUrl {
+        &self.url
+    }
+
+    pub fn create_semantics(&self) -> CreateSemantics {
+        self.create
+    }
+
+    fn path(&self, key: &str) -> Path {
+        // Keys come from `layout`, built from validated names; each part is a plain segment.
+        key.split('/')
+            .fold(self.prefix.clone(), |p, part| p.clone().join(part))
+    }
+
+    fn error(&self, op: &'static str, key: &str, e: object_store::Error) -> StoreError {
+        use object_store::Error as E;
+        let transient = !matches!(
+            e,
+            E::NotSupported { .. }
+                | E::NotImplemented { .. }
+                | E::InvalidPath { .. }
+                | E::UnknownConfigurationKey { .. }
+                | E::PermissionDenied { .. }
+                | E::Unauthenticated { .. }
+        );
+        StoreError {
+            op,
+            key: key.to_string(),
+            repo: self.url.to_string(),
+            message: e.to_string(),
+            transient,
+        }
+    }
+
+    /// Read a whole object; `None` when it does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        let path = self.path(key);
+        match self.inner.get(&path).await {
+            Ok(r) => r.bytes().await.map(Some).map_err(|e| self.error("read", key, e)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error("read", key, e)),
+        }
+    }
+
+    /// Write an object only if none exists under `key`. The write is atomic (all or nothing) and,
+    /// on a local repository, durable when this returns. On [`CreateSemantics::CheckThenWrite`]
+    /// stores `AlreadyExists` is only reported when the store itself detects it; callers check
+    /// before and verify after.
+    pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutNew, StoreError> {
+        let path = self.path(key);
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self.inner.put_opts(&path, PutPayload::from(bytes), opts).await {
+            Ok(_) => Ok(PutNew::Created),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                Ok(PutNew::AlreadyExists)
+            }
+            Err(e) => Err(self.error("write", key, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_store_creates_once_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let url: RepoUrl = format!("file://{}/repo", dir.path().display()).parse().unwrap();
+        assert!(Store::open(&url, Access::ReadOnly, Duration::from_secs(1)).is_err());
+        let store = Store::open(&url, Access::ReadWrite, Duration::from_secs(1)).unwrap();
+        assert_eq!(store.get("wal/x/a.wvo").await.unwrap(), None);
+        let put = store
+            .put_new("wal/x/a.wvo", Bytes::from_static(b"one"))
+            .await
+            .unwrap();
+        assert_eq!(put, PutNew::Created);
+        let again = store
+            .put_new("wal/x/a.wvo", Bytes::from_static(b"two"))
+            .await
+            .unwrap();
+        assert_eq!(again, PutNew::AlreadyExists);
+        assert_eq!(
+            store.get("wal/x/a.wvo").await.unwrap().as_deref(),
+            Some(&b"one"[..])
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! Repository URLs: `file:///absolute/path` and `s3://bucket/prefix`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// A repository location. `Display` never shows a password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RepoUrl(url::Url);
+
+/// Kinds of repository this build can open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepoLocation {
+    Local(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("invalid repository URL {0:?}: {1}")]
+    Invalid(String, String),
+    #[error("repository URL {0:?}: file URLs need an absolute path, like file:///var/lib/walvault")]
+    NotAbsolute(String),
+    #[error("repository URL scheme {0:?} is not supported: use file:///path or s3://bucket/prefix")]
+    Unsupported(String),
+}
+
+impl RepoUrl {
+    pub fn location(&self) -> RepoLocation {
+        match self.0.scheme() {
+            "s3" | "s3a" => RepoLocation::S3 {
+                bucket: self.0.host_str().unwrap_or_default().to_string(),
+                prefix: self.0.path().trim_matches('/').to_string(),
+            },
+            _ => RepoLocation::Local(PathBuf::from(self.0.path())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl FromStr for RepoUrl {
+    type Err = UrlError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let shown = || redact(s);
+        if s.starts_with('/') {
+            return Err(UrlError::Invalid(
+                shown(),
+                "write it as file:///absolute/path".into(),
+            ));
+        }
+        let url = url::Url::parse(s).map_err(|e| UrlError::Invalid(shown(), e.to_string()))?;
+        match url.scheme() {
+            "file" => {
+                if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+                    return Err(UrlError::NotAbsolute(shown()));
+                }
+                let path = url.to_file_path().map_err(|_| UrlError::NotAbsolute(shown()))?;
+                if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
+                    return Err(UrlError::NotAbsolute(shown()));
+                }
+                let path = url.path().trim_end_matches('/');
+                if path.is_empty() {
+                    return Err(UrlError::Invalid(
+                        shown(),
+                        "the file system root cannot be a repository".into(),
+                    ));
+                }
+            }
+            "s3" | "s3a" => {
+                if url.host_str().is_none_or(str::is_empty) {
+                    return Err(UrlError::Invalid(shown(), "missing bucket name".into()));
+                }
+            }
+            other => return Err(UrlError::Unsupported(other.to_string())),
+        }
+        Ok(RepoUrl(url))
+    }
+}
+
+/// A URL for messages: any password replaced.
+fn redact(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("REDACTED"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => s.chars().take(200).collect(),
+    }
+}
+
+impl fmt::Display for RepoUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(self.0.as_str()))
+    }
+}
+
+impl fmt::Debug for RepoUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RepoUrl({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_urls_must_be_absolute() {
+        let u: RepoUrl = "file:///var/lib/walvault".parse().unwrap();
+        assert_eq!(u.location(), RepoLocation::Local("/var/lib/walvault".into()));
+        for bad in [
+            "/var/lib/walvault",
+            "file://host/x",
+            "file:///",
+            "walvault",
+            "ftp://x/y",
+        ] {
+            assert!(bad.parse::<RepoUrl>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn s3_urls_name_bucket_and_prefix_and_hide_passwords() {
+        let u: RepoUrl = "s3://backups/pg/main".parse().unwrap();
+        assert_eq!(
+            u.location(),
+            RepoLocation::S3 {
+                bucket: "backups".into(),
+                prefix: "pg/main".into()
+            }
+        );
+        let secret: RepoUrl = "s3://key:hunter2@backups/x".parse().unwrap();
+        assert!(!secret.to_string().contains("hunter2"));
+        assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+}
