@@ -1,0 +1,257 @@
+//! The push/fetch rules PostgreSQL relies on, exercised through the library on synthetic but
+//! well-formed segments (the end-to-end tests in `tests/` repeat them with a real PostgreSQL).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use walvault::archive::{self, PushError};
+use walvault::config::Settings;
+use walvault::exit;
+use walvault::restore::{self, FetchError, FetchOutcome};
+use walvault::wal::page::synthetic_segment;
+use walvault::wal::{SegmentName, WalFileName};
+
+const SEG: u32 = 1 << 20; // 1 MiB segments keep these tests small
+const SYSID: u64 = 7_441_000_000_000_000_001;
+
+struct Env {
+    dir: tempfile::TempDir,
+    settings: Settings,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            repo: format!("file://{}/repo", dir.path().display()).parse().unwrap(),
+            compress_level: 3,
+            retry_timeout: Duration::from_millis(300),
+        };
+        Env { dir, settings }
+    }
+    fn repo(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+    fn write(&self, name: &str, content: &[u8]) -> PathBuf {
+        let path = self.dir.path().join("pg_wal").join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+    fn files_in_repo(&self) -> Vec<PathBuf> {
+        fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(p).unwrap() {
+                let e = e.unwrap().path();
+                if e.is_dir() { walk(&e, out) } else { out.push(e) }
+            }
+        }
+        let mut out = vec![];
+        if self.repo().exists() {
+            walk(&self.repo(), &mut out);
+        }
+        out.sort();
+        out
+    }
+}
+
+fn segment(name: &str, sysid: u64) -> Vec<u8> {
+    let WalFileName::Segment(s) = name.parse::<WalFileName>().unwrap() else {
+        panic!()
+    };
+    let mut bytes = synthetic_segment(&s, sysid, SEG);
+    // Some content beyond the header, so a change there is a real content change.
+    for (i, b) in bytes[8192..16384].iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    bytes
+}
+
+const S1: &str = "000000010000000000000001";
+
+#[tokio::test]
+async fn push_then_fetch_returns_the_same_bytes() {
+    let env = Env::new();
+    let content = segment(S1, SYSID);
+    let out = archive::push(&env.settings, &env.write(S1, &content))
+        .await
+        .unwrap();
+    assert!(out.newly_stored);
+    assert!(out.stored_size < content.len() as u64 / 10, "zeros compress");
+    let dest = env.dir.path().join("RECOVERYXLOG");
+    let fetched = restore::fetch(&env.settings, S1, &dest).await.unwrap();
+    assert!(matches!(fetched, FetchOutcome::Restored { size, .. } if size == content.len() as u64));
+    assert_eq!(std::fs::read(&dest).unwrap(), content);
+}
+
+#[tokio::test]
+async fn same_name_same_bytes_is_success_different_bytes_is_refused_and_kept() {
+    let env = Env::new();
+    let original = segment(S1, SYSID);
+    archive::push(&env.settings, &env.write(S1, &original))
+        .await
+        .unwrap();
+    let again = archive::push(&env.settings, &env.write(S1, &original))
+        .await
+        .unwrap();
+    assert!(!again.newly_stored);
+
+    let mut changed = original.clone();
+    changed[10_000] ^= 0xFF;
+    let err = archive::push(&env.settings, &env.write(S1, &changed))
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), exit::REFUSED);
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&blake3::hash(&original).to_hex().to_string()),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&blake3::hash(&changed).to_hex().to_string()),
+        "{msg}"
+    );
+
+    let dest = env.dir.path().join("out");
+    restore::fetch(&env.settings, S1, &dest).await.unwrap();
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        original,
+        "the archived copy was not overwritten"
+    );
+}
+
+#[tokio::test]
+async fn history_files_are_never_overwritten() {
+    let env = Env::new();
+    let first = b"1\t0/3000060\tno recovery target specified\n";
+    archive::push(&env.settings, &env.write("00000002.history", first))
+        .await
+        .unwrap();
+    let other = b"1\t0/4000060\tno recovery target specified\n";
+    let err = archive::push(&env.settings, &env.write("00000002.history", other))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PushError::Conflict { .. }), "{err}");
+    let dest = env.dir.path().join("h");
+    restore::fetch(&env.settings, "00000002.history", &dest)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), first);
+}
+
+#[tokio::test]
+async fn wal_from_another_cluster_is_refused() {
+    let env = Env::new();
+    archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+        .await
+        .unwrap();
+    let before = env.files_in_repo();
+    let s2 = "000000010000000000000002";
+    let err = archive::push(&env.settings, &env.write(s2, &segment(s2, SYSID + 1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PushError::ForeignCluster { .. }), "{err}");
+    assert_eq!(err.exit_code(), exit::REFUSED);
+    assert!(
+        err.to_string().contains(&SYSID.to_string()) && err.to_string().contains(&(SYSID + 1).to_string())
+    );
+    assert_eq!(env.files_in_repo(), before);
+}
+
+#[tokio::test]
+async fn content_that_does_not_match_its_name_is_refused() {
+    let env = Env::new();
+    let err = archive::push(
+        &env.settings,
+        &env.write("000000010000000000000002", &segment(S1, SYSID)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, PushError::InvalidWal { .. }), "{err}");
+    let err = archive::push(&env.settings, &env.write(S1, &vec![0u8; SEG as usize]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PushError::InvalidWal { .. }), "{err}");
+    assert!(env.files_in_repo().is_empty());
+}
+
+#[tokio::test]
+async fn invalid_names_touch_nothing() {
+    let env = Env::new();
+    for bad in [
+        "foo",
+        "00000001000000000000000",
+        "000000010000000000000001.tmp",
+        "x\u{1}",
+    ] {
+        let err = archive::push(&env.settings, &env.write(bad, b"x"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.exit_code(), exit::USAGE, "{bad}");
+        let err = restore::fetch(&env.settings, bad, &env.dir.path().join("d"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.exit_code(false), exit::USAGE, "{bad}");
+    }
+    for bad in ["../x", "/etc/passwd", ""] {
+        let err = restore::fetch(&env.settings, bad, &env.dir.path().join("d"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Name(_)), "{bad}");
+    }
+    assert!(!env.repo().exists());
+    assert!(!env.dir.path().join("d").exists());
+}
+
+#[tokio::test]
+async fn missing_file_is_not_found_only_in_a_real_repository() {
+    let env = Env::new();
+    // No repository at all: must not look like "end of archive".
+    let err = restore::fetch(&env.settings, S1, &env.dir.path().join("d"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(false), exit::FATAL);
+    assert_eq!(err.exit_code(true), exit::NOT_FOUND_OR_RETRY);
+    archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+        .await
+        .unwrap();
+    let out = restore::fetch(
+        &env.settings,
+        "000000010000000000000002",
+        &env.dir.path().join("d"),
+    )
+    .await;
+    assert!(matches!(out, Ok(FetchOutcome::NotFound { .. })));
+    assert!(!env.dir.path().join("d").exists());
+}
+
+#[tokio::test]
+async fn corrupt_or_truncated_objects_are_fatal_and_never_written_out() {
+    let env = Env::new();
+    archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+        .await
+        .unwrap();
+    let object = env.repo().join("wal/0000000100000000").join(format!("{S1}.wvo"));
+    let good = std::fs::read(&object).unwrap();
+    let dest = env.dir.path().join("d");
+
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x01;
+    std::fs::write(&object, &flipped).unwrap();
+    let err = restore::fetch(&env.settings, S1, &dest).await.unwrap_err();
+    assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
+    assert_eq!(err.exit_code(false), exit::FATAL);
+    assert!(err.to_string().contains(S1));
+
+    std::fs::write(&object, &good[..good.len() - 7]).unwrap();
+    let err = restore::fetch(&env.settings, S1, &dest).await.unwrap_err();
+    assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
+    assert!(!dest.exists());
+
+    // A corrupt stored copy is not "already archived" either: push refuses and keeps it for a human.
+    let err = archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PushError::StoredCorrupt { .. }), "{err}");
+}
