@@ -14,4 +14,5 @@ pub mod fsutil;
 pub mod repo;
 pub mod restore;
 pub mod retry;
+pub mod timeline;
 pub mod wal;

@@ -1,0 +1,19 @@
+//! walvault-testkit: end-to-end tests against real PostgreSQL clusters.
+//!
+//! The harness runs throwaway clusters ([`cluster::Cluster`]) that archive through the real
+//! `archive-agent` and restore through the real `restore-agent` ([`agents`]), into `file://`
+//! repositories ([`repo::Repo`]), and compares what a user would compare: the rows.
+//!
+//! Build the agents before running the tests, with the same profile:
+//! `cargo build --workspace --bins && cargo test -p walvault-testkit`.
+
+pub mod agents;
+pub mod cluster;
+pub mod fixtures;
+pub mod host;
+pub mod repo;
+pub mod workload;
+
+pub use agents::agents;
+pub use cluster::{Cluster, InitOptions};
+pub use repo::Repo;

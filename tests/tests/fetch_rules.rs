@@ -1,0 +1,182 @@
+//! `restore-agent fetch`, run as PostgreSQL runs it. The rule under test: "not found" (exit 1)
+//! ends archive recovery and promotes, so it may only mean "confirmed absent"; anything that
+//! cannot be confirmed or verified stops recovery (exit above 125), except in standby mode,
+//! where PostgreSQL simply retries.
+
+use std::fs;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use walvault_testkit::agents::exit;
+use walvault_testkit::fixtures::wal_samples;
+use walvault_testkit::host::{self, write_for_pg};
+use walvault_testkit::repo::{flip_byte, truncate};
+use walvault_testkit::{Repo, agents};
+
+/// A repository holding the first two sample segments.
+fn filled_repo() -> Result<Repo> {
+    let repo = Repo::new()?;
+    for i in 0..2 {
+        agents()
+            .push(&repo.url(), &wal_samples().segment(i).0, &[])
+            .assert_code(exit::SUCCESS);
+    }
+    Ok(repo)
+}
+
+/// A data directory stand-in for `--pgdata`, as a flag value; with `standby.signal` when `standby`.
+fn pgdata(repo: &Repo, standby: bool) -> Result<String> {
+    let dir = repo
+        .scratch()
+        .subdir(if standby { "pgdata-standby" } else { "pgdata" })?;
+    if standby {
+        write_for_pg(&dir.join("standby.signal"), b"")?;
+    }
+    Ok(dir.display().to_string())
+}
+
+fn dest_dir(repo: &Repo) -> Result<PathBuf> {
+    repo.scratch().subdir("pg_wal")
+}
+
+#[test]
+fn fetch_restores_the_exact_bytes_and_leaves_no_temp_files() -> Result<()> {
+    let samples = wal_samples();
+    let repo = filled_repo()?;
+    let dest_dir = dest_dir(&repo)?;
+    for i in 0..2 {
+        let (_, name) = samples.segment(i);
+        let dest = dest_dir.join("RECOVERYXLOG");
+        let run = agents().fetch(&repo.url(), &name, &dest, &[]);
+        run.assert_code(exit::SUCCESS);
+        assert_eq!(run.stderr.lines().count(), 1, "one log line per fetch:\n{run}");
+        assert!(
+            fs::read(&dest)? == samples.bytes(i),
+            "fetched {name} differs from the original"
+        );
+        let left: Vec<_> = fs::read_dir(&dest_dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(
+            left,
+            ["RECOVERYXLOG"],
+            "only the destination file may be left behind"
+        );
+        fs::remove_file(&dest)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn missing_file_is_not_found_at_once() -> Result<()> {
+    let repo = filled_repo()?;
+    let dest = dest_dir(&repo)?.join("RECOVERYXLOG");
+    let run = agents().fetch(
+        &repo.url(),
+        "0000000100000000000000AA",
+        &dest,
+        &["--retry-timeout", "30s"],
+    );
+    run.assert_code(exit::NOT_FOUND_OR_RETRY);
+    // A confirmed absence is not an error worth retrying for the full 30 s.
+    assert!(
+        run.elapsed.as_secs() < 20,
+        "not-found must not be retried:\n{run}"
+    );
+    assert!(!dest.exists());
+    Ok(())
+}
+
+#[test]
+fn unreadable_repository_stops_recovery_unless_standby() -> Result<()> {
+    let (_, name) = wal_samples().segment(0);
+    let repo = filled_repo()?;
+    let dest = dest_dir(&repo)?.join("RECOVERYXLOG");
+    let (plain_dir, standby_dir) = (pgdata(&repo, false)?, pgdata(&repo, true)?);
+    let plain = ["--retry-timeout", "2s", "--pgdata", &plain_dir];
+    let standby = ["--retry-timeout", "2s", "--pgdata", &standby_dir];
+
+    // The agent runs as the PostgreSQL user, so mode 000 locks it out even when we are root.
+    host::set_mode(repo.root(), 0o000)?;
+    let runs = [
+        agents().fetch(&repo.url(), &name, &dest, &plain),
+        agents().fetch(&repo.url(), &name, &dest, &standby),
+    ];
+    host::set_mode(repo.root(), 0o700)?;
+    runs[0].assert_code(exit::FATAL);
+    runs[1].assert_code(exit::NOT_FOUND_OR_RETRY);
+    for run in &runs {
+        assert!(
+            run.stderr.contains("ermission denied"),
+            "the error must say why:\n{run}"
+        );
+    }
+    assert!(
+        !dest.exists(),
+        "nothing may be written when the repository cannot be read"
+    );
+
+    // A repository URL pointing nowhere is not "file not found" either.
+    let nowhere = "file:///walvault-no-such-repository";
+    agents()
+        .fetch(nowhere, &name, &dest, &plain)
+        .assert_code(exit::FATAL);
+    agents()
+        .fetch(nowhere, &name, &dest, &standby)
+        .assert_code(exit::NOT_FOUND_OR_RETRY);
+    assert!(!dest.exists());
+    Ok(())
+}
+
+#[test]
+fn corrupt_or_truncated_object_stops_recovery_unless_standby() -> Result<()> {
+    let samples = wal_samples();
+    let repo = filled_repo()?;
+    let dest = dest_dir(&repo)?.join("RECOVERYXLOG");
+    let (plain_dir, standby_dir) = (pgdata(&repo, false)?, pgdata(&repo, true)?);
+    let plain = ["--pgdata", &plain_dir];
+    let standby = ["--pgdata", &standby_dir];
+
+    let (_, flipped) = samples.segment(0);
+    let object = repo.object_path(&flipped);
+    let middle = fs::metadata(&object)?.len() as i64 / 2;
+    flip_byte(&object, middle)?;
+
+    let (_, cut) = samples.segment(1);
+    let object = repo.object_path(&cut);
+    truncate(&object, fs::metadata(&object)?.len() / 2)?;
+
+    for name in [&flipped, &cut] {
+        let run = agents().fetch(&repo.url(), name, &dest, &plain);
+        run.assert_code(exit::FATAL);
+        assert!(
+            run.stderr.contains(name.as_str()),
+            "the error must name the object:\n{run}"
+        );
+        assert!(!dest.exists(), "a corrupt object must never reach PostgreSQL");
+        agents()
+            .fetch(&repo.url(), name, &dest, &standby)
+            .assert_code(exit::NOT_FOUND_OR_RETRY);
+        assert!(!dest.exists());
+    }
+    Ok(())
+}
+
+#[test]
+fn invalid_names_are_usage_errors() -> Result<()> {
+    let repo = filled_repo()?;
+    let dest = dest_dir(&repo)?.join("RECOVERYXLOG");
+    for name in [
+        "../x",
+        "/etc/passwd",
+        "",
+        "00000001000000000000000",
+        "000000010000000000000001\n",
+    ] {
+        agents()
+            .fetch(&repo.url(), name, &dest, &[])
+            .assert_code(exit::USAGE);
+        assert!(!dest.exists(), "fetch of {name:?} created the destination");
+    }
+    Ok(())
+}

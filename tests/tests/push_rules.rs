@@ -1,0 +1,218 @@
+//! `archive-agent push` on real WAL files, run as PostgreSQL runs it: what is stored, what is
+//! refused, and exit codes PostgreSQL's archiver can live with (never above 125).
+
+use std::fs;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use walvault_testkit::agents::exit;
+use walvault_testkit::fixtures::{foreign_wal_samples, wal_samples};
+use walvault_testkit::host::write_for_pg;
+use walvault_testkit::{Repo, agents};
+
+/// Fetch `name` from `repo` into a fresh file and return its bytes.
+fn fetched(repo: &Repo, name: &str) -> Result<Vec<u8>> {
+    let dest = repo.scratch().subdir("fetched")?.join(name);
+    let _ = fs::remove_file(&dest);
+    agents()
+        .fetch(&repo.url(), name, &dest, &[])
+        .assert_code(exit::SUCCESS);
+    Ok(fs::read(dest)?)
+}
+
+#[test]
+fn push_stores_a_segment_and_accepts_the_same_bytes_again() -> Result<()> {
+    let samples = wal_samples();
+    let repo = Repo::new()?;
+    let (path, name) = samples.segment(0);
+
+    let first = agents().push(&repo.url(), &path, &[]);
+    first.assert_code(exit::SUCCESS);
+    assert!(
+        repo.has_object(&name),
+        "no object for {name} in {:?}",
+        repo.files()?
+    );
+    assert!(
+        repo.files()?.contains_key("walvault.json"),
+        "first push must create the descriptor"
+    );
+    assert!(
+        first.stderr.contains(&name),
+        "one log line naming the file:\n{first}"
+    );
+
+    // PostgreSQL may repeat a push whose success it did not see.
+    let before = repo.files()?;
+    let again = agents().push(&repo.url(), &path, &[]);
+    again.assert_code(exit::SUCCESS);
+    assert_eq!(
+        repo.files()?,
+        before,
+        "a repeated push must not change the repository"
+    );
+    assert_eq!(again.stderr.lines().count(), 1, "one log line per push:\n{again}");
+    assert_eq!(fetched(&repo, &name)?, samples.bytes(0));
+    Ok(())
+}
+
+#[test]
+fn push_refuses_other_bytes_under_an_archived_name() -> Result<()> {
+    let samples = wal_samples();
+    let repo = Repo::new()?;
+    let (path, name) = samples.segment(1);
+    let original = samples.bytes(1);
+    agents().push(&repo.url(), &path, &[]).assert_code(exit::SUCCESS);
+
+    // Same name, one byte changed inside a record area (not a page header, so still valid WAL).
+    let mut changed = original.clone();
+    changed[100_000] ^= 0x01;
+    let changed_path = repo.scratch().subdir("changed")?.join(&name);
+    write_for_pg(&changed_path, &changed)?;
+    let before = repo.files()?;
+    let run = agents().push(&repo.url(), &changed_path, &[]);
+    run.assert_code(exit::REFUSED);
+    assert_eq!(
+        run.stderr.lines().count(),
+        1,
+        "one error line per failure:\n{run}"
+    );
+    for hash in [blake3::hash(&original), blake3::hash(&changed)] {
+        assert!(
+            run.stderr.contains(hash.to_hex().as_str()),
+            "error must name blake3 {hash}:\n{run}"
+        );
+    }
+    assert_eq!(
+        repo.files()?,
+        before,
+        "a refused push must not change the repository"
+    );
+    assert_eq!(
+        fetched(&repo, &name)?,
+        original,
+        "the archived copy must stay the original"
+    );
+    Ok(())
+}
+
+#[test]
+fn history_files_are_archived_once_and_never_overwritten() -> Result<()> {
+    let repo = Repo::new()?;
+    let dir = repo.scratch().subdir("history")?;
+    let original = b"1\t0/3000060\tno recovery target specified\n";
+    let path = dir.join("00000002.history");
+    write_for_pg(&path, original)?;
+
+    agents().push(&repo.url(), &path, &[]).assert_code(exit::SUCCESS);
+    assert!(
+        repo.has_object("00000002.history"),
+        "no history object in {:?}",
+        repo.files()?
+    );
+    agents().push(&repo.url(), &path, &[]).assert_code(exit::SUCCESS);
+
+    let other = repo.scratch().subdir("other")?.join("00000002.history");
+    write_for_pg(&other, b"1\t0/4000000\tbefore 2025-01-01 00:00:00+00\n")?;
+    agents().push(&repo.url(), &other, &[]).assert_code(exit::REFUSED);
+    assert_eq!(fetched(&repo, "00000002.history")?, original);
+    Ok(())
+}
+
+#[test]
+fn invalid_file_names_are_usage_errors_and_touch_nothing() -> Result<()> {
+    let samples = wal_samples();
+    let repo = Repo::new()?;
+    agents()
+        .push(&repo.url(), &samples.segment(0).0, &[])
+        .assert_code(exit::SUCCESS);
+    let before = repo.files()?;
+
+    // Valid WAL content under names PostgreSQL never archives.
+    let dir = repo.scratch().subdir("bad-names")?;
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for name in [
+        "foo",
+        "00000001000000000000000",
+        "000000010000000000000001.tmp",
+        "00000001000000000000000\u{7}",
+        "000000010000000000000002\n",
+    ] {
+        let p = dir.join(name);
+        write_for_pg(&p, &samples.bytes(0))?;
+        paths.push(p);
+    }
+    paths.push(PathBuf::new());
+    paths.push(dir.join(".."));
+
+    for path in &paths {
+        let run = agents().push(&repo.url(), path, &[]);
+        run.assert_code(exit::USAGE);
+        assert_eq!(repo.files()?, before, "pushing {path:?} changed the repository");
+    }
+    Ok(())
+}
+
+#[test]
+fn wal_of_another_cluster_is_refused() -> Result<()> {
+    let ours = wal_samples();
+    let theirs = foreign_wal_samples();
+    let repo = Repo::new()?;
+    agents()
+        .push(&repo.url(), &ours.segment(1).0, &[])
+        .assert_code(exit::SUCCESS);
+    let before = repo.files()?;
+
+    let (path, name) = theirs.segment(0);
+    assert!(
+        !repo.has_object(&name),
+        "test needs a name the repository does not hold yet"
+    );
+    let run = agents().push(&repo.url(), &path, &[]);
+    run.assert_code(exit::REFUSED);
+    for id in [&ours.system_identifier, &theirs.system_identifier] {
+        assert!(
+            run.stderr.contains(id.as_str()),
+            "error must name system identifier {id}:\n{run}"
+        );
+    }
+    assert_eq!(
+        repo.files()?,
+        before,
+        "nothing may be stored from another cluster"
+    );
+    Ok(())
+}
+
+#[test]
+fn unwritable_repository_is_a_retryable_failure() -> Result<()> {
+    let samples = wal_samples();
+    let scratch = Repo::new()?;
+    let file = scratch.scratch().path().join("plain-file");
+    write_for_pg(&file, b"not a directory")?;
+    let (path, _) = samples.segment(0);
+
+    for url in [
+        format!("file://{}/repo", file.display()),
+        "file:///proc/walvault-cannot-exist/repo".to_string(),
+    ] {
+        let run = agents().push(&url, &path, &["--retry-timeout", "1s"]);
+        // Above 125 would kill PostgreSQL's archiver; 1 makes it retry later.
+        run.assert_code(exit::NOT_FOUND_OR_RETRY);
+        assert!(
+            run.elapsed.as_secs() < 30,
+            "--retry-timeout 1s must bound the push:\n{run}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn missing_wal_file_is_a_retryable_failure() -> Result<()> {
+    let repo = Repo::new()?;
+    let missing = repo.scratch().path().join("000000010000000000000009");
+    let run = agents().push(&repo.url(), &missing, &["--retry-timeout", "1s"]);
+    run.assert_code(exit::NOT_FOUND_OR_RETRY);
+    assert!(!repo.has_object("000000010000000000000009"));
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! A corrupt archived segment must stop recovery with FATAL, never end it early: promoting at
+//! the corrupt segment would silently lose every transaction after it and fork a new timeline.
+
+use anyhow::Result;
+use walvault_testkit::Repo;
+use walvault_testkit::fixtures::{
+    RECOVERY_TIMEOUT, archive_everything, archiving_cluster, prepare_restore, segment_range,
+};
+use walvault_testkit::repo::flip_byte;
+use walvault_testkit::workload::{self, Workload};
+
+#[test]
+fn corrupt_segment_stops_recovery_instead_of_promoting() -> Result<()> {
+    let repo = Repo::new()?;
+    let mut source = archiving_cluster("source", &repo, "")?;
+    workload::create_payload_table(&source)?;
+    let mut restored = source.base_backup("restored")?;
+    let first = restored.backup_start_segment()?;
+    let work = Workload {
+        transactions: 300,
+        payload_rows: 1000,
+        ..Workload::default()
+    };
+    workload::run(&source, &work)?;
+    let last = archive_everything(&source)?;
+    source.stop()?;
+
+    let segments = segment_range(&first, &last)?;
+    assert!(
+        segments.len() >= 4,
+        "the workload should span several segments: {first}..={last}"
+    );
+    // Past the end of the base backup, with archived segments on both sides.
+    let victim = &segments[segments.len() / 2];
+    let before_victim = &segments[segments.len() / 2 - 1];
+    let object = repo.object_path(victim);
+    flip_byte(&object, std::fs::metadata(&object)?.len() as i64 / 2)?;
+
+    prepare_restore(&restored, &repo, "--retry-timeout 2s")?;
+    let log = restored.start_expect_failure(RECOVERY_TIMEOUT)?;
+
+    assert!(
+        log.lines()
+            .any(|l| l.contains("FATAL") && l.contains(victim.as_str())),
+        "recovery must stop with a FATAL naming {victim}:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(victim.as_str()) && l.contains("corrupt")),
+        "restore-agent must say {victim} is corrupt:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("restored log file \"{before_victim}\" from archive")),
+        "recovery should have replayed up to the corrupt segment:\n{log}"
+    );
+    assert!(!restored.is_up(), "the server must not keep running");
+    assert!(
+        !restored.wal_dir().join("00000002.history").exists(),
+        "the server promoted to timeline 2"
+    );
+    assert!(
+        restored.data_dir().join("recovery.signal").exists(),
+        "recovery.signal was consumed"
+    );
+    let control = restored.controldata()?;
+    assert_eq!(
+        control["Database cluster state"], "in archive recovery",
+        "{control:?}"
+    );
+    assert_eq!(control["Latest checkpoint's TimeLineID"], "1", "{control:?}");
+    Ok(())
+}
