@@ -9,7 +9,7 @@ use walvault::config::Settings;
 use walvault::exit;
 use walvault::restore::{self, FetchError, FetchOutcome};
 use walvault::wal::page::synthetic_segment;
-use walvault::wal::{SegmentName, WalFileName};
+use walvault::wal::WalFileName;
 
 const SEG: u32 = 1 << 20; // 1 MiB segments keep these tests small
 const SYSID: u64 = 7_441_000_000_000_000_001;
