@@ -8,8 +8,8 @@ use walvault::archive::{self, PushError};
 use walvault::config::Settings;
 use walvault::exit;
 use walvault::restore::{self, FetchError, FetchOutcome};
-use walvault::wal::page::synthetic_segment;
 use walvault::wal::WalFileName;
+use walvault::wal::page::synthetic_segment;
 
 const SEG: u32 = 1 << 20; // 1 MiB segments keep these tests small
 const SYSID: u64 = 7_441_000_000_000_000_001;
