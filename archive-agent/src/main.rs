@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use walvault::archive::{self, PushOutcome};
+use walvault::backup::take::{BackupOptions, DEFAULT_CHUNK_SIZE, take_backup};
 use walvault::cli::{self, RepoArgs};
 use walvault::exit;
 
@@ -42,6 +43,28 @@ enum Command {
         #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", value_name = "LEVEL")]
         compress_level: Option<i32>,
     },
+    /// Take an online base backup of the cluster in --pgdata into the repository
+    Backup {
+        /// The data directory of the running cluster (read directly from disk)
+        #[arg(long, env = "PGDATA", value_name = "DIR")]
+        pgdata: PathBuf,
+        /// Connection to that cluster, libpq style or URL [default: from PGHOST, PGPORT, PGUSER,
+        /// else host=/var/run/postgresql port=5432 user=postgres]
+        #[arg(long, env = "WALVAULT_PG_URL", value_name = "CONN")]
+        pg_url: Option<String>,
+        /// zstd level for the chunks [default: 3]
+        #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", value_name = "LEVEL")]
+        compress_level: Option<i32>,
+        /// Chunks compressed and uploaded in parallel (memory: this many chunks)
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        parallel: usize,
+        /// How long to wait for the backup's WAL to be archived
+        #[arg(long, default_value = "5m", value_name = "DURATION")]
+        wal_timeout: String,
+        /// Print the manifest summary as JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,7 +75,85 @@ fn main() -> ExitCode {
             wal_path,
             compress_level,
         } => ExitCode::from(push(&cli.repo, &wal_path, compress_level)),
+        Command::Backup {
+            pgdata,
+            pg_url,
+            compress_level,
+            parallel,
+            wal_timeout,
+            json,
+        } => {
+            match backup(
+                &cli.repo,
+                pgdata,
+                pg_url,
+                compress_level,
+                parallel,
+                &wal_timeout,
+                json,
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("backup failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
+}
+
+fn default_pg_conn() -> String {
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    format!(
+        "host={} port={} user={} dbname=postgres",
+        var("PGHOST", "/var/run/postgresql"),
+        var("PGPORT", "5432"),
+        var("PGUSER", "postgres")
+    )
+}
+
+fn backup(
+    repo: &RepoArgs,
+    pgdata: PathBuf,
+    pg_url: Option<String>,
+    compress_level: Option<i32>,
+    parallel: usize,
+    wal_timeout: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let settings = repo.settings(compress_level)?;
+    let opts = BackupOptions {
+        pgdata,
+        pg_conn: pg_url.unwrap_or_else(default_pg_conn),
+        chunk_size: DEFAULT_CHUNK_SIZE,
+        parallel,
+        wal_timeout: walvault::config::parse_duration(wal_timeout)?,
+    };
+    let started = Instant::now();
+    let rt = tokio::runtime::Runtime::new()?;
+    let m = rt.block_on(take_backup(&settings, &opts))?;
+    let s = &m.stats;
+    tracing::info!(
+        "backup {} done: {} files, {} bytes, {} chunks ({} new, {} bytes uploaded), WAL {}..{}, {:.1}s",
+        m.id,
+        s.files,
+        s.logical_bytes,
+        s.chunks,
+        s.new_chunks,
+        s.new_bytes,
+        m.start_wal,
+        m.stop_wal,
+        started.elapsed().as_secs_f64()
+    );
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&walvault::catalog::BackupInfo::from(&m))?
+        );
+    } else {
+        println!("{}", m.id);
+    }
+    Ok(())
 }
 
 fn push(repo: &RepoArgs, wal_path: &std::path::Path, compress_level: Option<i32>) -> u8 {

@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use walvault::cli::{self, RepoArgs};
 use walvault::exit;
-use walvault::restore::{self, FetchOutcome};
+use walvault::fetch::{self, FetchOutcome};
 
 const AFTER_HELP: &str = "\
 In postgresql.conf (or postgresql.auto.conf) of the server being recovered:
@@ -45,6 +45,53 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         pgdata: Option<PathBuf>,
     },
+    /// Rebuild a data directory from a base backup, set up to recover to a target
+    #[command(group(clap::ArgGroup::new("goal").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
+    Restore {
+        /// The new data directory (empty, or replaced with --force)
+        #[arg(long, value_name = "DIR")]
+        pgdata: PathBuf,
+        /// Recover to this time: 'YYYY-MM-DD HH:MM:SS[.ffffff][+TZ]' (UTC when no zone is given)
+        #[arg(long, value_name = "TIME")]
+        target_time: Option<String>,
+        /// Recover to this LSN (like 0/16B3748)
+        #[arg(long, value_name = "LSN")]
+        target_lsn: Option<String>,
+        /// Recover to the commit of this transaction id
+        #[arg(long, value_name = "XID")]
+        target_xid: Option<u64>,
+        /// Recover to this restore point (pg_create_restore_point)
+        #[arg(long, value_name = "NAME")]
+        target_name: Option<String>,
+        /// 'immediate': stop as soon as the backup is consistent
+        #[arg(long, value_name = "immediate", value_parser = ["immediate"])]
+        target: Option<String>,
+        /// Timeline to follow: latest, current, or a timeline id
+        #[arg(long, default_value = "latest", value_name = "TIMELINE")]
+        target_timeline: String,
+        /// What PostgreSQL does at the target: promote, pause or shutdown
+        #[arg(long, default_value = "promote", value_parser = ["promote", "pause", "shutdown"])]
+        target_action: String,
+        /// Stop just before the target rather than just after it
+        #[arg(long)]
+        target_exclusive: bool,
+        /// Backup to restore [default: the newest one consistent before the target]
+        #[arg(long, value_name = "ID")]
+        backup: Option<String>,
+        /// Replace the contents of a non-empty --pgdata
+        #[arg(long)]
+        force: bool,
+        /// Files restored in parallel
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        parallel: usize,
+    },
+    /// List backups, timelines and archived WAL
+    List,
+    /// Describe the repository (backups, timelines, WAL coverage); --json for machines
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +103,201 @@ fn main() -> ExitCode {
             dest_path,
             pgdata,
         } => ExitCode::from(fetch(&cli.repo, &wal_name, &dest_path, pgdata)),
+        Command::List => report(info(&cli.repo, false)),
+        Command::Info { json } => report(info(&cli.repo, json)),
+        restore @ Command::Restore { .. } => report(run_restore(&cli.repo, restore)),
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
+    use walvault::restore::{RecoveryTarget, RestoreOptions, TargetAction, TimelineTarget};
+    let Command::Restore {
+        pgdata,
+        target_time,
+        target_lsn,
+        target_xid,
+        target_name,
+        target,
+        target_timeline,
+        target_action,
+        target_exclusive,
+        backup,
+        force,
+        parallel,
+    } = cmd
+    else {
+        unreachable!("called for restore only")
+    };
+    let settings = repo.settings(None)?;
+    let target = match (target_time, target_lsn, target_xid, target_name, target) {
+        (Some(t), ..) => RecoveryTarget::Time(walvault::time::parse_time(&t)?),
+        (_, Some(l), ..) => RecoveryTarget::Lsn(l.parse()?),
+        (_, _, Some(x), ..) => RecoveryTarget::Xid(x),
+        (_, _, _, Some(n), _) => RecoveryTarget::Name(n),
+        (_, _, _, _, Some(_)) => RecoveryTarget::Immediate,
+        _ => RecoveryTarget::End,
+    };
+    let timeline =
+        match target_timeline.as_str() {
+            "latest" => TimelineTarget::Latest,
+            "current" => TimelineTarget::Current,
+            n => TimelineTarget::Id(n.parse().map_err(|_| {
+                anyhow::anyhow!("--target-timeline {n:?}: use latest, current or a timeline id")
+            })?),
+        };
+    let action = match target_action.as_str() {
+        "pause" => TargetAction::Pause,
+        "shutdown" => TargetAction::Shutdown,
+        _ => TargetAction::Promote,
+    };
+    let exe = std::env::current_exe()?;
+    let mut restore_command = format!("{} fetch --repo {}", exe.display(), settings.repo.as_str());
+    if let Some(t) = &repo.retry_timeout {
+        restore_command.push_str(&format!(" --retry-timeout {t}"));
+    }
+    restore_command.push_str(" %f %p");
+    let opts = RestoreOptions {
+        pgdata: pgdata.clone(),
+        backup: backup.map(|b| b.parse()).transpose()?,
+        target,
+        timeline,
+        action,
+        exclusive: target_exclusive,
+        force,
+        parallel,
+        restore_command,
+    };
+    let started = Instant::now();
+    let rt = tokio::runtime::Runtime::new()?;
+    let r = rt.block_on(walvault::restore::restore(&settings, &opts))?;
+    println!(
+        "restored backup {} into {}: {} files, {} bytes, {:.1}s",
+        r.backup,
+        pgdata.display(),
+        r.files,
+        r.bytes,
+        started.elapsed().as_secs_f64()
+    );
+    println!("recovery target: {}, timeline {}", r.target, r.timeline);
+    println!(
+        "start PostgreSQL to complete the recovery:  pg_ctl -D {} start",
+        pgdata.display()
+    );
+    Ok(())
+}
+
+fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
+    use walvault::catalog::{BackupInfo, Catalog};
+    let settings = repo.settings(None)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let store = walvault::repo::Store::open(
+        &settings.repo,
+        walvault::repo::store::Access::ReadOnly,
+        settings.retry_timeout,
+    )?;
+    let cat = rt.block_on(Catalog::load(&store))?;
+    let backups: Vec<BackupInfo> = cat.backups.iter().map(BackupInfo::from).collect();
+    let timelines: Vec<serde_json::Value> = cat
+        .timeline_ids()
+        .into_iter()
+        .map(|t| {
+            let h = cat.timelines.history(t);
+            serde_json::json!({
+                "timeline": t,
+                "parent": h.parent().map(|p| p.timeline),
+                "switch_lsn": h.parent().map(|p| p.switch_lsn.to_string()),
+                "reason": h.parent().map(|p| p.reason.clone()),
+                "wal": cat.ranges(t),
+            })
+        })
+        .collect();
+    if json {
+        let doc = serde_json::json!({
+            "repository": settings.repo.to_string(),
+            "cluster": cat.descriptor.cluster,
+            "backups": backups,
+            "timelines": timelines,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("repository {} ({})", settings.repo, cat.descriptor.cluster);
+    println!();
+    println!(
+        "{:<18} {:>3}  {:<22}  {:<22}  {:>12}  {:>12}  {:>12}",
+        "backup", "tli", "start", "stop (consistent)", "size", "stored", "new"
+    );
+    for b in &backups {
+        println!(
+            "{:<18} {:>3}  {:<22}  {:<22}  {:>12}  {:>12}  {:>12}",
+            b.id,
+            b.timeline,
+            b.start_time,
+            b.stop_time,
+            human(b.logical_bytes),
+            human(b.stored_bytes),
+            human(b.new_bytes)
+        );
+    }
+    println!();
+    println!("{:<4} {:<7} {:<12}  wal", "tli", "parent", "switch lsn");
+    for t in &timelines {
+        let ranges: Vec<String> = t["wal"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|r| {
+                        format!(
+                            "{}..{}",
+                            r["first"].as_str().unwrap_or(""),
+                            r["last"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let gaps = if ranges.len() > 1 {
+            format!("  ({} gaps)", ranges.len() - 1)
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<4} {:<7} {:<12}  {}{gaps}",
+            t["timeline"],
+            t["parent"].as_u64().map_or("-".into(), |p| p.to_string()),
+            t["switch_lsn"].as_str().unwrap_or("-"),
+            if ranges.is_empty() {
+                "none".to_string()
+            } else {
+                ranges.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
     }
 }
 
@@ -90,7 +332,7 @@ fn fetch(repo: &RepoArgs, name: &str, dest: &std::path::Path, pgdata: Option<Pat
         }
     };
     let result = match cli::runtime() {
-        Ok(rt) => rt.block_on(restore::fetch(&settings, name, dest)),
+        Ok(rt) => rt.block_on(fetch::fetch(&settings, name, dest)),
         Err(e) => return fail(format!("cannot start: {e}"), exit::FATAL),
     };
     let ms = started.elapsed().as_millis();

@@ -11,7 +11,7 @@ use crate::config::Settings;
 use crate::exit;
 use crate::repo::descriptor::DescriptorError;
 use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
-use crate::repo::object::{self, MAX_ORIGINAL_LEN, ObjectError, SealedObject};
+use crate::repo::object::{self, MAX_ORIGINAL_LEN, ObjectError, ObjectKind, SealedObject};
 use crate::repo::store::{Access, CreateSemantics, PutNew};
 use crate::repo::{ClusterIdentity, RepoDescriptor, Store, StoreError};
 use crate::retry::RetryPolicy;
@@ -135,8 +135,8 @@ pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, P
     if let Some(outcome) = compare_stored(&store, &retry, &key, &name, &content, &new_hash).await? {
         return Ok(outcome);
     }
-    let sealed =
-        SealedObject::seal(&name_str, &content, settings.compress_level).map_err(|e| PushError::Read {
+    let sealed = SealedObject::seal(ObjectKind::WalFile, &name_str, &content, settings.compress_level)
+        .map_err(|e| PushError::Read {
             path: wal_path.display().to_string(),
             source: e,
         })?;
@@ -285,7 +285,7 @@ async fn compare_stored(
     }
     // Same hash in the header: make sure the stored copy really holds those bytes before telling
     // PostgreSQL it may recycle its own.
-    object::open(&bytes, &name_str).map_err(|source| PushError::StoredCorrupt {
+    object::open(&bytes, ObjectKind::WalFile, &name_str).map_err(|source| PushError::StoredCorrupt {
         name: name_str.clone(),
         key: key.to_string(),
         repo: store.url().to_string(),

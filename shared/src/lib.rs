@@ -7,12 +7,16 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod archive;
+pub mod backup;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod exit;
+pub mod fetch;
 pub mod fsutil;
 pub mod repo;
 pub mod restore;
 pub mod retry;
+pub mod time;
 pub mod timeline;
 pub mod wal;

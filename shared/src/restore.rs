@@ -1,162 +1,416 @@
-//! `restore-agent fetch`: hand PostgreSQL's recovery one archived file.
+//! `restore-agent restore`: rebuild a data directory from a base backup and configure PostgreSQL
+//! to replay the archive up to a recovery target. Starting PostgreSQL on the directory completes
+//! the point-in-time recovery.
 //!
-//! "Not found" (exit 1) tells PostgreSQL the archive ends here: during archive recovery it then
-//! promotes. So only a confirmed absence from a confirmed repository may be reported as not found;
-//! a store that cannot be read, or a stored copy that fails verification, is an error that must
-//! stop recovery (see [`crate::exit::FATAL`]).
+//! Everything that can be refused is refused before the first byte is written: an unknown
+//! timeline, a target no backup can reach, a non-empty directory, an unsafe manifest.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::backup::BackupId;
+use crate::backup::chunk::{self, ChunkError};
+use crate::backup::manifest::{EntryKind, Manifest};
+use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
-use crate::exit;
-use crate::fsutil;
-use crate::repo::descriptor::DescriptorError;
-use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
-use crate::repo::object::{self, ObjectError};
 use crate::repo::store::Access;
-use crate::repo::{ClusterIdentity, RepoDescriptor, Store, StoreError};
-use crate::retry::RetryPolicy;
-use crate::wal::{NameError, PageError, WalFileName};
+use crate::repo::{Store, StoreError};
+use crate::time;
+use crate::wal::Lsn;
 
-/// What a fetch found.
+/// Where recovery stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FetchOutcome {
-    Restored {
-        name: WalFileName,
-        size: u64,
-        stored_size: u64,
-    },
-    NotFound {
-        name: WalFileName,
-    },
+pub enum RecoveryTarget {
+    /// Replay everything archived (the default).
+    End,
+    /// Stop as soon as the backup is consistent.
+    Immediate,
+    /// Unix microseconds.
+    Time(i64),
+    Lsn(Lsn),
+    Xid(u64),
+    Name(String),
 }
 
-/// Why a fetch failed. Everything except [`FetchError::Name`] means "cannot tell", never "absent".
-#[derive(Debug, thiserror::Error)]
-pub enum FetchError {
-    #[error("{0}")]
-    Name(#[from] NameError),
-    #[error("{source} (gave up after {attempts} attempts)")]
-    Store { source: StoreError, attempts: u32 },
-    #[error(
-        "repository {repo} has no walvault.json and no {name}: it is not a walvault repository (wrong --repo or WALVAULT_REPO?)"
-    )]
-    NoRepository { repo: String, name: String },
-    #[error("repository {repo}: {source}")]
-    Descriptor { repo: String, source: DescriptorError },
-    #[error("archived {name} ({key} in {repo}) is corrupt: {source}")]
-    Corrupt {
-        name: String,
-        key: String,
-        repo: String,
-        source: Box<ObjectError>,
-    },
-    #[error("archived {name} ({key} in {repo}) is not a valid WAL segment: {source}")]
-    InvalidWal {
-        name: String,
-        key: String,
-        repo: String,
-        source: Box<PageError>,
-    },
-    #[error("archived {name} is from {found}, but repository {repo} belongs to {expected}")]
-    ForeignCluster {
-        name: String,
-        repo: String,
-        found: ClusterIdentity,
-        expected: ClusterIdentity,
-    },
-    #[error("cannot write {dest}: {source}")]
-    Write { dest: String, source: std::io::Error },
+/// `recovery_target_timeline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimelineTarget {
+    Latest,
+    Current,
+    Id(u32),
 }
 
-impl FetchError {
-    /// Exit status for PostgreSQL. In standby mode PostgreSQL retries a failed fetch ("not
-    /// available"), so there a failure is reported as exit 1; otherwise it must stop recovery.
-    pub fn exit_code(&self, standby: bool) -> u8 {
+/// `recovery_target_action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetAction {
+    Promote,
+    Pause,
+    Shutdown,
+}
+
+impl TargetAction {
+    fn as_str(self) -> &'static str {
         match self {
-            FetchError::Name(_) => exit::USAGE,
-            _ if standby => exit::NOT_FOUND_OR_RETRY,
-            _ => exit::FATAL,
+            TargetAction::Promote => "promote",
+            TargetAction::Pause => "pause",
+            TargetAction::Shutdown => "shutdown",
         }
     }
 }
 
-/// Fetch `name` from the repository into `dest`, verifying it end to end first.
-pub async fn fetch(settings: &Settings, name: &str, dest: &Path) -> Result<FetchOutcome, FetchError> {
-    let name: WalFileName = name.parse()?;
-    let name_str = name.to_string();
-    let key = wal_key(&name);
-    let retry = RetryPolicy::with_total(settings.retry_timeout);
-    let repo = settings.repo.to_string();
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub pgdata: PathBuf,
+    pub backup: Option<BackupId>,
+    pub target: RecoveryTarget,
+    pub timeline: TimelineTarget,
+    pub action: TargetAction,
+    pub exclusive: bool,
+    pub force: bool,
+    pub parallel: usize,
+    /// The `restore_command` line to write (restore-agent fetch with the same repository settings).
+    pub restore_command: String,
+}
 
-    // A corrupt read is re-read once: a flipped bit in transit is not worth stopping recovery for,
-    // a corrupt stored object is.
-    let mut rereads = 1;
-    let (descriptor, stored, content) = loop {
-        let (descriptor, object) = retry
-            .run(&format!("fetching {name_str}"), || async {
-                let store = Store::open(&settings.repo, Access::ReadOnly, settings.retry_timeout)?;
-                tokio::try_join!(store.get(DESCRIPTOR_KEY), store.get(&key))
-            })
-            .await
-            .map_err(|(source, attempts)| FetchError::Store { source, attempts })?;
-        let descriptor = descriptor
-            .map(|b| RepoDescriptor::parse(&b))
-            .transpose()
-            .map_err(|source| FetchError::Descriptor {
-                repo: repo.clone(),
-                source,
-            })?;
-        let Some(bytes) = object else {
-            if descriptor.is_none() {
-                return Err(FetchError::NoRepository { repo, name: name_str });
-            }
-            return Ok(FetchOutcome::NotFound { name });
-        };
-        match object::open(&bytes, &name_str) {
-            Ok((_, content)) => break (descriptor, bytes.len() as u64, content),
-            Err(source) if rereads == 0 => {
-                return Err(FetchError::Corrupt {
-                    name: name_str,
-                    key,
-                    repo,
-                    source: Box::new(source),
-                });
-            }
-            Err(source) => {
-                tracing::warn!(key, "{source}; reading it again");
-                rereads -= 1;
-            }
+/// What a restore did.
+#[derive(Debug, Clone)]
+pub struct RestoreReport {
+    pub backup: BackupId,
+    pub files: u64,
+    pub bytes: u64,
+    pub timeline: String,
+    pub target: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("restoring chunk data: {0}")]
+    Chunk(#[from] ChunkError),
+    #[error("{0} is not empty; restore into an empty directory, or pass --force to replace its contents")]
+    NotEmpty(String),
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("timeline {0} is unknown to the repository (known: {1})")]
+    UnknownTimeline(u32, String),
+    #[error("backup {0} is not in the repository")]
+    UnknownBackup(BackupId),
+    #[error("backup {backup} is not on the history of timeline {timeline}")]
+    BackupNotOnTimeline { backup: BackupId, timeline: u32 },
+    #[error("no backup can reach {target}: {window}")]
+    OutsideWindow { target: String, window: String },
+    #[error("the repository holds no backup yet; take one with archive-agent backup")]
+    NoBackups,
+    #[error("corrupt repository: {0}")]
+    Corrupt(String),
+}
+
+/// The text of a target, as PostgreSQL's recovery settings spell it.
+fn target_settings(t: &RecoveryTarget) -> Option<(&'static str, String)> {
+    match t {
+        RecoveryTarget::End => None,
+        RecoveryTarget::Immediate => Some(("recovery_target", "immediate".into())),
+        RecoveryTarget::Time(us) => Some(("recovery_target_time", time::format_micros(*us))),
+        RecoveryTarget::Lsn(l) => Some(("recovery_target_lsn", l.to_string())),
+        RecoveryTarget::Xid(x) => Some(("recovery_target_xid", x.to_string())),
+        RecoveryTarget::Name(n) => Some(("recovery_target_name", n.clone())),
+    }
+}
+
+fn describe(t: &RecoveryTarget) -> String {
+    match target_settings(t) {
+        None => "the end of the archive".into(),
+        Some((k, v)) => format!("{k} = '{v}'"),
+    }
+}
+
+/// Quote a value for postgresql.conf.
+fn conf_quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+/// Pick the timeline recovery will follow.
+pub fn resolve_timeline(cat: &Catalog, wanted: TimelineTarget, backup_tli: u32) -> Result<u32, RestoreError> {
+    let known = cat.timeline_ids();
+    match wanted {
+        TimelineTarget::Latest => Ok(cat.timelines.latest().max(known.last().copied().unwrap_or(1))),
+        TimelineTarget::Current => Ok(backup_tli),
+        TimelineTarget::Id(n) if known.contains(&n) || n == 1 => Ok(n),
+        TimelineTarget::Id(n) => Err(RestoreError::UnknownTimeline(
+            n,
+            known.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+        )),
+    }
+}
+
+/// Whether recovery following `timeline` can start from `m`: its timeline is `timeline` or an
+/// ancestor that was still current when the backup became consistent.
+fn on_history(cat: &Catalog, m: &Manifest, timeline: u32) -> bool {
+    cat.timelines.history(timeline).timeline_at(m.stop_lsn) == m.timeline
+}
+
+/// Choose the newest backup that became consistent before the target, on the target timeline's
+/// history. Returns the backup and the timeline to follow.
+pub fn choose_backup<'a>(
+    cat: &'a Catalog,
+    wanted: Option<&BackupId>,
+    target: &RecoveryTarget,
+    timeline: TimelineTarget,
+) -> Result<(&'a Manifest, u32), RestoreError> {
+    if cat.backups.is_empty() {
+        return Err(RestoreError::NoBackups);
+    }
+    if let Some(id) = wanted {
+        let m = cat
+            .backups
+            .iter()
+            .find(|m| &m.id == id)
+            .ok_or_else(|| RestoreError::UnknownBackup(id.clone()))?;
+        let tli = resolve_timeline(cat, timeline, m.timeline)?;
+        if !on_history(cat, m, tli) {
+            return Err(RestoreError::BackupNotOnTimeline {
+                backup: id.clone(),
+                timeline: tli,
+            });
         }
+        return Ok((m, tli));
+    }
+    // With `current`, the timeline is the chosen backup's own: consider each backup's.
+    let candidates = cat.backups.iter().rev().filter_map(|m| {
+        let tli = resolve_timeline(cat, timeline, m.timeline).ok()?;
+        on_history(cat, m, tli).then_some((m, tli))
+    });
+    let reaches = |m: &Manifest| match target {
+        RecoveryTarget::Time(us) => m.stop_time.saturating_mul(1_000_000) <= *us,
+        RecoveryTarget::Lsn(l) => m.stop_lsn <= *l,
+        _ => true,
     };
+    let mut candidates: Vec<(&Manifest, u32)> = candidates.collect();
+    if let TimelineTarget::Id(_) | TimelineTarget::Latest = timeline {
+        // Propagate an unknown timeline as such rather than as "no backup".
+        resolve_timeline(cat, timeline, 1)?;
+    }
+    candidates.retain(|(m, _)| reaches(m));
+    candidates
+        .into_iter()
+        .next()
+        .ok_or_else(|| RestoreError::OutsideWindow {
+            target: describe(target),
+            window: window_text(cat),
+        })
+}
 
-    if let Some(seg) = name.wal_segment() {
-        let info =
-            crate::wal::page::validate_segment(&content, &seg).map_err(|source| FetchError::InvalidWal {
-                name: name_str.clone(),
-                key: key.clone(),
-                repo: repo.clone(),
-                source: Box::new(source),
-            })?;
-        if let Some(d) = &descriptor {
-            let found = ClusterIdentity::from(&info);
-            if found != d.cluster {
-                return Err(FetchError::ForeignCluster {
-                    name: name_str,
-                    repo,
-                    found,
-                    expected: d.cluster,
-                });
+/// "the earliest restorable point is ..." for error messages.
+fn window_text(cat: &Catalog) -> String {
+    match cat.backups.first() {
+        Some(first) => format!(
+            "the earliest restorable point is {} (LSN {}), when backup {} became consistent",
+            time::format_micros(first.stop_time * 1_000_000),
+            first.stop_lsn,
+            first.id
+        ),
+        None => "the repository holds no backup".into(),
+    }
+}
+
+fn is_empty_dir(p: &Path) -> Result<bool, RestoreError> {
+    match std::fs::read_dir(p) {
+        Ok(mut it) => Ok(it.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(RestoreError::Write {
+            path: p.display().to_string(),
+            source: e,
+        }),
+    }
+}
+
+fn write_err(p: &Path) -> impl Fn(std::io::Error) -> RestoreError + '_ {
+    move |source| RestoreError::Write {
+        path: p.display().to_string(),
+        source,
+    }
+}
+
+/// Restore a backup into `opts.pgdata` and write the recovery settings.
+pub async fn restore(settings: &Settings, opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
+    let store = Store::open(&settings.repo, Access::ReadOnly, settings.retry_timeout)?;
+    let cat = Catalog::load(&store).await?;
+    let (manifest, timeline) = choose_backup(&cat, opts.backup.as_ref(), &opts.target, opts.timeline)?;
+    if !opts.force && !is_empty_dir(&opts.pgdata)? {
+        return Err(RestoreError::NotEmpty(opts.pgdata.display().to_string()));
+    }
+    if !manifest.tablespaces.is_empty() {
+        for t in &manifest.tablespaces {
+            if !opts.force && !is_empty_dir(Path::new(&t.location))? {
+                return Err(RestoreError::NotEmpty(format!(
+                    "tablespace {} location {}",
+                    t.oid, t.location
+                )));
             }
         }
     }
-    fsutil::write_durably(dest, &content).map_err(|source| FetchError::Write {
-        dest: dest.display().to_string(),
-        source,
-    })?;
-    Ok(FetchOutcome::Restored {
-        name,
-        size: content.len() as u64,
-        stored_size: stored,
+
+    // Checks passed: write.
+    if opts.force && opts.pgdata.exists() {
+        for e in std::fs::read_dir(&opts.pgdata).map_err(write_err(&opts.pgdata))? {
+            let p = e.map_err(write_err(&opts.pgdata))?.path();
+            let r = if p.is_dir() && !p.is_symlink() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            r.map_err(write_err(&p))?;
+        }
+    }
+    create_dir(&opts.pgdata, 0o700)?;
+    let dest_of = |rel: &str| -> PathBuf {
+        // Tablespace contents go back to their location; pg_tblspc/<oid> itself is recreated
+        // by PostgreSQL from tablespace_map.
+        let mut parts = rel.splitn(3, '/');
+        if let (Some("pg_tblspc"), Some(oid), rest) = (parts.next(), parts.next(), parts.next())
+            && let Some(t) = manifest.tablespaces.iter().find(|t| t.oid.to_string() == oid)
+        {
+            return match rest {
+                Some(rest) => Path::new(&t.location).join(rest),
+                None => PathBuf::from(&t.location),
+            };
+        }
+        opts.pgdata.join(rel)
+    };
+    for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+        create_dir(&dest_of(&e.path), e.mode)?;
+    }
+    let permits = Arc::new(Semaphore::new(opts.parallel.max(1)));
+    let mut tasks: JoinSet<Result<u64, RestoreError>> = JoinSet::new();
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::File) {
+        files += 1;
+        let permit = Arc::clone(&permits)
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
+        let (store, dest, chunks, mode, size) =
+            (store.clone(), dest_of(&e.path), e.chunks.clone(), e.mode, e.size);
+        tasks.spawn(async move {
+            let written = restore_file(&store, &dest, &chunks, mode, size).await;
+            drop(permit);
+            written
+        });
+        while let Some(done) = tasks.try_join_next() {
+            bytes += done.expect("restore task panicked")?;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        bytes += done.expect("restore task panicked")?;
+    }
+
+    write_recovery_files(opts, manifest, timeline)?;
+    Ok(RestoreReport {
+        backup: manifest.id.clone(),
+        files,
+        bytes,
+        timeline: match opts.timeline {
+            TimelineTarget::Latest => format!("latest (currently {timeline})"),
+            TimelineTarget::Current => format!("current ({timeline})"),
+            TimelineTarget::Id(n) => n.to_string(),
+        },
+        target: describe(&opts.target),
     })
+}
+
+fn create_dir(p: &Path, mode: u32) -> Result<(), RestoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode & 0o7777)
+        .create(p)
+    {
+        Ok(()) => {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode & 0o7777)).map_err(write_err(p))
+        }
+        Err(e) => Err(write_err(p)(e)),
+    }
+}
+
+/// Write one file from its chunks, verifying each, then fsync it.
+async fn restore_file(
+    store: &Store,
+    dest: &Path,
+    chunks: &[String],
+    mode: u32,
+    size: u64,
+) -> Result<u64, RestoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .await
+        .map_err(write_err(dest))?;
+    let mut written = 0u64;
+    for id in chunks {
+        let data = chunk::get_chunk(store, id).await?;
+        written += data.len() as u64;
+        f.write_all(&data).await.map_err(write_err(dest))?;
+    }
+    if written != size {
+        return Err(RestoreError::Corrupt(format!(
+            "{} should be {size} bytes, its chunks hold {written}",
+            dest.display()
+        )));
+    }
+    f.sync_all().await.map_err(write_err(dest))?;
+    tokio::fs::set_permissions(dest, std::fs::Permissions::from_mode(mode & 0o7777))
+        .await
+        .map_err(write_err(dest))?;
+    Ok(written)
+}
+
+/// backup_label, tablespace_map, recovery settings and recovery.signal.
+fn write_recovery_files(opts: &RestoreOptions, m: &Manifest, timeline: u32) -> Result<(), RestoreError> {
+    let write = |name: &str, content: &[u8]| {
+        let p = opts.pgdata.join(name);
+        crate::fsutil::write_durably(&p, content).map_err(write_err(&p))
+    };
+    write("backup_label", m.backup_label.as_bytes())?;
+    if let Some(map) = &m.tablespace_map {
+        write("tablespace_map", map.as_bytes())?;
+    }
+    let mut conf = String::new();
+    let auto = opts.pgdata.join("postgresql.auto.conf");
+    if let Ok(existing) = std::fs::read_to_string(&auto) {
+        conf.push_str(&existing);
+        if !conf.ends_with('\n') {
+            conf.push('\n');
+        }
+    }
+    conf.push_str(&format!("# Added by walvault: restore of backup {}\n", m.id));
+    conf.push_str(&format!(
+        "restore_command = {}\n",
+        conf_quote(&opts.restore_command)
+    ));
+    if let Some((key, value)) = target_settings(&opts.target) {
+        conf.push_str(&format!("{key} = {}\n", conf_quote(&value)));
+        conf.push_str(&format!("recovery_target_action = '{}'\n", opts.action.as_str()));
+        if opts.exclusive {
+            conf.push_str("recovery_target_inclusive = off\n");
+        }
+    }
+    let tl = match opts.timeline {
+        TimelineTarget::Latest => "latest".to_string(),
+        TimelineTarget::Current => "current".to_string(),
+        TimelineTarget::Id(_) => timeline.to_string(),
+    };
+    conf.push_str(&format!("recovery_target_timeline = '{tl}'\n"));
+    write("postgresql.auto.conf", conf.as_bytes())?;
+    let _ = std::fs::remove_file(opts.pgdata.join("standby.signal"));
+    write("recovery.signal", b"")?;
+    crate::fsutil::sync_parent(&opts.pgdata.join("recovery.signal")).map_err(write_err(&opts.pgdata))
 }

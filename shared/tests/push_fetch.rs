@@ -7,7 +7,7 @@ use std::time::Duration;
 use walvault::archive::{self, PushError};
 use walvault::config::Settings;
 use walvault::exit;
-use walvault::restore::{self, FetchError, FetchOutcome};
+use walvault::fetch::{self, FetchError, FetchOutcome};
 use walvault::wal::WalFileName;
 use walvault::wal::page::synthetic_segment;
 
@@ -78,7 +78,7 @@ async fn push_then_fetch_returns_the_same_bytes() {
     assert!(out.newly_stored);
     assert!(out.stored_size < content.len() as u64 / 10, "zeros compress");
     let dest = env.dir.path().join("RECOVERYXLOG");
-    let fetched = restore::fetch(&env.settings, S1, &dest).await.unwrap();
+    let fetched = fetch::fetch(&env.settings, S1, &dest).await.unwrap();
     assert!(matches!(fetched, FetchOutcome::Restored { size, .. } if size == content.len() as u64));
     assert_eq!(std::fs::read(&dest).unwrap(), content);
 }
@@ -112,7 +112,7 @@ async fn same_name_same_bytes_is_success_different_bytes_is_refused_and_kept() {
     );
 
     let dest = env.dir.path().join("out");
-    restore::fetch(&env.settings, S1, &dest).await.unwrap();
+    fetch::fetch(&env.settings, S1, &dest).await.unwrap();
     assert_eq!(
         std::fs::read(&dest).unwrap(),
         original,
@@ -133,7 +133,7 @@ async fn history_files_are_never_overwritten() {
         .unwrap_err();
     assert!(matches!(err, PushError::Conflict { .. }), "{err}");
     let dest = env.dir.path().join("h");
-    restore::fetch(&env.settings, "00000002.history", &dest)
+    fetch::fetch(&env.settings, "00000002.history", &dest)
         .await
         .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), first);
@@ -188,13 +188,13 @@ async fn invalid_names_touch_nothing() {
             .await
             .unwrap_err();
         assert_eq!(err.exit_code(), exit::USAGE, "{bad}");
-        let err = restore::fetch(&env.settings, bad, &env.dir.path().join("d"))
+        let err = fetch::fetch(&env.settings, bad, &env.dir.path().join("d"))
             .await
             .unwrap_err();
         assert_eq!(err.exit_code(false), exit::USAGE, "{bad}");
     }
     for bad in ["../x", "/etc/passwd", ""] {
-        let err = restore::fetch(&env.settings, bad, &env.dir.path().join("d"))
+        let err = fetch::fetch(&env.settings, bad, &env.dir.path().join("d"))
             .await
             .unwrap_err();
         assert!(matches!(err, FetchError::Name(_)), "{bad}");
@@ -207,7 +207,7 @@ async fn invalid_names_touch_nothing() {
 async fn missing_file_is_not_found_only_in_a_real_repository() {
     let env = Env::new();
     // No repository at all: must not look like "end of archive".
-    let err = restore::fetch(&env.settings, S1, &env.dir.path().join("d"))
+    let err = fetch::fetch(&env.settings, S1, &env.dir.path().join("d"))
         .await
         .unwrap_err();
     assert_eq!(err.exit_code(false), exit::FATAL);
@@ -215,7 +215,7 @@ async fn missing_file_is_not_found_only_in_a_real_repository() {
     archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
         .await
         .unwrap();
-    let out = restore::fetch(
+    let out = fetch::fetch(
         &env.settings,
         "000000010000000000000002",
         &env.dir.path().join("d"),
@@ -239,13 +239,13 @@ async fn corrupt_or_truncated_objects_are_fatal_and_never_written_out() {
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x01;
     std::fs::write(&object, &flipped).unwrap();
-    let err = restore::fetch(&env.settings, S1, &dest).await.unwrap_err();
+    let err = fetch::fetch(&env.settings, S1, &dest).await.unwrap_err();
     assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
     assert_eq!(err.exit_code(false), exit::FATAL);
     assert!(err.to_string().contains(S1));
 
     std::fs::write(&object, &good[..good.len() - 7]).unwrap();
-    let err = restore::fetch(&env.settings, S1, &dest).await.unwrap_err();
+    let err = fetch::fetch(&env.settings, S1, &dest).await.unwrap_err();
     assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
     assert!(!dest.exists());
 

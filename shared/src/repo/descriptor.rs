@@ -99,7 +99,7 @@ impl RepoDescriptor {
     }
 }
 
-mod u64_string {
+pub(crate) mod u64_string {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {

@@ -19,6 +19,12 @@ pub const MAX_ORIGINAL_LEN: u64 = 1 << 30;
 pub enum ObjectKind {
     /// A file PostgreSQL archived: segment, partial segment, `.history` or `.backup`.
     WalFile = 1,
+    /// A chunk of a base backup file; the name is the blake3 of the content, in hex.
+    Chunk = 2,
+    /// A base backup manifest (JSON); the name is the backup id.
+    Manifest = 3,
+    /// A WAL segment summary for the time index (JSON); the name is the segment name.
+    Summary = 4,
 }
 
 /// How the payload is encoded.
@@ -39,6 +45,8 @@ pub enum ObjectError {
     UnsupportedVersion(u16),
     #[error("unknown object kind {0}")]
     UnknownKind(u8),
+    #[error("holds a {found:?} object where a {expected:?} object belongs")]
+    WrongKind { expected: ObjectKind, found: ObjectKind },
     #[error("unknown codec {0}")]
     UnknownCodec(u8),
     #[error("header checksum mismatch (corrupt header)")]
@@ -87,12 +95,15 @@ pub struct SealedObject {
 }
 
 impl SealedObject {
-    /// Compress `content` with zstd at `level` and wrap it. `name` must be a validated WAL name.
-    pub fn seal(name: &str, content: &[u8], level: i32) -> std::io::Result<SealedObject> {
-        assert!(name.len() <= MAX_NAME_LEN, "names are validated before sealing");
+    /// Compress `content` with zstd at `level` and wrap it. `name` must be a validated name.
+    pub fn seal(kind: ObjectKind, name: &str, content: &[u8], level: i32) -> std::io::Result<SealedObject> {
+        assert!(
+            !name.is_empty() && name.len() <= MAX_NAME_LEN,
+            "names are validated before sealing"
+        );
         let payload = zstd::bulk::compress(content, level)?;
         let header = ObjectHeader {
-            kind: ObjectKind::WalFile,
+            kind,
             codec: Codec::Zstd,
             name: name.to_string(),
             original_len: content.len() as u64,
@@ -152,6 +163,9 @@ pub fn read_header(bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
     // The CRC matched, so the remaining fields are as written; still check them against our limits.
     let kind = match bytes[10] {
         1 => ObjectKind::WalFile,
+        2 => ObjectKind::Chunk,
+        3 => ObjectKind::Manifest,
+        4 => ObjectKind::Summary,
         k => return Err(ObjectError::UnknownKind(k)),
     };
     let codec = match bytes[11] {
@@ -174,9 +188,20 @@ pub fn read_header(bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
     })
 }
 
-/// Decode an object stored for `expected_name`, verifying header, length and blake3 of the content.
-pub fn open(bytes: &[u8], expected_name: &str) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+/// Decode an object of `kind` stored for `expected_name`, verifying header, length and blake3 of
+/// the content.
+pub fn open(
+    bytes: &[u8],
+    kind: ObjectKind,
+    expected_name: &str,
+) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
     let header = read_header(bytes)?;
+    if header.kind != kind {
+        return Err(ObjectError::WrongKind {
+            expected: kind,
+            found: header.kind,
+        });
+    }
     let payload = &bytes[header.encoded_len()..];
     if payload.len() as u64 != header.payload_len {
         return Err(ObjectError::PayloadLength {
@@ -226,9 +251,9 @@ mod tests {
     #[test]
     fn round_trips_and_compresses() {
         let content = sample();
-        let sealed = SealedObject::seal(NAME, &content, 3).unwrap();
+        let sealed = SealedObject::seal(ObjectKind::WalFile, NAME, &content, 3).unwrap();
         assert!(sealed.bytes.len() < content.len() / 4);
-        let (header, back) = open(&sealed.bytes, NAME).unwrap();
+        let (header, back) = open(&sealed.bytes, ObjectKind::WalFile, NAME).unwrap();
         assert_eq!(back, content);
         assert_eq!(header.blake3_hex(), blake3::hash(&content).to_hex().to_string());
     }
@@ -237,7 +262,7 @@ mod tests {
     #[test]
     fn frozen_v1_fixture_still_decodes() {
         let fixture = include_bytes!("../../tests/fixtures/object-v1-history.wvo");
-        let (header, content) = open(fixture, "00000002.history").unwrap();
+        let (header, content) = open(fixture, ObjectKind::WalFile, "00000002.history").unwrap();
         assert_eq!(header.codec, Codec::Zstd);
         assert_eq!(content, b"1\t0/3000060\tno recovery target specified\n");
     }
@@ -245,23 +270,29 @@ mod tests {
     #[test]
     fn every_truncation_and_bit_flip_is_detected() {
         let content = sample();
-        let sealed = SealedObject::seal(NAME, &content, 3).unwrap();
+        let sealed = SealedObject::seal(ObjectKind::WalFile, NAME, &content, 3).unwrap();
         for cut in [0, 10, 63, 70, sealed.bytes.len() / 2, sealed.bytes.len() - 1] {
-            assert!(open(&sealed.bytes[..cut], NAME).is_err(), "truncated at {cut}");
+            assert!(
+                open(&sealed.bytes[..cut], ObjectKind::WalFile, NAME).is_err(),
+                "truncated at {cut}"
+            );
         }
         for at in (0..sealed.bytes.len()).step_by(97) {
             let mut bad = sealed.bytes.to_vec();
             bad[at] ^= 0x10;
-            assert!(open(&bad, NAME).is_err(), "flip at {at} not detected");
+            assert!(
+                open(&bad, ObjectKind::WalFile, NAME).is_err(),
+                "flip at {at} not detected"
+            );
         }
         let mut longer = sealed.bytes.to_vec();
         longer.push(0);
         assert!(matches!(
-            open(&longer, NAME),
+            open(&longer, ObjectKind::WalFile, NAME),
             Err(ObjectError::PayloadLength { .. })
         ));
         assert!(matches!(
-            open(&sealed.bytes, "000000010000000000000002"),
+            open(&sealed.bytes, ObjectKind::WalFile, "000000010000000000000002"),
             Err(ObjectError::WrongName { .. })
         ));
     }
@@ -269,7 +300,7 @@ mod tests {
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = open(&bytes, NAME);
+            let _ = open(&bytes, ObjectKind::WalFile, NAME);
         }
 
         #[test]
@@ -277,12 +308,12 @@ mod tests {
             content in proptest::collection::vec(any::<u8>(), 0..2048),
             noise in proptest::collection::vec(any::<u8>(), 0..256),
         ) {
-            let sealed = SealedObject::seal(NAME, &content, 1).unwrap();
+            let sealed = SealedObject::seal(ObjectKind::WalFile, NAME, &content, 1).unwrap();
             let header_len = sealed.header.encoded_len();
             let mut forged = sealed.bytes[..header_len].to_vec();
             forged.extend_from_slice(&noise);
-            let _ = open(&forged, NAME);
-            prop_assert_eq!(open(&sealed.bytes, NAME).unwrap().1, content);
+            let _ = open(&forged, ObjectKind::WalFile, NAME);
+            prop_assert_eq!(open(&sealed.bytes, ObjectKind::WalFile, NAME).unwrap().1, content);
         }
     }
 }

@@ -163,6 +163,47 @@ impl Store {
         }
     }
 
+    /// The size of an object, `None` when it does not exist (one HEAD request).
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match self.inner.head(&self.path(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error("check", key, e)),
+        }
+    }
+
+    /// Every object under `prefix` (a key prefix ending at a `/` boundary), as keys relative to the
+    /// repository with their sizes, sorted by key.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        use futures::TryStreamExt;
+        let base = self.path(prefix.trim_end_matches('/'));
+        let strip = self.prefix.as_ref().len() + usize::from(!self.prefix.as_ref().is_empty());
+        let mut out: Vec<(String, u64)> = self
+            .inner
+            .list(Some(&base))
+            .map_ok(|m| {
+                (
+                    m.location.as_ref().get(strip..).unwrap_or_default().to_string(),
+                    m.size,
+                )
+            })
+            .try_collect()
+            .await
+            .map_err(|e| self.error("list", prefix, e))?;
+        out.sort();
+        Ok(out)
+    }
+
+    /// Write an object, replacing any existing one. Only for content-addressed objects (the key
+    /// is the hash of the content, so a replacement carries the same bytes).
+    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        self.inner
+            .put(&self.path(key), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("write", key, e))
+    }
+
     /// Write an object only if none exists under `key`. The write is atomic (all or nothing) and,
     /// on a local repository, durable when this returns. On [`CreateSemantics::CheckThenWrite`]
     /// stores `AlreadyExists` is only reported when the store itself detects it; callers check

@@ -1,0 +1,92 @@
+//! Content-addressed chunks: `chunks/<first 2 hex>/<blake3 hex>.wvo`, each a sealed, zstd
+//! compressed object whose name is its own hash. A chunk is stored once, whatever number of
+//! files and backups reference it.
+
+use bytes::Bytes;
+
+use crate::repo::object::{self, ObjectError, ObjectKind, SealedObject};
+use crate::repo::{Store, StoreError};
+
+/// The key of chunk `id` (a validated 64-hex-digit id).
+pub fn chunk_key(id: &str) -> String {
+    format!("chunks/{}/{id}.wvo", &id[..2])
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("chunk {id} is missing from the repository")]
+    Missing { id: String },
+    #[error("chunk {id} is corrupt: {source}")]
+    Corrupt { id: String, source: Box<ObjectError> },
+    #[error("cannot compress a chunk: {0}")]
+    Compress(std::io::Error),
+}
+
+/// What storing one chunk did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredChunk {
+    pub id: String,
+    /// Bytes the chunk takes in the repository.
+    pub stored_len: u64,
+    /// Whether this call uploaded it (false: the repository already had it).
+    pub uploaded: bool,
+}
+
+/// Store `data` unless a chunk with its hash is already there. A content-addressed key makes an
+/// overwrite by a concurrent writer harmless: it carries the same bytes.
+pub async fn put_chunk(store: &Store, data: Bytes, level: i32) -> Result<StoredChunk, ChunkError> {
+    let id = blake3::hash(&data).to_hex().to_string();
+    let key = chunk_key(&id);
+    if let Some(stored_len) = store.size(&key).await? {
+        return Ok(StoredChunk {
+            id,
+            stored_len,
+            uploaded: false,
+        });
+    }
+    let sealed = tokio::task::spawn_blocking({
+        let id = id.clone();
+        move || SealedObject::seal(ObjectKind::Chunk, &id, &data, level)
+    })
+    .await
+    .map_err(|e| ChunkError::Compress(std::io::Error::other(e)))?
+    .map_err(ChunkError::Compress)?;
+    let stored_len = sealed.bytes.len() as u64;
+    store.put(&key, sealed.bytes).await?;
+    Ok(StoredChunk {
+        id,
+        stored_len,
+        uploaded: true,
+    })
+}
+
+/// Read chunk `id` and verify it: header, length, and that its content hashes to `id`.
+pub async fn get_chunk(store: &Store, id: &str) -> Result<Vec<u8>, ChunkError> {
+    let key = chunk_key(id);
+    let bytes = store
+        .get(&key)
+        .await?
+        .ok_or_else(|| ChunkError::Missing { id: id.to_string() })?;
+    let id_owned = id.to_string();
+    let (header, content) =
+        tokio::task::spawn_blocking(move || object::open(&bytes, ObjectKind::Chunk, &id_owned))
+            .await
+            .map_err(|e| ChunkError::Compress(std::io::Error::other(e)))?
+            .map_err(|source| ChunkError::Corrupt {
+                id: id.to_string(),
+                source: Box::new(source),
+            })?;
+    // The header hash matched the content; the content must also be what the id names.
+    if header.blake3_hex() != id {
+        return Err(ChunkError::Corrupt {
+            id: id.to_string(),
+            source: Box::new(ObjectError::ContentHash {
+                expected: id.to_string(),
+                found: header.blake3_hex(),
+            }),
+        });
+    }
+    Ok(content)
+}

@@ -1,0 +1,496 @@
+//! `archive-agent backup`: an online base backup taken the way pgBackRest and WAL-G take it.
+//!
+//! One held connection runs the non-exclusive `pg_backup_start` / `pg_backup_stop`; in between
+//! the data directory and every tablespace are read straight from disk, chunked, and the chunks
+//! uploaded in parallel (bounded: at most `parallel` chunks in memory). The backup then waits
+//! until the WAL from its start to its stop is in the repository, and only then writes its
+//! manifest: a backup exists once its manifest does, so an interrupted backup is never offered
+//! for restore.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::chunk::{self, ChunkError};
+use super::exclude::{self, Decision};
+use super::label;
+use super::manifest::{self, BackupId, BackupStats, Entry, EntryKind, Manifest, Tablespace};
+use crate::config::Settings;
+use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
+use crate::repo::object::{ObjectKind, SealedObject};
+use crate::repo::store::{Access, PutNew};
+use crate::repo::{RepoDescriptor, Store, StoreError};
+use crate::wal::{Lsn, SegmentName, TimelineId, WalFileName};
+
+/// Default chunk size: see README, "Chunking", for the measurement behind it.
+pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
+
+/// How to take a backup.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub pgdata: PathBuf,
+    /// libpq-style connection string or URL of the server whose data directory is `pgdata`.
+    pub pg_conn: String,
+    pub chunk_size: u64,
+    /// Chunks compressed and uploaded at once.
+    pub parallel: usize,
+    /// How long to wait for the backup's WAL to reach the repository.
+    pub wal_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("cannot connect to PostgreSQL ({0}); check --pg-url")]
+    Connect(String),
+    #[error("PostgreSQL: {0}")]
+    Sql(String),
+    #[error("PostgreSQL {0} is not supported (walvault supports 13 to 17)")]
+    Version(u32),
+    #[error(
+        "--pgdata {pgdata} does not belong to the server at --pg-url (system identifier {dir} vs {server})"
+    )]
+    WrongDataDir { pgdata: String, dir: u64, server: u64 },
+    #[error(
+        "repository {repo} belongs to system {repo_id}, this server is {server}; use a separate repository"
+    )]
+    ForeignCluster { repo: String, repo_id: u64, server: u64 },
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Label(#[from] label::LabelError),
+    #[error(
+        "WAL {missing} needed by the backup did not reach the repository within {waited:?}; is archive_command = 'archive-agent push %p' set and working? (the backup was not recorded)"
+    )]
+    WalMissing { missing: String, waited: Duration },
+    #[error("a backup with id {0} already exists; wait a second and retry")]
+    Exists(BackupId),
+}
+
+/// Take a base backup into the repository; returns its manifest once it is recorded.
+pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Manifest, BackupError> {
+    let store = Store::open(&settings.repo, Access::ReadWrite, settings.retry_timeout)?;
+    let (client, connection) = tokio_postgres::connect(&opts.pg_conn, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| BackupError::Connect(e.to_string()))?;
+    let conn_task = tokio::spawn(connection);
+    let sql = |e: tokio_postgres::Error| {
+        BackupError::Sql(e.as_db_error().map_or(e.to_string(), |d| d.message().to_string()))
+    };
+
+    let version_num: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(sql)?
+        .get(0);
+    let pg_version = (version_num / 10000) as u32;
+    if !(13..=17).contains(&pg_version) {
+        return Err(BackupError::Version(pg_version));
+    }
+    let sysid: i64 = client
+        .query_one("SELECT system_identifier FROM pg_control_system()", &[])
+        .await
+        .map_err(sql)?
+        .get(0);
+    let sysid = sysid as u64;
+    let seg_size: i32 = client
+        .query_one(
+            "SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size'",
+            &[],
+        )
+        .await
+        .map_err(sql)?
+        .get(0);
+    let dir_sysid = read_control_sysid(&opts.pgdata)?;
+    if dir_sysid != sysid {
+        return Err(BackupError::WrongDataDir {
+            pgdata: opts.pgdata.display().to_string(),
+            dir: dir_sysid,
+            server: sysid,
+        });
+    }
+    if let Some(d) = read_descriptor(&store).await?
+        && d.cluster.system_identifier != sysid
+    {
+        return Err(BackupError::ForeignCluster {
+            repo: store.url().to_string(),
+            repo_id: d.cluster.system_identifier,
+            server: sysid,
+        });
+    }
+
+    let start_time = crate::time::now_micros() / 1_000_000;
+    let id = BackupId::from_unix(start_time);
+    let label_text = format!("walvault {id}");
+    let start_sql = if pg_version >= 15 {
+        "SELECT pg_backup_start($1, true)::text"
+    } else {
+        "SELECT pg_start_backup($1, true, false)::text"
+    };
+    client.query_one(start_sql, &[&label_text]).await.map_err(sql)?;
+    tracing::info!(backup = %id, "backup started");
+
+    let copied = copy_files(&store, opts, settings.compress_level).await;
+    // Stop the backup even when copying failed, so the server is not left in backup mode.
+    let stop_sql = if pg_version >= 15 {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)"
+    } else {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)"
+    };
+    let stopped = client.query_one(stop_sql, &[]).await.map_err(sql);
+    drop(client);
+    let _ = conn_task.await;
+    let (entries, tablespaces, stats) = copied?;
+    let row = stopped?;
+    let stop_lsn: Lsn = row
+        .get::<_, String>(0)
+        .parse()
+        .map_err(|_| BackupError::Sql("bad stop LSN".into()))?;
+    let backup_label: String = row.get(1);
+    let spcmap: Option<String> = row.get(2);
+    let label = label::parse(&backup_label)?;
+    let stop_time = crate::time::now_micros() / 1_000_000;
+
+    let tli = TimelineId::new(label.timeline).ok_or(label::LabelError("a valid timeline"))?;
+    let seg_size = seg_size as u32;
+    let stop_seg = SegmentName::containing(tli, Lsn(stop_lsn.0.saturating_sub(1)), seg_size);
+    wait_for_wal(&store, &label.start_wal, &stop_seg, seg_size, opts.wal_timeout).await?;
+
+    let manifest = Manifest {
+        format: manifest::FORMAT_NAME.into(),
+        version: manifest::FORMAT_VERSION,
+        id: id.clone(),
+        system_identifier: sysid,
+        pg_version,
+        timeline: label.timeline,
+        start_lsn: label.start_lsn,
+        stop_lsn,
+        start_time,
+        stop_time,
+        start_wal: label.start_wal.clone(),
+        stop_wal: stop_seg.to_string(),
+        chunk_size: opts.chunk_size,
+        backup_label,
+        tablespace_map: spcmap.filter(|s| !s.is_empty()),
+        tablespaces,
+        entries,
+        stats,
+    };
+    let sealed =
+        SealedObject::seal(ObjectKind::Manifest, id.as_str(), &manifest.to_json(), 3).map_err(|e| {
+            BackupError::Read {
+                path: "manifest".into(),
+                source: e,
+            }
+        })?;
+    if store.put_new(&manifest_key(&id), sealed.bytes).await? == PutNew::AlreadyExists {
+        return Err(BackupError::Exists(id));
+    }
+    Ok(manifest)
+}
+
+/// `backups/<id>/manifest.wvo`.
+pub fn manifest_key(id: &BackupId) -> String {
+    format!("backups/{id}/manifest.wvo")
+}
+
+async fn read_descriptor(store: &Store) -> Result<Option<RepoDescriptor>, BackupError> {
+    match store.get(DESCRIPTOR_KEY).await? {
+        None => Ok(None),
+        Some(b) => RepoDescriptor::parse(&b).map(Some).map_err(|e| {
+            BackupError::Store(StoreError {
+                op: "parse",
+                key: DESCRIPTOR_KEY.into(),
+                repo: store.url().to_string(),
+                message: e.to_string(),
+                transient: false,
+            })
+        }),
+    }
+}
+
+/// The system identifier in `global/pg_control` (its first 8 bytes in every version).
+fn read_control_sysid(pgdata: &Path) -> Result<u64, BackupError> {
+    let path = pgdata.join("global/pg_control");
+    let bytes = std::fs::read(&path).map_err(|source| BackupError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let first: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| BackupError::Read {
+            path: path.display().to_string(),
+            source: std::io::Error::other("file too short"),
+        })?;
+    Ok(u64::from_le_bytes(first))
+}
+
+/// Wait until every segment from `start` to `stop` (same timeline) is archived.
+async fn wait_for_wal(
+    store: &Store,
+    start: &str,
+    stop: &SegmentName,
+    seg_size: u32,
+    timeout: Duration,
+) -> Result<(), BackupError> {
+    let Ok(WalFileName::Segment(start)) = start.parse::<WalFileName>() else {
+        return Err(BackupError::Label(label::LabelError("a valid start WAL file")));
+    };
+    let (Some(first), Some(last)) = (start.segment_no(seg_size), stop.segment_no(seg_size)) else {
+        return Err(BackupError::Label(label::LabelError("a segment number in range")));
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    for no in first..=last {
+        let seg = SegmentName::containing(stop.timeline, Lsn(no * u64::from(seg_size)), seg_size);
+        let key = wal_key(&WalFileName::Segment(seg));
+        while store.size(&key).await?.is_none() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BackupError::WalMissing {
+                    missing: seg.to_string(),
+                    waited: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// A file or directory to back up: where it is on disk and its path in the manifest.
+struct Source {
+    abs: PathBuf,
+    rel: String,
+    is_dir: bool,
+    mode: u32,
+}
+
+/// List the data directory and tablespaces, applying PostgreSQL's exclusions.
+fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>), BackupError> {
+    let read_err = |p: &Path, source| BackupError::Read {
+        path: p.display().to_string(),
+        source,
+    };
+    let mut out = Vec::new();
+    let mut tablespaces = Vec::new();
+    let mut stack = vec![(pgdata.to_path_buf(), String::new())];
+    while let Some((dir, rel_dir)) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            // A directory dropped while we walk (DROP DATABASE) is not an error; WAL replays it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel_dir.is_empty() => continue,
+            Err(e) => return Err(read_err(&dir, e)),
+        };
+        let mut listed = Vec::new();
+        for e in entries {
+            let e = e.map_err(|err| read_err(&dir, err))?;
+            let Ok(name) = e.file_name().into_string() else {
+                tracing::warn!(path = %e.path().display(), "skipping a file whose name is not UTF-8");
+                continue;
+            };
+            listed.push((name, e.path()));
+        }
+        let names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+        let unlogged = exclude::unlogged_files(&names);
+        let unlogged: Vec<String> = unlogged.into_iter().map(str::to_string).collect();
+        for (name, abs) in listed {
+            let rel = if rel_dir.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel_dir}/{name}")
+            };
+            let meta = match std::fs::symlink_metadata(&abs) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(read_err(&abs, e)),
+            };
+            let ft = meta.file_type();
+            // Tablespaces: pg_tblspc/<oid> links to their location; back up its contents there.
+            if ft.is_symlink() && rel_dir == "pg_tblspc" {
+                let target = std::fs::read_link(&abs).map_err(|err| read_err(&abs, err))?;
+                if let Ok(oid) = name.parse::<u32>() {
+                    tablespaces.push(Tablespace {
+                        oid,
+                        location: target.display().to_string(),
+                    });
+                    out.push(Source {
+                        abs: target.clone(),
+                        rel: rel.clone(),
+                        is_dir: true,
+                        mode: 0o700,
+                    });
+                    stack.push((target, rel));
+                }
+                continue;
+            }
+            // pg_wal may be a link to another disk; its contents are skipped anyway.
+            let is_dir = ft.is_dir() || (ft.is_symlink() && rel == "pg_wal");
+            if !is_dir && !ft.is_file() {
+                continue; // sockets, stray symlinks: not part of a cluster
+            }
+            let mode = meta.permissions().mode() & 0o7777;
+            match exclude::decide(&rel, is_dir) {
+                Decision::Skip => continue,
+                Decision::EmptyDir => {
+                    out.push(Source {
+                        abs: abs.clone(),
+                        rel: rel.clone(),
+                        is_dir: true,
+                        mode,
+                    });
+                    if rel == "pg_wal" {
+                        out.push(Source {
+                            abs,
+                            rel: "pg_wal/archive_status".into(),
+                            is_dir: true,
+                            mode,
+                        });
+                    }
+                }
+                Decision::Include if is_dir => {
+                    out.push(Source {
+                        abs: abs.clone(),
+                        rel: rel.clone(),
+                        is_dir: true,
+                        mode,
+                    });
+                    stack.push((abs, rel));
+                }
+                Decision::Include => {
+                    if !unlogged.contains(&name) {
+                        out.push(Source {
+                            abs,
+                            rel,
+                            is_dir: false,
+                            mode,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok((out, tablespaces))
+}
+
+/// Read, chunk and upload every file; returns the manifest entries in path order.
+async fn copy_files(
+    store: &Store,
+    opts: &BackupOptions,
+    level: i32,
+) -> Result<(Vec<Entry>, Vec<Tablespace>, BackupStats), BackupError> {
+    let (sources, tablespaces) = walk(&opts.pgdata)?;
+    let permits = Arc::new(Semaphore::new(opts.parallel.max(1)));
+    let mut tasks: JoinSet<Result<(usize, usize, chunk::StoredChunk), ChunkError>> = JoinSet::new();
+    let mut entries: Vec<Entry> = Vec::with_capacity(sources.len());
+    // (entry index, chunk index) -> chunk id; ordered, so chunks attach in file order.
+    let mut chunk_ids: BTreeMap<(usize, usize), String> = BTreeMap::new();
+    let mut stats = BackupStats::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut absorb = |res: Result<(usize, usize, chunk::StoredChunk), ChunkError>,
+                      stats: &mut BackupStats,
+                      chunk_ids: &mut BTreeMap<(usize, usize), String>|
+     -> Result<(), BackupError> {
+        let (entry, idx, stored) = res?;
+        stats.chunks += 1;
+        if seen.insert(stored.id.clone()) {
+            stats.stored_bytes += stored.stored_len;
+        }
+        if stored.uploaded {
+            stats.new_chunks += 1;
+            stats.new_bytes += stored.stored_len;
+        }
+        chunk_ids.insert((entry, idx), stored.id);
+        Ok(())
+    };
+
+    for src in &sources {
+        let kind = if src.is_dir {
+            EntryKind::Dir
+        } else {
+            EntryKind::File
+        };
+        if src.is_dir {
+            entries.push(Entry {
+                path: src.rel.clone(),
+                kind,
+                mode: src.mode,
+                size: 0,
+                chunks: vec![],
+            });
+            continue;
+        }
+        let mut file = match tokio::fs::File::open(&src.abs).await {
+            Ok(f) => f,
+            // Dropped since the walk: WAL replay recreates the truth.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(BackupError::Read {
+                    path: src.abs.display().to_string(),
+                    source: e,
+                });
+            }
+        };
+        entries.push(Entry {
+            path: src.rel.clone(),
+            kind,
+            mode: src.mode,
+            size: 0,
+            chunks: vec![],
+        });
+        let entry = entries.len() - 1;
+        let mut size = 0u64;
+        for idx in 0.. {
+            // The permit bounds memory: at most `parallel` chunks are read and not yet stored.
+            let permit = Arc::clone(&permits)
+                .acquire_owned()
+                .await
+                .expect("semaphore is never closed");
+            let mut buf = Vec::with_capacity(opts.chunk_size as usize);
+            let read = (&mut file)
+                .take(opts.chunk_size)
+                .read_to_end(&mut buf)
+                .await
+                .map_err(|e| BackupError::Read {
+                    path: src.abs.display().to_string(),
+                    source: e,
+                })?;
+            if read == 0 {
+                break;
+            }
+            size += read as u64;
+            let store = store.clone();
+            tasks.spawn(async move {
+                let stored = chunk::put_chunk(&store, Bytes::from(buf), level).await?;
+                drop(permit);
+                Ok((entry, idx, stored))
+            });
+            while let Some(done) = tasks.try_join_next() {
+                absorb(done.expect("chunk task panicked"), &mut stats, &mut chunk_ids)?;
+            }
+            if (read as u64) < opts.chunk_size {
+                break;
+            }
+        }
+        entries[entry].size = size;
+        stats.files += 1;
+        stats.logical_bytes += size;
+    }
+    while let Some(done) = tasks.join_next().await {
+        absorb(done.expect("chunk task panicked"), &mut stats, &mut chunk_ids)?;
+    }
+    for ((entry, _), id) in chunk_ids {
+        entries[entry].chunks.push(id);
+    }
+    Ok((entries, tablespaces, stats))
+}

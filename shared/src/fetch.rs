@@ -1,0 +1,162 @@
+//! `restore-agent fetch`: hand PostgreSQL's recovery one archived file.
+//!
+//! "Not found" (exit 1) tells PostgreSQL the archive ends here: during archive recovery it then
+//! promotes. So only a confirmed absence from a confirmed repository may be reported as not found;
+//! a store that cannot be read, or a stored copy that fails verification, is an error that must
+//! stop recovery (see [`crate::exit::FATAL`]).
+
+use std::path::Path;
+
+use crate::config::Settings;
+use crate::exit;
+use crate::fsutil;
+use crate::repo::descriptor::DescriptorError;
+use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
+use crate::repo::object::{self, ObjectError, ObjectKind};
+use crate::repo::store::Access;
+use crate::repo::{ClusterIdentity, RepoDescriptor, Store, StoreError};
+use crate::retry::RetryPolicy;
+use crate::wal::{NameError, PageError, WalFileName};
+
+/// What a fetch found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchOutcome {
+    Restored {
+        name: WalFileName,
+        size: u64,
+        stored_size: u64,
+    },
+    NotFound {
+        name: WalFileName,
+    },
+}
+
+/// Why a fetch failed. Everything except [`FetchError::Name`] means "cannot tell", never "absent".
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    Name(#[from] NameError),
+    #[error("{source} (gave up after {attempts} attempts)")]
+    Store { source: StoreError, attempts: u32 },
+    #[error(
+        "repository {repo} has no walvault.json and no {name}: it is not a walvault repository (wrong --repo or WALVAULT_REPO?)"
+    )]
+    NoRepository { repo: String, name: String },
+    #[error("repository {repo}: {source}")]
+    Descriptor { repo: String, source: DescriptorError },
+    #[error("archived {name} ({key} in {repo}) is corrupt: {source}")]
+    Corrupt {
+        name: String,
+        key: String,
+        repo: String,
+        source: Box<ObjectError>,
+    },
+    #[error("archived {name} ({key} in {repo}) is not a valid WAL segment: {source}")]
+    InvalidWal {
+        name: String,
+        key: String,
+        repo: String,
+        source: Box<PageError>,
+    },
+    #[error("archived {name} is from {found}, but repository {repo} belongs to {expected}")]
+    ForeignCluster {
+        name: String,
+        repo: String,
+        found: ClusterIdentity,
+        expected: ClusterIdentity,
+    },
+    #[error("cannot write {dest}: {source}")]
+    Write { dest: String, source: std::io::Error },
+}
+
+impl FetchError {
+    /// Exit status for PostgreSQL. In standby mode PostgreSQL retries a failed fetch ("not
+    /// available"), so there a failure is reported as exit 1; otherwise it must stop recovery.
+    pub fn exit_code(&self, standby: bool) -> u8 {
+        match self {
+            FetchError::Name(_) => exit::USAGE,
+            _ if standby => exit::NOT_FOUND_OR_RETRY,
+            _ => exit::FATAL,
+        }
+    }
+}
+
+/// Fetch `name` from the repository into `dest`, verifying it end to end first.
+pub async fn fetch(settings: &Settings, name: &str, dest: &Path) -> Result<FetchOutcome, FetchError> {
+    let name: WalFileName = name.parse()?;
+    let name_str = name.to_string();
+    let key = wal_key(&name);
+    let retry = RetryPolicy::with_total(settings.retry_timeout);
+    let repo = settings.repo.to_string();
+
+    // A corrupt read is re-read once: a flipped bit in transit is not worth stopping recovery for,
+    // a corrupt stored object is.
+    let mut rereads = 1;
+    let (descriptor, stored, content) = loop {
+        let (descriptor, object) = retry
+            .run(&format!("fetching {name_str}"), || async {
+                let store = Store::open(&settings.repo, Access::ReadOnly, settings.retry_timeout)?;
+                tokio::try_join!(store.get(DESCRIPTOR_KEY), store.get(&key))
+            })
+            .await
+            .map_err(|(source, attempts)| FetchError::Store { source, attempts })?;
+        let descriptor = descriptor
+            .map(|b| RepoDescriptor::parse(&b))
+            .transpose()
+            .map_err(|source| FetchError::Descriptor {
+                repo: repo.clone(),
+                source,
+            })?;
+        let Some(bytes) = object else {
+            if descriptor.is_none() {
+                return Err(FetchError::NoRepository { repo, name: name_str });
+            }
+            return Ok(FetchOutcome::NotFound { name });
+        };
+        match object::open(&bytes, ObjectKind::WalFile, &name_str) {
+            Ok((_, content)) => break (descriptor, bytes.len() as u64, content),
+            Err(source) if rereads == 0 => {
+                return Err(FetchError::Corrupt {
+                    name: name_str,
+                    key,
+                    repo,
+                    source: Box::new(source),
+                });
+            }
+            Err(source) => {
+                tracing::warn!(key, "{source}; reading it again");
+                rereads -= 1;
+            }
+        }
+    };
+
+    if let Some(seg) = name.wal_segment() {
+        let info =
+            crate::wal::page::validate_segment(&content, &seg).map_err(|source| FetchError::InvalidWal {
+                name: name_str.clone(),
+                key: key.clone(),
+                repo: repo.clone(),
+                source: Box::new(source),
+            })?;
+        if let Some(d) = &descriptor {
+            let found = ClusterIdentity::from(&info);
+            if found != d.cluster {
+                return Err(FetchError::ForeignCluster {
+                    name: name_str,
+                    repo,
+                    found,
+                    expected: d.cluster,
+                });
+            }
+        }
+    }
+    fsutil::write_durably(dest, &content).map_err(|source| FetchError::Write {
+        dest: dest.display().to_string(),
+        source,
+    })?;
+    Ok(FetchOutcome::Restored {
+        name,
+        size: content.len() as u64,
+        stored_size: stored,
+    })
+}
