@@ -1,8 +1,14 @@
 //! PostgreSQL write-ahead log: file names, LSNs, timelines and page headers.
 
+mod crc32c;
+pub mod decode;
 pub mod lsn;
 pub mod name;
 pub mod page;
+pub mod pgtime;
+pub mod summary;
+#[cfg(test)]
+mod testwal;
 
 pub use lsn::{Lsn, TimelineId};
 pub use name::{NameError, SegmentName, WalFileName};
