@@ -218,6 +218,11 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
                 "switch_lsn": h.parent().map(|p| p.switch_lsn.to_string()),
                 "reason": h.parent().map(|p| p.reason.clone()),
                 "wal": cat.ranges(t),
+                "restorable": cat.window(t).map(|w| serde_json::json!({
+                    "earliest": walvault::time::format_micros(w.earliest),
+                    "latest_before": w.latest.map(walvault::time::format_micros),
+                    "end_lsn": w.end_lsn.to_string(),
+                })),
             })
         })
         .collect();
@@ -250,7 +255,10 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("{:<4} {:<7} {:<12}  wal", "tli", "parent", "switch lsn");
+    println!(
+        "{:<4} {:<7} {:<12}  {:<24}  {:<34}  wal",
+        "tli", "parent", "switch lsn", "restorable from", "to just before"
+    );
     for t in &timelines {
         let ranges: Vec<String> = t["wal"]
             .as_array()
@@ -272,10 +280,12 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
             String::new()
         };
         println!(
-            "{:<4} {:<7} {:<12}  {}{gaps}",
-            t["timeline"],
+            "{:<4} {:<7} {:<12}  {:<24}  {:<34}  {}{gaps}",
+            t["timeline"].as_u64().unwrap_or(0),
             t["parent"].as_u64().map_or("-".into(), |p| p.to_string()),
             t["switch_lsn"].as_str().unwrap_or("-"),
+            t["restorable"]["earliest"].as_str().unwrap_or("-"),
+            t["restorable"]["latest_before"].as_str().unwrap_or("-"),
             if ranges.is_empty() {
                 "none".to_string()
             } else {

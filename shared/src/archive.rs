@@ -15,6 +15,7 @@ use crate::repo::object::{self, MAX_ORIGINAL_LEN, ObjectError, ObjectKind, Seale
 use crate::repo::store::{Access, CreateSemantics, PutNew};
 use crate::repo::{ClusterIdentity, RepoDescriptor, Store, StoreError};
 use crate::retry::RetryPolicy;
+use crate::timeindex;
 use crate::wal::{NameError, PageError, SegmentInfo, WalFileName};
 
 /// Largest timeline history or backup history file accepted (they are a few hundred bytes).
@@ -129,13 +130,34 @@ pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, P
         .await
         .map_err(|(e, _)| e)?;
     check_cluster(&store, &retry, &name_str, info.as_ref()).await?;
+    let outcome = store_file(settings, &store, &retry, wal_path, &name, &content).await?;
 
-    let key = wal_key(&name);
-    let new_hash = blake3::hash(&content);
-    if let Some(outcome) = compare_stored(&store, &retry, &key, &name, &content, &new_hash).await? {
+    // The segment is durable; now its entry in the time index. Derived data: a failure here is
+    // logged and never fails the push (restore only loses precision for this segment).
+    if let (WalFileName::Segment(seg), Some(info)) = (name, info)
+        && let Err(e) = timeindex::index_segment(&store, &seg, &content, info.segment_size).await
+    {
+        tracing::warn!("time index for {name_str} not recorded: {e}");
+    }
+    Ok(outcome)
+}
+
+/// Store `content` under `name` unless an identical copy is there; refuse a different one.
+async fn store_file(
+    settings: &Settings,
+    store: &Store,
+    retry: &RetryPolicy,
+    wal_path: &Path,
+    name: &WalFileName,
+    content: &[u8],
+) -> Result<PushOutcome, PushError> {
+    let name_str = name.to_string();
+    let key = wal_key(name);
+    let new_hash = blake3::hash(content);
+    if let Some(outcome) = compare_stored(store, retry, &key, name, content, &new_hash).await? {
         return Ok(outcome);
     }
-    let sealed = SealedObject::seal(ObjectKind::WalFile, &name_str, &content, settings.compress_level)
+    let sealed = SealedObject::seal(ObjectKind::WalFile, &name_str, content, settings.compress_level)
         .map_err(|e| PushError::Read {
             path: wal_path.display().to_string(),
             source: e,
@@ -151,7 +173,7 @@ pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, P
         PutNew::Created if store.create_semantics() == CreateSemantics::Atomic => {}
         // The store may have let a concurrent writer replace either copy: read back what is there.
         _ => {
-            return compare_stored(&store, &retry, &key, &name, &content, &new_hash)
+            return compare_stored(store, retry, &key, name, content, &new_hash)
                 .await?
                 .map(|o| PushOutcome {
                     newly_stored: put == PutNew::Created,
@@ -169,7 +191,7 @@ pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, P
         }
     }
     Ok(PushOutcome {
-        name,
+        name: *name,
         size: content.len() as u64,
         stored_size,
         newly_stored: true,

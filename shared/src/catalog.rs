@@ -13,7 +13,8 @@ use crate::repo::layout::DESCRIPTOR_KEY;
 use crate::repo::object::{self, ObjectError, ObjectKind};
 use crate::repo::{RepoDescriptor, Store, StoreError};
 use crate::timeline::{HistoryError, TimelineHistory, TimelineTree};
-use crate::wal::{SegmentName, WalFileName};
+use crate::wal::summary::SegmentSummary;
+use crate::wal::{Lsn, SegmentName, WalFileName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -90,6 +91,36 @@ pub struct Catalog {
     pub timelines: TimelineTree,
     /// Archived segment numbers per timeline, ascending.
     pub segments: BTreeMap<u32, Vec<u64>>,
+    /// The time index: summaries by (timeline, segment number).
+    pub summaries: BTreeMap<(u32, u64), SegmentSummary>,
+}
+
+/// The span of time a restore can reach on one timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Window {
+    /// Unix microseconds: when the earliest usable backup became consistent.
+    pub earliest: i64,
+    /// Unix microseconds: the last transaction end archived after it (a target must be before
+    /// it, so that PostgreSQL sees a transaction end past the target); `None` when the time
+    /// index has no transaction end there.
+    pub latest: Option<i64>,
+    /// Last LSN archived contiguously after the earliest backup.
+    pub end_lsn: Lsn,
+}
+
+impl Window {
+    pub fn describe(&self) -> String {
+        format!(
+            "earliest restorable point {}, latest {}, WAL archived through {}",
+            crate::time::format_micros(self.earliest),
+            self.latest
+                .map_or("unknown (no time index)".to_string(), |l| format!(
+                    "just before {} (the last archived transaction)",
+                    crate::time::format_micros(l)
+                )),
+            self.end_lsn
+        )
+    }
 }
 
 impl Catalog {
@@ -148,12 +179,134 @@ impl Catalog {
         for v in segments.values_mut() {
             v.sort_unstable();
         }
+        let mut summaries = BTreeMap::new();
+        for (key, _) in store.list("index/").await? {
+            let Some(Ok(WalFileName::Segment(seg))) = key
+                .rsplit('/')
+                .next()
+                .and_then(|n| n.strip_suffix(".wvo"))
+                .map(str::parse::<WalFileName>)
+            else {
+                continue;
+            };
+            match crate::timeindex::load(store, &seg).await {
+                Ok(Some(s)) => {
+                    if let Some(no) = seg.segment_no(seg_size) {
+                        summaries.insert((seg.timeline.get(), no), s.summary);
+                    }
+                }
+                Ok(None) => {}
+                // Derived data: an unreadable summary costs precision, not the restore.
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
         Ok(Catalog {
             descriptor,
             backups,
             timelines,
             segments,
+            summaries,
         })
+    }
+
+    fn segment_size(&self) -> u64 {
+        u64::from(self.descriptor.cluster.wal_segment_size)
+    }
+
+    /// The timeline PostgreSQL reads segment `no` from when following `timeline`: the newest
+    /// timeline of its history that had begun by that segment (`XLogFileReadAnyTLI`).
+    pub fn timeline_of_segment(&self, timeline: u32, no: u64) -> u32 {
+        let h = self.timelines.history(timeline);
+        let begins = |i: usize| {
+            if i == 0 {
+                0
+            } else {
+                h.ancestors[i - 1].switch_lsn.0 / self.segment_size()
+            }
+        };
+        // Timelines in order: ancestors, then `timeline` itself.
+        let ids: Vec<u32> = h.ancestors.iter().map(|a| a.timeline).chain([timeline]).collect();
+        (0..ids.len())
+            .rev()
+            .find(|&i| begins(i) <= no)
+            .map_or(timeline, |i| ids[i])
+    }
+
+    /// The segments recovery from `backup` replays following `timeline`, in order, up to the
+    /// first one missing from the archive.
+    pub fn chain(&self, backup: &Manifest, timeline: u32) -> Vec<(u32, u64)> {
+        let mut out = Vec::new();
+        let mut no = backup.start_lsn.0 / self.segment_size();
+        loop {
+            let tli = self.timeline_of_segment(timeline, no);
+            let present = self
+                .segments
+                .get(&tli)
+                .is_some_and(|v| v.binary_search(&no).is_ok());
+            if !present {
+                return out;
+            }
+            out.push((tli, no));
+            no += 1;
+        }
+    }
+
+    /// Whether recovery following `timeline` can start from backup `m`.
+    pub fn on_history(&self, m: &Manifest, timeline: u32) -> bool {
+        self.timelines.history(timeline).timeline_at(m.stop_lsn) == m.timeline
+    }
+
+    /// Latest transaction end in a chain, per the time index.
+    pub fn latest_commit(&self, chain: &[(u32, u64)]) -> Option<i64> {
+        chain
+            .iter()
+            .filter_map(|k| self.summaries.get(k))
+            .filter_map(|s| s.max_commit)
+            .filter_map(|t| t.to_unix_micros())
+            .max()
+    }
+
+    /// Whether every segment of a chain has its summary (only then can the absence of a later
+    /// transaction end be trusted).
+    pub fn index_complete(&self, chain: &[(u32, u64)]) -> bool {
+        chain.iter().all(|k| self.summaries.contains_key(k))
+    }
+
+    /// End of the WAL a chain holds.
+    pub fn chain_end(&self, chain: &[(u32, u64)]) -> Lsn {
+        chain.last().map_or(Lsn(0), |&(tli, no)| {
+            self.summaries
+                .get(&(tli, no))
+                .and_then(|s| s.end_of_wal)
+                .unwrap_or(Lsn((no + 1) * self.segment_size()))
+        })
+    }
+
+    /// The restorable window of `timeline`: from its earliest usable backup to the last
+    /// transaction end archived contiguously after it. `None` without a usable backup.
+    pub fn window(&self, timeline: u32) -> Option<Window> {
+        let first = self.backups.iter().find(|m| self.on_history(m, timeline))?;
+        let chain = self.chain(first, timeline);
+        // A backup is usable only if the WAL up to its consistency point is archived.
+        let stop_no = first.stop_lsn.0.saturating_sub(1) / self.segment_size();
+        if !chain.iter().any(|&(_, no)| no >= stop_no) {
+            return None;
+        }
+        Some(Window {
+            earliest: first.stop_time.saturating_mul(1_000_000),
+            latest: self.latest_commit(&chain),
+            end_lsn: self.chain_end(&chain),
+        })
+    }
+
+    /// Restore points (name, LSN, unix micros) in a chain.
+    pub fn restore_points(&self, chain: &[(u32, u64)]) -> Vec<(String, Lsn, Option<i64>)> {
+        chain
+            .iter()
+            .filter_map(|k| self.summaries.get(k))
+            .flat_map(|s| s.restore_points.iter())
+            .map(|r| (r.name.clone(), r.lsn, r.time.to_unix_micros()))
+            .collect()
     }
 
     /// Consecutive runs of archived segments on `timeline`; more than one run means gaps.
@@ -233,4 +386,114 @@ pub async fn load_manifest(store: &Store, id: &BackupId) -> Result<Manifest, Cat
         });
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::manifest::{BackupStats, FORMAT_NAME, FORMAT_VERSION};
+    use crate::repo::ClusterIdentity;
+    use crate::wal::TimelineId;
+    use crate::wal::pgtime::PgTime;
+
+    const SEG: u64 = 16 << 20;
+
+    fn backup(id: &str, tli: u32, start_seg: u64, stop_time: i64) -> Manifest {
+        Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            id: id.parse().unwrap(),
+            system_identifier: 1,
+            pg_version: 15,
+            timeline: tli,
+            start_lsn: Lsn(start_seg * SEG + 0x28),
+            stop_lsn: Lsn(start_seg * SEG + 0x100),
+            start_time: stop_time - 1,
+            stop_time,
+            start_wal: String::new(),
+            stop_wal: String::new(),
+            chunk_size: 1 << 20,
+            backup_label: String::new(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            entries: vec![],
+            stats: BackupStats::default(),
+        }
+    }
+
+    fn summary(no: u64, max_commit_unix_secs: i64) -> SegmentSummary {
+        let t = PgTime::from_unix_micros(max_commit_unix_secs * 1_000_000).unwrap();
+        serde_json::from_value(serde_json::json!({
+            "start": Lsn(no * SEG), "pg_version": 15, "end_of_records": Lsn(no * SEG), "records": 1,
+            "first_record": null, "last_record": null, "commits": 1, "aborts": 0,
+            "first_commit": t, "last_commit": t, "min_commit": t, "max_commit": t,
+            "restore_points": [], "ends_with_switch": false, "skipped_continuation": false, "end_of_wal": null
+        }))
+        .unwrap()
+    }
+
+    /// Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2.
+    fn catalog() -> Catalog {
+        let mut timelines = TimelineTree::default();
+        timelines.insert(TimelineHistory::parse(TimelineId::new(2).unwrap(), b"1\t0/5000100\tx\n").unwrap());
+        let mut summaries = BTreeMap::new();
+        for no in 2..=7 {
+            summaries.insert((1, no), summary(no, 1000 + no as i64));
+        }
+        for no in 5..=9 {
+            summaries.insert((2, no), summary(no, 2000 + no as i64));
+        }
+        Catalog {
+            descriptor: RepoDescriptor::new(ClusterIdentity {
+                system_identifier: 1,
+                wal_segment_size: SEG as u32,
+                wal_block_size: 8192,
+                pg_version: 15,
+            }),
+            backups: vec![
+                backup("20261121T100000Z", 1, 2, 900),
+                backup("20261121T110000Z", 2, 7, 1900),
+            ],
+            timelines,
+            segments: BTreeMap::from([(1, (2..=7).collect()), (2, (5..=9).collect())]),
+            summaries,
+        }
+    }
+
+    #[test]
+    fn chains_switch_timeline_at_the_branch_segment() {
+        let cat = catalog();
+        let b1 = &cat.backups[0];
+        assert_eq!(
+            cat.chain(b1, 1),
+            vec![(1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7)]
+        );
+        assert_eq!(
+            cat.chain(b1, 2),
+            vec![(1, 2), (1, 3), (1, 4), (2, 5), (2, 6), (2, 7), (2, 8), (2, 9)]
+        );
+        assert!(cat.on_history(b1, 2));
+        // The timeline-2 backup is not on timeline 1's history.
+        assert!(!cat.on_history(&cat.backups[1], 1));
+    }
+
+    #[test]
+    fn windows_follow_each_timeline() {
+        let cat = catalog();
+        let w1 = cat.window(1).unwrap();
+        assert_eq!(w1.earliest, 900_000_000);
+        assert_eq!(w1.latest, Some(1_007_000_000));
+        assert_eq!(w1.end_lsn, Lsn(8 * SEG));
+        let w2 = cat.window(2).unwrap();
+        assert_eq!(w2.latest, Some(2_009_000_000));
+        assert!(w2.describe().contains("earliest restorable point"));
+    }
+
+    #[test]
+    fn a_gap_ends_the_chain() {
+        let mut cat = catalog();
+        cat.segments.insert(2, vec![5, 6, 8, 9]);
+        assert_eq!(cat.chain(&cat.backups[0], 2).last(), Some(&(2, 6)));
+        assert_eq!(cat.ranges(2).len(), 2, "two runs: one gap");
+    }
 }

@@ -18,5 +18,6 @@ pub mod repo;
 pub mod restore;
 pub mod retry;
 pub mod time;
+pub mod timeindex;
 pub mod timeline;
 pub mod wal;

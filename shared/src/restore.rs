@@ -150,14 +150,9 @@ pub fn resolve_timeline(cat: &Catalog, wanted: TimelineTarget, backup_tli: u32) 
     }
 }
 
-/// Whether recovery following `timeline` can start from `m`: its timeline is `timeline` or an
-/// ancestor that was still current when the backup became consistent.
-fn on_history(cat: &Catalog, m: &Manifest, timeline: u32) -> bool {
-    cat.timelines.history(timeline).timeline_at(m.stop_lsn) == m.timeline
-}
-
 /// Choose the newest backup that became consistent before the target, on the target timeline's
-/// history. Returns the backup and the timeline to follow.
+/// history, and check with the time index that the archive reaches the target from it. Returns
+/// the backup and the timeline to follow.
 pub fn choose_backup<'a>(
     cat: &'a Catalog,
     wanted: Option<&BackupId>,
@@ -167,56 +162,120 @@ pub fn choose_backup<'a>(
     if cat.backups.is_empty() {
         return Err(RestoreError::NoBackups);
     }
+    // An explicitly unknown timeline is reported as such, before anything else.
+    if let TimelineTarget::Id(_) = timeline {
+        resolve_timeline(cat, timeline, 1)?;
+    }
+    let candidates: Vec<(&Manifest, u32)> = cat
+        .backups
+        .iter()
+        .rev()
+        .filter(|m| wanted.is_none_or(|id| &m.id == id))
+        .filter_map(|m| {
+            let tli = resolve_timeline(cat, timeline, m.timeline).ok()?;
+            cat.on_history(m, tli).then_some((m, tli))
+        })
+        .collect();
     if let Some(id) = wanted {
-        let m = cat
-            .backups
-            .iter()
-            .find(|m| &m.id == id)
-            .ok_or_else(|| RestoreError::UnknownBackup(id.clone()))?;
-        let tli = resolve_timeline(cat, timeline, m.timeline)?;
-        if !on_history(cat, m, tli) {
+        if !cat.backups.iter().any(|m| &m.id == id) {
+            return Err(RestoreError::UnknownBackup(id.clone()));
+        }
+        if candidates.is_empty() {
+            let tli = resolve_timeline(cat, timeline, 0)?;
             return Err(RestoreError::BackupNotOnTimeline {
                 backup: id.clone(),
                 timeline: tli,
             });
         }
-        return Ok((m, tli));
     }
-    // With `current`, the timeline is the chosen backup's own: consider each backup's.
-    let candidates = cat.backups.iter().rev().filter_map(|m| {
-        let tli = resolve_timeline(cat, timeline, m.timeline).ok()?;
-        on_history(cat, m, tli).then_some((m, tli))
-    });
-    let reaches = |m: &Manifest| match target {
-        RecoveryTarget::Time(us) => m.stop_time.saturating_mul(1_000_000) <= *us,
-        RecoveryTarget::Lsn(l) => m.stop_lsn <= *l,
-        _ => true,
+    let outside = |tli: u32, why: &str| RestoreError::OutsideWindow {
+        target: format!("{} on timeline {tli}", describe(target)),
+        window: format!("{why}; {}", window_text(cat, tli)),
     };
-    let mut candidates: Vec<(&Manifest, u32)> = candidates.collect();
-    if let TimelineTarget::Id(_) | TimelineTarget::Latest = timeline {
-        // Propagate an unknown timeline as such rather than as "no backup".
-        resolve_timeline(cat, timeline, 1)?;
+    let have_index = !cat.summaries.is_empty();
+    let mut refusal = None;
+    for (m, tli) in candidates {
+        let chain = cat.chain(m, tli);
+        let stop_no = m.stop_lsn.0.saturating_sub(1) / u64::from(cat.descriptor.cluster.wal_segment_size);
+        if !chain.iter().any(|&(_, no)| no >= stop_no) {
+            refusal.get_or_insert_with(|| {
+                outside(
+                    tli,
+                    &format!("WAL up to {} is missing from the archive", m.stop_wal),
+                )
+            });
+            continue;
+        }
+        let fits = match target {
+            RecoveryTarget::Time(us) => {
+                if m.stop_time.saturating_mul(1_000_000) > *us {
+                    refusal.get_or_insert_with(|| {
+                        outside(tli, "the target is before every backup's consistency point")
+                    });
+                    continue;
+                }
+                match cat.latest_commit(&chain) {
+                    // PostgreSQL stops at the first transaction end past the target: one must exist.
+                    Some(latest) if *us >= latest && cat.index_complete(&chain) => {
+                        return Err(outside(tli, "the target is after the last archived transaction"));
+                    }
+                    _ => true,
+                }
+            }
+            RecoveryTarget::Lsn(l) => {
+                if m.stop_lsn > *l {
+                    refusal.get_or_insert_with(|| {
+                        outside(tli, "the target is before every backup's consistency point")
+                    });
+                    continue;
+                }
+                if *l > cat.chain_end(&chain) {
+                    return Err(outside(tli, "the target is past the end of the archived WAL"));
+                }
+                true
+            }
+            RecoveryTarget::Name(n) if have_index => {
+                let found = cat
+                    .restore_points(&chain)
+                    .iter()
+                    .any(|(name, lsn, _)| name == n && *lsn >= m.stop_lsn);
+                if !found {
+                    refusal.get_or_insert_with(|| {
+                        let known: Vec<String> = cat
+                            .restore_points(&chain)
+                            .into_iter()
+                            .map(|(n, _, _)| n)
+                            .collect();
+                        outside(
+                            tli,
+                            &format!(
+                                "no restore point {n:?} after a backup (known: {})",
+                                known.join(", ")
+                            ),
+                        )
+                    });
+                }
+                found
+            }
+            _ => true,
+        };
+        if fits {
+            return Ok((m, tli));
+        }
     }
-    candidates.retain(|(m, _)| reaches(m));
-    candidates
-        .into_iter()
-        .next()
-        .ok_or_else(|| RestoreError::OutsideWindow {
-            target: describe(target),
-            window: window_text(cat),
-        })
+    Err(refusal.unwrap_or_else(|| {
+        outside(
+            resolve_timeline(cat, timeline, 1).unwrap_or(1),
+            "no backup is on this timeline's history",
+        )
+    }))
 }
 
-/// "the earliest restorable point is ..." for error messages.
-fn window_text(cat: &Catalog) -> String {
-    match cat.backups.first() {
-        Some(first) => format!(
-            "the earliest restorable point is {} (LSN {}), when backup {} became consistent",
-            time::format_micros(first.stop_time * 1_000_000),
-            first.stop_lsn,
-            first.id
-        ),
-        None => "the repository holds no backup".into(),
+/// The restorable window of a timeline, for error messages.
+fn window_text(cat: &Catalog, tli: u32) -> String {
+    match cat.window(tli) {
+        Some(w) => format!("timeline {tli} is {}", w.describe()),
+        None => format!("timeline {tli} has no restorable window (no backup with its WAL archived)"),
     }
 }
 

@@ -1,0 +1,126 @@
+//! The WAL time index: one summary per archived segment (its LSN range, first/last/min/max
+//! transaction end times and restore points), stored beside the WAL as
+//! `index/<timeline><log>/<segment>.wvo`, so the tool knows which timestamps are restorable
+//! before PostgreSQL starts. Summaries are derived data: a missing one only makes restore's
+//! checks less precise, never a restore impossible.
+
+use serde::{Deserialize, Serialize};
+
+use crate::repo::object::{self, ObjectKind, SealedObject};
+use crate::repo::{Store, StoreError};
+use crate::wal::summary::{Carry, SegmentSummary, summarize_segment};
+use crate::wal::{Lsn, SegmentName};
+
+pub const FORMAT_NAME: &str = "walvault-segment-summary";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// `index/<TTTTTTTTXXXXXXXX>/<segment>.wvo`: a sealed object (kind 4) holding this as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSummary {
+    pub format: String,
+    pub version: u32,
+    pub segment: String,
+    pub summary: SegmentSummary,
+    /// Decoder state at the end of the segment, so the next segment's summary can complete a
+    /// record that crosses the boundary.
+    #[serde(default)]
+    pub carry: Option<Carry>,
+}
+
+pub fn summary_key(seg: &SegmentName) -> String {
+    format!("index/{:08X}{:08X}/{seg}.wvo", seg.timeline.get(), seg.log)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("summary {key} is unreadable: {message}")]
+    Corrupt { key: String, message: String },
+    #[error("cannot summarize {segment}: {message}")]
+    Decode { segment: String, message: String },
+}
+
+/// Read one stored summary, verified.
+pub async fn load(store: &Store, seg: &SegmentName) -> Result<Option<StoredSummary>, IndexError> {
+    let key = summary_key(seg);
+    let Some(bytes) = store.get(&key).await? else {
+        return Ok(None);
+    };
+    let corrupt = |message: String| IndexError::Corrupt {
+        key: key.clone(),
+        message,
+    };
+    let (_, json) =
+        object::open(&bytes, ObjectKind::Summary, &seg.to_string()).map_err(|e| corrupt(e.to_string()))?;
+    let s: StoredSummary = serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))?;
+    if s.format != FORMAT_NAME || s.version != FORMAT_VERSION || s.segment != seg.to_string() {
+        return Err(corrupt(format!(
+            "format {:?} version {} for {}",
+            s.format, s.version, s.segment
+        )));
+    }
+    Ok(Some(s))
+}
+
+/// Summarize an archived segment and store the summary unless one exists. Uses the previous
+/// segment's carry when its summary is stored, so a transaction end that crosses the boundary is
+/// counted once.
+pub async fn index_segment(
+    store: &Store,
+    seg: &SegmentName,
+    bytes: &[u8],
+    segment_size: u32,
+) -> Result<bool, IndexError> {
+    let key = summary_key(seg);
+    if store.size(&key).await?.is_some() {
+        return Ok(false);
+    }
+    let start = seg.start_lsn(segment_size).ok_or_else(|| IndexError::Decode {
+        segment: seg.to_string(),
+        message: "segment number out of range".into(),
+    })?;
+    let carry = match start.0.checked_sub(u64::from(segment_size)) {
+        Some(prev_start) => {
+            let prev = SegmentName::containing(seg.timeline, Lsn(prev_start), segment_size);
+            // A missing or unreadable previous summary only costs the boundary record.
+            load(store, &prev)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|p| p.carry)
+                .filter(|c| c.next_segment_start() == start)
+        }
+        None => None,
+    };
+    let decode = |carry| summarize_segment(bytes, start, carry);
+    let (summary, next) = match decode(carry.clone()) {
+        Ok(r) => r,
+        Err(_) if carry.is_some() => decode(None).map_err(|e| IndexError::Decode {
+            segment: seg.to_string(),
+            message: e.to_string(),
+        })?,
+        Err(e) => {
+            return Err(IndexError::Decode {
+                segment: seg.to_string(),
+                message: e.to_string(),
+            });
+        }
+    };
+    let stored = StoredSummary {
+        format: FORMAT_NAME.into(),
+        version: FORMAT_VERSION,
+        segment: seg.to_string(),
+        summary,
+        carry: next,
+    };
+    let json = serde_json::to_vec(&stored).expect("summary serializes");
+    let sealed = SealedObject::seal(ObjectKind::Summary, &seg.to_string(), &json, 3).map_err(|e| {
+        IndexError::Decode {
+            segment: seg.to_string(),
+            message: e.to_string(),
+        }
+    })?;
+    store.put_new(&key, sealed.bytes).await?;
+    Ok(true)
+}
