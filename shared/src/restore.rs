@@ -8,7 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -346,24 +345,47 @@ pub async fn restore(settings: &Settings, opts: &RestoreOptions) -> Result<Resto
     for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
         create_dir(&dest_of(&e.path), e.mode)?;
     }
+    // Chunks, not files, are the unit of parallelism, so one large relation file restores as
+    // fast as many small ones; `parallel` bounds the chunks in memory.
     let permits = Arc::new(Semaphore::new(opts.parallel.max(1)));
     let mut tasks: JoinSet<Result<u64, RestoreError>> = JoinSet::new();
     let (mut files, mut bytes) = (0u64, 0u64);
     for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::File) {
         files += 1;
-        let permit = Arc::clone(&permits)
-            .acquire_owned()
-            .await
-            .expect("semaphore is never closed");
-        let (store, dest, chunks, mode, size) =
-            (store.clone(), dest_of(&e.path), e.chunks.clone(), e.mode, e.size);
-        tasks.spawn(async move {
-            let written = restore_file(&store, &dest, &chunks, mode, size).await;
-            drop(permit);
-            written
-        });
-        while let Some(done) = tasks.try_join_next() {
-            bytes += done.expect("restore task panicked")?;
+        let file = Arc::new(OutFile::create(dest_of(&e.path), e.mode, e.chunks.len())?);
+        if e.chunks.is_empty() {
+            file.finish()?;
+        }
+        for (idx, id) in e.chunks.iter().enumerate() {
+            let permit = Arc::clone(&permits)
+                .acquire_owned()
+                .await
+                .expect("semaphore is never closed");
+            let offset = idx as u64 * manifest.chunk_size;
+            let expected = manifest.chunk_size.min(e.size - offset);
+            let (store, id, file) = (store.clone(), id.clone(), Arc::clone(&file));
+            tasks.spawn(async move {
+                let data = chunk::get_chunk(&store, &id).await?;
+                if data.len() as u64 != expected {
+                    return Err(RestoreError::Corrupt(format!(
+                        "chunk {id} of {} holds {} bytes, the manifest says {expected}",
+                        file.path.display(),
+                        data.len()
+                    )));
+                }
+                let len = data.len() as u64;
+                tokio::task::spawn_blocking(move || {
+                    file.write_at(&data, offset)?;
+                    drop(permit);
+                    file.chunk_done()
+                })
+                .await
+                .expect("write task panicked")?;
+                Ok(len)
+            });
+            while let Some(done) = tasks.try_join_next() {
+                bytes += done.expect("restore task panicked")?;
+            }
         }
     }
     while let Some(done) = tasks.join_next().await {
@@ -398,38 +420,51 @@ fn create_dir(p: &Path, mode: u32) -> Result<(), RestoreError> {
     }
 }
 
-/// Write one file from its chunks, verifying each, then fsync it.
-async fn restore_file(
-    store: &Store,
-    dest: &Path,
-    chunks: &[String],
+/// A file being restored: chunks are written at their offsets in any order; the last one to
+/// land fsyncs the file and sets its mode.
+struct OutFile {
+    path: PathBuf,
+    file: std::fs::File,
     mode: u32,
-    size: u64,
-) -> Result<u64, RestoreError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut f = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dest)
-        .await
-        .map_err(write_err(dest))?;
-    let mut written = 0u64;
-    for id in chunks {
-        let data = chunk::get_chunk(store, id).await?;
-        written += data.len() as u64;
-        f.write_all(&data).await.map_err(write_err(dest))?;
+    remaining: std::sync::atomic::AtomicUsize,
+}
+
+impl OutFile {
+    fn create(path: PathBuf, mode: u32, chunks: usize) -> Result<OutFile, RestoreError> {
+        // create_new: never follow or replace something already there.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(write_err(&path))?;
+        Ok(OutFile {
+            path,
+            file,
+            mode,
+            remaining: chunks.into(),
+        })
     }
-    if written != size {
-        return Err(RestoreError::Corrupt(format!(
-            "{} should be {size} bytes, its chunks hold {written}",
-            dest.display()
-        )));
+
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), RestoreError> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(data, offset)
+            .map_err(write_err(&self.path))
     }
-    f.sync_all().await.map_err(write_err(dest))?;
-    tokio::fs::set_permissions(dest, std::fs::Permissions::from_mode(mode & 0o7777))
-        .await
-        .map_err(write_err(dest))?;
-    Ok(written)
+
+    fn chunk_done(&self) -> Result<(), RestoreError> {
+        if self.remaining.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.finish()?;
+        }
+        Ok(())
+    }
+
+    fn finish(&self) -> Result<(), RestoreError> {
+        use std::os::unix::fs::PermissionsExt;
+        self.file.sync_all().map_err(write_err(&self.path))?;
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(self.mode & 0o7777))
+            .map_err(write_err(&self.path))
+    }
 }
 
 /// backup_label, tablespace_map, recovery settings and recovery.signal.
