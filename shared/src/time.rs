@@ -6,25 +6,25 @@
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 // Days from civil date and back (proleptic Gregorian), after Howard Hinnant's algorithms.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+pub(crate) fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
-    let mp = (i64::from(m) + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
 }
 
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
     (
         if m <= 2 {
             yoe + era * 400 + 1
@@ -36,7 +36,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     )
 }
 
-fn split(unix_micros: i64) -> (i64, u32, u32, i64, i64, i64, i64) {
+fn split(unix_micros: i64) -> (i64, i64, i64, i64, i64, i64, i64) {
     let secs = unix_micros.div_euclid(1_000_000);
     let micros = unix_micros.rem_euclid(1_000_000);
     let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
@@ -96,7 +96,7 @@ pub fn parse_time(s: &str) -> Result<i64, TimeParseError> {
         num(14..16)?,
         num(17..19)?,
     );
-    if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo as u32) || h > 23 || mi > 59 || sec > 59 {
+    if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) || h > 23 || mi > 59 || sec > 59 {
         return Err(err());
     }
     let mut rest = &t[19..];
@@ -134,12 +134,12 @@ pub fn parse_time(s: &str) -> Result<i64, TimeParseError> {
             sign * (hh * 3600 + mm * 60)
         }
     };
-    let days = days_from_civil(y, mo as u32, d as u32);
+    let days = days_from_civil(y, mo, d);
     let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_secs;
     Ok(secs * 1_000_000 + micros)
 }
 
-fn days_in_month(y: i64, m: u32) -> i64 {
+pub(crate) fn days_in_month(y: i64, m: i64) -> i64 {
     match m {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
         4 | 6 | 9 | 11 => 30,
