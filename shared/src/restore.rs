@@ -315,18 +315,68 @@ pub async fn restore(settings: &Settings, opts: &RestoreOptions) -> Result<Resto
         }
     }
 
-    // Checks passed: write.
-    if opts.force && opts.pgdata.exists() {
-        for e in std::fs::read_dir(&opts.pgdata).map_err(write_err(&opts.pgdata))? {
-            let p = e.map_err(write_err(&opts.pgdata))?.path();
-            let r = if p.is_dir() && !p.is_symlink() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-            r.map_err(write_err(&p))?;
+    // Checks passed: write. On failure, remove what was written: a half-restored directory
+    // must never be mistaken for a restore.
+    let created = !opts.pgdata.exists();
+    let targets: Vec<PathBuf> = std::iter::once(opts.pgdata.clone())
+        .chain(manifest.tablespaces.iter().map(|t| PathBuf::from(&t.location)))
+        .collect();
+    if opts.force {
+        for t in &targets {
+            clear_dir(t)?;
         }
     }
+    let written = write_backup(&store, opts, manifest, timeline).await;
+    if written.is_err() {
+        for t in &targets {
+            if let Err(e) = clear_dir(t) {
+                tracing::warn!("cleaning up after the failed restore: {e}");
+            }
+        }
+        if created {
+            let _ = std::fs::remove_dir(&opts.pgdata);
+        }
+    }
+    let (files, bytes) = written?;
+    Ok(RestoreReport {
+        backup: manifest.id.clone(),
+        files,
+        bytes,
+        timeline: match opts.timeline {
+            TimelineTarget::Latest => format!("latest (currently {timeline})"),
+            TimelineTarget::Current => format!("current ({timeline})"),
+            TimelineTarget::Id(n) => n.to_string(),
+        },
+        target: describe(&opts.target),
+    })
+}
+
+/// Remove everything inside `dir` (which may not exist).
+fn clear_dir(dir: &Path) -> Result<(), RestoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(write_err(dir)(e)),
+    };
+    for e in entries {
+        let p = e.map_err(write_err(dir))?.path();
+        let r = if p.is_dir() && !p.is_symlink() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.map_err(write_err(&p))?;
+    }
+    Ok(())
+}
+
+/// Write the backup's directories and files, then the recovery files. Returns (files, bytes).
+async fn write_backup(
+    store: &Store,
+    opts: &RestoreOptions,
+    manifest: &Manifest,
+    timeline: u32,
+) -> Result<(u64, u64), RestoreError> {
     create_dir(&opts.pgdata, 0o700)?;
     let dest_of = |rel: &str| -> PathBuf {
         // Tablespace contents go back to their location; pg_tblspc/<oid> itself is recreated
@@ -393,17 +443,7 @@ pub async fn restore(settings: &Settings, opts: &RestoreOptions) -> Result<Resto
     }
 
     write_recovery_files(opts, manifest, timeline)?;
-    Ok(RestoreReport {
-        backup: manifest.id.clone(),
-        files,
-        bytes,
-        timeline: match opts.timeline {
-            TimelineTarget::Latest => format!("latest (currently {timeline})"),
-            TimelineTarget::Current => format!("current ({timeline})"),
-            TimelineTarget::Id(n) => n.to_string(),
-        },
-        target: describe(&opts.target),
-    })
+    Ok((files, bytes))
 }
 
 fn create_dir(p: &Path, mode: u32) -> Result<(), RestoreError> {

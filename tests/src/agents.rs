@@ -98,6 +98,19 @@ impl Agents {
         ])
     }
 
+    /// `<agent> <args...>` for any subcommand of [`ARCHIVE_AGENT`] or [`RESTORE_AGENT`], run as
+    /// the PostgreSQL user (backups read the data directory; restores must create files the
+    /// server owns).
+    pub fn run<S: AsRef<OsStr>>(&self, agent: &str, args: impl IntoIterator<Item = S>) -> Finished {
+        assert!(
+            [ARCHIVE_AGENT, RESTORE_AGENT].contains(&agent),
+            "unknown agent {agent:?}"
+        );
+        let mut cmd = agent_command(&self.dir.path().join(agent));
+        cmd.args(args);
+        run_agent(&mut cmd)
+    }
+
     /// `archive-agent push --repo <repo_url> <extra...> <wal_path>`, run as PostgreSQL would.
     pub fn push(&self, repo_url: &str, wal_path: impl AsRef<OsStr>, extra: &[&str]) -> Finished {
         let mut cmd = agent_command(&self.archive_agent());

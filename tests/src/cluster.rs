@@ -98,6 +98,12 @@ impl Cluster {
         Ok(backup)
     }
 
+    /// A cluster with no data directory yet: restore one into [`Cluster::data_dir`] (which
+    /// does not exist), then start it here, on a port of its own.
+    pub fn uninitialized(name: &str) -> Result<Cluster> {
+        Cluster::empty(name)
+    }
+
     fn empty(name: &str) -> Result<Cluster> {
         let scratch = ScratchDir::new(&format!("pg-{name}"))?;
         scratch.subdir("sock")?;
@@ -375,6 +381,11 @@ impl Cluster {
             .with_context(|| format!("connecting to cluster {} on port {}", self.name, self.port))
     }
 
+    /// A libpq connection string for this cluster, for `--pg-url`.
+    pub fn conn_string(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+    }
+
     /// Run SQL statements (separated by `;`), discarding results.
     pub fn execute(&self, sql: &str) -> Result<()> {
         self.connect()?
@@ -446,6 +457,12 @@ impl Cluster {
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
             .collect())
+    }
+
+    /// The timeline the server writes WAL on now.
+    pub fn timeline(&self) -> Result<u32> {
+        let hex = self.query_one_string("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")?;
+        u32::from_str_radix(&hex, 16).with_context(|| format!("timeline {hex:?}"))
     }
 
     /// Force a switch to a new WAL segment; returns the name of the segment it completed.

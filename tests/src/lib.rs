@@ -8,9 +8,11 @@
 //! `cargo build --workspace --bins && cargo test -p walvault-testkit`.
 
 pub mod agents;
+pub mod backup;
 pub mod cluster;
 pub mod fixtures;
 pub mod host;
+pub mod object;
 pub mod repo;
 pub mod workload;
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::host::ScratchDir;
+use crate::host::{ScratchDir, give_to_pg_user};
 
 /// The repository descriptor's key.
 pub const DESCRIPTOR: &str = "walvault.json";
@@ -72,6 +72,32 @@ impl Repo {
     /// Total bytes stored.
     pub fn size(&self) -> Result<u64> {
         Ok(self.files()?.values().sum())
+    }
+
+    /// Where the manifest of backup `id` lives: `backups/<id>/manifest.wvo`.
+    pub fn manifest_path(&self, id: &str) -> PathBuf {
+        self.root.join("backups").join(id).join("manifest.wvo")
+    }
+
+    /// Every backup chunk object (`chunks/<ab>/<id>.wvo`), by relative path, with its size.
+    pub fn chunks(&self) -> Result<BTreeMap<String, u64>> {
+        let mut all = self.files()?;
+        all.retain(|k, _| k.starts_with("chunks/"));
+        Ok(all)
+    }
+
+    /// A new repository holding a copy of every file of this one (owned by the PostgreSQL
+    /// user), for tests that damage objects without disturbing others that share `self`.
+    pub fn copy(&self) -> Result<Repo> {
+        let copy = Repo::new()?;
+        for rel in self.files()?.keys() {
+            let to = copy.root.join(rel);
+            let parent = to.parent().context("a repository file has a parent")?;
+            fs::create_dir_all(parent).with_context(|| format!("mkdir {}", parent.display()))?;
+            fs::copy(self.root.join(rel), &to).with_context(|| format!("copying {rel}"))?;
+        }
+        give_to_pg_user(&copy.root).context("chown of the copied repository")?;
+        Ok(copy)
     }
 }
 

@@ -120,3 +120,149 @@ pub fn fingerprints(cluster: &Cluster) -> Result<Vec<TableFingerprint>> {
         })
         .collect()
 }
+
+/// The table [`Ledger`] changes: small rows, so its whole contents can be checksummed after every
+/// transaction.
+pub const LEDGER_TABLE: &str = "ledger";
+
+/// Row count and checksum of the ledger table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerContents {
+    pub rows: u64,
+    /// md5 of all rows' text forms in id order (`-` when empty).
+    pub md5: String,
+}
+
+/// The ledger as it was just after one commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerState {
+    /// `clock_timestamp()` after the commit returned, in UTC: `YYYY-MM-DD HH:MM:SS.ffffff+00`,
+    /// the form `--target-time` takes. The next transaction commits later.
+    pub time: String,
+    /// The same instant in Unix microseconds.
+    pub unix_micros: i64,
+    /// `pg_current_wal_lsn()` after the commit.
+    pub lsn: u64,
+    pub contents: LedgerContents,
+}
+
+const LEDGER_CONTENTS_SQL: &str = "(SELECT count(*) FROM ledger)::text, \
+     (SELECT coalesce(md5(string_agg(l::text, ',' ORDER BY id)), '-') FROM ledger l)";
+
+/// Create the ledger table.
+pub fn create_ledger(cluster: &Cluster) -> Result<()> {
+    cluster.execute(
+        "CREATE TABLE ledger (id bigserial PRIMARY KEY, account integer NOT NULL, \
+         amount bigint NOT NULL, memo text NOT NULL)",
+    )
+}
+
+/// What the ledger table of `cluster` holds now.
+pub fn ledger_contents(cluster: &Cluster) -> Result<LedgerContents> {
+    let rows = cluster.query_rows(&format!("SELECT {LEDGER_CONTENTS_SQL}"))?;
+    match rows.as_slice() {
+        [r] => Ok(LedgerContents {
+            rows: r[0]
+                .as_deref()
+                .unwrap_or_default()
+                .parse()
+                .context("ledger row count")?,
+            md5: r[1].clone().unwrap_or_default(),
+        }),
+        _ => anyhow::bail!("ledger contents: unexpected result {rows:?}"),
+    }
+}
+
+/// A stream of small transactions on the ledger table (inserts, updates, deletes, each its own
+/// transaction), over one connection of its own, recording the state after each commit.
+pub struct Ledger {
+    client: postgres::Client,
+    rng: rand::rngs::StdRng,
+}
+
+impl fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ledger").finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    pub fn connect(cluster: &Cluster) -> Result<Ledger> {
+        use rand::SeedableRng;
+        Ok(Ledger {
+            client: cluster.connect()?,
+            rng: rand::rngs::StdRng::seed_from_u64(rand::random()),
+        })
+    }
+
+    /// Commit one transaction, then record the state it left.
+    pub fn step(&mut self) -> Result<LedgerState> {
+        let account = self.rng.random_range(0..20);
+        let amount: i64 = self.rng.random_range(-10_000..10_000);
+        let sql = match self.rng.random_range(0..100) {
+            0..55 => {
+                let rows = self.rng.random_range(1..=3);
+                format!(
+                    "INSERT INTO ledger (account, amount, memo) \
+                     SELECT {account}, {amount} + g, md5(random()::text) FROM generate_series(1, {rows}) g"
+                )
+            }
+            55..80 => format!(
+                "UPDATE ledger SET amount = amount + {amount}, memo = md5(memo) WHERE account = {account}"
+            ),
+            80..90 => format!(
+                "UPDATE ledger SET amount = amount - {amount} WHERE account = {account};
+                 INSERT INTO ledger (account, amount, memo) VALUES ({}, {amount}, 'transfer')",
+                (account + 1) % 20
+            ),
+            _ => format!("DELETE FROM ledger WHERE account = {account} AND id % 3 = 0"),
+        };
+        self.client
+            .batch_execute(&format!("BEGIN; {sql}; COMMIT"))
+            .with_context(|| format!("ledger transaction: {sql}"))?;
+        self.state()
+    }
+
+    /// The state now (with no transaction of ours in flight: the last commit's).
+    pub fn state(&mut self) -> Result<LedgerState> {
+        let sql = format!(
+            "WITH now AS (SELECT clock_timestamp() AS t)
+             SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00',
+                    (extract(epoch FROM t) * 1000000)::bigint::text,
+                    pg_current_wal_lsn()::text,
+                    {LEDGER_CONTENTS_SQL}
+             FROM now"
+        );
+        let rows = self
+            .client
+            .simple_query(&sql)
+            .context("recording the ledger state")?;
+        let row = rows
+            .iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .context("the ledger state query returned no row")?;
+        let col = |i: usize| row.get(i).map(str::to_string).unwrap_or_default();
+        Ok(LedgerState {
+            time: col(0),
+            unix_micros: col(1).parse().context("ledger state time")?,
+            lsn: parse_lsn(&col(2))?,
+            contents: LedgerContents {
+                rows: col(3).parse().context("ledger row count")?,
+                md5: col(4),
+            },
+        })
+    }
+}
+
+/// `X/Y` (PostgreSQL's LSN text form) as a number.
+pub fn parse_lsn(text: &str) -> Result<u64> {
+    let (hi, lo) = text
+        .split_once('/')
+        .with_context(|| format!("{text:?} is not an LSN"))?;
+    let hi = u64::from_str_radix(hi, 16).with_context(|| format!("{text:?} is not an LSN"))?;
+    let lo = u64::from_str_radix(lo, 16).with_context(|| format!("{text:?} is not an LSN"))?;
+    Ok(hi << 32 | lo)
+}

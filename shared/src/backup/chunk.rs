@@ -34,10 +34,20 @@ pub struct StoredChunk {
     pub uploaded: bool,
 }
 
-/// Store `data` unless a chunk with its hash is already there. A content-addressed key makes an
-/// overwrite by a concurrent writer harmless: it carries the same bytes.
-pub async fn put_chunk(store: &Store, data: Bytes, level: i32) -> Result<StoredChunk, ChunkError> {
-    let id = blake3::hash(&data).to_hex().to_string();
+/// The id of a chunk: the blake3 of its bytes, in hex.
+pub fn chunk_id(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+/// Store `data`, whose id is `id` ([`chunk_id`]), unless the repository has it already. A
+/// content-addressed key makes an overwrite by a concurrent writer harmless: same bytes.
+pub async fn put_chunk(
+    store: &Store,
+    id: String,
+    data: Bytes,
+    level: i32,
+) -> Result<StoredChunk, ChunkError> {
+    debug_assert_eq!(id, chunk_id(&data));
     let key = chunk_key(&id);
     if let Some(stored_len) = store.size(&key).await? {
         return Ok(StoredChunk {

@@ -159,7 +159,8 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
     let backup_label: String = row.get(1);
     let spcmap: Option<String> = row.get(2);
     let label = label::parse(&backup_label)?;
-    let stop_time = crate::time::now_micros() / 1_000_000;
+    // Rounded up: a target time at or after stop_time must be past the consistency point.
+    let stop_time = (crate::time::now_micros() + 999_999) / 1_000_000;
 
     let tli = TimelineId::new(label.timeline).ok_or(label::LabelError("a valid timeline"))?;
     let seg_size = seg_size as u32;
@@ -396,16 +397,14 @@ async fn copy_files(
     // (entry index, chunk index) -> chunk id; ordered, so chunks attach in file order.
     let mut chunk_ids: BTreeMap<(usize, usize), String> = BTreeMap::new();
     let mut stats = BackupStats::default();
-    let mut seen = std::collections::HashSet::new();
-    let mut absorb = |res: Result<(usize, usize, chunk::StoredChunk), ChunkError>,
-                      stats: &mut BackupStats,
-                      chunk_ids: &mut BTreeMap<(usize, usize), String>|
+    let mut in_this_backup = std::collections::HashSet::new();
+    let absorb = |res: Result<(usize, usize, chunk::StoredChunk), ChunkError>,
+                  stats: &mut BackupStats,
+                  chunk_ids: &mut BTreeMap<(usize, usize), String>|
      -> Result<(), BackupError> {
         let (entry, idx, stored) = res?;
-        stats.chunks += 1;
-        if seen.insert(stored.id.clone()) {
-            stats.stored_bytes += stored.stored_len;
-        }
+        // Each distinct chunk reaches here once (see `in_this_backup`).
+        stats.stored_bytes += stored.stored_len;
         if stored.uploaded {
             stats.new_chunks += 1;
             stats.new_bytes += stored.stored_len;
@@ -469,9 +468,16 @@ async fn copy_files(
                 break;
             }
             size += read as u64;
+            let id = chunk::chunk_id(&buf);
+            stats.chunks += 1;
+            // The same bytes twice in one backup (zeroed pages, identical files): store them once.
+            if !in_this_backup.insert(id.clone()) {
+                chunk_ids.insert((entry, idx), id);
+                continue;
+            }
             let store = store.clone();
             tasks.spawn(async move {
-                let stored = chunk::put_chunk(&store, Bytes::from(buf), level).await?;
+                let stored = chunk::put_chunk(&store, id, Bytes::from(buf), level).await?;
                 drop(permit);
                 Ok((entry, idx, stored))
             });

@@ -1,0 +1,125 @@
+//! Base backups and restores through the agents, as a DBA runs them: `archive-agent backup`
+//! against a running cluster, `restore-agent restore` into a new data directory, and
+//! `restore-agent info --json`.
+
+use std::path::Path;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use serde_json::Value;
+
+use crate::agents::{ARCHIVE_AGENT, RESTORE_AGENT, agents};
+use crate::cluster::Cluster;
+use crate::host::Finished;
+use crate::repo::Repo;
+
+/// What `archive-agent backup --json` printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSummary {
+    pub id: String,
+    pub timeline: u32,
+    /// As printed: `YYYY-MM-DD HH:MM:SS[.ffffff]+00`.
+    pub start_time: String,
+    pub stop_time: String,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub start_wal: String,
+    pub stop_wal: String,
+    pub files: u64,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+    pub new_bytes: u64,
+    pub new_chunks: u64,
+    pub chunks: u64,
+}
+
+impl BackupSummary {
+    /// Read the JSON object a backup printed.
+    pub fn parse(json: &str) -> Result<BackupSummary> {
+        let v: Value = serde_json::from_str(json.trim()).with_context(|| format!("backup JSON: {json}"))?;
+        let text = |k: &str| {
+            v[k].as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("backup JSON has no string {k:?}: {v}"))
+        };
+        let num = |k: &str| {
+            v[k].as_u64()
+                .ok_or_else(|| anyhow!("backup JSON has no number {k:?}: {v}"))
+        };
+        Ok(BackupSummary {
+            id: text("id")?,
+            timeline: u32::try_from(num("timeline")?)?,
+            start_time: text("start_time")?,
+            stop_time: text("stop_time")?,
+            start_lsn: text("start_lsn")?,
+            stop_lsn: text("stop_lsn")?,
+            start_wal: text("start_wal")?,
+            stop_wal: text("stop_wal")?,
+            files: num("files")?,
+            logical_bytes: num("logical_bytes")?,
+            stored_bytes: num("stored_bytes")?,
+            new_bytes: num("new_bytes")?,
+            new_chunks: num("new_chunks")?,
+            chunks: num("chunks")?,
+        })
+    }
+}
+
+/// Take an online base backup of the running `cluster` into `repo` (`archive-agent backup
+/// --json`, as the PostgreSQL user). The cluster must archive into `repo`.
+pub fn take_backup(cluster: &Cluster, repo: &Repo) -> Result<BackupSummary> {
+    let data_dir = cluster.data_dir();
+    let run = agents()
+        .run(
+            ARCHIVE_AGENT,
+            [
+                "backup",
+                "--repo",
+                &repo.url(),
+                "--pgdata",
+                path_str(&data_dir)?,
+                "--pg-url",
+                &cluster.conn_string(),
+                "--json",
+            ],
+        )
+        .check()
+        .with_context(|| format!("backup of cluster {}\n{}", cluster.name(), cluster.log_tail()))?;
+    BackupSummary::parse(&run.stdout)
+}
+
+/// Wait long enough that the next backup gets a new id (ids have a one-second resolution).
+pub fn next_backup_second() {
+    thread::sleep(Duration::from_millis(1100));
+}
+
+/// `restore-agent restore --repo <repo> --pgdata <dir> --retry-timeout 5s <args...>`, as the
+/// PostgreSQL user (so the restored files belong to the server). Not checked: see
+/// [`Finished::check`].
+pub fn restore(repo: &Repo, pgdata: &Path, args: &[&str]) -> Result<Finished> {
+    let url = repo.url();
+    let mut all = vec![
+        "restore",
+        "--repo",
+        &url,
+        "--pgdata",
+        path_str(pgdata)?,
+        "--retry-timeout",
+        "5s",
+    ];
+    all.extend_from_slice(args);
+    Ok(agents().run(RESTORE_AGENT, all))
+}
+
+/// `restore-agent info --repo <repo> --json`, parsed.
+pub fn info(repo: &Repo) -> Result<Value> {
+    let run = agents()
+        .run(RESTORE_AGENT, ["info", "--repo", &repo.url(), "--json"])
+        .check()?;
+    serde_json::from_str(&run.stdout).with_context(|| format!("info JSON: {}", run.stdout))
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().ok_or_else(|| anyhow!("{} is not UTF-8", p.display()))
+}

@@ -1,0 +1,100 @@
+//! Base backups are deduplicated: a second backup after a small change stores little more than
+//! the change, yet restores on its own to exactly the source's data.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use walvault_testkit::backup::{self, next_backup_second, take_backup};
+use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
+use walvault_testkit::workload;
+use walvault_testkit::{Cluster, Repo};
+
+/// `pgbench -i -s`: 100 000 accounts per unit, about 15 MiB of table and index each.
+const SCALE: u32 = 10;
+
+#[test]
+fn second_backup_after_a_small_change_stores_only_the_change() -> Result<()> {
+    let repo = Repo::new()?;
+    let mut source = archiving_cluster("dedup-source", &repo, "")?;
+    workload::create_payload_table(&source)?;
+    source.pgbench(&["-i", "-s", &SCALE.to_string(), "-q"])?;
+    source.execute("CHECKPOINT")?;
+
+    let started = Instant::now();
+    let first = take_backup(&source, &repo)?;
+    eprintln!("backup {} took {:.1?}: {first:?}", first.id, started.elapsed());
+    let chunks_after_first = repo.chunks()?;
+    let chunk_bytes_after_first: u64 = chunks_after_first.values().sum();
+    assert!(
+        first.logical_bytes > 100 << 20,
+        "the first backup should hold the whole database (>100 MiB): {first:?}"
+    );
+
+    // About 1% of the rows (in their first pages), then flushed to the data files.
+    let changed_rows = SCALE * 100_000 / 100;
+    source.execute(&format!(
+        "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= {changed_rows}; CHECKPOINT"
+    ))?;
+    next_backup_second();
+    let started = Instant::now();
+    let second = take_backup(&source, &repo)?;
+    eprintln!("backup {} took {:.1?}: {second:?}", second.id, started.elapsed());
+    let chunks_after_second = repo.chunks()?;
+    let growth = chunks_after_second.values().sum::<u64>() - chunk_bytes_after_first;
+
+    // Every backup is complete on its own: the second covers the whole database again...
+    assert!(
+        second.logical_bytes >= first.logical_bytes,
+        "the second backup must cover the whole database: {second:?} vs {first:?}"
+    );
+    // ...but uploads little more than what changed.
+    assert!(
+        second.new_bytes * 10 < first.new_bytes,
+        "the second backup uploaded {} bytes, not under 10% of the first's {}",
+        second.new_bytes,
+        first.new_bytes
+    );
+    assert!(
+        growth * 10 < chunk_bytes_after_first,
+        "the repository's chunks grew by {growth} bytes with the second backup, not under 10% of \
+         {chunk_bytes_after_first}"
+    );
+
+    // Changes after the second backup come from the archived WAL.
+    source.execute(
+        "UPDATE pgbench_branches SET bbalance = bbalance + 7;
+         INSERT INTO payload (id, body) SELECT g, md5(g::text) FROM generate_series(1, 500) g",
+    )?;
+    archive_everything(&source)?;
+    let expected = workload::fingerprints(&source)?;
+    source.stop()?;
+
+    let mut restored = Cluster::uninitialized("dedup-restored")?;
+    let run = backup::restore(&repo, &restored.data_dir(), &[])?.check()?;
+    assert!(
+        run.stdout.contains(&format!("restored backup {}", second.id)),
+        "without a target, the newest backup is restored:\n{run}"
+    );
+    restored.set_conf(&[("archive_mode", "off")])?;
+    restored.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
+    assert_eq!(
+        workload::fingerprints(&restored)?,
+        expected,
+        "data restored from the deduplicated backup differs from the source"
+    );
+
+    // What each backup says it added is what the repository gained (the first started with no
+    // chunks), so `list` tells a DBA what a backup cost.
+    let new_chunks_second = (chunks_after_second.len() - chunks_after_first.len()) as u64;
+    assert_eq!(
+        (first.new_chunks, first.new_bytes),
+        (chunks_after_first.len() as u64, chunk_bytes_after_first),
+        "the first backup's new_chunks/new_bytes differ from the chunks the repository holds: {first:?}"
+    );
+    assert_eq!(
+        (second.new_chunks, second.new_bytes),
+        (new_chunks_second, growth),
+        "the second backup's new_chunks/new_bytes differ from what the repository gained: {second:?}"
+    );
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! Point-in-time recovery as a DBA uses it: a live table changed by many small transactions, the
+//! state after each commit recorded, online base backups taken while it changes; then
+//! `restore-agent restore --target-time <a recorded instant>` must bring back exactly the state
+//! recorded at that instant, on the timeline asked for.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, ensure};
+use walvault_testkit::backup::{self, BackupSummary, next_backup_second, take_backup};
+use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
+use walvault_testkit::workload::{self, Ledger, LedgerState, parse_lsn};
+use walvault_testkit::{Cluster, Repo};
+
+/// Pause between two ledger transactions, so that their commit times are well apart.
+const BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(20);
+
+/// A restored cluster recovered to a target, started and promoted.
+struct Restored {
+    cluster: Cluster,
+    /// What `restore-agent restore` printed.
+    report: String,
+}
+
+/// Restore `repo` into a new cluster with `args` (a target and so on), start it and wait until
+/// recovery has ended. With `archive`, the new cluster keeps the source's `archive_command`
+/// (into `repo`); otherwise archiving is off, so it leaves the repository as it found it.
+fn restore_and_recover(repo: &Repo, name: &str, args: &[&str], archive: bool) -> Result<Restored> {
+    let mut cluster = Cluster::uninitialized(name)?;
+    let run = backup::restore(repo, &cluster.data_dir(), args)?
+        .check()
+        .with_context(|| format!("restore {name}"))?;
+    if !archive {
+        cluster.set_conf(&[("archive_mode", "off")])?;
+    }
+    cluster
+        .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
+        .with_context(|| format!("recovery of {name} ({args:?}), restored with:\n{}", run.stdout))?;
+    Ok(Restored {
+        cluster,
+        report: run.stdout,
+    })
+}
+
+/// Restore to the instant `state` was recorded and check the ledger holds exactly that state.
+fn assert_restores_to(repo: &Repo, name: &str, state: &LedgerState, extra: &[&str]) -> Result<Restored> {
+    assert_restores_archiving(repo, name, state, extra, false)
+}
+
+/// [`assert_restores_to`], keeping the restored cluster's archiving into `repo` when `archive`.
+fn assert_restores_archiving(
+    repo: &Repo,
+    name: &str,
+    state: &LedgerState,
+    extra: &[&str],
+    archive: bool,
+) -> Result<Restored> {
+    let mut args = vec!["--target-time", state.time.as_str()];
+    args.extend_from_slice(extra);
+    let restored = restore_and_recover(repo, name, &args, archive)?;
+    let found = workload::ledger_contents(&restored.cluster)?;
+    assert_eq!(
+        found,
+        state.contents,
+        "{name}: restored to {} ({args:?}), the ledger differs from the state recorded then\n\
+         restore said:\n{}\n{}",
+        state.time,
+        restored.report,
+        restored.cluster.log_tail()
+    );
+    Ok(restored)
+}
+
+/// Unix microseconds of a time as the agents print it, parsed by PostgreSQL.
+fn unix_micros(cluster: &Cluster, time: &str) -> Result<i64> {
+    cluster
+        .query_one_string(&format!(
+            "SELECT (extract(epoch FROM '{time}'::timestamptz) * 1000000)::bigint::text"
+        ))?
+        .parse()
+        .with_context(|| format!("time {time:?}"))
+}
+
+fn now_micros(cluster: &Cluster) -> Result<i64> {
+    unix_micros(cluster, "now")
+}
+
+/// Which backup a restore says it restored.
+fn restored_backup(report: &str) -> Option<&str> {
+    report.split("restored backup ").nth(1)?.split_whitespace().next()
+}
+
+#[test]
+fn restores_to_recorded_instants_around_two_online_backups() -> Result<()> {
+    let repo = Repo::new()?;
+    let source = archiving_cluster("pitr-source", &repo, "")?;
+    workload::create_ledger(&source)?;
+
+    // The ledger changes without pause while both backups run, as on a live server.
+    let stop = AtomicBool::new(false);
+    let (states, backups) = thread::scope(|s| -> Result<_> {
+        let writer = s.spawn(|| -> Result<Vec<LedgerState>> {
+            let mut ledger = Ledger::connect(&source)?;
+            let mut states = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                states.push(ledger.step()?);
+                thread::sleep(BETWEEN_TRANSACTIONS);
+            }
+            Ok(states)
+        });
+        let backups = (|| -> Result<_> {
+            thread::sleep(Duration::from_millis(500));
+            let first = take_backup(&source, &repo)?;
+            let first_done = now_micros(&source)?;
+            next_backup_second();
+            thread::sleep(Duration::from_millis(400));
+            let second_begun = now_micros(&source)?;
+            let second = take_backup(&source, &repo)?;
+            thread::sleep(Duration::from_millis(1500));
+            Ok((first, first_done, second_begun, second))
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let states = writer
+            .join()
+            .map_err(|_| anyhow!("the ledger writer panicked"))??;
+        Ok((states, backups?))
+    })?;
+    let (first, first_done, second_begun, second): (BackupSummary, i64, i64, BackupSummary) = backups;
+    archive_everything(&source)?;
+    eprintln!(
+        "{} ledger transactions; backups {} (stop {}, {}) and {} (stop {}, {})",
+        states.len(),
+        first.id,
+        first.stop_time,
+        first.stop_lsn,
+        second.id,
+        second.stop_time,
+        second.stop_lsn
+    );
+
+    // Between the backups: only the first one can serve it.
+    let between: Vec<&LedgerState> = states
+        .iter()
+        .filter(|s| s.unix_micros > first_done && s.unix_micros < second_begun)
+        .collect();
+    ensure!(!between.is_empty(), "no transaction between the two backups");
+    let r = assert_restores_to(&repo, "pitr-between", between[between.len() / 2], &[])?;
+    assert_eq!(
+        restored_backup(&r.report),
+        Some(first.id.as_str()),
+        "a target between the backups must be served by the first:\n{}",
+        r.report
+    );
+    drop(r);
+
+    // The first state at or after the second backup's stop time as the agents report it: the
+    // edge of the second backup's window, with transactions committing while it ended.
+    let second_stop = unix_micros(&source, &second.stop_time)?;
+    let second_stop_lsn = parse_lsn(&second.stop_lsn)?;
+    let edge = states
+        .iter()
+        .find(|s| s.unix_micros >= second_stop)
+        .context("no transaction after the second backup")?;
+    eprintln!(
+        "edge state {} (LSN {:X}); second backup stopped at LSN {:X}",
+        edge.time, edge.lsn, second_stop_lsn
+    );
+    drop(assert_restores_to(&repo, "pitr-edge", edge, &[])?);
+
+    // Near the end, in the last archived segment, with a few transactions after it.
+    let late = &states[states.len() - 4];
+    let r = assert_restores_to(&repo, "pitr-late", late, &[])?;
+    assert_eq!(
+        restored_backup(&r.report),
+        Some(second.id.as_str()),
+        "a late target must be served by the newest backup:\n{}",
+        r.report
+    );
+    Ok(())
+}
+
+#[test]
+fn restores_follow_the_timeline_asked_for() -> Result<()> {
+    let repo = Repo::new()?;
+    let mut source = archiving_cluster("tli-source", &repo, "")?;
+    workload::create_ledger(&source)?;
+    let base = take_backup(&source, &repo)?;
+    let mut ledger = Ledger::connect(&source)?;
+    let mut on_first = Vec::new();
+    for _ in 0..60 {
+        on_first.push(ledger.step()?);
+        thread::sleep(BETWEEN_TRANSACTIONS);
+    }
+    drop(ledger);
+    archive_everything(&source)?;
+    source.stop()?;
+    let (before_branch, branch_point, first_only) = (&on_first[15], &on_first[35], &on_first[55]);
+    ensure!(
+        before_branch.contents != branch_point.contents && branch_point.contents != first_only.contents,
+        "the workload should change the ledger between the chosen states"
+    );
+
+    // Recover to the branch point and write on: PostgreSQL promotes to timeline 2, archived
+    // into the same repository (history file and WAL) from the start.
+    let mut branch = assert_restores_archiving(&repo, "tli-branch", branch_point, &[], true)?.cluster;
+    assert_eq!(branch.timeline()?, 2, "recovery to a target must open timeline 2");
+    let mut ledger = Ledger::connect(&branch)?;
+    let mut on_second = Vec::new();
+    for _ in 0..30 {
+        on_second.push(ledger.step()?);
+        thread::sleep(BETWEEN_TRANSACTIONS);
+    }
+    drop(ledger);
+    archive_everything(&branch)?;
+    branch.stop()?;
+    assert!(
+        repo.has_object("00000002.history"),
+        "timeline 2's history file was not archived: {:?}",
+        repo.archived_names()?
+    );
+
+    let info = backup::info(&repo)?;
+    let timelines = info["timelines"].as_array().context("info has timelines")?;
+    let second = timelines
+        .iter()
+        .find(|t| t["timeline"] == 2)
+        .with_context(|| format!("info shows no timeline 2: {info:#}"))?;
+    assert_eq!(
+        second["parent"], 1,
+        "timeline 2 branches off timeline 1: {second}"
+    );
+    assert!(
+        second["wal"].as_array().is_some_and(|w| !w.is_empty()),
+        "timeline 2 has archived WAL: {second}"
+    );
+    let listed = walvault_testkit::agents()
+        .run(
+            walvault_testkit::agents::RESTORE_AGENT,
+            ["list", "--repo", &repo.url()],
+        )
+        .check()?;
+    assert!(
+        listed.stdout.contains(&base.id),
+        "list shows the backup:\n{listed}"
+    );
+
+    // Latest timeline, after the branch's writes: timeline 2's data.
+    let late_on_second = &on_second[on_second.len() - 5];
+    drop(assert_restores_to(
+        &repo,
+        "tli-latest",
+        late_on_second,
+        &["--target-timeline", "latest"],
+    )?);
+    // Before the branch point: the history both timelines share.
+    drop(assert_restores_to(
+        &repo,
+        "tli-before-branch",
+        before_branch,
+        &[],
+    )?);
+    // Timeline 1 explicitly, after the branch point: what only timeline 1 holds.
+    drop(assert_restores_to(
+        &repo,
+        "tli-first",
+        first_only,
+        &["--target-timeline", "1"],
+    )?);
+    Ok(())
+}
