@@ -58,8 +58,8 @@ impl From<&Manifest> for BackupInfo {
         BackupInfo {
             id: m.id.to_string(),
             timeline: m.timeline,
-            start_time: crate::time::format_micros(m.start_time * 1_000_000),
-            stop_time: crate::time::format_micros(m.stop_time * 1_000_000),
+            start_time: crate::time::format_micros(m.start_time_us),
+            stop_time: crate::time::format_micros(m.stop_time_us),
             start_lsn: m.start_lsn.to_string(),
             stop_lsn: m.stop_lsn.to_string(),
             start_wal: m.start_wal.clone(),
@@ -293,7 +293,7 @@ impl Catalog {
             return None;
         }
         Some(Window {
-            earliest: first.stop_time.saturating_mul(1_000_000),
+            earliest: first.stop_time_us,
             latest: self.latest_commit(&chain),
             end_lsn: self.chain_end(&chain),
         })
@@ -408,8 +408,8 @@ mod tests {
             timeline: tli,
             start_lsn: Lsn(start_seg * SEG + 0x28),
             stop_lsn: Lsn(start_seg * SEG + 0x100),
-            start_time: stop_time - 1,
-            stop_time,
+            start_time_us: (stop_time - 1) * 1_000_000,
+            stop_time_us: stop_time * 1_000_000,
             start_wal: String::new(),
             stop_wal: String::new(),
             chunk_size: 1 << 20,

@@ -207,7 +207,7 @@ pub fn choose_backup<'a>(
         }
         let fits = match target {
             RecoveryTarget::Time(us) => {
-                if m.stop_time.saturating_mul(1_000_000) > *us {
+                if m.stop_time_us > *us {
                     refusal.get_or_insert_with(|| {
                         outside(tli, "the target is before every backup's consistency point")
                     });

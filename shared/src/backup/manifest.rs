@@ -130,9 +130,11 @@ pub struct Manifest {
     pub timeline: u32,
     pub start_lsn: Lsn,
     pub stop_lsn: Lsn,
-    /// Unix seconds (UTC).
-    pub start_time: i64,
-    pub stop_time: i64,
+    /// When the backup started and when it became consistent (`pg_backup_stop` returned), by
+    /// the server's clock, which also stamps the commits a target time is compared with: Unix
+    /// microseconds, UTC.
+    pub start_time_us: i64,
+    pub stop_time_us: i64,
     pub start_wal: String,
     pub stop_wal: String,
     pub chunk_size: u64,
@@ -280,8 +282,8 @@ mod tests {
             timeline: 1,
             start_lsn: Lsn(0x2000028),
             stop_lsn: Lsn(0x2000100),
-            start_time: 1_795_271_520,
-            stop_time: 1_795_271_530,
+            start_time_us: 1_795_271_520_000_000,
+            stop_time_us: 1_795_271_530_123_456,
             start_wal: "000000010000000000000002".into(),
             stop_wal: "000000010000000000000002".into(),
             chunk_size: 1 << 20,

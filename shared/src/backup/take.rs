@@ -129,8 +129,9 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
         });
     }
 
-    let start_time = crate::time::now_micros() / 1_000_000;
-    let id = BackupId::from_unix(start_time);
+    let server_clock = "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint";
+    let start_time_us: i64 = client.query_one(server_clock, &[]).await.map_err(sql)?.get(0);
+    let id = BackupId::from_unix(start_time_us.div_euclid(1_000_000));
     let label_text = format!("walvault {id}");
     let start_sql = if pg_version >= 15 {
         "SELECT pg_backup_start($1, true)::text"
@@ -148,10 +149,18 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
         "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)"
     };
     let stopped = client.query_one(stop_sql, &[]).await.map_err(sql);
+    // Read after pg_backup_stop returned, on the server's clock: every commit before the
+    // consistency point carries an earlier timestamp.
+    let stop_time_us: Result<i64, _> = client
+        .query_one(server_clock, &[])
+        .await
+        .map(|r| r.get(0))
+        .map_err(sql);
     drop(client);
     let _ = conn_task.await;
     let (entries, tablespaces, stats) = copied?;
     let row = stopped?;
+    let stop_time_us = stop_time_us?;
     let stop_lsn: Lsn = row
         .get::<_, String>(0)
         .parse()
@@ -159,8 +168,6 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
     let backup_label: String = row.get(1);
     let spcmap: Option<String> = row.get(2);
     let label = label::parse(&backup_label)?;
-    // Rounded up: a target time at or after stop_time must be past the consistency point.
-    let stop_time = (crate::time::now_micros() + 999_999) / 1_000_000;
 
     let tli = TimelineId::new(label.timeline).ok_or(label::LabelError("a valid timeline"))?;
     let seg_size = seg_size as u32;
@@ -176,8 +183,8 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
         timeline: label.timeline,
         start_lsn: label.start_lsn,
         stop_lsn,
-        start_time,
-        stop_time,
+        start_time_us,
+        stop_time_us,
         start_wal: label.start_wal.clone(),
         stop_wal: stop_seg.to_string(),
         chunk_size: opts.chunk_size,
