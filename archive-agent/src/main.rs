@@ -94,7 +94,7 @@ fn main() -> ExitCode {
             ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("backup failed: {e:#}");
+                    tracing::error!("backup failed: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -1,5 +1,6 @@
 //! restore-agent: PostgreSQL's restore_command. Thin: flags in, library call, exit code out.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -81,9 +82,18 @@ enum Command {
         /// Replace the contents of a non-empty --pgdata
         #[arg(long)]
         force: bool,
-        /// Files restored in parallel
+        /// Chunks fetched and written in parallel
         #[arg(long, default_value_t = 4, value_name = "N")]
         parallel: usize,
+        /// Restore tablespace OID into DIR (repeatable)
+        #[arg(long, value_name = "OID=DIR")]
+        tablespace_map: Vec<String>,
+        /// Restore every other tablespace into DIR/<oid>
+        #[arg(long, value_name = "DIR")]
+        tablespace_map_all: Option<PathBuf>,
+        /// Restore every other tablespace to its location on the source
+        #[arg(long)]
+        tablespace_original: bool,
     },
     /// List backups, timelines and archived WAL
     List,
@@ -113,7 +123,7 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{e}");
             ExitCode::FAILURE
         }
     }
@@ -134,6 +144,9 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         backup,
         force,
         parallel,
+        tablespace_map,
+        tablespace_map_all,
+        tablespace_original,
     } = cmd
     else {
         unreachable!("called for restore only")
@@ -166,7 +179,20 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         restore_command.push_str(&format!(" --retry-timeout {t}"));
     }
     restore_command.push_str(" %f %p");
+    let mut tablespaces = walvault::restore::TablespacePlan {
+        all_under: tablespace_map_all,
+        original: tablespace_original,
+        ..Default::default()
+    };
+    for m in tablespace_map {
+        let (oid, dir) = m
+            .split_once('=')
+            .and_then(|(o, d)| Some((o.parse::<u32>().ok()?, PathBuf::from(d))))
+            .ok_or_else(|| anyhow::anyhow!("--tablespace-map {m:?}: expected OID=DIR"))?;
+        tablespaces.map.insert(oid, dir);
+    }
     let opts = RestoreOptions {
+        tablespaces,
         pgdata: pgdata.clone(),
         backup: backup.map(|b| b.parse()).transpose()?,
         target,
@@ -179,7 +205,14 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let rt = tokio::runtime::Runtime::new()?;
-    let r = rt.block_on(walvault::restore::restore(&settings, &opts))?;
+    let progress: std::sync::Arc<dyn walvault::restore::Progress> = if std::io::stderr().is_terminal() {
+        std::sync::Arc::new(Bar(indicatif::ProgressBar::new(0)))
+    } else {
+        std::sync::Arc::new(walvault::restore::NoProgress)
+    };
+    let r = rt.block_on(walvault::restore::restore(&settings, &opts, progress.clone()));
+    drop(progress);
+    let r = r?;
     println!(
         "restored backup {} into {}: {} files, {} bytes, {:.1}s",
         r.backup,
@@ -294,6 +327,30 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A progress bar on stderr, shown only on a terminal.
+struct Bar(indicatif::ProgressBar);
+
+impl walvault::restore::Progress for Bar {
+    fn start(&self, total: u64) {
+        self.0.set_length(total);
+        self.0.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
 }
 
 fn human(bytes: u64) -> String {

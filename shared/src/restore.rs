@@ -73,6 +73,20 @@ pub struct RestoreOptions {
     pub parallel: usize,
     /// The `restore_command` line to write (restore-agent fetch with the same repository settings).
     pub restore_command: String,
+    /// Where each tablespace goes; see [`TablespacePlan`].
+    pub tablespaces: TablespacePlan,
+}
+
+/// Where tablespaces are restored. Their locations come from the manifest, which a restore must
+/// not trust to write outside the new data directory: the DBA chooses, explicitly.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TablespacePlan {
+    /// `--tablespace-map OID=DIR`.
+    pub map: std::collections::BTreeMap<u32, PathBuf>,
+    /// `--tablespace-map-all DIR`: every other tablespace to `DIR/<oid>`.
+    pub all_under: Option<PathBuf>,
+    /// `--tablespace-original`: every other tablespace to its location on the source.
+    pub original: bool,
 }
 
 /// What a restore did.
@@ -109,6 +123,16 @@ pub enum RestoreError {
     NoBackups,
     #[error("corrupt repository: {0}")]
     Corrupt(String),
+    #[error(
+        "backup {backup} has tablespaces ({list}); choose where they go: --tablespace-map OID=DIR, --tablespace-map-all DIR, or --tablespace-original"
+    )]
+    TablespacesUnplaced { backup: BackupId, list: String },
+    #[error("tablespace {oid} cannot go to {path}: {why}")]
+    TablespaceLocation {
+        oid: u32,
+        path: String,
+        why: &'static str,
+    },
 }
 
 /// The text of a target, as PostgreSQL's recovery settings spell it.
@@ -278,6 +302,61 @@ fn window_text(cat: &Catalog, tli: u32) -> String {
     }
 }
 
+/// Decide and check each tablespace's location before anything is written: absolute, no `..`,
+/// neither inside the new data directory nor containing it, and empty or absent (even with
+/// `--force`: a tablespace location is never wiped).
+fn place_tablespaces(
+    m: &Manifest,
+    opts: &RestoreOptions,
+) -> Result<std::collections::BTreeMap<u32, PathBuf>, RestoreError> {
+    let plan = &opts.tablespaces;
+    let mut out = std::collections::BTreeMap::new();
+    let unplaced: Vec<String> = m
+        .tablespaces
+        .iter()
+        .filter(|t| !plan.map.contains_key(&t.oid) && plan.all_under.is_none() && !plan.original)
+        .map(|t| format!("{} at {}", t.oid, t.location))
+        .collect();
+    if !unplaced.is_empty() {
+        return Err(RestoreError::TablespacesUnplaced {
+            backup: m.id.clone(),
+            list: unplaced.join(", "),
+        });
+    }
+    for t in &m.tablespaces {
+        let path = match (plan.map.get(&t.oid), &plan.all_under) {
+            (Some(p), _) => p.clone(),
+            (None, Some(dir)) => dir.join(t.oid.to_string()),
+            (None, None) => PathBuf::from(&t.location),
+        };
+        let bad = |why| RestoreError::TablespaceLocation {
+            oid: t.oid,
+            path: path.display().to_string(),
+            why,
+        };
+        if !path.is_absolute()
+            || path
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(bad("not an absolute path without '..'"));
+        }
+        if path.starts_with(&opts.pgdata) || opts.pgdata.starts_with(&path) {
+            return Err(bad("it overlaps the new data directory"));
+        }
+        if !is_empty_dir(&path)? {
+            return Err(bad(
+                "it is not empty (tablespace locations are never overwritten, even with --force)",
+            ));
+        }
+        if out.values().any(|p: &PathBuf| p == &path) {
+            return Err(bad("two tablespaces cannot share a location"));
+        }
+        out.insert(t.oid, path);
+    }
+    Ok(out)
+}
+
 fn is_empty_dir(p: &Path) -> Result<bool, RestoreError> {
     match std::fs::read_dir(p) {
         Ok(mut it) => Ok(it.next().is_none()),
@@ -296,37 +375,46 @@ fn write_err(p: &Path) -> impl Fn(std::io::Error) -> RestoreError + '_ {
     }
 }
 
+/// Told how a restore advances (a progress bar on a terminal).
+pub trait Progress: Send + Sync {
+    fn start(&self, total_bytes: u64);
+    fn advance(&self, bytes: u64);
+}
+
+/// No progress reporting.
+#[derive(Debug)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn start(&self, _: u64) {}
+    fn advance(&self, _: u64) {}
+}
+
 /// Restore a backup into `opts.pgdata` and write the recovery settings.
-pub async fn restore(settings: &Settings, opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
+pub async fn restore(
+    settings: &Settings,
+    opts: &RestoreOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreReport, RestoreError> {
     let store = Store::open(&settings.repo, Access::ReadOnly, settings.retry_timeout)?;
     let cat = Catalog::load(&store).await?;
     let (manifest, timeline) = choose_backup(&cat, opts.backup.as_ref(), &opts.target, opts.timeline)?;
     if !opts.force && !is_empty_dir(&opts.pgdata)? {
         return Err(RestoreError::NotEmpty(opts.pgdata.display().to_string()));
     }
-    if !manifest.tablespaces.is_empty() {
-        for t in &manifest.tablespaces {
-            if !opts.force && !is_empty_dir(Path::new(&t.location))? {
-                return Err(RestoreError::NotEmpty(format!(
-                    "tablespace {} location {}",
-                    t.oid, t.location
-                )));
-            }
-        }
-    }
+    let spaces = place_tablespaces(manifest, opts)?;
 
     // Checks passed: write. On failure, remove what was written: a half-restored directory
     // must never be mistaken for a restore.
     let created = !opts.pgdata.exists();
     let targets: Vec<PathBuf> = std::iter::once(opts.pgdata.clone())
-        .chain(manifest.tablespaces.iter().map(|t| PathBuf::from(&t.location)))
+        .chain(spaces.values().cloned())
         .collect();
     if opts.force {
-        for t in &targets {
-            clear_dir(t)?;
-        }
+        clear_dir(&opts.pgdata)?;
     }
-    let written = write_backup(&store, opts, manifest, timeline).await;
+    progress.start(manifest.stats.logical_bytes);
+    let written = write_backup(&store, opts, manifest, &spaces, timeline, progress).await;
     if written.is_err() {
         for t in &targets {
             if let Err(e) = clear_dir(t) {
@@ -375,7 +463,9 @@ async fn write_backup(
     store: &Store,
     opts: &RestoreOptions,
     manifest: &Manifest,
+    spaces: &std::collections::BTreeMap<u32, PathBuf>,
     timeline: u32,
+    progress: Arc<dyn Progress>,
 ) -> Result<(u64, u64), RestoreError> {
     create_dir(&opts.pgdata, 0o700)?;
     let dest_of = |rel: &str| -> PathBuf {
@@ -383,11 +473,11 @@ async fn write_backup(
         // by PostgreSQL from tablespace_map.
         let mut parts = rel.splitn(3, '/');
         if let (Some("pg_tblspc"), Some(oid), rest) = (parts.next(), parts.next(), parts.next())
-            && let Some(t) = manifest.tablespaces.iter().find(|t| t.oid.to_string() == oid)
+            && let Some(location) = oid.parse::<u32>().ok().and_then(|oid| spaces.get(&oid))
         {
             return match rest {
-                Some(rest) => Path::new(&t.location).join(rest),
-                None => PathBuf::from(&t.location),
+                Some(rest) => location.join(rest),
+                None => location.clone(),
             };
         }
         opts.pgdata.join(rel)
@@ -413,7 +503,12 @@ async fn write_backup(
                 .expect("semaphore is never closed");
             let offset = idx as u64 * manifest.chunk_size;
             let expected = manifest.chunk_size.min(e.size - offset);
-            let (store, id, file) = (store.clone(), id.clone(), Arc::clone(&file));
+            let (store, id, file, progress) = (
+                store.clone(),
+                id.clone(),
+                Arc::clone(&file),
+                Arc::clone(&progress),
+            );
             tasks.spawn(async move {
                 let data = chunk::get_chunk(&store, &id).await?;
                 if data.len() as u64 != expected {
@@ -424,6 +519,7 @@ async fn write_backup(
                     )));
                 }
                 let len = data.len() as u64;
+                progress.advance(len);
                 tokio::task::spawn_blocking(move || {
                     file.write_at(&data, offset)?;
                     drop(permit);
@@ -442,7 +538,7 @@ async fn write_backup(
         bytes += done.expect("restore task panicked")?;
     }
 
-    write_recovery_files(opts, manifest, timeline)?;
+    write_recovery_files(opts, manifest, spaces, timeline)?;
     Ok((files, bytes))
 }
 
@@ -508,13 +604,26 @@ impl OutFile {
 }
 
 /// backup_label, tablespace_map, recovery settings and recovery.signal.
-fn write_recovery_files(opts: &RestoreOptions, m: &Manifest, timeline: u32) -> Result<(), RestoreError> {
+fn write_recovery_files(
+    opts: &RestoreOptions,
+    m: &Manifest,
+    spaces: &std::collections::BTreeMap<u32, PathBuf>,
+    timeline: u32,
+) -> Result<(), RestoreError> {
     let write = |name: &str, content: &[u8]| {
         let p = opts.pgdata.join(name);
         crate::fsutil::write_durably(&p, content).map_err(write_err(&p))
     };
     write("backup_label", m.backup_label.as_bytes())?;
-    if let Some(map) = &m.tablespace_map {
+    // tablespace_map as pg_backup_stop returned it, but pointing at the chosen locations:
+    // PostgreSQL recreates pg_tblspc/<oid> from it.
+    if !spaces.is_empty() {
+        let map: String = spaces
+            .iter()
+            .map(|(oid, p)| format!("{oid} {}\n", p.display()))
+            .collect();
+        write("tablespace_map", map.as_bytes())?;
+    } else if let Some(map) = &m.tablespace_map {
         write("tablespace_map", map.as_bytes())?;
     }
     let mut conf = String::new();
