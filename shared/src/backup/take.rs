@@ -426,14 +426,15 @@ async fn copy_files(
         } else {
             EntryKind::File
         };
+        let new_entry = || Entry {
+            path: src.rel.clone(),
+            kind,
+            mode: src.mode,
+            size: 0,
+            chunks: vec![],
+        };
         if src.is_dir {
-            entries.push(Entry {
-                path: src.rel.clone(),
-                kind,
-                mode: src.mode,
-                size: 0,
-                chunks: vec![],
-            });
+            entries.push(new_entry());
             continue;
         }
         let mut file = match tokio::fs::File::open(&src.abs).await {
@@ -447,13 +448,7 @@ async fn copy_files(
                 });
             }
         };
-        entries.push(Entry {
-            path: src.rel.clone(),
-            kind,
-            mode: src.mode,
-            size: 0,
-            chunks: vec![],
-        });
+        entries.push(new_entry());
         let entry = entries.len() - 1;
         let mut size = 0u64;
         for idx in 0.. {
