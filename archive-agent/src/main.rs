@@ -65,6 +65,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run beside PostgreSQL: upload .ready WAL files ahead of the archiver, in parallel, so that
+    /// archive_command = 'archive-agent push %p' answers at once; optionally take scheduled
+    /// backups and force WAL switches on an idle cluster. Stops cleanly on SIGTERM or SIGINT.
+    Daemon {
+        /// The data directory of the cluster to serve
+        #[arg(long, env = "PGDATA", value_name = "DIR")]
+        pgdata: PathBuf,
+        /// Uploads at once
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        parallel: usize,
+        /// Rescan pg_wal/archive_status at least this often, whatever the file watcher reports
+        #[arg(long, default_value = "10s", value_name = "DURATION")]
+        rescan_every: String,
+        /// Connection to the cluster, for --backup-every and --max-wal-age
+        #[arg(long, env = "WALVAULT_PG_URL", value_name = "CONN")]
+        pg_url: Option<String>,
+        /// Take a base backup this often (e.g. 24h)
+        #[arg(long, value_name = "DURATION")]
+        backup_every: Option<String>,
+        /// Force a WAL switch when nothing was archived for this long but WAL was written (e.g. 5m)
+        #[arg(long, value_name = "DURATION")]
+        max_wal_age: Option<String>,
+        /// Serve Prometheus metrics on http://ADDR/metrics and a probe on /health
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,6 +101,30 @@ fn main() -> ExitCode {
             wal_path,
             compress_level,
         } => ExitCode::from(push(&cli.repo, &wal_path, compress_level)),
+        Command::Daemon {
+            pgdata,
+            parallel,
+            rescan_every,
+            pg_url,
+            backup_every,
+            max_wal_age,
+            metrics_addr,
+        } => match daemon(
+            &cli.repo,
+            pgdata,
+            parallel,
+            &rescan_every,
+            pg_url,
+            backup_every,
+            max_wal_age,
+            metrics_addr,
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("daemon failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Backup {
             pgdata,
             pg_url,
@@ -100,6 +150,50 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn daemon(
+    repo: &RepoArgs,
+    pgdata: PathBuf,
+    parallel: usize,
+    rescan_every: &str,
+    pg_url: Option<String>,
+    backup_every: Option<String>,
+    max_wal_age: Option<String>,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    use walvault::config::parse_duration;
+    let settings = repo.settings(None)?;
+    let needs_conn = backup_every.is_some() || max_wal_age.is_some();
+    let opts = walvault::daemon::DaemonOptions {
+        pgdata,
+        parallel,
+        rescan_every: parse_duration(rescan_every)?,
+        pg_conn: if needs_conn {
+            Some(pg_url.unwrap_or_else(default_pg_conn))
+        } else {
+            pg_url
+        },
+        backup_every: backup_every.as_deref().map(parse_duration).transpose()?,
+        max_wal_age: max_wal_age.as_deref().map(parse_duration).transpose()?,
+        metrics_addr,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler installs");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        let metrics = std::sync::Arc::new(walvault::daemon::Metrics::default());
+        walvault::daemon::run(settings, opts, metrics, shutdown).await
+    })?;
+    tracing::info!("daemon stopped");
+    Ok(())
 }
 
 fn default_pg_conn() -> String {

@@ -107,35 +107,116 @@ pub fn name_of(wal_path: &Path) -> Result<WalFileName, NameError> {
     }
 }
 
-/// Archive the file at `wal_path`.
-pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, PushError> {
+/// A file PostgreSQL asked to archive, read and checked.
+#[derive(Debug)]
+pub struct WalFile {
+    pub name: WalFileName,
+    pub content: Vec<u8>,
+    pub hash: blake3::Hash,
+    /// What the first page says, for segments and partial segments.
+    pub info: Option<SegmentInfo>,
+}
+
+/// Read the file at `wal_path` and check it: its name, its size, and for segments the page
+/// header against the name.
+pub fn read_wal_file(wal_path: &Path) -> Result<WalFile, PushError> {
     let name = name_of(wal_path)?;
-    let name_str = name.to_string();
     let content = read_bounded(wal_path, &name)?;
     let info = match name.wal_segment() {
         Some(seg) => Some(
             crate::wal::page::validate_segment(&content, &seg).map_err(|source| PushError::InvalidWal {
-                name: name_str.clone(),
+                name: name.to_string(),
                 source,
             })?,
         ),
         None => None,
     };
+    let hash = blake3::hash(&content);
+    Ok(WalFile {
+        name,
+        content,
+        hash,
+        info,
+    })
+}
 
-    let retry = RetryPolicy::with_total(settings.retry_timeout);
-    let store = retry
+/// Open the repository for writing, retrying transient errors.
+pub async fn open_store(settings: &Settings) -> Result<Store, PushError> {
+    RetryPolicy::with_total(settings.retry_timeout)
         .run("opening the repository", || async {
             Store::open(&settings.repo, Access::ReadWrite, settings.retry_timeout)
         })
         .await
-        .map_err(|(e, _)| e)?;
-    check_cluster(&store, &retry, &name_str, info.as_ref()).await?;
-    let outcome = store_file(settings, &store, &retry, wal_path, &name, &content).await?;
+        .map_err(|(e, _)| PushError::Store(e))
+}
+
+/// Archive the file at `wal_path` (PostgreSQL's `archive_command`). When the daemon serving
+/// this data directory has already stored these exact bytes, answer at once.
+pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, PushError> {
+    let spool = crate::spool::Spool::for_wal_path(wal_path);
+    // Fastest: the daemon stored this very file (same inode, size, mtime): no need to read it.
+    let name = name_of(wal_path)?;
+    if let Some(spool) = &spool
+        && spool.is_archived_unchanged(&settings.repo, &name, wal_path)
+    {
+        let size = std::fs::metadata(wal_path).map(|m| m.len()).unwrap_or(0);
+        return Ok(PushOutcome {
+            name,
+            size,
+            stored_size: 0,
+            newly_stored: false,
+        });
+    }
+    // The daemon is uploading this file right now: wait for it rather than upload it twice.
+    if let Some(spool) = &spool
+        && spool.upload_in_progress(&name)
+    {
+        let deadline = std::time::Instant::now() + settings.retry_timeout;
+        while spool.upload_in_progress(&name) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if spool.is_archived_unchanged(&settings.repo, &name, wal_path) {
+            let size = std::fs::metadata(wal_path).map(|m| m.len()).unwrap_or(0);
+            return Ok(PushOutcome {
+                name,
+                size,
+                stored_size: 0,
+                newly_stored: false,
+            });
+        }
+    }
+    let file = read_wal_file(wal_path)?;
+    if let Some(spool) = &spool
+        && spool.is_archived(&settings.repo, &file.name, &file.hash, file.content.len() as u64)
+    {
+        return Ok(PushOutcome {
+            name: file.name,
+            size: file.content.len() as u64,
+            stored_size: 0,
+            newly_stored: false,
+        });
+    }
+    let store = open_store(settings).await?;
+    archive_file(settings, &store, wal_path, &file).await
+}
+
+/// Archive a checked file into an open repository: refuse another cluster's WAL, store it unless
+/// an identical copy is there, then record it in the time index.
+pub async fn archive_file(
+    settings: &Settings,
+    store: &Store,
+    wal_path: &Path,
+    file: &WalFile,
+) -> Result<PushOutcome, PushError> {
+    let retry = RetryPolicy::with_total(settings.retry_timeout);
+    let name_str = file.name.to_string();
+    check_cluster(store, &retry, &name_str, file.info.as_ref()).await?;
+    let outcome = store_file(settings, store, &retry, wal_path, &file.name, &file.content).await?;
 
     // The segment is durable; now its entry in the time index. Derived data: a failure here is
     // logged and never fails the push (restore only loses precision for this segment).
-    if let (WalFileName::Segment(seg), Some(info)) = (name, info)
-        && let Err(e) = timeindex::index_segment(&store, &seg, &content, info.segment_size).await
+    if let (WalFileName::Segment(seg), Some(info)) = (file.name, file.info)
+        && let Err(e) = timeindex::index_segment(store, &seg, &file.content, info.segment_size).await
     {
         tracing::warn!("time index for {name_str} not recorded: {e}");
     }

@@ -112,6 +112,18 @@ pub fn restore(repo: &Repo, pgdata: &Path, args: &[&str]) -> Result<Finished> {
     Ok(agents().run(RESTORE_AGENT, all))
 }
 
+/// A new cluster (not started) restored from `repo` by [`restore`] with `args`, which must
+/// succeed; archiving off, so that once started it leaves the repository as it found it.
+/// Returns it with the restore's output.
+pub fn restore_new_cluster(repo: &Repo, name: &str, args: &[&str]) -> Result<(Cluster, Finished)> {
+    let cluster = Cluster::uninitialized(name)?;
+    let run = restore(repo, &cluster.data_dir(), args)?
+        .check()
+        .with_context(|| format!("restore of {name} with {args:?}"))?;
+    cluster.set_conf(&[("archive_mode", "off")])?;
+    Ok((cluster, run))
+}
+
 /// `restore-agent info --repo <repo> --json`, parsed.
 pub fn info(repo: &Repo) -> Result<Value> {
     let run = agents()

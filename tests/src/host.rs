@@ -5,6 +5,7 @@
 //! root, every PostgreSQL binary and every agent runs as the `postgres` user (`runuser -u
 //! postgres --`), and every directory they touch is handed to that user first.
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read};
@@ -213,6 +214,36 @@ pub fn process_alive(pid: u32) -> bool {
         Some(state) => state != "Z" && state != "X",
         None => false,
     }
+}
+
+/// What is under `dir`, by relative path: `dir`, `-> <target>` for a symbolic link (not
+/// followed), `<size> <blake3>` for a file. `None` when `dir` does not exist. For asserting that
+/// something was left exactly as it was.
+pub fn snapshot(dir: &Path) -> Result<Option<BTreeMap<String, String>>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) -> Result<()> {
+        for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+            let path = entry?.path();
+            let rel = path.strip_prefix(root)?.display().to_string();
+            let meta = fs::symlink_metadata(&path).with_context(|| format!("stat {}", path.display()))?;
+            if meta.is_symlink() {
+                let target = fs::read_link(&path).with_context(|| format!("readlink {}", path.display()))?;
+                out.insert(rel, format!("-> {}", target.display()));
+            } else if meta.is_dir() {
+                out.insert(rel, "dir".into());
+                walk(root, &path, out)?;
+            } else {
+                let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                out.insert(rel, format!("{} {}", bytes.len(), blake3::hash(&bytes)));
+            }
+        }
+        Ok(())
+    }
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out)?;
+    Ok(Some(out))
 }
 
 /// What a finished program did.

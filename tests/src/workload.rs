@@ -101,24 +101,27 @@ impl fmt::Display for TableFingerprint {
 pub fn fingerprints(cluster: &Cluster) -> Result<Vec<TableFingerprint>> {
     CHECKED_TABLES
         .iter()
-        .map(|(table, order)| {
-            let row = cluster.query_rows(&format!(
-                "SELECT count(*)::text, coalesce(md5(string_agg(t::text, ',' ORDER BY {order})), '-')
-                 FROM {table} t"
-            ))?;
-            let (rows, md5) = match row.as_slice() {
-                [r] => (r[0].clone().unwrap_or_default(), r[1].clone().unwrap_or_default()),
-                _ => anyhow::bail!("fingerprint of {table}: unexpected result {row:?}"),
-            };
-            Ok(TableFingerprint {
-                table: table.to_string(),
-                rows: rows
-                    .parse()
-                    .with_context(|| format!("row count of {table}: {rows:?}"))?,
-                md5,
-            })
-        })
+        .map(|(table, order)| table_fingerprint(cluster, table, order))
         .collect()
+}
+
+/// Row count and checksum of one table, its rows taken in `order` (an `ORDER BY` list).
+pub fn table_fingerprint(cluster: &Cluster, table: &str, order: &str) -> Result<TableFingerprint> {
+    let row = cluster.query_rows(&format!(
+        "SELECT count(*)::text, coalesce(md5(string_agg(t::text, ',' ORDER BY {order})), '-')
+         FROM {table} t"
+    ))?;
+    let (rows, md5) = match row.as_slice() {
+        [r] => (r[0].clone().unwrap_or_default(), r[1].clone().unwrap_or_default()),
+        _ => anyhow::bail!("fingerprint of {table}: unexpected result {row:?}"),
+    };
+    Ok(TableFingerprint {
+        table: table.to_string(),
+        rows: rows
+            .parse()
+            .with_context(|| format!("row count of {table}: {rows:?}"))?,
+        md5,
+    })
 }
 
 /// The table [`Ledger`] changes: small rows, so its whole contents can be checksummed after every
@@ -141,9 +144,19 @@ pub struct LedgerState {
     pub time: String,
     /// The same instant in Unix microseconds.
     pub unix_micros: i64,
-    /// `pg_current_wal_lsn()` after the commit.
+    /// `pg_current_wal_insert_lsn()` after the commit: every record of this transaction and of
+    /// those before it ends at or before it, every record of the next one starts at or after it.
     pub lsn: u64,
     pub contents: LedgerContents,
+}
+
+/// One ledger transaction, committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerCommit {
+    /// Its transaction id (`txid_current()`), the form `--target-xid` takes.
+    pub xid: u64,
+    /// The state its commit left.
+    pub state: LedgerState,
 }
 
 const LEDGER_CONTENTS_SQL: &str = "(SELECT count(*) FROM ledger)::text, \
@@ -197,6 +210,13 @@ impl Ledger {
 
     /// Commit one transaction, then record the state it left.
     pub fn step(&mut self) -> Result<LedgerState> {
+        Ok(self.commit()?.state)
+    }
+
+    /// Commit one transaction, then record its id and the state it left. Every transaction
+    /// takes an id, even an `UPDATE` that matches no row, so each one writes a commit record a
+    /// recovery target can name.
+    pub fn commit(&mut self) -> Result<LedgerCommit> {
         let account = self.rng.random_range(0..20);
         let amount: i64 = self.rng.random_range(-10_000..10_000);
         let sql = match self.rng.random_range(0..100) {
@@ -217,10 +237,23 @@ impl Ledger {
             ),
             _ => format!("DELETE FROM ledger WHERE account = {account} AND id % 3 = 0"),
         };
-        self.client
-            .batch_execute(&format!("BEGIN; {sql}; COMMIT"))
+        let replies = self
+            .client
+            .simple_query(&format!("BEGIN; {sql}; SELECT txid_current()::text; COMMIT"))
             .with_context(|| format!("ledger transaction: {sql}"))?;
-        self.state()
+        let xid = replies
+            .iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0),
+                _ => None,
+            })
+            .context("txid_current() returned no row")?
+            .parse()
+            .context("ledger transaction id")?;
+        Ok(LedgerCommit {
+            xid,
+            state: self.state()?,
+        })
     }
 
     /// The state now (with no transaction of ours in flight: the last commit's).
@@ -229,7 +262,7 @@ impl Ledger {
             "WITH now AS (SELECT clock_timestamp() AS t)
              SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00',
                     (extract(epoch FROM t) * 1000000)::bigint::text,
-                    pg_current_wal_lsn()::text,
+                    pg_current_wal_insert_lsn()::text,
                     {LEDGER_CONTENTS_SQL}
              FROM now"
         );
@@ -255,6 +288,11 @@ impl Ledger {
             },
         })
     }
+}
+
+/// A number as PostgreSQL writes an LSN (`X/Y`), the form `--target-lsn` takes.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
 /// `X/Y` (PostgreSQL's LSN text form) as a number.

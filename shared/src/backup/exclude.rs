@@ -44,7 +44,7 @@ pub enum Decision {
 /// Decide for `rel_path` (relative to the data directory, `/`-separated) of a file or directory.
 pub fn decide(rel_path: &str, is_dir: bool) -> Decision {
     let name = rel_path.rsplit('/').next().unwrap_or(rel_path);
-    if name.starts_with(TEMP_PREFIX) {
+    if name.starts_with(TEMP_PREFIX) || rel_path == crate::spool::SPOOL_DIR {
         return Decision::Skip;
     }
     if is_dir {
@@ -117,6 +117,7 @@ mod tests {
         assert_eq!(decide("backup_label", false), Decision::Skip);
         assert_eq!(decide("global/pg_internal.init", false), Decision::Skip);
         assert_eq!(decide("base/pgsql_tmp", true), Decision::Skip);
+        assert_eq!(decide("walvault.spool", true), Decision::Skip);
         assert_eq!(decide("base/5/pgsql_tmp1234.0", false), Decision::Skip);
         assert_eq!(decide("base/5/t3_16384", false), Decision::Skip);
         assert_eq!(decide("base/5/t3_16384_fsm", false), Decision::Skip);

@@ -1,0 +1,512 @@
+//! `archive-agent daemon`: the sidecar that archives WAL ahead of PostgreSQL's archiver.
+//!
+//! PostgreSQL runs `archive_command` once per segment, one at a time; a busy primary can write
+//! WAL faster than serial uploads drain it. The daemon watches `pg_wal/archive_status` (inotify
+//! through `notify`, plus a rescan at start, on every event-queue overflow or error, and on a
+//! timer), uploads `.ready` files with bounded parallelism, and records each durable upload in
+//! the spool ([`crate::spool`]), so that `archive-agent push %p` answers at once. It never
+//! touches PostgreSQL's status files: PostgreSQL's archiver still calls push for every file and
+//! renames `.ready` to `.done` itself, so WAL is never dropped and push stays correct whatever
+//! the daemon does.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::archive::{self, PushError, PushOutcome};
+use crate::backup::take::{BackupOptions, DEFAULT_CHUNK_SIZE, take_backup};
+use crate::config::Settings;
+use crate::repo::Store;
+use crate::spool::Spool;
+use crate::wal::WalFileName;
+
+/// How the daemon runs.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub pgdata: PathBuf,
+    /// Uploads at once.
+    pub parallel: usize,
+    /// Full rescan of archive_status at least this often, whatever the watcher says.
+    pub rescan_every: Duration,
+    /// Connection for scheduled backups and forced WAL switches.
+    pub pg_conn: Option<String>,
+    pub backup_every: Option<Duration>,
+    /// Force a WAL switch when WAL written this long ago is not archived yet.
+    pub max_wal_age: Option<Duration>,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Push(#[from] PushError),
+    #[error("cannot watch {path}: {message}")]
+    Watch { path: String, message: String },
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot create the spool {path}: {source}")]
+    Spool { path: String, source: std::io::Error },
+}
+
+/// Counters and gauges exported on `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub archived: AtomicU64,
+    pub failed: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_stored: AtomicU64,
+    pub ready_files: AtomicU64,
+    pub oldest_ready_age_secs: AtomicU64,
+    pub last_archived_unix: AtomicI64,
+    pub last_archived_name: Mutex<String>,
+    pub last_backup_unix: AtomicI64,
+    pub last_backup_duration_ms: AtomicU64,
+    pub last_backup_bytes: AtomicU64,
+    pub backups_failed: AtomicU64,
+}
+
+impl Metrics {
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let gi = |a: &AtomicI64| a.load(Ordering::Relaxed);
+        let name = self
+            .last_archived_name
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_default();
+        let mut out = String::new();
+        let mut metric = |n: &str, kind: &str, help: &str, v: String| {
+            out.push_str(&format!(
+                "# HELP walvault_{n} {help}\n# TYPE walvault_{n} {kind}\nwalvault_{n} {v}\n"
+            ));
+        };
+        metric(
+            "segments_archived_total",
+            "counter",
+            "WAL files uploaded by the daemon",
+            g(&self.archived).to_string(),
+        );
+        metric(
+            "segments_failed_total",
+            "counter",
+            "WAL file uploads that failed (retried later)",
+            g(&self.failed).to_string(),
+        );
+        metric(
+            "bytes_read_total",
+            "counter",
+            "Bytes of WAL read",
+            g(&self.bytes_read).to_string(),
+        );
+        metric(
+            "bytes_stored_total",
+            "counter",
+            "Bytes written to the repository for WAL",
+            g(&self.bytes_stored).to_string(),
+        );
+        metric(
+            "ready_files",
+            "gauge",
+            "WAL files PostgreSQL has marked .ready",
+            g(&self.ready_files).to_string(),
+        );
+        metric(
+            "oldest_ready_age_seconds",
+            "gauge",
+            "Age of the oldest .ready file",
+            g(&self.oldest_ready_age_secs).to_string(),
+        );
+        metric(
+            "last_archived_timestamp_seconds",
+            "gauge",
+            "When the last WAL file was archived",
+            gi(&self.last_archived_unix).to_string(),
+        );
+        out.push_str(&format!(
+            "# HELP walvault_last_archived_info The last WAL file archived\n# TYPE walvault_last_archived_info gauge\nwalvault_last_archived_info{{file=\"{name}\"}} 1\n"
+        ));
+        let mut metric = |n: &str, kind: &str, help: &str, v: String| {
+            out.push_str(&format!(
+                "# HELP walvault_{n} {help}\n# TYPE walvault_{n} {kind}\nwalvault_{n} {v}\n"
+            ));
+        };
+        metric(
+            "last_backup_timestamp_seconds",
+            "gauge",
+            "When the last scheduled backup finished",
+            gi(&self.last_backup_unix).to_string(),
+        );
+        metric(
+            "last_backup_duration_seconds",
+            "gauge",
+            "How long it took",
+            format!("{:.3}", g(&self.last_backup_duration_ms) as f64 / 1000.0),
+        );
+        metric(
+            "last_backup_bytes",
+            "gauge",
+            "Bytes it covered",
+            g(&self.last_backup_bytes).to_string(),
+        );
+        metric(
+            "backups_failed_total",
+            "counter",
+            "Scheduled backups that failed",
+            g(&self.backups_failed).to_string(),
+        );
+        out
+    }
+}
+
+/// `.ready` files in archive_status, oldest first (timeline history files first: PostgreSQL's
+/// archiver prefers them too), with the age of the oldest.
+fn scan_ready(status_dir: &Path) -> (Vec<WalFileName>, Duration) {
+    let mut names = Vec::new();
+    let mut oldest = Duration::ZERO;
+    let Ok(entries) = std::fs::read_dir(status_dir) else {
+        return (names, oldest);
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(stem) = file_name.to_str().and_then(|n| n.strip_suffix(".ready")) else {
+            continue;
+        };
+        let Ok(name) = stem.parse::<WalFileName>() else {
+            continue;
+        };
+        if let Ok(age) = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default())
+        {
+            oldest = oldest.max(age);
+        }
+        names.push(name);
+    }
+    names.sort_by_key(|n| (!matches!(n, WalFileName::History(_)), *n));
+    (names, oldest)
+}
+
+/// What one upload did: the push outcome and the bytes read.
+type UploadResult = Result<(PushOutcome, u64), PushError>;
+
+/// Upload one file and record it in the spool.
+async fn upload(
+    settings: Arc<Settings>,
+    store: Store,
+    spool: Spool,
+    path: PathBuf,
+) -> Result<(PushOutcome, u64), PushError> {
+    let read_path = path.clone();
+    // Metadata before the read: if the file changed meanwhile, the marker will not match it.
+    let (meta, file) = tokio::task::spawn_blocking(move || {
+        let meta = std::fs::metadata(&read_path).ok();
+        archive::read_wal_file(&read_path).map(|f| (meta, f))
+    })
+    .await
+    .map_err(|e| PushError::Read {
+        path: path.display().to_string(),
+        source: std::io::Error::other(e),
+    })??;
+    let outcome = archive::archive_file(&settings, &store, &path, &file).await?;
+    let size = file.content.len() as u64;
+    spool
+        .mark_archived(&settings.repo, &file.name, &file.hash, size, meta.as_ref())
+        .map_err(|source| PushError::Read {
+            path: spool.dir().display().to_string(),
+            source,
+        })?;
+    Ok((outcome, size))
+}
+
+/// Run until `shutdown` resolves, then finish the uploads in flight and return.
+pub async fn run(
+    settings: Settings,
+    opts: DaemonOptions,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let settings = Arc::new(settings);
+    let store = archive::open_store(&settings).await?;
+    let spool = Spool::new(&opts.pgdata);
+    let archived_dir = spool.dir().join("archived");
+    std::fs::create_dir_all(&archived_dir).map_err(|source| DaemonError::Spool {
+        path: archived_dir.display().to_string(),
+        source,
+    })?;
+    let status_dir = opts.pgdata.join("pg_wal/archive_status");
+    let wal_dir = opts.pgdata.join("pg_wal");
+
+    // Any event (or watcher error, or overflow) just wakes the loop for a full rescan: the
+    // directory listing, not the event stream, is the source of truth.
+    let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+        let _ = wake_tx.try_send(());
+    })
+    .map_err(|e| DaemonError::Watch {
+        path: status_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    notify::Watcher::watch(&mut watcher, &status_dir, notify::RecursiveMode::NonRecursive).map_err(|e| {
+        DaemonError::Watch {
+            path: status_dir.display().to_string(),
+            message: e.to_string(),
+        }
+    })?;
+
+    if let Some(addr) = opts.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Metrics { addr, source })?;
+        tokio::spawn(serve_metrics(listener, Arc::clone(&metrics)));
+        tracing::info!(%addr, "serving /metrics and /health");
+    }
+
+    tokio::pin!(shutdown);
+    let mut tasks: JoinSet<(WalFileName, UploadResult)> = JoinSet::new();
+    let mut in_flight: HashSet<WalFileName> = HashSet::new();
+    // Failed files wait before their next attempt: 1 s, doubling to 60 s.
+    let mut backoff: HashMap<WalFileName, (Instant, Duration)> = HashMap::new();
+    let mut rescan = tokio::time::interval(opts.rescan_every);
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(5));
+    let mut backup_task: Option<tokio::task::JoinHandle<()>> = None;
+    let mut next_backup = opts.backup_every.map(|every| Instant::now() + every);
+    let mut last_switch_lsn: Option<String> = None;
+    tracing::info!(pgdata = %opts.pgdata.display(), repo = %settings.repo, parallel = opts.parallel, "daemon started");
+
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = wake_rx.recv() => {}
+            _ = rescan.tick() => {}
+            _ = housekeeping.tick() => {
+                forget_recycled(&spool, &wal_dir);
+                if let (Some(every), Some(conn)) = (opts.backup_every, &opts.pg_conn)
+                    && next_backup.is_some_and(|t| Instant::now() >= t)
+                    && backup_task.as_ref().is_none_or(|t| t.is_finished())
+                {
+                    next_backup = Some(Instant::now() + every);
+                    backup_task = Some(tokio::spawn(scheduled_backup(Arc::clone(&settings), opts.pgdata.clone(), conn.clone(), Arc::clone(&metrics))));
+                }
+                if let (Some(max_age), Some(conn)) = (opts.max_wal_age, &opts.pg_conn) {
+                    let last = metrics.last_archived_unix.load(Ordering::Relaxed);
+                    if crate::time::now_micros() / 1_000_000 - last >= max_age.as_secs() as i64 {
+                        last_switch_lsn = force_switch(conn, last_switch_lsn.take()).await;
+                    }
+                }
+            }
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                let (name, result) = done.expect("upload task panicked");
+                in_flight.remove(&name);
+                record(&metrics, &mut backoff, name, result);
+            }
+        }
+        let (ready, oldest) = scan_ready(&status_dir);
+        metrics.ready_files.store(ready.len() as u64, Ordering::Relaxed);
+        metrics
+            .oldest_ready_age_secs
+            .store(oldest.as_secs(), Ordering::Relaxed);
+        for name in ready {
+            if in_flight.len() >= opts.parallel.max(1) {
+                break;
+            }
+            if in_flight.contains(&name)
+                || backoff
+                    .get(&name)
+                    .is_some_and(|(until, _)| Instant::now() < *until)
+            {
+                continue;
+            }
+            if spool.archived_names().contains(&name) {
+                continue; // stored; PostgreSQL's push will confirm it from the marker
+            }
+            in_flight.insert(name);
+            let path = wal_dir.join(name.to_string());
+            let (settings, store, spool) = (Arc::clone(&settings), store.clone(), spool.clone());
+            tasks.spawn(async move {
+                spool.begin_upload(&name);
+                let result = upload(settings, store, spool.clone(), path).await;
+                spool.end_upload(&name);
+                (name, result)
+            });
+        }
+    }
+    tracing::info!(
+        in_flight = in_flight.len(),
+        "shutting down: finishing uploads in flight"
+    );
+    while let Some(done) = tasks.join_next().await {
+        let (name, result) = done.expect("upload task panicked");
+        record(&metrics, &mut backoff, name, result);
+    }
+    if let Some(t) = backup_task {
+        t.abort();
+    }
+    Ok(())
+}
+
+fn record(
+    metrics: &Metrics,
+    backoff: &mut HashMap<WalFileName, (Instant, Duration)>,
+    name: WalFileName,
+    result: Result<(PushOutcome, u64), PushError>,
+) {
+    match result {
+        Ok((outcome, size)) => {
+            backoff.remove(&name);
+            metrics.archived.fetch_add(1, Ordering::Relaxed);
+            metrics.bytes_read.fetch_add(size, Ordering::Relaxed);
+            metrics
+                .bytes_stored
+                .fetch_add(outcome.stored_size, Ordering::Relaxed);
+            metrics
+                .last_archived_unix
+                .store(crate::time::now_micros() / 1_000_000, Ordering::Relaxed);
+            if let Ok(mut n) = metrics.last_archived_name.lock() {
+                *n = name.to_string();
+            }
+            tracing::info!(
+                "daemon {name}: archived, {size} bytes, stored {} bytes",
+                outcome.stored_size
+            );
+        }
+        Err(e) => {
+            metrics.failed.fetch_add(1, Ordering::Relaxed);
+            let wait = backoff.get(&name).map_or(Duration::from_secs(1), |(_, d)| {
+                (*d * 2).min(Duration::from_secs(60))
+            });
+            backoff.insert(name, (Instant::now() + wait, wait));
+            tracing::warn!("daemon {name}: {e}; retrying in {wait:?} (PostgreSQL's own push also retries)");
+        }
+    }
+}
+
+/// Drop markers of files PostgreSQL has removed or recycled: a recycled segment's name comes
+/// back later with other bytes, which the marker's hash would refuse anyway.
+fn forget_recycled(spool: &Spool, wal_dir: &Path) {
+    for name in spool.archived_names() {
+        if !wal_dir.join(name.to_string()).exists() {
+            spool.forget(&name);
+        }
+    }
+}
+
+async fn scheduled_backup(settings: Arc<Settings>, pgdata: PathBuf, conn: String, metrics: Arc<Metrics>) {
+    let opts = BackupOptions {
+        pgdata,
+        pg_conn: conn,
+        chunk_size: DEFAULT_CHUNK_SIZE,
+        parallel: 4,
+        wal_timeout: Duration::from_secs(600),
+    };
+    let started = Instant::now();
+    match take_backup(&settings, &opts).await {
+        Ok(m) => {
+            metrics
+                .last_backup_unix
+                .store(m.stop_time_us / 1_000_000, Ordering::Relaxed);
+            metrics
+                .last_backup_duration_ms
+                .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            metrics
+                .last_backup_bytes
+                .store(m.stats.logical_bytes, Ordering::Relaxed);
+            tracing::info!(
+                "scheduled backup {} done: {} bytes, {} uploaded",
+                m.id,
+                m.stats.logical_bytes,
+                m.stats.new_bytes
+            );
+        }
+        Err(e) => {
+            metrics.backups_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("scheduled backup failed: {e}");
+        }
+    }
+}
+
+/// Switch WAL if anything was written since the last switch we forced (like archive_timeout),
+/// so an idle cluster's last transactions reach the archive. Returns the position after it.
+async fn force_switch(conn: &str, last: Option<String>) -> Option<String> {
+    let (client, connection) = match tokio_postgres::connect(conn, tokio_postgres::NoTls).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("forced WAL switch: cannot connect: {e}");
+            return last;
+        }
+    };
+    let handle = tokio::spawn(connection);
+    let lsn: Option<String> = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .ok()
+        .map(|r| r.get(0));
+    let result = match lsn {
+        Some(now) if Some(&now) != last.as_ref() => {
+            match client
+                .query_one(
+                    "SELECT pg_switch_wal()::text, pg_current_wal_insert_lsn()::text",
+                    &[],
+                )
+                .await
+            {
+                Ok(row) => {
+                    tracing::info!(
+                        "forced a WAL switch at {} (max WAL age reached)",
+                        row.get::<_, String>(0)
+                    );
+                    Some(row.get(1))
+                }
+                Err(e) => {
+                    tracing::warn!("forced WAL switch failed: {e}");
+                    last
+                }
+            }
+        }
+        other => other.or(last),
+    };
+    drop(client);
+    let _ = handle.await;
+    result
+}
+
+/// A minimal HTTP/1.1 responder: `GET /metrics` (Prometheus text) and `GET /health`.
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", metrics.render()),
+                "/health" => ("200 OK", "ok\n".to_string()),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(response.as_bytes()).await;
+        });
+    }
+}
