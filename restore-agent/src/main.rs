@@ -45,6 +45,21 @@ enum Command {
         /// which is the data directory when PostgreSQL runs the command]
         #[arg(long, value_name = "DIR")]
         pgdata: Option<PathBuf>,
+        /// Do not start the background prefetcher
+        #[arg(long, env = "WALVAULT_NO_PREFETCH")]
+        no_prefetch: bool,
+    },
+    /// Download the next WAL segments ahead of recovery (started by fetch; runs until recovery ends)
+    #[command(hide = true)]
+    Prefetch {
+        #[arg(long, value_name = "DIR")]
+        pgdata: PathBuf,
+        /// Segments kept ahead of recovery
+        #[arg(long, default_value_t = 8)]
+        depth: u64,
+        /// Downloads at once
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
     },
     /// Rebuild a data directory from a base backup, set up to recover to a target
     #[command(group(clap::ArgGroup::new("goal").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
@@ -112,11 +127,29 @@ fn main() -> ExitCode {
             wal_name,
             dest_path,
             pgdata,
-        } => ExitCode::from(fetch(&cli.repo, &wal_name, &dest_path, pgdata)),
+            no_prefetch,
+        } => ExitCode::from(fetch(&cli.repo, &wal_name, &dest_path, pgdata, no_prefetch)),
+        Command::Prefetch {
+            pgdata,
+            depth,
+            parallel,
+        } => report(prefetch(&cli.repo, &pgdata, depth, parallel)),
         Command::List => report(info(&cli.repo, false)),
         Command::Info { json } => report(info(&cli.repo, json)),
         restore @ Command::Restore { .. } => report(run_restore(&cli.repo, restore)),
     }
+}
+
+fn prefetch(repo: &RepoArgs, pgdata: &std::path::Path, depth: u64, parallel: usize) -> anyhow::Result<()> {
+    let settings = repo.settings(None)?;
+    let opts = walvault::prefetch::PrefetchOptions {
+        depth,
+        parallel,
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(walvault::prefetch::run(&settings, pgdata, &opts))?;
+    Ok(())
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {
@@ -368,12 +401,56 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn fetch(repo: &RepoArgs, name: &str, dest: &std::path::Path, pgdata: Option<PathBuf>) -> u8 {
+/// Tell the prefetcher where recovery is, starting it if none runs. Best effort: prefetching
+/// only saves time, so a failure here is logged and never fails the fetch.
+fn start_prefetch(
+    repo: &RepoArgs,
+    p: &walvault::prefetch::Prefetch,
+    pgdata: &std::path::Path,
+    name: &walvault::wal::WalFileName,
+) {
+    if let Err(e) = p.request(name) {
+        tracing::warn!("prefetch: {e}");
+        return;
+    }
+    if p.running() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(r) = &repo.repo {
+        cmd.args(["--repo", r]);
+    }
+    if let Some(c) = &repo.config {
+        cmd.arg("--config").arg(c);
+    }
+    if let Some(t) = &repo.retry_timeout {
+        cmd.args(["--retry-timeout", t]);
+    }
+    cmd.arg("prefetch").arg("--pgdata").arg(pgdata);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // Its own process group: signals PostgreSQL sends to the startup process's group when
+    // recovery ends must not kill it before it removes its spool.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    if let Err(e) = cmd.spawn() {
+        tracing::warn!("prefetch: cannot start: {e}");
+    }
+}
+
+fn fetch(
+    repo: &RepoArgs,
+    name: &str,
+    dest: &std::path::Path,
+    pgdata: Option<PathBuf>,
+    no_prefetch: bool,
+) -> u8 {
     let started = Instant::now();
-    let standby = pgdata
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join("standby.signal")
-        .exists();
+    let pgdata = pgdata.unwrap_or_else(|| PathBuf::from("."));
+    let standby = pgdata.join("standby.signal").exists();
+    // Prefetch only while the data directory is recovering (the way PostgreSQL runs fetch).
+    let prefetch =
+        Some(walvault::prefetch::Prefetch::new(&pgdata)).filter(|p| !no_prefetch && p.in_recovery());
     let shown = name.escape_debug().to_string();
     let fail = |message: String, code: u8| {
         if code == exit::NOT_FOUND_OR_RETRY && standby {
@@ -399,7 +476,7 @@ fn fetch(repo: &RepoArgs, name: &str, dest: &std::path::Path, pgdata: Option<Pat
         }
     };
     let result = match cli::runtime() {
-        Ok(rt) => rt.block_on(fetch::fetch(&settings, name, dest)),
+        Ok(rt) => rt.block_on(fetch::fetch(&settings, name, dest, prefetch.as_ref())),
         Err(e) => return fail(format!("cannot start: {e}"), exit::FATAL),
     };
     let ms = started.elapsed().as_millis();
@@ -408,8 +485,13 @@ fn fetch(repo: &RepoArgs, name: &str, dest: &std::path::Path, pgdata: Option<Pat
             name,
             size,
             stored_size,
+            prefetched,
         }) => {
-            tracing::info!("fetch {name}: restored, {size} bytes, stored {stored_size} bytes, {ms} ms");
+            let from = if prefetched { ", prefetched" } else { "" };
+            tracing::info!("fetch {name}: restored, {size} bytes, stored {stored_size} bytes{from}, {ms} ms");
+            if let (Some(p), walvault::wal::WalFileName::Segment(_)) = (&prefetch, name) {
+                start_prefetch(repo, p, &pgdata, &name);
+            }
             exit::SUCCESS
         }
         Ok(FetchOutcome::NotFound { name }) => {

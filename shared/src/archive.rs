@@ -154,6 +154,9 @@ pub async fn open_store(settings: &Settings) -> Result<Store, PushError> {
 /// this data directory has already stored these exact bytes, answer at once.
 pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, PushError> {
     let spool = crate::spool::Spool::for_wal_path(wal_path);
+    if let Some(pgdata) = spool.as_ref().and_then(|s| s.dir().parent()) {
+        crate::prefetch::Prefetch::new(pgdata).clean_if_done();
+    }
     // Fastest: the daemon stored this very file (same inode, size, mtime): no need to read it.
     let name = name_of(wal_path)?;
     if let Some(spool) = &spool

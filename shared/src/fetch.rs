@@ -10,6 +10,7 @@ use std::path::Path;
 use crate::config::Settings;
 use crate::exit;
 use crate::fsutil;
+use crate::prefetch::Prefetch;
 use crate::repo::descriptor::DescriptorError;
 use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
 use crate::repo::object::{self, ObjectError, ObjectKind};
@@ -25,6 +26,8 @@ pub enum FetchOutcome {
         name: WalFileName,
         size: u64,
         stored_size: u64,
+        /// Taken from the prefetch spool rather than downloaded now.
+        prefetched: bool,
     },
     NotFound {
         name: WalFileName,
@@ -81,14 +84,40 @@ impl FetchError {
     }
 }
 
-/// Fetch `name` from the repository into `dest`, verifying it end to end first.
-pub async fn fetch(settings: &Settings, name: &str, dest: &Path) -> Result<FetchOutcome, FetchError> {
+/// Fetch `name` from the repository into `dest`, verifying it end to end first. With a
+/// prefetch spool, a copy downloaded ahead by the prefetcher is used when there is one (verified
+/// exactly like a download; an unusable copy is dropped and the repository asked instead).
+pub async fn fetch(
+    settings: &Settings,
+    name: &str,
+    dest: &Path,
+    prefetch: Option<&Prefetch>,
+) -> Result<FetchOutcome, FetchError> {
     let name: WalFileName = name.parse()?;
     let name_str = name.to_string();
     let key = wal_key(&name);
-    let retry = RetryPolicy::with_total(settings.retry_timeout);
     let repo = settings.repo.to_string();
 
+    if let Some((bytes, descriptor)) = prefetch.and_then(|p| p.take(&name)) {
+        let checked = object::open(&bytes, ObjectKind::WalFile, &name_str)
+            .map_err(|source| FetchError::Corrupt {
+                name: name_str.clone(),
+                key: key.clone(),
+                repo: repo.clone(),
+                source: Box::new(source),
+            })
+            .and_then(|(_, content)| {
+                check_segment(&name, &content, descriptor.as_ref(), &key, &repo).map(|()| content)
+            });
+        match checked {
+            Ok(content) => return write_out(name, dest, content, bytes.len() as u64, true),
+            Err(e) => {
+                tracing::warn!("prefetched copy unusable ({e}); fetching {name_str} from the repository")
+            }
+        }
+    }
+
+    let retry = RetryPolicy::with_total(settings.retry_timeout);
     // A corrupt read is re-read once: a flipped bit in transit is not worth stopping recovery for,
     // a corrupt stored object is.
     let mut rereads = 1;
@@ -129,27 +158,49 @@ pub async fn fetch(settings: &Settings, name: &str, dest: &Path) -> Result<Fetch
             }
         }
     };
+    check_segment(&name, &content, descriptor.as_ref(), &key, &repo)?;
+    write_out(name, dest, content, stored, false)
+}
 
-    if let Some(seg) = name.wal_segment() {
-        let info =
-            crate::wal::page::validate_segment(&content, &seg).map_err(|source| FetchError::InvalidWal {
-                name: name_str.clone(),
-                key: key.clone(),
-                repo: repo.clone(),
-                source: Box::new(source),
-            })?;
-        if let Some(d) = &descriptor {
-            let found = ClusterIdentity::from(&info);
-            if found != d.cluster {
-                return Err(FetchError::ForeignCluster {
-                    name: name_str,
-                    repo,
-                    found,
-                    expected: d.cluster,
-                });
-            }
+/// For segments: the page header against the name and the repository's cluster.
+fn check_segment(
+    name: &WalFileName,
+    content: &[u8],
+    descriptor: Option<&RepoDescriptor>,
+    key: &str,
+    repo: &str,
+) -> Result<(), FetchError> {
+    let Some(seg) = name.wal_segment() else {
+        return Ok(());
+    };
+    let info =
+        crate::wal::page::validate_segment(content, &seg).map_err(|source| FetchError::InvalidWal {
+            name: name.to_string(),
+            key: key.to_string(),
+            repo: repo.to_string(),
+            source: Box::new(source),
+        })?;
+    if let Some(d) = descriptor {
+        let found = ClusterIdentity::from(&info);
+        if found != d.cluster {
+            return Err(FetchError::ForeignCluster {
+                name: name.to_string(),
+                repo: repo.to_string(),
+                found,
+                expected: d.cluster,
+            });
         }
     }
+    Ok(())
+}
+
+fn write_out(
+    name: WalFileName,
+    dest: &Path,
+    content: Vec<u8>,
+    stored: u64,
+    prefetched: bool,
+) -> Result<FetchOutcome, FetchError> {
     fsutil::write_durably(dest, &content).map_err(|source| FetchError::Write {
         dest: dest.display().to_string(),
         source,
@@ -158,5 +209,6 @@ pub async fn fetch(settings: &Settings, name: &str, dest: &Path) -> Result<Fetch
         name,
         size: content.len() as u64,
         stored_size: stored,
+        prefetched,
     })
 }

@@ -78,7 +78,7 @@ async fn push_then_fetch_returns_the_same_bytes() {
     assert!(out.newly_stored);
     assert!(out.stored_size < content.len() as u64 / 10, "zeros compress");
     let dest = env.dir.path().join("RECOVERYXLOG");
-    let fetched = fetch::fetch(&env.settings, S1, &dest).await.unwrap();
+    let fetched = fetch::fetch(&env.settings, S1, &dest, None).await.unwrap();
     assert!(matches!(fetched, FetchOutcome::Restored { size, .. } if size == content.len() as u64));
     assert_eq!(std::fs::read(&dest).unwrap(), content);
 }
@@ -112,7 +112,7 @@ async fn same_name_same_bytes_is_success_different_bytes_is_refused_and_kept() {
     );
 
     let dest = env.dir.path().join("out");
-    fetch::fetch(&env.settings, S1, &dest).await.unwrap();
+    fetch::fetch(&env.settings, S1, &dest, None).await.unwrap();
     assert_eq!(
         std::fs::read(&dest).unwrap(),
         original,
@@ -133,7 +133,7 @@ async fn history_files_are_never_overwritten() {
         .unwrap_err();
     assert!(matches!(err, PushError::Conflict { .. }), "{err}");
     let dest = env.dir.path().join("h");
-    fetch::fetch(&env.settings, "00000002.history", &dest)
+    fetch::fetch(&env.settings, "00000002.history", &dest, None)
         .await
         .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), first);
@@ -188,13 +188,13 @@ async fn invalid_names_touch_nothing() {
             .await
             .unwrap_err();
         assert_eq!(err.exit_code(), exit::USAGE, "{bad}");
-        let err = fetch::fetch(&env.settings, bad, &env.dir.path().join("d"))
+        let err = fetch::fetch(&env.settings, bad, &env.dir.path().join("d"), None)
             .await
             .unwrap_err();
         assert_eq!(err.exit_code(false), exit::USAGE, "{bad}");
     }
     for bad in ["../x", "/etc/passwd", ""] {
-        let err = fetch::fetch(&env.settings, bad, &env.dir.path().join("d"))
+        let err = fetch::fetch(&env.settings, bad, &env.dir.path().join("d"), None)
             .await
             .unwrap_err();
         assert!(matches!(err, FetchError::Name(_)), "{bad}");
@@ -207,7 +207,7 @@ async fn invalid_names_touch_nothing() {
 async fn missing_file_is_not_found_only_in_a_real_repository() {
     let env = Env::new();
     // No repository at all: must not look like "end of archive".
-    let err = fetch::fetch(&env.settings, S1, &env.dir.path().join("d"))
+    let err = fetch::fetch(&env.settings, S1, &env.dir.path().join("d"), None)
         .await
         .unwrap_err();
     assert_eq!(err.exit_code(false), exit::FATAL);
@@ -219,6 +219,7 @@ async fn missing_file_is_not_found_only_in_a_real_repository() {
         &env.settings,
         "000000010000000000000002",
         &env.dir.path().join("d"),
+        None,
     )
     .await;
     assert!(matches!(out, Ok(FetchOutcome::NotFound { .. })));
@@ -239,13 +240,13 @@ async fn corrupt_or_truncated_objects_are_fatal_and_never_written_out() {
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x01;
     std::fs::write(&object, &flipped).unwrap();
-    let err = fetch::fetch(&env.settings, S1, &dest).await.unwrap_err();
+    let err = fetch::fetch(&env.settings, S1, &dest, None).await.unwrap_err();
     assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
     assert_eq!(err.exit_code(false), exit::FATAL);
     assert!(err.to_string().contains(S1));
 
     std::fs::write(&object, &good[..good.len() - 7]).unwrap();
-    let err = fetch::fetch(&env.settings, S1, &dest).await.unwrap_err();
+    let err = fetch::fetch(&env.settings, S1, &dest, None).await.unwrap_err();
     assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
     assert!(!dest.exists());
 

@@ -1,0 +1,305 @@
+//! Prefetching restore: while PostgreSQL replays one segment, the next ones are already being
+//! downloaded into `<pgdata>/walvault.spool/prefetch/`, so `restore-agent fetch` (the same
+//! restore_command line) finds them on local disk and replay does not wait on the network.
+//!
+//! - fetch records the name PostgreSQL asked for (`wanted`) and makes sure one prefetcher process
+//!   runs (`restore-agent prefetch`, started by fetch, holding `lock` with its pid);
+//! - the prefetcher keeps the next `depth` segments after `wanted`, on the same timeline, in the
+//!   spool, as the sealed objects stored in the repository, within `max_bytes`;
+//! - fetch takes a spooled copy only under its exact name (timeline included, so a file of
+//!   another timeline is never handed out), verifies it exactly like a download, and deletes it;
+//! - the prefetcher drops copies behind or off the wanted timeline, and when recovery ends
+//!   (neither recovery.signal nor standby.signal) or nothing is asked for a while, removes the
+//!   spool and exits.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use crate::config::Settings;
+use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
+use crate::repo::store::Access;
+use crate::repo::{RepoDescriptor, Store};
+use crate::spool::SPOOL_DIR;
+use crate::wal::{Lsn, SegmentName, WalFileName};
+
+/// How the prefetcher runs.
+#[derive(Debug, Clone)]
+pub struct PrefetchOptions {
+    /// Segments kept ahead of the one PostgreSQL asked for last.
+    pub depth: u64,
+    /// Downloads at once.
+    pub parallel: usize,
+    /// Spool size limit.
+    pub max_bytes: u64,
+    /// Exit when nothing was asked for this long.
+    pub idle_exit: Duration,
+}
+
+impl Default for PrefetchOptions {
+    fn default() -> Self {
+        PrefetchOptions {
+            depth: 8,
+            parallel: 4,
+            max_bytes: 512 << 20,
+            idle_exit: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The prefetch spool of one data directory.
+#[derive(Debug, Clone)]
+pub struct Prefetch {
+    pgdata: PathBuf,
+    dir: PathBuf,
+}
+
+fn pid_alive(pid: &str) -> bool {
+    let pid = pid.trim();
+    !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && Path::new("/proc").join(pid).exists()
+}
+
+impl Prefetch {
+    pub fn new(pgdata: &Path) -> Prefetch {
+        Prefetch {
+            pgdata: pgdata.to_path_buf(),
+            dir: pgdata.join(SPOOL_DIR).join("prefetch"),
+        }
+    }
+
+    /// Whether the data directory is in archive recovery or standby mode.
+    pub fn in_recovery(&self) -> bool {
+        self.pgdata.join("recovery.signal").exists() || self.pgdata.join("standby.signal").exists()
+    }
+
+    fn object_path(&self, name: &WalFileName) -> PathBuf {
+        self.dir.join(format!("{name}.wvo"))
+    }
+
+    /// Take (read and delete) the spooled copy of `name`, with the repository descriptor the
+    /// prefetcher saved.
+    pub fn take(&self, name: &WalFileName) -> Option<(Vec<u8>, Option<RepoDescriptor>)> {
+        let path = self.object_path(name);
+        let bytes = std::fs::read(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        let descriptor = std::fs::read(self.dir.join(DESCRIPTOR_KEY))
+            .ok()
+            .and_then(|b| RepoDescriptor::parse(&b).ok());
+        Some((bytes, descriptor))
+    }
+
+    /// Remove a prefetch spool left behind (a prefetcher killed before recovery ended), once
+    /// recovery is over. Called by push, which runs after promotion.
+    pub fn clean_if_done(&self) {
+        if self.dir.exists() && !self.in_recovery() && !self.running() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Tell the prefetcher where recovery is.
+    pub fn request(&self, name: &WalFileName) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let tmp = self.dir.join(format!("wanted.{}", std::process::id()));
+        std::fs::write(&tmp, name.to_string())?;
+        std::fs::rename(tmp, self.dir.join("wanted"))
+    }
+
+    fn wanted(&self) -> Option<SegmentName> {
+        let text = std::fs::read_to_string(self.dir.join("wanted")).ok()?;
+        match text.trim().parse::<WalFileName>().ok()? {
+            WalFileName::Segment(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether a prefetcher is running for this data directory.
+    pub fn running(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("lock")).is_ok_and(|pid| pid_alive(&pid))
+    }
+
+    fn claim(&self) -> std::io::Result<bool> {
+        std::fs::create_dir_all(&self.dir)?;
+        if self.running() {
+            return Ok(false);
+        }
+        std::fs::write(self.dir.join("lock"), std::process::id().to_string())?;
+        Ok(true)
+    }
+
+    /// Spooled copies, by name.
+    fn spooled(&self) -> BTreeSet<WalFileName> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return BTreeSet::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|n| n.strip_suffix(".wvo").and_then(|n| n.parse().ok()))
+            .collect()
+    }
+
+    fn spool_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .map(|it| {
+                it.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrefetchError {
+    #[error(transparent)]
+    Store(#[from] crate::repo::StoreError),
+    #[error("prefetch spool: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Run the prefetcher for `pgdata` until recovery ends or nothing is asked for `idle_exit`.
+pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> Result<(), PrefetchError> {
+    let pf = Prefetch::new(pgdata);
+    if !pf.claim()? {
+        return Ok(()); // another prefetcher serves this data directory
+    }
+    let store = Store::open(&settings.repo, Access::ReadOnly, settings.retry_timeout)?;
+    if let Some(d) = store.get(DESCRIPTOR_KEY).await? {
+        crate::fsutil::write_durably(&pf.dir.join(DESCRIPTOR_KEY), &d)?;
+    }
+    let seg_size = match store
+        .get(DESCRIPTOR_KEY)
+        .await?
+        .and_then(|b| RepoDescriptor::parse(&b).ok())
+    {
+        Some(d) => d.cluster.wal_segment_size,
+        None => return Ok(()),
+    };
+    let mut last_wanted = pf.wanted();
+    let mut last_change = Instant::now();
+    // Names the repository did not have yet: asked again after a pause (the archive may grow).
+    let mut missing: std::collections::HashMap<WalFileName, Instant> = Default::default();
+    let mut tasks: JoinSet<(WalFileName, Result<bool, PrefetchError>)> = JoinSet::new();
+    let mut downloading: BTreeSet<WalFileName> = BTreeSet::new();
+    loop {
+        while let Some(done) = tasks.try_join_next() {
+            let (name, result) = done.expect("prefetch task panicked");
+            downloading.remove(&name);
+            match result {
+                Ok(true) => {}
+                Ok(false) => {
+                    missing.insert(name, Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!("prefetch {name}: {e}");
+                    missing.insert(name, Instant::now());
+                }
+            }
+        }
+        if !pf.in_recovery() {
+            break;
+        }
+        let wanted = pf.wanted();
+        if wanted != last_wanted {
+            last_wanted = wanted;
+            last_change = Instant::now();
+        } else if last_change.elapsed() > opts.idle_exit && tasks.is_empty() {
+            break;
+        }
+        if let Some(current) = wanted {
+            let ahead: Vec<WalFileName> = (1..=opts.depth)
+                .filter_map(|i| {
+                    let no = current.segment_no(seg_size)? + i;
+                    let lsn = no.checked_mul(u64::from(seg_size))?;
+                    Some(WalFileName::Segment(SegmentName::containing(
+                        current.timeline,
+                        Lsn(lsn),
+                        seg_size,
+                    )))
+                })
+                .collect();
+            // Drop what recovery has passed or what belongs to another timeline.
+            for name in pf.spooled() {
+                if !ahead.contains(&name) {
+                    let _ = std::fs::remove_file(pf.object_path(&name));
+                }
+            }
+            let spooled = pf.spooled();
+            for name in ahead {
+                if tasks.len() >= opts.parallel.max(1) || pf.spool_bytes() >= opts.max_bytes {
+                    break;
+                }
+                let recently_missing = missing
+                    .get(&name)
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+                if spooled.contains(&name) || downloading.contains(&name) || recently_missing {
+                    continue;
+                }
+                downloading.insert(name);
+                let (store, path) = (store.clone(), pf.object_path(&name));
+                tasks.spawn(async move { (name, download(&store, &name, &path).await) });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while tasks.join_next().await.is_some() {}
+    if !pf.in_recovery() {
+        let _ = std::fs::remove_dir_all(&pf.dir);
+    } else {
+        let _ = std::fs::remove_file(pf.dir.join("lock"));
+    }
+    Ok(())
+}
+
+/// Download one sealed object into the spool (temporary name, then rename: fetch never sees a
+/// partial copy). `false` when the repository does not have it (yet).
+async fn download(store: &Store, name: &WalFileName, path: &Path) -> Result<bool, PrefetchError> {
+    let Some(bytes) = store.get(&wal_key(name)).await? else {
+        return Ok(false);
+    };
+    let tmp = path.with_extension("part");
+    tokio::fs::write(&tmp, &bytes).await?;
+    tokio::fs::rename(&tmp, path).await?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spooled_copy_is_taken_once_and_only_under_its_own_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let pf = Prefetch::new(dir.path());
+        std::fs::create_dir_all(&pf.dir).unwrap();
+        let tl1: WalFileName = "000000010000000000000005".parse().unwrap();
+        let tl2: WalFileName = "000000020000000000000005".parse().unwrap();
+        std::fs::write(pf.object_path(&tl1), b"sealed").unwrap();
+        assert!(
+            pf.take(&tl2).is_none(),
+            "another timeline's copy is never handed out"
+        );
+        assert_eq!(pf.take(&tl1).map(|(b, _)| b), Some(b"sealed".to_vec()));
+        assert!(pf.take(&tl1).is_none());
+    }
+
+    #[test]
+    fn the_wanted_hint_and_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let pf = Prefetch::new(dir.path());
+        let name: WalFileName = "000000010000000000000007".parse().unwrap();
+        pf.request(&name).unwrap();
+        assert_eq!(pf.wanted().map(WalFileName::Segment), Some(name));
+        assert!(!pf.running());
+        assert!(pf.claim().unwrap());
+        assert!(pf.running(), "our own pid is alive");
+        assert!(!pf.claim().unwrap(), "a live holder keeps the lock");
+        std::fs::write(pf.dir.join("lock"), "999999999").unwrap();
+        assert!(!pf.running(), "a dead holder does not");
+        assert!(!pf.in_recovery());
+        std::fs::write(dir.path().join("recovery.signal"), b"").unwrap();
+        assert!(pf.in_recovery());
+    }
+}
