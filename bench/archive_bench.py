@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Archive and restore benchmark: walvault (push alone, push + daemon) against pgBackRest
+(asynchronous archiving, zst level 3, process-max 2) and plain cp, on the same real WAL, in one run.
+
+1. Prepares real WAL once: a PostgreSQL 15 cluster runs pgbench mixed with inserts of random
+   payloads; a base backup is taken first; every segment is copied out by archive_command = cp.
+2. Archive: for each tool, a copy of the data directory gets all segments in pg_wal with .ready
+   status files, and PostgreSQL's archiver loop is reproduced exactly (one archive_command at a
+   time, oldest first, .ready renamed to .done on success). Measured: time until no .ready file is
+   left, files/s, MiB/s, per-call latency (p50/p99), repository size, and the daemon's peak RSS.
+3. Restore: the base backup replays all the WAL through each tool's restore_command (walvault with
+   its prefetcher, pgBackRest archive-get with its async queue, cp), and once with the WAL already
+   in pg_wal (the physical limit of recovery). Measured: time from start to end of recovery.
+
+Prints a table and writes JSON. Measurements, never pass/fail.
+Usage: bench/archive_bench.py [--wal-mib 1024] [--json bench/results/archive.json]
+Needs root (runs PostgreSQL as postgres), PostgreSQL 15, pgbackrest (installed when missing).
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+PG = os.environ.get("WALVAULT_PG_BIN", "/usr/lib/postgresql/15/bin")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=True, check=True, text=True, capture_output=True, **kw).stdout
+
+
+def as_pg(cmd):
+    return f"runuser -u postgres -- {cmd}" if os.geteuid() == 0 else cmd
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def chown(path):
+    if os.geteuid() == 0:
+        sh(f"chown -R postgres: {path}")
+
+
+class Cluster:
+    def __init__(self, work, name, data=None):
+        self.dir = os.path.join(work, name)
+        self.data = data or os.path.join(self.dir, "data")
+        self.port = free_port()
+        os.makedirs(self.dir, exist_ok=True)
+        chown(self.dir)
+
+    def ctl(self, action, extra=""):
+        sh(as_pg(f"{PG}/pg_ctl -D {self.data} -l {self.dir}/log -w -t 3600 "
+                 f"-o '-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1' {extra} {action}"))
+
+    def psql(self, sql):
+        return sh(f"{PG}/psql -X -q -At -h 127.0.0.1 -p {self.port} -U postgres -d postgres -c \"{sql}\"")
+
+
+def prepare(work, wal_mib):
+    src = Cluster(work, "source")
+    walsrc = os.path.join(work, "walsrc")
+    os.makedirs(walsrc)
+    chown(walsrc)
+    sh(as_pg(f"{PG}/initdb -A trust -U postgres -D {src.data}"))
+    with open(os.path.join(src.data, "postgresql.conf"), "a") as f:
+        f.write(f"archive_mode = on\narchive_command = 'cp %p {walsrc}/%f'\nmax_wal_size = 8GB\n"
+                "checkpoint_timeout = 30min\n")
+    src.ctl("start")
+    src.psql("create table payload(id bigserial primary key, body text)")
+    sh(f"{PG}/pgbench -h 127.0.0.1 -p {src.port} -U postgres -i -s 10 -q postgres")
+    base = os.path.join(work, "base")
+    sh(as_pg(f"{PG}/pg_basebackup -h 127.0.0.1 -p {src.port} -U postgres -D {base} -X none -c fast"))
+    script = os.path.join(work, "payload.sql")
+    with open(script, "w") as f:
+        f.write("insert into payload(body) select string_agg(md5(random()::text), '') "
+                "from generate_series(1, 64);\n")
+    start_lsn = src.psql("select pg_current_wal_lsn()").strip()
+    while True:
+        sh(f"{PG}/pgbench -h 127.0.0.1 -p {src.port} -U postgres -c 2 -T 10 -n postgres "
+           f"-f {script}@1 -b tpcb-like@4")
+        done = int(src.psql(f"select pg_current_wal_lsn() - '{start_lsn}'::pg_lsn").strip())
+        if done >= wal_mib << 20:
+            break
+    src.psql("select pg_switch_wal()")
+    deadline = time.time() + 600
+    while [f for f in os.listdir(os.path.join(src.data, "pg_wal/archive_status")) if f.endswith(".ready")]:
+        if time.time() > deadline:
+            sys.exit("source archiving did not finish")
+        time.sleep(0.5)
+    src.ctl("stop")
+    segs = sorted(f for f in os.listdir(walsrc) if len(f) == 24)
+    return src, base, walsrc, segs
+
+
+def pgbackrest_conf(work, pgdata, port, sockdir, repo, spool):
+    path = os.path.join(work, f"pgbackrest-{os.path.basename(repo)}.conf")
+    with open(path, "w") as f:
+        f.write(f"""[global]
+repo1-path={repo}
+compress-type=zst
+compress-level=3
+process-max=2
+archive-async=y
+archive-push-queue-max=16GiB
+archive-get-queue-max=2GiB
+spool-path={spool}
+lock-path={spool}
+log-path={spool}
+log-level-console=warn
+log-level-file=off
+[bench]
+pg1-path={pgdata}
+pg1-port={port}
+pg1-socket-path={sockdir}
+""")
+    return path
+
+
+def du(path):
+    return int(sh(f"du -sb {path}").split()[0])
+
+
+def archive_run(work, label, src, segs, walsrc, command, before=None, after=None):
+    """Reproduce PostgreSQL's archiver over a copy of the data directory."""
+    pgdata = os.path.join(work, f"arch-{label}")
+    shutil.copytree(src.data, pgdata, symlinks=True)
+    wal = os.path.join(pgdata, "pg_wal")
+    for f in os.listdir(wal):
+        p = os.path.join(wal, f)
+        if os.path.isfile(p):
+            os.remove(p)
+    status = os.path.join(wal, "archive_status")
+    shutil.rmtree(status)
+    os.makedirs(status)
+    for s in segs:
+        shutil.copy(os.path.join(walsrc, s), os.path.join(wal, s))
+        open(os.path.join(status, s + ".ready"), "w").close()
+    chown(pgdata)
+    sh("sync")
+    ctx = before(pgdata) if before else None
+    # The archiver loop runs as postgres in one process, as PostgreSQL's archiver would: no
+    # per-call user switch inflating the latencies.
+    loop = os.path.join(work, "archiver_loop.py")
+    shutil.copy(os.path.abspath(__file__), loop)
+    chown(loop)
+    out = sh(as_pg(f"/usr/bin/python3 {loop} --archiver-loop {pgdata} '{command}'"))
+    res = json.loads(out.strip().splitlines()[-1])
+    elapsed, lat = res["elapsed"], res["latencies"]
+    extra = after(ctx) if after else {}
+    lat.sort()
+    total = sum(os.path.getsize(os.path.join(walsrc, s)) for s in segs)
+    return {"seconds": round(elapsed, 2), "files_per_s": round(len(segs) / elapsed, 1),
+            "mib_per_s": round(total / 1048576 / elapsed, 1),
+            "p50_ms": round(lat[len(lat) // 2] * 1000, 1), "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1),
+            **extra}
+
+
+def restore_run(work, label, base, restore_command=None, walsrc=None, segs=None):
+    data = os.path.join(work, f"restore-{label}")
+    shutil.copytree(base, data, symlinks=True)
+    with open(os.path.join(data, "postgresql.auto.conf"), "a") as f:
+        f.write("archive_mode = off\n")
+        if restore_command:
+            f.write(f"restore_command = '{restore_command}'\n")
+    if restore_command:
+        open(os.path.join(data, "recovery.signal"), "w").close()
+    else:
+        for s in segs:  # the physical limit: every segment already local
+            shutil.copy(os.path.join(walsrc, s), os.path.join(data, "pg_wal", s))
+    chown(data)
+    sh("sync")
+    c = Cluster(work, f"rc-{label}", data)
+    t0 = time.time()
+    c.ctl("start")  # -w returns once recovery has ended and connections are accepted
+    while c.psql("select pg_is_in_recovery()").strip() == "t":
+        time.sleep(0.05)
+    elapsed = time.time() - t0
+    c.ctl("stop", "-m fast")
+    return {"seconds": round(elapsed, 2)}
+
+
+def archiver_loop(pgdata, command):
+    """PostgreSQL's archiver: one archive_command at a time, oldest .ready first, in pgdata."""
+    status = os.path.join(pgdata, "pg_wal/archive_status")
+    segs = sorted(f[:-6] for f in os.listdir(status) if f.endswith(".ready"))
+    lat = []
+    t0 = time.time()
+    for s in segs:
+        cmd = command.replace("%p", f"pg_wal/{s}").replace("%f", s)
+        while True:
+            t = time.time()
+            rc = subprocess.run(cmd, shell=True, cwd=pgdata, capture_output=True).returncode
+            lat.append(time.time() - t)
+            if rc == 0:
+                os.rename(os.path.join(status, s + ".ready"), os.path.join(status, s + ".done"))
+                break
+            time.sleep(1)  # PostgreSQL waits before retrying a failed archive_command
+    print(json.dumps({"elapsed": time.time() - t0, "latencies": lat}))
+
+
+def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--archiver-loop":
+        return archiver_loop(sys.argv[2], sys.argv[3])
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--wal-mib", type=int, default=1024)
+    ap.add_argument("--json", default=os.path.join(ROOT, "bench/results/archive.json"))
+    args = ap.parse_args()
+    if shutil.which("pgbackrest") is None:
+        sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbackrest")
+    sh(f"cd {ROOT} && cargo build --release -p archive-agent -p restore-agent")
+    work = tempfile.mkdtemp(prefix="walvault-archive-bench.")
+    os.chmod(work, 0o755)
+    binp = os.path.join(work, "bin")
+    os.makedirs(binp)
+    for b in ("archive-agent", "restore-agent"):
+        shutil.copy(os.path.join(ROOT, "target/release", b), binp)
+    chown(work)
+    results = {"archive": {}, "restore": {}, "repository_bytes": {}}
+    try:
+        src, base, walsrc, segs = prepare(work, args.wal_mib)
+        wal_bytes = sum(os.path.getsize(os.path.join(walsrc, s)) for s in segs)
+        results["wal"] = {"segments": len(segs), "bytes": wal_bytes}
+        print(f"{len(segs)} segments, {wal_bytes >> 20} MiB of WAL", flush=True)
+
+        # cp
+        cpdir = os.path.join(work, "cprepo")
+        os.makedirs(cpdir)
+        chown(cpdir)
+        results["archive"]["cp"] = archive_run(work, "cp", src, segs, walsrc, f"cp %p {cpdir}/%f")
+        results["repository_bytes"]["cp"] = du(cpdir)
+
+        # walvault push alone
+        repo1 = os.path.join(work, "wv1")
+        push = f"{binp}/archive-agent push --repo file://{repo1} %p"
+        results["archive"]["walvault push"] = archive_run(work, "wv1", src, segs, walsrc, push)
+        results["repository_bytes"]["walvault"] = du(repo1)
+
+        # walvault push + daemon
+        repo2 = os.path.join(work, "wv2")
+        def start_daemon(pgdata):
+            log = open(os.path.join(work, "daemon.log"), "w")
+            p = subprocess.Popen(as_pg(f"{binp}/archive-agent daemon --repo file://{repo2} --pgdata {pgdata} --parallel 2"),
+                                 shell=True, stdout=log, stderr=log, preexec_fn=os.setsid)
+            time.sleep(0.5)
+            return p
+        def stop_daemon(p):
+            peak = 0
+            for line in sh(f"ps -o rss= --ppid {p.pid} || true").split() + sh(f"pgrep -f 'archive-agent daemon' | xargs -r ps -o rss= -p || true").split():
+                peak = max(peak, int(line))
+            status = sh(f"pgrep -f 'archive-agent daemon' | xargs -r -I{{}} cat /proc/{{}}/status || true")
+            hwm = [int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM")]
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=120)
+            return {"daemon_peak_rss_mib": round(max(hwm + [peak]) / 1024, 1)}
+        results["archive"]["walvault push + daemon"] = archive_run(
+            work, "wv2", src, segs, walsrc, f"{binp}/archive-agent push --repo file://{repo2} %p",
+            before=start_daemon, after=stop_daemon)
+
+        # pgBackRest asynchronous archiving
+        pgbr_repo = os.path.join(work, "pgbr")
+        spool = os.path.join(work, "pgbr-spool")
+        for d in (pgbr_repo, spool):
+            os.makedirs(d)
+        chown(pgbr_repo)
+        chown(spool)
+        src.ctl("start")
+        conf = pgbackrest_conf(work, src.data, src.port, src.dir, pgbr_repo, spool)
+        sh(as_pg(f"pgbackrest --config={conf} --stanza=bench stanza-create"))
+        src.ctl("stop")
+        arch_pgdata = os.path.join(work, "arch-pgbr")
+        conf2 = pgbackrest_conf(work, arch_pgdata, src.port, src.dir, pgbr_repo, spool)
+        results["archive"]["pgBackRest async"] = archive_run(
+            work, "pgbr", src, segs, walsrc, f"pgbackrest --config={conf2} --stanza=bench archive-push %p")
+        results["repository_bytes"]["pgBackRest zst 3"] = du(os.path.join(pgbr_repo, "archive"))
+
+        # Restore: replay everything through restore_command.
+        results["restore"]["local pg_wal (limit)"] = restore_run(work, "local", base, walsrc=walsrc, segs=segs)
+        results["restore"]["cp"] = restore_run(work, "cp", base, f"cp {cpdir}/%f %p")
+        results["restore"]["walvault fetch"] = restore_run(
+            work, "wv", base, f"{binp}/restore-agent fetch --repo file://{repo1} %f %p")
+        conf3 = pgbackrest_conf(work, os.path.join(work, "restore-pgbr"), src.port, src.dir, pgbr_repo, spool)
+        results["restore"]["pgBackRest archive-get async"] = restore_run(
+            work, "pgbr", base, f"pgbackrest --config={conf3} --stanza=bench archive-get %f \\\"%p\\\"")
+    finally:
+        subprocess.run("pkill -f 'archive-agent daemon'; pkill -f 'restore-agent prefetch'", shell=True)
+        subprocess.run(f"for d in {work}/*/data {work}/restore-*; do {as_pg(PG + '/pg_ctl')} -D $d -m immediate stop >/dev/null 2>&1; done", shell=True)
+
+    print(f"\n{'archive (PostgreSQL archiver loop)':<34} {'seconds':>8} {'files/s':>8} {'MiB/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for k, v in results["archive"].items():
+        print(f"{k:<34} {v['seconds']:>8} {v['files_per_s']:>8} {v['mib_per_s']:>8} {v['p50_ms']:>8} {v['p99_ms']:>8}")
+    if "daemon_peak_rss_mib" in results["archive"].get("walvault push + daemon", {}):
+        print(f"daemon peak RSS: {results['archive']['walvault push + daemon']['daemon_peak_rss_mib']} MiB")
+    print(f"\n{'repository size':<34} {'bytes':>14} {'ratio':>8}")
+    for k, v in results["repository_bytes"].items():
+        print(f"{k:<34} {v:>14} {results['wal']['bytes'] / v:>8.2f}")
+    print(f"\n{'restore (replay all WAL)':<34} {'seconds':>8}")
+    for k, v in results["restore"].items():
+        print(f"{k:<34} {v['seconds']:>8}")
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.json}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
