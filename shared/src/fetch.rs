@@ -98,22 +98,17 @@ pub async fn fetch(
     let key = wal_key(&name);
     let repo = settings.repo.to_string();
 
-    if let Some((bytes, descriptor)) = prefetch.and_then(|p| p.take(&name)) {
-        let checked = object::open(&bytes, ObjectKind::WalFile, &name_str)
-            .map_err(|source| FetchError::Corrupt {
-                name: name_str.clone(),
-                key: key.clone(),
-                repo: repo.clone(),
-                source: Box::new(source),
-            })
-            .and_then(|(_, content)| {
-                check_segment(&name, &content, descriptor.as_ref(), &key, &repo).map(|()| content)
-            });
-        match checked {
-            Ok(content) => return write_out(name, dest, content, bytes.len() as u64, true),
-            Err(e) => {
-                tracing::warn!("prefetched copy unusable ({e}); fetching {name_str} from the repository")
+    if let Some(taken) = prefetch.and_then(|p| p.take(&name, dest)) {
+        match taken {
+            Ok(size) => {
+                return Ok(FetchOutcome::Restored {
+                    name,
+                    size,
+                    stored_size: 0,
+                    prefetched: true,
+                });
             }
+            Err(e) => tracing::warn!("prefetched {name_str} unusable ({e}); fetching it from the repository"),
         }
     }
 
@@ -159,11 +154,11 @@ pub async fn fetch(
         }
     };
     check_segment(&name, &content, descriptor.as_ref(), &key, &repo)?;
-    write_out(name, dest, content, stored, false)
+    write_out(name, dest, content, stored)
 }
 
 /// For segments: the page header against the name and the repository's cluster.
-fn check_segment(
+pub(crate) fn check_segment(
     name: &WalFileName,
     content: &[u8],
     descriptor: Option<&RepoDescriptor>,
@@ -199,7 +194,6 @@ fn write_out(
     dest: &Path,
     content: Vec<u8>,
     stored: u64,
-    prefetched: bool,
 ) -> Result<FetchOutcome, FetchError> {
     fsutil::write_durably(dest, &content).map_err(|source| FetchError::Write {
         dest: dest.display().to_string(),
@@ -209,6 +203,6 @@ fn write_out(
         name,
         size: content.len() as u64,
         stored_size: stored,
-        prefetched,
+        prefetched: false,
     })
 }

@@ -5,9 +5,11 @@
 //! - fetch records the name PostgreSQL asked for (`wanted`) and makes sure one prefetcher process
 //!   runs (`restore-agent prefetch`, started by fetch, holding `lock` with its pid);
 //! - the prefetcher keeps the next `depth` segments after `wanted`, on the same timeline, in the
-//!   spool, as the sealed objects stored in the repository, within `max_bytes`;
-//! - fetch takes a spooled copy only under its exact name (timeline included, so a file of
-//!   another timeline is never handed out), verifies it exactly like a download, and deletes it;
+//!   spool, within `max_bytes`: downloaded, verified exactly as fetch verifies a download (object
+//!   envelope, blake3, page header, cluster identity), decompressed and fsynced, so that fetch
+//!   only has to move the file into place;
+//! - fetch takes a spooled file only under its exact name (timeline included, so a file of
+//!   another timeline is never handed out) and renames it to PostgreSQL's destination;
 //! - the prefetcher drops copies behind or off the wanted timeline, and when recovery ends
 //!   (neither recovery.signal nor standby.signal) or nothing is asked for a while, removes the
 //!   spool and exits.
@@ -75,19 +77,23 @@ impl Prefetch {
     }
 
     fn object_path(&self, name: &WalFileName) -> PathBuf {
-        self.dir.join(format!("{name}.wvo"))
+        self.dir.join(format!("{name}.wal"))
     }
 
-    /// Take (read and delete) the spooled copy of `name`, with the repository descriptor the
-    /// prefetcher saved.
-    pub fn take(&self, name: &WalFileName) -> Option<(Vec<u8>, Option<RepoDescriptor>)> {
+    /// Move the verified, prefetched `name` to `dest` (durably: rename, then fsync of the
+    /// directory; a copy when the spool is on another file system). `None` when there is none.
+    pub fn take(&self, name: &WalFileName, dest: &Path) -> Option<std::io::Result<u64>> {
         let path = self.object_path(name);
-        let bytes = std::fs::read(&path).ok()?;
-        let _ = std::fs::remove_file(&path);
-        let descriptor = std::fs::read(self.dir.join(DESCRIPTOR_KEY))
-            .ok()
-            .and_then(|b| RepoDescriptor::parse(&b).ok());
-        Some((bytes, descriptor))
+        let size = std::fs::metadata(&path).ok()?.len();
+        let moved = match std::fs::rename(&path, dest) {
+            Ok(()) => crate::fsutil::sync_parent(dest),
+            // EXDEV: pg_wal on another file system.
+            Err(e) if e.raw_os_error() == Some(18) => std::fs::read(&path)
+                .and_then(|bytes| crate::fsutil::write_durably(dest, &bytes))
+                .and_then(|()| std::fs::remove_file(&path)),
+            Err(e) => Err(e),
+        };
+        Some(moved.map(|()| size))
     }
 
     /// Remove a prefetch spool left behind (a prefetcher killed before recovery ended), once
@@ -135,7 +141,7 @@ impl Prefetch {
         };
         entries
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter_map(|n| n.strip_suffix(".wvo").and_then(|n| n.parse().ok()))
+            .filter_map(|n| n.strip_suffix(".wal").and_then(|n| n.parse().ok()))
             .collect()
     }
 
@@ -166,17 +172,15 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
         return Ok(()); // another prefetcher serves this data directory
     }
     let store = Store::open(&settings.repo, Access::ReadOnly, settings.retry_timeout)?;
-    if let Some(d) = store.get(DESCRIPTOR_KEY).await? {
-        crate::fsutil::write_durably(&pf.dir.join(DESCRIPTOR_KEY), &d)?;
-    }
-    let seg_size = match store
+    let Some(descriptor) = store
         .get(DESCRIPTOR_KEY)
         .await?
         .and_then(|b| RepoDescriptor::parse(&b).ok())
-    {
-        Some(d) => d.cluster.wal_segment_size,
-        None => return Ok(()),
+    else {
+        return Ok(());
     };
+    let seg_size = descriptor.cluster.wal_segment_size;
+    let descriptor = std::sync::Arc::new(descriptor);
     let mut last_wanted = pf.wanted();
     let mut last_change = Instant::now();
     // Names the repository did not have yet: asked again after a pause (the archive may grow).
@@ -238,8 +242,12 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
                     continue;
                 }
                 downloading.insert(name);
-                let (store, path) = (store.clone(), pf.object_path(&name));
-                tasks.spawn(async move { (name, download(&store, &name, &path).await) });
+                let (store, path, d) = (
+                    store.clone(),
+                    pf.object_path(&name),
+                    std::sync::Arc::clone(&descriptor),
+                );
+                tasks.spawn(async move { (name, download(&store, &name, &path, &d).await) });
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -253,16 +261,46 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
     Ok(())
 }
 
-/// Download one sealed object into the spool (temporary name, then rename: fetch never sees a
-/// partial copy). `false` when the repository does not have it (yet).
-async fn download(store: &Store, name: &WalFileName, path: &Path) -> Result<bool, PrefetchError> {
-    let Some(bytes) = store.get(&wal_key(name)).await? else {
+/// Download one segment, verify it as fetch would, and leave it decompressed and durable in the
+/// spool (temporary name, fsync, rename: fetch never sees a partial file). `false` when the
+/// repository does not have it (yet); a copy failing verification is dropped, and fetch then
+/// asks the repository itself and reports the corruption.
+async fn download(
+    store: &Store,
+    name: &WalFileName,
+    path: &Path,
+    descriptor: &RepoDescriptor,
+) -> Result<bool, PrefetchError> {
+    let key = wal_key(name);
+    let Some(bytes) = store.get(&key).await? else {
         return Ok(false);
     };
-    let tmp = path.with_extension("part");
-    tokio::fs::write(&tmp, &bytes).await?;
-    tokio::fs::rename(&tmp, path).await?;
-    Ok(true)
+    let (name, path, descriptor) = (*name, path.to_path_buf(), descriptor.clone());
+    tokio::task::spawn_blocking(move || {
+        let repo = String::new();
+        let verified = crate::repo::object::open(
+            &bytes,
+            crate::repo::object::ObjectKind::WalFile,
+            &name.to_string(),
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|(_, content)| {
+            crate::fetch::check_segment(&name, &content, Some(&descriptor), &key, &repo)
+                .map(|()| content)
+                .map_err(|e| e.to_string())
+        });
+        match verified {
+            Ok(content) => {
+                let tmp = path.with_extension("part");
+                crate::fsutil::write_durably(&tmp, &content)?;
+                std::fs::rename(&tmp, &path)?;
+            }
+            Err(e) => tracing::warn!("prefetch {name}: {e}; leaving it to fetch"),
+        }
+        Ok(true)
+    })
+    .await
+    .map_err(|e| PrefetchError::Io(std::io::Error::other(e)))?
 }
 
 #[cfg(test)]
@@ -276,13 +314,15 @@ mod tests {
         std::fs::create_dir_all(&pf.dir).unwrap();
         let tl1: WalFileName = "000000010000000000000005".parse().unwrap();
         let tl2: WalFileName = "000000020000000000000005".parse().unwrap();
-        std::fs::write(pf.object_path(&tl1), b"sealed").unwrap();
+        std::fs::write(pf.object_path(&tl1), b"verified segment").unwrap();
+        let dest = dir.path().join("RECOVERYXLOG");
         assert!(
-            pf.take(&tl2).is_none(),
+            pf.take(&tl2, &dest).is_none(),
             "another timeline's copy is never handed out"
         );
-        assert_eq!(pf.take(&tl1).map(|(b, _)| b), Some(b"sealed".to_vec()));
-        assert!(pf.take(&tl1).is_none());
+        assert_eq!(pf.take(&tl1, &dest).map(|r| r.unwrap()), Some(16));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"verified segment");
+        assert!(pf.take(&tl1, &dest).is_none());
     }
 
     #[test]
