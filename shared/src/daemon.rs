@@ -73,6 +73,9 @@ pub struct Metrics {
     pub last_backup_duration_ms: AtomicU64,
     pub last_backup_bytes: AtomicU64,
     pub backups_failed: AtomicU64,
+    /// Restorable window of the newest timeline (Unix seconds; 0 when unknown).
+    pub window_earliest_unix: AtomicI64,
+    pub window_latest_unix: AtomicI64,
 }
 
 impl Metrics {
@@ -164,6 +167,18 @@ impl Metrics {
             "counter",
             "Scheduled backups that failed",
             g(&self.backups_failed).to_string(),
+        );
+        metric(
+            "restorable_earliest_timestamp_seconds",
+            "gauge",
+            "Earliest restorable time on the newest timeline",
+            gi(&self.window_earliest_unix).to_string(),
+        );
+        metric(
+            "restorable_latest_timestamp_seconds",
+            "gauge",
+            "Latest restorable time on the newest timeline (just before the last archived transaction)",
+            gi(&self.window_latest_unix).to_string(),
         );
         out
     }
@@ -283,6 +298,8 @@ pub async fn run(
     let mut backup_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut next_backup = opts.backup_every.map(|every| Instant::now() + every);
     let mut last_switch_lsn: Option<String> = None;
+    let mut window_task: Option<tokio::task::JoinHandle<()>> = None;
+    let mut next_window = Instant::now();
     tracing::info!(pgdata = %opts.pgdata.display(), repo = %settings.repo, parallel = opts.parallel, "daemon started");
 
     loop {
@@ -292,6 +309,10 @@ pub async fn run(
             _ = rescan.tick() => {}
             _ = housekeeping.tick() => {
                 forget_recycled(&spool, &wal_dir);
+                if Instant::now() >= next_window && window_task.as_ref().is_none_or(|t| t.is_finished()) {
+                    next_window = Instant::now() + Duration::from_secs(60);
+                    window_task = Some(tokio::spawn(update_window(store.clone(), Arc::clone(&metrics))));
+                }
                 if let (Some(every), Some(conn)) = (opts.backup_every, &opts.pg_conn)
                     && next_backup.is_some_and(|t| Instant::now() >= t)
                     && backup_task.as_ref().is_none_or(|t| t.is_finished())
@@ -334,12 +355,16 @@ pub async fn run(
             in_flight.insert(name);
             let path = wal_dir.join(name.to_string());
             let (settings, store, spool) = (Arc::clone(&settings), store.clone(), spool.clone());
-            tasks.spawn(async move {
-                spool.begin_upload(&name);
-                let result = upload(settings, store, spool.clone(), path).await;
-                spool.end_upload(&name);
-                (name, result)
-            });
+            let span = tracing::info_span!("upload", file = %name);
+            tasks.spawn(tracing::Instrument::instrument(
+                async move {
+                    spool.begin_upload(&name);
+                    let result = upload(settings, store, spool.clone(), path).await;
+                    spool.end_upload(&name);
+                    (name, result)
+                },
+                span,
+            ));
         }
     }
     tracing::info!(
@@ -433,6 +458,24 @@ async fn scheduled_backup(settings: Arc<Settings>, pgdata: PathBuf, conn: String
             metrics.backups_failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!("scheduled backup failed: {e}");
         }
+    }
+}
+
+/// Refresh the restorable-window gauges from the repository catalog.
+async fn update_window(store: Store, metrics: Arc<Metrics>) {
+    match crate::catalog::Catalog::load(&store).await {
+        Ok(cat) => {
+            let tli = cat.timeline_ids().last().copied().unwrap_or(1);
+            if let Some(w) = cat.window(tli) {
+                metrics
+                    .window_earliest_unix
+                    .store(w.earliest / 1_000_000, Ordering::Relaxed);
+                metrics
+                    .window_latest_unix
+                    .store(w.latest.map_or(0, |l| l / 1_000_000), Ordering::Relaxed);
+            }
+        }
+        Err(e) => tracing::warn!("restorable window not updated: {e}"),
     }
 }
 
