@@ -200,7 +200,15 @@ pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, P
         });
     }
     let store = open_store(settings).await?;
-    archive_file(settings, &store, wal_path, &file).await
+    // Tell a running daemon this file is being stored, so it does not upload it too.
+    if let Some(spool) = &spool {
+        spool.begin_upload(&file.name);
+    }
+    let result = archive_file(settings, &store, wal_path, &file).await;
+    if let Some(spool) = &spool {
+        spool.end_upload(&file.name);
+    }
+    result
 }
 
 /// Archive a checked file into an open repository: refuse another cluster's WAL, store it unless

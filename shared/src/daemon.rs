@@ -266,8 +266,11 @@ pub async fn run(
     // Any event (or watcher error, or overflow) just wakes the loop for a full rescan: the
     // directory listing, not the event stream, is the source of truth.
     let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-        let _ = wake_tx.try_send(());
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        // Our own listing of the directory is reported as an access: waking on it would loop.
+        if !matches!(&res, Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_))) {
+            let _ = wake_tx.try_send(());
+        }
     })
     .map_err(|e| DaemonError::Watch {
         path: status_dir.display().to_string(),
@@ -349,8 +352,8 @@ pub async fn run(
             {
                 continue;
             }
-            if spool.archived_names().contains(&name) {
-                continue; // stored; PostgreSQL's push will confirm it from the marker
+            if spool.archived_names().contains(&name) || spool.upload_in_progress(&name) {
+                continue; // stored, or push is storing it right now
             }
             in_flight.insert(name);
             let path = wal_dir.join(name.to_string());
@@ -388,6 +391,10 @@ fn record(
     result: Result<(PushOutcome, u64), PushError>,
 ) {
     match result {
+        Ok((outcome, _)) if !outcome.newly_stored => {
+            backoff.remove(&name);
+            tracing::info!("daemon {name}: already archived, identical");
+        }
         Ok((outcome, size)) => {
             backoff.remove(&name);
             metrics.archived.fetch_add(1, Ordering::Relaxed);
@@ -532,13 +539,19 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>)
         };
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or(0);
-            let request = String::from_utf8_lossy(&buf[..n]);
+            // Read the request head, however it is split across packets (bounded: 8 KiB, 5 s).
+            let mut buf = Vec::with_capacity(1024);
+            let read_head = async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), read_head).await;
+            let request = String::from_utf8_lossy(&buf);
             let path = request.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match path {
                 "/metrics" => ("200 OK", metrics.render()),

@@ -111,6 +111,17 @@ impl Agents {
         run_agent(&mut cmd)
     }
 
+    /// A command for `agent` (not started) as [`Agents::run`] runs it: as the PostgreSQL user,
+    /// with no walvault settings from the caller's environment. For long-running subcommands
+    /// (`archive-agent daemon`) that the caller spawns and watches itself.
+    pub fn command(&self, agent: &str) -> Command {
+        assert!(
+            [ARCHIVE_AGENT, RESTORE_AGENT].contains(&agent),
+            "unknown agent {agent:?}"
+        );
+        agent_command(&self.dir.path().join(agent))
+    }
+
     /// `archive-agent push --repo <repo_url> <extra...> <wal_path>`, run as PostgreSQL would.
     pub fn push(&self, repo_url: &str, wal_path: impl AsRef<OsStr>, extra: &[&str]) -> Finished {
         let mut cmd = agent_command(&self.archive_agent());

@@ -10,6 +10,7 @@
 pub mod agents;
 pub mod backup;
 pub mod cluster;
+pub mod daemon;
 pub mod fixtures;
 pub mod host;
 pub mod object;

@@ -59,20 +59,11 @@ pub fn run(cluster: &Cluster, w: &Workload) -> Result<()> {
         "-t",
         &w.transactions.to_string(),
     ])?;
-    let mut rng = rand::rng();
     let batch = 500;
     let mut first = 1;
     while first <= w.payload_rows {
         let last = (first + batch - 1).min(w.payload_rows);
-        // Each row: 32–128 md5 strings (1–4 KiB) whose inputs include a Rust-side salt, so two
-        // runs never produce the same bytes. The subquery references `g`, so it runs once per row.
-        let salt: u64 = rng.random();
-        cluster.execute(&format!(
-            "INSERT INTO payload (id, body)
-             SELECT g, (SELECT string_agg(md5(random()::text || '{salt}' || g || ':' || i), '')
-                        FROM generate_series(1, 32 + (random() * 96)::int) AS i)
-             FROM generate_series({first}, {last}) AS g"
-        ))?;
+        insert_payload(cluster, first, last)?;
         first = last + 1;
     }
     cluster.execute(
@@ -80,6 +71,19 @@ pub fn run(cluster: &Cluster, w: &Workload) -> Result<()> {
          DELETE FROM payload WHERE id % 7 = 0;
          CHECKPOINT",
     )
+}
+
+/// Insert `payload` rows `first..=last` of 1–4 KiB random text, in one statement.
+pub fn insert_payload(cluster: &Cluster, first: u32, last: u32) -> Result<()> {
+    // Each row: 32–128 md5 strings whose inputs include a Rust-side salt, so two runs never
+    // produce the same bytes. The subquery references `g`, so it runs once per row.
+    let salt: u64 = rand::rng().random();
+    cluster.execute(&format!(
+        "INSERT INTO payload (id, body)
+         SELECT g, (SELECT string_agg(md5(random()::text || '{salt}' || g || ':' || i), '')
+                    FROM generate_series(1, 32 + (random() * 96)::int) AS i)
+         FROM generate_series({first}, {last}) AS g"
+    ))
 }
 
 /// What a table holds, condensed.

@@ -1,0 +1,518 @@
+//! `archive-agent daemon` beside a busy primary: it uploads `.ready` WAL ahead of PostgreSQL's
+//! archiver so that `archive_command = 'archive-agent push %p'` answers at once; crashes and
+//! clean stops of the daemon lose nothing, and archiving works as well without it. Every test
+//! ends with what a user cares about: every segment is in the repository, and replaying it
+//! rebuilds the same rows.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use rand::Rng;
+use serde_json::Value;
+use walvault_testkit::daemon::{self, Daemon};
+use walvault_testkit::fixtures::{
+    ARCHIVE_TIMEOUT, RECOVERY_TIMEOUT, archive_everything, archiving_cluster, prepare_restore, segment_range,
+};
+use walvault_testkit::host::{self, Poll};
+use walvault_testkit::object::Sealed;
+use walvault_testkit::workload::{self, TableFingerprint, Workload};
+use walvault_testkit::{Cluster, Repo};
+
+/// The two tests that load the server take turns: on a small machine, two loads at once would
+/// measure the machine, not the daemon.
+static LOAD: Mutex<()> = Mutex::new(());
+/// How often the load tests look at the cluster.
+const TICK: Duration = Duration::from_millis(200);
+/// `pgbench -i -s` of the load tests.
+const SCALE: &str = "2";
+/// Payload rows inserted per statement while pgbench runs.
+const PAYLOAD_BATCH: u32 = 200;
+
+/// Run `pgbench -c 2 -T <seconds>` together with a stream of payload inserts (ids from
+/// `first_id` on) until pgbench ends, calling `tick` every [`TICK`] meanwhile with the time
+/// since the start. Returns the next unused payload id.
+fn under_load(
+    cluster: &Cluster,
+    seconds: u32,
+    first_id: u32,
+    mut tick: impl FnMut(Duration) -> Result<()>,
+) -> Result<u32> {
+    let done = AtomicBool::new(false);
+    thread::scope(|s| {
+        let bench = s.spawn(|| {
+            let seconds = seconds.to_string();
+            let run = cluster.pgbench(&["-c", "2", "-j", "2", "-T", &seconds]);
+            done.store(true, Ordering::Relaxed);
+            run
+        });
+        let inserts = s.spawn(|| -> Result<u32> {
+            let mut next = first_id;
+            while !done.load(Ordering::Relaxed) {
+                workload::insert_payload(cluster, next, next + PAYLOAD_BATCH - 1)?;
+                next += PAYLOAD_BATCH;
+            }
+            Ok(next)
+        });
+        let start = std::time::Instant::now();
+        let ticked = (|| -> Result<()> {
+            while !done.load(Ordering::Relaxed) {
+                tick(start.elapsed())?;
+                thread::sleep(TICK);
+            }
+            Ok(())
+        })();
+        let bench = bench.join().map_err(|_| anyhow!("the pgbench thread panicked"))?;
+        let inserts = inserts
+            .join()
+            .map_err(|_| anyhow!("the payload thread panicked"))?;
+        ticked?;
+        bench?;
+        inserts
+    })
+}
+
+/// A started archiving cluster with the payload and pgbench tables, and a `pg_basebackup -X
+/// none` of it (not started) with the first segment its recovery needs.
+fn source_and_backup(name: &str, repo: &Repo) -> Result<(Cluster, Cluster, String)> {
+    let source = archiving_cluster(name, repo, "")?;
+    workload::create_payload_table(&source)?;
+    source.pgbench(&["-i", "-s", SCALE, "-q"])?;
+    // No WAL in the backup: recovery can only succeed through restore_command.
+    let backup = source.base_backup(&format!("{name}-restored"))?;
+    let first = backup.backup_start_segment()?;
+    Ok((source, backup, first))
+}
+
+/// Every segment from `first` to `last` is in the repository; returns how many.
+fn assert_all_archived(repo: &Repo, first: &str, last: &str) -> Result<usize> {
+    let segments = segment_range(first, last)?;
+    let missing: Vec<_> = segments.iter().filter(|s| !repo.has_object(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "segments {first}..={last} not in the repository: {missing:?}"
+    );
+    Ok(segments.len())
+}
+
+/// Stop `source`, replay `backup` from `repo` through restore_command, and check it holds
+/// exactly `expected`.
+fn assert_replays_to(
+    mut source: Cluster,
+    mut backup: Cluster,
+    repo: &Repo,
+    expected: &[TableFingerprint],
+) -> Result<()> {
+    source.stop()?;
+    drop(source);
+    prepare_restore(&backup, repo, "")?;
+    backup.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
+    assert_eq!(
+        workload::fingerprints(&backup)?,
+        expected,
+        "replayed data differs from the source"
+    );
+    Ok(())
+}
+
+/// `push <name>: ...` lines PostgreSQL's archive_command logged: (name, rest of the line).
+fn push_lines(server_log: &str) -> Vec<(String, String)> {
+    server_log
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split(" push ").nth(1)?;
+            let (name, what) = rest.split_once(": ")?;
+            (name.len() == 24 || name.ends_with(".history")).then(|| (name.to_string(), what.to_string()))
+        })
+        .collect()
+}
+
+/// Whether a push line says push answered from the daemon's marker, storing nothing.
+fn answered_from_spool(what: &str) -> bool {
+    what.starts_with("already archived, identical") && what.contains("stored 0 bytes")
+}
+
+/// Names the daemon logged as archived (`daemon <name>: archived, ...`).
+fn daemon_archived(log: &str) -> BTreeSet<String> {
+    log.lines()
+        .filter_map(|l| l.split(" daemon ").nth(1)?.split_once(": archived,"))
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
+/// Every spool marker of `cluster` names an object in `repo` holding exactly the bytes the
+/// marker records. Returns the marker names.
+fn assert_markers_match_repository(cluster: &Cluster, repo: &Repo) -> Result<Vec<String>> {
+    let markers = daemon::archived_markers(&cluster.data_dir())?;
+    for name in &markers {
+        let path = daemon::spool_dir(&cluster.data_dir()).join("archived").join(name);
+        let marker: Value = serde_json::from_slice(&fs::read(&path)?)
+            .with_context(|| format!("marker {}", path.display()))?;
+        assert_eq!(
+            marker["repo"].as_str(),
+            Some(repo.url().as_str()),
+            "marker {name}: {marker}"
+        );
+        assert!(
+            repo.has_object(name),
+            "the spool says {name} is archived, but the repository has no {}",
+            repo.object_path(name).display()
+        );
+        let stored =
+            Sealed::open(&fs::read(repo.object_path(name))?).with_context(|| format!("object {name}"))?;
+        assert_eq!(
+            marker["blake3"].as_str(),
+            Some(blake3::hash(&stored.content).to_hex().as_str()),
+            "marker {name} records other bytes than the repository holds: {marker}"
+        );
+        assert_eq!(
+            marker["size"].as_u64(),
+            Some(stored.content.len() as u64),
+            "marker {name}: {marker}"
+        );
+    }
+    Ok(markers)
+}
+
+/// Wait until the daemon's `/metrics` shows no `.ready` file.
+fn wait_metrics_drained(d: &Daemon) -> Result<()> {
+    host::wait_for(
+        "the daemon to report no .ready file",
+        ARCHIVE_TIMEOUT,
+        TICK,
+        || {
+            let ready = d.metric("walvault_ready_files")?;
+            Ok(match ready {
+                Some(0.0) => Poll::Done(()),
+                other => Poll::Waiting(format!("walvault_ready_files {other:?}")),
+            })
+        },
+    )
+}
+
+#[test]
+fn daemon_keeps_archive_status_drained_under_load() -> Result<()> {
+    let repo = Repo::new()?;
+    let (source, backup, first) = source_and_backup("daemon-load", &repo)?;
+    let d = Daemon::start(&source, &repo, &[])?;
+    // Segments before this one were complete before the daemon started (the insert position is
+    // past a segment boundary, the write position may be exactly on it).
+    let daemon_first = source.query_one_string("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")?;
+
+    let serial = LOAD.lock().unwrap_or_else(|e| e.into_inner());
+    let mut ready_samples = Vec::new();
+    under_load(&source, 20, 1, |_| {
+        ready_samples.push(source.archive_status("ready")?.len());
+        Ok(())
+    })?;
+    drop(serial);
+    let last = archive_everything(&source)?;
+
+    let max_ready = ready_samples.iter().copied().max().unwrap_or_default();
+    eprintln!(
+        "{} samples of pg_wal/archive_status during the load, at most {max_ready} .ready files: {ready_samples:?}",
+        ready_samples.len()
+    );
+    assert!(
+        max_ready <= 3,
+        "with the daemon running, .ready files should not pile up; sampled {ready_samples:?}"
+    );
+    let segments = assert_all_archived(&repo, &first, &last)?;
+
+    // The daemon did the uploads; PostgreSQL's archive_command mostly just confirmed them.
+    wait_metrics_drained(&d)?;
+    let metrics = d.http_get("/metrics")?;
+    let by_daemon = daemon::metric_value(&metrics, "walvault_segments_archived_total").unwrap_or_default();
+    // Pushes of the segments completed while the daemon ran.
+    let served = segment_range(&daemon_first, &last)?;
+    let pushes: Vec<_> = push_lines(&source.log())
+        .into_iter()
+        .filter(|(name, _)| served.contains(name))
+        .collect();
+    let fast = pushes
+        .iter()
+        .filter(|(_, what)| answered_from_spool(what))
+        .count();
+    eprintln!(
+        "{segments} segments since the backup; the daemon archived {by_daemon} files; {fast} of {} \
+         pushes answered from its spool; the others: {:#?}",
+        pushes.len(),
+        pushes
+            .iter()
+            .filter(|(_, what)| !answered_from_spool(what))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        by_daemon * 2.0 >= served.len() as f64,
+        "the daemon should have archived most of the {} segments completed while it ran, /metrics \
+         says {by_daemon}\n{metrics}",
+        served.len()
+    );
+    assert!(
+        daemon_archived(&d.log()).len() as f64 >= by_daemon,
+        "the daemon's log should name every file it archived:\n{}",
+        host::tail(&d.log(), 40)
+    );
+    assert!(
+        fast * 2 >= pushes.len() && !pushes.is_empty(),
+        "most pushes should find the daemon's upload ({fast} of {}): {pushes:#?}",
+        pushes.len()
+    );
+    assert_eq!(d.http_get("/health")?.trim(), "ok");
+    let last_archived = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("walvault_last_archived_info{file=\""))
+        .and_then(|l| l.split('"').next())
+        .with_context(|| format!("no walvault_last_archived_info in /metrics:\n{metrics}"))?;
+    assert!(
+        repo.has_object(last_archived),
+        "/metrics names {last_archived:?} as last archived, which the repository lacks"
+    );
+    assert_markers_match_repository(&source, &repo)?;
+
+    let expected = workload::fingerprints(&source)?;
+    let stopped = d.stop()?;
+    assert_eq!(
+        stopped.code(),
+        Some(0),
+        "daemon:\n{}",
+        host::tail(&stopped.log, 20)
+    );
+    assert_replays_to(source, backup, &repo, &expected)
+}
+
+#[test]
+fn daemon_killed_mid_upload_and_restarted_loses_nothing() -> Result<()> {
+    let repo = Repo::new()?;
+    let (source, backup, first) = source_and_backup("daemon-kill", &repo)?;
+    let inflight = daemon::spool_dir(&source.data_dir()).join("inflight");
+    let mut d = Some(Daemon::start(&source, &repo, &[])?);
+    let mut rng = rand::rng();
+    let mut kill_at: Vec<Duration> = (0..3)
+        .map(|i| Duration::from_millis(2_000 + i * 4_000 + rng.random_range(0..2_000)))
+        .collect();
+    kill_at.reverse();
+    let mut killed_mid_upload = 0;
+    let mut logs = Vec::new();
+
+    let serial = LOAD.lock().unwrap_or_else(|e| e.into_inner());
+    under_load(&source, 15, 1, |elapsed| {
+        if kill_at.last().is_none_or(|at| elapsed < *at) {
+            return Ok(());
+        }
+        kill_at.pop();
+        let running = d.take().context("a daemon runs")?;
+        // Kill it while it uploads: complete a segment now, so that it has one to upload
+        // whatever the load's pace, and strike as soon as it has begun.
+        source.switch_wal()?;
+        let uploading = host::wait_for(
+            "an upload",
+            Duration::from_secs(5),
+            Duration::from_millis(2),
+            || {
+                let pid = running.pid().to_string();
+                let busy = fs::read_dir(&inflight)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|e| fs::read_to_string(e.path()).is_ok_and(|p| p.trim() == pid));
+                Ok(if busy {
+                    Poll::Done(())
+                } else {
+                    Poll::Waiting("no upload".into())
+                })
+            },
+        )
+        .is_ok();
+        let ended = running.kill9()?;
+        killed_mid_upload += usize::from(uploading);
+        logs.push(ended.log);
+        d = Some(Daemon::start(&source, &repo, &[])?);
+        Ok(())
+    })?;
+    drop(serial);
+    let last = archive_everything(&source)?;
+    let d = d.context("a daemon runs")?;
+    eprintln!(
+        "killed the daemon {} times, {killed_mid_upload} of them during an upload",
+        logs.len()
+    );
+    assert!(
+        logs.len() >= 2 && killed_mid_upload >= 1,
+        "the test should kill the daemon during an upload at least once (killed {} times, {killed_mid_upload} during one)",
+        logs.len()
+    );
+
+    let segments = assert_all_archived(&repo, &first, &last)?;
+    let failed = source.query_one_string("SELECT failed_count::text FROM pg_stat_archiver")?;
+    assert_eq!(
+        failed,
+        "0",
+        "no push should fail because the daemon died:\n{}",
+        source.log_tail()
+    );
+    wait_metrics_drained(&d)?;
+    assert_markers_match_repository(&source, &repo)?;
+    logs.push(d.log());
+    let by_daemons: BTreeSet<String> = logs.iter().flat_map(|l| daemon_archived(l)).collect();
+    eprintln!(
+        "{segments} segments since the backup; the daemons archived {} files",
+        by_daemons.len()
+    );
+    assert!(
+        !by_daemons.is_empty(),
+        "the daemons archived nothing:\n{}",
+        logs.join("\n")
+    );
+
+    let expected = workload::fingerprints(&source)?;
+    drop(d);
+    assert_replays_to(source, backup, &repo, &expected)
+}
+
+#[test]
+fn archiving_works_without_a_daemon_after_one_ran() -> Result<()> {
+    let repo = Repo::new()?;
+    let source = archiving_cluster("no-daemon", &repo, "")?;
+    workload::create_payload_table(&source)?;
+    let backup = source.base_backup("no-daemon-restored")?;
+    let first = backup.backup_start_segment()?;
+
+    // A daemon ran for a while and was stopped: its spool stays behind in the data directory.
+    let d = Daemon::start(&source, &repo, &[])?;
+    workload::insert_payload(&source, 1, 2_000)?;
+    let with_daemon = archive_everything(&source)?;
+    let stopped = d.stop()?;
+    assert_eq!(
+        stopped.code(),
+        Some(0),
+        "daemon:\n{}",
+        host::tail(&stopped.log, 20)
+    );
+    assert!(
+        daemon::spool_dir(&source.data_dir()).is_dir(),
+        "the daemon should leave its spool behind"
+    );
+
+    let small = Workload {
+        scale: 1,
+        clients: 2,
+        transactions: 500,
+        payload_rows: 0,
+    };
+    workload::run(&source, &small)?;
+    workload::insert_payload(&source, 2_001, 5_000)?;
+    let last = archive_everything(&source)?;
+    assert_all_archived(&repo, &first, &last)?;
+
+    // With nobody ahead of it, push uploaded every segment written after the daemon stopped.
+    let after_stop = segment_range(&with_daemon, &last)?;
+    let pushes = push_lines(&source.log());
+    for name in after_stop.iter().skip(1) {
+        assert!(
+            pushes
+                .iter()
+                .any(|(n, what)| n == name && what.starts_with("archived,")),
+            "push should have uploaded {name} itself: {pushes:#?}"
+        );
+    }
+    assert_markers_match_repository(&source, &repo)?;
+    let expected = workload::fingerprints(&source)?;
+    assert_replays_to(source, backup, &repo, &expected)
+}
+
+#[test]
+fn sigterm_finishes_uploads_and_leaves_only_true_markers() -> Result<()> {
+    let repo = Repo::new()?;
+    let source = archiving_cluster("daemon-term", &repo, "")?;
+    workload::create_payload_table(&source)?;
+    let d = Daemon::start(&source, &repo, &[])?;
+    let mut next = 1;
+    for _ in 0..6 {
+        workload::insert_payload(&source, next, next + 499)?;
+        next += 500;
+        source.switch_wal()?;
+    }
+    // Stop while those segments are still being uploaded.
+    let stopped = d.stop()?;
+    eprintln!("{}", host::tail(&stopped.log, 12));
+    assert_eq!(
+        stopped.code(),
+        Some(0),
+        "SIGTERM should end the daemon with exit code 0:\n{}",
+        stopped.log
+    );
+    assert!(
+        stopped.log.contains("daemon stopped"),
+        "the daemon should say it stopped:\n{}",
+        stopped.log
+    );
+
+    let markers = assert_markers_match_repository(&source, &repo)?;
+    let logged = daemon_archived(&stopped.log);
+    assert_eq!(
+        markers.iter().cloned().collect::<BTreeSet<_>>(),
+        logged,
+        "a marker for every file the daemon reported archived, and for nothing else"
+    );
+    assert!(
+        !markers.is_empty(),
+        "the daemon archived nothing:\n{}",
+        stopped.log
+    );
+    let inflight = daemon::spool_dir(&source.data_dir()).join("inflight");
+    let left: Vec<_> = fs::read_dir(&inflight)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "a clean stop should finish every upload in flight, yet these are left: {left:?}"
+    );
+
+    // PostgreSQL's own pushes archive the rest, confirming the daemon's uploads.
+    let last = archive_everything(&source)?;
+    let pushes = push_lines(&source.log());
+    for name in &markers {
+        assert!(
+            pushes.iter().any(|(n, _)| n == name),
+            "PostgreSQL should have pushed {name}: {pushes:#?}"
+        );
+    }
+    let first = markers.first().cloned().unwrap_or_else(|| last.clone());
+    assert_all_archived(&repo, &first, &last)?;
+    Ok(())
+}
+
+#[test]
+fn an_idle_daemon_stays_idle() -> Result<()> {
+    let repo = Repo::new()?;
+    let source = archiving_cluster("daemon-idle", &repo, "")?;
+    let d = Daemon::start(&source, &repo, &[])?;
+    archive_everything(&source)?;
+    wait_metrics_drained(&d)?;
+
+    // Nothing is written now: a daemon waiting for WAL should use next to no CPU.
+    let (before, start) = (d.cpu_time()?, std::time::Instant::now());
+    thread::sleep(Duration::from_secs(3));
+    let (used, wall) = (d.cpu_time()? - before, start.elapsed());
+    assert!(
+        used < wall / 4,
+        "with nothing to archive, the daemon used {used:?} of CPU in {wall:?}"
+    );
+
+    let stopped = d.stop()?;
+    assert_eq!(
+        stopped.code(),
+        Some(0),
+        "daemon:\n{}",
+        host::tail(&stopped.log, 20)
+    );
+    Ok(())
+}
