@@ -101,28 +101,34 @@ impl SealedObject {
             !name.is_empty() && name.len() <= MAX_NAME_LEN,
             "names are validated before sealing"
         );
-        let payload = zstd::bulk::compress(content, level)?;
+        // Compress straight into the object after room for the header: no second copy of the
+        // payload, which matters with several 16 MiB segments in flight.
+        let header_len = FIXED_LEN + name.len() + CRC_LEN;
+        let bound = zstd::zstd_safe::compress_bound(content.len());
+        let mut out = vec![0u8; header_len + bound];
+        let payload_len = zstd::bulk::compress_to_buffer(content, &mut out[header_len..], level)?;
+        out.truncate(header_len + payload_len);
         let header = ObjectHeader {
             kind,
             codec: Codec::Zstd,
             name: name.to_string(),
             original_len: content.len() as u64,
             blake3: *blake3::hash(content).as_bytes(),
-            payload_len: payload.len() as u64,
+            payload_len: payload_len as u64,
         };
-        let mut out = Vec::with_capacity(header.encoded_len() + payload.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.push(header.kind as u8);
-        out.push(header.codec as u8);
-        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        out.extend_from_slice(&header.original_len.to_le_bytes());
-        out.extend_from_slice(&header.blake3);
-        out.extend_from_slice(&header.payload_len.to_le_bytes());
-        out.extend_from_slice(name.as_bytes());
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&payload);
+        let mut head = Vec::with_capacity(header_len);
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&VERSION.to_le_bytes());
+        head.push(header.kind as u8);
+        head.push(header.codec as u8);
+        head.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        head.extend_from_slice(&header.original_len.to_le_bytes());
+        head.extend_from_slice(&header.blake3);
+        head.extend_from_slice(&header.payload_len.to_le_bytes());
+        head.extend_from_slice(name.as_bytes());
+        let crc = crc32fast::hash(&head);
+        head.extend_from_slice(&crc.to_le_bytes());
+        out[..header_len].copy_from_slice(&head);
         Ok(SealedObject {
             header,
             bytes: Bytes::from(out),
