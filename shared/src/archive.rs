@@ -32,6 +32,18 @@ pub struct PushOutcome {
     pub newly_stored: bool,
 }
 
+impl PushOutcome {
+    /// An identical copy was already durable; nothing was written.
+    fn already_archived(name: WalFileName, size: u64) -> PushOutcome {
+        PushOutcome {
+            name,
+            size,
+            stored_size: 0,
+            newly_stored: false,
+        }
+    }
+}
+
 /// Why a push failed. [`PushError::exit_code`] never exceeds 125: a higher status would kill
 /// PostgreSQL's archiver.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +162,28 @@ pub async fn open_store(settings: &Settings) -> Result<Store, PushError> {
         .map_err(|(e, _)| PushError::Store(e))
 }
 
+/// Whether the daemon serving this data directory has stored this very file (same device,
+/// inode, size and mtime: no need to read it), waiting for it when it is uploading it right now
+/// rather than uploading the same bytes twice.
+async fn stored_by_daemon(
+    spool: &crate::spool::Spool,
+    settings: &Settings,
+    name: &WalFileName,
+    wal_path: &Path,
+) -> bool {
+    if spool.is_archived_unchanged(&settings.repo, name, wal_path) {
+        return true;
+    }
+    if !spool.upload_in_progress(name) {
+        return false;
+    }
+    let deadline = std::time::Instant::now() + settings.retry_timeout;
+    while spool.upload_in_progress(name) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    spool.is_archived_unchanged(&settings.repo, name, wal_path)
+}
+
 /// Archive the file at `wal_path` (PostgreSQL's `archive_command`). When the daemon serving
 /// this data directory has already stored these exact bytes, answer at once.
 pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, PushError> {
@@ -157,47 +191,21 @@ pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, P
     if let Some(pgdata) = spool.as_ref().and_then(|s| s.dir().parent()) {
         crate::prefetch::Prefetch::new(pgdata).clean_if_done();
     }
-    // Fastest: the daemon stored this very file (same inode, size, mtime): no need to read it.
     let name = name_of(wal_path)?;
     if let Some(spool) = &spool
-        && spool.is_archived_unchanged(&settings.repo, &name, wal_path)
+        && stored_by_daemon(spool, settings, &name, wal_path).await
     {
         let size = std::fs::metadata(wal_path).map(|m| m.len()).unwrap_or(0);
-        return Ok(PushOutcome {
-            name,
-            size,
-            stored_size: 0,
-            newly_stored: false,
-        });
-    }
-    // The daemon is uploading this file right now: wait for it rather than upload it twice.
-    if let Some(spool) = &spool
-        && spool.upload_in_progress(&name)
-    {
-        let deadline = std::time::Instant::now() + settings.retry_timeout;
-        while spool.upload_in_progress(&name) && std::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        if spool.is_archived_unchanged(&settings.repo, &name, wal_path) {
-            let size = std::fs::metadata(wal_path).map(|m| m.len()).unwrap_or(0);
-            return Ok(PushOutcome {
-                name,
-                size,
-                stored_size: 0,
-                newly_stored: false,
-            });
-        }
+        return Ok(PushOutcome::already_archived(name, size));
     }
     let file = read_wal_file(wal_path)?;
     if let Some(spool) = &spool
         && spool.is_archived(&settings.repo, &file.name, &file.hash, file.content.len() as u64)
     {
-        return Ok(PushOutcome {
-            name: file.name,
-            size: file.content.len() as u64,
-            stored_size: 0,
-            newly_stored: false,
-        });
+        return Ok(PushOutcome::already_archived(
+            file.name,
+            file.content.len() as u64,
+        ));
     }
     let store = open_store(settings).await?;
     // Tell a running daemon this file is being stored, so it does not upload it too.

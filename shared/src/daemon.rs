@@ -81,105 +81,112 @@ pub struct Metrics {
 impl Metrics {
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let gi = |a: &AtomicI64| a.load(Ordering::Relaxed);
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        let gi = |a: &AtomicI64| a.load(Ordering::Relaxed).to_string();
         let name = self
             .last_archived_name
             .lock()
             .map(|n| n.clone())
             .unwrap_or_default();
+        let backup_secs = format!(
+            "{:.3}",
+            self.last_backup_duration_ms.load(Ordering::Relaxed) as f64 / 1000.0
+        );
+        // (name with labels, type, help, value)
+        let metrics: [(String, &str, &str, String); 15] = [
+            (
+                "segments_archived_total".into(),
+                "counter",
+                "WAL files uploaded by the daemon",
+                g(&self.archived),
+            ),
+            (
+                "segments_failed_total".into(),
+                "counter",
+                "WAL file uploads that failed (retried later)",
+                g(&self.failed),
+            ),
+            (
+                "bytes_read_total".into(),
+                "counter",
+                "Bytes of WAL read",
+                g(&self.bytes_read),
+            ),
+            (
+                "bytes_stored_total".into(),
+                "counter",
+                "Bytes written to the repository for WAL",
+                g(&self.bytes_stored),
+            ),
+            (
+                "ready_files".into(),
+                "gauge",
+                "WAL files PostgreSQL has marked .ready",
+                g(&self.ready_files),
+            ),
+            (
+                "oldest_ready_age_seconds".into(),
+                "gauge",
+                "Age of the oldest .ready file",
+                g(&self.oldest_ready_age_secs),
+            ),
+            (
+                "last_archived_timestamp_seconds".into(),
+                "gauge",
+                "When the last WAL file was archived",
+                gi(&self.last_archived_unix),
+            ),
+            (
+                format!("last_archived_info{{file=\"{name}\"}}"),
+                "gauge",
+                "The last WAL file archived",
+                "1".into(),
+            ),
+            (
+                "last_backup_timestamp_seconds".into(),
+                "gauge",
+                "When the last scheduled backup finished",
+                gi(&self.last_backup_unix),
+            ),
+            (
+                "last_backup_duration_seconds".into(),
+                "gauge",
+                "How long the last scheduled backup took",
+                backup_secs,
+            ),
+            (
+                "last_backup_bytes".into(),
+                "gauge",
+                "Bytes the last scheduled backup covered",
+                g(&self.last_backup_bytes),
+            ),
+            (
+                "backups_failed_total".into(),
+                "counter",
+                "Scheduled backups that failed",
+                g(&self.backups_failed),
+            ),
+            (
+                "restorable_earliest_timestamp_seconds".into(),
+                "gauge",
+                "Earliest restorable time on the newest timeline",
+                gi(&self.window_earliest_unix),
+            ),
+            (
+                "restorable_latest_timestamp_seconds".into(),
+                "gauge",
+                "Latest restorable time on the newest timeline (just before the last archived transaction)",
+                gi(&self.window_latest_unix),
+            ),
+            ("up".into(), "gauge", "The daemon is running", "1".into()),
+        ];
         let mut out = String::new();
-        let mut metric = |n: &str, kind: &str, help: &str, v: String| {
+        for (name, kind, help, value) in metrics {
+            let family = name.split('{').next().unwrap_or(&name);
             out.push_str(&format!(
-                "# HELP walvault_{n} {help}\n# TYPE walvault_{n} {kind}\nwalvault_{n} {v}\n"
+                "# HELP walvault_{family} {help}\n# TYPE walvault_{family} {kind}\nwalvault_{name} {value}\n"
             ));
-        };
-        metric(
-            "segments_archived_total",
-            "counter",
-            "WAL files uploaded by the daemon",
-            g(&self.archived).to_string(),
-        );
-        metric(
-            "segments_failed_total",
-            "counter",
-            "WAL file uploads that failed (retried later)",
-            g(&self.failed).to_string(),
-        );
-        metric(
-            "bytes_read_total",
-            "counter",
-            "Bytes of WAL read",
-            g(&self.bytes_read).to_string(),
-        );
-        metric(
-            "bytes_stored_total",
-            "counter",
-            "Bytes written to the repository for WAL",
-            g(&self.bytes_stored).to_string(),
-        );
-        metric(
-            "ready_files",
-            "gauge",
-            "WAL files PostgreSQL has marked .ready",
-            g(&self.ready_files).to_string(),
-        );
-        metric(
-            "oldest_ready_age_seconds",
-            "gauge",
-            "Age of the oldest .ready file",
-            g(&self.oldest_ready_age_secs).to_string(),
-        );
-        metric(
-            "last_archived_timestamp_seconds",
-            "gauge",
-            "When the last WAL file was archived",
-            gi(&self.last_archived_unix).to_string(),
-        );
-        out.push_str(&format!(
-            "# HELP walvault_last_archived_info The last WAL file archived\n# TYPE walvault_last_archived_info gauge\nwalvault_last_archived_info{{file=\"{name}\"}} 1\n"
-        ));
-        let mut metric = |n: &str, kind: &str, help: &str, v: String| {
-            out.push_str(&format!(
-                "# HELP walvault_{n} {help}\n# TYPE walvault_{n} {kind}\nwalvault_{n} {v}\n"
-            ));
-        };
-        metric(
-            "last_backup_timestamp_seconds",
-            "gauge",
-            "When the last scheduled backup finished",
-            gi(&self.last_backup_unix).to_string(),
-        );
-        metric(
-            "last_backup_duration_seconds",
-            "gauge",
-            "How long it took",
-            format!("{:.3}", g(&self.last_backup_duration_ms) as f64 / 1000.0),
-        );
-        metric(
-            "last_backup_bytes",
-            "gauge",
-            "Bytes it covered",
-            g(&self.last_backup_bytes).to_string(),
-        );
-        metric(
-            "backups_failed_total",
-            "counter",
-            "Scheduled backups that failed",
-            g(&self.backups_failed).to_string(),
-        );
-        metric(
-            "restorable_earliest_timestamp_seconds",
-            "gauge",
-            "Earliest restorable time on the newest timeline",
-            gi(&self.window_earliest_unix).to_string(),
-        );
-        metric(
-            "restorable_latest_timestamp_seconds",
-            "gauge",
-            "Latest restorable time on the newest timeline (just before the last archived transaction)",
-            gi(&self.window_latest_unix).to_string(),
-        );
+        }
         out
     }
 }
