@@ -348,6 +348,8 @@ pub async fn run(
         metrics
             .oldest_ready_age_secs
             .store(oldest.as_secs(), Ordering::Relaxed);
+        // One listing of the markers per scan, not one per ready file.
+        let archived: HashSet<WalFileName> = spool.archived_names().into_iter().collect();
         for name in ready {
             if in_flight.len() >= opts.parallel.max(1) {
                 break;
@@ -359,7 +361,7 @@ pub async fn run(
             {
                 continue;
             }
-            if spool.archived_names().contains(&name) || spool.upload_in_progress(&name) {
+            if archived.contains(&name) || spool.upload_in_progress(&name) {
                 continue; // stored, or push is storing it right now
             }
             in_flight.insert(name);
