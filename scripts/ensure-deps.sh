@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the demo and the tests need when it is missing: PostgreSQL 15 server binaries from
-# Debian's packages. Safe to run again: it installs nothing that is already there.
+# Debian's packages, and Garage (an S3 server) from crates.io. Safe to run again: it installs
+# nothing that is already there.
 set -euo pipefail
 pg_bin=${WALVAULT_PG_BIN:-/usr/lib/postgresql/15/bin}
 if [ ! -x "$pg_bin/postgres" ] || [ ! -x "$pg_bin/pgbench" ]; then
@@ -15,3 +16,13 @@ if ! id postgres >/dev/null 2>&1; then
   exit 1
 fi
 command -v runuser >/dev/null || { echo "walvault: runuser (util-linux) is required" >&2; exit 1; }
+# Garage, the S3 server the end-to-end tests run against: built from crates.io into the cargo
+# home once (about 15 minutes on 2 cores), reused afterwards. WALVAULT_GARAGE names another binary.
+garage_version=2.5.0
+cargo_home=${CARGO_HOME:-$HOME/.cargo}
+if [ -z "${WALVAULT_GARAGE:-}" ]; then
+  if ! "$cargo_home/bin/garage" --version 2>/dev/null | grep -q "$garage_version"; then
+    echo "walvault: installing garage $garage_version (S3 server for the tests) into $cargo_home/bin; this takes a while once" >&2
+    cargo install --locked "garage@$garage_version"
+  fi
+fi

@@ -267,8 +267,8 @@ fn push(repo: &RepoArgs, wal_path: &std::path::Path, compress_level: Option<i32>
             return exit::USAGE;
         }
     };
-    let result = match cli::runtime() {
-        Ok(rt) => rt.block_on(archive::push(&settings, wal_path)),
+    let result = match cli::run_call(archive::push(&settings, wal_path)) {
+        Ok(r) => r,
         Err(e) => {
             tracing::error!("push {}: cannot start: {e}", wal_path.display());
             return exit::NOT_FOUND_OR_RETRY;

@@ -207,9 +207,20 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         _ => TargetAction::Promote,
     };
     let exe = std::env::current_exe()?;
-    let mut restore_command = format!("{} fetch --repo {}", exe.display(), settings.repo.as_str());
+    // The restored server fetches with the same settings this restore used: the repository, and
+    // the configuration file (absolute, so it holds from the data directory) that may carry the
+    // store's credentials, which therefore never appear in postgresql.auto.conf.
+    let mut restore_command = format!(
+        "{} fetch --repo {}",
+        sh_quote(&exe.display().to_string()),
+        sh_quote(settings.repo.as_str())
+    );
+    if let Some(config) = &repo.config {
+        let config = std::path::absolute(config)?;
+        restore_command.push_str(&format!(" --config {}", sh_quote(&config.display().to_string())));
+    }
     if let Some(t) = &repo.retry_timeout {
-        restore_command.push_str(&format!(" --retry-timeout {t}"));
+        restore_command.push_str(&format!(" --retry-timeout {}", sh_quote(t)));
     }
     restore_command.push_str(" %f %p");
     let mut tablespaces = walvault::restore::TablespacePlan {
@@ -266,11 +277,7 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
     use walvault::catalog::{BackupInfo, Catalog};
     let settings = repo.settings(None)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let store = walvault::repo::Store::open(
-        &settings.repo,
-        walvault::repo::store::Access::ReadOnly,
-        settings.retry_timeout,
-    )?;
+    let store = settings.open_store(walvault::repo::Access::ReadOnly)?;
     let cat = rt.block_on(Catalog::load(&store))?;
     let backups: Vec<BackupInfo> = cat.backups.iter().map(BackupInfo::from).collect();
     let timelines: Vec<serde_json::Value> = cat
@@ -475,8 +482,8 @@ fn fetch(
             );
         }
     };
-    let result = match cli::runtime() {
-        Ok(rt) => rt.block_on(fetch::fetch(&settings, name, dest, prefetch.as_ref())),
+    let result = match cli::run_call(fetch::fetch(&settings, name, dest, prefetch.as_ref())) {
+        Ok(r) => r,
         Err(e) => return fail(format!("cannot start: {e}"), exit::FATAL),
     };
     let ms = started.elapsed().as_millis();
@@ -499,5 +506,17 @@ fn fetch(
             exit::NOT_FOUND_OR_RETRY
         }
         Err(e) => fail(e.to_string(), e.exit_code(standby)),
+    }
+}
+
+/// `s` as one word for the shell PostgreSQL runs restore_command with.
+fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-:=@+,".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }

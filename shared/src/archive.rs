@@ -50,6 +50,14 @@ impl PushOutcome {
 pub enum PushError {
     #[error("{0}")]
     Name(#[from] NameError),
+    #[error(
+        "repository {repo} did not answer within {}s; PostgreSQL will run archive_command again",
+        after.as_secs()
+    )]
+    TimedOut {
+        repo: String,
+        after: std::time::Duration,
+    },
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: std::io::Error },
     #[error("{path} is {len} bytes, more than a {kind} can be; refusing it")]
@@ -98,7 +106,9 @@ impl PushError {
     pub fn exit_code(&self) -> u8 {
         match self {
             PushError::Name(_) => exit::USAGE,
-            PushError::Read { .. } | PushError::Store(_) => exit::NOT_FOUND_OR_RETRY,
+            PushError::Read { .. } | PushError::Store(_) | PushError::TimedOut { .. } => {
+                exit::NOT_FOUND_OR_RETRY
+            }
             PushError::TooLarge { .. }
             | PushError::InvalidWal { .. }
             | PushError::ForeignCluster { .. }
@@ -156,7 +166,7 @@ pub fn read_wal_file(wal_path: &Path) -> Result<WalFile, PushError> {
 pub async fn open_store(settings: &Settings) -> Result<Store, PushError> {
     RetryPolicy::with_total(settings.retry_timeout)
         .run("opening the repository", || async {
-            Store::open(&settings.repo, Access::ReadWrite, settings.retry_timeout)
+            settings.open_store(Access::ReadWrite)
         })
         .await
         .map_err(|(e, _)| PushError::Store(e))
@@ -185,8 +195,21 @@ async fn stored_by_daemon(
 }
 
 /// Archive the file at `wal_path` (PostgreSQL's `archive_command`). When the daemon serving
-/// this data directory has already stored these exact bytes, answer at once.
+/// this data directory has already stored these exact bytes, answer at once. Never takes longer
+/// than [`Settings::call_bound`]: a hung store must not hang PostgreSQL's archiver.
 pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, PushError> {
+    let bound = settings.call_bound();
+    tokio::time::timeout(bound, push_unbounded(settings, wal_path))
+        .await
+        .unwrap_or_else(|_| {
+            Err(PushError::TimedOut {
+                repo: settings.repo.to_string(),
+                after: bound,
+            })
+        })
+}
+
+async fn push_unbounded(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, PushError> {
     let spool = crate::spool::Spool::for_wal_path(wal_path);
     if let Some(pgdata) = spool.as_ref().and_then(|s| s.dir().parent()) {
         crate::prefetch::Prefetch::new(pgdata).clean_if_done();

@@ -78,3 +78,13 @@ pub fn init_logging() {
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
+
+/// Run one bounded call (push, fetch) on a fresh runtime and return without waiting for
+/// blocking work it left behind (a stuck DNS lookup or file system call): the call's own time
+/// bound is what PostgreSQL waits for, not a thread that outlived it.
+pub fn run_call<F: std::future::Future>(call: F) -> std::io::Result<F::Output> {
+    let rt = runtime()?;
+    let out = rt.block_on(call);
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    Ok(out)
+}

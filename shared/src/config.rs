@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::repo::RepoUrl;
 use crate::repo::url::UrlError;
+use crate::repo::{Access, RepoUrl, Store, StoreError, StoreOptions};
 
 /// Read when neither `--config` nor `WALVAULT_CONFIG` names a file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/walvault/walvault.toml";
@@ -34,6 +34,8 @@ pub struct Settings {
     pub repo: RepoUrl,
     pub compress_level: i32,
     pub retry_timeout: Duration,
+    /// S3 settings from the file's `[s3]` table; `AWS_*` environment variables take precedence.
+    pub s3: S3Settings,
 }
 
 /// The TOML file; every key is optional.
@@ -43,6 +45,46 @@ struct FileConfig {
     repo: Option<String>,
     compress_level: Option<i32>,
     retry_timeout: Option<String>,
+    #[serde(default)]
+    s3: S3Settings,
+}
+
+/// A secret (S3 secret key, session token): never shown by `Debug` or in any message.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for handing to the storage client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The `[s3]` table of the TOML file. Each key has the same meaning as the `AWS_*` environment
+/// variable of the same name (`endpoint` is `AWS_ENDPOINT_URL`), which wins when both are set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+    /// Allow `http://` endpoints (loopback or a trusted network only).
+    pub allow_http: Option<bool>,
+    /// Virtual-hosted-style requests (`bucket.endpoint`) instead of path style.
+    pub virtual_hosted_style: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,8 +130,31 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
-        message: e.message().to_string(),
+        message: parse_message(&text, &e),
     })
+}
+
+/// A TOML error for messages: where it is, and what is wrong, without the offending value. The
+/// file may hold a secret, and toml quotes values in backticks ("invalid type: integer `123`").
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let mut what = String::new();
+    let mut quoted = false;
+    for c in e.message().chars() {
+        match c {
+            '`' => quoted = !quoted,
+            '\n' | '\r' if !quoted => what.push(' '),
+            _ if !quoted => what.push(c),
+            _ => {}
+        }
+    }
+    let what = what.split_whitespace().collect::<Vec<_>>().join(" ");
+    match e.span() {
+        Some(span) => {
+            let line = text.get(..span.start).map_or(0, |t| t.matches('\n').count()) + 1;
+            format!("line {line}: {what}")
+        }
+        None => what,
+    }
 }
 
 impl Settings {
@@ -116,7 +181,27 @@ impl Settings {
             repo: repo.parse()?,
             compress_level,
             retry_timeout,
+            s3: file.s3,
         })
+    }
+
+    /// How to open the repository's store.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            retry_timeout: self.retry_timeout,
+            s3: self.s3.clone(),
+        }
+    }
+
+    /// Open the repository's store (no I/O for object stores; see [`Store::open`]).
+    pub fn open_store(&self, access: Access) -> Result<Store, StoreError> {
+        Store::open(&self.repo, access, &self.store_options())
+    }
+
+    /// The most a push or fetch may take in all: the retry budget, plus one request in flight
+    /// when it ran out (see [`crate::repo::store::REQUEST_TIMEOUT`]).
+    pub fn call_bound(&self) -> Duration {
+        self.retry_timeout + crate::repo::store::REQUEST_TIMEOUT
     }
 }
 
@@ -192,5 +277,68 @@ mod tests {
             Path::new("/x"),
         );
         assert!(matches!(level, Err(ConfigError::Level(40))));
+    }
+
+    #[test]
+    fn s3_table_is_read_and_its_secrets_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("w.toml");
+        std::fs::write(
+            &cfg,
+            "repo = \"s3://b/p\"\n[s3]\nendpoint = \"http://127.0.0.1:3900\"\nregion = \"garage\"\n\
+             access_key_id = \"GKabc\"\nsecret_access_key = \"hunter2\"\nallow_http = true\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(
+            Overrides {
+                config: Some(cfg.clone()),
+                ..Default::default()
+            },
+            Path::new("/x"),
+        )
+        .unwrap();
+        assert_eq!(s.s3.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert_eq!(s.s3.allow_http, Some(true));
+        assert_eq!(
+            s.s3.secret_access_key.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        assert!(!format!("{s:?}").contains("hunter2"));
+        std::fs::write(&cfg, "[s3]\nsecret = \"x\"\n").unwrap();
+        let typo = Settings::resolve(
+            Overrides {
+                repo: Some("s3://b/p".into()),
+                config: Some(cfg),
+                ..Default::default()
+            },
+            Path::new("/x"),
+        );
+        assert!(matches!(typo, Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn parse_errors_never_quote_a_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("w.toml");
+        for text in [
+            "[s3]\nsecret_access_key = 98765432123\n",
+            "[s3]\nsecret_access_key = \"98765432123\n",
+            "[s3]\nsecret_access_key = 98765432123abc\n",
+            "[s3]\nsecret_access_key = \"98765432123\" x\n",
+        ] {
+            std::fs::write(&cfg, text).unwrap();
+            let err = Settings::resolve(
+                Overrides {
+                    repo: Some("s3://b/p".into()),
+                    config: Some(cfg.clone()),
+                    ..Default::default()
+                },
+                Path::new("/x"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(!err.contains("98765432123"), "{err}");
+            assert!(err.contains("line 2"), "{err}");
+        }
     }
 }

@@ -15,7 +15,7 @@ use crate::repo::descriptor::DescriptorError;
 use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
 use crate::repo::object::{self, ObjectError, ObjectKind};
 use crate::repo::store::Access;
-use crate::repo::{ClusterIdentity, RepoDescriptor, Store, StoreError};
+use crate::repo::{ClusterIdentity, RepoDescriptor, StoreError};
 use crate::retry::RetryPolicy;
 use crate::wal::{NameError, PageError, WalFileName};
 
@@ -39,6 +39,11 @@ pub enum FetchOutcome {
 pub enum FetchError {
     #[error("{0}")]
     Name(#[from] NameError),
+    #[error("repository {repo} did not answer within {}s", after.as_secs())]
+    TimedOut {
+        repo: String,
+        after: std::time::Duration,
+    },
     #[error("{source} (gave up after {attempts} attempts)")]
     Store { source: StoreError, attempts: u32 },
     #[error(
@@ -87,7 +92,27 @@ impl FetchError {
 /// Fetch `name` from the repository into `dest`, verifying it end to end first. With a
 /// prefetch spool, a copy downloaded ahead by the prefetcher is used when there is one (verified
 /// exactly like a download; an unusable copy is dropped and the repository asked instead).
+///
+/// Never takes longer than [`Settings::call_bound`]: a hung store stops recovery with an error
+/// rather than hanging it forever.
 pub async fn fetch(
+    settings: &Settings,
+    name: &str,
+    dest: &Path,
+    prefetch: Option<&Prefetch>,
+) -> Result<FetchOutcome, FetchError> {
+    let bound = settings.call_bound();
+    tokio::time::timeout(bound, fetch_unbounded(settings, name, dest, prefetch))
+        .await
+        .unwrap_or_else(|_| {
+            Err(FetchError::TimedOut {
+                repo: settings.repo.to_string(),
+                after: bound,
+            })
+        })
+}
+
+async fn fetch_unbounded(
     settings: &Settings,
     name: &str,
     dest: &Path,
@@ -119,7 +144,7 @@ pub async fn fetch(
     let (descriptor, stored, content) = loop {
         let (descriptor, object) = retry
             .run(&format!("fetching {name_str}"), || async {
-                let store = Store::open(&settings.repo, Access::ReadOnly, settings.retry_timeout)?;
+                let store = settings.open_store(Access::ReadOnly)?;
                 tokio::try_join!(store.get(DESCRIPTOR_KEY), store.get(&key))
             })
             .await

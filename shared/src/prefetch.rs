@@ -171,7 +171,7 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
     if !pf.claim()? {
         return Ok(()); // another prefetcher serves this data directory
     }
-    let store = Store::open(&settings.repo, Access::ReadOnly, settings.retry_timeout)?;
+    let store = settings.open_store(Access::ReadOnly)?;
     let Some(descriptor) = store
         .get(DESCRIPTOR_KEY)
         .await?

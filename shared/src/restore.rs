@@ -396,7 +396,7 @@ pub async fn restore(
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport, RestoreError> {
-    let store = Store::open(&settings.repo, Access::ReadOnly, settings.retry_timeout)?;
+    let store = settings.open_store(Access::ReadOnly)?;
     let cat = Catalog::load(&store).await?;
     let (manifest, timeline) = choose_backup(&cat, opts.backup.as_ref(), &opts.target, opts.timeline)?;
     if !opts.force && !is_empty_dir(&opts.pgdata)? {

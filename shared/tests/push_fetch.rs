@@ -26,6 +26,7 @@ impl Env {
             repo: format!("file://{}/repo", dir.path().display()).parse().unwrap(),
             compress_level: 3,
             retry_timeout: Duration::from_millis(300),
+            s3: Default::default(),
         };
         Env { dir, settings }
     }

@@ -74,14 +74,7 @@ impl Agents {
     /// An `archive_command` value pushing into `repo`, with `extra` flags (e.g. `--retry-timeout 5s`).
     pub fn archive_command(&self, repo: &Repo, extra: &str) -> String {
         let bin = self.archive_agent();
-        join_words(&[
-            &bin.display().to_string(),
-            "push",
-            "--repo",
-            &repo.url(),
-            extra,
-            "%p",
-        ])
+        join_words(&[&bin.display().to_string(), "push", &repo.args_line(), extra, "%p"])
     }
 
     /// A `restore_command` value fetching from `repo`, with `extra` flags.
@@ -90,8 +83,7 @@ impl Agents {
         join_words(&[
             &bin.display().to_string(),
             "fetch",
-            "--repo",
-            &repo.url(),
+            &repo.args_line(),
             extra,
             "%f",
             "%p",
@@ -122,20 +114,39 @@ impl Agents {
         agent_command(&self.dir.path().join(agent))
     }
 
-    /// `archive-agent push --repo <repo_url> <extra...> <wal_path>`, run as PostgreSQL would.
-    pub fn push(&self, repo_url: &str, wal_path: impl AsRef<OsStr>, extra: &[&str]) -> Finished {
+    /// `archive-agent push <repo args> <extra...> <wal_path>`, run as PostgreSQL would.
+    pub fn push(&self, repo: &Repo, wal_path: impl AsRef<OsStr>, extra: &[&str]) -> Finished {
         let mut cmd = agent_command(&self.archive_agent());
-        cmd.args(["push", "--repo", repo_url]).args(extra).arg(wal_path);
+        cmd.arg("push").args(repo.args()).args(extra).arg(wal_path);
         run_agent(&mut cmd)
     }
 
-    /// `restore-agent fetch --repo <repo_url> <extra...> <name> <dest>`, run as PostgreSQL would.
-    pub fn fetch(&self, repo_url: &str, name: impl AsRef<OsStr>, dest: &Path, extra: &[&str]) -> Finished {
+    /// `archive-agent push <repo_args...> <extra...> <wal_path>`, for repositories that are not a
+    /// [`Repo`].
+    pub fn push_with(&self, repo_args: &[String], wal_path: impl AsRef<OsStr>, extra: &[&str]) -> Finished {
+        let mut cmd = agent_command(&self.archive_agent());
+        cmd.arg("push").args(repo_args).args(extra).arg(wal_path);
+        run_agent(&mut cmd)
+    }
+
+    /// `restore-agent fetch <repo_args...> <extra...> <name> <dest>`, for repositories that are
+    /// not a [`Repo`].
+    pub fn fetch_with(
+        &self,
+        repo_args: &[String],
+        name: impl AsRef<OsStr>,
+        dest: &Path,
+        extra: &[&str],
+    ) -> Finished {
         let mut cmd = agent_command(&self.restore_agent());
-        cmd.args(["fetch", "--repo", repo_url])
-            .args(extra)
-            .arg(name)
-            .arg(dest);
+        cmd.arg("fetch").args(repo_args).args(extra).arg(name).arg(dest);
+        run_agent(&mut cmd)
+    }
+
+    /// `restore-agent fetch <repo args> <extra...> <name> <dest>`, run as PostgreSQL would.
+    pub fn fetch(&self, repo: &Repo, name: impl AsRef<OsStr>, dest: &Path, extra: &[&str]) -> Finished {
+        let mut cmd = agent_command(&self.restore_agent());
+        cmd.arg("fetch").args(repo.args()).args(extra).arg(name).arg(dest);
         run_agent(&mut cmd)
     }
 }

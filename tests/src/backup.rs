@@ -70,20 +70,20 @@ impl BackupSummary {
 /// --json`, as the PostgreSQL user). The cluster must archive into `repo`.
 pub fn take_backup(cluster: &Cluster, repo: &Repo) -> Result<BackupSummary> {
     let data_dir = cluster.data_dir();
+    let mut args = vec!["backup".to_string()];
+    args.extend(repo.args());
+    args.extend(
+        [
+            "--pgdata",
+            path_str(&data_dir)?,
+            "--pg-url",
+            &cluster.conn_string(),
+            "--json",
+        ]
+        .map(String::from),
+    );
     let run = agents()
-        .run(
-            ARCHIVE_AGENT,
-            [
-                "backup",
-                "--repo",
-                &repo.url(),
-                "--pgdata",
-                path_str(&data_dir)?,
-                "--pg-url",
-                &cluster.conn_string(),
-                "--json",
-            ],
-        )
+        .run(ARCHIVE_AGENT, args)
         .check()
         .with_context(|| format!("backup of cluster {}\n{}", cluster.name(), cluster.log_tail()))?;
     BackupSummary::parse(&run.stdout)
@@ -98,17 +98,10 @@ pub fn next_backup_second() {
 /// PostgreSQL user (so the restored files belong to the server). Not checked: see
 /// [`Finished::check`].
 pub fn restore(repo: &Repo, pgdata: &Path, args: &[&str]) -> Result<Finished> {
-    let url = repo.url();
-    let mut all = vec![
-        "restore",
-        "--repo",
-        &url,
-        "--pgdata",
-        path_str(pgdata)?,
-        "--retry-timeout",
-        "5s",
-    ];
-    all.extend_from_slice(args);
+    let mut all = vec!["restore".to_string()];
+    all.extend(repo.args());
+    all.extend(["--pgdata", path_str(pgdata)?, "--retry-timeout", "5s"].map(String::from));
+    all.extend(args.iter().map(|a| a.to_string()));
     Ok(agents().run(RESTORE_AGENT, all))
 }
 
@@ -126,9 +119,10 @@ pub fn restore_new_cluster(repo: &Repo, name: &str, args: &[&str]) -> Result<(Cl
 
 /// `restore-agent info --repo <repo> --json`, parsed.
 pub fn info(repo: &Repo) -> Result<Value> {
-    let run = agents()
-        .run(RESTORE_AGENT, ["info", "--repo", &repo.url(), "--json"])
-        .check()?;
+    let mut args = vec!["info".to_string()];
+    args.extend(repo.args());
+    args.push("--json".into());
+    let run = agents().run(RESTORE_AGENT, args).check()?;
     serde_json::from_str(&run.stdout).with_context(|| format!("info JSON: {}", run.stdout))
 }
 

@@ -528,7 +528,7 @@ fn port_taken(log: &str) -> bool {
 /// A TCP port on 127.0.0.1 that was free a moment ago and was not handed out before by this
 /// process. Another process may still take it before the server binds it: [`Cluster::start`]
 /// then moves to another port.
-fn pick_port() -> Result<u16> {
+pub(crate) fn pick_port() -> Result<u16> {
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     let given = given.get_or_insert_with(HashSet::new);

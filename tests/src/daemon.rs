@@ -82,7 +82,9 @@ impl Daemon {
         let log_path = dir.path().join("daemon.log");
         let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = agents().command(ARCHIVE_AGENT);
-        cmd.args(["daemon", "--repo", &repo.url(), "--pgdata"])
+        cmd.arg("daemon")
+            .args(repo.args())
+            .arg("--pgdata")
             .arg(cluster.data_dir())
             .args(["--metrics-addr", &addr.to_string()])
             .args(extra)

@@ -1,34 +1,132 @@
-//! A `file://` repository in a scratch directory, seen from outside: where objects should be
-//! (written independently of the library, from the documented layout) and what is there.
+//! A repository for one test, in the store the suite runs against, seen from outside: where
+//! objects should be (written independently of the library, from the documented layout), what is
+//! there, and ways to damage it.
+//!
+//! `WALVAULT_TEST_STORE` picks the store: `file` (the default: a scratch directory) or `s3` (a
+//! prefix of its own in the bucket of the test process's [`Garage`]). The S3 repositories are
+//! read and written here with `object_store` directly, not through walvault.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
 
+use crate::garage::{BUCKET, Garage};
 use crate::host::{ScratchDir, give_to_pg_user};
 
 /// The repository descriptor's key.
 pub const DESCRIPTOR: &str = "walvault.json";
 
-/// A repository: an empty directory owned by the PostgreSQL user until the first push.
+/// Which store the suite runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    File,
+    S3,
+}
+
+impl StoreKind {
+    /// From `WALVAULT_TEST_STORE` (`file` when unset).
+    pub fn from_env() -> StoreKind {
+        match std::env::var("WALVAULT_TEST_STORE").as_deref() {
+            Ok("s3") => StoreKind::S3,
+            Ok("file") | Err(_) => StoreKind::File,
+            Ok(other) => panic!("WALVAULT_TEST_STORE={other:?}: use file or s3"),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Backend {
+    File {
+        root: PathBuf,
+    },
+    S3 {
+        store: Arc<dyn ObjectStore>,
+        prefix: String,
+        endpoint: String,
+    },
+}
+
+/// A repository: empty until the first push.
 #[derive(Debug)]
 pub struct Repo {
     scratch: ScratchDir,
-    root: PathBuf,
+    backend: Backend,
+    /// `--config` file with the store's settings (S3 credentials), owned by the PostgreSQL user.
+    config: Option<PathBuf>,
 }
 
 impl Repo {
+    /// A new repository in the store `WALVAULT_TEST_STORE` names.
     pub fn new() -> Result<Repo> {
-        let scratch = ScratchDir::new("repo")?;
-        let root = scratch.subdir("repo")?;
-        Ok(Repo { scratch, root })
+        match StoreKind::from_env() {
+            StoreKind::File => Repo::new_file(),
+            StoreKind::S3 => Repo::new_s3(Garage::shared()),
+        }
     }
 
-    /// The repository's root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// A new `file://` repository, whatever the suite runs against.
+    pub fn new_file() -> Result<Repo> {
+        let scratch = ScratchDir::new("repo")?;
+        let root = scratch.subdir("repo")?;
+        Ok(Repo {
+            scratch,
+            backend: Backend::File { root },
+            config: None,
+        })
+    }
+
+    /// A new repository under a prefix of its own in `garage`'s bucket.
+    pub fn new_s3(garage: &Garage) -> Result<Repo> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let scratch = ScratchDir::new("repo")?;
+        let prefix = format!(
+            "t{}-{}/repo",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(BUCKET)
+            .with_region(crate::garage::REGION)
+            .with_endpoint(garage.endpoint())
+            .with_access_key_id(garage.key_id())
+            .with_secret_access_key(garage.secret())
+            .with_allow_http(true)
+            .build()
+            .context("S3 client for the test repository")?;
+        let config = scratch.path().join("walvault.toml");
+        fs::write(&config, garage.config_toml()).context("writing the S3 config")?;
+        crate::host::set_mode(&config, 0o600)?;
+        give_to_pg_user(&config)?;
+        Ok(Repo {
+            scratch,
+            backend: Backend::S3 {
+                store: Arc::new(store),
+                prefix,
+                endpoint: garage.endpoint(),
+            },
+            config: Some(config),
+        })
+    }
+
+    pub fn kind(&self) -> StoreKind {
+        match self.backend {
+            Backend::File { .. } => StoreKind::File,
+            Backend::S3 { .. } => StoreKind::S3,
+        }
+    }
+
+    /// The repository's root directory (`file://` repositories only).
+    pub fn root(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::File { root } => Some(root),
+            Backend::S3 { .. } => None,
+        }
     }
 
     /// A scratch directory next to the repository, for test files (owned by the PostgreSQL user).
@@ -36,26 +134,165 @@ impl Repo {
         &self.scratch
     }
 
-    /// `file:///…`, for `--repo`.
+    /// The repository URL, for `--repo`.
     pub fn url(&self) -> String {
-        format!("file://{}", self.root.display())
+        match &self.backend {
+            Backend::File { root } => format!("file://{}", root.display()),
+            Backend::S3 { prefix, .. } => format!("s3://{BUCKET}/{prefix}"),
+        }
     }
 
-    /// Where the object for the archived file `name` lives (repository format v1):
-    /// `wal/history/<name>.wvo` for history files, else `wal/<timeline><log>/<name>.wvo`.
-    pub fn object_path(&self, name: &str) -> PathBuf {
-        self.root.join(object_key(name))
+    /// The flags that point an agent at this repository: `--repo URL`, plus `--config FILE` with
+    /// the store's credentials when it has any (never on the command line: PostgreSQL logs a
+    /// failed archive_command in full).
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec!["--repo".to_string(), self.url()];
+        if let Some(c) = &self.config {
+            args.push("--config".into());
+            args.push(c.display().to_string());
+        }
+        args
+    }
+
+    /// [`Repo::args`] with another repository URL (in the same store, with the same credentials).
+    pub fn args_with_url(&self, url: &str) -> Vec<String> {
+        let mut args = self.args();
+        args[1] = url.to_string();
+        args
+    }
+
+    /// A URL in this repository's store where no repository is: a missing directory, or a
+    /// missing bucket.
+    pub fn nowhere_url(&self) -> &'static str {
+        match self.backend {
+            Backend::File { .. } => "file:///walvault-no-such-repository",
+            Backend::S3 { .. } => "s3://walvault-no-such-bucket/repo",
+        }
+    }
+
+    /// [`Repo::args`] joined for a shell command line.
+    pub fn args_line(&self) -> String {
+        self.args().join(" ")
+    }
+
+    /// Make the repository unreachable for the agents (`false`) or reachable again (`true`): a
+    /// local directory gets mode 000; an S3 repository's endpoint points at a closed port.
+    pub fn set_reachable(&self, reachable: bool) -> Result<()> {
+        match &self.backend {
+            Backend::File { root } => {
+                crate::host::set_mode(root, if reachable { 0o700 } else { 0o000 })?;
+            }
+            Backend::S3 { endpoint, .. } => {
+                let config = self
+                    .config
+                    .as_ref()
+                    .context("S3 repositories have a config file")?;
+                let text = fs::read_to_string(config)?;
+                let dead = "http://127.0.0.1:9";
+                let text = if reachable {
+                    text.replace(dead, endpoint)
+                } else {
+                    text.replace(endpoint, dead)
+                };
+                fs::write(config, text)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What an agent's error says when [`Repo::set_reachable`] cut it off.
+    pub fn unreachable_words(&self) -> &'static str {
+        match self.backend {
+            Backend::File { .. } => "ermission denied",
+            Backend::S3 { .. } => "127.0.0.1:9",
+        }
+    }
+
+    /// Where the object for the archived file `name` lives (repository format v1).
+    pub fn object_key(&self, name: &str) -> String {
+        object_key(name)
     }
 
     pub fn has_object(&self, name: &str) -> bool {
-        self.object_path(name).is_file()
+        self.has(&object_key(name))
     }
 
-    /// Every file in the repository, by relative path, with its size.
+    /// Whether an object exists under `key`.
+    pub fn has(&self, key: &str) -> bool {
+        self.read(key).is_ok()
+    }
+
+    /// The object under `key`.
+    pub fn read(&self, key: &str) -> Result<Vec<u8>> {
+        match &self.backend {
+            Backend::File { root } => {
+                fs::read(root.join(key)).with_context(|| format!("reading {key} in {}", self.url()))
+            }
+            Backend::S3 { store, prefix, .. } => {
+                let path = ObjectPath::from(format!("{prefix}/{key}"));
+                block_on(async { store.get(&path).await?.bytes().await })
+                    .map(|b| b.to_vec())
+                    .with_context(|| format!("reading {key} in {}", self.url()))
+            }
+        }
+    }
+
+    /// Write (or replace) the object under `key`, behind walvault's back.
+    pub fn write(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        match &self.backend {
+            Backend::File { root } => {
+                let path = root.join(key);
+                let parent = path.parent().context("a repository file has a parent")?;
+                fs::create_dir_all(parent).with_context(|| format!("mkdir {}", parent.display()))?;
+                fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+                give_to_pg_user(root).context("chown of the repository")
+            }
+            Backend::S3 { store, prefix, .. } => {
+                let path = ObjectPath::from(format!("{prefix}/{key}"));
+                let payload = object_store::PutPayload::from(bytes.to_vec());
+                block_on(async { store.put(&path, payload).await })
+                    .map(|_| ())
+                    .with_context(|| format!("writing {key} in {}", self.url()))
+            }
+        }
+    }
+
+    /// Remove the object under `key`.
+    pub fn delete(&self, key: &str) -> Result<()> {
+        match &self.backend {
+            Backend::File { root } => {
+                fs::remove_file(root.join(key)).with_context(|| format!("removing {key}"))
+            }
+            Backend::S3 { store, prefix, .. } => {
+                let path = ObjectPath::from(format!("{prefix}/{key}"));
+                block_on(async { store.delete(&path).await }).with_context(|| format!("removing {key}"))
+            }
+        }
+    }
+
+    /// Every object in the repository, by key, with its size.
     pub fn files(&self) -> Result<BTreeMap<String, u64>> {
         let mut out = BTreeMap::new();
-        if self.root.exists() {
-            walk(&self.root, &self.root, &mut out)?;
+        match &self.backend {
+            Backend::File { root } => {
+                if root.exists() {
+                    walk(root, root, &mut out)?;
+                }
+            }
+            Backend::S3 { store, prefix, .. } => {
+                use futures::TryStreamExt;
+                let base = ObjectPath::from(prefix.as_str());
+                let listed: Vec<_> = block_on(async { store.list(Some(&base)).try_collect().await })
+                    .with_context(|| format!("listing {}", self.url()))?;
+                for meta in listed {
+                    let key = meta.location.as_ref();
+                    let rel = key
+                        .strip_prefix(prefix.as_str())
+                        .unwrap_or(key)
+                        .trim_start_matches('/');
+                    out.insert(rel.to_string(), meta.size);
+                }
+            }
         }
         Ok(out)
     }
@@ -65,6 +302,7 @@ impl Repo {
         Ok(self
             .files()?
             .keys()
+            .filter(|k| k.starts_with("wal/"))
             .filter_map(|k| k.rsplit('/').next()?.strip_suffix(".wvo").map(str::to_string))
             .collect())
     }
@@ -74,34 +312,64 @@ impl Repo {
         Ok(self.files()?.values().sum())
     }
 
-    /// Where the manifest of backup `id` lives: `backups/<id>/manifest.wvo`.
-    pub fn manifest_path(&self, id: &str) -> PathBuf {
-        self.root.join("backups").join(id).join("manifest.wvo")
+    /// The key of the manifest of backup `id`: `backups/<id>/manifest.wvo`.
+    pub fn manifest_key(&self, id: &str) -> String {
+        format!("backups/{id}/manifest.wvo")
     }
 
-    /// Every backup chunk object (`chunks/<ab>/<id>.wvo`), by relative path, with its size.
+    /// Every backup chunk object (`chunks/<ab>/<id>.wvo`), by key, with its size.
     pub fn chunks(&self) -> Result<BTreeMap<String, u64>> {
         let mut all = self.files()?;
         all.retain(|k, _| k.starts_with("chunks/"));
         Ok(all)
     }
 
-    /// A new repository holding a copy of every file of this one (owned by the PostgreSQL
-    /// user), for tests that damage objects without disturbing others that share `self`.
+    /// A new repository in the same store holding a copy of every object of this one, for tests
+    /// that damage objects without disturbing others that share `self`.
     pub fn copy(&self) -> Result<Repo> {
-        let copy = Repo::new()?;
-        for rel in self.files()?.keys() {
-            let to = copy.root.join(rel);
-            let parent = to.parent().context("a repository file has a parent")?;
-            fs::create_dir_all(parent).with_context(|| format!("mkdir {}", parent.display()))?;
-            fs::copy(self.root.join(rel), &to).with_context(|| format!("copying {rel}"))?;
+        let copy = match &self.backend {
+            Backend::File { .. } => Repo::new_file()?,
+            Backend::S3 { .. } => Repo::new_s3(Garage::shared())?,
+        };
+        for key in self.files()?.keys() {
+            copy.write(key, &self.read(key)?)?;
         }
-        give_to_pg_user(&copy.root).context("chown of the copied repository")?;
         Ok(copy)
+    }
+
+    /// Flip every bit of the byte at `offset` (counted from the end when negative) of the object
+    /// under `key`.
+    pub fn flip_byte(&self, key: &str, offset: i64) -> Result<()> {
+        let mut bytes = self.read(key)?;
+        let at = if offset < 0 {
+            bytes.len() as i64 + offset
+        } else {
+            offset
+        };
+        let at = usize::try_from(at).context("offset before the start of the object")?;
+        let Some(b) = bytes.get_mut(at) else {
+            bail!("{key} has no byte {at}");
+        };
+        *b ^= 0xFF;
+        self.write(key, &bytes)
+    }
+
+    /// Flip the byte in the middle of the object under `key`.
+    pub fn flip_middle_byte(&self, key: &str) -> Result<()> {
+        let len = self.read(key)?.len() as i64;
+        self.flip_byte(key, len / 2)
+    }
+
+    /// Cut the object under `key` down to `len` bytes.
+    pub fn truncate(&self, key: &str, len: usize) -> Result<()> {
+        let mut bytes = self.read(key)?;
+        bytes.truncate(len);
+        self.write(key, &bytes)
     }
 }
 
-/// The documented key of `name`'s object.
+/// The documented key of `name`'s object:
+/// `wal/history/<name>.wvo` for history files, else `wal/<timeline><log>/<name>.wvo`.
 pub fn object_key(name: &str) -> String {
     if name.ends_with(".history") {
         format!("wal/history/{name}.wvo")
@@ -124,27 +392,11 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, u64>) -> Result<()> 
     Ok(())
 }
 
-/// Flip every bit of the byte at `offset` (counted from the end when negative) of `path`.
-pub fn flip_byte(path: &Path, offset: i64) -> Result<()> {
-    let mut bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let at = if offset < 0 {
-        bytes.len() as i64 + offset
-    } else {
-        offset
-    };
-    let at = usize::try_from(at).context("offset before the start of the file")?;
-    let b = bytes
-        .get_mut(at)
-        .with_context(|| format!("{} has no byte {at}", path.display()))?;
-    *b ^= 0xFF;
-    fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Cut `path` down to `len` bytes.
-pub fn truncate(path: &Path, len: u64) -> Result<()> {
-    fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_len(len))
-        .with_context(|| format!("truncating {}", path.display()))
+/// Run one storage call on a small runtime of its own (the tests are synchronous).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(f)
 }

@@ -172,10 +172,10 @@ fn assert_markers_match_repository(cluster: &Cluster, repo: &Repo) -> Result<Vec
         assert!(
             repo.has_object(name),
             "the spool says {name} is archived, but the repository has no {}",
-            repo.object_path(name).display()
+            repo.object_key(name)
         );
         let stored =
-            Sealed::open(&fs::read(repo.object_path(name))?).with_context(|| format!("object {name}"))?;
+            Sealed::open(&repo.read(&repo.object_key(name))?).with_context(|| format!("object {name}"))?;
         assert_eq!(
             marker["blake3"].as_str(),
             Some(blake3::hash(&stored.content).to_hex().as_str()),

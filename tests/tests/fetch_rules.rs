@@ -9,8 +9,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use walvault_testkit::agents::exit;
 use walvault_testkit::fixtures::wal_samples;
-use walvault_testkit::host::{self, write_for_pg};
-use walvault_testkit::repo::{flip_byte, truncate};
+use walvault_testkit::host::write_for_pg;
 use walvault_testkit::{Repo, agents};
 
 /// A repository holding the first two sample segments.
@@ -18,7 +17,7 @@ fn filled_repo() -> Result<Repo> {
     let repo = Repo::new()?;
     for i in 0..2 {
         agents()
-            .push(&repo.url(), &wal_samples().segment(i).0, &[])
+            .push(&repo, &wal_samples().segment(i).0, &[])
             .assert_code(exit::SUCCESS);
     }
     Ok(repo)
@@ -47,7 +46,7 @@ fn fetch_restores_the_exact_bytes_and_leaves_no_temp_files() -> Result<()> {
     for i in 0..2 {
         let (_, name) = samples.segment(i);
         let dest = dest_dir.join("RECOVERYXLOG");
-        let run = agents().fetch(&repo.url(), &name, &dest, &[]);
+        let run = agents().fetch(&repo, &name, &dest, &[]);
         run.assert_code(exit::SUCCESS);
         assert_eq!(run.stderr.lines().count(), 1, "one log line per fetch:\n{run}");
         assert!(
@@ -72,7 +71,7 @@ fn missing_file_is_not_found_at_once() -> Result<()> {
     let repo = filled_repo()?;
     let dest = dest_dir(&repo)?.join("RECOVERYXLOG");
     let run = agents().fetch(
-        &repo.url(),
+        &repo,
         "0000000100000000000000AA",
         &dest,
         &["--retry-timeout", "30s"],
@@ -97,17 +96,17 @@ fn unreadable_repository_stops_recovery_unless_standby() -> Result<()> {
     let standby = ["--retry-timeout", "2s", "--pgdata", &standby_dir];
 
     // The agent runs as the PostgreSQL user, so mode 000 locks it out even when we are root.
-    host::set_mode(repo.root(), 0o000)?;
+    repo.set_reachable(false)?;
     let runs = [
-        agents().fetch(&repo.url(), &name, &dest, &plain),
-        agents().fetch(&repo.url(), &name, &dest, &standby),
+        agents().fetch(&repo, &name, &dest, &plain),
+        agents().fetch(&repo, &name, &dest, &standby),
     ];
-    host::set_mode(repo.root(), 0o700)?;
+    repo.set_reachable(true)?;
     runs[0].assert_code(exit::FATAL);
     runs[1].assert_code(exit::NOT_FOUND_OR_RETRY);
     for run in &runs {
         assert!(
-            run.stderr.contains("ermission denied"),
+            run.stderr.contains(repo.unreachable_words()),
             "the error must say why:\n{run}"
         );
     }
@@ -117,12 +116,12 @@ fn unreadable_repository_stops_recovery_unless_standby() -> Result<()> {
     );
 
     // A repository URL pointing nowhere is not "file not found" either.
-    let nowhere = "file:///walvault-no-such-repository";
+    let nowhere = repo.args_with_url(repo.nowhere_url());
     agents()
-        .fetch(nowhere, &name, &dest, &plain)
+        .fetch_with(&nowhere, &name, &dest, &plain)
         .assert_code(exit::FATAL);
     agents()
-        .fetch(nowhere, &name, &dest, &standby)
+        .fetch_with(&nowhere, &name, &dest, &standby)
         .assert_code(exit::NOT_FOUND_OR_RETRY);
     assert!(!dest.exists());
     Ok(())
@@ -138,16 +137,14 @@ fn corrupt_or_truncated_object_stops_recovery_unless_standby() -> Result<()> {
     let standby = ["--pgdata", &standby_dir];
 
     let (_, flipped) = samples.segment(0);
-    let object = repo.object_path(&flipped);
-    let middle = fs::metadata(&object)?.len() as i64 / 2;
-    flip_byte(&object, middle)?;
+    repo.flip_middle_byte(&repo.object_key(&flipped))?;
 
     let (_, cut) = samples.segment(1);
-    let object = repo.object_path(&cut);
-    truncate(&object, fs::metadata(&object)?.len() / 2)?;
+    let key = repo.object_key(&cut);
+    repo.truncate(&key, repo.read(&key)?.len() / 2)?;
 
     for name in [&flipped, &cut] {
-        let run = agents().fetch(&repo.url(), name, &dest, &plain);
+        let run = agents().fetch(&repo, name, &dest, &plain);
         run.assert_code(exit::FATAL);
         assert!(
             run.stderr.contains(name.as_str()),
@@ -155,7 +152,7 @@ fn corrupt_or_truncated_object_stops_recovery_unless_standby() -> Result<()> {
         );
         assert!(!dest.exists(), "a corrupt object must never reach PostgreSQL");
         agents()
-            .fetch(&repo.url(), name, &dest, &standby)
+            .fetch(&repo, name, &dest, &standby)
             .assert_code(exit::NOT_FOUND_OR_RETRY);
         assert!(!dest.exists());
     }
@@ -173,9 +170,7 @@ fn invalid_names_are_usage_errors() -> Result<()> {
         "00000001000000000000000",
         "000000010000000000000001\n",
     ] {
-        agents()
-            .fetch(&repo.url(), name, &dest, &[])
-            .assert_code(exit::USAGE);
+        agents().fetch(&repo, name, &dest, &[]).assert_code(exit::USAGE);
         assert!(!dest.exists(), "fetch of {name:?} created the destination");
     }
     Ok(())

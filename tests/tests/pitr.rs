@@ -234,11 +234,10 @@ fn restores_follow_the_timeline_asked_for() -> Result<()> {
         second["wal"].as_array().is_some_and(|w| !w.is_empty()),
         "timeline 2 has archived WAL: {second}"
     );
+    let mut list = vec!["list".to_string()];
+    list.extend(repo.args());
     let listed = walvault_testkit::agents()
-        .run(
-            walvault_testkit::agents::RESTORE_AGENT,
-            ["list", "--repo", &repo.url()],
-        )
+        .run(walvault_testkit::agents::RESTORE_AGENT, list)
         .check()?;
     assert!(
         listed.stdout.contains(&base.id),

@@ -8,15 +8,14 @@ use anyhow::Result;
 use walvault_testkit::agents::exit;
 use walvault_testkit::fixtures::{foreign_wal_samples, wal_samples};
 use walvault_testkit::host::write_for_pg;
+use walvault_testkit::repo::StoreKind;
 use walvault_testkit::{Repo, agents};
 
 /// Fetch `name` from `repo` into a fresh file and return its bytes.
 fn fetched(repo: &Repo, name: &str) -> Result<Vec<u8>> {
     let dest = repo.scratch().subdir("fetched")?.join(name);
     let _ = fs::remove_file(&dest);
-    agents()
-        .fetch(&repo.url(), name, &dest, &[])
-        .assert_code(exit::SUCCESS);
+    agents().fetch(repo, name, &dest, &[]).assert_code(exit::SUCCESS);
     Ok(fs::read(dest)?)
 }
 
@@ -26,7 +25,7 @@ fn push_stores_a_segment_and_accepts_the_same_bytes_again() -> Result<()> {
     let repo = Repo::new()?;
     let (path, name) = samples.segment(0);
 
-    let first = agents().push(&repo.url(), &path, &[]);
+    let first = agents().push(&repo, &path, &[]);
     first.assert_code(exit::SUCCESS);
     assert!(
         repo.has_object(&name),
@@ -44,7 +43,7 @@ fn push_stores_a_segment_and_accepts_the_same_bytes_again() -> Result<()> {
 
     // PostgreSQL may repeat a push whose success it did not see.
     let before = repo.files()?;
-    let again = agents().push(&repo.url(), &path, &[]);
+    let again = agents().push(&repo, &path, &[]);
     again.assert_code(exit::SUCCESS);
     assert_eq!(
         repo.files()?,
@@ -62,7 +61,7 @@ fn push_refuses_other_bytes_under_an_archived_name() -> Result<()> {
     let repo = Repo::new()?;
     let (path, name) = samples.segment(1);
     let original = samples.bytes(1);
-    agents().push(&repo.url(), &path, &[]).assert_code(exit::SUCCESS);
+    agents().push(&repo, &path, &[]).assert_code(exit::SUCCESS);
 
     // Same name, one byte changed inside a record area (not a page header, so still valid WAL).
     let mut changed = original.clone();
@@ -70,7 +69,7 @@ fn push_refuses_other_bytes_under_an_archived_name() -> Result<()> {
     let changed_path = repo.scratch().subdir("changed")?.join(&name);
     write_for_pg(&changed_path, &changed)?;
     let before = repo.files()?;
-    let run = agents().push(&repo.url(), &changed_path, &[]);
+    let run = agents().push(&repo, &changed_path, &[]);
     run.assert_code(exit::REFUSED);
     assert_eq!(
         run.stderr.lines().count(),
@@ -104,17 +103,17 @@ fn history_files_are_archived_once_and_never_overwritten() -> Result<()> {
     let path = dir.join("00000002.history");
     write_for_pg(&path, original)?;
 
-    agents().push(&repo.url(), &path, &[]).assert_code(exit::SUCCESS);
+    agents().push(&repo, &path, &[]).assert_code(exit::SUCCESS);
     assert!(
         repo.has_object("00000002.history"),
         "no history object in {:?}",
         repo.files()?
     );
-    agents().push(&repo.url(), &path, &[]).assert_code(exit::SUCCESS);
+    agents().push(&repo, &path, &[]).assert_code(exit::SUCCESS);
 
     let other = repo.scratch().subdir("other")?.join("00000002.history");
     write_for_pg(&other, b"1\t0/4000000\tbefore 2025-01-01 00:00:00+00\n")?;
-    agents().push(&repo.url(), &other, &[]).assert_code(exit::REFUSED);
+    agents().push(&repo, &other, &[]).assert_code(exit::REFUSED);
     assert_eq!(fetched(&repo, "00000002.history")?, original);
     Ok(())
 }
@@ -124,7 +123,7 @@ fn invalid_file_names_are_usage_errors_and_touch_nothing() -> Result<()> {
     let samples = wal_samples();
     let repo = Repo::new()?;
     agents()
-        .push(&repo.url(), &samples.segment(0).0, &[])
+        .push(&repo, &samples.segment(0).0, &[])
         .assert_code(exit::SUCCESS);
     let before = repo.files()?;
 
@@ -146,7 +145,7 @@ fn invalid_file_names_are_usage_errors_and_touch_nothing() -> Result<()> {
     paths.push(dir.join(".."));
 
     for path in &paths {
-        let run = agents().push(&repo.url(), path, &[]);
+        let run = agents().push(&repo, path, &[]);
         run.assert_code(exit::USAGE);
         assert_eq!(repo.files()?, before, "pushing {path:?} changed the repository");
     }
@@ -159,7 +158,7 @@ fn wal_of_another_cluster_is_refused() -> Result<()> {
     let theirs = foreign_wal_samples();
     let repo = Repo::new()?;
     agents()
-        .push(&repo.url(), &ours.segment(1).0, &[])
+        .push(&repo, &ours.segment(1).0, &[])
         .assert_code(exit::SUCCESS);
     let before = repo.files()?;
 
@@ -168,7 +167,7 @@ fn wal_of_another_cluster_is_refused() -> Result<()> {
         !repo.has_object(&name),
         "test needs a name the repository does not hold yet"
     );
-    let run = agents().push(&repo.url(), &path, &[]);
+    let run = agents().push(&repo, &path, &[]);
     run.assert_code(exit::REFUSED);
     for id in [&ours.system_identifier, &theirs.system_identifier] {
         assert!(
@@ -187,22 +186,29 @@ fn wal_of_another_cluster_is_refused() -> Result<()> {
 #[test]
 fn unwritable_repository_is_a_retryable_failure() -> Result<()> {
     let samples = wal_samples();
-    let scratch = Repo::new()?;
-    let file = scratch.scratch().path().join("plain-file");
-    write_for_pg(&file, b"not a directory")?;
+    let repo = Repo::new()?;
     let (path, _) = samples.segment(0);
-
-    for url in [
-        format!("file://{}/repo", file.display()),
-        "file:///proc/walvault-cannot-exist/repo".to_string(),
-    ] {
-        let run = agents().push(&url, &path, &["--retry-timeout", "1s"]);
+    let check = |args: &[String]| {
+        let run = agents().push_with(args, &path, &["--retry-timeout", "1s"]);
         // Above 125 would kill PostgreSQL's archiver; 1 makes it retry later.
         run.assert_code(exit::NOT_FOUND_OR_RETRY);
         assert!(
             run.elapsed.as_secs() < 30,
             "--retry-timeout 1s must bound the push:\n{run}"
         );
+    };
+    match repo.kind() {
+        StoreKind::File => {
+            let file = repo.scratch().path().join("plain-file");
+            write_for_pg(&file, b"not a directory")?;
+            check(&repo.args_with_url(&format!("file://{}/repo", file.display())));
+            check(&repo.args_with_url("file:///proc/walvault-cannot-exist/repo"));
+        }
+        StoreKind::S3 => {
+            check(&repo.args_with_url(repo.nowhere_url()));
+            repo.set_reachable(false)?;
+            check(&repo.args());
+        }
     }
     Ok(())
 }
@@ -211,7 +217,7 @@ fn unwritable_repository_is_a_retryable_failure() -> Result<()> {
 fn missing_wal_file_is_a_retryable_failure() -> Result<()> {
     let repo = Repo::new()?;
     let missing = repo.scratch().path().join("000000010000000000000009");
-    let run = agents().push(&repo.url(), &missing, &["--retry-timeout", "1s"]);
+    let run = agents().push(&repo, &missing, &["--retry-timeout", "1s"]);
     run.assert_code(exit::NOT_FOUND_OR_RETRY);
     assert!(!repo.has_object("000000010000000000000009"));
     Ok(())

@@ -6,7 +6,6 @@ use walvault_testkit::Repo;
 use walvault_testkit::fixtures::{
     RECOVERY_TIMEOUT, archive_everything, archiving_cluster, prepare_restore, segment_range,
 };
-use walvault_testkit::repo::flip_byte;
 use walvault_testkit::workload::{self, Workload};
 
 #[test]
@@ -33,8 +32,7 @@ fn corrupt_segment_stops_recovery_instead_of_promoting() -> Result<()> {
     // Past the end of the base backup, with archived segments on both sides.
     let victim = &segments[segments.len() / 2];
     let before_victim = &segments[segments.len() / 2 - 1];
-    let object = repo.object_path(victim);
-    flip_byte(&object, std::fs::metadata(&object)?.len() as i64 / 2)?;
+    repo.flip_middle_byte(&repo.object_key(victim))?;
 
     prepare_restore(&restored, &repo, "--retry-timeout 2s")?;
     let log = restored.start_expect_failure(RECOVERY_TIMEOUT)?;

@@ -12,7 +12,6 @@ use walvault_testkit::backup::{self, BackupSummary, next_backup_second, take_bac
 use walvault_testkit::fixtures::{archive_everything, archiving_cluster};
 use walvault_testkit::host::{Finished, ScratchDir, write_for_pg};
 use walvault_testkit::object::{KIND_MANIFEST, Sealed};
-use walvault_testkit::repo::flip_byte;
 use walvault_testkit::{Repo, workload};
 
 /// A repository holding one backup, shared by the tests that only read it.
@@ -124,8 +123,8 @@ fn unknown_timeline_is_refused() -> Result<()> {
 /// Replace the first file entry's path in the backup's manifest with `hostile`, in a valid
 /// envelope (hash and CRC recomputed), so only the manifest's own checks can catch it.
 fn plant_path(repo: &Repo, id: &str, hostile: &str) -> Result<()> {
-    let path = repo.manifest_path(id);
-    let mut obj = Sealed::open(&fs::read(&path)?).context("reading the manifest object")?;
+    let key = repo.manifest_key(id);
+    let mut obj = Sealed::open(&repo.read(&key)?).context("reading the manifest object")?;
     assert_eq!((obj.kind, obj.name.as_str()), (KIND_MANIFEST, id));
     let mut manifest: serde_json::Value = serde_json::from_slice(&obj.content)?;
     let entry = manifest["entries"]
@@ -136,19 +135,20 @@ fn plant_path(repo: &Repo, id: &str, hostile: &str) -> Result<()> {
         .context("no file entry in the manifest")?;
     entry["path"] = hostile.into();
     obj.content = serde_json::to_vec(&manifest)?;
-    fs::write(&path, obj.seal()?).with_context(|| format!("writing {}", path.display()))
+    repo.write(&key, &obj.seal()?)
 }
 
 #[test]
 fn manifest_with_a_path_outside_the_data_directory_is_refused_before_writing() -> Result<()> {
     let b = backed_up();
     let repo = b.repo.copy()?;
-    let original = fs::read(repo.manifest_path(&b.backup.id))?;
+    let manifest_key = repo.manifest_key(&b.backup.id);
+    let original = repo.read(&manifest_key)?;
 
     // Control: the envelope this test writes is one restore-agent accepts.
     let mut same = Sealed::open(&original)?;
     same.content = serde_json::to_vec(&serde_json::from_slice::<serde_json::Value>(&same.content)?)?;
-    fs::write(repo.manifest_path(&b.backup.id), same.seal()?)?;
+    repo.write(&manifest_key, &same.seal()?)?;
     let info = backup::info(&repo)?;
     assert_eq!(
         info["backups"][0]["id"], b.backup.id,
@@ -164,7 +164,7 @@ fn manifest_with_a_path_outside_the_data_directory_is_refused_before_writing() -
         (absolute.display().to_string(), absolute.clone()),
     ];
     for (hostile, lands_at) in &escapes {
-        fs::write(repo.manifest_path(&b.backup.id), &original)?;
+        repo.write(&manifest_key, &original)?;
         plant_path(&repo, &b.backup.id, hostile)?;
         let run = backup::restore(&repo, &pgdata, &[])?;
         assert_refused(&run, "unsafe");
@@ -207,8 +207,7 @@ fn corrupt_chunk_fails_the_restore_without_leaving_a_data_directory() -> Result<
         .and_then(|n| n.strip_suffix(".wvo"))
         .context("chunk object name")?
         .to_string();
-    let object = repo.root().join(&victim);
-    flip_byte(&object, fs::metadata(&object)?.len() as i64 / 2)?;
+    repo.flip_middle_byte(&victim)?;
 
     let scratch = ScratchDir::new("refuse-corrupt")?;
     let pgdata = scratch.path().join("data");

@@ -79,7 +79,7 @@ pub enum BackupError {
 
 /// Take a base backup into the repository; returns its manifest once it is recorded.
 pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Manifest, BackupError> {
-    let store = Store::open(&settings.repo, Access::ReadWrite, settings.retry_timeout)?;
+    let store = settings.open_store(Access::ReadWrite)?;
     let (client, connection) = tokio_postgres::connect(&opts.pg_conn, tokio_postgres::NoTls)
         .await
         .map_err(|e| BackupError::Connect(e.to_string()))?;

@@ -9,5 +9,5 @@ pub mod url;
 
 pub use descriptor::{ClusterIdentity, RepoDescriptor};
 pub use object::{ObjectError, SealedObject};
-pub use store::{Store, StoreError};
+pub use store::{Access, Store, StoreError, StoreOptions};
 pub use url::RepoUrl;

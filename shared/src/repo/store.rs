@@ -1,16 +1,43 @@
 //! Object storage behind the repository, through `object_store`, with errors classified for the
 //! one retry policy (see [`crate::retry`]).
+//!
+//! Retries happen in one place only: `object_store`'s own retry loop is switched off
+//! (`max_retries = 0`) and every call site wraps its requests in [`crate::retry::RetryPolicy`],
+//! which retries only errors classified transient here, within the caller's total time bound.
+//! Each HTTP request is bounded by [`CONNECT_TIMEOUT`] and [`REQUEST_TIMEOUT`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use object_store::aws::AmazonS3ConfigKey;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use super::url::{RepoLocation, RepoUrl};
+use crate::config::S3Settings;
 use crate::retry::Retryable;
+
+/// Longest wait for a TCP (and TLS) connection to the object store.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a single request may take, body included. The largest object a push or fetch moves
+/// in one request is one sealed WAL segment (16 MiB by default, compressed), which needs under
+/// 1 MB/s to finish in time; larger objects go up in parts of [`PART_SIZE`].
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Objects larger than this are uploaded to object stores in parts.
+pub const MULTIPART_THRESHOLD: usize = 32 << 20;
+/// Size of each part of a multipart upload.
+pub const PART_SIZE: usize = 16 << 20;
+
+/// What opening a store needs besides its URL.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// The caller's retry budget (used as the local file system's patience for a missing mount).
+    pub retry_timeout: Duration,
+    /// S3 settings from the configuration file; `AWS_*` environment variables win.
+    pub s3: S3Settings,
+}
 
 /// Whether this process may write to the repository. Only archive-agent writes; restore-agent
 /// opens read-only, so a restore host can run with read-only credentials.
@@ -63,11 +90,73 @@ pub struct Store {
     create: CreateSemantics,
 }
 
+/// An S3 client: the `AWS_*` environment first (the usual conventions: `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
+/// `AWS_ALLOW_HTTP`, ...), then the configuration file's `[s3]` table for what the environment
+/// leaves unset, then walvault's fixed timeouts and retry settings.
+fn s3_builder(url: &RepoUrl, file: &S3Settings) -> object_store::aws::AmazonS3Builder {
+    use AmazonS3ConfigKey as K;
+    let mut b = object_store::aws::AmazonS3Builder::new();
+    let bool_str = |v: bool| v.to_string();
+    let from_file = [
+        (K::Endpoint, file.endpoint.clone()),
+        (K::Region, file.region.clone()),
+        (K::AccessKeyId, file.access_key_id.clone()),
+        (
+            K::SecretAccessKey,
+            file.secret_access_key.as_ref().map(|s| s.expose().to_string()),
+        ),
+        (
+            K::Token,
+            file.session_token.as_ref().map(|s| s.expose().to_string()),
+        ),
+        (
+            K::Client(ClientConfigKey::AllowHttp),
+            file.allow_http.map(bool_str),
+        ),
+        (
+            K::VirtualHostedStyleRequest,
+            file.virtual_hosted_style.map(bool_str),
+        ),
+    ];
+    for (key, value) in from_file {
+        if let Some(value) = value {
+            b = b.with_config(key, value);
+        }
+    }
+    // The environment wins over the file, as for every other setting.
+    for (name, value) in std::env::vars_os() {
+        if let (Some(name), Some(value)) = (name.to_str(), value.to_str())
+            && name.starts_with("AWS_")
+            && let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>()
+        {
+            b = b.with_config(key, value);
+        }
+    }
+    let b = b.with_url(url.as_str());
+    // One retry layer: ours. object_store's retries would multiply attempts and stretch the time
+    // bound PostgreSQL's archiver and recovery rely on.
+    let retry = object_store::RetryConfig {
+        max_retries: 0,
+        retry_timeout: REQUEST_TIMEOUT,
+        ..Default::default()
+    };
+    b.with_retry(retry)
+        .with_config(
+            K::Client(ClientConfigKey::ConnectTimeout),
+            format!("{}s", CONNECT_TIMEOUT.as_secs()),
+        )
+        .with_config(
+            K::Client(ClientConfigKey::Timeout),
+            format!("{}s", REQUEST_TIMEOUT.as_secs()),
+        )
+}
+
 impl Store {
     /// Open the store a URL names. A local repository directory is created when opened for
     /// writing; opened read-only, a missing directory is a (retryable: it may be a mount that is
     /// not up yet) error, never an empty repository.
-    pub fn open(url: &RepoUrl, access: Access, timeout: Duration) -> Result<Store, StoreError> {
+    pub fn open(url: &RepoUrl, access: Access, options: &StoreOptions) -> Result<Store, StoreError> {
         let fail = |message: String, transient: bool| StoreError {
             op: "open",
             key: String::new(),
@@ -99,14 +188,7 @@ impl Store {
                 })
             }
             RepoLocation::S3 { prefix, .. } => {
-                let retry = object_store::RetryConfig {
-                    max_retries: 3,
-                    retry_timeout: timeout,
-                    ..Default::default()
-                };
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(url.as_str())
-                    .with_retry(retry)
+                let s3 = s3_builder(url, &options.s3)
                     .build()
                     .map_err(|e| fail(e.to_string(), false))?;
                 Ok(Store {
@@ -197,6 +279,9 @@ impl Store {
     /// Write an object, replacing any existing one. Only for content-addressed objects (the key
     /// is the hash of the content, so a replacement carries the same bytes).
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        if self.uses_parts(&bytes) {
+            return self.put_in_parts(key, bytes).await;
+        }
         self.inner
             .put(&self.path(key), PutPayload::from(bytes))
             .await
@@ -204,20 +289,63 @@ impl Store {
             .map_err(|e| self.error("write", key, e))
     }
 
+    fn uses_parts(&self, bytes: &Bytes) -> bool {
+        self.create == CreateSemantics::CheckThenWrite && bytes.len() > MULTIPART_THRESHOLD
+    }
+
+    /// A multipart upload, one part of [`PART_SIZE`] at a time (each its own bounded request);
+    /// the object appears whole on completion or not at all, and a failed upload is aborted.
+    async fn put_in_parts(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let mut upload = self
+            .inner
+            .put_multipart(&self.path(key))
+            .await
+            .map_err(|e| self.error("write", key, e))?;
+        let mut at = 0;
+        while at < bytes.len() {
+            let end = (at + PART_SIZE).min(bytes.len());
+            if let Err(e) = upload.put_part(PutPayload::from(bytes.slice(at..end))).await {
+                let _ = upload.abort().await;
+                return Err(self.error("write", key, e));
+            }
+            at = end;
+        }
+        match upload.complete().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let _ = upload.abort().await;
+                Err(self.error("write", key, e))
+            }
+        }
+    }
+
     /// Write an object only if none exists under `key`. The write is atomic (all or nothing) and,
     /// on a local repository, durable when this returns. On [`CreateSemantics::CheckThenWrite`]
     /// stores `AlreadyExists` is only reported when the store itself detects it; callers check
     /// before and verify after.
     pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutNew, StoreError> {
+        if self.uses_parts(&bytes) {
+            // Multipart uploads carry no create-only condition; these stores are checked before
+            // and read back after by the caller anyway.
+            return self.put_in_parts(key, bytes).await.map(|()| PutNew::Created);
+        }
         let path = self.path(key);
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
+        let bytes_again = bytes.clone();
         match self.inner.put_opts(&path, PutPayload::from(bytes), opts).await {
             Ok(_) => Ok(PutNew::Created),
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
                 Ok(PutNew::AlreadyExists)
+            }
+            // A server that rejects the condition outright (501) instead of ignoring it: write
+            // without it; on these stores the caller checked before and reads back after.
+            Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. })
+                if self.create == CreateSemantics::CheckThenWrite =>
+            {
+                self.put(key, bytes_again).await.map(|()| PutNew::Created)
             }
             Err(e) => Err(self.error("write", key, e)),
         }
@@ -232,8 +360,12 @@ mod tests {
     async fn local_store_creates_once_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let url: RepoUrl = format!("file://{}/repo", dir.path().display()).parse().unwrap();
-        assert!(Store::open(&url, Access::ReadOnly, Duration::from_secs(1)).is_err());
-        let store = Store::open(&url, Access::ReadWrite, Duration::from_secs(1)).unwrap();
+        let options = StoreOptions {
+            retry_timeout: Duration::from_secs(1),
+            ..Default::default()
+        };
+        assert!(Store::open(&url, Access::ReadOnly, &options).is_err());
+        let store = Store::open(&url, Access::ReadWrite, &options).unwrap();
         assert_eq!(store.get("wal/x/a.wvo").await.unwrap(), None);
         let put = store
             .put_new("wal/x/a.wvo", Bytes::from_static(b"one"))
