@@ -221,15 +221,23 @@ fn scan_ready(status_dir: &Path) -> (Vec<WalFileName>, Duration) {
 }
 
 /// What one upload did: the push outcome and the bytes read.
-type UploadResult = Result<(PushOutcome, u64), PushError>;
+type UploadResult = Result<(PushOutcome, u64), UploadError>;
+
+/// Why an upload did not end with a marker in the spool.
+#[derive(Debug, thiserror::Error)]
+enum UploadError {
+    #[error("{0}")]
+    Push(#[from] PushError),
+    /// The file is durable in the repository, but the spool cannot say so (a full disk): push
+    /// then checks the repository itself, so nothing is lost, but a human should look.
+    #[error(
+        "stored in the repository, but cannot write its marker in the spool {path}: {source} (push checks the repository itself meanwhile)"
+    )]
+    Marker { path: String, source: std::io::Error },
+}
 
 /// Upload one file and record it in the spool.
-async fn upload(
-    settings: Arc<Settings>,
-    store: Store,
-    spool: Spool,
-    path: PathBuf,
-) -> Result<(PushOutcome, u64), PushError> {
+async fn upload(settings: Arc<Settings>, store: Store, spool: Spool, path: PathBuf) -> UploadResult {
     let read_path = path.clone();
     // Metadata before the read: if the file changed meanwhile, the marker will not match it.
     let (meta, file) = tokio::task::spawn_blocking(move || {
@@ -245,7 +253,7 @@ async fn upload(
     let size = file.content.len() as u64;
     spool
         .mark_archived(&settings.repo, &file.name, &file.hash, size, meta.as_ref())
-        .map_err(|source| PushError::Read {
+        .map_err(|source| UploadError::Marker {
             path: spool.dir().display().to_string(),
             source,
         })?;
@@ -397,7 +405,7 @@ fn record(
     metrics: &Metrics,
     backoff: &mut HashMap<WalFileName, (Instant, Duration)>,
     name: WalFileName,
-    result: Result<(PushOutcome, u64), PushError>,
+    result: UploadResult,
 ) {
     match result {
         Ok((outcome, _)) if !outcome.newly_stored => {
@@ -428,7 +436,12 @@ fn record(
                 (*d * 2).min(Duration::from_secs(60))
             });
             backoff.insert(name, (Instant::now() + wait, wait));
-            tracing::warn!("daemon {name}: {e}; retrying in {wait:?} (PostgreSQL's own push also retries)");
+            match e {
+                UploadError::Marker { .. } => tracing::error!("daemon {name}: {e}; retrying in {wait:?}"),
+                UploadError::Push(_) => tracing::warn!(
+                    "daemon {name}: {e}; retrying in {wait:?} (PostgreSQL's own push also retries)"
+                ),
+            }
         }
     }
 }

@@ -65,9 +65,12 @@ fn pid_alive(pid: &str) -> bool {
 
 impl Prefetch {
     pub fn new(pgdata: &Path) -> Prefetch {
+        // Absolute, so that messages name the spool in full (PostgreSQL runs fetch in the data
+        // directory, whose path is then just ".").
+        let pgdata = std::path::absolute(pgdata).unwrap_or_else(|_| pgdata.to_path_buf());
         Prefetch {
-            pgdata: pgdata.to_path_buf(),
             dir: pgdata.join(SPOOL_DIR).join("prefetch"),
+            pgdata,
         }
     }
 
@@ -104,12 +107,19 @@ impl Prefetch {
         }
     }
 
-    /// Tell the prefetcher where recovery is.
+    /// Tell the prefetcher where recovery is. The error names the spool (a full disk, say).
     pub fn request(&self, name: &WalFileName) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
         let tmp = self.dir.join(format!("wanted.{}", std::process::id()));
-        std::fs::write(&tmp, name.to_string())?;
-        std::fs::rename(tmp, self.dir.join("wanted"))
+        let written = std::fs::create_dir_all(&self.dir)
+            .and_then(|()| std::fs::write(&tmp, name.to_string()))
+            .and_then(|()| std::fs::rename(&tmp, self.dir.join("wanted")));
+        written.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot write to the spool {}: {e}", self.dir.display()),
+            )
+        })
     }
 
     fn wanted(&self) -> Option<SegmentName> {
@@ -161,14 +171,28 @@ impl Prefetch {
 pub enum PrefetchError {
     #[error(transparent)]
     Store(#[from] crate::repo::StoreError),
-    #[error("prefetch spool: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("prefetch spool {path}: {source}")]
+    Spool { path: String, source: std::io::Error },
 }
+
+impl PrefetchError {
+    fn spool(dir: &Path) -> impl FnOnce(std::io::Error) -> PrefetchError + '_ {
+        move |source| PrefetchError::Spool {
+            path: dir.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// How long the prefetcher leaves a spool it could not write (a full disk) alone: recovery
+/// fetches straight from the repository meanwhile, and the server log gets one line per pause,
+/// not one per segment and second.
+const SPOOL_FAILURE_PAUSE: Duration = Duration::from_secs(30);
 
 /// Run the prefetcher for `pgdata` until recovery ends or nothing is asked for `idle_exit`.
 pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> Result<(), PrefetchError> {
     let pf = Prefetch::new(pgdata);
-    if !pf.claim()? {
+    if !pf.claim().map_err(PrefetchError::spool(&pf.dir))? {
         return Ok(()); // another prefetcher serves this data directory
     }
     let store = settings.open_store(Access::ReadOnly)?;
@@ -187,6 +211,8 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
     let mut missing: std::collections::HashMap<WalFileName, Instant> = Default::default();
     let mut tasks: JoinSet<(WalFileName, Result<bool, PrefetchError>)> = JoinSet::new();
     let mut downloading: BTreeSet<WalFileName> = BTreeSet::new();
+    // Set when the spool could not be written: no new download before then.
+    let mut paused_until: Option<Instant> = None;
     loop {
         while let Some(done) = tasks.try_join_next() {
             let (name, result) = done.expect("prefetch task panicked");
@@ -194,6 +220,16 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
             match result {
                 Ok(true) => {}
                 Ok(false) => {
+                    missing.insert(name, Instant::now());
+                }
+                Err(e @ PrefetchError::Spool { .. }) => {
+                    if paused_until.is_none_or(|t| Instant::now() >= t) {
+                        tracing::warn!(
+                            "prefetch {name}: {e}; prefetching paused for {}s, recovery fetches from the repository meanwhile",
+                            SPOOL_FAILURE_PAUSE.as_secs()
+                        );
+                    }
+                    paused_until = Some(Instant::now() + SPOOL_FAILURE_PAUSE);
                     missing.insert(name, Instant::now());
                 }
                 Err(e) => {
@@ -232,7 +268,10 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
             }
             let spooled = pf.spooled();
             for name in ahead {
-                if tasks.len() >= opts.parallel.max(1) || pf.spool_bytes() >= opts.max_bytes {
+                if tasks.len() >= opts.parallel.max(1)
+                    || pf.spool_bytes() >= opts.max_bytes
+                    || paused_until.is_some_and(|t| Instant::now() < t)
+                {
                     break;
                 }
                 let recently_missing = missing
@@ -276,6 +315,8 @@ async fn download(
         return Ok(false);
     };
     let (name, path, descriptor) = (*name, path.to_path_buf(), descriptor.clone());
+    let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let spool_dir = dir.clone();
     tokio::task::spawn_blocking(move || {
         let repo = String::new();
         let verified = crate::repo::object::open(
@@ -292,15 +333,19 @@ async fn download(
         match verified {
             Ok(content) => {
                 let tmp = path.with_extension("part");
-                crate::fsutil::write_durably(&tmp, &content)?;
-                std::fs::rename(&tmp, &path)?;
+                crate::fsutil::write_durably(&tmp, &content)
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .map_err(|e| {
+                        let _ = std::fs::remove_file(&tmp);
+                        PrefetchError::spool(&dir)(e)
+                    })?;
             }
             Err(e) => tracing::warn!("prefetch {name}: {e}; leaving it to fetch"),
         }
         Ok(true)
     })
     .await
-    .map_err(|e| PrefetchError::Io(std::io::Error::other(e)))?
+    .unwrap_or_else(|e| Err(PrefetchError::spool(&spool_dir)(std::io::Error::other(e))))
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! the point-in-time recovery.
 //!
 //! Everything that can be refused is refused before the first byte is written: an unknown
-//! timeline, a target no backup can reach, a non-empty directory, an unsafe manifest.
+//! timeline, a target no backup can reach, a non-empty directory, an unsafe manifest. The
+//! manifest is treated as hostile (anyone who can write to the repository writes it): it is
+//! validated in full ([`Manifest::validate`], [`check_before_writing`]) before anything is created.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,9 +15,10 @@ use tokio::task::JoinSet;
 
 use crate::backup::BackupId;
 use crate::backup::chunk::{self, ChunkError};
-use crate::backup::manifest::{EntryKind, Manifest};
+use crate::backup::manifest::{self, EntryKind, Manifest, ManifestError};
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
+use crate::repo::object::{self, ObjectError, ObjectKind};
 use crate::repo::store::Access;
 use crate::repo::{Store, StoreError};
 use crate::time;
@@ -132,6 +135,17 @@ pub enum RestoreError {
         oid: u32,
         path: String,
         why: &'static str,
+    },
+    #[error("backup {backup}: {source}")]
+    Manifest {
+        backup: BackupId,
+        source: Box<ManifestError>,
+    },
+    #[error("backup {backup}: entry {entry:?} is refused: {why}")]
+    Refused {
+        backup: BackupId,
+        entry: String,
+        why: String,
     },
 }
 
@@ -310,6 +324,9 @@ fn place_tablespaces(
     opts: &RestoreOptions,
 ) -> Result<std::collections::BTreeMap<u32, PathBuf>, RestoreError> {
     let plan = &opts.tablespaces;
+    // Compared as absolute, lexically normalized paths: `--pgdata data` and `..` must not hide
+    // an overlap.
+    let pgdata = normalize(&std::path::absolute(&opts.pgdata).map_err(write_err(&opts.pgdata))?);
     let mut out = std::collections::BTreeMap::new();
     let unplaced: Vec<String> = m
         .tablespaces
@@ -318,9 +335,13 @@ fn place_tablespaces(
         .map(|t| format!("{} at {}", t.oid, t.location))
         .collect();
     if !unplaced.is_empty() {
+        let mut list = unplaced.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+        if unplaced.len() > 10 {
+            list.push_str(&format!(" and {} more", unplaced.len() - 10));
+        }
         return Err(RestoreError::TablespacesUnplaced {
             backup: m.id.clone(),
-            list: unplaced.join(", "),
+            list,
         });
     }
     for t in &m.tablespaces {
@@ -341,7 +362,11 @@ fn place_tablespaces(
         {
             return Err(bad("not an absolute path without '..'"));
         }
-        if path.starts_with(&opts.pgdata) || opts.pgdata.starts_with(&path) {
+        if path.as_os_str().len() > manifest::MAX_PATH_LEN {
+            return Err(bad("it is longer than PATH_MAX"));
+        }
+        let path = normalize(&path);
+        if path.starts_with(&pgdata) || pgdata.starts_with(&path) {
             return Err(bad("it overlaps the new data directory"));
         }
         if !is_empty_dir(&path)? {
@@ -352,9 +377,116 @@ fn place_tablespaces(
         if out.values().any(|p: &PathBuf| p == &path) {
             return Err(bad("two tablespaces cannot share a location"));
         }
+        if out
+            .values()
+            .any(|p: &PathBuf| p.starts_with(&path) || path.starts_with(p))
+        {
+            return Err(bad("it overlaps another tablespace's location"));
+        }
         out.insert(t.oid, path);
     }
     Ok(out)
+}
+
+/// `p` without `.` and `..` components, resolved lexically (`p` is absolute).
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Where entry `rel` goes: tablespace contents to their chosen location (`pg_tblspc/<oid>`
+/// itself is recreated by PostgreSQL from `tablespace_map`), everything else under `pgdata`.
+fn destination(pgdata: &Path, spaces: &std::collections::BTreeMap<u32, PathBuf>, rel: &str) -> PathBuf {
+    if let Some((oid, rest)) = manifest::tablespace_part(rel)
+        && let Some(location) = spaces.get(&oid)
+    {
+        return match rest {
+            Some(rest) => location.join(rest),
+            None => location.clone(),
+        };
+    }
+    pgdata.join(rel)
+}
+
+/// The temporary names restore writes its own files under ([`crate::fsutil::write_durably`]).
+/// (Entries named like the files themselves are refused by [`Manifest::validate`].)
+fn temp_names() -> Vec<String> {
+    let pid = std::process::id();
+    [
+        "backup_label",
+        "tablespace_map",
+        "postgresql.auto.conf",
+        "recovery.signal",
+    ]
+    .iter()
+    .map(|n| format!(".{n}.walvault-{pid}.tmp"))
+    .collect()
+}
+
+/// The checks of a backup's manifest that depend on the restore: run after the tablespaces are
+/// placed and before anything is written. The manifest is validated again in full (it normally
+/// was when the catalog loaded it), then: it belongs to the repository's cluster, every
+/// destination fits in PATH_MAX, and no entry collides with a temporary file restore writes.
+/// Returns the bytes the files add up to.
+pub fn check_before_writing(
+    cat: &Catalog,
+    m: &Manifest,
+    opts: &RestoreOptions,
+    spaces: &std::collections::BTreeMap<u32, PathBuf>,
+) -> Result<u64, RestoreError> {
+    m.validate().map_err(|source| RestoreError::Manifest {
+        backup: m.id.clone(),
+        source: Box::new(source),
+    })?;
+    let refuse = |entry: &str, why: String| RestoreError::Refused {
+        backup: m.id.clone(),
+        entry: entry.chars().take(200).collect(),
+        why,
+    };
+    let sysid = cat.descriptor.cluster.system_identifier;
+    if m.system_identifier != sysid {
+        return Err(RestoreError::Manifest {
+            backup: m.id.clone(),
+            source: Box::new(ManifestError::Implausible(format!(
+                "it is a backup of system {}, the repository holds system {sysid}",
+                m.system_identifier
+            ))),
+        });
+    }
+    let temp = temp_names();
+    let mut total = 0u64;
+    for e in &m.entries {
+        let first = e.path.split('/').next().unwrap_or_default();
+        if temp.iter().any(|t| t == first) {
+            return Err(refuse(
+                &e.path,
+                format!("restore writes its own files through {first}"),
+            ));
+        }
+        let dest = destination(&opts.pgdata, spaces, &e.path);
+        if dest.as_os_str().len() > manifest::MAX_PATH_LEN {
+            return Err(refuse(
+                &e.path,
+                format!(
+                    "its destination would be {} bytes long, more than PATH_MAX",
+                    dest.as_os_str().len()
+                ),
+            ));
+        }
+        // validate() bounded the sum.
+        total += e.size;
+    }
+    Ok(total)
 }
 
 fn is_empty_dir(p: &Path) -> Result<bool, RestoreError> {
@@ -403,6 +535,7 @@ pub async fn restore(
         return Err(RestoreError::NotEmpty(opts.pgdata.display().to_string()));
     }
     let spaces = place_tablespaces(manifest, opts)?;
+    let total_bytes = check_before_writing(&cat, manifest, opts, &spaces)?;
 
     // Checks passed: write. On failure, remove what was written: a half-restored directory
     // must never be mistaken for a restore.
@@ -413,7 +546,7 @@ pub async fn restore(
     if opts.force {
         clear_dir(&opts.pgdata)?;
     }
-    progress.start(manifest.stats.logical_bytes);
+    progress.start(total_bytes);
     let written = write_backup(&store, opts, manifest, &spaces, timeline, progress).await;
     if written.is_err() {
         for t in &targets {
@@ -468,22 +601,13 @@ async fn write_backup(
     progress: Arc<dyn Progress>,
 ) -> Result<(u64, u64), RestoreError> {
     create_dir(&opts.pgdata, 0o700)?;
-    let dest_of = |rel: &str| -> PathBuf {
-        // Tablespace contents go back to their location; pg_tblspc/<oid> itself is recreated
-        // by PostgreSQL from tablespace_map.
-        let mut parts = rel.splitn(3, '/');
-        if let (Some("pg_tblspc"), Some(oid), rest) = (parts.next(), parts.next(), parts.next())
-            && let Some(location) = oid.parse::<u32>().ok().and_then(|oid| spaces.get(&oid))
-        {
-            return match rest {
-                Some(rest) => location.join(rest),
-                None => location.clone(),
-            };
-        }
-        opts.pgdata.join(rel)
-    };
+    let dest_of = |rel: &str| destination(&opts.pgdata, spaces, rel);
+    // Entries are sorted, so a directory comes before what it holds. A parent the manifest does
+    // not list is created 0700 (validation made sure no entry goes through a file).
     for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
-        create_dir(&dest_of(&e.path), e.mode)?;
+        let dest = dest_of(&e.path);
+        create_parent(&dest)?;
+        create_dir(&dest, e.mode)?;
     }
     // Chunks, not files, are the unit of parallelism, so one large relation file restores as
     // fast as many small ones; `parallel` bounds the chunks in memory.
@@ -492,7 +616,9 @@ async fn write_backup(
     let (mut files, mut bytes) = (0u64, 0u64);
     for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::File) {
         files += 1;
-        let file = Arc::new(OutFile::create(dest_of(&e.path), e.mode, e.chunks.len())?);
+        let dest = dest_of(&e.path);
+        create_parent(&dest)?;
+        let file = Arc::new(OutFile::create(dest, e.mode, e.chunks.len())?);
         if e.chunks.is_empty() {
             file.finish()?;
         }
@@ -510,14 +636,7 @@ async fn write_backup(
                 Arc::clone(&progress),
             );
             tasks.spawn(async move {
-                let data = chunk::get_chunk(&store, &id).await?;
-                if data.len() as u64 != expected {
-                    return Err(RestoreError::Corrupt(format!(
-                        "chunk {id} of {} holds {} bytes, the manifest says {expected}",
-                        file.path.display(),
-                        data.len()
-                    )));
-                }
+                let data = fetch_chunk(&store, &id, expected, &file.path).await?;
                 let len = data.len() as u64;
                 progress.advance(len);
                 tokio::task::spawn_blocking(move || {
@@ -540,6 +659,57 @@ async fn write_backup(
 
     write_recovery_files(opts, manifest, spaces, timeline)?;
     Ok((files, bytes))
+}
+
+/// Read chunk `id`, which the manifest says holds `expected` bytes of `path`, and verify it. The
+/// header's length is compared before decompressing, so a hostile chunk object cannot make the
+/// restore allocate more than the chunk size (times `--parallel`).
+async fn fetch_chunk(store: &Store, id: &str, expected: u64, path: &Path) -> Result<Vec<u8>, RestoreError> {
+    let key = chunk::chunk_key(id);
+    let bytes = store
+        .get(&key)
+        .await?
+        .ok_or_else(|| ChunkError::Missing { id: id.to_string() })?;
+    let corrupt = |source| ChunkError::Corrupt {
+        id: id.to_string(),
+        source: Box::new(source),
+    };
+    let header = object::read_header(&bytes).map_err(corrupt)?;
+    if header.original_len != expected {
+        return Err(RestoreError::Corrupt(format!(
+            "chunk {id} of {} holds {} bytes, the manifest says {expected}",
+            path.display(),
+            header.original_len
+        )));
+    }
+    let id_owned = id.to_string();
+    let (header, content) =
+        tokio::task::spawn_blocking(move || object::open(&bytes, ObjectKind::Chunk, &id_owned))
+            .await
+            .expect("chunk decoding panicked")
+            .map_err(corrupt)?;
+    // The header hash matched the content; the content must also be what the id names.
+    if header.blake3_hex() != id {
+        return Err(corrupt(ObjectError::ContentHash {
+            expected: id.to_string(),
+            found: header.blake3_hex(),
+        })
+        .into());
+    }
+    Ok(content)
+}
+
+/// Create the missing parents of `p`, 0700.
+fn create_parent(p: &Path) -> Result<(), RestoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match p.parent() {
+        Some(parent) if !parent.is_dir() => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(write_err(parent)),
+        _ => Ok(()),
+    }
 }
 
 fn create_dir(p: &Path, mode: u32) -> Result<(), RestoreError> {
@@ -603,6 +773,24 @@ impl OutFile {
     }
 }
 
+/// `tablespace_map` as PostgreSQL writes and reads it: `<oid> <path>` lines, with `\\`, `\n` and
+/// `\r` in the path escaped by a backslash.
+fn tablespace_map(spaces: &std::collections::BTreeMap<u32, PathBuf>) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut map = Vec::new();
+    for (oid, p) in spaces {
+        map.extend_from_slice(format!("{oid} ").as_bytes());
+        for &b in p.as_os_str().as_bytes() {
+            if matches!(b, b'\\' | b'\n' | b'\r') {
+                map.push(b'\\');
+            }
+            map.push(b);
+        }
+        map.push(b'\n');
+    }
+    map
+}
+
 /// backup_label, tablespace_map, recovery settings and recovery.signal.
 fn write_recovery_files(
     opts: &RestoreOptions,
@@ -615,16 +803,11 @@ fn write_recovery_files(
         crate::fsutil::write_durably(&p, content).map_err(write_err(&p))
     };
     write("backup_label", m.backup_label.as_bytes())?;
-    // tablespace_map as pg_backup_stop returned it, but pointing at the chosen locations:
-    // PostgreSQL recreates pg_tblspc/<oid> from it.
+    // tablespace_map pointing at the chosen locations: PostgreSQL recreates pg_tblspc/<oid> as a
+    // link to each. Never the manifest's own map: its locations are the source's, and links to
+    // them would let recovery write wherever a hostile manifest says.
     if !spaces.is_empty() {
-        let map: String = spaces
-            .iter()
-            .map(|(oid, p)| format!("{oid} {}\n", p.display()))
-            .collect();
-        write("tablespace_map", map.as_bytes())?;
-    } else if let Some(map) = &m.tablespace_map {
-        write("tablespace_map", map.as_bytes())?;
+        write("tablespace_map", &tablespace_map(spaces))?;
     }
     let mut conf = String::new();
     let auto = opts.pgdata.join("postgresql.auto.conf");
@@ -656,4 +839,183 @@ fn write_recovery_files(
     let _ = std::fs::remove_file(opts.pgdata.join("standby.signal"));
     write("recovery.signal", b"")?;
     crate::fsutil::sync_parent(&opts.pgdata.join("recovery.signal")).map_err(write_err(&opts.pgdata))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::backup::manifest::{Entry, Tablespace};
+    use crate::repo::{ClusterIdentity, RepoDescriptor};
+
+    const SYSID: u64 = 7_441_234_567_890_123_456;
+
+    fn fixture() -> Manifest {
+        Manifest::parse(include_bytes!("../tests/fixtures/manifest-v1.json")).unwrap()
+    }
+
+    fn catalog(sysid: u64) -> Catalog {
+        Catalog {
+            descriptor: RepoDescriptor::new(ClusterIdentity {
+                system_identifier: sysid,
+                wal_segment_size: 16 << 20,
+                wal_block_size: 8192,
+                pg_version: 15,
+            }),
+            backups: vec![],
+            timelines: Default::default(),
+            segments: BTreeMap::new(),
+            summaries: BTreeMap::new(),
+        }
+    }
+
+    fn options(pgdata: &Path) -> RestoreOptions {
+        RestoreOptions {
+            pgdata: pgdata.to_path_buf(),
+            backup: None,
+            target: RecoveryTarget::End,
+            timeline: TimelineTarget::Latest,
+            action: TargetAction::Promote,
+            exclusive: false,
+            force: false,
+            parallel: 1,
+            restore_command: "true".into(),
+            tablespaces: TablespacePlan::default(),
+        }
+    }
+
+    fn with_tablespace(location: &str) -> Manifest {
+        let mut m = fixture();
+        m.tablespaces = vec![Tablespace {
+            oid: 16400,
+            location: location.into(),
+        }];
+        m.entries.push(Entry {
+            path: "pg_tblspc/16400".into(),
+            kind: EntryKind::Dir,
+            mode: 0o700,
+            size: 0,
+            chunks: vec![],
+        });
+        m
+    }
+
+    #[test]
+    fn tablespace_map_is_escaped_as_postgres_reads_it() {
+        let spaces = BTreeMap::from([
+            (16400, PathBuf::from("/srv/ts1")),
+            (16401, PathBuf::from("/srv/odd\nname\\x")),
+        ]);
+        assert_eq!(
+            tablespace_map(&spaces),
+            b"16400 /srv/ts1\n16401 /srv/odd\\\nname\\\\x\n".to_vec()
+        );
+    }
+
+    #[test]
+    fn only_a_declared_tablespace_goes_to_its_location() {
+        let spaces = BTreeMap::from([(16400, PathBuf::from("/srv/ts1"))]);
+        let pgdata = Path::new("/restore/data");
+        let dest = |rel| destination(pgdata, &spaces, rel);
+        assert_eq!(dest("pg_tblspc/16400"), PathBuf::from("/srv/ts1"));
+        assert_eq!(
+            dest("pg_tblspc/16400/PG_15/1/2"),
+            PathBuf::from("/srv/ts1/PG_15/1/2")
+        );
+        // Other spellings of the oid, and undeclared oids, stay in the data directory.
+        assert_eq!(dest("pg_tblspc/016400/x"), pgdata.join("pg_tblspc/016400/x"));
+        assert_eq!(dest("pg_tblspc/+16400/x"), pgdata.join("pg_tblspc/+16400/x"));
+        assert_eq!(dest("pg_tblspc/16500/x"), pgdata.join("pg_tblspc/16500/x"));
+    }
+
+    #[test]
+    fn tablespace_locations_may_not_overlap_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        // A relative --pgdata is compared as the absolute path it names.
+        let mut opts = options(Path::new("data"));
+        opts.tablespaces.original = true;
+        let inside = cwd.join("data/ts");
+        let err = place_tablespaces(&with_tablespace(inside.to_str().unwrap()), &opts).unwrap_err();
+        assert!(
+            err.to_string().contains("overlaps the new data directory"),
+            "{err}"
+        );
+        // So is one spelled with `..`.
+        opts.pgdata = PathBuf::from("elsewhere/../data");
+        let err = place_tablespaces(&with_tablespace(inside.to_str().unwrap()), &opts).unwrap_err();
+        assert!(
+            err.to_string().contains("overlaps the new data directory"),
+            "{err}"
+        );
+        // A location holding the data directory.
+        opts.pgdata = PathBuf::from("data");
+        let err = place_tablespaces(&with_tablespace(cwd.to_str().unwrap()), &opts).unwrap_err();
+        assert!(
+            err.to_string().contains("overlaps the new data directory"),
+            "{err}"
+        );
+
+        // Two tablespaces, one inside the other.
+        let mut m = with_tablespace(dir.path().join("a").to_str().unwrap());
+        m.tablespaces.push(Tablespace {
+            oid: 16401,
+            location: dir.path().join("a/b").display().to_string(),
+        });
+        let mut opts = options(&dir.path().join("data"));
+        opts.tablespaces.original = true;
+        let err = place_tablespaces(&m, &opts).unwrap_err();
+        assert!(err.to_string().contains("overlaps another tablespace"), "{err}");
+    }
+
+    #[test]
+    fn pre_write_checks_refuse_with_the_backup_and_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(&dir.path().join("data"));
+        let none = BTreeMap::new();
+        let m = fixture();
+        assert_eq!(
+            check_before_writing(&catalog(SYSID), &m, &opts, &none).unwrap(),
+            8192
+        );
+
+        let err = check_before_writing(&catalog(SYSID + 1), &m, &opts, &none).unwrap_err();
+        assert!(err.to_string().starts_with("backup 20261121T143200Z: "), "{err}");
+        assert!(err.to_string().contains("the repository holds system"), "{err}");
+
+        // A manifest built in memory (never parsed) is validated all the same.
+        let mut bad = fixture();
+        bad.entries[1].path = "base/../../etc/passwd".into();
+        let err = check_before_writing(&catalog(SYSID), &bad, &opts, &none).unwrap_err();
+        assert!(err.to_string().contains("'..' component"), "{err}");
+
+        // A destination past PATH_MAX, though the relative path is within it.
+        let mut long = fixture();
+        long.entries[1].path = format!("base/{}", vec!["d".repeat(200); 20].join("/"));
+        let deep = options(&dir.path().join("x".repeat(200)).join("y".repeat(200)));
+        let err = check_before_writing(&catalog(SYSID), &long, &deep, &none).unwrap_err();
+        assert!(err.to_string().contains("more than PATH_MAX"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("backup 20261121T143200Z: entry \"base/ddd"),
+            "{err}"
+        );
+
+        // The temporary name restore writes backup_label under.
+        let mut clash = fixture();
+        clash.entries.insert(
+            0,
+            Entry {
+                path: format!(".backup_label.walvault-{}.tmp", std::process::id()),
+                kind: EntryKind::File,
+                mode: 0o600,
+                size: 0,
+                chunks: vec![],
+            },
+        );
+        let err = check_before_writing(&catalog(SYSID), &clash, &opts, &none).unwrap_err();
+        assert!(err.to_string().contains("restore writes its own files"), "{err}");
+        assert!(!dir.path().join("data").exists(), "nothing was written");
+    }
 }

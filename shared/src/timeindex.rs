@@ -53,14 +53,21 @@ pub async fn load(store: &Store, seg: &SegmentName) -> Result<Option<StoredSumma
     };
     let (_, json) =
         object::open(&bytes, ObjectKind::Summary, &seg.to_string()).map_err(|e| corrupt(e.to_string()))?;
-    let s: StoredSummary = serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))?;
-    if s.format != FORMAT_NAME || s.version != FORMAT_VERSION || s.segment != seg.to_string() {
-        return Err(corrupt(format!(
-            "format {:?} version {} for {}",
-            s.format, s.version, s.segment
-        )));
+    StoredSummary::parse(&json, seg).map(Some).map_err(corrupt)
+}
+
+impl StoredSummary {
+    /// Parse the JSON of the summary stored for `seg` (untrusted: it comes from the repository).
+    pub fn parse(json: &[u8], seg: &SegmentName) -> Result<StoredSummary, String> {
+        let s: StoredSummary = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        if s.format != FORMAT_NAME || s.version != FORMAT_VERSION || s.segment != seg.to_string() {
+            return Err(format!(
+                "format {:?} version {} for {}",
+                s.format, s.version, s.segment
+            ));
+        }
+        Ok(s)
     }
-    Ok(Some(s))
 }
 
 /// Summarize an archived segment and store the summary unless one exists. Uses the previous

@@ -13,6 +13,9 @@ const CRC_LEN: usize = 4;
 const MAX_NAME_LEN: usize = 64;
 /// Largest original we will ever allocate for: a 1 GiB segment (the largest PostgreSQL allows).
 pub const MAX_ORIGINAL_LEN: u64 = 1 << 30;
+/// The most one zstd payload byte can expand to: every block takes at least 4 bytes (an RLE
+/// block: 3-byte header, 1 byte) and yields at most 128 KiB.
+const MAX_ZSTD_RATIO: u64 = 32 * 1024;
 
 /// What the object holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +56,8 @@ pub enum ObjectError {
     HeaderChecksum,
     #[error("invalid name length {0} in header")]
     BadNameLength(u32),
+    #[error("the name in the header is not ASCII")]
+    BadName,
     #[error("original length {0} exceeds the 1 GiB limit")]
     TooLarge(u64),
     #[error("truncated or padded: header promises {expected} payload bytes, object has {found}")]
@@ -183,7 +188,13 @@ pub fn read_header(bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
     if original_len > MAX_ORIGINAL_LEN {
         return Err(ObjectError::TooLarge(original_len));
     }
-    let name = String::from_utf8_lossy(&bytes[FIXED_LEN..header_end]).into_owned();
+    // ASCII, as written: a lossy conversion would make the name longer than its bytes, and
+    // the payload would be looked for at the wrong offset.
+    let name = std::str::from_utf8(&bytes[FIXED_LEN..header_end])
+        .ok()
+        .filter(|n| n.is_ascii())
+        .ok_or(ObjectError::BadName)?
+        .to_string();
     Ok(ObjectHeader {
         kind,
         codec,
@@ -223,7 +234,16 @@ pub fn open(
     }
     let content = match header.codec {
         Codec::None => payload.to_vec(),
-        // The capacity bound makes a decompression bomb fail instead of allocating without limit.
+        // The capacity bound makes a decompression bomb fail instead of allocating without limit;
+        // a payload too short to expand to the header's length is refused before that capacity
+        // is allocated.
+        Codec::Zstd if header.original_len > (payload.len() as u64).saturating_mul(MAX_ZSTD_RATIO) => {
+            return Err(ObjectError::Decompress(format!(
+                "{} payload bytes cannot expand to {} bytes",
+                payload.len(),
+                header.original_len
+            )));
+        }
         Codec::Zstd => zstd::bulk::decompress(payload, header.original_len as usize)
             .map_err(|e| ObjectError::Decompress(e.to_string()))?,
     };
@@ -301,6 +321,53 @@ mod tests {
             open(&sealed.bytes, ObjectKind::WalFile, "000000010000000000000002"),
             Err(ObjectError::WrongName { .. })
         ));
+    }
+
+    /// An object with a valid header CRC around whatever name bytes, lengths and payload.
+    fn forge(name: &[u8], original_len: u64, payload: &[u8]) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&[ObjectKind::Chunk as u8, Codec::Zstd as u8]);
+        b.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        b.extend_from_slice(&original_len.to_le_bytes());
+        b.extend_from_slice(&[0; 32]);
+        b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        b.extend_from_slice(name);
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b.extend_from_slice(payload);
+        b
+    }
+
+    /// Found by fuzzing (`sealed_object`): a name of 0xFF bytes under a valid header CRC became
+    /// U+FFFD characters, three bytes each, and `open` sliced the payload past the object's end.
+    #[test]
+    fn a_non_ascii_name_is_refused_not_a_panic() {
+        let bad = forge(&[0xFF; 8], 1, b"x");
+        assert_eq!(read_header(&bad), Err(ObjectError::BadName));
+        assert_eq!(
+            open(&bad, ObjectKind::Chunk, "abcdefgh"),
+            Err(ObjectError::BadName)
+        );
+        let bad = forge("abcdeé".as_bytes(), 1, b"x");
+        assert_eq!(read_header(&bad), Err(ObjectError::BadName));
+    }
+
+    /// Found by fuzzing (`sealed_object`): a 2-byte payload under a header claiming 528 MiB
+    /// made `open` allocate 528 MiB before zstd looked at the payload.
+    #[test]
+    fn a_short_payload_claiming_a_huge_original_is_refused_before_allocating() {
+        let bad = forge(b"abcdef", 0x2100_0000, b"QQ");
+        match open(&bad, ObjectKind::Chunk, "abcdef") {
+            Err(ObjectError::Decompress(m)) => assert!(m.contains("cannot expand"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // The bound holds for what compresses best: a zeroed 16 MiB segment, at any level.
+        let zeros = vec![0u8; 16 << 20];
+        for level in [1, 19] {
+            let sealed = SealedObject::seal(ObjectKind::WalFile, NAME, &zeros, level).unwrap();
+            assert_eq!(open(&sealed.bytes, ObjectKind::WalFile, NAME).unwrap().1, zeros);
+        }
     }
 
     proptest! {
