@@ -123,25 +123,41 @@ impl Spool {
     }
 
     /// Note that this process is uploading `name` (advisory: lets push wait instead of
-    /// uploading the same bytes a second time).
+    /// uploading the same bytes a second time). The entry names this process by pid and start
+    /// time, so a dead uploader's entry is never mistaken for a live one after pid reuse.
     pub fn begin_upload(&self, name: &WalFileName) {
         let path = self.inflight_path(name);
         let _ = std::fs::create_dir_all(path.parent().unwrap_or(&self.dir));
-        let _ = std::fs::write(path, std::process::id().to_string());
+        let _ = std::fs::write(path, process_tag(std::process::id()).unwrap_or_default());
     }
 
+    /// This process is done with `name`: remove its entry, and only its own.
     pub fn end_upload(&self, name: &WalFileName) {
-        let _ = std::fs::remove_file(self.inflight_path(name));
+        let path = self.inflight_path(name);
+        let ours = process_tag(std::process::id());
+        if ours.is_some() && std::fs::read_to_string(&path).ok() == ours {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
-    /// Whether a live process (the daemon) is uploading `name` right now.
+    /// Whether a live process (the daemon) is uploading `name` right now. An entry left by a
+    /// killed process names a dead one (or a pid since reused, with another start time): it is
+    /// ignored, and removed.
     pub fn upload_in_progress(&self, name: &WalFileName) -> bool {
-        let Ok(pid) = std::fs::read_to_string(self.inflight_path(name)) else {
+        let path = self.inflight_path(name);
+        let Ok(tag) = std::fs::read_to_string(&path) else {
             return false;
         };
-        let pid = pid.trim();
-        // A marker left by a killed daemon names a dead process: ignored.
-        !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && Path::new("/proc").join(pid).exists()
+        let live = tag
+            .split_whitespace()
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .and_then(process_tag)
+            .is_some_and(|now| now == tag);
+        if !live {
+            let _ = std::fs::remove_file(path);
+        }
+        live
     }
 
     /// Names with a marker.
@@ -160,9 +176,41 @@ impl Spool {
     }
 }
 
+/// `"<pid> <start time>"` of a live process (start time in clock ticks since boot, field 22 of
+/// `/proc/<pid>/stat`), `None` when there is no such process.
+fn process_tag(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces: count from the last ')'.
+    let after = stat.get(stat.rfind(')')? + 1..)?;
+    let start = after.split_whitespace().nth(19)?;
+    Some(format!("{pid} {start}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inflight_entries_name_live_processes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        let name: WalFileName = "000000010000000000000001".parse().unwrap();
+        assert!(!spool.upload_in_progress(&name));
+        spool.begin_upload(&name);
+        assert!(spool.upload_in_progress(&name));
+        // Our pid with another start time: a process that died, its pid since reused.
+        let pid = std::process::id();
+        std::fs::write(spool.inflight_path(&name), format!("{pid} 1")).unwrap();
+        assert!(!spool.upload_in_progress(&name));
+        assert!(!spool.inflight_path(&name).exists(), "a stale entry is removed");
+        // Another live process's entry is not ours to remove.
+        std::fs::write(spool.inflight_path(&name), process_tag(1).unwrap()).unwrap();
+        spool.end_upload(&name);
+        assert!(spool.upload_in_progress(&name));
+        spool.begin_upload(&name);
+        spool.end_upload(&name);
+        assert!(!spool.inflight_path(&name).exists());
+    }
 
     #[test]
     fn a_marker_counts_only_for_the_same_repo_and_bytes() {

@@ -352,3 +352,12 @@ pub fn archived_markers(data_dir: &Path) -> Result<Vec<String>> {
     names.sort();
     Ok(names)
 }
+
+/// Whether process `pid` has an upload in progress: an entry in the spool's `inflight/`
+/// directory naming it (`<pid> <start time>`, docs/FORMAT.md).
+pub fn uploading(inflight: &Path, pid: u32) -> bool {
+    let pid = pid.to_string();
+    fs::read_dir(inflight).into_iter().flatten().flatten().any(|e| {
+        fs::read_to_string(e.path()).is_ok_and(|t| t.split_whitespace().next() == Some(pid.as_str()))
+    })
+}

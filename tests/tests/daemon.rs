@@ -329,12 +329,7 @@ fn daemon_killed_mid_upload_and_restarted_loses_nothing() -> Result<()> {
             Duration::from_secs(5),
             Duration::from_millis(2),
             || {
-                let pid = running.pid().to_string();
-                let busy = fs::read_dir(&inflight)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .any(|e| fs::read_to_string(e.path()).is_ok_and(|p| p.trim() == pid));
+                let busy = daemon::uploading(&inflight, running.pid());
                 Ok(if busy {
                     Poll::Done(())
                 } else {

@@ -516,14 +516,9 @@ fn fault_garage_rf3_loses_a_node_during_archiving() -> Result<()> {
 }
 
 /// Whether the daemon with `pid` has an upload in progress: an `inflight/<name>` spool file
-/// holding its pid.
+/// naming it (`<pid> <start time>`, docs/FORMAT.md).
 fn uploading(inflight: &std::path::Path, pid: u32) -> bool {
-    let pid = pid.to_string();
-    fs::read_dir(inflight)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| fs::read_to_string(e.path()).is_ok_and(|p| p.trim() == pid))
+    daemon::uploading(inflight, pid)
 }
 
 /// Every spool marker names an object in `repo` holding exactly the bytes the marker records.
