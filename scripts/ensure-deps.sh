@@ -26,3 +26,11 @@ if [ -z "${WALVAULT_GARAGE:-}" ]; then
     cargo install --locked "garage@$garage_version"
   fi
 fi
+# Azurite, Azure's storage emulator, for WALVAULT_TEST_STORE=azure: from npm into the user's cache
+# once. WALVAULT_AZURITE names another azurite-blob script.
+azurite_dir=${XDG_CACHE_HOME:-$HOME/.cache}/walvault/azurite
+if [ -z "${WALVAULT_AZURITE:-}" ] && [ ! -x "$azurite_dir/node_modules/.bin/azurite-blob" ]; then
+  command -v npm >/dev/null || { echo "walvault: npm (Node.js) is required to install azurite" >&2; exit 1; }
+  echo "walvault: installing azurite 3 (Azure Blob emulator for the tests) into $azurite_dir" >&2
+  npm install --prefix "$azurite_dir" --no-audit --no-fund --silent azurite@3
+fi

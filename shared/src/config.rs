@@ -36,6 +36,9 @@ pub struct Settings {
     pub retry_timeout: Duration,
     /// S3 settings from the file's `[s3]` table; `AWS_*` environment variables take precedence.
     pub s3: S3Settings,
+    /// Azure settings from the file's `[azure]` table; `AZURE_*` environment variables take
+    /// precedence.
+    pub azure: AzureSettings,
 }
 
 /// The TOML file; every key is optional.
@@ -47,9 +50,11 @@ struct FileConfig {
     retry_timeout: Option<String>,
     #[serde(default)]
     s3: S3Settings,
+    #[serde(default)]
+    azure: AzureSettings,
 }
 
-/// A secret (S3 secret key, session token): never shown by `Debug` or in any message.
+/// A secret (S3 secret key, session token, Azure account key): never shown by `Debug` or in any message.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -85,6 +90,29 @@ pub struct S3Settings {
     pub allow_http: Option<bool>,
     /// Virtual-hosted-style requests (`bucket.endpoint`) instead of path style.
     pub virtual_hosted_style: Option<bool>,
+}
+
+/// The `[azure]` table of the TOML file. Each key has the meaning of the `AZURE_STORAGE_*`
+/// environment variable of the same name (`account` is `AZURE_STORAGE_ACCOUNT_NAME`, `access_key`
+/// is `AZURE_STORAGE_ACCOUNT_KEY`, `endpoint` is `AZURE_STORAGE_ENDPOINT`), which wins when both
+/// are set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureSettings {
+    /// The storage account name.
+    pub account: Option<String>,
+    /// The storage account's shared key.
+    pub access_key: Option<Secret>,
+    /// The blob service URL, for a private endpoint or an emulator
+    /// (`http://127.0.0.1:10000/devstoreaccount1` for Azurite); `https://<account>.blob.core.windows.net`
+    /// when unset.
+    pub endpoint: Option<String>,
+    /// Talk to a local Azurite at `http://127.0.0.1:10000` (or `AZURITE_BLOB_STORAGE_URL`) with its
+    /// well-known development account unless `account`/`access_key` say otherwise; `endpoint` is
+    /// then ignored.
+    pub use_emulator: Option<bool>,
+    /// Allow `http://` endpoints (loopback or a trusted network only).
+    pub allow_http: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +210,7 @@ impl Settings {
             compress_level,
             retry_timeout,
             s3: file.s3,
+            azure: file.azure,
         })
     }
 
@@ -190,6 +219,7 @@ impl Settings {
         StoreOptions {
             retry_timeout: self.retry_timeout,
             s3: self.s3.clone(),
+            azure: self.azure.clone(),
         }
     }
 
@@ -308,6 +338,55 @@ mod tests {
         let typo = Settings::resolve(
             Overrides {
                 repo: Some("s3://b/p".into()),
+                config: Some(cfg),
+                ..Default::default()
+            },
+            Path::new("/x"),
+        );
+        assert!(matches!(typo, Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn azure_table_is_read_and_its_key_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("w.toml");
+        std::fs::write(
+            &cfg,
+            "repo = \"az://wal/p\"\n[azure]\naccount = \"devstoreaccount1\"\n\
+             access_key = \"aHVudGVyMg==\"\nendpoint = \"http://127.0.0.1:10000/devstoreaccount1\"\n\
+             use_emulator = false\nallow_http = true\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(
+            Overrides {
+                config: Some(cfg.clone()),
+                ..Default::default()
+            },
+            Path::new("/x"),
+        )
+        .unwrap();
+        assert_eq!(s.azure.account.as_deref(), Some("devstoreaccount1"));
+        assert_eq!(
+            s.azure.endpoint.as_deref(),
+            Some("http://127.0.0.1:10000/devstoreaccount1")
+        );
+        assert_eq!(s.azure.use_emulator, Some(false));
+        assert_eq!(s.azure.allow_http, Some(true));
+        assert_eq!(
+            s.azure.access_key.as_ref().map(Secret::expose),
+            Some("aHVudGVyMg==")
+        );
+        assert_eq!(s.store_options().azure, s.azure);
+        assert!(!format!("{s:?}").contains("aHVudGVyMg"));
+        assert!(!format!("{:?}", s.store_options()).contains("aHVudGVyMg"));
+        // The settings make a client (no request is sent when opening an object store).
+        let store = s.open_store(Access::ReadOnly).unwrap();
+        assert!(!format!("{store:?}").contains("aHVudGVyMg"));
+        assert!(!format!("{store:?}").contains("104, 117, 110")); // the decoded bytes
+        std::fs::write(&cfg, "[azure]\naccount_key = \"x\"\n").unwrap();
+        let typo = Settings::resolve(
+            Overrides {
+                repo: Some("az://wal/p".into()),
                 config: Some(cfg),
                 ..Default::default()
             },

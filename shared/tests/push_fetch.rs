@@ -27,6 +27,7 @@ impl Env {
             compress_level: 3,
             retry_timeout: Duration::from_millis(300),
             s3: Default::default(),
+            azure: Default::default(),
         };
         Env { dir, settings }
     }

@@ -2,9 +2,10 @@
 //! objects should be (written independently of the library, from the documented layout), what is
 //! there, and ways to damage it.
 //!
-//! `WALVAULT_TEST_STORE` picks the store: `file` (the default: a scratch directory) or `s3` (a
-//! prefix of its own in the bucket of the test process's [`Garage`]). The S3 repositories are
-//! read and written here with `object_store` directly, not through walvault.
+//! `WALVAULT_TEST_STORE` picks the store: `file` (the default: a scratch directory), `s3` (a
+//! prefix of its own in the bucket of the test process's [`Garage`]) or `azure` (a prefix of its
+//! own in the container of the test process's [`Azurite`]). Object store repositories are read
+//! and written here with `object_store` directly, not through walvault.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -16,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
+use crate::azurite::{self, Azurite};
 use crate::garage::{BUCKET, Garage};
 use crate::host::{ScratchDir, give_to_pg_user};
 
@@ -27,6 +29,7 @@ pub const DESCRIPTOR: &str = "walvault.json";
 pub enum StoreKind {
     File,
     S3,
+    Azure,
 }
 
 impl StoreKind {
@@ -34,8 +37,9 @@ impl StoreKind {
     pub fn from_env() -> StoreKind {
         match std::env::var("WALVAULT_TEST_STORE").as_deref() {
             Ok("s3") => StoreKind::S3,
+            Ok("azure") => StoreKind::Azure,
             Ok("file") | Err(_) => StoreKind::File,
-            Ok(other) => panic!("WALVAULT_TEST_STORE={other:?}: use file or s3"),
+            Ok(other) => panic!("WALVAULT_TEST_STORE={other:?}: use file, s3 or azure"),
         }
     }
 }
@@ -50,6 +54,12 @@ enum Backend {
         prefix: String,
         endpoint: String,
     },
+    Azure {
+        store: Arc<dyn ObjectStore>,
+        prefix: String,
+        /// The server's `http://127.0.0.1:<port>`, which [`Repo::set_reachable`] swaps out.
+        origin: String,
+    },
 }
 
 /// A repository: empty until the first push.
@@ -57,7 +67,7 @@ enum Backend {
 pub struct Repo {
     scratch: ScratchDir,
     backend: Backend,
-    /// `--config` file with the store's settings (S3 credentials), owned by the PostgreSQL user.
+    /// `--config` file with the store's settings (credentials), owned by the PostgreSQL user.
     config: Option<PathBuf>,
 }
 
@@ -67,6 +77,7 @@ impl Repo {
         match StoreKind::from_env() {
             StoreKind::File => Repo::new_file(),
             StoreKind::S3 => Repo::new_s3(Garage::shared()),
+            StoreKind::Azure => Repo::new_azure(Azurite::shared()),
         }
     }
 
@@ -83,13 +94,8 @@ impl Repo {
 
     /// A new repository under a prefix of its own in `garage`'s bucket.
     pub fn new_s3(garage: &Garage) -> Result<Repo> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
         let scratch = ScratchDir::new("repo")?;
-        let prefix = format!(
-            "t{}-{}/repo",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let prefix = unique_prefix();
         let store = object_store::aws::AmazonS3Builder::new()
             .with_bucket_name(BUCKET)
             .with_region(crate::garage::REGION)
@@ -114,10 +120,38 @@ impl Repo {
         })
     }
 
+    /// A new repository under a prefix of its own in `azurite`'s container.
+    pub fn new_azure(azurite: &Azurite) -> Result<Repo> {
+        let scratch = ScratchDir::new("repo")?;
+        let prefix = unique_prefix();
+        let store = object_store::azure::MicrosoftAzureBuilder::new()
+            .with_container_name(azurite::CONTAINER)
+            .with_account(azurite::ACCOUNT)
+            .with_access_key(azurite::ACCOUNT_KEY)
+            .with_endpoint(azurite.endpoint())
+            .with_allow_http(true)
+            .build()
+            .context("Azure client for the test repository")?;
+        let config = scratch.path().join("walvault.toml");
+        fs::write(&config, azurite.config_toml()).context("writing the Azure config")?;
+        crate::host::set_mode(&config, 0o600)?;
+        give_to_pg_user(&config)?;
+        Ok(Repo {
+            scratch,
+            backend: Backend::Azure {
+                store: Arc::new(store),
+                prefix,
+                origin: azurite.origin(),
+            },
+            config: Some(config),
+        })
+    }
+
     pub fn kind(&self) -> StoreKind {
         match self.backend {
             Backend::File { .. } => StoreKind::File,
             Backend::S3 { .. } => StoreKind::S3,
+            Backend::Azure { .. } => StoreKind::Azure,
         }
     }
 
@@ -125,7 +159,7 @@ impl Repo {
     pub fn root(&self) -> Option<&Path> {
         match &self.backend {
             Backend::File { root } => Some(root),
-            Backend::S3 { .. } => None,
+            Backend::S3 { .. } | Backend::Azure { .. } => None,
         }
     }
 
@@ -139,6 +173,7 @@ impl Repo {
         match &self.backend {
             Backend::File { root } => format!("file://{}", root.display()),
             Backend::S3 { prefix, .. } => format!("s3://{BUCKET}/{prefix}"),
+            Backend::Azure { prefix, .. } => format!("az://{}/{prefix}", azurite::CONTAINER),
         }
     }
 
@@ -162,11 +197,12 @@ impl Repo {
     }
 
     /// A URL in this repository's store where no repository is: a missing directory, or a
-    /// missing bucket.
+    /// missing bucket or container.
     pub fn nowhere_url(&self) -> &'static str {
         match self.backend {
             Backend::File { .. } => "file:///walvault-no-such-repository",
             Backend::S3 { .. } => "s3://walvault-no-such-bucket/repo",
+            Backend::Azure { .. } => "az://walvault-no-such-container/repo",
         }
     }
 
@@ -176,23 +212,24 @@ impl Repo {
     }
 
     /// Make the repository unreachable for the agents (`false`) or reachable again (`true`): a
-    /// local directory gets mode 000; an S3 repository's endpoint points at a closed port.
+    /// local directory gets mode 000; an S3 or Azure repository's endpoint points at a closed port.
     pub fn set_reachable(&self, reachable: bool) -> Result<()> {
         match &self.backend {
             Backend::File { root } => {
                 crate::host::set_mode(root, if reachable { 0o700 } else { 0o000 })?;
             }
-            Backend::S3 { endpoint, .. } => {
+            Backend::S3 { endpoint: origin, .. } | Backend::Azure { origin, .. } => {
                 let config = self
                     .config
                     .as_ref()
-                    .context("S3 repositories have a config file")?;
+                    .context("object store repositories have a config file")?;
                 let text = fs::read_to_string(config)?;
                 let dead = "http://127.0.0.1:9";
                 let text = if reachable {
-                    text.replace(dead, endpoint)
+                    text.replace(&format!("{dead}/"), &format!("{origin}/"))
+                        .replace(&format!("{dead}\""), &format!("{origin}\""))
                 } else {
-                    text.replace(endpoint, dead)
+                    text.replace(origin.as_str(), dead)
                 };
                 fs::write(config, text)?;
             }
@@ -204,7 +241,7 @@ impl Repo {
     pub fn unreachable_words(&self) -> &'static str {
         match self.backend {
             Backend::File { .. } => "ermission denied",
-            Backend::S3 { .. } => "127.0.0.1:9",
+            Backend::S3 { .. } | Backend::Azure { .. } => "127.0.0.1:9",
         }
     }
 
@@ -228,7 +265,7 @@ impl Repo {
             Backend::File { root } => {
                 fs::read(root.join(key)).with_context(|| format!("reading {key} in {}", self.url()))
             }
-            Backend::S3 { store, prefix, .. } => {
+            Backend::S3 { store, prefix, .. } | Backend::Azure { store, prefix, .. } => {
                 let path = ObjectPath::from(format!("{prefix}/{key}"));
                 block_on(async { store.get(&path).await?.bytes().await })
                     .map(|b| b.to_vec())
@@ -247,7 +284,7 @@ impl Repo {
                 fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
                 give_to_pg_user(root).context("chown of the repository")
             }
-            Backend::S3 { store, prefix, .. } => {
+            Backend::S3 { store, prefix, .. } | Backend::Azure { store, prefix, .. } => {
                 let path = ObjectPath::from(format!("{prefix}/{key}"));
                 let payload = object_store::PutPayload::from(bytes.to_vec());
                 block_on(async { store.put(&path, payload).await })
@@ -263,7 +300,7 @@ impl Repo {
             Backend::File { root } => {
                 fs::remove_file(root.join(key)).with_context(|| format!("removing {key}"))
             }
-            Backend::S3 { store, prefix, .. } => {
+            Backend::S3 { store, prefix, .. } | Backend::Azure { store, prefix, .. } => {
                 let path = ObjectPath::from(format!("{prefix}/{key}"));
                 block_on(async { store.delete(&path).await }).with_context(|| format!("removing {key}"))
             }
@@ -279,7 +316,7 @@ impl Repo {
                     walk(root, root, &mut out)?;
                 }
             }
-            Backend::S3 { store, prefix, .. } => {
+            Backend::S3 { store, prefix, .. } | Backend::Azure { store, prefix, .. } => {
                 use futures::TryStreamExt;
                 let base = ObjectPath::from(prefix.as_str());
                 let listed: Vec<_> = block_on(async { store.list(Some(&base)).try_collect().await })
@@ -330,6 +367,7 @@ impl Repo {
         let copy = match &self.backend {
             Backend::File { .. } => Repo::new_file()?,
             Backend::S3 { .. } => Repo::new_s3(Garage::shared())?,
+            Backend::Azure { .. } => Repo::new_azure(Azurite::shared())?,
         };
         for key in self.files()?.keys() {
             copy.write(key, &self.read(key)?)?;
@@ -366,6 +404,16 @@ impl Repo {
         bytes.truncate(len);
         self.write(key, &bytes)
     }
+}
+
+/// A prefix no other repository of any test process uses.
+fn unique_prefix() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "t{}-{}/repo",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The documented key of `name`'s object:

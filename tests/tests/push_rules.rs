@@ -204,7 +204,7 @@ fn unwritable_repository_is_a_retryable_failure() -> Result<()> {
             check(&repo.args_with_url(&format!("file://{}/repo", file.display())));
             check(&repo.args_with_url("file:///proc/walvault-cannot-exist/repo"));
         }
-        StoreKind::S3 => {
+        StoreKind::S3 | StoreKind::Azure => {
             check(&repo.args_with_url(repo.nowhere_url()));
             repo.set_reachable(false)?;
             check(&repo.args());

@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::aws::AmazonS3ConfigKey;
+use object_store::azure::AzureConfigKey;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use super::url::{RepoLocation, RepoUrl};
-use crate::config::S3Settings;
+use crate::config::{AzureSettings, S3Settings};
 use crate::retry::Retryable;
 
 /// Longest wait for a TCP (and TLS) connection to the object store.
@@ -37,6 +38,8 @@ pub struct StoreOptions {
     pub retry_timeout: Duration,
     /// S3 settings from the configuration file; `AWS_*` environment variables win.
     pub s3: S3Settings,
+    /// Azure settings from the configuration file; `AZURE_*` environment variables win.
+    pub azure: AzureSettings,
 }
 
 /// Whether this process may write to the repository. Only archive-agent writes; restore-agent
@@ -82,12 +85,23 @@ pub enum PutNew {
 }
 
 /// The repository's object store, rooted at the repository prefix.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     prefix: Path,
     url: RepoUrl,
     create: CreateSemantics,
+}
+
+// By hand: the clients' own `Debug` shows their credentials (the Azure account key's bytes).
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &self.url)
+            .field("prefix", &self.prefix)
+            .field("create", &self.create)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An S3 client: the `AWS_*` environment first (the usual conventions: `AWS_ACCESS_KEY_ID`,
@@ -134,14 +148,65 @@ fn s3_builder(url: &RepoUrl, file: &S3Settings) -> object_store::aws::AmazonS3Bu
         }
     }
     let b = b.with_url(url.as_str());
-    // One retry layer: ours. object_store's retries would multiply attempts and stretch the time
-    // bound PostgreSQL's archiver and recovery rely on.
-    let retry = object_store::RetryConfig {
+    b.with_retry(retry_config())
+        .with_config(
+            K::Client(ClientConfigKey::ConnectTimeout),
+            format!("{}s", CONNECT_TIMEOUT.as_secs()),
+        )
+        .with_config(
+            K::Client(ClientConfigKey::Timeout),
+            format!("{}s", REQUEST_TIMEOUT.as_secs()),
+        )
+}
+
+/// One retry layer: ours. object_store's retries would multiply attempts and stretch the time
+/// bound PostgreSQL's archiver and recovery rely on.
+fn retry_config() -> object_store::RetryConfig {
+    object_store::RetryConfig {
         max_retries: 0,
         retry_timeout: REQUEST_TIMEOUT,
         ..Default::default()
-    };
-    b.with_retry(retry)
+    }
+}
+
+/// An Azure Blob client: the configuration file's `[azure]` table, then the `AZURE_*`
+/// environment on top (`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`,
+/// `AZURE_STORAGE_ENDPOINT`, `AZURE_STORAGE_USE_EMULATOR`, `AZURE_ALLOW_HTTP`, ... any name
+/// `object_store` knows), then the container from the URL and walvault's fixed timeouts and retry
+/// settings.
+fn azure_builder(url: &RepoUrl, file: &AzureSettings) -> object_store::azure::MicrosoftAzureBuilder {
+    use AzureConfigKey as K;
+    let mut b = object_store::azure::MicrosoftAzureBuilder::new();
+    let bool_str = |v: bool| v.to_string();
+    let from_file = [
+        (K::AccountName, file.account.clone()),
+        (
+            K::AccessKey,
+            file.access_key.as_ref().map(|s| s.expose().to_string()),
+        ),
+        (K::Endpoint, file.endpoint.clone()),
+        (K::UseEmulator, file.use_emulator.map(bool_str)),
+        (
+            K::Client(ClientConfigKey::AllowHttp),
+            file.allow_http.map(bool_str),
+        ),
+    ];
+    for (key, value) in from_file {
+        if let Some(value) = value {
+            b = b.with_config(key, value);
+        }
+    }
+    // The environment wins over the file, as for every other setting.
+    for (name, value) in std::env::vars_os() {
+        if let (Some(name), Some(value)) = (name.to_str(), value.to_str())
+            && name.starts_with("AZURE_")
+            && let Ok(key) = name.to_ascii_lowercase().parse::<AzureConfigKey>()
+        {
+            b = b.with_config(key, value);
+        }
+    }
+    b.with_url(url.as_str())
+        .with_retry(retry_config())
         .with_config(
             K::Client(ClientConfigKey::ConnectTimeout),
             format!("{}s", CONNECT_TIMEOUT.as_secs()),
@@ -193,6 +258,17 @@ impl Store {
                     .map_err(|e| fail(e.to_string(), false))?;
                 Ok(Store {
                     inner: Arc::new(s3),
+                    prefix: Path::from(prefix),
+                    url: url.clone(),
+                    create: CreateSemantics::CheckThenWrite,
+                })
+            }
+            RepoLocation::Azure { prefix, .. } => {
+                let azure = azure_builder(url, &options.azure)
+                    .build()
+                    .map_err(|e| fail(e.to_string(), false))?;
+                Ok(Store {
+                    inner: Arc::new(azure),
                     prefix: Path::from(prefix),
                     url: url.clone(),
                     create: CreateSemantics::CheckThenWrite,

@@ -1,4 +1,4 @@
-//! Repository URLs: `file:///absolute/path` and `s3://bucket/prefix`.
+//! Repository URLs: `file:///absolute/path`, `s3://bucket/prefix` and `az://container/prefix`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -12,7 +12,15 @@ pub struct RepoUrl(url::Url);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RepoLocation {
     Local(PathBuf),
-    S3 { bucket: String, prefix: String },
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
+    /// Azure Blob storage (`az://` or `azure://`); the account comes from the settings.
+    Azure {
+        container: String,
+        prefix: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,7 +29,9 @@ pub enum UrlError {
     Invalid(String, String),
     #[error("repository URL {0:?}: file URLs need an absolute path, like file:///var/lib/walvault")]
     NotAbsolute(String),
-    #[error("repository URL scheme {0:?} is not supported: use file:///path or s3://bucket/prefix")]
+    #[error(
+        "repository URL scheme {0:?} is not supported: use file:///path, s3://bucket/prefix or az://container/prefix"
+    )]
     Unsupported(String),
 }
 
@@ -30,6 +40,10 @@ impl RepoUrl {
         match self.0.scheme() {
             "s3" | "s3a" => RepoLocation::S3 {
                 bucket: self.0.host_str().unwrap_or_default().to_string(),
+                prefix: self.0.path().trim_matches('/').to_string(),
+            },
+            "az" | "azure" => RepoLocation::Azure {
+                container: self.0.host_str().unwrap_or_default().to_string(),
                 prefix: self.0.path().trim_matches('/').to_string(),
             },
             _ => RepoLocation::Local(PathBuf::from(self.0.path())),
@@ -74,10 +88,38 @@ impl FromStr for RepoUrl {
                     return Err(UrlError::Invalid(shown(), "missing bucket name".into()));
                 }
             }
+            "az" | "azure" => {
+                // The account is a setting, not part of the URL: object_store would read
+                // `az://container@account.blob.core.windows.net` differently.
+                if !url.username().is_empty() || url.password().is_some() {
+                    return Err(UrlError::Invalid(
+                        shown(),
+                        "write it as az://container/prefix; the account goes in [azure] or AZURE_STORAGE_ACCOUNT_NAME".into(),
+                    ));
+                }
+                if !url.host_str().is_some_and(valid_container) {
+                    return Err(UrlError::Invalid(
+                        shown(),
+                        "the container name must be 3 to 63 lowercase letters, digits and dashes".into(),
+                    ));
+                }
+            }
             other => return Err(UrlError::Unsupported(other.to_string())),
         }
         Ok(RepoUrl(url))
     }
+}
+
+/// Azure's rule for container names: 3 to 63 of `a-z0-9-`, starting and ending with a letter or
+/// digit, no `--`.
+fn valid_container(name: &str) -> bool {
+    (3..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
 }
 
 /// A URL for messages: any password replaced.
@@ -136,5 +178,41 @@ mod tests {
         let secret: RepoUrl = "s3://key:hunter2@backups/x".parse().unwrap();
         assert!(!secret.to_string().contains("hunter2"));
         assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn azure_urls_name_container_and_prefix() {
+        for scheme in ["az", "azure"] {
+            let u: RepoUrl = format!("{scheme}://backups/pg/main/").parse().unwrap();
+            assert_eq!(
+                u.location(),
+                RepoLocation::Azure {
+                    container: "backups".into(),
+                    prefix: "pg/main".into()
+                }
+            );
+        }
+        let root: RepoUrl = "az://wal-archive".parse().unwrap();
+        assert_eq!(
+            root.location(),
+            RepoLocation::Azure {
+                container: "wal-archive".into(),
+                prefix: String::new()
+            }
+        );
+        for bad in [
+            "az://",
+            "az:///prefix",
+            "az://ab/p",
+            "az://Backups/p",
+            "az://back--ups/p",
+            "az://-backups/p",
+            "az://back.ups/p",
+            "az://backups@account.blob.core.windows.net/p",
+            "azure://key:hunter2@backups/p",
+        ] {
+            let err = bad.parse::<RepoUrl>().unwrap_err();
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
     }
 }
