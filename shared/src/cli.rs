@@ -11,10 +11,10 @@ use crate::exit;
 /// Where the repository is and how to reach it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RepoArgs {
-    /// Repository URL: file:///var/lib/walvault or s3://bucket/prefix
+    /// Repository URL: file:///var/lib/walvault, s3://bucket/prefix or az://container/prefix
     #[arg(long, env = "WALVAULT_REPO", global = true, value_name = "URL")]
     pub repo: Option<String>,
-    /// TOML file with repo, compress_level, retry_timeout [default: /etc/walvault/walvault.toml if it exists]
+    /// TOML file with repo, compress_level, retry_timeout, [s3] or [azure] credentials [default: /etc/walvault/walvault.toml if it exists]
     #[arg(long, env = "WALVAULT_CONFIG", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Give up on an unreachable repository after this long (500ms, 30s, 5m) [default: 60s]

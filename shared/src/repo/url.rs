@@ -36,17 +36,28 @@ pub enum UrlError {
 }
 
 impl RepoUrl {
+    /// Where the repository is, decoded: `file:///tmp/my%20repo` is the directory `/tmp/my repo`,
+    /// the very path the URL was validated as.
     pub fn location(&self) -> RepoLocation {
+        let prefix = || {
+            percent_encoding::percent_decode_str(self.0.path().trim_matches('/'))
+                .decode_utf8_lossy()
+                .into_owned()
+        };
         match self.0.scheme() {
             "s3" | "s3a" => RepoLocation::S3 {
                 bucket: self.0.host_str().unwrap_or_default().to_string(),
-                prefix: self.0.path().trim_matches('/').to_string(),
+                prefix: prefix(),
             },
             "az" | "azure" => RepoLocation::Azure {
                 container: self.0.host_str().unwrap_or_default().to_string(),
-                prefix: self.0.path().trim_matches('/').to_string(),
+                prefix: prefix(),
             },
-            _ => RepoLocation::Local(PathBuf::from(self.0.path())),
+            _ => RepoLocation::Local(
+                self.0
+                    .to_file_path()
+                    .unwrap_or_else(|()| PathBuf::from(self.0.path())),
+            ),
         }
     }
 
@@ -149,6 +160,20 @@ impl fmt::Debug for RepoUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn locations_are_decoded() {
+        let u: RepoUrl = "file:///tmp/my repo".parse().unwrap();
+        assert_eq!(u.location(), RepoLocation::Local("/tmp/my repo".into()));
+        let u: RepoUrl = "s3://bucket/a b/c".parse().unwrap();
+        assert_eq!(
+            u.location(),
+            RepoLocation::S3 {
+                bucket: "bucket".into(),
+                prefix: "a b/c".into()
+            }
+        );
+    }
 
     #[test]
     fn file_urls_must_be_absolute() {
