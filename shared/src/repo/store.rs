@@ -104,59 +104,65 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// An S3 client: the `AWS_*` environment first (the usual conventions: `AWS_ACCESS_KEY_ID`,
+/// Client settings, lowest precedence first: the configuration file's table (`file`), then every
+/// `env_prefix*` environment variable `object_store` knows (the environment wins, as for every
+/// other setting), then walvault's fixed connect and request timeouts.
+fn layered_settings<K: std::str::FromStr>(
+    file: Vec<(K, Option<String>)>,
+    env_prefix: &str,
+    client: fn(ClientConfigKey) -> K,
+) -> Vec<(K, String)> {
+    let mut out: Vec<(K, String)> = file.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+    for (name, value) in std::env::vars_os() {
+        if let (Some(name), Some(value)) = (name.to_str(), value.to_str())
+            && name.starts_with(env_prefix)
+            && let Ok(key) = name.to_ascii_lowercase().parse::<K>()
+        {
+            out.push((key, value.to_string()));
+        }
+    }
+    out.push((
+        client(ClientConfigKey::ConnectTimeout),
+        format!("{}s", CONNECT_TIMEOUT.as_secs()),
+    ));
+    out.push((
+        client(ClientConfigKey::Timeout),
+        format!("{}s", REQUEST_TIMEOUT.as_secs()),
+    ));
+    out
+}
+
+fn secret(s: &Option<crate::config::Secret>) -> Option<String> {
+    s.as_ref().map(|s| s.expose().to_string())
+}
+
+/// An S3 client: the `[s3]` table, then the usual `AWS_*` environment (`AWS_ACCESS_KEY_ID`,
 /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
-/// `AWS_ALLOW_HTTP`, ...), then the configuration file's `[s3]` table for what the environment
-/// leaves unset, then walvault's fixed timeouts and retry settings.
+/// `AWS_ALLOW_HTTP`, ...), then the bucket from the URL and walvault's timeouts and retry settings.
 fn s3_builder(url: &RepoUrl, file: &S3Settings) -> object_store::aws::AmazonS3Builder {
     use AmazonS3ConfigKey as K;
-    let mut b = object_store::aws::AmazonS3Builder::new();
-    let bool_str = |v: bool| v.to_string();
-    let from_file = [
+    let from_file = vec![
         (K::Endpoint, file.endpoint.clone()),
         (K::Region, file.region.clone()),
         (K::AccessKeyId, file.access_key_id.clone()),
-        (
-            K::SecretAccessKey,
-            file.secret_access_key.as_ref().map(|s| s.expose().to_string()),
-        ),
-        (
-            K::Token,
-            file.session_token.as_ref().map(|s| s.expose().to_string()),
-        ),
+        (K::SecretAccessKey, secret(&file.secret_access_key)),
+        (K::Token, secret(&file.session_token)),
         (
             K::Client(ClientConfigKey::AllowHttp),
-            file.allow_http.map(bool_str),
+            file.allow_http.map(|v| v.to_string()),
         ),
         (
             K::VirtualHostedStyleRequest,
-            file.virtual_hosted_style.map(bool_str),
+            file.virtual_hosted_style.map(|v| v.to_string()),
         ),
     ];
-    for (key, value) in from_file {
-        if let Some(value) = value {
-            b = b.with_config(key, value);
-        }
-    }
-    // The environment wins over the file, as for every other setting.
-    for (name, value) in std::env::vars_os() {
-        if let (Some(name), Some(value)) = (name.to_str(), value.to_str())
-            && name.starts_with("AWS_")
-            && let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>()
-        {
-            b = b.with_config(key, value);
-        }
-    }
-    let b = b.with_url(url.as_str());
-    b.with_retry(retry_config())
-        .with_config(
-            K::Client(ClientConfigKey::ConnectTimeout),
-            format!("{}s", CONNECT_TIMEOUT.as_secs()),
-        )
-        .with_config(
-            K::Client(ClientConfigKey::Timeout),
-            format!("{}s", REQUEST_TIMEOUT.as_secs()),
-        )
+    layered_settings(from_file, "AWS_", K::Client)
+        .into_iter()
+        .fold(object_store::aws::AmazonS3Builder::new(), |b, (k, v)| {
+            b.with_config(k, v)
+        })
+        .with_url(url.as_str())
+        .with_retry(retry_config())
 }
 
 /// One retry layer: ours. object_store's retries would multiply attempts and stretch the time
@@ -169,52 +175,29 @@ fn retry_config() -> object_store::RetryConfig {
     }
 }
 
-/// An Azure Blob client: the configuration file's `[azure]` table, then the `AZURE_*`
-/// environment on top (`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`,
-/// `AZURE_STORAGE_ENDPOINT`, `AZURE_STORAGE_USE_EMULATOR`, `AZURE_ALLOW_HTTP`, ... any name
-/// `object_store` knows), then the container from the URL and walvault's fixed timeouts and retry
-/// settings.
+/// An Azure Blob client: the `[azure]` table, then the `AZURE_*` environment
+/// (`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, `AZURE_STORAGE_ENDPOINT`,
+/// `AZURE_STORAGE_USE_EMULATOR`, `AZURE_ALLOW_HTTP`, ... any name `object_store` knows), then the
+/// container from the URL and walvault's timeouts and retry settings.
 fn azure_builder(url: &RepoUrl, file: &AzureSettings) -> object_store::azure::MicrosoftAzureBuilder {
     use AzureConfigKey as K;
-    let mut b = object_store::azure::MicrosoftAzureBuilder::new();
-    let bool_str = |v: bool| v.to_string();
-    let from_file = [
+    let from_file = vec![
         (K::AccountName, file.account.clone()),
-        (
-            K::AccessKey,
-            file.access_key.as_ref().map(|s| s.expose().to_string()),
-        ),
+        (K::AccessKey, secret(&file.access_key)),
         (K::Endpoint, file.endpoint.clone()),
-        (K::UseEmulator, file.use_emulator.map(bool_str)),
+        (K::UseEmulator, file.use_emulator.map(|v| v.to_string())),
         (
             K::Client(ClientConfigKey::AllowHttp),
-            file.allow_http.map(bool_str),
+            file.allow_http.map(|v| v.to_string()),
         ),
     ];
-    for (key, value) in from_file {
-        if let Some(value) = value {
-            b = b.with_config(key, value);
-        }
-    }
-    // The environment wins over the file, as for every other setting.
-    for (name, value) in std::env::vars_os() {
-        if let (Some(name), Some(value)) = (name.to_str(), value.to_str())
-            && name.starts_with("AZURE_")
-            && let Ok(key) = name.to_ascii_lowercase().parse::<AzureConfigKey>()
-        {
-            b = b.with_config(key, value);
-        }
-    }
-    b.with_url(url.as_str())
+    layered_settings(from_file, "AZURE_", K::Client)
+        .into_iter()
+        .fold(object_store::azure::MicrosoftAzureBuilder::new(), |b, (k, v)| {
+            b.with_config(k, v)
+        })
+        .with_url(url.as_str())
         .with_retry(retry_config())
-        .with_config(
-            K::Client(ClientConfigKey::ConnectTimeout),
-            format!("{}s", CONNECT_TIMEOUT.as_secs()),
-        )
-        .with_config(
-            K::Client(ClientConfigKey::Timeout),
-            format!("{}s", REQUEST_TIMEOUT.as_secs()),
-        )
 }
 
 impl Store {

@@ -86,8 +86,8 @@ impl FromStr for RepoUrl {
                 if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
                     return Err(UrlError::NotAbsolute(shown()));
                 }
-                let path = url.path().trim_end_matches('/');
-                if path.is_empty() {
+                // The decoded path: `file:///%2F` is the root too.
+                if path.parent().is_none() {
                     return Err(UrlError::Invalid(
                         shown(),
                         "the file system root cannot be a repository".into(),
@@ -183,6 +183,8 @@ mod tests {
             "/var/lib/walvault",
             "file://host/x",
             "file:///",
+            "file:%2F/",
+            "file:///%2F",
             "walvault",
             "ftp://x/y",
         ] {
