@@ -207,7 +207,8 @@ def archiver_loop(pgdata, command):
                 os.rename(os.path.join(status, s + ".ready"), os.path.join(status, s + ".done"))
                 break
             time.sleep(1)  # PostgreSQL waits before retrying a failed archive_command
-    print(json.dumps({"elapsed": time.time() - t0, "latencies": lat}))
+    # t0 (Unix time) lets a caller measure from an earlier instant, e.g. when the .ready files appeared.
+    print(json.dumps({"elapsed": time.time() - t0, "latencies": lat, "t0": t0}))
 
 
 def main():
