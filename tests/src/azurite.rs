@@ -92,7 +92,7 @@ impl Azurite {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        kill_with_this_process(child.id());
+        host::kill_with_this_process(child.id());
         let mut azurite = Azurite {
             port,
             child,
@@ -180,21 +180,6 @@ impl Drop for Azurite {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A watchdog that kills `pid` once this test process is gone: the shared Azurite lives in a
-/// static, which is never dropped.
-fn kill_with_this_process(pid: u32) {
-    let script = format!(
-        "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -9 {pid} 2>/dev/null",
-        me = std::process::id()
-    );
-    let _ = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
 }
 
 /// An RFC 1123 date (`Sat, 21 Nov 2026 14:28:04 GMT`), as `x-ms-date` wants it.

@@ -508,6 +508,28 @@ impl Cluster {
         names.sort();
         Ok(names)
     }
+
+    /// Recovery stopped without promoting: the server is down, no timeline 2 history was
+    /// written, recovery.signal is still there, and the control file still says archive recovery
+    /// on timeline 1.
+    pub fn assert_stopped_in_recovery_on_timeline_1(&self) -> Result<()> {
+        assert!(!self.is_up(), "the server must not keep running");
+        assert!(
+            !self.wal_dir().join("00000002.history").exists(),
+            "the server promoted to timeline 2"
+        );
+        assert!(
+            self.data_dir().join("recovery.signal").exists(),
+            "recovery.signal was consumed"
+        );
+        let control = self.controldata()?;
+        assert_eq!(
+            control["Database cluster state"], "in archive recovery",
+            "{control:?}"
+        );
+        assert_eq!(control["Latest checkpoint's TimeLineID"], "1", "{control:?}");
+        Ok(())
+    }
 }
 
 impl Drop for Cluster {

@@ -205,7 +205,7 @@ impl Garage {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        kill_with_this_process(child.id());
+        host::kill_with_this_process(child.id());
         node.child = Some(child);
         let started = Instant::now();
         while TcpStream::connect(("127.0.0.1", node.s3_port)).is_err()
@@ -280,19 +280,4 @@ fn hex24(rng: &mut impl Rng) -> String {
         let _ = write!(s, "{:02x}", rng.random::<u8>());
         s
     })
-}
-
-/// A watchdog that kills `pid` once this test process is gone: a shared Garage lives in a
-/// static, which is never dropped.
-fn kill_with_this_process(pid: u32) {
-    let script = format!(
-        "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -9 {pid} 2>/dev/null",
-        me = std::process::id()
-    );
-    let _ = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
 }

@@ -403,3 +403,18 @@ pub fn wait_for<T>(
         }
     }
 }
+
+/// A watchdog that kills `pid` once this test process is gone: for servers shared by a whole
+/// test process (Garage, Azurite), which live in statics that are never dropped.
+pub fn kill_with_this_process(pid: u32) {
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -9 {pid} 2>/dev/null",
+        me = std::process::id()
+    );
+    let _ = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}

@@ -1024,21 +1024,7 @@ fn fault_truncated_and_corrupt_objects_on_s3_stop_recovery() -> Result<()> {
             .find(|l| l.contains("FATAL") && l.contains(victim.as_str()))
             .unwrap_or_default()
     );
-    assert!(!restored.is_up(), "the server must not keep running");
-    assert!(
-        !restored.wal_dir().join("00000002.history").exists(),
-        "the server promoted to timeline 2"
-    );
-    assert!(
-        restored.data_dir().join("recovery.signal").exists(),
-        "recovery.signal was consumed"
-    );
-    let control = restored.controldata()?;
-    assert_eq!(
-        control["Database cluster state"], "in archive recovery",
-        "{control:?}"
-    );
-    assert_eq!(control["Latest checkpoint's TimeLineID"], "1", "{control:?}");
+    restored.assert_stopped_in_recovery_on_timeline_1()?;
 
     // The object repaired, the same recovery resumes and completes with the source's data.
     repo.write(&key, &original)?;

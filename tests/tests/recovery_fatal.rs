@@ -51,20 +51,6 @@ fn corrupt_segment_stops_recovery_instead_of_promoting() -> Result<()> {
         log.contains(&format!("restored log file \"{before_victim}\" from archive")),
         "recovery should have replayed up to the corrupt segment:\n{log}"
     );
-    assert!(!restored.is_up(), "the server must not keep running");
-    assert!(
-        !restored.wal_dir().join("00000002.history").exists(),
-        "the server promoted to timeline 2"
-    );
-    assert!(
-        restored.data_dir().join("recovery.signal").exists(),
-        "recovery.signal was consumed"
-    );
-    let control = restored.controldata()?;
-    assert_eq!(
-        control["Database cluster state"], "in archive recovery",
-        "{control:?}"
-    );
-    assert_eq!(control["Latest checkpoint's TimeLineID"], "1", "{control:?}");
+    restored.assert_stopped_in_recovery_on_timeline_1()?;
     Ok(())
 }
