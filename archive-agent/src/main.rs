@@ -67,6 +67,11 @@ enum Command {
         /// How long to wait for the backup's WAL to be archived
         #[arg(long, default_value = "5m", value_name = "DURATION")]
         wal_timeout: String,
+        /// When --pgdata/--pg-url are a streaming standby: a connection to its primary, used only
+        /// to switch WAL there so the backup's last segment is archived at once (without it,
+        /// the backup waits for the primary's archive_timeout or traffic)
+        #[arg(long, env = "WALVAULT_PRIMARY_URL", value_name = "CONN")]
+        primary_url: Option<String>,
         /// Print the manifest summary as JSON
         #[arg(long)]
         json: bool,
@@ -138,12 +143,14 @@ fn main() -> ExitCode {
             compress_level,
             parallel,
             wal_timeout,
+            primary_url,
             json,
         } => {
             match backup(
                 &cli.repo,
                 pgdata,
                 pg_url,
+                primary_url,
                 compress_level,
                 parallel,
                 &wal_timeout,
@@ -214,10 +221,12 @@ fn default_pg_conn() -> String {
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn backup(
     repo: &RepoArgs,
     pgdata: PathBuf,
     pg_url: Option<String>,
+    primary_url: Option<String>,
     compress_level: Option<i32>,
     parallel: usize,
     wal_timeout: &str,
@@ -230,6 +239,7 @@ fn backup(
         chunk_size: DEFAULT_CHUNK_SIZE,
         parallel,
         wal_timeout: walvault::config::parse_duration(wal_timeout)?,
+        primary_conn: primary_url,
     };
     let started = Instant::now();
     let rt = tokio::runtime::Runtime::new()?;

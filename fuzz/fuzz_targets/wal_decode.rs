@@ -156,7 +156,7 @@ fn check_summary(stream: &[u8], start: Lsn, seg: u32) {
         assert_eq!(Some(info.start_lsn), name.start_lsn(seg));
         assert_eq!(info.segment_size, seg);
         assert!(info.page_timeline >= 1 && info.page_timeline <= tli.get());
-        assert!((13..=17).contains(&info.pg_version));
+        assert!((13..=19).contains(&info.pg_version));
     }
     let Ok((s, carry)) = summarize_segment(&bytes, start, None) else {
         return;
@@ -197,11 +197,20 @@ fn check_summary(stream: &[u8], start: Lsn, seg: u32) {
     let _ = summarize_segment(&next_seg, Lsn(next), Some(carry));
 }
 
-/// `XLP_FIRST_IS_CONTRECORD`, `XLP_FIRST_IS_OVERWRITE_CONTRECORD`.
+/// `XLP_FIRST_IS_CONTRECORD`.
 const CONTRECORD: u16 = 0x0001;
-const OVERWRITE_CONTRECORD: u16 = 0x0008;
-/// Page magics of PostgreSQL 13 to 17.
-const MAGICS: [u16; 5] = [0xD106, 0xD10D, 0xD110, 0xD113, 0xD116];
+/// Per version, from its headers (written out here, not taken from the library under test):
+/// page magic, `XLP_FIRST_IS_OVERWRITE_CONTRECORD` (renumbered in 19), the highest builtin
+/// resource manager id (19 added `RM_XLOG2_ID`), and whether custom ones (128+) exist.
+const VERSIONS: [(u16, u16, u8, bool); 7] = [
+    (0xD106, 0x0008, 21, false),
+    (0xD10D, 0x0008, 21, false),
+    (0xD110, 0x0008, 21, true),
+    (0xD113, 0x0008, 21, true),
+    (0xD116, 0x0008, 21, true),
+    (0xD118, 0x0008, 21, true),
+    (0xD121, 0x0004, 22, true),
+];
 
 /// A record the writer laid out, and what decoding it must give.
 #[derive(Debug)]
@@ -225,6 +234,7 @@ struct Writer {
     bytes: Vec<u8>,
     prev: u64,
     next_flags: u16,
+    overwrite_flag: u16,
 }
 
 impl Writer {
@@ -283,7 +293,7 @@ impl Writer {
             i += n;
         }
         if torn {
-            self.next_flags = OVERWRITE_CONTRECORD;
+            self.next_flags = self.overwrite_flag;
         } else {
             self.prev = lsn;
         }
@@ -324,8 +334,7 @@ fn expected_kind(rmid: u8, info: u8, data: &[u8]) -> Result<RecordKind, ()> {
 /// records written, up to the first one whose content is malformed.
 fn synthetic(spec: &[u8], seg: u32, blk: u32) -> (Vec<u8>, Vec<Written>) {
     let (&magic, mut rest) = spec.split_first().unwrap_or((&0, &[]));
-    let magic = MAGICS[usize::from(magic) % MAGICS.len()];
-    let custom_ok = magic >= 0xD110;
+    let (magic, overwrite_flag, max_builtin, custom_ok) = VERSIONS[usize::from(magic) % VERSIONS.len()];
     let mut w = Writer {
         seg: u64::from(seg),
         blk: u64::from(blk),
@@ -334,6 +343,7 @@ fn synthetic(spec: &[u8], seg: u32, blk: u32) -> (Vec<u8>, Vec<Written>) {
         bytes: Vec::new(),
         prev: u64::from(seg) - 0x1000,
         next_flags: 0,
+        overwrite_flag,
     };
     let mut written = Vec::new();
     while let [rmid, info, flags, len, tail @ ..] = rest {
@@ -355,7 +365,7 @@ fn synthetic(spec: &[u8], seg: u32, blk: u32) -> (Vec<u8>, Vec<Written>) {
                 (b, Some(data))
             }
         };
-        let valid_rmgr = *rmid <= 21 || (custom_ok && *rmid >= 128);
+        let valid_rmgr = *rmid <= max_builtin || (custom_ok && *rmid >= 128);
         // A torn record was written by a server, so its header and block headers are valid
         // (not raw bytes): the reader checks them before it learns the rest was lost.
         let torn = flags & 4 != 0 && valid_rmgr && main.is_some();

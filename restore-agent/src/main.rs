@@ -296,6 +296,13 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
                     "latest_before": w.latest.map(walvault::time::format_micros),
                     "end_lsn": w.end_lsn.to_string(),
                 })),
+                "restore_points": cat.reachable_restore_points(t).into_iter().map(|(name, lsn, time)| {
+                    serde_json::json!({
+                        "name": name,
+                        "lsn": lsn.to_string(),
+                        "time": time.map(walvault::time::format_micros),
+                    })
+                }).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -365,6 +372,17 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
                 ranges.join(", ")
             }
         );
+    }
+    for t in &timelines {
+        for rp in t["restore_points"].as_array().into_iter().flatten() {
+            println!(
+                "restore point {:?} on timeline {} at {} ({}): --target-name",
+                rp["name"].as_str().unwrap_or(""),
+                t["timeline"].as_u64().unwrap_or(0),
+                rp["time"].as_str().unwrap_or("-"),
+                rp["lsn"].as_str().unwrap_or("-"),
+            );
+        }
     }
     Ok(())
 }

@@ -299,6 +299,17 @@ impl Catalog {
         })
     }
 
+    /// Restore points (name, LSN, unix micros) a restore can reach on `timeline`: those after
+    /// its earliest usable backup's consistency point, in the WAL archived after it.
+    pub fn reachable_restore_points(&self, timeline: u32) -> Vec<(String, Lsn, Option<i64>)> {
+        let Some(first) = self.backups.iter().find(|m| self.on_history(m, timeline)) else {
+            return Vec::new();
+        };
+        let mut points = self.restore_points(&self.chain(first, timeline));
+        points.retain(|(_, lsn, _)| *lsn >= first.stop_lsn);
+        points
+    }
+
     /// Restore points (name, LSN, unix micros) in a chain.
     pub fn restore_points(&self, chain: &[(u32, u64)]) -> Vec<(String, Lsn, Option<i64>)> {
         chain

@@ -463,6 +463,7 @@ async fn scheduled_backup(settings: Arc<Settings>, pgdata: PathBuf, conn: String
         chunk_size: DEFAULT_CHUNK_SIZE,
         parallel: 4,
         wal_timeout: Duration::from_secs(600),
+        primary_conn: None,
     };
     let started = Instant::now();
     match take_backup(&settings, &opts).await {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::host::{self, Finished, Poll, ScratchDir, pg_bin, pg_user_command, process_alive};
+use crate::pg::PgInstall;
 
 /// `pg_ctl -t`: how long a start or stop may take.
 const PG_CTL_TIMEOUT_SECS: u64 = 120;
@@ -30,6 +31,8 @@ const PORT_ATTEMPTS: usize = 5;
 pub struct InitOptions {
     /// `--wal-segsize` in MiB (PostgreSQL's default, 16, when `None`).
     pub wal_segsize_mb: Option<u32>,
+    /// The server to run ([`PgInstall::default_install`] when `None`).
+    pub pg: Option<&'static PgInstall>,
 }
 
 /// One PostgreSQL cluster owned by the test.
@@ -39,6 +42,8 @@ pub struct Cluster {
     port: u16,
     /// Whether we started the server and have not seen it stop.
     running: bool,
+    /// The server's programs.
+    pg: &'static PgInstall,
     // Dropped after `Drop::drop` has stopped the server.
     scratch: ScratchDir,
 }
@@ -47,8 +52,8 @@ impl Cluster {
     /// `initdb` a new cluster (stopped). Settings for fast throwaway clusters are appended to its
     /// `postgresql.conf`; add more with [`Cluster::set_conf`].
     pub fn init(name: &str, opts: &InitOptions) -> Result<Cluster> {
-        let cluster = Cluster::empty(name)?;
-        let mut cmd = pg_user_command(pg_bin("initdb"));
+        let cluster = Cluster::empty(name, opts.pg.unwrap_or_else(PgInstall::default_install))?;
+        let mut cmd = cluster.pg.command("initdb");
         cmd.arg("-D").arg(cluster.data_dir()).args([
             "-A",
             "trust",
@@ -58,8 +63,11 @@ impl Cluster {
             "UTF8",
             "--locale=C",
             "-N",
-            "--no-instructions",
         ]);
+        // --no-instructions exists from PostgreSQL 14.
+        if cluster.pg.major() >= 14 {
+            cmd.arg("--no-instructions");
+        }
         if let Some(mb) = opts.wal_segsize_mb {
             cmd.arg(format!("--wal-segsize={mb}"));
         }
@@ -79,7 +87,7 @@ impl Cluster {
     /// A new stopped cluster made by `pg_basebackup -X none` from this running one: the backup
     /// holds no WAL, so it can only be started through archive recovery.
     pub fn base_backup(&self, name: &str) -> Result<Cluster> {
-        let backup = Cluster::empty(name)?;
+        let backup = Cluster::empty(name, self.pg)?;
         let mut cmd = pg_user_command(pg_bin("pg_basebackup"));
         cmd.args([
             "-h",
@@ -101,22 +109,33 @@ impl Cluster {
     /// A cluster with no data directory yet: restore one into [`Cluster::data_dir`] (which
     /// does not exist), then start it here, on a port of its own.
     pub fn uninitialized(name: &str) -> Result<Cluster> {
-        Cluster::empty(name)
+        Cluster::empty(name, PgInstall::default_install())
     }
 
-    fn empty(name: &str) -> Result<Cluster> {
+    /// [`Cluster::uninitialized`], to be run by the server `pg`.
+    pub fn uninitialized_on(name: &str, pg: &'static PgInstall) -> Result<Cluster> {
+        Cluster::empty(name, pg)
+    }
+
+    fn empty(name: &str, pg: &'static PgInstall) -> Result<Cluster> {
         let scratch = ScratchDir::new(&format!("pg-{name}"))?;
         scratch.subdir("sock")?;
         Ok(Cluster {
             name: name.to_string(),
             port: pick_port()?,
             running: false,
+            pg,
             scratch,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The server this cluster runs.
+    pub fn pg(&self) -> &'static PgInstall {
+        self.pg
     }
 
     pub fn port(&self) -> u16 {
@@ -262,7 +281,7 @@ impl Cluster {
             self.port,
             self.socket_dir().display()
         );
-        let mut cmd = pg_user_command(pg_bin("pg_ctl"));
+        let mut cmd = self.pg.command("pg_ctl");
         cmd.arg("-D")
             .arg(self.data_dir())
             .arg("-l")
@@ -295,7 +314,7 @@ impl Cluster {
     }
 
     fn pg_ctl_stop(&self, mode: &str) -> Result<Finished> {
-        let mut cmd = pg_user_command(pg_bin("pg_ctl"));
+        let mut cmd = self.pg.command("pg_ctl");
         cmd.arg("-D").arg(self.data_dir()).args([
             "-m",
             mode,

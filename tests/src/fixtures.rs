@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use crate::agents::agents;
 use crate::cluster::{Cluster, InitOptions};
 use crate::host::ScratchDir;
+use crate::pg::PgInstall;
 use crate::repo::Repo;
 
 /// How long archiving everything written so far may take.
@@ -21,7 +22,21 @@ pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(180);
 /// A started cluster (`wal_level = replica`) whose `archive_command` is
 /// `archive-agent push --repo <repo> <push_flags> %p`.
 pub fn archiving_cluster(name: &str, repo: &Repo, push_flags: &str) -> Result<Cluster> {
-    let mut cluster = Cluster::init(name, &InitOptions::default())?;
+    archiving_cluster_on(PgInstall::default_install(), name, repo, push_flags)
+}
+
+/// [`archiving_cluster`], run by the server `pg`.
+pub fn archiving_cluster_on(
+    pg: &'static PgInstall,
+    name: &str,
+    repo: &Repo,
+    push_flags: &str,
+) -> Result<Cluster> {
+    let opts = InitOptions {
+        pg: Some(pg),
+        ..InitOptions::default()
+    };
+    let mut cluster = Cluster::init(name, &opts)?;
     let archive_command = agents().archive_command(repo, push_flags);
     cluster.set_conf(&[
         ("wal_level", "replica"),

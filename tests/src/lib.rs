@@ -18,6 +18,7 @@ pub mod fixtures;
 pub mod garage;
 pub mod host;
 pub mod object;
+pub mod pg;
 pub mod repo;
 pub mod workload;
 

@@ -284,6 +284,7 @@ fn decoder_agrees_with_pg_waldump_on_a_real_archive() -> Result<()> {
         "waldump",
         &InitOptions {
             wal_segsize_mb: Some(1),
+            ..InitOptions::default()
         },
     )?;
     let archive_command = format!("test ! -f {dir}/%f && cp %p {dir}/%f", dir = archive.display());

@@ -6,6 +6,15 @@
 //! until the WAL from its start to its stop is in the repository, and only then writes its
 //! manifest: a backup exists once its manifest does, so an interrupted backup is never offered
 //! for restore.
+//!
+//! From a streaming standby (`pg_is_in_recovery()`) the same steps read the standby's disk, so
+//! the copy's load stays off the primary. PostgreSQL writes no end-of-backup record there: the
+//! backup ends at the standby's `minRecoveryPoint`, which `pg_backup_stop` returns and which
+//! recovery takes from the copied `pg_control` (`InitWalRecovery` in `xlogrecovery.c` sets
+//! `backupEndPoint` from it). That is why `pg_control` is read after every other file, as
+//! `basebackup.c` sends it last. The stop segment is complete only once the primary moves past
+//! it: with `--primary-url` the backup asks the primary for a WAL switch when it is still
+//! writing that segment; without it, the primary's `archive_timeout` or traffic completes it.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -43,6 +52,9 @@ pub struct BackupOptions {
     pub parallel: usize,
     /// How long to wait for the backup's WAL to reach the repository.
     pub wal_timeout: Duration,
+    /// For a backup from a standby: a connection to its primary, used only to switch WAL when
+    /// the primary is still writing the backup's stop segment.
+    pub primary_conn: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +63,10 @@ pub enum BackupError {
     Connect(String),
     #[error("PostgreSQL: {0}")]
     Sql(String),
-    #[error("PostgreSQL {0} is not supported (walvault supports 13 to 17)")]
+    #[error("PostgreSQL {0} is not supported (walvault supports {range})", range = crate::wal::version::supported_range())]
     Version(u32),
+    #[error("--primary-url: {0}")]
+    Primary(String),
     #[error(
         "--pgdata {pgdata} does not belong to the server at --pg-url (system identifier {dir} vs {server})"
     )]
@@ -93,10 +107,15 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
         .await
         .map_err(sql)?
         .get(0);
-    let pg_version = (version_num / 10000) as u32;
-    if !(13..=17).contains(&pg_version) {
+    let pg_version = crate::wal::version::major_of_version_num(version_num);
+    if crate::wal::version::for_major(pg_version).is_none() {
         return Err(BackupError::Version(pg_version));
     }
+    let from_standby: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(sql)?
+        .get(0);
     let sysid: i64 = client
         .query_one("SELECT system_identifier FROM pg_control_system()", &[])
         .await
@@ -139,14 +158,18 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
         "SELECT pg_start_backup($1, true, false)::text"
     };
     client.query_one(start_sql, &[&label_text]).await.map_err(sql)?;
-    tracing::info!(backup = %id, "backup started");
+    tracing::info!(backup = %id, from_standby, "backup started");
 
     let copied = copy_files(&store, opts, settings.compress_level).await;
     // Stop the backup even when copying failed, so the server is not left in backup mode.
-    let stop_sql = if pg_version >= 15 {
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)"
-    } else {
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)"
+    // On a primary, PostgreSQL waits until the stop segment is archived. A standby would wait
+    // only with archive_mode = always, and then for a segment that only the primary can
+    // complete: walvault waits for the repository itself (below), with a bounded time.
+    let stop_sql = match (pg_version >= 15, from_standby) {
+        (true, false) => "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)",
+        (true, true) => "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
+        (false, false) => "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)",
+        (false, true) => "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)",
     };
     let stopped = client.query_one(stop_sql, &[]).await.map_err(sql);
     // Read after pg_backup_stop returned, on the server's clock: every commit before the
@@ -172,6 +195,16 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
     let tli = TimelineId::new(label.timeline).ok_or(label::LabelError("a valid timeline"))?;
     let seg_size = seg_size as u32;
     let stop_seg = SegmentName::containing(tli, Lsn(stop_lsn.0.saturating_sub(1)), seg_size);
+    if from_standby {
+        match &opts.primary_conn {
+            Some(conn) => complete_on_primary(conn, sysid, &stop_seg, seg_size).await?,
+            None => tracing::info!(
+                segment = %stop_seg,
+                "backup from a standby: waiting for the primary to complete and archive its stop segment \
+                 (archive_timeout on the primary, or pass --primary-url to switch WAL there)"
+            ),
+        }
+    }
     wait_for_wal(&store, &label.start_wal, &stop_seg, seg_size, opts.wal_timeout).await?;
 
     let manifest = Manifest {
@@ -207,6 +240,60 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
     Ok(manifest)
 }
 
+/// Ask the primary (system `sysid`) for a WAL switch if it is still writing `stop`, the last
+/// segment a standby backup needs, so that it is completed and archived now.
+async fn complete_on_primary(
+    conn: &str,
+    sysid: u64,
+    stop: &SegmentName,
+    seg_size: u32,
+) -> Result<(), BackupError> {
+    let primary_err = |e: tokio_postgres::Error| {
+        BackupError::Primary(e.as_db_error().map_or(e.to_string(), |d| d.message().to_string()))
+    };
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+        .await
+        .map_err(primary_err)?;
+    let conn_task = tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT system_identifier, pg_is_in_recovery(), pg_current_wal_insert_lsn()::text \
+             FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(primary_err)?;
+    let (primary_sysid, in_recovery): (i64, bool) = (row.get(0), row.get(1));
+    if primary_sysid as u64 != sysid {
+        return Err(BackupError::Primary(format!(
+            "system identifier {} is not the standby's ({sysid})",
+            primary_sysid as u64
+        )));
+    }
+    if in_recovery {
+        return Err(BackupError::Primary(
+            "that server is in recovery, not a primary".into(),
+        ));
+    }
+    let insert: Lsn = row
+        .get::<_, String>(2)
+        .parse()
+        .map_err(|_| BackupError::Primary("bad insert LSN".into()))?;
+    if insert.0 / u64::from(seg_size) <= stop.segment_no(seg_size).unwrap_or(u64::MAX) {
+        client
+            .query_one("SELECT pg_switch_wal()::text", &[])
+            .await
+            .map_err(primary_err)?;
+        tracing::info!(segment = %stop, "asked the primary to switch WAL");
+    }
+    drop(client);
+    let _ = conn_task.await;
+    Ok(())
+}
+
+/// `XLOG_CONTROL_FILE`, relative to the data directory.
+const CONTROL_FILE: &str = "global/pg_control";
+
 /// `backups/<id>/manifest.wvo`.
 pub fn manifest_key(id: &BackupId) -> String {
     format!("backups/{id}/manifest.wvo")
@@ -229,7 +316,7 @@ async fn read_descriptor(store: &Store) -> Result<Option<RepoDescriptor>, Backup
 
 /// The system identifier in `global/pg_control` (its first 8 bytes in every version).
 fn read_control_sysid(pgdata: &Path) -> Result<u64, BackupError> {
-    let path = pgdata.join("global/pg_control");
+    let path = pgdata.join(CONTROL_FILE);
     let bytes = std::fs::read(&path).map_err(|source| BackupError::Read {
         path: path.display().to_string(),
         source,
@@ -420,7 +507,13 @@ async fn copy_files(
         Ok(())
     };
 
-    for src in &sources {
+    // pg_control last: a standby backup ends at the minRecoveryPoint recorded in the copy, which
+    // must be at least as new as every page copied (basebackup.c sends it last for this reason).
+    let control_last = sources
+        .iter()
+        .filter(|s| s.rel != CONTROL_FILE)
+        .chain(sources.iter().filter(|s| s.rel == CONTROL_FILE));
+    for src in control_last {
         let kind = if src.is_dir {
             EntryKind::Dir
         } else {
@@ -500,5 +593,6 @@ async fn copy_files(
     for ((entry, _), id) in chunk_ids {
         entries[entry].chunks.push(id);
     }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
     Ok((entries, tablespaces, stats))
 }

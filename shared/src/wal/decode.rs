@@ -1,4 +1,5 @@
-//! A sans-IO decoder of PostgreSQL WAL records (PostgreSQL 13 to 17).
+//! A sans-IO decoder of PostgreSQL WAL records (PostgreSQL 13 to 19; what differs between
+//! versions is in [`super::version`]).
 //!
 //! Feed it the bytes of the WAL stream in order, from a segment or page boundary, in chunks of
 //! any size ([`WalDecoder::feed`]), and take out complete records ([`WalDecoder::poll`]). It does
@@ -19,18 +20,14 @@ use serde::{Deserialize, Serialize};
 
 use super::crc32c;
 use super::lsn::Lsn;
-use super::page::{LONG_HEADER_LEN, XLP_LONG_HEADER, pg_version_for_magic};
+use super::page::{LONG_HEADER_LEN, XLP_LONG_HEADER};
 pub use super::pgtime::PgTime;
+use super::version::{self, WalFormat};
 
 /// `SizeOfXLogShortPHD`.
 const SHORT_HEADER_LEN: usize = 24;
 /// `XLP_FIRST_IS_CONTRECORD`: the page starts with the rest of a record.
 const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
-/// `XLP_FIRST_IS_OVERWRITE_CONTRECORD`: the continuation the previous page promised was lost
-/// in a crash; the record that began before this page is abandoned.
-const XLP_FIRST_IS_OVERWRITE_CONTRECORD: u16 = 0x0008;
-/// `XLP_ALL_FLAGS`.
-const XLP_ALL_FLAGS: u16 = 0x000F;
 
 /// `SizeOfXLogRecord`.
 const RECORD_HEADER_LEN: u32 = 24;
@@ -53,8 +50,6 @@ pub const MAIN_CAP: usize = 72;
 pub const RM_XLOG_ID: u8 = 0;
 /// `RM_XACT_ID`.
 pub const RM_XACT_ID: u8 = 1;
-/// `RM_MAX_BUILTIN_ID` of PostgreSQL 13 to 17 (`RM_LOGICALMSG_ID`).
-const RM_MAX_BUILTIN_ID: u8 = 21;
 /// `RM_MIN_CUSTOM_ID`: custom resource managers exist from PostgreSQL 15.
 const RM_MIN_CUSTOM_ID: u8 = 128;
 
@@ -83,12 +78,9 @@ const XLR_BLOCK_ID_TOPLEVEL_XID: u8 = 252;
 const BKPBLOCK_HAS_IMAGE: u8 = 0x10;
 const BKPBLOCK_HAS_DATA: u8 = 0x20;
 const BKPBLOCK_SAME_REL: u8 = 0x80;
-/// `bimg_info` bits. `BKPIMAGE_HAS_HOLE` is the same in every version; "compressed" is one bit
-/// (0x02) up to PostgreSQL 14 and three method bits (PGLZ 0x04, LZ4 0x08, ZSTD 0x10) from 15,
-/// where 0x02 became `BKPIMAGE_APPLY`.
+/// `BKPIMAGE_HAS_HOLE`, the same in every version (the "compressed" bits are not:
+/// [`WalFormat::image_compressed_bits`]).
 const BKPIMAGE_HAS_HOLE: u8 = 0x01;
-const BKPIMAGE_IS_COMPRESSED_PG14: u8 = 0x02;
-const BKPIMAGE_COMPRESSED_PG15: u8 = 0x04 | 0x08 | 0x10;
 /// `sizeof(RelFileNode)` / `sizeof(RelFileLocator)`: three OIDs in every version.
 const REL_LOCATOR_LEN: usize = 12;
 
@@ -162,7 +154,7 @@ pub enum DecodeError {
     WrongSegmentLength { lsn: Lsn, len: usize, segment_size: u32 },
     #[error("at {lsn}: the carried decoder state does not continue here: {reason}")]
     BadCarry { lsn: Lsn, reason: String },
-    #[error("at {lsn}: unknown WAL page magic {magic:#06X} (not PostgreSQL 13 to 17)")]
+    #[error("at {lsn}: unknown WAL page magic {magic:#06X} (not PostgreSQL 13 to 19)")]
     BadMagic { lsn: Lsn, magic: u16 },
     #[error("at {lsn}: page magic changed from {expected:#06X} to {found:#06X}")]
     MagicChanged { lsn: Lsn, expected: u16, found: u16 },
@@ -328,7 +320,12 @@ impl DecoderState {
 
     /// PostgreSQL major version of the pages seen so far, if any.
     pub fn pg_version(&self) -> Option<u32> {
-        self.magic.and_then(pg_version_for_magic)
+        self.format().map(|f| f.major)
+    }
+
+    /// The WAL format of the pages seen so far, if any.
+    fn format(&self) -> Option<&'static WalFormat> {
+        self.magic.and_then(version::for_magic)
     }
 
     /// Check the invariants the decoder relies on (a state read back from disk is untrusted).
@@ -339,7 +336,7 @@ impl DecoderState {
         };
         geometry_error(self.pos, self.segment_size, self.block_size).map_or(Ok(()), Err)?;
         if let Some(m) = self.magic
-            && pg_version_for_magic(m).is_none()
+            && version::for_magic(m).is_none()
         {
             return Err(bad("unknown page magic"));
         }
@@ -540,6 +537,7 @@ impl WalDecoder {
     fn step(&mut self, rest: &[u8]) -> Result<Step, DecodeError> {
         let pos = self.state.pos.0;
         let block = u64::from(self.state.block_size);
+        let image_bits = self.state.format().map_or(0, |f| f.image_compressed_bits);
         match &mut self.state.phase {
             Phase::Ended { .. } => return Ok(Step::NeedMore),
             Phase::Padding { until } => {
@@ -633,8 +631,7 @@ impl WalDecoder {
                     if n == 0 {
                         return Ok(Step::NeedMore);
                     }
-                    let version = self.state.magic.and_then(pg_version_for_magic);
-                    absorb_body(p, &rest[..n], version.unwrap_or(0))?;
+                    absorb_body(p, &rest[..n], image_bits)?;
                     p.got += n as u32;
                 }
                 self.advance(n);
@@ -659,9 +656,9 @@ impl WalDecoder {
         let st = &mut self.state;
         let lsn = st.pos;
         let magic = u16_at(h, 0);
-        if pg_version_for_magic(magic).is_none() {
+        let Some(format) = version::for_magic(magic) else {
             return Err(DecodeError::BadMagic { lsn, magic });
-        }
+        };
         if let Some(expected) = st.magic
             && expected != magic
         {
@@ -673,7 +670,7 @@ impl WalDecoder {
         }
         let info = u16_at(h, 2);
         // The long header is on, and only on, the first page of each segment.
-        if info & !XLP_ALL_FLAGS != 0 || (info & XLP_LONG_HEADER != 0) != long {
+        if info & !format.all_page_flags != 0 || (info & XLP_LONG_HEADER != 0) != long {
             return Err(DecodeError::BadPageInfo { lsn, info });
         }
         let page_addr = Lsn(u64_at(h, 8));
@@ -717,7 +714,9 @@ impl WalDecoder {
 
         let rem_len = u32_at(h, 16);
         let contrecord = info & XLP_FIRST_IS_CONTRECORD != 0;
-        let overwrite = info & XLP_FIRST_IS_OVERWRITE_CONTRECORD != 0;
+        // XLP_FIRST_IS_OVERWRITE_CONTRECORD: the continuation the previous page promised was
+        // lost in a crash; the record that began before this page is abandoned.
+        let overwrite = info & format.overwrite_contrecord != 0;
         match &st.phase {
             Phase::Unsynced => {
                 st.phase = match contrecord && rem_len > 0 && !overwrite {
@@ -764,8 +763,10 @@ impl WalDecoder {
     /// `ValidXLogRecordHeader`.
     fn check_record_header(&self, h: &[u8; RECORD_HEADER_LEN as usize], lsn: u64) -> Result<(), DecodeError> {
         let rmid = h[17];
-        let custom_ok = self.state.pg_version().is_some_and(|v| v >= 15);
-        if rmid > RM_MAX_BUILTIN_ID && !(custom_ok && rmid >= RM_MIN_CUSTOM_ID) {
+        let format = self.state.format();
+        let max_builtin = format.map_or(0, |f| f.max_builtin_rmgr);
+        let custom_ok = format.is_some_and(|f| f.custom_rmgrs);
+        if rmid > max_builtin && !(custom_ok && rmid >= RM_MIN_CUSTOM_ID) {
             return Err(DecodeError::BadRmgr { lsn: Lsn(lsn), rmid });
         }
         let found = Lsn(u64_at(h, 8));
@@ -788,11 +789,11 @@ impl WalDecoder {
     /// CRC check, main data interpretation and the move to the next record position.
     fn finish_record(&mut self, mut p: Partial) -> Result<WalRecord, DecodeError> {
         let lsn = Lsn(p.lsn);
-        let version = self.state.pg_version().unwrap_or(0);
+        let image_bits = self.state.format().map_or(0, |f| f.image_compressed_bits);
         if p.layout.is_none() {
             // A body shorter than HEAD_CAP (or empty): parse it whole now.
             let head = std::mem::take(&mut p.head);
-            p.layout = Some(parse_layout(&head, p.body_len(), version, lsn)?.ok_or(
+            p.layout = Some(parse_layout(&head, p.body_len(), image_bits, lsn)?.ok_or(
                 DecodeError::Malformed {
                     lsn,
                     reason: "record data shorter than its block headers",
@@ -838,7 +839,7 @@ impl WalDecoder {
 }
 
 /// Take in `chunk`, the next body bytes of `p` (before `p.got` is advanced).
-fn absorb_body(p: &mut Partial, chunk: &[u8], version: u32) -> Result<(), DecodeError> {
+fn absorb_body(p: &mut Partial, chunk: &[u8], image_bits: u8) -> Result<(), DecodeError> {
     p.crc = crc32c::update(p.crc, chunk);
     let off = p.body_got();
     if p.layout.is_some() {
@@ -853,7 +854,7 @@ fn absorb_body(p: &mut Partial, chunk: &[u8], version: u32) -> Result<(), Decode
     if p.head.len() == HEAD_CAP && (HEAD_CAP as u64) < u64::from(body_len) {
         let lsn = Lsn(p.lsn);
         let head = std::mem::take(&mut p.head);
-        let layout = parse_layout(&head, body_len, version, lsn)?.ok_or(DecodeError::Malformed {
+        let layout = parse_layout(&head, body_len, image_bits, lsn)?.ok_or(DecodeError::Malformed {
             lsn,
             reason: "block headers longer than any PostgreSQL writes",
         })?;
@@ -884,7 +885,7 @@ fn capture_main(p: &mut Partial, chunk: &[u8], off: u32) {
 fn parse_layout(
     head: &[u8],
     body_len: u32,
-    pg_version: u32,
+    image_compressed_bits: u8,
     lsn: Lsn,
 ) -> Result<Option<Layout>, DecodeError> {
     struct Reader<'a> {
@@ -963,10 +964,7 @@ fn parse_layout(
                         let bimg_len = r.u16()?;
                         let _hole_offset = r.u16()?;
                         let bimg_info = r.u8()?;
-                        let compressed = match pg_version {
-                            ..=14 => bimg_info & BKPIMAGE_IS_COMPRESSED_PG14 != 0,
-                            _ => bimg_info & BKPIMAGE_COMPRESSED_PG15 != 0,
-                        };
+                        let compressed = bimg_info & image_compressed_bits != 0;
                         if compressed && bimg_info & BKPIMAGE_HAS_HOLE != 0 {
                             let _hole_length = r.u16()?;
                         }
@@ -1382,6 +1380,120 @@ mod tests {
             let (recs, res) = decode_all(SEG as u64, &w.bytes);
             res.unwrap_or_else(|e| panic!("magic {magic:#X} info {bimg_info:#X}: {e}"));
             assert_eq!(recs[0].kind, RecordKind::Commit { time: PgTime(31) });
+        }
+    }
+
+    /// A stream of every record kind the time index reads, plus a heap record with a
+    /// full-page image, written with `format`'s magic.
+    fn every_kind(format: &WalFormat) -> (WalWriter, Vec<RecordKind>) {
+        let mut w = WalWriter::new(SEG as u64, SEG, BLK);
+        w.magic = format.magic;
+        // HAS_HOLE and this version's first "compressed" bit: a hole length field follows.
+        let compressed = format.image_compressed_bits & format.image_compressed_bits.wrapping_neg();
+        let image = testwal::image_then_main(0x01 | compressed, true, 300, &[0; 3]);
+        w.record(testwal::RM_HEAP_ID, 0, 5, &image);
+        w.record(RM_XACT_ID, XLOG_XACT_COMMIT, 5, &testwal::xact_body(11, true));
+        w.record(RM_XACT_ID, XLOG_XACT_ABORT, 6, &testwal::xact_body(12, false));
+        w.record(
+            RM_XACT_ID,
+            XLOG_XACT_COMMIT_PREPARED,
+            0,
+            &testwal::xact_body(13, true),
+        );
+        w.record(
+            RM_XACT_ID,
+            XLOG_XACT_ABORT_PREPARED,
+            0,
+            &testwal::xact_body(14, true),
+        );
+        w.record(
+            RM_XLOG_ID,
+            XLOG_RESTORE_POINT,
+            0,
+            &testwal::restore_point_body(15, "before-drop"),
+        );
+        w.switch();
+        let kinds = vec![
+            RecordKind::Other,
+            RecordKind::Commit { time: PgTime(11) },
+            RecordKind::Abort { time: PgTime(12) },
+            RecordKind::CommitPrepared { time: PgTime(13) },
+            RecordKind::AbortPrepared { time: PgTime(14) },
+            RecordKind::RestorePoint {
+                time: PgTime(15),
+                name: "before-drop".into(),
+            },
+            RecordKind::Switch,
+        ];
+        (w, kinds)
+    }
+
+    #[test]
+    fn every_supported_version_decodes_commits_aborts_and_restore_points() {
+        for format in &version::FORMATS {
+            let (w, kinds) = every_kind(format);
+            let mut d = WalDecoder::new(Lsn(SEG as u64), SEG, BLK);
+            d.feed(&w.bytes);
+            let mut found = Vec::new();
+            while let Some(r) = d
+                .poll()
+                .unwrap_or_else(|e| panic!("PostgreSQL {}: {e}", format.major))
+            {
+                found.push(r.kind);
+            }
+            assert_eq!(found, kinds, "PostgreSQL {}", format.major);
+            assert_eq!(d.pg_version(), Some(format.major));
+        }
+    }
+
+    #[test]
+    fn pg19_pages_and_resource_managers() {
+        let (f18, f19) = (version::for_major(18).unwrap(), version::for_major(19).unwrap());
+        // RM_XLOG2_ID (22) is a resource manager from 19 on, garbage before.
+        for (format, ok) in [(f18, false), (f19, true)] {
+            let mut w = WalWriter::new(SEG as u64, SEG, BLK);
+            w.magic = format.magic;
+            let lsn = w.record(22, 0, 0, &testwal::main_data(&[0; 4]));
+            let (recs, res) = decode_all(SEG as u64, &w.bytes);
+            match ok {
+                true => assert_eq!((recs.len(), res), (1, Ok(()))),
+                false => assert_eq!(
+                    res,
+                    Err(DecodeError::BadRmgr {
+                        lsn: Lsn(lsn),
+                        rmid: 22
+                    })
+                ),
+            }
+        }
+        // 0x0008 was XLP_FIRST_IS_OVERWRITE_CONTRECORD up to 18 and is no flag at all in 19.
+        for (format, ok) in [(f18, true), (f19, false)] {
+            let mut w = WalWriter::new(SEG as u64, SEG, BLK);
+            w.magic = format.magic;
+            w.record(10, 0, 1, &testwal::main_data(&[0; 10]));
+            w.bytes[2] |= 0x08;
+            let res = decode_all(SEG as u64, &w.bytes).1;
+            match ok {
+                true => assert_eq!(res, Ok(())),
+                false => assert!(
+                    matches!(res, Err(DecodeError::BadPageInfo { info: 0x000A, .. })),
+                    "{res:?}"
+                ),
+            }
+        }
+        // A crash-torn record is abandoned with 19's renumbered flag (0x0004), as with 18's.
+        for format in [f18, f19] {
+            let mut w = WalWriter::new(SEG as u64, SEG, BLK);
+            w.magic = format.magic;
+            let first = w.record(10, 0, 1, &testwal::main_data(&[0; 10]));
+            w.torn_record(10, 0, 2, &testwal::main_data_long(&vec![3; 2 * BLK as usize]));
+            let after = w.record(RM_XACT_ID, XLOG_XACT_COMMIT, 3, &testwal::xact_body(7, true));
+            let (recs, res) = decode_all(SEG as u64, &w.bytes);
+            res.unwrap_or_else(|e| panic!("PostgreSQL {}: {e}", format.major));
+            assert_eq!(
+                recs.iter().map(|r| r.lsn.0).collect::<Vec<_>>(),
+                vec![first, after]
+            );
         }
     }
 

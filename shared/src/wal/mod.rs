@@ -9,6 +9,7 @@ pub mod pgtime;
 pub mod summary;
 #[cfg(test)]
 mod testwal;
+pub mod version;
 
 pub use lsn::{Lsn, TimelineId};
 pub use name::{NameError, SegmentName, WalFileName};

@@ -13,21 +13,10 @@ pub const XLP_LONG_HEADER: u16 = 0x0002;
 /// `SizeOfXLogLongPHD`.
 pub const LONG_HEADER_LEN: usize = 40;
 
-/// `XLOG_PAGE_MAGIC` of each supported major version. It changes whenever the WAL format does.
-const PAGE_MAGICS: [(u16, u32); 5] = [
-    (0xD106, 13),
-    (0xD10D, 14),
-    (0xD110, 15),
-    (0xD113, 16),
-    (0xD116, 17),
-];
-
-/// PostgreSQL major version that writes pages with this magic, if supported.
+/// PostgreSQL major version that writes pages with this magic, if supported
+/// ([`super::version::FORMATS`]).
 pub fn pg_version_for_magic(magic: u16) -> Option<u32> {
-    PAGE_MAGICS
-        .iter()
-        .find(|(m, _)| *m == magic)
-        .map(|(_, version)| *version)
+    super::version::for_magic(magic).map(|f| f.major)
 }
 
 /// What a segment's first page says about the cluster that wrote it.
@@ -48,7 +37,7 @@ pub enum PageError {
     #[error("{len} bytes is too short for a WAL segment")]
     TooShort { len: usize },
     #[error(
-        "unknown WAL page magic {0:#06X}: not a WAL segment of PostgreSQL 13 to 17 (recycled, zeroed or foreign file?)"
+        "unknown WAL page magic {0:#06X}: not a WAL segment of PostgreSQL 13 to 19 (a newer release walvault does not know yet, or a recycled, zeroed or foreign file)"
     )]
     UnknownMagic(u16),
     #[error("the first page lacks the long page header flag (info {0:#06X})")]
@@ -213,6 +202,22 @@ mod tests {
             validate_segment(&bytes, &name),
             Err(PageError::UnknownMagic(0xD101))
         ));
+    }
+
+    #[test]
+    fn names_the_version_of_every_supported_magic_and_refuses_newer_ones() {
+        let name = seg("000000010000000000000001");
+        for f in &crate::wal::version::FORMATS {
+            let mut bytes = synthetic_segment(&name, 42, MB16);
+            bytes[0..2].copy_from_slice(&f.magic.to_le_bytes());
+            assert_eq!(validate_segment(&bytes, &name).unwrap().pg_version, f.major);
+        }
+        let mut bytes = synthetic_segment(&name, 42, MB16);
+        bytes[0..2].copy_from_slice(&0xD122u16.to_le_bytes());
+        let err = validate_segment(&bytes, &name).unwrap_err();
+        assert_eq!(err, PageError::UnknownMagic(0xD122));
+        let text = err.to_string();
+        assert!(text.contains("0xD122") && text.contains("13 to 19"), "{text}");
     }
 
     proptest! {

@@ -6,7 +6,6 @@ use super::crc32c;
 pub(crate) const RM_HEAP_ID: u8 = 10;
 const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
 const XLP_LONG_HEADER: u16 = 0x0002;
-const XLP_FIRST_IS_OVERWRITE_CONTRECORD: u16 = 0x0008;
 
 pub(crate) fn align8(v: u64) -> u64 {
     v.div_ceil(8) * 8
@@ -140,7 +139,10 @@ impl WalWriter {
         let first_page = (u64::from(self.blk) - lsn % u64::from(self.blk)) as usize;
         assert!(first_page < rec.len(), "the record must span pages");
         self.put_record(&rec, first_page);
-        self.next_page_flags = XLP_FIRST_IS_OVERWRITE_CONTRECORD;
+        // XLP_FIRST_IS_OVERWRITE_CONTRECORD, whose bit depends on the version.
+        self.next_page_flags = super::version::for_magic(self.magic)
+            .expect("a supported magic")
+            .overwrite_contrecord;
         lsn
     }
 
