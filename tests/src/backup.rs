@@ -69,6 +69,11 @@ impl BackupSummary {
 /// Take an online base backup of the running `cluster` into `repo` (`archive-agent backup
 /// --json`, as the PostgreSQL user). The cluster must archive into `repo`.
 pub fn take_backup(cluster: &Cluster, repo: &Repo) -> Result<BackupSummary> {
+    take_backup_with(cluster, repo, &[])
+}
+
+/// [`take_backup`] with more `archive-agent backup` flags.
+pub fn take_backup_with(cluster: &Cluster, repo: &Repo, extra: &[&str]) -> Result<BackupSummary> {
     let data_dir = cluster.data_dir();
     let mut args = vec!["backup".to_string()];
     args.extend(repo.args());
@@ -82,6 +87,7 @@ pub fn take_backup(cluster: &Cluster, repo: &Repo) -> Result<BackupSummary> {
         ]
         .map(String::from),
     );
+    args.extend(extra.iter().map(|a| a.to_string()));
     let run = agents()
         .run(ARCHIVE_AGENT, args)
         .check()

@@ -52,4 +52,19 @@ START TIME: 2026-11-21 10:00:00 UTC\nLABEL: walvault\nSTART TIMELINE: 1\n";
         assert_eq!(l.timeline, 1);
         assert!(parse("START TIMELINE: 1\n").is_err());
     }
+
+    #[test]
+    fn parses_the_labels_of_13_and_19_and_of_a_standby() {
+        // 13 says "master"; 19 zero-pads LSNs; a standby's says so, and both read the same.
+        let pg13 = "START WAL LOCATION: 0/9000028 (file 000000010000000000000009)\n\
+CHECKPOINT LOCATION: 0/9000060\nBACKUP METHOD: streamed\nBACKUP FROM: master\n\
+START TIME: 2026-11-21 10:00:00 UTC\nLABEL: walvault\nSTART TIMELINE: 1\n";
+        let pg19 = "START WAL LOCATION: 0/09000028 (file 000000020000000000000009)\n\
+CHECKPOINT LOCATION: 0/09000060\nBACKUP METHOD: streamed\nBACKUP FROM: standby\n\
+START TIME: 2026-11-21 10:00:00 UTC\nLABEL: walvault\nSTART TIMELINE: 2\n";
+        let (a, b) = (parse(pg13).unwrap(), parse(pg19).unwrap());
+        assert_eq!((a.start_lsn, a.timeline), (Lsn(0x9000028), 1));
+        assert_eq!((b.start_lsn, b.timeline), (Lsn(0x9000028), 2));
+        assert_eq!(b.start_wal, "000000020000000000000009");
+    }
 }

@@ -444,12 +444,18 @@ fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>), BackupError> {
                         mode,
                     });
                     if rel == "pg_wal" {
-                        out.push(Source {
-                            abs,
-                            rel: "pg_wal/archive_status".into(),
-                            is_dir: true,
-                            mode,
-                        });
+                        // Kept empty, as basebackup.c sends them: archive_status, and from
+                        // PostgreSQL 17 the WAL summarizer's summaries.
+                        for sub in ["archive_status", "summaries"] {
+                            if sub == "archive_status" || abs.join(sub).is_dir() {
+                                out.push(Source {
+                                    abs: abs.join(sub),
+                                    rel: format!("pg_wal/{sub}"),
+                                    is_dir: true,
+                                    mode,
+                                });
+                            }
+                        }
                     }
                 }
                 Decision::Include if is_dir => {
