@@ -222,3 +222,26 @@ fn missing_wal_file_is_a_retryable_failure() -> Result<()> {
     assert!(!repo.has_object("000000010000000000000009"));
     Ok(())
 }
+
+/// WAL of a PostgreSQL release walvault does not know yet (a newer page magic) is refused in one
+/// line naming the magic and the supported versions, with an exit code PostgreSQL's archiver
+/// retries (the segment stays in pg_wal), and nothing is stored.
+#[test]
+fn push_refuses_wal_of_an_unknown_release_in_one_line() -> Result<()> {
+    let samples = wal_samples();
+    let repo = Repo::new()?;
+    let (_, name) = samples.segment(0);
+    let mut future = samples.bytes(0);
+    future[0..2].copy_from_slice(&0xD122u16.to_le_bytes());
+    let path = repo.scratch().subdir("future")?.join(&name);
+    write_for_pg(&path, &future)?;
+    let run = agents().push(&repo, &path, &[]);
+    run.assert_code(exit::REFUSED);
+    assert_eq!(run.stderr.lines().count(), 1, "one error line:\n{run}");
+    assert!(
+        run.stderr.contains("0xD122") && run.stderr.contains("PostgreSQL 13 to 19"),
+        "the refusal names the magic and the supported versions:\n{run}"
+    );
+    assert!(!repo.has_object(&name), "nothing stored for {name}");
+    Ok(())
+}
