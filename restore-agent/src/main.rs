@@ -267,7 +267,8 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
     );
     println!("recovery target: {}, timeline {}", r.target, r.timeline);
     println!(
-        "start PostgreSQL to complete the recovery:  pg_ctl -D {} start",
+        "start PostgreSQL {} to complete the recovery:  pg_ctl -D {} start",
+        r.pg_version,
         pgdata.display()
     );
     Ok(())

@@ -96,6 +96,8 @@ pub struct TablespacePlan {
 #[derive(Debug, Clone)]
 pub struct RestoreReport {
     pub backup: BackupId,
+    /// PostgreSQL major version of the backup: the server that must recover it.
+    pub pg_version: u32,
     pub files: u64,
     pub bytes: u64,
     pub timeline: String,
@@ -561,6 +563,7 @@ pub async fn restore(
     let (files, bytes) = written?;
     Ok(RestoreReport {
         backup: manifest.id.clone(),
+        pg_version: manifest.pg_version,
         files,
         bytes,
         timeline: match opts.timeline {

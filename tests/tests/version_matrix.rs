@@ -206,7 +206,11 @@ fn end_to_end(major: u32) -> Result<()> {
     let index_checked = started.elapsed();
 
     // All of it replayed through restore-agent fetch, with the prefetcher.
-    let (replayed, _) = restore_on(pg, &repo, &name("replayed"), &[], false)?;
+    let (replayed, report) = restore_on(pg, &repo, &name("replayed"), &[], false)?;
+    ensure!(
+        report.contains(&format!("start PostgreSQL {major} to complete the recovery")),
+        "restore should name the server version that must recover it:\n{report}"
+    );
     assert_eq!(
         workload::fingerprints(&replayed)?,
         expected,
