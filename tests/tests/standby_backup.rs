@@ -77,12 +77,14 @@ fn standby_backup(pg: &'static PgInstall) -> Result<()> {
             }
             Ok(states)
         });
-        let taken = (|| -> Result<BackupSummary> {
+        let taken = (|| -> Result<(BackupSummary, Repo)> {
             thread::sleep(Duration::from_millis(600));
             let primary_url = primary.conn_string();
             let b = take_backup_with(&standby, &repo, &["--primary-url", &primary_url])?;
+            // The repository as the backup left it, without the WAL archived since.
+            let as_left = repo.copy()?;
             thread::sleep(Duration::from_millis(1500));
-            Ok(b)
+            Ok((b, as_left))
         })();
         stop.store(true, Ordering::Relaxed);
         let states = writer
@@ -90,6 +92,7 @@ fn standby_backup(pg: &'static PgInstall) -> Result<()> {
             .map_err(|_| anyhow!("the ledger writer panicked"))??;
         Ok((states, taken?))
     })?;
+    let (taken, as_left) = taken;
     archive_everything(&primary)?;
     ensure!(taken.id != seed.id, "the standby backup got the seed's id");
 
@@ -102,6 +105,42 @@ fn standby_backup(pg: &'static PgInstall) -> Result<()> {
         "the backup was not taken on the standby:\n{label}"
     );
     drop(standby);
+
+    // The backup waited for the right WAL and copied pg_control last: with nothing archived
+    // after its stop segment, recovery still becomes consistent, on a state the primary had.
+    let stop_lsn = workload::parse_lsn(&taken.stop_lsn)?;
+    let stop_no = (stop_lsn - 1) / (16 << 20);
+    assert_eq!(
+        taken.stop_wal,
+        format!("{:08X}{:08X}{:08X}", taken.timeline, stop_no >> 8, stop_no & 0xFF),
+        "the stop segment is the one holding the byte before the stop LSN {}",
+        taken.stop_lsn
+    );
+    for name in as_left.archived_names()? {
+        if name.len() == 24 && name.as_str() > taken.stop_wal.as_str() {
+            as_left.delete(&as_left.object_key(&name))?;
+        }
+    }
+    let mut consistent = Cluster::uninitialized_on(&format!("sb{major}-consistent"), pg)?;
+    backup::restore(
+        &as_left,
+        &consistent.data_dir(),
+        &["--backup", &taken.id, "--target", "immediate"],
+    )?
+    .check()
+    .context("restore of the standby backup to its consistency point")?;
+    consistent.set_conf(&[("archive_mode", "off")])?;
+    consistent
+        .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
+        .context("recovery of the standby backup with only its own WAL")?;
+    let at_consistency = workload::ledger_contents(&consistent)?;
+    ensure!(
+        states.iter().any(|s| s.contents == at_consistency),
+        "PostgreSQL {major}: at its consistency point the standby backup holds a ledger the primary \
+         never had: {at_consistency:?}"
+    );
+    drop(consistent);
+    drop(as_left);
 
     // Restores past the standby backup use it and hold exactly the primary's state then: the
     // first instant after it became consistent, and one well after.

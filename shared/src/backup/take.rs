@@ -68,6 +68,18 @@ pub enum BackupError {
     #[error("--primary-url: {0}")]
     Primary(String),
     #[error(
+        "the standby moved from timeline {start} to {stop} during the backup (a promotion upstream?); take the backup again"
+    )]
+    TimelineChanged { start: u32, stop: i32 },
+    #[error(
+        "{path} never read with a valid CRC in {attempts} attempts: not a PostgreSQL {pg_version} control file?"
+    )]
+    ControlFile {
+        path: String,
+        attempts: u32,
+        pg_version: u32,
+    },
+    #[error(
         "--pgdata {pgdata} does not belong to the server at --pg-url (system identifier {dir} vs {server})"
     )]
     WrongDataDir { pgdata: String, dir: u64, server: u64 },
@@ -130,7 +142,7 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
         .await
         .map_err(sql)?
         .get(0);
-    let dir_sysid = read_control_sysid(&opts.pgdata)?;
+    let dir_sysid = read_control_sysid(&opts.pgdata, pg_version).await?;
     if dir_sysid != sysid {
         return Err(BackupError::WrongDataDir {
             pgdata: opts.pgdata.display().to_string(),
@@ -148,6 +160,16 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
         });
     }
 
+    // Checked before anything starts, so a wrong --primary-url never costs a finished copy.
+    let primary = match (&opts.primary_conn, from_standby) {
+        (Some(conn), true) => Some(Primary::connect(conn, sysid).await?),
+        (Some(_), false) => {
+            tracing::warn!("--primary-url is ignored: the server at --pg-url is not a standby");
+            None
+        }
+        (None, _) => None,
+    };
+
     let server_clock = "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint";
     let start_time_us: i64 = client.query_one(server_clock, &[]).await.map_err(sql)?.get(0);
     let id = BackupId::from_unix(start_time_us.div_euclid(1_000_000));
@@ -160,7 +182,7 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
     client.query_one(start_sql, &[&label_text]).await.map_err(sql)?;
     tracing::info!(backup = %id, from_standby, "backup started");
 
-    let copied = copy_files(&store, opts, settings.compress_level).await;
+    let copied = copy_files(&store, opts, settings.compress_level, pg_version).await;
     // Stop the backup even when copying failed, so the server is not left in backup mode.
     // On a primary, PostgreSQL waits until the stop segment is archived. A standby would wait
     // only with archive_mode = always, and then for a segment that only the primary can
@@ -173,17 +195,36 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
     };
     let stopped = client.query_one(stop_sql, &[]).await.map_err(sql);
     // Read after pg_backup_stop returned, on the server's clock: every commit before the
-    // consistency point carries an earlier timestamp.
+    // consistency point carries an earlier timestamp. On a standby those timestamps come from
+    // the primary's clock: take the later of the standby's clock and the last transaction it
+    // replayed, so a standby clock running behind cannot open the window too early.
+    let stop_clock = match from_standby {
+        false => server_clock,
+        true => {
+            "SELECT (extract(epoch FROM greatest(clock_timestamp(), pg_last_xact_replay_timestamp())) \
+             * 1000000)::bigint"
+        }
+    };
     let stop_time_us: Result<i64, _> = client
-        .query_one(server_clock, &[])
+        .query_one(stop_clock, &[])
         .await
         .map(|r| r.get(0))
         .map_err(sql);
+    // A standby's backup ends on its minRecoveryPoint's timeline (do_pg_backup_stop).
+    let stop_tli: Result<Option<i32>, _> = match from_standby {
+        false => Ok(None),
+        true => client
+            .query_one("SELECT min_recovery_end_timeline FROM pg_control_recovery()", &[])
+            .await
+            .map(|r| Some(r.get(0)))
+            .map_err(sql),
+    };
     drop(client);
     let _ = conn_task.await;
     let (entries, tablespaces, stats) = copied?;
     let row = stopped?;
     let stop_time_us = stop_time_us?;
+    let stop_tli = stop_tli?;
     let stop_lsn: Lsn = row
         .get::<_, String>(0)
         .parse()
@@ -193,11 +234,19 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
     let label = label::parse(&backup_label)?;
 
     let tli = TimelineId::new(label.timeline).ok_or(label::LabelError("a valid timeline"))?;
+    if let Some(stop) = stop_tli
+        && i64::from(stop) != i64::from(label.timeline)
+    {
+        return Err(BackupError::TimelineChanged {
+            start: label.timeline,
+            stop,
+        });
+    }
     let seg_size = seg_size as u32;
     let stop_seg = SegmentName::containing(tli, Lsn(stop_lsn.0.saturating_sub(1)), seg_size);
     if from_standby {
-        match &opts.primary_conn {
-            Some(conn) => complete_on_primary(conn, sysid, &stop_seg, seg_size).await?,
+        match primary {
+            Some(p) => p.complete(&stop_seg, seg_size).await,
             None => tracing::info!(
                 segment = %stop_seg,
                 "backup from a standby: waiting for the primary to complete and archive its stop segment \
@@ -240,55 +289,79 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
     Ok(manifest)
 }
 
-/// Ask the primary (system `sysid`) for a WAL switch if it is still writing `stop`, the last
-/// segment a standby backup needs, so that it is completed and archived now.
-async fn complete_on_primary(
-    conn: &str,
-    sysid: u64,
-    stop: &SegmentName,
-    seg_size: u32,
-) -> Result<(), BackupError> {
-    let primary_err = |e: tokio_postgres::Error| {
-        BackupError::Primary(e.as_db_error().map_or(e.to_string(), |d| d.message().to_string()))
-    };
-    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
-        .await
-        .map_err(primary_err)?;
-    let conn_task = tokio::spawn(connection);
-    let row = client
-        .query_one(
-            "SELECT system_identifier, pg_is_in_recovery(), pg_current_wal_insert_lsn()::text \
-             FROM pg_control_system()",
-            &[],
-        )
-        .await
-        .map_err(primary_err)?;
-    let (primary_sysid, in_recovery): (i64, bool) = (row.get(0), row.get(1));
-    if primary_sysid as u64 != sysid {
-        return Err(BackupError::Primary(format!(
-            "system identifier {} is not the standby's ({sysid})",
-            primary_sysid as u64
-        )));
-    }
-    if in_recovery {
-        return Err(BackupError::Primary(
-            "that server is in recovery, not a primary".into(),
-        ));
-    }
-    let insert: Lsn = row
-        .get::<_, String>(2)
-        .parse()
-        .map_err(|_| BackupError::Primary("bad insert LSN".into()))?;
-    if insert.0 / u64::from(seg_size) <= stop.segment_no(seg_size).unwrap_or(u64::MAX) {
-        client
-            .query_one("SELECT pg_switch_wal()::text", &[])
+/// The primary of a standby being backed up, connected (and checked) before the backup starts.
+struct Primary {
+    client: tokio_postgres::Client,
+    conn_task: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+fn primary_err(e: tokio_postgres::Error) -> BackupError {
+    BackupError::Primary(e.as_db_error().map_or(e.to_string(), |d| d.message().to_string()))
+}
+
+impl Primary {
+    /// Connect and check it is a primary of system `sysid`.
+    async fn connect(conn: &str, sysid: u64) -> Result<Primary, BackupError> {
+        let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
             .await
             .map_err(primary_err)?;
-        tracing::info!(segment = %stop, "asked the primary to switch WAL");
+        let conn_task = tokio::spawn(connection);
+        let row = client
+            .query_one(
+                "SELECT system_identifier, pg_is_in_recovery() FROM pg_control_system()",
+                &[],
+            )
+            .await
+            .map_err(primary_err)?;
+        let (primary_sysid, in_recovery): (i64, bool) = (row.get(0), row.get(1));
+        if primary_sysid as u64 != sysid {
+            return Err(BackupError::Primary(format!(
+                "system identifier {} is not the standby's ({sysid})",
+                primary_sysid as u64
+            )));
+        }
+        if in_recovery {
+            return Err(BackupError::Primary(
+                "that server is in recovery too; name the primary".into(),
+            ));
+        }
+        Ok(Primary { client, conn_task })
     }
-    drop(client);
-    let _ = conn_task.await;
-    Ok(())
+
+    /// Ask for a WAL switch if the primary is still writing `stop`, the last segment the
+    /// backup needs, so that it is completed and archived now. Best effort: on failure the
+    /// backup still waits for the segment (archive_timeout or traffic completes it).
+    async fn complete(self, stop: &SegmentName, seg_size: u32) {
+        let switched = async {
+            let insert: String = self
+                .client
+                .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+                .await
+                .map_err(primary_err)?
+                .get(0);
+            let insert: Lsn = insert
+                .parse()
+                .map_err(|_| BackupError::Primary(format!("bad insert LSN {insert:?}")))?;
+            let writing = insert.0 / u64::from(seg_size) <= stop.segment_no(seg_size).unwrap_or(u64::MAX);
+            if writing {
+                self.client
+                    .query_one("SELECT pg_switch_wal()::text", &[])
+                    .await
+                    .map_err(primary_err)?;
+            }
+            Ok::<bool, BackupError>(writing)
+        }
+        .await;
+        match switched {
+            Ok(true) => tracing::info!(segment = %stop, "asked the primary to switch WAL"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(segment = %stop, "cannot switch WAL on the primary ({e}); waiting for it to archive the segment")
+            }
+        }
+        drop(self.client);
+        let _ = self.conn_task.await;
+    }
 }
 
 /// `XLOG_CONTROL_FILE`, relative to the data directory.
@@ -314,20 +387,42 @@ async fn read_descriptor(store: &Store) -> Result<Option<RepoDescriptor>, Backup
     }
 }
 
-/// The system identifier in `global/pg_control` (its first 8 bytes in every version).
-fn read_control_sysid(pgdata: &Path) -> Result<u64, BackupError> {
-    let path = pgdata.join(CONTROL_FILE);
-    let bytes = std::fs::read(&path).map_err(|source| BackupError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let first: [u8; 8] = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| BackupError::Read {
+/// Reads of `pg_control` before giving up on a torn one.
+const CONTROL_READ_ATTEMPTS: u32 = 20;
+
+/// `global/pg_control` of a PostgreSQL `pg_version` cluster, read until its CRC checks. A
+/// running server (a standby above all) rewrites it in place, and a read racing that write can
+/// see half of each; a restored cluster would then refuse to start.
+async fn read_control_file(path: &Path, pg_version: u32) -> Result<Vec<u8>, BackupError> {
+    let offset = crate::wal::version::for_major(pg_version)
+        .ok_or(BackupError::Version(pg_version))?
+        .control_crc_offset;
+    for _ in 0..CONTROL_READ_ATTEMPTS {
+        let bytes = tokio::fs::read(path).await.map_err(|source| BackupError::Read {
             path: path.display().to_string(),
-            source: std::io::Error::other("file too short"),
+            source,
         })?;
+        let stored = bytes
+            .get(offset..offset + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        if stored.is_some_and(|crc| crc == crc32c::crc32c(&bytes[..offset])) {
+            return Ok(bytes);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(BackupError::ControlFile {
+        path: path.display().to_string(),
+        attempts: CONTROL_READ_ATTEMPTS,
+        pg_version,
+    })
+}
+
+/// The system identifier in `global/pg_control` (its first 8 bytes in every version).
+async fn read_control_sysid(pgdata: &Path, pg_version: u32) -> Result<u64, BackupError> {
+    let bytes = read_control_file(&pgdata.join(CONTROL_FILE), pg_version).await?;
+    let first: [u8; 8] = bytes[..8]
+        .try_into()
+        .expect("a control file is longer than 8 bytes");
     Ok(u64::from_le_bytes(first))
 }
 
@@ -489,6 +584,7 @@ async fn copy_files(
     store: &Store,
     opts: &BackupOptions,
     level: i32,
+    pg_version: u32,
 ) -> Result<(Vec<Entry>, Vec<Tablespace>, BackupStats), BackupError> {
     let (sources, tablespaces) = walk(&opts.pgdata)?;
     let permits = Arc::new(Semaphore::new(opts.parallel.max(1)));
@@ -536,17 +632,21 @@ async fn copy_files(
             entries.push(new_entry());
             continue;
         }
-        let mut file = match tokio::fs::File::open(&src.abs).await {
-            Ok(f) => f,
-            // Dropped since the walk: WAL replay recreates the truth.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                return Err(BackupError::Read {
-                    path: src.abs.display().to_string(),
-                    source: e,
-                });
-            }
-        };
+        let mut file: Box<dyn tokio::io::AsyncRead + Unpin + Send> =
+            match tokio::fs::File::open(&src.abs).await {
+                Ok(_) if src.rel == CONTROL_FILE => Box::new(std::io::Cursor::new(
+                    read_control_file(&src.abs, pg_version).await?,
+                )),
+                Ok(f) => Box::new(f),
+                // Dropped since the walk: WAL replay recreates the truth.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(BackupError::Read {
+                        path: src.abs.display().to_string(),
+                        source: e,
+                    });
+                }
+            };
         entries.push(new_entry());
         let entry = entries.len() - 1;
         let mut size = 0u64;
@@ -601,4 +701,50 @@ async fn copy_files(
     }
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     Ok((entries, tablespaces, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A control file of `pg_version`'s layout: system identifier, then the CRC where it sits.
+    fn control_file(pg_version: u32, sysid: u64) -> Vec<u8> {
+        let offset = crate::wal::version::for_major(pg_version)
+            .unwrap()
+            .control_crc_offset;
+        let mut bytes = vec![0u8; 8192];
+        bytes[..8].copy_from_slice(&sysid.to_le_bytes());
+        bytes[8..12].copy_from_slice(&1800u32.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[..offset]);
+        bytes[offset..offset + 4].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    #[tokio::test]
+    async fn control_files_are_read_only_with_a_valid_crc() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("global")).unwrap();
+        let path = dir.path().join(CONTROL_FILE);
+        for v in [13, 17, 18, 19] {
+            std::fs::write(&path, control_file(v, 7_000_000_000_000_000_000 + u64::from(v))).unwrap();
+            assert_eq!(
+                read_control_sysid(dir.path(), v).await.unwrap(),
+                7_000_000_000_000_000_000 + u64::from(v)
+            );
+        }
+        // An 18 file is not a valid 17 one (its CRC sits 4 bytes further), nor is a torn one.
+        std::fs::write(&path, control_file(18, 42)).unwrap();
+        let err = read_control_sysid(dir.path(), 17).await.unwrap_err();
+        assert!(
+            matches!(err, BackupError::ControlFile { pg_version: 17, .. }),
+            "{err}"
+        );
+        let mut torn = control_file(15, 42);
+        torn[100] ^= 1;
+        std::fs::write(&path, torn).unwrap();
+        assert!(matches!(
+            read_control_sysid(dir.path(), 15).await,
+            Err(BackupError::ControlFile { .. })
+        ));
+    }
 }

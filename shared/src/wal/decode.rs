@@ -154,7 +154,7 @@ pub enum DecodeError {
     WrongSegmentLength { lsn: Lsn, len: usize, segment_size: u32 },
     #[error("at {lsn}: the carried decoder state does not continue here: {reason}")]
     BadCarry { lsn: Lsn, reason: String },
-    #[error("at {lsn}: unknown WAL page magic {magic:#06X} (not PostgreSQL 13 to 19)")]
+    #[error("at {lsn}: unknown WAL page magic {magic:#06X} (not {range})", range = version::supported_range())]
     BadMagic { lsn: Lsn, magic: u16 },
     #[error("at {lsn}: page magic changed from {expected:#06X} to {found:#06X}")]
     MagicChanged { lsn: Lsn, expected: u16, found: u16 },

@@ -37,7 +37,8 @@ pub enum PageError {
     #[error("{len} bytes is too short for a WAL segment")]
     TooShort { len: usize },
     #[error(
-        "unknown WAL page magic {0:#06X}: not a WAL segment of PostgreSQL 13 to 19 (a newer release walvault does not know yet, or a recycled, zeroed or foreign file)"
+        "unknown WAL page magic {0:#06X}: not a WAL segment of {range} (a newer release walvault does not know yet, or a recycled, zeroed or foreign file)",
+        range = super::version::supported_range()
     )]
     UnknownMagic(u16),
     #[error("the first page lacks the long page header flag (info {0:#06X})")]

@@ -1,5 +1,6 @@
 //! What differs between the PostgreSQL major versions walvault reads and drives: one row per
-//! version, so that supporting a new release is one new row plus its tests.
+//! version, so that supporting a new release is one new row plus its tests. Mostly the WAL
+//! format; also where `pg_control`'s CRC sits, which backups check.
 //!
 //! Every value was checked against that version's own headers (`xlog_internal.h`,
 //! `xlogrecord.h`, `rmgrlist.h`) on the release branches REL_13 to REL_19_STABLE. What stayed the
@@ -30,6 +31,10 @@ pub struct WalFormat {
     /// `BKPIMAGE_IS_COMPRESSED` (0x02) up to 14; from 15 one bit per method, PGLZ 0x04, LZ4 0x08,
     /// ZSTD 0x10 (0x02 became `BKPIMAGE_APPLY`).
     pub image_compressed_bits: u8,
+    /// `offsetof(ControlFileData, crc)` on 64-bit platforms: the CRC-32C of `pg_control`'s
+    /// bytes before it. 18 added `default_char_signedness`; 19 grew `CheckPoint` and added the
+    /// online checksum state.
+    pub control_crc_offset: usize,
 }
 
 const PRE_19_PAGE_FLAGS: (u16, u16) = (0x0008, 0x000F);
@@ -37,7 +42,14 @@ const PG19_PAGE_FLAGS: (u16, u16) = (0x0004, 0x0007);
 const COMPRESSED_PG13: u8 = 0x02;
 const COMPRESSED_PG15: u8 = 0x04 | 0x08 | 0x10;
 
-const fn format(major: u32, magic: u16, flags: (u16, u16), max_rmgr: u8, image: u8) -> WalFormat {
+const fn format(
+    major: u32,
+    magic: u16,
+    flags: (u16, u16),
+    max_rmgr: u8,
+    image: u8,
+    control_crc_offset: usize,
+) -> WalFormat {
     WalFormat {
         major,
         magic,
@@ -46,19 +58,20 @@ const fn format(major: u32, magic: u16, flags: (u16, u16), max_rmgr: u8, image: 
         max_builtin_rmgr: max_rmgr,
         custom_rmgrs: major >= 15,
         image_compressed_bits: image,
+        control_crc_offset,
     }
 }
 
 /// Every supported version, oldest first. PostgreSQL 19's betas 1 and 2 wrote 0xD120, a format
 /// that changed again before the release (0xD121, REL_19_STABLE `b01c31eef9`): not supported.
 pub const FORMATS: [WalFormat; 7] = [
-    format(13, 0xD106, PRE_19_PAGE_FLAGS, 21, COMPRESSED_PG13),
-    format(14, 0xD10D, PRE_19_PAGE_FLAGS, 21, COMPRESSED_PG13),
-    format(15, 0xD110, PRE_19_PAGE_FLAGS, 21, COMPRESSED_PG15),
-    format(16, 0xD113, PRE_19_PAGE_FLAGS, 21, COMPRESSED_PG15),
-    format(17, 0xD116, PRE_19_PAGE_FLAGS, 21, COMPRESSED_PG15),
-    format(18, 0xD118, PRE_19_PAGE_FLAGS, 21, COMPRESSED_PG15),
-    format(19, 0xD121, PG19_PAGE_FLAGS, 22, COMPRESSED_PG15),
+    format(13, 0xD106, PRE_19_PAGE_FLAGS, 21, COMPRESSED_PG13, 288),
+    format(14, 0xD10D, PRE_19_PAGE_FLAGS, 21, COMPRESSED_PG13, 288),
+    format(15, 0xD110, PRE_19_PAGE_FLAGS, 21, COMPRESSED_PG15, 288),
+    format(16, 0xD113, PRE_19_PAGE_FLAGS, 21, COMPRESSED_PG15, 288),
+    format(17, 0xD116, PRE_19_PAGE_FLAGS, 21, COMPRESSED_PG15, 288),
+    format(18, 0xD118, PRE_19_PAGE_FLAGS, 21, COMPRESSED_PG15, 292),
+    format(19, 0xD121, PG19_PAGE_FLAGS, 22, COMPRESSED_PG15, 308),
 ];
 
 /// The oldest and newest supported major versions.
