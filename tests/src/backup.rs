@@ -11,7 +11,9 @@ use serde_json::Value;
 
 use crate::agents::{ARCHIVE_AGENT, RESTORE_AGENT, agents};
 use crate::cluster::Cluster;
+use crate::fixtures::RECOVERY_TIMEOUT;
 use crate::host::Finished;
+use crate::pg::PgInstall;
 use crate::repo::Repo;
 
 /// What `archive-agent backup --json` printed.
@@ -121,6 +123,30 @@ pub fn restore_new_cluster(repo: &Repo, name: &str, args: &[&str]) -> Result<(Cl
         .with_context(|| format!("restore of {name} with {args:?}"))?;
     cluster.set_conf(&[("archive_mode", "off")])?;
     Ok((cluster, run))
+}
+
+/// A new cluster restored from `repo` with `args`, run by server `pg`, started, recovered and
+/// promoted; returns it with what restore printed. With `archive`, it keeps the source's
+/// `archive_command` (into `repo`: a new timeline's WAL); otherwise archiving is off, so it
+/// leaves the repository as it found it.
+pub fn restore_and_recover(
+    pg: &'static PgInstall,
+    repo: &Repo,
+    name: &str,
+    args: &[&str],
+    archive: bool,
+) -> Result<(Cluster, String)> {
+    let mut cluster = Cluster::uninitialized_on(name, pg)?;
+    let run = restore(repo, &cluster.data_dir(), args)?
+        .check()
+        .with_context(|| format!("restore {name} with {args:?}"))?;
+    if !archive {
+        cluster.set_conf(&[("archive_mode", "off")])?;
+    }
+    cluster
+        .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
+        .with_context(|| format!("recovery of {name} ({args:?}), restored with:\n{}", run.stdout))?;
+    Ok((cluster, run.stdout))
 }
 
 /// `restore-agent info --repo <repo> --json`, parsed.

@@ -461,6 +461,16 @@ impl Cluster {
         self.query_one_string("SELECT system_identifier::text FROM pg_control_system()")
     }
 
+    /// Unix microseconds of a timestamp (as the agents print them), parsed by this server.
+    pub fn unix_micros(&self, time: &str) -> Result<i64> {
+        self.query_one_string(&format!(
+            "SELECT (extract(epoch FROM '{}'::timestamptz) * 1000000)::bigint::text",
+            time.replace('\'', "''")
+        ))?
+        .parse()
+        .with_context(|| format!("time {time:?}"))
+    }
+
     /// Run `pgbench <args> postgres` against this cluster.
     pub fn pgbench(&self, args: &[&str]) -> Result<Finished> {
         let mut cmd = pg_user_command(pg_bin("pgbench"));

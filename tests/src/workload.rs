@@ -2,8 +2,11 @@
 //! plus a table of random payloads, and per-table row counts and checksums.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use rand::Rng;
 
 use crate::cluster::Cluster;
@@ -292,6 +295,33 @@ impl Ledger {
             },
         })
     }
+}
+
+/// Commit ledger transactions on `cluster`, `between` apart, for as long as `during` runs, as
+/// on a live server; returns every state recorded and what `during` returned.
+pub fn ledger_while<T>(
+    cluster: &Cluster,
+    between: Duration,
+    during: impl FnOnce() -> Result<T>,
+) -> Result<(Vec<LedgerState>, T)> {
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| {
+        let writer = s.spawn(|| -> Result<Vec<LedgerState>> {
+            let mut ledger = Ledger::connect(cluster)?;
+            let mut states = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                states.push(ledger.step()?);
+                thread::sleep(between);
+            }
+            Ok(states)
+        });
+        let result = during();
+        stop.store(true, Ordering::Relaxed);
+        let states = writer
+            .join()
+            .map_err(|_| anyhow!("the ledger writer panicked"))??;
+        Ok((states, result?))
+    })
 }
 
 /// A number as PostgreSQL writes an LSN (`X/Y`), the form `--target-lsn` takes.

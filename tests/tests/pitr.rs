@@ -3,13 +3,13 @@
 //! `restore-agent restore --target-time <a recorded instant>` must bring back exactly the state
 //! recorded at that instant, on the timeline asked for.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Context, Result, ensure};
 use walvault_testkit::backup::{self, BackupSummary, next_backup_second, take_backup};
-use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
+use walvault_testkit::fixtures::{archive_everything, archiving_cluster};
+use walvault_testkit::pg::PgInstall;
 use walvault_testkit::workload::{self, Ledger, LedgerState, parse_lsn};
 use walvault_testkit::{Cluster, Repo};
 
@@ -27,20 +27,9 @@ struct Restored {
 /// recovery has ended. With `archive`, the new cluster keeps the source's `archive_command`
 /// (into `repo`); otherwise archiving is off, so it leaves the repository as it found it.
 fn restore_and_recover(repo: &Repo, name: &str, args: &[&str], archive: bool) -> Result<Restored> {
-    let mut cluster = Cluster::uninitialized(name)?;
-    let run = backup::restore(repo, &cluster.data_dir(), args)?
-        .check()
-        .with_context(|| format!("restore {name}"))?;
-    if !archive {
-        cluster.set_conf(&[("archive_mode", "off")])?;
-    }
-    cluster
-        .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
-        .with_context(|| format!("recovery of {name} ({args:?}), restored with:\n{}", run.stdout))?;
-    Ok(Restored {
-        cluster,
-        report: run.stdout,
-    })
+    let (cluster, report) =
+        backup::restore_and_recover(PgInstall::default_install(), repo, name, args, archive)?;
+    Ok(Restored { cluster, report })
 }
 
 /// Restore to the instant `state` was recorded and check the ledger holds exactly that state.
@@ -72,18 +61,8 @@ fn assert_restores_archiving(
     Ok(restored)
 }
 
-/// Unix microseconds of a time as the agents print it, parsed by PostgreSQL.
-fn unix_micros(cluster: &Cluster, time: &str) -> Result<i64> {
-    cluster
-        .query_one_string(&format!(
-            "SELECT (extract(epoch FROM '{time}'::timestamptz) * 1000000)::bigint::text"
-        ))?
-        .parse()
-        .with_context(|| format!("time {time:?}"))
-}
-
 fn now_micros(cluster: &Cluster) -> Result<i64> {
-    unix_micros(cluster, "now")
+    cluster.unix_micros("now")
 }
 
 /// Which backup a restore says it restored.
@@ -98,33 +77,16 @@ fn restores_to_recorded_instants_around_two_online_backups() -> Result<()> {
     workload::create_ledger(&source)?;
 
     // The ledger changes without pause while both backups run, as on a live server.
-    let stop = AtomicBool::new(false);
-    let (states, backups) = thread::scope(|s| -> Result<_> {
-        let writer = s.spawn(|| -> Result<Vec<LedgerState>> {
-            let mut ledger = Ledger::connect(&source)?;
-            let mut states = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                states.push(ledger.step()?);
-                thread::sleep(BETWEEN_TRANSACTIONS);
-            }
-            Ok(states)
-        });
-        let backups = (|| -> Result<_> {
-            thread::sleep(Duration::from_millis(500));
-            let first = take_backup(&source, &repo)?;
-            let first_done = now_micros(&source)?;
-            next_backup_second();
-            thread::sleep(Duration::from_millis(400));
-            let second_begun = now_micros(&source)?;
-            let second = take_backup(&source, &repo)?;
-            thread::sleep(Duration::from_millis(1500));
-            Ok((first, first_done, second_begun, second))
-        })();
-        stop.store(true, Ordering::Relaxed);
-        let states = writer
-            .join()
-            .map_err(|_| anyhow!("the ledger writer panicked"))??;
-        Ok((states, backups?))
+    let (states, backups) = workload::ledger_while(&source, BETWEEN_TRANSACTIONS, || {
+        thread::sleep(Duration::from_millis(500));
+        let first = take_backup(&source, &repo)?;
+        let first_done = now_micros(&source)?;
+        next_backup_second();
+        thread::sleep(Duration::from_millis(400));
+        let second_begun = now_micros(&source)?;
+        let second = take_backup(&source, &repo)?;
+        thread::sleep(Duration::from_millis(1500));
+        Ok((first, first_done, second_begun, second))
     })?;
     let (first, first_done, second_begun, second): (BackupSummary, i64, i64, BackupSummary) = backups;
     archive_everything(&source)?;
@@ -156,7 +118,7 @@ fn restores_to_recorded_instants_around_two_online_backups() -> Result<()> {
 
     // The first state at or after the second backup's stop time as the agents report it: the
     // edge of the second backup's window, with transactions committing while it ended.
-    let second_stop = unix_micros(&source, &second.stop_time)?;
+    let second_stop = source.unix_micros(&second.stop_time)?;
     let second_stop_lsn = parse_lsn(&second.stop_lsn)?;
     let edge = states
         .iter()

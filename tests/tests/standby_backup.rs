@@ -6,17 +6,16 @@
 //! `standby.signal` and `primary_conninfo`), so the same test runs on every server version,
 //! whatever client programs the machine has.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, ensure};
-use walvault_testkit::backup::{self, BackupSummary, take_backup, take_backup_with};
+use anyhow::{Context, Result, ensure};
+use walvault_testkit::backup::{self, take_backup, take_backup_with};
 use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster_on};
 use walvault_testkit::host::write_for_pg;
 use walvault_testkit::object::Sealed;
 use walvault_testkit::pg::PgInstall;
-use walvault_testkit::workload::{self, Ledger, LedgerState};
+use walvault_testkit::workload;
 use walvault_testkit::{Cluster, Repo};
 
 const BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(20);
@@ -66,31 +65,14 @@ fn standby_backup(pg: &'static PgInstall) -> Result<()> {
     backup::next_backup_second();
 
     // The primary commits without pause while the standby is backed up.
-    let stop = AtomicBool::new(false);
-    let (states, taken) = thread::scope(|s| -> Result<_> {
-        let writer = s.spawn(|| -> Result<Vec<LedgerState>> {
-            let mut ledger = Ledger::connect(&primary)?;
-            let mut states = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                states.push(ledger.step()?);
-                thread::sleep(BETWEEN_TRANSACTIONS);
-            }
-            Ok(states)
-        });
-        let taken = (|| -> Result<(BackupSummary, Repo)> {
-            thread::sleep(Duration::from_millis(600));
-            let primary_url = primary.conn_string();
-            let b = take_backup_with(&standby, &repo, &["--primary-url", &primary_url])?;
-            // The repository as the backup left it, without the WAL archived since.
-            let as_left = repo.copy()?;
-            thread::sleep(Duration::from_millis(1500));
-            Ok((b, as_left))
-        })();
-        stop.store(true, Ordering::Relaxed);
-        let states = writer
-            .join()
-            .map_err(|_| anyhow!("the ledger writer panicked"))??;
-        Ok((states, taken?))
+    let (states, taken) = workload::ledger_while(&primary, BETWEEN_TRANSACTIONS, || {
+        thread::sleep(Duration::from_millis(600));
+        let primary_url = primary.conn_string();
+        let b = take_backup_with(&standby, &repo, &["--primary-url", &primary_url])?;
+        // The repository as the backup left it, without the WAL archived since.
+        let as_left = repo.copy()?;
+        thread::sleep(Duration::from_millis(1500));
+        Ok((b, as_left))
     })?;
     let (taken, as_left) = taken;
     archive_everything(&primary)?;
@@ -144,7 +126,7 @@ fn standby_backup(pg: &'static PgInstall) -> Result<()> {
 
     // Restores past the standby backup use it and hold exactly the primary's state then: the
     // first instant after it became consistent, and one well after.
-    let stop_micros = unix_micros(&primary, &taken.stop_time)?;
+    let stop_micros = primary.unix_micros(&taken.stop_time)?;
     let edge = states
         .iter()
         .find(|s| s.unix_micros >= stop_micros)
@@ -171,13 +153,4 @@ fn standby_backup(pg: &'static PgInstall) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn unix_micros(cluster: &Cluster, time: &str) -> Result<i64> {
-    cluster
-        .query_one_string(&format!(
-            "SELECT (extract(epoch FROM '{time}'::timestamptz) * 1000000)::bigint::text"
-        ))?
-        .parse()
-        .with_context(|| format!("time {time:?}"))
 }

@@ -64,38 +64,6 @@ fn matrix_pg18() -> Result<()> {
     end_to_end(18)
 }
 
-/// A cluster restored from `repo` with `args` on server `pg`, recovered and promoted. With
-/// `archive`, it keeps archiving into `repo` (a new timeline's WAL); otherwise archiving is off.
-fn restore_on(
-    pg: &'static PgInstall,
-    repo: &Repo,
-    name: &str,
-    args: &[&str],
-    archive: bool,
-) -> Result<(Cluster, String)> {
-    let mut cluster = Cluster::uninitialized_on(name, pg)?;
-    let run = backup::restore(repo, &cluster.data_dir(), args)?
-        .check()
-        .with_context(|| format!("restore {name} with {args:?}"))?;
-    if !archive {
-        cluster.set_conf(&[("archive_mode", "off")])?;
-    }
-    cluster
-        .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
-        .with_context(|| format!("recovery of {name} ({args:?}), restored with:\n{}", run.stdout))?;
-    Ok((cluster, run.stdout))
-}
-
-/// Unix microseconds of a timestamp as PostgreSQL parses it.
-fn unix_micros(cluster: &Cluster, time: &str) -> Result<i64> {
-    cluster
-        .query_one_string(&format!(
-            "SELECT (extract(epoch FROM '{time}'::timestamptz) * 1000000)::bigint::text"
-        ))?
-        .parse()
-        .with_context(|| format!("time {time:?}"))
-}
-
 fn ledger_steps(ledger: &mut Ledger, n: usize) -> Result<Vec<LedgerState>> {
     let mut states = Vec::with_capacity(n);
     for _ in 0..n {
@@ -164,8 +132,7 @@ fn end_to_end(major: u32) -> Result<()> {
         .clone();
     // The source parses the times info prints.
     let probe = &source;
-    let latest = unix_micros(
-        probe,
+    let latest = probe.unix_micros(
         tl1["restorable"]["latest_before"]
             .as_str()
             .context("latest_before")?,
@@ -174,10 +141,10 @@ fn end_to_end(major: u32) -> Result<()> {
         latest, last_commit,
         "PostgreSQL {major}: the restorable window should end at the last commit archived\n{tl1:#}"
     );
-    let earliest = unix_micros(probe, tl1["restorable"]["earliest"].as_str().context("earliest")?)?;
+    let earliest = probe.unix_micros(tl1["restorable"]["earliest"].as_str().context("earliest")?)?;
     assert_eq!(
         earliest,
-        unix_micros(probe, &base.stop_time)?,
+        probe.unix_micros(&base.stop_time)?,
         "PostgreSQL {major}: the window starts when the backup became consistent\n{tl1:#}"
     );
     ensure!(
@@ -189,7 +156,7 @@ fn end_to_end(major: u32) -> Result<()> {
         .iter()
         .find(|p| p["name"] == RESTORE_POINT)
         .with_context(|| format!("PostgreSQL {major}: restore point {RESTORE_POINT} not in info: {tl1:#}"))?;
-    let rp_time = unix_micros(probe, rp["time"].as_str().context("restore point time")?)?;
+    let rp_time = probe.unix_micros(rp["time"].as_str().context("restore point time")?)?;
     assert!(
         (rp_before.unix_micros..=rp_after.unix_micros).contains(&rp_time),
         "PostgreSQL {major}: restore point at {rp_time}, created between {} and {}",
@@ -209,7 +176,7 @@ fn end_to_end(major: u32) -> Result<()> {
     let index_checked = started.elapsed();
 
     // All of it replayed through restore-agent fetch, with the prefetcher.
-    let (replayed, report) = restore_on(pg, &repo, &name("replayed"), &[], false)?;
+    let (replayed, report) = backup::restore_and_recover(pg, &repo, &name("replayed"), &[], false)?;
     ensure!(
         report.contains(&format!("start PostgreSQL {major} to complete the recovery")),
         "restore should name the server version that must recover it:\n{report}"
@@ -240,7 +207,7 @@ fn end_to_end(major: u32) -> Result<()> {
 
     // Points in time: a recorded instant, and the restore point by name.
     let target = &early[10];
-    let (at_time, _) = restore_on(
+    let (at_time, _) = backup::restore_and_recover(
         pg,
         &repo,
         &name("at-time"),
@@ -315,7 +282,7 @@ fn end_to_end(major: u32) -> Result<()> {
     // A branch: back to an instant among the late transactions, promoted to timeline 2 and
     // archiving there; then a restore to an instant on timeline 2.
     let branch_at = &late[5];
-    let (mut branch, _) = restore_on(
+    let (mut branch, _) = backup::restore_and_recover(
         pg,
         &repo,
         &name("branch"),
@@ -335,7 +302,7 @@ fn end_to_end(major: u32) -> Result<()> {
     branch.stop()?;
     drop(branch);
     let target = &on_branch[8];
-    let (followed, report) = restore_on(
+    let (followed, report) = backup::restore_and_recover(
         pg,
         &repo,
         &name("followed"),
