@@ -274,6 +274,27 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Restore points a restore can reach on timeline `t`. A name used more than once is marked:
+/// `--target-name` stops at the first one replay meets.
+fn restore_points_json(cat: &walvault::catalog::Catalog, t: u32) -> Vec<serde_json::Value> {
+    let points = cat.reachable_restore_points(t);
+    let mut uses = std::collections::HashMap::new();
+    for (name, _, _) in &points {
+        *uses.entry(name.clone()).or_insert(0u32) += 1;
+    }
+    points
+        .into_iter()
+        .map(|(name, lsn, time)| {
+            serde_json::json!({
+                "name_reused": uses.get(&name).is_some_and(|&n| n > 1),
+                "name": name,
+                "lsn": lsn.to_string(),
+                "time": time.map(walvault::time::format_micros),
+            })
+        })
+        .collect()
+}
+
 fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
     use walvault::catalog::{BackupInfo, Catalog};
     let settings = repo.settings(None)?;
@@ -297,13 +318,7 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
                     "latest_before": w.latest.map(walvault::time::format_micros),
                     "end_lsn": w.end_lsn.to_string(),
                 })),
-                "restore_points": cat.reachable_restore_points(t).into_iter().map(|(name, lsn, time)| {
-                    serde_json::json!({
-                        "name": name,
-                        "lsn": lsn.to_string(),
-                        "time": time.map(walvault::time::format_micros),
-                    })
-                }).collect::<Vec<_>>(),
+                "restore_points": restore_points_json(&cat, t),
             })
         })
         .collect();
@@ -377,11 +392,16 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
     for t in &timelines {
         for rp in t["restore_points"].as_array().into_iter().flatten() {
             println!(
-                "restore point {:?} on timeline {} at {} ({}): --target-name",
+                "restore point {:?} on timeline {} at {} ({}){}",
                 rp["name"].as_str().unwrap_or(""),
                 t["timeline"].as_u64().unwrap_or(0),
                 rp["time"].as_str().unwrap_or("-"),
                 rp["lsn"].as_str().unwrap_or("-"),
+                if rp["name_reused"].as_bool() == Some(true) {
+                    "  (name used again: --target-name stops at the first)"
+                } else {
+                    ""
+                }
             );
         }
     }
