@@ -440,11 +440,21 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, u64>) -> Result<()> 
     Ok(())
 }
 
-/// Run one storage call on a small runtime of its own (the tests are synchronous).
+/// Run one storage call from a synchronous test on the one runtime every store client of the
+/// process uses. A client's pooled connections live on the runtime that opened them: calling it
+/// from a runtime built per call fails, now and then, with "dispatch task is gone: runtime
+/// dropped the dispatch task" once the first runtime is gone.
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("testkit-store")
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+        })
+        .handle()
         .block_on(f)
 }
