@@ -17,10 +17,11 @@ In postgresql.conf (or postgresql.auto.conf) of the server being recovered:
 with the repository in WALVAULT_REPO (the server's environment), in /etc/walvault/walvault.toml,
 or on the line itself: restore_command = 'restore-agent fetch --repo file:///var/lib/walvault %f %p'
 
-Exit status: 0 restored (verified), 1 not in the repository (PostgreSQL ends recovery there), 2 bad
-arguments or file name, 200 the repository could not be read or the stored copy is corrupt:
-recovery stops with FATAL instead of ending early. In standby mode (standby.signal present)
-failures exit 1 instead, as PostgreSQL retries there.";
+Exit status of fetch: 0 restored (verified), 1 not in the repository (PostgreSQL ends recovery
+there), 200 anything else (the repository could not be read, the stored copy is corrupt, a bad
+argument or file name, an internal error): recovery stops with FATAL instead of ending early. In
+standby mode (standby.signal present) failures exit 1 instead, as PostgreSQL retries there. Other
+commands exit 2 on bad arguments.";
 
 /// Restore PostgreSQL WAL from a walvault repository.
 #[derive(Debug, Parser)]
@@ -120,7 +121,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = cli::parse_or_exit("restore-agent");
+    // As restore_command, a bad command line must not read as "file not found": PostgreSQL
+    // would end recovery there and promote (it runs the command in the data directory).
+    let usage_code = match invoked_as_fetch() {
+        true => exit::fetch_failure(exit::in_standby_mode(std::path::Path::new("."))),
+        false => exit::USAGE,
+    };
+    let cli: Cli = cli::parse_or_exit_with("restore-agent", usage_code);
     cli::init_logging();
     match cli.command {
         Command::Fetch {
@@ -484,6 +491,34 @@ fn start_prefetch(
     }
 }
 
+/// Whether the command line asks for `fetch` (the first word that is not an option).
+fn invoked_as_fetch() -> bool {
+    let mut args = std::env::args_os().skip(1);
+    while let Some(arg) = args.next() {
+        let arg = arg.to_string_lossy();
+        match arg.as_ref() {
+            // Global options that take a value as the next word.
+            "--repo" | "--config" | "--retry-timeout" => {
+                args.next();
+            }
+            a if a.starts_with('-') => {}
+            a => return a == "fetch",
+        }
+    }
+    false
+}
+
+/// A panic in fetch is a bug, and must never read as "file not found" (Rust's panic status,
+/// 101, would): report it in one line and exit as any other fetch failure does.
+fn exit_on_panic(standby: bool) {
+    std::panic::set_hook(Box::new(move |info| {
+        let code = exit::fetch_failure(standby);
+        let what = info.to_string().replace('\n', " ");
+        eprintln!("restore-agent: fetch failed: internal error ({what}); exit {code}");
+        std::process::exit(i32::from(code));
+    }));
+}
+
 fn fetch(
     repo: &RepoArgs,
     name: &str,
@@ -493,7 +528,8 @@ fn fetch(
 ) -> u8 {
     let started = Instant::now();
     let pgdata = pgdata.unwrap_or_else(|| PathBuf::from("."));
-    let standby = pgdata.join("standby.signal").exists();
+    let standby = exit::in_standby_mode(&pgdata);
+    exit_on_panic(standby);
     // Prefetch only while the data directory is recovering (the way PostgreSQL runs fetch).
     let prefetch =
         Some(walvault::prefetch::Prefetch::new(&pgdata)).filter(|p| !no_prefetch && p.in_recovery());

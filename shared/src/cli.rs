@@ -38,6 +38,11 @@ impl RepoArgs {
 
 /// Parse the command line; on a usage error print one line and exit 2 (help and version exit 0).
 pub fn parse_or_exit<T: Parser>(program: &str) -> T {
+    parse_or_exit_with(program, exit::USAGE)
+}
+
+/// [`parse_or_exit`], exiting with `usage_code` on a usage error.
+pub fn parse_or_exit_with<T: Parser>(program: &str, usage_code: u8) -> T {
     match T::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -55,7 +60,7 @@ pub fn parse_or_exit<T: Parser>(program: &str) -> T {
             let first = first.join(" ");
             let first = first.strip_prefix("error: ").unwrap_or(&first);
             eprintln!("{program}: {first} (see {program} --help)");
-            std::process::exit(i32::from(exit::USAGE));
+            std::process::exit(i32::from(usage_code));
         }
     }
 }

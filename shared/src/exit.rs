@@ -16,3 +16,32 @@ pub const REFUSED: u8 = 3;
 /// promoting early. Not 143 (128 + SIGTERM), which PostgreSQL takes for a shutdown request.
 /// push never uses it: an exit above 125 kills PostgreSQL's archiver process.
 pub const FATAL: u8 = 200;
+
+/// How fetch reports anything but "restored" and "not in this repository" (a store it cannot
+/// read, a corrupt copy, a bad argument or file name, a bug): in standby mode "not available"
+/// ([`NOT_FOUND_OR_RETRY`]), since PostgreSQL retries there and never promotes on it; otherwise
+/// [`FATAL`], so recovery stops instead of ending early.
+pub fn fetch_failure(standby: bool) -> u8 {
+    if standby { NOT_FOUND_OR_RETRY } else { FATAL }
+}
+
+/// Whether the data directory PostgreSQL runs restore_command in (`pgdata`) is a standby's.
+pub fn in_standby_mode(pgdata: &std::path::Path) -> bool {
+    pgdata.join("standby.signal").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetch_failures_never_look_like_a_missing_file_outside_standby() {
+        assert!(fetch_failure(false) > 125);
+        assert_ne!(fetch_failure(false), 128 + 15, "not SIGTERM's status");
+        assert_eq!(fetch_failure(true), NOT_FOUND_OR_RETRY);
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!in_standby_mode(dir.path()));
+        std::fs::write(dir.path().join("standby.signal"), b"").unwrap();
+        assert!(in_standby_mode(dir.path()));
+    }
+}

@@ -78,14 +78,11 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    /// Exit status for PostgreSQL. In standby mode PostgreSQL retries a failed fetch ("not
-    /// available"), so there a failure is reported as exit 1; otherwise it must stop recovery.
+    /// Exit status for PostgreSQL: [`exit::fetch_failure`]. A name walvault cannot parse is no
+    /// exception: PostgreSQL never asks for one, so it means a misconfigured restore_command,
+    /// and a low status would end recovery as if the file were missing.
     pub fn exit_code(&self, standby: bool) -> u8 {
-        match self {
-            FetchError::Name(_) => exit::USAGE,
-            _ if standby => exit::NOT_FOUND_OR_RETRY,
-            _ => exit::FATAL,
-        }
+        exit::fetch_failure(standby)
     }
 }
 

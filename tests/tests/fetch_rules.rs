@@ -159,8 +159,11 @@ fn corrupt_or_truncated_object_stops_recovery_unless_standby() -> Result<()> {
     Ok(())
 }
 
+/// A name PostgreSQL never asks for means a misconfigured restore_command: recovery stops
+/// (exit above 125) rather than end as if the file were missing; in standby mode "not
+/// available". Nothing is written either way.
 #[test]
-fn invalid_names_are_usage_errors() -> Result<()> {
+fn invalid_names_stop_recovery_and_never_look_missing() -> Result<()> {
     let repo = filled_repo()?;
     let dest = dest_dir(&repo)?.join("RECOVERYXLOG");
     for name in [
@@ -170,8 +173,42 @@ fn invalid_names_are_usage_errors() -> Result<()> {
         "00000001000000000000000",
         "000000010000000000000001\n",
     ] {
-        agents().fetch(&repo, name, &dest, &[]).assert_code(exit::USAGE);
+        agents().fetch(&repo, name, &dest, &[]).assert_code(exit::FATAL);
+        let standby = pgdata(&repo, true)?;
+        agents()
+            .fetch(&repo, name, &dest, &["--pgdata", &standby])
+            .assert_code(exit::NOT_FOUND_OR_RETRY);
         assert!(!dest.exists(), "fetch of {name:?} created the destination");
     }
+    Ok(())
+}
+
+/// A restore_command line clap cannot parse is no "file not found" either: outside standby mode
+/// it stops recovery, in one line; run in a standby's data directory (where PostgreSQL runs it)
+/// it is "not available". Other subcommands keep the usual usage status.
+#[test]
+fn bad_fetch_arguments_stop_recovery() -> Result<()> {
+    let repo = filled_repo()?;
+    let dest = dest_dir(&repo)?.join("RECOVERYXLOG");
+    for bad in [
+        &["fetch", "--no-such-flag"][..],
+        &["fetch", "000000010000000000000001"][..],
+    ] {
+        let mut cmd = agents().command(walvault_testkit::agents::RESTORE_AGENT);
+        cmd.args(bad).args(repo.args()).current_dir(pgdata(&repo, false)?);
+        let run = walvault_testkit::host::run(&mut cmd, std::time::Duration::from_secs(60))?;
+        run.assert_code(exit::FATAL);
+        assert_eq!(run.stderr.lines().count(), 1, "one line:\n{run}");
+        let mut cmd = agents().command(walvault_testkit::agents::RESTORE_AGENT);
+        cmd.args(bad).args(repo.args()).current_dir(pgdata(&repo, true)?);
+        walvault_testkit::host::run(&mut cmd, std::time::Duration::from_secs(60))?
+            .assert_code(exit::NOT_FOUND_OR_RETRY);
+    }
+    let run = agents().run(
+        walvault_testkit::agents::RESTORE_AGENT,
+        ["list", "--no-such-flag"],
+    );
+    run.assert_code(exit::USAGE);
+    assert!(!dest.exists());
     Ok(())
 }
