@@ -112,6 +112,10 @@ pub enum RestoreError {
     Store(#[from] StoreError),
     #[error("restoring chunk data: {0}")]
     Chunk(#[from] ChunkError),
+    #[error(
+        "{dir} belongs to a running PostgreSQL (postmaster.pid names live process {pid}); stop it before restoring over it"
+    )]
+    ServerRunning { dir: String, pid: u32 },
     #[error("{0} is not empty; restore into an empty directory, or pass --force to replace its contents")]
     NotEmpty(String),
     #[error("cannot write {path}: {source}")]
@@ -533,6 +537,12 @@ pub async fn restore(
     let store = settings.open_store(Access::ReadOnly)?;
     let cat = Catalog::load(&store).await?;
     let (manifest, timeline) = choose_backup(&cat, opts.backup.as_ref(), &opts.target, opts.timeline)?;
+    if let Some(pid) = running_postmaster(&opts.pgdata) {
+        return Err(RestoreError::ServerRunning {
+            dir: opts.pgdata.display().to_string(),
+            pid,
+        });
+    }
     if !opts.force && !is_empty_dir(&opts.pgdata)? {
         return Err(RestoreError::NotEmpty(opts.pgdata.display().to_string()));
     }
@@ -661,7 +671,38 @@ async fn write_backup(
     }
 
     write_recovery_files(opts, manifest, spaces, timeline)?;
+    // Files were fsynced as they completed; their names live in the directories. Without
+    // syncing those, a crash right after "restored" could leave files missing.
+    let mut dirs: Vec<PathBuf> = manifest
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Dir)
+        .map(|e| dest_of(&e.path))
+        .collect();
+    dirs.push(opts.pgdata.clone());
+    dirs.extend(spaces.values().cloned());
+    dirs.extend(opts.pgdata.parent().map(Path::to_path_buf));
+    for d in dirs {
+        sync_dir(&d)?;
+    }
     Ok((files, bytes))
+}
+
+/// fsync a directory, so the names created in it are durable.
+fn sync_dir(dir: &Path) -> Result<(), RestoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(write_err(dir))
+}
+
+/// The pid in `pgdata/postmaster.pid` when that process is alive: a running server owns the
+/// directory, and restoring over it would corrupt both.
+fn running_postmaster(pgdata: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    // A single-user backend writes its pid negated.
+    let pid: i64 = text.lines().next()?.trim().parse().ok()?;
+    let pid = u32::try_from(pid.unsigned_abs()).ok()?;
+    (pid > 0 && Path::new("/proc").join(pid.to_string()).exists()).then_some(pid)
 }
 
 /// Read chunk `id`, which the manifest says holds `expected` bytes of `path`, and verify it. The

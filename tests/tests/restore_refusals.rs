@@ -109,6 +109,31 @@ fn non_empty_directory_is_refused_and_left_alone() -> Result<()> {
     Ok(())
 }
 
+/// `--force` replaces a directory's contents, but never a running server's: restoring over a
+/// live cluster would corrupt both.
+#[test]
+fn force_never_restores_over_a_running_server() -> Result<()> {
+    let b = backed_up();
+    let mut live = walvault_testkit::Cluster::init("refuse-running", &Default::default())?;
+    live.start()?;
+    live.execute("CREATE TABLE still_here AS SELECT 42 AS answer")?;
+    let run = backup::restore(&b.repo, &live.data_dir(), &["--force"])?;
+    assert_refused(&run, "belongs to a running PostgreSQL");
+    // The server's own files are all there, and restore wrote none of its own.
+    for kept in ["PG_VERSION", "global/pg_control", "postmaster.pid", "base"] {
+        assert!(live.data_dir().join(kept).exists(), "{kept} is gone");
+    }
+    for written in ["backup_label", "recovery.signal"] {
+        assert!(!live.data_dir().join(written).exists(), "restore wrote {written}");
+    }
+    assert_eq!(
+        live.query_one_string("SELECT answer::text FROM still_here")?,
+        "42"
+    );
+    live.stop()?;
+    Ok(())
+}
+
 #[test]
 fn unknown_timeline_is_refused() -> Result<()> {
     let b = backed_up();
