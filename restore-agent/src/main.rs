@@ -335,6 +335,7 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
             "cluster": cat.descriptor.cluster,
             "backups": backups,
             "timelines": timelines,
+            "damaged": cat.damaged,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -395,6 +396,9 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
                 ranges.join(", ")
             }
         );
+    }
+    for d in &cat.damaged {
+        println!("DAMAGED {} ({}), left out: {}", d.what, d.key, d.reason);
     }
     for t in &timelines {
         for rp in t["restore_points"].as_array().into_iter().flatten() {

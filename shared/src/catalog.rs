@@ -82,6 +82,17 @@ pub struct SegmentRange {
     pub segments: u64,
 }
 
+/// An object the catalog could not use, and why. One damaged manifest or history file is
+/// reported (list, info) and left out; it never hides the healthy ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Damaged {
+    /// The object's key in the repository.
+    pub key: String,
+    /// What it is: `backup <id>` or `timeline <n> history`.
+    pub what: String,
+    pub reason: String,
+}
+
 /// Everything `restore` needs to decide, loaded once.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -93,6 +104,8 @@ pub struct Catalog {
     pub segments: BTreeMap<u32, Vec<u64>>,
     /// The time index: summaries by (timeline, segment number).
     pub summaries: BTreeMap<(u32, u64), SegmentSummary>,
+    /// Manifests and history files that could not be read or did not validate.
+    pub damaged: Vec<Damaged>,
 }
 
 /// The span of time a restore can reach on one timeline.
@@ -134,6 +147,21 @@ impl Catalog {
         let seg_size = descriptor.cluster.wal_segment_size;
 
         let mut backups = Vec::new();
+        let mut damaged = Vec::new();
+        // A store that cannot be read fails the load (nothing can be told); an object that was
+        // read but is unusable is set aside.
+        let mut set_aside = |key: &str, what: String, e: CatalogError| -> Result<(), CatalogError> {
+            if let CatalogError::Store(_) = e {
+                return Err(e);
+            }
+            tracing::warn!("{what} is damaged and left out: {e}");
+            damaged.push(Damaged {
+                key: key.to_string(),
+                what,
+                reason: e.to_string(),
+            });
+            Ok(())
+        };
         for (key, _) in store.list("backups/").await? {
             let Some(id) = key
                 .strip_prefix("backups/")
@@ -142,7 +170,10 @@ impl Catalog {
             else {
                 continue; // not a manifest (or a foreign file): ignored
             };
-            backups.push(load_manifest(store, &id).await?);
+            match load_manifest(store, &id).await {
+                Ok(m) => backups.push(m),
+                Err(e) => set_aside(&key, format!("backup {id}"), e)?,
+            }
         }
         backups.sort_by(|a, b| a.id.cmp(&b.id));
 
@@ -155,18 +186,21 @@ impl Catalog {
             match name.parse::<WalFileName>() {
                 Ok(WalFileName::History(tli)) => {
                     let bytes = store.get(&key).await?.unwrap_or_default();
-                    let (_, content) = object::open(&bytes, ObjectKind::WalFile, name).map_err(|e| {
-                        CatalogError::Corrupt {
+                    let parsed = object::open(&bytes, ObjectKind::WalFile, name)
+                        .map_err(|e| CatalogError::Corrupt {
                             key: key.clone(),
                             source: Box::new(e),
-                        }
-                    })?;
-                    let h =
-                        TimelineHistory::parse(tli, &content).map_err(|source| CatalogError::History {
-                            key: key.clone(),
-                            source,
-                        })?;
-                    timelines.insert(h);
+                        })
+                        .and_then(|(_, content)| {
+                            TimelineHistory::parse(tli, &content).map_err(|source| CatalogError::History {
+                                key: key.clone(),
+                                source,
+                            })
+                        });
+                    match parsed {
+                        Ok(h) => timelines.insert(h),
+                        Err(e) => set_aside(&key, format!("timeline {} history", tli.get()), e)?,
+                    }
                 }
                 Ok(WalFileName::Segment(s)) => {
                     if let Some(no) = s.segment_no(seg_size) {
@@ -206,6 +240,7 @@ impl Catalog {
             timelines,
             segments,
             summaries,
+            damaged,
         })
     }
 
@@ -468,6 +503,7 @@ mod tests {
             timelines,
             segments: BTreeMap::from([(1, (2..=7).collect()), (2, (5..=9).collect())]),
             summaries,
+            damaged: Vec::new(),
         }
     }
 

@@ -124,12 +124,16 @@ pub enum RestoreError {
     UnknownTimeline(u32, String),
     #[error("backup {0} is not in the repository")]
     UnknownBackup(BackupId),
+    #[error("backup {backup} is damaged and cannot be restored ({reason}); choose another backup")]
+    Damaged { backup: BackupId, reason: String },
     #[error("backup {backup} is not on the history of timeline {timeline}")]
     BackupNotOnTimeline { backup: BackupId, timeline: u32 },
     #[error("no backup can reach {target}: {window}")]
     OutsideWindow { target: String, window: String },
     #[error("the repository holds no backup yet; take one with archive-agent backup")]
     NoBackups,
+    #[error("the repository holds no usable backup: {0}")]
+    OnlyDamaged(String),
     #[error("corrupt repository: {0}")]
     Corrupt(String),
     #[error(
@@ -202,8 +206,25 @@ pub fn choose_backup<'a>(
     target: &RecoveryTarget,
     timeline: TimelineTarget,
 ) -> Result<(&'a Manifest, u32), RestoreError> {
+    if let Some(id) = wanted
+        && let Some(d) = cat.damaged.iter().find(|d| d.what == format!("backup {id}"))
+    {
+        return Err(RestoreError::Damaged {
+            backup: id.clone(),
+            reason: d.reason.clone(),
+        });
+    }
     if cat.backups.is_empty() {
-        return Err(RestoreError::NoBackups);
+        let damaged: Vec<String> = cat
+            .damaged
+            .iter()
+            .filter(|d| d.what.starts_with("backup "))
+            .map(|d| format!("{} is damaged: {}", d.what, d.reason))
+            .collect();
+        return Err(match damaged.is_empty() {
+            true => RestoreError::NoBackups,
+            false => RestoreError::OnlyDamaged(damaged.join("; ")),
+        });
     }
     // An explicitly unknown timeline is reported as such, before anything else.
     if let TimelineTarget::Id(_) = timeline {
@@ -911,6 +932,7 @@ mod tests {
             timelines: Default::default(),
             segments: BTreeMap::new(),
             summaries: BTreeMap::new(),
+            damaged: Vec::new(),
         }
     }
 

@@ -193,7 +193,9 @@ async fn invalid_names_touch_nothing() {
         let err = fetch::fetch(&env.settings, bad, &env.dir.path().join("d"), None)
             .await
             .unwrap_err();
-        assert_eq!(err.exit_code(false), exit::USAGE, "{bad}");
+        // A name PostgreSQL never asks for: a misconfigured restore_command, never "missing".
+        assert_eq!(err.exit_code(false), exit::FATAL, "{bad}");
+        assert_eq!(err.exit_code(true), exit::NOT_FOUND_OR_RETRY, "{bad}");
     }
     for bad in ["../x", "/etc/passwd", ""] {
         let err = fetch::fetch(&env.settings, bad, &env.dir.path().join("d"), None)
