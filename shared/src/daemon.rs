@@ -316,6 +316,7 @@ pub async fn run(
     let mut backup_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut next_backup = opts.backup_every.map(|every| Instant::now() + every);
     let mut last_switch_lsn: Option<String> = None;
+    let mut switch_task: Option<tokio::task::JoinHandle<Option<String>>> = None;
     let mut window_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut next_window = Instant::now();
     tracing::info!(pgdata = %opts.pgdata.display(), repo = %settings.repo, parallel = opts.parallel, "daemon started");
@@ -338,11 +339,21 @@ pub async fn run(
                     next_backup = Some(Instant::now() + every);
                     backup_task = Some(tokio::spawn(scheduled_backup(Arc::clone(&settings), opts.pgdata.clone(), conn.clone(), Arc::clone(&metrics))));
                 }
-                if let (Some(max_age), Some(conn)) = (opts.max_wal_age, &opts.pg_conn) {
-                    let last = metrics.last_archived_unix.load(Ordering::Relaxed);
-                    if crate::time::now_micros() / 1_000_000 - last >= max_age.as_secs() as i64 {
-                        last_switch_lsn = force_switch(conn, last_switch_lsn.take()).await;
-                    }
+                // Off the upload path: a task of its own, one at a time, each call bounded.
+                if let Some(t) = switch_task.take_if(|t| t.is_finished()) {
+                    last_switch_lsn = t.await.unwrap_or(None);
+                }
+                if let (Some(max_age), Some(conn), None) = (opts.max_wal_age, &opts.pg_conn, &switch_task) {
+                    let (conn, last) = (conn.clone(), last_switch_lsn.clone());
+                    switch_task = Some(tokio::spawn(async move {
+                        match tokio::time::timeout(SWITCH_CALL_BOUND, force_switch(&conn, last.clone(), max_age)).await {
+                            Ok(lsn) => lsn,
+                            Err(_) => {
+                                tracing::warn!("forced WAL switch: no answer from PostgreSQL within {SWITCH_CALL_BOUND:?}");
+                                last
+                            }
+                        }
+                    }));
                 }
             }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
@@ -509,9 +520,14 @@ async fn update_window(store: Store, metrics: Arc<Metrics>) {
     }
 }
 
-/// Switch WAL if anything was written since the last switch we forced (like archive_timeout),
-/// so an idle cluster's last transactions reach the archive. Returns the position after it.
-async fn force_switch(conn: &str, last: Option<String>) -> Option<String> {
+/// How long the forced-switch check may take, connection included.
+const SWITCH_CALL_BOUND: Duration = Duration::from_secs(15);
+
+/// Switch WAL when PostgreSQL has archived nothing for `max_age` (`pg_stat_archiver`, which
+/// counts every success, whoever uploaded the file) and WAL was written since the last switch we
+/// forced (like archive_timeout), so an idle cluster's last transactions reach the archive.
+/// Returns the insert position after the last switch.
+async fn force_switch(conn: &str, last: Option<String>, max_age: Duration) -> Option<String> {
     let (client, connection) = match tokio_postgres::connect(conn, tokio_postgres::NoTls).await {
         Ok(c) => c,
         Err(e) => {
@@ -520,13 +536,21 @@ async fn force_switch(conn: &str, last: Option<String>) -> Option<String> {
         }
     };
     let handle = tokio::spawn(connection);
-    let lsn: Option<String> = client
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+    // Since the last file archived, or since the server started if it archived none yet.
+    let state: Option<(f64, String)> = client
+        .query_one(
+            "SELECT extract(epoch FROM now() - coalesce(last_archived_time, pg_postmaster_start_time()))::float8, \
+                    pg_current_wal_insert_lsn()::text \
+             FROM pg_stat_archiver",
+            &[],
+        )
         .await
+        .map_err(|e| tracing::warn!("forced WAL switch: {e}"))
         .ok()
-        .map(|r| r.get(0));
-    let result = match lsn {
-        Some(now) if Some(&now) != last.as_ref() => {
+        .map(|r| (r.get(0), r.get(1)));
+    let result = match state {
+        Some((age, _)) if age < max_age.as_secs_f64() => last,
+        Some((_, now)) if Some(&now) != last.as_ref() => {
             match client
                 .query_one(
                     "SELECT pg_switch_wal()::text, pg_current_wal_insert_lsn()::text",
@@ -547,7 +571,8 @@ async fn force_switch(conn: &str, last: Option<String>) -> Option<String> {
                 }
             }
         }
-        other => other.or(last),
+        Some((_, now)) => Some(now),
+        None => last,
     };
     drop(client);
     let _ = handle.await;

@@ -536,3 +536,45 @@ fn an_idle_daemon_stays_idle() -> Result<()> {
     );
     Ok(())
 }
+
+/// `--max-wal-age`: on an idle cluster, one small transaction still reaches the archive within
+/// about that age, through a WAL switch the daemon forces; and the decision comes from what
+/// PostgreSQL archived (`pg_stat_archiver`), so an idle cluster is not switched on every
+/// housekeeping tick (every 5 s) once its WAL is archived.
+#[test]
+fn max_wal_age_archives_a_quiet_commit_without_switching_in_a_loop() -> Result<()> {
+    let repo = Repo::new()?;
+    let source = archiving_cluster("daemon-max-age", &repo, "")?;
+    source.execute("CREATE TABLE quiet (v int)")?;
+    archive_everything(&source)?;
+    let d = Daemon::start(&source, &repo, &["--pg-url", &source.conn_string(), "--max-wal-age", "3s"])?;
+    source.execute("INSERT INTO quiet VALUES (1)")?;
+    let segment = source.query_one_string("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")?;
+    host::wait_for(
+        "the segment holding the quiet commit to be archived",
+        Duration::from_secs(60),
+        TICK,
+        || {
+            Ok(match repo.has_object(&segment) {
+                true => Poll::Done(()),
+                false => Poll::Waiting(format!("{segment} not archived yet")),
+            })
+        },
+    )
+    .with_context(|| d.log())?;
+    let switches = |log: &str| log.lines().filter(|l| l.contains("forced a WAL switch")).count();
+    let before = switches(&d.log());
+    assert!(before >= 1, "the daemon forced no switch:\n{}", d.log());
+    // Idle for 20 s: four housekeeping ticks. At most the bgwriter's standby snapshot (written
+    // once after a switch, every 15 s at most) can justify one more switch per 15 s.
+    thread::sleep(Duration::from_secs(20));
+    let idle = switches(&d.log()) - before;
+    assert!(
+        idle <= 2,
+        "{idle} forced switches in 20 s on an idle cluster:\n{}",
+        d.log()
+    );
+    eprintln!("max-wal-age: {before} forced switch(es) to archive the commit, {idle} in 20 s idle");
+    d.stop()?;
+    Ok(())
+}
