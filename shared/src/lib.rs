@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod exit;
 pub mod fetch;
 pub mod fsutil;
+pub mod lease;
 pub mod prefetch;
 pub mod repo;
 pub mod restore;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use crate::config::Settings;
+use crate::lease;
 use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
 use crate::repo::store::Access;
 use crate::repo::{RepoDescriptor, Store};
@@ -56,11 +57,6 @@ impl Default for PrefetchOptions {
 pub struct Prefetch {
     pgdata: PathBuf,
     dir: PathBuf,
-}
-
-fn pid_alive(pid: &str) -> bool {
-    let pid = pid.trim();
-    !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && Path::new("/proc").join(pid).exists()
 }
 
 impl Prefetch {
@@ -132,16 +128,13 @@ impl Prefetch {
 
     /// Whether a prefetcher is running for this data directory.
     pub fn running(&self) -> bool {
-        std::fs::read_to_string(self.dir.join("lock")).is_ok_and(|pid| pid_alive(&pid))
+        lease::held(&self.dir.join("lock"))
     }
 
+    /// Become the prefetcher of this data directory, unless a live one is.
     fn claim(&self) -> std::io::Result<bool> {
         std::fs::create_dir_all(&self.dir)?;
-        if self.running() {
-            return Ok(false);
-        }
-        std::fs::write(self.dir.join("lock"), std::process::id().to_string())?;
-        Ok(true)
+        lease::acquire(&self.dir.join("lock"))
     }
 
     /// Spooled copies, by name.
@@ -332,7 +325,7 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
     if !pf.in_recovery() {
         let _ = std::fs::remove_dir_all(&pf.dir);
     } else {
-        let _ = std::fs::remove_file(pf.dir.join("lock"));
+        lease::release(&pf.dir.join("lock"));
     }
     Ok(())
 }

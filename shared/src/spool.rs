@@ -8,6 +8,7 @@
 //! backup of the data directory) or foreign marker can never make it report an unarchived file
 //! as archived: at worst push does the work itself.
 
+use crate::lease;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -128,16 +129,12 @@ impl Spool {
     pub fn begin_upload(&self, name: &WalFileName) {
         let path = self.inflight_path(name);
         let _ = std::fs::create_dir_all(path.parent().unwrap_or(&self.dir));
-        let _ = std::fs::write(path, process_tag(std::process::id()).unwrap_or_default());
+        let _ = std::fs::write(path, lease::own_tag().unwrap_or_default());
     }
 
     /// This process is done with `name`: remove its entry, and only its own.
     pub fn end_upload(&self, name: &WalFileName) {
-        let path = self.inflight_path(name);
-        let ours = process_tag(std::process::id());
-        if ours.is_some() && std::fs::read_to_string(&path).ok() == ours {
-            let _ = std::fs::remove_file(path);
-        }
+        lease::release(&self.inflight_path(name));
     }
 
     /// Whether a live process (the daemon) is uploading `name` right now. An entry left by a
@@ -148,12 +145,7 @@ impl Spool {
         let Ok(tag) = std::fs::read_to_string(&path) else {
             return false;
         };
-        let live = tag
-            .split_whitespace()
-            .next()
-            .and_then(|pid| pid.parse::<u32>().ok())
-            .and_then(process_tag)
-            .is_some_and(|now| now == tag);
+        let live = lease::tag_alive(&tag);
         if !live {
             let _ = std::fs::remove_file(path);
         }
@@ -176,16 +168,6 @@ impl Spool {
     }
 }
 
-/// `"<pid> <start time>"` of a live process (start time in clock ticks since boot, field 22 of
-/// `/proc/<pid>/stat`), `None` when there is no such process.
-fn process_tag(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces: count from the last ')'.
-    let after = stat.get(stat.rfind(')')? + 1..)?;
-    let start = after.split_whitespace().nth(19)?;
-    Some(format!("{pid} {start}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,7 +186,7 @@ mod tests {
         assert!(!spool.upload_in_progress(&name));
         assert!(!spool.inflight_path(&name).exists(), "a stale entry is removed");
         // Another live process's entry is not ours to remove.
-        std::fs::write(spool.inflight_path(&name), process_tag(1).unwrap()).unwrap();
+        std::fs::write(spool.inflight_path(&name), lease::process_tag(1).unwrap()).unwrap();
         spool.end_upload(&name);
         assert!(spool.upload_in_progress(&name));
         spool.begin_upload(&name);

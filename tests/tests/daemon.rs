@@ -547,7 +547,11 @@ fn max_wal_age_archives_a_quiet_commit_without_switching_in_a_loop() -> Result<(
     let source = archiving_cluster("daemon-max-age", &repo, "")?;
     source.execute("CREATE TABLE quiet (v int)")?;
     archive_everything(&source)?;
-    let d = Daemon::start(&source, &repo, &["--pg-url", &source.conn_string(), "--max-wal-age", "3s"])?;
+    let d = Daemon::start(
+        &source,
+        &repo,
+        &["--pg-url", &source.conn_string(), "--max-wal-age", "3s"],
+    )?;
     source.execute("INSERT INTO quiet VALUES (1)")?;
     let segment = source.query_one_string("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")?;
     host::wait_for(
