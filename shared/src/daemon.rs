@@ -9,7 +9,7 @@
 //! renames `.ready` to `.done` itself, so WAL is never dropped and push stays correct whatever
 //! the daemon does.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -24,6 +24,7 @@ use crate::archive::{self, PushError, PushOutcome};
 use crate::backup::take::{BackupOptions, DEFAULT_CHUNK_SIZE, take_backup};
 use crate::config::Settings;
 use crate::repo::Store;
+use crate::retry::KeyedBackoff;
 use crate::spool::Spool;
 use crate::wal::WalFileName;
 
@@ -310,7 +311,7 @@ pub async fn run(
     let mut tasks: JoinSet<(WalFileName, UploadResult)> = JoinSet::new();
     let mut in_flight: HashSet<WalFileName> = HashSet::new();
     // Failed files wait before their next attempt: 1 s, doubling to 60 s.
-    let mut backoff: HashMap<WalFileName, (Instant, Duration)> = HashMap::new();
+    let mut backoff: KeyedBackoff<WalFileName> = KeyedBackoff::default();
     let mut rescan = tokio::time::interval(opts.rescan_every);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(5));
     let mut backup_task: Option<tokio::task::JoinHandle<()>> = None;
@@ -373,11 +374,7 @@ pub async fn run(
             if in_flight.len() >= opts.parallel.max(1) {
                 break;
             }
-            if in_flight.contains(&name)
-                || backoff
-                    .get(&name)
-                    .is_some_and(|(until, _)| Instant::now() < *until)
-            {
+            if in_flight.contains(&name) || backoff.waiting(&name, Instant::now()) {
                 continue;
             }
             if archived.contains(&name) || spool.upload_in_progress(&name) {
@@ -414,17 +411,17 @@ pub async fn run(
 
 fn record(
     metrics: &Metrics,
-    backoff: &mut HashMap<WalFileName, (Instant, Duration)>,
+    backoff: &mut KeyedBackoff<WalFileName>,
     name: WalFileName,
     result: UploadResult,
 ) {
     match result {
         Ok((outcome, _)) if !outcome.newly_stored => {
-            backoff.remove(&name);
+            backoff.succeeded(&name);
             tracing::info!("daemon {name}: already archived, identical");
         }
         Ok((outcome, size)) => {
-            backoff.remove(&name);
+            backoff.succeeded(&name);
             metrics.archived.fetch_add(1, Ordering::Relaxed);
             metrics.bytes_read.fetch_add(size, Ordering::Relaxed);
             metrics
@@ -443,10 +440,7 @@ fn record(
         }
         Err(e) => {
             metrics.failed.fetch_add(1, Ordering::Relaxed);
-            let wait = backoff.get(&name).map_or(Duration::from_secs(1), |(_, d)| {
-                (*d * 2).min(Duration::from_secs(60))
-            });
-            backoff.insert(name, (Instant::now() + wait, wait));
+            let (_, wait) = backoff.failed(name, Instant::now());
             match e {
                 UploadError::Marker { .. } => tracing::error!("daemon {name}: {e}; retrying in {wait:?}"),
                 UploadError::Push(_) => tracing::warn!(

@@ -25,6 +25,7 @@ use crate::lease;
 use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
 use crate::repo::store::Access;
 use crate::repo::{RepoDescriptor, Store};
+use crate::retry::KeyedBackoff;
 use crate::spool::SPOOL_DIR;
 use crate::wal::{Lsn, SegmentName, WalFileName};
 
@@ -182,40 +183,10 @@ impl PrefetchError {
 /// not one per segment and second.
 const SPOOL_FAILURE_PAUSE: Duration = Duration::from_secs(30);
 
-/// When to ask the repository again for names that were not there yet (the archive grows:
-/// after a second) or whose copy failed verification (a damaged object stays damaged: after 1,
-/// 2, 4 ... up to 60 seconds, so a bad copy is not downloaded in a loop while recovery waits).
-#[derive(Debug, Default)]
-struct RetryAfter {
-    by_name: std::collections::HashMap<WalFileName, (u32, Instant)>,
-}
-
+/// How soon a name the repository did not have yet is asked for again (the archive grows).
+/// A copy that failed verification waits longer each time ([`KeyedBackoff`]): a damaged
+/// object stays damaged, and is not downloaded in a loop while recovery waits.
 const MISSING_RETRY: Duration = Duration::from_secs(1);
-const FAILED_RETRY_MAX: Duration = Duration::from_secs(60);
-
-impl RetryAfter {
-    fn missing(&mut self, name: WalFileName, now: Instant) {
-        self.by_name.insert(name, (0, now + MISSING_RETRY));
-    }
-
-    /// Record a failure; returns how many in a row `name` has had.
-    fn failed(&mut self, name: WalFileName, now: Instant) -> u32 {
-        let failures = self.by_name.get(&name).map_or(0, |(n, _)| *n) + 1;
-        let wait = MISSING_RETRY
-            .saturating_mul(1 << (failures - 1).min(6))
-            .min(FAILED_RETRY_MAX);
-        self.by_name.insert(name, (failures, now + wait));
-        failures
-    }
-
-    fn succeeded(&mut self, name: &WalFileName) {
-        self.by_name.remove(name);
-    }
-
-    fn waiting(&self, name: &WalFileName, now: Instant) -> bool {
-        self.by_name.get(name).is_some_and(|(_, at)| now < *at)
-    }
-}
 
 /// Run the prefetcher for `pgdata` until recovery ends or nothing is asked for `idle_exit`.
 pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> Result<(), PrefetchError> {
@@ -235,7 +206,7 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
     let descriptor = std::sync::Arc::new(descriptor);
     let mut last_wanted = pf.wanted();
     let mut last_change = Instant::now();
-    let mut retry = RetryAfter::default();
+    let mut retry: KeyedBackoff<WalFileName> = KeyedBackoff::default();
     let mut tasks: JoinSet<(WalFileName, Result<bool, PrefetchError>)> = JoinSet::new();
     let mut downloading: BTreeSet<WalFileName> = BTreeSet::new();
     // Set when the spool could not be written: no new download before then.
@@ -246,7 +217,7 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
             downloading.remove(&name);
             match result {
                 Ok(true) => retry.succeeded(&name),
-                Ok(false) => retry.missing(name, Instant::now()),
+                Ok(false) => retry.wait(name, Instant::now(), MISSING_RETRY),
                 Err(e @ PrefetchError::Spool { .. }) => {
                     if paused_until.is_none_or(|t| Instant::now() >= t) {
                         tracing::warn!(
@@ -255,10 +226,10 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
                         );
                     }
                     paused_until = Some(Instant::now() + SPOOL_FAILURE_PAUSE);
-                    retry.missing(name, Instant::now());
+                    retry.wait(name, Instant::now(), MISSING_RETRY);
                 }
                 Err(e) => {
-                    let failures = retry.failed(name, Instant::now());
+                    let (failures, _) = retry.failed(name, Instant::now());
                     // One line for the first failures, then one per power of two.
                     if failures <= 2 || failures.is_power_of_two() {
                         tracing::warn!(
@@ -381,26 +352,6 @@ async fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn failed_copies_back_off_and_missing_names_are_asked_again_soon() {
-        let name: WalFileName = "000000010000000000000003".parse().unwrap();
-        let t0 = Instant::now();
-        let mut r = RetryAfter::default();
-        r.missing(name, t0);
-        assert!(r.waiting(&name, t0) && !r.waiting(&name, t0 + Duration::from_millis(1001)));
-        let waits: Vec<u64> = (1..=9)
-            .map(|n| {
-                assert_eq!(r.failed(name, t0), n);
-                let (_, at) = r.by_name[&name];
-                (at - t0).as_secs()
-            })
-            .collect();
-        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
-        assert!(r.waiting(&name, t0 + Duration::from_secs(59)));
-        r.succeeded(&name);
-        assert!(!r.waiting(&name, t0));
-    }
 
     #[test]
     fn a_spooled_copy_is_taken_once_and_only_under_its_own_name() {

@@ -64,6 +64,55 @@ impl RetryPolicy {
     }
 }
 
+/// Per-key waits before the next attempt at something that failed (a file to upload, a copy to
+/// download): 1 s after the first failure, doubling to 60 s; a key that succeeds is forgotten.
+/// For background work that comes back to the same keys on its own, unlike [`RetryPolicy`],
+/// which bounds one call.
+#[derive(Debug)]
+pub struct KeyedBackoff<K> {
+    /// Failures in a row, and when the next attempt may start.
+    by_key: std::collections::HashMap<K, (u32, std::time::Instant)>,
+}
+
+impl<K> Default for KeyedBackoff<K> {
+    fn default() -> Self {
+        KeyedBackoff {
+            by_key: std::collections::HashMap::new(),
+        }
+    }
+}
+
+/// The first wait after a failure; each further failure doubles it, up to [`BACKOFF_MAX`].
+pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+impl<K: std::hash::Hash + Eq> KeyedBackoff<K> {
+    /// Record a failure of `key`; returns how many in a row it has had and how long it waits.
+    pub fn failed(&mut self, key: K, now: std::time::Instant) -> (u32, Duration) {
+        let failures = self.by_key.get(&key).map_or(0, |(n, _)| *n) + 1;
+        let wait = BACKOFF_FIRST
+            .saturating_mul(1 << (failures - 1).min(6))
+            .min(BACKOFF_MAX);
+        self.by_key.insert(key, (failures, now + wait));
+        (failures, wait)
+    }
+
+    /// Wait `wait` before `key`'s next attempt without counting a failure (nothing was wrong:
+    /// the thing was not there yet).
+    pub fn wait(&mut self, key: K, now: std::time::Instant, wait: Duration) {
+        self.by_key.insert(key, (0, now + wait));
+    }
+
+    pub fn succeeded(&mut self, key: &K) {
+        self.by_key.remove(key);
+    }
+
+    /// Whether `key` must not be tried yet.
+    pub fn waiting(&self, key: &K, now: std::time::Instant) -> bool {
+        self.by_key.get(key).is_some_and(|(_, at)| now < *at)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +166,36 @@ mod tests {
             })
             .await;
         assert_eq!(r.ok(), Some(3));
+    }
+
+    #[test]
+    fn keyed_backoff_doubles_to_a_minute_and_forgets_successes() {
+        let t0 = std::time::Instant::now();
+        let mut b = KeyedBackoff::default();
+        b.wait("a", t0, BACKOFF_FIRST);
+        assert!(b.waiting(&"a", t0) && !b.waiting(&"a", t0 + Duration::from_millis(1001)));
+        let waits: Vec<(u32, u64)> = (0..9)
+            .map(|_| b.failed("a", t0))
+            .map(|(n, w)| (n, w.as_secs()))
+            .collect();
+        assert_eq!(
+            waits,
+            [
+                (1, 1),
+                (2, 2),
+                (3, 4),
+                (4, 8),
+                (5, 16),
+                (6, 32),
+                (7, 60),
+                (8, 60),
+                (9, 60)
+            ]
+        );
+        assert!(b.waiting(&"a", t0 + Duration::from_secs(59)));
+        assert!(!b.waiting(&"b", t0));
+        b.succeeded(&"a");
+        assert!(!b.waiting(&"a", t0));
+        assert_eq!(b.failed("a", t0), (1, BACKOFF_FIRST));
     }
 }
