@@ -91,6 +91,9 @@ pub struct Damaged {
     /// What it is: `backup <id>` or `timeline <n> history`.
     pub what: String,
     pub reason: String,
+    /// The backup, when the damaged object is a manifest.
+    #[serde(skip)]
+    pub backup: Option<BackupId>,
 }
 
 /// Everything `restore` needs to decide, loaded once.
@@ -150,7 +153,11 @@ impl Catalog {
         let mut damaged = Vec::new();
         // A store that cannot be read fails the load (nothing can be told); an object that was
         // read but is unusable is set aside.
-        let mut set_aside = |key: &str, what: String, e: CatalogError| -> Result<(), CatalogError> {
+        let mut set_aside = |key: &str,
+                             what: String,
+                             backup: Option<BackupId>,
+                             e: CatalogError|
+         -> Result<(), CatalogError> {
             if let CatalogError::Store(_) = e {
                 return Err(e);
             }
@@ -159,6 +166,7 @@ impl Catalog {
                 key: key.to_string(),
                 what,
                 reason: e.to_string(),
+                backup,
             });
             Ok(())
         };
@@ -172,7 +180,7 @@ impl Catalog {
             };
             match load_manifest(store, &id).await {
                 Ok(m) => backups.push(m),
-                Err(e) => set_aside(&key, format!("backup {id}"), e)?,
+                Err(e) => set_aside(&key, format!("backup {id}"), Some(id), e)?,
             }
         }
         backups.sort_by(|a, b| a.id.cmp(&b.id));
@@ -199,7 +207,7 @@ impl Catalog {
                         });
                     match parsed {
                         Ok(h) => timelines.insert(h),
-                        Err(e) => set_aside(&key, format!("timeline {} history", tli.get()), e)?,
+                        Err(e) => set_aside(&key, format!("timeline {} history", tli.get()), None, e)?,
                     }
                 }
                 Ok(WalFileName::Segment(s)) => {

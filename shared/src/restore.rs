@@ -207,7 +207,7 @@ pub fn choose_backup<'a>(
     timeline: TimelineTarget,
 ) -> Result<(&'a Manifest, u32), RestoreError> {
     if let Some(id) = wanted
-        && let Some(d) = cat.damaged.iter().find(|d| d.what == format!("backup {id}"))
+        && let Some(d) = cat.damaged.iter().find(|d| d.backup.as_ref() == Some(id))
     {
         return Err(RestoreError::Damaged {
             backup: id.clone(),
@@ -218,7 +218,7 @@ pub fn choose_backup<'a>(
         let damaged: Vec<String> = cat
             .damaged
             .iter()
-            .filter(|d| d.what.starts_with("backup "))
+            .filter(|d| d.backup.is_some())
             .map(|d| format!("{} is damaged: {}", d.what, d.reason))
             .collect();
         return Err(match damaged.is_empty() {
@@ -704,16 +704,9 @@ async fn write_backup(
     dirs.extend(spaces.values().cloned());
     dirs.extend(opts.pgdata.parent().map(Path::to_path_buf));
     for d in dirs {
-        sync_dir(&d)?;
+        crate::fsutil::sync_dir(&d).map_err(write_err(&d))?;
     }
     Ok((files, bytes))
-}
-
-/// fsync a directory, so the names created in it are durable.
-fn sync_dir(dir: &Path) -> Result<(), RestoreError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(write_err(dir))
 }
 
 /// The pid in `pgdata/postmaster.pid` when that process is alive: a running server owns the
@@ -902,8 +895,8 @@ fn write_recovery_files(
     conf.push_str(&format!("recovery_target_timeline = '{tl}'\n"));
     write("postgresql.auto.conf", conf.as_bytes())?;
     let _ = std::fs::remove_file(opts.pgdata.join("standby.signal"));
-    write("recovery.signal", b"")?;
-    crate::fsutil::sync_parent(&opts.pgdata.join("recovery.signal")).map_err(write_err(&opts.pgdata))
+    // Durable: write_durably syncs the data directory, and write_backup syncs every directory.
+    write("recovery.signal", b"")
 }
 
 #[cfg(test)]

@@ -632,11 +632,13 @@ async fn copy_files(
             entries.push(new_entry());
             continue;
         }
-        let mut file: Box<dyn tokio::io::AsyncRead + Unpin + Send> =
+        let mut file: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if src.rel == CONTROL_FILE {
+            // Whole, and only once its CRC checks (see `read_control_file`).
+            Box::new(std::io::Cursor::new(
+                read_control_file(&src.abs, pg_version).await?,
+            ))
+        } else {
             match tokio::fs::File::open(&src.abs).await {
-                Ok(_) if src.rel == CONTROL_FILE => Box::new(std::io::Cursor::new(
-                    read_control_file(&src.abs, pg_version).await?,
-                )),
                 Ok(f) => Box::new(f),
                 // Dropped since the walk: WAL replay recreates the truth.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -646,7 +648,8 @@ async fn copy_files(
                         source: e,
                     });
                 }
-            };
+            }
+        };
         entries.push(new_entry());
         let entry = entries.len() - 1;
         let mut size = 0u64;
