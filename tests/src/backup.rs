@@ -117,18 +117,30 @@ pub fn restore(repo: &Repo, pgdata: &Path, args: &[&str]) -> Result<Finished> {
 /// succeed; archiving off, so that once started it leaves the repository as it found it.
 /// Returns it with the restore's output.
 pub fn restore_new_cluster(repo: &Repo, name: &str, args: &[&str]) -> Result<(Cluster, Finished)> {
-    let cluster = Cluster::uninitialized(name)?;
+    restore_new_cluster_on(PgInstall::default_install(), repo, name, args, false)
+}
+
+/// [`restore_new_cluster`], to be run by server `pg`. With `archive`, it keeps the source's
+/// `archive_command` (into `repo`: a new timeline's WAL once promoted).
+pub fn restore_new_cluster_on(
+    pg: &'static PgInstall,
+    repo: &Repo,
+    name: &str,
+    args: &[&str],
+    archive: bool,
+) -> Result<(Cluster, Finished)> {
+    let cluster = Cluster::uninitialized_on(name, pg)?;
     let run = restore(repo, &cluster.data_dir(), args)?
         .check()
         .with_context(|| format!("restore of {name} with {args:?}"))?;
-    cluster.set_conf(&[("archive_mode", "off")])?;
+    if !archive {
+        cluster.set_conf(&[("archive_mode", "off")])?;
+    }
     Ok((cluster, run))
 }
 
-/// A new cluster restored from `repo` with `args`, run by server `pg`, started, recovered and
-/// promoted; returns it with what restore printed. With `archive`, it keeps the source's
-/// `archive_command` (into `repo`: a new timeline's WAL); otherwise archiving is off, so it
-/// leaves the repository as it found it.
+/// [`restore_new_cluster_on`], then started, recovered and promoted; returns the cluster with
+/// what restore printed.
 pub fn restore_and_recover(
     pg: &'static PgInstall,
     repo: &Repo,
@@ -136,13 +148,7 @@ pub fn restore_and_recover(
     args: &[&str],
     archive: bool,
 ) -> Result<(Cluster, String)> {
-    let mut cluster = Cluster::uninitialized_on(name, pg)?;
-    let run = restore(repo, &cluster.data_dir(), args)?
-        .check()
-        .with_context(|| format!("restore {name} with {args:?}"))?;
-    if !archive {
-        cluster.set_conf(&[("archive_mode", "off")])?;
-    }
+    let (mut cluster, run) = restore_new_cluster_on(pg, repo, name, args, archive)?;
     cluster
         .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
         .with_context(|| format!("recovery of {name} ({args:?}), restored with:\n{}", run.stdout))?;

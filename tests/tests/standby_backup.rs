@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use walvault_testkit::backup::{self, take_backup, take_backup_with};
-use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster_on};
+use walvault_testkit::fixtures::{archive_everything, archiving_cluster_on};
 use walvault_testkit::host::write_for_pg;
 use walvault_testkit::object::Sealed;
 use walvault_testkit::pg::PgInstall;
@@ -103,18 +103,14 @@ fn standby_backup(pg: &'static PgInstall) -> Result<()> {
             as_left.delete(&as_left.object_key(&name))?;
         }
     }
-    let mut consistent = Cluster::uninitialized_on(&format!("sb{major}-consistent"), pg)?;
-    backup::restore(
+    let (consistent, _) = backup::restore_and_recover(
+        pg,
         &as_left,
-        &consistent.data_dir(),
+        &format!("sb{major}-consistent"),
         &["--backup", &taken.id, "--target", "immediate"],
-    )?
-    .check()
-    .context("restore of the standby backup to its consistency point")?;
-    consistent.set_conf(&[("archive_mode", "off")])?;
-    consistent
-        .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
-        .context("recovery of the standby backup with only its own WAL")?;
+        false,
+    )
+    .context("the standby backup, recovered with only its own WAL")?;
     let at_consistency = workload::ledger_contents(&consistent)?;
     ensure!(
         states.iter().any(|s| s.contents == at_consistency),
@@ -134,17 +130,12 @@ fn standby_backup(pg: &'static PgInstall) -> Result<()> {
     let late = &states[states.len() - 3];
     for (what, state) in [("edge", edge), ("late", late)] {
         let name = format!("sb{major}-{what}");
-        let mut restored = Cluster::uninitialized_on(&name, pg)?;
-        let run = backup::restore(&repo, &restored.data_dir(), &["--target-time", &state.time])?
-            .check()
-            .with_context(|| format!("restore {name}"))?;
+        let (restored, report) =
+            backup::restore_and_recover(pg, &repo, &name, &["--target-time", &state.time], false)?;
         ensure!(
-            run.stdout.contains(&format!("restored backup {}", taken.id)),
-            "{name}: a target after the standby backup must be served by it:\n{}",
-            run.stdout
+            report.contains(&format!("restored backup {}", taken.id)),
+            "{name}: a target after the standby backup must be served by it:\n{report}"
         );
-        restored.set_conf(&[("archive_mode", "off")])?;
-        restored.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
         assert_eq!(
             workload::ledger_contents(&restored)?,
             state.contents,

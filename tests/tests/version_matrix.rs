@@ -223,15 +223,13 @@ fn end_to_end(major: u32) -> Result<()> {
     drop(at_time);
     // By name, pausing there: while recovery waits, the prefetcher has the archived WAL after
     // the restore point downloaded, verified and spooled (it is not racing replay then).
-    let mut at_name = Cluster::uninitialized_on(&name("at-name"), pg)?;
-    backup::restore(
+    let (mut at_name, _) = backup::restore_new_cluster_on(
+        pg,
         &repo,
-        &at_name.data_dir(),
+        &name("at-name"),
         &["--target-name", RESTORE_POINT, "--target-action", "pause"],
-    )?
-    .check()
-    .context("restore to the restore point")?;
-    at_name.set_conf(&[("archive_mode", "off")])?;
+        false,
+    )?;
     at_name.start()?;
     let spool = daemon::spool_dir(&at_name.data_dir()).join("prefetch");
     host::wait_for(
