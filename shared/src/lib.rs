@@ -17,6 +17,7 @@ pub mod fetch;
 pub mod fsutil;
 pub mod lease;
 pub mod prefetch;
+pub mod recovery_conf;
 pub mod repo;
 pub mod restore;
 pub mod retry;

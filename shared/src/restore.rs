@@ -18,6 +18,7 @@ use crate::backup::chunk::{self, ChunkError};
 use crate::backup::manifest::{self, EntryKind, Manifest, ManifestError};
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
+use crate::recovery_conf::{self, RecoverySettings};
 use crate::repo::object::{self, ObjectError, ObjectKind};
 use crate::repo::store::Access;
 use crate::repo::{Store, StoreError};
@@ -176,11 +177,6 @@ fn describe(t: &RecoveryTarget) -> String {
         None => "the end of the archive".into(),
         Some((k, v)) => format!("{k} = '{v}'"),
     }
-}
-
-/// Quote a value for postgresql.conf.
-fn conf_quote(v: &str) -> String {
-    format!("'{}'", v.replace('\'', "''"))
 }
 
 /// Pick the timeline recovery will follow.
@@ -867,32 +863,21 @@ fn write_recovery_files(
     if !spaces.is_empty() {
         write("tablespace_map", &tablespace_map(spaces))?;
     }
-    let mut conf = String::new();
     let auto = opts.pgdata.join("postgresql.auto.conf");
-    if let Ok(existing) = std::fs::read_to_string(&auto) {
-        conf.push_str(&existing);
-        if !conf.ends_with('\n') {
-            conf.push('\n');
-        }
-    }
-    conf.push_str(&format!("# Added by walvault: restore of backup {}\n", m.id));
-    conf.push_str(&format!(
-        "restore_command = {}\n",
-        conf_quote(&opts.restore_command)
-    ));
-    if let Some((key, value)) = target_settings(&opts.target) {
-        conf.push_str(&format!("{key} = {}\n", conf_quote(&value)));
-        conf.push_str(&format!("recovery_target_action = '{}'\n", opts.action.as_str()));
-        if opts.exclusive {
-            conf.push_str("recovery_target_inclusive = off\n");
-        }
-    }
-    let tl = match opts.timeline {
-        TimelineTarget::Latest => "latest".to_string(),
-        TimelineTarget::Current => "current".to_string(),
-        TimelineTarget::Id(_) => timeline.to_string(),
+    let existing = std::fs::read_to_string(&auto).ok();
+    let settings = RecoverySettings {
+        restore_command: opts.restore_command.clone(),
+        target: target_settings(&opts.target),
+        inclusive: !opts.exclusive,
+        action: opts.action.as_str(),
+        timeline: match opts.timeline {
+            TimelineTarget::Latest => "latest".to_string(),
+            TimelineTarget::Current => "current".to_string(),
+            TimelineTarget::Id(_) => timeline.to_string(),
+        },
     };
-    conf.push_str(&format!("recovery_target_timeline = '{tl}'\n"));
+    let header = format!("Added by walvault: restore of backup {}", m.id);
+    let conf = recovery_conf::render(existing.as_deref(), &header, &settings);
     write("postgresql.auto.conf", conf.as_bytes())?;
     let _ = std::fs::remove_file(opts.pgdata.join("standby.signal"));
     // Durable: write_durably syncs the data directory, and write_backup syncs every directory.

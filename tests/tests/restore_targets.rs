@@ -493,3 +493,84 @@ fn target_action_pause_holds_the_server_in_recovery_at_the_target() -> Result<()
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// The backup's own recovery settings
+
+/// A backup whose `postgresql.auto.conf` carries a previous life's recovery settings (as a cluster
+/// that was itself restored to a target, or ran as a delayed standby, has): a target that never
+/// comes, `shutdown` at it, an hour's apply delay, a primary to stream from, another archive's
+/// `restore_command`. Restored with no target, it must replay the whole archive with walvault's
+/// `restore_command`, and with a target, stop exactly there.
+#[test]
+fn a_backups_own_recovery_settings_never_steer_the_restore() -> Result<()> {
+    let repo = Repo::new()?;
+    let source = archiving_cluster("owned-source", &repo, "")?;
+    for setting in [
+        "recovery_target_name = 'never-created'",
+        "recovery_target_action = 'shutdown'",
+        "recovery_min_apply_delay = '1h'",
+        "primary_conninfo = 'host=192.0.2.1 connect_timeout=1'",
+        "primary_slot_name = 'gone'",
+        "restore_command = 'cp /nonexistent/%f %p'",
+        "recovery_end_command = 'false'",
+    ] {
+        // One statement each: ALTER SYSTEM refuses to run in a transaction block.
+        source.execute(&format!("ALTER SYSTEM SET {setting}"))?;
+    }
+    workload::create_payload_table(&source)?;
+    workload::insert_payload(&source, 1, 2000)?;
+    take_backup(&source, &repo)?;
+    workload::insert_payload(&source, 2001, 4000)?;
+    source.execute("SELECT pg_create_restore_point('owned-rp')")?;
+    let at_rp = payload(&source)?;
+    workload::insert_payload(&source, 4001, 6000)?;
+    let at_end = payload(&source)?;
+    archive_everything(&source)?;
+
+    let (end, restored) = backup::restore_and_recover(
+        walvault_testkit::pg::PgInstall::default_install(),
+        &repo,
+        "owned-end",
+        &[],
+        false,
+    )?;
+    ensure!(
+        payload(&end)? == at_end,
+        "restored with no target, the data must be the source's last state\n{restored}"
+    );
+    for (setting, expected) in [
+        ("primary_conninfo", ""),
+        ("primary_slot_name", ""),
+        ("recovery_min_apply_delay", "0"),
+        ("recovery_target_name", ""),
+        ("recovery_end_command", ""),
+    ] {
+        let value = end.query_one_string(&format!("SHOW {setting}"))?;
+        ensure!(value == expected, "{setting} is {value:?} after the restore");
+    }
+    let conf = fs::read_to_string(end.data_dir().join("postgresql.auto.conf"))?;
+    ensure!(
+        conf.contains(
+            "# replaced by walvault restore: primary_conninfo = 'host=192.0.2.1 connect_timeout=1'"
+        ),
+        "the backup's own line must be visible, commented out:\n{conf}"
+    );
+
+    let (rp, _) = backup::restore_and_recover(
+        walvault_testkit::pg::PgInstall::default_install(),
+        &repo,
+        "owned-rp",
+        &["--target-name", "owned-rp"],
+        false,
+    )?;
+    ensure!(
+        payload(&rp)? == at_rp,
+        "restored to owned-rp, the data must be the state at the restore point"
+    );
+    Ok(())
+}
+
+fn payload(cluster: &Cluster) -> Result<TableFingerprint> {
+    workload::table_fingerprint(cluster, "payload", "id")
+}

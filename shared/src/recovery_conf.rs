@@ -1,0 +1,237 @@
+//! The recovery configuration a restore writes into `postgresql.auto.conf`.
+//!
+//! A restored data directory must recover to exactly the target given on restore's command line,
+//! with this repository's `restore_command`, whatever the backup's own configuration says: the
+//! backup may come from a cluster that was itself restored (its `recovery_target_*` still set),
+//! promoted, or run as a standby (`primary_conninfo`, `recovery_min_apply_delay`).
+//!
+//! How PostgreSQL reads the files makes this possible without touching `postgresql.conf`: it
+//! reads `postgresql.auto.conf` last, and of several lines setting one parameter, in any of the
+//! files, only the last one counts (`ProcessConfigFileInternal` in `guc-file.l` marks the earlier
+//! ones ignored). So restore appends one explicit value for every parameter that steers recovery
+//! ([`OWNED`]); the ones it does not use are set to their off value. Lines of the backup's own
+//! `postgresql.auto.conf` that set one of them are also commented out, so that a DBA reading the
+//! file sees one value only.
+//!
+//! The order of the appended lines matters: PostgreSQL applies the surviving lines in file order,
+//! and a `recovery_target*` assign hook refuses a second kind of target while another one is still
+//! set (`error_multiple_recovery_targets` in `xlogrecovery.c`), so the unused targets are cleared
+//! before the chosen one is set.
+
+/// Every parameter a restore sets, so none of the backup's values survives.
+pub const OWNED: &[&str] = &[
+    "restore_command",
+    "recovery_end_command",
+    "archive_cleanup_command",
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+    "recovery_target_inclusive",
+    "recovery_target_action",
+    "recovery_target_timeline",
+    "recovery_min_apply_delay",
+    "primary_conninfo",
+    "primary_slot_name",
+];
+
+/// The `recovery_target*` parameters naming a target; at most one may be set.
+const TARGET_KINDS: &[&str] = &[
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+];
+
+/// What recovery must do, as postgresql.conf values (unquoted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoverySettings {
+    pub restore_command: String,
+    /// One of [`TARGET_KINDS`] and its value; `None` recovers to the end of the archive.
+    pub target: Option<(&'static str, String)>,
+    pub inclusive: bool,
+    /// `pause`, `promote` or `shutdown`.
+    pub action: &'static str,
+    /// `latest`, `current` or a timeline id.
+    pub timeline: String,
+}
+
+/// Quote a value for postgresql.conf.
+pub fn quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+/// The parameter a configuration line sets, lower-cased, if it sets one.
+fn parameter_of(line: &str) -> Option<String> {
+    let line = line.trim_start();
+    let end = line
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .unwrap_or(line.len());
+    let name = &line[..end];
+    let rest = line[end..].trim_start();
+    // `name = value` or `name value`: anything else (a comment, `include`, blank) sets nothing.
+    (!name.is_empty() && !rest.is_empty() && !rest.starts_with('#')).then(|| name.to_ascii_lowercase())
+}
+
+/// The new `postgresql.auto.conf`: the backup's own (`existing`), with every line setting an
+/// [`OWNED`] parameter commented out, then walvault's block. `header` is the first line of the
+/// block (a comment naming the restore).
+pub fn render(existing: Option<&str>, header: &str, s: &RecoverySettings) -> String {
+    let mut out = String::new();
+    for line in existing.unwrap_or_default().lines() {
+        match parameter_of(line) {
+            Some(p) if OWNED.contains(&p.as_str()) => {
+                out.push_str("# replaced by walvault restore: ");
+                out.push_str(line);
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    let mut block = format!("# {}\n", header.replace('\n', " "));
+    let mut put = |k: &str, v: &str| block.push_str(&format!("{k} = {}\n", quote(v)));
+    put("restore_command", &s.restore_command);
+    // A standby's or a previous restore's settings must not steer this recovery.
+    put("recovery_end_command", "");
+    put("archive_cleanup_command", "");
+    put("recovery_min_apply_delay", "0");
+    put("primary_conninfo", "");
+    put("primary_slot_name", "");
+    for kind in TARGET_KINDS {
+        if s.target.as_ref().is_none_or(|(k, _)| k != kind) {
+            put(kind, "");
+        }
+    }
+    if let Some((k, v)) = &s.target {
+        put(k, v);
+    }
+    put(
+        "recovery_target_inclusive",
+        if s.inclusive { "on" } else { "off" },
+    );
+    put("recovery_target_action", s.action);
+    put("recovery_target_timeline", &s.timeline);
+    out.push_str(&block);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(target: Option<(&'static str, &str)>) -> RecoverySettings {
+        RecoverySettings {
+            restore_command: "restore-agent fetch --repo 'file:///r' %f %p".into(),
+            target: target.map(|(k, v)| (k, v.to_string())),
+            inclusive: true,
+            action: "promote",
+            timeline: "latest".into(),
+        }
+    }
+
+    /// The value PostgreSQL ends up with for `param`: the last line setting it.
+    fn effective(conf: &str, param: &str) -> Option<String> {
+        conf.lines()
+            .filter(|l| parameter_of(l).as_deref() == Some(param))
+            .last()
+            .map(|l| {
+                let v = l.split_once('=').map_or("", |(_, v)| v).trim();
+                let v = v
+                    .strip_prefix('\'')
+                    .and_then(|v| v.strip_suffix('\''))
+                    .unwrap_or(v);
+                v.replace("''", "'")
+            })
+    }
+
+    const PROMOTED_STANDBY: &str = "# Do not edit this file manually!\n\
+        max_connections = '50'\n\
+        restore_command = 'cp /old/archive/%f %p'\n\
+        primary_conninfo = 'host=old-primary user=replicator'\n\
+        Primary_Slot_Name='standby1'\n\
+        recovery_min_apply_delay = '1h'\n\
+        recovery_target_time = '2026-01-01 00:00:00+00'\n\
+        recovery_target_action   'shutdown'\n\
+        recovery_end_command = 'rm -rf /'\n\
+        # recovery_target_name = 'a comment stays as it is'\n";
+
+    #[test]
+    fn none_of_the_backups_recovery_settings_survive() {
+        let conf = render(Some(PROMOTED_STANDBY), "walvault restore", &settings(None));
+        assert_eq!(effective(&conf, "max_connections").as_deref(), Some("50"));
+        assert_eq!(
+            effective(&conf, "restore_command").as_deref(),
+            Some("restore-agent fetch --repo 'file:///r' %f %p")
+        );
+        for p in TARGET_KINDS
+            .iter()
+            .chain(&["primary_conninfo", "primary_slot_name", "recovery_end_command"])
+        {
+            assert_eq!(effective(&conf, p).as_deref(), Some(""), "{p}");
+        }
+        assert_eq!(effective(&conf, "recovery_min_apply_delay").as_deref(), Some("0"));
+        assert_eq!(
+            effective(&conf, "recovery_target_action").as_deref(),
+            Some("promote")
+        );
+        // Every old line that set an owned parameter is commented out; comments stay as they are.
+        for old in PROMOTED_STANDBY.lines().filter(|l| parameter_of(l).is_some()) {
+            let owned = OWNED.contains(&parameter_of(old).unwrap().as_str());
+            assert_eq!(
+                conf.contains(&format!("# replaced by walvault restore: {old}\n")),
+                owned,
+                "{old}"
+            );
+        }
+        assert!(conf.contains("\n# recovery_target_name = 'a comment stays as it is'\n"));
+    }
+
+    #[test]
+    fn the_unused_targets_are_cleared_before_the_chosen_one_is_set() {
+        let conf = render(
+            Some(PROMOTED_STANDBY),
+            "walvault restore",
+            &settings(Some(("recovery_target_name", "before 'drop'"))),
+        );
+        assert_eq!(
+            effective(&conf, "recovery_target_name").as_deref(),
+            Some("before 'drop'")
+        );
+        assert_eq!(effective(&conf, "recovery_target_time").as_deref(), Some(""));
+        let block: Vec<&str> = conf
+            .lines()
+            .skip_while(|l| *l != "# walvault restore")
+            .filter_map(|l| {
+                parameter_of(l)
+                    .filter(|p| p.starts_with("recovery_target"))
+                    .map(|_| l)
+            })
+            .collect();
+        let chosen = block
+            .iter()
+            .position(|l| l.starts_with("recovery_target_name"))
+            .unwrap();
+        for (i, l) in block.iter().enumerate() {
+            let kind = parameter_of(l).unwrap();
+            if TARGET_KINDS.contains(&kind.as_str()) && i != chosen {
+                assert!(i < chosen, "{l} comes after the chosen target");
+            }
+        }
+    }
+
+    #[test]
+    fn every_owned_parameter_is_set_exactly_once_by_the_block() {
+        for target in [None, Some(("recovery_target", "immediate"))] {
+            let conf = render(None, "walvault restore", &settings(target));
+            for p in OWNED {
+                let n = conf
+                    .lines()
+                    .filter(|l| parameter_of(l).as_deref() == Some(p))
+                    .count();
+                assert_eq!(n, 1, "{p} in\n{conf}");
+            }
+        }
+    }
+}
