@@ -135,7 +135,7 @@ mod tests {
     fn effective(conf: &str, param: &str) -> Option<String> {
         conf.lines()
             .filter(|l| parameter_of(l).as_deref() == Some(param))
-            .last()
+            .next_back()
             .map(|l| {
                 let v = l.split_once('=').map_or("", |(_, v)| v).trim();
                 let v = v
