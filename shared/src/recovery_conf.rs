@@ -134,8 +134,7 @@ mod tests {
     /// The value PostgreSQL ends up with for `param`: the last line setting it.
     fn effective(conf: &str, param: &str) -> Option<String> {
         conf.lines()
-            .filter(|l| parameter_of(l).as_deref() == Some(param))
-            .next_back()
+            .rfind(|l| parameter_of(l).as_deref() == Some(param))
             .map(|l| {
                 let v = l.split_once('=').map_or("", |(_, v)| v).trim();
                 let v = v
