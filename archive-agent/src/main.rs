@@ -40,6 +40,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create the repository (once, before archive_command is set): a new walvault.json with a
+    /// random repository id. push, backup and daemon never create one, so a backup volume that is
+    /// not mounted or a mistyped bucket prefix fails loudly instead of growing a new, empty
+    /// repository. Refuses when a repository exists there already.
+    Init {
+        /// The data directory of the cluster whose WAL the repository will hold: its identity
+        /// (system identifier, segment and block size, version) is read from the WAL in pg_wal
+        /// and recorded, so that no other cluster's WAL is ever accepted. Without it, the first
+        /// segment archived binds the repository.
+        #[arg(long, env = "PGDATA", value_name = "DIR")]
+        pgdata: Option<PathBuf>,
+        /// Print the repository's id and URL as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Archive one WAL file: archive_command = 'archive-agent push %p'
     #[command(after_help = AFTER_HELP)]
     Push {
@@ -137,6 +152,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Init { pgdata, json } => match init(&cli.repo, pgdata, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("init failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Backup {
             pgdata,
             pg_url,
@@ -208,6 +230,39 @@ fn daemon(
         walvault::daemon::run(settings, opts, metrics, shutdown).await
     })?;
     tracing::info!("daemon stopped");
+    Ok(())
+}
+
+fn init(repo: &RepoArgs, pgdata: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let settings = repo.settings(None)?;
+    let cluster = pgdata
+        .as_deref()
+        .map(walvault::repo::init::cluster_of_data_dir)
+        .transpose()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let created = rt.block_on(walvault::repo::Writer::init(
+        &settings.repo,
+        &settings.store_options(),
+        cluster,
+        walvault::time::now_micros(),
+    ))?;
+    if json {
+        let doc = serde_json::json!({
+            "repository": settings.repo.to_string(),
+            "id": created.id(),
+            "cluster": created.cluster(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        match created.cluster() {
+            Some(c) => println!("created repository {} (id {}) for {c}", settings.repo, created.id()),
+            None => println!(
+                "created repository {} (id {}); the first WAL segment archived binds it to its cluster",
+                settings.repo,
+                created.id()
+            ),
+        }
+    }
     Ok(())
 }
 

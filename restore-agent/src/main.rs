@@ -306,8 +306,10 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
     use walvault::catalog::{BackupInfo, Catalog};
     let settings = repo.settings(None)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let store = settings.open_store(walvault::repo::Access::ReadOnly)?;
-    let cat = rt.block_on(Catalog::load(&store))?;
+    let cat = rt.block_on(async {
+        let repo = walvault::repo::Reader::open(&settings.repo, &settings.store_options()).await?;
+        anyhow::Ok(Catalog::load(&repo).await?)
+    })?;
     let backups: Vec<BackupInfo> = cat.backups.iter().map(BackupInfo::from).collect();
     let timelines: Vec<serde_json::Value> = cat
         .timeline_ids()
@@ -332,7 +334,8 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
     if json {
         let doc = serde_json::json!({
             "repository": settings.repo.to_string(),
-            "cluster": cat.descriptor.cluster,
+            "repository_id": cat.repo_id,
+            "cluster": cat.cluster,
             "backups": backups,
             "timelines": timelines,
             "damaged": cat.damaged,
@@ -340,7 +343,13 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    println!("repository {} ({})", settings.repo, cat.descriptor.cluster);
+    match &cat.cluster {
+        Some(c) => println!("repository {} ({c}), id {}", settings.repo, cat.repo_id),
+        None => println!(
+            "repository {}, id {}: no WAL archived yet",
+            settings.repo, cat.repo_id
+        ),
+    }
     println!();
     println!(
         "{:<18} {:>3}  {:<22}  {:<22}  {:>12}  {:>12}  {:>12}",

@@ -9,12 +9,10 @@ use std::path::Path;
 
 use crate::config::Settings;
 use crate::exit;
-use crate::repo::descriptor::DescriptorError;
-use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
+use crate::repo::layout::wal_key;
 use crate::repo::object::{self, MAX_ORIGINAL_LEN, ObjectError, ObjectKind, SealedObject};
-use crate::repo::store::{Access, CreateSemantics, PutNew};
-use crate::repo::{ClusterIdentity, RepoDescriptor, Store, StoreError};
-use crate::retry::RetryPolicy;
+use crate::repo::store::{CreateSemantics, PutNew};
+use crate::repo::{ClusterIdentity, RepoError, StoreError, WritableStore, Writer};
 use crate::timeindex;
 use crate::wal::{NameError, PageError, SegmentInfo, WalFileName};
 
@@ -77,8 +75,8 @@ pub enum PushError {
         stored: ClusterIdentity,
         repo: String,
     },
-    #[error("repository {repo}: {source}")]
-    Descriptor { repo: String, source: DescriptorError },
+    #[error("{0}; PostgreSQL will retry the push")]
+    Repository(#[from] RepoError),
     #[error(
         "{name} is already archived with different content: stored blake3 {stored_hash} ({stored_len} bytes), new blake3 {new_hash} ({new_len} bytes); refusing to overwrite. Find out why PostgreSQL produced a different file under this name (two clusters sharing one repository?) before removing either copy"
     )]
@@ -106,13 +104,18 @@ impl PushError {
     pub fn exit_code(&self) -> u8 {
         match self {
             PushError::Name(_) => exit::USAGE,
-            PushError::Read { .. } | PushError::Store(_) | PushError::TimedOut { .. } => {
+            // No repository (yet) at this location is retried like an unreachable one: PostgreSQL
+            // keeps the WAL until `archive-agent init` is run or the volume is mounted.
+            PushError::Read { .. }
+            | PushError::Store(_)
+            | PushError::TimedOut { .. }
+            | PushError::Repository(RepoError::NotInitialized { .. } | RepoError::Store(_)) => {
                 exit::NOT_FOUND_OR_RETRY
             }
             PushError::TooLarge { .. }
             | PushError::InvalidWal { .. }
             | PushError::ForeignCluster { .. }
-            | PushError::Descriptor { .. }
+            | PushError::Repository(_)
             | PushError::Conflict { .. }
             | PushError::StoredCorrupt { .. } => exit::REFUSED,
         }
@@ -162,14 +165,9 @@ pub fn read_wal_file(wal_path: &Path) -> Result<WalFile, PushError> {
     })
 }
 
-/// Open the repository for writing, retrying transient errors.
-pub async fn open_store(settings: &Settings) -> Result<Store, PushError> {
-    RetryPolicy::with_total(settings.retry_timeout)
-        .run("opening the repository", || async {
-            settings.open_store(Access::ReadWrite)
-        })
-        .await
-        .map_err(|(e, _)| PushError::Store(e))
+/// Open the repository for writing (never creating one).
+pub async fn open_repository(settings: &Settings) -> Result<Writer, PushError> {
+    Ok(Writer::open_writable(&settings.repo, &settings.store_options()).await?)
 }
 
 /// Whether the daemon serving this data directory has stored this very file (same device,
@@ -178,10 +176,11 @@ pub async fn open_store(settings: &Settings) -> Result<Store, PushError> {
 async fn stored_by_daemon(
     spool: &crate::spool::Spool,
     settings: &Settings,
+    repo: &crate::repo::RepoId,
     name: &WalFileName,
     wal_path: &Path,
 ) -> bool {
-    if spool.is_archived_unchanged(&settings.repo, name, wal_path) {
+    if spool.is_archived_unchanged(repo, name, wal_path) {
         return true;
     }
     if !spool.upload_in_progress(name) {
@@ -191,7 +190,7 @@ async fn stored_by_daemon(
     while spool.upload_in_progress(name) && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    spool.is_archived_unchanged(&settings.repo, name, wal_path)
+    spool.is_archived_unchanged(repo, name, wal_path)
 }
 
 /// Archive the file at `wal_path` (PostgreSQL's `archive_command`). When the daemon serving
@@ -215,27 +214,29 @@ async fn push_unbounded(settings: &Settings, wal_path: &Path) -> Result<PushOutc
         crate::prefetch::Prefetch::new(pgdata).clean_if_done();
     }
     let name = name_of(wal_path)?;
+    // The repository first, even when the daemon has stored the file: a marker vouches only for
+    // the repository it names, and this proves that repository is still the one at this URL.
+    let mut repo = open_repository(settings).await?;
     if let Some(spool) = &spool
-        && stored_by_daemon(spool, settings, &name, wal_path).await
+        && stored_by_daemon(spool, settings, repo.id(), &name, wal_path).await
     {
         let size = std::fs::metadata(wal_path).map(|m| m.len()).unwrap_or(0);
         return Ok(PushOutcome::already_archived(name, size));
     }
     let file = read_wal_file(wal_path)?;
     if let Some(spool) = &spool
-        && spool.is_archived(&settings.repo, &file.name, &file.hash, file.content.len() as u64)
+        && spool.is_archived(repo.id(), &file.name, &file.hash, file.content.len() as u64)
     {
         return Ok(PushOutcome::already_archived(
             file.name,
             file.content.len() as u64,
         ));
     }
-    let store = open_store(settings).await?;
     // Tell a running daemon this file is being stored, so it does not upload it too.
     if let Some(spool) = &spool {
         spool.begin_upload(&file.name);
     }
-    let result = archive_file(settings, &store, wal_path, &file).await;
+    let result = archive_file(settings, &mut repo, wal_path, &file).await;
     if let Some(spool) = &spool {
         spool.end_upload(&file.name);
     }
@@ -246,14 +247,14 @@ async fn push_unbounded(settings: &Settings, wal_path: &Path) -> Result<PushOutc
 /// an identical copy is there, then record it in the time index.
 pub async fn archive_file(
     settings: &Settings,
-    store: &Store,
+    repo: &mut Writer,
     wal_path: &Path,
     file: &WalFile,
 ) -> Result<PushOutcome, PushError> {
-    let retry = RetryPolicy::with_total(settings.retry_timeout);
     let name_str = file.name.to_string();
-    check_cluster(store, &retry, &name_str, file.info.as_ref()).await?;
-    let outcome = store_file(settings, store, &retry, wal_path, &file.name, &file.content).await?;
+    check_cluster(repo, &name_str, file.info.as_ref()).await?;
+    let store = repo.writable();
+    let outcome = store_file(settings, store, wal_path, &file.name, &file.content).await?;
 
     // The segment is durable; now its entry in the time index. Derived data: a failure here is
     // logged and never fails the push (restore only loses precision for this segment).
@@ -268,8 +269,7 @@ pub async fn archive_file(
 /// Store `content` under `name` unless an identical copy is there; refuse a different one.
 async fn store_file(
     settings: &Settings,
-    store: &Store,
-    retry: &RetryPolicy,
+    store: &WritableStore,
     wal_path: &Path,
     name: &WalFileName,
     content: &[u8],
@@ -277,7 +277,7 @@ async fn store_file(
     let name_str = name.to_string();
     let key = wal_key(name);
     let new_hash = blake3::hash(content);
-    if let Some(outcome) = compare_stored(store, retry, &key, name, content, &new_hash).await? {
+    if let Some(outcome) = compare_stored(store, &key, name, content, &new_hash).await? {
         return Ok(outcome);
     }
     let sealed = SealedObject::seal(ObjectKind::WalFile, &name_str, content, settings.compress_level)
@@ -286,17 +286,12 @@ async fn store_file(
             source: e,
         })?;
     let stored_size = sealed.bytes.len() as u64;
-    let put = retry
-        .run(&format!("storing {name_str}"), || {
-            store.put_new(&key, sealed.bytes.clone())
-        })
-        .await
-        .map_err(|(e, _)| e)?;
+    let put = store.put_new(&key, sealed.bytes).await?;
     match put {
         PutNew::Created if store.create_semantics() == CreateSemantics::Atomic => {}
         // The store may have let a concurrent writer replace either copy: read back what is there.
         _ => {
-            return compare_stored(store, retry, &key, name, content, &new_hash)
+            return compare_stored(store, &key, name, content, &new_hash)
                 .await?
                 .map(|o| PushOutcome {
                     newly_stored: put == PutNew::Created,
@@ -309,6 +304,7 @@ async fn store_file(
                         repo: store.url().to_string(),
                         message: "object missing right after it was written".into(),
                         transient: true,
+                        attempts: 1,
                     })
                 });
         }
@@ -343,54 +339,19 @@ fn read_bounded(path: &Path, name: &WalFileName) -> Result<Vec<u8>, PushError> {
     std::fs::read(path).map_err(read_err)
 }
 
-/// Make sure the repository belongs to the cluster that wrote this segment, recording the
-/// identity on the first push of a segment. History and backup files carry no identity; they are
-/// accepted into a repository whose identity is still unknown.
-async fn check_cluster(
-    store: &Store,
-    retry: &RetryPolicy,
-    name: &str,
-    info: Option<&SegmentInfo>,
-) -> Result<(), PushError> {
-    let read = || async {
-        let bytes = retry
-            .run("reading walvault.json", || store.get(DESCRIPTOR_KEY))
-            .await
-            .map_err(|(e, _)| e)?;
-        bytes
-            .map(|b| {
-                RepoDescriptor::parse(&b).map_err(|source| PushError::Descriptor {
-                    repo: store.url().to_string(),
-                    source,
-                })
-            })
-            .transpose()
-    };
-    let mut stored = read().await?;
-    if stored.is_none() {
-        let Some(info) = info else { return Ok(()) };
-        let desc = RepoDescriptor::new(ClusterIdentity::from(info));
-        let put = retry
-            .run("creating walvault.json", || {
-                store.put_new(DESCRIPTOR_KEY, desc.to_json().into())
-            })
-            .await
-            .map_err(|(e, _)| e)?;
-        if put == PutNew::Created {
-            tracing::info!(repo = %store.url(), cluster = %desc.cluster, "initialized repository");
-        }
-        stored = read().await?;
-    }
-    if let (Some(stored), Some(info)) = (stored, info) {
-        let file = ClusterIdentity::from(info);
-        if stored.cluster != file {
-            return Err(PushError::ForeignCluster {
-                name: name.to_string(),
-                file,
-                stored: stored.cluster,
-                repo: store.url().to_string(),
-            });
-        }
+/// Make sure the repository belongs to the cluster that wrote this segment, binding a repository
+/// created without `--pgdata` on its first segment. History and backup files carry no identity.
+async fn check_cluster(repo: &mut Writer, name: &str, info: Option<&SegmentInfo>) -> Result<(), PushError> {
+    let Some(info) = info else { return Ok(()) };
+    let file = ClusterIdentity::from(info);
+    let stored = repo.bind_cluster(file).await?;
+    if stored != file {
+        return Err(PushError::ForeignCluster {
+            name: name.to_string(),
+            file,
+            stored,
+            repo: repo.url().to_string(),
+        });
     }
     Ok(())
 }
@@ -398,19 +359,14 @@ async fn check_cluster(
 /// `Some` when an identical copy is already stored, `None` when nothing is stored, an error when
 /// something else is.
 async fn compare_stored(
-    store: &Store,
-    retry: &RetryPolicy,
+    store: &WritableStore,
     key: &str,
     name: &WalFileName,
     content: &[u8],
     new_hash: &blake3::Hash,
 ) -> Result<Option<PushOutcome>, PushError> {
     let name_str = name.to_string();
-    let Some(bytes) = retry
-        .run(&format!("checking for an archived {name_str}"), || store.get(key))
-        .await
-        .map_err(|(e, _)| e)?
-    else {
+    let Some(bytes) = store.get(key).await? else {
         return Ok(None);
     };
     let header = object::read_header(&bytes).map_err(|source| PushError::StoredCorrupt {

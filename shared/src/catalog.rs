@@ -8,10 +8,9 @@ use serde::Serialize;
 use crate::backup::BackupId;
 use crate::backup::chunk::ChunkError;
 use crate::backup::manifest::{Manifest, ManifestError};
-use crate::backup::take::manifest_key;
-use crate::repo::layout::DESCRIPTOR_KEY;
+use crate::repo::layout::{self, Kind, manifest_key};
 use crate::repo::object::{self, ObjectError, ObjectKind};
-use crate::repo::{RepoDescriptor, Store, StoreError};
+use crate::repo::{ClusterIdentity, Reader, RepoId, Store, StoreError};
 use crate::timeline::{HistoryError, TimelineHistory, TimelineTree};
 use crate::wal::summary::SegmentSummary;
 use crate::wal::{Lsn, SegmentName, WalFileName};
@@ -20,10 +19,6 @@ use crate::wal::{Lsn, SegmentName, WalFileName};
 pub enum CatalogError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("repository {0} has no walvault.json: it is not a walvault repository (wrong --repo?)")]
-    NotARepository(String),
-    #[error("repository descriptor: {0}")]
-    Descriptor(String),
     #[error("{key} is corrupt: {source}")]
     Corrupt { key: String, source: Box<ObjectError> },
     #[error("{key}: {source}")]
@@ -96,10 +91,15 @@ pub struct Damaged {
     pub backup: Option<BackupId>,
 }
 
+/// PostgreSQL's default WAL segment size, for a repository no segment has been archived into.
+const DEFAULT_SEGMENT_SIZE: u32 = 16 << 20;
+
 /// Everything `restore` needs to decide, loaded once.
 #[derive(Debug, Clone)]
 pub struct Catalog {
-    pub descriptor: RepoDescriptor,
+    pub repo_id: RepoId,
+    /// `None` until the first segment is archived into a repository created without `--pgdata`.
+    pub cluster: Option<ClusterIdentity>,
     /// Oldest first.
     pub backups: Vec<Manifest>,
     pub timelines: TimelineTree,
@@ -140,14 +140,10 @@ impl Window {
 }
 
 impl Catalog {
-    pub async fn load(store: &Store) -> Result<Catalog, CatalogError> {
-        let descriptor = store
-            .get(DESCRIPTOR_KEY)
-            .await?
-            .ok_or_else(|| CatalogError::NotARepository(store.url().to_string()))?;
-        let descriptor =
-            RepoDescriptor::parse(&descriptor).map_err(|e| CatalogError::Descriptor(e.to_string()))?;
-        let seg_size = descriptor.cluster.wal_segment_size;
+    pub async fn load(repo: &Reader) -> Result<Catalog, CatalogError> {
+        let store = repo.store();
+        let cluster = repo.cluster().copied();
+        let seg_size = cluster.map_or(DEFAULT_SEGMENT_SIZE, |c| c.wal_segment_size);
 
         let mut backups = Vec::new();
         let mut damaged = Vec::new();
@@ -170,12 +166,8 @@ impl Catalog {
             });
             Ok(())
         };
-        for (key, _) in store.list("backups/").await? {
-            let Some(id) = key
-                .strip_prefix("backups/")
-                .and_then(|k| k.strip_suffix("/manifest.wvo"))
-                .and_then(|id| id.parse::<BackupId>().ok())
-            else {
+        for (key, _) in store.list(Kind::Backup.dirname()).await? {
+            let Some(id) = layout::parse_manifest_key(&key) else {
                 continue; // not a manifest (or a foreign file): ignored
             };
             match load_manifest(store, &id).await {
@@ -187,12 +179,14 @@ impl Catalog {
 
         let mut timelines = TimelineTree::default();
         let mut segments: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-        for (key, _) in store.list("wal/").await? {
-            let Some(name) = key.rsplit('/').next().and_then(|n| n.strip_suffix(".wvo")) else {
+        for (key, _) in store.list(Kind::Wal.dirname()).await? {
+            let Some(parsed_name) = layout::parse_wal_key(&key) else {
                 continue;
             };
-            match name.parse::<WalFileName>() {
-                Ok(WalFileName::History(tli)) => {
+            let name = parsed_name.to_string();
+            let name = name.as_str();
+            match parsed_name {
+                WalFileName::History(tli) => {
                     let bytes = store.get(&key).await?.unwrap_or_default();
                     let parsed = object::open(&bytes, ObjectKind::WalFile, name)
                         .map_err(|e| CatalogError::Corrupt {
@@ -210,7 +204,7 @@ impl Catalog {
                         Err(e) => set_aside(&key, format!("timeline {} history", tli.get()), None, e)?,
                     }
                 }
-                Ok(WalFileName::Segment(s)) => {
+                WalFileName::Segment(s) => {
                     if let Some(no) = s.segment_no(seg_size) {
                         segments.entry(s.timeline.get()).or_default().push(no);
                     }
@@ -222,13 +216,8 @@ impl Catalog {
             v.sort_unstable();
         }
         let mut summaries = BTreeMap::new();
-        for (key, _) in store.list("index/").await? {
-            let Some(Ok(WalFileName::Segment(seg))) = key
-                .rsplit('/')
-                .next()
-                .and_then(|n| n.strip_suffix(".wvo"))
-                .map(str::parse::<WalFileName>)
-            else {
+        for (key, _) in store.list(Kind::Index.dirname()).await? {
+            let Some(seg) = layout::parse_summary_key(&key) else {
                 continue;
             };
             match crate::timeindex::load(store, &seg).await {
@@ -243,7 +232,8 @@ impl Catalog {
             }
         }
         Ok(Catalog {
-            descriptor,
+            repo_id: repo.id().clone(),
+            cluster,
             backups,
             timelines,
             segments,
@@ -253,7 +243,12 @@ impl Catalog {
     }
 
     fn segment_size(&self) -> u64 {
-        u64::from(self.descriptor.cluster.wal_segment_size)
+        u64::from(self.wal_segment_size())
+    }
+
+    /// The cluster's WAL segment size (PostgreSQL's default before any segment is archived).
+    pub fn wal_segment_size(&self) -> u32 {
+        self.cluster.map_or(DEFAULT_SEGMENT_SIZE, |c| c.wal_segment_size)
     }
 
     /// The timeline PostgreSQL reads segment `no` from when following `timeline`: the newest
@@ -365,7 +360,7 @@ impl Catalog {
 
     /// Consecutive runs of archived segments on `timeline`; more than one run means gaps.
     pub fn ranges(&self, timeline: u32) -> Vec<SegmentRange> {
-        let seg_size = self.descriptor.cluster.wal_segment_size;
+        let seg_size = self.wal_segment_size();
         let name = |no: u64| {
             SegmentName::containing(
                 crate::wal::TimelineId::new(timeline).expect("timelines in the catalog are non-zero"),
@@ -446,7 +441,6 @@ pub async fn load_manifest(store: &Store, id: &BackupId) -> Result<Manifest, Cat
 mod tests {
     use super::*;
     use crate::backup::manifest::{BackupStats, FORMAT_NAME, FORMAT_VERSION};
-    use crate::repo::ClusterIdentity;
     use crate::wal::TimelineId;
     use crate::wal::pgtime::PgTime;
 
@@ -498,7 +492,8 @@ mod tests {
             summaries.insert((2, no), summary(no, 2000 + no as i64));
         }
         Catalog {
-            descriptor: RepoDescriptor::new(ClusterIdentity {
+            repo_id: RepoId::random(),
+            cluster: Some(ClusterIdentity {
                 system_identifier: 1,
                 wal_segment_size: SEG as u32,
                 wal_block_size: 8192,

@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::repo::url::UrlError;
-use crate::repo::{Access, RepoUrl, Store, StoreError, StoreOptions};
+use crate::repo::{RepoUrl, StoreOptions};
+pub use crate::repo::settings::{AzureSettings, S3Settings, Secret};
 
 /// Read when neither `--config` nor `WALVAULT_CONFIG` names a file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/walvault/walvault.toml";
@@ -52,67 +53,6 @@ struct FileConfig {
     s3: S3Settings,
     #[serde(default)]
     azure: AzureSettings,
-}
-
-/// A secret (S3 secret key, session token, Azure account key): never shown by `Debug` or in any message.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-
-    /// The secret itself, for handing to the storage client only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-/// The `[s3]` table of the TOML file. Each key has the same meaning as the `AWS_*` environment
-/// variable of the same name (`endpoint` is `AWS_ENDPOINT_URL`), which wins when both are set.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct S3Settings {
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-    pub access_key_id: Option<String>,
-    pub secret_access_key: Option<Secret>,
-    pub session_token: Option<Secret>,
-    /// Allow `http://` endpoints (loopback or a trusted network only).
-    pub allow_http: Option<bool>,
-    /// Virtual-hosted-style requests (`bucket.endpoint`) instead of path style.
-    pub virtual_hosted_style: Option<bool>,
-}
-
-/// The `[azure]` table of the TOML file. Each key has the meaning of the `AZURE_STORAGE_*`
-/// environment variable of the same name (`account` is `AZURE_STORAGE_ACCOUNT_NAME`, `access_key`
-/// is `AZURE_STORAGE_ACCOUNT_KEY`, `endpoint` is `AZURE_STORAGE_ENDPOINT`), which wins when both
-/// are set.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AzureSettings {
-    /// The storage account name.
-    pub account: Option<String>,
-    /// The storage account's shared key.
-    pub access_key: Option<Secret>,
-    /// The blob service URL, for a private endpoint or an emulator
-    /// (`http://127.0.0.1:10000/devstoreaccount1` for Azurite); `https://<account>.blob.core.windows.net`
-    /// when unset.
-    pub endpoint: Option<String>,
-    /// Talk to a local Azurite at `http://127.0.0.1:10000` (or `AZURITE_BLOB_STORAGE_URL`) with its
-    /// well-known development account unless `account`/`access_key` say otherwise; `endpoint` is
-    /// then ignored.
-    pub use_emulator: Option<bool>,
-    /// Allow `http://` endpoints (loopback or a trusted network only).
-    pub allow_http: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,11 +161,6 @@ impl Settings {
             s3: self.s3.clone(),
             azure: self.azure.clone(),
         }
-    }
-
-    /// Open the repository's store (no I/O for object stores; see [`Store::open`]).
-    pub fn open_store(&self, access: Access) -> Result<Store, StoreError> {
-        Store::open(&self.repo, access, &self.store_options())
     }
 
     /// The most a push or fetch may take in all: the retry budget, plus one request in flight
@@ -380,7 +315,7 @@ mod tests {
         assert!(!format!("{s:?}").contains("aHVudGVyMg"));
         assert!(!format!("{:?}", s.store_options()).contains("aHVudGVyMg"));
         // The settings make a client (no request is sent when opening an object store).
-        let store = s.open_store(Access::ReadOnly).unwrap();
+        let store = crate::repo::Store::open(&s.repo, &s.store_options()).unwrap();
         assert!(!format!("{store:?}").contains("aHVudGVyMg"));
         assert!(!format!("{store:?}").contains("104, 117, 110")); // the decoded bytes
         std::fs::write(&cfg, "[azure]\naccount_key = \"x\"\n").unwrap();

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use crate::archive::{self, PushError, PushOutcome};
 use crate::backup::take::{BackupOptions, DEFAULT_CHUNK_SIZE, take_backup};
 use crate::config::Settings;
-use crate::repo::Store;
+use crate::repo::{Reader, RepoError, Writer};
 use crate::retry::KeyedBackoff;
 use crate::spool::Spool;
 use crate::wal::WalFileName;
@@ -238,7 +238,7 @@ enum UploadError {
 }
 
 /// Upload one file and record it in the spool.
-async fn upload(settings: Arc<Settings>, store: Store, spool: Spool, path: PathBuf) -> UploadResult {
+async fn upload(settings: Arc<Settings>, mut repo: Writer, spool: Spool, path: PathBuf) -> UploadResult {
     let read_path = path.clone();
     // Metadata before the read: if the file changed meanwhile, the marker will not match it.
     let (meta, file) = tokio::task::spawn_blocking(move || {
@@ -250,10 +250,10 @@ async fn upload(settings: Arc<Settings>, store: Store, spool: Spool, path: PathB
         path: path.display().to_string(),
         source: std::io::Error::other(e),
     })??;
-    let outcome = archive::archive_file(&settings, &store, &path, &file).await?;
+    let outcome = archive::archive_file(&settings, &mut repo, &path, &file).await?;
     let size = file.content.len() as u64;
     spool
-        .mark_archived(&settings.repo, &file.name, &file.hash, size, meta.as_ref())
+        .mark_archived(repo.id(), &file.name, &file.hash, size, meta.as_ref())
         .map_err(|source| UploadError::Marker {
             path: spool.dir().display().to_string(),
             source,
@@ -269,7 +269,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let settings = Arc::new(settings);
-    let store = archive::open_store(&settings).await?;
+    let mut repo = archive::open_repository(&settings).await?;
+    // Whether the repository at the URL is (still) there: re-read every REPOSITORY_CHECK_EVERY,
+    // so a repository removed (a volume unmounted) pauses uploads instead of writing into a
+    // location that is no repository, and one recreated gets markers under its own id.
+    let mut repo_gone = false;
+    let mut repo_task: Option<tokio::task::JoinHandle<Result<Writer, RepoError>>> = None;
+    let mut next_repo_check = Instant::now() + REPOSITORY_CHECK_EVERY;
     let spool = Spool::new(&opts.pgdata);
     let archived_dir = spool.dir().join("archived");
     std::fs::create_dir_all(&archived_dir).map_err(|source| DaemonError::Spool {
@@ -329,9 +335,35 @@ pub async fn run(
             _ = rescan.tick() => {}
             _ = housekeeping.tick() => {
                 forget_recycled(&spool, &wal_dir);
+                if let Some(t) = repo_task.take_if(|t| t.is_finished()) {
+                    match t.await {
+                        Ok(Ok(now)) => {
+                            if now.id() != repo.id() {
+                                tracing::warn!(old = %repo.id(), new = %now.id(), "the repository at {} was replaced; archiving into the new one", settings.repo);
+                            } else if repo_gone {
+                                tracing::info!("repository {} is back; uploads resume", settings.repo);
+                            }
+                            repo = now;
+                            repo_gone = false;
+                        }
+                        Ok(Err(e)) if !e.is_transient() => {
+                            if !repo_gone {
+                                tracing::error!("{e}; uploads paused (push will keep failing too, and PostgreSQL keeps the WAL)");
+                            }
+                            repo_gone = true;
+                        }
+                        Ok(Err(e)) => tracing::warn!("repository check: {e}"),
+                        Err(_) => {}
+                    }
+                }
+                if Instant::now() >= next_repo_check && repo_task.is_none() {
+                    next_repo_check = Instant::now() + REPOSITORY_CHECK_EVERY;
+                    let settings = Arc::clone(&settings);
+                    repo_task = Some(tokio::spawn(async move { Writer::open_writable(&settings.repo, &settings.store_options()).await }));
+                }
                 if Instant::now() >= next_window && window_task.as_ref().is_none_or(|t| t.is_finished()) {
                     next_window = Instant::now() + Duration::from_secs(60);
-                    window_task = Some(tokio::spawn(update_window(store.clone(), Arc::clone(&metrics))));
+                    window_task = Some(tokio::spawn(update_window(repo.reader(), Arc::clone(&metrics))));
                 }
                 if let (Some(every), Some(conn)) = (opts.backup_every, &opts.pg_conn)
                     && next_backup.is_some_and(|t| Instant::now() >= t)
@@ -371,7 +403,7 @@ pub async fn run(
         // One listing of the markers per scan, not one per ready file.
         let archived: HashSet<WalFileName> = spool.archived_names().into_iter().collect();
         for name in ready {
-            if in_flight.len() >= opts.parallel.max(1) {
+            if repo_gone || in_flight.len() >= opts.parallel.max(1) {
                 break;
             }
             if in_flight.contains(&name) || backoff.waiting(&name, Instant::now()) {
@@ -382,12 +414,12 @@ pub async fn run(
             }
             in_flight.insert(name);
             let path = wal_dir.join(name.to_string());
-            let (settings, store, spool) = (Arc::clone(&settings), store.clone(), spool.clone());
+            let (settings, repo, spool) = (Arc::clone(&settings), repo.clone(), spool.clone());
             let span = tracing::info_span!("upload", file = %name);
             tasks.spawn(tracing::Instrument::instrument(
                 async move {
                     spool.begin_upload(&name);
-                    let result = upload(settings, store, spool.clone(), path).await;
+                    let result = upload(settings, repo, spool.clone(), path).await;
                     spool.end_upload(&name);
                     (name, result)
                 },
@@ -497,8 +529,8 @@ async fn scheduled_backup(settings: Arc<Settings>, pgdata: PathBuf, conn: String
 }
 
 /// Refresh the restorable-window gauges from the repository catalog.
-async fn update_window(store: Store, metrics: Arc<Metrics>) {
-    match crate::catalog::Catalog::load(&store).await {
+async fn update_window(repo: Reader, metrics: Arc<Metrics>) {
+    match crate::catalog::Catalog::load(&repo).await {
         Ok(cat) => {
             let tli = cat.timeline_ids().last().copied().unwrap_or(1);
             if let Some(w) = cat.window(tli) {
@@ -513,6 +545,9 @@ async fn update_window(store: Store, metrics: Arc<Metrics>) {
         Err(e) => tracing::warn!("restorable window not updated: {e}"),
     }
 }
+
+/// How often the daemon reads `walvault.json` again to make sure its repository is still there.
+const REPOSITORY_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// How long the forced-switch check may take, connection included.
 const SWITCH_CALL_BOUND: Duration = Duration::from_secs(15);

@@ -11,13 +11,10 @@ use crate::config::Settings;
 use crate::exit;
 use crate::fsutil;
 use crate::prefetch::Prefetch;
-use crate::repo::descriptor::DescriptorError;
-use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
+use crate::repo::layout::wal_key;
 use crate::repo::object::{self, ObjectError, ObjectKind};
-use crate::repo::store::Access;
-use crate::repo::{ClusterIdentity, RepoDescriptor, StoreError};
-use crate::retry::RetryPolicy;
-use crate::wal::{NameError, PageError, WalFileName};
+use crate::repo::{Reader, RepoError, Store, StoreError, WalCheckError};
+use crate::wal::{NameError, WalFileName};
 
 /// What a fetch found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,14 +41,12 @@ pub enum FetchError {
         repo: String,
         after: std::time::Duration,
     },
-    #[error("{source} (gave up after {attempts} attempts)")]
-    Store { source: StoreError, attempts: u32 },
-    #[error(
-        "repository {repo} has no walvault.json and no {name}: it is not a walvault repository (wrong --repo or WALVAULT_REPO?)"
-    )]
-    NoRepository { repo: String, name: String },
-    #[error("repository {repo}: {source}")]
-    Descriptor { repo: String, source: DescriptorError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No repository at this location (a volume not mounted, a wrong URL) is never "not found":
+    /// recovery would end and promote on the word of a location that holds nothing.
+    #[error(transparent)]
+    Repository(#[from] RepoError),
     #[error("archived {name} ({key} in {repo}) is corrupt: {source}")]
     Corrupt {
         name: String,
@@ -59,19 +54,12 @@ pub enum FetchError {
         repo: String,
         source: Box<ObjectError>,
     },
-    #[error("archived {name} ({key} in {repo}) is not a valid WAL segment: {source}")]
-    InvalidWal {
+    #[error("archived {name} ({key} in {repo}) cannot be used: {source}")]
+    Unusable {
         name: String,
         key: String,
         repo: String,
-        source: Box<PageError>,
-    },
-    #[error("archived {name} is from {found}, but repository {repo} belongs to {expected}")]
-    ForeignCluster {
-        name: String,
-        repo: String,
-        found: ClusterIdentity,
-        expected: ClusterIdentity,
+        source: WalCheckError,
     },
     #[error("cannot write {dest}: {source}")]
     Write { dest: String, source: std::io::Error },
@@ -134,33 +122,25 @@ async fn fetch_unbounded(
         }
     }
 
-    let retry = RetryPolicy::with_total(settings.retry_timeout);
     // A corrupt read is re-read once: a flipped bit in transit is not worth stopping recovery for,
     // a corrupt stored object is.
     let mut rereads = 1;
-    let (descriptor, stored, content) = loop {
-        let (descriptor, object) = retry
-            .run(&format!("fetching {name_str}"), || async {
-                let store = settings.open_store(Access::ReadOnly)?;
-                tokio::try_join!(store.get(DESCRIPTOR_KEY), store.get(&key))
-            })
-            .await
-            .map_err(|(source, attempts)| FetchError::Store { source, attempts })?;
-        let descriptor = descriptor
-            .map(|b| RepoDescriptor::parse(&b))
-            .transpose()
-            .map_err(|source| FetchError::Descriptor {
-                repo: repo.clone(),
-                source,
-            })?;
-        let Some(bytes) = object else {
-            if descriptor.is_none() {
-                return Err(FetchError::NoRepository { repo, name: name_str });
+    let options = settings.store_options();
+    let (reader, stored, content) = loop {
+        // The descriptor and the file in one round trip; an absent file counts as absent only
+        // once the descriptor proves this is the repository.
+        let (reader, object) = tokio::try_join!(
+            async { Reader::open(&settings.repo, &options).await.map_err(FetchError::from) },
+            async {
+                let store = Store::open(&settings.repo, &options)?;
+                store.get(&key).await.map_err(FetchError::from)
             }
+        )?;
+        let Some(bytes) = object else {
             return Ok(FetchOutcome::NotFound { name });
         };
         match object::open(&bytes, ObjectKind::WalFile, &name_str) {
-            Ok((_, content)) => break (descriptor, bytes.len() as u64, content),
+            Ok((_, content)) => break (reader, bytes.len() as u64, content),
             Err(source) if rereads == 0 => {
                 return Err(FetchError::Corrupt {
                     name: name_str,
@@ -175,40 +155,15 @@ async fn fetch_unbounded(
             }
         }
     };
-    check_segment(&name, &content, descriptor.as_ref(), &key, &repo)?;
-    write_out(name, dest, content, stored)
-}
-
-/// For segments: the page header against the name and the repository's cluster.
-pub(crate) fn check_segment(
-    name: &WalFileName,
-    content: &[u8],
-    descriptor: Option<&RepoDescriptor>,
-    key: &str,
-    repo: &str,
-) -> Result<(), FetchError> {
-    let Some(seg) = name.wal_segment() else {
-        return Ok(());
-    };
-    let info =
-        crate::wal::page::validate_segment(content, &seg).map_err(|source| FetchError::InvalidWal {
-            name: name.to_string(),
-            key: key.to_string(),
-            repo: repo.to_string(),
-            source: Box::new(source),
+    reader
+        .check_wal(&name, &content)
+        .map_err(|source| FetchError::Unusable {
+            name: name_str,
+            key,
+            repo,
+            source,
         })?;
-    if let Some(d) = descriptor {
-        let found = ClusterIdentity::from(&info);
-        if found != d.cluster {
-            return Err(FetchError::ForeignCluster {
-                name: name.to_string(),
-                repo: repo.to_string(),
-                found,
-                expected: d.cluster,
-            });
-        }
-    }
-    Ok(())
+    write_out(name, dest, content, stored)
 }
 
 fn write_out(

@@ -22,9 +22,8 @@ use tokio::task::JoinSet;
 
 use crate::config::Settings;
 use crate::lease;
-use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
-use crate::repo::store::Access;
-use crate::repo::{RepoDescriptor, Store};
+use crate::repo::layout::wal_key;
+use crate::repo::Reader;
 use crate::retry::KeyedBackoff;
 use crate::spool::SPOOL_DIR;
 use crate::wal::{Lsn, SegmentName, WalFileName};
@@ -165,6 +164,10 @@ impl Prefetch {
 pub enum PrefetchError {
     #[error(transparent)]
     Store(#[from] crate::repo::StoreError),
+    #[error(transparent)]
+    Repository(#[from] crate::repo::RepoError),
+    #[error("the stored copy cannot be used: {0}")]
+    Unusable(String),
     #[error("prefetch spool {path}: {source}")]
     Spool { path: String, source: std::io::Error },
 }
@@ -183,6 +186,9 @@ impl PrefetchError {
 /// not one per segment and second.
 const SPOOL_FAILURE_PAUSE: Duration = Duration::from_secs(30);
 
+/// How often the prefetcher makes sure the repository at the URL is still the one it copies from.
+const REPOSITORY_CHECK_EVERY: Duration = Duration::from_secs(10);
+
 /// How soon a name the repository did not have yet is asked for again (the archive grows).
 /// A copy that failed verification waits longer each time ([`KeyedBackoff`]): a damaged
 /// object stays damaged, and is not downloaded in a loop while recovery waits.
@@ -194,16 +200,20 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
     if !pf.claim().map_err(PrefetchError::spool(&pf.dir))? {
         return Ok(()); // another prefetcher serves this data directory
     }
-    let store = settings.open_store(Access::ReadOnly)?;
-    let Some(descriptor) = store
-        .get(DESCRIPTOR_KEY)
-        .await?
-        .and_then(|b| RepoDescriptor::parse(&b).ok())
-    else {
-        return Ok(());
+    let repo = match Reader::open(&settings.repo, &settings.store_options()).await {
+        Ok(r) => std::sync::Arc::new(r),
+        Err(e) => {
+            lease::release(&pf.dir.join("lock"));
+            return Err(e.into());
+        }
     };
-    let seg_size = descriptor.cluster.wal_segment_size;
-    let descriptor = std::sync::Arc::new(descriptor);
+    // Copies are made from this repository only: if another one replaces it at the URL (or it
+    // goes away), every copy is dropped and the prefetcher stops; fetch asks the repository.
+    let mut checked_at = Instant::now();
+    let Some(seg_size) = repo.cluster().map(|c| c.wal_segment_size) else {
+        lease::release(&pf.dir.join("lock"));
+        return Ok(()); // no segment archived yet: nothing to prefetch
+    };
     let mut last_wanted = pf.wanted();
     let mut last_change = Instant::now();
     let mut retry: KeyedBackoff<WalFileName> = KeyedBackoff::default();
@@ -241,6 +251,18 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
         }
         if !pf.in_recovery() {
             break;
+        }
+        if checked_at.elapsed() >= REPOSITORY_CHECK_EVERY {
+            checked_at = Instant::now();
+            if let Err(e) = repo.still_there().await
+                && !e.is_transient()
+            {
+                tracing::warn!("prefetch stopped, its copies dropped: {e}");
+                for name in pf.spooled() {
+                    let _ = std::fs::remove_file(pf.object_path(&name));
+                }
+                break;
+            }
         }
         let wanted = pf.wanted();
         if wanted != last_wanted {
@@ -282,12 +304,8 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
                     continue;
                 }
                 downloading.insert(name);
-                let (store, path, d) = (
-                    store.clone(),
-                    pf.object_path(&name),
-                    std::sync::Arc::clone(&descriptor),
-                );
-                tasks.spawn(async move { (name, download(&store, &name, &path, &d).await) });
+                let (repo, path) = (std::sync::Arc::clone(&repo), pf.object_path(&name));
+                tasks.spawn(async move { (name, download(&repo, &name, &path).await) });
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -305,44 +323,30 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
 /// spool (temporary name, fsync, rename: fetch never sees a partial file). `false` when the
 /// repository does not have it (yet); a copy failing verification is dropped, and fetch then
 /// asks the repository itself and reports the corruption.
-async fn download(
-    store: &Store,
-    name: &WalFileName,
-    path: &Path,
-    descriptor: &RepoDescriptor,
-) -> Result<bool, PrefetchError> {
+async fn download(repo: &Reader, name: &WalFileName, path: &Path) -> Result<bool, PrefetchError> {
     let key = wal_key(name);
-    let Some(bytes) = store.get(&key).await? else {
+    let Some(bytes) = repo.store().get(&key).await? else {
         return Ok(false);
     };
-    let (name, path, descriptor) = (*name, path.to_path_buf(), descriptor.clone());
+    let (name, path, repo) = (*name, path.to_path_buf(), repo.clone());
     let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let spool_dir = dir.clone();
     tokio::task::spawn_blocking(move || {
-        let repo = String::new();
-        let verified = crate::repo::object::open(
+        let (_, content) = crate::repo::object::open(
             &bytes,
             crate::repo::object::ObjectKind::WalFile,
             &name.to_string(),
         )
-        .map_err(|e| e.to_string())
-        .and_then(|(_, content)| {
-            crate::fetch::check_segment(&name, &content, Some(&descriptor), &key, &repo)
-                .map(|()| content)
-                .map_err(|e| e.to_string())
-        });
-        match verified {
-            Ok(content) => {
-                let tmp = path.with_extension("part");
-                crate::fsutil::write_durably(&tmp, &content)
-                    .and_then(|()| std::fs::rename(&tmp, &path))
-                    .map_err(|e| {
-                        let _ = std::fs::remove_file(&tmp);
-                        PrefetchError::spool(&dir)(e)
-                    })?;
-            }
-            Err(e) => tracing::warn!("prefetch {name}: {e}; leaving it to fetch"),
-        }
+        .map_err(|e| PrefetchError::Unusable(e.to_string()))?;
+        repo.check_wal(&name, &content)
+            .map_err(|e| PrefetchError::Unusable(e.to_string()))?;
+        let tmp = path.with_extension("part");
+        crate::fsutil::write_durably(&tmp, &content)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                PrefetchError::spool(&dir)(e)
+            })?;
         Ok(true)
     })
     .await

@@ -14,13 +14,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::backup::BackupId;
-use crate::backup::chunk::{self, ChunkError};
+use crate::backup::chunk::ChunkError;
 use crate::backup::manifest::{self, EntryKind, Manifest, ManifestError};
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
 use crate::recovery_conf::{self, RecoverySettings};
 use crate::repo::object::{self, ObjectError, ObjectKind};
-use crate::repo::store::Access;
 use crate::repo::{Store, StoreError};
 use crate::time;
 use crate::wal::Lsn;
@@ -111,6 +110,8 @@ pub enum RestoreError {
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Repository(#[from] crate::repo::RepoError),
     #[error("restoring chunk data: {0}")]
     Chunk(#[from] ChunkError),
     #[error(
@@ -256,7 +257,7 @@ pub fn choose_backup<'a>(
     let mut refusal = None;
     for (m, tli) in candidates {
         let chain = cat.chain(m, tli);
-        let stop_no = m.stop_lsn.0.saturating_sub(1) / u64::from(cat.descriptor.cluster.wal_segment_size);
+        let stop_no = m.stop_lsn.0.saturating_sub(1) / u64::from(cat.wal_segment_size());
         if !chain.iter().any(|&(_, no)| no >= stop_no) {
             refusal.get_or_insert_with(|| {
                 outside(
@@ -476,7 +477,8 @@ pub fn check_before_writing(
         entry: entry.chars().take(200).collect(),
         why,
     };
-    let sysid = cat.descriptor.cluster.system_identifier;
+    // A backup's WAL binds the repository before its manifest is written: no cluster, no backup.
+    let sysid = cat.cluster.map_or(0, |c| c.system_identifier);
     if m.system_identifier != sysid {
         return Err(RestoreError::Manifest {
             backup: m.id.clone(),
@@ -551,8 +553,9 @@ pub async fn restore(
     opts: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport, RestoreError> {
-    let store = settings.open_store(Access::ReadOnly)?;
-    let cat = Catalog::load(&store).await?;
+    let repo = crate::repo::Reader::open(&settings.repo, &settings.store_options()).await?;
+    let store = repo.store().clone();
+    let cat = Catalog::load(&repo).await?;
     let (manifest, timeline) = choose_backup(&cat, opts.backup.as_ref(), &opts.target, opts.timeline)?;
     if let Some(pid) = running_postmaster(&opts.pgdata) {
         return Err(RestoreError::ServerRunning {
@@ -719,7 +722,9 @@ fn running_postmaster(pgdata: &Path) -> Option<u32> {
 /// header's length is compared before decompressing, so a hostile chunk object cannot make the
 /// restore allocate more than the chunk size (times `--parallel`).
 async fn fetch_chunk(store: &Store, id: &str, expected: u64, path: &Path) -> Result<Vec<u8>, RestoreError> {
-    let key = chunk::chunk_key(id);
+    let key = crate::repo::layout::chunk_key(id).ok_or_else(|| ChunkError::Missing {
+        id: id.chars().take(80).collect(),
+    })?;
     let bytes = store
         .get(&key)
         .await?
@@ -890,7 +895,7 @@ mod tests {
 
     use super::*;
     use crate::backup::manifest::{Entry, Tablespace};
-    use crate::repo::{ClusterIdentity, RepoDescriptor};
+    use crate::repo::{ClusterIdentity, RepoId};
 
     const SYSID: u64 = 7_441_234_567_890_123_456;
 
@@ -900,7 +905,8 @@ mod tests {
 
     fn catalog(sysid: u64) -> Catalog {
         Catalog {
-            descriptor: RepoDescriptor::new(ClusterIdentity {
+            repo_id: RepoId::random(),
+            cluster: Some(ClusterIdentity {
                 system_identifier: sysid,
                 wal_segment_size: 16 << 20,
                 wal_block_size: 8192,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::repo::RepoUrl;
+use crate::repo::RepoId;
 use crate::wal::WalFileName;
 
 /// Name of the spool directory inside the data directory (left out of walvault's base backups).
@@ -21,7 +21,9 @@ pub const SPOOL_DIR: &str = "walvault.spool";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Marker {
-    repo: String,
+    /// The repository's id (`walvault.json`), not its URL: a repository recreated at the same
+    /// URL has another id, so these markers never vouch for it.
+    repo_id: RepoId,
     blake3: String,
     size: u64,
     /// Identity of the file the daemon read (device, inode, modification time in nanoseconds):
@@ -76,14 +78,14 @@ impl Spool {
     /// before reading it, is durable in `repo`.
     pub fn mark_archived(
         &self,
-        repo: &RepoUrl,
+        repo: &RepoId,
         name: &WalFileName,
         hash: &blake3::Hash,
         size: u64,
         meta: Option<&std::fs::Metadata>,
     ) -> std::io::Result<()> {
         let marker = Marker {
-            repo: repo.as_str().to_string(),
+            repo_id: repo.clone(),
             blake3: hash.to_hex().to_string(),
             size,
             file_id: meta.filter(|m| m.len() == size).map(file_id),
@@ -94,19 +96,19 @@ impl Spool {
     }
 
     /// Whether `name` with exactly this content is recorded as durable in `repo`.
-    pub fn is_archived(&self, repo: &RepoUrl, name: &WalFileName, hash: &blake3::Hash, size: u64) -> bool {
+    pub fn is_archived(&self, repo: &RepoId, name: &WalFileName, hash: &blake3::Hash, size: u64) -> bool {
         let Ok(bytes) = std::fs::read(self.marker_path(name)) else {
             return false;
         };
         let Ok(m) = serde_json::from_slice::<Marker>(&bytes) else {
             return false;
         };
-        m.repo == repo.as_str() && m.size == size && m.blake3 == hash.to_hex().as_str()
+        m.repo_id == *repo && m.size == size && m.blake3 == hash.to_hex().as_str()
     }
 
     /// Whether the file at `path` is, by its metadata alone, the very file recorded as durable
     /// in `repo` (same device, inode, size and modification time).
-    pub fn is_archived_unchanged(&self, repo: &RepoUrl, name: &WalFileName, path: &Path) -> bool {
+    pub fn is_archived_unchanged(&self, repo: &RepoId, name: &WalFileName, path: &Path) -> bool {
         let Ok(bytes) = std::fs::read(self.marker_path(name)) else {
             return false;
         };
@@ -116,7 +118,7 @@ impl Spool {
         let Ok(meta) = std::fs::metadata(path) else {
             return false;
         };
-        m.repo == repo.as_str() && m.size == meta.len() && m.file_id == Some(file_id(&meta))
+        m.repo_id == *repo && m.size == meta.len() && m.file_id == Some(file_id(&meta))
     }
 
     fn inflight_path(&self, name: &WalFileName) -> PathBuf {
@@ -198,8 +200,9 @@ mod tests {
     fn a_marker_counts_only_for_the_same_repo_and_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::new(dir.path());
-        let repo: RepoUrl = "file:///r".parse().unwrap();
-        let other: RepoUrl = "file:///other".parse().unwrap();
+        // The same URL recreated is another repository: another id.
+        let repo = RepoId::random();
+        let other = RepoId::random();
         let name: WalFileName = "000000010000000000000001".parse().unwrap();
         let hash = blake3::hash(b"segment");
         assert!(!spool.is_archived(&repo, &name, &hash, 7));
@@ -217,7 +220,7 @@ mod tests {
     fn an_unchanged_file_is_recognised_by_its_metadata_and_a_rewritten_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::new(dir.path());
-        let repo: RepoUrl = "file:///r".parse().unwrap();
+        let repo = RepoId::random();
         let name: WalFileName = "000000010000000000000001".parse().unwrap();
         let path = dir.path().join("seg");
         std::fs::write(&path, b"segment").unwrap();

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::repo::object::{self, ObjectKind, SealedObject};
-use crate::repo::{Store, StoreError};
+use crate::repo::{Store, StoreError, WritableStore};
 use crate::wal::summary::{Carry, SegmentSummary, summarize_segment};
 use crate::wal::{Lsn, SegmentName};
 
@@ -27,9 +27,7 @@ pub struct StoredSummary {
     pub carry: Option<Carry>,
 }
 
-pub fn summary_key(seg: &SegmentName) -> String {
-    format!("index/{:08X}{:08X}/{seg}.wvo", seg.timeline.get(), seg.log)
-}
+pub use crate::repo::layout::summary_key;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -74,7 +72,7 @@ impl StoredSummary {
 /// segment's carry when its summary is stored, so a transaction end that crosses the boundary is
 /// counted once.
 pub async fn index_segment(
-    store: &Store,
+    store: &WritableStore,
     seg: &SegmentName,
     bytes: &[u8],
     segment_size: u32,

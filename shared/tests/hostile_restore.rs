@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use walvault::backup::chunk::{chunk_id, chunk_key};
+use walvault::backup::chunk::chunk_id;
+use walvault::repo::layout::chunk_key;
 use walvault::config::{Overrides, Settings};
 use walvault::repo::layout::wal_key;
 use walvault::repo::object::{ObjectKind, SealedObject};
@@ -47,12 +48,12 @@ impl Env {
         )
         .unwrap();
         let env = Env { dir, settings };
-        let descriptor = RepoDescriptor::new(ClusterIdentity {
+        let descriptor = RepoDescriptor::new(Some(ClusterIdentity {
             system_identifier: SYSID,
             wal_segment_size: SEG,
             wal_block_size: 8192,
             pg_version: 15,
-        });
+        }), 0);
         env.put("walvault.json", &descriptor.to_json());
         for name in ["000000010000000000000001", "000000010000000000000002"] {
             let wal: WalFileName = name.parse().unwrap();
@@ -64,7 +65,7 @@ impl Env {
         }
         let id = chunk_id(FILE);
         env.put(
-            &chunk_key(&id),
+            &chunk_key(&id).unwrap(),
             &SealedObject::seal(ObjectKind::Chunk, &id, FILE, 1).unwrap().bytes,
         );
         std::fs::create_dir(env.outside()).unwrap();
@@ -395,7 +396,7 @@ async fn a_chunk_claiming_a_huge_length_is_refused_before_decompressing() {
     bytes[16..24].copy_from_slice(&(1u64 << 30).to_le_bytes());
     let crc = crc32fast::hash(&bytes[..header_end]);
     bytes[header_end..header_end + 4].copy_from_slice(&crc.to_le_bytes());
-    env.put(&chunk_key(&id), &bytes);
+    env.put(&chunk_key(&id).unwrap(), &bytes);
     let mut m = env.manifest();
     m["entries"][2]["chunks"] = json!([id]);
     env.put_manifest(&m);

@@ -20,7 +20,17 @@ struct Env {
 }
 
 impl Env {
-    fn new() -> Env {
+    /// A location with a repository created by `init` (not bound to any cluster yet).
+    async fn new() -> Env {
+        let env = Env::uninitialized();
+        walvault::repo::Writer::init(&env.settings.repo, &env.settings.store_options(), None, 0)
+            .await
+            .unwrap();
+        env
+    }
+
+    /// A location with no repository.
+    fn uninitialized() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let settings = Settings {
             repo: format!("file://{}/repo", dir.path().display()).parse().unwrap(),
@@ -40,6 +50,7 @@ impl Env {
         std::fs::write(&path, content).unwrap();
         path
     }
+    /// Every file in the repository but its descriptor.
     fn files_in_repo(&self) -> Vec<PathBuf> {
         fn walk(p: &Path, out: &mut Vec<PathBuf>) {
             for e in std::fs::read_dir(p).unwrap() {
@@ -51,6 +62,7 @@ impl Env {
         if self.repo().exists() {
             walk(&self.repo(), &mut out);
         }
+        out.retain(|p| *p != self.repo().join("walvault.json"));
         out.sort();
         out
     }
@@ -72,7 +84,7 @@ const S1: &str = "000000010000000000000001";
 
 #[tokio::test]
 async fn push_then_fetch_returns_the_same_bytes() {
-    let env = Env::new();
+    let env = Env::new().await;
     let content = segment(S1, SYSID);
     let out = archive::push(&env.settings, &env.write(S1, &content))
         .await
@@ -87,7 +99,7 @@ async fn push_then_fetch_returns_the_same_bytes() {
 
 #[tokio::test]
 async fn same_name_same_bytes_is_success_different_bytes_is_refused_and_kept() {
-    let env = Env::new();
+    let env = Env::new().await;
     let original = segment(S1, SYSID);
     archive::push(&env.settings, &env.write(S1, &original))
         .await
@@ -124,7 +136,7 @@ async fn same_name_same_bytes_is_success_different_bytes_is_refused_and_kept() {
 
 #[tokio::test]
 async fn history_files_are_never_overwritten() {
-    let env = Env::new();
+    let env = Env::new().await;
     let first = b"1\t0/3000060\tno recovery target specified\n";
     archive::push(&env.settings, &env.write("00000002.history", first))
         .await
@@ -143,7 +155,7 @@ async fn history_files_are_never_overwritten() {
 
 #[tokio::test]
 async fn wal_from_another_cluster_is_refused() {
-    let env = Env::new();
+    let env = Env::new().await;
     archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
         .await
         .unwrap();
@@ -162,7 +174,7 @@ async fn wal_from_another_cluster_is_refused() {
 
 #[tokio::test]
 async fn content_that_does_not_match_its_name_is_refused() {
-    let env = Env::new();
+    let env = Env::new().await;
     let err = archive::push(
         &env.settings,
         &env.write("000000010000000000000002", &segment(S1, SYSID)),
@@ -179,7 +191,7 @@ async fn content_that_does_not_match_its_name_is_refused() {
 
 #[tokio::test]
 async fn invalid_names_touch_nothing() {
-    let env = Env::new();
+    let env = Env::new().await;
     for bad in [
         "foo",
         "00000001000000000000000",
@@ -203,19 +215,39 @@ async fn invalid_names_touch_nothing() {
             .unwrap_err();
         assert!(matches!(err, FetchError::Name(_)), "{bad}");
     }
-    assert!(!env.repo().exists());
+    assert!(env.files_in_repo().is_empty());
     assert!(!env.dir.path().join("d").exists());
 }
 
 #[tokio::test]
 async fn missing_file_is_not_found_only_in_a_real_repository() {
-    let env = Env::new();
+    let env = Env::uninitialized();
     // No repository at all: must not look like "end of archive".
     let err = fetch::fetch(&env.settings, S1, &env.dir.path().join("d"), None)
         .await
         .unwrap_err();
     assert_eq!(err.exit_code(false), exit::FATAL);
     assert_eq!(err.exit_code(true), exit::NOT_FOUND_OR_RETRY);
+    // Nor is push allowed to create one: it fails, PostgreSQL keeps the file and retries.
+    let err = archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), exit::NOT_FOUND_OR_RETRY, "{err}");
+    assert!(env.files_in_repo().is_empty());
+    std::fs::create_dir_all(env.repo()).unwrap();
+    let err = archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), exit::NOT_FOUND_OR_RETRY, "{err}");
+    assert!(err.to_string().contains("archive-agent init"), "{err}");
+    assert!(env.files_in_repo().is_empty(), "push wrote into a location that holds no repository");
+    let err = fetch::fetch(&env.settings, S1, &env.dir.path().join("d"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(false), exit::FATAL, "{err}");
+    walvault::repo::Writer::init(&env.settings.repo, &env.settings.store_options(), None, 0)
+        .await
+        .unwrap();
     archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
         .await
         .unwrap();
@@ -232,7 +264,7 @@ async fn missing_file_is_not_found_only_in_a_real_repository() {
 
 #[tokio::test]
 async fn corrupt_or_truncated_objects_are_fatal_and_never_written_out() {
-    let env = Env::new();
+    let env = Env::new().await;
     archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
         .await
         .unwrap();

@@ -211,7 +211,7 @@ mod tests {
     use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
     use walvault::config::{AzureSettings, Secret};
     use walvault::repo::store::PutNew;
-    use walvault::repo::{Access, Store, StoreOptions};
+    use walvault::repo::{StoreOptions, WritableStore};
 
     /// The evidence behind docs/STORES.md: Azure (here Azurite) refuses a second create-only put,
     /// and objects above the multipart threshold go up as block lists and read back whole. Runs
@@ -267,7 +267,7 @@ mod tests {
             },
             ..Default::default()
         };
-        let store = Store::open(&url, Access::ReadWrite, &options).unwrap();
+        let store = WritableStore::open(&url, &options).unwrap();
         let big: Vec<u8> = (0..walvault::repo::store::MULTIPART_THRESHOLD + 5_000_000)
             .map(|i| (i % 251) as u8)
             .collect();

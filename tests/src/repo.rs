@@ -62,7 +62,8 @@ enum Backend {
     },
 }
 
-/// A repository: empty until the first push.
+/// A repository, created by `archive-agent init` (no cluster bound until the first push), or a
+/// location where none is ([`Repo::uninitialized`]).
 #[derive(Debug)]
 pub struct Repo {
     scratch: ScratchDir,
@@ -74,15 +75,48 @@ pub struct Repo {
 impl Repo {
     /// A new repository in the store `WALVAULT_TEST_STORE` names.
     pub fn new() -> Result<Repo> {
+        Repo::uninitialized()?.initialized()
+    }
+
+    /// A location in the store `WALVAULT_TEST_STORE` names where no repository is yet (an empty
+    /// directory, or an unused prefix).
+    pub fn uninitialized() -> Result<Repo> {
         match StoreKind::from_env() {
-            StoreKind::File => Repo::new_file(),
-            StoreKind::S3 => Repo::new_s3(Garage::shared()),
-            StoreKind::Azure => Repo::new_azure(Azurite::shared()),
+            StoreKind::File => Repo::file_location(),
+            StoreKind::S3 => Repo::s3_location(Garage::shared()),
+            StoreKind::Azure => Repo::azure_location(Azurite::shared()),
         }
+    }
+
+    /// `archive-agent init` here (as the PostgreSQL user, like every agent the tests run).
+    pub fn init(&self, extra: &[&str]) -> crate::host::Finished {
+        let mut args = vec!["init".to_string()];
+        args.extend(self.args());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        crate::agents::agents().run(crate::agents::ARCHIVE_AGENT, args)
+    }
+
+    fn initialized(self) -> Result<Repo> {
+        self.init(&[]).check().context("archive-agent init")?;
+        Ok(self)
     }
 
     /// A new `file://` repository, whatever the suite runs against.
     pub fn new_file() -> Result<Repo> {
+        Repo::file_location()?.initialized()
+    }
+
+    /// A new repository under a prefix of its own in `garage`'s bucket.
+    pub fn new_s3(garage: &Garage) -> Result<Repo> {
+        Repo::s3_location(garage)?.initialized()
+    }
+
+    /// A new repository under a prefix of its own in `azurite`'s container.
+    pub fn new_azure(azurite: &Azurite) -> Result<Repo> {
+        Repo::azure_location(azurite)?.initialized()
+    }
+
+    fn file_location() -> Result<Repo> {
         let scratch = ScratchDir::new("repo")?;
         let root = scratch.subdir("repo")?;
         Ok(Repo {
@@ -92,8 +126,7 @@ impl Repo {
         })
     }
 
-    /// A new repository under a prefix of its own in `garage`'s bucket.
-    pub fn new_s3(garage: &Garage) -> Result<Repo> {
+    fn s3_location(garage: &Garage) -> Result<Repo> {
         let scratch = ScratchDir::new("repo")?;
         let prefix = unique_prefix();
         let store = object_store::aws::AmazonS3Builder::new()
@@ -120,8 +153,7 @@ impl Repo {
         })
     }
 
-    /// A new repository under a prefix of its own in `azurite`'s container.
-    pub fn new_azure(azurite: &Azurite) -> Result<Repo> {
+    fn azure_location(azurite: &Azurite) -> Result<Repo> {
         let scratch = ScratchDir::new("repo")?;
         let prefix = unique_prefix();
         let store = object_store::azure::MicrosoftAzureBuilder::new()
@@ -166,6 +198,15 @@ impl Repo {
     /// A scratch directory next to the repository, for test files (owned by the PostgreSQL user).
     pub fn scratch(&self) -> &ScratchDir {
         &self.scratch
+    }
+
+    /// The repository's id, as `walvault.json` records it (read here, not through walvault).
+    pub fn id(&self) -> Result<String> {
+        let doc: serde_json::Value = serde_json::from_slice(&self.read(DESCRIPTOR)?).context("walvault.json")?;
+        doc["id"]
+            .as_str()
+            .map(str::to_string)
+            .context("walvault.json has no id")
     }
 
     /// The repository URL, for `--repo`.

@@ -165,8 +165,8 @@ fn assert_markers_match_repository(cluster: &Cluster, repo: &Repo) -> Result<Vec
         let marker: Value = serde_json::from_slice(&fs::read(&path)?)
             .with_context(|| format!("marker {}", path.display()))?;
         assert_eq!(
-            marker["repo"].as_str(),
-            Some(repo.url().as_str()),
+            marker["repo_id"].as_str(),
+            Some(repo.id()?.as_str()),
             "marker {name}: {marker}"
         );
         assert!(
@@ -580,5 +580,43 @@ fn max_wal_age_archives_a_quiet_commit_without_switching_in_a_loop() -> Result<(
     );
     eprintln!("max-wal-age: {before} forced switch(es) to archive the commit, {idle} in 20 s idle");
     d.stop()?;
+    Ok(())
+}
+
+/// A repository removed and created again at the same URL (`init` gives it a new id) is another
+/// repository: the daemon's markers, written for the old one, never answer push for it. Push
+/// uploads the file itself, so the new repository has it.
+#[test]
+fn markers_never_vouch_for_a_repository_recreated_at_the_same_url() -> Result<()> {
+    let repo = Repo::new()?;
+    let source = archiving_cluster("recreated", &repo, "")?;
+    let d = Daemon::start(&source, &repo, &[])?;
+    workload::create_payload_table(&source)?;
+    workload::insert_payload(&source, 1, 500)?;
+    archive_everything(&source)?;
+    d.stop()?;
+    // A file the daemon marked that is still in pg_wal (no checkpoint has recycled it).
+    let marked = daemon::archived_markers(&source.data_dir())?;
+    let last = marked
+        .iter()
+        .rev()
+        .find(|n| source.data_dir().join("pg_wal").join(n).exists())
+        .cloned()
+        .with_context(|| format!("no marked file left in pg_wal: {marked:?}"))?;
+    let wal = source.data_dir().join("pg_wal").join(&last);
+    let old_id = repo.id()?;
+    for key in repo.files()?.keys() {
+        repo.delete(key)?;
+    }
+    repo.init(&[]).check()?;
+    anyhow::ensure!(repo.id()? != old_id, "init must choose a new id");
+
+    let pushed = walvault_testkit::agents().push(&repo, &wal, &[]);
+    pushed.assert_code(0);
+    assert!(
+        pushed.stderr.contains(&format!("push {last}: archived,")),
+        "push must upload, not answer from the old repository's marker:\n{pushed}"
+    );
+    assert!(repo.has_object(&last));
     Ok(())
 }

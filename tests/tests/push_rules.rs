@@ -33,8 +33,8 @@ fn push_stores_a_segment_and_accepts_the_same_bytes_again() -> Result<()> {
         repo.files()?
     );
     assert!(
-        repo.files()?.contains_key("walvault.json"),
-        "first push must create the descriptor"
+        repo.files()?.contains_key("cluster.json"),
+        "the first segment binds a repository created without --pgdata to its cluster"
     );
     assert!(
         first.stderr.contains(&name),
@@ -243,5 +243,60 @@ fn push_refuses_wal_of_an_unknown_release_in_one_line() -> Result<()> {
         "the refusal names the magic and the supported versions:\n{run}"
     );
     assert!(!repo.has_object(&name), "nothing stored for {name}");
+    Ok(())
+}
+
+/// A location that holds no repository (a backup volume not mounted, a mistyped prefix) is never
+/// turned into one by push: push fails with exit 1 (PostgreSQL keeps the WAL and retries) and
+/// one line that says to run `archive-agent init`, and nothing is written there. Once init has
+/// run, the same push succeeds; a second init is refused and changes nothing.
+#[test]
+fn push_never_creates_a_repository_and_init_never_replaces_one() -> Result<()> {
+    let samples = wal_samples();
+    let (path, name) = samples.segment(0);
+    let location = Repo::uninitialized()?;
+    let refused = agents().push(&location, &path, &[]);
+    refused.assert_code(exit::NOT_FOUND_OR_RETRY);
+    assert!(refused.stderr.contains("archive-agent init"), "{refused}");
+    assert_eq!(refused.stderr.lines().count(), 1, "one line:\n{refused}");
+    assert!(location.files()?.is_empty(), "push wrote {:?}", location.files()?);
+
+    location.init(&[]).check()?;
+    let descriptor = location.read("walvault.json")?;
+    agents().push(&location, &path, &[]).assert_code(exit::SUCCESS);
+    assert!(location.has_object(&name));
+    let again = location.init(&[]);
+    assert_ne!(again.code(), Some(0), "a second init must fail: {again}");
+    assert!(again.stderr.contains("already exists"), "{again}");
+    assert_eq!(location.read("walvault.json")?, descriptor, "init replaced the descriptor");
+    assert_eq!(fetched(&location, &name)?, samples.bytes(0));
+    Ok(())
+}
+
+/// `init --pgdata` records the cluster from its WAL: another cluster's segment is refused from
+/// the very first push (exit 3), and the cluster's own is accepted.
+#[test]
+fn init_with_pgdata_binds_the_repository_to_that_cluster() -> Result<()> {
+    let samples = wal_samples();
+    let pgdata = walvault_testkit::host::ScratchDir::new("init-pgdata")?;
+    let pg_wal = pgdata.subdir("pg_wal")?;
+    let (path, name) = samples.segment(1);
+    write_for_pg(&pg_wal.join(&name), &samples.bytes(1))?;
+    let repo = Repo::uninitialized()?;
+    let created = repo.init(&["--pgdata", &pgdata.path().display().to_string(), "--json"]).check()?;
+    let doc: serde_json::Value = serde_json::from_str(&created.stdout)?;
+    assert_eq!(
+        doc["cluster"]["system_identifier"].as_str(),
+        Some(samples.system_identifier.as_str()),
+        "{created}"
+    );
+    assert_eq!(doc["id"].as_str().map(str::len), Some(32), "{created}");
+
+    let (foreign, _) = foreign_wal_samples().segment(0);
+    let refused = agents().push(&repo, &foreign, &[]);
+    refused.assert_code(exit::REFUSED);
+    assert!(!repo.files()?.keys().any(|k| k.starts_with("wal/")));
+    agents().push(&repo, &path, &[]).assert_code(exit::SUCCESS);
+    assert!(!repo.files()?.contains_key("cluster.json"), "the descriptor already names the cluster");
     Ok(())
 }

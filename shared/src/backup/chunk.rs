@@ -5,11 +5,12 @@
 use bytes::Bytes;
 
 use crate::repo::object::{self, ObjectError, ObjectKind, SealedObject};
-use crate::repo::{Store, StoreError};
+use crate::repo::{Store, StoreError, WritableStore};
 
-/// The key of chunk `id` (a validated 64-hex-digit id).
-pub fn chunk_key(id: &str) -> String {
-    format!("chunks/{}/{id}.wvo", &id[..2])
+/// The key of chunk `id`; an id that is not 64 lower-case hex digits (from a hostile manifest)
+/// is reported as a missing chunk, never turned into a key.
+fn chunk_key(id: &str) -> Result<String, ChunkError> {
+    crate::repo::layout::chunk_key(id).ok_or_else(|| ChunkError::Missing { id: id.chars().take(80).collect() })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,13 +43,13 @@ pub fn chunk_id(data: &[u8]) -> String {
 /// Store `data`, whose id is `id` ([`chunk_id`]), unless the repository has it already. A
 /// content-addressed key makes an overwrite by a concurrent writer harmless: same bytes.
 pub async fn put_chunk(
-    store: &Store,
+    store: &WritableStore,
     id: String,
     data: Bytes,
     level: i32,
 ) -> Result<StoredChunk, ChunkError> {
     debug_assert_eq!(id, chunk_id(&data));
-    let key = chunk_key(&id);
+    let key = chunk_key(&id)?;
     if let Some(stored_len) = store.size(&key).await? {
         return Ok(StoredChunk {
             id,
@@ -74,7 +75,7 @@ pub async fn put_chunk(
 
 /// Read chunk `id` and verify it: header, length, and that its content hashes to `id`.
 pub async fn get_chunk(store: &Store, id: &str) -> Result<Vec<u8>, ChunkError> {
-    let key = chunk_key(id);
+    let key = chunk_key(id)?;
     let bytes = store
         .get(&key)
         .await?

@@ -32,10 +32,10 @@ use super::exclude::{self, Decision};
 use super::label;
 use super::manifest::{self, BackupId, BackupStats, Entry, EntryKind, Manifest, Tablespace};
 use crate::config::Settings;
-use crate::repo::layout::{DESCRIPTOR_KEY, wal_key};
+use crate::repo::layout::wal_key;
 use crate::repo::object::{ObjectKind, SealedObject};
-use crate::repo::store::{Access, PutNew};
-use crate::repo::{RepoDescriptor, Store, StoreError};
+use crate::repo::store::PutNew;
+use crate::repo::{Store, StoreError, WritableStore};
 use crate::wal::{Lsn, SegmentName, TimelineId, WalFileName};
 
 /// Default chunk size: see README, "Chunking", for the measurement behind it.
@@ -93,6 +93,8 @@ pub enum BackupError {
     Chunk(#[from] ChunkError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Repository(#[from] crate::repo::RepoError),
     #[error("{0}")]
     Label(#[from] label::LabelError),
     #[error(
@@ -105,7 +107,8 @@ pub enum BackupError {
 
 /// Take a base backup into the repository; returns its manifest once it is recorded.
 pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Manifest, BackupError> {
-    let store = settings.open_store(Access::ReadWrite)?;
+    let repo = crate::repo::Writer::open_writable(&settings.repo, &settings.store_options()).await?;
+    let store = repo.writable().clone();
     let (client, connection) = tokio_postgres::connect(&opts.pg_conn, tokio_postgres::NoTls)
         .await
         .map_err(|e| BackupError::Connect(e.to_string()))?;
@@ -150,12 +153,12 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
             server: sysid,
         });
     }
-    if let Some(d) = read_descriptor(&store).await?
-        && d.cluster.system_identifier != sysid
+    if let Some(c) = repo.cluster()
+        && c.system_identifier != sysid
     {
         return Err(BackupError::ForeignCluster {
             repo: store.url().to_string(),
-            repo_id: d.cluster.system_identifier,
+            repo_id: c.system_identifier,
             server: sysid,
         });
     }
@@ -367,25 +370,7 @@ impl Primary {
 /// `XLOG_CONTROL_FILE`, relative to the data directory.
 const CONTROL_FILE: &str = "global/pg_control";
 
-/// `backups/<id>/manifest.wvo`.
-pub fn manifest_key(id: &BackupId) -> String {
-    format!("backups/{id}/manifest.wvo")
-}
-
-async fn read_descriptor(store: &Store) -> Result<Option<RepoDescriptor>, BackupError> {
-    match store.get(DESCRIPTOR_KEY).await? {
-        None => Ok(None),
-        Some(b) => RepoDescriptor::parse(&b).map(Some).map_err(|e| {
-            BackupError::Store(StoreError {
-                op: "parse",
-                key: DESCRIPTOR_KEY.into(),
-                repo: store.url().to_string(),
-                message: e.to_string(),
-                transient: false,
-            })
-        }),
-    }
-}
+pub use crate::repo::layout::manifest_key;
 
 /// Reads of `pg_control` before giving up on a torn one.
 const CONTROL_READ_ATTEMPTS: u32 = 20;
@@ -581,7 +566,7 @@ fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>), BackupError> {
 
 /// Read, chunk and upload every file; returns the manifest entries in path order.
 async fn copy_files(
-    store: &Store,
+    store: &WritableStore,
     opts: &BackupOptions,
     level: i32,
     pg_version: u32,

@@ -1,12 +1,69 @@
-//! The repository descriptor, `walvault.json`: the format version of the repository and the
-//! identity of the one cluster whose WAL it holds.
+//! The repository descriptor, `walvault.json`: the format version of the repository, its id, and
+//! the identity of the one cluster whose WAL it holds.
+//!
+//! Version 2 (written by `archive-agent init`) has a random repository id and, when init was
+//! given the data directory, the cluster identity; otherwise the first archived segment binds the
+//! cluster in `cluster.json` ([`super::layout::CLUSTER_KEY`]). Version 1 (created implicitly by
+//! the first push of walvault before init existed) always has the cluster and no id: it is read
+//! and written as before, its id derived from its bytes ([`RepoId::of_v1`]).
 
 use serde::{Deserialize, Serialize};
 
 use crate::wal::SegmentInfo;
 
 pub const FORMAT_NAME: &str = "walvault-repository";
-pub const FORMAT_VERSION: u32 = 1;
+/// The version `archive-agent init` writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version still read.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
+
+/// A repository's id: 32 lower-case hex digits chosen at random by `archive-agent init`. Local
+/// state that vouches for the repository's content (the spool's "archived" markers, prefetched
+/// copies) names it, so a repository recreated at the same URL is never taken for the old one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RepoId(String);
+
+impl RepoId {
+    /// A new random id.
+    pub fn random() -> RepoId {
+        RepoId(hex::encode(rand::random::<[u8; 16]>()))
+    }
+
+    /// The id of a version 1 repository, which has none stored: a hash of its descriptor's bytes
+    /// (with a `v1-` prefix, so it can never equal a random one).
+    pub fn of_v1(descriptor_bytes: &[u8]) -> RepoId {
+        RepoId(format!("v1-{}", &blake3::hash(descriptor_bytes).to_hex()[..32]))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for RepoId {
+    type Error = String;
+    fn try_from(s: String) -> Result<RepoId, String> {
+        let digits = s.strip_prefix("v1-").unwrap_or(&s);
+        if digits.len() == 32 && digits.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(RepoId(s))
+        } else {
+            Err("a repository id is 32 lower-case hex digits".into())
+        }
+    }
+}
+
+impl From<RepoId> for String {
+    fn from(id: RepoId) -> String {
+        id.0
+    }
+}
+
+impl std::fmt::Display for RepoId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// Which cluster a repository belongs to, as its WAL page headers state it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +87,30 @@ impl From<&SegmentInfo> for ClusterIdentity {
     }
 }
 
+impl ClusterIdentity {
+    /// Refuse values no PostgreSQL produces (from a damaged or hand-edited file): a segment size
+    /// that is not a power of two from 1 MiB to 1 GiB, a WAL block size that is not a power of two
+    /// from 1 to 32 KiB, or a version walvault does not know.
+    pub fn validate(&self) -> Result<(), String> {
+        let seg = self.wal_segment_size;
+        if !seg.is_power_of_two() || !(1 << 20..=1 << 30).contains(&seg) {
+            return Err(format!("WAL segment size {seg} is not a power of two from 1 MiB to 1 GiB"));
+        }
+        let blk = self.wal_block_size;
+        if !blk.is_power_of_two() || !(1 << 10..=1 << 15).contains(&blk) {
+            return Err(format!("WAL block size {blk} is not a power of two from 1 to 32 KiB"));
+        }
+        if crate::wal::version::for_major(self.pg_version).is_none() {
+            return Err(format!(
+                "PostgreSQL {} is not a version walvault supports ({})",
+                self.pg_version,
+                crate::wal::version::supported_range()
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Display for ClusterIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -47,7 +128,15 @@ impl std::fmt::Display for ClusterIdentity {
 pub struct RepoDescriptor {
     pub format: String,
     pub version: u32,
-    pub cluster: ClusterIdentity,
+    /// Absent in version 1 only (see [`RepoDescriptor::id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<RepoId>,
+    /// When `archive-agent init` ran (`YYYY-MM-DD HH:MM:SS+00`), for people; never interpreted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// Always present in version 1; in version 2 only when init was given the data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterIdentity>,
     /// The walvault that created the repository, for support; never interpreted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
@@ -60,15 +149,20 @@ pub enum DescriptorError {
     Invalid(String),
     #[error("walvault.json has format {0:?}: this is not a walvault repository")]
     WrongFormat(String),
-    #[error("repository format version {0} is newer than this walvault understands (1); upgrade walvault")]
+    #[error(
+        "repository format version {0} is not one this walvault understands ({OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}); upgrade walvault"
+    )]
     UnsupportedVersion(u32),
 }
 
 impl RepoDescriptor {
-    pub fn new(cluster: ClusterIdentity) -> Self {
+    /// A new repository's descriptor, with a random id.
+    pub fn new(cluster: Option<ClusterIdentity>, created_at_micros: i64) -> Self {
         RepoDescriptor {
             format: FORMAT_NAME.to_string(),
             version: FORMAT_VERSION,
+            id: Some(RepoId::random()),
+            created_at: Some(crate::time::format_micros(created_at_micros - created_at_micros % 1_000_000)),
             cluster,
             created_by: Some(format!("walvault {}", env!("CARGO_PKG_VERSION"))),
         }
@@ -92,10 +186,30 @@ impl RepoDescriptor {
         if probe.format != FORMAT_NAME {
             return Err(DescriptorError::WrongFormat(probe.format));
         }
-        if probe.version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&probe.version) {
             return Err(DescriptorError::UnsupportedVersion(probe.version));
         }
-        serde_json::from_slice(bytes).map_err(|e| DescriptorError::Invalid(e.to_string()))
+        let mut d: RepoDescriptor =
+            serde_json::from_slice(bytes).map_err(|e| DescriptorError::Invalid(e.to_string()))?;
+        match (d.version, &d.id, &d.cluster) {
+            (1, None, Some(_)) => d.id = Some(RepoId::of_v1(bytes)),
+            (1, ..) => {
+                return Err(DescriptorError::Invalid(
+                    "a version 1 descriptor has a cluster and no id".into(),
+                ));
+            }
+            (_, None, _) => return Err(DescriptorError::Invalid("no repository id".into())),
+            _ => {}
+        }
+        if let Some(c) = &d.cluster {
+            c.validate().map_err(DescriptorError::Invalid)?;
+        }
+        Ok(d)
+    }
+
+    /// The repository's id (derived for version 1, see [`RepoId::of_v1`]).
+    pub fn id(&self) -> &RepoId {
+        self.id.as_ref().expect("parse and new always set the id")
     }
 }
 
@@ -115,32 +229,60 @@ pub(crate) mod u64_string {
 mod tests {
     use super::*;
 
-    /// Frozen fixture: a v1 descriptor must stay readable.
+    /// Frozen fixture: a v1 descriptor must stay readable, with a stable derived id.
     #[test]
     fn frozen_v1_fixture_parses() {
-        let d = RepoDescriptor::parse(include_bytes!("../../tests/fixtures/walvault-v1.json")).unwrap();
+        let bytes = include_bytes!("../../tests/fixtures/walvault-v1.json");
+        let d = RepoDescriptor::parse(bytes).unwrap();
         assert_eq!(d.version, 1);
-        assert_eq!(d.cluster.system_identifier, 7_441_234_567_890_123_456);
-        assert_eq!(d.cluster.wal_segment_size, 16 << 20);
-        assert_eq!(d.cluster.pg_version, 15);
+        let c = d.cluster.unwrap();
+        assert_eq!(c.system_identifier, 7_441_234_567_890_123_456);
+        assert_eq!(c.wal_segment_size, 16 << 20);
+        assert_eq!(c.pg_version, 15);
+        assert_eq!(d.id(), &RepoId::of_v1(bytes));
+        assert!(d.id().as_str().starts_with("v1-"));
+    }
+
+    /// Frozen fixtures: v2 with and without the cluster (bound later in cluster.json).
+    #[test]
+    fn frozen_v2_fixtures_parse() {
+        let d = RepoDescriptor::parse(include_bytes!("../../tests/fixtures/walvault-v2.json")).unwrap();
+        assert_eq!(d.version, 2);
+        assert_eq!(d.id().as_str(), "3f2c0a7d9b1e4c5a8d6f0e2b4a6c8e10");
+        assert_eq!(d.cluster.unwrap().pg_version, 18);
+        let d = RepoDescriptor::parse(include_bytes!("../../tests/fixtures/walvault-v2-unbound.json"))
+            .unwrap();
+        assert_eq!(d.cluster, None);
     }
 
     #[test]
     fn round_trips_and_refuses_unknown_versions() {
-        let d = RepoDescriptor::new(ClusterIdentity {
-            system_identifier: u64::MAX,
-            wal_segment_size: 1 << 24,
-            wal_block_size: 8192,
-            pg_version: 16,
-        });
+        let d = RepoDescriptor::new(
+            Some(ClusterIdentity {
+                system_identifier: u64::MAX,
+                wal_segment_size: 1 << 24,
+                wal_block_size: 8192,
+                pg_version: 16,
+            }),
+            1_700_000_000_123_456,
+        );
         assert_eq!(RepoDescriptor::parse(&d.to_json()).unwrap(), d);
+        assert_ne!(RepoDescriptor::new(None, 0).id(), d.id());
         let newer = String::from_utf8(d.to_json())
             .unwrap()
-            .replace("\"version\": 1", "\"version\": 2");
+            .replace("\"version\": 2", "\"version\": 3");
         assert!(matches!(
             RepoDescriptor::parse(newer.as_bytes()),
-            Err(DescriptorError::UnsupportedVersion(2))
+            Err(DescriptorError::UnsupportedVersion(3))
         ));
+        let odd_size = String::from_utf8(d.to_json())
+            .unwrap()
+            .replace("16777216", "16777215");
+        assert!(RepoDescriptor::parse(odd_size.as_bytes()).is_err());
+        let bad_id = String::from_utf8(d.to_json())
+            .unwrap()
+            .replace(d.id().as_str(), "../../etc");
+        assert!(RepoDescriptor::parse(bad_id.as_bytes()).is_err());
         assert!(RepoDescriptor::parse(b"{}").is_err());
         assert!(RepoDescriptor::parse(b"\xff\x00").is_err());
     }

@@ -1,18 +1,49 @@
-//! Where each object lives in the repository (relative to the repository prefix).
+//! Where each object lives in the repository (relative to the repository prefix): every key is
+//! built, and every listed key parsed back, here and nowhere else.
 //!
 //! ```text
-//! walvault.json                                    repository descriptor (format version, cluster)
+//! walvault.json                                    repository descriptor (format, id, cluster)
+//! cluster.json                                     cluster identity, when init was not given it
 //! wal/<timeline><log>/<segment>.wvo                segments, .partial and .backup files
 //! wal/history/<timeline>.history.wvo               timeline history files
+//! index/<timeline><log>/<segment>.wvo              time index: one summary per segment
+//! backups/<backup id>/manifest.wvo                 base backup manifests
+//! chunks/<first 2 hex>/<blake3 hex>.wvo            content-addressed base backup chunks
 //! ```
-//! Keys are built only from validated [`WalFileName`]s, so no key can leave the prefix.
+//! Keys are built only from validated names and ids, so no key can leave the prefix; a listed key
+//! is recognised only if building it back from what it names gives the same key, so a foreign or
+//! misplaced object is ignored, never misread.
 
-use crate::wal::WalFileName;
+use crate::backup::BackupId;
+use crate::wal::{SegmentName, WalFileName};
 
 /// The repository descriptor.
 pub const DESCRIPTOR_KEY: &str = "walvault.json";
+/// The cluster identity bound by the first archived segment when `init` had no data directory.
+pub const CLUSTER_KEY: &str = "cluster.json";
 /// Suffix of a sealed walvault object.
 pub const OBJECT_SUFFIX: &str = ".wvo";
+
+/// The kinds of object that live under a directory of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Wal,
+    Index,
+    Backup,
+    Chunk,
+}
+
+impl Kind {
+    /// The directory (a listing prefix) holding every object of this kind.
+    pub fn dirname(self) -> &'static str {
+        match self {
+            Kind::Wal => "wal/",
+            Kind::Index => "index/",
+            Kind::Backup => "backups/",
+            Kind::Chunk => "chunks/",
+        }
+    }
+}
 
 /// The key of the object that stores `name`. Segments are grouped per timeline and 4 GiB log id
 /// (256 segments of 16 MiB), so no directory or listing grows without bound.
@@ -25,6 +56,60 @@ pub fn wal_key(name: &WalFileName) -> String {
     }
 }
 
+/// The key of the time index summary of segment `seg`.
+pub fn summary_key(seg: &SegmentName) -> String {
+    format!("index/{:08X}{:08X}/{seg}{OBJECT_SUFFIX}", seg.timeline.get(), seg.log)
+}
+
+/// The key of backup `id`'s manifest.
+pub fn manifest_key(id: &BackupId) -> String {
+    format!("backups/{id}/manifest{OBJECT_SUFFIX}")
+}
+
+/// Whether `id` is a chunk id: 64 lower-case hex digits (a blake3 hash).
+pub fn is_chunk_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The key of chunk `id`, or `None` when `id` is not a chunk id.
+pub fn chunk_key(id: &str) -> Option<String> {
+    is_chunk_id(id).then(|| format!("chunks/{}/{id}{OBJECT_SUFFIX}", &id[..2]))
+}
+
+/// The WAL file a listed key under [`Kind::Wal`] stores.
+pub fn parse_wal_key(key: &str) -> Option<WalFileName> {
+    let name: WalFileName = last_name(key)?.parse().ok()?;
+    (wal_key(&name) == key).then_some(name)
+}
+
+/// The segment a listed key under [`Kind::Index`] summarises.
+pub fn parse_summary_key(key: &str) -> Option<SegmentName> {
+    let WalFileName::Segment(seg) = last_name(key)?.parse().ok()? else {
+        return None;
+    };
+    (summary_key(&seg) == key).then_some(seg)
+}
+
+/// The backup a listed key under [`Kind::Backup`] is the manifest of.
+pub fn parse_manifest_key(key: &str) -> Option<BackupId> {
+    let id: BackupId = key
+        .strip_prefix("backups/")?
+        .strip_suffix("/manifest.wvo")?
+        .parse()
+        .ok()?;
+    (manifest_key(&id) == key).then_some(id)
+}
+
+/// The chunk a listed key under [`Kind::Chunk`] stores.
+pub fn parse_chunk_key(key: &str) -> Option<&str> {
+    let id = last_name(key)?;
+    (chunk_key(id).as_deref() == Some(key)).then_some(id)
+}
+
+fn last_name(key: &str) -> Option<&str> {
+    key.rsplit('/').next()?.strip_suffix(OBJECT_SUFFIX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -33,9 +118,16 @@ mod tests {
         wal_key(&s.parse().unwrap())
     }
 
+    fn seg(s: &str) -> SegmentName {
+        match s.parse() {
+            Ok(WalFileName::Segment(seg)) => seg,
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
     #[test]
     fn keys_are_stable() {
-        // These paths are part of repository format v1: changing them orphans existing archives.
+        // These paths are part of the repository format: changing them orphans existing archives.
         assert_eq!(
             key("000000010000000A000000FF"),
             "wal/000000010000000A/000000010000000A000000FF.wvo"
@@ -49,5 +141,43 @@ mod tests {
             "wal/0000000100000000/000000010000000000000002.00000028.backup.wvo"
         );
         assert_eq!(key("00000002.history"), "wal/history/00000002.history.wvo");
+        let seg = seg("000000030000000100000002");
+        assert_eq!(
+            summary_key(&seg),
+            "index/0000000300000001/000000030000000100000002.wvo"
+        );
+        let id: BackupId = "20261121T143200Z".parse().unwrap();
+        assert_eq!(manifest_key(&id), "backups/20261121T143200Z/manifest.wvo");
+        let chunk = "ab".repeat(32);
+        assert_eq!(
+            chunk_key(&chunk).unwrap(),
+            format!("chunks/ab/{chunk}.wvo")
+        );
+    }
+
+    #[test]
+    fn listed_keys_parse_back_only_where_they_belong() {
+        for name in [
+            "000000010000000A000000FF",
+            "000000020000000000000003.partial",
+            "00000002.history",
+        ] {
+            assert_eq!(parse_wal_key(&key(name)).map(|n| n.to_string()).as_deref(), Some(name));
+        }
+        // The right name in the wrong directory, or no suffix: not ours.
+        assert_eq!(parse_wal_key("wal/0000000100000000/000000010000000A000000FF.wvo"), None);
+        assert_eq!(parse_wal_key("wal/000000010000000A/000000010000000A000000FF"), None);
+        assert_eq!(parse_wal_key("wal/x/00000002.history.wvo"), None);
+        let seg = seg("000000030000000100000002");
+        assert_eq!(parse_summary_key(&summary_key(&seg)), Some(seg));
+        assert_eq!(parse_summary_key(&key("000000030000000100000002")), None);
+        let id: BackupId = "20261121T143200Z".parse().unwrap();
+        assert_eq!(parse_manifest_key(&manifest_key(&id)), Some(id));
+        assert_eq!(parse_manifest_key("backups/../manifest.wvo"), None);
+        let chunk = "0f".repeat(32);
+        assert_eq!(parse_chunk_key(&chunk_key(&chunk).unwrap()), Some(chunk.as_str()));
+        assert_eq!(parse_chunk_key(&format!("chunks/00/{chunk}.wvo")), None);
+        assert_eq!(chunk_key("../../walvault.json"), None);
+        assert_eq!(chunk_key(&"AB".repeat(32)), None);
     }
 }

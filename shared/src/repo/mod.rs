@@ -1,13 +1,23 @@
 //! The repository: its layout, the formats of what it stores, and the storage it lives in.
 //! Every format here is specified in `docs/FORMAT.md`.
+//!
+//! Commands reach storage only through here: [`Repository`] (descriptor validated once, no
+//! accidental creation), over [`Store`] / [`WritableStore`] (every request retried by one policy,
+//! read-only as a type), with every key built by [`layout`].
 
 pub mod descriptor;
+#[cfg(test)]
+pub mod fault;
 pub mod layout;
 pub mod object;
+pub mod init;
+pub mod repository;
+pub mod settings;
 pub mod store;
 pub mod url;
 
-pub use descriptor::{ClusterIdentity, RepoDescriptor};
+pub use descriptor::{ClusterIdentity, RepoDescriptor, RepoId};
 pub use object::{ObjectError, SealedObject};
-pub use store::{Access, Store, StoreError, StoreOptions};
+pub use repository::{Reader, RepoError, Repository, WalCheckError, Writer};
+pub use store::{Store, StoreError, StoreOptions, WritableStore};
 pub use url::RepoUrl;

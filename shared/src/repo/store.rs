@@ -1,10 +1,15 @@
 //! Object storage behind the repository, through `object_store`, with errors classified for the
 //! one retry policy (see [`crate::retry`]).
 //!
-//! Retries happen in one place only: `object_store`'s own retry loop is switched off
-//! (`max_retries = 0`) and every call site wraps its requests in [`crate::retry::RetryPolicy`],
-//! which retries only errors classified transient here, within the caller's total time bound.
+//! Retries happen in one place only, here, so no caller can forget them: `object_store`'s own
+//! retry loop is switched off (`max_retries = 0`) and every method of [`Store`] and
+//! [`WritableStore`] runs its request under the store's [`crate::retry::RetryPolicy`], which
+//! retries only errors classified transient (never "not found", "already exists" or a failed
+//! precondition, which are answers, nor a refused credential), within the policy's total time.
 //! Each HTTP request is bounded by [`CONNECT_TIMEOUT`] and [`REQUEST_TIMEOUT`].
+//!
+//! Read-only is a type: [`Store`] has no method that writes; only [`WritableStore`] (which
+//! archive-agent alone opens) does.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +21,9 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+use super::settings::{AzureSettings, S3Settings, Secret};
 use super::url::{RepoLocation, RepoUrl};
-use crate::config::{AzureSettings, S3Settings};
-use crate::retry::Retryable;
+use crate::retry::{RetryPolicy, Retryable};
 
 /// Longest wait for a TCP (and TLS) connection to the object store.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,7 +39,7 @@ pub const PART_SIZE: usize = 16 << 20;
 /// What opening a store needs besides its URL.
 #[derive(Debug, Clone, Default)]
 pub struct StoreOptions {
-    /// The caller's retry budget (used as the local file system's patience for a missing mount).
+    /// The total time one call keeps retrying transient errors.
     pub retry_timeout: Duration,
     /// S3 settings from the configuration file; `AWS_*` environment variables win.
     pub s3: S3Settings,
@@ -42,23 +47,21 @@ pub struct StoreOptions {
     pub azure: AzureSettings,
 }
 
-/// Whether this process may write to the repository. Only archive-agent writes; restore-agent
-/// opens read-only, so a restore host can run with read-only credentials.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    ReadOnly,
-    ReadWrite,
-}
-
 /// A storage failure, classified.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("cannot {op} {key}{}repository {repo}: {message}", if key.is_empty() { "" } else { " in " })]
+#[error(
+    "cannot {op} {key}{}repository {repo}: {message}{}",
+    if key.is_empty() { "" } else { " in " },
+    if *attempts > 1 { format!(" (gave up after {attempts} attempts)") } else { String::new() }
+)]
 pub struct StoreError {
     pub op: &'static str,
     pub key: String,
     pub repo: String,
     pub message: String,
     pub transient: bool,
+    /// Requests made before giving up (0 when none could be made).
+    pub attempts: u32,
 }
 
 impl Retryable for StoreError {
@@ -84,13 +87,37 @@ pub enum PutNew {
     AlreadyExists,
 }
 
-/// The repository's object store, rooted at the repository prefix.
+/// The repository's object store, rooted at the repository prefix, for reading only.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     prefix: Path,
     url: RepoUrl,
     create: CreateSemantics,
+    retry: RetryPolicy,
+}
+
+/// The repository's object store, for archive-agent: a [`Store`] that can also write.
+#[derive(Clone, Debug)]
+pub struct WritableStore(Store);
+
+impl std::ops::Deref for WritableStore {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        &self.0
+    }
+}
+
+impl AsRef<Store> for Store {
+    fn as_ref(&self) -> &Store {
+        self
+    }
+}
+
+impl AsRef<Store> for WritableStore {
+    fn as_ref(&self) -> &Store {
+        &self.0
+    }
 }
 
 // By hand: the clients' own `Debug` shows their credentials (the Azure account key's bytes).
@@ -100,6 +127,7 @@ impl std::fmt::Debug for Store {
             .field("url", &self.url)
             .field("prefix", &self.prefix)
             .field("create", &self.create)
+            .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }
@@ -132,7 +160,7 @@ fn layered_settings<K: std::str::FromStr>(
     out
 }
 
-fn secret(s: &Option<crate::config::Secret>) -> Option<String> {
+fn secret(s: &Option<Secret>) -> Option<String> {
     s.as_ref().map(|s| s.expose().to_string())
 }
 
@@ -200,64 +228,86 @@ fn azure_builder(url: &RepoUrl, file: &AzureSettings) -> object_store::azure::Mi
         .with_retry(retry_config())
 }
 
-impl Store {
-    /// Open the store a URL names. A local repository directory is created when opened for
-    /// writing; opened read-only, a missing directory is a (retryable: it may be a mount that is
-    /// not up yet) error, never an empty repository.
-    pub fn open(url: &RepoUrl, access: Access, options: &StoreOptions) -> Result<Store, StoreError> {
-        let fail = |message: String, transient: bool| StoreError {
-            op: "open",
-            key: String::new(),
-            repo: url.to_string(),
-            message,
-            transient,
-        };
-        match url.location() {
-            RepoLocation::Local(dir) => {
-                if access == Access::ReadWrite {
-                    std::fs::create_dir_all(&dir)
-                        .map_err(|e| fail(format!("cannot create {}: {e}", dir.display()), true))?;
-                } else if !dir.is_dir() {
-                    return Err(fail(
-                        format!("{} does not exist or is not a directory", dir.display()),
-                        true,
-                    ));
-                }
-                // fsync on: a put returns only once file and directory entry are on disk, which is
-                // what lets push acknowledge a segment to PostgreSQL.
-                let fs = LocalFileSystem::new_with_prefix(&dir)
-                    .map_err(|e| fail(e.to_string(), true))?
-                    .with_fsync(true);
-                Ok(Store {
-                    inner: Arc::new(fs),
-                    prefix: Path::default(),
-                    url: url.clone(),
-                    create: CreateSemantics::Atomic,
-                })
+/// Open the store `url` names; with `create_local`, a local repository's directory is created
+/// (by `archive-agent init` only).
+fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Store, StoreError> {
+    let fail = |message: String, transient: bool| StoreError {
+        op: "open",
+        key: String::new(),
+        repo: url.to_string(),
+        message,
+        transient,
+        attempts: 0,
+    };
+    let retry = RetryPolicy::with_total(options.retry_timeout);
+    let (inner, prefix, create): (Arc<dyn ObjectStore>, Path, CreateSemantics) = match url.location() {
+        RepoLocation::Local(dir) => {
+            if create_local {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| fail(format!("cannot create {}: {e}", dir.display()), true))?;
+            } else if !dir.is_dir() {
+                return Err(fail(
+                    format!("{} does not exist or is not a directory", dir.display()),
+                    true,
+                ));
             }
-            RepoLocation::S3 { prefix, .. } => {
-                let s3 = s3_builder(url, &options.s3)
-                    .build()
-                    .map_err(|e| fail(e.to_string(), false))?;
-                Ok(Store {
-                    inner: Arc::new(s3),
-                    prefix: Path::from(prefix),
-                    url: url.clone(),
-                    create: CreateSemantics::CheckThenWrite,
-                })
-            }
-            RepoLocation::Azure { prefix, .. } => {
-                let azure = azure_builder(url, &options.azure)
-                    .build()
-                    .map_err(|e| fail(e.to_string(), false))?;
-                Ok(Store {
-                    inner: Arc::new(azure),
-                    prefix: Path::from(prefix),
-                    url: url.clone(),
-                    create: CreateSemantics::CheckThenWrite,
-                })
-            }
+            // fsync on: a put returns only once file and directory entry are on disk, which is
+            // what lets push acknowledge a segment to PostgreSQL.
+            let fs = LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| fail(e.to_string(), true))?
+                .with_fsync(true);
+            (Arc::new(fs), Path::default(), CreateSemantics::Atomic)
         }
+        RepoLocation::S3 { prefix, .. } => {
+            let s3 = s3_builder(url, &options.s3)
+                .build()
+                .map_err(|e| fail(e.to_string(), false))?;
+            (Arc::new(s3), Path::from(prefix), CreateSemantics::CheckThenWrite)
+        }
+        RepoLocation::Azure { prefix, .. } => {
+            let azure = azure_builder(url, &options.azure)
+                .build()
+                .map_err(|e| fail(e.to_string(), false))?;
+            (Arc::new(azure), Path::from(prefix), CreateSemantics::CheckThenWrite)
+        }
+    };
+    Ok(Store {
+        inner,
+        prefix,
+        url: url.clone(),
+        create,
+        retry,
+    })
+}
+
+impl Store {
+    /// Open the store a URL names, for reading. No request is made; a local repository's
+    /// directory must exist (a missing one is reported as transient: it may be a mount that is not
+    /// up yet), and is never created.
+    pub fn open(url: &RepoUrl, options: &StoreOptions) -> Result<Store, StoreError> {
+        open(url, options, false)
+    }
+
+    /// A store over any `object_store` backend, with the given creation semantics and retry
+    /// policy: for tests (an in-memory or fault-injecting backend) and embedding.
+    pub fn with_backend(
+        inner: Arc<dyn ObjectStore>,
+        url: RepoUrl,
+        create: CreateSemantics,
+        retry: RetryPolicy,
+    ) -> Store {
+        Store {
+            inner,
+            prefix: Path::default(),
+            url,
+            create,
+            retry,
+        }
+    }
+
+    /// The policy every request of this store runs under.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
     }
 
     pub fn url(&self) -> &RepoUrl {
@@ -276,9 +326,14 @@ impl Store {
 
     fn error(&self, op: &'static str, key: &str, e: object_store::Error) -> StoreError {
         use object_store::Error as E;
+        // Answers and refusals are final; anything else (5xx, resets, timeouts, I/O) may pass.
         let transient = !matches!(
             e,
-            E::NotSupported { .. }
+            E::NotFound { .. }
+                | E::AlreadyExists { .. }
+                | E::Precondition { .. }
+                | E::NotModified { .. }
+                | E::NotSupported { .. }
                 | E::NotImplemented { .. }
                 | E::InvalidPath { .. }
                 | E::UnknownConfigurationKey { .. }
@@ -291,53 +346,112 @@ impl Store {
             repo: self.url.to_string(),
             message: e.to_string(),
             transient,
+            attempts: 1,
         }
+    }
+
+    /// Run one request under the retry policy; the error returned says how many were made.
+    async fn retried<T, F, Fut>(&self, op: &'static str, key: &str, f: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        self.retry
+            .run(&format!("{op} {key}"), f)
+            .await
+            .map_err(|(e, attempts)| StoreError { attempts, ..e })
     }
 
     /// Read a whole object; `None` when it does not exist.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let path = self.path(key);
-        match self.inner.get(&path).await {
-            Ok(r) => r.bytes().await.map(Some).map_err(|e| self.error("read", key, e)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.error("read", key, e)),
-        }
+        self.retried("read", key, || async {
+            match self.inner.get(&path).await {
+                Ok(r) => r.bytes().await.map(Some).map_err(|e| self.error("read", key, e)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.error("read", key, e)),
+            }
+        })
+        .await
     }
 
     /// The size of an object, `None` when it does not exist (one HEAD request).
     pub async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        match self.inner.head(&self.path(key)).await {
-            Ok(meta) => Ok(Some(meta.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.error("check", key, e)),
-        }
+        let path = self.path(key);
+        self.retried("check", key, || async {
+            match self.inner.head(&path).await {
+                Ok(meta) => Ok(Some(meta.size)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.error("check", key, e)),
+            }
+        })
+        .await
     }
 
     /// Every object under `prefix` (a key prefix ending at a `/` boundary), as keys relative to the
-    /// repository with their sizes, sorted by key.
+    /// repository with their sizes, sorted by key. A listing that fails midway is made again whole.
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
         use futures::TryStreamExt;
         let base = self.path(prefix.trim_end_matches('/'));
         let strip = self.prefix.as_ref().len() + usize::from(!self.prefix.as_ref().is_empty());
-        let mut out: Vec<(String, u64)> = self
-            .inner
-            .list(Some(&base))
-            .map_ok(|m| {
-                (
-                    m.location.as_ref().get(strip..).unwrap_or_default().to_string(),
-                    m.size,
-                )
-            })
-            .try_collect()
-            .await
-            .map_err(|e| self.error("list", prefix, e))?;
-        out.sort();
-        Ok(out)
+        self.retried("list", prefix, || async {
+            let mut out: Vec<(String, u64)> = self
+                .inner
+                .list(Some(&base))
+                .map_ok(|m| {
+                    (
+                        m.location.as_ref().get(strip..).unwrap_or_default().to_string(),
+                        m.size,
+                    )
+                })
+                .try_collect()
+                .await
+                .map_err(|e| self.error("list", prefix, e))?;
+            out.sort();
+            Ok(out)
+        })
+        .await
+    }
+
+    fn uses_parts(&self, bytes: &Bytes) -> bool {
+        self.create == CreateSemantics::CheckThenWrite && bytes.len() > MULTIPART_THRESHOLD
+    }
+}
+
+impl WritableStore {
+    /// Open the store a URL names, for writing. Like [`Store::open`], a local repository's
+    /// directory must exist: only [`WritableStore::open_to_create`] creates one.
+    pub fn open(url: &RepoUrl, options: &StoreOptions) -> Result<WritableStore, StoreError> {
+        open(url, options, false).map(WritableStore)
+    }
+
+    /// Open for `archive-agent init`, creating a local repository's directory.
+    pub fn open_to_create(url: &RepoUrl, options: &StoreOptions) -> Result<WritableStore, StoreError> {
+        open(url, options, true).map(WritableStore)
+    }
+
+    /// [`Store::with_backend`], writable.
+    pub fn with_backend(
+        inner: Arc<dyn ObjectStore>,
+        url: RepoUrl,
+        create: CreateSemantics,
+        retry: RetryPolicy,
+    ) -> WritableStore {
+        WritableStore(Store::with_backend(inner, url, create, retry))
+    }
+
+    /// The same store, read-only.
+    pub fn reader(&self) -> Store {
+        self.0.clone()
     }
 
     /// Write an object, replacing any existing one. Only for content-addressed objects (the key
     /// is the hash of the content, so a replacement carries the same bytes).
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        self.retried("write", key, || self.put_once(key, bytes.clone())).await
+    }
+
+    async fn put_once(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         if self.uses_parts(&bytes) {
             return self.put_in_parts(key, bytes).await;
         }
@@ -346,10 +460,6 @@ impl Store {
             .await
             .map(|_| ())
             .map_err(|e| self.error("write", key, e))
-    }
-
-    fn uses_parts(&self, bytes: &Bytes) -> bool {
-        self.create == CreateSemantics::CheckThenWrite && bytes.len() > MULTIPART_THRESHOLD
     }
 
     /// A multipart upload, one part of [`PART_SIZE`] at a time (each its own bounded request);
@@ -381,8 +491,14 @@ impl Store {
     /// Write an object only if none exists under `key`. The write is atomic (all or nothing) and,
     /// on a local repository, durable when this returns. On [`CreateSemantics::CheckThenWrite`]
     /// stores `AlreadyExists` is only reported when the store itself detects it; callers check
-    /// before and verify after.
+    /// before and verify after. A retried write whose first attempt did land reports
+    /// `AlreadyExists`: callers compare what is stored, as for any existing object.
     pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutNew, StoreError> {
+        self.retried("write", key, || self.put_new_once(key, bytes.clone()))
+            .await
+    }
+
+    async fn put_new_once(&self, key: &str, bytes: Bytes) -> Result<PutNew, StoreError> {
         if self.uses_parts(&bytes) {
             // Multipart uploads carry no create-only condition; these stores are checked before
             // and read back after by the caller anyway.
@@ -404,7 +520,7 @@ impl Store {
             Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. })
                 if self.create == CreateSemantics::CheckThenWrite =>
             {
-                self.put(key, bytes_again).await.map(|()| PutNew::Created)
+                self.put_once(key, bytes_again).await.map(|()| PutNew::Created)
             }
             Err(e) => Err(self.error("write", key, e)),
         }
@@ -416,15 +532,17 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn local_store_creates_once_and_reads_back() {
+    async fn local_store_is_never_created_by_opening_it() {
         let dir = tempfile::tempdir().unwrap();
         let url: RepoUrl = format!("file://{}/repo", dir.path().display()).parse().unwrap();
         let options = StoreOptions {
             retry_timeout: Duration::from_secs(1),
             ..Default::default()
         };
-        assert!(Store::open(&url, Access::ReadOnly, &options).is_err());
-        let store = Store::open(&url, Access::ReadWrite, &options).unwrap();
+        assert!(Store::open(&url, &options).unwrap_err().transient);
+        assert!(WritableStore::open(&url, &options).is_err());
+        assert!(!dir.path().join("repo").exists());
+        let store = WritableStore::open_to_create(&url, &options).unwrap();
         assert_eq!(store.get("wal/x/a.wvo").await.unwrap(), None);
         let put = store
             .put_new("wal/x/a.wvo", Bytes::from_static(b"one"))
@@ -440,5 +558,7 @@ mod tests {
             store.get("wal/x/a.wvo").await.unwrap().as_deref(),
             Some(&b"one"[..])
         );
+        let reader = Store::open(&url, &options).unwrap();
+        assert_eq!(reader.list("wal/").await.unwrap(), vec![("wal/x/a.wvo".to_string(), 3)]);
     }
 }

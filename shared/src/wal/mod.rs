@@ -8,7 +8,7 @@ pub mod page;
 pub mod pgtime;
 pub mod summary;
 #[cfg(test)]
-mod testwal;
+pub(crate) mod testwal;
 pub mod version;
 
 pub use lsn::{Lsn, TimelineId};

@@ -49,6 +49,10 @@ fn run() -> Result<bool> {
     ));
 
     let repo = Repo::new()?;
+    step(&format!(
+        "repository created: archive-agent init --repo {} (push never creates one)",
+        repo.url()
+    ));
     let mut source = archiving_cluster("source", &repo, "")?;
     step(&format!(
         "source cluster up on port {}, archive_command = '{}'",

@@ -1,0 +1,379 @@
+//! An opened repository: its store and its descriptor, read and validated once.
+//!
+//! Nothing here creates a repository by accident: [`Repository::open`] and
+//! [`Repository::open_writable`] fail with [`RepoError::NotInitialized`] when the location holds
+//! no `walvault.json` (a backup disk not mounted, a mistyped bucket prefix), and only
+//! [`Repository::init`] (`archive-agent init`) writes one. The type parameter says what the
+//! holder may do: a [`Reader`] (restore-agent) has a [`Store`], which has no method that writes.
+
+use bytes::Bytes;
+
+use super::descriptor::{ClusterIdentity, DescriptorError, RepoDescriptor, RepoId};
+use super::layout::{CLUSTER_KEY, DESCRIPTOR_KEY};
+use super::store::{CreateSemantics, PutNew, Store, StoreError, StoreOptions, WritableStore};
+use super::url::RepoUrl;
+use crate::wal::{PageError, WalFileName};
+
+/// A repository opened for reading.
+pub type Reader = Repository<Store>;
+/// A repository opened for writing (archive-agent only).
+pub type Writer = Repository<WritableStore>;
+
+/// Why a repository cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(
+        "no walvault repository at {repo} (it has no walvault.json): create it with `archive-agent init --repo {repo}`, or check --repo / WALVAULT_REPO (a backup volume not mounted? a mistyped bucket or prefix?)"
+    )]
+    NotInitialized { repo: String },
+    #[error("a walvault repository already exists at {repo} (id {id}); refusing to create another")]
+    AlreadyExists { repo: String, id: RepoId },
+    #[error("repository {repo}: {source}")]
+    Descriptor { repo: String, source: DescriptorError },
+    #[error("repository {repo}: cluster.json is not valid: {message}")]
+    ClusterFile { repo: String, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl RepoError {
+    /// Whether trying again later may succeed (the store could not be read), as opposed to an
+    /// answer (no repository, or an unusable one).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RepoError::Store(e) if e.transient)
+    }
+}
+
+/// A WAL file that does not belong in this repository.
+#[derive(Debug, thiserror::Error)]
+pub enum WalCheckError {
+    #[error("not a valid WAL segment: {0}")]
+    InvalidWal(PageError),
+    #[error("it is from {found}, but repository {repo} belongs to {expected}")]
+    ForeignCluster {
+        repo: String,
+        found: ClusterIdentity,
+        expected: ClusterIdentity,
+    },
+}
+
+/// An opened repository.
+#[derive(Debug, Clone)]
+pub struct Repository<S> {
+    store: S,
+    descriptor: RepoDescriptor,
+    /// The descriptor's cluster, else the one `cluster.json` binds, else none yet.
+    cluster: Option<ClusterIdentity>,
+}
+
+async fn read_descriptor(store: &Store) -> Result<(RepoDescriptor, Option<ClusterIdentity>), RepoError> {
+    let repo = || store.url().to_string();
+    let bytes = store
+        .get(DESCRIPTOR_KEY)
+        .await?
+        .ok_or_else(|| RepoError::NotInitialized { repo: repo() })?;
+    let descriptor =
+        RepoDescriptor::parse(&bytes).map_err(|source| RepoError::Descriptor { repo: repo(), source })?;
+    let cluster = match descriptor.cluster {
+        Some(c) => Some(c),
+        None => read_cluster_file(store).await?,
+    };
+    Ok((descriptor, cluster))
+}
+
+async fn read_cluster_file(store: &Store) -> Result<Option<ClusterIdentity>, RepoError> {
+    let Some(bytes) = store.get(CLUSTER_KEY).await? else {
+        return Ok(None);
+    };
+    let fail = |message: String| RepoError::ClusterFile {
+        repo: store.url().to_string(),
+        message,
+    };
+    let file: ClusterFile = serde_json::from_slice(&bytes).map_err(|e| fail(e.to_string()))?;
+    if file.format != CLUSTER_FORMAT || file.version != 1 {
+        return Err(fail(format!("unknown format {:?} version {}", file.format, file.version)));
+    }
+    file.cluster.validate().map_err(fail)?;
+    Ok(Some(file.cluster))
+}
+
+const CLUSTER_FORMAT: &str = "walvault-cluster";
+
+/// `cluster.json`: the identity the first archived segment bound (see `docs/FORMAT.md`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ClusterFile {
+    format: String,
+    version: u32,
+    cluster: ClusterIdentity,
+}
+
+impl<S: AsRef<Store>> Repository<S> {
+    /// The store, for reading.
+    pub fn store(&self) -> &Store {
+        self.store.as_ref()
+    }
+
+    pub fn url(&self) -> &RepoUrl {
+        self.store().url()
+    }
+
+    pub fn id(&self) -> &RepoId {
+        self.descriptor.id()
+    }
+
+    pub fn descriptor(&self) -> &RepoDescriptor {
+        &self.descriptor
+    }
+
+    /// The cluster whose WAL this repository holds; `None` until the first segment is archived
+    /// into a repository created without `--pgdata`.
+    pub fn cluster(&self) -> Option<&ClusterIdentity> {
+        self.cluster.as_ref()
+    }
+
+    /// The same repository, read-only.
+    pub fn reader(&self) -> Reader {
+        Repository {
+            store: self.store().clone(),
+            descriptor: self.descriptor.clone(),
+            cluster: self.cluster,
+        }
+    }
+
+    /// Check a WAL file read from (or about to be written to) this repository: a segment's page
+    /// header against its name and against the repository's cluster. Other files carry no
+    /// identity and pass.
+    pub fn check_wal(&self, name: &WalFileName, content: &[u8]) -> Result<(), WalCheckError> {
+        let Some(seg) = name.wal_segment() else {
+            return Ok(());
+        };
+        let info = crate::wal::page::validate_segment(content, &seg).map_err(WalCheckError::InvalidWal)?;
+        let found = ClusterIdentity::from(&info);
+        match self.cluster {
+            Some(expected) if expected != found => Err(WalCheckError::ForeignCluster {
+                repo: self.url().to_string(),
+                found,
+                expected,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Reader {
+    /// Open the repository at `url` for reading: one request for `walvault.json` (and, for a
+    /// repository created without `--pgdata`, one for `cluster.json`), each retried as any.
+    pub async fn open(url: &RepoUrl, options: &StoreOptions) -> Result<Reader, RepoError> {
+        let store = open_retrying(options, || Store::open(url, options)).await?;
+        Reader::open_store(store).await
+    }
+
+    /// [`Reader::open`] over an opened store.
+    pub async fn open_store(store: Store) -> Result<Reader, RepoError> {
+        let (descriptor, cluster) = read_descriptor(&store).await?;
+        Ok(Repository {
+            store,
+            descriptor,
+            cluster,
+        })
+    }
+
+    /// Read the descriptor again: whether the repository at this URL is still the one opened.
+    pub async fn still_there(&self) -> Result<(), RepoError> {
+        let (now, _) = read_descriptor(&self.store).await?;
+        if now.id() != self.id() {
+            return Err(RepoError::Descriptor {
+                repo: self.url().to_string(),
+                source: DescriptorError::Invalid(format!(
+                    "the repository was replaced (id {} is now {})",
+                    self.id(),
+                    now.id()
+                )),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A local repository's directory may be a mount that is not up yet: opening is retried within
+/// the policy like any request.
+async fn open_retrying<T>(
+    options: &StoreOptions,
+    open: impl Fn() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    crate::retry::RetryPolicy::with_total(options.retry_timeout)
+        .run("opening the repository", || async { open() })
+        .await
+        .map_err(|(e, attempts)| StoreError { attempts, ..e })
+}
+
+impl Writer {
+    /// Open the repository at `url` for writing. Never creates one.
+    pub async fn open_writable(url: &RepoUrl, options: &StoreOptions) -> Result<Writer, RepoError> {
+        let store = open_retrying(options, || WritableStore::open(url, options)).await?;
+        Writer::open_writable_store(store).await
+    }
+
+    /// [`Writer::open_writable`] over an opened store.
+    pub async fn open_writable_store(store: WritableStore) -> Result<Writer, RepoError> {
+        let (descriptor, cluster) = read_descriptor(&store).await?;
+        Ok(Repository {
+            store,
+            descriptor,
+            cluster,
+        })
+    }
+
+    /// Create a repository at `url` (`archive-agent init`): a new descriptor with a random id and,
+    /// when known, the cluster. Refuses when `walvault.json` is already there.
+    pub async fn init(
+        url: &RepoUrl,
+        options: &StoreOptions,
+        cluster: Option<ClusterIdentity>,
+        now_micros: i64,
+    ) -> Result<Writer, RepoError> {
+        let store = WritableStore::open_to_create(url, options)?;
+        if let Some(existing) = store.get(DESCRIPTOR_KEY).await? {
+            return Err(match RepoDescriptor::parse(&existing) {
+                Ok(d) => RepoError::AlreadyExists {
+                    repo: url.to_string(),
+                    id: d.id().clone(),
+                },
+                Err(source) => RepoError::Descriptor {
+                    repo: url.to_string(),
+                    source,
+                },
+            });
+        }
+        let descriptor = RepoDescriptor::new(cluster, now_micros);
+        let json = Bytes::from(descriptor.to_json());
+        if store.put_new(DESCRIPTOR_KEY, json.clone()).await? == PutNew::AlreadyExists {
+            let (d, _) = read_descriptor(&store).await?;
+            return Err(RepoError::AlreadyExists {
+                repo: url.to_string(),
+                id: d.id().clone(),
+            });
+        }
+        // A store that ignores create-only writes may have let a racing init replace ours.
+        let writer = Writer::open_writable_store(store).await?;
+        if writer.id() != descriptor.id() {
+            return Err(RepoError::AlreadyExists {
+                repo: url.to_string(),
+                id: writer.id().clone(),
+            });
+        }
+        Ok(writer)
+    }
+
+    /// The store, for writing.
+    pub fn writable(&self) -> &WritableStore {
+        &self.store
+    }
+
+    /// Bind the repository to `found` (the cluster of the first segment archived into it) if it is
+    /// bound to none yet; returns the cluster it is bound to, which the caller compares.
+    pub async fn bind_cluster(&mut self, found: ClusterIdentity) -> Result<ClusterIdentity, RepoError> {
+        if let Some(c) = self.cluster {
+            return Ok(c);
+        }
+        let file = ClusterFile {
+            format: CLUSTER_FORMAT.into(),
+            version: 1,
+            cluster: found,
+        };
+        let mut json = serde_json::to_vec_pretty(&file).expect("cluster file serializes");
+        json.push(b'\n');
+        let put = self.store.put_new(CLUSTER_KEY, json.into()).await?;
+        if put == PutNew::Created && self.store.create_semantics() == CreateSemantics::Atomic {
+            tracing::info!(repo = %self.url(), cluster = %found, "repository bound to its cluster");
+            self.cluster = Some(found);
+            return Ok(found);
+        }
+        // Already bound by someone else, or a store that may have let a racing writer win: what
+        // is stored is the answer.
+        let stored = read_cluster_file(&self.store).await?.ok_or_else(|| {
+            RepoError::Store(StoreError {
+                op: "read back",
+                key: CLUSTER_KEY.into(),
+                repo: self.url().to_string(),
+                message: "object missing right after it was written".into(),
+                transient: true,
+                attempts: 1,
+            })
+        })?;
+        self.cluster = Some(stored);
+        Ok(stored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn options() -> StoreOptions {
+        StoreOptions {
+            retry_timeout: Duration::from_millis(300),
+            ..Default::default()
+        }
+    }
+
+    fn identity(sysid: u64) -> ClusterIdentity {
+        ClusterIdentity {
+            system_identifier: sysid,
+            wal_segment_size: 16 << 20,
+            wal_block_size: 8192,
+            pg_version: 17,
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_but_init_creates_a_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let url: RepoUrl = format!("file://{}/r", dir.path().display()).parse().unwrap();
+        let e = Writer::open_writable(&url, &options()).await.unwrap_err();
+        assert!(e.is_transient(), "a missing directory may be a mount not up yet: {e}");
+        std::fs::create_dir(dir.path().join("r")).unwrap();
+        let e = Writer::open_writable(&url, &options()).await.unwrap_err();
+        assert!(matches!(e, RepoError::NotInitialized { .. }), "{e}");
+        assert!(e.to_string().contains("archive-agent init"));
+        let e = Reader::open(&url, &options()).await.unwrap_err();
+        assert!(matches!(e, RepoError::NotInitialized { .. }), "{e}");
+
+        let created = Writer::init(&url, &options(), None, 0).await.unwrap();
+        assert_eq!(created.cluster(), None);
+        let again = Writer::init(&url, &options(), None, 0).await.unwrap_err();
+        assert!(matches!(again, RepoError::AlreadyExists { ref id, .. } if id == created.id()), "{again}");
+        let reader = Reader::open(&url, &options()).await.unwrap();
+        assert_eq!(reader.id(), created.id());
+        reader.still_there().await.unwrap();
+
+        // Recreated at the same URL: a different repository, and the old handle notices.
+        std::fs::remove_dir_all(dir.path().join("r")).unwrap();
+        let recreated = Writer::init(&url, &options(), None, 0).await.unwrap();
+        assert_ne!(recreated.id(), created.id());
+        assert!(reader.still_there().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_first_cluster_binds_an_unbound_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let url: RepoUrl = format!("file://{}/r", dir.path().display()).parse().unwrap();
+        let mut w = Writer::init(&url, &options(), None, 0).await.unwrap();
+        assert_eq!(w.bind_cluster(identity(1)).await.unwrap(), identity(1));
+        let mut other = Writer::open_writable(&url, &options()).await.unwrap();
+        assert_eq!(other.cluster(), Some(&identity(1)));
+        assert_eq!(other.bind_cluster(identity(2)).await.unwrap(), identity(1));
+        // A writer opened before the binding learns it from what is stored.
+        let dir2 = tempfile::tempdir().unwrap();
+        let url2: RepoUrl = format!("file://{}/r", dir2.path().display()).parse().unwrap();
+        let mut early = Writer::init(&url2, &options(), None, 0).await.unwrap();
+        let mut late = Writer::open_writable(&url2, &options()).await.unwrap();
+        assert_eq!(early.bind_cluster(identity(3)).await.unwrap(), identity(3));
+        assert_eq!(late.bind_cluster(identity(4)).await.unwrap(), identity(3));
+        let bound = Writer::init(&format!("file://{}/b", dir2.path().display()).parse().unwrap(), &options(), Some(identity(5)), 0)
+            .await
+            .unwrap();
+        assert_eq!(bound.cluster(), Some(&identity(5)));
+    }
+}
