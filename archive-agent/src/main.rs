@@ -255,7 +255,11 @@ fn init(repo: &RepoArgs, pgdata: Option<PathBuf>, json: bool) -> anyhow::Result<
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         match created.cluster() {
-            Some(c) => println!("created repository {} (id {}) for {c}", settings.repo, created.id()),
+            Some(c) => println!(
+                "created repository {} (id {}) for {c}",
+                settings.repo,
+                created.id()
+            ),
             None => println!(
                 "created repository {} (id {}); the first WAL segment archived binds it to its cluster",
                 settings.repo,

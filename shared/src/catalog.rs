@@ -140,7 +140,17 @@ impl Window {
 }
 
 impl Catalog {
+    /// Read everything the repository holds: every manifest, history file and summary.
     pub async fn load(repo: &Reader) -> Result<Catalog, CatalogError> {
+        Catalog::refresh(repo, None).await
+    }
+
+    /// [`Catalog::load`], reusing what `previous` (an earlier load of the same repository) read:
+    /// the listings are made again, but only manifests and summaries that appeared since are
+    /// downloaded (both are written once and never change); those gone are dropped. History
+    /// files, a few small objects, and damaged objects are read again.
+    pub async fn refresh(repo: &Reader, previous: Option<&Catalog>) -> Result<Catalog, CatalogError> {
+        let previous = previous.filter(|p| p.repo_id == *repo.id() && p.cluster.as_ref() == repo.cluster());
         let store = repo.store();
         let cluster = repo.cluster().copied();
         let seg_size = cluster.map_or(DEFAULT_SEGMENT_SIZE, |c| c.wal_segment_size);
@@ -170,6 +180,10 @@ impl Catalog {
             let Some(id) = layout::parse_manifest_key(&key) else {
                 continue; // not a manifest (or a foreign file): ignored
             };
+            if let Some(m) = previous.and_then(|p| p.backups.iter().find(|m| m.id == id)) {
+                backups.push(m.clone());
+                continue;
+            }
             match load_manifest(store, &id).await {
                 Ok(m) => backups.push(m),
                 Err(e) => set_aside(&key, format!("backup {id}"), Some(id), e)?,
@@ -220,6 +234,11 @@ impl Catalog {
             let Some(seg) = layout::parse_summary_key(&key) else {
                 continue;
             };
+            let at = seg.segment_no(seg_size).map(|no| (seg.timeline.get(), no));
+            if let Some((at, known)) = at.and_then(|at| Some((at, previous?.summaries.get(&at)?))) {
+                summaries.insert(at, known.clone());
+                continue;
+            }
             match crate::timeindex::load(store, &seg).await {
                 Ok(Some(s)) => {
                     if let Some(no) = seg.segment_no(seg_size) {
@@ -545,5 +564,44 @@ mod tests {
         cat.segments.insert(2, vec![5, 6, 8, 9]);
         assert_eq!(cat.chain(&cat.backups[0], 2).last(), Some(&(2, 6)));
         assert_eq!(cat.ranges(2).len(), 2, "two runs: one gap");
+    }
+
+    #[tokio::test]
+    async fn a_refresh_downloads_only_what_is_new() {
+        use crate::repo::fault::{Fault, FaultStore};
+        use crate::repo::object::SealedObject;
+        use crate::repo::store::{CreateSemantics, WritableStore};
+        use crate::repo::{RepoDescriptor, Writer};
+        use std::sync::Arc;
+
+        let faults = Arc::new(FaultStore::new(Fault::None));
+        let store = WritableStore::with_backend(
+            Arc::clone(&faults) as Arc<dyn object_store::ObjectStore>,
+            "s3://b/r".parse().unwrap(),
+            CreateSemantics::CheckThenWrite,
+            crate::retry::RetryPolicy::with_total(std::time::Duration::from_secs(1)),
+        );
+        let json = include_bytes!("../tests/fixtures/manifest-v1.json");
+        let m = Manifest::parse(json).unwrap();
+        let cluster = ClusterIdentity {
+            system_identifier: m.system_identifier,
+            wal_segment_size: 16 << 20,
+            wal_block_size: 8192,
+            pg_version: 15,
+        };
+        let d = RepoDescriptor::new(Some(cluster), 0);
+        store.put("walvault.json", d.to_json().into()).await.unwrap();
+        let sealed = SealedObject::seal(ObjectKind::Manifest, m.id.as_str(), json, 3).unwrap();
+        store.put(&manifest_key(&m.id), sealed.bytes).await.unwrap();
+        let repo = Writer::open_writable_store(store).await.unwrap().reader();
+
+        let before = faults.requests();
+        let first = Catalog::load(&repo).await.unwrap();
+        assert_eq!(first.backups.len(), 1, "{:?}", first.damaged);
+        assert_eq!(faults.requests() - before, 4, "three listings and one manifest");
+        let before = faults.requests();
+        let again = Catalog::refresh(&repo, Some(&first)).await.unwrap();
+        assert_eq!(again.backups[0].id, m.id);
+        assert_eq!(faults.requests() - before, 3, "the listings only");
     }
 }

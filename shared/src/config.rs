@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::repo::settings::{AzureSettings, S3Settings, Secret};
 use crate::repo::url::UrlError;
 use crate::repo::{RepoUrl, StoreOptions};
-pub use crate::repo::settings::{AzureSettings, S3Settings, Secret};
 
 /// Read when neither `--config` nor `WALVAULT_CONFIG` names a file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/walvault/walvault.toml";

@@ -325,6 +325,8 @@ pub async fn run(
     let mut last_switch_lsn: Option<String> = None;
     let mut switch_task: Option<tokio::task::JoinHandle<Option<String>>> = None;
     let mut window_task: Option<tokio::task::JoinHandle<()>> = None;
+    // The last catalog read, so each refresh downloads only new manifests and summaries.
+    let catalog: Arc<tokio::sync::Mutex<Option<crate::catalog::Catalog>>> = Arc::default();
     let mut next_window = Instant::now();
     tracing::info!(pgdata = %opts.pgdata.display(), repo = %settings.repo, parallel = opts.parallel, "daemon started");
 
@@ -363,7 +365,7 @@ pub async fn run(
                 }
                 if Instant::now() >= next_window && window_task.as_ref().is_none_or(|t| t.is_finished()) {
                     next_window = Instant::now() + Duration::from_secs(60);
-                    window_task = Some(tokio::spawn(update_window(repo.reader(), Arc::clone(&metrics))));
+                    window_task = Some(tokio::spawn(update_window(repo.reader(), Arc::clone(&metrics), Arc::clone(&catalog))));
                 }
                 if let (Some(every), Some(conn)) = (opts.backup_every, &opts.pg_conn)
                     && next_backup.is_some_and(|t| Instant::now() >= t)
@@ -528,9 +530,15 @@ async fn scheduled_backup(settings: Arc<Settings>, pgdata: PathBuf, conn: String
     }
 }
 
-/// Refresh the restorable-window gauges from the repository catalog.
-async fn update_window(repo: Reader, metrics: Arc<Metrics>) {
-    match crate::catalog::Catalog::load(&repo).await {
+/// Refresh the restorable-window gauges from the repository catalog (incrementally: see
+/// [`crate::catalog::Catalog::refresh`]).
+async fn update_window(
+    repo: Reader,
+    metrics: Arc<Metrics>,
+    last: Arc<tokio::sync::Mutex<Option<crate::catalog::Catalog>>>,
+) {
+    let mut last = last.lock().await;
+    match crate::catalog::Catalog::refresh(&repo, last.as_ref()).await {
         Ok(cat) => {
             let tli = cat.timeline_ids().last().copied().unwrap_or(1);
             if let Some(w) = cat.window(tli) {
@@ -541,6 +549,7 @@ async fn update_window(repo: Reader, metrics: Arc<Metrics>) {
                     .window_latest_unix
                     .store(w.latest.map_or(0, |l| l / 1_000_000), Ordering::Relaxed);
             }
+            *last = Some(cat);
         }
         Err(e) => tracing::warn!("restorable window not updated: {e}"),
     }

@@ -130,7 +130,11 @@ async fn fetch_unbounded(
         // The descriptor and the file in one round trip; an absent file counts as absent only
         // once the descriptor proves this is the repository.
         let (reader, object) = tokio::try_join!(
-            async { Reader::open(&settings.repo, &options).await.map_err(FetchError::from) },
+            async {
+                Reader::open(&settings.repo, &options)
+                    .await
+                    .map_err(FetchError::from)
+            },
             async {
                 let store = Store::open(&settings.repo, &options)?;
                 store.get(&key).await.map_err(FetchError::from)

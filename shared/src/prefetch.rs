@@ -22,8 +22,8 @@ use tokio::task::JoinSet;
 
 use crate::config::Settings;
 use crate::lease;
-use crate::repo::layout::wal_key;
 use crate::repo::Reader;
+use crate::repo::layout::wal_key;
 use crate::retry::KeyedBackoff;
 use crate::spool::SPOOL_DIR;
 use crate::wal::{Lsn, SegmentName, WalFileName};

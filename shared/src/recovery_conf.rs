@@ -8,10 +8,15 @@
 //! How PostgreSQL reads the files makes this possible without touching `postgresql.conf`: it
 //! reads `postgresql.auto.conf` last, and of several lines setting one parameter, in any of the
 //! files, only the last one counts (`ProcessConfigFileInternal` in `guc-file.l` marks the earlier
-//! ones ignored). So restore appends one explicit value for every parameter that steers recovery
-//! ([`OWNED`]); the ones it does not use are set to their off value. Lines of the backup's own
-//! `postgresql.auto.conf` that set one of them are also commented out, so that a DBA reading the
-//! file sees one value only.
+//! ones ignored). So restore appends one explicit value for every parameter that steers archive
+//! recovery ([`SET`]); the ones it does not use are set to their off value. Lines of the backup's
+//! own `postgresql.auto.conf` that set one of them, or a standby-only one ([`STANDBY_ONLY`]), are
+//! commented out, so that a DBA reading the file sees one value only.
+//!
+//! The standby-only parameters are commented out but not set: restore writes `recovery.signal`,
+//! and archive recovery ignores them, while a value here would silently override the
+//! `primary_conninfo` a DBA later puts in `postgresql.conf` to turn the restored directory into a
+//! standby.
 //!
 //! The order of the appended lines matters: PostgreSQL applies the surviving lines in file order,
 //! and a `recovery_target*` assign hook refuses a second kind of target while another one is still
@@ -19,10 +24,9 @@
 //! before the chosen one is set.
 
 /// Every parameter a restore sets, so none of the backup's values survives.
-pub const OWNED: &[&str] = &[
+pub const SET: &[&str] = &[
     "restore_command",
     "recovery_end_command",
-    "archive_cleanup_command",
     "recovery_target",
     "recovery_target_lsn",
     "recovery_target_name",
@@ -32,9 +36,14 @@ pub const OWNED: &[&str] = &[
     "recovery_target_action",
     "recovery_target_timeline",
     "recovery_min_apply_delay",
-    "primary_conninfo",
-    "primary_slot_name",
 ];
+
+/// Parameters only a standby reads: the backup's own lines are commented out, nothing is set.
+pub const STANDBY_ONLY: &[&str] = &["primary_conninfo", "primary_slot_name", "archive_cleanup_command"];
+
+fn owned(p: &str) -> bool {
+    SET.contains(&p) || STANDBY_ONLY.contains(&p)
+}
 
 /// The `recovery_target*` parameters naming a target; at most one may be set.
 const TARGET_KINDS: &[&str] = &[
@@ -75,14 +84,14 @@ fn parameter_of(line: &str) -> Option<String> {
     (!name.is_empty() && !rest.is_empty() && !rest.starts_with('#')).then(|| name.to_ascii_lowercase())
 }
 
-/// The new `postgresql.auto.conf`: the backup's own (`existing`), with every line setting an
-/// [`OWNED`] parameter commented out, then walvault's block. `header` is the first line of the
+/// The new `postgresql.auto.conf`: the backup's own (`existing`), with every line setting a
+/// [`SET`] or [`STANDBY_ONLY`] parameter commented out, then walvault's block. `header` is the first line of the
 /// block (a comment naming the restore).
 pub fn render(existing: Option<&str>, header: &str, s: &RecoverySettings) -> String {
     let mut out = String::new();
     for line in existing.unwrap_or_default().lines() {
         match parameter_of(line) {
-            Some(p) if OWNED.contains(&p.as_str()) => {
+            Some(p) if owned(&p) => {
                 out.push_str("# replaced by walvault restore: ");
                 out.push_str(line);
             }
@@ -93,12 +102,9 @@ pub fn render(existing: Option<&str>, header: &str, s: &RecoverySettings) -> Str
     let mut block = format!("# {}\n", header.replace('\n', " "));
     let mut put = |k: &str, v: &str| block.push_str(&format!("{k} = {}\n", quote(v)));
     put("restore_command", &s.restore_command);
-    // A standby's or a previous restore's settings must not steer this recovery.
+    // A delayed standby's or a previous restore's settings must not steer this recovery.
     put("recovery_end_command", "");
-    put("archive_cleanup_command", "");
     put("recovery_min_apply_delay", "0");
-    put("primary_conninfo", "");
-    put("primary_slot_name", "");
     for kind in TARGET_KINDS {
         if s.target.as_ref().is_none_or(|(k, _)| k != kind) {
             put(kind, "");
@@ -164,11 +170,12 @@ mod tests {
             effective(&conf, "restore_command").as_deref(),
             Some("restore-agent fetch --repo 'file:///r' %f %p")
         );
-        for p in TARGET_KINDS
-            .iter()
-            .chain(&["primary_conninfo", "primary_slot_name", "recovery_end_command"])
-        {
+        for p in TARGET_KINDS.iter().chain(&["recovery_end_command"]) {
             assert_eq!(effective(&conf, p).as_deref(), Some(""), "{p}");
+        }
+        // Standby-only settings: the backup's are gone, and nothing overrides postgresql.conf.
+        for p in STANDBY_ONLY {
+            assert_eq!(effective(&conf, p), None, "{p}");
         }
         assert_eq!(effective(&conf, "recovery_min_apply_delay").as_deref(), Some("0"));
         assert_eq!(
@@ -177,7 +184,7 @@ mod tests {
         );
         // Every old line that set an owned parameter is commented out; comments stay as they are.
         for old in PROMOTED_STANDBY.lines().filter(|l| parameter_of(l).is_some()) {
-            let owned = OWNED.contains(&parameter_of(old).unwrap().as_str());
+            let owned = owned(&parameter_of(old).unwrap());
             assert_eq!(
                 conf.contains(&format!("# replaced by walvault restore: {old}\n")),
                 owned,
@@ -221,10 +228,10 @@ mod tests {
     }
 
     #[test]
-    fn every_owned_parameter_is_set_exactly_once_by_the_block() {
+    fn every_recovery_parameter_is_set_exactly_once_by_the_block() {
         for target in [None, Some(("recovery_target", "immediate"))] {
             let conf = render(None, "walvault restore", &settings(target));
-            for p in OWNED {
+            for p in SET {
                 let n = conf
                     .lines()
                     .filter(|l| parameter_of(l).as_deref() == Some(p))

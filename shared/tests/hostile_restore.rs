@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use walvault::backup::chunk::chunk_id;
-use walvault::repo::layout::chunk_key;
 use walvault::config::{Overrides, Settings};
+use walvault::repo::layout::chunk_key;
 use walvault::repo::layout::wal_key;
 use walvault::repo::object::{ObjectKind, SealedObject};
 use walvault::repo::{ClusterIdentity, RepoDescriptor};
@@ -48,12 +48,15 @@ impl Env {
         )
         .unwrap();
         let env = Env { dir, settings };
-        let descriptor = RepoDescriptor::new(Some(ClusterIdentity {
-            system_identifier: SYSID,
-            wal_segment_size: SEG,
-            wal_block_size: 8192,
-            pg_version: 15,
-        }), 0);
+        let descriptor = RepoDescriptor::new(
+            Some(ClusterIdentity {
+                system_identifier: SYSID,
+                wal_segment_size: SEG,
+                wal_block_size: 8192,
+                pg_version: 15,
+            }),
+            0,
+        );
         env.put("walvault.json", &descriptor.to_json());
         for name in ["000000010000000000000001", "000000010000000000000002"] {
             let wal: WalFileName = name.parse().unwrap();

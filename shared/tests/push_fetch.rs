@@ -240,7 +240,10 @@ async fn missing_file_is_not_found_only_in_a_real_repository() {
         .unwrap_err();
     assert_eq!(err.exit_code(), exit::NOT_FOUND_OR_RETRY, "{err}");
     assert!(err.to_string().contains("archive-agent init"), "{err}");
-    assert!(env.files_in_repo().is_empty(), "push wrote into a location that holds no repository");
+    assert!(
+        env.files_in_repo().is_empty(),
+        "push wrote into a location that holds no repository"
+    );
     let err = fetch::fetch(&env.settings, S1, &env.dir.path().join("d"), None)
         .await
         .unwrap_err();

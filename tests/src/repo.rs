@@ -202,7 +202,8 @@ impl Repo {
 
     /// The repository's id, as `walvault.json` records it (read here, not through walvault).
     pub fn id(&self) -> Result<String> {
-        let doc: serde_json::Value = serde_json::from_slice(&self.read(DESCRIPTOR)?).context("walvault.json")?;
+        let doc: serde_json::Value =
+            serde_json::from_slice(&self.read(DESCRIPTOR)?).context("walvault.json")?;
         doc["id"]
             .as_str()
             .map(str::to_string)
@@ -275,6 +276,17 @@ impl Repo {
                 fs::write(config, text)?;
             }
         }
+        Ok(())
+    }
+
+    /// Send the agents' requests to `endpoint` (a [`crate::faultproxy::FaultProxy`] in front of
+    /// the store) instead of the store itself (S3 repositories only).
+    pub fn route_through(&self, endpoint: &str) -> Result<()> {
+        let (Backend::S3 { endpoint: origin, .. }, Some(config)) = (&self.backend, &self.config) else {
+            bail!("only S3 repositories can be routed through a proxy");
+        };
+        let text = fs::read_to_string(config)?;
+        fs::write(config, text.replace(origin.as_str(), endpoint))?;
         Ok(())
     }
 

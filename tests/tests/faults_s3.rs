@@ -644,3 +644,57 @@ fn fault_daemon_sigkill_mid_upload_repeatedly() -> Result<()> {
     );
     Ok(())
 }
+
+/// Faults injected between the agents and Garage by a proxy (`503 Slow Down` on a quarter of
+/// connections, resets at once and midway through a request or response, stalls of 3 s), all
+/// the time: while PostgreSQL archives, while a base backup uploads its chunks and manifest,
+/// while restore downloads them, and while recovery replays through fetch and its prefetcher.
+/// Every step completes, and the restored cluster holds exactly the source's rows.
+#[test]
+fn fault_5xx_storm_during_backup_restore_and_prefetching_replay() -> Result<()> {
+    use walvault_testkit::faultproxy::{FaultProxy, Storm};
+    let garage = Garage::start(1)?;
+    let repo = Repo::new_s3(&garage)?;
+    let upstream = garage
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .context("Garage's address")?;
+    let proxy = FaultProxy::start(upstream, Storm::heavy())?;
+    repo.route_through(&proxy.endpoint())?;
+
+    let source = archiving_cluster("storm", &repo, "--retry-timeout 20s")?;
+    workload::create_payload_table(&source)?;
+    workload::insert_payload(&source, 1, 20_000)?;
+    let before_backup = proxy.injected().faults();
+    let backup = take_backup(&source, &repo)?;
+    let during_backup = proxy.injected().faults() - before_backup;
+    workload::insert_payload(&source, 20_001, 60_000)?;
+    source.execute("UPDATE payload SET body = md5(body) WHERE id % 7 = 0")?;
+    let last = archive_everything(&source)?;
+    let expected = workload::table_fingerprint(&source, "payload", "id")?;
+    eprintln!(
+        "backup {} ({} files), WAL archived up to {last}; {during_backup} faults during the backup",
+        backup.id, backup.files
+    );
+
+    let before_restore = proxy.injected().faults();
+    let (restored, printed) = restore_and_recover(&repo, "storm-restored", &[])?;
+    let during_restore = proxy.injected().faults() - before_restore;
+    let log = restored.log();
+    let prefetched = log
+        .lines()
+        .filter(|l| l.contains(": restored,") && l.contains("prefetched"))
+        .count();
+    eprintln!(
+        "{}; {during_restore} during restore and replay, {prefetched} segments replayed from the prefetcher",
+        proxy.injected().summary()
+    );
+    ensure!(during_backup > 0, "no fault was injected during the backup");
+    ensure!(during_restore > 0, "no fault was injected during the restore");
+    ensure!(prefetched > 0, "the replay never used the prefetcher:\n{printed}");
+    let got = workload::table_fingerprint(&restored, "payload", "id")?;
+    ensure!(got == expected, "restored {got}, expected {expected}");
+    assert_archiver_survived(&source);
+    Ok(())
+}

@@ -268,7 +268,11 @@ fn push_never_creates_a_repository_and_init_never_replaces_one() -> Result<()> {
     let again = location.init(&[]);
     assert_ne!(again.code(), Some(0), "a second init must fail: {again}");
     assert!(again.stderr.contains("already exists"), "{again}");
-    assert_eq!(location.read("walvault.json")?, descriptor, "init replaced the descriptor");
+    assert_eq!(
+        location.read("walvault.json")?,
+        descriptor,
+        "init replaced the descriptor"
+    );
     assert_eq!(fetched(&location, &name)?, samples.bytes(0));
     Ok(())
 }
@@ -283,7 +287,9 @@ fn init_with_pgdata_binds_the_repository_to_that_cluster() -> Result<()> {
     let (path, name) = samples.segment(1);
     write_for_pg(&pg_wal.join(&name), &samples.bytes(1))?;
     let repo = Repo::uninitialized()?;
-    let created = repo.init(&["--pgdata", &pgdata.path().display().to_string(), "--json"]).check()?;
+    let created = repo
+        .init(&["--pgdata", &pgdata.path().display().to_string(), "--json"])
+        .check()?;
     let doc: serde_json::Value = serde_json::from_str(&created.stdout)?;
     assert_eq!(
         doc["cluster"]["system_identifier"].as_str(),
@@ -297,6 +303,9 @@ fn init_with_pgdata_binds_the_repository_to_that_cluster() -> Result<()> {
     refused.assert_code(exit::REFUSED);
     assert!(!repo.files()?.keys().any(|k| k.starts_with("wal/")));
     agents().push(&repo, &path, &[]).assert_code(exit::SUCCESS);
-    assert!(!repo.files()?.contains_key("cluster.json"), "the descriptor already names the cluster");
+    assert!(
+        !repo.files()?.contains_key("cluster.json"),
+        "the descriptor already names the cluster"
+    );
     Ok(())
 }

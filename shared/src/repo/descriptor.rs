@@ -94,11 +94,15 @@ impl ClusterIdentity {
     pub fn validate(&self) -> Result<(), String> {
         let seg = self.wal_segment_size;
         if !seg.is_power_of_two() || !(1 << 20..=1 << 30).contains(&seg) {
-            return Err(format!("WAL segment size {seg} is not a power of two from 1 MiB to 1 GiB"));
+            return Err(format!(
+                "WAL segment size {seg} is not a power of two from 1 MiB to 1 GiB"
+            ));
         }
         let blk = self.wal_block_size;
         if !blk.is_power_of_two() || !(1 << 10..=1 << 15).contains(&blk) {
-            return Err(format!("WAL block size {blk} is not a power of two from 1 to 32 KiB"));
+            return Err(format!(
+                "WAL block size {blk} is not a power of two from 1 to 32 KiB"
+            ));
         }
         if crate::wal::version::for_major(self.pg_version).is_none() {
             return Err(format!(
@@ -162,7 +166,9 @@ impl RepoDescriptor {
             format: FORMAT_NAME.to_string(),
             version: FORMAT_VERSION,
             id: Some(RepoId::random()),
-            created_at: Some(crate::time::format_micros(created_at_micros - created_at_micros % 1_000_000)),
+            created_at: Some(crate::time::format_micros(
+                created_at_micros - created_at_micros % 1_000_000,
+            )),
             cluster,
             created_by: Some(format!("walvault {}", env!("CARGO_PKG_VERSION"))),
         }
@@ -250,8 +256,8 @@ mod tests {
         assert_eq!(d.version, 2);
         assert_eq!(d.id().as_str(), "3f2c0a7d9b1e4c5a8d6f0e2b4a6c8e10");
         assert_eq!(d.cluster.unwrap().pg_version, 18);
-        let d = RepoDescriptor::parse(include_bytes!("../../tests/fixtures/walvault-v2-unbound.json"))
-            .unwrap();
+        let d =
+            RepoDescriptor::parse(include_bytes!("../../tests/fixtures/walvault-v2-unbound.json")).unwrap();
         assert_eq!(d.cluster, None);
     }
 

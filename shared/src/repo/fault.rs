@@ -120,10 +120,7 @@ impl ObjectStore for FaultStore {
         self.inner.get_ranges(location, ranges).await
     }
 
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, Result<Path>>,
-    ) -> BoxStream<'static, Result<Path>> {
+    fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
         self.inner.delete_stream(locations)
     }
 
@@ -172,7 +169,10 @@ mod tests {
         // Two requests of every three fail: each call needs three attempts.
         let (faults, store) = store(Fault::FailAllBut(3), Duration::from_secs(30));
         let body = Bytes::from_static(b"segment bytes");
-        assert_eq!(store.put_new("wal/a.wvo", body.clone()).await.unwrap(), PutNew::Created);
+        assert_eq!(
+            store.put_new("wal/a.wvo", body.clone()).await.unwrap(),
+            PutNew::Created
+        );
         store.put("chunks/ab/c.wvo", body.clone()).await.unwrap();
         assert_eq!(store.get("wal/a.wvo").await.unwrap(), Some(body.clone()));
         assert_eq!(store.size("chunks/ab/c.wvo").await.unwrap(), Some(13));
@@ -189,7 +189,10 @@ mod tests {
         assert_eq!(store.size("wal/missing.wvo").await.unwrap(), None);
         let body = Bytes::from_static(b"x");
         store.put_new("wal/a.wvo", body.clone()).await.unwrap();
-        assert_eq!(store.put_new("wal/a.wvo", body).await.unwrap(), PutNew::AlreadyExists);
+        assert_eq!(
+            store.put_new("wal/a.wvo", body).await.unwrap(),
+            PutNew::AlreadyExists
+        );
         assert_eq!(faults.requests(), 4, "not found and already exists are answers");
         faults.set(Fault::Denied);
         let started = tokio::time::Instant::now();
@@ -207,8 +210,15 @@ mod tests {
         let spent = started.elapsed();
         assert!(e.transient && e.attempts > 3, "{e:?}");
         assert_eq!(e.attempts, faults.requests());
-        assert!(e.to_string().contains(&format!("gave up after {} attempts", e.attempts)), "{e}");
-        assert!(spent >= Duration::from_secs(10) && spent < Duration::from_secs(11), "{spent:?}");
+        assert!(
+            e.to_string()
+                .contains(&format!("gave up after {} attempts", e.attempts)),
+            "{e}"
+        );
+        assert!(
+            spent >= Duration::from_secs(10) && spent < Duration::from_secs(11),
+            "{spent:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -58,7 +58,11 @@ pub fn wal_key(name: &WalFileName) -> String {
 
 /// The key of the time index summary of segment `seg`.
 pub fn summary_key(seg: &SegmentName) -> String {
-    format!("index/{:08X}{:08X}/{seg}{OBJECT_SUFFIX}", seg.timeline.get(), seg.log)
+    format!(
+        "index/{:08X}{:08X}/{seg}{OBJECT_SUFFIX}",
+        seg.timeline.get(),
+        seg.log
+    )
 }
 
 /// The key of backup `id`'s manifest.
@@ -149,10 +153,7 @@ mod tests {
         let id: BackupId = "20261121T143200Z".parse().unwrap();
         assert_eq!(manifest_key(&id), "backups/20261121T143200Z/manifest.wvo");
         let chunk = "ab".repeat(32);
-        assert_eq!(
-            chunk_key(&chunk).unwrap(),
-            format!("chunks/ab/{chunk}.wvo")
-        );
+        assert_eq!(chunk_key(&chunk).unwrap(), format!("chunks/ab/{chunk}.wvo"));
     }
 
     #[test]
@@ -162,11 +163,20 @@ mod tests {
             "000000020000000000000003.partial",
             "00000002.history",
         ] {
-            assert_eq!(parse_wal_key(&key(name)).map(|n| n.to_string()).as_deref(), Some(name));
+            assert_eq!(
+                parse_wal_key(&key(name)).map(|n| n.to_string()).as_deref(),
+                Some(name)
+            );
         }
         // The right name in the wrong directory, or no suffix: not ours.
-        assert_eq!(parse_wal_key("wal/0000000100000000/000000010000000A000000FF.wvo"), None);
-        assert_eq!(parse_wal_key("wal/000000010000000A/000000010000000A000000FF"), None);
+        assert_eq!(
+            parse_wal_key("wal/0000000100000000/000000010000000A000000FF.wvo"),
+            None
+        );
+        assert_eq!(
+            parse_wal_key("wal/000000010000000A/000000010000000A000000FF"),
+            None
+        );
         assert_eq!(parse_wal_key("wal/x/00000002.history.wvo"), None);
         let seg = seg("000000030000000100000002");
         assert_eq!(parse_summary_key(&summary_key(&seg)), Some(seg));

@@ -8,9 +8,9 @@
 pub mod descriptor;
 #[cfg(test)]
 pub mod fault;
+pub mod init;
 pub mod layout;
 pub mod object;
-pub mod init;
 pub mod repository;
 pub mod settings;
 pub mod store;

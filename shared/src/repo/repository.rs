@@ -91,7 +91,10 @@ async fn read_cluster_file(store: &Store) -> Result<Option<ClusterIdentity>, Rep
     };
     let file: ClusterFile = serde_json::from_slice(&bytes).map_err(|e| fail(e.to_string()))?;
     if file.format != CLUSTER_FORMAT || file.version != 1 {
-        return Err(fail(format!("unknown format {:?} version {}", file.format, file.version)));
+        return Err(fail(format!(
+            "unknown format {:?} version {}",
+            file.format, file.version
+        )));
     }
     file.cluster.validate().map_err(fail)?;
     Ok(Some(file.cluster))
@@ -332,7 +335,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url: RepoUrl = format!("file://{}/r", dir.path().display()).parse().unwrap();
         let e = Writer::open_writable(&url, &options()).await.unwrap_err();
-        assert!(e.is_transient(), "a missing directory may be a mount not up yet: {e}");
+        assert!(
+            e.is_transient(),
+            "a missing directory may be a mount not up yet: {e}"
+        );
         std::fs::create_dir(dir.path().join("r")).unwrap();
         let e = Writer::open_writable(&url, &options()).await.unwrap_err();
         assert!(matches!(e, RepoError::NotInitialized { .. }), "{e}");
@@ -343,7 +349,10 @@ mod tests {
         let created = Writer::init(&url, &options(), None, 0).await.unwrap();
         assert_eq!(created.cluster(), None);
         let again = Writer::init(&url, &options(), None, 0).await.unwrap_err();
-        assert!(matches!(again, RepoError::AlreadyExists { ref id, .. } if id == created.id()), "{again}");
+        assert!(
+            matches!(again, RepoError::AlreadyExists { ref id, .. } if id == created.id()),
+            "{again}"
+        );
         let reader = Reader::open(&url, &options()).await.unwrap();
         assert_eq!(reader.id(), created.id());
         reader.still_there().await.unwrap();
@@ -371,9 +380,14 @@ mod tests {
         let mut late = Writer::open_writable(&url2, &options()).await.unwrap();
         assert_eq!(early.bind_cluster(identity(3)).await.unwrap(), identity(3));
         assert_eq!(late.bind_cluster(identity(4)).await.unwrap(), identity(3));
-        let bound = Writer::init(&format!("file://{}/b", dir2.path().display()).parse().unwrap(), &options(), Some(identity(5)), 0)
-            .await
-            .unwrap();
+        let bound = Writer::init(
+            &format!("file://{}/b", dir2.path().display()).parse().unwrap(),
+            &options(),
+            Some(identity(5)),
+            0,
+        )
+        .await
+        .unwrap();
         assert_eq!(bound.cluster(), Some(&identity(5)));
     }
 }

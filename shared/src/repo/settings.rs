@@ -63,4 +63,3 @@ pub struct AzureSettings {
     /// Allow `http://` endpoints (loopback or a trusted network only).
     pub allow_http: Option<bool>,
 }
-

@@ -268,7 +268,11 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
             let azure = azure_builder(url, &options.azure)
                 .build()
                 .map_err(|e| fail(e.to_string(), false))?;
-            (Arc::new(azure), Path::from(prefix), CreateSemantics::CheckThenWrite)
+            (
+                Arc::new(azure),
+                Path::from(prefix),
+                CreateSemantics::CheckThenWrite,
+            )
         }
     };
     Ok(Store {
@@ -448,7 +452,8 @@ impl WritableStore {
     /// Write an object, replacing any existing one. Only for content-addressed objects (the key
     /// is the hash of the content, so a replacement carries the same bytes).
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
-        self.retried("write", key, || self.put_once(key, bytes.clone())).await
+        self.retried("write", key, || self.put_once(key, bytes.clone()))
+            .await
     }
 
     async fn put_once(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
@@ -559,6 +564,9 @@ mod tests {
             Some(&b"one"[..])
         );
         let reader = Store::open(&url, &options).unwrap();
-        assert_eq!(reader.list("wal/").await.unwrap(), vec![("wal/x/a.wvo".to_string(), 3)]);
+        assert_eq!(
+            reader.list("wal/").await.unwrap(),
+            vec![("wal/x/a.wvo".to_string(), 3)]
+        );
     }
 }
