@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use crate::repo::settings::{AzureSettings, S3Settings, Secret};
+pub use crate::repo::settings::{AzureSettings, GcsSettings, S3Settings, Secret};
 use crate::repo::url::UrlError;
 use crate::repo::{RepoUrl, StoreOptions};
 
@@ -40,6 +40,9 @@ pub struct Settings {
     /// Azure settings from the file's `[azure]` table; `AZURE_*` environment variables take
     /// precedence.
     pub azure: AzureSettings,
+    /// GCS settings from the file's `[gcs]` table; `GOOGLE_*` environment variables take
+    /// precedence.
+    pub gcs: GcsSettings,
 }
 
 /// The TOML file; every key is optional.
@@ -53,6 +56,8 @@ struct FileConfig {
     s3: S3Settings,
     #[serde(default)]
     azure: AzureSettings,
+    #[serde(default)]
+    gcs: GcsSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +156,7 @@ impl Settings {
             retry_timeout,
             s3: file.s3,
             azure: file.azure,
+            gcs: file.gcs,
         })
     }
 
@@ -160,6 +166,7 @@ impl Settings {
             retry_timeout: self.retry_timeout,
             s3: self.s3.clone(),
             azure: self.azure.clone(),
+            gcs: self.gcs.clone(),
         }
     }
 
@@ -279,6 +286,32 @@ mod tests {
             Path::new("/x"),
         );
         assert!(matches!(typo, Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn gcs_table_is_read_and_its_key_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("w.toml");
+        let key = r#"{"client_email":"a@b","private_key":"c2VjcmV0LXBlbQ","private_key_id":"k"}"#;
+        std::fs::write(
+            &cfg,
+            format!("repo = \"gs://wal-archive/pg\"\n[gcs]\nservice_account_key = '{key}'\n"),
+        )
+        .unwrap();
+        let s = Settings::resolve(
+            Overrides {
+                config: Some(cfg),
+                ..Default::default()
+            },
+            Path::new("/x"),
+        )
+        .unwrap();
+        assert_eq!(s.gcs.service_account_key.as_ref().map(Secret::expose), Some(key));
+        assert!(!format!("{s:?}").contains("c2VjcmV0"));
+        // A key that is no PEM is refused when the client is built: permanently, unquoted.
+        let e = crate::repo::Store::open(&s.repo, &s.store_options()).unwrap_err();
+        assert!(!e.transient, "{e}");
+        assert!(!format!("{e} {e:?}").contains("c2VjcmV0"), "{e}");
     }
 
     #[test]

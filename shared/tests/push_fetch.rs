@@ -38,6 +38,7 @@ impl Env {
             retry_timeout: Duration::from_millis(300),
             s3: Default::default(),
             azure: Default::default(),
+            gcs: Default::default(),
         };
         Env { dir, settings }
     }

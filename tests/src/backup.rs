@@ -102,13 +102,17 @@ pub fn next_backup_second() {
     thread::sleep(Duration::from_millis(1100));
 }
 
-/// `restore-agent restore --repo <repo> --pgdata <dir> --retry-timeout 5s <args...>`, as the
+/// `restore-agent restore --repo <repo> --pgdata <dir> --retry-timeout 5s <args...>` (unless
+/// `args` give their own `--retry-timeout`), as the
 /// PostgreSQL user (so the restored files belong to the server). Not checked: see
 /// [`Finished::check`].
 pub fn restore(repo: &Repo, pgdata: &Path, args: &[&str]) -> Result<Finished> {
     let mut all = vec!["restore".to_string()];
     all.extend(repo.args());
-    all.extend(["--pgdata", path_str(pgdata)?, "--retry-timeout", "5s"].map(String::from));
+    all.extend(["--pgdata", path_str(pgdata)?].map(String::from));
+    if !args.contains(&"--retry-timeout") {
+        all.extend(["--retry-timeout", "5s"].map(String::from));
+    }
     all.extend(args.iter().map(|a| a.to_string()));
     Ok(agents().run(RESTORE_AGENT, all))
 }

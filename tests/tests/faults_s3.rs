@@ -663,7 +663,7 @@ fn fault_5xx_storm_during_backup_restore_and_prefetching_replay() -> Result<()> 
     let proxy = FaultProxy::start(upstream, Storm::heavy())?;
     repo.route_through(&proxy.endpoint())?;
 
-    let source = archiving_cluster("storm", &repo, "--retry-timeout 20s")?;
+    let source = archiving_cluster("storm", &repo, "")?;
     workload::create_payload_table(&source)?;
     workload::insert_payload(&source, 1, 20_000)?;
     let before_backup = proxy.injected().faults();
@@ -679,7 +679,8 @@ fn fault_5xx_storm_during_backup_restore_and_prefetching_replay() -> Result<()> 
     );
 
     let before_restore = proxy.injected().faults();
-    let (restored, printed) = restore_and_recover(&repo, "storm-restored", &[])?;
+    // Retries get the default minute, as in production: in a storm, 5 s can pass with no luck.
+    let (restored, printed) = restore_and_recover(&repo, "storm-restored", &["--retry-timeout", "60s"])?;
     let during_restore = proxy.injected().faults() - before_restore;
     let log = restored.log();
     let prefetched = log

@@ -63,3 +63,18 @@ pub struct AzureSettings {
     /// Allow `http://` endpoints (loopback or a trusted network only).
     pub allow_http: Option<bool>,
 }
+
+/// The `[gcs]` table of the TOML file. Each key has the meaning of the `GOOGLE_*` environment
+/// variable of the same name (`service_account` is `GOOGLE_SERVICE_ACCOUNT`, a path to a service
+/// account JSON file; `service_account_key` is `GOOGLE_SERVICE_ACCOUNT_KEY`, that JSON itself;
+/// `application_credentials` is `GOOGLE_APPLICATION_CREDENTIALS`), which wins when both are set.
+/// With none, the instance's metadata server is asked (on Google Cloud).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcsSettings {
+    pub service_account: Option<String>,
+    pub service_account_key: Option<Secret>,
+    pub application_credentials: Option<String>,
+    /// Allow `http://` endpoints (an emulator on loopback only).
+    pub allow_http: Option<bool>,
+}

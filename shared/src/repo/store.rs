@@ -17,11 +17,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use object_store::aws::AmazonS3ConfigKey;
 use object_store::azure::AzureConfigKey;
+use object_store::gcp::GoogleConfigKey;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
-use super::settings::{AzureSettings, S3Settings, Secret};
+use super::settings::{AzureSettings, GcsSettings, S3Settings, Secret};
 use super::url::{RepoLocation, RepoUrl};
 use crate::retry::{RetryPolicy, Retryable};
 
@@ -45,6 +46,8 @@ pub struct StoreOptions {
     pub s3: S3Settings,
     /// Azure settings from the configuration file; `AZURE_*` environment variables win.
     pub azure: AzureSettings,
+    /// GCS settings from the configuration file; `GOOGLE_*` environment variables win.
+    pub gcs: GcsSettings,
 }
 
 /// A storage failure, classified.
@@ -78,6 +81,21 @@ pub enum CreateSemantics {
     /// The store may silently overwrite (S3-compatible stores that ignore `If-None-Match`): callers
     /// check before writing and read back after.
     CheckThenWrite,
+}
+
+/// Whether an error message reports an HTTP status that retrying cannot change: a 4xx other
+/// than 408 (request timeout) and 429 (too many requests), and other than S3's 400
+/// `RequestTimeout` (an idle upload connection the server dropped). object_store reports these
+/// as generic errors, with the status in the message ("... status code: 400 Bad Request ...").
+pub(crate) fn refused_by_status(message: &str) -> bool {
+    let Some(at) = message.find("status code: ") else {
+        return false;
+    };
+    let digits = &message[at + "status code: ".len()..];
+    let Some(status) = digits.get(..3).and_then(|d| d.parse::<u16>().ok()) else {
+        return false;
+    };
+    (400..500).contains(&status) && !matches!(status, 408 | 429) && !message.contains("RequestTimeout")
 }
 
 /// Outcome of [`Store::put_new`].
@@ -274,6 +292,12 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
                 CreateSemantics::CheckThenWrite,
             )
         }
+        RepoLocation::Gcs { prefix, .. } => {
+            let gcs = gcs_builder(url, &options.gcs)
+                .build()
+                .map_err(|e| fail(e.to_string(), false))?;
+            (Arc::new(gcs), Path::from(prefix), CreateSemantics::CheckThenWrite)
+        }
     };
     Ok(Store {
         inner,
@@ -282,6 +306,31 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
         create,
         retry,
     })
+}
+
+/// A Google Cloud Storage client: the `[gcs]` table, then the `GOOGLE_*` environment
+/// (`GOOGLE_SERVICE_ACCOUNT`, `GOOGLE_SERVICE_ACCOUNT_KEY`, `GOOGLE_APPLICATION_CREDENTIALS`, ...
+/// any name `object_store` knows), then the bucket from the URL and walvault's timeouts and
+/// retry settings.
+fn gcs_builder(url: &RepoUrl, file: &GcsSettings) -> object_store::gcp::GoogleCloudStorageBuilder {
+    use GoogleConfigKey as K;
+    let from_file = vec![
+        (K::ServiceAccount, file.service_account.clone()),
+        (K::ServiceAccountKey, secret(&file.service_account_key)),
+        (K::ApplicationCredentials, file.application_credentials.clone()),
+        (
+            K::Client(ClientConfigKey::AllowHttp),
+            file.allow_http.map(|v| v.to_string()),
+        ),
+    ];
+    layered_settings(from_file, "GOOGLE_", K::Client)
+        .into_iter()
+        .fold(
+            object_store::gcp::GoogleCloudStorageBuilder::new(),
+            |b, (k, v)| b.with_config(k, v),
+        )
+        .with_url(url.as_str())
+        .with_retry(retry_config())
 }
 
 impl Store {
@@ -331,19 +380,20 @@ impl Store {
     fn error(&self, op: &'static str, key: &str, e: object_store::Error) -> StoreError {
         use object_store::Error as E;
         // Answers and refusals are final; anything else (5xx, resets, timeouts, I/O) may pass.
-        let transient = !matches!(
-            e,
-            E::NotFound { .. }
-                | E::AlreadyExists { .. }
-                | E::Precondition { .. }
-                | E::NotModified { .. }
-                | E::NotSupported { .. }
-                | E::NotImplemented { .. }
-                | E::InvalidPath { .. }
-                | E::UnknownConfigurationKey { .. }
-                | E::PermissionDenied { .. }
-                | E::Unauthenticated { .. }
-        );
+        let transient = !refused_by_status(&e.to_string())
+            && !matches!(
+                e,
+                E::NotFound { .. }
+                    | E::AlreadyExists { .. }
+                    | E::Precondition { .. }
+                    | E::NotModified { .. }
+                    | E::NotSupported { .. }
+                    | E::NotImplemented { .. }
+                    | E::InvalidPath { .. }
+                    | E::UnknownConfigurationKey { .. }
+                    | E::PermissionDenied { .. }
+                    | E::Unauthenticated { .. }
+            );
         StoreError {
             op,
             key: key.to_string(),
@@ -535,6 +585,26 @@ impl WritableStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_errors_are_final_and_server_errors_are_retried() {
+        let msg = |s: &str| {
+            format!("Error performing PUT http://x/y in 1ms - Server returned non-2xx status code: {s}: body")
+        };
+        for final_status in ["400 Bad Request", "403 Forbidden", "405 Method Not Allowed"] {
+            assert!(refused_by_status(&msg(final_status)), "{final_status}");
+        }
+        for passing in [
+            "500 Internal Server Error",
+            "503 Service Unavailable",
+            "408 Request Timeout",
+            "429 Too Many Requests",
+            "400 Bad Request: <Code>RequestTimeout</Code>",
+        ] {
+            assert!(!refused_by_status(&msg(passing)), "{passing}");
+        }
+        assert!(!refused_by_status("connection reset by peer"));
+    }
 
     #[tokio::test]
     async fn local_store_is_never_created_by_opening_it() {

@@ -1,4 +1,5 @@
-//! Repository URLs: `file:///absolute/path`, `s3://bucket/prefix` and `az://container/prefix`.
+//! Repository URLs: `file:///absolute/path`, `s3://bucket/prefix`, `az://container/prefix` and
+//! `gs://bucket/prefix`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -21,6 +22,11 @@ pub enum RepoLocation {
         container: String,
         prefix: String,
     },
+    /// Google Cloud Storage (`gs://`); credentials come from the settings.
+    Gcs {
+        bucket: String,
+        prefix: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,7 +36,7 @@ pub enum UrlError {
     #[error("repository URL {0:?}: file URLs need an absolute path, like file:///var/lib/walvault")]
     NotAbsolute(String),
     #[error(
-        "repository URL scheme {0:?} is not supported: use file:///path, s3://bucket/prefix or az://container/prefix"
+        "repository URL scheme {0:?} is not supported: use file:///path, s3://bucket/prefix, az://container/prefix or gs://bucket/prefix"
     )]
     Unsupported(String),
 }
@@ -51,6 +57,10 @@ impl RepoUrl {
             },
             "az" | "azure" => RepoLocation::Azure {
                 container: self.0.host_str().unwrap_or_default().to_string(),
+                prefix: prefix(),
+            },
+            "gs" => RepoLocation::Gcs {
+                bucket: self.0.host_str().unwrap_or_default().to_string(),
                 prefix: prefix(),
             },
             _ => RepoLocation::Local(
@@ -115,10 +125,35 @@ impl FromStr for RepoUrl {
                     ));
                 }
             }
+            "gs" => {
+                if !url.username().is_empty() || url.password().is_some() {
+                    return Err(UrlError::Invalid(
+                        shown(),
+                        "write it as gs://bucket/prefix; credentials go in [gcs] or GOOGLE_*".into(),
+                    ));
+                }
+                if !url.host_str().is_some_and(valid_gcs_bucket) {
+                    return Err(UrlError::Invalid(
+                        shown(),
+                        "the bucket name must be 3 to 63 lowercase letters, digits, dashes, underscores and dots".into(),
+                    ));
+                }
+            }
             other => return Err(UrlError::Unsupported(other.to_string())),
         }
         Ok(RepoUrl(url))
     }
+}
+
+/// Google's rule for bucket names (without dots, the usual case, up to 63 characters): 3 to 63 of
+/// `a-z0-9-_.`, starting and ending with a letter or digit.
+fn valid_gcs_bucket(name: &str) -> bool {
+    (3..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 /// Azure's rule for container names: 3 to 63 of `a-z0-9-`, starting and ending with a letter or
@@ -240,6 +275,28 @@ mod tests {
         ] {
             let err = bad.parse::<RepoUrl>().unwrap_err();
             assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn gcs_urls_name_a_bucket_and_a_prefix() {
+        let url: RepoUrl = "gs://wal-archive/pg15/main".parse().unwrap();
+        assert_eq!(
+            url.location(),
+            RepoLocation::Gcs {
+                bucket: "wal-archive".into(),
+                prefix: "pg15/main".into()
+            }
+        );
+        for bad in [
+            "gs://",
+            "gs:///p",
+            "gs://ab/p",
+            "gs://Backups/p",
+            "gs://-b-/p",
+            "gs://k:s@bucket/p",
+        ] {
+            assert!(bad.parse::<RepoUrl>().is_err(), "{bad}");
         }
     }
 }
