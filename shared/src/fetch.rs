@@ -59,7 +59,7 @@ pub enum FetchError {
         name: String,
         key: String,
         repo: String,
-        source: WalCheckError,
+        source: Box<WalCheckError>,
     },
     #[error("cannot write {dest}: {source}")]
     Write { dest: String, source: std::io::Error },
@@ -165,7 +165,7 @@ async fn fetch_unbounded(
             name: name_str,
             key,
             repo,
-            source,
+            source: Box::new(source),
         })?;
     write_out(name, dest, content, stored)
 }

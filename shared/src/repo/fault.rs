@@ -68,7 +68,7 @@ impl FaultStore {
     fn check(&self) -> Result<()> {
         let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
         match *self.fault.lock().expect("fault lock") {
-            Fault::FailAllBut(k) if n % k.max(1) != 0 => Err(transient()),
+            Fault::FailAllBut(k) if !n.is_multiple_of(k.max(1)) => Err(transient()),
             Fault::Denied => Err(object_store::Error::PermissionDenied {
                 path: String::new(),
                 source: "injected: access denied".into(),
