@@ -129,16 +129,10 @@ async fn fetch_unbounded(
     let (reader, stored, content) = loop {
         // The descriptor and the file in one round trip; an absent file counts as absent only
         // once the descriptor proves this is the repository.
+        let store = Store::open_retrying(&settings.repo, &options).await?;
         let (reader, object) = tokio::try_join!(
-            async {
-                Reader::open(&settings.repo, &options)
-                    .await
-                    .map_err(FetchError::from)
-            },
-            async {
-                let store = Store::open(&settings.repo, &options)?;
-                store.get(&key).await.map_err(FetchError::from)
-            }
+            async { Reader::open_store(store.clone()).await.map_err(FetchError::from) },
+            async { store.get(&key).await.map_err(FetchError::from) }
         )?;
         let Some(bytes) = object else {
             return Ok(FetchOutcome::NotFound { name });

@@ -296,3 +296,27 @@ async fn corrupt_or_truncated_objects_are_fatal_and_never_written_out() {
         .unwrap_err();
     assert!(matches!(err, PushError::StoredCorrupt { .. }), "{err}");
 }
+
+/// A repository whose volume is mounted late (the directory appears within the retry budget) is
+/// waited for by fetch rather than reported as an error at once (push opens the same way; a
+/// missing directory is never created, see `missing_file_is_not_found_only_in_a_real_repository`).
+#[tokio::test]
+async fn a_repository_mounted_late_is_waited_for() {
+    let mut env = Env::new().await;
+    env.settings.retry_timeout = Duration::from_secs(10);
+    archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+        .await
+        .unwrap();
+    let aside = env.dir.path().join("unmounted");
+    std::fs::rename(env.repo(), &aside).unwrap();
+    let (repo, back) = (env.repo(), aside.clone());
+    let mount = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        std::fs::rename(back, repo).unwrap();
+    });
+    let dest = env.dir.path().join("d");
+    let out = fetch::fetch(&env.settings, S1, &dest, None).await.unwrap();
+    assert!(matches!(out, FetchOutcome::Restored { .. }), "{out:?}");
+    mount.await.unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), segment(S1, SYSID));
+}

@@ -167,8 +167,7 @@ impl Reader {
     /// Open the repository at `url` for reading: one request for `walvault.json` (and, for a
     /// repository created without `--pgdata`, one for `cluster.json`), each retried as any.
     pub async fn open(url: &RepoUrl, options: &StoreOptions) -> Result<Reader, RepoError> {
-        let store = open_retrying(options, || Store::open(url, options)).await?;
-        Reader::open_store(store).await
+        Reader::open_store(Store::open_retrying(url, options).await?).await
     }
 
     /// [`Reader::open`] over an opened store.
@@ -198,23 +197,10 @@ impl Reader {
     }
 }
 
-/// A local repository's directory may be a mount that is not up yet: opening is retried within
-/// the policy like any request.
-async fn open_retrying<T>(
-    options: &StoreOptions,
-    open: impl Fn() -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    crate::retry::RetryPolicy::with_total(options.retry_timeout)
-        .run("opening the repository", || async { open() })
-        .await
-        .map_err(|(e, attempts)| StoreError { attempts, ..e })
-}
-
 impl Writer {
     /// Open the repository at `url` for writing. Never creates one.
     pub async fn open_writable(url: &RepoUrl, options: &StoreOptions) -> Result<Writer, RepoError> {
-        let store = open_retrying(options, || WritableStore::open(url, options)).await?;
-        Writer::open_writable_store(store).await
+        Writer::open_writable_store(WritableStore::open_retrying(url, options).await?).await
     }
 
     /// [`Writer::open_writable`] over an opened store.

@@ -333,12 +333,28 @@ fn gcs_builder(url: &RepoUrl, file: &GcsSettings) -> object_store::gcp::GoogleCl
         .with_retry(retry_config())
 }
 
+async fn open_retrying<T>(
+    options: &StoreOptions,
+    open: impl Fn() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    RetryPolicy::with_total(options.retry_timeout)
+        .run("opening the repository", || async { open() })
+        .await
+        .map_err(|(e, attempts)| StoreError { attempts, ..e })
+}
+
 impl Store {
     /// Open the store a URL names, for reading. No request is made; a local repository's
     /// directory must exist (a missing one is reported as transient: it may be a mount that is not
     /// up yet), and is never created.
     pub fn open(url: &RepoUrl, options: &StoreOptions) -> Result<Store, StoreError> {
         open(url, options, false)
+    }
+
+    /// [`Store::open`], retried within the options' retry budget: a local repository's directory
+    /// may be a mount that is not up yet.
+    pub async fn open_retrying(url: &RepoUrl, options: &StoreOptions) -> Result<Store, StoreError> {
+        open_retrying(options, || Store::open(url, options)).await
     }
 
     /// A store over any `object_store` backend, with the given creation semantics and retry
@@ -477,6 +493,11 @@ impl WritableStore {
     /// directory must exist: only [`WritableStore::open_to_create`] creates one.
     pub fn open(url: &RepoUrl, options: &StoreOptions) -> Result<WritableStore, StoreError> {
         open(url, options, false).map(WritableStore)
+    }
+
+    /// [`WritableStore::open`], retried like [`Store::open_retrying`].
+    pub async fn open_retrying(url: &RepoUrl, options: &StoreOptions) -> Result<WritableStore, StoreError> {
+        open_retrying(options, || WritableStore::open(url, options)).await
     }
 
     /// Open for `archive-agent init`, creating a local repository's directory.
