@@ -61,6 +61,13 @@ fn check_url(s: &str) {
                 "{s:?}"
             );
         }
+        RepoLocation::Gcs { bucket, .. } => {
+            let ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b);
+            assert!(
+                (3..=63).contains(&bucket.len()) && bucket.bytes().all(ok),
+                "{s:?}"
+            );
+        }
     }
     let again: RepoUrl = url.as_str().parse().expect("a URL's own text parses");
     assert_eq!(again.location(), url.location());
