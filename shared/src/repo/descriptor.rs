@@ -30,10 +30,13 @@ impl RepoId {
         RepoId(hex::encode(rand::random::<[u8; 16]>()))
     }
 
-    /// The id of a version 1 repository, which has none stored: a hash of its descriptor's bytes
-    /// (with a `v1-` prefix, so it can never equal a random one).
-    pub fn of_v1(descriptor_bytes: &[u8]) -> RepoId {
-        RepoId(format!("v1-{}", &blake3::hash(descriptor_bytes).to_hex()[..32]))
+    /// The id of a version 1 repository, which has none stored: a hash of its cluster identity
+    /// (with a `v1-` prefix, so it can never equal a random one). Stable however the file is
+    /// formatted; two v1 repositories of one cluster share it, which is harmless because only
+    /// `init` creates repositories now, and it writes version 2 with a random id.
+    pub fn of_v1(cluster: &ClusterIdentity) -> RepoId {
+        let canonical = serde_json::to_vec(cluster).expect("cluster identity serializes");
+        RepoId(format!("v1-{}", &blake3::hash(&canonical).to_hex()[..32]))
     }
 
     pub fn as_str(&self) -> &str {
@@ -144,6 +147,9 @@ pub struct RepoDescriptor {
     /// The walvault that created the repository, for support; never interpreted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
+    /// A version 1 repository's derived id ([`RepoId::of_v1`]); never written.
+    #[serde(skip)]
+    v1_id: Option<RepoId>,
 }
 
 /// Why `walvault.json` cannot be used.
@@ -171,6 +177,7 @@ impl RepoDescriptor {
             )),
             cluster,
             created_by: Some(format!("walvault {}", env!("CARGO_PKG_VERSION"))),
+            v1_id: None,
         }
     }
 
@@ -198,7 +205,7 @@ impl RepoDescriptor {
         let mut d: RepoDescriptor =
             serde_json::from_slice(bytes).map_err(|e| DescriptorError::Invalid(e.to_string()))?;
         match (d.version, &d.id, &d.cluster) {
-            (1, None, Some(_)) => d.id = Some(RepoId::of_v1(bytes)),
+            (1, None, Some(c)) => d.v1_id = Some(RepoId::of_v1(c)),
             (1, ..) => {
                 return Err(DescriptorError::Invalid(
                     "a version 1 descriptor has a cluster and no id".into(),
@@ -215,7 +222,10 @@ impl RepoDescriptor {
 
     /// The repository's id (derived for version 1, see [`RepoId::of_v1`]).
     pub fn id(&self) -> &RepoId {
-        self.id.as_ref().expect("parse and new always set the id")
+        self.id
+            .as_ref()
+            .or(self.v1_id.as_ref())
+            .expect("parse and new always set an id")
     }
 }
 
@@ -245,8 +255,12 @@ mod tests {
         assert_eq!(c.system_identifier, 7_441_234_567_890_123_456);
         assert_eq!(c.wal_segment_size, 16 << 20);
         assert_eq!(c.pg_version, 15);
-        assert_eq!(d.id(), &RepoId::of_v1(bytes));
+        assert_eq!(d.id(), &RepoId::of_v1(&c));
         assert!(d.id().as_str().starts_with("v1-"));
+        // Written back, it is still version 1 with no stored id, and reads back the same.
+        let again = RepoDescriptor::parse(&d.to_json()).unwrap();
+        assert_eq!(again, d);
+        assert!(!String::from_utf8(d.to_json()).unwrap().contains("\"id\""));
     }
 
     /// Frozen fixtures: v2 with and without the cluster (bound later in cluster.json).
