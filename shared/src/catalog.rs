@@ -593,7 +593,7 @@ mod tests {
         store.put("walvault.json", d.to_json().into()).await.unwrap();
         let sealed = SealedObject::seal(ObjectKind::Manifest, m.id.as_str(), json, 3).unwrap();
         store.put(&manifest_key(&m.id), sealed.bytes).await.unwrap();
-        let repo = Writer::open_writable_store(store).await.unwrap().reader();
+        let repo = Writer::on_store(store).await.unwrap().reader();
 
         let before = faults.requests();
         let first = Catalog::load(&repo).await.unwrap();

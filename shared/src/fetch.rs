@@ -125,13 +125,12 @@ async fn fetch_unbounded(
     // A corrupt read is re-read once: a flipped bit in transit is not worth stopping recovery for,
     // a corrupt stored object is.
     let mut rereads = 1;
-    let options = settings.store_options();
+    let store = Store::open_retrying(&settings.repo, &settings.store_options()).await?;
     let (reader, stored, content) = loop {
         // The descriptor and the file in one round trip; an absent file counts as absent only
         // once the descriptor proves this is the repository.
-        let store = Store::open_retrying(&settings.repo, &options).await?;
         let (reader, object) = tokio::try_join!(
-            async { Reader::open_store(store.clone()).await.map_err(FetchError::from) },
+            async { Reader::on_store(store.clone()).await.map_err(FetchError::from) },
             async { store.get(&key).await.map_err(FetchError::from) }
         )?;
         let Some(bytes) = object else {

@@ -722,9 +722,7 @@ fn running_postmaster(pgdata: &Path) -> Option<u32> {
 /// header's length is compared before decompressing, so a hostile chunk object cannot make the
 /// restore allocate more than the chunk size (times `--parallel`).
 async fn fetch_chunk(store: &Store, id: &str, expected: u64, path: &Path) -> Result<Vec<u8>, RestoreError> {
-    let key = crate::repo::layout::chunk_key(id).ok_or_else(|| ChunkError::Missing {
-        id: id.chars().take(80).collect(),
-    })?;
+    let key = crate::backup::chunk::chunk_key(id)?;
     let bytes = store
         .get(&key)
         .await?

@@ -9,8 +9,8 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -38,16 +38,6 @@ impl Storm {
             reset_midway: 12,
             stall: 5,
             stall_for: Duration::from_secs(3),
-        }
-    }
-
-    pub fn calm() -> Storm {
-        Storm {
-            error_503: 0,
-            reset_at_once: 0,
-            reset_midway: 0,
-            stall: 0,
-            stall_for: Duration::ZERO,
         }
     }
 }
@@ -84,7 +74,6 @@ impl Injected {
 #[derive(Debug)]
 pub struct FaultProxy {
     addr: SocketAddr,
-    storm: Arc<Mutex<Storm>>,
     injected: Arc<Injected>,
     stop: Arc<AtomicBool>,
 }
@@ -110,15 +99,10 @@ impl FaultProxy {
         eprintln!("fault proxy {addr} -> {upstream}: seed {seed} (WALVAULT_FAULT_SEED replays it)");
         let proxy = FaultProxy {
             addr,
-            storm: Arc::new(Mutex::new(storm)),
             injected: Arc::default(),
             stop: Arc::default(),
         };
-        let (storm, injected, stop) = (
-            Arc::clone(&proxy.storm),
-            Arc::clone(&proxy.injected),
-            Arc::clone(&proxy.stop),
-        );
+        let (s, injected, stop) = (storm, Arc::clone(&proxy.injected), Arc::clone(&proxy.stop));
         listener.set_nonblocking(true)?;
         thread::spawn(move || {
             let mut rng = StdRng::seed_from_u64(seed);
@@ -132,7 +116,6 @@ impl FaultProxy {
                     Err(_) => continue,
                 };
                 injected.connections.fetch_add(1, Ordering::Relaxed);
-                let s = *storm.lock().unwrap_or_else(|e| e.into_inner());
                 let roll = rng.random_range(0..100u32);
                 let fate = if roll < s.error_503 {
                     Fate::Error503
@@ -155,11 +138,6 @@ impl FaultProxy {
     /// `http://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
-    }
-
-    /// Change the shares from now on (connections already open keep their fate).
-    pub fn set_storm(&self, storm: Storm) {
-        *self.storm.lock().unwrap_or_else(|e| e.into_inner()) = storm;
     }
 
     pub fn injected(&self) -> &Injected {

@@ -9,7 +9,7 @@ use crate::repo::{Store, StoreError, WritableStore};
 
 /// The key of chunk `id`; an id that is not 64 lower-case hex digits (from a hostile manifest)
 /// is reported as a missing chunk, never turned into a key.
-fn chunk_key(id: &str) -> Result<String, ChunkError> {
+pub(crate) fn chunk_key(id: &str) -> Result<String, ChunkError> {
     crate::repo::layout::chunk_key(id).ok_or_else(|| ChunkError::Missing {
         id: id.chars().take(80).collect(),
     })

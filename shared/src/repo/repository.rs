@@ -111,6 +111,16 @@ struct ClusterFile {
 }
 
 impl<S: AsRef<Store>> Repository<S> {
+    /// The repository on an opened store: its descriptor read and validated.
+    pub async fn on_store(store: S) -> Result<Repository<S>, RepoError> {
+        let (descriptor, cluster) = read_descriptor(store.as_ref()).await?;
+        Ok(Repository {
+            store,
+            descriptor,
+            cluster,
+        })
+    }
+
     /// The store, for reading.
     pub fn store(&self) -> &Store {
         self.store.as_ref()
@@ -167,17 +177,7 @@ impl Reader {
     /// Open the repository at `url` for reading: one request for `walvault.json` (and, for a
     /// repository created without `--pgdata`, one for `cluster.json`), each retried as any.
     pub async fn open(url: &RepoUrl, options: &StoreOptions) -> Result<Reader, RepoError> {
-        Reader::open_store(Store::open_retrying(url, options).await?).await
-    }
-
-    /// [`Reader::open`] over an opened store.
-    pub async fn open_store(store: Store) -> Result<Reader, RepoError> {
-        let (descriptor, cluster) = read_descriptor(&store).await?;
-        Ok(Repository {
-            store,
-            descriptor,
-            cluster,
-        })
+        Reader::on_store(Store::open_retrying(url, options).await?).await
     }
 
     /// Read the descriptor again: whether the repository at this URL is still the one opened.
@@ -200,17 +200,7 @@ impl Reader {
 impl Writer {
     /// Open the repository at `url` for writing. Never creates one.
     pub async fn open_writable(url: &RepoUrl, options: &StoreOptions) -> Result<Writer, RepoError> {
-        Writer::open_writable_store(WritableStore::open_retrying(url, options).await?).await
-    }
-
-    /// [`Writer::open_writable`] over an opened store.
-    pub async fn open_writable_store(store: WritableStore) -> Result<Writer, RepoError> {
-        let (descriptor, cluster) = read_descriptor(&store).await?;
-        Ok(Repository {
-            store,
-            descriptor,
-            cluster,
-        })
+        Writer::on_store(WritableStore::open_retrying(url, options).await?).await
     }
 
     /// Create a repository at `url` (`archive-agent init`): a new descriptor with a random id and,
@@ -244,7 +234,7 @@ impl Writer {
             });
         }
         // A store that ignores create-only writes may have let a racing init replace ours.
-        let writer = Writer::open_writable_store(store).await?;
+        let writer = Writer::on_store(store).await?;
         if writer.id() != descriptor.id() {
             return Err(RepoError::AlreadyExists {
                 repo: url.to_string(),
