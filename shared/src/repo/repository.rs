@@ -366,4 +366,26 @@ mod tests {
         .unwrap();
         assert_eq!(bound.cluster(), Some(&identity(5)));
     }
+
+    /// Frozen fixtures: an unbound v2 descriptor and the `cluster.json` v1 that binds it.
+    #[tokio::test]
+    async fn frozen_cluster_file_binds_an_unbound_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("walvault.json"),
+            include_bytes!("../../tests/fixtures/walvault-v2-unbound.json"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("cluster.json"),
+            include_bytes!("../../tests/fixtures/cluster-v1.json"),
+        )
+        .unwrap();
+        let url: RepoUrl = format!("file://{}", dir.path().display()).parse().unwrap();
+        let reader = Reader::open(&url, &options()).await.unwrap();
+        assert_eq!(reader.id().as_str(), "0123456789abcdef0123456789abcdef");
+        let c = reader.cluster().unwrap();
+        assert_eq!(c.system_identifier, 7_441_234_567_890_123_456);
+        assert_eq!(c.pg_version, 17);
+    }
 }
