@@ -74,11 +74,22 @@ pub enum ConfigError {
     Url(#[from] UrlError),
     #[error("compress level {0} is out of range: use 1 (fastest) to 19 (smallest)")]
     Level(i32),
-    #[error("invalid duration {0:?}: use a number with a unit, like 500ms, 30s, 5m or 1h")]
+    #[error("invalid duration {0:?}: use a number with a unit, like 500ms, 30s, 5m, 1h, 14d or 2w")]
     Duration(String),
 }
 
-/// Parse `500ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
+/// A duration as [`parse_duration`] reads it back, in the largest unit that divides it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [("w", 7 * 86_400_000), ("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+        if ms >= size && ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+/// Parse `500ms`, `30s`, `5m`, `1h`, `14d`, `2w`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
     let bad = || ConfigError::Duration(s.to_string());
     let t = s.trim();
@@ -90,6 +101,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
         "" | "s" => n.checked_mul(1000),
         "m" | "min" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        "w" => n.checked_mul(7 * 86_400_000),
         _ => None,
     }
     .ok_or_else(bad)?;
@@ -187,7 +200,12 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        for bad in ["", "s", "1d", "-1s", "1.5s", "99999999999999999999h"] {
+        assert_eq!(parse_duration("14d").unwrap(), Duration::from_secs(14 * 86_400));
+        assert_eq!(parse_duration("2w").unwrap(), Duration::from_secs(14 * 86_400));
+        assert_eq!(format_duration(Duration::from_secs(14 * 86_400)), "2w");
+        assert_eq!(format_duration(Duration::from_secs(36 * 3600)), "36h");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        for bad in ["", "s", "1y", "-1s", "1.5s", "99999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -20,6 +20,7 @@ pub mod prefetch;
 pub mod recovery_conf;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod retry;
 pub mod spool;
 pub mod time;

@@ -1,0 +1,729 @@
+//! Retention maths, pure: which backups a policy keeps and why, and which WAL, history files and
+//! time-index summaries the kept backups need. `archive-agent expire` (in [`crate::expire`]) does
+//! the I/O around it.
+//!
+//! The rules (docs/FORMAT.md, "Retention"):
+//! - a backup is kept if any rule keeps it: `keep_last` (the newest N), `keep_within` (every
+//!   backup that became consistent within the duration, plus the newest one before it, so that
+//!   every instant of the duration stays restorable), the calendar rules (the newest backup of
+//!   each of the last N days, ISO weeks, months, years that have one, in the policy's time zone),
+//!   a pin, and always the newest backup and the newest one the latest timeline descends from;
+//! - backups kept by `keep_last`, `keep_within` or as the newest are *window anchors*: all WAL
+//!   from their start, on every timeline descending from them, is kept, so every instant from the
+//!   oldest of them to now stays restorable;
+//! - the other kept backups (calendar rules, pins) keep the WAL from their start to their
+//!   consistency point on their own timeline: each stays restorable to that point;
+//! - history files are kept for every timeline an anchor reaches and their ancestors; summaries
+//!   follow their segments; a timeline whose ancestry is unknown (no history file) keeps all its
+//!   WAL, as does the latest timeline when no backup is on its history.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::backup::BackupId;
+use crate::backup::manifest::Manifest;
+use crate::catalog::Catalog;
+use crate::wal::{SegmentName, WalFileName};
+
+/// A retention policy. Every rule is optional; a backup is kept if any rule keeps it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    pub keep_last: Option<u32>,
+    pub keep_within: Option<Duration>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    /// The time zone calendar periods are taken in (UTC when `None`).
+    pub timezone: Option<jiff::tz::TimeZone>,
+}
+
+impl Policy {
+    /// Whether no rule is set (expire refuses then: it would keep only the newest backup).
+    pub fn is_empty(&self) -> bool {
+        self.keep_last.is_none()
+            && self.keep_within.is_none()
+            && self.keep_daily.is_none()
+            && self.keep_weekly.is_none()
+            && self.keep_monthly.is_none()
+            && self.keep_yearly.is_none()
+    }
+
+    /// The policy in a line: `keep_last 7, keep_daily 7 (Europe/Paris)`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        let mut n = |name: &str, v: Option<u32>| {
+            if let Some(v) = v {
+                parts.push(format!("{name} {v}"));
+            }
+        };
+        n("keep_last", self.keep_last);
+        n("keep_daily", self.keep_daily);
+        n("keep_weekly", self.keep_weekly);
+        n("keep_monthly", self.keep_monthly);
+        n("keep_yearly", self.keep_yearly);
+        if let Some(d) = self.keep_within {
+            parts.push(format!("keep_within {}", crate::config::format_duration(d)));
+        }
+        let tz = self.tz_name();
+        if tz != "UTC" {
+            parts.push(format!("calendar in {tz}"));
+        }
+        parts.join(", ")
+    }
+
+    fn tz(&self) -> jiff::tz::TimeZone {
+        self.timezone.clone().unwrap_or(jiff::tz::TimeZone::UTC)
+    }
+
+    fn tz_name(&self) -> String {
+        self.timezone
+            .as_ref()
+            .and_then(|t| t.iana_name().map(str::to_string))
+            .unwrap_or_else(|| "UTC".into())
+    }
+}
+
+/// Why a backup is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The newest backup: never expired.
+    Newest,
+    /// The newest backup the latest timeline descends from: never expired, so the timeline the
+    /// cluster runs on now always has a backup.
+    LatestTimeline,
+    Pinned,
+    Last,
+    Within,
+    Daily,
+    Weekly,
+    Monthly,
+    Yearly,
+}
+
+impl Reason {
+    /// Whether the backup anchors the point-in-time window (all WAL after it is kept).
+    pub fn anchors_window(self) -> bool {
+        matches!(self, Reason::Newest | Reason::LatestTimeline | Reason::Last | Reason::Within)
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reason::Newest => "newest",
+            Reason::LatestTimeline => "latest-timeline",
+            Reason::Pinned => "pinned",
+            Reason::Last => "last",
+            Reason::Within => "within",
+            Reason::Daily => "daily",
+            Reason::Weekly => "weekly",
+            Reason::Monthly => "monthly",
+            Reason::Yearly => "yearly",
+        })
+    }
+}
+
+/// What the policy decided for each backup, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub id: BackupId,
+    /// Empty: the backup expires.
+    pub reasons: BTreeSet<Reason>,
+}
+
+impl Decision {
+    pub fn kept(&self) -> bool {
+        !self.reasons.is_empty()
+    }
+}
+
+/// Decide which backups `policy` keeps. `backups` oldest first; `now_us` is the clock (Unix
+/// microseconds); `latest_timeline_base` the newest backup the latest timeline descends from.
+pub fn select(
+    policy: &Policy,
+    backups: &[&Manifest],
+    pinned: &BTreeSet<BackupId>,
+    latest_timeline_base: Option<&BackupId>,
+    now_us: i64,
+) -> Vec<Decision> {
+    let mut reasons: Vec<BTreeSet<Reason>> = vec![BTreeSet::new(); backups.len()];
+    // Newest first, by the moment each restores to (its consistency point).
+    let mut order: Vec<usize> = (0..backups.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse((backups[i].stop_time_us, backups[i].id.clone())));
+    if let Some(&newest) = order.first() {
+        reasons[newest].insert(Reason::Newest);
+    }
+    for (i, m) in backups.iter().enumerate() {
+        if pinned.contains(&m.id) {
+            reasons[i].insert(Reason::Pinned);
+        }
+        if latest_timeline_base == Some(&m.id) {
+            reasons[i].insert(Reason::LatestTimeline);
+        }
+    }
+    if let Some(n) = policy.keep_last {
+        for &i in order.iter().take(n as usize) {
+            reasons[i].insert(Reason::Last);
+        }
+    }
+    if let Some(d) = policy.keep_within {
+        let since = now_us.saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let mut before = false;
+        for &i in &order {
+            if backups[i].stop_time_us >= since {
+                reasons[i].insert(Reason::Within);
+            } else if !before {
+                // The newest backup before the window start: without it, the instants between
+                // the start and the first backup inside would not be restorable.
+                reasons[i].insert(Reason::Within);
+                before = true;
+            }
+        }
+    }
+    let tz = policy.tz();
+    let rules: [(Option<u32>, Reason); 4] = [
+        (policy.keep_daily, Reason::Daily),
+        (policy.keep_weekly, Reason::Weekly),
+        (policy.keep_monthly, Reason::Monthly),
+        (policy.keep_yearly, Reason::Yearly),
+    ];
+    for (n, reason) in rules {
+        let Some(n) = n else { continue };
+        let mut seen = BTreeSet::new();
+        for &i in &order {
+            if seen.len() >= n as usize {
+                break;
+            }
+            let Some(period) = period_of(backups[i].stop_time_us, &tz, reason) else {
+                continue;
+            };
+            // Newest first: the first backup met in a period is its newest.
+            if seen.insert(period) {
+                reasons[i].insert(reason);
+            }
+        }
+    }
+    backups
+        .iter()
+        .zip(reasons)
+        .map(|(m, reasons)| Decision {
+            id: m.id.clone(),
+            reasons,
+        })
+        .collect()
+}
+
+/// The calendar period (day, ISO week, month, year) holding `unix_us` in `tz`, as a number that
+/// orders periods and tells them apart.
+fn period_of(unix_us: i64, tz: &jiff::tz::TimeZone, rule: Reason) -> Option<i64> {
+    let date = jiff::Timestamp::from_microsecond(unix_us)
+        .ok()?
+        .to_zoned(tz.clone())
+        .date();
+    let (y, m, d) = (i64::from(date.year()), i64::from(date.month()), i64::from(date.day()));
+    Some(match rule {
+        Reason::Daily => y * 10_000 + m * 100 + d,
+        Reason::Weekly => {
+            let w = date.iso_week_date();
+            i64::from(w.year()) * 100 + i64::from(w.week())
+        }
+        Reason::Monthly => y * 100 + m,
+        Reason::Yearly => y,
+        _ => return None,
+    })
+}
+
+/// The segment range a kept backup needs, and on which timelines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Anchor {
+    /// Segment number of the backup's start.
+    from: u64,
+    /// Last segment needed; `None` for a window anchor (everything after, on every timeline
+    /// descending from the backup).
+    to: Option<u64>,
+    timeline: u32,
+    /// The backup (for on-history checks).
+    stop_lsn: crate::wal::Lsn,
+}
+
+/// What an expire deletes, and what it keeps.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Every backup, oldest first, with why it is kept (no reasons: expired).
+    pub decisions: Vec<Decision>,
+    /// The oldest window anchor: every instant from its consistency point to now stays
+    /// restorable on the timelines descending from it.
+    pub window_from: Option<BackupId>,
+    /// Listed WAL files (segments, partial and backup history files) no kept backup needs.
+    pub wal: Vec<WalFileName>,
+    /// Timeline history files no kept backup needs.
+    pub history: Vec<u32>,
+    /// Time index summaries of segments no kept backup needs.
+    pub summaries: Vec<SegmentName>,
+    /// Timelines whose WAL is kept whole because their ancestry is unknown (no history file).
+    pub unknown_timelines: Vec<u32>,
+}
+
+impl Plan {
+    pub fn expired(&self) -> impl Iterator<Item = &BackupId> {
+        self.decisions.iter().filter(|d| !d.kept()).map(|d| &d.id)
+    }
+
+    pub fn kept(&self) -> impl Iterator<Item = &Decision> {
+        self.decisions.iter().filter(|d| d.kept())
+    }
+}
+
+/// Plan an expire: which backups `policy` keeps, and which of the listed WAL files (`wal`) and
+/// summaries (`summaries`) nothing kept needs. Timelines and backups come from `cat`.
+pub fn plan(
+    policy: &Policy,
+    cat: &Catalog,
+    pinned: &BTreeSet<BackupId>,
+    wal: &[WalFileName],
+    summaries: &[SegmentName],
+    now_us: i64,
+) -> Plan {
+    let seg = u64::from(cat.wal_segment_size());
+    let backups: Vec<&Manifest> = cat.backups.iter().collect();
+    let latest = cat.timeline_ids().last().copied();
+    let latest_base = latest.and_then(|t| {
+        backups
+            .iter()
+            .filter(|m| cat.on_history(m, t))
+            .max_by_key(|m| (m.stop_time_us, m.id.clone()))
+            .map(|m| m.id.clone())
+    });
+    let decisions = select(policy, &backups, pinned, latest_base.as_ref(), now_us);
+
+    let mut anchors = Vec::new();
+    let mut window_from: Option<&Manifest> = None;
+    for (m, d) in backups.iter().zip(&decisions) {
+        if !d.kept() {
+            continue;
+        }
+        let window = d.reasons.iter().any(|r| r.anchors_window());
+        if window && window_from.is_none_or(|w| m.stop_time_us < w.stop_time_us) {
+            window_from = Some(m);
+        }
+        anchors.push(Anchor {
+            from: m.start_lsn.0 / seg,
+            to: (!window).then(|| m.stop_lsn.0.saturating_sub(1) / seg),
+            timeline: m.timeline,
+            stop_lsn: m.stop_lsn,
+        });
+    }
+
+    // Timelines known only from their segments (no history file) beyond timeline 1: their
+    // ancestry is unknown, so nothing on them is judged unneeded.
+    let unknown: BTreeSet<u32> = cat
+        .segments
+        .keys()
+        .copied()
+        .filter(|&t| t > 1 && !cat.timelines.histories.contains_key(&t))
+        .collect();
+    let all_timelines = cat.timeline_ids();
+    // For each anchor, the timelines it reaches: its own only (consistency anchors) or every
+    // timeline whose history holds the backup (window anchors).
+    let reach = |a: &Anchor| -> Vec<u32> {
+        match a.to {
+            Some(_) => vec![a.timeline],
+            None => all_timelines
+                .iter()
+                .copied()
+                .filter(|&t| cat.timelines.history(t).timeline_at(a.stop_lsn) == a.timeline)
+                .collect(),
+        }
+    };
+    let reached: Vec<(&Anchor, Vec<u32>)> = anchors.iter().map(|a| (a, reach(a))).collect();
+    let latest_unanchored = latest.filter(|_| latest_base.is_none());
+    let needed = |tli: u32, no: u64| -> bool {
+        if unknown.contains(&tli) || Some(tli) == latest_unanchored {
+            return true;
+        }
+        reached.iter().any(|(a, timelines)| {
+            no >= a.from
+                && a.to.is_none_or(|to| no <= to)
+                && timelines.iter().any(|&t| cat.timeline_of_segment(t, no) == tli)
+        })
+    };
+
+    let mut kept_history: BTreeSet<u32> = BTreeSet::new();
+    for (_, timelines) in &reached {
+        for &t in timelines {
+            kept_history.insert(t);
+            kept_history.extend(cat.timelines.history(t).ancestors.iter().map(|a| a.timeline));
+        }
+    }
+    kept_history.extend(unknown.iter().copied());
+    kept_history.extend(latest);
+
+    let mut plan = Plan {
+        window_from: window_from.map(|m| m.id.clone()),
+        unknown_timelines: unknown.iter().copied().collect(),
+        ..Plan::default()
+    };
+    for name in wal {
+        match name {
+            WalFileName::History(t) => {
+                if !kept_history.contains(&t.get()) {
+                    plan.history.push(t.get());
+                }
+            }
+            WalFileName::Segment(s) | WalFileName::Partial(s) | WalFileName::Backup { segment: s, .. } => {
+                if let Some(no) = s.segment_no(seg as u32)
+                    && !needed(s.timeline.get(), no)
+                {
+                    plan.wal.push(name.clone());
+                }
+            }
+        }
+    }
+    for s in summaries {
+        if let Some(no) = s.segment_no(seg as u32)
+            && !needed(s.timeline.get(), no)
+        {
+            plan.summaries.push(*s);
+        }
+    }
+    plan.decisions = decisions;
+    plan
+}
+
+/// Every chunk id the given manifests reference.
+pub fn referenced_chunks<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> BTreeSet<&'a str> {
+    manifests
+        .into_iter()
+        .flat_map(|m| m.entries.iter())
+        .flat_map(|e| e.chunks.iter())
+        .map(String::as_str)
+        .collect()
+}
+
+/// Kept backups grouped by reason, for reports: reason -> ids.
+pub fn by_reason(decisions: &[Decision]) -> BTreeMap<Reason, Vec<BackupId>> {
+    let mut out: BTreeMap<Reason, Vec<BackupId>> = BTreeMap::new();
+    for d in decisions {
+        for r in &d.reasons {
+            out.entry(*r).or_default().push(d.id.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::manifest::{BackupStats, FORMAT_NAME, FORMAT_VERSION};
+    use crate::repo::{ClusterIdentity, RepoId};
+    use crate::timeline::{TimelineHistory, TimelineTree};
+    use crate::wal::{Lsn, TimelineId};
+
+    const SEG: u64 = 16 << 20;
+    const HOUR: i64 = 3_600_000_000;
+    const DAY: i64 = 24 * HOUR;
+
+    fn backup(id: &str, tli: u32, start_seg: u64, stop_us: i64) -> Manifest {
+        Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            id: id.parse().unwrap(),
+            system_identifier: 1,
+            pg_version: 15,
+            timeline: tli,
+            start_lsn: Lsn(start_seg * SEG + 0x28),
+            stop_lsn: Lsn(start_seg * SEG + 0x100),
+            start_time_us: stop_us - 1_000_000,
+            stop_time_us: stop_us,
+            start_wal: String::new(),
+            stop_wal: String::new(),
+            chunk_size: 1 << 20,
+            backup_label: String::new(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            entries: vec![],
+            stats: BackupStats::default(),
+        }
+    }
+
+    /// Unix microseconds of a UTC date and time.
+    fn at(y: i16, mo: i8, d: i8, h: i8, mi: i8) -> i64 {
+        jiff::civil::date(y, mo, d)
+            .at(h, mi, 0, 0)
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .unwrap()
+            .timestamp()
+            .as_microsecond()
+    }
+
+    fn id_at(us: i64) -> String {
+        crate::time::format_compact(us / 1_000_000)
+    }
+
+    fn kept_ids(d: &[Decision], reason: Reason) -> Vec<String> {
+        d.iter()
+            .filter(|d| d.reasons.contains(&reason))
+            .map(|d| d.id.to_string())
+            .collect()
+    }
+
+    fn daily_backups(n: usize, start: i64) -> Vec<Manifest> {
+        (0..n)
+            .map(|i| {
+                let t = start + i as i64 * DAY;
+                backup(&id_at(t), 1, 2 + i as u64 * 10, t)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn keep_last_keeps_the_newest_and_nothing_is_kept_by_default_but_the_newest() {
+        let bs = daily_backups(5, at(2026, 11, 1, 3, 0));
+        let refs: Vec<&Manifest> = bs.iter().collect();
+        let none = BTreeSet::new();
+        let p = Policy {
+            keep_last: Some(2),
+            ..Policy::default()
+        };
+        let d = select(&p, &refs, &none, None, at(2026, 11, 10, 0, 0));
+        assert_eq!(kept_ids(&d, Reason::Last), vec![id_at(bs[3].stop_time_us), id_at(bs[4].stop_time_us)]);
+        assert_eq!(kept_ids(&d, Reason::Newest), vec![id_at(bs[4].stop_time_us)]);
+        assert_eq!(d.iter().filter(|d| d.kept()).count(), 2);
+        // No rule at all: only the newest survives (expire refuses such a policy anyway).
+        assert!(Policy::default().is_empty());
+        let d = select(&Policy::default(), &refs, &none, None, 0);
+        assert_eq!(d.iter().filter(|d| d.kept()).count(), 1);
+    }
+
+    #[test]
+    fn keep_within_keeps_the_backup_before_the_window_so_its_start_is_restorable() {
+        let bs = daily_backups(6, at(2026, 11, 1, 3, 0));
+        let refs: Vec<&Manifest> = bs.iter().collect();
+        let p = Policy {
+            keep_within: Some(Duration::from_secs(2 * 86_400)),
+            ..Policy::default()
+        };
+        // Now is Nov 6 12:00: the window starts Nov 4 12:00; backups of Nov 5 and 6 are inside,
+        // and Nov 4 03:00 is the newest before it.
+        let d = select(&p, &refs, &BTreeSet::new(), None, at(2026, 11, 6, 12, 0));
+        assert_eq!(
+            kept_ids(&d, Reason::Within),
+            vec![id_at(bs[3].stop_time_us), id_at(bs[4].stop_time_us), id_at(bs[5].stop_time_us)]
+        );
+    }
+
+    #[test]
+    fn calendar_rules_keep_the_newest_backup_of_each_period_in_the_policy_time_zone() {
+        // Four backups a day (every 6 hours from 01:00 UTC) for 70 days from 2026-10-01.
+        let mut bs = Vec::new();
+        for day in 0..70 {
+            for h in [1, 7, 13, 19] {
+                let t = at(2026, 10, 1, h, 0) + day * DAY;
+                bs.push(backup(&id_at(t), 1, 2 + bs.len() as u64, t));
+            }
+        }
+        let refs: Vec<&Manifest> = bs.iter().collect();
+        let p = Policy {
+            keep_daily: Some(3),
+            keep_weekly: Some(2),
+            keep_monthly: Some(3),
+            keep_yearly: Some(1),
+            ..Policy::default()
+        };
+        let now = at(2026, 12, 10, 0, 0);
+        let d = select(&p, &refs, &BTreeSet::new(), None, now);
+        // The last day is 2026-12-09: the 19:00 backup of Dec 9, 8 and 7.
+        assert_eq!(
+            kept_ids(&d, Reason::Daily),
+            vec!["20261207T190000Z", "20261208T190000Z", "20261209T190000Z"]
+        );
+        // Dec 9 2026 is a Wednesday: its ISO week's newest is Dec 9; the week before ends Sunday
+        // Dec 6.
+        assert_eq!(kept_ids(&d, Reason::Weekly), vec!["20261206T190000Z", "20261209T190000Z"]);
+        assert_eq!(
+            kept_ids(&d, Reason::Monthly),
+            vec!["20261031T190000Z", "20261130T190000Z", "20261209T190000Z"]
+        );
+        assert_eq!(kept_ids(&d, Reason::Yearly), vec!["20261209T190000Z"]);
+        assert_eq!(d.iter().filter(|d| d.kept()).count(), 6);
+
+        // In Tokyo (UTC+9), 19:00 UTC is already the next day: the newest backup of a Tokyo day
+        // is the 13:00 UTC one (22:00 there), and Dec 9 19:00 UTC belongs to Dec 10.
+        let tokyo = Policy {
+            keep_daily: Some(2),
+            timezone: Some(jiff::tz::TimeZone::get("Asia/Tokyo").unwrap()),
+            ..Policy::default()
+        };
+        let d = select(&tokyo, &refs, &BTreeSet::new(), None, now);
+        assert_eq!(
+            kept_ids(&d, Reason::Daily),
+            vec!["20261209T130000Z", "20261209T190000Z"]
+        );
+        assert!(tokyo.describe().contains("Asia/Tokyo"), "{}", tokyo.describe());
+    }
+
+    #[test]
+    fn pins_and_the_latest_timeline_base_are_kept_whatever_the_rules() {
+        let bs = daily_backups(4, at(2026, 11, 1, 3, 0));
+        let refs: Vec<&Manifest> = bs.iter().collect();
+        let pinned = BTreeSet::from([bs[0].id.clone()]);
+        let p = Policy {
+            keep_last: Some(1),
+            ..Policy::default()
+        };
+        let d = select(&p, &refs, &pinned, Some(&bs[1].id), 0);
+        assert_eq!(kept_ids(&d, Reason::Pinned), vec![bs[0].id.to_string()]);
+        assert_eq!(kept_ids(&d, Reason::LatestTimeline), vec![bs[1].id.to_string()]);
+        assert!(!d[2].kept());
+        assert!(d[3].kept());
+    }
+
+    fn seg_name(tli: u32, no: u64) -> SegmentName {
+        SegmentName::containing(TimelineId::new(tli).unwrap(), Lsn(no * SEG), SEG as u32)
+    }
+
+    /// Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2. Backups: A on
+    /// timeline 1 at segment 2, B on timeline 1 at segment 4, C on timeline 2 at segment 7.
+    fn catalog() -> Catalog {
+        let mut timelines = TimelineTree::default();
+        timelines.insert(TimelineHistory::parse(TimelineId::new(2).unwrap(), b"1\t0/5000100\tx\n").unwrap());
+        let day = at(2026, 11, 1, 3, 0);
+        Catalog {
+            repo_id: RepoId::random(),
+            cluster: Some(ClusterIdentity {
+                system_identifier: 1,
+                wal_segment_size: SEG as u32,
+                wal_block_size: 8192,
+                pg_version: 15,
+            }),
+            backups: vec![
+                backup(&id_at(day), 1, 2, day),
+                backup(&id_at(day + DAY), 1, 4, day + DAY),
+                backup(&id_at(day + 2 * DAY), 2, 7, day + 2 * DAY),
+            ],
+            timelines,
+            segments: BTreeMap::from([(1, (2..=7).collect()), (2, (5..=9).collect())]),
+            summaries: BTreeMap::new(),
+            damaged: Vec::new(),
+        }
+    }
+
+    fn listing(cat: &Catalog) -> (Vec<WalFileName>, Vec<SegmentName>) {
+        let mut wal = vec![WalFileName::History(TimelineId::new(2).unwrap())];
+        let mut sums = Vec::new();
+        for (&tli, nos) in &cat.segments {
+            for &no in nos {
+                wal.push(WalFileName::Segment(seg_name(tli, no)));
+                sums.push(seg_name(tli, no));
+            }
+        }
+        (wal, sums)
+    }
+
+    fn deleted(p: &Plan) -> Vec<String> {
+        p.wal.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[test]
+    fn the_window_keeps_every_timeline_descending_from_its_oldest_backup() {
+        let cat = catalog();
+        let (wal, sums) = listing(&cat);
+        // keep_last 2: B (timeline 1, segment 4) and C. B's window reaches timelines 1 and 2:
+        // nothing from segment 4 on is deleted, on either; segments 2 and 3 go.
+        let p = Policy {
+            keep_last: Some(2),
+            ..Policy::default()
+        };
+        let plan = plan(&p, &cat, &BTreeSet::new(), &wal, &sums, 0);
+        assert_eq!(plan.expired().map(|b| b.to_string()).collect::<Vec<_>>(), vec![cat.backups[0].id.to_string()]);
+        assert_eq!(plan.window_from.as_ref(), Some(&cat.backups[1].id));
+        assert_eq!(
+            deleted(&plan),
+            vec![seg_name(1, 2).to_string(), seg_name(1, 3).to_string()]
+        );
+        assert_eq!(plan.summaries, vec![seg_name(1, 2), seg_name(1, 3)]);
+        assert!(plan.history.is_empty());
+    }
+
+    #[test]
+    fn a_window_on_the_new_timeline_drops_the_old_timeline_past_the_branch() {
+        let cat = catalog();
+        let (wal, sums) = listing(&cat);
+        // keep_last 1: only C on timeline 2. Timeline 2 reads segments 2..4 from timeline 1,
+        // but C starts at 7: all of timeline 1 goes, and timeline 2's 5 and 6.
+        let p = Policy {
+            keep_last: Some(1),
+            ..Policy::default()
+        };
+        let plan = plan(&p, &cat, &BTreeSet::new(), &wal, &sums, 0);
+        let mut want: Vec<String> = (2..=7).map(|no| seg_name(1, no).to_string()).collect();
+        want.extend([seg_name(2, 5).to_string(), seg_name(2, 6).to_string()]);
+        assert_eq!(deleted(&plan), want);
+        assert!(plan.history.is_empty(), "timeline 2's history stays");
+    }
+
+    #[test]
+    fn a_calendar_backup_keeps_only_the_wal_to_its_consistency_point() {
+        let cat = catalog();
+        let (wal, sums) = listing(&cat);
+        // Pin A: it keeps segment 2 (its start to its consistency point), nothing more.
+        let pinned = BTreeSet::from([cat.backups[0].id.clone()]);
+        let p = Policy {
+            keep_last: Some(1),
+            ..Policy::default()
+        };
+        let plan = plan(&p, &cat, &pinned, &wal, &sums, 0);
+        assert!(!deleted(&plan).contains(&seg_name(1, 2).to_string()));
+        assert!(deleted(&plan).contains(&seg_name(1, 3).to_string()));
+        assert_eq!(plan.expired().count(), 1, "only B");
+    }
+
+    #[test]
+    fn unknown_timelines_and_an_unanchored_latest_timeline_keep_all_their_wal() {
+        let mut cat = catalog();
+        // Timeline 3 has segments but no history file: its ancestry is unknown.
+        cat.segments.insert(3, vec![8, 9]);
+        let (wal, sums) = listing(&cat);
+        let p = Policy {
+            keep_last: Some(1),
+            ..Policy::default()
+        };
+        let plan = plan(&p, &cat, &BTreeSet::new(), &wal, &sums, 0);
+        assert_eq!(plan.unknown_timelines, vec![3]);
+        assert!(!deleted(&plan).iter().any(|w| w.starts_with("00000003")));
+        // Timeline 3 is the latest and no backup is on its (unknown) history: no backup is the
+        // latest timeline's base, so only the newest (C) anchors a window.
+        assert_eq!(plan.kept().count(), 1);
+    }
+
+    #[test]
+    fn an_abandoned_branch_goes_when_the_latest_timeline_descends_from_elsewhere() {
+        let mut cat = catalog();
+        // Timeline 3 branched from timeline 1 at segment 6 (after B, before C's timeline 2
+        // segments were used): the cluster runs on 3 now; timeline 2 is abandoned.
+        cat.timelines.insert(TimelineHistory::parse(TimelineId::new(3).unwrap(), b"1\t0/6000100\tx\n").unwrap());
+        cat.segments.insert(3, vec![6, 7, 8]);
+        let (mut wal, sums) = listing(&cat);
+        wal.push(WalFileName::History(TimelineId::new(3).unwrap()));
+        let p = Policy {
+            keep_last: Some(1),
+            ..Policy::default()
+        };
+        let plan = plan(&p, &cat, &BTreeSet::new(), &wal, &sums, 0);
+        // C (newest, on 2) and B (the newest backup timeline 3 descends from) are kept.
+        let kept: Vec<&Decision> = plan.kept().collect();
+        assert_eq!(kept.len(), 2);
+        assert!(kept[0].reasons.contains(&Reason::LatestTimeline));
+        // Timeline 3 reads 4 and 5 from timeline 1, then its own from 6: all kept.
+        let del = deleted(&plan);
+        for keep in [seg_name(1, 4), seg_name(1, 5), seg_name(3, 6), seg_name(3, 8)] {
+            assert!(!del.contains(&keep.to_string()), "{keep}");
+        }
+        assert!(del.contains(&seg_name(1, 3).to_string()));
+    }
+}
