@@ -91,6 +91,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Delete the backups no retention rule keeps, and the WAL, history files, time index
+    /// summaries and chunks nothing kept needs. Rules come from the [retention] table of the
+    /// TOML file, or from these flags (which then replace the table's rules). Says what it kept,
+    /// by which rule, and what it deleted. Safe while backups run: chunks are only collected when
+    /// no backup is in progress.
+    Expire {
+        #[command(flatten)]
+        rules: walvault::cli::RetentionArgs,
+        /// Show what would be kept and deleted, and delete nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pin a backup: no expire deletes it (nor the WAL to its consistency point) until unpinned
+    Pin {
+        /// The backup id (restore-agent list)
+        id: String,
+        /// Why it is kept (shown by restore-agent info)
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
+    },
+    /// Remove a backup's pin: the next expire applies the policy to it
+    Unpin {
+        /// The backup id
+        id: String,
+    },
     /// Run beside PostgreSQL: upload .ready WAL files ahead of the archiver, in parallel, so that
     /// archive_command = 'archive-agent push %p' answers at once; optionally take scheduled
     /// backups and force WAL switches on an idle cluster. Stops cleanly on SIGTERM or SIGINT.
@@ -149,6 +177,27 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("daemon failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Expire { rules, dry_run, json } => match expire(&cli.repo, &rules, dry_run, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("expire failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Pin { id, note } => match pin(&cli.repo, &id, Some(note)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("pin failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Unpin { id } => match pin(&cli.repo, &id, None) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("unpin failed: {e}");
                 ExitCode::FAILURE
             }
         },
@@ -230,6 +279,42 @@ fn daemon(
         walvault::daemon::run(settings, opts, metrics, shutdown).await
     })?;
     tracing::info!("daemon stopped");
+    Ok(())
+}
+
+fn expire(repo: &RepoArgs, rules: &walvault::cli::RetentionArgs, dry_run: bool, json: bool) -> anyhow::Result<()> {
+    let settings = repo.settings(None)?;
+    let policy = settings.retention.policy(&rules.settings())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(async {
+        let writer = walvault::repo::Writer::open_writable(&settings.repo, &settings.store_options()).await?;
+        anyhow::Ok(walvault::expire::expire(&writer, &policy, dry_run, walvault::time::now_micros()).await?)
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.render());
+    }
+    Ok(())
+}
+
+/// Pin (`note` is `Some`) or unpin backup `id`.
+fn pin(repo: &RepoArgs, id: &str, note: Option<Option<String>>) -> anyhow::Result<()> {
+    let settings = repo.settings(None)?;
+    let id: walvault::backup::BackupId = id.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let writer = walvault::repo::Writer::open_writable(&settings.repo, &settings.store_options()).await?;
+        match &note {
+            Some(note) => walvault::expire::pin(&writer, &id, note.clone()).await?,
+            None => walvault::expire::unpin(&writer, &id).await?,
+        }
+        anyhow::Ok(())
+    })?;
+    match note {
+        Some(_) => println!("pinned {id}"),
+        None => println!("unpinned {id}"),
+    }
     Ok(())
 }
 

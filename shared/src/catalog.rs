@@ -109,6 +109,15 @@ pub struct Catalog {
     pub summaries: BTreeMap<(u32, u64), SegmentSummary>,
     /// Manifests and history files that could not be read or did not validate.
     pub damaged: Vec<Damaged>,
+    /// Backups with a pin (expire never deletes them).
+    pub pinned: std::collections::BTreeSet<BackupId>,
+    /// Every WAL object listed (segments, partial segments, backup history and timeline history
+    /// files) with its stored size.
+    pub wal_files: Vec<(WalFileName, u64)>,
+    /// Every time index summary listed, with its stored size.
+    pub summary_files: Vec<(SegmentName, u64)>,
+    /// The stored size of each manifest listed.
+    pub manifest_bytes: BTreeMap<BackupId, u64>,
 }
 
 /// The span of time a restore can reach on one timeline.
@@ -176,10 +185,17 @@ impl Catalog {
             });
             Ok(())
         };
-        for (key, _) in store.list(Kind::Backup.dirname()).await? {
+        let mut pinned = std::collections::BTreeSet::new();
+        let mut manifest_bytes = BTreeMap::new();
+        for (key, size) in store.list(Kind::Backup.dirname()).await? {
+            if let Some(id) = layout::parse_pin_key(&key) {
+                pinned.insert(id);
+                continue;
+            }
             let Some(id) = layout::parse_manifest_key(&key) else {
                 continue; // not a manifest (or a foreign file): ignored
             };
+            manifest_bytes.insert(id.clone(), size);
             if let Some(m) = previous.and_then(|p| p.backups.iter().find(|m| m.id == id)) {
                 backups.push(m.clone());
                 continue;
@@ -193,10 +209,12 @@ impl Catalog {
 
         let mut timelines = TimelineTree::default();
         let mut segments: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-        for (key, _) in store.list(Kind::Wal.dirname()).await? {
+        let mut wal_files = Vec::new();
+        for (key, size) in store.list(Kind::Wal.dirname()).await? {
             let Some(parsed_name) = layout::parse_wal_key(&key) else {
                 continue;
             };
+            wal_files.push((parsed_name.clone(), size));
             let name = parsed_name.to_string();
             let name = name.as_str();
             match parsed_name {
@@ -230,10 +248,12 @@ impl Catalog {
             v.sort_unstable();
         }
         let mut summaries = BTreeMap::new();
-        for (key, _) in store.list(Kind::Index.dirname()).await? {
+        let mut summary_files = Vec::new();
+        for (key, size) in store.list(Kind::Index.dirname()).await? {
             let Some(seg) = layout::parse_summary_key(&key) else {
                 continue;
             };
+            summary_files.push((seg, size));
             let at = seg.segment_no(seg_size).map(|no| (seg.timeline.get(), no));
             if let Some((at, known)) = at.and_then(|at| Some((at, previous?.summaries.get(&at)?))) {
                 summaries.insert(at, known.clone());
@@ -258,6 +278,10 @@ impl Catalog {
             segments,
             summaries,
             damaged,
+            pinned,
+            wal_files,
+            summary_files,
+            manifest_bytes,
         })
     }
 
@@ -526,6 +550,10 @@ mod tests {
             segments: BTreeMap::from([(1, (2..=7).collect()), (2, (5..=9).collect())]),
             summaries,
             damaged: Vec::new(),
+            pinned: Default::default(),
+            wal_files: Vec::new(),
+            summary_files: Vec::new(),
+            manifest_bytes: BTreeMap::new(),
         }
     }
 

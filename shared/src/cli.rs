@@ -36,6 +36,49 @@ impl RepoArgs {
     }
 }
 
+/// Retention rules on the command line (`expire`, `daemon`): the `[retention]` table's keys as
+/// flags. Any rule given here replaces the table's rules.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RetentionArgs {
+    /// Keep the newest N backups, with every instant since the oldest of them
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep every instant of the last DURATION restorable (14d, 2w, 36h): the backups that
+    /// became consistent in it and the newest one before it
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    /// Keep the newest backup of each of the last N days that have one (restorable to its
+    /// consistency point)
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// ... of each of the last N ISO weeks (Monday to Sunday)
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// ... of each of the last N calendar months
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// ... of each of the last N calendar years
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Time zone of the calendar periods (IANA name, e.g. Europe/Paris) [default: UTC]
+    #[arg(long, value_name = "ZONE")]
+    pub timezone: Option<String>,
+}
+
+impl RetentionArgs {
+    pub fn settings(&self) -> crate::config::RetentionSettings {
+        crate::config::RetentionSettings {
+            keep_last: self.keep_last,
+            keep_within: self.keep_within.clone(),
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_yearly: self.keep_yearly,
+            timezone: self.timezone.clone(),
+        }
+    }
+}
+
 /// Parse the command line; on a usage error print one line and exit 2 (help and version exit 0).
 pub fn parse_or_exit<T: Parser>(program: &str) -> T {
     parse_or_exit_with(program, exit::USAGE)

@@ -43,6 +43,65 @@ pub struct Settings {
     /// GCS settings from the file's `[gcs]` table; `GOOGLE_*` environment variables take
     /// precedence.
     pub gcs: GcsSettings,
+    /// The file's `[retention]` table.
+    pub retention: RetentionSettings,
+}
+
+/// The `[retention]` table, and the `expire` flags of the same names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    pub keep_last: Option<u32>,
+    /// A duration: `14d`, `2w`, `36h`.
+    pub keep_within: Option<String>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    /// IANA time zone of the calendar rules (`Europe/Paris`); UTC by default.
+    pub timezone: Option<String>,
+}
+
+impl RetentionSettings {
+    /// Whether any rule is set (the time zone alone is not a rule).
+    pub fn has_rules(&self) -> bool {
+        self.keep_last.is_some()
+            || self.keep_within.is_some()
+            || self.keep_daily.is_some()
+            || self.keep_weekly.is_some()
+            || self.keep_monthly.is_some()
+            || self.keep_yearly.is_some()
+    }
+
+    /// The policy: `flags`' rules when it has any (what is typed is what runs), else this
+    /// table's; the time zone from the flags, else from this table.
+    pub fn policy(&self, flags: &RetentionSettings) -> Result<crate::retention::Policy, ConfigError> {
+        let rules = if flags.has_rules() { flags } else { self };
+        let timezone = match flags.timezone.as_ref().or(self.timezone.as_ref()) {
+            None => None,
+            Some(name) => Some(
+                jiff::tz::TimeZone::get(name).map_err(|_| ConfigError::TimeZone(name.clone()))?,
+            ),
+        };
+        let keep_within = rules.keep_within.as_deref().map(parse_duration).transpose()?;
+        for n in [rules.keep_last, rules.keep_daily, rules.keep_weekly, rules.keep_monthly, rules.keep_yearly]
+            .into_iter()
+            .flatten()
+        {
+            if n == 0 {
+                return Err(ConfigError::ZeroRule);
+            }
+        }
+        Ok(crate::retention::Policy {
+            keep_last: rules.keep_last,
+            keep_within,
+            keep_daily: rules.keep_daily,
+            keep_weekly: rules.keep_weekly,
+            keep_monthly: rules.keep_monthly,
+            keep_yearly: rules.keep_yearly,
+            timezone,
+        })
+    }
 }
 
 /// The TOML file; every key is optional.
@@ -58,6 +117,8 @@ struct FileConfig {
     azure: AzureSettings,
     #[serde(default)]
     gcs: GcsSettings,
+    #[serde(default)]
+    retention: RetentionSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +135,10 @@ pub enum ConfigError {
     Url(#[from] UrlError),
     #[error("compress level {0} is out of range: use 1 (fastest) to 19 (smallest)")]
     Level(i32),
+    #[error("unknown time zone {0:?}: use an IANA name like UTC, Europe/Paris or America/New_York")]
+    TimeZone(String),
+    #[error("a retention rule of 0 keeps nothing: leave the rule out instead")]
+    ZeroRule,
     #[error("invalid duration {0:?}: use a number with a unit, like 500ms, 30s, 5m, 1h, 14d or 2w")]
     Duration(String),
 }
@@ -170,6 +235,7 @@ impl Settings {
             s3: file.s3,
             azure: file.azure,
             gcs: file.gcs,
+            retention: file.retention,
         })
     }
 
@@ -208,6 +274,47 @@ mod tests {
         for bad in ["", "s", "1y", "-1s", "1.5s", "99999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn retention_table_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("w.toml");
+        std::fs::write(
+            &cfg,
+            "repo = \"file:///r\"\n[retention]\nkeep_daily = 7\nkeep_within = \"14d\"\ntimezone = \"Europe/Paris\"\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(
+            Overrides {
+                config: Some(cfg),
+                ..Default::default()
+            },
+            Path::new("/x"),
+        )
+        .unwrap();
+        let from_file = s.retention.policy(&RetentionSettings::default()).unwrap();
+        assert_eq!(from_file.keep_daily, Some(7));
+        assert_eq!(from_file.keep_within, Some(Duration::from_secs(14 * 86_400)));
+        assert_eq!(from_file.timezone.as_ref().and_then(|t| t.iana_name()), Some("Europe/Paris"));
+        // Flags with rules replace the table's rules; the time zone still comes from the file.
+        let flags = RetentionSettings {
+            keep_last: Some(3),
+            ..Default::default()
+        };
+        let p = s.retention.policy(&flags).unwrap();
+        assert_eq!((p.keep_last, p.keep_daily, p.keep_within), (Some(3), None, None));
+        assert!(p.timezone.is_some());
+        let bad_tz = RetentionSettings {
+            timezone: Some("Mars/Olympus".into()),
+            ..Default::default()
+        };
+        assert!(matches!(s.retention.policy(&bad_tz), Err(ConfigError::TimeZone(_))));
+        let zero = RetentionSettings {
+            keep_last: Some(0),
+            ..Default::default()
+        };
+        assert!(matches!(s.retention.policy(&zero), Err(ConfigError::ZeroRule)));
     }
 
     #[test]

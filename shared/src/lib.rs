@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod exit;
+pub mod expire;
 pub mod fetch;
 pub mod fsutil;
 pub mod lease;

@@ -915,6 +915,10 @@ mod tests {
             segments: BTreeMap::new(),
             summaries: BTreeMap::new(),
             damaged: Vec::new(),
+            pinned: Default::default(),
+            wal_files: Vec::new(),
+            summary_files: Vec::new(),
+            manifest_bytes: BTreeMap::new(),
         }
     }
 

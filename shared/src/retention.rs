@@ -610,6 +610,10 @@ mod tests {
             segments: BTreeMap::from([(1, (2..=7).collect()), (2, (5..=9).collect())]),
             summaries: BTreeMap::new(),
             damaged: Vec::new(),
+            pinned: Default::default(),
+            wal_files: Vec::new(),
+            summary_files: Vec::new(),
+            manifest_bytes: BTreeMap::new(),
         }
     }
 

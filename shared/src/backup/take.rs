@@ -32,6 +32,7 @@ use super::exclude::{self, Decision};
 use super::label;
 use super::manifest::{self, BackupId, BackupStats, Entry, EntryKind, Manifest, Tablespace};
 use crate::config::Settings;
+use crate::repo::locks::{Lock, LockKind};
 use crate::repo::layout::wal_key;
 use crate::repo::object::{ObjectKind, SealedObject};
 use crate::repo::store::PutNew;
@@ -96,6 +97,12 @@ pub enum BackupError {
     #[error(transparent)]
     Repository(#[from] crate::repo::RepoError),
     #[error("{0}")]
+    Lock(#[from] crate::repo::locks::LockError),
+    #[error(
+        "the backup's repository lock went stale (the backup was paused or cut off from the repository for over {minutes} minutes) and an expire may have collected chunks it relies on; the backup was not recorded: take it again"
+    )]
+    LockLost { minutes: u64 },
+    #[error("{0}")]
     Label(#[from] label::LabelError),
     #[error(
         "WAL {missing} needed by the backup did not reach the repository within {waited:?}; is archive_command = 'archive-agent push %p' set and working? (the backup was not recorded)"
@@ -108,6 +115,30 @@ pub enum BackupError {
 /// Take a base backup into the repository; returns its manifest once it is recorded.
 pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Manifest, BackupError> {
     let repo = crate::repo::Writer::open_writable(&settings.repo, &settings.store_options()).await?;
+    // Held from before the first chunk is looked up until the manifest is written: an expire
+    // running meanwhile then leaves every chunk in place (repo/locks.rs).
+    let lock = Lock::take_yielding(
+        repo.writable(),
+        LockKind::Backup,
+        &format!("backup of {}", opts.pgdata.display()),
+        LockKind::Expire,
+        LOCK_WAIT,
+    )
+    .await?;
+    let taken = take_locked(settings, opts, &repo, &lock).await;
+    lock.release().await;
+    taken
+}
+
+/// The longest a backup waits for an expire to finish before it starts.
+const LOCK_WAIT: Duration = Duration::from_secs(30 * 60);
+
+async fn take_locked(
+    settings: &Settings,
+    opts: &BackupOptions,
+    repo: &crate::repo::Writer,
+    lock: &Lock,
+) -> Result<Manifest, BackupError> {
     let store = repo.writable().clone();
     let (client, connection) = tokio_postgres::connect(&opts.pg_conn, tokio_postgres::NoTls)
         .await
@@ -286,6 +317,11 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
                 source: e,
             }
         })?;
+    if !lock.still_held().await? {
+        return Err(BackupError::LockLost {
+            minutes: crate::repo::locks::STALE_AFTER.as_secs() / 60,
+        });
+    }
     if store.put_new(&manifest_key(&id), sealed.bytes).await? == PutNew::AlreadyExists {
         return Err(BackupError::Exists(id));
     }

@@ -8,6 +8,8 @@
 //! wal/history/<timeline>.history.wvo               timeline history files
 //! index/<timeline><log>/<segment>.wvo              time index: one summary per segment
 //! backups/<backup id>/manifest.wvo                 base backup manifests
+//! backups/<backup id>/pinned.json                  a pin: expire never deletes the backup
+//! locks/<kind>-<32 hex>.json                       a backup, expire or pin in progress
 //! chunks/<first 2 hex>/<blake3 hex>.wvo            content-addressed base backup chunks
 //! ```
 //! Keys are built only from validated names and ids, so no key can leave the prefix; a listed key
@@ -31,6 +33,7 @@ pub enum Kind {
     Index,
     Backup,
     Chunk,
+    Lock,
 }
 
 impl Kind {
@@ -41,6 +44,7 @@ impl Kind {
             Kind::Index => "index/",
             Kind::Backup => "backups/",
             Kind::Chunk => "chunks/",
+            Kind::Lock => "locks/",
         }
     }
 }
@@ -68,6 +72,36 @@ pub fn summary_key(seg: &SegmentName) -> String {
 /// The key of backup `id`'s manifest.
 pub fn manifest_key(id: &BackupId) -> String {
     format!("backups/{id}/manifest{OBJECT_SUFFIX}")
+}
+
+/// The key of backup `id`'s pin.
+pub fn pin_key(id: &BackupId) -> String {
+    format!("backups/{id}/pinned.json")
+}
+
+/// The backup a listed key under [`Kind::Backup`] is the pin of.
+pub fn parse_pin_key(key: &str) -> Option<BackupId> {
+    let id: BackupId = key
+        .strip_prefix("backups/")?
+        .strip_suffix("/pinned.json")?
+        .parse()
+        .ok()?;
+    (pin_key(&id) == key).then_some(id)
+}
+
+/// The key of a lock: `kind` is a lower-case word, `token` 32 lower-case hex digits.
+pub fn lock_key(kind: &str, token: &str) -> Option<String> {
+    let ok = !kind.is_empty()
+        && kind.bytes().all(|b| b.is_ascii_lowercase())
+        && token.len() == 32
+        && token.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    ok.then(|| format!("locks/{kind}-{token}.json"))
+}
+
+/// The (kind, token) of a listed key under [`Kind::Lock`].
+pub fn parse_lock_key(key: &str) -> Option<(&str, &str)> {
+    let (kind, token) = key.strip_prefix("locks/")?.strip_suffix(".json")?.split_once('-')?;
+    (lock_key(kind, token).as_deref() == Some(key)).then_some((kind, token))
 }
 
 /// Whether `id` is a chunk id: 64 lower-case hex digits (a blake3 hash).
@@ -182,12 +216,19 @@ mod tests {
         assert_eq!(parse_summary_key(&summary_key(&seg)), Some(seg));
         assert_eq!(parse_summary_key(&key("000000030000000100000002")), None);
         let id: BackupId = "20261121T143200Z".parse().unwrap();
-        assert_eq!(parse_manifest_key(&manifest_key(&id)), Some(id));
+        assert_eq!(parse_manifest_key(&manifest_key(&id)), Some(id.clone()));
         assert_eq!(parse_manifest_key("backups/../manifest.wvo"), None);
         let chunk = "0f".repeat(32);
         assert_eq!(parse_chunk_key(&chunk_key(&chunk).unwrap()), Some(chunk.as_str()));
         assert_eq!(parse_chunk_key(&format!("chunks/00/{chunk}.wvo")), None);
         assert_eq!(chunk_key("../../walvault.json"), None);
         assert_eq!(chunk_key(&"AB".repeat(32)), None);
+        assert_eq!(parse_pin_key(&pin_key(&id)), Some(id.clone()));
+        assert_eq!(parse_pin_key("backups/x/pinned.json"), None);
+        let lock = lock_key("backup", &"0a".repeat(16)).unwrap();
+        assert_eq!(lock, format!("locks/backup-{}.json", "0a".repeat(16)));
+        assert_eq!(parse_lock_key(&lock), Some(("backup", "0a".repeat(16).as_str())));
+        assert_eq!(lock_key("../x", &"0a".repeat(16)), None);
+        assert_eq!(parse_lock_key("locks/backup-zz.json"), None);
     }
 }

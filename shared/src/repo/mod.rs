@@ -10,6 +10,7 @@ pub mod descriptor;
 pub mod fault;
 pub mod init;
 pub mod layout;
+pub mod locks;
 pub mod object;
 pub mod repository;
 pub mod settings;

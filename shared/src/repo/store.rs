@@ -273,7 +273,9 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
             // what lets push acknowledge a segment to PostgreSQL.
             let fs = LocalFileSystem::new_with_prefix(&dir)
                 .map_err(|e| fail(e.to_string(), true))?
-                .with_fsync(true);
+                .with_fsync(true)
+                // expire deletes segments and chunks: their emptied directories go with them.
+                .with_automatic_cleanup(true);
             (Arc::new(fs), Path::default(), CreateSemantics::Atomic)
         }
         RepoLocation::S3 { prefix, .. } => {
@@ -562,6 +564,35 @@ impl WritableStore {
                 Err(self.error("write", key, e))
             }
         }
+    }
+
+    /// Delete objects (an object already gone counts as deleted). Stores with a bulk delete
+    /// (S3's DeleteObjects, Azure's blob batch) take up to 1,000 (S3) or 256 (Azure) keys per
+    /// request; a failed batch is retried whole, which deletes are safe to be.
+    pub async fn delete_many(&self, keys: &[String]) -> Result<(), StoreError> {
+        use futures::StreamExt;
+        for batch in keys.chunks(1000) {
+            let first = batch.first().map(String::as_str).unwrap_or_default();
+            self.retried("delete", first, || async {
+                let paths: Vec<object_store::Result<Path>> =
+                    batch.iter().map(|k| Ok(self.path(k))).collect();
+                let mut results = self.inner.delete_stream(futures::stream::iter(paths).boxed());
+                while let Some(r) = results.next().await {
+                    match r {
+                        Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(self.error("delete", first, e)),
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Delete one object (gone already counts as deleted).
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.delete_many(&[key.to_string()]).await
     }
 
     /// Write an object only if none exists under `key`. The write is atomic (all or nothing) and,

@@ -1,0 +1,376 @@
+//! `archive-agent expire`, `pin` and `unpin`: the I/O around [`crate::retention`].
+//!
+//! Order of deletion, so that an expire cut off at any point leaves every kept backup restorable
+//! and the next expire finishes the job: the plan only ever deletes what no kept backup needs;
+//! manifests of expired backups go first (what they alone referenced is then garbage the next
+//! plan finds again), then WAL, summaries and history files, then chunks, and chunks only after
+//! the lock protocol of [`crate::repo::locks`] has shown that no backup is relying on any.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backup::BackupId;
+use crate::catalog::{Catalog, CatalogError};
+use crate::repo::layout::{self, Kind};
+use crate::repo::locks::{self, Lock, LockError, LockKind};
+use crate::repo::{StoreError, Writer};
+use crate::retention::{self, Policy, Reason};
+use crate::wal::WalFileName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExpireError {
+    #[error(
+        "no retention policy: set keep_last, keep_within or keep_daily/weekly/monthly/yearly in the [retention] table or pass --keep-last N, --keep-within 14d, ... (expire never guesses)"
+    )]
+    NoPolicy,
+    #[error(
+        "{key} ({what}) cannot be read: {reason}; expire cannot tell what it needs, so it deletes nothing (restore-agent verify lists every problem; remove the object by hand once you know the backup is lost)"
+    )]
+    Damaged { key: String, what: String, reason: String },
+    #[error("no backup {0} in the repository")]
+    NoSuchBackup(BackupId),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+}
+
+/// A kept backup and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Kept {
+    pub id: String,
+    pub timeline: u32,
+    pub stop_time: String,
+    pub reasons: Vec<Reason>,
+}
+
+/// What one kind of object lost.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Deleted {
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// What an expire did (or, with `--dry-run`, would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExpireReport {
+    pub dry_run: bool,
+    pub policy: String,
+    pub kept: Vec<Kept>,
+    pub expired: Vec<String>,
+    /// The oldest backup of the point-in-time window: every instant from its consistency point to
+    /// now stays restorable on the timelines descending from it.
+    pub window_from: Option<String>,
+    pub window_from_time: Option<String>,
+    pub backups: Deleted,
+    pub wal: Deleted,
+    pub history: Deleted,
+    pub summaries: Deleted,
+    pub chunks: Deleted,
+    pub locks: Deleted,
+    /// Why chunks were left for the next expire, when they were.
+    pub chunks_deferred: Option<String>,
+    /// Timelines kept whole because no history file says where they came from.
+    pub unknown_timelines: Vec<u32>,
+}
+
+impl ExpireReport {
+    /// Bytes deleted (or to be deleted), all kinds.
+    pub fn bytes(&self) -> u64 {
+        [&self.backups, &self.wal, &self.history, &self.summaries, &self.chunks]
+            .iter()
+            .map(|d| d.bytes)
+            .sum()
+    }
+
+    /// The human report: kept backups with their reasons, expired ones, and counts.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let verb = if self.dry_run { "would delete" } else { "deleted" };
+        let _ = writeln!(out, "policy: {}", self.policy);
+        for k in &self.kept {
+            let why: Vec<String> = k.reasons.iter().map(|r| r.to_string()).collect();
+            let _ = writeln!(
+                out,
+                "keep    {}  timeline {:<3} consistent at {}  ({})",
+                k.id,
+                k.timeline,
+                k.stop_time,
+                why.join(", ")
+            );
+        }
+        for id in &self.expired {
+            let _ = writeln!(out, "expire  {id}");
+        }
+        match (&self.window_from, &self.window_from_time) {
+            (Some(id), Some(t)) => {
+                let _ = writeln!(
+                    out,
+                    "point-in-time window: every instant from {t} (backup {id}) to now stays restorable"
+                );
+            }
+            _ => {}
+        }
+        if !self.unknown_timelines.is_empty() {
+            let _ = writeln!(
+                out,
+                "kept whole (no history file tells their ancestry): timelines {:?}",
+                self.unknown_timelines
+            );
+        }
+        for (what, d) in [
+            ("backups", &self.backups),
+            ("WAL files", &self.wal),
+            ("history files", &self.history),
+            ("time index summaries", &self.summaries),
+            ("chunks", &self.chunks),
+            ("stale locks", &self.locks),
+        ] {
+            let _ = writeln!(out, "{verb} {:>7} {what} ({} bytes)", d.objects, d.bytes);
+        }
+        if let Some(why) = &self.chunks_deferred {
+            let _ = writeln!(out, "chunks left for the next expire: {why}");
+        }
+        let _ = write!(out, "{verb} {} bytes in all", self.bytes());
+        out
+    }
+}
+
+/// How long an expire waits for a pin being written.
+const PIN_WAIT: Duration = Duration::from_secs(60);
+
+/// Expire what `policy` does not keep. `now_us` is the clock the `keep_within` and calendar rules
+/// are read against.
+pub async fn expire(repo: &Writer, policy: &Policy, dry_run: bool, now_us: i64) -> Result<ExpireReport, ExpireError> {
+    if policy.is_empty() {
+        return Err(ExpireError::NoPolicy);
+    }
+    let lock = match dry_run {
+        true => None,
+        false => Some(
+            Lock::take_yielding(repo.writable(), LockKind::Expire, "expire", LockKind::Pin, PIN_WAIT).await?,
+        ),
+    };
+    let result = run(repo, policy, lock.as_ref(), now_us).await;
+    if let Some(lock) = lock {
+        lock.release().await;
+    }
+    result
+}
+
+async fn run(repo: &Writer, policy: &Policy, lock: Option<&Lock>, now_us: i64) -> Result<ExpireReport, ExpireError> {
+    let reader = repo.reader();
+    let store = repo.writable();
+    let dry_run = lock.is_none();
+    let cat = Catalog::load(&reader).await?;
+    refuse_damaged(&cat)?;
+    let wal: Vec<WalFileName> = cat.wal_files.iter().map(|(n, _)| n.clone()).collect();
+    let sums: Vec<_> = cat.summary_files.iter().map(|(s, _)| *s).collect();
+    let plan = retention::plan(policy, &cat, &cat.pinned, &wal, &sums, now_us);
+
+    let mut report = ExpireReport {
+        dry_run,
+        policy: policy.describe(),
+        unknown_timelines: plan.unknown_timelines.clone(),
+        ..ExpireReport::default()
+    };
+    for (m, d) in cat.backups.iter().zip(&plan.decisions) {
+        if d.kept() {
+            report.kept.push(Kept {
+                id: m.id.to_string(),
+                timeline: m.timeline,
+                stop_time: crate::time::format_micros(m.stop_time_us),
+                reasons: d.reasons.iter().copied().collect(),
+            });
+        } else {
+            report.expired.push(m.id.to_string());
+        }
+    }
+    if let Some(w) = &plan.window_from
+        && let Some(m) = cat.backups.iter().find(|m| &m.id == w)
+    {
+        report.window_from = Some(w.to_string());
+        report.window_from_time = Some(crate::time::format_micros(m.stop_time_us));
+    }
+
+    // 1. Manifests (with any pin: an expired backup has none) of expired backups.
+    let expired: BTreeSet<&BackupId> = plan.expired().collect();
+    let manifest_keys: Vec<String> = expired.iter().map(|id| layout::manifest_key(id)).collect();
+    report.backups = Deleted {
+        objects: expired.len() as u64,
+        bytes: expired
+            .iter()
+            .filter_map(|id| cat.manifest_bytes.get(*id))
+            .sum(),
+    };
+    // 2. WAL, summaries, history files.
+    let size_of = |name: &WalFileName| {
+        cat.wal_files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, s)| *s)
+    };
+    let wal_keys: Vec<String> = plan.wal.iter().map(layout::wal_key).collect();
+    report.wal = Deleted {
+        objects: plan.wal.len() as u64,
+        bytes: plan.wal.iter().map(size_of).sum(),
+    };
+    let summary_keys: Vec<String> = plan.summaries.iter().map(layout::summary_key).collect();
+    report.summaries = Deleted {
+        objects: plan.summaries.len() as u64,
+        bytes: cat
+            .summary_files
+            .iter()
+            .filter(|(s, _)| plan.summaries.contains(s))
+            .map(|(_, n)| *n)
+            .sum(),
+    };
+    let history: Vec<WalFileName> = plan
+        .history
+        .iter()
+        .filter_map(|&t| crate::wal::TimelineId::new(t).map(WalFileName::History))
+        .collect();
+    let history_keys: Vec<String> = history.iter().map(layout::wal_key).collect();
+    report.history = Deleted {
+        objects: history.len() as u64,
+        bytes: history.iter().map(size_of).sum(),
+    };
+    if !dry_run {
+        store.delete_many(&manifest_keys).await?;
+        for id in &expired {
+            tracing::info!(backup = %id, "expired");
+        }
+        store.delete_many(&wal_keys).await?;
+        store.delete_many(&summary_keys).await?;
+        store.delete_many(&history_keys).await?;
+        report.locks = remove_stale_locks(repo, now_us).await?;
+    }
+
+    // 3. Chunks: only when no backup can be relying on one (repo/locks.rs), and from a fresh
+    // listing of the manifests, made after that check: a backup that finished meanwhile is seen.
+    if let Some(lock) = lock {
+        let busy = match lock.live_other(LockKind::Backup).await? {
+            Some((_, r)) => Some(format!("{} is in progress", r.describe())),
+            None => locks::list(repo.store())
+                .await?
+                .into_iter()
+                .find(|f| f.record.is_none())
+                .map(|f| format!("lock {} cannot be read (remove it if no walvault process is running)", f.key)),
+        };
+        if let Some(why) = busy {
+            report.chunks_deferred = Some(why);
+            return Ok(report);
+        }
+    }
+    let current = match dry_run {
+        true => cat.clone(),
+        false => Catalog::refresh(&reader, Some(&cat)).await?,
+    };
+    refuse_damaged(&current)?;
+    let referenced = retention::referenced_chunks(current.backups.iter().filter(|m| !expired.contains(&m.id)));
+    let mut garbage = Vec::new();
+    for (key, size) in repo.store().list(Kind::Chunk.dirname()).await? {
+        let Some(id) = layout::parse_chunk_key(&key) else {
+            continue;
+        };
+        if !referenced.contains(id) {
+            report.chunks.objects += 1;
+            report.chunks.bytes += size;
+            garbage.push(key);
+        }
+    }
+    if !dry_run {
+        store.delete_many(&garbage).await?;
+    }
+    Ok(report)
+}
+
+fn refuse_damaged(cat: &Catalog) -> Result<(), ExpireError> {
+    match cat.damaged.first() {
+        Some(d) => Err(ExpireError::Damaged {
+            key: d.key.clone(),
+            what: d.what.clone(),
+            reason: d.reason.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Remove locks whose holders stopped refreshing them: a backup that comes back after this sees
+/// its lock gone and records nothing.
+async fn remove_stale_locks(repo: &Writer, now_us: i64) -> Result<Deleted, StoreError> {
+    let stale: Vec<String> = locks::list(repo.store())
+        .await?
+        .into_iter()
+        .filter(|f| f.record.as_ref().is_some_and(|r| !r.live(now_us)))
+        .map(|f| f.key)
+        .collect();
+    for key in &stale {
+        tracing::warn!("removing the stale lock {key}");
+    }
+    repo.writable().delete_many(&stale).await?;
+    Ok(Deleted {
+        objects: stale.len() as u64,
+        bytes: 0,
+    })
+}
+
+/// `backups/<id>/pinned.json`, version 1.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PinRecord {
+    pub format: String,
+    pub version: u32,
+    pub pinned_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Pin backup `id`: no expire deletes it until it is unpinned.
+pub async fn pin(repo: &Writer, id: &BackupId, note: Option<String>) -> Result<(), ExpireError> {
+    set_pin(repo, id, Some(note)).await
+}
+
+/// Remove backup `id`'s pin (the next expire applies the policy to it).
+pub async fn unpin(repo: &Writer, id: &BackupId) -> Result<(), ExpireError> {
+    set_pin(repo, id, None).await
+}
+
+async fn set_pin(repo: &Writer, id: &BackupId, pin: Option<Option<String>>) -> Result<(), ExpireError> {
+    // Yields to a running expire: it may be deleting this very backup.
+    let lock = Lock::take_yielding(
+        repo.writable(),
+        LockKind::Pin,
+        &format!("pin {id}"),
+        LockKind::Expire,
+        Duration::from_secs(30 * 60),
+    )
+    .await?;
+    let result = async {
+        if repo.store().size(&layout::manifest_key(id)).await?.is_none() {
+            return Err(ExpireError::NoSuchBackup(id.clone()));
+        }
+        let key = layout::pin_key(id);
+        match pin {
+            Some(note) => {
+                let record = PinRecord {
+                    format: "walvault-pin".into(),
+                    version: 1,
+                    pinned_at: crate::time::format_micros(crate::time::now_micros()),
+                    note,
+                };
+                let json = serde_json::to_vec_pretty(&record).expect("a pin serializes");
+                repo.writable().put(&key, json.into()).await?;
+            }
+            None => repo.writable().delete(&key).await?,
+        }
+        Ok(())
+    }
+    .await;
+    lock.release().await;
+    result
+}
