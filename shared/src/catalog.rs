@@ -46,6 +46,8 @@ pub struct BackupInfo {
     pub new_bytes: u64,
     pub new_chunks: u64,
     pub chunks: u64,
+    /// Pinned: expire never deletes it.
+    pub pinned: bool,
 }
 
 impl From<&Manifest> for BackupInfo {
@@ -65,6 +67,7 @@ impl From<&Manifest> for BackupInfo {
             new_bytes: m.stats.new_bytes,
             new_chunks: m.stats.new_chunks,
             chunks: m.stats.chunks,
+            pinned: false,
         }
     }
 }

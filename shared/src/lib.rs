@@ -27,4 +27,5 @@ pub mod spool;
 pub mod time;
 pub mod timeindex;
 pub mod timeline;
+pub mod verify;
 pub mod wal;
