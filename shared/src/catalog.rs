@@ -368,14 +368,23 @@ impl Catalog {
 
     /// The restorable window of `timeline`: from its earliest usable backup to the last
     /// transaction end archived contiguously after it. `None` without a usable backup.
+    /// A backup whose WAL stops short of the others' (one kept to its consistency point only, by
+    /// a calendar rule or a pin, or one before a gap) does not open the window: it starts at the
+    /// oldest backup from which the WAL runs on to the end.
     pub fn window(&self, timeline: u32) -> Option<Window> {
-        let first = self.backups.iter().find(|m| self.on_history(m, timeline))?;
-        let chain = self.chain(first, timeline);
-        // A backup is usable only if the WAL up to its consistency point is archived.
-        let stop_no = first.stop_lsn.0.saturating_sub(1) / self.segment_size();
-        if !chain.iter().any(|&(_, no)| no >= stop_no) {
-            return None;
-        }
+        let usable: Vec<(&Manifest, Vec<(u32, u64)>)> = self
+            .backups
+            .iter()
+            .filter(|m| self.on_history(m, timeline))
+            .map(|m| (m, self.chain(m, timeline)))
+            // A backup is usable only if the WAL up to its consistency point is archived.
+            .filter(|(m, chain)| {
+                let stop_no = m.stop_lsn.0.saturating_sub(1) / self.segment_size();
+                chain.iter().any(|&(_, no)| no >= stop_no)
+            })
+            .collect();
+        let end = usable.iter().map(|(_, c)| c.last().map(|&(_, no)| no)).max()?;
+        let (first, chain) = usable.into_iter().find(|(_, c)| c.last().map(|&(_, no)| no) == end)?;
         Some(Window {
             earliest: first.stop_time_us,
             latest: self.latest_commit(&chain),

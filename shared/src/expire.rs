@@ -241,6 +241,11 @@ async fn run(repo: &Writer, policy: &Policy, lock: Option<&Lock>, now_us: i64) -
         bytes: history.iter().map(size_of).sum(),
     };
     if !dry_run {
+        // Recorded first: verify then knows which kept backups keep WAL to their consistency
+        // point only, even if this expire is cut off halfway.
+        let record = retention::RetentionRecord::new(policy, now_us);
+        let json = serde_json::to_vec_pretty(&record).expect("a retention record serializes");
+        store.put(layout::RETENTION_KEY, json.into()).await?;
         store.delete_many(&manifest_keys).await?;
         for id in &expired {
             tracing::info!(backup = %id, "expired");

@@ -280,6 +280,14 @@ pub fn choose_backup<'a>(
                     Some(latest) if *us >= latest && cat.index_complete(&chain) => {
                         return Err(outside(tli, "the target is after the last archived transaction"));
                     }
+                    // No transaction end at all in the WAL from this backup: nothing PostgreSQL
+                    // could stop at (it would fail with "recovery ended before the target").
+                    None if cat.index_complete(&chain) => {
+                        refusal.get_or_insert_with(|| {
+                            outside(tli, "no transaction was archived after this backup")
+                        });
+                        continue;
+                    }
                     _ => true,
                 }
             }

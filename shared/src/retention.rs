@@ -87,6 +87,49 @@ impl Policy {
     }
 }
 
+/// `retention.json`, version 1: the policy the last expire applied, so that `verify` knows
+/// which backups keep their WAL only to their consistency point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RetentionRecord {
+    pub format: String,
+    pub version: u32,
+    /// When the expire ran (Unix microseconds).
+    pub applied_at_us: i64,
+    pub policy: crate::config::RetentionSettings,
+}
+
+pub const RECORD_FORMAT: &str = "walvault-retention";
+
+impl RetentionRecord {
+    pub fn new(policy: &Policy, applied_at_us: i64) -> RetentionRecord {
+        RetentionRecord {
+            format: RECORD_FORMAT.into(),
+            version: 1,
+            applied_at_us,
+            policy: crate::config::RetentionSettings {
+                keep_last: policy.keep_last,
+                keep_within: policy.keep_within.map(crate::config::format_duration),
+                keep_daily: policy.keep_daily,
+                keep_weekly: policy.keep_weekly,
+                keep_monthly: policy.keep_monthly,
+                keep_yearly: policy.keep_yearly,
+                timezone: policy.timezone.as_ref().and_then(|t| t.iana_name().map(str::to_string)),
+            },
+        }
+    }
+
+    /// Parse a stored record (untrusted) back into a policy.
+    pub fn parse(json: &[u8]) -> Result<Policy, String> {
+        let r: RetentionRecord = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        if r.format != RECORD_FORMAT || r.version != 1 {
+            return Err(format!("unknown format {} version {}", r.format, r.version));
+        }
+        r.policy
+            .policy(&crate::config::RetentionSettings::default())
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Why a backup is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -50,6 +50,8 @@ pub struct RestorableWindow {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
     pub deep: bool,
+    /// The retention policy the last expire applied, if any.
+    pub policy: Option<String>,
     pub backups: u64,
     pub wal_files: u64,
     pub summaries: u64,
@@ -78,6 +80,9 @@ impl VerifyReport {
                 Severity::Warning => "WARNING",
             };
             let _ = writeln!(out, "{tag} {}: {}; {}", p.key, p.problem, p.affects);
+        }
+        if let Some(p) = &self.policy {
+            let _ = writeln!(out, "retention (from the last expire): {p}");
         }
         for w in &self.windows {
             let _ = writeln!(
@@ -170,7 +175,38 @@ pub async fn verify(repo: &Reader, deep: bool, parallel: usize) -> Result<Verify
     }
     report.unreferenced_chunks = stored.keys().filter(|id| !needed_by.contains_key(*id)).count() as u64;
 
-    wal_problems(&cat, &mut problems);
+    // Backups the last expire's policy keeps to their consistency point only: the WAL after it
+    // was deleted on purpose, and is no gap.
+    let mut consistency_only = BTreeSet::new();
+    if let Some(json) = repo.store().get(layout::RETENTION_KEY).await? {
+        match crate::retention::RetentionRecord::parse(&json) {
+            Ok(policy) => {
+                let backups: Vec<&crate::backup::manifest::Manifest> = cat.backups.iter().collect();
+                let latest = cat.timeline_ids().last().copied();
+                let latest_base = latest.and_then(|t| {
+                    backups
+                        .iter()
+                        .filter(|m| cat.on_history(m, t))
+                        .max_by_key(|m| (m.stop_time_us, m.id.clone()))
+                        .map(|m| m.id.clone())
+                });
+                let now = crate::time::now_micros();
+                for d in crate::retention::select(&policy, &backups, &cat.pinned, latest_base.as_ref(), now) {
+                    if !d.reasons.iter().any(|r| r.anchors_window()) {
+                        consistency_only.insert(d.id);
+                    }
+                }
+                report.policy = Some(policy.describe());
+            }
+            Err(e) => problems.push(Problem {
+                severity: Severity::Warning,
+                key: layout::RETENTION_KEY.into(),
+                problem: format!("cannot be read: {e}"),
+                affects: "every backup is held to a window reaching the end of its timelines".into(),
+            }),
+        }
+    }
+    wal_problems(&cat, &consistency_only, &mut problems);
 
     // Summaries the catalog could not read (listed, but absent from the index it built).
     let seg_size = cat.wal_segment_size();
@@ -221,7 +257,7 @@ fn describe_users(users: &[(String, &str)]) -> String {
 
 /// Gaps in the WAL each backup needs: to its consistency point, then on to the end of the WAL
 /// archived on each timeline descending from it; timelines without their history file.
-fn wal_problems(cat: &Catalog, problems: &mut Vec<Problem>) {
+fn wal_problems(cat: &Catalog, consistency_only: &BTreeSet<crate::backup::BackupId>, problems: &mut Vec<Problem>) {
     let seg_size = cat.wal_segment_size();
     let seg_name = |tli: u32, no: u64| {
         SegmentName::containing(
@@ -246,6 +282,9 @@ fn wal_problems(cat: &Catalog, problems: &mut Vec<Problem>) {
                 .entry(key_of(tli, missing))
                 .or_insert_with(|| ("WAL segment missing".into(), BTreeSet::new()));
             e.1.insert(format!("backup {} cannot become consistent", m.id));
+            continue;
+        }
+        if consistency_only.contains(&m.id) {
             continue;
         }
         for t in cat.timeline_ids() {

@@ -4,6 +4,7 @@
 //! ```text
 //! walvault.json                                    repository descriptor (format, id, cluster)
 //! cluster.json                                     cluster identity, when init was not given it
+//! retention.json                                   the policy the last expire applied
 //! wal/<timeline><log>/<segment>.wvo                segments, .partial and .backup files
 //! wal/history/<timeline>.history.wvo               timeline history files
 //! index/<timeline><log>/<segment>.wvo              time index: one summary per segment
@@ -23,6 +24,8 @@ use crate::wal::{SegmentName, WalFileName};
 pub const DESCRIPTOR_KEY: &str = "walvault.json";
 /// The cluster identity bound by the first archived segment when `init` had no data directory.
 pub const CLUSTER_KEY: &str = "cluster.json";
+/// The retention policy the last expire applied (what `verify` holds the WAL to).
+pub const RETENTION_KEY: &str = "retention.json";
 /// Suffix of a sealed walvault object.
 pub const OBJECT_SUFFIX: &str = ".wvo";
 

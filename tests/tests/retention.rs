@@ -1,0 +1,304 @@
+//! Retention as a DBA relies on it: backups on two timelines, `archive-agent expire` with a
+//! policy, then every instant the policy promises restores exactly and one outside it is refused;
+//! pinned and newest backups survive; `restore-agent verify` passes, then names the object when
+//! a chunk, a WAL segment or a history file is removed or corrupted. And the race every
+//! content-addressed store must win: a backup and an expire started together, many times, every
+//! backup restorable afterwards.
+
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use walvault_testkit::agents::{ARCHIVE_AGENT, RESTORE_AGENT, agents};
+use walvault_testkit::backup::{self, BackupSummary, next_backup_second, take_backup};
+use walvault_testkit::fixtures::{archive_everything, archiving_cluster};
+use walvault_testkit::host::{Finished, write_for_pg};
+use walvault_testkit::pg::PgInstall;
+use walvault_testkit::workload::{self, Ledger, LedgerState};
+use walvault_testkit::{Cluster, Repo};
+
+const BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(20);
+
+fn archive_agent(repo: &Repo, args: &[&str]) -> Finished {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all.extend(repo.args());
+    agents().run(ARCHIVE_AGENT, all)
+}
+
+fn verify(repo: &Repo, extra: &[&str]) -> Finished {
+    let mut all = vec!["verify".to_string()];
+    all.extend(repo.args());
+    all.extend(extra.iter().map(|a| a.to_string()));
+    agents().run(RESTORE_AGENT, all)
+}
+
+fn steps(cluster: &Cluster, n: usize) -> Result<Vec<LedgerState>> {
+    let mut ledger = Ledger::connect(cluster)?;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(ledger.step()?);
+        thread::sleep(BETWEEN_TRANSACTIONS);
+    }
+    Ok(out)
+}
+
+/// Restore to the instant `state` was recorded, on `timeline`, and check the ledger.
+fn assert_restores_to(repo: &Repo, name: &str, state: &LedgerState, timeline: &str) -> Result<()> {
+    let args = ["--target-time", state.time.as_str(), "--target-timeline", timeline];
+    let (cluster, report) = backup::restore_and_recover(PgInstall::default_install(), repo, name, &args, false)?;
+    let found = workload::ledger_contents(&cluster)?;
+    assert_eq!(
+        found, state.contents,
+        "{name}: restored to {} on timeline {timeline}, the ledger differs\n{report}",
+        state.time
+    );
+    Ok(())
+}
+
+/// A restore to `state` on `timeline` must be refused, writing nothing.
+fn assert_refused(repo: &Repo, name: &str, state: &LedgerState, timeline: &str) -> Result<()> {
+    let target = Cluster::uninitialized(name)?;
+    let args = ["--target-time", state.time.as_str(), "--target-timeline", timeline];
+    let run = backup::restore(repo, &target.data_dir(), &args)?;
+    if run.code() != Some(1) {
+        let info = backup::info(repo).map(|i| i.to_string()).unwrap_or_default();
+        panic!(
+            "{name}: a restore to {} outside the window must fail\n{}\n{}\narchived: {:?}\ninfo: {info}",
+            state.time,
+            run.stdout,
+            run.stderr,
+            repo.archived_names()
+        );
+    }
+    assert!(
+        run.stderr.contains("no backup can reach"),
+        "{name}: the refusal says why: {}",
+        run.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> Result<()> {
+    let repo = Repo::new()?;
+    let mut source = archiving_cluster("ret-source", &repo, "")?;
+    workload::create_ledger(&source)?;
+    let at_b1 = workload::ledger_contents(&source)?;
+    let b1 = take_backup(&source, &repo)?;
+    let a = steps(&source, 40)?;
+    next_backup_second();
+    let b2 = take_backup(&source, &repo)?;
+    let b = steps(&source, 40)?;
+    next_backup_second();
+    let b3 = take_backup(&source, &repo)?;
+    let c = steps(&source, 40)?;
+    archive_everything(&source)?;
+    source.stop()?;
+
+    // Branch from a moment between B2 and B3: timeline 2, archived into the same repository.
+    let args = ["--target-time", b[20].time.as_str()];
+    let (mut branch, _) = backup::restore_and_recover(PgInstall::default_install(), &repo, "ret-branch", &args, true)?;
+    assert_eq!(branch.timeline()?, 2);
+    let d = steps(&branch, 30)?;
+    let chunks_before_b4 = repo.chunks()?;
+    next_backup_second();
+    let b4 = take_backup(&branch, &repo)?;
+    let e = steps(&branch, 30)?;
+    archive_everything(&branch)?;
+    branch.stop()?;
+    let b4_chunks: Vec<String> = repo
+        .chunks()?
+        .into_keys()
+        .filter(|k| !chunks_before_b4.contains_key(k))
+        .collect();
+    ensure!(!b4_chunks.is_empty(), "the backup on timeline 2 stored no chunk of its own");
+
+    archive_agent(&repo, &["pin", &b1.id, "--note", "quarter-end"]).check()?;
+    let listed = agents().run(RESTORE_AGENT, [vec!["list".to_string()], repo.args()].concat());
+    assert!(
+        listed.stdout.lines().any(|l| l.starts_with(&b1.id) && l.ends_with("pinned")),
+        "list shows the pin:\n{}",
+        listed.stdout
+    );
+    let ok = verify(&repo, &[]);
+    assert_eq!(ok.code(), Some(0), "verify of an intact repository\n{}{}", ok.stdout, ok.stderr);
+    assert!(ok.stdout.contains("0 problems"), "{}", ok.stdout);
+
+    // No policy: refused. A dry run deletes nothing.
+    let none = archive_agent(&repo, &["expire"]);
+    assert_eq!(none.code(), Some(1));
+    assert!(none.stderr.contains("no retention policy"), "{}", none.stderr);
+    let before = repo.files()?;
+    let dry = archive_agent(&repo, &["expire", "--keep-last", "2", "--dry-run"]).check()?;
+    assert!(dry.stdout.contains(&format!("expire  {}", b2.id)), "{}", dry.stdout);
+    assert_eq!(repo.files()?, before, "a dry run deletes nothing");
+
+    let run = archive_agent(&repo, &["expire", "--keep-last", "2", "--json"]).check()?;
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).context("expire --json")?;
+    let kept = |id: &str| -> Vec<String> {
+        report["kept"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|k| k["id"] == id)
+            .flat_map(|k| k["reasons"].as_array().cloned().unwrap_or_default())
+            .filter_map(|r| r.as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(kept(&b1.id), vec!["pinned"], "{report:#}");
+    assert_eq!(kept(&b3.id), vec!["last"], "{report:#}");
+    assert_eq!(kept(&b4.id), vec!["newest", "latest_timeline", "last"], "{report:#}");
+    assert_eq!(report["expired"], serde_json::json!([b2.id]), "{report:#}");
+    assert!(report["wal"]["objects"].as_u64().unwrap_or(0) > 0, "{report:#}");
+
+    let after = repo.files()?;
+    assert!(!after.contains_key(&repo.manifest_key(&b2.id)));
+    for survivor in [&b1, &b3, &b4] {
+        assert!(after.contains_key(&repo.manifest_key(&survivor.id)), "{} survives", survivor.id);
+    }
+    // The one object expire adds: the policy it applied, which verify reads.
+    let record = after.get("retention.json").copied().context("expire records its policy")?;
+    let freed: u64 = before.values().sum::<u64>() + record - after.values().sum::<u64>();
+    let deleted: u64 = ["backups", "wal", "history", "summaries", "chunks"]
+        .iter()
+        .map(|k| report[*k]["bytes"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(freed, deleted, "the repository shrank by what expire says it deleted");
+
+    // Promised: every instant after B3 on timeline 1, after B4 on timeline 2, and B1 to its
+    // consistency point.
+    assert_restores_to(&repo, "ret-c", &c[20], "1")?;
+    assert_restores_to(&repo, "ret-e", &e[15], "2")?;
+    let (pinned, _) = backup::restore_and_recover(
+        PgInstall::default_install(),
+        &repo,
+        "ret-b1",
+        &["--backup", &b1.id, "--target", "immediate"],
+        false,
+    )?;
+    assert_eq!(workload::ledger_contents(&pinned)?, at_b1, "the pinned backup restores");
+    drop(pinned);
+    // Not promised any more: between B1 and B2 on timeline 1, and on timeline 2 before B4.
+    assert_refused(&repo, "ret-a", &a[20], "1")?;
+    assert_refused(&repo, "ret-d", &d[10], "2")?;
+
+    // Expire again: nothing left to do.
+    let again = archive_agent(&repo, &["expire", "--keep-last", "2"]).check()?;
+    assert!(again.stdout.contains("deleted 0 bytes in all"), "{}", again.stdout);
+    let ok = verify(&repo, &["--deep"]);
+    assert_eq!(ok.code(), Some(0), "verify after expire\n{}{}", ok.stdout, ok.stderr);
+
+    // Damage, each in its own copy: verify names the object and what depends on it.
+    let damaged = |what: &str, deep: bool, damage: &dyn Fn(&Repo) -> Result<String>| -> Result<()> {
+        let copy = repo.copy()?;
+        let key = damage(&copy)?;
+        let flags: &[&str] = if deep { &["--deep"] } else { &[] };
+        let run = verify(&copy, flags);
+        assert_eq!(run.code(), Some(1), "{what}: verify must fail\n{}{}", run.stdout, run.stderr);
+        assert!(
+            run.stdout.lines().any(|l| l.starts_with("ERROR") && l.contains(&key)),
+            "{what}: verify names {key}:\n{}",
+            run.stdout
+        );
+        Ok(())
+    };
+    damaged("chunk removed", false, &|r| {
+        r.delete(&b4_chunks[0])?;
+        Ok(b4_chunks[0].clone())
+    })?;
+    damaged("chunk corrupted", true, &|r| {
+        r.flip_middle_byte(&b4_chunks[0])?;
+        Ok(b4_chunks[0].clone())
+    })?;
+    damaged("WAL segment removed", false, &|r| {
+        let key = r.object_key(&b4.stop_wal);
+        r.delete(&key)?;
+        Ok(key)
+    })?;
+    damaged("WAL segment corrupted", true, &|r| {
+        let key = r.object_key(&b4.stop_wal);
+        r.flip_middle_byte(&key)?;
+        Ok(key)
+    })?;
+    damaged("history file corrupted", false, &|r| {
+        let key = r.object_key("00000002.history");
+        r.flip_middle_byte(&key)?;
+        Ok(key)
+    })?;
+    damaged("history file removed", false, &|r| {
+        r.delete(&r.object_key("00000002.history"))?;
+        Ok(r.object_key("00000002.history"))
+    })?;
+
+    // Unpinned, B1 goes with the next expire.
+    archive_agent(&repo, &["unpin", &b1.id]).check()?;
+    let run = archive_agent(&repo, &["expire", "--keep-last", "2"]).check()?;
+    assert!(run.stdout.contains(&format!("expire  {}", b1.id)), "{}", run.stdout);
+    assert!(!repo.has(&repo.manifest_key(&b1.id)));
+    Ok(())
+}
+
+/// Alternate the content of a file in the data directory, so that each backup reuses the chunks
+/// of the one before last, which the expire running beside it deletes.
+fn write_payload(cluster: &Cluster, which: u8) -> Result<()> {
+    let mut bytes = vec![0u8; 3 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(which);
+    for b in bytes.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    write_for_pg(&cluster.data_dir().join("walvault_race_payload"), &bytes)
+}
+
+#[test]
+fn a_backup_and_an_expire_started_together_never_lose_a_chunk() -> Result<()> {
+    let repo = Repo::new()?;
+    let source = archiving_cluster("race-source", &repo, "")?;
+    workload::create_ledger(&source)?;
+    write_payload(&source, 0)?;
+    take_backup(&source, &repo)?;
+    let mut last: Option<BackupSummary> = None;
+    let mut deferred = 0;
+    for round in 1..=8u8 {
+        write_payload(&source, round % 2)?;
+        steps(&source, 3)?;
+        next_backup_second();
+        let (taken, expired) = thread::scope(|s| {
+            let backup = s.spawn(|| take_backup(&source, &repo));
+            let expire = s.spawn(|| archive_agent(&repo, &["expire", "--keep-last", "1"]));
+            (backup.join(), expire.join())
+        });
+        let taken = taken.expect("backup thread")?;
+        let expired = expired.expect("expire thread").check()?;
+        if expired.stdout.contains("chunks left for the next expire") {
+            deferred += 1;
+        }
+        let v = verify(&repo, &[]);
+        assert_eq!(
+            v.code(),
+            Some(0),
+            "round {round}: after a backup and an expire ran together, verify fails\n{}\nexpire said:\n{}",
+            v.stdout,
+            expired.stdout
+        );
+        last = Some(taken);
+    }
+    eprintln!("chunk collection deferred in {deferred} of 8 rounds");
+    archive_everything(&source)?;
+    let last = last.context("a backup")?;
+    // The newest backup restores, payload included.
+    let (restored, _) = backup::restore_and_recover(
+        PgInstall::default_install(),
+        &repo,
+        "race-restored",
+        &["--backup", &last.id, "--target", "immediate"],
+        false,
+    )?;
+    let payload = std::fs::read(restored.data_dir().join("walvault_race_payload"))?;
+    assert_eq!(payload, std::fs::read(source.data_dir().join("walvault_race_payload"))?);
+    let ok = verify(&repo, &["--deep"]);
+    assert_eq!(ok.code(), Some(0), "{}", ok.stdout);
+    Ok(())
+}
