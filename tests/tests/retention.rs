@@ -267,7 +267,12 @@ fn a_backup_and_an_expire_started_together_never_lose_a_chunk() -> Result<()> {
         next_backup_second();
         let (taken, expired) = thread::scope(|s| {
             let backup = s.spawn(|| take_backup(&source, &repo));
-            let expire = s.spawn(|| archive_agent(&repo, &["expire", "--keep-last", "1"]));
+            // Started a little later each round, so that across the rounds the expire meets
+            // the backup before it starts, while it looks chunks up, and as it finishes.
+            let expire = s.spawn(|| {
+                thread::sleep(Duration::from_millis(150) * u32::from(round - 1));
+                archive_agent(&repo, &["expire", "--keep-last", "1"])
+            });
             (backup.join(), expire.join())
         });
         let taken = taken.expect("backup thread")?;
