@@ -282,7 +282,12 @@ fn daemon(
     Ok(())
 }
 
-fn expire(repo: &RepoArgs, rules: &walvault::cli::RetentionArgs, dry_run: bool, json: bool) -> anyhow::Result<()> {
+fn expire(
+    repo: &RepoArgs,
+    rules: &walvault::cli::RetentionArgs,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let settings = repo.settings(None)?;
     let policy = settings.retention.policy(&rules.settings())?;
     let rt = tokio::runtime::Runtime::new()?;

@@ -217,7 +217,7 @@ impl Catalog {
             let Some(parsed_name) = layout::parse_wal_key(&key) else {
                 continue;
             };
-            wal_files.push((parsed_name.clone(), size));
+            wal_files.push((parsed_name, size));
             let name = parsed_name.to_string();
             let name = name.as_str();
             match parsed_name {
@@ -384,7 +384,9 @@ impl Catalog {
             })
             .collect();
         let end = usable.iter().map(|(_, c)| c.last().map(|&(_, no)| no)).max()?;
-        let (first, chain) = usable.into_iter().find(|(_, c)| c.last().map(|&(_, no)| no) == end)?;
+        let (first, chain) = usable
+            .into_iter()
+            .find(|(_, c)| c.last().map(|&(_, no)| no) == end)?;
         Some(Window {
             earliest: first.stop_time_us,
             latest: self.latest_commit(&chain),

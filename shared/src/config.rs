@@ -86,14 +86,20 @@ impl RetentionSettings {
         let rules = if flags.has_rules() { flags } else { self };
         let timezone = match flags.timezone.as_ref().or(self.timezone.as_ref()) {
             None => None,
-            Some(name) => Some(
-                jiff::tz::TimeZone::get(name).map_err(|_| ConfigError::TimeZone(name.clone()))?,
-            ),
+            Some(name) => {
+                Some(jiff::tz::TimeZone::get(name).map_err(|_| ConfigError::TimeZone(name.clone()))?)
+            }
         };
         let keep_within = rules.keep_within.as_deref().map(parse_duration).transpose()?;
-        for n in [rules.keep_last, rules.keep_daily, rules.keep_weekly, rules.keep_monthly, rules.keep_yearly]
-            .into_iter()
-            .flatten()
+        for n in [
+            rules.keep_last,
+            rules.keep_daily,
+            rules.keep_weekly,
+            rules.keep_monthly,
+            rules.keep_yearly,
+        ]
+        .into_iter()
+        .flatten()
         {
             if n == 0 {
                 return Err(ConfigError::ZeroRule);
@@ -153,8 +159,14 @@ pub enum ConfigError {
 /// A duration as [`parse_duration`] reads it back, in the largest unit that divides it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [("w", 7 * 86_400_000), ("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
-        if ms >= size && ms % size == 0 {
+    for (unit, size) in [
+        ("w", 7 * 86_400_000),
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= size && ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
     }
@@ -303,7 +315,10 @@ mod tests {
         let from_file = s.retention.policy(&RetentionSettings::default()).unwrap();
         assert_eq!(from_file.keep_daily, Some(7));
         assert_eq!(from_file.keep_within, Some(Duration::from_secs(14 * 86_400)));
-        assert_eq!(from_file.timezone.as_ref().and_then(|t| t.iana_name()), Some("Europe/Paris"));
+        assert_eq!(
+            from_file.timezone.as_ref().and_then(|t| t.iana_name()),
+            Some("Europe/Paris")
+        );
         // Flags with rules replace the table's rules; the time zone still comes from the file.
         let flags = RetentionSettings {
             keep_last: Some(3),
@@ -316,7 +331,10 @@ mod tests {
             timezone: Some("Mars/Olympus".into()),
             ..Default::default()
         };
-        assert!(matches!(s.retention.policy(&bad_tz), Err(ConfigError::TimeZone(_))));
+        assert!(matches!(
+            s.retention.policy(&bad_tz),
+            Err(ConfigError::TimeZone(_))
+        ));
         let zero = RetentionSettings {
             keep_last: Some(0),
             ..Default::default()

@@ -28,7 +28,11 @@ pub enum ExpireError {
     #[error(
         "{key} ({what}) cannot be read: {reason}; expire cannot tell what it needs, so it deletes nothing (restore-agent verify lists every problem; remove the object by hand once you know the backup is lost)"
     )]
-    Damaged { key: String, what: String, reason: String },
+    Damaged {
+        key: String,
+        what: String,
+        reason: String,
+    },
     #[error("no backup {0} in the repository")]
     NoSuchBackup(BackupId),
     #[error(transparent)]
@@ -81,10 +85,16 @@ pub struct ExpireReport {
 impl ExpireReport {
     /// Bytes deleted (or to be deleted), all kinds.
     pub fn bytes(&self) -> u64 {
-        [&self.backups, &self.wal, &self.history, &self.summaries, &self.chunks]
-            .iter()
-            .map(|d| d.bytes)
-            .sum()
+        [
+            &self.backups,
+            &self.wal,
+            &self.history,
+            &self.summaries,
+            &self.chunks,
+        ]
+        .iter()
+        .map(|d| d.bytes)
+        .sum()
     }
 
     /// The human report: kept backups with their reasons, expired ones, and counts.
@@ -107,14 +117,11 @@ impl ExpireReport {
         for id in &self.expired {
             let _ = writeln!(out, "expire  {id}");
         }
-        match (&self.window_from, &self.window_from_time) {
-            (Some(id), Some(t)) => {
-                let _ = writeln!(
-                    out,
-                    "point-in-time window: every instant from {t} (backup {id}) to now stays restorable"
-                );
-            }
-            _ => {}
+        if let (Some(id), Some(t)) = (&self.window_from, &self.window_from_time) {
+            let _ = writeln!(
+                out,
+                "point-in-time window: every instant from {t} (backup {id}) to now stays restorable"
+            );
         }
         if !self.unknown_timelines.is_empty() {
             let _ = writeln!(
@@ -146,14 +153,26 @@ const PIN_WAIT: Duration = Duration::from_secs(60);
 
 /// Expire what `policy` does not keep. `now_us` is the clock the `keep_within` and calendar rules
 /// are read against.
-pub async fn expire(repo: &Writer, policy: &Policy, dry_run: bool, now_us: i64) -> Result<ExpireReport, ExpireError> {
+pub async fn expire(
+    repo: &Writer,
+    policy: &Policy,
+    dry_run: bool,
+    now_us: i64,
+) -> Result<ExpireReport, ExpireError> {
     if policy.is_empty() {
         return Err(ExpireError::NoPolicy);
     }
     let lock = match dry_run {
         true => None,
         false => Some(
-            Lock::take_yielding(repo.writable(), LockKind::Expire, "expire", LockKind::Pin, PIN_WAIT).await?,
+            Lock::take_yielding(
+                repo.writable(),
+                LockKind::Expire,
+                "expire",
+                LockKind::Pin,
+                PIN_WAIT,
+            )
+            .await?,
         ),
     };
     let result = run(repo, policy, lock.as_ref(), now_us).await;
@@ -163,13 +182,18 @@ pub async fn expire(repo: &Writer, policy: &Policy, dry_run: bool, now_us: i64) 
     result
 }
 
-async fn run(repo: &Writer, policy: &Policy, lock: Option<&Lock>, now_us: i64) -> Result<ExpireReport, ExpireError> {
+async fn run(
+    repo: &Writer,
+    policy: &Policy,
+    lock: Option<&Lock>,
+    now_us: i64,
+) -> Result<ExpireReport, ExpireError> {
     let reader = repo.reader();
     let store = repo.writable();
     let dry_run = lock.is_none();
     let cat = Catalog::load(&reader).await?;
     refuse_damaged(&cat)?;
-    let wal: Vec<WalFileName> = cat.wal_files.iter().map(|(n, _)| n.clone()).collect();
+    let wal: Vec<WalFileName> = cat.wal_files.iter().map(|(n, _)| *n).collect();
     let sums: Vec<_> = cat.summary_files.iter().map(|(s, _)| *s).collect();
     let plan = retention::plan(policy, &cat, &cat.pinned, &wal, &sums, now_us);
 
@@ -203,10 +227,7 @@ async fn run(repo: &Writer, policy: &Policy, lock: Option<&Lock>, now_us: i64) -
     let manifest_keys: Vec<String> = expired.iter().map(|id| layout::manifest_key(id)).collect();
     report.backups = Deleted {
         objects: expired.len() as u64,
-        bytes: expired
-            .iter()
-            .filter_map(|id| cat.manifest_bytes.get(*id))
-            .sum(),
+        bytes: expired.iter().filter_map(|id| cat.manifest_bytes.get(*id)).sum(),
     };
     // 2. WAL, summaries, history files.
     let size_of = |name: &WalFileName| {
@@ -265,7 +286,12 @@ async fn run(repo: &Writer, policy: &Policy, lock: Option<&Lock>, now_us: i64) -
                 .await?
                 .into_iter()
                 .find(|f| f.record.is_none())
-                .map(|f| format!("lock {} cannot be read (remove it if no walvault process is running)", f.key)),
+                .map(|f| {
+                    format!(
+                        "lock {} cannot be read (remove it if no walvault process is running)",
+                        f.key
+                    )
+                }),
         };
         if let Some(why) = busy {
             report.chunks_deferred = Some(why);
@@ -277,7 +303,8 @@ async fn run(repo: &Writer, policy: &Policy, lock: Option<&Lock>, now_us: i64) -
         false => Catalog::refresh(&reader, Some(&cat)).await?,
     };
     refuse_damaged(&current)?;
-    let referenced = retention::referenced_chunks(current.backups.iter().filter(|m| !expired.contains(&m.id)));
+    let referenced =
+        retention::referenced_chunks(current.backups.iter().filter(|m| !expired.contains(&m.id)));
     let mut garbage = Vec::new();
     for (key, size) in repo.store().list(Kind::Chunk.dirname()).await? {
         let Some(id) = layout::parse_chunk_key(&key) else {

@@ -113,7 +113,10 @@ impl RetentionRecord {
                 keep_weekly: policy.keep_weekly,
                 keep_monthly: policy.keep_monthly,
                 keep_yearly: policy.keep_yearly,
-                timezone: policy.timezone.as_ref().and_then(|t| t.iana_name().map(str::to_string)),
+                timezone: policy
+                    .timezone
+                    .as_ref()
+                    .and_then(|t| t.iana_name().map(str::to_string)),
             },
         }
     }
@@ -151,7 +154,10 @@ pub enum Reason {
 impl Reason {
     /// Whether the backup anchors the point-in-time window (all WAL after it is kept).
     pub fn anchors_window(self) -> bool {
-        matches!(self, Reason::Newest | Reason::LatestTimeline | Reason::Last | Reason::Within)
+        matches!(
+            self,
+            Reason::Newest | Reason::LatestTimeline | Reason::Last | Reason::Within
+        )
     }
 }
 
@@ -268,7 +274,11 @@ fn period_of(unix_us: i64, tz: &jiff::tz::TimeZone, rule: Reason) -> Option<i64>
         .ok()?
         .to_zoned(tz.clone())
         .date();
-    let (y, m, d) = (i64::from(date.year()), i64::from(date.month()), i64::from(date.day()));
+    let (y, m, d) = (
+        i64::from(date.year()),
+        i64::from(date.month()),
+        i64::from(date.day()),
+    );
     Some(match rule {
         Reason::Daily => y * 10_000 + m * 100 + d,
         Reason::Weekly => {
@@ -422,7 +432,7 @@ pub fn plan(
                 if let Some(no) = s.segment_no(seg as u32)
                     && !needed(s.timeline.get(), no)
                 {
-                    plan.wal.push(name.clone());
+                    plan.wal.push(*name);
                 }
             }
         }
@@ -534,7 +544,10 @@ mod tests {
             ..Policy::default()
         };
         let d = select(&p, &refs, &none, None, at(2026, 11, 10, 0, 0));
-        assert_eq!(kept_ids(&d, Reason::Last), vec![id_at(bs[3].stop_time_us), id_at(bs[4].stop_time_us)]);
+        assert_eq!(
+            kept_ids(&d, Reason::Last),
+            vec![id_at(bs[3].stop_time_us), id_at(bs[4].stop_time_us)]
+        );
         assert_eq!(kept_ids(&d, Reason::Newest), vec![id_at(bs[4].stop_time_us)]);
         assert_eq!(d.iter().filter(|d| d.kept()).count(), 2);
         // No rule at all: only the newest survives (expire refuses such a policy anyway).
@@ -556,7 +569,11 @@ mod tests {
         let d = select(&p, &refs, &BTreeSet::new(), None, at(2026, 11, 6, 12, 0));
         assert_eq!(
             kept_ids(&d, Reason::Within),
-            vec![id_at(bs[3].stop_time_us), id_at(bs[4].stop_time_us), id_at(bs[5].stop_time_us)]
+            vec![
+                id_at(bs[3].stop_time_us),
+                id_at(bs[4].stop_time_us),
+                id_at(bs[5].stop_time_us)
+            ]
         );
     }
 
@@ -587,7 +604,10 @@ mod tests {
         );
         // Dec 9 2026 is a Wednesday: its ISO week's newest is Dec 9; the week before ends Sunday
         // Dec 6.
-        assert_eq!(kept_ids(&d, Reason::Weekly), vec!["20261206T190000Z", "20261209T190000Z"]);
+        assert_eq!(
+            kept_ids(&d, Reason::Weekly),
+            vec!["20261206T190000Z", "20261209T190000Z"]
+        );
         assert_eq!(
             kept_ids(&d, Reason::Monthly),
             vec!["20261031T190000Z", "20261130T190000Z", "20261209T190000Z"]
@@ -687,7 +707,10 @@ mod tests {
             ..Policy::default()
         };
         let plan = plan(&p, &cat, &BTreeSet::new(), &wal, &sums, 0);
-        assert_eq!(plan.expired().map(|b| b.to_string()).collect::<Vec<_>>(), vec![cat.backups[0].id.to_string()]);
+        assert_eq!(
+            plan.expired().map(|b| b.to_string()).collect::<Vec<_>>(),
+            vec![cat.backups[0].id.to_string()]
+        );
         assert_eq!(plan.window_from.as_ref(), Some(&cat.backups[1].id));
         assert_eq!(
             deleted(&plan),
@@ -753,7 +776,8 @@ mod tests {
         let mut cat = catalog();
         // Timeline 3 branched from timeline 1 at segment 6 (after B, before C's timeline 2
         // segments were used): the cluster runs on 3 now; timeline 2 is abandoned.
-        cat.timelines.insert(TimelineHistory::parse(TimelineId::new(3).unwrap(), b"1\t0/6000100\tx\n").unwrap());
+        cat.timelines
+            .insert(TimelineHistory::parse(TimelineId::new(3).unwrap(), b"1\t0/6000100\tx\n").unwrap());
         cat.segments.insert(3, vec![6, 7, 8]);
         let (mut wal, sums) = listing(&cat);
         wal.push(WalFileName::History(TimelineId::new(3).unwrap()));

@@ -94,7 +94,11 @@ impl VerifyReport {
                 w.end_lsn
             );
         }
-        let errors = self.problems.iter().filter(|p| p.severity == Severity::Error).count();
+        let errors = self
+            .problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
+            .count();
         let _ = write!(
             out,
             "verified {} backups, {} WAL files, {} summaries, {} chunks ({} unreferenced){}: {} problems, {} putting restores at risk",
@@ -148,7 +152,11 @@ pub async fn verify(repo: &Reader, deep: bool, parallel: usize) -> Result<Verify
             Some(id) => format!("backup {id} cannot be restored"),
             None => format!("recovery onto {} fails", d.what.trim_end_matches(" history")),
         };
-        problems.push(error(d.key.clone(), format!("{} cannot be read: {}", d.what, d.reason), affects));
+        problems.push(error(
+            d.key.clone(),
+            format!("{} cannot be read: {}", d.what, d.reason),
+            affects,
+        ));
     }
 
     // Chunks: every one a manifest names must be listed (with some bytes).
@@ -225,7 +233,16 @@ pub async fn verify(repo: &Reader, deep: bool, parallel: usize) -> Result<Verify
     }
 
     if deep {
-        deep_read(repo, &cat, &chunk_listing, &needed_by, parallel, &mut report, &mut problems).await?;
+        deep_read(
+            repo,
+            &cat,
+            &chunk_listing,
+            &needed_by,
+            parallel,
+            &mut report,
+            &mut problems,
+        )
+        .await?;
     }
 
     for t in cat.timeline_ids() {
@@ -257,7 +274,11 @@ fn describe_users(users: &[(String, &str)]) -> String {
 
 /// Gaps in the WAL each backup needs: to its consistency point, then on to the end of the WAL
 /// archived on each timeline descending from it; timelines without their history file.
-fn wal_problems(cat: &Catalog, consistency_only: &BTreeSet<crate::backup::BackupId>, problems: &mut Vec<Problem>) {
+fn wal_problems(
+    cat: &Catalog,
+    consistency_only: &BTreeSet<crate::backup::BackupId>,
+    problems: &mut Vec<Problem>,
+) {
     let seg_size = cat.wal_segment_size();
     let seg_name = |tli: u32, no: u64| {
         SegmentName::containing(
@@ -298,9 +319,12 @@ fn wal_problems(cat: &Catalog, consistency_only: &BTreeSet<crate::backup::Backup
             let end = chain.last().map_or(start, |&(_, no)| no);
             if end < last {
                 let tli = cat.timeline_of_segment(t, end + 1);
-                let e = gaps
-                    .entry(key_of(tli, end + 1))
-                    .or_insert_with(|| ("WAL segment missing (a gap in the archive)".into(), BTreeSet::new()));
+                let e = gaps.entry(key_of(tli, end + 1)).or_insert_with(|| {
+                    (
+                        "WAL segment missing (a gap in the archive)".into(),
+                        BTreeSet::new(),
+                    )
+                });
                 e.1.insert(format!(
                     "recovery on timeline {t} from backup {} stops before it (WAL is archived up to {})",
                     m.id,
@@ -318,8 +342,15 @@ fn wal_problems(cat: &Catalog, consistency_only: &BTreeSet<crate::backup::Backup
         });
     }
     for t in cat.timeline_ids() {
-        if t > 1 && !cat.timelines.histories.contains_key(&t) && !cat.damaged.iter().any(|d| d.what == format!("timeline {t} history")) {
-            let key = TimelineId::new(t).map_or_else(String::new, |t| layout::wal_key(&WalFileName::History(t)));
+        if t > 1
+            && !cat.timelines.histories.contains_key(&t)
+            && !cat
+                .damaged
+                .iter()
+                .any(|d| d.what == format!("timeline {t} history"))
+        {
+            let key =
+                TimelineId::new(t).map_or_else(String::new, |t| layout::wal_key(&WalFileName::History(t)));
             problems.push(Problem {
                 severity: Severity::Error,
                 key,
@@ -345,7 +376,7 @@ async fn deep_read(
         Summary(SegmentName),
         Chunk(String),
     }
-    let mut items: Vec<Item> = cat.wal_files.iter().map(|(n, _)| Item::Wal(n.clone())).collect();
+    let mut items: Vec<Item> = cat.wal_files.iter().map(|(n, _)| Item::Wal(*n)).collect();
     items.extend(cat.summary_files.iter().map(|(s, _)| Item::Summary(*s)));
     items.extend(
         chunk_listing
@@ -359,7 +390,11 @@ async fn deep_read(
             let (key, kind, name) = match &item {
                 Item::Wal(n) => (layout::wal_key(n), ObjectKind::WalFile, n.to_string()),
                 Item::Summary(s) => (layout::summary_key(s), ObjectKind::Summary, s.to_string()),
-                Item::Chunk(id) => (layout::chunk_key(id).unwrap_or_default(), ObjectKind::Chunk, id.clone()),
+                Item::Chunk(id) => (
+                    layout::chunk_key(id).unwrap_or_default(),
+                    ObjectKind::Chunk,
+                    id.clone(),
+                ),
             };
             let Some(bytes) = store.get(&key).await? else {
                 return Ok((key, name, 0, Some("disappeared during verify".to_string())));
@@ -375,7 +410,10 @@ async fn deep_read(
                         Item::Summary(s) => crate::timeindex::StoredSummary::parse(&content, &s).map(|_| ()),
                         Item::Chunk(id) => match header.blake3_hex() == id {
                             true => Ok(()),
-                            false => Err(format!("content hashes to {}, not to its name", header.blake3_hex())),
+                            false => Err(format!(
+                                "content hashes to {}, not to its name",
+                                header.blake3_hex()
+                            )),
                         },
                     }
                 }
@@ -397,7 +435,10 @@ async fn deep_read(
                 None => (Severity::Warning, "no backup references it".to_string()),
             }
         } else if key.starts_with(Kind::Index.dirname()) {
-            (Severity::Warning, format!("target times in {name} are checked less precisely"))
+            (
+                Severity::Warning,
+                format!("target times in {name} are checked less precisely"),
+            )
         } else {
             (Severity::Error, wal_users(cat, &name))
         };

@@ -39,6 +39,7 @@ impl Env {
             s3: Default::default(),
             azure: Default::default(),
             gcs: Default::default(),
+            retention: Default::default(),
         };
         Env { dir, settings }
     }

@@ -44,8 +44,14 @@ fn steps(cluster: &Cluster, n: usize) -> Result<Vec<LedgerState>> {
 
 /// Restore to the instant `state` was recorded, on `timeline`, and check the ledger.
 fn assert_restores_to(repo: &Repo, name: &str, state: &LedgerState, timeline: &str) -> Result<()> {
-    let args = ["--target-time", state.time.as_str(), "--target-timeline", timeline];
-    let (cluster, report) = backup::restore_and_recover(PgInstall::default_install(), repo, name, &args, false)?;
+    let args = [
+        "--target-time",
+        state.time.as_str(),
+        "--target-timeline",
+        timeline,
+    ];
+    let (cluster, report) =
+        backup::restore_and_recover(PgInstall::default_install(), repo, name, &args, false)?;
     let found = workload::ledger_contents(&cluster)?;
     assert_eq!(
         found, state.contents,
@@ -58,7 +64,12 @@ fn assert_restores_to(repo: &Repo, name: &str, state: &LedgerState, timeline: &s
 /// A restore to `state` on `timeline` must be refused, writing nothing.
 fn assert_refused(repo: &Repo, name: &str, state: &LedgerState, timeline: &str) -> Result<()> {
     let target = Cluster::uninitialized(name)?;
-    let args = ["--target-time", state.time.as_str(), "--target-timeline", timeline];
+    let args = [
+        "--target-time",
+        state.time.as_str(),
+        "--target-timeline",
+        timeline,
+    ];
     let run = backup::restore(repo, &target.data_dir(), &args)?;
     if run.code() != Some(1) {
         let info = backup::info(repo).map(|i| i.to_string()).unwrap_or_default();
@@ -97,7 +108,8 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
 
     // Branch from a moment between B2 and B3: timeline 2, archived into the same repository.
     let args = ["--target-time", b[20].time.as_str()];
-    let (mut branch, _) = backup::restore_and_recover(PgInstall::default_install(), &repo, "ret-branch", &args, true)?;
+    let (mut branch, _) =
+        backup::restore_and_recover(PgInstall::default_install(), &repo, "ret-branch", &args, true)?;
     assert_eq!(branch.timeline()?, 2);
     let d = steps(&branch, 30)?;
     let chunks_before_b4 = repo.chunks()?;
@@ -111,17 +123,29 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
         .into_keys()
         .filter(|k| !chunks_before_b4.contains_key(k))
         .collect();
-    ensure!(!b4_chunks.is_empty(), "the backup on timeline 2 stored no chunk of its own");
+    ensure!(
+        !b4_chunks.is_empty(),
+        "the backup on timeline 2 stored no chunk of its own"
+    );
 
     archive_agent(&repo, &["pin", &b1.id, "--note", "quarter-end"]).check()?;
     let listed = agents().run(RESTORE_AGENT, [vec!["list".to_string()], repo.args()].concat());
     assert!(
-        listed.stdout.lines().any(|l| l.starts_with(&b1.id) && l.ends_with("pinned")),
+        listed
+            .stdout
+            .lines()
+            .any(|l| l.starts_with(&b1.id) && l.ends_with("pinned")),
         "list shows the pin:\n{}",
         listed.stdout
     );
     let ok = verify(&repo, &[]);
-    assert_eq!(ok.code(), Some(0), "verify of an intact repository\n{}{}", ok.stdout, ok.stderr);
+    assert_eq!(
+        ok.code(),
+        Some(0),
+        "verify of an intact repository\n{}{}",
+        ok.stdout,
+        ok.stderr
+    );
     assert!(ok.stdout.contains("0 problems"), "{}", ok.stdout);
 
     // No policy: refused. A dry run deletes nothing.
@@ -130,7 +154,11 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
     assert!(none.stderr.contains("no retention policy"), "{}", none.stderr);
     let before = repo.files()?;
     let dry = archive_agent(&repo, &["expire", "--keep-last", "2", "--dry-run"]).check()?;
-    assert!(dry.stdout.contains(&format!("expire  {}", b2.id)), "{}", dry.stdout);
+    assert!(
+        dry.stdout.contains(&format!("expire  {}", b2.id)),
+        "{}",
+        dry.stdout
+    );
     assert_eq!(repo.files()?, before, "a dry run deletes nothing");
 
     let run = archive_agent(&repo, &["expire", "--keep-last", "2", "--json"]).check()?;
@@ -147,23 +175,37 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
     };
     assert_eq!(kept(&b1.id), vec!["pinned"], "{report:#}");
     assert_eq!(kept(&b3.id), vec!["last"], "{report:#}");
-    assert_eq!(kept(&b4.id), vec!["newest", "latest_timeline", "last"], "{report:#}");
+    assert_eq!(
+        kept(&b4.id),
+        vec!["newest", "latest_timeline", "last"],
+        "{report:#}"
+    );
     assert_eq!(report["expired"], serde_json::json!([b2.id]), "{report:#}");
     assert!(report["wal"]["objects"].as_u64().unwrap_or(0) > 0, "{report:#}");
 
     let after = repo.files()?;
     assert!(!after.contains_key(&repo.manifest_key(&b2.id)));
     for survivor in [&b1, &b3, &b4] {
-        assert!(after.contains_key(&repo.manifest_key(&survivor.id)), "{} survives", survivor.id);
+        assert!(
+            after.contains_key(&repo.manifest_key(&survivor.id)),
+            "{} survives",
+            survivor.id
+        );
     }
     // The one object expire adds: the policy it applied, which verify reads.
-    let record = after.get("retention.json").copied().context("expire records its policy")?;
+    let record = after
+        .get("retention.json")
+        .copied()
+        .context("expire records its policy")?;
     let freed: u64 = before.values().sum::<u64>() + record - after.values().sum::<u64>();
     let deleted: u64 = ["backups", "wal", "history", "summaries", "chunks"]
         .iter()
         .map(|k| report[*k]["bytes"].as_u64().unwrap_or(0))
         .sum();
-    assert_eq!(freed, deleted, "the repository shrank by what expire says it deleted");
+    assert_eq!(
+        freed, deleted,
+        "the repository shrank by what expire says it deleted"
+    );
 
     // Promised: every instant after B3 on timeline 1, after B4 on timeline 2, and B1 to its
     // consistency point.
@@ -176,7 +218,11 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
         &["--backup", &b1.id, "--target", "immediate"],
         false,
     )?;
-    assert_eq!(workload::ledger_contents(&pinned)?, at_b1, "the pinned backup restores");
+    assert_eq!(
+        workload::ledger_contents(&pinned)?,
+        at_b1,
+        "the pinned backup restores"
+    );
     drop(pinned);
     // Not promised any more: between B1 and B2 on timeline 1, and on timeline 2 before B4.
     assert_refused(&repo, "ret-a", &a[20], "1")?;
@@ -184,9 +230,19 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
 
     // Expire again: nothing left to do.
     let again = archive_agent(&repo, &["expire", "--keep-last", "2"]).check()?;
-    assert!(again.stdout.contains("deleted 0 bytes in all"), "{}", again.stdout);
+    assert!(
+        again.stdout.contains("deleted 0 bytes in all"),
+        "{}",
+        again.stdout
+    );
     let ok = verify(&repo, &["--deep"]);
-    assert_eq!(ok.code(), Some(0), "verify after expire\n{}{}", ok.stdout, ok.stderr);
+    assert_eq!(
+        ok.code(),
+        Some(0),
+        "verify after expire\n{}{}",
+        ok.stdout,
+        ok.stderr
+    );
 
     // Damage, each in its own copy: verify names the object and what depends on it.
     let damaged = |what: &str, deep: bool, damage: &dyn Fn(&Repo) -> Result<String>| -> Result<()> {
@@ -194,9 +250,17 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
         let key = damage(&copy)?;
         let flags: &[&str] = if deep { &["--deep"] } else { &[] };
         let run = verify(&copy, flags);
-        assert_eq!(run.code(), Some(1), "{what}: verify must fail\n{}{}", run.stdout, run.stderr);
+        assert_eq!(
+            run.code(),
+            Some(1),
+            "{what}: verify must fail\n{}{}",
+            run.stdout,
+            run.stderr
+        );
         assert!(
-            run.stdout.lines().any(|l| l.starts_with("ERROR") && l.contains(&key)),
+            run.stdout
+                .lines()
+                .any(|l| l.starts_with("ERROR") && l.contains(&key)),
             "{what}: verify names {key}:\n{}",
             run.stdout
         );
@@ -233,7 +297,11 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
     // Unpinned, B1 goes with the next expire.
     archive_agent(&repo, &["unpin", &b1.id]).check()?;
     let run = archive_agent(&repo, &["expire", "--keep-last", "2"]).check()?;
-    assert!(run.stdout.contains(&format!("expire  {}", b1.id)), "{}", run.stdout);
+    assert!(
+        run.stdout.contains(&format!("expire  {}", b1.id)),
+        "{}",
+        run.stdout
+    );
     assert!(!repo.has(&repo.manifest_key(&b1.id)));
     Ok(())
 }
@@ -302,7 +370,10 @@ fn a_backup_and_an_expire_started_together_never_lose_a_chunk() -> Result<()> {
         false,
     )?;
     let payload = std::fs::read(restored.data_dir().join("walvault_race_payload"))?;
-    assert_eq!(payload, std::fs::read(source.data_dir().join("walvault_race_payload"))?);
+    assert_eq!(
+        payload,
+        std::fs::read(source.data_dir().join("walvault_race_payload"))?
+    );
     let ok = verify(&repo, &["--deep"]);
     assert_eq!(ok.code(), Some(0), "{}", ok.stdout);
     Ok(())

@@ -103,7 +103,10 @@ pub fn lock_key(kind: &str, token: &str) -> Option<String> {
 
 /// The (kind, token) of a listed key under [`Kind::Lock`].
 pub fn parse_lock_key(key: &str) -> Option<(&str, &str)> {
-    let (kind, token) = key.strip_prefix("locks/")?.strip_suffix(".json")?.split_once('-')?;
+    let (kind, token) = key
+        .strip_prefix("locks/")?
+        .strip_suffix(".json")?
+        .split_once('-')?;
     (lock_key(kind, token).as_deref() == Some(key)).then_some((kind, token))
 }
 

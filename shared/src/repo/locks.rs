@@ -127,7 +127,11 @@ pub enum LockError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("gave up after {waited:?} waiting for {what} to finish (remove {key} if that process is gone)")]
-    Busy { what: String, key: String, waited: Duration },
+    Busy {
+        what: String,
+        key: String,
+        waited: Duration,
+    },
 }
 
 impl Lock {
@@ -245,7 +249,11 @@ impl Drop for Lock {
 }
 
 /// A live lock of `kind`, ignoring `except`.
-async fn live_of(store: &Store, kind: LockKind, except: Option<&str>) -> Result<Option<(String, LockRecord)>, StoreError> {
+async fn live_of(
+    store: &Store,
+    kind: LockKind,
+    except: Option<&str>,
+) -> Result<Option<(String, LockRecord)>, StoreError> {
     let now = crate::time::now_micros();
     Ok(list(store).await?.into_iter().find_map(|f| {
         let r = f.record?;
@@ -308,9 +316,15 @@ mod tests {
         assert!(expire.live_other(LockKind::Backup).await.unwrap().is_none());
         assert_eq!(list(&store).await.unwrap().len(), 1);
         expire.release().await;
-        let backup = Lock::take_yielding(&store, LockKind::Backup, "backup", LockKind::Expire, Duration::ZERO)
-            .await
-            .unwrap();
+        let backup = Lock::take_yielding(
+            &store,
+            LockKind::Backup,
+            "backup",
+            LockKind::Expire,
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
         assert!(backup.still_held().await.unwrap());
         // Found stale and removed by an expire: the backup knows before it publishes anything.
         store.delete(backup.key()).await.unwrap();

@@ -574,8 +574,7 @@ impl WritableStore {
         for batch in keys.chunks(1000) {
             let first = batch.first().map(String::as_str).unwrap_or_default();
             self.retried("delete", first, || async {
-                let paths: Vec<object_store::Result<Path>> =
-                    batch.iter().map(|k| Ok(self.path(k))).collect();
+                let paths: Vec<object_store::Result<Path>> = batch.iter().map(|k| Ok(self.path(k))).collect();
                 let mut results = self.inner.delete_stream(futures::stream::iter(paths).boxed());
                 while let Some(r) = results.next().await {
                     match r {
