@@ -145,6 +145,13 @@ enum Command {
         /// Serve Prometheus metrics on http://ADDR/metrics and a probe on /health
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Run restore-agent's verify (listing-based) this often (e.g. 24h); results in the log
+        /// and the walvault_last_verify_* metrics
+        #[arg(long, value_name = "DURATION")]
+        verify_every: Option<String>,
+        /// Expire after each scheduled backup with these rules (or the [retention] table's)
+        #[command(flatten)]
+        rules: walvault::cli::RetentionArgs,
     },
 }
 
@@ -164,15 +171,18 @@ fn main() -> ExitCode {
             backup_every,
             max_wal_age,
             metrics_addr,
+            verify_every,
+            rules,
         } => match daemon(
             &cli.repo,
             pgdata,
             parallel,
             &rescan_every,
             pg_url,
-            backup_every,
+            (backup_every, verify_every),
             max_wal_age,
             metrics_addr,
+            &rules,
         ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -244,12 +254,17 @@ fn daemon(
     parallel: Option<usize>,
     rescan_every: &str,
     pg_url: Option<String>,
-    backup_every: Option<String>,
+    (backup_every, verify_every): (Option<String>, Option<String>),
     max_wal_age: Option<String>,
     metrics_addr: Option<std::net::SocketAddr>,
+    rules: &walvault::cli::RetentionArgs,
 ) -> anyhow::Result<()> {
     use walvault::config::parse_duration;
     let settings = repo.settings(None)?;
+    let retention = Some(settings.retention.policy(&rules.settings())?).filter(|p| !p.is_empty());
+    if retention.is_some() && backup_every.is_none() {
+        tracing::warn!("a retention policy is set but no --backup-every: the daemon expires only after its own scheduled backups");
+    }
     let needs_conn = backup_every.is_some() || max_wal_age.is_some();
     let opts = walvault::daemon::DaemonOptions {
         pgdata,
@@ -264,6 +279,8 @@ fn daemon(
         backup_every: backup_every.as_deref().map(parse_duration).transpose()?,
         max_wal_age: max_wal_age.as_deref().map(parse_duration).transpose()?,
         metrics_addr,
+        retention,
+        verify_every: verify_every.as_deref().map(parse_duration).transpose()?,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

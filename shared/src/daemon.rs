@@ -42,6 +42,10 @@ pub struct DaemonOptions {
     /// Force a WAL switch when WAL written this long ago is not archived yet.
     pub max_wal_age: Option<Duration>,
     pub metrics_addr: Option<SocketAddr>,
+    /// Expire with this policy after each scheduled backup.
+    pub retention: Option<crate::retention::Policy>,
+    /// Run `verify` (listing-based) this often.
+    pub verify_every: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +81,20 @@ pub struct Metrics {
     /// Restorable window of the newest timeline (Unix seconds; 0 when unknown).
     pub window_earliest_unix: AtomicI64,
     pub window_latest_unix: AtomicI64,
+    /// Backups in the repository (from the last catalog read).
+    pub backups: AtomicU64,
+    pub last_expire_unix: AtomicI64,
+    /// 1 when the last expire succeeded, 0 when it failed.
+    pub last_expire_ok: AtomicU64,
+    pub last_expire_deleted_bytes: AtomicU64,
+    pub last_expire_deleted_backups: AtomicU64,
+    pub last_verify_unix: AtomicI64,
+    /// 1 when the last verify found nothing at risk, 0 otherwise (or when it could not run).
+    pub last_verify_ok: AtomicU64,
+    pub last_verify_problems: AtomicU64,
+    /// Bytes and objects in the repository, as the last verify listed them.
+    pub repository_bytes: AtomicU64,
+    pub repository_objects: AtomicU64,
 }
 
 impl Metrics {
@@ -94,7 +112,7 @@ impl Metrics {
             self.last_backup_duration_ms.load(Ordering::Relaxed) as f64 / 1000.0
         );
         // (name with labels, type, help, value)
-        let metrics: [(String, &str, &str, String); 15] = [
+        let metrics: [(String, &str, &str, String); 25] = [
             (
                 "segments_archived_total".into(),
                 "counter",
@@ -178,6 +196,66 @@ impl Metrics {
                 "gauge",
                 "Latest restorable time on the newest timeline (just before the last archived transaction)",
                 gi(&self.window_latest_unix),
+            ),
+            (
+                "backups".into(),
+                "gauge",
+                "Backups in the repository",
+                g(&self.backups),
+            ),
+            (
+                "last_expire_timestamp_seconds".into(),
+                "gauge",
+                "When the last expire ran (0: never)",
+                gi(&self.last_expire_unix),
+            ),
+            (
+                "last_expire_success".into(),
+                "gauge",
+                "1 if the last expire succeeded",
+                g(&self.last_expire_ok),
+            ),
+            (
+                "last_expire_deleted_bytes".into(),
+                "gauge",
+                "Bytes the last expire deleted",
+                g(&self.last_expire_deleted_bytes),
+            ),
+            (
+                "last_expire_deleted_backups".into(),
+                "gauge",
+                "Backups the last expire deleted",
+                g(&self.last_expire_deleted_backups),
+            ),
+            (
+                "last_verify_timestamp_seconds".into(),
+                "gauge",
+                "When the last verify ran (0: never)",
+                gi(&self.last_verify_unix),
+            ),
+            (
+                "last_verify_success".into(),
+                "gauge",
+                "1 if the last verify found every backup restorable",
+                g(&self.last_verify_ok),
+            ),
+            (
+                "last_verify_problems".into(),
+                "gauge",
+                "Problems the last verify reported",
+                g(&self.last_verify_problems),
+            ),
+            (
+                "repository_bytes".into(),
+                "gauge",
+                "Bytes stored in the repository (as the last verify listed them)",
+                g(&self.repository_bytes),
+            ),
+            (
+                "repository_objects".into(),
+                "gauge",
+                "Objects in the repository (as the last verify listed them)",
+                g(&self.repository_objects),
             ),
             ("up".into(), "gauge", "The daemon is running", "1".into()),
         ];
@@ -328,6 +406,8 @@ pub async fn run(
     // The last catalog read, so each refresh downloads only new manifests and summaries.
     let catalog: Arc<tokio::sync::Mutex<Option<crate::catalog::Catalog>>> = Arc::default();
     let mut next_window = Instant::now();
+    let mut verify_task: Option<tokio::task::JoinHandle<()>> = None;
+    let mut next_verify = Instant::now() + opts.verify_every.unwrap_or_default();
     tracing::info!(pgdata = %opts.pgdata.display(), repo = %settings.repo, parallel = opts.parallel, "daemon started");
 
     loop {
@@ -372,7 +452,14 @@ pub async fn run(
                     && backup_task.as_ref().is_none_or(|t| t.is_finished())
                 {
                     next_backup = Some(Instant::now() + every);
-                    backup_task = Some(tokio::spawn(scheduled_backup(Arc::clone(&settings), opts.pgdata.clone(), conn.clone(), Arc::clone(&metrics))));
+                    backup_task = Some(tokio::spawn(scheduled_backup(Arc::clone(&settings), opts.pgdata.clone(), conn.clone(), opts.retention.clone(), Arc::clone(&metrics))));
+                }
+                if let Some(every) = opts.verify_every
+                    && Instant::now() >= next_verify
+                    && verify_task.as_ref().is_none_or(|t| t.is_finished())
+                {
+                    next_verify = Instant::now() + every;
+                    verify_task = Some(tokio::spawn(scheduled_verify(repo.reader(), Arc::clone(&metrics))));
                 }
                 // Off the upload path: a task of its own, one at a time, each call bounded.
                 if let Some(t) = switch_task.take_if(|t| t.is_finished()) {
@@ -440,6 +527,9 @@ pub async fn run(
     if let Some(t) = backup_task {
         t.abort();
     }
+    if let Some(t) = verify_task {
+        t.abort();
+    }
     Ok(())
 }
 
@@ -495,7 +585,13 @@ fn forget_recycled(spool: &Spool, wal_dir: &Path) {
     }
 }
 
-async fn scheduled_backup(settings: Arc<Settings>, pgdata: PathBuf, conn: String, metrics: Arc<Metrics>) {
+async fn scheduled_backup(
+    settings: Arc<Settings>,
+    pgdata: PathBuf,
+    conn: String,
+    retention: Option<crate::retention::Policy>,
+    metrics: Arc<Metrics>,
+) {
     let opts = BackupOptions {
         pgdata,
         pg_conn: conn,
@@ -526,6 +622,73 @@ async fn scheduled_backup(settings: Arc<Settings>, pgdata: PathBuf, conn: String
         Err(e) => {
             metrics.backups_failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!("scheduled backup failed: {e}");
+            return;
+        }
+    }
+    if let Some(policy) = retention {
+        scheduled_expire(&settings, &policy, &metrics).await;
+    }
+}
+
+/// Expire after a scheduled backup; the outcome goes to the log and the metrics.
+async fn scheduled_expire(settings: &Settings, policy: &crate::retention::Policy, metrics: &Metrics) {
+    let now = crate::time::now_micros();
+    let result = async {
+        let repo = Writer::open_writable(&settings.repo, &settings.store_options())
+            .await
+            .map_err(|e| e.to_string())?;
+        crate::expire::expire(&repo, policy, false, now)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    metrics.last_expire_unix.store(now / 1_000_000, Ordering::Relaxed);
+    match result {
+        Ok(report) => {
+            metrics.last_expire_ok.store(1, Ordering::Relaxed);
+            metrics.last_expire_deleted_bytes.store(report.bytes(), Ordering::Relaxed);
+            metrics
+                .last_expire_deleted_backups
+                .store(report.expired.len() as u64, Ordering::Relaxed);
+            metrics.backups.store(report.kept.len() as u64, Ordering::Relaxed);
+            tracing::info!(
+                kept = report.kept.len(),
+                expired = report.expired.len(),
+                deleted_bytes = report.bytes(),
+                chunks_deferred = report.chunks_deferred.is_some(),
+                "expire after the scheduled backup ({})",
+                report.policy
+            );
+        }
+        Err(e) => {
+            metrics.last_expire_ok.store(0, Ordering::Relaxed);
+            tracing::error!("expire after the scheduled backup failed: {e}");
+        }
+    }
+}
+
+/// A scheduled verify (listing-based, like `restore-agent verify` without `--deep`).
+async fn scheduled_verify(repo: Reader, metrics: Arc<Metrics>) {
+    let now = crate::time::now_micros();
+    let result = crate::verify::verify(&repo, false, 4).await;
+    metrics.last_verify_unix.store(now / 1_000_000, Ordering::Relaxed);
+    match result {
+        Ok(report) => {
+            metrics.last_verify_ok.store(u64::from(!report.at_risk()), Ordering::Relaxed);
+            metrics
+                .last_verify_problems
+                .store(report.problems.len() as u64, Ordering::Relaxed);
+            metrics.repository_bytes.store(report.repository_bytes, Ordering::Relaxed);
+            metrics.repository_objects.store(report.repository_objects, Ordering::Relaxed);
+            metrics.backups.store(report.backups, Ordering::Relaxed);
+            for p in &report.problems {
+                tracing::warn!("verify: {} {}: {}; {}", format!("{:?}", p.severity).to_uppercase(), p.key, p.problem, p.affects);
+            }
+            tracing::info!(problems = report.problems.len(), at_risk = report.at_risk(), "scheduled verify done");
+        }
+        Err(e) => {
+            metrics.last_verify_ok.store(0, Ordering::Relaxed);
+            tracing::error!("scheduled verify failed: {e}");
         }
     }
 }
@@ -540,6 +703,7 @@ async fn update_window(
     let mut last = last.lock().await;
     match crate::catalog::Catalog::refresh(&repo, last.as_ref()).await {
         Ok(cat) => {
+            metrics.backups.store(cat.backups.len() as u64, Ordering::Relaxed);
             let tli = cat.timeline_ids().last().copied().unwrap_or(1);
             if let Some(w) = cat.window(tli) {
                 metrics

@@ -58,6 +58,9 @@ pub struct VerifyReport {
     pub chunks: u64,
     /// Chunks no manifest references (garbage an expire collects).
     pub unreferenced_chunks: u64,
+    /// Every object listed (WAL, summaries, manifests, pins, chunks) and their stored bytes.
+    pub repository_objects: u64,
+    pub repository_bytes: u64,
     /// Objects read whole and hash-checked (`--deep`).
     pub objects_read: u64,
     pub bytes_read: u64,
@@ -139,6 +142,11 @@ pub async fn verify(repo: &Reader, deep: bool, parallel: usize) -> Result<Verify
         chunks: chunk_listing.len() as u64,
         ..VerifyReport::default()
     };
+    report.repository_objects = (cat.wal_files.len() + cat.summary_files.len() + cat.manifest_bytes.len() + chunk_listing.len()) as u64;
+    report.repository_bytes = cat.wal_files.iter().map(|(_, n)| n).sum::<u64>()
+        + cat.summary_files.iter().map(|(_, n)| n).sum::<u64>()
+        + cat.manifest_bytes.values().sum::<u64>()
+        + chunk_listing.iter().map(|(_, n)| n).sum::<u64>();
     let mut problems = Vec::new();
     let error = |key: String, problem: String, affects: String| Problem {
         severity: Severity::Error,

@@ -620,3 +620,53 @@ fn markers_never_vouch_for_a_repository_recreated_at_the_same_url() -> Result<()
     assert!(repo.has_object(&last));
     Ok(())
 }
+
+/// With a retention policy, the daemon expires after each scheduled backup, and with
+/// `--verify-every` it verifies the repository on a schedule; both show in `/metrics`.
+#[test]
+fn scheduled_backups_are_expired_and_verified_by_the_daemon() -> Result<()> {
+    let repo = Repo::new()?;
+    let source = archiving_cluster("daemon-retention", &repo, "")?;
+    source.execute("CREATE TABLE kept (v int); INSERT INTO kept SELECT generate_series(1, 1000)")?;
+    archive_everything(&source)?;
+    let d = Daemon::start(
+        &source,
+        &repo,
+        &[
+            "--pg-url",
+            &source.conn_string(),
+            "--backup-every",
+            "4s",
+            "--keep-last",
+            "1",
+            "--verify-every",
+            "3s",
+        ],
+    )?;
+    let metric = |name: &str| d.metric(name).map(|v| v.unwrap_or_default());
+    host::wait_for(
+        "an expire after a scheduled backup to delete the one before, and a verify after it",
+        Duration::from_secs(120),
+        TICK,
+        || {
+            let expired = metric("walvault_last_expire_deleted_backups")? >= 1.0
+                && metric("walvault_last_expire_success")? == 1.0;
+            let verified_after = metric("walvault_last_verify_timestamp_seconds")?
+                > metric("walvault_last_expire_timestamp_seconds")?;
+            Ok(match expired && verified_after {
+                true => Poll::Done(()),
+                false => Poll::Waiting(host::tail(&d.log(), 10)),
+            })
+        },
+    )
+    .with_context(|| d.log())?;
+    assert_eq!(metric("walvault_last_verify_success")?, 1.0, "{}", d.log());
+    assert_eq!(metric("walvault_last_verify_problems")?, 0.0, "{}", d.log());
+    assert!(metric("walvault_repository_bytes")? > 0.0);
+    assert!(metric("walvault_repository_objects")? > 0.0);
+    d.stop()?;
+    // keep_last 1: the newest backup, and at most one taken after the last expire.
+    let manifests = repo.files()?.keys().filter(|k| k.ends_with("/manifest.wvo")).count();
+    assert!((1..=2).contains(&manifests), "{manifests} backups left with keep_last 1");
+    Ok(())
+}
