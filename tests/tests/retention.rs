@@ -378,3 +378,55 @@ fn a_backup_and_an_expire_started_together_never_lose_a_chunk() -> Result<()> {
     assert_eq!(ok.code(), Some(0), "{}", ok.stdout);
     Ok(())
 }
+
+fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[test]
+fn keep_within_and_calendar_rules_from_the_command_line() -> Result<()> {
+    let repo = Repo::new()?;
+    let source = archiving_cluster("ret-rules", &repo, "")?;
+    workload::create_ledger(&source)?;
+    let b1 = take_backup(&source, &repo)?;
+    steps(&source, 20)?;
+    next_backup_second();
+    let b2 = take_backup(&source, &repo)?;
+    let between = steps(&source, 60)?;
+    next_backup_second();
+    let b3 = take_backup(&source, &repo)?;
+    steps(&source, 20)?;
+    archive_everything(&source)?;
+
+    // keep_within reaching back to halfway between B2 and B3: B3 is inside, and B2, the newest
+    // before the window's start, is kept too so that the instants between them stay restorable.
+    let ms = |t: &str| source.unix_micros(t).map(|us| us / 1000);
+    let (b2_stop, b3_stop) = (ms(&b2.stop_time)?, ms(&b3.stop_time)?);
+    let within = format!("{}ms", unix_ms_now() - (b2_stop + b3_stop) / 2);
+    let run = archive_agent(&repo, &["expire", "--keep-within", &within, "--json"]).check()?;
+    let report: serde_json::Value = serde_json::from_str(&run.stdout)?;
+    assert_eq!(report["expired"], serde_json::json!([b1.id]), "{report:#}");
+    assert_eq!(report["window_from"], serde_json::json!(b2.id), "{report:#}");
+    let early = between
+        .iter()
+        .find(|s| s.unix_micros / 1000 < (b2_stop + b3_stop) / 2 && s.unix_micros / 1000 > b2_stop + 100)
+        .context("a transaction early between B2 and B3")?;
+    assert_restores_to(&repo, "ret-within", early, "1")?;
+
+    // keep_daily: the newest backup of each day. B2 and B3 share a day unless the test ran
+    // across midnight (UTC).
+    let same_day = b2.stop_time[..10] == b3.stop_time[..10];
+    let run = archive_agent(&repo, &["expire", "--keep-daily", "7", "--timezone", "UTC", "--json"]).check()?;
+    let report: serde_json::Value = serde_json::from_str(&run.stdout)?;
+    let expect: Vec<&str> = if same_day { vec![&b2.id] } else { vec![] };
+    assert_eq!(report["expired"], serde_json::json!(expect), "{report:#}");
+    assert!(repo.has(&repo.manifest_key(&b3.id)));
+    let ok = verify(&repo, &[]);
+    assert_eq!(ok.code(), Some(0), "{}{}", ok.stdout, ok.stderr);
+    let bad = archive_agent(&repo, &["expire", "--keep-daily", "7", "--timezone", "Mars/Olympus"]);
+    assert_eq!(bad.code(), Some(1));
+    assert!(bad.stderr.contains("unknown time zone"), "{}", bad.stderr);
+    Ok(())
+}
