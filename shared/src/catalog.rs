@@ -162,6 +162,50 @@ impl Catalog {
     /// downloaded (both are written once and never change); those gone are dropped. History
     /// files, a few small objects, and damaged objects are read again.
     pub async fn refresh(repo: &Reader, previous: Option<&Catalog>) -> Result<Catalog, CatalogError> {
+        Catalog::read(repo, previous, true).await
+    }
+
+    /// [`Catalog::load`] without reading the time index: summaries are listed
+    /// ([`Catalog::summary_files`]) but not downloaded, so a repository of any size costs a few
+    /// LIST requests plus one GET per manifest and history file. For expire and verify;
+    /// [`Catalog::read_window_summaries`] then reads the few a window needs.
+    pub async fn load_listing(repo: &Reader) -> Result<Catalog, CatalogError> {
+        Catalog::read(repo, None, false).await
+    }
+
+    /// [`Catalog::load_listing`] again, downloading only the manifests `previous` lacks.
+    pub async fn refresh_listing(repo: &Reader, previous: &Catalog) -> Result<Catalog, CatalogError> {
+        Catalog::read(repo, Some(previous), false).await
+    }
+
+    /// Read the summaries the restorable windows need: on each timeline, from the end of the
+    /// WAL its window reaches, backwards until one records a transaction end (at most 64).
+    pub async fn read_window_summaries(&mut self, store: &Store) {
+        let seg_size = self.wal_segment_size();
+        for t in self.timeline_ids() {
+            let Some((_, chain)) = self.window_chain(t) else {
+                continue;
+            };
+            for &(tli, no) in chain.iter().rev().take(64) {
+                if !self.summaries.contains_key(&(tli, no)) {
+                    let Some(tid) = crate::wal::TimelineId::new(tli) else { continue };
+                    let seg = SegmentName::containing(tid, Lsn(no * u64::from(seg_size)), seg_size);
+                    match crate::timeindex::load(store, &seg).await {
+                        Ok(Some(s)) => {
+                            self.summaries.insert((tli, no), s.summary);
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("{e}"),
+                    }
+                }
+                if self.summaries.get(&(tli, no)).is_some_and(|s| s.max_commit.is_some()) {
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn read(repo: &Reader, previous: Option<&Catalog>, read_summaries: bool) -> Result<Catalog, CatalogError> {
         let previous = previous.filter(|p| p.repo_id == *repo.id() && p.cluster.as_ref() == repo.cluster());
         let store = repo.store();
         let cluster = repo.cluster().copied();
@@ -257,6 +301,9 @@ impl Catalog {
                 continue;
             };
             summary_files.push((seg, size));
+            if !read_summaries {
+                continue;
+            }
             let at = seg.segment_no(seg_size).map(|no| (seg.timeline.get(), no));
             if let Some((at, known)) = at.and_then(|at| Some((at, previous?.summaries.get(&at)?))) {
                 summaries.insert(at, known.clone());
@@ -372,26 +419,29 @@ impl Catalog {
     /// a calendar rule or a pin, or one before a gap) does not open the window: it starts at the
     /// oldest backup from which the WAL runs on to the end.
     pub fn window(&self, timeline: u32) -> Option<Window> {
+        let (first, chain) = self.window_chain(timeline)?;
+        Some(Window {
+            earliest: first.stop_time_us,
+            latest: self.latest_commit(&chain),
+            end_lsn: self.chain_end(&chain),
+        })
+    }
+
+    /// The backup a window on `timeline` starts from, and its chain: the oldest usable backup
+    /// (its WAL reaches its consistency point) whose WAL runs on as far as any backup's does.
+    fn window_chain(&self, timeline: u32) -> Option<(&Manifest, Vec<(u32, u64)>)> {
         let usable: Vec<(&Manifest, Vec<(u32, u64)>)> = self
             .backups
             .iter()
             .filter(|m| self.on_history(m, timeline))
             .map(|m| (m, self.chain(m, timeline)))
-            // A backup is usable only if the WAL up to its consistency point is archived.
             .filter(|(m, chain)| {
                 let stop_no = m.stop_lsn.0.saturating_sub(1) / self.segment_size();
                 chain.iter().any(|&(_, no)| no >= stop_no)
             })
             .collect();
         let end = usable.iter().map(|(_, c)| c.last().map(|&(_, no)| no)).max()?;
-        let (first, chain) = usable
-            .into_iter()
-            .find(|(_, c)| c.last().map(|&(_, no)| no) == end)?;
-        Some(Window {
-            earliest: first.stop_time_us,
-            latest: self.latest_commit(&chain),
-            end_lsn: self.chain_end(&chain),
-        })
+        usable.into_iter().find(|(_, c)| c.last().map(|&(_, no)| no) == end)
     }
 
     /// Restore points (name, LSN, unix micros) a restore can reach on `timeline`: those after

@@ -191,7 +191,8 @@ async fn run(
     let reader = repo.reader();
     let store = repo.writable();
     let dry_run = lock.is_none();
-    let cat = Catalog::load(&reader).await?;
+    // The time index is listed, not read: expire needs only which summaries exist.
+    let cat = Catalog::load_listing(&reader).await?;
     refuse_damaged(&cat)?;
     let wal: Vec<WalFileName> = cat.wal_files.iter().map(|(n, _)| *n).collect();
     let sums: Vec<_> = cat.summary_files.iter().map(|(s, _)| *s).collect();
@@ -300,7 +301,8 @@ async fn run(
     }
     let current = match dry_run {
         true => cat.clone(),
-        false => Catalog::refresh(&reader, Some(&cat)).await?,
+        // Listed again; only manifests that appeared since are downloaded.
+        false => Catalog::refresh_listing(&reader, &cat).await?,
     };
     refuse_damaged(&current)?;
     let referenced =

@@ -132,7 +132,10 @@ pub enum VerifyError {
 
 /// Verify the repository; `parallel` bounds the objects read at once with `deep`.
 pub async fn verify(repo: &Reader, deep: bool, parallel: usize) -> Result<VerifyReport, VerifyError> {
-    let cat = Catalog::load(repo).await?;
+    // Summaries are listed, not read (one GET each would make verify cost a request per
+    // segment); the windows read the few they need, and --deep reads them all.
+    let mut cat = Catalog::load_listing(repo).await?;
+    cat.read_window_summaries(repo.store()).await;
     let chunk_listing = repo.store().list(Kind::Chunk.dirname()).await?;
     let mut report = VerifyReport {
         deep,
@@ -224,17 +227,18 @@ pub async fn verify(repo: &Reader, deep: bool, parallel: usize) -> Result<Verify
     }
     wal_problems(&cat, &consistency_only, &mut problems);
 
-    // Summaries the catalog could not read (listed, but absent from the index it built).
+    // Every archived segment should have its summary (push writes it right after the segment).
     let seg_size = cat.wal_segment_size();
-    for (seg, _) in &cat.summary_files {
-        let loaded = seg
-            .segment_no(seg_size)
-            .is_some_and(|no| cat.summaries.contains_key(&(seg.timeline.get(), no)));
-        if !loaded {
+    let summarized: BTreeSet<&SegmentName> = cat.summary_files.iter().map(|(s, _)| s).collect();
+    for (name, _) in &cat.wal_files {
+        if let WalFileName::Segment(seg) = name
+            && !summarized.contains(seg)
+            && seg.segment_no(seg_size).is_some()
+        {
             problems.push(Problem {
                 severity: Severity::Warning,
                 key: layout::summary_key(seg),
-                problem: "time index summary cannot be read".into(),
+                problem: "time index summary missing".into(),
                 affects: format!("target times in {seg} are checked less precisely (restores still work)"),
             });
         }
