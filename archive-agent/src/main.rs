@@ -263,7 +263,9 @@ fn daemon(
     let settings = repo.settings(None)?;
     let retention = Some(settings.retention.policy(&rules.settings())?).filter(|p| !p.is_empty());
     if retention.is_some() && backup_every.is_none() {
-        tracing::warn!("a retention policy is set but no --backup-every: the daemon expires only after its own scheduled backups");
+        tracing::warn!(
+            "a retention policy is set but no --backup-every: the daemon expires only after its own scheduled backups"
+        );
     }
     let needs_conn = backup_every.is_some() || max_wal_age.is_some();
     let opts = walvault::daemon::DaemonOptions {

@@ -188,7 +188,9 @@ impl Catalog {
             };
             for &(tli, no) in chain.iter().rev().take(64) {
                 if !self.summaries.contains_key(&(tli, no)) {
-                    let Some(tid) = crate::wal::TimelineId::new(tli) else { continue };
+                    let Some(tid) = crate::wal::TimelineId::new(tli) else {
+                        continue;
+                    };
                     let seg = SegmentName::containing(tid, Lsn(no * u64::from(seg_size)), seg_size);
                     match crate::timeindex::load(store, &seg).await {
                         Ok(Some(s)) => {
@@ -198,14 +200,22 @@ impl Catalog {
                         Err(e) => tracing::warn!("{e}"),
                     }
                 }
-                if self.summaries.get(&(tli, no)).is_some_and(|s| s.max_commit.is_some()) {
+                if self
+                    .summaries
+                    .get(&(tli, no))
+                    .is_some_and(|s| s.max_commit.is_some())
+                {
                     break;
                 }
             }
         }
     }
 
-    async fn read(repo: &Reader, previous: Option<&Catalog>, read_summaries: bool) -> Result<Catalog, CatalogError> {
+    async fn read(
+        repo: &Reader,
+        previous: Option<&Catalog>,
+        read_summaries: bool,
+    ) -> Result<Catalog, CatalogError> {
         let previous = previous.filter(|p| p.repo_id == *repo.id() && p.cluster.as_ref() == repo.cluster());
         let store = repo.store();
         let cluster = repo.cluster().copied();
@@ -441,7 +451,9 @@ impl Catalog {
             })
             .collect();
         let end = usable.iter().map(|(_, c)| c.last().map(|&(_, no)| no)).max()?;
-        usable.into_iter().find(|(_, c)| c.last().map(|&(_, no)| no) == end)
+        usable
+            .into_iter()
+            .find(|(_, c)| c.last().map(|&(_, no)| no) == end)
     }
 
     /// Restore points (name, LSN, unix micros) a restore can reach on `timeline`: those after

@@ -86,9 +86,12 @@ impl RetentionSettings {
         let rules = if flags.has_rules() { flags } else { self };
         let timezone = match flags.timezone.as_ref().or(self.timezone.as_ref()) {
             None => None,
-            Some(name) => {
+            // The name may come from the repository (retention.json): only an IANA-shaped name
+            // is looked up, so no path reaches the system's zoneinfo lookup.
+            Some(name) if is_zone_name(name) => {
                 Some(jiff::tz::TimeZone::get(name).map_err(|_| ConfigError::TimeZone(name.clone()))?)
             }
+            Some(name) => return Err(ConfigError::TimeZone(name.clone())),
         };
         let keep_within = rules.keep_within.as_deref().map(parse_duration).transpose()?;
         for n in [
@@ -154,6 +157,21 @@ pub enum ConfigError {
     ZeroRule,
     #[error("invalid duration {0:?}: use a number with a unit, like 500ms, 30s, 5m, 1h, 14d or 2w")]
     Duration(String),
+}
+
+/// Whether `name` has the shape of an IANA time zone name (`UTC`, `Europe/Paris`, `Etc/GMT+2`):
+/// letters, digits, `_`, `-`, `+`, `.`, and `/` between non-empty parts that are not `.` or `..`.
+pub fn is_zone_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.split('/').all(|part| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+' | b'.'))
+        })
 }
 
 /// A duration as [`parse_duration`] reads it back, in the largest unit that divides it.

@@ -646,7 +646,9 @@ async fn scheduled_expire(settings: &Settings, policy: &crate::retention::Policy
     match result {
         Ok(report) => {
             metrics.last_expire_ok.store(1, Ordering::Relaxed);
-            metrics.last_expire_deleted_bytes.store(report.bytes(), Ordering::Relaxed);
+            metrics
+                .last_expire_deleted_bytes
+                .store(report.bytes(), Ordering::Relaxed);
             metrics
                 .last_expire_deleted_backups
                 .store(report.expired.len() as u64, Ordering::Relaxed);
@@ -674,17 +676,33 @@ async fn scheduled_verify(repo: Reader, metrics: Arc<Metrics>) {
     metrics.last_verify_unix.store(now / 1_000_000, Ordering::Relaxed);
     match result {
         Ok(report) => {
-            metrics.last_verify_ok.store(u64::from(!report.at_risk()), Ordering::Relaxed);
+            metrics
+                .last_verify_ok
+                .store(u64::from(!report.at_risk()), Ordering::Relaxed);
             metrics
                 .last_verify_problems
                 .store(report.problems.len() as u64, Ordering::Relaxed);
-            metrics.repository_bytes.store(report.repository_bytes, Ordering::Relaxed);
-            metrics.repository_objects.store(report.repository_objects, Ordering::Relaxed);
+            metrics
+                .repository_bytes
+                .store(report.repository_bytes, Ordering::Relaxed);
+            metrics
+                .repository_objects
+                .store(report.repository_objects, Ordering::Relaxed);
             metrics.backups.store(report.backups, Ordering::Relaxed);
             for p in &report.problems {
-                tracing::warn!("verify: {} {}: {}; {}", format!("{:?}", p.severity).to_uppercase(), p.key, p.problem, p.affects);
+                tracing::warn!(
+                    "verify: {} {}: {}; {}",
+                    format!("{:?}", p.severity).to_uppercase(),
+                    p.key,
+                    p.problem,
+                    p.affects
+                );
             }
-            tracing::info!(problems = report.problems.len(), at_risk = report.at_risk(), "scheduled verify done");
+            tracing::info!(
+                problems = report.problems.len(),
+                at_risk = report.at_risk(),
+                "scheduled verify done"
+            );
         }
         Err(e) => {
             metrics.last_verify_ok.store(0, Ordering::Relaxed);

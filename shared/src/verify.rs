@@ -145,7 +145,9 @@ pub async fn verify(repo: &Reader, deep: bool, parallel: usize) -> Result<Verify
         chunks: chunk_listing.len() as u64,
         ..VerifyReport::default()
     };
-    report.repository_objects = (cat.wal_files.len() + cat.summary_files.len() + cat.manifest_bytes.len() + chunk_listing.len()) as u64;
+    report.repository_objects =
+        (cat.wal_files.len() + cat.summary_files.len() + cat.manifest_bytes.len() + chunk_listing.len())
+            as u64;
     report.repository_bytes = cat.wal_files.iter().map(|(_, n)| n).sum::<u64>()
         + cat.summary_files.iter().map(|(_, n)| n).sum::<u64>()
         + cat.manifest_bytes.values().sum::<u64>()

@@ -666,7 +666,14 @@ fn scheduled_backups_are_expired_and_verified_by_the_daemon() -> Result<()> {
     assert!(metric("walvault_repository_objects")? > 0.0);
     d.stop()?;
     // keep_last 1: the newest backup, and at most one taken after the last expire.
-    let manifests = repo.files()?.keys().filter(|k| k.ends_with("/manifest.wvo")).count();
-    assert!((1..=2).contains(&manifests), "{manifests} backups left with keep_last 1");
+    let manifests = repo
+        .files()?
+        .keys()
+        .filter(|k| k.ends_with("/manifest.wvo"))
+        .count();
+    assert!(
+        (1..=2).contains(&manifests),
+        "{manifests} backups left with keep_last 1"
+    );
     Ok(())
 }

@@ -418,14 +418,21 @@ fn keep_within_and_calendar_rules_from_the_command_line() -> Result<()> {
     // keep_daily: the newest backup of each day. B2 and B3 share a day unless the test ran
     // across midnight (UTC).
     let same_day = b2.stop_time[..10] == b3.stop_time[..10];
-    let run = archive_agent(&repo, &["expire", "--keep-daily", "7", "--timezone", "UTC", "--json"]).check()?;
+    let run = archive_agent(
+        &repo,
+        &["expire", "--keep-daily", "7", "--timezone", "UTC", "--json"],
+    )
+    .check()?;
     let report: serde_json::Value = serde_json::from_str(&run.stdout)?;
     let expect: Vec<&str> = if same_day { vec![&b2.id] } else { vec![] };
     assert_eq!(report["expired"], serde_json::json!(expect), "{report:#}");
     assert!(repo.has(&repo.manifest_key(&b3.id)));
     let ok = verify(&repo, &[]);
     assert_eq!(ok.code(), Some(0), "{}{}", ok.stdout, ok.stderr);
-    let bad = archive_agent(&repo, &["expire", "--keep-daily", "7", "--timezone", "Mars/Olympus"]);
+    let bad = archive_agent(
+        &repo,
+        &["expire", "--keep-daily", "7", "--timezone", "Mars/Olympus"],
+    );
     assert_eq!(bad.code(), Some(1));
     assert!(bad.stderr.contains("unknown time zone"), "{}", bad.stderr);
     Ok(())
