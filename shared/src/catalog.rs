@@ -187,14 +187,14 @@ impl Catalog {
                 continue;
             };
             for &(tli, no) in chain.iter().rev().take(64) {
-                if !self.summaries.contains_key(&(tli, no)) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = self.summaries.entry((tli, no)) {
                     let Some(tid) = crate::wal::TimelineId::new(tli) else {
                         continue;
                     };
                     let seg = SegmentName::containing(tid, Lsn(no * u64::from(seg_size)), seg_size);
                     match crate::timeindex::load(store, &seg).await {
                         Ok(Some(s)) => {
-                            self.summaries.insert((tli, no), s.summary);
+                            slot.insert(s.summary);
                         }
                         Ok(None) => {}
                         Err(e) => tracing::warn!("{e}"),
