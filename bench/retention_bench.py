@@ -112,7 +112,7 @@ def main():
                        "total_requests": sum(requests.values()), "exit": code}
                 if label.startswith("expire"):
                     rep = json.loads(out)
-                    row["deleted"] = {k: rep[k] for k in ("backups", "wal", "history", "summaries", "chunks")}
+                    row["deleted"] = {k: rep[k] for k in ("backups", "wal", "summaries", "chunks")}
                 if label.startswith("verify"):
                     row["summary"] = out.strip().splitlines()[-1]
                 results.append(row)

@@ -454,9 +454,12 @@ pub async fn run(
                     next_backup = Some(Instant::now() + every);
                     backup_task = Some(tokio::spawn(scheduled_backup(Arc::clone(&settings), opts.pgdata.clone(), conn.clone(), opts.retention.clone(), Arc::clone(&metrics))));
                 }
+                // Not while the scheduled backup (and the expire after it) runs: a verify listing
+                // objects an expire is deleting would report them missing.
                 if let Some(every) = opts.verify_every
                     && Instant::now() >= next_verify
                     && verify_task.as_ref().is_none_or(|t| t.is_finished())
+                    && backup_task.as_ref().is_none_or(|t| t.is_finished())
                 {
                     next_verify = Instant::now() + every;
                     verify_task = Some(tokio::spawn(scheduled_verify(repo.reader(), Arc::clone(&metrics))));
@@ -657,7 +660,7 @@ async fn scheduled_expire(settings: &Settings, policy: &crate::retention::Policy
                 kept = report.kept.len(),
                 expired = report.expired.len(),
                 deleted_bytes = report.bytes(),
-                chunks_deferred = report.chunks_deferred.is_some(),
+                deferred = report.deferred.is_some(),
                 "expire after the scheduled backup ({})",
                 report.policy
             );

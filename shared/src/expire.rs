@@ -3,7 +3,7 @@
 //! Order of deletion, so that an expire cut off at any point leaves every kept backup restorable
 //! and the next expire finishes the job: the plan only ever deletes what no kept backup needs;
 //! manifests of expired backups go first (what they alone referenced is then garbage the next
-//! plan finds again), then WAL, summaries and history files, then chunks, and chunks only after
+//! plan finds again), then WAL and summaries, then chunks, and chunks only after
 //! the lock protocol of [`crate::repo::locks`] has shown that no backup is relying on any.
 
 use std::collections::BTreeSet;
@@ -33,6 +33,8 @@ pub enum ExpireError {
         what: String,
         reason: String,
     },
+    #[error("another expire is running ({0}); try again when it is done")]
+    Busy(String),
     #[error("no backup {0} in the repository")]
     NoSuchBackup(BackupId),
     #[error(transparent)]
@@ -72,12 +74,11 @@ pub struct ExpireReport {
     pub window_from_time: Option<String>,
     pub backups: Deleted,
     pub wal: Deleted,
-    pub history: Deleted,
     pub summaries: Deleted,
     pub chunks: Deleted,
     pub locks: Deleted,
     /// Why chunks were left for the next expire, when they were.
-    pub chunks_deferred: Option<String>,
+    pub deferred: Option<String>,
     /// Timelines kept whole because no history file says where they came from.
     pub unknown_timelines: Vec<u32>,
 }
@@ -85,16 +86,10 @@ pub struct ExpireReport {
 impl ExpireReport {
     /// Bytes deleted (or to be deleted), all kinds.
     pub fn bytes(&self) -> u64 {
-        [
-            &self.backups,
-            &self.wal,
-            &self.history,
-            &self.summaries,
-            &self.chunks,
-        ]
-        .iter()
-        .map(|d| d.bytes)
-        .sum()
+        [&self.backups, &self.wal, &self.summaries, &self.chunks]
+            .iter()
+            .map(|d| d.bytes)
+            .sum()
     }
 
     /// The human report: kept backups with their reasons, expired ones, and counts.
@@ -133,15 +128,14 @@ impl ExpireReport {
         for (what, d) in [
             ("backups", &self.backups),
             ("WAL files", &self.wal),
-            ("history files", &self.history),
             ("time index summaries", &self.summaries),
             ("chunks", &self.chunks),
             ("stale locks", &self.locks),
         ] {
             let _ = writeln!(out, "{verb} {:>7} {what} ({} bytes)", d.objects, d.bytes);
         }
-        if let Some(why) = &self.chunks_deferred {
-            let _ = writeln!(out, "chunks left for the next expire: {why}");
+        if let Some(why) = &self.deferred {
+            let _ = writeln!(out, "WAL, summaries and chunks left for the next expire: {why}");
         }
         let _ = write!(out, "{verb} {} bytes in all", self.bytes());
         out
@@ -175,6 +169,20 @@ pub async fn expire(
             .await?,
         ),
     };
+    // Two expires at once would delete the union of two plans: one steps aside.
+    if let Some(held) = lock.as_ref() {
+        let refusal = match held.live_other(LockKind::Expire).await {
+            Ok(None) => None,
+            Ok(Some((_, other))) => Some(ExpireError::Busy(other.describe())),
+            Err(e) => Some(e.into()),
+        };
+        if let Some(refusal) = refusal {
+            if let Some(held) = lock {
+                held.release().await;
+            }
+            return Err(refusal);
+        }
+    }
     let result = run(repo, policy, lock.as_ref(), now_us).await;
     if let Some(lock) = lock {
         lock.release().await;
@@ -230,7 +238,7 @@ async fn run(
         objects: expired.len() as u64,
         bytes: expired.iter().filter_map(|id| cat.manifest_bytes.get(*id)).sum(),
     };
-    // 2. WAL, summaries, history files.
+    // 2. WAL and summaries (history files are never deleted: retention.rs).
     let size_of = |name: &WalFileName| {
         cat.wal_files
             .iter()
@@ -252,34 +260,25 @@ async fn run(
             .map(|(_, n)| *n)
             .sum(),
     };
-    let history: Vec<WalFileName> = plan
-        .history
-        .iter()
-        .filter_map(|&t| crate::wal::TimelineId::new(t).map(WalFileName::History))
-        .collect();
-    let history_keys: Vec<String> = history.iter().map(layout::wal_key).collect();
-    report.history = Deleted {
-        objects: history.len() as u64,
-        bytes: history.iter().map(size_of).sum(),
-    };
     if !dry_run {
         // Recorded first: verify then knows which kept backups keep WAL to their consistency
         // point only, even if this expire is cut off halfway.
-        let record = retention::RetentionRecord::new(policy, now_us);
+        let record = retention::RetentionRecord::new(policy, &plan.decisions, now_us);
         let json = serde_json::to_vec_pretty(&record).expect("a retention record serializes");
         store.put(layout::RETENTION_KEY, json.into()).await?;
         store.delete_many(&manifest_keys).await?;
         for id in &expired {
             tracing::info!(backup = %id, "expired");
         }
-        store.delete_many(&wal_keys).await?;
-        store.delete_many(&summary_keys).await?;
-        store.delete_many(&history_keys).await?;
-        report.locks = remove_stale_locks(repo, now_us).await?;
+        // Stale locks go before the check below, judged by the clock now (not the one the
+        // plan was made with): a backup that stopped refreshing its lock knows it (locks.rs).
+        report.locks = remove_stale_locks(repo, crate::time::now_micros()).await?;
     }
 
-    // 3. Chunks: only when no backup can be relying on one (repo/locks.rs), and from a fresh
-    // listing of the manifests, made after that check: a backup that finished meanwhile is seen.
+    // 3. WAL, summaries and chunks: only when no backup is in progress (repo/locks.rs). A
+    // running backup may rely on chunks already stored, and waits for WAL from its start that
+    // no finished backup needs yet. A backup that starts after this check yields to this
+    // expire's lock until it is done.
     if let Some(lock) = lock {
         let busy = match lock.live_other(LockKind::Backup).await? {
             Some((_, r)) => Some(format!("{} is in progress", r.describe())),
@@ -295,9 +294,13 @@ async fn run(
                 }),
         };
         if let Some(why) = busy {
-            report.chunks_deferred = Some(why);
+            report.wal = Deleted::default();
+            report.summaries = Deleted::default();
+            report.deferred = Some(why);
             return Ok(report);
         }
+        store.delete_many(&wal_keys).await?;
+        store.delete_many(&summary_keys).await?;
     }
     let current = match dry_run {
         true => cat.clone(),

@@ -13,9 +13,9 @@
 //!   oldest of them to now stays restorable;
 //! - the other kept backups (calendar rules, pins) keep the WAL from their start to their
 //!   consistency point on their own timeline: each stays restorable to that point;
-//! - history files are kept for every timeline an anchor reaches and their ancestors; summaries
-//!   follow their segments; a timeline whose ancestry is unknown (no history file) keeps all its
-//!   WAL, as does the latest timeline when no backup is on its history.
+//! - history files are never deleted (PostgreSQL finds the newest timeline by probing them in
+//!   order); summaries follow their segments; a timeline whose ancestry is unknown (no history
+//!   file) keeps all its WAL, as does the latest timeline when no backup is on its history.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -87,8 +87,8 @@ impl Policy {
     }
 }
 
-/// `retention.json`, version 1: the policy the last expire applied, so that `verify` knows
-/// which backups keep their WAL only to their consistency point.
+/// `retention.json`, version 1: what the last expire applied, so that `verify` knows which
+/// backups keep their WAL only to their consistency point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RetentionRecord {
     pub format: String,
@@ -96,12 +96,18 @@ pub struct RetentionRecord {
     /// When the expire ran (Unix microseconds).
     pub applied_at_us: i64,
     pub policy: crate::config::RetentionSettings,
+    /// The backups that expire kept to their consistency point only (calendar rules, pins):
+    /// the WAL after that point was deleted on purpose. Every other backup, and any taken
+    /// since, is held to WAL running on to the end of its timelines.
+    #[serde(default)]
+    pub consistency_only: Vec<BackupId>,
 }
 
 pub const RECORD_FORMAT: &str = "walvault-retention";
 
 impl RetentionRecord {
-    pub fn new(policy: &Policy, applied_at_us: i64) -> RetentionRecord {
+    /// The record of an expire that applied `policy` and decided `decisions`.
+    pub fn new(policy: &Policy, decisions: &[Decision], applied_at_us: i64) -> RetentionRecord {
         RetentionRecord {
             format: RECORD_FORMAT.into(),
             version: 1,
@@ -118,18 +124,31 @@ impl RetentionRecord {
                     .as_ref()
                     .and_then(|t| t.iana_name().map(str::to_string)),
             },
+            consistency_only: decisions
+                .iter()
+                .filter(|d| d.kept() && !d.reasons.iter().any(|r| r.anchors_window()))
+                .map(|d| d.id.clone())
+                .collect(),
         }
     }
 
-    /// Parse a stored record (untrusted) back into a policy.
-    pub fn parse(json: &[u8]) -> Result<Policy, String> {
+    /// Parse a stored record (untrusted: anyone who can write the bucket can change it). Its
+    /// policy must have at least one rule and be valid.
+    pub fn parse(json: &[u8]) -> Result<RetentionRecord, String> {
         let r: RetentionRecord = serde_json::from_slice(json).map_err(|e| e.to_string())?;
         if r.format != RECORD_FORMAT || r.version != 1 {
             return Err(format!("unknown format {} version {}", r.format, r.version));
         }
-        r.policy
-            .policy(&crate::config::RetentionSettings::default())
-            .map_err(|e| e.to_string())
+        let policy = r.policy().map_err(|e| e.to_string())?;
+        if policy.is_empty() {
+            return Err("the policy has no rule".into());
+        }
+        Ok(r)
+    }
+
+    /// The policy the record names.
+    pub fn policy(&self) -> Result<Policy, crate::config::ConfigError> {
+        self.policy.policy(&crate::config::RetentionSettings::default())
     }
 }
 
@@ -314,8 +333,6 @@ pub struct Plan {
     pub window_from: Option<BackupId>,
     /// Listed WAL files (segments, partial and backup history files) no kept backup needs.
     pub wal: Vec<WalFileName>,
-    /// Timeline history files no kept backup needs.
-    pub history: Vec<u32>,
     /// Time index summaries of segments no kept backup needs.
     pub summaries: Vec<SegmentName>,
     /// Timelines whose WAL is kept whole because their ancestry is unknown (no history file).
@@ -406,16 +423,6 @@ pub fn plan(
         })
     };
 
-    let mut kept_history: BTreeSet<u32> = BTreeSet::new();
-    for (_, timelines) in &reached {
-        for &t in timelines {
-            kept_history.insert(t);
-            kept_history.extend(cat.timelines.history(t).ancestors.iter().map(|a| a.timeline));
-        }
-    }
-    kept_history.extend(unknown.iter().copied());
-    kept_history.extend(latest);
-
     let mut plan = Plan {
         window_from: window_from.map(|m| m.id.clone()),
         unknown_timelines: unknown.iter().copied().collect(),
@@ -423,11 +430,10 @@ pub fn plan(
     };
     for name in wal {
         match name {
-            WalFileName::History(t) => {
-                if !kept_history.contains(&t.get()) {
-                    plan.history.push(t.get());
-                }
-            }
+            // Never deleted: a few bytes each, and PostgreSQL looks for the newest timeline by
+            // probing history files 2, 3, ... up to the first one missing (findNewestTimeLine):
+            // a hole would hide every timeline after it, and a promotion would reuse its id.
+            WalFileName::History(_) => {}
             WalFileName::Segment(s) | WalFileName::Partial(s) | WalFileName::Backup { segment: s, .. } => {
                 if let Some(no) = s.segment_no(seg as u32)
                     && !needed(s.timeline.get(), no)
@@ -717,7 +723,6 @@ mod tests {
             vec![seg_name(1, 2).to_string(), seg_name(1, 3).to_string()]
         );
         assert_eq!(plan.summaries, vec![seg_name(1, 2), seg_name(1, 3)]);
-        assert!(plan.history.is_empty());
     }
 
     #[test]
@@ -734,7 +739,6 @@ mod tests {
         let mut want: Vec<String> = (2..=7).map(|no| seg_name(1, no).to_string()).collect();
         want.extend([seg_name(2, 5).to_string(), seg_name(2, 6).to_string()]);
         assert_eq!(deleted(&plan), want);
-        assert!(plan.history.is_empty(), "timeline 2's history stays");
     }
 
     #[test]

@@ -11,9 +11,9 @@
 //! - an expire that sees a live backup lock leaves every chunk in place (it collects them next
 //!   time); one that sees a pin lock waits for it (a pin takes a moment).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -119,8 +119,16 @@ pub struct Lock {
     store: WritableStore,
     key: String,
     lost: Arc<AtomicBool>,
+    /// When the lock was last written, on this process's monotonic clock (which keeps counting
+    /// while the process is stopped): a holder that could not refresh in time knows its lock
+    /// may have been found stale, whatever the lock object says now.
+    refreshed: Arc<Mutex<Instant>>,
     refresher: tokio::task::JoinHandle<()>,
 }
+
+/// A holder trusts its lock only while its last refresh is this much younger than
+/// [`STALE_AFTER`]: the margin covers the clocks of the holders disagreeing a little.
+const TRUST_MARGIN: Duration = Duration::from_secs(2 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
@@ -152,22 +160,37 @@ impl Lock {
         };
         store.put(&key, to_bytes(&record)).await?;
         let lost = Arc::new(AtomicBool::new(false));
+        let refreshed = Arc::new(Mutex::new(Instant::now()));
         let refresher = tokio::spawn({
-            let (store, key, lost) = (store.clone(), key.clone(), Arc::clone(&lost));
+            let (store, key, lost, refreshed) = (
+                store.clone(),
+                key.clone(),
+                Arc::clone(&lost),
+                Arc::clone(&refreshed),
+            );
             async move {
                 let mut record = record;
                 loop {
                     tokio::time::sleep(REFRESH_EVERY).await;
                     record.refreshed_us = crate::time::now_micros();
-                    // Removed by someone who found it stale: never recreate it.
-                    let refreshed = match store.size(&key).await {
-                        Ok(Some(_)) => store.put(&key, to_bytes(&record)).await.is_ok(),
-                        _ => false,
-                    };
-                    if !refreshed {
-                        tracing::warn!("lost the repository lock {key}");
-                        lost.store(true, Ordering::SeqCst);
-                        return;
+                    let attempt = Instant::now();
+                    match store.size(&key).await {
+                        // Removed by someone who found it stale: never recreate it.
+                        Ok(None) => {
+                            tracing::warn!("the repository lock {key} was removed");
+                            lost.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        Ok(Some(_)) => match store.put(&key, to_bytes(&record)).await {
+                            Ok(()) => {
+                                if let Ok(mut at) = refreshed.lock() {
+                                    *at = attempt;
+                                }
+                            }
+                            // Tried again next minute; `still_held` tells when it is too late.
+                            Err(e) => tracing::warn!("cannot refresh the repository lock {key}: {e}"),
+                        },
+                        Err(e) => tracing::warn!("cannot refresh the repository lock {key}: {e}"),
                     }
                 }
             }
@@ -176,6 +199,7 @@ impl Lock {
             store: store.clone(),
             key,
             lost,
+            refreshed,
             refresher,
         })
     }
@@ -193,8 +217,13 @@ impl Lock {
         let mut told = false;
         loop {
             let lock = Lock::take(store, kind, what).await?;
-            let Some(other) = lock.live_other(yield_to).await? else {
-                return Ok(lock);
+            let other = match lock.live_other(yield_to).await {
+                Ok(None) => return Ok(lock),
+                Ok(Some(other)) => other,
+                Err(e) => {
+                    lock.release().await;
+                    return Err(e.into());
+                }
             };
             lock.release().await;
             loop {
@@ -226,7 +255,12 @@ impl Lock {
     /// about to publish what it did (a backup, its manifest) checks this first: a lock found
     /// stale and removed means an expire may have run meanwhile.
     pub async fn still_held(&self) -> Result<bool, StoreError> {
-        Ok(!self.lost.load(Ordering::SeqCst) && self.store.size(&self.key).await?.is_some())
+        let fresh = self
+            .refreshed
+            .lock()
+            .map(|at| at.elapsed() + TRUST_MARGIN < STALE_AFTER)
+            .unwrap_or(false);
+        Ok(fresh && !self.lost.load(Ordering::SeqCst) && self.store.size(&self.key).await?.is_some())
     }
 
     pub fn key(&self) -> &str {
@@ -246,6 +280,11 @@ impl Drop for Lock {
     fn drop(&mut self) {
         self.refresher.abort();
     }
+}
+
+/// A live lock of `kind` in the repository, if any.
+pub async fn live(store: &Store, kind: LockKind) -> Result<Option<(String, LockRecord)>, StoreError> {
+    live_of(store, kind, None).await
 }
 
 /// A live lock of `kind`, ignoring `except`.
