@@ -454,12 +454,10 @@ pub async fn run(
                     next_backup = Some(Instant::now() + every);
                     backup_task = Some(tokio::spawn(scheduled_backup(Arc::clone(&settings), opts.pgdata.clone(), conn.clone(), opts.retention.clone(), Arc::clone(&metrics))));
                 }
-                // Not while the scheduled backup (and the expire after it) runs: a verify listing
-                // objects an expire is deleting would report them missing.
+                // verify itself waits for a running expire and looks again after one (verify.rs).
                 if let Some(every) = opts.verify_every
                     && Instant::now() >= next_verify
                     && verify_task.as_ref().is_none_or(|t| t.is_finished())
-                    && backup_task.as_ref().is_none_or(|t| t.is_finished())
                 {
                     next_verify = Instant::now() + every;
                     verify_task = Some(tokio::spawn(scheduled_verify(repo.reader(), Arc::clone(&metrics))));

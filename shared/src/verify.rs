@@ -141,11 +141,15 @@ pub async fn verify(repo: &Reader, deep: bool, parallel: usize) -> Result<Verify
     loop {
         attempt += 1;
         wait_for_expire(repo).await?;
+        // Every expire rewrites retention.json before it deletes anything: a change means one
+        // ran while this verify listed.
+        let before = repo.store().get(layout::RETENTION_KEY).await?;
         let report = verify_once(repo, deep, parallel).await?;
-        let expired_meanwhile = crate::repo::locks::live(repo.store(), crate::repo::locks::LockKind::Expire)
+        let after = repo.store().get(layout::RETENTION_KEY).await?;
+        let expiring = crate::repo::locks::live(repo.store(), crate::repo::locks::LockKind::Expire)
             .await?
             .is_some();
-        if !(report.at_risk() && expired_meanwhile && attempt < 3) {
+        if !(report.at_risk() && (expiring || before != after) && attempt < 3) {
             return Ok(report);
         }
     }
