@@ -556,16 +556,41 @@ pub async fn load_manifest(store: &Store, id: &BackupId) -> Result<Manifest, Cat
     Ok(m)
 }
 
+/// Catalogs and manifests built by hand, for the unit tests of the modules that read them.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use crate::backup::manifest::{BackupStats, FORMAT_NAME, FORMAT_VERSION};
-    use crate::wal::TimelineId;
-    use crate::wal::pgtime::PgTime;
 
-    const SEG: u64 = 16 << 20;
+    /// PostgreSQL's default segment size, which these catalogs use.
+    pub(crate) const SEG: u64 = 16 << 20;
 
-    fn backup(id: &str, tli: u32, start_seg: u64, stop_time: i64) -> Manifest {
+    /// An empty catalog of a PostgreSQL 15 cluster with 16 MiB segments.
+    pub(crate) fn empty_catalog(system_identifier: u64) -> Catalog {
+        Catalog {
+            repo_id: RepoId::random(),
+            cluster: Some(ClusterIdentity {
+                system_identifier,
+                wal_segment_size: SEG as u32,
+                wal_block_size: 8192,
+                pg_version: 15,
+            }),
+            backups: vec![],
+            timelines: TimelineTree::default(),
+            segments: BTreeMap::new(),
+            summaries: BTreeMap::new(),
+            damaged: Vec::new(),
+            pinned: Default::default(),
+            wal_files: Vec::new(),
+            summary_files: Vec::new(),
+            manifest_bytes: BTreeMap::new(),
+        }
+    }
+
+    /// The manifest of a backup of system 1 on timeline `tli` that started in segment
+    /// `start_seg` and became consistent in it at `stop_us` (Unix microseconds), a second after
+    /// it started.
+    pub(crate) fn manifest(id: &str, tli: u32, start_seg: u64, stop_us: i64) -> Manifest {
         Manifest {
             format: FORMAT_NAME.into(),
             version: FORMAT_VERSION,
@@ -575,8 +600,8 @@ mod tests {
             timeline: tli,
             start_lsn: Lsn(start_seg * SEG + 0x28),
             stop_lsn: Lsn(start_seg * SEG + 0x100),
-            start_time_us: (stop_time - 1) * 1_000_000,
-            stop_time_us: stop_time * 1_000_000,
+            start_time_us: stop_us - 1_000_000,
+            stop_time_us: stop_us,
             start_wal: String::new(),
             stop_wal: String::new(),
             chunk_size: 1 << 20,
@@ -587,6 +612,14 @@ mod tests {
             stats: BackupStats::default(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{SEG, empty_catalog, manifest};
+    use super::*;
+    use crate::wal::TimelineId;
+    use crate::wal::pgtime::PgTime;
 
     fn summary(no: u64, max_commit_unix_secs: i64) -> SegmentSummary {
         let t = PgTime::from_unix_micros(max_commit_unix_secs * 1_000_000).unwrap();
@@ -611,25 +644,14 @@ mod tests {
             summaries.insert((2, no), summary(no, 2000 + no as i64));
         }
         Catalog {
-            repo_id: RepoId::random(),
-            cluster: Some(ClusterIdentity {
-                system_identifier: 1,
-                wal_segment_size: SEG as u32,
-                wal_block_size: 8192,
-                pg_version: 15,
-            }),
             backups: vec![
-                backup("20261121T100000Z", 1, 2, 900),
-                backup("20261121T110000Z", 2, 7, 1900),
+                manifest("20261121T100000Z", 1, 2, 900_000_000),
+                manifest("20261121T110000Z", 2, 7, 1_900_000_000),
             ],
             timelines,
             segments: BTreeMap::from([(1, (2..=7).collect()), (2, (5..=9).collect())]),
             summaries,
-            damaged: Vec::new(),
-            pinned: Default::default(),
-            wal_files: Vec::new(),
-            summary_files: Vec::new(),
-            manifest_bytes: BTreeMap::new(),
+            ..empty_catalog(1)
         }
     }
 

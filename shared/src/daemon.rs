@@ -691,13 +691,7 @@ async fn scheduled_verify(repo: Reader, metrics: Arc<Metrics>) {
                 .store(report.repository_objects, Ordering::Relaxed);
             metrics.backups.store(report.backups, Ordering::Relaxed);
             for p in &report.problems {
-                tracing::warn!(
-                    "verify: {} {}: {}; {}",
-                    format!("{:?}", p.severity).to_uppercase(),
-                    p.key,
-                    p.problem,
-                    p.affects
-                );
+                tracing::warn!("verify: {p}");
             }
             tracing::info!(
                 problems = report.problems.len(),

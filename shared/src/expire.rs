@@ -6,7 +6,7 @@
 //! plan finds again), then WAL and summaries, then chunks, and chunks only after
 //! the lock protocol of [`crate::repo::locks`] has shown that no backup is relying on any.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ use crate::repo::layout::{self, Kind};
 use crate::repo::locks::{self, Lock, LockError, LockKind};
 use crate::repo::{StoreError, Writer};
 use crate::retention::{self, Policy, Reason};
-use crate::wal::WalFileName;
+use crate::wal::{SegmentName, WalFileName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExpireError {
@@ -183,28 +183,26 @@ pub async fn expire(
             return Err(refusal);
         }
     }
-    let result = run(repo, policy, lock.as_ref(), now_us).await;
+    let result = run(repo, policy, lock.is_none(), now_us).await;
     if let Some(lock) = lock {
         lock.release().await;
     }
     result
 }
 
+/// The expire itself; unless `dry_run`, this process holds the expire lock.
 async fn run(
     repo: &Writer,
     policy: &Policy,
-    lock: Option<&Lock>,
+    dry_run: bool,
     now_us: i64,
 ) -> Result<ExpireReport, ExpireError> {
     let reader = repo.reader();
     let store = repo.writable();
-    let dry_run = lock.is_none();
     // The time index is listed, not read: expire needs only which summaries exist.
     let cat = Catalog::load_listing(&reader).await?;
     refuse_damaged(&cat)?;
-    let wal: Vec<WalFileName> = cat.wal_files.iter().map(|(n, _)| *n).collect();
-    let sums: Vec<_> = cat.summary_files.iter().map(|(s, _)| *s).collect();
-    let plan = retention::plan(policy, &cat, &cat.pinned, &wal, &sums, now_us);
+    let plan = retention::plan(policy, &cat, now_us);
 
     let mut report = ExpireReport {
         dry_run,
@@ -239,26 +237,18 @@ async fn run(
         bytes: expired.iter().filter_map(|id| cat.manifest_bytes.get(*id)).sum(),
     };
     // 2. WAL and summaries (history files are never deleted: retention.rs).
-    let size_of = |name: &WalFileName| {
-        cat.wal_files
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(0, |(_, s)| *s)
-    };
+    let wal_sizes: HashMap<&WalFileName, u64> = cat.wal_files.iter().map(|(n, size)| (n, *size)).collect();
     let wal_keys: Vec<String> = plan.wal.iter().map(layout::wal_key).collect();
     report.wal = Deleted {
         objects: plan.wal.len() as u64,
-        bytes: plan.wal.iter().map(size_of).sum(),
+        bytes: plan.wal.iter().filter_map(|n| wal_sizes.get(n)).sum(),
     };
+    let summary_sizes: HashMap<&SegmentName, u64> =
+        cat.summary_files.iter().map(|(s, size)| (s, *size)).collect();
     let summary_keys: Vec<String> = plan.summaries.iter().map(layout::summary_key).collect();
     report.summaries = Deleted {
         objects: plan.summaries.len() as u64,
-        bytes: cat
-            .summary_files
-            .iter()
-            .filter(|(s, _)| plan.summaries.contains(s))
-            .map(|(_, n)| *n)
-            .sum(),
+        bytes: plan.summaries.iter().filter_map(|s| summary_sizes.get(s)).sum(),
     };
     if !dry_run {
         // Recorded first: verify then knows which kept backups keep WAL to their consistency
@@ -270,29 +260,15 @@ async fn run(
         for id in &expired {
             tracing::info!(backup = %id, "expired");
         }
-        // Stale locks go before the check below, judged by the clock now (not the one the
-        // plan was made with): a backup that stopped refreshing its lock knows it (locks.rs).
-        report.locks = remove_stale_locks(repo, crate::time::now_micros()).await?;
     }
 
     // 3. WAL, summaries and chunks: only when no backup is in progress (repo/locks.rs). A
     // running backup may rely on chunks already stored, and waits for WAL from its start that
     // no finished backup needs yet. A backup that starts after this check yields to this
     // expire's lock until it is done.
-    if let Some(lock) = lock {
-        let busy = match lock.live_other(LockKind::Backup).await? {
-            Some((_, r)) => Some(format!("{} is in progress", r.describe())),
-            None => locks::list(repo.store())
-                .await?
-                .into_iter()
-                .find(|f| f.record.is_none())
-                .map(|f| {
-                    format!(
-                        "lock {} cannot be read (remove it if no walvault process is running)",
-                        f.key
-                    )
-                }),
-        };
+    if !dry_run {
+        let (stale, busy) = sweep_locks(repo).await?;
+        report.locks = stale;
         if let Some(why) = busy {
             report.wal = Deleted::default();
             report.summaries = Deleted::default();
@@ -338,23 +314,37 @@ fn refuse_damaged(cat: &Catalog) -> Result<(), ExpireError> {
     }
 }
 
-/// Remove locks whose holders stopped refreshing them: a backup that comes back after this sees
-/// its lock gone and records nothing.
-async fn remove_stale_locks(repo: &Writer, now_us: i64) -> Result<Deleted, StoreError> {
-    let stale: Vec<String> = locks::list(repo.store())
-        .await?
-        .into_iter()
+/// One listing of the locks, made after this expire's own lock was written and judged by the
+/// clock now (not the one the plan was made with): stale locks are removed (a backup that comes
+/// back after this sees its lock gone and records nothing), and the reason to leave WAL,
+/// summaries and chunks alone is returned: a live backup lock, or a lock that cannot be read.
+async fn sweep_locks(repo: &Writer) -> Result<(Deleted, Option<String>), StoreError> {
+    let now_us = crate::time::now_micros();
+    let found = locks::list(repo.store()).await?;
+    let stale: Vec<String> = found
+        .iter()
         .filter(|f| f.record.as_ref().is_some_and(|r| !r.live(now_us)))
-        .map(|f| f.key)
+        .map(|f| f.key.clone())
         .collect();
     for key in &stale {
         tracing::warn!("removing the stale lock {key}");
     }
     repo.writable().delete_many(&stale).await?;
-    Ok(Deleted {
+    let busy = found.iter().find_map(|f| match &f.record {
+        Some(r) if r.kind == LockKind::Backup && r.live(now_us) => {
+            Some(format!("{} is in progress", r.describe()))
+        }
+        Some(_) => None,
+        None => Some(format!(
+            "lock {} cannot be read (remove it if no walvault process is running)",
+            f.key
+        )),
+    });
+    let stale = Deleted {
         objects: stale.len() as u64,
         bytes: 0,
-    })
+    };
+    Ok((stale, busy))
 }
 
 /// `backups/<id>/pinned.json`, version 1.

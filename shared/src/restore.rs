@@ -901,7 +901,6 @@ mod tests {
 
     use super::*;
     use crate::backup::manifest::{Entry, Tablespace};
-    use crate::repo::{ClusterIdentity, RepoId};
 
     const SYSID: u64 = 7_441_234_567_890_123_456;
 
@@ -910,24 +909,7 @@ mod tests {
     }
 
     fn catalog(sysid: u64) -> Catalog {
-        Catalog {
-            repo_id: RepoId::random(),
-            cluster: Some(ClusterIdentity {
-                system_identifier: sysid,
-                wal_segment_size: 16 << 20,
-                wal_block_size: 8192,
-                pg_version: 15,
-            }),
-            backups: vec![],
-            timelines: Default::default(),
-            segments: BTreeMap::new(),
-            summaries: BTreeMap::new(),
-            damaged: Vec::new(),
-            pinned: Default::default(),
-            wal_files: Vec::new(),
-            summary_files: Vec::new(),
-            manifest_bytes: BTreeMap::new(),
-        }
+        crate::catalog::testing::empty_catalog(sysid)
     }
 
     fn options(pgdata: &Path) -> RestoreOptions {

@@ -17,7 +17,7 @@
 //!   order); summaries follow their segments; a timeline whose ancestry is unknown (no history
 //!   file) keeps all its WAL, as does the latest timeline when no backup is on its history.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::time::Duration;
 
@@ -351,14 +351,7 @@ impl Plan {
 
 /// Plan an expire: which backups `policy` keeps, and which of the listed WAL files (`wal`) and
 /// summaries (`summaries`) nothing kept needs. Timelines and backups come from `cat`.
-pub fn plan(
-    policy: &Policy,
-    cat: &Catalog,
-    pinned: &BTreeSet<BackupId>,
-    wal: &[WalFileName],
-    summaries: &[SegmentName],
-    now_us: i64,
-) -> Plan {
+pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
     let seg = u64::from(cat.wal_segment_size());
     let backups: Vec<&Manifest> = cat.backups.iter().collect();
     let latest = cat.timeline_ids().last().copied();
@@ -369,7 +362,7 @@ pub fn plan(
             .max_by_key(|m| (m.stop_time_us, m.id.clone()))
             .map(|m| m.id.clone())
     });
-    let decisions = select(policy, &backups, pinned, latest_base.as_ref(), now_us);
+    let decisions = select(policy, &backups, &cat.pinned, latest_base.as_ref(), now_us);
 
     let mut anchors = Vec::new();
     let mut window_from: Option<&Manifest> = None;
@@ -428,7 +421,7 @@ pub fn plan(
         unknown_timelines: unknown.iter().copied().collect(),
         ..Plan::default()
     };
-    for name in wal {
+    for (name, _) in &cat.wal_files {
         match name {
             // Never deleted: a few bytes each, and PostgreSQL looks for the newest timeline by
             // probing history files 2, 3, ... up to the first one missing (findNewestTimeLine):
@@ -443,7 +436,7 @@ pub fn plan(
             }
         }
     }
-    for s in summaries {
+    for (s, _) in &cat.summary_files {
         if let Some(no) = s.segment_no(seg as u32)
             && !needed(s.timeline.get(), no)
         {
@@ -464,51 +457,17 @@ pub fn referenced_chunks<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) 
         .collect()
 }
 
-/// Kept backups grouped by reason, for reports: reason -> ids.
-pub fn by_reason(decisions: &[Decision]) -> BTreeMap<Reason, Vec<BackupId>> {
-    let mut out: BTreeMap<Reason, Vec<BackupId>> = BTreeMap::new();
-    for d in decisions {
-        for r in &d.reasons {
-            out.entry(*r).or_default().push(d.id.clone());
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-    use crate::backup::manifest::{BackupStats, FORMAT_NAME, FORMAT_VERSION};
-    use crate::repo::{ClusterIdentity, RepoId};
-    use crate::timeline::{TimelineHistory, TimelineTree};
+    use crate::catalog::testing::{SEG, empty_catalog, manifest as backup};
+    use crate::timeline::TimelineHistory;
     use crate::wal::{Lsn, TimelineId};
 
-    const SEG: u64 = 16 << 20;
     const HOUR: i64 = 3_600_000_000;
     const DAY: i64 = 24 * HOUR;
-
-    fn backup(id: &str, tli: u32, start_seg: u64, stop_us: i64) -> Manifest {
-        Manifest {
-            format: FORMAT_NAME.into(),
-            version: FORMAT_VERSION,
-            id: id.parse().unwrap(),
-            system_identifier: 1,
-            pg_version: 15,
-            timeline: tli,
-            start_lsn: Lsn(start_seg * SEG + 0x28),
-            stop_lsn: Lsn(start_seg * SEG + 0x100),
-            start_time_us: stop_us - 1_000_000,
-            stop_time_us: stop_us,
-            start_wal: String::new(),
-            stop_wal: String::new(),
-            chunk_size: 1 << 20,
-            backup_label: String::new(),
-            tablespace_map: None,
-            tablespaces: vec![],
-            entries: vec![],
-            stats: BackupStats::default(),
-        }
-    }
 
     /// Unix microseconds of a UTC date and time.
     fn at(y: i16, mo: i8, d: i8, h: i8, mi: i8) -> i64 {
@@ -659,17 +618,10 @@ mod tests {
     /// Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2. Backups: A on
     /// timeline 1 at segment 2, B on timeline 1 at segment 4, C on timeline 2 at segment 7.
     fn catalog() -> Catalog {
-        let mut timelines = TimelineTree::default();
+        let mut timelines = crate::timeline::TimelineTree::default();
         timelines.insert(TimelineHistory::parse(TimelineId::new(2).unwrap(), b"1\t0/5000100\tx\n").unwrap());
         let day = at(2026, 11, 1, 3, 0);
         Catalog {
-            repo_id: RepoId::random(),
-            cluster: Some(ClusterIdentity {
-                system_identifier: 1,
-                wal_segment_size: SEG as u32,
-                wal_block_size: 8192,
-                pg_version: 15,
-            }),
             backups: vec![
                 backup(&id_at(day), 1, 2, day),
                 backup(&id_at(day + DAY), 1, 4, day + DAY),
@@ -677,25 +629,26 @@ mod tests {
             ],
             timelines,
             segments: BTreeMap::from([(1, (2..=7).collect()), (2, (5..=9).collect())]),
-            summaries: BTreeMap::new(),
-            damaged: Vec::new(),
-            pinned: Default::default(),
-            wal_files: Vec::new(),
-            summary_files: Vec::new(),
-            manifest_bytes: BTreeMap::new(),
+            ..empty_catalog(1)
         }
     }
 
-    fn listing(cat: &Catalog) -> (Vec<WalFileName>, Vec<SegmentName>) {
-        let mut wal = vec![WalFileName::History(TimelineId::new(2).unwrap())];
-        let mut sums = Vec::new();
+    /// What listing the repository `cat` describes finds: its history files, and each
+    /// segment with its summary.
+    fn listed(mut cat: Catalog) -> Catalog {
+        cat.wal_files = cat
+            .timelines
+            .histories
+            .keys()
+            .map(|&t| (WalFileName::History(TimelineId::new(t).unwrap()), 1))
+            .collect();
         for (&tli, nos) in &cat.segments {
             for &no in nos {
-                wal.push(WalFileName::Segment(seg_name(tli, no)));
-                sums.push(seg_name(tli, no));
+                cat.wal_files.push((WalFileName::Segment(seg_name(tli, no)), 1));
+                cat.summary_files.push((seg_name(tli, no), 1));
             }
         }
-        (wal, sums)
+        cat
     }
 
     fn deleted(p: &Plan) -> Vec<String> {
@@ -705,14 +658,13 @@ mod tests {
     #[test]
     fn the_window_keeps_every_timeline_descending_from_its_oldest_backup() {
         let cat = catalog();
-        let (wal, sums) = listing(&cat);
         // keep_last 2: B (timeline 1, segment 4) and C. B's window reaches timelines 1 and 2:
         // nothing from segment 4 on is deleted, on either; segments 2 and 3 go.
         let p = Policy {
             keep_last: Some(2),
             ..Policy::default()
         };
-        let plan = plan(&p, &cat, &BTreeSet::new(), &wal, &sums, 0);
+        let plan = plan(&p, &listed(cat.clone()), 0);
         assert_eq!(
             plan.expired().map(|b| b.to_string()).collect::<Vec<_>>(),
             vec![cat.backups[0].id.to_string()]
@@ -728,14 +680,13 @@ mod tests {
     #[test]
     fn a_window_on_the_new_timeline_drops_the_old_timeline_past_the_branch() {
         let cat = catalog();
-        let (wal, sums) = listing(&cat);
         // keep_last 1: only C on timeline 2. Timeline 2 reads segments 2..4 from timeline 1,
         // but C starts at 7: all of timeline 1 goes, and timeline 2's 5 and 6.
         let p = Policy {
             keep_last: Some(1),
             ..Policy::default()
         };
-        let plan = plan(&p, &cat, &BTreeSet::new(), &wal, &sums, 0);
+        let plan = plan(&p, &listed(cat.clone()), 0);
         let mut want: Vec<String> = (2..=7).map(|no| seg_name(1, no).to_string()).collect();
         want.extend([seg_name(2, 5).to_string(), seg_name(2, 6).to_string()]);
         assert_eq!(deleted(&plan), want);
@@ -744,14 +695,14 @@ mod tests {
     #[test]
     fn a_calendar_backup_keeps_only_the_wal_to_its_consistency_point() {
         let cat = catalog();
-        let (wal, sums) = listing(&cat);
         // Pin A: it keeps segment 2 (its start to its consistency point), nothing more.
-        let pinned = BTreeSet::from([cat.backups[0].id.clone()]);
+        let mut cat = cat;
+        cat.pinned = BTreeSet::from([cat.backups[0].id.clone()]);
         let p = Policy {
             keep_last: Some(1),
             ..Policy::default()
         };
-        let plan = plan(&p, &cat, &pinned, &wal, &sums, 0);
+        let plan = plan(&p, &listed(cat), 0);
         assert!(!deleted(&plan).contains(&seg_name(1, 2).to_string()));
         assert!(deleted(&plan).contains(&seg_name(1, 3).to_string()));
         assert_eq!(plan.expired().count(), 1, "only B");
@@ -762,12 +713,11 @@ mod tests {
         let mut cat = catalog();
         // Timeline 3 has segments but no history file: its ancestry is unknown.
         cat.segments.insert(3, vec![8, 9]);
-        let (wal, sums) = listing(&cat);
         let p = Policy {
             keep_last: Some(1),
             ..Policy::default()
         };
-        let plan = plan(&p, &cat, &BTreeSet::new(), &wal, &sums, 0);
+        let plan = plan(&p, &listed(cat.clone()), 0);
         assert_eq!(plan.unknown_timelines, vec![3]);
         assert!(!deleted(&plan).iter().any(|w| w.starts_with("00000003")));
         // Timeline 3 is the latest and no backup is on its (unknown) history: no backup is the
@@ -783,13 +733,11 @@ mod tests {
         cat.timelines
             .insert(TimelineHistory::parse(TimelineId::new(3).unwrap(), b"1\t0/6000100\tx\n").unwrap());
         cat.segments.insert(3, vec![6, 7, 8]);
-        let (mut wal, sums) = listing(&cat);
-        wal.push(WalFileName::History(TimelineId::new(3).unwrap()));
         let p = Policy {
             keep_last: Some(1),
             ..Policy::default()
         };
-        let plan = plan(&p, &cat, &BTreeSet::new(), &wal, &sums, 0);
+        let plan = plan(&p, &listed(cat.clone()), 0);
         // C (newest, on 2) and B (the newest backup timeline 3 descends from) are kept.
         let kept: Vec<&Decision> = plan.kept().collect();
         assert_eq!(kept.len(), 2);

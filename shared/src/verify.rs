@@ -38,6 +38,17 @@ pub struct Problem {
     pub affects: String,
 }
 
+impl std::fmt::Display for Problem {
+    /// `ERROR <key>: <problem>; <what depends on it>`: the line verify prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tag = match self.severity {
+            Severity::Error => "ERROR",
+            Severity::Warning => "WARNING",
+        };
+        write!(f, "{tag} {}: {}; {}", self.key, self.problem, self.affects)
+    }
+}
+
 /// The span one timeline can be restored to.
 #[derive(Debug, Clone, Serialize)]
 pub struct RestorableWindow {
@@ -58,7 +69,7 @@ pub struct VerifyReport {
     pub chunks: u64,
     /// Chunks no manifest references (garbage an expire collects).
     pub unreferenced_chunks: u64,
-    /// Every object listed (WAL, summaries, manifests, pins, chunks) and their stored bytes.
+    /// Every WAL file, summary, manifest and chunk listed, and their stored bytes.
     pub repository_objects: u64,
     pub repository_bytes: u64,
     /// Objects read whole and hash-checked (`--deep`).
@@ -78,11 +89,7 @@ impl VerifyReport {
         use std::fmt::Write;
         let mut out = String::new();
         for p in &self.problems {
-            let tag = match p.severity {
-                Severity::Error => "ERROR",
-                Severity::Warning => "WARNING",
-            };
-            let _ = writeln!(out, "{tag} {}: {}; {}", p.key, p.problem, p.affects);
+            let _ = writeln!(out, "{p}");
         }
         if let Some(p) = &self.policy {
             let _ = writeln!(out, "retention (from the last expire): {p}");
@@ -144,7 +151,7 @@ pub async fn verify(repo: &Reader, deep: bool, parallel: usize) -> Result<Verify
         // Every expire rewrites retention.json before it deletes anything: a change means one
         // ran while this verify listed.
         let before = repo.store().get(layout::RETENTION_KEY).await?;
-        let report = verify_once(repo, deep, parallel).await?;
+        let report = verify_once(repo, before.as_deref(), deep, parallel).await?;
         let after = repo.store().get(layout::RETENTION_KEY).await?;
         let expiring = crate::repo::locks::live(repo.store(), crate::repo::locks::LockKind::Expire)
             .await?
@@ -170,7 +177,13 @@ async fn wait_for_expire(repo: &Reader) -> Result<(), VerifyError> {
     Ok(())
 }
 
-async fn verify_once(repo: &Reader, deep: bool, parallel: usize) -> Result<VerifyReport, VerifyError> {
+/// One pass; `retention` is `retention.json` as read just before.
+async fn verify_once(
+    repo: &Reader,
+    retention: Option<&[u8]>,
+    deep: bool,
+    parallel: usize,
+) -> Result<VerifyReport, VerifyError> {
     // Summaries are listed, not read (one GET each would make verify cost a request per
     // segment); the windows read the few they need, and --deep reads them all.
     let mut cat = Catalog::load_listing(repo).await?;
@@ -238,8 +251,8 @@ async fn verify_once(repo: &Reader, deep: bool, parallel: usize) -> Result<Verif
     // Backups the last expire's policy keeps to their consistency point only: the WAL after it
     // was deleted on purpose, and is no gap.
     let mut consistency_only = BTreeSet::new();
-    if let Some(json) = repo.store().get(layout::RETENTION_KEY).await? {
-        match crate::retention::RetentionRecord::parse(&json) {
+    if let Some(json) = retention {
+        match crate::retention::RetentionRecord::parse(json) {
             Ok(record) => {
                 consistency_only.extend(record.consistency_only.iter().cloned());
                 report.policy = record.policy().ok().map(|p| {
