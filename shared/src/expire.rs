@@ -401,3 +401,15 @@ async fn set_pin(repo: &Writer, id: &BackupId, pin: Option<Option<String>>) -> R
     lock.release().await;
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_v1_fixture_still_parses() {
+        let r: PinRecord = serde_json::from_slice(include_bytes!("../tests/fixtures/pin-v1.json")).unwrap();
+        assert_eq!((r.format.as_str(), r.version), ("walvault-pin", 1));
+        assert_eq!(r.note.as_deref(), Some("quarter-end"));
+    }
+}

@@ -500,6 +500,28 @@ mod tests {
     }
 
     #[test]
+    fn retention_record_v1_fixture_still_parses() {
+        // Frozen: a repository written by this version must stay readable.
+        let r = RetentionRecord::parse(include_bytes!("../tests/fixtures/retention-v1.json")).unwrap();
+        assert_eq!(r.applied_at_us, 1_795_359_600_000_000);
+        let p = r.policy().unwrap();
+        assert_eq!(p.keep_within, Some(Duration::from_secs(14 * 86_400)));
+        assert_eq!(
+            (p.keep_daily, p.keep_monthly, p.keep_last),
+            (Some(7), Some(12), None)
+        );
+        assert_eq!(
+            p.timezone.as_ref().and_then(|t| t.iana_name()),
+            Some("Europe/Paris")
+        );
+        let ids: Vec<String> = r.consistency_only.iter().map(|b| b.to_string()).collect();
+        assert_eq!(ids, ["20261101T020000Z", "20261001T020000Z"]);
+        // A record without a rule is refused.
+        let empty = br#"{"format":"walvault-retention","version":1,"applied_at_us":0,"policy":{}}"#;
+        assert!(RetentionRecord::parse(empty).is_err());
+    }
+
+    #[test]
     fn keep_last_keeps_the_newest_and_nothing_is_kept_by_default_but_the_newest() {
         let bs = daily_backups(5, at(2026, 11, 1, 3, 0));
         let refs: Vec<&Manifest> = bs.iter().collect();

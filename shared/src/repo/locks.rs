@@ -336,6 +336,18 @@ mod tests {
         assert!(json.contains(r#""kind":"backup""#), "{json}");
     }
 
+    #[test]
+    fn lock_v1_fixture_still_parses() {
+        let r: LockRecord =
+            serde_json::from_slice(include_bytes!("../../tests/fixtures/lock-v1.json")).unwrap();
+        assert_eq!(
+            (r.format.as_str(), r.version, r.kind),
+            (FORMAT_NAME, 1, LockKind::Backup)
+        );
+        assert_eq!(r.holder, "db1 4242");
+        assert!(r.live(r.refreshed_us + 1) && !r.live(r.refreshed_us + STALE_AFTER.as_micros() as i64));
+    }
+
     #[tokio::test]
     async fn a_backup_steps_back_while_an_expire_holds_the_repository() {
         let (_dir, store) = local();
