@@ -9,6 +9,7 @@ use walvault::archive::{self, PushOutcome};
 use walvault::backup::take::{BackupOptions, DEFAULT_CHUNK_SIZE, take_backup};
 use walvault::cli::{self, RepoArgs};
 use walvault::exit;
+use walvault::repo::keys::KeySource;
 
 /// mimalloc returns freed segment-sized buffers to the system; with glibc's allocator the daemon's
 /// resident size kept growing with the 16 MiB buffers of parallel uploads (233 MiB peak measured
@@ -51,9 +52,31 @@ enum Command {
         /// segment archived binds the repository.
         #[arg(long, env = "PGDATA", value_name = "DIR")]
         pgdata: Option<PathBuf>,
+        /// Encrypt everything stored (XChaCha20-Poly1305 under a random master key, wrapped by
+        /// the key from key_file or key_command in the [encryption] table, or from
+        /// WALVAULT_ENCRYPTION_KEY_FILE / WALVAULT_ENCRYPTION_KEY_COMMAND). Every later command
+        /// needs that key; without it the repository cannot be read by anyone, you included.
+        #[arg(long)]
+        encrypt: bool,
         /// Print the repository's id and URL as JSON
         #[arg(long)]
         json: bool,
+    },
+    /// Rotate an encrypted repository's key: the master key is wrapped again under the new key
+    /// (nothing else is rewritten), and the old key no longer opens the repository. Opens it with
+    /// the current key source, then point the configuration at the new one.
+    Rekey {
+        /// A file holding the new key (64 hex digits: openssl rand -hex 32) or passphrase
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "new_key_command",
+            required_unless_present = "new_key_command"
+        )]
+        new_key_file: Option<PathBuf>,
+        /// A shell command printing the new key or passphrase (Vault, a KMS CLI)
+        #[arg(long, value_name = "COMMAND")]
+        new_key_command: Option<String>,
     },
     /// Archive one WAL file: archive_command = 'archive-agent push %p'
     #[command(after_help = AFTER_HELP)]
@@ -211,13 +234,34 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Init { pgdata, json } => match init(&cli.repo, pgdata, json) {
+        Command::Init {
+            pgdata,
+            encrypt,
+            json,
+        } => match init(&cli.repo, pgdata, encrypt, json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("init failed: {e}");
                 ExitCode::FAILURE
             }
         },
+        Command::Rekey {
+            new_key_file,
+            new_key_command,
+        } => {
+            let new_key = match (new_key_file, new_key_command) {
+                (Some(f), _) => KeySource::File(f),
+                (None, Some(c)) => KeySource::Command(c),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            match rekey(&cli.repo, &new_key) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("rekey failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Backup {
             pgdata,
             pg_url,
@@ -342,7 +386,23 @@ fn pin(repo: &RepoArgs, id: &str, note: Option<Option<String>>) -> anyhow::Resul
     Ok(())
 }
 
-fn init(repo: &RepoArgs, pgdata: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+fn rekey(repo: &RepoArgs, new_key: &KeySource) -> anyhow::Result<()> {
+    let settings = repo.settings(None)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut writer =
+            walvault::repo::Writer::open_writable(&settings.repo, &settings.store_options()).await?;
+        writer.rekey(new_key, walvault::time::now_micros()).await?;
+        anyhow::Ok(())
+    })?;
+    println!(
+        "rekeyed repository {}: it opens with the {new_key} only; point key_file / key_command (or WALVAULT_ENCRYPTION_KEY_*) at it everywhere before the next push, fetch or restore (a running daemon keeps working)",
+        settings.repo
+    );
+    Ok(())
+}
+
+fn init(repo: &RepoArgs, pgdata: Option<PathBuf>, encrypt: bool, json: bool) -> anyhow::Result<()> {
     let settings = repo.settings(None)?;
     let cluster = pgdata
         .as_deref()
@@ -354,26 +414,36 @@ fn init(repo: &RepoArgs, pgdata: Option<PathBuf>, json: bool) -> anyhow::Result<
         &settings.store_options(),
         cluster,
         walvault::time::now_micros(),
+        encrypt,
     ))?;
+    let encrypted = created.sealer().is_encrypted();
     if json {
         let doc = serde_json::json!({
             "repository": settings.repo.to_string(),
             "id": created.id(),
             "cluster": created.cluster(),
+            "encrypted": encrypted,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         match created.cluster() {
             Some(c) => println!(
-                "created repository {} (id {}) for {c}",
+                "created {}repository {} (id {}) for {c}",
+                if encrypted { "encrypted " } else { "" },
                 settings.repo,
                 created.id()
             ),
             None => println!(
-                "created repository {} (id {}); the first WAL segment archived binds it to its cluster",
+                "created {}repository {} (id {}); the first WAL segment archived binds it to its cluster",
+                if encrypted { "encrypted " } else { "" },
                 settings.repo,
                 created.id()
             ),
+        }
+        if encrypted {
+            println!(
+                "keep the key safe and apart from the repository: without it nothing in the repository can be read"
+            );
         }
     }
     Ok(())

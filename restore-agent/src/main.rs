@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use walvault::cli::{self, RepoArgs};
 use walvault::exit;
 use walvault::fetch::{self, FetchOutcome};
+use walvault::repo::keys::KeySource;
 
 const AFTER_HELP: &str = "\
 In postgresql.conf (or postgresql.auto.conf) of the server being recovered:
@@ -241,11 +242,29 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
     // The restored server fetches with the same settings this restore used: the repository, and
     // the configuration file (absolute, so it holds from the data directory) that may carry the
     // store's credentials, which therefore never appear in postgresql.auto.conf.
-    let mut restore_command = format!(
+    let mut restore_command = String::new();
+    // A key file named by the environment is named the same way on the line (a path, never the
+    // key). A key command from the environment is not copied: it may hold a token, and
+    // PostgreSQL logs restore_command.
+    if let (Some(path), Some(KeySource::File(_))) = (
+        std::env::var_os("WALVAULT_ENCRYPTION_KEY_FILE").filter(|v| !v.is_empty()),
+        &settings.key,
+    ) {
+        let path = std::path::absolute(PathBuf::from(path))?;
+        restore_command.push_str(&format!(
+            "WALVAULT_ENCRYPTION_KEY_FILE={} ",
+            sh_quote(&path.display().to_string())
+        ));
+    } else if std::env::var_os("WALVAULT_ENCRYPTION_KEY_COMMAND").is_some_and(|v| !v.is_empty()) {
+        eprintln!(
+            "note: the key command comes from WALVAULT_ENCRYPTION_KEY_COMMAND, which restore_command does not copy: give the restored server the same variable, or put key_command in the [encryption] table of --config"
+        );
+    }
+    restore_command.push_str(&format!(
         "{} fetch --repo {}",
         sh_quote(&exe.display().to_string()),
         sh_quote(settings.repo.as_str())
-    );
+    ));
     if let Some(config) = &repo.config {
         let config = std::path::absolute(config)?;
         restore_command.push_str(&format!(" --config {}", sh_quote(&config.display().to_string())));

@@ -10,7 +10,7 @@ use std::path::Path;
 use crate::config::Settings;
 use crate::exit;
 use crate::repo::layout::wal_key;
-use crate::repo::object::{self, MAX_ORIGINAL_LEN, ObjectError, ObjectKind, SealedObject};
+use crate::repo::object::{MAX_ORIGINAL_LEN, ObjectError, ObjectKind, Sealer};
 use crate::repo::store::{CreateSemantics, PutNew};
 use crate::repo::{ClusterIdentity, RepoError, StoreError, WritableStore, Writer};
 use crate::timeindex;
@@ -112,6 +112,11 @@ impl PushError {
             | PushError::Repository(RepoError::NotInitialized { .. } | RepoError::Store(_)) => {
                 exit::NOT_FOUND_OR_RETRY
             }
+            // A key missing, wrong or not available yet: PostgreSQL keeps the WAL and retries
+            // until the configuration is put right; the log line says what is wrong.
+            PushError::Repository(
+                RepoError::KeyMissing { .. } | RepoError::Key { .. } | RepoError::NotEncrypted { .. },
+            ) => exit::NOT_FOUND_OR_RETRY,
             PushError::TooLarge { .. }
             | PushError::InvalidWal { .. }
             | PushError::ForeignCluster { .. }
@@ -254,12 +259,13 @@ pub async fn archive_file(
     let name_str = file.name.to_string();
     check_cluster(repo, &name_str, file.info.as_ref()).await?;
     let store = repo.writable();
-    let outcome = store_file(settings, store, wal_path, &file.name, &file.content).await?;
+    let sealer = repo.sealer();
+    let outcome = store_file(settings, store, sealer, wal_path, &file.name, &file.content).await?;
 
     // The segment is durable; now its entry in the time index. Derived data: a failure here is
     // logged and never fails the push (restore only loses precision for this segment).
     if let (WalFileName::Segment(seg), Some(info)) = (file.name, file.info)
-        && let Err(e) = timeindex::index_segment(store, &seg, &file.content, info.segment_size).await
+        && let Err(e) = timeindex::index_segment(store, sealer, &seg, &file.content, info.segment_size).await
     {
         tracing::warn!("time index for {name_str} not recorded: {e}");
     }
@@ -270,17 +276,19 @@ pub async fn archive_file(
 async fn store_file(
     settings: &Settings,
     store: &WritableStore,
+    sealer: &Sealer,
     wal_path: &Path,
     name: &WalFileName,
     content: &[u8],
 ) -> Result<PushOutcome, PushError> {
     let name_str = name.to_string();
     let key = wal_key(name);
-    let new_hash = blake3::hash(content);
-    if let Some(outcome) = compare_stored(store, &key, name, content, &new_hash).await? {
+    let new_hash = sealer.content_hash(content);
+    if let Some(outcome) = compare_stored(store, sealer, &key, name, content, &new_hash).await? {
         return Ok(outcome);
     }
-    let sealed = SealedObject::seal(ObjectKind::WalFile, &name_str, content, settings.compress_level)
+    let sealed = sealer
+        .seal(ObjectKind::WalFile, &name_str, content, settings.compress_level)
         .map_err(|e| PushError::Read {
             path: wal_path.display().to_string(),
             source: e,
@@ -291,7 +299,7 @@ async fn store_file(
         PutNew::Created if store.create_semantics() == CreateSemantics::Atomic => {}
         // The store may have let a concurrent writer replace either copy: read back what is there.
         _ => {
-            return compare_stored(store, &key, name, content, &new_hash)
+            return compare_stored(store, sealer, &key, name, content, &new_hash)
                 .await?
                 .map(|o| PushOutcome {
                     newly_stored: put == PutNew::Created,
@@ -360,38 +368,43 @@ async fn check_cluster(repo: &mut Writer, name: &str, info: Option<&SegmentInfo>
 /// something else is.
 async fn compare_stored(
     store: &WritableStore,
+    sealer: &Sealer,
     key: &str,
     name: &WalFileName,
     content: &[u8],
-    new_hash: &blake3::Hash,
+    new_hash: &[u8; 32],
 ) -> Result<Option<PushOutcome>, PushError> {
     let name_str = name.to_string();
     let Some(bytes) = store.get(key).await? else {
         return Ok(None);
     };
-    let header = object::read_header(&bytes).map_err(|source| PushError::StoredCorrupt {
-        name: name_str.clone(),
-        key: key.to_string(),
-        repo: store.url().to_string(),
-        source: Box::new(source),
-    })?;
-    if header.blake3 != *new_hash.as_bytes() || header.original_len != content.len() as u64 {
+    let header = sealer
+        .read_header(&bytes)
+        .map_err(|source| PushError::StoredCorrupt {
+            name: name_str.clone(),
+            key: key.to_string(),
+            repo: store.url().to_string(),
+            source: Box::new(source),
+        })?;
+    if header.blake3 != *new_hash || header.original_len != content.len() as u64 {
         return Err(PushError::Conflict {
             name: name_str,
             stored_hash: header.blake3_hex(),
             stored_len: header.original_len,
-            new_hash: new_hash.to_hex().to_string(),
+            new_hash: hex::encode(new_hash),
             new_len: content.len() as u64,
         });
     }
     // Same hash in the header: make sure the stored copy really holds those bytes before telling
     // PostgreSQL it may recycle its own.
-    object::open(&bytes, ObjectKind::WalFile, &name_str).map_err(|source| PushError::StoredCorrupt {
-        name: name_str.clone(),
-        key: key.to_string(),
-        repo: store.url().to_string(),
-        source: Box::new(source),
-    })?;
+    sealer
+        .open(&bytes, ObjectKind::WalFile, &name_str)
+        .map_err(|source| PushError::StoredCorrupt {
+            name: name_str.clone(),
+            key: key.to_string(),
+            repo: store.url().to_string(),
+            source: Box::new(source),
+        })?;
     Ok(Some(PushOutcome {
         name: *name,
         size: content.len() as u64,

@@ -9,7 +9,7 @@ use crate::backup::BackupId;
 use crate::backup::chunk::ChunkError;
 use crate::backup::manifest::{Manifest, ManifestError};
 use crate::repo::layout::{self, Kind, manifest_key};
-use crate::repo::object::{self, ObjectError, ObjectKind};
+use crate::repo::object::{ObjectError, ObjectKind, Sealer};
 use crate::repo::{ClusterIdentity, Reader, RepoId, Store, StoreError};
 use crate::timeline::{HistoryError, TimelineHistory, TimelineTree};
 use crate::wal::summary::SegmentSummary;
@@ -180,7 +180,8 @@ impl Catalog {
 
     /// Read the summaries the restorable windows need: on each timeline, from the end of the
     /// WAL its window reaches, backwards until one records a transaction end (at most 64).
-    pub async fn read_window_summaries(&mut self, store: &Store) {
+    pub async fn read_window_summaries(&mut self, repo: &Reader) {
+        let (store, sealer) = (repo.store(), repo.sealer());
         let seg_size = self.wal_segment_size();
         for t in self.timeline_ids() {
             let Some((_, chain)) = self.window_chain(t) else {
@@ -192,7 +193,7 @@ impl Catalog {
                         continue;
                     };
                     let seg = SegmentName::containing(tid, Lsn(no * u64::from(seg_size)), seg_size);
-                    match crate::timeindex::load(store, &seg).await {
+                    match crate::timeindex::load(store, sealer, &seg).await {
                         Ok(Some(s)) => {
                             slot.insert(s.summary);
                         }
@@ -217,7 +218,7 @@ impl Catalog {
         read_summaries: bool,
     ) -> Result<Catalog, CatalogError> {
         let previous = previous.filter(|p| p.repo_id == *repo.id() && p.cluster.as_ref() == repo.cluster());
-        let store = repo.store();
+        let (store, sealer) = (repo.store(), repo.sealer());
         let cluster = repo.cluster().copied();
         let seg_size = cluster.map_or(DEFAULT_SEGMENT_SIZE, |c| c.wal_segment_size);
 
@@ -257,7 +258,7 @@ impl Catalog {
                 backups.push(m.clone());
                 continue;
             }
-            match load_manifest(store, &id).await {
+            match load_manifest(store, sealer, &id).await {
                 Ok(m) => backups.push(m),
                 Err(e) => set_aside(&key, format!("backup {id}"), Some(id), e)?,
             }
@@ -277,7 +278,8 @@ impl Catalog {
             match parsed_name {
                 WalFileName::History(tli) => {
                     let bytes = store.get(&key).await?.unwrap_or_default();
-                    let parsed = object::open(&bytes, ObjectKind::WalFile, name)
+                    let parsed = sealer
+                        .open(&bytes, ObjectKind::WalFile, name)
                         .map_err(|e| CatalogError::Corrupt {
                             key: key.clone(),
                             source: Box::new(e),
@@ -319,7 +321,7 @@ impl Catalog {
                 summaries.insert(at, known.clone());
                 continue;
             }
-            match crate::timeindex::load(store, &seg).await {
+            match crate::timeindex::load(store, sealer, &seg).await {
                 Ok(Some(s)) => {
                     if let Some(no) = seg.segment_no(seg_size) {
                         summaries.insert((seg.timeline.get(), no), s.summary);
@@ -529,14 +531,15 @@ impl Catalog {
 }
 
 /// Read and verify one backup manifest.
-pub async fn load_manifest(store: &Store, id: &BackupId) -> Result<Manifest, CatalogError> {
+pub async fn load_manifest(store: &Store, sealer: &Sealer, id: &BackupId) -> Result<Manifest, CatalogError> {
     let key = manifest_key(id);
     let bytes = store.get(&key).await?.ok_or_else(|| CatalogError::Manifest {
         key: key.clone(),
         source: Box::new(ManifestError::Invalid("missing".into())),
     })?;
-    let (_, json) =
-        object::open(&bytes, ObjectKind::Manifest, id.as_str()).map_err(|e| CatalogError::Corrupt {
+    let (_, json) = sealer
+        .open(&bytes, ObjectKind::Manifest, id.as_str())
+        .map_err(|e| CatalogError::Corrupt {
             key: key.clone(),
             source: Box::new(e),
         })?;
@@ -719,7 +722,7 @@ mod tests {
         store.put("walvault.json", d.to_json().into()).await.unwrap();
         let sealed = SealedObject::seal(ObjectKind::Manifest, m.id.as_str(), json, 3).unwrap();
         store.put(&manifest_key(&m.id), sealed.bytes).await.unwrap();
-        let repo = Writer::on_store(store).await.unwrap().reader();
+        let repo = Writer::on_store(store, None).await.unwrap().reader();
 
         let before = faults.requests();
         let first = Catalog::load(&repo).await.unwrap();

@@ -14,7 +14,7 @@ pub struct RepoArgs {
     /// Repository URL: file:///var/lib/walvault, s3://bucket/prefix or az://container/prefix
     #[arg(long, env = "WALVAULT_REPO", global = true, value_name = "URL")]
     pub repo: Option<String>,
-    /// TOML file with repo, compress_level, retry_timeout, [s3] or [azure] credentials [default: /etc/walvault/walvault.toml if it exists]
+    /// TOML file with repo, compress_level, retry_timeout, [s3], [azure], [gcs] credentials, [retention], [encryption] [default: /etc/walvault/walvault.toml if it exists]
     #[arg(long, env = "WALVAULT_CONFIG", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Give up on an unreachable repository after this long (500ms, 30s, 5m) [default: 60s]
@@ -30,6 +30,13 @@ impl RepoArgs {
                 config: self.config.clone(),
                 compress_level,
                 retry_timeout: self.retry_timeout.clone(),
+                // Environment only: PostgreSQL logs the command lines it runs.
+                encryption_key_file: std::env::var_os("WALVAULT_ENCRYPTION_KEY_FILE")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from),
+                encryption_key_command: std::env::var("WALVAULT_ENCRYPTION_KEY_COMMAND")
+                    .ok()
+                    .filter(|v| !v.is_empty()),
             },
             std::path::Path::new(DEFAULT_CONFIG_PATH),
         )

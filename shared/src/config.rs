@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::repo::keys::KeySource;
 pub use crate::repo::settings::{AzureSettings, GcsSettings, S3Settings, Secret};
 use crate::repo::url::UrlError;
 use crate::repo::{RepoUrl, StoreOptions};
@@ -27,6 +28,10 @@ pub struct Overrides {
     pub config: Option<PathBuf>,
     pub compress_level: Option<i32>,
     pub retry_timeout: Option<String>,
+    /// `WALVAULT_ENCRYPTION_KEY_FILE`: replaces the `[encryption]` table's key source.
+    pub encryption_key_file: Option<PathBuf>,
+    /// `WALVAULT_ENCRYPTION_KEY_COMMAND`: replaces the `[encryption]` table's key source.
+    pub encryption_key_command: Option<String>,
 }
 
 /// The resolved settings.
@@ -45,6 +50,21 @@ pub struct Settings {
     pub gcs: GcsSettings,
     /// The file's `[retention]` table.
     pub retention: RetentionSettings,
+    /// Where an encrypted repository's key comes from: `WALVAULT_ENCRYPTION_KEY_FILE` or
+    /// `WALVAULT_ENCRYPTION_KEY_COMMAND`, else the file's `[encryption]` table.
+    pub key: Option<KeySource>,
+}
+
+/// The `[encryption]` table: where the key of an encrypted repository comes from. Never a
+/// command-line flag: PostgreSQL logs archive_command and restore_command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionSettings {
+    /// A file holding a 256-bit key as 64 hex digits (`openssl rand -hex 32`), or a passphrase
+    /// (stretched with Argon2id). Readable by the postgres user only.
+    pub key_file: Option<PathBuf>,
+    /// A shell command whose standard output is the key or passphrase (Vault, a cloud KMS CLI).
+    pub key_command: Option<String>,
 }
 
 /// The `[retention]` table, and the `expire` flags of the same names.
@@ -135,6 +155,8 @@ struct FileConfig {
     gcs: GcsSettings,
     #[serde(default)]
     retention: RetentionSettings,
+    #[serde(default)]
+    encryption: EncryptionSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +179,22 @@ pub enum ConfigError {
     ZeroRule,
     #[error("invalid duration {0:?}: use a number with a unit, like 500ms, 30s, 5m, 1h, 14d or 2w")]
     Duration(String),
+    #[error("{0}: give key_file or key_command, not both")]
+    TwoKeySources(&'static str),
+}
+
+/// The key source `file` or `command` name, if any; refuses both.
+fn key_source(
+    file: Option<PathBuf>,
+    command: Option<String>,
+    place: &'static str,
+) -> Result<Option<KeySource>, ConfigError> {
+    match (file, command) {
+        (Some(_), Some(_)) => Err(ConfigError::TwoKeySources(place)),
+        (Some(f), None) => Ok(Some(KeySource::File(f))),
+        (None, Some(c)) => Ok(Some(KeySource::Command(c))),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Whether `name` has the shape of an IANA time zone name (`UTC`, `Europe/Paris`, `Etc/GMT+2`):
@@ -265,6 +303,19 @@ impl Settings {
             Some(s) => parse_duration(&s)?,
             None => DEFAULT_RETRY_TIMEOUT,
         };
+        // The environment gives a whole key source, replacing the table's.
+        let key = match key_source(
+            o.encryption_key_file,
+            o.encryption_key_command,
+            "WALVAULT_ENCRYPTION_KEY_FILE and WALVAULT_ENCRYPTION_KEY_COMMAND",
+        )? {
+            Some(k) => Some(k),
+            None => key_source(
+                file.encryption.key_file,
+                file.encryption.key_command,
+                "the [encryption] table",
+            )?,
+        };
         Ok(Settings {
             repo: repo.parse()?,
             compress_level,
@@ -273,6 +324,7 @@ impl Settings {
             azure: file.azure,
             gcs: file.gcs,
             retention: file.retention,
+            key,
         })
     }
 
@@ -283,6 +335,7 @@ impl Settings {
             s3: self.s3.clone(),
             azure: self.azure.clone(),
             gcs: self.gcs.clone(),
+            key: self.key.clone(),
         }
     }
 

@@ -161,6 +161,7 @@ pub async fn expire(
         false => Some(
             Lock::take_yielding(
                 repo.writable(),
+                repo.sealer(),
                 LockKind::Expire,
                 "expire",
                 LockKind::Pin,
@@ -255,7 +256,12 @@ async fn run(
         // point only, even if this expire is cut off halfway.
         let record = retention::RetentionRecord::new(policy, &plan.decisions, now_us);
         let json = serde_json::to_vec_pretty(&record).expect("a retention record serializes");
-        store.put(layout::RETENTION_KEY, json.into()).await?;
+        store
+            .put(
+                layout::RETENTION_KEY,
+                repo.sealer().seal_record(layout::RETENTION_KEY, json),
+            )
+            .await?;
         store.delete_many(&manifest_keys).await?;
         for id in &expired {
             tracing::info!(backup = %id, "expired");
@@ -320,7 +326,7 @@ fn refuse_damaged(cat: &Catalog) -> Result<(), ExpireError> {
 /// summaries and chunks alone is returned: a live backup lock, or a lock that cannot be read.
 async fn sweep_locks(repo: &Writer) -> Result<(Deleted, Option<String>), StoreError> {
     let now_us = crate::time::now_micros();
-    let found = locks::list(repo.store()).await?;
+    let found = locks::list(repo.store(), repo.sealer()).await?;
     let stale: Vec<String> = found
         .iter()
         .filter(|f| f.record.as_ref().is_some_and(|r| !r.live(now_us)))
@@ -371,6 +377,7 @@ async fn set_pin(repo: &Writer, id: &BackupId, pin: Option<Option<String>>) -> R
     // Yields to a running expire: it may be deleting this very backup.
     let lock = Lock::take_yielding(
         repo.writable(),
+        repo.sealer(),
         LockKind::Pin,
         &format!("pin {id}"),
         LockKind::Expire,
@@ -391,7 +398,9 @@ async fn set_pin(repo: &Writer, id: &BackupId, pin: Option<Option<String>>) -> R
                     note,
                 };
                 let json = serde_json::to_vec_pretty(&record).expect("a pin serializes");
-                repo.writable().put(&key, json.into()).await?;
+                repo.writable()
+                    .put(&key, repo.sealer().seal_record(&key, json))
+                    .await?;
             }
             None => repo.writable().delete(&key).await?,
         }

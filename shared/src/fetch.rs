@@ -12,7 +12,7 @@ use crate::exit;
 use crate::fsutil;
 use crate::prefetch::Prefetch;
 use crate::repo::layout::wal_key;
-use crate::repo::object::{self, ObjectError, ObjectKind};
+use crate::repo::object::{ObjectError, ObjectKind};
 use crate::repo::{Reader, RepoError, Store, StoreError, WalCheckError};
 use crate::wal::{NameError, WalFileName};
 
@@ -130,13 +130,17 @@ async fn fetch_unbounded(
         // The descriptor and the file in one round trip; an absent file counts as absent only
         // once the descriptor proves this is the repository.
         let (reader, object) = tokio::try_join!(
-            async { Reader::on_store(store.clone()).await.map_err(FetchError::from) },
+            async {
+                Reader::on_store(store.clone(), settings.key.as_ref())
+                    .await
+                    .map_err(FetchError::from)
+            },
             async { store.get(&key).await.map_err(FetchError::from) }
         )?;
         let Some(bytes) = object else {
             return Ok(FetchOutcome::NotFound { name });
         };
-        match object::open(&bytes, ObjectKind::WalFile, &name_str) {
+        match reader.sealer().open(&bytes, ObjectKind::WalFile, &name_str) {
             Ok((_, content)) => break (reader, bytes.len() as u64, content),
             Err(source) if rereads == 0 => {
                 return Err(FetchError::Corrupt {

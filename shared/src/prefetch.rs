@@ -332,12 +332,14 @@ async fn download(repo: &Reader, name: &WalFileName, path: &Path) -> Result<bool
     let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let spool_dir = dir.clone();
     tokio::task::spawn_blocking(move || {
-        let (_, content) = crate::repo::object::open(
-            &bytes,
-            crate::repo::object::ObjectKind::WalFile,
-            &name.to_string(),
-        )
-        .map_err(|e| PrefetchError::Unusable(e.to_string()))?;
+        let (_, content) = repo
+            .sealer()
+            .open(
+                &bytes,
+                crate::repo::object::ObjectKind::WalFile,
+                &name.to_string(),
+            )
+            .map_err(|e| PrefetchError::Unusable(e.to_string()))?;
         repo.check_wal(&name, &content)
             .map_err(|e| PrefetchError::Unusable(e.to_string()))?;
         let tmp = path.with_extension("part");

@@ -19,7 +19,7 @@ use crate::backup::manifest::{self, EntryKind, Manifest, ManifestError};
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
 use crate::recovery_conf::{self, RecoverySettings};
-use crate::repo::object::{self, ObjectError, ObjectKind};
+use crate::repo::object::{ObjectError, ObjectKind, Sealer};
 use crate::repo::{Store, StoreError};
 use crate::time;
 use crate::wal::Lsn;
@@ -587,7 +587,7 @@ pub async fn restore(
         clear_dir(&opts.pgdata)?;
     }
     progress.start(total_bytes);
-    let written = write_backup(&store, opts, manifest, &spaces, timeline, progress).await;
+    let written = write_backup(&store, repo.sealer(), opts, manifest, &spaces, timeline, progress).await;
     if written.is_err() {
         for t in &targets {
             if let Err(e) = clear_dir(t) {
@@ -635,6 +635,7 @@ fn clear_dir(dir: &Path) -> Result<(), RestoreError> {
 /// Write the backup's directories and files, then the recovery files. Returns (files, bytes).
 async fn write_backup(
     store: &Store,
+    sealer: &Sealer,
     opts: &RestoreOptions,
     manifest: &Manifest,
     spaces: &std::collections::BTreeMap<u32, PathBuf>,
@@ -670,14 +671,15 @@ async fn write_backup(
                 .expect("semaphore is never closed");
             let offset = idx as u64 * manifest.chunk_size;
             let expected = manifest.chunk_size.min(e.size - offset);
-            let (store, id, file, progress) = (
+            let (store, sealer, id, file, progress) = (
                 store.clone(),
+                sealer.clone(),
                 id.clone(),
                 Arc::clone(&file),
                 Arc::clone(&progress),
             );
             tasks.spawn(async move {
-                let data = fetch_chunk(&store, &id, expected, &file.path).await?;
+                let data = fetch_chunk(&store, &sealer, &id, expected, &file.path).await?;
                 let len = data.len() as u64;
                 progress.advance(len);
                 tokio::task::spawn_blocking(move || {
@@ -729,7 +731,13 @@ fn running_postmaster(pgdata: &Path) -> Option<u32> {
 /// Read chunk `id`, which the manifest says holds `expected` bytes of `path`, and verify it. The
 /// header's length is compared before decompressing, so a hostile chunk object cannot make the
 /// restore allocate more than the chunk size (times `--parallel`).
-async fn fetch_chunk(store: &Store, id: &str, expected: u64, path: &Path) -> Result<Vec<u8>, RestoreError> {
+async fn fetch_chunk(
+    store: &Store,
+    sealer: &Sealer,
+    id: &str,
+    expected: u64,
+    path: &Path,
+) -> Result<Vec<u8>, RestoreError> {
     let key = crate::backup::chunk::chunk_key(id)?;
     let bytes = store
         .get(&key)
@@ -739,7 +747,7 @@ async fn fetch_chunk(store: &Store, id: &str, expected: u64, path: &Path) -> Res
         id: id.to_string(),
         source: Box::new(source),
     };
-    let header = object::read_header(&bytes).map_err(corrupt)?;
+    let header = sealer.read_header(&bytes).map_err(corrupt)?;
     if header.original_len != expected {
         return Err(RestoreError::Corrupt(format!(
             "chunk {id} of {} holds {} bytes, the manifest says {expected}",
@@ -747,9 +755,9 @@ async fn fetch_chunk(store: &Store, id: &str, expected: u64, path: &Path) -> Res
             header.original_len
         )));
     }
-    let id_owned = id.to_string();
+    let (id_owned, sealer) = (id.to_string(), sealer.clone());
     let (header, content) =
-        tokio::task::spawn_blocking(move || object::open(&bytes, ObjectKind::Chunk, &id_owned))
+        tokio::task::spawn_blocking(move || sealer.open(&bytes, ObjectKind::Chunk, &id_owned))
             .await
             .expect("chunk decoding panicked")
             .map_err(corrupt)?;

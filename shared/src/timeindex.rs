@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::repo::object::{self, ObjectKind, SealedObject};
+use crate::repo::object::{ObjectKind, Sealer};
 use crate::repo::{Store, StoreError, WritableStore};
 use crate::wal::summary::{Carry, SegmentSummary, summarize_segment};
 use crate::wal::{Lsn, SegmentName};
@@ -40,7 +40,11 @@ pub enum IndexError {
 }
 
 /// Read one stored summary, verified.
-pub async fn load(store: &Store, seg: &SegmentName) -> Result<Option<StoredSummary>, IndexError> {
+pub async fn load(
+    store: &Store,
+    sealer: &Sealer,
+    seg: &SegmentName,
+) -> Result<Option<StoredSummary>, IndexError> {
     let key = summary_key(seg);
     let Some(bytes) = store.get(&key).await? else {
         return Ok(None);
@@ -49,8 +53,9 @@ pub async fn load(store: &Store, seg: &SegmentName) -> Result<Option<StoredSumma
         key: key.clone(),
         message,
     };
-    let (_, json) =
-        object::open(&bytes, ObjectKind::Summary, &seg.to_string()).map_err(|e| corrupt(e.to_string()))?;
+    let (_, json) = sealer
+        .open(&bytes, ObjectKind::Summary, &seg.to_string())
+        .map_err(|e| corrupt(e.to_string()))?;
     StoredSummary::parse(&json, seg).map(Some).map_err(corrupt)
 }
 
@@ -73,6 +78,7 @@ impl StoredSummary {
 /// counted once.
 pub async fn index_segment(
     store: &WritableStore,
+    sealer: &Sealer,
     seg: &SegmentName,
     bytes: &[u8],
     segment_size: u32,
@@ -89,7 +95,7 @@ pub async fn index_segment(
         Some(prev_start) => {
             let prev = SegmentName::containing(seg.timeline, Lsn(prev_start), segment_size);
             // A missing or unreadable previous summary only costs the boundary record.
-            load(store, &prev)
+            load(store, sealer, &prev)
                 .await
                 .ok()
                 .flatten()
@@ -120,12 +126,12 @@ pub async fn index_segment(
         carry: next,
     };
     let json = serde_json::to_vec(&stored).expect("summary serializes");
-    let sealed = SealedObject::seal(ObjectKind::Summary, &seg.to_string(), &json, 3).map_err(|e| {
-        IndexError::Decode {
+    let sealed = sealer
+        .seal(ObjectKind::Summary, &seg.to_string(), &json, 3)
+        .map_err(|e| IndexError::Decode {
             segment: seg.to_string(),
             message: e.to_string(),
-        }
-    })?;
+        })?;
     store.put_new(&key, sealed.bytes).await?;
     Ok(true)
 }

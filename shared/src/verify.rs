@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::repo::layout::{self, Kind};
-use crate::repo::object::{self, ObjectKind};
+use crate::repo::object::ObjectKind;
 use crate::repo::{Reader, StoreError};
 use crate::wal::{SegmentName, TimelineId, WalFileName};
 
@@ -153,9 +153,10 @@ pub async fn verify(repo: &Reader, deep: bool, parallel: usize) -> Result<Verify
         let before = repo.store().get(layout::RETENTION_KEY).await?;
         let report = verify_once(repo, before.as_deref(), deep, parallel).await?;
         let after = repo.store().get(layout::RETENTION_KEY).await?;
-        let expiring = crate::repo::locks::live(repo.store(), crate::repo::locks::LockKind::Expire)
-            .await?
-            .is_some();
+        let expiring =
+            crate::repo::locks::live(repo.store(), repo.sealer(), crate::repo::locks::LockKind::Expire)
+                .await?
+                .is_some();
         if !(report.at_risk() && (expiring || before != after) && attempt < 3) {
             return Ok(report);
         }
@@ -165,7 +166,7 @@ pub async fn verify(repo: &Reader, deep: bool, parallel: usize) -> Result<Verify
 async fn wait_for_expire(repo: &Reader) -> Result<(), VerifyError> {
     let started = tokio::time::Instant::now();
     while let Some((_, r)) =
-        crate::repo::locks::live(repo.store(), crate::repo::locks::LockKind::Expire).await?
+        crate::repo::locks::live(repo.store(), repo.sealer(), crate::repo::locks::LockKind::Expire).await?
     {
         if started.elapsed() >= EXPIRE_WAIT {
             tracing::warn!("{} is still running; verifying anyway", r.describe());
@@ -187,7 +188,7 @@ async fn verify_once(
     // Summaries are listed, not read (one GET each would make verify cost a request per
     // segment); the windows read the few they need, and --deep reads them all.
     let mut cat = Catalog::load_listing(repo).await?;
-    cat.read_window_summaries(repo.store()).await;
+    cat.read_window_summaries(repo).await;
     let chunk_listing = repo.store().list(Kind::Chunk.dirname()).await?;
     let mut report = VerifyReport {
         deep,
@@ -251,8 +252,14 @@ async fn verify_once(
     // Backups the last expire's policy keeps to their consistency point only: the WAL after it
     // was deleted on purpose, and is no gap.
     let mut consistency_only = BTreeSet::new();
-    if let Some(json) = retention {
-        match crate::retention::RetentionRecord::parse(json) {
+    if let Some(stored) = retention {
+        let opened = repo
+            .sealer()
+            .open_record(layout::RETENTION_KEY, stored)
+            .map_err(|e| e.to_string());
+        match opened
+            .and_then(|json| crate::retention::RetentionRecord::parse(&json).map_err(|e| e.to_string()))
+        {
             Ok(record) => {
                 consistency_only.extend(record.consistency_only.iter().cloned());
                 report.policy = record.policy().ok().map(|p| {
@@ -462,7 +469,10 @@ async fn deep_read(
                 let name = name.clone();
                 let reader = repo.clone();
                 move || -> Result<(), String> {
-                    let (header, content) = object::open(&bytes, kind, &name).map_err(|e| e.to_string())?;
+                    let (header, content) = reader
+                        .sealer()
+                        .open(&bytes, kind, &name)
+                        .map_err(|e| e.to_string())?;
                     match item {
                         Item::Wal(n) => reader.check_wal(&n, &content).map_err(|e| e.to_string()),
                         Item::Summary(s) => crate::timeindex::StoredSummary::parse(&content, &s).map(|_| ()),

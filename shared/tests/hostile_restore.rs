@@ -66,7 +66,7 @@ impl Env {
                     .unwrap();
             env.put(&wal_key(&wal), &sealed.bytes);
         }
-        let id = chunk_id(FILE);
+        let id = chunk_id(&walvault::repo::object::Sealer::plain(), FILE);
         env.put(
             &chunk_key(&id).unwrap(),
             &SealedObject::seal(ObjectKind::Chunk, &id, FILE, 1).unwrap().bytes,
@@ -112,7 +112,7 @@ impl Env {
             "entries": [
                 { "path": "base", "kind": "dir", "mode": 0o700 },
                 { "path": "base/1", "kind": "dir", "mode": 0o700 },
-                { "path": "base/1/1259", "kind": "file", "mode": 0o600, "size": FILE.len(), "chunks": [chunk_id(FILE)] },
+                { "path": "base/1/1259", "kind": "file", "mode": 0o600, "size": FILE.len(), "chunks": [chunk_id(&walvault::repo::object::Sealer::plain(), FILE)] },
             ],
             "stats": { "logical_bytes": 8192, "files": 1, "chunks": 1, "new_chunks": 1, "new_bytes": 0, "stored_bytes": 0 }
         })
@@ -180,7 +180,7 @@ fn entry(path: &str, kind: &str, mode: u32) -> Value {
 }
 
 fn file_entry(path: &str) -> Value {
-    json!({ "path": path, "kind": "file", "mode": 0o600, "size": FILE.len(), "chunks": [chunk_id(FILE)] })
+    json!({ "path": path, "kind": "file", "mode": 0o600, "size": FILE.len(), "chunks": [chunk_id(&walvault::repo::object::Sealer::plain(), FILE)] })
 }
 
 /// The control: the untampered manifest restores, so every refusal below is its tampering's.
@@ -321,7 +321,10 @@ async fn a_huge_entry_count_is_refused_before_entries_are_parsed() {
 #[tokio::test]
 async fn a_bad_chunk_id_is_refused() {
     let env = Env::new();
-    for bad in ["../../../outside/evil".to_string(), chunk_id(FILE).to_uppercase()] {
+    for bad in [
+        "../../../outside/evil".to_string(),
+        chunk_id(&walvault::repo::object::Sealer::plain(), FILE).to_uppercase(),
+    ] {
         let mut m = env.manifest();
         m["entries"][2]["chunks"] = json!([bad]);
         env.refused(&m, TablespacePlan::default(), "is not 64 lower-case hex digits")

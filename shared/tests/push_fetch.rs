@@ -23,7 +23,7 @@ impl Env {
     /// A location with a repository created by `init` (not bound to any cluster yet).
     async fn new() -> Env {
         let env = Env::uninitialized();
-        walvault::repo::Writer::init(&env.settings.repo, &env.settings.store_options(), None, 0)
+        walvault::repo::Writer::init(&env.settings.repo, &env.settings.store_options(), None, 0, false)
             .await
             .unwrap();
         env
@@ -40,6 +40,7 @@ impl Env {
             azure: Default::default(),
             gcs: Default::default(),
             retention: Default::default(),
+            key: None,
         };
         Env { dir, settings }
     }
@@ -250,7 +251,7 @@ async fn missing_file_is_not_found_only_in_a_real_repository() {
         .await
         .unwrap_err();
     assert_eq!(err.exit_code(false), exit::FATAL, "{err}");
-    walvault::repo::Writer::init(&env.settings.repo, &env.settings.store_options(), None, 0)
+    walvault::repo::Writer::init(&env.settings.repo, &env.settings.store_options(), None, 0, false)
         .await
         .unwrap();
     archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))

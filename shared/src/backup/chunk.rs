@@ -1,10 +1,11 @@
 //! Content-addressed chunks: `chunks/<first 2 hex>/<blake3 hex>.wvo`, each a sealed, zstd
-//! compressed object whose name is its own hash. A chunk is stored once, whatever number of
-//! files and backups reference it.
+//! compressed object whose name is its own hash (in an encrypted repository, its keyed hash: see
+//! [`Sealer::content_hash`]). A chunk is stored once, whatever number of files and backups
+//! reference it.
 
 use bytes::Bytes;
 
-use crate::repo::object::{self, ObjectError, ObjectKind, SealedObject};
+use crate::repo::object::{ObjectError, ObjectKind, Sealer};
 use crate::repo::{Store, StoreError, WritableStore};
 
 /// The key of chunk `id`; an id that is not 64 lower-case hex digits (from a hostile manifest)
@@ -37,20 +38,21 @@ pub struct StoredChunk {
     pub uploaded: bool,
 }
 
-/// The id of a chunk: the blake3 of its bytes, in hex.
-pub fn chunk_id(data: &[u8]) -> String {
-    blake3::hash(data).to_hex().to_string()
+/// The id of a chunk: the blake3 of its bytes (keyed in an encrypted repository), in hex.
+pub fn chunk_id(sealer: &Sealer, data: &[u8]) -> String {
+    hex::encode(sealer.content_hash(data))
 }
 
 /// Store `data`, whose id is `id` ([`chunk_id`]), unless the repository has it already. A
 /// content-addressed key makes an overwrite by a concurrent writer harmless: same bytes.
 pub async fn put_chunk(
     store: &WritableStore,
+    sealer: &Sealer,
     id: String,
     data: Bytes,
     level: i32,
 ) -> Result<StoredChunk, ChunkError> {
-    debug_assert_eq!(id, chunk_id(&data));
+    debug_assert_eq!(id, chunk_id(sealer, &data));
     let key = chunk_key(&id)?;
     if let Some(stored_len) = store.size(&key).await? {
         return Ok(StoredChunk {
@@ -60,8 +62,8 @@ pub async fn put_chunk(
         });
     }
     let sealed = tokio::task::spawn_blocking({
-        let id = id.clone();
-        move || SealedObject::seal(ObjectKind::Chunk, &id, &data, level)
+        let (id, sealer) = (id.clone(), sealer.clone());
+        move || sealer.seal(ObjectKind::Chunk, &id, &data, level)
     })
     .await
     .map_err(|e| ChunkError::Compress(std::io::Error::other(e)))?
@@ -76,15 +78,15 @@ pub async fn put_chunk(
 }
 
 /// Read chunk `id` and verify it: header, length, and that its content hashes to `id`.
-pub async fn get_chunk(store: &Store, id: &str) -> Result<Vec<u8>, ChunkError> {
+pub async fn get_chunk(store: &Store, sealer: &Sealer, id: &str) -> Result<Vec<u8>, ChunkError> {
     let key = chunk_key(id)?;
     let bytes = store
         .get(&key)
         .await?
         .ok_or_else(|| ChunkError::Missing { id: id.to_string() })?;
-    let id_owned = id.to_string();
+    let (id_owned, sealer) = (id.to_string(), sealer.clone());
     let (header, content) =
-        tokio::task::spawn_blocking(move || object::open(&bytes, ObjectKind::Chunk, &id_owned))
+        tokio::task::spawn_blocking(move || sealer.open(&bytes, ObjectKind::Chunk, &id_owned))
             .await
             .map_err(|e| ChunkError::Compress(std::io::Error::other(e)))?
             .map_err(|source| ChunkError::Corrupt {

@@ -34,7 +34,7 @@ use super::manifest::{self, BackupId, BackupStats, Entry, EntryKind, Manifest, T
 use crate::config::Settings;
 use crate::repo::layout::wal_key;
 use crate::repo::locks::{Lock, LockKind};
-use crate::repo::object::{ObjectKind, SealedObject};
+use crate::repo::object::{ObjectKind, Sealer};
 use crate::repo::store::PutNew;
 use crate::repo::{Store, StoreError, WritableStore};
 use crate::wal::{Lsn, SegmentName, TimelineId, WalFileName};
@@ -119,6 +119,7 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
     // running meanwhile then leaves every chunk in place (repo/locks.rs).
     let lock = Lock::take_yielding(
         repo.writable(),
+        repo.sealer(),
         LockKind::Backup,
         &format!("backup of {}", opts.pgdata.display()),
         LockKind::Expire,
@@ -216,7 +217,7 @@ async fn take_locked(
     client.query_one(start_sql, &[&label_text]).await.map_err(sql)?;
     tracing::info!(backup = %id, from_standby, "backup started");
 
-    let copied = copy_files(&store, opts, settings.compress_level, pg_version).await;
+    let copied = copy_files(&store, repo.sealer(), opts, settings.compress_level, pg_version).await;
     // Stop the backup even when copying failed, so the server is not left in backup mode.
     // On a primary, PostgreSQL waits until the stop segment is archived. A standby would wait
     // only with archive_mode = always, and then for a segment that only the primary can
@@ -310,12 +311,12 @@ async fn take_locked(
         entries,
         stats,
     };
-    let sealed =
-        SealedObject::seal(ObjectKind::Manifest, id.as_str(), &manifest.to_json(), 3).map_err(|e| {
-            BackupError::Read {
-                path: "manifest".into(),
-                source: e,
-            }
+    let sealed = repo
+        .sealer()
+        .seal(ObjectKind::Manifest, id.as_str(), &manifest.to_json(), 3)
+        .map_err(|e| BackupError::Read {
+            path: "manifest".into(),
+            source: e,
         })?;
     if !lock.still_held().await? {
         return Err(BackupError::LockLost {
@@ -603,6 +604,7 @@ fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>), BackupError> {
 /// Read, chunk and upload every file; returns the manifest entries in path order.
 async fn copy_files(
     store: &WritableStore,
+    sealer: &Sealer,
     opts: &BackupOptions,
     level: i32,
     pg_version: u32,
@@ -693,16 +695,16 @@ async fn copy_files(
                 break;
             }
             size += read as u64;
-            let id = chunk::chunk_id(&buf);
+            let id = chunk::chunk_id(sealer, &buf);
             stats.chunks += 1;
             // The same bytes twice in one backup (zeroed pages, identical files): store them once.
             if !in_this_backup.insert(id.clone()) {
                 chunk_ids.insert((entry, idx), id);
                 continue;
             }
-            let store = store.clone();
+            let (store, sealer) = (store.clone(), sealer.clone());
             tasks.spawn(async move {
-                let stored = chunk::put_chunk(&store, id, Bytes::from(buf), level).await?;
+                let stored = chunk::put_chunk(&store, &sealer, id, Bytes::from(buf), level).await?;
                 drop(permit);
                 Ok((entry, idx, stored))
             });

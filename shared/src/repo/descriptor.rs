@@ -5,7 +5,10 @@
 //! given the data directory, the cluster identity; otherwise the first archived segment binds the
 //! cluster in `cluster.json` ([`super::layout::CLUSTER_KEY`]). Version 1 (created implicitly by
 //! the first push of walvault before init existed) always has the cluster and no id: it is read
-//! and written as before, its id derived from its bytes ([`RepoId::of_v1`]).
+//! and written as before, its id derived from its bytes ([`RepoId::of_v1`]). Version 3 (written
+//! by `archive-agent init --encrypt`) is version 2 with an `encryption` record: the wrapped
+//! master key ([`super::keys`]). An encrypted repository is version 3 so that a walvault that
+//! predates encryption refuses it instead of writing plain objects into it.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +17,8 @@ use crate::wal::SegmentInfo;
 pub const FORMAT_NAME: &str = "walvault-repository";
 /// The version `archive-agent init` writes.
 pub const FORMAT_VERSION: u32 = 2;
+/// The version `archive-agent init --encrypt` writes: an encrypted repository.
+pub const ENCRYPTED_FORMAT_VERSION: u32 = 3;
 /// The oldest version still read.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
@@ -147,6 +152,9 @@ pub struct RepoDescriptor {
     /// The walvault that created the repository, for support; never interpreted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
+    /// Version 3 only: how objects are encrypted, and the wrapped master key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<super::keys::EncryptionRecord>,
     /// A version 1 repository's derived id ([`RepoId::of_v1`]); never written.
     #[serde(skip)]
     v1_id: Option<RepoId>,
@@ -160,7 +168,7 @@ pub enum DescriptorError {
     #[error("walvault.json has format {0:?}: this is not a walvault repository")]
     WrongFormat(String),
     #[error(
-        "repository format version {0} is not one this walvault understands ({OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}); upgrade walvault"
+        "repository format version {0} is not one this walvault understands ({OLDEST_FORMAT_VERSION} to {ENCRYPTED_FORMAT_VERSION}); upgrade walvault"
     )]
     UnsupportedVersion(u32),
 }
@@ -177,8 +185,20 @@ impl RepoDescriptor {
             )),
             cluster,
             created_by: Some(format!("walvault {}", env!("CARGO_PKG_VERSION"))),
+            encryption: None,
             v1_id: None,
         }
+    }
+
+    /// Whether objects in this repository are encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.encryption.is_some()
+    }
+
+    /// Make this (new) descriptor an encrypted repository's, with `record` as its wrapped key.
+    pub fn set_encryption(&mut self, record: super::keys::EncryptionRecord) {
+        self.version = ENCRYPTED_FORMAT_VERSION;
+        self.encryption = Some(record);
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -199,7 +219,7 @@ impl RepoDescriptor {
         if probe.format != FORMAT_NAME {
             return Err(DescriptorError::WrongFormat(probe.format));
         }
-        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&probe.version) {
+        if !(OLDEST_FORMAT_VERSION..=ENCRYPTED_FORMAT_VERSION).contains(&probe.version) {
             return Err(DescriptorError::UnsupportedVersion(probe.version));
         }
         let mut d: RepoDescriptor =
@@ -213,6 +233,22 @@ impl RepoDescriptor {
             }
             (_, None, _) => return Err(DescriptorError::Invalid("no repository id".into())),
             _ => {}
+        }
+        match (d.version == ENCRYPTED_FORMAT_VERSION, &d.encryption) {
+            (true, None) => {
+                return Err(DescriptorError::Invalid(
+                    "a version 3 (encrypted) descriptor has no encryption record".into(),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(DescriptorError::Invalid(
+                    "only a version 3 descriptor has an encryption record".into(),
+                ));
+            }
+            (true, Some(e)) => e
+                .validate()
+                .map_err(|e| DescriptorError::Invalid(e.to_string()))?,
+            (false, None) => {}
         }
         if let Some(c) = &d.cluster {
             c.validate().map_err(DescriptorError::Invalid)?;
@@ -290,11 +326,16 @@ mod tests {
         assert_ne!(RepoDescriptor::new(None, 0).id(), d.id());
         let newer = String::from_utf8(d.to_json())
             .unwrap()
-            .replace("\"version\": 2", "\"version\": 3");
+            .replace("\"version\": 2", "\"version\": 4");
         assert!(matches!(
             RepoDescriptor::parse(newer.as_bytes()),
-            Err(DescriptorError::UnsupportedVersion(3))
+            Err(DescriptorError::UnsupportedVersion(4))
         ));
+        // Version 3 is encrypted: one without its record is refused, not read as plain.
+        let unkeyed = String::from_utf8(d.to_json())
+            .unwrap()
+            .replace("\"version\": 2", "\"version\": 3");
+        assert!(RepoDescriptor::parse(unkeyed.as_bytes()).is_err());
         let odd_size = String::from_utf8(d.to_json())
             .unwrap()
             .replace("16777216", "16777215");

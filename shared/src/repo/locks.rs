@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::repo::layout::{self, Kind};
+use crate::repo::object::Sealer;
 use crate::repo::{Store, StoreError, WritableStore};
 
 /// How often a holder rewrites its lock.
@@ -93,7 +94,7 @@ pub struct Found {
 }
 
 /// Every lock in the repository, read.
-pub async fn list(store: &Store) -> Result<Vec<Found>, StoreError> {
+pub async fn list(store: &Store, sealer: &Sealer) -> Result<Vec<Found>, StoreError> {
     let mut out = Vec::new();
     for (key, _) in store.list(Kind::Lock.dirname()).await? {
         let Some((kind, _)) = layout::parse_lock_key(&key) else {
@@ -102,6 +103,7 @@ pub async fn list(store: &Store) -> Result<Vec<Found>, StoreError> {
         let record = store
             .get(&key)
             .await?
+            .and_then(|b| sealer.open_record(&key, &b).ok())
             .and_then(|b| serde_json::from_slice::<LockRecord>(&b).ok())
             .filter(|r| r.format == FORMAT_NAME && r.kind.as_str() == kind);
         // Released between the listing and the read: gone, not unreadable.
@@ -117,6 +119,7 @@ pub async fn list(store: &Store) -> Result<Vec<Found>, StoreError> {
 #[derive(Debug)]
 pub struct Lock {
     store: WritableStore,
+    sealer: Sealer,
     key: String,
     lost: Arc<AtomicBool>,
     /// When the lock was last written, on this process's monotonic clock (which keeps counting
@@ -144,7 +147,12 @@ pub enum LockError {
 
 impl Lock {
     /// Write a lock of `kind` and keep it fresh.
-    pub async fn take(store: &WritableStore, kind: LockKind, what: &str) -> Result<Lock, StoreError> {
+    pub async fn take(
+        store: &WritableStore,
+        sealer: &Sealer,
+        kind: LockKind,
+        what: &str,
+    ) -> Result<Lock, StoreError> {
         let token = hex::encode(rand::random::<[u8; 16]>());
         let key = layout::lock_key(kind.as_str(), &token).expect("a valid kind and a 32-hex token");
         let now = crate::time::now_micros();
@@ -158,12 +166,13 @@ impl Lock {
             created_us: now,
             refreshed_us: now,
         };
-        store.put(&key, to_bytes(&record)).await?;
+        store.put(&key, to_bytes(sealer, &key, &record)).await?;
         let lost = Arc::new(AtomicBool::new(false));
         let refreshed = Arc::new(Mutex::new(Instant::now()));
         let refresher = tokio::spawn({
-            let (store, key, lost, refreshed) = (
+            let (store, sealer, key, lost, refreshed) = (
                 store.clone(),
+                sealer.clone(),
                 key.clone(),
                 Arc::clone(&lost),
                 Arc::clone(&refreshed),
@@ -181,7 +190,7 @@ impl Lock {
                             lost.store(true, Ordering::SeqCst);
                             return;
                         }
-                        Ok(Some(_)) => match store.put(&key, to_bytes(&record)).await {
+                        Ok(Some(_)) => match store.put(&key, to_bytes(&sealer, &key, &record)).await {
                             Ok(()) => {
                                 if let Ok(mut at) = refreshed.lock() {
                                     *at = attempt;
@@ -197,6 +206,7 @@ impl Lock {
         });
         Ok(Lock {
             store: store.clone(),
+            sealer: sealer.clone(),
             key,
             lost,
             refreshed,
@@ -208,6 +218,7 @@ impl Lock {
     /// step back (remove this lock), wait for it to go, and try again, for at most `max_wait`.
     pub async fn take_yielding(
         store: &WritableStore,
+        sealer: &Sealer,
         kind: LockKind,
         what: &str,
         yield_to: LockKind,
@@ -216,7 +227,7 @@ impl Lock {
         let started = tokio::time::Instant::now();
         let mut told = false;
         loop {
-            let lock = Lock::take(store, kind, what).await?;
+            let lock = Lock::take(store, sealer, kind, what).await?;
             let other = match lock.live_other(yield_to).await {
                 Ok(None) => return Ok(lock),
                 Ok(Some(other)) => other,
@@ -239,7 +250,7 @@ impl Lock {
                     told = true;
                 }
                 tokio::time::sleep(POLL).await;
-                if live_of(store, yield_to, None).await?.is_none() {
+                if live_of(store, sealer, yield_to, None).await?.is_none() {
                     break;
                 }
             }
@@ -248,7 +259,7 @@ impl Lock {
 
     /// A live lock of `kind` other than this one.
     pub async fn live_other(&self, kind: LockKind) -> Result<Option<(String, LockRecord)>, StoreError> {
-        live_of(&self.store, kind, Some(&self.key)).await
+        live_of(&self.store, &self.sealer, kind, Some(&self.key)).await
     }
 
     /// Whether this lock is still in the repository and was refreshed in time. A holder that is
@@ -283,25 +294,30 @@ impl Drop for Lock {
 }
 
 /// A live lock of `kind` in the repository, if any.
-pub async fn live(store: &Store, kind: LockKind) -> Result<Option<(String, LockRecord)>, StoreError> {
-    live_of(store, kind, None).await
+pub async fn live(
+    store: &Store,
+    sealer: &Sealer,
+    kind: LockKind,
+) -> Result<Option<(String, LockRecord)>, StoreError> {
+    live_of(store, sealer, kind, None).await
 }
 
 /// A live lock of `kind`, ignoring `except`.
 async fn live_of(
     store: &Store,
+    sealer: &Sealer,
     kind: LockKind,
     except: Option<&str>,
 ) -> Result<Option<(String, LockRecord)>, StoreError> {
     let now = crate::time::now_micros();
-    Ok(list(store).await?.into_iter().find_map(|f| {
+    Ok(list(store, sealer).await?.into_iter().find_map(|f| {
         let r = f.record?;
         (Some(f.key.as_str()) != except && r.kind == kind && r.live(now)).then_some((f.key, r))
     }))
 }
 
-fn to_bytes(r: &LockRecord) -> bytes::Bytes {
-    serde_json::to_vec_pretty(r).expect("a lock serializes").into()
+fn to_bytes(sealer: &Sealer, key: &str, r: &LockRecord) -> bytes::Bytes {
+    sealer.seal_record(key, serde_json::to_vec_pretty(r).expect("a lock serializes"))
 }
 
 #[cfg(test)]
@@ -351,10 +367,14 @@ mod tests {
     #[tokio::test]
     async fn a_backup_steps_back_while_an_expire_holds_the_repository() {
         let (_dir, store) = local();
-        let expire = Lock::take(&store, LockKind::Expire, "expire").await.unwrap();
+        let plain = Sealer::plain();
+        let expire = Lock::take(&store, &plain, LockKind::Expire, "expire")
+            .await
+            .unwrap();
         // The backup sees the expire, steps back, and gives up after its wait.
         let busy = Lock::take_yielding(
             &store,
+            &plain,
             LockKind::Backup,
             "backup",
             LockKind::Expire,
@@ -365,10 +385,11 @@ mod tests {
         assert!(busy.to_string().contains("expire by"), "{busy}");
         // It left no lock behind, so the expire sees no backup in progress.
         assert!(expire.live_other(LockKind::Backup).await.unwrap().is_none());
-        assert_eq!(list(&store).await.unwrap().len(), 1);
+        assert_eq!(list(&store, &plain).await.unwrap().len(), 1);
         expire.release().await;
         let backup = Lock::take_yielding(
             &store,
+            &plain,
             LockKind::Backup,
             "backup",
             LockKind::Expire,
@@ -381,6 +402,6 @@ mod tests {
         store.delete(backup.key()).await.unwrap();
         assert!(!backup.still_held().await.unwrap());
         backup.release().await;
-        assert!(list(&store).await.unwrap().is_empty());
+        assert!(list(&store, &plain).await.unwrap().is_empty());
     }
 }

@@ -9,6 +9,7 @@ pub mod descriptor;
 #[cfg(test)]
 pub mod fault;
 pub mod init;
+pub mod keys;
 pub mod layout;
 pub mod locks;
 pub mod object;

@@ -1,14 +1,33 @@
-//! The envelope every archived WAL file is stored in (format "WALVAULT" object v1, see
-//! `docs/FORMAT.md`): a fixed header with the original length and blake3 hash, the file name, a
-//! CRC over the header, then the (zstd-compressed) payload. Decoding verifies all of it, so a
-//! truncated, corrupted or misplaced object is reported as such and never handed to PostgreSQL.
+//! The envelope every object walvault stores is sealed in (format "WALVAULT" object, see
+//! `docs/FORMAT.md`): a fixed header with the original length and a hash of the content, the
+//! object's name, a CRC over the header, then the zstd-compressed payload. Version 1 is plain;
+//! version 2, in encrypted repositories, adds a cipher and a nonce, and its payload is sealed with
+//! XChaCha20-Poly1305 with the header and the repository id as associated data. Decoding verifies
+//! all of it, so a truncated, corrupted, misplaced, swapped or foreign object is reported as such
+//! and never handed to PostgreSQL. A [`Sealer`] (one per opened repository) seals and opens.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{Tag, XNonce};
+
+use super::keys::RepoKeys;
 
 pub const MAGIC: &[u8; 8] = b"WALVAULT";
+/// The plain format.
 pub const VERSION: u16 = 1;
+/// The encrypted format.
+pub const VERSION_ENCRYPTED: u16 = 2;
 /// Bytes before the name: magic, version, kind, codec, name length, original length, hash, payload length.
 const FIXED_LEN: usize = 64;
+/// Version 2 adds, before the name: cipher, 7 reserved zero bytes, a 24-byte nonce.
+const FIXED_LEN_V2: usize = 96;
+/// The one cipher of version 2: XChaCha20-Poly1305.
+const CIPHER_XCHACHA20POLY1305: u8 = 1;
+const TAG_LEN: usize = 16;
+/// Associated data prefix of a sealed object's AEAD (followed by the repository id and the header).
+const OBJECT_AAD: &[u8] = b"walvault object v2\0";
 const CRC_LEN: usize = 4;
 const MAX_NAME_LEN: usize = 64;
 /// Largest original we will ever allocate for: a 1 GiB segment (the largest PostgreSQL allows).
@@ -28,6 +47,9 @@ pub enum ObjectKind {
     Manifest = 3,
     /// A WAL segment summary for the time index (JSON); the name is the segment name.
     Summary = 4,
+    /// A small JSON record (cluster.json, retention.json, a pin, a lock) in an encrypted
+    /// repository; the name is its key. Plain repositories store these as bare JSON.
+    Record = 5,
 }
 
 /// How the payload is encoded.
@@ -44,8 +66,20 @@ pub enum ObjectError {
     TooShort { len: usize },
     #[error("not a walvault object (bad magic)")]
     BadMagic,
-    #[error("object format version {0} is newer than this walvault understands (1); upgrade walvault")]
+    #[error("object format version {0} is newer than this walvault understands (1 and 2); upgrade walvault")]
     UnsupportedVersion(u16),
+    #[error(
+        "an encrypted object in a repository that is not encrypted (the repository descriptor was replaced, or the object comes from another repository)"
+    )]
+    UnexpectedlyEncrypted,
+    #[error("a plain object in an encrypted repository: refused (it may have been planted)")]
+    NotEncrypted,
+    #[error("unknown cipher {0}")]
+    UnknownCipher(u8),
+    #[error(
+        "does not authenticate: tampered with, truncated, moved from another name or repository, or sealed with another key"
+    )]
+    Authentication,
     #[error("unknown object kind {0}")]
     UnknownKind(u8),
     #[error("holds a {found:?} object where a {expected:?} object belongs")]
@@ -79,16 +113,27 @@ pub struct ObjectHeader {
     pub codec: Codec,
     pub name: String,
     pub original_len: u64,
+    /// The blake3 of the content; in an encrypted object its keyed blake3 ([`Sealer::content_hash`]).
     pub blake3: [u8; 32],
+    /// Payload bytes (in version 2, the ciphertext and its 16-byte tag).
     pub payload_len: u64,
+    /// Version 2 only: the nonce the payload is sealed with.
+    pub nonce: Option<[u8; 24]>,
 }
 
 impl ObjectHeader {
     pub fn blake3_hex(&self) -> String {
         hex::encode(self.blake3)
     }
+    fn fixed_len(&self) -> usize {
+        if self.nonce.is_some() {
+            FIXED_LEN_V2
+        } else {
+            FIXED_LEN
+        }
+    }
     fn encoded_len(&self) -> usize {
-        FIXED_LEN + self.name.len() + CRC_LEN
+        self.fixed_len() + self.name.len() + CRC_LEN
     }
 }
 
@@ -100,45 +145,108 @@ pub struct SealedObject {
 }
 
 impl SealedObject {
-    /// Compress `content` with zstd at `level` and wrap it. `name` must be a validated name.
+    /// Compress `content` with zstd at `level` and wrap it in a plain (version 1) object. `name`
+    /// must be a validated name.
     pub fn seal(kind: ObjectKind, name: &str, content: &[u8], level: i32) -> std::io::Result<SealedObject> {
-        assert!(
-            !name.is_empty() && name.len() <= MAX_NAME_LEN,
-            "names are validated before sealing"
-        );
-        // Compress straight into the object after room for the header: no second copy of the
-        // payload, which matters with several 16 MiB segments in flight.
-        let header_len = FIXED_LEN + name.len() + CRC_LEN;
-        let bound = zstd::zstd_safe::compress_bound(content.len());
-        let mut out = vec![0u8; header_len + bound];
-        let payload_len = zstd::bulk::compress_to_buffer(content, &mut out[header_len..], level)?;
-        out.truncate(header_len + payload_len);
-        let header = ObjectHeader {
-            kind,
-            codec: Codec::Zstd,
-            name: name.to_string(),
-            original_len: content.len() as u64,
-            blake3: *blake3::hash(content).as_bytes(),
-            payload_len: payload_len as u64,
-        };
-        let mut head = Vec::with_capacity(header_len);
-        head.extend_from_slice(MAGIC);
-        head.extend_from_slice(&VERSION.to_le_bytes());
-        head.push(header.kind as u8);
-        head.push(header.codec as u8);
-        head.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        head.extend_from_slice(&header.original_len.to_le_bytes());
-        head.extend_from_slice(&header.blake3);
-        head.extend_from_slice(&header.payload_len.to_le_bytes());
-        head.extend_from_slice(name.as_bytes());
-        let crc = crc32fast::hash(&head);
-        head.extend_from_slice(&crc.to_le_bytes());
-        out[..header_len].copy_from_slice(&head);
-        Ok(SealedObject {
-            header,
-            bytes: Bytes::from(out),
-        })
+        seal_with(None, kind, name, content, level)
     }
+}
+
+fn seal_with(
+    keys: Option<&RepoKeys>,
+    kind: ObjectKind,
+    name: &str,
+    content: &[u8],
+    level: i32,
+) -> std::io::Result<SealedObject> {
+    assert!(
+        !name.is_empty() && name.len() <= MAX_NAME_LEN,
+        "names are validated before sealing"
+    );
+    let fixed = if keys.is_some() { FIXED_LEN_V2 } else { FIXED_LEN };
+    let tag_len = if keys.is_some() { TAG_LEN } else { 0 };
+    // Compress straight into the object after room for the header, and encrypt in place there:
+    // no second copy of the payload, which matters with several 16 MiB segments in flight.
+    let header_len = fixed + name.len() + CRC_LEN;
+    let bound = zstd::zstd_safe::compress_bound(content.len());
+    let mut out = vec![0u8; header_len + bound + tag_len];
+    let compressed_len =
+        zstd::bulk::compress_to_buffer(content, &mut out[header_len..header_len + bound], level)?;
+    let header = ObjectHeader {
+        kind,
+        codec: Codec::Zstd,
+        name: name.to_string(),
+        original_len: content.len() as u64,
+        blake3: match keys {
+            Some(k) => k.content_hash(content),
+            None => *blake3::hash(content).as_bytes(),
+        },
+        payload_len: (compressed_len + tag_len) as u64,
+        nonce: keys.map(|_| rand::random()),
+    };
+    let head = encode_header(&header);
+    debug_assert_eq!(head.len(), header_len);
+    if let Some(k) = keys {
+        let aad = aad(k, &head);
+        let nonce = header.nonce.expect("set for sealed objects");
+        let tag = k
+            .cipher
+            .encrypt_in_place_detached(
+                XNonce::from_slice(&nonce),
+                &aad,
+                &mut out[header_len..header_len + compressed_len],
+            )
+            .map_err(|_| std::io::Error::other("payload too large to seal"))?;
+        out[header_len + compressed_len..header_len + compressed_len + TAG_LEN].copy_from_slice(&tag);
+    }
+    out.truncate(header_len + compressed_len + tag_len);
+    out[..header_len].copy_from_slice(&head);
+    Ok(SealedObject {
+        header,
+        bytes: Bytes::from(out),
+    })
+}
+
+/// The header's bytes, CRC included.
+fn encode_header(h: &ObjectHeader) -> Vec<u8> {
+    let mut head = Vec::with_capacity(h.encoded_len());
+    head.extend_from_slice(MAGIC);
+    head.extend_from_slice(
+        &(if h.nonce.is_some() {
+            VERSION_ENCRYPTED
+        } else {
+            VERSION
+        })
+        .to_le_bytes(),
+    );
+    head.push(h.kind as u8);
+    head.push(h.codec as u8);
+    head.extend_from_slice(&(h.name.len() as u32).to_le_bytes());
+    head.extend_from_slice(&h.original_len.to_le_bytes());
+    head.extend_from_slice(&h.blake3);
+    head.extend_from_slice(&h.payload_len.to_le_bytes());
+    if let Some(nonce) = h.nonce {
+        head.push(CIPHER_XCHACHA20POLY1305);
+        head.extend_from_slice(&[0; 7]);
+        head.extend_from_slice(&nonce);
+    }
+    head.extend_from_slice(h.name.as_bytes());
+    let crc = crc32fast::hash(&head);
+    head.extend_from_slice(&crc.to_le_bytes());
+    head
+}
+
+/// A sealed object's associated data: every header byte but the CRC (kind, name, lengths, hash,
+/// nonce), and the repository id, so an object moved to another name, kind or repository, or
+/// with any header field changed, fails to authenticate.
+fn aad(keys: &RepoKeys, head_with_crc: &[u8]) -> Vec<u8> {
+    let head = &head_with_crc[..head_with_crc.len() - CRC_LEN];
+    let mut aad = Vec::with_capacity(OBJECT_AAD.len() + 33 + head.len());
+    aad.extend_from_slice(OBJECT_AAD);
+    aad.extend_from_slice(keys.repo_id.as_str().as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(head);
+    aad
 }
 
 fn take<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
@@ -156,14 +264,19 @@ pub fn read_header(bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
         return Err(ObjectError::BadMagic);
     }
     let version = u16::from_le_bytes(take(bytes, 8));
-    if version != VERSION {
-        return Err(ObjectError::UnsupportedVersion(version));
+    let fixed = match version {
+        VERSION => FIXED_LEN,
+        VERSION_ENCRYPTED => FIXED_LEN_V2,
+        v => return Err(ObjectError::UnsupportedVersion(v)),
+    };
+    if bytes.len() < fixed + CRC_LEN {
+        return Err(ObjectError::TooShort { len: bytes.len() });
     }
     let name_len = u32::from_le_bytes(take(bytes, 12));
     if name_len == 0 || name_len as usize > MAX_NAME_LEN {
         return Err(ObjectError::BadNameLength(name_len));
     }
-    let header_end = FIXED_LEN + name_len as usize;
+    let header_end = fixed + name_len as usize;
     if bytes.len() < header_end + CRC_LEN {
         return Err(ObjectError::TooShort { len: bytes.len() });
     }
@@ -177,6 +290,7 @@ pub fn read_header(bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
         2 => ObjectKind::Chunk,
         3 => ObjectKind::Manifest,
         4 => ObjectKind::Summary,
+        5 => ObjectKind::Record,
         k => return Err(ObjectError::UnknownKind(k)),
     };
     let codec = match bytes[11] {
@@ -190,7 +304,14 @@ pub fn read_header(bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
     }
     // ASCII, as written: a lossy conversion would make the name longer than its bytes, and
     // the payload would be looked for at the wrong offset.
-    let name = std::str::from_utf8(&bytes[FIXED_LEN..header_end])
+    let nonce = match version {
+        VERSION => None,
+        _ => match bytes[64] {
+            CIPHER_XCHACHA20POLY1305 => Some(take(bytes, 72)),
+            c => return Err(ObjectError::UnknownCipher(c)),
+        },
+    };
+    let name = std::str::from_utf8(&bytes[fixed..header_end])
         .ok()
         .filter(|n| n.is_ascii())
         .ok_or(ObjectError::BadName)?
@@ -202,24 +323,40 @@ pub fn read_header(bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
         original_len,
         blake3: take(bytes, 24),
         payload_len: u64::from_le_bytes(take(bytes, 56)),
+        nonce,
     })
 }
 
-/// Decode an object of `kind` stored for `expected_name`, verifying header, length and blake3 of
-/// the content.
+/// Decode a plain object of `kind` stored for `expected_name`, verifying header, length and
+/// blake3 of the content. (Repositories open objects with [`Sealer::open`].)
 pub fn open(
     bytes: &[u8],
     kind: ObjectKind,
     expected_name: &str,
 ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+    open_with(None, bytes, kind, expected_name)
+}
+
+fn open_with(
+    keys: Option<&RepoKeys>,
+    bytes: &[u8],
+    kind: ObjectKind,
+    expected_name: &str,
+) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
     let header = read_header(bytes)?;
+    match (keys.is_some(), header.nonce.is_some()) {
+        (true, false) => return Err(ObjectError::NotEncrypted),
+        (false, true) => return Err(ObjectError::UnexpectedlyEncrypted),
+        _ => {}
+    }
     if header.kind != kind {
         return Err(ObjectError::WrongKind {
             expected: kind,
             found: header.kind,
         });
     }
-    let payload = &bytes[header.encoded_len()..];
+    let header_len = header.encoded_len();
+    let payload = &bytes[header_len..];
     if payload.len() as u64 != header.payload_len {
         return Err(ObjectError::PayloadLength {
             expected: header.payload_len,
@@ -232,6 +369,26 @@ pub fn open(
             found: header.name,
         });
     }
+    let decrypted;
+    let payload = match (keys, header.nonce) {
+        (Some(k), Some(nonce)) => {
+            let Some(body_len) = payload.len().checked_sub(TAG_LEN) else {
+                return Err(ObjectError::Authentication);
+            };
+            let mut body = payload[..body_len].to_vec();
+            k.cipher
+                .decrypt_in_place_detached(
+                    XNonce::from_slice(&nonce),
+                    &aad(k, &bytes[..header_len]),
+                    &mut body,
+                    Tag::from_slice(&payload[body_len..]),
+                )
+                .map_err(|_| ObjectError::Authentication)?;
+            decrypted = body;
+            &decrypted[..]
+        }
+        _ => payload,
+    };
     let content = match header.codec {
         Codec::None => payload.to_vec(),
         // The capacity bound makes a decompression bomb fail instead of allocating without limit;
@@ -253,14 +410,105 @@ pub fn open(
             found: content.len() as u64,
         });
     }
-    let found = blake3::hash(&content);
-    if found.as_bytes() != &header.blake3 {
+    let found = match keys {
+        Some(k) => k.content_hash(&content),
+        None => *blake3::hash(&content).as_bytes(),
+    };
+    if found != header.blake3 {
         return Err(ObjectError::ContentHash {
             expected: header.blake3_hex(),
-            found: found.to_hex().to_string(),
+            found: hex::encode(found),
         });
     }
     Ok((header, content))
+}
+
+/// How an opened repository seals and opens its objects: plain (version 1) objects, or, with the
+/// repository's keys, encrypted (version 2) ones. Each repository accepts only its own kind: a
+/// plain object in an encrypted repository is refused like a corrupt one.
+#[derive(Debug, Clone, Default)]
+pub struct Sealer {
+    keys: Option<Arc<RepoKeys>>,
+}
+
+impl Sealer {
+    /// For a repository that is not encrypted.
+    pub fn plain() -> Sealer {
+        Sealer { keys: None }
+    }
+
+    /// For an encrypted repository, with its unwrapped keys.
+    pub fn encrypted(keys: Arc<RepoKeys>) -> Sealer {
+        Sealer { keys: Some(keys) }
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    pub(crate) fn keys(&self) -> Option<&Arc<RepoKeys>> {
+        self.keys.as_ref()
+    }
+
+    /// The hash object headers carry and chunks are named by: blake3, or in an encrypted
+    /// repository blake3 keyed with the repository's id key, so it reveals nothing of the content.
+    pub fn content_hash(&self, content: &[u8]) -> [u8; 32] {
+        match &self.keys {
+            Some(k) => k.content_hash(content),
+            None => *blake3::hash(content).as_bytes(),
+        }
+    }
+
+    /// Compress and seal `content` as object `name` of `kind`.
+    pub fn seal(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        content: &[u8],
+        level: i32,
+    ) -> std::io::Result<SealedObject> {
+        seal_with(self.keys.as_deref(), kind, name, content, level)
+    }
+
+    /// Open object `expected_name` of `kind`: header, authenticity (encrypted), length and hash.
+    pub fn open(
+        &self,
+        bytes: &[u8],
+        kind: ObjectKind,
+        expected_name: &str,
+    ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+        open_with(self.keys.as_deref(), bytes, kind, expected_name)
+    }
+
+    /// The header, checked to be of this repository's kind (plain or encrypted). Not authenticated:
+    /// only [`Sealer::open`] proves an encrypted header genuine.
+    pub fn read_header(&self, bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
+        let header = read_header(bytes)?;
+        match (self.is_encrypted(), header.nonce.is_some()) {
+            (true, false) => Err(ObjectError::NotEncrypted),
+            (false, true) => Err(ObjectError::UnexpectedlyEncrypted),
+            _ => Ok(header),
+        }
+    }
+
+    /// A small JSON record stored at `key` (cluster.json, retention.json, pins, locks): bare in a
+    /// plain repository, sealed as a [`ObjectKind::Record`] in an encrypted one.
+    pub fn seal_record(&self, key: &str, json: Vec<u8>) -> Bytes {
+        if self.keys.is_none() {
+            return Bytes::from(json);
+        }
+        self.seal(ObjectKind::Record, key, &json, 3)
+            .expect("compressing a small record cannot fail")
+            .bytes
+    }
+
+    /// What [`Sealer::seal_record`] stored at `key`.
+    pub fn open_record(&self, key: &str, bytes: &[u8]) -> Result<Vec<u8>, ObjectError> {
+        if self.keys.is_none() {
+            return Ok(bytes.to_vec());
+        }
+        Ok(self.open(bytes, ObjectKind::Record, key)?.1)
+    }
 }
 
 #[cfg(test)]
@@ -370,6 +618,140 @@ mod tests {
         }
     }
 
+    fn keys_for(repo: &str) -> Arc<RepoKeys> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        std::fs::write(&path, "ab".repeat(32)).unwrap();
+        let id = super::super::RepoId::try_from(repo.to_string()).unwrap();
+        RepoKeys::generate(&super::super::keys::KeySource::File(path), &id, None)
+            .unwrap()
+            .0
+    }
+
+    const REPO_A: &str = "0123456789abcdef0123456789abcdef";
+    const REPO_B: &str = "fedcba9876543210fedcba9876543210";
+
+    #[test]
+    fn encrypted_objects_round_trip_and_hide_their_content() {
+        let sealer = Sealer::encrypted(keys_for(REPO_A));
+        let marker = b"walvault-marker-4f1c ".repeat(5000);
+        let sealed = sealer.seal(ObjectKind::WalFile, NAME, &marker, 3).unwrap();
+        assert!(
+            sealed.bytes.len() < marker.len() / 4,
+            "still compressed before sealing"
+        );
+        let needle = b"walvault-marker-4f1c";
+        assert!(!sealed.bytes.windows(needle.len()).any(|w| w == needle));
+        // Nor is the plain blake3 of the content in the header: the hash is keyed.
+        assert!(
+            !sealed
+                .bytes
+                .windows(32)
+                .any(|w| w == blake3::hash(&marker).as_bytes())
+        );
+        assert_eq!(
+            sealer.open(&sealed.bytes, ObjectKind::WalFile, NAME).unwrap().1,
+            marker
+        );
+        // Two seals of the same content differ (random nonce) but hash the same.
+        let again = sealer.seal(ObjectKind::WalFile, NAME, &marker, 3).unwrap();
+        assert_ne!(again.bytes, sealed.bytes);
+        assert_eq!(again.header.blake3, sealed.header.blake3);
+        assert_eq!(sealer.content_hash(&marker), sealed.header.blake3);
+    }
+
+    #[test]
+    fn tampered_swapped_moved_and_foreign_objects_are_refused() {
+        let keys = keys_for(REPO_A);
+        let sealer = Sealer::encrypted(Arc::clone(&keys));
+        let content = sample();
+        let sealed = sealer.seal(ObjectKind::WalFile, NAME, &content, 3).unwrap();
+        // Every bit flip, anywhere, and every truncation.
+        for at in (0..sealed.bytes.len()).step_by(61) {
+            let mut bad = sealed.bytes.to_vec();
+            bad[at] ^= 0x01;
+            assert!(
+                sealer.open(&bad, ObjectKind::WalFile, NAME).is_err(),
+                "flip at {at}"
+            );
+        }
+        for cut in [0, 50, 100, sealed.bytes.len() - 17, sealed.bytes.len() - 1] {
+            assert!(
+                sealer
+                    .open(&sealed.bytes[..cut], ObjectKind::WalFile, NAME)
+                    .is_err()
+            );
+        }
+        // A header rewritten with a valid CRC (the name of another segment): authentication fails.
+        let other = "000000010000000000000002";
+        let mut header = sealer.read_header(&sealed.bytes).unwrap();
+        let payload = &sealed.bytes[header.encoded_len()..];
+        header.name = other.to_string();
+        let mut moved = encode_header(&header);
+        moved.extend_from_slice(payload);
+        assert_eq!(
+            sealer.open(&moved, ObjectKind::WalFile, other).unwrap_err(),
+            ObjectError::Authentication
+        );
+        // Stored under another name as it is: the name check refuses it.
+        assert!(matches!(
+            sealer.open(&sealed.bytes, ObjectKind::WalFile, other),
+            Err(ObjectError::WrongName { .. })
+        ));
+        // Another repository, even with the same key file: its own master key and id.
+        let foreign = Sealer::encrypted(keys_for(REPO_B));
+        assert_eq!(
+            foreign
+                .open(&sealed.bytes, ObjectKind::WalFile, NAME)
+                .unwrap_err(),
+            ObjectError::Authentication
+        );
+        // A plain object planted in the encrypted repository, and the other way round.
+        let plain = SealedObject::seal(ObjectKind::WalFile, NAME, &content, 3).unwrap();
+        assert_eq!(
+            sealer.open(&plain.bytes, ObjectKind::WalFile, NAME).unwrap_err(),
+            ObjectError::NotEncrypted
+        );
+        assert_eq!(
+            Sealer::plain()
+                .open(&sealed.bytes, ObjectKind::WalFile, NAME)
+                .unwrap_err(),
+            ObjectError::UnexpectedlyEncrypted
+        );
+        // Records: sealed with their key as name.
+        let rec = sealer.seal_record("retention.json", b"{}".to_vec());
+        assert_eq!(sealer.open_record("retention.json", &rec).unwrap(), b"{}");
+        assert!(sealer.open_record("cluster.json", &rec).is_err());
+        assert_eq!(&Sealer::plain().seal_record("x", b"{}".to_vec())[..], b"{}");
+    }
+
+    /// Frozen fixtures: an encrypted (version 3) descriptor whose key is a raw key, and an object
+    /// of format version 2 sealed under it, must stay readable by every later version.
+    #[test]
+    fn frozen_v2_fixture_opens_with_its_key_only() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let descriptor = super::super::RepoDescriptor::parse(
+            &std::fs::read(fixtures.join("walvault-v3-encrypted.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(descriptor.version, 3);
+        let record = descriptor.encryption.clone().unwrap();
+        let key = super::super::keys::KeySource::File(fixtures.join("encryption-key.hex"));
+        let keys = RepoKeys::open(&record, &key, descriptor.id()).unwrap();
+        let sealer = Sealer::encrypted(keys);
+        let fixture = std::fs::read(fixtures.join("object-v2-history.wvo")).unwrap();
+        let (header, content) = sealer
+            .open(&fixture, ObjectKind::WalFile, "00000002.history")
+            .unwrap();
+        assert_eq!(header.nonce.map(|n| n.len()), Some(24));
+        assert_eq!(content, b"1\t0/3000060\tno recovery target specified\n");
+        assert!(
+            Sealer::plain()
+                .open(&fixture, ObjectKind::WalFile, "00000002.history")
+                .is_err()
+        );
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -387,6 +769,13 @@ mod tests {
             forged.extend_from_slice(&noise);
             let _ = open(&forged, ObjectKind::WalFile, NAME);
             prop_assert_eq!(open(&sealed.bytes, ObjectKind::WalFile, NAME).unwrap().1, content);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_an_encrypted_open(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let sealer = Sealer::encrypted(keys_for(REPO_A));
+            let _ = sealer.open(&bytes, ObjectKind::WalFile, NAME);
+            let _ = sealer.open_record("retention.json", &bytes);
         }
     }
 }

@@ -9,7 +9,9 @@
 use bytes::Bytes;
 
 use super::descriptor::{ClusterIdentity, DescriptorError, RepoDescriptor, RepoId};
+use super::keys::{KeyError, KeySource, RepoKeys};
 use super::layout::{CLUSTER_KEY, DESCRIPTOR_KEY};
+use super::object::Sealer;
 use super::store::{CreateSemantics, PutNew, Store, StoreError, StoreOptions, WritableStore};
 use super::url::RepoUrl;
 use crate::wal::{PageError, WalFileName};
@@ -32,6 +34,16 @@ pub enum RepoError {
     Descriptor { repo: String, source: DescriptorError },
     #[error("repository {repo}: cluster.json is not valid: {message}")]
     ClusterFile { repo: String, message: String },
+    #[error(
+        "repository {repo} is encrypted and no key is configured: set key_file or key_command in the [encryption] table of the configuration file, or WALVAULT_ENCRYPTION_KEY_FILE / WALVAULT_ENCRYPTION_KEY_COMMAND"
+    )]
+    KeyMissing { repo: String },
+    #[error(
+        "repository {repo} is not encrypted, but an encryption key is configured: refusing to use it (was it created without --encrypt, or its walvault.json replaced?)"
+    )]
+    NotEncrypted { repo: String },
+    #[error("repository {repo}: {source}")]
+    Key { repo: String, source: KeyError },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -40,7 +52,15 @@ impl RepoError {
     /// Whether trying again later may succeed (the store could not be read), as opposed to an
     /// answer (no repository, or an unusable one).
     pub fn is_transient(&self) -> bool {
-        matches!(self, RepoError::Store(e) if e.transient)
+        match self {
+            RepoError::Store(e) => e.transient,
+            // A secret manager that did not answer, a key file not mounted yet: worth another try.
+            RepoError::Key {
+                source: KeyError::Command(_) | KeyError::Read { .. },
+                ..
+            } => true,
+            _ => false,
+        }
     }
 }
 
@@ -64,24 +84,48 @@ pub struct Repository<S> {
     descriptor: RepoDescriptor,
     /// The descriptor's cluster, else the one `cluster.json` binds, else none yet.
     cluster: Option<ClusterIdentity>,
+    /// Seals and opens objects: with the unwrapped keys in an encrypted repository.
+    sealer: Sealer,
 }
 
-async fn read_descriptor(store: &Store) -> Result<(RepoDescriptor, Option<ClusterIdentity>), RepoError> {
+async fn read_descriptor(store: &Store) -> Result<RepoDescriptor, RepoError> {
     let repo = || store.url().to_string();
     let bytes = store
         .get(DESCRIPTOR_KEY)
         .await?
         .ok_or_else(|| RepoError::NotInitialized { repo: repo() })?;
-    let descriptor =
-        RepoDescriptor::parse(&bytes).map_err(|source| RepoError::Descriptor { repo: repo(), source })?;
-    let cluster = match descriptor.cluster {
-        Some(c) => Some(c),
-        None => read_cluster_file(store).await?,
-    };
-    Ok((descriptor, cluster))
+    RepoDescriptor::parse(&bytes).map_err(|source| RepoError::Descriptor { repo: repo(), source })
 }
 
-async fn read_cluster_file(store: &Store) -> Result<Option<ClusterIdentity>, RepoError> {
+/// The sealer for `descriptor`'s repository: plain, or with the master key unwrapped by `key`'s
+/// KEK. An encrypted repository without a key, and a key without an encrypted repository, are
+/// refused: the second would let a replaced descriptor turn encryption off unnoticed.
+async fn sealer_for(
+    store: &Store,
+    descriptor: &RepoDescriptor,
+    key: Option<&KeySource>,
+) -> Result<Sealer, RepoError> {
+    let repo = || store.url().to_string();
+    match (&descriptor.encryption, key) {
+        (None, None) => Ok(Sealer::plain()),
+        (None, Some(_)) => Err(RepoError::NotEncrypted { repo: repo() }),
+        (Some(_), None) => Err(RepoError::KeyMissing { repo: repo() }),
+        (Some(record), Some(source)) => {
+            // Reading the key may run a command or Argon2id: off the async threads.
+            let (record, source, id) = (record.clone(), source.clone(), descriptor.id().clone());
+            let keys = tokio::task::spawn_blocking(move || RepoKeys::open(&record, &source, &id))
+                .await
+                .map_err(|e| RepoError::Key {
+                    repo: repo(),
+                    source: KeyError::Command(format!("key task failed: {e}")),
+                })?
+                .map_err(|source| RepoError::Key { repo: repo(), source })?;
+            Ok(Sealer::encrypted(keys))
+        }
+    }
+}
+
+async fn read_cluster_file(store: &Store, sealer: &Sealer) -> Result<Option<ClusterIdentity>, RepoError> {
     let Some(bytes) = store.get(CLUSTER_KEY).await? else {
         return Ok(None);
     };
@@ -89,6 +133,9 @@ async fn read_cluster_file(store: &Store) -> Result<Option<ClusterIdentity>, Rep
         repo: store.url().to_string(),
         message,
     };
+    let bytes = sealer
+        .open_record(CLUSTER_KEY, &bytes)
+        .map_err(|e| fail(e.to_string()))?;
     let file: ClusterFile = serde_json::from_slice(&bytes).map_err(|e| fail(e.to_string()))?;
     if file.format != CLUSTER_FORMAT || file.version != 1 {
         return Err(fail(format!(
@@ -111,14 +158,26 @@ struct ClusterFile {
 }
 
 impl<S: AsRef<Store>> Repository<S> {
-    /// The repository on an opened store: its descriptor read and validated.
-    pub async fn on_store(store: S) -> Result<Repository<S>, RepoError> {
-        let (descriptor, cluster) = read_descriptor(store.as_ref()).await?;
+    /// The repository on an opened store: its descriptor read and validated, and, when it is
+    /// encrypted, its master key unwrapped with `key`'s.
+    pub async fn on_store(store: S, key: Option<&KeySource>) -> Result<Repository<S>, RepoError> {
+        let descriptor = read_descriptor(store.as_ref()).await?;
+        let sealer = sealer_for(store.as_ref(), &descriptor, key).await?;
+        let cluster = match descriptor.cluster {
+            Some(c) => Some(c),
+            None => read_cluster_file(store.as_ref(), &sealer).await?,
+        };
         Ok(Repository {
             store,
             descriptor,
             cluster,
+            sealer,
         })
+    }
+
+    /// Seals and opens this repository's objects.
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
     }
 
     /// The store, for reading.
@@ -150,6 +209,7 @@ impl<S: AsRef<Store>> Repository<S> {
             store: self.store().clone(),
             descriptor: self.descriptor.clone(),
             cluster: self.cluster,
+            sealer: self.sealer.clone(),
         }
     }
 
@@ -177,12 +237,12 @@ impl Reader {
     /// Open the repository at `url` for reading: one request for `walvault.json` (and, for a
     /// repository created without `--pgdata`, one for `cluster.json`), each retried as any.
     pub async fn open(url: &RepoUrl, options: &StoreOptions) -> Result<Reader, RepoError> {
-        Reader::on_store(Store::open_retrying(url, options).await?).await
+        Reader::on_store(Store::open_retrying(url, options).await?, options.key.as_ref()).await
     }
 
     /// Read the descriptor again: whether the repository at this URL is still the one opened.
     pub async fn still_there(&self) -> Result<(), RepoError> {
-        let (now, _) = read_descriptor(&self.store).await?;
+        let now = read_descriptor(&self.store).await?;
         if now.id() != self.id() {
             return Err(RepoError::Descriptor {
                 repo: self.url().to_string(),
@@ -200,16 +260,22 @@ impl Reader {
 impl Writer {
     /// Open the repository at `url` for writing. Never creates one.
     pub async fn open_writable(url: &RepoUrl, options: &StoreOptions) -> Result<Writer, RepoError> {
-        Writer::on_store(WritableStore::open_retrying(url, options).await?).await
+        Writer::on_store(
+            WritableStore::open_retrying(url, options).await?,
+            options.key.as_ref(),
+        )
+        .await
     }
 
     /// Create a repository at `url` (`archive-agent init`): a new descriptor with a random id and,
-    /// when known, the cluster. Refuses when `walvault.json` is already there.
+    /// when known, the cluster; with `encrypt`, a new master key wrapped by `options.key`'s KEK.
+    /// Refuses when `walvault.json` is already there.
     pub async fn init(
         url: &RepoUrl,
         options: &StoreOptions,
         cluster: Option<ClusterIdentity>,
         now_micros: i64,
+        encrypt: bool,
     ) -> Result<Writer, RepoError> {
         let store = WritableStore::open_to_create(url, options)?;
         if let Some(existing) = store.get(DESCRIPTOR_KEY).await? {
@@ -224,17 +290,50 @@ impl Writer {
                 },
             });
         }
-        let descriptor = RepoDescriptor::new(cluster, now_micros);
+        let mut descriptor = RepoDescriptor::new(cluster, now_micros);
+        match (encrypt, &options.key) {
+            (false, Some(_)) => {
+                return Err(RepoError::NotEncrypted {
+                    repo: url.to_string(),
+                });
+            }
+            (true, None) => {
+                return Err(RepoError::KeyMissing {
+                    repo: url.to_string(),
+                });
+            }
+            (true, Some(source)) => {
+                let (source, id, at) = (
+                    source.clone(),
+                    descriptor.id().clone(),
+                    descriptor.created_at.clone(),
+                );
+                let (_, record) = tokio::task::spawn_blocking(move || RepoKeys::generate(&source, &id, at))
+                    .await
+                    .map_err(|e| RepoError::Key {
+                        repo: url.to_string(),
+                        source: KeyError::Command(format!("key task failed: {e}")),
+                    })?
+                    .map_err(|source| RepoError::Key {
+                        repo: url.to_string(),
+                        source,
+                    })?;
+                descriptor.set_encryption(record);
+            }
+            (false, None) => {}
+        }
         let json = Bytes::from(descriptor.to_json());
         if store.put_new(DESCRIPTOR_KEY, json.clone()).await? == PutNew::AlreadyExists {
-            let (d, _) = read_descriptor(&store).await?;
+            let d = read_descriptor(&store).await?;
             return Err(RepoError::AlreadyExists {
                 repo: url.to_string(),
                 id: d.id().clone(),
             });
         }
-        // A store that ignores create-only writes may have let a racing init replace ours.
-        let writer = Writer::on_store(store).await?;
+        // A store that ignores create-only writes may have let a racing init replace ours. (Opening
+        // it also proves the key source gives the key just wrapped: a key command that answers
+        // differently each time is caught here, not at the first push.)
+        let writer = Writer::on_store(store, options.key.as_ref()).await?;
         if writer.id() != descriptor.id() {
             return Err(RepoError::AlreadyExists {
                 repo: url.to_string(),
@@ -247,6 +346,54 @@ impl Writer {
     /// The store, for writing.
     pub fn writable(&self) -> &WritableStore {
         &self.store
+    }
+
+    /// `archive-agent rekey`: wrap the master key under `new_key`'s KEK and replace the
+    /// descriptor with one that holds only that wrap. Objects are not rewritten. The descriptor is
+    /// one object replaced by one write, so a rekey cut off at any point leaves it openable with
+    /// the old key or the new one. Reads the result back and opens it with `new_key`.
+    pub async fn rekey(&mut self, new_key: &KeySource, now_micros: i64) -> Result<(), RepoError> {
+        let repo = self.url().to_string();
+        let Some(keys) = self.sealer.keys().cloned() else {
+            return Err(RepoError::NotEncrypted { repo });
+        };
+        let current = read_descriptor(self.store.as_ref()).await?;
+        if current != self.descriptor {
+            return Err(RepoError::Descriptor {
+                repo,
+                source: DescriptorError::Invalid(
+                    "walvault.json changed since it was opened (another rekey?); run rekey again".into(),
+                ),
+            });
+        }
+        let (source, at) = (
+            new_key.clone(),
+            crate::time::format_micros(now_micros - now_micros % 1_000_000),
+        );
+        let record = tokio::task::spawn_blocking(move || keys.rewrap(&source, Some(at)))
+            .await
+            .map_err(|e| RepoError::Key {
+                repo: repo.clone(),
+                source: KeyError::Command(format!("key task failed: {e}")),
+            })?
+            .map_err(|source| RepoError::Key {
+                repo: repo.clone(),
+                source,
+            })?;
+        let mut descriptor = self.descriptor.clone();
+        descriptor.encryption = Some(record);
+        self.store
+            .put(DESCRIPTOR_KEY, Bytes::from(descriptor.to_json()))
+            .await?;
+        let reopened = Writer::on_store(self.store.clone(), Some(new_key)).await?;
+        if reopened.id() != self.id() {
+            return Err(RepoError::Descriptor {
+                repo,
+                source: DescriptorError::Invalid("the repository was replaced during rekey".into()),
+            });
+        }
+        *self = reopened;
+        Ok(())
     }
 
     /// Bind the repository to `found` (the cluster of the first segment archived into it) if it is
@@ -262,7 +409,10 @@ impl Writer {
         };
         let mut json = serde_json::to_vec_pretty(&file).expect("cluster file serializes");
         json.push(b'\n');
-        let put = self.store.put_new(CLUSTER_KEY, json.into()).await?;
+        let put = self
+            .store
+            .put_new(CLUSTER_KEY, self.sealer.seal_record(CLUSTER_KEY, json))
+            .await?;
         if put == PutNew::Created && self.store.create_semantics() == CreateSemantics::Atomic {
             tracing::info!(repo = %self.url(), cluster = %found, "repository bound to its cluster");
             self.cluster = Some(found);
@@ -270,16 +420,18 @@ impl Writer {
         }
         // Already bound by someone else, or a store that may have let a racing writer win: what
         // is stored is the answer.
-        let stored = read_cluster_file(&self.store).await?.ok_or_else(|| {
-            RepoError::Store(StoreError {
-                op: "read back",
-                key: CLUSTER_KEY.into(),
-                repo: self.url().to_string(),
-                message: "object missing right after it was written".into(),
-                transient: true,
-                attempts: 1,
-            })
-        })?;
+        let stored = read_cluster_file(&self.store, &self.sealer)
+            .await?
+            .ok_or_else(|| {
+                RepoError::Store(StoreError {
+                    op: "read back",
+                    key: CLUSTER_KEY.into(),
+                    repo: self.url().to_string(),
+                    message: "object missing right after it was written".into(),
+                    transient: true,
+                    attempts: 1,
+                })
+            })?;
         self.cluster = Some(stored);
         Ok(stored)
     }
@@ -322,9 +474,9 @@ mod tests {
         let e = Reader::open(&url, &options()).await.unwrap_err();
         assert!(matches!(e, RepoError::NotInitialized { .. }), "{e}");
 
-        let created = Writer::init(&url, &options(), None, 0).await.unwrap();
+        let created = Writer::init(&url, &options(), None, 0, false).await.unwrap();
         assert_eq!(created.cluster(), None);
-        let again = Writer::init(&url, &options(), None, 0).await.unwrap_err();
+        let again = Writer::init(&url, &options(), None, 0, false).await.unwrap_err();
         assert!(
             matches!(again, RepoError::AlreadyExists { ref id, .. } if id == created.id()),
             "{again}"
@@ -335,7 +487,7 @@ mod tests {
 
         // Recreated at the same URL: a different repository, and the old handle notices.
         std::fs::remove_dir_all(dir.path().join("r")).unwrap();
-        let recreated = Writer::init(&url, &options(), None, 0).await.unwrap();
+        let recreated = Writer::init(&url, &options(), None, 0, false).await.unwrap();
         assert_ne!(recreated.id(), created.id());
         assert!(reader.still_there().await.is_err());
     }
@@ -344,7 +496,7 @@ mod tests {
     async fn the_first_cluster_binds_an_unbound_repository() {
         let dir = tempfile::tempdir().unwrap();
         let url: RepoUrl = format!("file://{}/r", dir.path().display()).parse().unwrap();
-        let mut w = Writer::init(&url, &options(), None, 0).await.unwrap();
+        let mut w = Writer::init(&url, &options(), None, 0, false).await.unwrap();
         assert_eq!(w.bind_cluster(identity(1)).await.unwrap(), identity(1));
         let mut other = Writer::open_writable(&url, &options()).await.unwrap();
         assert_eq!(other.cluster(), Some(&identity(1)));
@@ -352,7 +504,7 @@ mod tests {
         // A writer opened before the binding learns it from what is stored.
         let dir2 = tempfile::tempdir().unwrap();
         let url2: RepoUrl = format!("file://{}/r", dir2.path().display()).parse().unwrap();
-        let mut early = Writer::init(&url2, &options(), None, 0).await.unwrap();
+        let mut early = Writer::init(&url2, &options(), None, 0, false).await.unwrap();
         let mut late = Writer::open_writable(&url2, &options()).await.unwrap();
         assert_eq!(early.bind_cluster(identity(3)).await.unwrap(), identity(3));
         assert_eq!(late.bind_cluster(identity(4)).await.unwrap(), identity(3));
@@ -361,6 +513,7 @@ mod tests {
             &options(),
             Some(identity(5)),
             0,
+            false,
         )
         .await
         .unwrap();

@@ -48,6 +48,9 @@ pub struct StoreOptions {
     pub azure: AzureSettings,
     /// GCS settings from the configuration file; `GOOGLE_*` environment variables win.
     pub gcs: GcsSettings,
+    /// Where an encrypted repository's key comes from. Read by [`super::Repository`] only,
+    /// never by the store.
+    pub key: Option<super::keys::KeySource>,
 }
 
 /// A storage failure, classified.
