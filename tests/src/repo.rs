@@ -101,6 +101,63 @@ impl Repo {
         Ok(self)
     }
 
+    /// A new encrypted repository (`init --encrypt`) in the store `WALVAULT_TEST_STORE` names,
+    /// its key file holding `key` (64 hex digits: a raw key; anything else: a passphrase).
+    pub fn new_encrypted(key: &str) -> Result<Repo> {
+        let mut repo = Repo::uninitialized()?;
+        repo.use_key("key", key)?;
+        repo.init(&["--encrypt"])
+            .check()
+            .context("archive-agent init --encrypt")?;
+        Ok(repo)
+    }
+
+    /// Write `key` into the key file `name` (the PostgreSQL user's, mode 0600) beside the
+    /// repository and make it the configuration file's key (`[encryption] key_file`), creating the
+    /// configuration file of a `file://` repository. Returns the key file's path.
+    pub fn use_key(&mut self, name: &str, key: &str) -> Result<PathBuf> {
+        let path = self.scratch.path().join(name);
+        fs::write(&path, key).with_context(|| format!("writing {}", path.display()))?;
+        crate::host::set_mode(&path, 0o600)?;
+        give_to_pg_user(&path).context("chown of the key file")?;
+        self.set_encryption_table(Some(&format!(
+            "[encryption]\nkey_file = \"{}\"\n",
+            path.display()
+        )))?;
+        Ok(path)
+    }
+
+    /// Remove the `[encryption]` table: the agents run with no key.
+    pub fn forget_key(&mut self) -> Result<()> {
+        self.set_encryption_table(None)
+    }
+
+    /// Replace the configuration file's `[encryption]` table (always its last table) with `table`.
+    fn set_encryption_table(&mut self, table: Option<&str>) -> Result<()> {
+        let config = match &self.config {
+            Some(c) => c.clone(),
+            None => {
+                let c = self.scratch.path().join("walvault.toml");
+                self.config = Some(c.clone());
+                c
+            }
+        };
+        let text = fs::read_to_string(&config).unwrap_or_default();
+        let mut text = match text.find("[encryption]") {
+            Some(at) => text[..at].to_string(),
+            None => text,
+        };
+        if let Some(t) = table {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(t);
+        }
+        fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+        crate::host::set_mode(&config, 0o600)?;
+        give_to_pg_user(&config).context("chown of the configuration file")
+    }
+
     /// A new `file://` repository, whatever the suite runs against.
     pub fn new_file() -> Result<Repo> {
         Repo::file_location()?.initialized()
