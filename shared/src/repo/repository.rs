@@ -520,6 +520,81 @@ mod tests {
         assert_eq!(bound.cluster(), Some(&identity(5)));
     }
 
+    /// A rekey replaces one object: cut off before, during or after that write, the repository
+    /// opens with the old key or the new one (never neither, never both), and every object
+    /// written before opens with whichever does.
+    #[tokio::test]
+    async fn a_rekey_cut_off_anywhere_leaves_the_old_key_or_the_new_one() {
+        use super::super::fault::{Fault, FaultStore};
+        use super::super::object::ObjectKind;
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let key = |name: &str, hex: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, hex).unwrap();
+            KeySource::File(p)
+        };
+        let (k1, k2, k3) = (
+            key("k1", &"11".repeat(32)),
+            key("k2", &"22".repeat(32)),
+            key("k3", &"33".repeat(32)),
+        );
+        let faults = Arc::new(FaultStore::new(Fault::None));
+        let store = WritableStore::with_backend(
+            Arc::clone(&faults) as Arc<dyn object_store::ObjectStore>,
+            "s3://b/r".parse().unwrap(),
+            CreateSemantics::CheckThenWrite,
+            crate::retry::RetryPolicy::with_total(Duration::from_millis(200)),
+        );
+        let mut d = RepoDescriptor::new(None, 0);
+        let (_, record) = RepoKeys::generate(&k1, d.id(), None).unwrap();
+        d.set_encryption(record);
+        store.put(DESCRIPTOR_KEY, d.to_json().into()).await.unwrap();
+        let mut w = Writer::on_store(store.clone(), Some(&k1)).await.unwrap();
+        let sealed = w
+            .sealer()
+            .seal(ObjectKind::Chunk, "c", b"written before the rotation", 3)
+            .unwrap();
+
+        let opens = |k: &KeySource| {
+            let (store, k, bytes) = (store.clone(), k.clone(), sealed.bytes.clone());
+            async move {
+                match Reader::on_store(Store::clone(store.as_ref()), Some(&k)).await {
+                    Ok(r) => {
+                        let (_, content) = r.sealer().open(&bytes, ObjectKind::Chunk, "c").unwrap();
+                        assert_eq!(content, b"written before the rotation");
+                        true
+                    }
+                    Err(RepoError::Key {
+                        source: KeyError::Wrong(_),
+                        ..
+                    }) => false,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        };
+        // The write refused: nothing changed.
+        faults.set(Fault::Denied);
+        assert!(w.rekey(&k2, 0).await.is_err());
+        faults.set(Fault::None);
+        assert!(opens(&k1).await && !opens(&k2).await);
+        // The write landed but its answer was lost: retried, and the new key is the one.
+        faults.set(Fault::LoseWriteAnswers);
+        let r = w.rekey(&k2, 0).await;
+        faults.set(Fault::None);
+        assert!(
+            opens(&k1).await != opens(&k2).await,
+            "exactly one key opens ({r:?})"
+        );
+        // A clean rotation from whichever key holds it now.
+        let holder = if opens(&k1).await { &k1 } else { &k2 };
+        let mut w = Writer::on_store(store.clone(), Some(holder)).await.unwrap();
+        w.rekey(&k3, 0).await.unwrap();
+        assert!(!opens(&k1).await && !opens(&k2).await && opens(&k3).await);
+        assert!(w.sealer().is_encrypted());
+    }
+
     /// Frozen fixtures: an unbound v2 descriptor and the `cluster.json` v1 that binds it.
     #[tokio::test]
     async fn frozen_cluster_file_binds_an_unbound_repository() {
