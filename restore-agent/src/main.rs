@@ -367,9 +367,17 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
     use walvault::catalog::{BackupInfo, Catalog};
     let settings = repo.settings(None)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let cat = rt.block_on(async {
+    let (cat, encryption) = rt.block_on(async {
         let repo = walvault::repo::Reader::open(&settings.repo, &settings.store_options()).await?;
-        anyhow::Ok(Catalog::load(&repo).await?)
+        let encryption = repo.descriptor().encryption.as_ref().map(|e| {
+            serde_json::json!({
+                "cipher": e.cipher,
+                "chunk_ids": e.chunk_ids,
+                "key": e.key.kdf,
+                "wrapped_at": e.wrapped_at,
+            })
+        });
+        anyhow::Ok((Catalog::load(&repo).await?, encryption))
     })?;
     let backups: Vec<BackupInfo> = cat
         .backups
@@ -404,6 +412,7 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
             "repository": settings.repo.to_string(),
             "repository_id": cat.repo_id,
             "cluster": cat.cluster,
+            "encryption": encryption,
             "backups": backups,
             "timelines": timelines,
             "damaged": cat.damaged,
@@ -417,6 +426,14 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
             "repository {}, id {}: no WAL archived yet",
             settings.repo, cat.repo_id
         ),
+    }
+    if let Some(e) = &encryption {
+        println!(
+            "encrypted: {}, keyed chunk ids, key {} (wrapped {})",
+            e["cipher"].as_str().unwrap_or("?"),
+            e["key"].as_str().unwrap_or("?"),
+            e["wrapped_at"].as_str().unwrap_or("at init")
+        );
     }
     println!();
     println!(

@@ -236,6 +236,8 @@ fn an_encrypted_repository_hides_the_data_restores_exactly_and_rotates_its_key()
     repo.use_key("new-passphrase", NEW_PASSPHRASE)?;
     let list = agent(RESTORE_AGENT, &repo, &["list"]).check()?;
     assert!(list.stdout.contains(&b1.id), "{list}");
+    let info = backup::info(&repo)?;
+    assert_eq!(info["encryption"]["key"], "argon2id", "{info:#}");
     let target = &more[5];
     let (restored, _) = backup::restore_and_recover(
         PgInstall::default_install(),
