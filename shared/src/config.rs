@@ -367,6 +367,54 @@ mod tests {
     }
 
     #[test]
+    fn the_environment_replaces_the_encryption_table_and_one_source_is_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("w.toml");
+        let resolve = |o: Overrides| Settings::resolve(o, Path::new("/nonexistent"));
+        let with = |file: Option<&str>, command: Option<&str>| Overrides {
+            config: Some(cfg.clone()),
+            encryption_key_file: file.map(PathBuf::from),
+            encryption_key_command: command.map(str::to_string),
+            ..Default::default()
+        };
+        std::fs::write(
+            &cfg,
+            "repo = \"file:///r\"\n[encryption]\nkey_command = \"vault kv get -field=key secret/w\"\n",
+        )
+        .unwrap();
+        let s = resolve(with(None, None)).unwrap();
+        assert_eq!(
+            s.key,
+            Some(KeySource::Command("vault kv get -field=key secret/w".into()))
+        );
+        assert_eq!(s.store_options().key, s.key);
+        // The command may hold a token: never shown by Debug.
+        assert!(!format!("{s:?}").contains("vault kv"), "{s:?}");
+        let s = resolve(with(Some("/etc/walvault/key"), None)).unwrap();
+        assert_eq!(s.key, Some(KeySource::File("/etc/walvault/key".into())));
+        let s = resolve(with(None, Some("cat /k"))).unwrap();
+        assert_eq!(s.key, Some(KeySource::Command("cat /k".into())));
+        assert!(matches!(
+            resolve(with(Some("/k"), Some("cat /k"))),
+            Err(ConfigError::TwoKeySources(_))
+        ));
+        std::fs::write(
+            &cfg,
+            "repo = \"file:///r\"\n[encryption]\nkey_file = \"/k\"\nkey_command = \"cat /k\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            resolve(with(None, None)),
+            Err(ConfigError::TwoKeySources(_))
+        ));
+        std::fs::write(&cfg, "repo = \"file:///r\"\n[encryption]\nkey = \"s3cr3t\"\n").unwrap();
+        let e = resolve(with(None, None)).unwrap_err().to_string();
+        assert!(e.contains("unknown field") && !e.contains("s3cr3t"), "{e}");
+        std::fs::write(&cfg, "repo = \"file:///r\"\n").unwrap();
+        assert_eq!(resolve(with(None, None)).unwrap().key, None);
+    }
+
+    #[test]
     fn retention_table_and_flags() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("w.toml");

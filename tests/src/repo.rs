@@ -127,6 +127,12 @@ impl Repo {
         Ok(path)
     }
 
+    /// Make `command` the configuration file's key source (`[encryption] key_command`).
+    pub fn use_key_command(&mut self, command: &str) -> Result<()> {
+        let quoted = command.replace('\\', "\\\\").replace('"', "\\\"");
+        self.set_encryption_table(Some(&format!("[encryption]\nkey_command = \"{quoted}\"\n")))
+    }
+
     /// Remove the `[encryption]` table: the agents run with no key.
     pub fn forget_key(&mut self) -> Result<()> {
         self.set_encryption_table(None)

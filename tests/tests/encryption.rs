@@ -3,8 +3,8 @@
 //! the marker, raw or decompressed; a restore with the key is exact; a missing or wrong key is
 //! one clear error line (push exits 1, fetch above 125 and 1 in standby, restore writes nothing);
 //! after `rekey` the old key is refused and a backup taken before the rotation restores with the
-//! new key; a tampered object stops recovery with FATAL, and a swapped or truncated one makes
-//! fetch fail above 125: never an early promote.
+//! new key (given by a key command); a tampered object stops recovery with FATAL, and a swapped
+//! or truncated one makes fetch fail above 125: never an early promote.
 
 use std::path::Path;
 use std::thread;
@@ -233,7 +233,8 @@ fn an_encrypted_repository_hides_the_data_restores_exactly_and_rotates_its_key()
         "the old key no longer opens the repository\n{old}"
     );
     assert!(old.stderr.contains("does not open"), "{old}");
-    repo.use_key("new-passphrase", NEW_PASSPHRASE)?;
+    // The new passphrase from a key command this time, as a secret manager would give it.
+    repo.use_key_command(&format!("cat {}", new_key.display()))?;
     let list = agent(RESTORE_AGENT, &repo, &["list"]).check()?;
     assert!(list.stdout.contains(&b1.id), "{list}");
     let info = backup::info(&repo)?;
