@@ -1,6 +1,6 @@
 //! Client-side encryption as a DBA relies on it, in the store the suite runs against: a table
 //! holding a known marker is archived and backed up into an encrypted repository; no object holds
-//! the marker, raw or decompressed; a restore with the key is exact; a missing or wrong key is
+//! the marker, raw or decompressed; a second backup still deduplicates; a restore with the key is exact; a missing or wrong key is
 //! one clear error line (push exits 1, fetch above 125 and 1 in standby, restore writes nothing);
 //! after `rekey` the old key is refused and a backup taken before the rotation restores with the
 //! new key (given by a key command); a tampered object stops recovery with FATAL, and a swapped
@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use walvault::exit;
 use walvault_testkit::agents::{ARCHIVE_AGENT, RESTORE_AGENT, agents};
-use walvault_testkit::backup::{self, take_backup};
+use walvault_testkit::backup::{self, next_backup_second, take_backup};
 use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
 use walvault_testkit::host::{Finished, write_for_pg};
 use walvault_testkit::pg::PgInstall;
@@ -132,16 +132,9 @@ fn an_encrypted_repository_hides_the_data_restores_exactly_and_rotates_its_key()
         "CREATE TABLE secrets (id integer PRIMARY KEY, note text NOT NULL);
          INSERT INTO secrets SELECT i, '{MARKER} ' || i FROM generate_series(1, 5000) i"
     ))?;
-    workload::create_ledger(&source)?;
-    steps(&source, 5)?;
-    let b1 = take_backup(&source, &repo)?;
-    let after_backup = steps(&source, 30)?;
+    // The check can see the marker: it is in the WAL PostgreSQL wrote, raw and compressed. (Read
+    // now, before a checkpoint may recycle the segment.)
     archive_everything(&source)?;
-    let more = steps(&source, 10)?;
-    let last = archive_everything(&source)?;
-    source.stop()?;
-
-    // The check can see the marker: it is in the WAL PostgreSQL wrote, raw and compressed.
     let with_marker = std::fs::read_dir(source.wal_dir())?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
@@ -152,6 +145,29 @@ fn an_encrypted_repository_hides_the_data_restores_exactly_and_rotates_its_key()
         holds_marker(&zstd::bulk::compress(&raw, 3)?),
         "the check sees through zstd"
     );
+    let marker_copy = repo
+        .scratch()
+        .path()
+        .join(with_marker.file_name().context("a name")?);
+    write_for_pg(&marker_copy, &raw)?;
+    let with_marker = marker_copy;
+    workload::create_ledger(&source)?;
+    steps(&source, 5)?;
+    let b1 = take_backup(&source, &repo)?;
+    // Keyed chunk ids still deduplicate: a second backup of the same cluster stores few chunks.
+    next_backup_second();
+    let again = take_backup(&source, &repo)?;
+    ensure!(
+        again.new_chunks * 5 < again.chunks,
+        "an encrypted repository still deduplicates: {} of {} chunks new",
+        again.new_chunks,
+        again.chunks
+    );
+    let after_backup = steps(&source, 30)?;
+    archive_everything(&source)?;
+    let more = steps(&source, 10)?;
+    let last = archive_everything(&source)?;
+    source.stop()?;
 
     // No object in the repository holds it, and none but the descriptor is plain JSON.
     let files = repo.files()?;
