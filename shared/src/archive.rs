@@ -288,7 +288,13 @@ async fn store_file(
         return Ok(outcome);
     }
     let sealed = sealer
-        .seal(ObjectKind::WalFile, &name_str, content, settings.compress_level)
+        .seal_hashed(
+            ObjectKind::WalFile,
+            &name_str,
+            content,
+            new_hash,
+            settings.compress_level,
+        )
         .map_err(|e| PushError::Read {
             path: wal_path.display().to_string(),
             source: e,
@@ -378,14 +384,13 @@ async fn compare_stored(
     let Some(bytes) = store.get(key).await? else {
         return Ok(None);
     };
-    let header = sealer
-        .read_header(&bytes)
-        .map_err(|source| PushError::StoredCorrupt {
-            name: name_str.clone(),
-            key: key.to_string(),
-            repo: store.url().to_string(),
-            source: Box::new(source),
-        })?;
+    let corrupt = |source| PushError::StoredCorrupt {
+        name: name_str.clone(),
+        key: key.to_string(),
+        repo: store.url().to_string(),
+        source: Box::new(source),
+    };
+    let header = sealer.read_header(&bytes).map_err(corrupt)?;
     if header.blake3 != *new_hash || header.original_len != content.len() as u64 {
         return Err(PushError::Conflict {
             name: name_str,
@@ -399,12 +404,7 @@ async fn compare_stored(
     // PostgreSQL it may recycle its own.
     sealer
         .open(&bytes, ObjectKind::WalFile, &name_str)
-        .map_err(|source| PushError::StoredCorrupt {
-            name: name_str.clone(),
-            key: key.to_string(),
-            repo: store.url().to_string(),
-            source: Box::new(source),
-        })?;
+        .map_err(corrupt)?;
     Ok(Some(PushOutcome {
         name: *name,
         size: content.len() as u64,

@@ -61,6 +61,19 @@ pub fn prepare_restore(backup: &Cluster, repo: &Repo, fetch_flags: &str) -> Resu
     backup.prepare_recovery(&agents().restore_command(repo, fetch_flags), &[])
 }
 
+/// Recovery stopped at `segment`, as PostgreSQL's `log` shows it: a FATAL naming the segment, and
+/// restore-agent's line naming it with `cause`.
+pub fn assert_fatal_at(log: &str, segment: &str, cause: &str) {
+    assert!(
+        log.lines().any(|l| l.contains("FATAL") && l.contains(segment)),
+        "recovery must stop with a FATAL naming {segment}:\n{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains(segment) && l.contains(cause)),
+        "restore-agent must say {segment}: {cause}:\n{log}"
+    );
+}
+
 /// The WAL segment names from `first` to `last` inclusive (16 MiB segments).
 pub fn segment_range(first: &str, last: &str) -> Result<Vec<String>> {
     let parse = |n: &str| -> Result<(u32, u32, u32)> {

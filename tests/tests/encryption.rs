@@ -14,7 +14,7 @@ use anyhow::{Context, Result, ensure};
 use walvault::exit;
 use walvault_testkit::agents::{ARCHIVE_AGENT, RESTORE_AGENT, agents};
 use walvault_testkit::backup::{self, next_backup_second, take_backup};
-use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
+use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster, assert_fatal_at};
 use walvault_testkit::host::{Finished, write_for_pg};
 use walvault_testkit::pg::PgInstall;
 use walvault_testkit::workload::{self, Ledger, LedgerState};
@@ -271,16 +271,7 @@ fn an_encrypted_repository_hides_the_data_restores_exactly_and_rotates_its_key()
     repo.flip_middle_byte(&repo.object_key(victim))?;
     let (mut tampered, _) = backup::restore_new_cluster(&repo, "enc-tampered", &["--backup", &b1.id])?;
     let log = tampered.start_expect_failure(RECOVERY_TIMEOUT)?;
-    assert!(
-        log.lines()
-            .any(|l| l.contains("FATAL") && l.contains(victim.as_str())),
-        "recovery must stop with a FATAL naming {victim}:\n{log}"
-    );
-    assert!(
-        log.lines()
-            .any(|l| l.contains(victim.as_str()) && l.contains("does not authenticate")),
-        "restore-agent must say {victim} does not authenticate:\n{log}"
-    );
+    assert_fatal_at(&log, victim, "does not authenticate");
     tampered.assert_stopped_in_recovery_on_timeline_1()?;
     // A swapped object (another segment's, stored under this name) and a truncated one: fetch
     // fails above 125, saying so.

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use walvault_testkit::Repo;
 use walvault_testkit::fixtures::{
-    RECOVERY_TIMEOUT, archive_everything, archiving_cluster, prepare_restore, segment_range,
+    RECOVERY_TIMEOUT, archive_everything, archiving_cluster, assert_fatal_at, prepare_restore, segment_range,
 };
 use walvault_testkit::workload::{self, Workload};
 
@@ -37,16 +37,7 @@ fn corrupt_segment_stops_recovery_instead_of_promoting() -> Result<()> {
     prepare_restore(&restored, &repo, "--retry-timeout 2s")?;
     let log = restored.start_expect_failure(RECOVERY_TIMEOUT)?;
 
-    assert!(
-        log.lines()
-            .any(|l| l.contains("FATAL") && l.contains(victim.as_str())),
-        "recovery must stop with a FATAL naming {victim}:\n{log}"
-    );
-    assert!(
-        log.lines()
-            .any(|l| l.contains(victim.as_str()) && l.contains("corrupt")),
-        "restore-agent must say {victim} is corrupt:\n{log}"
-    );
+    assert_fatal_at(&log, victim, "corrupt");
     assert!(
         log.contains(&format!("restored log file \"{before_victim}\" from archive")),
         "recovery should have replayed up to the corrupt segment:\n{log}"

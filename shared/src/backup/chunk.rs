@@ -63,7 +63,11 @@ pub async fn put_chunk(
     }
     let sealed = tokio::task::spawn_blocking({
         let (id, sealer) = (id.clone(), sealer.clone());
-        move || sealer.seal(ObjectKind::Chunk, &id, &data, level)
+        // The id is the content hash (and `chunk_key` accepted it as 64 hex digits): the chunk
+        // is not hashed a second time.
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(&id, &mut hash).expect("chunk_key accepts 64 hex digits only");
+        move || sealer.seal_hashed(ObjectKind::Chunk, &id, &data, hash, level)
     })
     .await
     .map_err(|e| ChunkError::Compress(std::io::Error::other(e)))?

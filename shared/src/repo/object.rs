@@ -148,15 +148,24 @@ impl SealedObject {
     /// Compress `content` with zstd at `level` and wrap it in a plain (version 1) object. `name`
     /// must be a validated name.
     pub fn seal(kind: ObjectKind, name: &str, content: &[u8], level: i32) -> std::io::Result<SealedObject> {
-        seal_with(None, kind, name, content, level)
+        seal_with(
+            None,
+            kind,
+            name,
+            content,
+            *blake3::hash(content).as_bytes(),
+            level,
+        )
     }
 }
 
+/// Seal `content`, whose hash (as [`Sealer::content_hash`] computes it for `keys`) is `hash`.
 fn seal_with(
     keys: Option<&RepoKeys>,
     kind: ObjectKind,
     name: &str,
     content: &[u8],
+    hash: [u8; 32],
     level: i32,
 ) -> std::io::Result<SealedObject> {
     assert!(
@@ -177,10 +186,7 @@ fn seal_with(
         codec: Codec::Zstd,
         name: name.to_string(),
         original_len: content.len() as u64,
-        blake3: match keys {
-            Some(k) => k.content_hash(content),
-            None => *blake3::hash(content).as_bytes(),
-        },
+        blake3: hash,
         payload_len: (compressed_len + tag_len) as u64,
         nonce: keys.map(|_| rand::random()),
     };
@@ -337,18 +343,22 @@ pub fn open(
     open_with(None, bytes, kind, expected_name)
 }
 
+/// `header`, if its version is the one a repository that is (or is not) `encrypted` holds.
+fn of_this_repository(header: ObjectHeader, encrypted: bool) -> Result<ObjectHeader, ObjectError> {
+    match (encrypted, header.nonce.is_some()) {
+        (true, false) => Err(ObjectError::NotEncrypted),
+        (false, true) => Err(ObjectError::UnexpectedlyEncrypted),
+        _ => Ok(header),
+    }
+}
+
 fn open_with(
     keys: Option<&RepoKeys>,
     bytes: &[u8],
     kind: ObjectKind,
     expected_name: &str,
 ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
-    let header = read_header(bytes)?;
-    match (keys.is_some(), header.nonce.is_some()) {
-        (true, false) => return Err(ObjectError::NotEncrypted),
-        (false, true) => return Err(ObjectError::UnexpectedlyEncrypted),
-        _ => {}
-    }
+    let header = of_this_repository(read_header(bytes)?, keys.is_some())?;
     if header.kind != kind {
         return Err(ObjectError::WrongKind {
             expected: kind,
@@ -467,7 +477,22 @@ impl Sealer {
         content: &[u8],
         level: i32,
     ) -> std::io::Result<SealedObject> {
-        seal_with(self.keys.as_deref(), kind, name, content, level)
+        self.seal_hashed(kind, name, content, self.content_hash(content), level)
+    }
+
+    /// [`Sealer::seal`] for a caller that has already computed `content_hash(content)` (push
+    /// compares it with the stored copy's, a backup names the chunk by it): a 16 MiB segment is
+    /// not hashed twice.
+    pub fn seal_hashed(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        content: &[u8],
+        content_hash: [u8; 32],
+        level: i32,
+    ) -> std::io::Result<SealedObject> {
+        debug_assert_eq!(content_hash, self.content_hash(content));
+        seal_with(self.keys.as_deref(), kind, name, content, content_hash, level)
     }
 
     /// Open object `expected_name` of `kind`: header, authenticity (encrypted), length and hash.
@@ -483,12 +508,7 @@ impl Sealer {
     /// The header, checked to be of this repository's kind (plain or encrypted). Not authenticated:
     /// only [`Sealer::open`] proves an encrypted header genuine.
     pub fn read_header(&self, bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
-        let header = read_header(bytes)?;
-        match (self.is_encrypted(), header.nonce.is_some()) {
-            (true, false) => Err(ObjectError::NotEncrypted),
-            (false, true) => Err(ObjectError::UnexpectedlyEncrypted),
-            _ => Ok(header),
-        }
+        of_this_repository(read_header(bytes)?, self.is_encrypted())
     }
 
     /// A small JSON record stored at `key` (cluster.json, retention.json, pins, locks): bare in a

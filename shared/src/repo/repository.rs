@@ -100,6 +100,22 @@ async fn read_descriptor(store: &Store) -> Result<RepoDescriptor, RepoError> {
 /// The sealer for `descriptor`'s repository: plain, or with the master key unwrapped by `key`'s
 /// KEK. An encrypted repository without a key, and a key without an encrypted repository, are
 /// refused: the second would let a replaced descriptor turn encryption off unnoticed.
+/// Run key work (reading a key file, a key command, Argon2id) off the async threads; its errors
+/// are about the repository `repo`.
+async fn key_task<T: Send + 'static>(
+    repo: &str,
+    work: impl FnOnce() -> Result<T, KeyError> + Send + 'static,
+) -> Result<T, RepoError> {
+    let key_err = |source| RepoError::Key {
+        repo: repo.to_string(),
+        source,
+    };
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| key_err(KeyError::Command(format!("key task failed: {e}"))))?
+        .map_err(key_err)
+}
+
 async fn sealer_for(
     store: &Store,
     descriptor: &RepoDescriptor,
@@ -111,15 +127,8 @@ async fn sealer_for(
         (None, Some(_)) => Err(RepoError::NotEncrypted { repo: repo() }),
         (Some(_), None) => Err(RepoError::KeyMissing { repo: repo() }),
         (Some(record), Some(source)) => {
-            // Reading the key may run a command or Argon2id: off the async threads.
             let (record, source, id) = (record.clone(), source.clone(), descriptor.id().clone());
-            let keys = tokio::task::spawn_blocking(move || RepoKeys::open(&record, &source, &id))
-                .await
-                .map_err(|e| RepoError::Key {
-                    repo: repo(),
-                    source: KeyError::Command(format!("key task failed: {e}")),
-                })?
-                .map_err(|source| RepoError::Key { repo: repo(), source })?;
+            let keys = key_task(&repo(), move || RepoKeys::open(&record, &source, &id)).await?;
             Ok(Sealer::encrypted(keys))
         }
     }
@@ -308,16 +317,8 @@ impl Writer {
                     descriptor.id().clone(),
                     descriptor.created_at.clone(),
                 );
-                let (_, record) = tokio::task::spawn_blocking(move || RepoKeys::generate(&source, &id, at))
-                    .await
-                    .map_err(|e| RepoError::Key {
-                        repo: url.to_string(),
-                        source: KeyError::Command(format!("key task failed: {e}")),
-                    })?
-                    .map_err(|source| RepoError::Key {
-                        repo: url.to_string(),
-                        source,
-                    })?;
+                let (_, record) =
+                    key_task(&url.to_string(), move || RepoKeys::generate(&source, &id, at)).await?;
                 descriptor.set_encryption(record);
             }
             (false, None) => {}
@@ -370,16 +371,7 @@ impl Writer {
             new_key.clone(),
             crate::time::format_micros(now_micros - now_micros % 1_000_000),
         );
-        let record = tokio::task::spawn_blocking(move || keys.rewrap(&source, Some(at)))
-            .await
-            .map_err(|e| RepoError::Key {
-                repo: repo.clone(),
-                source: KeyError::Command(format!("key task failed: {e}")),
-            })?
-            .map_err(|source| RepoError::Key {
-                repo: repo.clone(),
-                source,
-            })?;
+        let record = key_task(&repo, move || keys.rewrap(&source, Some(at))).await?;
         let mut descriptor = self.descriptor.clone();
         descriptor.encryption = Some(record);
         self.store
