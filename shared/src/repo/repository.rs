@@ -44,6 +44,18 @@ pub enum RepoError {
     NotEncrypted { repo: String },
     #[error("repository {repo}: {source}")]
     Key { repo: String, source: KeyError },
+    #[error(
+        "cannot create an encrypted repository at {repo}: no key is configured (set key_file or key_command in the [encryption] table of the configuration file, or WALVAULT_ENCRYPTION_KEY_FILE / WALVAULT_ENCRYPTION_KEY_COMMAND)"
+    )]
+    InitEncryptWithoutKey { repo: String },
+    #[error(
+        "an encryption key is configured, so the repository at {repo} would not be usable unencrypted: create it with `archive-agent init --encrypt`, or remove the key from the configuration"
+    )]
+    InitKeyWithoutEncrypt { repo: String },
+    #[error(
+        "repository {repo} is not encrypted: it has no key to rotate (encryption is chosen when the repository is created, by `archive-agent init --encrypt`)"
+    )]
+    NothingToRekey { repo: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -302,12 +314,12 @@ impl Writer {
         let mut descriptor = RepoDescriptor::new(cluster, now_micros);
         match (encrypt, &options.key) {
             (false, Some(_)) => {
-                return Err(RepoError::NotEncrypted {
+                return Err(RepoError::InitKeyWithoutEncrypt {
                     repo: url.to_string(),
                 });
             }
             (true, None) => {
-                return Err(RepoError::KeyMissing {
+                return Err(RepoError::InitEncryptWithoutKey {
                     repo: url.to_string(),
                 });
             }
@@ -356,7 +368,7 @@ impl Writer {
     pub async fn rekey(&mut self, new_key: &KeySource, now_micros: i64) -> Result<(), RepoError> {
         let repo = self.url().to_string();
         let Some(keys) = self.sealer.keys().cloned() else {
-            return Err(RepoError::NotEncrypted { repo });
+            return Err(RepoError::NothingToRekey { repo });
         };
         let current = read_descriptor(self.store.as_ref()).await?;
         if current != self.descriptor {
@@ -510,6 +522,38 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(bound.cluster(), Some(&identity(5)));
+    }
+
+    #[tokio::test]
+    async fn init_says_which_half_of_encryption_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let url: RepoUrl = format!("file://{}", dir.path().display()).parse().unwrap();
+        let e = Writer::init(&url, &options(), None, 0, true).await.unwrap_err();
+        assert!(matches!(e, RepoError::InitEncryptWithoutKey { .. }), "{e}");
+        let key = dir.path().join("k");
+        std::fs::write(&key, "ab".repeat(32)).unwrap();
+        let keyed = StoreOptions {
+            key: Some(KeySource::File(key)),
+            ..options()
+        };
+        let e = Writer::init(&url, &keyed, None, 0, false).await.unwrap_err();
+        assert!(e.to_string().contains("init --encrypt"), "{e}");
+        // Neither refused init wrote anything: the location is still free. A plain repository
+        // has no key to rotate.
+        let mut plain = Writer::init(&url, &options(), None, 0, false).await.unwrap();
+        let e = plain
+            .rekey(&KeySource::File(dir.path().join("k")), 0)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RepoError::NothingToRekey { .. }), "{e}");
+        std::fs::remove_file(dir.path().join("walvault.json")).unwrap();
+        assert!(
+            Writer::init(&url, &keyed, None, 0, true)
+                .await
+                .unwrap()
+                .sealer()
+                .is_encrypted()
+        );
     }
 
     /// A rekey replaces one object: cut off before, during or after that write, the repository
