@@ -128,6 +128,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the destructive transactions in the archived WAL, newest first: DROP, TRUNCATE (or
+    /// a rewrite), DROP DATABASE, and DELETE or UPDATE of many rows of one table. Each comes
+    /// with the restore command that recovers the moment just before it. Tables are named from
+    /// the relation map of the newest backup before the event; relations created after it show
+    /// by file number.
+    Find {
+        /// Only events at or after this time ('YYYY-MM-DD HH:MM:SS[+TZ]', UTC without a zone)
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only events at or before this time
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// Only events touching this table (name or schema.name)
+        #[arg(long, value_name = "TABLE")]
+        table: Option<String>,
+        /// Rows of one table a DELETE or UPDATE transaction must change to be listed (100 or more)
+        #[arg(long, default_value_t = 1000, value_name = "N")]
+        min_rows: u64,
+        /// Data directory to put in the printed restore commands
+        #[arg(long, value_name = "DIR", default_value = "NEW_PGDATA")]
+        pgdata: PathBuf,
+        /// Print the events as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// List backups, timelines and archived WAL
     List,
     /// Describe the repository (backups, timelines, WAL coverage); --json for machines
@@ -166,6 +191,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Find {
+            since,
+            until,
+            table,
+            min_rows,
+            pgdata,
+            json,
+        } => report(find(&cli.repo, since, until, table, min_rows, &pgdata, json)),
         Command::List => report(info(&cli.repo, false)),
         Command::Info { json } => report(info(&cli.repo, json)),
         restore @ Command::Restore { .. } => report(run_restore(&cli.repo, restore)),
@@ -343,6 +376,107 @@ fn restore_points_json(cat: &walvault::catalog::Catalog, t: u32) -> Vec<serde_js
             })
         })
         .collect()
+}
+
+fn find(
+    repo: &RepoArgs,
+    since: Option<String>,
+    until: Option<String>,
+    table: Option<String>,
+    min_rows: u64,
+    pgdata: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let settings = repo.settings(None)?;
+    let opts = walvault::find::FindOptions {
+        since: since.as_deref().map(walvault::time::parse_time).transpose()?,
+        until: until.as_deref().map(walvault::time::parse_time).transpose()?,
+        table,
+        min_rows,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let found = rt.block_on(async {
+        let repo = walvault::repo::Reader::open(&settings.repo, &settings.store_options()).await?;
+        anyhow::Ok(walvault::find::find(&repo, &opts).await?)
+    })?;
+    // The command as this one was invoked, so it runs where this one did.
+    let program = std::env::args().next().unwrap_or_else(|| "restore-agent".into());
+    let mut prefix = format!(
+        "{} --repo {}",
+        sh_quote(&program),
+        sh_quote(settings.repo.as_str())
+    );
+    if let Some(config) = &repo.config {
+        prefix.push_str(&format!(
+            " --config {}",
+            sh_quote(&std::path::absolute(config)?.display().to_string())
+        ));
+    }
+    let command = |e: &walvault::find::FoundEvent| {
+        e.restorable.then(|| {
+            let args: Vec<String> = e.restore_args.iter().map(|a| sh_quote(a)).collect();
+            format!(
+                "{prefix} restore --pgdata {} {}",
+                sh_quote(&pgdata.display().to_string()),
+                args.join(" ")
+            )
+        })
+    };
+    if json {
+        let events: Vec<serde_json::Value> = found
+            .events
+            .iter()
+            .map(|e| {
+                let mut v = serde_json::to_value(e).expect("an event serializes");
+                v["restore_command"] = command(e).into();
+                v
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "events": events,
+            "segments_not_searched": found.segments_not_searched,
+            "segments_without_summary": found.segments_without_summary,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    if found.events.is_empty() {
+        println!("no destructive transactions found in the archived WAL");
+    }
+    for e in &found.events {
+        println!(
+            "{}  xid {}  {}  (commit at {}, timeline {})",
+            e.time,
+            e.xid,
+            e.database.as_deref().unwrap_or("database unknown"),
+            e.lsn,
+            e.timeline
+        );
+        for a in &e.actions {
+            println!("    {}", a.describe());
+        }
+        for n in &e.notes {
+            println!("    note: {n}");
+        }
+        match command(e) {
+            Some(c) => println!("    restore just before it:  {c}"),
+            None => println!("    not restorable: no backup of this timeline was taken before it"),
+        }
+        println!();
+    }
+    if found.segments_not_searched > 0 {
+        println!(
+            "{} segments were indexed by an older walvault, which did not record these events: they were not searched",
+            found.segments_not_searched
+        );
+    }
+    if found.segments_without_summary > 0 {
+        println!(
+            "{} archived segments have no time index summary: they were not searched",
+            found.segments_without_summary
+        );
+    }
+    Ok(())
 }
 
 /// Run verify; `Ok(false)` when something restorable is at risk.

@@ -232,7 +232,10 @@ async fn run(
 
     // 1. Manifests (with any pin: an expired backup has none) of expired backups.
     let expired: BTreeSet<&BackupId> = plan.expired().collect();
-    let manifest_keys: Vec<String> = expired.iter().map(|id| layout::manifest_key(id)).collect();
+    let mut manifest_keys: Vec<String> = expired.iter().map(|id| layout::manifest_key(id)).collect();
+    // Relation maps go with their manifest (deleted after it: a manifest never lacks its map
+    // through an expire cut off halfway).
+    manifest_keys.extend(expired.iter().map(|id| layout::relation_map_key(id)));
     report.backups = Deleted {
         objects: expired.len() as u64,
         bytes: expired.iter().filter_map(|id| cat.manifest_bytes.get(*id)).sum(),
@@ -303,7 +306,15 @@ async fn run(
             garbage.push(key);
         }
     }
+    // Relation maps of backups that never wrote their manifest (failed or cut off: none is in
+    // progress, or this step would not run).
     if !dry_run {
+        let with_manifest: BTreeSet<&BackupId> = current.backups.iter().map(|m| &m.id).collect();
+        for (key, _) in repo.store().list(Kind::Backup.dirname()).await? {
+            if layout::parse_relation_map_key(&key).is_some_and(|id| !with_manifest.contains(&id)) {
+                garbage.push(key);
+            }
+        }
         store.delete_many(&garbage).await?;
     }
     Ok(report)

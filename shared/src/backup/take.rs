@@ -216,6 +216,16 @@ async fn take_locked(
     };
     client.query_one(start_sql, &[&label_text]).await.map_err(sql)?;
     tracing::info!(backup = %id, from_standby, "backup started");
+    // Names for `restore-agent find`, as of the backup's start. Derived data: a failure costs
+    // names, never the backup.
+    match crate::relmap::read_from_server(&client, &opts.pg_conn, &id).await {
+        Ok(map) => {
+            if let Err(e) = crate::relmap::store(&store, repo.sealer(), &map).await {
+                tracing::warn!("the relation map was not stored: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("the relation map could not be read: {e}"),
+    }
 
     let copied = copy_files(&store, repo.sealer(), opts, settings.compress_level, pg_version).await;
     // Stop the backup even when copying failed, so the server is not left in backup mode.

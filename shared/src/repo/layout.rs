@@ -77,6 +77,21 @@ pub fn manifest_key(id: &BackupId) -> String {
     format!("backups/{id}/manifest{OBJECT_SUFFIX}")
 }
 
+/// The key of backup `id`'s relation map (`crate::relmap`).
+pub fn relation_map_key(id: &BackupId) -> String {
+    format!("backups/{id}/relations{OBJECT_SUFFIX}")
+}
+
+/// The backup a listed key under [`Kind::Backup`] is the relation map of.
+pub fn parse_relation_map_key(key: &str) -> Option<BackupId> {
+    let id: BackupId = key
+        .strip_prefix("backups/")?
+        .strip_suffix(&format!("/relations{OBJECT_SUFFIX}"))?
+        .parse()
+        .ok()?;
+    (relation_map_key(&id) == key).then_some(id)
+}
+
 /// The key of backup `id`'s pin.
 pub fn pin_key(id: &BackupId) -> String {
     format!("backups/{id}/pinned.json")

@@ -7,12 +7,16 @@
 //! page header (`XLogReaderValidatePageHeader`), reassembles records across pages and segments,
 //! checks each record's header and CRC-32C (`ValidXLogRecordHeader`, `ValidXLogRecord`) and walks
 //! the block headers to find the main data (`DecodeXLogRecord`). From the main data it reads what
-//! a time index needs: commit and abort timestamps, restore points and WAL switches.
+//! a time index needs: commit and abort timestamps, restore points and WAL switches; and it hands
+//! on the first block's relation and the start of the main data, from which
+//! [`super::changes`] finds destructive transactions.
 //!
 //! Memory does not grow with record size: a record is checked as it streams past, keeping only
 //! its 24-byte header, the first [`HEAD_CAP`] bytes (block headers) and the first
-//! [`MAIN_CAP`] bytes of its main data. So a decoder's whole state between two segments is a few
-//! KiB ([`DecoderState`]), which can be stored and resumed in another process.
+//! [`MAIN_CAP`] bytes of its main data ([`XACT_MAIN_CAP`] for a commit record, whose list of
+//! dropped relations follows its subtransactions). So a decoder's whole state between two
+//! segments is tens of KiB at most ([`DecoderState`]), which can be stored and resumed in
+//! another process.
 //!
 //! Byte order is little-endian, as everywhere in walvault (x86_64 and aarch64 clusters).
 
@@ -45,6 +49,9 @@ pub const MAX_RECORD_LEN: u32 = (1 << 30) + (1 << 16);
 pub const HEAD_CAP: usize = 2048;
 /// Bytes of main data kept: `sizeof(xl_restore_point)`, the largest prefix read.
 pub const MAIN_CAP: usize = 72;
+/// Main data kept of a commit record: its timestamp, `xinfo`, database, subtransactions and the
+/// relation files it drops, for up to thousands of each (`xl_xact_parsed_commit`).
+pub const XACT_MAIN_CAP: usize = 32 * 1024;
 
 /// `RM_XLOG_ID`.
 pub const RM_XLOG_ID: u8 = 0;
@@ -136,6 +143,36 @@ pub struct WalRecord {
     /// `xl_tot_len`: header, block headers and data, without page headers or padding.
     pub total_len: u32,
     pub kind: RecordKind,
+    /// The relation of the first block reference (the heap page a `DELETE` or `UPDATE` changed).
+    pub block_rel: Option<RelFileLocator>,
+    /// The first bytes of the main data: all of it up to [`MAIN_CAP`] ([`XACT_MAIN_CAP`] for a
+    /// commit record).
+    pub main: Vec<u8>,
+    /// The main data's whole length, to tell when `main` is cut short.
+    pub main_len: u32,
+}
+
+/// `RelFileLocator` (`RelFileNode` before PostgreSQL 16): which file a relation's data is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RelFileLocator {
+    /// Tablespace OID (1663 `pg_default`, 1664 `pg_global`).
+    pub spc: u32,
+    /// Database OID (0 for shared catalogs).
+    pub db: u32,
+    /// `relfilenode`: the file's number, what `pg_relation_filenode()` returns.
+    pub rel: u32,
+}
+
+impl RelFileLocator {
+    /// Read the 12 bytes PostgreSQL writes (`spcOid`, `dbOid`, `relNumber`).
+    pub fn from_bytes(b: &[u8]) -> Option<RelFileLocator> {
+        let b = b.get(..REL_LOCATOR_LEN)?;
+        Some(RelFileLocator {
+            spc: u32_at(b, 0),
+            db: u32_at(b, 4),
+            rel: u32_at(b, 8),
+        })
+    }
 }
 
 /// Why the WAL cannot be decoded further. Every variant says where (`lsn`): the page for page
@@ -226,6 +263,9 @@ struct Layout {
     /// Offset of the main data in the record body (after the 24-byte header).
     main_off: u32,
     main_len: u32,
+    /// The first block reference's relation (`RelFileLocator`: tablespace, database, file).
+    #[serde(default)]
+    rel: Option<[u32; 3]>,
 }
 
 /// A record being read.
@@ -241,8 +281,22 @@ struct Partial {
     /// The first body bytes, until the block headers have been parsed.
     head: Vec<u8>,
     layout: Option<Layout>,
-    /// The first [`MAIN_CAP`] bytes of the main data.
+    /// The first [`main_cap`] bytes of the main data.
     main: Vec<u8>,
+}
+
+/// How much of a record's main data is kept: see [`XACT_MAIN_CAP`].
+fn main_cap(header: &[u8; RECORD_HEADER_LEN as usize]) -> usize {
+    let (info, rmid) = (header[16], header[17]);
+    let commit = matches!(
+        info & XLOG_XACT_OPMASK,
+        XLOG_XACT_COMMIT | XLOG_XACT_COMMIT_PREPARED
+    );
+    if rmid == RM_XACT_ID && commit {
+        XACT_MAIN_CAP
+    } else {
+        MAIN_CAP
+    }
 }
 
 impl Partial {
@@ -353,7 +407,7 @@ impl DecoderState {
                     && p.got < p.tot_len
                     && p.lsn.checked_add(u64::from(p.got)).is_some_and(|e| e <= pos)
                     && p.head.len() <= HEAD_CAP
-                    && p.main.len() <= MAIN_CAP
+                    && p.main.len() <= main_cap(&p.header)
                     && p.layout.is_none_or(|l| {
                         p.head.is_empty()
                             && u64::from(l.main_off) + u64::from(l.main_len) == u64::from(p.body_len())
@@ -817,6 +871,7 @@ impl WalDecoder {
             p.header[17],
         );
         let kind = classify(rmid, info, &p.main).map_err(|reason| DecodeError::Malformed { lsn, reason })?;
+        let layout = p.layout.expect("layout parsed above");
         let aligned = align_up(self.state.pos.0, ALIGN);
         let end = match kind {
             // Like xlogreader: the switch record "extends" to the end of its segment.
@@ -834,6 +889,9 @@ impl WalDecoder {
             info,
             total_len: p.tot_len,
             kind,
+            block_rel: layout.rel.map(|[spc, db, rel]| RelFileLocator { spc, db, rel }),
+            main: p.main,
+            main_len: layout.main_len,
         })
     }
 }
@@ -866,11 +924,11 @@ fn absorb_body(p: &mut Partial, chunk: &[u8], image_bits: u8) -> Result<(), Deco
 }
 
 /// Keep the part of `chunk` (body bytes from offset `off`) that falls in the first
-/// [`MAIN_CAP`] bytes of the main data.
+/// [`main_cap`] bytes of the main data.
 fn capture_main(p: &mut Partial, chunk: &[u8], off: u32) {
     let Some(layout) = p.layout else { return };
     let start = u64::from(layout.main_off);
-    let end = start + u64::from(layout.main_len).min(MAIN_CAP as u64);
+    let end = start + u64::from(layout.main_len).min(main_cap(&p.header) as u64);
     let (c_start, c_end) = (u64::from(off), u64::from(off) + chunk.len() as u64);
     let (s, e) = (start.max(c_start), end.min(c_end));
     if s < e {
@@ -929,6 +987,7 @@ fn parse_layout(
     let mut main_len: u32 = 0;
     let mut max_block: Option<u8> = None;
     let mut have_rel = false;
+    let mut first_rel: Option<[u32; 3]> = None;
     let mut walk = |r: &mut Reader| -> Result<Result<(), &'static str>, Short> {
         while r.remaining > datatotal {
             match r.u8()? {
@@ -971,7 +1030,10 @@ fn parse_layout(
                         datatotal += u64::from(bimg_len);
                     }
                     if fork_flags & BKPBLOCK_SAME_REL == 0 {
-                        r.take(REL_LOCATOR_LEN)?;
+                        let rel = r.take(REL_LOCATOR_LEN)?;
+                        if !have_rel {
+                            first_rel = Some([u32_at(rel, 0), u32_at(rel, 4), u32_at(rel, 8)]);
+                        }
                         have_rel = true;
                     } else if !have_rel {
                         return Ok(Err("BKPBLOCK_SAME_REL without a previous relation"));
@@ -995,6 +1057,7 @@ fn parse_layout(
     Ok(Some(Layout {
         main_off: body_len - main_len,
         main_len,
+        rel: first_rel,
     }))
 }
 

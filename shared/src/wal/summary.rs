@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::changes::{ChangeEvent, ChangeTracker};
 use super::decode::{DecodeError, DecoderState, RecordKind, WalDecoder, WalRecord};
 use super::lsn::Lsn;
 use super::page::LONG_HEADER_LEN;
@@ -20,6 +21,8 @@ use super::pgtime::PgTime;
 const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
 /// Bytes fed to the decoder at a time; any size works, a page keeps copies small.
 const FEED_CHUNK: usize = 8192;
+/// Change events kept per segment; more are counted in `events_dropped`.
+pub const MAX_EVENTS: usize = 4096;
 
 /// A named restore point (`pg_create_restore_point`): a `recovery_target_name`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +75,17 @@ pub struct SegmentSummary {
     /// Valid WAL ends inside this segment (a zero record length here): the end of a timeline
     /// or a `.partial` segment.
     pub end_of_wal: Option<Lsn>,
+    /// Destructive transactions that committed in this segment ([`super::changes`]); absent
+    /// from summaries written before walvault looked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<ChangeEvent>>,
+    /// Events past [`MAX_EVENTS`], not kept.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub events_dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl SegmentSummary {
@@ -93,6 +107,17 @@ impl SegmentSummary {
             ends_with_switch: false,
             skipped_continuation: false,
             end_of_wal: None,
+            events: Some(Vec::new()),
+            events_dropped: 0,
+        }
+    }
+
+    fn add_event(&mut self, e: ChangeEvent) {
+        let events = self.events.get_or_insert_with(Vec::new);
+        if events.len() < MAX_EVENTS {
+            events.push(e);
+        } else {
+            self.events_dropped += 1;
         }
     }
 
@@ -131,6 +156,9 @@ impl SegmentSummary {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Carry {
     state: DecoderState,
+    /// Row counts of transactions still open at the segment's end.
+    #[serde(default)]
+    changes: ChangeTracker,
 }
 
 impl Carry {
@@ -181,8 +209,9 @@ pub fn summarize_segment(
         return Err(DecodeError::UnalignedStart { lsn: start });
     }
     let carried = carry.is_some();
+    let mut changes = carry.as_ref().map(|c| c.changes.clone()).unwrap_or_default();
     let mut decoder = match carry {
-        Some(Carry { state }) => {
+        Some(Carry { state, .. }) => {
             let bad = |reason: String| DecodeError::BadCarry { lsn: start, reason };
             if state.next_lsn() != start {
                 return Err(bad(format!("it continues at {}", state.next_lsn())));
@@ -203,6 +232,9 @@ pub fn summarize_segment(
     for chunk in bytes.chunks(FEED_CHUNK) {
         decoder.feed(chunk);
         while let Some(rec) = decoder.poll()? {
+            if let Some(e) = changes.record(&rec, decoder.pg_version().unwrap_or(0)) {
+                summary.add_event(e);
+            }
             summary.add(rec);
         }
     }
@@ -210,7 +242,7 @@ pub fn summarize_segment(
     summary.end_of_wal = decoder.ended();
     let carry = match summary.end_of_wal {
         Some(_) => None,
-        None => decoder.snapshot().map(|state| Carry { state }),
+        None => decoder.snapshot().map(|state| Carry { state, changes }),
     };
     Ok((summary, carry))
 }

@@ -1,0 +1,264 @@
+//! `restore-agent find` against a real PostgreSQL: a mass DELETE, a TRUNCATE and a DROP TABLE,
+//! each found at its commit time with its table's name, and each printed restore command run
+//! as printed, recovering exactly the rows as they were just before the event.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, ensure};
+use serde_json::Value;
+use walvault_testkit::agents::RESTORE_AGENT;
+use walvault_testkit::backup::take_backup;
+use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
+use walvault_testkit::host;
+use walvault_testkit::workload::{TableFingerprint, table_fingerprint};
+use walvault_testkit::{Cluster, Repo, agents};
+
+const TABLES: &[&str] = &["victim_delete", "victim_truncate", "victim_drop"];
+
+/// Fingerprints of every victim table that exists.
+fn state(cluster: &Cluster) -> Result<Vec<TableFingerprint>> {
+    let mut out = Vec::new();
+    for t in TABLES {
+        let exists = cluster.query_one_string(&format!("SELECT (to_regclass('{t}') IS NOT NULL)::text"))?;
+        if exists == "true" {
+            out.push(table_fingerprint(cluster, t, "id")?);
+        }
+    }
+    Ok(out)
+}
+
+/// What find must say of an event: (kind, object, rows).
+type Expected<'a> = (&'a str, &'a str, Option<u64>);
+
+/// A destructive transaction as the test saw it.
+struct Event {
+    xid: u32,
+    /// Server clock just before and just after its commit (unix micros).
+    before_us: i64,
+    after_us: i64,
+    /// The victims as they were just before it.
+    before: Vec<TableFingerprint>,
+}
+
+fn now_us(client: &mut postgres::Client) -> Result<i64> {
+    let row = client.query_one(
+        "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+        &[],
+    )?;
+    Ok(row.get(0))
+}
+
+/// Run `sql` in one transaction and note its xid and commit time.
+fn event(cluster: &Cluster, sql: &str) -> Result<Event> {
+    let before = state(cluster)?;
+    let mut client = cluster.connect()?;
+    let mut tx = client.transaction()?;
+    tx.batch_execute(sql)?;
+    let xid: i64 = tx
+        .query_one("SELECT (pg_current_xact_id()::text::bigint % 4294967296)", &[])?
+        .get(0);
+    let before_us: i64 = tx
+        .query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+            &[],
+        )?
+        .get(0);
+    tx.commit()?;
+    let after_us = now_us(&mut client)?;
+    // Commit times well apart from the next event's.
+    std::thread::sleep(Duration::from_millis(50));
+    Ok(Event {
+        xid: u32::try_from(xid)?,
+        before_us,
+        after_us,
+        before,
+    })
+}
+
+fn find(repo: &Repo, pgdata: &str, extra: &[&str]) -> Result<Value> {
+    let mut args = vec!["find".to_string()];
+    args.extend(repo.args());
+    args.extend(["--json", "--pgdata", pgdata].map(String::from));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let run = agents().run(RESTORE_AGENT, args).check()?;
+    serde_json::from_str(&run.stdout).with_context(|| format!("find JSON: {}", run.stdout))
+}
+
+fn event_with_xid(found: &Value, xid: u32) -> Result<&Value> {
+    found["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .find(|e| e["xid"] == xid)
+        .ok_or_else(|| anyhow!("find lists no event with xid {xid}: {found:#}"))
+}
+
+/// The event's actions as (kind, object, rows).
+fn actions(e: &Value) -> Vec<(String, String, Option<u64>)> {
+    e["actions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    (
+                        x["kind"].as_str().unwrap_or_default().to_string(),
+                        x["object"].as_str().unwrap_or_default().to_string(),
+                        x["rows"].as_u64(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_moment_before() -> Result<()> {
+    let repo = Repo::new()?;
+    let mut source = archiving_cluster("find-source", &repo, "")?;
+    for t in TABLES {
+        source.execute(&format!(
+            "CREATE TABLE {t} (id integer PRIMARY KEY, body text NOT NULL);
+             INSERT INTO {t} SELECT g, md5(g::text) FROM generate_series(1, 3000) g"
+        ))?;
+    }
+    take_backup(&source, &repo)?;
+
+    let delete = event(&source, "DELETE FROM victim_delete WHERE id <= 2500")?;
+    source.execute("INSERT INTO victim_drop SELECT g, 'late' FROM generate_series(3001, 3100) g")?;
+    let truncate = event(&source, "TRUNCATE victim_truncate")?;
+    source.execute("INSERT INTO victim_delete SELECT g, 'after' FROM generate_series(5001, 5050) g")?;
+    let dropped = event(&source, "DROP TABLE victim_drop")?;
+    source.execute("INSERT INTO victim_truncate SELECT g, 'refill' FROM generate_series(1, 10) g")?;
+    archive_everything(&source)?;
+    source.stop()?;
+
+    let found = find(&repo, "PGDATA_PLACEHOLDER", &[])?;
+    let events = found["events"].as_array().context("events")?;
+    let xids: Vec<u64> = events.iter().filter_map(|e| e["xid"].as_u64()).collect();
+    let order: Vec<u64> = [dropped.xid, truncate.xid, delete.xid].map(u64::from).to_vec();
+    ensure!(
+        xids.iter()
+            .filter(|x| order.contains(x))
+            .copied()
+            .collect::<Vec<_>>()
+            == order,
+        "newest first: {xids:?}, expected {order:?} among them\n{found:#}"
+    );
+
+    let expectations: [(&Event, Expected); 3] = [
+        (&delete, ("delete", "public.victim_delete", Some(2500))),
+        (&truncate, ("truncate_or_rewrite", "public.victim_truncate", None)),
+        (&dropped, ("drop", "public.victim_drop", None)),
+    ];
+    for (ev, (kind, object, rows)) in &expectations {
+        let e = event_with_xid(&found, ev.xid)?;
+        let said = actions(e);
+        ensure!(
+            said.iter().any(|(k, o, r)| k == kind && o == object && r == rows),
+            "xid {}: expected {kind} of {object} ({rows:?}), find said {said:?}",
+            ev.xid
+        );
+        let t = e["time_us"].as_i64().context("time_us")?;
+        ensure!(
+            (ev.before_us..=ev.after_us).contains(&t),
+            "xid {}: commit time {t} outside [{}, {}]",
+            ev.xid,
+            ev.before_us,
+            ev.after_us
+        );
+        ensure!(e["restorable"] == true, "{e:#}");
+        ensure!(e["database"] == "postgres", "{e:#}");
+    }
+    let truncate_notes = event_with_xid(&found, truncate.xid)?["notes"].to_string();
+    ensure!(
+        truncate_notes.contains("does not tell a TRUNCATE from a rewrite"),
+        "find says plainly what it cannot tell: {truncate_notes}"
+    );
+
+    // What a DBA reads.
+    let human = agents()
+        .run(RESTORE_AGENT, ["find".to_string()].into_iter().chain(repo.args()))
+        .check()?
+        .stdout;
+    println!("{human}");
+    for line in [
+        "DROP table public.victim_drop".to_string(),
+        "TRUNCATE or rewrite (VACUUM FULL, CLUSTER, ALTER TABLE) table public.victim_truncate".into(),
+        "DELETE of 2500 rows from table public.victim_delete".into(),
+        format!(
+            "--pgdata NEW_PGDATA --target-xid {} --target-exclusive",
+            dropped.xid
+        ),
+    ] {
+        ensure!(human.contains(&line), "find's output must say {line:?}:\n{human}");
+    }
+
+    // Filters.
+    let only = find(&repo, "X", &["--table", "victim_truncate"])?;
+    let only: Vec<u64> = only["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter_map(|e| e["xid"].as_u64())
+        .collect();
+    ensure!(
+        only == vec![u64::from(truncate.xid)],
+        "--table victim_truncate: {only:?}"
+    );
+    let since = walvault::time::format_micros(truncate.after_us);
+    let later = find(&repo, "X", &["--since", &since])?;
+    let later: Vec<u64> = later["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter_map(|e| e["xid"].as_u64())
+        .collect();
+    ensure!(
+        later == vec![u64::from(dropped.xid)],
+        "--since {since}: {later:?}"
+    );
+    let refused = agents().run(
+        RESTORE_AGENT,
+        ["find".to_string()]
+            .into_iter()
+            .chain(repo.args())
+            .chain(["--min-rows".into(), "10".into()]),
+    );
+    ensure!(
+        refused.code() == Some(1) && refused.stderr.contains("--min-rows 10"),
+        "a threshold below what the index records is refused: {refused}"
+    );
+
+    // Each printed command, run as printed, restores the moment before its event.
+    for (ev, (kind, ..)) in &expectations {
+        let mut restored = Cluster::uninitialized(&format!("find-{kind}"))?;
+        let pgdata = restored.data_dir();
+        let found = find(&repo, pgdata.to_str().context("utf-8")?, &[])?;
+        let command = event_with_xid(&found, ev.xid)?["restore_command"]
+            .as_str()
+            .context("restore_command")?
+            .to_string();
+        ensure!(
+            command.contains(&format!("--target-xid {} --target-exclusive", ev.xid)),
+            "{command}"
+        );
+        let mut sh = host::pg_user_command("sh");
+        sh.args(["-c", &command]);
+        host::run(&mut sh, Duration::from_secs(300))?
+            .check()
+            .with_context(|| format!("the printed command: {command}"))?;
+        restored.set_conf(&[("archive_mode", "off")])?;
+        restored
+            .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
+            .with_context(|| format!("recovery after {command}"))?;
+        let got = state(&restored)?;
+        ensure!(
+            got == ev.before,
+            "after `{command}` the victims must be as just before xid {} ({kind}):\n got {got:?}\n want {:?}",
+            ev.xid,
+            ev.before
+        );
+        restored.stop()?;
+    }
+    Ok(())
+}
