@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand};
 use walvault::cli::{self, RepoArgs};
 use walvault::exit;
 use walvault::fetch::{self, FetchOutcome};
-use walvault::repo::keys::KeySource;
 
 const AFTER_HELP: &str = "\
 In postgresql.conf (or postgresql.auto.conf) of the server being recovered:
@@ -153,6 +152,76 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Restore drill: restore into a scratch directory, start PostgreSQL there (private socket,
+    /// archiving off), wait until recovery reaches the target and the server answers, run the
+    /// checks, stop it and remove the directory. Reports RTO (start until the server answered)
+    /// and RPO (now minus the newest restorable commit) against their targets. Exit status 0
+    /// only when every check passed and every target was met.
+    #[command(group(clap::ArgGroup::new("goal").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
+    Drill {
+        /// latest (everything archived, the default), random (an instant inside the restorable
+        /// window), or immediate
+        #[arg(long, value_name = "WHAT", value_parser = ["latest", "random", "immediate"])]
+        target: Option<String>,
+        /// Recover to this time instead
+        #[arg(long, value_name = "TIME")]
+        target_time: Option<String>,
+        /// Recover to this LSN instead
+        #[arg(long, value_name = "LSN")]
+        target_lsn: Option<String>,
+        /// Recover to the commit of this transaction instead
+        #[arg(long, value_name = "XID")]
+        target_xid: Option<u64>,
+        /// Recover to this restore point instead
+        #[arg(long, value_name = "NAME")]
+        target_name: Option<String>,
+        /// Stop just before the target rather than just after it
+        #[arg(long)]
+        target_exclusive: bool,
+        /// Timeline to follow: latest, current, or a timeline id
+        #[arg(long, default_value = "latest", value_name = "TIMELINE")]
+        target_timeline: String,
+        /// Directory with the backup's PostgreSQL version's postgres and pg_ctl [default:
+        /// /usr/lib/postgresql/<version>/bin, /usr/pgsql-<version>/bin, or pg_config --bindir]
+        #[arg(long, value_name = "DIR")]
+        pg_bin: Option<PathBuf>,
+        /// Where to make the scratch directory [default: the temp dir]
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<PathBuf>,
+        /// OS user to run PostgreSQL as when the drill runs as root
+        #[arg(long, value_name = "USER", default_value = "postgres")]
+        run_as: String,
+        /// Database role the checks connect as [default: the OS user PostgreSQL runs as]
+        #[arg(long, value_name = "ROLE")]
+        pg_user: Option<String>,
+        /// File of SQL queries separated by ';', each of which must return true (repeatable)
+        #[arg(long, value_name = "FILE")]
+        check_sql: Vec<PathBuf>,
+        /// Database the --check-sql queries run in
+        #[arg(long, value_name = "DB", default_value = "postgres")]
+        check_db: String,
+        /// Also check every B-tree index (and from PostgreSQL 14 every table) with amcheck
+        #[arg(long)]
+        amcheck: bool,
+        /// Recovery time objective, like 15m: the drill fails when restore and recovery take longer
+        #[arg(long, value_name = "DURATION")]
+        rto_target: Option<String>,
+        /// Recovery point objective, like 5m: the drill fails when the newest restorable commit is older
+        #[arg(long, value_name = "DURATION")]
+        rpo_target: Option<String>,
+        /// Longest wait for recovery
+        #[arg(long, value_name = "DURATION", default_value = "6h")]
+        timeout: String,
+        /// Chunks fetched and written in parallel
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        parallel: usize,
+        /// Write the evidence as JSON to FILE ('-' for standard output)
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Keep the scratch directory afterwards
+        #[arg(long)]
+        keep: bool,
+    },
     /// List backups, timelines and archived WAL
     List,
     /// Describe the repository (backups, timelines, WAL coverage); --json for machines
@@ -199,6 +268,14 @@ fn main() -> ExitCode {
             pgdata,
             json,
         } => report(find(&cli.repo, since, until, table, min_rows, &pgdata, json)),
+        drill @ Command::Drill { .. } => match run_drill(&cli.repo, drill) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::from(exit::USAGE)
+            }
+        },
         Command::List => report(info(&cli.repo, false)),
         Command::Info { json } => report(info(&cli.repo, json)),
         restore @ Command::Restore { .. } => report(run_restore(&cli.repo, restore)),
@@ -228,7 +305,7 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 }
 
 fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
-    use walvault::restore::{RecoveryTarget, RestoreOptions, TargetAction, TimelineTarget};
+    use walvault::restore::{RecoveryTarget, RestoreOptions, TargetAction};
     let Command::Restore {
         pgdata,
         target_time,
@@ -258,54 +335,18 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         (_, _, _, _, Some(_)) => RecoveryTarget::Immediate,
         _ => RecoveryTarget::End,
     };
-    let timeline =
-        match target_timeline.as_str() {
-            "latest" => TimelineTarget::Latest,
-            "current" => TimelineTarget::Current,
-            n => TimelineTarget::Id(n.parse().map_err(|_| {
-                anyhow::anyhow!("--target-timeline {n:?}: use latest, current or a timeline id")
-            })?),
-        };
+    let timeline = parse_timeline(&target_timeline)?;
     let action = match target_action.as_str() {
         "pause" => TargetAction::Pause,
         "shutdown" => TargetAction::Shutdown,
         _ => TargetAction::Promote,
     };
-    let exe = std::env::current_exe()?;
-    // The restored server fetches with the same settings this restore used: the repository, and
-    // the configuration file (absolute, so it holds from the data directory) that may carry the
-    // store's credentials, which therefore never appear in postgresql.auto.conf.
-    let mut restore_command = String::new();
-    // A key file named by the environment is named the same way on the line (a path, never the
-    // key). A key command from the environment is not copied: it may hold a token, and
-    // PostgreSQL logs restore_command.
-    if let (Some(path), Some(KeySource::File(_))) = (
-        std::env::var_os("WALVAULT_ENCRYPTION_KEY_FILE").filter(|v| !v.is_empty()),
-        &settings.key,
-    ) {
-        let path = std::path::absolute(PathBuf::from(path))?;
-        restore_command.push_str(&format!(
-            "WALVAULT_ENCRYPTION_KEY_FILE={} ",
-            sh_quote(&path.display().to_string())
-        ));
-    } else if std::env::var_os("WALVAULT_ENCRYPTION_KEY_COMMAND").is_some_and(|v| !v.is_empty()) {
-        eprintln!(
-            "note: the key command comes from WALVAULT_ENCRYPTION_KEY_COMMAND, which restore_command does not copy: give the restored server the same variable, or put key_command in the [encryption] table of --config"
-        );
-    }
-    restore_command.push_str(&format!(
-        "{} fetch --repo {}",
-        sh_quote(&exe.display().to_string()),
-        sh_quote(settings.repo.as_str())
-    ));
-    if let Some(config) = &repo.config {
-        let config = std::path::absolute(config)?;
-        restore_command.push_str(&format!(" --config {}", sh_quote(&config.display().to_string())));
-    }
-    if let Some(t) = &repo.retry_timeout {
-        restore_command.push_str(&format!(" --retry-timeout {}", sh_quote(t)));
-    }
-    restore_command.push_str(" %f %p");
+    let restore_command = walvault::restore::restore_command_line(
+        &std::env::current_exe()?,
+        &settings,
+        repo.config.as_deref(),
+        repo.retry_timeout.as_deref(),
+    )?;
     let mut tablespaces = walvault::restore::TablespacePlan {
         all_under: tablespace_map_all,
         original: tablespace_original,
@@ -378,6 +419,109 @@ fn restore_points_json(cat: &walvault::catalog::Catalog, t: u32) -> Vec<serde_js
         .collect()
 }
 
+/// Run a drill; `Ok(false)` when it failed (the evidence says why).
+fn run_drill(repo: &RepoArgs, cmd: Command) -> anyhow::Result<bool> {
+    use walvault::config::parse_duration;
+    use walvault::drill::{DrillOptions, DrillTarget};
+    use walvault::restore::RecoveryTarget;
+    let Command::Drill {
+        target,
+        target_time,
+        target_lsn,
+        target_xid,
+        target_name,
+        target_exclusive,
+        target_timeline,
+        pg_bin,
+        scratch,
+        run_as,
+        pg_user,
+        check_sql,
+        check_db,
+        amcheck,
+        rto_target,
+        rpo_target,
+        timeout,
+        parallel,
+        json,
+        keep,
+    } = cmd
+    else {
+        unreachable!("called for drill only")
+    };
+    let settings = repo.settings(None)?;
+    let target = match (
+        target.as_deref(),
+        target_time,
+        target_lsn,
+        target_xid,
+        target_name,
+    ) {
+        (_, Some(t), ..) => DrillTarget::Target(RecoveryTarget::Time(walvault::time::parse_time(&t)?)),
+        (_, _, Some(l), ..) => DrillTarget::Target(RecoveryTarget::Lsn(l.parse()?)),
+        (_, _, _, Some(x), _) => DrillTarget::Target(RecoveryTarget::Xid(x)),
+        (_, _, _, _, Some(n)) => DrillTarget::Target(RecoveryTarget::Name(n)),
+        (Some("random"), ..) => DrillTarget::Random,
+        (Some("immediate"), ..) => DrillTarget::Target(RecoveryTarget::Immediate),
+        _ => DrillTarget::Latest,
+    };
+    for f in &check_sql {
+        std::fs::metadata(f).map_err(|e| anyhow::anyhow!("--check-sql {}: {e}", f.display()))?;
+    }
+    let opts = DrillOptions {
+        target,
+        timeline: parse_timeline(&target_timeline)?,
+        exclusive: target_exclusive,
+        pg_bin,
+        scratch,
+        run_as: Some(run_as),
+        pg_user,
+        check_sql: check_sql
+            .iter()
+            .map(std::path::absolute)
+            .collect::<Result<_, _>>()?,
+        check_db,
+        amcheck,
+        rto_target: rto_target.as_deref().map(parse_duration).transpose()?,
+        rpo_target: rpo_target.as_deref().map(parse_duration).transpose()?,
+        timeout: parse_duration(&timeout)?,
+        parallel,
+        restore_command: walvault::restore::restore_command_line(
+            &std::env::current_exe()?,
+            &settings,
+            repo.config.as_deref(),
+            repo.retry_timeout.as_deref(),
+        )?,
+        keep,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let evidence = rt.block_on(walvault::drill::run(&settings, &opts));
+    let doc = serde_json::to_string_pretty(&evidence)?;
+    match json.as_deref() {
+        Some(p) if p == std::path::Path::new("-") => println!("{doc}"),
+        Some(p) => {
+            walvault::fsutil::write_durably(p, doc.as_bytes())
+                .map_err(|e| anyhow::anyhow!("--json {}: {e}", p.display()))?;
+            print!("{}", evidence.summary());
+        }
+        None => print!("{}", evidence.summary()),
+    }
+    Ok(evidence.passed())
+}
+
+fn parse_timeline(s: &str) -> anyhow::Result<walvault::restore::TimelineTarget> {
+    use walvault::restore::TimelineTarget;
+    Ok(match s {
+        "latest" => TimelineTarget::Latest,
+        "current" => TimelineTarget::Current,
+        n => {
+            TimelineTarget::Id(n.parse().map_err(|_| {
+                anyhow::anyhow!("--target-timeline {n:?}: use latest, current or a timeline id")
+            })?)
+        }
+    })
+}
+
 fn find(
     repo: &RepoArgs,
     since: Option<String>,
@@ -403,21 +547,25 @@ fn find(
     let program = std::env::args().next().unwrap_or_else(|| "restore-agent".into());
     let mut prefix = format!(
         "{} --repo {}",
-        sh_quote(&program),
-        sh_quote(settings.repo.as_str())
+        walvault::cli::sh_quote(&program),
+        walvault::cli::sh_quote(settings.repo.as_str())
     );
     if let Some(config) = &repo.config {
         prefix.push_str(&format!(
             " --config {}",
-            sh_quote(&std::path::absolute(config)?.display().to_string())
+            walvault::cli::sh_quote(&std::path::absolute(config)?.display().to_string())
         ));
     }
     let command = |e: &walvault::find::FoundEvent| {
         e.restorable.then(|| {
-            let args: Vec<String> = e.restore_args.iter().map(|a| sh_quote(a)).collect();
+            let args: Vec<String> = e
+                .restore_args
+                .iter()
+                .map(|a| walvault::cli::sh_quote(a))
+                .collect();
             format!(
                 "{prefix} restore --pgdata {} {}",
-                sh_quote(&pgdata.display().to_string()),
+                walvault::cli::sh_quote(&pgdata.display().to_string()),
                 args.join(" ")
             )
         })
@@ -814,17 +962,5 @@ fn fetch(
             exit::NOT_FOUND_OR_RETRY
         }
         Err(e) => fail(e.to_string(), e.exit_code(standby)),
-    }
-}
-
-/// `s` as one word for the shell PostgreSQL runs restore_command with.
-fn sh_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/._-:=@+,".contains(c))
-    {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }

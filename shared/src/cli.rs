@@ -143,3 +143,15 @@ pub fn run_call<F: std::future::Future>(call: F) -> std::io::Result<F::Output> {
     rt.shutdown_timeout(std::time::Duration::from_millis(200));
     Ok(out)
 }
+
+/// `s` as one word for `sh` (the shell PostgreSQL runs archive and restore commands with).
+pub fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-:=@+,".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}

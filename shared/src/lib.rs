@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod drill;
 pub mod exit;
 pub mod expire;
 pub mod fetch;
