@@ -175,6 +175,9 @@ enum Command {
         /// Expire after each scheduled backup with these rules (or the [retention] table's)
         #[command(flatten)]
         rules: walvault::cli::RetentionArgs,
+        /// Restore drills on a schedule (evidence stored in the repository)
+        #[command(flatten)]
+        drill: DrillArgs,
     },
 }
 
@@ -196,6 +199,7 @@ fn main() -> ExitCode {
             metrics_addr,
             verify_every,
             rules,
+            drill,
         } => match daemon(
             &cli.repo,
             pgdata,
@@ -206,6 +210,7 @@ fn main() -> ExitCode {
             max_wal_age,
             metrics_addr,
             &rules,
+            drill,
         ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -302,9 +307,15 @@ fn daemon(
     max_wal_age: Option<String>,
     metrics_addr: Option<std::net::SocketAddr>,
     rules: &walvault::cli::RetentionArgs,
+    drill: DrillArgs,
 ) -> anyhow::Result<()> {
     use walvault::config::parse_duration;
     let settings = repo.settings(None)?;
+    let drill_every = drill.drill_every.as_deref().map(parse_duration).transpose()?;
+    let drill = match drill_every {
+        Some(_) => Some(drill.options(repo, &settings)?),
+        None => None,
+    };
     let retention = Some(settings.retention.policy(&rules.settings())?).filter(|p| !p.is_empty());
     if retention.is_some() && backup_every.is_none() {
         tracing::warn!(
@@ -327,6 +338,8 @@ fn daemon(
         metrics_addr,
         retention,
         verify_every: verify_every.as_deref().map(parse_duration).transpose()?,
+        drill_every,
+        drill,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
@@ -343,6 +356,94 @@ fn daemon(
     })?;
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// `archive-agent daemon --drill-every` and the drills' settings.
+#[derive(Debug, clap::Args)]
+struct DrillArgs {
+    /// Run a restore drill this often (e.g. 7d); evidence is stored in the repository (see
+    /// restore-agent info) and the walvault_last_drill_* metrics
+    #[arg(long, value_name = "DURATION")]
+    drill_every: Option<String>,
+    /// What the drills restore: random (an instant of the restorable window) or latest
+    #[arg(long, value_name = "WHAT", default_value = "random", value_parser = ["random", "latest"])]
+    drill_target: String,
+    /// Directory with postgres and pg_ctl of the cluster's version [default: the usual places]
+    #[arg(long, value_name = "DIR")]
+    drill_pg_bin: Option<PathBuf>,
+    /// Where drills make their scratch directory [default: the temp dir]
+    #[arg(long, value_name = "DIR")]
+    drill_scratch: Option<PathBuf>,
+    /// OS user the drill's PostgreSQL runs as when the daemon runs as root
+    #[arg(long, value_name = "USER", default_value = "postgres")]
+    drill_run_as: String,
+    /// SQL file whose queries must each return true (repeatable)
+    #[arg(long, value_name = "FILE")]
+    drill_check_sql: Vec<PathBuf>,
+    /// Database the --drill-check-sql queries run in
+    #[arg(long, value_name = "DB", default_value = "postgres")]
+    drill_check_db: String,
+    /// Also run amcheck in drills
+    #[arg(long)]
+    drill_amcheck: bool,
+    /// Recovery time objective the drills are held to (e.g. 1h)
+    #[arg(long, value_name = "DURATION")]
+    drill_rto_target: Option<String>,
+    /// Recovery point objective the drills are held to (e.g. 15m)
+    #[arg(long, value_name = "DURATION")]
+    drill_rpo_target: Option<String>,
+}
+
+impl DrillArgs {
+    fn options(
+        &self,
+        repo: &RepoArgs,
+        settings: &walvault::config::Settings,
+    ) -> anyhow::Result<walvault::drill::DrillOptions> {
+        use walvault::config::parse_duration;
+        // The drill's server fetches WAL with restore-agent, installed beside archive-agent.
+        let exe = std::env::current_exe()?;
+        let restore_agent = exe.with_file_name("restore-agent");
+        if !restore_agent.exists() {
+            anyhow::bail!(
+                "--drill-every needs restore-agent beside archive-agent ({} is missing)",
+                restore_agent.display()
+            );
+        }
+        for f in &self.drill_check_sql {
+            std::fs::metadata(f).map_err(|e| anyhow::anyhow!("--drill-check-sql {}: {e}", f.display()))?;
+        }
+        Ok(walvault::drill::DrillOptions {
+            target: match self.drill_target.as_str() {
+                "latest" => walvault::drill::DrillTarget::Latest,
+                _ => walvault::drill::DrillTarget::Random,
+            },
+            timeline: walvault::restore::TimelineTarget::Latest,
+            exclusive: false,
+            pg_bin: self.drill_pg_bin.clone(),
+            scratch: self.drill_scratch.clone(),
+            run_as: Some(self.drill_run_as.clone()),
+            pg_user: None,
+            check_sql: self
+                .drill_check_sql
+                .iter()
+                .map(std::path::absolute)
+                .collect::<Result<_, _>>()?,
+            check_db: self.drill_check_db.clone(),
+            amcheck: self.drill_amcheck,
+            rto_target: self.drill_rto_target.as_deref().map(parse_duration).transpose()?,
+            rpo_target: self.drill_rpo_target.as_deref().map(parse_duration).transpose()?,
+            timeout: std::time::Duration::from_secs(6 * 3600),
+            parallel: 4,
+            restore_command: walvault::restore::restore_command_line(
+                &restore_agent,
+                settings,
+                repo.config.as_deref(),
+                repo.retry_timeout.as_deref(),
+            )?,
+            keep: false,
+        })
+    }
 }
 
 fn expire(

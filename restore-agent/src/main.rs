@@ -649,7 +649,7 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
     use walvault::catalog::{BackupInfo, Catalog};
     let settings = repo.settings(None)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let (cat, encryption) = rt.block_on(async {
+    let (cat, encryption, drills) = rt.block_on(async {
         let repo = walvault::repo::Reader::open(&settings.repo, &settings.store_options()).await?;
         let encryption = repo.descriptor().encryption.as_ref().map(|e| {
             serde_json::json!({
@@ -659,7 +659,8 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
                 "wrapped_at": e.wrapped_at,
             })
         });
-        anyhow::Ok((Catalog::load(&repo).await?, encryption))
+        let drills = walvault::drill::recent(&repo, 5).await?;
+        anyhow::Ok((Catalog::load(&repo).await?, encryption, drills))
     })?;
     let backups: Vec<BackupInfo> = cat
         .backups
@@ -698,6 +699,7 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
             "backups": backups,
             "timelines": timelines,
             "damaged": cat.damaged,
+            "drills": drills,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -776,6 +778,32 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<()> {
     }
     for d in &cat.damaged {
         println!("DAMAGED {} ({}), left out: {}", d.what, d.key, d.reason);
+    }
+    if !drills.is_empty() {
+        println!();
+        println!(
+            "{:<18} {:<7} {:>9} {:>9}  {:<18}  target",
+            "drill", "outcome", "rto", "rpo", "backup"
+        );
+        let secs = |o: &walvault::drill::Objective| {
+            o.measured_seconds.map_or("-".to_string(), |s| {
+                format!("{s:.1}s{}", if o.met { "" } else { "!" })
+            })
+        };
+        for d in &drills {
+            println!(
+                "{:<18} {:<7} {:>9} {:>9}  {:<18}  {}{}",
+                d.id,
+                d.outcome,
+                secs(&d.rto),
+                secs(&d.rpo),
+                d.backup.as_deref().unwrap_or("-"),
+                d.target_time.as_deref().unwrap_or(&d.target),
+                d.failure
+                    .as_ref()
+                    .map_or(String::new(), |f| format!("  FAILED: {f}"))
+            );
+        }
     }
     for t in &timelines {
         for rp in t["restore_points"].as_array().into_iter().flatten() {

@@ -46,6 +46,9 @@ pub struct DaemonOptions {
     pub retention: Option<crate::retention::Policy>,
     /// Run `verify` (listing-based) this often.
     pub verify_every: Option<Duration>,
+    /// Run a restore drill this often, storing its evidence in the repository.
+    pub drill_every: Option<Duration>,
+    pub drill: Option<crate::drill::DrillOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +98,12 @@ pub struct Metrics {
     /// Bytes and objects in the repository, as the last verify listed them.
     pub repository_bytes: AtomicU64,
     pub repository_objects: AtomicU64,
+    pub last_drill_unix: AtomicI64,
+    /// 1 when the last drill passed, 0 when it failed (or none ran).
+    pub last_drill_ok: AtomicU64,
+    /// Milliseconds measured by the last drill (0 when not measured).
+    pub last_drill_rto_ms: AtomicU64,
+    pub last_drill_rpo_ms: AtomicU64,
 }
 
 impl Metrics {
@@ -112,7 +121,8 @@ impl Metrics {
             self.last_backup_duration_ms.load(Ordering::Relaxed) as f64 / 1000.0
         );
         // (name with labels, type, help, value)
-        let metrics: [(String, &str, &str, String); 25] = [
+        let ms = |a: &AtomicU64| format!("{:.3}", a.load(Ordering::Relaxed) as f64 / 1000.0);
+        let metrics: [(String, &str, &str, String); 29] = [
             (
                 "segments_archived_total".into(),
                 "counter",
@@ -256,6 +266,30 @@ impl Metrics {
                 "gauge",
                 "Objects in the repository (as the last verify listed them)",
                 g(&self.repository_objects),
+            ),
+            (
+                "last_drill_timestamp_seconds".into(),
+                "gauge",
+                "When the last scheduled restore drill finished (Unix time; 0: none yet)",
+                gi(&self.last_drill_unix),
+            ),
+            (
+                "last_drill_success".into(),
+                "gauge",
+                "1 if the last restore drill passed every check and target",
+                g(&self.last_drill_ok),
+            ),
+            (
+                "last_drill_rto_seconds".into(),
+                "gauge",
+                "Recovery time the last drill measured (0: not measured)",
+                ms(&self.last_drill_rto_ms),
+            ),
+            (
+                "last_drill_rpo_seconds".into(),
+                "gauge",
+                "Recovery point the last drill measured: its start minus the newest restorable commit",
+                ms(&self.last_drill_rpo_ms),
             ),
             ("up".into(), "gauge", "The daemon is running", "1".into()),
         ];
@@ -407,6 +441,8 @@ pub async fn run(
     let catalog: Arc<tokio::sync::Mutex<Option<crate::catalog::Catalog>>> = Arc::default();
     let mut next_window = Instant::now();
     let mut verify_task: Option<tokio::task::JoinHandle<()>> = None;
+    let mut drill_task: Option<tokio::task::JoinHandle<()>> = None;
+    let mut next_drill = Instant::now() + opts.drill_every.unwrap_or_default();
     let mut next_verify = Instant::now() + opts.verify_every.unwrap_or_default();
     tracing::info!(pgdata = %opts.pgdata.display(), repo = %settings.repo, parallel = opts.parallel, "daemon started");
 
@@ -461,6 +497,13 @@ pub async fn run(
                 {
                     next_verify = Instant::now() + every;
                     verify_task = Some(tokio::spawn(scheduled_verify(repo.reader(), Arc::clone(&metrics))));
+                }
+                if let (Some(every), Some(drill)) = (opts.drill_every, &opts.drill)
+                    && Instant::now() >= next_drill
+                    && drill_task.as_ref().is_none_or(|t| t.is_finished())
+                {
+                    next_drill = Instant::now() + every;
+                    drill_task = Some(tokio::spawn(scheduled_drill(Arc::clone(&settings), drill.clone(), repo.clone(), Arc::clone(&metrics))));
                 }
                 // Off the upload path: a task of its own, one at a time, each call bounded.
                 if let Some(t) = switch_task.take_if(|t| t.is_finished()) {
@@ -531,7 +574,40 @@ pub async fn run(
     if let Some(t) = verify_task {
         t.abort();
     }
+    // A drill cut short stops its server and removes its directory as it is dropped (drill.rs).
+    if let Some(t) = drill_task {
+        t.abort();
+    }
     Ok(())
+}
+
+/// A scheduled restore drill: its evidence goes into the repository and the metrics.
+async fn scheduled_drill(
+    settings: Arc<Settings>,
+    opts: crate::drill::DrillOptions,
+    repo: Writer,
+    metrics: Arc<Metrics>,
+) {
+    tracing::info!("scheduled restore drill starting");
+    let ev = crate::drill::run(&settings, &opts).await;
+    metrics
+        .last_drill_unix
+        .store(crate::time::now_micros() / 1_000_000, Ordering::Relaxed);
+    metrics
+        .last_drill_ok
+        .store(u64::from(ev.passed()), Ordering::Relaxed);
+    let ms = |o: &crate::drill::Objective| o.measured_seconds.map_or(0, |s| (s * 1000.0) as u64);
+    metrics.last_drill_rto_ms.store(ms(&ev.rto), Ordering::Relaxed);
+    metrics.last_drill_rpo_ms.store(ms(&ev.rpo), Ordering::Relaxed);
+    for line in ev.summary().lines() {
+        match ev.passed() {
+            true => tracing::info!("{line}"),
+            false => tracing::warn!("{line}"),
+        }
+    }
+    if let Err(e) = crate::drill::store(&repo, &ev).await {
+        tracing::error!("the drill's evidence could not be stored in the repository: {e}");
+    }
 }
 
 fn record(

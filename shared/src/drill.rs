@@ -197,6 +197,50 @@ pub enum DrillError {
     Setup(String),
 }
 
+/// Store a drill's evidence in the repository (`drills/<id>.json`; records are kept: they are
+/// the audit history).
+pub async fn store(repo: &crate::repo::Writer, ev: &Evidence) -> Result<(), String> {
+    let id: crate::backup::manifest::BackupId = ev.id.parse().map_err(|_| format!("drill id {:?}", ev.id))?;
+    let key = crate::repo::layout::drill_key(&id);
+    let json = serde_json::to_vec_pretty(ev).expect("evidence serializes");
+    repo.writable()
+        .put(&key, repo.sealer().seal_record(&key, json))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The newest `n` drills' evidence, newest first. A record that cannot be read is skipped with
+/// a warning: the history is informative, never load-bearing.
+pub async fn recent(repo: &crate::repo::Reader, n: usize) -> Result<Vec<Evidence>, crate::repo::StoreError> {
+    use crate::repo::layout::{Kind, parse_drill_key};
+    let mut keys: Vec<String> = repo
+        .store()
+        .list(Kind::Drill.dirname())
+        .await?
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| parse_drill_key(k).is_some())
+        .collect();
+    keys.sort_unstable_by(|a, b| b.cmp(a));
+    let mut out = Vec::new();
+    for key in keys.into_iter().take(n) {
+        let Some(bytes) = repo.store().get(&key).await? else {
+            continue;
+        };
+        let parsed = repo
+            .sealer()
+            .open_record(&key, &bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|json| serde_json::from_slice::<Evidence>(&json).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(ev) if ev.format == FORMAT_NAME => out.push(ev),
+            Ok(_) => tracing::warn!("{key}: not a drill record"),
+            Err(e) => tracing::warn!("{key}: unreadable drill record: {e}"),
+        }
+    }
+    Ok(out)
+}
+
 /// What [`plan`] decided.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -281,6 +325,10 @@ pub async fn run(settings: &Settings, opts: &DrillOptions) -> Evidence {
             return ev;
         }
     };
+    let guard = ScratchGuard {
+        dir: scratch.clone(),
+        keep: opts.keep,
+    };
     let mut server = None;
     let result = drill_in(settings, opts, &scratch, started, &mut ev, &mut server).await;
     if let Some(s) = server.take() {
@@ -309,13 +357,26 @@ pub async fn run(settings: &Settings, opts: &DrillOptions) -> Evidence {
         );
     }
     ev.outcome = if ev.failure.is_none() { "passed" } else { "failed" }.into();
-    if opts.keep {
-        tracing::info!(dir = %scratch.display(), "drill: scratch directory kept");
-    } else if let Err(e) = std::fs::remove_dir_all(&scratch) {
-        tracing::warn!(dir = %scratch.display(), "drill: could not remove the scratch directory: {e}");
-    }
+    drop(guard);
     ev.finished_at = crate::time::format_micros(crate::time::now_micros());
     ev
+}
+
+/// Removes the scratch directory when the drill ends, however it ends (a daemon aborting it
+/// included), unless asked to keep it.
+struct ScratchGuard {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Drop for ScratchGuard {
+    fn drop(&mut self) {
+        if self.keep {
+            tracing::info!(dir = %self.dir.display(), "drill: scratch directory kept");
+        } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), "drill: could not remove the scratch directory: {e}");
+        }
+    }
 }
 
 /// A failed step: (check name, what happened).
@@ -400,10 +461,10 @@ async fn drill_in(
         port,
         user: user.clone(),
         db_user: opts.pg_user.clone().or(user.clone()).unwrap_or_else(current_user),
+        stopped: Default::default(),
     };
+    let s = server.insert(s);
     s.start().await.map_err(|e| failed("server start", e))?;
-    *server = Some(s);
-    let s = server.as_ref().expect("just set");
     let replayed = s
         .wait_recovered(opts.timeout)
         .await
@@ -605,6 +666,30 @@ struct Server {
     /// OS user to run as (we are root), or `None`.
     user: Option<String>,
     db_user: String,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Server {
+    /// A drill cut short (the daemon shutting down) must not leave a server behind.
+    fn drop(&mut self) {
+        if self.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut c = match &self.user {
+            Some(u) => {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(self.bin.join("pg_ctl"));
+                c
+            }
+            None => std::process::Command::new(self.bin.join("pg_ctl")),
+        };
+        let _ = c
+            .arg("-D")
+            .arg(&self.pgdata)
+            .args(["-m", "immediate", "-w", "-t", "60", "stop"])
+            .stdin(std::process::Stdio::null())
+            .output();
+    }
 }
 
 impl Server {
@@ -647,6 +732,7 @@ impl Server {
     }
 
     async fn stop(&self) {
+        self.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self
             .command("pg_ctl")
             .arg("-D")

@@ -37,6 +37,7 @@ pub enum Kind {
     Backup,
     Chunk,
     Lock,
+    Drill,
 }
 
 impl Kind {
@@ -48,6 +49,7 @@ impl Kind {
             Kind::Backup => "backups/",
             Kind::Chunk => "chunks/",
             Kind::Lock => "locks/",
+            Kind::Drill => "drills/",
         }
     }
 }
@@ -90,6 +92,17 @@ pub fn parse_relation_map_key(key: &str) -> Option<BackupId> {
         .parse()
         .ok()?;
     (relation_map_key(&id) == key).then_some(id)
+}
+
+/// The key of a drill's evidence; `id` is its start, `YYYYMMDDTHHMMSSZ`.
+pub fn drill_key(id: &BackupId) -> String {
+    format!("drills/{id}.json")
+}
+
+/// The drill a listed key under [`Kind::Drill`] is the evidence of.
+pub fn parse_drill_key(key: &str) -> Option<BackupId> {
+    let id: BackupId = key.strip_prefix("drills/")?.strip_suffix(".json")?.parse().ok()?;
+    (drill_key(&id) == key).then_some(id)
 }
 
 /// The key of backup `id`'s pin.
