@@ -18,6 +18,7 @@ pub mod fetch;
 pub mod fsutil;
 pub mod lease;
 pub mod prefetch;
+pub mod progress;
 pub mod recovery_conf;
 pub mod repo;
 pub mod restore;
