@@ -179,7 +179,7 @@ impl ReplayProgress {
             s.push_str(&format!(", commits replayed up to {}", format_micros(t)));
         }
         if let Some(eta) = self.eta_seconds {
-            s.push_str(&format!(", about {} to {}", format_duration(eta), self.goal()));
+            s.push_str(&format!(", {} to {}", eta_text(eta), self.goal()));
         }
         s
     }
@@ -199,13 +199,19 @@ pub fn advance(
     let no = segment.segment_no(plan.wal_segment_size)?;
     let n = no.checked_sub(plan.first_no()?)? + 1;
     let total = plan.total()?;
-    // A progress file of another plan (an earlier restore into this directory) or from after a
-    // restart that went back (PostgreSQL recovers again from its last restartpoint) starts over.
-    let previous = previous.filter(|p| p.plan_created_at_us == plan.created_at_us && p.n <= n);
-    let (started_at_us, started_n) = previous.map_or((now_us, n), |p| (p.started_at_us, p.started_n));
+    // A progress file of another plan (an earlier restore into this directory) is ignored.
+    let previous = previous.filter(|p| p.plan_created_at_us == plan.created_at_us);
+    let (started_at_us, started_n) = match previous {
+        Some(p) if p.n <= n => (p.started_at_us, p.started_n),
+        // Going back: PostgreSQL reads the segment where replay stopped again when it ends
+        // recovery, or recovers again from its last restartpoint after a restart. The rate
+        // starts over; what was replayed stays replayed.
+        _ => (now_us, n),
+    };
     let reached_commit_us = previous.and_then(|p| {
-        if p.n < n {
-            // The segment handed over before is replayed now.
+        // The segment handed over before is replayed now; but the target's own segment only up
+        // to the target (PostgreSQL reads ahead past it), so its newest commit does not count.
+        if p.n < n && (plan.last_is_upper_bound || p.n < total) {
             p.reached_commit_us.max(p.fetched_commit_us)
         } else {
             p.reached_commit_us
@@ -237,6 +243,14 @@ pub fn eta_seconds(n: u64, total: u64, started_n: u64, elapsed_us: i64) -> Optio
     let elapsed = u128::try_from(elapsed_us).ok().filter(|&e| e > 0)?;
     let eta_us = u128::from(left) * elapsed / u128::from(done);
     u64::try_from(eta_us / 1_000_000).ok()
+}
+
+/// `about 1m20s`, or `less than a second`.
+pub fn eta_text(secs: u64) -> String {
+    match secs {
+        0 => "less than a second".into(),
+        s => format!("about {}", format_duration(s)),
+    }
 }
 
 /// `45s`, `1m20s`, `2h05m`.
@@ -360,11 +374,7 @@ impl RecoveryStatus {
                     rows.push((
                         "eta",
                         p.eta_seconds.map_or("not known yet".into(), |e| {
-                            format!(
-                                "about {} to {}, as of the last update",
-                                format_duration(e),
-                                p.goal()
-                            )
+                            format!("{} to {}, as of the last update", eta_text(e), p.goal())
                         }),
                     ));
                 }
@@ -461,6 +471,16 @@ mod tests {
         // Commit times are not monotonic in WAL order: the newest one replayed counts.
         let d = advance(&p, Some(&c), &seg("000000010000000000000005"), None, T0 + 3 * SEC).unwrap();
         assert_eq!(d.reached_commit_us, Some(T0 - 50 * SEC));
+        // Past the target's segment (PostgreSQL reads ahead): the target's commits do not count.
+        let short = plan("000000010000000000000002", "000000010000000000000003", false);
+        let at = advance(&short, Some(&a), &seg("000000010000000000000003"), Some(T0), T0).unwrap();
+        let past = advance(&short, Some(&at), &seg("000000010000000000000004"), None, T0).unwrap();
+        assert_eq!(past.reached_commit_us, Some(T0 - 50 * SEC));
+        let mut bound = short.clone();
+        bound.last_is_upper_bound = true;
+        let at = advance(&bound, Some(&a), &seg("000000010000000000000003"), Some(T0), T0).unwrap();
+        let past = advance(&bound, Some(&at), &seg("000000010000000000000004"), None, T0).unwrap();
+        assert_eq!(past.reached_commit_us, Some(T0), "the archive's end is no target");
         // The same segment asked for again: nothing more is replayed.
         let again = advance(&p, Some(&d), &seg("000000010000000000000005"), None, T0 + 4 * SEC).unwrap();
         assert_eq!(again.reached_commit_us, d.reached_commit_us);
@@ -493,7 +513,7 @@ mod tests {
     }
 
     #[test]
-    fn another_plan_or_a_restart_starts_the_count_over() {
+    fn another_plan_starts_over_and_going_back_restarts_the_rate() {
         let p = plan("000000010000000000000002", "000000010000000000000029", false);
         let a = advance(&p, None, &seg("000000010000000000000002"), Some(T0), T0).unwrap();
         let b = advance(
@@ -504,7 +524,8 @@ mod tests {
             T0 + 10 * SEC,
         )
         .unwrap();
-        // PostgreSQL restarted and recovers again from an earlier restartpoint.
+        // PostgreSQL restarted and recovers again from an earlier restartpoint (or reads the
+        // last segment again as it ends recovery): the rate starts over, the time reached stays.
         let back = advance(
             &p,
             Some(&b),
@@ -517,6 +538,7 @@ mod tests {
             (back.started_at_us, back.started_n, back.eta_seconds),
             (T0 + 99 * SEC, 5, None)
         );
+        assert_eq!(back.reached_commit_us, Some(T0));
         let mut other = p.clone();
         other.created_at_us += 1;
         let fresh = advance(
@@ -559,6 +581,13 @@ mod tests {
         assert!(
             pr.line()
                 .contains("(42, past the 40 planned to reach the target)"),
+            "{}",
+            pr.line()
+        );
+        pr.eta_seconds = Some(0);
+        pr.n = 40;
+        assert!(
+            pr.line().ends_with(", less than a second to the target"),
             "{}",
             pr.line()
         );
