@@ -177,7 +177,7 @@ enum Command {
         rules: walvault::cli::RetentionArgs,
         /// Restore drills on a schedule (evidence stored in the repository)
         #[command(flatten)]
-        drill: DrillArgs,
+        drill: Box<DrillArgs>,
     },
 }
 
@@ -307,7 +307,7 @@ fn daemon(
     max_wal_age: Option<String>,
     metrics_addr: Option<std::net::SocketAddr>,
     rules: &walvault::cli::RetentionArgs,
-    drill: DrillArgs,
+    drill: Box<DrillArgs>,
 ) -> anyhow::Result<()> {
     use walvault::config::parse_duration;
     let settings = repo.settings(None)?;

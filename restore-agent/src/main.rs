@@ -222,6 +222,17 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// How far the recovery of a data directory restored by `restore-agent restore` has got:
+    /// segment n of the segments up to the target, the commit time reached, an ETA; or that it
+    /// finished. Reads only the data directory. Exit status 1 when it holds no walvault recovery.
+    Status {
+        /// The restored data directory
+        #[arg(long, value_name = "DIR")]
+        pgdata: PathBuf,
+        /// Print the status as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// List backups, timelines and archived WAL
     List,
     /// Describe the repository (backups, timelines, WAL coverage); --json for machines
@@ -276,6 +287,7 @@ fn main() -> ExitCode {
                 ExitCode::from(exit::USAGE)
             }
         },
+        Command::Status { pgdata, json } => report(status(&pgdata, json)),
         Command::List => report(info(&cli.repo, false)),
         Command::Info { json } => report(info(&cli.repo, json)),
         restore @ Command::Restore { .. } => report(run_restore(&cli.repo, restore)),
@@ -390,11 +402,35 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!("recovery target: {}, timeline {}", r.target, r.timeline);
+    if let Some(span) = &r.replay {
+        let to = if span.last_is_upper_bound {
+            "the newest archived segment"
+        } else {
+            "the target's segment"
+        };
+        println!(
+            "replay: {} segments, {} to {} ({to}); watch it with:  restore-agent status --pgdata {}",
+            span.segments,
+            span.first,
+            span.last,
+            pgdata.display()
+        );
+    }
     println!(
         "start PostgreSQL {} to complete the recovery:  pg_ctl -D {} start",
         r.pg_version,
         pgdata.display()
     );
+    Ok(())
+}
+
+fn status(pgdata: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let status = walvault::progress::files::status(pgdata, walvault::time::now_micros())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status.to_json())?);
+    } else {
+        println!("{}", status.render());
+    }
     Ok(())
 }
 
@@ -966,7 +1002,10 @@ fn fetch(
             );
         }
     };
-    let result = match cli::run_call(fetch::fetch(&settings, name, dest, prefetch.as_ref())) {
+    // Restored by walvault: each segment is counted against the plan and logged.
+    let plan = walvault::progress::files::plan_for_fetch(&pgdata);
+    let fetched = fetch::fetch_for_replay(&settings, name, dest, prefetch.as_ref(), plan.is_some());
+    let result = match cli::run_call(fetched) {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot start: {e}"), exit::FATAL),
     };
@@ -977,9 +1016,18 @@ fn fetch(
             size,
             stored_size,
             prefetched,
+            latest_commit,
         }) => {
             let from = if prefetched { ", prefetched" } else { "" };
             tracing::info!("fetch {name}: restored, {size} bytes, stored {stored_size} bytes{from}, {ms} ms");
+            if let (Some(plan), walvault::wal::WalFileName::Segment(seg)) = (&plan, name) {
+                let now = walvault::time::now_micros();
+                if let Some(p) =
+                    walvault::progress::files::record_fetch(&pgdata, plan, &seg, latest_commit, now)
+                {
+                    tracing::info!("{}", p.line());
+                }
+            }
             if let (Some(p), walvault::wal::WalFileName::Segment(_)) = (&prefetch, name) {
                 start_prefetch(repo, p, &pgdata, &name);
             }

@@ -590,6 +590,18 @@ pub(crate) mod testing {
         }
     }
 
+    /// The summary of segment `no`, with one transaction end, at `max_commit_unix_secs`.
+    pub(crate) fn summary(no: u64, max_commit_unix_secs: i64) -> SegmentSummary {
+        let t = crate::wal::pgtime::PgTime::from_unix_micros(max_commit_unix_secs * 1_000_000).unwrap();
+        serde_json::from_value(serde_json::json!({
+            "start": Lsn(no * SEG), "pg_version": 15, "end_of_records": Lsn(no * SEG), "records": 1,
+            "first_record": null, "last_record": null, "commits": 1, "aborts": 0,
+            "first_commit": t, "last_commit": t, "min_commit": t, "max_commit": t,
+            "restore_points": [], "ends_with_switch": false, "skipped_continuation": false, "end_of_wal": null
+        }))
+        .unwrap()
+    }
+
     /// The manifest of a backup of system 1 on timeline `tli` that started in segment
     /// `start_seg` and became consistent in it at `stop_us` (Unix microseconds), a second after
     /// it started.
@@ -619,21 +631,9 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{SEG, empty_catalog, manifest};
+    use super::testing::{SEG, empty_catalog, manifest, summary};
     use super::*;
     use crate::wal::TimelineId;
-    use crate::wal::pgtime::PgTime;
-
-    fn summary(no: u64, max_commit_unix_secs: i64) -> SegmentSummary {
-        let t = PgTime::from_unix_micros(max_commit_unix_secs * 1_000_000).unwrap();
-        serde_json::from_value(serde_json::json!({
-            "start": Lsn(no * SEG), "pg_version": 15, "end_of_records": Lsn(no * SEG), "records": 1,
-            "first_record": null, "last_record": null, "commits": 1, "aborts": 0,
-            "first_commit": t, "last_commit": t, "min_commit": t, "max_commit": t,
-            "restore_points": [], "ends_with_switch": false, "skipped_continuation": false, "end_of_wal": null
-        }))
-        .unwrap()
-    }
 
     /// Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2.
     fn catalog() -> Catalog {

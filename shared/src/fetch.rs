@@ -12,9 +12,9 @@ use crate::exit;
 use crate::fsutil;
 use crate::prefetch::Prefetch;
 use crate::repo::layout::wal_key;
-use crate::repo::object::{ObjectError, ObjectKind};
+use crate::repo::object::{ObjectError, ObjectKind, Sealer};
 use crate::repo::{Reader, RepoError, Store, StoreError, WalCheckError};
-use crate::wal::{NameError, WalFileName};
+use crate::wal::{NameError, SegmentName, WalFileName};
 
 /// What a fetch found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +25,9 @@ pub enum FetchOutcome {
         stored_size: u64,
         /// Taken from the prefetch spool rather than downloaded now.
         prefetched: bool,
+        /// Unix microseconds: the newest transaction end in the segment, from the time index,
+        /// when [`fetch_for_replay`] asked for it and it could be read in time.
+        latest_commit: Option<i64>,
     },
     NotFound {
         name: WalFileName,
@@ -86,15 +89,87 @@ pub async fn fetch(
     dest: &Path,
     prefetch: Option<&Prefetch>,
 ) -> Result<FetchOutcome, FetchError> {
+    fetch_for_replay(settings, name, dest, prefetch, false).await
+}
+
+/// How long a fetch that has written its segment still waits for the segment's summary (asked
+/// for at the same time as the segment, so normally already there).
+const SUMMARY_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// [`fetch`], and with `commit_time`, for a segment, the newest transaction end in it
+/// (`latest_commit`, for the replay progress line): from the time index, one small GET made
+/// beside the segment's, or from the prefetch spool. Best effort, within the same time bound:
+/// a summary missing, unreadable or late is left out and never changes the outcome.
+pub async fn fetch_for_replay(
+    settings: &Settings,
+    name: &str,
+    dest: &Path,
+    prefetch: Option<&Prefetch>,
+    commit_time: bool,
+) -> Result<FetchOutcome, FetchError> {
     let bound = settings.call_bound();
-    tokio::time::timeout(bound, fetch_unbounded(settings, name, dest, prefetch))
-        .await
-        .unwrap_or_else(|_| {
-            Err(FetchError::TimedOut {
-                repo: settings.repo.to_string(),
-                after: bound,
-            })
+    let deadline = tokio::time::Instant::now() + bound;
+    let (mut outcome, pending) = tokio::time::timeout_at(
+        deadline,
+        fetch_unbounded(settings, name, dest, prefetch, commit_time),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(FetchError::TimedOut {
+            repo: settings.repo.to_string(),
+            after: bound,
         })
+    })?;
+    if let (Some(pending), FetchOutcome::Restored { latest_commit, .. }) = (pending, &mut outcome) {
+        let until = deadline.min(tokio::time::Instant::now() + SUMMARY_GRACE);
+        *latest_commit = pending.finish(until).await;
+    }
+    Ok(outcome)
+}
+
+/// A segment's summary being read beside it; aborted when dropped.
+struct PendingSummary {
+    get: tokio::task::JoinHandle<Result<Option<bytes::Bytes>, StoreError>>,
+    segment: SegmentName,
+    /// The repository's, once its descriptor is read (beside the segment).
+    sealer: Option<Sealer>,
+}
+
+impl Drop for PendingSummary {
+    fn drop(&mut self) {
+        self.get.abort();
+    }
+}
+
+impl PendingSummary {
+    fn start(store: &Store, segment: SegmentName) -> PendingSummary {
+        let (store, key) = (store.clone(), crate::timeindex::summary_key(&segment));
+        PendingSummary {
+            get: tokio::spawn(async move { store.get(&key).await }),
+            segment,
+            sealer: None,
+        }
+    }
+
+    /// The newest transaction end the summary records, if it arrives by `until` and opens.
+    async fn finish(mut self, until: tokio::time::Instant) -> Option<i64> {
+        let sealer = self.sealer.take()?;
+        let bytes = match tokio::time::timeout_at(until, &mut self.get).await {
+            Ok(Ok(Ok(Some(bytes)))) => bytes,
+            Ok(Ok(Err(e))) => {
+                tracing::debug!("summary of {}: {e}", self.segment);
+                return None;
+            }
+            _ => return None,
+        };
+        match crate::timeindex::open(&sealer, &self.segment, &bytes) {
+            Ok(s) => s.latest_commit_us(),
+            Err(e) => {
+                tracing::debug!("{e}");
+                None
+            }
+        }
+    }
 }
 
 async fn fetch_unbounded(
@@ -102,23 +177,35 @@ async fn fetch_unbounded(
     name: &str,
     dest: &Path,
     prefetch: Option<&Prefetch>,
-) -> Result<FetchOutcome, FetchError> {
+    commit_time: bool,
+) -> Result<(FetchOutcome, Option<PendingSummary>), FetchError> {
     let name: WalFileName = name.parse()?;
     let name_str = name.to_string();
     let key = wal_key(&name);
     let repo = settings.repo.to_string();
+    let segment = match name {
+        WalFileName::Segment(s) if commit_time => Some(s),
+        _ => None,
+    };
 
-    if let Some(taken) = prefetch.and_then(|p| p.take(&name, dest)) {
-        match taken {
-            Ok(size) => {
-                return Ok(FetchOutcome::Restored {
+    if let Some(p) = prefetch {
+        // Read before the copy is taken, which removes it.
+        let latest_commit = segment.and_then(|_| p.spooled_commit(&name));
+        match p.take(&name, dest) {
+            Some(Ok(size)) => {
+                let outcome = FetchOutcome::Restored {
                     name,
                     size,
                     stored_size: 0,
                     prefetched: true,
-                });
+                    latest_commit,
+                };
+                return Ok((outcome, None));
             }
-            Err(e) => tracing::warn!("prefetched {name_str} unusable ({e}); fetching it from the repository"),
+            Some(Err(e)) => {
+                tracing::warn!("prefetched {name_str} unusable ({e}); fetching it from the repository")
+            }
+            None => {}
         }
     }
 
@@ -126,6 +213,7 @@ async fn fetch_unbounded(
     // a corrupt stored object is.
     let mut rereads = 1;
     let store = Store::open_retrying(&settings.repo, &settings.store_options()).await?;
+    let mut summary = segment.map(|s| PendingSummary::start(&store, s));
     let (reader, stored, content) = loop {
         // The descriptor and the file in one round trip; an absent file counts as absent only
         // once the descriptor proves this is the repository.
@@ -138,7 +226,7 @@ async fn fetch_unbounded(
             async { store.get(&key).await.map_err(FetchError::from) }
         )?;
         let Some(bytes) = object else {
-            return Ok(FetchOutcome::NotFound { name });
+            return Ok((FetchOutcome::NotFound { name }, None));
         };
         match reader.sealer().open(&bytes, ObjectKind::WalFile, &name_str) {
             Ok((_, content)) => break (reader, bytes.len() as u64, content),
@@ -164,7 +252,10 @@ async fn fetch_unbounded(
             repo,
             source: Box::new(source),
         })?;
-    write_out(name, dest, content, stored)
+    if let Some(s) = summary.as_mut() {
+        s.sealer = Some(reader.sealer().clone());
+    }
+    Ok((write_out(name, dest, content, stored)?, summary))
 }
 
 fn write_out(
@@ -182,5 +273,6 @@ fn write_out(
         size: content.len() as u64,
         stored_size: stored,
         prefetched: false,
+        latest_commit: None,
     })
 }

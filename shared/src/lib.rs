@@ -20,6 +20,7 @@ pub mod find;
 pub mod fsutil;
 pub mod lease;
 pub mod prefetch;
+pub mod progress;
 pub mod recovery_conf;
 pub mod relmap;
 pub mod repo;

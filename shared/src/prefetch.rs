@@ -79,6 +79,24 @@ impl Prefetch {
         self.dir.join(format!("{name}.wal"))
     }
 
+    /// Beside a spooled segment: the newest transaction end in it, from the time index.
+    fn commit_path(&self, name: &WalFileName) -> PathBuf {
+        self.dir.join(format!("{name}.commit"))
+    }
+
+    /// Remove a spooled copy and what goes with it.
+    fn drop_copy(&self, name: &WalFileName) {
+        let _ = std::fs::remove_file(self.object_path(name));
+        let _ = std::fs::remove_file(self.commit_path(name));
+    }
+
+    /// The newest transaction end (Unix microseconds) in spooled segment `name`, as the
+    /// prefetcher read it from the time index, for the replay progress line.
+    pub fn spooled_commit(&self, name: &WalFileName) -> Option<i64> {
+        let text = std::fs::read_to_string(self.commit_path(name)).ok()?;
+        text.trim().parse().ok()
+    }
+
     /// Move the verified, prefetched `name` to `dest` (durably: rename, then fsync of the
     /// directory; a copy when the spool is on another file system). `None` when there is none.
     pub fn take(&self, name: &WalFileName, dest: &Path) -> Option<std::io::Result<u64>> {
@@ -92,6 +110,7 @@ impl Prefetch {
                 .and_then(|()| std::fs::remove_file(&path)),
             Err(e) => Err(e),
         };
+        let _ = std::fs::remove_file(self.commit_path(name));
         Some(moved.map(|()| size))
     }
 
@@ -214,6 +233,9 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
         lease::release(&pf.dir.join("lock"));
         return Ok(()); // no segment archived yet: nothing to prefetch
     };
+    // With a replay plan (a restore by walvault), each copy comes with its segment's newest
+    // transaction end, which fetch logs as progress.
+    let commits = crate::progress::files::plan_for_fetch(pgdata).is_some();
     let mut last_wanted = pf.wanted();
     let mut last_change = Instant::now();
     let mut retry: KeyedBackoff<WalFileName> = KeyedBackoff::default();
@@ -259,7 +281,7 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
             {
                 tracing::warn!("prefetch stopped, its copies dropped: {e}");
                 for name in pf.spooled() {
-                    let _ = std::fs::remove_file(pf.object_path(&name));
+                    pf.drop_copy(&name);
                 }
                 break;
             }
@@ -286,7 +308,7 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
             // Drop what recovery has passed or what belongs to another timeline.
             for name in pf.spooled() {
                 if !ahead.contains(&name) {
-                    let _ = std::fs::remove_file(pf.object_path(&name));
+                    pf.drop_copy(&name);
                 }
             }
             let spooled = pf.spooled();
@@ -305,7 +327,8 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
                 }
                 downloading.insert(name);
                 let (repo, path) = (std::sync::Arc::clone(&repo), pf.object_path(&name));
-                tasks.spawn(async move { (name, download(&repo, &name, &path).await) });
+                let commit_path = commits.then(|| pf.commit_path(&name));
+                tasks.spawn(async move { (name, download(&repo, &name, &path, commit_path).await) });
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -322,11 +345,25 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
 /// Download one segment, verify it as fetch would, and leave it decompressed and durable in the
 /// spool (temporary name, fsync, rename: fetch never sees a partial file). `false` when the
 /// repository does not have it (yet); a copy failing verification is dropped, and fetch then
-/// asks the repository itself and reports the corruption.
-async fn download(repo: &Reader, name: &WalFileName, path: &Path) -> Result<bool, PrefetchError> {
+/// asks the repository itself and reports the corruption. With `commit_path`, the newest
+/// transaction end the segment's summary records is written there first (best effort).
+async fn download(
+    repo: &Reader,
+    name: &WalFileName,
+    path: &Path,
+    commit_path: Option<PathBuf>,
+) -> Result<bool, PrefetchError> {
     let key = wal_key(name);
     let Some(bytes) = repo.store().get(&key).await? else {
         return Ok(false);
+    };
+    let latest_commit = match (commit_path.is_some(), name.wal_segment()) {
+        (true, Some(seg)) => crate::timeindex::load(repo.store(), repo.sealer(), &seg)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.latest_commit_us()),
+        _ => None,
     };
     let (name, path, repo) = (*name, path.to_path_buf(), repo.clone());
     let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -342,6 +379,10 @@ async fn download(repo: &Reader, name: &WalFileName, path: &Path) -> Result<bool
             .map_err(|e| PrefetchError::Unusable(e.to_string()))?;
         repo.check_wal(&name, &content)
             .map_err(|e| PrefetchError::Unusable(e.to_string()))?;
+        if let (Some(p), Some(t)) = (&commit_path, latest_commit) {
+            // Before the copy appears: fetch reads it when it takes the copy. Only a hint.
+            let _ = std::fs::write(p, t.to_string());
+        }
         let tmp = path.with_extension("part");
         crate::fsutil::write_durably(&tmp, &content)
             .and_then(|()| std::fs::rename(&tmp, &path))
@@ -372,7 +413,11 @@ mod tests {
             pf.take(&tl2, &dest).is_none(),
             "another timeline's copy is never handed out"
         );
+        std::fs::write(pf.commit_path(&tl1), b"1795359600000000").unwrap();
+        assert_eq!(pf.spooled_commit(&tl1), Some(1_795_359_600_000_000));
+        assert_eq!(pf.spooled_commit(&tl2), None);
         assert_eq!(pf.take(&tl1, &dest).map(|r| r.unwrap()), Some(16));
+        assert!(!pf.commit_path(&tl1).exists(), "taken with its copy");
         assert_eq!(std::fs::read(&dest).unwrap(), b"verified segment");
         assert!(pf.take(&tl1, &dest).is_none());
     }

@@ -18,11 +18,12 @@ use crate::backup::chunk::ChunkError;
 use crate::backup::manifest::{self, EntryKind, Manifest, ManifestError};
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
+use crate::progress::RecoveryPlan;
 use crate::recovery_conf::{self, RecoverySettings};
 use crate::repo::object::{ObjectError, ObjectKind, Sealer};
 use crate::repo::{Store, StoreError};
 use crate::time;
-use crate::wal::Lsn;
+use crate::wal::{Lsn, SegmentName, TimelineId};
 
 /// Where recovery stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +148,8 @@ pub struct RestoreReport {
     pub bytes: u64,
     pub timeline: String,
     pub target: String,
+    /// The segments replay goes through, as far as the repository tells.
+    pub replay: Option<ReplaySpan>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -385,6 +388,78 @@ pub fn choose_backup<'a>(
     }))
 }
 
+/// The WAL segments a recovery replays, as far as the repository can tell before PostgreSQL
+/// starts: from the backup's start to the segment where the target is reached, or to the newest
+/// segment archived on the timeline's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplaySpan {
+    pub first: SegmentName,
+    pub last: SegmentName,
+    /// `last` is the end of the archive at restore time, not the target's segment: the target is
+    /// the end of the archive or a transaction id, or the time index cannot place it.
+    pub last_is_upper_bound: bool,
+    /// Segments from `first` to `last`, both included, counted by LSN.
+    pub segments: u64,
+}
+
+/// Where replay from backup `m`, following `timeline`, reaches `target`, by the catalog
+/// [`choose_backup`] chose the backup with: a time in the first segment whose summary records a
+/// transaction end past it (PostgreSQL stops at the first one, in WAL order); an LSN in its
+/// segment; a restore point in the segment of its record; `immediate` in the segment where the
+/// backup became consistent. Otherwise, the last segment of the backup's chain.
+pub fn replay_span(
+    cat: &Catalog,
+    m: &Manifest,
+    timeline: u32,
+    target: &RecoveryTarget,
+    exclusive: bool,
+) -> Option<ReplaySpan> {
+    let size = cat.wal_segment_size();
+    let seg_bytes = u64::from(size);
+    let name = |no: u64| {
+        let tli = TimelineId::new(cat.timeline_of_segment(timeline, no))?;
+        Some(SegmentName::containing(
+            tli,
+            Lsn(no.checked_mul(seg_bytes)?),
+            size,
+        ))
+    };
+    let first_no = m.start_lsn.0 / seg_bytes;
+    let first = SegmentName::containing(TimelineId::new(m.timeline)?, m.start_lsn, size);
+    let chain = cat.chain(m, timeline);
+    let end_no = chain.last().map(|&(_, no)| no)?;
+    let passes = |t: i64, target: i64| if exclusive { t >= target } else { t > target };
+    let exact = match target {
+        RecoveryTarget::Time(us) => chain
+            .iter()
+            .find(|k| {
+                cat.summaries
+                    .get(k)
+                    .and_then(|s| s.max_commit?.to_unix_micros())
+                    .is_some_and(|t| passes(t, *us))
+            })
+            .map(|&(_, no)| no),
+        RecoveryTarget::Lsn(l) => Some(l.0 / seg_bytes),
+        RecoveryTarget::Name(n) => cat
+            .restore_points(&chain)
+            .into_iter()
+            .find(|(name, lsn, _)| name == n && *lsn >= m.stop_lsn)
+            .map(|(_, lsn, _)| lsn.0 / seg_bytes),
+        RecoveryTarget::Immediate => Some(m.stop_lsn.0.saturating_sub(1) / seg_bytes),
+        RecoveryTarget::End | RecoveryTarget::Xid(_) => None,
+    };
+    let (last_no, last_is_upper_bound) = match exact {
+        Some(no) => (no.max(first_no), false),
+        None => (end_no.max(first_no), true),
+    };
+    Some(ReplaySpan {
+        first,
+        last: name(last_no)?,
+        last_is_upper_bound,
+        segments: last_no - first_no + 1,
+    })
+}
+
 /// The restorable window of a timeline, for error messages.
 fn window_text(cat: &Catalog, tli: u32) -> String {
     match cat.window(tli) {
@@ -504,6 +579,7 @@ fn temp_names() -> Vec<String> {
         "tablespace_map",
         "postgresql.auto.conf",
         "recovery.signal",
+        crate::progress::PLAN_FILE,
     ]
     .iter()
     .map(|n| format!(".{n}.walvault-{pid}.tmp"))
@@ -621,6 +697,21 @@ pub async fn restore(
     }
     let spaces = place_tablespaces(manifest, opts)?;
     let total_bytes = check_before_writing(&cat, manifest, opts, &spaces)?;
+    let replay = replay_span(&cat, manifest, timeline, &opts.target, opts.exclusive);
+    let plan = replay.as_ref().map(|span| RecoveryPlan {
+        format: crate::progress::PLAN_FORMAT.into(),
+        version: crate::progress::FORMAT_VERSION,
+        repository: settings.repo.to_string(),
+        backup: manifest.id.to_string(),
+        wal_segment_size: cat.wal_segment_size(),
+        first_segment: span.first.to_string(),
+        last_segment: span.last.to_string(),
+        last_is_upper_bound: span.last_is_upper_bound,
+        target: describe(&opts.target),
+        timeline,
+        created_at_us: time::now_micros(),
+        data_directory_id: None,
+    });
 
     // Checks passed: write. On failure, remove what was written: a half-restored directory
     // must never be mistaken for a restore.
@@ -632,7 +723,11 @@ pub async fn restore(
         clear_dir(&opts.pgdata)?;
     }
     progress.start(total_bytes);
-    let written = write_backup(&store, repo.sealer(), opts, manifest, &spaces, timeline, progress).await;
+    let written = match write_backup(&store, repo.sealer(), opts, manifest, &spaces, timeline, progress).await
+    {
+        Ok(done) => write_plan(opts, plan).map(|()| done),
+        Err(e) => Err(e),
+    };
     if written.is_err() {
         for t in &targets {
             if let Err(e) = clear_dir(t) {
@@ -655,7 +750,19 @@ pub async fn restore(
             TimelineTarget::Id(n) => n.to_string(),
         },
         target: describe(&opts.target),
+        replay,
     })
+}
+
+/// Write the replay plan (`walvault-recovery.json`) into the restored directory, which
+/// `restore-agent fetch` counts its progress against.
+fn write_plan(opts: &RestoreOptions, plan: Option<RecoveryPlan>) -> Result<(), RestoreError> {
+    let Some(mut plan) = plan else { return Ok(()) };
+    // The directory exists for good now: the plan names it by device and inode, so that a copy
+    // of it (pg_basebackup of the restored server) does not count against this plan.
+    plan.data_directory_id = crate::progress::files::data_directory_id(&opts.pgdata);
+    crate::progress::files::write_plan(&opts.pgdata, &plan)
+        .map_err(write_err(&crate::progress::files::plan_path(&opts.pgdata)))
 }
 
 /// Remove everything inside `dir` (which may not exist).
@@ -765,7 +872,7 @@ async fn write_backup(
 
 /// The pid in `pgdata/postmaster.pid` when that process is alive: a running server owns the
 /// directory, and restoring over it would corrupt both.
-fn running_postmaster(pgdata: &Path) -> Option<u32> {
+pub(crate) fn running_postmaster(pgdata: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
     // A single-user backend writes its pid negated.
     let pid: i64 = text.lines().next()?.trim().parse().ok()?;
@@ -994,6 +1101,71 @@ mod tests {
             chunks: vec![],
         });
         m
+    }
+
+    #[test]
+    fn the_replay_span_ends_where_the_target_is_reached() {
+        use crate::catalog::testing::{SEG, manifest, summary};
+        use crate::timeline::TimelineHistory;
+        // Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2; one
+        // transaction end per segment, at 1000 + n seconds on 1 and 2000 + n on 2.
+        let mut cat = catalog(1);
+        cat.timelines
+            .insert(TimelineHistory::parse(TimelineId::new(2).unwrap(), b"1\t0/5000100\tx\n").unwrap());
+        for no in 2..=7 {
+            cat.summaries.insert((1, no), summary(no, 1000 + no as i64));
+        }
+        for no in 5..=9 {
+            cat.summaries.insert((2, no), summary(no, 2000 + no as i64));
+        }
+        cat.segments = BTreeMap::from([(1, (2..=7).collect()), (2, (5..=9).collect())]);
+        let m = manifest("20261121T100000Z", 1, 2, 900_000_000);
+        let span = |cat: &Catalog, tli, target: RecoveryTarget, exclusive| {
+            let s = replay_span(cat, &m, tli, &target, exclusive).unwrap();
+            (
+                s.first.to_string(),
+                s.last.to_string(),
+                s.last_is_upper_bound,
+                s.segments,
+            )
+        };
+        let first = "000000010000000000000002".to_string();
+        // The first segment with a transaction end past the time, on the timeline's path.
+        assert_eq!(
+            span(&cat, 2, RecoveryTarget::Time(2_006_000_000), false),
+            (first.clone(), "000000020000000000000007".into(), false, 6)
+        );
+        assert_eq!(
+            span(&cat, 2, RecoveryTarget::Time(2_006_000_000), true),
+            (first.clone(), "000000020000000000000006".into(), false, 5)
+        );
+        // Past every summarized transaction end: up to the newest archived segment.
+        assert_eq!(
+            span(&cat, 1, RecoveryTarget::Time(5_000_000_000), false),
+            (first.clone(), "000000010000000000000007".into(), true, 6)
+        );
+        assert_eq!(
+            span(&cat, 2, RecoveryTarget::Lsn(Lsn(8 * SEG + 0x60)), false).1,
+            "000000020000000000000008"
+        );
+        assert_eq!(span(&cat, 2, RecoveryTarget::Immediate, false).1, first);
+        assert_eq!(
+            span(&cat, 2, RecoveryTarget::End, false),
+            (first.clone(), "000000020000000000000009".into(), true, 8)
+        );
+        assert!(span(&cat, 2, RecoveryTarget::Xid(1234), false).2);
+        // A restore point: in its record's segment; one the index does not know: the end.
+        let mut with_point = summary(6, 2006);
+        with_point.restore_points = serde_json::from_value(serde_json::json!([
+            {"lsn": Lsn(6 * SEG + 0x100), "time": with_point.max_commit, "name": "rp1"}
+        ]))
+        .unwrap();
+        cat.summaries.insert((2, 6), with_point);
+        assert_eq!(
+            span(&cat, 2, RecoveryTarget::Name("rp1".into()), false).1,
+            "000000020000000000000006"
+        );
+        assert!(span(&cat, 2, RecoveryTarget::Name("nope".into()), false).2);
     }
 
     #[test]

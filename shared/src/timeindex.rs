@@ -45,18 +45,29 @@ pub async fn load(
     sealer: &Sealer,
     seg: &SegmentName,
 ) -> Result<Option<StoredSummary>, IndexError> {
-    let key = summary_key(seg);
-    let Some(bytes) = store.get(&key).await? else {
+    let Some(bytes) = store.get(&summary_key(seg)).await? else {
         return Ok(None);
     };
+    open(sealer, seg, &bytes).map(Some)
+}
+
+/// Open and verify the stored summary of `seg`, read as `bytes`.
+pub fn open(sealer: &Sealer, seg: &SegmentName, bytes: &[u8]) -> Result<StoredSummary, IndexError> {
     let corrupt = |message: String| IndexError::Corrupt {
-        key: key.clone(),
+        key: summary_key(seg),
         message,
     };
     let (_, json) = sealer
-        .open(&bytes, ObjectKind::Summary, &seg.to_string())
+        .open(bytes, ObjectKind::Summary, &seg.to_string())
         .map_err(|e| corrupt(e.to_string()))?;
-    StoredSummary::parse(&json, seg).map(Some).map_err(corrupt)
+    StoredSummary::parse(&json, seg).map_err(corrupt)
+}
+
+impl StoredSummary {
+    /// The newest transaction end in the segment, Unix microseconds.
+    pub fn latest_commit_us(&self) -> Option<i64> {
+        self.summary.max_commit?.to_unix_micros()
+    }
 }
 
 impl StoredSummary {

@@ -322,3 +322,80 @@ async fn a_repository_mounted_late_is_waited_for() {
     mount.await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), segment(S1, SYSID));
 }
+
+/// For the replay progress line, a fetch of a segment also reads the newest transaction end its
+/// summary records; a summary that is missing or corrupt is left out, never a failed fetch.
+#[tokio::test]
+async fn a_fetch_for_replay_reads_the_newest_commit_and_never_fails_on_it() {
+    use walvault::repo::object::{ObjectKind, SealedObject};
+    let env = Env::new().await;
+    let content = segment(S1, SYSID);
+    archive::push(&env.settings, &env.write(S1, &content))
+        .await
+        .unwrap();
+    let dest = env.dir.path().join("RECOVERYXLOG");
+    let seg = S1.parse::<WalFileName>().unwrap().wal_segment().unwrap();
+    let summary_path = env.repo().join(walvault::timeindex::summary_key(&seg));
+    std::fs::create_dir_all(summary_path.parent().unwrap()).unwrap();
+    let fetch = || fetch::fetch_for_replay(&env.settings, S1, &dest, None, true);
+
+    // 2026-11-22 12:00:00 UTC, as a TimestampTz (microseconds since 2000-01-01).
+    let unix = 1_795_348_800_000_000i64;
+    let pg = unix - walvault::time::PG_EPOCH_OFFSET_MICROS;
+    let stored = serde_json::json!({
+        "format": "walvault-segment-summary", "version": 1, "segment": S1,
+        "summary": {
+            "start": "0/1000000", "pg_version": 15, "end_of_records": "0/1000000", "records": 1,
+            "first_record": null, "last_record": null, "commits": 1, "aborts": 0,
+            "first_commit": pg, "last_commit": pg, "min_commit": pg, "max_commit": pg,
+            "restore_points": [], "ends_with_switch": false, "skipped_continuation": false,
+            "end_of_wal": null
+        }
+    });
+    let sealed = SealedObject::seal(ObjectKind::Summary, S1, stored.to_string().as_bytes(), 3).unwrap();
+    std::fs::write(&summary_path, &sealed.bytes).unwrap();
+    let out = fetch().await.unwrap();
+    assert!(
+        matches!(out, FetchOutcome::Restored { latest_commit: Some(t), .. } if t == unix),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), content);
+
+    std::fs::write(&summary_path, b"not a sealed object").unwrap();
+    let out = fetch().await.unwrap();
+    assert!(
+        matches!(
+            out,
+            FetchOutcome::Restored {
+                latest_commit: None,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    std::fs::remove_file(&summary_path).unwrap();
+    let out = fetch().await.unwrap();
+    assert!(
+        matches!(
+            out,
+            FetchOutcome::Restored {
+                latest_commit: None,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    // A plain fetch does not ask.
+    std::fs::write(&summary_path, &sealed.bytes).unwrap();
+    let out = fetch::fetch(&env.settings, S1, &dest, None).await.unwrap();
+    assert!(
+        matches!(
+            out,
+            FetchOutcome::Restored {
+                latest_commit: None,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+}

@@ -47,6 +47,10 @@ pub fn decide(rel_path: &str, is_dir: bool) -> Decision {
     if name.starts_with(TEMP_PREFIX) || rel_path == crate::spool::SPOOL_DIR {
         return Decision::Skip;
     }
+    // Local state of the recovery this directory came from: a restore writes its own.
+    if rel_path == crate::progress::PLAN_FILE || rel_path == crate::progress::PROGRESS_FILE {
+        return Decision::Skip;
+    }
     if is_dir {
         if EXCLUDE_DIR_CONTENTS.contains(&rel_path) {
             return Decision::EmptyDir;
@@ -118,6 +122,9 @@ mod tests {
         assert_eq!(decide("global/pg_internal.init", false), Decision::Skip);
         assert_eq!(decide("base/pgsql_tmp", true), Decision::Skip);
         assert_eq!(decide("walvault.spool", true), Decision::Skip);
+        assert_eq!(decide("walvault-recovery.json", false), Decision::Skip);
+        assert_eq!(decide("walvault-progress.json", false), Decision::Skip);
+        assert_eq!(decide("base/1/walvault-progress.json", false), Decision::Include);
         assert_eq!(decide("base/5/pgsql_tmp1234.0", false), Decision::Skip);
         assert_eq!(decide("base/5/t3_16384", false), Decision::Skip);
         assert_eq!(decide("base/5/t3_16384_fsm", false), Decision::Skip);
