@@ -678,3 +678,53 @@ fn scheduled_backups_are_expired_and_verified_by_the_daemon() -> Result<()> {
     );
     Ok(())
 }
+
+/// `--drill-every`: the daemon runs restore drills on a schedule, stores each evidence record in
+/// the repository (shown by `restore-agent info`) and exports the last one's outcome, RTO and
+/// RPO.
+#[test]
+fn scheduled_drills_leave_evidence_in_the_repository_and_metrics() -> Result<()> {
+    let repo = Repo::new()?;
+    let source = archiving_cluster("daemon-drill", &repo, "")?;
+    source.execute("CREATE TABLE proof (v int); INSERT INTO proof SELECT generate_series(1, 1000)")?;
+    walvault_testkit::backup::take_backup(&source, &repo)?;
+    source.execute("INSERT INTO proof SELECT generate_series(1001, 2000)")?;
+    archive_everything(&source)?;
+    let d = Daemon::start(
+        &source,
+        &repo,
+        &["--drill-every", "2s", "--drill-rpo-target", "1h"],
+    )?;
+    let metric = |name: &str| d.metric(name).map(|v| v.unwrap_or_default());
+    host::wait_for(
+        "a scheduled drill to finish",
+        Duration::from_secs(180),
+        TICK,
+        || {
+            Ok(match metric("walvault_last_drill_timestamp_seconds")? > 0.0 {
+                true => Poll::Done(()),
+                false => Poll::Waiting(host::tail(&d.log(), 10)),
+            })
+        },
+    )
+    .with_context(|| d.log())?;
+    assert_eq!(metric("walvault_last_drill_success")?, 1.0, "{}", d.log());
+    assert!(metric("walvault_last_drill_rto_seconds")? > 0.0, "{}", d.log());
+    d.stop()?;
+    let info = walvault_testkit::backup::info(&repo)?;
+    let drills = info["drills"].as_array().context("drills in info")?;
+    let last = drills.first().context("a drill recorded")?;
+    assert_eq!(last["outcome"], "passed", "{last:#}");
+    assert!(
+        last["target_time"].is_string(),
+        "a random instant by default: {last:#}"
+    );
+    assert!(last["rpo"]["measured_seconds"].as_f64().is_some(), "{last:#}");
+    assert!(
+        repo.files()?
+            .keys()
+            .any(|k| k.starts_with("drills/") && k.ends_with(".json")),
+        "evidence stored under drills/"
+    );
+    Ok(())
+}
