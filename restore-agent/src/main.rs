@@ -68,30 +68,14 @@ enum Command {
         /// The new data directory (empty, or replaced with --force)
         #[arg(long, value_name = "DIR")]
         pgdata: PathBuf,
-        /// Recover to this time: 'YYYY-MM-DD HH:MM:SS[.ffffff][+TZ]' (UTC when no zone is given)
-        #[arg(long, value_name = "TIME")]
-        target_time: Option<String>,
-        /// Recover to this LSN (like 0/16B3748)
-        #[arg(long, value_name = "LSN")]
-        target_lsn: Option<String>,
-        /// Recover to the commit of this transaction id
-        #[arg(long, value_name = "XID")]
-        target_xid: Option<u64>,
-        /// Recover to this restore point (pg_create_restore_point)
-        #[arg(long, value_name = "NAME")]
-        target_name: Option<String>,
+        #[command(flatten)]
+        goal: TargetArgs,
         /// 'immediate': stop as soon as the backup is consistent
         #[arg(long, value_name = "immediate", value_parser = ["immediate"])]
         target: Option<String>,
-        /// Timeline to follow: latest, current, or a timeline id
-        #[arg(long, default_value = "latest", value_name = "TIMELINE")]
-        target_timeline: String,
         /// What PostgreSQL does at the target: promote, pause or shutdown
         #[arg(long, default_value = "promote", value_parser = ["promote", "pause", "shutdown"])]
         target_action: String,
-        /// Stop just before the target rather than just after it
-        #[arg(long)]
-        target_exclusive: bool,
         /// Backup to restore [default: the newest one consistent before the target]
         #[arg(long, value_name = "ID")]
         backup: Option<String>,
@@ -163,24 +147,8 @@ enum Command {
         /// window), or immediate
         #[arg(long, value_name = "WHAT", value_parser = ["latest", "random", "immediate"])]
         target: Option<String>,
-        /// Recover to this time instead
-        #[arg(long, value_name = "TIME")]
-        target_time: Option<String>,
-        /// Recover to this LSN instead
-        #[arg(long, value_name = "LSN")]
-        target_lsn: Option<String>,
-        /// Recover to the commit of this transaction instead
-        #[arg(long, value_name = "XID")]
-        target_xid: Option<u64>,
-        /// Recover to this restore point instead
-        #[arg(long, value_name = "NAME")]
-        target_name: Option<String>,
-        /// Stop just before the target rather than just after it
-        #[arg(long)]
-        target_exclusive: bool,
-        /// Timeline to follow: latest, current, or a timeline id
-        #[arg(long, default_value = "latest", value_name = "TIMELINE")]
-        target_timeline: String,
+        #[command(flatten)]
+        goal: TargetArgs,
         /// Directory with the backup's PostgreSQL version's postgres and pg_ctl [default:
         /// /usr/lib/postgresql/<version>/bin, /usr/pgsql-<version>/bin, or pg_config --bindir]
         #[arg(long, value_name = "DIR")]
@@ -240,6 +208,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The recovery targets restore and drill share.
+#[derive(Debug, clap::Args)]
+struct TargetArgs {
+    /// Recover to this time: 'YYYY-MM-DD HH:MM:SS[.ffffff][+TZ]' (UTC when no zone is given)
+    #[arg(long, value_name = "TIME")]
+    target_time: Option<String>,
+    /// Recover to this LSN (like 0/16B3748)
+    #[arg(long, value_name = "LSN")]
+    target_lsn: Option<String>,
+    /// Recover to the commit of this transaction id
+    #[arg(long, value_name = "XID")]
+    target_xid: Option<u64>,
+    /// Recover to this restore point (pg_create_restore_point)
+    #[arg(long, value_name = "NAME")]
+    target_name: Option<String>,
+    /// Timeline to follow: latest, current, or a timeline id
+    #[arg(long, default_value = "latest", value_name = "TIMELINE")]
+    target_timeline: String,
+    /// Stop just before the target rather than just after it
+    #[arg(long)]
+    target_exclusive: bool,
+}
+
+impl TargetArgs {
+    /// The target named by a --target-* flag, if one is.
+    fn target(&self) -> anyhow::Result<Option<walvault::restore::RecoveryTarget>> {
+        use walvault::restore::RecoveryTarget;
+        Ok(Some(match self {
+            TargetArgs {
+                target_time: Some(t), ..
+            } => RecoveryTarget::Time(walvault::time::parse_time(t)?),
+            TargetArgs {
+                target_lsn: Some(l), ..
+            } => RecoveryTarget::Lsn(l.parse()?),
+            TargetArgs {
+                target_xid: Some(x), ..
+            } => RecoveryTarget::Xid(*x),
+            TargetArgs {
+                target_name: Some(n), ..
+            } => RecoveryTarget::Name(n.clone()),
+            _ => return Ok(None),
+        }))
+    }
 }
 
 fn main() -> ExitCode {
@@ -320,14 +333,9 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
     use walvault::restore::{RecoveryTarget, RestoreOptions, TargetAction};
     let Command::Restore {
         pgdata,
-        target_time,
-        target_lsn,
-        target_xid,
-        target_name,
+        goal,
         target,
-        target_timeline,
         target_action,
-        target_exclusive,
         backup,
         force,
         parallel,
@@ -339,15 +347,12 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         unreachable!("called for restore only")
     };
     let settings = repo.settings(None)?;
-    let target = match (target_time, target_lsn, target_xid, target_name, target) {
-        (Some(t), ..) => RecoveryTarget::Time(walvault::time::parse_time(&t)?),
-        (_, Some(l), ..) => RecoveryTarget::Lsn(l.parse()?),
-        (_, _, Some(x), ..) => RecoveryTarget::Xid(x),
-        (_, _, _, Some(n), _) => RecoveryTarget::Name(n),
-        (_, _, _, _, Some(_)) => RecoveryTarget::Immediate,
-        _ => RecoveryTarget::End,
+    let target = match (goal.target()?, target) {
+        (Some(t), _) => t,
+        (None, Some(_)) => RecoveryTarget::Immediate,
+        (None, None) => RecoveryTarget::End,
     };
-    let timeline = parse_timeline(&target_timeline)?;
+    let timeline = parse_timeline(&goal.target_timeline)?;
     let action = match target_action.as_str() {
         "pause" => TargetAction::Pause,
         "shutdown" => TargetAction::Shutdown,
@@ -378,7 +383,7 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         target,
         timeline,
         action,
-        exclusive: target_exclusive,
+        exclusive: goal.target_exclusive,
         force,
         parallel,
         restore_command,
@@ -462,12 +467,7 @@ fn run_drill(repo: &RepoArgs, cmd: Command) -> anyhow::Result<bool> {
     use walvault::restore::RecoveryTarget;
     let Command::Drill {
         target,
-        target_time,
-        target_lsn,
-        target_xid,
-        target_name,
-        target_exclusive,
-        target_timeline,
+        goal,
         pg_bin,
         scratch,
         run_as,
@@ -486,19 +486,10 @@ fn run_drill(repo: &RepoArgs, cmd: Command) -> anyhow::Result<bool> {
         unreachable!("called for drill only")
     };
     let settings = repo.settings(None)?;
-    let target = match (
-        target.as_deref(),
-        target_time,
-        target_lsn,
-        target_xid,
-        target_name,
-    ) {
-        (_, Some(t), ..) => DrillTarget::Target(RecoveryTarget::Time(walvault::time::parse_time(&t)?)),
-        (_, _, Some(l), ..) => DrillTarget::Target(RecoveryTarget::Lsn(l.parse()?)),
-        (_, _, _, Some(x), _) => DrillTarget::Target(RecoveryTarget::Xid(x)),
-        (_, _, _, _, Some(n)) => DrillTarget::Target(RecoveryTarget::Name(n)),
-        (Some("random"), ..) => DrillTarget::Random,
-        (Some("immediate"), ..) => DrillTarget::Target(RecoveryTarget::Immediate),
+    let target = match (goal.target()?, target.as_deref()) {
+        (Some(t), _) => DrillTarget::Target(t),
+        (None, Some("random")) => DrillTarget::Random,
+        (None, Some("immediate")) => DrillTarget::Target(RecoveryTarget::Immediate),
         _ => DrillTarget::Latest,
     };
     for f in &check_sql {
@@ -506,8 +497,8 @@ fn run_drill(repo: &RepoArgs, cmd: Command) -> anyhow::Result<bool> {
     }
     let opts = DrillOptions {
         target,
-        timeline: parse_timeline(&target_timeline)?,
-        exclusive: target_exclusive,
+        timeline: parse_timeline(&goal.target_timeline)?,
+        exclusive: goal.target_exclusive,
         pg_bin,
         scratch,
         run_as: Some(run_as),

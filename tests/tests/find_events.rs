@@ -84,6 +84,16 @@ fn find(repo: &Repo, pgdata: &str, extra: &[&str]) -> Result<Value> {
     serde_json::from_str(&run.stdout).with_context(|| format!("find JSON: {}", run.stdout))
 }
 
+/// The xids of the events find listed, in its order.
+fn xids(found: &Value) -> Vec<u64> {
+    found["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["xid"].as_u64())
+        .collect()
+}
+
 fn event_with_xid(found: &Value, xid: u32) -> Result<&Value> {
     found["events"]
         .as_array()
@@ -133,16 +143,16 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
     source.stop()?;
 
     let found = find(&repo, "PGDATA_PLACEHOLDER", &[])?;
-    let events = found["events"].as_array().context("events")?;
-    let xids: Vec<u64> = events.iter().filter_map(|e| e["xid"].as_u64()).collect();
+    let listed = xids(&found);
     let order: Vec<u64> = [dropped.xid, truncate.xid, delete.xid].map(u64::from).to_vec();
     ensure!(
-        xids.iter()
+        listed
+            .iter()
             .filter(|x| order.contains(x))
             .copied()
             .collect::<Vec<_>>()
             == order,
-        "newest first: {xids:?}, expected {order:?} among them\n{found:#}"
+        "newest first: {listed:?}, expected {order:?} among them\n{found:#}"
     );
 
     let expectations: [(&Event, Expected); 3] = [
@@ -194,25 +204,13 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
     }
 
     // Filters.
-    let only = find(&repo, "X", &["--table", "victim_truncate"])?;
-    let only: Vec<u64> = only["events"]
-        .as_array()
-        .context("events")?
-        .iter()
-        .filter_map(|e| e["xid"].as_u64())
-        .collect();
+    let only = xids(&find(&repo, "X", &["--table", "victim_truncate"])?);
     ensure!(
         only == vec![u64::from(truncate.xid)],
         "--table victim_truncate: {only:?}"
     );
     let since = walvault::time::format_micros(truncate.after_us);
-    let later = find(&repo, "X", &["--since", &since])?;
-    let later: Vec<u64> = later["events"]
-        .as_array()
-        .context("events")?
-        .iter()
-        .filter_map(|e| e["xid"].as_u64())
-        .collect();
+    let later = xids(&find(&repo, "X", &["--since", &since])?);
     ensure!(
         later == vec![u64::from(dropped.xid)],
         "--since {since}: {later:?}"
