@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: archive a real workload from a throwaway PostgreSQL 15
-# cluster into a file:// repository, restore it into a second cluster through restore_command,
-# and check that the data matches. Installs PostgreSQL 15 when missing.
+# The story walvault exists for, on a throwaway PostgreSQL 15 cluster and a file:// repository:
+# a walvault base backup, a DROP TABLE accident, restore-agent find naming it, the printed restore
+# bringing the table back with exactly its rows, and a restore drill. Installs PostgreSQL 15 (and
+# nothing else: no Garage, no Azurite) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh demo
