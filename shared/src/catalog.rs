@@ -121,6 +121,9 @@ pub struct Catalog {
     pub summary_files: Vec<(SegmentName, u64)>,
     /// The stored size of each manifest listed.
     pub manifest_bytes: BTreeMap<BackupId, u64>,
+    /// Size of each relation map (`backups/<id>/relations.wvo`), whether or not its backup
+    /// finished.
+    pub relation_map_bytes: BTreeMap<BackupId, u64>,
 }
 
 /// The span of time a restore can reach on one timeline.
@@ -245,9 +248,14 @@ impl Catalog {
         };
         let mut pinned = std::collections::BTreeSet::new();
         let mut manifest_bytes = BTreeMap::new();
+        let mut relation_map_bytes = BTreeMap::new();
         for (key, size) in store.list(Kind::Backup.dirname()).await? {
             if let Some(id) = layout::parse_pin_key(&key) {
                 pinned.insert(id);
+                continue;
+            }
+            if let Some(id) = layout::parse_relation_map_key(&key) {
+                relation_map_bytes.insert(id, size);
                 continue;
             }
             let Some(id) = layout::parse_manifest_key(&key) else {
@@ -344,6 +352,7 @@ impl Catalog {
             wal_files,
             summary_files,
             manifest_bytes,
+            relation_map_bytes,
         })
     }
 
@@ -587,6 +596,7 @@ pub(crate) mod testing {
             wal_files: Vec::new(),
             summary_files: Vec::new(),
             manifest_bytes: BTreeMap::new(),
+            relation_map_bytes: BTreeMap::new(),
         }
     }
 

@@ -238,7 +238,11 @@ async fn run(
     manifest_keys.extend(expired.iter().map(|id| layout::relation_map_key(id)));
     report.backups = Deleted {
         objects: expired.len() as u64,
-        bytes: expired.iter().filter_map(|id| cat.manifest_bytes.get(*id)).sum(),
+        bytes: expired
+            .iter()
+            .filter_map(|id| cat.manifest_bytes.get(*id))
+            .chain(expired.iter().filter_map(|id| cat.relation_map_bytes.get(*id)))
+            .sum(),
     };
     // 2. WAL and summaries (history files are never deleted: retention.rs).
     let wal_sizes: HashMap<&WalFileName, u64> = cat.wal_files.iter().map(|(n, size)| (n, *size)).collect();
@@ -307,14 +311,15 @@ async fn run(
         }
     }
     // Relation maps of backups that never wrote their manifest (failed or cut off: none is in
-    // progress, or this step would not run).
-    if !dry_run {
-        let with_manifest: BTreeSet<&BackupId> = current.backups.iter().map(|m| &m.id).collect();
-        for (key, _) in repo.store().list(Kind::Backup.dirname()).await? {
-            if layout::parse_relation_map_key(&key).is_some_and(|id| !with_manifest.contains(&id)) {
-                garbage.push(key);
-            }
+    // progress, or this step would not run), counted with the backups.
+    let with_manifest: BTreeSet<&BackupId> = current.backups.iter().map(|m| &m.id).collect();
+    for (id, size) in &current.relation_map_bytes {
+        if !with_manifest.contains(id) && !expired.contains(id) {
+            report.backups.bytes += size;
+            garbage.push(layout::relation_map_key(id));
         }
+    }
+    if !dry_run {
         store.delete_many(&garbage).await?;
     }
     Ok(report)
