@@ -38,7 +38,6 @@ pub const MAX_RELS: usize = 64;
 /// Relation files, truncated relations and subtransactions kept per event.
 pub const MAX_LISTED: usize = 1024;
 
-const RM_SMGR_ID: u8 = 2;
 const RM_DBASE_ID: u8 = 4;
 const RM_HEAP_ID: u8 = 10;
 
@@ -56,6 +55,12 @@ const XLOG_XACT_HAS_INFO: u8 = 0x80;
 const XACT_XINFO_HAS_DBINFO: u32 = 1 << 0;
 const XACT_XINFO_HAS_SUBXACTS: u32 = 1 << 1;
 const XACT_XINFO_HAS_RELFILELOCATORS: u32 = 1 << 2;
+
+/// The little-endian `u32` at `at`, if `b` holds it (main data may be cut short).
+fn le_u32(b: &[u8], at: usize) -> Option<u32> {
+    let word = b.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes(word.try_into().expect("4 bytes")))
+}
 
 /// `XLOG_DBASE_DROP`: renumbered in PostgreSQL 15, when `CREATE DATABASE` got two strategies.
 fn dbase_drop_info(pg_version: u32) -> u8 {
@@ -157,14 +162,19 @@ impl OpenXact {
         });
     }
 
+    /// Note relation `oid` of database `db` as truncated (once, up to [`MAX_LISTED`]).
+    fn note_truncated(&mut self, t: (u32, u32)) {
+        if self.truncated.len() < MAX_LISTED && !self.truncated.contains(&t) {
+            self.truncated.push(t);
+        }
+    }
+
     fn absorb(&mut self, other: OpenXact) {
         for r in other.rows {
             self.count(r.rel, r.deleted, r.updated);
         }
         for t in other.truncated {
-            if self.truncated.len() < MAX_LISTED && !self.truncated.contains(&t) {
-                self.truncated.push(t);
-            }
+            self.note_truncated(t);
         }
         self.dropped_database = self.dropped_database.or(other.dropped_database);
     }
@@ -218,10 +228,7 @@ pub fn parse_commit(info: u8, main: &[u8]) -> CommitDetail {
     if info & XLOG_XACT_HAS_INFO == 0 {
         return d;
     }
-    let u32_at = |at: usize| -> Option<u32> {
-        main.get(at..at + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-    };
+    let u32_at = |at: usize| le_u32(main, at);
     let Some(xinfo) = u32_at(8) else {
         d.cut = true;
         return d;
@@ -306,19 +313,13 @@ impl ChangeTracker {
                     XLOG_HEAP_TRUNCATE => {
                         // xl_heap_truncate { Oid dbId; uint32 nrelids; uint8 flags; Oid relids[]; }
                         let m = &rec.main;
-                        let word = |at: usize| {
-                            m.get(at..at + 4)
-                                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-                        };
-                        let (Some(db), Some(n)) = (word(0), word(4)) else {
+                        let (Some(db), Some(n)) = (le_u32(m, 0), le_u32(m, 4)) else {
                             return None;
                         };
                         let x = self.entry(rec.xid)?;
                         for i in 0..n as usize {
-                            let Some(oid) = word(12 + 4 * i) else { break };
-                            if x.truncated.len() < MAX_LISTED && !x.truncated.contains(&(db, oid)) {
-                                x.truncated.push((db, oid));
-                            }
+                            let Some(oid) = le_u32(m, 12 + 4 * i) else { break };
+                            x.note_truncated((db, oid));
                         }
                         return None;
                     }
@@ -330,17 +331,13 @@ impl ChangeTracker {
             }
             RM_DBASE_ID if rec.xid != 0 && rec.info & 0xF0 == dbase_drop_info(pg_version) => {
                 // xl_dbase_drop_rec { Oid db_id; ... }
-                let db = rec
-                    .main
-                    .get(..4)
-                    .map(|b| u32::from_le_bytes(b.try_into().expect("4")))?;
+                let db = le_u32(&rec.main, 0)?;
                 self.entry(rec.xid)?.dropped_database = Some(db);
                 None
             }
             RM_XACT_ID => self.xact(rec),
-            // smgr records carry no transaction to attribute to reliably; the commit's list of
-            // unlinked files says what matters.
-            RM_SMGR_ID => None,
+            // smgr records (file creation) carry no transaction to attribute them to reliably:
+            // the commit's list of unlinked files says what matters.
             _ => None,
         }
     }
@@ -380,8 +377,9 @@ impl ChangeTracker {
                 })
             }
             XLOG_XACT_ABORT | XLOG_XACT_PREPARE => {
-                // An abort's own subtransaction list is not parsed: aborted subtransactions'
-                // counts go with their own abort records, or with the top-level abort below.
+                // Gone with the transaction: its counts, and for an abort those of the
+                // subtransactions it lists (as far as its kept main data holds the list; a
+                // subtransaction left over is forgotten when the tracker makes room).
                 self.open.remove(&rec.xid);
                 if rec.info & XLOG_XACT_OPMASK == XLOG_XACT_ABORT {
                     for sub in parse_commit(rec.info, &rec.main).subxacts {
