@@ -410,9 +410,6 @@ impl DrillArgs {
                 restore_agent.display()
             );
         }
-        for f in &self.drill_check_sql {
-            std::fs::metadata(f).map_err(|e| anyhow::anyhow!("--drill-check-sql {}: {e}", f.display()))?;
-        }
         Ok(walvault::drill::DrillOptions {
             target: match self.drill_target.as_str() {
                 "latest" => walvault::drill::DrillTarget::Latest,
@@ -424,11 +421,8 @@ impl DrillArgs {
             scratch: self.drill_scratch.clone(),
             run_as: Some(self.drill_run_as.clone()),
             pg_user: None,
-            check_sql: self
-                .drill_check_sql
-                .iter()
-                .map(std::path::absolute)
-                .collect::<Result<_, _>>()?,
+            check_sql: walvault::drill::check_sql_files(&self.drill_check_sql)
+                .map_err(|e| anyhow::anyhow!("--drill-check-sql {e}"))?,
             check_db: self.drill_check_db.clone(),
             amcheck: self.drill_amcheck,
             rto_target: self.drill_rto_target.as_deref().map(parse_duration).transpose()?,

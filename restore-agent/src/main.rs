@@ -492,9 +492,6 @@ fn run_drill(repo: &RepoArgs, cmd: Command) -> anyhow::Result<bool> {
         (None, Some("immediate")) => DrillTarget::Target(RecoveryTarget::Immediate),
         _ => DrillTarget::Latest,
     };
-    for f in &check_sql {
-        std::fs::metadata(f).map_err(|e| anyhow::anyhow!("--check-sql {}: {e}", f.display()))?;
-    }
     let opts = DrillOptions {
         target,
         timeline: parse_timeline(&goal.target_timeline)?,
@@ -503,10 +500,8 @@ fn run_drill(repo: &RepoArgs, cmd: Command) -> anyhow::Result<bool> {
         scratch,
         run_as: Some(run_as),
         pg_user,
-        check_sql: check_sql
-            .iter()
-            .map(std::path::absolute)
-            .collect::<Result<_, _>>()?,
+        check_sql: walvault::drill::check_sql_files(&check_sql)
+            .map_err(|e| anyhow::anyhow!("--check-sql {e}"))?,
         check_db,
         amcheck,
         rto_target: rto_target.as_deref().map(parse_duration).transpose()?,

@@ -197,6 +197,19 @@ pub enum DrillError {
     Setup(String),
 }
 
+/// `--check-sql` files as a drill reads them: each must exist, and is named by its absolute
+/// path (the drill's server runs elsewhere; the evidence names the file).
+pub fn check_sql_files(files: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .and_then(|_| std::path::absolute(f))
+                .map_err(|e| format!("{}: {e}", f.display()))
+        })
+        .collect()
+}
+
 /// Store a drill's evidence in the repository (`drills/<id>.json`; records are kept: they are
 /// the audit history).
 pub async fn store(repo: &crate::repo::Writer, ev: &Evidence) -> Result<(), String> {
@@ -427,9 +440,17 @@ async fn drill_in(
         },
     };
     let t = Instant::now();
-    let restored = crate::restore::restore(settings, &restore_opts, Arc::new(crate::restore::NoProgress))
-        .await
-        .map_err(|e| failed("restore", e))?;
+    // The catalog read for the plan serves the restore too: a large repository's time index is
+    // read once, not twice, inside the measured RTO.
+    let restored = crate::restore::restore_from(
+        settings,
+        &reader,
+        &cat,
+        &restore_opts,
+        Arc::new(crate::restore::NoProgress),
+    )
+    .await
+    .map_err(|e| failed("restore", e))?;
     ev.restore_seconds = Some(t.elapsed().as_secs_f64());
     ev.backup = Some(restored.backup.to_string());
     ev.pg_version = Some(restored.pg_version);
@@ -672,51 +693,48 @@ struct Server {
 impl Drop for Server {
     /// A drill cut short (the daemon shutting down) must not leave a server behind.
     fn drop(&mut self) {
-        if self.stopped.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
+        if !self.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = self.stop_command().output();
         }
-        let mut c = match &self.user {
-            Some(u) => {
-                let mut c = std::process::Command::new("runuser");
-                c.args(["-u", u, "--"]).arg(self.bin.join("pg_ctl"));
-                c
-            }
-            None => std::process::Command::new(self.bin.join("pg_ctl")),
-        };
-        let _ = c
-            .arg("-D")
-            .arg(&self.pgdata)
-            .args(["-m", "immediate", "-w", "-t", "60", "stop"])
-            .stdin(std::process::Stdio::null())
-            .output();
     }
 }
 
 impl Server {
-    fn command(&self, program: &str) -> tokio::process::Command {
+    /// `program` from the server's bin directory, run as the server's OS user.
+    fn command(&self, program: &str) -> std::process::Command {
         let path = self.bin.join(program);
         let mut c = match &self.user {
             Some(u) => {
-                let mut c = tokio::process::Command::new("runuser");
+                let mut c = std::process::Command::new("runuser");
                 c.args(["-u", u, "--"]).arg(&path);
                 c
             }
-            None => tokio::process::Command::new(&path),
+            None => std::process::Command::new(&path),
         };
         c.current_dir(&self.socket_dir);
         c.stdin(std::process::Stdio::null());
         c
     }
 
+    /// `pg_ctl stop -m immediate`: the copy is thrown away, nothing to flush.
+    fn stop_command(&self) -> std::process::Command {
+        let mut c = self.command("pg_ctl");
+        c.arg("-D")
+            .arg(&self.pgdata)
+            .args(["-m", "immediate", "-w", "-t", "60", "stop"]);
+        c
+    }
+
     async fn start(&self) -> Result<(), String> {
         // -W: do not wait; recovery can take longer than pg_ctl's wait, which is watched below.
-        let out = self
-            .command("pg_ctl")
+        let mut start = self.command("pg_ctl");
+        start
             .arg("-D")
             .arg(&self.pgdata)
             .arg("-l")
             .arg(&self.log)
-            .args(["-W", "start"])
+            .args(["-W", "start"]);
+        let out = tokio::process::Command::from(start)
             .output()
             .await
             .map_err(|e| format!("pg_ctl: {e}"))?;
@@ -733,13 +751,7 @@ impl Server {
 
     async fn stop(&self) {
         self.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(&self.pgdata)
-            .args(["-m", "immediate", "-w", "-t", "60", "stop"])
-            .output()
-            .await;
+        let _ = tokio::process::Command::from(self.stop_command()).output().await;
     }
 
     fn log_tail(&self) -> String {

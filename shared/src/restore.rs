@@ -683,9 +683,21 @@ pub async fn restore(
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport, RestoreError> {
     let repo = crate::repo::Reader::open(&settings.repo, &settings.store_options()).await?;
-    let store = repo.store().clone();
     let cat = Catalog::load(&repo).await?;
-    let (manifest, timeline) = choose_backup(&cat, opts.backup.as_ref(), &opts.target, opts.timeline)?;
+    restore_from(settings, &repo, &cat, opts, progress).await
+}
+
+/// [`restore`] from a repository already open and its catalog already read (a drill has read
+/// both to plan its target).
+pub async fn restore_from(
+    settings: &Settings,
+    repo: &crate::repo::Reader,
+    cat: &Catalog,
+    opts: &RestoreOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreReport, RestoreError> {
+    let store = repo.store().clone();
+    let (manifest, timeline) = choose_backup(cat, opts.backup.as_ref(), &opts.target, opts.timeline)?;
     if let Some(pid) = running_postmaster(&opts.pgdata) {
         return Err(RestoreError::ServerRunning {
             dir: opts.pgdata.display().to_string(),
@@ -696,8 +708,8 @@ pub async fn restore(
         return Err(RestoreError::NotEmpty(opts.pgdata.display().to_string()));
     }
     let spaces = place_tablespaces(manifest, opts)?;
-    let total_bytes = check_before_writing(&cat, manifest, opts, &spaces)?;
-    let replay = replay_span(&cat, manifest, timeline, &opts.target, opts.exclusive);
+    let total_bytes = check_before_writing(cat, manifest, opts, &spaces)?;
+    let replay = replay_span(cat, manifest, timeline, &opts.target, opts.exclusive);
     let plan = replay.as_ref().map(|span| RecoveryPlan {
         format: crate::progress::PLAN_FORMAT.into(),
         version: crate::progress::FORMAT_VERSION,
