@@ -157,18 +157,8 @@ pub async fn find(repo: &Reader, opts: &FindOptions) -> Result<Found, FindError>
         return Err(FindError::MinRows(opts.min_rows));
     }
     let cat = Catalog::load(repo).await?;
+    // Read as events need them: one GET per backup that names an event, not per backup.
     let mut maps: HashMap<BackupId, Option<RelationMap>> = HashMap::new();
-    for m in &cat.backups {
-        let map = match crate::relmap::load(repo.store(), repo.sealer(), &m.id).await {
-            Ok(map) => map,
-            Err(RelMapError::Store(e)) => return Err(RelMapError::Store(e).into()),
-            Err(e) => {
-                tracing::warn!("{e}");
-                None
-            }
-        };
-        maps.insert(m.id.clone(), map);
-    }
     let latest = cat.timelines.latest();
     let latest_history = cat.timelines.history(latest);
 
@@ -210,8 +200,12 @@ pub async fn find(repo: &Reader, opts: &FindOptions) -> Result<Found, FindError>
             .iter()
             .filter(|m| m.start_lsn <= e.lsn)
             .max_by_key(|m| m.start_lsn)
-            .or_else(|| on_history.iter().min_by_key(|m| m.start_lsn))
-            .filter(|m| maps.get(&m.id).is_some_and(Option::is_some));
+            .or_else(|| on_history.iter().min_by_key(|m| m.start_lsn));
+        if let Some(m) = namer
+            && !maps.contains_key(&m.id)
+        {
+            maps.insert(m.id.clone(), load_map(repo, &m.id).await?);
+        }
         let map = namer.and_then(|m| maps.get(&m.id)).and_then(Option::as_ref);
         let (database, actions, notes) = describe(e, map, opts.min_rows);
         if actions.is_empty() {
@@ -251,6 +245,19 @@ pub async fn find(repo: &Reader, opts: &FindOptions) -> Result<Found, FindError>
         segments_not_searched: not_searched,
         segments_without_summary: without,
     })
+}
+
+/// Backup `id`'s relation map; `None` when it has none or it is damaged (names are then file
+/// numbers), an error only when the store cannot be read.
+async fn load_map(repo: &Reader, id: &BackupId) -> Result<Option<RelationMap>, FindError> {
+    match crate::relmap::load(repo.store(), repo.sealer(), id).await {
+        Ok(map) => Ok(map),
+        Err(RelMapError::Store(e)) => Err(RelMapError::Store(e).into()),
+        Err(e) => {
+            tracing::warn!("{e}");
+            Ok(None)
+        }
+    }
 }
 
 /// Whether `object` (`schema.name`) is `table` (`name` or `schema.name`).
