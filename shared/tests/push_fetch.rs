@@ -338,6 +338,19 @@ async fn a_fetch_for_replay_reads_the_newest_commit_and_never_fails_on_it() {
     let summary_path = env.repo().join(walvault::timeindex::summary_key(&seg));
     std::fs::create_dir_all(summary_path.parent().unwrap()).unwrap();
     let fetch = || fetch::fetch_for_replay(&env.settings, S1, &dest, None, true);
+    #[track_caller]
+    fn assert_restored_without_commit_time(out: &FetchOutcome) {
+        assert!(
+            matches!(
+                out,
+                FetchOutcome::Restored {
+                    latest_commit: None,
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
+    }
 
     // 2026-11-22 12:00:00 UTC, as a TimestampTz (microseconds since 2000-01-01).
     let unix = 1_795_348_800_000_000i64;
@@ -363,39 +376,12 @@ async fn a_fetch_for_replay_reads_the_newest_commit_and_never_fails_on_it() {
 
     std::fs::write(&summary_path, b"not a sealed object").unwrap();
     let out = fetch().await.unwrap();
-    assert!(
-        matches!(
-            out,
-            FetchOutcome::Restored {
-                latest_commit: None,
-                ..
-            }
-        ),
-        "{out:?}"
-    );
+    assert_restored_without_commit_time(&out);
     std::fs::remove_file(&summary_path).unwrap();
     let out = fetch().await.unwrap();
-    assert!(
-        matches!(
-            out,
-            FetchOutcome::Restored {
-                latest_commit: None,
-                ..
-            }
-        ),
-        "{out:?}"
-    );
+    assert_restored_without_commit_time(&out);
     // A plain fetch does not ask.
     std::fs::write(&summary_path, &sealed.bytes).unwrap();
     let out = fetch::fetch(&env.settings, S1, &dest, None).await.unwrap();
-    assert!(
-        matches!(
-            out,
-            FetchOutcome::Restored {
-                latest_commit: None,
-                ..
-            }
-        ),
-        "{out:?}"
-    );
+    assert_restored_without_commit_time(&out);
 }

@@ -374,6 +374,27 @@ impl Cluster {
         outcome.map_err(|e| e.context(self.log_tail()))
     }
 
+    /// Wait until replay has paused at its target (`recovery_target_action = 'pause'`, hot
+    /// standby: the server answers once consistent, then replays on to the target). Fails as
+    /// soon as the server exits, with its log.
+    pub fn wait_replay_paused(&self, timeout: Duration) -> Result<()> {
+        host::wait_for(
+            "replay to pause at the target",
+            timeout,
+            Duration::from_millis(200),
+            || {
+                anyhow::ensure!(self.is_up(), "the server exited:\n{}", self.log_tail());
+                Ok(
+                    match self.query_one_string("SELECT pg_get_wal_replay_pause_state()") {
+                        Ok(s) if s == "paused" => Poll::Done(()),
+                        Ok(s) => Poll::Waiting(format!("pg_get_wal_replay_pause_state() = {s}")),
+                        Err(e) => Poll::Waiting(format!("{e:#}")),
+                    },
+                )
+            },
+        )
+    }
+
     /// Start a server that is expected to fail during startup or recovery: returns the server
     /// log once the postmaster has exited. Errors when it promotes or keeps running past `timeout`.
     pub fn start_expect_failure(&mut self, timeout: Duration) -> Result<String> {

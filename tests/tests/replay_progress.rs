@@ -12,7 +12,7 @@ use serde_json::Value;
 use walvault_testkit::agents::{RESTORE_AGENT, agents};
 use walvault_testkit::backup::{restore_new_cluster, take_backup};
 use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
-use walvault_testkit::host::{self, Finished, Poll, ScratchDir};
+use walvault_testkit::host::{Finished, ScratchDir};
 use walvault_testkit::workload::{self, Ledger, format_lsn, parse_lsn};
 use walvault_testkit::{Cluster, Repo};
 
@@ -97,22 +97,9 @@ fn replay_progress_is_logged_and_reported_by_status() -> Result<()> {
     );
 
     cluster.start()?;
-    host::wait_for(
-        "replay to pause at the target",
-        RECOVERY_TIMEOUT,
-        Duration::from_millis(200),
-        || {
-            ensure!(cluster.is_up(), "the server exited:\n{}", cluster.log_tail());
-            Ok(
-                match cluster.query_one_string("SELECT pg_get_wal_replay_pause_state()") {
-                    Ok(s) if s == "paused" => Poll::Done(()),
-                    Ok(s) => Poll::Waiting(format!("pg_get_wal_replay_pause_state() = {s}")),
-                    Err(e) => Poll::Waiting(format!("{e:#}")),
-                },
-            )
-        },
-    )
-    .with_context(|| format!("restored with:\n{}\n{}", run.stdout, cluster.log_tail()))?;
+    cluster
+        .wait_replay_paused(RECOVERY_TIMEOUT)
+        .with_context(|| format!("restored with:\n{}\n{}", run.stdout, cluster.log_tail()))?;
     assert_eq!(
         workload::ledger_contents(&cluster)?,
         target.state.contents,

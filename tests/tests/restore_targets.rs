@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, ensure};
 use walvault_testkit::backup::{self, BackupSummary, restore_new_cluster, take_backup};
 use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
-use walvault_testkit::host::{self, Finished, Poll, ScratchDir, snapshot, write_for_pg};
+use walvault_testkit::host::{Finished, ScratchDir, snapshot, write_for_pg};
 use walvault_testkit::workload::{
     self, Ledger, LedgerCommit, LedgerContents, TableFingerprint, format_lsn, parse_lsn,
 };
@@ -463,22 +463,9 @@ fn target_action_pause_holds_the_server_in_recovery_at_the_target() -> Result<()
     )?;
     // Hot standby: the server answers once consistent, then replays on to the target.
     cluster.start()?;
-    let paused = host::wait_for(
-        "replay to pause at the target",
-        RECOVERY_TIMEOUT,
-        Duration::from_millis(200),
-        || {
-            ensure!(cluster.is_up(), "the server exited:\n{}", cluster.log_tail());
-            Ok(
-                match cluster.query_one_string("SELECT pg_get_wal_replay_pause_state()") {
-                    Ok(s) if s == "paused" => Poll::Done(()),
-                    Ok(s) => Poll::Waiting(format!("pg_get_wal_replay_pause_state() = {s}")),
-                    Err(e) => Poll::Waiting(format!("{e:#}")),
-                },
-            )
-        },
-    );
-    paused.with_context(|| format!("restored with:\n{}\n{}", run.stdout, cluster.log_tail()))?;
+    cluster
+        .wait_replay_paused(RECOVERY_TIMEOUT)
+        .with_context(|| format!("restored with:\n{}\n{}", run.stdout, cluster.log_tail()))?;
     assert_eq!(
         cluster.query_one_string("SELECT pg_is_in_recovery()::text")?,
         "true",
