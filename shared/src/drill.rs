@@ -1020,6 +1020,20 @@ mod tests {
     }
 
     #[test]
+    fn frozen_fixture_v1() {
+        let ev: Evidence = serde_json::from_slice(include_bytes!("../tests/fixtures/drill-v1.json")).unwrap();
+        assert_eq!((ev.format.as_str(), ev.version), (FORMAT_NAME, FORMAT_VERSION));
+        assert!(!ev.passed());
+        assert_eq!(ev.rto.measured_seconds, Some(0.8));
+        assert!(ev.rpo.met);
+        assert_eq!(ev.checks.len(), 2);
+        assert!(!ev.checks[1].passed);
+        assert!(ev.summary().contains("[FAILED] /etc/walvault/checks.sql query 2"));
+        let again: Evidence = serde_json::from_str(&serde_json::to_string(&ev).unwrap()).unwrap();
+        assert_eq!(again, ev);
+    }
+
+    #[test]
     fn random_instants_stay_inside_the_window() {
         for r in [0.0, 0.5, 0.999_999, 1.0] {
             let t = random_instant(1_000, 2_000, r);

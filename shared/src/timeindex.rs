@@ -68,9 +68,7 @@ impl StoredSummary {
     pub fn latest_commit_us(&self) -> Option<i64> {
         self.summary.max_commit?.to_unix_micros()
     }
-}
 
-impl StoredSummary {
     /// Parse the JSON of the summary stored for `seg` (untrusted: it comes from the repository).
     pub fn parse(json: &[u8], seg: &SegmentName) -> Result<StoredSummary, String> {
         let s: StoredSummary = serde_json::from_slice(json).map_err(|e| e.to_string())?;

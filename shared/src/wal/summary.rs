@@ -417,6 +417,38 @@ mod tests {
         );
         let again: SegmentSummary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(again, s);
+        // Written before walvault recorded change events: not searched, which find reports.
+        assert_eq!(s.events, None);
+    }
+
+    #[test]
+    fn frozen_fixture_v1_with_change_events() {
+        let json = r#"{
+            "start": "0/3000000", "pg_version": 15, "end_of_records": "0/3FFFFF8",
+            "records": 4, "first_record": "0/2FFFF80", "last_record": "0/3063000",
+            "commits": 1, "aborts": 0,
+            "first_commit": 817040001000000, "last_commit": 817040001000000,
+            "min_commit": 817040001000000, "max_commit": 817040001000000,
+            "restore_points": [], "ends_with_switch": false, "skipped_continuation": false,
+            "end_of_wal": null,
+            "events": [{ "lsn": "0/3063000", "xid": 731, "time": 817040001000000, "db": 5,
+              "unlinked": [{ "spc": 1663, "db": 5, "rel": 16390 }], "unlinked_cut": false,
+              "truncated": [], "dropped_database": null,
+              "rows": [{ "rel": { "spc": 1663, "db": 5, "rel": 1259 }, "deleted": 4, "updated": 0 }] }]
+        }"#;
+        let s: SegmentSummary = serde_json::from_str(json).unwrap();
+        let events = s.events.as_ref().unwrap();
+        assert_eq!(events.len(), 1);
+        let e = &events[0];
+        assert_eq!(
+            (e.lsn, e.xid, e.time, e.db),
+            (Lsn(0x306_3000), 731, PgTime(817_040_001_000_000), Some(5))
+        );
+        assert_eq!(e.unlinked[0].rel, 16390);
+        assert_eq!((e.rows[0].rel.rel, e.rows[0].deleted), (1259, 4));
+        assert_eq!(s.events_dropped, 0);
+        let again: SegmentSummary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(again, s);
     }
 
     proptest! {
