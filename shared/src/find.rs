@@ -416,7 +416,8 @@ pub fn describe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relmap::{Database, FORMAT_NAME, FORMAT_VERSION, Relation};
+    use crate::relmap::tests::relation;
+    use crate::relmap::{Database, FORMAT_NAME, FORMAT_VERSION};
     use crate::wal::Lsn;
     use crate::wal::changes::RelRows;
     use crate::wal::decode::RelFileLocator;
@@ -427,17 +428,6 @@ mod tests {
             spc: 1663,
             db: 5,
             rel,
-        }
-    }
-
-    fn relation(oid: u32, filenode: u32, kind: &str, schema: &str, name: &str, owner: u32) -> Relation {
-        Relation {
-            oid,
-            filenode,
-            kind: kind.into(),
-            schema: schema.into(),
-            name: name.into(),
-            owner,
         }
     }
 

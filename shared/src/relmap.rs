@@ -241,18 +241,30 @@ async fn relations_of(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rel(oid: u32, filenode: u32, kind: &str, name: &str, owner: u32) -> Relation {
+    /// A relation for tests (here and in `find`).
+    pub(crate) fn relation(
+        oid: u32,
+        filenode: u32,
+        kind: &str,
+        schema: &str,
+        name: &str,
+        owner: u32,
+    ) -> Relation {
         Relation {
             oid,
             filenode,
             kind: kind.into(),
-            schema: "public".into(),
+            schema: schema.into(),
             name: name.into(),
             owner,
         }
+    }
+
+    fn rel(oid: u32, filenode: u32, kind: &str, name: &str, owner: u32) -> Relation {
+        relation(oid, filenode, kind, "public", name, owner)
     }
 
     fn map() -> RelationMap {
