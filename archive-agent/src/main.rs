@@ -17,6 +17,33 @@ use walvault::repo::keys::KeySource;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The long-running daemon keeps its resident size to the uploads in flight: mimalloc's arenas
+/// are committed as used rather than up front (`MIMALLOC_ARENA_EAGER_COMMIT=0`) and freed memory
+/// goes back to the system at once (`MIMALLOC_PURGE_DELAY=0`). mimalloc reads these when the
+/// process starts, before `main`, so the daemon runs itself again once with them set (measured
+/// peak with two parallel uploads on file://: 26 to 31 MiB with them, 54 to 63 MiB without).
+/// Settings already in the environment are left as they are; if the exec fails, the daemon
+/// carries on with the defaults.
+fn rerun_with_daemon_allocator_settings() {
+    use std::os::unix::process::CommandExt;
+    const SETTINGS: [(&str, &str); 2] = [
+        ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
+        ("MIMALLOC_PURGE_DELAY", "0"),
+    ];
+    if SETTINGS.iter().any(|(k, _)| std::env::var_os(k).is_some()) {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+    let err = std::process::Command::new(&exe)
+        .arg0(arg0)
+        .args(args)
+        .envs(SETTINGS)
+        .exec();
+    eprintln!("archive-agent: cannot run itself again with its allocator settings ({err}); carrying on");
+}
+
 const AFTER_HELP: &str = "\
 In postgresql.conf:
     archive_mode = on
@@ -183,6 +210,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli: Cli = cli::parse_or_exit("archive-agent");
+    if matches!(cli.command, Command::Daemon { .. }) {
+        rerun_with_daemon_allocator_settings();
+    }
     cli::init_logging();
     match cli.command {
         Command::Push {
@@ -624,6 +654,7 @@ fn push(repo: &RepoArgs, wal_path: &std::path::Path, compress_level: Option<i32>
             size,
             stored_size,
             newly_stored,
+            ..
         }) => {
             let what = if newly_stored {
                 "archived"

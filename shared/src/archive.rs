@@ -10,11 +10,15 @@ use std::path::Path;
 use crate::config::Settings;
 use crate::exit;
 use crate::repo::layout::wal_key;
-use crate::repo::object::{MAX_ORIGINAL_LEN, ObjectError, ObjectKind, Sealer};
+use crate::repo::object::{
+    MAX_ORIGINAL_LEN, ObjectError, ObjectKind, SealedBody, Sealer, StreamSealed, StreamSink,
+};
 use crate::repo::store::{CreateSemantics, PutNew};
 use crate::repo::{ClusterIdentity, RepoError, StoreError, WritableStore, Writer};
 use crate::timeindex;
-use crate::wal::{NameError, PageError, SegmentInfo, WalFileName};
+use crate::wal::decode::DecodeError;
+use crate::wal::summary::{Carry, Summarizer};
+use crate::wal::{Lsn, NameError, PageError, SegmentInfo, WalFileName};
 
 /// Largest timeline history or backup history file accepted (they are a few hundred bytes).
 const MAX_TEXT_FILE_LEN: u64 = 16 << 20;
@@ -28,6 +32,8 @@ pub struct PushOutcome {
     pub stored_size: u64,
     /// `false` when an identical copy was already archived.
     pub newly_stored: bool,
+    /// The plain blake3 of the file, when it was read.
+    pub hash: Option<blake3::Hash>,
 }
 
 impl PushOutcome {
@@ -38,6 +44,7 @@ impl PushOutcome {
             size,
             stored_size: 0,
             newly_stored: false,
+            hash: None,
         }
     }
 }
@@ -137,38 +144,195 @@ pub fn name_of(wal_path: &Path) -> Result<WalFileName, NameError> {
     }
 }
 
-/// A file PostgreSQL asked to archive, read and checked.
+/// A file PostgreSQL asked to archive, opened and checked (its name, its size, and for segments
+/// the first page header against the name), not read yet: push reads it once, in pieces,
+/// hashing, summarizing and compressing as it goes.
 #[derive(Debug)]
-pub struct WalFile {
+pub struct WalSource {
     pub name: WalFileName,
-    pub content: Vec<u8>,
-    pub hash: blake3::Hash,
+    pub path: std::path::PathBuf,
+    pub len: u64,
     /// What the first page says, for segments and partial segments.
     pub info: Option<SegmentInfo>,
+    /// The file's metadata when opened (before any byte is read).
+    pub meta: std::fs::Metadata,
+    file: std::fs::File,
+    /// The first page header (segments).
+    head: Vec<u8>,
 }
 
-/// Read the file at `wal_path` and check it: its name, its size, and for segments the page
+/// Bytes read at a time.
+const READ_PIECE: usize = 256 << 10;
+
+/// Open the file at `wal_path` and check it: its name, its size, and for segments the page
 /// header against the name.
-pub fn read_wal_file(wal_path: &Path) -> Result<WalFile, PushError> {
+pub fn open_wal_file(wal_path: &Path) -> Result<WalSource, PushError> {
+    use std::io::Read;
     let name = name_of(wal_path)?;
-    let content = read_bounded(wal_path, &name)?;
+    let read_err = |source| PushError::Read {
+        path: wal_path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::File::open(wal_path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    let len = meta.len();
+    let limit = if name.wal_segment().is_some() {
+        MAX_ORIGINAL_LEN
+    } else {
+        MAX_TEXT_FILE_LEN
+    };
+    if len > limit {
+        return Err(PushError::TooLarge {
+            path: wal_path.display().to_string(),
+            len,
+            kind: name.kind(),
+        });
+    }
+    let mut head = Vec::with_capacity(crate::wal::page::LONG_HEADER_LEN);
     let info = match name.wal_segment() {
-        Some(seg) => Some(
-            crate::wal::page::validate_segment(&content, &seg).map_err(|source| PushError::InvalidWal {
-                name: name.to_string(),
-                source,
-            })?,
-        ),
+        Some(seg) => {
+            (&mut file)
+                .take(crate::wal::page::LONG_HEADER_LEN as u64)
+                .read_to_end(&mut head)
+                .map_err(read_err)?;
+            Some(
+                crate::wal::page::validate_segment_head(&head, len, &seg).map_err(|source| {
+                    PushError::InvalidWal {
+                        name: name.to_string(),
+                        source,
+                    }
+                })?,
+            )
+        }
         None => None,
     };
-    let hash = blake3::hash(&content);
-    Ok(WalFile {
+    Ok(WalSource {
         name,
-        content,
-        hash,
+        path: wal_path.to_path_buf(),
+        len,
         info,
+        meta,
+        file,
+        head,
     })
 }
+
+impl WalSource {
+    fn read_err(&self, source: std::io::Error) -> PushError {
+        PushError::Read {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Read the whole file once, in pieces, handing each to `each`; fails if the file is not
+    /// `len` bytes any more.
+    fn read_all(&mut self, mut each: impl FnMut(&[u8]) -> std::io::Result<()>) -> Result<(), PushError> {
+        use std::io::{Read, Seek};
+        self.file
+            .seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| self.read_err(e))?;
+        let mut buf = vec![0u8; READ_PIECE];
+        let mut total = 0u64;
+        loop {
+            let n = match self.file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.read_err(e)),
+            };
+            total += n as u64;
+            if total > self.len {
+                break;
+            }
+            each(&buf[..n]).map_err(|e| self.read_err(e))?;
+        }
+        if total != self.len {
+            return Err(self.read_err(std::io::Error::other(format!(
+                "the file changed size while it was read ({} bytes when opened, {total} read)",
+                self.len
+            ))));
+        }
+        Ok(())
+    }
+
+    /// The content's hashes: as the repository names content, and plain blake3.
+    fn hashes(&mut self, sealer: &Sealer) -> Result<([u8; 32], blake3::Hash), PushError> {
+        let mut plain = blake3::Hasher::new();
+        let mut keyed = sealer.content_hasher();
+        self.read_all(|b| {
+            plain.update(b);
+            if let Some(k) = &mut keyed {
+                k.update(b);
+            }
+            Ok(())
+        })?;
+        let plain = plain.finalize();
+        Ok((
+            keyed.map_or(*plain.as_bytes(), |k| *k.finalize().as_bytes()),
+            plain,
+        ))
+    }
+
+    /// Seal the file into `sink`, summarizing it on the way when `summarizer` is given.
+    fn seal(
+        &mut self,
+        sealer: &Sealer,
+        level: i32,
+        sink: StreamSink,
+        mut summarizer: Option<Summarizer>,
+    ) -> Result<(StreamSealed, Option<SummaryResult>), PushError> {
+        let name = self.name.to_string();
+        let mut stream = sealer
+            .stream(ObjectKind::WalFile, &name, self.len, level, sink)
+            .map_err(|e| self.read_err(e))?;
+        let mut decode_failed = None;
+        self.read_all(|b| {
+            if let Some(s) = &mut summarizer
+                && let Err(e) = s.feed(b)
+            {
+                decode_failed = Some(e);
+                summarizer = None;
+            }
+            stream.write(b)
+        })?;
+        let sealed = stream.finish().map_err(|e| self.read_err(e))?;
+        let summary = match (summarizer, decode_failed) {
+            (_, Some(e)) => Some(Err(e)),
+            (Some(s), None) => Some(s.finish()),
+            (None, None) => None,
+        };
+        Ok((sealed, summary))
+    }
+
+    /// A summarizer for this segment, continuing `carry`.
+    fn summarizer(&self, start: Lsn, carry: Option<Carry>) -> Result<Summarizer, DecodeError> {
+        Summarizer::new(&self.head, start, carry)
+    }
+
+    /// Summarize the file alone (an identical copy was archived already but not indexed).
+    fn summarize(&mut self, start: Lsn, carry: Option<Carry>) -> Result<SummaryResult, PushError> {
+        let mut s = match self.summarizer(start, carry) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut failed = None;
+        self.read_all(|b| {
+            if failed.is_none()
+                && let Err(e) = s.feed(b)
+            {
+                failed = Some(e);
+            }
+            Ok(())
+        })?;
+        Ok(match failed {
+            Some(e) => Err(e),
+            None => s.finish(),
+        })
+    }
+}
+
+type SummaryResult = Result<(crate::wal::summary::SegmentSummary, Option<Carry>), DecodeError>;
 
 /// Open the repository for writing (never creating one).
 pub async fn open_repository(settings: &Settings) -> Result<Writer, PushError> {
@@ -228,129 +392,238 @@ async fn push_unbounded(settings: &Settings, wal_path: &Path) -> Result<PushOutc
         let size = std::fs::metadata(wal_path).map(|m| m.len()).unwrap_or(0);
         return Ok(PushOutcome::already_archived(name, size));
     }
-    let file = read_wal_file(wal_path)?;
+    let mut src = open_wal_file(wal_path)?;
+    // A marker whose file identity differs (the file was copied or touched): compare contents.
     if let Some(spool) = &spool
-        && spool.is_archived(repo.id(), &file.name, &file.hash, file.content.len() as u64)
+        && spool.has_marker(&name)
     {
-        return Ok(PushOutcome::already_archived(
-            file.name,
-            file.content.len() as u64,
-        ));
+        let sealer = repo.sealer().clone();
+        let (back, hashes) = blocking(src, move |s| s.hashes(&sealer)).await?;
+        src = back;
+        if spool.is_archived(repo.id(), &name, &hashes?.1, src.len) {
+            return Ok(PushOutcome::already_archived(name, src.len));
+        }
     }
     // Tell a running daemon this file is being stored, so it does not upload it too.
     if let Some(spool) = &spool {
-        spool.begin_upload(&file.name);
+        spool.begin_upload(&name);
     }
-    let result = archive_file(settings, &mut repo, wal_path, &file).await;
+    let result = archive_source(settings, &mut repo, src, spool.as_ref()).await;
     if let Some(spool) = &spool {
-        spool.end_upload(&file.name);
+        spool.end_upload(&name);
     }
     result
 }
 
+/// Run `f` on `src` on a blocking thread (file reads, hashing, compression) and hand `src` back.
+async fn blocking<R: Send + 'static>(
+    mut src: WalSource,
+    f: impl FnOnce(&mut WalSource) -> R + Send + 'static,
+) -> Result<(WalSource, R), PushError> {
+    let path = src.path.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        let r = f(&mut src);
+        (src, r)
+    })
+    .await
+    .map_err(|e| PushError::Read {
+        path,
+        source: std::io::Error::other(e),
+    })
+}
+
 /// Archive a checked file into an open repository: refuse another cluster's WAL, store it unless
-/// an identical copy is there, then record it in the time index.
-pub async fn archive_file(
+/// an identical copy is there (refusing a different one), then record it in the time index. The
+/// file is read once for all of it; on a store that refuses to replace objects, an archived
+/// segment costs one write for itself and one for its summary.
+pub async fn archive_source(
     settings: &Settings,
     repo: &mut Writer,
-    wal_path: &Path,
-    file: &WalFile,
+    src: WalSource,
+    spool: Option<&crate::spool::Spool>,
 ) -> Result<PushOutcome, PushError> {
-    let name_str = file.name.to_string();
-    check_cluster(repo, &name_str, file.info.as_ref()).await?;
-    let store = repo.writable();
-    let sealer = repo.sealer();
-    let outcome = store_file(settings, store, sealer, wal_path, &file.name, &file.content).await?;
-
+    let name = src.name;
+    check_cluster(repo, &name.to_string(), src.info.as_ref()).await?;
+    let store = repo.writable().clone();
+    let sealer = repo.sealer().clone();
+    let key = wal_key(&name);
+    let len = src.len;
+    let check_first =
+        store.create_semantics_for(usize::try_from(len).unwrap_or(usize::MAX)) != CreateSemantics::Atomic;
+    let segment = match (name, src.info) {
+        (WalFileName::Segment(seg), Some(info)) => Some((seg, info.segment_size)),
+        _ => None,
+    };
+    // A store that may overwrite: look before writing.
+    if check_first && let Some(bytes) = store.get(&key).await? {
+        let s = sealer.clone();
+        let (back, hashes) = blocking(src, move |src| src.hashes(&s)).await?;
+        let (hash, plain) = hashes?;
+        let outcome = compare_existing(&store, &sealer, &key, &name, &bytes, &hash, plain, len)?;
+        index_archived(&store, &sealer, back, segment, repo.id(), spool).await;
+        return Ok(outcome);
+    }
+    // The time index's carry from the previous segment, then one pass: hash, summary, seal.
+    let (carry, summarizer) = match segment {
+        Some((seg, size)) => {
+            let carry = carry_for(&store, &sealer, &seg, size, repo.id(), spool).await;
+            let start = timeindex::segment_start(&seg, size).ok();
+            let s = start.and_then(|start| {
+                src.summarizer(start, carry.clone())
+                    .or_else(|_| src.summarizer(start, None))
+                    .ok()
+            });
+            (carry, s)
+        }
+        None => (None, None),
+    };
+    let mut staged = if sealer.is_encrypted() {
+        None
+    } else {
+        store.stage(&key)?
+    };
+    let sink = match staged.as_mut().and_then(|s| s.file.take()) {
+        Some(f) => StreamSink::File(f),
+        None => StreamSink::Memory,
+    };
+    let (level, s) = (settings.compress_level, sealer.clone());
+    let (src, sealed) = blocking(src, move |src| src.seal(&s, level, sink, summarizer)).await?;
+    let (sealed, summary) = sealed?;
+    let stored_size = sealed.stored_len;
+    let plain_hash = sealed.plain_hash;
+    let hash = sealed.header.blake3;
+    let (put, etag) = match (sealed.body, staged) {
+        (SealedBody::File(f), Some(mut staged)) => {
+            staged.file = Some(f);
+            (store.publish_new(staged).await?, None)
+        }
+        (SealedBody::Parts(parts), _) => store.put_new_parts(&key, parts).await?,
+        (SealedBody::File(_), None) => unreachable!("a file sink comes from a staged object"),
+    };
+    let outcome = PushOutcome {
+        name,
+        size: len,
+        stored_size,
+        newly_stored: true,
+        hash: Some(plain_hash),
+    };
+    let outcome = match put {
+        PutNew::Created if !check_first => outcome,
+        // Already there (a retried push, or a racing writer): what is stored must be these bytes.
+        PutNew::AlreadyExists => {
+            let bytes = read_back(&store, &key).await?;
+            compare_existing(&store, &sealer, &key, &name, &bytes, &hash, plain_hash, len)?
+        }
+        // The store may have let a concurrent writer replace either copy: make sure what is
+        // there is ours. The entity tag the write returned, seen again, proves it with a HEAD;
+        // without one, read it back and compare.
+        PutNew::Created => {
+            let ours = match (&etag, store.head(&key).await?) {
+                (Some(tag), Some((_, Some(now)))) => *tag == now,
+                _ => false,
+            };
+            if !ours {
+                let bytes = read_back(&store, &key).await?;
+                compare_existing(&store, &sealer, &key, &name, &bytes, &hash, plain_hash, len)?;
+            }
+            outcome
+        }
+    };
     // The segment is durable; now its entry in the time index. Derived data: a failure here is
     // logged and never fails the push (restore only loses precision for this segment).
-    if let (WalFileName::Segment(seg), Some(info)) = (file.name, file.info)
-        && let Err(e) = timeindex::index_segment(store, sealer, &seg, &file.content, info.segment_size).await
-    {
-        tracing::warn!("time index for {name_str} not recorded: {e}");
+    if let Some((seg, size)) = segment {
+        let summary = match summary {
+            Some(Err(_)) if carry.is_some() => {
+                let start = timeindex::segment_start(&seg, size).ok();
+                match start {
+                    Some(start) => blocking(src, move |s| s.summarize(start, None))
+                        .await
+                        .ok()
+                        .and_then(|(_, r)| r.ok()),
+                    None => None,
+                }
+            }
+            other => other,
+        };
+        record_summary(&store, &sealer, &seg, summary, repo.id(), spool).await;
     }
     Ok(outcome)
 }
 
-/// Store `content` under `name` unless an identical copy is there; refuse a different one.
-async fn store_file(
-    settings: &Settings,
+/// The previous segment's carry (see [`timeindex::carry_before`]); `None` when unknown.
+async fn carry_for(
     store: &WritableStore,
     sealer: &Sealer,
-    wal_path: &Path,
-    name: &WalFileName,
-    content: &[u8],
-) -> Result<PushOutcome, PushError> {
-    let name_str = name.to_string();
-    let key = wal_key(name);
-    let new_hash = sealer.content_hash(content);
-    if let Some(outcome) = compare_stored(store, sealer, &key, name, content, &new_hash).await? {
-        return Ok(outcome);
-    }
-    let sealed = sealer
-        .seal_hashed(
-            ObjectKind::WalFile,
-            &name_str,
-            content,
-            new_hash,
-            settings.compress_level,
-        )
-        .map_err(|e| PushError::Read {
-            path: wal_path.display().to_string(),
-            source: e,
-        })?;
-    let stored_size = sealed.bytes.len() as u64;
-    let put = store.put_new(&key, sealed.bytes).await?;
-    match put {
-        PutNew::Created if store.create_semantics() == CreateSemantics::Atomic => {}
-        // The store may have let a concurrent writer replace either copy: read back what is there.
-        _ => {
-            return compare_stored(store, sealer, &key, name, content, &new_hash)
-                .await?
-                .map(|o| PushOutcome {
-                    newly_stored: put == PutNew::Created,
-                    ..o
-                })
-                .ok_or_else(|| {
-                    PushError::Store(StoreError {
-                        op: "read back",
-                        key: key.clone(),
-                        repo: store.url().to_string(),
-                        message: "object missing right after it was written".into(),
-                        transient: true,
-                        attempts: 1,
-                    })
-                });
-        }
-    }
-    Ok(PushOutcome {
-        name: *name,
-        size: content.len() as u64,
-        stored_size,
-        newly_stored: true,
-    })
+    seg: &crate::wal::SegmentName,
+    size: u32,
+    repo: &crate::repo::RepoId,
+    spool: Option<&crate::spool::Spool>,
+) -> Option<Carry> {
+    timeindex::carry_before(store, sealer, seg, size, spool.map(|s| (s, repo)))
+        .await
+        .ok()
+        .flatten()
 }
 
-fn read_bounded(path: &Path, name: &WalFileName) -> Result<Vec<u8>, PushError> {
-    let shown = || path.display().to_string();
-    let read_err = |source| PushError::Read {
-        path: shown(),
-        source,
-    };
-    let len = std::fs::metadata(path).map_err(read_err)?.len();
-    let limit = if name.wal_segment().is_some() {
-        MAX_ORIGINAL_LEN
-    } else {
-        MAX_TEXT_FILE_LEN
-    };
-    if len > limit {
-        return Err(PushError::TooLarge {
-            path: shown(),
-            len,
-            kind: name.kind(),
-        });
+/// Store a segment's summary and keep its carry for the next segment; failures are logged.
+async fn record_summary(
+    store: &WritableStore,
+    sealer: &Sealer,
+    seg: &crate::wal::SegmentName,
+    summary: Option<SummaryResult>,
+    repo: &crate::repo::RepoId,
+    spool: Option<&crate::spool::Spool>,
+) {
+    match summary {
+        Some(Ok((summary, next))) => {
+            if let (Some(spool), Some(next)) = (spool, &next) {
+                spool.keep_carry(repo, seg, next);
+            }
+            if let Err(e) = timeindex::store_summary(store, sealer, seg, summary, next).await {
+                tracing::warn!("time index for {seg} not recorded: {e}");
+            }
+        }
+        Some(Err(e)) => tracing::warn!("time index for {seg} not recorded: {e}"),
+        None => tracing::warn!("time index for {seg} not recorded: the segment could not be decoded"),
     }
-    std::fs::read(path).map_err(read_err)
+}
+
+/// An identical copy was already archived: make sure it is in the time index too.
+async fn index_archived(
+    store: &WritableStore,
+    sealer: &Sealer,
+    src: WalSource,
+    segment: Option<(crate::wal::SegmentName, u32)>,
+    repo: &crate::repo::RepoId,
+    spool: Option<&crate::spool::Spool>,
+) {
+    let Some((seg, size)) = segment else { return };
+    if matches!(store.size(&timeindex::summary_key(&seg)).await, Ok(Some(_))) {
+        return;
+    }
+    let Ok(start) = timeindex::segment_start(&seg, size) else {
+        return;
+    };
+    let carry = carry_for(store, sealer, &seg, size, repo, spool).await;
+    let summary = match blocking(src, move |s| s.summarize(start, carry)).await {
+        Ok((_, Ok(r))) => Some(r),
+        _ => None,
+    };
+    record_summary(store, sealer, &seg, summary, repo, spool).await;
+}
+
+/// The object just written or found under `key`; its absence right after is a store fault.
+async fn read_back(store: &WritableStore, key: &str) -> Result<bytes::Bytes, PushError> {
+    store.get(key).await?.ok_or_else(|| {
+        PushError::Store(StoreError {
+            op: "read back",
+            key: key.to_string(),
+            repo: store.url().to_string(),
+            message: "object missing right after it was written".into(),
+            transient: true,
+            attempts: 1,
+        })
+    })
 }
 
 /// Make sure the repository belongs to the cluster that wrote this segment, binding a repository
@@ -370,45 +643,47 @@ async fn check_cluster(repo: &mut Writer, name: &str, info: Option<&SegmentInfo>
     Ok(())
 }
 
-/// `Some` when an identical copy is already stored, `None` when nothing is stored, an error when
-/// something else is.
-async fn compare_stored(
+/// The stored object `bytes` under `key` must be exactly this content (hash as the repository
+/// names content, and length): then the push is done, nothing written. Another content is a
+/// conflict; an object that does not open is corrupt.
+#[allow(clippy::too_many_arguments)]
+fn compare_existing(
     store: &WritableStore,
     sealer: &Sealer,
     key: &str,
     name: &WalFileName,
-    content: &[u8],
+    bytes: &[u8],
     new_hash: &[u8; 32],
-) -> Result<Option<PushOutcome>, PushError> {
+    plain_hash: blake3::Hash,
+    len: u64,
+) -> Result<PushOutcome, PushError> {
     let name_str = name.to_string();
-    let Some(bytes) = store.get(key).await? else {
-        return Ok(None);
-    };
     let corrupt = |source| PushError::StoredCorrupt {
         name: name_str.clone(),
         key: key.to_string(),
         repo: store.url().to_string(),
         source: Box::new(source),
     };
-    let header = sealer.read_header(&bytes).map_err(corrupt)?;
-    if header.blake3 != *new_hash || header.original_len != content.len() as u64 {
+    let header = sealer.read_header(bytes).map_err(corrupt)?;
+    if header.blake3 != *new_hash || header.original_len != len {
         return Err(PushError::Conflict {
             name: name_str,
             stored_hash: header.blake3_hex(),
             stored_len: header.original_len,
             new_hash: hex::encode(new_hash),
-            new_len: content.len() as u64,
+            new_len: len,
         });
     }
     // Same hash in the header: make sure the stored copy really holds those bytes before telling
     // PostgreSQL it may recycle its own.
     sealer
-        .open(&bytes, ObjectKind::WalFile, &name_str)
+        .open(bytes, ObjectKind::WalFile, &name_str)
         .map_err(corrupt)?;
-    Ok(Some(PushOutcome {
+    Ok(PushOutcome {
         name: *name,
-        size: content.len() as u64,
+        size: len,
         stored_size: bytes.len() as u64,
         newly_stored: false,
-    }))
+        hash: Some(plain_hash),
+    })
 }

@@ -352,20 +352,19 @@ enum UploadError {
 /// Upload one file and record it in the spool.
 async fn upload(settings: Arc<Settings>, mut repo: Writer, spool: Spool, path: PathBuf) -> UploadResult {
     let read_path = path.clone();
-    // Metadata before the read: if the file changed meanwhile, the marker will not match it.
-    let (meta, file) = tokio::task::spawn_blocking(move || {
-        let meta = std::fs::metadata(&read_path).ok();
-        archive::read_wal_file(&read_path).map(|f| (meta, f))
-    })
-    .await
-    .map_err(|e| PushError::Read {
-        path: path.display().to_string(),
-        source: std::io::Error::other(e),
-    })??;
-    let outcome = archive::archive_file(&settings, &mut repo, &path, &file).await?;
-    let size = file.content.len() as u64;
+    let src = tokio::task::spawn_blocking(move || archive::open_wal_file(&read_path))
+        .await
+        .map_err(|e| PushError::Read {
+            path: path.display().to_string(),
+            source: std::io::Error::other(e),
+        })??;
+    // Metadata when opened, before the read: if the file changed meanwhile, the marker will
+    // not match it.
+    let (name, size, meta) = (src.name, src.len, src.meta.clone());
+    let outcome = archive::archive_source(&settings, &mut repo, src, Some(&spool)).await?;
+    let hash = outcome.hash.expect("an archived file was read");
     spool
-        .mark_archived(repo.id(), &file.name, &file.hash, size, meta.as_ref())
+        .mark_archived(repo.id(), &name, &hash, size, Some(&meta))
         .map_err(|source| UploadError::Marker {
             path: spool.dir().display().to_string(),
             source,

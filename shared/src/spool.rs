@@ -32,6 +32,16 @@ struct Marker {
     file_id: Option<(u64, u64, i128)>,
 }
 
+/// Carries kept in `carry/` (the daemon uploads a few segments at once, out of order).
+const KEPT_CARRIES: usize = 8;
+
+/// `carry/<segment>`: the time index's carry at the end of that segment, for one repository.
+#[derive(Debug, Serialize, Deserialize)]
+struct CarryFile {
+    repo_id: RepoId,
+    carry: crate::wal::summary::Carry,
+}
+
 fn file_id(meta: &std::fs::Metadata) -> (u64, u64, i128) {
     use std::os::unix::fs::MetadataExt;
     (
@@ -95,6 +105,11 @@ impl Spool {
         crate::fsutil::write_durably(&path, &serde_json::to_vec(&marker).expect("marker serializes"))
     }
 
+    /// Whether a marker for `name` exists (whatever it says).
+    pub fn has_marker(&self, name: &WalFileName) -> bool {
+        self.marker_path(name).exists()
+    }
+
     /// Whether `name` with exactly this content is recorded as durable in `repo`.
     pub fn is_archived(&self, repo: &RepoId, name: &WalFileName, hash: &blake3::Hash, size: u64) -> bool {
         let Ok(bytes) = std::fs::read(self.marker_path(name)) else {
@@ -119,6 +134,55 @@ impl Spool {
             return false;
         };
         m.repo_id == *repo && m.size == meta.len() && m.file_id == Some(file_id(&meta))
+    }
+
+    /// Remember the time index's carry at the end of segment `seg` (what summarizing the next
+    /// segment continues from), so the next push need not read it back from the repository.
+    /// Derived data, best effort: a carry that cannot be kept is read from the repository.
+    /// Keeps the newest few.
+    pub fn keep_carry(
+        &self,
+        repo: &RepoId,
+        seg: &crate::wal::SegmentName,
+        carry: &crate::wal::summary::Carry,
+    ) {
+        let dir = self.dir.join("carry");
+        let kept = CarryFile {
+            repo_id: repo.clone(),
+            carry: carry.clone(),
+        };
+        let Ok(json) = serde_json::to_vec(&kept) else {
+            return;
+        };
+        if std::fs::create_dir_all(&dir).is_err() {
+            return;
+        }
+        // No fsync: losing it in a crash only costs a read from the repository.
+        let tmp = dir.join(format!(".{seg}.{}", std::process::id()));
+        if std::fs::write(&tmp, &json).is_err() || std::fs::rename(&tmp, dir.join(seg.to_string())).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            return;
+        }
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.retain(|n| !n.starts_with('.'));
+        names.sort();
+        let excess = names.len().saturating_sub(KEPT_CARRIES);
+        for n in &names[..excess] {
+            let _ = std::fs::remove_file(dir.join(n));
+        }
+    }
+
+    /// The carry kept for the end of segment `seg` in `repo`, if any.
+    pub fn carry(&self, repo: &RepoId, seg: &crate::wal::SegmentName) -> Option<crate::wal::summary::Carry> {
+        let bytes = std::fs::read(self.dir.join("carry").join(seg.to_string())).ok()?;
+        let kept: CarryFile = serde_json::from_slice(&bytes).ok()?;
+        (kept.repo_id == *repo).then_some(kept.carry)
     }
 
     fn inflight_path(&self, name: &WalFileName) -> PathBuf {

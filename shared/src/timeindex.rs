@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::repo::object::{ObjectKind, Sealer};
+use crate::repo::store::CreateSemantics;
 use crate::repo::{Store, StoreError, WritableStore};
 use crate::wal::summary::{Carry, SegmentSummary, summarize_segment};
 use crate::wal::{Lsn, SegmentName};
@@ -92,55 +93,88 @@ pub async fn index_segment(
     bytes: &[u8],
     segment_size: u32,
 ) -> Result<bool, IndexError> {
-    let key = summary_key(seg);
-    if store.size(&key).await?.is_some() {
+    if store.size(&summary_key(seg)).await?.is_some() {
         return Ok(false);
     }
-    let start = seg.start_lsn(segment_size).ok_or_else(|| IndexError::Decode {
-        segment: seg.to_string(),
-        message: "segment number out of range".into(),
-    })?;
-    let carry = match start.0.checked_sub(u64::from(segment_size)) {
-        Some(prev_start) => {
-            let prev = SegmentName::containing(seg.timeline, Lsn(prev_start), segment_size);
-            // A missing or unreadable previous summary only costs the boundary record.
-            load(store, sealer, &prev)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|p| p.carry)
-                .filter(|c| c.next_segment_start() == start)
-        }
-        None => None,
-    };
+    let carry = carry_before(store, sealer, seg, segment_size, None).await?;
+    let start = segment_start(seg, segment_size)?;
     let decode = |carry| summarize_segment(bytes, start, carry);
     let (summary, next) = match decode(carry.clone()) {
         Ok(r) => r,
-        Err(_) if carry.is_some() => decode(None).map_err(|e| IndexError::Decode {
-            segment: seg.to_string(),
-            message: e.to_string(),
-        })?,
-        Err(e) => {
-            return Err(IndexError::Decode {
-                segment: seg.to_string(),
-                message: e.to_string(),
-            });
-        }
+        Err(_) if carry.is_some() => decode(None).map_err(|e| decode_err(seg, e))?,
+        Err(e) => return Err(decode_err(seg, e)),
     };
+    store_summary(store, sealer, seg, summary, next).await
+}
+
+fn decode_err(seg: &SegmentName, e: impl std::fmt::Display) -> IndexError {
+    IndexError::Decode {
+        segment: seg.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// The LSN segment `seg` starts at.
+pub fn segment_start(seg: &SegmentName, segment_size: u32) -> Result<Lsn, IndexError> {
+    seg.start_lsn(segment_size)
+        .ok_or_else(|| decode_err(seg, "segment number out of range"))
+}
+
+/// The carry at the end of the segment before `seg`: from `kept` (the spool's copy, with the
+/// repository it is for) when it has it, else from that segment's stored summary. A missing or
+/// unreadable one only costs the record crossing the boundary.
+pub async fn carry_before(
+    store: &Store,
+    sealer: &Sealer,
+    seg: &SegmentName,
+    segment_size: u32,
+    kept: Option<(&crate::spool::Spool, &crate::repo::RepoId)>,
+) -> Result<Option<Carry>, IndexError> {
+    let start = segment_start(seg, segment_size)?;
+    let Some(prev_start) = start.0.checked_sub(u64::from(segment_size)) else {
+        return Ok(None);
+    };
+    let prev = SegmentName::containing(seg.timeline, Lsn(prev_start), segment_size);
+    let continues = |c: &Carry| c.next_segment_start() == start;
+    if let Some((spool, repo)) = kept
+        && let Some(c) = spool.carry(repo, &prev).filter(continues)
+    {
+        return Ok(Some(c));
+    }
+    Ok(load(store, sealer, &prev)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|p| p.carry)
+        .filter(continues))
+}
+
+/// Store the summary of `seg` unless one is stored. Returns whether this call stored it. On a
+/// store that refuses to replace an object, one create-only write; elsewhere a check first, so
+/// an existing summary (perhaps more precise, made with a carry) is not replaced.
+pub async fn store_summary(
+    store: &WritableStore,
+    sealer: &Sealer,
+    seg: &SegmentName,
+    summary: SegmentSummary,
+    carry: Option<Carry>,
+) -> Result<bool, IndexError> {
+    let key = summary_key(seg);
     let stored = StoredSummary {
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,
         segment: seg.to_string(),
         summary,
-        carry: next,
+        carry,
     };
     let json = serde_json::to_vec(&stored).expect("summary serializes");
     let sealed = sealer
         .seal(ObjectKind::Summary, &seg.to_string(), &json, 3)
-        .map_err(|e| IndexError::Decode {
-            segment: seg.to_string(),
-            message: e.to_string(),
-        })?;
-    store.put_new(&key, sealed.bytes).await?;
-    Ok(true)
+        .map_err(|e| decode_err(seg, e))?;
+    if store.create_semantics_for(sealed.bytes.len()) != CreateSemantics::Atomic
+        && store.size(&key).await?.is_some()
+    {
+        return Ok(false);
+    }
+    Ok(store.put_new(&key, sealed.bytes).await? == crate::repo::store::PutNew::Created)
 }

@@ -155,6 +155,13 @@ pub struct RepoDescriptor {
     /// Version 3 only: how objects are encrypted, and the wrapped master key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<super::keys::EncryptionRecord>,
+    /// Whether `archive-agent init` found that the store refuses a second create-only write
+    /// of a name (`If-None-Match: *` honoured: AWS S3, MinIO, Azure; not Garage). When true,
+    /// writers rely on that refusal instead of checking before and reading back after each
+    /// WAL write (docs/STORES.md). Absent: not probed (repositories made before walvault
+    /// probed, and local ones, whose writes are exclusive anyway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_only_honoured: Option<bool>,
     /// A version 1 repository's derived id ([`RepoId::of_v1`]); never written.
     #[serde(skip)]
     v1_id: Option<RepoId>,
@@ -186,6 +193,7 @@ impl RepoDescriptor {
             cluster,
             created_by: Some(format!("walvault {}", env!("CARGO_PKG_VERSION"))),
             encryption: None,
+            create_only_honoured: None,
             v1_id: None,
         }
     }

@@ -457,6 +457,11 @@ impl RepoKeys {
     pub fn content_hash(&self, content: &[u8]) -> [u8; 32] {
         *blake3::keyed_hash(&self.id_key, content).as_bytes()
     }
+
+    /// [`RepoKeys::content_hash`] of content fed in pieces.
+    pub(crate) fn content_hasher(&self) -> blake3::Hasher {
+        blake3::Hasher::new_keyed(&self.id_key)
+    }
 }
 
 #[cfg(test)]

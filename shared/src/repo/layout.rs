@@ -12,6 +12,7 @@
 //! backups/<backup id>/pinned.json                  a pin: expire never deletes the backup
 //! locks/<kind>-<32 hex>.json                       a backup, expire or pin in progress
 //! chunks/<first 2 hex>/<blake3 hex>.wvo            content-addressed base backup chunks
+//! probe/create-only-<repository id>                init's probe of create-only writes (deleted)
 //! ```
 //! Keys are built only from validated names and ids, so no key can leave the prefix; a listed key
 //! is recognised only if building it back from what it names gives the same key, so a foreign or
@@ -20,6 +21,9 @@
 use crate::backup::BackupId;
 use crate::wal::{SegmentName, WalFileName};
 
+/// Prefix of the object `archive-agent init` writes twice to learn whether the store refuses
+/// a second create-only write (deleted right after).
+pub const PROBE_PREFIX: &str = "probe/create-only-";
 /// The repository descriptor.
 pub const DESCRIPTOR_KEY: &str = "walvault.json";
 /// The cluster identity bound by the first archived segment when `init` had no data directory.

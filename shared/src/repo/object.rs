@@ -213,6 +213,206 @@ fn seal_with(
     })
 }
 
+/// Where a [`StreamSealer`] writes the sealed object.
+#[derive(Debug)]
+pub enum StreamSink {
+    /// In memory, in pieces of [`STREAM_PART`] bytes (never one buffer of the whole object).
+    Memory,
+    /// A file the caller created (a local repository's staging file): the payload is written
+    /// after room for the header, which goes in last.
+    File(std::fs::File),
+}
+
+/// The sealed object a [`StreamSealer`] produced.
+#[derive(Debug)]
+pub enum SealedBody {
+    /// The object's bytes in order, header first.
+    Parts(Vec<Bytes>),
+    /// The file given as [`StreamSink::File`], holding the whole object (not synced).
+    File(std::fs::File),
+}
+
+impl SealedBody {
+    /// The object as one buffer (tests and small objects).
+    pub fn concat(self) -> std::io::Result<Vec<u8>> {
+        match self {
+            SealedBody::Parts(parts) => Ok(parts.concat()),
+            SealedBody::File(mut f) => {
+                use std::io::{Read, Seek};
+                let mut v = Vec::new();
+                f.seek(std::io::SeekFrom::Start(0))?;
+                f.read_to_end(&mut v)?;
+                Ok(v)
+            }
+        }
+    }
+}
+
+/// What [`StreamSealer::finish`] returns.
+#[derive(Debug)]
+pub struct StreamSealed {
+    pub header: ObjectHeader,
+    /// The plain blake3 of the content (the spool's markers name content by it), whatever the
+    /// repository; equal to `header.blake3` in a plain one.
+    pub plain_hash: blake3::Hash,
+    /// Bytes the object takes.
+    pub stored_len: u64,
+    pub body: SealedBody,
+}
+
+/// Size of the in-memory pieces of a streamed object.
+pub const STREAM_PART: usize = 256 << 10;
+
+/// Seals content fed in pieces, hashing and compressing as it goes: the content is never held
+/// whole (a 16 MiB segment costs the compressor's window, not 16 MiB). The header, which names
+/// the hash and the payload length, is written last, in the room left for it. In an encrypted
+/// repository the compressed payload is kept in one buffer and encrypted when complete (the
+/// AEAD is one-shot), so memory is the compressed size there.
+pub struct StreamSealer {
+    keys: Option<Arc<RepoKeys>>,
+    kind: ObjectKind,
+    name: String,
+    original_len: u64,
+    fed: u64,
+    header_len: usize,
+    hasher: blake3::Hasher,
+    plain: Option<blake3::Hasher>,
+    encoder: zstd::stream::write::Encoder<'static, SinkWriter>,
+}
+
+impl std::fmt::Debug for StreamSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSealer")
+            .field("name", &self.name)
+            .field("fed", &self.fed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The compressor's output: the payload after the header's room.
+enum SinkWriter {
+    Parts { parts: Vec<Bytes>, current: Vec<u8> },
+    Contiguous(Vec<u8>),
+    File { file: std::fs::File, written: u64 },
+}
+
+impl std::io::Write for SinkWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            SinkWriter::Parts { parts, current } => {
+                let room = STREAM_PART - current.len();
+                let n = buf.len().min(room);
+                current.extend_from_slice(&buf[..n]);
+                if current.len() == STREAM_PART {
+                    let full = std::mem::replace(current, Vec::with_capacity(STREAM_PART));
+                    parts.push(Bytes::from(full));
+                }
+                Ok(n)
+            }
+            SinkWriter::Contiguous(v) => {
+                v.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            SinkWriter::File { file, written } => {
+                let n = file.write(buf)?;
+                *written += n as u64;
+                Ok(n)
+            }
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl StreamSealer {
+    /// Feed the next piece of the content.
+    pub fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.fed += data.len() as u64;
+        if self.fed > self.original_len {
+            return Err(changed_size(self.original_len, self.fed));
+        }
+        self.hasher.update(data);
+        if let Some(p) = &mut self.plain {
+            p.update(data);
+        }
+        self.encoder.write_all(data)
+    }
+
+    /// Complete the object once all `original_len` bytes were fed.
+    pub fn finish(self) -> std::io::Result<StreamSealed> {
+        use std::io::{Seek, Write};
+        if self.fed != self.original_len {
+            return Err(changed_size(self.original_len, self.fed));
+        }
+        let hash = *self.hasher.finalize().as_bytes();
+        let plain_hash = match &self.plain {
+            Some(p) => p.finalize(),
+            None => blake3::Hash::from(hash),
+        };
+        let sink = self.encoder.finish()?;
+        let tag_len = if self.keys.is_some() { TAG_LEN } else { 0 };
+        let compressed_len = match &sink {
+            SinkWriter::Parts { parts, current } => {
+                parts.iter().map(|p| p.len() as u64).sum::<u64>() + current.len() as u64
+            }
+            SinkWriter::Contiguous(v) => (v.len() - self.header_len) as u64,
+            SinkWriter::File { written, .. } => *written,
+        };
+        let header = ObjectHeader {
+            kind: self.kind,
+            codec: Codec::Zstd,
+            name: self.name,
+            original_len: self.original_len,
+            blake3: hash,
+            payload_len: compressed_len + tag_len as u64,
+            nonce: self.keys.as_ref().map(|_| rand::random()),
+        };
+        let head = encode_header(&header);
+        debug_assert_eq!(head.len(), self.header_len);
+        let stored_len = head.len() as u64 + header.payload_len;
+        let body = match sink {
+            SinkWriter::Parts { mut parts, current } => {
+                if !current.is_empty() {
+                    parts.push(Bytes::from(current));
+                }
+                parts.insert(0, Bytes::from(head));
+                SealedBody::Parts(parts)
+            }
+            SinkWriter::Contiguous(mut out) => {
+                let k = self.keys.as_ref().expect("contiguous only when encrypting");
+                let aad = aad(k, &head);
+                let nonce = header.nonce.expect("set for sealed objects");
+                let tag = k
+                    .cipher
+                    .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, &mut out[head.len()..])
+                    .map_err(|_| std::io::Error::other("payload too large to seal"))?;
+                out.extend_from_slice(&tag);
+                out[..head.len()].copy_from_slice(&head);
+                SealedBody::Parts(vec![Bytes::from(out)])
+            }
+            SinkWriter::File { mut file, .. } => {
+                file.seek(std::io::SeekFrom::Start(0))?;
+                file.write_all(&head)?;
+                SealedBody::File(file)
+            }
+        };
+        Ok(StreamSealed {
+            header,
+            plain_hash,
+            stored_len,
+            body,
+        })
+    }
+}
+
+fn changed_size(expected: u64, fed: u64) -> std::io::Error {
+    std::io::Error::other(format!(
+        "the file changed size while it was read ({expected} bytes when opened, {fed} read)"
+    ))
+}
+
 /// The header's bytes, CRC included.
 fn encode_header(h: &ObjectHeader) -> Vec<u8> {
     let mut head = Vec::with_capacity(h.encoded_len());
@@ -469,6 +669,12 @@ impl Sealer {
         }
     }
 
+    /// The keyed hasher of an encrypted repository's [`Sealer::content_hash`]; `None` in a plain
+    /// one, whose content hash is plain blake3.
+    pub fn content_hasher(&self) -> Option<blake3::Hasher> {
+        self.keys.as_ref().map(|k| k.content_hasher())
+    }
+
     /// Compress and seal `content` as object `name` of `kind`.
     pub fn seal(
         &self,
@@ -493,6 +699,63 @@ impl Sealer {
     ) -> std::io::Result<SealedObject> {
         debug_assert_eq!(content_hash, self.content_hash(content));
         seal_with(self.keys.as_deref(), kind, name, content, content_hash, level)
+    }
+
+    /// A [`StreamSealer`] for object `name` of `kind` whose content is `original_len` bytes, fed
+    /// in pieces. In an encrypted repository the sink must be [`StreamSink::Memory`].
+    pub fn stream(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        original_len: u64,
+        level: i32,
+        sink: StreamSink,
+    ) -> std::io::Result<StreamSealer> {
+        use std::io::{Seek, Write};
+        assert!(
+            !name.is_empty() && name.len() <= MAX_NAME_LEN,
+            "names are validated before sealing"
+        );
+        let fixed = if self.keys.is_some() {
+            FIXED_LEN_V2
+        } else {
+            FIXED_LEN
+        };
+        let header_len = fixed + name.len() + CRC_LEN;
+        let writer = match (sink, &self.keys) {
+            (StreamSink::Memory, None) => SinkWriter::Parts {
+                parts: Vec::new(),
+                current: Vec::with_capacity(STREAM_PART),
+            },
+            (StreamSink::Memory, Some(_)) => SinkWriter::Contiguous(vec![0; header_len]),
+            (StreamSink::File(mut file), None) => {
+                file.write_all(&vec![0; header_len])?;
+                file.seek(std::io::SeekFrom::Start(header_len as u64))?;
+                SinkWriter::File { file, written: 0 }
+            }
+            (StreamSink::File(_), Some(_)) => {
+                return Err(std::io::Error::other("encrypted objects are sealed in memory"));
+            }
+        };
+        let mut encoder = zstd::stream::write::Encoder::new(writer, level)?;
+        encoder.set_pledged_src_size(Some(original_len))?;
+        encoder.include_contentsize(true)?;
+        encoder.include_checksum(false)?;
+        let (hasher, plain) = match &self.keys {
+            Some(k) => (k.content_hasher(), Some(blake3::Hasher::new())),
+            None => (blake3::Hasher::new(), None),
+        };
+        Ok(StreamSealer {
+            keys: self.keys.clone(),
+            kind,
+            name: name.to_string(),
+            original_len,
+            fed: 0,
+            header_len,
+            hasher,
+            plain,
+            encoder,
+        })
     }
 
     /// Open object `expected_name` of `kind`: header, authenticity (encrypted), length and hash.
@@ -646,6 +909,74 @@ mod tests {
         RepoKeys::generate(&super::super::keys::KeySource::File(path), &id, None)
             .unwrap()
             .0
+    }
+
+    /// Content streamed in uneven pieces seals to an object that opens to the same content,
+    /// with the same header hash as a one-shot seal, into memory parts, a file, and (encrypted)
+    /// memory; a wrong length is refused rather than sealed.
+    #[test]
+    fn streamed_objects_open_like_one_shot_ones() {
+        let content: Vec<u8> = (0..3_000_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .take(5 << 20)
+            .collect();
+        let feed = |mut st: StreamSealer| {
+            for piece in content.chunks(77_777) {
+                st.write(piece).unwrap();
+            }
+            st.finish().unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let encrypted = Sealer::encrypted(keys_for(REPO_A));
+        for (sealer, sink) in [
+            (Sealer::plain(), StreamSink::Memory),
+            (
+                Sealer::plain(),
+                StreamSink::File(
+                    std::fs::File::options()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(dir.path().join("o"))
+                        .unwrap(),
+                ),
+            ),
+            (encrypted.clone(), StreamSink::Memory),
+        ] {
+            let st = sealer
+                .stream(ObjectKind::WalFile, NAME, content.len() as u64, 3, sink)
+                .unwrap();
+            let sealed = feed(st);
+            assert_eq!(sealed.header.blake3, sealer.content_hash(&content));
+            assert_eq!(sealed.plain_hash, blake3::hash(&content));
+            if let SealedBody::Parts(parts) = &sealed.body {
+                assert!(parts.iter().all(|p| p.len() <= STREAM_PART.max(parts[0].len())));
+            }
+            let bytes = sealed.body.concat().unwrap();
+            assert_eq!(bytes.len() as u64, sealed.stored_len);
+            assert!(bytes.len() < content.len() / 4, "compressed: {}", bytes.len());
+            let (header, back) = sealer.open(&bytes, ObjectKind::WalFile, NAME).unwrap();
+            assert_eq!(back, content);
+            assert_eq!(header.original_len, content.len() as u64);
+        }
+        // Fewer or more bytes than announced: an error, not an object.
+        let mut short = Sealer::plain()
+            .stream(ObjectKind::WalFile, NAME, 10, 3, StreamSink::Memory)
+            .unwrap();
+        short.write(b"12345").unwrap();
+        assert!(short.finish().is_err());
+        let mut long = Sealer::plain()
+            .stream(ObjectKind::WalFile, NAME, 4, 3, StreamSink::Memory)
+            .unwrap();
+        assert!(long.write(b"12345").is_err());
+        // Encrypted objects are never streamed to a file (the AEAD is one-shot, in memory).
+        let f = std::fs::File::create(dir.path().join("e")).unwrap();
+        assert!(
+            encrypted
+                .stream(ObjectKind::WalFile, NAME, 4, 3, StreamSink::File(f))
+                .is_err()
+        );
     }
 
     const REPO_A: &str = "0123456789abcdef0123456789abcdef";

@@ -281,11 +281,15 @@ impl Reader {
 impl Writer {
     /// Open the repository at `url` for writing. Never creates one.
     pub async fn open_writable(url: &RepoUrl, options: &StoreOptions) -> Result<Writer, RepoError> {
-        Writer::on_store(
+        let mut writer = Writer::on_store(
             WritableStore::open_retrying(url, options).await?,
             options.key.as_ref(),
         )
-        .await
+        .await?;
+        if writer.descriptor.create_only_honoured == Some(true) {
+            writer.store.trust_create_only();
+        }
+        Ok(writer)
     }
 
     /// Create a repository at `url` (`archive-agent init`): a new descriptor with a random id and,
@@ -312,6 +316,12 @@ impl Writer {
             });
         }
         let mut descriptor = RepoDescriptor::new(cluster, now_micros);
+        if !store.is_local() {
+            let probe = format!("{}{}", super::layout::PROBE_PREFIX, descriptor.id());
+            let honoured = store.probe_create_only(&probe).await?;
+            tracing::info!(repo = %url, honoured, "probed whether the store refuses a second create-only write");
+            descriptor.create_only_honoured = Some(honoured);
+        }
         match (encrypt, &options.key) {
             (false, Some(_)) => {
                 return Err(RepoError::InitKeyWithoutEncrypt {

@@ -116,6 +116,25 @@ pub struct Store {
     url: RepoUrl,
     create: CreateSemantics,
     retry: RetryPolicy,
+    /// A local repository's directory (objects are files under it).
+    local_root: Option<std::path::PathBuf>,
+}
+
+/// An object being written to a local repository: a staging file beside its final name
+/// (`<name>#<digits>`, which listings skip), published with `link(2)` by
+/// [`WritableStore::publish_new`] or removed when dropped.
+#[derive(Debug)]
+pub struct Staged {
+    pub file: Option<std::fs::File>,
+    path: std::path::PathBuf,
+    dest: std::path::PathBuf,
+    key: String,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// The repository's object store, for archive-agent: a [`Store`] that can also write.
@@ -261,6 +280,7 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
         attempts: 0,
     };
     let retry = RetryPolicy::with_total(options.retry_timeout);
+    let mut local_root = None;
     let (inner, prefix, create): (Arc<dyn ObjectStore>, Path, CreateSemantics) = match url.location() {
         RepoLocation::Local(dir) => {
             if create_local {
@@ -279,6 +299,7 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
                 .with_fsync(true)
                 // expire deletes segments and chunks: their emptied directories go with them.
                 .with_automatic_cleanup(true);
+            local_root = Some(dir);
             (Arc::new(fs), Path::default(), CreateSemantics::Atomic)
         }
         RepoLocation::S3 { prefix, .. } => {
@@ -310,6 +331,7 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
         url: url.clone(),
         create,
         retry,
+        local_root,
     })
 }
 
@@ -376,6 +398,7 @@ impl Store {
             url,
             create,
             retry,
+            local_root: None,
         }
     }
 
@@ -392,10 +415,52 @@ impl Store {
         self.create
     }
 
+    /// How a create-only write of a `len`-byte object behaves: objects that go up in parts
+    /// carry no create-only condition (`object_store`'s multipart completion has none), so they
+    /// are checked before and read back after even on a store that honours the condition.
+    pub fn create_semantics_for(&self, len: usize) -> CreateSemantics {
+        if self.uses_parts(len) {
+            CreateSemantics::CheckThenWrite
+        } else {
+            self.create
+        }
+    }
+
+    /// Whether this is a local repository.
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
+    }
+
+    /// Size and entity tag of an object, `None` when it does not exist (one HEAD request).
+    pub async fn head(&self, key: &str) -> Result<Option<(u64, Option<String>)>, StoreError> {
+        let path = self.path(key);
+        self.retried("check", key, || async {
+            match self.inner.head(&path).await {
+                Ok(meta) => Ok(Some((meta.size, meta.e_tag))),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.error("check", key, e)),
+            }
+        })
+        .await
+    }
+
     fn path(&self, key: &str) -> Path {
         // Keys come from `layout`, built from validated names; each part is a plain segment.
         key.split('/')
             .fold(self.prefix.clone(), |p, part| p.clone().join(part))
+    }
+
+    /// A local file system error: transient (a full disk or a failing mount may recover, and
+    /// PostgreSQL keeps the WAL meanwhile).
+    fn error_io(&self, op: &'static str, key: &str, e: std::io::Error) -> StoreError {
+        StoreError {
+            op,
+            key: key.to_string(),
+            repo: self.url.to_string(),
+            message: e.to_string(),
+            transient: true,
+            attempts: 1,
+        }
     }
 
     fn error(&self, op: &'static str, key: &str, e: object_store::Error) -> StoreError {
@@ -488,8 +553,8 @@ impl Store {
         .await
     }
 
-    fn uses_parts(&self, bytes: &Bytes) -> bool {
-        self.create == CreateSemantics::CheckThenWrite && bytes.len() > MULTIPART_THRESHOLD
+    fn uses_parts(&self, len: usize) -> bool {
+        self.local_root.is_none() && len > MULTIPART_THRESHOLD
     }
 }
 
@@ -533,7 +598,7 @@ impl WritableStore {
     }
 
     async fn put_once(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
-        if self.uses_parts(&bytes) {
+        if self.uses_parts(bytes.len()) {
             return self.put_in_parts(key, bytes).await;
         }
         self.inner
@@ -603,36 +668,150 @@ impl WritableStore {
     /// before and verify after. A retried write whose first attempt did land reports
     /// `AlreadyExists`: callers compare what is stored, as for any existing object.
     pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutNew, StoreError> {
-        self.retried("write", key, || self.put_new_once(key, bytes.clone()))
+        self.put_new_parts(key, vec![bytes]).await.map(|(p, _)| p)
+    }
+
+    /// [`WritableStore::put_new`] of an object given in pieces (sent as they are, never joined
+    /// into one buffer), returning the entity tag the store gave the new object, when it gives
+    /// one (a later HEAD showing the same tag proves the object is still these bytes).
+    pub async fn put_new_parts(
+        &self,
+        key: &str,
+        parts: Vec<Bytes>,
+    ) -> Result<(PutNew, Option<String>), StoreError> {
+        let payload: PutPayload = parts.into_iter().collect();
+        self.retried("write", key, || self.put_new_once(key, payload.clone()))
             .await
     }
 
-    async fn put_new_once(&self, key: &str, bytes: Bytes) -> Result<PutNew, StoreError> {
-        if self.uses_parts(&bytes) {
-            // Multipart uploads carry no create-only condition; these stores are checked before
-            // and read back after by the caller anyway.
-            return self.put_in_parts(key, bytes).await.map(|()| PutNew::Created);
+    async fn put_new_once(
+        &self,
+        key: &str,
+        payload: PutPayload,
+    ) -> Result<(PutNew, Option<String>), StoreError> {
+        if self.uses_parts(payload.content_length()) {
+            // Multipart uploads carry no create-only condition; these objects are checked before
+            // and read back after by the caller ([`Store::create_semantics_for`]).
+            let whole: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
+            return self
+                .put_in_parts(key, Bytes::from(whole))
+                .await
+                .map(|()| (PutNew::Created, None));
         }
         let path = self.path(key);
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
-        let bytes_again = bytes.clone();
-        match self.inner.put_opts(&path, PutPayload::from(bytes), opts).await {
-            Ok(_) => Ok(PutNew::Created),
+        match self.inner.put_opts(&path, payload.clone(), opts).await {
+            Ok(r) => Ok((PutNew::Created, r.e_tag)),
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
-                Ok(PutNew::AlreadyExists)
+                Ok((PutNew::AlreadyExists, None))
             }
             // A server that rejects the condition outright (501) instead of ignoring it: write
             // without it; on these stores the caller checked before and reads back after.
             Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. })
                 if self.create == CreateSemantics::CheckThenWrite =>
             {
-                self.put_once(key, bytes_again).await.map(|()| PutNew::Created)
+                self.inner
+                    .put(&path, payload)
+                    .await
+                    .map(|r| (PutNew::Created, r.e_tag))
+                    .map_err(|e| self.error("write", key, e))
             }
             Err(e) => Err(self.error("write", key, e)),
         }
+    }
+
+    /// Rely on the store's refusal of a second create-only write (`archive-agent init` found
+    /// it honoured and recorded so in the descriptor): single-request writes become
+    /// [`CreateSemantics::Atomic`]. Local repositories are atomic already.
+    pub(crate) fn trust_create_only(&mut self) {
+        self.0.create = CreateSemantics::Atomic;
+    }
+
+    /// Whether this store refuses a second create-only write of a name: writes one probe
+    /// object under `key` twice with different bytes and reads what stayed, then deletes it.
+    /// `true` only when the second write was refused and the first bytes stayed.
+    pub async fn probe_create_only(&self, key: &str) -> Result<bool, StoreError> {
+        let first = Bytes::from(format!(
+            "walvault create-only probe {}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
+        let result = async {
+            if self.put_new(key, first.clone()).await? != PutNew::Created {
+                return Ok(false);
+            }
+            let second = self.put_new(key, Bytes::from_static(b"second")).await?;
+            Ok(second == PutNew::AlreadyExists && self.get(key).await?.as_ref() == Some(&first))
+        }
+        .await;
+        let cleanup = self.delete(key).await;
+        let honoured = result?;
+        cleanup?;
+        Ok(honoured)
+    }
+
+    /// A staging file for `key` in a local repository (`None` for object stores): the object
+    /// is written into it by the caller and published with [`WritableStore::publish_new`].
+    pub fn stage(&self, key: &str) -> Result<Option<Staged>, StoreError> {
+        let Some(root) = &self.local_root else {
+            return Ok(None);
+        };
+        let dest = key.split('/').fold(root.clone(), |p, part| p.join(part));
+        let fail = |e: std::io::Error| self.error_io("write", key, e);
+        for n in 1u32.. {
+            let mut path = dest.clone().into_os_string();
+            path.push(format!("#{}{n}", std::process::id()));
+            let path = std::path::PathBuf::from(path);
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(file) => {
+                    return Ok(Some(Staged {
+                        file: Some(file),
+                        path,
+                        dest,
+                        key: key.to_string(),
+                    }));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let parent = dest.parent().expect("a key names a file under the root");
+                    std::fs::create_dir_all(parent).map_err(fail)?;
+                    crate::fsutil::sync_dir(parent.parent().unwrap_or(root)).map_err(fail)?;
+                }
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        unreachable!("some staging name is free")
+    }
+
+    /// Publish a staged object under its key only if none exists there: the file is synced,
+    /// hard-linked to its name (which fails if the name exists: atomic and exclusive), and the
+    /// directory synced, so the object is durable when this returns.
+    pub async fn publish_new(&self, mut staged: Staged) -> Result<PutNew, StoreError> {
+        let key = staged.key.clone();
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let fail = |e: std::io::Error| this.error_io("write", &staged.key, e);
+            if let Some(file) = staged.file.take() {
+                file.sync_all().map_err(fail)?;
+            }
+            match std::fs::hard_link(&staged.path, &staged.dest) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(PutNew::AlreadyExists),
+                Err(e) => return Err(fail(e)),
+            }
+            let parent = staged.dest.parent().expect("a key names a file under the root");
+            crate::fsutil::sync_dir(parent).map_err(fail)?;
+            Ok(PutNew::Created)
+        })
+        .await
+        .map_err(|e| self.error_io("write", &key, std::io::Error::other(e)))?
     }
 }
 
@@ -658,6 +837,45 @@ mod tests {
             assert!(!refused_by_status(&msg(passing)), "{passing}");
         }
         assert!(!refused_by_status("connection reset by peer"));
+    }
+
+    #[tokio::test]
+    async fn staged_objects_are_published_once_durably_and_never_listed_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let url: RepoUrl = format!("file://{}/repo", dir.path().display()).parse().unwrap();
+        let options = StoreOptions {
+            retry_timeout: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let store = WritableStore::open_to_create(&url, &options).unwrap();
+        let write = |bytes: &'static [u8]| {
+            let mut staged = store.stage("wal/x/a.wvo").unwrap().expect("local stores stage");
+            use std::io::Write;
+            staged.file.as_mut().unwrap().write_all(bytes).unwrap();
+            staged
+        };
+        let first = write(b"one");
+        // Written, not published: invisible to readers and listings.
+        assert_eq!(store.get("wal/x/a.wvo").await.unwrap(), None);
+        assert!(store.list("wal/").await.unwrap().is_empty());
+        let second = write(b"two");
+        assert_eq!(store.publish_new(first).await.unwrap(), PutNew::Created);
+        assert_eq!(store.publish_new(second).await.unwrap(), PutNew::AlreadyExists);
+        assert_eq!(
+            store.get("wal/x/a.wvo").await.unwrap().as_deref(),
+            Some(&b"one"[..])
+        );
+        // Nothing left behind: neither staging file, nor one dropped unpublished.
+        drop(write(b"three"));
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("repo/wal/x"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["a.wvo"]);
+        assert_eq!(
+            store.list("wal/").await.unwrap(),
+            vec![("wal/x/a.wvo".to_string(), 3)]
+        );
     }
 
     #[tokio::test]

@@ -75,6 +75,12 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// says. Byte order is little-endian: walvault supports the platforms PostgreSQL ships on x86_64
 /// and aarch64, whose WAL is little-endian.
 pub fn validate_segment(bytes: &[u8], name: &SegmentName) -> Result<SegmentInfo, PageError> {
+    validate_segment_head(bytes, bytes.len() as u64, name)
+}
+
+/// [`validate_segment`] for a segment read in pieces: `bytes` is its beginning (at least the
+/// long page header), `len` the length of the whole file.
+pub fn validate_segment_head(bytes: &[u8], len: u64, name: &SegmentName) -> Result<SegmentInfo, PageError> {
     if bytes.len() < LONG_HEADER_LEN {
         return Err(PageError::TooShort { len: bytes.len() });
     }
@@ -96,9 +102,9 @@ pub fn validate_segment(bytes: &[u8], name: &SegmentName) -> Result<SegmentInfo,
     if !block_size.is_power_of_two() || !(1 << 10..=1 << 15).contains(&block_size) {
         return Err(PageError::BadBlockSize(block_size));
     }
-    if bytes.len() != segment_size as usize {
+    if len != u64::from(segment_size) {
         return Err(PageError::WrongLength {
-            len: bytes.len(),
+            len: usize::try_from(len).unwrap_or(usize::MAX),
             segment_size,
         });
     }

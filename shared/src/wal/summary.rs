@@ -189,62 +189,123 @@ pub fn summarize_segment(
     start: Lsn,
     carry: Option<Carry>,
 ) -> Result<(SegmentSummary, Option<Carry>), DecodeError> {
-    let head = bytes
-        .get(..LONG_HEADER_LEN)
-        .ok_or(DecodeError::WrongSegmentLength {
-            lsn: start,
-            len: bytes.len(),
-            segment_size: 0,
-        })?;
-    // The first page header names the geometry; the decoder checks it and the rest of the page.
-    let (info, segment_size, block_size) = (u16_at(head, 2), u32_at(head, 32), u32_at(head, 36));
-    if bytes.len() as u64 != u64::from(segment_size) {
-        return Err(DecodeError::WrongSegmentLength {
-            lsn: start,
-            len: bytes.len(),
-            segment_size,
-        });
-    }
-    if !start.0.is_multiple_of(u64::from(segment_size)) {
-        return Err(DecodeError::UnalignedStart { lsn: start });
-    }
-    let carried = carry.is_some();
-    let mut changes = carry.as_ref().map(|c| c.changes.clone()).unwrap_or_default();
-    let mut decoder = match carry {
-        Some(Carry { state, .. }) => {
-            let bad = |reason: String| DecodeError::BadCarry { lsn: start, reason };
-            if state.next_lsn() != start {
-                return Err(bad(format!("it continues at {}", state.next_lsn())));
-            }
-            if (state.segment_size(), state.block_size()) != (segment_size, block_size) {
-                return Err(bad(format!(
-                    "it is for {}-byte segments of {}-byte pages",
-                    state.segment_size(),
-                    state.block_size()
-                )));
-            }
-            WalDecoder::resume(state)?
-        }
-        None => WalDecoder::new(start, segment_size, block_size),
-    };
-    let mut summary = SegmentSummary::new(start, 0);
-    summary.skipped_continuation = !carried && info & XLP_FIRST_IS_CONTRECORD != 0;
+    let mut s = Summarizer::new(bytes, start, carry)?;
     for chunk in bytes.chunks(FEED_CHUNK) {
-        decoder.feed(chunk);
-        while let Some(rec) = decoder.poll()? {
-            if let Some(e) = changes.record(&rec, decoder.pg_version().unwrap_or(0)) {
-                summary.add_event(e);
+        s.feed(chunk)?;
+    }
+    s.finish()
+}
+
+/// [`summarize_segment`] fed in pieces, so a segment is summarized while it is read and never
+/// held whole (push streams a segment once: hash, summary and compression in one pass).
+pub struct Summarizer {
+    start: Lsn,
+    segment_size: u32,
+    fed: u64,
+    decoder: WalDecoder,
+    changes: ChangeTracker,
+    summary: SegmentSummary,
+}
+
+impl std::fmt::Debug for Summarizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Summarizer")
+            .field("start", &self.start)
+            .field("fed", &self.fed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Summarizer {
+    /// Start a summary of the segment at `start`; `head` is at least the segment's first
+    /// (long) page header, whose geometry every later piece is checked against. Nothing is fed
+    /// yet: feed the segment from its first byte.
+    pub fn new(head: &[u8], start: Lsn, carry: Option<Carry>) -> Result<Summarizer, DecodeError> {
+        let head = head
+            .get(..LONG_HEADER_LEN)
+            .ok_or(DecodeError::WrongSegmentLength {
+                lsn: start,
+                len: head.len(),
+                segment_size: 0,
+            })?;
+        // The first page header names the geometry; the decoder checks it and the rest of the page.
+        let (info, segment_size, block_size) = (u16_at(head, 2), u32_at(head, 32), u32_at(head, 36));
+        if segment_size == 0 || !start.0.is_multiple_of(u64::from(segment_size)) {
+            return Err(DecodeError::UnalignedStart { lsn: start });
+        }
+        let carried = carry.is_some();
+        let changes = carry.as_ref().map(|c| c.changes.clone()).unwrap_or_default();
+        let decoder = match carry {
+            Some(Carry { state, .. }) => {
+                let bad = |reason: String| DecodeError::BadCarry { lsn: start, reason };
+                if state.next_lsn() != start {
+                    return Err(bad(format!("it continues at {}", state.next_lsn())));
+                }
+                if (state.segment_size(), state.block_size()) != (segment_size, block_size) {
+                    return Err(bad(format!(
+                        "it is for {}-byte segments of {}-byte pages",
+                        state.segment_size(),
+                        state.block_size()
+                    )));
+                }
+                WalDecoder::resume(state)?
             }
-            summary.add(rec);
+            None => WalDecoder::new(start, segment_size, block_size),
+        };
+        let mut summary = SegmentSummary::new(start, 0);
+        summary.skipped_continuation = !carried && info & XLP_FIRST_IS_CONTRECORD != 0;
+        Ok(Summarizer {
+            start,
+            segment_size,
+            fed: 0,
+            decoder,
+            changes,
+            summary,
+        })
+    }
+
+    /// The next bytes of the segment, in order.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
+        self.fed += bytes.len() as u64;
+        if self.fed > u64::from(self.segment_size) {
+            return Err(self.wrong_length());
+        }
+        for piece in bytes.chunks(FEED_CHUNK) {
+            self.decoder.feed(piece);
+            while let Some(rec) = self.decoder.poll()? {
+                if let Some(e) = self.changes.record(&rec, self.decoder.pg_version().unwrap_or(0)) {
+                    self.summary.add_event(e);
+                }
+                self.summary.add(rec);
+            }
+        }
+        Ok(())
+    }
+
+    fn wrong_length(&self) -> DecodeError {
+        DecodeError::WrongSegmentLength {
+            lsn: self.start,
+            len: usize::try_from(self.fed).unwrap_or(usize::MAX),
+            segment_size: self.segment_size,
         }
     }
-    summary.pg_version = decoder.pg_version().unwrap_or(0);
-    summary.end_of_wal = decoder.ended();
-    let carry = match summary.end_of_wal {
-        Some(_) => None,
-        None => decoder.snapshot().map(|state| Carry { state, changes }),
-    };
-    Ok((summary, carry))
+
+    /// The summary and the carry for the next segment, once the whole segment was fed.
+    pub fn finish(mut self) -> Result<(SegmentSummary, Option<Carry>), DecodeError> {
+        if self.fed != u64::from(self.segment_size) {
+            return Err(self.wrong_length());
+        }
+        self.summary.pg_version = self.decoder.pg_version().unwrap_or(0);
+        self.summary.end_of_wal = self.decoder.ended();
+        let carry = match self.summary.end_of_wal {
+            Some(_) => None,
+            None => self.decoder.snapshot().map(|state| Carry {
+                state,
+                changes: self.changes,
+            }),
+        };
+        Ok((self.summary, carry))
+    }
 }
 
 #[cfg(test)]
