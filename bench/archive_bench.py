@@ -200,11 +200,18 @@ def archiver_loop(pgdata, command):
     for s in segs:
         cmd = command.replace("%p", f"pg_wal/{s}").replace("%f", s)
         while True:
+            # As pgarch.c: a .ready file that vanished (a tool's daemon marked the segment done
+            # itself, as WAL-RUS's does) is skipped, and a failed rename to .done only warns.
+            if not os.path.exists(os.path.join(status, s + ".ready")):
+                break
             t = time.time()
             rc = subprocess.run(cmd, shell=True, cwd=pgdata, capture_output=True).returncode
             lat.append(time.time() - t)
             if rc == 0:
-                os.rename(os.path.join(status, s + ".ready"), os.path.join(status, s + ".done"))
+                try:
+                    os.rename(os.path.join(status, s + ".ready"), os.path.join(status, s + ".done"))
+                except FileNotFoundError:
+                    pass
                 break
             time.sleep(1)  # PostgreSQL waits before retrying a failed archive_command
     # t0 (Unix time) lets a caller measure from an earlier instant, e.g. when the .ready files appeared.

@@ -1,0 +1,1045 @@
+#!/usr/bin/env python3
+"""walvault against the current rival tools, in one run: pgBackRest 2.59.1 and WAL-RUS 0.3.0, with
+pg_basebackup (and plain cp for WAL) as references, on a local directory (file://) and on S3 (Garage,
+one node, loopback, every tool through the same stunnel TLS terminator). Same compression (zstd 3)
+and the same parallelism (--parallel, 2 by default) for every tool. See docs/BENCH.md.
+
+Scenarios (--only, comma-separated; default all):
+  full      full base backup of a pgbench database: seconds, bytes stored, peak RSS
+  restore   restore of that backup into an empty directory: seconds, peak RSS
+  second    second backup with no change, then after ~1% of pgbench_accounts rows were updated:
+            seconds and bytes added to the repository
+  delta     restore of the changed backup over the directory restored by `restore` (--delta)
+  archive   a real WAL backlog drained through each tool's daemon / asynchronous path
+  replay    that WAL replayed through each tool's restore_command, against cp from a local dir
+(peak RSS and, on S3, requests per segment and bytes/objects stored are taken along the way.)
+`second` and `delta` need `full`; `restore` is run when `delta` is asked for; `replay` needs `archive`.
+
+Prints a Markdown table (medians and min–max over --rounds, per-round walvault/rival ratios, each
+target of issue 14 next to its measured ratio), writes bench/results/rivals.json.
+Usage: bench/rivals.py [--quick] [--rounds 3] [--scale 50] [--wal-mib 1200] [--parallel 2]
+                       [--stores file,s3] [--only full,restore,...] [--markdown FILE] [--keep]
+Needs root (PostgreSQL runs as postgres), PostgreSQL 15, stunnel4, garage, and the rivals built by
+/work/shared/rivals/build.sh. Binaries from $WALVAULT_BIN_DIR (default <repo>/target/release).
+Stops everything it started on exit, failure or signal.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import archive_bench as ab  # noqa: E402  (WAL preparation, PostgreSQL's archiver loop, Cluster)
+import s3_bench as s3b  # noqa: E402  (Garage, its metrics and bucket counters)
+
+PG = ab.PG
+ROOT = ab.ROOT
+BIN_DIR = os.environ.get("WALVAULT_BIN_DIR", os.path.join(ROOT, "target/release"))
+RIVALS = os.environ.get("WALVAULT_RIVALS_BIN", "/var/cache/walvault-rivals/bin")
+RIVALS_BUILD = os.environ.get("WALVAULT_RIVALS_BUILD", "/work/shared/rivals/build.sh")
+PGBR_VERSION = "2.59.1"
+SCENARIOS = ("full", "restore", "second", "delta", "archive", "replay")
+TOOLS = ("walvault", "pgBackRest", "WAL-RUS")
+MIB = 1048576
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+def pg_user():
+    """Popen arguments that run a child as postgres (no runuser: nothing between the clock and
+    the tool, and wait4 sees the tool's own peak RSS)."""
+    return dict(user="postgres", group="postgres", extra_groups=[]) if os.geteuid() == 0 else {}
+
+
+def tool_env(extra=None):
+    """A clean environment: no S3, WAL-G or libpq setting leaks from ours into a tool's."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "WALG_", "WALVAULT_", "PG")) and k not in ("SSL_CERT_FILE", "HOME")}
+    env["HOME"] = "/var/lib/postgresql" if os.geteuid() == 0 else os.environ.get("HOME", "/tmp")
+    env.update(extra or {})
+    return env
+
+
+def timed(cmd, env=None, cwd=None, check=True):
+    """Run a shell command as postgres. Returns (seconds, peak RSS in KiB of the largest process of
+    the tree that was reaped, stdout). ru_maxrss from wait4 covers the child and every descendant
+    it waited for (pgBackRest's local workers, the shell's command)."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, shell=True, stdout=out, stderr=err, env=tool_env(env), cwd=cwd or "/tmp",
+                         start_new_session=True, **pg_user())
+    _, status, ru = os.wait4(p.pid, 0)
+    secs = time.monotonic() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if check and p.returncode != 0:
+        raise RuntimeError(f"failed ({p.returncode}): {cmd}\n{stdout[-1500:]}\n{stderr[-3000:]}")
+    return round(secs, 3), ru.ru_maxrss, stdout
+
+
+def pg(cmd, env=None, cwd=None, check=True):
+    return timed(cmd, env, cwd, check)[2]
+
+
+def chown(path):
+    ab.chown(path)
+
+
+def mkdir_pg(path):
+    os.makedirs(path, exist_ok=True)
+    chown(path)
+    return path
+
+
+def du(path):
+    return int(subprocess.run(["du", "-sb", path], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+def count_files(path):
+    return sum(len(f) for _, _, f in os.walk(path))
+
+
+class RssPoller:
+    """Samples /proc every 50 ms for the processes whose command line holds `marker`: the peak
+    VmHWM of any one of them, and the peak of their summed VmRSS (pgBackRest's async archiver is
+    several processes). A long-running daemon is never reaped during the measurement, so wait4
+    cannot give its peak."""
+
+    def __init__(self, marker):
+        self.marker = marker
+        self.hwm = {}
+        self.sum_peak = 0
+        self.stop_ev = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def sample(self):
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if self.marker not in f.read().decode(errors="replace").replace("\0", " "):
+                        continue
+                with open(f"/proc/{pid}/status") as f:
+                    st = {l.split(":")[0]: l.split()[1] for l in f if l.startswith(("VmHWM", "VmRSS"))}
+            except (OSError, IndexError):
+                continue
+            if "VmHWM" in st:
+                self.hwm[pid] = max(self.hwm.get(pid, 0), int(st["VmHWM"]))
+                total += int(st.get("VmRSS", 0))
+        self.sum_peak = max(self.sum_peak, total)
+
+    def loop(self):
+        while not self.stop_ev.is_set():
+            self.sample()
+            time.sleep(0.05)
+
+    def stop(self):
+        self.sample()
+        self.stop_ev.set()
+        self.thread.join()
+        return {"peak_rss_mib": round(max(self.hwm.values(), default=0) / 1024, 1),
+                "peak_rss_sum_mib": round(self.sum_peak / 1024, 1), "processes": len(self.hwm)}
+
+
+def kill_marker(work, marker):
+    """End leftover processes of this run (async workers, prefetchers, daemons) by pid: only those
+    whose command line names this run's work directory and `marker`."""
+    s3b.kill_own(work, marker)
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS and stores
+
+class Stunnel:
+    """TLS in front of Garage's S3 port. A private CA signs the server certificate for
+    127.0.0.1 so every tool can verify it (rustls refuses a self-signed CA certificate used as
+    the server's own): pgBackRest with repo1-storage-ca-file, WAL-RUS and walvault through
+    SSL_CERT_FILE (rustls-native-certs reads it)."""
+
+    def __init__(self, work, backend_port):
+        self.dir = mkdir_pg(os.path.join(work, "stunnel"))
+        self.port = ab.free_port()
+        d = self.dir
+        s3b.run(f"cd {d} && openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=walvault-bench-ca "
+                f"-keyout ca.key -out ca.crt 2>/dev/null && "
+                f"openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout tls.key -out tls.csr 2>/dev/null && "
+                f"printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext && "
+                f"openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile ext "
+                f"-out tls.crt 2>/dev/null && chmod 644 ca.crt")
+        self.ca = os.path.join(d, "ca.crt")
+        cfg = os.path.join(d, "stunnel.conf")
+        with open(cfg, "w") as f:
+            # TCP_NODELAY on both sides: without it, a client that sends a request in two writes on
+            # a kept-alive connection waits for the 40 ms delayed ACK (pgBackRest's ranged GETs
+            # on bundles did: 45 ms per request instead of under 1).
+            f.write(f"foreground = yes\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
+                    f"[s3]\naccept = 127.0.0.1:{self.port}\n"
+                    f"connect = 127.0.0.1:{backend_port}\ncert = {d}/tls.crt\nkey = {d}/tls.key\n")
+        self.log = open(os.path.join(d, "stunnel.log"), "w")
+        self.proc = subprocess.Popen(["stunnel", cfg], stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        s3b.wait_port(self.port)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+class Store:
+    """Where repositories live: a directory per repository (file) or a bucket per repository (s3)."""
+
+    def __init__(self, kind, work, garage=None, stunnel=None):
+        self.kind, self.work, self.garage, self.stunnel = kind, work, garage, stunnel
+        self.env = {}
+        if kind == "s3":
+            # Every tool reads these (walvault through object_store, WAL-RUS through its own
+            # client); where PostgreSQL runs a tool, they are the postmaster's environment.
+            self.env = {"AWS_ACCESS_KEY_ID": garage.key_id, "AWS_SECRET_ACCESS_KEY": garage.secret,
+                        "AWS_REGION": s3b.REGION, "AWS_ENDPOINT_URL": f"https://127.0.0.1:{stunnel.port}",
+                        "SSL_CERT_FILE": stunnel.ca}
+
+    def loc(self, name):
+        if self.kind == "file":
+            return mkdir_pg(os.path.join(self.work, "repos", name))
+        return self.garage.bucket(name)
+
+    def size(self, loc):
+        if self.kind == "file":
+            return {"bytes": du(loc), "objects": count_files(loc)}
+        return self.garage.bucket_info(loc)
+
+    def counters(self):
+        return self.garage.counters() if self.kind == "s3" else None
+
+    def requests(self, before):
+        if self.kind != "s3":
+            return None
+        return s3b.counter_delta(before, self.garage.counters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The tools, one repository each
+
+class Walvault:
+    name = "walvault"
+
+    def __init__(self, ctx, store, loc):
+        self.ctx, self.store, self.loc = ctx, store, loc
+        self.url = f"file://{loc}" if store.kind == "file" else f"s3://{loc}/wv"
+        self.a, self.r = f"{ctx.bin}/archive-agent", f"{ctx.bin}/restore-agent"
+        self.marker = f"{self.a} daemon --repo {self.url}"  # the daemon, not the pushes
+
+    def init(self, pgdata=None):
+        # push, backup and daemon never create a repository: init makes it explicit.
+        pg(f"{self.a} init --repo {self.url}" + (f" --pgdata {pgdata}" if pgdata else ""), self.store.env)
+
+    def backup(self, cluster, kind):
+        return (f"{self.a} backup --repo {self.url} --pgdata {cluster.data} --parallel {self.ctx.n} --json "
+                f"--pg-url 'host=127.0.0.1 port={cluster.port} user=postgres dbname=postgres'")
+
+    def restore(self, dest, delta=False):
+        return (f"{self.r} restore --repo {self.url} --pgdata {dest} --parallel {self.ctx.n}"
+                + (" --delta" if delta else ""))
+
+    def push(self):
+        return f"{self.a} push --repo {self.url} %p"
+
+    def daemon(self, pgdata):
+        return f"{self.a} daemon --repo {self.url} --pgdata {pgdata} --parallel {self.ctx.n}"
+
+    def fetch(self):
+        return f"{self.r} fetch --repo {self.url} %f %p"
+
+
+class PgBackRest:
+    name = "pgBackRest"
+
+    def __init__(self, ctx, store, loc, label, pgdata, port, sockdir, async_=False):
+        self.ctx, self.store, self.loc = ctx, store, loc
+        spool = mkdir_pg(os.path.join(ctx.work, f"pgbr-spool-{label}"))
+        self.conf = os.path.join(ctx.work, f"pgbackrest-{label}.conf")
+        self.marker = self.conf
+        if store.kind == "file":
+            repo = f"repo1-path={loc}\n"
+        else:
+            repo = (f"repo1-type=s3\nrepo1-path=/repo\nrepo1-s3-bucket={loc}\nrepo1-s3-endpoint=127.0.0.1\n"
+                    f"repo1-s3-uri-style=path\nrepo1-s3-region={s3b.REGION}\nrepo1-s3-key={store.garage.key_id}\n"
+                    f"repo1-s3-key-secret={store.garage.secret}\nrepo1-storage-port={store.stunnel.port}\n"
+                    f"repo1-storage-ca-file={store.stunnel.ca}\n")
+        with open(self.conf, "w") as f:
+            f.write(f"""[global]
+{repo}repo1-bundle=y
+repo1-block=y
+repo1-retention-full=99
+compress-type=zst
+compress-level=3
+process-max={ctx.n}
+archive-async={'y' if async_ else 'n'}
+archive-push-queue-max=16GiB
+archive-get-queue-max=2GiB
+start-fast=y
+spool-path={spool}
+lock-path={spool}
+log-path={spool}
+log-level-console=warn
+log-level-stderr=warn
+log-level-file=off
+[bench]
+pg1-path={pgdata}
+pg1-port={port}
+pg1-socket-path={sockdir}
+""")
+        os.chmod(self.conf, 0o640)
+        chown(self.conf)
+        self.cmd = f"{RIVALS}/pgbackrest --config={self.conf} --stanza=bench"
+
+    def init(self):
+        pg(f"{self.cmd} stanza-create")
+
+    def backup(self, cluster, kind):
+        return f"{self.cmd} --type={'full' if kind == 'full' else 'incr'} backup"
+
+    def restore(self, dest, delta=False):
+        return f"{self.cmd} --pg1-path={dest} restore" + (" --delta" if delta else "")
+
+    def push(self):
+        return f"{self.cmd} archive-push %p"
+
+    def fetch(self):
+        return f"{self.cmd} archive-get %f \"%p\""
+
+
+class Walrus:
+    name = "WAL-RUS"
+
+    def __init__(self, ctx, store, loc, label):
+        self.ctx, self.store, self.loc = ctx, store, loc
+        self.conf = os.path.join(ctx.work, f"walrus-{label}.env")
+        self.marker = self.conf
+        self.socket = os.path.join(ctx.work, f"walrus-{label}.sock")
+        prefix = (f"WALG_FILE_PREFIX={loc}\n" if store.kind == "file" else
+                  f"WALG_S3_PREFIX=s3://{loc}/walrus\nAWS_S3_FORCE_PATH_STYLE=true\n")
+        with open(self.conf, "w") as f:
+            # Delta backups are off unless WALG_DELTA_MAX_STEPS > 0 (as in WAL-G).
+            f.write(f"{prefix}WALG_COMPRESSION_METHOD=zstd\nWALG_COMPRESSION_LEVEL=3\n"
+                    f"WALG_UPLOAD_CONCURRENCY={ctx.n}\nWALG_DOWNLOAD_CONCURRENCY={ctx.n}\n"
+                    f"WALG_DELTA_MAX_STEPS=6\n")
+        chown(self.conf)
+        self.cmd = f"{RIVALS}/walrus --config {self.conf}"
+
+    def init(self):
+        pass
+
+    def backup(self, cluster, kind):
+        return (f"PGHOST=127.0.0.1 PGPORT={cluster.port} PGUSER=postgres PGDATABASE=postgres "
+                f"{self.cmd} backup-push --fast{' --full' if kind == 'full' else ''} {cluster.data}")
+
+    def restore(self, dest, delta=False):
+        return f"{self.cmd} backup-fetch {dest} LATEST"
+
+    def push(self):
+        return f"{RIVALS}/walrus daemon-client --socket {self.socket} wal-push %p"
+
+    def daemon(self, pgdata):
+        return f"PGDATA={pgdata} {self.cmd} daemon --socket {self.socket}"
+
+    def fetch(self):
+        return f"{self.cmd} wal-fetch %f %p"
+
+
+# ---------------------------------------------------------------------------------------------
+# Clusters
+
+def cluster_start(c, env):
+    """pg_ctl start as postgres with `env` as the postmaster's environment (S3 settings for the
+    commands it runs; never on a command line PostgreSQL would log)."""
+    pg(f"{PG}/pg_ctl -D {c.data} -l {c.dir}/log -w -t 3600 "
+       f"-o '-p {c.port} -k {c.dir} -c listen_addresses=127.0.0.1' start", env)
+
+
+def cluster_stop(c, mode="fast"):
+    pg(f"{PG}/pg_ctl -D {c.data} -w -t 600 -m {mode} stop", check=False)
+
+
+def psql(c, sql):
+    """SQL without a shell in between (ab.Cluster.psql puts it in double quotes: $ would expand)."""
+    return subprocess.run([f"{PG}/psql", "-X", "-q", "-At", "-h", "127.0.0.1", "-p", str(c.port), "-U", "postgres",
+                           "-d", "postgres", "-c", sql], check=True, capture_output=True, text=True).stdout
+
+
+def wait_archived(c, timeout=900):
+    status = os.path.join(c.data, "pg_wal/archive_status")
+    deadline = time.time() + timeout
+    while any(f.endswith(".ready") for f in os.listdir(status)):
+        if time.time() > deadline:
+            raise RuntimeError(f"archiving of {c.data} did not finish; see {c.dir}/log")
+        time.sleep(0.3)
+
+
+def make_backup_cluster(ctx):
+    c = ab.Cluster(ctx.work, "bk")
+    pg(f"{PG}/initdb -A trust -U postgres -D {c.data}")
+    with open(os.path.join(c.data, "postgresql.conf"), "a") as f:
+        f.write("archive_mode = on\narchive_command = '/bin/true'\nmax_wal_size = 4GB\n"
+                "checkpoint_timeout = 30min\n")
+    cluster_start(c, {})
+    pg(f"{PG}/pgbench -h 127.0.0.1 -p {c.port} -U postgres -i -s {ctx.scale} -q postgres")
+    c.psql("vacuum analyze")
+    c.psql("checkpoint")
+    ctx.results["database_bytes"] = int(c.psql("select sum(pg_database_size(oid)) from pg_database").strip())
+    ctx.results["accounts_rows"] = ctx.scale * 100000
+    cluster_stop(c)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios 1-4: base backups and restores
+
+def backup_round(ctx, store, rnd, c):
+    """One round of full backup, restore, second backups and delta restore, every tool with a
+    fresh repository. Returns {scenario: {tool: measurement}}."""
+    r = rnd + 1
+    tag = f"{store.kind}-{r}"
+    tools = {"walvault": Walvault(ctx, store, store.loc(f"bk-wv-{r}")),
+             "pgBackRest": PgBackRest(ctx, store, store.loc(f"bk-pgbr-{r}"), f"bk-{tag}", c.data, c.port, c.dir),
+             "WAL-RUS": Walrus(ctx, store, store.loc(f"bk-walrus-{r}"), f"bk-{tag}")}
+    tools["walvault"].init(c.data)
+    tools["pgBackRest"].init()
+    # Every tool's backup needs its WAL (walvault and pgBackRest wait for the backup's last
+    # segment; WAL-RUS builds its delta map from the archived WAL): archive to all three.
+    # The three pushes run at once, so that a backup waiting for its last segment waits for the
+    # slowest tool's push, not for the sum of all three.
+    pushes = [t.push() if t.name != "WAL-RUS" else f"{t.cmd} wal-push %p" for t in tools.values()]
+    chain = ("".join(f"{p} & p{i}=$!; " for i, p in enumerate(pushes))
+             + " && ".join(f"wait $p{i}" for i in range(len(pushes))))
+    psql(c, f"alter system set archive_command = '{chain.replace(chr(39), chr(39) * 2)}'")
+    c.psql("select pg_reload_conf()")
+    c.psql("select pg_switch_wal()")
+    wait_archived(c)
+    order = list(TOOLS[rnd % 3:] + TOOLS[:rnd % 3])
+    res = {k: {} for k in ("full", "restore", "second_nochange", "second_change", "delta_restore")}
+
+    def backup(tool, kind):
+        t = tools[tool]
+        before = store.size(t.loc)
+        reqs = store.counters()
+        secs, rss, out = timed(t.backup(c, kind), store.env)
+        after = store.size(t.loc)
+        m = {"seconds": secs, "stored_bytes": after["bytes"] - before["bytes"],
+             "objects": after["objects"] - before["objects"], "peak_rss_mib": round(rss / 1024, 1)}
+        if tool == "walvault":
+            try:
+                m["walvault_new_bytes"] = json.loads(out)["new_bytes"]
+            except (ValueError, KeyError):
+                pass
+        if reqs is not None:
+            m["s3"] = store.requests(reqs)
+        return m
+
+    for tool in order:
+        res["full"][tool] = backup(tool, "full")
+        log(f"  {tag} full backup {tool}: {res['full'][tool]['seconds']} s, {res['full'][tool]['stored_bytes']} B")
+    # pg_basebackup: the reference, to the same disk (not to S3: it cannot write there).
+    bb = os.path.join(ctx.work, f"pgbb-{tag}")
+    secs, rss, _ = timed(f"{PG}/pg_basebackup -h 127.0.0.1 -p {c.port} -U postgres -D {bb} -Ft -X none -c fast "
+                         f"--compress=client-zstd:level=3,workers={ctx.n}")
+    res["full"]["pg_basebackup"] = {"seconds": secs, "stored_bytes": du(bb), "peak_rss_mib": round(rss / 1024, 1)}
+
+    dirs = {}
+    if ctx.want("restore") or ctx.want("delta"):
+        for tool in order:
+            dest = dirs[tool] = os.path.join(ctx.work, f"rs-{tag}-{tool}")
+            reqs = store.counters()
+            secs, rss, _ = timed(tools[tool].restore(dest), store.env)
+            res["restore"][tool] = {"seconds": secs, "peak_rss_mib": round(rss / 1024, 1),
+                                    "restored_bytes": du(dest)}
+            if reqs is not None:
+                res["restore"][tool]["s3"] = store.requests(reqs)
+            log(f"  {tag} restore {tool}: {secs} s")
+        dest = mkdir_pg(os.path.join(ctx.work, f"rs-{tag}-pg_basebackup"))
+        secs, rss, _ = timed(f"tar -I 'zstd -d' -xf {bb}/base.tar.zst -C {dest}")
+        res["restore"]["pg_basebackup"] = {"seconds": secs, "restored_bytes": du(dest)}
+        shutil.rmtree(dest, ignore_errors=True)
+    shutil.rmtree(bb, ignore_errors=True)
+
+    if ctx.want("second") or ctx.want("delta"):
+        for tool in order:
+            res["second_nochange"][tool] = backup(tool, "second")
+            log(f"  {tag} second backup, no change, {tool}: {res['second_nochange'][tool]['seconds']} s")
+        # ~1% of pgbench_accounts rows, chosen at random as pgbench's tpcb-like UPDATEs do.
+        rows = ctx.scale * 100000
+        c.psql(f"update pgbench_accounts set abalance = abalance + 1 where aid in "
+               f"(select 1 + (random() * {rows - 1})::int from generate_series(1, {rows // 100}))")
+        c.psql("checkpoint")
+        c.psql("select pg_switch_wal()")
+        wait_archived(c)
+        for tool in order:
+            res["second_change"][tool] = backup(tool, "second")
+            log(f"  {tag} second backup, 1% changed, {tool}: {res['second_change'][tool]['seconds']} s, "
+                f"{res['second_change'][tool]['stored_bytes']} B")
+
+    if ctx.want("delta"):
+        for tool in ("walvault", "pgBackRest"):
+            if tool == "walvault" and not ctx.walvault_delta:
+                res["delta_restore"][tool] = {"seconds": None, "note": "restore-agent restore has no --delta"}
+                continue
+            reqs = store.counters()
+            secs, rss, _ = timed(tools[tool].restore(dirs[tool], delta=True), store.env)
+            res["delta_restore"][tool] = {"seconds": secs, "peak_rss_mib": round(rss / 1024, 1)}
+            if reqs is not None:
+                res["delta_restore"][tool]["s3"] = store.requests(reqs)
+            log(f"  {tag} delta restore {tool}: {secs} s")
+    for d in dirs.values():
+        shutil.rmtree(d, ignore_errors=True)
+    c.psql("alter system set archive_command = '/bin/true'")
+    c.psql("select pg_reload_conf()")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios 5-6: WAL archiving and replay
+
+def archive_run(ctx, store, label, tool, segs, daemon_cmd, push_cmd, marker):
+    """archive_bench's method: a copy of the source data directory with every segment in pg_wal;
+    the tool's daemon (if any) is started on an empty archive_status, then the .ready files
+    appear and PostgreSQL's archiver loop (one archive_command at a time, oldest first) runs until
+    none is left. Timed from the moment the .ready files appear."""
+    src, walsrc = ctx.src, ctx.walsrc
+    pgdata = os.path.join(ctx.work, f"arch-{label}")
+    shutil.copytree(src.data, pgdata, symlinks=True)
+    wal = os.path.join(pgdata, "pg_wal")
+    for f in os.listdir(wal):
+        if os.path.isfile(os.path.join(wal, f)):
+            os.remove(os.path.join(wal, f))
+    status = os.path.join(wal, "archive_status")
+    shutil.rmtree(status)
+    os.makedirs(status)
+    for s in segs:
+        shutil.copy(os.path.join(walsrc, s), os.path.join(wal, s))
+    chown(pgdata)
+    subprocess.run("sync", check=True)
+    poller = RssPoller(marker)
+    daemon = None
+    if daemon_cmd:
+        dlog = open(os.path.join(ctx.work, f"daemon-{label}.log"), "w")
+        daemon = subprocess.Popen(daemon_cmd.replace("%D", pgdata), shell=True, stdout=dlog,
+                                  stderr=subprocess.STDOUT, env=tool_env(store.env), cwd=pgdata,
+                                  start_new_session=True, **pg_user())
+        ctx.procs.append(daemon)
+        deadline = time.time() + 10
+        while time.time() < deadline and daemon.poll() is None:
+            if tool != "WAL-RUS" or os.path.exists(daemon_cmd.split("--socket ")[1].split()[0]):
+                break
+            time.sleep(0.05)
+        time.sleep(1.0)  # up and watching an empty archive_status: no head start
+        if daemon.poll() is not None:
+            raise RuntimeError(f"{tool} daemon exited: {open(dlog.name).read()[-2000:]}")
+    before = store.counters()
+    cmdlog = os.path.join(ctx.work, f"archive-{label}.log")
+    open(cmdlog, "w").close()
+    chown(cmdlog)
+    t_ready = time.time()
+    for s in segs:
+        open(os.path.join(status, s + ".ready"), "w").close()
+    chown(status)
+    _, _, out = timed(f"/usr/bin/python3 {ctx.loop} --archiver-loop {pgdata} '{push_cmd} 2>>{cmdlog}'",
+                      store.env, cwd=pgdata)
+    res = json.loads(out.strip().splitlines()[-1])
+    elapsed = res["t0"] + res["elapsed"] - t_ready
+    rss = poller.stop()
+    if daemon:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+    kill_marker(ctx.work, marker)  # pgBackRest's async worker, done with its queue
+    lat = sorted(res["latencies"]) or [0.0]
+    total = sum(os.path.getsize(os.path.join(walsrc, s)) for s in segs)
+    m = {"seconds": round(elapsed, 2), "segments_per_s": round(len(segs) / elapsed, 2),
+         "mib_per_s": round(total / MIB / elapsed, 1), "p50_ms": round(lat[len(lat) // 2] * 1000, 1),
+         "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1), "archive_command_calls": len(res["latencies"]),
+         "daemon": rss,
+         "loadavg_1m": round(os.getloadavg()[0], 2)}
+    if before is not None:
+        m["s3"] = store.requests(before)
+        m["requests_per_segment"] = round(sum(m["s3"].get("requests", {}).values()) / len(segs), 2)
+    shutil.rmtree(pgdata, ignore_errors=True)
+    return m
+
+
+def replay_run(ctx, store, label, restore_command, marker=None):
+    """The base backup (taken before the WAL workload) replays every segment through
+    restore_command; timed from pg_ctl start until recovery has ended. Returns seconds, the end
+    of redo (the same for every tool, or something was not replayed) and the files restored."""
+    saved = {k: os.environ.get(k) for k in store.env}
+    os.environ.update(store.env)  # ab.restore_run's pg_ctl inherits it: the postmaster's environment
+    try:
+        before = store.counters()
+        r = ab.restore_run(ctx.work, label, ctx.base, restore_command)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    kill_marker(ctx.work, "prefetch")
+    if marker:
+        kill_marker(ctx.work, marker)
+    text = open(os.path.join(ctx.work, f"rc-{label}", "log"), errors="replace").read()
+    redo = re.findall(r"redo done at ([0-9A-F]+/[0-9A-F]+)", text)
+    r["redo_done_at"] = redo[-1] if redo else None
+    r["files_restored"] = len(re.findall(r'restored log file "[0-9A-F]{24}"', text))
+    if before is not None:
+        r["s3"] = store.requests(before)
+    shutil.copy(os.path.join(ctx.work, f"rc-{label}", "log"), os.path.join(ctx.work, f"server-{label}.log"))
+    shutil.rmtree(os.path.join(ctx.work, f"restore-{label}"), ignore_errors=True)
+    shutil.rmtree(os.path.join(ctx.work, f"rc-{label}"), ignore_errors=True)
+    return r
+
+
+def wal_round(ctx, store, rnd):
+    r = rnd + 1
+    tag = f"{store.kind}-{r}"
+    src = ctx.src
+    res = {"archive": {}, "replay": {}, "stored": {}}
+    wv = Walvault(ctx, store, store.loc(f"wal-wv-{r}"))
+    wv.init(src.data)
+    pgbr_loc = store.loc(f"wal-pgbr-{r}")
+    # The stanza is created against the running source cluster; archive-push then runs against
+    # a copy of its data directory (same system identifier).
+    cluster_start(src, {})
+    try:
+        PgBackRest(ctx, store, pgbr_loc, f"stanza-{tag}", src.data, src.port, src.dir).init()
+    finally:
+        cluster_stop(src)
+    wr = Walrus(ctx, store, store.loc(f"wal-walrus-{r}"), f"wal-{tag}")
+    locs = {"walvault": wv.loc, "pgBackRest": pgbr_loc, "WAL-RUS": wr.loc}
+    order = list(TOOLS[rnd % 3:] + TOOLS[:rnd % 3])
+    for tool in order:
+        label = f"{tag}-{tool.lower().replace('-', '')}"
+        if tool == "walvault":
+            m = archive_run(ctx, store, label, tool, ctx.segs, wv.daemon("%D"), wv.push(), wv.marker)
+        elif tool == "pgBackRest":
+            pb = PgBackRest(ctx, store, pgbr_loc, f"arch-{tag}", os.path.join(ctx.work, f"arch-{label}"),
+                            src.port, src.dir, async_=True)
+            m = archive_run(ctx, store, label, tool, ctx.segs, None, pb.push(), pb.marker)
+        else:
+            m = archive_run(ctx, store, label, tool, ctx.segs, wr.daemon("%D"), wr.push(), wr.marker)
+        m["stored"] = store.size(locs[tool])
+        res["archive"][tool] = m
+        log(f"  {tag} archive {tool}: {m['seconds']} s, {m['segments_per_s']} segments/s, "
+            f"daemon peak RSS {m['daemon']['peak_rss_mib']} MiB")
+    if ctx.want("replay"):
+        rorder = ["local"] + order
+        rorder = rorder[rnd % 4:] + rorder[:rnd % 4]
+        for tool in rorder:
+            label = f"{tag}-replay-{tool.lower().replace('-', '')}"
+            if tool == "local":
+                m = replay_run(ctx, store, label, f"cp {ctx.walsrc}/%f %p")
+            elif tool == "walvault":
+                m = replay_run(ctx, store, label, wv.fetch())
+            elif tool == "pgBackRest":
+                pb = PgBackRest(ctx, store, pgbr_loc, f"get-{tag}", os.path.join(ctx.work, f"restore-{label}"),
+                                src.port, src.dir, async_=True)
+                m = replay_run(ctx, store, label, pb.fetch().replace('"', '\\"'), pb.marker)
+            else:
+                m = replay_run(ctx, store, label, wr.fetch(), wr.marker)
+            res["replay"][tool] = m
+            log(f"  {tag} replay {tool}: {m['seconds']} s, redo done at {m['redo_done_at']}, "
+                f"{m['files_restored']} files restored")
+    if rnd == 0:
+        res["probe"] = rss_probe(ctx, store, tag)
+    return res
+
+
+def rss_probe(ctx, store, tag):
+    """Peak RSS (wait4's ru_maxrss) of one walvault push and one fetch of a real segment, into
+    and out of a fresh repository."""
+    wv = Walvault(ctx, store, store.loc(f"probe-wv-{tag.split('-')[1]}"))
+    wv.init()
+    d = mkdir_pg(os.path.join(ctx.work, f"probe-{tag}"))
+    seg = ctx.segs[len(ctx.segs) // 2]
+    shutil.copy(os.path.join(ctx.walsrc, seg), os.path.join(d, seg))
+    chown(d)
+    _, push_rss, _ = timed(wv.push().replace("%p", os.path.join(d, seg)), store.env, cwd=d)
+    _, fetch_rss, _ = timed(f"{wv.r} fetch --no-prefetch --repo {wv.url} --pgdata {d} {seg} {d}/fetched",
+                            store.env, cwd=d)
+    shutil.rmtree(d, ignore_errors=True)
+    return {"walvault push peak_rss_mib": round(push_rss / 1024, 1),
+            "walvault fetch peak_rss_mib": round(fetch_rss / 1024, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"median": round(statistics.median(xs), 4), "min": round(min(xs), 4), "max": round(max(xs), 4),
+            "n": len(xs)}
+
+
+def get(d, *path):
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+# (row label, section, metric, unit, lower is better, scale divisor)
+ROWS = [
+    ("full backup", "full", "seconds", "s", True, 1),
+    ("full backup, stored", "full", "stored_bytes", "MiB", True, MIB),
+    ("full backup, peak RSS", "full", "peak_rss_mib", "MiB", True, 1),
+    ("restore", "restore", "seconds", "s", True, 1),
+    ("restore, peak RSS", "restore", "peak_rss_mib", "MiB", True, 1),
+    ("second backup, no change", "second_nochange", "seconds", "s", True, 1),
+    ("second backup, no change, stored", "second_nochange", "stored_bytes", "MiB", True, MIB),
+    ("second backup, 1% changed", "second_change", "seconds", "s", True, 1),
+    ("second backup, 1% changed, stored", "second_change", "stored_bytes", "MiB", True, MIB),
+    ("delta restore over the old directory", "delta_restore", "seconds", "s", True, 1),
+    ("WAL archiving, daemon / async", "archive", "segments_per_s", "segments/s", False, 1),
+    ("WAL archiving, daemon peak RSS (largest process)", "archive", ("daemon", "peak_rss_mib"), "MiB", True, 1),
+    ("WAL archiving, daemon peak RSS (all its processes)", "archive", ("daemon", "peak_rss_sum_mib"), "MiB", True, 1),
+    ("WAL archiving, stored", "archive", ("stored", "bytes"), "MiB", True, MIB),
+    ("WAL archiving, objects stored", "archive", ("stored", "objects"), "objects", True, 1),
+    ("WAL archiving, S3 requests per segment", "archive", "requests_per_segment", "requests", True, 1),
+    ("replay of all WAL through restore_command", "replay", "seconds", "s", True, 1),
+]
+COLUMNS = ("walvault", "pgBackRest", "WAL-RUS", "pg_basebackup", "local")
+
+
+def metric(run, section, tool, key):
+    path = key if isinstance(key, tuple) else (key,)
+    return get(run, section, tool, *path)
+
+
+def summarize(results):
+    summ = {}
+    for kind, sr in results["stores"].items():
+        runs = sr["rounds"]
+        rows = {}
+        for label, section, key, unit, lower, div in ROWS:
+            if kind != "s3" and "S3" in label:
+                continue
+            cells, ratios = {}, {}
+            for tool in COLUMNS:
+                vals = [metric(r, section, tool, key) for r in runs]
+                vals = [v / div if v is not None else None for v in vals]
+                s = med(vals)
+                if s:
+                    cells[tool] = s
+            for rival in ("pgBackRest", "WAL-RUS", "pg_basebackup", "local"):
+                rs = []
+                for r in runs:
+                    a, b = metric(r, section, "walvault", key), metric(r, section, rival, key)
+                    if a is not None and b:
+                        rs.append(a / b)
+                if rs:
+                    ratios[rival] = med(rs)
+            if cells:
+                rows[label] = {"unit": unit, "lower_is_better": lower, "values": cells, "walvault_over": ratios}
+        redo = sorted({str(get(r, "replay", t, "redo_done_at")) for r in runs for t in COLUMNS
+                       if get(r, "replay", t) is not None})
+        summ[kind] = {"rows": rows, "replay_redo_done_at": redo,
+                      "probe": runs[0].get("probe") if runs else None}
+    summ["targets"] = targets(results, summ)
+    return summ
+
+
+def targets(results, summ):
+    """Issue 14's targets, each next to the ratio measured for it (median, min–max of rounds)."""
+    out = []
+
+    def ratio(kind, row, rival):
+        return get(summ, kind, "rows", row, "walvault_over", rival)
+
+    def add(name, kind, value, limit, op, note=""):
+        ok = None
+        if value is not None:
+            v = value["median"]
+            ok = v <= limit if op == "<=" else v < limit
+        out.append({"target": name, "store": kind, "measured": value, "limit": f"{op} {limit}", "met": ok,
+                    "note": note})
+
+    for kind in results["stores"]:
+        add("full backup: walvault/pgBackRest time ratio", kind, ratio(kind, "full backup", "pgBackRest"), 0.667, "<=")
+        add("restore: walvault/pgBackRest time ratio", kind, ratio(kind, "restore", "pgBackRest"), 0.667, "<=")
+        add("second backup (1% changed): walvault/pgBackRest block-incr stored bytes", kind,
+            ratio(kind, "second backup, 1% changed, stored", "pgBackRest"), 1.0, "<=")
+        # segments/s is higher-is-better: the time ratio is its inverse.
+        for rival in ("pgBackRest", "WAL-RUS"):
+            r = ratio(kind, "WAL archiving, daemon / async", rival)
+            inv = None if r is None else {"median": round(1 / r["median"], 4), "min": round(1 / r["max"], 4),
+                                          "max": round(1 / r["min"], 4), "n": r["n"]}
+            lim = 0.667 if kind == "s3" else 1.0
+            add(f"daemon archiving: walvault/{rival} time ratio", kind, inv, lim, "<=")
+        if kind == "file":
+            add("replay: walvault/local limit (cp) time ratio", kind, ratio(kind, "replay of all WAL through restore_command", "local"), 1.05, "<=")
+        else:
+            for rival in ("pgBackRest", "WAL-RUS"):
+                add(f"replay: walvault/{rival} time ratio", kind,
+                    ratio(kind, "replay of all WAL through restore_command", rival), 1.0, "<")
+        rss = get(summ, kind, "rows", "WAL archiving, daemon peak RSS (largest process)", "values", "walvault")
+        add("walvault daemon peak RSS, MiB", kind, rss, 32, "<=")
+        if kind == "s3":
+            req = get(summ, kind, "rows", "WAL archiving, S3 requests per segment", "values", "walvault")
+            add("S3 requests per archived segment (walvault)", kind, req, 3, "<=",
+                "target applies to stores honouring conditional create; Garage ignores If-None-Match")
+    return out
+
+
+def rng(s, d=2):
+    if s is None:
+        return "n/a"
+    if s["n"] == 1 or s["min"] == s["max"]:
+        return f"{s['median']:.{d}f}"
+    return f"{s['median']:.{d}f} ({s['min']:.{d}f}–{s['max']:.{d}f})"
+
+
+def markdown(results, summ):
+    lines = []
+    w = lines.append
+    cfg = results["config"]
+    w(f"walvault against pgBackRest {PGBR_VERSION} and WAL-RUS 0.3.0; median (min–max) of {cfg['rounds']} "
+      f"round(s); zstd 3 and {cfg['parallel']} in parallel for every tool; pgbench scale {cfg['scale']} "
+      f"({results.get('database_bytes', 0) / MIB:.0f} MiB); WAL: {get(results, 'wal', 'segments') or 0} segments "
+      f"({(get(results, 'wal', 'bytes') or 0) / MIB:.0f} MiB). walvault/X ratios are per round, "
+      f"then median (min–max); for segments/s higher is better, for everything else lower.")
+    for kind in results["stores"]:
+        rows = summ[kind]["rows"]
+        w("")
+        w(f"### {'file:// (local directory)' if kind == 'file' else 'S3 (Garage, loopback, through stunnel TLS)'}")
+        w("")
+        w("| measurement | unit | walvault | pgBackRest | WAL-RUS | reference | walvault/pgBackRest | walvault/WAL-RUS |")
+        w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for label, r in rows.items():
+            v, q = r["values"], r["walvault_over"]
+            d = 0 if r["unit"] in ("objects",) else (1 if r["unit"] in ("MiB",) else 2)
+            ref = ""
+            if "pg_basebackup" in v:
+                ref = f"pg_basebackup: {rng(v['pg_basebackup'], d)}"
+                if kind == "s3":
+                    ref += " (local disk)"
+            elif "local" in v:
+                ref = f"cp, local: {rng(v['local'], d)} (walvault/cp {rng(q.get('local'))})"
+            w(f"| {label} | {r['unit']} | {rng(v.get('walvault'), d)} | {rng(v.get('pgBackRest'), d)} | "
+              f"{rng(v.get('WAL-RUS'), d)} | {ref} | {rng(q.get('pgBackRest'))} | {rng(q.get('WAL-RUS'))} |")
+        p = summ[kind].get("probe")
+        if p:
+            w("")
+            w(f"walvault one-shot peak RSS: push {p['walvault push peak_rss_mib']} MiB, fetch "
+              f"{p['walvault fetch peak_rss_mib']} MiB. End of redo in every replay: "
+              f"{', '.join(summ[kind]['replay_redo_done_at']) or 'n/a'} (one value: all replayed the same WAL).")
+    w("")
+    w("### Targets of issue 14")
+    w("")
+    w("| target | store | measured | target | met |")
+    w("| --- | --- | --- | --- | --- |")
+    for t in summ["targets"]:
+        met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+        note = f" ({t['note']})" if t["note"] else ""
+        w(f"| {t['target']}{note} | {t['store']} | {rng(t['measured'])} | {t['limit']} | {met} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def log(msg):
+    print(msg, flush=True)
+
+
+class Ctx:
+    pass
+
+
+def check_rivals():
+    pgbr, walrus = f"{RIVALS}/pgbackrest", f"{RIVALS}/walrus"
+    if not (os.access(pgbr, os.X_OK) and os.access(walrus, os.X_OK)):
+        log(f"rivals missing in {RIVALS}: running {RIVALS_BUILD}")
+        s3b.run(RIVALS_BUILD)
+    v = s3b.run(f"{pgbr} version", check=False).strip()
+    if PGBR_VERSION not in v:
+        sys.exit(f"{pgbr} is '{v}', not pgBackRest {PGBR_VERSION}: refusing to benchmark against it")
+    return {"pgbackrest": v, "walrus": s3b.run(f"{walrus} --version", check=False).strip()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="development size: --scale 5 --wal-mib 128 --rounds 1 (unless given)")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--scale", type=int, help="pgbench scale of the backed-up database [50, quick 5]")
+    ap.add_argument("--wal-mib", type=int, help="size of the WAL backlog [1200 ≈ 75 segments, quick 128]")
+    ap.add_argument("--parallel", type=int, default=2, help="parallelism of every tool [2]")
+    ap.add_argument("--stores", default="file,s3")
+    ap.add_argument("--only", default=",".join(SCENARIOS), help=f"scenarios: {','.join(SCENARIOS)}")
+    ap.add_argument("--json", default=os.path.join(ROOT, "bench/results/rivals.json"))
+    ap.add_argument("--markdown", metavar="FILE", help="also write the Markdown table to FILE")
+    ap.add_argument("--from-json", metavar="JSON", help="only print the tables of an earlier run's JSON")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
+    args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        text = markdown(results, summarize(results))
+        print(text)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(text + "\n")
+        return
+    rounds = args.rounds or (1 if args.quick else 3)
+    scale = args.scale or (5 if args.quick else 50)
+    wal_mib = args.wal_mib or (128 if args.quick else 1200)
+    stores = [s for s in args.stores.split(",") if s]
+    only = set(s for s in args.only.split(",") if s)
+    bad = (only - set(SCENARIOS)) | (set(stores) - {"file", "s3"})
+    if bad:
+        sys.exit(f"unknown scenario or store: {', '.join(sorted(bad))}")
+    if os.geteuid() != 0:
+        sys.exit("run as root: PostgreSQL and the tools run as postgres")
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, on_signal)
+
+    versions = check_rivals()
+    if "s3" in stores:
+        if shutil.which("stunnel") is None:
+            s3b.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4")
+        if not os.path.exists(s3b.GARAGE):
+            sys.exit(f"garage not found at {s3b.GARAGE} (cargo install --locked garage@2.5.0)")
+        versions["garage"] = s3b.run(f"{s3b.GARAGE} --version", check=False).split("\n")[0]
+    for b in ("archive-agent", "restore-agent"):
+        if not os.access(os.path.join(BIN_DIR, b), os.X_OK):
+            sys.exit(f"{BIN_DIR}/{b} missing: cargo build --release, or set WALVAULT_BIN_DIR")
+
+    ctx = Ctx()
+    ctx.n, ctx.scale = args.parallel, scale
+    ctx.want = lambda s: s in only
+    ctx.procs = []
+    ctx.work = work = tempfile.mkdtemp(prefix="walvault-rivals.")
+    os.chmod(work, 0o755)
+    # A copy of the binaries: a rebuild under us does not change them mid-run.
+    ctx.bin = os.path.join(work, "bin")
+    os.makedirs(ctx.bin)
+    for b in ("archive-agent", "restore-agent"):
+        shutil.copy(os.path.join(BIN_DIR, b), ctx.bin)
+    versions["walvault"] = s3b.run(f"{ctx.bin}/archive-agent --version", check=False).strip()
+    ctx.walvault_delta = "--delta" in s3b.run(f"{ctx.bin}/restore-agent restore --help", check=False)
+    ctx.loop = os.path.join(work, "archiver_loop.py")
+    shutil.copy(os.path.abspath(ab.__file__), ctx.loop)
+    chown(work)
+    git = s3b.run(f"cd {ROOT} && git rev-parse --short HEAD", check=False).strip()
+    ctx.results = results = {
+        "config": {"rounds": rounds, "scale": scale, "wal_mib": wal_mib, "parallel": args.parallel,
+                   "stores": stores, "only": sorted(only), "quick": args.quick, "bin_dir": BIN_DIR,
+                   "bench_commit": git, "walvault_delta_restore": ctx.walvault_delta},
+        "versions": versions, "stores": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "nproc": os.cpu_count()}
+    log(f"work directory {work}; {versions}")
+    garage = stunnel = None
+    ok = False
+    try:
+        if "s3" in stores:
+            garage = s3b.Garage(work)
+            garage.start()
+            stunnel = Stunnel(work, garage.s3_port)
+        if only & {"archive", "replay"}:
+            log(f"preparing {wal_mib} MiB of WAL (pgbench + random payloads)")
+            ctx.src, ctx.base, ctx.walsrc, ctx.segs = ab.prepare(work, wal_mib)
+            # The source is started again only for pgBackRest's stanza-create; its shutdown
+            # switches WAL, which must not add a segment to the local copy replay reads.
+            with open(os.path.join(ctx.src.data, "postgresql.auto.conf"), "a") as f:
+                f.write("archive_command = '/bin/true'\n")
+            results["wal"] = {"segments": len(ctx.segs),
+                              "bytes": sum(os.path.getsize(os.path.join(ctx.walsrc, s)) for s in ctx.segs)}
+            log(f"{len(ctx.segs)} segments")
+        bk = None
+        if only & {"full", "restore", "second", "delta"}:
+            log(f"creating the pgbench database, scale {scale}")
+            bk = make_backup_cluster(ctx)
+        for kind in stores:
+            results["stores"][kind] = {"rounds": []}
+        # Rounds outermost: a run stopped early still has every store's first rounds.
+        for rnd in range(rounds):
+            for kind in stores:
+                store = Store(kind, work, garage, stunnel)
+                log(f"{kind}: round {rnd + 1} of {rounds}")
+                run_r = {}
+                if bk:
+                    cluster_start(bk, store.env)  # the postmaster's environment: this store's
+                    try:
+                        run_r.update(backup_round(ctx, store, rnd, bk))
+                    finally:
+                        cluster_stop(bk)
+                if "archive" in only:
+                    run_r.update(wal_round(ctx, store, rnd))
+                run_r["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                results["stores"][kind]["rounds"].append(run_r)
+        ok = True
+    finally:
+        for p in ctx.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except OSError:
+                    pass
+        for d in [os.path.join(work, x) for x in os.listdir(work)]:
+            for data in (d, os.path.join(d, "data")):
+                if os.path.exists(os.path.join(data, "postmaster.pid")):
+                    pg(f"{PG}/pg_ctl -D {data} -m immediate stop", check=False)
+        for pid in s3b.own_pids(work):  # daemons, prefetchers, pgBackRest workers of this run
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        for p in (stunnel, garage):
+            if p:
+                p.stop()
+        results["complete"] = ok
+        text = None
+        if any(s["rounds"] for s in results["stores"].values()):
+            try:
+                results["summary"] = summarize(results)
+                text = markdown(results, results["summary"])
+            except Exception as e:  # a partial run may lack a scenario
+                log(f"no summary: {e!r}")
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        if text:
+            print("\n" + text)
+            if args.markdown:
+                with open(args.markdown, "w") as f:
+                    f.write(text + "\n")
+        log(f"wrote {args.json}")
+        if args.keep or not ok:
+            log(f"kept {work} (logs)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
