@@ -687,3 +687,125 @@ fn compare_existing(
         hash: Some(plain_hash),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::fault::{Fault, FaultStore};
+    use crate::repo::store::CreateSemantics;
+    use crate::repo::{RepoDescriptor, layout::DESCRIPTOR_KEY};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn settings() -> Settings {
+        let o = crate::config::Overrides {
+            repo: Some("s3://b/r".into()),
+            compress_level: Some(3),
+            ..Default::default()
+        };
+        Settings::resolve(o, Path::new("/nonexistent")).unwrap()
+    }
+
+    /// A repository on an in-memory "S3" store, with the descriptor `honoured` says; the store
+    /// counts requests.
+    async fn repository(honoured: Option<bool>, fault: Fault) -> (Arc<FaultStore>, Writer) {
+        let faults = Arc::new(FaultStore::new(Fault::None));
+        let store = WritableStore::with_backend(
+            Arc::clone(&faults) as Arc<dyn object_store::ObjectStore>,
+            "s3://b/r".parse().unwrap(),
+            CreateSemantics::CheckThenWrite,
+            crate::retry::RetryPolicy::with_total(Duration::from_millis(200)),
+        );
+        // Bound to the cluster of `segment` (as `init --pgdata` does): no cluster.json to write.
+        let seg = first_segment_name();
+        let info = crate::wal::page::validate_segment(&crate::wal::page::synthetic_segment(&seg, 42, 1 << 20), &seg).unwrap();
+        let mut d = RepoDescriptor::new(Some(ClusterIdentity::from(&info)), 0);
+        d.create_only_honoured = honoured;
+        store.put(DESCRIPTOR_KEY, d.to_json().into()).await.unwrap();
+        let w = Writer::on_writable_store(store, None).await.unwrap();
+        faults.set(fault);
+        (faults, w)
+    }
+
+    /// The first segment of a timeline (no previous segment, so no carry to look for), valid
+    /// first page, then zeros (the end of WAL for the summary).
+    fn first_segment_name() -> crate::wal::SegmentName {
+        match "000000010000000000000000".parse() {
+            Ok(WalFileName::Segment(s)) => s,
+            _ => unreachable!(),
+        }
+    }
+
+    fn segment(dir: &Path, fill: u8) -> std::path::PathBuf {
+        let name = first_segment_name();
+        let mut bytes = crate::wal::page::synthetic_segment(&name, 42, 1 << 20);
+        bytes[1 << 19] = fill;
+        let path = dir.join(name.to_string());
+        std::fs::write(&path, &bytes).unwrap();
+        path
+    }
+
+    async fn archive(w: &mut Writer, path: &Path) -> Result<PushOutcome, PushError> {
+        archive_source(&settings(), w, open_wal_file(path).unwrap(), None).await
+    }
+
+    /// On a store that refuses a second create-only write, a segment costs two requests: its
+    /// write and its summary's. Elsewhere a check comes first and a read-back after.
+    #[tokio::test]
+    async fn a_segment_costs_two_writes_where_create_only_is_honoured() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment(dir.path(), 0);
+        let (faults, mut w) = repository(Some(true), Fault::None).await;
+        let before = faults.requests();
+        let out = archive(&mut w, &path).await.unwrap();
+        assert!(out.newly_stored);
+        assert_eq!(faults.requests() - before, 2, "PUT segment, PUT summary");
+        // The same bytes again: refused by the store, then compared: still success.
+        let before = faults.requests();
+        let again = archive(&mut w, &path).await.unwrap();
+        assert!(!again.newly_stored);
+        assert_eq!(faults.requests() - before, 3, "PUT refused, GET to compare, HEAD summary");
+
+        let (faults, mut w) = repository(None, Fault::None).await;
+        let before = faults.requests();
+        archive(&mut w, &path).await.unwrap();
+        assert_eq!(
+            faults.requests() - before,
+            5,
+            "GET (absent), PUT, HEAD (entity tag), HEAD summary, PUT summary"
+        );
+    }
+
+    /// Different bytes under an archived name are refused and the archived copy kept, whether
+    /// the store refuses the second write itself or ignores create-only writes (and walvault
+    /// checks first).
+    #[tokio::test]
+    async fn different_bytes_never_replace_an_archived_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        for (honoured, fault) in [(Some(true), Fault::None), (Some(false), Fault::IgnoreCreateOnly)] {
+            let (_, mut w) = repository(honoured, fault).await;
+            let path = segment(dir.path(), 0);
+            let first = archive(&mut w, &path).await.unwrap();
+            let other = segment(dir.path(), 7);
+            let err = archive(&mut w, &other).await.unwrap_err();
+            assert!(matches!(err, PushError::Conflict { .. }), "{err}");
+            assert_eq!(err.exit_code(), crate::exit::REFUSED);
+            let stored = w.writable().get(&wal_key(&first.name)).await.unwrap().unwrap();
+            let header = w.sealer().read_header(&stored).unwrap();
+            assert_eq!(Some(blake3::Hash::from(header.blake3)), first.hash);
+        }
+    }
+
+    /// init's probe: an in-memory store refuses the second create-only write, a store that
+    /// ignores the condition does not, and the probe object is gone either way.
+    #[tokio::test]
+    async fn the_create_only_probe_tells_honouring_stores_from_ignoring_ones() {
+        for (fault, expected) in [(Fault::None, true), (Fault::IgnoreCreateOnly, false)] {
+            let (faults, w) = repository(None, fault).await;
+            let store = w.writable();
+            assert_eq!(store.probe_create_only("probe/create-only-x").await.unwrap(), expected);
+            assert_eq!(store.get("probe/create-only-x").await.unwrap(), None);
+            drop(faults);
+        }
+    }
+}

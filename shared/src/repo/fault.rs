@@ -28,6 +28,9 @@ pub enum Fault {
     Denied,
     /// Writes are stored, then reported as failed (transient) once; other requests are served.
     LoseWriteAnswers,
+    /// Create-only writes replace what is there, like S3 servers that ignore `If-None-Match`
+    /// (Garage); other requests are served.
+    IgnoreCreateOnly,
 }
 
 /// An in-memory store with injected faults; counts the requests it receives.
@@ -92,8 +95,11 @@ fn transient() -> object_store::Error {
 
 #[async_trait::async_trait]
 impl ObjectStore for FaultStore {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, mut opts: PutOptions) -> Result<PutResult> {
         self.check()?;
+        if *self.fault.lock().expect("fault lock") == Fault::IgnoreCreateOnly {
+            opts.mode = object_store::PutMode::Overwrite;
+        }
         let r = self.inner.put_opts(location, payload, opts).await?;
         if self.loses_answer(location) {
             return Err(transient());

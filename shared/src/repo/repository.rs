@@ -281,11 +281,17 @@ impl Reader {
 impl Writer {
     /// Open the repository at `url` for writing. Never creates one.
     pub async fn open_writable(url: &RepoUrl, options: &StoreOptions) -> Result<Writer, RepoError> {
-        let mut writer = Writer::on_store(
+        Writer::on_writable_store(
             WritableStore::open_retrying(url, options).await?,
             options.key.as_ref(),
         )
-        .await?;
+        .await
+    }
+
+    /// [`Repository::on_store`] for writing: relies on the store refusing a second create-only
+    /// write when `archive-agent init` found it does (the descriptor says so).
+    pub async fn on_writable_store(store: WritableStore, key: Option<&KeySource>) -> Result<Writer, RepoError> {
+        let mut writer = Writer::on_store(store, key).await?;
         if writer.descriptor.create_only_honoured == Some(true) {
             writer.store.trust_create_only();
         }
