@@ -509,7 +509,8 @@ fn window_text(cat: &Catalog, tli: u32) -> String {
 
 /// Decide and check each tablespace's location before anything is written: absolute, no `..`,
 /// neither inside the new data directory nor containing it, and empty or absent (even with
-/// `--force`: a tablespace location is never wiped).
+/// `--force`: a tablespace location is never wiped; with `--delta` it is rewritten, once
+/// [`delta`] has checked it holds a tablespace).
 fn place_tablespaces(
     m: &Manifest,
     opts: &RestoreOptions,
@@ -1180,6 +1181,16 @@ mod tests {
         files: &[(&str, Vec<u8>)],
         chunk_size: u64,
     ) -> (Arc<crate::repo::fault::FaultStore>, Store, Sealer, Manifest) {
+        stored_backup_sealed(files, chunk_size, Sealer::plain()).await
+    }
+
+    /// [`stored_backup`] sealed by `sealer` (an encrypted repository's names chunks by a keyed
+    /// hash).
+    async fn stored_backup_sealed(
+        files: &[(&str, Vec<u8>)],
+        chunk_size: u64,
+        sealer: Sealer,
+    ) -> (Arc<crate::repo::fault::FaultStore>, Store, Sealer, Manifest) {
         use crate::backup::chunk::{chunk_id, put_chunk};
         use crate::repo::fault::{Fault, FaultStore};
         use crate::repo::store::{CreateSemantics, WritableStore};
@@ -1190,7 +1201,6 @@ mod tests {
             CreateSemantics::CheckThenWrite,
             crate::retry::RetryPolicy::with_total(std::time::Duration::from_secs(5)),
         );
-        let sealer = Sealer::plain();
         let mut m = fixture();
         m.chunk_size = chunk_size;
         m.entries = ["base", "base/1"]
@@ -1278,11 +1288,29 @@ mod tests {
 
     #[tokio::test]
     async fn delta_rewrites_only_what_differs_and_never_writes_through_a_link() {
+        delta_case(Sealer::plain()).await;
+    }
+
+    /// In an encrypted repository chunk ids are keyed hashes: the delta must compare with the
+    /// same hash, or it would fetch every chunk.
+    #[tokio::test]
+    async fn delta_in_an_encrypted_repository_compares_with_the_keyed_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "ab".repeat(32)).unwrap();
+        let repo_id = crate::repo::RepoId::try_from("0123456789abcdef0123456789abcdef".to_string()).unwrap();
+        let (keys, _) =
+            crate::repo::keys::RepoKeys::generate(&crate::repo::keys::KeySource::File(key), &repo_id, None)
+                .unwrap();
+        delta_case(Sealer::encrypted(keys)).await;
+    }
+
+    async fn delta_case(sealer: Sealer) {
         const CS: usize = 4096;
         let a = [vec![1u8; CS], vec![2u8; CS], vec![3u8; 10]].concat();
         let b = vec![4u8; 100];
         let files = [("16384", a.clone()), ("16385", b.clone())];
-        let (faults, store, sealer, m) = stored_backup(&files, CS as u64).await;
+        let (faults, store, sealer, m) = stored_backup_sealed(&files, CS as u64, sealer).await;
         let dir = tempfile::tempdir().unwrap();
         let mut opts = options(&dir.path().join("data"));
         let none = BTreeMap::new();
