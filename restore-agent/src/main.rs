@@ -65,7 +65,7 @@ enum Command {
     /// Rebuild a data directory from a base backup, set up to recover to a target
     #[command(group(clap::ArgGroup::new("goal").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
     Restore {
-        /// The new data directory (empty, or replaced with --force)
+        /// The new data directory (empty, replaced with --force, or rewritten with --delta)
         #[arg(long, value_name = "DIR")]
         pgdata: PathBuf,
         #[command(flatten)]
@@ -80,11 +80,17 @@ enum Command {
         #[arg(long, value_name = "ID")]
         backup: Option<String>,
         /// Replace the contents of a non-empty --pgdata
-        #[arg(long)]
+        #[arg(long, conflicts_with = "delta")]
         force: bool,
-        /// Chunks fetched and written in parallel
-        #[arg(long, default_value_t = 4, value_name = "N")]
-        parallel: usize,
+        /// Restore over an existing data directory (an old primary, a lagging copy) with the
+        /// server stopped: only chunks whose content differs are fetched and rewritten; files and
+        /// directories the backup does not have are removed (pg_wal contents too)
+        #[arg(long)]
+        delta: bool,
+        /// Chunks fetched and written in parallel [default: 16 for file://, 32 for s3://, az:// and
+        /// gs:// (measured)]
+        #[arg(long, value_name = "N")]
+        parallel: Option<usize>,
         /// Restore tablespace OID into DIR (repeatable)
         #[arg(long, value_name = "OID=DIR")]
         tablespace_map: Vec<String>,
@@ -338,6 +344,7 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         target_action,
         backup,
         force,
+        delta,
         parallel,
         tablespace_map,
         tablespace_map_all,
@@ -385,7 +392,8 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         action,
         exclusive: goal.target_exclusive,
         force,
-        parallel,
+        delta,
+        parallel: parallel.unwrap_or_else(|| walvault::restore::default_parallel(&settings.repo.location())),
         restore_command,
     };
     let started = Instant::now();
@@ -405,6 +413,21 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         r.files,
         r.bytes,
         started.elapsed().as_secs_f64()
+    );
+    if let Some(d) = &r.delta {
+        println!(
+            "delta: checked {} existing files ({} bytes hashed), {} unchanged; rewrote {} chunks, created {} files, removed {} files and directories",
+            d.files_checked,
+            d.bytes_hashed,
+            d.files_unchanged,
+            d.chunks_rewritten,
+            d.files_created,
+            d.removed
+        );
+    }
+    println!(
+        "fetched {} distinct chunks ({} bytes), wrote {} bytes",
+        r.chunks_fetched, r.bytes_fetched, r.bytes
     );
     println!("recovery target: {}, timeline {}", r.target, r.timeline);
     if let Some(span) = &r.replay {

@@ -432,6 +432,7 @@ async fn drill_in(
         action: TargetAction::Promote,
         exclusive: opts.exclusive,
         force: false,
+        delta: false,
         parallel: opts.parallel,
         restore_command: opts.restore_command.clone(),
         tablespaces: crate::restore::TablespacePlan {

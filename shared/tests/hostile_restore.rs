@@ -134,6 +134,7 @@ impl Env {
             action: TargetAction::Promote,
             exclusive: false,
             force: false,
+            delta: false,
             parallel: 4,
             restore_command: "restore-agent fetch %f %p".into(),
             tablespaces,
