@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use walvault::archive::{self, PushOutcome};
-use walvault::backup::take::{BackupOptions, DEFAULT_CHUNK_SIZE, take_backup};
+use walvault::backup::take::{BackupOptions, DEFAULT_CHUNK_SIZE, FileReading, take_backup_reading};
 use walvault::cli::{self, RepoArgs};
 use walvault::exit;
 use walvault::repo::keys::KeySource;
@@ -137,6 +137,12 @@ enum Command {
         /// the backup waits for the primary's archive_timeout or traffic)
         #[arg(long, env = "WALVAULT_PRIMARY_URL", value_name = "CONN")]
         primary_url: Option<String>,
+        /// Read every file, even those unchanged since the previous backup (by size, mtime,
+        /// ctime, inode and device), and make sure every chunk is in the repository, uploading
+        /// any that is missing. Without it, unchanged files are taken over from the previous
+        /// backup unread: see README, "Base backups".
+        #[arg(long)]
+        read_all: bool,
         /// Print the manifest summary as JSON
         #[arg(long)]
         json: bool,
@@ -304,8 +310,14 @@ fn main() -> ExitCode {
             parallel,
             wal_timeout,
             primary_url,
+            read_all,
             json,
         } => {
+            let reading = if read_all {
+                FileReading::All
+            } else {
+                FileReading::Changed
+            };
             match backup(
                 &cli.repo,
                 pgdata,
@@ -314,6 +326,7 @@ fn main() -> ExitCode {
                 compress_level,
                 parallel,
                 &wal_timeout,
+                reading,
                 json,
             ) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -593,6 +606,7 @@ fn backup(
     compress_level: Option<i32>,
     parallel: usize,
     wal_timeout: &str,
+    reading: FileReading,
     json: bool,
 ) -> anyhow::Result<()> {
     let settings = repo.settings(compress_level)?;
@@ -606,12 +620,13 @@ fn backup(
     };
     let started = Instant::now();
     let rt = tokio::runtime::Runtime::new()?;
-    let m = rt.block_on(take_backup(&settings, &opts))?;
+    let m = rt.block_on(take_backup_reading(&settings, &opts, reading))?;
     let s = &m.stats;
     tracing::info!(
-        "backup {} done: {} files, {} bytes, {} chunks ({} new, {} bytes uploaded), WAL {}..{}, {:.1}s",
+        "backup {} done: {} files ({} unchanged, taken over unread), {} bytes, {} chunks ({} new, {} bytes uploaded), WAL {}..{}, {:.1}s",
         m.id,
         s.files,
+        s.reused_files,
         s.logical_bytes,
         s.chunks,
         s.new_chunks,

@@ -46,6 +46,10 @@ pub struct BackupInfo {
     pub new_bytes: u64,
     pub new_chunks: u64,
     pub chunks: u64,
+    /// Files taken over unread from the previous backup (unchanged since it read them), and
+    /// their bytes.
+    pub reused_files: u64,
+    pub reused_bytes: u64,
     /// Pinned: expire never deletes it.
     pub pinned: bool,
 }
@@ -67,6 +71,8 @@ impl From<&Manifest> for BackupInfo {
             new_bytes: m.stats.new_bytes,
             new_chunks: m.stats.new_chunks,
             chunks: m.stats.chunks,
+            reused_files: m.stats.reused_files,
+            reused_bytes: m.stats.reused_bytes,
             pinned: false,
         }
     }
@@ -635,6 +641,8 @@ pub(crate) mod testing {
             tablespaces: vec![],
             entries: vec![],
             stats: BackupStats::default(),
+            files_examined_after_us: None,
+            files: vec![],
         }
     }
 }

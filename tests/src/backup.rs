@@ -34,6 +34,9 @@ pub struct BackupSummary {
     pub new_bytes: u64,
     pub new_chunks: u64,
     pub chunks: u64,
+    /// Files taken over from the previous backup unread, and their bytes.
+    pub reused_files: u64,
+    pub reused_bytes: u64,
 }
 
 impl BackupSummary {
@@ -64,6 +67,8 @@ impl BackupSummary {
             new_bytes: num("new_bytes")?,
             new_chunks: num("new_chunks")?,
             chunks: num("chunks")?,
+            reused_files: num("reused_files")?,
+            reused_bytes: num("reused_bytes")?,
         })
     }
 }

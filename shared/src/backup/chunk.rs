@@ -28,57 +28,34 @@ pub enum ChunkError {
     Compress(std::io::Error),
 }
 
-/// What storing one chunk did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredChunk {
-    pub id: String,
-    /// Bytes the chunk takes in the repository.
-    pub stored_len: u64,
-    /// Whether this call uploaded it (false: the repository already had it).
-    pub uploaded: bool,
-}
-
 /// The id of a chunk: the blake3 of its bytes (keyed in an encrypted repository), in hex.
 pub fn chunk_id(sealer: &Sealer, data: &[u8]) -> String {
     hex::encode(sealer.content_hash(data))
 }
 
-/// Store `data`, whose id is `id` ([`chunk_id`]), unless the repository has it already. A
-/// content-addressed key makes an overwrite by a concurrent writer harmless: same bytes.
-pub async fn put_chunk(
-    store: &WritableStore,
-    sealer: &Sealer,
-    id: String,
-    data: Bytes,
-    level: i32,
-) -> Result<StoredChunk, ChunkError> {
-    debug_assert_eq!(id, chunk_id(sealer, &data));
-    let key = chunk_key(&id)?;
-    if let Some(stored_len) = store.size(&key).await? {
-        return Ok(StoredChunk {
-            id,
-            stored_len,
-            uploaded: false,
-        });
-    }
-    let sealed = tokio::task::spawn_blocking({
-        let (id, sealer) = (id.clone(), sealer.clone());
-        // The id is the content hash (and `chunk_key` accepted it as 64 hex digits): the chunk
-        // is not hashed a second time.
-        let mut hash = [0u8; 32];
-        hex::decode_to_slice(&id, &mut hash).expect("chunk_key accepts 64 hex digits only");
-        move || sealer.seal_hashed(ObjectKind::Chunk, &id, &data, hash, level)
-    })
-    .await
-    .map_err(|e| ChunkError::Compress(std::io::Error::other(e)))?
-    .map_err(ChunkError::Compress)?;
-    let stored_len = sealed.bytes.len() as u64;
-    store.put(&key, sealed.bytes).await?;
-    Ok(StoredChunk {
-        id,
-        stored_len,
-        uploaded: true,
-    })
+/// The stored length of the chunk whose content hash is `hash`, if the repository has it.
+pub async fn stored_len(store: &WritableStore, hash: &[u8; 32]) -> Result<Option<u64>, ChunkError> {
+    Ok(store.size(&chunk_key(&hex::encode(hash))?).await?)
+}
+
+/// `data`, whose content hash is `hash` ([`Sealer::content_hash`]), sealed as a chunk: compressed
+/// (and in an encrypted repository encrypted). CPU-bound: call it from a blocking task.
+pub fn seal_chunk(sealer: &Sealer, hash: [u8; 32], data: &[u8], level: i32) -> Result<Bytes, ChunkError> {
+    debug_assert_eq!(hash, sealer.content_hash(data));
+    let id = hex::encode(hash);
+    // The chunk is not hashed a second time.
+    let sealed = sealer
+        .seal_hashed(ObjectKind::Chunk, &id, data, hash, level)
+        .map_err(ChunkError::Compress)?;
+    Ok(sealed.bytes)
+}
+
+/// Upload a chunk [`seal_chunk`] sealed. A content-addressed key makes overwriting a chunk
+/// already stored (by a concurrent writer, or an interrupted backup) harmless: same bytes.
+pub async fn upload(store: &WritableStore, hash: &[u8; 32], sealed: Bytes) -> Result<u64, ChunkError> {
+    let len = sealed.len() as u64;
+    store.put(&chunk_key(&hex::encode(hash))?, sealed).await?;
+    Ok(len)
 }
 
 /// Read chunk `id` and verify it: header, length, and that its content hashes to `id`.

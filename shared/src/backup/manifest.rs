@@ -131,6 +131,42 @@ pub struct BackupStats {
     pub new_bytes: u64,
     /// Compressed bytes of all chunks the backup references.
     pub stored_bytes: u64,
+    /// Files taken over from the previous backup without being read, because their `stat` shows
+    /// no write since that backup read them (see [`crate::backup::reuse`]), and their bytes.
+    #[serde(default)]
+    pub reused_files: u64,
+    #[serde(default)]
+    pub reused_bytes: u64,
+}
+
+/// What `fstat` said of a file just before a backup read it: what the next backup compares to
+/// decide whether the file may be reused without reading it (see [`crate::backup::reuse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStat {
+    pub size: u64,
+    /// Modification and status change times, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+    pub dev: u64,
+}
+
+/// What a backup knows of one of its files beyond what a restore needs: how much each chunk
+/// takes in the repository, and how the file looked when it was read. Optional and ignored by
+/// restore; the next backup uses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub path: String,
+    /// Stored (sealed, compressed) length of each of the entry's chunks, in order.
+    pub stored: Vec<u64>,
+    /// Absent when the file was not read by this backup's process in a way that can vouch for it
+    /// (`global/pg_control`, which is reread until its CRC checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stat: Option<FileStat>,
+    /// The backup that read the file's bytes, when this one took the file over unread because
+    /// it had not changed since (absent: this backup read it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_by: Option<BackupId>,
 }
 
 /// `backups/<id>/manifest.wvo`.
@@ -160,6 +196,14 @@ pub struct Manifest {
     pub tablespaces: Vec<Tablespace>,
     pub entries: Vec<Entry>,
     pub stats: BackupStats,
+    /// The backup host's wall clock (Unix microseconds) just before the first file was
+    /// examined: every [`FileStat`] of `files` was taken after it. Absent in manifests written
+    /// before files were reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_examined_after_us: Option<i64>,
+    /// One record per file entry with chunks, sorted by path. Absent in older manifests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +313,8 @@ impl Manifest {
             entries: Count,
             #[serde(default)]
             tablespaces: Count,
+            #[serde(default)]
+            files: Count,
         }
         let probe: Probe =
             serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
@@ -278,7 +324,7 @@ impl Manifest {
         if probe.version != FORMAT_VERSION {
             return Err(ManifestError::UnsupportedVersion(probe.version));
         }
-        check_counts(probe.entries.0, probe.tablespaces.0)?;
+        check_counts(probe.entries.0.max(probe.files.0), probe.tablespaces.0)?;
         let m: Manifest = serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
         m.validate()?;
         Ok(m)
@@ -291,7 +337,10 @@ impl Manifest {
     /// or write without bound.
     pub fn validate(&self) -> Result<(), ManifestError> {
         let implausible = |s: String| Err(ManifestError::Implausible(s));
-        check_counts(self.entries.len() as u64, self.tablespaces.len() as u64)?;
+        check_counts(
+            self.entries.len().max(self.files.len()) as u64,
+            self.tablespaces.len() as u64,
+        )?;
         if !(1..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
             return implausible(format!(
                 "chunk size {} is outside 1..={MAX_CHUNK_SIZE}",
@@ -375,7 +424,53 @@ impl Manifest {
                 }
             }
         }
+        self.check_files()
+    }
+
+    /// `files`: sorted, each naming a file entry, with one stored length per chunk. Restore
+    /// never uses them, but a record that disagrees with its entry means the manifest was not
+    /// written by walvault.
+    fn check_files(&self) -> Result<(), ManifestError> {
+        let mut entries = self.entries.iter();
+        let mut prev: Option<&str> = None;
+        for f in &self.files {
+            if prev.is_some_and(|p| p.as_bytes() >= f.path.as_bytes()) {
+                return Err(entry_err(
+                    &f.path,
+                    "file records are not sorted by path, or repeat one",
+                ));
+            }
+            prev = Some(&f.path);
+            // Both lists are sorted: one pass over the entries finds every record's entry.
+            let Some(e) = entries.find(|e| e.path == f.path) else {
+                return Err(entry_err(&f.path, "a file record names no entry"));
+            };
+            if e.kind != EntryKind::File {
+                return Err(entry_err(&f.path, "a file record names a directory"));
+            }
+            if e.chunks.len() != f.stored.len() {
+                return Err(entry_err(
+                    &f.path,
+                    format!(
+                        "its file record has {} stored lengths for {} chunks",
+                        f.stored.len(),
+                        e.chunks.len()
+                    ),
+                ));
+            }
+            if f.stat.is_some_and(|st| st.size != e.size) {
+                return Err(entry_err(
+                    &f.path,
+                    "its file record's stat disagrees with its size",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The records of `files` by path.
+    pub fn file_records(&self) -> std::collections::HashMap<&str, &FileRecord> {
+        self.files.iter().map(|f| (f.path.as_str(), f)).collect()
     }
 
     /// The rules for one entry on its own.
@@ -612,6 +707,8 @@ mod tests {
                 },
             ],
             stats: BackupStats::default(),
+            files_examined_after_us: None,
+            files: vec![],
         }
     }
 
@@ -619,6 +716,130 @@ mod tests {
     fn frozen_v1_fixture_parses() {
         let m = Manifest::parse(include_bytes!("../../tests/fixtures/manifest-v1.json")).unwrap();
         assert_eq!(m, sample());
+    }
+
+    /// What `manifest-v1-files.json` holds: a backup that took `base/1/1259` over unread.
+    fn sample_with_files() -> Manifest {
+        let file = |path: &str, size: u64, chunks: &[&str]| Entry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            size,
+            chunks: chunks.iter().map(|c| c.repeat(32)).collect(),
+        };
+        let stat = |size, mtime_ns, ctime_ns, ino| FileStat {
+            size,
+            mtime_ns,
+            ctime_ns,
+            ino,
+            dev: 2049,
+        };
+        Manifest {
+            id: "20261122T143200Z".parse().unwrap(),
+            start_lsn: Lsn(0x5000028),
+            stop_lsn: Lsn(0x5000100),
+            start_time_us: 1_795_357_920_000_000,
+            stop_time_us: 1_795_357_930_123_456,
+            start_wal: "000000010000000000000005".into(),
+            stop_wal: "000000010000000000000005".into(),
+            backup_label: "START WAL LOCATION: 0/5000028 (file 000000010000000000000005)\n".into(),
+            entries: vec![
+                sample().entries[0].clone(),
+                file("base/1/1259", 8192, &["ab"]),
+                file("base/1/16384", (1 << 20) + 1, &["cd", "ef"]),
+                file("global/pg_control", 8192, &["01"]),
+            ],
+            stats: BackupStats {
+                logical_bytes: 1_064_961,
+                files: 3,
+                chunks: 4,
+                new_chunks: 3,
+                new_bytes: 21_000,
+                stored_bytes: 21_400,
+                reused_files: 1,
+                reused_bytes: 8192,
+            },
+            files_examined_after_us: Some(1_795_357_920_250_000),
+            files: vec![
+                FileRecord {
+                    path: "base/1/1259".into(),
+                    stored: vec![400],
+                    stat: Some(stat(
+                        8192,
+                        1_795_271_000_000_000_001,
+                        1_795_271_000_000_000_002,
+                        131_073,
+                    )),
+                    read_by: Some("20261121T143200Z".parse().unwrap()),
+                },
+                FileRecord {
+                    path: "base/1/16384".into(),
+                    stored: vec![20_000, 700],
+                    stat: Some(stat(
+                        (1 << 20) + 1,
+                        1_795_357_910_000_000_000,
+                        1_795_357_910_000_000_000,
+                        131_074,
+                    )),
+                    read_by: None,
+                },
+                FileRecord {
+                    path: "global/pg_control".into(),
+                    stored: vec![300],
+                    stat: None,
+                    read_by: None,
+                },
+            ],
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn frozen_v1_fixture_with_file_records_parses() {
+        let m = Manifest::parse(include_bytes!("../../tests/fixtures/manifest-v1-files.json")).unwrap();
+        assert_eq!(m, sample_with_files());
+        assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+        // A manifest written before file records has none: its next backup reads every file.
+        let old = Manifest::parse(include_bytes!("../../tests/fixtures/manifest-v1.json")).unwrap();
+        assert!(old.files.is_empty() && old.files_examined_after_us.is_none());
+        assert_eq!((old.stats.reused_files, old.stats.reused_bytes), (0, 0));
+    }
+
+    #[test]
+    fn file_records_must_agree_with_their_entries() {
+        type Change = fn(&mut Manifest);
+        let cases: [(Change, &str); 5] = [
+            (
+                |m| m.files[1].stored.pop().map(drop).unwrap_or(()),
+                "1 stored lengths for 2 chunks",
+            ),
+            (|m| m.files[0].path = "base/1/9999".into(), "names no entry"),
+            (|m| m.files.swap(0, 1), "not sorted"),
+            (
+                |m| m.files[1] = m.files[0].clone(),
+                "not sorted by path, or repeat one",
+            ),
+            (
+                |m| m.files[0].stat.as_mut().unwrap().size = 1,
+                "stat disagrees with its size",
+            ),
+        ];
+        for (change, why) in cases {
+            let mut m = sample_with_files();
+            change(&mut m);
+            assert_refused(&m, why);
+        }
+        let mut dir_record = sample_with_files();
+        dir_record.files.insert(
+            0,
+            FileRecord {
+                path: "base".into(),
+                stored: vec![],
+                stat: None,
+                read_by: None,
+            },
+        );
+        assert_refused(&dir_record, "names a directory");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod chunk;
 pub mod exclude;
 pub mod label;
 pub mod manifest;
+pub mod reuse;
 pub mod take;
 
 pub use manifest::{BackupId, Manifest};

@@ -16,21 +16,22 @@
 //! it: with `--primary-url` the backup asks the primary for a WAL switch when it is still
 //! writing that segment; without it, the primary's `archive_timeout` or traffic completes it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+
+use bytes::Bytes;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::chunk::{self, ChunkError};
 use super::exclude::{self, Decision};
 use super::label;
-use super::manifest::{self, BackupId, BackupStats, Entry, EntryKind, Manifest, Tablespace};
+use super::manifest::{self, BackupId, BackupStats, Entry, EntryKind, FileRecord, Manifest, Tablespace};
 use crate::config::Settings;
 use crate::repo::layout::wal_key;
 use crate::repo::locks::{Lock, LockKind};
@@ -112,8 +113,18 @@ pub enum BackupError {
     Exists(BackupId),
 }
 
-/// Take a base backup into the repository; returns its manifest once it is recorded.
+/// Take a base backup into the repository, reading only the files that changed since the
+/// previous backup; returns its manifest once it is recorded.
 pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Manifest, BackupError> {
+    take_backup_reading(settings, opts, FileReading::Changed).await
+}
+
+/// [`take_backup`], reading the files `reading` says.
+pub async fn take_backup_reading(
+    settings: &Settings,
+    opts: &BackupOptions,
+    reading: FileReading,
+) -> Result<Manifest, BackupError> {
     let repo = crate::repo::Writer::open_writable(&settings.repo, &settings.store_options()).await?;
     // Held from before the first chunk is looked up until the manifest is written: an expire
     // running meanwhile then leaves every chunk in place (repo/locks.rs).
@@ -126,7 +137,7 @@ pub async fn take_backup(settings: &Settings, opts: &BackupOptions) -> Result<Ma
         LOCK_WAIT,
     )
     .await?;
-    let taken = take_locked(settings, opts, &repo, &lock).await;
+    let taken = take_locked(settings, opts, &repo, &lock, reading).await;
     lock.release().await;
     taken
 }
@@ -139,6 +150,7 @@ async fn take_locked(
     opts: &BackupOptions,
     repo: &crate::repo::Writer,
     lock: &Lock,
+    reading: FileReading,
 ) -> Result<Manifest, BackupError> {
     let store = repo.writable().clone();
     let (client, connection) = tokio_postgres::connect(&opts.pg_conn, tokio_postgres::NoTls)
@@ -227,16 +239,53 @@ async fn take_locked(
         Err(e) => tracing::warn!("the relation map could not be read: {e}"),
     }
 
-    let copied = copy_files(&store, repo.sealer(), opts, settings.compress_level, pg_version).await;
+    // Read under the backup lock: the chunks the newest backup names stay until this one's
+    // manifest is written.
+    let newest = newest_backup(&store).await?;
+    // An empty repository cannot hold a chunk this backup does not know of (but for a leftover
+    // of an interrupted backup, which an upload overwrites with the same bytes).
+    let lookup = if newest.is_none() {
+        Lookup::Upload
+    } else {
+        Lookup::Ask
+    };
+    let previous = match (&newest, reading) {
+        (Some(id), FileReading::Changed) => {
+            Previous::load(&store, repo.sealer(), id, sysid, pg_version, opts.chunk_size).await
+        }
+        _ => None,
+    };
+    let copy_started = std::time::Instant::now();
+    let copied = copy_files(
+        &store,
+        repo.sealer(),
+        opts,
+        settings.compress_level,
+        pg_version,
+        previous.as_ref(),
+        lookup,
+    )
+    .await;
+    if let Ok(c) = &copied {
+        tracing::info!(
+            backup = %id,
+            files = c.stats.files,
+            reused_files = c.stats.reused_files,
+            read_bytes = c.stats.logical_bytes - c.stats.reused_bytes,
+            base = previous.as_ref().map(|p| p.manifest.id.to_string()),
+            "files copied in {:.2}s",
+            copy_started.elapsed().as_secs_f64()
+        );
+    }
     // Stop the backup even when copying failed, so the server is not left in backup mode.
-    // On a primary, PostgreSQL waits until the stop segment is archived. A standby would wait
-    // only with archive_mode = always, and then for a segment that only the primary can
-    // complete: walvault waits for the repository itself (below), with a bounded time.
-    let stop_sql = match (pg_version >= 15, from_standby) {
-        (true, false) => "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)",
-        (true, true) => "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
-        (false, false) => "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)",
-        (false, true) => "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)",
+    // PostgreSQL is not asked to wait for the archiving of the stop segment (on a primary it
+    // still switches WAL, so the segment is complete): its wait polls once a second, and a
+    // standby would wait only with archive_mode = always, for a segment that only the primary
+    // can complete. walvault waits for the repository itself (below), with a bounded time.
+    let stop_sql = if pg_version >= 15 {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
+    } else {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
     };
     let stopped = client.query_one(stop_sql, &[]).await.map_err(sql);
     // Read after pg_backup_stop returned, on the server's clock: every commit before the
@@ -266,7 +315,13 @@ async fn take_locked(
     };
     drop(client);
     let _ = conn_task.await;
-    let (entries, tablespaces, stats) = copied?;
+    let Copied {
+        entries,
+        files,
+        tablespaces,
+        stats,
+        examined_after_us,
+    } = copied?;
     let row = stopped?;
     let stop_time_us = stop_time_us?;
     let stop_tli = stop_tli?;
@@ -320,6 +375,8 @@ async fn take_locked(
         tablespaces,
         entries,
         stats,
+        files_examined_after_us: Some(examined_after_us),
+        files,
     };
     let sealed = repo
         .sealer()
@@ -473,6 +530,9 @@ async fn wait_for_wal(
         return Err(BackupError::Label(label::LabelError("a segment number in range")));
     };
     let deadline = tokio::time::Instant::now() + timeout;
+    // The stop segment was just completed: archiving it takes milliseconds when all is well, so
+    // look again soon, then less and less often.
+    let mut pause = Duration::from_millis(10);
     for no in first..=last {
         let seg = SegmentName::containing(stop.timeline, Lsn(no * u64::from(seg_size)), seg_size);
         let key = wal_key(&WalFileName::Segment(seg));
@@ -483,7 +543,8 @@ async fn wait_for_wal(
                     waited: timeout,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
     Ok(())
@@ -611,37 +672,160 @@ fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>), BackupError> {
     Ok((out, tablespaces))
 }
 
-/// Read, chunk and upload every file; returns the manifest entries in path order.
+/// Whether a backup may take unchanged files over from the previous backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileReading {
+    /// Read only the files that changed since the previous backup read them (see
+    /// [`super::reuse`]); take the others over with their chunks.
+    #[default]
+    Changed,
+    /// Read every file, and ask the repository for every chunk, uploading any it lacks
+    /// (`archive-agent backup --read-all`).
+    All,
+}
+
+/// The backup a new one builds on: the newest of the same cluster, read once the backup holds
+/// its lock, so that every chunk it names stays in the repository until the new manifest is
+/// written (an expire collects chunks only when no backup lock is live).
+struct Previous {
+    manifest: Manifest,
+}
+
+impl Previous {
+    /// Backup `id`, when it can serve as a base for `sysid`'s backup in chunks of `chunk_size`.
+    /// `None` when it cannot be read or does not fit: the backup then reads every file, which
+    /// is always safe.
+    async fn load(
+        store: &Store,
+        sealer: &Sealer,
+        id: &BackupId,
+        sysid: u64,
+        pg_version: u32,
+        chunk_size: u64,
+    ) -> Option<Previous> {
+        let manifest = match crate::catalog::load_manifest(store, sealer, id).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(backup = %id, "the previous backup cannot be read ({e}); reading every file");
+                return None;
+            }
+        };
+        if manifest.system_identifier != sysid
+            || manifest.pg_version != pg_version
+            || manifest.chunk_size != chunk_size
+        {
+            tracing::info!(
+                backup = %id,
+                "the previous backup is of another cluster, version or chunk size; reading every file"
+            );
+            return None;
+        }
+        Some(Previous { manifest })
+    }
+
+    /// The stored length of every chunk it references, when it recorded them (`None`: ask).
+    fn chunk_lengths(&self) -> HashMap<[u8; 32], Option<u64>> {
+        let records = self.manifest.file_records();
+        let mut lens = HashMap::new();
+        for e in &self.manifest.entries {
+            let stored = records.get(e.path.as_str()).map(|r| &r.stored);
+            for (i, id) in e.chunks.iter().enumerate() {
+                let mut hash = [0u8; 32];
+                if hex::decode_to_slice(id, &mut hash).is_ok() {
+                    lens.insert(hash, stored.and_then(|s| s.get(i).copied()));
+                }
+            }
+        }
+        lens
+    }
+}
+
+/// Whether the repository may already hold a chunk that a backup does not know of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    /// Ask the repository first (one HEAD), and upload only when it is missing.
+    Ask,
+    /// Upload without asking: nothing says the chunk is there (an empty repository), and a
+    /// content-addressed key makes overwriting an identical chunk harmless.
+    Upload,
+}
+
+/// The newest backup in the repository, of any cluster.
+async fn newest_backup(store: &Store) -> Result<Option<BackupId>, BackupError> {
+    Ok(store
+        .list("backups/")
+        .await?
+        .iter()
+        .filter_map(|(key, _)| crate::repo::layout::parse_manifest_key(key))
+        .max())
+}
+
+/// This host's wall clock, Unix nanoseconds (before 1970: 0, which reuses nothing).
+fn wall_clock_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// What the chunk pipeline did with one chunk.
+struct ChunkDone {
+    entry: usize,
+    idx: usize,
+    hash: [u8; 32],
+    /// `None`: the same bytes were already met in this backup (counted there).
+    stored: Option<(u64, bool)>,
+}
+
+/// What `copy_files` produced.
+struct Copied {
+    entries: Vec<Entry>,
+    files: Vec<FileRecord>,
+    tablespaces: Vec<Tablespace>,
+    stats: BackupStats,
+    examined_after_us: i64,
+}
+
+/// Read, chunk and upload every file that changed since `previous` (every file without one);
+/// returns the manifest entries in path order.
+///
+/// One reader reads each file in `chunk_size` pieces, in order; hashing, compressing and
+/// uploading run in parallel tasks, at most `parallel` hashing or compressing at once and at most
+/// `2 * parallel` chunks in memory.
 async fn copy_files(
     store: &WritableStore,
     sealer: &Sealer,
     opts: &BackupOptions,
     level: i32,
     pg_version: u32,
-) -> Result<(Vec<Entry>, Vec<Tablespace>, BackupStats), BackupError> {
+    previous: Option<&Previous>,
+    lookup: Lookup,
+) -> Result<Copied, BackupError> {
+    // Before any stat: the bound the next backup's reuse rule compares file times with.
+    let examined_after_ns = wall_clock_ns();
     let (sources, tablespaces) = walk(&opts.pgdata)?;
-    let permits = Arc::new(Semaphore::new(opts.parallel.max(1)));
-    let mut tasks: JoinSet<Result<(usize, usize, chunk::StoredChunk), ChunkError>> = JoinSet::new();
+    let parallel = opts.parallel.max(1);
+    let in_memory = Arc::new(Semaphore::new(2 * parallel));
+    let cpu = Arc::new(Semaphore::new(parallel));
+    let known: Arc<HashMap<[u8; 32], Option<u64>>> =
+        Arc::new(previous.map(Previous::chunk_lengths).unwrap_or_default());
+    let prev_entries: HashMap<&str, &Entry> = previous
+        .map(|p| p.manifest.entries.iter().map(|e| (e.path.as_str(), e)).collect())
+        .unwrap_or_default();
+    let prev_records = previous.map(|p| p.manifest.file_records()).unwrap_or_default();
+    let prev_examined_ns = previous
+        .and_then(|p| p.manifest.files_examined_after_us)
+        .map(|us| us.saturating_mul(1000));
+    // An empty repository cannot hold a chunk this backup does not know of (but for a leftover
+    // of an interrupted backup, which an upload overwrites with the same bytes).
+    let seen: Arc<std::sync::Mutex<HashSet<[u8; 32]>>> = Arc::default();
+    let buffers: Arc<Buffers> = Arc::default();
+    let mut tasks: JoinSet<Result<ChunkDone, BackupError>> = JoinSet::new();
     let mut entries: Vec<Entry> = Vec::with_capacity(sources.len());
-    // (entry index, chunk index) -> chunk id; ordered, so chunks attach in file order.
-    let mut chunk_ids: BTreeMap<(usize, usize), String> = BTreeMap::new();
+    let mut records: Vec<Option<FileRecord>> = Vec::with_capacity(sources.len());
+    // (entry index, chunk index) -> content hash; ordered, so chunks attach in file order.
+    let mut chunk_hashes: BTreeMap<(usize, usize), [u8; 32]> = BTreeMap::new();
+    let mut lens: HashMap<[u8; 32], u64> = HashMap::new();
     let mut stats = BackupStats::default();
-    let mut in_this_backup = std::collections::HashSet::new();
-    let absorb = |res: Result<(usize, usize, chunk::StoredChunk), ChunkError>,
-                  stats: &mut BackupStats,
-                  chunk_ids: &mut BTreeMap<(usize, usize), String>|
-     -> Result<(), BackupError> {
-        let (entry, idx, stored) = res?;
-        // Each distinct chunk reaches here once (see `in_this_backup`).
-        stats.stored_bytes += stored.stored_len;
-        if stored.uploaded {
-            stats.new_chunks += 1;
-            stats.new_bytes += stored.stored_len;
-        }
-        chunk_ids.insert((entry, idx), stored.id);
-        Ok(())
-    };
-
     // pg_control last: a standby backup ends at the minRecoveryPoint recorded in the copy, which
     // must be at least as new as every page copied (basebackup.c sends it last for this reason).
     let control_last = sources
@@ -663,80 +847,298 @@ async fn copy_files(
         };
         if src.is_dir {
             entries.push(new_entry());
+            records.push(None);
             continue;
         }
-        let mut file: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if src.rel == CONTROL_FILE {
+        let read_err = |source| BackupError::Read {
+            path: src.abs.display().to_string(),
+            source,
+        };
+        let mut file: Box<dyn std::io::Read + Send> = if src.rel == CONTROL_FILE {
             // Whole, and only once its CRC checks (see `read_control_file`).
             Box::new(std::io::Cursor::new(
                 read_control_file(&src.abs, pg_version).await?,
             ))
         } else {
-            match tokio::fs::File::open(&src.abs).await {
-                Ok(f) => Box::new(f),
+            let opened = tokio::task::spawn_blocking({
+                let abs = src.abs.clone();
+                move || std::fs::File::open(&abs).and_then(|f| f.metadata().map(|m| (f, m)))
+            })
+            .await
+            .expect("open task panicked");
+            let (f, meta) = match opened {
+                Ok(f) => f,
                 // Dropped since the walk: WAL replay recreates the truth.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(BackupError::Read {
-                        path: src.abs.display().to_string(),
-                        source: e,
-                    });
+                Err(e) => return Err(read_err(e)),
+            };
+            // fstat before the first read: the content read holds every write before it.
+            let stat = super::reuse::file_stat(&meta);
+            let prev = prev_entries
+                .get(src.rel.as_str())
+                .zip(prev_records.get(src.rel.as_str()));
+            if let (Some((prev_entry, prev_record)), Some(prev_ns)) = (prev, prev_examined_ns) {
+                match super::reuse::may_reuse(prev_record.stat.as_ref(), prev_ns, &stat, examined_after_ns) {
+                    Ok(()) => {
+                        // Unchanged since the previous backup read it: its chunks, unread.
+                        let mut entry = new_entry();
+                        entry.size = prev_entry.size;
+                        entry.chunks = prev_entry.chunks.clone();
+                        let mut seen = seen.lock().expect("never poisoned");
+                        for (id, len) in prev_entry.chunks.iter().zip(&prev_record.stored) {
+                            let mut hash = [0u8; 32];
+                            if hex::decode_to_slice(id, &mut hash).is_ok() && seen.insert(hash) {
+                                stats.stored_bytes += len;
+                                lens.insert(hash, *len);
+                            }
+                        }
+                        stats.files += 1;
+                        stats.chunks += entry.chunks.len() as u64;
+                        stats.logical_bytes += entry.size;
+                        stats.reused_files += 1;
+                        stats.reused_bytes += entry.size;
+                        records.push(Some(FileRecord {
+                            path: src.rel.clone(),
+                            stored: prev_record.stored.clone(),
+                            stat: Some(stat),
+                            read_by: Some(prev_record.read_by.clone().unwrap_or_else(|| {
+                                previous
+                                    .expect("a record comes from a previous backup")
+                                    .manifest
+                                    .id
+                                    .clone()
+                            })),
+                        }));
+                        entries.push(entry);
+                        continue;
+                    }
+                    Err(why) => tracing::debug!(path = %src.rel, ?why, "reading"),
                 }
             }
+            records.push(Some(FileRecord {
+                path: src.rel.clone(),
+                stored: vec![],
+                stat: Some(stat),
+                read_by: None,
+            }));
+            Box::new(f)
         };
+        if src.rel == CONTROL_FILE {
+            records.push(Some(FileRecord {
+                path: src.rel.clone(),
+                stored: vec![],
+                stat: None,
+                read_by: None,
+            }));
+        }
         entries.push(new_entry());
         let entry = entries.len() - 1;
         let mut size = 0u64;
         for idx in 0.. {
-            // The permit bounds memory: at most `parallel` chunks are read and not yet stored.
-            let permit = Arc::clone(&permits)
+            // The permit bounds memory: at most 2 * `parallel` chunks read and not yet stored.
+            let permit = Arc::clone(&in_memory)
                 .acquire_owned()
                 .await
                 .expect("semaphore is never closed");
-            let mut buf = Vec::with_capacity(opts.chunk_size as usize);
-            let read = (&mut file)
-                .take(opts.chunk_size)
-                .read_to_end(&mut buf)
-                .await
-                .map_err(|e| BackupError::Read {
-                    path: src.abs.display().to_string(),
-                    source: e,
-                })?;
+            let chunk_size = opts.chunk_size as usize;
+            let pool = Arc::clone(&buffers);
+            let (back, buf) = tokio::task::spawn_blocking(move || {
+                // Into uninitialised capacity (no zeroing), one read per chunk from the cache.
+                let mut buf = pool.take(chunk_size);
+                let read = (&mut file).take(chunk_size as u64).read_to_end(&mut buf);
+                (file, read.map(|_| buf))
+            })
+            .await
+            .expect("read task panicked");
+            file = back;
+            let buf = buf.map_err(read_err)?;
+            let read = buf.len();
             if read == 0 {
                 break;
             }
             size += read as u64;
-            let id = chunk::chunk_id(sealer, &buf);
             stats.chunks += 1;
-            // The same bytes twice in one backup (zeroed pages, identical files): store them once.
-            if !in_this_backup.insert(id.clone()) {
-                chunk_ids.insert((entry, idx), id);
-                continue;
-            }
-            let (store, sealer) = (store.clone(), sealer.clone());
+            let (store, sealer, cpu, seen, known, buffers) = (
+                store.clone(),
+                sealer.clone(),
+                Arc::clone(&cpu),
+                Arc::clone(&seen),
+                Arc::clone(&known),
+                Arc::clone(&buffers),
+            );
             tasks.spawn(async move {
-                let stored = chunk::put_chunk(&store, &sealer, id, Bytes::from(buf), level).await?;
+                let stored =
+                    store_chunk(&store, &sealer, &cpu, &seen, &known, &buffers, buf, level, lookup).await?;
                 drop(permit);
-                Ok((entry, idx, stored))
+                Ok(ChunkDone {
+                    entry,
+                    idx,
+                    hash: stored.0,
+                    stored: stored.1,
+                })
             });
             while let Some(done) = tasks.try_join_next() {
-                absorb(done.expect("chunk task panicked"), &mut stats, &mut chunk_ids)?;
+                absorb(
+                    done.expect("chunk task panicked")?,
+                    &mut stats,
+                    &mut chunk_hashes,
+                    &mut lens,
+                );
             }
-            if (read as u64) < opts.chunk_size {
+            if read < chunk_size {
                 break;
             }
         }
         entries[entry].size = size;
+        if let Some(Some(r)) = records.last_mut()
+            && r.stat.is_some_and(|st| st.size != size)
+        {
+            // Written while read: the next backup reads it again anyway.
+            r.stat = None;
+        }
         stats.files += 1;
         stats.logical_bytes += size;
     }
     while let Some(done) = tasks.join_next().await {
-        absorb(done.expect("chunk task panicked"), &mut stats, &mut chunk_ids)?;
+        absorb(
+            done.expect("chunk task panicked")?,
+            &mut stats,
+            &mut chunk_hashes,
+            &mut lens,
+        );
     }
-    for ((entry, _), id) in chunk_ids {
-        entries[entry].chunks.push(id);
+    for ((entry, _), hash) in chunk_hashes {
+        entries[entry].chunks.push(hex::encode(hash));
+        if let Some(Some(r)) = records.get_mut(entry) {
+            r.stored.push(lens[&hash]);
+        }
     }
+    let mut files: Vec<FileRecord> = records
+        .into_iter()
+        .zip(&entries)
+        .filter_map(|(r, e)| r.filter(|_| !e.chunks.is_empty()))
+        .collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
     entries.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok((entries, tablespaces, stats))
+    Ok(Copied {
+        entries,
+        files,
+        tablespaces,
+        stats,
+        examined_after_us: examined_after_ns / 1000,
+    })
+}
+
+/// Chunk buffers handed back once a chunk is hashed (and sealed), so that the next chunks are
+/// read into memory already mapped: a fresh chunk-sized allocation each time costs page faults
+/// and the kernel's zeroing of every page. Holds at most as many as are in flight.
+#[derive(Default)]
+struct Buffers(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        let mut buf = self.0.lock().expect("never poisoned").pop().unwrap_or_default();
+        buf.clear();
+        buf.reserve_exact(capacity);
+        buf
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        self.0.lock().expect("never poisoned").push(buf);
+    }
+}
+
+/// Count a chunk the pipeline finished, and note its hash for its entry.
+fn absorb(
+    done: ChunkDone,
+    stats: &mut BackupStats,
+    chunk_hashes: &mut BTreeMap<(usize, usize), [u8; 32]>,
+    lens: &mut HashMap<[u8; 32], u64>,
+) {
+    if let Some((stored_len, uploaded)) = done.stored {
+        // Each distinct chunk reaches here once (see `seen`).
+        stats.stored_bytes += stored_len;
+        if uploaded {
+            stats.new_chunks += 1;
+            stats.new_bytes += stored_len;
+        }
+        lens.insert(done.hash, stored_len);
+    }
+    chunk_hashes.insert((done.entry, done.idx), done.hash);
+}
+
+/// Hash one chunk and store it unless this backup met the same bytes already (`seen`) or the
+/// previous backup holds them (`known`). Hashing and compressing run on blocking threads, at
+/// most `cpu`'s permits at once; the upload does not hold one. Returns the chunk's hash and,
+/// for the first time its bytes are met, its stored length and whether it was uploaded.
+#[allow(clippy::too_many_arguments)]
+async fn store_chunk(
+    store: &WritableStore,
+    sealer: &Sealer,
+    cpu: &Semaphore,
+    seen: &Arc<std::sync::Mutex<HashSet<[u8; 32]>>>,
+    known: &Arc<HashMap<[u8; 32], Option<u64>>>,
+    buffers: &Buffers,
+    data: Vec<u8>,
+    level: i32,
+    lookup: Lookup,
+) -> Result<([u8; 32], Option<(u64, bool)>), BackupError> {
+    /// What the blocking half found.
+    enum Step {
+        Met,
+        Known(u64),
+        Ask(Vec<u8>),
+        Sealed(Result<Bytes, ChunkError>),
+    }
+    let blocking_err = |e: tokio::task::JoinError| ChunkError::Compress(std::io::Error::other(e));
+    let permit = cpu.acquire().await.expect("semaphore is never closed");
+    // Hash, and seal in the same blocking call when nothing needs asking (one hop per chunk).
+    let (hash, step, data) = tokio::task::spawn_blocking({
+        let (sealer, seen, known) = (sealer.clone(), Arc::clone(seen), Arc::clone(known));
+        move || {
+            let hash = sealer.content_hash(&data);
+            // The same bytes twice in one backup (zeroed pages, identical files): stored once.
+            if !seen.lock().expect("never poisoned").insert(hash) {
+                return (hash, Step::Met, Some(data));
+            }
+            match (known.get(&hash), lookup) {
+                // The previous backup holds it, and the backup lock keeps it there.
+                (Some(Some(len)), _) => (hash, Step::Known(*len), Some(data)),
+                (Some(None), _) | (None, Lookup::Ask) => (hash, Step::Ask(data), None),
+                (None, Lookup::Upload) => {
+                    let sealed = chunk::seal_chunk(&sealer, hash, &data, level);
+                    (hash, Step::Sealed(sealed), Some(data))
+                }
+            }
+        }
+    })
+    .await
+    .map_err(blocking_err)?;
+    drop(permit);
+    if let Some(data) = data {
+        buffers.give(data);
+    }
+    let sealed = match step {
+        Step::Met => return Ok((hash, None)),
+        Step::Known(len) => return Ok((hash, Some((len, false)))),
+        Step::Sealed(sealed) => sealed?,
+        Step::Ask(data) => {
+            if let Some(len) = chunk::stored_len(store, &hash).await? {
+                buffers.give(data);
+                return Ok((hash, Some((len, false))));
+            }
+            let _permit = cpu.acquire().await.expect("semaphore is never closed");
+            let sealer = sealer.clone();
+            let (sealed, data) =
+                tokio::task::spawn_blocking(move || (chunk::seal_chunk(&sealer, hash, &data, level), data))
+                    .await
+                    .map_err(blocking_err)?;
+            buffers.give(data);
+            sealed?
+        }
+    };
+    let len = chunk::upload(store, &hash, sealed).await?;
+    Ok((hash, Some((len, true))))
 }
 
 #[cfg(test)]

@@ -1,0 +1,131 @@
+//! A second backup reads only the files that changed since the first: the others are taken
+//! over with the first backup's chunks, unread, and the second backup still restores on its own
+//! to exactly the data it was taken from.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use serde_json::Value;
+use walvault_testkit::backup::{self, next_backup_second, take_backup, take_backup_with};
+use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archiving_cluster};
+use walvault_testkit::object::Sealed;
+use walvault_testkit::workload::table_fingerprint;
+use walvault_testkit::{Cluster, Repo};
+
+/// walvault's margin (`backup::reuse::SETTLE`): a file written less than this before a backup
+/// examined it is read again by the next one, so the first backup waits it out.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Each file record of backup `id`'s manifest, by path: who read its bytes (`None`: that
+/// backup did).
+fn read_by(repo: &Repo, id: &str) -> Result<BTreeMap<String, Option<String>>> {
+    let key = format!("backups/{id}/manifest.wvo");
+    let manifest = Sealed::open(&repo.read(&key)?).with_context(|| format!("manifest {key}"))?;
+    let json: Value = serde_json::from_slice(&manifest.content)?;
+    json["files"]
+        .as_array()
+        .ok_or_else(|| anyhow!("manifest {id} has no file records"))?
+        .iter()
+        .map(|f| {
+            let path = f["path"]
+                .as_str()
+                .ok_or_else(|| anyhow!("record without path: {f}"))?;
+            Ok((path.to_string(), f["read_by"].as_str().map(str::to_string)))
+        })
+        .collect()
+}
+
+fn file_of(cluster: &Cluster, table: &str) -> Result<String> {
+    cluster.query_one_string(&format!("SELECT pg_relation_filepath('{table}')"))
+}
+
+#[test]
+fn a_second_backup_reads_only_what_changed_and_restores_exactly() -> Result<()> {
+    let repo = Repo::new()?;
+    let mut source = archiving_cluster("reuse-source", &repo, "")?;
+    // Nothing but the test writes to the tables between the backups.
+    source.execute("ALTER SYSTEM SET autovacuum = off")?;
+    source.execute("SELECT pg_reload_conf()")?;
+    source.pgbench(&["-i", "-s", "2", "-q"])?;
+    source.execute("CHECKPOINT")?;
+    std::thread::sleep(SETTLE + Duration::from_secs(1));
+    let first = take_backup(&source, &repo)?;
+    assert_eq!(first.reused_files, 0, "nothing to take over yet: {first:?}");
+
+    // About 1% of the accounts, and a new table.
+    source.execute(
+        "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid <= 2000;
+         CREATE TABLE added AS SELECT g AS id, md5(g::text) AS body FROM generate_series(1, 5000) g;
+         CHECKPOINT",
+    )?;
+    let at_second = [
+        table_fingerprint(&source, "pgbench_accounts", "aid")?,
+        table_fingerprint(&source, "pgbench_branches", "bid")?,
+        table_fingerprint(&source, "added", "id")?,
+    ];
+    next_backup_second();
+    let second = take_backup(&source, &repo)?;
+    eprintln!("first: {first:?}\nsecond: {second:?}");
+
+    let records = read_by(&repo, &second.id)?;
+    let (accounts, branches, added) = (
+        file_of(&source, "pgbench_accounts")?,
+        file_of(&source, "pgbench_branches")?,
+        file_of(&source, "added")?,
+    );
+    assert_eq!(
+        records.get(&branches),
+        Some(&Some(first.id.clone())),
+        "{branches} (pgbench_branches, untouched) should be taken over from {}",
+        first.id
+    );
+    assert_eq!(
+        records.get(&accounts),
+        Some(&None),
+        "{accounts} (updated) should be read again"
+    );
+    assert_eq!(records.get(&added), Some(&None), "{added} (new) should be read");
+    assert!(
+        second.reused_files * 2 > second.files && second.reused_bytes > 0,
+        "most files are unchanged and should not be read: {second:?}"
+    );
+    let taken_over = records.values().filter(|r| r.is_some()).count() as u64;
+    assert_eq!(
+        taken_over, second.reused_files,
+        "the report counts what the manifest says"
+    );
+
+    // --read-all reads every file again, and finds all but the few changed chunks stored.
+    next_backup_second();
+    let third = take_backup_with(&source, &repo, &["--read-all"])?;
+    assert_eq!(third.reused_files, 0, "--read-all takes nothing over: {third:?}");
+    assert!(
+        third.logical_bytes >= second.logical_bytes && third.new_bytes * 10 < first.new_bytes,
+        "--read-all reads everything but stores only what changed: {third:?} vs {first:?}"
+    );
+
+    // Later changes must not show in a restore of the second backup to its consistency point.
+    source.execute("UPDATE pgbench_branches SET bbalance = bbalance + 1; DELETE FROM added")?;
+    source.stop()?;
+    let mut restored = Cluster::uninitialized("reuse-restored")?;
+    backup::restore(
+        &repo,
+        &restored.data_dir(),
+        &["--backup", &second.id, "--target", "immediate"],
+    )?
+    .check()?;
+    restored.set_conf(&[("archive_mode", "off")])?;
+    restored.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
+    let restored_now = [
+        table_fingerprint(&restored, "pgbench_accounts", "aid")?,
+        table_fingerprint(&restored, "pgbench_branches", "bid")?,
+        table_fingerprint(&restored, "added", "id")?,
+    ];
+    assert_eq!(
+        restored_now, at_second,
+        "the restore of {} differs from its source",
+        second.id
+    );
+    Ok(())
+}
