@@ -718,7 +718,9 @@ mod tests {
         );
         // Bound to the cluster of `segment` (as `init --pgdata` does): no cluster.json to write.
         let seg = first_segment_name();
-        let info = crate::wal::page::validate_segment(&crate::wal::page::synthetic_segment(&seg, 42, 1 << 20), &seg).unwrap();
+        let info =
+            crate::wal::page::validate_segment(&crate::wal::page::synthetic_segment(&seg, 42, 1 << 20), &seg)
+                .unwrap();
         let mut d = RepoDescriptor::new(Some(ClusterIdentity::from(&info)), 0);
         d.create_only_honoured = honoured;
         store.put(DESCRIPTOR_KEY, d.to_json().into()).await.unwrap();
@@ -764,7 +766,11 @@ mod tests {
         let before = faults.requests();
         let again = archive(&mut w, &path).await.unwrap();
         assert!(!again.newly_stored);
-        assert_eq!(faults.requests() - before, 3, "PUT refused, GET to compare, HEAD summary");
+        assert_eq!(
+            faults.requests() - before,
+            3,
+            "PUT refused, GET to compare, HEAD summary"
+        );
 
         let (faults, mut w) = repository(None, Fault::None).await;
         let before = faults.requests();
@@ -803,7 +809,10 @@ mod tests {
         for (fault, expected) in [(Fault::None, true), (Fault::IgnoreCreateOnly, false)] {
             let (faults, w) = repository(None, fault).await;
             let store = w.writable();
-            assert_eq!(store.probe_create_only("probe/create-only-x").await.unwrap(), expected);
+            assert_eq!(
+                store.probe_create_only("probe/create-only-x").await.unwrap(),
+                expected
+            );
             assert_eq!(store.get("probe/create-only-x").await.unwrap(), None);
             drop(faults);
         }

@@ -1191,7 +1191,7 @@ mod tests {
         chunk_size: u64,
         sealer: Sealer,
     ) -> (Arc<crate::repo::fault::FaultStore>, Store, Sealer, Manifest) {
-        use crate::backup::chunk::{chunk_id, put_chunk};
+        use crate::backup::chunk::{chunk_id, seal_chunk, upload};
         use crate::repo::fault::{Fault, FaultStore};
         use crate::repo::store::{CreateSemantics, WritableStore};
         let faults = Arc::new(FaultStore::new(Fault::None));
@@ -1216,11 +1216,10 @@ mod tests {
         for (name, content) in files {
             let mut chunks = vec![];
             for piece in content.chunks(chunk_size as usize) {
-                let id = chunk_id(&sealer, piece);
-                put_chunk(&writable, &sealer, id.clone(), piece.to_vec().into(), 1)
-                    .await
-                    .unwrap();
-                chunks.push(id);
+                let hash = sealer.content_hash(piece);
+                let sealed = seal_chunk(&sealer, hash, piece, 1).unwrap();
+                upload(&writable, &hash, sealed).await.unwrap();
+                chunks.push(chunk_id(&sealer, piece));
             }
             m.entries.push(Entry {
                 path: format!("base/1/{name}"),

@@ -95,7 +95,12 @@ fn transient() -> object_store::Error {
 
 #[async_trait::async_trait]
 impl ObjectStore for FaultStore {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, mut opts: PutOptions) -> Result<PutResult> {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        mut opts: PutOptions,
+    ) -> Result<PutResult> {
         self.check()?;
         if *self.fault.lock().expect("fault lock") == Fault::IgnoreCreateOnly {
             opts.mode = object_store::PutMode::Overwrite;

@@ -290,7 +290,10 @@ impl Writer {
 
     /// [`Repository::on_store`] for writing: relies on the store refusing a second create-only
     /// write when `archive-agent init` found it does (the descriptor says so).
-    pub async fn on_writable_store(store: WritableStore, key: Option<&KeySource>) -> Result<Writer, RepoError> {
+    pub async fn on_writable_store(
+        store: WritableStore,
+        key: Option<&KeySource>,
+    ) -> Result<Writer, RepoError> {
         let mut writer = Writer::on_store(store, key).await?;
         if writer.descriptor.create_only_honoured == Some(true) {
             writer.store.trust_create_only();
