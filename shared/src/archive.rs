@@ -454,15 +454,6 @@ pub async fn archive_source(
         (WalFileName::Segment(seg), Some(info)) => Some((seg, info.segment_size)),
         _ => None,
     };
-    // A store that may overwrite: look before writing.
-    if check_first && let Some(bytes) = store.get(&key).await? {
-        let s = sealer.clone();
-        let (back, hashes) = blocking(src, move |src| src.hashes(&s)).await?;
-        let (hash, plain) = hashes?;
-        let outcome = compare_existing(&store, &sealer, &key, &name, &bytes, &hash, plain, len)?;
-        index_archived(&store, &sealer, back, segment, repo.id(), spool).await;
-        return Ok(outcome);
-    }
     // The time index's carry from the previous segment, then one pass: hash, summary, seal.
     let (carry, summarizer) = match segment {
         Some((seg, size)) => {
@@ -487,8 +478,33 @@ pub async fn archive_source(
         None => StreamSink::Memory,
     };
     let (level, s) = (settings.compress_level, sealer.clone());
-    let (src, sealed) = blocking(src, move |src| src.seal(&s, level, sink, summarizer)).await?;
+    let seal = blocking(src, move |src| src.seal(&s, level, sink, summarizer));
+    // A store that may overwrite: look before writing, while the file is being sealed.
+    let (sealing, existing) = if check_first {
+        let (sealing, existing) = tokio::join!(seal, store.get(&key));
+        (sealing, existing?)
+    } else {
+        (seal.await, None)
+    };
+    let (src, sealed) = sealing?;
     let (sealed, summary) = sealed?;
+    if let Some(bytes) = existing {
+        let outcome = compare_existing(
+            &store,
+            &sealer,
+            &key,
+            &name,
+            &bytes,
+            &sealed.header.blake3,
+            sealed.plain_hash,
+            len,
+        )?;
+        // Archived already; indexed too, unless an earlier push stopped in between.
+        if let Some((seg, _)) = segment {
+            record_summary(&store, &sealer, &seg, summary, repo.id(), spool, None).await;
+        }
+        return Ok(outcome);
+    }
     let stored_size = sealed.stored_len;
     let plain_hash = sealed.plain_hash;
     let hash = sealed.header.blake3;
@@ -507,6 +523,8 @@ pub async fn archive_source(
         newly_stored: true,
         hash: Some(plain_hash),
     };
+    // Whether the segment's summary is stored, when already asked.
+    let mut summary_known = None;
     let outcome = match put {
         PutNew::Created if !check_first => outcome,
         // Already there (a retried push, or a racing writer): what is stored must be these bytes.
@@ -518,7 +536,16 @@ pub async fn archive_source(
         // there is ours. The entity tag the write returned, seen again, proves it with a HEAD;
         // without one, read it back and compare.
         PutNew::Created => {
-            let ours = match (&etag, store.head(&key).await?) {
+            // Whether the summary is there is asked at the same time.
+            let summary_check = async {
+                match segment {
+                    Some((seg, _)) => store.size(&timeindex::summary_key(&seg)).await.ok(),
+                    None => None,
+                }
+            };
+            let (head, summary_there) = tokio::join!(store.head(&key), summary_check);
+            summary_known = summary_there.map(|s| s.is_some());
+            let ours = match (&etag, head?) {
                 (Some(tag), Some((_, Some(now)))) => *tag == now,
                 _ => false,
             };
@@ -545,7 +572,7 @@ pub async fn archive_source(
             }
             other => other,
         };
-        record_summary(&store, &sealer, &seg, summary, repo.id(), spool).await;
+        record_summary(&store, &sealer, &seg, summary, repo.id(), spool, summary_known).await;
     }
     Ok(outcome)
 }
@@ -573,43 +600,25 @@ async fn record_summary(
     summary: Option<SummaryResult>,
     repo: &crate::repo::RepoId,
     spool: Option<&crate::spool::Spool>,
+    stored: Option<bool>,
 ) {
     match summary {
         Some(Ok((summary, next))) => {
             if let (Some(spool), Some(next)) = (spool, &next) {
                 spool.keep_carry(repo, seg, next);
             }
-            if let Err(e) = timeindex::store_summary(store, sealer, seg, summary, next).await {
+            if stored == Some(true) {
+                return;
+            }
+            if let Err(e) =
+                timeindex::store_summary(store, sealer, seg, summary, next, stored == Some(false)).await
+            {
                 tracing::warn!("time index for {seg} not recorded: {e}");
             }
         }
         Some(Err(e)) => tracing::warn!("time index for {seg} not recorded: {e}"),
         None => tracing::warn!("time index for {seg} not recorded: the segment could not be decoded"),
     }
-}
-
-/// An identical copy was already archived: make sure it is in the time index too.
-async fn index_archived(
-    store: &WritableStore,
-    sealer: &Sealer,
-    src: WalSource,
-    segment: Option<(crate::wal::SegmentName, u32)>,
-    repo: &crate::repo::RepoId,
-    spool: Option<&crate::spool::Spool>,
-) {
-    let Some((seg, size)) = segment else { return };
-    if matches!(store.size(&timeindex::summary_key(&seg)).await, Ok(Some(_))) {
-        return;
-    }
-    let Ok(start) = timeindex::segment_start(&seg, size) else {
-        return;
-    };
-    let carry = carry_for(store, sealer, &seg, size, repo, spool).await;
-    let summary = match blocking(src, move |s| s.summarize(start, carry)).await {
-        Ok((_, Ok(r))) => Some(r),
-        _ => None,
-    };
-    record_summary(store, sealer, &seg, summary, repo, spool).await;
 }
 
 /// The object just written or found under `key`; its absence right after is a store fault.

@@ -104,7 +104,7 @@ pub async fn index_segment(
         Err(_) if carry.is_some() => decode(None).map_err(|e| decode_err(seg, e))?,
         Err(e) => return Err(decode_err(seg, e)),
     };
-    store_summary(store, sealer, seg, summary, next).await
+    store_summary(store, sealer, seg, summary, next, false).await
 }
 
 fn decode_err(seg: &SegmentName, e: impl std::fmt::Display) -> IndexError {
@@ -150,14 +150,16 @@ pub async fn carry_before(
 }
 
 /// Store the summary of `seg` unless one is stored. Returns whether this call stored it. On a
-/// store that refuses to replace an object, one create-only write; elsewhere a check first, so
-/// an existing summary (perhaps more precise, made with a carry) is not replaced.
+/// store that refuses to replace an object, one create-only write; elsewhere a check first
+/// (unless the caller has just seen it `absent`), so an existing summary (perhaps more precise,
+/// made with a carry) is not replaced.
 pub async fn store_summary(
     store: &WritableStore,
     sealer: &Sealer,
     seg: &SegmentName,
     summary: SegmentSummary,
     carry: Option<Carry>,
+    absent: bool,
 ) -> Result<bool, IndexError> {
     let key = summary_key(seg);
     let stored = StoredSummary {
@@ -171,7 +173,8 @@ pub async fn store_summary(
     let sealed = sealer
         .seal(ObjectKind::Summary, &seg.to_string(), &json, 3)
         .map_err(|e| decode_err(seg, e))?;
-    if store.create_semantics_for(sealed.bytes.len()) != CreateSemantics::Atomic
+    if !absent
+        && store.create_semantics_for(sealed.bytes.len()) != CreateSemantics::Atomic
         && store.size(&key).await?.is_some()
     {
         return Ok(false);
