@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Archive and restore benchmark: walvault (push alone, push + daemon) against pgBackRest
+"""Helpers for bench/rivals.py, retention_bench.py and encryption_bench.py; run as a script it
+refuses (it compared with Debian's pgBackRest 2.45: see bench/rivals.py). What it measured:
+
+Archive and restore benchmark: walvault (push alone, push + daemon) against pgBackRest
 (asynchronous archiving, zst level 3, process-max 2) and plain cp, on the same real WAL, in one run.
 
 1. Prepares real WAL once: a PostgreSQL 15 cluster runs pgbench mixed with inserts of random
@@ -221,106 +224,9 @@ def archiver_loop(pgdata, command):
 def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--archiver-loop":
         return archiver_loop(sys.argv[2], sys.argv[3])
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--wal-mib", type=int, default=1024)
-    ap.add_argument("--json", default=os.path.join(ROOT, "bench/results/archive.json"))
-    args = ap.parse_args()
-    if shutil.which("pgbackrest") is None:
-        sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbackrest")
-    sh(f"cd {ROOT} && cargo build --release -p archive-agent -p restore-agent")
-    work = tempfile.mkdtemp(prefix="walvault-archive-bench.")
-    os.chmod(work, 0o755)
-    binp = os.path.join(work, "bin")
-    os.makedirs(binp)
-    for b in ("archive-agent", "restore-agent"):
-        shutil.copy(os.path.join(ROOT, "target/release", b), binp)
-    chown(work)
-    results = {"archive": {}, "restore": {}, "repository_bytes": {}}
-    try:
-        src, base, walsrc, segs = prepare(work, args.wal_mib)
-        wal_bytes = sum(os.path.getsize(os.path.join(walsrc, s)) for s in segs)
-        results["wal"] = {"segments": len(segs), "bytes": wal_bytes}
-        print(f"{len(segs)} segments, {wal_bytes >> 20} MiB of WAL", flush=True)
-
-        # cp
-        cpdir = os.path.join(work, "cprepo")
-        os.makedirs(cpdir)
-        chown(cpdir)
-        results["archive"]["cp"] = archive_run(work, "cp", src, segs, walsrc, f"cp %p {cpdir}/%f")
-        results["repository_bytes"]["cp"] = du(cpdir)
-
-        # walvault push alone
-        repo1 = os.path.join(work, "wv1")
-        push = f"{binp}/archive-agent push --repo file://{repo1} %p"
-        results["archive"]["walvault push"] = archive_run(work, "wv1", src, segs, walsrc, push)
-        results["repository_bytes"]["walvault"] = du(repo1)
-
-        # walvault push + daemon
-        repo2 = os.path.join(work, "wv2")
-        def start_daemon(pgdata):
-            log = open(os.path.join(work, "daemon.log"), "w")
-            p = subprocess.Popen(as_pg(f"{binp}/archive-agent daemon --repo file://{repo2} --pgdata {pgdata} --parallel 2"),
-                                 shell=True, stdout=log, stderr=log, preexec_fn=os.setsid)
-            time.sleep(0.5)
-            return p
-        def stop_daemon(p):
-            peak = 0
-            for line in sh(f"ps -o rss= --ppid {p.pid} || true").split() + sh(f"pgrep -f 'archive-agent daemon' | xargs -r ps -o rss= -p || true").split():
-                peak = max(peak, int(line))
-            status = sh(f"pgrep -f 'archive-agent daemon' | xargs -r -I{{}} cat /proc/{{}}/status || true")
-            hwm = [int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM")]
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=120)
-            return {"daemon_peak_rss_mib": round(max(hwm + [peak]) / 1024, 1)}
-        results["archive"]["walvault push + daemon"] = archive_run(
-            work, "wv2", src, segs, walsrc, f"{binp}/archive-agent push --repo file://{repo2} %p",
-            before=start_daemon, after=stop_daemon)
-
-        # pgBackRest asynchronous archiving
-        pgbr_repo = os.path.join(work, "pgbr")
-        spool = os.path.join(work, "pgbr-spool")
-        for d in (pgbr_repo, spool):
-            os.makedirs(d)
-        chown(pgbr_repo)
-        chown(spool)
-        src.ctl("start")
-        conf = pgbackrest_conf(work, src.data, src.port, src.dir, pgbr_repo, spool)
-        sh(as_pg(f"pgbackrest --config={conf} --stanza=bench stanza-create"))
-        src.ctl("stop")
-        arch_pgdata = os.path.join(work, "arch-pgbr")
-        conf2 = pgbackrest_conf(work, arch_pgdata, src.port, src.dir, pgbr_repo, spool)
-        results["archive"]["pgBackRest async"] = archive_run(
-            work, "pgbr", src, segs, walsrc, f"pgbackrest --config={conf2} --stanza=bench archive-push %p")
-        results["repository_bytes"]["pgBackRest zst 3"] = du(os.path.join(pgbr_repo, "archive"))
-
-        # Restore: replay everything through restore_command.
-        results["restore"]["local pg_wal (limit)"] = restore_run(work, "local", base, walsrc=walsrc, segs=segs)
-        results["restore"]["cp"] = restore_run(work, "cp", base, f"cp {cpdir}/%f %p")
-        results["restore"]["walvault fetch"] = restore_run(
-            work, "wv", base, f"{binp}/restore-agent fetch --repo file://{repo1} %f %p")
-        conf3 = pgbackrest_conf(work, os.path.join(work, "restore-pgbr"), src.port, src.dir, pgbr_repo, spool)
-        results["restore"]["pgBackRest archive-get async"] = restore_run(
-            work, "pgbr", base, f"pgbackrest --config={conf3} --stanza=bench archive-get %f \\\"%p\\\"")
-    finally:
-        subprocess.run("pkill -f 'archive-agent daemon'; pkill -f 'restore-agent prefetch'", shell=True)
-        subprocess.run(f"for d in {work}/*/data {work}/restore-*; do {as_pg(PG + '/pg_ctl')} -D $d -m immediate stop >/dev/null 2>&1; done", shell=True)
-
-    print(f"\n{'archive (PostgreSQL archiver loop)':<34} {'seconds':>8} {'files/s':>8} {'MiB/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-    for k, v in results["archive"].items():
-        print(f"{k:<34} {v['seconds']:>8} {v['files_per_s']:>8} {v['mib_per_s']:>8} {v['p50_ms']:>8} {v['p99_ms']:>8}")
-    if "daemon_peak_rss_mib" in results["archive"].get("walvault push + daemon", {}):
-        print(f"daemon peak RSS: {results['archive']['walvault push + daemon']['daemon_peak_rss_mib']} MiB")
-    print(f"\n{'repository size':<34} {'bytes':>14} {'ratio':>8}")
-    for k, v in results["repository_bytes"].items():
-        print(f"{k:<34} {v:>14} {results['wal']['bytes'] / v:>8.2f}")
-    print(f"\n{'restore (replay all WAL)':<34} {'seconds':>8}")
-    for k, v in results["restore"].items():
-        print(f"{k:<34} {v['seconds']:>8}")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.json}")
-    shutil.rmtree(work, ignore_errors=True)
+    sys.exit("bench/archive_bench.py no longer compares walvault with pgBackRest: it measured Debian's pgBackRest 2.45, "
+             "which predates block incremental backups and bundling. Run bench/rivals.py (docs/BENCH.md); "
+             "this file keeps the helpers rivals.py, retention_bench.py and encryption_bench.py use.")
 
 
 if __name__ == "__main__":
