@@ -701,7 +701,6 @@ fn compare_existing(
 mod tests {
     use super::*;
     use crate::repo::fault::{Fault, FaultStore};
-    use crate::repo::store::CreateSemantics;
     use crate::repo::{RepoDescriptor, layout::DESCRIPTOR_KEY};
     use std::sync::Arc;
     use std::time::Duration;
@@ -719,12 +718,7 @@ mod tests {
     /// counts requests.
     async fn repository(honoured: Option<bool>, fault: Fault) -> (Arc<FaultStore>, Writer) {
         let faults = Arc::new(FaultStore::new(Fault::None));
-        let store = WritableStore::with_backend(
-            Arc::clone(&faults) as Arc<dyn object_store::ObjectStore>,
-            "s3://b/r".parse().unwrap(),
-            CreateSemantics::CheckThenWrite,
-            crate::retry::RetryPolicy::with_total(Duration::from_millis(200)),
-        );
+        let store = FaultStore::s3_like(&faults, Duration::from_millis(200));
         // Bound to the cluster of `segment` (as `init --pgdata` does): no cluster.json to write.
         let seg = first_segment_name();
         let info =

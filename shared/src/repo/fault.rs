@@ -62,6 +62,20 @@ impl FaultStore {
         *self.fault.lock().expect("fault lock") = fault;
     }
 
+    /// A store on `faults` that behaves like an S3 repository (`s3://b/r`, check-then-write,
+    /// `total` of retries): what the unit tests of the layers above write through.
+    pub fn s3_like(
+        faults: &std::sync::Arc<FaultStore>,
+        total: std::time::Duration,
+    ) -> crate::repo::WritableStore {
+        crate::repo::WritableStore::with_backend(
+            std::sync::Arc::clone(faults) as std::sync::Arc<dyn ObjectStore>,
+            "s3://b/r".parse().expect("a valid URL"),
+            crate::repo::store::CreateSemantics::CheckThenWrite,
+            crate::retry::RetryPolicy::with_total(total),
+        )
+    }
+
     /// Requests received so far.
     pub fn requests(&self) -> u32 {
         self.requests.load(Ordering::SeqCst)

@@ -596,12 +596,7 @@ mod tests {
             key("k3", &"33".repeat(32)),
         );
         let faults = Arc::new(FaultStore::new(Fault::None));
-        let store = WritableStore::with_backend(
-            Arc::clone(&faults) as Arc<dyn object_store::ObjectStore>,
-            "s3://b/r".parse().unwrap(),
-            CreateSemantics::CheckThenWrite,
-            crate::retry::RetryPolicy::with_total(Duration::from_millis(200)),
-        );
+        let store = FaultStore::s3_like(&faults, Duration::from_millis(200));
         let mut d = RepoDescriptor::new(None, 0);
         let (_, record) = RepoKeys::generate(&k1, d.id(), None).unwrap();
         d.set_encryption(record);
