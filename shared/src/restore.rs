@@ -1007,6 +1007,7 @@ async fn fetch_chunk(
     id: &str,
     expected: u64,
     path: &Path,
+    cpu: &tokio::sync::Semaphore,
 ) -> Result<Vec<u8>, RestoreError> {
     let key = crate::backup::chunk::chunk_key(id)?;
     let bytes = store
@@ -1026,6 +1027,8 @@ async fn fetch_chunk(
         )));
     }
     let (id_owned, sealer) = (id.to_string(), sealer.clone());
+    // Decompressing and hashing is the CPU's share: `--parallel` chunks at once.
+    let _cpu = cpu.acquire().await.expect("semaphore is never closed");
     let (header, content) =
         tokio::task::spawn_blocking(move || sealer.open(&bytes, ObjectKind::Chunk, &id_owned))
             .await
