@@ -107,69 +107,6 @@ def prepare(work, wal_mib):
     return src, base, walsrc, segs
 
 
-def pgbackrest_conf(work, pgdata, port, sockdir, repo, spool):
-    path = os.path.join(work, f"pgbackrest-{os.path.basename(repo)}.conf")
-    with open(path, "w") as f:
-        f.write(f"""[global]
-repo1-path={repo}
-compress-type=zst
-compress-level=3
-process-max=2
-archive-async=y
-archive-push-queue-max=16GiB
-archive-get-queue-max=2GiB
-spool-path={spool}
-lock-path={spool}
-log-path={spool}
-log-level-console=warn
-log-level-file=off
-[bench]
-pg1-path={pgdata}
-pg1-port={port}
-pg1-socket-path={sockdir}
-""")
-    return path
-
-
-def du(path):
-    return int(sh(f"du -sb {path}").split()[0])
-
-
-def archive_run(work, label, src, segs, walsrc, command, before=None, after=None):
-    """Reproduce PostgreSQL's archiver over a copy of the data directory."""
-    pgdata = os.path.join(work, f"arch-{label}")
-    shutil.copytree(src.data, pgdata, symlinks=True)
-    wal = os.path.join(pgdata, "pg_wal")
-    for f in os.listdir(wal):
-        p = os.path.join(wal, f)
-        if os.path.isfile(p):
-            os.remove(p)
-    status = os.path.join(wal, "archive_status")
-    shutil.rmtree(status)
-    os.makedirs(status)
-    for s in segs:
-        shutil.copy(os.path.join(walsrc, s), os.path.join(wal, s))
-        open(os.path.join(status, s + ".ready"), "w").close()
-    chown(pgdata)
-    sh("sync")
-    ctx = before(pgdata) if before else None
-    # The archiver loop runs as postgres in one process, as PostgreSQL's archiver would: no
-    # per-call user switch inflating the latencies.
-    loop = os.path.join(work, "archiver_loop.py")
-    shutil.copy(os.path.abspath(__file__), loop)
-    chown(loop)
-    out = sh(as_pg(f"/usr/bin/python3 {loop} --archiver-loop {pgdata} '{command}'"))
-    res = json.loads(out.strip().splitlines()[-1])
-    elapsed, lat = res["elapsed"], res["latencies"]
-    extra = after(ctx) if after else {}
-    lat.sort()
-    total = sum(os.path.getsize(os.path.join(walsrc, s)) for s in segs)
-    return {"seconds": round(elapsed, 2), "files_per_s": round(len(segs) / elapsed, 1),
-            "mib_per_s": round(total / 1048576 / elapsed, 1),
-            "p50_ms": round(lat[len(lat) // 2] * 1000, 1), "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1),
-            **extra}
-
-
 def restore_run(work, label, base, restore_command=None, walsrc=None, segs=None):
     data = os.path.join(work, f"restore-{label}")
     shutil.copytree(base, data, symlinks=True)
