@@ -1335,6 +1335,14 @@ mod tests {
         std::fs::write(data.join("junk/deeper/x"), b"x").unwrap();
 
         opts.delta = true;
+        let delta_write = |plan| {
+            let (store, sealer, opts, m, none) = (&store, &sealer, &opts, &m, &none);
+            async move {
+                write_backup(store, sealer, opts, m, none, 1, Some(plan), Arc::new(NoProgress))
+                    .await
+                    .unwrap()
+            }
+        };
         let before = faults.requests();
         let plan = delta::plan(&sealer, &m, &data, &none).await.unwrap();
         assert_eq!(
@@ -1342,18 +1350,7 @@ mod tests {
             before,
             "planning reads the directory, not the store"
         );
-        let written = write_backup(
-            &store,
-            &sealer,
-            &opts,
-            &m,
-            &none,
-            1,
-            Some(plan),
-            Arc::new(NoProgress),
-        )
-        .await
-        .unwrap();
+        let written = delta_write(plan).await;
         assert_eq!(
             faults.requests() - before,
             2,
@@ -1382,18 +1379,7 @@ mod tests {
         std::fs::write(data.join("PG_VERSION"), b"15\n").unwrap();
         let before = faults.requests();
         let plan = delta::plan(&sealer, &m, &data, &none).await.unwrap();
-        let written = write_backup(
-            &store,
-            &sealer,
-            &opts,
-            &m,
-            &none,
-            1,
-            Some(plan),
-            Arc::new(NoProgress),
-        )
-        .await
-        .unwrap();
+        let written = delta_write(plan).await;
         assert_eq!(faults.requests(), before);
         assert_eq!(written.delta.unwrap().files_unchanged, 2);
     }
