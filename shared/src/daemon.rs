@@ -589,6 +589,17 @@ async fn scheduled_drill(
 ) {
     tracing::info!("scheduled restore drill starting");
     let ev = crate::drill::run(&settings, &opts).await;
+    for line in ev.summary().lines() {
+        match ev.passed() {
+            true => tracing::info!("{line}"),
+            false => tracing::warn!("{line}"),
+        }
+    }
+    // The evidence first, the metrics after: a drill the metrics show is one the repository
+    // records (a daemon stopped right after the metrics changed lost the evidence on a slow store).
+    if let Err(e) = crate::drill::store(&repo, &ev).await {
+        tracing::error!("the drill's evidence could not be stored in the repository: {e}");
+    }
     metrics
         .last_drill_unix
         .store(crate::time::now_micros() / 1_000_000, Ordering::Relaxed);
@@ -598,15 +609,6 @@ async fn scheduled_drill(
     let ms = |o: &crate::drill::Objective| o.measured_seconds.map_or(0, |s| (s * 1000.0) as u64);
     metrics.last_drill_rto_ms.store(ms(&ev.rto), Ordering::Relaxed);
     metrics.last_drill_rpo_ms.store(ms(&ev.rpo), Ordering::Relaxed);
-    for line in ev.summary().lines() {
-        match ev.passed() {
-            true => tracing::info!("{line}"),
-            false => tracing::warn!("{line}"),
-        }
-    }
-    if let Err(e) = crate::drill::store(&repo, &ev).await {
-        tracing::error!("the drill's evidence could not be stored in the repository: {e}");
-    }
 }
 
 fn record(
