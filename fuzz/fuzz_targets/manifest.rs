@@ -163,7 +163,7 @@ fn check_summary(data: &[u8]) {
     let Some(carry) = s.carry else {
         return;
     };
-    // index_segment hands a stored carry to summarize_segment with the next segment's bytes.
+    // Push resumes the next segment's summary from a stored carry (timeindex::carry_before).
     let state = serde_json::to_value(&carry).expect("carry serializes");
     let Some(state) = state
         .get("state")

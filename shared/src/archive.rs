@@ -227,7 +227,7 @@ impl WalSource {
 
     /// Read the whole file once, in pieces, handing each to `each`; fails if the file is not
     /// `len` bytes any more.
-    fn read_all(&mut self, mut each: impl FnMut(&[u8]) -> std::io::Result<()>) -> Result<(), PushError> {
+    fn read_all(&mut self, mut each: impl FnMut(&[u8]) -> Result<(), PushError>) -> Result<(), PushError> {
         use std::io::{Read, Seek};
         self.file
             .seek(std::io::SeekFrom::Start(0))
@@ -245,7 +245,7 @@ impl WalSource {
             if total > self.len {
                 break;
             }
-            each(&buf[..n]).map_err(|e| self.read_err(e))?;
+            each(&buf[..n])?;
         }
         if total != self.len {
             return Err(self.read_err(std::io::Error::other(format!(
@@ -274,18 +274,20 @@ impl WalSource {
         ))
     }
 
-    /// Seal the file into `sink`, summarizing it on the way when `summarizer` is given.
+    /// Seal the file into `sink`, summarizing it on the way when `summarizer` is given. Errors
+    /// of the sink (a local repository's staging file) are the repository's: `write_err`.
     fn seal(
         &mut self,
         sealer: &Sealer,
         level: i32,
         sink: StreamSink,
         mut summarizer: Option<Summarizer>,
+        write_err: impl Fn(std::io::Error) -> PushError,
     ) -> Result<(StreamSealed, Option<SummaryResult>), PushError> {
         let name = self.name.to_string();
         let mut stream = sealer
             .stream(ObjectKind::WalFile, &name, self.len, level, sink)
-            .map_err(|e| self.read_err(e))?;
+            .map_err(&write_err)?;
         let mut decode_failed = None;
         self.read_all(|b| {
             if let Some(s) = &mut summarizer
@@ -294,9 +296,9 @@ impl WalSource {
                 decode_failed = Some(e);
                 summarizer = None;
             }
-            stream.write(b)
+            stream.write(b).map_err(&write_err)
         })?;
-        let sealed = stream.finish().map_err(|e| self.read_err(e))?;
+        let sealed = stream.finish().map_err(&write_err)?;
         let summary = match (summarizer, decode_failed) {
             (_, Some(e)) => Some(Err(e)),
             (Some(s), None) => Some(s.finish()),
@@ -310,7 +312,8 @@ impl WalSource {
         Summarizer::new(&self.head, start, carry)
     }
 
-    /// Summarize the file alone (an identical copy was archived already but not indexed).
+    /// Summarize the file alone, without a carry (decoding with the previous segment's carry
+    /// failed in the sealing pass).
     fn summarize(&mut self, start: Lsn, carry: Option<Carry>) -> Result<SummaryResult, PushError> {
         let mut s = match self.summarizer(start, carry) {
             Ok(s) => s,
@@ -450,23 +453,24 @@ pub async fn archive_source(
     let len = src.len;
     let check_first =
         store.create_semantics_for(usize::try_from(len).unwrap_or(usize::MAX)) != CreateSemantics::Atomic;
+    // A segment's name, size and start (the first page was checked against the name, so the
+    // start is in range).
     let segment = match (name, src.info) {
-        (WalFileName::Segment(seg), Some(info)) => Some((seg, info.segment_size)),
+        (WalFileName::Segment(seg), Some(info)) => timeindex::segment_start(&seg, info.segment_size)
+            .ok()
+            .map(|start| (seg, info.segment_size, start)),
         _ => None,
     };
     // The time index's carry from the previous segment, then one pass: hash, summary, seal.
-    let (carry, summarizer) = match segment {
-        Some((seg, size)) => {
+    let (carried, summarizer) = match segment {
+        Some((seg, size, start)) => {
             let carry = carry_for(&store, &sealer, &seg, size, repo.id(), spool).await;
-            let start = timeindex::segment_start(&seg, size).ok();
-            let s = start.and_then(|start| {
-                src.summarizer(start, carry.clone())
-                    .or_else(|_| src.summarizer(start, None))
-                    .ok()
-            });
-            (carry, s)
+            match carry.map(|c| src.summarizer(start, Some(c))) {
+                Some(Ok(s)) => (true, Some(s)),
+                _ => (false, src.summarizer(start, None).ok()),
+            }
         }
-        None => (None, None),
+        None => (false, None),
     };
     let mut staged = if sealer.is_encrypted() {
         None
@@ -478,7 +482,20 @@ pub async fn archive_source(
         None => StreamSink::Memory,
     };
     let (level, s) = (settings.compress_level, sealer.clone());
-    let seal = blocking(src, move |src| src.seal(&s, level, sink, summarizer));
+    let (write_key, repo_url) = (key.clone(), store.url().to_string());
+    let seal = blocking(src, move |src| {
+        let write_err = |e: std::io::Error| {
+            PushError::Store(StoreError {
+                op: "write",
+                key: write_key.clone(),
+                repo: repo_url.clone(),
+                message: e.to_string(),
+                transient: true,
+                attempts: 1,
+            })
+        };
+        src.seal(&s, level, sink, summarizer, write_err)
+    });
     // A store that may overwrite: look before writing, while the file is being sealed.
     let (sealing, existing) = if check_first {
         let (sealing, existing) = tokio::join!(seal, store.get(&key));
@@ -500,7 +517,7 @@ pub async fn archive_source(
             len,
         )?;
         // Archived already; indexed too, unless an earlier push stopped in between.
-        if let Some((seg, _)) = segment {
+        if let Some((seg, _, _)) = segment {
             record_summary(&store, &sealer, &seg, summary, repo.id(), spool, None).await;
         }
         return Ok(outcome);
@@ -539,7 +556,7 @@ pub async fn archive_source(
             // Whether the summary is there is asked at the same time.
             let summary_check = async {
                 match segment {
-                    Some((seg, _)) => store.size(&timeindex::summary_key(&seg)).await.ok(),
+                    Some((seg, _, _)) => store.size(&timeindex::summary_key(&seg)).await.ok(),
                     None => None,
                 }
             };
@@ -558,18 +575,12 @@ pub async fn archive_source(
     };
     // The segment is durable; now its entry in the time index. Derived data: a failure here is
     // logged and never fails the push (restore only loses precision for this segment).
-    if let Some((seg, size)) = segment {
+    if let Some((seg, _, start)) = segment {
         let summary = match summary {
-            Some(Err(_)) if carry.is_some() => {
-                let start = timeindex::segment_start(&seg, size).ok();
-                match start {
-                    Some(start) => blocking(src, move |s| s.summarize(start, None))
-                        .await
-                        .ok()
-                        .and_then(|(_, r)| r.ok()),
-                    None => None,
-                }
-            }
+            Some(Err(_)) if carried => blocking(src, move |s| s.summarize(start, None))
+                .await
+                .ok()
+                .and_then(|(_, r)| r.ok()),
             other => other,
         };
         record_summary(&store, &sealer, &seg, summary, repo.id(), spool, summary_known).await;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::repo::object::{ObjectKind, Sealer};
 use crate::repo::store::CreateSemantics;
 use crate::repo::{Store, StoreError, WritableStore};
-use crate::wal::summary::{Carry, SegmentSummary, summarize_segment};
+use crate::wal::summary::{Carry, SegmentSummary};
 use crate::wal::{Lsn, SegmentName};
 
 pub const FORMAT_NAME: &str = "walvault-segment-summary";
@@ -81,30 +81,6 @@ impl StoredSummary {
         }
         Ok(s)
     }
-}
-
-/// Summarize an archived segment and store the summary unless one exists. Uses the previous
-/// segment's carry when its summary is stored, so a transaction end that crosses the boundary is
-/// counted once.
-pub async fn index_segment(
-    store: &WritableStore,
-    sealer: &Sealer,
-    seg: &SegmentName,
-    bytes: &[u8],
-    segment_size: u32,
-) -> Result<bool, IndexError> {
-    if store.size(&summary_key(seg)).await?.is_some() {
-        return Ok(false);
-    }
-    let carry = carry_before(store, sealer, seg, segment_size, None).await?;
-    let start = segment_start(seg, segment_size)?;
-    let decode = |carry| summarize_segment(bytes, start, carry);
-    let (summary, next) = match decode(carry.clone()) {
-        Ok(r) => r,
-        Err(_) if carry.is_some() => decode(None).map_err(|e| decode_err(seg, e))?,
-        Err(e) => return Err(decode_err(seg, e)),
-    };
-    store_summary(store, sealer, seg, summary, next, false).await
 }
 
 fn decode_err(seg: &SegmentName, e: impl std::fmt::Display) -> IndexError {

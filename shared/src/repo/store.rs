@@ -692,7 +692,10 @@ impl WritableStore {
         if self.uses_parts(payload.content_length()) {
             // Multipart uploads carry no create-only condition; these objects are checked before
             // and read back after by the caller ([`Store::create_semantics_for`]).
-            let whole: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
+            let mut whole = Vec::with_capacity(payload.content_length());
+            for part in payload.iter() {
+                whole.extend_from_slice(part);
+            }
             return self
                 .put_in_parts(key, Bytes::from(whole))
                 .await
