@@ -317,6 +317,18 @@ mod tests {
         let d =
             RepoDescriptor::parse(include_bytes!("../../tests/fixtures/walvault-v2-unbound.json")).unwrap();
         assert_eq!(d.cluster, None);
+        // Written before init probed the store: not relied on.
+        assert_eq!(d.create_only_honoured, None);
+        let d = RepoDescriptor::parse(include_bytes!(
+            "../../tests/fixtures/walvault-v2-create-only.json"
+        ))
+        .unwrap();
+        assert_eq!(d.create_only_honoured, Some(true));
+        assert!(
+            String::from_utf8(d.to_json())
+                .unwrap()
+                .contains("\"create_only_honoured\": true")
+        );
     }
 
     #[test]
