@@ -23,6 +23,7 @@ pub mod prefetch;
 pub mod progress;
 pub mod recovery_conf;
 pub mod relmap;
+pub mod report;
 pub mod repo;
 pub mod restore;
 pub mod retention;
