@@ -15,6 +15,7 @@ use crate::fixtures::RECOVERY_TIMEOUT;
 use crate::host::Finished;
 use crate::pg::PgInstall;
 use crate::repo::Repo;
+use crate::workload::{self, LedgerState};
 
 /// What `archive-agent backup --json` printed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +163,32 @@ pub fn restore_and_recover(
         .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
         .with_context(|| format!("recovery of {name} ({args:?}), restored with:\n{}", run.stdout))?;
     Ok((cluster, run.stdout))
+}
+
+/// [`restore_and_recover`] (on the default server) to the instant `state` was recorded
+/// (`--target-time`, then `extra`: a timeline, a backup), asserting that the restored ledger holds
+/// exactly that state. Returns the cluster, archiving into `repo` when `archive`, with what
+/// restore printed.
+pub fn assert_ledger_restores_to(
+    repo: &Repo,
+    name: &str,
+    state: &LedgerState,
+    extra: &[&str],
+    archive: bool,
+) -> Result<(Cluster, String)> {
+    let mut args = vec!["--target-time", state.time.as_str()];
+    args.extend_from_slice(extra);
+    let (cluster, report) = restore_and_recover(PgInstall::default_install(), repo, name, &args, archive)?;
+    let found = workload::ledger_contents(&cluster)?;
+    assert_eq!(
+        found,
+        state.contents,
+        "{name}: restored to {} ({args:?}), the ledger differs from the state recorded then\n\
+         restore said:\n{report}\n{}",
+        state.time,
+        cluster.log_tail()
+    );
+    Ok((cluster, report))
 }
 
 /// `restore-agent info --repo <repo> --json`, parsed.

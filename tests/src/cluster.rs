@@ -482,7 +482,14 @@ impl Cluster {
         self.query_one_string("SELECT system_identifier::text FROM pg_control_system()")
     }
 
-    /// Unix microseconds of a timestamp (as the agents print them), parsed by this server.
+    /// Unix microseconds now, on the server's clock.
+    pub fn clock_micros(&self) -> Result<i64> {
+        self.query_one_string("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint::text")?
+            .parse()
+            .context("server clock")
+    }
+
+    /// Unix microseconds of `time` (a timestamptz literal), as the server reads it.
     pub fn unix_micros(&self, time: &str) -> Result<i64> {
         self.query_one_string(&format!(
             "SELECT (extract(epoch FROM '{}'::timestamptz) * 1000000)::bigint::text",

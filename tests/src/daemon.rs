@@ -18,6 +18,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::agents::{ARCHIVE_AGENT, agents};
 use crate::cluster::Cluster;
 use crate::host::{self, ScratchDir};
+use crate::object::Sealed;
 use crate::repo::Repo;
 
 /// Name of the spool directory inside the data directory (independent of the library's constant).
@@ -360,4 +361,38 @@ pub fn uploading(inflight: &Path, pid: u32) -> bool {
     fs::read_dir(inflight).into_iter().flatten().flatten().any(|e| {
         fs::read_to_string(e.path()).is_ok_and(|t| t.split_whitespace().next() == Some(pid.as_str()))
     })
+}
+
+/// Every spool marker of `cluster` names an object in `repo` holding exactly the bytes the
+/// marker records. Returns the marker names.
+pub fn assert_markers_match_repository(cluster: &Cluster, repo: &Repo) -> Result<Vec<String>> {
+    let markers = archived_markers(&cluster.data_dir())?;
+    for name in &markers {
+        let path = spool_dir(&cluster.data_dir()).join("archived").join(name);
+        let marker: serde_json::Value = serde_json::from_slice(&fs::read(&path)?)
+            .with_context(|| format!("marker {}", path.display()))?;
+        assert_eq!(
+            marker["repo_id"].as_str(),
+            Some(repo.id()?.as_str()),
+            "marker {name}: {marker}"
+        );
+        assert!(
+            repo.has_object(name),
+            "the spool says {name} is archived, but the repository has no {}",
+            repo.object_key(name)
+        );
+        let stored =
+            Sealed::open(&repo.read(&repo.object_key(name))?).with_context(|| format!("object {name}"))?;
+        assert_eq!(
+            marker["blake3"].as_str(),
+            Some(blake3::hash(&stored.content).to_hex().as_str()),
+            "marker {name} records other bytes than the repository holds: {marker}"
+        );
+        assert_eq!(
+            marker["size"].as_u64(),
+            Some(stored.content.len() as u64),
+            "marker {name}: {marker}"
+        );
+    }
+    Ok(markers)
 }

@@ -273,6 +273,16 @@ impl Finished {
         );
     }
 
+    /// Panic unless the program failed (any exit but 0) and its standard error names each of
+    /// `expected`: how a test asserts a refusal says why.
+    #[track_caller]
+    pub fn assert_failed_naming(&self, expected: &[&str]) {
+        assert_ne!(self.code(), Some(0), "the command must fail: {self}");
+        for e in expected {
+            assert!(self.stderr.contains(e), "the error must mention {e:?}: {self}");
+        }
+    }
+
     /// Fail unless the program exited 0.
     pub fn check(self) -> Result<Finished> {
         if !self.status.success() {

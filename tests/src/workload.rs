@@ -106,7 +106,12 @@ impl fmt::Display for TableFingerprint {
 
 /// Row count and checksum of every table in [`CHECKED_TABLES`].
 pub fn fingerprints(cluster: &Cluster) -> Result<Vec<TableFingerprint>> {
-    CHECKED_TABLES
+    fingerprints_of(cluster, CHECKED_TABLES)
+}
+
+/// [`table_fingerprint`] of each `(table, order)`, in that order.
+pub fn fingerprints_of(cluster: &Cluster, tables: &[(&str, &str)]) -> Result<Vec<TableFingerprint>> {
+    tables
         .iter()
         .map(|(table, order)| table_fingerprint(cluster, table, order))
         .collect()

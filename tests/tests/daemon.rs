@@ -13,13 +13,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use rand::Rng;
-use serde_json::Value;
 use walvault_testkit::daemon::{self, Daemon};
 use walvault_testkit::fixtures::{
     ARCHIVE_TIMEOUT, RECOVERY_TIMEOUT, archive_everything, archiving_cluster, prepare_restore, segment_range,
 };
 use walvault_testkit::host::{self, Poll};
-use walvault_testkit::object::Sealed;
 use walvault_testkit::workload::{self, TableFingerprint, Workload};
 use walvault_testkit::{Cluster, Repo};
 
@@ -156,40 +154,6 @@ fn daemon_found_stored(log: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Every spool marker of `cluster` names an object in `repo` holding exactly the bytes the
-/// marker records. Returns the marker names.
-fn assert_markers_match_repository(cluster: &Cluster, repo: &Repo) -> Result<Vec<String>> {
-    let markers = daemon::archived_markers(&cluster.data_dir())?;
-    for name in &markers {
-        let path = daemon::spool_dir(&cluster.data_dir()).join("archived").join(name);
-        let marker: Value = serde_json::from_slice(&fs::read(&path)?)
-            .with_context(|| format!("marker {}", path.display()))?;
-        assert_eq!(
-            marker["repo_id"].as_str(),
-            Some(repo.id()?.as_str()),
-            "marker {name}: {marker}"
-        );
-        assert!(
-            repo.has_object(name),
-            "the spool says {name} is archived, but the repository has no {}",
-            repo.object_key(name)
-        );
-        let stored =
-            Sealed::open(&repo.read(&repo.object_key(name))?).with_context(|| format!("object {name}"))?;
-        assert_eq!(
-            marker["blake3"].as_str(),
-            Some(blake3::hash(&stored.content).to_hex().as_str()),
-            "marker {name} records other bytes than the repository holds: {marker}"
-        );
-        assert_eq!(
-            marker["size"].as_u64(),
-            Some(stored.content.len() as u64),
-            "marker {name}: {marker}"
-        );
-    }
-    Ok(markers)
-}
-
 /// Wait until the daemon's `/metrics` shows no `.ready` file.
 fn wait_metrics_drained(d: &Daemon) -> Result<()> {
     host::wait_for(
@@ -287,7 +251,7 @@ fn daemon_keeps_archive_status_drained_under_load() -> Result<()> {
         repo.has_object(last_archived),
         "/metrics names {last_archived:?} as last archived, which the repository lacks"
     );
-    assert_markers_match_repository(&source, &repo)?;
+    daemon::assert_markers_match_repository(&source, &repo)?;
 
     let expected = workload::fingerprints(&source)?;
     let stopped = d.stop()?;
@@ -366,7 +330,7 @@ fn daemon_killed_mid_upload_and_restarted_loses_nothing() -> Result<()> {
         source.log_tail()
     );
     wait_metrics_drained(&d)?;
-    assert_markers_match_repository(&source, &repo)?;
+    daemon::assert_markers_match_repository(&source, &repo)?;
     logs.push(d.log());
     let by_daemons: BTreeSet<String> = logs.iter().flat_map(|l| daemon_archived(l)).collect();
     eprintln!(
@@ -430,7 +394,7 @@ fn archiving_works_without_a_daemon_after_one_ran() -> Result<()> {
             "push should have uploaded {name} itself: {pushes:#?}"
         );
     }
-    assert_markers_match_repository(&source, &repo)?;
+    daemon::assert_markers_match_repository(&source, &repo)?;
     let expected = workload::fingerprints(&source)?;
     assert_replays_to(source, backup, &repo, &expected)
 }
@@ -463,7 +427,7 @@ fn sigterm_finishes_uploads_and_leaves_only_true_markers() -> Result<()> {
         stopped.log
     );
 
-    let markers = assert_markers_match_repository(&source, &repo)?;
+    let markers = daemon::assert_markers_match_repository(&source, &repo)?;
     let logged: BTreeSet<String> = daemon_archived(&stopped.log)
         .union(&daemon_found_stored(&stopped.log))
         .cloned()

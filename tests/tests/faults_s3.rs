@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use rand::Rng;
-use serde_json::Value;
 use walvault_testkit::agents::exit;
-use walvault_testkit::backup::{BackupSummary, restore_new_cluster, take_backup};
+use walvault_testkit::backup::{self, BackupSummary, take_backup};
 use walvault_testkit::daemon::{self, Daemon};
-use walvault_testkit::fixtures::{ARCHIVE_TIMEOUT, RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
+use walvault_testkit::fixtures::{ARCHIVE_TIMEOUT, archive_everything, archiving_cluster};
 use walvault_testkit::garage::Garage;
 use walvault_testkit::host::{self, Poll};
 use walvault_testkit::object::Sealed;
+use walvault_testkit::pg::PgInstall;
 use walvault_testkit::workload::{self, Ledger, LedgerState, TableFingerprint};
 use walvault_testkit::{Cluster, Repo};
 
@@ -216,34 +216,18 @@ fn assert_none_missing(repo: &Repo, source: &Cluster, first: &str, last: &str) -
 
 /// The ledger and payload tables, compared after a restore to the end of the archive.
 fn fingerprints(cluster: &Cluster) -> Result<Vec<TableFingerprint>> {
-    Ok(vec![
-        workload::table_fingerprint(cluster, workload::LEDGER_TABLE, "id")?,
-        workload::table_fingerprint(cluster, "payload", "id")?,
-    ])
+    workload::fingerprints_of(cluster, &[(workload::LEDGER_TABLE, "id"), ("payload", "id")])
 }
 
 /// Restore `repo` into a new cluster with `args`, start it and wait until recovery has ended.
 /// Returns it with what the restore printed.
 fn restore_and_recover(repo: &Repo, name: &str, args: &[&str]) -> Result<(Cluster, String)> {
-    let (mut cluster, run) = restore_new_cluster(repo, name, args)?;
-    cluster
-        .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
-        .with_context(|| format!("recovery of {name} ({args:?}), restored with:\n{}", run.stdout))?;
-    Ok((cluster, run.stdout))
+    backup::restore_and_recover(PgInstall::default_install(), repo, name, args, false)
 }
 
 /// Restore to the instant `state` was recorded and check the ledger holds exactly that state.
 fn assert_restores_to(repo: &Repo, name: &str, state: &LedgerState) -> Result<()> {
-    let args = ["--target-time", state.time.as_str()];
-    let (restored, report) = restore_and_recover(repo, name, &args)?;
-    let found = workload::ledger_contents(&restored)?;
-    assert_eq!(
-        found,
-        state.contents,
-        "{name}: restored to {}, the ledger differs from the state committed then\nrestore said:\n{report}\n{}",
-        state.time,
-        restored.log_tail()
-    );
+    backup::assert_ledger_restores_to(repo, name, state, &[], false)?;
     Ok(())
 }
 
@@ -521,28 +505,6 @@ fn uploading(inflight: &std::path::Path, pid: u32) -> bool {
     daemon::uploading(inflight, pid)
 }
 
-/// Every spool marker names an object in `repo` holding exactly the bytes the marker records.
-fn assert_markers_match_repository(source: &Cluster, repo: &Repo) -> Result<usize> {
-    let markers = daemon::archived_markers(&source.data_dir())?;
-    for name in &markers {
-        let path = daemon::spool_dir(&source.data_dir()).join("archived").join(name);
-        let marker: Value = serde_json::from_slice(&fs::read(&path)?)
-            .with_context(|| format!("marker {}", path.display()))?;
-        let stored = Sealed::open(
-            &repo
-                .read(&repo.object_key(name))
-                .with_context(|| format!("the spool says {name} is archived"))?,
-        )
-        .with_context(|| format!("object {name}"))?;
-        assert_eq!(
-            marker["blake3"].as_str(),
-            Some(blake3::hash(&stored.content).to_hex().as_str()),
-            "marker {name} records other bytes than the repository holds: {marker}"
-        );
-    }
-    Ok(markers.len())
-}
-
 #[test]
 fn fault_daemon_sigkill_mid_upload_repeatedly() -> Result<()> {
     const KILLS: usize = 6;
@@ -622,7 +584,7 @@ fn fault_daemon_sigkill_mid_upload_repeatedly() -> Result<()> {
         source.log_tail()
     );
     let segments = assert_none_missing(&repo, &source, &backup.start_wal, &last)?;
-    let markers = assert_markers_match_repository(&source, &repo)?;
+    let markers = daemon::assert_markers_match_repository(&source, &repo)?.len();
     let stopped = d.stop()?;
     assert_eq!(
         stopped.code(),

@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use walvault_testkit::backup::{self, BackupSummary, next_backup_second, take_backup};
 use walvault_testkit::fixtures::{archive_everything, archiving_cluster};
-use walvault_testkit::pg::PgInstall;
 use walvault_testkit::workload::{self, Ledger, LedgerState, parse_lsn};
 use walvault_testkit::{Cluster, Repo};
 
@@ -21,15 +20,6 @@ struct Restored {
     cluster: Cluster,
     /// What `restore-agent restore` printed.
     report: String,
-}
-
-/// Restore `repo` into a new cluster with `args` (a target and so on), start it and wait until
-/// recovery has ended. With `archive`, the new cluster keeps the source's `archive_command`
-/// (into `repo`); otherwise archiving is off, so it leaves the repository as it found it.
-fn restore_and_recover(repo: &Repo, name: &str, args: &[&str], archive: bool) -> Result<Restored> {
-    let (cluster, report) =
-        backup::restore_and_recover(PgInstall::default_install(), repo, name, args, archive)?;
-    Ok(Restored { cluster, report })
 }
 
 /// Restore to the instant `state` was recorded and check the ledger holds exactly that state.
@@ -45,24 +35,8 @@ fn assert_restores_archiving(
     extra: &[&str],
     archive: bool,
 ) -> Result<Restored> {
-    let mut args = vec!["--target-time", state.time.as_str()];
-    args.extend_from_slice(extra);
-    let restored = restore_and_recover(repo, name, &args, archive)?;
-    let found = workload::ledger_contents(&restored.cluster)?;
-    assert_eq!(
-        found,
-        state.contents,
-        "{name}: restored to {} ({args:?}), the ledger differs from the state recorded then\n\
-         restore said:\n{}\n{}",
-        state.time,
-        restored.report,
-        restored.cluster.log_tail()
-    );
-    Ok(restored)
-}
-
-fn now_micros(cluster: &Cluster) -> Result<i64> {
-    cluster.unix_micros("now")
+    let (cluster, report) = backup::assert_ledger_restores_to(repo, name, state, extra, archive)?;
+    Ok(Restored { cluster, report })
 }
 
 /// Which backup a restore says it restored.
@@ -80,10 +54,10 @@ fn restores_to_recorded_instants_around_two_online_backups() -> Result<()> {
     let (states, backups) = workload::ledger_while(&source, BETWEEN_TRANSACTIONS, || {
         thread::sleep(Duration::from_millis(500));
         let first = take_backup(&source, &repo)?;
-        let first_done = now_micros(&source)?;
+        let first_done = source.clock_micros()?;
         next_backup_second();
         thread::sleep(Duration::from_millis(400));
-        let second_begun = now_micros(&source)?;
+        let second_begun = source.clock_micros()?;
         let second = take_backup(&source, &repo)?;
         thread::sleep(Duration::from_millis(1500));
         Ok((first, first_done, second_begun, second))

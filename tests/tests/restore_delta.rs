@@ -28,10 +28,7 @@ const TABLES: &[(&str, &str)] = &[
 const TARGET: &str = "delta_target";
 
 fn fingerprints(cluster: &Cluster) -> Result<Vec<TableFingerprint>> {
-    TABLES
-        .iter()
-        .map(|(t, order)| workload::table_fingerprint(cluster, t, order))
-        .collect()
+    workload::fingerprints_of(cluster, TABLES)
 }
 
 /// A repository with one backup of a small pgbench database, and the archive past it up to and

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result};
 use walvault_testkit::backup::{self, BackupSummary, next_backup_second, take_backup};
 use walvault_testkit::fixtures::{archive_everything, archiving_cluster};
-use walvault_testkit::host::{Finished, ScratchDir, write_for_pg};
+use walvault_testkit::host::{ScratchDir, write_for_pg};
 use walvault_testkit::object::{KIND_MANIFEST, Sealed};
 use walvault_testkit::{Repo, workload};
 
@@ -65,23 +65,13 @@ fn tree(dir: &Path) -> Result<Option<BTreeSet<String>>> {
     Ok(Some(out))
 }
 
-/// Assert a restore failed, naming `expected` in its error.
-#[track_caller]
-fn assert_refused(run: &Finished, expected: &str) {
-    assert_ne!(run.code(), Some(0), "the restore must fail: {run}");
-    assert!(
-        run.stderr.contains(expected),
-        "the error must mention {expected:?}: {run}"
-    );
-}
-
 #[test]
 fn target_before_the_first_backup_is_refused() -> Result<()> {
     let b = backed_up();
     let scratch = ScratchDir::new("refuse-early")?;
     let pgdata = scratch.path().join("data");
     let run = backup::restore(&b.repo, &pgdata, &["--target-time", &b.before_backup])?;
-    assert_refused(&run, "earliest restorable point");
+    run.assert_failed_naming(&["earliest restorable point"]);
     assert!(
         run.stderr.contains(&b.backup.stop_time),
         "the error should say where the window starts (the backup's stop time {}): {run}",
@@ -99,7 +89,7 @@ fn non_empty_directory_is_refused_and_left_alone() -> Result<()> {
     let keep = pgdata.join("keep-me.txt");
     write_for_pg(&keep, b"the DBA's notes")?;
     let run = backup::restore(&b.repo, &pgdata, &[])?;
-    assert_refused(&run, "not empty");
+    run.assert_failed_naming(&["not empty"]);
     assert_eq!(
         tree(&pgdata)?,
         Some(BTreeSet::from(["keep-me.txt".to_string()])),
@@ -118,7 +108,7 @@ fn force_never_restores_over_a_running_server() -> Result<()> {
     live.start()?;
     live.execute("CREATE TABLE still_here AS SELECT 42 AS answer")?;
     let run = backup::restore(&b.repo, &live.data_dir(), &["--force"])?;
-    assert_refused(&run, "belongs to a running PostgreSQL");
+    run.assert_failed_naming(&["belongs to a running PostgreSQL"]);
     // The server's own files are all there, and restore wrote none of its own.
     for kept in ["PG_VERSION", "global/pg_control", "postmaster.pid", "base"] {
         assert!(live.data_dir().join(kept).exists(), "{kept} is gone");
@@ -140,7 +130,7 @@ fn unknown_timeline_is_refused() -> Result<()> {
     let scratch = ScratchDir::new("refuse-timeline")?;
     let pgdata = scratch.path().join("data");
     let run = backup::restore(&b.repo, &pgdata, &["--target-timeline", "7"])?;
-    assert_refused(&run, "unknown to the repository");
+    run.assert_failed_naming(&["unknown to the repository"]);
     assert_eq!(tree(&pgdata)?, None, "the data directory must not be created");
     Ok(())
 }
@@ -192,7 +182,7 @@ fn manifest_with_a_path_outside_the_data_directory_is_refused_before_writing() -
         repo.write(&manifest_key, &original)?;
         plant_path(&repo, &b.backup.id, hostile)?;
         let run = backup::restore(&repo, &pgdata, &[])?;
-        assert_refused(&run, "unsafe");
+        run.assert_failed_naming(&["unsafe"]);
         assert!(
             run.stderr.contains(hostile.as_str()),
             "the error must name the path {hostile:?}: {run}"
@@ -237,7 +227,7 @@ fn corrupt_chunk_fails_the_restore_without_leaving_a_data_directory() -> Result<
     let scratch = ScratchDir::new("refuse-corrupt")?;
     let pgdata = scratch.path().join("data");
     let run = backup::restore(&repo, &pgdata, &[])?;
-    assert_refused(&run, "corrupt");
+    run.assert_failed_naming(&["corrupt"]);
     assert!(run.stderr.contains(&id), "the error must name chunk {id}: {run}");
     // Never a half-restored directory PostgreSQL would start on...
     for marker in ["backup_label", "recovery.signal"] {

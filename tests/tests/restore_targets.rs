@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, ensure};
 use walvault_testkit::backup::{self, BackupSummary, restore_new_cluster, take_backup};
 use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
-use walvault_testkit::host::{Finished, ScratchDir, snapshot, write_for_pg};
+use walvault_testkit::host::{ScratchDir, snapshot, write_for_pg};
 use walvault_testkit::workload::{
     self, Ledger, LedgerCommit, LedgerContents, TableFingerprint, format_lsn, parse_lsn,
 };
@@ -24,23 +24,6 @@ use walvault_testkit::{Cluster, Repo};
 /// Pause between two ledger transactions, so that their commit times are well apart.
 const BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(20);
 
-/// Assert a restore failed, naming each of `expected` in its error.
-#[track_caller]
-fn assert_refused(run: &Finished, expected: &[&str]) {
-    assert_ne!(run.code(), Some(0), "the restore must fail: {run}");
-    for e in expected {
-        assert!(run.stderr.contains(e), "the error must mention {e:?}: {run}");
-    }
-}
-
-/// Unix microseconds now, on the server's clock.
-fn now_micros(cluster: &Cluster) -> Result<i64> {
-    cluster
-        .query_one_string("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint::text")?
-        .parse()
-        .context("server clock")
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tablespaces
 
@@ -48,10 +31,7 @@ fn now_micros(cluster: &Cluster) -> Result<i64> {
 const TS_TABLES: &[(&str, &str)] = &[("in_ts1", "id"), ("in_default", "id")];
 
 fn ts_fingerprints(cluster: &Cluster) -> Result<Vec<TableFingerprint>> {
-    TS_TABLES
-        .iter()
-        .map(|(table, order)| workload::table_fingerprint(cluster, table, order))
-        .collect()
+    workload::fingerprints_of(cluster, TS_TABLES)
 }
 
 #[test]
@@ -95,16 +75,13 @@ fn tablespaces_are_restored_only_where_the_dba_says() -> Result<()> {
     let scratch = ScratchDir::new("ts-refused")?;
     let pgdata = scratch.path().join("data");
     let run = backup::restore(&repo, &pgdata, &[])?;
-    assert_refused(
-        &run,
-        &[
-            "has tablespaces",
-            &oid,
-            "--tablespace-map",
-            "--tablespace-map-all",
-            "--tablespace-original",
-        ],
-    );
+    run.assert_failed_naming(&[
+        "has tablespaces",
+        &oid,
+        "--tablespace-map",
+        "--tablespace-map-all",
+        "--tablespace-original",
+    ]);
     assert!(
         !pgdata.exists(),
         "a refused restore must not create {}",
@@ -123,7 +100,7 @@ fn tablespaces_are_restored_only_where_the_dba_says() -> Result<()> {
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let run = backup::restore(&repo, &pgdata, &args)?;
-        assert_refused(&run, &["not empty", &occupied.display().to_string()]);
+        run.assert_failed_naming(&["not empty", &occupied.display().to_string()]);
         assert_eq!(
             snapshot(&occupied)?,
             occupied_before,
@@ -142,7 +119,7 @@ fn tablespaces_are_restored_only_where_the_dba_says() -> Result<()> {
         &pgdata,
         &["--tablespace-map", &format!("{oid}={}", inside.display())],
     )?;
-    assert_refused(&run, &["overlaps"]);
+    run.assert_failed_naming(&["overlaps"]);
     assert!(
         !pgdata.exists(),
         "a refused restore must not create {}",
@@ -244,9 +221,9 @@ fn record() -> Result<Recorded> {
         });
         let backup = (|| -> Result<_> {
             thread::sleep(Duration::from_millis(200));
-            let began = now_micros(&source)?;
+            let began = source.clock_micros()?;
             let backup = take_backup(&source, &repo)?;
-            let ended = now_micros(&source)?;
+            let ended = source.clock_micros()?;
             thread::sleep(Duration::from_millis(200));
             Ok((began, backup, ended))
         })();
@@ -374,7 +351,7 @@ fn target_name_stops_at_the_restore_point_and_unknown_names_are_refused() -> Res
     let scratch = ScratchDir::new("target-name-nope")?;
     let pgdata = scratch.path().join("data");
     let run = backup::restore(&r.repo, &pgdata, &["--target-name", "nope"])?;
-    assert_refused(&run, &["nope", "rp1"]);
+    run.assert_failed_naming(&["nope", "rp1"]);
     assert!(
         !pgdata.exists(),
         "a refused restore must not create {}",

@@ -44,20 +44,7 @@ fn steps(cluster: &Cluster, n: usize) -> Result<Vec<LedgerState>> {
 
 /// Restore to the instant `state` was recorded, on `timeline`, and check the ledger.
 fn assert_restores_to(repo: &Repo, name: &str, state: &LedgerState, timeline: &str) -> Result<()> {
-    let args = [
-        "--target-time",
-        state.time.as_str(),
-        "--target-timeline",
-        timeline,
-    ];
-    let (cluster, report) =
-        backup::restore_and_recover(PgInstall::default_install(), repo, name, &args, false)?;
-    let found = workload::ledger_contents(&cluster)?;
-    assert_eq!(
-        found, state.contents,
-        "{name}: restored to {} on timeline {timeline}, the ledger differs\n{report}",
-        state.time
-    );
+    backup::assert_ledger_restores_to(repo, name, state, &["--target-timeline", timeline], false)?;
     Ok(())
 }
 
