@@ -1022,7 +1022,7 @@ mod tests {
 
     #[test]
     fn frozen_fixture_v1() {
-        let ev: Evidence = serde_json::from_slice(include_bytes!("../tests/fixtures/drill-v1.json")).unwrap();
+        let ev: Evidence = serde_json::from_slice(include_bytes!("../../tests/fixtures/drill-v1.json")).unwrap();
         assert_eq!((ev.format.as_str(), ev.version), (FORMAT_NAME, FORMAT_VERSION));
         assert!(!ev.passed());
         assert_eq!(ev.rto.measured_seconds, Some(0.8));
