@@ -1,6 +1,12 @@
 //! What both binaries share on the command line: repository flags, logging, and how a bad command
 //! line is reported (one line, exit 2).
 
+pub mod backup_args;
+pub mod daemon_args;
+pub mod drill_args;
+pub mod target_args;
+
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -41,6 +47,33 @@ impl RepoArgs {
             std::path::Path::new(DEFAULT_CONFIG_PATH),
         )
     }
+
+    /// The flags that give another invocation (a child process) the same repository settings.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args = Vec::new();
+        if let Some(r) = &self.repo {
+            args.extend(["--repo".into(), r.into()]);
+        }
+        if let Some(c) = &self.config {
+            args.extend(["--config".into(), c.into()]);
+        }
+        if let Some(t) = &self.retry_timeout {
+            args.extend(["--retry-timeout".into(), t.into()]);
+        }
+        args
+    }
+}
+
+/// The connection to the local cluster when none is given: libpq's PGHOST, PGPORT and PGUSER,
+/// else the Debian socket directory, 5432 and postgres.
+pub fn default_pg_conn() -> String {
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    format!(
+        "host={} port={} user={} dbname=postgres",
+        var("PGHOST", "/var/run/postgresql"),
+        var("PGPORT", "5432"),
+        var("PGUSER", "postgres")
+    )
 }
 
 /// Retention rules on the command line (`expire`, `daemon`): the `[retention]` table's keys as

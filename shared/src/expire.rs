@@ -15,7 +15,9 @@ use crate::backup::BackupId;
 use crate::catalog::{Catalog, CatalogError};
 use crate::repo::layout::{self, Kind};
 use crate::repo::locks::{self, Lock, LockError, LockKind};
-use crate::repo::{StoreError, Writer};
+use crate::config::{ConfigError, RetentionSettings, Settings};
+use crate::repo::{RepoError, StoreError, Writer};
+use crate::report::Report;
 use crate::retention::{self, Policy, Reason};
 use crate::wal::{SegmentName, WalFileName};
 
@@ -43,6 +45,10 @@ pub enum ExpireError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// A kept backup and why.
@@ -91,9 +97,11 @@ impl ExpireReport {
             .map(|d| d.bytes)
             .sum()
     }
+}
 
+impl Report for ExpireReport {
     /// The human report: kept backups with their reasons, expired ones, and counts.
-    pub fn render(&self) -> String {
+    fn render(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
         let verb = if self.dry_run { "would delete" } else { "deleted" };
@@ -140,6 +148,19 @@ impl ExpireReport {
         let _ = write!(out, "{verb} {} bytes in all", self.bytes());
         out
     }
+}
+
+/// `archive-agent expire`: the rules of `flags` (or, when it has none, of the `[retention]`
+/// table) applied to the repository, with `now_us` as the clock.
+pub async fn expire_repository(
+    settings: &Settings,
+    flags: &RetentionSettings,
+    dry_run: bool,
+    now_us: i64,
+) -> Result<ExpireReport, ExpireError> {
+    let policy = settings.retention.policy(flags)?;
+    let writer = Writer::open_writable(&settings.repo, &settings.store_options()).await?;
+    expire(&writer, &policy, dry_run, now_us).await
 }
 
 /// How long an expire waits for a pin being written.

@@ -8,13 +8,16 @@
 //! can tell of each. The pure part is [`describe`]: event + map in, actions out.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use serde::Serialize;
 
 use crate::backup::manifest::BackupId;
 use crate::catalog::Catalog;
+use crate::cli::sh_quote;
 use crate::relmap::{RelMapError, RelationMap};
 use crate::repo::Reader;
+use crate::report::Report;
 use crate::wal::changes::{ChangeEvent, ROW_FLOOR};
 
 /// What to look for.
@@ -51,6 +54,8 @@ pub enum FindError {
         "--min-rows {0}: the time index records transactions from {ROW_FLOOR} rows of one relation; use {ROW_FLOOR} or more"
     )]
     MinRows(u64),
+    #[error(transparent)]
+    Repo(#[from] crate::repo::RepoError),
 }
 
 /// What happened to one relation (or database).
@@ -411,6 +416,127 @@ pub fn describe(
         }
     }
     (db_oid.map(db_name), actions, notes)
+}
+
+/// How the restore commands `find` prints begin: the program as this one was invoked (so they
+/// run where it did), the repository, the configuration file made absolute, and the data
+/// directory to restore into.
+#[derive(Debug, Clone)]
+pub struct RestoreCommandLine {
+    prefix: String,
+    pgdata: String,
+}
+
+impl RestoreCommandLine {
+    pub fn new(program: &str, repo: &str, config: Option<&Path>, pgdata: &Path) -> std::io::Result<Self> {
+        let mut prefix = format!("{} --repo {}", sh_quote(program), sh_quote(repo));
+        if let Some(config) = config {
+            let config = std::path::absolute(config)?;
+            prefix.push_str(&format!(" --config {}", sh_quote(&config.display().to_string())));
+        }
+        Ok(RestoreCommandLine {
+            prefix,
+            pgdata: sh_quote(&pgdata.display().to_string()),
+        })
+    }
+
+    /// The restore that recovers the moment just before `e`, when a backup before it exists.
+    pub fn for_event(&self, e: &FoundEvent) -> Option<String> {
+        e.restorable.then(|| {
+            let args: Vec<String> = e.restore_args.iter().map(|a| sh_quote(a)).collect();
+            format!("{} restore --pgdata {} {}", self.prefix, self.pgdata, args.join(" "))
+        })
+    }
+}
+
+/// What `restore-agent find` prints: the events, each with its restore command.
+#[derive(Debug, Clone, Serialize)]
+pub struct FindReport {
+    pub events: Vec<ReportedEvent>,
+    pub segments_not_searched: u64,
+    pub segments_without_summary: u64,
+}
+
+/// One event and the command that restores the moment before it (`None`: not restorable).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportedEvent {
+    #[serde(flatten)]
+    pub event: FoundEvent,
+    pub restore_command: Option<String>,
+}
+
+impl FindReport {
+    pub fn new(found: Found, command: &RestoreCommandLine) -> FindReport {
+        FindReport {
+            events: found
+                .events
+                .into_iter()
+                .map(|event| ReportedEvent {
+                    restore_command: command.for_event(&event),
+                    event,
+                })
+                .collect(),
+            segments_not_searched: found.segments_not_searched,
+            segments_without_summary: found.segments_without_summary,
+        }
+    }
+}
+
+/// Open the repository read-only and search it: `restore-agent find`.
+pub async fn find_in(
+    settings: &crate::config::Settings,
+    opts: &FindOptions,
+    command: &RestoreCommandLine,
+) -> Result<FindReport, FindError> {
+    let repo = Reader::open(&settings.repo, &settings.store_options()).await?;
+    Ok(FindReport::new(find(&repo, opts).await?, command))
+}
+
+impl Report for FindReport {
+    fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        if self.events.is_empty() {
+            out.push_str("no destructive transactions found in the archived WAL\n");
+        }
+        for ReportedEvent { event: e, restore_command } in &self.events {
+            let _ = writeln!(
+                out,
+                "{}  xid {}  {}  (commit at {}, timeline {})",
+                e.time,
+                e.xid,
+                e.database.as_deref().unwrap_or("database unknown"),
+                e.lsn,
+                e.timeline
+            );
+            for a in &e.actions {
+                let _ = writeln!(out, "    {}", a.describe());
+            }
+            for n in &e.notes {
+                let _ = writeln!(out, "    note: {n}");
+            }
+            let _ = match restore_command {
+                Some(c) => writeln!(out, "    restore just before it:  {c}"),
+                None => writeln!(out, "    not restorable: no backup of this timeline was taken before it"),
+            };
+            out.push('\n');
+        }
+        if self.segments_not_searched > 0 {
+            let _ = writeln!(
+                out,
+                "{} segments were indexed by an older walvault, which did not record these events: they were not searched",
+                self.segments_not_searched
+            );
+        }
+        if self.segments_without_summary > 0 {
+            let _ = writeln!(
+                out,
+                "{} archived segments have no time index summary: they were not searched",
+                self.segments_without_summary
+            );
+        }
+        out
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 //! the outcome to an exit code (see [`exit`]).
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod admin;
 pub mod archive;
+pub mod archive_command;
 pub mod backup;
 pub mod catalog;
 pub mod cli;
@@ -18,14 +20,17 @@ pub mod expire;
 pub mod fetch;
 pub mod find;
 pub mod fsutil;
+pub mod info;
 pub mod lease;
 pub mod prefetch;
 pub mod progress;
+pub mod progress_bar;
 pub mod recovery_conf;
 pub mod relmap;
 pub mod repo;
 pub mod report;
 pub mod restore;
+pub mod restore_command;
 pub mod retention;
 pub mod retry;
 pub mod spool;

@@ -9,6 +9,7 @@
 //! in [`files`].
 
 pub mod files;
+pub mod status;
 
 use serde::{Deserialize, Serialize};
 
@@ -298,34 +299,7 @@ impl RecoveryStatus {
     /// The status as JSON for machines: the state, the plan, and the last progress with its
     /// derived values (percent, times as text, age).
     pub fn to_json(&self) -> serde_json::Value {
-        let progress = self.progress.as_ref().map(|p| {
-            serde_json::json!({
-                "segment": p.segment,
-                "n": p.n,
-                "total": p.total,
-                "total_is_upper_bound": p.total_is_upper_bound,
-                "percent": p.percent(),
-                "commits_replayed_up_to": p.reached_commit_us.map(format_micros),
-                "eta_seconds": p.eta_seconds,
-                "started_at": format_micros(p.started_at_us),
-                "updated_at": format_micros(p.updated_at_us),
-                "updated_seconds_ago": self.progress_age(),
-            })
-        });
-        serde_json::json!({
-            "data_directory": self.data_directory,
-            "state": self.state,
-            "signal_file": self.signal_file,
-            "backup": self.plan.backup,
-            "repository": self.plan.repository,
-            "target": self.plan.target,
-            "timeline": self.plan.timeline,
-            "first_segment": self.plan.first_segment,
-            "last_segment": self.plan.last_segment,
-            "last_is_upper_bound": self.plan.last_is_upper_bound,
-            "segments": self.plan.total(),
-            "progress": progress,
-        })
+        serde_json::to_value(status::StatusReport::from(self.clone())).unwrap_or_default()
     }
 
     /// The status for a DBA, one aligned `label  value` line each.

@@ -106,6 +106,22 @@ pub fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A size for people: `512 B`, `1.5 MiB`, `2.0 GiB` (binary units, one decimal).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +141,15 @@ mod tests {
             vec!["20261123T101010Z".into(), "1 MiB".into(), "kept".into()],
         ]);
         assert_eq!(t, "id                size   note\n20261123T101010Z  1 MiB  kept");
+    }
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(16 << 20), "16.0 MiB");
+        assert_eq!(human_bytes(3 << 40), "3.0 TiB");
+        assert_eq!(human_bytes(u64::MAX), "16777216.0 TiB");
     }
 }

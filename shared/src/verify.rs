@@ -14,9 +14,11 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::catalog::{Catalog, CatalogError};
+use crate::config::Settings;
 use crate::repo::layout::{self, Kind};
 use crate::repo::object::ObjectKind;
-use crate::repo::{Reader, StoreError};
+use crate::repo::{Reader, RepoError, StoreError};
+use crate::report::Report;
 use crate::wal::{SegmentName, TimelineId, WalFileName};
 
 /// How bad a problem is.
@@ -129,8 +131,40 @@ impl VerifyReport {
     }
 }
 
+/// What `restore-agent verify` prints: the report, and whether anything restorable is at risk
+/// (the exit status, and `at_risk` in the JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    #[serde(flatten)]
+    pub report: VerifyReport,
+    pub at_risk: bool,
+}
+
+impl From<VerifyReport> for Verified {
+    fn from(report: VerifyReport) -> Self {
+        Verified {
+            at_risk: report.at_risk(),
+            report,
+        }
+    }
+}
+
+impl Report for Verified {
+    fn render(&self) -> String {
+        self.report.render()
+    }
+}
+
+/// Open the repository read-only and verify it: `restore-agent verify`.
+pub async fn verify_repository(settings: &Settings, deep: bool, parallel: usize) -> Result<Verified, VerifyError> {
+    let repo = Reader::open(&settings.repo, &settings.store_options()).await?;
+    Ok(verify(&repo, deep, parallel).await?.into())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
+    #[error(transparent)]
+    Repo(#[from] RepoError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]

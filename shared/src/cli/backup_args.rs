@@ -1,0 +1,110 @@
+//! `archive-agent backup` from the command line: its flags, the backup they take, and what it
+//! prints (the new backup's id, or with `--json` its summary).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backup::take::{BackupError, BackupOptions, DEFAULT_CHUNK_SIZE, FileReading, take_backup_reading};
+use crate::catalog::BackupInfo;
+use crate::cli::default_pg_conn;
+use crate::config::{ConfigError, Settings, parse_duration};
+use crate::report::Report;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupArgsError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+}
+
+/// `archive-agent backup`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct BackupArgs {
+    /// The data directory of the running cluster (read directly from disk)
+    #[arg(long, env = "PGDATA", value_name = "DIR")]
+    pub pgdata: PathBuf,
+    /// Connection to that cluster, libpq style or URL [default: from PGHOST, PGPORT, PGUSER,
+    /// else host=/var/run/postgresql port=5432 user=postgres]
+    #[arg(long, env = "WALVAULT_PG_URL", value_name = "CONN")]
+    pub pg_url: Option<String>,
+    /// zstd level for the chunks [default: 3]
+    #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", value_name = "LEVEL")]
+    pub compress_level: Option<i32>,
+    /// Chunks compressed and uploaded in parallel (memory: this many chunks)
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub parallel: usize,
+    /// How long to wait for the backup's WAL to be archived
+    #[arg(long, default_value = "5m", value_name = "DURATION")]
+    pub wal_timeout: String,
+    /// When --pgdata/--pg-url are a streaming standby: a connection to its primary, used only
+    /// to switch WAL there so the backup's last segment is archived at once (without it,
+    /// the backup waits for the primary's archive_timeout or traffic)
+    #[arg(long, env = "WALVAULT_PRIMARY_URL", value_name = "CONN")]
+    pub primary_url: Option<String>,
+    /// Read every file, even those unchanged since the previous backup (by size, mtime,
+    /// ctime, inode and device), and make sure every chunk is in the repository, uploading
+    /// any that is missing. Without it, unchanged files are taken over from the previous
+    /// backup unread: see README, "Base backups".
+    #[arg(long)]
+    pub read_all: bool,
+    /// Print the manifest summary as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BackupArgs {
+    pub fn options(&self) -> Result<BackupOptions, ConfigError> {
+        Ok(BackupOptions {
+            pgdata: self.pgdata.clone(),
+            pg_conn: self.pg_url.clone().unwrap_or_else(default_pg_conn),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            parallel: self.parallel,
+            wal_timeout: parse_duration(&self.wal_timeout)?,
+            primary_conn: self.primary_url.clone(),
+        })
+    }
+
+    pub fn reading(&self) -> FileReading {
+        if self.read_all {
+            FileReading::All
+        } else {
+            FileReading::Changed
+        }
+    }
+}
+
+/// The backup taken: its id as text, its summary as JSON.
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct Taken(pub BackupInfo);
+
+impl Report for Taken {
+    fn render(&self) -> String {
+        self.0.id.clone()
+    }
+}
+
+/// `archive-agent backup`: take the backup and log what it took.
+pub async fn backup(settings: &Settings, args: &BackupArgs) -> Result<Taken, BackupArgsError> {
+    let opts = args.options()?;
+    let started = Instant::now();
+    let m = take_backup_reading(settings, &opts, args.reading()).await?;
+    let s = &m.stats;
+    tracing::info!(
+        "backup {} done: {} files ({} unchanged, taken over unread), {} bytes, {} chunks ({} new, {} bytes uploaded), WAL {}..{}, {:.1}s",
+        m.id,
+        s.files,
+        s.reused_files,
+        s.logical_bytes,
+        s.chunks,
+        s.new_chunks,
+        s.new_bytes,
+        m.start_wal,
+        m.stop_wal,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Taken(BackupInfo::from(&m)))
+}

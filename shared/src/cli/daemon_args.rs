@@ -1,0 +1,112 @@
+//! `archive-agent daemon` from the command line: its flags, the [`DaemonOptions`] they make, and
+//! the daemon run until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+
+use crate::cli::drill_args::{DrillArgsError, ScheduledDrillArgs};
+use crate::cli::{RepoArgs, RetentionArgs, default_pg_conn};
+use crate::config::{ConfigError, Settings, parse_duration};
+use crate::daemon::{DaemonError, DaemonOptions, Metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonArgsError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Drill(#[from] DrillArgsError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// `archive-agent daemon`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// The data directory of the cluster to serve
+    #[arg(long, env = "PGDATA", value_name = "DIR")]
+    pub pgdata: PathBuf,
+    /// Uploads at once; each holds about 40 MiB (a 16 MiB segment and its compressed copy)
+    /// [default: the number of CPUs, at most 4]
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<usize>,
+    /// Rescan pg_wal/archive_status at least this often, whatever the file watcher reports
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub rescan_every: String,
+    /// Connection to the cluster, for --backup-every and --max-wal-age
+    #[arg(long, env = "WALVAULT_PG_URL", value_name = "CONN")]
+    pub pg_url: Option<String>,
+    /// Take a base backup this often (e.g. 24h)
+    #[arg(long, value_name = "DURATION")]
+    pub backup_every: Option<String>,
+    /// Force a WAL switch when nothing was archived for this long but WAL was written (e.g. 5m)
+    #[arg(long, value_name = "DURATION")]
+    pub max_wal_age: Option<String>,
+    /// Serve Prometheus metrics on http://ADDR/metrics and a probe on /health
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Run restore-agent's verify (listing-based) this often (e.g. 24h); results in the log
+    /// and the walvault_last_verify_* metrics
+    #[arg(long, value_name = "DURATION")]
+    pub verify_every: Option<String>,
+    /// Expire after each scheduled backup with these rules (or the [retention] table's)
+    #[command(flatten)]
+    pub rules: RetentionArgs,
+    /// Restore drills on a schedule (evidence stored in the repository)
+    #[command(flatten)]
+    pub drill: Box<ScheduledDrillArgs>,
+}
+
+impl DaemonArgs {
+    /// The daemon these flags ask for. Warns when a retention policy is set but nothing would
+    /// apply it (expire runs after the daemon's own scheduled backups only).
+    pub fn options(&self, repo: &RepoArgs, settings: &Settings) -> Result<DaemonOptions, DaemonArgsError> {
+        let drill_every = self.drill_every()?;
+        let drill = match drill_every {
+            Some(_) => Some(self.drill.options(repo, settings, &std::env::current_exe()?)?),
+            None => None,
+        };
+        let retention = Some(settings.retention.policy(&self.rules.settings())?).filter(|p| !p.is_empty());
+        if retention.is_some() && self.backup_every.is_none() {
+            tracing::warn!(
+                "a retention policy is set but no --backup-every: the daemon expires only after its own scheduled backups"
+            );
+        }
+        let needs_conn = self.backup_every.is_some() || self.max_wal_age.is_some();
+        let every = |d: &Option<String>| d.as_deref().map(parse_duration).transpose();
+        Ok(DaemonOptions {
+            pgdata: self.pgdata.clone(),
+            parallel: self
+                .parallel
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().min(4))),
+            rescan_every: parse_duration(&self.rescan_every)?,
+            pg_conn: match (&self.pg_url, needs_conn) {
+                (None, true) => Some(default_pg_conn()),
+                (url, _) => url.clone(),
+            },
+            backup_every: every(&self.backup_every)?,
+            max_wal_age: every(&self.max_wal_age)?,
+            metrics_addr: self.metrics_addr,
+            retention,
+            verify_every: every(&self.verify_every)?,
+            drill_every,
+            drill,
+        })
+    }
+
+    fn drill_every(&self) -> Result<Option<std::time::Duration>, ConfigError> {
+        self.drill.drill_every.as_deref().map(parse_duration).transpose()
+    }
+}
+
+/// Run the daemon until SIGTERM or SIGINT.
+pub async fn serve(settings: Settings, opts: DaemonOptions) -> Result<(), DaemonError> {
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    let metrics = std::sync::Arc::new(Metrics::default());
+    crate::daemon::run(settings, opts, metrics, shutdown).await
+}
