@@ -21,8 +21,8 @@ pub enum DrillArgsError {
     Target(#[from] TargetError),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{flag} {message}")]
-    CheckSql { flag: &'static str, message: String },
+    #[error("{flag} {source}")]
+    CheckSql { flag: &'static str, source: crate::drill::ChecksError },
     #[error("--drill-every needs restore-agent beside archive-agent ({0} is missing)")]
     NoRestoreAgent(String),
     #[error("--json {path}: {source}")]
@@ -212,7 +212,7 @@ impl ScheduledDrillArgs {
 }
 
 fn check_sql(flag: &'static str, files: &[PathBuf]) -> Result<Vec<PathBuf>, DrillArgsError> {
-    crate::drill::check_sql_files(files).map_err(|message| DrillArgsError::CheckSql { flag, message })
+    crate::drill::check_sql_files(files).map_err(|source| DrillArgsError::CheckSql { flag, source })
 }
 
 fn restore_command(restore_agent: &Path, settings: &Settings, repo: &RepoArgs) -> std::io::Result<String> {
