@@ -19,6 +19,7 @@ pub mod fetch;
 pub mod find;
 pub mod fsutil;
 pub mod lease;
+pub mod pgdata;
 pub mod prefetch;
 pub mod progress;
 pub mod recovery_conf;
