@@ -407,3 +407,197 @@ impl Report for RestorePlan {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::testing::{SYSID, fixture, options, with_tablespace};
+    use super::*;
+    use crate::catalog::testing::summary;
+    use crate::restore::{RecoveryTarget, TablespacePlan};
+
+    /// The fixture's backup (consistent in segment 2 of timeline 1 at 1795271530.12 s) and the
+    /// WAL after it: segments 2 to 4, one transaction end in each, 10, 20 and 30 s after.
+    fn catalog_with(m: Manifest) -> Catalog {
+        let mut cat = crate::catalog::testing::empty_catalog(SYSID);
+        cat.backups = vec![m];
+        cat.segments = BTreeMap::from([(1, vec![2, 3, 4])]);
+        for no in 2..=4 {
+            cat.summaries
+                .insert((1, no), summary(no, 1_795_271_520 + 10 * no as i64));
+        }
+        cat
+    }
+
+    async fn plan_for(cat: &Catalog, opts: &RestoreOptions) -> Result<RestorePlan, RestoreError> {
+        build(&Sealer::plain(), "file:///repo".into(), cat, opts).await
+    }
+
+    #[tokio::test]
+    async fn the_plan_names_the_backup_the_timeline_the_files_and_the_settings_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog_with(fixture());
+        let mut opts = options(&dir.path().join("data"));
+        opts.target = RecoveryTarget::Time(1_795_271_545_000_000);
+        let plan = plan_for(&cat, &opts).await.unwrap();
+        assert!(!dir.path().join("data").exists(), "planning writes nothing");
+
+        assert_eq!(plan.backup.id.to_string(), "20261121T143200Z");
+        assert_eq!((plan.backup.pg_version, plan.backup.timeline), (15, 1));
+        assert_eq!(plan.backup.consistent_lsn.to_string(), "0/2000100");
+        assert_eq!(plan.target, "recovery_target_time = '2026-11-21 14:32:25+00'");
+        assert_eq!(
+            (
+                plan.timeline.chosen_by,
+                plan.timeline.id,
+                plan.timeline.description.as_str()
+            ),
+            ("latest", 1, "latest (currently 1)")
+        );
+        let f = &plan.files;
+        assert_eq!(f.directory, DirectoryUse::Create);
+        assert_eq!(
+            (f.files, f.directories, f.bytes, f.bytes_to_write),
+            (1, 1, 8192, 8192)
+        );
+        assert!(f.delta.is_none() && plan.delta_work.is_none());
+        assert!(plan.tablespaces.is_empty());
+        let r = &plan.recovery;
+        assert_eq!(
+            r.target,
+            Some(Setting {
+                name: "recovery_target_time",
+                value: "2026-11-21 14:32:25+00".into()
+            })
+        );
+        assert_eq!(
+            (r.inclusive, r.action, r.timeline.as_str()),
+            (true, "promote", "latest")
+        );
+        assert_eq!(r.restore_command, "true");
+        assert_eq!(
+            r.writes,
+            [
+                "backup_label",
+                "postgresql.auto.conf",
+                "recovery.signal",
+                "walvault-recovery.json"
+            ]
+        );
+        // Replay: from the backup's segment to the first one with a transaction end past the
+        // target.
+        let span = plan.replay.as_ref().unwrap();
+        assert_eq!(span.first.to_string(), "000000010000000000000002");
+        assert_eq!(span.last.to_string(), "000000010000000000000003");
+        assert_eq!((span.segments, span.last_is_upper_bound), (2, false));
+        assert_eq!(plan.checks.len(), 3, "{:?}", plan.checks);
+        assert!(
+            plan.checks[1].ends_with("does not exist: it is created"),
+            "{:?}",
+            plan.checks
+        );
+
+        // As JSON: the same facts under the same names.
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["backup"]["id"], "20261121T143200Z");
+        assert_eq!(json["files"]["directory"], "create");
+        assert_eq!(json["recovery"]["target"]["name"], "recovery_target_time");
+        assert_eq!(json["replay"]["last"], "000000010000000000000003");
+        assert!(json.get("delta_work").is_none() && json.get("parallel").is_none());
+        let text = crate::report::to_string(&plan, crate::report::Format::Text);
+        assert!(
+            text.contains("recovery_target_time = '2026-11-21 14:32:25+00'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("2 segments, 000000010000000000000002 to 000000010000000000000003"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_plan_places_tablespaces_and_writes_their_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog_with(with_tablespace("/srv/ts1"));
+        let mut opts = options(&dir.path().join("data"));
+        let err = plan_for(&cat, &opts).await.unwrap_err();
+        assert!(matches!(err, RestoreError::TablespacesUnplaced { .. }), "{err}");
+        opts.tablespaces = TablespacePlan {
+            all_under: Some(dir.path().join("spaces")),
+            ..Default::default()
+        };
+        let plan = plan_for(&cat, &opts).await.unwrap();
+        assert_eq!(
+            plan.tablespaces,
+            BTreeMap::from([(16400, dir.path().join("spaces/16400"))])
+        );
+        assert_eq!(plan.recovery.writes[1], "tablespace_map");
+        assert!(
+            plan.checks
+                .iter()
+                .any(|c| c.starts_with("tablespace 16400 goes to"))
+        );
+        assert_eq!(
+            serde_json::to_value(&plan).unwrap()["tablespaces"]["16400"],
+            dir.path().join("spaces/16400").display().to_string()
+        );
+        assert!(!dir.path().join("spaces").exists() && !dir.path().join("data").exists());
+    }
+
+    #[tokio::test]
+    async fn the_directory_is_used_as_the_options_allow() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog_with(fixture());
+        let data = dir.path().join("data");
+        let mut opts = options(&data);
+        std::fs::create_dir(&data).unwrap();
+        assert_eq!(
+            plan_for(&cat, &opts).await.unwrap().files.directory,
+            DirectoryUse::UseEmpty
+        );
+        std::fs::write(data.join("old"), b"x").unwrap();
+        let err = plan_for(&cat, &opts).await.unwrap_err();
+        assert!(matches!(err, RestoreError::NotEmpty(_)), "{err}");
+        opts.force = true;
+        assert_eq!(
+            plan_for(&cat, &opts).await.unwrap().files.directory,
+            DirectoryUse::Replace
+        );
+        assert_eq!(
+            std::fs::read(data.join("old")).unwrap(),
+            b"x",
+            "planning removes nothing"
+        );
+        // --delta compares before deciding: this is no data directory.
+        opts.force = false;
+        opts.delta = true;
+        let err = plan_for(&cat, &opts).await.unwrap_err();
+        assert!(matches!(err, RestoreError::NotRestorable { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_timeline_is_chosen_as_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog_with(fixture());
+        let mut opts = options(Path::new(&dir.path().join("data")));
+        opts.timeline = TimelineTarget::Current;
+        let plan = plan_for(&cat, &opts).await.unwrap();
+        assert_eq!(
+            (plan.timeline.chosen_by, plan.timeline.description.as_str()),
+            ("current", "current (1)")
+        );
+        assert_eq!(plan.recovery.timeline, "current");
+        opts.timeline = TimelineTarget::Id(1);
+        let plan = plan_for(&cat, &opts).await.unwrap();
+        assert_eq!(
+            (plan.timeline.chosen_by, plan.recovery.timeline.as_str()),
+            ("id", "1")
+        );
+        // Replay to the end of the archive: up to the newest segment, an upper bound.
+        assert!(plan.replay.unwrap().last_is_upper_bound);
+        opts.timeline = TimelineTarget::Id(7);
+        let err = plan_for(&cat, &opts).await.unwrap_err();
+        assert!(matches!(err, RestoreError::UnknownTimeline(7, _)), "{err}");
+    }
+}
