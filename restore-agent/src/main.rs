@@ -103,6 +103,13 @@ enum Command {
         /// Restore every other tablespace to its location on the source
         #[arg(long)]
         tablespace_original: bool,
+        /// Print the restore's plan (backup, target, timeline, files, tablespaces, recovery
+        /// settings, replay) and write nothing: not even --pgdata is created
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report (or with --dry-run the plan) as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Check that every backup can be restored: manifests and chunks present, WAL continuous from
     /// each backup's start to the end of its timelines, history files and summaries readable;
@@ -304,6 +311,7 @@ fn show(report: &impl Report, format: Format) -> anyhow::Result<()> {
 }
 
 fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
+    use walvault::report::{Format, emit};
     use walvault::restore::{RecoveryTarget, RestoreOptions, TargetAction};
     let Command::Restore {
         pgdata,
@@ -317,6 +325,8 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         tablespace_map,
         tablespace_map_all,
         tablespace_original,
+        dry_run,
+        json,
     } = cmd
     else {
         unreachable!("called for restore only")
@@ -353,7 +363,7 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
     }
     let opts = RestoreOptions {
         tablespaces,
-        pgdata: pgdata.clone(),
+        pgdata,
         backup: backup.map(|b| b.parse()).transpose()?,
         target,
         timeline,
@@ -364,8 +374,12 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         parallel: parallel.unwrap_or_else(|| walvault::restore::default_parallel(&settings.repo.location())),
         restore_command,
     };
-    let started = Instant::now();
     let rt = tokio::runtime::Runtime::new()?;
+    if dry_run {
+        let plan = rt.block_on(walvault::restore::plan(&settings, &opts))?;
+        emit(&plan, Format::from_json_flag(json))?;
+        return Ok(());
+    }
     let progress: std::sync::Arc<dyn walvault::restore::Progress> = if std::io::stderr().is_terminal() {
         std::sync::Arc::new(Bar(indicatif::ProgressBar::new(0)))
     } else {
@@ -373,50 +387,7 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
     };
     let r = rt.block_on(walvault::restore::restore(&settings, &opts, progress.clone()));
     drop(progress);
-    let r = r?;
-    println!(
-        "restored backup {} into {}: {} files, {} bytes, {:.1}s",
-        r.backup,
-        pgdata.display(),
-        r.files,
-        r.bytes,
-        started.elapsed().as_secs_f64()
-    );
-    if let Some(d) = &r.delta {
-        println!(
-            "delta: checked {} existing files ({} bytes hashed), {} unchanged; rewrote {} chunks, created {} files, removed {} files and directories",
-            d.files_checked,
-            d.bytes_hashed,
-            d.files_unchanged,
-            d.chunks_rewritten,
-            d.files_created,
-            d.removed
-        );
-    }
-    println!(
-        "fetched {} distinct chunks ({} bytes), wrote {} bytes",
-        r.chunks_fetched, r.bytes_fetched, r.bytes
-    );
-    println!("recovery target: {}, timeline {}", r.target, r.timeline);
-    if let Some(span) = &r.replay {
-        let to = if span.last_is_upper_bound {
-            "the newest archived segment"
-        } else {
-            "the target's segment"
-        };
-        println!(
-            "replay: {} segments, {} to {} ({to}); watch it with:  restore-agent status --pgdata {}",
-            span.segments,
-            span.first,
-            span.last,
-            pgdata.display()
-        );
-    }
-    println!(
-        "start PostgreSQL {} to complete the recovery:  pg_ctl -D {} start",
-        r.pg_version,
-        pgdata.display()
-    );
+    emit(&r?, Format::from_json_flag(json))?;
     Ok(())
 }
 

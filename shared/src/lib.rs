@@ -22,6 +22,7 @@ pub mod find;
 pub mod fsutil;
 pub mod info;
 pub mod lease;
+pub mod pgdata;
 pub mod prefetch;
 pub mod progress;
 pub mod progress_bar;

@@ -111,7 +111,7 @@ pub fn status(pgdata: &Path, now_us: i64) -> Result<RecoveryStatus, StatusError>
         .into_iter()
         .find(|f| pgdata.join(f).exists())
         .map(str::to_string);
-    let state = match (&signal_file, crate::restore::running_postmaster(pgdata)) {
+    let state = match (&signal_file, crate::pgdata::running_postmaster(pgdata)) {
         (None, _) => RecoveryState::Finished,
         (Some(_), Some(_)) => RecoveryState::InProgress,
         (Some(_), None) => RecoveryState::NotRunning,

@@ -25,13 +25,15 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::scatter::{Fill, open_for_write, open_nofollow};
-use super::{PG_CONTROL, RestoreError, add_refs, create_dir, create_parent, create_sized, write_err};
+use super::placement::destination;
+use super::scatter::{Fill, PG_CONTROL, add_refs, open_for_write, open_nofollow};
+use super::tree::{create_dir, create_parent, create_sized};
+use super::{RestoreError, write_err};
 use crate::backup::manifest::{EntryKind, Manifest};
 use crate::repo::object::Sealer;
 
 /// What a delta restore found and did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeltaReport {
     /// Existing regular files whose content was compared with the backup, chunk by chunk.
     pub files_checked: u64,
@@ -72,7 +74,7 @@ enum Prepare {
     Resize,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PlannedFile {
     /// Index of the entry in the manifest.
     entry: usize,
@@ -85,7 +87,7 @@ struct PlannedFile {
 }
 
 /// Everything a delta restore will do, decided before the first write.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct DeltaPlan {
     /// Paths to remove, with whether each is a directory (removed with its contents). Never
     /// followed: a link is removed, not its target.
@@ -95,6 +97,11 @@ pub(crate) struct DeltaPlan {
 }
 
 impl DeltaPlan {
+    /// What the comparison found, and what applying the plan rewrites and removes.
+    pub(crate) fn report(&self) -> DeltaReport {
+        self.report.clone()
+    }
+
     /// Bytes the plan writes into files.
     pub(crate) fn bytes_to_write(&self, m: &Manifest) -> u64 {
         self.files
@@ -200,7 +207,7 @@ pub(crate) async fn plan(
     let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
     let mut files: BTreeMap<PathBuf, usize> = BTreeMap::new();
     for (i, e) in m.entries.iter().enumerate() {
-        let dest = super::destination(pgdata, spaces, &e.path);
+        let dest = destination(pgdata, spaces, &e.path);
         // The parents between the entry and its root (the data directory or its location).
         for parent in dest.ancestors().skip(1) {
             if roots.contains(parent) || !roots.iter().any(|r| parent.starts_with(r)) {
@@ -305,7 +312,7 @@ pub(crate) async fn plan(
                 report.files_created += 1;
                 PlannedFile {
                     entry: i,
-                    dest: super::destination(pgdata, spaces, &e.path),
+                    dest: destination(pgdata, spaces, &e.path),
                     prepare: Prepare::Create,
                     rewrite: (0..e.chunks.len()).collect(),
                     mode_differs: true,
@@ -383,7 +390,7 @@ pub(crate) fn apply(
     }
     create_dir(pgdata, 0o700)?;
     for e in m.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
-        let dest = super::destination(pgdata, spaces, &e.path);
+        let dest = destination(pgdata, spaces, &e.path);
         create_parent(&dest)?;
         create_dir(&dest, e.mode)?;
     }

@@ -17,9 +17,11 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{Progress, RestoreError, fetch_chunk, write_err};
+use super::{Progress, RestoreError, write_err};
+use crate::backup::chunk::ChunkError;
+use crate::backup::manifest::Entry;
 use crate::repo::Store;
-use crate::repo::object::Sealer;
+use crate::repo::object::{ObjectError, ObjectKind, Sealer};
 
 /// Where one reference to a chunk goes: a file (index into the files [`fetch_and_scatter`] is
 /// given) and the byte offset in it.
@@ -302,6 +304,67 @@ async fn finish(
         r.expect("sync task panicked")?;
     }
     Ok(())
+}
+
+/// The file a server cannot start without, written last (see [`Fill::last`]).
+pub(crate) const PG_CONTROL: &str = "global/pg_control";
+
+/// Add chunks `which` of file entry `e` (the next file of `fill`) to `fill`'s references.
+pub(crate) fn add_refs(fill: &mut Fill, e: &Entry, which: impl Iterator<Item = usize>, chunk_size: u64) {
+    let file = fill.files.len();
+    for idx in which {
+        let offset = idx as u64 * chunk_size;
+        // validate() checked the chunk count against the size: offset < size.
+        let len = chunk_size.min(e.size - offset);
+        fill.refs.push((file, idx as u64, e.chunks[idx].clone(), len));
+    }
+}
+
+/// Read chunk `id`, which the manifest says holds `expected` bytes of `path`, and verify it. The
+/// header's length is compared before decompressing, so a hostile chunk object cannot make the
+/// restore allocate more than the chunk size (times `--parallel`).
+async fn fetch_chunk(
+    store: &Store,
+    sealer: &Sealer,
+    id: &str,
+    expected: u64,
+    path: &std::path::Path,
+    cpu: &tokio::sync::Semaphore,
+) -> Result<Vec<u8>, RestoreError> {
+    let key = crate::backup::chunk::chunk_key(id)?;
+    let bytes = store
+        .get(&key)
+        .await?
+        .ok_or_else(|| ChunkError::Missing { id: id.to_string() })?;
+    let corrupt = |source| ChunkError::Corrupt {
+        id: id.to_string(),
+        source: Box::new(source),
+    };
+    let header = sealer.read_header(&bytes).map_err(corrupt)?;
+    if header.original_len != expected {
+        return Err(RestoreError::Corrupt(format!(
+            "chunk {id} of {} holds {} bytes, the manifest says {expected}",
+            path.display(),
+            header.original_len
+        )));
+    }
+    let (id_owned, sealer) = (id.to_string(), sealer.clone());
+    // Decompressing and hashing is the CPU's share: `--parallel` chunks at once.
+    let _cpu = cpu.acquire().await.expect("semaphore is never closed");
+    let (header, content) =
+        tokio::task::spawn_blocking(move || sealer.open(&bytes, ObjectKind::Chunk, &id_owned))
+            .await
+            .expect("chunk decoding panicked")
+            .map_err(corrupt)?;
+    // The header hash matched the content; the content must also be what the id names.
+    if header.blake3_hex() != id {
+        return Err(corrupt(ObjectError::ContentHash {
+            expected: id.to_string(),
+            found: header.blake3_hex(),
+        })
+        .into());
+    }
+    Ok(content)
 }
 
 #[cfg(test)]
