@@ -67,6 +67,7 @@ fn the_dry_run_prints_the_plan_the_restore_then_carries_out() -> Result<()> {
             "the plan must name {expected:?}:\n{text}"
         );
     }
+    eprintln!("{}", text.stdout);
     let dry = backup::restore(&repo, &pgdata, &with(&["--dry-run", "--json"]))?.check()?;
     let plan = json(&dry.stdout)?;
     assert!(!pgdata.exists(), "a dry run must not create {}", pgdata.display());
