@@ -373,10 +373,10 @@ impl RestorePlan {
         let r = &self.recovery;
         let target = match &r.target {
             Some(s) => format!(
-                "{} = {}, inclusive {}, then {}",
+                "{} = {} ({}), then {}",
                 s.name,
                 quote(&s.value),
-                r.inclusive,
+                if r.inclusive { "inclusive" } else { "exclusive" },
                 r.action
             ),
             None => format!("{}, then {}", self.target, r.action),

@@ -9,6 +9,9 @@
 //! Bounded: at most `parallel` + [`WAITING_IN_FLIGHT`] chunks are in memory and files open at
 //! once (a file is opened for the run of consecutive positions of one group that fall into it,
 //! then closed), whatever the number of files.
+//!
+//! Also here: a file's chunk references listed for the fill ([`add_refs`]), and one chunk read
+//! and verified ([`fetch_chunk`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
