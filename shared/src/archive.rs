@@ -490,7 +490,7 @@ pub async fn archive_source(
                 key: write_key.clone(),
                 repo: repo_url.clone(),
                 message: e.to_string(),
-                transient: true,
+                kind: crate::repo::StoreErrorKind::Failed,
                 attempts: 1,
             })
         };
@@ -640,7 +640,7 @@ async fn read_back(store: &WritableStore, key: &str) -> Result<bytes::Bytes, Pus
             key: key.to_string(),
             repo: store.url().to_string(),
             message: "object missing right after it was written".into(),
-            transient: true,
+            kind: crate::repo::StoreErrorKind::Failed,
             attempts: 1,
         })
     })

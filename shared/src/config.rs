@@ -540,7 +540,7 @@ mod tests {
         assert!(!format!("{s:?}").contains("c2VjcmV0"));
         // A key that is no PEM is refused when the client is built: permanently, unquoted.
         let e = crate::repo::Store::open(&s.repo, &s.store_options()).unwrap_err();
-        assert!(!e.transient, "{e}");
+        assert!(!e.is_transient(), "{e}");
         assert!(!format!("{e} {e:?}").contains("c2VjcmV0"), "{e}");
     }
 

@@ -9,6 +9,7 @@
 pub mod descriptor;
 #[cfg(test)]
 pub mod fault;
+pub mod http;
 pub mod identity;
 pub mod init;
 pub mod keys;
@@ -25,6 +26,6 @@ pub use descriptor::RepoDescriptor;
 pub use identity::{ClusterIdentity, RepoId};
 pub use object::{ObjectError, SealedObject};
 pub use repository::{Reader, RepoError, Repository, WalCheckError, Writer};
-pub use store::{Store, StoreError, StoreOptions, WritableStore};
+pub use store::{Store, StoreError, StoreErrorKind, StoreOptions, WritableStore};
 pub use stored::{Damage, Objects, ReadError, StoredKind};
 pub use url::RepoUrl;

@@ -67,7 +67,7 @@ impl RepoError {
     /// answer (no repository, or an unusable one).
     pub fn is_transient(&self) -> bool {
         match self {
-            RepoError::Store(e) => e.transient,
+            RepoError::Store(e) => e.is_transient(),
             // A secret manager that did not answer, a key file not mounted yet: worth another try.
             RepoError::Key {
                 source: KeyError::Command(_) | KeyError::Read { .. },
@@ -494,7 +494,7 @@ impl Writer {
                     key: CLUSTER_KEY.into(),
                     repo: self.url().to_string(),
                     message: "object missing right after it was written".into(),
-                    transient: true,
+                    kind: crate::repo::StoreErrorKind::Failed,
                     attempts: 1,
                 })
             })?;
