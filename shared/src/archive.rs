@@ -14,7 +14,7 @@ use crate::repo::object::{
     MAX_ORIGINAL_LEN, ObjectError, ObjectKind, SealedBody, Sealer, StreamSealed, StreamSink,
 };
 use crate::repo::store::{CreateSemantics, PutNew};
-use crate::repo::{ClusterIdentity, RepoError, StoreError, WritableStore, Writer};
+use crate::repo::{ClusterIdentity, Damage, RepoError, StoreError, WritableStore, Writer};
 use crate::timeindex;
 use crate::wal::decode::DecodeError;
 use crate::wal::summary::{Carry, Summarizer};
@@ -696,9 +696,11 @@ fn compare_existing(
     }
     // Same hash in the header: make sure the stored copy really holds those bytes before telling
     // PostgreSQL it may recycle its own.
-    sealer
-        .open(bytes, ObjectKind::WalFile, &name_str)
-        .map_err(corrupt)?;
+    match crate::repo::stored::open::<crate::repo::stored::WalObject>(sealer, name, bytes) {
+        Ok(_) => {}
+        Err(Damage::Envelope(e)) => return Err(corrupt(e)),
+        Err(Damage::Content(never)) => match never {},
+    }
     Ok(PushOutcome {
         name: *name,
         size: len,

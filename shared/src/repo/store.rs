@@ -135,18 +135,16 @@ impl StoreErrorKind {
     /// ([`super::http::RefusedStatus`]) or a transport failure (`HttpError`'s kind).
     fn of_cause(source: &(dyn std::error::Error + 'static)) -> StoreErrorKind {
         use object_store::client::{HttpError, HttpErrorKind};
-        let mut at = Some(source);
-        while let Some(e) = at {
-            if e.downcast_ref::<RefusedStatus>().is_some() {
-                return StoreErrorKind::Refused;
-            }
-            if let Some(http) = e.downcast_ref::<HttpError>() {
-                return match http.kind() {
-                    HttpErrorKind::Connect | HttpErrorKind::Timeout => StoreErrorKind::Unreachable,
-                    _ => StoreErrorKind::Failed,
-                };
-            }
-            at = e.source();
+        let chain = || std::iter::successors(Some(source), |e| e.source());
+        // The refusal is the transport error's own cause: look for it first.
+        if chain().any(|e| e.is::<RefusedStatus>()) {
+            return StoreErrorKind::Refused;
+        }
+        if let Some(http) = chain().find_map(|e| e.downcast_ref::<HttpError>()) {
+            return match http.kind() {
+                HttpErrorKind::Connect | HttpErrorKind::Timeout => StoreErrorKind::Unreachable,
+                _ => StoreErrorKind::Failed,
+            };
         }
         StoreErrorKind::Failed
     }
