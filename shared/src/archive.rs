@@ -14,7 +14,7 @@ use crate::repo::object::{
     MAX_ORIGINAL_LEN, ObjectError, ObjectKind, SealedBody, Sealer, StreamSealed, StreamSink,
 };
 use crate::repo::store::{CreateSemantics, PutNew};
-use crate::repo::{ClusterIdentity, RepoError, StoreError, WritableStore, Writer};
+use crate::repo::{ClusterIdentity, Damage, RepoError, StoreError, WritableStore, Writer};
 use crate::timeindex;
 use crate::wal::decode::DecodeError;
 use crate::wal::summary::{Carry, Summarizer};
@@ -490,7 +490,7 @@ pub async fn archive_source(
                 key: write_key.clone(),
                 repo: repo_url.clone(),
                 message: e.to_string(),
-                transient: true,
+                kind: crate::repo::StoreErrorKind::Failed,
                 attempts: 1,
             })
         };
@@ -640,7 +640,7 @@ async fn read_back(store: &WritableStore, key: &str) -> Result<bytes::Bytes, Pus
             key: key.to_string(),
             repo: store.url().to_string(),
             message: "object missing right after it was written".into(),
-            transient: true,
+            kind: crate::repo::StoreErrorKind::Failed,
             attempts: 1,
         })
     })
@@ -696,9 +696,11 @@ fn compare_existing(
     }
     // Same hash in the header: make sure the stored copy really holds those bytes before telling
     // PostgreSQL it may recycle its own.
-    sealer
-        .open(bytes, ObjectKind::WalFile, &name_str)
-        .map_err(corrupt)?;
+    match crate::repo::stored::open::<crate::repo::stored::WalObject>(sealer, name, bytes) {
+        Ok(_) => {}
+        Err(Damage::Envelope(e)) => return Err(corrupt(e)),
+        Err(Damage::Content(never)) => match never {},
+    }
     Ok(PushOutcome {
         name: *name,
         size: len,

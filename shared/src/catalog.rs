@@ -8,8 +8,9 @@ use serde::Serialize;
 use crate::backup::BackupId;
 use crate::backup::chunk::ChunkError;
 use crate::backup::manifest::{Manifest, ManifestError};
-use crate::repo::layout::{self, Kind, manifest_key};
-use crate::repo::object::{ObjectError, ObjectKind, Sealer};
+use crate::repo::layout::{self, Kind};
+use crate::repo::object::{ObjectError, Sealer};
+use crate::repo::stored::{Damage, Objects, ReadError, WalObject};
 use crate::repo::{ClusterIdentity, Reader, RepoId, Store, StoreError};
 use crate::timeline::{HistoryError, TimelineHistory, TimelineTree};
 use crate::wal::summary::SegmentSummary;
@@ -227,7 +228,7 @@ impl Catalog {
         read_summaries: bool,
     ) -> Result<Catalog, CatalogError> {
         let previous = previous.filter(|p| p.repo_id == *repo.id() && p.cluster.as_ref() == repo.cluster());
-        let (store, sealer) = (repo.store(), repo.sealer());
+        let (store, sealer, objects) = (repo.store(), repo.sealer(), repo.objects());
         let cluster = repo.cluster().copied();
         let seg_size = cluster.map_or(DEFAULT_SEGMENT_SIZE, |c| c.wal_segment_size);
 
@@ -287,23 +288,29 @@ impl Catalog {
                 continue;
             };
             wal_files.push((parsed_name, size));
-            let name = parsed_name.to_string();
-            let name = name.as_str();
             match parsed_name {
                 WalFileName::History(tli) => {
-                    let bytes = store.get(&key).await?.unwrap_or_default();
-                    let parsed = sealer
-                        .open(&bytes, ObjectKind::WalFile, name)
-                        .map_err(|e| CatalogError::Corrupt {
-                            key: key.clone(),
-                            source: Box::new(e),
-                        })
-                        .and_then(|(_, content)| {
-                            TimelineHistory::parse(tli, &content).map_err(|source| CatalogError::History {
+                    let parsed = match objects.read::<WalObject>(&parsed_name).await {
+                        Ok(file) => TimelineHistory::parse(tli, &file.content).map_err(|source| {
+                            CatalogError::History {
                                 key: key.clone(),
                                 source,
-                            })
-                        });
+                            }
+                        }),
+                        Err(ReadError::Store(e)) => return Err(e.into()),
+                        // Listed, then gone: as unusable as an empty object.
+                        Err(ReadError::Missing { .. }) => Err(CatalogError::Corrupt {
+                            key: key.clone(),
+                            source: Box::new(ObjectError::TooShort { len: 0 }),
+                        }),
+                        Err(ReadError::Damaged { reason, .. }) => Err(CatalogError::Corrupt {
+                            key: key.clone(),
+                            source: Box::new(match reason {
+                                Damage::Envelope(e) => e,
+                                Damage::Content(never) => match never {},
+                            }),
+                        }),
+                    };
                     match parsed {
                         Ok(h) => timelines.insert(h),
                         Err(e) => set_aside(&key, format!("timeline {} history", tli.get()), None, e)?,
@@ -547,31 +554,37 @@ impl Catalog {
 
 /// Read and verify one backup manifest.
 pub async fn load_manifest(store: &Store, sealer: &Sealer, id: &BackupId) -> Result<Manifest, CatalogError> {
-    let key = manifest_key(id);
-    let bytes = store.get(&key).await?.ok_or_else(|| CatalogError::Manifest {
-        key: key.clone(),
-        source: Box::new(ManifestError::Invalid("missing".into())),
-    })?;
-    let (_, json) = sealer
-        .open(&bytes, ObjectKind::Manifest, id.as_str())
-        .map_err(|e| CatalogError::Corrupt {
-            key: key.clone(),
-            source: Box::new(e),
-        })?;
-    let m = Manifest::parse(&json).map_err(|e| CatalogError::Manifest {
-        key: key.clone(),
-        source: Box::new(e),
-    })?;
-    if &m.id != id {
-        return Err(CatalogError::Manifest {
-            key,
-            source: Box::new(ManifestError::Implausible(format!(
-                "manifest of {} stored as {id}",
-                m.id
-            ))),
-        });
+    Objects::new(store, sealer)
+        .read::<Manifest>(id)
+        .await
+        .map_err(CatalogError::of_manifest)
+}
+
+impl CatalogError {
+    /// A manifest that could not be read, as the catalog reports it.
+    fn of_manifest(e: ReadError<ManifestError>) -> CatalogError {
+        match e {
+            ReadError::Store(e) => CatalogError::Store(e),
+            ReadError::Missing { key } => CatalogError::Manifest {
+                key,
+                source: Box::new(ManifestError::Invalid("missing".into())),
+            },
+            ReadError::Damaged {
+                key,
+                reason: Damage::Envelope(e),
+            } => CatalogError::Corrupt {
+                key,
+                source: Box::new(e),
+            },
+            ReadError::Damaged {
+                key,
+                reason: Damage::Content(e),
+            } => CatalogError::Manifest {
+                key,
+                source: Box::new(e),
+            },
+        }
     }
-    Ok(m)
 }
 
 /// Catalogs and manifests built by hand, for the unit tests of the modules that read them.
@@ -651,6 +664,8 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::{SEG, empty_catalog, manifest, summary};
     use super::*;
+    use crate::repo::layout::manifest_key;
+    use crate::repo::object::ObjectKind;
     use crate::wal::TimelineId;
 
     /// Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2.

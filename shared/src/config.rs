@@ -99,45 +99,6 @@ impl RetentionSettings {
             || self.keep_monthly.is_some()
             || self.keep_yearly.is_some()
     }
-
-    /// The policy: `flags`' rules when it has any (what is typed is what runs), else this
-    /// table's; the time zone from the flags, else from this table.
-    pub fn policy(&self, flags: &RetentionSettings) -> Result<crate::retention::Policy, ConfigError> {
-        let rules = if flags.has_rules() { flags } else { self };
-        let timezone = match flags.timezone.as_ref().or(self.timezone.as_ref()) {
-            None => None,
-            // The name may come from the repository (retention.json): only an IANA-shaped name
-            // is looked up, so no path reaches the system's zoneinfo lookup.
-            Some(name) if is_zone_name(name) => {
-                Some(jiff::tz::TimeZone::get(name).map_err(|_| ConfigError::TimeZone(name.clone()))?)
-            }
-            Some(name) => return Err(ConfigError::TimeZone(name.clone())),
-        };
-        let keep_within = rules.keep_within.as_deref().map(parse_duration).transpose()?;
-        for n in [
-            rules.keep_last,
-            rules.keep_daily,
-            rules.keep_weekly,
-            rules.keep_monthly,
-            rules.keep_yearly,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if n == 0 {
-                return Err(ConfigError::ZeroRule);
-            }
-        }
-        Ok(crate::retention::Policy {
-            keep_last: rules.keep_last,
-            keep_within,
-            keep_daily: rules.keep_daily,
-            keep_weekly: rules.keep_weekly,
-            keep_monthly: rules.keep_monthly,
-            keep_yearly: rules.keep_yearly,
-            timezone,
-        })
-    }
 }
 
 /// The TOML file; every key is optional.
@@ -579,7 +540,7 @@ mod tests {
         assert!(!format!("{s:?}").contains("c2VjcmV0"));
         // A key that is no PEM is refused when the client is built: permanently, unquoted.
         let e = crate::repo::Store::open(&s.repo, &s.store_options()).unwrap_err();
-        assert!(!e.transient, "{e}");
+        assert!(!e.is_transient(), "{e}");
         assert!(!format!("{e} {e:?}").contains("c2VjcmV0"), "{e}");
     }
 

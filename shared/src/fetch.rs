@@ -12,8 +12,10 @@ use crate::exit;
 use crate::fsutil;
 use crate::prefetch::Prefetch;
 use crate::repo::layout::wal_key;
-use crate::repo::object::{ObjectError, ObjectKind, Sealer};
+use crate::repo::object::{ObjectError, Sealer};
+use crate::repo::stored::{self, Damage, WalObject};
 use crate::repo::{Reader, RepoError, Store, StoreError, WalCheckError};
+use crate::timeindex::StoredSummary;
 use crate::wal::{NameError, SegmentName, WalFileName};
 
 /// What a fetch found.
@@ -162,10 +164,13 @@ impl PendingSummary {
             }
             _ => return None,
         };
-        match crate::timeindex::open(&sealer, &self.segment, &bytes) {
+        match stored::open::<StoredSummary>(&sealer, &self.segment, &bytes) {
             Ok(s) => s.latest_commit_us(),
             Err(e) => {
-                tracing::debug!("{e}");
+                tracing::debug!(
+                    "summary {} is unreadable: {e}",
+                    crate::timeindex::summary_key(&self.segment)
+                );
                 None
             }
         }
@@ -228,9 +233,10 @@ async fn fetch_unbounded(
         let Some(bytes) = object else {
             return Ok((FetchOutcome::NotFound { name }, None));
         };
-        match reader.sealer().open(&bytes, ObjectKind::WalFile, &name_str) {
-            Ok((_, content)) => break (reader, bytes.len() as u64, content),
-            Err(source) if rereads == 0 => {
+        match stored::open::<WalObject>(reader.sealer(), &name, &bytes) {
+            Ok(file) => break (reader, file.stored_len, file.content),
+            Err(Damage::Content(never)) => match never {},
+            Err(Damage::Envelope(source)) if rereads == 0 => {
                 return Err(FetchError::Corrupt {
                     name: name_str,
                     key,
@@ -238,7 +244,7 @@ async fn fetch_unbounded(
                     source: Box::new(source),
                 });
             }
-            Err(source) => {
+            Err(Damage::Envelope(source)) => {
                 tracing::warn!(key, "{source}; reading it again");
                 rereads -= 1;
             }

@@ -16,6 +16,7 @@ use crate::backup::manifest::BackupId;
 use crate::catalog::Catalog;
 use crate::cli::sh_quote;
 use crate::relmap::{RelMapError, RelationMap};
+use crate::repo::ReadError;
 use crate::repo::Reader;
 use crate::report::Report;
 use crate::wal::changes::{ChangeEvent, ROW_FLOOR};
@@ -255,11 +256,11 @@ pub async fn find(repo: &Reader, opts: &FindOptions) -> Result<Found, FindError>
 /// Backup `id`'s relation map; `None` when it has none or it is damaged (names are then file
 /// numbers), an error only when the store cannot be read.
 async fn load_map(repo: &Reader, id: &BackupId) -> Result<Option<RelationMap>, FindError> {
-    match crate::relmap::load(repo.store(), repo.sealer(), id).await {
+    match repo.read_if_present::<RelationMap>(id).await {
         Ok(map) => Ok(map),
-        Err(RelMapError::Store(e)) => Err(RelMapError::Store(e).into()),
+        Err(ReadError::Store(e)) => Err(RelMapError::Store(e).into()),
         Err(e) => {
-            tracing::warn!("{e}");
+            tracing::warn!("{}", RelMapError::from(e));
             Ok(None)
         }
     }

@@ -24,8 +24,10 @@ use crate::config::Settings;
 use crate::lease;
 use crate::repo::Reader;
 use crate::repo::layout::wal_key;
+use crate::repo::stored::{self, WalObject};
 use crate::retry::KeyedBackoff;
 use crate::spool::SPOOL_DIR;
+use crate::timeindex::StoredSummary;
 use crate::wal::{Lsn, SegmentName, WalFileName};
 
 /// How the prefetcher runs.
@@ -358,7 +360,8 @@ async fn download(
         return Ok(false);
     };
     let latest_commit = match (commit_path.is_some(), name.wal_segment()) {
-        (true, Some(seg)) => crate::timeindex::load(repo.store(), repo.sealer(), &seg)
+        (true, Some(seg)) => repo
+            .read_if_present::<StoredSummary>(&seg)
             .await
             .ok()
             .flatten()
@@ -369,13 +372,7 @@ async fn download(
     let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let spool_dir = dir.clone();
     tokio::task::spawn_blocking(move || {
-        let (_, content) = repo
-            .sealer()
-            .open(
-                &bytes,
-                crate::repo::object::ObjectKind::WalFile,
-                &name.to_string(),
-            )
+        let WalObject { content, .. } = stored::open::<WalObject>(repo.sealer(), &name, &bytes)
             .map_err(|e| PrefetchError::Unusable(e.to_string()))?;
         repo.check_wal(&name, &content)
             .map_err(|e| PrefetchError::Unusable(e.to_string()))?;

@@ -90,26 +90,38 @@ pub struct ReplayProgress {
     pub eta_seconds: Option<u64>,
 }
 
+/// Why a plan file is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("format {format:?} version {version} is not known")]
+    Unknown { format: String, version: u32 },
+    #[error("WAL segment size {0} is implausible")]
+    SegmentSize(u32),
+    #[error("segments {first:?}..{last:?} are not a range of WAL segment names")]
+    Range { first: String, last: String },
+}
+
 impl RecoveryPlan {
     /// Parse a plan file (local, but checked all the same: a reader refuses what it does not know).
-    pub fn parse(json: &[u8]) -> Result<RecoveryPlan, String> {
-        let p: RecoveryPlan = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    pub fn parse(json: &[u8]) -> Result<RecoveryPlan, PlanError> {
+        let p: RecoveryPlan = serde_json::from_slice(json)?;
         if p.format != PLAN_FORMAT || p.version != FORMAT_VERSION {
-            return Err(format!(
-                "format {:?} version {} is not known",
-                p.format, p.version
-            ));
+            return Err(PlanError::Unknown {
+                format: p.format,
+                version: p.version,
+            });
         }
         if !p.wal_segment_size.is_power_of_two() || !(1 << 20..=1 << 30).contains(&p.wal_segment_size) {
-            return Err(format!("WAL segment size {} is implausible", p.wal_segment_size));
+            return Err(PlanError::SegmentSize(p.wal_segment_size));
         }
-        let (first, last) = (p.first_no(), p.last_no());
-        match (first, last) {
+        match (p.first_no(), p.last_no()) {
             (Some(f), Some(l)) if f <= l => Ok(p),
-            _ => Err(format!(
-                "segments {:?}..{:?} are not a range of WAL segment names",
-                p.first_segment, p.last_segment
-            )),
+            _ => Err(PlanError::Range {
+                first: p.first_segment,
+                last: p.last_segment,
+            }),
         }
     }
 

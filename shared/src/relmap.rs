@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::backup::manifest::BackupId;
 use crate::repo::layout;
 use crate::repo::object::{ObjectKind, Sealer};
+use crate::repo::stored::{Envelope, Objects, Opened, ReadError, StoredKind};
 use crate::repo::{Store, StoreError, WritableStore};
 use crate::wal::decode::RelFileLocator;
 
@@ -117,15 +118,44 @@ impl RelationMap {
     }
 
     /// Parse the stored JSON (untrusted) of backup `id`'s map.
-    pub fn parse(json: &[u8], id: &BackupId) -> Result<RelationMap, String> {
-        let m: RelationMap = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    pub fn parse(json: &[u8], id: &BackupId) -> Result<RelationMap, RelMapFormatError> {
+        let m: RelationMap = serde_json::from_slice(json)?;
         if m.format != FORMAT_NAME || m.version != FORMAT_VERSION || &m.backup != id {
-            return Err(format!(
-                "format {:?} version {} for backup {}",
-                m.format, m.version, m.backup
-            ));
+            return Err(RelMapFormatError::Foreign {
+                format: m.format,
+                version: m.version,
+                backup: m.backup,
+            });
         }
         Ok(m)
+    }
+}
+
+/// Why the JSON of a stored relation map is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum RelMapFormatError {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("format {format:?} version {version} for backup {backup}")]
+    Foreign {
+        format: String,
+        version: u32,
+        backup: BackupId,
+    },
+}
+
+impl StoredKind for RelationMap {
+    type Id = BackupId;
+    type Error = RelMapFormatError;
+    // Sealed even in a plain repository: a map can be large, and compresses well.
+    const ENVELOPE: Envelope = Envelope::Sealed(ObjectKind::Record);
+
+    fn key(id: &BackupId) -> String {
+        layout::relation_map_key(id)
+    }
+
+    fn parse(opened: Opened, id: &BackupId) -> Result<RelationMap, RelMapFormatError> {
+        RelationMap::parse(&opened.content, id)
     }
 }
 
@@ -145,18 +175,26 @@ pub async fn store(store: &WritableStore, sealer: &Sealer, map: &RelationMap) ->
 
 /// Read backup `id`'s map; `None` when it recorded none.
 pub async fn load(store: &Store, sealer: &Sealer, id: &BackupId) -> Result<Option<RelationMap>, RelMapError> {
-    let key = layout::relation_map_key(id);
-    let Some(bytes) = store.get(&key).await? else {
-        return Ok(None);
-    };
-    let corrupt = |message: String| RelMapError::Corrupt {
-        key: key.clone(),
-        message,
-    };
-    let (_, json) = sealer
-        .open(&bytes, ObjectKind::Record, &key)
-        .map_err(|e| corrupt(e.to_string()))?;
-    RelationMap::parse(&json, id).map(Some).map_err(corrupt)
+    Ok(Objects::new(store, sealer)
+        .read_if_present::<RelationMap>(id)
+        .await?)
+}
+
+/// A map that could not be read, in this module's terms.
+impl From<ReadError<RelMapFormatError>> for RelMapError {
+    fn from(e: ReadError<RelMapFormatError>) -> RelMapError {
+        match e {
+            ReadError::Store(e) => RelMapError::Store(e),
+            ReadError::Missing { key } => RelMapError::Corrupt {
+                key,
+                message: "missing".into(),
+            },
+            ReadError::Damaged { key, reason } => RelMapError::Corrupt {
+                key,
+                message: reason.to_string(),
+            },
+        }
+    }
 }
 
 /// Every relation with storage, with its file number and owner.

@@ -26,6 +26,8 @@ use serde::Serialize;
 use crate::backup::BackupId;
 use crate::backup::manifest::Manifest;
 use crate::catalog::Catalog;
+use crate::config::{ConfigError, RetentionSettings};
+use crate::repo::stored::{Envelope, Opened, StoredKind};
 use crate::wal::{SegmentName, WalFileName};
 
 /// A retention policy. Every rule is optional; a backup is kept if any rule keeps it.
@@ -87,6 +89,53 @@ impl Policy {
     }
 }
 
+/// The policy [`RetentionSettings`] (a `[retention]` table, `expire`'s flags, a stored record)
+/// describe.
+impl RetentionSettings {
+    /// The policy: `flags`' rules when it has any (what is typed is what runs), else this
+    /// table's; the time zone from the flags, else from this table.
+    pub fn policy(&self, flags: &RetentionSettings) -> Result<Policy, ConfigError> {
+        let rules = if flags.has_rules() { flags } else { self };
+        let timezone = match flags.timezone.as_ref().or(self.timezone.as_ref()) {
+            None => None,
+            // The name may come from the repository (retention.json): only an IANA-shaped name
+            // is looked up, so no path reaches the system's zoneinfo lookup.
+            Some(name) if crate::config::is_zone_name(name) => {
+                Some(jiff::tz::TimeZone::get(name).map_err(|_| ConfigError::TimeZone(name.clone()))?)
+            }
+            Some(name) => return Err(ConfigError::TimeZone(name.clone())),
+        };
+        let keep_within = rules
+            .keep_within
+            .as_deref()
+            .map(crate::config::parse_duration)
+            .transpose()?;
+        for n in [
+            rules.keep_last,
+            rules.keep_daily,
+            rules.keep_weekly,
+            rules.keep_monthly,
+            rules.keep_yearly,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if n == 0 {
+                return Err(ConfigError::ZeroRule);
+            }
+        }
+        Ok(Policy {
+            keep_last: rules.keep_last,
+            keep_within,
+            keep_daily: rules.keep_daily,
+            keep_weekly: rules.keep_weekly,
+            keep_monthly: rules.keep_monthly,
+            keep_yearly: rules.keep_yearly,
+            timezone,
+        })
+    }
+}
+
 /// `retention.json`, version 1: what the last expire applied, so that `verify` knows which
 /// backups keep their WAL only to their consistency point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -95,7 +144,7 @@ pub struct RetentionRecord {
     pub version: u32,
     /// When the expire ran (Unix microseconds).
     pub applied_at_us: i64,
-    pub policy: crate::config::RetentionSettings,
+    pub policy: RetentionSettings,
     /// The backups that expire kept to their consistency point only (calendar rules, pins):
     /// the WAL after that point was deleted on purpose. Every other backup, and any taken
     /// since, is held to WAL running on to the end of its timelines.
@@ -112,7 +161,7 @@ impl RetentionRecord {
             format: RECORD_FORMAT.into(),
             version: 1,
             applied_at_us,
-            policy: crate::config::RetentionSettings {
+            policy: RetentionSettings {
                 keep_last: policy.keep_last,
                 keep_within: policy.keep_within.map(crate::config::format_duration),
                 keep_daily: policy.keep_daily,
@@ -134,21 +183,50 @@ impl RetentionRecord {
 
     /// Parse a stored record (untrusted: anyone who can write the bucket can change it). Its
     /// policy must have at least one rule and be valid.
-    pub fn parse(json: &[u8]) -> Result<RetentionRecord, String> {
-        let r: RetentionRecord = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    pub fn parse(json: &[u8]) -> Result<RetentionRecord, RecordError> {
+        let r: RetentionRecord = serde_json::from_slice(json)?;
         if r.format != RECORD_FORMAT || r.version != 1 {
-            return Err(format!("unknown format {} version {}", r.format, r.version));
+            return Err(RecordError::Unknown {
+                format: r.format,
+                version: r.version,
+            });
         }
-        let policy = r.policy().map_err(|e| e.to_string())?;
-        if policy.is_empty() {
-            return Err("the policy has no rule".into());
+        if r.policy()?.is_empty() {
+            return Err(RecordError::NoRule);
         }
         Ok(r)
     }
 
     /// The policy the record names.
-    pub fn policy(&self) -> Result<Policy, crate::config::ConfigError> {
-        self.policy.policy(&crate::config::RetentionSettings::default())
+    pub fn policy(&self) -> Result<Policy, ConfigError> {
+        self.policy.policy(&RetentionSettings::default())
+    }
+}
+
+/// Why a stored `retention.json` is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unknown format {format} version {version}")]
+    Unknown { format: String, version: u32 },
+    #[error(transparent)]
+    Policy(#[from] ConfigError),
+    #[error("the policy has no rule")]
+    NoRule,
+}
+
+impl StoredKind for RetentionRecord {
+    type Id = ();
+    type Error = RecordError;
+    const ENVELOPE: Envelope = Envelope::Record;
+
+    fn key(_: &()) -> String {
+        crate::repo::layout::RETENTION_KEY.to_string()
+    }
+
+    fn parse(opened: Opened, _: &()) -> Result<RetentionRecord, RecordError> {
+        RetentionRecord::parse(&opened.content)
     }
 }
 

@@ -51,11 +51,17 @@ impl RetryPolicy {
                         return Err((e, attempts));
                     }
                     let sleep = backoff.min(deadline - now);
-                    tracing::warn!(
-                        attempt = attempts,
-                        retry_in_ms = sleep.as_millis() as u64,
-                        "{what}: {e}"
-                    );
+                    // PostgreSQL's log gets every line of every archive attempt: one warning
+                    // while this call waits, the rest at debug level; the caller reports the end.
+                    if attempts == 1 {
+                        tracing::warn!("{what}: {e}; trying again for up to {:?}", self.total);
+                    } else {
+                        tracing::debug!(
+                            attempt = attempts,
+                            retry_in_ms = sleep.as_millis() as u64,
+                            "{what}: {e}"
+                        );
+                    }
                     tokio::time::sleep(sleep).await;
                     backoff = (backoff * 2).min(self.max_backoff);
                 }

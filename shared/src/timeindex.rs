@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::repo::object::{ObjectKind, Sealer};
 use crate::repo::store::CreateSemantics;
+use crate::repo::stored::{Envelope, Objects, Opened, ReadError, StoredKind};
 use crate::repo::{Store, StoreError, WritableStore};
 use crate::wal::summary::{Carry, SegmentSummary};
 use crate::wal::{Lsn, SegmentName};
@@ -40,28 +41,57 @@ pub enum IndexError {
     Decode { segment: String, message: String },
 }
 
+/// Why the JSON of a stored summary is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SummaryError {
+    #[error("{0}")]
+    Json(String),
+    #[error("format {format:?} version {version} for {segment}")]
+    Foreign {
+        format: String,
+        version: u32,
+        segment: String,
+    },
+}
+
+impl StoredKind for StoredSummary {
+    type Id = SegmentName;
+    type Error = SummaryError;
+    const ENVELOPE: Envelope = Envelope::Sealed(ObjectKind::Summary);
+
+    fn key(seg: &SegmentName) -> String {
+        summary_key(seg)
+    }
+
+    fn name(seg: &SegmentName) -> String {
+        seg.to_string()
+    }
+
+    fn parse(opened: Opened, seg: &SegmentName) -> Result<StoredSummary, SummaryError> {
+        StoredSummary::parse(&opened.content, seg)
+    }
+}
+
 /// Read one stored summary, verified.
 pub async fn load(
     store: &Store,
     sealer: &Sealer,
     seg: &SegmentName,
 ) -> Result<Option<StoredSummary>, IndexError> {
-    let Some(bytes) = store.get(&summary_key(seg)).await? else {
-        return Ok(None);
-    };
-    open(sealer, seg, &bytes).map(Some)
-}
-
-/// Open and verify the stored summary of `seg`, read as `bytes`.
-pub fn open(sealer: &Sealer, seg: &SegmentName, bytes: &[u8]) -> Result<StoredSummary, IndexError> {
-    let corrupt = |message: String| IndexError::Corrupt {
-        key: summary_key(seg),
-        message,
-    };
-    let (_, json) = sealer
-        .open(bytes, ObjectKind::Summary, &seg.to_string())
-        .map_err(|e| corrupt(e.to_string()))?;
-    StoredSummary::parse(&json, seg).map_err(corrupt)
+    Objects::new(store, sealer)
+        .read_if_present::<StoredSummary>(seg)
+        .await
+        .map_err(|e| match e {
+            ReadError::Store(e) => IndexError::Store(e),
+            ReadError::Missing { key } => IndexError::Corrupt {
+                key,
+                message: "missing".into(),
+            },
+            ReadError::Damaged { key, reason } => IndexError::Corrupt {
+                key,
+                message: reason.to_string(),
+            },
+        })
 }
 
 impl StoredSummary {
@@ -71,13 +101,14 @@ impl StoredSummary {
     }
 
     /// Parse the JSON of the summary stored for `seg` (untrusted: it comes from the repository).
-    pub fn parse(json: &[u8], seg: &SegmentName) -> Result<StoredSummary, String> {
-        let s: StoredSummary = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    pub fn parse(json: &[u8], seg: &SegmentName) -> Result<StoredSummary, SummaryError> {
+        let s: StoredSummary = serde_json::from_slice(json).map_err(|e| SummaryError::Json(e.to_string()))?;
         if s.format != FORMAT_NAME || s.version != FORMAT_VERSION || s.segment != seg.to_string() {
-            return Err(format!(
-                "format {:?} version {} for {}",
-                s.format, s.version, s.segment
-            ));
+            return Err(SummaryError::Foreign {
+                format: s.format,
+                version: s.version,
+                segment: s.segment,
+            });
         }
         Ok(s)
     }

@@ -13,12 +13,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use futures::StreamExt;
 use serde::Serialize;
 
+use crate::backup::chunk::{Chunk, MisnamedChunk};
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
 use crate::repo::layout::{self, Kind};
-use crate::repo::object::ObjectKind;
-use crate::repo::{Reader, RepoError, StoreError};
+use crate::repo::stored::{self, Damage, StoredKind, WalObject};
+use crate::repo::{Reader, RepoError, StoreError, WalCheckError};
 use crate::report::Report;
+use crate::retention::RetentionRecord;
+use crate::timeindex::{StoredSummary, SummaryError};
 use crate::wal::{SegmentName, TimelineId, WalFileName};
 
 /// How bad a problem is.
@@ -287,13 +290,7 @@ async fn verify_once(
     // was deleted on purpose, and is no gap.
     let mut consistency_only = BTreeSet::new();
     if let Some(stored) = retention {
-        let opened = repo
-            .sealer()
-            .open_record(layout::RETENTION_KEY, stored)
-            .map_err(|e| e.to_string());
-        match opened
-            .and_then(|json| crate::retention::RetentionRecord::parse(&json).map_err(|e| e.to_string()))
-        {
+        match stored::open::<RetentionRecord>(repo.sealer(), &(), stored) {
             Ok(record) => {
                 consistency_only.extend(record.consistency_only.iter().cloned());
                 report.policy = record.policy().ok().map(|p| {
@@ -470,11 +467,7 @@ async fn deep_read(
     report: &mut VerifyReport,
     problems: &mut Vec<Problem>,
 ) -> Result<(), StoreError> {
-    enum Item {
-        Wal(WalFileName),
-        Summary(SegmentName),
-        Chunk(String),
-    }
+    use DeepItem as Item;
     let mut items: Vec<Item> = cat.wal_files.iter().map(|(n, _)| Item::Wal(*n)).collect();
     items.extend(cat.summary_files.iter().map(|(s, _)| Item::Summary(*s)));
     items.extend(
@@ -486,43 +479,20 @@ async fn deep_read(
     let store = repo.store();
     let results = futures::stream::iter(items)
         .map(|item| async move {
-            let (key, kind, name) = match &item {
-                Item::Wal(n) => (layout::wal_key(n), ObjectKind::WalFile, n.to_string()),
-                Item::Summary(s) => (layout::summary_key(s), ObjectKind::Summary, s.to_string()),
-                Item::Chunk(id) => (
-                    layout::chunk_key(id).unwrap_or_default(),
-                    ObjectKind::Chunk,
-                    id.clone(),
-                ),
+            let (key, name) = match &item {
+                Item::Wal(n) => (layout::wal_key(n), n.to_string()),
+                Item::Summary(s) => (layout::summary_key(s), s.to_string()),
+                Item::Chunk(id) => (Chunk::key(id), id.clone()),
             };
             let Some(bytes) = store.get(&key).await? else {
                 return Ok((key, name, 0, Some("disappeared during verify".to_string())));
             };
             let len = bytes.len() as u64;
-            let checked = tokio::task::spawn_blocking({
-                let name = name.clone();
-                let reader = repo.clone();
-                move || -> Result<(), String> {
-                    let (header, content) = reader
-                        .sealer()
-                        .open(&bytes, kind, &name)
-                        .map_err(|e| e.to_string())?;
-                    match item {
-                        Item::Wal(n) => reader.check_wal(&n, &content).map_err(|e| e.to_string()),
-                        Item::Summary(s) => crate::timeindex::StoredSummary::parse(&content, &s).map(|_| ()),
-                        Item::Chunk(id) => match header.blake3_hex() == id {
-                            true => Ok(()),
-                            false => Err(format!(
-                                "content hashes to {}, not to its name",
-                                header.blake3_hex()
-                            )),
-                        },
-                    }
-                }
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("check failed: {e}")));
-            Ok::<_, StoreError>((key, name, len, checked.err()))
+            let reader = repo.clone();
+            let checked = tokio::task::spawn_blocking(move || deep_check(&reader, item, &bytes))
+                .await
+                .unwrap_or_else(|e| Err(DeepCheckError::Task(e.to_string())));
+            Ok::<_, StoreError>((key, name, len, checked.err().map(|e| e.to_string())))
         })
         .buffer_unordered(parallel.max(1));
     futures::pin_mut!(results);
@@ -556,6 +526,46 @@ async fn deep_read(
         });
     }
     Ok(())
+}
+
+/// Why an object read whole by `--deep` is unusable.
+#[derive(Debug, thiserror::Error)]
+enum DeepCheckError {
+    #[error(transparent)]
+    Wal(#[from] Damage<std::convert::Infallible>),
+    #[error(transparent)]
+    Foreign(#[from] WalCheckError),
+    #[error(transparent)]
+    Summary(#[from] Damage<SummaryError>),
+    #[error(transparent)]
+    Chunk(#[from] Damage<MisnamedChunk>),
+    #[error("check failed: {0}")]
+    Task(String),
+}
+
+/// Open `item`, read whole as `bytes`, and check it as its kind requires.
+fn deep_check(repo: &Reader, item: DeepItem, bytes: &[u8]) -> Result<(), DeepCheckError> {
+    let sealer = repo.sealer();
+    match item {
+        DeepItem::Wal(n) => {
+            let file = stored::open::<WalObject>(sealer, &n, bytes)?;
+            repo.check_wal(&n, &file.content)?;
+        }
+        DeepItem::Summary(s) => {
+            stored::open::<StoredSummary>(sealer, &s, bytes)?;
+        }
+        DeepItem::Chunk(id) => {
+            stored::open::<Chunk>(sealer, &id, bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// An object `--deep` reads.
+enum DeepItem {
+    Wal(WalFileName),
+    Summary(SegmentName),
+    Chunk(String),
 }
 
 const NO_USERS: &str = "no backup replays it";

@@ -86,6 +86,33 @@ fn missing_file_is_not_found_at_once() -> Result<()> {
     Ok(())
 }
 
+/// Fetching from a location with no repository (no walvault.json, a volume not mounted) is not
+/// "this file is not in this repository": recovery stops (exit above 125) rather than ending
+/// early, with at most two lines in PostgreSQL's log, the last saying what to do.
+#[test]
+fn fetch_from_a_missing_repository_stops_recovery_in_two_lines_at_most() -> Result<()> {
+    let (_, name) = wal_samples().segment(0);
+    let location = Repo::uninitialized()?;
+    let dest = dest_dir(&location)?.join("RECOVERYXLOG");
+    let plain_dir = pgdata(&location, false)?;
+    let plain = ["--retry-timeout", "3s", "--pgdata", &plain_dir];
+    for args in [location.args(), location.args_with_url(location.nowhere_url())] {
+        let run = agents().fetch_with(&args, &name, &dest, &plain);
+        run.assert_code(exit::FATAL);
+        let lines: Vec<&str> = run.stderr.lines().collect();
+        assert!(
+            !lines.is_empty() && lines.len() <= 2,
+            "at most two lines, the last saying what to do:\n{run}"
+        );
+        assert!(
+            lines[lines.len() - 1].contains("archive-agent init"),
+            "the last line names the remedy:\n{run}"
+        );
+    }
+    assert!(!dest.exists(), "a failed fetch wrote {}", dest.display());
+    Ok(())
+}
+
 #[test]
 fn unreadable_repository_stops_recovery_unless_standby() -> Result<()> {
     let (_, name) = wal_samples().segment(0);

@@ -277,6 +277,45 @@ fn push_never_creates_a_repository_and_init_never_replaces_one() -> Result<()> {
     Ok(())
 }
 
+/// A push that cannot work (no repository at the URL, a backup volume not mounted) writes at
+/// most two lines into PostgreSQL's log, whose every line it gets: one warning while it waits,
+/// if it waits at all, then one error that says what to do. A location without walvault.json is
+/// an answer, not retried for the retry timeout. The exit code stays 1: PostgreSQL keeps the WAL.
+#[test]
+fn push_to_a_missing_repository_says_what_to_do_in_two_lines_at_most() -> Result<()> {
+    let samples = wal_samples();
+    let (path, _) = samples.segment(0);
+    let location = Repo::uninitialized()?;
+    let check = |args: &[String], retry: &str| {
+        let run = agents().push_with(args, &path, &["--retry-timeout", retry]);
+        run.assert_code(exit::NOT_FOUND_OR_RETRY);
+        let lines: Vec<&str> = run.stderr.lines().collect();
+        assert!(
+            !lines.is_empty() && lines.len() <= 2,
+            "at most two lines, the last saying what to do:\n{run}"
+        );
+        assert!(
+            lines[lines.len() - 1].contains("archive-agent init"),
+            "the last line names the remedy:\n{run}"
+        );
+        run
+    };
+    let answered = check(&location.args(), "30s");
+    assert!(
+        answered.elapsed.as_secs() < 15,
+        "a missing walvault.json is not retried for the 30s retry timeout:\n{answered}"
+    );
+    let nowhere = check(&location.args_with_url(location.nowhere_url()), "3s");
+    if location.kind() == StoreKind::File {
+        assert!(
+            nowhere.stderr.contains("mount the backup volume"),
+            "a missing directory may be a volume not mounted:\n{nowhere}"
+        );
+    }
+    assert!(location.files()?.is_empty(), "push wrote {:?}", location.files()?);
+    Ok(())
+}
+
 /// `init --pgdata` records the cluster from its WAL: another cluster's segment is refused from
 /// the very first push (exit 3), and the cluster's own is accepted.
 #[test]

@@ -6,7 +6,8 @@
 use bytes::Bytes;
 
 use crate::repo::object::{ObjectError, ObjectKind, Sealer};
-use crate::repo::{Store, StoreError, WritableStore};
+use crate::repo::stored::{Envelope, Opened, StoredKind};
+use crate::repo::{StoreError, WritableStore};
 
 /// The key of chunk `id`; an id that is not 64 lower-case hex digits (from a hostile manifest)
 /// is reported as a missing chunk, never turned into a key.
@@ -58,31 +59,38 @@ pub async fn upload(store: &WritableStore, hash: &[u8; 32], sealed: Bytes) -> Re
     Ok(len)
 }
 
-/// Read chunk `id` and verify it: header, length, and that its content hashes to `id`.
-pub async fn get_chunk(store: &Store, sealer: &Sealer, id: &str) -> Result<Vec<u8>, ChunkError> {
-    let key = chunk_key(id)?;
-    let bytes = store
-        .get(&key)
-        .await?
-        .ok_or_else(|| ChunkError::Missing { id: id.to_string() })?;
-    let (id_owned, sealer) = (id.to_string(), sealer.clone());
-    let (header, content) =
-        tokio::task::spawn_blocking(move || sealer.open(&bytes, ObjectKind::Chunk, &id_owned))
-            .await
-            .map_err(|e| ChunkError::Compress(std::io::Error::other(e)))?
-            .map_err(|source| ChunkError::Corrupt {
-                id: id.to_string(),
-                source: Box::new(source),
-            })?;
-    // The header hash matched the content; the content must also be what the id names.
-    if header.blake3_hex() != id {
-        return Err(ChunkError::Corrupt {
-            id: id.to_string(),
-            source: Box::new(ObjectError::ContentHash {
-                expected: id.to_string(),
-                found: header.blake3_hex(),
-            }),
-        });
+/// A chunk's content, read back and verified: header, length, and that it hashes to its id.
+#[derive(Debug)]
+pub struct Chunk(pub Vec<u8>);
+
+/// A chunk whose content is intact but hashes to another id (a chunk stored under a wrong name).
+#[derive(Debug, thiserror::Error)]
+#[error("content hashes to {found}, not to its name")]
+pub struct MisnamedChunk {
+    pub found: String,
+}
+
+impl StoredKind for Chunk {
+    /// The chunk's id (64 lower-case hex digits).
+    type Id = str;
+    type Error = MisnamedChunk;
+    const ENVELOPE: Envelope = Envelope::Sealed(ObjectKind::Chunk);
+
+    /// An id that is not 64 hex digits (from a hostile manifest) is never turned into a key: it
+    /// names `chunks/invalid`, where nothing is ever stored, so it reads as missing.
+    fn key(id: &str) -> String {
+        crate::repo::layout::chunk_key(id).unwrap_or_else(|| "chunks/invalid".into())
     }
-    Ok(content)
+
+    fn name(id: &str) -> String {
+        id.to_string()
+    }
+
+    fn parse(opened: Opened, id: &str) -> Result<Chunk, MisnamedChunk> {
+        // The header hash matched the content; the content must also be what the id names.
+        match opened.header.map(|h| h.blake3_hex()) {
+            Some(found) if found != id => Err(MisnamedChunk { found }),
+            _ => Ok(Chunk(opened.content)),
+        }
+    }
 }

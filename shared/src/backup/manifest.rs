@@ -6,6 +6,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::repo::object::ObjectKind;
+use crate::repo::stored::{Envelope, Opened, StoredKind};
 use crate::wal::{Lsn, WalFileName};
 
 pub const FORMAT_NAME: &str = "walvault-backup-manifest";
@@ -175,7 +177,7 @@ pub struct Manifest {
     pub format: String,
     pub version: u32,
     pub id: BackupId,
-    #[serde(with = "crate::repo::descriptor::u64_string")]
+    #[serde(with = "crate::repo::identity::u64_string")]
     pub system_identifier: u64,
     pub pg_version: u32,
     pub timeline: u32,
@@ -665,6 +667,33 @@ pub fn check_relative_path(path: &str) -> Result<(), ManifestError> {
         return bad("a component longer than NAME_MAX (255 bytes)");
     }
     Ok(())
+}
+
+/// `backups/<id>/manifest.wvo`: a manifest is read back whole and validated, and must be the
+/// manifest of the backup its key names.
+impl StoredKind for Manifest {
+    type Id = BackupId;
+    type Error = ManifestError;
+    const ENVELOPE: Envelope = Envelope::Sealed(ObjectKind::Manifest);
+
+    fn key(id: &BackupId) -> String {
+        crate::repo::layout::manifest_key(id)
+    }
+
+    fn name(id: &BackupId) -> String {
+        id.as_str().to_string()
+    }
+
+    fn parse(opened: Opened, id: &BackupId) -> Result<Manifest, ManifestError> {
+        let m = Manifest::parse(&opened.content)?;
+        if &m.id != id {
+            return Err(ManifestError::Implausible(format!(
+                "manifest of {} stored as {id}",
+                m.id
+            )));
+        }
+        Ok(m)
+    }
 }
 
 #[cfg(test)]

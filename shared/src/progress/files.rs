@@ -52,7 +52,9 @@ pub fn read_plan(pgdata: &Path) -> Result<Option<RecoveryPlan>, StatusError> {
     if bytes.len() > 64 << 10 {
         return Err(unreadable("larger than any plan".into()));
     }
-    RecoveryPlan::parse(&bytes).map(Some).map_err(unreadable)
+    RecoveryPlan::parse(&bytes)
+        .map(Some)
+        .map_err(|e| unreadable(e.to_string()))
 }
 
 /// The plan fetch counts against: `None` when there is none, it cannot be read, or it was

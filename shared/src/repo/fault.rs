@@ -222,7 +222,7 @@ mod tests {
         faults.set(Fault::Denied);
         let started = tokio::time::Instant::now();
         let e = store.get("wal/a.wvo").await.unwrap_err();
-        assert!(!e.transient && e.attempts == 1, "{e:?}");
+        assert!(!e.is_transient() && e.attempts == 1, "{e:?}");
         assert_eq!(started.elapsed(), Duration::ZERO, "no backoff for a refusal");
         assert_eq!(faults.requests(), 5);
     }
@@ -233,7 +233,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let e = store.get("wal/a.wvo").await.unwrap_err();
         let spent = started.elapsed();
-        assert!(e.transient && e.attempts > 3, "{e:?}");
+        assert!(e.is_transient() && e.attempts > 3, "{e:?}");
         assert_eq!(e.attempts, faults.requests());
         assert!(
             e.to_string()

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use super::descriptor::ClusterIdentity;
+use super::identity::ClusterIdentity;
 use crate::wal::WalFileName;
 
 /// Segments tried, newest first: recycled segments ahead of the current one hold an older

@@ -17,7 +17,7 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::descriptor::RepoId;
+use super::identity::RepoId;
 
 /// The AEAD of every sealed object and of the wrapped master key.
 pub const CIPHER: &str = "xchacha20poly1305";

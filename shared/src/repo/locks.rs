@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::repo::layout::{self, Kind};
 use crate::repo::object::Sealer;
+use crate::repo::stored::{Envelope, Objects, Opened, ReadError, StoredKind};
 use crate::repo::{Store, StoreError, WritableStore};
 
 /// How often a holder rewrites its lock.
@@ -84,6 +85,34 @@ impl LockRecord {
     }
 }
 
+/// Why a stored lock is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum LockRecordError {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("format {0:?} is not a lock's")]
+    Format(String),
+}
+
+impl StoredKind for LockRecord {
+    /// The lock's key.
+    type Id = str;
+    type Error = LockRecordError;
+    const ENVELOPE: Envelope = Envelope::Record;
+
+    fn key(key: &str) -> String {
+        key.to_string()
+    }
+
+    fn parse(opened: Opened, _: &str) -> Result<LockRecord, LockRecordError> {
+        let r: LockRecord = serde_json::from_slice(&opened.content)?;
+        match r.format == FORMAT_NAME {
+            true => Ok(r),
+            false => Err(LockRecordError::Format(r.format)),
+        }
+    }
+}
+
 /// A lock found in the repository.
 #[derive(Debug, Clone)]
 pub struct Found {
@@ -100,12 +129,14 @@ pub async fn list(store: &Store, sealer: &Sealer) -> Result<Vec<Found>, StoreErr
         let Some((kind, _)) = layout::parse_lock_key(&key) else {
             continue;
         };
-        let record = store
-            .get(&key)
-            .await?
-            .and_then(|b| sealer.open_record(&key, &b).ok())
-            .and_then(|b| serde_json::from_slice::<LockRecord>(&b).ok())
-            .filter(|r| r.format == FORMAT_NAME && r.kind.as_str() == kind);
+        let record = match Objects::new(store, sealer)
+            .read_if_present::<LockRecord>(&key)
+            .await
+        {
+            Ok(r) => r.filter(|r| r.kind.as_str() == kind),
+            Err(ReadError::Store(e)) => return Err(e),
+            Err(_) => None,
+        };
         // Released between the listing and the read: gone, not unreadable.
         if record.is_none() && store.size(&key).await?.is_none() {
             continue;

@@ -3,11 +3,14 @@
 //!
 //! Commands reach storage only through here: [`Repository`] (descriptor validated once, no
 //! accidental creation), over [`Store`] / [`WritableStore`] (every request retried by one policy,
-//! read-only as a type), with every key built by [`layout`].
+//! read-only as a type), with every key built by [`layout`] and every object read back through
+//! [`stored`] (`repo.read::<Manifest>(&id)`).
 
 pub mod descriptor;
 #[cfg(test)]
 pub mod fault;
+pub mod http;
+pub mod identity;
 pub mod init;
 pub mod keys;
 pub mod layout;
@@ -16,10 +19,13 @@ pub mod object;
 pub mod repository;
 pub mod settings;
 pub mod store;
+pub mod stored;
 pub mod url;
 
-pub use descriptor::{ClusterIdentity, RepoDescriptor, RepoId};
+pub use descriptor::RepoDescriptor;
+pub use identity::{ClusterIdentity, RepoId};
 pub use object::{ObjectError, SealedObject};
 pub use repository::{Reader, RepoError, Repository, WalCheckError, Writer};
-pub use store::{Store, StoreError, StoreOptions, WritableStore};
+pub use store::{Store, StoreError, StoreErrorKind, StoreOptions, WritableStore};
+pub use stored::{Damage, Objects, ReadError, StoredKind};
 pub use url::RepoUrl;

@@ -8,11 +8,13 @@
 
 use bytes::Bytes;
 
-use super::descriptor::{ClusterIdentity, DescriptorError, RepoDescriptor, RepoId};
+use super::descriptor::{DescriptorError, RepoDescriptor};
+use super::identity::{ClusterIdentity, IdentityError, RepoId};
 use super::keys::{KeyError, KeySource, RepoKeys};
 use super::layout::{CLUSTER_KEY, DESCRIPTOR_KEY};
 use super::object::Sealer;
 use super::store::{CreateSemantics, PutNew, Store, StoreError, StoreOptions, WritableStore};
+use super::stored::{Envelope, Objects, Opened, ReadError, StoredKind};
 use super::url::RepoUrl;
 use crate::wal::{PageError, WalFileName};
 
@@ -65,7 +67,7 @@ impl RepoError {
     /// answer (no repository, or an unusable one).
     pub fn is_transient(&self) -> bool {
         match self {
-            RepoError::Store(e) => e.transient,
+            RepoError::Store(e) => e.is_transient(),
             // A secret manager that did not answer, a key file not mounted yet: worth another try.
             RepoError::Key {
                 source: KeyError::Command(_) | KeyError::Read { .. },
@@ -147,25 +149,18 @@ async fn sealer_for(
 }
 
 async fn read_cluster_file(store: &Store, sealer: &Sealer) -> Result<Option<ClusterIdentity>, RepoError> {
-    let Some(bytes) = store.get(CLUSTER_KEY).await? else {
-        return Ok(None);
-    };
-    let fail = |message: String| RepoError::ClusterFile {
-        repo: store.url().to_string(),
-        message,
-    };
-    let bytes = sealer
-        .open_record(CLUSTER_KEY, &bytes)
-        .map_err(|e| fail(e.to_string()))?;
-    let file: ClusterFile = serde_json::from_slice(&bytes).map_err(|e| fail(e.to_string()))?;
-    if file.format != CLUSTER_FORMAT || file.version != 1 {
-        return Err(fail(format!(
-            "unknown format {:?} version {}",
-            file.format, file.version
-        )));
+    match Objects::new(store, sealer)
+        .read_if_present::<ClusterFile>(&())
+        .await
+    {
+        Ok(file) => Ok(file.map(|f| f.cluster)),
+        Err(ReadError::Store(e)) => Err(e.into()),
+        Err(ReadError::Missing { .. }) => Ok(None),
+        Err(ReadError::Damaged { reason, .. }) => Err(RepoError::ClusterFile {
+            repo: store.url().to_string(),
+            message: reason.to_string(),
+        }),
     }
-    file.cluster.validate().map_err(fail)?;
-    Ok(Some(file.cluster))
 }
 
 const CLUSTER_FORMAT: &str = "walvault-cluster";
@@ -176,6 +171,39 @@ struct ClusterFile {
     format: String,
     version: u32,
     cluster: ClusterIdentity,
+}
+
+/// Why `cluster.json` is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterFileError {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unknown format {format:?} version {version}")]
+    Unknown { format: String, version: u32 },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+impl StoredKind for ClusterFile {
+    type Id = ();
+    type Error = ClusterFileError;
+    const ENVELOPE: Envelope = Envelope::Record;
+
+    fn key(_: &()) -> String {
+        CLUSTER_KEY.to_string()
+    }
+
+    fn parse(opened: Opened, _: &()) -> Result<ClusterFile, ClusterFileError> {
+        let file: ClusterFile = serde_json::from_slice(&opened.content)?;
+        if file.format != CLUSTER_FORMAT || file.version != 1 {
+            return Err(ClusterFileError::Unknown {
+                format: file.format,
+                version: file.version,
+            });
+        }
+        file.cluster.validate()?;
+        Ok(file)
+    }
 }
 
 impl<S: AsRef<Store>> Repository<S> {
@@ -194,6 +222,21 @@ impl<S: AsRef<Store>> Repository<S> {
             cluster,
             sealer,
         })
+    }
+
+    /// This repository's objects, for reading one of a kind.
+    pub fn objects(&self) -> Objects<'_> {
+        Objects::new(self.store.as_ref(), &self.sealer)
+    }
+
+    /// Object `id` of kind `K` ([`Objects::read`]).
+    pub async fn read<K: StoredKind>(&self, id: &K::Id) -> Result<K, ReadError<K::Error>> {
+        self.objects().read(id).await
+    }
+
+    /// Object `id` of kind `K`, `None` when absent ([`Objects::read_if_present`]).
+    pub async fn read_if_present<K: StoredKind>(&self, id: &K::Id) -> Result<Option<K>, ReadError<K::Error>> {
+        self.objects().read_if_present(id).await
     }
 
     /// Seals and opens this repository's objects.
@@ -451,7 +494,7 @@ impl Writer {
                     key: CLUSTER_KEY.into(),
                     repo: self.url().to_string(),
                     message: "object missing right after it was written".into(),
-                    transient: true,
+                    kind: crate::repo::StoreErrorKind::Failed,
                     attempts: 1,
                 })
             })?;

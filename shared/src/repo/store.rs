@@ -22,6 +22,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+use super::http::{ClassifyingConnector, RefusedStatus};
 use super::settings::{AzureSettings, GcsSettings, S3Settings, Secret};
 use super::url::{RepoLocation, RepoUrl};
 use crate::retry::{RetryPolicy, Retryable};
@@ -56,23 +57,109 @@ pub struct StoreOptions {
 /// A storage failure, classified.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
-    "cannot {op} {key}{}repository {repo}: {message}{}",
+    "cannot {op} {key}{}repository {repo}: {message}{}{}",
     if key.is_empty() { "" } else { " in " },
-    if *attempts > 1 { format!(" (gave up after {attempts} attempts)") } else { String::new() }
+    if *attempts > 1 { format!(" (gave up after {attempts} attempts)") } else { String::new() },
+    kind.remedy()
 )]
 pub struct StoreError {
     pub op: &'static str,
     pub key: String,
     pub repo: String,
     pub message: String,
-    pub transient: bool,
+    pub kind: StoreErrorKind,
     /// Requests made before giving up (0 when none could be made).
     pub attempts: u32,
 }
 
+/// What kind of failure a [`StoreError`] is, from `object_store`'s error variants and the
+/// HTTP status or transport failure under them (never from message text): whether another
+/// attempt may succeed, and what to tell the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// An answer, not a failure: not found, already exists, a failed precondition, not modified.
+    Answer,
+    /// The credentials were refused (401, 403).
+    Denied,
+    /// The request cannot succeed as made: a 4xx status, an operation the store does not
+    /// support, an invalid path or setting.
+    Refused,
+    /// The store could not be reached: no connection, or none in time.
+    Unreachable,
+    /// A local repository's directory is not there (a backup volume not mounted yet?).
+    NoDirectory,
+    /// Anything else (a 5xx, a reset connection, an I/O error): worth another attempt.
+    Failed,
+}
+
+impl StoreErrorKind {
+    /// Whether another attempt may succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            StoreErrorKind::Unreachable | StoreErrorKind::NoDirectory | StoreErrorKind::Failed
+        )
+    }
+
+    /// What to do about it, for the end of the message.
+    fn remedy(self) -> &'static str {
+        match self {
+            StoreErrorKind::Unreachable => {
+                "; check that the store is running and that its endpoint in the configuration is right"
+            }
+            StoreErrorKind::NoDirectory => {
+                "; mount the backup volume, or create the repository with `archive-agent init`"
+            }
+            _ => "",
+        }
+    }
+
+    /// The kind of an `object_store` error.
+    pub fn of(e: &object_store::Error) -> StoreErrorKind {
+        use object_store::Error as E;
+        match e {
+            E::NotFound { .. } | E::AlreadyExists { .. } | E::Precondition { .. } | E::NotModified { .. } => {
+                StoreErrorKind::Answer
+            }
+            E::PermissionDenied { .. } | E::Unauthenticated { .. } => StoreErrorKind::Denied,
+            E::NotSupported { .. }
+            | E::NotImplemented { .. }
+            | E::InvalidPath { .. }
+            | E::UnknownConfigurationKey { .. } => StoreErrorKind::Refused,
+            E::Generic { source, .. } => StoreErrorKind::of_cause(source.as_ref()),
+            _ => StoreErrorKind::Failed,
+        }
+    }
+
+    /// The kind of a generic error, from its source chain: a status retrying cannot change
+    /// ([`super::http::RefusedStatus`]) or a transport failure (`HttpError`'s kind).
+    fn of_cause(source: &(dyn std::error::Error + 'static)) -> StoreErrorKind {
+        use object_store::client::{HttpError, HttpErrorKind};
+        let chain = || std::iter::successors(Some(source), |e| e.source());
+        // The refusal is the transport error's own cause: look for it first.
+        if chain().any(|e| e.is::<RefusedStatus>()) {
+            return StoreErrorKind::Refused;
+        }
+        if let Some(http) = chain().find_map(|e| e.downcast_ref::<HttpError>()) {
+            return match http.kind() {
+                HttpErrorKind::Connect | HttpErrorKind::Timeout => StoreErrorKind::Unreachable,
+                _ => StoreErrorKind::Failed,
+            };
+        }
+        StoreErrorKind::Failed
+    }
+}
+
+impl StoreError {
+    /// Whether another attempt may succeed.
+    pub fn is_transient(&self) -> bool {
+        self.kind.is_transient()
+    }
+}
+
 impl Retryable for StoreError {
     fn is_transient(&self) -> bool {
-        self.transient
+        self.kind.is_transient()
     }
 }
 
@@ -84,21 +171,6 @@ pub enum CreateSemantics {
     /// The store may silently overwrite (S3-compatible stores that ignore `If-None-Match`): callers
     /// check before writing and read back after.
     CheckThenWrite,
-}
-
-/// Whether an error message reports an HTTP status that retrying cannot change: a 4xx other
-/// than 408 (request timeout) and 429 (too many requests), and other than S3's 400
-/// `RequestTimeout` (an idle upload connection the server dropped). object_store reports these
-/// as generic errors, with the status in the message ("... status code: 400 Bad Request ...").
-pub(crate) fn refused_by_status(message: &str) -> bool {
-    let Some(at) = message.find("status code: ") else {
-        return false;
-    };
-    let digits = &message[at + "status code: ".len()..];
-    let Some(status) = digits.get(..3).and_then(|d| d.parse::<u16>().ok()) else {
-        return false;
-    };
-    (400..500).contains(&status) && !matches!(status, 408 | 429) && !message.contains("RequestTimeout")
 }
 
 /// Outcome of [`Store::put_new`].
@@ -231,6 +303,7 @@ fn s3_builder(url: &RepoUrl, file: &S3Settings) -> object_store::aws::AmazonS3Bu
         })
         .with_url(url.as_str())
         .with_retry(retry_config())
+        .with_http_connector(ClassifyingConnector)
 }
 
 /// One retry layer: ours. object_store's retries would multiply attempts and stretch the time
@@ -266,17 +339,18 @@ fn azure_builder(url: &RepoUrl, file: &AzureSettings) -> object_store::azure::Mi
         })
         .with_url(url.as_str())
         .with_retry(retry_config())
+        .with_http_connector(ClassifyingConnector)
 }
 
 /// Open the store `url` names; with `create_local`, a local repository's directory is created
 /// (by `archive-agent init` only).
 fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Store, StoreError> {
-    let fail = |message: String, transient: bool| StoreError {
+    let fail = |message: String, kind: StoreErrorKind| StoreError {
         op: "open",
         key: String::new(),
         repo: url.to_string(),
         message,
-        transient,
+        kind,
         attempts: 0,
     };
     let retry = RetryPolicy::with_total(options.retry_timeout);
@@ -284,18 +358,22 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
     let (inner, prefix, create): (Arc<dyn ObjectStore>, Path, CreateSemantics) = match url.location() {
         RepoLocation::Local(dir) => {
             if create_local {
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| fail(format!("cannot create {}: {e}", dir.display()), true))?;
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    fail(
+                        format!("cannot create {}: {e}", dir.display()),
+                        StoreErrorKind::Failed,
+                    )
+                })?;
             } else if !dir.is_dir() {
                 return Err(fail(
                     format!("{} does not exist or is not a directory", dir.display()),
-                    true,
+                    StoreErrorKind::NoDirectory,
                 ));
             }
             // fsync on: a put returns only once file and directory entry are on disk, which is
             // what lets push acknowledge a segment to PostgreSQL.
             let fs = LocalFileSystem::new_with_prefix(&dir)
-                .map_err(|e| fail(e.to_string(), true))?
+                .map_err(|e| fail(e.to_string(), StoreErrorKind::Failed))?
                 .with_fsync(true)
                 // expire deletes segments and chunks: their emptied directories go with them.
                 .with_automatic_cleanup(true);
@@ -305,13 +383,13 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
         RepoLocation::S3 { prefix, .. } => {
             let s3 = s3_builder(url, &options.s3)
                 .build()
-                .map_err(|e| fail(e.to_string(), false))?;
+                .map_err(|e| fail(e.to_string(), StoreErrorKind::Refused))?;
             (Arc::new(s3), Path::from(prefix), CreateSemantics::CheckThenWrite)
         }
         RepoLocation::Azure { prefix, .. } => {
             let azure = azure_builder(url, &options.azure)
                 .build()
-                .map_err(|e| fail(e.to_string(), false))?;
+                .map_err(|e| fail(e.to_string(), StoreErrorKind::Refused))?;
             (
                 Arc::new(azure),
                 Path::from(prefix),
@@ -321,7 +399,7 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
         RepoLocation::Gcs { prefix, .. } => {
             let gcs = gcs_builder(url, &options.gcs)
                 .build()
-                .map_err(|e| fail(e.to_string(), false))?;
+                .map_err(|e| fail(e.to_string(), StoreErrorKind::Refused))?;
             (Arc::new(gcs), Path::from(prefix), CreateSemantics::CheckThenWrite)
         }
     };
@@ -358,6 +436,7 @@ fn gcs_builder(url: &RepoUrl, file: &GcsSettings) -> object_store::gcp::GoogleCl
         )
         .with_url(url.as_str())
         .with_retry(retry_config())
+        .with_http_connector(ClassifyingConnector)
 }
 
 async fn open_retrying<T>(
@@ -458,34 +537,19 @@ impl Store {
             key: key.to_string(),
             repo: self.url.to_string(),
             message: e.to_string(),
-            transient: true,
+            kind: StoreErrorKind::Failed,
             attempts: 1,
         }
     }
 
     fn error(&self, op: &'static str, key: &str, e: object_store::Error) -> StoreError {
-        use object_store::Error as E;
-        // Answers and refusals are final; anything else (5xx, resets, timeouts, I/O) may pass.
-        let transient = !refused_by_status(&e.to_string())
-            && !matches!(
-                e,
-                E::NotFound { .. }
-                    | E::AlreadyExists { .. }
-                    | E::Precondition { .. }
-                    | E::NotModified { .. }
-                    | E::NotSupported { .. }
-                    | E::NotImplemented { .. }
-                    | E::InvalidPath { .. }
-                    | E::UnknownConfigurationKey { .. }
-                    | E::PermissionDenied { .. }
-                    | E::Unauthenticated { .. }
-            );
         StoreError {
             op,
             key: key.to_string(),
             repo: self.url.to_string(),
             message: e.to_string(),
-            transient,
+            // Answers and refusals are final; anything else (5xx, resets, timeouts, I/O) may pass.
+            kind: StoreErrorKind::of(&e),
             attempts: 1,
         }
     }
@@ -823,23 +887,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn client_errors_are_final_and_server_errors_are_retried() {
-        let msg = |s: &str| {
-            format!("Error performing PUT http://x/y in 1ms - Server returned non-2xx status code: {s}: body")
+    fn errors_are_classified_by_kind_never_by_message() {
+        use object_store::Error as E;
+        use object_store::client::{HttpError, HttpErrorKind};
+        let generic = |source: Box<dyn std::error::Error + Send + Sync>| E::Generic { store: "S3", source };
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
+        let transport = |kind| generic(Box::new(HttpError::new(kind, std::io::Error::other("x"))));
+        assert!(StoreErrorKind::of(&transport(HttpErrorKind::Connect)).is_transient());
+        assert!(StoreErrorKind::of(&transport(HttpErrorKind::Timeout)).is_transient());
+        assert!(
+            StoreErrorKind::of(&generic(Box::new(HttpError::new(
+                HttpErrorKind::Interrupted,
+                reset
+            ))))
+            .is_transient()
+        );
+        // A message naming a client status is not a refusal: only the typed status is.
+        assert!(StoreErrorKind::of(&generic("status code: 400 Bad Request".into())).is_transient());
+        let refused = RefusedStatus {
+            status: 400,
+            reason: "Bad Request",
+            body: String::new(),
         };
-        for final_status in ["400 Bad Request", "403 Forbidden", "405 Method Not Allowed"] {
-            assert!(refused_by_status(&msg(final_status)), "{final_status}");
-        }
-        for passing in [
-            "500 Internal Server Error",
-            "503 Service Unavailable",
-            "408 Request Timeout",
-            "429 Too Many Requests",
-            "400 Bad Request: <Code>RequestTimeout</Code>",
+        let e = generic(Box::new(HttpError::new(HttpErrorKind::Unknown, refused)));
+        assert_eq!(StoreErrorKind::of(&e), StoreErrorKind::Refused);
+        let path = String::from("k");
+        for answer in [
+            E::NotFound {
+                path: path.clone(),
+                source: "x".into(),
+            },
+            E::AlreadyExists {
+                path: path.clone(),
+                source: "x".into(),
+            },
+            E::Precondition {
+                path: path.clone(),
+                source: "x".into(),
+            },
+            E::PermissionDenied {
+                path: path.clone(),
+                source: "x".into(),
+            },
+            E::Unauthenticated {
+                path,
+                source: "x".into(),
+            },
         ] {
-            assert!(!refused_by_status(&msg(passing)), "{passing}");
+            assert!(!StoreErrorKind::of(&answer).is_transient(), "{answer}");
         }
-        assert!(!refused_by_status("connection reset by peer"));
     }
 
     #[tokio::test]
@@ -889,7 +985,7 @@ mod tests {
             retry_timeout: Duration::from_secs(1),
             ..Default::default()
         };
-        assert!(Store::open(&url, &options).unwrap_err().transient);
+        assert!(Store::open(&url, &options).unwrap_err().is_transient());
         assert!(WritableStore::open(&url, &options).is_err());
         assert!(!dir.path().join("repo").exists());
         let store = WritableStore::open_to_create(&url, &options).unwrap();
