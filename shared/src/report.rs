@@ -44,7 +44,10 @@ pub fn to_string<R: Report + ?Sized>(report: &R, format: Format) -> String {
 pub fn emit<R: Report + ?Sized>(report: &R, format: Format) -> std::io::Result<()> {
     let out = std::io::stdout();
     let mut out = out.lock();
-    match out.write_all(to_string(report, format).as_bytes()).and_then(|()| out.flush()) {
+    match out
+        .write_all(to_string(report, format).as_bytes())
+        .and_then(|()| out.flush())
+    {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => r,
     }
@@ -75,7 +78,13 @@ impl Report for Message {
 pub fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for (i, row) in rows.iter().enumerate() {
