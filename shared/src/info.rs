@@ -124,7 +124,7 @@ pub fn describe(
     InfoReport {
         repository,
         repository_id: cat.repo_id.clone(),
-        cluster: cat.cluster.clone(),
+        cluster: cat.cluster,
         encryption,
         backups,
         timelines,
