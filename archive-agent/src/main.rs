@@ -167,7 +167,11 @@ fn main() -> ExitCode {
         compress_level,
     } = &cli.command
     {
-        return ExitCode::from(walvault::archive_command::push(&cli.repo, wal_path, *compress_level));
+        return ExitCode::from(walvault::archive_command::push(
+            &cli.repo,
+            wal_path,
+            *compress_level,
+        ));
     }
     let what = cli.command.name();
     match run(&cli.repo, cli.command) {
@@ -205,7 +209,10 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<()> {
             json,
         } => {
             let settings = repo.settings(None)?;
-            show(&block_on(admin::init(&settings, pgdata.as_deref(), encrypt, now()))??, json)
+            show(
+                &block_on(admin::init(&settings, pgdata.as_deref(), encrypt, now()))??,
+                json,
+            )
         }
         Command::Rekey {
             new_key_file,
@@ -227,7 +234,10 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<()> {
         Command::Expire { rules, dry_run, json } => {
             let settings = repo.settings(None)?;
             let rules = rules.settings();
-            show(&block_on(expire::expire_repository(&settings, &rules, dry_run, now()))??, json)
+            show(
+                &block_on(expire::expire_repository(&settings, &rules, dry_run, now()))??,
+                json,
+            )
         }
         Command::Pin { id, note } => {
             let settings = repo.settings(None)?;

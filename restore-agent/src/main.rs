@@ -208,7 +208,11 @@ fn main() -> ExitCode {
                 no_prefetch: *no_prefetch,
             };
             let program = std::env::current_exe().ok();
-            return ExitCode::from(walvault::restore_command::fetch(&cli.repo, &req, program.as_deref()));
+            return ExitCode::from(walvault::restore_command::fetch(
+                &cli.repo,
+                &req,
+                program.as_deref(),
+            ));
         }
         Command::Verify { .. } => ("verify failed: ", ExitCode::FAILURE),
         // A drill that ran and failed exits 1; one that could not start, 2.

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::backup::manifest::BackupIdError;
 use crate::backup::BackupId;
+use crate::backup::manifest::BackupIdError;
 use crate::config::Settings;
 use crate::expire::ExpireError;
 use crate::repo::init::InitError;
@@ -67,7 +67,14 @@ pub async fn init(
     now_us: i64,
 ) -> Result<Created, AdminError> {
     let cluster = pgdata.map(crate::repo::init::cluster_of_data_dir).transpose()?;
-    let created = Writer::init(&settings.repo, &settings.store_options(), cluster, now_us, encrypt).await?;
+    let created = Writer::init(
+        &settings.repo,
+        &settings.store_options(),
+        cluster,
+        now_us,
+        encrypt,
+    )
+    .await?;
     Ok(Created {
         repository: settings.repo.to_string(),
         id: created.id().clone(),
@@ -117,7 +124,10 @@ mod tests {
         };
         let text = to_string(&created, Format::Text);
         assert!(text.starts_with("created encrypted repository file:///srv/repo (id 0123456789abcdef0123456789abcdef); the first WAL segment archived binds it"), "{text}");
-        assert!(text.ends_with("nothing in the repository can be read\n"), "{text}");
+        assert!(
+            text.ends_with("nothing in the repository can be read\n"),
+            "{text}"
+        );
         let v: serde_json::Value = serde_json::from_str(&to_string(&created, Format::Json)).unwrap();
         assert_eq!(v["repository"], "file:///srv/repo");
         assert_eq!(v["encrypted"], true);

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::BackupId;
 use crate::catalog::{Catalog, CatalogError};
+use crate::config::{ConfigError, RetentionSettings, Settings};
 use crate::repo::layout::{self, Kind};
 use crate::repo::locks::{self, Lock, LockError, LockKind};
-use crate::config::{ConfigError, RetentionSettings, Settings};
 use crate::repo::{RepoError, StoreError, Writer};
 use crate::report::Report;
 use crate::retention::{self, Policy, Reason};

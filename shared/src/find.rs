@@ -445,7 +445,12 @@ impl RestoreCommandLine {
     pub fn for_event(&self, e: &FoundEvent) -> Option<String> {
         e.restorable.then(|| {
             let args: Vec<String> = e.restore_args.iter().map(|a| sh_quote(a)).collect();
-            format!("{} restore --pgdata {} {}", self.prefix, self.pgdata, args.join(" "))
+            format!(
+                "{} restore --pgdata {} {}",
+                self.prefix,
+                self.pgdata,
+                args.join(" ")
+            )
         })
     }
 }
@@ -500,7 +505,11 @@ impl Report for FindReport {
         if self.events.is_empty() {
             out.push_str("no destructive transactions found in the archived WAL\n");
         }
-        for ReportedEvent { event: e, restore_command } in &self.events {
+        for ReportedEvent {
+            event: e,
+            restore_command,
+        } in &self.events
+        {
             let _ = writeln!(
                 out,
                 "{}  xid {}  {}  (commit at {}, timeline {})",
@@ -518,7 +527,10 @@ impl Report for FindReport {
             }
             let _ = match restore_command {
                 Some(c) => writeln!(out, "    restore just before it:  {c}"),
-                None => writeln!(out, "    not restorable: no backup of this timeline was taken before it"),
+                None => writeln!(
+                    out,
+                    "    not restorable: no backup of this timeline was taken before it"
+                ),
             };
             out.push('\n');
         }

@@ -202,7 +202,11 @@ impl Report for InfoReport {
 impl InfoReport {
     fn render_header(&self, out: &mut String) {
         let _ = match &self.cluster {
-            Some(c) => writeln!(out, "repository {} ({c}), id {}", self.repository, self.repository_id),
+            Some(c) => writeln!(
+                out,
+                "repository {} ({c}), id {}",
+                self.repository, self.repository_id
+            ),
             None => writeln!(
                 out,
                 "repository {}, id {}: no WAL archived yet",
@@ -310,5 +314,78 @@ impl InfoReport {
                     .map_or(String::new(), |f| format!("  FAILED: {f}"))
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::testing::{empty_catalog, manifest, summary};
+    use crate::report::{Format, to_string};
+
+    fn catalog() -> Catalog {
+        let mut cat = empty_catalog(7);
+        cat.backups
+            .push(manifest("20261123T101010Z", 1, 2, 1_763_892_610_000_000));
+        cat.pinned.insert("20261123T101010Z".parse().unwrap());
+        cat.segments.insert(1, vec![2, 3, 5]);
+        cat.summaries.insert((1, 3), summary(3, 1_763_892_700));
+        cat
+    }
+
+    #[test]
+    fn info_text_has_a_line_per_backup_and_timeline() {
+        let report = describe("file:///srv/repo".into(), &catalog(), None, vec![]);
+        let text = to_string(&report, Format::Text);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("repository file:///srv/repo (PostgreSQL 15"),
+            "{text}"
+        );
+        assert_eq!(lines[1], "");
+        assert!(lines[2].starts_with("backup             tli  start"), "{text}");
+        assert!(lines[3].starts_with("20261123T101010Z     1  "), "{text}");
+        assert!(
+            lines[3].ends_with("0 B           0 B           0 B  pinned"),
+            "{text}"
+        );
+        assert_eq!(lines[4], "");
+        assert!(lines[5].starts_with("tli  parent"), "{text}");
+        assert!(
+            lines[6].ends_with("000000010000000000000002..000000010000000000000003, 000000010000000000000005..000000010000000000000005  (1 gaps)"),
+            "{text}"
+        );
+        assert_eq!(lines.len(), 7, "{text}");
+    }
+
+    #[test]
+    fn info_json_keeps_its_fields() {
+        let encryption = EncryptionInfo {
+            cipher: "xchacha20poly1305".into(),
+            chunk_ids: "keyed-blake3".into(),
+            key: Kdf::Argon2id,
+            wrapped_at: None,
+        };
+        let report = describe("file:///srv/repo".into(), &catalog(), Some(encryption), vec![]);
+        let v: serde_json::Value = serde_json::from_str(&to_string(&report, Format::Json)).unwrap();
+        assert_eq!(v["repository"], "file:///srv/repo");
+        assert_eq!(v["encryption"]["key"], "argon2id");
+        assert!(v["encryption"]["wrapped_at"].is_null());
+        assert_eq!(v["backups"][0]["id"], "20261123T101010Z");
+        assert_eq!(v["backups"][0]["pinned"], true);
+        let t = &v["timelines"][0];
+        assert_eq!(t["timeline"], 1);
+        assert!(t["parent"].is_null());
+        assert_eq!(t["wal"].as_array().unwrap().len(), 2);
+        assert_eq!(t["wal"][0]["segments"], 2);
+        assert!(t["restorable"]["earliest"].is_string(), "{t}");
+        assert_eq!(t["restore_points"], serde_json::json!([]));
+        assert_eq!(v["damaged"], serde_json::json!([]));
+        assert_eq!(v["drills"], serde_json::json!([]));
+        let text = to_string(&report, Format::Text);
+        assert!(
+            text.contains("encrypted: xchacha20poly1305, keyed chunk ids, key argon2id (wrapped at init)"),
+            "{text}"
+        );
     }
 }

@@ -75,7 +75,8 @@ pub fn fetch(repo: &RepoArgs, req: &FetchRequest<'_>, program: Option<&Path>) ->
             tracing::info!("fetch {name}: restored, {size} bytes, stored {stored_size} bytes{from}, {ms} ms");
             if let (Some(plan), WalFileName::Segment(seg)) = (&plan, name) {
                 let now = crate::time::now_micros();
-                if let Some(p) = crate::progress::files::record_fetch(pgdata, plan, &seg, latest_commit, now) {
+                if let Some(p) = crate::progress::files::record_fetch(pgdata, plan, &seg, latest_commit, now)
+                {
                     tracing::info!("{}", p.line());
                 }
             }

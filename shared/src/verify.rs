@@ -159,7 +159,11 @@ impl Report for Verified {
 }
 
 /// Open the repository read-only and verify it: `restore-agent verify`.
-pub async fn verify_repository(settings: &Settings, deep: bool, parallel: usize) -> Result<Verified, VerifyError> {
+pub async fn verify_repository(
+    settings: &Settings,
+    deep: bool,
+    parallel: usize,
+) -> Result<Verified, VerifyError> {
     let repo = Reader::open(&settings.repo, &settings.store_options()).await?;
     Ok(verify(&repo, deep, parallel).await?.into())
 }

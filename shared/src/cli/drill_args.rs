@@ -84,7 +84,12 @@ pub struct DrillArgs {
 
 impl DrillArgs {
     /// The drill these flags ask for; its server fetches WAL with `restore_agent` (this program).
-    pub fn options(&self, repo: &RepoArgs, settings: &Settings, restore_agent: &Path) -> Result<DrillOptions, DrillArgsError> {
+    pub fn options(
+        &self,
+        repo: &RepoArgs,
+        settings: &Settings,
+        restore_agent: &Path,
+    ) -> Result<DrillOptions, DrillArgsError> {
         let target = match (self.goal.target()?, self.target.as_deref()) {
             (Some(t), _) => DrillTarget::Target(t),
             (None, Some("random")) => DrillTarget::Random,
@@ -131,7 +136,11 @@ impl DrillArgs {
 }
 
 /// `restore-agent drill`: build the options and run the drill (its outcome is in the evidence).
-pub async fn drill(settings: &Settings, repo: &RepoArgs, args: &DrillArgs) -> Result<Evidence, DrillArgsError> {
+pub async fn drill(
+    settings: &Settings,
+    repo: &RepoArgs,
+    args: &DrillArgs,
+) -> Result<Evidence, DrillArgsError> {
     let opts = args.options(repo, settings, &std::env::current_exe()?)?;
     Ok(crate::drill::run(settings, &opts).await)
 }
@@ -182,10 +191,17 @@ pub struct ScheduledDrillArgs {
 impl ScheduledDrillArgs {
     /// The drills the daemon runs; their server fetches WAL with restore-agent, installed beside
     /// `archive_agent` (this program).
-    pub fn options(&self, repo: &RepoArgs, settings: &Settings, archive_agent: &Path) -> Result<DrillOptions, DrillArgsError> {
+    pub fn options(
+        &self,
+        repo: &RepoArgs,
+        settings: &Settings,
+        archive_agent: &Path,
+    ) -> Result<DrillOptions, DrillArgsError> {
         let restore_agent = archive_agent.with_file_name("restore-agent");
         if !restore_agent.exists() {
-            return Err(DrillArgsError::NoRestoreAgent(restore_agent.display().to_string()));
+            return Err(DrillArgsError::NoRestoreAgent(
+                restore_agent.display().to_string(),
+            ));
         }
         Ok(DrillOptions {
             target: match self.drill_target.as_str() {

@@ -79,6 +79,9 @@ mod tests {
         assert_eq!(parse_timeline("current").unwrap(), TimelineTarget::Current);
         assert_eq!(parse_timeline("3").unwrap(), TimelineTarget::Id(3));
         let e = parse_timeline("newest").unwrap_err().to_string();
-        assert_eq!(e, "--target-timeline \"newest\": use latest, current or a timeline id");
+        assert_eq!(
+            e,
+            "--target-timeline \"newest\": use latest, current or a timeline id"
+        );
     }
 }
