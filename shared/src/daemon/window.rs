@@ -1,0 +1,34 @@
+//! The restorable window the metrics show: refreshed from the repository catalog every minute,
+//! incrementally (each refresh downloads only new manifests and summaries).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::metrics::Metrics;
+use crate::catalog::Catalog;
+use crate::repo::Reader;
+
+/// The last catalog read, shared by the refreshes (one at a time).
+pub(crate) type LastCatalog = Arc<tokio::sync::Mutex<Option<Catalog>>>;
+
+/// Refresh the restorable-window gauges from the repository catalog (incrementally: see
+/// [`Catalog::refresh`]).
+pub(crate) async fn update_window(repo: Reader, metrics: Arc<Metrics>, last: LastCatalog) {
+    let mut last = last.lock().await;
+    match Catalog::refresh(&repo, last.as_ref()).await {
+        Ok(cat) => {
+            metrics.backups.store(cat.backups.len() as u64, Ordering::Relaxed);
+            let tli = cat.timeline_ids().last().copied().unwrap_or(1);
+            if let Some(w) = cat.window(tli) {
+                metrics
+                    .window_earliest_unix
+                    .store(w.earliest / 1_000_000, Ordering::Relaxed);
+                metrics
+                    .window_latest_unix
+                    .store(w.latest.map_or(0, |l| l / 1_000_000), Ordering::Relaxed);
+            }
+            *last = Some(cat);
+        }
+        Err(e) => tracing::warn!("restorable window not updated: {e}"),
+    }
+}
