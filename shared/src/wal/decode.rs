@@ -15,8 +15,9 @@
 //! its 24-byte header, the first [`HEAD_CAP`] bytes (block headers) and the first
 //! [`MAIN_CAP`] bytes of its main data ([`XACT_MAIN_CAP`] for a commit record, whose list of
 //! dropped relations follows its subtransactions). So a decoder's whole state between two
-//! segments is tens of KiB at most ([`DecoderState`]), which can be stored and resumed in
-//! another process.
+//! segments is at most [`MAX_STATE_JSON_LEN`] bytes of JSON ([`DecoderState`]), which can be
+//! stored and resumed in another process. What a record is, and the parsing of its block
+//! headers and main data, is in [`super::record`].
 //!
 //! Byte order is little-endian, as everywhere in walvault (x86_64 and aarch64 clusters).
 
@@ -26,6 +27,11 @@ use super::crc32c;
 use super::lsn::Lsn;
 use super::page::{LONG_HEADER_LEN, XLP_LONG_HEADER};
 pub use super::pgtime::PgTime;
+use super::record::{
+    Layout, XLOG_XACT_COMMIT, XLOG_XACT_COMMIT_PREPARED, XLOG_XACT_OPMASK, classify, parse_layout, u16_at,
+    u32_at, u64_at,
+};
+pub use super::record::{RM_XACT_ID, RM_XLOG_ID, RecordKind, RelFileLocator, WalRecord};
 use super::version::{self, WalFormat};
 
 /// `SizeOfXLogShortPHD`.
@@ -53,127 +59,38 @@ pub const MAIN_CAP: usize = 72;
 /// relation files it drops, for up to thousands of each (`xl_xact_parsed_commit`).
 pub const XACT_MAIN_CAP: usize = 32 * 1024;
 
-/// `RM_XLOG_ID`.
-pub const RM_XLOG_ID: u8 = 0;
-/// `RM_XACT_ID`.
-pub const RM_XACT_ID: u8 = 1;
+/// Largest JSON a [`DecoderState`] serializes to (46,868 bytes), for any state
+/// [`WalDecoder::resume`] accepts: the widest phase (a record in progress) with every number at
+/// its widest (`u64::MAX` has 20 digits, `u32::MAX` 10, an LSN `FFFFFFFF/FFFFFFFF`), plus its
+/// three byte fields as base64 (4 characters per 3 bytes, padded), each at its cap: the 24-byte
+/// record header, [`HEAD_CAP`] bytes of block headers and [`XACT_MAIN_CAP`] bytes of main data.
+/// The decoder never holds a full head and main data at once (the head is let go when the main
+/// data is found), so the states it writes stay 2,732 bytes below; a state written before the byte
+/// fields were base64 (JSON arrays of numbers, up to 4 characters a byte) can be three times
+/// larger, and still reads. The unit test `the_worst_case_state_is_exactly_the_bound` builds
+/// that state.
+pub const MAX_STATE_JSON_LEN: usize = STATE_JSON_SKELETON.len()
+    + base64_len(RECORD_HEADER_LEN as usize)
+    + base64_len(HEAD_CAP)
+    + base64_len(XACT_MAIN_CAP);
+
+/// The worst-case state's JSON with its byte fields empty: what [`MAX_STATE_JSON_LEN`] adds them to.
+const STATE_JSON_SKELETON: &str = concat!(
+    r#"{"segment_size":4294967295,"block_size":4294967295,"pos":"FFFFFFFF/FFFFFFFF","#,
+    r#""phase":{"Record":{"lsn":18446744073709551615,"tot_len":4294967295,"got":4294967295,"#,
+    r#""header":"","crc":4294967295,"head":"","#,
+    r#""layout":{"main_off":4294967295,"main_len":4294967295,"rel":[4294967295,4294967295,4294967295]},"#,
+    r#""main":""}},"magic":65535,"system_identifier":18446744073709551615,"timeline":4294967295,"#,
+    r#""prev":"FFFFFFFF/FFFFFFFF"}"#,
+);
+
+/// Length of `n` bytes in padded base64.
+const fn base64_len(n: usize) -> usize {
+    n.div_ceil(3) * 4
+}
+
 /// `RM_MIN_CUSTOM_ID`: custom resource managers exist from PostgreSQL 15.
 const RM_MIN_CUSTOM_ID: u8 = 128;
-
-/// `XLR_RMGR_INFO_MASK`: the `xl_info` bits that belong to the resource manager.
-const XLR_RMGR_INFO_MASK: u8 = 0xF0;
-/// `XLOG_SWITCH` (`pg_control.h`).
-const XLOG_SWITCH: u8 = 0x40;
-/// `XLOG_RESTORE_POINT` (`pg_control.h`).
-const XLOG_RESTORE_POINT: u8 = 0x70;
-/// `XLOG_XACT_OPMASK` (`xact.h`).
-const XLOG_XACT_OPMASK: u8 = 0x70;
-const XLOG_XACT_COMMIT: u8 = 0x00;
-const XLOG_XACT_ABORT: u8 = 0x20;
-const XLOG_XACT_COMMIT_PREPARED: u8 = 0x30;
-const XLOG_XACT_ABORT_PREPARED: u8 = 0x40;
-/// `MAXFNAMELEN`: size of `xl_restore_point.rp_name`.
-const RESTORE_POINT_NAME_LEN: usize = 64;
-
-/// `XLR_MAX_BLOCK_ID` and the special block ids of `xlogrecord.h`.
-const XLR_MAX_BLOCK_ID: u8 = 32;
-const XLR_BLOCK_ID_DATA_SHORT: u8 = 255;
-const XLR_BLOCK_ID_DATA_LONG: u8 = 254;
-const XLR_BLOCK_ID_ORIGIN: u8 = 253;
-const XLR_BLOCK_ID_TOPLEVEL_XID: u8 = 252;
-/// `fork_flags` bits of a block reference.
-const BKPBLOCK_HAS_IMAGE: u8 = 0x10;
-const BKPBLOCK_HAS_DATA: u8 = 0x20;
-const BKPBLOCK_SAME_REL: u8 = 0x80;
-/// `BKPIMAGE_HAS_HOLE`, the same in every version (the "compressed" bits are not:
-/// [`WalFormat::image_compressed_bits`]).
-const BKPIMAGE_HAS_HOLE: u8 = 0x01;
-/// `sizeof(RelFileNode)` / `sizeof(RelFileLocator)`: three OIDs in every version.
-const REL_LOCATOR_LEN: usize = 12;
-
-/// What a record is, as far as a time index cares.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RecordKind {
-    /// `XLOG_XACT_COMMIT`.
-    Commit { time: PgTime },
-    /// `XLOG_XACT_ABORT`.
-    Abort { time: PgTime },
-    /// `XLOG_XACT_COMMIT_PREPARED` (`COMMIT PREPARED`; the record's `xid` is usually 0, the
-    /// prepared transaction's id is further into the main data).
-    CommitPrepared { time: PgTime },
-    /// `XLOG_XACT_ABORT_PREPARED` (`ROLLBACK PREPARED`).
-    AbortPrepared { time: PgTime },
-    /// `XLOG_RESTORE_POINT` (`pg_create_restore_point`).
-    RestorePoint { time: PgTime, name: String },
-    /// `XLOG_SWITCH`: the rest of the segment is unused.
-    Switch,
-    /// Anything else.
-    Other,
-}
-
-impl RecordKind {
-    /// The transaction end time of a commit or abort, prepared or not.
-    pub fn xact_time(&self) -> Option<PgTime> {
-        match self {
-            RecordKind::Commit { time }
-            | RecordKind::Abort { time }
-            | RecordKind::CommitPrepared { time }
-            | RecordKind::AbortPrepared { time } => Some(*time),
-            _ => None,
-        }
-    }
-}
-
-/// One decoded, CRC-checked WAL record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WalRecord {
-    /// Where the record starts (what `pg_waldump` prints as `lsn:`).
-    pub lsn: Lsn,
-    /// Where the next record may start: the end of this one rounded up to 8 bytes, as
-    /// PostgreSQL's `EndRecPtr`; for `XLOG_SWITCH`, the end of the segment.
-    pub end: Lsn,
-    /// `xl_prev`: the previous record's start.
-    pub prev: Lsn,
-    /// `xl_xid`.
-    pub xid: u32,
-    /// `xl_rmid`.
-    pub rmid: u8,
-    /// `xl_info`.
-    pub info: u8,
-    /// `xl_tot_len`: header, block headers and data, without page headers or padding.
-    pub total_len: u32,
-    pub kind: RecordKind,
-    /// The relation of the first block reference (the heap page a `DELETE` or `UPDATE` changed).
-    pub block_rel: Option<RelFileLocator>,
-    /// The first bytes of the main data: all of it up to [`MAIN_CAP`] ([`XACT_MAIN_CAP`] for a
-    /// commit record).
-    pub main: Vec<u8>,
-    /// The main data's whole length, to tell when `main` is cut short.
-    pub main_len: u32,
-}
-
-/// `RelFileLocator` (`RelFileNode` before PostgreSQL 16): which file a relation's data is in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct RelFileLocator {
-    /// Tablespace OID (1663 `pg_default`, 1664 `pg_global`).
-    pub spc: u32,
-    /// Database OID (0 for shared catalogs).
-    pub db: u32,
-    /// `relfilenode`: the file's number, what `pg_relation_filenode()` returns.
-    pub rel: u32,
-}
-
-impl RelFileLocator {
-    /// Read the 12 bytes PostgreSQL writes (`spcOid`, `dbOid`, `relNumber`).
-    pub fn from_bytes(b: &[u8]) -> Option<RelFileLocator> {
-        let b = b.get(..REL_LOCATOR_LEN)?;
-        Some(RelFileLocator {
-            spc: u32_at(b, 0),
-            db: u32_at(b, 4),
-            rel: u32_at(b, 8),
-        })
-    }
-}
 
 /// Why the WAL cannot be decoded further. Every variant says where (`lsn`): the page for page
 /// problems, the record for record problems.
@@ -257,17 +174,6 @@ impl DecodeError {
     }
 }
 
-/// Where the block headers say the main data is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct Layout {
-    /// Offset of the main data in the record body (after the 24-byte header).
-    main_off: u32,
-    main_len: u32,
-    /// The first block reference's relation (`RelFileLocator`: tablespace, database, file).
-    #[serde(default)]
-    rel: Option<[u32; 3]>,
-}
-
 /// A record being read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Partial {
@@ -275,14 +181,75 @@ struct Partial {
     tot_len: u32,
     /// Bytes of the record read so far, header included.
     got: u32,
+    #[serde(with = "byte_field::fixed")]
     header: [u8; RECORD_HEADER_LEN as usize],
     /// CRC register over the body so far.
     crc: u32,
     /// The first body bytes, until the block headers have been parsed.
+    #[serde(with = "byte_field")]
     head: Vec<u8>,
     layout: Option<Layout>,
     /// The first [`main_cap`] bytes of the main data.
+    #[serde(with = "byte_field")]
     main: Vec<u8>,
+}
+
+/// The stored form of a [`Partial`]'s bytes: written as base64 text (standard alphabet, padded),
+/// read as that or as a JSON array of numbers, which is how states were written before
+/// (docs/FORMAT.md, the summary's `carry`).
+mod byte_field {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_any(Bytes)
+    }
+
+    struct Bytes;
+
+    impl<'de> Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("base64 text or an array of byte values")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
+            STANDARD.decode(v).map_err(E::custom)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            // The hint comes from untrusted input: the caps bound what a valid state holds.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(super::XACT_MAIN_CAP));
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+
+    /// The same for a fixed-size array (the record header).
+    pub mod fixed {
+        use serde::de::Error;
+        use serde::{Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer, const N: usize>(bytes: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
+            super::serialize(bytes, s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u8; N], D::Error> {
+            let v = super::deserialize(d)?;
+            let len = v.len();
+            v.try_into()
+                .map_err(|_| D::Error::invalid_length(len, &format!("{N} bytes").as_str()))
+        }
+    }
 }
 
 /// How much of a record's main data is kept: see [`XACT_MAIN_CAP`].
@@ -327,7 +294,8 @@ enum Phase {
 
 /// Everything a [`WalDecoder`] knows between two bytes of the stream, without unconsumed input:
 /// enough to resume decoding elsewhere (in another process, from the next segment file).
-/// A few KiB at most, whatever the records.
+/// Its JSON is at most [`MAX_STATE_JSON_LEN`] bytes (46 KB), whatever the records: mostly the
+/// main data kept of a commit record in progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecoderState {
     segment_size: u32,
@@ -455,16 +423,6 @@ pub struct WalDecoder {
     input: Vec<u8>,
     consumed: usize,
     failed: Option<DecodeError>,
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from(u32_at(b, at)) | (u64::from(u32_at(b, at + 4)) << 32)
 }
 
 fn align_up(v: u64, to: u64) -> u64 {
@@ -847,12 +805,12 @@ impl WalDecoder {
         if p.layout.is_none() {
             // A body shorter than HEAD_CAP (or empty): parse it whole now.
             let head = std::mem::take(&mut p.head);
-            p.layout = Some(parse_layout(&head, p.body_len(), image_bits, lsn)?.ok_or(
-                DecodeError::Malformed {
-                    lsn,
-                    reason: "record data shorter than its block headers",
-                },
-            )?);
+            let malformed = |reason| DecodeError::Malformed { lsn, reason };
+            p.layout = Some(
+                parse_layout(&head, p.body_len(), image_bits)
+                    .map_err(malformed)?
+                    .ok_or(malformed("record data shorter than its block headers"))?,
+            );
             capture_main(&mut p, &head, 0);
         }
         let computed = !crc32c::update(p.crc, &p.header[..CRC_OFFSET]);
@@ -912,10 +870,10 @@ fn absorb_body(p: &mut Partial, chunk: &[u8], image_bits: u8) -> Result<(), Deco
     if p.head.len() == HEAD_CAP && (HEAD_CAP as u64) < u64::from(body_len) {
         let lsn = Lsn(p.lsn);
         let head = std::mem::take(&mut p.head);
-        let layout = parse_layout(&head, body_len, image_bits, lsn)?.ok_or(DecodeError::Malformed {
-            lsn,
-            reason: "block headers longer than any PostgreSQL writes",
-        })?;
+        let malformed = |reason| DecodeError::Malformed { lsn, reason };
+        let layout = parse_layout(&head, body_len, image_bits)
+            .map_err(malformed)?
+            .ok_or(malformed("block headers longer than any PostgreSQL writes"))?;
         p.layout = Some(layout);
         capture_main(p, &head, 0);
         capture_main(p, &chunk[take..], off + take as u32);
@@ -937,170 +895,12 @@ fn capture_main(p: &mut Partial, chunk: &[u8], off: u32) {
     }
 }
 
-/// Walk the block headers at the start of a record body of `body_len` bytes (`head` holds its
-/// first bytes) to find the main data, as `DecodeXLogRecord` does. `Ok(None)`: `head` ends
-/// before the headers do.
-fn parse_layout(
-    head: &[u8],
-    body_len: u32,
-    image_compressed_bits: u8,
-    lsn: Lsn,
-) -> Result<Option<Layout>, DecodeError> {
-    struct Reader<'a> {
-        head: &'a [u8],
-        at: usize,
-        remaining: u64,
-    }
-    enum Short {
-        /// The record says it has fewer bytes than its headers need.
-        Record,
-        /// `head` does not hold them yet.
-        Head,
-    }
-    impl Reader<'_> {
-        fn take(&mut self, n: usize) -> Result<&[u8], Short> {
-            if self.remaining < n as u64 {
-                return Err(Short::Record);
-            }
-            let bytes = self.head.get(self.at..self.at + n).ok_or(Short::Head)?;
-            self.at += n;
-            self.remaining -= n as u64;
-            Ok(bytes)
-        }
-        fn u8(&mut self) -> Result<u8, Short> {
-            Ok(self.take(1)?[0])
-        }
-        fn u16(&mut self) -> Result<u16, Short> {
-            Ok(u16_at(self.take(2)?, 0))
-        }
-        fn u32(&mut self) -> Result<u32, Short> {
-            Ok(u32_at(self.take(4)?, 0))
-        }
-    }
-    let malformed = |reason| Err(DecodeError::Malformed { lsn, reason });
-    let mut r = Reader {
-        head,
-        at: 0,
-        remaining: u64::from(body_len),
-    };
-    let mut datatotal: u64 = 0;
-    let mut main_len: u32 = 0;
-    let mut max_block: Option<u8> = None;
-    let mut have_rel = false;
-    let mut first_rel: Option<[u32; 3]> = None;
-    let mut walk = |r: &mut Reader| -> Result<Result<(), &'static str>, Short> {
-        while r.remaining > datatotal {
-            match r.u8()? {
-                XLR_BLOCK_ID_DATA_SHORT => {
-                    main_len = u32::from(r.u8()?);
-                    datatotal += u64::from(main_len);
-                    // By convention the main data header comes last.
-                    break;
-                }
-                XLR_BLOCK_ID_DATA_LONG => {
-                    main_len = r.u32()?;
-                    datatotal += u64::from(main_len);
-                    break;
-                }
-                XLR_BLOCK_ID_ORIGIN => {
-                    r.take(2)?;
-                }
-                XLR_BLOCK_ID_TOPLEVEL_XID => {
-                    r.take(4)?;
-                }
-                id @ 0..=XLR_MAX_BLOCK_ID => {
-                    if max_block.is_some_and(|m| id <= m) {
-                        return Ok(Err("out-of-order block id"));
-                    }
-                    max_block = Some(id);
-                    let fork_flags = r.u8()?;
-                    let data_len = r.u16()?;
-                    if (fork_flags & BKPBLOCK_HAS_DATA != 0) != (data_len != 0) {
-                        return Ok(Err("BKPBLOCK_HAS_DATA does not match the data length"));
-                    }
-                    datatotal += u64::from(data_len);
-                    if fork_flags & BKPBLOCK_HAS_IMAGE != 0 {
-                        let bimg_len = r.u16()?;
-                        let _hole_offset = r.u16()?;
-                        let bimg_info = r.u8()?;
-                        let compressed = bimg_info & image_compressed_bits != 0;
-                        if compressed && bimg_info & BKPIMAGE_HAS_HOLE != 0 {
-                            let _hole_length = r.u16()?;
-                        }
-                        datatotal += u64::from(bimg_len);
-                    }
-                    if fork_flags & BKPBLOCK_SAME_REL == 0 {
-                        let rel = r.take(REL_LOCATOR_LEN)?;
-                        if !have_rel {
-                            first_rel = Some([u32_at(rel, 0), u32_at(rel, 4), u32_at(rel, 8)]);
-                        }
-                        have_rel = true;
-                    } else if !have_rel {
-                        return Ok(Err("BKPBLOCK_SAME_REL without a previous relation"));
-                    }
-                    let _block_number = r.u32()?;
-                }
-                _ => return Ok(Err("invalid block id")),
-            }
-        }
-        Ok(Ok(()))
-    };
-    match walk(&mut r) {
-        Err(Short::Head) => return Ok(None),
-        Err(Short::Record) => return malformed("record shorter than its block headers"),
-        Ok(Err(reason)) => return malformed(reason),
-        Ok(Ok(())) => {}
-    }
-    if r.remaining != datatotal {
-        return malformed("block and main data lengths do not add up to the record length");
-    }
-    Ok(Some(Layout {
-        main_off: body_len - main_len,
-        main_len,
-        rel: first_rel,
-    }))
-}
-
-fn time_at(main: &[u8]) -> Result<PgTime, &'static str> {
-    let b = main.get(..8).ok_or("main data too short for a timestamp")?;
-    Ok(PgTime(i64::from(u32_at(b, 0)) | (i64::from(u32_at(b, 4)) << 32)))
-}
-
-/// Read the record kinds a time index needs from the start of the main data.
-fn classify(rmid: u8, info: u8, main: &[u8]) -> Result<RecordKind, &'static str> {
-    Ok(match rmid {
-        // xl_xact_commit and xl_xact_abort (also used by the prepared variants) start with
-        // `TimestampTz xact_time`.
-        RM_XACT_ID => match info & XLOG_XACT_OPMASK {
-            XLOG_XACT_COMMIT => RecordKind::Commit { time: time_at(main)? },
-            XLOG_XACT_ABORT => RecordKind::Abort { time: time_at(main)? },
-            XLOG_XACT_COMMIT_PREPARED => RecordKind::CommitPrepared { time: time_at(main)? },
-            XLOG_XACT_ABORT_PREPARED => RecordKind::AbortPrepared { time: time_at(main)? },
-            _ => RecordKind::Other,
-        },
-        RM_XLOG_ID => match info & XLR_RMGR_INFO_MASK {
-            XLOG_SWITCH => RecordKind::Switch,
-            XLOG_RESTORE_POINT => {
-                // xl_restore_point { TimestampTz rp_time; char rp_name[MAXFNAMELEN]; }
-                let raw = main
-                    .get(8..8 + RESTORE_POINT_NAME_LEN)
-                    .ok_or("restore point record too short")?;
-                let name = raw.split(|&b| b == 0).next().unwrap_or_default();
-                RecordKind::RestorePoint {
-                    time: time_at(main)?,
-                    name: String::from_utf8_lossy(name).into_owned(),
-                }
-            }
-            _ => RecordKind::Other,
-        },
-        _ => RecordKind::Other,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::record::{XLOG_RESTORE_POINT, XLOG_XACT_ABORT, XLOG_XACT_ABORT_PREPARED};
     use crate::wal::testwal::{self, WalWriter};
+    use base64::Engine;
     use proptest::prelude::*;
 
     const SEG: u32 = 1 << 20;
@@ -1581,6 +1381,119 @@ mod tests {
             d.poll().unwrap().unwrap().kind,
             RecordKind::Commit { time: PgTime(8) }
         );
+    }
+
+    /// [`MAX_STATE_JSON_LEN`] is the true bound: a record in progress with every number at its
+    /// widest and every byte field at its cap serializes to exactly that many bytes.
+    #[test]
+    fn the_worst_case_state_is_exactly_the_bound() {
+        let state = DecoderState {
+            segment_size: u32::MAX,
+            block_size: u32::MAX,
+            pos: Lsn(u64::MAX),
+            phase: Phase::Record(Box::new(Partial {
+                lsn: u64::MAX,
+                tot_len: u32::MAX,
+                got: u32::MAX,
+                header: [0xFF; RECORD_HEADER_LEN as usize],
+                crc: u32::MAX,
+                head: vec![0xFF; HEAD_CAP],
+                layout: Some(Layout {
+                    main_off: u32::MAX,
+                    main_len: u32::MAX,
+                    rel: Some([u32::MAX; 3]),
+                }),
+                main: vec![0xFF; XACT_MAIN_CAP],
+            })),
+            magic: Some(u16::MAX),
+            system_identifier: Some(u64::MAX),
+            timeline: u32::MAX,
+            prev: Some(Lsn(u64::MAX)),
+        };
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(json.len(), MAX_STATE_JSON_LEN);
+        assert_eq!(MAX_STATE_JSON_LEN, 46_868);
+        assert_eq!(serde_json::from_str::<DecoderState>(&json).unwrap(), state);
+        // Every other phase is shorter.
+        for phase in [
+            Phase::Unsynced,
+            Phase::SkipContinuation { remaining: u32::MAX },
+            Phase::Padding { until: u64::MAX },
+            Phase::Boundary,
+            Phase::Ended { at: u64::MAX },
+        ] {
+            let other = DecoderState {
+                phase,
+                ..state.clone()
+            };
+            assert!(serde_json::to_string(&other).unwrap().len() < MAX_STATE_JSON_LEN);
+        }
+    }
+
+    /// What the decoder itself writes for a commit record whose main data is larger than the
+    /// cap: the main data kept in full, the head let go, within the bound.
+    #[test]
+    fn a_commit_record_in_progress_keeps_its_cap_within_the_bound() {
+        let mut w = WalWriter::new(SEG as u64, SEG, BLK);
+        let mut main = testwal::commit_main(8);
+        main.resize(XACT_MAIN_CAP + 10_000, 0x5A);
+        w.record(RM_XACT_ID, XLOG_XACT_COMMIT, 2, &testwal::main_data_long(&main));
+        let mut d = WalDecoder::new(Lsn(SEG as u64), SEG, BLK);
+        let cut = w.bytes.len() - 100;
+        d.feed(&w.bytes[..cut]);
+        assert_eq!(d.poll(), Ok(None));
+        let state = d.snapshot().unwrap();
+        let Phase::Record(p) = &state.phase else {
+            panic!("{:?}", state.phase)
+        };
+        assert_eq!((p.head.len(), p.main.len()), (0, XACT_MAIN_CAP));
+        let json = serde_json::to_string(&state).unwrap();
+        assert!(
+            json.len() > 43_000 && json.len() <= MAX_STATE_JSON_LEN - 2732,
+            "{}",
+            json.len()
+        );
+        let mut d = WalDecoder::resume(serde_json::from_str(&json).unwrap()).unwrap();
+        d.feed(&w.bytes[cut..]);
+        let r = d.poll().unwrap().unwrap();
+        assert_eq!(r.kind, RecordKind::Commit { time: PgTime(8) });
+        assert_eq!(r.main, main[..XACT_MAIN_CAP]);
+    }
+
+    /// The byte fields are written as base64 and read as base64 or as the arrays of numbers
+    /// states were written with before (docs/FORMAT.md); a header of the wrong length is refused.
+    #[test]
+    fn byte_fields_are_base64_and_arrays_of_numbers_still_read() {
+        let mut w = WalWriter::new(SEG as u64, SEG, BLK);
+        let mut main = testwal::commit_main(8);
+        main.resize(20_000, 7);
+        w.record(RM_XACT_ID, XLOG_XACT_COMMIT, 2, &testwal::main_data_long(&main));
+        let mut d = WalDecoder::new(Lsn(SEG as u64), SEG, BLK);
+        d.feed(&w.bytes[..w.bytes.len() - 100]);
+        assert_eq!(d.poll(), Ok(None));
+        let state = d.snapshot().unwrap();
+        let new = serde_json::to_value(&state).unwrap();
+        let record = &new["phase"]["Record"];
+        let mut old = new.clone();
+        for field in ["header", "head", "main"] {
+            let text = record[field].as_str().expect("base64 text");
+            let bytes = base64::engine::general_purpose::STANDARD.decode(text).unwrap();
+            assert_eq!(text.len(), bytes.len().div_ceil(3) * 4);
+            old["phase"]["Record"][field] = serde_json::json!(bytes);
+        }
+        assert!(!old["phase"]["Record"]["main"].as_array().unwrap().is_empty());
+        let read: DecoderState = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(read, state);
+        assert_eq!(
+            serde_json::to_value(&read).unwrap(),
+            new,
+            "written back as base64"
+        );
+        let mut short = new;
+        short["phase"]["Record"]["header"] = serde_json::json!("AAAA");
+        assert!(serde_json::from_value::<DecoderState>(short).is_err());
+        old["phase"]["Record"]["main"] = serde_json::json!([1, 256]);
+        assert!(serde_json::from_value::<DecoderState>(old).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod lsn;
 pub mod name;
 pub mod page;
 pub mod pgtime;
+pub mod record;
 pub mod summary;
 #[cfg(test)]
 pub(crate) mod testwal;

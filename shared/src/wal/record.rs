@@ -1,0 +1,309 @@
+//! What a WAL record is once decoded ([`WalRecord`], [`RecordKind`], [`RelFileLocator`]), and the
+//! pure parsing of a record body's parts: the block references that lead to its main data
+//! (`DecodeXLogRecord`), and the main data a time index reads (commit and abort times, restore
+//! points, switches). The streaming around it (pages, reassembly, CRC) is [`super::decode`].
+
+use serde::{Deserialize, Serialize};
+
+use super::lsn::Lsn;
+use super::pgtime::PgTime;
+
+/// `RM_XLOG_ID`.
+pub const RM_XLOG_ID: u8 = 0;
+/// `RM_XACT_ID`.
+pub const RM_XACT_ID: u8 = 1;
+
+/// `XLR_RMGR_INFO_MASK`: the `xl_info` bits that belong to the resource manager.
+const XLR_RMGR_INFO_MASK: u8 = 0xF0;
+/// `XLOG_SWITCH` (`pg_control.h`).
+const XLOG_SWITCH: u8 = 0x40;
+/// `XLOG_RESTORE_POINT` (`pg_control.h`).
+pub(super) const XLOG_RESTORE_POINT: u8 = 0x70;
+/// `XLOG_XACT_OPMASK` (`xact.h`).
+pub(super) const XLOG_XACT_OPMASK: u8 = 0x70;
+pub(super) const XLOG_XACT_COMMIT: u8 = 0x00;
+pub(super) const XLOG_XACT_ABORT: u8 = 0x20;
+pub(super) const XLOG_XACT_COMMIT_PREPARED: u8 = 0x30;
+pub(super) const XLOG_XACT_ABORT_PREPARED: u8 = 0x40;
+/// `MAXFNAMELEN`: size of `xl_restore_point.rp_name`.
+const RESTORE_POINT_NAME_LEN: usize = 64;
+
+/// `XLR_MAX_BLOCK_ID` and the special block ids of `xlogrecord.h`.
+const XLR_MAX_BLOCK_ID: u8 = 32;
+const XLR_BLOCK_ID_DATA_SHORT: u8 = 255;
+const XLR_BLOCK_ID_DATA_LONG: u8 = 254;
+const XLR_BLOCK_ID_ORIGIN: u8 = 253;
+const XLR_BLOCK_ID_TOPLEVEL_XID: u8 = 252;
+/// `fork_flags` bits of a block reference.
+const BKPBLOCK_HAS_IMAGE: u8 = 0x10;
+const BKPBLOCK_HAS_DATA: u8 = 0x20;
+const BKPBLOCK_SAME_REL: u8 = 0x80;
+/// `BKPIMAGE_HAS_HOLE`, the same in every version (the "compressed" bits are not:
+/// [`super::version::WalFormat::image_compressed_bits`]).
+const BKPIMAGE_HAS_HOLE: u8 = 0x01;
+/// `sizeof(RelFileNode)` / `sizeof(RelFileLocator)`: three OIDs in every version.
+const REL_LOCATOR_LEN: usize = 12;
+
+/// What a record is, as far as a time index cares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordKind {
+    /// `XLOG_XACT_COMMIT`.
+    Commit { time: PgTime },
+    /// `XLOG_XACT_ABORT`.
+    Abort { time: PgTime },
+    /// `XLOG_XACT_COMMIT_PREPARED` (`COMMIT PREPARED`; the record's `xid` is usually 0, the
+    /// prepared transaction's id is further into the main data).
+    CommitPrepared { time: PgTime },
+    /// `XLOG_XACT_ABORT_PREPARED` (`ROLLBACK PREPARED`).
+    AbortPrepared { time: PgTime },
+    /// `XLOG_RESTORE_POINT` (`pg_create_restore_point`).
+    RestorePoint { time: PgTime, name: String },
+    /// `XLOG_SWITCH`: the rest of the segment is unused.
+    Switch,
+    /// Anything else.
+    Other,
+}
+
+impl RecordKind {
+    /// The transaction end time of a commit or abort, prepared or not.
+    pub fn xact_time(&self) -> Option<PgTime> {
+        match self {
+            RecordKind::Commit { time }
+            | RecordKind::Abort { time }
+            | RecordKind::CommitPrepared { time }
+            | RecordKind::AbortPrepared { time } => Some(*time),
+            _ => None,
+        }
+    }
+}
+
+/// One decoded, CRC-checked WAL record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalRecord {
+    /// Where the record starts (what `pg_waldump` prints as `lsn:`).
+    pub lsn: Lsn,
+    /// Where the next record may start: the end of this one rounded up to 8 bytes, as
+    /// PostgreSQL's `EndRecPtr`; for `XLOG_SWITCH`, the end of the segment.
+    pub end: Lsn,
+    /// `xl_prev`: the previous record's start.
+    pub prev: Lsn,
+    /// `xl_xid`.
+    pub xid: u32,
+    /// `xl_rmid`.
+    pub rmid: u8,
+    /// `xl_info`.
+    pub info: u8,
+    /// `xl_tot_len`: header, block headers and data, without page headers or padding.
+    pub total_len: u32,
+    pub kind: RecordKind,
+    /// The relation of the first block reference (the heap page a `DELETE` or `UPDATE` changed).
+    pub block_rel: Option<RelFileLocator>,
+    /// The first bytes of the main data: all of it up to [`super::decode::MAIN_CAP`] ([`super::decode::XACT_MAIN_CAP`] for a
+    /// commit record).
+    pub main: Vec<u8>,
+    /// The main data's whole length, to tell when `main` is cut short.
+    pub main_len: u32,
+}
+
+/// `RelFileLocator` (`RelFileNode` before PostgreSQL 16): which file a relation's data is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RelFileLocator {
+    /// Tablespace OID (1663 `pg_default`, 1664 `pg_global`).
+    pub spc: u32,
+    /// Database OID (0 for shared catalogs).
+    pub db: u32,
+    /// `relfilenode`: the file's number, what `pg_relation_filenode()` returns.
+    pub rel: u32,
+}
+
+impl RelFileLocator {
+    /// Read the 12 bytes PostgreSQL writes (`spcOid`, `dbOid`, `relNumber`).
+    pub fn from_bytes(b: &[u8]) -> Option<RelFileLocator> {
+        let b = b.get(..REL_LOCATOR_LEN)?;
+        Some(RelFileLocator {
+            spc: u32_at(b, 0),
+            db: u32_at(b, 4),
+            rel: u32_at(b, 8),
+        })
+    }
+}
+
+/// Where the block headers say the main data is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Layout {
+    /// Offset of the main data in the record body (after the 24-byte header).
+    pub(super) main_off: u32,
+    pub(super) main_len: u32,
+    /// The first block reference's relation (`RelFileLocator`: tablespace, database, file).
+    #[serde(default)]
+    pub(super) rel: Option<[u32; 3]>,
+}
+
+/// Little-endian fields at `at` (the caller has checked the length).
+pub(super) fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+pub(super) fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+pub(super) fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from(u32_at(b, at)) | (u64::from(u32_at(b, at + 4)) << 32)
+}
+
+/// Walk the block headers at the start of a record body of `body_len` bytes (`head` holds its
+/// first bytes) to find the main data, as `DecodeXLogRecord` does. `Ok(None)`: `head` ends
+/// before the headers do; `Err`: why the record is malformed.
+pub(super) fn parse_layout(
+    head: &[u8],
+    body_len: u32,
+    image_compressed_bits: u8,
+) -> Result<Option<Layout>, &'static str> {
+    struct Reader<'a> {
+        head: &'a [u8],
+        at: usize,
+        remaining: u64,
+    }
+    enum Short {
+        /// The record says it has fewer bytes than its headers need.
+        Record,
+        /// `head` does not hold them yet.
+        Head,
+    }
+    impl Reader<'_> {
+        fn take(&mut self, n: usize) -> Result<&[u8], Short> {
+            if self.remaining < n as u64 {
+                return Err(Short::Record);
+            }
+            let bytes = self.head.get(self.at..self.at + n).ok_or(Short::Head)?;
+            self.at += n;
+            self.remaining -= n as u64;
+            Ok(bytes)
+        }
+        fn u8(&mut self) -> Result<u8, Short> {
+            Ok(self.take(1)?[0])
+        }
+        fn u16(&mut self) -> Result<u16, Short> {
+            Ok(u16_at(self.take(2)?, 0))
+        }
+        fn u32(&mut self) -> Result<u32, Short> {
+            Ok(u32_at(self.take(4)?, 0))
+        }
+    }
+    let mut r = Reader {
+        head,
+        at: 0,
+        remaining: u64::from(body_len),
+    };
+    let mut datatotal: u64 = 0;
+    let mut main_len: u32 = 0;
+    let mut max_block: Option<u8> = None;
+    let mut have_rel = false;
+    let mut first_rel: Option<[u32; 3]> = None;
+    let mut walk = |r: &mut Reader| -> Result<Result<(), &'static str>, Short> {
+        while r.remaining > datatotal {
+            match r.u8()? {
+                XLR_BLOCK_ID_DATA_SHORT => {
+                    main_len = u32::from(r.u8()?);
+                    datatotal += u64::from(main_len);
+                    // By convention the main data header comes last.
+                    break;
+                }
+                XLR_BLOCK_ID_DATA_LONG => {
+                    main_len = r.u32()?;
+                    datatotal += u64::from(main_len);
+                    break;
+                }
+                XLR_BLOCK_ID_ORIGIN => {
+                    r.take(2)?;
+                }
+                XLR_BLOCK_ID_TOPLEVEL_XID => {
+                    r.take(4)?;
+                }
+                id @ 0..=XLR_MAX_BLOCK_ID => {
+                    if max_block.is_some_and(|m| id <= m) {
+                        return Ok(Err("out-of-order block id"));
+                    }
+                    max_block = Some(id);
+                    let fork_flags = r.u8()?;
+                    let data_len = r.u16()?;
+                    if (fork_flags & BKPBLOCK_HAS_DATA != 0) != (data_len != 0) {
+                        return Ok(Err("BKPBLOCK_HAS_DATA does not match the data length"));
+                    }
+                    datatotal += u64::from(data_len);
+                    if fork_flags & BKPBLOCK_HAS_IMAGE != 0 {
+                        let bimg_len = r.u16()?;
+                        let _hole_offset = r.u16()?;
+                        let bimg_info = r.u8()?;
+                        let compressed = bimg_info & image_compressed_bits != 0;
+                        if compressed && bimg_info & BKPIMAGE_HAS_HOLE != 0 {
+                            let _hole_length = r.u16()?;
+                        }
+                        datatotal += u64::from(bimg_len);
+                    }
+                    if fork_flags & BKPBLOCK_SAME_REL == 0 {
+                        let rel = r.take(REL_LOCATOR_LEN)?;
+                        if !have_rel {
+                            first_rel = Some([u32_at(rel, 0), u32_at(rel, 4), u32_at(rel, 8)]);
+                        }
+                        have_rel = true;
+                    } else if !have_rel {
+                        return Ok(Err("BKPBLOCK_SAME_REL without a previous relation"));
+                    }
+                    let _block_number = r.u32()?;
+                }
+                _ => return Ok(Err("invalid block id")),
+            }
+        }
+        Ok(Ok(()))
+    };
+    match walk(&mut r) {
+        Err(Short::Head) => return Ok(None),
+        Err(Short::Record) => return Err("record shorter than its block headers"),
+        Ok(Err(reason)) => return Err(reason),
+        Ok(Ok(())) => {}
+    }
+    if r.remaining != datatotal {
+        return Err("block and main data lengths do not add up to the record length");
+    }
+    Ok(Some(Layout {
+        main_off: body_len - main_len,
+        main_len,
+        rel: first_rel,
+    }))
+}
+
+fn time_at(main: &[u8]) -> Result<PgTime, &'static str> {
+    let b = main.get(..8).ok_or("main data too short for a timestamp")?;
+    Ok(PgTime(i64::from(u32_at(b, 0)) | (i64::from(u32_at(b, 4)) << 32)))
+}
+
+/// Read the record kinds a time index needs from the start of the main data.
+pub(super) fn classify(rmid: u8, info: u8, main: &[u8]) -> Result<RecordKind, &'static str> {
+    Ok(match rmid {
+        // xl_xact_commit and xl_xact_abort (also used by the prepared variants) start with
+        // `TimestampTz xact_time`.
+        RM_XACT_ID => match info & XLOG_XACT_OPMASK {
+            XLOG_XACT_COMMIT => RecordKind::Commit { time: time_at(main)? },
+            XLOG_XACT_ABORT => RecordKind::Abort { time: time_at(main)? },
+            XLOG_XACT_COMMIT_PREPARED => RecordKind::CommitPrepared { time: time_at(main)? },
+            XLOG_XACT_ABORT_PREPARED => RecordKind::AbortPrepared { time: time_at(main)? },
+            _ => RecordKind::Other,
+        },
+        RM_XLOG_ID => match info & XLR_RMGR_INFO_MASK {
+            XLOG_SWITCH => RecordKind::Switch,
+            XLOG_RESTORE_POINT => {
+                // xl_restore_point { TimestampTz rp_time; char rp_name[MAXFNAMELEN]; }
+                let raw = main
+                    .get(8..8 + RESTORE_POINT_NAME_LEN)
+                    .ok_or("restore point record too short")?;
+                let name = raw.split(|&b| b == 0).next().unwrap_or_default();
+                RecordKind::RestorePoint {
+                    time: time_at(main)?,
+                    name: String::from_utf8_lossy(name).into_owned(),
+                }
+            }
+            _ => RecordKind::Other,
+        },
+        _ => RecordKind::Other,
+    })
+}
