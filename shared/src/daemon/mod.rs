@@ -10,7 +10,7 @@
 //! the daemon does.
 
 mod backups;
-pub mod clock;
+mod clock;
 mod drills;
 mod jobs;
 mod metrics;
@@ -60,6 +60,7 @@ pub struct DaemonOptions {
     pub drill: Option<crate::drill::DrillOptions>,
 }
 
+/// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("{0}")]
