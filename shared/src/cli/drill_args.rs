@@ -22,7 +22,10 @@ pub enum DrillArgsError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("{flag} {source}")]
-    CheckSql { flag: &'static str, source: crate::drill::ChecksError },
+    CheckSql {
+        flag: &'static str,
+        source: crate::drill::ChecksError,
+    },
     #[error("--drill-every needs restore-agent beside archive-agent ({0} is missing)")]
     NoRestoreAgent(String),
     #[error("--json {path}: {source}")]
