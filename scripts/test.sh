@@ -18,6 +18,9 @@ part() {
 part "dependencies" scripts/ensure-deps.sh
 part "fmt" cargo fmt --all --check
 part "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+# The architecture's limits (docs/ARCHITECTURE.md): binary sizes, function and file lengths,
+# typed errors, no import circles.
+part "architecture" python3 scripts/arch-check.py
 # The end-to-end tests drive the agent binaries: build them with the same profile first.
 part "build" cargo build --release --workspace --bins --locked
 # Unit and property tests, end-to-end tests on file:// repositories, and the fault tests (each
