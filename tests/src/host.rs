@@ -283,6 +283,21 @@ impl Finished {
         }
     }
 
+    /// Panic unless the program wrote at most two lines to standard error (what PostgreSQL's log
+    /// gets from an attempt that cannot work), the last one naming `remedy`.
+    #[track_caller]
+    pub fn assert_quiet_failure(&self, remedy: &str) {
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert!(
+            !lines.is_empty() && lines.len() <= 2,
+            "at most two lines, the last saying what to do:\n{self}"
+        );
+        assert!(
+            lines[lines.len() - 1].contains(remedy),
+            "the last line names the remedy ({remedy}):\n{self}"
+        );
+    }
+
     /// Fail unless the program exited 0.
     pub fn check(self) -> Result<Finished> {
         if !self.status.success() {
