@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Hostile-input fuzzing (docs/FUZZING.md): build the cargo-fuzz targets in fuzz/ and run each for
+# Random exploration (docs/FUZZING.md): build the cargo-fuzz targets in fuzz/ and run each for
 # SECONDS_PER_TARGET seconds (default 20), starting from its committed seeds (fuzz/seeds/<target>)
-# copied into a scratch corpus (fuzz/target/corpus/<target>), so the seeds never grow. A panic,
-# a failed property, a hang, an oversized allocation or a leak fails the script, which prints the
-# path of the input that caused it. Needs a nightly toolchain (rustup's `nightly`, or
-# WALVAULT_FUZZ_TOOLCHAIN); installs cargo-fuzz when missing.
+# and the findings beside the checkout (../shared/fuzz-findings/<target>-*) copied into a scratch
+# corpus (fuzz/target/corpus/<target>), so the seeds never grow. A panic, a failed property, a
+# hang, an oversized allocation or a leak fails the script, which prints the path of the input
+# that caused it and how to keep it as a seed. Run on its own: the test suite only replays the
+# seeds (scripts/fuzz-replay.sh), so that its verdict does not depend on the machine's speed or
+# luck. Needs a nightly toolchain (rustup's `nightly`, or WALVAULT_FUZZ_TOOLCHAIN); installs
+# cargo-fuzz when missing (scripts/fuzz-build.sh).
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]          every target
 #   WALVAULT_FUZZ_TARGETS="wal_decode wal_name" scripts/fuzz.sh 60
@@ -17,24 +20,11 @@ if ! [[ $secs =~ ^[0-9]+$ ]] || [ "$secs" -lt 1 ]; then
   exit 2
 fi
 toolchain=${WALVAULT_FUZZ_TOOLCHAIN:-nightly}
-if ! cargo "+$toolchain" --version >/dev/null 2>&1; then
-  echo "fuzz: the $toolchain toolchain is missing (libFuzzer instrumentation needs nightly)" >&2
-  exit 1
-fi
-if ! cargo fuzz --version >/dev/null 2>&1; then
-  echo "fuzz: installing cargo-fuzz" >&2
-  cargo install --locked cargo-fuzz --version 0.13.2
-fi
+findings=${WALVAULT_FUZZ_FINDINGS:-../shared/fuzz-findings}
 
 started=$SECONDS
-# The lock file pins what the targets are built with; a dependency added to shared/ since it was
-# written makes cargo extend it (commit the change), which is not a reason to skip fuzzing.
-if ! cargo "+$toolchain" fetch --locked --manifest-path fuzz/Cargo.toml >/dev/null 2>&1; then
-  echo "fuzz: fuzz/Cargo.lock is out of date with shared/Cargo.toml; cargo updates it (commit it)" >&2
-fi
-cargo "+$toolchain" fuzz build --fuzz-dir fuzz
+scripts/fuzz-build.sh
 built=$SECONDS
-echo "fuzz: targets built in $((built - started)) s"
 
 targets=${WALVAULT_FUZZ_TARGETS:-$(cargo "+$toolchain" fuzz list --fuzz-dir fuzz)}
 bin_dir=fuzz/target/$(rustc "+$toolchain" -vV | sed -n 's/^host: //p')/release
@@ -48,6 +38,7 @@ for t in $targets; do
   if [ -d "fuzz/seeds/$t" ]; then
     cp -n fuzz/seeds/"$t"/* "$corpus"/ 2>/dev/null || true
   fi
+  cp -n "$findings/$t"-* "$corpus"/ 2>/dev/null || true
   # Records may span pages: WAL inputs are allowed a few pages.
   case $t in
     wal_decode) max_len=65536 ;;
@@ -68,7 +59,9 @@ for t in $targets; do
     echo "fuzz: $t FAILED; last lines of $log:" >&2
     grep -vE '^#[0-9]+|^INFO: ' "$log" | tail -n 40 >&2
     for a in "$artifacts"/*; do
-      [ -e "$a" ] && echo "fuzz: $t crashing input: $a (reproduce: $bin_dir/$t $a)" >&2
+      [ -e "$a" ] || continue
+      echo "fuzz: $t crashing input: $a (reproduce: $bin_dir/$t $a)" >&2
+      echo "fuzz: keep it as a seed, committed with the fix: cp $a fuzz/seeds/$t/$t-$(sha1sum "$a" | cut -c1-8)" >&2
     done
     failed+=("$t")
   fi

@@ -3,8 +3,9 @@
 # tests against real PostgreSQL 15 clusters three times (file:// repositories, s3:// repositories
 # on a real S3 server: Garage on loopback, az:// repositories on Azurite); the fault tests; the
 # version matrix (real PostgreSQL 13, 14, 15, 16, 17 and 18 servers end to end on file://); and
-# every fuzz target for a bounded time. Installs PostgreSQL 15, the matrix's servers, Garage,
-# Azurite and cargo-fuzz when missing. Prints how long each part took.
+# every fuzz target replaying its committed seeds and the findings beside the checkout (random
+# exploration is scripts/fuzz.sh, run on its own: docs/FUZZING.md). Installs PostgreSQL 15, the
+# matrix's servers, Garage, Azurite and cargo-fuzz when missing. Prints how long each part took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${WALVAULT_TEST_THREADS:-2}
@@ -35,7 +36,8 @@ part "e2e on s3:// (Garage, PostgreSQL 15)" env WALVAULT_TEST_STORE=s3 \
   cargo test --release -p walvault-testkit --locked -- --test-threads "$threads" --skip fault_ --skip matrix_
 part "e2e on az:// (Azurite, PostgreSQL 15)" env WALVAULT_TEST_STORE=azure \
   cargo test --release -p walvault-testkit --locked -- --test-threads "$threads" --skip fault_ --skip matrix_
-# Hostile input: each fuzz target for a bounded time.
-part "fuzz" scripts/fuzz.sh "${WALVAULT_FUZZ_SECONDS:-20}"
+# Hostile input: every committed seed and known finding through its fuzz target, once each (the
+# same verdict on every machine; no time-bounded exploration here).
+part "fuzz" scripts/fuzz-replay.sh
 echo "walvault: time per part" >&2
 printf '  %s\n' "${timings[@]}" >&2
