@@ -13,6 +13,7 @@ Measures:
 - the longest library file before its tests (`#[cfg(test)]`): at most 1,000 lines;
 - functions in shared/src returning `Result<_, String>`: none;
 - import circles between the library's modules (a module and its own submodules excepted): none;
+- core modules importing from `commands/` or `cli/` (the layers above them): none;
 - two library modules with the same name at different depths (`spool` beside `prefetch::spool`):
   none; the same phase name under two commands (`restore::plan`, `drill::plan`) is allowed.
 """
@@ -33,7 +34,12 @@ LIMITS = {
     "result_string": 0,
     "import_circles": 0,
     "alike_modules": 0,
+    "layer_violations": 0,
 }
+
+# The commands (what a user runs) sit over the core; `cli` (flags to a command's options) sits
+# over the commands, beside the binaries. No core module may import from either.
+UPPER = ("commands", "cli")
 
 
 def rust_files(top):
@@ -270,7 +276,18 @@ def main():
     for r in rs:
         broken.append(f"{r}: returns Result<_, String>")
 
-    circ = circles(import_graph())
+    graph = import_graph()
+    layer = sorted(
+        f"{'::'.join(m)} -> {'::'.join(t)}"
+        for m, ts in graph.items()
+        for t in ts
+        if m and m[0] not in UPPER and t and t[0] in UPPER
+    )
+    fig["layer_violations"] = layer
+    for v in layer:
+        broken.append(f"core imports a command: {v}")
+
+    circ = circles(graph)
     fig["import_circles"] = [" <-> ".join(c) for c in circ]
     for c in circ:
         broken.append(f"import circle: {' <-> '.join(c)}")
@@ -303,6 +320,7 @@ def main():
         print(f"functions over {LIMITS['function_lines']} lines: {fig['functions_over_limit']}")
         print(f"Result<_, String>: {fig['result_string']}")
         print(f"import circles: {len(circ)}")
+        print(f"core modules importing commands/ or cli/: {len(layer)}")
         print(f"modules named alike: {len(alike)}")
     if broken:
         print(f"arch-check: {len(broken)} limits broken:", file=sys.stderr)

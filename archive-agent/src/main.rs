@@ -7,9 +7,9 @@ use clap::{Parser, Subcommand};
 use walvault::cli::backup_args::{self, BackupArgs};
 use walvault::cli::daemon_args::{self, DaemonArgs};
 use walvault::cli::{self, RepoArgs};
+use walvault::commands::{admin, expire};
 use walvault::repo::keys::KeySource;
 use walvault::report::{Format, Report};
-use walvault::{admin, expire};
 
 /// mimalloc returns freed segment-sized buffers to the system; with glibc's allocator the daemon's
 /// resident size kept growing with the 16 MiB buffers of parallel uploads (233 MiB peak measured
@@ -167,7 +167,7 @@ fn main() -> ExitCode {
         compress_level,
     } = &cli.command
     {
-        return ExitCode::from(walvault::archive_command::push(
+        return ExitCode::from(walvault::commands::archive_command::push(
             &cli.repo,
             wal_path,
             *compress_level,

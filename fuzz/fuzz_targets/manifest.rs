@@ -19,8 +19,8 @@
 use std::path::{Component, Path};
 
 use libfuzzer_sys::fuzz_target;
-use walvault::backup::BackupId;
-use walvault::backup::manifest::{EntryKind, Manifest, is_chunk_id};
+use walvault::basebackup::BackupId;
+use walvault::basebackup::manifest::{EntryKind, Manifest, is_chunk_id};
 use walvault::repo::RepoDescriptor;
 use walvault::timeindex::StoredSummary;
 use walvault::wal::decode::{DecoderState, WalDecoder};

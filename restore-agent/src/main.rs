@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use walvault::cli::drill_args::{self, DrillArgs};
+use walvault::cli::progress_bar::Bar;
 use walvault::cli::target_args::{TargetArgs, parse_timeline};
 use walvault::cli::{self, RepoArgs};
 use walvault::exit;
-use walvault::progress_bar::Bar;
 use walvault::report::{Format, Report};
 
 const AFTER_HELP: &str = "\
@@ -200,7 +200,7 @@ fn main() -> ExitCode {
             let pgdata = pgdata.clone().unwrap_or_else(|| PathBuf::from("."));
             let standby = exit::in_standby_mode(&pgdata);
             exit_on_panic(standby);
-            let req = walvault::restore_command::FetchRequest {
+            let req = walvault::commands::restore_command::FetchRequest {
                 name: wal_name,
                 dest: dest_path,
                 pgdata: &pgdata,
@@ -208,7 +208,7 @@ fn main() -> ExitCode {
                 no_prefetch: *no_prefetch,
             };
             let program = std::env::current_exe().ok();
-            return ExitCode::from(walvault::restore_command::fetch(
+            return ExitCode::from(walvault::commands::restore_command::fetch(
                 &cli.repo,
                 &req,
                 program.as_deref(),
@@ -241,18 +241,20 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<bool> {
             parallel,
         } => {
             let settings = repo.settings(None)?;
-            let opts = walvault::prefetch::PrefetchOptions {
+            let opts = walvault::commands::prefetch::PrefetchOptions {
                 depth,
                 parallel,
                 ..Default::default()
             };
-            block_on(walvault::prefetch::run(&settings, &pgdata, &opts))??;
+            block_on(walvault::commands::prefetch::run(&settings, &pgdata, &opts))??;
             Ok(true)
         }
         restore @ Command::Restore { .. } => run_restore(repo, restore).map(|()| true),
         Command::Verify { deep, parallel, json } => {
             let settings = repo.settings(None)?;
-            let verified = block_on(walvault::verify::verify_repository(&settings, deep, parallel))??;
+            let verified = block_on(walvault::commands::verify::verify_repository(
+                &settings, deep, parallel,
+            ))??;
             show(&verified, Format::from_json_flag(json))?;
             Ok(!verified.at_risk)
         }
@@ -265,7 +267,7 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<bool> {
             json,
         } => {
             let settings = repo.settings(None)?;
-            let opts = walvault::find::FindOptions {
+            let opts = walvault::commands::find::FindOptions {
                 since: since.as_deref().map(walvault::time::parse_time).transpose()?,
                 until: until.as_deref().map(walvault::time::parse_time).transpose()?,
                 table,
@@ -273,13 +275,13 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<bool> {
             };
             // The command as this one was invoked, so it runs where this one did.
             let program = std::env::args().next().unwrap_or_else(|| "restore-agent".into());
-            let command = walvault::find::RestoreCommandLine::new(
+            let command = walvault::commands::find::RestoreCommandLine::new(
                 &program,
                 settings.repo.as_str(),
                 repo.config.as_deref(),
                 &pgdata,
             )?;
-            let found = block_on(walvault::find::find_in(&settings, &opts, &command))??;
+            let found = block_on(walvault::commands::find::find_in(&settings, &opts, &command))??;
             show(&found, Format::from_json_flag(json)).map(|()| true)
         }
         Command::Drill { args } => {
@@ -289,7 +291,7 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<bool> {
             Ok(evidence.passed())
         }
         Command::Status { pgdata, json } => {
-            let status = walvault::progress::status::status(&pgdata, now())?;
+            let status = walvault::commands::status::status(&pgdata, now())?;
             show(&status, Format::from_json_flag(json)).map(|()| true)
         }
         Command::List => info(repo, false),
@@ -300,7 +302,7 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<bool> {
 /// `info` and `list`: the repository described.
 fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<bool> {
     let settings = repo.settings(None)?;
-    let report = block_on(walvault::info::info(&settings))??;
+    let report = block_on(walvault::commands::info::info(&settings))??;
     show(&report, Format::from_json_flag(json)).map(|()| true)
 }
 
@@ -314,8 +316,8 @@ fn show(report: &impl Report, format: Format) -> anyhow::Result<()> {
 }
 
 fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
+    use walvault::commands::restore::{RecoveryTarget, RestoreOptions, TargetAction};
     use walvault::report::{Format, emit};
-    use walvault::restore::{RecoveryTarget, RestoreOptions, TargetAction};
     let Command::Restore {
         pgdata,
         goal,
@@ -346,13 +348,13 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         "shutdown" => TargetAction::Shutdown,
         _ => TargetAction::Promote,
     };
-    let restore_command = walvault::restore::restore_command_line(
+    let restore_command = walvault::commands::restore::restore_command_line(
         &std::env::current_exe()?,
         &settings,
         repo.config.as_deref(),
         repo.retry_timeout.as_deref(),
     )?;
-    let mut tablespaces = walvault::restore::TablespacePlan {
+    let mut tablespaces = walvault::commands::restore::TablespacePlan {
         all_under: tablespace_map_all,
         original: tablespace_original,
         ..Default::default()
@@ -374,21 +376,27 @@ fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
         exclusive: goal.target_exclusive,
         force,
         delta,
-        parallel: parallel.unwrap_or_else(|| walvault::restore::default_parallel(&settings.repo.location())),
+        parallel: parallel
+            .unwrap_or_else(|| walvault::commands::restore::default_parallel(&settings.repo.location())),
         restore_command,
     };
     let rt = tokio::runtime::Runtime::new()?;
     if dry_run {
-        let plan = rt.block_on(walvault::restore::plan(&settings, &opts))?;
+        let plan = rt.block_on(walvault::commands::restore::plan(&settings, &opts))?;
         emit(&plan, Format::from_json_flag(json))?;
         return Ok(());
     }
-    let progress: std::sync::Arc<dyn walvault::restore::Progress> = if std::io::stderr().is_terminal() {
-        std::sync::Arc::new(Bar(indicatif::ProgressBar::new(0)))
-    } else {
-        std::sync::Arc::new(walvault::restore::NoProgress)
-    };
-    let r = rt.block_on(walvault::restore::restore(&settings, &opts, progress.clone()));
+    let progress: std::sync::Arc<dyn walvault::commands::restore::Progress> =
+        if std::io::stderr().is_terminal() {
+            std::sync::Arc::new(Bar(indicatif::ProgressBar::new(0)))
+        } else {
+            std::sync::Arc::new(walvault::commands::restore::NoProgress)
+        };
+    let r = rt.block_on(walvault::commands::restore::restore(
+        &settings,
+        &opts,
+        progress.clone(),
+    ));
     drop(progress);
     emit(&r?, Format::from_json_flag(json))?;
     Ok(())

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::backup::BackupId;
-use crate::backup::chunk::ChunkError;
-use crate::backup::manifest::{Manifest, ManifestError};
+use crate::basebackup::BackupId;
+use crate::basebackup::chunk::ChunkError;
+use crate::basebackup::manifest::{Manifest, ManifestError};
 use crate::repo::layout::{self, Kind};
 use crate::repo::object::{ObjectError, Sealer};
 use crate::repo::stored::{Damage, Objects, ReadError, WalObject};
@@ -591,7 +591,7 @@ impl CatalogError {
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
-    use crate::backup::manifest::{BackupStats, FORMAT_NAME, FORMAT_VERSION};
+    use crate::basebackup::manifest::{BackupStats, FORMAT_NAME, FORMAT_VERSION};
 
     /// PostgreSQL's default segment size, which these catalogs use.
     pub(crate) const SEG: u64 = 16 << 20;

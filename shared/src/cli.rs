@@ -1,9 +1,11 @@
 //! What both binaries share on the command line: repository flags, logging, and how a bad command
-//! line is reported (one line, exit 2).
+//! line is reported (one line, exit 2); each command's flags as the options its library function
+//! takes (`*_args`), and the progress bar a restore draws on a terminal.
 
 pub mod backup_args;
 pub mod daemon_args;
 pub mod drill_args;
+pub mod progress_bar;
 pub mod target_args;
 
 use std::ffi::OsString;

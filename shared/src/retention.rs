@@ -1,5 +1,5 @@
 //! Retention maths, pure: which backups a policy keeps and why, and which WAL, history files and
-//! time-index summaries the kept backups need. `archive-agent expire` (in [`crate::expire`]) does
+//! time-index summaries the kept backups need. `archive-agent expire` (in [`crate::commands::expire`]) does
 //! the I/O around it.
 //!
 //! The rules (docs/FORMAT.md, "Retention"):
@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::backup::BackupId;
-use crate::backup::manifest::Manifest;
+use crate::basebackup::BackupId;
+use crate::basebackup::manifest::Manifest;
 use crate::catalog::Catalog;
 use crate::config::{ConfigError, RetentionSettings};
 use crate::repo::stored::{Envelope, Opened, StoredKind};

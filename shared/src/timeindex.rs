@@ -135,7 +135,7 @@ pub async fn carry_before(
     sealer: &Sealer,
     seg: &SegmentName,
     segment_size: u32,
-    kept: Option<(&crate::spool::Spool, &crate::repo::RepoId)>,
+    kept: Option<(&crate::local::handoff::Spool, &crate::repo::RepoId)>,
 ) -> Result<Option<Carry>, IndexError> {
     let start = segment_start(seg, segment_size)?;
     let Some(prev_start) = start.0.checked_sub(u64::from(segment_size)) else {

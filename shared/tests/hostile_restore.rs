@@ -11,16 +11,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use walvault::backup::chunk::chunk_id;
+use walvault::basebackup::chunk::chunk_id;
+use walvault::commands::restore::{
+    self, NoProgress, RecoveryTarget, RestoreError, RestoreOptions, RestoreReport, TablespacePlan,
+    TargetAction, TimelineTarget,
+};
 use walvault::config::{Overrides, Settings};
 use walvault::repo::layout::chunk_key;
 use walvault::repo::layout::wal_key;
 use walvault::repo::object::{ObjectKind, SealedObject};
 use walvault::repo::{ClusterIdentity, RepoDescriptor};
-use walvault::restore::{
-    self, NoProgress, RecoveryTarget, RestoreError, RestoreOptions, RestoreReport, TablespacePlan,
-    TargetAction, TimelineTarget,
-};
 use walvault::wal::WalFileName;
 use walvault::wal::page::synthetic_segment;
 
@@ -310,7 +310,7 @@ async fn a_huge_entry_count_is_refused_before_entries_are_parsed() {
     // per entry (and before the entries' contents would be found invalid).
     let env = Env::new();
     let mut m = env.manifest();
-    m["entries"] = Value::Array(vec![Value::Null; walvault::backup::manifest::MAX_ENTRIES + 1]);
+    m["entries"] = Value::Array(vec![Value::Null; walvault::basebackup::manifest::MAX_ENTRIES + 1]);
     env.refused(
         &m,
         TablespacePlan::default(),

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use walvault::archive::{self, PushError};
+use walvault::commands::fetch::{self, FetchError, FetchOutcome};
+use walvault::commands::push::{self, PushError};
 use walvault::config::Settings;
 use walvault::exit;
-use walvault::fetch::{self, FetchError, FetchOutcome};
 use walvault::wal::WalFileName;
 use walvault::wal::page::synthetic_segment;
 
@@ -89,9 +89,7 @@ const S1: &str = "000000010000000000000001";
 async fn push_then_fetch_returns_the_same_bytes() {
     let env = Env::new().await;
     let content = segment(S1, SYSID);
-    let out = archive::push(&env.settings, &env.write(S1, &content))
-        .await
-        .unwrap();
+    let out = push::push(&env.settings, &env.write(S1, &content)).await.unwrap();
     assert!(out.newly_stored);
     assert!(out.stored_size < content.len() as u64 / 10, "zeros compress");
     let dest = env.dir.path().join("RECOVERYXLOG");
@@ -104,17 +102,17 @@ async fn push_then_fetch_returns_the_same_bytes() {
 async fn same_name_same_bytes_is_success_different_bytes_is_refused_and_kept() {
     let env = Env::new().await;
     let original = segment(S1, SYSID);
-    archive::push(&env.settings, &env.write(S1, &original))
+    push::push(&env.settings, &env.write(S1, &original))
         .await
         .unwrap();
-    let again = archive::push(&env.settings, &env.write(S1, &original))
+    let again = push::push(&env.settings, &env.write(S1, &original))
         .await
         .unwrap();
     assert!(!again.newly_stored);
 
     let mut changed = original.clone();
     changed[10_000] ^= 0xFF;
-    let err = archive::push(&env.settings, &env.write(S1, &changed))
+    let err = push::push(&env.settings, &env.write(S1, &changed))
         .await
         .unwrap_err();
     assert_eq!(err.exit_code(), exit::REFUSED);
@@ -141,11 +139,11 @@ async fn same_name_same_bytes_is_success_different_bytes_is_refused_and_kept() {
 async fn history_files_are_never_overwritten() {
     let env = Env::new().await;
     let first = b"1\t0/3000060\tno recovery target specified\n";
-    archive::push(&env.settings, &env.write("00000002.history", first))
+    push::push(&env.settings, &env.write("00000002.history", first))
         .await
         .unwrap();
     let other = b"1\t0/4000060\tno recovery target specified\n";
-    let err = archive::push(&env.settings, &env.write("00000002.history", other))
+    let err = push::push(&env.settings, &env.write("00000002.history", other))
         .await
         .unwrap_err();
     assert!(matches!(err, PushError::Conflict { .. }), "{err}");
@@ -159,12 +157,12 @@ async fn history_files_are_never_overwritten() {
 #[tokio::test]
 async fn wal_from_another_cluster_is_refused() {
     let env = Env::new().await;
-    archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+    push::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
         .await
         .unwrap();
     let before = env.files_in_repo();
     let s2 = "000000010000000000000002";
-    let err = archive::push(&env.settings, &env.write(s2, &segment(s2, SYSID + 1)))
+    let err = push::push(&env.settings, &env.write(s2, &segment(s2, SYSID + 1)))
         .await
         .unwrap_err();
     assert!(matches!(err, PushError::ForeignCluster { .. }), "{err}");
@@ -178,14 +176,14 @@ async fn wal_from_another_cluster_is_refused() {
 #[tokio::test]
 async fn content_that_does_not_match_its_name_is_refused() {
     let env = Env::new().await;
-    let err = archive::push(
+    let err = push::push(
         &env.settings,
         &env.write("000000010000000000000002", &segment(S1, SYSID)),
     )
     .await
     .unwrap_err();
     assert!(matches!(err, PushError::InvalidWal { .. }), "{err}");
-    let err = archive::push(&env.settings, &env.write(S1, &vec![0u8; SEG as usize]))
+    let err = push::push(&env.settings, &env.write(S1, &vec![0u8; SEG as usize]))
         .await
         .unwrap_err();
     assert!(matches!(err, PushError::InvalidWal { .. }), "{err}");
@@ -201,7 +199,7 @@ async fn invalid_names_touch_nothing() {
         "000000010000000000000001.tmp",
         "x\u{1}",
     ] {
-        let err = archive::push(&env.settings, &env.write(bad, b"x"))
+        let err = push::push(&env.settings, &env.write(bad, b"x"))
             .await
             .unwrap_err();
         assert_eq!(err.exit_code(), exit::USAGE, "{bad}");
@@ -232,13 +230,13 @@ async fn missing_file_is_not_found_only_in_a_real_repository() {
     assert_eq!(err.exit_code(false), exit::FATAL);
     assert_eq!(err.exit_code(true), exit::NOT_FOUND_OR_RETRY);
     // Nor is push allowed to create one: it fails, PostgreSQL keeps the file and retries.
-    let err = archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+    let err = push::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
         .await
         .unwrap_err();
     assert_eq!(err.exit_code(), exit::NOT_FOUND_OR_RETRY, "{err}");
     assert!(env.files_in_repo().is_empty());
     std::fs::create_dir_all(env.repo()).unwrap();
-    let err = archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+    let err = push::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
         .await
         .unwrap_err();
     assert_eq!(err.exit_code(), exit::NOT_FOUND_OR_RETRY, "{err}");
@@ -254,7 +252,7 @@ async fn missing_file_is_not_found_only_in_a_real_repository() {
     walvault::repo::Writer::init(&env.settings.repo, &env.settings.store_options(), None, 0, false)
         .await
         .unwrap();
-    archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+    push::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
         .await
         .unwrap();
     let out = fetch::fetch(
@@ -271,7 +269,7 @@ async fn missing_file_is_not_found_only_in_a_real_repository() {
 #[tokio::test]
 async fn corrupt_or_truncated_objects_are_fatal_and_never_written_out() {
     let env = Env::new().await;
-    archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+    push::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
         .await
         .unwrap();
     let object = env.repo().join("wal/0000000100000000").join(format!("{S1}.wvo"));
@@ -293,7 +291,7 @@ async fn corrupt_or_truncated_objects_are_fatal_and_never_written_out() {
     assert!(!dest.exists());
 
     // A corrupt stored copy is not "already archived" either: push refuses and keeps it for a human.
-    let err = archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+    let err = push::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
         .await
         .unwrap_err();
     assert!(matches!(err, PushError::StoredCorrupt { .. }), "{err}");
@@ -306,7 +304,7 @@ async fn corrupt_or_truncated_objects_are_fatal_and_never_written_out() {
 async fn a_repository_mounted_late_is_waited_for() {
     let mut env = Env::new().await;
     env.settings.retry_timeout = Duration::from_secs(10);
-    archive::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
+    push::push(&env.settings, &env.write(S1, &segment(S1, SYSID)))
         .await
         .unwrap();
     let aside = env.dir.path().join("unmounted");
@@ -330,9 +328,7 @@ async fn a_fetch_for_replay_reads_the_newest_commit_and_never_fails_on_it() {
     use walvault::repo::object::{ObjectKind, SealedObject};
     let env = Env::new().await;
     let content = segment(S1, SYSID);
-    archive::push(&env.settings, &env.write(S1, &content))
-        .await
-        .unwrap();
+    push::push(&env.settings, &env.write(S1, &content)).await.unwrap();
     let dest = env.dir.path().join("RECOVERYXLOG");
     let seg = S1.parse::<WalFileName>().unwrap().wal_segment().unwrap();
     let summary_path = env.repo().join(walvault::timeindex::summary_key(&seg));

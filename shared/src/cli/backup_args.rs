@@ -6,9 +6,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backup::take::{BackupError, BackupOptions, DEFAULT_CHUNK_SIZE, FileReading, take_backup_reading};
 use crate::catalog::BackupInfo;
 use crate::cli::default_pg_conn;
+use crate::commands::backup::{
+    BackupError, BackupOptions, DEFAULT_CHUNK_SIZE, FileReading, take_backup_reading,
+};
 use crate::config::{ConfigError, Settings, parse_duration};
 use crate::report::Report;
 

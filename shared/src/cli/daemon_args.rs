@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use crate::cli::drill_args::{DrillArgsError, ScheduledDrillArgs};
 use crate::cli::{RepoArgs, RetentionArgs, default_pg_conn};
+use crate::commands::daemon::{DaemonError, DaemonOptions, Metrics};
 use crate::config::{ConfigError, Settings, parse_duration};
-use crate::daemon::{DaemonError, DaemonOptions, Metrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonArgsError {
@@ -108,5 +108,5 @@ pub async fn serve(settings: Settings, opts: DaemonOptions) -> Result<(), Daemon
         }
     };
     let metrics = std::sync::Arc::new(Metrics::default());
-    crate::daemon::run(settings, opts, metrics, shutdown).await
+    crate::commands::daemon::run(settings, opts, metrics, shutdown).await
 }

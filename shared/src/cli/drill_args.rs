@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use crate::cli::RepoArgs;
 use crate::cli::target_args::{TargetArgs, TargetError, parse_timeline};
+use crate::commands::drill::{DrillOptions, DrillTarget, Evidence};
+use crate::commands::restore::{RecoveryTarget, TimelineTarget, restore_command_line};
 use crate::config::{ConfigError, Settings, parse_duration};
-use crate::drill::{DrillOptions, DrillTarget, Evidence};
 use crate::report::{Format, Report};
-use crate::restore::{RecoveryTarget, TimelineTarget, restore_command_line};
 
 /// How long a scheduled drill waits for recovery.
 const SCHEDULED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
@@ -24,7 +24,7 @@ pub enum DrillArgsError {
     #[error("{flag} {source}")]
     CheckSql {
         flag: &'static str,
-        source: crate::drill::ChecksError,
+        source: crate::commands::drill::ChecksError,
     },
     #[error("--drill-every needs restore-agent beside archive-agent ({0} is missing)")]
     NoRestoreAgent(String),
@@ -126,7 +126,7 @@ impl DrillArgs {
             Some(p) if p == Path::new("-") => Ok(Format::Json),
             Some(p) => {
                 let doc = serde_json::to_string_pretty(evidence).map_err(std::io::Error::other);
-                doc.and_then(|doc| crate::fsutil::write_durably(p, doc.as_bytes()))
+                doc.and_then(|doc| crate::local::crashsafe::write_durably(p, doc.as_bytes()))
                     .map_err(|source| DrillArgsError::Evidence {
                         path: p.display().to_string(),
                         source,
@@ -145,7 +145,7 @@ pub async fn drill(
     args: &DrillArgs,
 ) -> Result<Evidence, DrillArgsError> {
     let opts = args.options(repo, settings, &std::env::current_exe()?)?;
-    Ok(crate::drill::run(settings, &opts).await)
+    Ok(crate::commands::drill::run(settings, &opts).await)
 }
 
 /// The evidence as `restore-agent drill` shows it: the summary, or `--json -` the record.
@@ -231,7 +231,7 @@ impl ScheduledDrillArgs {
 }
 
 fn check_sql(flag: &'static str, files: &[PathBuf]) -> Result<Vec<PathBuf>, DrillArgsError> {
-    crate::drill::check_sql_files(files).map_err(|source| DrillArgsError::CheckSql { flag, source })
+    crate::commands::drill::check_sql_files(files).map_err(|source| DrillArgsError::CheckSql { flag, source })
 }
 
 fn restore_command(restore_agent: &Path, settings: &Settings, repo: &RepoArgs) -> std::io::Result<String> {

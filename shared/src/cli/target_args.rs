@@ -2,7 +2,7 @@
 //! `--target-lsn`, `--target-xid`, `--target-name`, `--target-timeline`, `--target-exclusive`)
 //! and the targets they name.
 
-use crate::restore::{RecoveryTarget, TimelineTarget};
+use crate::commands::restore::{RecoveryTarget, TimelineTarget};
 use crate::time::TimeParseError;
 use crate::wal::lsn::LsnParseError;
 

@@ -18,7 +18,7 @@
 //! is recognised only if building it back from what it names gives the same key, so a foreign or
 //! misplaced object is ignored, never misread.
 
-use crate::backup::BackupId;
+use crate::basebackup::BackupId;
 use crate::wal::{SegmentName, WalFileName};
 
 /// Prefix of the object `archive-agent init` writes twice to learn whether the store refuses
@@ -83,7 +83,7 @@ pub fn manifest_key(id: &BackupId) -> String {
     format!("backups/{id}/manifest{OBJECT_SUFFIX}")
 }
 
-/// The key of backup `id`'s relation map (`crate::relmap`).
+/// The key of backup `id`'s relation map (`crate::basebackup::relmap`).
 pub fn relation_map_key(id: &BackupId) -> String {
     format!("backups/{id}/relations{OBJECT_SUFFIX}")
 }

@@ -849,7 +849,7 @@ impl WritableStore {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let parent = dest.parent().expect("a key names a file under the root");
                     std::fs::create_dir_all(parent).map_err(fail)?;
-                    crate::fsutil::sync_dir(parent.parent().unwrap_or(root)).map_err(fail)?;
+                    crate::local::crashsafe::sync_dir(parent.parent().unwrap_or(root)).map_err(fail)?;
                 }
                 Err(e) => return Err(fail(e)),
             }
@@ -874,7 +874,7 @@ impl WritableStore {
                 Err(e) => return Err(fail(e)),
             }
             let parent = staged.dest.parent().expect("a key names a file under the root");
-            crate::fsutil::sync_dir(parent).map_err(fail)?;
+            crate::local::crashsafe::sync_dir(parent).map_err(fail)?;
             Ok(PutNew::Created)
         })
         .await

@@ -1,0 +1,1262 @@
+//! The backup manifest (format "walvault-backup-manifest" v1, see `docs/FORMAT.md`): everything
+//! needed to rebuild the data directory of one base backup, independently of any other backup.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::repo::object::ObjectKind;
+use crate::repo::stored::{Envelope, Opened, StoredKind};
+use crate::wal::{Lsn, WalFileName};
+
+pub const FORMAT_NAME: &str = "walvault-backup-manifest";
+pub const FORMAT_VERSION: u32 = 1;
+// Upper bounds checked before a restore writes anything, so a hostile manifest cannot make it
+// allocate or write without limit. Each is far above any real cluster (see `docs/FORMAT.md`).
+/// The manifest's JSON: the most a sealed object may hold.
+pub const MAX_MANIFEST_BYTES: u64 = crate::repo::object::MAX_ORIGINAL_LEN;
+/// Entries (files and directories).
+pub const MAX_ENTRIES: usize = 10_000_000;
+pub const MAX_TABLESPACES: usize = 10_000;
+/// One file.
+pub const MAX_FILE_SIZE: u64 = 1 << 40;
+/// All files together (1 PiB).
+pub const MAX_TOTAL_SIZE: u64 = 1 << 50;
+/// A chunk is one sealed object.
+pub const MAX_CHUNK_SIZE: u64 = crate::repo::object::MAX_ORIGINAL_LEN;
+/// A path, relative or a tablespace location: PATH_MAX (4096) less the terminating NUL.
+pub const MAX_PATH_LEN: usize = 4095;
+/// One path component: NAME_MAX.
+pub const MAX_NAME_LEN: usize = 255;
+/// `backup_label`, `tablespace_map` and `postgresql.auto.conf` (a few hundred bytes in practice).
+pub const MAX_TEXT_LEN: usize = 1 << 20;
+
+/// A backup id: the UTC time the backup started, `YYYYMMDDTHHMMSSZ`, sortable.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BackupId(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid backup id {0:?}: expected YYYYMMDDTHHMMSSZ, like 20261121T143200Z")]
+pub struct BackupIdError(pub String);
+
+impl BackupId {
+    /// The id for a backup started at `unix_secs`.
+    pub fn from_unix(unix_secs: i64) -> BackupId {
+        BackupId(crate::time::format_compact(unix_secs))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for BackupId {
+    type Err = BackupIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let b = s.as_bytes();
+        let ok = b.len() == 16
+            && b[8] == b'T'
+            && b[15] == b'Z'
+            && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
+        if ok {
+            Ok(BackupId(s.to_string()))
+        } else {
+            Err(BackupIdError(s.chars().take(40).collect()))
+        }
+    }
+}
+
+impl TryFrom<String> for BackupId {
+    type Error = BackupIdError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<BackupId> for String {
+    fn from(id: BackupId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for BackupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What kind of entry a manifest path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    Dir,
+    File,
+}
+
+/// One directory or file of the backup. Paths are relative to the data directory, `/`-separated;
+/// tablespace contents live under `pg_tblspc/<oid>/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: String,
+    pub kind: EntryKind,
+    /// Unix permission bits.
+    pub mode: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size: u64,
+    /// blake3 ids of the chunks, in order; their sizes are `chunk_size` except the last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// A tablespace: its oid (the name of its link in `pg_tblspc`) and where it lived on the source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tablespace {
+    pub oid: u32,
+    pub location: String,
+}
+
+/// Byte counts of a backup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupStats {
+    /// Bytes of the files backed up.
+    pub logical_bytes: u64,
+    pub files: u64,
+    pub chunks: u64,
+    /// Chunks this backup uploaded (the rest were already in the repository).
+    pub new_chunks: u64,
+    /// Compressed bytes this backup uploaded.
+    pub new_bytes: u64,
+    /// Compressed bytes of all chunks the backup references.
+    pub stored_bytes: u64,
+    /// Files taken over from the previous backup without being read, because their `stat` shows
+    /// no write since that backup read them (see [`crate::basebackup::reuse`]), and their bytes.
+    #[serde(default)]
+    pub reused_files: u64,
+    #[serde(default)]
+    pub reused_bytes: u64,
+}
+
+/// What `fstat` said of a file just before a backup read it: what the next backup compares to
+/// decide whether the file may be reused without reading it (see [`crate::basebackup::reuse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStat {
+    pub size: u64,
+    /// Modification and status change times, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+    pub dev: u64,
+}
+
+/// What a backup knows of one of its files beyond what a restore needs: how much each chunk
+/// takes in the repository, and how the file looked when it was read. Optional and ignored by
+/// restore; the next backup uses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub path: String,
+    /// Stored (sealed, compressed) length of each of the entry's chunks, in order.
+    pub stored: Vec<u64>,
+    /// Absent when the file was not read by this backup's process in a way that can vouch for it
+    /// (`global/pg_control`, which is reread until its CRC checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stat: Option<FileStat>,
+    /// The backup that read the file's bytes, when this one took the file over unread because
+    /// it had not changed since (absent: this backup read it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_by: Option<BackupId>,
+}
+
+/// `backups/<id>/manifest.wvo`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub id: BackupId,
+    #[serde(with = "crate::repo::identity::u64_string")]
+    pub system_identifier: u64,
+    pub pg_version: u32,
+    pub timeline: u32,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Lsn,
+    /// When the backup started and when it became consistent (`pg_backup_stop` returned), by
+    /// the server's clock, which also stamps the commits a target time is compared with: Unix
+    /// microseconds, UTC.
+    pub start_time_us: i64,
+    pub stop_time_us: i64,
+    pub start_wal: String,
+    pub stop_wal: String,
+    pub chunk_size: u64,
+    pub backup_label: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tablespace_map: Option<String>,
+    #[serde(default)]
+    pub tablespaces: Vec<Tablespace>,
+    pub entries: Vec<Entry>,
+    pub stats: BackupStats,
+    /// The backup host's wall clock (Unix microseconds) just before the first file was
+    /// examined: every [`FileStat`] of `files` was taken after it. Absent in manifests written
+    /// before files were reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_examined_after_us: Option<i64>,
+    /// One record per file entry with chunks, sorted by path. Absent in older manifests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest is not valid JSON for format v1: {0}")]
+    Invalid(String),
+    #[error("manifest has format {0:?}")]
+    WrongFormat(String),
+    #[error("manifest format version {0} is newer than this walvault understands (1); upgrade walvault")]
+    UnsupportedVersion(u32),
+    /// A path that could leave the directory it is restored into.
+    #[error("entry {path:?} is unsafe: {why}")]
+    UnsafePath { path: String, why: &'static str },
+    /// An entry restore must not write as described (kind, mode, size, chunks, place).
+    #[error("entry {path:?} is refused: {why}")]
+    Entry { path: String, why: String },
+    #[error("tablespace {oid} is refused: {why}")]
+    Tablespace { oid: u32, why: String },
+    #[error("manifest is implausible: {0}")]
+    Implausible(String),
+}
+
+/// A path as error messages show it: at most 200 characters (a hostile path can be 4 KiB).
+fn shown(path: &str) -> String {
+    const MAX: usize = 200;
+    match path.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}...", &path[..at]),
+        None => path.to_string(),
+    }
+}
+
+fn entry_err(path: &str, why: impl Into<String>) -> ManifestError {
+    ManifestError::Entry {
+        path: shown(path),
+        why: why.into(),
+    }
+}
+
+/// Counts the elements of a JSON array without keeping them (anything else counts 0), so the
+/// number of entries is known before a single one is allocated.
+#[derive(Default)]
+struct Count(u64);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+                let mut n = 0u64;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Count(n))
+            }
+            // Not an array: the full parse reports it.
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Count(0))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+                Ok(Count(0))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Count, E> {
+                Ok(Count(0))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Count, E> {
+                Ok(Count(0))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
+                Ok(Count(0))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Count, E> {
+                Ok(Count(0))
+            }
+            fn visit_unit<E>(self) -> Result<Count, E> {
+                Ok(Count(0))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Manifest {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("manifest serializes")
+    }
+
+    /// Parse and validate ([`Manifest::validate`]). The size of the document and the number of
+    /// entries and tablespaces are checked before any entry is allocated.
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::Implausible(format!(
+                "{} bytes of JSON, more than the limit of {MAX_MANIFEST_BYTES}",
+                bytes.len()
+            )));
+        }
+        #[derive(Deserialize)]
+        struct Probe {
+            format: String,
+            version: u32,
+            #[serde(default)]
+            entries: Count,
+            #[serde(default)]
+            tablespaces: Count,
+            #[serde(default)]
+            files: Count,
+        }
+        let probe: Probe =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
+        if probe.format != FORMAT_NAME {
+            return Err(ManifestError::WrongFormat(shown(&probe.format)));
+        }
+        if probe.version != FORMAT_VERSION {
+            return Err(ManifestError::UnsupportedVersion(probe.version));
+        }
+        check_counts(probe.entries.0.max(probe.files.0), probe.tablespaces.0)?;
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Everything a restore relies on, checked in one pass, before it writes anything (see
+    /// `docs/FORMAT.md`, "Validation"): a manifest is attacker-controlled for anyone who can write
+    /// to the repository but not to the database host, and it must not be able to make a restore
+    /// write outside the directories the DBA chose, create special files or modes, or allocate
+    /// or write without bound.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let implausible = |s: String| Err(ManifestError::Implausible(s));
+        check_counts(
+            self.entries.len().max(self.files.len()) as u64,
+            self.tablespaces.len() as u64,
+        )?;
+        if !(1..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
+            return implausible(format!(
+                "chunk size {} is outside 1..={MAX_CHUNK_SIZE}",
+                self.chunk_size
+            ));
+        }
+        if self.timeline == 0 {
+            return implausible("timeline 0".into());
+        }
+        if self.start_lsn > self.stop_lsn {
+            return implausible(format!(
+                "start LSN {} is after stop LSN {}",
+                self.start_lsn, self.stop_lsn
+            ));
+        }
+        for (field, name) in [("start_wal", &self.start_wal), ("stop_wal", &self.stop_wal)] {
+            if !matches!(name.parse::<WalFileName>(), Ok(WalFileName::Segment(_))) {
+                return implausible(format!("{field} {:?} is not a WAL segment name", shown(name)));
+            }
+        }
+        for (field, text) in [
+            ("backup_label", Some(&self.backup_label)),
+            ("tablespace_map", self.tablespace_map.as_ref()),
+        ] {
+            match text {
+                Some(t) if t.len() > MAX_TEXT_LEN => {
+                    return implausible(format!("{field} is {} bytes, more than {MAX_TEXT_LEN}", t.len()));
+                }
+                Some(t) if t.contains('\0') => return implausible(format!("{field} contains a NUL byte")),
+                _ => {}
+            }
+        }
+
+        let mut oids = std::collections::BTreeSet::new();
+        for t in &self.tablespaces {
+            let bad = |why: String| Err(ManifestError::Tablespace { oid: t.oid, why });
+            if t.oid == 0 {
+                return bad("0 is not a valid oid".into());
+            }
+            if !oids.insert(t.oid) {
+                return bad("it is declared twice".into());
+            }
+            if let Err(why) = check_location(&t.location) {
+                return bad(format!("location {:?} {why}", shown(&t.location)));
+            }
+        }
+
+        let mut total: u64 = 0;
+        for (i, e) in self.entries.iter().enumerate() {
+            check_relative_path(&e.path)?;
+            self.check_entry(e, &oids)?;
+            if i > 0 {
+                let prev = &self.entries[i - 1].path;
+                if prev.as_bytes() == e.path.as_bytes() {
+                    return Err(entry_err(&e.path, "it is listed twice"));
+                }
+                if prev.as_bytes() > e.path.as_bytes() {
+                    return Err(entry_err(
+                        &e.path,
+                        format!("entries are not sorted by path (it follows {:?})", shown(prev)),
+                    ));
+                }
+            }
+            total = match total.checked_add(e.size) {
+                Some(t) if t <= MAX_TOTAL_SIZE => t,
+                _ => {
+                    return implausible(format!("the files add up to more than {MAX_TOTAL_SIZE} bytes"));
+                }
+            };
+            // Nothing may be restored through a file: `a` a file and `a/b` an entry. Entries are
+            // sorted, so the paths under `a/` form one run after `a`.
+            if e.kind == EntryKind::File {
+                let under = format!("{}/", e.path);
+                let rest = &self.entries[i + 1..];
+                let at = rest.partition_point(|x| x.path.as_bytes() < under.as_bytes());
+                if let Some(child) = rest.get(at).filter(|x| x.path.starts_with(&under)) {
+                    return Err(entry_err(
+                        &child.path,
+                        format!("it goes through {:?}, which is a file", shown(&e.path)),
+                    ));
+                }
+            }
+        }
+        self.check_files()
+    }
+
+    /// `files`: sorted, each naming a file entry, with one stored length per chunk. Restore
+    /// never uses them, but a record that disagrees with its entry means the manifest was not
+    /// written by walvault.
+    fn check_files(&self) -> Result<(), ManifestError> {
+        let mut entries = self.entries.iter();
+        let mut prev: Option<&str> = None;
+        for f in &self.files {
+            if prev.is_some_and(|p| p.as_bytes() >= f.path.as_bytes()) {
+                return Err(entry_err(
+                    &f.path,
+                    "file records are not sorted by path, or repeat one",
+                ));
+            }
+            prev = Some(&f.path);
+            // Both lists are sorted: one pass over the entries finds every record's entry.
+            let Some(e) = entries.find(|e| e.path == f.path) else {
+                return Err(entry_err(&f.path, "a file record names no entry"));
+            };
+            if e.kind != EntryKind::File {
+                return Err(entry_err(&f.path, "a file record names a directory"));
+            }
+            if e.chunks.len() != f.stored.len() {
+                return Err(entry_err(
+                    &f.path,
+                    format!(
+                        "its file record has {} stored lengths for {} chunks",
+                        f.stored.len(),
+                        e.chunks.len()
+                    ),
+                ));
+            }
+            if f.stat.is_some_and(|st| st.size != e.size) {
+                return Err(entry_err(
+                    &f.path,
+                    "its file record's stat disagrees with its size",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The records of `files` by path.
+    pub fn file_records(&self) -> std::collections::HashMap<&str, &FileRecord> {
+        self.files.iter().map(|f| (f.path.as_str(), f)).collect()
+    }
+
+    /// The rules for one entry on its own.
+    fn check_entry(&self, e: &Entry, oids: &std::collections::BTreeSet<u32>) -> Result<(), ManifestError> {
+        let bad = |why: String| Err(entry_err(&e.path, why));
+        let first = e.path.split('/').next().unwrap_or_default();
+        let is_root = first.len() == e.path.len();
+        if let Some(owner) = RESERVED
+            .iter()
+            .find(|(name, _)| *name == first)
+            .map(|(_, owner)| owner)
+        {
+            return bad(format!("{first} {owner}"));
+        }
+        if MUST_BE_FILES.contains(&first) && (!is_root || e.kind != EntryKind::File) {
+            return bad(format!(
+                "{first} can only be a file (restore reads, appends to or removes it)"
+            ));
+        }
+        if first == "postgresql.auto.conf" && e.size > MAX_TEXT_LEN as u64 {
+            return bad(format!(
+                "postgresql.auto.conf is {} bytes, more than {MAX_TEXT_LEN} (restore reads it into memory)",
+                e.size
+            ));
+        }
+        if e.mode & !0o7777 != 0 {
+            return bad(format!(
+                "mode {:o} has file type bits (devices, fifos, sockets and links are never restored)",
+                e.mode
+            ));
+        }
+        let tablespace = tablespace_part(&e.path).filter(|(oid, _)| oids.contains(oid));
+        match e.kind {
+            EntryKind::Dir => {
+                if e.mode & 0o5000 != 0 {
+                    return bad(format!(
+                        "directory mode {:o} has the setuid or sticky bit",
+                        e.mode
+                    ));
+                }
+                if e.mode & 0o700 != 0o700 {
+                    return bad(format!(
+                        "directory mode {:o} lacks owner rwx (restore could not fill or clean it)",
+                        e.mode
+                    ));
+                }
+                if e.size != 0 || !e.chunks.is_empty() {
+                    return bad("a directory has no size and no chunks".into());
+                }
+            }
+            EntryKind::File => {
+                if e.mode & 0o7000 != 0 {
+                    return bad(format!(
+                        "file mode {:o} has setuid, setgid or sticky bits",
+                        e.mode
+                    ));
+                }
+                if matches!(tablespace, Some((_, None))) {
+                    return bad("a tablespace's root is a directory, not a file".into());
+                }
+                if e.size > MAX_FILE_SIZE {
+                    return bad(format!(
+                        "{} bytes, more than the limit of {MAX_FILE_SIZE}",
+                        e.size
+                    ));
+                }
+                let expected = e.size.div_ceil(self.chunk_size);
+                if e.chunks.len() as u64 != expected {
+                    return bad(format!(
+                        "{} chunks for {} bytes in chunks of {} (expected {expected})",
+                        e.chunks.len(),
+                        e.size,
+                        self.chunk_size
+                    ));
+                }
+                if let Some(c) = e.chunks.iter().find(|c| !is_chunk_id(c)) {
+                    return bad(format!("chunk id {:?} is not 64 lower-case hex digits", shown(c)));
+                }
+            }
+        }
+        // A tablespace lives outside the data directory, whose 0700 mode protects the rest.
+        if tablespace.is_some() && e.mode & 0o022 != 0 {
+            return bad(format!(
+                "mode {:o} is group or world writable in a tablespace, outside the data directory",
+                e.mode
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Root names a backup never holds because restore writes them itself (or they are walvault's),
+/// with why.
+const RESERVED: [(&str, &str); 3] = [
+    ("backup_label", "is written by restore itself, from the manifest"),
+    (
+        "tablespace_map",
+        "is written by restore itself, from the chosen locations",
+    ),
+    (
+        crate::local::handoff::SPOOL_DIR,
+        "is walvault's local spool, never part of a backup",
+    ),
+];
+/// Root names restore reads, appends to or removes: if a backup holds them, they are files.
+const MUST_BE_FILES: [&str; 3] = ["postgresql.auto.conf", "recovery.signal", "standby.signal"];
+
+fn check_counts(entries: u64, tablespaces: u64) -> Result<(), ManifestError> {
+    if entries > MAX_ENTRIES as u64 {
+        return Err(ManifestError::Implausible(format!(
+            "{entries} entries, more than the limit of {MAX_ENTRIES}"
+        )));
+    }
+    if tablespaces > MAX_TABLESPACES as u64 {
+        return Err(ManifestError::Implausible(format!(
+            "{tablespaces} tablespaces, more than the limit of {MAX_TABLESPACES}"
+        )));
+    }
+    Ok(())
+}
+
+/// For `pg_tblspc/<oid>[/<rest>]`, with `<oid>` spelled as PostgreSQL names the link (decimal,
+/// no sign or leading zero): the oid and the rest. Anything else, including `pg_tblspc/016384`,
+/// is an ordinary path of the data directory.
+pub fn tablespace_part(path: &str) -> Option<(u32, Option<&str>)> {
+    let rest = path.strip_prefix("pg_tblspc/")?;
+    let (name, rest) = match rest.split_once('/') {
+        Some((name, rest)) => (name, Some(rest)),
+        None => (rest, None),
+    };
+    let oid: u32 = name.parse().ok()?;
+    (oid.to_string() == name).then_some((oid, rest))
+}
+
+/// A tablespace location on the source: absolute, normalized, printable, within PATH_MAX. It is
+/// used only with `--tablespace-original`, and written into `tablespace_map`.
+fn check_location(loc: &str) -> Result<(), &'static str> {
+    if !loc.starts_with('/') {
+        return Err("is not absolute");
+    }
+    if loc.len() > MAX_PATH_LEN {
+        return Err("is too long");
+    }
+    if loc.chars().any(char::is_control) {
+        return Err("contains a control character");
+    }
+    if loc
+        .split('/')
+        .any(|c| c == "." || c == ".." || c.len() > MAX_NAME_LEN)
+    {
+        return Err("has a '.', '..' or over-long component");
+    }
+    if loc.split('/').all(str::is_empty) {
+        return Err("is the root directory");
+    }
+    Ok(())
+}
+
+/// A chunk id is 64 lower-case hex digits (a blake3 hash).
+pub fn is_chunk_id(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A manifest path must be relative, `/`-separated, free of `.`/`..`/empty components, control
+/// characters and backslashes, with components of at most NAME_MAX and a length of at most
+/// PATH_MAX bytes, so joining it to the target directory can never leave it.
+pub fn check_relative_path(path: &str) -> Result<(), ManifestError> {
+    let bad = |why| {
+        Err(ManifestError::UnsafePath {
+            path: shown(path),
+            why,
+        })
+    };
+    if path.is_empty() {
+        return bad("empty path");
+    }
+    if path.len() > MAX_PATH_LEN {
+        return bad("longer than PATH_MAX (4095 bytes)");
+    }
+    if path.starts_with('/') {
+        return bad("absolute path");
+    }
+    if path.chars().any(|c| c.is_control() || c == '\\') {
+        return bad("control character or backslash");
+    }
+    if path.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return bad("empty, '.' or '..' component");
+    }
+    if path.split('/').any(|c| c.len() > MAX_NAME_LEN) {
+        return bad("a component longer than NAME_MAX (255 bytes)");
+    }
+    Ok(())
+}
+
+/// `backups/<id>/manifest.wvo`: a manifest is read back whole and validated, and must be the
+/// manifest of the backup its key names.
+impl StoredKind for Manifest {
+    type Id = BackupId;
+    type Error = ManifestError;
+    const ENVELOPE: Envelope = Envelope::Sealed(ObjectKind::Manifest);
+
+    fn key(id: &BackupId) -> String {
+        crate::repo::layout::manifest_key(id)
+    }
+
+    fn name(id: &BackupId) -> String {
+        id.as_str().to_string()
+    }
+
+    fn parse(opened: Opened, id: &BackupId) -> Result<Manifest, ManifestError> {
+        let m = Manifest::parse(&opened.content)?;
+        if &m.id != id {
+            return Err(ManifestError::Implausible(format!(
+                "manifest of {} stored as {id}",
+                m.id
+            )));
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn sample() -> Manifest {
+        Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            id: "20261121T143200Z".parse().unwrap(),
+            system_identifier: 7_441_234_567_890_123_456,
+            pg_version: 15,
+            timeline: 1,
+            start_lsn: Lsn(0x2000028),
+            stop_lsn: Lsn(0x2000100),
+            start_time_us: 1_795_271_520_000_000,
+            stop_time_us: 1_795_271_530_123_456,
+            start_wal: "000000010000000000000002".into(),
+            stop_wal: "000000010000000000000002".into(),
+            chunk_size: 1 << 20,
+            backup_label: "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n".into(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            entries: vec![
+                Entry {
+                    path: "base".into(),
+                    kind: EntryKind::Dir,
+                    mode: 0o700,
+                    size: 0,
+                    chunks: vec![],
+                },
+                Entry {
+                    path: "base/1/1259".into(),
+                    kind: EntryKind::File,
+                    mode: 0o600,
+                    size: 8192,
+                    chunks: vec!["ab".repeat(32)],
+                },
+            ],
+            stats: BackupStats::default(),
+            files_examined_after_us: None,
+            files: vec![],
+        }
+    }
+
+    #[test]
+    fn frozen_v1_fixture_parses() {
+        let m = Manifest::parse(include_bytes!("../../tests/fixtures/manifest-v1.json")).unwrap();
+        assert_eq!(m, sample());
+    }
+
+    /// What `manifest-v1-files.json` holds: a backup that took `base/1/1259` over unread.
+    fn sample_with_files() -> Manifest {
+        let file = |path: &str, size: u64, chunks: &[&str]| Entry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            size,
+            chunks: chunks.iter().map(|c| c.repeat(32)).collect(),
+        };
+        let stat = |size, mtime_ns, ctime_ns, ino| FileStat {
+            size,
+            mtime_ns,
+            ctime_ns,
+            ino,
+            dev: 2049,
+        };
+        Manifest {
+            id: "20261122T143200Z".parse().unwrap(),
+            start_lsn: Lsn(0x5000028),
+            stop_lsn: Lsn(0x5000100),
+            start_time_us: 1_795_357_920_000_000,
+            stop_time_us: 1_795_357_930_123_456,
+            start_wal: "000000010000000000000005".into(),
+            stop_wal: "000000010000000000000005".into(),
+            backup_label: "START WAL LOCATION: 0/5000028 (file 000000010000000000000005)\n".into(),
+            entries: vec![
+                sample().entries[0].clone(),
+                file("base/1/1259", 8192, &["ab"]),
+                file("base/1/16384", (1 << 20) + 1, &["cd", "ef"]),
+                file("global/pg_control", 8192, &["01"]),
+            ],
+            stats: BackupStats {
+                logical_bytes: 1_064_961,
+                files: 3,
+                chunks: 4,
+                new_chunks: 3,
+                new_bytes: 21_000,
+                stored_bytes: 21_400,
+                reused_files: 1,
+                reused_bytes: 8192,
+            },
+            files_examined_after_us: Some(1_795_357_920_250_000),
+            files: vec![
+                FileRecord {
+                    path: "base/1/1259".into(),
+                    stored: vec![400],
+                    stat: Some(stat(
+                        8192,
+                        1_795_271_000_000_000_001,
+                        1_795_271_000_000_000_002,
+                        131_073,
+                    )),
+                    read_by: Some("20261121T143200Z".parse().unwrap()),
+                },
+                FileRecord {
+                    path: "base/1/16384".into(),
+                    stored: vec![20_000, 700],
+                    stat: Some(stat(
+                        (1 << 20) + 1,
+                        1_795_357_910_000_000_000,
+                        1_795_357_910_000_000_000,
+                        131_074,
+                    )),
+                    read_by: None,
+                },
+                FileRecord {
+                    path: "global/pg_control".into(),
+                    stored: vec![300],
+                    stat: None,
+                    read_by: None,
+                },
+            ],
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn frozen_v1_fixture_with_file_records_parses() {
+        let m = Manifest::parse(include_bytes!("../../tests/fixtures/manifest-v1-files.json")).unwrap();
+        assert_eq!(m, sample_with_files());
+        assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+        // A manifest written before file records has none: its next backup reads every file.
+        let old = Manifest::parse(include_bytes!("../../tests/fixtures/manifest-v1.json")).unwrap();
+        assert!(old.files.is_empty() && old.files_examined_after_us.is_none());
+        assert_eq!((old.stats.reused_files, old.stats.reused_bytes), (0, 0));
+    }
+
+    #[test]
+    fn file_records_must_agree_with_their_entries() {
+        type Change = fn(&mut Manifest);
+        let cases: [(Change, &str); 5] = [
+            (
+                |m| m.files[1].stored.pop().map(drop).unwrap_or(()),
+                "1 stored lengths for 2 chunks",
+            ),
+            (|m| m.files[0].path = "base/1/9999".into(), "names no entry"),
+            (|m| m.files.swap(0, 1), "not sorted"),
+            (
+                |m| m.files[1] = m.files[0].clone(),
+                "not sorted by path, or repeat one",
+            ),
+            (
+                |m| m.files[0].stat.as_mut().unwrap().size = 1,
+                "stat disagrees with its size",
+            ),
+        ];
+        for (change, why) in cases {
+            let mut m = sample_with_files();
+            change(&mut m);
+            assert_refused(&m, why);
+        }
+        let mut dir_record = sample_with_files();
+        dir_record.files.insert(
+            0,
+            FileRecord {
+                path: "base".into(),
+                stored: vec![],
+                stat: None,
+                read_by: None,
+            },
+        );
+        assert_refused(&dir_record, "names a directory");
+    }
+
+    #[test]
+    fn round_trips() {
+        let m = sample();
+        assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+    }
+
+    #[test]
+    fn traversal_and_absurd_sizes_are_refused() {
+        for bad in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "base/../../x",
+            "base//x",
+            "./x",
+            "a\u{0}b",
+            "",
+        ] {
+            let mut m = sample();
+            m.entries[1].path = bad.into();
+            assert!(
+                matches!(
+                    Manifest::parse(&m.to_json()),
+                    Err(ManifestError::UnsafePath { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        let mut m = sample();
+        m.entries[1].size = 1 << 50;
+        assert!(Manifest::parse(&m.to_json()).is_err());
+        let mut m = sample();
+        m.entries[1].chunks.push("cd".repeat(32));
+        assert!(Manifest::parse(&m.to_json()).is_err());
+        let mut m = sample();
+        m.entries[1].chunks[0] = "../../x".into();
+        assert!(Manifest::parse(&m.to_json()).is_err());
+    }
+
+    fn file(path: &str, mode: u32, size: u64) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode,
+            size,
+            chunks: vec!["ab".repeat(32); size.div_ceil(1 << 20) as usize],
+        }
+    }
+
+    fn dir(path: &str, mode: u32) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::Dir,
+            mode,
+            size: 0,
+            chunks: vec![],
+        }
+    }
+
+    /// `sample()` with `entries` (sorted here) and `tablespaces`.
+    fn with(mut entries: Vec<Entry>, tablespaces: Vec<Tablespace>) -> Manifest {
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Manifest {
+            entries,
+            tablespaces,
+            ..sample()
+        }
+    }
+
+    fn ts(oid: u32, location: &str) -> Tablespace {
+        Tablespace {
+            oid,
+            location: location.into(),
+        }
+    }
+
+    /// The error `m` is refused with, through the JSON a repository would hold.
+    fn refusal(m: &Manifest) -> String {
+        match Manifest::parse(&m.to_json()) {
+            Ok(_) => panic!("accepted: {:?}", m.entries),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn assert_refused(m: &Manifest, needle: &str) {
+        let msg = refusal(m);
+        assert!(msg.contains(needle), "{msg:?} does not say {needle:?}");
+        assert!(!msg.contains('\n'), "one line: {msg:?}");
+    }
+
+    #[test]
+    fn what_backups_hold_is_accepted() {
+        // The shapes take.rs writes: tablespace roots as 0700 directories, a setgid directory
+        // (inherited from a setgid parent on the source), configuration files 0644, signal files.
+        let m = with(
+            vec![
+                dir("base", 0o2700),
+                dir("base/1", 0o700),
+                file("base/1/1259", 0o600, 8192),
+                file("base/1/1259.1", 0o600, (1 << 30) + 5),
+                file("postgresql.conf", 0o644, 100),
+                file("postgresql.auto.conf", 0o600, 88),
+                file("standby.signal", 0o600, 0),
+                file("backup_label.old", 0o600, 200),
+                dir("pg_tblspc", 0o700),
+                dir("pg_tblspc/16400", 0o700),
+                dir("pg_tblspc/16400/PG_15_202209061", 0o700),
+                file("pg_tblspc/16400/PG_15_202209061/5/16401", 0o600, 0),
+                // An in-place tablespace (a directory, no link): restored inside the data directory.
+                dir("pg_tblspc/16500", 0o750),
+                dir("pg_wal", 0o777),
+                dir("pg_wal/archive_status", 0o777),
+            ],
+            vec![ts(16400, "/srv/ts1")],
+        );
+        assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+    }
+
+    #[test]
+    fn paths_are_bounded_by_path_max_and_name_max() {
+        let long_name = "x".repeat(256);
+        assert_refused(&with(vec![file(&long_name, 0o600, 0)], vec![]), "NAME_MAX");
+        let ok_name = "x".repeat(255);
+        Manifest::parse(&with(vec![file(&ok_name, 0o600, 0)], vec![]).to_json()).unwrap();
+        let deep = vec!["d"; 2100].join("/");
+        let msg = refusal(&with(vec![file(&deep, 0o600, 0)], vec![]));
+        assert!(msg.contains("PATH_MAX"), "{msg}");
+        assert!(msg.len() < 400, "the path is shortened in the message: {msg}");
+        assert_refused(&with(vec![file("base\\x", 0o600, 0)], vec![]), "backslash");
+    }
+
+    #[test]
+    fn duplicates_and_unsorted_entries_are_refused() {
+        let mut m = sample();
+        m.entries.push(m.entries[1].clone());
+        assert_refused(&m, "listed twice");
+        let mut m = sample();
+        m.entries.swap(0, 1);
+        assert_refused(&m, "not sorted");
+        // A directory and a file of the same path.
+        let mut m = sample();
+        m.entries.insert(2, dir("base/1/1259", 0o700));
+        assert_refused(&m, "listed twice");
+    }
+
+    #[test]
+    fn nothing_goes_through_a_file() {
+        assert_refused(
+            &with(vec![file("base/1", 0o600, 1), file("base/1/x", 0o600, 1)], vec![]),
+            "goes through \"base/1\", which is a file",
+        );
+        // Not adjacent: "base/1-x" and "base/1.x" sort between "base/1" and "base/1/…".
+        assert_refused(
+            &with(
+                vec![
+                    file("base/1", 0o600, 1),
+                    file("base/1-x", 0o600, 1),
+                    file("base/1.x", 0o600, 1),
+                    dir("base/1/d", 0o700),
+                ],
+                vec![],
+            ),
+            "which is a file",
+        );
+        // A declared tablespace's root is a directory (it becomes the chosen location).
+        assert_refused(
+            &with(
+                vec![file("pg_tblspc/16400", 0o600, 1)],
+                vec![ts(16400, "/srv/ts1")],
+            ),
+            "tablespace's root is a directory",
+        );
+        assert_refused(
+            &with(
+                vec![
+                    file("pg_tblspc/16400", 0o600, 1),
+                    file("pg_tblspc/16400/x", 0o600, 1),
+                ],
+                vec![],
+            ),
+            "which is a file",
+        );
+    }
+
+    #[test]
+    fn what_restore_writes_itself_is_refused() {
+        for name in ["backup_label", "tablespace_map", "walvault.spool"] {
+            assert_refused(&with(vec![file(name, 0o600, 1)], vec![]), name);
+            assert_refused(&with(vec![dir(name, 0o700)], vec![]), name);
+            assert_refused(&with(vec![file(&format!("{name}/x"), 0o600, 1)], vec![]), name);
+        }
+        for name in ["postgresql.auto.conf", "recovery.signal", "standby.signal"] {
+            assert_refused(&with(vec![dir(name, 0o700)], vec![]), "can only be a file");
+            assert_refused(
+                &with(vec![file(&format!("{name}/x"), 0o600, 1)], vec![]),
+                "can only be a file",
+            );
+        }
+        assert_refused(
+            &with(vec![file("postgresql.auto.conf", 0o600, 2 << 20)], vec![]),
+            "reads it into memory",
+        );
+    }
+
+    #[test]
+    fn special_modes_are_refused() {
+        for (e, why) in [
+            (file("base/x", 0o4755, 1), "setuid"),
+            (file("base/x", 0o2755, 1), "setgid"),
+            (file("base/x", 0o1644, 1), "sticky"),
+            (file("base/x", 0o010_600, 1), "file type"),
+            (file("base/x", 0o020_600, 1), "file type"),
+            (dir("base/d", 0o040_700), "file type"),
+            (dir("base/d", 0o4700), "setuid or sticky"),
+            (dir("base/d", 0o1777), "setuid or sticky"),
+            (dir("base/d", 0o500), "owner rwx"),
+        ] {
+            assert_refused(&with(vec![dir("base", 0o700), e], vec![]), why);
+        }
+        // Outside the data directory, nothing group or world writable.
+        assert_refused(
+            &with(vec![dir("pg_tblspc/16400", 0o777)], vec![ts(16400, "/srv/ts1")]),
+            "group or world writable",
+        );
+        assert_refused(
+            &with(
+                vec![dir("pg_tblspc/16400", 0o700), file("pg_tblspc/16400/f", 0o620, 1)],
+                vec![ts(16400, "/srv/ts1")],
+            ),
+            "group or world writable",
+        );
+    }
+
+    #[test]
+    fn absurd_sizes_and_chunk_lists_are_refused() {
+        let mut big = file("base/x", 0o600, 0);
+        big.size = 1 << 63;
+        assert_refused(&with(vec![big], vec![]), "more than the limit");
+        let mut short = file("base/x", 0o600, 3 << 20);
+        short.chunks.pop();
+        assert_refused(&with(vec![short], vec![]), "2 chunks for 3145728 bytes");
+        let mut long = file("base/x", 0o600, 10);
+        long.chunks.push("cd".repeat(32));
+        assert_refused(&with(vec![long], vec![]), "2 chunks for 10 bytes");
+        let mut d = dir("base/d", 0o700);
+        d.chunks.push("cd".repeat(32));
+        assert_refused(&with(vec![d], vec![]), "a directory has no size");
+        for bad in [
+            "AB".repeat(32),
+            "ab".repeat(31),
+            "../../../etc/passwd".into(),
+            "zz".repeat(32),
+        ] {
+            let mut f = file("base/x", 0o600, 1);
+            f.chunks[0] = bad;
+            assert_refused(&with(vec![f], vec![]), "not 64 lower-case hex");
+        }
+        // 1025 files of the largest size add up past the total limit (validated directly: the
+        // JSON of a million chunk ids is slow to build in a debug test).
+        let entries = (0..1025)
+            .map(|i| Entry {
+                path: format!("f{i:04}"),
+                kind: EntryKind::File,
+                mode: 0o600,
+                size: MAX_FILE_SIZE,
+                chunks: vec!["ab".repeat(32); 1024],
+            })
+            .collect();
+        let m = Manifest {
+            chunk_size: 1 << 30,
+            ..with(entries, vec![])
+        };
+        let msg = m.validate().unwrap_err().to_string();
+        assert!(msg.contains("add up to more than"), "{msg}");
+        for cs in [0, MAX_CHUNK_SIZE + 1] {
+            let m = Manifest {
+                chunk_size: cs,
+                ..sample()
+            };
+            assert_refused(&m, "chunk size");
+        }
+    }
+
+    #[test]
+    fn entry_counts_are_checked_before_entries_are_parsed() {
+        // Not even entries: the count alone is refused, before any entry is allocated.
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["entries"] = serde_json::Value::Array(vec![serde_json::Value::Null; MAX_ENTRIES + 1]);
+        let err = Manifest::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("10000001 entries"), "{err}");
+        v["entries"] = serde_json::json!([]);
+        v["tablespaces"] = serde_json::Value::Array(vec![serde_json::Value::Null; MAX_TABLESPACES + 1]);
+        let err = Manifest::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("10001 tablespaces"), "{err}");
+        // A newer version is still reported as such whatever its entries look like.
+        v["version"] = 2.into();
+        v["entries"] = serde_json::json!({"a": 1});
+        assert!(matches!(
+            Manifest::parse(&serde_json::to_vec(&v).unwrap()),
+            Err(ManifestError::UnsupportedVersion(2))
+        ));
+    }
+
+    #[test]
+    fn tablespaces_are_checked() {
+        let base = |t: Vec<Tablespace>| {
+            let dirs = t
+                .iter()
+                .map(|t| dir(&format!("pg_tblspc/{}", t.oid), 0o700))
+                .collect();
+            with(dirs, t)
+        };
+        assert_refused(&base(vec![ts(0, "/srv/a")]), "not a valid oid");
+        assert_refused(&base(vec![ts(7, "/srv/a"), ts(7, "/srv/b")]), "declared twice");
+        for (loc, why) in [
+            ("srv/a", "not absolute"),
+            ("/srv/../etc", "'..'"),
+            ("/srv/./a", "'.'"),
+            ("/srv/a\n16401 /etc", "control character"),
+            ("/", "root directory"),
+            ("//", "root directory"),
+        ] {
+            assert_refused(&base(vec![ts(16400, loc)]), why);
+        }
+        let long = format!("/{}", "a/".repeat(2048));
+        assert_refused(&base(vec![ts(16400, &long)]), "too long");
+        // Only the canonical spelling of an oid designates the tablespace.
+        assert_eq!(tablespace_part("pg_tblspc/16400/x/y"), Some((16400, Some("x/y"))));
+        assert_eq!(tablespace_part("pg_tblspc/16400"), Some((16400, None)));
+        for other in [
+            "pg_tblspc/016400/x",
+            "pg_tblspc/+16400",
+            "pg_tblspc/x",
+            "pg_tblspc",
+            "base/16400",
+        ] {
+            assert_eq!(tablespace_part(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn header_fields_are_checked() {
+        type Change = fn(&mut Manifest);
+        let cases: [(Change, &str); 6] = [
+            (|m| m.timeline = 0, "timeline 0"),
+            (|m| m.start_lsn = Lsn(m.stop_lsn.0 + 1), "after stop LSN"),
+            (|m| m.start_wal = "../x".into(), "start_wal"),
+            (|m| m.stop_wal = "00000001000000000000000".into(), "stop_wal"),
+            (|m| m.backup_label = "x\0y".into(), "NUL"),
+            (
+                |m| m.tablespace_map = Some("x".repeat(MAX_TEXT_LEN + 1)),
+                "tablespace_map is",
+            ),
+        ];
+        for (change, why) in cases {
+            let mut m = sample();
+            change(&mut m);
+            assert_refused(&m, why);
+        }
+        // Refused on its length, unparsed (zeroed pages: nothing is touched).
+        let huge = vec![0u8; MAX_MANIFEST_BYTES as usize + 1];
+        assert!(
+            Manifest::parse(&huge)
+                .unwrap_err()
+                .to_string()
+                .contains("bytes of JSON")
+        );
+    }
+
+    #[test]
+    fn backup_ids_are_strict() {
+        assert!("20261121T143200Z".parse::<BackupId>().is_ok());
+        for bad in [
+            "",
+            "2026-11-21",
+            "20261121T143200",
+            "../20261121T1432Z",
+            "20261121X143200Z",
+        ] {
+            assert!(bad.parse::<BackupId>().is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_json_never_panics(s in "\\PC{0,300}") {
+            let _ = Manifest::parse(s.as_bytes());
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The base-backup format: what a backup is once stored. Files split into content-addressed
+//! chunks stored once ([`chunk`]), described by a manifest written last ([`manifest`]), with the
+//! backup label PostgreSQL needs ([`label`]), the relation map `find` reads ([`relmap`]), what a
+//! backup leaves out ([`exclude`]) and how an unchanged file is taken over from an earlier backup
+//! unread ([`reuse`]). `archive-agent backup` (in [`crate::commands::backup`]) writes it;
+//! restore, verify, find and expire read it.
+
+pub mod chunk;
+pub mod exclude;
+pub mod label;
+pub mod manifest;
+pub mod relmap;
+pub mod reuse;
+
+pub use manifest::{BackupId, Manifest};

@@ -1,0 +1,447 @@
+//! Copying a backup's files into the repository: one reader reads each file in `chunk_size`
+//! pieces, in order; hashing, compressing and uploading run in parallel tasks, at most
+//! `parallel` hashing or compressing at once and at most `2 * parallel` chunks in memory, plus
+//! [`UPLOADS_IN_FLIGHT`] more on object stores, whose uploads wait on the network rather than
+//! the CPU. Files the previous backup read and that did not change since are taken over unread.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::BackupError;
+use super::control::{self, CONTROL_FILE};
+use super::inventory::{Base, Inventory, Lookup, Previous, Source, TakenOver};
+use crate::basebackup::chunk::{self, ChunkError};
+use crate::basebackup::manifest::{BackupStats, Entry, FileRecord, Tablespace};
+use crate::repo::WritableStore;
+use crate::repo::object::Sealer;
+
+/// Extra chunks in flight on object stores (each at most one chunk, `chunk_size`, in memory):
+/// a chunk's PUT is a round trip that waits, and with `--parallel 2` alone a backup to Garage
+/// through TLS spent most of its time waiting (2.85 s for pgbench scale 50, against pgBackRest's
+/// 2.31 s with its bundles; see bench/rivals.py). Restore keeps 32 in flight on object stores
+/// for the same reason (`restore::default_parallel`).
+pub const UPLOADS_IN_FLIGHT: usize = 16;
+
+/// How to copy.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CopyOptions {
+    pub chunk_size: u64,
+    /// Chunks hashed or compressed at once.
+    pub parallel: usize,
+    /// zstd level.
+    pub level: i32,
+    pub pg_version: u32,
+    pub lookup: Lookup,
+}
+
+/// What `copy_files` produced.
+pub(super) struct Copied {
+    pub entries: Vec<Entry>,
+    pub files: Vec<FileRecord>,
+    pub tablespaces: Vec<Tablespace>,
+    pub stats: BackupStats,
+    pub examined_after_us: i64,
+}
+
+/// Read, chunk and upload every file of `inventory` that changed since `previous` (every file
+/// without one); returns the manifest entries and file records in path order.
+pub(super) async fn copy_files(
+    store: &WritableStore,
+    sealer: &Sealer,
+    inventory: Inventory,
+    opts: CopyOptions,
+    previous: Option<&Previous>,
+) -> Result<Copied, BackupError> {
+    let Inventory {
+        sources,
+        tablespaces,
+        examined_after_ns,
+    } = inventory;
+    let known = previous.map(Previous::chunk_lengths).unwrap_or_default();
+    let base = previous.map(Previous::base);
+    let mut copier = Copier::new(store, sealer, opts, known, sources.len());
+    for src in &sources {
+        copier.copy(src, base.as_ref(), examined_after_ns).await?;
+    }
+    let (entries, files, stats) = copier.finish().await?;
+    Ok(Copied {
+        entries,
+        files,
+        tablespaces,
+        stats,
+        examined_after_us: examined_after_ns / 1000,
+    })
+}
+
+/// What the chunk pipeline did with one chunk.
+struct ChunkDone {
+    entry: usize,
+    idx: usize,
+    hash: [u8; 32],
+    /// `None`: the same bytes were already met in this backup (counted there).
+    stored: Option<(u64, bool)>,
+}
+
+/// The reader's state: the manifest being assembled and the chunk tasks in flight.
+struct Copier {
+    chunks: Arc<Chunks>,
+    /// Bounds memory: at most 2 * `parallel` chunks (plus the uploads in flight on an object
+    /// store) read and not yet stored.
+    in_memory: Arc<Semaphore>,
+    chunk_size: usize,
+    pg_version: u32,
+    tasks: JoinSet<Result<ChunkDone, BackupError>>,
+    entries: Vec<Entry>,
+    /// One per entry: `None` for directories.
+    records: Vec<Option<FileRecord>>,
+    /// (entry index, chunk index) -> content hash; ordered, so chunks attach in file order.
+    chunk_hashes: BTreeMap<(usize, usize), [u8; 32]>,
+    /// The stored length of every distinct chunk.
+    lens: HashMap<[u8; 32], u64>,
+    stats: BackupStats,
+}
+
+impl Copier {
+    fn new(
+        store: &WritableStore,
+        sealer: &Sealer,
+        opts: CopyOptions,
+        known: HashMap<[u8; 32], Option<u64>>,
+        sources: usize,
+    ) -> Copier {
+        let parallel = opts.parallel.max(1);
+        let uploads = if store.is_local() { 0 } else { UPLOADS_IN_FLIGHT };
+        Copier {
+            chunks: Arc::new(Chunks {
+                store: store.clone(),
+                sealer: sealer.clone(),
+                cpu: Semaphore::new(parallel),
+                seen: Mutex::default(),
+                known,
+                buffers: Buffers::default(),
+                level: opts.level,
+                lookup: opts.lookup,
+            }),
+            in_memory: Arc::new(Semaphore::new(2 * parallel + uploads)),
+            chunk_size: opts.chunk_size as usize,
+            pg_version: opts.pg_version,
+            tasks: JoinSet::new(),
+            entries: Vec::with_capacity(sources),
+            records: Vec::with_capacity(sources),
+            chunk_hashes: BTreeMap::new(),
+            lens: HashMap::new(),
+            stats: BackupStats::default(),
+        }
+    }
+
+    /// Copy one source, or take it over from `base`; a file gone since the walk is left out
+    /// (WAL replay recreates the truth).
+    async fn copy(
+        &mut self,
+        src: &Source,
+        base: Option<&Base<'_>>,
+        clock_ns: i64,
+    ) -> Result<(), BackupError> {
+        if src.is_dir {
+            self.entries.push(src.entry());
+            self.records.push(None);
+            return Ok(());
+        }
+        let file: Box<dyn Read + Send> = if src.rel == CONTROL_FILE {
+            // Whole, and only once its CRC checks (see `read_control_file`).
+            let bytes = control::read_control_file(&src.abs, self.pg_version).await?;
+            self.records.push(Some(FileRecord {
+                path: src.rel.clone(),
+                stored: vec![],
+                stat: None,
+                read_by: None,
+            }));
+            Box::new(std::io::Cursor::new(bytes))
+        } else {
+            let Some((f, meta)) = open(&src.abs).await? else {
+                return Ok(());
+            };
+            // fstat before the first read: the content read holds every write before it.
+            let stat = crate::basebackup::reuse::file_stat(&meta);
+            if let Some(taken) = base.and_then(|b| b.take_over(src, stat, clock_ns)) {
+                self.take_over(taken);
+                return Ok(());
+            }
+            self.records.push(Some(FileRecord {
+                path: src.rel.clone(),
+                stored: vec![],
+                stat: Some(stat),
+                read_by: None,
+            }));
+            Box::new(f)
+        };
+        self.entries.push(src.entry());
+        let entry = self.entries.len() - 1;
+        let size = self.read_chunks(file, entry, &src.abs).await?;
+        self.entries[entry].size = size;
+        if let Some(Some(r)) = self.records.last_mut()
+            && r.stat.is_some_and(|st| st.size != size)
+        {
+            // Written while read: the next backup reads it again anyway.
+            r.stat = None;
+        }
+        self.stats.files += 1;
+        self.stats.logical_bytes += size;
+        Ok(())
+    }
+
+    /// Count a file taken over unread, its chunks stored once whichever file names them.
+    fn take_over(&mut self, taken: TakenOver) {
+        let TakenOver { entry, record } = taken;
+        let mut seen = self.chunks.seen.lock().expect("never poisoned");
+        for (id, len) in entry.chunks.iter().zip(&record.stored) {
+            let mut hash = [0u8; 32];
+            if hex::decode_to_slice(id, &mut hash).is_ok() && seen.insert(hash) {
+                self.stats.stored_bytes += len;
+                self.lens.insert(hash, *len);
+            }
+        }
+        drop(seen);
+        self.stats.files += 1;
+        self.stats.chunks += entry.chunks.len() as u64;
+        self.stats.logical_bytes += entry.size;
+        self.stats.reused_files += 1;
+        self.stats.reused_bytes += entry.size;
+        self.records.push(Some(record));
+        self.entries.push(entry);
+    }
+
+    /// Read `file` (at `abs`) chunk by chunk into entry `entry`, each chunk handed to a task
+    /// that stores it; returns the bytes read.
+    async fn read_chunks(
+        &mut self,
+        mut file: Box<dyn Read + Send>,
+        entry: usize,
+        abs: &Path,
+    ) -> Result<u64, BackupError> {
+        let chunk_size = self.chunk_size;
+        let mut size = 0u64;
+        for idx in 0.. {
+            // The permit bounds memory: at most 2 * `parallel` chunks read and not yet stored.
+            let permit = Arc::clone(&self.in_memory)
+                .acquire_owned()
+                .await
+                .expect("semaphore is never closed");
+            let chunks = Arc::clone(&self.chunks);
+            let (back, buf) = tokio::task::spawn_blocking(move || {
+                // Into uninitialised capacity (no zeroing), one read per chunk from the cache.
+                let mut buf = chunks.buffers.take(chunk_size);
+                let read = (&mut file).take(chunk_size as u64).read_to_end(&mut buf);
+                (file, read.map(|_| buf))
+            })
+            .await
+            .expect("read task panicked");
+            file = back;
+            let buf = buf.map_err(|source| BackupError::Read {
+                path: abs.display().to_string(),
+                source,
+            })?;
+            let read = buf.len();
+            if read == 0 {
+                break;
+            }
+            size += read as u64;
+            self.stats.chunks += 1;
+            let chunks = Arc::clone(&self.chunks);
+            self.tasks.spawn(async move {
+                let (hash, stored) = chunks.store(buf).await?;
+                drop(permit);
+                Ok(ChunkDone {
+                    entry,
+                    idx,
+                    hash,
+                    stored,
+                })
+            });
+            while let Some(done) = self.tasks.try_join_next() {
+                self.absorb(done.expect("chunk task panicked")?);
+            }
+            if read < chunk_size {
+                break;
+            }
+        }
+        Ok(size)
+    }
+
+    /// Count a chunk the pipeline finished, and note its hash for its entry.
+    fn absorb(&mut self, done: ChunkDone) {
+        if let Some((stored_len, uploaded)) = done.stored {
+            // Each distinct chunk reaches here once (see `seen`).
+            self.stats.stored_bytes += stored_len;
+            if uploaded {
+                self.stats.new_chunks += 1;
+                self.stats.new_bytes += stored_len;
+            }
+            self.lens.insert(done.hash, stored_len);
+        }
+        self.chunk_hashes.insert((done.entry, done.idx), done.hash);
+    }
+
+    /// Wait for the last chunks, then attach every chunk to its entry: the entries and the
+    /// records of files with chunks, in path order, and the counts.
+    async fn finish(mut self) -> Result<(Vec<Entry>, Vec<FileRecord>, BackupStats), BackupError> {
+        while let Some(done) = self.tasks.join_next().await {
+            self.absorb(done.expect("chunk task panicked")?);
+        }
+        let Copier {
+            mut entries,
+            mut records,
+            chunk_hashes,
+            lens,
+            stats,
+            ..
+        } = self;
+        for ((entry, _), hash) in chunk_hashes {
+            entries[entry].chunks.push(hex::encode(hash));
+            if let Some(Some(r)) = records.get_mut(entry) {
+                r.stored.push(lens[&hash]);
+            }
+        }
+        let mut files: Vec<FileRecord> = records
+            .into_iter()
+            .zip(&entries)
+            .filter_map(|(r, e)| r.filter(|_| !e.chunks.is_empty()))
+            .collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok((entries, files, stats))
+    }
+}
+
+/// Open `abs` and `fstat` it; `None` when it was dropped since the walk.
+async fn open(abs: &Path) -> Result<Option<(std::fs::File, std::fs::Metadata)>, BackupError> {
+    let opened = tokio::task::spawn_blocking({
+        let abs = abs.to_path_buf();
+        move || std::fs::File::open(&abs).and_then(|f| f.metadata().map(|m| (f, m)))
+    })
+    .await
+    .expect("open task panicked");
+    match opened {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(BackupError::Read {
+            path: abs.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// Chunk buffers handed back once a chunk is hashed (and sealed), so that the next chunks are
+/// read into memory already mapped: a fresh chunk-sized allocation each time costs page faults
+/// and the kernel's zeroing of every page. Holds at most as many as are in flight.
+#[derive(Default)]
+struct Buffers(Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        let mut buf = self.0.lock().expect("never poisoned").pop().unwrap_or_default();
+        buf.clear();
+        buf.reserve_exact(capacity);
+        buf
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        self.0.lock().expect("never poisoned").push(buf);
+    }
+}
+
+/// What the chunk tasks share: where chunks go and what is known of them.
+struct Chunks {
+    store: WritableStore,
+    sealer: Sealer,
+    /// Hashing and compressing at once: `parallel` permits.
+    cpu: Semaphore,
+    /// Every chunk met in this backup so far, stored or taken over.
+    seen: Mutex<HashSet<[u8; 32]>>,
+    /// The chunks the previous backup names, with their stored lengths when recorded.
+    known: HashMap<[u8; 32], Option<u64>>,
+    buffers: Buffers,
+    level: i32,
+    lookup: Lookup,
+}
+
+/// What the blocking half of [`Chunks::store`] found.
+enum Step {
+    Met,
+    Known(u64),
+    Ask(Vec<u8>),
+    Sealed(Result<Bytes, ChunkError>),
+}
+
+impl Chunks {
+    /// Hash one chunk and store it unless this backup met the same bytes already (`seen`) or
+    /// the previous backup holds them (`known`). Hashing and compressing run on blocking
+    /// threads, at most `cpu`'s permits at once; the upload does not hold one. Returns the
+    /// chunk's hash and, for the first time its bytes are met, its stored length and whether it
+    /// was uploaded.
+    async fn store(self: Arc<Self>, data: Vec<u8>) -> Result<([u8; 32], Option<(u64, bool)>), BackupError> {
+        let permit = self.cpu.acquire().await.expect("semaphore is never closed");
+        // Hash, and seal in the same blocking call when nothing needs asking (one hop per chunk).
+        let (hash, step, data) = tokio::task::spawn_blocking({
+            let this = Arc::clone(&self);
+            move || this.hash_and_seal(data)
+        })
+        .await
+        .map_err(blocking_err)?;
+        drop(permit);
+        if let Some(data) = data {
+            self.buffers.give(data);
+        }
+        let sealed = match step {
+            Step::Met => return Ok((hash, None)),
+            Step::Known(len) => return Ok((hash, Some((len, false)))),
+            Step::Sealed(sealed) => sealed?,
+            Step::Ask(data) => {
+                if let Some(len) = chunk::stored_len(&self.store, &hash).await? {
+                    self.buffers.give(data);
+                    return Ok((hash, Some((len, false))));
+                }
+                let _permit = self.cpu.acquire().await.expect("semaphore is never closed");
+                let (sealer, level) = (self.sealer.clone(), self.level);
+                let (sealed, data) = tokio::task::spawn_blocking(move || {
+                    (chunk::seal_chunk(&sealer, hash, &data, level), data)
+                })
+                .await
+                .map_err(blocking_err)?;
+                self.buffers.give(data);
+                sealed?
+            }
+        };
+        let len = chunk::upload(&self.store, &hash, sealed).await?;
+        Ok((hash, Some((len, true))))
+    }
+
+    /// The blocking half: hash `data`, and seal it when it is new and nothing needs asking.
+    /// Hands `data` back when done with it (for [`Buffers`]).
+    fn hash_and_seal(&self, data: Vec<u8>) -> ([u8; 32], Step, Option<Vec<u8>>) {
+        let hash = self.sealer.content_hash(&data);
+        // The same bytes twice in one backup (zeroed pages, identical files): stored once.
+        if !self.seen.lock().expect("never poisoned").insert(hash) {
+            return (hash, Step::Met, Some(data));
+        }
+        match (self.known.get(&hash), self.lookup) {
+            // The previous backup holds it, and the backup lock keeps it there.
+            (Some(Some(len)), _) => (hash, Step::Known(*len), Some(data)),
+            (Some(None), _) | (None, Lookup::Ask) => (hash, Step::Ask(data), None),
+            (None, Lookup::Upload) => {
+                let sealed = chunk::seal_chunk(&self.sealer, hash, &data, self.level);
+                (hash, Step::Sealed(sealed), Some(data))
+            }
+        }
+    }
+}
+
+fn blocking_err(e: tokio::task::JoinError) -> ChunkError {
+    ChunkError::Compress(std::io::Error::other(e))
+}

@@ -1,0 +1,201 @@
+//! The end of a backup, once PostgreSQL stopped it and its files are copied: where its WAL
+//! ends, the wait until that WAL is in the repository, and the manifest, built from every phase
+//! and written last: a backup exists once its manifest does, so an interrupted backup is never
+//! offered for restore.
+
+use std::time::Duration;
+
+use super::BackupError;
+use super::copy::Copied;
+use super::session::{Server, Started, Stopped};
+use crate::basebackup::label::{self, BackupLabel};
+use crate::basebackup::manifest::{self, Manifest};
+use crate::repo::layout::{manifest_key, wal_key};
+use crate::repo::locks::Lock;
+use crate::repo::object::ObjectKind;
+use crate::repo::store::PutNew;
+use crate::repo::{Store, WritableStore};
+use crate::wal::{Lsn, SegmentName, TimelineId, WalFileName};
+
+/// The last segment a backup that started as `label` says and stopped as `stopped` says needs:
+/// the one holding the byte before its stop LSN, on its timeline. From a standby, the backup
+/// fails when the standby changed timelines meanwhile.
+pub(super) fn stop_segment(
+    label: &BackupLabel,
+    stopped: &Stopped,
+    seg_size: u32,
+) -> Result<SegmentName, BackupError> {
+    let tli = TimelineId::new(label.timeline).ok_or(label::LabelError("a valid timeline"))?;
+    if let Some(stop) = stopped.stop_tli
+        && i64::from(stop) != i64::from(label.timeline)
+    {
+        return Err(BackupError::TimelineChanged {
+            start: label.timeline,
+            stop,
+        });
+    }
+    Ok(SegmentName::containing(
+        tli,
+        Lsn(stopped.stop_lsn.0.saturating_sub(1)),
+        seg_size,
+    ))
+}
+
+/// Wait until every segment from `start` to `stop` (same timeline) is archived.
+pub(super) async fn wait_for_wal(
+    store: &Store,
+    start: &str,
+    stop: &SegmentName,
+    seg_size: u32,
+    timeout: Duration,
+) -> Result<(), BackupError> {
+    let Ok(WalFileName::Segment(start)) = start.parse::<WalFileName>() else {
+        return Err(BackupError::Label(label::LabelError("a valid start WAL file")));
+    };
+    let (Some(first), Some(last)) = (start.segment_no(seg_size), stop.segment_no(seg_size)) else {
+        return Err(BackupError::Label(label::LabelError("a segment number in range")));
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    // The stop segment was just completed: archiving it takes milliseconds when all is well, so
+    // look again soon, then less and less often.
+    let mut pause = Duration::from_millis(10);
+    for no in first..=last {
+        let seg = SegmentName::containing(stop.timeline, Lsn(no * u64::from(seg_size)), seg_size);
+        let key = wal_key(&WalFileName::Segment(seg));
+        while store.size(&key).await?.is_none() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BackupError::WalMissing {
+                    missing: seg.to_string(),
+                    waited: timeout,
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+    Ok(())
+}
+
+/// What a backup learnt in each phase, for its manifest.
+pub(super) struct Outcome {
+    pub server: Server,
+    pub started: Started,
+    pub label: BackupLabel,
+    pub stopped: Stopped,
+    pub stop_seg: SegmentName,
+    pub chunk_size: u64,
+    pub copied: Copied,
+}
+
+/// The manifest of a backup that ended as `outcome` says.
+pub(super) fn manifest(outcome: Outcome) -> Manifest {
+    let Outcome {
+        server,
+        started,
+        label,
+        stopped,
+        stop_seg,
+        chunk_size,
+        copied,
+    } = outcome;
+    Manifest {
+        format: manifest::FORMAT_NAME.into(),
+        version: manifest::FORMAT_VERSION,
+        id: started.id,
+        system_identifier: server.sysid,
+        pg_version: server.pg_version,
+        timeline: label.timeline,
+        start_lsn: label.start_lsn,
+        stop_lsn: stopped.stop_lsn,
+        start_time_us: started.start_time_us,
+        stop_time_us: stopped.stop_time_us,
+        start_wal: label.start_wal,
+        stop_wal: stop_seg.to_string(),
+        chunk_size,
+        backup_label: stopped.backup_label,
+        tablespace_map: stopped.spcmap.filter(|s| !s.is_empty()),
+        tablespaces: copied.tablespaces,
+        entries: copied.entries,
+        stats: copied.stats,
+        files_examined_after_us: Some(copied.examined_after_us),
+        files: copied.files,
+    }
+}
+
+/// Write `manifest`, the backup's last object, while `lock` still holds: a lock gone stale
+/// means an expire may have collected chunks the backup relies on.
+pub(super) async fn record(
+    store: &WritableStore,
+    sealer: &crate::repo::object::Sealer,
+    lock: &Lock,
+    manifest: Manifest,
+) -> Result<Manifest, BackupError> {
+    let id = &manifest.id;
+    let sealed = sealer
+        .seal(ObjectKind::Manifest, id.as_str(), &manifest.to_json(), 3)
+        .map_err(|e| BackupError::Read {
+            path: "manifest".into(),
+            source: e,
+        })?;
+    if !lock.still_held().await? {
+        return Err(BackupError::LockLost {
+            minutes: crate::repo::locks::STALE_AFTER.as_secs() / 60,
+        });
+    }
+    if store.put_new(&manifest_key(id), sealed.bytes).await? == PutNew::AlreadyExists {
+        return Err(BackupError::Exists(manifest.id));
+    }
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(timeline: u32) -> BackupLabel {
+        BackupLabel {
+            start_lsn: Lsn(0x2000028),
+            start_wal: "000000010000000000000002".into(),
+            timeline,
+        }
+    }
+
+    fn stopped(stop_lsn: u64, stop_tli: Option<i32>) -> Stopped {
+        Stopped {
+            stop_lsn: Lsn(stop_lsn),
+            backup_label: String::new(),
+            spcmap: None,
+            stop_time_us: 0,
+            stop_tli,
+        }
+    }
+
+    const SEG: u32 = 16 << 20;
+
+    #[test]
+    fn the_stop_segment_holds_the_byte_before_the_stop_lsn() {
+        let seg = |lsn, tli| {
+            stop_segment(&label(1), &stopped(lsn, tli), SEG)
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(seg(0x3000100, None), "000000010000000000000003");
+        // A stop LSN on a segment boundary: that segment is not needed.
+        assert_eq!(seg(0x4000000, None), "000000010000000000000003");
+        // A standby that stayed on the label's timeline.
+        assert_eq!(seg(0x3000100, Some(1)), "000000010000000000000003");
+    }
+
+    #[test]
+    fn a_standby_changing_timelines_fails_the_backup() {
+        let err = stop_segment(&label(1), &stopped(0x3000100, Some(2)), SEG).unwrap_err();
+        assert!(
+            matches!(err, BackupError::TimelineChanged { start: 1, stop: 2 }),
+            "{err}"
+        );
+        assert!(matches!(
+            stop_segment(&label(0), &stopped(0x3000100, None), SEG),
+            Err(BackupError::Label(_))
+        ));
+    }
+}

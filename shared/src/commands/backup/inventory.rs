@@ -1,0 +1,624 @@
+//! What a backup takes: the data directory and its tablespaces walked with PostgreSQL's
+//! exclusions, in the order they are copied, and the previous backup it builds on, from which
+//! files that did not change are taken over unread (the rule is [`crate::basebackup::reuse`]).
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::BackupError;
+use super::control::CONTROL_FILE;
+use crate::basebackup::exclude::{self, Decision};
+use crate::basebackup::manifest::{BackupId, Entry, EntryKind, FileRecord, FileStat, Manifest, Tablespace};
+use crate::repo::Store;
+use crate::repo::object::Sealer;
+
+/// Whether a backup may take unchanged files over from the previous backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileReading {
+    /// Read only the files that changed since the previous backup read them (see
+    /// [`crate::basebackup::reuse`]); take the others over with their chunks.
+    #[default]
+    Changed,
+    /// Read every file, and ask the repository for every chunk, uploading any it lacks
+    /// (`archive-agent backup --read-all`).
+    All,
+}
+
+/// A file or directory to back up: where it is on disk and its path in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Source {
+    pub abs: PathBuf,
+    pub rel: String,
+    pub is_dir: bool,
+    pub mode: u32,
+}
+
+impl Source {
+    /// Its manifest entry, before any chunk is attached.
+    pub fn entry(&self) -> Entry {
+        Entry {
+            path: self.rel.clone(),
+            kind: if self.is_dir {
+                EntryKind::Dir
+            } else {
+                EntryKind::File
+            },
+            mode: self.mode,
+            size: 0,
+            chunks: vec![],
+        }
+    }
+}
+
+/// The files and directories a backup copies.
+#[derive(Debug)]
+pub(super) struct Inventory {
+    /// In the order they are copied: by path, but `global/pg_control` last. A standby backup
+    /// ends at the minRecoveryPoint recorded in the copy, which must be at least as new as
+    /// every page copied (basebackup.c sends it last for this reason).
+    pub sources: Vec<Source>,
+    pub tablespaces: Vec<Tablespace>,
+    /// This host's wall clock (Unix ns) before the walk: every file is examined after it, the
+    /// bound the next backup's reuse rule compares file times with.
+    pub examined_after_ns: i64,
+}
+
+impl Inventory {
+    /// Walk `pgdata`, whose examination starts at `examined_after_ns` on this host's clock.
+    pub fn take(pgdata: &Path, examined_after_ns: i64) -> Result<Inventory, BackupError> {
+        let (mut sources, tablespaces) = walk(pgdata)?;
+        // Stable: every other source stays in path order.
+        sources.sort_by_key(|s| s.rel == CONTROL_FILE);
+        Ok(Inventory {
+            sources,
+            tablespaces,
+            examined_after_ns,
+        })
+    }
+}
+
+/// This host's wall clock, Unix nanoseconds (before 1970: 0, which reuses nothing).
+pub(super) fn wall_clock_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// List the data directory and tablespaces, applying PostgreSQL's exclusions.
+fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>), BackupError> {
+    let mut out = Vec::new();
+    let mut tablespaces = Vec::new();
+    let mut stack = vec![(pgdata.to_path_buf(), String::new())];
+    while let Some((dir, rel_dir)) = stack.pop() {
+        let Some(listed) = list_dir(&dir, &rel_dir)? else {
+            continue;
+        };
+        let names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+        let unlogged = exclude::unlogged_files(&names);
+        let unlogged: Vec<String> = unlogged.into_iter().map(str::to_string).collect();
+        for (name, abs) in listed {
+            let rel = if rel_dir.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel_dir}/{name}")
+            };
+            let meta = match std::fs::symlink_metadata(&abs) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(read_err(&abs, e)),
+            };
+            let ft = meta.file_type();
+            // Tablespaces: pg_tblspc/<oid> links to their location; back up its contents there.
+            if ft.is_symlink() && rel_dir == "pg_tblspc" {
+                let target = std::fs::read_link(&abs).map_err(|err| read_err(&abs, err))?;
+                if let Ok(oid) = name.parse::<u32>() {
+                    tablespaces.push(Tablespace {
+                        oid,
+                        location: target.display().to_string(),
+                    });
+                    out.push(Source {
+                        abs: target.clone(),
+                        rel: rel.clone(),
+                        is_dir: true,
+                        mode: 0o700,
+                    });
+                    stack.push((target, rel));
+                }
+                continue;
+            }
+            // pg_wal may be a link to another disk; its contents are skipped anyway.
+            let is_dir = ft.is_dir() || (ft.is_symlink() && rel == "pg_wal");
+            if !is_dir && !ft.is_file() {
+                continue; // sockets, stray symlinks: not part of a cluster
+            }
+            let mode = meta.permissions().mode() & 0o7777;
+            let source = Source {
+                abs,
+                rel,
+                is_dir,
+                mode,
+            };
+            match exclude::decide(&source.rel, is_dir) {
+                Decision::Skip => {}
+                Decision::EmptyDir => push_empty_dir(&mut out, source),
+                Decision::Include if is_dir => {
+                    stack.push((source.abs.clone(), source.rel.clone()));
+                    out.push(source);
+                }
+                Decision::Include => {
+                    if !unlogged.contains(&name) {
+                        out.push(source);
+                    }
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok((out, tablespaces))
+}
+
+fn read_err(p: &Path, source: std::io::Error) -> BackupError {
+    BackupError::Read {
+        path: p.display().to_string(),
+        source,
+    }
+}
+
+/// The UTF-8 names in `dir` (`rel_dir` in the backup) with their paths; `None` when the
+/// directory was dropped while the walk went (DROP DATABASE): not an error, WAL replays it.
+fn list_dir(dir: &Path, rel_dir: &str) -> Result<Option<Vec<(String, PathBuf)>>, BackupError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel_dir.is_empty() => return Ok(None),
+        Err(e) => return Err(read_err(dir, e)),
+    };
+    let mut listed = Vec::new();
+    for e in entries {
+        let e = e.map_err(|err| read_err(dir, err))?;
+        let Ok(name) = e.file_name().into_string() else {
+            tracing::warn!(path = %e.path().display(), "skipping a file whose name is not UTF-8");
+            continue;
+        };
+        listed.push((name, e.path()));
+    }
+    Ok(Some(listed))
+}
+
+/// A directory kept empty; for `pg_wal`, its subdirectories kept empty too, as basebackup.c
+/// sends them: archive_status, and from PostgreSQL 17 the WAL summarizer's summaries.
+fn push_empty_dir(out: &mut Vec<Source>, dir: Source) {
+    let subdirs = if dir.rel == "pg_wal" {
+        ["archive_status", "summaries"]
+            .into_iter()
+            .filter(|sub| *sub == "archive_status" || dir.abs.join(sub).is_dir())
+            .map(|sub| Source {
+                abs: dir.abs.join(sub),
+                rel: format!("pg_wal/{sub}"),
+                is_dir: true,
+                mode: dir.mode,
+            })
+            .collect()
+    } else {
+        vec![]
+    };
+    out.push(dir);
+    out.extend(subdirs);
+}
+
+/// The backup a new one builds on: the newest of the same cluster, read once the backup holds
+/// its lock, so that every chunk it names stays in the repository until the new manifest is
+/// written (an expire collects chunks only when no backup lock is live).
+pub(super) struct Previous {
+    pub manifest: Manifest,
+}
+
+/// Whether the repository may already hold a chunk that a backup does not know of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lookup {
+    /// Ask the repository first (one HEAD), and upload only when it is missing.
+    Ask,
+    /// Upload without asking: nothing says the chunk is there (an empty repository), and a
+    /// content-addressed key makes overwriting an identical chunk harmless.
+    Upload,
+}
+
+/// What a backup of `sysid` (PostgreSQL `pg_version`, chunks of `chunk_size`) builds on: the
+/// newest backup in the repository when `reading` allows and it fits, and whether chunks need
+/// looking up. Called under the backup lock: the chunks the newest backup names stay until this
+/// one's manifest is written.
+pub(super) async fn base_of(
+    store: &Store,
+    sealer: &Sealer,
+    reading: FileReading,
+    sysid: u64,
+    pg_version: u32,
+    chunk_size: u64,
+) -> Result<(Option<Previous>, Lookup), BackupError> {
+    let newest = newest_backup(store).await?;
+    // An empty repository cannot hold a chunk this backup does not know of (but for a leftover
+    // of an interrupted backup, which an upload overwrites with the same bytes).
+    let lookup = if newest.is_none() {
+        Lookup::Upload
+    } else {
+        Lookup::Ask
+    };
+    let previous = match (&newest, reading) {
+        (Some(id), FileReading::Changed) => {
+            Previous::load(store, sealer, id, sysid, pg_version, chunk_size).await
+        }
+        _ => None,
+    };
+    Ok((previous, lookup))
+}
+
+/// The newest backup in the repository, of any cluster.
+async fn newest_backup(store: &Store) -> Result<Option<BackupId>, BackupError> {
+    Ok(store
+        .list("backups/")
+        .await?
+        .iter()
+        .filter_map(|(key, _)| crate::repo::layout::parse_manifest_key(key))
+        .max())
+}
+
+impl Previous {
+    /// Backup `id`, when it can serve as a base for `sysid`'s backup in chunks of `chunk_size`.
+    /// `None` when it cannot be read or does not fit: the backup then reads every file, which
+    /// is always safe.
+    async fn load(
+        store: &Store,
+        sealer: &Sealer,
+        id: &BackupId,
+        sysid: u64,
+        pg_version: u32,
+        chunk_size: u64,
+    ) -> Option<Previous> {
+        let manifest = match crate::catalog::load_manifest(store, sealer, id).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(backup = %id, "the previous backup cannot be read ({e}); reading every file");
+                return None;
+            }
+        };
+        if manifest.system_identifier != sysid
+            || manifest.pg_version != pg_version
+            || manifest.chunk_size != chunk_size
+        {
+            tracing::info!(
+                backup = %id,
+                "the previous backup is of another cluster, version or chunk size; reading every file"
+            );
+            return None;
+        }
+        Some(Previous { manifest })
+    }
+
+    /// The stored length of every chunk it references, when it recorded them (`None`: ask).
+    pub fn chunk_lengths(&self) -> HashMap<[u8; 32], Option<u64>> {
+        let records = self.manifest.file_records();
+        let mut lens = HashMap::new();
+        for e in &self.manifest.entries {
+            let stored = records.get(e.path.as_str()).map(|r| &r.stored);
+            for (i, id) in e.chunks.iter().enumerate() {
+                let mut hash = [0u8; 32];
+                if hex::decode_to_slice(id, &mut hash).is_ok() {
+                    lens.insert(hash, stored.and_then(|s| s.get(i).copied()));
+                }
+            }
+        }
+        lens
+    }
+
+    /// Its files, indexed for taking them over.
+    pub fn base(&self) -> Base<'_> {
+        Base {
+            id: &self.manifest.id,
+            entries: self
+                .manifest
+                .entries
+                .iter()
+                .map(|e| (e.path.as_str(), e))
+                .collect(),
+            records: self.manifest.file_records(),
+            examined_after_ns: self
+                .manifest
+                .files_examined_after_us
+                .map(|us| us.saturating_mul(1000)),
+        }
+    }
+}
+
+/// The previous backup's files by path, and when it started examining them.
+pub(super) struct Base<'a> {
+    id: &'a BackupId,
+    entries: HashMap<&'a str, &'a Entry>,
+    records: HashMap<&'a str, &'a FileRecord>,
+    examined_after_ns: Option<i64>,
+}
+
+/// A file taken over from the previous backup unread: its entry with the previous chunks, and
+/// its record naming the backup that read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TakenOver {
+    pub entry: Entry,
+    pub record: FileRecord,
+}
+
+impl Base<'_> {
+    /// `src` taken over, when its `stat` (taken on the open file, before any read) shows no
+    /// write since the previous backup read it; `clock_ns` is this backup's examination start.
+    /// `None`: the file must be read.
+    pub fn take_over(&self, src: &Source, stat: FileStat, clock_ns: i64) -> Option<TakenOver> {
+        let entry = self.entries.get(src.rel.as_str())?;
+        let record = self.records.get(src.rel.as_str())?;
+        let prev_ns = self.examined_after_ns?;
+        if let Err(why) = crate::basebackup::reuse::may_reuse(record.stat.as_ref(), prev_ns, &stat, clock_ns)
+        {
+            tracing::debug!(path = %src.rel, ?why, "reading");
+            return None;
+        }
+        let mut taken = src.entry();
+        taken.size = entry.size;
+        taken.chunks = entry.chunks.clone();
+        Some(TakenOver {
+            entry: taken,
+            record: FileRecord {
+                path: src.rel.clone(),
+                stored: record.stored.clone(),
+                stat: Some(stat),
+                read_by: Some(record.read_by.clone().unwrap_or_else(|| self.id.clone())),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+    use crate::wal::Lsn;
+
+    fn write(path: &Path, mode: u32) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b"x").unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn the_inventory_follows_exclusions_and_tablespaces_and_ends_with_pg_control() {
+        let pgdata = tempfile::tempdir().unwrap();
+        let space = tempfile::tempdir().unwrap();
+        let d = pgdata.path();
+        for f in [
+            "PG_VERSION",
+            "postmaster.pid",
+            "backup_label",
+            "global/pg_control",
+            "global/1262",
+            "global/pg_internal.init",
+            "base/5/16384",
+            "base/5/16390",
+            "base/5/16390_fsm",
+            "base/5/16390_init",
+            "base/5/t3_16400",
+            "base/pgsql_tmp/pgsql_tmp1.0",
+            "pg_wal/000000010000000000000001",
+            "pg_wal/archive_status/000000010000000000000001.done",
+            "pg_stat_tmp/global.stat",
+        ] {
+            write(&d.join(f), 0o600);
+        }
+        write(&d.join("postgresql.conf"), 0o640);
+        write(&space.path().join("PG_15_202209061/5/16501"), 0o600);
+        std::fs::create_dir(d.join("pg_tblspc")).unwrap();
+        symlink(space.path(), d.join("pg_tblspc/16500")).unwrap();
+        // A stray link elsewhere is not part of the cluster.
+        symlink("/nonexistent", d.join("stray")).unwrap();
+
+        let inv = Inventory::take(d, 42).unwrap();
+        let rels: Vec<&str> = inv.sources.iter().map(|s| s.rel.as_str()).collect();
+        assert_eq!(
+            rels,
+            [
+                "PG_VERSION",
+                "base",
+                "base/5",
+                "base/5/16384",
+                "base/5/16390_init",
+                "global",
+                "global/1262",
+                "pg_stat_tmp",
+                "pg_tblspc",
+                "pg_tblspc/16500",
+                "pg_tblspc/16500/PG_15_202209061",
+                "pg_tblspc/16500/PG_15_202209061/5",
+                "pg_tblspc/16500/PG_15_202209061/5/16501",
+                "pg_wal",
+                "pg_wal/archive_status",
+                "postgresql.conf",
+                "global/pg_control",
+            ]
+        );
+        assert_eq!(inv.examined_after_ns, 42);
+        assert_eq!(
+            inv.tablespaces,
+            [Tablespace {
+                oid: 16500,
+                location: space.path().display().to_string(),
+            }]
+        );
+        let by_rel = |rel: &str| inv.sources.iter().find(|s| s.rel == rel).unwrap();
+        let ts = by_rel("pg_tblspc/16500");
+        assert_eq!(
+            (ts.abs.as_path(), ts.is_dir, ts.mode),
+            (space.path(), true, 0o700)
+        );
+        assert_eq!(
+            by_rel("pg_tblspc/16500/PG_15_202209061/5/16501").abs,
+            space.path().join("PG_15_202209061/5/16501")
+        );
+        let conf = by_rel("postgresql.conf");
+        assert_eq!((conf.is_dir, conf.mode), (false, 0o640));
+        assert!(by_rel("pg_wal/archive_status").is_dir);
+    }
+
+    #[test]
+    fn pg_wal_keeps_its_summaries_directory_only_when_there_is_one() {
+        let pgdata = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(pgdata.path().join("pg_wal/summaries")).unwrap();
+        let inv = Inventory::take(pgdata.path(), 0).unwrap();
+        let rels: Vec<&str> = inv.sources.iter().map(|s| s.rel.as_str()).collect();
+        // archive_status is kept even when the source has none.
+        assert_eq!(rels, ["pg_wal", "pg_wal/archive_status", "pg_wal/summaries"]);
+    }
+
+    const S: i64 = 1_000_000_000;
+
+    fn stat(size: u64, mtime_s: i64) -> FileStat {
+        FileStat {
+            size,
+            mtime_ns: mtime_s * S,
+            ctime_ns: mtime_s * S,
+            ino: 77,
+            dev: 2049,
+        }
+    }
+
+    fn file(path: &str, size: u64, chunks: &[&str]) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            size,
+            chunks: chunks.iter().map(|c| c.repeat(32)).collect(),
+        }
+    }
+
+    /// A previous backup that examined its files at t = 1000 s: `base/5/16384` read by it,
+    /// `base/5/16390` taken over from an older backup, `base/5/16391` without a record.
+    fn previous(examined_after_us: Option<i64>) -> Previous {
+        let record = |path: &str, stored: Vec<u64>, read_by: Option<&str>| FileRecord {
+            path: path.into(),
+            stored,
+            stat: Some(stat(8192, 900)),
+            read_by: read_by.map(|id| id.parse().unwrap()),
+        };
+        Previous {
+            manifest: Manifest {
+                format: crate::basebackup::manifest::FORMAT_NAME.into(),
+                version: crate::basebackup::manifest::FORMAT_VERSION,
+                id: "20261122T143200Z".parse().unwrap(),
+                system_identifier: 7,
+                pg_version: 15,
+                timeline: 1,
+                start_lsn: Lsn(0x5000028),
+                stop_lsn: Lsn(0x5000100),
+                start_time_us: 0,
+                stop_time_us: 0,
+                start_wal: "000000010000000000000005".into(),
+                stop_wal: "000000010000000000000005".into(),
+                chunk_size: 1 << 20,
+                backup_label: String::new(),
+                tablespace_map: None,
+                tablespaces: vec![],
+                entries: vec![
+                    file("base/5/16384", 8192, &["ab", "cd"]),
+                    file("base/5/16390", 8192, &["ef"]),
+                    file("base/5/16391", 8192, &["01"]),
+                ],
+                stats: Default::default(),
+                files_examined_after_us: examined_after_us,
+                files: vec![
+                    record("base/5/16384", vec![100, 200], None),
+                    record("base/5/16390", vec![300], Some("20261121T143200Z")),
+                ],
+            },
+        }
+    }
+
+    fn source(rel: &str) -> Source {
+        Source {
+            abs: PathBuf::from("/data").join(rel),
+            rel: rel.into(),
+            is_dir: false,
+            mode: 0o600,
+        }
+    }
+
+    #[test]
+    fn unchanged_files_are_taken_over_with_their_chunks_and_reader() {
+        let prev = previous(Some(1000 * 1_000_000));
+        let base = prev.base();
+        let now = 2000 * S;
+        let taken = base
+            .take_over(&source("base/5/16384"), stat(8192, 900), now)
+            .unwrap();
+        assert_eq!(taken.entry, file("base/5/16384", 8192, &["ab", "cd"]));
+        assert_eq!(
+            taken.record,
+            FileRecord {
+                path: "base/5/16384".into(),
+                stored: vec![100, 200],
+                stat: Some(stat(8192, 900)),
+                read_by: Some(prev.manifest.id.clone()),
+            }
+        );
+        // Taken over twice: still named after the backup that read it.
+        let taken = base
+            .take_over(&source("base/5/16390"), stat(8192, 900), now)
+            .unwrap();
+        assert_eq!(taken.record.read_by, Some("20261121T143200Z".parse().unwrap()));
+    }
+
+    #[test]
+    fn changed_unrecorded_or_new_files_are_read() {
+        let prev = previous(Some(1000 * 1_000_000));
+        let base = prev.base();
+        let now = 2000 * S;
+        assert_eq!(
+            base.take_over(&source("base/5/16384"), stat(16384, 900), now),
+            None
+        );
+        assert_eq!(
+            base.take_over(&source("base/5/16384"), stat(8192, 1500), now),
+            None
+        );
+        assert_eq!(
+            base.take_over(&source("base/5/16391"), stat(8192, 900), now),
+            None
+        );
+        assert_eq!(
+            base.take_over(&source("base/5/99999"), stat(8192, 900), now),
+            None
+        );
+        // The clock went back: nothing is compared.
+        assert_eq!(
+            base.take_over(&source("base/5/16384"), stat(8192, 900), 999 * S),
+            None
+        );
+        // A manifest from before files were reused says nothing of when it examined them.
+        let old = previous(None);
+        assert_eq!(
+            old.base()
+                .take_over(&source("base/5/16384"), stat(8192, 900), now),
+            None
+        );
+    }
+
+    #[test]
+    fn chunk_lengths_are_known_where_the_previous_backup_recorded_them() {
+        let lens = previous(None).chunk_lengths();
+        let hash = |c: &str| {
+            let mut h = [0u8; 32];
+            hex::decode_to_slice(c.repeat(32), &mut h).unwrap();
+            h
+        };
+        assert_eq!(lens.len(), 4);
+        assert_eq!(lens[&hash("ab")], Some(100));
+        assert_eq!(lens[&hash("cd")], Some(200));
+        assert_eq!(lens[&hash("ef")], Some(300));
+        assert_eq!(lens[&hash("01")], None);
+    }
+}

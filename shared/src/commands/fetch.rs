@@ -1,0 +1,284 @@
+//! `restore-agent fetch`: hand PostgreSQL's recovery one archived file.
+//!
+//! "Not found" (exit 1) tells PostgreSQL the archive ends here: during archive recovery it then
+//! promotes. So only a confirmed absence from a confirmed repository may be reported as not found;
+//! a store that cannot be read, or a stored copy that fails verification, is an error that must
+//! stop recovery (see [`crate::exit::FATAL`]).
+
+use std::path::Path;
+
+use crate::commands::prefetch::Prefetch;
+use crate::config::Settings;
+use crate::exit;
+use crate::local::crashsafe;
+use crate::repo::layout::wal_key;
+use crate::repo::object::{ObjectError, Sealer};
+use crate::repo::stored::{self, Damage, WalObject};
+use crate::repo::{Reader, RepoError, Store, StoreError, WalCheckError};
+use crate::timeindex::StoredSummary;
+use crate::wal::{NameError, SegmentName, WalFileName};
+
+/// What a fetch found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchOutcome {
+    Restored {
+        name: WalFileName,
+        size: u64,
+        stored_size: u64,
+        /// Taken from the prefetch spool rather than downloaded now.
+        prefetched: bool,
+        /// Unix microseconds: the newest transaction end in the segment, from the time index,
+        /// when [`fetch_for_replay`] asked for it and it could be read in time.
+        latest_commit: Option<i64>,
+    },
+    NotFound {
+        name: WalFileName,
+    },
+}
+
+/// Why a fetch failed. Everything except [`FetchError::Name`] means "cannot tell", never "absent".
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    Name(#[from] NameError),
+    #[error("repository {repo} did not answer within {}s", after.as_secs())]
+    TimedOut {
+        repo: String,
+        after: std::time::Duration,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No repository at this location (a volume not mounted, a wrong URL) is never "not found":
+    /// recovery would end and promote on the word of a location that holds nothing.
+    #[error(transparent)]
+    Repository(#[from] RepoError),
+    #[error("archived {name} ({key} in {repo}) is corrupt: {source}")]
+    Corrupt {
+        name: String,
+        key: String,
+        repo: String,
+        source: Box<ObjectError>,
+    },
+    #[error("archived {name} ({key} in {repo}) cannot be used: {source}")]
+    Unusable {
+        name: String,
+        key: String,
+        repo: String,
+        source: Box<WalCheckError>,
+    },
+    #[error("cannot write {dest}: {source}")]
+    Write { dest: String, source: std::io::Error },
+}
+
+impl FetchError {
+    /// Exit status for PostgreSQL: [`exit::fetch_failure`]. A name walvault cannot parse is no
+    /// exception: PostgreSQL never asks for one, so it means a misconfigured restore_command,
+    /// and a low status would end recovery as if the file were missing.
+    pub fn exit_code(&self, standby: bool) -> u8 {
+        exit::fetch_failure(standby)
+    }
+}
+
+/// Fetch `name` from the repository into `dest`, verifying it end to end first. With a
+/// prefetch spool, a copy downloaded ahead by the prefetcher is used when there is one (verified
+/// exactly like a download; an unusable copy is dropped and the repository asked instead).
+///
+/// Never takes longer than [`Settings::call_bound`]: a hung store stops recovery with an error
+/// rather than hanging it forever.
+pub async fn fetch(
+    settings: &Settings,
+    name: &str,
+    dest: &Path,
+    prefetch: Option<&Prefetch>,
+) -> Result<FetchOutcome, FetchError> {
+    fetch_for_replay(settings, name, dest, prefetch, false).await
+}
+
+/// How long a fetch that has written its segment still waits for the segment's summary (asked
+/// for at the same time as the segment, so normally already there).
+const SUMMARY_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// [`fetch`], and with `commit_time`, for a segment, the newest transaction end in it
+/// (`latest_commit`, for the replay progress line): from the time index, one small GET made
+/// beside the segment's, or from the prefetch spool. Best effort, within the same time bound:
+/// a summary missing, unreadable or late is left out and never changes the outcome.
+pub async fn fetch_for_replay(
+    settings: &Settings,
+    name: &str,
+    dest: &Path,
+    prefetch: Option<&Prefetch>,
+    commit_time: bool,
+) -> Result<FetchOutcome, FetchError> {
+    let bound = settings.call_bound();
+    let deadline = tokio::time::Instant::now() + bound;
+    let (mut outcome, pending) = tokio::time::timeout_at(
+        deadline,
+        fetch_unbounded(settings, name, dest, prefetch, commit_time),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(FetchError::TimedOut {
+            repo: settings.repo.to_string(),
+            after: bound,
+        })
+    })?;
+    if let (Some(pending), FetchOutcome::Restored { latest_commit, .. }) = (pending, &mut outcome) {
+        let until = deadline.min(tokio::time::Instant::now() + SUMMARY_GRACE);
+        *latest_commit = pending.finish(until).await;
+    }
+    Ok(outcome)
+}
+
+/// A segment's summary being read beside it; aborted when dropped.
+struct PendingSummary {
+    get: tokio::task::JoinHandle<Result<Option<bytes::Bytes>, StoreError>>,
+    segment: SegmentName,
+    /// The repository's, once its descriptor is read (beside the segment).
+    sealer: Option<Sealer>,
+}
+
+impl Drop for PendingSummary {
+    fn drop(&mut self) {
+        self.get.abort();
+    }
+}
+
+impl PendingSummary {
+    fn start(store: &Store, segment: SegmentName) -> PendingSummary {
+        let (store, key) = (store.clone(), crate::timeindex::summary_key(&segment));
+        PendingSummary {
+            get: tokio::spawn(async move { store.get(&key).await }),
+            segment,
+            sealer: None,
+        }
+    }
+
+    /// The newest transaction end the summary records, if it arrives by `until` and opens.
+    async fn finish(mut self, until: tokio::time::Instant) -> Option<i64> {
+        let sealer = self.sealer.take()?;
+        let bytes = match tokio::time::timeout_at(until, &mut self.get).await {
+            Ok(Ok(Ok(Some(bytes)))) => bytes,
+            Ok(Ok(Err(e))) => {
+                tracing::debug!("summary of {}: {e}", self.segment);
+                return None;
+            }
+            _ => return None,
+        };
+        match stored::open::<StoredSummary>(&sealer, &self.segment, &bytes) {
+            Ok(s) => s.latest_commit_us(),
+            Err(e) => {
+                tracing::debug!(
+                    "summary {} is unreadable: {e}",
+                    crate::timeindex::summary_key(&self.segment)
+                );
+                None
+            }
+        }
+    }
+}
+
+async fn fetch_unbounded(
+    settings: &Settings,
+    name: &str,
+    dest: &Path,
+    prefetch: Option<&Prefetch>,
+    commit_time: bool,
+) -> Result<(FetchOutcome, Option<PendingSummary>), FetchError> {
+    let name: WalFileName = name.parse()?;
+    let name_str = name.to_string();
+    let key = wal_key(&name);
+    let repo = settings.repo.to_string();
+    let segment = match name {
+        WalFileName::Segment(s) if commit_time => Some(s),
+        _ => None,
+    };
+
+    if let Some(p) = prefetch {
+        // Read before the copy is taken, which removes it.
+        let latest_commit = segment.and_then(|_| p.spooled_commit(&name));
+        match p.take(&name, dest) {
+            Some(Ok(size)) => {
+                let outcome = FetchOutcome::Restored {
+                    name,
+                    size,
+                    stored_size: 0,
+                    prefetched: true,
+                    latest_commit,
+                };
+                return Ok((outcome, None));
+            }
+            Some(Err(e)) => {
+                tracing::warn!("prefetched {name_str} unusable ({e}); fetching it from the repository")
+            }
+            None => {}
+        }
+    }
+
+    // A corrupt read is re-read once: a flipped bit in transit is not worth stopping recovery for,
+    // a corrupt stored object is.
+    let mut rereads = 1;
+    let store = Store::open_retrying(&settings.repo, &settings.store_options()).await?;
+    let mut summary = segment.map(|s| PendingSummary::start(&store, s));
+    let (reader, stored, content) = loop {
+        // The descriptor and the file in one round trip; an absent file counts as absent only
+        // once the descriptor proves this is the repository.
+        let (reader, object) = tokio::try_join!(
+            async {
+                Reader::on_store(store.clone(), settings.key.as_ref())
+                    .await
+                    .map_err(FetchError::from)
+            },
+            async { store.get(&key).await.map_err(FetchError::from) }
+        )?;
+        let Some(bytes) = object else {
+            return Ok((FetchOutcome::NotFound { name }, None));
+        };
+        match stored::open::<WalObject>(reader.sealer(), &name, &bytes) {
+            Ok(file) => break (reader, file.stored_len, file.content),
+            Err(Damage::Content(never)) => match never {},
+            Err(Damage::Envelope(source)) if rereads == 0 => {
+                return Err(FetchError::Corrupt {
+                    name: name_str,
+                    key,
+                    repo,
+                    source: Box::new(source),
+                });
+            }
+            Err(Damage::Envelope(source)) => {
+                tracing::warn!(key, "{source}; reading it again");
+                rereads -= 1;
+            }
+        }
+    };
+    reader
+        .check_wal(&name, &content)
+        .map_err(|source| FetchError::Unusable {
+            name: name_str,
+            key,
+            repo,
+            source: Box::new(source),
+        })?;
+    if let Some(s) = summary.as_mut() {
+        s.sealer = Some(reader.sealer().clone());
+    }
+    Ok((write_out(name, dest, content, stored)?, summary))
+}
+
+fn write_out(
+    name: WalFileName,
+    dest: &Path,
+    content: Vec<u8>,
+    stored: u64,
+) -> Result<FetchOutcome, FetchError> {
+    crashsafe::write_durably(dest, &content).map_err(|source| FetchError::Write {
+        dest: dest.display().to_string(),
+        source,
+    })?;
+    Ok(FetchOutcome::Restored {
+        name,
+        size: content.len() as u64,
+        stored_size: stored,
+        prefetched: false,
+        latest_commit: None,
+    })
+}

@@ -1,0 +1,673 @@
+//! `restore-agent find`: the destructive transactions in the archived WAL, newest first, each
+//! with the restore that recovers the moment before it.
+//!
+//! The archiver records every transaction that unlinked relation files, truncated, dropped a
+//! database or changed many rows of one relation in the time index as it archives
+//! ([`crate::wal::changes`]). This module reads those events back, names their relations from
+//! the relation map of the newest backup before them ([`crate::basebackup::relmap`]), and says what the WAL
+//! can tell of each. The pure part is [`describe`]: event + map in, actions out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::basebackup::manifest::BackupId;
+use crate::basebackup::relmap::{RelMapError, RelationMap};
+use crate::catalog::Catalog;
+use crate::cli::sh_quote;
+use crate::repo::ReadError;
+use crate::repo::Reader;
+use crate::report::Report;
+use crate::wal::changes::{ChangeEvent, ROW_FLOOR};
+
+/// What to look for.
+#[derive(Debug, Clone)]
+pub struct FindOptions {
+    /// Only events at or after this time (unix microseconds).
+    pub since: Option<i64>,
+    /// Only events at or before this time.
+    pub until: Option<i64>,
+    /// Only events touching this table (`name` or `schema.name`).
+    pub table: Option<String>,
+    /// Rows one relation must lose to a `DELETE` or `UPDATE` for the transaction to be listed.
+    pub min_rows: u64,
+}
+
+impl Default for FindOptions {
+    fn default() -> Self {
+        FindOptions {
+            since: None,
+            until: None,
+            table: None,
+            min_rows: 1000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FindError {
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    RelMap(#[from] RelMapError),
+    #[error(
+        "--min-rows {0}: the time index records transactions from {ROW_FLOOR} rows of one relation; use {ROW_FLOOR} or more"
+    )]
+    MinRows(u64),
+    #[error(transparent)]
+    Repo(#[from] crate::repo::RepoError),
+}
+
+/// What happened to one relation (or database).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    /// Its files were unlinked and its `pg_class` row deleted: `DROP`.
+    Drop,
+    /// A `TRUNCATE` record named it (`wal_level = logical`).
+    Truncate,
+    /// Its files were replaced by new ones: `TRUNCATE`, `VACUUM FULL`, `CLUSTER`, a rewriting
+    /// `ALTER TABLE` or `REFRESH MATERIALIZED VIEW`; the WAL at `wal_level = replica` does not
+    /// tell which.
+    TruncateOrRewrite,
+    /// Its files were unlinked; whether it was dropped or given new files cannot be told (its
+    /// database's catalogs are not in the relation map, or the transaction did both).
+    DropOrRewrite,
+    Delete,
+    Update,
+    DropDatabase,
+}
+
+impl ActionKind {
+    fn verb(self) -> &'static str {
+        match self {
+            ActionKind::Drop => "DROP",
+            ActionKind::Truncate => "TRUNCATE",
+            ActionKind::TruncateOrRewrite => "TRUNCATE or rewrite (VACUUM FULL, CLUSTER, ALTER TABLE)",
+            ActionKind::DropOrRewrite => "DROP, TRUNCATE or rewrite",
+            ActionKind::Delete => "DELETE",
+            ActionKind::Update => "UPDATE",
+            ActionKind::DropDatabase => "DROP DATABASE",
+        }
+    }
+}
+
+/// One thing a transaction did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Action {
+    pub kind: ActionKind,
+    /// `schema.name`, a database name, or `file <tablespace>/<database>/<filenode>` for a
+    /// relation the map does not know (created after the backup that named the others).
+    pub object: String,
+    /// table, index, materialized view, sequence, database...
+    pub object_kind: String,
+    /// Rows deleted or updated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+}
+
+impl Action {
+    pub fn describe(&self) -> String {
+        match (self.kind, self.rows) {
+            (ActionKind::Delete, Some(n)) => {
+                format!("DELETE of {n} rows from {} {}", self.object_kind, self.object)
+            }
+            (ActionKind::Update, Some(n)) => {
+                format!("UPDATE of {n} rows of {} {}", self.object_kind, self.object)
+            }
+            (ActionKind::DropDatabase, _) => format!("DROP DATABASE {}", self.object),
+            (k, _) => format!("{} {} {}", k.verb(), self.object_kind, self.object),
+        }
+    }
+}
+
+/// One destructive transaction, as `find` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FoundEvent {
+    /// Commit time, as PostgreSQL prints it.
+    pub time: String,
+    pub time_us: i64,
+    pub xid: u32,
+    /// The commit record.
+    pub lsn: String,
+    pub timeline: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    pub actions: Vec<Action>,
+    /// The backup whose relation map named the relations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub names_from: Option<BackupId>,
+    /// A backup before it exists, so the moment before it can be restored.
+    pub restorable: bool,
+    /// `restore-agent restore` arguments that recover the moment just before the commit.
+    pub restore_args: Vec<String>,
+    /// Notes on what the WAL could not tell.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// What `find` found, and what limits it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Found {
+    pub events: Vec<FoundEvent>,
+    /// Segments whose summary was written by a walvault that did not look for events.
+    pub segments_not_searched: u64,
+    /// Archived segments without a summary.
+    pub segments_without_summary: u64,
+}
+
+/// Search the repository.
+pub async fn find(repo: &Reader, opts: &FindOptions) -> Result<Found, FindError> {
+    if opts.min_rows < ROW_FLOOR {
+        return Err(FindError::MinRows(opts.min_rows));
+    }
+    let cat = Catalog::load(repo).await?;
+    // Read as events need them: one GET per backup that names an event, not per backup.
+    let mut maps: HashMap<BackupId, Option<RelationMap>> = HashMap::new();
+    let latest = cat.timelines.latest();
+    let latest_history = cat.timelines.history(latest);
+
+    // The same WAL can sit in two timelines' copies of the segment where they fork: keep the
+    // copy on the latest timeline's history.
+    let mut chosen: BTreeMap<(u64, u32), (u32, &ChangeEvent)> = BTreeMap::new();
+    let (mut not_searched, mut without) = (0, 0);
+    for (tli, segs) in &cat.segments {
+        without += segs
+            .iter()
+            .filter(|no| !cat.summaries.contains_key(&(*tli, **no)))
+            .count() as u64;
+    }
+    for (&(tli, _), summary) in &cat.summaries {
+        let Some(events) = &summary.events else {
+            not_searched += 1;
+            continue;
+        };
+        for e in events {
+            let slot = chosen.entry((e.lsn.0, e.xid)).or_insert((tli, e));
+            if latest_history.timeline_at(e.lsn) == tli {
+                *slot = (tli, e);
+            }
+        }
+    }
+
+    let mut found = Vec::new();
+    for (tli, e) in chosen.into_values() {
+        let Some(time_us) = e.time.to_unix_micros() else {
+            continue;
+        };
+        if opts.since.is_some_and(|s| time_us < s) || opts.until.is_some_and(|u| time_us > u) {
+            continue;
+        }
+        // Names from the newest backup that started before the event on its history, else from
+        // the oldest one after it.
+        let on_history: Vec<_> = cat.backups.iter().filter(|m| cat.on_history(m, tli)).collect();
+        let namer = on_history
+            .iter()
+            .filter(|m| m.start_lsn <= e.lsn)
+            .max_by_key(|m| m.start_lsn)
+            .or_else(|| on_history.iter().min_by_key(|m| m.start_lsn));
+        if let Some(m) = namer
+            && !maps.contains_key(&m.id)
+        {
+            maps.insert(m.id.clone(), load_map(repo, &m.id).await?);
+        }
+        let map = namer.and_then(|m| maps.get(&m.id)).and_then(Option::as_ref);
+        let (database, actions, notes) = describe(e, map, opts.min_rows);
+        if actions.is_empty() {
+            continue;
+        }
+        if let Some(t) = &opts.table
+            && !actions.iter().any(|a| names_table(&a.object, t))
+        {
+            continue;
+        }
+        let restorable = on_history.iter().any(|m| m.stop_lsn <= e.lsn);
+        let mut restore_args = vec![
+            "--target-xid".to_string(),
+            e.xid.to_string(),
+            "--target-exclusive".to_string(),
+        ];
+        if latest_history.timeline_at(e.lsn) != tli {
+            restore_args.extend(["--target-timeline".to_string(), tli.to_string()]);
+        }
+        found.push(FoundEvent {
+            time: crate::time::format_micros(time_us),
+            time_us,
+            xid: e.xid,
+            lsn: e.lsn.to_string(),
+            timeline: tli,
+            database,
+            actions,
+            names_from: map.map(|m| m.backup.clone()),
+            restorable,
+            restore_args,
+            notes,
+        });
+    }
+    found.sort_by(|a, b| b.time_us.cmp(&a.time_us).then(b.lsn.cmp(&a.lsn)));
+    Ok(Found {
+        events: found,
+        segments_not_searched: not_searched,
+        segments_without_summary: without,
+    })
+}
+
+/// Backup `id`'s relation map; `None` when it has none or it is damaged (names are then file
+/// numbers), an error only when the store cannot be read.
+async fn load_map(repo: &Reader, id: &BackupId) -> Result<Option<RelationMap>, FindError> {
+    match repo.read_if_present::<RelationMap>(id).await {
+        Ok(map) => Ok(map),
+        Err(ReadError::Store(e)) => Err(RelMapError::Store(e).into()),
+        Err(e) => {
+            tracing::warn!("{}", RelMapError::from(e));
+            Ok(None)
+        }
+    }
+}
+
+/// Whether `object` (`schema.name`) is `table` (`name` or `schema.name`).
+fn names_table(object: &str, table: &str) -> bool {
+    object == table || object.rsplit_once('.').is_some_and(|(_, name)| name == table)
+}
+
+/// What an event did, in the words of `map` (the relation map of a backup near it): the
+/// database name, the actions, and notes on what cannot be told. Pure.
+pub fn describe(
+    e: &ChangeEvent,
+    map: Option<&RelationMap>,
+    min_rows: u64,
+) -> (Option<String>, Vec<Action>, Vec<String>) {
+    let mut actions = Vec::new();
+    let mut notes = Vec::new();
+    let db_oid =
+        e.db.or_else(|| e.unlinked.first().map(|l| l.db).filter(|&d| d != 0))
+            .or_else(|| e.rows.first().map(|r| r.rel.db))
+            .or(e.dropped_database);
+    let db_name = |oid: u32| {
+        map.and_then(|m| m.database(oid))
+            .map_or(format!("database {oid}"), |d| d.name.clone())
+    };
+    if let Some(d) = e.dropped_database {
+        actions.push(Action {
+            kind: ActionKind::DropDatabase,
+            object: db_name(d),
+            object_kind: "database".into(),
+            rows: None,
+        });
+    }
+
+    // TRUNCATE records (wal_level = logical) name relations by OID.
+    let mut truncated_tables = Vec::new();
+    for &(db, oid) in &e.truncated {
+        match map.and_then(|m| m.relation_by_oid(db, oid)) {
+            Some(r) => {
+                truncated_tables.push((db, r.oid));
+                actions.push(Action {
+                    kind: ActionKind::Truncate,
+                    object: r.qualified(),
+                    object_kind: r.kind_word().into(),
+                    rows: None,
+                });
+            }
+            None => actions.push(Action {
+                kind: ActionKind::Truncate,
+                object: format!("relation {oid} in {}", db_name(db)),
+                object_kind: "relation".into(),
+                rows: None,
+            }),
+        }
+    }
+
+    // Unlinked files: grouped by the table they belong to.
+    if !e.unlinked.is_empty() {
+        let mut tables: Vec<(u32, &crate::basebackup::relmap::Relation)> = Vec::new();
+        let mut unknown = Vec::new();
+        for loc in &e.unlinked {
+            match map.and_then(|m| m.relation(loc).map(|r| (m, r))) {
+                Some((m, r)) => {
+                    let t = m.table_of(loc.db, r);
+                    if !tables.iter().any(|(d, x)| *d == loc.db && x.oid == t.oid)
+                        && !truncated_tables.contains(&(loc.db, t.oid))
+                    {
+                        tables.push((loc.db, t));
+                    }
+                }
+                None => unknown.push(loc),
+            }
+        }
+        // pg_class rows deleted tell a drop; updated only, a new file for the same relation.
+        let kind_in = |db: u32| -> ActionKind {
+            let pg_class = map
+                .and_then(|m| m.database(db))
+                .filter(|d| d.error.is_none())
+                .and_then(|d| {
+                    d.relations
+                        .iter()
+                        .find(|r| r.schema == "pg_catalog" && r.name == "pg_class")
+                });
+            let Some(pg_class) = pg_class else {
+                return ActionKind::DropOrRewrite;
+            };
+            let (deleted, updated) = e
+                .rows
+                .iter()
+                .filter(|r| r.rel.db == db && r.rel.rel == pg_class.filenode)
+                .fold((0, 0), |(d, u), r| (d + r.deleted, u + r.updated));
+            let files = e.unlinked.iter().filter(|l| l.db == db).count() as u64;
+            match (deleted, updated) {
+                (d, _) if d >= files => ActionKind::Drop,
+                (0, u) if u > 0 => ActionKind::TruncateOrRewrite,
+                _ => ActionKind::DropOrRewrite,
+            }
+        };
+        for (db, t) in &tables {
+            actions.push(Action {
+                kind: kind_in(*db),
+                object: t.qualified(),
+                object_kind: t.kind_word().into(),
+                rows: None,
+            });
+        }
+        for loc in unknown {
+            actions.push(Action {
+                kind: kind_in(loc.db),
+                object: format!("file {}/{}/{}", loc.spc, loc.db, loc.rel),
+                object_kind: "relation".into(),
+                rows: None,
+            });
+        }
+        if actions.iter().any(|a| a.kind == ActionKind::TruncateOrRewrite) {
+            notes.push(
+                "at wal_level = replica the WAL does not tell a TRUNCATE from a rewrite (VACUUM FULL, CLUSTER, ALTER TABLE ... TYPE, REFRESH MATERIALIZED VIEW): both give the table new files".into(),
+            );
+        }
+        if e.unlinked_cut {
+            notes.push(
+                "the commit record lists more files than walvault keeps: some may be missing here".into(),
+            );
+        }
+        if map.is_none() {
+            notes.push("no backup before it recorded a relation map: relations are shown by file".into());
+        }
+    }
+
+    // Many rows of one relation.
+    for r in &e.rows {
+        let rel = map.and_then(|m| m.relation(&r.rel));
+        if rel.is_some_and(|x| x.is_system()) {
+            continue;
+        }
+        let (object, object_kind) = match rel {
+            Some(x) => (x.qualified(), x.kind_word().to_string()),
+            None => (
+                format!("file {}/{}/{}", r.rel.spc, r.rel.db, r.rel.rel),
+                "relation".to_string(),
+            ),
+        };
+        for (kind, n) in [(ActionKind::Delete, r.deleted), (ActionKind::Update, r.updated)] {
+            if n >= min_rows {
+                actions.push(Action {
+                    kind,
+                    object: object.clone(),
+                    object_kind: object_kind.clone(),
+                    rows: Some(n),
+                });
+            }
+        }
+    }
+    (db_oid.map(db_name), actions, notes)
+}
+
+/// How the restore commands `find` prints begin: the program as this one was invoked (so they
+/// run where it did), the repository, the configuration file made absolute, and the data
+/// directory to restore into.
+#[derive(Debug, Clone)]
+pub struct RestoreCommandLine {
+    prefix: String,
+    pgdata: String,
+}
+
+impl RestoreCommandLine {
+    pub fn new(program: &str, repo: &str, config: Option<&Path>, pgdata: &Path) -> std::io::Result<Self> {
+        let mut prefix = format!("{} --repo {}", sh_quote(program), sh_quote(repo));
+        if let Some(config) = config {
+            let config = std::path::absolute(config)?;
+            prefix.push_str(&format!(" --config {}", sh_quote(&config.display().to_string())));
+        }
+        Ok(RestoreCommandLine {
+            prefix,
+            pgdata: sh_quote(&pgdata.display().to_string()),
+        })
+    }
+
+    /// The restore that recovers the moment just before `e`, when a backup before it exists.
+    pub fn for_event(&self, e: &FoundEvent) -> Option<String> {
+        e.restorable.then(|| {
+            let args: Vec<String> = e.restore_args.iter().map(|a| sh_quote(a)).collect();
+            format!(
+                "{} restore --pgdata {} {}",
+                self.prefix,
+                self.pgdata,
+                args.join(" ")
+            )
+        })
+    }
+}
+
+/// What `restore-agent find` prints: the events, each with its restore command.
+#[derive(Debug, Clone, Serialize)]
+pub struct FindReport {
+    pub events: Vec<ReportedEvent>,
+    pub segments_not_searched: u64,
+    pub segments_without_summary: u64,
+}
+
+/// One event and the command that restores the moment before it (`None`: not restorable).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportedEvent {
+    #[serde(flatten)]
+    pub event: FoundEvent,
+    pub restore_command: Option<String>,
+}
+
+impl FindReport {
+    pub fn new(found: Found, command: &RestoreCommandLine) -> FindReport {
+        FindReport {
+            events: found
+                .events
+                .into_iter()
+                .map(|event| ReportedEvent {
+                    restore_command: command.for_event(&event),
+                    event,
+                })
+                .collect(),
+            segments_not_searched: found.segments_not_searched,
+            segments_without_summary: found.segments_without_summary,
+        }
+    }
+}
+
+/// Open the repository read-only and search it: `restore-agent find`.
+pub async fn find_in(
+    settings: &crate::config::Settings,
+    opts: &FindOptions,
+    command: &RestoreCommandLine,
+) -> Result<FindReport, FindError> {
+    let repo = Reader::open(&settings.repo, &settings.store_options()).await?;
+    Ok(FindReport::new(find(&repo, opts).await?, command))
+}
+
+impl Report for FindReport {
+    fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        if self.events.is_empty() {
+            out.push_str("no destructive transactions found in the archived WAL\n");
+        }
+        for ReportedEvent {
+            event: e,
+            restore_command,
+        } in &self.events
+        {
+            let _ = writeln!(
+                out,
+                "{}  xid {}  {}  (commit at {}, timeline {})",
+                e.time,
+                e.xid,
+                e.database.as_deref().unwrap_or("database unknown"),
+                e.lsn,
+                e.timeline
+            );
+            for a in &e.actions {
+                let _ = writeln!(out, "    {}", a.describe());
+            }
+            for n in &e.notes {
+                let _ = writeln!(out, "    note: {n}");
+            }
+            let _ = match restore_command {
+                Some(c) => writeln!(out, "    restore just before it:  {c}"),
+                None => writeln!(
+                    out,
+                    "    not restorable: no backup of this timeline was taken before it"
+                ),
+            };
+            out.push('\n');
+        }
+        if self.segments_not_searched > 0 {
+            let _ = writeln!(
+                out,
+                "{} segments were indexed by an older walvault, which did not record these events: they were not searched",
+                self.segments_not_searched
+            );
+        }
+        if self.segments_without_summary > 0 {
+            let _ = writeln!(
+                out,
+                "{} archived segments have no time index summary: they were not searched",
+                self.segments_without_summary
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::basebackup::relmap::tests::relation;
+    use crate::basebackup::relmap::{Database, FORMAT_NAME, FORMAT_VERSION};
+    use crate::wal::Lsn;
+    use crate::wal::changes::RelRows;
+    use crate::wal::decode::RelFileLocator;
+    use crate::wal::pgtime::PgTime;
+
+    fn loc(rel: u32) -> RelFileLocator {
+        RelFileLocator {
+            spc: 1663,
+            db: 5,
+            rel,
+        }
+    }
+
+    fn map() -> RelationMap {
+        RelationMap {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            backup: "20261122T143000Z".parse().unwrap(),
+            databases: vec![Database {
+                oid: 5,
+                name: "app".into(),
+                relations: vec![
+                    relation(1259, 1259, "r", "pg_catalog", "pg_class", 0),
+                    relation(100, 200, "r", "public", "orders", 0),
+                    relation(101, 201, "i", "public", "orders_pkey", 100),
+                ],
+                error: None,
+            }],
+        }
+    }
+
+    fn event(unlinked: Vec<RelFileLocator>, rows: Vec<RelRows>) -> ChangeEvent {
+        ChangeEvent {
+            lsn: Lsn(0x3000148),
+            xid: 900,
+            time: PgTime(0),
+            db: Some(5),
+            unlinked,
+            unlinked_cut: false,
+            truncated: vec![],
+            dropped_database: None,
+            rows,
+        }
+    }
+
+    fn rows(rel: u32, deleted: u64, updated: u64) -> RelRows {
+        RelRows {
+            rel: loc(rel),
+            deleted,
+            updated,
+        }
+    }
+
+    #[test]
+    fn a_drop_names_the_table_once_for_all_its_files() {
+        let e = event(vec![loc(200), loc(201)], vec![rows(1259, 2, 0), rows(2608, 5, 0)]);
+        let (db, actions, notes) = describe(&e, Some(&map()), 1000);
+        assert_eq!(db.as_deref(), Some("app"));
+        assert_eq!(actions.len(), 1);
+        assert_eq!(actions[0].describe(), "DROP table public.orders");
+        assert!(notes.is_empty());
+    }
+
+    #[test]
+    fn new_files_for_the_same_relation_read_as_truncate_or_rewrite_and_say_why() {
+        let e = event(vec![loc(200), loc(201)], vec![rows(1259, 0, 2)]);
+        let (_, actions, notes) = describe(&e, Some(&map()), 1000);
+        assert_eq!(actions[0].kind, ActionKind::TruncateOrRewrite);
+        assert_eq!(actions[0].object, "public.orders");
+        assert!(notes[0].contains("does not tell a TRUNCATE from a rewrite"));
+    }
+
+    #[test]
+    fn without_a_map_files_are_shown_by_number_and_drop_is_not_claimed() {
+        let e = event(vec![loc(300)], vec![rows(1259, 1, 0)]);
+        let (db, actions, _) = describe(&e, None, 1000);
+        assert_eq!(db.as_deref(), Some("database 5"));
+        assert_eq!(actions[0].object, "file 1663/5/300");
+        assert_eq!(actions[0].kind, ActionKind::DropOrRewrite);
+        // A file created after the map was recorded, in a database it knows: pg_class says drop.
+        let (_, actions, _) = describe(&e, Some(&map()), 1000);
+        assert_eq!(
+            (actions[0].kind, actions[0].object.as_str()),
+            (ActionKind::Drop, "file 1663/5/300")
+        );
+    }
+
+    #[test]
+    fn mass_deletes_and_updates_from_the_threshold_up_and_never_of_catalogs() {
+        let e = event(
+            vec![],
+            vec![rows(200, 5000, 0), rows(1259, 3000, 0), rows(999, 10, 1500)],
+        );
+        let (_, actions, _) = describe(&e, Some(&map()), 1000);
+        let said: Vec<String> = actions.iter().map(Action::describe).collect();
+        assert_eq!(
+            said,
+            vec![
+                "DELETE of 5000 rows from table public.orders",
+                "UPDATE of 1500 rows of relation file 1663/5/999"
+            ]
+        );
+        let (_, actions, _) = describe(&e, Some(&map()), 6000);
+        assert!(actions.is_empty());
+    }
+
+    #[test]
+    fn tables_match_with_or_without_their_schema() {
+        assert!(names_table("public.orders", "orders"));
+        assert!(names_table("public.orders", "public.orders"));
+        assert!(!names_table("public.orders", "order"));
+        assert!(!names_table("public.orders", "other.orders"));
+    }
+}

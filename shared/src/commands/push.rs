@@ -1,0 +1,836 @@
+//! `archive-agent push`: store one file PostgreSQL hands to `archive_command`.
+//!
+//! The rules PostgreSQL depends on (see "Continuous Archiving" in its documentation):
+//! success only once the file is durable in the repository; the same name with the same bytes
+//! is success (PostgreSQL may retry a push whose acknowledgement it lost); the same name with
+//! other bytes is refused and nothing is overwritten.
+
+use std::path::Path;
+
+use crate::config::Settings;
+use crate::exit;
+use crate::repo::layout::wal_key;
+use crate::repo::object::{
+    MAX_ORIGINAL_LEN, ObjectError, ObjectKind, SealedBody, Sealer, StreamSealed, StreamSink,
+};
+use crate::repo::store::{CreateSemantics, PutNew};
+use crate::repo::{ClusterIdentity, Damage, RepoError, StoreError, WritableStore, Writer};
+use crate::timeindex;
+use crate::wal::decode::DecodeError;
+use crate::wal::summary::{Carry, Summarizer};
+use crate::wal::{Lsn, NameError, PageError, SegmentInfo, WalFileName};
+
+/// Largest timeline history or backup history file accepted (they are a few hundred bytes).
+const MAX_TEXT_FILE_LEN: u64 = 16 << 20;
+
+/// What a successful push did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushOutcome {
+    pub name: WalFileName,
+    pub size: u64,
+    /// Bytes the stored object takes in the repository.
+    pub stored_size: u64,
+    /// `false` when an identical copy was already archived.
+    pub newly_stored: bool,
+    /// The plain blake3 of the file, when it was read.
+    pub hash: Option<blake3::Hash>,
+}
+
+impl PushOutcome {
+    /// An identical copy was already durable; nothing was written.
+    fn already_archived(name: WalFileName, size: u64) -> PushOutcome {
+        PushOutcome {
+            name,
+            size,
+            stored_size: 0,
+            newly_stored: false,
+            hash: None,
+        }
+    }
+}
+
+/// Why a push failed. [`PushError::exit_code`] never exceeds 125: a higher status would kill
+/// PostgreSQL's archiver.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("{0}")]
+    Name(#[from] NameError),
+    #[error(
+        "repository {repo} did not answer within {}s; PostgreSQL will run archive_command again",
+        after.as_secs()
+    )]
+    TimedOut {
+        repo: String,
+        after: std::time::Duration,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is {len} bytes, more than a {kind} can be; refusing it")]
+    TooLarge {
+        path: String,
+        len: u64,
+        kind: &'static str,
+    },
+    #[error("{name} is not a valid WAL segment: {source}; refusing to archive it (check the file in pg_wal)")]
+    InvalidWal { name: String, source: PageError },
+    #[error(
+        "{name} comes from {file}, but repository {repo} belongs to {stored}; refusing to mix clusters (use a separate repository for this cluster)"
+    )]
+    ForeignCluster {
+        name: String,
+        file: ClusterIdentity,
+        stored: ClusterIdentity,
+        repo: String,
+    },
+    #[error("{0}; PostgreSQL will retry the push")]
+    Repository(#[from] RepoError),
+    #[error(
+        "{name} is already archived with different content: stored blake3 {stored_hash} ({stored_len} bytes), new blake3 {new_hash} ({new_len} bytes); refusing to overwrite. Find out why PostgreSQL produced a different file under this name (two clusters sharing one repository?) before removing either copy"
+    )]
+    Conflict {
+        name: String,
+        stored_hash: String,
+        stored_len: u64,
+        new_hash: String,
+        new_len: u64,
+    },
+    #[error(
+        "the archived copy of {name} ({key} in {repo}) is corrupt: {source}; refusing to overwrite it automatically. Move the object aside after checking it, and PostgreSQL's next retry will store the file again"
+    )]
+    StoredCorrupt {
+        name: String,
+        key: String,
+        repo: String,
+        source: Box<ObjectError>,
+    },
+    #[error("{0}; PostgreSQL will retry the push")]
+    Store(#[from] StoreError),
+}
+
+impl PushError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            PushError::Name(_) => exit::USAGE,
+            // No repository (yet) at this location is retried like an unreachable one: PostgreSQL
+            // keeps the WAL until `archive-agent init` is run or the volume is mounted.
+            PushError::Read { .. }
+            | PushError::Store(_)
+            | PushError::TimedOut { .. }
+            | PushError::Repository(RepoError::NotInitialized { .. } | RepoError::Store(_)) => {
+                exit::NOT_FOUND_OR_RETRY
+            }
+            // A key missing, wrong or not available yet: PostgreSQL keeps the WAL and retries
+            // until the configuration is put right; the log line says what is wrong.
+            PushError::Repository(
+                RepoError::KeyMissing { .. } | RepoError::Key { .. } | RepoError::NotEncrypted { .. },
+            ) => exit::NOT_FOUND_OR_RETRY,
+            PushError::TooLarge { .. }
+            | PushError::InvalidWal { .. }
+            | PushError::ForeignCluster { .. }
+            | PushError::Repository(_)
+            | PushError::Conflict { .. }
+            | PushError::StoredCorrupt { .. } => exit::REFUSED,
+        }
+    }
+}
+
+/// The name PostgreSQL archives is the last component of `%p` (it runs the command in the data
+/// directory, with `%p` like `pg_wal/000000010000000000000001`).
+pub fn name_of(wal_path: &Path) -> Result<WalFileName, NameError> {
+    match wal_path.file_name().and_then(|n| n.to_str()) {
+        Some(n) => n.parse(),
+        None if wal_path.as_os_str().is_empty() => Err(NameError::Empty),
+        None => Err(NameError::Invalid(wal_path.display().to_string())),
+    }
+}
+
+/// A file PostgreSQL asked to archive, opened and checked (its name, its size, and for segments
+/// the first page header against the name), not read yet: push reads it once, in pieces,
+/// hashing, summarizing and compressing as it goes.
+#[derive(Debug)]
+pub struct WalSource {
+    pub name: WalFileName,
+    pub path: std::path::PathBuf,
+    pub len: u64,
+    /// What the first page says, for segments and partial segments.
+    pub info: Option<SegmentInfo>,
+    /// The file's metadata when opened (before any byte is read).
+    pub meta: std::fs::Metadata,
+    file: std::fs::File,
+    /// The first page header (segments).
+    head: Vec<u8>,
+}
+
+/// Bytes read at a time.
+const READ_PIECE: usize = 256 << 10;
+
+/// Open the file at `wal_path` and check it: its name, its size, and for segments the page
+/// header against the name.
+pub fn open_wal_file(wal_path: &Path) -> Result<WalSource, PushError> {
+    use std::io::Read;
+    let name = name_of(wal_path)?;
+    let read_err = |source| PushError::Read {
+        path: wal_path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::File::open(wal_path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    let len = meta.len();
+    let limit = if name.wal_segment().is_some() {
+        MAX_ORIGINAL_LEN
+    } else {
+        MAX_TEXT_FILE_LEN
+    };
+    if len > limit {
+        return Err(PushError::TooLarge {
+            path: wal_path.display().to_string(),
+            len,
+            kind: name.kind(),
+        });
+    }
+    let mut head = Vec::with_capacity(crate::wal::page::LONG_HEADER_LEN);
+    let info = match name.wal_segment() {
+        Some(seg) => {
+            (&mut file)
+                .take(crate::wal::page::LONG_HEADER_LEN as u64)
+                .read_to_end(&mut head)
+                .map_err(read_err)?;
+            Some(
+                crate::wal::page::validate_segment_head(&head, len, &seg).map_err(|source| {
+                    PushError::InvalidWal {
+                        name: name.to_string(),
+                        source,
+                    }
+                })?,
+            )
+        }
+        None => None,
+    };
+    Ok(WalSource {
+        name,
+        path: wal_path.to_path_buf(),
+        len,
+        info,
+        meta,
+        file,
+        head,
+    })
+}
+
+impl WalSource {
+    fn read_err(&self, source: std::io::Error) -> PushError {
+        PushError::Read {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Read the whole file once, in pieces, handing each to `each`; fails if the file is not
+    /// `len` bytes any more.
+    fn read_all(&mut self, mut each: impl FnMut(&[u8]) -> Result<(), PushError>) -> Result<(), PushError> {
+        use std::io::{Read, Seek};
+        self.file
+            .seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| self.read_err(e))?;
+        let mut buf = vec![0u8; READ_PIECE];
+        let mut total = 0u64;
+        loop {
+            let n = match self.file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.read_err(e)),
+            };
+            total += n as u64;
+            if total > self.len {
+                break;
+            }
+            each(&buf[..n])?;
+        }
+        if total != self.len {
+            return Err(self.read_err(std::io::Error::other(format!(
+                "the file changed size while it was read ({} bytes when opened, {total} read)",
+                self.len
+            ))));
+        }
+        Ok(())
+    }
+
+    /// The content's hashes: as the repository names content, and plain blake3.
+    fn hashes(&mut self, sealer: &Sealer) -> Result<([u8; 32], blake3::Hash), PushError> {
+        let mut plain = blake3::Hasher::new();
+        let mut keyed = sealer.content_hasher();
+        self.read_all(|b| {
+            plain.update(b);
+            if let Some(k) = &mut keyed {
+                k.update(b);
+            }
+            Ok(())
+        })?;
+        let plain = plain.finalize();
+        Ok((
+            keyed.map_or(*plain.as_bytes(), |k| *k.finalize().as_bytes()),
+            plain,
+        ))
+    }
+
+    /// Seal the file into `sink`, summarizing it on the way when `summarizer` is given. Errors
+    /// of the sink (a local repository's staging file) are the repository's: `write_err`.
+    fn seal(
+        &mut self,
+        sealer: &Sealer,
+        level: i32,
+        sink: StreamSink,
+        mut summarizer: Option<Summarizer>,
+        write_err: impl Fn(std::io::Error) -> PushError,
+    ) -> Result<(StreamSealed, Option<SummaryResult>), PushError> {
+        let name = self.name.to_string();
+        let mut stream = sealer
+            .stream(ObjectKind::WalFile, &name, self.len, level, sink)
+            .map_err(&write_err)?;
+        let mut decode_failed = None;
+        self.read_all(|b| {
+            if let Some(s) = &mut summarizer
+                && let Err(e) = s.feed(b)
+            {
+                decode_failed = Some(e);
+                summarizer = None;
+            }
+            stream.write(b).map_err(&write_err)
+        })?;
+        let sealed = stream.finish().map_err(&write_err)?;
+        let summary = match (summarizer, decode_failed) {
+            (_, Some(e)) => Some(Err(e)),
+            (Some(s), None) => Some(s.finish()),
+            (None, None) => None,
+        };
+        Ok((sealed, summary))
+    }
+
+    /// A summarizer for this segment, continuing `carry`.
+    fn summarizer(&self, start: Lsn, carry: Option<Carry>) -> Result<Summarizer, DecodeError> {
+        Summarizer::new(&self.head, start, carry)
+    }
+
+    /// Summarize the file alone, without a carry (decoding with the previous segment's carry
+    /// failed in the sealing pass).
+    fn summarize(&mut self, start: Lsn, carry: Option<Carry>) -> Result<SummaryResult, PushError> {
+        let mut s = match self.summarizer(start, carry) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut failed = None;
+        self.read_all(|b| {
+            if failed.is_none()
+                && let Err(e) = s.feed(b)
+            {
+                failed = Some(e);
+            }
+            Ok(())
+        })?;
+        Ok(match failed {
+            Some(e) => Err(e),
+            None => s.finish(),
+        })
+    }
+}
+
+type SummaryResult = Result<(crate::wal::summary::SegmentSummary, Option<Carry>), DecodeError>;
+
+/// Open the repository for writing (never creating one).
+pub async fn open_repository(settings: &Settings) -> Result<Writer, PushError> {
+    Ok(Writer::open_writable(&settings.repo, &settings.store_options()).await?)
+}
+
+/// Whether the daemon serving this data directory has stored this very file (same device,
+/// inode, size and mtime: no need to read it), waiting for it when it is uploading it right now
+/// rather than uploading the same bytes twice.
+async fn stored_by_daemon(
+    spool: &crate::local::handoff::Spool,
+    settings: &Settings,
+    repo: &crate::repo::RepoId,
+    name: &WalFileName,
+    wal_path: &Path,
+) -> bool {
+    if spool.is_archived_unchanged(repo, name, wal_path) {
+        return true;
+    }
+    if !spool.upload_in_progress(name) {
+        return false;
+    }
+    let deadline = std::time::Instant::now() + settings.retry_timeout;
+    while spool.upload_in_progress(name) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    spool.is_archived_unchanged(repo, name, wal_path)
+}
+
+/// Archive the file at `wal_path` (PostgreSQL's `archive_command`). When the daemon serving
+/// this data directory has already stored these exact bytes, answer at once. Never takes longer
+/// than [`Settings::call_bound`]: a hung store must not hang PostgreSQL's archiver.
+pub async fn push(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, PushError> {
+    let bound = settings.call_bound();
+    tokio::time::timeout(bound, push_unbounded(settings, wal_path))
+        .await
+        .unwrap_or_else(|_| {
+            Err(PushError::TimedOut {
+                repo: settings.repo.to_string(),
+                after: bound,
+            })
+        })
+}
+
+async fn push_unbounded(settings: &Settings, wal_path: &Path) -> Result<PushOutcome, PushError> {
+    let spool = crate::local::handoff::Spool::for_wal_path(wal_path);
+    if let Some(pgdata) = spool.as_ref().and_then(|s| s.dir().parent()) {
+        crate::commands::prefetch::Prefetch::new(pgdata).clean_if_done();
+    }
+    let name = name_of(wal_path)?;
+    // The repository first, even when the daemon has stored the file: a marker vouches only for
+    // the repository it names, and this proves that repository is still the one at this URL.
+    let mut repo = open_repository(settings).await?;
+    if let Some(spool) = &spool
+        && stored_by_daemon(spool, settings, repo.id(), &name, wal_path).await
+    {
+        let size = std::fs::metadata(wal_path).map(|m| m.len()).unwrap_or(0);
+        return Ok(PushOutcome::already_archived(name, size));
+    }
+    let mut src = open_wal_file(wal_path)?;
+    // A marker whose file identity differs (the file was copied or touched): compare contents.
+    if let Some(spool) = &spool
+        && spool.has_marker(&name)
+    {
+        let sealer = repo.sealer().clone();
+        let (back, hashes) = blocking(src, move |s| s.hashes(&sealer)).await?;
+        src = back;
+        if spool.is_archived(repo.id(), &name, &hashes?.1, src.len) {
+            return Ok(PushOutcome::already_archived(name, src.len));
+        }
+    }
+    // Tell a running daemon this file is being stored, so it does not upload it too.
+    if let Some(spool) = &spool {
+        spool.begin_upload(&name);
+    }
+    let result = archive_source(settings, &mut repo, src, spool.as_ref()).await;
+    if let Some(spool) = &spool {
+        spool.end_upload(&name);
+    }
+    result
+}
+
+/// Run `f` on `src` on a blocking thread (file reads, hashing, compression) and hand `src` back.
+async fn blocking<R: Send + 'static>(
+    mut src: WalSource,
+    f: impl FnOnce(&mut WalSource) -> R + Send + 'static,
+) -> Result<(WalSource, R), PushError> {
+    let path = src.path.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        let r = f(&mut src);
+        (src, r)
+    })
+    .await
+    .map_err(|e| PushError::Read {
+        path,
+        source: std::io::Error::other(e),
+    })
+}
+
+/// Archive a checked file into an open repository: refuse another cluster's WAL, store it unless
+/// an identical copy is there (refusing a different one), then record it in the time index. The
+/// file is read once for all of it; on a store that refuses to replace objects, an archived
+/// segment costs one write for itself and one for its summary.
+pub async fn archive_source(
+    settings: &Settings,
+    repo: &mut Writer,
+    src: WalSource,
+    spool: Option<&crate::local::handoff::Spool>,
+) -> Result<PushOutcome, PushError> {
+    let name = src.name;
+    check_cluster(repo, &name.to_string(), src.info.as_ref()).await?;
+    let store = repo.writable().clone();
+    let sealer = repo.sealer().clone();
+    let key = wal_key(&name);
+    let len = src.len;
+    let check_first =
+        store.create_semantics_for(usize::try_from(len).unwrap_or(usize::MAX)) != CreateSemantics::Atomic;
+    // A segment's name, size and start (the first page was checked against the name, so the
+    // start is in range).
+    let segment = match (name, src.info) {
+        (WalFileName::Segment(seg), Some(info)) => timeindex::segment_start(&seg, info.segment_size)
+            .ok()
+            .map(|start| (seg, info.segment_size, start)),
+        _ => None,
+    };
+    // The time index's carry from the previous segment, then one pass: hash, summary, seal.
+    let (carried, summarizer) = match segment {
+        Some((seg, size, start)) => {
+            let carry = carry_for(&store, &sealer, &seg, size, repo.id(), spool).await;
+            match carry.map(|c| src.summarizer(start, Some(c))) {
+                Some(Ok(s)) => (true, Some(s)),
+                _ => (false, src.summarizer(start, None).ok()),
+            }
+        }
+        None => (false, None),
+    };
+    let mut staged = if sealer.is_encrypted() {
+        None
+    } else {
+        store.stage(&key)?
+    };
+    let sink = match staged.as_mut().and_then(|s| s.file.take()) {
+        Some(f) => StreamSink::File(f),
+        None => StreamSink::Memory,
+    };
+    let (level, s) = (settings.compress_level, sealer.clone());
+    let (write_key, repo_url) = (key.clone(), store.url().to_string());
+    let seal = blocking(src, move |src| {
+        let write_err = |e: std::io::Error| {
+            PushError::Store(StoreError {
+                op: "write",
+                key: write_key.clone(),
+                repo: repo_url.clone(),
+                message: e.to_string(),
+                kind: crate::repo::StoreErrorKind::Failed,
+                attempts: 1,
+            })
+        };
+        src.seal(&s, level, sink, summarizer, write_err)
+    });
+    // A store that may overwrite: look before writing, while the file is being sealed.
+    let (sealing, existing) = if check_first {
+        let (sealing, existing) = tokio::join!(seal, store.get(&key));
+        (sealing, existing?)
+    } else {
+        (seal.await, None)
+    };
+    let (src, sealed) = sealing?;
+    let (sealed, summary) = sealed?;
+    if let Some(bytes) = existing {
+        let outcome = compare_existing(
+            &store,
+            &sealer,
+            &key,
+            &name,
+            &bytes,
+            &sealed.header.blake3,
+            sealed.plain_hash,
+            len,
+        )?;
+        // Archived already; indexed too, unless an earlier push stopped in between.
+        if let Some((seg, _, _)) = segment {
+            record_summary(&store, &sealer, &seg, summary, repo.id(), spool, None).await;
+        }
+        return Ok(outcome);
+    }
+    let stored_size = sealed.stored_len;
+    let plain_hash = sealed.plain_hash;
+    let hash = sealed.header.blake3;
+    let (put, etag) = match (sealed.body, staged) {
+        (SealedBody::File(f), Some(mut staged)) => {
+            staged.file = Some(f);
+            (store.publish_new(staged).await?, None)
+        }
+        (SealedBody::Parts(parts), _) => store.put_new_parts(&key, parts).await?,
+        (SealedBody::File(_), None) => unreachable!("a file sink comes from a staged object"),
+    };
+    let outcome = PushOutcome {
+        name,
+        size: len,
+        stored_size,
+        newly_stored: true,
+        hash: Some(plain_hash),
+    };
+    // Whether the segment's summary is stored, when already asked.
+    let mut summary_known = None;
+    let outcome = match put {
+        PutNew::Created if !check_first => outcome,
+        // Already there (a retried push, or a racing writer): what is stored must be these bytes.
+        PutNew::AlreadyExists => {
+            let bytes = read_back(&store, &key).await?;
+            compare_existing(&store, &sealer, &key, &name, &bytes, &hash, plain_hash, len)?
+        }
+        // The store may have let a concurrent writer replace either copy: make sure what is
+        // there is ours. The entity tag the write returned, seen again, proves it with a HEAD;
+        // without one, read it back and compare.
+        PutNew::Created => {
+            // Whether the summary is there is asked at the same time.
+            let summary_check = async {
+                match segment {
+                    Some((seg, _, _)) => store.size(&timeindex::summary_key(&seg)).await.ok(),
+                    None => None,
+                }
+            };
+            let (head, summary_there) = tokio::join!(store.head(&key), summary_check);
+            summary_known = summary_there.map(|s| s.is_some());
+            let ours = match (&etag, head?) {
+                (Some(tag), Some((_, Some(now)))) => *tag == now,
+                _ => false,
+            };
+            if !ours {
+                let bytes = read_back(&store, &key).await?;
+                compare_existing(&store, &sealer, &key, &name, &bytes, &hash, plain_hash, len)?;
+            }
+            outcome
+        }
+    };
+    // The segment is durable; now its entry in the time index. Derived data: a failure here is
+    // logged and never fails the push (restore only loses precision for this segment).
+    if let Some((seg, _, start)) = segment {
+        let summary = match summary {
+            Some(Err(_)) if carried => blocking(src, move |s| s.summarize(start, None))
+                .await
+                .ok()
+                .and_then(|(_, r)| r.ok()),
+            other => other,
+        };
+        record_summary(&store, &sealer, &seg, summary, repo.id(), spool, summary_known).await;
+    }
+    Ok(outcome)
+}
+
+/// The previous segment's carry (see [`timeindex::carry_before`]); `None` when unknown.
+async fn carry_for(
+    store: &WritableStore,
+    sealer: &Sealer,
+    seg: &crate::wal::SegmentName,
+    size: u32,
+    repo: &crate::repo::RepoId,
+    spool: Option<&crate::local::handoff::Spool>,
+) -> Option<Carry> {
+    timeindex::carry_before(store, sealer, seg, size, spool.map(|s| (s, repo)))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Store a segment's summary and keep its carry for the next segment; failures are logged.
+async fn record_summary(
+    store: &WritableStore,
+    sealer: &Sealer,
+    seg: &crate::wal::SegmentName,
+    summary: Option<SummaryResult>,
+    repo: &crate::repo::RepoId,
+    spool: Option<&crate::local::handoff::Spool>,
+    stored: Option<bool>,
+) {
+    match summary {
+        Some(Ok((summary, next))) => {
+            if let (Some(spool), Some(next)) = (spool, &next) {
+                spool.keep_carry(repo, seg, next);
+            }
+            if stored == Some(true) {
+                return;
+            }
+            if let Err(e) =
+                timeindex::store_summary(store, sealer, seg, summary, next, stored == Some(false)).await
+            {
+                tracing::warn!("time index for {seg} not recorded: {e}");
+            }
+        }
+        Some(Err(e)) => tracing::warn!("time index for {seg} not recorded: {e}"),
+        None => tracing::warn!("time index for {seg} not recorded: the segment could not be decoded"),
+    }
+}
+
+/// The object just written or found under `key`; its absence right after is a store fault.
+async fn read_back(store: &WritableStore, key: &str) -> Result<bytes::Bytes, PushError> {
+    store.get(key).await?.ok_or_else(|| {
+        PushError::Store(StoreError {
+            op: "read back",
+            key: key.to_string(),
+            repo: store.url().to_string(),
+            message: "object missing right after it was written".into(),
+            kind: crate::repo::StoreErrorKind::Failed,
+            attempts: 1,
+        })
+    })
+}
+
+/// Make sure the repository belongs to the cluster that wrote this segment, binding a repository
+/// created without `--pgdata` on its first segment. History and backup files carry no identity.
+async fn check_cluster(repo: &mut Writer, name: &str, info: Option<&SegmentInfo>) -> Result<(), PushError> {
+    let Some(info) = info else { return Ok(()) };
+    let file = ClusterIdentity::from(info);
+    let stored = repo.bind_cluster(file).await?;
+    if stored != file {
+        return Err(PushError::ForeignCluster {
+            name: name.to_string(),
+            file,
+            stored,
+            repo: repo.url().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The stored object `bytes` under `key` must be exactly this content (hash as the repository
+/// names content, and length): then the push is done, nothing written. Another content is a
+/// conflict; an object that does not open is corrupt.
+#[allow(clippy::too_many_arguments)]
+fn compare_existing(
+    store: &WritableStore,
+    sealer: &Sealer,
+    key: &str,
+    name: &WalFileName,
+    bytes: &[u8],
+    new_hash: &[u8; 32],
+    plain_hash: blake3::Hash,
+    len: u64,
+) -> Result<PushOutcome, PushError> {
+    let name_str = name.to_string();
+    let corrupt = |source| PushError::StoredCorrupt {
+        name: name_str.clone(),
+        key: key.to_string(),
+        repo: store.url().to_string(),
+        source: Box::new(source),
+    };
+    let header = sealer.read_header(bytes).map_err(corrupt)?;
+    if header.blake3 != *new_hash || header.original_len != len {
+        return Err(PushError::Conflict {
+            name: name_str,
+            stored_hash: header.blake3_hex(),
+            stored_len: header.original_len,
+            new_hash: hex::encode(new_hash),
+            new_len: len,
+        });
+    }
+    // Same hash in the header: make sure the stored copy really holds those bytes before telling
+    // PostgreSQL it may recycle its own.
+    match crate::repo::stored::open::<crate::repo::stored::WalObject>(sealer, name, bytes) {
+        Ok(_) => {}
+        Err(Damage::Envelope(e)) => return Err(corrupt(e)),
+        Err(Damage::Content(never)) => match never {},
+    }
+    Ok(PushOutcome {
+        name: *name,
+        size: len,
+        stored_size: bytes.len() as u64,
+        newly_stored: false,
+        hash: Some(plain_hash),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::fault::{Fault, FaultStore};
+    use crate::repo::{RepoDescriptor, layout::DESCRIPTOR_KEY};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn settings() -> Settings {
+        let o = crate::config::Overrides {
+            repo: Some("s3://b/r".into()),
+            compress_level: Some(3),
+            ..Default::default()
+        };
+        Settings::resolve(o, Path::new("/nonexistent")).unwrap()
+    }
+
+    /// A repository on an in-memory "S3" store, with the descriptor `honoured` says; the store
+    /// counts requests.
+    async fn repository(honoured: Option<bool>, fault: Fault) -> (Arc<FaultStore>, Writer) {
+        let faults = Arc::new(FaultStore::new(Fault::None));
+        let store = FaultStore::s3_like(&faults, Duration::from_millis(200));
+        // Bound to the cluster of `segment` (as `init --pgdata` does): no cluster.json to write.
+        let seg = first_segment_name();
+        let info =
+            crate::wal::page::validate_segment(&crate::wal::page::synthetic_segment(&seg, 42, 1 << 20), &seg)
+                .unwrap();
+        let mut d = RepoDescriptor::new(Some(ClusterIdentity::from(&info)), 0);
+        d.create_only_honoured = honoured;
+        store.put(DESCRIPTOR_KEY, d.to_json().into()).await.unwrap();
+        let w = Writer::on_writable_store(store, None).await.unwrap();
+        faults.set(fault);
+        (faults, w)
+    }
+
+    /// The first segment of a timeline (no previous segment, so no carry to look for), valid
+    /// first page, then zeros (the end of WAL for the summary).
+    fn first_segment_name() -> crate::wal::SegmentName {
+        match "000000010000000000000000".parse() {
+            Ok(WalFileName::Segment(s)) => s,
+            _ => unreachable!(),
+        }
+    }
+
+    fn segment(dir: &Path, fill: u8) -> std::path::PathBuf {
+        let name = first_segment_name();
+        let mut bytes = crate::wal::page::synthetic_segment(&name, 42, 1 << 20);
+        bytes[1 << 19] = fill;
+        let path = dir.join(name.to_string());
+        std::fs::write(&path, &bytes).unwrap();
+        path
+    }
+
+    async fn archive(w: &mut Writer, path: &Path) -> Result<PushOutcome, PushError> {
+        archive_source(&settings(), w, open_wal_file(path).unwrap(), None).await
+    }
+
+    /// On a store that refuses a second create-only write, a segment costs two requests: its
+    /// write and its summary's. Elsewhere a check comes first and a read-back after.
+    #[tokio::test]
+    async fn a_segment_costs_two_writes_where_create_only_is_honoured() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment(dir.path(), 0);
+        let (faults, mut w) = repository(Some(true), Fault::None).await;
+        let before = faults.requests();
+        let out = archive(&mut w, &path).await.unwrap();
+        assert!(out.newly_stored);
+        assert_eq!(faults.requests() - before, 2, "PUT segment, PUT summary");
+        // The same bytes again: refused by the store, then compared: still success.
+        let before = faults.requests();
+        let again = archive(&mut w, &path).await.unwrap();
+        assert!(!again.newly_stored);
+        assert_eq!(
+            faults.requests() - before,
+            3,
+            "PUT refused, GET to compare, HEAD summary"
+        );
+
+        let (faults, mut w) = repository(None, Fault::None).await;
+        let before = faults.requests();
+        archive(&mut w, &path).await.unwrap();
+        assert_eq!(
+            faults.requests() - before,
+            5,
+            "GET (absent), PUT, HEAD (entity tag), HEAD summary, PUT summary"
+        );
+    }
+
+    /// Different bytes under an archived name are refused and the archived copy kept, whether
+    /// the store refuses the second write itself or ignores create-only writes (and walvault
+    /// checks first).
+    #[tokio::test]
+    async fn different_bytes_never_replace_an_archived_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        for (honoured, fault) in [(Some(true), Fault::None), (Some(false), Fault::IgnoreCreateOnly)] {
+            let (_, mut w) = repository(honoured, fault).await;
+            let path = segment(dir.path(), 0);
+            let first = archive(&mut w, &path).await.unwrap();
+            let other = segment(dir.path(), 7);
+            let err = archive(&mut w, &other).await.unwrap_err();
+            assert!(matches!(err, PushError::Conflict { .. }), "{err}");
+            assert_eq!(err.exit_code(), crate::exit::REFUSED);
+            let stored = w.writable().get(&wal_key(&first.name)).await.unwrap().unwrap();
+            let header = w.sealer().read_header(&stored).unwrap();
+            assert_eq!(Some(blake3::Hash::from(header.blake3)), first.hash);
+        }
+    }
+
+    /// init's probe: an in-memory store refuses the second create-only write, a store that
+    /// ignores the condition does not, and the probe object is gone either way.
+    #[tokio::test]
+    async fn the_create_only_probe_tells_honouring_stores_from_ignoring_ones() {
+        for (fault, expected) in [(Fault::None, true), (Fault::IgnoreCreateOnly, false)] {
+            let (faults, w) = repository(None, fault).await;
+            let store = w.writable();
+            assert_eq!(
+                store.probe_create_only("probe/create-only-x").await.unwrap(),
+                expected
+            );
+            assert_eq!(store.get("probe/create-only-x").await.unwrap(), None);
+            drop(faults);
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! `restore --delta`: restore over an existing data directory (an old primary, a lagging copy),
+//! rewriting only what differs from the backup.
+//!
+//! Two phases, the first read-only, so that nothing is written before everything is known:
+//! - [`plan`] walks the existing directories without following a single link, and hashes every
+//!   existing regular file in chunk-sized slices with the repository's content hash (keyed in an
+//!   encrypted repository: [`Sealer::content_hash`], as `chunk_id` names chunks), comparing each
+//!   slice with the manifest's chunk id.
+//! - [`apply`] removes what the backup does not have (and anything of the wrong kind where the
+//!   backup has a file or a directory: a link where a file goes is removed, never written
+//!   through), creates missing directories and files, truncates or extends files to their size,
+//!   and returns the chunks to write ([`super::scatter::Fill`]), which the restore then fetches,
+//!   each distinct chunk once.
+//!
+//! What is kept: only what the backup has. Everything else goes, as in a full restore into an
+//! empty directory: `pg_wal` contents (recovery takes WAL from the archive), `postmaster.pid` and
+//! `postmaster.opts` of a stopped server (a running one is refused before this), signal files,
+//! `backup_label` and `tablespace_map` (the restore writes its own), `pg_tblspc` links (PostgreSQL
+//! recreates them from `tablespace_map`), a previous recovery's progress files.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::placement::destination;
+use super::scatter::{Fill, PG_CONTROL, add_refs, open_for_write, open_nofollow};
+use super::tree::{create_dir, create_parent, create_sized};
+use super::{RestoreError, write_err};
+use crate::basebackup::manifest::{EntryKind, Manifest};
+use crate::repo::object::Sealer;
+
+/// What a delta restore found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeltaReport {
+    /// Existing regular files whose content was compared with the backup, chunk by chunk.
+    pub files_checked: u64,
+    /// Bytes of them read and hashed.
+    pub bytes_hashed: u64,
+    /// Files already identical to the backup's (content and mode): not touched.
+    pub files_unchanged: u64,
+    /// Files created: missing, or replacing what was not a regular file of its own there.
+    pub files_created: u64,
+    /// Chunk positions written: content that differed, was missing, or is in a created file.
+    pub chunks_rewritten: u64,
+    /// Files, links and directories the backup does not have (or of the wrong kind), removed; a
+    /// directory counts once, with everything in it.
+    pub removed: u64,
+}
+
+/// What the existing directory holds at a path, seen without following links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    Dir,
+    /// A regular file: its length, its mode, and whether another name links to it (writing in
+    /// place would change that other file too).
+    File {
+        len: u64,
+        mode: u32,
+        shared: bool,
+    },
+    /// A symbolic link, a socket, a fifo, a device.
+    Other,
+}
+
+/// How a file of the backup is made ready for its chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prepare {
+    /// Created (nothing there, or what was there is removed first).
+    Create,
+    /// The existing regular file, truncated or extended to the backup's size.
+    Resize,
+}
+
+#[derive(Debug, Clone)]
+struct PlannedFile {
+    /// Index of the entry in the manifest.
+    entry: usize,
+    dest: PathBuf,
+    prepare: Prepare,
+    /// Chunks to write.
+    rewrite: Vec<usize>,
+    /// Whether the mode on disk differs from the backup's.
+    mode_differs: bool,
+}
+
+/// Everything a delta restore will do, decided before the first write.
+#[derive(Debug, Clone)]
+pub(crate) struct DeltaPlan {
+    /// Paths to remove, with whether each is a directory (removed with its contents). Never
+    /// followed: a link is removed, not its target.
+    remove: Vec<(PathBuf, bool)>,
+    files: Vec<PlannedFile>,
+    report: DeltaReport,
+}
+
+impl DeltaPlan {
+    /// What the comparison found, and what applying the plan rewrites and removes.
+    pub(crate) fn report(&self) -> DeltaReport {
+        self.report.clone()
+    }
+
+    /// Bytes the plan writes into files.
+    pub(crate) fn bytes_to_write(&self, m: &Manifest) -> u64 {
+        self.files
+            .iter()
+            .flat_map(|f| {
+                let size = m.entries[f.entry].size;
+                f.rewrite
+                    .iter()
+                    .map(move |&i| m.chunk_size.min(size - i as u64 * m.chunk_size))
+            })
+            .sum()
+    }
+}
+
+/// Walk `root` (itself followed if it is a link: the DBA named it), recording every path below
+/// it by `lstat`. A link is never entered, whatever it points at.
+fn scan(root: &Path, out: &mut BTreeMap<PathBuf, Found>) -> Result<(), RestoreError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir == root => return Ok(()),
+            Err(e) => return Err(write_err(&dir)(e)),
+        };
+        for e in entries {
+            let path = e.map_err(write_err(&dir))?.path();
+            let meta = std::fs::symlink_metadata(&path).map_err(write_err(&path))?;
+            let t = meta.file_type();
+            let found = if t.is_dir() {
+                stack.push(path.clone());
+                Found::Dir
+            } else if t.is_file() {
+                Found::File {
+                    len: meta.len(),
+                    mode: meta.permissions().mode() & 0o7777,
+                    shared: meta.nlink() > 1,
+                }
+            } else {
+                Found::Other
+            };
+            out.insert(path, found);
+        }
+    }
+    Ok(())
+}
+
+/// A non-empty directory a delta restore may rewrite: a data directory (it has `PG_VERSION`), or
+/// a tablespace location (it has a `PG_<version>_<catalog>` directory). Anything else is refused,
+/// as pgBackRest does: a mistyped `--pgdata` must not have its contents replaced.
+fn check_restorable(dir: &Path, is_tablespace: bool) -> Result<(), RestoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(write_err(dir)(e)),
+    };
+    let names: Vec<std::ffi::OsString> = entries
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(write_err(dir))?;
+    let looks_right = names.is_empty()
+        || if is_tablespace {
+            names.iter().any(|n| n.to_string_lossy().starts_with("PG_"))
+        } else {
+            names.iter().any(|n| n == "PG_VERSION")
+        };
+    if looks_right {
+        Ok(())
+    } else {
+        Err(RestoreError::NotRestorable {
+            dir: dir.display().to_string(),
+            what: if is_tablespace {
+                "a tablespace location (no PG_<version> directory)"
+            } else {
+                "a PostgreSQL data directory (no PG_VERSION)"
+            },
+        })
+    }
+}
+
+/// Decide what a delta restore of `m` into `pgdata` (and the tablespace locations `spaces`)
+/// does. Reads only.
+pub(crate) async fn plan(
+    sealer: &Sealer,
+    m: &Manifest,
+    pgdata: &Path,
+    spaces: &BTreeMap<u32, PathBuf>,
+) -> Result<DeltaPlan, RestoreError> {
+    check_restorable(pgdata, false)?;
+    for location in spaces.values() {
+        check_restorable(location, true)?;
+    }
+    let mut found = BTreeMap::new();
+    scan(pgdata, &mut found)?;
+    for location in spaces.values() {
+        scan(location, &mut found)?;
+    }
+    let roots: BTreeSet<PathBuf> = std::iter::once(pgdata.to_path_buf())
+        .chain(spaces.values().cloned())
+        .collect();
+
+    // What must be a directory: the backup's directories and every parent of its entries.
+    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut files: BTreeMap<PathBuf, usize> = BTreeMap::new();
+    for (i, e) in m.entries.iter().enumerate() {
+        let dest = destination(pgdata, spaces, &e.path);
+        // The parents between the entry and its root (the data directory or its location).
+        for parent in dest.ancestors().skip(1) {
+            if roots.contains(parent) || !roots.iter().any(|r| parent.starts_with(r)) {
+                break;
+            }
+            dirs.insert(parent.to_path_buf());
+        }
+        match e.kind {
+            EntryKind::Dir => {
+                dirs.insert(dest);
+            }
+            EntryKind::File => {
+                files.insert(dest, i);
+            }
+        }
+    }
+
+    let mut report = DeltaReport::default();
+    let mut remove: Vec<(PathBuf, bool)> = Vec::new();
+    let mut candidates: Vec<(usize, PathBuf, u64, u32)> = Vec::new();
+    // Sorted: a directory comes before what it holds, so removing it covers its contents.
+    let mut removed_dir: Option<PathBuf> = None;
+    for (path, kind) in &found {
+        if removed_dir.as_ref().is_some_and(|d| path.starts_with(d)) {
+            continue;
+        }
+        let keep = match (kind, files.get(path)) {
+            (Found::Dir, _) => dirs.contains(path),
+            (Found::File { len, mode, shared }, Some(&i)) => {
+                // pg_control is always written afresh, last (see `Fill::last`).
+                let ok = !shared && m.entries[i].path != PG_CONTROL;
+                if ok {
+                    candidates.push((i, path.clone(), *len, *mode));
+                }
+                ok
+            }
+            _ => false,
+        };
+        if !keep {
+            let is_dir = *kind == Found::Dir;
+            if is_dir {
+                removed_dir = Some(path.clone());
+            }
+            remove.push((path.clone(), is_dir));
+        }
+    }
+    report.removed = remove.len() as u64;
+
+    // Hash the candidates, as many at once as there are cores (reading and hashing is the work).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let permits = Arc::new(Semaphore::new(workers));
+    let mut tasks: JoinSet<Result<Compared, RestoreError>> = JoinSet::new();
+    let chunk_size = m.chunk_size;
+    let mut compared: BTreeMap<usize, (PathBuf, u32, u64, Vec<usize>)> = BTreeMap::new();
+    for (i, dest, len, mode) in candidates {
+        let permit = Arc::clone(&permits)
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
+        let (sealer, chunks, size) = (sealer.clone(), m.entries[i].chunks.clone(), m.entries[i].size);
+        tasks.spawn_blocking(move || {
+            let (hashed, differ) = compare(&sealer, &dest, len, size, chunk_size, &chunks)?;
+            drop(permit);
+            Ok((i, dest, mode, hashed, differ))
+        });
+        while let Some(r) = tasks.try_join_next() {
+            let (i, dest, mode, hashed, differ) = r.expect("hash task panicked")?;
+            compared.insert(i, (dest, mode, hashed, differ));
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        let (i, dest, mode, hashed, differ) = r.expect("hash task panicked")?;
+        compared.insert(i, (dest, mode, hashed, differ));
+    }
+
+    let mut planned = Vec::new();
+    for (i, e) in m.entries.iter().enumerate() {
+        if e.kind != EntryKind::File {
+            continue;
+        }
+        let p = match compared.remove(&i) {
+            Some((dest, mode, hashed, rewrite)) => {
+                report.files_checked += 1;
+                report.bytes_hashed += hashed;
+                let mode_differs = mode != e.mode & 0o7777;
+                let len = found
+                    .get(&dest)
+                    .map_or(0, |f| if let Found::File { len, .. } = f { *len } else { 0 });
+                if rewrite.is_empty() && !mode_differs && len == e.size {
+                    report.files_unchanged += 1;
+                    continue;
+                }
+                PlannedFile {
+                    entry: i,
+                    dest,
+                    prepare: Prepare::Resize,
+                    rewrite,
+                    mode_differs,
+                }
+            }
+            None => {
+                report.files_created += 1;
+                PlannedFile {
+                    entry: i,
+                    dest: destination(pgdata, spaces, &e.path),
+                    prepare: Prepare::Create,
+                    rewrite: (0..e.chunks.len()).collect(),
+                    mode_differs: true,
+                }
+            }
+        };
+        report.chunks_rewritten += p.rewrite.len() as u64;
+        planned.push(p);
+    }
+    Ok(DeltaPlan {
+        remove,
+        files: planned,
+        report,
+    })
+}
+
+/// A compared file: (entry index, path, mode on disk, bytes hashed, chunks that differ).
+type Compared = (usize, PathBuf, u32, u64, Vec<usize>);
+
+/// Compare the existing file `dest` (`len` bytes) with the backup's `chunks` of a file of `size`
+/// bytes: the indexes of the chunks whose content differs or is missing, and the bytes hashed.
+fn compare(
+    sealer: &Sealer,
+    dest: &Path,
+    len: u64,
+    size: u64,
+    chunk_size: u64,
+    chunks: &[String],
+) -> Result<(u64, Vec<usize>), RestoreError> {
+    use std::os::unix::fs::FileExt;
+    let file = open_nofollow(dest, false)?;
+    let mut buf = vec![0u8; usize::try_from(chunk_size.min(size.min(len))).unwrap_or(0)];
+    let (mut hashed, mut differ) = (0u64, Vec::new());
+    for (idx, id) in chunks.iter().enumerate() {
+        let offset = idx as u64 * chunk_size;
+        let want = chunk_size.min(size - offset);
+        if offset + want > len {
+            // Not (wholly) there: written from the repository.
+            differ.push(idx);
+            continue;
+        }
+        let slice = &mut buf[..want as usize];
+        file.read_exact_at(slice, offset).map_err(write_err(dest))?;
+        hashed += want;
+        if hex::encode(sealer.content_hash(slice)) != *id {
+            differ.push(idx);
+        }
+    }
+    Ok((hashed, differ))
+}
+
+/// Carry out the plan's changes to the directory tree, leaving every file of the plan at its
+/// size; returns the chunks to write. `global/pg_control` is removed first: from then until the
+/// restore completes, no server can start on the directory.
+pub(crate) fn apply(
+    plan: DeltaPlan,
+    m: &Manifest,
+    pgdata: &Path,
+    spaces: &BTreeMap<u32, PathBuf>,
+) -> Result<(Fill, DeltaReport), RestoreError> {
+    let control = pgdata.join(PG_CONTROL);
+    let mut remove = plan.remove;
+    remove.sort_by_key(|(p, _)| *p != control);
+    for (path, is_dir) in &remove {
+        let r = if *is_dir {
+            // remove_dir_all never follows a link inside.
+            std::fs::remove_dir_all(path)
+        } else {
+            std::fs::remove_file(path)
+        };
+        match r {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(write_err(path)(e)),
+            _ => {}
+        }
+    }
+    create_dir(pgdata, 0o700)?;
+    for e in m.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+        let dest = destination(pgdata, spaces, &e.path);
+        create_parent(&dest)?;
+        create_dir(&dest, e.mode)?;
+    }
+    let mut fill = Fill::default();
+    for f in plan.files {
+        let e = &m.entries[f.entry];
+        match f.prepare {
+            Prepare::Create => {
+                create_parent(&f.dest)?;
+                create_sized(&f.dest, e.size)?;
+            }
+            Prepare::Resize => {
+                use std::os::unix::fs::PermissionsExt;
+                if !f.rewrite.is_empty() || f.mode_differs {
+                    // Owner-writable while it is rewritten; `fill` sets the backup's mode after.
+                    let file = open_nofollow(&f.dest, false)?;
+                    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                        .map_err(write_err(&f.dest))?;
+                }
+                open_for_write(&f.dest)?
+                    .set_len(e.size)
+                    .map_err(write_err(&f.dest))?;
+            }
+        }
+        add_refs(&mut fill, e, f.rewrite.into_iter(), m.chunk_size);
+        if e.path == PG_CONTROL {
+            fill.last = Some(fill.files.len());
+        }
+        fill.files.push((f.dest, e.mode));
+    }
+    Ok((fill, plan.report))
+}

@@ -1,0 +1,363 @@
+//! The executor of a [`RestorePlan`]: it empties the data directory when the plan says so,
+//! writes the backup's directories and files (all of them, or with `--delta` what differs),
+//! fetching each distinct chunk once ([`super::scatter`]), and has the recovery configuration
+//! written ([`super::recovery_files`]). It decides nothing the plan has not: the plan is the
+//! restore a dry run prints. On failure it removes what it wrote: a half-restored directory must
+//! never be mistaken for a restore.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::delta::{self, DeltaPlan, DeltaReport};
+use super::placement::destination;
+use super::plan::{DirectoryUse, RestorePlan};
+use super::recovery_files::{write_recovery_files, write_replay_plan};
+use super::scatter::{self, Fill, PG_CONTROL, add_refs};
+use super::tree::{clear_dir, create_dir, create_parent, create_sized};
+use super::{Progress, RestoreError, RestoreReport, write_err};
+use crate::basebackup::manifest::{EntryKind, Manifest};
+use crate::catalog::Catalog;
+use crate::repo::Store;
+use crate::repo::object::Sealer;
+
+/// Carry out `plan`, made from catalog `cat` of repository `repo`. The report's `seconds` is left
+/// at zero for the caller, who knows when the restore began.
+pub(crate) async fn execute(
+    repo: &crate::repo::Reader,
+    cat: &Catalog,
+    mut plan: RestorePlan,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreReport, RestoreError> {
+    let manifest = cat
+        .backups
+        .iter()
+        .find(|m| m.id == plan.backup.id)
+        .ok_or_else(|| RestoreError::UnknownBackup(plan.backup.id.clone()))?;
+    let pgdata = plan.pgdata.clone();
+    let created = !pgdata.exists();
+    let targets: Vec<PathBuf> = std::iter::once(pgdata.clone())
+        .chain(plan.tablespaces.values().cloned())
+        .collect();
+    if plan.files.directory == DirectoryUse::Replace {
+        clear_dir(&pgdata)?;
+    }
+    progress.start(plan.files.bytes_to_write);
+    let delta = plan.delta_work.take();
+    let is_delta = delta.is_some();
+    let written = match write_backup(repo.store(), repo.sealer(), &plan, manifest, delta, progress).await {
+        Ok(done) => write_replay_plan(&plan).map(|()| done),
+        Err(e) => Err(e),
+    };
+    // A failed delta restore changed a directory the DBA kept: it is left (and cannot start);
+    // a failed full restore removes what it wrote.
+    let written = match written {
+        Err(e) if is_delta && !matches!(e, RestoreError::NotRestorable { .. }) => {
+            return Err(RestoreError::Incomplete {
+                dir: pgdata.display().to_string(),
+                source: Box::new(e),
+            });
+        }
+        w => w,
+    };
+    if written.is_err() {
+        for t in &targets {
+            if let Err(e) = clear_dir(t) {
+                tracing::warn!("cleaning up after the failed restore: {e}");
+            }
+        }
+        if created {
+            let _ = std::fs::remove_dir(&pgdata);
+        }
+    }
+    let Written {
+        files,
+        bytes,
+        scattered,
+        delta,
+    } = written?;
+    Ok(RestoreReport {
+        backup: plan.backup.id.clone(),
+        pg_version: plan.backup.pg_version,
+        files,
+        bytes,
+        chunks_fetched: scattered.chunks_fetched,
+        bytes_fetched: scattered.bytes_fetched,
+        timeline: plan.timeline.description.clone(),
+        target: plan.target.clone(),
+        delta,
+        replay: plan.replay.clone(),
+        pgdata,
+        seconds: 0.0,
+        plan,
+    })
+}
+
+/// Write the backup's directories and files (over the existing ones with a `delta` plan), then
+/// the recovery files.
+pub(crate) async fn write_backup(
+    store: &Store,
+    sealer: &Sealer,
+    plan: &RestorePlan,
+    manifest: &Manifest,
+    delta: Option<DeltaPlan>,
+    progress: Arc<dyn Progress>,
+) -> Result<Written, RestoreError> {
+    let (pgdata, spaces) = (&plan.pgdata, &plan.tablespaces);
+    let dest_of = |rel: &str| destination(pgdata, spaces, rel);
+    let (fill, delta) = match delta {
+        Some(work) => {
+            let (fill, report) = delta::apply(work, manifest, pgdata, spaces)?;
+            (fill, Some(report))
+        }
+        None => {
+            create_dir(pgdata, 0o700)?;
+            // Entries are sorted, so a directory comes before what it holds. A parent the
+            // manifest does not list is created 0700 (validation made sure no entry goes through
+            // a file).
+            for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+                let dest = dest_of(&e.path);
+                create_parent(&dest)?;
+                create_dir(&dest, e.mode)?;
+            }
+            (lay_out(manifest, &dest_of)?, None)
+        }
+    };
+    let files = manifest
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .count() as u64;
+    let scattered = scatter::fill(store, sealer, fill, manifest.chunk_size, plan.parallel, progress).await?;
+
+    write_recovery_files(plan, manifest)?;
+    // Files were fsynced as they completed; their names live in the directories. Without
+    // syncing those, a crash right after "restored" could leave files missing.
+    let mut dirs: Vec<PathBuf> = manifest
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Dir)
+        .map(|e| dest_of(&e.path))
+        .collect();
+    dirs.push(pgdata.clone());
+    dirs.extend(spaces.values().cloned());
+    dirs.extend(pgdata.parent().map(Path::to_path_buf));
+    for d in dirs {
+        crate::local::crashsafe::sync_dir(&d).map_err(write_err(&d))?;
+    }
+    Ok(Written {
+        files,
+        bytes: scattered.bytes_written,
+        scattered,
+        delta,
+    })
+}
+
+/// What writing a backup's files did.
+#[derive(Debug, Clone)]
+pub(crate) struct Written {
+    pub files: u64,
+    pub bytes: u64,
+    pub scattered: scatter::Scattered,
+    pub delta: Option<DeltaReport>,
+}
+
+/// Create every file of the backup at its final size (sparse until its chunks land), and list
+/// the chunk references to write into them.
+fn lay_out(manifest: &Manifest, dest_of: &dyn Fn(&str) -> PathBuf) -> Result<Fill, RestoreError> {
+    let mut fill = Fill::default();
+    for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::File) {
+        let dest = dest_of(&e.path);
+        create_parent(&dest)?;
+        create_sized(&dest, e.size)?;
+        add_refs(&mut fill, e, 0..e.chunks.len(), manifest.chunk_size);
+        if e.path == PG_CONTROL {
+            fill.last = Some(fill.files.len());
+        }
+        fill.files.push((dest, e.mode));
+    }
+    Ok(fill)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::testing::{options, plan_of, stored_backup, stored_backup_sealed};
+    use super::*;
+    use crate::commands::restore::NoProgress;
+
+    #[tokio::test]
+    async fn each_distinct_chunk_is_fetched_once_however_often_it_is_referenced() {
+        const CS: usize = 4096;
+        let zero = vec![0u8; CS];
+        let other = vec![7u8; CS];
+        let page = [zero.clone(), other.clone(), zero.clone()].concat();
+        let files = [
+            // Zeroed pages, an identical copy, and a short tail.
+            ("16384", page.clone()),
+            ("16385", page.clone()),
+            ("16386", [zero.clone(), vec![9u8; 100]].concat()),
+            ("16387", vec![]),
+        ];
+        let (faults, store, sealer, m) = stored_backup(&files, CS as u64).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(&dir.path().join("data"));
+        opts.parallel = 3;
+        let before = faults.requests();
+        let written = write_backup(
+            &store,
+            &sealer,
+            &plan_of(&m, &opts, None),
+            &m,
+            None,
+            Arc::new(NoProgress),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            faults.requests() - before,
+            3,
+            "one GET per distinct chunk (zeroes, sevens, the tail), not one per reference (8)"
+        );
+        assert_eq!(written.scattered.chunks_fetched, 3);
+        assert_eq!(written.scattered.bytes_fetched, 2 * CS as u64 + 100);
+        assert_eq!(written.files, 4);
+        let total: usize = files.iter().map(|(_, c)| c.len()).sum();
+        assert_eq!(written.bytes, total as u64);
+        for (name, content) in &files {
+            let path = opts.pgdata.join("base/1").join(name);
+            assert_eq!(&std::fs::read(&path).unwrap(), content, "{name}");
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
+                0o600
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn delta_rewrites_only_what_differs_and_never_writes_through_a_link() {
+        delta_case(Sealer::plain()).await;
+    }
+
+    /// In an encrypted repository chunk ids are keyed hashes: the delta must compare with the
+    /// same hash, or it would fetch every chunk.
+    #[tokio::test]
+    async fn delta_in_an_encrypted_repository_compares_with_the_keyed_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "ab".repeat(32)).unwrap();
+        let repo_id = crate::repo::RepoId::try_from("0123456789abcdef0123456789abcdef".to_string()).unwrap();
+        let (keys, _) =
+            crate::repo::keys::RepoKeys::generate(&crate::repo::keys::KeySource::File(key), &repo_id, None)
+                .unwrap();
+        delta_case(Sealer::encrypted(keys)).await;
+    }
+
+    async fn delta_case(sealer: Sealer) {
+        const CS: usize = 4096;
+        let a = [vec![1u8; CS], vec![2u8; CS], vec![3u8; 10]].concat();
+        let b = vec![4u8; 100];
+        let files = [("16384", a.clone()), ("16385", b.clone())];
+        let (faults, store, sealer, m) = stored_backup_sealed(&files, CS as u64, sealer).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(&dir.path().join("data"));
+        let none = BTreeMap::new();
+        write_backup(
+            &store,
+            &sealer,
+            &plan_of(&m, &opts, None),
+            &m,
+            None,
+            Arc::new(NoProgress),
+        )
+        .await
+        .unwrap();
+        let data = opts.pgdata.clone();
+        // The old directory diverged: a chunk of 16384 changed and the file grew, 16385 is now
+        // a link out of the directory, and files and a directory the backup lacks appeared.
+        let mut changed = a.clone();
+        changed[CS + 5] = 99;
+        changed.extend_from_slice(b"appended");
+        std::fs::write(data.join("base/1/16384"), &changed).unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"precious").unwrap();
+        std::fs::remove_file(data.join("base/1/16385")).unwrap();
+        std::os::unix::fs::symlink(&outside, data.join("base/1/16385")).unwrap();
+        std::fs::write(data.join("PG_VERSION"), b"15\n").unwrap();
+        std::fs::create_dir_all(data.join("junk/deeper")).unwrap();
+        std::fs::write(data.join("junk/deeper/x"), b"x").unwrap();
+
+        opts.delta = true;
+        let delta_write = |plan| {
+            let (store, sealer, opts, m) = (&store, &sealer, &opts, &m);
+            async move {
+                write_backup(
+                    store,
+                    sealer,
+                    &plan_of(m, opts, None),
+                    m,
+                    Some(plan),
+                    Arc::new(NoProgress),
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let before = faults.requests();
+        let plan = delta::plan(&sealer, &m, &data, &none).await.unwrap();
+        assert_eq!(
+            faults.requests(),
+            before,
+            "planning reads the directory, not the store"
+        );
+        let written = delta_write(plan).await;
+        assert_eq!(
+            faults.requests() - before,
+            2,
+            "the changed chunk of 16384 and the chunk of 16385, nothing else"
+        );
+        let report = written.delta.unwrap();
+        assert_eq!(report.files_checked, 1);
+        assert_eq!(report.files_created, 1);
+        assert_eq!(report.chunks_rewritten, 2);
+        // 16385's link, PG_VERSION, junk/, and the recovery files of the first restore (written
+        // afresh).
+        assert_eq!(report.removed, 6, "{report:?}");
+        assert_eq!(std::fs::read(data.join("base/1/16384")).unwrap(), a);
+        assert!(
+            std::fs::symlink_metadata(data.join("base/1/16385"))
+                .unwrap()
+                .is_file()
+        );
+        assert_eq!(std::fs::read(data.join("base/1/16385")).unwrap(), b);
+        assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+        assert!(!data.join("junk").exists());
+        assert!(data.join("recovery.signal").exists() && data.join("backup_label").exists());
+
+        // Restoring again over the restored directory (the data directory PostgreSQL would
+        // have: this backup has no PG_VERSION) fetches nothing.
+        std::fs::write(data.join("PG_VERSION"), b"15\n").unwrap();
+        let before = faults.requests();
+        let plan = delta::plan(&sealer, &m, &data, &none).await.unwrap();
+        let written = delta_write(plan).await;
+        assert_eq!(faults.requests(), before);
+        assert_eq!(written.delta.unwrap().files_unchanged, 2);
+    }
+
+    #[tokio::test]
+    async fn delta_refuses_a_directory_that_is_not_a_data_directory() {
+        let (_, _, sealer, m) = stored_backup(&[("1", vec![1])], 4096).await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"mine").unwrap();
+        let err = delta::plan(&sealer, &m, dir.path(), &BTreeMap::new())
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("does not look like a PostgreSQL data directory"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(dir.path().join("notes.txt")).unwrap(), b"mine");
+    }
+}

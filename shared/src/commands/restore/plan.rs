@@ -1,0 +1,603 @@
+//! A restore decided before anything is written ([`RestorePlan`]): which backup, to which target
+//! on which timeline, which files go where, the recovery configuration that will be written and
+//! the replay expected. [`build`] computes it with reads only (the catalog, the target
+//! directories and, with `--delta`, the content of the files already there);
+//! `restore-agent restore --dry-run` prints it, and the executor ([`super::execute`]) carries out
+//! exactly this value.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::delta::{self, DeltaPlan, DeltaReport};
+use super::placement::{check_before_writing, is_empty_dir, place_tablespaces};
+use super::select::{ReplaySpan, choose_backup, replay_span};
+use super::{RestoreError, RestoreOptions, TimelineTarget};
+use crate::basebackup::BackupId;
+use crate::basebackup::manifest::{EntryKind, Manifest};
+use crate::catalog::Catalog;
+use crate::recovery_conf::{RecoverySettings, quote};
+use crate::repo::object::Sealer;
+use crate::report::{Report, table};
+use crate::wal::Lsn;
+
+/// Everything a restore will do, decided and checked before the first write.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestorePlan {
+    /// The data directory restored into, as given.
+    pub pgdata: PathBuf,
+    /// The repository, as walvault prints it (credentials redacted).
+    pub repository: String,
+    pub backup: PlannedBackup,
+    /// Where recovery stops, as the recovery settings name it ("the end of the archive" for none).
+    pub target: String,
+    pub timeline: PlannedTimeline,
+    pub files: PlannedFiles,
+    /// Where each tablespace goes: oid -> directory (never the manifest's own location unless
+    /// `--tablespace-original` says so).
+    pub tablespaces: BTreeMap<u32, PathBuf>,
+    pub recovery: PlannedRecovery,
+    /// The segments replay goes through, as far as the repository tells.
+    pub replay: Option<ReplaySpan>,
+    /// What was checked of the directories and the manifest, in order.
+    pub checks: Vec<String>,
+    /// The cluster's WAL segment size, for the replay plan file.
+    #[serde(skip)]
+    pub(crate) wal_segment_size: u32,
+    /// Chunks fetched and written at once (`--parallel`): how, not what.
+    #[serde(skip)]
+    pub(crate) parallel: usize,
+    /// With `--delta`: the comparison of every existing file, consumed by the executor.
+    #[serde(skip)]
+    pub(crate) delta_work: Option<DeltaPlan>,
+}
+
+/// The backup restored.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedBackup {
+    pub id: BackupId,
+    /// PostgreSQL major version of the backup: the server that must recover it.
+    pub pg_version: u32,
+    pub timeline: u32,
+    pub start_lsn: Lsn,
+    /// Where the backup became consistent: no target before it can be reached.
+    pub consistent_lsn: Lsn,
+    pub consistent_at: String,
+}
+
+/// The timeline recovery follows, and how it was chosen.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedTimeline {
+    /// `latest`, `current` or `id` (`--target-timeline`).
+    pub chosen_by: &'static str,
+    pub id: u32,
+    /// As restore reports it: `latest (currently 2)`, `current (1)`, `3`.
+    pub description: String,
+}
+
+/// How the data directory is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectoryUse {
+    /// It does not exist: created.
+    Create,
+    /// It exists and is empty.
+    UseEmpty,
+    /// Its contents are removed first (`--force`).
+    Replace,
+    /// Rewritten where it differs from the backup (`--delta`).
+    Rewrite,
+}
+
+/// The files the backup brings, and what writing them takes.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedFiles {
+    pub directory: DirectoryUse,
+    pub files: u64,
+    pub directories: u64,
+    /// Bytes the backup's files add up to.
+    pub bytes: u64,
+    /// Bytes written into files: all of them, or with `--delta` the chunks that differ.
+    pub bytes_to_write: u64,
+    /// With `--delta`: what the comparison found and what will be rewritten and removed.
+    pub delta: Option<DeltaReport>,
+}
+
+/// A recovery setting: `name = 'value'`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Setting {
+    pub name: &'static str,
+    pub value: String,
+}
+
+/// What the writer of the recovery configuration ([`super::recovery_files`]) puts into the data
+/// directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedRecovery {
+    pub restore_command: String,
+    /// The `recovery_target*` setting, none for the end of the archive.
+    pub target: Option<Setting>,
+    /// `recovery_target_inclusive`.
+    pub inclusive: bool,
+    /// `recovery_target_action`.
+    pub action: &'static str,
+    /// `recovery_target_timeline`.
+    pub timeline: String,
+    /// The signal file that starts archive recovery.
+    pub signal_file: &'static str,
+    /// Files written into the data directory after the backup's, in order.
+    pub writes: Vec<&'static str>,
+}
+
+impl PlannedRecovery {
+    /// The settings as [`crate::recovery_conf::render`] writes them.
+    pub(crate) fn settings(&self) -> RecoverySettings {
+        RecoverySettings {
+            restore_command: self.restore_command.clone(),
+            target: self.target.as_ref().map(|s| (s.name, s.value.clone())),
+            inclusive: self.inclusive,
+            action: self.action,
+            timeline: self.timeline.clone(),
+        }
+    }
+}
+
+/// Decide the restore `opts` asks for, from catalog `cat` of the repository named `repository`
+/// (sealed by `sealer`). Refuses, in this order: no backup reaching the target, a server running
+/// on the directory, a non-empty directory (without `--force` or `--delta`), tablespaces not
+/// placed or placed badly, a manifest that fails its checks, with `--delta` a directory that
+/// is not a data directory. Writes nothing.
+pub(crate) async fn build(
+    sealer: &Sealer,
+    repository: String,
+    cat: &Catalog,
+    opts: &RestoreOptions,
+) -> Result<RestorePlan, RestoreError> {
+    let (m, timeline) = choose_backup(cat, opts.backup.as_ref(), &opts.target, opts.timeline)?;
+    let mut checks = Vec::new();
+    let pgdata = &opts.pgdata;
+    if let Some(pid) = crate::local::pgdata::running_postmaster(pgdata) {
+        return Err(RestoreError::ServerRunning {
+            dir: pgdata.display().to_string(),
+            pid,
+        });
+    }
+    checks.push(format!(
+        "no server runs on {} (no live postmaster.pid)",
+        pgdata.display()
+    ));
+    let directory = directory_use(opts)?;
+    checks.push(match directory {
+        DirectoryUse::Create => format!("{} does not exist: it is created", pgdata.display()),
+        DirectoryUse::UseEmpty => format!("{} is empty", pgdata.display()),
+        DirectoryUse::Replace => format!(
+            "{} is not empty: its contents are removed first (--force)",
+            pgdata.display()
+        ),
+        DirectoryUse::Rewrite => format!(
+            "{} is rewritten where it differs from the backup (--delta)",
+            pgdata.display()
+        ),
+    });
+    let spaces = place_tablespaces(m, opts)?;
+    for (oid, path) in &spaces {
+        let state = if opts.delta {
+            "rewritten (--delta)"
+        } else {
+            "empty or absent"
+        };
+        checks.push(format!(
+            "tablespace {oid} goes to {}: absolute, outside the data directory and every other tablespace, {state}",
+            path.display()
+        ));
+    }
+    let bytes = check_before_writing(cat, m, opts, &spaces)?;
+    checks.push(format!(
+        "manifest of backup {} validated: {} entries of system {}, the repository's; every destination within PATH_MAX",
+        m.id,
+        m.entries.len(),
+        m.system_identifier
+    ));
+    // Delta: every comparison before the first write.
+    let delta_work = match opts.delta {
+        true => Some(delta::plan(sealer, m, pgdata, &spaces).await?),
+        false => None,
+    };
+    if delta_work.is_some() {
+        checks.push(format!(
+            "{} and every tablespace location look like PostgreSQL's (--delta)",
+            pgdata.display()
+        ));
+    }
+    let replay = replay_span(cat, m, timeline, &opts.target, opts.exclusive);
+    let count = |kind| m.entries.iter().filter(|e| e.kind == kind).count() as u64;
+    let files = PlannedFiles {
+        directory,
+        files: count(EntryKind::File),
+        directories: count(EntryKind::Dir),
+        bytes,
+        bytes_to_write: delta_work.as_ref().map_or(bytes, |d| d.bytes_to_write(m)),
+        delta: delta_work.as_ref().map(DeltaPlan::report),
+    };
+    Ok(RestorePlan {
+        pgdata: pgdata.clone(),
+        repository,
+        backup: planned_backup(m),
+        target: opts.target.describe(),
+        timeline: planned_timeline(opts.timeline, timeline),
+        recovery: planned_recovery(opts, timeline, !spaces.is_empty(), replay.is_some()),
+        files,
+        tablespaces: spaces,
+        replay,
+        checks,
+        wal_segment_size: cat.wal_segment_size(),
+        parallel: opts.parallel,
+        delta_work,
+    })
+}
+
+/// How `opts.pgdata` is used; a non-empty one is refused without `--force` or `--delta`.
+fn directory_use(opts: &RestoreOptions) -> Result<DirectoryUse, RestoreError> {
+    if opts.delta {
+        return Ok(DirectoryUse::Rewrite);
+    }
+    let empty = match is_empty_dir(&opts.pgdata) {
+        Ok(empty) => empty,
+        // With --force, a directory that cannot be read is reported when it is emptied.
+        Err(_) if opts.force => false,
+        Err(e) => return Err(e),
+    };
+    match (empty, opts.force) {
+        (true, _) if !opts.pgdata.exists() => Ok(DirectoryUse::Create),
+        (true, _) => Ok(DirectoryUse::UseEmpty),
+        (false, true) => Ok(DirectoryUse::Replace),
+        (false, false) => Err(RestoreError::NotEmpty(opts.pgdata.display().to_string())),
+    }
+}
+
+pub(super) fn planned_backup(m: &Manifest) -> PlannedBackup {
+    PlannedBackup {
+        id: m.id.clone(),
+        pg_version: m.pg_version,
+        timeline: m.timeline,
+        start_lsn: m.start_lsn,
+        consistent_lsn: m.stop_lsn,
+        consistent_at: crate::time::format_micros(m.stop_time_us),
+    }
+}
+
+pub(super) fn planned_timeline(wanted: TimelineTarget, timeline: u32) -> PlannedTimeline {
+    let (chosen_by, description) = match wanted {
+        TimelineTarget::Latest => ("latest", format!("latest (currently {timeline})")),
+        TimelineTarget::Current => ("current", format!("current ({timeline})")),
+        TimelineTarget::Id(n) => ("id", n.to_string()),
+    };
+    PlannedTimeline {
+        chosen_by,
+        id: timeline,
+        description,
+    }
+}
+
+pub(super) fn planned_recovery(
+    opts: &RestoreOptions,
+    timeline: u32,
+    tablespaces: bool,
+    replay: bool,
+) -> PlannedRecovery {
+    let mut writes = vec!["backup_label"];
+    if tablespaces {
+        writes.push("tablespace_map");
+    }
+    writes.extend(["postgresql.auto.conf", "recovery.signal"]);
+    if replay {
+        writes.push(crate::replay::PLAN_FILE);
+    }
+    PlannedRecovery {
+        restore_command: opts.restore_command.clone(),
+        target: opts.target.setting().map(|(name, value)| Setting { name, value }),
+        inclusive: !opts.exclusive,
+        action: opts.action.as_str(),
+        timeline: match opts.timeline {
+            TimelineTarget::Latest => "latest".to_string(),
+            TimelineTarget::Current => "current".to_string(),
+            TimelineTarget::Id(_) => timeline.to_string(),
+        },
+        signal_file: "recovery.signal",
+        writes,
+    }
+}
+
+impl RestorePlan {
+    /// The rows of the text report: one fact a line.
+    fn rows(&self) -> Vec<Vec<String>> {
+        let row = |k: &str, v: String| vec![k.to_string(), v];
+        let b = &self.backup;
+        let f = &self.files;
+        let mut rows = vec![
+            row(
+                "backup",
+                format!(
+                    "{}: PostgreSQL {}, timeline {}, consistent at {} ({})",
+                    b.id, b.pg_version, b.timeline, b.consistent_lsn, b.consistent_at
+                ),
+            ),
+            row("repository", self.repository.clone()),
+            row(
+                "data directory",
+                format!("{} ({})", self.pgdata.display(), directory_text(f.directory)),
+            ),
+            row(
+                "files",
+                format!(
+                    "{} files in {} directories, {} bytes; {} bytes to write",
+                    f.files, f.directories, f.bytes, f.bytes_to_write
+                ),
+            ),
+        ];
+        if let Some(d) = &f.delta {
+            rows.push(row(
+                "delta",
+                format!(
+                    "checked {} existing files ({} bytes hashed), {} unchanged; rewrites {} chunks, creates {} files, removes {} files and directories",
+                    d.files_checked, d.bytes_hashed, d.files_unchanged, d.chunks_rewritten, d.files_created, d.removed
+                ),
+            ));
+        }
+        for (oid, path) in &self.tablespaces {
+            rows.push(row(&format!("tablespace {oid}"), path.display().to_string()));
+        }
+        rows.extend(self.recovery_rows());
+        if let Some(span) = &self.replay {
+            let to = if span.last_is_upper_bound {
+                "the newest archived segment"
+            } else {
+                "the target's segment"
+            };
+            rows.push(row(
+                "replay",
+                format!(
+                    "{} segments, {} to {} ({to})",
+                    span.segments, span.first, span.last
+                ),
+            ));
+        }
+        for (i, c) in self.checks.iter().enumerate() {
+            rows.push(row(if i == 0 { "checked" } else { "" }, c.clone()));
+        }
+        rows
+    }
+
+    fn recovery_rows(&self) -> Vec<Vec<String>> {
+        let r = &self.recovery;
+        let target = match &r.target {
+            Some(s) => format!(
+                "{} = {} ({}), then {}",
+                s.name,
+                quote(&s.value),
+                if r.inclusive { "inclusive" } else { "exclusive" },
+                r.action
+            ),
+            None => format!("{}, then {}", self.target, r.action),
+        };
+        vec![
+            vec!["target".into(), target],
+            vec!["timeline".into(), self.timeline.description.clone()],
+            vec!["restore_command".into(), quote(&r.restore_command)],
+            vec!["writes".into(), r.writes.join(", ")],
+        ]
+    }
+}
+
+fn directory_text(d: DirectoryUse) -> &'static str {
+    match d {
+        DirectoryUse::Create => "created",
+        DirectoryUse::UseEmpty => "empty",
+        DirectoryUse::Replace => "its contents replaced, --force",
+        DirectoryUse::Rewrite => "rewritten where it differs, --delta",
+    }
+}
+
+impl Report for RestorePlan {
+    fn render(&self) -> String {
+        format!(
+            "restore plan (nothing written: run without --dry-run to restore)\n{}",
+            table(&self.rows())
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::testing::{SYSID, fixture, options, with_tablespace};
+    use super::*;
+    use crate::catalog::testing::summary;
+    use crate::commands::restore::{RecoveryTarget, TablespacePlan};
+
+    /// The fixture's backup (consistent in segment 2 of timeline 1 at 1795271530.12 s) and the
+    /// WAL after it: segments 2 to 4, one transaction end in each, 10, 20 and 30 s after.
+    fn catalog_with(m: Manifest) -> Catalog {
+        let mut cat = crate::catalog::testing::empty_catalog(SYSID);
+        cat.backups = vec![m];
+        cat.segments = BTreeMap::from([(1, vec![2, 3, 4])]);
+        for no in 2..=4 {
+            cat.summaries
+                .insert((1, no), summary(no, 1_795_271_520 + 10 * no as i64));
+        }
+        cat
+    }
+
+    async fn plan_for(cat: &Catalog, opts: &RestoreOptions) -> Result<RestorePlan, RestoreError> {
+        build(&Sealer::plain(), "file:///repo".into(), cat, opts).await
+    }
+
+    #[tokio::test]
+    async fn the_plan_names_the_backup_the_timeline_the_files_and_the_settings_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog_with(fixture());
+        let mut opts = options(&dir.path().join("data"));
+        opts.target = RecoveryTarget::Time(1_795_271_545_000_000);
+        let plan = plan_for(&cat, &opts).await.unwrap();
+        assert!(!dir.path().join("data").exists(), "planning writes nothing");
+
+        assert_eq!(plan.backup.id.to_string(), "20261121T143200Z");
+        assert_eq!((plan.backup.pg_version, plan.backup.timeline), (15, 1));
+        assert_eq!(plan.backup.consistent_lsn.to_string(), "0/2000100");
+        assert_eq!(plan.target, "recovery_target_time = '2026-11-21 14:32:25+00'");
+        assert_eq!(
+            (
+                plan.timeline.chosen_by,
+                plan.timeline.id,
+                plan.timeline.description.as_str()
+            ),
+            ("latest", 1, "latest (currently 1)")
+        );
+        let f = &plan.files;
+        assert_eq!(f.directory, DirectoryUse::Create);
+        assert_eq!(
+            (f.files, f.directories, f.bytes, f.bytes_to_write),
+            (1, 1, 8192, 8192)
+        );
+        assert!(f.delta.is_none() && plan.delta_work.is_none());
+        assert!(plan.tablespaces.is_empty());
+        let r = &plan.recovery;
+        assert_eq!(
+            r.target,
+            Some(Setting {
+                name: "recovery_target_time",
+                value: "2026-11-21 14:32:25+00".into()
+            })
+        );
+        assert_eq!(
+            (r.inclusive, r.action, r.timeline.as_str()),
+            (true, "promote", "latest")
+        );
+        assert_eq!(r.restore_command, "true");
+        assert_eq!(
+            r.writes,
+            [
+                "backup_label",
+                "postgresql.auto.conf",
+                "recovery.signal",
+                "walvault-recovery.json"
+            ]
+        );
+        // Replay: from the backup's segment to the first one with a transaction end past the
+        // target.
+        let span = plan.replay.as_ref().unwrap();
+        assert_eq!(span.first.to_string(), "000000010000000000000002");
+        assert_eq!(span.last.to_string(), "000000010000000000000003");
+        assert_eq!((span.segments, span.last_is_upper_bound), (2, false));
+        assert_eq!(plan.checks.len(), 3, "{:?}", plan.checks);
+        assert!(
+            plan.checks[1].ends_with("does not exist: it is created"),
+            "{:?}",
+            plan.checks
+        );
+
+        // As JSON: the same facts under the same names.
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["backup"]["id"], "20261121T143200Z");
+        assert_eq!(json["files"]["directory"], "create");
+        assert_eq!(json["recovery"]["target"]["name"], "recovery_target_time");
+        assert_eq!(json["replay"]["last"], "000000010000000000000003");
+        assert!(json.get("delta_work").is_none() && json.get("parallel").is_none());
+        let text = crate::report::to_string(&plan, crate::report::Format::Text);
+        assert!(
+            text.contains("recovery_target_time = '2026-11-21 14:32:25+00'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("2 segments, 000000010000000000000002 to 000000010000000000000003"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_plan_places_tablespaces_and_writes_their_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog_with(with_tablespace("/srv/ts1"));
+        let mut opts = options(&dir.path().join("data"));
+        let err = plan_for(&cat, &opts).await.unwrap_err();
+        assert!(matches!(err, RestoreError::TablespacesUnplaced { .. }), "{err}");
+        opts.tablespaces = TablespacePlan {
+            all_under: Some(dir.path().join("spaces")),
+            ..Default::default()
+        };
+        let plan = plan_for(&cat, &opts).await.unwrap();
+        assert_eq!(
+            plan.tablespaces,
+            BTreeMap::from([(16400, dir.path().join("spaces/16400"))])
+        );
+        assert_eq!(plan.recovery.writes[1], "tablespace_map");
+        assert!(
+            plan.checks
+                .iter()
+                .any(|c| c.starts_with("tablespace 16400 goes to"))
+        );
+        assert_eq!(
+            serde_json::to_value(&plan).unwrap()["tablespaces"]["16400"],
+            dir.path().join("spaces/16400").display().to_string()
+        );
+        assert!(!dir.path().join("spaces").exists() && !dir.path().join("data").exists());
+    }
+
+    #[tokio::test]
+    async fn the_directory_is_used_as_the_options_allow() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog_with(fixture());
+        let data = dir.path().join("data");
+        let mut opts = options(&data);
+        std::fs::create_dir(&data).unwrap();
+        assert_eq!(
+            plan_for(&cat, &opts).await.unwrap().files.directory,
+            DirectoryUse::UseEmpty
+        );
+        std::fs::write(data.join("old"), b"x").unwrap();
+        let err = plan_for(&cat, &opts).await.unwrap_err();
+        assert!(matches!(err, RestoreError::NotEmpty(_)), "{err}");
+        opts.force = true;
+        assert_eq!(
+            plan_for(&cat, &opts).await.unwrap().files.directory,
+            DirectoryUse::Replace
+        );
+        assert_eq!(
+            std::fs::read(data.join("old")).unwrap(),
+            b"x",
+            "planning removes nothing"
+        );
+        // --delta compares before deciding: this is no data directory.
+        opts.force = false;
+        opts.delta = true;
+        let err = plan_for(&cat, &opts).await.unwrap_err();
+        assert!(matches!(err, RestoreError::NotRestorable { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_timeline_is_chosen_as_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog_with(fixture());
+        let mut opts = options(Path::new(&dir.path().join("data")));
+        opts.timeline = TimelineTarget::Current;
+        let plan = plan_for(&cat, &opts).await.unwrap();
+        assert_eq!(
+            (plan.timeline.chosen_by, plan.timeline.description.as_str()),
+            ("current", "current (1)")
+        );
+        assert_eq!(plan.recovery.timeline, "current");
+        opts.timeline = TimelineTarget::Id(1);
+        let plan = plan_for(&cat, &opts).await.unwrap();
+        assert_eq!(
+            (plan.timeline.chosen_by, plan.recovery.timeline.as_str()),
+            ("id", "1")
+        );
+        // Replay to the end of the archive: up to the newest segment, an upper bound.
+        assert!(plan.replay.unwrap().last_is_upper_bound);
+        opts.timeline = TimelineTarget::Id(7);
+        let err = plan_for(&cat, &opts).await.unwrap_err();
+        assert!(matches!(err, RestoreError::UnknownTimeline(7, _)), "{err}");
+    }
+}

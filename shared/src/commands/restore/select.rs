@@ -1,0 +1,331 @@
+//! Which backup a restore starts from and which WAL it replays: the backup newest before the
+//! target on the followed timeline's history, the timeline itself, and the span of segments
+//! replay goes through. Pure functions of the catalog.
+
+use serde::Serialize;
+
+use super::{RecoveryTarget, RestoreError, TimelineTarget};
+use crate::basebackup::BackupId;
+use crate::basebackup::manifest::Manifest;
+use crate::catalog::Catalog;
+use crate::wal::{Lsn, SegmentName, TimelineId};
+
+/// Pick the timeline recovery will follow.
+pub fn resolve_timeline(cat: &Catalog, wanted: TimelineTarget, backup_tli: u32) -> Result<u32, RestoreError> {
+    let known = cat.timeline_ids();
+    match wanted {
+        TimelineTarget::Latest => Ok(cat.timelines.latest().max(known.last().copied().unwrap_or(1))),
+        TimelineTarget::Current => Ok(backup_tli),
+        TimelineTarget::Id(n) if known.contains(&n) || n == 1 => Ok(n),
+        TimelineTarget::Id(n) => Err(RestoreError::UnknownTimeline(
+            n,
+            known.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+        )),
+    }
+}
+
+/// Choose the newest backup that became consistent before the target, on the target timeline's
+/// history, and check with the time index that the archive reaches the target from it. Returns
+/// the backup and the timeline to follow.
+pub fn choose_backup<'a>(
+    cat: &'a Catalog,
+    wanted: Option<&BackupId>,
+    target: &RecoveryTarget,
+    timeline: TimelineTarget,
+) -> Result<(&'a Manifest, u32), RestoreError> {
+    if let Some(id) = wanted
+        && let Some(d) = cat.damaged.iter().find(|d| d.backup.as_ref() == Some(id))
+    {
+        return Err(RestoreError::Damaged {
+            backup: id.clone(),
+            reason: d.reason.clone(),
+        });
+    }
+    if cat.backups.is_empty() {
+        let damaged: Vec<String> = cat
+            .damaged
+            .iter()
+            .filter(|d| d.backup.is_some())
+            .map(|d| format!("{} is damaged: {}", d.what, d.reason))
+            .collect();
+        return Err(match damaged.is_empty() {
+            true => RestoreError::NoBackups,
+            false => RestoreError::OnlyDamaged(damaged.join("; ")),
+        });
+    }
+    // An explicitly unknown timeline is reported as such, before anything else.
+    if let TimelineTarget::Id(_) = timeline {
+        resolve_timeline(cat, timeline, 1)?;
+    }
+    let candidates: Vec<(&Manifest, u32)> = cat
+        .backups
+        .iter()
+        .rev()
+        .filter(|m| wanted.is_none_or(|id| &m.id == id))
+        .filter_map(|m| {
+            let tli = resolve_timeline(cat, timeline, m.timeline).ok()?;
+            cat.on_history(m, tli).then_some((m, tli))
+        })
+        .collect();
+    if let Some(id) = wanted {
+        if !cat.backups.iter().any(|m| &m.id == id) {
+            return Err(RestoreError::UnknownBackup(id.clone()));
+        }
+        if candidates.is_empty() {
+            let tli = resolve_timeline(cat, timeline, 0)?;
+            return Err(RestoreError::BackupNotOnTimeline {
+                backup: id.clone(),
+                timeline: tli,
+            });
+        }
+    }
+    let outside = |tli: u32, why: &str| RestoreError::OutsideWindow {
+        target: format!("{} on timeline {tli}", target.describe()),
+        window: format!("{why}; {}", window_text(cat, tli)),
+    };
+    let have_index = !cat.summaries.is_empty();
+    let mut refusal = None;
+    for (m, tli) in candidates {
+        let chain = cat.chain(m, tli);
+        let stop_no = m.stop_lsn.0.saturating_sub(1) / u64::from(cat.wal_segment_size());
+        if !chain.iter().any(|&(_, no)| no >= stop_no) {
+            refusal.get_or_insert_with(|| {
+                outside(
+                    tli,
+                    &format!("WAL up to {} is missing from the archive", m.stop_wal),
+                )
+            });
+            continue;
+        }
+        let fits = match target {
+            RecoveryTarget::Time(us) => {
+                if m.stop_time_us > *us {
+                    refusal.get_or_insert_with(|| {
+                        outside(tli, "the target is before every backup's consistency point")
+                    });
+                    continue;
+                }
+                match cat.latest_commit(&chain) {
+                    // PostgreSQL stops at the first transaction end past the target: one must exist.
+                    Some(latest) if *us >= latest && cat.index_complete(&chain) => {
+                        return Err(outside(tli, "the target is after the last archived transaction"));
+                    }
+                    // No transaction end at all in the WAL from this backup: nothing PostgreSQL
+                    // could stop at (it would fail with "recovery ended before the target").
+                    None if cat.index_complete(&chain) => {
+                        refusal.get_or_insert_with(|| {
+                            outside(tli, "no transaction was archived after this backup")
+                        });
+                        continue;
+                    }
+                    _ => true,
+                }
+            }
+            RecoveryTarget::Lsn(l) => {
+                if m.stop_lsn > *l {
+                    refusal.get_or_insert_with(|| {
+                        outside(tli, "the target is before every backup's consistency point")
+                    });
+                    continue;
+                }
+                if *l > cat.chain_end(&chain) {
+                    return Err(outside(tli, "the target is past the end of the archived WAL"));
+                }
+                true
+            }
+            RecoveryTarget::Name(n) if have_index => {
+                let found = cat
+                    .restore_points(&chain)
+                    .iter()
+                    .any(|(name, lsn, _)| name == n && *lsn >= m.stop_lsn);
+                if !found {
+                    refusal.get_or_insert_with(|| {
+                        let known: Vec<String> = cat
+                            .restore_points(&chain)
+                            .into_iter()
+                            .map(|(n, _, _)| n)
+                            .collect();
+                        outside(
+                            tli,
+                            &format!(
+                                "no restore point {n:?} after a backup (known: {})",
+                                known.join(", ")
+                            ),
+                        )
+                    });
+                }
+                found
+            }
+            _ => true,
+        };
+        if fits {
+            return Ok((m, tli));
+        }
+    }
+    Err(refusal.unwrap_or_else(|| {
+        outside(
+            resolve_timeline(cat, timeline, 1).unwrap_or(1),
+            "no backup is on this timeline's history",
+        )
+    }))
+}
+
+/// The WAL segments a recovery replays, as far as the repository can tell before PostgreSQL
+/// starts: from the backup's start to the segment where the target is reached, or to the newest
+/// segment archived on the timeline's path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplaySpan {
+    #[serde(serialize_with = "as_text")]
+    pub first: SegmentName,
+    #[serde(serialize_with = "as_text")]
+    pub last: SegmentName,
+    /// `last` is the end of the archive at restore time, not the target's segment: the target is
+    /// the end of the archive or a transaction id, or the time index cannot place it.
+    pub last_is_upper_bound: bool,
+    /// Segments from `first` to `last`, both included, counted by LSN.
+    pub segments: u64,
+}
+
+/// A segment name in JSON as in a file name.
+fn as_text<S: serde::Serializer>(name: &SegmentName, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(name)
+}
+
+/// Where replay from backup `m`, following `timeline`, reaches `target`, by the catalog
+/// [`choose_backup`] chose the backup with: a time in the first segment whose summary records a
+/// transaction end past it (PostgreSQL stops at the first one, in WAL order); an LSN in its
+/// segment; a restore point in the segment of its record; `immediate` in the segment where the
+/// backup became consistent. Otherwise, the last segment of the backup's chain.
+pub fn replay_span(
+    cat: &Catalog,
+    m: &Manifest,
+    timeline: u32,
+    target: &RecoveryTarget,
+    exclusive: bool,
+) -> Option<ReplaySpan> {
+    let size = cat.wal_segment_size();
+    let seg_bytes = u64::from(size);
+    let name = |no: u64| {
+        let tli = TimelineId::new(cat.timeline_of_segment(timeline, no))?;
+        Some(SegmentName::containing(
+            tli,
+            Lsn(no.checked_mul(seg_bytes)?),
+            size,
+        ))
+    };
+    let first_no = m.start_lsn.0 / seg_bytes;
+    let first = SegmentName::containing(TimelineId::new(m.timeline)?, m.start_lsn, size);
+    let chain = cat.chain(m, timeline);
+    let end_no = chain.last().map(|&(_, no)| no)?;
+    let passes = |t: i64, target: i64| if exclusive { t >= target } else { t > target };
+    let exact = match target {
+        RecoveryTarget::Time(us) => chain
+            .iter()
+            .find(|k| {
+                cat.summaries
+                    .get(k)
+                    .and_then(|s| s.max_commit?.to_unix_micros())
+                    .is_some_and(|t| passes(t, *us))
+            })
+            .map(|&(_, no)| no),
+        RecoveryTarget::Lsn(l) => Some(l.0 / seg_bytes),
+        RecoveryTarget::Name(n) => cat
+            .restore_points(&chain)
+            .into_iter()
+            .find(|(name, lsn, _)| name == n && *lsn >= m.stop_lsn)
+            .map(|(_, lsn, _)| lsn.0 / seg_bytes),
+        RecoveryTarget::Immediate => Some(m.stop_lsn.0.saturating_sub(1) / seg_bytes),
+        RecoveryTarget::End | RecoveryTarget::Xid(_) => None,
+    };
+    let (last_no, last_is_upper_bound) = match exact {
+        Some(no) => (no.max(first_no), false),
+        None => (end_no.max(first_no), true),
+    };
+    Some(ReplaySpan {
+        first,
+        last: name(last_no)?,
+        last_is_upper_bound,
+        segments: last_no - first_no + 1,
+    })
+}
+
+/// The restorable window of a timeline, for error messages.
+fn window_text(cat: &Catalog, tli: u32) -> String {
+    match cat.window(tli) {
+        Some(w) => format!("timeline {tli} is {}", w.describe()),
+        None => format!("timeline {tli} has no restorable window (no backup with its WAL archived)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::testing::catalog;
+    use super::*;
+
+    #[test]
+    fn the_replay_span_ends_where_the_target_is_reached() {
+        use crate::catalog::testing::{SEG, manifest, summary};
+        use crate::timeline::TimelineHistory;
+        // Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2; one
+        // transaction end per segment, at 1000 + n seconds on 1 and 2000 + n on 2.
+        let mut cat = catalog(1);
+        cat.timelines
+            .insert(TimelineHistory::parse(TimelineId::new(2).unwrap(), b"1\t0/5000100\tx\n").unwrap());
+        for no in 2..=7 {
+            cat.summaries.insert((1, no), summary(no, 1000 + no as i64));
+        }
+        for no in 5..=9 {
+            cat.summaries.insert((2, no), summary(no, 2000 + no as i64));
+        }
+        cat.segments = BTreeMap::from([(1, (2..=7).collect()), (2, (5..=9).collect())]);
+        let m = manifest("20261121T100000Z", 1, 2, 900_000_000);
+        let span = |cat: &Catalog, tli, target: RecoveryTarget, exclusive| {
+            let s = replay_span(cat, &m, tli, &target, exclusive).unwrap();
+            (
+                s.first.to_string(),
+                s.last.to_string(),
+                s.last_is_upper_bound,
+                s.segments,
+            )
+        };
+        let first = "000000010000000000000002".to_string();
+        // The first segment with a transaction end past the time, on the timeline's path.
+        assert_eq!(
+            span(&cat, 2, RecoveryTarget::Time(2_006_000_000), false),
+            (first.clone(), "000000020000000000000007".into(), false, 6)
+        );
+        assert_eq!(
+            span(&cat, 2, RecoveryTarget::Time(2_006_000_000), true),
+            (first.clone(), "000000020000000000000006".into(), false, 5)
+        );
+        // Past every summarized transaction end: up to the newest archived segment.
+        assert_eq!(
+            span(&cat, 1, RecoveryTarget::Time(5_000_000_000), false),
+            (first.clone(), "000000010000000000000007".into(), true, 6)
+        );
+        assert_eq!(
+            span(&cat, 2, RecoveryTarget::Lsn(Lsn(8 * SEG + 0x60)), false).1,
+            "000000020000000000000008"
+        );
+        assert_eq!(span(&cat, 2, RecoveryTarget::Immediate, false).1, first);
+        assert_eq!(
+            span(&cat, 2, RecoveryTarget::End, false),
+            (first.clone(), "000000020000000000000009".into(), true, 8)
+        );
+        assert!(span(&cat, 2, RecoveryTarget::Xid(1234), false).2);
+        // A restore point: in its record's segment; one the index does not know: the end.
+        let mut with_point = summary(6, 2006);
+        with_point.restore_points = serde_json::from_value(serde_json::json!([
+            {"lsn": Lsn(6 * SEG + 0x100), "time": with_point.max_commit, "name": "rp1"}
+        ]))
+        .unwrap();
+        cat.summaries.insert((2, 6), with_point);
+        assert_eq!(
+            span(&cat, 2, RecoveryTarget::Name("rp1".into()), false).1,
+            "000000020000000000000006"
+        );
+        assert!(span(&cat, 2, RecoveryTarget::Name("nope".into()), false).2);
+    }
+}
