@@ -24,6 +24,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::basebackup::BackupId;
+use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::manifest::Manifest;
 use crate::catalog::Catalog;
 use crate::config::{ConfigError, RetentionSettings};
@@ -526,12 +527,11 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
 }
 
 /// Every chunk id the given manifests reference.
-pub fn referenced_chunks<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> BTreeSet<&'a str> {
+pub fn referenced_chunks<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> BTreeSet<ChunkId> {
     manifests
         .into_iter()
         .flat_map(|m| m.entries.iter())
-        .flat_map(|e| e.chunks.iter())
-        .map(String::as_str)
+        .flat_map(|e| e.chunks.iter().copied())
         .collect()
 }
 

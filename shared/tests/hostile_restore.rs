@@ -68,8 +68,10 @@ impl Env {
         }
         let id = chunk_id(&walvault::repo::object::Sealer::plain(), FILE);
         env.put(
-            &chunk_key(&id).unwrap(),
-            &SealedObject::seal(ObjectKind::Chunk, &id, FILE, 1).unwrap().bytes,
+            &chunk_key(&id),
+            &SealedObject::seal(ObjectKind::Chunk, &id.to_string(), FILE, 1)
+                .unwrap()
+                .bytes,
         );
         std::fs::create_dir(env.outside()).unwrap();
         env
@@ -324,7 +326,9 @@ async fn a_bad_chunk_id_is_refused() {
     let env = Env::new();
     for bad in [
         "../../../outside/evil".to_string(),
-        chunk_id(&walvault::repo::object::Sealer::plain(), FILE).to_uppercase(),
+        chunk_id(&walvault::repo::object::Sealer::plain(), FILE)
+            .to_string()
+            .to_uppercase(),
     ] {
         let mut m = env.manifest();
         m["entries"][2]["chunks"] = json!([bad]);
@@ -403,7 +407,7 @@ async fn a_chunk_claiming_a_huge_length_is_refused_before_decompressing() {
     bytes[16..24].copy_from_slice(&(1u64 << 30).to_le_bytes());
     let crc = crc32fast::hash(&bytes[..header_end]);
     bytes[header_end..header_end + 4].copy_from_slice(&crc.to_le_bytes());
-    env.put(&chunk_key(&id).unwrap(), &bytes);
+    env.put(&chunk_key(&id.parse().unwrap()), &bytes);
     let mut m = env.manifest();
     m["entries"][2]["chunks"] = json!([id]);
     env.put_manifest(&m);

@@ -3,18 +3,77 @@
 //! [`Sealer::content_hash`]). A chunk is stored once, whatever number of files and backups
 //! reference it.
 
-use bytes::Bytes;
+use std::fmt;
+use std::str::FromStr;
 
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::repo::layout::chunk_key;
 use crate::repo::object::{ObjectError, ObjectKind, Sealer};
 use crate::repo::stored::{Envelope, Opened, StoredKind};
 use crate::repo::{StoreError, WritableStore};
 
-/// The key of chunk `id`; an id that is not 64 lower-case hex digits (from a hostile manifest)
-/// is reported as a missing chunk, never turned into a key.
-pub(crate) fn chunk_key(id: &str) -> Result<String, ChunkError> {
-    crate::repo::layout::chunk_key(id).ok_or_else(|| ChunkError::Missing {
-        id: id.chars().take(80).collect(),
-    })
+/// The id of a chunk: the blake3 hash of its content (keyed in an encrypted repository), written
+/// as 64 lower-case hex digits in manifests and keys. Only a valid id is ever a `ChunkId`: an id
+/// from a hostile manifest is refused where the manifest is parsed, so it can never become a key.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkId([u8; 32]);
+
+/// Text that is not 64 lower-case hex digits, offered as a chunk id.
+#[derive(Debug, thiserror::Error)]
+#[error("chunk id {0:?} is not 64 lower-case hex digits")]
+pub struct BadChunkId(String);
+
+impl ChunkId {
+    pub const fn from_hash(hash: [u8; 32]) -> ChunkId {
+        ChunkId(hash)
+    }
+
+    pub fn hash(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl FromStr for ChunkId {
+    type Err = BadChunkId;
+
+    fn from_str(s: &str) -> Result<ChunkId, BadChunkId> {
+        let lower_hex = s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let mut hash = [0u8; 32];
+        match lower_hex && hex::decode_to_slice(s, &mut hash).is_ok() {
+            true => Ok(ChunkId(hash)),
+            false => Err(BadChunkId(s.chars().take(80).collect())),
+        }
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({self})")
+    }
+}
+
+impl Serialize for ChunkId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0u8; 64];
+        // 32 bytes always encode to 64 hex digits.
+        hex::encode_to_slice(self.0, &mut buf).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(std::str::from_utf8(&buf).map_err(serde::ser::Error::custom)?)
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ChunkId, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,14 +88,14 @@ pub enum ChunkError {
     Compress(std::io::Error),
 }
 
-/// The id of a chunk: the blake3 of its bytes (keyed in an encrypted repository), in hex.
-pub fn chunk_id(sealer: &Sealer, data: &[u8]) -> String {
-    hex::encode(sealer.content_hash(data))
+/// The id of a chunk: the blake3 of its bytes (keyed in an encrypted repository).
+pub fn chunk_id(sealer: &Sealer, data: &[u8]) -> ChunkId {
+    ChunkId(sealer.content_hash(data))
 }
 
 /// The stored length of the chunk whose content hash is `hash`, if the repository has it.
-pub async fn stored_len(store: &WritableStore, hash: &[u8; 32]) -> Result<Option<u64>, ChunkError> {
-    Ok(store.size(&chunk_key(&hex::encode(hash))?).await?)
+pub async fn stored_len(store: &WritableStore, id: &ChunkId) -> Result<Option<u64>, ChunkError> {
+    Ok(store.size(&chunk_key(id)).await?)
 }
 
 /// `data`, whose content hash is `hash` ([`Sealer::content_hash`]), sealed as a chunk: compressed
@@ -53,9 +112,9 @@ pub fn seal_chunk(sealer: &Sealer, hash: [u8; 32], data: &[u8], level: i32) -> R
 
 /// Upload a chunk [`seal_chunk`] sealed. A content-addressed key makes overwriting a chunk
 /// already stored (by a concurrent writer, or an interrupted backup) harmless: same bytes.
-pub async fn upload(store: &WritableStore, hash: &[u8; 32], sealed: Bytes) -> Result<u64, ChunkError> {
+pub async fn upload(store: &WritableStore, id: &ChunkId, sealed: Bytes) -> Result<u64, ChunkError> {
     let len = sealed.len() as u64;
-    store.put(&chunk_key(&hex::encode(hash))?, sealed).await?;
+    store.put(&chunk_key(id), sealed).await?;
     Ok(len)
 }
 
@@ -71,25 +130,22 @@ pub struct MisnamedChunk {
 }
 
 impl StoredKind for Chunk {
-    /// The chunk's id (64 lower-case hex digits).
-    type Id = str;
+    type Id = ChunkId;
     type Error = MisnamedChunk;
     const ENVELOPE: Envelope = Envelope::Sealed(ObjectKind::Chunk);
 
-    /// An id that is not 64 hex digits (from a hostile manifest) is never turned into a key: it
-    /// names `chunks/invalid`, where nothing is ever stored, so it reads as missing.
-    fn key(id: &str) -> String {
-        crate::repo::layout::chunk_key(id).unwrap_or_else(|| "chunks/invalid".into())
+    fn key(id: &ChunkId) -> String {
+        chunk_key(id)
     }
 
-    fn name(id: &str) -> String {
+    fn name(id: &ChunkId) -> String {
         id.to_string()
     }
 
-    fn parse(opened: Opened, id: &str) -> Result<Chunk, MisnamedChunk> {
+    fn parse(opened: Opened, id: &ChunkId) -> Result<Chunk, MisnamedChunk> {
         // The header hash matched the content; the content must also be what the id names.
         match opened.header.map(|h| h.blake3_hex()) {
-            Some(found) if found != id => Err(MisnamedChunk { found }),
+            Some(found) if found != id.to_string() => Err(MisnamedChunk { found }),
             _ => Ok(Chunk(opened.content)),
         }
     }

@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::chunk::ChunkId;
 use crate::repo::object::ObjectKind;
 use crate::repo::stored::{Envelope, Opened, StoredKind};
 use crate::wal::{Lsn, WalFileName};
@@ -106,7 +107,7 @@ pub struct Entry {
     pub size: u64,
     /// blake3 ids of the chunks, in order; their sizes are `chunk_size` except the last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub chunks: Vec<String>,
+    pub chunks: Vec<ChunkId>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -548,9 +549,6 @@ impl Manifest {
                         self.chunk_size
                     ));
                 }
-                if let Some(c) = e.chunks.iter().find(|c| !is_chunk_id(c)) {
-                    return bad(format!("chunk id {:?} is not 64 lower-case hex digits", shown(c)));
-                }
             }
         }
         // A tablespace lives outside the data directory, whose 0700 mode protects the rest.
@@ -629,13 +627,6 @@ fn check_location(loc: &str) -> Result<(), &'static str> {
         return Err("is the root directory");
     }
     Ok(())
-}
-
-/// A chunk id is 64 lower-case hex digits (a blake3 hash).
-pub fn is_chunk_id(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A manifest path must be relative, `/`-separated, free of `.`/`..`/empty components, control
@@ -732,7 +723,7 @@ mod tests {
                     kind: EntryKind::File,
                     mode: 0o600,
                     size: 8192,
-                    chunks: vec!["ab".repeat(32)],
+                    chunks: vec![cid("ab")],
                 },
             ],
             stats: BackupStats::default(),
@@ -754,7 +745,7 @@ mod tests {
             kind: EntryKind::File,
             mode: 0o600,
             size,
-            chunks: chunks.iter().map(|c| c.repeat(32)).collect(),
+            chunks: chunks.iter().map(|c| cid(c)).collect(),
         };
         let stat = |size, mtime_ns, ctime_ns, ino| FileStat {
             size,
@@ -902,11 +893,10 @@ mod tests {
         m.entries[1].size = 1 << 50;
         assert!(Manifest::parse(&m.to_json()).is_err());
         let mut m = sample();
-        m.entries[1].chunks.push("cd".repeat(32));
+        m.entries[1].chunks.push(cid("cd"));
         assert!(Manifest::parse(&m.to_json()).is_err());
-        let mut m = sample();
-        m.entries[1].chunks[0] = "../../x".into();
-        assert!(Manifest::parse(&m.to_json()).is_err());
+        let m = sample();
+        assert!(Manifest::parse(&with_first_chunk_id(&m, "../../x")).is_err());
     }
 
     fn file(path: &str, mode: u32, size: u64) -> Entry {
@@ -915,7 +905,7 @@ mod tests {
             kind: EntryKind::File,
             mode,
             size,
-            chunks: vec!["ab".repeat(32); size.div_ceil(1 << 20) as usize],
+            chunks: vec![cid("ab"); size.div_ceil(1 << 20) as usize],
         }
     }
 
@@ -947,6 +937,26 @@ mod tests {
     }
 
     /// The error `m` is refused with, through the JSON a repository would hold.
+    /// The chunk id whose hex is `pair` 32 times.
+    fn cid(pair: &str) -> ChunkId {
+        pair.repeat(32).parse().unwrap()
+    }
+
+    /// `m` as JSON, with its first chunk id replaced by `text` (as a hostile manifest would
+    /// hold it: only JSON can carry an id that is no `ChunkId`).
+    fn with_first_chunk_id(m: &Manifest, text: &str) -> Vec<u8> {
+        let json = String::from_utf8(m.to_json()).unwrap();
+        let first = m
+            .entries
+            .iter()
+            .find_map(|e| e.chunks.first())
+            .unwrap()
+            .to_string();
+        let replaced = json.replacen(&first, text.trim_matches('"'), 1);
+        assert_ne!(replaced, json);
+        replaced.into_bytes()
+    }
+
     fn refusal(m: &Manifest) -> String {
         match Manifest::parse(&m.to_json()) {
             Ok(_) => panic!("accepted: {:?}", m.entries),
@@ -1112,10 +1122,10 @@ mod tests {
         short.chunks.pop();
         assert_refused(&with(vec![short], vec![]), "2 chunks for 3145728 bytes");
         let mut long = file("base/x", 0o600, 10);
-        long.chunks.push("cd".repeat(32));
+        long.chunks.push(cid("cd"));
         assert_refused(&with(vec![long], vec![]), "2 chunks for 10 bytes");
         let mut d = dir("base/d", 0o700);
-        d.chunks.push("cd".repeat(32));
+        d.chunks.push(cid("cd"));
         assert_refused(&with(vec![d], vec![]), "a directory has no size");
         for bad in [
             "AB".repeat(32),
@@ -1123,9 +1133,11 @@ mod tests {
             "../../../etc/passwd".into(),
             "zz".repeat(32),
         ] {
-            let mut f = file("base/x", 0o600, 1);
-            f.chunks[0] = bad;
-            assert_refused(&with(vec![f], vec![]), "not 64 lower-case hex");
+            let f = file("base/x", 0o600, 1);
+            let json = with_first_chunk_id(&with(vec![f], vec![]), &bad);
+            let msg = Manifest::parse(&json).unwrap_err().to_string();
+            assert!(msg.contains("not 64 lower-case hex"), "{msg:?}");
+            assert!(!msg.contains('\n'), "one line: {msg:?}");
         }
         // 1025 files of the largest size add up past the total limit (validated directly: the
         // JSON of a million chunk ids is slow to build in a debug test).
@@ -1135,7 +1147,7 @@ mod tests {
                 kind: EntryKind::File,
                 mode: 0o600,
                 size: MAX_FILE_SIZE,
-                chunks: vec!["ab".repeat(32); 1024],
+                chunks: vec![cid("ab"); 1024],
             })
             .collect();
         let m = Manifest {

@@ -325,7 +325,7 @@ async fn run(
         let Some(id) = layout::parse_chunk_key(&key) else {
             continue;
         };
-        if !referenced.contains(id) {
+        if !referenced.contains(&id) {
             report.chunks.objects += 1;
             report.chunks.bytes += size;
             garbage.push(key);

@@ -487,7 +487,7 @@ mod testing {
         chunk_size: u64,
         sealer: Sealer,
     ) -> (Arc<crate::repo::fault::FaultStore>, Store, Sealer, Manifest) {
-        use crate::basebackup::chunk::{chunk_id, seal_chunk, upload};
+        use crate::basebackup::chunk::{ChunkId, chunk_id, seal_chunk, upload};
         use crate::repo::fault::{Fault, FaultStore};
         use crate::repo::store::{CreateSemantics, WritableStore};
         let faults = Arc::new(FaultStore::new(Fault::None));
@@ -514,7 +514,9 @@ mod testing {
             for piece in content.chunks(chunk_size as usize) {
                 let hash = sealer.content_hash(piece);
                 let sealed = seal_chunk(&sealer, hash, piece, 1).unwrap();
-                upload(&writable, &hash, sealed).await.unwrap();
+                upload(&writable, &ChunkId::from_hash(hash), sealed)
+                    .await
+                    .unwrap();
                 chunks.push(chunk_id(&sealer, piece));
             }
             m.entries.push(Entry {

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::basebackup::chunk::{Chunk, MisnamedChunk};
+use crate::basebackup::chunk::{Chunk, ChunkId, MisnamedChunk};
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
 use crate::repo::layout::{self, Kind};
@@ -267,20 +267,20 @@ async fn verify_once(
     }
 
     // Chunks: every one a manifest names must be listed (with some bytes).
-    let stored: BTreeMap<&str, u64> = chunk_listing
+    let stored: BTreeMap<ChunkId, u64> = chunk_listing
         .iter()
         .filter_map(|(k, size)| Some((layout::parse_chunk_key(k)?, *size)))
         .collect();
-    let mut needed_by: BTreeMap<&str, Vec<(String, &str)>> = BTreeMap::new();
+    let mut needed_by: BTreeMap<ChunkId, Vec<(String, &str)>> = BTreeMap::new();
     for m in &cat.backups {
         for e in &m.entries {
             for c in &e.chunks {
-                needed_by.entry(c).or_default().push((m.id.to_string(), &e.path));
+                needed_by.entry(*c).or_default().push((m.id.to_string(), &e.path));
             }
         }
     }
     for (id, users) in &needed_by {
-        let key = layout::chunk_key(id).unwrap_or_else(|| format!("chunks/{id}"));
+        let key = layout::chunk_key(id);
         let what = match stored.get(id) {
             None => "missing",
             Some(0) => "empty",
@@ -466,7 +466,7 @@ async fn deep_read(
     repo: &Reader,
     cat: &Catalog,
     chunk_listing: &[(String, u64)],
-    needed_by: &BTreeMap<&str, Vec<(String, &str)>>,
+    needed_by: &BTreeMap<ChunkId, Vec<(String, &str)>>,
     parallel: usize,
     report: &mut VerifyReport,
     problems: &mut Vec<Problem>,
@@ -478,7 +478,7 @@ async fn deep_read(
         chunk_listing
             .iter()
             .filter_map(|(k, _)| layout::parse_chunk_key(k))
-            .map(|id| Item::Chunk(id.to_string())),
+            .map(Item::Chunk),
     );
     let store = repo.store();
     let results = futures::stream::iter(items)
@@ -486,7 +486,7 @@ async fn deep_read(
             let (key, name) = match &item {
                 Item::Wal(n) => (layout::wal_key(n), n.to_string()),
                 Item::Summary(s) => (layout::summary_key(s), s.to_string()),
-                Item::Chunk(id) => (Chunk::key(id), id.clone()),
+                Item::Chunk(id) => (Chunk::key(id), id.to_string()),
             };
             let Some(bytes) = store.get(&key).await? else {
                 return Ok((key, name, 0, Some("disappeared during verify".to_string())));
@@ -506,7 +506,7 @@ async fn deep_read(
         report.bytes_read += len;
         let Some(why) = bad else { continue };
         let (severity, affects) = if key.starts_with(Kind::Chunk.dirname()) {
-            match needed_by.get(name.as_str()) {
+            match name.parse::<ChunkId>().ok().and_then(|id| needed_by.get(&id)) {
                 Some(users) => (Severity::Error, describe_users(users)),
                 None => (Severity::Warning, "no backup references it".to_string()),
             }
@@ -569,7 +569,7 @@ fn deep_check(repo: &Reader, item: DeepItem, bytes: &[u8]) -> Result<(), DeepChe
 enum DeepItem {
     Wal(WalFileName),
     Summary(SegmentName),
-    Chunk(String),
+    Chunk(ChunkId),
 }
 
 const NO_USERS: &str = "no backup replays it";

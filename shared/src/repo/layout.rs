@@ -19,6 +19,7 @@
 //! misplaced object is ignored, never misread.
 
 use crate::basebackup::BackupId;
+use crate::basebackup::chunk::ChunkId;
 use crate::wal::{SegmentName, WalFileName};
 
 /// Prefix of the object `archive-agent init` writes twice to learn whether the store refuses
@@ -142,14 +143,10 @@ pub fn parse_lock_key(key: &str) -> Option<(&str, &str)> {
     (lock_key(kind, token).as_deref() == Some(key)).then_some((kind, token))
 }
 
-/// Whether `id` is a chunk id: 64 lower-case hex digits (a blake3 hash).
-pub fn is_chunk_id(id: &str) -> bool {
-    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// The key of chunk `id`, or `None` when `id` is not a chunk id.
-pub fn chunk_key(id: &str) -> Option<String> {
-    is_chunk_id(id).then(|| format!("chunks/{}/{id}{OBJECT_SUFFIX}", &id[..2]))
+/// The key of chunk `id`: `chunks/<first two hex digits>/<id>.wvo`.
+pub fn chunk_key(id: &ChunkId) -> String {
+    let hex = id.to_string();
+    format!("chunks/{}/{hex}{OBJECT_SUFFIX}", &hex[..2])
 }
 
 /// The WAL file a listed key under [`Kind::Wal`] stores.
@@ -177,9 +174,9 @@ pub fn parse_manifest_key(key: &str) -> Option<BackupId> {
 }
 
 /// The chunk a listed key under [`Kind::Chunk`] stores.
-pub fn parse_chunk_key(key: &str) -> Option<&str> {
-    let id = last_name(key)?;
-    (chunk_key(id).as_deref() == Some(key)).then_some(id)
+pub fn parse_chunk_key(key: &str) -> Option<ChunkId> {
+    let id: ChunkId = last_name(key)?.parse().ok()?;
+    (chunk_key(&id) == key).then_some(id)
 }
 
 fn last_name(key: &str) -> Option<&str> {
@@ -224,8 +221,8 @@ mod tests {
         );
         let id: BackupId = "20261121T143200Z".parse().unwrap();
         assert_eq!(manifest_key(&id), "backups/20261121T143200Z/manifest.wvo");
-        let chunk = "ab".repeat(32);
-        assert_eq!(chunk_key(&chunk).unwrap(), format!("chunks/ab/{chunk}.wvo"));
+        let chunk: ChunkId = "ab".repeat(32).parse().unwrap();
+        assert_eq!(chunk_key(&chunk), format!("chunks/ab/{chunk}.wvo"));
     }
 
     #[test]
@@ -256,11 +253,16 @@ mod tests {
         let id: BackupId = "20261121T143200Z".parse().unwrap();
         assert_eq!(parse_manifest_key(&manifest_key(&id)), Some(id.clone()));
         assert_eq!(parse_manifest_key("backups/../manifest.wvo"), None);
-        let chunk = "0f".repeat(32);
-        assert_eq!(parse_chunk_key(&chunk_key(&chunk).unwrap()), Some(chunk.as_str()));
+        let chunk: ChunkId = "0f".repeat(32).parse().unwrap();
+        assert_eq!(parse_chunk_key(&chunk_key(&chunk)), Some(chunk));
         assert_eq!(parse_chunk_key(&format!("chunks/00/{chunk}.wvo")), None);
-        assert_eq!(chunk_key("../../walvault.json"), None);
-        assert_eq!(chunk_key(&"AB".repeat(32)), None);
+        // Only a chunk id becomes a key: a hostile name never parses as one.
+        assert!("../../walvault.json".parse::<ChunkId>().is_err());
+        assert!("AB".repeat(32).parse::<ChunkId>().is_err());
+        assert_eq!(
+            parse_chunk_key(&format!("chunks/ab/{}.wvo", "AB".repeat(32))),
+            None
+        );
         assert_eq!(parse_pin_key(&pin_key(&id)), Some(id.clone()));
         assert_eq!(parse_pin_key("backups/x/pinned.json"), None);
         let lock = lock_key("backup", &"0a".repeat(16)).unwrap();

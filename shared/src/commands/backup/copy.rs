@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use super::BackupError;
 use super::control::{self, CONTROL_FILE};
 use super::inventory::{Base, Inventory, Lookup, Previous, Source, TakenOver};
-use crate::basebackup::chunk::{self, ChunkError};
+use crate::basebackup::chunk::{self, ChunkError, ChunkId};
 use crate::basebackup::manifest::{BackupStats, Entry, FileRecord, Tablespace};
 use crate::repo::WritableStore;
 use crate::repo::object::Sealer;
@@ -201,8 +201,8 @@ impl Copier {
         let TakenOver { entry, record } = taken;
         let mut seen = self.chunks.seen.lock().expect("never poisoned");
         for (id, len) in entry.chunks.iter().zip(&record.stored) {
-            let mut hash = [0u8; 32];
-            if hex::decode_to_slice(id, &mut hash).is_ok() && seen.insert(hash) {
+            let hash = *id.hash();
+            if seen.insert(hash) {
                 self.stats.stored_bytes += len;
                 self.lens.insert(hash, *len);
             }
@@ -303,7 +303,7 @@ impl Copier {
             ..
         } = self;
         for ((entry, _), hash) in chunk_hashes {
-            entries[entry].chunks.push(hex::encode(hash));
+            entries[entry].chunks.push(ChunkId::from_hash(hash));
             if let Some(Some(r)) = records.get_mut(entry) {
                 r.stored.push(lens[&hash]);
             }
@@ -403,7 +403,7 @@ impl Chunks {
             Step::Known(len) => return Ok((hash, Some((len, false)))),
             Step::Sealed(sealed) => sealed?,
             Step::Ask(data) => {
-                if let Some(len) = chunk::stored_len(&self.store, &hash).await? {
+                if let Some(len) = chunk::stored_len(&self.store, &ChunkId::from_hash(hash)).await? {
                     self.buffers.give(data);
                     return Ok((hash, Some((len, false))));
                 }
@@ -418,7 +418,7 @@ impl Chunks {
                 sealed?
             }
         };
-        let len = chunk::upload(&self.store, &hash, sealed).await?;
+        let len = chunk::upload(&self.store, &ChunkId::from_hash(hash), sealed).await?;
         Ok((hash, Some((len, true))))
     }
 

@@ -301,10 +301,7 @@ impl Previous {
         for e in &self.manifest.entries {
             let stored = records.get(e.path.as_str()).map(|r| &r.stored);
             for (i, id) in e.chunks.iter().enumerate() {
-                let mut hash = [0u8; 32];
-                if hex::decode_to_slice(id, &mut hash).is_ok() {
-                    lens.insert(hash, stored.and_then(|s| s.get(i).copied()));
-                }
+                lens.insert(*id.hash(), stored.and_then(|s| s.get(i).copied()));
             }
         }
         lens
@@ -492,7 +489,7 @@ mod tests {
             kind: EntryKind::File,
             mode: 0o600,
             size,
-            chunks: chunks.iter().map(|c| c.repeat(32)).collect(),
+            chunks: chunks.iter().map(|c| c.repeat(32).parse().unwrap()).collect(),
         }
     }
 

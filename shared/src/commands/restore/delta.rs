@@ -29,6 +29,7 @@ use super::placement::destination;
 use super::scatter::{Fill, PG_CONTROL, add_refs, open_for_write, open_nofollow};
 use super::tree::{create_dir, create_parent, create_sized};
 use super::{RestoreError, write_err};
+use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::manifest::{EntryKind, Manifest};
 use crate::repo::object::Sealer;
 
@@ -340,7 +341,7 @@ fn compare(
     len: u64,
     size: u64,
     chunk_size: u64,
-    chunks: &[String],
+    chunks: &[ChunkId],
 ) -> Result<(u64, Vec<usize>), RestoreError> {
     use std::os::unix::fs::FileExt;
     let file = open_nofollow(dest, false)?;
@@ -357,7 +358,7 @@ fn compare(
         let slice = &mut buf[..want as usize];
         file.read_exact_at(slice, offset).map_err(write_err(dest))?;
         hashed += want;
-        if hex::encode(sealer.content_hash(slice)) != *id {
+        if sealer.content_hash(slice) != *id.hash() {
             differ.push(idx);
         }
     }

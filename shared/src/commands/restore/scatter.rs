@@ -21,10 +21,11 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::{Progress, RestoreError, write_err};
-use crate::basebackup::chunk::ChunkError;
+use crate::basebackup::chunk::{Chunk, ChunkError, ChunkId, MisnamedChunk};
 use crate::basebackup::manifest::Entry;
 use crate::repo::Store;
-use crate::repo::object::{ObjectError, ObjectKind, Sealer};
+use crate::repo::object::{ObjectError, Sealer};
+use crate::repo::stored::{self, Damage, StoredKind};
 
 /// Where one reference to a chunk goes: a file (index into the files [`fetch_and_scatter`] is
 /// given) and the byte offset in it.
@@ -37,7 +38,7 @@ pub(crate) struct Position {
 /// One distinct chunk: its id, its length, and every position it goes to (in reference order).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Group {
-    pub id: String,
+    pub id: ChunkId,
     pub len: u64,
     pub positions: Vec<Position>,
 }
@@ -45,7 +46,7 @@ pub(crate) struct Group {
 /// One reference, as a plan lists it: chunk `id`, `len` bytes, at `at`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Reference<'a> {
-    pub id: &'a str,
+    pub id: &'a ChunkId,
     pub len: u64,
     pub at: Position,
 }
@@ -58,7 +59,7 @@ pub(crate) fn group<'a>(
     refs: impl IntoIterator<Item = Reference<'a>>,
     files: &[PathBuf],
 ) -> Result<Vec<Group>, RestoreError> {
-    let mut index: HashMap<&'a str, usize> = HashMap::new();
+    let mut index: HashMap<&'a ChunkId, usize> = HashMap::new();
     let mut groups: Vec<Group> = Vec::new();
     for r in refs {
         match index.get(r.id) {
@@ -79,7 +80,7 @@ pub(crate) fn group<'a>(
             None => {
                 index.insert(r.id, groups.len());
                 groups.push(Group {
-                    id: r.id.to_string(),
+                    id: *r.id,
                     len: r.len,
                     positions: vec![r.at],
                 });
@@ -215,7 +216,7 @@ pub(crate) struct Fill {
     /// Each file's destination and mode; the file exists, at its final size.
     pub files: Vec<(PathBuf, u32)>,
     /// (file index, chunk index in the manifest entry, chunk id, length).
-    pub refs: Vec<(usize, u64, String, u64)>,
+    pub refs: Vec<(usize, u64, ChunkId, u64)>,
     /// The file written after every other one is synced: `global/pg_control`. Until it lands the
     /// directory cannot be started, so a restore that fails half-way never looks like a cluster.
     pub last: Option<usize>,
@@ -233,9 +234,9 @@ pub(crate) async fn fill(
 ) -> Result<Scattered, RestoreError> {
     let (paths, modes): (Vec<PathBuf>, Vec<u32>) = fill.files.into_iter().unzip();
     let paths = Arc::new(paths);
-    fn reference(r: &(usize, u64, String, u64), chunk_size: u64) -> Reference<'_> {
+    fn reference(r: &(usize, u64, ChunkId, u64), chunk_size: u64) -> Reference<'_> {
         Reference {
-            id: r.2.as_str(),
+            id: &r.2,
             len: r.3,
             at: Position {
                 file: r.0,
@@ -243,7 +244,7 @@ pub(crate) async fn fill(
             },
         }
     }
-    let is_last = |r: &&(usize, u64, String, u64)| Some(r.0) == fill.last;
+    let is_last = |r: &&(usize, u64, ChunkId, u64)| Some(r.0) == fill.last;
     // Both groupings before the first fetch: a contradiction anywhere is refused up front.
     let early = group(
         fill.refs
@@ -319,24 +320,24 @@ pub(crate) fn add_refs(fill: &mut Fill, e: &Entry, which: impl Iterator<Item = u
         let offset = idx as u64 * chunk_size;
         // validate() checked the chunk count against the size: offset < size.
         let len = chunk_size.min(e.size - offset);
-        fill.refs.push((file, idx as u64, e.chunks[idx].clone(), len));
+        fill.refs.push((file, idx as u64, e.chunks[idx], len));
     }
 }
 
 /// Read chunk `id`, which the manifest says holds `expected` bytes of `path`, and verify it. The
 /// header's length is compared before decompressing, so a hostile chunk object cannot make the
-/// restore allocate more than the chunk size (times `--parallel`).
+/// restore allocate more than the chunk size (times `--parallel`); the rest is the typed read of a
+/// [`Chunk`] (envelope, hash, and that the content is what the id names).
 async fn fetch_chunk(
     store: &Store,
     sealer: &Sealer,
-    id: &str,
+    id: &ChunkId,
     expected: u64,
     path: &std::path::Path,
     cpu: &tokio::sync::Semaphore,
 ) -> Result<Vec<u8>, RestoreError> {
-    let key = crate::basebackup::chunk::chunk_key(id)?;
     let bytes = store
-        .get(&key)
+        .get(&Chunk::key(id))
         .await?
         .ok_or_else(|| ChunkError::Missing { id: id.to_string() })?;
     let corrupt = |source| ChunkError::Corrupt {
@@ -351,30 +352,33 @@ async fn fetch_chunk(
             header.original_len
         )));
     }
-    let (id_owned, sealer) = (id.to_string(), sealer.clone());
+    let (id_owned, sealer) = (*id, sealer.clone());
     // Decompressing and hashing is the CPU's share: `--parallel` chunks at once.
     let _cpu = cpu.acquire().await.expect("semaphore is never closed");
-    let (header, content) =
-        tokio::task::spawn_blocking(move || sealer.open(&bytes, ObjectKind::Chunk, &id_owned))
-            .await
-            .expect("chunk decoding panicked")
-            .map_err(corrupt)?;
-    // The header hash matched the content; the content must also be what the id names.
-    if header.blake3_hex() != id {
-        return Err(corrupt(ObjectError::ContentHash {
+    let opened = tokio::task::spawn_blocking(move || stored::open::<Chunk>(&sealer, &id_owned, &bytes))
+        .await
+        .expect("chunk decoding panicked");
+    match opened {
+        Ok(Chunk(content)) => Ok(content),
+        Err(Damage::Envelope(e)) => Err(corrupt(e).into()),
+        Err(Damage::Content(MisnamedChunk { found })) => Err(corrupt(ObjectError::ContentHash {
             expected: id.to_string(),
-            found: header.blake3_hex(),
+            found,
         })
-        .into());
+        .into()),
     }
-    Ok(content)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn r(id: &str, len: u64, file: usize, offset: u64) -> Reference<'_> {
+    /// Chunk ids by name, for reading the tests.
+    const ZERO: ChunkId = ChunkId::from_hash([0; 32]);
+    const ONE: ChunkId = ChunkId::from_hash([1; 32]);
+    const TAIL: ChunkId = ChunkId::from_hash([0x7a; 32]);
+
+    fn r(id: &ChunkId, len: u64, file: usize, offset: u64) -> Reference<'_> {
         Reference {
             id,
             len,
@@ -387,30 +391,25 @@ mod tests {
         let files = vec![PathBuf::from("a"), PathBuf::from("b")];
         let groups = group(
             [
-                r("zero", 8, 0, 0),
-                r("one", 8, 0, 8),
-                r("zero", 8, 0, 16),
-                r("zero", 8, 1, 0),
-                r("tail", 3, 1, 8),
+                r(&ZERO, 8, 0, 0),
+                r(&ONE, 8, 0, 8),
+                r(&ZERO, 8, 0, 16),
+                r(&ZERO, 8, 1, 0),
+                r(&TAIL, 3, 1, 8),
             ],
             &files,
         )
         .unwrap();
-        let summary: Vec<(&str, Vec<(usize, u64)>)> = groups
+        let summary: Vec<(ChunkId, Vec<(usize, u64)>)> = groups
             .iter()
-            .map(|g| {
-                (
-                    g.id.as_str(),
-                    g.positions.iter().map(|p| (p.file, p.offset)).collect(),
-                )
-            })
+            .map(|g| (g.id, g.positions.iter().map(|p| (p.file, p.offset)).collect()))
             .collect();
         assert_eq!(
             summary,
             vec![
-                ("zero", vec![(0, 0), (0, 16), (1, 0)]),
-                ("one", vec![(0, 8)]),
-                ("tail", vec![(1, 8)]),
+                (ZERO, vec![(0, 0), (0, 16), (1, 0)]),
+                (ONE, vec![(0, 8)]),
+                (TAIL, vec![(1, 8)]),
             ]
         );
     }
@@ -418,7 +417,7 @@ mod tests {
     #[test]
     fn one_id_with_two_lengths_is_refused() {
         let files = vec![PathBuf::from("/data/base/1/1259")];
-        let err = group([r("x", 8, 0, 0), r("x", 3, 0, 8)], &files).unwrap_err();
+        let err = group([r(&ONE, 8, 0, 0), r(&ONE, 3, 0, 8)], &files).unwrap_err();
         assert!(
             err.to_string().contains("referenced as 8 bytes and as 3 bytes"),
             "{err}"
