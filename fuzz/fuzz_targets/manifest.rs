@@ -20,8 +20,9 @@ use std::path::{Component, Path};
 
 use libfuzzer_sys::fuzz_target;
 use walvault::basebackup::BackupId;
-use walvault::basebackup::manifest::{EntryKind, Manifest, is_chunk_id};
+use walvault::basebackup::manifest::{EntryKind, Manifest};
 use walvault::repo::RepoDescriptor;
+use walvault::repo::layout::{chunk_key, parse_chunk_key};
 use walvault::timeindex::StoredSummary;
 use walvault::wal::decode::{DecoderState, WalDecoder};
 use walvault::wal::summary::summarize_segment;
@@ -51,7 +52,13 @@ fn check_manifest(data: &[u8]) {
                 .all(|c| !matches!(c, Component::ParentDir | Component::CurDir)),
             "{p:?}"
         );
-        assert!(e.chunks.iter().all(|c| is_chunk_id(c)), "{e:?}");
+        // Every accepted chunk id names a key under chunks/ that parses back to it.
+        assert!(
+            e.chunks
+                .iter()
+                .all(|c| parse_chunk_key(&chunk_key(c)) == Some(*c) && chunk_key(c).starts_with("chunks/")),
+            "{e:?}"
+        );
         if e.kind == EntryKind::File {
             assert_eq!(e.chunks.len() as u64, e.size.div_ceil(m.chunk_size), "{e:?}");
         }

@@ -23,8 +23,8 @@ fn sealer() -> &'static Sealer {
     SEALER.get_or_init(|| {
         let path = std::env::temp_dir().join(format!("walvault-fuzz-key-{}", std::process::id()));
         std::fs::write(&path, "5a".repeat(32)).expect("key file");
-        let (keys, _) = RepoKeys::generate(&KeySource::File(path.clone()), &RepoId::random(), None)
-            .expect("keys");
+        let (keys, _) =
+            RepoKeys::generate(&KeySource::File(path.clone()), &RepoId::random(), None).expect("keys");
         let _ = std::fs::remove_file(&path);
         Sealer::encrypted(keys)
     })
@@ -54,10 +54,15 @@ fuzz_target!(|data: &[u8]| {
         1 => (ObjectKind::Chunk, "ab"),
         2 => (ObjectKind::Manifest, "20261122T101010Z"),
         3 => (ObjectKind::Summary, "0000000100000000000000FF"),
-        _ => (ObjectKind::Record, "locks/backup-0123456789abcdef0123456789abcdef.json"),
+        _ => (
+            ObjectKind::Record,
+            "locks/backup-0123456789abcdef0123456789abcdef.json",
+        ),
     };
     let sealed = sealer.seal(kind, name, content, 1).expect("seal");
-    let (header, opened) = sealer.open(&sealed.bytes, kind, name).expect("a sealed object opens");
+    let (header, opened) = sealer
+        .open(&sealed.bytes, kind, name)
+        .expect("a sealed object opens");
     assert_eq!(opened, content);
     assert_eq!(header.blake3, sealer.content_hash(content));
     // Plain objects are refused by an encrypted repository.

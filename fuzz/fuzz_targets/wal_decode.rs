@@ -22,8 +22,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use walvault::wal::decode::{
-    DecodeError, DecoderState, MAX_RECORD_LEN, MAX_STATE_JSON_LEN, PgTime, RecordKind, WalDecoder,
-    WalRecord,
+    DecodeError, DecoderState, MAX_RECORD_LEN, MAX_STATE_JSON_LEN, PgTime, RecordKind, WalDecoder, WalRecord,
 };
 use walvault::wal::page::{XLP_LONG_HEADER, validate_segment};
 use walvault::wal::summary::{Carry, summarize_segment};
