@@ -14,7 +14,7 @@ use crate::repo::stored::{Damage, Objects, ReadError, WalObject};
 use crate::repo::{ClusterIdentity, Reader, RepoId, Store, StoreError};
 use crate::timeline::{HistoryError, TimelineHistory, TimelineTree};
 use crate::wal::summary::SegmentSummary;
-use crate::wal::{Lsn, SegmentName, WalFileName};
+use crate::wal::{Lsn, SegmentName, SegmentNo, TimelineId, WalFileName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -34,7 +34,7 @@ pub enum CatalogError {
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupInfo {
     pub id: String,
-    pub timeline: u32,
+    pub timeline: TimelineId,
     pub start_time: String,
     pub stop_time: String,
     pub start_lsn: String,
@@ -114,9 +114,9 @@ pub struct Catalog {
     pub backups: Vec<Manifest>,
     pub timelines: TimelineTree,
     /// Archived segment numbers per timeline, ascending.
-    pub segments: BTreeMap<u32, Vec<u64>>,
+    pub segments: BTreeMap<TimelineId, Vec<SegmentNo>>,
     /// The time index: summaries by (timeline, segment number).
-    pub summaries: BTreeMap<(u32, u64), SegmentSummary>,
+    pub summaries: BTreeMap<(TimelineId, SegmentNo), SegmentSummary>,
     /// Manifests and history files that could not be read or did not validate.
     pub damaged: Vec<Damaged>,
     /// Backups with a pin (expire never deletes them).
@@ -199,10 +199,7 @@ impl Catalog {
             };
             for &(tli, no) in chain.iter().rev().take(64) {
                 if let std::collections::btree_map::Entry::Vacant(slot) = self.summaries.entry((tli, no)) {
-                    let Some(tid) = crate::wal::TimelineId::new(tli) else {
-                        continue;
-                    };
-                    let seg = SegmentName::containing(tid, Lsn(no * u64::from(seg_size)), seg_size);
+                    let seg = SegmentName::from_no(tli, no, seg_size);
                     match crate::timeindex::load(store, sealer, &seg).await {
                         Ok(Some(s)) => {
                             slot.insert(s.summary);
@@ -281,7 +278,7 @@ impl Catalog {
         backups.sort_by(|a, b| a.id.cmp(&b.id));
 
         let mut timelines = TimelineTree::default();
-        let mut segments: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        let mut segments: BTreeMap<TimelineId, Vec<SegmentNo>> = BTreeMap::new();
         let mut wal_files = Vec::new();
         for (key, size) in store.list(Kind::Wal.dirname()).await? {
             let Some(parsed_name) = layout::parse_wal_key(&key) else {
@@ -313,12 +310,12 @@ impl Catalog {
                     };
                     match parsed {
                         Ok(h) => timelines.insert(h),
-                        Err(e) => set_aside(&key, format!("timeline {} history", tli.get()), None, e)?,
+                        Err(e) => set_aside(&key, format!("timeline {tli} history"), None, e)?,
                     }
                 }
                 WalFileName::Segment(s) => {
                     if let Some(no) = s.segment_no(seg_size) {
-                        segments.entry(s.timeline.get()).or_default().push(no);
+                        segments.entry(s.timeline).or_default().push(no);
                     }
                 }
                 _ => {}
@@ -337,7 +334,7 @@ impl Catalog {
             if !read_summaries {
                 continue;
             }
-            let at = seg.segment_no(seg_size).map(|no| (seg.timeline.get(), no));
+            let at = seg.segment_no(seg_size).map(|no| (seg.timeline, no));
             if let Some((at, known)) = at.and_then(|at| Some((at, previous?.summaries.get(&at)?))) {
                 summaries.insert(at, known.clone());
                 continue;
@@ -345,7 +342,7 @@ impl Catalog {
             match crate::timeindex::load(store, sealer, &seg).await {
                 Ok(Some(s)) => {
                     if let Some(no) = seg.segment_no(seg_size) {
-                        summaries.insert((seg.timeline.get(), no), s.summary);
+                        summaries.insert((seg.timeline, no), s.summary);
                     }
                 }
                 Ok(None) => {}
@@ -380,17 +377,17 @@ impl Catalog {
 
     /// The timeline PostgreSQL reads segment `no` from when following `timeline`: the newest
     /// timeline of its history that had begun by that segment (`XLogFileReadAnyTLI`).
-    pub fn timeline_of_segment(&self, timeline: u32, no: u64) -> u32 {
+    pub fn timeline_of_segment(&self, timeline: TimelineId, no: SegmentNo) -> TimelineId {
         let h = self.timelines.history(timeline);
         let begins = |i: usize| {
             if i == 0 {
-                0
+                SegmentNo(0)
             } else {
-                h.ancestors[i - 1].switch_lsn.0 / self.segment_size()
+                SegmentNo(h.ancestors[i - 1].switch_lsn.0 / self.segment_size())
             }
         };
         // Timelines in order: ancestors, then `timeline` itself.
-        let ids: Vec<u32> = h.ancestors.iter().map(|a| a.timeline).chain([timeline]).collect();
+        let ids: Vec<TimelineId> = h.ancestors.iter().map(|a| a.timeline).chain([timeline]).collect();
         (0..ids.len())
             .rev()
             .find(|&i| begins(i) <= no)
@@ -399,9 +396,9 @@ impl Catalog {
 
     /// The segments recovery from `backup` replays following `timeline`, in order, up to the
     /// first one missing from the archive.
-    pub fn chain(&self, backup: &Manifest, timeline: u32) -> Vec<(u32, u64)> {
+    pub fn chain(&self, backup: &Manifest, timeline: TimelineId) -> Vec<(TimelineId, SegmentNo)> {
         let mut out = Vec::new();
-        let mut no = backup.start_lsn.0 / self.segment_size();
+        let mut no = SegmentNo(backup.start_lsn.0 / self.segment_size());
         loop {
             let tli = self.timeline_of_segment(timeline, no);
             let present = self
@@ -412,17 +409,17 @@ impl Catalog {
                 return out;
             }
             out.push((tli, no));
-            no += 1;
+            no = no.plus(1);
         }
     }
 
     /// Whether recovery following `timeline` can start from backup `m`.
-    pub fn on_history(&self, m: &Manifest, timeline: u32) -> bool {
+    pub fn on_history(&self, m: &Manifest, timeline: TimelineId) -> bool {
         self.timelines.history(timeline).timeline_at(m.stop_lsn) == m.timeline
     }
 
     /// Latest transaction end in a chain, per the time index.
-    pub fn latest_commit(&self, chain: &[(u32, u64)]) -> Option<i64> {
+    pub fn latest_commit(&self, chain: &[(TimelineId, SegmentNo)]) -> Option<i64> {
         chain
             .iter()
             .filter_map(|k| self.summaries.get(k))
@@ -433,17 +430,17 @@ impl Catalog {
 
     /// Whether every segment of a chain has its summary (only then can the absence of a later
     /// transaction end be trusted).
-    pub fn index_complete(&self, chain: &[(u32, u64)]) -> bool {
+    pub fn index_complete(&self, chain: &[(TimelineId, SegmentNo)]) -> bool {
         chain.iter().all(|k| self.summaries.contains_key(k))
     }
 
     /// End of the WAL a chain holds.
-    pub fn chain_end(&self, chain: &[(u32, u64)]) -> Lsn {
+    pub fn chain_end(&self, chain: &[(TimelineId, SegmentNo)]) -> Lsn {
         chain.last().map_or(Lsn(0), |&(tli, no)| {
             self.summaries
                 .get(&(tli, no))
                 .and_then(|s| s.end_of_wal)
-                .unwrap_or(Lsn((no + 1) * self.segment_size()))
+                .unwrap_or(Lsn((no.0 + 1) * self.segment_size()))
         })
     }
 
@@ -452,7 +449,7 @@ impl Catalog {
     /// A backup whose WAL stops short of the others' (one kept to its consistency point only, by
     /// a calendar rule or a pin, or one before a gap) does not open the window: it starts at the
     /// oldest backup from which the WAL runs on to the end.
-    pub fn window(&self, timeline: u32) -> Option<Window> {
+    pub fn window(&self, timeline: TimelineId) -> Option<Window> {
         let (first, chain) = self.window_chain(timeline)?;
         Some(Window {
             earliest: first.stop_time_us,
@@ -463,14 +460,14 @@ impl Catalog {
 
     /// The backup a window on `timeline` starts from, and its chain: the oldest usable backup
     /// (its WAL reaches its consistency point) whose WAL runs on as far as any backup's does.
-    fn window_chain(&self, timeline: u32) -> Option<(&Manifest, Vec<(u32, u64)>)> {
-        let usable: Vec<(&Manifest, Vec<(u32, u64)>)> = self
+    fn window_chain(&self, timeline: TimelineId) -> Option<(&Manifest, Vec<(TimelineId, SegmentNo)>)> {
+        let usable: Vec<(&Manifest, Vec<(TimelineId, SegmentNo)>)> = self
             .backups
             .iter()
             .filter(|m| self.on_history(m, timeline))
             .map(|m| (m, self.chain(m, timeline)))
             .filter(|(m, chain)| {
-                let stop_no = m.stop_lsn.0.saturating_sub(1) / self.segment_size();
+                let stop_no = SegmentNo(m.stop_lsn.0.saturating_sub(1) / self.segment_size());
                 chain.iter().any(|&(_, no)| no >= stop_no)
             })
             .collect();
@@ -482,7 +479,7 @@ impl Catalog {
 
     /// Restore points (name, LSN, unix micros) a restore can reach on `timeline`: those after
     /// its earliest usable backup's consistency point, in the WAL archived after it.
-    pub fn reachable_restore_points(&self, timeline: u32) -> Vec<(String, Lsn, Option<i64>)> {
+    pub fn reachable_restore_points(&self, timeline: TimelineId) -> Vec<(String, Lsn, Option<i64>)> {
         let Some(first) = self.backups.iter().find(|m| self.on_history(m, timeline)) else {
             return Vec::new();
         };
@@ -492,7 +489,7 @@ impl Catalog {
     }
 
     /// Restore points (name, LSN, unix micros) in a chain.
-    pub fn restore_points(&self, chain: &[(u32, u64)]) -> Vec<(String, Lsn, Option<i64>)> {
+    pub fn restore_points(&self, chain: &[(TimelineId, SegmentNo)]) -> Vec<(String, Lsn, Option<i64>)> {
         chain
             .iter()
             .filter_map(|k| self.summaries.get(k))
@@ -502,26 +499,19 @@ impl Catalog {
     }
 
     /// Consecutive runs of archived segments on `timeline`; more than one run means gaps.
-    pub fn ranges(&self, timeline: u32) -> Vec<SegmentRange> {
+    pub fn ranges(&self, timeline: TimelineId) -> Vec<SegmentRange> {
         let seg_size = self.wal_segment_size();
-        let name = |no: u64| {
-            SegmentName::containing(
-                crate::wal::TimelineId::new(timeline).expect("timelines in the catalog are non-zero"),
-                crate::wal::Lsn(no * u64::from(seg_size)),
-                seg_size,
-            )
-            .to_string()
-        };
+        let name = |no: SegmentNo| SegmentName::from_no(timeline, no, seg_size).to_string();
         let mut out: Vec<SegmentRange> = Vec::new();
-        let mut run: Option<(u64, u64)> = None;
+        let mut run: Option<(SegmentNo, SegmentNo)> = None;
         for &no in self.segments.get(&timeline).map(Vec::as_slice).unwrap_or(&[]) {
             run = match run {
-                Some((a, b)) if no == b + 1 => Some((a, no)),
+                Some((a, b)) if no == b.plus(1) => Some((a, no)),
                 Some((a, b)) => {
                     out.push(SegmentRange {
                         first: name(a),
                         last: name(b),
-                        segments: b - a + 1,
+                        segments: b.since(a) + 1,
                     });
                     Some((no, no))
                 }
@@ -532,15 +522,15 @@ impl Catalog {
             out.push(SegmentRange {
                 first: name(a),
                 last: name(b),
-                segments: b - a + 1,
+                segments: b.since(a) + 1,
             });
         }
         out
     }
 
     /// Every timeline with archived WAL or a history file.
-    pub fn timeline_ids(&self) -> Vec<u32> {
-        let mut ids: Vec<u32> = self
+    pub fn timeline_ids(&self) -> Vec<TimelineId> {
+        let mut ids: Vec<TimelineId> = self
             .segments
             .keys()
             .chain(self.timelines.histories.keys())
@@ -619,6 +609,30 @@ pub(crate) mod testing {
         }
     }
 
+    /// Segment `no` of timeline `t`, as the catalog keys it.
+    pub(crate) fn at(t: u32, no: u64) -> (TimelineId, SegmentNo) {
+        (crate::wal::lsn::tl(t), SegmentNo(no))
+    }
+
+    /// Archived segments: runs of segment numbers per timeline.
+    pub(crate) fn runs<const N: usize>(
+        runs: [(u32, std::ops::RangeInclusive<u64>); N],
+    ) -> BTreeMap<TimelineId, Vec<SegmentNo>> {
+        runs.into_iter()
+            .map(|(t, r)| (crate::wal::lsn::tl(t), r.map(SegmentNo).collect()))
+            .collect()
+    }
+
+    /// Segment numbers.
+    pub(crate) fn nos(v: &[u64]) -> Vec<SegmentNo> {
+        v.iter().copied().map(SegmentNo).collect()
+    }
+
+    /// A chain as plain numbers, to compare with.
+    pub(crate) fn plain(chain: &[(TimelineId, SegmentNo)]) -> Vec<(u32, u64)> {
+        chain.iter().map(|&(t, n)| (t.get(), n.0)).collect()
+    }
+
     /// The summary of segment `no`, with one transaction end, at `max_commit_unix_secs`.
     pub(crate) fn summary(no: u64, max_commit_unix_secs: i64) -> SegmentSummary {
         let t = crate::wal::pgtime::PgTime::from_unix_micros(max_commit_unix_secs * 1_000_000).unwrap();
@@ -641,7 +655,7 @@ pub(crate) mod testing {
             id: id.parse().unwrap(),
             system_identifier: 1,
             pg_version: 15,
-            timeline: tli,
+            timeline: crate::wal::lsn::tl(tli),
             start_lsn: Lsn(start_seg * SEG + 0x28),
             stop_lsn: Lsn(start_seg * SEG + 0x100),
             start_time_us: stop_us - 1_000_000,
@@ -662,11 +676,12 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{SEG, empty_catalog, manifest, summary};
+    use super::testing::{SEG, at, empty_catalog, manifest, nos, plain, runs, summary};
     use super::*;
     use crate::repo::layout::manifest_key;
     use crate::repo::object::ObjectKind;
     use crate::wal::TimelineId;
+    use crate::wal::lsn::tl;
 
     /// Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2.
     fn catalog() -> Catalog {
@@ -674,10 +689,10 @@ mod tests {
         timelines.insert(TimelineHistory::parse(TimelineId::new(2).unwrap(), b"1\t0/5000100\tx\n").unwrap());
         let mut summaries = BTreeMap::new();
         for no in 2..=7 {
-            summaries.insert((1, no), summary(no, 1000 + no as i64));
+            summaries.insert(at(1, no), summary(no, 1000 + no as i64));
         }
         for no in 5..=9 {
-            summaries.insert((2, no), summary(no, 2000 + no as i64));
+            summaries.insert(at(2, no), summary(no, 2000 + no as i64));
         }
         Catalog {
             backups: vec![
@@ -685,7 +700,7 @@ mod tests {
                 manifest("20261121T110000Z", 2, 7, 1_900_000_000),
             ],
             timelines,
-            segments: BTreeMap::from([(1, (2..=7).collect()), (2, (5..=9).collect())]),
+            segments: runs([(1, 2..=7), (2, 5..=9)]),
             summaries,
             ..empty_catalog(1)
         }
@@ -696,26 +711,26 @@ mod tests {
         let cat = catalog();
         let b1 = &cat.backups[0];
         assert_eq!(
-            cat.chain(b1, 1),
+            plain(&cat.chain(b1, tl(1))),
             vec![(1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7)]
         );
         assert_eq!(
-            cat.chain(b1, 2),
+            plain(&cat.chain(b1, tl(2))),
             vec![(1, 2), (1, 3), (1, 4), (2, 5), (2, 6), (2, 7), (2, 8), (2, 9)]
         );
-        assert!(cat.on_history(b1, 2));
+        assert!(cat.on_history(b1, tl(2)));
         // The timeline-2 backup is not on timeline 1's history.
-        assert!(!cat.on_history(&cat.backups[1], 1));
+        assert!(!cat.on_history(&cat.backups[1], tl(1)));
     }
 
     #[test]
     fn windows_follow_each_timeline() {
         let cat = catalog();
-        let w1 = cat.window(1).unwrap();
+        let w1 = cat.window(tl(1)).unwrap();
         assert_eq!(w1.earliest, 900_000_000);
         assert_eq!(w1.latest, Some(1_007_000_000));
         assert_eq!(w1.end_lsn, Lsn(8 * SEG));
-        let w2 = cat.window(2).unwrap();
+        let w2 = cat.window(tl(2)).unwrap();
         assert_eq!(w2.latest, Some(2_009_000_000));
         assert!(w2.describe().contains("earliest restorable point"));
     }
@@ -723,9 +738,9 @@ mod tests {
     #[test]
     fn a_gap_ends_the_chain() {
         let mut cat = catalog();
-        cat.segments.insert(2, vec![5, 6, 8, 9]);
-        assert_eq!(cat.chain(&cat.backups[0], 2).last(), Some(&(2, 6)));
-        assert_eq!(cat.ranges(2).len(), 2, "two runs: one gap");
+        cat.segments.insert(tl(2), nos(&[5, 6, 8, 9]));
+        assert_eq!(cat.chain(&cat.backups[0], tl(2)).last(), Some(&at(2, 6)));
+        assert_eq!(cat.ranges(tl(2)).len(), 2, "two runs: one gap");
     }
 
     #[tokio::test]

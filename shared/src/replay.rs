@@ -13,7 +13,7 @@ pub mod files;
 use serde::{Deserialize, Serialize};
 
 use crate::time::format_micros;
-use crate::wal::{SegmentName, WalFileName};
+use crate::wal::{SegmentName, SegmentNo, TimelineId, WalFileName};
 
 /// The plan file, in the restored data directory.
 pub const PLAN_FILE: &str = "walvault-recovery.json";
@@ -45,7 +45,7 @@ pub struct RecoveryPlan {
     /// The target, as written into the recovery settings.
     pub target: String,
     /// The timeline recovery follows (as resolved at restore time).
-    pub timeline: u32,
+    pub timeline: TimelineId,
     /// Unix microseconds. A progress file records the plan it belongs to by this.
     pub created_at_us: i64,
     /// `[device, inode]` of the data directory the plan was written into: a copy of the
@@ -124,24 +124,24 @@ impl RecoveryPlan {
         }
     }
 
-    fn segment_no(&self, name: &str) -> Option<u64> {
+    fn segment_no(&self, name: &str) -> Option<SegmentNo> {
         match name.parse::<WalFileName>().ok()? {
             WalFileName::Segment(s) => s.segment_no(self.wal_segment_size),
             _ => None,
         }
     }
 
-    pub fn first_no(&self) -> Option<u64> {
+    pub fn first_no(&self) -> Option<SegmentNo> {
         self.segment_no(&self.first_segment)
     }
 
-    pub fn last_no(&self) -> Option<u64> {
+    pub fn last_no(&self) -> Option<SegmentNo> {
         self.segment_no(&self.last_segment)
     }
 
     /// Segments from the first to the last, both included.
     pub fn total(&self) -> Option<u64> {
-        Some(self.last_no()?.checked_sub(self.first_no()?)? + 1)
+        Some(self.last_no()?.checked_since(self.first_no()?)? + 1)
     }
 }
 
@@ -209,7 +209,7 @@ pub fn advance(
     now_us: i64,
 ) -> Option<ReplayProgress> {
     let no = segment.segment_no(plan.wal_segment_size)?;
-    let n = no.checked_sub(plan.first_no()?)? + 1;
+    let n = no.checked_since(plan.first_no()?)? + 1;
     let total = plan.total()?;
     // A progress file of another plan (an earlier restore into this directory) is ignored.
     let previous = previous.filter(|p| p.plan_created_at_us == plan.created_at_us);
@@ -326,7 +326,7 @@ pub(crate) mod tests {
             last_segment: last.into(),
             last_is_upper_bound: bound,
             target: "recovery_target_time = '2026-11-22 14:31:59+00'".into(),
-            timeline: 2,
+            timeline: crate::wal::lsn::tl(2),
             created_at_us: T0 - 60 * SEC,
             data_directory_id: None,
         }

@@ -29,7 +29,7 @@ use crate::basebackup::manifest::Manifest;
 use crate::catalog::Catalog;
 use crate::config::{ConfigError, RetentionSettings};
 use crate::repo::stored::{Envelope, Opened, StoredKind};
-use crate::wal::{SegmentName, WalFileName};
+use crate::wal::{SegmentName, SegmentNo, TimelineId, WalFileName};
 
 /// A retention policy. Every rule is optional; a backup is kept if any rule keeps it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -393,11 +393,11 @@ fn period_of(unix_us: i64, tz: &jiff::tz::TimeZone, rule: Reason) -> Option<i64>
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Anchor {
     /// Segment number of the backup's start.
-    from: u64,
+    from: SegmentNo,
     /// Last segment needed; `None` for a window anchor (everything after, on every timeline
     /// descending from the backup).
-    to: Option<u64>,
-    timeline: u32,
+    to: Option<SegmentNo>,
+    timeline: TimelineId,
     /// The backup (for on-history checks).
     stop_lsn: crate::wal::Lsn,
 }
@@ -415,7 +415,7 @@ pub struct Plan {
     /// Time index summaries of segments no kept backup needs.
     pub summaries: Vec<SegmentName>,
     /// Timelines whose WAL is kept whole because their ancestry is unknown (no history file).
-    pub unknown_timelines: Vec<u32>,
+    pub unknown_timelines: Vec<TimelineId>,
 }
 
 impl Plan {
@@ -454,8 +454,8 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
             window_from = Some(m);
         }
         anchors.push(Anchor {
-            from: m.start_lsn.0 / seg,
-            to: (!window).then(|| m.stop_lsn.0.saturating_sub(1) / seg),
+            from: SegmentNo(m.start_lsn.0 / seg),
+            to: (!window).then(|| SegmentNo(m.stop_lsn.0.saturating_sub(1) / seg)),
             timeline: m.timeline,
             stop_lsn: m.stop_lsn,
         });
@@ -463,16 +463,16 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
 
     // Timelines known only from their segments (no history file) beyond timeline 1: their
     // ancestry is unknown, so nothing on them is judged unneeded.
-    let unknown: BTreeSet<u32> = cat
+    let unknown: BTreeSet<TimelineId> = cat
         .segments
         .keys()
         .copied()
-        .filter(|&t| t > 1 && !cat.timelines.histories.contains_key(&t))
+        .filter(|&t| t > TimelineId::FIRST && !cat.timelines.histories.contains_key(&t))
         .collect();
     let all_timelines = cat.timeline_ids();
     // For each anchor, the timelines it reaches: its own only (consistency anchors) or every
     // timeline whose history holds the backup (window anchors).
-    let reach = |a: &Anchor| -> Vec<u32> {
+    let reach = |a: &Anchor| -> Vec<TimelineId> {
         match a.to {
             Some(_) => vec![a.timeline],
             None => all_timelines
@@ -482,9 +482,9 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
                 .collect(),
         }
     };
-    let reached: Vec<(&Anchor, Vec<u32>)> = anchors.iter().map(|a| (a, reach(a))).collect();
+    let reached: Vec<(&Anchor, Vec<TimelineId>)> = anchors.iter().map(|a| (a, reach(a))).collect();
     let latest_unanchored = latest.filter(|_| latest_base.is_none());
-    let needed = |tli: u32, no: u64| -> bool {
+    let needed = |tli: TimelineId, no: SegmentNo| -> bool {
         if unknown.contains(&tli) || Some(tli) == latest_unanchored {
             return true;
         }
@@ -508,7 +508,7 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
             WalFileName::History(_) => {}
             WalFileName::Segment(s) | WalFileName::Partial(s) | WalFileName::Backup { segment: s, .. } => {
                 if let Some(no) = s.segment_no(seg as u32)
-                    && !needed(s.timeline.get(), no)
+                    && !needed(s.timeline, no)
                 {
                     plan.wal.push(*name);
                 }
@@ -517,7 +517,7 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
     }
     for (s, _) in &cat.summary_files {
         if let Some(no) = s.segment_no(seg as u32)
-            && !needed(s.timeline.get(), no)
+            && !needed(s.timeline, no)
         {
             plan.summaries.push(*s);
         }
@@ -537,12 +537,11 @@ pub fn referenced_chunks<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) 
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use super::*;
-    use crate::catalog::testing::{SEG, empty_catalog, manifest as backup};
+    use crate::catalog::testing::{SEG, empty_catalog, manifest as backup, nos, runs};
     use crate::timeline::TimelineHistory;
-    use crate::wal::{Lsn, TimelineId};
+    use crate::wal::lsn::tl;
 
     const HOUR: i64 = 3_600_000_000;
     const DAY: i64 = 24 * HOUR;
@@ -712,7 +711,7 @@ mod tests {
     }
 
     fn seg_name(tli: u32, no: u64) -> SegmentName {
-        SegmentName::containing(TimelineId::new(tli).unwrap(), Lsn(no * SEG), SEG as u32)
+        SegmentName::from_no(tl(tli), SegmentNo(no), SEG as u32)
     }
 
     /// Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2. Backups: A on
@@ -728,7 +727,7 @@ mod tests {
                 backup(&id_at(day + 2 * DAY), 2, 7, day + 2 * DAY),
             ],
             timelines,
-            segments: BTreeMap::from([(1, (2..=7).collect()), (2, (5..=9).collect())]),
+            segments: runs([(1, 2..=7), (2, 5..=9)]),
             ..empty_catalog(1)
         }
     }
@@ -740,12 +739,13 @@ mod tests {
             .timelines
             .histories
             .keys()
-            .map(|&t| (WalFileName::History(TimelineId::new(t).unwrap()), 1))
+            .map(|&t| (WalFileName::History(t), 1))
             .collect();
         for (&tli, nos) in &cat.segments {
             for &no in nos {
-                cat.wal_files.push((WalFileName::Segment(seg_name(tli, no)), 1));
-                cat.summary_files.push((seg_name(tli, no), 1));
+                cat.wal_files
+                    .push((WalFileName::Segment(seg_name(tli.get(), no.0)), 1));
+                cat.summary_files.push((seg_name(tli.get(), no.0), 1));
             }
         }
         cat
@@ -812,7 +812,7 @@ mod tests {
     fn unknown_timelines_and_an_unanchored_latest_timeline_keep_all_their_wal() {
         let mut cat = catalog();
         // Timeline 3 has segments but no history file: its ancestry is unknown.
-        cat.segments.insert(3, vec![8, 9]);
+        cat.segments.insert(tl(3), nos(&[8, 9]));
         let p = Policy {
             keep_last: Some(1),
             ..Policy::default()
@@ -832,7 +832,7 @@ mod tests {
         // segments were used): the cluster runs on 3 now; timeline 2 is abandoned.
         cat.timelines
             .insert(TimelineHistory::parse(TimelineId::new(3).unwrap(), b"1\t0/6000100\tx\n").unwrap());
-        cat.segments.insert(3, vec![6, 7, 8]);
+        cat.segments.insert(tl(3), nos(&[6, 7, 8]));
         let p = Policy {
             keep_last: Some(1),
             ..Policy::default()

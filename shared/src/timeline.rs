@@ -15,7 +15,7 @@ use crate::wal::{Lsn, TimelineId};
 /// One ancestor of a timeline: it ran until `switch_lsn`, then the next timeline took over.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
-    pub timeline: u32,
+    pub timeline: TimelineId,
     pub switch_lsn: Lsn,
     pub reason: String,
 }
@@ -23,7 +23,7 @@ pub struct HistoryEntry {
 /// The parsed history of one timeline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimelineHistory {
-    pub timeline: u32,
+    pub timeline: TimelineId,
     /// Ancestors, oldest first.
     pub ancestors: Vec<HistoryEntry>,
 }
@@ -32,20 +32,20 @@ pub struct TimelineHistory {
 pub enum HistoryError {
     #[error("history of timeline {timeline}, line {line}: {message}")]
     Syntax {
-        timeline: u32,
+        timeline: TimelineId,
         line: usize,
         message: String,
     },
     #[error("history of timeline {timeline}: timeline ids must increase and stay below {timeline}")]
-    Order { timeline: u32 },
+    Order { timeline: TimelineId },
     #[error("history of timeline {timeline}: switch points must not go backwards")]
-    SwitchOrder { timeline: u32 },
+    SwitchOrder { timeline: TimelineId },
 }
 
 impl TimelineHistory {
     /// Parse the content of `<timeline>.history`.
     pub fn parse(timeline: TimelineId, text: &[u8]) -> Result<TimelineHistory, HistoryError> {
-        let tli = timeline.get();
+        let tli = timeline;
         let text = String::from_utf8_lossy(text);
         let mut ancestors: Vec<HistoryEntry> = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -63,12 +63,15 @@ impl TimelineHistory {
                 .next()
                 .and_then(|f| f.trim().parse().ok())
                 .ok_or_else(|| syntax("expected a timeline id"))?;
+            let Some(parent) = TimelineId::new(parent) else {
+                return Err(HistoryError::Order { timeline: tli });
+            };
             let switch_lsn: Lsn = fields
                 .next()
                 .and_then(|f| f.trim().parse().ok())
                 .ok_or_else(|| syntax("expected a switch LSN like 0/3000060"))?;
             let reason = fields.next().unwrap_or("").trim().to_string();
-            if parent == 0 || parent >= tli || ancestors.last().is_some_and(|a| a.timeline >= parent) {
+            if parent >= tli || ancestors.last().is_some_and(|a| a.timeline >= parent) {
                 return Err(HistoryError::Order { timeline: tli });
             }
             if ancestors.last().is_some_and(|a| a.switch_lsn > switch_lsn) {
@@ -88,7 +91,7 @@ impl TimelineHistory {
 
     /// The timeline that wrote `lsn` as seen from this timeline: the first ancestor whose switch
     /// point lies after `lsn`, else this timeline itself.
-    pub fn timeline_at(&self, lsn: Lsn) -> u32 {
+    pub fn timeline_at(&self, lsn: Lsn) -> TimelineId {
         self.ancestors
             .iter()
             .find(|a| lsn < a.switch_lsn)
@@ -109,7 +112,7 @@ impl TimelineHistory {
 /// All known timelines of a repository, keyed by id.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimelineTree {
-    pub histories: BTreeMap<u32, TimelineHistory>,
+    pub histories: BTreeMap<TimelineId, TimelineHistory>,
 }
 
 impl TimelineTree {
@@ -118,12 +121,16 @@ impl TimelineTree {
     }
 
     /// The newest timeline (what `recovery_target_timeline = 'latest'` follows): the highest id.
-    pub fn latest(&self) -> u32 {
-        self.histories.keys().next_back().copied().unwrap_or(1)
+    pub fn latest(&self) -> TimelineId {
+        self.histories
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(TimelineId::FIRST)
     }
 
     /// The history of `timeline`; timeline 1 (or any without a history file) has no ancestors.
-    pub fn history(&self, timeline: u32) -> TimelineHistory {
+    pub fn history(&self, timeline: TimelineId) -> TimelineHistory {
         self.histories.get(&timeline).cloned().unwrap_or(TimelineHistory {
             timeline,
             ancestors: vec![],
@@ -131,7 +138,7 @@ impl TimelineTree {
     }
 
     /// Whether `ancestor` is `timeline` or one of its ancestors.
-    pub fn is_ancestor_or_self(&self, ancestor: u32, timeline: u32) -> bool {
+    pub fn is_ancestor_or_self(&self, ancestor: TimelineId, timeline: TimelineId) -> bool {
         ancestor == timeline
             || self
                 .history(timeline)
@@ -162,7 +169,7 @@ mod tests {
         assert_eq!(h.timeline_at(Lsn(0x3000060)), 2);
         assert_eq!(h.timeline_at(Lsn(0x5000000)), 3);
         assert_eq!(h.begins_at(), Lsn(0x5000000));
-        assert_eq!(h.parent().map(|p| p.timeline), Some(2));
+        assert_eq!(h.parent().map(|p| p.timeline), Some(tli(2)));
     }
 
     #[test]
@@ -188,10 +195,10 @@ mod tests {
         tree.insert(TimelineHistory::parse(tli(2), b"1\t0/3000060\tx\n").unwrap());
         tree.insert(TimelineHistory::parse(tli(3), b"1\t0/3000060\tx\n2\t0/6000000\ty\n").unwrap());
         assert_eq!(tree.latest(), 3);
-        assert!(tree.is_ancestor_or_self(1, 3));
-        assert!(tree.is_ancestor_or_self(2, 3));
-        assert!(!tree.is_ancestor_or_self(3, 2));
-        assert!(tree.history(1).ancestors.is_empty());
+        assert!(tree.is_ancestor_or_self(tli(1), tli(3)));
+        assert!(tree.is_ancestor_or_self(tli(2), tli(3)));
+        assert!(!tree.is_ancestor_or_self(tli(3), tli(2)));
+        assert!(tree.history(tli(1)).ancestors.is_empty());
     }
 
     proptest! {

@@ -318,7 +318,7 @@ fn decoder_agrees_with_pg_waldump_on_a_real_archive() -> Result<()> {
         let bytes = fs::read(archive.join(seg.to_string()))?;
         let seg_size = u32::from_le_bytes(bytes[32..36].try_into()?);
         ensure!(
-            seg.segment_no(seg_size) == first.segment_no(seg_size).map(|n| n + i as u64),
+            seg.segment_no(seg_size) == first.segment_no(seg_size).map(|n| n.plus(i as u64)),
             "archive has a gap before {seg}"
         );
         files.push((seg.start_lsn(seg_size).context("segment number")?, bytes));

@@ -50,7 +50,7 @@ impl FromStr for ChunkId {
 
 impl fmt::Display for ChunkId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
+        f.pad(&hex::encode(self.0))
     }
 }
 

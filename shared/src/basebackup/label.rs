@@ -1,13 +1,13 @@
 //! The `backup_label` text `pg_backup_stop` returns: where the backup's WAL starts.
 
-use crate::wal::Lsn;
+use crate::wal::{Lsn, TimelineId};
 
 /// What walvault needs from a backup label.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupLabel {
     pub start_lsn: Lsn,
     pub start_wal: String,
-    pub timeline: u32,
+    pub timeline: TimelineId,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +29,7 @@ pub fn parse(text: &str) -> Result<BackupLabel, LabelError> {
     }
     let timeline = field("START TIMELINE:")
         .and_then(|t| t.parse().ok())
+        .and_then(TimelineId::new)
         .ok_or(LabelError("START TIMELINE"))?;
     Ok(BackupLabel {
         start_lsn,
@@ -63,8 +64,8 @@ START TIME: 2026-11-21 10:00:00 UTC\nLABEL: walvault\nSTART TIMELINE: 1\n";
 CHECKPOINT LOCATION: 0/09000060\nBACKUP METHOD: streamed\nBACKUP FROM: standby\n\
 START TIME: 2026-11-21 10:00:00 UTC\nLABEL: walvault\nSTART TIMELINE: 2\n";
         let (a, b) = (parse(pg13).unwrap(), parse(pg19).unwrap());
-        assert_eq!((a.start_lsn, a.timeline), (Lsn(0x9000028), 1));
-        assert_eq!((b.start_lsn, b.timeline), (Lsn(0x9000028), 2));
+        assert_eq!((a.start_lsn, a.timeline.get()), (Lsn(0x9000028), 1));
+        assert_eq!((b.start_lsn, b.timeline.get()), (Lsn(0x9000028), 2));
         assert_eq!(b.start_wal, "000000020000000000000009");
     }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::chunk::ChunkId;
 use crate::repo::object::ObjectKind;
 use crate::repo::stored::{Envelope, Opened, StoredKind};
-use crate::wal::{Lsn, WalFileName};
+use crate::wal::{Lsn, TimelineId, WalFileName};
 
 pub const FORMAT_NAME: &str = "walvault-backup-manifest";
 pub const FORMAT_VERSION: u32 = 1;
@@ -181,7 +181,7 @@ pub struct Manifest {
     #[serde(with = "crate::repo::identity::u64_string")]
     pub system_identifier: u64,
     pub pg_version: u32,
-    pub timeline: u32,
+    pub timeline: TimelineId,
     pub start_lsn: Lsn,
     pub stop_lsn: Lsn,
     /// When the backup started and when it became consistent (`pg_backup_stop` returned), by
@@ -349,9 +349,6 @@ impl Manifest {
                 "chunk size {} is outside 1..={MAX_CHUNK_SIZE}",
                 self.chunk_size
             ));
-        }
-        if self.timeline == 0 {
-            return implausible("timeline 0".into());
         }
         if self.start_lsn > self.stop_lsn {
             return implausible(format!(
@@ -699,7 +696,7 @@ mod tests {
             id: "20261121T143200Z".parse().unwrap(),
             system_identifier: 7_441_234_567_890_123_456,
             pg_version: 15,
-            timeline: 1,
+            timeline: crate::wal::lsn::tl(1),
             start_lsn: Lsn(0x2000028),
             stop_lsn: Lsn(0x2000100),
             start_time_us: 1_795_271_520_000_000,
@@ -1225,8 +1222,14 @@ mod tests {
     #[test]
     fn header_fields_are_checked() {
         type Change = fn(&mut Manifest);
-        let cases: [(Change, &str); 6] = [
-            (|m| m.timeline = 0, "timeline 0"),
+        // Only JSON can carry timeline 0: refused where the manifest is parsed.
+        let mut json: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        json["timeline"] = 0.into();
+        let msg = Manifest::parse(&serde_json::to_vec(&json).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("timeline 0"), "{msg}");
+        let cases: [(Change, &str); 5] = [
             (|m| m.start_lsn = Lsn(m.stop_lsn.0 + 1), "after stop LSN"),
             (|m| m.start_wal = "../x".into(), "start_wal"),
             (|m| m.stop_wal = "00000001000000000000000".into(), "stop_wal"),

@@ -4,6 +4,7 @@
 
 use crate::commands::restore::{RecoveryTarget, TimelineTarget};
 use crate::time::TimeParseError;
+use crate::wal::TimelineId;
 use crate::wal::lsn::LsnParseError;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +66,12 @@ pub fn parse_timeline(s: &str) -> Result<TimelineTarget, TargetError> {
     Ok(match s {
         "latest" => TimelineTarget::Latest,
         "current" => TimelineTarget::Current,
-        n => TimelineTarget::Id(n.parse().map_err(|_| TargetError::Timeline(n.to_string()))?),
+        n => TimelineTarget::Id(
+            n.parse::<u32>()
+                .ok()
+                .and_then(TimelineId::new)
+                .ok_or_else(|| TargetError::Timeline(n.to_string()))?,
+        ),
     })
 }
 
@@ -77,7 +83,10 @@ mod tests {
     fn timelines_are_named_or_numbered() {
         assert_eq!(parse_timeline("latest").unwrap(), TimelineTarget::Latest);
         assert_eq!(parse_timeline("current").unwrap(), TimelineTarget::Current);
-        assert_eq!(parse_timeline("3").unwrap(), TimelineTarget::Id(3));
+        assert_eq!(
+            parse_timeline("3").unwrap(),
+            TimelineTarget::Id(TimelineId::new(3).unwrap())
+        );
         let e = parse_timeline("newest").unwrap_err().to_string();
         assert_eq!(
             e,

@@ -19,7 +19,7 @@ use crate::repo::locks::{self, Lock, LockError, LockKind};
 use crate::repo::{RepoError, StoreError, Writer};
 use crate::report::Report;
 use crate::retention::{self, Policy, Reason};
-use crate::wal::{SegmentName, WalFileName};
+use crate::wal::{SegmentName, TimelineId, WalFileName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExpireError {
@@ -55,7 +55,7 @@ pub enum ExpireError {
 #[derive(Debug, Clone, Serialize)]
 pub struct Kept {
     pub id: String,
-    pub timeline: u32,
+    pub timeline: TimelineId,
     pub stop_time: String,
     pub reasons: Vec<Reason>,
 }
@@ -86,7 +86,7 @@ pub struct ExpireReport {
     /// Why chunks were left for the next expire, when they were.
     pub deferred: Option<String>,
     /// Timelines kept whole because no history file says where they came from.
-    pub unknown_timelines: Vec<u32>,
+    pub unknown_timelines: Vec<TimelineId>,
 }
 
 impl ExpireReport {

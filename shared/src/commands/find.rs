@@ -19,6 +19,7 @@ use crate::cli::sh_quote;
 use crate::repo::ReadError;
 use crate::repo::Reader;
 use crate::report::Report;
+use crate::wal::TimelineId;
 use crate::wal::changes::{ChangeEvent, ROW_FLOOR};
 
 /// What to look for.
@@ -131,7 +132,7 @@ pub struct FoundEvent {
     pub xid: u32,
     /// The commit record.
     pub lsn: String,
-    pub timeline: u32,
+    pub timeline: TimelineId,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database: Option<String>,
     pub actions: Vec<Action>,
@@ -170,7 +171,7 @@ pub async fn find(repo: &Reader, opts: &FindOptions) -> Result<Found, FindError>
 
     // The same WAL can sit in two timelines' copies of the segment where they fork: keep the
     // copy on the latest timeline's history.
-    let mut chosen: BTreeMap<(u64, u32), (u32, &ChangeEvent)> = BTreeMap::new();
+    let mut chosen: BTreeMap<(u64, u32), (TimelineId, &ChangeEvent)> = BTreeMap::new();
     let (mut not_searched, mut without) = (0, 0);
     for (tli, segs) in &cat.segments {
         without += segs

@@ -13,6 +13,7 @@ use crate::repo::keys::{EncryptionRecord, Kdf};
 use crate::repo::{ClusterIdentity, Reader, RepoError, RepoId, StoreError};
 use crate::report::{Report, human_bytes};
 use crate::time::format_micros;
+use crate::wal::TimelineId;
 
 /// Drills shown: the most recent ones.
 const RECENT_DRILLS: usize = 5;
@@ -68,8 +69,8 @@ impl From<&EncryptionRecord> for EncryptionInfo {
 /// One timeline: where it branched off, its archived WAL and what a restore can reach on it.
 #[derive(Debug, Clone, Serialize)]
 pub struct TimelineInfo {
-    pub timeline: u32,
-    pub parent: Option<u32>,
+    pub timeline: TimelineId,
+    pub parent: Option<TimelineId>,
     pub switch_lsn: Option<String>,
     pub reason: Option<String>,
     /// Runs of consecutive archived segments; more than one means gaps.
@@ -133,7 +134,7 @@ pub fn describe(
     }
 }
 
-fn timeline(cat: &Catalog, t: u32) -> TimelineInfo {
+fn timeline(cat: &Catalog, t: TimelineId) -> TimelineInfo {
     let h = cat.timelines.history(t);
     TimelineInfo {
         timeline: t,
@@ -151,7 +152,7 @@ fn timeline(cat: &Catalog, t: u32) -> TimelineInfo {
 }
 
 /// Restore points a restore can reach on timeline `t`, a name used more than once marked.
-fn restore_points(cat: &Catalog, t: u32) -> Vec<RestorePointInfo> {
+fn restore_points(cat: &Catalog, t: TimelineId) -> Vec<RestorePointInfo> {
     let points = cat.reachable_restore_points(t);
     let mut uses = HashMap::new();
     for (name, _, _) in &points {
@@ -320,16 +321,17 @@ impl InfoReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::testing::{empty_catalog, manifest, summary};
+    use crate::catalog::testing::{at, empty_catalog, manifest, nos, summary};
     use crate::report::{Format, to_string};
+    use crate::wal::lsn::tl;
 
     fn catalog() -> Catalog {
         let mut cat = empty_catalog(7);
         cat.backups
             .push(manifest("20261123T101010Z", 1, 2, 1_763_892_610_000_000));
         cat.pinned.insert("20261123T101010Z".parse().unwrap());
-        cat.segments.insert(1, vec![2, 3, 5]);
-        cat.summaries.insert((1, 3), summary(3, 1_763_892_700));
+        cat.segments.insert(tl(1), nos(&[2, 3, 5]));
+        cat.summaries.insert(at(1, 3), summary(3, 1_763_892_700));
         cat
     }
 

@@ -28,7 +28,7 @@ use crate::repo::layout::wal_key;
 use crate::repo::stored::{self, WalObject};
 use crate::retry::KeyedBackoff;
 use crate::timeindex::StoredSummary;
-use crate::wal::{Lsn, SegmentName, WalFileName};
+use crate::wal::{SegmentName, SegmentNo, WalFileName};
 
 /// How the prefetcher runs.
 #[derive(Debug, Clone)]
@@ -298,11 +298,12 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
         if let Some(current) = wanted {
             let ahead: Vec<WalFileName> = (1..=opts.depth)
                 .filter_map(|i| {
-                    let no = current.segment_no(seg_size)? + i;
-                    let lsn = no.checked_mul(u64::from(seg_size))?;
-                    Some(WalFileName::Segment(SegmentName::containing(
+                    let no = current.segment_no(seg_size)?.0.checked_add(i)?;
+                    // A segment past the last LSN has no name.
+                    no.checked_mul(u64::from(seg_size))?;
+                    Some(WalFileName::Segment(SegmentName::from_no(
                         current.timeline,
-                        Lsn(lsn),
+                        SegmentNo(no),
                         seg_size,
                     )))
                 })

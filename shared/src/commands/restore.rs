@@ -32,7 +32,7 @@ use crate::config::Settings;
 use crate::repo::StoreError;
 use crate::report::Report;
 use crate::time;
-use crate::wal::Lsn;
+use crate::wal::{Lsn, TimelineId};
 
 mod delta;
 mod execute;
@@ -93,7 +93,7 @@ impl RecoveryTarget {
 pub enum TimelineTarget {
     Latest,
     Current,
-    Id(u32),
+    Id(TimelineId),
 }
 
 /// `recovery_target_action`.
@@ -305,13 +305,13 @@ pub enum RestoreError {
     #[error("cannot write {path}: {source}")]
     Write { path: String, source: std::io::Error },
     #[error("timeline {0} is unknown to the repository (known: {1})")]
-    UnknownTimeline(u32, String),
+    UnknownTimeline(TimelineId, String),
     #[error("backup {0} is not in the repository")]
     UnknownBackup(BackupId),
     #[error("backup {backup} is damaged and cannot be restored ({reason}); choose another backup")]
     Damaged { backup: BackupId, reason: String },
     #[error("backup {backup} is not on the history of timeline {timeline}")]
-    BackupNotOnTimeline { backup: BackupId, timeline: u32 },
+    BackupNotOnTimeline { backup: BackupId, timeline: TimelineId },
     #[error("no backup can reach {target}: {window}")]
     OutsideWindow { target: String, window: String },
     #[error("the repository holds no backup yet; take one with archive-agent backup")]
@@ -540,7 +540,7 @@ mod testing {
             repository: "s3://bucket/repo".into(),
             backup: plan::planned_backup(m),
             target: opts.target.describe(),
-            timeline: plan::planned_timeline(opts.timeline, 1),
+            timeline: plan::planned_timeline(opts.timeline, crate::wal::lsn::tl(1)),
             files: PlannedFiles {
                 directory: DirectoryUse::Create,
                 files: 0,
@@ -550,7 +550,12 @@ mod testing {
                 delta: None,
             },
             tablespaces: opts.tablespaces.map.clone(),
-            recovery: plan::planned_recovery(opts, 1, !opts.tablespaces.map.is_empty(), false),
+            recovery: plan::planned_recovery(
+                opts,
+                crate::wal::lsn::tl(1),
+                !opts.tablespaces.map.is_empty(),
+                false,
+            ),
             replay: None,
             checks: vec![],
             wal_segment_size: 16 << 20,

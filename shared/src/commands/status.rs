@@ -9,6 +9,7 @@ use crate::replay::files::StatusError;
 use crate::replay::{RecoveryState, RecoveryStatus, eta_text, format_duration};
 use crate::report::Report;
 use crate::time::format_micros;
+use crate::wal::TimelineId;
 
 /// `restore-agent status`'s report.
 #[derive(Debug, Clone, Serialize)]
@@ -19,7 +20,7 @@ pub struct StatusReport {
     pub backup: String,
     pub repository: String,
     pub target: String,
-    pub timeline: u32,
+    pub timeline: TimelineId,
     pub first_segment: String,
     pub last_segment: String,
     pub last_is_upper_bound: bool,

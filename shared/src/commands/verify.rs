@@ -22,7 +22,7 @@ use crate::repo::{Reader, RepoError, StoreError, WalCheckError};
 use crate::report::Report;
 use crate::retention::RetentionRecord;
 use crate::timeindex::{StoredSummary, SummaryError};
-use crate::wal::{SegmentName, TimelineId, WalFileName};
+use crate::wal::{SegmentName, SegmentNo, TimelineId, WalFileName};
 
 /// How bad a problem is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -57,7 +57,7 @@ impl std::fmt::Display for Problem {
 /// The span one timeline can be restored to.
 #[derive(Debug, Clone, Serialize)]
 pub struct RestorableWindow {
-    pub timeline: u32,
+    pub timeline: TimelineId,
     pub earliest: String,
     pub latest_before: Option<String>,
     pub end_lsn: String,
@@ -380,24 +380,18 @@ fn wal_problems(
     problems: &mut Vec<Problem>,
 ) {
     let seg_size = cat.wal_segment_size();
-    let seg_name = |tli: u32, no: u64| {
-        SegmentName::containing(
-            TimelineId::new(tli).expect("timelines in the catalog are non-zero"),
-            crate::wal::Lsn(no * u64::from(seg_size)),
-            seg_size,
-        )
-    };
-    let key_of = |tli: u32, no: u64| layout::wal_key(&WalFileName::Segment(seg_name(tli, no)));
+    let seg_name = |tli: TimelineId, no: SegmentNo| SegmentName::from_no(tli, no, seg_size);
+    let key_of = |tli: TimelineId, no: SegmentNo| layout::wal_key(&WalFileName::Segment(seg_name(tli, no)));
     // (key) -> (problem, affected backups)
     let mut gaps: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
     for m in &cat.backups {
         let seg = u64::from(seg_size);
-        let start = m.start_lsn.0 / seg;
-        let stop = m.stop_lsn.0.saturating_sub(1) / seg;
+        let start = SegmentNo(m.start_lsn.0 / seg);
+        let stop = SegmentNo(m.stop_lsn.0.saturating_sub(1) / seg);
         let own = cat.chain(m, m.timeline);
         let reached = own.last().map(|&(_, no)| no);
         if reached.is_none_or(|r| r < stop) {
-            let missing = reached.map_or(start, |r| r + 1);
+            let missing = reached.map_or(start, |r| r.plus(1));
             let tli = cat.timeline_of_segment(m.timeline, missing);
             let e = gaps
                 .entry(key_of(tli, missing))
@@ -418,8 +412,8 @@ fn wal_problems(
             let chain = cat.chain(m, t);
             let end = chain.last().map_or(start, |&(_, no)| no);
             if end < last {
-                let tli = cat.timeline_of_segment(t, end + 1);
-                let e = gaps.entry(key_of(tli, end + 1)).or_insert_with(|| {
+                let tli = cat.timeline_of_segment(t, end.plus(1));
+                let e = gaps.entry(key_of(tli, end.plus(1))).or_insert_with(|| {
                     (
                         "WAL segment missing (a gap in the archive)".into(),
                         BTreeSet::new(),
@@ -442,15 +436,14 @@ fn wal_problems(
         });
     }
     for t in cat.timeline_ids() {
-        if t > 1
+        if t > TimelineId::FIRST
             && !cat.timelines.histories.contains_key(&t)
             && !cat
                 .damaged
                 .iter()
                 .any(|d| d.what == format!("timeline {t} history"))
         {
-            let key =
-                TimelineId::new(t).map_or_else(String::new, |t| layout::wal_key(&WalFileName::History(t)));
+            let key = layout::wal_key(&WalFileName::History(t));
             problems.push(Problem {
                 severity: Severity::Error,
                 key,
@@ -594,7 +587,7 @@ fn wal_users(cat: &Catalog, name: &str) -> String {
         .filter(|m| {
             cat.timeline_ids()
                 .into_iter()
-                .any(|t| cat.on_history(m, t) && cat.chain(m, t).contains(&(seg.timeline.get(), no)))
+                .any(|t| cat.on_history(m, t) && cat.chain(m, t).contains(&(seg.timeline, no)))
         })
         .map(|m| m.id.to_string())
         .collect();

@@ -151,7 +151,7 @@ mod tests {
             last_segment: "000000010000000000000005".into(),
             last_is_upper_bound: false,
             target: "recovery_target_lsn = '0/5000060'".into(),
-            timeline: 1,
+            timeline: crate::wal::lsn::tl(1),
             created_at_us: 1,
             data_directory_id: data_directory_id(dir),
         }

@@ -47,9 +47,43 @@ impl<'de> serde::Deserialize<'de> for Lsn {
     }
 }
 
-/// A PostgreSQL timeline id. Timeline 0 does not exist; the first timeline is 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A PostgreSQL timeline id. Timeline 0 does not exist; the first timeline is 1. Stored and shown
+/// as the number (`"timeline": 2`); a stored 0 is refused where it is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
 pub struct TimelineId(u32);
+
+/// Timeline 0, offered as a timeline id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("timeline 0 does not exist (the first timeline is 1)")]
+pub struct TimelineZero;
+
+/// Timeline `n` in a test.
+#[cfg(test)]
+pub(crate) fn tl(n: u32) -> TimelineId {
+    TimelineId::new(n).expect("a test timeline is not 0")
+}
+
+impl TryFrom<u32> for TimelineId {
+    type Error = TimelineZero;
+
+    fn try_from(id: u32) -> Result<TimelineId, TimelineZero> {
+        TimelineId::new(id).ok_or(TimelineZero)
+    }
+}
+
+/// Compare with a plain number, as tests and history lines state timelines.
+impl PartialEq<u32> for TimelineId {
+    fn eq(&self, other: &u32) -> bool {
+        self.0 == *other
+    }
+}
+
+impl From<TimelineId> for u32 {
+    fn from(id: TimelineId) -> u32 {
+        id.0
+    }
+}
 
 impl TimelineId {
     /// Returns `None` for 0, which PostgreSQL never uses.
@@ -59,11 +93,15 @@ impl TimelineId {
     pub fn get(self) -> u32 {
         self.0
     }
+
+    /// The first timeline, which `initdb` starts.
+    pub const FIRST: TimelineId = TimelineId(1);
 }
 
 impl fmt::Display for TimelineId {
+    /// The number, honouring width and alignment (`{:>4}`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 

@@ -13,6 +13,6 @@ pub mod summary;
 pub(crate) mod testwal;
 pub mod version;
 
-pub use lsn::{Lsn, TimelineId};
-pub use name::{NameError, SegmentName, WalFileName};
+pub use lsn::{Lsn, TimelineId, TimelineZero};
+pub use name::{NameError, SegmentName, SegmentNo, WalFileName};
 pub use page::{PageError, SegmentInfo};

@@ -28,6 +28,39 @@ pub enum NameError {
     TimelineZero(String),
 }
 
+/// A segment's place in the WAL stream (PostgreSQL's `XLogSegNo`): the LSN of its first byte
+/// divided by the segment size. The same number names a segment on every timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentNo(pub u64);
+
+impl SegmentNo {
+    /// The segment `n` after this one.
+    pub fn plus(self, n: u64) -> SegmentNo {
+        SegmentNo(self.0.saturating_add(n))
+    }
+
+    /// Segments from `earlier` to this one; `None` when `earlier` comes after it.
+    pub fn checked_since(self, earlier: SegmentNo) -> Option<u64> {
+        self.0.checked_sub(earlier.0)
+    }
+
+    /// Segments from `earlier` to this one (0 when `earlier` is not earlier).
+    pub fn since(self, earlier: SegmentNo) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+
+    /// The segments from this one to `last`, both included.
+    pub fn through(self, last: SegmentNo) -> impl DoubleEndedIterator<Item = SegmentNo> {
+        (self.0..=last.0).map(SegmentNo)
+    }
+}
+
+impl fmt::Display for SegmentNo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
 /// A WAL segment name: timeline, high and low halves of the segment number (`TTTTTTTTXXXXXXXXYYYYYYYY`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SegmentName {
@@ -45,27 +78,36 @@ impl SegmentName {
 
     /// The segment number, or `None` when the low half is out of range for this segment size
     /// (a name PostgreSQL cannot produce).
-    pub fn segment_no(&self, segment_size: u32) -> Option<u64> {
+    pub fn segment_no(&self, segment_size: u32) -> Option<SegmentNo> {
         let per_log = Self::segments_per_log(segment_size);
-        (u64::from(self.seg) < per_log).then(|| u64::from(self.log) * per_log + u64::from(self.seg))
+        (u64::from(self.seg) < per_log)
+            .then(|| SegmentNo(u64::from(self.log) * per_log + u64::from(self.seg)))
     }
 
     /// LSN of the first byte of this segment.
     pub fn start_lsn(&self, segment_size: u32) -> Option<Lsn> {
         self.segment_no(segment_size)
-            .and_then(|no| no.checked_mul(u64::from(segment_size)))
+            .and_then(|no| no.0.checked_mul(u64::from(segment_size)))
             .map(Lsn)
     }
 
-    /// The name of the segment that holds `lsn` on `timeline` (PostgreSQL's `XLogFileName`).
-    pub fn containing(timeline: TimelineId, lsn: Lsn, segment_size: u32) -> SegmentName {
-        let no = lsn.0 / u64::from(segment_size.max(1));
+    /// The name of segment `no` on `timeline` (PostgreSQL's `XLogFileName`).
+    pub fn from_no(timeline: TimelineId, no: SegmentNo, segment_size: u32) -> SegmentName {
         let per_log = Self::segments_per_log(segment_size);
         SegmentName {
             timeline,
-            log: (no / per_log) as u32,
-            seg: (no % per_log) as u32,
+            log: (no.0 / per_log) as u32,
+            seg: (no.0 % per_log) as u32,
         }
+    }
+
+    /// The name of the segment that holds `lsn` on `timeline`.
+    pub fn containing(timeline: TimelineId, lsn: Lsn, segment_size: u32) -> SegmentName {
+        Self::from_no(
+            timeline,
+            SegmentNo(lsn.0 / u64::from(segment_size.max(1))),
+            segment_size,
+        )
     }
 
     fn parse(s: &str) -> Option<SegmentName> {
@@ -251,10 +293,10 @@ mod tests {
     #[test]
     fn segment_numbers_follow_the_segment_size() {
         let s = SegmentName::parse("000000010000000200000003").unwrap();
-        assert_eq!(s.segment_no(16 << 20), Some(2 * 256 + 3));
+        assert_eq!(s.segment_no(16 << 20), Some(SegmentNo(2 * 256 + 3)));
         assert_eq!(s.start_lsn(16 << 20), Some(Lsn(0x2_0300_0000)));
         // With 1 GiB segments only 4 segments make a log id: 3 is the last valid one.
-        assert_eq!(s.segment_no(1 << 30), Some(2 * 4 + 3));
+        assert_eq!(s.segment_no(1 << 30), Some(SegmentNo(2 * 4 + 3)));
         let too_far = SegmentName::parse("000000010000000200000100").unwrap();
         assert_eq!(too_far.segment_no(16 << 20), None);
         let back = SegmentName::containing(s.timeline, Lsn(0x2_0312_3456), 16 << 20);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::basebackup::manifest::BackupId;
 use crate::repo::StoreError;
+use crate::wal::TimelineId;
 
 /// Why a backup failed, whichever phase it was in.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +21,7 @@ pub enum BackupError {
     #[error(
         "the standby moved from timeline {start} to {stop} during the backup (a promotion upstream?); take the backup again"
     )]
-    TimelineChanged { start: u32, stop: i32 },
+    TimelineChanged { start: TimelineId, stop: i32 },
     #[error(
         "{path} never read with a valid CRC in {attempts} attempts: not a PostgreSQL {pg_version} control file?"
     )]

@@ -509,7 +509,7 @@ mod tests {
                 id: "20261122T143200Z".parse().unwrap(),
                 system_identifier: 7,
                 pg_version: 15,
-                timeline: 1,
+                timeline: crate::wal::lsn::tl(1),
                 start_lsn: Lsn(0x5000028),
                 stop_lsn: Lsn(0x5000100),
                 start_time_us: 0,

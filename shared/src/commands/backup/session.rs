@@ -6,7 +6,7 @@ use super::BackupError;
 use crate::basebackup::manifest::BackupId;
 use crate::repo::WritableStore;
 use crate::repo::object::Sealer;
-use crate::wal::{Lsn, SegmentName};
+use crate::wal::{Lsn, SegmentName, SegmentNo};
 
 /// The server's clock, Unix microseconds.
 const SERVER_CLOCK: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint";
@@ -287,7 +287,8 @@ impl Primary {
             let insert: Lsn = insert
                 .parse()
                 .map_err(|_| BackupError::Primary(format!("bad insert LSN {insert:?}")))?;
-            let writing = insert.0 / u64::from(seg_size) <= stop.segment_no(seg_size).unwrap_or(u64::MAX);
+            let writing = SegmentNo(insert.0 / u64::from(seg_size))
+                <= stop.segment_no(seg_size).unwrap_or(SegmentNo(u64::MAX));
             if writing {
                 self.client
                     .query_one("SELECT pg_switch_wal()::text", &[])

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use super::metrics::Metrics;
 use crate::catalog::Catalog;
 use crate::repo::Reader;
+use crate::wal::TimelineId;
 
 /// The last catalog read, shared by the refreshes (one at a time).
 pub(crate) type LastCatalog = Arc<tokio::sync::Mutex<Option<Catalog>>>;
@@ -18,7 +19,7 @@ pub(crate) async fn update_window(repo: Reader, metrics: Arc<Metrics>, last: Las
     match Catalog::refresh(&repo, last.as_ref()).await {
         Ok(cat) => {
             metrics.backups.store(cat.backups.len() as u64, Ordering::Relaxed);
-            let tli = cat.timeline_ids().last().copied().unwrap_or(1);
+            let tli = cat.timeline_ids().last().copied().unwrap_or(TimelineId::FIRST);
             if let Some(w) = cat.window(tli) {
                 metrics
                     .window_earliest_unix

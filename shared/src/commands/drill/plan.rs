@@ -62,15 +62,14 @@ fn random_instant(earliest: i64, latest: i64, random: f64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::testing::{empty_catalog, manifest, summary};
-    use std::collections::BTreeMap;
+    use crate::catalog::testing::{at, empty_catalog, manifest, runs, summary};
 
     /// One backup, consistent at 900 s, and WAL after it whose newest commit is at `commit_secs`.
     fn one_backup(commit_secs: i64) -> Catalog {
         Catalog {
             backups: vec![manifest("20261121T100000Z", 1, 2, 900_000_000)],
-            segments: BTreeMap::from([(1, (2..=4).collect())]),
-            summaries: (2..=4).map(|no| ((1, no), summary(no, commit_secs))).collect(),
+            segments: runs([(1, 2..=4)]),
+            summaries: (2..=4).map(|no| (at(1, no), summary(no, commit_secs))).collect(),
             ..empty_catalog(1)
         }
     }

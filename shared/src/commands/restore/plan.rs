@@ -20,7 +20,7 @@ use crate::catalog::Catalog;
 use crate::recovery_conf::{RecoverySettings, quote};
 use crate::repo::object::Sealer;
 use crate::report::{Report, table};
-use crate::wal::Lsn;
+use crate::wal::{Lsn, TimelineId};
 
 /// Everything a restore will do, decided and checked before the first write.
 #[derive(Debug, Clone, Serialize)]
@@ -59,7 +59,7 @@ pub struct PlannedBackup {
     pub id: BackupId,
     /// PostgreSQL major version of the backup: the server that must recover it.
     pub pg_version: u32,
-    pub timeline: u32,
+    pub timeline: TimelineId,
     pub start_lsn: Lsn,
     /// Where the backup became consistent: no target before it can be reached.
     pub consistent_lsn: Lsn,
@@ -71,7 +71,7 @@ pub struct PlannedBackup {
 pub struct PlannedTimeline {
     /// `latest`, `current` or `id` (`--target-timeline`).
     pub chosen_by: &'static str,
-    pub id: u32,
+    pub id: TimelineId,
     /// As restore reports it: `latest (currently 2)`, `current (1)`, `3`.
     pub description: String,
 }
@@ -267,7 +267,7 @@ pub(super) fn planned_backup(m: &Manifest) -> PlannedBackup {
     }
 }
 
-pub(super) fn planned_timeline(wanted: TimelineTarget, timeline: u32) -> PlannedTimeline {
+pub(super) fn planned_timeline(wanted: TimelineTarget, timeline: TimelineId) -> PlannedTimeline {
     let (chosen_by, description) = match wanted {
         TimelineTarget::Latest => ("latest", format!("latest (currently {timeline})")),
         TimelineTarget::Current => ("current", format!("current ({timeline})")),
@@ -282,7 +282,7 @@ pub(super) fn planned_timeline(wanted: TimelineTarget, timeline: u32) -> Planned
 
 pub(super) fn planned_recovery(
     opts: &RestoreOptions,
-    timeline: u32,
+    timeline: TimelineId,
     tablespaces: bool,
     replay: bool,
 ) -> PlannedRecovery {
@@ -414,18 +414,19 @@ mod tests {
 
     use super::super::testing::{SYSID, fixture, options, with_tablespace};
     use super::*;
-    use crate::catalog::testing::summary;
+    use crate::catalog::testing::{at, nos, summary};
     use crate::commands::restore::{RecoveryTarget, TablespacePlan};
+    use crate::wal::lsn::tl;
 
     /// The fixture's backup (consistent in segment 2 of timeline 1 at 1795271530.12 s) and the
     /// WAL after it: segments 2 to 4, one transaction end in each, 10, 20 and 30 s after.
     fn catalog_with(m: Manifest) -> Catalog {
         let mut cat = crate::catalog::testing::empty_catalog(SYSID);
         cat.backups = vec![m];
-        cat.segments = BTreeMap::from([(1, vec![2, 3, 4])]);
+        cat.segments = BTreeMap::from([(tl(1), nos(&[2, 3, 4]))]);
         for no in 2..=4 {
             cat.summaries
-                .insert((1, no), summary(no, 1_795_271_520 + 10 * no as i64));
+                .insert(at(1, no), summary(no, 1_795_271_520 + 10 * no as i64));
         }
         cat
     }
@@ -444,13 +445,13 @@ mod tests {
         assert!(!dir.path().join("data").exists(), "planning writes nothing");
 
         assert_eq!(plan.backup.id.to_string(), "20261121T143200Z");
-        assert_eq!((plan.backup.pg_version, plan.backup.timeline), (15, 1));
+        assert_eq!((plan.backup.pg_version, plan.backup.timeline.get()), (15, 1));
         assert_eq!(plan.backup.consistent_lsn.to_string(), "0/2000100");
         assert_eq!(plan.target, "recovery_target_time = '2026-11-21 14:32:25+00'");
         assert_eq!(
             (
                 plan.timeline.chosen_by,
-                plan.timeline.id,
+                plan.timeline.id.get(),
                 plan.timeline.description.as_str()
             ),
             ("latest", 1, "latest (currently 1)")
@@ -588,7 +589,7 @@ mod tests {
             ("current", "current (1)")
         );
         assert_eq!(plan.recovery.timeline, "current");
-        opts.timeline = TimelineTarget::Id(1);
+        opts.timeline = TimelineTarget::Id(tl(1));
         let plan = plan_for(&cat, &opts).await.unwrap();
         assert_eq!(
             (plan.timeline.chosen_by, plan.recovery.timeline.as_str()),
@@ -596,8 +597,11 @@ mod tests {
         );
         // Replay to the end of the archive: up to the newest segment, an upper bound.
         assert!(plan.replay.unwrap().last_is_upper_bound);
-        opts.timeline = TimelineTarget::Id(7);
+        opts.timeline = TimelineTarget::Id(tl(7));
         let err = plan_for(&cat, &opts).await.unwrap_err();
-        assert!(matches!(err, RestoreError::UnknownTimeline(7, _)), "{err}");
+        assert!(
+            matches!(err, RestoreError::UnknownTimeline(t, _) if t == 7),
+            "{err}"
+        );
     }
 }

@@ -8,18 +8,29 @@ use super::{RecoveryTarget, RestoreError, TimelineTarget};
 use crate::basebackup::BackupId;
 use crate::basebackup::manifest::Manifest;
 use crate::catalog::Catalog;
-use crate::wal::{Lsn, SegmentName, TimelineId};
+use crate::wal::{Lsn, SegmentName, SegmentNo, TimelineId};
 
 /// Pick the timeline recovery will follow.
-pub fn resolve_timeline(cat: &Catalog, wanted: TimelineTarget, backup_tli: u32) -> Result<u32, RestoreError> {
+pub fn resolve_timeline(
+    cat: &Catalog,
+    wanted: TimelineTarget,
+    backup_tli: TimelineId,
+) -> Result<TimelineId, RestoreError> {
     let known = cat.timeline_ids();
     match wanted {
-        TimelineTarget::Latest => Ok(cat.timelines.latest().max(known.last().copied().unwrap_or(1))),
+        TimelineTarget::Latest => Ok(cat
+            .timelines
+            .latest()
+            .max(known.last().copied().unwrap_or(TimelineId::FIRST))),
         TimelineTarget::Current => Ok(backup_tli),
-        TimelineTarget::Id(n) if known.contains(&n) || n == 1 => Ok(n),
+        TimelineTarget::Id(n) if known.contains(&n) || n == TimelineId::FIRST => Ok(n),
         TimelineTarget::Id(n) => Err(RestoreError::UnknownTimeline(
             n,
-            known.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+            known
+                .iter()
+                .map(TimelineId::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
         )),
     }
 }
@@ -32,7 +43,7 @@ pub fn choose_backup<'a>(
     wanted: Option<&BackupId>,
     target: &RecoveryTarget,
     timeline: TimelineTarget,
-) -> Result<(&'a Manifest, u32), RestoreError> {
+) -> Result<(&'a Manifest, TimelineId), RestoreError> {
     if let Some(id) = wanted
         && let Some(d) = cat.damaged.iter().find(|d| d.backup.as_ref() == Some(id))
     {
@@ -55,9 +66,9 @@ pub fn choose_backup<'a>(
     }
     // An explicitly unknown timeline is reported as such, before anything else.
     if let TimelineTarget::Id(_) = timeline {
-        resolve_timeline(cat, timeline, 1)?;
+        resolve_timeline(cat, timeline, TimelineId::FIRST)?;
     }
-    let candidates: Vec<(&Manifest, u32)> = cat
+    let candidates: Vec<(&Manifest, TimelineId)> = cat
         .backups
         .iter()
         .rev()
@@ -68,18 +79,18 @@ pub fn choose_backup<'a>(
         })
         .collect();
     if let Some(id) = wanted {
-        if !cat.backups.iter().any(|m| &m.id == id) {
+        let Some(named) = cat.backups.iter().find(|m| &m.id == id) else {
             return Err(RestoreError::UnknownBackup(id.clone()));
-        }
+        };
         if candidates.is_empty() {
-            let tli = resolve_timeline(cat, timeline, 0)?;
+            let tli = resolve_timeline(cat, timeline, named.timeline)?;
             return Err(RestoreError::BackupNotOnTimeline {
                 backup: id.clone(),
                 timeline: tli,
             });
         }
     }
-    let outside = |tli: u32, why: &str| RestoreError::OutsideWindow {
+    let outside = |tli: TimelineId, why: &str| RestoreError::OutsideWindow {
         target: format!("{} on timeline {tli}", target.describe()),
         window: format!("{why}; {}", window_text(cat, tli)),
     };
@@ -87,7 +98,7 @@ pub fn choose_backup<'a>(
     let mut refusal = None;
     for (m, tli) in candidates {
         let chain = cat.chain(m, tli);
-        let stop_no = m.stop_lsn.0.saturating_sub(1) / u64::from(cat.wal_segment_size());
+        let stop_no = SegmentNo(m.stop_lsn.0.saturating_sub(1) / u64::from(cat.wal_segment_size()));
         if !chain.iter().any(|&(_, no)| no >= stop_no) {
             refusal.get_or_insert_with(|| {
                 outside(
@@ -164,7 +175,7 @@ pub fn choose_backup<'a>(
     }
     Err(refusal.unwrap_or_else(|| {
         outside(
-            resolve_timeline(cat, timeline, 1).unwrap_or(1),
+            resolve_timeline(cat, timeline, TimelineId::FIRST).unwrap_or(TimelineId::FIRST),
             "no backup is on this timeline's history",
         )
     }))
@@ -199,22 +210,24 @@ fn as_text<S: serde::Serializer>(name: &SegmentName, s: S) -> Result<S::Ok, S::E
 pub fn replay_span(
     cat: &Catalog,
     m: &Manifest,
-    timeline: u32,
+    timeline: TimelineId,
     target: &RecoveryTarget,
     exclusive: bool,
 ) -> Option<ReplaySpan> {
     let size = cat.wal_segment_size();
     let seg_bytes = u64::from(size);
-    let name = |no: u64| {
-        let tli = TimelineId::new(cat.timeline_of_segment(timeline, no))?;
-        Some(SegmentName::containing(
-            tli,
-            Lsn(no.checked_mul(seg_bytes)?),
+    let name = |no: SegmentNo| {
+        // A number past the last LSN names no segment.
+        no.0.checked_mul(seg_bytes)?;
+        Some(SegmentName::from_no(
+            cat.timeline_of_segment(timeline, no),
+            no,
             size,
         ))
     };
-    let first_no = m.start_lsn.0 / seg_bytes;
-    let first = SegmentName::containing(TimelineId::new(m.timeline)?, m.start_lsn, size);
+    let no_of = |lsn: Lsn| SegmentNo(lsn.0 / seg_bytes);
+    let first_no = no_of(m.start_lsn);
+    let first = SegmentName::containing(m.timeline, m.start_lsn, size);
     let chain = cat.chain(m, timeline);
     let end_no = chain.last().map(|&(_, no)| no)?;
     let passes = |t: i64, target: i64| if exclusive { t >= target } else { t > target };
@@ -228,13 +241,13 @@ pub fn replay_span(
                     .is_some_and(|t| passes(t, *us))
             })
             .map(|&(_, no)| no),
-        RecoveryTarget::Lsn(l) => Some(l.0 / seg_bytes),
+        RecoveryTarget::Lsn(l) => Some(no_of(*l)),
         RecoveryTarget::Name(n) => cat
             .restore_points(&chain)
             .into_iter()
             .find(|(name, lsn, _)| name == n && *lsn >= m.stop_lsn)
-            .map(|(_, lsn, _)| lsn.0 / seg_bytes),
-        RecoveryTarget::Immediate => Some(m.stop_lsn.0.saturating_sub(1) / seg_bytes),
+            .map(|(_, lsn, _)| no_of(lsn)),
+        RecoveryTarget::Immediate => Some(no_of(Lsn(m.stop_lsn.0.saturating_sub(1)))),
         RecoveryTarget::End | RecoveryTarget::Xid(_) => None,
     };
     let (last_no, last_is_upper_bound) = match exact {
@@ -245,12 +258,12 @@ pub fn replay_span(
         first,
         last: name(last_no)?,
         last_is_upper_bound,
-        segments: last_no - first_no + 1,
+        segments: last_no.since(first_no) + 1,
     })
 }
 
 /// The restorable window of a timeline, for error messages.
-fn window_text(cat: &Catalog, tli: u32) -> String {
+fn window_text(cat: &Catalog, tli: TimelineId) -> String {
     match cat.window(tli) {
         Some(w) => format!("timeline {tli} is {}", w.describe()),
         None => format!("timeline {tli} has no restorable window (no backup with its WAL archived)"),
@@ -259,30 +272,30 @@ fn window_text(cat: &Catalog, tli: u32) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use super::super::testing::catalog;
     use super::*;
 
     #[test]
     fn the_replay_span_ends_where_the_target_is_reached() {
-        use crate::catalog::testing::{SEG, manifest, summary};
+        use crate::catalog::testing::{SEG, at, manifest, runs, summary};
         use crate::timeline::TimelineHistory;
+        use crate::wal::lsn::tl;
         // Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2; one
         // transaction end per segment, at 1000 + n seconds on 1 and 2000 + n on 2.
         let mut cat = catalog(1);
         cat.timelines
             .insert(TimelineHistory::parse(TimelineId::new(2).unwrap(), b"1\t0/5000100\tx\n").unwrap());
         for no in 2..=7 {
-            cat.summaries.insert((1, no), summary(no, 1000 + no as i64));
+            cat.summaries.insert(at(1, no), summary(no, 1000 + no as i64));
         }
         for no in 5..=9 {
-            cat.summaries.insert((2, no), summary(no, 2000 + no as i64));
+            cat.summaries.insert(at(2, no), summary(no, 2000 + no as i64));
         }
-        cat.segments = BTreeMap::from([(1, (2..=7).collect()), (2, (5..=9).collect())]);
+        cat.segments = runs([(1, 2..=7), (2, 5..=9)]);
         let m = manifest("20261121T100000Z", 1, 2, 900_000_000);
         let span = |cat: &Catalog, tli, target: RecoveryTarget, exclusive| {
-            let s = replay_span(cat, &m, tli, &target, exclusive).unwrap();
+            let s = replay_span(cat, &m, tl(tli), &target, exclusive).unwrap();
             (
                 s.first.to_string(),
                 s.last.to_string(),
@@ -321,7 +334,7 @@ mod tests {
             {"lsn": Lsn(6 * SEG + 0x100), "time": with_point.max_commit, "name": "rp1"}
         ]))
         .unwrap();
-        cat.summaries.insert((2, 6), with_point);
+        cat.summaries.insert(at(2, 6), with_point);
         assert_eq!(
             span(&cat, 2, RecoveryTarget::Name("rp1".into()), false).1,
             "000000020000000000000006"
