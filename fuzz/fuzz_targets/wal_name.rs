@@ -66,7 +66,7 @@ fn check_history(tli: u32, text: &[u8]) {
         assert!(pair[0].switch_lsn <= pair[1].switch_lsn, "{h:?}");
     }
     for a in &h.ancestors {
-        assert!(a.timeline >= 1 && a.timeline < tli, "{h:?}");
+        assert!(a.timeline.get() >= 1 && a.timeline < timeline, "{h:?}");
         assert!(!a.reason.contains('\n'), "{h:?}");
         written.push_str(&format!("{}\t{}\t{}\n", a.timeline, a.switch_lsn, a.reason));
     }
