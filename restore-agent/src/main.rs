@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use walvault::cli::drill_args::{self, DrillArgs};
 use walvault::cli::progress_bar::Bar;
-use walvault::cli::target_args::{TargetArgs, parse_timeline};
+use walvault::cli::restore_args::RestoreArgs;
 use walvault::cli::{self, RepoArgs};
 use walvault::exit;
 use walvault::report::{Format, Report};
@@ -66,50 +66,7 @@ enum Command {
     },
     /// Rebuild a data directory from a base backup, set up to recover to a target
     #[command(group(clap::ArgGroup::new("goal").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
-    Restore {
-        /// The new data directory (empty, replaced with --force, or rewritten with --delta)
-        #[arg(long, value_name = "DIR")]
-        pgdata: PathBuf,
-        #[command(flatten)]
-        goal: TargetArgs,
-        /// 'immediate': stop as soon as the backup is consistent
-        #[arg(long, value_name = "immediate", value_parser = ["immediate"])]
-        target: Option<String>,
-        /// What PostgreSQL does at the target: promote, pause or shutdown
-        #[arg(long, default_value = "promote", value_parser = ["promote", "pause", "shutdown"])]
-        target_action: String,
-        /// Backup to restore [default: the newest one consistent before the target]
-        #[arg(long, value_name = "ID")]
-        backup: Option<String>,
-        /// Replace the contents of a non-empty --pgdata
-        #[arg(long, conflicts_with = "delta")]
-        force: bool,
-        /// Restore over an existing data directory (an old primary, a lagging copy) with the
-        /// server stopped: only chunks whose content differs are fetched and rewritten; files and
-        /// directories the backup does not have are removed (pg_wal contents too)
-        #[arg(long)]
-        delta: bool,
-        /// Chunks fetched and written in parallel [default: 16 for file://, 32 for s3://, az:// and
-        /// gs:// (measured)]
-        #[arg(long, value_name = "N")]
-        parallel: Option<usize>,
-        /// Restore tablespace OID into DIR (repeatable)
-        #[arg(long, value_name = "OID=DIR")]
-        tablespace_map: Vec<String>,
-        /// Restore every other tablespace into DIR/<oid>
-        #[arg(long, value_name = "DIR")]
-        tablespace_map_all: Option<PathBuf>,
-        /// Restore every other tablespace to its location on the source
-        #[arg(long)]
-        tablespace_original: bool,
-        /// Print the restore's plan (backup, target, timeline, files, tablespaces, recovery
-        /// settings, replay) and write nothing: not even --pgdata is created
-        #[arg(long)]
-        dry_run: bool,
-        /// Print the report (or with --dry-run the plan) as JSON
-        #[arg(long)]
-        json: bool,
-    },
+    Restore(RestoreArgs),
     /// Check that every backup can be restored: manifests and chunks present, WAL continuous from
     /// each backup's start to the end of its timelines, history files and summaries readable;
     /// prints one line per problem (the object, and what depends on it), the restorable windows
@@ -249,7 +206,7 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<bool> {
             block_on(walvault::commands::prefetch::run(&settings, &pgdata, &opts))??;
             Ok(true)
         }
-        restore @ Command::Restore { .. } => run_restore(repo, restore).map(|()| true),
+        Command::Restore(args) => run_restore(repo, args).map(|()| true),
         Command::Verify { deep, parallel, json } => {
             let settings = repo.settings(None)?;
             let verified = block_on(walvault::commands::verify::verify_repository(
@@ -315,73 +272,13 @@ fn show(report: &impl Report, format: Format) -> anyhow::Result<()> {
     Ok(walvault::report::emit(report, format)?)
 }
 
-fn run_restore(repo: &RepoArgs, cmd: Command) -> anyhow::Result<()> {
-    use walvault::commands::restore::{RecoveryTarget, RestoreOptions, TargetAction};
+fn run_restore(repo: &RepoArgs, args: RestoreArgs) -> anyhow::Result<()> {
     use walvault::report::{Format, emit};
-    let Command::Restore {
-        pgdata,
-        goal,
-        target,
-        target_action,
-        backup,
-        force,
-        delta,
-        parallel,
-        tablespace_map,
-        tablespace_map_all,
-        tablespace_original,
-        dry_run,
-        json,
-    } = cmd
-    else {
-        unreachable!("called for restore only")
-    };
     let settings = repo.settings(None)?;
-    let target = match (goal.target()?, target) {
-        (Some(t), _) => t,
-        (None, Some(_)) => RecoveryTarget::Immediate,
-        (None, None) => RecoveryTarget::End,
-    };
-    let timeline = parse_timeline(&goal.target_timeline)?;
-    let action = match target_action.as_str() {
-        "pause" => TargetAction::Pause,
-        "shutdown" => TargetAction::Shutdown,
-        _ => TargetAction::Promote,
-    };
-    let restore_command = walvault::commands::restore::restore_command_line(
-        &std::env::current_exe()?,
-        &settings,
-        repo.config.as_deref(),
-        repo.retry_timeout.as_deref(),
-    )?;
-    let mut tablespaces = walvault::commands::restore::TablespacePlan {
-        all_under: tablespace_map_all,
-        original: tablespace_original,
-        ..Default::default()
-    };
-    for m in tablespace_map {
-        let (oid, dir) = m
-            .split_once('=')
-            .and_then(|(o, d)| Some((o.parse::<u32>().ok()?, PathBuf::from(d))))
-            .ok_or_else(|| anyhow::anyhow!("--tablespace-map {m:?}: expected OID=DIR"))?;
-        tablespaces.map.insert(oid, dir);
-    }
-    let opts = RestoreOptions {
-        tablespaces,
-        pgdata,
-        backup: backup.map(|b| b.parse()).transpose()?,
-        target,
-        timeline,
-        action,
-        exclusive: goal.target_exclusive,
-        force,
-        delta,
-        parallel: parallel
-            .unwrap_or_else(|| walvault::commands::restore::default_parallel(&settings.repo.location())),
-        restore_command,
-    };
+    let opts = args.options(&settings, repo, &std::env::current_exe()?)?;
+    let json = args.json;
     let rt = tokio::runtime::Runtime::new()?;
-    if dry_run {
+    if args.dry_run {
         let plan = rt.block_on(walvault::commands::restore::plan(&settings, &opts))?;
         emit(&plan, Format::from_json_flag(json))?;
         return Ok(());
