@@ -6,6 +6,7 @@
 //! restore, verify, find and expire read it.
 
 pub mod chunk;
+pub mod chunk_id;
 pub mod exclude;
 pub mod label;
 pub mod manifest;

@@ -19,7 +19,7 @@
 //! misplaced object is ignored, never misread.
 
 use crate::basebackup::BackupId;
-use crate::basebackup::chunk::ChunkId;
+use crate::basebackup::chunk_id::ChunkId;
 use crate::wal::{SegmentName, WalFileName};
 
 /// Prefix of the object `archive-agent init` writes twice to learn whether the store refuses
