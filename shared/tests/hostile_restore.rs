@@ -138,6 +138,7 @@ impl Env {
             force: false,
             delta: false,
             parallel: 4,
+            sync: Default::default(),
             restore_command: "restore-agent fetch %f %p".into(),
             tablespaces,
         };

@@ -6,7 +6,8 @@ use crate::basebackup::manifest::BackupIdError;
 use crate::cli::RepoArgs;
 use crate::cli::target_args::{TargetArgs, TargetError, parse_timeline};
 use crate::commands::restore::{
-    RecoveryTarget, RestoreOptions, TablespacePlan, TargetAction, default_parallel, restore_command_line,
+    RecoveryTarget, RestoreOptions, SyncMethod, TablespacePlan, TargetAction, default_parallel,
+    restore_command_line,
 };
 use crate::config::Settings;
 
@@ -60,6 +61,10 @@ pub struct RestoreArgs {
     /// Restore every other tablespace to its location on the source
     #[arg(long)]
     pub tablespace_original: bool,
+    /// How the restored files are made durable before pg_control is written: syncfs (one call
+    /// per file system, also flushing other writers' data there) or fsync (each file)
+    #[arg(long, default_value = "syncfs", value_parser = ["syncfs", "fsync"])]
+    pub sync_method: String,
     /// Print the restore's plan (backup, target, timeline, files, tablespaces, recovery
     /// settings, replay) and write nothing: not even --pgdata is created
     #[arg(long)]
@@ -108,6 +113,10 @@ impl RestoreArgs {
             parallel: self
                 .parallel
                 .unwrap_or_else(|| default_parallel(&settings.repo.location())),
+            sync: match self.sync_method.as_str() {
+                "fsync" => SyncMethod::Fsync,
+                _ => SyncMethod::Syncfs,
+            },
             restore_command,
         })
     }

@@ -115,6 +115,30 @@ impl TargetAction {
     }
 }
 
+/// How a restore makes the files it wrote durable before it writes `global/pg_control`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMethod {
+    /// `fsync` each file written (what pgBackRest does): flushes only what the restore wrote,
+    /// at the cost of one call, and often one journal commit, per file.
+    Fsync,
+    /// `syncfs` once per file system written to, as PostgreSQL's `recovery_init_sync_method =
+    /// syncfs` and `initdb --sync-method=syncfs` do: one call however many files (measured in
+    /// README, "Restore"), but it also flushes whatever else is dirty on those file systems, and
+    /// Linux reports write-back errors through it only since 5.8.
+    #[default]
+    Syncfs,
+}
+
+impl SyncMethod {
+    /// As `--sync-method` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMethod::Fsync => "fsync",
+            SyncMethod::Syncfs => "syncfs",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub pgdata: PathBuf,
@@ -127,6 +151,8 @@ pub struct RestoreOptions {
     /// Restore over the existing directory, rewriting only what differs ([`delta`]).
     pub delta: bool,
     pub parallel: usize,
+    /// How what was written is made durable.
+    pub sync: SyncMethod,
     /// The `restore_command` line to write (restore-agent fetch with the same repository settings).
     pub restore_command: String,
     /// Where each tablespace goes; see [`TablespacePlan`].
@@ -450,6 +476,7 @@ mod testing {
             force: false,
             delta: false,
             parallel: 1,
+            sync: SyncMethod::default(),
             restore_command: "true".into(),
             tablespaces: TablespacePlan::default(),
         }
@@ -560,6 +587,7 @@ mod testing {
             checks: vec![],
             wal_segment_size: 16 << 20,
             parallel: opts.parallel,
+            sync: opts.sync,
             delta_work,
         }
     }

@@ -127,7 +127,15 @@ pub(crate) async fn write_backup(
         .iter()
         .filter(|e| e.kind == EntryKind::File)
         .count() as u64;
-    let scattered = scatter::fill(store, sealer, fill, manifest.chunk_size, plan.parallel, progress).await?;
+    let scattered = scatter::fill(
+        store,
+        sealer,
+        fill,
+        manifest.chunk_size,
+        (plan.parallel, plan.sync),
+        progress,
+    )
+    .await?;
 
     write_recovery_files(plan, manifest)?;
     // Files were fsynced as they completed; their names live in the directories. Without
@@ -184,7 +192,7 @@ mod tests {
 
     use super::super::testing::{options, plan_of, stored_backup, stored_backup_sealed};
     use super::*;
-    use crate::commands::restore::NoProgress;
+    use crate::commands::restore::{NoProgress, SyncMethod};
 
     #[tokio::test]
     async fn each_distinct_chunk_is_fetched_once_however_often_it_is_referenced() {
@@ -200,38 +208,42 @@ mod tests {
             ("16387", vec![]),
         ];
         let (faults, store, sealer, m) = stored_backup(&files, CS as u64).await;
-        let dir = tempfile::tempdir().unwrap();
-        let mut opts = options(&dir.path().join("data"));
-        opts.parallel = 3;
-        let before = faults.requests();
-        let written = write_backup(
-            &store,
-            &sealer,
-            &plan_of(&m, &opts, None),
-            &m,
-            None,
-            Arc::new(NoProgress),
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            faults.requests() - before,
-            3,
-            "one GET per distinct chunk (zeroes, sevens, the tail), not one per reference (8)"
-        );
-        assert_eq!(written.scattered.chunks_fetched, 3);
-        assert_eq!(written.scattered.bytes_fetched, 2 * CS as u64 + 100);
-        assert_eq!(written.files, 4);
-        let total: usize = files.iter().map(|(_, c)| c.len()).sum();
-        assert_eq!(written.bytes, total as u64);
-        for (name, content) in &files {
-            let path = opts.pgdata.join("base/1").join(name);
-            assert_eq!(&std::fs::read(&path).unwrap(), content, "{name}");
-            use std::os::unix::fs::PermissionsExt;
+        // Either way of making the files durable writes the same files with the same modes.
+        for sync in [SyncMethod::Syncfs, SyncMethod::Fsync] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut opts = options(&dir.path().join("data"));
+            opts.parallel = 3;
+            opts.sync = sync;
+            let before = faults.requests();
+            let written = write_backup(
+                &store,
+                &sealer,
+                &plan_of(&m, &opts, None),
+                &m,
+                None,
+                Arc::new(NoProgress),
+            )
+            .await
+            .unwrap();
             assert_eq!(
-                std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
-                0o600
+                faults.requests() - before,
+                3,
+                "one GET per distinct chunk (zeroes, sevens, the tail), not one per reference (8)"
             );
+            assert_eq!(written.scattered.chunks_fetched, 3);
+            assert_eq!(written.scattered.bytes_fetched, 2 * CS as u64 + 100);
+            assert_eq!(written.files, 4);
+            let total: usize = files.iter().map(|(_, c)| c.len()).sum();
+            assert_eq!(written.bytes, total as u64);
+            for (name, content) in &files {
+                let path = opts.pgdata.join("base/1").join(name);
+                assert_eq!(&std::fs::read(&path).unwrap(), content, "{name}");
+                use std::os::unix::fs::PermissionsExt;
+                assert_eq!(
+                    std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
+                    0o600
+                );
+            }
         }
     }
 

@@ -48,6 +48,9 @@ pub struct RestorePlan {
     /// Chunks fetched and written at once (`--parallel`): how, not what.
     #[serde(skip)]
     pub(crate) parallel: usize,
+    /// How the files written are made durable (`--sync-method`): how, not what.
+    #[serde(skip)]
+    pub(crate) sync: super::SyncMethod,
     /// With `--delta`: the comparison of every existing file, consumed by the executor.
     #[serde(skip)]
     pub(crate) delta_work: Option<DeltaPlan>,
@@ -233,6 +236,7 @@ pub(crate) async fn build(
         checks,
         wal_segment_size: cat.wal_segment_size(),
         parallel: opts.parallel,
+        sync: opts.sync,
         delta_work,
     })
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{Progress, RestoreError, write_err};
+use super::{Progress, RestoreError, SyncMethod, write_err};
 use crate::basebackup::chunk::{Chunk, ChunkError, ChunkId, MisnamedChunk};
 use crate::basebackup::manifest::Entry;
 use crate::repo::Store;
@@ -222,14 +222,14 @@ pub(crate) struct Fill {
     pub last: Option<usize>,
 }
 
-/// Write every reference of `fill` (each distinct chunk fetched once), then sync each file and
-/// set its mode; the `last` file after all the others.
+/// Write every reference of `fill` (each distinct chunk fetched once), then set each file's mode
+/// and make it durable (`sync`); the `last` file after all the others are.
 pub(crate) async fn fill(
     store: &Store,
     sealer: &Sealer,
     fill: Fill,
     chunk_size: u64,
-    parallel: usize,
+    (parallel, sync): (usize, SyncMethod),
     progress: Arc<dyn Progress>,
 ) -> Result<Scattered, RestoreError> {
     let (paths, modes): (Vec<PathBuf>, Vec<u32>) = fill.files.into_iter().unzip();
@@ -267,8 +267,17 @@ pub(crate) async fn fill(
     )
     .await?;
     let all: Vec<usize> = (0..paths.len()).filter(|i| Some(*i) != fill.last).collect();
-    // Syncing waits on the disk: as many at once as chunks may wait.
-    finish(&paths, &modes, all, parallel + WAITING_IN_FLIGHT).await?;
+    match sync {
+        // Syncing waits on the disk: as many at once as chunks may wait.
+        SyncMethod::Fsync => finish(&paths, &modes, all, parallel + WAITING_IN_FLIGHT).await?,
+        SyncMethod::Syncfs => {
+            let paths = Arc::clone(&paths);
+            let modes = modes.clone();
+            tokio::task::spawn_blocking(move || set_modes_and_syncfs(&paths, &modes, &all))
+                .await
+                .expect("sync task panicked")?
+        }
+    }
     if let Some(last) = fill.last {
         let s = fetch_and_scatter(store, sealer, Arc::clone(&paths), late, 1, progress).await?;
         done.chunks_fetched += s.chunks_fetched;
@@ -277,6 +286,29 @@ pub(crate) async fn fill(
         finish(&paths, &modes, vec![last], 1).await?;
     }
     Ok(done)
+}
+
+/// Set the modes of files `which`, then `syncfs` each file system that holds one of them: once
+/// that returns, every byte and name written there is durable, whatever the number of files.
+fn set_modes_and_syncfs(paths: &[PathBuf], modes: &[u32], which: &[usize]) -> Result<(), RestoreError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut dirs: std::collections::BTreeSet<&std::path::Path> = std::collections::BTreeSet::new();
+    for &i in which {
+        let path = &paths[i];
+        let file = open_nofollow(path, false)?;
+        file.set_permissions(std::fs::Permissions::from_mode(modes[i] & 0o7777))
+            .map_err(write_err(path))?;
+        dirs.extend(path.parent());
+    }
+    let mut devices = std::collections::BTreeSet::new();
+    for dir in dirs {
+        let d = std::fs::File::open(dir).map_err(write_err(dir))?;
+        let dev = d.metadata().map_err(write_err(dir))?.dev();
+        if devices.insert(dev) {
+            rustix::fs::syncfs(&d).map_err(|e| write_err(dir)(e.into()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Sync files `which` and set their modes, `parallel` files at a time (one open at a time each).
