@@ -1,5 +1,5 @@
 //! The JSON documents a repository holds, on arbitrary bytes: the backup manifest
-//! (`backup/manifest.rs`), the repository descriptor (`repo/descriptor.rs`), the stored segment
+//! (`basebackup/manifest.rs`), the repository descriptor (`repo/descriptor.rs`), the stored segment
 //! summary of the time index (`timeindex.rs`) and the WAL decoder state it carries
 //! (`wal/decode.rs`, resumed as `summarize_segment` and `WalDecoder::resume` would).
 //!

@@ -969,7 +969,7 @@ mod tests {
 
     #[test]
     fn what_backups_hold_is_accepted() {
-        // The shapes take.rs writes: tablespace roots as 0700 directories, a setgid directory
+        // The shapes `archive-agent backup` writes: tablespace roots as 0700 directories, a setgid directory
         // (inherited from a setgid parent on the source), configuration files 0644, signal files.
         let m = with(
             vec![

@@ -61,9 +61,10 @@ pub struct RestoreArgs {
     /// Restore every other tablespace to its location on the source
     #[arg(long)]
     pub tablespace_original: bool,
-    /// How the restored files are made durable before pg_control is written: syncfs (one call
-    /// per file system, also flushing other writers' data there) or fsync (each file)
-    #[arg(long, default_value = "syncfs", value_parser = ["syncfs", "fsync"])]
+    /// How the restored files are made durable before pg_control is written: fsync (each file)
+    /// or syncfs (one call per file system, also flushing other writers' data there; Linux 5.8
+    /// and later report its write errors)
+    #[arg(long, default_value = "fsync", value_parser = ["fsync", "syncfs"])]
     pub sync_method: String,
     /// Print the restore's plan (backup, target, timeline, files, tablespaces, recovery
     /// settings, replay) and write nothing: not even --pgdata is created
@@ -114,8 +115,8 @@ impl RestoreArgs {
                 .parallel
                 .unwrap_or_else(|| default_parallel(&settings.repo.location())),
             sync: match self.sync_method.as_str() {
-                "fsync" => SyncMethod::Fsync,
-                _ => SyncMethod::Syncfs,
+                "syncfs" => SyncMethod::Syncfs,
+                _ => SyncMethod::Fsync,
             },
             restore_command,
         })

@@ -118,14 +118,15 @@ impl TargetAction {
 /// How a restore makes the files it wrote durable before it writes `global/pg_control`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SyncMethod {
-    /// `fsync` each file written (what pgBackRest does): flushes only what the restore wrote,
-    /// at the cost of one call, and often one journal commit, per file.
+    /// `fsync` each file written (what pgBackRest does, and PostgreSQL's default): flushes only
+    /// what the restore wrote, at the cost of one call, and often one journal commit, per file.
+    #[default]
     Fsync,
     /// `syncfs` once per file system written to, as PostgreSQL's `recovery_init_sync_method =
     /// syncfs` and `initdb --sync-method=syncfs` do: one call however many files (measured in
     /// README, "Restore"), but it also flushes whatever else is dirty on those file systems, and
-    /// Linux reports write-back errors through it only since 5.8.
-    #[default]
+    /// Linux reports write-back errors through it only since 5.8 (and some FUSE file systems
+    /// flush nothing on it): opt in where the destination is a file system of its own.
     Syncfs,
 }
 

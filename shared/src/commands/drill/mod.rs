@@ -238,7 +238,8 @@ fn restore_options(opts: &DrillOptions, plan: &Plan, scratch: &Path, pgdata: &Pa
         force: false,
         delta: false,
         parallel: opts.parallel,
-        // The restore a DBA would run, so the drill's RTO is that restore's.
+        // The restore a DBA would run, so the drill's RTO is that restore's (and never a syncfs
+        // of a scratch file system shared with a production server).
         sync: crate::commands::restore::SyncMethod::default(),
         restore_command: opts.restore_command.clone(),
         tablespaces: crate::commands::restore::TablespacePlan {

@@ -127,19 +127,8 @@ pub(crate) async fn write_backup(
         .iter()
         .filter(|e| e.kind == EntryKind::File)
         .count() as u64;
-    let scattered = scatter::fill(
-        store,
-        sealer,
-        fill,
-        manifest.chunk_size,
-        (plan.parallel, plan.sync),
-        progress,
-    )
-    .await?;
-
-    write_recovery_files(plan, manifest)?;
-    // Files were fsynced as they completed; their names live in the directories. Without
-    // syncing those, a crash right after "restored" could leave files missing.
+    // The files' names live in the directories: without syncing those, a crash right after
+    // "restored" could leave files missing.
     let mut dirs: Vec<PathBuf> = manifest
         .entries
         .iter()
@@ -149,8 +138,32 @@ pub(crate) async fn write_backup(
     dirs.push(pgdata.clone());
     dirs.extend(spaces.values().cloned());
     dirs.extend(pgdata.parent().map(Path::to_path_buf));
-    for d in dirs {
-        crate::local::crashsafe::sync_dir(&d).map_err(write_err(&d))?;
+    let sync_dirs = |dirs: &[PathBuf]| {
+        dirs.iter()
+            .try_for_each(|d| crate::local::crashsafe::sync_dir(d).map_err(write_err(d)))
+    };
+    // Everything but pg_control is durable before pg_control is written: the files, the recovery
+    // files (a pg_control without its backup_label would start as crash recovery from the
+    // backup's checkpoint, silently wrong) and every name.
+    let before_pg_control = || {
+        write_recovery_files(plan, manifest)?;
+        sync_dirs(&dirs)
+    };
+    let scattered = scatter::fill(
+        store,
+        sealer,
+        fill,
+        manifest.chunk_size,
+        (plan.parallel, plan.sync),
+        before_pg_control,
+        progress,
+    )
+    .await?;
+    // pg_control's own name (rewritten in place, or removed and created again by --delta).
+    if manifest.entries.iter().any(|e| e.path == PG_CONTROL) {
+        sync_dirs(&[dest_of(PG_CONTROL)
+            .parent()
+            .map_or_else(|| pgdata.clone(), Path::to_path_buf)])?;
     }
     Ok(Written {
         files,

@@ -223,13 +223,14 @@ pub(crate) struct Fill {
 }
 
 /// Write every reference of `fill` (each distinct chunk fetched once), then set each file's mode
-/// and make it durable (`sync`); the `last` file after all the others are.
+/// and make it durable (`sync`); then run `before_last`; the `last` file after all of that.
 pub(crate) async fn fill(
     store: &Store,
     sealer: &Sealer,
     fill: Fill,
     chunk_size: u64,
     (parallel, sync): (usize, SyncMethod),
+    before_last: impl FnOnce() -> Result<(), RestoreError>,
     progress: Arc<dyn Progress>,
 ) -> Result<Scattered, RestoreError> {
     let (paths, modes): (Vec<PathBuf>, Vec<u32>) = fill.files.into_iter().unzip();
@@ -278,6 +279,7 @@ pub(crate) async fn fill(
                 .expect("sync task panicked")?
         }
     }
+    before_last()?;
     if let Some(last) = fill.last {
         let s = fetch_and_scatter(store, sealer, Arc::clone(&paths), late, 1, progress).await?;
         done.chunks_fetched += s.chunks_fetched;
