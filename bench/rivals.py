@@ -514,8 +514,9 @@ def backup_round(ctx, store, rnd, c):
                 res["delta_restore"][tool] = {"seconds": None, "note": "restore-agent restore has no --delta"}
                 continue
             reqs = store.counters()
-            secs, rss, _ = timed(tools[tool].restore(dirs[tool], delta=True), store.env)
-            res["delta_restore"][tool] = {"seconds": secs, "peak_rss_mib": round(rss / 1024, 1)}
+            secs, synced, rss = durable(tools[tool].restore(dirs[tool], delta=True), dirs[tool], store.env)
+            res["delta_restore"][tool] = {"seconds": synced, "seconds_no_sync": secs,
+                                          "peak_rss_mib": round(rss / 1024, 1)}
             if reqs is not None:
                 res["delta_restore"][tool]["s3"] = store.requests(reqs)
             log(f"  {tag} delta restore {tool}: {secs} s")
