@@ -398,7 +398,7 @@ impl Catalog {
     /// first one missing from the archive.
     pub fn chain(&self, backup: &Manifest, timeline: TimelineId) -> Vec<(TimelineId, SegmentNo)> {
         let mut out = Vec::new();
-        let mut no = SegmentNo(backup.start_lsn.0 / self.segment_size());
+        let mut no = backup.wal_needed(self.wal_segment_size()).0;
         loop {
             let tli = self.timeline_of_segment(timeline, no);
             let present = self
@@ -411,6 +411,12 @@ impl Catalog {
             out.push((tli, no));
             no = no.plus(1);
         }
+    }
+
+    /// Whether `chain`, replayed from backup `m`, reaches the segment where `m` becomes consistent.
+    pub fn reaches_consistency(&self, m: &Manifest, chain: &[(TimelineId, SegmentNo)]) -> bool {
+        let (_, consistent) = m.wal_needed(self.wal_segment_size());
+        chain.iter().any(|&(_, no)| no >= consistent)
     }
 
     /// Whether recovery following `timeline` can start from backup `m`.
@@ -466,10 +472,7 @@ impl Catalog {
             .iter()
             .filter(|m| self.on_history(m, timeline))
             .map(|m| (m, self.chain(m, timeline)))
-            .filter(|(m, chain)| {
-                let stop_no = SegmentNo(m.stop_lsn.0.saturating_sub(1) / self.segment_size());
-                chain.iter().any(|&(_, no)| no >= stop_no)
-            })
+            .filter(|(m, chain)| self.reaches_consistency(m, chain))
             .collect();
         let end = usable.iter().map(|(_, c)| c.last().map(|&(_, no)| no)).max()?;
         usable

@@ -453,9 +453,10 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
         if window && window_from.is_none_or(|w| m.stop_time_us < w.stop_time_us) {
             window_from = Some(m);
         }
+        let (from, consistent) = m.wal_needed(cat.wal_segment_size());
         anchors.push(Anchor {
-            from: SegmentNo(m.start_lsn.0 / seg),
-            to: (!window).then(|| SegmentNo(m.stop_lsn.0.saturating_sub(1) / seg)),
+            from,
+            to: (!window).then_some(consistent),
             timeline: m.timeline,
             stop_lsn: m.stop_lsn,
         });

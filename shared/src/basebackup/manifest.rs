@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::chunk::ChunkId;
 use crate::repo::object::ObjectKind;
 use crate::repo::stored::{Envelope, Opened, StoredKind};
-use crate::wal::{Lsn, TimelineId, WalFileName};
+use crate::wal::{Lsn, SegmentNo, TimelineId, WalFileName};
 
 pub const FORMAT_NAME: &str = "walvault-backup-manifest";
 pub const FORMAT_VERSION: u32 = 1;
@@ -295,6 +295,15 @@ impl<'de> Deserialize<'de> for Count {
 }
 
 impl Manifest {
+    /// The WAL this backup needs to become consistent: from the segment holding its start LSN to
+    /// the one holding the last byte before its stop LSN, both included.
+    pub fn wal_needed(&self, segment_size: u32) -> (SegmentNo, SegmentNo) {
+        (
+            SegmentNo::containing(self.start_lsn, segment_size),
+            SegmentNo::containing(Lsn(self.stop_lsn.0.saturating_sub(1)), segment_size),
+        )
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("manifest serializes")
     }

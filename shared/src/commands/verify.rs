@@ -385,9 +385,7 @@ fn wal_problems(
     // (key) -> (problem, affected backups)
     let mut gaps: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
     for m in &cat.backups {
-        let seg = u64::from(seg_size);
-        let start = SegmentNo(m.start_lsn.0 / seg);
-        let stop = SegmentNo(m.stop_lsn.0.saturating_sub(1) / seg);
+        let (start, stop) = m.wal_needed(seg_size);
         let own = cat.chain(m, m.timeline);
         let reached = own.last().map(|&(_, no)| no);
         if reached.is_none_or(|r| r < stop) {

@@ -34,6 +34,11 @@ pub enum NameError {
 pub struct SegmentNo(pub u64);
 
 impl SegmentNo {
+    /// The segment that holds `lsn`, in segments of `segment_size` bytes.
+    pub fn containing(lsn: Lsn, segment_size: u32) -> SegmentNo {
+        SegmentNo(lsn.0 / u64::from(segment_size.max(1)))
+    }
+
     /// The segment `n` after this one.
     pub fn plus(self, n: u64) -> SegmentNo {
         SegmentNo(self.0.saturating_add(n))
@@ -103,11 +108,7 @@ impl SegmentName {
 
     /// The name of the segment that holds `lsn` on `timeline`.
     pub fn containing(timeline: TimelineId, lsn: Lsn, segment_size: u32) -> SegmentName {
-        Self::from_no(
-            timeline,
-            SegmentNo(lsn.0 / u64::from(segment_size.max(1))),
-            segment_size,
-        )
+        Self::from_no(timeline, SegmentNo::containing(lsn, segment_size), segment_size)
     }
 
     fn parse(s: &str) -> Option<SegmentName> {

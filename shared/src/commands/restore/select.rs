@@ -98,8 +98,7 @@ pub fn choose_backup<'a>(
     let mut refusal = None;
     for (m, tli) in candidates {
         let chain = cat.chain(m, tli);
-        let stop_no = SegmentNo(m.stop_lsn.0.saturating_sub(1) / u64::from(cat.wal_segment_size()));
-        if !chain.iter().any(|&(_, no)| no >= stop_no) {
+        if !cat.reaches_consistency(m, &chain) {
             refusal.get_or_insert_with(|| {
                 outside(
                     tli,
@@ -225,7 +224,7 @@ pub fn replay_span(
             size,
         ))
     };
-    let no_of = |lsn: Lsn| SegmentNo(lsn.0 / seg_bytes);
+    let no_of = |lsn: Lsn| SegmentNo::containing(lsn, size);
     let first_no = no_of(m.start_lsn);
     let first = SegmentName::containing(m.timeline, m.start_lsn, size);
     let chain = cat.chain(m, timeline);
