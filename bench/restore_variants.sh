@@ -9,7 +9,9 @@
 # SETTLE=N waits N seconds after deleting the previous restore (ext4 avoids reusing inodes freed
 # in the last ~30 s, which makes a restore right after a delete slower). Run as root (PostgreSQL
 # runs as postgres). The cluster and its backup are kept in $WORK (default /var/tmp/walvault-rv-$SHAPE)
-# and reused; delete it to start over. Binaries from $BIN (default target/release).
+# and reused; delete it to start over. Binaries from $BIN (default target/release); a variant that
+# begins with @DIR uses the restore-agent in DIR instead (to compare two builds, interleaved):
+#   bench/restore_variants.sh "@/tmp/old" "" "@/tmp/old" ""
 set -euo pipefail
 SHAPE=${SHAPE:-pgbench}; SCALE=${SCALE:-50}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -44,9 +46,11 @@ fi
 echo "shape $SHAPE: $(find "$W/data" -type f | wc -l) files, $(du -sm "$W/data" | cut -f1) MiB"
 for v in "$@"; do
   rm -rf "$W/out"; sync; sleep "${SETTLE:-0}"
+  bin=$BIN; flags=$v
+  if [[ $v == @* ]]; then bin=${v%% *}; bin=${bin#@}; flags=${v#"@$bin"}; fi
   t0=$(date +%s.%N)
   # shellcheck disable=SC2086  # the variant is a list of flags
-  as_pg "$BIN/restore-agent" restore --repo "file://$W/repo" --pgdata "$W/out" $v >/dev/null
+  as_pg "$bin/restore-agent" restore --repo "file://$W/repo" --pgdata "$W/out" $flags >/dev/null
   t1=$(date +%s.%N); sync -f "$W"; t2=$(date +%s.%N)
   printf '%-36s exited %6.2f s   durable %6.2f s\n' "$v" "$(echo "$t1 - $t0" | bc)" "$(echo "$t2 - $t0" | bc)"
 done

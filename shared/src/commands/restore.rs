@@ -8,7 +8,7 @@
 //!   comparison), the recovery settings and the replay ahead, decided with reads only;
 //!   `restore-agent restore --dry-run` prints it;
 //! - the executor ([`execute`]): empties or creates the directory and writes the backup's files,
-//!   each distinct chunk fetched once ([`scatter`]), on the tree [`tree`] creates;
+//!   each distinct chunk fetched once and each file written from one descriptor ([`writer`]), on the tree [`tree`] creates;
 //! - the writer of the recovery configuration ([`recovery_files`]).
 //!
 //! Everything that can be refused is refused before the first byte is written: an unknown
@@ -39,9 +39,9 @@ mod execute;
 mod placement;
 mod plan;
 mod recovery_files;
-mod scatter;
 mod select;
 mod tree;
+mod writer;
 
 pub use delta::DeltaReport;
 pub use placement::check_before_writing;

@@ -9,7 +9,7 @@
 //! - [`apply`] removes what the backup does not have (and anything of the wrong kind where the
 //!   backup has a file or a directory: a link where a file goes is removed, never written
 //!   through), creates missing directories and files, truncates or extends files to their size,
-//!   and returns the chunks to write ([`super::scatter::Fill`]), which the restore then fetches,
+//!   and returns the chunks to write ([`super::writer::Fill`]), which the restore then fetches,
 //!   each distinct chunk once.
 //!
 //! What is kept: only what the backup has. Everything else goes, as in a full restore into an
@@ -26,8 +26,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::placement::destination;
-use super::scatter::{Fill, PG_CONTROL, add_refs, open_for_write, open_nofollow};
 use super::tree::{create_dir, create_parent, create_sized};
+use super::writer::{Fill, PG_CONTROL, add_file, open_for_write, open_nofollow};
 use super::{RestoreError, write_err};
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::manifest::{EntryKind, Manifest};
@@ -416,11 +416,7 @@ pub(crate) fn apply(
                     .map_err(write_err(&f.dest))?;
             }
         }
-        add_refs(&mut fill, e, f.rewrite.into_iter(), m.chunk_size);
-        if e.path == PG_CONTROL {
-            fill.last = Some(fill.files.len());
-        }
-        fill.files.push((f.dest, e.mode));
+        add_file(&mut fill, e, f.dest, false, f.rewrite.into_iter(), m.chunk_size);
     }
     Ok((fill, plan.report))
 }

@@ -1,6 +1,6 @@
 //! The executor of a [`RestorePlan`]: it empties the data directory when the plan says so,
 //! writes the backup's directories and files (all of them, or with `--delta` what differs),
-//! fetching each distinct chunk once ([`super::scatter`]), and has the recovery configuration
+//! fetching each distinct chunk once and writing each file from one descriptor ([`super::writer`]), and has the recovery configuration
 //! written ([`super::recovery_files`]). It decides nothing the plan has not: the plan is the
 //! restore a dry run prints. On failure it removes what it wrote: a half-restored directory must
 //! never be mistaken for a restore.
@@ -12,8 +12,8 @@ use super::delta::{self, DeltaPlan, DeltaReport};
 use super::placement::destination;
 use super::plan::{DirectoryUse, RestorePlan};
 use super::recovery_files::{write_recovery_files, write_replay_plan};
-use super::scatter::{self, Fill, PG_CONTROL, add_refs};
-use super::tree::{clear_dir, create_dir, create_parent, create_sized};
+use super::tree::{clear_dir, create_dir, create_parent};
+use super::writer::{self, Fill, PG_CONTROL, add_file};
 use super::{Progress, RestoreError, RestoreReport, write_err};
 use crate::basebackup::manifest::{EntryKind, Manifest};
 use crate::catalog::Catalog;
@@ -149,7 +149,7 @@ pub(crate) async fn write_backup(
         write_recovery_files(plan, manifest)?;
         sync_dirs(&dirs)
     };
-    let scattered = scatter::fill(
+    let scattered = writer::fill(
         store,
         sealer,
         fill,
@@ -178,23 +178,18 @@ pub(crate) async fn write_backup(
 pub(crate) struct Written {
     pub files: u64,
     pub bytes: u64,
-    pub scattered: scatter::Scattered,
+    pub scattered: writer::Scattered,
     pub delta: Option<DeltaReport>,
 }
 
-/// Create every file of the backup at its final size (sparse until its chunks land), and list
-/// the chunk references to write into them.
+/// List every file of the backup, to be created by the writer, with all its chunk references
+/// (creating the parents the manifest does not list).
 fn lay_out(manifest: &Manifest, dest_of: &dyn Fn(&str) -> PathBuf) -> Result<Fill, RestoreError> {
     let mut fill = Fill::default();
     for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::File) {
         let dest = dest_of(&e.path);
         create_parent(&dest)?;
-        create_sized(&dest, e.size)?;
-        add_refs(&mut fill, e, 0..e.chunks.len(), manifest.chunk_size);
-        if e.path == PG_CONTROL {
-            fill.last = Some(fill.files.len());
-        }
-        fill.files.push((dest, e.mode));
+        add_file(&mut fill, e, dest, true, 0..e.chunks.len(), manifest.chunk_size);
     }
     Ok(fill)
 }
