@@ -104,7 +104,7 @@ pub(crate) async fn write_backup(
 ) -> Result<Written, RestoreError> {
     let (pgdata, spaces) = (&plan.pgdata, &plan.tablespaces);
     let dest_of = |rel: &str| destination(pgdata, spaces, rel);
-    let (fill, delta) = match delta {
+    let (mut fill, delta) = match delta {
         Some(work) => {
             let (fill, report) = delta::apply(work, manifest, pgdata, spaces)?;
             (fill, Some(report))
@@ -122,6 +122,9 @@ pub(crate) async fn write_backup(
             (lay_out(manifest, &dest_of)?, None)
         }
     };
+    fill.roots = std::iter::once(pgdata.clone())
+        .chain(spaces.values().cloned())
+        .collect();
     let files = manifest
         .entries
         .iter()

@@ -85,6 +85,9 @@ pub(crate) struct Fill {
     /// the directory cannot be started, so a restore that fails half-way never looks like a
     /// cluster.
     pub last: Option<usize>,
+    /// The data directory and every tablespace directory: with `--sync-method syncfs`, their
+    /// file systems are synced even when no file is written (a `--delta` that only removed).
+    pub roots: Vec<PathBuf>,
 }
 
 /// What writing did.
@@ -175,6 +178,7 @@ pub(crate) async fn fill(
         files,
         mut refs,
         last,
+        roots,
     } = fill;
     refs.sort_by_key(|r| (r.file, r.index));
     // One decision over all references (the last file's included): a contradiction anywhere is
@@ -191,7 +195,7 @@ pub(crate) async fn fill(
     // syncfs reports the write-back errors of its file system since the descriptor it is given
     // was opened: open the roots before the first write.
     let roots = match sync {
-        SyncMethod::Syncfs => Some(open_roots(&files, last)?),
+        SyncMethod::Syncfs => Some(open_roots(&roots, &files, last)?),
         SyncMethod::Fsync => None,
     };
     let files = Arc::new(files);
@@ -230,11 +234,15 @@ pub(crate) async fn fill(
     Ok(done)
 }
 
-/// The directories whose file systems a `syncfs` must cover: the top directory of each file
-/// (the data directory and every tablespace), opened now, one per device.
-fn open_roots(files: &[Target], last: Option<usize>) -> Result<Vec<(PathBuf, std::fs::File)>, RestoreError> {
+/// The directories whose file systems a `syncfs` must cover: `roots` and the directory of each
+/// file, opened now, one per device.
+fn open_roots(
+    roots: &[PathBuf],
+    files: &[Target],
+    last: Option<usize>,
+) -> Result<Vec<(PathBuf, std::fs::File)>, RestoreError> {
     use std::os::unix::fs::MetadataExt;
-    let mut dirs: std::collections::BTreeSet<&Path> = std::collections::BTreeSet::new();
+    let mut dirs: std::collections::BTreeSet<&Path> = roots.iter().map(PathBuf::as_path).collect();
     for (i, f) in files.iter().enumerate() {
         if Some(i) != last {
             dirs.extend(f.path.parent());
