@@ -404,33 +404,136 @@ def durable(cmd, dest, env=None):
     return secs, round(secs + time.monotonic() - t0, 2), rss
 
 
-def make_backup_cluster(ctx):
+DIGEST = ("select count(*) || ' tables, ' || md5(string_agg(relname || '=' || (xpath('/row/d/text()', "
+          "query_to_xml(format('select count(*) || '':'' || coalesce(sum(hashtext(t::text)::bigint), 0) as d "
+          "from public.%I t', relname), false, true, '')))[1]::text, ',' order by relname)) from pg_class "
+          "where relkind = 'r' and relnamespace = 'public'::regnamespace")
+
+
+def digest(port, host="127.0.0.1"):
+    """Every table of the public schema: its row count and a sum of its rows' hashes, one md5
+    over all (what a restored cluster must match, table for table)."""
+    return subprocess.run([f"{PG}/psql", "-X", "-q", "-At", "-h", host, "-p", str(port), "-U", "postgres",
+                           "-d", "postgres", "-c", DIGEST], check=True, capture_output=True, text=True).stdout.strip()
+
+
+class Shape:
+    """What is backed up: `pgbench` at a scale, or `many` (10,000 tables of 50 rows with their
+    primary keys: 20,000 relations, ~41,000 files, ~0.6 GiB)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        if spec == "many":
+            self.name, self.scale, self.tables = "many", None, 10000
+        elif spec.isdigit() and int(spec) > 0:
+            self.name, self.scale = f"pgbench scale {spec}", int(spec)
+        else:
+            sys.exit(f"unknown shape {spec!r}: a pgbench scale (50, 300) or 'many'")
+
+    def populate(self, c):
+        if self.scale:
+            pg(f"{PG}/pgbench -h 127.0.0.1 -p {c.port} -U postgres -i -s {self.scale} -q postgres")
+            return
+        sql = os.path.join(c.dir, "many.sql")
+        with open(sql, "w") as f:
+            for i in range(self.tables):
+                f.write(f"create table t{i} (id int primary key, v text); "
+                        f"insert into t{i} select g, md5(g::text) from generate_series(1, 50) g;\n")
+        chown(sql)
+        pg(f"{PG}/psql -X -q -h 127.0.0.1 -p {c.port} -U postgres -d postgres -f {sql}")
+
+    def rows(self):
+        return self.scale * 100000 if self.scale else self.tables * 50
+
+    def change(self, c):
+        """~1% of the rows, chosen at random: pgbench's tpcb-like UPDATEs of pgbench_accounts, or
+        one row in each of 5,000 (table, row) pairs of the many tables."""
+        if self.scale:
+            rows = self.rows()
+            c.psql(f"update pgbench_accounts set abalance = abalance + 1 where aid in "
+                   f"(select 1 + (random() * {rows - 1})::int from generate_series(1, {rows // 100}))")
+            return
+        psql(c, f"do $$ begin for k in 1..{self.rows() // 100} loop execute format("
+                f"'update t%s set v = md5(v) where id = %s', (random() * {self.tables - 1})::int, "
+                f"1 + (random() * 49)::int); end loop; end $$")
+
+
+def make_backup_cluster(ctx, shape):
     c = ab.Cluster(ctx.work, "bk")
     pg(f"{PG}/initdb -A trust -U postgres -D {c.data}")
     with open(os.path.join(c.data, "postgresql.conf"), "a") as f:
         f.write("archive_mode = on\narchive_command = '/bin/true'\nmax_wal_size = 4GB\n"
-                "checkpoint_timeout = 30min\n")
+                "checkpoint_timeout = 30min\nmax_locks_per_transaction = 256\n")
     cluster_start(c, {})
-    pg(f"{PG}/pgbench -h 127.0.0.1 -p {c.port} -U postgres -i -s {ctx.scale} -q postgres")
+    shape.populate(c)
     c.psql("vacuum analyze")
     c.psql("checkpoint")
-    ctx.results["database_bytes"] = int(c.psql("select sum(pg_database_size(oid)) from pg_database").strip())
-    ctx.results["accounts_rows"] = ctx.scale * 100000
+    ctx.shape_results["database_bytes"] = int(c.psql("select sum(pg_database_size(oid)) from pg_database").strip())
+    ctx.shape_results["files"] = count_files(c.data)
+    ctx.shape_results["rows"] = shape.rows()
     cluster_stop(c)
     return c
+
+
+def verify_restore(ctx, store, dest, want, tag):
+    """Start walvault's restored directory (its own restore_command, archiving off), wait until
+    recovery has ended, and compare every table with the source's digest `want`. Raises when
+    they differ: a fast restore of the wrong data is no result."""
+    port = ab.free_port()
+    sock = mkdir_pg(os.path.join(ctx.work, f"verify-{tag}"))
+    logf = os.path.join(sock, "log")
+    pg(f"{PG}/pg_ctl -D {dest} -l {logf} -w -t 3600 -o '-p {port} -k {sock} -c listen_addresses=127.0.0.1 "
+       f"-c archive_mode=off' start", store.env)
+    try:
+        deadline = time.time() + 1800
+        while psql_at(port, "select pg_is_in_recovery()") == "t":
+            if time.time() > deadline:
+                raise RuntimeError(f"{dest} still in recovery; see {logf}")
+            time.sleep(0.5)
+        got = digest(port)
+    finally:
+        pg(f"{PG}/pg_ctl -D {dest} -w -t 600 -m fast stop", check=False)
+    if got != want:
+        raise RuntimeError(f"walvault's restore of {tag} differs from its source: {got} != {want}; see {logf}")
+    shutil.rmtree(sock, ignore_errors=True)
+    return got
+
+
+def psql_at(port, sql):
+    return subprocess.run([f"{PG}/psql", "-X", "-q", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                           "-d", "postgres", "-c", sql], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def limits(ctx, c, tag):
+    """The physical limits on this machine for this shape (bench/src/bin/limits.rs): backup =
+    read the data directory and compress it at --parallel; restore = the larger of decompressing
+    those bytes at --parallel and writing and syncing the same files."""
+    out = os.path.join(ctx.work, f"limit-{tag}")
+    dest = os.path.join(ctx.work, f"limit-rs-{tag}")
+    subprocess.run("sync", check=True)
+    b = json.loads(s3b.run(f"{ctx.limits} backup --data {c.data} --out {out} --parallel {ctx.n}").strip())
+    subprocess.run("sync", check=True)
+    r = json.loads(s3b.run(f"{ctx.limits} restore --from {out} --to {dest} --parallel {ctx.n}").strip())
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    return ({"seconds": round(b["seconds"], 3), "stored_bytes": b["stored_bytes"]},
+            {"seconds": round(r["seconds"], 3), "seconds_no_sync": round(r["seconds"], 3),
+             "decompress_seconds": round(r["decompress_seconds"], 3), "write_seconds": round(r["write_seconds"], 3)})
 
 
 # ---------------------------------------------------------------------------------------------
 # Scenarios 1-4: base backups and restores
 
-def backup_round(ctx, store, rnd, c):
+def backup_round(ctx, store, rnd, c, shape):
     """One round of full backup, restore, second backups and delta restore, every tool with a
-    fresh repository. Returns {scenario: {tool: measurement}}."""
+    fresh repository, the physical limits beside them, and walvault's restored cluster compared
+    table for table with its source. Returns {scenario: {tool: measurement}}."""
     r = rnd + 1
     tag = f"{store.kind}-{r}"
-    tools = {"walvault": Walvault(ctx, store, store.loc(f"bk-wv-{r}")),
-             "pgBackRest": PgBackRest(ctx, store, store.loc(f"bk-pgbr-{r}"), f"bk-{tag}", c.data, c.port, c.dir),
-             "WAL-RUS": Walrus(ctx, store, store.loc(f"bk-walrus-{r}"), f"bk-{tag}")}
+    sh = shape.spec
+    tools = {"walvault": Walvault(ctx, store, store.loc(f"bk-{sh}-wv-{r}")),
+             "pgBackRest": PgBackRest(ctx, store, store.loc(f"bk-{sh}-pgbr-{r}"), f"bk-{sh}-{tag}", c.data, c.port, c.dir),
+             "WAL-RUS": Walrus(ctx, store, store.loc(f"bk-{sh}-walrus-{r}"), f"bk-{sh}-{tag}")}
     tools["walvault"].init(c.data)
     tools["pgBackRest"].init()
     # Every tool's backup needs its WAL (walvault and pgBackRest wait for the backup's last
@@ -446,6 +549,7 @@ def backup_round(ctx, store, rnd, c):
     wait_archived(c)
     order = list(TOOLS[rnd % 3:] + TOOLS[:rnd % 3])
     res = {k: {} for k in ("full", "restore", "second_nochange", "second_change", "delta_restore")}
+    want = digest(c.port)
 
     def backup(tool, kind):
         t = tools[tool]
@@ -472,6 +576,10 @@ def backup_round(ctx, store, rnd, c):
     secs, rss, _ = timed(f"{PG}/pg_basebackup -h 127.0.0.1 -p {c.port} -U postgres -D {bb} -Ft -X none -c fast "
                          f"--compress=client-zstd:level=3,workers={ctx.n}")
     res["full"]["pg_basebackup"] = {"seconds": secs, "stored_bytes": du(bb), "peak_rss_mib": round(rss / 1024, 1)}
+    res["full"]["limit"], res["restore"]["limit"] = limits(ctx, c, tag)
+    log(f"  {tag} limits: backup {res['full']['limit']['seconds']} s, restore {res['restore']['limit']['seconds']} s "
+        f"(decompress {res['restore']['limit']['decompress_seconds']} s, write and sync "
+        f"{res['restore']['limit']['write_seconds']} s)")
 
     dirs = {}
     if ctx.want("restore") or ctx.want("delta"):
@@ -484,6 +592,10 @@ def backup_round(ctx, store, rnd, c):
             if reqs is not None:
                 res["restore"][tool]["s3"] = store.requests(reqs)
             log(f"  {tag} restore {tool}: {synced} s until durable ({secs} s until it exited)")
+            if tool == "WAL-RUS" or (tool == "pgBackRest" and not ctx.want("delta")):
+                shutil.rmtree(dest, ignore_errors=True)  # not needed again: room on the disk
+        if not ctx.want("delta"):
+            res["restore"]["walvault"]["verified"] = verify_restore(ctx, store, dirs["walvault"], want, tag)
         # The reference: the same database as one zstd-3 tar, decompressed and written by tar
         # (no chunking, no verification), timed the same way.
         dest = mkdir_pg(os.path.join(ctx.work, f"rs-{tag}-pg_basebackup"))
@@ -496,10 +608,8 @@ def backup_round(ctx, store, rnd, c):
         for tool in order:
             res["second_nochange"][tool] = backup(tool, "second")
             log(f"  {tag} second backup, no change, {tool}: {res['second_nochange'][tool]['seconds']} s")
-        # ~1% of pgbench_accounts rows, chosen at random as pgbench's tpcb-like UPDATEs do.
-        rows = ctx.scale * 100000
-        c.psql(f"update pgbench_accounts set abalance = abalance + 1 where aid in "
-               f"(select 1 + (random() * {rows - 1})::int from generate_series(1, {rows // 100}))")
+        shape.change(c)
+        want = digest(c.port)
         c.psql("checkpoint")
         c.psql("select pg_switch_wal()")
         wait_archived(c)
@@ -520,6 +630,8 @@ def backup_round(ctx, store, rnd, c):
             if reqs is not None:
                 res["delta_restore"][tool]["s3"] = store.requests(reqs)
             log(f"  {tag} delta restore {tool}: {secs} s")
+            if tool == "walvault":
+                res["delta_restore"]["walvault"]["verified"] = verify_restore(ctx, store, dirs["walvault"], want, tag)
     for d in dirs.values():
         shutil.rmtree(d, ignore_errors=True)
     c.psql("alter system set archive_command = '/bin/true'")
@@ -742,7 +854,7 @@ ROWS = [
     ("WAL archiving, S3 requests per segment", "archive", "requests_per_segment", "requests", True, 1),
     ("replay of all WAL through restore_command", "replay", "seconds", "s", True, 1),
 ]
-COLUMNS = ("walvault", "pgBackRest", "WAL-RUS", "pg_basebackup", "local")
+COLUMNS = ("walvault", "pgBackRest", "WAL-RUS", "pg_basebackup", "local", "limit")
 
 
 def metric(run, section, tool, key):
@@ -750,10 +862,18 @@ def metric(run, section, tool, key):
     return get(run, section, tool, *path)
 
 
-def summarize(results):
+RIVALS_OF = ("pgBackRest", "WAL-RUS")
+
+
+def summarize_stores(stores):
+    """Each store's rows: every tool's median (min–max) over the rounds, and walvault's ratio to
+    each rival, to the faster rival of each round, to the limit and to the reference, taken per
+    round."""
     summ = {}
-    for kind, sr in results["stores"].items():
+    for kind, sr in stores.items():
         runs = sr["rounds"]
+        if not runs:
+            continue
         rows = {}
         for label, section, key, unit, lower, div in ROWS:
             if kind != "s3" and "S3" in label:
@@ -762,15 +882,21 @@ def summarize(results):
             for tool in COLUMNS:
                 vals = [metric(r, section, tool, key) for r in runs]
                 vals = [v / div if v is not None else None for v in vals]
-                s = med(vals)
-                if s:
-                    cells[tool] = s
-            for rival in ("pgBackRest", "WAL-RUS", "pg_basebackup", "local"):
+                s_ = med(vals)
+                if s_:
+                    cells[tool] = s_
+            for rival in RIVALS_OF + ("pg_basebackup", "local", "limit", "fastest rival"):
                 rs = []
                 for r in runs:
-                    a, b = metric(r, section, "walvault", key), metric(r, section, rival, key)
-                    if a is not None and b:
-                        rs.append(a / b)
+                    a_ = metric(r, section, "walvault", key)
+                    if rival == "fastest rival":
+                        vs = [metric(r, section, t, key) for t in RIVALS_OF]
+                        vs = [v for v in vs if v]
+                        b_ = (min(vs) if lower else max(vs)) if vs else None
+                    else:
+                        b_ = metric(r, section, rival, key)
+                    if a_ is not None and b_:
+                        rs.append(a_ / b_)
                 if rs:
                     ratios[rival] = med(rs)
             if cells:
@@ -778,59 +904,101 @@ def summarize(results):
         redo = sorted({str(get(r, "replay", t, "redo_done_at")) for r in runs for t in COLUMNS
                        if get(r, "replay", t) is not None})
         summ[kind] = {"rows": rows, "replay_redo_done_at": redo,
-                      "probe": runs[0].get("probe") if runs else None}
+                      "probe": next((r["probe"] for r in runs if r.get("probe")), None)}
+    return summ
+
+
+def summarize(results):
+    summ = {"shapes": {spec: summarize_stores(sh["stores"]) for spec, sh in results.get("shapes", {}).items()},
+            "wal": summarize_stores(results.get("stores", {}))}
     summ["targets"] = targets(results, summ)
     return summ
 
 
 def targets(results, summ):
-    """Issue 14's targets, each next to the ratio measured for it (median, min–max of rounds)."""
+    """Issue 24's targets, each next to the ratio measured for it (median, min–max of rounds)."""
     out = []
 
-    def ratio(kind, row, rival):
-        return get(summ, kind, "rows", row, "walvault_over", rival)
-
-    def add(name, kind, value, limit, op, note=""):
+    def add(name, where, kind, value, limit, op, note=""):
         ok = None
         if value is not None:
             v = value["median"]
-            ok = v <= limit if op == "<=" else v < limit
-        out.append({"target": name, "store": kind, "measured": value, "limit": f"{op} {limit}", "met": ok,
-                    "note": note})
+            ok = v <= limit if op == "<=" else v >= limit
+        out.append({"target": name, "shape": where, "store": kind, "measured": value, "limit": f"{op} {limit}",
+                    "met": ok, "note": note})
 
-    for kind in results["stores"]:
-        add("full backup: walvault/pgBackRest time ratio", kind, ratio(kind, "full backup", "pgBackRest"), 0.667, "<=")
-        add("restore: walvault/pgBackRest time ratio", kind, ratio(kind, "restore, until durable (sync -f after)", "pgBackRest"), 0.667, "<=")
-        add("second backup (1% changed): walvault/pgBackRest block-incr stored bytes", kind,
-            ratio(kind, "second backup, 1% changed, stored", "pgBackRest"), 1.0, "<=")
-        # segments/s is higher-is-better: the time ratio is its inverse.
-        for rival in ("pgBackRest", "WAL-RUS"):
-            r = ratio(kind, "WAL archiving, daemon / async", rival)
-            inv = None if r is None else {"median": round(1 / r["median"], 4), "min": round(1 / r["max"], 4),
-                                          "max": round(1 / r["min"], 4), "n": r["n"]}
-            lim = 0.667 if kind == "s3" else 1.0
-            add(f"daemon archiving: walvault/{rival} time ratio", kind, inv, lim, "<=")
-        if kind == "file":
-            add("replay: walvault/local limit (cp) time ratio", kind, ratio(kind, "replay of all WAL through restore_command", "local"), 1.05, "<=")
-        else:
-            for rival in ("pgBackRest", "WAL-RUS"):
-                add(f"replay: walvault/{rival} time ratio", kind,
-                    ratio(kind, "replay of all WAL through restore_command", rival), 1.0, "<")
-        rss = get(summ, kind, "rows", "WAL archiving, daemon peak RSS (largest process)", "values", "walvault")
-        add("walvault daemon peak RSS, MiB", kind, rss, 32, "<=")
+    for spec, kinds in summ["shapes"].items():
+        for kind, sk in kinds.items():
+            rows = sk["rows"]
+
+            def ratio(row, to):
+                return get(rows, row, "walvault_over", to)
+
+            def val(row):
+                return get(rows, row, "values", "walvault")
+
+            add("full backup: walvault / faster rival, time", spec, kind, ratio("full backup", "fastest rival"), 0.8, "<=")
+            add("full backup: walvault / limit, time", spec, kind, ratio("full backup", "limit"), 1.3, "<=")
+            r = "restore, until durable (sync -f after)"
+            add("restore until durable: walvault / faster rival, time", spec, kind, ratio(r, "fastest rival"), 0.8, "<=")
+            add("restore until durable: walvault / limit, time", spec, kind, ratio(r, "limit"), 1.3, "<=")
+            v = val(r)
+            if v and v["n"] > 1:
+                out.append({"target": "restore until durable: walvault's spread, (max - min) / median", "shape": spec,
+                            "store": kind, "measured": {"median": round((v["max"] - v["min"]) / v["median"], 3),
+                                                        "min": None, "max": None, "n": v["n"]},
+                            "limit": "report it, shrink it", "met": None, "note": ""})
+            add("second backup, 1% changed: walvault / faster rival, time", spec, kind,
+                ratio("second backup, 1% changed", "fastest rival"), 0.8, "<=")
+            add("second backup, 1% changed: walvault / smallest rival, stored bytes", spec, kind,
+                ratio("second backup, 1% changed, stored", "fastest rival"), 1.0, "<=")
+            add("delta restore: walvault / pgBackRest --delta, time", spec, kind,
+                ratio("delta restore over the old directory", "pgBackRest"), 0.8, "<=")
+            add("backup peak RSS, MiB", spec, kind, val("full backup, peak RSS"), 64, "<=")
+            add("restore peak RSS, MiB", spec, kind, val("restore, peak RSS"), 64, "<=")
+    for kind, sk in summ["wal"].items():
+        rows = sk["rows"]
+        add("daemon archiving: walvault / faster rival, segments/s", "WAL", kind,
+            get(rows, "WAL archiving, daemon / async", "walvault_over", "fastest rival"), 1.25, ">=")
+        add("replay through restore_command: walvault / local cp, time", "WAL", kind,
+            get(rows, "replay of all WAL through restore_command", "walvault_over", "local"), 1.05, "<=")
+        add("daemon peak RSS, MiB", "WAL", kind,
+            get(rows, "WAL archiving, daemon peak RSS (largest process)", "values", "walvault"), 32, "<=")
         if kind == "s3":
-            req = get(summ, kind, "rows", "WAL archiving, S3 requests per segment", "values", "walvault")
-            add("S3 requests per archived segment (walvault)", kind, req, 3, "<=",
-                "target applies to stores honouring conditional create; Garage ignores If-None-Match")
+            add("S3 requests per archived segment", "WAL", kind,
+                get(rows, "WAL archiving, S3 requests per segment", "values", "walvault"), 3, "<=",
+                "Garage ignores If-None-Match")
     return out
 
 
 def rng(s, d=2):
     if s is None:
         return "n/a"
-    if s["n"] == 1 or s["min"] == s["max"]:
+    if s["n"] == 1 or s["min"] == s["max"] or s["min"] is None:
         return f"{s['median']:.{d}f}"
     return f"{s['median']:.{d}f} ({s['min']:.{d}f}–{s['max']:.{d}f})"
+
+
+STORE_TITLE = {"file": "file:// (local directory)", "s3": "S3 (Garage, loopback, through stunnel TLS)"}
+
+
+def table(w, kind, rows):
+    w("| measurement | unit | walvault | pgBackRest | WAL-RUS | limit or reference | walvault / faster rival | walvault / limit |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, r in rows.items():
+        v, q = r["values"], r["walvault_over"]
+        d = 0 if r["unit"] in ("objects",) else (1 if r["unit"] in ("MiB",) else 2)
+        ref, lim = "", ""
+        if "limit" in v:
+            ref = f"limit: {rng(v['limit'], d)}"
+            lim = rng(q.get("limit"))
+        elif "pg_basebackup" in v:
+            ref = f"pg_basebackup: {rng(v['pg_basebackup'], d)}" + (" (local disk)" if kind == "s3" else "")
+        elif "local" in v:
+            ref = f"cp, local: {rng(v['local'], d)}"
+            lim = rng(q.get("local"))
+        w(f"| {label} | {r['unit']} | {rng(v.get('walvault'), d)} | {rng(v.get('pgBackRest'), d)} | "
+          f"{rng(v.get('WAL-RUS'), d)} | {ref} | {rng(q.get('fastest rival'))} | {lim} |")
 
 
 def markdown(results, summ):
@@ -838,44 +1006,39 @@ def markdown(results, summ):
     w = lines.append
     cfg = results["config"]
     w(f"walvault against pgBackRest {PGBR_VERSION} and WAL-RUS 0.3.0; median (min–max) of {cfg['rounds']} "
-      f"round(s); zstd 3 and {cfg['parallel']} in parallel for every tool; pgbench scale {cfg['scale']} "
-      f"({results.get('database_bytes', 0) / MIB:.0f} MiB); WAL: {get(results, 'wal', 'segments') or 0} segments "
-      f"({(get(results, 'wal', 'bytes') or 0) / MIB:.0f} MiB). walvault/X ratios are per round, "
-      f"then median (min–max); for segments/s higher is better, for everything else lower.")
-    for kind in results["stores"]:
-        rows = summ[kind]["rows"]
+      f"round(s); zstd 3 and {cfg['parallel']} in parallel for every tool; ratios are taken per round, then "
+      f"median (min–max); for segments/s higher is better, for everything else lower. Restores are timed "
+      f"until durable (`sync` before, `sync -f` after). Limits: `bench/src/bin/limits.rs` on the same data "
+      f"directory (backup: read and compress; restore: the larger of decompressing and writing+syncing).")
+    for spec, kinds in summ["shapes"].items():
+        sh = results["shapes"][spec]
+        for kind, sk in kinds.items():
+            w("")
+            w(f"### {sh['name']} ({sh.get('database_bytes', 0) / MIB:.0f} MiB, {sh.get('files', 0)} files), "
+              f"{STORE_TITLE[kind]}")
+            w("")
+            table(w, kind, sk["rows"])
+    for kind, sk in summ["wal"].items():
         w("")
-        w(f"### {'file:// (local directory)' if kind == 'file' else 'S3 (Garage, loopback, through stunnel TLS)'}")
+        w(f"### WAL: {get(results, 'wal', 'segments') or 0} segments "
+          f"({(get(results, 'wal', 'bytes') or 0) / MIB:.0f} MiB), {STORE_TITLE[kind]}")
         w("")
-        w("| measurement | unit | walvault | pgBackRest | WAL-RUS | reference | walvault/pgBackRest | walvault/WAL-RUS |")
-        w("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for label, r in rows.items():
-            v, q = r["values"], r["walvault_over"]
-            d = 0 if r["unit"] in ("objects",) else (1 if r["unit"] in ("MiB",) else 2)
-            ref = ""
-            if "pg_basebackup" in v:
-                ref = f"pg_basebackup: {rng(v['pg_basebackup'], d)}"
-                if kind == "s3":
-                    ref += " (local disk)"
-            elif "local" in v:
-                ref = f"cp, local: {rng(v['local'], d)} (walvault/cp {rng(q.get('local'))})"
-            w(f"| {label} | {r['unit']} | {rng(v.get('walvault'), d)} | {rng(v.get('pgBackRest'), d)} | "
-              f"{rng(v.get('WAL-RUS'), d)} | {ref} | {rng(q.get('pgBackRest'))} | {rng(q.get('WAL-RUS'))} |")
-        p = summ[kind].get("probe")
+        table(w, kind, sk["rows"])
+        p = sk.get("probe")
         if p:
             w("")
             w(f"walvault one-shot peak RSS: push {p['walvault push peak_rss_mib']} MiB, fetch "
               f"{p['walvault fetch peak_rss_mib']} MiB. End of redo in every replay: "
-              f"{', '.join(summ[kind]['replay_redo_done_at']) or 'n/a'} (one value: all replayed the same WAL).")
+              f"{', '.join(sk['replay_redo_done_at']) or 'n/a'} (one value: all replayed the same WAL).")
     w("")
-    w("### Targets of issue 14")
+    w("### Targets of issue 24")
     w("")
-    w("| target | store | measured | target | met |")
-    w("| --- | --- | --- | --- | --- |")
+    w("| target | shape | store | measured | target | met |")
+    w("| --- | --- | --- | --- | --- | --- |")
     for t in summ["targets"]:
         met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
         note = f" ({t['note']})" if t["note"] else ""
-        w(f"| {t['target']}{note} | {t['store']} | {rng(t['measured'])} | {t['limit']} | {met} |")
+        w(f"| {t['target']}{note} | {t['shape']} | {t['store']} | {rng(t['measured'])} | {t['limit']} | {met} |")
     return "\n".join(lines)
 
 
@@ -906,7 +1069,9 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="development size: --scale 5 --wal-mib 128 --rounds 1 (unless given)")
     ap.add_argument("--rounds", type=int)
-    ap.add_argument("--scale", type=int, help="pgbench scale of the backed-up database [50, quick 5]")
+    ap.add_argument("--shapes", help="what is backed up, comma-separated: a pgbench scale or 'many' "
+                                     "(20,000 relations) [50; quick 5]; e.g. 50,300,many")
+    ap.add_argument("--scale", type=int, help="the same as --shapes N")
     ap.add_argument("--wal-mib", type=int, help="size of the WAL backlog [1200 ≈ 75 segments, quick 128]")
     ap.add_argument("--parallel", type=int, default=2, help="parallelism of every tool [2]")
     ap.add_argument("--stores", default="file,s3")
@@ -926,7 +1091,7 @@ def main():
                 f.write(text + "\n")
         return
     rounds = args.rounds or (1 if args.quick else 3)
-    scale = args.scale or (5 if args.quick else 50)
+    shapes = [Shape(x) for x in (args.shapes or str(args.scale or (5 if args.quick else 50))).split(",") if x]
     wal_mib = args.wal_mib or (128 if args.quick else 1200)
     stores = [s for s in args.stores.split(",") if s]
     only = set(s for s in args.only.split(",") if s)
@@ -948,12 +1113,12 @@ def main():
         if not os.path.exists(s3b.GARAGE):
             sys.exit(f"garage not found at {s3b.GARAGE} (cargo install --locked garage@2.5.0)")
         versions["garage"] = s3b.run(f"{s3b.GARAGE} --version", check=False).split("\n")[0]
-    for b in ("archive-agent", "restore-agent"):
+    for b in ("archive-agent", "restore-agent", "limits"):
         if not os.access(os.path.join(BIN_DIR, b), os.X_OK):
-            sys.exit(f"{BIN_DIR}/{b} missing: cargo build --release, or set WALVAULT_BIN_DIR")
+            sys.exit(f"{BIN_DIR}/{b} missing: cargo build --release --workspace, or set WALVAULT_BIN_DIR")
 
     ctx = Ctx()
-    ctx.n, ctx.scale = args.parallel, scale
+    ctx.n = args.parallel
     ctx.want = lambda s: s in only
     ctx.procs = []
     ctx.work = work = tempfile.mkdtemp(prefix="walvault-rivals.")
@@ -961,8 +1126,9 @@ def main():
     # A copy of the binaries: a rebuild under us does not change them mid-run.
     ctx.bin = os.path.join(work, "bin")
     os.makedirs(ctx.bin)
-    for b in ("archive-agent", "restore-agent"):
+    for b in ("archive-agent", "restore-agent", "limits"):
         shutil.copy(os.path.join(BIN_DIR, b), ctx.bin)
+    ctx.limits = os.path.join(ctx.bin, "limits")
     versions["walvault"] = s3b.run(f"{ctx.bin}/archive-agent --version", check=False).strip()
     ctx.walvault_delta = "--delta" in s3b.run(f"{ctx.bin}/restore-agent restore --help", check=False)
     ctx.loop = os.path.join(work, "archiver_loop.py")
@@ -970,10 +1136,10 @@ def main():
     chown(work)
     git = s3b.run(f"cd {ROOT} && git rev-parse --short HEAD", check=False).strip()
     ctx.results = results = {
-        "config": {"rounds": rounds, "scale": scale, "wal_mib": wal_mib, "parallel": args.parallel,
+        "config": {"rounds": rounds, "shapes": [x.spec for x in shapes], "wal_mib": wal_mib, "parallel": args.parallel,
                    "stores": stores, "only": sorted(only), "quick": args.quick, "bin_dir": BIN_DIR,
                    "bench_commit": git, "walvault_delta_restore": ctx.walvault_delta},
-        "versions": versions, "stores": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "versions": versions, "stores": {}, "shapes": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "nproc": os.cpu_count()}
     log(f"work directory {work}; {versions}")
     garage = stunnel = None
@@ -993,28 +1159,38 @@ def main():
             results["wal"] = {"segments": len(ctx.segs),
                               "bytes": sum(os.path.getsize(os.path.join(ctx.walsrc, s)) for s in ctx.segs)}
             log(f"{len(ctx.segs)} segments")
-        bk = None
-        if only & {"full", "restore", "second", "delta"}:
-            log(f"creating the pgbench database, scale {scale}")
-            bk = make_backup_cluster(ctx)
         for kind in stores:
             results["stores"][kind] = {"rounds": []}
-        # Rounds outermost: a run stopped early still has every store's first rounds.
-        for rnd in range(rounds):
-            for kind in stores:
-                store = Store(kind, work, garage, stunnel)
-                log(f"{kind}: round {rnd + 1} of {rounds}")
-                run_r = {}
-                if bk:
-                    cluster_start(bk, store.env)  # the postmaster's environment: this store's
-                    try:
-                        run_r.update(backup_round(ctx, store, rnd, bk))
-                    finally:
-                        cluster_stop(bk)
-                if "archive" in only:
-                    run_r.update(wal_round(ctx, store, rnd))
-                run_r["loadavg_1m"] = round(os.getloadavg()[0], 2)
-                results["stores"][kind]["rounds"].append(run_r)
+        if only & {"full", "restore", "second", "delta"}:
+            # Shapes outermost (one source cluster on the disk at a time), then rounds, then
+            # stores: a run stopped early has every store of the shapes it finished.
+            for shape in shapes:
+                sr = results["shapes"][shape.spec] = {"name": shape.name, "stores": {k: {"rounds": []} for k in stores}}
+                ctx.shape_results = sr
+                log(f"creating the {shape.name} database")
+                bk = make_backup_cluster(ctx, shape)
+                for rnd in range(rounds):
+                    for kind in stores:
+                        store = Store(kind, work, garage, stunnel)
+                        log(f"{shape.name}, {kind}: round {rnd + 1} of {rounds}")
+                        cluster_start(bk, store.env)  # the postmaster's environment: this store's
+                        try:
+                            run_r = backup_round(ctx, store, rnd, bk, shape)
+                        finally:
+                            cluster_stop(bk)
+                        run_r["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                        sr["stores"][kind]["rounds"].append(run_r)
+                        if kind == "file":
+                            shutil.rmtree(os.path.join(work, "repos"), ignore_errors=True)
+                shutil.rmtree(bk.dir, ignore_errors=True)
+        if "archive" in only:
+            for rnd in range(rounds):
+                for kind in stores:
+                    store = Store(kind, work, garage, stunnel)
+                    log(f"WAL, {kind}: round {rnd + 1} of {rounds}")
+                    run_r = wal_round(ctx, store, rnd)
+                    run_r["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                    results["stores"][kind]["rounds"].append(run_r)
         ok = True
     finally:
         for p in ctx.procs:
@@ -1037,7 +1213,7 @@ def main():
                 p.stop()
         results["complete"] = ok
         text = None
-        if any(s["rounds"] for s in results["stores"].values()):
+        if any(s["rounds"] for s in results["stores"].values()) or results["shapes"]:
             try:
                 results["summary"] = summarize(results)
                 text = markdown(results, results["summary"])

@@ -1,0 +1,259 @@
+//! The physical limits beside bench/rivals.py's backup and restore figures: what any tool must
+//! at least do with the same bytes on this machine, with no chunking, hashing, verification,
+//! manifest or store in between.
+//!
+//! ```text
+//! limits backup  --data PGDATA --out DIR [--parallel N] [--piece BYTES]
+//! limits restore --from DIR --to DEST [--parallel N]
+//! ```
+//!
+//! `backup` reads every regular file of PGDATA in pieces of `--piece` bytes (1 MiB, walvault's
+//! chunk size), `N` threads at once; each compresses its pieces with zstd level 3 and appends them
+//! to a pack file of its own, which it syncs at the end; the index (`DIR/index.json`: file,
+//! offset, pack, position and compressed length of every piece) is written last. `restore` is
+//! its inverse on those bytes, measured in two parts whose larger is the limit (a restore that
+//! overlapped them perfectly would take that long): `N` threads read every piece from the packs
+//! and decompress it, keeping nothing; then `N` threads create the same files at the same sizes,
+//! each file written front to back in 1 MiB writes by one thread and synced when finished, and
+//! every directory is synced. WAL (`pg_wal/`) and `postmaster.pid` are left out, as every tool
+//! does. Both print one JSON line: seconds, files, bytes (and the parts). Measurements, never
+//! pass/fail.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let parallel: usize = arg(&args, "--parallel").map_or(Ok(2), |v| v.parse())?;
+    match args.get(1).map(String::as_str) {
+        Some("backup") => {
+            let data = PathBuf::from(arg(&args, "--data").context("--data")?);
+            let out = PathBuf::from(arg(&args, "--out").context("--out")?);
+            let piece: u64 = arg(&args, "--piece").map_or(Ok(1 << 20), |v| v.parse())?;
+            backup(&data, &out, parallel, piece)
+        }
+        Some("restore") => {
+            let from = PathBuf::from(arg(&args, "--from").context("--from")?);
+            let to = PathBuf::from(arg(&args, "--to").context("--to")?);
+            restore(&from, &to, parallel)
+        }
+        _ => bail!("usage: limits backup --data PGDATA --out DIR | restore --from DIR --to DEST [--parallel N]"),
+    }
+}
+
+/// Every regular file under `root` (relative path, size), and every directory, in walk order.
+fn walk(root: &Path) -> Result<(Vec<(PathBuf, u64)>, Vec<PathBuf>)> {
+    let (mut files, mut dirs) = (Vec::new(), vec![PathBuf::new()]);
+    let mut i = 0;
+    while i < dirs.len() {
+        let dir = root.join(&dirs[i]);
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .with_context(|| dir.display().to_string())?
+            .collect::<std::io::Result<_>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let rel = dirs[i].join(e.file_name());
+            let t = e.file_type()?;
+            if t.is_dir() {
+                dirs.push(rel);
+            } else if t.is_file() {
+                files.push((rel, e.metadata()?.len()));
+            }
+        }
+        i += 1;
+    }
+    Ok((files, dirs))
+}
+
+/// One piece of one file in a pack.
+#[derive(Clone)]
+struct Piece {
+    file: usize,
+    offset: u64,
+    len: u64,
+    pack: usize,
+    at: u64,
+    clen: u64,
+}
+
+fn backup(data: &Path, out: &Path, parallel: usize, piece: u64) -> Result<()> {
+    let t0 = Instant::now();
+    let (mut files, dirs) = walk(data)?;
+    // What no tool backs up: the WAL (archived separately) and the server's lock file.
+    files.retain(|(p, _)| !p.starts_with("pg_wal") && p != Path::new("postmaster.pid"));
+    std::fs::create_dir_all(out)?;
+    let mut work = Vec::new();
+    for (i, (_, size)) in files.iter().enumerate() {
+        let mut off = 0;
+        loop {
+            work.push((i, off, piece.min(size - off)));
+            off += piece;
+            if off >= *size {
+                break;
+            }
+        }
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let work = Arc::new(work);
+    let files = Arc::new(files);
+    let mut threads = Vec::new();
+    for t in 0..parallel {
+        let (next, work, files, data) = (Arc::clone(&next), Arc::clone(&work), Arc::clone(&files), data.to_path_buf());
+        let pack_path = out.join(format!("pack-{t}"));
+        threads.push(std::thread::spawn(move || -> Result<Vec<Piece>> {
+            let mut pack = std::io::BufWriter::with_capacity(1 << 20, File::create(&pack_path)?);
+            let (mut at, mut done) = (0u64, Vec::new());
+            let mut buf = Vec::new();
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(file, offset, len)) = work.get(k) else { break };
+                buf.resize(len as usize, 0);
+                let f = File::open(data.join(&files[file].0))?;
+                // A file that shrank since the walk (PostgreSQL truncates) reads short: keep what is there.
+                let n = read_at_most(&f, &mut buf, offset)?;
+                let z = zstd::bulk::compress(&buf[..n], 3)?;
+                pack.write_all(&z)?;
+                done.push(Piece { file, offset, len: n as u64, pack: t, at, clen: z.len() as u64 });
+                at += z.len() as u64;
+            }
+            pack.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            Ok(done)
+        }));
+    }
+    let mut pieces = Vec::new();
+    for t in threads {
+        pieces.extend(t.join().expect("backup thread panicked")?);
+    }
+    let bytes: u64 = pieces.iter().map(|p| p.len).sum();
+    let index = serde_json::json!({
+        "files": files.iter().map(|(p, s)| serde_json::json!([p, s])).collect::<Vec<_>>(),
+        "dirs": dirs,
+        "pieces": pieces.iter().map(|p| [p.file as u64, p.offset, p.len, p.pack as u64, p.at, p.clen]).collect::<Vec<_>>(),
+    });
+    let mut f = File::create(out.join("index.json"))?;
+    f.write_all(index.to_string().as_bytes())?;
+    f.sync_all()?;
+    File::open(out)?.sync_all()?;
+    let stored: u64 = pieces.iter().map(|p| p.clen).sum();
+    println!(
+        "{}",
+        serde_json::json!({"seconds": t0.elapsed().as_secs_f64(), "files": files.len(), "bytes": bytes, "stored_bytes": stored})
+    );
+    Ok(())
+}
+
+fn read_at_most(f: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], offset + n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn restore(from: &Path, to: &Path, parallel: usize) -> Result<()> {
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(from.join("index.json"))?)?;
+    let files: Vec<(PathBuf, u64)> = index["files"]
+        .as_array()
+        .context("files")?
+        .iter()
+        .map(|f| (PathBuf::from(f[0].as_str().unwrap_or_default()), f[1].as_u64().unwrap_or(0)))
+        .collect();
+    let dirs: Vec<PathBuf> = index["dirs"]
+        .as_array()
+        .context("dirs")?
+        .iter()
+        .map(|d| PathBuf::from(d.as_str().unwrap_or_default()))
+        .collect();
+    let pieces: Vec<Piece> = index["pieces"]
+        .as_array()
+        .context("pieces")?
+        .iter()
+        .map(|p| {
+            let v = |i: usize| p[i].as_u64().unwrap_or(0);
+            Piece { file: v(0) as usize, offset: v(1), len: v(2), pack: v(3) as usize, at: v(4), clen: v(5) }
+        })
+        .collect();
+    let packs: Vec<Option<File>> = (0..pieces.iter().map(|p| p.pack + 1).max().unwrap_or(0))
+        .map(|t| File::open(from.join(format!("pack-{t}"))).ok())
+        .collect();
+    // 1. Read and decompress every piece, `parallel` at once, keeping nothing.
+    let t0 = Instant::now();
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = (0..parallel)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut z = Vec::new();
+                    while let Some(p) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        z.resize(p.clen as usize, 0);
+                        packs[p.pack].as_ref().context("pack")?.read_exact_at(&mut z, p.at)?;
+                        let data = zstd::bulk::decompress(&z, p.len as usize)?;
+                        std::hint::black_box(&data);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("thread panicked")?;
+        }
+        Ok(())
+    })?;
+    let decompress = t0.elapsed().as_secs_f64();
+    // 2. Create and write the same files (the same sizes), each by one thread front to back in
+    // 1 MiB writes, synced as it is finished, `parallel` files at once; then every directory.
+    let t1 = Instant::now();
+    for d in &dirs {
+        std::fs::create_dir_all(to.join(d))?;
+    }
+    let buf = vec![0x5au8; 1 << 20];
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = (0..parallel)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    while let Some((p, size)) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(to.join(p))?;
+                        let mut left = *size;
+                        while left > 0 {
+                            let n = left.min(buf.len() as u64) as usize;
+                            f.write_all(&buf[..n])?;
+                            left -= n as u64;
+                        }
+                        f.sync_all()?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("thread panicked")?;
+        }
+        Ok(())
+    })?;
+    for d in &dirs {
+        File::open(to.join(d))?.sync_all()?;
+    }
+    let write = t1.elapsed().as_secs_f64();
+    let bytes: u64 = files.iter().map(|f| f.1).sum();
+    println!(
+        "{}",
+        serde_json::json!({"seconds": decompress.max(write), "decompress_seconds": decompress,
+                           "write_seconds": write, "files": files.len(), "bytes": bytes})
+    );
+    Ok(())
+}
