@@ -11,38 +11,10 @@ use walvault::commands::{admin, expire};
 use walvault::repo::keys::KeySource;
 use walvault::report::{Format, Report};
 
-/// mimalloc returns freed segment-sized buffers to the system; with glibc's allocator the daemon's
-/// resident size kept growing with the 16 MiB buffers of parallel uploads (233 MiB peak measured
-/// with 2 uploads at once).
+/// mimalloc: see `walvault::cli::allocator` for why, and for the settings the long commands run
+/// with.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// The long-running daemon keeps its resident size to the uploads in flight: mimalloc's arenas
-/// are committed as used rather than up front (`MIMALLOC_ARENA_EAGER_COMMIT=0`) and freed memory
-/// goes back to the system at once (`MIMALLOC_PURGE_DELAY=0`). mimalloc reads these when the
-/// process starts, before `main`, so the daemon runs itself again once with them set (measured
-/// peak with two parallel uploads on file://: 26 to 31 MiB with them, 54 to 63 MiB without).
-/// Settings already in the environment are left as they are; if the exec fails, the daemon
-/// carries on with the defaults.
-fn rerun_with_daemon_allocator_settings() {
-    use std::os::unix::process::CommandExt;
-    const SETTINGS: [(&str, &str); 2] = [
-        ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
-        ("MIMALLOC_PURGE_DELAY", "0"),
-    ];
-    if SETTINGS.iter().any(|(k, _)| std::env::var_os(k).is_some()) {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else { return };
-    let mut args = std::env::args_os();
-    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
-    let err = std::process::Command::new(&exe)
-        .arg0(arg0)
-        .args(args)
-        .envs(SETTINGS)
-        .exec();
-    eprintln!("archive-agent: cannot run itself again with its allocator settings ({err}); carrying on");
-}
 
 const AFTER_HELP: &str = "\
 In postgresql.conf:
@@ -158,8 +130,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli: Cli = cli::parse_or_exit("archive-agent");
-    if matches!(cli.command, Command::Daemon { .. }) {
-        rerun_with_daemon_allocator_settings();
+    if matches!(cli.command, Command::Daemon { .. } | Command::Backup { .. }) {
+        cli::allocator::rerun_with_lean_allocator("archive-agent");
     }
     cli::init_logging();
     if let Command::Push {

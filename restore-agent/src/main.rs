@@ -138,6 +138,11 @@ enum Command {
     },
 }
 
+/// mimalloc: see `walvault::cli::allocator` for why, and for the settings the long commands run
+/// with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // As restore_command, a bad command line must not read as "file not found": PostgreSQL
     // would end recovery there and promote (it runs the command in the data directory).
@@ -146,6 +151,9 @@ fn main() -> ExitCode {
         false => exit::USAGE,
     };
     let cli: Cli = cli::parse_or_exit_with("restore-agent", usage_code);
+    if matches!(cli.command, Command::Restore(_) | Command::Drill { .. }) {
+        cli::allocator::rerun_with_lean_allocator("restore-agent");
+    }
     cli::init_logging();
     let (failed, failure_code) = match &cli.command {
         Command::Fetch {

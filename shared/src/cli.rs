@@ -2,6 +2,7 @@
 //! line is reported (one line, exit 2); each command's flags as the options its library function
 //! takes (`*_args`), and the progress bar a restore draws on a terminal.
 
+pub mod allocator;
 pub mod backup_args;
 pub mod daemon_args;
 pub mod drill_args;

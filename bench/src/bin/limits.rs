@@ -23,14 +23,16 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() -> Result<()> {
@@ -48,7 +50,9 @@ fn main() -> Result<()> {
             let to = PathBuf::from(arg(&args, "--to").context("--to")?);
             restore(&from, &to, parallel)
         }
-        _ => bail!("usage: limits backup --data PGDATA --out DIR | restore --from DIR --to DEST [--parallel N]"),
+        _ => bail!(
+            "usage: limits backup --data PGDATA --out DIR | restore --from DIR --to DEST [--parallel N]"
+        ),
     }
 }
 
@@ -109,7 +113,12 @@ fn backup(data: &Path, out: &Path, parallel: usize, piece: u64) -> Result<()> {
     let files = Arc::new(files);
     let mut threads = Vec::new();
     for t in 0..parallel {
-        let (next, work, files, data) = (Arc::clone(&next), Arc::clone(&work), Arc::clone(&files), data.to_path_buf());
+        let (next, work, files, data) = (
+            Arc::clone(&next),
+            Arc::clone(&work),
+            Arc::clone(&files),
+            data.to_path_buf(),
+        );
         let pack_path = out.join(format!("pack-{t}"));
         threads.push(std::thread::spawn(move || -> Result<Vec<Piece>> {
             let mut pack = std::io::BufWriter::with_capacity(1 << 20, File::create(&pack_path)?);
@@ -117,14 +126,23 @@ fn backup(data: &Path, out: &Path, parallel: usize, piece: u64) -> Result<()> {
             let mut buf = Vec::new();
             loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(file, offset, len)) = work.get(k) else { break };
+                let Some(&(file, offset, len)) = work.get(k) else {
+                    break;
+                };
                 buf.resize(len as usize, 0);
                 let f = File::open(data.join(&files[file].0))?;
                 // A file that shrank since the walk (PostgreSQL truncates) reads short: keep what is there.
                 let n = read_at_most(&f, &mut buf, offset)?;
                 let z = zstd::bulk::compress(&buf[..n], 3)?;
                 pack.write_all(&z)?;
-                done.push(Piece { file, offset, len: n as u64, pack: t, at, clen: z.len() as u64 });
+                done.push(Piece {
+                    file,
+                    offset,
+                    len: n as u64,
+                    pack: t,
+                    at,
+                    clen: z.len() as u64,
+                });
                 at += z.len() as u64;
             }
             pack.into_inner().map_err(|e| e.into_error())?.sync_all()?;
@@ -170,7 +188,12 @@ fn restore(from: &Path, to: &Path, parallel: usize) -> Result<()> {
         .as_array()
         .context("files")?
         .iter()
-        .map(|f| (PathBuf::from(f[0].as_str().unwrap_or_default()), f[1].as_u64().unwrap_or(0)))
+        .map(|f| {
+            (
+                PathBuf::from(f[0].as_str().unwrap_or_default()),
+                f[1].as_u64().unwrap_or(0),
+            )
+        })
         .collect();
     let dirs: Vec<PathBuf> = index["dirs"]
         .as_array()
@@ -184,7 +207,14 @@ fn restore(from: &Path, to: &Path, parallel: usize) -> Result<()> {
         .iter()
         .map(|p| {
             let v = |i: usize| p[i].as_u64().unwrap_or(0);
-            Piece { file: v(0) as usize, offset: v(1), len: v(2), pack: v(3) as usize, at: v(4), clen: v(5) }
+            Piece {
+                file: v(0) as usize,
+                offset: v(1),
+                len: v(2),
+                pack: v(3) as usize,
+                at: v(4),
+                clen: v(5),
+            }
         })
         .collect();
     let packs: Vec<Option<File>> = (0..pieces.iter().map(|p| p.pack + 1).max().unwrap_or(0))
@@ -200,7 +230,10 @@ fn restore(from: &Path, to: &Path, parallel: usize) -> Result<()> {
                     let mut z = Vec::new();
                     while let Some(p) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
                         z.resize(p.clen as usize, 0);
-                        packs[p.pack].as_ref().context("pack")?.read_exact_at(&mut z, p.at)?;
+                        packs[p.pack]
+                            .as_ref()
+                            .context("pack")?
+                            .read_exact_at(&mut z, p.at)?;
                         let data = zstd::bulk::decompress(&z, p.len as usize)?;
                         std::hint::black_box(&data);
                     }
@@ -227,7 +260,11 @@ fn restore(from: &Path, to: &Path, parallel: usize) -> Result<()> {
             .map(|_| {
                 s.spawn(|| -> Result<()> {
                     while let Some((p, size)) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(to.join(p))?;
+                        let mut f = OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(0o600)
+                            .open(to.join(p))?;
                         let mut left = *size;
                         while left > 0 {
                             let n = left.min(buf.len() as u64) as usize;

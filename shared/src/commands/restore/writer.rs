@@ -1,8 +1,8 @@
 //! Write a restore's files: each file from one descriptor, front to back, fed by a pipeline of
 //! fetched and verified chunks.
 //!
-//! The chunks of all files are fetched in file order, `parallel` decompressing at once and at
-//! most `parallel` + [`WAITING_IN_FLIGHT`] held in memory between the store and the disk. Each
+//! The chunks of all files are fetched in file order, `parallel` at once (at most one per CPU
+//! decompressing) and at most [`held`] held in memory between the store and the disk. Each
 //! file is created (or, for `--delta`, opened without following a link), written in order, its
 //! mode set and made durable by a thread of its own, up to [`OPEN_FILES`] files at once: one
 //! file's `fsync` overlaps the next files' fetches and writes, and no two threads ever write
@@ -34,11 +34,18 @@ use crate::repo::Store;
 use crate::repo::object::{ObjectError, Sealer};
 use crate::repo::stored::{self, Damage, StoredKind};
 
-/// Chunks in flight beyond `--parallel`: fetches waiting on the store and writes waiting on the
-/// disk take no CPU, so they overlap the `parallel` decompressions. Measured on this 2-core
-/// machine with `--parallel 2` (bench/rivals.py, pgbench scale 50): without them a restore took
-/// 2.9 s from file:// and 17 s from Garage through TLS, latency-bound.
+/// Chunks in flight at least: fetches waiting on the store and writes waiting on the disk take no
+/// CPU, so they overlap the decompressions. Measured on this 2-core machine with `--parallel 2`
+/// (bench/rivals.py, pgbench scale 50): with only 2 in flight a restore took 2.9 s from file://
+/// and 17 s from Garage through TLS, latency-bound.
 pub const WAITING_IN_FLIGHT: usize = 16;
+
+/// Chunks held in memory at most, fetched and not yet written: `parallel` fetches, or
+/// [`WAITING_IN_FLIGHT`] if more, and two being written. With 1 MiB chunks that is 18 MiB for
+/// `--parallel 2` and for the default 16 on file://, 34 MiB for the default 32 on object stores.
+pub fn held(parallel: usize) -> usize {
+    parallel.max(WAITING_IN_FLIGHT) + 2
+}
 
 /// Files being written, set and synced at once, each by a blocking thread. Most of a small
 /// file's time is its `fsync` (a journal commit), which several files share when they wait
@@ -50,7 +57,7 @@ pub const OPEN_FILES: usize = 16;
 pub const FLUSH_AFTER: u64 = 8 << 20;
 
 /// Bytes of chunks kept in memory for a later reference to the same chunk.
-pub const REPEAT_BUDGET: u64 = 16 << 20;
+pub const REPEAT_BUDGET: u64 = 8 << 20;
 
 /// One file a restore writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -292,7 +299,7 @@ struct Pipeline<'a> {
 impl Pipeline<'_> {
     /// Write `which` files (in that order) from `refs` (theirs, in file and chunk order).
     async fn run(&self, which: Vec<usize>, refs: Vec<(ChunkRef, Source)>) -> Result<Scattered, RestoreError> {
-        let held = Arc::new(Semaphore::new(self.parallel + WAITING_IN_FLIGHT));
+        let held = Arc::new(Semaphore::new(held(self.parallel)));
         // Fetches are started in order by a task of their own, so that the window refills as
         // soon as a write releases its share, whatever the writer of this side waits for.
         let to_fetch: Vec<ChunkRef> = refs
@@ -303,7 +310,9 @@ impl Pipeline<'_> {
         let (tx, mut started) = tokio::sync::mpsc::unbounded_channel::<Started>();
         let starter = {
             let (store, sealer, files) = (self.store.clone(), self.sealer.clone(), Arc::clone(&self.files));
-            let cpu = Arc::new(Semaphore::new(self.parallel));
+            // Decompressing and hashing more chunks at once than there are CPUs gains nothing.
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let cpu = Arc::new(Semaphore::new(self.parallel.min(cpus)));
             let held = Arc::clone(&held);
             tokio::spawn(async move {
                 for r in to_fetch {
