@@ -56,8 +56,11 @@ fn main() -> Result<()> {
     }
 }
 
+/// Files (relative path, size) and directories (relative path).
+type Tree = (Vec<(PathBuf, u64)>, Vec<PathBuf>);
+
 /// Every regular file under `root` (relative path, size), and every directory, in walk order.
-fn walk(root: &Path) -> Result<(Vec<(PathBuf, u64)>, Vec<PathBuf>)> {
+fn walk(root: &Path) -> Result<Tree> {
     let (mut files, mut dirs) = (Vec::new(), vec![PathBuf::new()]);
     let mut i = 0;
     while i < dirs.len() {
