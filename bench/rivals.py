@@ -423,16 +423,17 @@ def digest(port, host="127.0.0.1"):
 
 class Shape:
     """What is backed up: `pgbench` at a scale, or `many` (10,000 tables of 50 rows with their
-    primary keys: 20,000 relations, ~41,000 files, ~0.6 GiB)."""
+    primary keys: 20,000 relations, ~41,000 files, ~0.6 GiB; `many:N` for N tables)."""
 
     def __init__(self, spec):
         self.spec = spec
-        if spec == "many":
-            self.name, self.scale, self.tables = "many", None, 10000
+        if spec == "many" or (spec.startswith("many:") and spec[5:].isdigit() and int(spec[5:]) > 0):
+            self.scale, self.tables = None, int(spec[5:]) if ":" in spec else 10000
+            self.name = f"many files ({2 * self.tables} relations)"
         elif spec.isdigit() and int(spec) > 0:
             self.name, self.scale = f"pgbench scale {spec}", int(spec)
         else:
-            sys.exit(f"unknown shape {spec!r}: a pgbench scale (50, 300) or 'many'")
+            sys.exit(f"unknown shape {spec!r}: a pgbench scale (50, 300), 'many' or 'many:TABLES'")
 
     def populate(self, c):
         if self.scale:
@@ -535,7 +536,7 @@ def backup_round(ctx, store, rnd, c, shape):
     table for table with its source. Returns {scenario: {tool: measurement}}."""
     r = rnd + 1
     tag = f"{store.kind}-{r}"
-    sh = shape.spec
+    sh = shape.spec.replace(":", "-")
     tools = {"walvault": Walvault(ctx, store, store.loc(f"bk-{sh}-wv-{r}")),
              "pgBackRest": PgBackRest(ctx, store, store.loc(f"bk-{sh}-pgbr-{r}"), f"bk-{sh}-{tag}", c.data, c.port, c.dir),
              "WAL-RUS": Walrus(ctx, store, store.loc(f"bk-{sh}-walrus-{r}"), f"bk-{sh}-{tag}")}
