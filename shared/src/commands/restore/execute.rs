@@ -258,6 +258,50 @@ mod tests {
         }
     }
 
+    /// A store that refuses every read fails the restore with that error, and once the error is
+    /// returned nothing is still writing: the caller may remove the directory safely.
+    #[tokio::test]
+    async fn a_failed_fetch_fails_the_restore_and_leaves_no_writer_running() {
+        const CS: usize = 4096;
+        let files: Vec<(String, Vec<u8>)> = (0..40)
+            .map(|i| (format!("{}", 16384 + i), vec![i as u8; CS * 3 + i]))
+            .collect();
+        let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, c)| (n.as_str(), c.clone())).collect();
+        let (faults, store, sealer, m) = stored_backup(&named, CS as u64).await;
+        faults.set(crate::repo::fault::Fault::Denied);
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(&dir.path().join("data"));
+        let err = write_backup(
+            &store,
+            &sealer,
+            &plan_of(&m, &opts, None),
+            &m,
+            None,
+            Arc::new(NoProgress),
+        )
+        .await
+        .unwrap_err();
+        assert!(!matches!(err, RestoreError::Corrupt(_)), "{err}");
+        let list = || {
+            let mut names: Vec<(String, u64)> = std::fs::read_dir(opts.pgdata.join("base/1"))
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        e.metadata().unwrap().len(),
+                    )
+                })
+                .collect();
+            names.sort();
+            names
+        };
+        let after = list();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(list(), after, "something kept writing after the restore failed");
+        assert!(!opts.pgdata.join("global/pg_control").exists());
+    }
+
     #[tokio::test]
     async fn delta_rewrites_only_what_differs_and_never_writes_through_a_link() {
         delta_case(Sealer::plain()).await;
