@@ -1,8 +1,10 @@
 //! Copying a backup's files into the repository: one reader reads each file in `chunk_size`
 //! pieces, in order; hashing, compressing and uploading run in parallel tasks, at most
-//! `parallel` hashing or compressing at once and at most `2 * parallel` chunks in memory, plus
-//! [`UPLOADS_IN_FLIGHT`] more on object stores, whose uploads wait on the network rather than
-//! the CPU. Files the previous backup read and that did not change since are taken over unread.
+//! `parallel` hashing or compressing at once and at most `2 * parallel` chunks read and not yet
+//! sealed. A sealed chunk waits for one of [`UPLOADS_IN_FLIGHT`] upload slots on object stores,
+//! whose uploads wait on the network rather than the CPU, and gives its read buffer back before
+//! it is sent: what is in flight is compressed bytes, not 1 MiB buffers. Files the previous
+//! backup read and that did not change since are taken over unread.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
@@ -21,7 +23,7 @@ use crate::basebackup::manifest::{BackupStats, Entry, FileRecord, Tablespace};
 use crate::repo::WritableStore;
 use crate::repo::object::Sealer;
 
-/// Extra chunks in flight on object stores (each at most one chunk, `chunk_size`, in memory):
+/// Uploads in flight on object stores (each at most one sealed chunk in memory):
 /// a chunk's PUT is a round trip that waits, and with `--parallel 2` alone a backup to Garage
 /// through TLS spent most of its time waiting (2.85 s for pgbench scale 50, against pgBackRest's
 /// 2.31 s with its bundles; see bench/rivals.py). Restore keeps 32 in flight on object stores
@@ -122,13 +124,14 @@ impl Copier {
                 store: store.clone(),
                 sealer: sealer.clone(),
                 cpu: Semaphore::new(parallel),
+                uploads: Semaphore::new(uploads.max(2 * parallel)),
                 seen: Mutex::default(),
                 known,
                 buffers: Buffers::default(),
                 level: opts.level,
                 lookup: opts.lookup,
             }),
-            in_memory: Arc::new(Semaphore::new(2 * parallel + uploads)),
+            in_memory: Arc::new(Semaphore::new(2 * parallel)),
             chunk_size: opts.chunk_size as usize,
             pg_version: opts.pg_version,
             tasks: JoinSet::new(),
@@ -255,8 +258,7 @@ impl Copier {
             self.stats.chunks += 1;
             let chunks = Arc::clone(&self.chunks);
             self.tasks.spawn(async move {
-                let (hash, stored) = chunks.store(buf).await?;
-                drop(permit);
+                let (hash, stored) = chunks.store(buf, permit).await?;
                 Ok(ChunkDone {
                     entry,
                     idx,
@@ -362,6 +364,8 @@ struct Chunks {
     sealer: Sealer,
     /// Hashing and compressing at once: `parallel` permits.
     cpu: Semaphore,
+    /// Sealed chunks being uploaded at once.
+    uploads: Semaphore,
     /// Every chunk met in this backup so far, stored or taken over.
     seen: Mutex<HashSet<[u8; 32]>>,
     /// The chunks the previous backup names, with their stored lengths when recorded.
@@ -375,19 +379,28 @@ struct Chunks {
 enum Step {
     Met,
     Known(u64),
-    Ask(Vec<u8>),
-    Sealed(Result<Bytes, ChunkError>),
+    /// Sealed; `ask`: look it up before uploading (the repository may hold it already).
+    Sealed {
+        sealed: Result<Bytes, ChunkError>,
+        ask: bool,
+    },
 }
 
 impl Chunks {
     /// Hash one chunk and store it unless this backup met the same bytes already (`seen`) or
     /// the previous backup holds them (`known`). Hashing and compressing run on blocking
-    /// threads, at most `cpu`'s permits at once; the upload does not hold one. Returns the
+    /// threads, at most `cpu`'s permits at once; the upload does not hold one. `held`, the
+    /// chunk's share of the read-ahead, is given back once the chunk is sealed and has an upload
+    /// slot: what waits on the network is the sealed bytes, not the read buffer. Returns the
     /// chunk's hash and, for the first time its bytes are met, its stored length and whether it
     /// was uploaded.
-    async fn store(self: Arc<Self>, data: Vec<u8>) -> Result<([u8; 32], Option<(u64, bool)>), BackupError> {
+    async fn store(
+        self: Arc<Self>,
+        data: Vec<u8>,
+        held: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<([u8; 32], Option<(u64, bool)>), BackupError> {
         let permit = self.cpu.acquire().await.expect("semaphore is never closed");
-        // Hash, and seal in the same blocking call when nothing needs asking (one hop per chunk).
+        // Hash, and seal in the same blocking call (one hop per chunk).
         let (hash, step, data) = tokio::task::spawn_blocking({
             let this = Arc::clone(&self);
             move || this.hash_and_seal(data)
@@ -395,50 +408,40 @@ impl Chunks {
         .await
         .map_err(blocking_err)?;
         drop(permit);
-        if let Some(data) = data {
-            self.buffers.give(data);
-        }
-        let sealed = match step {
+        self.buffers.give(data);
+        let (sealed, ask) = match step {
             Step::Met => return Ok((hash, None)),
             Step::Known(len) => return Ok((hash, Some((len, false)))),
-            Step::Sealed(sealed) => sealed?,
-            Step::Ask(data) => {
-                if let Some(len) = chunk::stored_len(&self.store, &ChunkId::from_hash(hash)).await? {
-                    self.buffers.give(data);
-                    return Ok((hash, Some((len, false))));
-                }
-                let _permit = self.cpu.acquire().await.expect("semaphore is never closed");
-                let (sealer, level) = (self.sealer.clone(), self.level);
-                let (sealed, data) = tokio::task::spawn_blocking(move || {
-                    (chunk::seal_chunk(&sealer, hash, &data, level), data)
-                })
-                .await
-                .map_err(blocking_err)?;
-                self.buffers.give(data);
-                sealed?
-            }
+            Step::Sealed { sealed, ask } => (sealed?, ask),
         };
-        let len = chunk::upload(&self.store, &ChunkId::from_hash(hash), sealed).await?;
+        let _slot = self.uploads.acquire().await.expect("semaphore is never closed");
+        drop(held);
+        let id = ChunkId::from_hash(hash);
+        // A chunk already stored (by an older backup, or an interrupted one) is not sent again;
+        // sealing it first cost CPU only, and changed chunks are rarely stored already.
+        if ask && let Some(len) = chunk::stored_len(&self.store, &id).await? {
+            return Ok((hash, Some((len, false))));
+        }
+        let len = chunk::upload(&self.store, &id, sealed).await?;
         Ok((hash, Some((len, true))))
     }
 
-    /// The blocking half: hash `data`, and seal it when it is new and nothing needs asking.
-    /// Hands `data` back when done with it (for [`Buffers`]).
-    fn hash_and_seal(&self, data: Vec<u8>) -> ([u8; 32], Step, Option<Vec<u8>>) {
+    /// The blocking half: hash `data`, and seal it when it is new. Hands `data` back (for
+    /// [`Buffers`]).
+    fn hash_and_seal(&self, data: Vec<u8>) -> ([u8; 32], Step, Vec<u8>) {
         let hash = self.sealer.content_hash(&data);
         // The same bytes twice in one backup (zeroed pages, identical files): stored once.
         if !self.seen.lock().expect("never poisoned").insert(hash) {
-            return (hash, Step::Met, Some(data));
+            return (hash, Step::Met, data);
         }
-        match (self.known.get(&hash), self.lookup) {
+        let ask = match (self.known.get(&hash), self.lookup) {
             // The previous backup holds it, and the backup lock keeps it there.
-            (Some(Some(len)), _) => (hash, Step::Known(*len), Some(data)),
-            (Some(None), _) | (None, Lookup::Ask) => (hash, Step::Ask(data), None),
-            (None, Lookup::Upload) => {
-                let sealed = chunk::seal_chunk(&self.sealer, hash, &data, self.level);
-                (hash, Step::Sealed(sealed), Some(data))
-            }
-        }
+            (Some(Some(len)), _) => return (hash, Step::Known(*len), data),
+            (Some(None), _) | (None, Lookup::Ask) => true,
+            (None, Lookup::Upload) => false,
+        };
+        let sealed = chunk::seal_chunk(&self.sealer, hash, &data, self.level);
+        (hash, Step::Sealed { sealed, ask }, data)
     }
 }
 
