@@ -117,6 +117,9 @@ impl Scattered {
     }
 }
 
+/// References in write order, each with where its bytes come from.
+type Planned = Vec<(ChunkRef, Source)>;
+
 /// Where a reference's bytes come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
@@ -183,22 +186,11 @@ pub(crate) async fn fill(
 ) -> Result<Scattered, RestoreError> {
     let Fill {
         files,
-        mut refs,
+        refs,
         last,
         roots,
     } = fill;
-    refs.sort_by_key(|r| (r.file, r.index));
-    // One decision over all references (the last file's included): a contradiction anywhere is
-    // refused up front.
-    let all = sources(&refs, &files, REPEAT_BUDGET)?;
-    let (mut early, mut late) = (Vec::new(), Vec::new());
-    for (r, s) in refs.into_iter().zip(all) {
-        if Some(r.file) == last {
-            late.push(r);
-        } else {
-            early.push((r, s));
-        }
-    }
+    let (early, late) = split_last(refs, &files, last)?;
     // syncfs reports the write-back errors of its file system since the descriptor it is given
     // was opened: open the roots before the first write.
     let roots = match sync {
@@ -239,6 +231,23 @@ pub(crate) async fn fill(
         done.add(pipeline.run(vec![last], late).await?);
     }
     Ok(done)
+}
+
+/// Sort `refs` into file and chunk order and split off those of the `last` file; plan the
+/// others' sources. The plan covers only what is written before the last file: a chunk the last
+/// file shares with a later one must not count as fetched (and kept) by the last file, which is
+/// written after them. A contradiction anywhere, the last file's references included, is refused
+/// up front.
+fn split_last(
+    mut refs: Vec<ChunkRef>,
+    files: &[Target],
+    last: Option<usize>,
+) -> Result<(Planned, Vec<ChunkRef>), RestoreError> {
+    refs.sort_by_key(|r| (r.file, r.index));
+    sources(&refs, files, 0)?;
+    let (late, early): (Vec<ChunkRef>, Vec<ChunkRef>) = refs.into_iter().partition(|r| Some(r.file) == last);
+    let plan = sources(&early, files, REPEAT_BUDGET)?;
+    Ok((early.into_iter().zip(plan).collect(), late))
 }
 
 /// The directories whose file systems a `syncfs` must cover: `roots` and the directory of each
@@ -409,8 +418,9 @@ impl Pipeline<'_> {
                     _held: held,
                 };
                 if tx.send(piece).is_err() {
-                    // The writer ended early: its error is collected with the others.
-                    break;
+                    // The writer ended early, with an error that is collected with the others:
+                    // nothing more is fed, and no later file is started.
+                    return Ok(());
                 }
             }
         }
@@ -531,7 +541,8 @@ pub(crate) fn add_file(
 
 /// Read chunk `id`, which the manifest says holds `expected` bytes of `path`, and verify it. The
 /// header's length is compared before decompressing, so a hostile chunk object cannot make the
-/// restore allocate more than the chunk size (times `--parallel`); the rest is the typed read of a
+/// restore allocate more than the manifest's chunk size (times the chunks [`held`]); the rest is
+/// the typed read of a
 /// [`Chunk`] (envelope, hash, and that the content is what the id names).
 async fn fetch_chunk(
     store: &Store,
@@ -646,6 +657,32 @@ mod tests {
                 Kept { last: true },
             ]
         );
+    }
+
+    /// pg_control (the last file) sorts before `global/pg_filenode.map` and `pg_xact/`: a chunk
+    /// it shares with one of them must be fetched by that file, not counted as kept by
+    /// pg_control, which is written after everything else.
+    #[test]
+    fn a_chunk_the_last_file_shares_is_fetched_by_the_early_file() {
+        let refs = vec![
+            r(ZERO, 8, 0, 0),
+            r(ONE, 8, 0, 1),
+            r(ZERO, 8, 1, 0),
+            r(ONE, 8, 2, 0),
+        ];
+        let (early, late) = split_last(refs, &targets(3), Some(0)).unwrap();
+        use Source::*;
+        assert_eq!(
+            early,
+            vec![
+                (r(ZERO, 8, 1, 0), Fetch { keep: false }),
+                (r(ONE, 8, 2, 0), Fetch { keep: false })
+            ]
+        );
+        assert_eq!(late, vec![r(ZERO, 8, 0, 0), r(ONE, 8, 0, 1)]);
+        // A contradiction in the last file's references is refused too.
+        let err = split_last(vec![r(ONE, 8, 0, 0), r(ONE, 3, 1, 0)], &targets(2), Some(0)).unwrap_err();
+        assert!(err.to_string().contains("referenced as"), "{err}");
     }
 
     #[test]
