@@ -382,8 +382,13 @@ def cluster_stop(c, mode="fast"):
 
 def psql(c, sql):
     """SQL without a shell in between (ab.Cluster.psql puts it in double quotes: $ would expand)."""
-    return subprocess.run([f"{PG}/psql", "-X", "-q", "-At", "-h", "127.0.0.1", "-p", str(c.port), "-U", "postgres",
-                           "-d", "postgres", "-c", sql], check=True, capture_output=True, text=True).stdout
+    return psql_at(c.port, sql)
+
+
+def psql_at(port, sql):
+    """`sql` on the cluster listening on 127.0.0.1:`port`; its output, stripped."""
+    return subprocess.run([f"{PG}/psql", "-X", "-q", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                           "-d", "postgres", "-c", sql], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def wait_archived(c, timeout=900):
@@ -414,11 +419,10 @@ DIGEST = ("select count(*) || ' tables, ' || md5(string_agg(relname || '=' || (x
           "where relkind = 'r' and relnamespace = 'public'::regnamespace")
 
 
-def digest(port, host="127.0.0.1"):
+def digest(port):
     """Every table of the public schema: its row count and a sum of its rows' hashes, one md5
     over all (what a restored cluster must match, table for table)."""
-    return subprocess.run([f"{PG}/psql", "-X", "-q", "-At", "-h", host, "-p", str(port), "-U", "postgres",
-                           "-d", "postgres", "-c", DIGEST], check=True, capture_output=True, text=True).stdout.strip()
+    return psql_at(port, DIGEST)
 
 
 class Shape:
@@ -504,11 +508,6 @@ def verify_restore(ctx, store, dest, want, tag):
         raise RuntimeError(f"walvault's restore of {tag} differs from its source: {got} != {want}; see {logf}")
     shutil.rmtree(sock, ignore_errors=True)
     return got
-
-
-def psql_at(port, sql):
-    return subprocess.run([f"{PG}/psql", "-X", "-q", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                           "-d", "postgres", "-c", sql], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def limits(ctx, c, tag):

@@ -226,28 +226,11 @@ fn restore(from: &Path, to: &Path, parallel: usize) -> Result<()> {
         .collect();
     // 1. Read and decompress every piece, `parallel` at once, keeping nothing.
     let t0 = Instant::now();
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|s| -> Result<()> {
-        let handles: Vec<_> = (0..parallel)
-            .map(|_| {
-                s.spawn(|| -> Result<()> {
-                    let mut z = Vec::new();
-                    while let Some(p) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        z.resize(p.clen as usize, 0);
-                        packs[p.pack]
-                            .as_ref()
-                            .context("pack")?
-                            .read_exact_at(&mut z, p.at)?;
-                        let data = zstd::bulk::decompress(&z, p.len as usize)?;
-                        std::hint::black_box(&data);
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().expect("thread panicked")?;
-        }
+    each_in_parallel(&pieces, parallel, |z, p| {
+        z.resize(p.clen as usize, 0);
+        packs[p.pack].as_ref().context("pack")?.read_exact_at(z, p.at)?;
+        let data = zstd::bulk::decompress(z, p.len as usize)?;
+        std::hint::black_box(&data);
         Ok(())
     })?;
     let decompress = t0.elapsed().as_secs_f64();
@@ -284,33 +267,20 @@ fn write_files(
         std::fs::create_dir_all(to.join(d))?;
     }
     let buf = vec![0x5au8; 1 << 20];
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|s| -> Result<()> {
-        let handles: Vec<_> = (0..parallel)
-            .map(|_| {
-                s.spawn(|| -> Result<()> {
-                    while let Some((p, size)) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        let mut f = OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .mode(0o600)
-                            .open(to.join(p))?;
-                        let mut left = *size;
-                        while left > 0 {
-                            let n = left.min(buf.len() as u64) as usize;
-                            f.write_all(&buf[..n])?;
-                            left -= n as u64;
-                        }
-                        if fsync_each {
-                            f.sync_all()?;
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().expect("thread panicked")?;
+    each_in_parallel(files, parallel, |_, (p, size)| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(to.join(p))?;
+        let mut left = *size;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            f.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        if fsync_each {
+            f.sync_all()?;
         }
         Ok(())
     })?;
@@ -327,4 +297,30 @@ fn write_files(
         bail!("sync -f {} failed", to.display());
     }
     Ok(t.elapsed().as_secs_f64())
+}
+
+/// Run `f` on every item, `parallel` threads taking the next item in order, each with a scratch
+/// buffer of its own; the first error ends the run.
+fn each_in_parallel<T: Sync>(
+    items: &[T],
+    parallel: usize,
+    f: impl Fn(&mut Vec<u8>, &T) -> Result<()> + Sync,
+) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..parallel.max(1))
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut scratch = Vec::new();
+                    while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        f(&mut scratch, item)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("thread panicked"))
+    })
 }

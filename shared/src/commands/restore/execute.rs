@@ -1,7 +1,8 @@
 //! The executor of a [`RestorePlan`]: it empties the data directory when the plan says so,
 //! writes the backup's directories and files (all of them, or with `--delta` what differs),
-//! fetching each distinct chunk once and writing each file from one descriptor ([`super::writer`]), and has the recovery configuration
-//! written ([`super::recovery_files`]). It decides nothing the plan has not: the plan is the
+//! fetching each distinct chunk once and writing each file from one descriptor
+//! ([`super::writer`]), and has the recovery configuration written
+//! ([`super::recovery_files`]). It decides nothing the plan has not: the plan is the
 //! restore a dry run prints. On failure it removes what it wrote: a half-restored directory must
 //! never be mistaken for a restore.
 
@@ -35,9 +36,7 @@ pub(crate) async fn execute(
         .ok_or_else(|| RestoreError::UnknownBackup(plan.backup.id.clone()))?;
     let pgdata = plan.pgdata.clone();
     let created = !pgdata.exists();
-    let targets: Vec<PathBuf> = std::iter::once(pgdata.clone())
-        .chain(plan.tablespaces.values().cloned())
-        .collect();
+    let targets = plan.roots();
     if plan.files.directory == DirectoryUse::Replace {
         clear_dir(&pgdata)?;
     }
@@ -122,9 +121,7 @@ pub(crate) async fn write_backup(
             (lay_out(manifest, &dest_of)?, None)
         }
     };
-    fill.roots = std::iter::once(pgdata.clone())
-        .chain(spaces.values().cloned())
-        .collect();
+    fill.roots = plan.roots();
     let files = manifest
         .entries
         .iter()
@@ -138,8 +135,7 @@ pub(crate) async fn write_backup(
         .filter(|e| e.kind == EntryKind::Dir)
         .map(|e| dest_of(&e.path))
         .collect();
-    dirs.push(pgdata.clone());
-    dirs.extend(spaces.values().cloned());
+    dirs.extend(fill.roots.iter().cloned());
     dirs.extend(pgdata.parent().map(Path::to_path_buf));
     let sync_dirs = |dirs: &[PathBuf]| {
         dirs.iter()

@@ -314,6 +314,13 @@ pub(super) fn planned_recovery(
 }
 
 impl RestorePlan {
+    /// The directories the restore writes into: the data directory and every tablespace's.
+    pub(crate) fn roots(&self) -> Vec<PathBuf> {
+        std::iter::once(self.pgdata.clone())
+            .chain(self.tablespaces.values().cloned())
+            .collect()
+    }
+
     /// The rows of the text report: one fact a line.
     fn rows(&self) -> Vec<Vec<String>> {
         let row = |k: &str, v: String| vec![k.to_string(), v];

@@ -129,33 +129,40 @@ pub(crate) enum Source {
     Kept { last: bool },
 }
 
-/// Decide, for each reference in order, whether it fetches or reuses what an earlier one kept,
-/// keeping at most `budget` bytes at any time. The same id with two lengths is a contradiction no
-/// honest manifest holds (the id names the content, so its length): refused before anything is
-/// fetched or written.
-pub(crate) fn sources(refs: &[ChunkRef], files: &[Target], budget: u64) -> Result<Vec<Source>, RestoreError> {
-    let mut left: HashMap<&ChunkId, (u64, usize)> = HashMap::new();
+/// The same id with two lengths is a contradiction no honest manifest holds (the id names the
+/// content, so its length): refused before anything is fetched or written.
+fn lengths_agree(refs: &[ChunkRef], files: &[Target]) -> Result<(), RestoreError> {
+    let mut len_of: HashMap<&ChunkId, u64> = HashMap::new();
     for r in refs {
-        let e = left.entry(&r.id).or_insert((r.len, 0));
-        if e.0 != r.len {
+        let len = *len_of.entry(&r.id).or_insert(r.len);
+        if len != r.len {
             let at = files
                 .get(r.file)
                 .map(|f| f.path.display().to_string())
                 .unwrap_or_default();
             return Err(RestoreError::Corrupt(format!(
-                "chunk {} is referenced as {} bytes and as {} bytes (at chunk {} of {at})",
-                r.id, e.0, r.len, r.index
+                "chunk {} is referenced as {len} bytes and as {} bytes (at chunk {} of {at})",
+                r.id, r.len, r.index
             )));
         }
-        e.1 += 1;
+    }
+    Ok(())
+}
+
+/// Decide, for each reference in order, whether it fetches or reuses what an earlier one kept,
+/// keeping at most `budget` bytes at any time.
+pub(crate) fn sources(refs: &[ChunkRef], budget: u64) -> Vec<Source> {
+    let mut left: HashMap<&ChunkId, usize> = HashMap::new();
+    for r in refs {
+        *left.entry(&r.id).or_default() += 1;
     }
     let mut kept: HashMap<&ChunkId, u64> = HashMap::new();
     let mut kept_bytes = 0u64;
     let mut out = Vec::with_capacity(refs.len());
     for r in refs {
-        let e = left.get_mut(&r.id).expect("counted above");
-        e.1 -= 1;
-        let later = e.1;
+        let later = left.get_mut(&r.id).expect("counted above");
+        *later -= 1;
+        let later = *later;
         if kept.contains_key(&r.id) {
             if later == 0 {
                 kept_bytes -= kept.remove(&r.id).expect("present");
@@ -170,7 +177,7 @@ pub(crate) fn sources(refs: &[ChunkRef], files: &[Target], budget: u64) -> Resul
             out.push(Source::Fetch { keep });
         }
     }
-    Ok(out)
+    out
 }
 
 /// Write every reference of `fill` into its files (see the module's description), set each
@@ -244,9 +251,9 @@ fn split_last(
     last: Option<usize>,
 ) -> Result<(Planned, Vec<ChunkRef>), RestoreError> {
     refs.sort_by_key(|r| (r.file, r.index));
-    sources(&refs, files, 0)?;
+    lengths_agree(&refs, files)?;
     let (late, early): (Vec<ChunkRef>, Vec<ChunkRef>) = refs.into_iter().partition(|r| Some(r.file) == last);
-    let plan = sources(&early, files, REPEAT_BUDGET)?;
+    let plan = sources(&early, REPEAT_BUDGET);
     Ok((early.into_iter().zip(plan).collect(), late))
 }
 
@@ -542,8 +549,7 @@ pub(crate) fn add_file(
 /// Read chunk `id`, which the manifest says holds `expected` bytes of `path`, and verify it. The
 /// header's length is compared before decompressing, so a hostile chunk object cannot make the
 /// restore allocate more than the manifest's chunk size (times the chunks [`held`]); the rest is
-/// the typed read of a
-/// [`Chunk`] (envelope, hash, and that the content is what the id names).
+/// the typed read of a [`Chunk`] (envelope, hash, and that the content is what the id names).
 async fn fetch_chunk(
     store: &Store,
     sealer: &Sealer,
@@ -618,7 +624,7 @@ mod tests {
             r(ZERO, 8, 1, 0),
             r(TAIL, 3, 1, 1),
         ];
-        let s = sources(&refs, &targets(2), 1 << 20).unwrap();
+        let s = sources(&refs, 1 << 20);
         use Source::*;
         assert_eq!(
             s,
@@ -644,7 +650,7 @@ mod tests {
             r(TAIL, 3, 1, 0),
             r(TAIL, 3, 1, 1),
         ];
-        let s = sources(&refs, &targets(2), 12).unwrap();
+        let s = sources(&refs, 12);
         use Source::*;
         assert_eq!(
             s,
@@ -687,7 +693,7 @@ mod tests {
 
     #[test]
     fn one_id_with_two_lengths_is_refused() {
-        let err = sources(&[r(ONE, 8, 0, 0), r(ONE, 3, 0, 1)], &targets(1), 1 << 20).unwrap_err();
+        let err = lengths_agree(&[r(ONE, 8, 0, 0), r(ONE, 3, 0, 1)], &targets(1)).unwrap_err();
         assert!(
             err.to_string().contains("referenced as 8 bytes and as 3 bytes"),
             "{err}"
