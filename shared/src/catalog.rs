@@ -672,6 +672,7 @@ pub(crate) mod testing {
             entries: vec![],
             stats: BackupStats::default(),
             files_examined_after_us: None,
+            packs: vec![],
             files: vec![],
         }
     }

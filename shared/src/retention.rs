@@ -26,6 +26,7 @@ use serde::Serialize;
 use crate::basebackup::BackupId;
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::manifest::Manifest;
+use crate::basebackup::pack::PackId;
 use crate::catalog::Catalog;
 use crate::config::{ConfigError, RetentionSettings};
 use crate::repo::stored::{Envelope, Opened, StoredKind};
@@ -527,12 +528,26 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
     plan
 }
 
-/// Every chunk id the given manifests reference.
+/// Every chunk the given manifests reference as stored on its own (not in one of their packs).
 pub fn referenced_chunks<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> BTreeSet<ChunkId> {
+    let mut out = BTreeSet::new();
+    for m in manifests {
+        let places = m.places();
+        out.extend(
+            m.entries
+                .iter()
+                .flat_map(|e| e.chunks.iter().copied())
+                .filter(|c| places.get(c).is_none()),
+        );
+    }
+    out
+}
+
+/// Every pack the given manifests list.
+pub fn referenced_packs<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> BTreeSet<PackId> {
     manifests
         .into_iter()
-        .flat_map(|m| m.entries.iter())
-        .flat_map(|e| e.chunks.iter().copied())
+        .flat_map(|m| m.packs.iter().map(|p| p.id))
         .collect()
 }
 

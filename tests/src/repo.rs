@@ -470,11 +470,19 @@ impl Repo {
         format!("backups/{id}/manifest.wvo")
     }
 
-    /// Every backup chunk object (`chunks/<ab>/<id>.wvo`), by key, with its size.
-    pub fn chunks(&self) -> Result<BTreeMap<String, u64>> {
+    /// Every object holding backup data, by key, with its size: packs (`packs/<ab>/<id>.wvp`,
+    /// what backups write) and chunks stored on their own (`chunks/<ab>/<id>.wvo`).
+    pub fn backup_objects(&self) -> Result<BTreeMap<String, u64>> {
         let mut all = self.files()?;
-        all.retain(|k, _| k.starts_with("chunks/"));
+        all.retain(|k, _| k.starts_with("chunks/") || k.starts_with("packs/"));
         Ok(all)
+    }
+
+    /// The id a backup data object's key names: its file name without its suffix.
+    pub fn object_id(key: &str) -> Option<String> {
+        let name = key.rsplit('/').next()?;
+        let id = name.strip_suffix(".wvp").or_else(|| name.strip_suffix(".wvo"))?;
+        Some(id.to_string())
     }
 
     /// A new repository in the same store holding a copy of every object of this one, for tests

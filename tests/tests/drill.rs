@@ -178,8 +178,8 @@ fn a_drill_fails_naming_a_false_check_or_a_missing_chunk() -> Result<()> {
     let chunk = repo
         .files()?
         .into_keys()
-        .find(|k| k.starts_with("chunks/"))
-        .context("a chunk")?;
+        .find(|k| k.starts_with("packs/") || k.starts_with("chunks/"))
+        .context("a pack")?;
     repo.delete(&chunk)?;
     let (run, ev) = drill(&repo, &scratch, &[])?;
     ensure!(
@@ -187,11 +187,8 @@ fn a_drill_fails_naming_a_false_check_or_a_missing_chunk() -> Result<()> {
         "a missing chunk fails the drill: {run}\n{ev:#}"
     );
     let failure = ev["failure"].as_str().context("failure")?;
-    let id = chunk
-        .rsplit('/')
-        .next()
-        .and_then(|n| n.strip_suffix(".wvo"))
-        .context("chunk id")?;
+    let id = Repo::object_id(&chunk).context("pack id")?;
+    let id = id.as_str();
     ensure!(
         failure.starts_with("restore: ") && failure.contains(id),
         "the failure names the restore and the chunk {id}: {failure}"

@@ -1039,16 +1039,11 @@ fn fault_truncated_and_corrupt_objects_on_s3_stop_recovery() -> Result<()> {
 
     // A damaged chunk, flipped or cut short: the restore fails, names it, leaves nothing.
     let (chunk_key, _) = repo
-        .chunks()?
+        .backup_objects()?
         .into_iter()
         .max_by_key(|(_, size)| *size)
         .context("the backup stored no chunk")?;
-    let chunk_id = chunk_key
-        .rsplit('/')
-        .next()
-        .and_then(|n| n.strip_suffix(".wvo"))
-        .context("chunk key")?
-        .to_string();
+    let chunk_id = Repo::object_id(&chunk_key).context("chunk key")?;
     let chunk = repo.read(&chunk_key)?;
     for damage in ["a flipped byte", "truncation"] {
         match damage {

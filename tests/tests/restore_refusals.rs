@@ -212,16 +212,11 @@ fn corrupt_chunk_fails_the_restore_without_leaving_a_data_directory() -> Result<
     let repo = b.repo.copy()?;
     // The largest chunk: part of a relation file, not one shared by many small files.
     let (victim, _) = repo
-        .chunks()?
+        .backup_objects()?
         .into_iter()
         .max_by_key(|(_, size)| *size)
         .context("the backup stored no chunk")?;
-    let id = victim
-        .rsplit('/')
-        .next()
-        .and_then(|n| n.strip_suffix(".wvo"))
-        .context("chunk object name")?
-        .to_string();
+    let id = Repo::object_id(&victim).context("chunk object name")?;
     repo.flip_middle_byte(&victim)?;
 
     let scratch = ScratchDir::new("refuse-corrupt")?;

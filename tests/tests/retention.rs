@@ -99,14 +99,14 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
         backup::restore_and_recover(PgInstall::default_install(), &repo, "ret-branch", &args, true)?;
     assert_eq!(branch.timeline()?, 2);
     let d = steps(&branch, 30)?;
-    let chunks_before_b4 = repo.chunks()?;
+    let chunks_before_b4 = repo.backup_objects()?;
     next_backup_second();
     let b4 = take_backup(&branch, &repo)?;
     let e = steps(&branch, 30)?;
     archive_everything(&branch)?;
     branch.stop()?;
     let b4_chunks: Vec<String> = repo
-        .chunks()?
+        .backup_objects()?
         .into_keys()
         .filter(|k| !chunks_before_b4.contains_key(k))
         .collect();

@@ -17,6 +17,8 @@ pub enum ChunkError {
     Store(#[from] StoreError),
     #[error("chunk {id} is missing from the repository")]
     Missing { id: String },
+    #[error("pack {pack}, which holds chunk {id}, is missing from the repository")]
+    MissingPack { pack: String, id: String },
     #[error("chunk {id} is corrupt: {source}")]
     Corrupt { id: String, source: Box<ObjectError> },
     #[error("cannot compress a chunk: {0}")]

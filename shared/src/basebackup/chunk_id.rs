@@ -67,3 +67,51 @@ impl<'de> Deserialize<'de> for ChunkId {
         s.parse().map_err(serde::de::Error::custom)
     }
 }
+
+/// The id of a pack ([`crate::basebackup::pack`]): the blake3 hash of the pack's stored bytes,
+/// 64 lower-case hex digits like a [`ChunkId`], and like it valid by construction.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PackId(ChunkId);
+
+impl PackId {
+    pub const fn from_hash(hash: [u8; 32]) -> PackId {
+        PackId(ChunkId::from_hash(hash))
+    }
+
+    /// The id of a pack holding `bytes`.
+    pub fn of(bytes: &[u8]) -> PackId {
+        PackId::from_hash(*blake3::hash(bytes).as_bytes())
+    }
+}
+
+impl FromStr for PackId {
+    type Err = BadChunkId;
+
+    fn from_str(s: &str) -> Result<PackId, BadChunkId> {
+        s.parse().map(PackId)
+    }
+}
+
+impl fmt::Display for PackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Debug for PackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PackId({self})")
+    }
+}
+
+impl Serialize for PackId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PackId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<PackId, D::Error> {
+        ChunkId::deserialize(d).map(PackId)
+    }
+}

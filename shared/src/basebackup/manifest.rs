@@ -1,5 +1,6 @@
-//! The backup manifest (format "walvault-backup-manifest" v1, see `docs/FORMAT.md`): everything
-//! needed to rebuild the data directory of one base backup, independently of any other backup.
+//! The backup manifest (format "walvault-backup-manifest" v2, or v1 without packs, see
+//! `docs/FORMAT.md`): everything needed to rebuild the data directory of one base backup,
+//! independently of any other backup.
 
 use std::fmt;
 use std::str::FromStr;
@@ -7,12 +8,20 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::chunk::ChunkId;
+use super::pack::{PackRecord, Places};
 use crate::repo::object::ObjectKind;
 use crate::repo::stored::{Envelope, Opened, StoredKind};
 use crate::wal::{Lsn, SegmentNo, TimelineId, WalFileName};
 
 pub const FORMAT_NAME: &str = "walvault-backup-manifest";
-pub const FORMAT_VERSION: u32 = 1;
+/// The version written: 2, which may list packs. Version 1 (no packs) is still read.
+pub const FORMAT_VERSION: u32 = 2;
+/// The versions read.
+pub const FORMAT_VERSIONS: std::ops::RangeInclusive<u32> = 1..=2;
+/// The chunks all packs list together.
+pub const MAX_PACKED_CHUNKS: usize = 100_000_000;
+/// One pack.
+pub const MAX_PACK_LEN: u64 = 1 << 32;
 // Upper bounds checked before a restore writes anything, so a hostile manifest cannot make it
 // allocate or write without limit. Each is far above any real cluster (see `docs/FORMAT.md`).
 /// The manifest's JSON: the most a sealed object may hold.
@@ -207,6 +216,10 @@ pub struct Manifest {
     /// One record per file entry with chunks, sorted by path. Absent in older manifests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileRecord>,
+    /// The packs holding the chunks that are not stored on their own (version 2; see
+    /// [`crate::basebackup::pack`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packs: Vec<PackRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +228,9 @@ pub enum ManifestError {
     Invalid(String),
     #[error("manifest has format {0:?}")]
     WrongFormat(String),
-    #[error("manifest format version {0} is newer than this walvault understands (1); upgrade walvault")]
+    #[error(
+        "manifest format version {0} is newer than this walvault understands (1 and 2); upgrade walvault"
+    )]
     UnsupportedVersion(u32),
     /// A path that could leave the directory it is restored into.
     #[error("entry {path:?} is unsafe: {why}")]
@@ -333,7 +348,7 @@ impl Manifest {
         if probe.format != FORMAT_NAME {
             return Err(ManifestError::WrongFormat(shown(&probe.format)));
         }
-        if probe.version != FORMAT_VERSION {
+        if !FORMAT_VERSIONS.contains(&probe.version) {
             return Err(ManifestError::UnsupportedVersion(probe.version));
         }
         check_counts(probe.entries.0.max(probe.files.0), probe.tablespaces.0)?;
@@ -433,7 +448,60 @@ impl Manifest {
                 }
             }
         }
-        self.check_files()
+        self.check_files()?;
+        self.check_packs()
+    }
+
+    /// `packs`: only in version 2, each named once, each chunk's stored length within what a
+    /// sealed chunk of `chunk_size` can take, and each pack within [`MAX_PACK_LEN`], so a restore
+    /// never asks for a range it could not hold.
+    fn check_packs(&self) -> Result<(), ManifestError> {
+        let implausible = |s: String| Err(ManifestError::Implausible(s));
+        if self.version < 2 && !self.packs.is_empty() {
+            return implausible("a version 1 manifest lists packs".into());
+        }
+        let max_len = max_sealed_len(self.chunk_size);
+        let mut ids = std::collections::HashSet::new();
+        let mut listed = 0usize;
+        for p in &self.packs {
+            if !ids.insert(p.id) {
+                return implausible(format!("pack {} is listed twice", p.id));
+            }
+            if p.chunks.is_empty() || p.chunks.len() != p.lengths.len() {
+                return implausible(format!(
+                    "pack {} lists {} chunks and {} lengths",
+                    p.id,
+                    p.chunks.len(),
+                    p.lengths.len()
+                ));
+            }
+            listed += p.chunks.len();
+            if listed > MAX_PACKED_CHUNKS {
+                return implausible(format!("packs list more than {MAX_PACKED_CHUNKS} chunks"));
+            }
+            let mut total = 0u64;
+            for len in &p.lengths {
+                if !(1..=max_len).contains(len) {
+                    return implausible(format!(
+                        "pack {} holds a chunk of {len} bytes, outside 1..={max_len} for chunks of {}",
+                        p.id, self.chunk_size
+                    ));
+                }
+                total += len;
+            }
+            if total > MAX_PACK_LEN {
+                return implausible(format!(
+                    "pack {} is {total} bytes, more than {MAX_PACK_LEN}",
+                    p.id
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where each packed chunk is.
+    pub fn places(&self) -> Places {
+        Places::of(&self.packs)
     }
 
     /// `files`: sorted, each naming a file entry, with one stored length per chunk. Restore
@@ -584,6 +652,12 @@ const RESERVED: [(&str, &str); 3] = [
 /// Root names restore reads, appends to or removes: if a backup holds them, they are files.
 const MUST_BE_FILES: [&str; 3] = ["postgresql.auto.conf", "recovery.signal", "standby.signal"];
 
+/// The most a sealed chunk of `chunk_size` bytes may take: its content uncompressed (zstd's
+/// worst case adds under 1/128), its header and name, and an encrypted repository's nonce and tag.
+pub fn max_sealed_len(chunk_size: u64) -> u64 {
+    chunk_size + chunk_size / 64 + 4096
+}
+
 fn check_counts(entries: u64, tablespaces: u64) -> Result<(), ManifestError> {
     if entries > MAX_ENTRIES as u64 {
         return Err(ManifestError::Implausible(format!(
@@ -695,13 +769,14 @@ impl StoredKind for Manifest {
 
 #[cfg(test)]
 mod tests {
+    use super::super::pack::PackRecord;
     use super::*;
     use proptest::prelude::*;
 
     pub(crate) fn sample() -> Manifest {
         Manifest {
             format: FORMAT_NAME.into(),
-            version: FORMAT_VERSION,
+            version: 1,
             id: "20261121T143200Z".parse().unwrap(),
             system_identifier: 7_441_234_567_890_123_456,
             pg_version: 15,
@@ -734,6 +809,7 @@ mod tests {
             ],
             stats: BackupStats::default(),
             files_examined_after_us: None,
+            packs: vec![],
             files: vec![],
         }
     }
@@ -1171,6 +1247,69 @@ mod tests {
         }
     }
 
+    /// What `manifest-v2.json` holds: `base/1/1259` in a pack with another chunk, `base/1/1249`
+    /// stored on its own by an older backup.
+    fn sample_v2() -> Manifest {
+        let mut m = sample();
+        m.version = 2;
+        m.entries.push(Entry {
+            path: "base/1/1249".into(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            size: (1 << 20) + 8192,
+            chunks: vec![cid("cd"), cid("ef")],
+        });
+        m.entries.sort_by(|a, b| a.path.cmp(&b.path));
+        m.packs = vec![PackRecord {
+            id: "5a".repeat(32).parse().unwrap(),
+            chunks: vec![cid("ab"), cid("cd")],
+            lengths: vec![180, 95],
+        }];
+        m
+    }
+
+    #[test]
+    fn frozen_v2_fixture_parses_and_places_its_packed_chunks() {
+        let m = Manifest::parse(include_bytes!("../../tests/fixtures/manifest-v2.json")).unwrap();
+        assert_eq!(m, sample_v2());
+        assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+        let places = m.places();
+        let pack: super::super::pack::PackId = "5a".repeat(32).parse().unwrap();
+        assert_eq!(
+            places.get(&cid("ab")).map(|p| (p.pack, p.offset, p.len)),
+            Some((pack, 0, 180))
+        );
+        assert_eq!(
+            places.get(&cid("cd")).map(|p| (p.pack, p.offset, p.len)),
+            Some((pack, 180, 95))
+        );
+        // Stored on its own.
+        assert!(places.get(&cid("ef")).is_none());
+    }
+
+    #[test]
+    fn packs_are_checked() {
+        let mut v1 = sample_v2();
+        v1.version = 1;
+        assert_refused(&v1, "version 1 manifest lists packs");
+        let mut m = sample_v2();
+        m.packs[0].lengths.pop();
+        assert_refused(&m, "lists 2 chunks and 1 lengths");
+        let mut m = sample_v2();
+        m.packs[0].lengths[1] = 0;
+        assert_refused(&m, "a chunk of 0 bytes");
+        let mut m = sample_v2();
+        m.packs[0].lengths[1] = max_sealed_len(m.chunk_size) + 1;
+        assert_refused(&m, "outside 1..=");
+        let mut m = sample_v2();
+        m.packs.push(m.packs[0].clone());
+        assert_refused(&m, "listed twice");
+        let mut m = sample_v2();
+        m.packs[0].chunks.clear();
+        m.packs[0].lengths.clear();
+        assert_refused(&m, "lists 0 chunks");
+    }
+
     #[test]
     fn entry_counts_are_checked_before_entries_are_parsed() {
         // Not even entries: the count alone is refused, before any entry is allocated.
@@ -1183,11 +1322,11 @@ mod tests {
         let err = Manifest::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(err.to_string().contains("10001 tablespaces"), "{err}");
         // A newer version is still reported as such whatever its entries look like.
-        v["version"] = 2.into();
+        v["version"] = 3.into();
         v["entries"] = serde_json::json!({"a": 1});
         assert!(matches!(
             Manifest::parse(&serde_json::to_vec(&v).unwrap()),
-            Err(ManifestError::UnsupportedVersion(2))
+            Err(ManifestError::UnsupportedVersion(3))
         ));
     }
 

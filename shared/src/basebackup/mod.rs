@@ -10,6 +10,7 @@ pub mod chunk_id;
 pub mod exclude;
 pub mod label;
 pub mod manifest;
+pub mod pack;
 pub mod relmap;
 pub mod reuse;
 

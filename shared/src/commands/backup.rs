@@ -40,7 +40,7 @@ use inventory::Inventory;
 use session::{Primary, Server, Session};
 
 pub use crate::repo::layout::manifest_key;
-pub use copy::UPLOADS_IN_FLIGHT;
+pub use copy::PACKS_IN_FLIGHT;
 pub use error::BackupError;
 pub use inventory::FileReading;
 
@@ -114,7 +114,7 @@ async fn take_locked(
     session
         .store_relation_map(&opts.pg_conn, id, &store, repo.sealer())
         .await;
-    let (previous, lookup) = inventory::base_of(
+    let previous = inventory::base_of(
         &store,
         repo.sealer(),
         reading,
@@ -129,7 +129,6 @@ async fn take_locked(
         parallel: opts.parallel,
         level: settings.compress_level,
         pg_version: server.pg_version,
-        lookup,
     };
     // The clock read before any stat: the bound the next backup's reuse rule compares with.
     let copied = match Inventory::take(&opts.pgdata, inventory::wall_clock_ns()) {

@@ -82,6 +82,9 @@ pub struct ExpireReport {
     pub wal: Deleted,
     pub summaries: Deleted,
     pub chunks: Deleted,
+    /// Packs no kept manifest lists (see [`crate::basebackup::pack`]).
+    #[serde(default)]
+    pub packs: Deleted,
     pub locks: Deleted,
     /// Why chunks were left for the next expire, when they were.
     pub deferred: Option<String>,
@@ -92,10 +95,16 @@ pub struct ExpireReport {
 impl ExpireReport {
     /// Bytes deleted (or to be deleted), all kinds.
     pub fn bytes(&self) -> u64 {
-        [&self.backups, &self.wal, &self.summaries, &self.chunks]
-            .iter()
-            .map(|d| d.bytes)
-            .sum()
+        [
+            &self.backups,
+            &self.wal,
+            &self.summaries,
+            &self.chunks,
+            &self.packs,
+        ]
+        .iter()
+        .map(|d| d.bytes)
+        .sum()
     }
 }
 
@@ -138,12 +147,16 @@ impl Report for ExpireReport {
             ("WAL files", &self.wal),
             ("time index summaries", &self.summaries),
             ("chunks", &self.chunks),
+            ("packs", &self.packs),
             ("stale locks", &self.locks),
         ] {
             let _ = writeln!(out, "{verb} {:>7} {what} ({} bytes)", d.objects, d.bytes);
         }
         if let Some(why) = &self.deferred {
-            let _ = writeln!(out, "WAL, summaries and chunks left for the next expire: {why}");
+            let _ = writeln!(
+                out,
+                "WAL, summaries, chunks and packs left for the next expire: {why}"
+            );
         }
         let _ = write!(out, "{verb} {} bytes in all", self.bytes());
         out
@@ -296,8 +309,8 @@ async fn run(
         }
     }
 
-    // 3. WAL, summaries and chunks: only when no backup is in progress (repo/locks.rs). A
-    // running backup may rely on chunks already stored, and waits for WAL from its start that
+    // 3. WAL, summaries, chunks and packs: only when no backup is in progress (repo/locks.rs). A
+    // running backup may rely on chunks and packs already stored (its own, and its base's), and waits for WAL from its start that
     // no finished backup needs yet. A backup that starts after this check yields to this
     // expire's lock until it is done.
     if !dry_run {
@@ -318,9 +331,20 @@ async fn run(
         false => Catalog::refresh_listing(&reader, &cat).await?,
     };
     refuse_damaged(&current)?;
-    let referenced =
-        retention::referenced_chunks(current.backups.iter().filter(|m| !expired.contains(&m.id)));
+    let kept = || current.backups.iter().filter(|m| !expired.contains(&m.id));
+    let referenced = retention::referenced_chunks(kept());
+    let listed_packs = retention::referenced_packs(kept());
     let mut garbage = Vec::new();
+    for (key, size) in repo.store().list(Kind::Pack.dirname()).await? {
+        let Some(id) = layout::parse_pack_key(&key) else {
+            continue;
+        };
+        if !listed_packs.contains(&id) {
+            report.packs.objects += 1;
+            report.packs.bytes += size;
+            garbage.push(key);
+        }
+    }
     for (key, size) in repo.store().list(Kind::Chunk.dirname()).await? {
         let Some(id) = layout::parse_chunk_key(&key) else {
             continue;

@@ -14,6 +14,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::basebackup::chunk::{Chunk, ChunkId, MisnamedChunk};
+use crate::basebackup::pack::{PackId, PackRecord};
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
 use crate::repo::layout::{self, Kind};
@@ -74,7 +75,10 @@ pub struct VerifyReport {
     pub chunks: u64,
     /// Chunks no manifest references (garbage an expire collects).
     pub unreferenced_chunks: u64,
-    /// Every WAL file, summary, manifest and chunk listed, and their stored bytes.
+    /// Packs, and packs no manifest lists (garbage an expire collects).
+    pub packs: u64,
+    pub unreferenced_packs: u64,
+    /// Every WAL file, summary, manifest, chunk and pack listed, and their stored bytes.
     pub repository_objects: u64,
     pub repository_bytes: u64,
     /// Objects read whole and hash-checked (`--deep`).
@@ -116,12 +120,14 @@ impl VerifyReport {
             .count();
         let _ = write!(
             out,
-            "verified {} backups, {} WAL files, {} summaries, {} chunks ({} unreferenced){}: {} problems, {} putting restores at risk",
+            "verified {} backups, {} WAL files, {} summaries, {} chunks ({} unreferenced), {} packs ({} unreferenced){}: {} problems, {} putting restores at risk",
             self.backups,
             self.wal_files,
             self.summaries,
             self.chunks,
             self.unreferenced_chunks,
+            self.packs,
+            self.unreferenced_packs,
             if self.deep {
                 format!(", read {} objects ({} bytes)", self.objects_read, self.bytes_read)
             } else {
@@ -231,21 +237,26 @@ async fn verify_once(
     let mut cat = Catalog::load_listing(repo).await?;
     cat.read_window_summaries(repo).await;
     let chunk_listing = repo.store().list(Kind::Chunk.dirname()).await?;
+    let pack_listing = repo.store().list(Kind::Pack.dirname()).await?;
     let mut report = VerifyReport {
         deep,
         backups: cat.backups.len() as u64,
         wal_files: cat.wal_files.len() as u64,
         summaries: cat.summary_files.len() as u64,
         chunks: chunk_listing.len() as u64,
+        packs: pack_listing.len() as u64,
         ..VerifyReport::default()
     };
-    report.repository_objects =
-        (cat.wal_files.len() + cat.summary_files.len() + cat.manifest_bytes.len() + chunk_listing.len())
-            as u64;
+    report.repository_objects = (cat.wal_files.len()
+        + cat.summary_files.len()
+        + cat.manifest_bytes.len()
+        + chunk_listing.len()
+        + pack_listing.len()) as u64;
     report.repository_bytes = cat.wal_files.iter().map(|(_, n)| n).sum::<u64>()
         + cat.summary_files.iter().map(|(_, n)| n).sum::<u64>()
         + cat.manifest_bytes.values().sum::<u64>()
-        + chunk_listing.iter().map(|(_, n)| n).sum::<u64>();
+        + chunk_listing.iter().map(|(_, n)| n).sum::<u64>()
+        + pack_listing.iter().map(|(_, n)| n).sum::<u64>();
     let mut problems = Vec::new();
     let error = |key: String, problem: String, affects: String| Problem {
         severity: Severity::Error,
@@ -266,19 +277,46 @@ async fn verify_once(
         ));
     }
 
-    // Chunks: every one a manifest names must be listed (with some bytes).
+    // Chunks: every one a manifest names must be listed (with some bytes), in its pack when the
+    // manifest places it in one, and every pack as long as its chunks.
     let stored: BTreeMap<ChunkId, u64> = chunk_listing
         .iter()
         .filter_map(|(k, size)| Some((layout::parse_chunk_key(k)?, *size)))
         .collect();
     let mut needed_by: BTreeMap<ChunkId, Vec<(String, &str)>> = BTreeMap::new();
+    let mut packs = Packs::default();
     for m in &cat.backups {
+        let places = m.places();
+        for p in &m.packs {
+            packs.records.entry(p.id).or_insert(p);
+        }
         for e in &m.entries {
             for c in &e.chunks {
-                needed_by.entry(*c).or_default().push((m.id.to_string(), &e.path));
+                let users = match places.get(c) {
+                    Some(place) => packs.needed_by.entry(place.pack).or_default(),
+                    None => needed_by.entry(*c).or_default(),
+                };
+                users.push((m.id.to_string(), &e.path));
             }
         }
     }
+    let stored_packs: BTreeMap<PackId, u64> = pack_listing
+        .iter()
+        .filter_map(|(k, size)| Some((layout::parse_pack_key(k)?, *size)))
+        .collect();
+    for (id, users) in &packs.needed_by {
+        let listed = packs.records.get(id).map_or(0, |r| r.len());
+        let what = match stored_packs.get(id) {
+            None => "pack missing".to_string(),
+            Some(&n) if n < listed => format!("pack shorter than its manifest says ({n} of {listed} bytes)"),
+            Some(_) => continue,
+        };
+        problems.push(error(layout::pack_key(id), what, describe_users(users)));
+    }
+    report.unreferenced_packs = stored_packs
+        .keys()
+        .filter(|id| !packs.records.contains_key(*id))
+        .count() as u64;
     for (id, users) in &needed_by {
         let key = layout::chunk_key(id);
         let what = match stored.get(id) {
@@ -336,8 +374,8 @@ async fn verify_once(
         deep_read(
             repo,
             &cat,
-            &chunk_listing,
-            &needed_by,
+            (&chunk_listing, &pack_listing),
+            (&needed_by, &packs),
             parallel,
             &mut report,
             &mut problems,
@@ -452,12 +490,24 @@ fn wal_problems(
     }
 }
 
-/// Read every WAL file, summary and chunk whole and check it.
+/// Keys and sizes, as listed.
+type Listing = [(String, u64)];
+/// The backups and files that need each chunk stored on its own.
+type Users<'a> = BTreeMap<ChunkId, Vec<(String, &'a str)>>;
+
+/// The packs the manifests list: the first record of each, and who needs each.
+#[derive(Default)]
+struct Packs<'a> {
+    records: BTreeMap<PackId, &'a PackRecord>,
+    needed_by: BTreeMap<PackId, Vec<(String, &'a str)>>,
+}
+
+/// Read every WAL file, summary, chunk and pack whole and check it.
 async fn deep_read(
     repo: &Reader,
     cat: &Catalog,
-    chunk_listing: &[(String, u64)],
-    needed_by: &BTreeMap<ChunkId, Vec<(String, &str)>>,
+    (chunk_listing, pack_listing): (&Listing, &Listing),
+    (needed_by, packs): (&Users<'_>, &Packs<'_>),
     parallel: usize,
     report: &mut VerifyReport,
     problems: &mut Vec<Problem>,
@@ -471,6 +521,12 @@ async fn deep_read(
             .filter_map(|(k, _)| layout::parse_chunk_key(k))
             .map(Item::Chunk),
     );
+    items.extend(
+        pack_listing
+            .iter()
+            .filter_map(|(k, _)| layout::parse_pack_key(k))
+            .map(|id| Item::Pack(id, packs.records.get(&id).map(|r| (*r).clone()))),
+    );
     let store = repo.store();
     let results = futures::stream::iter(items)
         .map(|item| async move {
@@ -478,6 +534,7 @@ async fn deep_read(
                 Item::Wal(n) => (layout::wal_key(n), n.to_string()),
                 Item::Summary(s) => (layout::summary_key(s), s.to_string()),
                 Item::Chunk(id) => (Chunk::key(id), id.to_string()),
+                Item::Pack(id, _) => (layout::pack_key(id), id.to_string()),
             };
             let Some(bytes) = store.get(&key).await? else {
                 return Ok((key, name, 0, Some("disappeared during verify".to_string())));
@@ -496,7 +553,16 @@ async fn deep_read(
         report.objects_read += 1;
         report.bytes_read += len;
         let Some(why) = bad else { continue };
-        let (severity, affects) = if key.starts_with(Kind::Chunk.dirname()) {
+        let (severity, affects) = if key.starts_with(Kind::Pack.dirname()) {
+            match name
+                .parse::<PackId>()
+                .ok()
+                .and_then(|id| packs.needed_by.get(&id))
+            {
+                Some(users) => (Severity::Error, describe_users(users)),
+                None => (Severity::Warning, "no backup references it".to_string()),
+            }
+        } else if key.starts_with(Kind::Chunk.dirname()) {
             match name.parse::<ChunkId>().ok().and_then(|id| needed_by.get(&id)) {
                 Some(users) => (Severity::Error, describe_users(users)),
                 None => (Severity::Warning, "no backup references it".to_string()),
@@ -536,6 +602,16 @@ enum DeepCheckError {
     Chunk(#[from] Damage<MisnamedChunk>),
     #[error("check failed: {0}")]
     Task(String),
+    #[error("its bytes hash to {0}, not to its name")]
+    PackHash(PackId),
+    #[error("it holds {found} bytes, its manifest lists {listed}")]
+    PackShort { found: u64, listed: u64 },
+    #[error("chunk {id} at {offset}: {source}")]
+    Packed {
+        id: ChunkId,
+        offset: u64,
+        source: Damage<MisnamedChunk>,
+    },
 }
 
 /// Open `item`, read whole as `bytes`, and check it as its kind requires.
@@ -552,6 +628,27 @@ fn deep_check(repo: &Reader, item: DeepItem, bytes: &[u8]) -> Result<(), DeepChe
         DeepItem::Chunk(id) => {
             stored::open::<Chunk>(sealer, &id, bytes)?;
         }
+        DeepItem::Pack(id, record) => {
+            let found = PackId::of(bytes);
+            if found != id {
+                return Err(DeepCheckError::PackHash(found));
+            }
+            let Some(record) = record else { return Ok(()) };
+            if (bytes.len() as u64) < record.len() {
+                return Err(DeepCheckError::PackShort {
+                    found: bytes.len() as u64,
+                    listed: record.len(),
+                });
+            }
+            for (chunk, place) in record.places() {
+                let sealed = &bytes[place.offset as usize..(place.offset + place.len) as usize];
+                stored::open::<Chunk>(sealer, &chunk, sealed).map_err(|source| DeepCheckError::Packed {
+                    id: chunk,
+                    offset: place.offset,
+                    source,
+                })?;
+            }
+        }
     }
     Ok(())
 }
@@ -561,6 +658,8 @@ enum DeepItem {
     Wal(WalFileName),
     Summary(SegmentName),
     Chunk(ChunkId),
+    /// A pack, with the chunks a manifest lists in it.
+    Pack(PackId, Option<PackRecord>),
 }
 
 const NO_USERS: &str = "no backup replays it";

@@ -12,6 +12,7 @@
 //! backups/<backup id>/pinned.json                  a pin: expire never deletes the backup
 //! locks/<kind>-<32 hex>.json                       a backup, expire or pin in progress
 //! chunks/<first 2 hex>/<blake3 hex>.wvo            content-addressed base backup chunks
+//! packs/<first 2 hex>/<blake3 hex>.wvp             packs of sealed chunks (manifest v2)
 //! probe/create-only-<repository id>                init's probe of create-only writes (deleted)
 //! ```
 //! Keys are built only from validated names and ids, so no key can leave the prefix; a listed key
@@ -19,7 +20,7 @@
 //! misplaced object is ignored, never misread.
 
 use crate::basebackup::BackupId;
-use crate::basebackup::chunk_id::ChunkId;
+use crate::basebackup::chunk_id::{ChunkId, PackId};
 use crate::wal::{SegmentName, WalFileName};
 
 /// Prefix of the object `archive-agent init` writes twice to learn whether the store refuses
@@ -41,6 +42,7 @@ pub enum Kind {
     Index,
     Backup,
     Chunk,
+    Pack,
     Lock,
     Drill,
 }
@@ -53,6 +55,7 @@ impl Kind {
             Kind::Index => "index/",
             Kind::Backup => "backups/",
             Kind::Chunk => "chunks/",
+            Kind::Pack => "packs/",
             Kind::Lock => "locks/",
             Kind::Drill => "drills/",
         }
@@ -147,6 +150,21 @@ pub fn parse_lock_key(key: &str) -> Option<(&str, &str)> {
 pub fn chunk_key(id: &ChunkId) -> String {
     let hex = id.to_string();
     format!("chunks/{}/{hex}{OBJECT_SUFFIX}", &hex[..2])
+}
+
+/// Suffix of a pack: sealed chunks one after the other, not itself a sealed object.
+pub const PACK_SUFFIX: &str = ".wvp";
+
+/// The key of pack `id`: `packs/<first two hex digits>/<id>.wvp`.
+pub fn pack_key(id: &PackId) -> String {
+    let hex = id.to_string();
+    format!("packs/{}/{hex}{PACK_SUFFIX}", &hex[..2])
+}
+
+/// The pack a listed key under [`Kind::Pack`] stores.
+pub fn parse_pack_key(key: &str) -> Option<PackId> {
+    let id: PackId = key.rsplit('/').next()?.strip_suffix(PACK_SUFFIX)?.parse().ok()?;
+    (pack_key(&id) == key).then_some(id)
 }
 
 /// The WAL file a listed key under [`Kind::Wal`] stores.
@@ -256,6 +274,11 @@ mod tests {
         let chunk: ChunkId = "0f".repeat(32).parse().unwrap();
         assert_eq!(parse_chunk_key(&chunk_key(&chunk)), Some(chunk));
         assert_eq!(parse_chunk_key(&format!("chunks/00/{chunk}.wvo")), None);
+        let pack: PackId = "1e".repeat(32).parse().unwrap();
+        assert_eq!(pack_key(&pack), format!("packs/1e/{pack}.wvp"));
+        assert_eq!(parse_pack_key(&pack_key(&pack)), Some(pack));
+        assert_eq!(parse_pack_key(&format!("packs/00/{pack}.wvp")), None);
+        assert_eq!(parse_pack_key(&format!("packs/1e/{pack}.wvo")), None);
         // Only a chunk id becomes a key: a hostile name never parses as one.
         assert!("../../walvault.json".parse::<ChunkId>().is_err());
         assert!("AB".repeat(32).parse::<ChunkId>().is_err());

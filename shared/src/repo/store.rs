@@ -579,6 +579,38 @@ impl Store {
         .await
     }
 
+    /// Read bytes `range` of an object (one ranged GET); `None` when it does not exist. A range
+    /// past the object's end gives the bytes there are (a HEAD tells, once the read failed), so
+    /// that a short object is reported by the caller at once rather than retried.
+    pub async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Option<Bytes>, StoreError> {
+        let path = self.path(key);
+        self.retried("read", key, || async {
+            let e = match self.inner.get_range(&path, range.clone()).await {
+                Ok(b) => return Ok(Some(b)),
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => e,
+            };
+            match self.inner.head(&path).await {
+                Ok(meta) if meta.size < range.end => match meta.size > range.start {
+                    true => self
+                        .inner
+                        .get_range(&path, range.start..meta.size)
+                        .await
+                        .map(Some)
+                        .map_err(|e| self.error("read", key, e)),
+                    false => Ok(Some(Bytes::new())),
+                },
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                _ => Err(self.error("read", key, e)),
+            }
+        })
+        .await
+    }
+
     /// The size of an object, `None` when it does not exist (one HEAD request).
     pub async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let path = self.path(key);

@@ -1,11 +1,10 @@
 //! Copying a backup's files into the repository: one reader reads each file in `chunk_size`
-//! pieces, in order; hashing, compressing and uploading run in parallel tasks, at most
-//! `parallel` hashing or compressing at once and at most `2 * parallel` chunks read and not yet
-//! sealed. A sealed chunk waits for one of [`UPLOADS_IN_FLIGHT`] upload slots on object stores,
-//! whose uploads wait on the network rather than the CPU, and gives its read buffer back before
-//! it is sent: what is in flight is compressed bytes, not 1 MiB buffers. Files the previous
-//! backup read and that did not change since are taken over unread.
-
+//! pieces, in order; hashing and compressing run in parallel tasks, at most `parallel` at once
+//! and at most `2 * parallel` chunks read and not yet sealed. A sealed chunk gives its read
+//! buffer back and is appended to the pack being filled ([`crate::basebackup::pack`]); a full
+//! pack is written by the task that filled it, at most [`PACKS_IN_FLIGHT`] at once on object
+//! stores, whose writes wait on the network rather than the CPU. Files the previous backup read
+//! and that did not change since are taken over unread, with their chunks and packs.
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
@@ -17,18 +16,18 @@ use tokio::task::JoinSet;
 
 use super::BackupError;
 use super::control::{self, CONTROL_FILE};
-use super::inventory::{Base, Inventory, Lookup, Previous, Source, TakenOver};
+use super::inventory::{Base, Inventory, Previous, Source, TakenOver};
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
 use crate::basebackup::manifest::{BackupStats, Entry, FileRecord, Tablespace};
+use crate::basebackup::pack::{PACK_TARGET, PackBuilder, PackRecord};
 use crate::repo::WritableStore;
+use crate::repo::layout::pack_key;
 use crate::repo::object::Sealer;
 
-/// Uploads in flight on object stores (each at most one sealed chunk in memory):
-/// a chunk's PUT is a round trip that waits, and with `--parallel 2` alone a backup to Garage
-/// through TLS spent most of its time waiting (2.85 s for pgbench scale 50, against pgBackRest's
-/// 2.31 s with its bundles; see bench/rivals.py). Restore keeps 32 in flight on object stores
-/// for the same reason (`restore::default_parallel`).
-pub const UPLOADS_IN_FLIGHT: usize = 16;
+/// Packs being written at once on object stores, each [`PACK_TARGET`] bytes in memory: a PUT is
+/// a round trip that waits, and several overlap it with the next packs' compression. On a local
+/// repository two: one written and synced while the next fills.
+pub const PACKS_IN_FLIGHT: usize = 4;
 
 /// How to copy.
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +38,6 @@ pub(super) struct CopyOptions {
     /// zstd level.
     pub level: i32,
     pub pg_version: u32,
-    pub lookup: Lookup,
 }
 
 /// What `copy_files` produced.
@@ -49,6 +47,9 @@ pub(super) struct Copied {
     pub tablespaces: Vec<Tablespace>,
     pub stats: BackupStats,
     pub examined_after_us: i64,
+    /// The packs the entries' chunks are in: those this backup wrote, and those of the previous
+    /// backup that hold a chunk it references.
+    pub packs: Vec<PackRecord>,
 }
 
 /// Read, chunk and upload every file of `inventory` that changed since `previous` (every file
@@ -66,19 +67,40 @@ pub(super) async fn copy_files(
         examined_after_ns,
     } = inventory;
     let known = previous.map(Previous::chunk_lengths).unwrap_or_default();
-    let base = previous.map(Previous::base);
+    let base = previous.filter(|p| p.take_over).map(Previous::base);
     let mut copier = Copier::new(store, sealer, opts, known, sources.len());
     for src in &sources {
         copier.copy(src, base.as_ref(), examined_after_ns).await?;
     }
-    let (entries, files, stats) = copier.finish().await?;
+    let (entries, files, stats, written) = copier.finish().await?;
+    let packs = packs_named(written, previous.map_or(&[][..], |p| &p.manifest.packs), &entries);
     Ok(Copied {
         entries,
         files,
         tablespaces,
         stats,
         examined_after_us: examined_after_ns / 1000,
+        packs,
     })
+}
+
+/// The packs a manifest with `entries` lists: every pack this backup wrote, then each of the
+/// previous backup's packs that holds a chunk the entries reference and no new pack holds.
+fn packs_named(written: Vec<PackRecord>, previous: &[PackRecord], entries: &[Entry]) -> Vec<PackRecord> {
+    let in_new: HashSet<ChunkId> = written.iter().flat_map(|p| p.chunks.iter().copied()).collect();
+    let referenced: HashSet<ChunkId> = entries
+        .iter()
+        .flat_map(|e| e.chunks.iter().copied())
+        .filter(|c| !in_new.contains(c))
+        .collect();
+    let mut packs = written;
+    packs.extend(
+        previous
+            .iter()
+            .filter(|p| p.chunks.iter().any(|c| referenced.contains(c)))
+            .cloned(),
+    );
+    packs
 }
 
 /// What the chunk pipeline did with one chunk.
@@ -118,18 +140,22 @@ impl Copier {
         sources: usize,
     ) -> Copier {
         let parallel = opts.parallel.max(1);
-        let uploads = if store.is_local() { 0 } else { UPLOADS_IN_FLIGHT };
+        let packs_in_flight = if store.is_local() { 2 } else { PACKS_IN_FLIGHT };
         Copier {
             chunks: Arc::new(Chunks {
                 store: store.clone(),
                 sealer: sealer.clone(),
                 cpu: Semaphore::new(parallel),
-                uploads: Semaphore::new(uploads.max(2 * parallel)),
                 seen: Mutex::default(),
                 known,
                 buffers: Buffers::default(),
                 level: opts.level,
-                lookup: opts.lookup,
+                packs: Packs {
+                    store: store.clone(),
+                    building: Mutex::default(),
+                    slots: Semaphore::new(packs_in_flight),
+                    written: Mutex::default(),
+                },
             }),
             in_memory: Arc::new(Semaphore::new(2 * parallel)),
             chunk_size: opts.chunk_size as usize,
@@ -290,12 +316,16 @@ impl Copier {
         self.chunk_hashes.insert((done.entry, done.idx), done.hash);
     }
 
-    /// Wait for the last chunks, then attach every chunk to its entry: the entries and the
-    /// records of files with chunks, in path order, and the counts.
-    async fn finish(mut self) -> Result<(Vec<Entry>, Vec<FileRecord>, BackupStats), BackupError> {
+    /// Wait for the last chunks and write the last pack, then attach every chunk to its entry:
+    /// the entries and the records of files with chunks, in path order, the counts and the packs
+    /// written.
+    async fn finish(
+        mut self,
+    ) -> Result<(Vec<Entry>, Vec<FileRecord>, BackupStats, Vec<PackRecord>), BackupError> {
         while let Some(done) = self.tasks.join_next().await {
             self.absorb(done.expect("chunk task panicked")?);
         }
+        let written = self.chunks.packs.finish().await?;
         let Copier {
             mut entries,
             mut records,
@@ -317,7 +347,7 @@ impl Copier {
             .collect();
         files.sort_by(|a, b| a.path.cmp(&b.path));
         entries.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok((entries, files, stats))
+        Ok((entries, files, stats, written))
     }
 }
 
@@ -364,22 +394,21 @@ struct Chunks {
     sealer: Sealer,
     /// Hashing and compressing at once: `parallel` permits.
     cpu: Semaphore,
-    /// Sealed chunks being uploaded at once.
-    uploads: Semaphore,
     /// Every chunk met in this backup so far, stored or taken over.
     seen: Mutex<HashSet<[u8; 32]>>,
     /// The chunks the previous backup names, with their stored lengths when recorded.
     known: HashMap<[u8; 32], Option<u64>>,
     buffers: Buffers,
     level: i32,
-    lookup: Lookup,
+    packs: Packs,
 }
 
 /// What the blocking half of [`Chunks::store`] found.
 enum Step {
     Met,
     Known(u64),
-    /// Sealed; `ask`: look it up before uploading (the repository may hold it already).
+    /// Sealed; `ask`: look it up before packing it (the previous backup names it without its
+    /// stored length, so it may be a chunk stored on its own).
     Sealed {
         sealed: Result<Bytes, ChunkError>,
         ask: bool,
@@ -389,11 +418,10 @@ enum Step {
 impl Chunks {
     /// Hash one chunk and store it unless this backup met the same bytes already (`seen`) or
     /// the previous backup holds them (`known`). Hashing and compressing run on blocking
-    /// threads, at most `cpu`'s permits at once; the upload does not hold one. `held`, the
-    /// chunk's share of the read-ahead, is given back once the chunk is sealed and has an upload
-    /// slot: what waits on the network is the sealed bytes, not the read buffer. Returns the
-    /// chunk's hash and, for the first time its bytes are met, its stored length and whether it
-    /// was uploaded.
+    /// threads, at most `cpu`'s permits at once. `held`, the chunk's share of the read-ahead, is
+    /// given back once the chunk is in a pack, or its full pack is written: what waits on the
+    /// store is packs, not read buffers. Returns the chunk's hash and, for the first time its
+    /// bytes are met, its stored length and whether this backup stored it.
     async fn store(
         self: Arc<Self>,
         data: Vec<u8>,
@@ -414,15 +442,13 @@ impl Chunks {
             Step::Known(len) => return Ok((hash, Some((len, false)))),
             Step::Sealed { sealed, ask } => (sealed?, ask),
         };
-        let _slot = self.uploads.acquire().await.expect("semaphore is never closed");
-        drop(held);
         let id = ChunkId::from_hash(hash);
-        // A chunk already stored (by an older backup, or an interrupted one) is not sent again;
-        // sealing it first cost CPU only, and changed chunks are rarely stored already.
         if ask && let Some(len) = chunk::stored_len(&self.store, &id).await? {
             return Ok((hash, Some((len, false))));
         }
-        let len = chunk::upload(&self.store, &id, sealed).await?;
+        let len = sealed.len() as u64;
+        self.packs.add(id, sealed).await?;
+        drop(held);
         Ok((hash, Some((len, true))))
     }
 
@@ -434,16 +460,67 @@ impl Chunks {
         if !self.seen.lock().expect("never poisoned").insert(hash) {
             return (hash, Step::Met, data);
         }
-        let ask = match (self.known.get(&hash), self.lookup) {
+        let ask = match self.known.get(&hash) {
             // The previous backup holds it, and the backup lock keeps it there.
-            (Some(Some(len)), _) => return (hash, Step::Known(*len), data),
-            (Some(None), _) | (None, Lookup::Ask) => true,
-            (None, Lookup::Upload) => false,
+            Some(Some(len)) => return (hash, Step::Known(*len), data),
+            Some(None) => true,
+            None => false,
         };
         let sealed = chunk::seal_chunk(&self.sealer, hash, &data, self.level);
         (hash, Step::Sealed { sealed, ask }, data)
     }
 }
+
+/// The packs of a backup: the one being filled, and those written.
+struct Packs {
+    store: WritableStore,
+    building: Mutex<PackBuilder>,
+    /// Packs being written at once.
+    slots: Semaphore,
+    written: Mutex<Vec<PackRecord>>,
+}
+
+impl Packs {
+    /// Append sealed chunk `id` to the pack being filled; when that fills it, write the pack
+    /// before returning.
+    async fn add(&self, id: ChunkId, sealed: Bytes) -> Result<(), BackupError> {
+        let full = {
+            let mut building = self.building.lock().expect("never poisoned");
+            if !building.add(id, &sealed) {
+                return Ok(());
+            }
+            std::mem::take(&mut *building)
+        };
+        self.write(full).await
+    }
+
+    /// Write the last pack, and hand over the records of all.
+    async fn finish(&self) -> Result<Vec<PackRecord>, BackupError> {
+        let last = std::mem::take(&mut *self.building.lock().expect("never poisoned"));
+        if !last.is_empty() {
+            self.write(last).await?;
+        }
+        Ok(std::mem::take(&mut *self.written.lock().expect("never poisoned")))
+    }
+
+    async fn write(&self, pack: PackBuilder) -> Result<(), BackupError> {
+        let _slot = self.slots.acquire().await.expect("semaphore is never closed");
+        // Hashing a pack's few MiB is CPU work: off the runtime's threads.
+        let (bytes, record) = tokio::task::spawn_blocking(move || pack.seal())
+            .await
+            .map_err(blocking_err)?;
+        // Named by its hash: writing the same pack twice stores the same bytes.
+        self.store
+            .put(&pack_key(&record.id), bytes)
+            .await
+            .map_err(ChunkError::from)?;
+        tracing::debug!(pack = %record.id, chunks = record.chunks.len(), "pack written");
+        self.written.lock().expect("never poisoned").push(record);
+        Ok(())
+    }
+}
+
+const _: () = assert!(PACK_TARGET <= 64 << 20, "packs are held in memory");
 
 fn blocking_err(e: tokio::task::JoinError) -> ChunkError {
     ChunkError::Compress(std::io::Error::other(e))

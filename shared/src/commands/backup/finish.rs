@@ -119,6 +119,7 @@ pub(super) fn manifest(outcome: Outcome) -> Manifest {
         stats: copied.stats,
         files_examined_after_us: Some(copied.examined_after_us),
         files: copied.files,
+        packs: copied.packs,
     }
 }
 

@@ -20,8 +20,8 @@ pub enum FileReading {
     /// [`crate::basebackup::reuse`]); take the others over with their chunks.
     #[default]
     Changed,
-    /// Read every file, and ask the repository for every chunk, uploading any it lacks
-    /// (`archive-agent backup --read-all`).
+    /// Read every file, whatever its `stat` says; chunks the previous backup holds are still not
+    /// stored again (`archive-agent backup --read-all`).
     All,
 }
 
@@ -211,22 +211,13 @@ fn push_empty_dir(out: &mut Vec<Source>, dir: Source) {
 /// written (an expire collects chunks only when no backup lock is live).
 pub(super) struct Previous {
     pub manifest: Manifest,
-}
-
-/// Whether the repository may already hold a chunk that a backup does not know of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Lookup {
-    /// Ask the repository first (one HEAD), and upload only when it is missing.
-    Ask,
-    /// Upload without asking: nothing says the chunk is there (an empty repository), and a
-    /// content-addressed key makes overwriting an identical chunk harmless.
-    Upload,
+    /// Whether its unchanged files may be taken over unread ([`FileReading::Changed`]).
+    pub take_over: bool,
 }
 
 /// What a backup of `sysid` (PostgreSQL `pg_version`, chunks of `chunk_size`) builds on: the
-/// newest backup in the repository when `reading` allows and it fits, and whether chunks need
-/// looking up. Called under the backup lock: the chunks the newest backup names stay until this
-/// one's manifest is written.
+/// newest backup in the repository when it fits, its files taken over when `reading` allows. Called under the backup
+/// lock: the chunks and packs the newest backup names stay until this one's manifest is written.
 pub(super) async fn base_of(
     store: &Store,
     sealer: &Sealer,
@@ -234,22 +225,18 @@ pub(super) async fn base_of(
     sysid: u64,
     pg_version: u32,
     chunk_size: u64,
-) -> Result<(Option<Previous>, Lookup), BackupError> {
+) -> Result<Option<Previous>, BackupError> {
     let newest = newest_backup(store).await?;
-    // An empty repository cannot hold a chunk this backup does not know of (but for a leftover
-    // of an interrupted backup, which an upload overwrites with the same bytes).
-    let lookup = if newest.is_none() {
-        Lookup::Upload
-    } else {
-        Lookup::Ask
+    let previous = match &newest {
+        Some(id) => Previous::load(store, sealer, id, sysid, pg_version, chunk_size)
+            .await
+            .map(|p| Previous {
+                take_over: reading == FileReading::Changed,
+                ..p
+            }),
+        None => None,
     };
-    let previous = match (&newest, reading) {
-        (Some(id), FileReading::Changed) => {
-            Previous::load(store, sealer, id, sysid, pg_version, chunk_size).await
-        }
-        _ => None,
-    };
-    Ok((previous, lookup))
+    Ok(previous)
 }
 
 /// The newest backup in the repository, of any cluster.
@@ -291,7 +278,10 @@ impl Previous {
             );
             return None;
         }
-        Some(Previous { manifest })
+        Some(Previous {
+            manifest,
+            take_over: true,
+        })
     }
 
     /// The stored length of every chunk it references, when it recorded them (`None`: ask).
@@ -531,7 +521,9 @@ mod tests {
                     record("base/5/16384", vec![100, 200], None),
                     record("base/5/16390", vec![300], Some("20261121T143200Z")),
                 ],
+                packs: vec![],
             },
+            take_over: true,
         }
     }
 

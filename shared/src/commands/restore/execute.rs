@@ -149,8 +149,7 @@ pub(crate) async fn write_backup(
         sync_dirs(&dirs)
     };
     let scattered = writer::fill(
-        store,
-        sealer,
+        (store, sealer, std::sync::Arc::new(manifest.places())),
         fill,
         manifest.chunk_size,
         (plan.parallel, plan.sync),

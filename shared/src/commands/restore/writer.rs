@@ -17,20 +17,26 @@
 //! each reference. Which reference fetches and which reuses is decided before the first fetch
 //! ([`sources`]), so the pipeline never waits on a decision.
 //!
-//! Also here: a file and its chunk references added to the fill ([`add_file`]), and one chunk read
-//! and verified ([`fetch_chunk`]).
+//! Packed chunks that follow each other in a pack are read together, with one ranged read per
+//! run ([`run_end`]): a cluster of many small files restores with a read per few hundred of
+//! them, not one each.
+//!
+//! Also here: a file and its chunk references added to the fill ([`add_file`]), and chunks read
+//! and verified ([`Fetcher`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::task::JoinSet;
 
 use super::{Progress, RestoreError, SyncMethod, write_err};
 use crate::basebackup::chunk::{Chunk, ChunkError, ChunkId, MisnamedChunk};
 use crate::basebackup::manifest::Entry;
+use crate::basebackup::pack::Places;
 use crate::repo::Store;
+use crate::repo::layout::pack_key;
 use crate::repo::object::{ObjectError, Sealer};
 use crate::repo::stored::{self, Damage, StoredKind};
 
@@ -183,8 +189,7 @@ pub(crate) fn sources(refs: &[ChunkRef], budget: u64) -> Vec<Source> {
 /// Write every reference of `fill` into its files (see the module's description), set each
 /// file's mode and make it durable (`sync`); then run `before_last`; then the `last` file, synced.
 pub(crate) async fn fill(
-    store: &Store,
-    sealer: &Sealer,
+    (store, sealer, places): (&Store, &Sealer, Arc<Places>),
     fill: Fill,
     chunk_size: u64,
     (parallel, sync): (usize, SyncMethod),
@@ -209,6 +214,7 @@ pub(crate) async fn fill(
     let pipeline = Pipeline {
         store,
         sealer,
+        places,
         files: Arc::clone(&files),
         chunk_size,
         parallel: parallel.max(1),
@@ -299,11 +305,15 @@ struct Piece {
 }
 
 /// A fetch started in order, with its share of the memory bound.
-type Started = (JoinHandle<Result<Vec<u8>, RestoreError>>, OwnedSemaphorePermit);
+type Started = (
+    oneshot::Receiver<Result<Vec<u8>, RestoreError>>,
+    OwnedSemaphorePermit,
+);
 
 struct Pipeline<'a> {
     store: &'a Store,
     sealer: &'a Sealer,
+    places: Arc<Places>,
     files: Arc<Vec<Target>>,
     chunk_size: u64,
     parallel: usize,
@@ -315,7 +325,10 @@ struct Pipeline<'a> {
 impl Pipeline<'_> {
     /// Write `which` files (in that order) from `refs` (theirs, in file and chunk order).
     async fn run(&self, which: Vec<usize>, refs: Vec<(ChunkRef, Source)>) -> Result<Scattered, RestoreError> {
-        let held = Arc::new(Semaphore::new(held(self.parallel)));
+        // The memory bound in KiB of decompressed chunk, so that a run of small chunks read
+        // together takes its true share.
+        let budget = held(self.parallel) * units(self.chunk_size) as usize;
+        let held = Arc::new(Semaphore::new(budget));
         // Fetches are started in order by a task of their own, so that the window refills as
         // soon as a write releases its share, whatever the writer of this side waits for.
         let to_fetch: Vec<ChunkRef> = refs
@@ -325,24 +338,42 @@ impl Pipeline<'_> {
             .collect();
         let (tx, mut started) = tokio::sync::mpsc::unbounded_channel::<Started>();
         let starter = {
-            let (store, sealer, files) = (self.store.clone(), self.sealer.clone(), Arc::clone(&self.files));
-            // Decompressing and hashing more chunks at once than there are CPUs gains nothing.
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let cpu = Arc::new(Semaphore::new(self.parallel.min(cpus)));
+            let fetcher = Arc::new(Fetcher {
+                store: self.store.clone(),
+                sealer: self.sealer.clone(),
+                places: Arc::clone(&self.places),
+                files: Arc::clone(&self.files),
+                // Decompressing and hashing more chunks at once than there are CPUs gains nothing.
+                cpu: Semaphore::new(self.parallel.min(cpus())),
+            });
             let held = Arc::clone(&held);
+            // A run takes at most an eighth of the bound, so that several are read at once and
+            // a run never waits for memory only a later run could give back.
+            let run_units = (budget / 8).max(units(self.chunk_size) as usize);
             tokio::spawn(async move {
-                for r in to_fetch {
-                    let permit = Arc::clone(&held).acquire_owned().await.expect("never closed");
-                    let (store, sealer, cpu) = (store.clone(), sealer.clone(), Arc::clone(&cpu));
-                    let path = files[r.file].path.clone();
-                    let h =
-                        tokio::spawn(
-                            async move { fetch_chunk(&store, &sealer, &r.id, r.len, &path, &cpu).await },
-                        );
-                    if tx.send((h, permit)).is_err() {
-                        break;
+                // Dropped with the starter when it is aborted: no read outlives the restore.
+                let mut runs = JoinSet::new();
+                let mut at = 0;
+                while at < to_fetch.len() {
+                    let end = run_end(&to_fetch, at, &fetcher.places, run_units);
+                    let mut senders = Vec::with_capacity(end - at);
+                    for r in &to_fetch[at..end] {
+                        let permit = Arc::clone(&held)
+                            .acquire_many_owned(units(r.len))
+                            .await
+                            .expect("never closed");
+                        let (s, rx) = oneshot::channel();
+                        if tx.send((rx, permit)).is_err() {
+                            return;
+                        }
+                        senders.push(s);
                     }
+                    let run = to_fetch[at..end].to_vec();
+                    runs.spawn(Arc::clone(&fetcher).fetch_run(run, senders));
+                    while runs.try_join_next().is_some() {}
+                    at = end;
                 }
+                while runs.join_next().await.is_some() {}
             })
         };
         let mut writers: JoinSet<Result<u64, RestoreError>> = JoinSet::new();
@@ -354,9 +385,7 @@ impl Pipeline<'_> {
         // a file after the caller cleaned up.
         starter.abort();
         started.close();
-        while let Ok((h, _)) = started.try_recv() {
-            h.abort();
-        }
+        while started.try_recv().is_ok() {}
         let mut first_err = fed.err();
         while let Some(r) = writers.join_next().await {
             match r.expect("file writer panicked") {
@@ -401,8 +430,8 @@ impl Pipeline<'_> {
                 let (r, source) = refs.pop_front().expect("just seen");
                 let (data, held) = match source {
                     Source::Fetch { keep } => {
-                        let (h, permit) = started.recv().await.expect("the starter sends every fetch");
-                        let data = Arc::new(h.await.expect("chunk fetch panicked")?);
+                        let (rx, permit) = started.recv().await.expect("the starter sends every fetch");
+                        let data = Arc::new(rx.await.expect("every run answers each of its chunks")?);
                         done.chunks_fetched += 1;
                         done.bytes_fetched += r.len;
                         if keep {
@@ -546,48 +575,177 @@ pub(crate) fn add_file(
     });
 }
 
-/// Read chunk `id`, which the manifest says holds `expected` bytes of `path`, and verify it. The
-/// header's length is compared before decompressing, so a hostile chunk object cannot make the
-/// restore allocate more than the manifest's chunk size (times the chunks [`held`]); the rest is
-/// the typed read of a [`Chunk`] (envelope, hash, and that the content is what the id names).
-async fn fetch_chunk(
-    store: &Store,
-    sealer: &Sealer,
-    id: &ChunkId,
-    expected: u64,
-    path: &Path,
-    cpu: &Semaphore,
-) -> Result<Vec<u8>, RestoreError> {
-    let bytes = store
-        .get(&Chunk::key(id))
-        .await?
-        .ok_or_else(|| ChunkError::Missing { id: id.to_string() })?;
-    let corrupt = |source| ChunkError::Corrupt {
-        id: id.to_string(),
-        source: Box::new(source),
+/// KiB units of the memory bound a chunk of `len` bytes takes (at least one).
+fn units(len: u64) -> u32 {
+    u32::try_from(len.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Sealed bytes one ranged read covers at most.
+pub const RUN_MAX_BYTES: u64 = 8 << 20;
+/// Bytes of a run's span no chunk of the run needs, at most: neighbours a backup's parallel
+/// tasks packed out of file order are read with their run, a `--delta`'s scattered chunks are
+/// not.
+pub const RUN_SLACK: u64 = 256 << 10;
+
+/// The end of the run of `refs` that starts at `at`: the references after it whose chunks lie in
+/// the same pack, read together with one ranged read whose span stays within [`RUN_MAX_BYTES`],
+/// wastes at most [`RUN_SLACK`] plus what the run needs, and whose chunks take at most `units`
+/// of the memory bound. A chunk stored on its own is a run of one.
+pub(crate) fn run_end(refs: &[ChunkRef], at: usize, places: &Places, max_units: usize) -> usize {
+    let Some(first) = places.get(&refs[at].id) else {
+        return at + 1;
     };
-    let header = sealer.read_header(&bytes).map_err(corrupt)?;
-    if header.original_len != expected {
-        return Err(RestoreError::Corrupt(format!(
-            "chunk {id} of {} holds {} bytes, the manifest says {expected}",
-            path.display(),
-            header.original_len
-        )));
+    let (mut lo, mut hi, mut needed) = (first.offset, first.offset + first.len, first.len);
+    let mut taken = units(refs[at].len) as usize;
+    let mut end = at + 1;
+    while let Some(r) = refs.get(end) {
+        let Some(p) = places.get(&r.id).filter(|p| p.pack == first.pack) else {
+            break;
+        };
+        let (l, h) = (lo.min(p.offset), hi.max(p.offset + p.len));
+        let span = h - l;
+        // A chunk already in the span (met twice) costs nothing more to read.
+        let more = if p.offset >= lo && p.offset + p.len <= hi {
+            0
+        } else {
+            p.len
+        };
+        if span > RUN_MAX_BYTES
+            || span > needed + more + RUN_SLACK
+            || taken + units(r.len) as usize > max_units
+        {
+            break;
+        }
+        (lo, hi, needed) = (l, h, needed + more);
+        taken += units(r.len) as usize;
+        end += 1;
     }
-    let (id_owned, sealer) = (*id, sealer.clone());
-    // Decompressing and hashing is the CPU's share: `--parallel` chunks at once.
-    let _cpu = cpu.acquire().await.expect("semaphore is never closed");
-    let opened = tokio::task::spawn_blocking(move || stored::open::<Chunk>(&sealer, &id_owned, &bytes))
-        .await
-        .expect("chunk decoding panicked");
-    match opened {
-        Ok(Chunk(content)) => Ok(content),
-        Err(Damage::Envelope(e)) => Err(corrupt(e).into()),
-        Err(Damage::Content(MisnamedChunk { found })) => Err(corrupt(ObjectError::ContentHash {
-            expected: id.to_string(),
-            found,
+    end
+}
+
+/// What reads chunks for a restore.
+struct Fetcher {
+    store: Store,
+    sealer: Sealer,
+    places: Arc<Places>,
+    files: Arc<Vec<Target>>,
+    /// Decompressions at once.
+    cpu: Semaphore,
+}
+
+impl Fetcher {
+    /// Read the chunks of `run` (see [`run_end`]) with one read, verify each, and answer each
+    /// on its sender, in order. A failure answers every chunk not yet answered.
+    async fn fetch_run(
+        self: Arc<Self>,
+        run: Vec<ChunkRef>,
+        senders: Vec<oneshot::Sender<Result<Vec<u8>, RestoreError>>>,
+    ) {
+        let read = self.read_run(&run).await;
+        let (bytes, lo) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = e.to_string();
+                let mut first = Some(e);
+                for s in senders {
+                    let _ = s.send(Err(first
+                        .take()
+                        .unwrap_or_else(|| RestoreError::Corrupt(msg.clone()))));
+                }
+                return;
+            }
+        };
+        // Decompressing and hashing is the CPU's share: one blocking task per run.
+        let _cpu = self.cpu.acquire().await.expect("semaphore is never closed");
+        let this = Arc::clone(&self);
+        let _ = tokio::task::spawn_blocking(move || {
+            for (r, s) in run.iter().zip(senders) {
+                let sealed = match this.places.get(&r.id) {
+                    Some(p) => bytes.slice((p.offset - lo) as usize..(p.offset - lo + p.len) as usize),
+                    None => bytes.clone(),
+                };
+                let _ = s.send(this.open(r, &sealed));
+            }
         })
-        .into()),
+        .await;
+    }
+
+    /// The sealed bytes of `run` and the pack offset they start at (0 for a chunk on its own).
+    async fn read_run(&self, run: &[ChunkRef]) -> Result<(bytes::Bytes, u64), RestoreError> {
+        let first = &run[0];
+        let Some(place) = self.places.get(&first.id) else {
+            let bytes = self
+                .store
+                .get(&Chunk::key(&first.id))
+                .await?
+                .ok_or_else(|| ChunkError::Missing {
+                    id: first.id.to_string(),
+                })?;
+            return Ok((bytes, 0));
+        };
+        let (lo, hi) = run
+            .iter()
+            .filter_map(|r| self.places.get(&r.id))
+            .fold((place.offset, place.offset + place.len), |(l, h), p| {
+                (l.min(p.offset), h.max(p.offset + p.len))
+            });
+        let key = pack_key(&place.pack);
+        let bytes = self
+            .store
+            .get_range(&key, lo..hi)
+            .await?
+            .ok_or_else(|| ChunkError::MissingPack {
+                pack: place.pack.to_string(),
+                id: first.id.to_string(),
+            })?;
+        if bytes.len() as u64 != hi - lo {
+            return Err(RestoreError::Corrupt(format!(
+                "pack {} (holding chunk {}) is shorter than the manifest says: bytes {lo}..{hi} gave {}",
+                place.pack,
+                first.id,
+                bytes.len()
+            )));
+        }
+        Ok((bytes, lo))
+    }
+
+    /// Open chunk `r` from its sealed bytes and verify it. The header's length is compared with
+    /// the manifest's before decompressing, so a hostile chunk cannot make the restore allocate
+    /// more than the manifest's chunk size (times the chunks [`held`]); the rest is the typed
+    /// read of a [`Chunk`] (envelope, hash, and that the content is what the id names).
+    fn open(&self, r: &ChunkRef, sealed: &[u8]) -> Result<Vec<u8>, RestoreError> {
+        let id = &r.id;
+        // A packed chunk is named with its pack, the object to look at.
+        let named = match self.places.get(id) {
+            Some(p) => format!("{id} (in pack {})", p.pack),
+            None => id.to_string(),
+        };
+        let corrupt = |source| ChunkError::Corrupt {
+            id: named.clone(),
+            source: Box::new(source),
+        };
+        let header = self.sealer.read_header(sealed).map_err(corrupt)?;
+        if header.original_len != r.len {
+            return Err(RestoreError::Corrupt(format!(
+                "chunk {named} of {} holds {} bytes, the manifest says {}",
+                self.files[r.file].path.display(),
+                header.original_len,
+                r.len
+            )));
+        }
+        match stored::open::<Chunk>(&self.sealer, id, sealed) {
+            Ok(Chunk(content)) => Ok(content),
+            Err(Damage::Envelope(e)) => Err(corrupt(e).into()),
+            Err(Damage::Content(MisnamedChunk { found })) => Err(corrupt(ObjectError::ContentHash {
+                expected: id.to_string(),
+                found,
+            })
+            .into()),
+        }
     }
 }
 
