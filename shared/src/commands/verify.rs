@@ -277,56 +277,8 @@ async fn verify_once(
         ));
     }
 
-    // Chunks: every one a manifest names must be listed (with some bytes), in its pack when the
-    // manifest places it in one, and every pack as long as its chunks.
-    let stored: BTreeMap<ChunkId, u64> = chunk_listing
-        .iter()
-        .filter_map(|(k, size)| Some((layout::parse_chunk_key(k)?, *size)))
-        .collect();
-    let mut needed_by: BTreeMap<ChunkId, Vec<(String, &str)>> = BTreeMap::new();
-    let mut packs = Packs::default();
-    for m in &cat.backups {
-        let places = m.places();
-        for p in &m.packs {
-            packs.records.entry(p.id).or_insert(p);
-        }
-        for e in &m.entries {
-            for c in &e.chunks {
-                let users = match places.get(c) {
-                    Some(place) => packs.needed_by.entry(place.pack).or_default(),
-                    None => needed_by.entry(*c).or_default(),
-                };
-                users.push((m.id.to_string(), &e.path));
-            }
-        }
-    }
-    let stored_packs: BTreeMap<PackId, u64> = pack_listing
-        .iter()
-        .filter_map(|(k, size)| Some((layout::parse_pack_key(k)?, *size)))
-        .collect();
-    for (id, users) in &packs.needed_by {
-        let listed = packs.records.get(id).map_or(0, |r| r.len());
-        let what = match stored_packs.get(id) {
-            None => "pack missing".to_string(),
-            Some(&n) if n < listed => format!("pack shorter than its manifest says ({n} of {listed} bytes)"),
-            Some(_) => continue,
-        };
-        problems.push(error(layout::pack_key(id), what, describe_users(users)));
-    }
-    report.unreferenced_packs = stored_packs
-        .keys()
-        .filter(|id| !packs.records.contains_key(*id))
-        .count() as u64;
-    for (id, users) in &needed_by {
-        let key = layout::chunk_key(id);
-        let what = match stored.get(id) {
-            None => "missing",
-            Some(0) => "empty",
-            Some(_) => continue,
-        };
-        problems.push(error(key, format!("chunk {what}"), describe_users(users)));
-    }
-    report.unreferenced_chunks = stored.keys().filter(|id| !needed_by.contains_key(*id)).count() as u64;
+    let (needed_by, packs) =
+        backup_data_problems(&cat, (&chunk_listing, &pack_listing), &mut report, &mut problems);
 
     // Backups the last expire's policy keeps to their consistency point only: the WAL after it
     // was deleted on purpose, and is no gap.
@@ -397,6 +349,74 @@ async fn verify_once(
     problems.dedup_by(|a, b| a.key == b.key && a.problem == b.problem);
     report.problems = problems;
     Ok(report)
+}
+
+/// Chunks and packs: every chunk a manifest names must be listed (with some bytes), in its pack
+/// when the manifest places it in one, and every pack as long as its chunks. Returns who needs
+/// each chunk stored on its own and each pack.
+fn backup_data_problems<'a>(
+    cat: &'a Catalog,
+    (chunk_listing, pack_listing): (&Listing, &Listing),
+    report: &mut VerifyReport,
+    problems: &mut Vec<Problem>,
+) -> (Users<'a>, Packs<'a>) {
+    let error = |key: String, problem: String, affects: String| Problem {
+        severity: Severity::Error,
+        key,
+        problem,
+        affects,
+    };
+    // Chunks: every one a manifest names must be listed (with some bytes), in its pack when the
+    // manifest places it in one, and every pack as long as its chunks.
+    let stored: BTreeMap<ChunkId, u64> = chunk_listing
+        .iter()
+        .filter_map(|(k, size)| Some((layout::parse_chunk_key(k)?, *size)))
+        .collect();
+    let mut needed_by: BTreeMap<ChunkId, Vec<(String, &str)>> = BTreeMap::new();
+    let mut packs = Packs::default();
+    for m in &cat.backups {
+        let places = m.places();
+        for p in &m.packs {
+            packs.records.entry(p.id).or_insert(p);
+        }
+        for e in &m.entries {
+            for c in &e.chunks {
+                let users = match places.get(c) {
+                    Some(place) => packs.needed_by.entry(place.pack).or_default(),
+                    None => needed_by.entry(*c).or_default(),
+                };
+                users.push((m.id.to_string(), &e.path));
+            }
+        }
+    }
+    let stored_packs: BTreeMap<PackId, u64> = pack_listing
+        .iter()
+        .filter_map(|(k, size)| Some((layout::parse_pack_key(k)?, *size)))
+        .collect();
+    for (id, users) in &packs.needed_by {
+        let listed = packs.records.get(id).map_or(0, |r| r.len());
+        let what = match stored_packs.get(id) {
+            None => "pack missing".to_string(),
+            Some(&n) if n < listed => format!("pack shorter than its manifest says ({n} of {listed} bytes)"),
+            Some(_) => continue,
+        };
+        problems.push(error(layout::pack_key(id), what, describe_users(users)));
+    }
+    report.unreferenced_packs = stored_packs
+        .keys()
+        .filter(|id| !packs.records.contains_key(*id))
+        .count() as u64;
+    for (id, users) in &needed_by {
+        let key = layout::chunk_key(id);
+        let what = match stored.get(id) {
+            None => "missing",
+            Some(0) => "empty",
+            Some(_) => continue,
+        };
+        problems.push(error(key, format!("chunk {what}"), describe_users(users)));
+    }
+    report.unreferenced_chunks = stored.keys().filter(|id| !needed_by.contains_key(*id)).count() as u64;
+    (needed_by, packs)
 }
 
 fn describe_users(users: &[(String, &str)]) -> String {
