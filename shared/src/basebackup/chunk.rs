@@ -1,7 +1,8 @@
-//! Content-addressed chunks: `chunks/<first 2 hex>/<blake3 hex>.wvo`, each a sealed, zstd
-//! compressed object whose name is its own hash (in an encrypted repository, its keyed hash: see
-//! [`Sealer::content_hash`]). A chunk is stored once, whatever number of files and backups
-//! reference it.
+//! Content-addressed chunks: each a sealed, zstd compressed object whose name is its own hash (in
+//! an encrypted repository, its keyed hash: see [`Sealer::content_hash`]), stored in a pack
+//! ([`super::pack`]) or, by backups before packs, on its own as
+//! `chunks/<first 2 hex>/<blake3 hex>.wvo`. A chunk is stored once, whatever number of files and
+//! backups reference it.
 
 use bytes::Bytes;
 
@@ -45,14 +46,6 @@ pub fn seal_chunk(sealer: &Sealer, hash: [u8; 32], data: &[u8], level: i32) -> R
         .seal_hashed(ObjectKind::Chunk, &id, data, hash, level)
         .map_err(ChunkError::Compress)?;
     Ok(sealed.bytes)
-}
-
-/// Upload a chunk [`seal_chunk`] sealed. A content-addressed key makes overwriting a chunk
-/// already stored (by a concurrent writer, or an interrupted backup) harmless: same bytes.
-pub async fn upload(store: &WritableStore, id: &ChunkId, sealed: Bytes) -> Result<u64, ChunkError> {
-    let len = sealed.len() as u64;
-    store.put(&chunk_key(id), sealed).await?;
-    Ok(len)
 }
 
 /// A chunk's content, read back and verified: header, length, and that it hashes to its id.
