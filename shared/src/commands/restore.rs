@@ -509,14 +509,17 @@ mod testing {
     }
 
     /// [`stored_backup`] sealed by `sealer` (an encrypted repository's names chunks by a keyed
-    /// hash).
+    /// hash). The chunks of the first file and of every other one after it are in one pack, as a
+    /// backup stores them; the others' are stored on their own, as older backups stored them.
     pub(super) async fn stored_backup_sealed(
         files: &[(&str, Vec<u8>)],
         chunk_size: u64,
         sealer: Sealer,
     ) -> (Arc<crate::repo::fault::FaultStore>, Store, Sealer, Manifest) {
-        use crate::basebackup::chunk::{ChunkId, chunk_id, seal_chunk, upload};
+        use crate::basebackup::chunk::{ChunkId, chunk_id, seal_chunk};
+        use crate::basebackup::pack::PackBuilder;
         use crate::repo::fault::{Fault, FaultStore};
+        use crate::repo::layout::{chunk_key, pack_key};
         use crate::repo::store::{CreateSemantics, WritableStore};
         let faults = Arc::new(FaultStore::new(Fault::None));
         let writable = WritableStore::with_backend(
@@ -537,14 +540,19 @@ mod testing {
                 chunks: vec![],
             })
             .collect();
-        for (name, content) in files {
+        let mut pack = PackBuilder::default();
+        let mut packed = std::collections::HashSet::new();
+        for (i, (name, content)) in files.iter().enumerate() {
             let mut chunks = vec![];
             for piece in content.chunks(chunk_size as usize) {
                 let hash = sealer.content_hash(piece);
+                let id = ChunkId::from_hash(hash);
                 let sealed = seal_chunk(&sealer, hash, piece, 1).unwrap();
-                upload(&writable, &ChunkId::from_hash(hash), sealed)
-                    .await
-                    .unwrap();
+                if i % 2 == 1 {
+                    writable.put(&chunk_key(&id), sealed).await.unwrap();
+                } else if packed.insert(id) {
+                    pack.add(id, &sealed);
+                }
                 chunks.push(chunk_id(&sealer, piece));
             }
             m.entries.push(Entry {
@@ -554,6 +562,12 @@ mod testing {
                 size: content.len() as u64,
                 chunks,
             });
+        }
+        if !pack.is_empty() {
+            let (bytes, record) = pack.seal();
+            writable.put(&pack_key(&record.id), bytes).await.unwrap();
+            m.version = 2;
+            m.packs = vec![record];
         }
         m.entries.sort_by(|a, b| a.path.cmp(&b.path));
         m.validate().unwrap();

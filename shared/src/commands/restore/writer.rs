@@ -780,6 +780,35 @@ mod tests {
     }
 
     #[test]
+    fn neighbours_in_a_pack_are_read_together_and_nothing_else_is() {
+        use crate::basebackup::pack::{PackId, PackRecord};
+        let c = |b: u8| ChunkId::from_hash([b; 32]);
+        let pack = |b: u8, chunks: &[u8], lengths: &[u64]| PackRecord {
+            id: PackId::from_hash([b; 32]),
+            chunks: chunks.iter().map(|&x| c(x)).collect(),
+            lengths: lengths.to_vec(),
+        };
+        // Pack A: 1, 2, 3 (small), 4 (a big one far away); pack B: 5.
+        let a = pack(0xa, &[1, 2, 3, 9, 4], &[100, 100, 100, RUN_SLACK + 1, 100]);
+        let b = pack(0xb, &[5], &[100]);
+        let places = Places::of([&a, &b]);
+        let refs: Vec<ChunkRef> = [2, 1, 3, 4, 5, 6, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| r(c(x), 8192, i, 0))
+            .collect();
+        let many = usize::MAX;
+        // 2, 1 and 3 are neighbours (in any order); 4 lies past more slack than allowed.
+        assert_eq!(run_end(&refs, 0, &places, many), 3);
+        // 4 alone, then 5 in another pack, then 6 stored on its own.
+        assert_eq!(run_end(&refs, 3, &places, many), 4);
+        assert_eq!(run_end(&refs, 4, &places, many), 5);
+        assert_eq!(run_end(&refs, 5, &places, many), 6);
+        // The memory bound ends a run: two chunks' share only.
+        assert_eq!(run_end(&refs, 0, &places, 2 * units(8192) as usize), 2);
+    }
+
+    #[test]
     fn a_repeated_chunk_is_fetched_once_and_kept_until_its_last_reference() {
         let refs = [
             r(ZERO, 8, 0, 0),
