@@ -120,7 +120,9 @@ impl PackBuilder {
     /// Append sealed chunk `id`; true when the pack has reached [`PACK_TARGET`].
     pub fn add(&mut self, id: ChunkId, sealed: &[u8]) -> bool {
         if self.bytes.capacity() == 0 {
-            self.bytes.reserve_exact(PACK_TARGET + sealed.len());
+            // Room for the chunk that crosses the target, whatever its size (up to 1 MiB chunks
+            // and then some: a larger one costs one reallocation).
+            self.bytes.reserve_exact(PACK_TARGET + (2 << 20));
         }
         self.bytes.extend_from_slice(sealed);
         self.chunks.push(id);

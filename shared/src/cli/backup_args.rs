@@ -47,9 +47,10 @@ pub struct BackupArgs {
     #[arg(long, env = "WALVAULT_PRIMARY_URL", value_name = "CONN")]
     pub primary_url: Option<String>,
     /// Read every file, even those unchanged since the previous backup (by size, mtime,
-    /// ctime, inode and device), and make sure every chunk is in the repository, uploading
-    /// any that is missing. Without it, unchanged files are taken over from the previous
-    /// backup unread: see README, "Base backups".
+    /// ctime, inode and device), and store again every chunk of the previous backup whose
+    /// pack or object is missing from the repository or short (one listing of each). Without
+    /// it, unchanged files are taken over from the previous backup unread: see README, "Base
+    /// backups".
     #[arg(long)]
     pub read_all: bool,
     /// Print the manifest summary as JSON

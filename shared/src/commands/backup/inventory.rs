@@ -2,12 +2,13 @@
 //! exclusions, in the order they are copied, and the previous backup it builds on, from which
 //! files that did not change are taken over unread (the rule is [`crate::basebackup::reuse`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::BackupError;
 use super::control::CONTROL_FILE;
+use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::exclude::{self, Decision};
 use crate::basebackup::manifest::{BackupId, Entry, EntryKind, FileRecord, FileStat, Manifest, Tablespace};
 use crate::repo::Store;
@@ -213,6 +214,10 @@ pub(super) struct Previous {
     pub manifest: Manifest,
     /// Whether its unchanged files may be taken over unread ([`FileReading::Changed`]).
     pub take_over: bool,
+    /// Chunks it names that are not to be relied on: with [`FileReading::All`], those whose
+    /// pack or object is missing from the repository, or shorter than the manifest says. They
+    /// are stored again.
+    pub absent: HashSet<ChunkId>,
 }
 
 /// What a backup of `sysid` (PostgreSQL `pg_version`, chunks of `chunk_size`) builds on: the
@@ -227,16 +232,24 @@ pub(super) async fn base_of(
     chunk_size: u64,
 ) -> Result<Option<Previous>, BackupError> {
     let newest = newest_backup(store).await?;
-    let previous = match &newest {
-        Some(id) => Previous::load(store, sealer, id, sysid, pg_version, chunk_size)
-            .await
-            .map(|p| Previous {
-                take_over: reading == FileReading::Changed,
-                ..p
-            }),
+    let Some(mut previous) = (match &newest {
+        Some(id) => Previous::load(store, sealer, id, sysid, pg_version, chunk_size).await,
         None => None,
+    }) else {
+        return Ok(None);
     };
-    Ok(previous)
+    if reading == FileReading::All {
+        previous.take_over = false;
+        previous.absent = previous.absent_from(store).await?;
+        if !previous.absent.is_empty() {
+            tracing::warn!(
+                backup = %previous.manifest.id,
+                chunks = previous.absent.len(),
+                "chunks of the previous backup are missing from the repository; storing them again"
+            );
+        }
+    }
+    Ok(Some(previous))
 }
 
 /// The newest backup in the repository, of any cluster.
@@ -281,17 +294,63 @@ impl Previous {
         Some(Previous {
             manifest,
             take_over: true,
+            absent: HashSet::new(),
         })
     }
 
-    /// The stored length of every chunk it references, when it recorded them (`None`: ask).
+    /// The chunks it names whose pack (or, for a chunk stored on its own, whose object) the
+    /// repository does not list, or lists shorter than the manifest says: one listing of
+    /// `packs/` and one of `chunks/`.
+    async fn absent_from(&self, store: &Store) -> Result<HashSet<ChunkId>, BackupError> {
+        use crate::repo::layout::{Kind, parse_chunk_key, parse_pack_key};
+        let packs: HashMap<_, u64> = store
+            .list(Kind::Pack.dirname())
+            .await?
+            .iter()
+            .filter_map(|(k, size)| Some((parse_pack_key(k)?, *size)))
+            .collect();
+        let chunks: HashSet<ChunkId> = store
+            .list(Kind::Chunk.dirname())
+            .await?
+            .iter()
+            .filter_map(|(k, size)| parse_chunk_key(k).filter(|_| *size > 0))
+            .collect();
+        let whole: HashSet<_> = self
+            .manifest
+            .packs
+            .iter()
+            .filter(|p| packs.get(&p.id).is_some_and(|&size| size >= p.len()))
+            .map(|p| p.id)
+            .collect();
+        let places = self.manifest.places();
+        Ok(self
+            .manifest
+            .entries
+            .iter()
+            .flat_map(|e| e.chunks.iter())
+            .filter(|c| match places.get(c) {
+                Some(place) => !whole.contains(&place.pack),
+                None => !chunks.contains(c),
+            })
+            .copied()
+            .collect())
+    }
+
+    /// The stored length of every chunk it references and that is not [`Previous::absent`],
+    /// when it recorded one (`None`: ask).
     pub fn chunk_lengths(&self) -> HashMap<[u8; 32], Option<u64>> {
         let records = self.manifest.file_records();
-        let mut lens = HashMap::new();
+        let mut lens: HashMap<[u8; 32], Option<u64>> = HashMap::new();
         for e in &self.manifest.entries {
             let stored = records.get(e.path.as_str()).map(|r| &r.stored);
             for (i, id) in e.chunks.iter().enumerate() {
-                lens.insert(*id.hash(), stored.and_then(|s| s.get(i).copied()));
+                if self.absent.contains(id) {
+                    continue;
+                }
+                let len = stored.and_then(|s| s.get(i).copied());
+                // A length recorded for any reference to the chunk is its length.
+                let known = lens.entry(*id.hash()).or_insert(len);
+                *known = known.or(len);
             }
         }
         lens
@@ -524,6 +583,7 @@ mod tests {
                 packs: vec![],
             },
             take_over: true,
+            absent: HashSet::new(),
         }
     }
 

@@ -327,7 +327,8 @@ impl Pipeline<'_> {
     async fn run(&self, which: Vec<usize>, refs: Vec<(ChunkRef, Source)>) -> Result<Scattered, RestoreError> {
         // The memory bound in KiB of decompressed chunk, so that a run of small chunks read
         // together takes its true share.
-        let budget = held(self.parallel) * units(self.chunk_size) as usize;
+        let fetch_slots = held(self.parallel);
+        let budget = fetch_slots * units(self.chunk_size) as usize;
         let held = Arc::new(Semaphore::new(budget));
         // Fetches are started in order by a task of their own, so that the window refills as
         // soon as a write releases its share, whatever the writer of this side waits for.
@@ -350,16 +351,25 @@ impl Pipeline<'_> {
             // A run takes at most an eighth of the bound, so that several are read at once and
             // a run never waits for memory only a later run could give back.
             let run_units = (budget / 8).max(units(self.chunk_size) as usize);
+            let reads = Arc::new(Semaphore::new(fetch_slots));
             tokio::spawn(async move {
                 // Dropped with the starter when it is aborted: no read outlives the restore.
                 let mut runs = JoinSet::new();
                 let mut at = 0;
                 while at < to_fetch.len() {
                     let end = run_end(&to_fetch, at, &fetcher.places, run_units);
-                    let mut senders = Vec::with_capacity(end - at);
-                    for r in &to_fetch[at..end] {
+                    let run = to_fetch[at..end].to_vec();
+                    // Runs being read at once: as many as single fetches were before packs.
+                    let reading = Arc::clone(&reads).acquire_owned().await.expect("never closed");
+                    // What the run reads beyond its chunks' shares (a span with gaps, or sealed
+                    // chunks larger than their content) is charged to its first chunk.
+                    let shares: usize = run.iter().map(|r| units(r.len) as usize).sum();
+                    let extra = charge(&run, &fetcher.places).saturating_sub(shares) as u32;
+                    let mut senders = Vec::with_capacity(run.len());
+                    for (i, r) in run.iter().enumerate() {
+                        let share = units(r.len) + if i == 0 { extra } else { 0 };
                         let permit = Arc::clone(&held)
-                            .acquire_many_owned(units(r.len))
+                            .acquire_many_owned(share)
                             .await
                             .expect("never closed");
                         let (s, rx) = oneshot::channel();
@@ -368,8 +378,7 @@ impl Pipeline<'_> {
                         }
                         senders.push(s);
                     }
-                    let run = to_fetch[at..end].to_vec();
-                    runs.spawn(Arc::clone(&fetcher).fetch_run(run, senders));
+                    runs.spawn(Arc::clone(&fetcher).fetch_run(run, senders, reading));
                     while runs.try_join_next().is_some() {}
                     at = end;
                 }
@@ -431,7 +440,11 @@ impl Pipeline<'_> {
                 let (data, held) = match source {
                     Source::Fetch { keep } => {
                         let (rx, permit) = started.recv().await.expect("the starter sends every fetch");
-                        let data = Arc::new(rx.await.expect("every run answers each of its chunks")?);
+                        // A run whose task died without answering (it panicked) is an error too.
+                        let answer = rx
+                            .await
+                            .map_err(|_| RestoreError::Corrupt(format!("chunk {} was never read", r.id)))?;
+                        let data = Arc::new(answer?);
                         done.chunks_fetched += 1;
                         done.bytes_fetched += r.len;
                         if keep {
@@ -599,8 +612,8 @@ pub const RUN_SLACK: u64 = 256 << 10;
 
 /// The end of the run of `refs` that starts at `at`: the references after it whose chunks lie in
 /// the same pack, read together with one ranged read whose span stays within [`RUN_MAX_BYTES`],
-/// wastes at most [`RUN_SLACK`] plus what the run needs, and whose chunks take at most `units`
-/// of the memory bound. A chunk stored on its own is a run of one.
+/// wastes at most [`RUN_SLACK`] plus what the run needs, and which takes at most `max_units` of
+/// the memory bound (its chunks' shares, or its span when that is more: see [`charge`]). A chunk stored on its own is a run of one.
 pub(crate) fn run_end(refs: &[ChunkRef], at: usize, places: &Places, max_units: usize) -> usize {
     let Some(first) = places.get(&refs[at].id) else {
         return at + 1;
@@ -622,7 +635,7 @@ pub(crate) fn run_end(refs: &[ChunkRef], at: usize, places: &Places, max_units: 
         };
         if span > RUN_MAX_BYTES
             || span > needed + more + RUN_SLACK
-            || taken + units(r.len) as usize > max_units
+            || (taken + units(r.len) as usize).max(span.div_ceil(1024) as usize) > max_units
         {
             break;
         }
@@ -631,6 +644,19 @@ pub(crate) fn run_end(refs: &[ChunkRef], at: usize, places: &Places, max_units: 
         end += 1;
     }
     end
+}
+
+/// The share of the memory bound a run takes, in KiB: its chunks' shares, or the bytes its read
+/// brings in (sealed chunks and the gaps between them) when that is more.
+fn charge(run: &[ChunkRef], places: &Places) -> usize {
+    let shares: usize = run.iter().map(|r| units(r.len) as usize).sum();
+    let (lo, hi) = run
+        .iter()
+        .filter_map(|r| places.get(&r.id))
+        .fold((u64::MAX, 0), |(l, h), p| {
+            (l.min(p.offset), h.max(p.offset + p.len))
+        });
+    shares.max(hi.saturating_sub(lo).div_ceil(1024) as usize)
 }
 
 /// What reads chunks for a restore.
@@ -650,6 +676,7 @@ impl Fetcher {
         self: Arc<Self>,
         run: Vec<ChunkRef>,
         senders: Vec<oneshot::Sender<Result<Vec<u8>, RestoreError>>>,
+        _reading: OwnedSemaphorePermit,
     ) {
         let read = self.read_run(&run).await;
         let (bytes, lo) = match read {
