@@ -36,6 +36,20 @@ fn read_by(repo: &Repo, id: &str) -> Result<BTreeMap<String, Option<String>>> {
         .collect()
 }
 
+/// Backup `id` restored into a new cluster `name`, recovered to its consistency point and running.
+fn restored_at_consistency(repo: &Repo, name: &str, id: &str) -> Result<Cluster> {
+    let mut restored = Cluster::uninitialized(name)?;
+    backup::restore(
+        repo,
+        &restored.data_dir(),
+        &["--backup", id, "--target", "immediate"],
+    )?
+    .check()?;
+    restored.set_conf(&[("archive_mode", "off")])?;
+    restored.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
+    Ok(restored)
+}
+
 fn file_of(cluster: &Cluster, table: &str) -> Result<String> {
     cluster.query_one_string(&format!("SELECT pg_relation_filepath('{table}')"))
 }
@@ -108,15 +122,7 @@ fn a_second_backup_reads_only_what_changed_and_restores_exactly() -> Result<()> 
     // Later changes must not show in a restore of the second backup to its consistency point.
     source.execute("UPDATE pgbench_branches SET bbalance = bbalance + 1; DELETE FROM added")?;
     source.stop()?;
-    let mut restored = Cluster::uninitialized("reuse-restored")?;
-    backup::restore(
-        &repo,
-        &restored.data_dir(),
-        &["--backup", &second.id, "--target", "immediate"],
-    )?
-    .check()?;
-    restored.set_conf(&[("archive_mode", "off")])?;
-    restored.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
+    let restored = restored_at_consistency(&repo, "reuse-restored", &second.id)?;
     let restored_now = [
         table_fingerprint(&restored, "pgbench_accounts", "aid")?,
         table_fingerprint(&restored, "pgbench_branches", "bid")?,
@@ -159,15 +165,7 @@ fn read_all_stores_again_the_chunks_of_a_missing_pack() -> Result<()> {
     let expected = table_fingerprint(&source, "pgbench_accounts", "aid")?;
     source.stop()?;
 
-    let mut restored = Cluster::uninitialized("readall-restored")?;
-    backup::restore(
-        &repo,
-        &restored.data_dir(),
-        &["--backup", &second.id, "--target", "immediate"],
-    )?
-    .check()?;
-    restored.set_conf(&[("archive_mode", "off")])?;
-    restored.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
+    let restored = restored_at_consistency(&repo, "readall-restored", &second.id)?;
     assert_eq!(
         table_fingerprint(&restored, "pgbench_accounts", "aid")?,
         expected,

@@ -335,26 +335,22 @@ async fn run(
     let referenced = retention::referenced_chunks(kept());
     let listed_packs = retention::referenced_packs(kept());
     let mut garbage = Vec::new();
-    for (key, size) in repo.store().list(Kind::Pack.dirname()).await? {
-        let Some(id) = layout::parse_pack_key(&key) else {
-            continue;
-        };
-        if !listed_packs.contains(&id) {
-            report.packs.objects += 1;
-            report.packs.bytes += size;
-            garbage.push(key);
-        }
-    }
-    for (key, size) in repo.store().list(Kind::Chunk.dirname()).await? {
-        let Some(id) = layout::parse_chunk_key(&key) else {
-            continue;
-        };
-        if !referenced.contains(&id) {
-            report.chunks.objects += 1;
-            report.chunks.bytes += size;
-            garbage.push(key);
-        }
-    }
+    let packs = repo.store().list(Kind::Pack.dirname()).await?;
+    unkept(
+        packs,
+        layout::parse_pack_key,
+        |id| listed_packs.contains(id),
+        &mut report.packs,
+        &mut garbage,
+    );
+    let chunks = repo.store().list(Kind::Chunk.dirname()).await?;
+    unkept(
+        chunks,
+        layout::parse_chunk_key,
+        |id| referenced.contains(id),
+        &mut report.chunks,
+        &mut garbage,
+    );
     // Relation maps of backups that never wrote their manifest (failed or cut off: none is in
     // progress, or this step would not run), counted with the backups.
     let with_manifest: BTreeSet<&BackupId> = current.backups.iter().map(|m| &m.id).collect();
@@ -368,6 +364,24 @@ async fn run(
         store.delete_many(&garbage).await?;
     }
     Ok(report)
+}
+
+/// Each listed object that `parse` recognises and `keep` does not keep: counted in `deleted` and
+/// added to `garbage`. A key `parse` does not recognise (a foreign object) is left alone.
+fn unkept<T>(
+    listing: Vec<(String, u64)>,
+    parse: impl Fn(&str) -> Option<T>,
+    keep: impl Fn(&T) -> bool,
+    deleted: &mut Deleted,
+    garbage: &mut Vec<String>,
+) {
+    for (key, size) in listing {
+        if parse(&key).is_some_and(|id| !keep(&id)) {
+            deleted.objects += 1;
+            deleted.bytes += size;
+            garbage.push(key);
+        }
+    }
 }
 
 fn refuse_damaged(cat: &Catalog) -> Result<(), ExpireError> {
