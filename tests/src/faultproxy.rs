@@ -5,7 +5,9 @@
 //!
 //! Faults are drawn per connection from a seeded generator (the seed is printed), so a failing
 //! run can be replayed with `WALVAULT_FAULT_SEED`. Counters say what was injected, so a test can
-//! show its storm was real.
+//! show its storm was real. A client that keeps its connections open makes few of them (a backup
+//! writing a few packs), so luck alone may spare it: [`FaultProxy::fault_next`] makes sure the
+//! next connections are faulted.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -76,6 +78,8 @@ pub struct FaultProxy {
     addr: SocketAddr,
     injected: Arc<Injected>,
     stop: Arc<AtomicBool>,
+    /// Connections still to be answered 503 whatever the draw.
+    forced: Arc<AtomicU64>,
 }
 
 enum Fate {
@@ -101,8 +105,10 @@ impl FaultProxy {
             addr,
             injected: Arc::default(),
             stop: Arc::default(),
+            forced: Arc::default(),
         };
         let (s, injected, stop) = (storm, Arc::clone(&proxy.injected), Arc::clone(&proxy.stop));
+        let forced = Arc::clone(&proxy.forced);
         listener.set_nonblocking(true)?;
         thread::spawn(move || {
             let mut rng = StdRng::seed_from_u64(seed);
@@ -117,7 +123,10 @@ impl FaultProxy {
                 };
                 injected.connections.fetch_add(1, Ordering::Relaxed);
                 let roll = rng.random_range(0..100u32);
-                let fate = if roll < s.error_503 {
+                let force = forced
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok();
+                let fate = if force || roll < s.error_503 {
                     Fate::Error503
                 } else if roll < s.error_503 + s.reset_at_once {
                     Fate::ResetAtOnce
@@ -142,6 +151,11 @@ impl FaultProxy {
 
     pub fn injected(&self) -> &Injected {
         &self.injected
+    }
+
+    /// Answer the next `n` connections `503 Slow Down`, whatever the draw.
+    pub fn fault_next(&self, n: u64) {
+        self.forced.fetch_add(n, Ordering::Relaxed);
     }
 }
 

@@ -629,9 +629,14 @@ fn fault_5xx_storm_during_backup_restore_and_prefetching_replay() -> Result<()> 
     workload::create_payload_table(&source)?;
     workload::insert_payload(&source, 1, 20_000)?;
     let before_backup = proxy.injected().faults();
+    // A backup keeps its few connections open (it writes a few packs): make sure it meets faults.
+    proxy.fault_next(2);
     let backup = take_backup(&source, &repo)?;
     let during_backup = proxy.injected().faults() - before_backup;
-    workload::insert_payload(&source, 20_001, 60_000)?;
+    // Enough WAL (about 16 segments) that the prefetcher, started by the first fetch and slowed
+    // by the storm like everything else, gets ahead of the replay: with 6 segments, a replay
+    // could end before it had one ready.
+    workload::insert_payload(&source, 20_001, 120_000)?;
     source.execute("UPDATE payload SET body = md5(body) WHERE id % 7 = 0")?;
     let last = archive_everything(&source)?;
     let expected = workload::table_fingerprint(&source, "payload", "id")?;
@@ -641,6 +646,7 @@ fn fault_5xx_storm_during_backup_restore_and_prefetching_replay() -> Result<()> 
     );
 
     let before_restore = proxy.injected().faults();
+    proxy.fault_next(2);
     // Retries get the default minute, as in production: in a storm, 5 s can pass with no luck.
     let (restored, printed) = restore_and_recover(&repo, "storm-restored", &["--retry-timeout", "60s"])?;
     let during_restore = proxy.injected().faults() - before_restore;
