@@ -258,12 +258,6 @@ async fn verify_once(
         + chunk_listing.iter().map(|(_, n)| n).sum::<u64>()
         + pack_listing.iter().map(|(_, n)| n).sum::<u64>();
     let mut problems = Vec::new();
-    let error = |key: String, problem: String, affects: String| Problem {
-        severity: Severity::Error,
-        key,
-        problem,
-        affects,
-    };
 
     for d in &cat.damaged {
         let affects = match &d.backup {
@@ -360,14 +354,6 @@ fn backup_data_problems<'a>(
     report: &mut VerifyReport,
     problems: &mut Vec<Problem>,
 ) -> (Users<'a>, Packs<'a>) {
-    let error = |key: String, problem: String, affects: String| Problem {
-        severity: Severity::Error,
-        key,
-        problem,
-        affects,
-    };
-    // Chunks: every one a manifest names must be listed (with some bytes), in its pack when the
-    // manifest places it in one, and every pack as long as its chunks.
     let stored: BTreeMap<ChunkId, u64> = chunk_listing
         .iter()
         .filter_map(|(k, size)| Some((layout::parse_chunk_key(k)?, *size)))
@@ -507,6 +493,16 @@ fn wal_problems(
                 affects: format!("recovery onto timeline {t} fails"),
             });
         }
+    }
+}
+
+/// A problem that puts a restore at risk.
+fn error(key: String, problem: String, affects: String) -> Problem {
+    Problem {
+        severity: Severity::Error,
+        key,
+        problem,
+        affects,
     }
 }
 

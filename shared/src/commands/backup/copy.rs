@@ -5,6 +5,7 @@
 //! pack is written by the task that filled it, at most [`PACKS_IN_FLIGHT`] at once on object
 //! stores, whose writes wait on the network rather than the CPU. Files the previous backup read
 //! and that did not change since are taken over unread, with their chunks and packs.
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;

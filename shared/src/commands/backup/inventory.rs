@@ -221,8 +221,9 @@ pub(super) struct Previous {
 }
 
 /// What a backup of `sysid` (PostgreSQL `pg_version`, chunks of `chunk_size`) builds on: the
-/// newest backup in the repository when it fits, its files taken over when `reading` allows. Called under the backup
-/// lock: the chunks and packs the newest backup names stay until this one's manifest is written.
+/// newest backup in the repository when it fits, its files taken over when `reading` allows.
+/// Called under the backup lock: the chunks and packs the newest backup names stay until this
+/// one's manifest is written.
 pub(super) async fn base_of(
     store: &Store,
     sealer: &Sealer,

@@ -18,8 +18,8 @@
 //! ([`sources`]), so the pipeline never waits on a decision.
 //!
 //! Packed chunks that follow each other in a pack are read together, with one ranged read per
-//! run ([`run_end`]): a cluster of many small files restores with a read per few hundred of
-//! them, not one each.
+//! run ([`run_end`]): a cluster of many small files restores with a read per few dozen of them,
+//! not one each.
 //!
 //! Also here: a file and its chunk references added to the fill ([`add_file`]), and chunks read
 //! and verified ([`Fetcher`]).
@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 use super::{Progress, RestoreError, SyncMethod, write_err};
 use crate::basebackup::chunk::{Chunk, ChunkError, ChunkId, MisnamedChunk};
 use crate::basebackup::manifest::Entry;
-use crate::basebackup::pack::Places;
+use crate::basebackup::pack::{Place, Places};
 use crate::repo::Store;
 use crate::repo::layout::pack_key;
 use crate::repo::object::{ObjectError, Sealer};
@@ -613,7 +613,8 @@ pub const RUN_SLACK: u64 = 256 << 10;
 /// The end of the run of `refs` that starts at `at`: the references after it whose chunks lie in
 /// the same pack, read together with one ranged read whose span stays within [`RUN_MAX_BYTES`],
 /// wastes at most [`RUN_SLACK`] plus what the run needs, and which takes at most `max_units` of
-/// the memory bound (its chunks' shares, or its span when that is more: see [`charge`]). A chunk stored on its own is a run of one.
+/// the memory bound (its chunks' shares, or its span when that is more: see [`charge`]). A chunk
+/// stored on its own is a run of one.
 pub(crate) fn run_end(refs: &[ChunkRef], at: usize, places: &Places, max_units: usize) -> usize {
     let Some(first) = places.get(&refs[at].id) else {
         return at + 1;
@@ -646,17 +647,21 @@ pub(crate) fn run_end(refs: &[ChunkRef], at: usize, places: &Places, max_units: 
     end
 }
 
+/// The bytes of the pack one read of `run` covers: from the first of its packed chunks to the
+/// end of the last (`None` for a chunk stored on its own).
+fn span(run: &[ChunkRef], places: &Places) -> Option<std::ops::Range<u64>> {
+    run.iter()
+        .filter_map(|r| places.get(&r.id))
+        .map(Place::range)
+        .reduce(|a, b| a.start.min(b.start)..a.end.max(b.end))
+}
+
 /// The share of the memory bound a run takes, in KiB: its chunks' shares, or the bytes its read
 /// brings in (sealed chunks and the gaps between them) when that is more.
 fn charge(run: &[ChunkRef], places: &Places) -> usize {
     let shares: usize = run.iter().map(|r| units(r.len) as usize).sum();
-    let (lo, hi) = run
-        .iter()
-        .filter_map(|r| places.get(&r.id))
-        .fold((u64::MAX, 0), |(l, h), p| {
-            (l.min(p.offset), h.max(p.offset + p.len))
-        });
-    shares.max(hi.saturating_sub(lo).div_ceil(1024) as usize)
+    let read = span(run, places).map_or(0, |s| (s.end - s.start).div_ceil(1024) as usize);
+    shares.max(read)
 }
 
 /// What reads chunks for a restore.
@@ -720,12 +725,7 @@ impl Fetcher {
                 })?;
             return Ok((bytes, 0));
         };
-        let (lo, hi) = run
-            .iter()
-            .filter_map(|r| self.places.get(&r.id))
-            .fold((place.offset, place.offset + place.len), |(l, h), p| {
-                (l.min(p.offset), h.max(p.offset + p.len))
-            });
+        let std::ops::Range { start: lo, end: hi } = span(run, &self.places).unwrap_or_else(|| place.range());
         let key = pack_key(&place.pack);
         let bytes = self
             .store
