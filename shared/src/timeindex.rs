@@ -156,17 +156,37 @@ pub async fn carry_before(
         .filter(continues))
 }
 
-/// Store the summary of `seg` unless one is stored. Returns whether this call stored it. On a
-/// store that refuses to replace an object, one create-only write; elsewhere a check first
-/// (unless the caller has just seen it `absent`), so an existing summary (perhaps more precise,
-/// made with a carry) is not replaced.
+/// How a summary is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SummaryWrite {
+    /// Write it whatever is stored: the caller has just stored the segment itself, so a summary
+    /// under its name (left by a segment of that name since deleted) describes nothing else. One
+    /// request on any store.
+    Replace,
+    /// Keep a stored one (perhaps more precise, made with a carry): on a store that refuses to
+    /// replace an object, one create-only write; elsewhere a check first.
+    KeepExisting,
+}
+
+impl SummaryWrite {
+    /// [`SummaryWrite::Replace`] after a push that stored the segment, else keep what is there.
+    pub fn for_segment(newly_stored: bool) -> SummaryWrite {
+        if newly_stored {
+            SummaryWrite::Replace
+        } else {
+            SummaryWrite::KeepExisting
+        }
+    }
+}
+
+/// Store the summary of `seg` (see [`SummaryWrite`]). Returns whether this call stored it.
 pub async fn store_summary(
     store: &WritableStore,
     sealer: &Sealer,
     seg: &SegmentName,
     summary: SegmentSummary,
     carry: Option<Carry>,
-    absent: bool,
+    write: SummaryWrite,
 ) -> Result<bool, IndexError> {
     let key = summary_key(seg);
     let stored = StoredSummary {
@@ -180,8 +200,11 @@ pub async fn store_summary(
     let sealed = sealer
         .seal(ObjectKind::Summary, &seg.to_string(), &json, 3)
         .map_err(|e| decode_err(seg, e))?;
-    if !absent
-        && store.create_semantics_for(sealed.bytes.len()) != CreateSemantics::Atomic
+    if write == SummaryWrite::Replace {
+        store.put(&key, sealed.bytes).await?;
+        return Ok(true);
+    }
+    if store.create_semantics_for(sealed.bytes.len()) != CreateSemantics::Atomic
         && store.size(&key).await?.is_some()
     {
         return Ok(false);

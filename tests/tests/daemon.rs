@@ -261,6 +261,19 @@ fn daemon_keeps_archive_status_drained_under_load() -> Result<()> {
         "daemon:\n{}",
         host::tail(&stopped.log, 20)
     );
+    // The daemon summarizes what it uploads for the time index after the upload (by the time it
+    // has stopped): every segment it archived has its summary.
+    let keys = repo.files()?;
+    let unindexed: Vec<String> = daemon_archived(&stopped.log)
+        .into_iter()
+        .filter(|n| n.len() == 24)
+        .filter(|n| !keys.contains_key(&format!("index/{}/{n}.wvo", &n[..16])))
+        .collect();
+    assert!(
+        unindexed.is_empty(),
+        "segments the daemon archived without a summary: {unindexed:?}\n{}",
+        host::tail(&stopped.log, 40)
+    );
     assert_replays_to(source, backup, &repo, &expected)
 }
 

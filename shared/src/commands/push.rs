@@ -15,10 +15,17 @@ use crate::repo::object::{
 };
 use crate::repo::store::{CreateSemantics, PutNew};
 use crate::repo::{ClusterIdentity, Damage, RepoError, StoreError, WritableStore, Writer};
-use crate::timeindex;
+use crate::timeindex::{self, SummaryWrite};
 use crate::wal::decode::DecodeError;
 use crate::wal::summary::{Carry, Summarizer};
 use crate::wal::{Lsn, NameError, PageError, SegmentInfo, WalFileName};
+
+/// How long push trusts the daemon's last reading of `walvault.json` (it reads it every
+/// [`crate::commands::daemon::REPOSITORY_CHECK_EVERY`]) to say which repository its store holds.
+/// A repository replaced at the same URL within this time can be told a segment the old one
+/// holds: harmless, as the new one has no base backup yet that would need a segment completed
+/// before its own start.
+pub const TRUST_DAEMON_CHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Largest timeline history or backup history file accepted (they are a few hundred bytes).
 const MAX_TEXT_FILE_LEN: u64 = 16 << 20;
@@ -337,6 +344,39 @@ impl WalSource {
 
 type SummaryResult = Result<(crate::wal::summary::SegmentSummary, Option<Carry>), DecodeError>;
 
+/// How [`archive_source`] archives, beyond the file and the repository.
+#[derive(Debug, Clone, Copy)]
+pub struct Archiving<'a> {
+    /// The data directory's spool (the time index's carry is kept there).
+    pub spool: Option<&'a crate::local::handoff::Spool>,
+    pub indexing: Indexing,
+    /// A listing of the repository taken moments ago had no object under the file's name (the
+    /// daemon's, shared by its uploads): on a store that ignores create-only writes this is the
+    /// check before the write, instead of a read of its own.
+    pub listed_absent: bool,
+}
+
+impl Archiving<'_> {
+    /// `archive-agent push`: everything in one pass, a check of its own before writing.
+    pub fn push(spool: Option<&crate::local::handoff::Spool>) -> Archiving<'_> {
+        Archiving {
+            spool,
+            indexing: Indexing::Inline,
+            listed_absent: false,
+        }
+    }
+}
+
+/// Who records an archived segment's entry in the time index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Indexing {
+    /// The push, decoding the segment in the same pass that hashes and seals it.
+    Inline,
+    /// The caller, after the upload ([`summarize_archived`]): the daemon's indexer decodes the
+    /// segments in order, off the upload's critical path, each continuing its predecessor.
+    Deferred,
+}
+
 /// Open the repository for writing (never creating one).
 pub async fn open_repository(settings: &Settings) -> Result<Writer, PushError> {
     Ok(Writer::open_writable(&settings.repo, &settings.store_options()).await?)
@@ -386,8 +426,20 @@ async fn push_unbounded(settings: &Settings, wal_path: &Path) -> Result<PushOutc
         crate::commands::prefetch::Prefetch::new(pgdata).clean_if_done();
     }
     let name = name_of(wal_path)?;
-    // The repository first, even when the daemon has stored the file: a marker vouches only for
-    // the repository it names, and this proves that repository is still the one at this URL.
+    // A marker vouches only for the repository it names: which repository the store holds is
+    // known from the daemon's reading of walvault.json, if recent and of this very store, else
+    // from our own.
+    if let Some(spool) = &spool
+        && let Some(id) = spool.repository_checked(
+            &crate::repo::store::store_identity(&settings.repo, &settings.store_options()),
+            crate::time::now_micros(),
+            TRUST_DAEMON_CHECK,
+        )
+        && stored_by_daemon(spool, settings, &id, &name, wal_path).await
+    {
+        let size = std::fs::metadata(wal_path).map(|m| m.len()).unwrap_or(0);
+        return Ok(PushOutcome::already_archived(name, size));
+    }
     let mut repo = open_repository(settings).await?;
     if let Some(spool) = &spool
         && stored_by_daemon(spool, settings, repo.id(), &name, wal_path).await
@@ -411,7 +463,7 @@ async fn push_unbounded(settings: &Settings, wal_path: &Path) -> Result<PushOutc
     if let Some(spool) = &spool {
         spool.begin_upload(&name);
     }
-    let result = archive_source(settings, &mut repo, src, spool.as_ref()).await;
+    let result = archive_source(settings, &mut repo, src, Archiving::push(spool.as_ref())).await;
     if let Some(spool) = &spool {
         spool.end_upload(&name);
     }
@@ -436,29 +488,39 @@ async fn blocking<R: Send + 'static>(
 }
 
 /// Archive a checked file into an open repository: refuse another cluster's WAL, store it unless
-/// an identical copy is there (refusing a different one), then record it in the time index. The
-/// file is read once for all of it; on a store that refuses to replace objects, an archived
-/// segment costs one write for itself and one for its summary.
+/// an identical copy is there (refusing a different one), then, [`Indexing::Inline`], record it
+/// in the time index. The file is read once for all of it; on a store that refuses to replace
+/// objects, an archived segment costs one write for itself and one for its summary.
 pub async fn archive_source(
     settings: &Settings,
     repo: &mut Writer,
     src: WalSource,
-    spool: Option<&crate::local::handoff::Spool>,
+    how: Archiving<'_>,
 ) -> Result<PushOutcome, PushError> {
+    let Archiving {
+        spool,
+        indexing,
+        listed_absent,
+    } = how;
     let name = src.name;
     check_cluster(repo, &name.to_string(), src.info.as_ref()).await?;
     let store = repo.writable().clone();
     let sealer = repo.sealer().clone();
     let key = wal_key(&name);
     let len = src.len;
+    // On a store that may overwrite: look before writing (unless a listing just did), and make
+    // sure after it that what is there is ours.
     let check_first =
         store.create_semantics_for(usize::try_from(len).unwrap_or(usize::MAX)) != CreateSemantics::Atomic;
+    let look_first = check_first && !listed_absent;
     // A segment's name, size and start (the first page was checked against the name, so the
     // start is in range).
     let segment = match (name, src.info) {
-        (WalFileName::Segment(seg), Some(info)) => timeindex::segment_start(&seg, info.segment_size)
-            .ok()
-            .map(|start| (seg, info.segment_size, start)),
+        (WalFileName::Segment(seg), Some(info)) if indexing == Indexing::Inline => {
+            timeindex::segment_start(&seg, info.segment_size)
+                .ok()
+                .map(|start| (seg, info.segment_size, start))
+        }
         _ => None,
     };
     // The time index's carry from the previous segment, then one pass: hash, summary, seal.
@@ -482,22 +544,10 @@ pub async fn archive_source(
         None => StreamSink::Memory,
     };
     let (level, s) = (settings.compress_level, sealer.clone());
-    let (write_key, repo_url) = (key.clone(), store.url().to_string());
-    let seal = blocking(src, move |src| {
-        let write_err = |e: std::io::Error| {
-            PushError::Store(StoreError {
-                op: "write",
-                key: write_key.clone(),
-                repo: repo_url.clone(),
-                message: e.to_string(),
-                kind: crate::repo::StoreErrorKind::Failed,
-                attempts: 1,
-            })
-        };
-        src.seal(&s, level, sink, summarizer, write_err)
-    });
+    let write_err = staging_error(key.clone(), store.url().to_string());
+    let seal = blocking(src, move |src| src.seal(&s, level, sink, summarizer, write_err));
     // A store that may overwrite: look before writing, while the file is being sealed.
-    let (sealing, existing) = if check_first {
+    let (sealing, existing) = if look_first {
         let (sealing, existing) = tokio::join!(seal, store.get(&key));
         (sealing, existing?)
     } else {
@@ -518,7 +568,16 @@ pub async fn archive_source(
         )?;
         // Archived already; indexed too, unless an earlier push stopped in between.
         if let Some((seg, _, _)) = segment {
-            record_summary(&store, &sealer, &seg, summary, repo.id(), spool, None).await;
+            record_summary(
+                &store,
+                &sealer,
+                &seg,
+                summary,
+                repo.id(),
+                spool,
+                SummaryWrite::KeepExisting,
+            )
+            .await;
         }
         return Ok(outcome);
     }
@@ -540,8 +599,6 @@ pub async fn archive_source(
         newly_stored: true,
         hash: Some(plain_hash),
     };
-    // Whether the segment's summary is stored, when already asked.
-    let mut summary_known = None;
     let outcome = match put {
         PutNew::Created if !check_first => outcome,
         // Already there (a retried push, or a racing writer): what is stored must be these bytes.
@@ -553,16 +610,7 @@ pub async fn archive_source(
         // there is ours. The entity tag the write returned, seen again, proves it with a HEAD;
         // without one, read it back and compare.
         PutNew::Created => {
-            // Whether the summary is there is asked at the same time.
-            let summary_check = async {
-                match segment {
-                    Some((seg, _, _)) => store.size(&timeindex::summary_key(&seg)).await.ok(),
-                    None => None,
-                }
-            };
-            let (head, summary_there) = tokio::join!(store.head(&key), summary_check);
-            summary_known = summary_there.map(|s| s.is_some());
-            let ours = match (&etag, head?) {
+            let ours = match (&etag, store.head(&key).await?) {
                 (Some(tag), Some((_, Some(now)))) => *tag == now,
                 _ => false,
             };
@@ -574,7 +622,8 @@ pub async fn archive_source(
         }
     };
     // The segment is durable; now its entry in the time index. Derived data: a failure here is
-    // logged and never fails the push (restore only loses precision for this segment).
+    // logged and never fails the push (restore only loses precision for this segment). A summary
+    // under the name of a segment this push has just stored describes nothing else: replaced.
     if let Some((seg, _, start)) = segment {
         let summary = match summary {
             Some(Err(_)) if carried => blocking(src, move |s| s.summarize(start, None))
@@ -583,9 +632,24 @@ pub async fn archive_source(
                 .and_then(|(_, r)| r.ok()),
             other => other,
         };
-        record_summary(&store, &sealer, &seg, summary, repo.id(), spool, summary_known).await;
+        let write = SummaryWrite::for_segment(outcome.newly_stored);
+        record_summary(&store, &sealer, &seg, summary, repo.id(), spool, write).await;
     }
     Ok(outcome)
+}
+
+/// A failure to write the staged copy of `key` in repository `repo`: a store error (transient).
+fn staging_error(key: String, repo: String) -> impl Fn(std::io::Error) -> PushError + Send + 'static {
+    move |e| {
+        PushError::Store(StoreError {
+            op: "write",
+            key: key.clone(),
+            repo: repo.clone(),
+            message: e.to_string(),
+            kind: crate::repo::StoreErrorKind::Failed,
+            attempts: 1,
+        })
+    }
 }
 
 /// The previous segment's carry (see [`timeindex::carry_before`]); `None` when unknown.
@@ -604,31 +668,68 @@ async fn carry_for(
 }
 
 /// Store a segment's summary and keep its carry for the next segment; failures are logged.
-async fn record_summary(
+pub(crate) async fn record_summary(
     store: &WritableStore,
     sealer: &Sealer,
     seg: &crate::wal::SegmentName,
     summary: Option<SummaryResult>,
     repo: &crate::repo::RepoId,
     spool: Option<&crate::local::handoff::Spool>,
-    stored: Option<bool>,
+    write: SummaryWrite,
 ) {
     match summary {
         Some(Ok((summary, next))) => {
             if let (Some(spool), Some(next)) = (spool, &next) {
                 spool.keep_carry(repo, seg, next);
             }
-            if stored == Some(true) {
-                return;
-            }
-            if let Err(e) =
-                timeindex::store_summary(store, sealer, seg, summary, next, stored == Some(false)).await
-            {
+            if let Err(e) = timeindex::store_summary(store, sealer, seg, summary, next, write).await {
                 tracing::warn!("time index for {seg} not recorded: {e}");
             }
         }
         Some(Err(e)) => tracing::warn!("time index for {seg} not recorded: {e}"),
         None => tracing::warn!("time index for {seg} not recorded: the segment could not be decoded"),
+    }
+}
+
+/// Decode an archived segment for its time-index summary after its upload (the daemon's
+/// indexer), continuing the previous segment's carry (from the spool, else the repository).
+/// `src` is the file opened again when the upload opened it: held open, it reads the same bytes
+/// even once PostgreSQL has renamed it for recycling, until it writes over it; so it must still
+/// be the very file uploaded, same device, inode, size and modification time as `uploaded`,
+/// before the read and after it.
+pub async fn summarize_archived(
+    store: &WritableStore,
+    sealer: &Sealer,
+    repo: &crate::repo::RepoId,
+    spool: &crate::local::handoff::Spool,
+    src: WalSource,
+    uploaded: &std::fs::Metadata,
+) -> Result<(crate::wal::SegmentName, SummaryResult), PushError> {
+    let (WalFileName::Segment(seg), Some(info)) = (src.name, src.info) else {
+        return Err(src.read_err(std::io::Error::other("not a WAL segment")));
+    };
+    let recycled = |src: &WalSource| {
+        src.read_err(std::io::Error::other(
+            "the file is not the one archived any more (recycled): its summary is left out",
+        ))
+    };
+    if !crate::local::handoff::same_file(&src.meta, uploaded) {
+        return Err(recycled(&src));
+    }
+    let start = timeindex::segment_start(&seg, info.segment_size).map_err(|_| recycled(&src))?;
+    let carry = carry_for(store, sealer, &seg, info.segment_size, repo, Some(spool)).await;
+    let (src, result) = blocking(src, move |s| {
+        let with_carry = s.summarize(start, carry.clone());
+        match with_carry {
+            Ok(Err(_)) if carry.is_some() => s.summarize(start, None),
+            other => other,
+        }
+    })
+    .await?;
+    let result = result?;
+    match src.file.metadata() {
+        Ok(now) if crate::local::handoff::same_file(&now, uploaded) => Ok((seg, result)),
+        _ => Err(recycled(&src)),
     }
 }
 
@@ -764,7 +865,13 @@ mod tests {
     }
 
     async fn archive(w: &mut Writer, path: &Path) -> Result<PushOutcome, PushError> {
-        archive_source(&settings(), w, open_wal_file(path).unwrap(), None).await
+        archive_source(
+            &settings(),
+            w,
+            open_wal_file(path).unwrap(),
+            Archiving::push(None),
+        )
+        .await
     }
 
     /// On a store that refuses a second create-only write, a segment costs two requests: its
@@ -793,9 +900,58 @@ mod tests {
         archive(&mut w, &path).await.unwrap();
         assert_eq!(
             faults.requests() - before,
-            5,
-            "GET (absent), PUT, HEAD (entity tag), HEAD summary, PUT summary"
+            4,
+            "GET (absent), PUT, HEAD (entity tag), PUT summary"
         );
+    }
+
+    /// A segment the daemon marked is answered without a request when the daemon's reading of
+    /// walvault.json is fresh and of this very store; a stale reading, or one of another store,
+    /// sends push to the repository (here none: the push fails rather than answer).
+    #[tokio::test]
+    async fn push_trusts_the_daemons_reading_of_the_repository_only_while_fresh_and_for_its_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let pgdata = dir.path();
+        std::fs::create_dir_all(pgdata.join("pg_wal")).unwrap();
+        let spool = crate::local::handoff::Spool::new(pgdata);
+        std::fs::create_dir_all(spool.dir()).unwrap();
+        let path = segment(&pgdata.join("pg_wal"), 0);
+        let name = name_of(&path).unwrap();
+        let o = crate::config::Overrides {
+            repo: Some(format!("file://{}", pgdata.join("no-repository").display())),
+            ..Default::default()
+        };
+        let mut settings = Settings::resolve(o, Path::new("/nonexistent")).unwrap();
+        // The refusals below open the (missing) repository: they fail at once, not after the
+        // retries, so that the last reading is still fresh when it is recorded.
+        settings.retry_timeout = std::time::Duration::ZERO;
+        let id = crate::repo::RepoId::random();
+        let bytes = std::fs::read(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        spool
+            .mark_archived(&id, &name, &blake3::hash(&bytes), meta.len(), Some(&meta))
+            .unwrap();
+        let store = crate::repo::store::store_identity(&settings.repo, &settings.store_options());
+        let now = crate::time::now_micros();
+        let trust = i64::try_from(TRUST_DAEMON_CHECK.as_micros()).unwrap();
+        spool
+            .record_repository(&store, &id, now - trust - 1_000_000)
+            .unwrap();
+        assert!(push(&settings, &path).await.is_err(), "a stale reading");
+        spool
+            .record_repository("file:///elsewhere dir=/elsewhere", &id, now)
+            .unwrap();
+        assert!(push(&settings, &path).await.is_err(), "another store");
+        spool
+            .record_repository(&store, &crate::repo::RepoId::random(), now)
+            .unwrap();
+        assert!(push(&settings, &path).await.is_err(), "another repository");
+        spool
+            .record_repository(&store, &id, crate::time::now_micros())
+            .unwrap();
+        let out = push(&settings, &path).await.unwrap();
+        assert!(!out.newly_stored);
+        assert_eq!(out.size, meta.len());
     }
 
     /// Different bytes under an archived name are refused and the archived copy kept, whether

@@ -32,6 +32,16 @@ struct Marker {
     file_id: Option<(u64, u64, i128)>,
 }
 
+/// `repository.json`: the repository the daemon last found at its store, and when.
+#[derive(Debug, Serialize, Deserialize)]
+struct RepositoryCheck {
+    /// [`crate::repo::store::store_identity`] of the daemon's settings.
+    store: String,
+    repo_id: RepoId,
+    /// Wall clock, microseconds since the epoch.
+    checked_at: i64,
+}
+
 /// Carries kept in `carry/` (the daemon uploads a few segments at once, out of order).
 const KEPT_CARRIES: usize = 8;
 
@@ -49,6 +59,12 @@ fn file_id(meta: &std::fs::Metadata) -> (u64, u64, i128) {
         meta.ino(),
         i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
     )
+}
+
+/// Whether two views of a file's metadata are of the same, unchanged file (device, inode, size,
+/// modification time): while they are, so are its bytes.
+pub fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    a.len() == b.len() && file_id(a) == file_id(b)
 }
 
 /// The spool of one data directory.
@@ -106,6 +122,40 @@ impl Spool {
             &path,
             &serde_json::to_vec(&marker).expect("marker serializes"),
         )
+    }
+
+    /// Record that the repository `repo` was found at `store` at `now_micros` (wall clock): the
+    /// daemon, on each reading of `walvault.json`. Not synced: a lost record only makes push
+    /// read `walvault.json` itself.
+    pub fn record_repository(&self, store: &str, repo: &RepoId, now_micros: i64) -> std::io::Result<()> {
+        let record = RepositoryCheck {
+            store: store.to_string(),
+            repo_id: repo.clone(),
+            checked_at: now_micros,
+        };
+        let json = serde_json::to_vec(&record).expect("record serializes");
+        let tmp = self.dir.join(format!(".repository.json.{}", std::process::id()));
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, self.dir.join("repository.json"))
+    }
+
+    /// The repository the daemon found at `store` no longer than `within` before `now_micros`
+    /// (a record from the future, a clock set back, is not trusted).
+    pub fn repository_checked(
+        &self,
+        store: &str,
+        now_micros: i64,
+        within: std::time::Duration,
+    ) -> Option<RepoId> {
+        let bytes = std::fs::read(self.dir.join("repository.json")).ok()?;
+        let record: RepositoryCheck = serde_json::from_slice(&bytes).ok()?;
+        let age = u128::try_from(now_micros.checked_sub(record.checked_at)?).ok()?;
+        (record.store == store && age <= within.as_micros()).then_some(record.repo_id)
+    }
+
+    /// Drop the record: the daemon found no repository at its store.
+    pub fn forget_repository(&self) {
+        let _ = std::fs::remove_file(self.dir.join("repository.json"));
     }
 
     /// Whether a marker for `name` exists (whatever it says).
@@ -261,6 +311,40 @@ mod tests {
         spool.begin_upload(&name);
         spool.end_upload(&name);
         assert!(!spool.inflight_path(&name).exists());
+    }
+
+    /// push trusts the daemon's reading of walvault.json only for the same store, while recent,
+    /// never from the future, and not once the daemon found the repository gone.
+    #[test]
+    fn the_repository_record_counts_for_the_same_store_while_recent() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        std::fs::create_dir_all(spool.dir()).unwrap();
+        let repo = RepoId::random();
+        let within = std::time::Duration::from_secs(30);
+        let at = 1_000_000_000_000_000;
+        assert_eq!(spool.repository_checked("s3://b/p endpoint=x", at, within), None);
+        spool.record_repository("s3://b/p endpoint=x", &repo, at).unwrap();
+        assert_eq!(
+            spool.repository_checked("s3://b/p endpoint=x", at + 30_000_000, within),
+            Some(repo.clone())
+        );
+        assert_eq!(
+            spool.repository_checked("s3://b/p endpoint=x", at + 30_000_001, within),
+            None
+        );
+        assert_eq!(
+            spool.repository_checked("s3://b/p endpoint=y", at, within),
+            None,
+            "another endpoint"
+        );
+        assert_eq!(
+            spool.repository_checked("s3://b/p endpoint=x", at - 1, within),
+            None,
+            "from the future"
+        );
+        spool.forget_repository();
+        assert_eq!(spool.repository_checked("s3://b/p endpoint=x", at, within), None);
     }
 
     #[test]

@@ -342,6 +342,35 @@ fn azure_builder(url: &RepoUrl, file: &AzureSettings) -> object_store::azure::Mi
         .with_http_connector(ClassifyingConnector)
 }
 
+/// Where `url` leads with these settings, as one line: the URL, and for an object store the
+/// endpoint (and Azure account) its client would talk to, after the environment's overrides. Two
+/// processes that compute the same line use the same store: the daemon's record of the
+/// repository it found there is only trusted by a push that computes the same line.
+pub fn store_identity(url: &RepoUrl, options: &StoreOptions) -> String {
+    match url.location() {
+        RepoLocation::Local(dir) => {
+            let dir = dir.canonicalize().unwrap_or(dir);
+            format!("{url} dir={}", dir.display())
+        }
+        RepoLocation::S3 { .. } => {
+            let b = s3_builder(url, &options.s3);
+            let endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
+            format!("{url} endpoint={}", endpoint.unwrap_or_default())
+        }
+        RepoLocation::Azure { .. } => {
+            let b = azure_builder(url, &options.azure);
+            let get = |k| b.get_config_value(&k).unwrap_or_default();
+            format!(
+                "{url} account={} endpoint={} emulator={}",
+                get(AzureConfigKey::AccountName),
+                get(AzureConfigKey::Endpoint),
+                get(AzureConfigKey::UseEmulator)
+            )
+        }
+        RepoLocation::Gcs { .. } => url.to_string(),
+    }
+}
+
 /// Open the store `url` names; with `create_local`, a local repository's directory is created
 /// (by `archive-agent init` only).
 fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Store, StoreError> {
@@ -687,7 +716,8 @@ impl WritableStore {
     }
 
     /// Write an object, replacing any existing one. Only for content-addressed objects (the key
-    /// is the hash of the content, so a replacement carries the same bytes).
+    /// is the hash of the content, so a replacement carries the same bytes) and derived data
+    /// whose writer knows what it replaces (a just-archived segment's time-index summary).
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         self.retried("write", key, || self.put_once(key, bytes.clone()))
             .await

@@ -96,6 +96,8 @@ mod tests {
             ("metrics.rs", include_str!("metrics.rs")),
             ("jobs.rs", include_str!("jobs.rs")),
             ("repo_watch.rs", include_str!("repo_watch.rs")),
+            ("indexer.rs", include_str!("indexer.rs")),
+            ("listing.rs", include_str!("listing.rs")),
             ("backups.rs", include_str!("backups.rs")),
             ("verifies.rs", include_str!("verifies.rs")),
             ("drills.rs", include_str!("drills.rs")),

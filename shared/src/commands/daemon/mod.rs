@@ -12,7 +12,9 @@
 mod backups;
 mod clock;
 mod drills;
+mod indexer;
 mod jobs;
+mod listing;
 mod metrics;
 mod repo_watch;
 mod scheduler;
@@ -32,6 +34,7 @@ pub use self::clock::{Clock, ManualClock, SystemClock};
 use self::jobs::Jobs;
 pub use self::metrics::Metrics;
 use self::repo_watch::RepoWatch;
+pub use self::scheduler::REPOSITORY_CHECK_EVERY;
 use self::uploader::Uploader;
 use crate::commands::push::{self, PushError};
 use crate::config::Settings;
@@ -108,7 +111,8 @@ pub async fn run_with_clock(
     }
 
     tokio::pin!(shutdown);
-    let mut repo_watch = RepoWatch::new(Arc::clone(&settings), repo);
+    let mut repo_watch = RepoWatch::new(Arc::clone(&settings), repo, spool.clone(), Arc::clone(&clock));
+    let indexer = indexer::Indexer::start(spool.clone(), Arc::clone(&clock));
     let mut uploader = Uploader::new(
         Arc::clone(&settings),
         spool,
@@ -116,6 +120,7 @@ pub async fn run_with_clock(
         opts.parallel,
         Arc::clone(&metrics),
         Arc::clone(&clock),
+        indexer.sender(),
     );
     let mut jobs = Jobs::new(Arc::clone(&settings), &opts, Arc::clone(&metrics), clock);
     let mut rescan = tokio::time::interval(opts.rescan_every);
@@ -140,6 +145,8 @@ pub async fn run_with_clock(
         "shutting down: finishing uploads in flight"
     );
     uploader.finish().await;
+    indexer.finish().await;
+    repo_watch.stop();
     jobs.abort();
     Ok(())
 }

@@ -1,13 +1,17 @@
 //! Whether the repository at the URL is (still) there: `walvault.json` is read again every
 //! [`super::scheduler::REPOSITORY_CHECK_EVERY`], so a repository removed (a volume unmounted)
 //! pauses uploads instead of writing into a location that is no repository, and one recreated
-//! gets markers under its own id.
+//! gets markers under its own id. Each reading is recorded in the spool, where push finds which
+//! repository the store holds without a request of its own
+//! ([`crate::commands::push::TRUST_DAEMON_CHECK`]).
 
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
+use super::clock::Clock;
 use crate::config::Settings;
+use crate::local::handoff::Spool;
 use crate::repo::{RepoError, Writer};
 
 /// The repository the daemon archives into, as the last check found it.
@@ -17,16 +21,46 @@ pub(crate) struct RepoWatch {
     repo: Writer,
     gone: bool,
     check: Option<JoinHandle<Result<Writer, RepoError>>>,
+    spool: Spool,
+    /// [`crate::repo::store::store_identity`] of the settings.
+    store: String,
+    clock: Arc<dyn Clock>,
 }
 
 impl RepoWatch {
-    pub(crate) fn new(settings: Arc<Settings>, repo: Writer) -> RepoWatch {
-        RepoWatch {
+    /// Watch `repo`, just read from the store.
+    pub(crate) fn new(
+        settings: Arc<Settings>,
+        repo: Writer,
+        spool: Spool,
+        clock: Arc<dyn Clock>,
+    ) -> RepoWatch {
+        let store = crate::repo::store::store_identity(&settings.repo, &settings.store_options());
+        let watch = RepoWatch {
             settings,
             repo,
             gone: false,
             check: None,
+            spool,
+            store,
+            clock,
+        };
+        watch.record();
+        watch
+    }
+
+    /// The spool's record of this reading (wall clock: push compares it with its own). A record
+    /// that cannot be written only makes push read `walvault.json` itself.
+    fn record(&self) {
+        let now = self.clock.now_micros();
+        if let Err(e) = self.spool.record_repository(&self.store, self.repo.id(), now) {
+            tracing::warn!("cannot record the repository check in the spool: {e}");
         }
+    }
+
+    /// The daemon stops: its reading is withdrawn from the spool (nobody keeps it current).
+    pub(crate) fn stop(self) {
+        self.spool.forget_repository();
     }
 
     /// The repository (the last one found, even while it is gone).
@@ -67,8 +101,10 @@ impl RepoWatch {
                 }
                 self.repo = now;
                 self.gone = false;
+                self.record();
             }
             Ok(Err(e)) if !e.is_transient() => {
+                self.spool.forget_repository();
                 if !self.gone {
                     tracing::error!(
                         "{e}; uploads paused (push will keep failing too, and PostgreSQL keeps the WAL)"

@@ -20,7 +20,7 @@ pub(crate) enum Job {
 }
 
 /// How often the daemon reads `walvault.json` again to make sure its repository is still there.
-pub(crate) const REPOSITORY_CHECK_EVERY: Duration = Duration::from_secs(30);
+pub const REPOSITORY_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// How often the restorable-window gauges are refreshed (the first time at start).
 pub(crate) const WINDOW_EVERY: Duration = Duration::from_secs(60);
@@ -202,8 +202,8 @@ mod tests {
             ])
         );
         assert_eq!(each(Job::Drill), secs(&[7200]));
-        assert_eq!(each(Job::RepoCheck).len(), 240, "every 30 s from 30 s");
-        assert_eq!(each(Job::RepoCheck)[0], Duration::from_secs(30));
+        assert_eq!(each(Job::RepoCheck).len(), 720, "every 10 s from 10 s");
+        assert_eq!(each(Job::RepoCheck)[0], Duration::from_secs(10));
         let window = each(Job::Window);
         assert_eq!(window[..3], secs(&[0, 60, 120]), "at start, then every minute");
     }

@@ -11,6 +11,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use tokio::task::JoinSet;
 
 use super::clock::Clock;
+use super::indexer::IndexJob;
+use super::listing::Listings;
 use super::metrics::Metrics;
 use crate::commands::push::{self, PushError, PushOutcome};
 use crate::config::Settings;
@@ -53,6 +55,10 @@ pub(crate) struct Uploader {
     in_flight: HashSet<WalFileName>,
     /// Failed files wait before their next attempt: 1 s, doubling to 60 s.
     backoff: KeyedBackoff<WalFileName>,
+    /// Where uploaded segments go to be summarized for the time index.
+    index: tokio::sync::mpsc::UnboundedSender<IndexJob>,
+    /// The check before writing, on a store that ignores create-only writes.
+    listings: Listings,
 }
 
 impl Uploader {
@@ -63,18 +69,21 @@ impl Uploader {
         parallel: usize,
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
+        index: tokio::sync::mpsc::UnboundedSender<IndexJob>,
     ) -> Uploader {
         Uploader {
             settings,
             spool,
             metrics,
-            clock,
             status_dir: pgdata.join("pg_wal/archive_status"),
             wal_dir: pgdata.join("pg_wal"),
             parallel: parallel.max(1),
             tasks: JoinSet::new(),
             in_flight: HashSet::new(),
             backoff: KeyedBackoff::default(),
+            index,
+            listings: Listings::new(Arc::clone(&clock)),
+            clock,
         }
     }
 
@@ -132,11 +141,12 @@ impl Uploader {
             self.in_flight.insert(name);
             let path = self.wal_dir.join(name.to_string());
             let (settings, repo, spool) = (Arc::clone(&self.settings), repo.clone(), self.spool.clone());
+            let (index, listings) = (self.index.clone(), self.listings.clone());
             let span = tracing::info_span!("upload", file = %name);
             self.tasks.spawn(tracing::Instrument::instrument(
                 async move {
                     spool.begin_upload(&name);
-                    let result = upload(settings, repo, spool.clone(), path).await;
+                    let result = upload(settings, repo, spool.clone(), path, index, listings).await;
                     spool.end_upload(&name);
                     (name, result)
                 },
@@ -194,26 +204,60 @@ fn scan_ready(status_dir: &Path, now_micros: i64) -> (Vec<WalFileName>, Duration
     (names, oldest)
 }
 
-/// Upload one file and record it in the spool.
-async fn upload(settings: Arc<Settings>, mut repo: Writer, spool: Spool, path: PathBuf) -> UploadResult {
+/// Upload one file, record it in the spool, and hand a segment to the indexer (before the
+/// upload's entry in the spool ends: the indexer waits for a segment's predecessor while that is
+/// being uploaded, so it never misses one that is on its way).
+async fn upload(
+    settings: Arc<Settings>,
+    mut repo: Writer,
+    spool: Spool,
+    path: PathBuf,
+    index: tokio::sync::mpsc::UnboundedSender<IndexJob>,
+    listings: Listings,
+) -> UploadResult {
+    // Opened twice: for the upload, and for the indexer (see IndexJob::source), before either
+    // reads it.
     let read_path = path.clone();
-    let src = tokio::task::spawn_blocking(move || push::open_wal_file(&read_path))
-        .await
-        .map_err(|e| PushError::Read {
-            path: path.display().to_string(),
-            source: std::io::Error::other(e),
-        })??;
+    let (src, for_index) = tokio::task::spawn_blocking(move || {
+        push::open_wal_file(&read_path).map(|src| (src, push::open_wal_file(&read_path).ok()))
+    })
+    .await
+    .map_err(|e| PushError::Read {
+        path: path.display().to_string(),
+        source: std::io::Error::other(e),
+    })??;
     // Metadata when opened, before the read: if the file changed meanwhile, the marker will
     // not match it.
-    let (name, size, meta) = (src.name, src.len, src.meta.clone());
-    let outcome = push::archive_source(&settings, &mut repo, src, Some(&spool)).await?;
+    let (name, size, meta, info) = (src.name, src.len, src.meta.clone(), src.info);
+    let store = repo.writable();
+    let check_first = store.create_semantics_for(usize::try_from(size).unwrap_or(usize::MAX))
+        != crate::repo::store::CreateSemantics::Atomic;
+    let listed_absent = check_first && listings.absent(store, &crate::repo::layout::wal_key(&name)).await;
+    let how = push::Archiving {
+        spool: Some(&spool),
+        indexing: push::Indexing::Deferred,
+        listed_absent,
+    };
+    let outcome = push::archive_source(&settings, &mut repo, src, how).await?;
     let hash = outcome.hash.expect("an archived file was read");
-    spool
+    let marked = spool
         .mark_archived(repo.id(), &name, &hash, size, Some(&meta))
         .map_err(|source| UploadError::Marker {
             path: spool.dir().display().to_string(),
             source,
-        })?;
+        });
+    if let (WalFileName::Segment(seg), Some(info), Some(source)) = (name, info, for_index) {
+        // A closed channel (the daemon is stopping) costs only this summary.
+        let _ = index.send(IndexJob {
+            seg,
+            segment_size: info.segment_size,
+            source,
+            meta,
+            newly_stored: outcome.newly_stored,
+            repo,
+        });
+    }
+    marked?;
     Ok((outcome, size))
 }
 
