@@ -22,7 +22,9 @@ round: a mismatch fails the run.
 Prints Markdown tables (medians and min–max over --rounds, per-round walvault/rival ratios, each
 target of issue 24 next to its measured ratio), writes bench/results/rivals.json.
 Usage: bench/rivals.py [--quick] [--rounds 3] [--shapes 50,300,many] [--wal-mib 1200] [--parallel 2]
-                       [--stores file,s3] [--only full,restore,...] [--markdown FILE] [--keep]
+                       [--stores file,s3,s3lat] [--only full,restore,...] [--markdown FILE] [--keep]
+Store s3lat is s3 with WALVAULT_BENCH_LATENCY_MS (default 20) added before each request's first
+byte reaches Garage (bench/latency_proxy.py), as a cloud region's object store adds.
 Needs root (PostgreSQL runs as postgres), PostgreSQL 15, stunnel4, garage, and the rivals built by
 /work/shared/rivals/build.sh. Binaries from $WALVAULT_BIN_DIR (default <repo>/target/release).
 Stops everything it started on exit, failure or signal.
@@ -53,6 +55,9 @@ PGBR_VERSION = "2.59.1"
 SCENARIOS = ("full", "restore", "second", "delta", "archive", "replay")
 TOOLS = ("walvault", "pgBackRest", "WAL-RUS")
 MIB = 1048576
+# Object stores: Garage through stunnel, and the same with LATENCY_MS added to every request.
+S3_KINDS = ("s3", "s3lat")
+LATENCY_MS = float(os.environ.get("WALVAULT_BENCH_LATENCY_MS", "20"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +179,8 @@ class Stunnel:
     the server's own): pgBackRest with repo1-storage-ca-file, WAL-RUS and walvault through
     SSL_CERT_FILE (rustls-native-certs reads it)."""
 
-    def __init__(self, work, backend_port):
-        self.dir = mkdir_pg(os.path.join(work, "stunnel"))
+    def __init__(self, work, backend_port, name="stunnel"):
+        self.dir = mkdir_pg(os.path.join(work, name))
         self.port = ab.free_port()
         d = self.dir
         s3b.run(f"cd {d} && openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=walvault-bench-ca "
@@ -204,13 +209,31 @@ class Stunnel:
             self.proc.wait(timeout=30)
 
 
+class LatencyProxy:
+    """bench/latency_proxy.py between a TLS terminator and Garage: every request waits `ms` before
+    its first byte reaches the server, as in a cloud region."""
+
+    def __init__(self, work, backend_port, ms):
+        self.port = ab.free_port()
+        self.log = open(os.path.join(work, "latency_proxy.log"), "w")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench/latency_proxy.py"), str(self.port),
+                                      str(backend_port), str(ms)], stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        s3b.wait_port(self.port)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
 class Store:
     """Where repositories live: a directory per repository (file) or a bucket per repository (s3)."""
 
     def __init__(self, kind, work, garage=None, stunnel=None):
         self.kind, self.work, self.garage, self.stunnel = kind, work, garage, stunnel
         self.env = {}
-        if kind == "s3":
+        if kind in S3_KINDS:
             # Every tool reads these (walvault through object_store, WAL-RUS through its own
             # client); where PostgreSQL runs a tool, they are the postmaster's environment.
             self.env = {"AWS_ACCESS_KEY_ID": garage.key_id, "AWS_SECRET_ACCESS_KEY": garage.secret,
@@ -228,10 +251,10 @@ class Store:
         return self.garage.bucket_info(loc)
 
     def counters(self):
-        return self.garage.counters() if self.kind == "s3" else None
+        return self.garage.counters() if self.kind in S3_KINDS else None
 
     def requests(self, before):
-        if self.kind != "s3":
+        if self.kind not in S3_KINDS:
             return None
         return s3b.counter_delta(before, self.garage.counters())
 
@@ -257,7 +280,7 @@ class Walvault:
                 f"--pg-url 'host=127.0.0.1 port={cluster.port} user=postgres dbname=postgres'")
 
     def restore(self, dest, delta=False):
-        return (f"{self.r} restore --repo {self.url} --pgdata {dest} --parallel {self.ctx.n}"
+        return (f"{self.r} restore --repo {self.url} --pgdata {dest} --parallel {self.ctx.n} --json"
                 + (" --delta" if delta else ""))
 
     def push(self):
@@ -400,17 +423,23 @@ def wait_archived(c, timeout=900):
         time.sleep(0.3)
 
 
+def per_gb(s3, data_bytes):
+    """Requests Garage counted (every kind), per GB (10^9 bytes) of the data directory."""
+    n = sum(s3.get("requests", {}).values())
+    return round(n / (data_bytes / 1e9), 1) if data_bytes else None
+
+
 def durable(cmd, dest, env=None):
     """A restore timed until what it wrote is durable, the same way for every tool: dirty data
     flushed first (nothing left from the previous step), the command, then `sync -f` on the
     destination's file system (WAL-RUS syncs nothing it restores; pgBackRest and walvault sync
     before they exit, so theirs costs little). Returns (seconds until it exited, seconds until
-    durable, peak RSS in KiB)."""
+    durable, peak RSS in KiB, stdout)."""
     subprocess.run("sync", check=True)
-    secs, rss, _ = timed(cmd, env)
+    secs, rss, out = timed(cmd, env)
     t0 = time.monotonic()
     subprocess.run(["sync", "-f", dest], check=True)
-    return secs, round(secs + time.monotonic() - t0, 2), rss
+    return secs, round(secs + time.monotonic() - t0, 2), rss, out
 
 
 DIGEST = ("select count(*) || ' tables, ' || md5(string_agg(relname || '=' || (xpath('/row/d/text()', "
@@ -575,6 +604,7 @@ def backup_round(ctx, store, rnd, c, shape):
                 pass
         if reqs is not None:
             m["s3"] = store.requests(reqs)
+            m["requests_per_gb"] = per_gb(m["s3"], du(c.data))
         return m
 
     for tool in order:
@@ -595,17 +625,26 @@ def backup_round(ctx, store, rnd, c, shape):
         # The reference: the same database as one zstd-3 tar, decompressed and written by tar
         # (no chunking, no verification), timed the same way; first, while the disk has room.
         dest = mkdir_pg(os.path.join(ctx.work, f"rs-{tag}-pg_basebackup"))
-        secs, synced, _ = durable(f"tar -I 'zstd -d' -xf {bb}/base.tar.zst -C {dest}", dest)
+        secs, synced, _, _ = durable(f"tar -I 'zstd -d' -xf {bb}/base.tar.zst -C {dest}", dest)
         res["restore"]["pg_basebackup"] = {"seconds": synced, "seconds_no_sync": secs, "restored_bytes": du(dest)}
         shutil.rmtree(dest, ignore_errors=True)
         for tool in order:
             dest = dirs[tool] = os.path.join(ctx.work, f"rs-{tag}-{tool}")
             reqs = store.counters()
-            secs, synced, rss = durable(tools[tool].restore(dest), dest, store.env)
+            secs, synced, rss, out = durable(tools[tool].restore(dest), dest, store.env)
             res["restore"][tool] = {"seconds": synced, "seconds_no_sync": secs,
                                     "peak_rss_mib": round(rss / 1024, 1), "restored_bytes": du(dest)}
+            if tool == "walvault":
+                # Its own account of the data's requests and of where its pipeline waited.
+                report = json.loads(out)
+                res["restore"][tool]["reads"] = {k: v for k, v in report.get("reads", {}).items() if k != "timeline"}
+                res["restore"][tool]["waits"] = report.get("waits")
+                log(f"  {tag} restore walvault: waits {report.get('waits')}, reads "
+                    f"{ {k: report.get('reads', {}).get(k) for k in ('requests', 'max_in_flight', 'bytes_per_second')} }")
             if reqs is not None:
                 res["restore"][tool]["s3"] = store.requests(reqs)
+                res["restore"][tool]["requests_per_gb"] = per_gb(res["restore"][tool]["s3"],
+                                                                 res["restore"][tool]["restored_bytes"])
             log(f"  {tag} restore {tool}: {synced} s until durable ({secs} s until it exited)")
             if tool == "WAL-RUS" or (tool == "pgBackRest" and not ctx.want("delta")):
                 shutil.rmtree(dest, ignore_errors=True)  # not needed again: room on the disk
@@ -633,7 +672,7 @@ def backup_round(ctx, store, rnd, c, shape):
                 res["delta_restore"][tool] = {"seconds": None, "note": "restore-agent restore has no --delta"}
                 continue
             reqs = store.counters()
-            secs, synced, rss = durable(tools[tool].restore(dirs[tool], delta=True), dirs[tool], store.env)
+            secs, synced, rss, _ = durable(tools[tool].restore(dirs[tool], delta=True), dirs[tool], store.env)
             res["delta_restore"][tool] = {"seconds": synced, "seconds_no_sync": secs,
                                           "peak_rss_mib": round(rss / 1024, 1)}
             if reqs is not None:
@@ -850,6 +889,8 @@ ROWS = [
     ("restore, until durable (sync -f after)", "restore", "seconds", "s", True, 1),
     ("restore, until it exited", "restore", "seconds_no_sync", "s", True, 1),
     ("restore, peak RSS", "restore", "peak_rss_mib", "MiB", True, 1),
+    ("full backup, S3 requests per GB", "full", "requests_per_gb", "requests", True, 1),
+    ("restore, S3 requests per GB", "restore", "requests_per_gb", "requests", True, 1),
     ("second backup, no change", "second_nochange", "seconds", "s", True, 1),
     ("second backup, no change, stored", "second_nochange", "stored_bytes", "MiB", True, MIB),
     ("second backup, 1% changed", "second_change", "seconds", "s", True, 1),
@@ -885,7 +926,7 @@ def summarize_stores(stores):
             continue
         rows = {}
         for label, section, key, unit, lower, div in ROWS:
-            if kind != "s3" and "S3" in label:
+            if kind not in S3_KINDS and "S3" in label:
                 continue
             cells, ratios = {}, {}
             for tool in COLUMNS:
@@ -973,7 +1014,7 @@ def targets(results, summ):
             get(rows, "replay of all WAL through restore_command", "walvault_over", "local"), 1.05, "<=")
         add("daemon peak RSS, MiB", "WAL", kind,
             get(rows, "WAL archiving, daemon peak RSS (largest process)", "values", "walvault"), 32, "<=")
-        if kind == "s3":
+        if kind in S3_KINDS:
             add("S3 requests per archived segment", "WAL", kind,
                 get(rows, "WAL archiving, S3 requests per segment", "values", "walvault"), 3, "<=",
                 "Garage ignores If-None-Match")
@@ -988,7 +1029,8 @@ def rng(s, d=2):
     return f"{s['median']:.{d}f} ({s['min']:.{d}f}–{s['max']:.{d}f})"
 
 
-STORE_TITLE = {"file": "file:// (local directory)", "s3": "S3 (Garage, loopback, through stunnel TLS)"}
+STORE_TITLE = {"file": "file:// (local directory)", "s3": "S3 (Garage, loopback, through stunnel TLS)",
+               "s3lat": f"S3 with {LATENCY_MS} ms per request (Garage, loopback, stunnel TLS, bench/latency_proxy.py)"}
 
 
 def table(w, kind, rows):
@@ -1002,7 +1044,7 @@ def table(w, kind, rows):
             ref = f"limit: {rng(v['limit'], d)}"
             lim = rng(q.get("limit"))
         elif "pg_basebackup" in v:
-            ref = f"pg_basebackup: {rng(v['pg_basebackup'], d)}" + (" (local disk)" if kind == "s3" else "")
+            ref = f"pg_basebackup: {rng(v['pg_basebackup'], d)}" + (" (local disk)" if kind in S3_KINDS else "")
         elif "local" in v:
             ref = f"cp, local: {rng(v['local'], d)}"
             lim = rng(q.get("local"))
@@ -1104,7 +1146,7 @@ def main():
     wal_mib = args.wal_mib or (128 if args.quick else 1200)
     stores = [s for s in args.stores.split(",") if s]
     only = set(s for s in args.only.split(",") if s)
-    bad = (only - set(SCENARIOS)) | (set(stores) - {"file", "s3"})
+    bad = (only - set(SCENARIOS)) | (set(stores) - {"file", *S3_KINDS})
     if bad:
         sys.exit(f"unknown scenario or store: {', '.join(sorted(bad))}")
     if os.geteuid() != 0:
@@ -1116,7 +1158,7 @@ def main():
         signal.signal(s, on_signal)
 
     versions = check_rivals()
-    if "s3" in stores:
+    if set(stores) & set(S3_KINDS):
         if shutil.which("stunnel") is None:
             s3b.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4")
         if not os.path.exists(s3b.GARAGE):
@@ -1151,13 +1193,17 @@ def main():
         "versions": versions, "stores": {}, "shapes": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "nproc": os.cpu_count()}
     log(f"work directory {work}; {versions}")
-    garage = stunnel = None
+    garage = proxy = None
+    stunnels = {}
     ok = False
     try:
-        if "s3" in stores:
+        if set(stores) & set(S3_KINDS):
             garage = s3b.Garage(work)
             garage.start()
-            stunnel = Stunnel(work, garage.s3_port)
+            stunnels["s3"] = Stunnel(work, garage.s3_port)
+        if "s3lat" in stores:
+            proxy = LatencyProxy(work, garage.s3_port, LATENCY_MS)
+            stunnels["s3lat"] = Stunnel(work, proxy.port, "stunnel-latency")
         if only & {"archive", "replay"}:
             log(f"preparing {wal_mib} MiB of WAL (pgbench + random payloads)")
             ctx.src, ctx.base, ctx.walsrc, ctx.segs = ab.prepare(work, wal_mib)
@@ -1180,7 +1226,7 @@ def main():
                 bk = make_backup_cluster(ctx, shape)
                 for rnd in range(rounds):
                     for kind in stores:
-                        store = Store(kind, work, garage, stunnel)
+                        store = Store(kind, work, garage, stunnels.get(kind))
                         log(f"{shape.name}, {kind}: round {rnd + 1} of {rounds}")
                         cluster_start(bk, store.env)  # the postmaster's environment: this store's
                         try:
@@ -1195,7 +1241,7 @@ def main():
         if "archive" in only:
             for rnd in range(rounds):
                 for kind in stores:
-                    store = Store(kind, work, garage, stunnel)
+                    store = Store(kind, work, garage, stunnels.get(kind))
                     log(f"WAL, {kind}: round {rnd + 1} of {rounds}")
                     run_r = wal_round(ctx, store, rnd)
                     run_r["loadavg_1m"] = round(os.getloadavg()[0], 2)
@@ -1217,7 +1263,7 @@ def main():
                 os.kill(pid, signal.SIGTERM)
             except OSError:
                 pass
-        for p in (stunnel, garage):
+        for p in (*stunnels.values(), proxy, garage):
             if p:
                 p.stop()
         results["complete"] = ok

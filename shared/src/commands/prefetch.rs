@@ -245,6 +245,8 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
     let mut downloading: BTreeSet<WalFileName> = BTreeSet::new();
     // Set when the spool could not be written: no new download before then.
     let mut paused_until: Option<Instant> = None;
+    // The segments' reads, recorded for the debug log (what they cost, how they overlapped).
+    let reads = crate::repo::reads::ReadStats::new();
     loop {
         while let Some(done) = tasks.try_join_next() {
             let (name, result) = done.expect("prefetch task panicked");
@@ -331,12 +333,14 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
                 downloading.insert(name);
                 let (repo, path) = (std::sync::Arc::clone(&repo), pf.object_path(&name));
                 let commit_path = commits.then(|| pf.commit_path(&name));
-                tasks.spawn(async move { (name, download(&repo, &name, &path, commit_path).await) });
+                let store = repo.store().recording(&reads);
+                tasks.spawn(async move { (name, download(&repo, &store, &name, &path, commit_path).await) });
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     while tasks.join_next().await.is_some() {}
+    tracing::debug!("prefetch reads of WAL: {}", reads.report().summary());
     if !pf.in_recovery() {
         let _ = std::fs::remove_dir_all(&pf.dir);
     } else {
@@ -352,12 +356,13 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
 /// transaction end the segment's summary records is written there first (best effort).
 async fn download(
     repo: &Reader,
+    store: &crate::repo::Store,
     name: &WalFileName,
     path: &Path,
     commit_path: Option<PathBuf>,
 ) -> Result<bool, PrefetchError> {
     let key = wal_key(name);
-    let Some(bytes) = repo.store().get(&key).await? else {
+    let Some(bytes) = store.get(&key).await? else {
         return Ok(false);
     };
     let latest_commit = match (commit_path.is_some(), name.wal_segment()) {

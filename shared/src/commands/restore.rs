@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+pub use self::writer::Waits;
 use crate::basebackup::BackupId;
 use crate::basebackup::chunk::ChunkError;
 #[cfg(doc)]
@@ -30,6 +31,7 @@ use crate::basebackup::manifest::ManifestError;
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
 use crate::repo::StoreError;
+use crate::repo::reads::ReadReport;
 use crate::report::Report;
 use crate::time;
 use crate::wal::{Lsn, TimelineId};
@@ -250,6 +252,10 @@ pub struct RestoreReport {
     pub chunks_fetched: u64,
     /// Their bytes, decompressed.
     pub bytes_fetched: u64,
+    /// The requests that read the files' data: how many, their sizes, how they overlapped.
+    pub reads: ReadReport,
+    /// Seconds each stage of the restore waited on another: where it is bound.
+    pub waits: Waits,
     pub timeline: String,
     pub target: String,
     /// With `--delta`: what was compared, rewritten and removed.
@@ -282,6 +288,7 @@ impl Report for RestoreReport {
             "fetched {} distinct chunks ({} bytes), wrote {} bytes",
             self.chunks_fetched, self.bytes_fetched, self.bytes
         ));
+
         lines.push(format!(
             "recovery target: {}, timeline {}",
             self.target, self.timeline

@@ -23,6 +23,7 @@ use object_store::path::Path;
 use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use super::http::{ClassifyingConnector, RefusedStatus};
+use super::reads::{ReadStats, Request, answered};
 use super::settings::{AzureSettings, GcsSettings, S3Settings, Secret};
 use super::url::{RepoLocation, RepoUrl};
 use crate::retry::{RetryPolicy, Retryable};
@@ -190,6 +191,8 @@ pub struct Store {
     retry: RetryPolicy,
     /// A local repository's directory (objects are files under it).
     local_root: Option<std::path::PathBuf>,
+    /// Where this handle's requests are recorded ([`Store::recording`]).
+    reads: Option<ReadStats>,
 }
 
 /// An object being written to a local repository: a staging file beside its final name
@@ -439,6 +442,7 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
         create,
         retry,
         local_root,
+        reads: None,
     })
 }
 
@@ -507,6 +511,7 @@ impl Store {
             create,
             retry,
             local_root: None,
+            reads: None,
         }
     }
 
@@ -534,6 +539,19 @@ impl Store {
         }
     }
 
+    /// This store, recording each request it makes (every attempt) into `stats`.
+    pub fn recording(&self, stats: &ReadStats) -> Store {
+        Store {
+            reads: Some(stats.clone()),
+            ..self.clone()
+        }
+    }
+
+    /// A request begins, recorded when this handle records.
+    fn begin(&self, op: &'static str) -> Option<Request> {
+        self.reads.as_ref().map(|r| r.begin(op))
+    }
+
     /// Whether this is a local repository.
     pub fn is_local(&self) -> bool {
         self.local_root.is_some()
@@ -543,9 +561,16 @@ impl Store {
     pub async fn head(&self, key: &str) -> Result<Option<(u64, Option<String>)>, StoreError> {
         let path = self.path(key);
         self.retried("check", key, || async {
+            let req = self.begin("check");
             match self.inner.head(&path).await {
-                Ok(meta) => Ok(Some((meta.size, meta.e_tag))),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Ok(meta) => {
+                    answered(req, 0);
+                    Ok(Some((meta.size, meta.e_tag)))
+                }
+                Err(object_store::Error::NotFound { .. }) => {
+                    answered(req, 0);
+                    Ok(None)
+                }
                 Err(e) => Err(self.error("check", key, e)),
             }
         })
@@ -599,9 +624,18 @@ impl Store {
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let path = self.path(key);
         self.retried("read", key, || async {
+            let mut req = self.begin("read");
             match self.inner.get(&path).await {
-                Ok(r) => r.bytes().await.map(Some).map_err(|e| self.error("read", key, e)),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Ok(r) => {
+                    req.as_mut().map(Request::first_byte);
+                    let bytes = r.bytes().await.map_err(|e| self.error("read", key, e))?;
+                    answered(req, bytes.len());
+                    Ok(Some(bytes))
+                }
+                Err(object_store::Error::NotFound { .. }) => {
+                    answered(req, 0);
+                    Ok(None)
+                }
                 Err(e) => Err(self.error("read", key, e)),
             }
         })
@@ -618,7 +652,7 @@ impl Store {
     ) -> Result<Option<Bytes>, StoreError> {
         let path = self.path(key);
         self.retried("read", key, || async {
-            let e = match self.inner.get_range(&path, range.clone()).await {
+            let e = match self.get_range_once(&path, range.clone()).await {
                 Ok(b) => return Ok(Some(b)),
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
                 Err(e) => e,
@@ -640,17 +674,34 @@ impl Store {
         .await
     }
 
+    /// One ranged read, recorded: a remote store's answer's head is seen apart from its body, so
+    /// its time to first byte is known.
+    async fn get_range_once(&self, path: &Path, range: std::ops::Range<u64>) -> object_store::Result<Bytes> {
+        let mut req = self.begin("read");
+        let read = async {
+            if req.is_none() || self.local_root.is_some() {
+                return self.inner.get_range(path, range).await;
+            }
+            let options = object_store::GetOptions {
+                range: Some(object_store::GetRange::Bounded(range)),
+                ..Default::default()
+            };
+            let answer = self.inner.get_opts(path, options).await?;
+            req.as_mut().map(Request::first_byte);
+            answer.bytes().await
+        };
+        let result = read.await;
+        match &result {
+            Ok(bytes) => answered(req, bytes.len()),
+            Err(object_store::Error::NotFound { .. }) => answered(req, 0),
+            Err(_) => {}
+        }
+        result
+    }
+
     /// The size of an object, `None` when it does not exist (one HEAD request).
     pub async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        let path = self.path(key);
-        self.retried("check", key, || async {
-            match self.inner.head(&path).await {
-                Ok(meta) => Ok(Some(meta.size)),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(self.error("check", key, e)),
-            }
-        })
-        .await
+        Ok(self.head(key).await?.map(|(size, _)| size))
     }
 
     /// Every object under `prefix` (a key prefix ending at a `/` boundary), as keys relative to the
@@ -660,6 +711,7 @@ impl Store {
         let base = self.path(prefix.trim_end_matches('/'));
         let strip = self.prefix.as_ref().len() + usize::from(!self.prefix.as_ref().is_empty());
         self.retried("list", prefix, || async {
+            let req = self.begin("list");
             let mut out: Vec<(String, u64)> = self
                 .inner
                 .list(Some(&base))
@@ -672,6 +724,7 @@ impl Store {
                 .try_collect()
                 .await
                 .map_err(|e| self.error("list", prefix, e))?;
+            answered(req, 0);
             out.sort();
             Ok(out)
         })

@@ -1,9 +1,11 @@
 //! Write a restore's files: each file from one descriptor, front to back, fed by a pipeline of
 //! fetched and verified chunks.
 //!
-//! The chunks of all files are fetched in file order, `parallel` at once (at most one per CPU
-//! decompressing) and at most [`held`] held in memory between the store and the disk. Each
-//! file is created (or, for `--delta`, opened without following a link), written in order, its
+//! The chunks of all files are read in file order, with one ranged read per run of neighbours
+//! in a pack, at most [`held`] reads and [`SEALED_AHEAD`] sealed bytes at once: what waits on the
+//! network is compressed bytes, so a few megabytes keep it busy. They are decompressed and
+//! verified in order, at most one per CPU at once, at most [`plain_ahead`] ahead of the files
+//! (see [`Pipeline::run`]; each stage's waits are reported: [`Waits`]). Each file is created (or, for `--delta`, opened without following a link), written in order, its
 //! mode set and made durable by a thread of its own, up to [`OPEN_FILES`] files at once: one
 //! file's `fsync` overlaps the next files' fetches and writes, and no two threads ever write
 //! into the same file (they would queue on its inode lock). A file is opened once, not once to
@@ -18,8 +20,8 @@
 //! ([`sources`]), so the pipeline never waits on a decision.
 //!
 //! Packed chunks that follow each other in a pack are read together, with one ranged read per
-//! run ([`run_end`]): a cluster of many small files restores with a read per few dozen of them,
-//! not one each.
+//! run ([`run_end`]), a whole pack at low parallelism ([`run_bytes`]): a cluster of many small
+//! files restores with a read per few hundred of them, not one each.
 //!
 //! Also here: a file and its chunk references added to the fill ([`add_file`]), and chunks read
 //! and verified ([`Fetcher`]).
@@ -40,18 +42,11 @@ use crate::repo::layout::pack_key;
 use crate::repo::object::{ObjectError, Sealer};
 use crate::repo::stored::{self, Damage, StoredKind};
 
-/// Chunks in flight at least: fetches waiting on the store and writes waiting on the disk take no
-/// CPU, so they overlap the decompressions. Measured on this 2-core machine with `--parallel 2`
+/// Reads in flight at least: reads waiting on the store take no CPU, so they overlap the
+/// decompressions. Measured on this 2-core machine with `--parallel 2`
 /// (bench/rivals.py, pgbench scale 50): with only 2 in flight a restore took 2.9 s from file://
 /// and 17 s from Garage through TLS, latency-bound.
 pub const WAITING_IN_FLIGHT: usize = 16;
-
-/// Chunks held in memory at most, fetched and not yet written: `parallel` fetches, or
-/// [`WAITING_IN_FLIGHT`] if more, and two being written. With 1 MiB chunks that is 18 MiB for
-/// `--parallel 2` and for the default 16 on file://, 34 MiB for the default 32 on object stores.
-pub fn held(parallel: usize) -> usize {
-    parallel.max(WAITING_IN_FLIGHT) + 2
-}
 
 /// Files being written, set and synced at once, each by a blocking thread. Most of a small
 /// file's time is its `fsync` (a journal commit), which several files share when they wait
@@ -104,7 +99,7 @@ pub(crate) struct Fill {
 }
 
 /// What writing did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct Scattered {
     /// Chunks fetched from the store (each distinct chunk once, unless it did not fit in
     /// [`REPEAT_BUDGET`] between two of its references).
@@ -113,6 +108,8 @@ pub(crate) struct Scattered {
     pub bytes_fetched: u64,
     /// Bytes written into files.
     pub bytes_written: u64,
+    /// Where the pipeline waited.
+    pub waits: Waits,
 }
 
 impl Scattered {
@@ -120,6 +117,7 @@ impl Scattered {
         self.chunks_fetched += o.chunks_fetched;
         self.bytes_fetched += o.bytes_fetched;
         self.bytes_written += o.bytes_written;
+        self.waits.add(o.waits);
     }
 }
 
@@ -304,11 +302,183 @@ struct Piece {
     _held: Option<OwnedSemaphorePermit>,
 }
 
-/// A fetch started in order, with its share of the memory bound.
+/// A chunk decompressed in order, with its share of [`plain_ahead`].
 type Started = (
     oneshot::Receiver<Result<Vec<u8>, RestoreError>>,
     OwnedSemaphorePermit,
 );
+
+/// A chunk whose read was started in order: its sealed bytes will arrive on the receiver. The
+/// share of [`SEALED_AHEAD`] is its run's, given back once every chunk of the run is
+/// decompressed (they hold slices of one buffer).
+type Read = (
+    ChunkRef,
+    oneshot::Receiver<Result<bytes::Bytes, RestoreError>>,
+    Arc<OwnedSemaphorePermit>,
+);
+
+/// Sealed (compressed) bytes read, or being read, and not yet decompressed, at most: what keeps
+/// the network busy. With pgbench's data, compressed about twentyfold, this is some 300 MiB of a
+/// restore in flight, enough for 20 ms per request at several GB/s; incompressible data still
+/// has 16 MiB in flight. (Counting decompressed bytes instead, 18 MiB in all, a restore from
+/// Garage had under 1 MiB of the network's bytes in flight and took three times WAL-RUS's time
+/// at 4.5 GB, whatever `--parallel`.)
+pub const SEALED_AHEAD: u64 = 16 << 20;
+
+/// Decompressed bytes between the decoder and the files, at most: enough to keep each CPU
+/// decompressing while the writers take what is done.
+pub fn plain_ahead(chunk_size: u64) -> u64 {
+    (8u64 << 20).max(4 * chunk_size)
+}
+
+/// Reads at once, at most: `parallel`, or [`WAITING_IN_FLIGHT`] if more (small scattered runs,
+/// as a `--delta` reads, are latency-bound), plus two.
+pub fn held(parallel: usize) -> usize {
+    parallel.max(WAITING_IN_FLIGHT) + 2
+}
+
+/// Sealed bytes one read covers at most with `parallel`: a whole pack at low parallelism (fewer
+/// requests, each billed), smaller runs at high parallelism so that `parallel` reads fit in
+/// [`SEALED_AHEAD`].
+pub fn run_bytes(parallel: usize) -> u64 {
+    (SEALED_AHEAD / parallel.max(2) as u64).clamp(1 << 20, RUN_MAX_BYTES)
+}
+
+/// Time each stage of a restore spent waiting on the next or the previous one.
+#[derive(Debug, Default)]
+struct WaitClock {
+    /// The feeder waiting for a decompressed chunk (the files wait on the network or the CPU).
+    writing: std::sync::atomic::AtomicU64,
+    /// The reader waiting for room in [`SEALED_AHEAD`] (the network waits on decompression or
+    /// the disk).
+    reading: std::sync::atomic::AtomicU64,
+    /// The decoder waiting for a chunk's read to answer (the CPU waits on the network).
+    decoding: std::sync::atomic::AtomicU64,
+}
+
+impl WaitClock {
+    fn add(&self, to: &std::sync::atomic::AtomicU64, since: std::time::Instant) {
+        let us = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        to.fetch_add(us, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn report(&self) -> Waits {
+        let s = |a: &std::sync::atomic::AtomicU64| {
+            (a.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e4).round() / 100.0
+        };
+        Waits {
+            writing_waited_for_data: s(&self.writing),
+            reading_waited_for_room: s(&self.reading),
+            decoding_waited_for_reads: s(&self.decoding),
+        }
+    }
+}
+
+/// Seconds each stage of a restore waited: where it is bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Waits {
+    /// The files waited for decompressed chunks: the restore is bound by reading or decoding.
+    pub writing_waited_for_data: f64,
+    /// Reads waited for room: the restore is bound by decompression or the disk.
+    pub reading_waited_for_room: f64,
+    /// Decompression waited for reads to answer: the restore is bound by the network.
+    pub decoding_waited_for_reads: f64,
+}
+
+impl Waits {
+    fn add(&mut self, o: Waits) {
+        self.writing_waited_for_data += o.writing_waited_for_data;
+        self.reading_waited_for_room += o.reading_waited_for_room;
+        self.decoding_waited_for_reads += o.decoding_waited_for_reads;
+    }
+}
+
+/// The reader: start the reads of `to_fetch`'s runs in order, each once its sealed bytes fit in
+/// [`SEALED_AHEAD`], at most [`held`] at once; hand every chunk to the decoder in order.
+async fn read_in_order(
+    fetcher: Arc<Fetcher>,
+    to_fetch: Vec<ChunkRef>,
+    (parallel, chunk_size): (usize, u64),
+    decoder: tokio::sync::mpsc::UnboundedSender<Read>,
+    waits: Arc<WaitClock>,
+) {
+    let budget = units(SEALED_AHEAD.max(2 * chunk_size)) as usize;
+    let room = Arc::new(Semaphore::new(budget));
+    let run_units = (run_bytes(parallel) / 1024) as usize;
+    let reads = Arc::new(Semaphore::new(held(parallel)));
+    // Dropped with the reader when it is aborted: no read outlives the restore.
+    let mut runs = JoinSet::new();
+    let mut at = 0;
+    while at < to_fetch.len() {
+        let end = run_end(&to_fetch, at, &fetcher.places, run_units);
+        let run = to_fetch[at..end].to_vec();
+        let since = std::time::Instant::now();
+        let reading = Arc::clone(&reads).acquire_owned().await.expect("never closed");
+        let share = sealed_charge(&run, &fetcher.places).min(budget) as u32;
+        let room = Arc::new(
+            Arc::clone(&room)
+                .acquire_many_owned(share)
+                .await
+                .expect("never closed"),
+        );
+        waits.add(&waits.reading, since);
+        let mut senders = Vec::with_capacity(run.len());
+        for r in &run {
+            let (s, rx) = oneshot::channel();
+            if decoder.send((*r, rx, Arc::clone(&room))).is_err() {
+                return;
+            }
+            senders.push(s);
+        }
+        runs.spawn(Arc::clone(&fetcher).fetch_run(run, senders, reading));
+        while runs.try_join_next().is_some() {}
+        at = end;
+    }
+    while runs.join_next().await.is_some() {}
+}
+
+/// The decoder: take each chunk in order as its read answers, with its decompressed share of
+/// [`plain_ahead`], and decompress and verify it on a blocking thread, at most one per CPU (and
+/// at most `parallel`) at once; hand the answers to the feeder in order.
+async fn decode_in_order(
+    fetcher: Arc<Fetcher>,
+    mut reads: tokio::sync::mpsc::UnboundedReceiver<Read>,
+    feeder: tokio::sync::mpsc::UnboundedSender<Started>,
+    (parallel, chunk_size): (usize, u64),
+    waits: Arc<WaitClock>,
+) {
+    let plain = Arc::new(Semaphore::new(units(plain_ahead(chunk_size)) as usize));
+    let cpu = Arc::new(Semaphore::new(parallel.clamp(1, cpus())));
+    // Dropped with the decoder when it is aborted.
+    let mut decoding = JoinSet::new();
+    while let Some((r, sealed, room)) = reads.recv().await {
+        let held = Arc::clone(&plain)
+            .acquire_many_owned(units(r.len))
+            .await
+            .expect("never closed");
+        let (tx, rx) = oneshot::channel();
+        if feeder.send((rx, held)).is_err() {
+            return;
+        }
+        let since = std::time::Instant::now();
+        // A run whose task died without answering (it panicked) is an error too.
+        let sealed = sealed
+            .await
+            .unwrap_or_else(|_| Err(RestoreError::Corrupt(format!("chunk {} was never read", r.id))));
+        waits.add(&waits.decoding, since);
+        let core = Arc::clone(&cpu).acquire_owned().await.expect("never closed");
+        let fetcher = Arc::clone(&fetcher);
+        decoding.spawn_blocking(move || {
+            let opened = sealed.and_then(|bytes| fetcher.open(&r, &bytes));
+            // The sealed bytes and their share go before the answer: the reader may go on.
+            drop(room);
+            drop(core);
+            let _ = tx.send(opened);
+        });
+        while decoding.try_join_next().is_some() {}
+    }
+    while decoding.join_next().await.is_some() {}
+}
 
 struct Pipeline<'a> {
     store: &'a Store,
@@ -324,75 +494,55 @@ struct Pipeline<'a> {
 
 impl Pipeline<'_> {
     /// Write `which` files (in that order) from `refs` (theirs, in file and chunk order).
+    ///
+    /// Three stages, each bounded, so that what waits on the network is compressed bytes:
+    /// - the *reader* starts the runs' reads in order, each holding its sealed bytes' share of
+    ///   [`SEALED_AHEAD`] until its last chunk is decompressed;
+    /// - the *decoder* takes the chunks in order as their reads answer, each holding its
+    ///   decompressed share of [`plain_ahead`] until written, and decompresses and verifies them,
+    ///   at most one per CPU at once;
+    /// - the *feeder* (this task) hands each file to a writer thread and its chunks, in order.
+    ///
+    /// Each stage takes its share in order and releases it only as the next stage moves on, so
+    /// none can wait on a share that only a later chunk could give back.
     async fn run(&self, which: Vec<usize>, refs: Vec<(ChunkRef, Source)>) -> Result<Scattered, RestoreError> {
-        // The memory bound in KiB of decompressed chunk, so that a run of small chunks read
-        // together takes its true share.
-        let fetch_slots = held(self.parallel);
-        let budget = fetch_slots * units(self.chunk_size) as usize;
-        let held = Arc::new(Semaphore::new(budget));
-        // Fetches are started in order by a task of their own, so that the window refills as
-        // soon as a write releases its share, whatever the writer of this side waits for.
         let to_fetch: Vec<ChunkRef> = refs
             .iter()
             .filter(|(_, s)| matches!(s, Source::Fetch { .. }))
             .map(|(r, _)| *r)
             .collect();
-        let (tx, mut started) = tokio::sync::mpsc::unbounded_channel::<Started>();
-        let starter = {
-            let fetcher = Arc::new(Fetcher {
-                store: self.store.clone(),
-                sealer: self.sealer.clone(),
-                places: Arc::clone(&self.places),
-                files: Arc::clone(&self.files),
-                // Decompressing and hashing more chunks at once than there are CPUs gains nothing.
-                cpu: Semaphore::new(self.parallel.min(cpus())),
-            });
-            let held = Arc::clone(&held);
-            // A run takes at most an eighth of the bound, so that several are read at once and
-            // a run never waits for memory only a later run could give back.
-            let run_units = (budget / 8).max(units(self.chunk_size) as usize);
-            let reads = Arc::new(Semaphore::new(fetch_slots));
-            tokio::spawn(async move {
-                // Dropped with the starter when it is aborted: no read outlives the restore.
-                let mut runs = JoinSet::new();
-                let mut at = 0;
-                while at < to_fetch.len() {
-                    let end = run_end(&to_fetch, at, &fetcher.places, run_units);
-                    let run = to_fetch[at..end].to_vec();
-                    // Runs being read at once: as many as single fetches were before packs.
-                    let reading = Arc::clone(&reads).acquire_owned().await.expect("never closed");
-                    // What the run reads beyond its chunks' shares (a span with gaps, or sealed
-                    // chunks larger than their content) is charged to its first chunk.
-                    let shares: usize = run.iter().map(|r| units(r.len) as usize).sum();
-                    let extra = charge(&run, &fetcher.places).saturating_sub(shares) as u32;
-                    let mut senders = Vec::with_capacity(run.len());
-                    for (i, r) in run.iter().enumerate() {
-                        let share = units(r.len) + if i == 0 { extra } else { 0 };
-                        let permit = Arc::clone(&held)
-                            .acquire_many_owned(share)
-                            .await
-                            .expect("never closed");
-                        let (s, rx) = oneshot::channel();
-                        if tx.send((rx, permit)).is_err() {
-                            return;
-                        }
-                        senders.push(s);
-                    }
-                    runs.spawn(Arc::clone(&fetcher).fetch_run(run, senders, reading));
-                    while runs.try_join_next().is_some() {}
-                    at = end;
-                }
-                while runs.join_next().await.is_some() {}
-            })
-        };
+        let fetcher = Arc::new(Fetcher {
+            store: self.store.clone(),
+            sealer: self.sealer.clone(),
+            places: Arc::clone(&self.places),
+            files: Arc::clone(&self.files),
+        });
+        let waits = Arc::new(WaitClock::default());
+        let (sealed_tx, sealed_rx) = tokio::sync::mpsc::unbounded_channel::<Read>();
+        let (plain_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<Started>();
+        let reader = tokio::spawn(read_in_order(
+            Arc::clone(&fetcher),
+            to_fetch,
+            (self.parallel, self.chunk_size),
+            sealed_tx,
+            Arc::clone(&waits),
+        ));
+        let decoder = tokio::spawn(decode_in_order(
+            fetcher,
+            sealed_rx,
+            plain_tx,
+            (self.parallel, self.chunk_size),
+            Arc::clone(&waits),
+        ));
         let mut writers: JoinSet<Result<u64, RestoreError>> = JoinSet::new();
         let mut done = Scattered::default();
         let fed = self
-            .feed(&which, refs, &mut started, &mut writers, &mut done)
+            .feed(&which, refs, &mut started, &mut writers, (&mut done, &waits))
             .await;
-        // Whatever happened, nothing is left running: no fetch, and no writer that could create
-        // a file after the caller cleaned up.
-        starter.abort();
+        // Whatever happened, nothing is left running: no read, no decompression, and no writer
+        // that could create a file after the caller cleaned up.
+        reader.abort();
+        decoder.abort();
         started.close();
         while started.try_recv().is_ok() {}
         let mut first_err = fed.err();
@@ -404,6 +554,7 @@ impl Pipeline<'_> {
                 }
             }
         }
+        done.waits = waits.report();
         match first_err {
             Some(e) => Err(e),
             None => Ok(done),
@@ -417,7 +568,7 @@ impl Pipeline<'_> {
         refs: Vec<(ChunkRef, Source)>,
         started: &mut tokio::sync::mpsc::UnboundedReceiver<Started>,
         writers: &mut JoinSet<Result<u64, RestoreError>>,
-        done: &mut Scattered,
+        (done, waits): (&mut Scattered, &WaitClock),
     ) -> Result<(), RestoreError> {
         let open = Arc::new(Semaphore::new(OPEN_FILES));
         let mut kept: HashMap<ChunkId, Arc<Vec<u8>>> = HashMap::new();
@@ -439,11 +590,17 @@ impl Pipeline<'_> {
                 let (r, source) = refs.pop_front().expect("just seen");
                 let (data, held) = match source {
                     Source::Fetch { keep } => {
-                        let (rx, permit) = started.recv().await.expect("the starter sends every fetch");
+                        let since = std::time::Instant::now();
+                        // The decoder sends every fetch: none means a stage died (it panicked).
+                        let (rx, permit) = started
+                            .recv()
+                            .await
+                            .ok_or_else(|| RestoreError::Corrupt(format!("chunk {} was never read", r.id)))?;
                         // A run whose task died without answering (it panicked) is an error too.
                         let answer = rx
                             .await
                             .map_err(|_| RestoreError::Corrupt(format!("chunk {} was never read", r.id)))?;
+                        waits.add(&waits.writing, since);
                         let data = Arc::new(answer?);
                         done.chunks_fetched += 1;
                         done.bytes_fetched += r.len;
@@ -612,15 +769,13 @@ pub const RUN_SLACK: u64 = 256 << 10;
 
 /// The end of the run of `refs` that starts at `at`: the references after it whose chunks lie in
 /// the same pack, read together with one ranged read whose span stays within [`RUN_MAX_BYTES`],
-/// wastes at most [`RUN_SLACK`] plus what the run needs, and which takes at most `max_units` of
-/// the memory bound (its chunks' shares, or its span when that is more: see [`charge`]). A chunk
-/// stored on its own is a run of one.
+/// wastes at most [`RUN_SLACK`] plus what the run needs, and whose sealed share (see
+/// [`sealed_charge`]) is at most `max_units`. A chunk stored on its own is a run of one.
 pub(crate) fn run_end(refs: &[ChunkRef], at: usize, places: &Places, max_units: usize) -> usize {
     let Some(first) = places.get(&refs[at].id) else {
         return at + 1;
     };
     let (mut lo, mut hi, mut needed) = (first.offset, first.offset + first.len, first.len);
-    let mut taken = units(refs[at].len) as usize;
     let mut end = at + 1;
     while let Some(r) = refs.get(end) {
         let Some(p) = places.get(&r.id).filter(|p| p.pack == first.pack) else {
@@ -636,12 +791,11 @@ pub(crate) fn run_end(refs: &[ChunkRef], at: usize, places: &Places, max_units: 
         };
         if span > RUN_MAX_BYTES
             || span > needed + more + RUN_SLACK
-            || (taken + units(r.len) as usize).max(span.div_ceil(1024) as usize) > max_units
+            || span.div_ceil(1024) as usize + (end + 1 - at) > max_units
         {
             break;
         }
         (lo, hi, needed) = (l, h, needed + more);
-        taken += units(r.len) as usize;
         end += 1;
     }
     end
@@ -656,12 +810,15 @@ fn span(run: &[ChunkRef], places: &Places) -> Option<std::ops::Range<u64>> {
         .reduce(|a, b| a.start.min(b.start)..a.end.max(b.end))
 }
 
-/// The share of the memory bound a run takes, in KiB: its chunks' shares, or the bytes its read
-/// brings in (sealed chunks and the gaps between them) when that is more.
-fn charge(run: &[ChunkRef], places: &Places) -> usize {
-    let shares: usize = run.iter().map(|r| units(r.len) as usize).sum();
-    let read = span(run, places).map_or(0, |s| (s.end - s.start).div_ceil(1024) as usize);
-    shares.max(read)
+/// The share of [`SEALED_AHEAD`] a run takes, in KiB: the bytes its read brings in (sealed chunks
+/// and the gaps between them) and a KiB per chunk for what each costs besides (its slot in the
+/// decoder's queue); a chunk stored on its own, its decompressed length or 32 KiB (its sealed
+/// length is not known before it is read, and is at most a little more).
+fn sealed_charge(run: &[ChunkRef], places: &Places) -> usize {
+    match span(run, places) {
+        Some(s) => (s.end - s.start).div_ceil(1024) as usize + run.len(),
+        None => run.iter().map(|r| units(r.len) as usize + 4).sum(),
+    }
 }
 
 /// What reads chunks for a restore.
@@ -670,21 +827,18 @@ struct Fetcher {
     sealer: Sealer,
     places: Arc<Places>,
     files: Arc<Vec<Target>>,
-    /// Decompressions at once.
-    cpu: Semaphore,
 }
 
 impl Fetcher {
-    /// Read the chunks of `run` (see [`run_end`]) with one read, verify each, and answer each
-    /// on its sender, in order. A failure answers every chunk not yet answered.
+    /// Read the chunks of `run` (see [`run_end`]) with one read and answer each chunk's sealed
+    /// bytes on its sender, in order (slices of one buffer). A failure answers every chunk.
     async fn fetch_run(
         self: Arc<Self>,
         run: Vec<ChunkRef>,
-        senders: Vec<oneshot::Sender<Result<Vec<u8>, RestoreError>>>,
+        senders: Vec<oneshot::Sender<Result<bytes::Bytes, RestoreError>>>,
         _reading: OwnedSemaphorePermit,
     ) {
-        let read = self.read_run(&run).await;
-        let (bytes, lo) = match read {
+        let (bytes, lo) = match self.read_run(&run).await {
             Ok(r) => r,
             Err(e) => {
                 let msg = e.to_string();
@@ -697,19 +851,13 @@ impl Fetcher {
                 return;
             }
         };
-        // Decompressing and hashing is the CPU's share: one blocking task per run.
-        let _cpu = self.cpu.acquire().await.expect("semaphore is never closed");
-        let this = Arc::clone(&self);
-        let _ = tokio::task::spawn_blocking(move || {
-            for (r, s) in run.iter().zip(senders) {
-                let sealed = match this.places.get(&r.id) {
-                    Some(p) => bytes.slice((p.offset - lo) as usize..(p.offset - lo + p.len) as usize),
-                    None => bytes.clone(),
-                };
-                let _ = s.send(this.open(r, &sealed));
-            }
-        })
-        .await;
+        for (r, s) in run.iter().zip(senders) {
+            let sealed = match self.places.get(&r.id) {
+                Some(p) => bytes.slice((p.offset - lo) as usize..(p.offset - lo + p.len) as usize),
+                None => bytes.clone(),
+            };
+            let _ = s.send(Ok(sealed));
+        }
     }
 
     /// The sealed bytes of `run` and the pack offset they start at (0 for a chunk on its own).
@@ -831,8 +979,8 @@ mod tests {
         assert_eq!(run_end(&refs, 3, &places, many), 4);
         assert_eq!(run_end(&refs, 4, &places, many), 5);
         assert_eq!(run_end(&refs, 5, &places, many), 6);
-        // The memory bound ends a run: two chunks' share only.
-        assert_eq!(run_end(&refs, 0, &places, 2 * units(8192) as usize), 2);
+        // The sealed share ends a run: a KiB of span and one per chunk, for two chunks only.
+        assert_eq!(run_end(&refs, 0, &places, 3), 2);
     }
 
     #[test]
