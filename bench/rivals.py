@@ -243,7 +243,8 @@ class Store:
     def loc(self, name):
         if self.kind == "file":
             return mkdir_pg(os.path.join(self.work, "repos", name))
-        return self.garage.bucket(name)
+        # One Garage serves both object stores: each its own buckets.
+        return self.garage.bucket(name if self.kind == "s3" else f"{name}-lat")
 
     def size(self, loc):
         if self.kind == "file":

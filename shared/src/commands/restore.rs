@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-pub use self::writer::Waits;
+pub use self::waits::Waits;
 use crate::basebackup::BackupId;
 use crate::basebackup::chunk::ChunkError;
 #[cfg(doc)]
@@ -43,6 +43,7 @@ mod plan;
 mod recovery_files;
 mod select;
 mod tree;
+mod waits;
 mod writer;
 
 pub use delta::DeltaReport;

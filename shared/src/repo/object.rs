@@ -540,7 +540,7 @@ pub fn open(
     kind: ObjectKind,
     expected_name: &str,
 ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
-    open_with(None, bytes, kind, expected_name)
+    open_with(None, bytes, kind, expected_name, Vec::new())
 }
 
 /// `header`, if its version is the one a repository that is (or is not) `encrypted` holds.
@@ -552,11 +552,32 @@ fn of_this_repository(header: ObjectHeader, encrypted: bool) -> Result<ObjectHea
     }
 }
 
+thread_local! {
+    /// Each thread's decompression context, made once: a context is some 100 KiB to allocate.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompress the zstd frame `payload` into `out`'s spare capacity (at most that much).
+fn decompress_into(payload: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut().expect("made above").decompress_to_buffer(payload, out)
+    })
+}
+
+/// Open `bytes` (see [`Sealer::open`]), the content written into `out` (emptied first; its
+/// allocation is reused when large enough, so a reader of many objects need not fault in fresh
+/// pages for each).
 fn open_with(
     keys: Option<&RepoKeys>,
     bytes: &[u8],
     kind: ObjectKind,
     expected_name: &str,
+    mut out: Vec<u8>,
 ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
     let header = of_this_repository(read_header(bytes)?, keys.is_some())?;
     if header.kind != kind {
@@ -599,8 +620,12 @@ fn open_with(
         }
         _ => payload,
     };
+    out.clear();
     let content = match header.codec {
-        Codec::None => payload.to_vec(),
+        Codec::None => {
+            out.extend_from_slice(payload);
+            out
+        }
         // The capacity bound makes a decompression bomb fail instead of allocating without limit;
         // a payload too short to expand to the header's length is refused before that capacity
         // is allocated.
@@ -611,8 +636,13 @@ fn open_with(
                 header.original_len
             )));
         }
-        Codec::Zstd => zstd::bulk::decompress(payload, header.original_len as usize)
-            .map_err(|e| ObjectError::Decompress(e.to_string()))?,
+        Codec::Zstd => {
+            // Room for the header's length (or the reused allocation's, if larger): more output
+            // is an error, not an allocation.
+            out.reserve_exact(usize::try_from(header.original_len).unwrap_or(usize::MAX));
+            decompress_into(payload, &mut out).map_err(|e| ObjectError::Decompress(e.to_string()))?;
+            out
+        }
     };
     if content.len() as u64 != header.original_len {
         return Err(ObjectError::ContentLength {
@@ -765,7 +795,18 @@ impl Sealer {
         kind: ObjectKind,
         expected_name: &str,
     ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
-        open_with(self.keys.as_deref(), bytes, kind, expected_name)
+        open_with(self.keys.as_deref(), bytes, kind, expected_name, Vec::new())
+    }
+
+    /// [`Sealer::open`], the content written into `out` (emptied first, its allocation reused).
+    pub fn open_into(
+        &self,
+        bytes: &[u8],
+        kind: ObjectKind,
+        expected_name: &str,
+        out: Vec<u8>,
+    ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+        open_with(self.keys.as_deref(), bytes, kind, expected_name, out)
     }
 
     /// The header, checked to be of this repository's kind (plain or encrypted). Not authenticated:

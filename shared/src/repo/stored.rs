@@ -102,10 +102,23 @@ impl<'a> Objects<'a> {
 /// Open object `id` of kind `K`, already read as `bytes` (by a caller that fetched it beside
 /// other work, or opens it off the async threads).
 pub fn open<K: StoredKind>(sealer: &Sealer, id: &K::Id, bytes: &[u8]) -> Result<K, Damage<K::Error>> {
+    open_into(sealer, id, bytes, Vec::new())
+}
+
+/// [`open`], a sealed object's content written into `out` (emptied first, its allocation
+/// reused: a restore opens thousands of chunks into a few buffers).
+pub fn open_into<K: StoredKind>(
+    sealer: &Sealer,
+    id: &K::Id,
+    bytes: &[u8],
+    out: Vec<u8>,
+) -> Result<K, Damage<K::Error>> {
     let stored_len = bytes.len() as u64;
     let opened = match K::ENVELOPE {
         Envelope::Sealed(kind) => {
-            let (header, content) = sealer.open(bytes, kind, &K::name(id)).map_err(Damage::Envelope)?;
+            let (header, content) = sealer
+                .open_into(bytes, kind, &K::name(id), out)
+                .map_err(Damage::Envelope)?;
             Opened {
                 header: Some(header),
                 content,
