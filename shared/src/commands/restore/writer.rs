@@ -1022,7 +1022,8 @@ mod tests {
             0,
             "a short chunk gets a buffer of its own"
         );
-        assert_eq!(b.take(1024).as_ptr(), at);
+        let last = b.take(1024);
+        assert_eq!(last.as_ptr(), at);
     }
 
     #[test]
