@@ -173,7 +173,21 @@ def kill_marker(work, marker):
 # ---------------------------------------------------------------------------------------------
 # TLS and stores
 
-class Stunnel:
+class Background:
+    """A helper process of the bench (its own session, its output in `log`), stopped with it."""
+
+    def spawn(self, argv, log, port):
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        s3b.wait_port(port)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+class Stunnel(Background):
     """TLS in front of Garage's S3 port. A private CA signs the server certificate for
     127.0.0.1 so every tool can verify it (rustls refuses a self-signed CA certificate used as
     the server's own): pgBackRest with repo1-storage-ca-file, WAL-RUS and walvault through
@@ -198,33 +212,17 @@ class Stunnel:
             f.write(f"foreground = yes\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
                     f"[s3]\naccept = 127.0.0.1:{self.port}\n"
                     f"connect = 127.0.0.1:{backend_port}\ncert = {d}/tls.crt\nkey = {d}/tls.key\n")
-        self.log = open(os.path.join(d, "stunnel.log"), "w")
-        self.proc = subprocess.Popen(["stunnel", cfg], stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        s3b.wait_port(self.port)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
+        self.spawn(["stunnel", cfg], os.path.join(d, "stunnel.log"), self.port)
 
 
-class LatencyProxy:
+class LatencyProxy(Background):
     """bench/latency_proxy.py between a TLS terminator and Garage: every request waits `ms` before
     its first byte reaches the server, as in a cloud region."""
 
     def __init__(self, work, backend_port, ms):
         self.port = ab.free_port()
-        self.log = open(os.path.join(work, "latency_proxy.log"), "w")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench/latency_proxy.py"), str(self.port),
-                                      str(backend_port), str(ms)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        s3b.wait_port(self.port)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
+        self.spawn([sys.executable, os.path.join(ROOT, "bench/latency_proxy.py"), str(self.port), str(backend_port),
+                    str(ms)], os.path.join(work, "latency_proxy.log"), self.port)
 
 
 class Store:
