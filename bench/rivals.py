@@ -23,6 +23,7 @@ Prints Markdown tables (medians and min–max over --rounds, per-round walvault/
 target of issue 24 next to its measured ratio), writes bench/results/rivals.json.
 Usage: bench/rivals.py [--quick] [--rounds 3] [--shapes 50,300,many] [--wal-mib 1200] [--parallel 2]
                        [--stores file,s3,s3lat] [--only full,restore,...] [--markdown FILE] [--keep]
+                       [--walvault-sync fsync|syncfs]
 Store s3lat is s3 with WALVAULT_BENCH_LATENCY_MS (default 20) added before each request's first
 byte reaches Garage (bench/latency_proxy.py), as a cloud region's object store adds.
 Needs root (PostgreSQL runs as postgres), PostgreSQL 15, stunnel4, garage, and the rivals built by
@@ -279,8 +280,8 @@ class Walvault:
                 f"--pg-url 'host=127.0.0.1 port={cluster.port} user=postgres dbname=postgres'")
 
     def restore(self, dest, delta=False):
-        return (f"{self.r} restore --repo {self.url} --pgdata {dest} --parallel {self.ctx.n} --json"
-                + (" --delta" if delta else ""))
+        return (f"{self.r} restore --repo {self.url} --pgdata {dest} --parallel {self.ctx.n} --json "
+                f"--sync-method {self.ctx.walvault_sync}" + (" --delta" if delta else ""))
 
     def push(self):
         return f"{self.a} push --repo {self.url} %p"
@@ -1124,6 +1125,8 @@ def main():
     ap.add_argument("--scale", type=int, help="the same as --shapes N")
     ap.add_argument("--wal-mib", type=int, help="size of the WAL backlog [1200 ≈ 75 segments, quick 128]")
     ap.add_argument("--parallel", type=int, default=2, help="parallelism of every tool [2]")
+    ap.add_argument("--walvault-sync", default="fsync", choices=("fsync", "syncfs"),
+                    help="walvault restore's --sync-method [fsync, its default]")
     ap.add_argument("--stores", default="file,s3")
     ap.add_argument("--only", default=",".join(SCENARIOS), help=f"scenarios: {','.join(SCENARIOS)}")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench/results/rivals.json"))
@@ -1169,6 +1172,7 @@ def main():
 
     ctx = Ctx()
     ctx.n = args.parallel
+    ctx.walvault_sync = args.walvault_sync
     ctx.want = lambda s: s in only
     ctx.procs = []
     ctx.work = work = tempfile.mkdtemp(prefix="walvault-rivals.")
@@ -1188,7 +1192,8 @@ def main():
     ctx.results = results = {
         "config": {"rounds": rounds, "shapes": [x.spec for x in shapes], "wal_mib": wal_mib, "parallel": args.parallel,
                    "stores": stores, "only": sorted(only), "quick": args.quick, "bin_dir": BIN_DIR,
-                   "bench_commit": git, "walvault_delta_restore": ctx.walvault_delta},
+                   "bench_commit": git, "walvault_delta_restore": ctx.walvault_delta,
+                   "walvault_sync_method": ctx.walvault_sync},
         "versions": versions, "stores": {}, "shapes": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "nproc": os.cpu_count()}
     log(f"work directory {work}; {versions}")
