@@ -82,29 +82,42 @@ impl Place {
 /// v1, or a chunk an older backup stored so). The first place listed wins when a chunk is in
 /// two packs (both hold the same bytes).
 #[derive(Debug, Default, Clone)]
-pub struct Places(HashMap<ChunkId, Place>);
+pub struct Places {
+    places: HashMap<ChunkId, Place>,
+    /// Each pack's position in the manifest's list (the order the backup wrote them).
+    seq: HashMap<PackId, u32>,
+}
 
 impl Places {
     pub fn of<'a>(packs: impl IntoIterator<Item = &'a PackRecord>) -> Places {
-        let mut map = HashMap::new();
+        let (mut places, mut seq) = (HashMap::new(), HashMap::new());
         for p in packs {
+            let n = u32::try_from(seq.len()).unwrap_or(u32::MAX);
+            seq.entry(p.id).or_insert(n);
             for (id, place) in p.places() {
-                map.entry(id).or_insert(place);
+                places.entry(id).or_insert(place);
             }
         }
-        Places(map)
+        Places { places, seq }
     }
 
     pub fn get(&self, id: &ChunkId) -> Option<&Place> {
-        self.0.get(id)
+        self.places.get(id)
+    }
+
+    /// Where chunk `id` lies in the order the backup wrote it: its pack's position in the
+    /// manifest, and its offset there.
+    pub fn position(&self, id: &ChunkId) -> Option<(u32, u64)> {
+        let place = self.places.get(id)?;
+        Some((*self.seq.get(&place.pack)?, place.offset))
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.places.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.places.is_empty()
     }
 }
 

@@ -38,6 +38,7 @@ use crate::wal::{Lsn, TimelineId};
 
 mod delta;
 mod execute;
+mod order;
 mod placement;
 mod plan;
 mod recovery_files;

@@ -26,13 +26,15 @@
 //! Also here: a file and its chunk references added to the fill ([`add_file`]), and chunks read
 //! and verified ([`Fetcher`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
 
+pub(crate) use super::order::ChunkRef;
+use super::order::in_pack_order;
 use super::waits::{WaitClock, Waits};
 use super::{Progress, RestoreError, SyncMethod, write_err};
 use crate::basebackup::chunk::{Chunk, ChunkError, ChunkId, MisnamedChunk};
@@ -74,16 +76,6 @@ pub(crate) struct Target {
     /// Create it (it must not exist: never follows or replaces anything); otherwise it exists
     /// at its size and is opened without following a link (`--delta`).
     pub create: bool,
-}
-
-/// One reference to a chunk: chunk `index` of file `file` (offset `index` × chunk size), with
-/// the id and length the manifest gives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ChunkRef {
-    pub file: usize,
-    pub index: u64,
-    pub id: ChunkId,
-    pub len: u64,
 }
 
 /// The files a restore writes and the chunk references to write into them.
@@ -203,7 +195,7 @@ pub(crate) async fn fill(
         last,
         roots,
     } = fill;
-    let (early, late) = split_last(refs, &files, last)?;
+    let (early, late) = split_last(refs, &files, last, &places)?;
     // syncfs reports the write-back errors of its file system since the descriptor it is given
     // was opened: open the roots before the first write.
     let roots = match sync {
@@ -256,10 +248,12 @@ fn split_last(
     mut refs: Vec<ChunkRef>,
     files: &[Target],
     last: Option<usize>,
+    places: &Places,
 ) -> Result<(Planned, Vec<ChunkRef>), RestoreError> {
     refs.sort_by_key(|r| (r.file, r.index));
     lengths_agree(&refs, files)?;
     let (late, early): (Vec<ChunkRef>, Vec<ChunkRef>) = refs.into_iter().partition(|r| Some(r.file) == last);
+    let early = in_pack_order(early, places, OPEN_FILES / 2);
     let plan = sources(&early, REPEAT_BUDGET);
     Ok((early.into_iter().zip(plan).collect(), late))
 }
@@ -568,7 +562,9 @@ impl Pipeline<'_> {
         }
     }
 
-    /// Hand each file to a writer and its chunks, in order, to that writer.
+    /// Hand each file to a writer and its chunks, in order, to that writer: a file is started
+    /// at its first chunk (or, with none to write, first of all), and its writer is let go
+    /// with its last, so that files interleaved ([`super::order`]) are written at once.
     async fn feed(
         &self,
         which: &[usize],
@@ -579,69 +575,108 @@ impl Pipeline<'_> {
     ) -> Result<(), RestoreError> {
         let open = Arc::new(Semaphore::new(OPEN_FILES));
         let mut kept: HashMap<ChunkId, Arc<Vec<u8>>> = HashMap::new();
-        let mut refs: VecDeque<(ChunkRef, Source)> = refs.into();
-        for &file in which {
-            let since = std::time::Instant::now();
-            let slot = Arc::clone(&open).acquire_owned().await.expect("never closed");
-            waits.add(&waits.files, since);
-            // A writer that failed ends the restore now, not after every fetch.
-            while let Some(r) = writers.try_join_next() {
-                done.bytes_written += r.expect("file writer panicked")?;
+        let mut left: HashMap<usize, usize> = HashMap::new();
+        for (r, _) in &refs {
+            *left.entry(r.file).or_default() += 1;
+        }
+        let mut to = FileWriters {
+            open: &open,
+            writers,
+            waits,
+            buffers,
+        };
+        for &file in which.iter().filter(|f| !left.contains_key(f)) {
+            drop(self.start(file, &mut to, done).await?);
+        }
+        let mut senders: HashMap<usize, std::sync::mpsc::Sender<Piece>> = HashMap::new();
+        for (r, source) in refs {
+            if let std::collections::hash_map::Entry::Vacant(e) = senders.entry(r.file) {
+                e.insert(self.start(r.file, &mut to, done).await?);
             }
-            let (tx, rx) = std::sync::mpsc::channel::<Piece>();
-            let (files, progress, fsync) = (Arc::clone(&self.files), Arc::clone(&self.progress), self.fsync);
-            let buffers = Arc::clone(buffers);
-            writers.spawn_blocking(move || {
-                let r = write_file(&files[file], rx, fsync, &*progress, &buffers);
-                drop(slot);
-                r
-            });
-            while refs.front().is_some_and(|(r, _)| r.file == file) {
-                let (r, source) = refs.pop_front().expect("just seen");
-                let (data, held) = match source {
-                    Source::Fetch { keep } => {
-                        let since = std::time::Instant::now();
-                        // The decoder sends every fetch: none means a stage died (it panicked).
-                        let (rx, permit) = started
-                            .recv()
-                            .await
-                            .ok_or_else(|| RestoreError::Corrupt(format!("chunk {} was never read", r.id)))?;
-                        // A run whose task died without answering (it panicked) is an error too.
-                        let answer = rx
-                            .await
-                            .map_err(|_| RestoreError::Corrupt(format!("chunk {} was never read", r.id)))?;
-                        waits.add(&waits.writing, since);
-                        let data = Arc::new(answer?);
-                        done.chunks_fetched += 1;
-                        done.bytes_fetched += r.len;
-                        if keep {
-                            kept.insert(r.id, Arc::clone(&data));
-                        }
-                        (data, Some(permit))
+            let (data, held) = match source {
+                Source::Fetch { keep } => {
+                    let since = std::time::Instant::now();
+                    // The decoder sends every fetch: none means a stage died (it panicked).
+                    let (rx, permit) = started
+                        .recv()
+                        .await
+                        .ok_or_else(|| RestoreError::Corrupt(format!("chunk {} was never read", r.id)))?;
+                    // A run whose task died without answering (it panicked) is an error too.
+                    let answer = rx
+                        .await
+                        .map_err(|_| RestoreError::Corrupt(format!("chunk {} was never read", r.id)))?;
+                    waits.add(&waits.writing, since);
+                    let data = Arc::new(answer?);
+                    done.chunks_fetched += 1;
+                    done.bytes_fetched += r.len;
+                    if keep {
+                        kept.insert(r.id, Arc::clone(&data));
                     }
-                    Source::Kept { last } => {
-                        let data = if last {
-                            kept.remove(&r.id)
-                        } else {
-                            kept.get(&r.id).cloned()
-                        };
-                        (data.expect("sources() kept it"), None)
-                    }
-                };
-                let piece = Piece {
-                    offset: r.index * self.chunk_size,
-                    data,
-                    _held: held,
-                };
-                if tx.send(piece).is_err() {
-                    // The writer ended early, with an error that is collected with the others:
-                    // nothing more is fed, and no later file is started.
-                    return Ok(());
+                    (data, Some(permit))
                 }
+                Source::Kept { last } => {
+                    let data = if last {
+                        kept.remove(&r.id)
+                    } else {
+                        kept.get(&r.id).cloned()
+                    };
+                    (data.expect("sources() kept it"), None)
+                }
+            };
+            let piece = Piece {
+                offset: r.index * self.chunk_size,
+                data,
+                _held: held,
+            };
+            let tx = senders.get(&r.file).expect("started above");
+            if tx.send(piece).is_err() {
+                // The writer ended early, with an error that is collected with the others:
+                // nothing more is fed, and no later file is started.
+                return Ok(());
+            }
+            let n = left.get_mut(&r.file).expect("counted above");
+            *n -= 1;
+            if *n == 0 {
+                // Its last piece: the writer finishes the file.
+                senders.remove(&r.file);
             }
         }
         Ok(())
     }
+
+    /// Start the writer of `file` once a slot is free; its pieces go through the sender.
+    async fn start(
+        &self,
+        file: usize,
+        to: &mut FileWriters<'_>,
+        done: &mut Scattered,
+    ) -> Result<std::sync::mpsc::Sender<Piece>, RestoreError> {
+        let since = std::time::Instant::now();
+        let slot = Arc::clone(to.open).acquire_owned().await.expect("never closed");
+        to.waits.add(&to.waits.files, since);
+        // A writer that failed ends the restore now, not after every fetch.
+        while let Some(r) = to.writers.try_join_next() {
+            done.bytes_written += r.expect("file writer panicked")?;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Piece>();
+        let (files, progress, fsync) = (Arc::clone(&self.files), Arc::clone(&self.progress), self.fsync);
+        let buffers = Arc::clone(to.buffers);
+        to.writers.spawn_blocking(move || {
+            let r = write_file(&files[file], rx, fsync, &*progress, &buffers);
+            drop(slot);
+            r
+        });
+        Ok(tx)
+    }
+}
+
+/// What starting a file's writer needs: the slots ([`OPEN_FILES`]), where writers run, and
+/// what they report to.
+struct FileWriters<'a> {
+    open: &'a Arc<Semaphore>,
+    writers: &'a mut JoinSet<Result<u64, RestoreError>>,
+    waits: &'a WaitClock,
+    buffers: &'a Arc<Buffers>,
 }
 
 /// Write one file from the pieces `rx` delivers until its sender is dropped, set its mode, and
@@ -1087,7 +1122,7 @@ mod tests {
             r(ZERO, 8, 1, 0),
             r(ONE, 8, 2, 0),
         ];
-        let (early, late) = split_last(refs, &targets(3), Some(0)).unwrap();
+        let (early, late) = split_last(refs, &targets(3), Some(0), &Places::default()).unwrap();
         use Source::*;
         assert_eq!(
             early,
@@ -1098,7 +1133,13 @@ mod tests {
         );
         assert_eq!(late, vec![r(ZERO, 8, 0, 0), r(ONE, 8, 0, 1)]);
         // A contradiction in the last file's references is refused too.
-        let err = split_last(vec![r(ONE, 8, 0, 0), r(ONE, 3, 1, 0)], &targets(2), Some(0)).unwrap_err();
+        let err = split_last(
+            vec![r(ONE, 8, 0, 0), r(ONE, 3, 1, 0)],
+            &targets(2),
+            Some(0),
+            &Places::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("referenced as"), "{err}");
     }
 
