@@ -1,11 +1,13 @@
-//! Write a restore's files: each file from one descriptor, front to back, fed by a pipeline of
-//! fetched and verified chunks.
+//! Write a restore's files: each file from one descriptor, fed by a pipeline of fetched and
+//! verified chunks.
 //!
-//! The chunks of all files are read in file order, with one ranged read per run of neighbours
-//! in a pack, at most [`held`] reads and [`SEALED_AHEAD`] sealed bytes at once: what waits on the
-//! network is compressed bytes, so a few megabytes keep it busy. They are decompressed and
-//! verified in order, at most one per CPU at once, at most [`plain_ahead`] ahead of the files
-//! (see [`Pipeline::run`]; each stage's waits are reported: [`Waits`]). Each file is created (or, for `--delta`, opened without following a link), written in order, its
+//! The chunks of all files are read in the packs' order, or the files' ([`super::order`]), with
+//! one ranged read per run of neighbours in a pack, at most [`held`] reads and [`SEALED_AHEAD`]
+//! sealed bytes at once: what waits on the network is compressed bytes, so a few megabytes keep
+//! it busy. They are decompressed and verified in that order, at most one per CPU at once, at
+//! most [`plain_ahead`] ahead of the files (see [`Pipeline::run`]; each stage's waits are
+//! reported: [`Waits`]). Each file is created (or, for `--delta`, opened without following a
+//! link), each chunk written at its offset, its
 //! mode set and made durable by a thread of its own, up to [`OPEN_FILES`] files at once: one
 //! file's `fsync` overlaps the next files' fetches and writes, and no two threads ever write
 //! into the same file (they would queue on its inode lock). A file is opened once, not once to
@@ -429,6 +431,11 @@ async fn read_in_order(
     while runs.join_next().await.is_some() {}
 }
 
+/// A chunk whose answer never came: a stage of the pipeline died (it panicked).
+fn never_read(id: &ChunkId) -> RestoreError {
+    RestoreError::Corrupt(format!("chunk {id} was never read"))
+}
+
 /// The decoder: take each chunk in order as its read answers, with its decompressed share of
 /// [`plain_ahead`], and decompress and verify it on a blocking thread, at most one per CPU (and
 /// at most `parallel`) at once; hand the answers to the feeder in order.
@@ -456,9 +463,7 @@ async fn decode_in_order(
         }
         let since = std::time::Instant::now();
         // A run whose task died without answering (it panicked) is an error too.
-        let sealed = sealed
-            .await
-            .unwrap_or_else(|_| Err(RestoreError::Corrupt(format!("chunk {} was never read", r.id))));
+        let sealed = sealed.await.unwrap_or_else(|_| Err(never_read(&r.id)));
         waits.add(&waits.decoding, since);
         let core = Arc::clone(&cpu).acquire_owned().await.expect("never closed");
         let (fetcher, out) = (Arc::clone(&fetcher), buffers.take(r.len));
@@ -487,7 +492,7 @@ struct Pipeline<'a> {
 }
 
 impl Pipeline<'_> {
-    /// Write `which` files (in that order) from `refs` (theirs, in file and chunk order).
+    /// Write `which` files from `refs` (theirs, in the order [`super::order`] chose).
     ///
     /// Three stages, each bounded, so that what waits on the network is compressed bytes:
     /// - the *reader* starts the runs' reads in order, each holding its sealed bytes' share of
@@ -495,7 +500,8 @@ impl Pipeline<'_> {
     /// - the *decoder* takes the chunks in order as their reads answer, each holding its
     ///   decompressed share of [`plain_ahead`] until written, and decompresses and verifies them,
     ///   at most one per CPU at once;
-    /// - the *feeder* (this task) hands each file to a writer thread and its chunks, in order.
+    /// - the *feeder* (this task) hands each file to a writer thread and its chunks to it, in
+    ///   that order.
     ///
     /// Each stage takes its share in order and releases it only as the next stage moves on, so
     /// none can wait on a share that only a later chunk could give back.
@@ -597,14 +603,9 @@ impl Pipeline<'_> {
                 Source::Fetch { keep } => {
                     let since = std::time::Instant::now();
                     // The decoder sends every fetch: none means a stage died (it panicked).
-                    let (rx, permit) = started
-                        .recv()
-                        .await
-                        .ok_or_else(|| RestoreError::Corrupt(format!("chunk {} was never read", r.id)))?;
+                    let (rx, permit) = started.recv().await.ok_or_else(|| never_read(&r.id))?;
                     // A run whose task died without answering (it panicked) is an error too.
-                    let answer = rx
-                        .await
-                        .map_err(|_| RestoreError::Corrupt(format!("chunk {} was never read", r.id)))?;
+                    let answer = rx.await.map_err(|_| never_read(&r.id))?;
                     waits.add(&waits.writing, since);
                     let data = Arc::new(answer?);
                     done.chunks_fetched += 1;
