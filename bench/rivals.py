@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """walvault against the current rival tools, in one run: pgBackRest 2.59.1 and WAL-RUS 0.3.0, with
-pg_basebackup (and plain cp for WAL) as references, on a local directory (file://) and on S3 (Garage,
-one node, loopback, every tool through the same stunnel TLS terminator), at one or more shapes of
-database (--shapes: pgbench scales, and `many`, 20,000 small relations), with this machine's
-physical limits (bench/src/bin/limits.rs) beside backup and restore. Same compression (zstd 3)
-and the same parallelism (--parallel, 2 by default) for every tool. See docs/BENCH.md.
+pg_basebackup (and plain cp for WAL) as references, on a local directory (file://), on S3 (Garage,
+one node, loopback) and on Azure Blob (Azurite, loopback), every tool on an object store through
+the same kind of stunnel TLS terminator, at one or more shapes of database (--shapes: pgbench
+scales, and `many`, 20,000 small relations), with this machine's physical limits
+(bench/src/bin/limits.rs) beside backup and restore. Same compression (zstd 3) and the same
+parallelism (--parallel, 2 by default) for every tool; --parallel 1,2,4,8,16,32 gives the curve of
+full backup and restore seconds by parallelism. See docs/BENCH.md.
 
 Scenarios (--only, comma-separated; default all):
   full      full base backup of a pgbench database: seconds, bytes stored, peak RSS
@@ -21,16 +23,32 @@ walvault's restored cluster is started and compared with its source, table for t
 round: a mismatch fails the run.
 Prints Markdown tables (medians and min–max over --rounds, per-round walvault/rival ratios, each
 target of issue 24 next to its measured ratio), writes bench/results/rivals.json.
-Usage: bench/rivals.py [--quick] [--rounds 3] [--shapes 50,300,many] [--wal-mib 1200] [--parallel 2]
-                       [--stores file,s3,s3lat] [--only full,restore,...] [--markdown FILE] [--keep]
-                       [--walvault-sync fsync|syncfs]
+Usage: bench/rivals.py [--quick] [--rounds 3] [--shapes 50,300,many] [--wal-mib 1200]
+                       [--parallel 2 | --parallel 1,2,4,8,16,32] [--stores file,s3,s3lat,azure]
+                       [--only full,restore,...] [--markdown FILE] [--keep] [--walvault-sync fsync|syncfs]
+       bench/rivals.py --from-json FILE [--markdown FILE]
 Store s3lat is s3 with WALVAULT_BENCH_LATENCY_MS (default 20) added before each request's first
-byte reaches Garage (bench/latency_proxy.py), as a cloud region's object store adds.
-Needs root (PostgreSQL runs as postgres), PostgreSQL 15, stunnel4, garage, and the rivals built by
+byte reaches Garage (bench/latency_proxy.py), as a cloud region's object store adds. Store azure is
+Azurite's blob service (a container per repository, created with one SharedKey-signed PUT); WAL-RUS
+has no Azure backend, so its rows there say so, and where a target compares walvault with the
+faster rival, WAL-RUS's figure on s3 in the same round stands in when the run has s3 (else
+pgBackRest alone). Requests on azure are counted from Azurite's access log.
+--parallel with several values: each shape's cluster is made once, then every round runs at each
+value on every store (full backup and restore, limits at that value; second/delta too if asked);
+the detailed tables, the targets and the WAL scenarios are at the first value, and a table per
+shape and store gives restore and full backup seconds by parallelism. JSON: the first value's
+rounds in shapes[S]["stores"] as with one value, the others' in shapes[S]["curve"]["N"]["stores"].
+Needs root (PostgreSQL runs as postgres), PostgreSQL 15, stunnel4, garage (s3, s3lat), Azurite
+(azure: scripts/ensure-deps.sh, or $WALVAULT_AZURITE), and the rivals built by
 /work/shared/rivals/build.sh. Binaries from $WALVAULT_BIN_DIR (default <repo>/target/release).
 Stops everything it started on exit, failure or signal.
 """
 import argparse
+import base64
+import email.utils
+import hashlib
+import hmac
+import http.client
 import json
 import os
 import re
@@ -42,6 +60,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import xml.etree.ElementTree as ET
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import archive_bench as ab  # noqa: E402  (WAL preparation, PostgreSQL's archiver loop, Cluster)
@@ -59,6 +79,26 @@ MIB = 1048576
 # Object stores: Garage through stunnel, and the same with LATENCY_MS added to every request.
 S3_KINDS = ("s3", "s3lat")
 LATENCY_MS = float(os.environ.get("WALVAULT_BENCH_LATENCY_MS", "20"))
+# Object stores whose requests are counted (Garage's metrics; Azurite's access log).
+COUNTED = S3_KINDS + ("azure",)
+STORE_KINDS = ("file",) + COUNTED
+# Azurite (Microsoft's Azure Storage emulator): the blob service, its documented development
+# account and shared key (tests/src/azurite.rs), path-style URLs /<account>/<container>/<blob>.
+AZURITE = os.environ.get("WALVAULT_AZURITE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "walvault/azurite/node_modules/.bin/azurite-blob")
+AZ_ACCOUNT = "devstoreaccount1"
+AZ_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZ_API_VERSION = "2021-08-06"
+# Tools a store has no backend for: their rows say why instead of a figure.
+SKIPPED = {"azure": {"WAL-RUS": "no Azure backend (WAL-RUS 0.3.0: file://, s3://, gs:// only)"}}
+# Where a skipped tool's figure for the "faster rival" comes from instead: the same round on that
+# store, when the run had it (WAL-RUS on S3 beside walvault on Azure), else the other rival alone.
+STAND_IN = {"azure": "s3"}
+
+
+def store_tools(kind):
+    """The tools measured on a store of this kind, in TOOLS' order."""
+    return [t for t in TOOLS if t not in SKIPPED.get(kind, {})]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +113,7 @@ def pg_user():
 def tool_env(extra=None):
     """A clean environment: no S3, WAL-G or libpq setting leaks from ours into a tool's."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AWS_", "WALG_", "WALVAULT_", "PG")) and k not in ("SSL_CERT_FILE", "HOME")}
+           if not k.startswith(("AWS_", "AZURE_", "WALG_", "WALVAULT_", "PG")) and k not in ("SSL_CERT_FILE", "HOME")}
     env["HOME"] = "/var/lib/postgresql" if os.geteuid() == 0 else os.environ.get("HOME", "/tmp")
     env.update(extra or {})
     return env
@@ -226,11 +266,133 @@ class LatencyProxy(Background):
                     str(ms)], os.path.join(work, "latency_proxy.log"), self.port)
 
 
-class Store:
-    """Where repositories live: a directory per repository (file) or a bucket per repository (s3)."""
+class Azurite(Background):
+    """Azurite's blob service on a free loopback port (plain HTTP: the bench's stunnel goes in
+    front of it), started as tests/src/azurite.rs does, its data under the work directory. Its
+    access log (the one thing --silent would turn off) is the request counter: one line per
+    request, `"METHOD /devstoreaccount1/<container>/<blob>?<query> HTTP/1.1" STATUS`, read back
+    and classified by Azure operation. The bench's own requests (creating containers, listing
+    them for their sizes) are subtracted."""
 
-    def __init__(self, kind, work, garage=None, stunnel=None):
-        self.kind, self.work, self.garage, self.stunnel = kind, work, garage, stunnel
+    def __init__(self, work):
+        self.dir = os.path.join(work, "azurite")
+        data = os.path.join(self.dir, "data")
+        os.makedirs(data)
+        self.port = ab.free_port()
+        self.logpath = os.path.join(self.dir, "azurite.log")
+        self.pos, self.counts, self.own = 0, {}, {}
+        self.spawn([AZURITE, "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", data,
+                    "--skipApiVersionCheck", "--loose", "--disableTelemetry"], self.logpath, self.port)
+
+    def request(self, method, container, query):
+        """One request of the bench itself, signed with the account's shared key: the verb, the
+        eleven standard headers (all empty; a zero Content-Length is signed as empty), the x-ms-*
+        headers sorted, then /<account>/<account>/<container> and the query parameters sorted,
+        one `name:value` a line. Returns (status, body)."""
+        path = f"/{AZ_ACCOUNT}/{container}"
+        date = email.utils.formatdate(usegmt=True)
+        to_sign = (f"{method}\n" + "\n" * 11 + f"x-ms-date:{date}\nx-ms-version:{AZ_API_VERSION}\n"
+                   f"/{AZ_ACCOUNT}{path}" + "".join(f"\n{k}:{v}" for k, v in sorted(query.items())))
+        sig = base64.b64encode(hmac.new(base64.b64decode(AZ_KEY), to_sign.encode(), hashlib.sha256).digest()).decode()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request(method, f"{path}?{urllib.parse.urlencode(query)}",
+                         headers={"x-ms-date": date, "x-ms-version": AZ_API_VERSION, "Content-Length": "0",
+                                  "Authorization": f"SharedKey {AZ_ACCOUNT}:{sig}"})
+            resp = conn.getresponse()
+            body = resp.read().decode(errors="replace")
+        finally:
+            conn.close()
+        op = azure_op(method, query)
+        self.own[op] = self.own.get(op, 0) + 1
+        return resp.status, body
+
+    def container(self, name):
+        """Create container `name` (Azurite creates none by itself); one that exists is fine."""
+        status, body = self.request("PUT", name, {"restype": "container"})
+        if status != 201 and not (status == 409 and "ContainerAlreadyExists" in body):
+            raise RuntimeError(f"creating container {name} in Azurite: {status} {body[-2000:]}")
+        return name
+
+    def container_info(self, name):
+        """Bytes and blobs in a container (List Blobs, 5,000 a page)."""
+        total, objects, marker = 0, 0, None
+        while True:
+            q = {"comp": "list", "maxresults": "5000", "restype": "container"}
+            if marker:
+                q["marker"] = marker
+            status, body = self.request("GET", name, q)
+            if status != 200:
+                raise RuntimeError(f"listing container {name} in Azurite: {status} {body[-2000:]}")
+            root = ET.fromstring(body)
+            for b in root.iter("Blob"):
+                objects += 1
+                total += int(b.findtext("Properties/Content-Length") or 0)
+            marker = root.findtext("NextMarker")
+            if not marker:
+                return {"bytes": total, "objects": objects}
+
+    def counters(self):
+        """Requests by operation and errors by operation and status since Azurite started, the
+        bench's own taken out; named as Garage's metrics so that s3_bench.counter_delta applies."""
+        time.sleep(0.1)  # the log line of a tool's last request is written as its answer goes out
+        with open(self.logpath, "rb") as f:
+            f.seek(self.pos)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1
+        self.pos += end
+        for line in chunk[:end].decode(errors="replace").splitlines():
+            m = re.search(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" (\d{3})', line)
+            if not m:
+                continue
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(m.group(2)).query, keep_blank_values=True))
+            op, status = azure_op(m.group(1), query), int(m.group(3))
+            req = self.counts.setdefault("api_s3_request_counter", {})
+            req[op] = req.get(op, 0) + 1
+            if status >= 400:
+                err = self.counts.setdefault("api_s3_error_counter", {})
+                err[f"{op} {status}"] = err.get(f"{op} {status}", 0) + 1
+        out = {k: dict(v) for k, v in self.counts.items()}
+        for op, n in self.own.items():
+            out.setdefault("api_s3_request_counter", {})[op] = out.get("api_s3_request_counter", {}).get(op, 0) - n
+        return out
+
+
+def azure_op(method, query):
+    """The Blob service operation of a request, from its verb and query (Azure's names)."""
+    comp, restype = query.get("comp"), query.get("restype")
+    if comp == "batch":
+        return "BlobBatch"
+    if restype == "container":
+        if comp == "list":
+            return "ListBlobs"
+        if comp is None:
+            return {"PUT": "CreateContainer", "DELETE": "DeleteContainer"}.get(method, "GetContainerProperties")
+        return f"{method} container comp={comp}"
+    if comp is None:
+        return {"PUT": "PutBlob", "GET": "GetBlob", "HEAD": "GetBlobProperties",
+                "DELETE": "DeleteBlob"}.get(method, f"{method} blob")
+    if comp == "block":
+        return "PutBlock"
+    if comp == "blocklist":
+        return "PutBlockList" if method == "PUT" else "GetBlockList"
+    if comp == "list":
+        return "ListContainers"
+    return f"{method} comp={comp}" + (f" restype={restype}" if restype else "")
+
+
+def azure_name(name):
+    """A container name Azure accepts: 3 to 63 of [a-z0-9-], no leading, trailing or double dash."""
+    n = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", name.lower())).strip("-")[:63].rstrip("-")
+    return n if len(n) >= 3 else (n + "-az")[:63]
+
+
+class Store:
+    """Where repositories live: a directory per repository (file), a bucket per repository (s3,
+    s3lat) or a container per repository (azure)."""
+
+    def __init__(self, kind, work, garage=None, stunnel=None, azurite=None):
+        self.kind, self.work, self.garage, self.stunnel, self.azurite = kind, work, garage, stunnel, azurite
         self.env = {}
         if kind in S3_KINDS:
             # Every tool reads these (walvault through object_store, WAL-RUS through its own
@@ -238,25 +400,36 @@ class Store:
             self.env = {"AWS_ACCESS_KEY_ID": garage.key_id, "AWS_SECRET_ACCESS_KEY": garage.secret,
                         "AWS_REGION": s3b.REGION, "AWS_ENDPOINT_URL": f"https://127.0.0.1:{stunnel.port}",
                         "SSL_CERT_FILE": stunnel.ca}
+        elif kind == "azure":
+            # walvault's (object_store's) variables; pgBackRest has its settings in its file.
+            self.env = {"AZURE_STORAGE_ACCOUNT_NAME": AZ_ACCOUNT, "AZURE_STORAGE_ACCOUNT_KEY": AZ_KEY,
+                        "AZURE_STORAGE_ENDPOINT": f"https://127.0.0.1:{stunnel.port}/{AZ_ACCOUNT}",
+                        "SSL_CERT_FILE": stunnel.ca}
 
     def loc(self, name):
         if self.kind == "file":
             return mkdir_pg(os.path.join(self.work, "repos", name))
+        if self.kind == "azure":
+            return self.azurite.container(azure_name(name))
         # One Garage serves both object stores: each its own buckets.
         return self.garage.bucket(name if self.kind == "s3" else f"{name}-lat")
 
     def size(self, loc):
         if self.kind == "file":
             return {"bytes": du(loc), "objects": count_files(loc)}
+        if self.kind == "azure":
+            return self.azurite.container_info(loc)
         return self.garage.bucket_info(loc)
 
     def counters(self):
+        if self.kind == "azure":
+            return self.azurite.counters()
         return self.garage.counters() if self.kind in S3_KINDS else None
 
     def requests(self, before):
-        if self.kind not in S3_KINDS:
+        if self.kind not in COUNTED:
             return None
-        return s3b.counter_delta(before, self.garage.counters())
+        return s3b.counter_delta(before, self.counters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +440,7 @@ class Walvault:
 
     def __init__(self, ctx, store, loc):
         self.ctx, self.store, self.loc = ctx, store, loc
-        self.url = f"file://{loc}" if store.kind == "file" else f"s3://{loc}/wv"
+        self.url = {"file": f"file://{loc}", "azure": f"az://{loc}/wv"}.get(store.kind, f"s3://{loc}/wv")
         self.a, self.r = f"{ctx.bin}/archive-agent", f"{ctx.bin}/restore-agent"
         self.marker = f"{self.a} daemon --repo {self.url}"  # the daemon, not the pushes
 
@@ -303,6 +476,11 @@ class PgBackRest:
         self.marker = self.conf
         if store.kind == "file":
             repo = f"repo1-path={loc}\n"
+        elif store.kind == "azure":
+            repo = (f"repo1-type=azure\nrepo1-path=/repo\nrepo1-azure-container={loc}\n"
+                    f"repo1-azure-account={AZ_ACCOUNT}\nrepo1-azure-key={AZ_KEY}\nrepo1-azure-uri-style=path\n"
+                    f"repo1-storage-host=127.0.0.1\nrepo1-storage-port={store.stunnel.port}\n"
+                    f"repo1-storage-ca-file={store.stunnel.ca}\n")
         else:
             repo = (f"repo1-type=s3\nrepo1-path=/repo\nrepo1-s3-bucket={loc}\nrepo1-s3-endpoint=127.0.0.1\n"
                     f"repo1-s3-uri-style=path\nrepo1-s3-region={s3b.REGION}\nrepo1-s3-key={store.garage.key_id}\n"
@@ -567,17 +745,22 @@ def backup_round(ctx, store, rnd, c, shape):
     fresh repository, the physical limits beside them, and walvault's restored cluster compared
     table for table with its source. Returns {scenario: {tool: measurement}}."""
     r = rnd + 1
-    tag = f"{store.kind}-{r}"
-    sh = shape.spec.replace(":", "-")
-    tools = {"walvault": Walvault(ctx, store, store.loc(f"bk-{sh}-wv-{r}")),
-             "pgBackRest": PgBackRest(ctx, store, store.loc(f"bk-{sh}-pgbr-{r}"), f"bk-{sh}-{tag}", c.data, c.port, c.dir),
-             "WAL-RUS": Walrus(ctx, store, store.loc(f"bk-{sh}-walrus-{r}"), f"bk-{sh}-{tag}")}
+    # With several --parallel values, each has its own repositories and directories.
+    pt = f"-p{ctx.n}" if ctx.curve else ""
+    tag = f"{store.kind}{pt}-{r}"
+    sh = shape.spec.replace(":", "-") + pt
+    names = store_tools(store.kind)  # no WAL-RUS on azure
+    make = {"walvault": lambda: Walvault(ctx, store, store.loc(f"bk-{sh}-wv-{r}")),
+            "pgBackRest": lambda: PgBackRest(ctx, store, store.loc(f"bk-{sh}-pgbr-{r}"), f"bk-{sh}-{tag}",
+                                             c.data, c.port, c.dir),
+            "WAL-RUS": lambda: Walrus(ctx, store, store.loc(f"bk-{sh}-walrus-{r}"), f"bk-{sh}-{tag}")}
+    tools = {t: make[t]() for t in names}
     tools["walvault"].init(c.data)
     tools["pgBackRest"].init()
     # Every tool's backup needs its WAL (walvault and pgBackRest wait for the backup's last
-    # segment; WAL-RUS builds its delta map from the archived WAL): archive to all three.
-    # The three pushes run at once, so that a backup waiting for its last segment waits for the
-    # slowest tool's push, not for the sum of all three.
+    # segment; WAL-RUS builds its delta map from the archived WAL): archive to all of them.
+    # The pushes run at once, so that a backup waiting for its last segment waits for the
+    # slowest tool's push, not for the sum of all.
     pushes = [t.push() if t.name != "WAL-RUS" else f"{t.cmd} wal-push %p" for t in tools.values()]
     chain = ("".join(f"{p} & p{i}=$!; " for i, p in enumerate(pushes))
              + " && ".join(f"wait $p{i}" for i in range(len(pushes))))
@@ -585,7 +768,7 @@ def backup_round(ctx, store, rnd, c, shape):
     c.psql("select pg_reload_conf()")
     c.psql("select pg_switch_wal()")
     wait_archived(c)
-    order = list(TOOLS[rnd % 3:] + TOOLS[:rnd % 3])
+    order = names[rnd % len(names):] + names[:rnd % len(names)]
     res = {k: {} for k in ("full", "restore", "second_nochange", "second_change", "delta_restore")}
     want = digest(c.port)
 
@@ -684,7 +867,16 @@ def backup_round(ctx, store, rnd, c, shape):
         shutil.rmtree(d, ignore_errors=True)
     c.psql("alter system set archive_command = '/bin/true'")
     c.psql("select pg_reload_conf()")
+    mark_skipped(res, store.kind)
     return res
+
+
+def mark_skipped(res, kind):
+    """A tool the store has no backend for: a note in each section that was measured."""
+    for tool, why in SKIPPED.get(kind, {}).items():
+        for section, m in res.items():
+            if isinstance(m, dict) and m and section not in ("probe", "stored") and tool not in m:
+                m[tool] = {"seconds": None, "note": why}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -805,9 +997,12 @@ def wal_round(ctx, store, rnd):
         PgBackRest(ctx, store, pgbr_loc, f"stanza-{tag}", src.data, src.port, src.dir).init()
     finally:
         cluster_stop(src)
-    wr = Walrus(ctx, store, store.loc(f"wal-walrus-{r}"), f"wal-{tag}")
-    locs = {"walvault": wv.loc, "pgBackRest": pgbr_loc, "WAL-RUS": wr.loc}
-    order = list(TOOLS[rnd % 3:] + TOOLS[:rnd % 3])
+    names = store_tools(store.kind)  # no WAL-RUS on azure
+    locs = {"walvault": wv.loc, "pgBackRest": pgbr_loc}
+    if "WAL-RUS" in names:
+        wr = Walrus(ctx, store, store.loc(f"wal-walrus-{r}"), f"wal-{tag}")
+        locs["WAL-RUS"] = wr.loc
+    order = names[rnd % len(names):] + names[:rnd % len(names)]
     for tool in order:
         label = f"{tag}-{tool.lower().replace('-', '')}"
         if tool == "walvault":
@@ -824,7 +1019,7 @@ def wal_round(ctx, store, rnd):
             f"daemon peak RSS {m['daemon']['peak_rss_mib']} MiB")
     if ctx.want("replay"):
         rorder = ["local"] + order
-        rorder = rorder[rnd % 4:] + rorder[:rnd % 4]
+        rorder = rorder[rnd % len(rorder):] + rorder[:rnd % len(rorder)]
         for tool in rorder:
             label = f"{tag}-replay-{tool.lower().replace('-', '')}"
             if tool == "local":
@@ -840,6 +1035,7 @@ def wal_round(ctx, store, rnd):
             res["replay"][tool] = m
             log(f"  {tag} replay {tool}: {m['seconds']} s, redo done at {m['redo_done_at']}, "
                 f"{m['files_restored']} files restored")
+    mark_skipped(res, store.kind)
     if rnd == 0:
         res["probe"] = rss_probe(ctx, store, tag)
     return res
@@ -918,15 +1114,26 @@ RIVALS_OF = ("pgBackRest", "WAL-RUS")
 def summarize_stores(stores):
     """Each store's rows: every tool's median (min–max) over the rounds, and walvault's ratio to
     each rival, to the faster rival of each round, to the limit and to the reference, taken per
-    round."""
+    round. A rival the store has no backend for (WAL-RUS on azure) is taken from the same round
+    on its stand-in store (STAND_IN: s3) when the run had it, as "<rival> on <store>", and then
+    counts for the faster rival; without it the faster rival is the other one alone."""
     summ = {}
     for kind, sr in stores.items():
         runs = sr["rounds"]
         if not runs:
             continue
+        skipped = SKIPPED.get(kind, {})
+        stand = STAND_IN.get(kind)
+        stand_runs = (get(stores, stand, "rounds") or []) if stand else []
+
+        def rival_value(i, r, tool, section, key):
+            if tool not in skipped:
+                return metric(r, section, tool, key)
+            return metric(stand_runs[i], section, tool, key) if i < len(stand_runs) else None
+
         rows = {}
         for label, section, key, unit, lower, div in ROWS:
-            if kind not in S3_KINDS and "S3" in label:
+            if kind not in COUNTED and "S3" in label:
                 continue
             cells, ratios = {}, {}
             for tool in COLUMNS:
@@ -937,30 +1144,43 @@ def summarize_stores(stores):
                     cells[tool] = s_
             for rival in RIVALS_OF + ("pg_basebackup", "local", "limit", "fastest rival"):
                 rs = []
-                for r in runs:
+                for i, r in enumerate(runs):
                     a_ = metric(r, section, "walvault", key)
                     if rival == "fastest rival":
-                        vs = [metric(r, section, t, key) for t in RIVALS_OF]
+                        vs = [rival_value(i, r, t, section, key) for t in RIVALS_OF]
                         vs = [v for v in vs if v]
                         b_ = (min(vs) if lower else max(vs)) if vs else None
+                    elif rival in RIVALS_OF:
+                        b_ = rival_value(i, r, rival, section, key)
                     else:
                         b_ = metric(r, section, rival, key)
                     if a_ is not None and b_:
                         rs.append(a_ / b_)
                 if rs:
-                    ratios[rival] = med(rs)
+                    ratios[f"{rival} on {stand}" if rival in skipped else rival] = med(rs)
             if cells:
                 rows[label] = {"unit": unit, "lower_is_better": lower, "values": cells, "walvault_over": ratios}
         redo = sorted({str(get(r, "replay", t, "redo_done_at")) for r in runs for t in COLUMNS
-                       if get(r, "replay", t) is not None})
+                       if get(r, "replay", t) is not None and "note" not in get(r, "replay", t)})
         summ[kind] = {"rows": rows, "replay_redo_done_at": redo,
-                      "probe": next((r["probe"] for r in runs if r.get("probe")), None)}
+                      "probe": next((r["probe"] for r in runs if r.get("probe")), None),
+                      "skipped": skipped, "stand_in": {t: stand for t in skipped} if stand_runs else {}}
     return summ
+
+
+def curve_stores(results, sh):
+    """[(parallelism, {store: {"rounds": [...]}})] of a shape, by parallelism: the first value of
+    --parallel in "stores" (the layout of a run with one value), the others in "curve"."""
+    first = get(results, "config", "parallel")
+    out = [(first, sh.get("stores", {}))] + [(int(n), v["stores"]) for n, v in sh.get("curve", {}).items()]
+    return sorted(out, key=lambda x: x[0])
 
 
 def summarize(results):
     summ = {"shapes": {spec: summarize_stores(sh["stores"]) for spec, sh in results.get("shapes", {}).items()},
-            "wal": summarize_stores(results.get("stores", {}))}
+            "wal": summarize_stores(results.get("stores", {})),
+            "curve": {spec: {str(n): summarize_stores(st) for n, st in curve_stores(results, sh)}
+                      for spec, sh in results.get("shapes", {}).items() if sh.get("curve")}}
     summ["targets"] = targets(results, summ)
     return summ
 
@@ -980,6 +1200,7 @@ def targets(results, summ):
     for spec, kinds in summ["shapes"].items():
         for kind, sk in kinds.items():
             rows = sk["rows"]
+            fr = rival_note(sk)
 
             def ratio(row, to):
                 return get(rows, row, "walvault_over", to)
@@ -987,10 +1208,12 @@ def targets(results, summ):
             def val(row):
                 return get(rows, row, "values", "walvault")
 
-            add("full backup: walvault / faster rival, time", spec, kind, ratio("full backup", "fastest rival"), 0.8, "<=")
+            add("full backup: walvault / faster rival, time", spec, kind, ratio("full backup", "fastest rival"), 0.8,
+                "<=", fr)
             add("full backup: walvault / limit, time", spec, kind, ratio("full backup", "limit"), 1.3, "<=")
             r = "restore, until durable (sync -f after)"
-            add("restore until durable: walvault / faster rival, time", spec, kind, ratio(r, "fastest rival"), 0.8, "<=")
+            add("restore until durable: walvault / faster rival, time", spec, kind, ratio(r, "fastest rival"), 0.8,
+                "<=", fr)
             add("restore until durable: walvault / limit, time", spec, kind, ratio(r, "limit"), 1.3, "<=")
             v = val(r)
             if v and v["n"] > 1:
@@ -999,9 +1222,9 @@ def targets(results, summ):
                                                         "min": None, "max": None, "n": v["n"]},
                             "limit": "report it, shrink it", "met": None, "note": ""})
             add("second backup, 1% changed: walvault / faster rival, time", spec, kind,
-                ratio("second backup, 1% changed", "fastest rival"), 0.8, "<=")
+                ratio("second backup, 1% changed", "fastest rival"), 0.8, "<=", fr)
             add("second backup, 1% changed: walvault / smallest rival, stored bytes", spec, kind,
-                ratio("second backup, 1% changed, stored", "fastest rival"), 1.0, "<=")
+                ratio("second backup, 1% changed, stored", "fastest rival"), 1.0, "<=", fr)
             add("delta restore: walvault / pgBackRest --delta, time", spec, kind,
                 ratio("delta restore over the old directory", "pgBackRest"), 0.8, "<=")
             add("backup peak RSS, MiB", spec, kind, val("full backup, peak RSS"), 64, "<=")
@@ -1009,16 +1232,26 @@ def targets(results, summ):
     for kind, sk in summ["wal"].items():
         rows = sk["rows"]
         add("daemon archiving: walvault / faster rival, segments/s", "WAL", kind,
-            get(rows, "WAL archiving, daemon / async", "walvault_over", "fastest rival"), 1.25, ">=")
+            get(rows, "WAL archiving, daemon / async", "walvault_over", "fastest rival"), 1.25, ">=", rival_note(sk))
         add("replay through restore_command: walvault / local cp, time", "WAL", kind,
             get(rows, "replay of all WAL through restore_command", "walvault_over", "local"), 1.05, "<=")
         add("daemon peak RSS, MiB", "WAL", kind,
             get(rows, "WAL archiving, daemon peak RSS (largest process)", "values", "walvault"), 32, "<=")
-        if kind in S3_KINDS:
-            add("S3 requests per archived segment", "WAL", kind,
+        if kind in COUNTED:
+            add(f"{'Azure' if kind == 'azure' else 'S3'} requests per archived segment", "WAL", kind,
                 get(rows, "WAL archiving, S3 requests per segment", "values", "walvault"), 3, "<=",
-                "Garage ignores If-None-Match")
+                "Azurite's access log" if kind == "azure" else "Garage ignores If-None-Match")
     return out
+
+
+def rival_note(sk):
+    """What "faster rival" means on a store that lacks a rival (WAL-RUS on azure); "" elsewhere."""
+    notes = []
+    for tool in sk.get("skipped", {}):
+        stand = sk.get("stand_in", {}).get(tool)
+        notes.append(f"{tool}: no backend here, its {stand} figure of the same round" if stand
+                     else f"{tool}: no backend here, the other rival alone")
+    return "; ".join(notes)
 
 
 def rng(s, d=2):
@@ -1030,13 +1263,31 @@ def rng(s, d=2):
 
 
 STORE_TITLE = {"file": "file:// (local directory)", "s3": "S3 (Garage, loopback, through stunnel TLS)",
-               "s3lat": f"S3 with {LATENCY_MS} ms per request (Garage, loopback, stunnel TLS, bench/latency_proxy.py)"}
+               "s3lat": f"S3 with {LATENCY_MS} ms per request (Garage, loopback, stunnel TLS, bench/latency_proxy.py)",
+               "azure": "Azure Blob (Azurite, loopback, through stunnel TLS)"}
+
+
+def cell(v, kind, tool, d):
+    """A tool's figure, or why the store has none (a tool without a backend for it)."""
+    why = SKIPPED.get(kind, {}).get(tool)
+    return f"— ({why.split(' (')[0]})" if why and v is None else rng(v, d)
+
+
+def store_note(w, kind, sk):
+    """Under a store's heading: what its rows mean where the store differs from S3."""
+    if kind != "azure":
+        return
+    fr = rival_note(sk)
+    w("")
+    w("Azure: requests counted from Azurite's access log (one line per request, by Blob operation; "
+      "the bench's own container creations and listings left out)." + (f" Faster rival: {fr}." if fr else ""))
 
 
 def table(w, kind, rows):
     w("| measurement | unit | walvault | pgBackRest | WAL-RUS | limit or reference | walvault / faster rival | walvault / limit |")
     w("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, r in rows.items():
+        shown = label.replace("S3 requests", "Azure requests") if kind == "azure" else label
         v, q = r["values"], r["walvault_over"]
         d = 0 if r["unit"] in ("objects",) else (1 if r["unit"] in ("MiB",) else 2)
         ref, lim = "", ""
@@ -1044,35 +1295,74 @@ def table(w, kind, rows):
             ref = f"limit: {rng(v['limit'], d)}"
             lim = rng(q.get("limit"))
         elif "pg_basebackup" in v:
-            ref = f"pg_basebackup: {rng(v['pg_basebackup'], d)}" + (" (local disk)" if kind in S3_KINDS else "")
+            ref = f"pg_basebackup: {rng(v['pg_basebackup'], d)}" + (" (local disk)" if kind != "file" else "")
         elif "local" in v:
             ref = f"cp, local: {rng(v['local'], d)}"
             lim = rng(q.get("local"))
-        w(f"| {label} | {r['unit']} | {rng(v.get('walvault'), d)} | {rng(v.get('pgBackRest'), d)} | "
-          f"{rng(v.get('WAL-RUS'), d)} | {ref} | {rng(q.get('fastest rival'))} | {lim} |")
+        w(f"| {shown} | {r['unit']} | {rng(v.get('walvault'), d)} | {cell(v.get('pgBackRest'), kind, 'pgBackRest', d)} | "
+          f"{cell(v.get('WAL-RUS'), kind, 'WAL-RUS', d)} | {ref} | {rng(q.get('fastest rival'))} | {lim} |")
+
+
+CURVE_ROWS = (("restore, until durable", "restore, until durable (sync -f after)"), ("full backup", "full backup"))
+
+
+def curve_table(w, kind, by_n):
+    """Seconds of restore and full backup of each tool (and the limit, measured at the same
+    parallelism) at each --parallel value; walvault's ratio to the faster rival and its peak RSS."""
+    ns = sorted(by_n, key=int)
+    w("| measurement | tool | " + " | ".join(f"parallel {n}" for n in ns) + " |")
+    w("| --- | --- | " + " | ".join("---" for _ in ns) + " |")
+    for title, label in CURVE_ROWS:
+        row = {n: get(by_n[n], kind, "rows", label) or {} for n in ns}
+        for tool, shown in (("walvault", "walvault"), ("pgBackRest", "pgBackRest"), ("WAL-RUS", "WAL-RUS"),
+                            ("pg_basebackup", "pg_basebackup (local disk)" if kind != "file" else "pg_basebackup"),
+                            ("limit", "limit")):
+            w(f"| {title}, s | {shown} | " + " | ".join(cell(get(row[n], "values", tool), kind, tool, 2)
+                                                       for n in ns) + " |")
+        w(f"| {title} | walvault / faster rival | " + " | ".join(rng(get(row[n], "walvault_over", "fastest rival"))
+                                                                 for n in ns) + " |")
+        w(f"| {title} | walvault / limit | " + " | ".join(rng(get(row[n], "walvault_over", "limit")) for n in ns) + " |")
+        rss = {n: get(by_n[n], kind, "rows", f"{label.split(',')[0]}, peak RSS", "values", "walvault") for n in ns}
+        w(f"| {label.split(',')[0]}, peak RSS, MiB | walvault | " + " | ".join(rng(rss[n], 1) for n in ns) + " |")
 
 
 def markdown(results, summ):
     lines = []
     w = lines.append
     cfg = results["config"]
+    curve = cfg.get("parallel_curve") or [cfg["parallel"]]
     w(f"walvault against pgBackRest {PGBR_VERSION} and WAL-RUS 0.3.0; median (min–max) of {cfg['rounds']} "
       f"round(s); zstd 3 and {cfg['parallel']} in parallel for every tool; ratios are taken per round, then "
       f"median (min–max); for segments/s higher is better, for everything else lower. Restores are timed "
       f"until durable (`sync` before, `sync -f` after). Limits: `bench/src/bin/limits.rs` on the same data "
       f"directory (backup: read and compress; restore: the larger of decompressing and writing+syncing).")
+    if len(curve) > 1:
+        w("")
+        w(f"Parallelism curve (`--parallel {','.join(map(str, curve))}`): every table but the curves is at "
+          f"{cfg['parallel']} in parallel (the first value), and so are the targets and the WAL scenarios; the "
+          f"curves give restore and full backup at each value, every tool and the limit at that parallelism.")
     for spec, kinds in summ["shapes"].items():
         sh = results["shapes"][spec]
+        head = f"{sh['name']} ({sh.get('database_bytes', 0) / MIB:.0f} MiB, {sh.get('files', 0)} files)"
         for kind, sk in kinds.items():
             w("")
-            w(f"### {sh['name']} ({sh.get('database_bytes', 0) / MIB:.0f} MiB, {sh.get('files', 0)} files), "
-              f"{STORE_TITLE[kind]}")
+            w(f"### {head}, {STORE_TITLE.get(kind, kind)}")
+            store_note(w, kind, sk)
             w("")
             table(w, kind, sk["rows"])
+        by_n = get(summ, "curve", spec)
+        if by_n:
+            for kind in kinds:
+                w("")
+                w(f"### {head}: restore (and full backup) seconds by parallelism, {STORE_TITLE.get(kind, kind)}")
+                store_note(w, kind, kinds[kind])
+                w("")
+                curve_table(w, kind, by_n)
     for kind, sk in summ["wal"].items():
         w("")
         w(f"### WAL: {get(results, 'wal', 'segments') or 0} segments "
-          f"({(get(results, 'wal', 'bytes') or 0) / MIB:.0f} MiB), {STORE_TITLE[kind]}")
+          f"({(get(results, 'wal', 'bytes') or 0) / MIB:.0f} MiB), {STORE_TITLE.get(kind, kind)}")
+        store_note(w, kind, sk)
         w("")
         table(w, kind, sk["rows"])
         p = sk.get("probe")
@@ -1124,10 +1414,13 @@ def main():
                                      "(20,000 relations) [50; quick 5]; e.g. 50,300,many")
     ap.add_argument("--scale", type=int, help="the same as --shapes N")
     ap.add_argument("--wal-mib", type=int, help="size of the WAL backlog [1200 ≈ 75 segments, quick 128]")
-    ap.add_argument("--parallel", type=int, default=2, help="parallelism of every tool [2]")
+    ap.add_argument("--parallel", default="2",
+                    help="parallelism of every tool [2]; a comma-separated list (1,2,4,8,16,32) runs the backup "
+                         "scenarios at each value (a table of restore and full backup seconds by parallelism), "
+                         "the WAL scenarios and the detailed tables at the first")
     ap.add_argument("--walvault-sync", default="fsync", choices=("fsync", "syncfs"),
                     help="walvault restore's --sync-method [fsync, its default]")
-    ap.add_argument("--stores", default="file,s3")
+    ap.add_argument("--stores", default="file,s3", help=f"comma-separated: {','.join(STORE_KINDS)} [file,s3]")
     ap.add_argument("--only", default=",".join(SCENARIOS), help=f"scenarios: {','.join(SCENARIOS)}")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench/results/rivals.json"))
     ap.add_argument("--markdown", metavar="FILE", help="also write the Markdown table to FILE")
@@ -1148,9 +1441,15 @@ def main():
     wal_mib = args.wal_mib or (128 if args.quick else 1200)
     stores = [s for s in args.stores.split(",") if s]
     only = set(s for s in args.only.split(",") if s)
-    bad = (only - set(SCENARIOS)) | (set(stores) - {"file", *S3_KINDS})
+    bad = (only - set(SCENARIOS)) | (set(stores) - set(STORE_KINDS))
     if bad:
         sys.exit(f"unknown scenario or store: {', '.join(sorted(bad))}")
+    parallels = []
+    for x in args.parallel.split(","):
+        if not x.strip().isdigit() or int(x) < 1:
+            sys.exit(f"--parallel: {args.parallel!r} is not a comma-separated list of positive integers")
+        if int(x) not in parallels:
+            parallels.append(int(x))
     if os.geteuid() != 0:
         sys.exit("run as root: PostgreSQL and the tools run as postgres")
 
@@ -1166,12 +1465,19 @@ def main():
         if not os.path.exists(s3b.GARAGE):
             sys.exit(f"garage not found at {s3b.GARAGE} (cargo install --locked garage@2.5.0)")
         versions["garage"] = s3b.run(f"{s3b.GARAGE} --version", check=False).split("\n")[0]
+    if "azure" in stores:
+        if shutil.which("stunnel") is None:
+            s3b.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4")
+        if not os.access(AZURITE, os.X_OK):
+            sys.exit(f"azurite not found at {AZURITE}: run scripts/ensure-deps.sh, or set WALVAULT_AZURITE")
+        versions["azurite"] = s3b.run(f"{AZURITE} --version", check=False).strip()
     for b in ("archive-agent", "restore-agent", "limits"):
         if not os.access(os.path.join(BIN_DIR, b), os.X_OK):
             sys.exit(f"{BIN_DIR}/{b} missing: cargo build --release --workspace, or set WALVAULT_BIN_DIR")
 
     ctx = Ctx()
-    ctx.n = args.parallel
+    ctx.n = parallels[0]  # the WAL scenarios' and the detailed tables'; the curve sets it per round
+    ctx.curve = len(parallels) > 1
     ctx.walvault_sync = args.walvault_sync
     ctx.want = lambda s: s in only
     ctx.procs = []
@@ -1190,14 +1496,14 @@ def main():
     chown(work)
     git = s3b.run(f"cd {ROOT} && git rev-parse --short HEAD", check=False).strip()
     ctx.results = results = {
-        "config": {"rounds": rounds, "shapes": [x.spec for x in shapes], "wal_mib": wal_mib, "parallel": args.parallel,
+        "config": {"rounds": rounds, "shapes": [x.spec for x in shapes], "wal_mib": wal_mib, "parallel": parallels[0],
                    "stores": stores, "only": sorted(only), "quick": args.quick, "bin_dir": BIN_DIR,
                    "bench_commit": git, "walvault_delta_restore": ctx.walvault_delta,
-                   "walvault_sync_method": ctx.walvault_sync},
+                   "walvault_sync_method": ctx.walvault_sync, "parallel_curve": parallels},
         "versions": versions, "stores": {}, "shapes": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "nproc": os.cpu_count()}
     log(f"work directory {work}; {versions}")
-    garage = proxy = None
+    garage = proxy = azurite = None
     stunnels = {}
     ok = False
     try:
@@ -1208,6 +1514,9 @@ def main():
         if "s3lat" in stores:
             proxy = LatencyProxy(work, garage.s3_port, LATENCY_MS)
             stunnels["s3lat"] = Stunnel(work, proxy.port, "stunnel-latency")
+        if "azure" in stores:
+            azurite = Azurite(work)
+            stunnels["azure"] = Stunnel(work, azurite.port, "stunnel-azure")
         if only & {"archive", "replay"}:
             log(f"preparing {wal_mib} MiB of WAL (pgbench + random payloads)")
             ctx.src, ctx.base, ctx.walsrc, ctx.segs = ab.prepare(work, wal_mib)
@@ -1223,29 +1532,39 @@ def main():
         if only & {"full", "restore", "second", "delta"}:
             # Shapes outermost (one source cluster on the disk at a time), then rounds, then
             # stores: a run stopped early has every store of the shapes it finished.
+            # With several --parallel values: the first's rounds in "stores" (the layout of one
+            # value), each other's in "curve"; rounds, then parallelism, then stores.
             for shape in shapes:
                 sr = results["shapes"][shape.spec] = {"name": shape.name, "stores": {k: {"rounds": []} for k in stores}}
+                if ctx.curve:
+                    sr["curve"] = {str(n): {"stores": {k: {"rounds": []} for k in stores}} for n in parallels[1:]}
                 ctx.shape_results = sr
                 log(f"creating the {shape.name} database")
                 bk = make_backup_cluster(ctx, shape)
                 for rnd in range(rounds):
-                    for kind in stores:
-                        store = Store(kind, work, garage, stunnels.get(kind))
-                        log(f"{shape.name}, {kind}: round {rnd + 1} of {rounds}")
-                        cluster_start(bk, store.env)  # the postmaster's environment: this store's
-                        try:
-                            run_r = backup_round(ctx, store, rnd, bk, shape)
-                        finally:
-                            cluster_stop(bk)
-                        run_r["loadavg_1m"] = round(os.getloadavg()[0], 2)
-                        sr["stores"][kind]["rounds"].append(run_r)
-                        if kind == "file":
-                            shutil.rmtree(os.path.join(work, "repos"), ignore_errors=True)
+                    for n in parallels:
+                        ctx.n = n
+                        into = sr["stores"] if n == parallels[0] else sr["curve"][str(n)]["stores"]
+                        for kind in stores:
+                            store = Store(kind, work, garage, stunnels.get(kind), azurite)
+                            log(f"{shape.name}, {kind}: round {rnd + 1} of {rounds}"
+                                + (f", parallel {n}" if ctx.curve else ""))
+                            cluster_start(bk, store.env)  # the postmaster's environment: this store's
+                            try:
+                                run_r = backup_round(ctx, store, rnd, bk, shape)
+                            finally:
+                                cluster_stop(bk)
+                            run_r["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                            run_r["parallel"] = n
+                            into[kind]["rounds"].append(run_r)
+                            if kind == "file":
+                                shutil.rmtree(os.path.join(work, "repos"), ignore_errors=True)
+                ctx.n = parallels[0]
                 shutil.rmtree(bk.dir, ignore_errors=True)
         if "archive" in only:
             for rnd in range(rounds):
                 for kind in stores:
-                    store = Store(kind, work, garage, stunnels.get(kind))
+                    store = Store(kind, work, garage, stunnels.get(kind), azurite)
                     log(f"WAL, {kind}: round {rnd + 1} of {rounds}")
                     run_r = wal_round(ctx, store, rnd)
                     run_r["loadavg_1m"] = round(os.getloadavg()[0], 2)
@@ -1267,7 +1586,7 @@ def main():
                 os.kill(pid, signal.SIGTERM)
             except OSError:
                 pass
-        for p in (*stunnels.values(), proxy, garage):
+        for p in (*stunnels.values(), proxy, garage, azurite):
             if p:
                 p.stop()
         results["complete"] = ok
