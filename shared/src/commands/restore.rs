@@ -37,6 +37,7 @@ use crate::time;
 use crate::wal::{Lsn, TimelineId};
 
 mod delta;
+mod direct;
 mod execute;
 mod order;
 mod placement;

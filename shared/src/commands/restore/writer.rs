@@ -11,9 +11,12 @@
 //! mode set and made durable by a thread of its own, up to [`OPEN_FILES`] files at once: one
 //! file's `fsync` overlaps the next files' fetches and writes, and no two threads ever write
 //! into the same file (they would queue on its inode lock). A file is opened once, not once to
-//! create, once to write and once to sync. Every [`FLUSH_AFTER`] bytes a large file asks the
-//! kernel to start writing back what it holds, as PostgreSQL's `pg_flush_data` does, so that the
-//! disk works while the restore decompresses and the final `fsync` finds little left to write.
+//! create, once to write and once to sync. A large file is written past the page cache
+//! (`O_DIRECT`, [`super::direct`]), pieces already waiting that follow each other with one call
+//! of up to [`WRITE_RUN`] bytes; where the file system refuses that, every [`FLUSH_AFTER`] bytes
+//! a large file asks the kernel to start writing back what it holds, as PostgreSQL's
+//! `pg_flush_data` does, so that the disk works while the restore decompresses and the final
+//! `fsync` finds little left to write.
 //!
 //! A chunk referenced more than once (zeroed pages, the catalogs `template0`, `template1` and
 //! `postgres` share, a file copied twice) is fetched once and kept in memory for its later
@@ -35,6 +38,8 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
 
+use super::direct::{Sink, create_new};
+pub(crate) use super::direct::{open_for_write, open_nofollow};
 pub(crate) use super::order::ChunkRef;
 use super::order::in_pack_order;
 use super::waits::{WaitClock, Waits};
@@ -63,6 +68,11 @@ pub const OPEN_FILES: usize = 64;
 /// Bytes of a large file after which its writeback is started (`posix_fadvise(DONTNEED)` over
 /// what was written: the kernel begins writing those pages out and keeps none it need not).
 pub const FLUSH_AFTER: u64 = 8 << 20;
+
+/// Bytes a file's writer writes with one call at most, of pieces already waiting that follow
+/// each other: the disk of this machine takes 4 MiB direct writes at 1.7–1.8 GB/s and 1 MiB ones
+/// at 1.4–1.5 (`dd oflag=direct`, 4 GiB).
+pub const WRITE_RUN: u64 = 4 << 20;
 
 /// Bytes of chunks kept in memory for a later reference to the same chunk.
 pub const REPEAT_BUDGET: u64 = 8 << 20;
@@ -689,7 +699,7 @@ fn write_file(
     progress: &dyn Progress,
     buffers: &Buffers,
 ) -> Result<u64, RestoreError> {
-    use std::os::unix::fs::{FileExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let path = &target.path;
     let file = if target.create {
         create_new(path)?
@@ -697,15 +707,20 @@ fn write_file(
         open_for_write(path)?
     };
     let (mut written, mut end, mut flushed) = (0u64, 0u64, 0u64);
-    for piece in rx {
-        file.write_all_at(&piece.data, piece.offset)
-            .map_err(write_err(path))?;
-        let len = piece.data.len() as u64;
+    let mut sink = Sink::new(&file, target.size);
+    let mut next = None;
+    while let Some(run) = next_run(&rx, &mut next) {
+        let offset = run[0].offset;
+        let slices: Vec<&[u8]> = run.iter().map(|p| p.data.as_slice()).collect();
+        sink.write_run(&slices, offset).map_err(write_err(path))?;
+        let len: u64 = slices.iter().map(|s| s.len() as u64).sum();
         written += len;
-        end = end.max(piece.offset + len);
+        end = end.max(offset + len);
         progress.advance(len);
-        buffers.give(piece);
-        if fsync && end >= flushed + FLUSH_AFTER {
+        for piece in run {
+            buffers.give(piece);
+        }
+        if fsync && !sink.is_direct() && end >= flushed + FLUSH_AFTER {
             // Start the write-back of what was written so far (advice: an error is not one).
             let _ = rustix::fs::fadvise(
                 &file,
@@ -727,34 +742,32 @@ fn write_file(
     Ok(written)
 }
 
-/// Create `path`, which must not exist (never following or replacing anything), owner-only
-/// until its mode is set.
-fn create_new(path: &Path) -> Result<std::fs::File, RestoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(write_err(path))
-}
-
-/// Open an existing regular file for writing, never through a symbolic link (`O_NOFOLLOW`): the
-/// plan checked each file's type before writing, and a link planted since must fail, not be
-/// written through.
-pub(crate) fn open_for_write(path: &Path) -> Result<std::fs::File, RestoreError> {
-    open_nofollow(path, true)
-}
-
-/// Open `path` for reading, or writing, never through a symbolic link.
-pub(crate) fn open_nofollow(path: &Path, write: bool) -> Result<std::fs::File, RestoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(!write)
-        .write(write)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(write_err(path))
+/// The next pieces to write with one call: the first that arrives (`next`, or from `rx`), and
+/// those already waiting that continue it, up to [`WRITE_RUN`] bytes; a waiting piece that does
+/// not continue it is left in `next`. None once the sender is gone and nothing is left.
+fn next_run(rx: &std::sync::mpsc::Receiver<Piece>, next: &mut Option<Piece>) -> Option<Vec<Piece>> {
+    let first = match next.take() {
+        Some(p) => p,
+        None => rx.recv().ok()?,
+    };
+    let mut end = first.offset + first.data.len() as u64;
+    let mut bytes = first.data.len() as u64;
+    let mut run = vec![first];
+    while bytes < WRITE_RUN {
+        match rx.try_recv() {
+            Ok(p) if p.offset == end => {
+                end += p.data.len() as u64;
+                bytes += p.data.len() as u64;
+                run.push(p);
+            }
+            Ok(p) => {
+                *next = Some(p);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    Some(run)
 }
 
 /// The file a server cannot start without, written last (see [`Fill::last`]).
