@@ -211,43 +211,59 @@ fn seal_with(
     })
 }
 
-/// Objects at most this large are compressed into the thread's [`COMPRESSED`] buffer and copied
+/// Objects at most this large are compressed into a kept buffer ([`Compressing`]) and copied
 /// out at their compressed size; larger ones (16 MiB WAL segments) straight into the object.
 const SCRATCH_MAX: usize = 4 << 20;
 
-thread_local! {
-    /// Each thread's compression context and its level, made once: a context made per object
-    /// (`zstd::bulk::compress_to_buffer`) spent 2% of a backup's CPU clearing itself.
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
-        const { std::cell::RefCell::new(None) };
-    /// Each thread's buffer for compressing objects of up to [`SCRATCH_MAX`] bytes.
-    static COMPRESSED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+/// A zstd compression context at `level` and a buffer to compress into, kept for the next
+/// object: a context made per object (`zstd::bulk::compress_to_buffer`) spent 2% of a backup's
+/// CPU clearing itself, and a zeroed buffer of the compression bound per object 5% in page
+/// faults and memset (most of a megabyte each, for some 50 KiB of pgbench data).
+struct Compressing {
+    level: i32,
+    context: zstd::bulk::Compressor<'static>,
+    out: Vec<u8>,
 }
 
-/// Compress `content` at `level` with this thread's context into `out`'s spare capacity.
-fn compress_into<C: zstd::zstd_safe::WriteBuf + ?Sized>(
-    content: &[u8],
+/// The kept [`Compressing`]s: as many as have been in use at once, up to [`KEPT_COMPRESSORS`]
+/// (each some 2 MiB). Kept in a pool rather than per thread: a backup's blocking threads come and
+/// go, and each would have kept its own.
+static COMPRESSORS: std::sync::Mutex<Vec<Compressing>> = std::sync::Mutex::new(Vec::new());
+const KEPT_COMPRESSORS: usize = 4;
+
+/// Compress `content` at `level` with a kept context, into `out`, which `with` is given.
+fn compressing<T>(
     level: i32,
-    out: &mut C,
-) -> std::io::Result<usize> {
-    COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        match c.as_mut() {
-            Some((l, compressor)) if *l != level => {
-                compressor.set_compression_level(level)?;
-                *l = level;
+    with: impl FnOnce(&mut zstd::bulk::Compressor<'static>, &mut Vec<u8>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let kept = COMPRESSORS.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    let mut c = match kept {
+        Some(mut c) => {
+            if c.level != level {
+                c.context.set_compression_level(level)?;
+                c.level = level;
             }
-            Some(_) => {}
-            None => *c = Some((level, zstd::bulk::Compressor::new(level)?)),
+            c
         }
-        c.as_mut().expect("made above").1.compress_to_buffer(content, out)
-    })
+        None => Compressing {
+            level,
+            context: zstd::bulk::Compressor::new(level)?,
+            out: Vec::new(),
+        },
+    };
+    let result = with(&mut c.context, &mut c.out);
+    if c.out.capacity() > 2 * SCRATCH_MAX {
+        c.out = Vec::new();
+    }
+    let mut pool = COMPRESSORS.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < KEPT_COMPRESSORS {
+        pool.push(c);
+    }
+    result
 }
 
 /// `content` compressed at `level`, after `header_len` bytes of room and with `tag_len` bytes
 /// of room after it: the object's buffer, sized to what it holds, and the compressed length.
-/// Never a zeroed buffer of the compression bound per object: a backup spent 5% of its CPU
-/// faulting in and clearing those (most of a megabyte each, for some 50 KiB of pgbench data).
 fn compress_after(
     content: &[u8],
     level: i32,
@@ -255,21 +271,20 @@ fn compress_after(
     tag_len: usize,
 ) -> std::io::Result<(Vec<u8>, usize)> {
     let bound = zstd::zstd_safe::compress_bound(content.len());
-    if content.len() > SCRATCH_MAX {
-        let mut out = Vec::with_capacity(header_len + bound + tag_len);
-        out.resize(header_len, 0);
-        // After the header's room: a cursor's position is where the frame starts.
-        let mut after = std::io::Cursor::new(&mut out);
-        after.set_position(header_len as u64);
-        let n = compress_into(content, level, &mut after)?;
-        out.resize(header_len + n + tag_len, 0);
-        return Ok((out, n));
-    }
-    COMPRESSED.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
+    compressing(level, |context, scratch| {
+        if content.len() > SCRATCH_MAX {
+            let mut out = Vec::with_capacity(header_len + bound + tag_len);
+            out.resize(header_len, 0);
+            // After the header's room: a cursor's position is where the frame starts.
+            let mut after = std::io::Cursor::new(&mut out);
+            after.set_position(header_len as u64);
+            let n = context.compress_to_buffer(content, &mut after)?;
+            out.resize(header_len + n + tag_len, 0);
+            return Ok((out, n));
+        }
         scratch.clear();
         scratch.reserve(bound);
-        let n = compress_into(content, level, &mut *scratch)?;
+        let n = context.compress_to_buffer(content, scratch)?;
         let mut out = Vec::with_capacity(header_len + n + tag_len);
         out.resize(header_len, 0);
         out.extend_from_slice(&scratch[..n]);
