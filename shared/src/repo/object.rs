@@ -231,7 +231,8 @@ struct Compressing {
 static COMPRESSORS: std::sync::Mutex<Vec<Compressing>> = std::sync::Mutex::new(Vec::new());
 const KEPT_COMPRESSORS: usize = 4;
 
-/// Compress `content` at `level` with a kept context, into `out`, which `with` is given.
+/// Run `with` on a kept context set to `level` and its kept buffer (a new pair when none is
+/// free), then keep them for the next object.
 fn compressing<T>(
     level: i32,
     with: impl FnOnce(&mut zstd::bulk::Compressor<'static>, &mut Vec<u8>) -> std::io::Result<T>,
@@ -936,8 +937,8 @@ mod tests {
         assert_eq!(header.blake3_hex(), blake3::hash(&content).to_hex().to_string());
     }
 
-    /// Small and large objects (through the thread's buffer, or straight into the object), at
-    /// two levels on the same thread, plain and encrypted: each opens to its content.
+    /// Small and large objects (through a kept buffer, or straight into the object), at two
+    /// levels with the same kept contexts, plain and encrypted: each opens to its content.
     #[test]
     fn objects_of_every_size_and_level_round_trip() {
         let big: Vec<u8> = (0..(SCRATCH_MAX + 123_457) as u32)

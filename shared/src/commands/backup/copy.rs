@@ -259,13 +259,10 @@ impl Copier {
         let mut size = 0u64;
         for idx in 0.. {
             let next = reads.next(&self.in_memory, &self.chunks).await;
-            let Some((buf, permit)) = next.map_err(|source| BackupError::Read {
+            let (buf, permit) = next.map_err(|source| BackupError::Read {
                 path: abs.display().to_string(),
                 source,
-            })?
-            else {
-                break;
-            };
+            })?;
             let read = buf.len();
             if read == 0 {
                 break;
@@ -373,8 +370,6 @@ struct Reads {
     ahead: usize,
     /// The next chunk to start reading.
     next: u64,
-    /// A short read was met: nothing more is started.
-    ended: bool,
     in_flight: VecDeque<JoinHandle<(std::io::Result<Vec<u8>>, OwnedSemaphorePermit)>>,
 }
 
@@ -390,19 +385,18 @@ impl Reads {
             expected: size.div_ceil(chunk_size.max(1) as u64),
             ahead: ahead.max(1),
             next: 0,
-            ended: false,
             in_flight: VecDeque::new(),
         }
     }
 
-    /// The next chunk in order (shorter than a chunk, or empty, at the end of the file), with
-    /// its share of `in_memory`; `None` once a short chunk was handed out.
+    /// The next chunk in order (shorter than a chunk, or empty, at the end of the file: the
+    /// caller asks for no more after that), with its share of `in_memory`.
     async fn next(
         &mut self,
         in_memory: &Arc<Semaphore>,
         chunks: &Arc<Chunks>,
-    ) -> std::io::Result<Option<(Vec<u8>, OwnedSemaphorePermit)>> {
-        while !self.ended {
+    ) -> std::io::Result<(Vec<u8>, OwnedSemaphorePermit)> {
+        loop {
             let limit = if self.next < self.expected { self.ahead } else { 1 };
             if self.in_flight.len() >= limit {
                 break;
@@ -420,15 +414,10 @@ impl Reads {
             }));
             self.next += 1;
         }
-        let Some(reading) = self.in_flight.pop_front() else {
-            return Ok(None);
-        };
+        // At least one read is in flight: the limit is never below one.
+        let reading = self.in_flight.pop_front().expect("a read was started");
         let (read, permit) = reading.await.expect("read task panicked");
-        let buf = read?;
-        if buf.len() < self.chunk_size {
-            self.ended = true;
-        }
-        Ok(Some((buf, permit)))
+        Ok((read?, permit))
     }
 
     /// Wait for the reads still in flight (past the end of the file): none outlives its file.
