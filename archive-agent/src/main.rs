@@ -121,10 +121,11 @@ enum Command {
     },
     /// Run beside PostgreSQL: upload .ready WAL files ahead of the archiver, in parallel, so that
     /// archive_command = 'archive-agent push %p' answers at once; optionally take scheduled
-    /// backups and force WAL switches on an idle cluster. Stops cleanly on SIGTERM or SIGINT.
+    /// backups and force WAL switches on an idle cluster. Or, with --stream, receive WAL over the
+    /// replication protocol from anywhere, as a replica would. Stops cleanly on SIGTERM or SIGINT.
     Daemon {
         #[command(flatten)]
-        args: DaemonArgs,
+        args: Box<DaemonArgs>,
     },
 }
 

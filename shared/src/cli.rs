@@ -156,7 +156,7 @@ pub fn parse_or_exit_with<T: Parser>(program: &str, usage_code: u8) -> T {
 /// (default `info`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WALVAULT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pg_walstream=warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -18,6 +18,7 @@ pub mod exit;
 pub mod local;
 pub mod recovery_conf;
 pub mod replay;
+pub mod replication;
 pub mod repo;
 pub mod report;
 pub mod retention;

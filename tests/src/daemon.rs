@@ -60,10 +60,21 @@ impl Daemon {
     /// Start `archive-agent daemon --repo <repo> --pgdata <cluster's data dir> --metrics-addr
     /// 127.0.0.1:<free port> <extra...>` and wait until it logs "daemon started".
     pub fn start(cluster: &Cluster, repo: &Repo, extra: &[&str]) -> Result<Daemon> {
+        let pgdata = cluster.data_dir().display().to_string();
+        Daemon::start_serving(repo, &["--pgdata", &pgdata], extra)
+    }
+
+    /// `archive-agent daemon --repo <repo> --stream --pg-url <pg_url> --metrics-addr
+    /// 127.0.0.1:<free port> <extra...>`, started like [`Daemon::start`].
+    pub fn start_streaming(repo: &Repo, pg_url: &str, extra: &[&str]) -> Result<Daemon> {
+        Daemon::start_serving(repo, &["--stream", "--pg-url", pg_url], extra)
+    }
+
+    fn start_serving(repo: &Repo, what: &[&str], extra: &[&str]) -> Result<Daemon> {
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let addr = free_local_addr()?;
-            match Daemon::launch(cluster, repo, extra, addr)? {
+            match Daemon::launch(what, repo, extra, addr)? {
                 Ok(daemon) => return Ok(daemon),
                 Err(log) if log.contains("cannot serve metrics") => last = log,
                 Err(log) => bail!("archive-agent daemon did not start:\n{}", host::tail(&log, 40)),
@@ -74,7 +85,7 @@ impl Daemon {
 
     /// One start on `addr`: the daemon once it said it started, or its log once it exited.
     fn launch(
-        cluster: &Cluster,
+        what: &[&str],
         repo: &Repo,
         extra: &[&str],
         addr: SocketAddr,
@@ -85,8 +96,7 @@ impl Daemon {
         let mut cmd = agents().command(ARCHIVE_AGENT);
         cmd.arg("daemon")
             .args(repo.args())
-            .arg("--pgdata")
-            .arg(cluster.data_dir())
+            .args(what)
             .args(["--metrics-addr", &addr.to_string()])
             .args(extra)
             .stdin(Stdio::null())

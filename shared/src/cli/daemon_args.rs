@@ -16,14 +16,41 @@ pub enum DaemonArgsError {
     Drill(#[from] DrillArgsError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// `archive-agent daemon`'s flags.
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
-    /// The data directory of the cluster to serve
-    #[arg(long, env = "PGDATA", value_name = "DIR")]
-    pub pgdata: PathBuf,
+    /// The data directory of the cluster to serve (not with --stream)
+    #[arg(long, env = "PGDATA", value_name = "DIR", required_unless_present = "stream")]
+    pub pgdata: Option<PathBuf>,
+    /// Stream WAL over the replication protocol from --pg-url (a replica's connection; several
+    /// hosts and target_session_attrs=read-write follow a failover) instead of watching
+    /// pg_wal/archive_status: no access to the data directory is needed
+    #[arg(long, requires = "pg_url")]
+    pub stream: bool,
+    /// With --stream: store the segment being received at most this often while WAL flows
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub stream_flush: String,
+    /// With --stream: report WAL as flushed only once it is in the repository, and store it as
+    /// soon as it arrives; with synchronous_standby_names naming the daemon's application_name
+    /// (walvault), every acknowledged commit is in the repository
+    #[arg(long, requires = "stream")]
+    pub synchronous: bool,
+    /// With --stream: the physical replication slot that keeps the WAL on the server while the
+    /// daemon is down (created when missing)
+    #[arg(long, default_value = "walvault", value_name = "NAME")]
+    pub slot: String,
+    /// With --stream: stream without a replication slot (the server may recycle WAL the daemon
+    /// has not received)
+    #[arg(long, requires = "stream", conflicts_with = "slot")]
+    pub no_slot: bool,
+    /// With --stream: local working directory [default: walvault-stream-<repository id> in the
+    /// temporary directory]
+    #[arg(long, value_name = "DIR")]
+    pub stream_dir: Option<PathBuf>,
     /// Uploads at once; each holds about 40 MiB (a 16 MiB segment and its compressed copy)
     /// [default: the number of CPUs, at most 4]
     #[arg(long, value_name = "N")]
@@ -71,9 +98,27 @@ impl DaemonArgs {
             );
         }
         let needs_conn = self.backup_every.is_some() || self.max_wal_age.is_some();
+        if self.stream && (needs_conn || drill_every.is_some() || self.verify_every.is_some()) {
+            return Err(DaemonArgsError::Usage(
+                "--stream runs alone for now: schedule backups, WAL switches, verifies and drills with a second daemon (or cron) on the database host".into(),
+            ));
+        }
+        let stream = match (self.stream, &self.pg_url) {
+            (true, Some(url)) => Some(crate::commands::daemon::stream::StreamOptions {
+                target: crate::replication::conninfo::parse(url)
+                    .map_err(|e| DaemonArgsError::Usage(e.to_string()))?,
+                flush_every: parse_duration(&self.stream_flush)?,
+                synchronous: self.synchronous,
+                slot: (!self.no_slot).then(|| self.slot.clone()),
+                dir: self.stream_dir.clone().unwrap_or_default(),
+                status_every: std::time::Duration::from_secs(10),
+            }),
+            _ => None,
+        };
         let every = |d: &Option<String>| d.as_deref().map(parse_duration).transpose();
         Ok(DaemonOptions {
             pgdata: self.pgdata.clone(),
+            stream,
             parallel: self
                 .parallel
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().min(4))),

@@ -68,6 +68,13 @@ pub enum FetchError {
     },
     #[error("cannot write {dest}: {source}")]
     Write { dest: String, source: std::io::Error },
+    #[error("the streamed end of {name} ({key} in {repo}) cannot be used: {message}")]
+    Streamed {
+        name: String,
+        key: String,
+        repo: String,
+        message: String,
+    },
 }
 
 impl FetchError {
@@ -231,6 +238,11 @@ async fn fetch_unbounded(
             async { store.get(&key).await.map_err(FetchError::from) }
         )?;
         let Some(bytes) = object else {
+            if let WalFileName::Segment(seg) = name
+                && let Some(outcome) = streamed_end(&store, &reader, &seg, dest).await?
+            {
+                return Ok((outcome, None));
+            }
             return Ok((FetchOutcome::NotFound { name }, None));
         };
         match stored::open::<WalObject>(reader.sealer(), &name, &bytes) {
@@ -262,6 +274,55 @@ async fn fetch_unbounded(
         s.sealer = Some(reader.sealer().clone());
     }
     Ok((write_out(name, dest, content, stored)?, summary))
+}
+
+/// A segment the repository does not hold whole, as far as a streaming daemon stored it (the
+/// end of the archive on its timeline): its bytes, then zeroes to the segment's size, as
+/// `pg_receivewal`'s `.partial` file is used. Replay stops cleanly where the stream stopped
+/// (the zeroes are no valid record), and a standby asks again, getting the whole segment once it
+/// is stored. `None` when no stream piece starts it.
+async fn streamed_end(
+    store: &Store,
+    reader: &Reader,
+    seg: &SegmentName,
+    dest: &Path,
+) -> Result<Option<FetchOutcome>, FetchError> {
+    let key = crate::repo::layout::stream_segment_prefix(seg);
+    let corrupt = |message: String| FetchError::Streamed {
+        name: seg.to_string(),
+        key: key.clone(),
+        repo: store.url().to_string(),
+        message,
+    };
+    let bytes = match crate::replication::pieces::read(store, reader.sealer(), seg).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
+        Err(crate::replication::pieces::PieceError::Store(e)) => return Err(e.into()),
+        Err(e) => return Err(corrupt(e.to_string())),
+    };
+    let size = reader.cluster().map_or(16 << 20, |c| c.wal_segment_size) as usize;
+    if bytes.len() >= size {
+        return Err(corrupt(format!(
+            "{} bytes is not a part of a {size}-byte segment",
+            bytes.len()
+        )));
+    }
+    let received = bytes.len();
+    let mut content = bytes;
+    content.resize(size, 0);
+    // Its first page, against the name and the repository's cluster, as for a whole segment.
+    reader
+        .check_wal(&WalFileName::Segment(*seg), &content)
+        .map_err(|e| corrupt(e.to_string()))?;
+    tracing::warn!(
+        "{seg} is not archived whole: serving the {received} bytes a streaming daemon stored of it, then zeroes (the end of the archive)"
+    );
+    Ok(Some(write_out(
+        WalFileName::Segment(*seg),
+        dest,
+        content,
+        received as u64,
+    )?))
 }
 
 fn write_out(

@@ -14,6 +14,7 @@
 //! chunks/<first 2 hex>/<blake3 hex>.wvo            content-addressed base backup chunks
 //! packs/<first 2 hex>/<blake3 hex>.wvp             packs of sealed chunks (manifest v2)
 //! probe/create-only-<repository id>                init's probe of create-only writes (deleted)
+//! stream/<timeline><log>/<segment>/<from>-<to>.wvo  pieces of the segment being streamed
 //! ```
 //! Keys are built only from validated names and ids, so no key can leave the prefix; a listed key
 //! is recognised only if building it back from what it names gives the same key, so a foreign or
@@ -71,6 +72,42 @@ pub fn wal_key(name: &WalFileName) -> String {
             format!("wal/{:08X}{:08X}/{name}{OBJECT_SUFFIX}", s.timeline.get(), s.log)
         }
     }
+}
+
+/// The listing prefix of the stream pieces of segment `seg`.
+pub fn stream_segment_prefix(seg: &SegmentName) -> String {
+    format!("stream/{:08X}{:08X}/{seg}/", seg.timeline.get(), seg.log)
+}
+
+/// The name a stream piece's header carries: `<segment>/<from>-<to>`, byte offsets in hex.
+pub fn stream_piece_name(seg: &SegmentName, from: u32, to: u32) -> String {
+    format!("{seg}/{from:08X}-{to:08X}")
+}
+
+/// The key of the piece of segment `seg` holding its bytes `from..to`.
+pub fn stream_piece_key(seg: &SegmentName, from: u32, to: u32) -> String {
+    format!(
+        "stream/{:08X}{:08X}/{}{OBJECT_SUFFIX}",
+        seg.timeline.get(),
+        seg.log,
+        stream_piece_name(seg, from, to)
+    )
+}
+
+/// The segment and byte range a listed stream piece key names.
+pub fn parse_stream_piece_key(key: &str) -> Option<(SegmentName, u32, u32)> {
+    let rest = key.strip_prefix("stream/")?.strip_suffix(OBJECT_SUFFIX)?;
+    let (_, name) = rest.split_once('/')?;
+    let (seg, range) = name.split_once('/')?;
+    let Ok(WalFileName::Segment(seg)) = seg.parse::<WalFileName>() else {
+        return None;
+    };
+    let (from, to) = range.split_once('-')?;
+    let (from, to) = (
+        u32::from_str_radix(from, 16).ok()?,
+        u32::from_str_radix(to, 16).ok()?,
+    );
+    (from < to && stream_piece_key(&seg, from, to) == key).then_some((seg, from, to))
 }
 
 /// The key of the time index summary of segment `seg`.

@@ -50,6 +50,10 @@ pub enum ObjectKind {
     /// A small JSON record (cluster.json, retention.json, a pin, a lock) in an encrypted
     /// repository; the name is its key. Plain repositories store these as bare JSON.
     Record = 5,
+    /// A piece of a WAL segment the streaming daemon is still receiving (`layout::stream_piece_key`);
+    /// the name is `<segment>/<from>-<to>`, the piece's byte range in the segment, in hex. Never
+    /// opened as a WAL file: a stream is never mistaken for a complete segment.
+    StreamPiece = 6,
 }
 
 /// How the payload is encoded.
@@ -578,6 +582,7 @@ pub fn read_header(bytes: &[u8]) -> Result<ObjectHeader, ObjectError> {
         3 => ObjectKind::Manifest,
         4 => ObjectKind::Summary,
         5 => ObjectKind::Record,
+        6 => ObjectKind::StreamPiece,
         k => return Err(ObjectError::UnknownKind(k)),
     };
     let codec = match bytes[11] {

@@ -70,8 +70,9 @@ impl Jobs {
             .pg_conn
             .as_ref()
             .filter(|_| opts.backup_every.is_some())
-            .map(|conn| BackupJob {
-                pgdata: opts.pgdata.clone(),
+            .zip(opts.pgdata.as_ref())
+            .map(|(conn, pgdata)| BackupJob {
+                pgdata: pgdata.clone(),
                 conn: conn.clone(),
                 retention: opts.retention.clone(),
             });

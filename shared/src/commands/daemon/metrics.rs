@@ -48,6 +48,17 @@ pub struct Metrics {
     /// Milliseconds measured by the last drill (0 when not measured).
     pub last_drill_rto_ms: AtomicU64,
     pub last_drill_rpo_ms: AtomicU64,
+    /// `--stream`: 1 while streaming from a server.
+    pub stream_connected: AtomicU64,
+    /// `--stream`: positions (LSNs as byte numbers): received, durable in the repository (the
+    /// flush position reported), and the server's WAL end as it last said.
+    pub stream_received_lsn: AtomicU64,
+    pub stream_flushed_lsn: AtomicU64,
+    pub stream_server_lsn: AtomicU64,
+    /// `--stream`: the slot's `wal_status`: 0 unknown, 1 reserved, 2 extended, 3 unreserved,
+    /// 4 lost; and its `safe_wal_size` (-1 when unknown or unlimited).
+    pub stream_slot_wal_status: AtomicU64,
+    pub stream_slot_safe_wal_bytes: AtomicI64,
 }
 
 /// One metric as exposed: its name (with labels, without the `walvault_` prefix), type, help
@@ -100,6 +111,7 @@ impl Metrics {
             .chain(self.expire_samples())
             .chain(self.verify_samples())
             .chain(self.drill_samples())
+            .chain(self.stream_samples())
             .chain([gauge("up", "The daemon is running", "1".into())]);
         let mut out = String::new();
         for Sample {
@@ -115,6 +127,49 @@ impl Metrics {
             ));
         }
         out
+    }
+
+    /// What the stream reports (all zero without `--stream`).
+    fn stream_samples(&self) -> Vec<Sample> {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let lag = load(&self.stream_server_lsn).saturating_sub(load(&self.stream_flushed_lsn));
+        vec![
+            gauge(
+                "stream_connected",
+                "1 while streaming WAL from a server",
+                count(&self.stream_connected),
+            ),
+            gauge(
+                "stream_received_lsn",
+                "End of the WAL received (LSN as a byte position)",
+                count(&self.stream_received_lsn),
+            ),
+            gauge(
+                "stream_flushed_lsn",
+                "End of the WAL durable in the repository (the flush position reported)",
+                count(&self.stream_flushed_lsn),
+            ),
+            gauge(
+                "stream_server_lsn",
+                "The server's WAL end as it last reported",
+                count(&self.stream_server_lsn),
+            ),
+            gauge(
+                "stream_lag_bytes",
+                "WAL the server has that the repository does not (the slot holds it)",
+                lag.to_string(),
+            ),
+            gauge(
+                "stream_slot_wal_status",
+                "The replication slot's wal_status: 0 unknown, 1 reserved, 2 extended, 3 unreserved (about to be invalidated), 4 lost",
+                count(&self.stream_slot_wal_status),
+            ),
+            gauge(
+                "stream_slot_safe_wal_bytes",
+                "WAL the server can still write before the slot is in danger (safe_wal_size; -1 when unlimited or unknown)",
+                unix(&self.stream_slot_safe_wal_bytes),
+            ),
+        ]
     }
 
     /// What the uploader counts.

@@ -18,6 +18,7 @@ mod listing;
 mod metrics;
 mod repo_watch;
 mod scheduler;
+pub mod stream;
 mod uploader;
 mod verifies;
 mod wal_switch;
@@ -43,7 +44,10 @@ use crate::local::handoff::Spool;
 /// How the daemon runs.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
-    pub pgdata: PathBuf,
+    /// The data directory whose archive_status is watched; `None` with `stream`.
+    pub pgdata: Option<PathBuf>,
+    /// Stream WAL over the replication protocol instead of watching archive_status.
+    pub stream: Option<stream::StreamOptions>,
     /// Uploads at once.
     pub parallel: usize,
     /// Full rescan of archive_status at least this often, whatever the watcher says.
@@ -77,6 +81,8 @@ pub enum DaemonError {
     },
     #[error("cannot create the spool {path}: {source}")]
     Spool { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Stream(stream::StreamError),
 }
 
 /// How often the housekeeping tick looks at the schedule and the repository check.
@@ -101,14 +107,24 @@ pub async fn run_with_clock(
     clock: Arc<dyn Clock>,
 ) -> Result<(), DaemonError> {
     let settings = Arc::new(settings);
-    let repo = push::open_repository(&settings).await?;
-    let spool = open_spool(&opts.pgdata)?;
-    let status_dir = opts.pgdata.join("pg_wal/archive_status");
-    // Dropped at the end of the run, which stops the watching.
-    let (_watcher, mut wake_rx) = watch_status(&status_dir)?;
     if let Some(addr) = opts.metrics_addr {
         metrics::serve(addr, Arc::clone(&metrics)).await?;
     }
+    if let Some(stream) = opts.stream.clone() {
+        tracing::info!(repo = %settings.repo, "daemon started (streaming)");
+        return stream::serve(settings, stream, metrics, shutdown).await;
+    }
+    let Some(pgdata) = opts.pgdata.clone() else {
+        return Err(DaemonError::Watch {
+            path: String::new(),
+            message: "no data directory to serve (give --pgdata, or --stream)".into(),
+        });
+    };
+    let repo = push::open_repository(&settings).await?;
+    let spool = open_spool(&pgdata)?;
+    let status_dir = pgdata.join("pg_wal/archive_status");
+    // Dropped at the end of the run, which stops the watching.
+    let (_watcher, mut wake_rx) = watch_status(&status_dir)?;
 
     tokio::pin!(shutdown);
     let mut repo_watch = RepoWatch::new(Arc::clone(&settings), repo, spool.clone(), Arc::clone(&clock));
@@ -116,7 +132,7 @@ pub async fn run_with_clock(
     let mut uploader = Uploader::new(
         Arc::clone(&settings),
         spool,
-        &opts.pgdata,
+        &pgdata,
         opts.parallel,
         Arc::clone(&metrics),
         Arc::clone(&clock),
@@ -125,7 +141,7 @@ pub async fn run_with_clock(
     let mut jobs = Jobs::new(Arc::clone(&settings), &opts, Arc::clone(&metrics), clock);
     let mut rescan = tokio::time::interval(opts.rescan_every);
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
-    tracing::info!(pgdata = %opts.pgdata.display(), repo = %settings.repo, parallel = opts.parallel, "daemon started");
+    tracing::info!(pgdata = %pgdata.display(), repo = %settings.repo, parallel = opts.parallel, "daemon started");
 
     loop {
         tokio::select! {
