@@ -440,3 +440,35 @@ fn matrix_stream_pg15_follows_a_failover_to_the_promoted_standby() -> Result<()>
     );
     Ok(())
 }
+
+#[test]
+fn matrix_stream_pg15_beside_archive_command_both_store_the_same_segments() -> Result<()> {
+    let pg = PgInstall::of_major(15)?;
+    let repo = Repo::new_s3(Garage::shared())?;
+    let archive_command = agents().archive_command(&repo, "");
+    let cluster = streaming_cluster(
+        pg,
+        "beside",
+        &[("archive_mode", "on"), ("archive_command", &archive_command)],
+    )?;
+    let daemon = Daemon::start_streaming(&repo, &pg_url(&cluster), &[])?;
+    take_backup(&cluster, &repo).with_context(|| daemon.log())?;
+    cluster.pgbench(&["-i", "-q", "-s", "4"])?;
+    let last = walvault_testkit::fixtures::archive_everything(&cluster)?;
+    wait_flushed(&daemon, &cluster).with_context(|| daemon.log())?;
+    let log = daemon.log();
+    ensure!(daemon.stop()?.code() == Some(0), "{log}");
+    // Whichever came second found the same bytes: no conflict, no failure on either side.
+    ensure!(!log.contains("different content") && !log.contains("ERROR"), "{log}");
+    let server_log = cluster.log();
+    ensure!(!server_log.contains("archive command failed"), "{server_log}");
+    ensure!(
+        log.contains("already archived, same bytes"),
+        "the stream never met a segment push had stored:\n{log}"
+    );
+    ensure!(repo.archived_names()?.contains(&last), "{last} is not archived");
+    let (restored, _) = backup::restore_and_recover(pg, &repo, "beside-restored", &[], false)?;
+    let n = restored.query_one_string("SELECT count(*)::text FROM pgbench_accounts")?;
+    ensure!(n == "400000", "restored {n} accounts");
+    Ok(())
+}
