@@ -32,6 +32,17 @@ pub struct Storm {
 }
 
 impl Storm {
+    /// No faults: every connection passes (until [`FaultProxy::set_down`]).
+    pub fn calm() -> Storm {
+        Storm {
+            error_503: 0,
+            reset_at_once: 0,
+            reset_midway: 0,
+            stall: 0,
+            stall_for: Duration::ZERO,
+        }
+    }
+
     /// A quarter of connections answered 503, and about as many reset or stalled.
     pub fn heavy() -> Storm {
         Storm {
@@ -80,6 +91,8 @@ pub struct FaultProxy {
     stop: Arc<AtomicBool>,
     /// Connections still to be answered 503 whatever the draw.
     forced: Arc<AtomicU64>,
+    /// An outage: new connections are reset at once, open ones at their next byte.
+    down: Arc<AtomicBool>,
 }
 
 enum Fate {
@@ -106,9 +119,11 @@ impl FaultProxy {
             injected: Arc::default(),
             stop: Arc::default(),
             forced: Arc::default(),
+            down: Arc::default(),
         };
         let (s, injected, stop) = (storm, Arc::clone(&proxy.injected), Arc::clone(&proxy.stop));
         let forced = Arc::clone(&proxy.forced);
+        let down = Arc::clone(&proxy.down);
         listener.set_nonblocking(true)?;
         thread::spawn(move || {
             let mut rng = StdRng::seed_from_u64(seed);
@@ -126,7 +141,9 @@ impl FaultProxy {
                 let force = forced
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                     .is_ok();
-                let fate = if force || roll < s.error_503 {
+                let fate = if down.load(Ordering::Relaxed) {
+                    Fate::ResetAtOnce
+                } else if force || roll < s.error_503 {
                     Fate::Error503
                 } else if roll < s.error_503 + s.reset_at_once {
                     Fate::ResetAtOnce
@@ -137,8 +154,8 @@ impl FaultProxy {
                 } else {
                     Fate::Pass
                 };
-                let (injected, stall_for) = (Arc::clone(&injected), s.stall_for);
-                thread::spawn(move || serve(client, upstream, fate, stall_for, &injected));
+                let (injected, stall_for, down) = (Arc::clone(&injected), s.stall_for, Arc::clone(&down));
+                thread::spawn(move || serve(client, upstream, fate, stall_for, &injected, &down));
             }
         });
         Ok(proxy)
@@ -151,6 +168,12 @@ impl FaultProxy {
 
     pub fn injected(&self) -> &Injected {
         &self.injected
+    }
+
+    /// An outage of the store (`true`) until it ends (`false`): while it lasts, new connections
+    /// are reset at once and open ones as soon as a byte tries to pass.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
     }
 
     /// Answer the next `n` connections `503 Slow Down`, whatever the draw.
@@ -172,7 +195,14 @@ fn reset(stream: &TcpStream) {
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-fn serve(mut client: TcpStream, upstream: SocketAddr, fate: Fate, stall_for: Duration, injected: &Injected) {
+fn serve(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    fate: Fate,
+    stall_for: Duration,
+    injected: &Injected,
+    down: &Arc<AtomicBool>,
+) {
     let _ = client.set_nodelay(true);
     match fate {
         Fate::Error503 => {
@@ -204,16 +234,22 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, fate: Fate, stall_for: Dur
         Fate::Stall => {
             injected.stalls.fetch_add(1, Ordering::Relaxed);
             thread::sleep(stall_for);
-            pipe(client, upstream, None, injected);
+            pipe(client, upstream, None, injected, down);
         }
-        Fate::ResetAfter(n) => pipe(client, upstream, Some(n), injected),
-        Fate::Pass => pipe(client, upstream, None, injected),
+        Fate::ResetAfter(n) => pipe(client, upstream, Some(n), injected, down),
+        Fate::Pass => pipe(client, upstream, None, injected, down),
     }
 }
 
 /// Copy both ways until either side closes; with `cut_after`, reset both sides once that many
 /// bytes have passed in either direction.
-fn pipe(client: TcpStream, upstream: SocketAddr, cut_after: Option<u64>, injected: &Injected) {
+fn pipe(
+    client: TcpStream,
+    upstream: SocketAddr,
+    cut_after: Option<u64>,
+    injected: &Injected,
+    down: &Arc<AtomicBool>,
+) {
     let Ok(server) = TcpStream::connect(upstream) else {
         reset(&client);
         return;
@@ -222,7 +258,7 @@ fn pipe(client: TcpStream, upstream: SocketAddr, cut_after: Option<u64>, injecte
     let passed = Arc::new(AtomicU64::new(0));
     let cut = Arc::new(AtomicBool::new(false));
     let copy = |mut from: TcpStream, mut to: TcpStream| {
-        let (passed, cut) = (Arc::clone(&passed), Arc::clone(&cut));
+        let (passed, cut, down) = (Arc::clone(&passed), Arc::clone(&cut), Arc::clone(down));
         move || {
             let mut buf = vec![0u8; 64 << 10];
             loop {
@@ -231,7 +267,7 @@ fn pipe(client: TcpStream, upstream: SocketAddr, cut_after: Option<u64>, injecte
                     Ok(n) => n,
                 };
                 let total = passed.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-                if cut_after.is_some_and(|limit| total >= limit) {
+                if cut_after.is_some_and(|limit| total >= limit) || down.load(Ordering::Relaxed) {
                     cut.store(true, Ordering::Relaxed);
                     break;
                 }

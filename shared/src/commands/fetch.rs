@@ -224,6 +224,11 @@ async fn fetch_unbounded(
     // A corrupt read is re-read once: a flipped bit in transit is not worth stopping recovery for,
     // a corrupt stored object is.
     let mut rereads = 1;
+    // A segment not stored whole is looked for again after its stream pieces are read: the
+    // daemon may store it whole (and delete its pieces) in between, and then the whole segment
+    // is what is served, never the pieces, and never "not found".
+    let mut streamed: Option<Vec<u8>> = None;
+    let mut looked_twice = false;
     let store = Store::open_retrying(&settings.repo, &settings.store_options()).await?;
     let mut summary = segment.map(|s| PendingSummary::start(&store, s));
     let (reader, stored, content) = loop {
@@ -238,10 +243,15 @@ async fn fetch_unbounded(
             async { store.get(&key).await.map_err(FetchError::from) }
         )?;
         let Some(bytes) = object else {
-            if let WalFileName::Segment(seg) = name
-                && let Some(outcome) = streamed_end(&store, &reader, &seg, dest).await?
-            {
-                return Ok((outcome, None));
+            if let WalFileName::Segment(seg) = name {
+                if !looked_twice {
+                    looked_twice = true;
+                    streamed = streamed_end(&store, &reader, &seg).await?;
+                    continue;
+                }
+                if let Some(content) = streamed.take() {
+                    return Ok((serve_streamed(&seg, dest, content)?, None));
+                }
             }
             return Ok((FetchOutcome::NotFound { name }, None));
         };
@@ -285,8 +295,7 @@ async fn streamed_end(
     store: &Store,
     reader: &Reader,
     seg: &SegmentName,
-    dest: &Path,
-) -> Result<Option<FetchOutcome>, FetchError> {
+) -> Result<Option<Vec<u8>>, FetchError> {
     let key = crate::repo::layout::stream_segment_prefix(seg);
     let corrupt = |message: String| FetchError::Streamed {
         name: seg.to_string(),
@@ -307,22 +316,21 @@ async fn streamed_end(
             bytes.len()
         )));
     }
-    let received = bytes.len();
     let mut content = bytes;
     content.resize(size, 0);
     // Its first page, against the name and the repository's cluster, as for a whole segment.
     reader
         .check_wal(&WalFileName::Segment(*seg), &content)
         .map_err(|e| corrupt(e.to_string()))?;
+    Ok(Some(content))
+}
+
+fn serve_streamed(seg: &SegmentName, dest: &Path, content: Vec<u8>) -> Result<FetchOutcome, FetchError> {
+    let received = content.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1) as u64;
     tracing::warn!(
         "{seg} is not archived whole: serving the {received} bytes a streaming daemon stored of it, then zeroes (the end of the archive)"
     );
-    Ok(Some(write_out(
-        WalFileName::Segment(*seg),
-        dest,
-        content,
-        received as u64,
-    )?))
+    write_out(WalFileName::Segment(*seg), dest, content, received)
 }
 
 fn write_out(

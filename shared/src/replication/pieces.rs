@@ -152,7 +152,7 @@ pub async fn remove(store: &WritableStore, pieces: &[Piece]) {
 
 /// The pieces of every segment before `seg` on its timeline and log (left by a stream that
 /// stopped before completing them, whose segments have been stored since).
-pub async fn list_before(store: &Store, seg: &SegmentName) -> Result<Vec<Piece>, StoreError> {
+pub async fn list_before(store: &Store, seg: &SegmentName) -> Result<Vec<(SegmentName, Piece)>, StoreError> {
     let prefix = format!("stream/{:08X}{:08X}/", seg.timeline.get(), seg.log);
     Ok(store
         .list(&prefix)
@@ -161,7 +161,7 @@ pub async fn list_before(store: &Store, seg: &SegmentName) -> Result<Vec<Piece>,
         .filter(|(k, _)| k.ends_with(OBJECT_SUFFIX))
         .filter_map(|(key, _)| {
             let (s, from, to) = layout::parse_stream_piece_key(&key)?;
-            (s < *seg).then_some(Piece { from, to, key })
+            (s < *seg).then_some((s, Piece { from, to, key }))
         })
         .collect())
 }

@@ -45,19 +45,18 @@ impl SourceError {
 }
 
 fn server_error(host: &str, e: &ReplicationError) -> SourceError {
-    let permanent = matches!(
-        e,
-        ReplicationError::Authentication(_)
-            | ReplicationError::PermanentConnection(_)
-            | ReplicationError::Config(_)
-    ) || {
-        // Refusals a retry cannot change: no REPLICATION attribute, no pg_hba.conf line,
-        // wal_level too low, a bad option.
-        let m = e.to_string();
-        ["28000", "28P01", "42501", "55000", "3D000", "42704"]
-            .iter()
-            .any(|code| m.contains(code))
-            && !m.contains("the database system is")
+    let m = e.to_string();
+    // Refusals a retry cannot change: no pg_hba.conf line, a wrong password, no REPLICATION
+    // attribute, no such database or object, a server not set up for it. A server starting up,
+    // shutting down or full (57P03, 57P01, 53300) is retried.
+    let permanent = match sqlstate(&m) {
+        Some(code) => ["28000", "28P01", "42501", "3D000", "42704", "55000", "0A000"].contains(&code),
+        None => matches!(
+            e,
+            ReplicationError::Authentication(_)
+                | ReplicationError::PermanentConnection(_)
+                | ReplicationError::Config(_)
+        ),
     };
     let mut message = one_line(&e.to_string());
     // wal_level = minimal requires max_wal_senders = 0: the refusal comes before any question.
@@ -72,6 +71,21 @@ fn server_error(host: &str, e: &ReplicationError) -> SourceError {
         message,
         permanent: permanent || no_senders,
     }
+}
+
+/// The SQLSTATE a server error carries, as pg_walstream spells it (`[28P01] ...` or
+/// `... (SQLSTATE 28P01)`).
+fn sqlstate(m: &str) -> Option<&str> {
+    fn code(s: &str) -> Option<&str> {
+        s.get(..5)
+            .filter(|c| c.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()))
+    }
+    if let Some(i) = m.find('[')
+        && m.get(i + 6..i + 7) == Some("]")
+    {
+        return code(&m[i + 1..]);
+    }
+    m.find("SQLSTATE ").and_then(|i| code(&m[i + 9..]))
 }
 
 /// The message on one line, without pg_walstream's wrapper words.
@@ -118,6 +132,7 @@ impl std::fmt::Debug for Source {
 pub fn connect(target: &Target) -> Result<Source, SourceError> {
     let mut tried = Vec::new();
     let mut fallback = None;
+    let mut refusal = None;
     for host in &target.hosts {
         match open(host, &target.application_name) {
             Ok(s) if target.session.accepts(s.identity.in_recovery) => return Ok(s),
@@ -134,12 +149,20 @@ pub fn connect(target: &Target) -> Result<Source, SourceError> {
             }
             // Only one host: its own error says it best.
             Err(e) if target.hosts.len() == 1 => return Err(e),
-            Err(e) if e.is_permanent() => return Err(e),
-            Err(e) => tried.push(e.to_string()),
+            Err(e) => {
+                tried.push(e.to_string());
+                if e.is_permanent() && refusal.is_none() {
+                    refusal = Some(e);
+                }
+            }
         }
     }
     if let Some(s) = fallback {
         return Ok(s);
+    }
+    // A refusal that needs a person is the error to show, once no other host would do.
+    if let Some(e) = refusal {
+        return Err(e);
     }
     Err(SourceError::NoneSuitable {
         hosts: target
@@ -389,6 +412,19 @@ mod tests {
         assert_eq!(parse_size("1GB"), Some(1 << 30));
         assert_eq!(parse_size("1024kB"), Some(1 << 20));
         assert_eq!(parse_size("16"), None);
+    }
+
+    #[test]
+    fn sqlstates_are_found_where_pg_walstream_puts_them() {
+        assert_eq!(sqlstate("[28P01] Authentication failed: FATAL: x"), Some("28P01"));
+        assert_eq!(
+            sqlstate("FATAL: password authentication failed (SQLSTATE 28P01)"),
+            Some("28P01")
+        );
+        assert_eq!(
+            sqlstate("requested WAL segment 0/55000000 has been removed"),
+            None
+        );
     }
 
     #[test]

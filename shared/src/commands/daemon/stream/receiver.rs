@@ -3,6 +3,7 @@
 //! check the cluster, keep the slot, stream from a segment boundary, hand whole segments and
 //! pieces to the [`storer`](super::storer), and tell the server what is durable.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -50,6 +51,9 @@ pub async fn run(
     let mut repo = Some(repo);
     let mut resume: Option<Resume> = None;
     let mut connected_once = false;
+    // Whether streaming ever started: refusals after that are retried, not fatal (a failover
+    // in progress can look like one).
+    let mut started_once = false;
     let mut delay = Duration::from_secs(1);
     loop {
         let target = opts.target.clone();
@@ -89,16 +93,23 @@ pub async fn run(
                     path: opts.dir.display().to_string(),
                     source,
                 })?;
-            storer = Some(storer::start(Arc::clone(&settings), r, opts.dir.clone(), Lsn(0)));
+            storer = Some(storer::start(
+                Arc::clone(&settings),
+                r,
+                opts.dir.clone(),
+                Lsn(0),
+                Arc::clone(&metrics),
+            ));
         }
         let Some(st) = storer.as_mut() else { unreachable!() };
         connected_once = true;
         let plan = match plan_start(&mut source, &opts, st, resume).await {
             Ok(p) => p,
-            Err(e) if e.is_permanent() => return Err(StreamError::Source(e)),
+            Err(e) if e.is_permanent() && !started_once => return Err(StreamError::Source(e)),
             Err(e) => {
                 tracing::error!("stream: {e}");
                 tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
                 continue;
             }
         };
@@ -116,14 +127,17 @@ pub async fn run(
         let streaming =
             match tokio::task::block_in_place(|| source.start(slot.as_deref(), plan.start, plan.timeline)) {
                 Ok(s) => s,
-                Err(e) if e.is_permanent() => return Err(StreamError::Source(e)),
+                Err(e) if e.is_permanent() && !started_once => return Err(StreamError::Source(e)),
                 Err(e) => {
                     tracing::error!("stream: {e}");
                     tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
                     continue;
                 }
             };
         delay = Duration::from_secs(1);
+        started_once = true;
+        st.connection += 1;
         metrics.stream_connected.store(1, Ordering::Relaxed);
         let watch = opts
             .slot
@@ -152,12 +166,18 @@ pub async fn run(
             }
         }
     }
-    if let Some(st) = storer {
+    if let Some(mut st) = storer {
         drop(st.jobs);
-        match st.task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(StreamError::Store(e)),
-            Err(e) => return Err(StreamError::Task(e.to_string())),
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut st.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(StreamError::Store(e)),
+            Ok(Err(e)) => return Err(StreamError::Task(e.to_string())),
+            Err(_) => {
+                st.task.abort();
+                tracing::warn!(
+                    "stream: stopping with WAL not stored (the repository does not answer); the slot keeps it for the next start"
+                );
+            }
         }
     }
     Ok(())
@@ -277,12 +297,30 @@ async fn plan_start(
         history = Some(parsed);
     }
     let fresh = seg_start(slot_start.unwrap_or(id.position));
+    let entries = history.map(|h| h.ancestors).unwrap_or_default();
+    // The timeline that holds `fresh`: the first ancestor that ended after it, else the
+    // server's (a slot may still hold WAL from before a promotion).
+    let fresh_timeline = entries
+        .iter()
+        .find(|e| e.switch_lsn > fresh)
+        .map_or(id.timeline, |e| e.timeline);
     let Some(r) = resume else {
         return Ok(Plan {
-            timeline: id.timeline,
+            timeline: fresh_timeline,
             start: fresh,
         });
     };
+    if r.timeline > id.timeline {
+        // An old primary not fenced yet, or a standby behind: never follow a timeline back.
+        return Err(SourceError::Server {
+            host: source.host.clone(),
+            message: format!(
+                "is on timeline {}, older than timeline {} the stream is on; waiting for a server on timeline {} or later",
+                id.timeline, r.timeline, r.timeline
+            ),
+            permanent: false,
+        });
+    }
     if r.timeline == id.timeline {
         return Ok(Plan {
             timeline: r.timeline,
@@ -290,7 +328,6 @@ async fn plan_start(
         });
     }
     // Another timeline: where did ours end, and which one followed it?
-    let entries = history.map(|h| h.ancestors).unwrap_or_default();
     let Some(i) = entries.iter().position(|e| e.timeline == r.timeline) else {
         tracing::error!(
             "stream: {} is on timeline {}, whose history does not include timeline {}, where the stream was: starting afresh (the archive may have a gap)",
@@ -299,7 +336,7 @@ async fn plan_start(
             r.timeline
         );
         return Ok(Plan {
-            timeline: id.timeline,
+            timeline: fresh_timeline,
             start: fresh,
         });
     };
@@ -344,6 +381,12 @@ async fn stream(
     let seg_size = asm.segment_size();
     // The offset in the current segment up to which pieces were handed on, and how many.
     let (mut piece_from, mut pieces) = (0u32, 0usize);
+    // Jobs the storer's queue has no room for yet. While they wait, the socket is not read (the
+    // server holds the WAL), but status updates still go out, so the server never times the
+    // connection out during a repository outage.
+    let mut pending: VecDeque<Job> = VecDeque::new();
+    // A handle of its own, so that a permit to send does not hold the storer borrowed.
+    let jobs = st.jobs.clone();
     st.flushed.borrow_and_update();
     // What precedes the start is reported flushed: nothing after it is acknowledged by that,
     // and a server counts a standby that reports no flush position as asynchronous.
@@ -351,15 +394,22 @@ async fn stream(
     let mut flush_tick = tokio::time::interval(opts.flush_every);
     let mut status_tick = tokio::time::interval(opts.status_every);
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let flushed_now = |st: &Storer| (*st.flushed.borrow()).max(floor);
+    let flushed_now = |st: &Storer| match *st.flushed.borrow() {
+        (c, l) if c == st.connection => l.max(floor),
+        _ => floor,
+    };
     loop {
         let mut flush_due = false;
         tokio::select! {
             biased;
             () = shutdown.as_mut() => {
-                hand_piece(asm, st, &mut piece_from, &mut pieces).await?;
+                hand_piece(asm, st, &mut pending, &mut piece_from, &mut pieces);
+                if tokio::time::timeout(SHUTDOWN_GRACE, drain(st, &mut pending)).await.is_err() {
+                    tracing::warn!("stream: stopping with WAL not stored (the repository does not answer); the slot keeps it for the next start");
+                    return Ok(Ended::Shutdown);
+                }
                 // Tell the server what is durable before going (best effort).
-                let _ = wait_flushed(st, st.sent_end, Duration::from_secs(30)).await;
+                let _ = wait_flushed(st, st.sent_end, SHUTDOWN_GRACE).await;
                 let _ = conn.status(asm.position(), flushed_now(st), false).await;
                 return Ok(Ended::Shutdown);
             }
@@ -376,16 +426,29 @@ async fn stream(
                 }
                 flush_due = opts.synchronous;
             }
-            msg = conn.next() => {
+            _ = flush_tick.tick() => flush_due = true,
+            _ = status_tick.tick() => {
+                if let Err(e) = conn.status(asm.position(), flushed_now(st), false).await {
+                    return Ok(Ended::Failed(e));
+                }
+            }
+            permit = jobs.reserve(), if !pending.is_empty() => {
+                let permit = permit.map_err(|_| StreamError::Task("the storing task stopped".into()))?;
+                if let Some(job) = pending.pop_front() {
+                    permit.send(job);
+                }
+            }
+            msg = conn.next(), if pending.len() < MAX_PENDING => {
                 let msg = match msg {
                     Ok(m) => m,
-                    Err(e) if e.to_string().contains("CopyDone") => {
-                        hand_piece(asm, st, &mut piece_from, &mut pieces).await?;
-                        tracing::info!("stream: the server ended timeline {} at {}", asm.timeline(), asm.position());
-                        return Ok(Ended::Reconnect);
-                    }
                     Err(e) => {
-                        hand_piece(asm, st, &mut piece_from, &mut pieces).await?;
+                        // What was received is stored before anything else happens.
+                        hand_piece(asm, st, &mut pending, &mut piece_from, &mut pieces);
+                        drain(st, &mut pending).await?;
+                        if e.to_string().contains("CopyDone") {
+                            tracing::info!("stream: the server ended timeline {} at {}", asm.timeline(), asm.position());
+                            return Ok(Ended::Reconnect);
+                        }
                         return Ok(Ended::Failed(e));
                     }
                 };
@@ -394,7 +457,8 @@ async fn stream(
                         metrics.stream_server_lsn.store(server_end.0, Ordering::Relaxed);
                         for done in asm.feed(start, data).map_err(StreamError::Protocol)? {
                             let end = Lsn(done.name.start_lsn(seg_size).map_or(0, |l| l.0) + u64::from(seg_size));
-                            send(st, Job::Segment { name: done.name, bytes: done.bytes, end }).await?;
+                            let connection = st.connection;
+                            queue(st, &mut pending, Job::Segment { name: done.name, bytes: done.bytes, end, connection });
                             (piece_from, pieces) = (0, 0);
                         }
                         metrics.stream_received_lsn.store(asm.position().0, Ordering::Relaxed);
@@ -410,59 +474,69 @@ async fn stream(
                     }
                 }
             }
-            _ = flush_tick.tick() => flush_due = true,
-            _ = status_tick.tick() => {
-                if let Err(e) = conn.status(asm.position(), flushed_now(st), false).await {
-                    return Ok(Ended::Failed(e));
-                }
-            }
         }
-        // Synchronous: a piece as soon as the previous one is stored; otherwise on the tick.
-        // The storer is idle once what is durable reaches the end of what was handed on.
+        // Synchronous: a piece as soon as the previous one is stored; otherwise on the tick. The
+        // storer is idle once what is durable reaches the end of what was handed on. Nothing is
+        // added while jobs wait: the next piece will hold these bytes too.
         let idle = flushed_now(st) >= st.sent_end;
-        if flush_due && (idle || !opts.synchronous) {
+        if flush_due && pending.is_empty() && (idle || !opts.synchronous) {
             if pieces >= CONSOLIDATE_AFTER {
                 (piece_from, pieces) = (0, 0);
             }
-            hand_piece(asm, st, &mut piece_from, &mut pieces).await?;
+            hand_piece(asm, st, &mut pending, &mut piece_from, &mut pieces);
         }
     }
 }
 
-/// Hand on the bytes received since the last piece, if any.
-async fn hand_piece(
+/// How long a stop waits for the repository to take what was received.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Jobs waiting for room in the storer's queue before the socket is read again: a segment
+/// completed and a piece.
+const MAX_PENDING: usize = 2;
+
+/// Queue the bytes received since the last piece, if any.
+fn hand_piece(
     asm: &Assembler,
     st: &mut Storer,
+    pending: &mut VecDeque<Job>,
     piece_from: &mut u32,
     pieces: &mut usize,
-) -> Result<(), StreamError> {
+) {
     let (segment, bytes) = asm.current();
     if bytes.len() as u32 <= *piece_from {
-        return Ok(());
+        return;
     }
     let from = *piece_from;
     let end = asm.position();
-    send(
+    queue(
         st,
+        pending,
         Job::Piece {
             segment,
             from,
             bytes: bytes[from as usize..].to_vec(),
             end,
+            connection: st.connection,
         },
-    )
-    .await?;
+    );
     *piece_from = bytes.len() as u32;
     *pieces += 1;
-    Ok(())
 }
 
-async fn send(st: &mut Storer, job: Job) -> Result<(), StreamError> {
+fn queue(st: &mut Storer, pending: &mut VecDeque<Job>, job: Job) {
     if let Job::Segment { end, .. } | Job::Piece { end, .. } = &job {
         st.sent_end = *end;
     }
-    if st.jobs.send(job).await.is_err() {
-        return Err(StreamError::Task("the storing task stopped".into()));
+    pending.push_back(job);
+}
+
+/// Hand every waiting job to the storer, waiting for room.
+async fn drain(st: &Storer, pending: &mut VecDeque<Job>) -> Result<(), StreamError> {
+    while let Some(job) = pending.pop_front() {
+        if st.jobs.send(job).await.is_err() {
+            return Err(StreamError::Task("the storing task stopped".into()));
+        }
     }
     Ok(())
 }
@@ -470,7 +544,7 @@ async fn send(st: &mut Storer, job: Job) -> Result<(), StreamError> {
 /// Wait until everything handed on is stored, or `limit` passes.
 async fn wait_flushed(st: &mut Storer, end: Lsn, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
-    while *st.flushed.borrow() < end {
+    while st.flushed.borrow().0 != st.connection || st.flushed.borrow().1 < end {
         match tokio::time::timeout_at(deadline, st.flushed.changed()).await {
             Ok(Ok(())) => {}
             _ => return false,

@@ -10,10 +10,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::commands::daemon::Metrics;
 use crate::commands::push::{self, Archiving, PushError};
 use crate::config::Settings;
 use crate::local::handoff::Spool;
@@ -24,11 +26,13 @@ use crate::wal::{Lsn, SegmentName, WalFileName};
 /// One thing to store.
 #[derive(Debug)]
 pub enum Job {
-    /// A whole segment; `end` is its last byte's LSN plus one.
+    /// A whole segment; `end` is its last byte's LSN plus one; `connection` is the number of
+    /// the connection that received it.
     Segment {
         name: SegmentName,
         bytes: Vec<u8>,
         end: Lsn,
+        connection: u64,
     },
     /// The segment's bytes from offset `from`; `end` is where they end.
     Piece {
@@ -36,6 +40,7 @@ pub enum Job {
         from: u32,
         bytes: Vec<u8>,
         end: Lsn,
+        connection: u64,
     },
     /// A timeline history file (does not move the flush position).
     History { name: WalFileName, bytes: Vec<u8> },
@@ -50,9 +55,13 @@ pub struct StorerError(pub PushError);
 #[derive(Debug)]
 pub struct Storer {
     pub jobs: mpsc::Sender<Job>,
-    pub flushed: watch::Receiver<Lsn>,
+    /// The end of what is durable, and the connection that received it: a position a former
+    /// connection reached says nothing of this one's WAL (another timeline may have taken over).
+    pub flushed: watch::Receiver<(u64, Lsn)>,
     /// The end of the last segment or piece handed on.
     pub sent_end: Lsn,
+    /// The number of the current connection (see [`Job`]).
+    pub connection: u64,
     pub task: tokio::task::JoinHandle<Result<(), StorerError>>,
 }
 
@@ -61,14 +70,21 @@ const QUEUE: usize = 2;
 
 /// Start storing into `repo`, through files in `dir` (the segment is handed to push's path as
 /// a file, like a segment PostgreSQL archives).
-pub fn start(settings: Arc<Settings>, repo: Writer, dir: PathBuf, flushed_from: Lsn) -> Storer {
+pub fn start(
+    settings: Arc<Settings>,
+    repo: Writer,
+    dir: PathBuf,
+    flushed_from: Lsn,
+    metrics: Arc<Metrics>,
+) -> Storer {
     let (jobs, rx) = mpsc::channel(QUEUE);
-    let (tx, flushed) = watch::channel(flushed_from);
-    let task = tokio::spawn(run(settings, repo, dir, rx, tx));
+    let (tx, flushed) = watch::channel((0, flushed_from));
+    let task = tokio::spawn(run(settings, repo, dir, rx, tx, metrics));
     Storer {
         jobs,
         flushed,
         sent_end: flushed_from,
+        connection: 0,
         task,
     }
 }
@@ -78,11 +94,12 @@ async fn run(
     mut repo: Writer,
     dir: PathBuf,
     mut jobs: mpsc::Receiver<Job>,
-    flushed: watch::Sender<Lsn>,
+    flushed: watch::Sender<(u64, Lsn)>,
+    metrics: Arc<Metrics>,
 ) -> Result<(), StorerError> {
     let spool = Spool::new(&dir);
     // The pieces this process stored of the segment being received.
-    let mut stored: Vec<Piece> = Vec::new();
+    let mut stored: Vec<(SegmentName, Piece)> = Vec::new();
     while let Some(job) = jobs.recv().await {
         let mut delay = Duration::from_millis(200);
         loop {
@@ -90,8 +107,12 @@ async fn run(
                 Ok(()) => break,
                 Err(e) if fatal(&e) => return Err(StorerError(e)),
                 Err(e) => {
+                    let behind = metrics
+                        .stream_server_lsn
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(flushed.borrow().1.0);
                     tracing::warn!(
-                        "stream: storing {} failed, retrying in {:.1}s (the slot keeps the WAL on the server meanwhile): {e}",
+                        "stream: storing {} failed, retrying in {:.1}s; the repository is {behind} bytes behind the server, whose slot keeps that WAL meanwhile: {e}",
                         describe(&job),
                         delay.as_secs_f64()
                     );
@@ -101,8 +122,8 @@ async fn run(
             }
         }
         match job {
-            Job::Segment { end, .. } | Job::Piece { end, .. } => {
-                flushed.send_replace(end);
+            Job::Segment { end, connection, .. } | Job::Piece { end, connection, .. } => {
+                flushed.send_replace((connection, end));
             }
             Job::History { .. } => {}
         }
@@ -141,15 +162,32 @@ async fn store(
     dir: &std::path::Path,
     spool: &Spool,
     job: &Job,
-    stored: &mut Vec<Piece>,
+    stored: &mut Vec<(SegmentName, Piece)>,
 ) -> Result<(), PushError> {
     match job {
         Job::Segment { name, bytes, .. } => {
             archive_file(settings, repo, dir, spool, &WalFileName::Segment(*name), bytes).await?;
-            // Its pieces, and any a stopped stream left of earlier segments, are garbage now.
+            // Its pieces are garbage now, and so are those a stopped stream left of earlier
+            // segments, once those are stored whole (until then they are the only copy).
             let reader = repo.writable().reader();
             let mut garbage = pieces::list(&reader, name).await.unwrap_or_default();
-            garbage.extend(pieces::list_before(&reader, name).await.unwrap_or_default());
+            let mut earlier = pieces::list_before(&reader, name).await.unwrap_or_default();
+            earlier.sort_by_key(|(s, _)| *s);
+            let mut whole = std::collections::BTreeMap::new();
+            for (seg, piece) in earlier {
+                let is_whole = match whole.get(&seg) {
+                    Some(w) => *w,
+                    None => {
+                        let key = crate::repo::layout::wal_key(&WalFileName::Segment(seg));
+                        let w = matches!(reader.head(&key).await, Ok(Some(_)));
+                        whole.insert(seg, w);
+                        w
+                    }
+                };
+                if is_whole {
+                    garbage.push(piece);
+                }
+            }
             pieces::remove(repo.writable(), &garbage).await;
             stored.clear();
             Ok(())
@@ -166,15 +204,19 @@ async fn store(
                         source: std::io::Error::other(other.to_string()),
                     },
                 })?;
+            // Pieces of another segment (or timeline) are no business of this one's.
+            stored.retain(|(s, _)| s == segment);
             if *from == 0 {
-                // A consolidation: the pieces before it are covered.
-                let old: Vec<Piece> = std::mem::take(stored)
+                // A consolidation: the pieces it covers go; one reaching further (stored before
+                // a reconnect restarted the segment) stays.
+                let (covered, kept): (Vec<_>, Vec<_>) = std::mem::take(stored)
                     .into_iter()
-                    .filter(|p| p.key != piece.key)
-                    .collect();
-                pieces::remove(repo.writable(), &old).await;
+                    .partition(|(_, p)| p.key != piece.key && p.to <= piece.to);
+                *stored = kept;
+                let covered: Vec<Piece> = covered.into_iter().map(|(_, p)| p).collect();
+                pieces::remove(repo.writable(), &covered).await;
             }
-            stored.push(piece);
+            stored.push((*segment, piece));
             Ok(())
         }
         Job::History { name, bytes } => archive_file(settings, repo, dir, spool, name, bytes).await,
