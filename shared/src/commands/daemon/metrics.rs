@@ -432,11 +432,18 @@ mod tests {
             a.store(1_700_000_000 + n as i64, Ordering::Relaxed);
         }
         *m.last_archived_name.lock().unwrap() = "000000010000000000000003".into();
+        m.stream_connected.store(1, Ordering::Relaxed);
+        m.stream_received_lsn.store(0x300_0000, Ordering::Relaxed);
+        m.stream_flushed_lsn.store(0x280_0000, Ordering::Relaxed);
+        m.stream_server_lsn.store(0x310_0000, Ordering::Relaxed);
+        m.stream_slot_wal_status.store(3, Ordering::Relaxed);
+        m.stream_slot_safe_wal_bytes.store(-1, Ordering::Relaxed);
         m
     }
 
     /// The exposition, frozen: testdata/metrics.prom was written by the render before it was split
-    /// into groups, and dashboards and the e2e tests scrape these names.
+    /// into groups (the `stream_` families were added after), and dashboards and the e2e tests
+    /// scrape these names.
     #[test]
     fn render_exposes_every_metric_under_its_name() {
         assert_eq!(distinct().render(), include_str!("testdata/metrics.prom"));

@@ -64,6 +64,10 @@ pub async fn serve(
     metrics: Arc<super::Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), super::DaemonError> {
+    // Unknown until the first look at the slot.
+    metrics
+        .stream_slot_safe_wal_bytes
+        .store(-1, std::sync::atomic::Ordering::Relaxed);
     let repo = crate::commands::push::open_repository(&settings).await?;
     if opts.dir.as_os_str().is_empty() {
         opts.dir = default_dir(repo.id());
