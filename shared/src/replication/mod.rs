@@ -15,3 +15,4 @@ pub mod assembler;
 pub mod conninfo;
 pub mod pieces;
 pub mod source;
+pub mod tar;
