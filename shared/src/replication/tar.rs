@@ -210,7 +210,14 @@ fn parse_header(h: &[u8], at: u64) -> Result<Member, TarError> {
             });
         }
     };
-    let name = name.trim_end_matches('/').to_string();
+    // PostgreSQL names the directories it makes up (pg_wal, its archive_status) "./pg_wal":
+    // a `.` component is dropped, anything else must be a plain relative path.
+    let name = name
+        .trim_end_matches('/')
+        .split('/')
+        .filter(|c| *c != ".")
+        .collect::<Vec<_>>()
+        .join("/");
     check_name(&name)?;
     Ok(Member {
         size: octal(&h[124..136], at, "size")?,
@@ -260,6 +267,7 @@ mod tests {
         let mut a = header("backup_label", b'0', 5, "");
         a.extend_from_slice(b"hello");
         a.extend(vec![0u8; 507]);
+        a.extend(header("./pg_wal/archive_status", b'5', 0, ""));
         a.extend(header("base/1", b'5', 0, ""));
         a.extend(header("pg_tblspc/16384", b'2', 0, "/srv/ts"));
         a.extend(header("global/pg_control", b'0', 1024, ""));
@@ -290,13 +298,14 @@ mod tests {
     #[test]
     fn members_and_bytes_come_out_the_same_however_the_stream_is_cut() {
         let whole = read_in(usize::MAX);
-        assert_eq!(whole.len(), 4);
+        assert_eq!(whole.len(), 5);
         assert_eq!(whole[0].0.name, "backup_label");
         assert_eq!(whole[0].1, b"hello");
-        assert_eq!(whole[1].0.kind, Kind::Dir);
-        assert_eq!(whole[2].0.link, "/srv/ts");
-        assert_eq!(whole[3].1.len(), 1024);
-        assert_eq!(whole[3].0.mode, 0o600);
+        assert_eq!(whole[1].0.name, "pg_wal/archive_status");
+        assert_eq!(whole[2].0.kind, Kind::Dir);
+        assert_eq!(whole[3].0.link, "/srv/ts");
+        assert_eq!(whole[4].1.len(), 1024);
+        assert_eq!(whole[4].0.mode, 0o600);
         for cut in [1, 7, 511, 512, 513, 4096] {
             assert_eq!(read_in(cut), whole, "cut every {cut} bytes");
         }
