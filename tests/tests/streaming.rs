@@ -335,6 +335,27 @@ fn standby_of(primary: &Cluster, name: &str) -> Result<Cluster> {
     Ok(standby)
 }
 
+/// `pg_promote()` on `standby`, then wait until it has left recovery.
+fn promote(standby: &Cluster) -> Result<()> {
+    standby.execute("SELECT pg_promote()")?;
+    host::wait_for(
+        "the promotion",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            Ok(
+                match standby
+                    .query_one_string("SELECT pg_is_in_recovery()::text")?
+                    .as_str()
+                {
+                    "false" => Poll::Done(()),
+                    _ => Poll::Waiting("in recovery".into()),
+                },
+            )
+        },
+    )
+}
+
 /// Wait until `standby` has replayed everything `primary` wrote.
 fn wait_caught_up(primary: &Cluster, standby: &Cluster) -> Result<()> {
     let target = primary.query_one_string("SELECT pg_current_wal_lsn()::text")?;
@@ -390,23 +411,7 @@ fn matrix_stream_pg15_follows_a_failover_to_the_promoted_standby() -> Result<()>
     primary.execute("INSERT INTO ledger SELECT g, 1 FROM generate_series(1001, 2000) g")?;
     wait_caught_up(&primary, &standby)?;
     primary.stop()?;
-    standby.execute("SELECT pg_promote()")?;
-    host::wait_for(
-        "the promotion",
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        || {
-            Ok(
-                match standby
-                    .query_one_string("SELECT pg_is_in_recovery()::text")?
-                    .as_str()
-                {
-                    "false" => Poll::Done(()),
-                    _ => Poll::Waiting("in recovery".into()),
-                },
-            )
-        },
-    )?;
+    promote(&standby)?;
     standby.execute("INSERT INTO ledger SELECT g, 2 FROM generate_series(2001, 3000) g")?;
     wait_flushed(&daemon, &standby).with_context(|| daemon.log())?;
     let log = daemon.log();
@@ -564,23 +569,7 @@ fn matrix_stream_pg15_follows_a_kill9_failover_and_restores_what_the_new_primary
     thread::sleep(Duration::from_secs(4));
     kill9(&primary)?;
     let acked = writer.finish();
-    standby.execute("SELECT pg_promote()")?;
-    host::wait_for(
-        "the promotion",
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        || {
-            Ok(
-                match standby
-                    .query_one_string("SELECT pg_is_in_recovery()::text")?
-                    .as_str()
-                {
-                    "false" => Poll::Done(()),
-                    _ => Poll::Waiting("in recovery".into()),
-                },
-            )
-        },
-    )?;
+    promote(&standby)?;
     let survived: i64 = standby
         .query_one_string("SELECT coalesce(max(id), 0)::text FROM acked")?
         .parse()?;

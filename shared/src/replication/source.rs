@@ -270,22 +270,38 @@ fn query_one(conn: &mut PgReplicationConnection, host: &str, sql: &str) -> Resul
 /// The slot's state through an ordinary session to `host` (no walsender, so it counts against
 /// neither `max_wal_senders` nor the stream), opened for this one question.
 pub fn slot_state(host: &Host, name: &str) -> Result<Option<SlotState>, SourceError> {
-    let conn =
+    let mut conn =
         PgReplicationConnection::connect(&host.plain_conninfo).map_err(|e| server_error(&host.label, &e))?;
-    let mut s = Source {
-        conn,
-        host: host.label.clone(),
-        target: host.clone(),
-        identity: Identity {
-            system_id: 0,
-            timeline: TimelineId::FIRST,
-            position: Lsn(0),
-            segment_size: 0,
-            in_recovery: false,
-            server_version: 0,
-        },
-    };
-    s.slot(name)
+    read_slot(&mut conn, &host.label, name)
+}
+
+/// The slot's state as `pg_replication_slots` gives it on `conn`, or `None` when there is no
+/// such slot; a slot of that name that is not physical is refused.
+fn read_slot(
+    conn: &mut PgReplicationConnection,
+    host: &str,
+    name: &str,
+) -> Result<Option<SlotState>, SourceError> {
+    let sql = format!(
+        "SELECT restart_lsn, wal_status, safe_wal_size, slot_type FROM pg_replication_slots WHERE slot_name = {}",
+        quote_literal(name)
+    );
+    let r = conn.exec(&sql).map_err(|e| server_error(host, &e))?;
+    if r.ntuples() == 0 {
+        return Ok(None);
+    }
+    if r.get_value(0, 3).as_deref() != Some("physical") {
+        return Err(SourceError::Server {
+            host: host.to_string(),
+            message: format!("replication slot {name:?} exists but is not a physical slot"),
+            permanent: true,
+        });
+    }
+    Ok(Some(SlotState {
+        restart_lsn: r.get_value(0, 0).and_then(|s| s.parse().ok()),
+        wal_status: r.get_value(0, 1),
+        safe_wal_size: r.get_value(0, 2).and_then(|s| s.parse().ok()),
+    }))
 }
 
 /// What the server says of the slot.
@@ -301,26 +317,7 @@ pub struct SlotState {
 impl Source {
     /// The slot's state, or `None` when there is no such slot.
     pub fn slot(&mut self, name: &str) -> Result<Option<SlotState>, SourceError> {
-        let sql = format!(
-            "SELECT restart_lsn, wal_status, safe_wal_size, slot_type FROM pg_replication_slots WHERE slot_name = {}",
-            quote_literal(name)
-        );
-        let r = self.conn.exec(&sql).map_err(|e| server_error(&self.host, &e))?;
-        if r.ntuples() == 0 {
-            return Ok(None);
-        }
-        if r.get_value(0, 3).as_deref() != Some("physical") {
-            return Err(SourceError::Server {
-                host: self.host.clone(),
-                message: format!("replication slot {name:?} exists but is not a physical slot"),
-                permanent: true,
-            });
-        }
-        Ok(Some(SlotState {
-            restart_lsn: r.get_value(0, 0).and_then(|s| s.parse().ok()),
-            wal_status: r.get_value(0, 1),
-            safe_wal_size: r.get_value(0, 2).and_then(|s| s.parse().ok()),
-        }))
+        read_slot(&mut self.conn, &self.host, name)
     }
 
     /// Create the physical slot, reserving WAL from now on.

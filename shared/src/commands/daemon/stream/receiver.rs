@@ -108,8 +108,7 @@ pub async fn run(
             Err(e) if e.is_permanent() && !started_once => return Err(StreamError::Source(e)),
             Err(e) => {
                 tracing::error!("stream: {e}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
+                back_off(&mut delay).await;
                 continue;
             }
         };
@@ -130,8 +129,7 @@ pub async fn run(
                 Err(e) if e.is_permanent() && !started_once => return Err(StreamError::Source(e)),
                 Err(e) => {
                     tracing::error!("stream: {e}");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
+                    back_off(&mut delay).await;
                     continue;
                 }
             };
@@ -181,6 +179,12 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// Wait `delay` before the next attempt, and double it up to 30 s.
+async fn back_off(delay: &mut Duration) {
+    tokio::time::sleep(*delay).await;
+    *delay = (*delay * 2).min(Duration::from_secs(30));
 }
 
 async fn connect(target: Target) -> Result<Source, SourceError> {
