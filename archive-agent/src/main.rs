@@ -86,7 +86,8 @@ enum Command {
         #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", value_name = "LEVEL")]
         compress_level: Option<i32>,
     },
-    /// Take an online base backup of the cluster in --pgdata into the repository
+    /// Take an online base backup into the repository: of the cluster in --pgdata, read from
+    /// disk, or without --pgdata over the replication protocol (BASE_BACKUP) from --pg-url
     Backup {
         #[command(flatten)]
         args: BackupArgs,

@@ -13,5 +13,6 @@ pub mod manifest;
 pub mod pack;
 pub mod relmap;
 pub mod reuse;
+pub mod server_manifest;
 
 pub use manifest::{BackupId, Manifest};

@@ -25,11 +25,15 @@ pub enum BackupArgsError {
 /// `archive-agent backup`'s flags.
 #[derive(Debug, clap::Args)]
 pub struct BackupArgs {
-    /// The data directory of the running cluster (read directly from disk)
+    /// The data directory of the running cluster, read directly from disk. Without it the
+    /// backup is taken over the replication protocol (BASE_BACKUP, PostgreSQL 15 and newer):
+    /// no access to the data directory, only a role with REPLICATION, from any host
     #[arg(long, env = "PGDATA", value_name = "DIR")]
-    pub pgdata: PathBuf,
+    pub pgdata: Option<PathBuf>,
     /// Connection to that cluster, libpq style or URL [default: from PGHOST, PGPORT, PGUSER,
-    /// else host=/var/run/postgresql port=5432 user=postgres]
+    /// else host=/var/run/postgresql port=5432 user=postgres]. Without --pgdata, a replication
+    /// connection as for `daemon --stream`: several hosts and target_session_attrs accepted,
+    /// and pg_hba.conf needs a line for the database (not a `replication` line)
     #[arg(long, env = "WALVAULT_PG_URL", value_name = "CONN")]
     pub pg_url: Option<String>,
     /// zstd level for the chunks [default: 3]

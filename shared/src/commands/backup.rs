@@ -25,19 +25,20 @@ mod copy;
 mod error;
 mod finish;
 mod inventory;
+mod protocol;
 mod session;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::basebackup::label;
-use crate::basebackup::manifest::Manifest;
+use crate::basebackup::manifest::{BackupId, Manifest};
 use crate::config::Settings;
 use crate::repo::locks::{Lock, LockKind};
 use copy::CopyOptions;
 use finish::Outcome;
 use inventory::Inventory;
-use session::{Primary, Server, Session};
+use session::{Primary, Server, Session, Started, Stopped};
 
 pub use crate::repo::layout::manifest_key;
 pub use copy::PACKS_IN_FLIGHT;
@@ -50,8 +51,11 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 /// How to take a backup.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
-    pub pgdata: PathBuf,
-    /// libpq-style connection string or URL of the server whose data directory is `pgdata`.
+    /// The data directory, read from disk; `None`: the backup is taken over the replication
+    /// protocol (`BASE_BACKUP`, see [`protocol`]).
+    pub pgdata: Option<PathBuf>,
+    /// libpq-style connection string or URL of the server whose data directory is `pgdata`
+    /// (without it: a replication connection, several hosts and `target_session_attrs` allowed).
     pub pg_conn: String,
     pub chunk_size: u64,
     /// Chunks compressed and uploaded at once.
@@ -82,12 +86,18 @@ pub async fn take_backup_reading(
         repo.writable(),
         repo.sealer(),
         LockKind::Backup,
-        &format!("backup of {}", opts.pgdata.display()),
+        &match &opts.pgdata {
+            Some(dir) => format!("backup of {}", dir.display()),
+            None => "backup over the replication protocol".to_string(),
+        },
         LockKind::Expire,
         LOCK_WAIT,
     )
     .await?;
-    let taken = take_locked(settings, opts, &repo, &lock, reading).await;
+    let taken = match &opts.pgdata {
+        Some(pgdata) => take_locked(settings, opts, pgdata, &repo, &lock, reading).await,
+        None => take_over_protocol(settings, opts, &repo, &lock, reading).await,
+    };
     lock.release().await;
     taken
 }
@@ -99,6 +109,7 @@ const LOCK_WAIT: Duration = Duration::from_secs(30 * 60);
 async fn take_locked(
     settings: &Settings,
     opts: &BackupOptions,
+    pgdata: &Path,
     repo: &crate::repo::Writer,
     lock: &Lock,
     reading: FileReading,
@@ -106,7 +117,8 @@ async fn take_locked(
     let store = repo.writable().clone();
     let session = Session::connect(&opts.pg_conn).await?;
     let server = session.server;
-    check_cluster(&server, opts, repo).await?;
+    check_data_dir(&server, pgdata).await?;
+    check_repo_cluster(server.sysid, repo)?;
     let primary = Primary::of(opts.primary_conn.as_deref(), &server).await?;
 
     let started = session.start().await?;
@@ -131,7 +143,7 @@ async fn take_locked(
         pg_version: server.pg_version,
     };
     // The clock read before any stat: the bound the next backup's reuse rule compares with.
-    let copied = match Inventory::take(&opts.pgdata, inventory::wall_clock_ns()) {
+    let copied = match Inventory::take(pgdata, inventory::wall_clock_ns()) {
         Ok(files) => copy::copy_files(&store, repo.sealer(), files, copy_opts, previous.as_ref()).await,
         Err(e) => Err(e),
     };
@@ -150,53 +162,189 @@ async fn take_locked(
     let stopped = session.stop().await;
     let copied = copied?;
     let stopped = stopped?;
-    let label = label::parse(&stopped.backup_label)?;
-    let stop_seg = finish::stop_segment(&label, &stopped, server.seg_size)?;
-    if server.from_standby {
-        Primary::complete_stop_segment(primary, &stop_seg, server.seg_size).await;
-    }
-    finish::wait_for_wal(
+    finish_backup(
         &store,
-        &label.start_wal,
-        &stop_seg,
-        server.seg_size,
+        repo,
+        lock,
+        Outcome {
+            server,
+            started,
+            label: label::parse(&stopped.backup_label)?,
+            stopped,
+            chunk_size: opts.chunk_size,
+            copied,
+        },
+        primary,
         opts.wal_timeout,
     )
+    .await
+}
+
+/// The end of every backup, once its files are stored: where its WAL ends, the wait until that
+/// WAL is in the repository (from a standby, after asking `primary` to complete the stop
+/// segment), then the manifest, written last.
+async fn finish_backup(
+    store: &crate::repo::WritableStore,
+    repo: &crate::repo::Writer,
+    lock: &Lock,
+    outcome: Outcome,
+    primary: Option<Primary>,
+    wal_timeout: Duration,
+) -> Result<Manifest, BackupError> {
+    let seg_size = outcome.server.seg_size;
+    let stop_seg = finish::stop_segment(&outcome.label, &outcome.stopped, seg_size)?;
+    if outcome.server.from_standby {
+        Primary::complete_stop_segment(primary, &stop_seg, seg_size).await;
+    }
+    finish::wait_for_wal(store, &outcome.label.start_wal, &stop_seg, seg_size, wal_timeout).await?;
+    finish::record(store, repo.sealer(), lock, finish::manifest(outcome, stop_seg)).await
+}
+
+/// A backup over the replication protocol, under `lock`: `BASE_BACKUP` does the start and the
+/// stop, its archives stream into the chunk pipeline, and the server's manifest vouches for
+/// every file before the backup's own manifest is written.
+async fn take_over_protocol(
+    settings: &Settings,
+    opts: &BackupOptions,
+    repo: &crate::repo::Writer,
+    lock: &Lock,
+    reading: FileReading,
+) -> Result<Manifest, BackupError> {
+    let store = repo.writable().clone();
+    let mut source = protocol::connect(&opts.pg_conn)?;
+    let identity = source.identity.clone();
+    let server = Server {
+        pg_version: crate::wal::version::major_of_version_num(identity.server_version),
+        from_standby: identity.in_recovery,
+        sysid: identity.system_id,
+        seg_size: identity.segment_size,
+    };
+    if crate::wal::version::for_major(server.pg_version).is_none() {
+        return Err(BackupError::Version(server.pg_version));
+    }
+    check_repo_cluster(server.sysid, repo)?;
+    let primary = Primary::of(opts.primary_conn.as_deref(), &server).await?;
+    let start_time_us = tokio::task::block_in_place(|| source.clock_us()).map_err(protocol::protocol_err)?;
+    let id = BackupId::from_unix(start_time_us.div_euclid(1_000_000));
+    let host = source.target.clone();
+    relation_map_over_sql(&opts.pg_conn, &id, &store, repo.sealer()).await;
+    let previous = inventory::base_of(
+        &store,
+        repo.sealer(),
+        reading,
+        server.sysid,
+        server.pg_version,
+        opts.chunk_size,
+    )
     .await?;
-    let manifest = finish::manifest(Outcome {
+    let copy_opts = CopyOptions {
+        chunk_size: opts.chunk_size,
+        parallel: opts.parallel,
+        level: settings.compress_level,
+        pg_version: server.pg_version,
+    };
+    let copier = copy::Copier::new(&store, repo.sealer(), copy_opts, previous.as_ref(), 1024);
+    let examined_after_ns = inventory::wall_clock_ns();
+    let copy_started = std::time::Instant::now();
+    let (start, stream) = tokio::task::block_in_place(|| source.base_backup(&format!("walvault {id}"), true))
+        .map_err(protocol::protocol_err)?;
+    tracing::info!(backup = %id, host = stream.host(), start = %start.lsn, "backup started over the replication protocol");
+    let received = protocol::receive(
+        stream,
+        copier,
+        server.pg_version,
+        previous.as_ref(),
+        examined_after_ns,
+    )
+    .await?;
+    let stats = &received.copied.stats;
+    tracing::info!(
+        backup = %id,
+        files = stats.files,
+        bytes = stats.logical_bytes,
+        "files received in {:.2}s",
+        copy_started.elapsed().as_secs_f64()
+    );
+    // After the server stopped the backup (its manifest came last): an upper bound for every
+    // commit before the consistency point, on the server's clock.
+    let stop_time_us = tokio::task::block_in_place(|| protocol::clock_of(&host))?;
+    let label = label::parse(&received.backup_label)?;
+    if label.start_lsn != start.lsn || label.timeline != start.timeline {
+        return Err(BackupError::Sql(format!(
+            "the backup_label streamed ({} on timeline {}) is not the start BASE_BACKUP reported ({} on timeline {})",
+            label.start_lsn, label.timeline, start.lsn, start.timeline
+        )));
+    }
+    let stopped = Stopped {
+        stop_lsn: received.end.end,
+        backup_label: received.backup_label,
+        spcmap: received.tablespace_map,
+        stop_time_us,
+        stop_tli: server.from_standby.then(|| received.end.timeline.get() as i32),
+    };
+    let started = Started { id, start_time_us };
+    let outcome = Outcome {
         server,
         started,
         label,
         stopped,
-        stop_seg,
         chunk_size: opts.chunk_size,
-        copied,
-    });
-    finish::record(&store, repo.sealer(), lock, manifest).await
+        copied: received.copied,
+    };
+    finish_backup(&store, repo, lock, outcome, primary, opts.wal_timeout).await
 }
 
-/// Check that `opts.pgdata` is the data directory of `server`, and that the repository, when
-/// it is bound to a cluster, is bound to this one.
-async fn check_cluster(
-    server: &Server,
-    opts: &BackupOptions,
-    repo: &crate::repo::Writer,
-) -> Result<(), BackupError> {
-    let dir_sysid = control::read_control_sysid(&opts.pgdata, server.pg_version).await?;
+/// The relation map for `restore-agent find`, over an ordinary SQL session to `pg_conn`.
+/// Derived data: a failure costs names, never the backup.
+async fn relation_map_over_sql(
+    pg_conn: &str,
+    id: &BackupId,
+    store: &crate::repo::WritableStore,
+    sealer: &crate::repo::object::Sealer,
+) {
+    let connected = tokio_postgres::connect(pg_conn, tokio_postgres::NoTls).await;
+    let (client, connection) = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("the relation map could not be read: {e}");
+            return;
+        }
+    };
+    let conn_task = tokio::spawn(connection);
+    match crate::basebackup::relmap::read_from_server(&client, pg_conn, id).await {
+        Ok(map) => {
+            if let Err(e) = crate::basebackup::relmap::store(store, sealer, &map).await {
+                tracing::warn!("the relation map was not stored: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("the relation map could not be read: {e}"),
+    }
+    drop(client);
+    let _ = conn_task.await;
+}
+
+/// Check that `pgdata` is the data directory of `server`.
+async fn check_data_dir(server: &Server, pgdata: &Path) -> Result<(), BackupError> {
+    let dir_sysid = control::read_control_sysid(pgdata, server.pg_version).await?;
     if dir_sysid != server.sysid {
         return Err(BackupError::WrongDataDir {
-            pgdata: opts.pgdata.display().to_string(),
+            pgdata: pgdata.display().to_string(),
             dir: dir_sysid,
             server: server.sysid,
         });
     }
+    Ok(())
+}
+
+/// Check that the repository, when it is bound to a cluster, is bound to system `sysid`.
+fn check_repo_cluster(sysid: u64, repo: &crate::repo::Writer) -> Result<(), BackupError> {
     if let Some(c) = repo.cluster()
-        && c.system_identifier != server.sysid
+        && c.system_identifier != sysid
     {
         return Err(BackupError::ForeignCluster {
             repo: repo.writable().url().to_string(),
             repo_id: c.system_identifier,
-            server: server.sysid,
+            server: sysid,
         });
     }
     Ok(())

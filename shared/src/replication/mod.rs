@@ -9,9 +9,12 @@
 //! flush position it reports is the end of what the repository holds, never more; with
 //! `--synchronous` it is reported as soon as it moves, so a primary that names the daemon in
 //! `synchronous_standby_names` acknowledges a commit only once it is in the repository.
+//! `archive-agent backup --pg-url` without a data directory runs `BASE_BACKUP` on the same kind
+//! of connection and reads its tar archives as they stream ([`backup_stream`], [`tar`]).
 //! docs/STREAMING.md has the design and its sources (`pg_receivewal`, Barman).
 
 pub mod assembler;
+pub mod backup_stream;
 pub mod conninfo;
 pub mod pieces;
 pub mod source;

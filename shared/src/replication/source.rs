@@ -44,7 +44,7 @@ impl SourceError {
     }
 }
 
-fn server_error(host: &str, e: &ReplicationError) -> SourceError {
+pub(super) fn server_error(host: &str, e: &ReplicationError) -> SourceError {
     let m = e.to_string();
     // Refusals a retry cannot change: no pg_hba.conf line, a wrong password, no REPLICATION
     // attribute, no such database or object, a server not set up for it. A server starting up,
@@ -111,7 +111,7 @@ pub struct Identity {
 
 /// A connection to one server, not streaming yet.
 pub struct Source {
-    conn: PgReplicationConnection,
+    pub(super) conn: PgReplicationConnection,
     pub host: String,
     /// The server's entry in the host list (for the slot watch's own connection).
     pub target: Host,
@@ -250,7 +250,7 @@ fn parse_size(s: &str) -> Option<u32> {
     n.trim().parse::<u32>().ok()?.checked_mul(mult)
 }
 
-fn quote_literal(s: &str) -> String {
+pub(super) fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
@@ -262,7 +262,11 @@ fn show(conn: &mut PgReplicationConnection, host: &str, setting: &str) -> Result
     query_one(conn, host, &format!("SHOW {setting}"))
 }
 
-fn query_one(conn: &mut PgReplicationConnection, host: &str, sql: &str) -> Result<String, SourceError> {
+pub(super) fn query_one(
+    conn: &mut PgReplicationConnection,
+    host: &str,
+    sql: &str,
+) -> Result<String, SourceError> {
     let r = conn.exec(sql).map_err(|e| server_error(host, &e))?;
     Ok(r.get_value(0, 0).unwrap_or_default())
 }

@@ -16,18 +16,12 @@ const CONTROL_READ_ATTEMPTS: u32 = 20;
 /// running server (a standby above all) rewrites it in place, and a read racing that write can
 /// see half of each; a restored cluster would then refuse to start.
 pub(super) async fn read_control_file(path: &Path, pg_version: u32) -> Result<Vec<u8>, BackupError> {
-    let offset = crate::wal::version::for_major(pg_version)
-        .ok_or(BackupError::Version(pg_version))?
-        .control_crc_offset;
     for _ in 0..CONTROL_READ_ATTEMPTS {
         let bytes = tokio::fs::read(path).await.map_err(|source| BackupError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        let stored = bytes
-            .get(offset..offset + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-        if stored.is_some_and(|crc| crc == crc32c::crc32c(&bytes[..offset])) {
+        if control_crc_holds(&bytes, pg_version)? {
             return Ok(bytes);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -37,6 +31,17 @@ pub(super) async fn read_control_file(path: &Path, pg_version: u32) -> Result<Ve
         attempts: CONTROL_READ_ATTEMPTS,
         pg_version,
     })
+}
+
+/// Whether `bytes` are a PostgreSQL `pg_version` control file whose CRC checks.
+pub(super) fn control_crc_holds(bytes: &[u8], pg_version: u32) -> Result<bool, BackupError> {
+    let offset = crate::wal::version::for_major(pg_version)
+        .ok_or(BackupError::Version(pg_version))?
+        .control_crc_offset;
+    let stored = bytes
+        .get(offset..offset + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    Ok(stored.is_some_and(|crc| crc == crc32c::crc32c(&bytes[..offset])))
 }
 
 /// The system identifier in `global/pg_control` (its first 8 bytes in every version).

@@ -67,22 +67,12 @@ pub(super) async fn copy_files(
         tablespaces,
         examined_after_ns,
     } = inventory;
-    let known = previous.map(Previous::chunk_lengths).unwrap_or_default();
     let base = previous.filter(|p| p.take_over).map(Previous::base);
-    let mut copier = Copier::new(store, sealer, opts, known, sources.len());
+    let mut copier = Copier::new(store, sealer, opts, previous, sources.len());
     for src in &sources {
         copier.copy(src, base.as_ref(), examined_after_ns).await?;
     }
-    let (entries, files, stats, written) = copier.finish().await?;
-    let packs = packs_named(written, previous.map_or(&[][..], |p| &p.manifest.packs), &entries);
-    Ok(Copied {
-        entries,
-        files,
-        tablespaces,
-        stats,
-        examined_after_us: examined_after_ns / 1000,
-        packs,
-    })
+    copier.into_copied(tablespaces, previous, examined_after_ns).await
 }
 
 /// The packs a manifest with `entries` lists: every pack this backup wrote, then each of the
@@ -104,6 +94,16 @@ fn packs_named(written: Vec<PackRecord>, previous: &[PackRecord], entries: &[Ent
     packs
 }
 
+/// A file being streamed into the pipeline ([`Copier::begin_streamed`]).
+pub(super) struct Streamed {
+    entry: usize,
+    next_idx: usize,
+    /// The chunk being filled.
+    buf: Vec<u8>,
+    /// Bytes handed to the pipeline.
+    size: u64,
+}
+
 /// What the chunk pipeline did with one chunk.
 struct ChunkDone {
     entry: usize,
@@ -114,7 +114,7 @@ struct ChunkDone {
 }
 
 /// The reader's state: the manifest being assembled and the chunk tasks in flight.
-struct Copier {
+pub(super) struct Copier {
     chunks: Arc<Chunks>,
     /// Bounds memory: at most 2 * `parallel` chunks (plus the uploads in flight on an object
     /// store) read and not yet stored.
@@ -135,13 +135,15 @@ struct Copier {
 }
 
 impl Copier {
-    fn new(
+    /// A copier for about `sources` files, which stores no chunk `previous` holds.
+    pub(super) fn new(
         store: &WritableStore,
         sealer: &Sealer,
         opts: CopyOptions,
-        known: HashMap<[u8; 32], Option<u64>>,
+        previous: Option<&Previous>,
         sources: usize,
     ) -> Copier {
+        let known = previous.map(Previous::chunk_lengths).unwrap_or_default();
         let parallel = opts.parallel.max(1);
         let packs_in_flight = if store.is_local() { 2 } else { PACKS_IN_FLIGHT };
         Copier {
@@ -268,26 +270,104 @@ impl Copier {
                 break;
             }
             size += read as u64;
-            self.stats.chunks += 1;
-            let chunks = Arc::clone(&self.chunks);
-            self.tasks.spawn(async move {
-                let (hash, stored) = chunks.store(buf, permit).await?;
-                Ok(ChunkDone {
-                    entry,
-                    idx,
-                    hash,
-                    stored,
-                })
-            });
-            while let Some(done) = self.tasks.try_join_next() {
-                self.absorb(done.expect("chunk task panicked")?);
-            }
+            self.spawn_chunk(entry, idx, buf, permit)?;
             if read < chunk_size {
                 break;
             }
         }
         reads.finish().await;
         Ok(size)
+    }
+
+    /// Hand chunk `idx` of entry `entry` to a task that stores it, and count the chunks
+    /// finished meanwhile.
+    fn spawn_chunk(
+        &mut self,
+        entry: usize,
+        idx: usize,
+        buf: Vec<u8>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<(), BackupError> {
+        self.stats.chunks += 1;
+        let chunks = Arc::clone(&self.chunks);
+        self.tasks.spawn(async move {
+            let (hash, stored) = chunks.store(buf, permit).await?;
+            Ok(ChunkDone {
+                entry,
+                idx,
+                hash,
+                stored,
+            })
+        });
+        while let Some(done) = self.tasks.try_join_next() {
+            self.absorb(done.expect("chunk task panicked")?);
+        }
+        Ok(())
+    }
+
+    /// Start a file whose bytes arrive from a stream (a `BASE_BACKUP` tar member) rather than
+    /// from disk: it is chunked as they come ([`Copier::stream`]). A file streamed has no
+    /// `stat`: the next backup from disk reads it.
+    pub(super) fn begin_streamed(&mut self, entry: Entry) -> Streamed {
+        self.records.push(Some(FileRecord {
+            path: entry.path.clone(),
+            stored: vec![],
+            stat: None,
+            read_by: None,
+        }));
+        self.entries.push(entry);
+        Streamed {
+            entry: self.entries.len() - 1,
+            next_idx: 0,
+            buf: self.chunks.buffers.take(self.chunk_size),
+            size: 0,
+        }
+    }
+
+    /// A directory of a streamed backup.
+    pub(super) fn add_dir(&mut self, entry: Entry) {
+        self.entries.push(entry);
+        self.records.push(None);
+    }
+
+    /// More bytes of `file`: each full chunk goes to the pipeline, waiting for room in memory.
+    pub(super) async fn stream(&mut self, file: &mut Streamed, mut data: &[u8]) -> Result<(), BackupError> {
+        while !data.is_empty() {
+            let n = (self.chunk_size - file.buf.len()).min(data.len());
+            file.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if file.buf.len() == self.chunk_size {
+                let next = self.chunks.buffers.take(self.chunk_size);
+                let full = std::mem::replace(&mut file.buf, next);
+                self.hand_off(file, full).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The end of `file`: its last, short chunk to the pipeline.
+    pub(super) async fn end_streamed(&mut self, mut file: Streamed) -> Result<(), BackupError> {
+        let last = std::mem::take(&mut file.buf);
+        if last.is_empty() {
+            self.chunks.buffers.give(last);
+        } else {
+            self.hand_off(&mut file, last).await?;
+        }
+        self.entries[file.entry].size = file.size;
+        self.stats.files += 1;
+        self.stats.logical_bytes += file.size;
+        Ok(())
+    }
+
+    async fn hand_off(&mut self, file: &mut Streamed, buf: Vec<u8>) -> Result<(), BackupError> {
+        let permit = Arc::clone(&self.in_memory)
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
+        file.size += buf.len() as u64;
+        let idx = file.next_idx;
+        file.next_idx += 1;
+        self.spawn_chunk(file.entry, idx, buf, permit)
     }
 
     /// Count a chunk the pipeline finished, and note its hash for its entry.
@@ -302,6 +382,26 @@ impl Copier {
             self.lens.insert(done.hash, stored_len);
         }
         self.chunk_hashes.insert((done.entry, done.idx), done.hash);
+    }
+
+    /// Wait for the last chunks and write the last pack: what was copied, with `tablespaces`,
+    /// on top of `previous`, every file examined after `examined_after_ns`.
+    pub(super) async fn into_copied(
+        self,
+        tablespaces: Vec<Tablespace>,
+        previous: Option<&Previous>,
+        examined_after_ns: i64,
+    ) -> Result<Copied, BackupError> {
+        let (entries, files, stats, written) = self.finish().await?;
+        let packs = packs_named(written, previous.map_or(&[][..], |p| &p.manifest.packs), &entries);
+        Ok(Copied {
+            entries,
+            files,
+            tablespaces,
+            stats,
+            examined_after_us: examined_after_ns / 1000,
+            packs,
+        })
     }
 
     /// Wait for the last chunks and write the last pack, then attach every chunk to its entry:

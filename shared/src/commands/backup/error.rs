@@ -58,6 +58,8 @@ pub enum BackupError {
         "WAL {missing} needed by the backup did not reach the repository within {waited:?}; is archive_command = 'archive-agent push %p' set and working? (the backup was not recorded)"
     )]
     WalMissing { missing: String, waited: Duration },
+    #[error(transparent)]
+    ServerManifest(#[from] crate::basebackup::server_manifest::ServerManifestError),
     #[error("a backup with id {0} already exists; wait a second and retry")]
     Exists(BackupId),
 }

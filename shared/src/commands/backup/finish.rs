@@ -82,19 +82,17 @@ pub(super) struct Outcome {
     pub started: Started,
     pub label: BackupLabel,
     pub stopped: Stopped,
-    pub stop_seg: SegmentName,
     pub chunk_size: u64,
     pub copied: Copied,
 }
 
-/// The manifest of a backup that ended as `outcome` says.
-pub(super) fn manifest(outcome: Outcome) -> Manifest {
+/// The manifest of a backup that ended as `outcome` says, its WAL ending in `stop_seg`.
+pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
     let Outcome {
         server,
         started,
         label,
         stopped,
-        stop_seg,
         chunk_size,
         copied,
     } = outcome;

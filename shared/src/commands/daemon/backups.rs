@@ -31,7 +31,7 @@ pub(crate) async fn scheduled_backup(
     clock: Arc<dyn Clock>,
 ) {
     let opts = BackupOptions {
-        pgdata: job.pgdata,
+        pgdata: Some(job.pgdata),
         pg_conn: job.conn,
         chunk_size: DEFAULT_CHUNK_SIZE,
         parallel: 4,

@@ -1,0 +1,369 @@
+//! A backup over the replication protocol (`archive-agent backup --pg-url` without
+//! `--pgdata`): `BASE_BACKUP` on a walsender connection, so the agent needs neither the data
+//! directory nor more than the `REPLICATION` attribute. The server does the start and the stop
+//! and applies its own exclusions; its tar archives are read as they stream
+//! ([`crate::replication::tar`]) and each file goes through the same chunk pipeline as a
+//! backup from disk ([`super::copy::Copier`]), so the backup is stored in the same format.
+//!
+//! Every file's CRC-32C is computed as it streams and checked, with its size, against the
+//! `backup_manifest` the server sends last ([`ServerManifest`]), whose own SHA-256 proves it
+//! arrived whole; the manifest's `WAL-Ranges` give the stop position. `backup_label` and
+//! `tablespace_map` are kept as the manifest's texts (restore writes its own), and
+//! `global/pg_control` is stored only once its CRC checks.
+
+use std::collections::BTreeMap;
+
+use super::BackupError;
+use super::control::{CONTROL_FILE, control_crc_holds};
+use super::copy::{Copied, Copier, Streamed};
+use super::inventory::Previous;
+use crate::basebackup::manifest::{Entry, EntryKind, Tablespace};
+use crate::basebackup::server_manifest::{
+    Algorithm, FileSum, MAX_MANIFEST_LEN, ServerManifest, ServerManifestError, WalRange,
+};
+use crate::replication::backup_stream::{self, BackupStream, CopyMessage};
+use crate::replication::source::{self, Source};
+use crate::replication::tar::{self, Event, Kind, Member};
+use crate::replication::{conninfo, tar::TarError};
+
+/// What a backup over the protocol received, once the server's manifest vouched for it.
+pub(super) struct Received {
+    pub copied: Copied,
+    pub backup_label: String,
+    pub tablespace_map: Option<String>,
+    /// The last WAL range: where the backup ends, on which timeline.
+    pub end: WalRange,
+}
+
+/// Connect to the server `pg_conn` names (its host list and `target_session_attrs` as the
+/// streaming daemon reads them), as a walsender.
+pub(super) fn connect(pg_conn: &str) -> Result<Source, BackupError> {
+    let target = conninfo::parse(pg_conn).map_err(|e| BackupError::Connect(e.to_string()))?;
+    let source = tokio::task::block_in_place(|| source::connect(&target)).map_err(protocol_err)?;
+    if source.identity.server_version < backup_stream::MIN_SERVER_VERSION {
+        return Err(BackupError::Sql(format!(
+            "{} runs PostgreSQL {}: a backup over the replication protocol needs PostgreSQL 15 or newer; pass --pgdata to back up from the data directory",
+            source.host,
+            source.identity.server_version / 10000
+        )));
+    }
+    Ok(source)
+}
+
+pub(super) fn protocol_err(e: source::SourceError) -> BackupError {
+    BackupError::Sql(e.to_string())
+}
+
+/// Receive the backup `stream` carries into `copier`, on top of `previous`.
+pub(super) async fn receive(
+    mut stream: BackupStream,
+    copier: Copier,
+    pg_version: u32,
+    previous: Option<&Previous>,
+    examined_after_ns: i64,
+) -> Result<Received, BackupError> {
+    let mut r = Receiver {
+        copier,
+        pg_version,
+        archive: None,
+        current: None,
+        sent: BTreeMap::new(),
+        tablespaces: Vec::new(),
+        manifest: None,
+        backup_label: None,
+        tablespace_map: None,
+        control_seen: false,
+    };
+    while let Some(msg) = stream.next().await.map_err(protocol_err)? {
+        let parsed = backup_stream::parse(&msg).map_err(|e| BackupError::Sql(e.to_string()))?;
+        r.message(parsed).await?;
+    }
+    r.finish_archive()?;
+    let Receiver {
+        copier,
+        sent,
+        tablespaces,
+        manifest,
+        backup_label,
+        tablespace_map,
+        control_seen,
+        ..
+    } = r;
+    let invalid = |s: &str| BackupError::ServerManifest(ServerManifestError::Invalid(s.to_string()));
+    let manifest = manifest.ok_or_else(|| invalid("the stream ended before the server's backup manifest"))?;
+    let manifest = ServerManifest::parse(&manifest)?;
+    manifest.check(&sent)?;
+    let backup_label = backup_label.ok_or_else(|| invalid("the server sent no backup_label"))?;
+    if !control_seen {
+        return Err(invalid("the server sent no global/pg_control"));
+    }
+    tracing::info!(
+        host = stream.host(),
+        files = sent.len(),
+        "every file streamed matches the server's backup manifest (size and CRC-32C)"
+    );
+    let copied = copier
+        .into_copied(tablespaces, previous, examined_after_ns)
+        .await?;
+    Ok(Received {
+        copied,
+        backup_label,
+        tablespace_map,
+        end: manifest.end(),
+    })
+}
+
+/// The archive being read: its reader and where its members go in the backup.
+struct Archive {
+    reader: tar::Reader,
+    /// `""` for `base.tar`, `pg_tblspc/<oid>/` for a tablespace's.
+    prefix: String,
+}
+
+/// The member being read.
+enum Current {
+    /// A directory or a link: nothing follows.
+    Nothing,
+    File(Box<FileInProgress>),
+}
+
+/// A file member being read.
+struct FileInProgress {
+    path: String,
+    sum: FileSum,
+    size: u64,
+    sink: Sink,
+}
+
+/// Where a file's bytes go.
+enum Sink {
+    Pipeline(Streamed),
+    /// Kept whole: `backup_label`, `tablespace_map`, `pg_control`.
+    Kept(Vec<u8>),
+}
+
+/// The largest file kept whole (`pg_control` is 8 KiB, a label far less).
+const MAX_KEPT: usize = 1 << 20;
+
+struct Receiver {
+    copier: Copier,
+    pg_version: u32,
+    archive: Option<Archive>,
+    current: Option<Current>,
+    /// Every file streamed: its size and CRC-32C.
+    sent: BTreeMap<String, (u64, String)>,
+    tablespaces: Vec<Tablespace>,
+    /// The server's manifest once its `m` message came.
+    manifest: Option<Vec<u8>>,
+    backup_label: Option<String>,
+    tablespace_map: Option<String>,
+    control_seen: bool,
+}
+
+impl Receiver {
+    async fn message(&mut self, msg: CopyMessage<'_>) -> Result<(), BackupError> {
+        match msg {
+            CopyMessage::Archive { name, location } => {
+                self.finish_archive()?;
+                if self.manifest.is_some() {
+                    return Err(BackupError::Sql(
+                        "the server sent an archive after its manifest".into(),
+                    ));
+                }
+                self.archive = Some(self.open_archive(&name, location)?);
+            }
+            CopyMessage::Data(d) => match &mut self.manifest {
+                Some(m) if m.len() + d.len() > MAX_MANIFEST_LEN => {
+                    return Err(BackupError::ServerManifest(ServerManifestError::Invalid(
+                        "longer than walvault reads".into(),
+                    )));
+                }
+                Some(m) => m.extend_from_slice(d),
+                None => self.data(d).await?,
+            },
+            CopyMessage::Progress(_) => {}
+            CopyMessage::Manifest => {
+                self.finish_archive()?;
+                self.manifest = Some(Vec::new());
+            }
+        }
+        Ok(())
+    }
+
+    /// Archive `name` begins: `base.tar`, or a tablespace's `<oid>.tar` at `location`.
+    fn open_archive(&mut self, name: &str, location: String) -> Result<Archive, BackupError> {
+        let prefix = match backup_stream::archive_oid(name) {
+            None => String::new(),
+            Some(oid) => {
+                if !location.starts_with('/') || self.tablespaces.iter().any(|t| t.oid == oid) {
+                    return Err(BackupError::Sql(format!(
+                        "tablespace {oid} comes with location {location:?}, which walvault cannot take"
+                    )));
+                }
+                self.tablespaces.push(Tablespace { oid, location });
+                let root = format!("pg_tblspc/{oid}");
+                self.copier.add_dir(entry(&root, EntryKind::Dir, 0o700));
+                format!("{root}/")
+            }
+        };
+        Ok(Archive {
+            reader: tar::Reader::default(),
+            prefix,
+        })
+    }
+
+    /// The archive read so far ends here: it must end between members.
+    fn finish_archive(&mut self) -> Result<(), BackupError> {
+        if let Some(a) = self.archive.take() {
+            a.reader.finish().map_err(tar_err)?;
+        }
+        Ok(())
+    }
+
+    /// Tar bytes of the current archive.
+    async fn data(&mut self, d: &[u8]) -> Result<(), BackupError> {
+        let Some(archive) = &mut self.archive else {
+            return Err(BackupError::Sql("the server sent data before any archive".into()));
+        };
+        let mut events = Vec::new();
+        archive
+            .reader
+            .feed::<TarError>(d, |e| {
+                events.push(e);
+                Ok(())
+            })
+            .map_err(tar_err)?;
+        let prefix = archive.prefix.clone();
+        for e in events {
+            match e {
+                Event::Start(m) => self.start(&prefix, m)?,
+                Event::Data(bytes) => self.bytes(bytes).await?,
+                Event::End => self.end().await?,
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, prefix: &str, m: Member) -> Result<(), BackupError> {
+        let path = format!("{prefix}{}", m.name);
+        let mode = m.mode & 0o7777;
+        self.current = Some(match m.kind {
+            Kind::Dir => {
+                self.copier.add_dir(entry(&path, EntryKind::Dir, mode));
+                Current::Nothing
+            }
+            // pg_tblspc/<oid>: the tablespace comes as its own archive.
+            Kind::Symlink if prefix.is_empty() && path.starts_with("pg_tblspc/") => Current::Nothing,
+            Kind::Symlink => {
+                tracing::warn!(path, link = m.link, "skipping a symbolic link the server sent");
+                Current::Nothing
+            }
+            Kind::File => {
+                let kept = prefix.is_empty()
+                    && ["backup_label", "tablespace_map", CONTROL_FILE].contains(&path.as_str());
+                let sink = if kept {
+                    Sink::Kept(Vec::new())
+                } else {
+                    Sink::Pipeline(self.copier.begin_streamed(entry(&path, EntryKind::File, mode)))
+                };
+                Current::File(Box::new(FileInProgress {
+                    path,
+                    sum: FileSum::new(Algorithm::Crc32c),
+                    size: 0,
+                    sink,
+                }))
+            }
+        });
+        Ok(())
+    }
+
+    async fn bytes(&mut self, data: &[u8]) -> Result<(), BackupError> {
+        let Some(Current::File(file)) = &mut self.current else {
+            return Ok(());
+        };
+        let FileInProgress {
+            path,
+            sum,
+            size,
+            sink,
+        } = &mut **file;
+        sum.update(data);
+        *size += data.len() as u64;
+        match sink {
+            Sink::Pipeline(file) => self.copier.stream(file, data).await,
+            Sink::Kept(buf) if buf.len() + data.len() > MAX_KEPT => Err(BackupError::Sql(format!(
+                "{path} is larger than walvault takes it to be"
+            ))),
+            Sink::Kept(buf) => {
+                buf.extend_from_slice(data);
+                Ok(())
+            }
+        }
+    }
+
+    async fn end(&mut self) -> Result<(), BackupError> {
+        let Some(Current::File(file)) = self.current.take() else {
+            return Ok(());
+        };
+        let FileInProgress {
+            path,
+            sum,
+            size,
+            sink,
+        } = *file;
+        if self.sent.insert(path.clone(), (size, sum.finish())).is_some() {
+            return Err(BackupError::Sql(format!("the server sent {path} twice")));
+        }
+        match sink {
+            Sink::Pipeline(file) => self.copier.end_streamed(file).await,
+            Sink::Kept(bytes) => self.kept(path, bytes).await,
+        }
+    }
+
+    /// A file kept whole, now complete.
+    async fn kept(&mut self, path: String, bytes: Vec<u8>) -> Result<(), BackupError> {
+        let text = |b: Vec<u8>| {
+            String::from_utf8(b).map_err(|_| BackupError::Sql(format!("the server's {path} is not UTF-8")))
+        };
+        match path.as_str() {
+            "backup_label" => self.backup_label = Some(text(bytes)?),
+            "tablespace_map" => self.tablespace_map = Some(text(bytes)?),
+            _ => {
+                // The server read it under ControlFileLock: a CRC that fails is damage.
+                if !control_crc_holds(&bytes, self.pg_version)? {
+                    return Err(BackupError::ControlFile {
+                        path: format!("{CONTROL_FILE} (as streamed)"),
+                        attempts: 1,
+                        pg_version: self.pg_version,
+                    });
+                }
+                let mut file = self
+                    .copier
+                    .begin_streamed(entry(CONTROL_FILE, EntryKind::File, 0o600));
+                self.copier.stream(&mut file, &bytes).await?;
+                self.copier.end_streamed(file).await?;
+                self.control_seen = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn entry(path: &str, kind: EntryKind, mode: u32) -> Entry {
+    Entry {
+        path: path.to_string(),
+        kind,
+        mode,
+        size: 0,
+        chunks: vec![],
+    }
+}
+
+fn tar_err(e: TarError) -> BackupError {
+    BackupError::Sql(format!("the backup's tar stream: {e}"))
+}
+
+/// The server's clock (Unix microseconds) over an ordinary session to `host`.
+pub(super) fn clock_of(host: &conninfo::Host) -> Result<i64, BackupError> {
+    backup_stream::clock_of(host).map_err(protocol_err)
+}
