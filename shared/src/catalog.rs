@@ -673,6 +673,8 @@ pub(crate) mod testing {
             stats: BackupStats::default(),
             files_examined_after_us: None,
             packs: vec![],
+            server_manifest: None,
+            incremental_from: None,
             files: vec![],
         }
     }

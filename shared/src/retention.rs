@@ -537,6 +537,7 @@ pub fn referenced_chunks<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) 
             m.entries
                 .iter()
                 .flat_map(|e| e.chunks.iter().copied())
+                .chain(m.server_manifest.iter().flat_map(|b| b.chunks.iter().copied()))
                 .filter(|c| places.get(c).is_none()),
         );
     }

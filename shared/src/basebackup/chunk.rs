@@ -7,10 +7,11 @@
 use bytes::Bytes;
 
 pub use super::chunk_id::{BadChunkId, ChunkId};
-use crate::repo::layout::chunk_key;
+use super::pack::Places;
+use crate::repo::layout::{chunk_key, pack_key};
 use crate::repo::object::{ObjectError, ObjectKind, Sealer};
-use crate::repo::stored::{Envelope, Opened, StoredKind};
-use crate::repo::{StoreError, WritableStore};
+use crate::repo::stored::{self, Damage, Envelope, Opened, StoredKind};
+use crate::repo::{Store, StoreError, WritableStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
@@ -46,6 +47,41 @@ pub fn seal_chunk(sealer: &Sealer, hash: [u8; 32], data: &[u8], level: i32) -> R
         .seal_hashed(ObjectKind::Chunk, &id, data, hash, level)
         .map_err(ChunkError::Compress)?;
     Ok(sealed.bytes)
+}
+
+/// Chunk `id`'s content, read from its pack (`places`) or its own object, and verified.
+pub async fn read_chunk(
+    store: &Store,
+    sealer: &Sealer,
+    places: &Places,
+    id: &ChunkId,
+) -> Result<Vec<u8>, ChunkError> {
+    let sealed = match places.get(id) {
+        Some(p) => store
+            .get_range(&pack_key(&p.pack), p.range())
+            .await?
+            .filter(|b| b.len() as u64 == p.len)
+            .ok_or_else(|| ChunkError::MissingPack {
+                pack: p.pack.to_string(),
+                id: id.to_string(),
+            })?,
+        None => store
+            .get(&chunk_key(id))
+            .await?
+            .ok_or_else(|| ChunkError::Missing { id: id.to_string() })?,
+    };
+    let corrupt = |source: ObjectError| ChunkError::Corrupt {
+        id: id.to_string(),
+        source: Box::new(source),
+    };
+    match stored::open::<Chunk>(sealer, id, &sealed) {
+        Ok(Chunk(content)) => Ok(content),
+        Err(Damage::Envelope(e)) => Err(corrupt(e)),
+        Err(Damage::Content(MisnamedChunk { found })) => Err(corrupt(ObjectError::ContentHash {
+            expected: id.to_string(),
+            found,
+        })),
+    }
 }
 
 /// A chunk's content, read back and verified: header, length, and that it hashes to its id.

@@ -220,6 +220,21 @@ pub struct Manifest {
     /// [`crate::basebackup::pack`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packs: Vec<PackRecord>,
+    /// A backup over the replication protocol: the `backup_manifest` PostgreSQL sent, stored as
+    /// chunks (in `packs`), which the next incremental backup uploads (`UPLOAD_MANIFEST`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_manifest: Option<StoredBlob>,
+    /// An incremental backup over the protocol (PostgreSQL 17+): the backup whose files the
+    /// unchanged blocks came from. Informational: every backup is complete on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental_from: Option<BackupId>,
+}
+
+/// Bytes stored as chunks of the manifest's `chunk_size`, outside the data directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredBlob {
+    pub size: u64,
+    pub chunks: Vec<ChunkId>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -398,6 +413,17 @@ impl Manifest {
             }
         }
 
+        if let Some(b) = &self.server_manifest
+            && (b.size > crate::basebackup::server_manifest::MAX_MANIFEST_LEN as u64
+                || b.chunks.len() as u64 != b.size.div_ceil(self.chunk_size))
+        {
+            return implausible(format!(
+                "the server's manifest is {} bytes in {} chunks of {}",
+                b.size,
+                b.chunks.len(),
+                self.chunk_size
+            ));
+        }
         let mut oids = std::collections::BTreeSet::new();
         for t in &self.tablespaces {
             let bad = |why: String| Err(ManifestError::Tablespace { oid: t.oid, why });
@@ -810,6 +836,8 @@ mod tests {
             stats: BackupStats::default(),
             files_examined_after_us: None,
             packs: vec![],
+            server_manifest: None,
+            incremental_from: None,
             files: vec![],
         }
     }

@@ -8,6 +8,7 @@
 pub mod chunk;
 pub mod chunk_id;
 pub mod exclude;
+pub mod incremental;
 pub mod label;
 pub mod manifest;
 pub mod pack;

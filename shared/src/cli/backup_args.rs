@@ -57,6 +57,12 @@ pub struct BackupArgs {
     /// backups".
     #[arg(long)]
     pub read_all: bool,
+    /// Without --pgdata, on PostgreSQL 17 and newer with summarize_wal = on: an incremental
+    /// backup (BASE_BACKUP INCREMENTAL) on top of the newest backup, when that one was taken over
+    /// the protocol too; only the changed blocks cross the network, and the backup is still
+    /// stored complete. Otherwise a full backup, with a warning saying why
+    #[arg(long)]
+    pub incremental: bool,
     /// Print the manifest summary as JSON
     #[arg(long)]
     pub json: bool,
@@ -71,6 +77,7 @@ impl BackupArgs {
             parallel: self.parallel,
             wal_timeout: parse_duration(&self.wal_timeout)?,
             primary_conn: self.primary_url.clone(),
+            incremental: self.incremental,
         })
     }
 

@@ -26,6 +26,7 @@ mod error;
 mod finish;
 mod inventory;
 mod protocol;
+mod rebuild;
 mod session;
 
 use std::path::{Path, PathBuf};
@@ -65,6 +66,9 @@ pub struct BackupOptions {
     /// For a backup from a standby: a connection to its primary, used only to switch WAL when
     /// the primary is still writing the backup's stop segment.
     pub primary_conn: Option<String>,
+    /// Over the protocol: an incremental backup (PostgreSQL 17+) on top of the newest backup
+    /// when it was taken over the protocol too; else a full one, with a warning saying why.
+    pub incremental: bool,
 }
 
 /// Take a base backup into the repository, reading only the files that changed since the
@@ -173,6 +177,8 @@ async fn take_locked(
             stopped,
             chunk_size: opts.chunk_size,
             copied,
+            server_manifest: None,
+            incremental_from: None,
         },
         primary,
         opts.wal_timeout,
@@ -243,17 +249,25 @@ async fn take_over_protocol(
         level: settings.compress_level,
         pg_version: server.pg_version,
     };
+    let increment = match opts.incremental {
+        true => protocol::increment_of(&mut source, previous.as_ref(), &store, repo.sealer()).await?,
+        false => None,
+    };
     let copier = copy::Copier::new(&store, repo.sealer(), copy_opts, previous.as_ref(), 1024);
     let examined_after_ns = inventory::wall_clock_ns();
     let copy_started = std::time::Instant::now();
-    let (start, stream) = tokio::task::block_in_place(|| source.base_backup(&format!("walvault {id}"), true))
-        .map_err(protocol::protocol_err)?;
+    let upload = increment.as_ref().map(|i| i.server_manifest.as_slice());
+    let (start, stream) =
+        tokio::task::block_in_place(|| source.base_backup(&format!("walvault {id}"), true, upload))
+            .map_err(protocol::protocol_err)?;
+    let incremental_from = increment.as_ref().map(|i| i.of.clone());
     tracing::info!(backup = %id, host = stream.host(), start = %start.lsn, "backup started over the replication protocol");
     let received = protocol::receive(
         stream,
         copier,
         server.pg_version,
         previous.as_ref(),
+        increment.map(|i| i.prior),
         examined_after_ns,
     )
     .await?;
@@ -290,6 +304,8 @@ async fn take_over_protocol(
         stopped,
         chunk_size: opts.chunk_size,
         copied: received.copied,
+        server_manifest: Some(received.server_manifest),
+        incremental_from,
     };
     finish_backup(&store, repo, lock, outcome, primary, opts.wal_timeout).await
 }

@@ -131,16 +131,29 @@ impl Source {
         clock_on(&mut self.conn, &self.host)
     }
 
+    /// A setting as `SHOW` prints it.
+    pub fn show(&mut self, name: &str) -> Result<String, SourceError> {
+        super::source::query_one(&mut self.conn, &self.host, &format!("SHOW {name}"))
+    }
+
     /// Start `BASE_BACKUP (LABEL label, CHECKPOINT fast|spread, WAIT false, MANIFEST yes,
     /// MANIFEST_CHECKSUMS CRC32C)`. `WAIT false`: the WAL is walvault's to store, and the backup
     /// waits for it in the repository. Data page checksums are verified by the server where the
-    /// cluster has them.
+    /// cluster has them. With `incremental_of`, the `backup_manifest` of the backup to build on
+    /// is uploaded first (`UPLOAD_MANIFEST`) and the backup is `INCREMENTAL` (PostgreSQL 17+).
     pub fn base_backup(
         mut self,
         label: &str,
         fast: bool,
+        incremental_of: Option<&[u8]>,
     ) -> Result<(BackupStart, BackupStream), SourceError> {
+        if let Some(manifest) = incremental_of {
+            self.conn
+                .upload_manifest(manifest)
+                .map_err(|e| server_error(&self.host, &e))?;
+        }
         let options = BaseBackupOptions {
+            incremental: incremental_of.is_some(),
             label: Some(label.to_string()),
             checkpoint: Some(if fast { "fast" } else { "spread" }.to_string()),
             wait: false,

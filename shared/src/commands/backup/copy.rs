@@ -359,6 +359,28 @@ impl Copier {
         Ok(())
     }
 
+    /// The stored length of chunk `id` when the previous backup holds it and says how long it
+    /// is: such a chunk can be named again without its bytes ([`Copier::reuse_chunk`]).
+    pub(super) fn known_len(&self, id: &ChunkId) -> Option<u64> {
+        self.chunks.known.get(id.hash()).copied().flatten()
+    }
+
+    /// The next chunk of `file` is `id` (`len` bytes, stored as `stored_len`), which the
+    /// previous backup holds: named, never read nor stored again. Only at a chunk boundary.
+    pub(super) fn reuse_chunk(&mut self, file: &mut Streamed, id: ChunkId, len: u64, stored_len: u64) {
+        debug_assert!(file.buf.is_empty(), "a chunk is reused only at a chunk boundary");
+        let hash = *id.hash();
+        if self.chunks.seen.lock().expect("never poisoned").insert(hash) {
+            self.stats.stored_bytes += stored_len;
+            self.lens.insert(hash, stored_len);
+        }
+        self.chunk_hashes.insert((file.entry, file.next_idx), hash);
+        file.next_idx += 1;
+        file.size += len;
+        self.stats.chunks += 1;
+        self.stats.reused_bytes += len;
+    }
+
     async fn hand_off(&mut self, file: &mut Streamed, buf: Vec<u8>) -> Result<(), BackupError> {
         let permit = Arc::clone(&self.in_memory)
             .acquire_owned()

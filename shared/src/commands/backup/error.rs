@@ -59,6 +59,8 @@ pub enum BackupError {
     )]
     WalMissing { missing: String, waited: Duration },
     #[error(transparent)]
+    Incremental(#[from] crate::basebackup::incremental::IncrementalError),
+    #[error(transparent)]
     ServerManifest(#[from] crate::basebackup::server_manifest::ServerManifestError),
     #[error("a backup with id {0} already exists; wait a second and retry")]
     Exists(BackupId),

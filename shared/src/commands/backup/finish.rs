@@ -83,6 +83,10 @@ pub(super) struct Outcome {
     pub label: BackupLabel,
     pub stopped: Stopped,
     pub chunk_size: u64,
+    /// Over the protocol: the server's `backup_manifest`, and the backup an incremental one
+    /// builds on.
+    pub server_manifest: Option<crate::basebackup::manifest::StoredBlob>,
+    pub incremental_from: Option<crate::basebackup::manifest::BackupId>,
     pub copied: Copied,
 }
 
@@ -95,6 +99,8 @@ pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
         stopped,
         chunk_size,
         copied,
+        server_manifest,
+        incremental_from,
     } = outcome;
     Manifest {
         format: manifest::FORMAT_NAME.into(),
@@ -118,6 +124,8 @@ pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
         files_examined_after_us: Some(copied.examined_after_us),
         files: copied.files,
         packs: copied.packs,
+        server_manifest,
+        incremental_from,
     }
 }
 

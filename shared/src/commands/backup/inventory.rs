@@ -582,6 +582,8 @@ mod tests {
                     record("base/5/16390", vec![300], Some("20261121T143200Z")),
                 ],
                 packs: vec![],
+                server_manifest: None,
+                incremental_from: None,
             },
             take_over: true,
             absent: HashSet::new(),

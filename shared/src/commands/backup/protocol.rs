@@ -17,7 +17,10 @@ use super::BackupError;
 use super::control::{CONTROL_FILE, control_crc_holds};
 use super::copy::{Copied, Copier, Streamed};
 use super::inventory::Previous;
-use crate::basebackup::manifest::{Entry, EntryKind, Tablespace};
+use super::rebuild::{Prior, Rebuild};
+use crate::basebackup::chunk::read_chunk;
+use crate::basebackup::incremental;
+use crate::basebackup::manifest::{BackupId, Entry, EntryKind, StoredBlob, Tablespace};
 use crate::basebackup::server_manifest::{
     Algorithm, FileSum, MAX_MANIFEST_LEN, ServerManifest, ServerManifestError, WalRange,
 };
@@ -25,6 +28,8 @@ use crate::replication::backup_stream::{self, BackupStream, CopyMessage};
 use crate::replication::source::{self, Source};
 use crate::replication::tar::{self, Event, Kind, Member};
 use crate::replication::{conninfo, tar::TarError};
+use crate::repo::Store;
+use crate::repo::object::Sealer;
 
 /// What a backup over the protocol received, once the server's manifest vouched for it.
 pub(super) struct Received {
@@ -33,7 +38,13 @@ pub(super) struct Received {
     pub tablespace_map: Option<String>,
     /// The last WAL range: where the backup ends, on which timeline.
     pub end: WalRange,
+    /// The server's `backup_manifest`, stored as chunks (for the next incremental backup).
+    pub server_manifest: StoredBlob,
 }
+
+/// The path the server's manifest goes through the chunk pipeline under: no member of the
+/// server's archives can have it (names are relative), and it is taken out of the entries.
+const SERVER_MANIFEST_PATH: &str = "/backup_manifest";
 
 /// Connect to the server `pg_conn` names (its host list and `target_session_attrs` as the
 /// streaming daemon reads them), as a walsender.
@@ -54,17 +65,20 @@ pub(super) fn protocol_err(e: source::SourceError) -> BackupError {
     BackupError::Sql(e.to_string())
 }
 
-/// Receive the backup `stream` carries into `copier`, on top of `previous`.
+/// Receive the backup `stream` carries into `copier`, on top of `previous`; `prior`, for an
+/// incremental backup, is the backup the server's increments apply to.
 pub(super) async fn receive(
     mut stream: BackupStream,
     copier: Copier,
     pg_version: u32,
     previous: Option<&Previous>,
+    prior: Option<Prior>,
     examined_after_ns: i64,
 ) -> Result<Received, BackupError> {
     let mut r = Receiver {
         copier,
         pg_version,
+        prior,
         archive: None,
         current: None,
         sent: BTreeMap::new(),
@@ -80,7 +94,7 @@ pub(super) async fn receive(
     }
     r.finish_archive()?;
     let Receiver {
-        copier,
+        mut copier,
         sent,
         tablespaces,
         manifest,
@@ -91,7 +105,8 @@ pub(super) async fn receive(
     } = r;
     let invalid = |s: &str| BackupError::ServerManifest(ServerManifestError::Invalid(s.to_string()));
     let manifest = manifest.ok_or_else(|| invalid("the stream ended before the server's backup manifest"))?;
-    let manifest = ServerManifest::parse(&manifest)?;
+    let manifest_bytes = manifest;
+    let manifest = ServerManifest::parse(&manifest_bytes)?;
     manifest.check(&sent)?;
     let backup_label = backup_label.ok_or_else(|| invalid("the server sent no backup_label"))?;
     if !control_seen {
@@ -102,15 +117,37 @@ pub(super) async fn receive(
         files = sent.len(),
         "every file streamed matches the server's backup manifest (size and CRC-32C)"
     );
-    let copied = copier
+    let mut blob = copier.begin_streamed(entry(SERVER_MANIFEST_PATH, EntryKind::File, 0o600));
+    copier.stream(&mut blob, &manifest_bytes).await?;
+    copier.end_streamed(blob).await?;
+    let mut copied = copier
         .into_copied(tablespaces, previous, examined_after_ns)
         .await?;
+    let server_manifest = take_out(&mut copied);
     Ok(Received {
         copied,
         backup_label,
         tablespace_map,
         end: manifest.end(),
+        server_manifest,
     })
+}
+
+/// The server's manifest taken out of what was copied: kept beside the files, not among them.
+fn take_out(copied: &mut Copied) -> StoredBlob {
+    let at = copied
+        .entries
+        .iter()
+        .position(|e| e.path == SERVER_MANIFEST_PATH)
+        .expect("the server's manifest went through the pipeline");
+    let e = copied.entries.remove(at);
+    copied.files.retain(|f| f.path != SERVER_MANIFEST_PATH);
+    copied.stats.files -= 1;
+    copied.stats.logical_bytes -= e.size;
+    StoredBlob {
+        size: e.size,
+        chunks: e.chunks,
+    }
 }
 
 /// The archive being read: its reader and where its members go in the backup.
@@ -140,6 +177,8 @@ enum Sink {
     Pipeline(Streamed),
     /// Kept whole: `backup_label`, `tablespace_map`, `pg_control`.
     Kept(Vec<u8>),
+    /// An incremental member, put back together over the previous backup's copy.
+    Rebuild(Box<Rebuild>),
 }
 
 /// The largest file kept whole (`pg_control` is 8 KiB, a label far less).
@@ -148,6 +187,8 @@ const MAX_KEPT: usize = 1 << 20;
 struct Receiver {
     copier: Copier,
     pg_version: u32,
+    /// For an incremental backup: the backup the increments apply to.
+    prior: Option<Prior>,
     archive: Option<Archive>,
     current: Option<Current>,
     /// Every file streamed: its size and CRC-32C.
@@ -261,8 +302,20 @@ impl Receiver {
             Kind::File => {
                 let kept = prefix.is_empty()
                     && ["backup_label", "tablespace_map", CONTROL_FILE].contains(&path.as_str());
+                let rebuilt = path
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|n| n.starts_with(incremental::PREFIX));
                 let sink = if kept {
                     Sink::Kept(Vec::new())
+                } else if rebuilt {
+                    let (Some(prior), Some(full)) = (&self.prior, incremental::full_path(&path)) else {
+                        return Err(BackupError::Sql(format!(
+                            "the server sent the incremental file {path} for a full backup"
+                        )));
+                    };
+                    let file = self.copier.begin_streamed(entry(&full, EntryKind::File, mode));
+                    Sink::Rebuild(Box::new(Rebuild::new(prior, path.clone(), &full, file)))
                 } else {
                     Sink::Pipeline(self.copier.begin_streamed(entry(&path, EntryKind::File, mode)))
                 };
@@ -291,6 +344,10 @@ impl Receiver {
         *size += data.len() as u64;
         match sink {
             Sink::Pipeline(file) => self.copier.stream(file, data).await,
+            Sink::Rebuild(r) => {
+                let prior = self.prior.as_ref().expect("a rebuild has its prior");
+                r.feed(&mut self.copier, prior, data).await
+            }
             Sink::Kept(buf) if buf.len() + data.len() > MAX_KEPT => Err(BackupError::Sql(format!(
                 "{path} is larger than walvault takes it to be"
             ))),
@@ -316,6 +373,10 @@ impl Receiver {
         }
         match sink {
             Sink::Pipeline(file) => self.copier.end_streamed(file).await,
+            Sink::Rebuild(r) => {
+                let prior = self.prior.as_ref().expect("a rebuild has its prior");
+                r.finish(&mut self.copier, prior, size).await
+            }
             Sink::Kept(bytes) => self.kept(path, bytes).await,
         }
     }
@@ -326,7 +387,7 @@ impl Receiver {
             String::from_utf8(b).map_err(|_| BackupError::Sql(format!("the server's {path} is not UTF-8")))
         };
         match path.as_str() {
-            "backup_label" => self.backup_label = Some(text(bytes)?),
+            "backup_label" => self.backup_label = Some(complete_label(&text(bytes)?)),
             "tablespace_map" => self.tablespace_map = Some(text(bytes)?),
             _ => {
                 // The server read it under ControlFileLock: a CRC that fails is damage.
@@ -349,6 +410,16 @@ impl Receiver {
     }
 }
 
+/// The label of the complete backup walvault stores: an incremental backup's label without its
+/// `INCREMENTAL FROM` lines, which make PostgreSQL refuse to start ("this is an incremental
+/// backup, not a data directory"), as `pg_combinebackup` writes it.
+fn complete_label(label: &str) -> String {
+    label
+        .split_inclusive('\n')
+        .filter(|l| !l.starts_with("INCREMENTAL FROM "))
+        .collect()
+}
+
 fn entry(path: &str, kind: EntryKind, mode: u32) -> Entry {
     Entry {
         path: path.to_string(),
@@ -366,4 +437,107 @@ fn tar_err(e: TarError) -> BackupError {
 /// The server's clock (Unix microseconds) over an ordinary session to `host`.
 pub(super) fn clock_of(host: &conninfo::Host) -> Result<i64, BackupError> {
     backup_stream::clock_of(host).map_err(protocol_err)
+}
+
+/// What an incremental backup builds on: the previous backup, and the server's manifest of it
+/// to upload.
+pub(super) struct Increment {
+    pub prior: Prior,
+    pub server_manifest: Vec<u8>,
+    pub of: BackupId,
+}
+
+/// The previous backup as an incremental backup's base, or `None` (with a warning saying why:
+/// the backup is then a full one) when there can be no increment on it.
+pub(super) async fn increment_of(
+    source: &mut Source,
+    previous: Option<&Previous>,
+    store: &Store,
+    sealer: &Sealer,
+) -> Result<Option<Increment>, BackupError> {
+    let full = |why: String| {
+        tracing::warn!("--incremental: taking a full backup: {why}");
+        Ok(None)
+    };
+    if source.identity.server_version < 170000 {
+        return full("incremental backups need PostgreSQL 17 or newer".into());
+    }
+    let Some(previous) = previous else {
+        return full("the repository holds no backup of this cluster to build on".into());
+    };
+    let m = &previous.manifest;
+    let Some(blob) = &m.server_manifest else {
+        return full(format!(
+            "the newest backup, {}, was not taken over the replication protocol",
+            m.id
+        ));
+    };
+    let summarize = tokio::task::block_in_place(|| source.show("summarize_wal")).map_err(protocol_err)?;
+    if summarize != "on" {
+        return full("summarize_wal is off on the server (summarize_wal = on in postgresql.conf)".into());
+    }
+    let block_size = tokio::task::block_in_place(|| source.show("block_size")).map_err(protocol_err)?;
+    let block_size: usize = match block_size.parse() {
+        Ok(bs) if bs > 0 && m.chunk_size % bs as u64 == 0 => bs,
+        _ => {
+            return full(format!(
+                "block size {block_size:?} does not divide the chunk size"
+            ));
+        }
+    };
+    let places = m.places();
+    let mut server_manifest = Vec::with_capacity(blob.size as usize);
+    for id in &blob.chunks {
+        server_manifest.extend(read_chunk(store, sealer, &places, id).await?);
+    }
+    if server_manifest.len() as u64 != blob.size {
+        return Err(BackupError::ServerManifest(ServerManifestError::Invalid(
+            format!(
+                "backup {}'s stored copy is {} bytes, its manifest says {}",
+                m.id,
+                server_manifest.len(),
+                blob.size
+            ),
+        )));
+    }
+    let files = m
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| (e.path.clone(), e.clone()))
+        .collect();
+    tracing::info!(base = %m.id, "incremental backup on top of {}", m.id);
+    Ok(Some(Increment {
+        prior: Prior {
+            store: store.clone(),
+            sealer: sealer.clone(),
+            places,
+            files,
+            chunk_size: m.chunk_size,
+            block_size,
+        },
+        server_manifest,
+        of: m.id.clone(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_incremental_label_loses_only_its_incremental_lines() {
+        let label = "START WAL LOCATION: 0/5000028 (file 000000010000000000000005)\n\
+                     CHECKPOINT LOCATION: 0/5000080\n\
+                     START TIMELINE: 1\n\
+                     INCREMENTAL FROM LSN: 0/3000028\n\
+                     INCREMENTAL FROM TLI: 1\n";
+        assert_eq!(
+            complete_label(label),
+            "START WAL LOCATION: 0/5000028 (file 000000010000000000000005)\n\
+             CHECKPOINT LOCATION: 0/5000080\n\
+             START TIMELINE: 1\n"
+        );
+        assert_eq!(complete_label("START TIMELINE: 1\n"), "START TIMELINE: 1\n");
+    }
 }

@@ -37,6 +37,7 @@ pub(crate) async fn scheduled_backup(
         parallel: 4,
         wal_timeout: Duration::from_secs(600),
         primary_conn: None,
+        incremental: false,
     };
     let started = clock.now();
     match take_backup(&settings, &opts).await {

@@ -1,0 +1,250 @@
+//! An incremental backup's relation files put back together as they stream (rules in
+//! [`crate::basebackup::incremental`]): the blocks the server sent over the previous backup's
+//! copy of the file, chunk by chunk. A chunk no sent block touches and that the previous backup
+//! holds whole is named again without being read; a chunk a block touches is read from the
+//! repository (only when some of its blocks come from the previous backup), patched and stored.
+//! At most one chunk is being put together at a time.
+
+use std::collections::HashMap;
+
+use super::BackupError;
+use super::copy::{Copier, Streamed};
+use crate::basebackup::chunk::read_chunk;
+use crate::basebackup::incremental::{Header, IncrementalError};
+use crate::basebackup::manifest::{Entry, EntryKind};
+use crate::basebackup::pack::Places;
+use crate::repo::Store;
+use crate::repo::object::Sealer;
+
+/// The previous backup, as an incremental backup reads it.
+pub(super) struct Prior {
+    pub store: Store,
+    pub sealer: Sealer,
+    pub places: Places,
+    /// Its files by path.
+    pub files: HashMap<String, Entry>,
+    pub chunk_size: u64,
+    pub block_size: usize,
+}
+
+impl Prior {
+    /// The previous backup's bytes of chunk `c` of `file`, if it has that chunk.
+    async fn chunk(&self, file: &Entry, c: usize) -> Result<Option<Vec<u8>>, BackupError> {
+        match file.chunks.get(c) {
+            Some(id) => Ok(Some(
+                read_chunk(&self.store, &self.sealer, &self.places, id).await?,
+            )),
+            None => Ok(None),
+        }
+    }
+}
+
+/// One relation file being put back together from its incremental member.
+pub(super) struct Rebuild {
+    /// The incremental member's path (for messages).
+    member: String,
+    /// The previous backup's copy (empty when it had none).
+    prior: Entry,
+    head: Vec<u8>,
+    header: Option<Header>,
+    /// Blocks of the member received whole.
+    received: usize,
+    block: Vec<u8>,
+    /// The chunk being put together: its index and bytes.
+    building: Option<(u64, Vec<u8>)>,
+    /// The next chunk to hand to the pipeline.
+    next_chunk: u64,
+    file: Streamed,
+}
+
+impl Rebuild {
+    /// Start putting `path` back together from member `member`.
+    pub fn new(prior: &Prior, member: String, path: &str, file: Streamed) -> Rebuild {
+        let previous = prior.files.get(path).cloned().unwrap_or(Entry {
+            path: path.to_string(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            size: 0,
+            chunks: vec![],
+        });
+        Rebuild {
+            member,
+            prior: previous,
+            head: Vec::new(),
+            header: None,
+            received: 0,
+            block: Vec::with_capacity(prior.block_size),
+            building: None,
+            next_chunk: 0,
+            file,
+        }
+    }
+
+    fn invalid(&self, what: &str) -> BackupError {
+        BackupError::Incremental(IncrementalError::Invalid {
+            path: self.member.clone(),
+            what: what.to_string(),
+        })
+    }
+
+    /// More bytes of the member.
+    pub async fn feed(
+        &mut self,
+        copier: &mut Copier,
+        prior: &Prior,
+        mut data: &[u8],
+    ) -> Result<(), BackupError> {
+        let bs = prior.block_size;
+        if self.header.is_none() {
+            // A header is at most 4 bytes a block plus one block of padding: bounded.
+            let want = (bs + 12 + 4 * (1 << 22)).min(self.head.len() + data.len());
+            let n = want - self.head.len();
+            self.head.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            match Header::parse(&self.member, &self.head, bs)? {
+                None => return Ok(()),
+                Some(h) => {
+                    // What followed the header in `head` is block data.
+                    let rest = self.head.split_off(h.len);
+                    self.header = Some(h);
+                    self.blocks(copier, prior, &rest).await?;
+                }
+            }
+        }
+        self.blocks(copier, prior, data).await
+    }
+
+    async fn blocks(
+        &mut self,
+        copier: &mut Copier,
+        prior: &Prior,
+        mut data: &[u8],
+    ) -> Result<(), BackupError> {
+        let bs = prior.block_size;
+        while !data.is_empty() {
+            let n = (bs - self.block.len()).min(data.len());
+            self.block.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.block.len() < bs {
+                continue;
+            }
+            let header = self.header.as_ref().expect("blocks follow the header");
+            let Some(&b) = header.blocks.get(self.received) else {
+                return Err(self.invalid("more block data than its header lists"));
+            };
+            self.received += 1;
+            let block = std::mem::replace(&mut self.block, Vec::with_capacity(bs));
+            self.place(copier, prior, u64::from(b), &block).await?;
+        }
+        Ok(())
+    }
+
+    /// Put block `b` in its chunk, handing every chunk before it to the pipeline first.
+    async fn place(
+        &mut self,
+        copier: &mut Copier,
+        prior: &Prior,
+        b: u64,
+        block: &[u8],
+    ) -> Result<(), BackupError> {
+        let per_chunk = prior.chunk_size / prior.block_size as u64;
+        let c = b / per_chunk;
+        self.emit_until(copier, prior, c).await?;
+        if self.building.as_ref().is_none_or(|(i, _)| *i != c) {
+            let base = self.base(prior, c).await?;
+            self.building = Some((c, base));
+        }
+        let (_, buf) = self.building.as_mut().expect("just set");
+        let at = ((b % per_chunk) * prior.block_size as u64) as usize;
+        buf[at..at + block.len()].copy_from_slice(block);
+        Ok(())
+    }
+
+    /// The file's length in bytes once put back together.
+    fn file_len(&self, prior: &Prior) -> u64 {
+        let blocks = self.header.as_ref().map_or(0, Header::file_blocks);
+        u64::from(blocks) * prior.block_size as u64
+    }
+
+    /// Bytes the previous backup contributes: those before the truncation length that its
+    /// copy has.
+    fn prior_len(&self, prior: &Prior) -> u64 {
+        let truncation = self.header.as_ref().map_or(0, |h| h.truncation_block_length);
+        (u64::from(truncation) * prior.block_size as u64).min(self.prior.size)
+    }
+
+    /// Chunk `c` before any sent block: the previous backup's bytes where it contributes, zeroes
+    /// elsewhere.
+    async fn base(&self, prior: &Prior, c: u64) -> Result<Vec<u8>, BackupError> {
+        let start = c * prior.chunk_size;
+        let len = (self.file_len(prior) - start).min(prior.chunk_size) as usize;
+        let mut buf = vec![0u8; len];
+        let from_prior = self.prior_len(prior).saturating_sub(start).min(len as u64) as usize;
+        if from_prior > 0 {
+            let bytes = prior
+                .chunk(&self.prior, c as usize)
+                .await?
+                .filter(|b| b.len() >= from_prior)
+                .ok_or_else(|| {
+                    self.invalid("the previous backup's copy is shorter than its own manifest says")
+                })?;
+            buf[..from_prior].copy_from_slice(&bytes[..from_prior]);
+        }
+        Ok(buf)
+    }
+
+    /// Hand chunks up to (not including) `c` to the pipeline.
+    async fn emit_until(&mut self, copier: &mut Copier, prior: &Prior, c: u64) -> Result<(), BackupError> {
+        while self.next_chunk < c {
+            let i = self.next_chunk;
+            let start = i * prior.chunk_size;
+            let len = (self.file_len(prior) - start).min(prior.chunk_size);
+            match self.building.take() {
+                Some((j, buf)) if j == i => copier.stream(&mut self.file, &buf).await?,
+                other => {
+                    self.building = other;
+                    // Untouched: the previous backup's chunk when it is this one whole.
+                    let whole = self.prior_len(prior) >= start + len
+                        && self.prior.size.saturating_sub(start).min(prior.chunk_size) == len;
+                    let reusable = self
+                        .prior
+                        .chunks
+                        .get(i as usize)
+                        .filter(|_| whole)
+                        .and_then(|id| copier.known_len(id).map(|stored| (*id, stored)));
+                    match reusable {
+                        Some((id, stored)) => copier.reuse_chunk(&mut self.file, id, len, stored),
+                        None => {
+                            let buf = self.base(prior, i).await?;
+                            copier.stream(&mut self.file, &buf).await?;
+                        }
+                    }
+                }
+            }
+            self.next_chunk += 1;
+        }
+        Ok(())
+    }
+
+    /// The member ended: every chunk to the pipeline, once the member held what its header
+    /// promised.
+    pub async fn finish(
+        mut self,
+        copier: &mut Copier,
+        prior: &Prior,
+        member_size: u64,
+    ) -> Result<(), BackupError> {
+        let Some(header) = &self.header else {
+            return Err(self.invalid("it ended inside its header"));
+        };
+        if self.received != header.blocks.len()
+            || !self.block.is_empty()
+            || header.member_size(prior.block_size) != member_size
+        {
+            return Err(self.invalid("its size is not what its header says"));
+        }
+        let chunks = self.file_len(prior).div_ceil(prior.chunk_size);
+        self.emit_until(copier, prior, chunks).await?;
+        copier.end_streamed(self.file).await
+    }
+}
