@@ -45,6 +45,8 @@ pub(super) struct Rebuild {
     member: String,
     /// The previous backup's copy (empty when it had none).
     prior: Entry,
+    /// Whether the previous backup had a copy at all.
+    prior_known: bool,
     head: Vec<u8>,
     header: Option<Header>,
     /// Blocks of the member received whole.
@@ -60,6 +62,7 @@ pub(super) struct Rebuild {
 impl Rebuild {
     /// Start putting `path` back together from member `member`.
     pub fn new(prior: &Prior, member: String, path: &str, file: Streamed) -> Rebuild {
+        let prior_known = prior.files.contains_key(path);
         let previous = prior.files.get(path).cloned().unwrap_or(Entry {
             path: path.to_string(),
             kind: EntryKind::File,
@@ -70,6 +73,7 @@ impl Rebuild {
         Rebuild {
             member,
             prior: previous,
+            prior_known,
             head: Vec::new(),
             header: None,
             received: 0,
@@ -103,6 +107,11 @@ impl Rebuild {
             data = &data[n..];
             match Header::parse(&self.member, &self.head, bs)? {
                 None => return Ok(()),
+                Some(h) if h.truncation_block_length > 0 && !self.prior_known => {
+                    return Err(self.invalid(
+                        "the server builds on blocks of it that the previous backup does not have",
+                    ));
+                }
                 Some(h) => {
                     // What followed the header in `head` is block data.
                     let rest = self.head.split_off(h.len);
@@ -246,5 +255,179 @@ impl Rebuild {
         let chunks = self.file_len(prior).div_ceil(prior.chunk_size);
         self.emit_until(copier, prior, chunks).await?;
         copier.end_streamed(self.file).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::basebackup::incremental::MAGIC;
+    use crate::basebackup::manifest::Manifest;
+    use crate::commands::backup::copy::CopyOptions;
+    use crate::commands::backup::inventory::Previous;
+    use crate::repo::WritableStore;
+    use crate::repo::fault::{Fault, FaultStore};
+    use crate::repo::store::CreateSemantics;
+
+    const BS: usize = 16;
+    const CS: u64 = 64;
+
+    fn store() -> WritableStore {
+        WritableStore::with_backend(
+            Arc::new(FaultStore::new(Fault::None)) as Arc<dyn object_store::ObjectStore>,
+            "s3://bucket/repo".parse().unwrap(),
+            CreateSemantics::CheckThenWrite,
+            crate::retry::RetryPolicy::with_total(std::time::Duration::from_secs(5)),
+        )
+    }
+
+    fn copier(store: &WritableStore, previous: Option<&Previous>) -> Copier {
+        let opts = CopyOptions {
+            chunk_size: CS,
+            parallel: 2,
+            level: 1,
+            pg_version: 17,
+        };
+        Copier::new(store, &Sealer::plain(), opts, previous, 4)
+    }
+
+    fn file_entry(path: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            size: 0,
+            chunks: vec![],
+        }
+    }
+
+    /// The previous backup: `content` stored as `base/1/f` through the pipeline.
+    async fn previous_backup(store: &WritableStore, content: &[u8]) -> Previous {
+        let mut c = copier(store, None);
+        let mut f = c.begin_streamed(file_entry("base/1/f"));
+        c.stream(&mut f, content).await.unwrap();
+        c.end_streamed(f).await.unwrap();
+        let copied = c.into_copied(vec![], None, 0).await.unwrap();
+        let mut manifest =
+            Manifest::parse(include_bytes!("../../../tests/fixtures/manifest-v1.json")).unwrap();
+        manifest.chunk_size = CS;
+        manifest.entries = copied.entries;
+        manifest.files = copied.files;
+        manifest.packs = copied.packs;
+        Previous {
+            manifest,
+            take_over: false,
+            absent: Default::default(),
+        }
+    }
+
+    /// The incremental member carrying `blocks` of `new`, truncated at `truncation`.
+    fn member(new: &[u8], blocks: &[u32], truncation: u32) -> Vec<u8> {
+        let mut m = Vec::new();
+        for w in [MAGIC, blocks.len() as u32, truncation].iter().chain(blocks) {
+            m.extend_from_slice(&w.to_le_bytes());
+        }
+        if !blocks.is_empty() {
+            m.resize(m.len().div_ceil(BS) * BS, 0);
+        }
+        for &b in blocks {
+            m.extend_from_slice(&new[b as usize * BS..(b as usize + 1) * BS]);
+        }
+        m
+    }
+
+    /// Put `member` back together over `prior_content` (fed in pieces of `piece` bytes) and
+    /// read the file stored: its bytes and the bytes taken over unread.
+    async fn rebuilt(prior_content: &[u8], member: &[u8], piece: usize) -> (Vec<u8>, u64) {
+        let store = store();
+        let previous = previous_backup(&store, prior_content).await;
+        let m = &previous.manifest;
+        let prior = Prior {
+            store: store.reader(),
+            sealer: Sealer::plain(),
+            places: m.places(),
+            files: m.entries.iter().map(|e| (e.path.clone(), e.clone())).collect(),
+            chunk_size: CS,
+            block_size: BS,
+        };
+        let mut c = copier(&store, Some(&previous));
+        let file = c.begin_streamed(file_entry("base/1/f"));
+        let mut r = Rebuild::new(&prior, "base/1/INCREMENTAL.f".into(), "base/1/f", file);
+        for p in member.chunks(piece) {
+            r.feed(&mut c, &prior, p).await.unwrap();
+        }
+        r.finish(&mut c, &prior, member.len() as u64).await.unwrap();
+        let copied = c.into_copied(vec![], Some(&previous), 0).await.unwrap();
+        let places = crate::basebackup::pack::Places::of(&copied.packs);
+        let e = &copied.entries[0];
+        let mut out = Vec::new();
+        for id in &e.chunks {
+            out.extend(
+                read_chunk(&prior.store, &prior.sealer, &places, id)
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert_eq!(out.len() as u64, e.size);
+        (out, copied.stats.reused_bytes)
+    }
+
+    fn blocks_of(n: usize, seed: u8) -> Vec<u8> {
+        (0..n * BS)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn files_are_put_back_together_as_pg_combinebackup_would() {
+        let prior = blocks_of(10, 1);
+        let changed = blocks_of(14, 99);
+        // Each case: blocks sent, truncation length, and the expected file.
+        let mut cases: BTreeMap<&str, (Vec<u32>, u32, Vec<u8>)> = BTreeMap::new();
+        // Two blocks of the same length changed: the other chunk named again unread.
+        let mut same = prior.clone();
+        for b in [1usize, 2] {
+            same[b * BS..(b + 1) * BS].copy_from_slice(&changed[b * BS..(b + 1) * BS]);
+        }
+        cases.insert("same length", (vec![1, 2], 10, same));
+        // Truncated to 6 blocks, block 5 changed.
+        let mut shrunk = prior[..6 * BS].to_vec();
+        shrunk[5 * BS..].copy_from_slice(&changed[5 * BS..6 * BS]);
+        cases.insert("shrunk", (vec![5], 6, shrunk));
+        // Grown to 14 blocks: 12 and 13 sent, 10 and 11 never written (zeroes).
+        let mut grown = prior.clone();
+        grown.extend(vec![0u8; 2 * BS]);
+        grown.extend_from_slice(&changed[12 * BS..14 * BS]);
+        cases.insert("grown", (vec![12, 13], 10, grown));
+        // Nothing sent, nothing truncated: every chunk named again.
+        cases.insert("unchanged", (vec![], 10, prior.clone()));
+        // Truncated to nothing, then two blocks written again.
+        let mut rewritten = vec![0u8; BS];
+        rewritten.extend_from_slice(&changed[BS..2 * BS]);
+        cases.insert("rewritten", (vec![1], 0, rewritten));
+        for (name, (blocks, truncation, expected)) in cases {
+            // Fed whole, and a few bytes at a time (pieces that cross header and blocks).
+            let new = if name == "same length" || name == "shrunk" || name == "grown" || name == "rewritten" {
+                changed.clone()
+            } else {
+                prior.clone()
+            };
+            let m = member(&new, &blocks, truncation);
+            for piece in [m.len().max(1), 7] {
+                let (got, reused) = rebuilt(&prior, &m, piece).await;
+                assert_eq!(got, expected, "{name}, pieces of {piece}");
+                let expect_reused = match name {
+                    "same length" => 6 * BS as u64,
+                    "shrunk" => 4 * BS as u64,
+                    "grown" => 8 * BS as u64,
+                    "unchanged" => 10 * BS as u64,
+                    _ => 0,
+                };
+                assert_eq!(reused, expect_reused, "{name}: bytes named again unread");
+            }
+        }
     }
 }
