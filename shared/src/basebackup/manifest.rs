@@ -1175,6 +1175,24 @@ mod tests {
     }
 
     #[test]
+    fn the_servers_manifest_round_trips_and_must_fit_its_chunks() {
+        let mut m = with(vec![file("base/1/1", 0o600, 1)], vec![]);
+        m.server_manifest = Some(StoredBlob {
+            size: (1 << 20) + 1,
+            chunks: vec![cid("ab"), cid("cd")],
+        });
+        m.incremental_from = Some(m.id.clone());
+        m.validate().unwrap();
+        assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+        m.server_manifest.as_mut().unwrap().chunks.pop();
+        assert_refused(&m, "the server's manifest is 1048577 bytes in 1 chunks");
+        // Without them, nothing is written: older readers see the manifest they know.
+        let plain = with(vec![file("base/1/1", 0o600, 1)], vec![]);
+        let json = String::from_utf8(plain.to_json()).unwrap();
+        assert!(!json.contains("server_manifest") && !json.contains("incremental_from"));
+    }
+
+    #[test]
     fn what_restore_writes_itself_is_refused() {
         for name in ["backup_label", "tablespace_map", "walvault.spool"] {
             assert_refused(&with(vec![file(name, 0o600, 1)], vec![]), name);

@@ -365,14 +365,22 @@ fn backup_data_problems<'a>(
         for p in &m.packs {
             packs.records.entry(p.id).or_insert(p);
         }
-        for e in &m.entries {
-            for c in &e.chunks {
-                let users = match places.get(c) {
-                    Some(place) => packs.needed_by.entry(place.pack).or_default(),
-                    None => needed_by.entry(*c).or_default(),
-                };
-                users.push((m.id.to_string(), &e.path));
-            }
+        // The server's backup_manifest of a backup over the protocol: what the next incremental
+        // backup uploads.
+        let server_manifest = m
+            .server_manifest
+            .iter()
+            .flat_map(|b| b.chunks.iter().map(|c| (c, "backup_manifest (the server's)")));
+        let files = m
+            .entries
+            .iter()
+            .flat_map(|e| e.chunks.iter().map(|c| (c, e.path.as_str())));
+        for (c, path) in files.chain(server_manifest) {
+            let users = match places.get(c) {
+                Some(place) => packs.needed_by.entry(place.pack).or_default(),
+                None => needed_by.entry(*c).or_default(),
+            };
+            users.push((m.id.to_string(), path));
         }
     }
     let stored_packs: BTreeMap<PackId, u64> = pack_listing
