@@ -130,22 +130,8 @@ async fn take_locked(
     session
         .store_relation_map(&opts.pg_conn, id, &store, repo.sealer())
         .await;
-    let previous = inventory::base_of(
-        &store,
-        repo.sealer(),
-        reading,
-        server.sysid,
-        server.pg_version,
-        opts.chunk_size,
-    )
-    .await?;
+    let (previous, copy_opts) = base_and_options(settings, opts, repo, &server, reading).await?;
     let copy_started = std::time::Instant::now();
-    let copy_opts = CopyOptions {
-        chunk_size: opts.chunk_size,
-        parallel: opts.parallel,
-        level: settings.compress_level,
-        pg_version: server.pg_version,
-    };
     // The clock read before any stat: the bound the next backup's reuse rule compares with.
     let copied = match Inventory::take(pgdata, inventory::wall_clock_ns()) {
         Ok(files) => copy::copy_files(&store, repo.sealer(), files, copy_opts, previous.as_ref()).await,
@@ -184,6 +170,32 @@ async fn take_locked(
         opts.wal_timeout,
     )
     .await
+}
+
+/// The backup a backup of `server` builds on (see [`inventory::base_of`]), and how to copy.
+async fn base_and_options(
+    settings: &Settings,
+    opts: &BackupOptions,
+    repo: &crate::repo::Writer,
+    server: &Server,
+    reading: FileReading,
+) -> Result<(Option<inventory::Previous>, CopyOptions), BackupError> {
+    let previous = inventory::base_of(
+        repo.writable(),
+        repo.sealer(),
+        reading,
+        server.sysid,
+        server.pg_version,
+        opts.chunk_size,
+    )
+    .await?;
+    let copy_opts = CopyOptions {
+        chunk_size: opts.chunk_size,
+        parallel: opts.parallel,
+        level: settings.compress_level,
+        pg_version: server.pg_version,
+    };
+    Ok((previous, copy_opts))
 }
 
 /// The end of every backup, once its files are stored: where its WAL ends, the wait until that
@@ -234,21 +246,7 @@ async fn take_over_protocol(
     let id = BackupId::from_unix(start_time_us.div_euclid(1_000_000));
     let host = source.target.clone();
     relation_map_over_sql(&opts.pg_conn, &id, &store, repo.sealer()).await;
-    let previous = inventory::base_of(
-        &store,
-        repo.sealer(),
-        reading,
-        server.sysid,
-        server.pg_version,
-        opts.chunk_size,
-    )
-    .await?;
-    let copy_opts = CopyOptions {
-        chunk_size: opts.chunk_size,
-        parallel: opts.parallel,
-        level: settings.compress_level,
-        pg_version: server.pg_version,
-    };
+    let (previous, copy_opts) = base_and_options(settings, opts, repo, &server, reading).await?;
     let increment = match opts.incremental {
         true => protocol::increment_of(&mut source, previous.as_ref(), &store, repo.sealer()).await?,
         false => None,

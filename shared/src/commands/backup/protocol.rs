@@ -334,12 +334,8 @@ impl Receiver {
         let Some(Current::File(file)) = &mut self.current else {
             return Ok(());
         };
-        let FileInProgress {
-            path,
-            sum,
-            size,
-            sink,
-        } = &mut **file;
+        let file = &mut **file;
+        let (path, sum, size, sink) = (&file.path, &mut file.sum, &mut file.size, &mut file.sink);
         sum.update(data);
         *size += data.len() as u64;
         match sink {
