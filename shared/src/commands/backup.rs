@@ -245,7 +245,9 @@ async fn take_over_protocol(
     let start_time_us = tokio::task::block_in_place(|| source.clock_us()).map_err(protocol::protocol_err)?;
     let id = BackupId::from_unix(start_time_us.div_euclid(1_000_000));
     let host = source.target.clone();
-    relation_map_over_sql(&opts.pg_conn, &id, &store, repo.sealer()).await;
+    // The server the walsender settled on, as an ordinary session (its dbname defaults to
+    // postgres, as the walsender's does).
+    relation_map_over_sql(&host.plain_conninfo, &id, &store, repo.sealer()).await;
     let (previous, copy_opts) = base_and_options(settings, opts, repo, &server, reading).await?;
     let increment = match opts.incremental {
         true => protocol::increment_of(&mut source, previous.as_ref(), &store, repo.sealer()).await?,
@@ -316,11 +318,12 @@ async fn relation_map_over_sql(
     store: &crate::repo::WritableStore,
     sealer: &crate::repo::object::Sealer,
 ) {
+    let said = |e: tokio_postgres::Error| e.as_db_error().map_or(e.to_string(), |d| d.message().to_string());
     let connected = tokio_postgres::connect(pg_conn, tokio_postgres::NoTls).await;
     let (client, connection) = match connected {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!("the relation map could not be read: {e}");
+            tracing::warn!("the relation map could not be read: {}", said(e));
             return;
         }
     };
@@ -331,7 +334,7 @@ async fn relation_map_over_sql(
                 tracing::warn!("the relation map was not stored: {e}");
             }
         }
-        Err(e) => tracing::warn!("the relation map could not be read: {e}"),
+        Err(e) => tracing::warn!("the relation map could not be read: {}", said(e)),
     }
     drop(client);
     let _ = conn_task.await;

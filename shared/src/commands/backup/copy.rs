@@ -95,6 +95,7 @@ fn packs_named(written: Vec<PackRecord>, previous: &[PackRecord], entries: &[Ent
 }
 
 /// A file being streamed into the pipeline ([`Copier::begin_streamed`]).
+#[derive(Default)]
 pub(super) struct Streamed {
     entry: usize,
     next_idx: usize,
@@ -102,6 +103,13 @@ pub(super) struct Streamed {
     buf: Vec<u8>,
     /// Bytes handed to the pipeline.
     size: u64,
+}
+
+impl Streamed {
+    /// This file, leaving an empty one in its place (for an owner that implements `Drop`).
+    pub(super) fn take(&mut self) -> Streamed {
+        std::mem::take(self)
+    }
 }
 
 /// What the chunk pipeline did with one chunk.
@@ -378,7 +386,11 @@ impl Copier {
         file.next_idx += 1;
         file.size += len;
         self.stats.chunks += 1;
-        self.stats.reused_bytes += len;
+    }
+
+    /// `bytes` of a file came from the previous backup rather than the server (an increment).
+    pub(super) fn count_reused(&mut self, bytes: u64) {
+        self.stats.reused_bytes += bytes;
     }
 
     async fn hand_off(&mut self, file: &mut Streamed, buf: Vec<u8>) -> Result<(), BackupError> {

@@ -507,7 +507,7 @@ pub(super) async fn increment_of(
         prior: Prior {
             store: store.clone(),
             sealer: sealer.clone(),
-            places,
+            places: std::sync::Arc::new(places),
             files,
             chunk_size: m.chunk_size,
             block_size,
