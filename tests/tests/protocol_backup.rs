@@ -1063,3 +1063,75 @@ fn matrix_protocol_backup_pg15_incremental_falls_back_to_a_full_backup_with_a_wa
     }
     assert_listed_and_verified(&repo, &taken.iter().collect::<Vec<_>>())
 }
+
+/// One daemon, off the database host: `daemon --stream --backup-every` stores the WAL and takes
+/// backups over the protocol on schedule, each followed by an expire (`--keep-last 1`); the
+/// backup it keeps restores exactly.
+#[test]
+fn matrix_protocol_backup_pg15_stream_daemon_backs_up_on_schedule_and_expires() -> Result<()> {
+    let pg = PgInstall::of_major(15)?;
+    let repo = Repo::new_s3(Garage::shared())?;
+    let source = streaming_cluster(pg, "scheduled15", &[])?;
+    let ts_parent = ScratchDir::new("scheduled-ts")?;
+    let ts_location = ts_parent.subdir("ts1")?;
+    host::set_mode(&ts_location, 0o700)?;
+    let oid = fill(&source, &ts_location)?;
+    let daemon = Daemon::start_streaming(
+        &repo,
+        &pg_url(&source, STREAM_ROLE),
+        &[
+            "--stream-flush",
+            "500ms",
+            "--backup-every",
+            "4s",
+            "--keep-last",
+            "1",
+        ],
+    )?;
+    // Two scheduled backups, then the expire after the second leaves the newest alone.
+    let newest = host::wait_for(
+        "two scheduled backups, the first expired",
+        Duration::from_secs(150),
+        Duration::from_millis(500),
+        || {
+            let log = daemon.log();
+            let done: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("scheduled backup ") && l.contains(" done:"))
+                .collect();
+            if done.len() < 2 {
+                return Ok(Poll::Waiting(format!("{} scheduled backups done", done.len())));
+            }
+            let info = backup::info(&repo)?;
+            let shown = info["backups"]
+                .as_array()
+                .context("info --json: backups")?
+                .clone();
+            Ok(match shown.as_slice() {
+                [one] => Poll::Done(one["id"].as_str().context("a backup id")?.to_string()),
+                _ => Poll::Waiting(format!("{} backups listed", shown.len())),
+            })
+        },
+    )
+    .with_context(|| host::tail(&daemon.log(), 40))?;
+    ensure!(
+        !daemon.log().contains("scheduled backup failed"),
+        "a scheduled backup failed:\n{}",
+        daemon.log()
+    );
+    let stored = stored_manifest(&repo, &newest)?;
+    ensure!(
+        stored["server_manifest"].is_object(),
+        "a scheduled backup beside the stream is taken over the protocol: {}",
+        stored["server_manifest"]
+    );
+    write_after_backup(&source)?;
+    let expected = every_table(&source)?;
+    wait_flushed(&daemon, &source)?;
+    let log = daemon.log();
+    let ended = daemon.stop()?;
+    ensure!(ended.code() == Some(0), "daemon: {ended:?}\n{log}");
+    let verify = restore_agent(&repo, &["verify", "--deep"])?;
+    ensure!(verify.stdout.contains("verified 1 backups"), "verify:\n{verify}");
+    assert_restores_to(pg, &repo, "scheduled15-restored", &[], &newest, &expected, &oid)
+}

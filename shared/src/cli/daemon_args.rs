@@ -61,7 +61,9 @@ pub struct DaemonArgs {
     /// Connection to the cluster, for --backup-every and --max-wal-age
     #[arg(long, env = "WALVAULT_PG_URL", value_name = "CONN")]
     pub pg_url: Option<String>,
-    /// Take a base backup this often (e.g. 24h)
+    /// Take a base backup this often (e.g. 24h); with --stream, over the replication protocol
+    /// from --pg-url (PostgreSQL 15+, see `backup` without --pgdata), the first one interval
+    /// after the start
     #[arg(long, value_name = "DURATION")]
     pub backup_every: Option<String>,
     /// Force a WAL switch when nothing was archived for this long but WAL was written (e.g. 5m)
@@ -98,9 +100,11 @@ impl DaemonArgs {
             );
         }
         let needs_conn = self.backup_every.is_some() || self.max_wal_age.is_some();
-        if self.stream && (needs_conn || drill_every.is_some() || self.verify_every.is_some()) {
+        // With --stream, backups go over the protocol (to --pg-url) and need nothing more.
+        if self.stream && (self.max_wal_age.is_some() || drill_every.is_some() || self.verify_every.is_some())
+        {
             return Err(DaemonArgsError::Usage(
-                "--stream runs alone for now: schedule backups, WAL switches, verifies and drills with a second daemon (or cron) on the database host".into(),
+                "--stream takes scheduled backups (--backup-every) over the protocol, and needs no WAL switches; schedule verifies and drills with a second daemon or cron".into(),
             ));
         }
         let stream = match (self.stream, &self.pg_url) {

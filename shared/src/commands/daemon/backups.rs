@@ -17,7 +17,8 @@ use crate::retention::Policy;
 /// What a scheduled backup takes, and what it expires after.
 #[derive(Debug, Clone)]
 pub(crate) struct BackupJob {
-    pub pgdata: PathBuf,
+    /// `None`: over the replication protocol, from `conn` (`--stream`).
+    pub pgdata: Option<PathBuf>,
     pub conn: String,
     pub retention: Option<Policy>,
 }
@@ -31,7 +32,7 @@ pub(crate) async fn scheduled_backup(
     clock: Arc<dyn Clock>,
 ) {
     let opts = BackupOptions {
-        pgdata: Some(job.pgdata),
+        pgdata: job.pgdata,
         pg_conn: job.conn,
         chunk_size: DEFAULT_CHUNK_SIZE,
         parallel: 4,
@@ -67,6 +68,29 @@ pub(crate) async fn scheduled_backup(
     }
     if let Some(policy) = job.retention {
         scheduled_expire(&settings, &policy, &metrics, clock.now_micros()).await;
+    }
+}
+
+/// Beside the stream (`--stream --backup-every`): a backup over the replication protocol every
+/// `every`, the first one interval after the start (as the scheduler does for `--pgdata`), each
+/// followed by an expire when a retention policy is set. A backup that runs long delays the
+/// next; none is started to catch up. Runs until aborted.
+pub(crate) async fn over_the_stream(
+    settings: Arc<Settings>,
+    job: BackupJob,
+    every: Duration,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        scheduled_backup(
+            Arc::clone(&settings),
+            job.clone(),
+            Arc::clone(&metrics),
+            Arc::clone(&clock),
+        )
+        .await;
     }
 }
 

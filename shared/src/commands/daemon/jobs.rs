@@ -72,7 +72,7 @@ impl Jobs {
             .filter(|_| opts.backup_every.is_some())
             .zip(opts.pgdata.as_ref())
             .map(|(conn, pgdata)| BackupJob {
-                pgdata: pgdata.clone(),
+                pgdata: Some(pgdata.clone()),
                 conn: conn.clone(),
                 retention: opts.retention.clone(),
             });

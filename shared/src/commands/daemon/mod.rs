@@ -112,7 +112,28 @@ pub async fn run_with_clock(
     }
     if let Some(stream) = opts.stream.clone() {
         tracing::info!(repo = %settings.repo, "daemon started (streaming)");
-        return stream::serve(settings, stream, metrics, shutdown).await;
+        // Backups over the protocol from the same connection string, while the stream stores
+        // the WAL they wait for.
+        let backups = opts.backup_every.zip(opts.pg_conn.clone()).map(|(every, conn)| {
+            let job = backups::BackupJob {
+                pgdata: None,
+                conn,
+                retention: opts.retention.clone(),
+            };
+            tracing::info!(every = ?every, "backups over the replication protocol scheduled");
+            tokio::spawn(backups::over_the_stream(
+                Arc::clone(&settings),
+                job,
+                every,
+                Arc::clone(&metrics),
+                clock,
+            ))
+        });
+        let served = stream::serve(settings, stream, metrics, shutdown).await;
+        if let Some(b) = backups {
+            b.abort();
+        }
+        return served;
     }
     let Some(pgdata) = opts.pgdata.clone() else {
         return Err(DaemonError::Watch {
