@@ -639,3 +639,51 @@ pub(crate) fn pick_port() -> Result<u16> {
     }
     bail!("no unused free port found")
 }
+
+/// A started cluster that streams and does not archive (`wal_level = replica`, `archive_mode =
+/// off`, room for walsenders and slots), with each of `roles` created `LOGIN REPLICATION`
+/// with `password` and let in through SCRAM, first match, both as a database walsender and for
+/// `replication`; everything else in `pg_hba.conf` stays as initdb made it. `extra` are more
+/// postgresql.conf settings.
+pub fn streaming_cluster(
+    pg: &'static crate::pg::PgInstall,
+    name: &str,
+    roles: &[&str],
+    password: &str,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<Cluster> {
+    let mut cluster = Cluster::init(
+        name,
+        &InitOptions {
+            pg: Some(pg),
+            ..InitOptions::default()
+        },
+    )?;
+    cluster.set_conf(&[
+        ("wal_level", "replica"),
+        ("archive_mode", "off"),
+        ("max_wal_senders", "5"),
+        ("max_replication_slots", "5"),
+        ("password_encryption", "scram-sha-256"),
+        ("hot_standby", "on"),
+    ])?;
+    cluster.set_conf(extra)?;
+    let hba = cluster.data_dir().join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba)?;
+    let lines: String = roles
+        .iter()
+        .map(|role| {
+            format!(
+                "host all {role} 127.0.0.1/32 scram-sha-256\nhost replication {role} 127.0.0.1/32 scram-sha-256\n"
+            )
+        })
+        .collect();
+    crate::host::write_for_pg(&hba, format!("{lines}{old}").as_bytes())?;
+    cluster.start()?;
+    for role in roles {
+        cluster.execute(&format!(
+            "CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{password}'"
+        ))?;
+    }
+    Ok(cluster)
+}

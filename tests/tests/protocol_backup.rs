@@ -48,7 +48,6 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use walvault_testkit::agents::{ARCHIVE_AGENT, RESTORE_AGENT};
 use walvault_testkit::backup::{self, BackupSummary};
-use walvault_testkit::cluster::InitOptions;
 use walvault_testkit::daemon::Daemon;
 use walvault_testkit::garage::Garage;
 use walvault_testkit::host::{self, Finished, Poll, ScratchDir};
@@ -79,37 +78,7 @@ fn known_rows_sql() -> String {
 /// [`BACKUP_ROLE`], each allowed in through SCRAM for replication and for a database walsender;
 /// `conf` are more postgresql.conf settings.
 fn streaming_cluster(pg: &'static PgInstall, name: &str, conf: &[(&str, &str)]) -> Result<Cluster> {
-    let mut cluster = Cluster::init(
-        name,
-        &InitOptions {
-            pg: Some(pg),
-            ..InitOptions::default()
-        },
-    )?;
-    cluster.set_conf(&[
-        ("wal_level", "replica"),
-        ("archive_mode", "off"),
-        ("max_wal_senders", "5"),
-        ("max_replication_slots", "5"),
-        ("password_encryption", "scram-sha-256"),
-    ])?;
-    cluster.set_conf(conf)?;
-    let hba = cluster.data_dir().join("pg_hba.conf");
-    let old = fs::read_to_string(&hba)?;
-    let mut lines = String::new();
-    for role in [STREAM_ROLE, BACKUP_ROLE] {
-        lines.push_str(&format!(
-            "host all {role} 127.0.0.1/32 scram-sha-256\nhost replication {role} 127.0.0.1/32 scram-sha-256\n"
-        ));
-    }
-    host::write_for_pg(&hba, format!("{lines}{old}").as_bytes())?;
-    cluster.start()?;
-    for role in [STREAM_ROLE, BACKUP_ROLE] {
-        cluster.execute(&format!(
-            "CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{PASSWORD}'"
-        ))?;
-    }
-    Ok(cluster)
+    walvault_testkit::cluster::streaming_cluster(pg, name, &[STREAM_ROLE, BACKUP_ROLE], PASSWORD, conf)
 }
 
 fn pg_url(cluster: &Cluster, role: &str) -> String {

@@ -37,35 +37,7 @@ const FLUSH: Duration = Duration::from_secs(1);
 
 /// A started cluster that streams (and does not archive), with the role `walvault`.
 fn streaming_cluster(pg: &'static PgInstall, name: &str, extra: &[(&str, &str)]) -> Result<Cluster> {
-    let mut cluster = Cluster::init(
-        name,
-        &InitOptions {
-            pg: Some(pg),
-            ..InitOptions::default()
-        },
-    )?;
-    cluster.set_conf(&[
-        ("wal_level", "replica"),
-        ("archive_mode", "off"),
-        ("max_wal_senders", "5"),
-        ("max_replication_slots", "5"),
-        ("password_encryption", "scram-sha-256"),
-        ("hot_standby", "on"),
-    ])?;
-    cluster.set_conf(extra)?;
-    // SCRAM for the daemon's role, first match; everything else stays as initdb made it.
-    let hba = cluster.data_dir().join("pg_hba.conf");
-    let old = std::fs::read_to_string(&hba)?;
-    host::write_for_pg(
-        &hba,
-        format!("host all walvault 127.0.0.1/32 scram-sha-256\nhost replication walvault 127.0.0.1/32 scram-sha-256\n{old}")
-            .as_bytes(),
-    )?;
-    cluster.start()?;
-    cluster.execute(&format!(
-        "CREATE ROLE walvault LOGIN REPLICATION PASSWORD '{PASSWORD}'"
-    ))?;
-    Ok(cluster)
+    walvault_testkit::cluster::streaming_cluster(pg, name, &["walvault"], PASSWORD, extra)
 }
 
 fn pg_url(cluster: &Cluster) -> String {
