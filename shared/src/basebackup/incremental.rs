@@ -53,6 +53,12 @@ pub struct Header {
     pub len: usize,
 }
 
+/// The longest header there is with blocks of `block_size`: a block number for as many blocks
+/// as are allowed, then padding to a block boundary.
+pub fn max_header_len(block_size: usize) -> usize {
+    (12 + 4 * MAX_BLOCKS as usize).div_ceil(block_size) * block_size
+}
+
 impl Header {
     /// Read a header from the start of `buf`: `Ok(None)` when more bytes are needed.
     pub fn parse(path: &str, buf: &[u8], block_size: usize) -> Result<Option<Header>, IncrementalError> {

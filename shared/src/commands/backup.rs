@@ -229,17 +229,7 @@ async fn take_over_protocol(
     reading: FileReading,
 ) -> Result<Manifest, BackupError> {
     let store = repo.writable().clone();
-    let mut source = protocol::connect(&opts.pg_conn)?;
-    let identity = source.identity.clone();
-    let server = Server {
-        pg_version: crate::wal::version::major_of_version_num(identity.server_version),
-        from_standby: identity.in_recovery,
-        sysid: identity.system_id,
-        seg_size: identity.segment_size,
-    };
-    if crate::wal::version::for_major(server.pg_version).is_none() {
-        return Err(BackupError::Version(server.pg_version));
-    }
+    let (mut source, server) = protocol::connect(&opts.pg_conn)?;
     check_repo_cluster(server.sysid, repo)?;
     let primary = Primary::of(opts.primary_conn.as_deref(), &server).await?;
     let start_time_us = tokio::task::block_in_place(|| source.clock_us()).map_err(protocol::protocol_err)?;
@@ -318,24 +308,16 @@ async fn relation_map_over_sql(
     store: &crate::repo::WritableStore,
     sealer: &crate::repo::object::Sealer,
 ) {
-    let said = |e: tokio_postgres::Error| e.as_db_error().map_or(e.to_string(), |d| d.message().to_string());
     let connected = tokio_postgres::connect(pg_conn, tokio_postgres::NoTls).await;
     let (client, connection) = match connected {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!("the relation map could not be read: {}", said(e));
+            tracing::warn!("the relation map could not be read: {}", session::sql_message(&e));
             return;
         }
     };
     let conn_task = tokio::spawn(connection);
-    match crate::basebackup::relmap::read_from_server(&client, pg_conn, id).await {
-        Ok(map) => {
-            if let Err(e) = crate::basebackup::relmap::store(store, sealer, &map).await {
-                tracing::warn!("the relation map was not stored: {e}");
-            }
-        }
-        Err(e) => tracing::warn!("the relation map could not be read: {}", said(e)),
-    }
+    session::store_relation_map(&client, pg_conn, id, store, sealer).await;
     drop(client);
     let _ = conn_task.await;
 }

@@ -18,6 +18,7 @@ use super::control::{CONTROL_FILE, control_crc_holds};
 use super::copy::{Copied, Copier, Streamed};
 use super::inventory::Previous;
 use super::rebuild::{Prior, Rebuild};
+use super::session::Server;
 use crate::basebackup::chunk::read_chunk;
 use crate::basebackup::incremental;
 use crate::basebackup::manifest::{BackupId, Entry, EntryKind, StoredBlob, Tablespace};
@@ -47,8 +48,8 @@ pub(super) struct Received {
 const SERVER_MANIFEST_PATH: &str = "/backup_manifest";
 
 /// Connect to the server `pg_conn` names (its host list and `target_session_attrs` as the
-/// streaming daemon reads them), as a walsender.
-pub(super) fn connect(pg_conn: &str) -> Result<Source, BackupError> {
+/// streaming daemon reads them), as a walsender, and learn what a backup needs of it.
+pub(super) fn connect(pg_conn: &str) -> Result<(Source, Server), BackupError> {
     let target = conninfo::parse(pg_conn).map_err(|e| BackupError::Connect(e.to_string()))?;
     let source = tokio::task::block_in_place(|| source::connect(&target)).map_err(protocol_err)?;
     if source.identity.server_version < backup_stream::MIN_SERVER_VERSION {
@@ -58,7 +59,17 @@ pub(super) fn connect(pg_conn: &str) -> Result<Source, BackupError> {
             source.identity.server_version / 10000
         )));
     }
-    Ok(source)
+    let identity = &source.identity;
+    let server = Server {
+        pg_version: crate::wal::version::major_of_version_num(identity.server_version),
+        from_standby: identity.in_recovery,
+        sysid: identity.system_id,
+        seg_size: identity.segment_size,
+    };
+    if crate::wal::version::for_major(server.pg_version).is_none() {
+        return Err(BackupError::Version(server.pg_version));
+    }
+    Ok((source, server))
 }
 
 pub(super) fn protocol_err(e: source::SourceError) -> BackupError {
@@ -104,8 +115,8 @@ pub(super) async fn receive(
         ..
     } = r;
     let invalid = |s: &str| BackupError::ServerManifest(ServerManifestError::Invalid(s.to_string()));
-    let manifest = manifest.ok_or_else(|| invalid("the stream ended before the server's backup manifest"))?;
-    let manifest_bytes = manifest;
+    let manifest_bytes =
+        manifest.ok_or_else(|| invalid("the stream ended before the server's backup manifest"))?;
     let manifest = ServerManifest::parse(&manifest_bytes)?;
     manifest.check(&sent)?;
     let backup_label = backup_label.ok_or_else(|| invalid("the server sent no backup_label"))?;

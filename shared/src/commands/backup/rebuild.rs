@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use super::BackupError;
 use super::copy::{Copier, Streamed};
 use crate::basebackup::chunk::{ChunkError, ChunkId, read_chunk};
-use crate::basebackup::incremental::{Header, IncrementalError};
+use crate::basebackup::incremental::{self, Header, IncrementalError};
 use crate::basebackup::manifest::{Entry, EntryKind};
 use crate::basebackup::pack::Places;
 use crate::repo::Store;
@@ -119,8 +119,8 @@ impl Rebuild {
     ) -> Result<(), BackupError> {
         let bs = prior.block_size;
         if self.header.is_none() {
-            // A header is at most 4 bytes a block plus one block of padding: bounded.
-            let want = (bs + 12 + 4 * (1 << 22)).min(self.head.len() + data.len());
+            // Never more than the longest header there is: bounded.
+            let want = incremental::max_header_len(bs).min(self.head.len() + data.len());
             let n = want - self.head.len();
             self.head.extend_from_slice(&data[..n]);
             data = &data[n..];

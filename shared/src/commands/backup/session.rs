@@ -14,7 +14,7 @@ const SERVER_CLOCK: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000
 type ConnTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
 
 fn sql_err(e: tokio_postgres::Error) -> BackupError {
-    BackupError::Sql(e.as_db_error().map_or(e.to_string(), |d| d.message().to_string()))
+    BackupError::Sql(sql_message(&e))
 }
 
 /// What a backup needs to know of the server whose data directory it copies.
@@ -134,14 +134,7 @@ impl Session {
         store: &WritableStore,
         sealer: &Sealer,
     ) {
-        match crate::basebackup::relmap::read_from_server(&self.client, pg_conn, id).await {
-            Ok(map) => {
-                if let Err(e) = crate::basebackup::relmap::store(store, sealer, &map).await {
-                    tracing::warn!("the relation map was not stored: {e}");
-                }
-            }
-            Err(e) => tracing::warn!("the relation map could not be read: {e}"),
-        }
+        store_relation_map(&self.client, pg_conn, id, store, sealer).await;
     }
 
     /// `pg_backup_stop`, then the server's clock and (from a standby) the backup's stop
@@ -206,6 +199,30 @@ impl Session {
             stop_tli,
         })
     }
+}
+
+/// Store the names for `restore-agent find`, read through `client` (and a session per database
+/// on `pg_conn`). Derived data: a failure costs names, never the backup, and is logged.
+pub(super) async fn store_relation_map(
+    client: &tokio_postgres::Client,
+    pg_conn: &str,
+    id: &BackupId,
+    store: &WritableStore,
+    sealer: &Sealer,
+) {
+    match crate::basebackup::relmap::read_from_server(client, pg_conn, id).await {
+        Ok(map) => {
+            if let Err(e) = crate::basebackup::relmap::store(store, sealer, &map).await {
+                tracing::warn!("the relation map was not stored: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("the relation map could not be read: {}", sql_message(&e)),
+    }
+}
+
+/// What the server said, rather than tokio-postgres's "db error".
+pub(super) fn sql_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map_or(e.to_string(), |d| d.message().to_string())
 }
 
 /// The primary of a standby being backed up, connected (and checked) before the backup starts.
