@@ -13,8 +13,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use walvault::basebackup::chunk::chunk_id;
 use walvault::commands::restore::{
-    self, NoProgress, RecoveryTarget, RestoreError, RestoreOptions, RestoreReport, TablespacePlan,
-    TargetAction, TimelineTarget,
+    self, NoProgress, RestoreError, RestoreOptions, RestoreReport, TablespacePlan,
 };
 use walvault::config::{Overrides, Settings};
 use walvault::repo::layout::chunk_key;
@@ -129,18 +128,9 @@ impl Env {
 
     async fn restore_with(&self, tablespaces: TablespacePlan) -> Result<RestoreReport, RestoreError> {
         let opts = RestoreOptions {
-            pgdata: self.target(),
-            backup: None,
-            target: RecoveryTarget::End,
-            timeline: TimelineTarget::Latest,
-            action: TargetAction::Promote,
-            exclusive: false,
-            force: false,
-            delta: false,
             parallel: 4,
-            sync: Default::default(),
-            restore_command: "restore-agent fetch %f %p".into(),
             tablespaces,
+            ..RestoreOptions::new(self.target(), "restore-agent fetch %f %p")
         };
         restore::restore(&self.settings, &opts, Arc::new(NoProgress)).await
     }

@@ -165,6 +165,29 @@ pub struct RestoreOptions {
     pub tablespaces: TablespacePlan,
 }
 
+impl RestoreOptions {
+    /// A restore of the newest backup into `pgdata`, replaying the whole archive on the latest
+    /// timeline with `restore_command`, then promoting: the defaults `restore-agent restore`
+    /// uses without flags, one chunk at a time. Set the fields that differ:
+    /// `RestoreOptions { target, ..RestoreOptions::new(dir, cmd) }`.
+    pub fn new(pgdata: impl Into<PathBuf>, restore_command: impl Into<String>) -> RestoreOptions {
+        RestoreOptions {
+            pgdata: pgdata.into(),
+            backup: None,
+            target: RecoveryTarget::End,
+            timeline: TimelineTarget::Latest,
+            action: TargetAction::Promote,
+            exclusive: false,
+            force: false,
+            delta: false,
+            parallel: 1,
+            sync: SyncMethod::default(),
+            restore_command: restore_command.into(),
+            tablespaces: TablespacePlan::default(),
+        }
+    }
+}
+
 /// Where tablespaces are restored. Their locations come from the manifest, which a restore must
 /// not trust to write outside the new data directory: the DBA chooses, explicitly.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -477,20 +500,7 @@ mod testing {
     }
 
     pub(super) fn options(pgdata: &Path) -> RestoreOptions {
-        RestoreOptions {
-            pgdata: pgdata.to_path_buf(),
-            backup: None,
-            target: RecoveryTarget::End,
-            timeline: TimelineTarget::Latest,
-            action: TargetAction::Promote,
-            exclusive: false,
-            force: false,
-            delta: false,
-            parallel: 1,
-            sync: SyncMethod::default(),
-            restore_command: "true".into(),
-            tablespaces: TablespacePlan::default(),
-        }
+        RestoreOptions::new(pgdata, "true")
     }
 
     pub(super) fn with_tablespace(location: &str) -> Manifest {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::catalog::Catalog;
-use crate::commands::restore::{RecoveryTarget, RestoreOptions, TargetAction, TimelineTarget};
+use crate::commands::restore::{RecoveryTarget, RestoreOptions, TimelineTarget};
 use crate::config::Settings;
 
 mod checks;
@@ -229,23 +229,17 @@ async fn drill_in(
 /// under the scratch directory.
 fn restore_options(opts: &DrillOptions, plan: &Plan, scratch: &Path, pgdata: &Path) -> RestoreOptions {
     RestoreOptions {
-        pgdata: pgdata.to_path_buf(),
-        backup: None,
         target: plan.target.clone(),
         timeline: opts.timeline,
-        action: TargetAction::Promote,
         exclusive: opts.exclusive,
-        force: false,
-        delta: false,
         parallel: opts.parallel,
         // The restore a DBA would run, so the drill's RTO is that restore's (and never a syncfs
-        // of a scratch file system shared with a production server).
-        sync: crate::commands::restore::SyncMethod::default(),
-        restore_command: opts.restore_command.clone(),
+        // of a scratch file system shared with a production server): the default sync method.
         tablespaces: crate::commands::restore::TablespacePlan {
             all_under: Some(scratch.join("tablespaces")),
             ..Default::default()
         },
+        ..RestoreOptions::new(pgdata, opts.restore_command.clone())
     }
 }
 
