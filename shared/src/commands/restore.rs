@@ -8,7 +8,9 @@
 //!   comparison), the recovery settings and the replay ahead, decided with reads only;
 //!   `restore-agent restore --dry-run` prints it;
 //! - the executor ([`execute`]): empties or creates the directory and writes the backup's files,
-//!   each distinct chunk fetched once and each file written from one descriptor ([`writer`]), on the tree [`tree`] creates;
+//!   from the work list ([`work`]), each distinct chunk fetched once ([`chunk_reader`]) and each
+//!   file written from one descriptor ([`file_writer`]) by the [`pipeline`] within the memory
+//!   bound ([`budget`]), on the tree [`tree`] creates;
 //! - the writer of the recovery configuration ([`recovery_files`]).
 //!
 //! Everything that can be refused is refused before the first byte is written: an unknown
@@ -36,17 +38,21 @@ use crate::report::Report;
 use crate::time;
 use crate::wal::{Lsn, TimelineId};
 
+mod budget;
+mod chunk_reader;
 mod delta;
 mod direct;
 mod execute;
+mod file_writer;
 mod order;
+mod pipeline;
 mod placement;
 mod plan;
 mod recovery_files;
 mod select;
 mod tree;
 mod waits;
-mod writer;
+mod work;
 
 pub use delta::DeltaReport;
 pub use placement::check_before_writing;

@@ -9,7 +9,7 @@
 //! - [`apply`] removes what the backup does not have (and anything of the wrong kind where the
 //!   backup has a file or a directory: a link where a file goes is removed, never written
 //!   through), creates missing directories and files, truncates or extends files to their size,
-//!   and returns the chunks to write ([`super::writer::Fill`]), which the restore then fetches,
+//!   and returns the chunks to write ([`WorkList`]), which the restore then fetches,
 //!   each distinct chunk once.
 //!
 //! What is kept: only what the backup has. Everything else goes, as in a full restore into an
@@ -25,9 +25,10 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use super::direct::{open_for_write, open_nofollow};
 use super::placement::destination;
 use super::tree::{create_dir, create_parent, create_sized};
-use super::writer::{Fill, PG_CONTROL, add_file, open_for_write, open_nofollow};
+use super::work::{PG_CONTROL, WorkList};
 use super::{RestoreError, write_err};
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::manifest::{EntryKind, Manifest};
@@ -238,7 +239,7 @@ pub(crate) async fn plan(
         let keep = match (kind, files.get(path)) {
             (Found::Dir, _) => dirs.contains(path),
             (Found::File { len, mode, shared }, Some(&i)) => {
-                // pg_control is always written afresh, last (see `Fill::last`).
+                // pg_control is always written afresh, last (see `WorkList::pg_control`).
                 let ok = !shared && m.entries[i].path != PG_CONTROL;
                 if ok {
                     candidates.push((i, path.clone(), *len, *mode));
@@ -373,7 +374,7 @@ pub(crate) fn apply(
     m: &Manifest,
     pgdata: &Path,
     spaces: &BTreeMap<u32, PathBuf>,
-) -> Result<(Fill, DeltaReport), RestoreError> {
+) -> Result<(WorkList, DeltaReport), RestoreError> {
     let control = pgdata.join(PG_CONTROL);
     let mut remove = plan.remove;
     remove.sort_by_key(|(p, _)| *p != control);
@@ -395,7 +396,7 @@ pub(crate) fn apply(
         create_parent(&dest)?;
         create_dir(&dest, e.mode)?;
     }
-    let mut fill = Fill::default();
+    let mut fill = WorkList::default();
     for f in plan.files {
         let e = &m.entries[f.entry];
         match f.prepare {
@@ -416,7 +417,7 @@ pub(crate) fn apply(
                     .map_err(write_err(&f.dest))?;
             }
         }
-        add_file(&mut fill, e, f.dest, false, f.rewrite.into_iter(), m.chunk_size);
+        fill.add(e, f.dest, false, f.rewrite.into_iter(), m.chunk_size);
     }
     Ok((fill, plan.report))
 }

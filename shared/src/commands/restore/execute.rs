@@ -1,26 +1,33 @@
-//! The executor of a [`RestorePlan`]: it empties the data directory when the plan says so,
-//! writes the backup's directories and files (all of them, or with `--delta` what differs),
-//! fetching each distinct chunk once and writing each file from one descriptor
-//! ([`super::writer`]), and has the recovery configuration written
-//! ([`super::recovery_files`]). It decides nothing the plan has not: the plan is the
-//! restore a dry run prints. On failure it removes what it wrote: a half-restored directory must
-//! never be mistaken for a restore.
+//! The executor of a [`RestorePlan`], as a list of plain steps:
+//!
+//! 1. empty the data directory when the plan says so ([`execute`]);
+//! 2. lay out the directories and list the files to write, all of them or, with `--delta`, what
+//!    differs ([`work_list`]);
+//! 3. write every file but `global/pg_control`, each distinct chunk fetched once and each file
+//!    written from one descriptor ([`super::pipeline`]), and make them durable;
+//! 4. write the recovery files ([`super::recovery_files`]) and make every name durable;
+//! 5. write `global/pg_control`, last: until it lands no server starts on the directory;
+//! 6. write the replay plan.
+//!
+//! It decides nothing the plan has not: the plan is the restore a dry run prints. On failure it
+//! removes what it wrote: a half-restored directory must never be mistaken for a restore.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::delta::{self, DeltaPlan, DeltaReport};
+use super::pipeline::{self, ChunkStore, Transfer};
 use super::placement::destination;
 use super::plan::{DirectoryUse, RestorePlan};
 use super::recovery_files::{write_recovery_files, write_replay_plan};
 use super::tree::{clear_dir, create_dir, create_parent};
-use super::writer::{self, Fill, PG_CONTROL, add_file};
-use super::{Progress, RestoreError, RestoreReport, write_err};
+use super::work::{PG_CONTROL, WorkList};
+use super::{Progress, RestoreError, RestoreReport, SyncMethod, write_err};
 use crate::basebackup::manifest::{EntryKind, Manifest};
 use crate::catalog::Catalog;
 use crate::repo::Store;
 use crate::repo::object::Sealer;
-use crate::repo::reads::ReadStats;
+use crate::repo::reads::{ReadReport, ReadStats};
 
 /// Carry out `plan`, made from catalog `cat` of repository `repo`. The report's `seconds` is left
 /// at zero for the caller, who knows when the restore began.
@@ -35,11 +42,9 @@ pub(crate) async fn execute(
         .iter()
         .find(|m| m.id == plan.backup.id)
         .ok_or_else(|| RestoreError::UnknownBackup(plan.backup.id.clone()))?;
-    let pgdata = plan.pgdata.clone();
-    let created = !pgdata.exists();
-    let targets = plan.roots();
+    let created = !plan.pgdata.exists();
     if plan.files.directory == DirectoryUse::Replace {
-        clear_dir(&pgdata)?;
+        clear_dir(&plan.pgdata)?;
     }
     progress.start(plan.files.bytes_to_write);
     let delta = plan.delta_work.take();
@@ -47,39 +52,57 @@ pub(crate) async fn execute(
     // The data's reads are recorded: what they cost and where the restore waited.
     let reads = ReadStats::new();
     let store = repo.store().recording(&reads);
-    let written = match write_backup(&store, repo.sealer(), &plan, manifest, delta, progress).await {
-        Ok(done) => write_replay_plan(&plan).map(|()| done),
-        Err(e) => Err(e),
-    };
-    // A failed delta restore changed a directory the DBA kept: it is left (and cannot start);
-    // a failed full restore removes what it wrote.
+    let written = write_backup(&store, repo.sealer(), &plan, manifest, delta, progress).await;
+    let written = written.and_then(|done| write_replay_plan(&plan).map(|()| done));
     let written = match written {
-        Err(e) if is_delta && !matches!(e, RestoreError::NotRestorable { .. }) => {
-            return Err(RestoreError::Incomplete {
-                dir: pgdata.display().to_string(),
-                source: Box::new(e),
-            });
-        }
-        w => w,
+        Ok(w) => w,
+        Err(e) => return Err(undo(&plan, created, is_delta, e)),
     };
-    if written.is_err() {
-        for t in &targets {
-            if let Err(e) = clear_dir(t) {
-                tracing::warn!("cleaning up after the failed restore: {e}");
-            }
-        }
-        if created {
-            let _ = std::fs::remove_dir(&pgdata);
+    let reads = reads.report();
+    log_reads(&reads, &written.transfer);
+    Ok(RestoreReport {
+        backup: plan.backup.id.clone(),
+        pg_version: plan.backup.pg_version,
+        files: written.files,
+        bytes: written.transfer.bytes_written,
+        chunks_fetched: written.transfer.chunks_fetched,
+        bytes_fetched: written.transfer.bytes_fetched,
+        reads,
+        waits: written.transfer.waits,
+        timeline: plan.timeline.description.clone(),
+        target: plan.target.clone(),
+        delta: written.delta,
+        replay: plan.replay.clone(),
+        pgdata: plan.pgdata.clone(),
+        seconds: 0.0,
+        plan,
+    })
+}
+
+/// After a failed restore: a full restore removes what it wrote (and the data directory, if it
+/// created it); a failed delta restore changed a directory the DBA kept, which is left (it cannot
+/// start: its pg_control was removed) and said to be incomplete.
+fn undo(plan: &RestorePlan, created: bool, is_delta: bool, e: RestoreError) -> RestoreError {
+    if is_delta && !matches!(e, RestoreError::NotRestorable { .. }) {
+        return RestoreError::Incomplete {
+            dir: plan.pgdata.display().to_string(),
+            source: Box::new(e),
+        };
+    }
+    for t in &plan.roots() {
+        if let Err(e) = clear_dir(t) {
+            tracing::warn!("cleaning up after the failed restore: {e}");
         }
     }
-    let Written {
-        files,
-        bytes,
-        scattered,
-        delta,
-    } = written?;
-    let reads = reads.report();
-    let w = &scattered.waits;
+    if created {
+        let _ = std::fs::remove_dir(&plan.pgdata);
+    }
+    e
+}
+
+/// What the data's reads cost and where the pipeline waited, at debug level.
+fn log_reads(reads: &ReadReport, transfer: &Transfer) {
+    let w = &transfer.waits;
     tracing::debug!(
         "reads: {}; waited: files {:.2} s for data, reads {:.2} s for room, decompression {:.2} s for reads",
         reads.summary(),
@@ -96,27 +119,10 @@ pub(crate) async fn execute(
             s.bytes
         );
     }
-    Ok(RestoreReport {
-        backup: plan.backup.id.clone(),
-        pg_version: plan.backup.pg_version,
-        files,
-        bytes,
-        chunks_fetched: scattered.chunks_fetched,
-        bytes_fetched: scattered.bytes_fetched,
-        reads,
-        waits: scattered.waits,
-        timeline: plan.timeline.description.clone(),
-        target: plan.target.clone(),
-        delta,
-        replay: plan.replay.clone(),
-        pgdata,
-        seconds: 0.0,
-        plan,
-    })
 }
 
-/// Write the backup's directories and files (over the existing ones with a `delta` plan), then
-/// the recovery files.
+/// Write the backup's directories and files (over the existing ones with a `delta` plan), the
+/// recovery files, then `global/pg_control`: steps 2 to 5 of the module's list.
 pub(crate) async fn write_backup(
     store: &Store,
     sealer: &Sealer,
@@ -125,72 +131,37 @@ pub(crate) async fn write_backup(
     delta: Option<DeltaPlan>,
     progress: Arc<dyn Progress>,
 ) -> Result<Written, RestoreError> {
-    let (pgdata, spaces) = (&plan.pgdata, &plan.tablespaces);
-    let dest_of = |rel: &str| destination(pgdata, spaces, rel);
-    let (mut fill, delta) = match delta {
-        Some(work) => {
-            let (fill, report) = delta::apply(work, manifest, pgdata, spaces)?;
-            (fill, Some(report))
-        }
-        None => {
-            create_dir(pgdata, 0o700)?;
-            // Entries are sorted, so a directory comes before what it holds. A parent the
-            // manifest does not list is created 0700 (validation made sure no entry goes through
-            // a file).
-            for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
-                let dest = dest_of(&e.path);
-                create_parent(&dest)?;
-                create_dir(&dest, e.mode)?;
-            }
-            (lay_out(manifest, &dest_of)?, None)
-        }
+    let (work, delta) = work_list(plan, manifest, delta)?;
+    let places = Arc::new(manifest.places());
+    let (files, pg_control) = work.into_batches(&places)?;
+    let from = ChunkStore {
+        store,
+        sealer,
+        places,
+        chunk_size: manifest.chunk_size,
     };
-    fill.roots = plan.roots();
+    let mut transfer = pipeline::write(&from, files, (plan.parallel, plan.sync), &progress).await?;
+    // Everything but pg_control is durable before pg_control is written: the files, the recovery
+    // files (a pg_control without its backup_label would start as crash recovery from the
+    // backup's checkpoint, silently wrong) and every name.
+    write_recovery_files(plan, manifest)?;
+    sync_dirs(&directories(plan, manifest))?;
+    if let Some(pg_control) = pg_control {
+        transfer.add(pipeline::write(&from, pg_control, (1, SyncMethod::Fsync), &progress).await?);
+        // pg_control's own name (rewritten in place, or removed and created again by --delta).
+        let dest = destination(&plan.pgdata, &plan.tablespaces, PG_CONTROL);
+        sync_dirs(&[dest
+            .parent()
+            .map_or_else(|| plan.pgdata.clone(), Path::to_path_buf)])?;
+    }
     let files = manifest
         .entries
         .iter()
         .filter(|e| e.kind == EntryKind::File)
         .count() as u64;
-    // The files' names live in the directories: without syncing those, a crash right after
-    // "restored" could leave files missing.
-    let mut dirs: Vec<PathBuf> = manifest
-        .entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::Dir)
-        .map(|e| dest_of(&e.path))
-        .collect();
-    dirs.extend(fill.roots.iter().cloned());
-    dirs.extend(pgdata.parent().map(Path::to_path_buf));
-    let sync_dirs = |dirs: &[PathBuf]| {
-        dirs.iter()
-            .try_for_each(|d| crate::local::crashsafe::sync_dir(d).map_err(write_err(d)))
-    };
-    // Everything but pg_control is durable before pg_control is written: the files, the recovery
-    // files (a pg_control without its backup_label would start as crash recovery from the
-    // backup's checkpoint, silently wrong) and every name.
-    let before_pg_control = || {
-        write_recovery_files(plan, manifest)?;
-        sync_dirs(&dirs)
-    };
-    let scattered = writer::fill(
-        (store, sealer, std::sync::Arc::new(manifest.places())),
-        fill,
-        manifest.chunk_size,
-        (plan.parallel, plan.sync),
-        before_pg_control,
-        progress,
-    )
-    .await?;
-    // pg_control's own name (rewritten in place, or removed and created again by --delta).
-    if manifest.entries.iter().any(|e| e.path == PG_CONTROL) {
-        sync_dirs(&[dest_of(PG_CONTROL)
-            .parent()
-            .map_or_else(|| pgdata.clone(), Path::to_path_buf)])?;
-    }
     Ok(Written {
         files,
-        bytes: scattered.bytes_written,
-        scattered,
+        transfer,
         delta,
     })
 }
@@ -198,22 +169,69 @@ pub(crate) async fn write_backup(
 /// What writing a backup's files did.
 #[derive(Debug, Clone)]
 pub(crate) struct Written {
+    /// The backup's files (with `--delta`, those left unchanged included).
     pub files: u64,
-    pub bytes: u64,
-    pub scattered: writer::Scattered,
+    pub transfer: Transfer,
     pub delta: Option<DeltaReport>,
 }
 
-/// List every file of the backup, to be created by the writer, with all its chunk references
-/// (creating the parents the manifest does not list).
-fn lay_out(manifest: &Manifest, dest_of: &dyn Fn(&str) -> PathBuf) -> Result<Fill, RestoreError> {
-    let mut fill = Fill::default();
+/// The files to write: with a `delta` plan, what differs from the directory (having removed what
+/// the backup lacks); else every file of the backup, its directories created first.
+fn work_list(
+    plan: &RestorePlan,
+    manifest: &Manifest,
+    delta: Option<DeltaPlan>,
+) -> Result<(WorkList, Option<DeltaReport>), RestoreError> {
+    let (pgdata, spaces) = (&plan.pgdata, &plan.tablespaces);
+    let (mut work, report) = match delta {
+        Some(work) => {
+            let (work, report) = delta::apply(work, manifest, pgdata, spaces)?;
+            (work, Some(report))
+        }
+        None => (lay_out(plan, manifest)?, None),
+    };
+    work.roots = plan.roots();
+    Ok((work, report))
+}
+
+/// Create the backup's directories and list every file of it, to be created, with all its chunk
+/// references. Entries are sorted, so a directory comes before what it holds; a parent the
+/// manifest does not list is created 0700 (validation made sure no entry goes through a file).
+fn lay_out(plan: &RestorePlan, manifest: &Manifest) -> Result<WorkList, RestoreError> {
+    let dest_of = |rel: &str| destination(&plan.pgdata, &plan.tablespaces, rel);
+    create_dir(&plan.pgdata, 0o700)?;
+    for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+        let dest = dest_of(&e.path);
+        create_parent(&dest)?;
+        create_dir(&dest, e.mode)?;
+    }
+    let mut work = WorkList::default();
     for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::File) {
         let dest = dest_of(&e.path);
         create_parent(&dest)?;
-        add_file(&mut fill, e, dest, true, 0..e.chunks.len(), manifest.chunk_size);
+        work.add(e, dest, true, 0..e.chunks.len(), manifest.chunk_size);
     }
-    Ok(fill)
+    Ok(work)
+}
+
+/// The directories whose entries name what the restore wrote: the backup's, every root, and the
+/// data directory's parent. Without syncing them, a crash right after "restored" could leave
+/// files missing.
+fn directories(plan: &RestorePlan, manifest: &Manifest) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = manifest
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Dir)
+        .map(|e| destination(&plan.pgdata, &plan.tablespaces, &e.path))
+        .collect();
+    dirs.extend(plan.roots());
+    dirs.extend(plan.pgdata.parent().map(Path::to_path_buf));
+    dirs
+}
+
+fn sync_dirs(dirs: &[PathBuf]) -> Result<(), RestoreError> {
+    dirs.iter()
+        .try_for_each(|d| crate::local::crashsafe::sync_dir(d).map_err(write_err(d)))
 }
 
 #[cfg(test)]
@@ -262,11 +280,11 @@ mod tests {
                 1,
                 "one read per run of neighbouring chunks, not one per reference"
             );
-            assert_eq!(written.scattered.chunks_fetched, 3);
-            assert_eq!(written.scattered.bytes_fetched, 2 * CS as u64 + 100);
+            assert_eq!(written.transfer.chunks_fetched, 3);
+            assert_eq!(written.transfer.bytes_fetched, 2 * CS as u64 + 100);
             assert_eq!(written.files, 4);
             let total: usize = files.iter().map(|(_, c)| c.len()).sum();
-            assert_eq!(written.bytes, total as u64);
+            assert_eq!(written.transfer.bytes_written, total as u64);
             for (name, content) in &files {
                 let path = opts.pgdata.join("base/1").join(name);
                 assert_eq!(&std::fs::read(&path).unwrap(), content, "{name}");

@@ -23,7 +23,7 @@ type PackKey = (bool, u32, u64);
 
 /// `refs` (in file and chunk order) in the order their chunks lie in the packs, when that keeps
 /// at most `most` files open at once (each holds a writer slot while it waits for its next
-/// chunk: the restore gives half of [`super::writer::OPEN_FILES`], so that the feeder never
+/// chunk: the restore gives half of [`super::budget::OPEN_FILES`], so that the feeder never
 /// waits for a slot only a later chunk would free); else unchanged. A file's chunks may then
 /// come out of their order (a backup's tasks seal a file's chunks in parallel): each is written
 /// at its offset. A backup packs together the chunks of the files its tasks read at once, so

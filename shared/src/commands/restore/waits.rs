@@ -1,4 +1,4 @@
-//! Where a restore's pipeline waited ([`super::writer`]): each stage's time waiting on the one
+//! Where a restore's pipeline waited ([`super::pipeline`]): each stage's time waiting on the one
 //! before or after it, which tells what bounds the restore (the network, decompression, or the
 //! disk).
 
@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub(crate) struct WaitClock {
     /// The feeder waiting for a decompressed chunk (the files wait on the network or the CPU).
     pub(crate) writing: AtomicU64,
-    /// The reader waiting for room in [`super::writer::SEALED_AHEAD`] (the network waits on decompression or
+    /// The reader waiting for room in [`super::budget::SEALED_AHEAD`] (the network waits on decompression or
     /// the disk).
     pub(crate) reading: AtomicU64,
     /// The decoder waiting for a chunk's read to answer (the CPU waits on the network).
     pub(crate) decoding: AtomicU64,
-    /// The decoder waiting for room in [`super::writer::plain_ahead`] (the CPU waits on the files).
+    /// The decoder waiting for room in [`super::budget::plain_ahead`] (the CPU waits on the files).
     pub(crate) decoding_room: AtomicU64,
     /// The feeder waiting for a file writer (the files wait on the disk: writes and syncs).
     pub(crate) files: AtomicU64,

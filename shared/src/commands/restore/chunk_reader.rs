@@ -1,0 +1,338 @@
+//! Reading a restore's chunks from the store: runs of neighbours in a pack read with one ranged
+//! read each ([`run_end`]), a whole pack at low parallelism ([`run_bytes`]), so that a cluster
+//! of many small files restores with a read per few hundred of them, not one each; the reads
+//! started in order within the bound of [`SEALED_AHEAD`] ([`read_in_order`]); and each chunk
+//! decompressed and verified in order within [`plain_ahead`], at most one per CPU at once
+//! ([`decode_in_order`]).
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::task::JoinSet;
+
+use super::RestoreError;
+use super::budget::{Buffers, RUN_MAX_BYTES, SEALED_AHEAD, cpus, held, plain_ahead, run_bytes, units};
+use super::order::ChunkRef;
+use super::waits::WaitClock;
+use super::work::FileToWrite;
+use crate::basebackup::chunk::{Chunk, ChunkError, ChunkId, MisnamedChunk};
+use crate::basebackup::pack::{Place, Places};
+use crate::repo::Store;
+use crate::repo::layout::pack_key;
+use crate::repo::object::{ObjectError, Sealer};
+use crate::repo::stored::{self, Damage, StoredKind};
+
+/// Bytes of a run's span no chunk of the run needs, at most: neighbours a backup's parallel
+/// tasks packed out of file order are read with their run, a `--delta`'s scattered chunks are
+/// not.
+pub const RUN_SLACK: u64 = 256 << 10;
+
+/// The end of the run of `refs` that starts at `at`: the references after it whose chunks lie in
+/// the same pack, read together with one ranged read whose span stays within [`RUN_MAX_BYTES`],
+/// wastes at most [`RUN_SLACK`] plus what the run needs, and whose sealed share (see
+/// [`sealed_charge`]) is at most `max_units`. A chunk stored on its own is a run of one.
+pub(crate) fn run_end(refs: &[ChunkRef], at: usize, places: &Places, max_units: usize) -> usize {
+    let Some(first) = places.get(&refs[at].id) else {
+        return at + 1;
+    };
+    let (mut lo, mut hi, mut needed) = (first.offset, first.offset + first.len, first.len);
+    let mut end = at + 1;
+    while let Some(r) = refs.get(end) {
+        let Some(p) = places.get(&r.id).filter(|p| p.pack == first.pack) else {
+            break;
+        };
+        let (l, h) = (lo.min(p.offset), hi.max(p.offset + p.len));
+        let span = h - l;
+        // A chunk already in the span (met twice) costs nothing more to read.
+        let more = if p.offset >= lo && p.offset + p.len <= hi {
+            0
+        } else {
+            p.len
+        };
+        if span > RUN_MAX_BYTES
+            || span > needed + more + RUN_SLACK
+            || span.div_ceil(1024) as usize + (end + 1 - at) > max_units
+        {
+            break;
+        }
+        (lo, hi, needed) = (l, h, needed + more);
+        end += 1;
+    }
+    end
+}
+
+/// The bytes of the pack one read of `run` covers: from the first of its packed chunks to the
+/// end of the last (`None` for a chunk stored on its own).
+fn span(run: &[ChunkRef], places: &Places) -> Option<std::ops::Range<u64>> {
+    run.iter()
+        .filter_map(|r| places.get(&r.id))
+        .map(Place::range)
+        .reduce(|a, b| a.start.min(b.start)..a.end.max(b.end))
+}
+
+/// The share of [`SEALED_AHEAD`] a run takes, in KiB: the bytes its read brings in (sealed chunks
+/// and the gaps between them) and a KiB per chunk for what each costs besides (its slot in the
+/// decoder's queue); a chunk stored on its own, its decompressed length or 32 KiB (its sealed
+/// length is not known before it is read, and is at most a little more).
+fn sealed_charge(run: &[ChunkRef], places: &Places) -> usize {
+    match span(run, places) {
+        Some(s) => (s.end - s.start).div_ceil(1024) as usize + run.len(),
+        None => run.iter().map(|r| units(r.len) as usize + 4).sum(),
+    }
+}
+
+/// A chunk whose read was started in order: its sealed bytes will arrive on the receiver. The
+/// share of [`SEALED_AHEAD`] is its run's, given back once every chunk of the run is
+/// decompressed (they hold slices of one buffer).
+pub(crate) type Read = (
+    ChunkRef,
+    oneshot::Receiver<Result<bytes::Bytes, RestoreError>>,
+    Arc<OwnedSemaphorePermit>,
+);
+
+/// A chunk decompressed in order, with its share of [`plain_ahead`].
+pub(crate) type Started = (
+    oneshot::Receiver<Result<Vec<u8>, RestoreError>>,
+    OwnedSemaphorePermit,
+);
+
+/// The reader: start the reads of `to_fetch`'s runs in order, each once its sealed bytes fit in
+/// [`SEALED_AHEAD`], at most [`held`] at once; hand every chunk to the decoder in order.
+pub(crate) async fn read_in_order(
+    reader: Arc<ChunkReader>,
+    to_fetch: Vec<ChunkRef>,
+    (parallel, chunk_size): (usize, u64),
+    decoder: tokio::sync::mpsc::UnboundedSender<Read>,
+    waits: Arc<WaitClock>,
+) {
+    let budget = units(SEALED_AHEAD.max(2 * chunk_size)) as usize;
+    let room = Arc::new(Semaphore::new(budget));
+    let run_units = (run_bytes(parallel) / 1024) as usize;
+    let reads = Arc::new(Semaphore::new(held(parallel)));
+    // Dropped with the reader when it is aborted: no read outlives the restore.
+    let mut runs = JoinSet::new();
+    let mut at = 0;
+    while at < to_fetch.len() {
+        let end = run_end(&to_fetch, at, &reader.places, run_units);
+        let run = to_fetch[at..end].to_vec();
+        let since = std::time::Instant::now();
+        let reading = Arc::clone(&reads).acquire_owned().await.expect("never closed");
+        let share = sealed_charge(&run, &reader.places).min(budget) as u32;
+        let room = Arc::new(
+            Arc::clone(&room)
+                .acquire_many_owned(share)
+                .await
+                .expect("never closed"),
+        );
+        waits.add(&waits.reading, since);
+        let mut senders = Vec::with_capacity(run.len());
+        for r in &run {
+            let (s, rx) = oneshot::channel();
+            if decoder.send((*r, rx, Arc::clone(&room))).is_err() {
+                return;
+            }
+            senders.push(s);
+        }
+        runs.spawn(Arc::clone(&reader).fetch_run(run, senders, reading));
+        while runs.try_join_next().is_some() {}
+        at = end;
+    }
+    while runs.join_next().await.is_some() {}
+}
+
+/// A chunk whose answer never came: a stage of the pipeline died (it panicked).
+pub(crate) fn never_read(id: &ChunkId) -> RestoreError {
+    RestoreError::Corrupt(format!("chunk {id} was never read"))
+}
+
+/// The decoder: take each chunk in order as its read answers, with its decompressed share of
+/// [`plain_ahead`], and decompress and verify it on a blocking thread, at most one per CPU (and
+/// at most `parallel`) at once; hand the answers to the feeder in order.
+pub(crate) async fn decode_in_order(
+    reader: Arc<ChunkReader>,
+    mut reads: tokio::sync::mpsc::UnboundedReceiver<Read>,
+    feeder: tokio::sync::mpsc::UnboundedSender<Started>,
+    (parallel, chunk_size): (usize, u64),
+    (waits, buffers): (Arc<WaitClock>, Arc<Buffers>),
+) {
+    let plain = Arc::new(Semaphore::new(units(plain_ahead(chunk_size)) as usize));
+    let cpu = Arc::new(Semaphore::new(parallel.clamp(1, cpus())));
+    // Dropped with the decoder when it is aborted.
+    let mut decoding = JoinSet::new();
+    while let Some((r, sealed, room)) = reads.recv().await {
+        let since = std::time::Instant::now();
+        let held = Arc::clone(&plain)
+            .acquire_many_owned(units(r.len))
+            .await
+            .expect("never closed");
+        waits.add(&waits.decoding_room, since);
+        let (tx, rx) = oneshot::channel();
+        if feeder.send((rx, held)).is_err() {
+            return;
+        }
+        let since = std::time::Instant::now();
+        // A run whose task died without answering (it panicked) is an error too.
+        let sealed = sealed.await.unwrap_or_else(|_| Err(never_read(&r.id)));
+        waits.add(&waits.decoding, since);
+        let core = Arc::clone(&cpu).acquire_owned().await.expect("never closed");
+        let (reader, out) = (Arc::clone(&reader), buffers.take(r.len));
+        decoding.spawn_blocking(move || {
+            let opened = sealed.and_then(|bytes| reader.open(&r, &bytes, out));
+            // The sealed bytes and their share go before the answer: the reader may go on.
+            drop(room);
+            drop(core);
+            let _ = tx.send(opened);
+        });
+        while decoding.try_join_next().is_some() {}
+    }
+    while decoding.join_next().await.is_some() {}
+}
+
+/// What reads a restore's chunks from the store and opens them.
+pub(crate) struct ChunkReader {
+    pub store: Store,
+    pub sealer: Sealer,
+    pub places: Arc<Places>,
+    /// The files the chunks go to, to name them in errors.
+    pub files: Arc<Vec<FileToWrite>>,
+}
+
+impl ChunkReader {
+    /// Read the chunks of `run` (see [`run_end`]) with one read and answer each chunk's sealed
+    /// bytes on its sender, in order (slices of one buffer). A failure answers every chunk.
+    async fn fetch_run(
+        self: Arc<Self>,
+        run: Vec<ChunkRef>,
+        senders: Vec<oneshot::Sender<Result<bytes::Bytes, RestoreError>>>,
+        _reading: OwnedSemaphorePermit,
+    ) {
+        let (bytes, lo) = match self.read_run(&run).await {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = e.to_string();
+                let mut first = Some(e);
+                for s in senders {
+                    let _ = s.send(Err(first
+                        .take()
+                        .unwrap_or_else(|| RestoreError::Corrupt(msg.clone()))));
+                }
+                return;
+            }
+        };
+        for (r, s) in run.iter().zip(senders) {
+            let sealed = match self.places.get(&r.id) {
+                Some(p) => bytes.slice((p.offset - lo) as usize..(p.offset - lo + p.len) as usize),
+                None => bytes.clone(),
+            };
+            let _ = s.send(Ok(sealed));
+        }
+    }
+
+    /// The sealed bytes of `run` and the pack offset they start at (0 for a chunk on its own).
+    async fn read_run(&self, run: &[ChunkRef]) -> Result<(bytes::Bytes, u64), RestoreError> {
+        let first = &run[0];
+        let Some(place) = self.places.get(&first.id) else {
+            let bytes = self
+                .store
+                .get(&Chunk::key(&first.id))
+                .await?
+                .ok_or_else(|| ChunkError::Missing {
+                    id: first.id.to_string(),
+                })?;
+            return Ok((bytes, 0));
+        };
+        let std::ops::Range { start: lo, end: hi } = span(run, &self.places).unwrap_or_else(|| place.range());
+        let key = pack_key(&place.pack);
+        let bytes = self
+            .store
+            .get_range(&key, lo..hi)
+            .await?
+            .ok_or_else(|| ChunkError::MissingPack {
+                pack: place.pack.to_string(),
+                id: first.id.to_string(),
+            })?;
+        if bytes.len() as u64 != hi - lo {
+            return Err(RestoreError::Corrupt(format!(
+                "pack {} (holding chunk {}) is shorter than the manifest says: bytes {lo}..{hi} gave {}",
+                place.pack,
+                first.id,
+                bytes.len()
+            )));
+        }
+        Ok((bytes, lo))
+    }
+
+    /// Open chunk `r` from its sealed bytes and verify it. The header's length is compared with
+    /// the manifest's before decompressing, so a hostile chunk cannot make the restore allocate
+    /// more than the manifest's chunk size (times the chunks [`held`]); the rest is the typed
+    /// read of a [`Chunk`] (envelope, hash, and that the content is what the id names).
+    fn open(&self, r: &ChunkRef, sealed: &[u8], out: Vec<u8>) -> Result<Vec<u8>, RestoreError> {
+        let id = &r.id;
+        // A packed chunk is named with its pack, the object to look at.
+        let named = || match self.places.get(id) {
+            Some(p) => format!("{id} (in pack {})", p.pack),
+            None => id.to_string(),
+        };
+        let corrupt = |source| ChunkError::Corrupt {
+            id: named(),
+            source: Box::new(source),
+        };
+        let header = self.sealer.read_header(sealed).map_err(corrupt)?;
+        if header.original_len != r.len {
+            return Err(RestoreError::Corrupt(format!(
+                "chunk {} of {} holds {} bytes, the manifest says {}",
+                named(),
+                self.files[r.file].path.display(),
+                header.original_len,
+                r.len
+            )));
+        }
+        match stored::open_into::<Chunk>(&self.sealer, id, sealed, out) {
+            Ok(Chunk(content)) => Ok(content),
+            Err(Damage::Envelope(e)) => Err(corrupt(e).into()),
+            Err(Damage::Content(MisnamedChunk { found })) => Err(corrupt(ObjectError::ContentHash {
+                expected: id.to_string(),
+                found,
+            })
+            .into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(id: ChunkId, len: u64, file: usize, index: u64) -> ChunkRef {
+        ChunkRef { file, index, id, len }
+    }
+
+    #[test]
+    fn neighbours_in_a_pack_are_read_together_and_nothing_else_is() {
+        use crate::basebackup::pack::{PackId, PackRecord};
+        let c = |b: u8| ChunkId::from_hash([b; 32]);
+        let pack = |b: u8, chunks: &[u8], lengths: &[u64]| PackRecord {
+            id: PackId::from_hash([b; 32]),
+            chunks: chunks.iter().map(|&x| c(x)).collect(),
+            lengths: lengths.to_vec(),
+        };
+        // Pack A: 1, 2, 3 (small), 4 (a big one far away); pack B: 5.
+        let a = pack(0xa, &[1, 2, 3, 9, 4], &[100, 100, 100, RUN_SLACK + 1, 100]);
+        let b = pack(0xb, &[5], &[100]);
+        let places = Places::of([&a, &b]);
+        let refs: Vec<ChunkRef> = [2, 1, 3, 4, 5, 6, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| r(c(x), 8192, i, 0))
+            .collect();
+        let many = usize::MAX;
+        // 2, 1 and 3 are neighbours (in any order); 4 lies past more slack than allowed.
+        assert_eq!(run_end(&refs, 0, &places, many), 3);
+        // 4 alone, then 5 in another pack, then 6 stored on its own.
+        assert_eq!(run_end(&refs, 3, &places, many), 4);
+        assert_eq!(run_end(&refs, 4, &places, many), 5);
+        assert_eq!(run_end(&refs, 5, &places, many), 6);
+        // The sealed share ends a run: a KiB of span and one per chunk, for two chunks only.
+        assert_eq!(run_end(&refs, 0, &places, 3), 2);
+    }
+}

@@ -1,0 +1,147 @@
+//! Writing one file of a restore, and making what was written durable.
+//!
+//! Each file is created (or, for `--delta`, opened without following a link) and written from
+//! one descriptor by a thread of its own: one file's `fsync` overlaps the next files' fetches and
+//! writes, and no two threads ever write into the same file (they would queue on its inode
+//! lock). A large file is written past the page cache (`O_DIRECT`, [`super::direct`]), pieces
+//! already waiting that follow each other with one call of up to [`WRITE_RUN`] bytes; where the
+//! file system refuses that, every [`FLUSH_AFTER`] bytes a large file asks the kernel to start
+//! writing back what it holds, as PostgreSQL's `pg_flush_data` does, so that the disk works while
+//! the restore decompresses and the final `fsync` finds little left to write. With
+//! `--sync-method syncfs` the files are not synced one by one: each file system is, once
+//! ([`syncfs_each`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::budget::Buffers;
+use super::direct::{Sink, create_new, open_for_write};
+use super::work::FileToWrite;
+use super::{Progress, RestoreError, write_err};
+
+/// Bytes of a large file after which its writeback is started (`posix_fadvise(DONTNEED)` over
+/// what was written: the kernel begins writing those pages out and keeps none it need not).
+pub const FLUSH_AFTER: u64 = 8 << 20;
+
+/// Bytes a file's writer writes with one call at most, of pieces already waiting that follow
+/// each other: the disk of this machine takes 4 MiB direct writes at 1.7–1.8 GB/s and 1 MiB ones
+/// at 1.4–1.5 (`dd oflag=direct`, 4 GiB).
+pub const WRITE_RUN: u64 = 4 << 20;
+
+/// One chunk's bytes on their way to a file, holding their share of the memory bound.
+pub(crate) struct Piece {
+    pub offset: u64,
+    pub data: Arc<Vec<u8>>,
+    pub _held: Option<OwnedSemaphorePermit>,
+}
+
+/// Write one file from the pieces `rx` delivers until its sender is dropped, set its mode, and
+/// (`fsync`) make it durable. Returns the bytes written.
+pub(crate) fn write_file(
+    target: &FileToWrite,
+    rx: std::sync::mpsc::Receiver<Piece>,
+    fsync: bool,
+    progress: &dyn Progress,
+    buffers: &Buffers,
+) -> Result<u64, RestoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = &target.path;
+    let file = if target.create {
+        create_new(path)?
+    } else {
+        open_for_write(path)?
+    };
+    let (mut written, mut end, mut flushed) = (0u64, 0u64, 0u64);
+    let mut sink = Sink::new(&file, target.size);
+    let mut next = None;
+    while let Some(run) = next_run(&rx, &mut next) {
+        let offset = run[0].offset;
+        let slices: Vec<&[u8]> = run.iter().map(|p| p.data.as_slice()).collect();
+        sink.write_run(&slices, offset).map_err(write_err(path))?;
+        let len: u64 = slices.iter().map(|s| s.len() as u64).sum();
+        written += len;
+        end = end.max(offset + len);
+        progress.advance(len);
+        for piece in run {
+            buffers.give(piece.data);
+        }
+        if fsync && !sink.is_direct() && end >= flushed + FLUSH_AFTER {
+            // Start the write-back of what was written so far (advice: an error is not one).
+            let _ = rustix::fs::fadvise(
+                &file,
+                flushed,
+                std::num::NonZeroU64::new(end - flushed),
+                rustix::fs::Advice::DontNeed,
+            );
+            flushed = end;
+        }
+    }
+    if target.create && end != target.size {
+        file.set_len(target.size).map_err(write_err(path))?;
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(target.mode & 0o7777))
+        .map_err(write_err(path))?;
+    if fsync {
+        file.sync_all().map_err(write_err(path))?;
+    }
+    Ok(written)
+}
+
+/// The next pieces to write with one call: the first that arrives (`next`, or from `rx`), and
+/// those already waiting that continue it, up to [`WRITE_RUN`] bytes; a waiting piece that does
+/// not continue it is left in `next`. None once the sender is gone and nothing is left.
+fn next_run(rx: &std::sync::mpsc::Receiver<Piece>, next: &mut Option<Piece>) -> Option<Vec<Piece>> {
+    let first = match next.take() {
+        Some(p) => p,
+        None => rx.recv().ok()?,
+    };
+    let mut end = first.offset + first.data.len() as u64;
+    let mut bytes = first.data.len() as u64;
+    let mut run = vec![first];
+    while bytes < WRITE_RUN {
+        match rx.try_recv() {
+            Ok(p) if p.offset == end => {
+                end += p.data.len() as u64;
+                bytes += p.data.len() as u64;
+                run.push(p);
+            }
+            Ok(p) => {
+                *next = Some(p);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    Some(run)
+}
+
+/// The directories whose file systems a `syncfs` must cover: `roots` and the directory of each
+/// of `files`, opened now, one per device.
+pub(crate) fn open_roots<'a>(
+    roots: &[PathBuf],
+    files: impl Iterator<Item = &'a FileToWrite>,
+) -> Result<Vec<(PathBuf, std::fs::File)>, RestoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut dirs: std::collections::BTreeSet<&Path> = roots.iter().map(PathBuf::as_path).collect();
+    dirs.extend(files.filter_map(|f| f.path.parent()));
+    let mut devices = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for dir in dirs {
+        let d = std::fs::File::open(dir).map_err(write_err(dir))?;
+        if devices.insert(d.metadata().map_err(write_err(dir))?.dev()) {
+            out.push((dir.to_path_buf(), d));
+        }
+    }
+    Ok(out)
+}
+
+/// `syncfs` each file system once: every byte and name written there since its descriptor was
+/// opened is durable when this returns, whatever the number of files.
+pub(crate) fn syncfs_each(roots: &[(PathBuf, std::fs::File)]) -> Result<(), RestoreError> {
+    for (dir, d) in roots {
+        rustix::fs::syncfs(d).map_err(|e| write_err(dir)(e.into()))?;
+    }
+    Ok(())
+}
