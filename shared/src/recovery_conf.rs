@@ -23,6 +23,8 @@
 //! set (`error_multiple_recovery_targets` in `xlogrecovery.c`), so the unused targets are cleared
 //! before the chosen one is set.
 
+use crate::wal::{Lsn, TimelineId};
+
 /// Every parameter a restore sets, so none of the backup's values survives.
 pub const SET: &[&str] = &[
     "restore_command",
@@ -46,7 +48,7 @@ fn owned(p: &str) -> bool {
 }
 
 /// The `recovery_target*` parameters naming a target; at most one may be set.
-const TARGET_KINDS: &[&str] = &[
+pub const TARGET_KINDS: &[&str] = &[
     "recovery_target",
     "recovery_target_lsn",
     "recovery_target_name",
@@ -54,17 +56,116 @@ const TARGET_KINDS: &[&str] = &[
     "recovery_target_xid",
 ];
 
-/// What recovery must do, as postgresql.conf values (unquoted).
+/// Where recovery stops: the one form a target takes from the command line
+/// (`--target-time` and its siblings) to the line in `postgresql.auto.conf`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryTarget {
+    /// Replay everything archived (the default).
+    End,
+    /// Stop as soon as the backup is consistent.
+    Immediate,
+    /// Unix microseconds.
+    Time(i64),
+    Lsn(Lsn),
+    Xid(u64),
+    Name(String),
+}
+
+impl RecoveryTarget {
+    /// The recovery setting naming the target (one of [`TARGET_KINDS`]) and its value
+    /// (unquoted); none for the end of the archive.
+    pub fn setting(&self) -> Option<(&'static str, String)> {
+        match self {
+            RecoveryTarget::End => None,
+            RecoveryTarget::Immediate => Some(("recovery_target", "immediate".into())),
+            RecoveryTarget::Time(us) => Some(("recovery_target_time", crate::time::format_micros(*us))),
+            RecoveryTarget::Lsn(l) => Some(("recovery_target_lsn", l.to_string())),
+            RecoveryTarget::Xid(x) => Some(("recovery_target_xid", x.to_string())),
+            RecoveryTarget::Name(n) => Some(("recovery_target_name", n.clone())),
+        }
+    }
+
+    /// The target as restore reports it: `recovery_target_time = '...'`, or the end of the
+    /// archive.
+    pub fn describe(&self) -> String {
+        match self.setting() {
+            None => "the end of the archive".into(),
+            Some((k, v)) => format!("{k} = '{v}'"),
+        }
+    }
+}
+
+/// As JSON: the setting, `{"name": ..., "value": ...}`, or `null` for the end of the archive.
+impl serde::Serialize for RecoveryTarget {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Setting {
+            name: &'static str,
+            value: String,
+        }
+        self.setting()
+            .map(|(name, value)| Setting { name, value })
+            .serialize(s)
+    }
+}
+
+/// `recovery_target_timeline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimelineTarget {
+    Latest,
+    Current,
+    Id(TimelineId),
+}
+
+impl TimelineTarget {
+    /// As `recovery_target_timeline` takes it: `latest`, `current` or the timeline's id.
+    pub fn value(self) -> String {
+        match self {
+            TimelineTarget::Latest => "latest".into(),
+            TimelineTarget::Current => "current".into(),
+            TimelineTarget::Id(n) => n.to_string(),
+        }
+    }
+}
+
+/// As JSON: the setting's value (`"latest"`, `"current"`, `"3"`).
+impl serde::Serialize for TimelineTarget {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.value())
+    }
+}
+
+/// `recovery_target_action`: what PostgreSQL does at the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetAction {
+    #[default]
+    Promote,
+    Pause,
+    Shutdown,
+}
+
+impl TargetAction {
+    /// As `recovery_target_action` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetAction::Promote => "promote",
+            TargetAction::Pause => "pause",
+            TargetAction::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What recovery must do: the settings a restore writes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RecoverySettings {
     pub restore_command: String,
-    /// One of [`TARGET_KINDS`] and its value; `None` recovers to the end of the archive.
-    pub target: Option<(&'static str, String)>,
+    /// `null` in JSON for the end of the archive.
+    pub target: RecoveryTarget,
+    /// `recovery_target_inclusive`.
     pub inclusive: bool,
-    /// `pause`, `promote` or `shutdown`.
-    pub action: &'static str,
-    /// `latest`, `current` or a timeline id.
-    pub timeline: String,
+    pub action: TargetAction,
+    pub timeline: TimelineTarget,
 }
 
 /// Quote a value for postgresql.conf.
@@ -84,10 +185,16 @@ fn parameter_of(line: &str) -> Option<String> {
     (!name.is_empty() && !rest.is_empty() && !rest.starts_with('#')).then(|| name.to_ascii_lowercase())
 }
 
-/// The new `postgresql.auto.conf`: the backup's own (`existing`), with every line setting a
-/// [`SET`] or [`STANDBY_ONLY`] parameter commented out, then walvault's block. `header` is the first line of the
-/// block (a comment naming the restore).
-pub fn render(existing: Option<&str>, header: &str, s: &RecoverySettings) -> String {
+impl RecoverySettings {
+    /// The new `postgresql.auto.conf`: the backup's own (`existing`), with every line setting a
+    /// [`SET`] or [`STANDBY_ONLY`] parameter commented out, then walvault's block. `header` is
+    /// the first line of the block (a comment naming the restore).
+    pub fn render(&self, existing: Option<&str>, header: &str) -> String {
+        render(existing, header, self)
+    }
+}
+
+fn render(existing: Option<&str>, header: &str, s: &RecoverySettings) -> String {
     let mut out = String::new();
     for line in existing.unwrap_or_default().lines() {
         match parameter_of(line) {
@@ -105,20 +212,21 @@ pub fn render(existing: Option<&str>, header: &str, s: &RecoverySettings) -> Str
     // A delayed standby's or a previous restore's settings must not steer this recovery.
     put("recovery_end_command", "");
     put("recovery_min_apply_delay", "0");
+    let target = s.target.setting();
     for kind in TARGET_KINDS {
-        if s.target.as_ref().is_none_or(|(k, _)| k != kind) {
+        if target.as_ref().is_none_or(|(k, _)| k != kind) {
             put(kind, "");
         }
     }
-    if let Some((k, v)) = &s.target {
+    if let Some((k, v)) = &target {
         put(k, v);
     }
     put(
         "recovery_target_inclusive",
         if s.inclusive { "on" } else { "off" },
     );
-    put("recovery_target_action", s.action);
-    put("recovery_target_timeline", &s.timeline);
+    put("recovery_target_action", s.action.as_str());
+    put("recovery_target_timeline", &s.timeline.value());
     out.push_str(&block);
     out
 }
@@ -127,13 +235,13 @@ pub fn render(existing: Option<&str>, header: &str, s: &RecoverySettings) -> Str
 mod tests {
     use super::*;
 
-    fn settings(target: Option<(&'static str, &str)>) -> RecoverySettings {
+    fn settings(target: RecoveryTarget) -> RecoverySettings {
         RecoverySettings {
             restore_command: "restore-agent fetch --repo 'file:///r' %f %p".into(),
-            target: target.map(|(k, v)| (k, v.to_string())),
+            target,
             inclusive: true,
-            action: "promote",
-            timeline: "latest".into(),
+            action: TargetAction::Promote,
+            timeline: TimelineTarget::Latest,
         }
     }
 
@@ -164,7 +272,11 @@ mod tests {
 
     #[test]
     fn none_of_the_backups_recovery_settings_survive() {
-        let conf = render(Some(PROMOTED_STANDBY), "walvault restore", &settings(None));
+        let conf = render(
+            Some(PROMOTED_STANDBY),
+            "walvault restore",
+            &settings(RecoveryTarget::End),
+        );
         assert_eq!(effective(&conf, "max_connections").as_deref(), Some("50"));
         assert_eq!(
             effective(&conf, "restore_command").as_deref(),
@@ -199,7 +311,7 @@ mod tests {
         let conf = render(
             Some(PROMOTED_STANDBY),
             "walvault restore",
-            &settings(Some(("recovery_target_name", "before 'drop'"))),
+            &settings(RecoveryTarget::Name("before 'drop'".into())),
         );
         assert_eq!(
             effective(&conf, "recovery_target_name").as_deref(),
@@ -229,7 +341,7 @@ mod tests {
 
     #[test]
     fn every_recovery_parameter_is_set_exactly_once_by_the_block() {
-        for target in [None, Some(("recovery_target", "immediate"))] {
+        for target in [RecoveryTarget::End, RecoveryTarget::Immediate] {
             let conf = render(None, "walvault restore", &settings(target));
             for p in SET {
                 let n = conf

@@ -34,9 +34,9 @@ pub struct RestoreArgs {
     /// 'immediate': stop as soon as the backup is consistent
     #[arg(long, value_name = "immediate", value_parser = ["immediate"])]
     pub target: Option<String>,
-    /// What PostgreSQL does at the target: promote, pause or shutdown
-    #[arg(long, default_value = "promote", value_parser = ["promote", "pause", "shutdown"])]
-    pub target_action: String,
+    /// What PostgreSQL does at the target
+    #[arg(long, value_enum, default_value_t)]
+    pub target_action: TargetAction,
     /// Backup to restore [default: the newest one consistent before the target]
     #[arg(long, value_name = "ID")]
     pub backup: Option<String>,
@@ -64,8 +64,8 @@ pub struct RestoreArgs {
     /// How the restored files are made durable before pg_control is written: fsync (each file)
     /// or syncfs (one call per file system, also flushing other writers' data there; Linux 5.8
     /// and later report its write errors)
-    #[arg(long, default_value = "fsync", value_parser = ["fsync", "syncfs"])]
-    pub sync_method: String,
+    #[arg(long, value_enum, default_value_t)]
+    pub sync_method: SyncMethod,
     /// Print the restore's plan (backup, target, timeline, files, tablespaces, recovery
     /// settings, replay) and write nothing: not even --pgdata is created
     #[arg(long)]
@@ -89,11 +89,6 @@ impl RestoreArgs {
             (None, Some(_)) => RecoveryTarget::Immediate,
             (None, None) => RecoveryTarget::End,
         };
-        let action = match self.target_action.as_str() {
-            "pause" => TargetAction::Pause,
-            "shutdown" => TargetAction::Shutdown,
-            _ => TargetAction::Promote,
-        };
         let restore_command = restore_command_line(
             restore_agent,
             settings,
@@ -107,17 +102,14 @@ impl RestoreArgs {
             backup: self.backup.as_deref().map(str::parse).transpose()?,
             target,
             timeline: parse_timeline(&self.goal.target_timeline)?,
-            action,
+            action: self.target_action,
             exclusive: self.goal.target_exclusive,
             force: self.force,
             delta: self.delta,
             parallel: self
                 .parallel
                 .unwrap_or_else(|| default_parallel(&settings.repo.location())),
-            sync: match self.sync_method.as_str() {
-                "syncfs" => SyncMethod::Syncfs,
-                _ => SyncMethod::Fsync,
-            },
+            sync: self.sync_method,
             restore_command,
         })
     }

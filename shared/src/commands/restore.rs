@@ -35,8 +35,7 @@ use crate::config::Settings;
 use crate::repo::StoreError;
 use crate::repo::reads::ReadReport;
 use crate::report::Report;
-use crate::time;
-use crate::wal::{Lsn, TimelineId};
+use crate::wal::TimelineId;
 
 mod budget;
 mod chunk_reader;
@@ -56,78 +55,13 @@ mod work;
 
 pub use delta::DeltaReport;
 pub use placement::check_before_writing;
-pub use plan::{
-    DirectoryUse, PlannedBackup, PlannedFiles, PlannedRecovery, PlannedTimeline, RestorePlan, Setting,
-};
+pub use plan::{DirectoryUse, PlannedBackup, PlannedFiles, PlannedRecovery, PlannedTimeline, RestorePlan};
 pub use select::{ReplaySpan, choose_backup, replay_span, resolve_timeline};
 
-/// Where recovery stops.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RecoveryTarget {
-    /// Replay everything archived (the default).
-    End,
-    /// Stop as soon as the backup is consistent.
-    Immediate,
-    /// Unix microseconds.
-    Time(i64),
-    Lsn(Lsn),
-    Xid(u64),
-    Name(String),
-}
-
-impl RecoveryTarget {
-    /// The recovery setting naming the target and its value (unquoted); none for the end of the
-    /// archive.
-    pub fn setting(&self) -> Option<(&'static str, String)> {
-        match self {
-            RecoveryTarget::End => None,
-            RecoveryTarget::Immediate => Some(("recovery_target", "immediate".into())),
-            RecoveryTarget::Time(us) => Some(("recovery_target_time", time::format_micros(*us))),
-            RecoveryTarget::Lsn(l) => Some(("recovery_target_lsn", l.to_string())),
-            RecoveryTarget::Xid(x) => Some(("recovery_target_xid", x.to_string())),
-            RecoveryTarget::Name(n) => Some(("recovery_target_name", n.clone())),
-        }
-    }
-
-    /// The target as restore reports it: `recovery_target_time = '...'`, or the end of the
-    /// archive.
-    pub fn describe(&self) -> String {
-        match self.setting() {
-            None => "the end of the archive".into(),
-            Some((k, v)) => format!("{k} = '{v}'"),
-        }
-    }
-}
-
-/// `recovery_target_timeline`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimelineTarget {
-    Latest,
-    Current,
-    Id(TimelineId),
-}
-
-/// `recovery_target_action`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetAction {
-    Promote,
-    Pause,
-    Shutdown,
-}
-
-impl TargetAction {
-    /// As `recovery_target_action` spells it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TargetAction::Promote => "promote",
-            TargetAction::Pause => "pause",
-            TargetAction::Shutdown => "shutdown",
-        }
-    }
-}
+pub use crate::recovery_conf::{RecoveryTarget, TargetAction, TimelineTarget};
 
 /// How a restore makes the files it wrote durable before it writes `global/pg_control`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum SyncMethod {
     /// `fsync` each file written (what pgBackRest does, and PostgreSQL's default): flushes only
     /// what the restore wrote, at the cost of one call, and often one journal commit, per file.
@@ -607,7 +541,6 @@ mod testing {
             pgdata: opts.pgdata.clone(),
             repository: "s3://bucket/repo".into(),
             backup: plan::planned_backup(m),
-            target: opts.target.describe(),
             timeline: plan::planned_timeline(opts.timeline, crate::wal::lsn::tl(1)),
             files: PlannedFiles {
                 directory: DirectoryUse::Create,

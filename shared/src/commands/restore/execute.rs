@@ -70,7 +70,7 @@ pub(crate) async fn execute(
         reads,
         waits: written.transfer.waits,
         timeline: plan.timeline.description.clone(),
-        target: plan.target.clone(),
+        target: plan.recovery.target().describe(),
         delta: written.delta,
         replay: plan.replay.clone(),
         pgdata: plan.pgdata.clone(),

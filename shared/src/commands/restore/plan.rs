@@ -17,21 +17,20 @@ use super::{RestoreError, RestoreOptions, TimelineTarget};
 use crate::basebackup::BackupId;
 use crate::basebackup::manifest::{EntryKind, Manifest};
 use crate::catalog::Catalog;
-use crate::recovery_conf::{RecoverySettings, quote};
+use crate::recovery_conf::{RecoverySettings, RecoveryTarget, quote};
 use crate::repo::object::Sealer;
 use crate::report::{Report, table};
 use crate::wal::{Lsn, TimelineId};
 
-/// Everything a restore will do, decided and checked before the first write.
-#[derive(Debug, Clone, Serialize)]
+/// Everything a restore will do, decided and checked before the first write. Where recovery
+/// stops is [`PlannedRecovery::target`].
+#[derive(Debug, Clone)]
 pub struct RestorePlan {
     /// The data directory restored into, as given.
     pub pgdata: PathBuf,
     /// The repository, as walvault prints it (credentials redacted).
     pub repository: String,
     pub backup: PlannedBackup,
-    /// Where recovery stops, as the recovery settings name it ("the end of the archive" for none).
-    pub target: String,
     pub timeline: PlannedTimeline,
     pub files: PlannedFiles,
     /// Where each tablespace goes: oid -> directory (never the manifest's own location unless
@@ -43,16 +42,12 @@ pub struct RestorePlan {
     /// What was checked of the directories and the manifest, in order.
     pub checks: Vec<String>,
     /// The cluster's WAL segment size, for the replay plan file.
-    #[serde(skip)]
     pub(crate) wal_segment_size: u32,
     /// Chunks fetched and written at once (`--parallel`): how, not what.
-    #[serde(skip)]
     pub(crate) parallel: usize,
     /// How the files written are made durable (`--sync-method`): how, not what.
-    #[serde(skip)]
     pub(crate) sync: super::SyncMethod,
     /// With `--delta`: the comparison of every existing file, consumed by the executor.
-    #[serde(skip)]
     pub(crate) delta_work: Option<DeltaPlan>,
 }
 
@@ -107,26 +102,12 @@ pub struct PlannedFiles {
     pub delta: Option<DeltaReport>,
 }
 
-/// A recovery setting: `name = 'value'`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Setting {
-    pub name: &'static str,
-    pub value: String,
-}
-
 /// What the writer of the recovery configuration ([`super::recovery_files`]) puts into the data
-/// directory.
+/// directory: the recovery settings, rendered by [`PlannedRecovery::render`], and the files.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlannedRecovery {
-    pub restore_command: String,
-    /// The `recovery_target*` setting, none for the end of the archive.
-    pub target: Option<Setting>,
-    /// `recovery_target_inclusive`.
-    pub inclusive: bool,
-    /// `recovery_target_action`.
-    pub action: &'static str,
-    /// `recovery_target_timeline`.
-    pub timeline: String,
+    #[serde(flatten)]
+    pub settings: RecoverySettings,
     /// The signal file that starts archive recovery.
     pub signal_file: &'static str,
     /// Files written into the data directory after the backup's, in order.
@@ -134,15 +115,15 @@ pub struct PlannedRecovery {
 }
 
 impl PlannedRecovery {
-    /// The settings as [`crate::recovery_conf::render`] writes them.
-    pub(crate) fn settings(&self) -> RecoverySettings {
-        RecoverySettings {
-            restore_command: self.restore_command.clone(),
-            target: self.target.as_ref().map(|s| (s.name, s.value.clone())),
-            inclusive: self.inclusive,
-            action: self.action,
-            timeline: self.timeline.clone(),
-        }
+    /// Where recovery stops.
+    pub fn target(&self) -> &RecoveryTarget {
+        &self.settings.target
+    }
+
+    /// The new `postgresql.auto.conf`, from the backup's own (`existing`): see
+    /// [`RecoverySettings::render`].
+    pub(crate) fn render(&self, existing: Option<&str>, header: &str) -> String {
+        self.settings.render(existing, header)
     }
 }
 
@@ -227,7 +208,6 @@ pub(crate) async fn build(
         pgdata: pgdata.clone(),
         repository,
         backup: planned_backup(m),
-        target: opts.target.describe(),
         timeline: planned_timeline(opts.timeline, timeline),
         recovery: planned_recovery(opts, timeline, !spaces.is_empty(), replay.is_some()),
         files,
@@ -299,14 +279,16 @@ pub(super) fn planned_recovery(
         writes.push(crate::replay::PLAN_FILE);
     }
     PlannedRecovery {
-        restore_command: opts.restore_command.clone(),
-        target: opts.target.setting().map(|(name, value)| Setting { name, value }),
-        inclusive: !opts.exclusive,
-        action: opts.action.as_str(),
-        timeline: match opts.timeline {
-            TimelineTarget::Latest => "latest".to_string(),
-            TimelineTarget::Current => "current".to_string(),
-            TimelineTarget::Id(_) => timeline.to_string(),
+        settings: RecoverySettings {
+            restore_command: opts.restore_command.clone(),
+            target: opts.target.clone(),
+            inclusive: !opts.exclusive,
+            action: opts.action,
+            // The timeline asked for by id is the one resolved (resolve_timeline checked it).
+            timeline: match opts.timeline {
+                TimelineTarget::Id(_) => TimelineTarget::Id(timeline),
+                other => other,
+            },
         },
         signal_file: "recovery.signal",
         writes,
@@ -381,23 +363,43 @@ impl RestorePlan {
     }
 
     fn recovery_rows(&self) -> Vec<Vec<String>> {
-        let r = &self.recovery;
-        let target = match &r.target {
-            Some(s) => format!(
-                "{} = {} ({}), then {}",
-                s.name,
-                quote(&s.value),
+        let r = &self.recovery.settings;
+        let action = r.action.as_str();
+        let target = match r.target.setting() {
+            Some((name, value)) => format!(
+                "{name} = {} ({}), then {action}",
+                quote(&value),
                 if r.inclusive { "inclusive" } else { "exclusive" },
-                r.action
             ),
-            None => format!("{}, then {}", self.target, r.action),
+            None => format!("{}, then {action}", r.target.describe()),
         };
         vec![
             vec!["target".into(), target],
             vec!["timeline".into(), self.timeline.description.clone()],
             vec!["restore_command".into(), quote(&r.restore_command)],
-            vec!["writes".into(), r.writes.join(", ")],
+            vec!["writes".into(), self.recovery.writes.join(", ")],
         ]
+    }
+}
+
+/// As JSON: what the text report shows, under the same names, with where recovery stops as
+/// `target` (`recovery_target_time = '...'`, or the end of the archive); how the restore runs
+/// (`--parallel`, `--sync-method`) and the delta's work list are not part of it.
+impl Serialize for RestorePlan {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("RestorePlan", 10)?;
+        st.serialize_field("pgdata", &self.pgdata)?;
+        st.serialize_field("repository", &self.repository)?;
+        st.serialize_field("backup", &self.backup)?;
+        st.serialize_field("target", &self.recovery.target().describe())?;
+        st.serialize_field("timeline", &self.timeline)?;
+        st.serialize_field("files", &self.files)?;
+        st.serialize_field("tablespaces", &self.tablespaces)?;
+        st.serialize_field("recovery", &self.recovery)?;
+        st.serialize_field("replay", &self.replay)?;
+        st.serialize_field("checks", &self.checks)?;
+        st.end()
     }
 }
 
@@ -426,7 +428,7 @@ mod tests {
     use super::super::testing::{SYSID, fixture, options, with_tablespace};
     use super::*;
     use crate::catalog::testing::{at, nos, summary};
-    use crate::commands::restore::{RecoveryTarget, TablespacePlan};
+    use crate::commands::restore::{TablespacePlan, TargetAction};
     use crate::wal::lsn::tl;
 
     /// The fixture's backup (consistent in segment 2 of timeline 1 at 1795271530.12 s) and the
@@ -458,7 +460,10 @@ mod tests {
         assert_eq!(plan.backup.id.to_string(), "20261121T143200Z");
         assert_eq!((plan.backup.pg_version, plan.backup.timeline.get()), (15, 1));
         assert_eq!(plan.backup.consistent_lsn.to_string(), "0/2000100");
-        assert_eq!(plan.target, "recovery_target_time = '2026-11-21 14:32:25+00'");
+        assert_eq!(
+            plan.recovery.target().describe(),
+            "recovery_target_time = '2026-11-21 14:32:25+00'"
+        );
         assert_eq!(
             (
                 plan.timeline.chosen_by,
@@ -475,21 +480,15 @@ mod tests {
         );
         assert!(f.delta.is_none() && plan.delta_work.is_none());
         assert!(plan.tablespaces.is_empty());
-        let r = &plan.recovery;
+        let r = &plan.recovery.settings;
+        assert_eq!(r.target, RecoveryTarget::Time(1_795_271_545_000_000));
         assert_eq!(
-            r.target,
-            Some(Setting {
-                name: "recovery_target_time",
-                value: "2026-11-21 14:32:25+00".into()
-            })
-        );
-        assert_eq!(
-            (r.inclusive, r.action, r.timeline.as_str()),
-            (true, "promote", "latest")
+            (r.inclusive, r.action, r.timeline),
+            (true, TargetAction::Promote, TimelineTarget::Latest)
         );
         assert_eq!(r.restore_command, "true");
         assert_eq!(
-            r.writes,
+            plan.recovery.writes,
             [
                 "backup_label",
                 "postgresql.auto.conf",
@@ -515,6 +514,12 @@ mod tests {
         assert_eq!(json["backup"]["id"], "20261121T143200Z");
         assert_eq!(json["files"]["directory"], "create");
         assert_eq!(json["recovery"]["target"]["name"], "recovery_target_time");
+        assert_eq!(json["recovery"]["target"]["value"], "2026-11-21 14:32:25+00");
+        assert_eq!(
+            (&json["recovery"]["action"], &json["recovery"]["timeline"]),
+            (&serde_json::json!("promote"), &serde_json::json!("latest"))
+        );
+        assert_eq!(json["target"], "recovery_target_time = '2026-11-21 14:32:25+00'");
         assert_eq!(json["replay"]["last"], "000000010000000000000003");
         assert!(json.get("delta_work").is_none() && json.get("parallel").is_none());
         let text = crate::report::to_string(&plan, crate::report::Format::Text);
@@ -599,11 +604,14 @@ mod tests {
             (plan.timeline.chosen_by, plan.timeline.description.as_str()),
             ("current", "current (1)")
         );
-        assert_eq!(plan.recovery.timeline, "current");
+        assert_eq!(plan.recovery.settings.timeline.value(), "current");
         opts.timeline = TimelineTarget::Id(tl(1));
         let plan = plan_for(&cat, &opts).await.unwrap();
         assert_eq!(
-            (plan.timeline.chosen_by, plan.recovery.timeline.as_str()),
+            (
+                plan.timeline.chosen_by,
+                plan.recovery.settings.timeline.value().as_str()
+            ),
             ("id", "1")
         );
         // Replay to the end of the archive: up to the newest segment, an upper bound.

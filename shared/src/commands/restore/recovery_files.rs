@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use super::plan::RestorePlan;
 use super::{RestoreError, write_err};
 use crate::basebackup::manifest::Manifest;
-use crate::recovery_conf;
 use crate::replay::RecoveryPlan;
 
 /// Write the replay plan (`walvault-recovery.json`) into the restored directory, when the plan
@@ -27,7 +26,7 @@ pub(crate) fn write_replay_plan(plan: &RestorePlan) -> Result<(), RestoreError> 
         first_segment: span.first.to_string(),
         last_segment: span.last.to_string(),
         last_is_upper_bound: span.last_is_upper_bound,
-        target: plan.target.clone(),
+        target: plan.recovery.target().describe(),
         timeline: plan.timeline.id,
         created_at_us: crate::time::now_micros(),
         // The directory exists for good now: the plan names it by device and inode, so that a
@@ -72,7 +71,7 @@ pub(crate) fn write_recovery_files(plan: &RestorePlan, m: &Manifest) -> Result<(
     let auto = plan.pgdata.join("postgresql.auto.conf");
     let existing = std::fs::read_to_string(&auto).ok();
     let header = format!("Added by walvault: restore of backup {}", m.id);
-    let conf = recovery_conf::render(existing.as_deref(), &header, &plan.recovery.settings());
+    let conf = plan.recovery.render(existing.as_deref(), &header);
     write("postgresql.auto.conf", conf.as_bytes())?;
     let _ = std::fs::remove_file(plan.pgdata.join("standby.signal"));
     // Durable: write_durably syncs the data directory, and write_backup syncs every directory.
