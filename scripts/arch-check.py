@@ -14,6 +14,8 @@ Measures:
 - functions in shared/src returning `Result<_, String>`: none;
 - import circles between the library's modules (a module and its own submodules excepted): none;
 - core modules importing from `commands/` or `cli/` (the layers above them): none;
+- `commands/` importing from `cli/`, or `cli/` implementing `Report` (cli parses flags into a
+  command's options and hands over; rendering lives with the report types): none;
 - two library modules with the same name at different depths (`spool` beside `prefetch::spool`):
   none; the same phase name under two commands (`restore::plan`, `drill::plan`) is allowed.
 """
@@ -283,9 +285,23 @@ def main():
         for t in ts
         if m and m[0] not in UPPER and t and t[0] in UPPER
     )
-    fig["layer_violations"] = layer
+    # The top floors run one way: `cli` (flags to options) may import `commands`, never the
+    # reverse; and `cli` renders nothing (a report's rendering lives with the report type).
+    upward = sorted(
+        f"{'::'.join(m)} -> {'::'.join(t)}"
+        for m, ts in graph.items()
+        for t in ts
+        if m and m[0] == "commands" and t and t[0] == "cli"
+    )
+    for p in rust_files(os.path.join(LIB, "cli")):
+        code = strip_code(open(p, encoding="utf-8").read())
+        for m in re.finditer(r"\bimpl\s+(?:crate::report::)?Report\s+for\s+(\w+)", code):
+            upward.append(f"{os.path.relpath(p, ROOT)}:{code.count(chr(10), 0, m.start()) + 1} renders {m.group(1)}")
+    fig["layer_violations"] = layer + upward
     for v in layer:
         broken.append(f"core imports a command: {v}")
+    for v in upward:
+        broken.append(f"cli and commands out of order: {v}")
 
     circ = circles(graph)
     fig["import_circles"] = [" <-> ".join(c) for c in circ]
@@ -321,6 +337,7 @@ def main():
         print(f"Result<_, String>: {fig['result_string']}")
         print(f"import circles: {len(circ)}")
         print(f"core modules importing commands/ or cli/: {len(layer)}")
+        print(f"commands importing cli/, or cli/ rendering a report: {len(upward)}")
         print(f"modules named alike: {len(alike)}")
     if broken:
         print(f"arch-check: {len(broken)} limits broken:", file=sys.stderr)

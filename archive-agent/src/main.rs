@@ -4,10 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use walvault::cli::backup_args::{self, BackupArgs};
-use walvault::cli::daemon_args::{self, DaemonArgs};
-use walvault::cli::{self, RepoArgs};
+use walvault::cli;
+use walvault::cli::backup_args::BackupArgs;
+use walvault::cli::daemon_args::DaemonArgs;
 use walvault::commands::{admin, expire};
+use walvault::config::RepoArgs;
 use walvault::repo::keys::KeySource;
 use walvault::report::{Format, Report};
 
@@ -99,7 +100,7 @@ enum Command {
     /// no backup is in progress.
     Expire {
         #[command(flatten)]
-        rules: walvault::cli::RetentionArgs,
+        rules: walvault::config::RetentionSettings,
         /// Show what would be kept and deleted, and delete nothing
         #[arg(long)]
         dry_run: bool,
@@ -203,11 +204,16 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<()> {
         Command::Push { .. } => unreachable!("push maps its own exit codes"),
         Command::Backup { args } => {
             let settings = repo.settings(args.compress_level)?;
-            show(&block_on(backup_args::backup(&settings, &args))??, args.json)
+            let opts = args.options()?;
+            let taken = block_on(walvault::commands::backup::take_and_log(
+                &settings,
+                &opts,
+                args.reading(),
+            ))??;
+            show(&taken, args.json)
         }
         Command::Expire { rules, dry_run, json } => {
             let settings = repo.settings(None)?;
-            let rules = rules.settings();
             show(
                 &block_on(expire::expire_repository(&settings, &rules, dry_run, now()))??,
                 json,
@@ -224,7 +230,7 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<()> {
         Command::Daemon { args } => {
             let settings = repo.settings(None)?;
             let opts = args.options(repo, &settings)?;
-            block_on(daemon_args::serve(settings, opts))??;
+            block_on(walvault::commands::daemon::serve(settings, opts))??;
             tracing::info!("daemon stopped");
             Ok(())
         }

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use walvault::cli::drill_args::{self, DrillArgs};
+use walvault::cli;
+use walvault::cli::drill_args::DrillArgs;
 use walvault::cli::progress_bar::Bar;
 use walvault::cli::restore_args::RestoreArgs;
-use walvault::cli::{self, RepoArgs};
+use walvault::config::RepoArgs;
 use walvault::exit;
 use walvault::report::{Format, Report};
 
@@ -240,18 +241,16 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<bool> {
             };
             // The command as this one was invoked, so it runs where this one did.
             let program = std::env::args().next().unwrap_or_else(|| "restore-agent".into());
-            let command = walvault::commands::find::RestoreCommandLine::new(
-                &program,
-                settings.repo.as_str(),
-                repo.config.as_deref(),
-                &pgdata,
-            )?;
+            let repo = walvault::invocation::RepoInvocation::new(&settings, repo)?;
+            let command = walvault::invocation::AgentCommand::new(program, "restore", &repo)
+                .args([std::ffi::OsStr::new("--pgdata"), pgdata.as_os_str()]);
             let found = block_on(walvault::commands::find::find_in(&settings, &opts, &command))??;
             show(&found, Format::from_json_flag(json)).map(|()| true)
         }
         Command::Drill { args } => {
             let settings = repo.settings(None)?;
-            let evidence = block_on(drill_args::drill(&settings, repo, &args))??;
+            let opts = args.options(repo, &settings, &std::env::current_exe()?)?;
+            let evidence = block_on(walvault::commands::drill::run(&settings, &opts))?;
             show(&evidence, args.deliver(&evidence)?)?;
             Ok(evidence.passed())
         }

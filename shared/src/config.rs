@@ -21,17 +21,58 @@ pub const DEFAULT_COMPRESS_LEVEL: i32 = 3;
 /// How long a push or fetch keeps retrying transient storage errors before giving up.
 pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Values given on the command line or in the environment (`None` when absent).
-#[derive(Debug, Clone, Default)]
-pub struct Overrides {
+/// Where the repository is and how to reach it, as given on the command line or in the
+/// environment (clap merges the two): the flags both agents share. [`RepoArgs::settings`] adds
+/// the TOML file and the defaults.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RepoArgs {
+    /// Repository URL: file:///var/lib/walvault, s3://bucket/prefix or az://container/prefix
+    #[arg(long, env = "WALVAULT_REPO", global = true, value_name = "URL")]
     pub repo: Option<String>,
+    /// TOML file with repo, compress_level, retry_timeout, [s3], [azure], [gcs] credentials, [retention], [encryption] [default: /etc/walvault/walvault.toml if it exists]
+    #[arg(long, env = "WALVAULT_CONFIG", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    pub compress_level: Option<i32>,
+    /// Give up on an unreachable repository after this long (500ms, 30s, 5m) [default: 60s]
+    #[arg(long, env = "WALVAULT_RETRY_TIMEOUT", global = true, value_name = "DURATION")]
     pub retry_timeout: Option<String>,
-    /// `WALVAULT_ENCRYPTION_KEY_FILE`: replaces the `[encryption]` table's key source.
-    pub encryption_key_file: Option<PathBuf>,
-    /// `WALVAULT_ENCRYPTION_KEY_COMMAND`: replaces the `[encryption]` table's key source.
-    pub encryption_key_command: Option<String>,
+}
+
+impl RepoArgs {
+    /// The settings these flags give, with the key from the environment ([`KeyEnv::read`]), the
+    /// TOML file they name (else [`DEFAULT_CONFIG_PATH`] if it exists) and the defaults;
+    /// `compress_level` is a command's own flag.
+    pub fn settings(&self, compress_level: Option<i32>) -> Result<Settings, ConfigError> {
+        Settings::resolve(
+            self,
+            compress_level,
+            KeyEnv::read(),
+            Path::new(DEFAULT_CONFIG_PATH),
+        )
+    }
+}
+
+/// An encrypted repository's key source from the environment, never from a flag: PostgreSQL
+/// logs the command lines it runs. Either replaces the `[encryption]` table's key source.
+#[derive(Debug, Clone, Default)]
+pub struct KeyEnv {
+    /// `WALVAULT_ENCRYPTION_KEY_FILE`.
+    pub file: Option<PathBuf>,
+    /// `WALVAULT_ENCRYPTION_KEY_COMMAND`.
+    pub command: Option<String>,
+}
+
+impl KeyEnv {
+    /// The variables as set (an empty one is unset).
+    pub fn read() -> KeyEnv {
+        KeyEnv {
+            file: std::env::var_os("WALVAULT_ENCRYPTION_KEY_FILE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            command: std::env::var("WALVAULT_ENCRYPTION_KEY_COMMAND")
+                .ok()
+                .filter(|v| !v.is_empty()),
+        }
+    }
 }
 
 /// The resolved settings.
@@ -53,6 +94,9 @@ pub struct Settings {
     /// Where an encrypted repository's key comes from: `WALVAULT_ENCRYPTION_KEY_FILE` or
     /// `WALVAULT_ENCRYPTION_KEY_COMMAND`, else the file's `[encryption]` table.
     pub key: Option<KeySource>,
+    /// Whether [`Settings::key`] came from the environment (another process run with the same
+    /// configuration file does not find it there).
+    pub key_from_env: bool,
 }
 
 /// The `[encryption]` table: where the key of an encrypted repository comes from. Never a
@@ -67,25 +111,40 @@ pub struct EncryptionSettings {
     pub key_command: Option<String>,
 }
 
-/// The `[retention]` table, and the `expire` flags of the same names.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+/// Retention rules: the `[retention]` table, and the flags of the same names (`expire`,
+/// `daemon`), one type for both. Any rule given as a flag replaces the table's rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionSettings {
+    /// Keep the newest N backups, with every instant since the oldest of them
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_name = "N")]
     pub keep_last: Option<u32>,
-    /// A duration: `14d`, `2w`, `36h`.
+    /// Keep every instant of the last DURATION restorable (14d, 2w, 36h): the backups that
+    /// became consistent in it and the newest one before it
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_name = "DURATION")]
     pub keep_within: Option<String>,
+    /// Keep the newest backup of each of the last N days that have one (restorable to its
+    /// consistency point)
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_name = "N")]
     pub keep_daily: Option<u32>,
+    /// ... of each of the last N ISO weeks (Monday to Sunday)
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_name = "N")]
     pub keep_weekly: Option<u32>,
+    /// ... of each of the last N calendar months
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_name = "N")]
     pub keep_monthly: Option<u32>,
+    /// ... of each of the last N calendar years
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_name = "N")]
     pub keep_yearly: Option<u32>,
-    /// IANA time zone of the calendar rules (`Europe/Paris`); UTC by default.
+    /// Time zone of the calendar periods (IANA name, e.g. Europe/Paris) [default: UTC]
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_name = "ZONE")]
     pub timezone: Option<String>,
 }
 
@@ -245,31 +304,39 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
 }
 
 impl Settings {
-    /// Resolve settings; `default_config` is the file read when none is named (injected for tests).
-    pub fn resolve(o: Overrides, default_config: &Path) -> Result<Settings, ConfigError> {
-        let file = match &o.config {
+    /// Resolve settings from what was given (`args`, `compress_level`, `env`), the TOML file and
+    /// the defaults, in that order of precedence; `default_config` is the file read when none is
+    /// named (injected for tests).
+    pub fn resolve(
+        args: &RepoArgs,
+        compress_level: Option<i32>,
+        env: KeyEnv,
+        default_config: &Path,
+    ) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
             Some(path) => read_file(path)?,
             None if default_config.is_file() => read_file(default_config)?,
             None => FileConfig::default(),
         };
-        let repo = o.repo.or(file.repo).ok_or(ConfigError::NoRepository)?;
-        let compress_level = o
-            .compress_level
+        let repo = args.repo.clone().or(file.repo).ok_or(ConfigError::NoRepository)?;
+        let compress_level = compress_level
             .or(file.compress_level)
             .unwrap_or(DEFAULT_COMPRESS_LEVEL);
         if !(1..=19).contains(&compress_level) {
             return Err(ConfigError::Level(compress_level));
         }
-        let retry_timeout = match o.retry_timeout.or(file.retry_timeout) {
+        let retry_timeout = match args.retry_timeout.clone().or(file.retry_timeout) {
             Some(s) => parse_duration(&s)?,
             None => DEFAULT_RETRY_TIMEOUT,
         };
         // The environment gives a whole key source, replacing the table's.
-        let key = match key_source(
-            o.encryption_key_file,
-            o.encryption_key_command,
+        let from_env = key_source(
+            env.file,
+            env.command,
             "WALVAULT_ENCRYPTION_KEY_FILE and WALVAULT_ENCRYPTION_KEY_COMMAND",
-        )? {
+        )?;
+        let key_from_env = from_env.is_some();
+        let key = match from_env {
             Some(k) => Some(k),
             None => key_source(
                 file.encryption.key_file,
@@ -286,6 +353,7 @@ impl Settings {
             gcs: file.gcs,
             retention: file.retention,
             key,
+            key_from_env,
         })
     }
 
@@ -331,12 +399,14 @@ mod tests {
     fn the_environment_replaces_the_encryption_table_and_one_source_is_allowed() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("w.toml");
-        let resolve = |o: Overrides| Settings::resolve(o, Path::new("/nonexistent"));
-        let with = |file: Option<&str>, command: Option<&str>| Overrides {
+        let args = RepoArgs {
             config: Some(cfg.clone()),
-            encryption_key_file: file.map(PathBuf::from),
-            encryption_key_command: command.map(str::to_string),
             ..Default::default()
+        };
+        let resolve = |env: KeyEnv| Settings::resolve(&args, None, env, Path::new("/nonexistent"));
+        let with = |file: Option<&str>, command: Option<&str>| KeyEnv {
+            file: file.map(PathBuf::from),
+            command: command.map(str::to_string),
         };
         std::fs::write(
             &cfg,
@@ -348,11 +418,13 @@ mod tests {
             s.key,
             Some(KeySource::Command("vault kv get -field=key secret/w".into()))
         );
+        assert!(!s.key_from_env);
         assert_eq!(s.store_options().key, s.key);
         // The command may hold a token: never shown by Debug.
         assert!(!format!("{s:?}").contains("vault kv"), "{s:?}");
         let s = resolve(with(Some("/etc/walvault/key"), None)).unwrap();
         assert_eq!(s.key, Some(KeySource::File("/etc/walvault/key".into())));
+        assert!(s.key_from_env);
         let s = resolve(with(None, Some("cat /k"))).unwrap();
         assert_eq!(s.key, Some(KeySource::Command("cat /k".into())));
         assert!(matches!(
@@ -385,10 +457,12 @@ mod tests {
         )
         .unwrap();
         let s = Settings::resolve(
-            Overrides {
+            &RepoArgs {
                 config: Some(cfg),
                 ..Default::default()
             },
+            None,
+            KeyEnv::default(),
             Path::new("/x"),
         )
         .unwrap();
@@ -432,10 +506,12 @@ mod tests {
         )
         .unwrap();
         let from_file = Settings::resolve(
-            Overrides {
+            &RepoArgs {
                 config: Some(cfg.clone()),
                 ..Default::default()
             },
+            None,
+            KeyEnv::default(),
             Path::new("/nonexistent"),
         )
         .unwrap();
@@ -443,11 +519,13 @@ mod tests {
         assert_eq!(from_file.compress_level, 9);
         assert_eq!(from_file.retry_timeout, Duration::from_secs(5));
         let flag = Settings::resolve(
-            Overrides {
+            &RepoArgs {
                 repo: Some("file:///from/flag".into()),
                 config: Some(cfg),
                 ..Default::default()
             },
+            None,
+            KeyEnv::default(),
             Path::new("/nonexistent"),
         )
         .unwrap();
@@ -457,25 +535,33 @@ mod tests {
 
     #[test]
     fn missing_repo_unknown_keys_and_bad_levels_are_errors() {
-        let none = Settings::resolve(Overrides::default(), Path::new("/nonexistent"));
+        let none = Settings::resolve(
+            &RepoArgs::default(),
+            None,
+            KeyEnv::default(),
+            Path::new("/nonexistent"),
+        );
         assert!(matches!(none, Err(ConfigError::NoRepository)));
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("w.toml");
         std::fs::write(&cfg, "repository = \"file:///typo\"\n").unwrap();
         let typo = Settings::resolve(
-            Overrides {
+            &RepoArgs {
                 config: Some(cfg),
                 ..Default::default()
             },
+            None,
+            KeyEnv::default(),
             Path::new("/x"),
         );
         assert!(matches!(typo, Err(ConfigError::Parse { .. })));
         let level = Settings::resolve(
-            Overrides {
+            &RepoArgs {
                 repo: Some("file:///r".into()),
-                compress_level: Some(40),
                 ..Default::default()
             },
+            Some(40),
+            KeyEnv::default(),
             Path::new("/x"),
         );
         assert!(matches!(level, Err(ConfigError::Level(40))));
@@ -492,10 +578,12 @@ mod tests {
         )
         .unwrap();
         let s = Settings::resolve(
-            Overrides {
+            &RepoArgs {
                 config: Some(cfg.clone()),
                 ..Default::default()
             },
+            None,
+            KeyEnv::default(),
             Path::new("/x"),
         )
         .unwrap();
@@ -508,11 +596,13 @@ mod tests {
         assert!(!format!("{s:?}").contains("hunter2"));
         std::fs::write(&cfg, "[s3]\nsecret = \"x\"\n").unwrap();
         let typo = Settings::resolve(
-            Overrides {
+            &RepoArgs {
                 repo: Some("s3://b/p".into()),
                 config: Some(cfg),
                 ..Default::default()
             },
+            None,
+            KeyEnv::default(),
             Path::new("/x"),
         );
         assert!(matches!(typo, Err(ConfigError::Parse { .. })));
@@ -529,10 +619,12 @@ mod tests {
         )
         .unwrap();
         let s = Settings::resolve(
-            Overrides {
+            &RepoArgs {
                 config: Some(cfg),
                 ..Default::default()
             },
+            None,
+            KeyEnv::default(),
             Path::new("/x"),
         )
         .unwrap();
@@ -556,10 +648,12 @@ mod tests {
         )
         .unwrap();
         let s = Settings::resolve(
-            Overrides {
+            &RepoArgs {
                 config: Some(cfg.clone()),
                 ..Default::default()
             },
+            None,
+            KeyEnv::default(),
             Path::new("/x"),
         )
         .unwrap();
@@ -583,11 +677,13 @@ mod tests {
         assert!(!format!("{store:?}").contains("104, 117, 110")); // the decoded bytes
         std::fs::write(&cfg, "[azure]\naccount_key = \"x\"\n").unwrap();
         let typo = Settings::resolve(
-            Overrides {
+            &RepoArgs {
                 repo: Some("az://wal/p".into()),
                 config: Some(cfg),
                 ..Default::default()
             },
+            None,
+            KeyEnv::default(),
             Path::new("/x"),
         );
         assert!(matches!(typo, Err(ConfigError::Parse { .. })));
@@ -605,11 +701,13 @@ mod tests {
         ] {
             std::fs::write(&cfg, text).unwrap();
             let err = Settings::resolve(
-                Overrides {
+                &RepoArgs {
                     repo: Some("s3://b/p".into()),
                     config: Some(cfg.clone()),
                     ..Default::default()
                 },
+                None,
+                KeyEnv::default(),
                 Path::new("/x"),
             )
             .unwrap_err()

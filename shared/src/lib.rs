@@ -10,11 +10,13 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod basebackup;
+pub mod call;
 pub mod catalog;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod exit;
+pub mod invocation;
 pub mod local;
 pub mod recovery_conf;
 pub mod replay;

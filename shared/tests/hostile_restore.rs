@@ -15,7 +15,7 @@ use walvault::basebackup::chunk::chunk_id;
 use walvault::commands::restore::{
     self, NoProgress, RestoreError, RestoreOptions, RestoreReport, TablespacePlan,
 };
-use walvault::config::{Overrides, Settings};
+use walvault::config::{RepoArgs, Settings};
 use walvault::repo::layout::chunk_key;
 use walvault::repo::layout::wal_key;
 use walvault::repo::object::{ObjectKind, SealedObject};
@@ -39,10 +39,12 @@ impl Env {
     fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let settings = Settings::resolve(
-            Overrides {
+            &RepoArgs {
                 repo: Some(format!("file://{}/repo", dir.path().display())),
                 ..Default::default()
             },
+            None,
+            Default::default(),
             &dir.path().join("no-config.toml"),
         )
         .unwrap();

@@ -41,6 +41,7 @@ impl Env {
             gcs: Default::default(),
             retention: Default::default(),
             key: None,
+            key_from_env: false,
         };
         Env { dir, settings }
     }

@@ -1,26 +1,10 @@
-//! `archive-agent backup` from the command line: its flags, the backup they take, and what it
-//! prints (the new backup's id, or with `--json` its summary).
+//! `archive-agent backup` from the command line: its flags and the options they give.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
-use serde::Serialize;
-
-use crate::catalog::BackupInfo;
 use crate::cli::default_pg_conn;
-use crate::commands::backup::{
-    BackupError, BackupOptions, DEFAULT_CHUNK_SIZE, FileReading, take_backup_reading,
-};
-use crate::config::{ConfigError, Settings, parse_duration};
-use crate::report::Report;
-
-#[derive(Debug, thiserror::Error)]
-pub enum BackupArgsError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Backup(#[from] BackupError),
-}
+use crate::commands::backup::{BackupOptions, DEFAULT_CHUNK_SIZE, FileReading};
+use crate::config::{ConfigError, parse_duration};
 
 /// `archive-agent backup`'s flags.
 #[derive(Debug, clap::Args)]
@@ -88,37 +72,4 @@ impl BackupArgs {
             FileReading::Changed
         }
     }
-}
-
-/// The backup taken: its id as text, its summary as JSON.
-#[derive(Debug, Clone, Serialize)]
-#[serde(transparent)]
-pub struct Taken(pub BackupInfo);
-
-impl Report for Taken {
-    fn render(&self) -> String {
-        self.0.id.clone()
-    }
-}
-
-/// `archive-agent backup`: take the backup and log what it took.
-pub async fn backup(settings: &Settings, args: &BackupArgs) -> Result<Taken, BackupArgsError> {
-    let opts = args.options()?;
-    let started = Instant::now();
-    let m = take_backup_reading(settings, &opts, args.reading()).await?;
-    let s = &m.stats;
-    tracing::info!(
-        "backup {} done: {} files ({} unchanged, taken over unread), {} bytes, {} chunks ({} new, {} bytes uploaded), WAL {}..{}, {:.1}s",
-        m.id,
-        s.files,
-        s.reused_files,
-        s.logical_bytes,
-        s.chunks,
-        s.new_chunks,
-        s.new_bytes,
-        m.start_wal,
-        m.stop_wal,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(Taken(BackupInfo::from(&m)))
 }

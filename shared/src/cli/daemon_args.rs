@@ -3,10 +3,11 @@
 
 use std::path::PathBuf;
 
+use crate::cli::default_pg_conn;
 use crate::cli::drill_args::{DrillArgsError, ScheduledDrillArgs};
-use crate::cli::{RepoArgs, RetentionArgs, default_pg_conn};
-use crate::commands::daemon::{DaemonError, DaemonOptions, Metrics};
+use crate::commands::daemon::DaemonOptions;
 use crate::config::{ConfigError, Settings, parse_duration};
+use crate::config::{RepoArgs, RetentionSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonArgsError {
@@ -78,7 +79,7 @@ pub struct DaemonArgs {
     pub verify_every: Option<String>,
     /// Expire after each scheduled backup with these rules (or the [retention] table's)
     #[command(flatten)]
-    pub rules: RetentionArgs,
+    pub rules: RetentionSettings,
     /// Restore drills on a schedule (evidence stored in the repository)
     #[command(flatten)]
     pub drill: Box<ScheduledDrillArgs>,
@@ -93,7 +94,7 @@ impl DaemonArgs {
             Some(_) => Some(self.drill.options(repo, settings, &std::env::current_exe()?)?),
             None => None,
         };
-        let retention = Some(settings.retention.policy(&self.rules.settings())?).filter(|p| !p.is_empty());
+        let retention = Some(settings.retention.policy(&self.rules)?).filter(|p| !p.is_empty());
         if retention.is_some() && self.backup_every.is_none() {
             tracing::warn!(
                 "a retention policy is set but no --backup-every: the daemon expires only after its own scheduled backups"
@@ -144,18 +145,4 @@ impl DaemonArgs {
     fn drill_every(&self) -> Result<Option<std::time::Duration>, ConfigError> {
         self.drill.drill_every.as_deref().map(parse_duration).transpose()
     }
-}
-
-/// Run the daemon until SIGTERM or SIGINT.
-pub async fn serve(settings: Settings, opts: DaemonOptions) -> Result<(), DaemonError> {
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    };
-    let metrics = std::sync::Arc::new(Metrics::default());
-    crate::commands::daemon::run(settings, opts, metrics, shutdown).await
 }

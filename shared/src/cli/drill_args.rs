@@ -3,12 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::cli::RepoArgs;
 use crate::cli::target_args::{TargetArgs, TargetError, parse_timeline};
 use crate::commands::drill::{DrillOptions, DrillTarget, Evidence};
-use crate::commands::restore::{RecoveryTarget, TimelineTarget, restore_command_line};
+use crate::commands::restore::{RecoveryTarget, TimelineTarget};
+use crate::config::RepoArgs;
 use crate::config::{ConfigError, Settings, parse_duration};
-use crate::report::{Format, Report};
+use crate::invocation::restore_command_line;
+use crate::report::Format;
 
 /// How long a scheduled drill waits for recovery.
 const SCHEDULED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
@@ -114,7 +115,7 @@ impl DrillArgs {
             rpo_target: self.rpo_target.as_deref().map(parse_duration).transpose()?,
             timeout: parse_duration(&self.timeout)?,
             parallel: self.parallel,
-            restore_command: restore_command(restore_agent, settings, repo)?,
+            restore_command: restore_command_line(restore_agent, settings, repo)?,
             keep: self.keep,
         })
     }
@@ -135,23 +136,6 @@ impl DrillArgs {
             }
             None => Ok(Format::Text),
         }
-    }
-}
-
-/// `restore-agent drill`: build the options and run the drill (its outcome is in the evidence).
-pub async fn drill(
-    settings: &Settings,
-    repo: &RepoArgs,
-    args: &DrillArgs,
-) -> Result<Evidence, DrillArgsError> {
-    let opts = args.options(repo, settings, &std::env::current_exe()?)?;
-    Ok(crate::commands::drill::run(settings, &opts).await)
-}
-
-/// The evidence as `restore-agent drill` shows it: the summary, or `--json -` the record.
-impl Report for Evidence {
-    fn render(&self) -> String {
-        self.summary()
     }
 }
 
@@ -224,7 +208,7 @@ impl ScheduledDrillArgs {
             rpo_target: self.drill_rpo_target.as_deref().map(parse_duration).transpose()?,
             timeout: SCHEDULED_TIMEOUT,
             parallel: SCHEDULED_PARALLEL,
-            restore_command: restore_command(&restore_agent, settings, repo)?,
+            restore_command: restore_command_line(&restore_agent, settings, repo)?,
             keep: false,
         })
     }
@@ -232,13 +216,4 @@ impl ScheduledDrillArgs {
 
 fn check_sql(flag: &'static str, files: &[PathBuf]) -> Result<Vec<PathBuf>, DrillArgsError> {
     crate::commands::drill::check_sql_files(files).map_err(|source| DrillArgsError::CheckSql { flag, source })
-}
-
-fn restore_command(restore_agent: &Path, settings: &Settings, repo: &RepoArgs) -> std::io::Result<String> {
-    restore_command_line(
-        restore_agent,
-        settings,
-        repo.config.as_deref(),
-        repo.retry_timeout.as_deref(),
-    )
 }

@@ -3,13 +3,13 @@
 use std::path::{Path, PathBuf};
 
 use crate::basebackup::manifest::BackupIdError;
-use crate::cli::RepoArgs;
 use crate::cli::target_args::{TargetArgs, TargetError, parse_timeline};
 use crate::commands::restore::{
     RecoveryTarget, RestoreOptions, SyncMethod, TablespacePlan, TargetAction, default_parallel,
-    restore_command_line,
 };
+use crate::config::RepoArgs;
 use crate::config::Settings;
+use crate::invocation::restore_command_line;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreArgsError {
@@ -89,13 +89,8 @@ impl RestoreArgs {
             (None, Some(_)) => RecoveryTarget::Immediate,
             (None, None) => RecoveryTarget::End,
         };
-        let restore_command = restore_command_line(
-            restore_agent,
-            settings,
-            repo.config.as_deref(),
-            repo.retry_timeout.as_deref(),
-        )
-        .map_err(RestoreArgsError::RestoreCommand)?;
+        let restore_command =
+            restore_command_line(restore_agent, settings, repo).map_err(RestoreArgsError::RestoreCommand)?;
         Ok(RestoreOptions {
             tablespaces: self.tablespaces()?,
             pgdata: self.pgdata.clone(),

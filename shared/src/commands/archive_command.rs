@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::time::Instant;
 
-use crate::cli::RepoArgs;
 use crate::commands::push::PushOutcome;
+use crate::config::RepoArgs;
 use crate::exit;
 
 /// Archive the file at `wal_path` and say how it went, as the exit code.
@@ -18,7 +18,7 @@ pub fn push(repo: &RepoArgs, wal_path: &Path, compress_level: Option<i32>) -> u8
             return exit::USAGE;
         }
     };
-    let result = match crate::cli::run_call(crate::commands::push::push(&settings, wal_path)) {
+    let result = match crate::call::run_call(crate::commands::push::push(&settings, wal_path)) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("push {}: cannot start: {e}", wal_path.display());

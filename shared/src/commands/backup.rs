@@ -348,3 +348,39 @@ fn check_repo_cluster(sysid: u64, repo: &crate::repo::Writer) -> Result<(), Back
     }
     Ok(())
 }
+
+/// The backup taken: its id as text, its summary as JSON.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(transparent)]
+pub struct Taken(pub crate::catalog::BackupInfo);
+
+impl crate::report::Report for Taken {
+    fn render(&self) -> String {
+        self.0.id.clone()
+    }
+}
+
+/// `archive-agent backup`: take the backup and log what it took; the report shows it.
+pub async fn take_and_log(
+    settings: &Settings,
+    opts: &BackupOptions,
+    reading: FileReading,
+) -> Result<Taken, BackupError> {
+    let started = std::time::Instant::now();
+    let m = take_backup_reading(settings, opts, reading).await?;
+    let s = &m.stats;
+    tracing::info!(
+        "backup {} done: {} files ({} unchanged, taken over unread), {} bytes, {} chunks ({} new, {} bytes uploaded), WAL {}..{}, {:.1}s",
+        m.id,
+        s.files,
+        s.reused_files,
+        s.logical_bytes,
+        s.chunks,
+        s.new_chunks,
+        s.new_bytes,
+        m.start_wal,
+        m.stop_wal,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Taken(crate::catalog::BackupInfo::from(&m)))
+}

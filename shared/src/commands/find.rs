@@ -8,14 +8,13 @@
 //! can tell of each. The pure part is [`describe`]: event + map in, actions out.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 
 use serde::Serialize;
 
 use crate::basebackup::manifest::BackupId;
 use crate::basebackup::relmap::{RelMapError, RelationMap};
 use crate::catalog::Catalog;
-use crate::cli::sh_quote;
+use crate::invocation::AgentCommand;
 use crate::repo::ReadError;
 use crate::repo::Reader;
 use crate::report::Report;
@@ -420,40 +419,13 @@ pub fn describe(
     (db_oid.map(db_name), actions, notes)
 }
 
-/// How the restore commands `find` prints begin: the program as this one was invoked (so they
-/// run where it did), the repository, the configuration file made absolute, and the data
-/// directory to restore into.
-#[derive(Debug, Clone)]
-pub struct RestoreCommandLine {
-    prefix: String,
-    pgdata: String,
-}
-
-impl RestoreCommandLine {
-    pub fn new(program: &str, repo: &str, config: Option<&Path>, pgdata: &Path) -> std::io::Result<Self> {
-        let mut prefix = format!("{} --repo {}", sh_quote(program), sh_quote(repo));
-        if let Some(config) = config {
-            let config = std::path::absolute(config)?;
-            prefix.push_str(&format!(" --config {}", sh_quote(&config.display().to_string())));
-        }
-        Ok(RestoreCommandLine {
-            prefix,
-            pgdata: sh_quote(&pgdata.display().to_string()),
-        })
-    }
-
-    /// The restore that recovers the moment just before `e`, when a backup before it exists.
-    pub fn for_event(&self, e: &FoundEvent) -> Option<String> {
-        e.restorable.then(|| {
-            let args: Vec<String> = e.restore_args.iter().map(|a| sh_quote(a)).collect();
-            format!(
-                "{} restore --pgdata {} {}",
-                self.prefix,
-                self.pgdata,
-                args.join(" ")
-            )
-        })
-    }
+/// The restore that recovers the moment just before `e`, when a backup before it exists:
+/// `command` (`restore-agent restore --pgdata ...` with the repository settings this `find` was
+/// given, the program as it was invoked so that it runs where this one did) with the event's
+/// target flags.
+fn restore_for(command: &AgentCommand, e: &FoundEvent) -> Option<String> {
+    e.restorable
+        .then(|| command.clone().args(&e.restore_args).shell_line())
 }
 
 /// What `restore-agent find` prints: the events, each with its restore command.
@@ -473,13 +445,13 @@ pub struct ReportedEvent {
 }
 
 impl FindReport {
-    pub fn new(found: Found, command: &RestoreCommandLine) -> FindReport {
+    pub fn new(found: Found, command: &AgentCommand) -> FindReport {
         FindReport {
             events: found
                 .events
                 .into_iter()
                 .map(|event| ReportedEvent {
-                    restore_command: command.for_event(&event),
+                    restore_command: restore_for(command, &event),
                     event,
                 })
                 .collect(),
@@ -493,7 +465,7 @@ impl FindReport {
 pub async fn find_in(
     settings: &crate::config::Settings,
     opts: &FindOptions,
-    command: &RestoreCommandLine,
+    command: &AgentCommand,
 ) -> Result<FindReport, FindError> {
     let repo = Reader::open(&settings.repo, &settings.store_options()).await?;
     Ok(FindReport::new(find(&repo, opts).await?, command))

@@ -820,12 +820,11 @@ mod tests {
     use std::time::Duration;
 
     fn settings() -> Settings {
-        let o = crate::config::Overrides {
+        let o = crate::config::RepoArgs {
             repo: Some("s3://b/r".into()),
-            compress_level: Some(3),
             ..Default::default()
         };
-        Settings::resolve(o, Path::new("/nonexistent")).unwrap()
+        Settings::resolve(&o, Some(3), Default::default(), Path::new("/nonexistent")).unwrap()
     }
 
     /// A repository on an in-memory "S3" store, with the descriptor `honoured` says; the store
@@ -917,11 +916,12 @@ mod tests {
         std::fs::create_dir_all(spool.dir()).unwrap();
         let path = segment(&pgdata.join("pg_wal"), 0);
         let name = name_of(&path).unwrap();
-        let o = crate::config::Overrides {
+        let o = crate::config::RepoArgs {
             repo: Some(format!("file://{}", pgdata.join("no-repository").display())),
             ..Default::default()
         };
-        let mut settings = Settings::resolve(o, Path::new("/nonexistent")).unwrap();
+        let mut settings =
+            Settings::resolve(&o, None, Default::default(), Path::new("/nonexistent")).unwrap();
         // The refusals below open the (missing) repository: they fail at once, not after the
         // retries, so that the last reading is still fresh when it is recorded.
         settings.retry_timeout = std::time::Duration::ZERO;

@@ -140,51 +140,6 @@ pub struct TablespacePlan {
     pub original: bool,
 }
 
-/// The `restore_command` a restored server runs: `restore_agent fetch` with the settings this
-/// process uses: the repository, and the configuration file (absolute, so it holds from the data
-/// directory) that may carry the store's credentials, which therefore never appear in
-/// `postgresql.auto.conf`.
-pub fn restore_command_line(
-    restore_agent: &Path,
-    settings: &Settings,
-    config: Option<&Path>,
-    retry_timeout: Option<&str>,
-) -> std::io::Result<String> {
-    use crate::cli::sh_quote;
-    let mut line = String::new();
-    // A key file named by the environment is named the same way on the line (a path, never the
-    // key). A key command from the environment is not copied: it may hold a token, and
-    // PostgreSQL logs restore_command.
-    if let (Some(path), Some(crate::repo::keys::KeySource::File(_))) = (
-        std::env::var_os("WALVAULT_ENCRYPTION_KEY_FILE").filter(|v| !v.is_empty()),
-        &settings.key,
-    ) {
-        let path = std::path::absolute(PathBuf::from(path))?;
-        line.push_str(&format!(
-            "WALVAULT_ENCRYPTION_KEY_FILE={} ",
-            sh_quote(&path.display().to_string())
-        ));
-    } else if std::env::var_os("WALVAULT_ENCRYPTION_KEY_COMMAND").is_some_and(|v| !v.is_empty()) {
-        eprintln!(
-            "note: the key command comes from WALVAULT_ENCRYPTION_KEY_COMMAND, which restore_command does not copy: give the restored server the same variable, or put key_command in the [encryption] table of --config"
-        );
-    }
-    line.push_str(&format!(
-        "{} fetch --repo {}",
-        sh_quote(&restore_agent.display().to_string()),
-        sh_quote(settings.repo.as_str())
-    ));
-    if let Some(config) = config {
-        let config = std::path::absolute(config)?;
-        line.push_str(&format!(" --config {}", sh_quote(&config.display().to_string())));
-    }
-    if let Some(t) = retry_timeout {
-        line.push_str(&format!(" --retry-timeout {}", sh_quote(t)));
-    }
-    line.push_str(" %f %p");
-    Ok(line)
-}
-
 /// The `--parallel` a restore uses when none is given, by kind of store: chunks fetched and
 /// written at once (each up to a chunk in memory, twice: sealed and opened).
 ///

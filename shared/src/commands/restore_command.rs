@@ -2,14 +2,15 @@
 //! progress recorded, the prefetcher kept ahead of recovery, one log line, and the exit code
 //! PostgreSQL reads (see [`crate::exit`]).
 
-use std::ffi::OsString;
+use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::cli::RepoArgs;
 use crate::commands::fetch::{FetchOutcome, fetch_for_replay};
 use crate::commands::prefetch::Prefetch;
+use crate::config::RepoArgs;
 use crate::exit;
+use crate::invocation::{AgentCommand, RepoInvocation};
 use crate::wal::WalFileName;
 
 /// What PostgreSQL asked for, and where.
@@ -58,7 +59,7 @@ pub fn fetch(repo: &RepoArgs, req: &FetchRequest<'_>, program: Option<&Path>) ->
     // Restored by walvault: each segment is counted against the plan and logged.
     let plan = crate::replay::files::plan_for_fetch(pgdata);
     let fetched = fetch_for_replay(&settings, name, dest, prefetch.as_ref(), plan.is_some());
-    let result = match crate::cli::run_call(fetched) {
+    let result = match crate::call::run_call(fetched) {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot start: {e}"), exit::FATAL),
     };
@@ -80,7 +81,7 @@ pub fn fetch(repo: &RepoArgs, req: &FetchRequest<'_>, program: Option<&Path>) ->
                 }
             }
             if let (Some(p), WalFileName::Segment(_)) = (&prefetch, name) {
-                keep_prefetching(p, &name, program, &repo.to_args(), pgdata);
+                keep_prefetching(p, &name, program, (&settings, repo), pgdata);
             }
             exit::SUCCESS
         }
@@ -92,14 +93,14 @@ pub fn fetch(repo: &RepoArgs, req: &FetchRequest<'_>, program: Option<&Path>) ->
     }
 }
 
-/// Tell the prefetcher where recovery is, starting it (`program <global_args> prefetch`) if none
-/// runs. Best effort: prefetching only saves time, so a failure here is logged and never fails
+/// Tell the prefetcher where recovery is, starting it (`program prefetch`, with the repository
+/// settings this fetch was given) if none runs. Best effort: prefetching only saves time, so a failure here is logged and never fails
 /// the fetch.
 fn keep_prefetching(
     p: &Prefetch,
     name: &WalFileName,
     program: Option<&Path>,
-    global_args: &[OsString],
+    (settings, given): (&crate::config::Settings, &RepoArgs),
     pgdata: &Path,
 ) {
     if let Err(e) = p.request(name) {
@@ -109,9 +110,14 @@ fn keep_prefetching(
     let Some(program) = program.filter(|_| !p.running()) else {
         return;
     };
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(global_args);
-    cmd.arg("prefetch").arg("--pgdata").arg(pgdata);
+    let repo = match RepoInvocation::new(settings, given) {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!("prefetch: cannot start: {e}"),
+    };
+    let prefetcher =
+        AgentCommand::new(program, "prefetch", &repo).args([OsStr::new("--pgdata"), pgdata.as_os_str()]);
+    let mut cmd = std::process::Command::new(prefetcher.program());
+    cmd.args(prefetcher.argv()).envs(prefetcher.env());
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
     // Its own process group: signals PostgreSQL sends to the startup process's group when

@@ -88,6 +88,20 @@ pub enum DaemonError {
 /// How often the housekeeping tick looks at the schedule and the repository check.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 
+/// Run the daemon until SIGTERM or SIGINT.
+pub async fn serve(settings: Settings, opts: DaemonOptions) -> Result<(), DaemonError> {
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    let metrics = std::sync::Arc::new(Metrics::default());
+    run(settings, opts, metrics, shutdown).await
+}
+
 /// Run until `shutdown` resolves, then finish the uploads in flight and return.
 pub async fn run(
     settings: Settings,

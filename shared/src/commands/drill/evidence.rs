@@ -193,6 +193,13 @@ pub(super) fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// The evidence as `restore-agent drill` shows it: the summary, or `--json -` the record.
+impl crate::report::Report for Evidence {
+    fn render(&self) -> String {
+        self.summary()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
