@@ -35,13 +35,32 @@ pub enum DrillArgsError {
     Io(#[from] std::io::Error),
 }
 
+/// What `restore-agent drill --target` restores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DrillWhat {
+    /// Everything archived
+    Latest,
+    /// An instant inside the restorable window
+    Random,
+    /// The backup's consistency point
+    Immediate,
+}
+
+/// What the daemon's scheduled drills restore (`--drill-target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScheduledWhat {
+    /// An instant inside the restorable window
+    Random,
+    /// Everything archived
+    Latest,
+}
+
 /// `restore-agent drill`'s flags.
 #[derive(Debug, clap::Args)]
 pub struct DrillArgs {
-    /// latest (everything archived, the default), random (an instant inside the restorable
-    /// window), or immediate
-    #[arg(long, value_name = "WHAT", value_parser = ["latest", "random", "immediate"])]
-    pub target: Option<String>,
+    /// What the drill restores [default: latest]
+    #[arg(long, value_name = "WHAT", value_enum)]
+    pub target: Option<DrillWhat>,
     #[command(flatten)]
     pub goal: TargetArgs,
     /// Directory with the backup's PostgreSQL version's postgres and pg_ctl [default:
@@ -94,11 +113,11 @@ impl DrillArgs {
         settings: &Settings,
         restore_agent: &Path,
     ) -> Result<DrillOptions, DrillArgsError> {
-        let target = match (self.goal.target()?, self.target.as_deref()) {
+        let target = match (self.goal.target()?, self.target) {
             (Some(t), _) => DrillTarget::Target(t),
-            (None, Some("random")) => DrillTarget::Random,
-            (None, Some("immediate")) => DrillTarget::Target(RecoveryTarget::Immediate),
-            _ => DrillTarget::Latest,
+            (None, Some(DrillWhat::Random)) => DrillTarget::Random,
+            (None, Some(DrillWhat::Immediate)) => DrillTarget::Target(RecoveryTarget::Immediate),
+            (None, Some(DrillWhat::Latest) | None) => DrillTarget::Latest,
         };
         Ok(DrillOptions {
             target,
@@ -146,9 +165,9 @@ pub struct ScheduledDrillArgs {
     /// restore-agent info) and the walvault_last_drill_* metrics
     #[arg(long, value_name = "DURATION")]
     pub drill_every: Option<String>,
-    /// What the drills restore: random (an instant of the restorable window) or latest
-    #[arg(long, value_name = "WHAT", default_value = "random", value_parser = ["random", "latest"])]
-    pub drill_target: String,
+    /// What the drills restore
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = ScheduledWhat::Random)]
+    pub drill_target: ScheduledWhat,
     /// Directory with postgres and pg_ctl of the cluster's version [default: the usual places]
     #[arg(long, value_name = "DIR")]
     pub drill_pg_bin: Option<PathBuf>,
@@ -191,9 +210,9 @@ impl ScheduledDrillArgs {
             ));
         }
         Ok(DrillOptions {
-            target: match self.drill_target.as_str() {
-                "latest" => DrillTarget::Latest,
-                _ => DrillTarget::Random,
+            target: match self.drill_target {
+                ScheduledWhat::Latest => DrillTarget::Latest,
+                ScheduledWhat::Random => DrillTarget::Random,
             },
             timeline: TimelineTarget::Latest,
             exclusive: false,

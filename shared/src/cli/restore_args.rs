@@ -162,6 +162,30 @@ mod tests {
             .options(&settings, &cli.repo, Path::new("/usr/bin/restore-agent"))
     }
 
+    /// A closed choice given a value outside it is refused by the parser, naming the allowed
+    /// values: never a silent default.
+    #[test]
+    fn an_unknown_choice_names_the_allowed_ones() {
+        for (flag, allowed) in [
+            ("--target-action", "promote, pause, shutdown"),
+            ("--sync-method", "fsync, syncfs"),
+        ] {
+            let e = Cli::try_parse_from([
+                "restore-agent",
+                "--pgdata",
+                "/srv/new",
+                flag,
+                "sometimes",
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("invalid value 'sometimes'"), "{e}");
+            assert!(e.contains(&format!("[possible values: {allowed}]")), "{e}");
+        }
+        let o = options(&["--sync-method", "syncfs"]).unwrap();
+        assert_eq!((o.sync, o.action), (SyncMethod::Syncfs, TargetAction::Promote));
+    }
+
     #[test]
     fn flags_become_the_options_restore_takes() {
         let o = options(&[
