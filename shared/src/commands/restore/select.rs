@@ -19,8 +19,7 @@ pub fn resolve_timeline(
     let known = cat.timeline_ids();
     match wanted {
         TimelineTarget::Latest => Ok(cat
-            .timelines
-            .latest()
+            .latest_timeline()
             .max(known.last().copied().unwrap_or(TimelineId::FIRST))),
         TimelineTarget::Current => Ok(backup_tli),
         TimelineTarget::Id(n) if known.contains(&n) || n == TimelineId::FIRST => Ok(n),
@@ -45,16 +44,16 @@ pub fn choose_backup<'a>(
     timeline: TimelineTarget,
 ) -> Result<(&'a Manifest, TimelineId), RestoreError> {
     if let Some(id) = wanted
-        && let Some(d) = cat.damaged.iter().find(|d| d.backup.as_ref() == Some(id))
+        && let Some(d) = cat.damage_of(id)
     {
         return Err(RestoreError::Damaged {
             backup: id.clone(),
             reason: d.reason.clone(),
         });
     }
-    if cat.backups.is_empty() {
+    if cat.backups().is_empty() {
         let damaged: Vec<String> = cat
-            .damaged
+            .damaged()
             .iter()
             .filter(|d| d.backup.is_some())
             .map(|d| format!("{} is damaged: {}", d.what, d.reason))
@@ -69,7 +68,7 @@ pub fn choose_backup<'a>(
         resolve_timeline(cat, timeline, TimelineId::FIRST)?;
     }
     let candidates: Vec<(&Manifest, TimelineId)> = cat
-        .backups
+        .backups()
         .iter()
         .rev()
         .filter(|m| wanted.is_none_or(|id| &m.id == id))
@@ -79,7 +78,7 @@ pub fn choose_backup<'a>(
         })
         .collect();
     if let Some(id) = wanted {
-        let Some(named) = cat.backups.iter().find(|m| &m.id == id) else {
+        let Some(named) = cat.backup(id) else {
             return Err(RestoreError::UnknownBackup(id.clone()));
         };
         if candidates.is_empty() {
@@ -94,7 +93,7 @@ pub fn choose_backup<'a>(
         target: format!("{} on timeline {tli}", target.describe()),
         window: format!("{why}; {}", window_text(cat, tli)),
     };
-    let have_index = !cat.summaries.is_empty();
+    let have_index = cat.has_time_index();
     let mut refusal = None;
     for (m, tli) in candidates {
         let chain = cat.chain(m, tli);
@@ -234,8 +233,7 @@ pub fn replay_span(
         RecoveryTarget::Time(us) => chain
             .iter()
             .find(|k| {
-                cat.summaries
-                    .get(k)
+                cat.summary(**k)
                     .and_then(|s| s.max_commit?.to_unix_micros())
                     .is_some_and(|t| passes(t, *us))
             })
@@ -278,20 +276,14 @@ mod tests {
     #[test]
     fn the_replay_span_ends_where_the_target_is_reached() {
         use crate::catalog::testing::{SEG, at, manifest, runs, summary};
-        use crate::timeline::TimelineHistory;
         use crate::wal::lsn::tl;
         // Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2; one
         // transaction end per segment, at 1000 + n seconds on 1 and 2000 + n on 2.
-        let mut cat = catalog(1);
-        cat.timelines
-            .insert(TimelineHistory::parse(TimelineId::new(2).unwrap(), b"1\t0/5000100\tx\n").unwrap());
-        for no in 2..=7 {
-            cat.summaries.insert(at(1, no), summary(no, 1000 + no as i64));
-        }
-        for no in 5..=9 {
-            cat.summaries.insert(at(2, no), summary(no, 2000 + no as i64));
-        }
-        cat.segments = runs([(1, 2..=7), (2, 5..=9)]);
+        let cat = catalog(1)
+            .with_history(2, b"1\t0/5000100\tx\n")
+            .with_summaries((2..=7).map(|no| (at(1, no), summary(no, 1000 + no as i64))))
+            .with_summaries((5..=9).map(|no| (at(2, no), summary(no, 2000 + no as i64))))
+            .with_segments(runs([(1, 2..=7), (2, 5..=9)]));
         let m = manifest("20261121T100000Z", 1, 2, 900_000_000);
         let span = |cat: &Catalog, tli, target: RecoveryTarget, exclusive| {
             let s = replay_span(cat, &m, tl(tli), &target, exclusive).unwrap();
@@ -333,7 +325,7 @@ mod tests {
             {"lsn": Lsn(6 * SEG + 0x100), "time": with_point.max_commit, "name": "rp1"}
         ]))
         .unwrap();
-        cat.summaries.insert(at(2, 6), with_point);
+        let cat = cat.with_summaries([(at(2, 6), with_point)]);
         assert_eq!(
             span(&cat, 2, RecoveryTarget::Name("rp1".into()), false).1,
             "000000020000000000000006"
