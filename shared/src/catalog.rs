@@ -1,7 +1,7 @@
 //! What a repository holds, read back: backups, timelines, WAL coverage per timeline.
 //! Used by `restore-agent list`, `info` and `restore`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -107,30 +107,30 @@ const DEFAULT_SEGMENT_SIZE: u32 = 16 << 20;
 /// Everything `restore` needs to decide, loaded once.
 #[derive(Debug, Clone)]
 pub struct Catalog {
-    pub repo_id: RepoId,
+    repo_id: RepoId,
     /// `None` until the first segment is archived into a repository created without `--pgdata`.
-    pub cluster: Option<ClusterIdentity>,
+    cluster: Option<ClusterIdentity>,
     /// Oldest first.
-    pub backups: Vec<Manifest>,
-    pub timelines: TimelineTree,
+    backups: Vec<Manifest>,
+    timelines: TimelineTree,
     /// Archived segment numbers per timeline, ascending.
-    pub segments: BTreeMap<TimelineId, Vec<SegmentNo>>,
+    segments: BTreeMap<TimelineId, Vec<SegmentNo>>,
     /// The time index: summaries by (timeline, segment number).
-    pub summaries: BTreeMap<(TimelineId, SegmentNo), SegmentSummary>,
+    summaries: BTreeMap<(TimelineId, SegmentNo), SegmentSummary>,
     /// Manifests and history files that could not be read or did not validate.
-    pub damaged: Vec<Damaged>,
+    damaged: Vec<Damaged>,
     /// Backups with a pin (expire never deletes them).
-    pub pinned: std::collections::BTreeSet<BackupId>,
+    pinned: BTreeSet<BackupId>,
     /// Every WAL object listed (segments, partial segments, backup history and timeline history
     /// files) with its stored size.
-    pub wal_files: Vec<(WalFileName, u64)>,
+    wal_files: Vec<(WalFileName, u64)>,
     /// Every time index summary listed, with its stored size.
-    pub summary_files: Vec<(SegmentName, u64)>,
+    summary_files: Vec<(SegmentName, u64)>,
     /// The stored size of each manifest listed.
-    pub manifest_bytes: BTreeMap<BackupId, u64>,
+    manifest_bytes: BTreeMap<BackupId, u64>,
     /// Size of each relation map (`backups/<id>/relations.wvo`), whether or not its backup
     /// finished.
-    pub relation_map_bytes: BTreeMap<BackupId, u64>,
+    relation_map_bytes: BTreeMap<BackupId, u64>,
 }
 
 /// The span of time a restore can reach on one timeline.
@@ -219,151 +219,158 @@ impl Catalog {
         }
     }
 
+    /// The three listings (`backups/`, `wal/`, `index/`), each read by a function of its own,
+    /// put together. `previous` is reused only if it is a catalog of this repository and cluster.
     async fn read(
         repo: &Reader,
         previous: Option<&Catalog>,
         read_summaries: bool,
     ) -> Result<Catalog, CatalogError> {
         let previous = previous.filter(|p| p.repo_id == *repo.id() && p.cluster.as_ref() == repo.cluster());
-        let (store, sealer, objects) = (repo.store(), repo.sealer(), repo.objects());
         let cluster = repo.cluster().copied();
         let seg_size = cluster.map_or(DEFAULT_SEGMENT_SIZE, |c| c.wal_segment_size);
-
-        let mut backups = Vec::new();
         let mut damaged = Vec::new();
-        // A store that cannot be read fails the load (nothing can be told); an object that was
-        // read but is unusable is set aside.
-        let mut set_aside = |key: &str,
-                             what: String,
-                             backup: Option<BackupId>,
-                             e: CatalogError|
-         -> Result<(), CatalogError> {
-            if let CatalogError::Store(_) = e {
-                return Err(e);
-            }
-            tracing::warn!("{what} is damaged and left out: {e}");
-            damaged.push(Damaged {
-                key: key.to_string(),
-                what,
-                reason: e.to_string(),
-                backup,
-            });
-            Ok(())
-        };
-        let mut pinned = std::collections::BTreeSet::new();
-        let mut manifest_bytes = BTreeMap::new();
-        let mut relation_map_bytes = BTreeMap::new();
-        for (key, size) in store.list(Kind::Backup.dirname()).await? {
-            if let Some(id) = layout::parse_pin_key(&key) {
-                pinned.insert(id);
-                continue;
-            }
-            if let Some(id) = layout::parse_relation_map_key(&key) {
-                relation_map_bytes.insert(id, size);
-                continue;
-            }
-            let Some(id) = layout::parse_manifest_key(&key) else {
-                continue; // not a manifest (or a foreign file): ignored
-            };
-            manifest_bytes.insert(id.clone(), size);
-            if let Some(m) = previous.and_then(|p| p.backups.iter().find(|m| m.id == id)) {
-                backups.push(m.clone());
-                continue;
-            }
-            match load_manifest(store, sealer, &id).await {
-                Ok(m) => backups.push(m),
-                Err(e) => set_aside(&key, format!("backup {id}"), Some(id), e)?,
-            }
-        }
-        backups.sort_by(|a, b| a.id.cmp(&b.id));
-
-        let mut timelines = TimelineTree::default();
-        let mut segments: BTreeMap<TimelineId, Vec<SegmentNo>> = BTreeMap::new();
-        let mut wal_files = Vec::new();
-        for (key, size) in store.list(Kind::Wal.dirname()).await? {
-            let Some(parsed_name) = layout::parse_wal_key(&key) else {
-                continue;
-            };
-            wal_files.push((parsed_name, size));
-            match parsed_name {
-                WalFileName::History(tli) => {
-                    let parsed = match objects.read::<WalObject>(&parsed_name).await {
-                        Ok(file) => TimelineHistory::parse(tli, &file.content).map_err(|source| {
-                            CatalogError::History {
-                                key: key.clone(),
-                                source,
-                            }
-                        }),
-                        Err(ReadError::Store(e)) => return Err(e.into()),
-                        // Listed, then gone: as unusable as an empty object.
-                        Err(ReadError::Missing { .. }) => Err(CatalogError::Corrupt {
-                            key: key.clone(),
-                            source: Box::new(ObjectError::TooShort { len: 0 }),
-                        }),
-                        Err(ReadError::Damaged { reason, .. }) => Err(CatalogError::Corrupt {
-                            key: key.clone(),
-                            source: Box::new(match reason {
-                                Damage::Envelope(e) => e,
-                                Damage::Content(never) => match never {},
-                            }),
-                        }),
-                    };
-                    match parsed {
-                        Ok(h) => timelines.insert(h),
-                        Err(e) => set_aside(&key, format!("timeline {tli} history"), None, e)?,
-                    }
-                }
-                WalFileName::Segment(s) => {
-                    if let Some(no) = s.segment_no(seg_size) {
-                        segments.entry(s.timeline).or_default().push(no);
-                    }
-                }
-                _ => {}
-            }
-        }
-        for v in segments.values_mut() {
-            v.sort_unstable();
-        }
-        let mut summaries = BTreeMap::new();
-        let mut summary_files = Vec::new();
-        for (key, size) in store.list(Kind::Index.dirname()).await? {
-            let Some(seg) = layout::parse_summary_key(&key) else {
-                continue;
-            };
-            summary_files.push((seg, size));
-            if !read_summaries {
-                continue;
-            }
-            let at = seg.segment_no(seg_size).map(|no| (seg.timeline, no));
-            if let Some((at, known)) = at.and_then(|at| Some((at, previous?.summaries.get(&at)?))) {
-                summaries.insert(at, known.clone());
-                continue;
-            }
-            match crate::timeindex::load(store, sealer, &seg).await {
-                Ok(Some(s)) => {
-                    if let Some(no) = seg.segment_no(seg_size) {
-                        summaries.insert((seg.timeline, no), s.summary);
-                    }
-                }
-                Ok(None) => {}
-                // Derived data: an unreadable summary costs precision, not the restore.
-                Err(e) => tracing::warn!("{e}"),
-            }
-        }
+        let backups = read_backups(repo, previous, &mut damaged).await?;
+        let wal = read_wal(repo, seg_size, &mut damaged).await?;
+        let index = read_index(repo, seg_size, previous, read_summaries).await?;
         Ok(Catalog {
             repo_id: repo.id().clone(),
             cluster,
-            backups,
-            timelines,
-            segments,
-            summaries,
+            backups: backups.manifests,
+            timelines: wal.timelines,
+            segments: wal.segments,
+            summaries: index.summaries,
             damaged,
-            pinned,
-            wal_files,
-            summary_files,
-            manifest_bytes,
-            relation_map_bytes,
+            pinned: backups.pinned,
+            wal_files: wal.files,
+            summary_files: index.files,
+            manifest_bytes: backups.manifest_bytes,
+            relation_map_bytes: backups.relation_map_bytes,
         })
+    }
+
+    /// The repository's id.
+    pub fn repo_id(&self) -> &RepoId {
+        &self.repo_id
+    }
+
+    /// The cluster whose WAL the repository holds: `None` until the first segment is archived
+    /// into a repository created without `--pgdata`.
+    pub fn cluster(&self) -> Option<&ClusterIdentity> {
+        self.cluster.as_ref()
+    }
+
+    /// Every backup whose manifest was read and validated, oldest first.
+    pub fn backups(&self) -> &[Manifest] {
+        &self.backups
+    }
+
+    /// Backup `id`, if its manifest was read and validated.
+    pub fn backup(&self, id: &BackupId) -> Option<&Manifest> {
+        self.backups.iter().find(|m| &m.id == id)
+    }
+
+    /// Backups with a pin (expire never deletes them).
+    pub fn pinned(&self) -> &BTreeSet<BackupId> {
+        &self.pinned
+    }
+
+    /// Whether backup `id` has a pin.
+    pub fn is_pinned(&self, id: &BackupId) -> bool {
+        self.pinned.contains(id)
+    }
+
+    /// Manifests and history files that could not be read or did not validate, in listing
+    /// order.
+    pub fn damaged(&self) -> &[Damaged] {
+        &self.damaged
+    }
+
+    /// Why backup `id`'s manifest is unusable, if it is.
+    pub fn damage_of(&self, id: &BackupId) -> Option<&Damaged> {
+        self.damaged.iter().find(|d| d.backup.as_ref() == Some(id))
+    }
+
+    /// The newest timeline with a history file (what `recovery_target_timeline = 'latest'`
+    /// follows); timeline 1 without any.
+    pub fn latest_timeline(&self) -> TimelineId {
+        self.timelines.latest()
+    }
+
+    /// The history of `timeline`; timeline 1 (or any without a history file) has no ancestors.
+    pub fn history(&self, timeline: TimelineId) -> TimelineHistory {
+        self.timelines.history(timeline)
+    }
+
+    /// Whether the history file of `timeline` was read.
+    pub fn has_history(&self, timeline: TimelineId) -> bool {
+        self.timelines.histories.contains_key(&timeline)
+    }
+
+    /// Timelines after the first with archived WAL but no history file: their ancestry is
+    /// unknown.
+    pub fn timelines_without_history(&self) -> impl Iterator<Item = TimelineId> + '_ {
+        self.segments
+            .keys()
+            .copied()
+            .filter(|&t| t > TimelineId::FIRST && !self.has_history(t))
+    }
+
+    /// The archived segment numbers of each timeline with any, ascending.
+    pub fn segments(&self) -> impl Iterator<Item = (TimelineId, &[SegmentNo])> {
+        self.segments.iter().map(|(&t, nos)| (t, nos.as_slice()))
+    }
+
+    /// The archived segment numbers of `timeline`, ascending.
+    pub fn segments_of(&self, timeline: TimelineId) -> &[SegmentNo] {
+        self.segments.get(&timeline).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether any summary of the time index was read.
+    pub fn has_time_index(&self) -> bool {
+        !self.summaries.is_empty()
+    }
+
+    /// The summary of a segment (timeline, number), if it was read.
+    pub fn summary(&self, at: (TimelineId, SegmentNo)) -> Option<&SegmentSummary> {
+        self.summaries.get(&at)
+    }
+
+    /// Every summary read, by (timeline, segment number).
+    pub fn summaries(&self) -> impl Iterator<Item = ((TimelineId, SegmentNo), &SegmentSummary)> {
+        self.summaries.iter().map(|(&at, s)| (at, s))
+    }
+
+    /// Every WAL object listed (segments, partial segments, backup history and timeline history
+    /// files), with its stored size.
+    pub fn wal_files(&self) -> &[(WalFileName, u64)] {
+        &self.wal_files
+    }
+
+    /// Every time index summary listed, read or not, with its stored size.
+    pub fn summary_files(&self) -> &[(SegmentName, u64)] {
+        &self.summary_files
+    }
+
+    /// Every manifest listed, usable or damaged, with its stored size.
+    pub fn manifest_files(&self) -> impl Iterator<Item = (&BackupId, u64)> {
+        self.manifest_bytes.iter().map(|(id, &size)| (id, size))
+    }
+
+    /// The stored size of backup `id`'s manifest, if it was listed.
+    pub fn manifest_size(&self, id: &BackupId) -> Option<u64> {
+        self.manifest_bytes.get(id).copied()
+    }
+
+    /// Every relation map listed (`backups/<id>/relations.wvo`), whether or not its backup
+    /// finished, with its stored size.
+    pub fn relation_maps(&self) -> impl Iterator<Item = (&BackupId, u64)> {
+        self.relation_map_bytes.iter().map(|(id, &size)| (id, size))
+    }
+
+    /// The stored size of backup `id`'s relation map, if it was listed.
+    pub fn relation_map_size(&self, id: &BackupId) -> Option<u64> {
+        self.relation_map_bytes.get(id).copied()
     }
 
     fn segment_size(&self) -> u64 {
@@ -545,6 +552,196 @@ impl Catalog {
     }
 }
 
+/// What `backups/` lists.
+#[derive(Default)]
+struct BackupListing {
+    /// The manifests read, oldest first.
+    manifests: Vec<Manifest>,
+    pinned: BTreeSet<BackupId>,
+    /// The stored size of each manifest listed, read or not.
+    manifest_bytes: BTreeMap<BackupId, u64>,
+    relation_map_bytes: BTreeMap<BackupId, u64>,
+}
+
+/// List `backups/`: pins, relation maps, and manifests, each read (or taken from `previous`:
+/// a manifest never changes). An unusable manifest is set aside in `damaged`.
+async fn read_backups(
+    repo: &Reader,
+    previous: Option<&Catalog>,
+    damaged: &mut Vec<Damaged>,
+) -> Result<BackupListing, CatalogError> {
+    let mut out = BackupListing::default();
+    for (key, size) in repo.store().list(Kind::Backup.dirname()).await? {
+        if let Some(id) = layout::parse_pin_key(&key) {
+            out.pinned.insert(id);
+        } else if let Some(id) = layout::parse_relation_map_key(&key) {
+            out.relation_map_bytes.insert(id, size);
+        } else if let Some(id) = layout::parse_manifest_key(&key) {
+            out.manifest_bytes.insert(id.clone(), size);
+            match manifest_of(repo, previous, &id).await {
+                Ok(m) => out.manifests.push(m),
+                Err(e) => set_aside(damaged, &key, format!("backup {id}"), Some(id), e)?,
+            }
+        }
+        // Anything else is a foreign file: ignored.
+    }
+    out.manifests.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// Backup `id`'s manifest: `previous`'s copy when it has one, else read from the repository.
+async fn manifest_of(
+    repo: &Reader,
+    previous: Option<&Catalog>,
+    id: &BackupId,
+) -> Result<Manifest, CatalogError> {
+    match previous.and_then(|p| p.backup(id)) {
+        Some(m) => Ok(m.clone()),
+        None => load_manifest(repo.store(), repo.sealer(), id).await,
+    }
+}
+
+/// What `wal/` lists.
+#[derive(Default)]
+struct WalListing {
+    /// The history files read.
+    timelines: TimelineTree,
+    /// Segment numbers per timeline, ascending.
+    segments: BTreeMap<TimelineId, Vec<SegmentNo>>,
+    /// Every WAL object listed, with its stored size.
+    files: Vec<(WalFileName, u64)>,
+}
+
+/// List `wal/`: every WAL object, each history file read (an unusable one is set aside in
+/// `damaged`), the segments numbered by `seg_size`.
+async fn read_wal(
+    repo: &Reader,
+    seg_size: u32,
+    damaged: &mut Vec<Damaged>,
+) -> Result<WalListing, CatalogError> {
+    let mut out = WalListing::default();
+    for (key, size) in repo.store().list(Kind::Wal.dirname()).await? {
+        let Some(name) = layout::parse_wal_key(&key) else {
+            continue;
+        };
+        out.files.push((name, size));
+        match name {
+            WalFileName::History(tli) => match read_history(repo, &key, tli).await {
+                Ok(h) => out.timelines.insert(h),
+                Err(e) => set_aside(damaged, &key, format!("timeline {tli} history"), None, e)?,
+            },
+            WalFileName::Segment(s) => {
+                if let Some(no) = s.segment_no(seg_size) {
+                    out.segments.entry(s.timeline).or_default().push(no);
+                }
+            }
+            _ => {}
+        }
+    }
+    for v in out.segments.values_mut() {
+        v.sort_unstable();
+    }
+    Ok(out)
+}
+
+/// Read and parse the history file of timeline `tli`, listed as `key`.
+async fn read_history(repo: &Reader, key: &str, tli: TimelineId) -> Result<TimelineHistory, CatalogError> {
+    let corrupt = |source| CatalogError::Corrupt {
+        key: key.to_string(),
+        source: Box::new(source),
+    };
+    match repo.read::<WalObject>(&WalFileName::History(tli)).await {
+        Ok(file) => TimelineHistory::parse(tli, &file.content).map_err(|source| CatalogError::History {
+            key: key.to_string(),
+            source,
+        }),
+        Err(ReadError::Store(e)) => Err(e.into()),
+        // Listed, then gone: as unusable as an empty object.
+        Err(ReadError::Missing { .. }) => Err(corrupt(ObjectError::TooShort { len: 0 })),
+        Err(ReadError::Damaged { reason, .. }) => match reason {
+            Damage::Envelope(e) => Err(corrupt(e)),
+            Damage::Content(never) => match never {},
+        },
+    }
+}
+
+/// What `index/` lists.
+#[derive(Default)]
+struct IndexListing {
+    /// The summaries read, by (timeline, segment number).
+    summaries: BTreeMap<(TimelineId, SegmentNo), SegmentSummary>,
+    /// Every summary listed, with its stored size.
+    files: Vec<(SegmentName, u64)>,
+}
+
+/// List `index/`: every summary, and with `read_summaries`, each read (or taken from
+/// `previous`: a summary never changes).
+async fn read_index(
+    repo: &Reader,
+    seg_size: u32,
+    previous: Option<&Catalog>,
+    read_summaries: bool,
+) -> Result<IndexListing, CatalogError> {
+    let mut out = IndexListing::default();
+    for (key, size) in repo.store().list(Kind::Index.dirname()).await? {
+        let Some(seg) = layout::parse_summary_key(&key) else {
+            continue;
+        };
+        out.files.push((seg, size));
+        if read_summaries {
+            let at = seg.segment_no(seg_size).map(|no| (seg.timeline, no));
+            if let (Some(at), Some(s)) = (at, summary_of(repo, previous, &seg, at).await) {
+                out.summaries.insert(at, s);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The summary of `seg` (at `at` in the time index, if numbered): `previous`'s copy when it has
+/// one, else read from the repository; `None` when there is none or it cannot be read.
+async fn summary_of(
+    repo: &Reader,
+    previous: Option<&Catalog>,
+    seg: &SegmentName,
+    at: Option<(TimelineId, SegmentNo)>,
+) -> Option<SegmentSummary> {
+    if let Some(known) = at.and_then(|at| previous?.summaries.get(&at)) {
+        return Some(known.clone());
+    }
+    match crate::timeindex::load(repo.store(), repo.sealer(), seg).await {
+        Ok(s) => s.map(|s| s.summary),
+        // Derived data: an unreadable summary costs precision, not the restore.
+        Err(e) => {
+            tracing::warn!("{e}");
+            None
+        }
+    }
+}
+
+/// Set the unusable object `key` (`what` it is, and its backup if a manifest) aside in
+/// `damaged`. A store that cannot be read is returned instead: it fails the load (nothing can be
+/// told), where an object that was read but is unusable never hides the healthy ones.
+fn set_aside(
+    damaged: &mut Vec<Damaged>,
+    key: &str,
+    what: String,
+    backup: Option<BackupId>,
+    e: CatalogError,
+) -> Result<(), CatalogError> {
+    if let CatalogError::Store(_) = e {
+        return Err(e);
+    }
+    tracing::warn!("{what} is damaged and left out: {e}");
+    damaged.push(Damaged {
+        key: key.to_string(),
+        what,
+        reason: e.to_string(),
+        backup,
+    });
+    Ok(())
+}
+
 /// Read and verify one backup manifest.
 pub async fn load_manifest(store: &Store, sealer: &Sealer, id: &BackupId) -> Result<Manifest, CatalogError> {
     Objects::new(store, sealer)
@@ -609,6 +806,63 @@ pub(crate) mod testing {
             summary_files: Vec::new(),
             manifest_bytes: BTreeMap::new(),
             relation_map_bytes: BTreeMap::new(),
+        }
+    }
+
+    /// Catalogs built up by hand, one part at a time.
+    impl Catalog {
+        /// With `backups` after those it has (give them oldest first).
+        pub(crate) fn with_backups(mut self, backups: impl IntoIterator<Item = Manifest>) -> Catalog {
+            self.backups.extend(backups);
+            self
+        }
+
+        /// With the history file of timeline `t`, whose text is `history`.
+        pub(crate) fn with_history(mut self, t: u32, history: &[u8]) -> Catalog {
+            self.timelines
+                .insert(TimelineHistory::parse(crate::wal::lsn::tl(t), history).unwrap());
+            self
+        }
+
+        /// With archived segments: each timeline's given, replacing what it had.
+        pub(crate) fn with_segments(mut self, segments: BTreeMap<TimelineId, Vec<SegmentNo>>) -> Catalog {
+            self.segments.extend(segments);
+            self
+        }
+
+        /// With summaries in the time index, by (timeline, segment number).
+        pub(crate) fn with_summaries(
+            mut self,
+            summaries: impl IntoIterator<Item = ((TimelineId, SegmentNo), SegmentSummary)>,
+        ) -> Catalog {
+            self.summaries.extend(summaries);
+            self
+        }
+
+        /// With backup `id` pinned.
+        pub(crate) fn with_pin(mut self, id: &BackupId) -> Catalog {
+            self.pinned.insert(id.clone());
+            self
+        }
+
+        /// With the listings of a repository holding what the catalog describes: its history
+        /// files, and each segment with its summary.
+        pub(crate) fn listed(mut self) -> Catalog {
+            let seg_size = self.wal_segment_size();
+            self.wal_files = self
+                .timelines
+                .histories
+                .keys()
+                .map(|&t| (WalFileName::History(t), 1))
+                .collect();
+            for (&tli, nos) in &self.segments {
+                for &no in nos {
+                    let seg = SegmentName::from_no(tli, no, seg_size);
+                    self.wal_files.push((WalFileName::Segment(seg), 1));
+                    self.summary_files.push((seg, 1));
+                }
+            }
+            self
         }
     }
 
@@ -686,30 +940,19 @@ mod tests {
     use super::*;
     use crate::repo::layout::manifest_key;
     use crate::repo::object::ObjectKind;
-    use crate::wal::TimelineId;
     use crate::wal::lsn::tl;
 
     /// Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2.
     fn catalog() -> Catalog {
-        let mut timelines = TimelineTree::default();
-        timelines.insert(TimelineHistory::parse(TimelineId::new(2).unwrap(), b"1\t0/5000100\tx\n").unwrap());
-        let mut summaries = BTreeMap::new();
-        for no in 2..=7 {
-            summaries.insert(at(1, no), summary(no, 1000 + no as i64));
-        }
-        for no in 5..=9 {
-            summaries.insert(at(2, no), summary(no, 2000 + no as i64));
-        }
-        Catalog {
-            backups: vec![
+        empty_catalog(1)
+            .with_backups([
                 manifest("20261121T100000Z", 1, 2, 900_000_000),
                 manifest("20261121T110000Z", 2, 7, 1_900_000_000),
-            ],
-            timelines,
-            segments: runs([(1, 2..=7), (2, 5..=9)]),
-            summaries,
-            ..empty_catalog(1)
-        }
+            ])
+            .with_history(2, b"1\t0/5000100\tx\n")
+            .with_segments(runs([(1, 2..=7), (2, 5..=9)]))
+            .with_summaries((2..=7).map(|no| (at(1, no), summary(no, 1000 + no as i64))))
+            .with_summaries((5..=9).map(|no| (at(2, no), summary(no, 2000 + no as i64))))
     }
 
     #[test]
@@ -743,8 +986,7 @@ mod tests {
 
     #[test]
     fn a_gap_ends_the_chain() {
-        let mut cat = catalog();
-        cat.segments.insert(tl(2), nos(&[5, 6, 8, 9]));
+        let cat = catalog().with_segments(BTreeMap::from([(tl(2), nos(&[5, 6, 8, 9]))]));
         assert_eq!(cat.chain(&cat.backups[0], tl(2)).last(), Some(&at(2, 6)));
         assert_eq!(cat.ranges(tl(2)).len(), 2, "two runs: one gap");
     }

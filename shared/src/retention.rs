@@ -433,7 +433,7 @@ impl Plan {
 /// summaries (`summaries`) nothing kept needs. Timelines and backups come from `cat`.
 pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
     let seg = u64::from(cat.wal_segment_size());
-    let backups: Vec<&Manifest> = cat.backups.iter().collect();
+    let backups: Vec<&Manifest> = cat.backups().iter().collect();
     let latest = cat.timeline_ids().last().copied();
     let latest_base = latest.and_then(|t| {
         backups
@@ -442,7 +442,7 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
             .max_by_key(|m| (m.stop_time_us, m.id.clone()))
             .map(|m| m.id.clone())
     });
-    let decisions = select(policy, &backups, &cat.pinned, latest_base.as_ref(), now_us);
+    let decisions = select(policy, &backups, cat.pinned(), latest_base.as_ref(), now_us);
 
     let mut anchors = Vec::new();
     let mut window_from: Option<&Manifest> = None;
@@ -465,12 +465,7 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
 
     // Timelines known only from their segments (no history file) beyond timeline 1: their
     // ancestry is unknown, so nothing on them is judged unneeded.
-    let unknown: BTreeSet<TimelineId> = cat
-        .segments
-        .keys()
-        .copied()
-        .filter(|&t| t > TimelineId::FIRST && !cat.timelines.histories.contains_key(&t))
-        .collect();
+    let unknown: BTreeSet<TimelineId> = cat.timelines_without_history().collect();
     let all_timelines = cat.timeline_ids();
     // For each anchor, the timelines it reaches: its own only (consistency anchors) or every
     // timeline whose history holds the backup (window anchors).
@@ -480,7 +475,7 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
             None => all_timelines
                 .iter()
                 .copied()
-                .filter(|&t| cat.timelines.history(t).timeline_at(a.stop_lsn) == a.timeline)
+                .filter(|&t| cat.history(t).timeline_at(a.stop_lsn) == a.timeline)
                 .collect(),
         }
     };
@@ -502,7 +497,7 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
         unknown_timelines: unknown.iter().copied().collect(),
         ..Plan::default()
     };
-    for (name, _) in &cat.wal_files {
+    for (name, _) in cat.wal_files() {
         match name {
             // Never deleted: a few bytes each, and PostgreSQL looks for the newest timeline by
             // probing history files 2, 3, ... up to the first one missing (findNewestTimeLine):
@@ -517,7 +512,7 @@ pub fn plan(policy: &Policy, cat: &Catalog, now_us: i64) -> Plan {
             }
         }
     }
-    for (s, _) in &cat.summary_files {
+    for (s, _) in cat.summary_files() {
         if let Some(no) = s.segment_no(seg as u32)
             && !needed(s.timeline, no)
         {
@@ -557,8 +552,8 @@ mod tests {
 
     use super::*;
     use crate::catalog::testing::{SEG, empty_catalog, manifest as backup, nos, runs};
-    use crate::timeline::TimelineHistory;
     use crate::wal::lsn::tl;
+    use std::collections::BTreeMap;
 
     const HOUR: i64 = 3_600_000_000;
     const DAY: i64 = 24 * HOUR;
@@ -734,38 +729,15 @@ mod tests {
     /// Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2. Backups: A on
     /// timeline 1 at segment 2, B on timeline 1 at segment 4, C on timeline 2 at segment 7.
     fn catalog() -> Catalog {
-        let mut timelines = crate::timeline::TimelineTree::default();
-        timelines.insert(TimelineHistory::parse(TimelineId::new(2).unwrap(), b"1\t0/5000100\tx\n").unwrap());
         let day = at(2026, 11, 1, 3, 0);
-        Catalog {
-            backups: vec![
+        empty_catalog(1)
+            .with_backups([
                 backup(&id_at(day), 1, 2, day),
                 backup(&id_at(day + DAY), 1, 4, day + DAY),
                 backup(&id_at(day + 2 * DAY), 2, 7, day + 2 * DAY),
-            ],
-            timelines,
-            segments: runs([(1, 2..=7), (2, 5..=9)]),
-            ..empty_catalog(1)
-        }
-    }
-
-    /// What listing the repository `cat` describes finds: its history files, and each
-    /// segment with its summary.
-    fn listed(mut cat: Catalog) -> Catalog {
-        cat.wal_files = cat
-            .timelines
-            .histories
-            .keys()
-            .map(|&t| (WalFileName::History(t), 1))
-            .collect();
-        for (&tli, nos) in &cat.segments {
-            for &no in nos {
-                cat.wal_files
-                    .push((WalFileName::Segment(seg_name(tli.get(), no.0)), 1));
-                cat.summary_files.push((seg_name(tli.get(), no.0), 1));
-            }
-        }
-        cat
+            ])
+            .with_history(2, b"1\t0/5000100\tx\n")
+            .with_segments(runs([(1, 2..=7), (2, 5..=9)]))
     }
 
     fn deleted(p: &Plan) -> Vec<String> {
@@ -781,12 +753,12 @@ mod tests {
             keep_last: Some(2),
             ..Policy::default()
         };
-        let plan = plan(&p, &listed(cat.clone()), 0);
+        let plan = plan(&p, &cat.clone().listed(), 0);
         assert_eq!(
             plan.expired().map(|b| b.to_string()).collect::<Vec<_>>(),
-            vec![cat.backups[0].id.to_string()]
+            vec![cat.backups()[0].id.to_string()]
         );
-        assert_eq!(plan.window_from.as_ref(), Some(&cat.backups[1].id));
+        assert_eq!(plan.window_from.as_ref(), Some(&cat.backups()[1].id));
         assert_eq!(
             deleted(&plan),
             vec![seg_name(1, 2).to_string(), seg_name(1, 3).to_string()]
@@ -803,7 +775,7 @@ mod tests {
             keep_last: Some(1),
             ..Policy::default()
         };
-        let plan = plan(&p, &listed(cat.clone()), 0);
+        let plan = plan(&p, &cat.clone().listed(), 0);
         let mut want: Vec<String> = (2..=7).map(|no| seg_name(1, no).to_string()).collect();
         want.extend([seg_name(2, 5).to_string(), seg_name(2, 6).to_string()]);
         assert_eq!(deleted(&plan), want);
@@ -813,13 +785,13 @@ mod tests {
     fn a_calendar_backup_keeps_only_the_wal_to_its_consistency_point() {
         let cat = catalog();
         // Pin A: it keeps segment 2 (its start to its consistency point), nothing more.
-        let mut cat = cat;
-        cat.pinned = BTreeSet::from([cat.backups[0].id.clone()]);
+        let a = cat.backups()[0].id.clone();
+        let cat = cat.with_pin(&a);
         let p = Policy {
             keep_last: Some(1),
             ..Policy::default()
         };
-        let plan = plan(&p, &listed(cat), 0);
+        let plan = plan(&p, &cat.listed(), 0);
         assert!(!deleted(&plan).contains(&seg_name(1, 2).to_string()));
         assert!(deleted(&plan).contains(&seg_name(1, 3).to_string()));
         assert_eq!(plan.expired().count(), 1, "only B");
@@ -827,14 +799,13 @@ mod tests {
 
     #[test]
     fn unknown_timelines_and_an_unanchored_latest_timeline_keep_all_their_wal() {
-        let mut cat = catalog();
         // Timeline 3 has segments but no history file: its ancestry is unknown.
-        cat.segments.insert(tl(3), nos(&[8, 9]));
+        let cat = catalog().with_segments(BTreeMap::from([(tl(3), nos(&[8, 9]))]));
         let p = Policy {
             keep_last: Some(1),
             ..Policy::default()
         };
-        let plan = plan(&p, &listed(cat.clone()), 0);
+        let plan = plan(&p, &cat.clone().listed(), 0);
         assert_eq!(plan.unknown_timelines, vec![3]);
         assert!(!deleted(&plan).iter().any(|w| w.starts_with("00000003")));
         // Timeline 3 is the latest and no backup is on its (unknown) history: no backup is the
@@ -844,17 +815,16 @@ mod tests {
 
     #[test]
     fn an_abandoned_branch_goes_when_the_latest_timeline_descends_from_elsewhere() {
-        let mut cat = catalog();
         // Timeline 3 branched from timeline 1 at segment 6 (after B, before C's timeline 2
         // segments were used): the cluster runs on 3 now; timeline 2 is abandoned.
-        cat.timelines
-            .insert(TimelineHistory::parse(TimelineId::new(3).unwrap(), b"1\t0/6000100\tx\n").unwrap());
-        cat.segments.insert(tl(3), nos(&[6, 7, 8]));
+        let cat = catalog()
+            .with_history(3, b"1\t0/6000100\tx\n")
+            .with_segments(BTreeMap::from([(tl(3), nos(&[6, 7, 8]))]));
         let p = Policy {
             keep_last: Some(1),
             ..Policy::default()
         };
-        let plan = plan(&p, &listed(cat.clone()), 0);
+        let plan = plan(&p, &cat.clone().listed(), 0);
         // C (newest, on 2) and B (the newest backup timeline 3 descends from) are kept.
         let kept: Vec<&Decision> = plan.kept().collect();
         assert_eq!(kept.len(), 2);

@@ -245,7 +245,7 @@ async fn run(
         unknown_timelines: plan.unknown_timelines.clone(),
         ..ExpireReport::default()
     };
-    for (m, d) in cat.backups.iter().zip(&plan.decisions) {
+    for (m, d) in cat.backups().iter().zip(&plan.decisions) {
         if d.kept() {
             report.kept.push(Kept {
                 id: m.id.to_string(),
@@ -258,7 +258,7 @@ async fn run(
         }
     }
     if let Some(w) = &plan.window_from
-        && let Some(m) = cat.backups.iter().find(|m| &m.id == w)
+        && let Some(m) = cat.backup(w)
     {
         report.window_from = Some(w.to_string());
         report.window_from_time = Some(crate::time::format_micros(m.stop_time_us));
@@ -274,19 +274,19 @@ async fn run(
         objects: expired.len() as u64,
         bytes: expired
             .iter()
-            .filter_map(|id| cat.manifest_bytes.get(*id))
-            .chain(expired.iter().filter_map(|id| cat.relation_map_bytes.get(*id)))
+            .filter_map(|id| cat.manifest_size(id))
+            .chain(expired.iter().filter_map(|id| cat.relation_map_size(id)))
             .sum(),
     };
     // 2. WAL and summaries (history files are never deleted: retention.rs).
-    let wal_sizes: HashMap<&WalFileName, u64> = cat.wal_files.iter().map(|(n, size)| (n, *size)).collect();
+    let wal_sizes: HashMap<&WalFileName, u64> = cat.wal_files().iter().map(|(n, size)| (n, *size)).collect();
     let wal_keys: Vec<String> = plan.wal.iter().map(layout::wal_key).collect();
     report.wal = Deleted {
         objects: plan.wal.len() as u64,
         bytes: plan.wal.iter().filter_map(|n| wal_sizes.get(n)).sum(),
     };
     let summary_sizes: HashMap<&SegmentName, u64> =
-        cat.summary_files.iter().map(|(s, size)| (s, *size)).collect();
+        cat.summary_files().iter().map(|(s, size)| (s, *size)).collect();
     let summary_keys: Vec<String> = plan.summaries.iter().map(layout::summary_key).collect();
     report.summaries = Deleted {
         objects: plan.summaries.len() as u64,
@@ -331,7 +331,7 @@ async fn run(
         false => Catalog::refresh_listing(&reader, &cat).await?,
     };
     refuse_damaged(&current)?;
-    let kept = || current.backups.iter().filter(|m| !expired.contains(&m.id));
+    let kept = || current.backups().iter().filter(|m| !expired.contains(&m.id));
     let referenced = retention::referenced_chunks(kept());
     let listed_packs = retention::referenced_packs(kept());
     let mut garbage = Vec::new();
@@ -353,8 +353,8 @@ async fn run(
     );
     // Relation maps of backups that never wrote their manifest (failed or cut off: none is in
     // progress, or this step would not run), counted with the backups.
-    let with_manifest: BTreeSet<&BackupId> = current.backups.iter().map(|m| &m.id).collect();
-    for (id, size) in &current.relation_map_bytes {
+    let with_manifest: BTreeSet<&BackupId> = current.backups().iter().map(|m| &m.id).collect();
+    for (id, size) in current.relation_maps() {
         if !with_manifest.contains(id) && !expired.contains(id) {
             report.backups.bytes += size;
             garbage.push(layout::relation_map_key(id));
@@ -385,7 +385,7 @@ fn unkept<T>(
 }
 
 fn refuse_damaged(cat: &Catalog) -> Result<(), ExpireError> {
-    match cat.damaged.first() {
+    match cat.damaged().first() {
         Some(d) => Err(ExpireError::Damaged {
             key: d.key.clone(),
             what: d.what.clone(),

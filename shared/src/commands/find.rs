@@ -165,20 +165,20 @@ pub async fn find(repo: &Reader, opts: &FindOptions) -> Result<Found, FindError>
     let cat = Catalog::load(repo).await?;
     // Read as events need them: one GET per backup that names an event, not per backup.
     let mut maps: HashMap<BackupId, Option<RelationMap>> = HashMap::new();
-    let latest = cat.timelines.latest();
-    let latest_history = cat.timelines.history(latest);
+    let latest = cat.latest_timeline();
+    let latest_history = cat.history(latest);
 
     // The same WAL can sit in two timelines' copies of the segment where they fork: keep the
     // copy on the latest timeline's history.
     let mut chosen: BTreeMap<(u64, u32), (TimelineId, &ChangeEvent)> = BTreeMap::new();
     let (mut not_searched, mut without) = (0, 0);
-    for (tli, segs) in &cat.segments {
+    for (tli, segs) in cat.segments() {
         without += segs
             .iter()
-            .filter(|no| !cat.summaries.contains_key(&(*tli, **no)))
+            .filter(|no| cat.summary((tli, **no)).is_none())
             .count() as u64;
     }
-    for (&(tli, _), summary) in &cat.summaries {
+    for ((tli, _), summary) in cat.summaries() {
         let Some(events) = &summary.events else {
             not_searched += 1;
             continue;
@@ -201,7 +201,7 @@ pub async fn find(repo: &Reader, opts: &FindOptions) -> Result<Found, FindError>
         }
         // Names from the newest backup that started before the event on its history, else from
         // the oldest one after it.
-        let on_history: Vec<_> = cat.backups.iter().filter(|m| cat.on_history(m, tli)).collect();
+        let on_history: Vec<_> = cat.backups().iter().filter(|m| cat.on_history(m, tli)).collect();
         let namer = on_history
             .iter()
             .filter(|m| m.start_lsn <= e.lsn)

@@ -114,28 +114,28 @@ pub fn describe(
     drills: Vec<Evidence>,
 ) -> InfoReport {
     let backups = cat
-        .backups
+        .backups()
         .iter()
         .map(|m| BackupInfo {
-            pinned: cat.pinned.contains(&m.id),
+            pinned: cat.is_pinned(&m.id),
             ..BackupInfo::from(m)
         })
         .collect();
     let timelines = cat.timeline_ids().into_iter().map(|t| timeline(cat, t)).collect();
     InfoReport {
         repository,
-        repository_id: cat.repo_id.clone(),
-        cluster: cat.cluster,
+        repository_id: cat.repo_id().clone(),
+        cluster: cat.cluster().copied(),
         encryption,
         backups,
         timelines,
-        damaged: cat.damaged.clone(),
+        damaged: cat.damaged().to_vec(),
         drills,
     }
 }
 
 fn timeline(cat: &Catalog, t: TimelineId) -> TimelineInfo {
-    let h = cat.timelines.history(t);
+    let h = cat.history(t);
     TimelineInfo {
         timeline: t,
         parent: h.parent().map(|p| p.timeline),
@@ -326,13 +326,11 @@ mod tests {
     use crate::wal::lsn::tl;
 
     fn catalog() -> Catalog {
-        let mut cat = empty_catalog(7);
-        cat.backups
-            .push(manifest("20261123T101010Z", 1, 2, 1_763_892_610_000_000));
-        cat.pinned.insert("20261123T101010Z".parse().unwrap());
-        cat.segments.insert(tl(1), nos(&[2, 3, 5]));
-        cat.summaries.insert(at(1, 3), summary(3, 1_763_892_700));
-        cat
+        empty_catalog(7)
+            .with_backups([manifest("20261123T101010Z", 1, 2, 1_763_892_610_000_000)])
+            .with_pin(&"20261123T101010Z".parse().unwrap())
+            .with_segments([(tl(1), nos(&[2, 3, 5]))].into())
+            .with_summaries([(at(1, 3), summary(3, 1_763_892_700))])
     }
 
     #[test]

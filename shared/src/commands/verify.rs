@@ -240,26 +240,26 @@ async fn verify_once(
     let pack_listing = repo.store().list(Kind::Pack.dirname()).await?;
     let mut report = VerifyReport {
         deep,
-        backups: cat.backups.len() as u64,
-        wal_files: cat.wal_files.len() as u64,
-        summaries: cat.summary_files.len() as u64,
+        backups: cat.backups().len() as u64,
+        wal_files: cat.wal_files().len() as u64,
+        summaries: cat.summary_files().len() as u64,
         chunks: chunk_listing.len() as u64,
         packs: pack_listing.len() as u64,
         ..VerifyReport::default()
     };
-    report.repository_objects = (cat.wal_files.len()
-        + cat.summary_files.len()
-        + cat.manifest_bytes.len()
+    report.repository_objects = (cat.wal_files().len()
+        + cat.summary_files().len()
+        + cat.manifest_files().count()
         + chunk_listing.len()
         + pack_listing.len()) as u64;
-    report.repository_bytes = cat.wal_files.iter().map(|(_, n)| n).sum::<u64>()
-        + cat.summary_files.iter().map(|(_, n)| n).sum::<u64>()
-        + cat.manifest_bytes.values().sum::<u64>()
+    report.repository_bytes = cat.wal_files().iter().map(|(_, n)| n).sum::<u64>()
+        + cat.summary_files().iter().map(|(_, n)| n).sum::<u64>()
+        + cat.manifest_files().map(|(_, n)| n).sum::<u64>()
         + chunk_listing.iter().map(|(_, n)| n).sum::<u64>()
         + pack_listing.iter().map(|(_, n)| n).sum::<u64>();
     let mut problems = Vec::new();
 
-    for d in &cat.damaged {
+    for d in cat.damaged() {
         let affects = match &d.backup {
             Some(id) => format!("backup {id} cannot be restored"),
             None => format!("recovery onto {} fails", d.what.trim_end_matches(" history")),
@@ -301,8 +301,8 @@ async fn verify_once(
 
     // Every archived segment should have its summary (push writes it right after the segment).
     let seg_size = cat.wal_segment_size();
-    let summarized: BTreeSet<&SegmentName> = cat.summary_files.iter().map(|(s, _)| s).collect();
-    for (name, _) in &cat.wal_files {
+    let summarized: BTreeSet<&SegmentName> = cat.summary_files().iter().map(|(s, _)| s).collect();
+    for (name, _) in cat.wal_files() {
         if let WalFileName::Segment(seg) = name
             && !summarized.contains(seg)
             && seg.segment_no(seg_size).is_some()
@@ -360,7 +360,7 @@ fn backup_data_problems<'a>(
         .collect();
     let mut needed_by: BTreeMap<ChunkId, Vec<(String, &str)>> = BTreeMap::new();
     let mut packs = Packs::default();
-    for m in &cat.backups {
+    for m in cat.backups() {
         let places = m.places();
         for p in &m.packs {
             packs.records.entry(p.id).or_insert(p);
@@ -436,7 +436,7 @@ fn wal_problems(
     let key_of = |tli: TimelineId, no: SegmentNo| layout::wal_key(&WalFileName::Segment(seg_name(tli, no)));
     // (key) -> (problem, affected backups)
     let mut gaps: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
-    for m in &cat.backups {
+    for m in cat.backups() {
         let (start, stop) = m.wal_needed(seg_size);
         let own = cat.chain(m, m.timeline);
         let reached = own.last().map(|&(_, no)| no);
@@ -456,7 +456,7 @@ fn wal_problems(
             if !cat.on_history(m, t) {
                 continue;
             }
-            let Some(&last) = cat.segments.get(&t).and_then(|v| v.last()) else {
+            let Some(&last) = cat.segments_of(t).last() else {
                 continue;
             };
             let chain = cat.chain(m, t);
@@ -487,9 +487,9 @@ fn wal_problems(
     }
     for t in cat.timeline_ids() {
         if t > TimelineId::FIRST
-            && !cat.timelines.histories.contains_key(&t)
+            && !cat.has_history(t)
             && !cat
-                .damaged
+                .damaged()
                 .iter()
                 .any(|d| d.what == format!("timeline {t} history"))
         {
@@ -537,8 +537,8 @@ async fn deep_read(
     problems: &mut Vec<Problem>,
 ) -> Result<(), StoreError> {
     use DeepItem as Item;
-    let mut items: Vec<Item> = cat.wal_files.iter().map(|(n, _)| Item::Wal(*n)).collect();
-    items.extend(cat.summary_files.iter().map(|(s, _)| Item::Summary(*s)));
+    let mut items: Vec<Item> = cat.wal_files().iter().map(|(n, _)| Item::Wal(*n)).collect();
+    items.extend(cat.summary_files().iter().map(|(s, _)| Item::Summary(*s)));
     items.extend(
         chunk_listing
             .iter()
@@ -703,7 +703,7 @@ fn wal_users(cat: &Catalog, name: &str) -> String {
         return "recovery through it fails".into();
     };
     let users: Vec<String> = cat
-        .backups
+        .backups()
         .iter()
         .filter(|m| {
             cat.timeline_ids()

@@ -18,7 +18,9 @@ pub(crate) async fn update_window(repo: Reader, metrics: Arc<Metrics>, last: Las
     let mut last = last.lock().await;
     match Catalog::refresh(&repo, last.as_ref()).await {
         Ok(cat) => {
-            metrics.backups.store(cat.backups.len() as u64, Ordering::Relaxed);
+            metrics
+                .backups
+                .store(cat.backups().len() as u64, Ordering::Relaxed);
             let tli = cat.timeline_ids().last().copied().unwrap_or(TimelineId::FIRST);
             if let Some(w) = cat.window(tli) {
                 metrics

@@ -29,7 +29,7 @@ pub enum PlanError {
 /// Choose the target: `random` is a number in [0, 1) (injected, for tests). A random drill
 /// needs a window with a commit after its earliest backup.
 pub fn plan(cat: &Catalog, target: &DrillTarget, random: f64) -> Result<Plan, PlanError> {
-    let latest = cat.timelines.latest();
+    let latest = cat.latest_timeline();
     let window = cat.window(latest);
     let newest_commit = window.as_ref().and_then(|w| w.latest);
     let (target, random_time) = match target {
@@ -66,12 +66,10 @@ mod tests {
 
     /// One backup, consistent at 900 s, and WAL after it whose newest commit is at `commit_secs`.
     fn one_backup(commit_secs: i64) -> Catalog {
-        Catalog {
-            backups: vec![manifest("20261121T100000Z", 1, 2, 900_000_000)],
-            segments: runs([(1, 2..=4)]),
-            summaries: (2..=4).map(|no| (at(1, no), summary(no, commit_secs))).collect(),
-            ..empty_catalog(1)
-        }
+        empty_catalog(1)
+            .with_backups([manifest("20261121T100000Z", 1, 2, 900_000_000)])
+            .with_segments(runs([(1, 2..=4)]))
+            .with_summaries((2..=4).map(|no| (at(1, no), summary(no, commit_secs))))
     }
 
     #[test]

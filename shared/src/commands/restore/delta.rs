@@ -201,48 +201,97 @@ pub(crate) async fn plan(
     for location in spaces.values() {
         scan(location, &mut found)?;
     }
-    let roots: BTreeSet<PathBuf> = std::iter::once(pgdata.to_path_buf())
-        .chain(spaces.values().cloned())
-        .collect();
+    let wanted = Wanted::of(m, pgdata, spaces);
+    let (remove, candidates) = sort_existing(m, &found, &wanted);
+    let compared = compare_all(sealer, m, candidates).await?;
+    let mut report = DeltaReport {
+        removed: remove.len() as u64,
+        ..DeltaReport::default()
+    };
+    let files = plan_files(m, pgdata, spaces, compared, &mut report);
+    Ok(DeltaPlan {
+        remove,
+        files,
+        report,
+    })
+}
 
-    // What must be a directory: the backup's directories and every parent of its entries.
-    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut files: BTreeMap<PathBuf, usize> = BTreeMap::new();
-    for (i, e) in m.entries.iter().enumerate() {
-        let dest = destination(pgdata, spaces, &e.path);
-        // The parents between the entry and its root (the data directory or its location).
-        for parent in dest.ancestors().skip(1) {
-            if roots.contains(parent) || !roots.iter().any(|r| parent.starts_with(r)) {
-                break;
+/// Where the backup puts things.
+struct Wanted {
+    /// What must be a directory: the backup's directories and every parent of its entries.
+    dirs: BTreeSet<PathBuf>,
+    /// Each file of the backup, with the index of its entry.
+    files: BTreeMap<PathBuf, usize>,
+}
+
+impl Wanted {
+    fn of(m: &Manifest, pgdata: &Path, spaces: &BTreeMap<u32, PathBuf>) -> Wanted {
+        let roots: BTreeSet<PathBuf> = std::iter::once(pgdata.to_path_buf())
+            .chain(spaces.values().cloned())
+            .collect();
+        let mut wanted = Wanted {
+            dirs: BTreeSet::new(),
+            files: BTreeMap::new(),
+        };
+        for (i, e) in m.entries.iter().enumerate() {
+            let dest = destination(pgdata, spaces, &e.path);
+            // The parents between the entry and its root (the data directory or its location).
+            for parent in dest.ancestors().skip(1) {
+                if roots.contains(parent) || !roots.iter().any(|r| parent.starts_with(r)) {
+                    break;
+                }
+                wanted.dirs.insert(parent.to_path_buf());
             }
-            dirs.insert(parent.to_path_buf());
+            match e.kind {
+                EntryKind::Dir => {
+                    wanted.dirs.insert(dest);
+                }
+                EntryKind::File => {
+                    wanted.files.insert(dest, i);
+                }
+            }
         }
-        match e.kind {
-            EntryKind::Dir => {
-                dirs.insert(dest);
-            }
-            EntryKind::File => {
-                files.insert(dest, i);
-            }
-        }
+        wanted
     }
+}
 
-    let mut report = DeltaReport::default();
+/// An existing regular file where the backup has one: compared chunk by chunk.
+struct Candidate {
+    /// Index of the backup's entry.
+    entry: usize,
+    dest: PathBuf,
+    len: u64,
+    mode: u32,
+}
+
+/// Sort what exists into what is removed (with whether it is a directory, which goes with all
+/// it holds) and the files compared with the backup's. Kept: the directories the backup wants,
+/// and its regular files that no other name links to, except `pg_control`.
+fn sort_existing(
+    m: &Manifest,
+    found: &BTreeMap<PathBuf, Found>,
+    wanted: &Wanted,
+) -> (Vec<(PathBuf, bool)>, Vec<Candidate>) {
     let mut remove: Vec<(PathBuf, bool)> = Vec::new();
-    let mut candidates: Vec<(usize, PathBuf, u64, u32)> = Vec::new();
+    let mut candidates = Vec::new();
     // Sorted: a directory comes before what it holds, so removing it covers its contents.
     let mut removed_dir: Option<PathBuf> = None;
-    for (path, kind) in &found {
+    for (path, kind) in found {
         if removed_dir.as_ref().is_some_and(|d| path.starts_with(d)) {
             continue;
         }
-        let keep = match (kind, files.get(path)) {
-            (Found::Dir, _) => dirs.contains(path),
+        let keep = match (kind, wanted.files.get(path)) {
+            (Found::Dir, _) => wanted.dirs.contains(path),
             (Found::File { len, mode, shared }, Some(&i)) => {
                 // pg_control is always written afresh, last (see `WorkList::pg_control`).
                 let ok = !shared && m.entries[i].path != PG_CONTROL;
                 if ok {
-                    candidates.push((i, path.clone(), *len, *mode));
+                    candidates.push(Candidate {
+                        entry: i,
+                        dest: path.clone(),
+                        len: *len,
+                        mode: *mode,
+                    });
                 }
                 ok
             }
@@ -256,57 +305,100 @@ pub(crate) async fn plan(
             remove.push((path.clone(), is_dir));
         }
     }
-    report.removed = remove.len() as u64;
+    (remove, candidates)
+}
 
-    // Hash the candidates, as many at once as there are cores (reading and hashing is the work).
+/// A candidate compared with the backup's file.
+struct Compared {
+    dest: PathBuf,
+    /// Its length and mode on disk.
+    len: u64,
+    mode: u32,
+    /// Bytes read and hashed.
+    hashed: u64,
+    /// The chunks whose content differs or is missing.
+    differ: Vec<usize>,
+}
+
+/// Compare each candidate with the backup's chunks, as many at once as there are cores (reading
+/// and hashing is the work). By entry index.
+async fn compare_all(
+    sealer: &Sealer,
+    m: &Manifest,
+    candidates: Vec<Candidate>,
+) -> Result<BTreeMap<usize, Compared>, RestoreError> {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let permits = Arc::new(Semaphore::new(workers));
-    let mut tasks: JoinSet<Result<Compared, RestoreError>> = JoinSet::new();
+    let mut tasks: JoinSet<Result<(usize, Compared), RestoreError>> = JoinSet::new();
     let chunk_size = m.chunk_size;
-    let mut compared: BTreeMap<usize, (PathBuf, u32, u64, Vec<usize>)> = BTreeMap::new();
-    for (i, dest, len, mode) in candidates {
+    let mut compared = BTreeMap::new();
+    for c in candidates {
         let permit = Arc::clone(&permits)
             .acquire_owned()
             .await
             .expect("semaphore is never closed");
-        let (sealer, chunks, size) = (sealer.clone(), m.entries[i].chunks.clone(), m.entries[i].size);
+        let e = &m.entries[c.entry];
+        let (sealer, chunks, size) = (sealer.clone(), e.chunks.clone(), e.size);
         tasks.spawn_blocking(move || {
-            let (hashed, differ) = compare(&sealer, &dest, len, size, chunk_size, &chunks)?;
+            let (hashed, differ) = compare(&sealer, &c.dest, c.len, size, chunk_size, &chunks)?;
             drop(permit);
-            Ok((i, dest, mode, hashed, differ))
+            let Candidate {
+                entry,
+                dest,
+                len,
+                mode,
+            } = c;
+            Ok((
+                entry,
+                Compared {
+                    dest,
+                    len,
+                    mode,
+                    hashed,
+                    differ,
+                },
+            ))
         });
         while let Some(r) = tasks.try_join_next() {
-            let (i, dest, mode, hashed, differ) = r.expect("hash task panicked")?;
-            compared.insert(i, (dest, mode, hashed, differ));
+            let (i, c) = r.expect("hash task panicked")?;
+            compared.insert(i, c);
         }
     }
     while let Some(r) = tasks.join_next().await {
-        let (i, dest, mode, hashed, differ) = r.expect("hash task panicked")?;
-        compared.insert(i, (dest, mode, hashed, differ));
+        let (i, c) = r.expect("hash task panicked")?;
+        compared.insert(i, c);
     }
+    Ok(compared)
+}
 
+/// Each file of the backup, in manifest order: compared and identical (counted, left alone),
+/// compared and rewritten in place where it differs, or created whole. Counts them in `report`.
+fn plan_files(
+    m: &Manifest,
+    pgdata: &Path,
+    spaces: &BTreeMap<u32, PathBuf>,
+    mut compared: BTreeMap<usize, Compared>,
+    report: &mut DeltaReport,
+) -> Vec<PlannedFile> {
     let mut planned = Vec::new();
     for (i, e) in m.entries.iter().enumerate() {
         if e.kind != EntryKind::File {
             continue;
         }
         let p = match compared.remove(&i) {
-            Some((dest, mode, hashed, rewrite)) => {
+            Some(c) => {
                 report.files_checked += 1;
-                report.bytes_hashed += hashed;
-                let mode_differs = mode != e.mode & 0o7777;
-                let len = found
-                    .get(&dest)
-                    .map_or(0, |f| if let Found::File { len, .. } = f { *len } else { 0 });
-                if rewrite.is_empty() && !mode_differs && len == e.size {
+                report.bytes_hashed += c.hashed;
+                let mode_differs = c.mode != e.mode & 0o7777;
+                if c.differ.is_empty() && !mode_differs && c.len == e.size {
                     report.files_unchanged += 1;
                     continue;
                 }
                 PlannedFile {
                     entry: i,
-                    dest,
+                    dest: c.dest,
                     prepare: Prepare::Resize,
-                    rewrite,
+                    rewrite: c.differ,
                     mode_differs,
                 }
             }
@@ -324,15 +416,8 @@ pub(crate) async fn plan(
         report.chunks_rewritten += p.rewrite.len() as u64;
         planned.push(p);
     }
-    Ok(DeltaPlan {
-        remove,
-        files: planned,
-        report,
-    })
+    planned
 }
-
-/// A compared file: (entry index, path, mode on disk, bytes hashed, chunks that differ).
-type Compared = (usize, PathBuf, u32, u64, Vec<usize>);
 
 /// Compare the existing file `dest` (`len` bytes) with the backup's `chunks` of a file of `size`
 /// bytes: the indexes of the chunks whose content differs or is missing, and the bytes hashed.

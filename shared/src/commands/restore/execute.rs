@@ -38,7 +38,7 @@ pub(crate) async fn execute(
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport, RestoreError> {
     let manifest = cat
-        .backups
+        .backups()
         .iter()
         .find(|m| m.id == plan.backup.id)
         .ok_or_else(|| RestoreError::UnknownBackup(plan.backup.id.clone()))?;

@@ -149,7 +149,7 @@ pub fn check_before_writing(
         why,
     };
     // A backup's WAL binds the repository before its manifest is written: no cluster, no backup.
-    let sysid = cat.cluster.map_or(0, |c| c.system_identifier);
+    let sysid = cat.cluster().map_or(0, |c| c.system_identifier);
     if m.system_identifier != sysid {
         return Err(RestoreError::Manifest {
             backup: m.id.clone(),

@@ -434,14 +434,10 @@ mod tests {
     /// The fixture's backup (consistent in segment 2 of timeline 1 at 1795271530.12 s) and the
     /// WAL after it: segments 2 to 4, one transaction end in each, 10, 20 and 30 s after.
     fn catalog_with(m: Manifest) -> Catalog {
-        let mut cat = crate::catalog::testing::empty_catalog(SYSID);
-        cat.backups = vec![m];
-        cat.segments = BTreeMap::from([(tl(1), nos(&[2, 3, 4]))]);
-        for no in 2..=4 {
-            cat.summaries
-                .insert(at(1, no), summary(no, 1_795_271_520 + 10 * no as i64));
-        }
-        cat
+        crate::catalog::testing::empty_catalog(SYSID)
+            .with_backups([m])
+            .with_segments(BTreeMap::from([(tl(1), nos(&[2, 3, 4]))]))
+            .with_summaries((2..=4).map(|no| (at(1, no), summary(no, 1_795_271_520 + 10 * no as i64))))
     }
 
     async fn plan_for(cat: &Catalog, opts: &RestoreOptions) -> Result<RestorePlan, RestoreError> {

@@ -19,8 +19,7 @@ pub fn resolve_timeline(
     let known = cat.timeline_ids();
     match wanted {
         TimelineTarget::Latest => Ok(cat
-            .timelines
-            .latest()
+            .latest_timeline()
             .max(known.last().copied().unwrap_or(TimelineId::FIRST))),
         TimelineTarget::Current => Ok(backup_tli),
         TimelineTarget::Id(n) if known.contains(&n) || n == TimelineId::FIRST => Ok(n),
@@ -44,32 +43,67 @@ pub fn choose_backup<'a>(
     target: &RecoveryTarget,
     timeline: TimelineTarget,
 ) -> Result<(&'a Manifest, TimelineId), RestoreError> {
+    refuse_damaged(cat, wanted)?;
+    // An explicitly unknown timeline is reported as such, before anything else.
+    if let TimelineTarget::Id(_) = timeline {
+        resolve_timeline(cat, timeline, TimelineId::FIRST)?;
+    }
+    let candidates = candidates(cat, wanted, timeline);
+    if let Some(id) = wanted {
+        refuse_named(cat, id, timeline, candidates.is_empty())?;
+    }
+    // Newest first: the first that reaches the target is chosen; if none does, the first
+    // refusal says why (unless a refusal ends the search).
+    let mut first_refusal = None;
+    for (m, tli) in candidates {
+        match judge(cat, m, tli, target) {
+            Ok(()) => return Ok((m, tli)),
+            Err(r) if r.why.ends_search() => return Err(r.into_error(cat, target)),
+            Err(r) => {
+                first_refusal.get_or_insert(r);
+            }
+        }
+    }
+    let refusal = first_refusal.unwrap_or_else(|| Refusal {
+        timeline: resolve_timeline(cat, timeline, TimelineId::FIRST).unwrap_or(TimelineId::FIRST),
+        why: Why::NotOnHistory,
+    });
+    Err(refusal.into_error(cat, target))
+}
+
+/// Refuse a damaged backup asked for by name, and a repository without a usable backup.
+fn refuse_damaged(cat: &Catalog, wanted: Option<&BackupId>) -> Result<(), RestoreError> {
     if let Some(id) = wanted
-        && let Some(d) = cat.damaged.iter().find(|d| d.backup.as_ref() == Some(id))
+        && let Some(d) = cat.damage_of(id)
     {
         return Err(RestoreError::Damaged {
             backup: id.clone(),
             reason: d.reason.clone(),
         });
     }
-    if cat.backups.is_empty() {
-        let damaged: Vec<String> = cat
-            .damaged
-            .iter()
-            .filter(|d| d.backup.is_some())
-            .map(|d| format!("{} is damaged: {}", d.what, d.reason))
-            .collect();
-        return Err(match damaged.is_empty() {
-            true => RestoreError::NoBackups,
-            false => RestoreError::OnlyDamaged(damaged.join("; ")),
-        });
+    if !cat.backups().is_empty() {
+        return Ok(());
     }
-    // An explicitly unknown timeline is reported as such, before anything else.
-    if let TimelineTarget::Id(_) = timeline {
-        resolve_timeline(cat, timeline, TimelineId::FIRST)?;
-    }
-    let candidates: Vec<(&Manifest, TimelineId)> = cat
-        .backups
+    let damaged: Vec<String> = cat
+        .damaged()
+        .iter()
+        .filter(|d| d.backup.is_some())
+        .map(|d| format!("{} is damaged: {}", d.what, d.reason))
+        .collect();
+    Err(match damaged.is_empty() {
+        true => RestoreError::NoBackups,
+        false => RestoreError::OnlyDamaged(damaged.join("; ")),
+    })
+}
+
+/// The backups a restore may start from (only `wanted`, if given), newest first, each with the
+/// timeline recovery from it follows, if the backup is on that timeline's history.
+fn candidates<'a>(
+    cat: &'a Catalog,
+    wanted: Option<&BackupId>,
+    timeline: TimelineTarget,
+) -> Vec<(&'a Manifest, TimelineId)> {
+    cat.backups()
         .iter()
         .rev()
         .filter(|m| wanted.is_none_or(|id| &m.id == id))
@@ -77,107 +111,144 @@ pub fn choose_backup<'a>(
             let tli = resolve_timeline(cat, timeline, m.timeline).ok()?;
             cat.on_history(m, tli).then_some((m, tli))
         })
-        .collect();
-    if let Some(id) = wanted {
-        let Some(named) = cat.backups.iter().find(|m| &m.id == id) else {
-            return Err(RestoreError::UnknownBackup(id.clone()));
-        };
-        if candidates.is_empty() {
-            let tli = resolve_timeline(cat, timeline, named.timeline)?;
-            return Err(RestoreError::BackupNotOnTimeline {
-                backup: id.clone(),
-                timeline: tli,
-            });
-        }
-    }
-    let outside = |tli: TimelineId, why: &str| RestoreError::OutsideWindow {
-        target: format!("{} on timeline {tli}", target.describe()),
-        window: format!("{why}; {}", window_text(cat, tli)),
+        .collect()
+}
+
+/// Refuse backup `id`, asked for by name, if the catalog does not have it or (`off_timeline`)
+/// the timeline to follow does not descend from it.
+fn refuse_named(
+    cat: &Catalog,
+    id: &BackupId,
+    timeline: TimelineTarget,
+    off_timeline: bool,
+) -> Result<(), RestoreError> {
+    let Some(named) = cat.backup(id) else {
+        return Err(RestoreError::UnknownBackup(id.clone()));
     };
-    let have_index = !cat.summaries.is_empty();
-    let mut refusal = None;
-    for (m, tli) in candidates {
-        let chain = cat.chain(m, tli);
-        if !cat.reaches_consistency(m, &chain) {
-            refusal.get_or_insert_with(|| {
-                outside(
-                    tli,
-                    &format!("WAL up to {} is missing from the archive", m.stop_wal),
+    if off_timeline {
+        let tli = resolve_timeline(cat, timeline, named.timeline)?;
+        return Err(RestoreError::BackupNotOnTimeline {
+            backup: id.clone(),
+            timeline: tli,
+        });
+    }
+    Ok(())
+}
+
+/// Why recovery from a backup, following a timeline, cannot reach the target.
+struct Refusal {
+    timeline: TimelineId,
+    why: Why,
+}
+
+enum Why {
+    /// The WAL to the backup's consistency point (`stop_wal`) is not all archived.
+    WalMissing { stop_wal: String },
+    /// The target (a time or an LSN) comes before the backup is consistent.
+    BeforeConsistency,
+    /// The time index, complete, has no transaction end past the target time.
+    AfterLastTransaction,
+    /// The time index, complete, has no transaction end at all after the backup.
+    NoTransactionAfter,
+    /// The target LSN is past the WAL archived.
+    PastEndOfWal,
+    /// No restore point `name` after the backup; those the time index knows.
+    NoRestorePoint { name: String, known: Vec<String> },
+    /// No backup is on the followed timeline's history: there was nothing to judge.
+    NotOnHistory,
+}
+
+impl Why {
+    /// Whether no older backup can do better: the target is past the end of the archive.
+    fn ends_search(&self) -> bool {
+        matches!(self, Why::AfterLastTransaction | Why::PastEndOfWal)
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Why::WalMissing { stop_wal } => format!("WAL up to {stop_wal} is missing from the archive"),
+            Why::BeforeConsistency => "the target is before every backup's consistency point".into(),
+            Why::AfterLastTransaction => "the target is after the last archived transaction".into(),
+            Why::NoTransactionAfter => "no transaction was archived after this backup".into(),
+            Why::PastEndOfWal => "the target is past the end of the archived WAL".into(),
+            Why::NoRestorePoint { name, known } => {
+                format!(
+                    "no restore point {name:?} after a backup (known: {})",
+                    known.join(", ")
                 )
-            });
-            continue;
-        }
-        let fits = match target {
-            RecoveryTarget::Time(us) => {
-                if m.stop_time_us > *us {
-                    refusal.get_or_insert_with(|| {
-                        outside(tli, "the target is before every backup's consistency point")
-                    });
-                    continue;
-                }
-                match cat.latest_commit(&chain) {
-                    // PostgreSQL stops at the first transaction end past the target: one must exist.
-                    Some(latest) if *us >= latest && cat.index_complete(&chain) => {
-                        return Err(outside(tli, "the target is after the last archived transaction"));
-                    }
-                    // No transaction end at all in the WAL from this backup: nothing PostgreSQL
-                    // could stop at (it would fail with "recovery ended before the target").
-                    None if cat.index_complete(&chain) => {
-                        refusal.get_or_insert_with(|| {
-                            outside(tli, "no transaction was archived after this backup")
-                        });
-                        continue;
-                    }
-                    _ => true,
-                }
             }
-            RecoveryTarget::Lsn(l) => {
-                if m.stop_lsn > *l {
-                    refusal.get_or_insert_with(|| {
-                        outside(tli, "the target is before every backup's consistency point")
-                    });
-                    continue;
-                }
-                if *l > cat.chain_end(&chain) {
-                    return Err(outside(tli, "the target is past the end of the archived WAL"));
-                }
-                true
-            }
-            RecoveryTarget::Name(n) if have_index => {
-                let found = cat
-                    .restore_points(&chain)
-                    .iter()
-                    .any(|(name, lsn, _)| name == n && *lsn >= m.stop_lsn);
-                if !found {
-                    refusal.get_or_insert_with(|| {
-                        let known: Vec<String> = cat
-                            .restore_points(&chain)
-                            .into_iter()
-                            .map(|(n, _, _)| n)
-                            .collect();
-                        outside(
-                            tli,
-                            &format!(
-                                "no restore point {n:?} after a backup (known: {})",
-                                known.join(", ")
-                            ),
-                        )
-                    });
-                }
-                found
-            }
-            _ => true,
-        };
-        if fits {
-            return Ok((m, tli));
+            Why::NotOnHistory => "no backup is on this timeline's history".into(),
         }
     }
-    Err(refusal.unwrap_or_else(|| {
-        outside(
-            resolve_timeline(cat, timeline, TimelineId::FIRST).unwrap_or(TimelineId::FIRST),
-            "no backup is on this timeline's history",
-        )
-    }))
+}
+
+impl Refusal {
+    /// The error a restore reports: the target, why, and the timeline's restorable window.
+    fn into_error(self, cat: &Catalog, target: &RecoveryTarget) -> RestoreError {
+        let tli = self.timeline;
+        RestoreError::OutsideWindow {
+            target: format!("{} on timeline {tli}", target.describe()),
+            window: format!("{}; {}", self.why.describe(), window_text(cat, tli)),
+        }
+    }
+}
+
+/// Whether recovery from backup `m`, following `tli`, reaches `target` in the archived WAL.
+fn judge(cat: &Catalog, m: &Manifest, tli: TimelineId, target: &RecoveryTarget) -> Result<(), Refusal> {
+    let chain = cat.chain(m, tli);
+    let reaches = if !cat.reaches_consistency(m, &chain) {
+        Err(Why::WalMissing {
+            stop_wal: m.stop_wal.clone(),
+        })
+    } else {
+        match target {
+            RecoveryTarget::Time(us) => reaches_time(cat, m, &chain, *us),
+            RecoveryTarget::Lsn(l) => reaches_lsn(cat, m, &chain, *l),
+            RecoveryTarget::Name(n) if cat.has_time_index() => reaches_restore_point(cat, m, &chain, n),
+            _ => Ok(()),
+        }
+    };
+    reaches.map_err(|why| Refusal { timeline: tli, why })
+}
+
+fn reaches_time(cat: &Catalog, m: &Manifest, chain: &[(TimelineId, SegmentNo)], us: i64) -> Result<(), Why> {
+    if m.stop_time_us > us {
+        return Err(Why::BeforeConsistency);
+    }
+    match cat.latest_commit(chain) {
+        // PostgreSQL stops at the first transaction end past the target: one must exist.
+        Some(latest) if us >= latest && cat.index_complete(chain) => Err(Why::AfterLastTransaction),
+        // No transaction end at all in the WAL from this backup: nothing PostgreSQL could stop
+        // at (it would fail with "recovery ended before the target").
+        None if cat.index_complete(chain) => Err(Why::NoTransactionAfter),
+        _ => Ok(()),
+    }
+}
+
+fn reaches_lsn(cat: &Catalog, m: &Manifest, chain: &[(TimelineId, SegmentNo)], lsn: Lsn) -> Result<(), Why> {
+    if m.stop_lsn > lsn {
+        return Err(Why::BeforeConsistency);
+    }
+    if lsn > cat.chain_end(chain) {
+        return Err(Why::PastEndOfWal);
+    }
+    Ok(())
+}
+
+fn reaches_restore_point(
+    cat: &Catalog,
+    m: &Manifest,
+    chain: &[(TimelineId, SegmentNo)],
+    name: &str,
+) -> Result<(), Why> {
+    let points = cat.restore_points(chain);
+    if points.iter().any(|(n, lsn, _)| n == name && *lsn >= m.stop_lsn) {
+        return Ok(());
+    }
+    Err(Why::NoRestorePoint {
+        name: name.to_string(),
+        known: points.into_iter().map(|(n, _, _)| n).collect(),
+    })
 }
 
 /// The WAL segments a recovery replays, as far as the repository can tell before PostgreSQL
@@ -234,8 +305,7 @@ pub fn replay_span(
         RecoveryTarget::Time(us) => chain
             .iter()
             .find(|k| {
-                cat.summaries
-                    .get(k)
+                cat.summary(**k)
                     .and_then(|s| s.max_commit?.to_unix_micros())
                     .is_some_and(|t| passes(t, *us))
             })
@@ -276,22 +346,61 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_newest_backup_that_reaches_the_target_is_chosen_else_the_first_refusal_says_why() {
+        use crate::catalog::testing::{at, manifest, runs, summary};
+        // Backups consistent at 900 s (segment 2) and 950 s (segment 4); segments 2..=7, each
+        // with one transaction end, at 1000 + n seconds.
+        let cat = catalog(1)
+            .with_backups([
+                manifest("20261121T100000Z", 1, 2, 900_000_000),
+                manifest("20261121T110000Z", 1, 4, 950_000_000),
+            ])
+            .with_segments(runs([(1, 2..=7)]))
+            .with_summaries((2..=7).map(|no| (at(1, no), summary(no, 1000 + no as i64))));
+        let choose = |target: RecoveryTarget| {
+            choose_backup(&cat, None, &target, TimelineTarget::Latest)
+                .map(|(m, tli)| (m.id.to_string(), tli.get()))
+                .map_err(|e| e.to_string())
+        };
+        // The newer backup is consistent after the target: the older one is chosen.
+        assert_eq!(
+            choose(RecoveryTarget::Time(920_000_000)),
+            Ok(("20261121T100000Z".to_string(), 1))
+        );
+        let refused = |target| choose(target).unwrap_err();
+        let before = refused(RecoveryTarget::Time(800_000_000));
+        assert!(
+            before.contains("the target is before every backup's consistency point"),
+            "{before}"
+        );
+        // Every refusal names the target's timeline and its window.
+        assert!(
+            before.contains("on timeline 1") && before.contains("timeline 1 is earliest restorable point"),
+            "{before}"
+        );
+        let after = refused(RecoveryTarget::Time(2_000_000_000));
+        assert!(
+            after.contains("the target is after the last archived transaction"),
+            "{after}"
+        );
+        let unknown = refused(RecoveryTarget::Name("nope".into()));
+        assert!(
+            unknown.contains("no restore point \"nope\" after a backup (known: )"),
+            "{unknown}"
+        );
+    }
+
+    #[test]
     fn the_replay_span_ends_where_the_target_is_reached() {
         use crate::catalog::testing::{SEG, at, manifest, runs, summary};
-        use crate::timeline::TimelineHistory;
         use crate::wal::lsn::tl;
         // Timeline 2 branched from 1 in segment 5; segments 2..=7 on 1, 5..=9 on 2; one
         // transaction end per segment, at 1000 + n seconds on 1 and 2000 + n on 2.
-        let mut cat = catalog(1);
-        cat.timelines
-            .insert(TimelineHistory::parse(TimelineId::new(2).unwrap(), b"1\t0/5000100\tx\n").unwrap());
-        for no in 2..=7 {
-            cat.summaries.insert(at(1, no), summary(no, 1000 + no as i64));
-        }
-        for no in 5..=9 {
-            cat.summaries.insert(at(2, no), summary(no, 2000 + no as i64));
-        }
-        cat.segments = runs([(1, 2..=7), (2, 5..=9)]);
+        let cat = catalog(1)
+            .with_history(2, b"1\t0/5000100\tx\n")
+            .with_summaries((2..=7).map(|no| (at(1, no), summary(no, 1000 + no as i64))))
+            .with_summaries((5..=9).map(|no| (at(2, no), summary(no, 2000 + no as i64))))
+            .with_segments(runs([(1, 2..=7), (2, 5..=9)]));
         let m = manifest("20261121T100000Z", 1, 2, 900_000_000);
         let span = |cat: &Catalog, tli, target: RecoveryTarget, exclusive| {
             let s = replay_span(cat, &m, tl(tli), &target, exclusive).unwrap();
@@ -333,7 +442,7 @@ mod tests {
             {"lsn": Lsn(6 * SEG + 0x100), "time": with_point.max_commit, "name": "rp1"}
         ]))
         .unwrap();
-        cat.summaries.insert(at(2, 6), with_point);
+        let cat = cat.with_summaries([(at(2, 6), with_point)]);
         assert_eq!(
             span(&cat, 2, RecoveryTarget::Name("rp1".into()), false).1,
             "000000020000000000000006"
