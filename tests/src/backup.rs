@@ -139,7 +139,9 @@ pub enum Archiving {
 /// archiving off.
 #[derive(Debug, Clone, Copy)]
 pub struct Restore<'a> {
+    /// More `restore-agent restore` flags, after `--repo` and `--pgdata`.
     pub args: &'a [&'a str],
+    /// The server that runs the restored cluster.
     pub pg: &'static PgInstall,
     pub archiving: Archiving,
 }
