@@ -123,62 +123,96 @@ pub fn restore(repo: &Repo, pgdata: &Path, args: &[&str]) -> Result<Finished> {
     Ok(agents().run(RESTORE_AGENT, all))
 }
 
-/// A new cluster (not started) restored from `repo` by [`restore`] with `args`, which must
-/// succeed; archiving off, so that once started it leaves the repository as it found it.
-/// Returns it with the restore's output.
-pub fn restore_new_cluster(repo: &Repo, name: &str, args: &[&str]) -> Result<(Cluster, Finished)> {
-    restore_new_cluster_on(PgInstall::default_install(), repo, name, args, false)
+/// Whether a restored cluster archives once started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Archiving {
+    /// `archive_mode = off`: once started, the cluster leaves the repository as it found it.
+    Off,
+    /// The source's `archive_command` kept, into the same repository: a new timeline's WAL once
+    /// promoted.
+    Kept,
 }
 
-/// [`restore_new_cluster`], to be run by server `pg`. With `archive`, it keeps the source's
-/// `archive_command` (into `repo`: a new timeline's WAL once promoted).
-pub fn restore_new_cluster_on(
-    pg: &'static PgInstall,
-    repo: &Repo,
-    name: &str,
-    args: &[&str],
-    archive: bool,
-) -> Result<(Cluster, Finished)> {
-    let cluster = Cluster::uninitialized_on(name, pg)?;
+/// How [`restore_new_cluster`], [`restore_and_recover`] and [`assert_restores_to`] restore a new
+/// cluster: more `restore-agent restore` flags (a backup, a target, a timeline), the server that
+/// runs it, and whether it archives. [`Restore::default`]: no flags, the default server,
+/// archiving off.
+#[derive(Debug, Clone, Copy)]
+pub struct Restore<'a> {
+    /// More `restore-agent restore` flags, after `--repo` and `--pgdata`.
+    pub args: &'a [&'a str],
+    /// The server that runs the restored cluster.
+    pub pg: &'static PgInstall,
+    pub archiving: Archiving,
+}
+
+impl Default for Restore<'_> {
+    fn default() -> Self {
+        Restore::with(&[])
+    }
+}
+
+impl<'a> Restore<'a> {
+    /// With the flags `args`, on the default server, archiving off.
+    pub fn with(args: &'a [&'a str]) -> Restore<'a> {
+        Restore {
+            args,
+            pg: PgInstall::default_install(),
+            archiving: Archiving::Off,
+        }
+    }
+
+    /// Run by server `pg`.
+    pub fn on(self, pg: &'static PgInstall) -> Restore<'a> {
+        Restore { pg, ..self }
+    }
+
+    /// Archiving kept ([`Archiving::Kept`]).
+    pub fn archiving(self) -> Restore<'a> {
+        Restore {
+            archiving: Archiving::Kept,
+            ..self
+        }
+    }
+}
+
+/// A new cluster named `name` (not started) restored from `repo` by [`restore`] as `how` says,
+/// which must succeed. Returns it with the restore's output.
+pub fn restore_new_cluster(repo: &Repo, name: &str, how: Restore) -> Result<(Cluster, Finished)> {
+    let cluster = Cluster::uninitialized_on(name, how.pg)?;
+    let args = how.args;
     let run = restore(repo, &cluster.data_dir(), args)?
         .check()
         .with_context(|| format!("restore of {name} with {args:?}"))?;
-    if !archive {
+    if how.archiving == Archiving::Off {
         cluster.set_conf(&[("archive_mode", "off")])?;
     }
     Ok((cluster, run))
 }
 
-/// [`restore_new_cluster_on`], then started, recovered and promoted; returns the cluster with
+/// [`restore_new_cluster`], then started, recovered and promoted; returns the cluster with
 /// what restore printed.
-pub fn restore_and_recover(
-    pg: &'static PgInstall,
-    repo: &Repo,
-    name: &str,
-    args: &[&str],
-    archive: bool,
-) -> Result<(Cluster, String)> {
-    let (mut cluster, run) = restore_new_cluster_on(pg, repo, name, args, archive)?;
+pub fn restore_and_recover(repo: &Repo, name: &str, how: Restore) -> Result<(Cluster, String)> {
+    let (mut cluster, run) = restore_new_cluster(repo, name, how)?;
+    let args = how.args;
     cluster
         .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
         .with_context(|| format!("recovery of {name} ({args:?}), restored with:\n{}", run.stdout))?;
     Ok((cluster, run.stdout))
 }
 
-/// [`restore_and_recover`] (on the default server) to the instant `state` was recorded
-/// (`--target-time`, then `extra`: a timeline, a backup), asserting that the restored ledger holds
-/// exactly that state. Returns the cluster, archiving into `repo` when `archive`, with what
-/// restore printed.
-pub fn assert_ledger_restores_to(
+/// [`restore_and_recover`] to the instant `state` was recorded (`--target-time`, then `how`'s
+/// flags: a timeline, a backup), asserting that the restored ledger holds exactly that state.
+/// Returns the cluster with what restore printed.
+pub fn assert_restores_to(
     repo: &Repo,
     name: &str,
     state: &LedgerState,
-    extra: &[&str],
-    archive: bool,
+    how: Restore,
 ) -> Result<(Cluster, String)> {
     let mut args = vec!["--target-time", state.time.as_str()];
-    args.extend_from_slice(extra);
-    let (cluster, report) = restore_and_recover(PgInstall::default_install(), repo, name, &args, archive)?;
+    args.extend_from_slice(how.args);
+    let (cluster, report) = restore_and_recover(repo, name, Restore { args: &args, ..how })?;
     let found = workload::ledger_contents(&cluster)?;
     assert_eq!(
         found,

@@ -9,7 +9,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -166,28 +165,6 @@ impl Daemon {
         Ok(metric_value(&self.http_get("/metrics")?, name))
     }
 
-    /// CPU time (user and system, all threads) the agent has used so far.
-    pub fn cpu_time(&self) -> Result<Duration> {
-        let path = format!("/proc/{}/stat", self.pid);
-        let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        // "pid (comm) state ...": comm may contain spaces; utime and stime are the 14th and 15th
-        // fields, the 12th and 13th after the closing parenthesis.
-        let fields: Vec<&str> = stat
-            .rfind(')')
-            .map(|i| stat[i + 1..].split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| -> Result<u64> {
-            fields
-                .get(i)
-                .and_then(|f| f.parse().ok())
-                .with_context(|| format!("field {i} of {path}: {stat:?}"))
-        };
-        let total = ticks(11)? + ticks(12)?;
-        Ok(Duration::from_secs_f64(
-            total as f64 / clock_ticks_per_second()? as f64,
-        ))
-    }
-
     /// SIGTERM, then wait for the daemon to finish its uploads and exit.
     pub fn stop(mut self) -> Result<Ended> {
         signal(self.pid, "TERM")?;
@@ -256,28 +233,6 @@ fn signal(pid: u32, sig: &str) -> Result<()> {
         bail!("kill -{sig} {pid} failed: {status}");
     }
     Ok(())
-}
-
-/// `getconf CLK_TCK`: the unit of the CPU times in `/proc/<pid>/stat`.
-fn clock_ticks_per_second() -> Result<u64> {
-    static TICKS: OnceLock<u64> = OnceLock::new();
-    if let Some(t) = TICKS.get() {
-        return Ok(*t);
-    }
-    let out = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .context("running getconf")?;
-    let ticks: u64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .with_context(|| {
-            format!(
-                "getconf CLK_TCK printed {:?}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })?;
-    Ok(*TICKS.get_or_init(|| ticks))
 }
 
 /// The one child of `runuser` (pid `parent`): the program it runs as the PostgreSQL user.

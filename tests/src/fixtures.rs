@@ -1,5 +1,6 @@
 //! Ready-made setups the end-to-end tests and the demo share: a cluster archiving through
-//! `archive-agent`, a restore through `restore-agent`, and real WAL files to push by hand.
+//! `archive-agent`, a restore through `restore-agent`, and real WAL files to push by hand; and
+//! the constants they share (timeouts, the ledger's pace).
 
 use std::fs;
 use std::path::PathBuf;
@@ -18,6 +19,9 @@ use crate::repo::Repo;
 pub const ARCHIVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long archive recovery may take.
 pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(180);
+/// Pause between two ledger transactions, so that their commit times are well apart (restores
+/// to a recorded instant tell them apart).
+pub const BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(20);
 
 /// A started cluster (`wal_level = replica`) whose `archive_command` is
 /// `archive-agent push --repo <repo> <push_flags> %p`.

@@ -14,6 +14,7 @@ pub mod azurite;
 pub mod backup;
 pub mod cluster;
 pub mod daemon;
+pub mod dirwatch;
 pub mod faultproxy;
 pub mod fixtures;
 pub mod garage;

@@ -11,8 +11,13 @@ const FIXED_LEN: usize = 64;
 const CRC_LEN: usize = 4;
 const CODEC_ZSTD: u8 = 1;
 
+/// Object kind of a file PostgreSQL archived (a segment, a partial segment, a timeline or backup
+/// history file).
+pub const KIND_WAL_FILE: u8 = 1;
 /// Object kind of a base backup manifest.
 pub const KIND_MANIFEST: u8 = 3;
+/// Object kind of a WAL segment summary (the time index).
+pub const KIND_SUMMARY: u8 = 4;
 
 /// The decoded contents of one object.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,9 +6,8 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use walvault_testkit::backup::{self, next_backup_second, take_backup};
+use walvault_testkit::backup::{self, Restore, next_backup_second, take_backup};
 use walvault_testkit::fixtures::{archive_everything, archiving_cluster};
-use walvault_testkit::pg::PgInstall;
 use walvault_testkit::workload::{self, Ledger};
 use walvault_testkit::{Repo, agents};
 
@@ -74,11 +73,9 @@ fn a_damaged_manifest_or_history_is_reported_and_the_rest_stays_restorable() -> 
     // The healthy backup restores to an instant after it.
     let target = &after[6];
     let (restored, report) = backup::restore_and_recover(
-        PgInstall::default_install(),
         &repo,
         "damaged-restored",
-        &["--target-time", &target.time],
-        false,
+        Restore::with(&["--target-time", &target.time]),
     )?;
     assert_eq!(workload::ledger_contents(&restored)?, target.contents);
     ensure!(

@@ -13,10 +13,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use walvault::exit;
 use walvault_testkit::agents::{ARCHIVE_AGENT, RESTORE_AGENT, agents};
-use walvault_testkit::backup::{self, next_backup_second, take_backup};
+use walvault_testkit::backup::{self, Restore, next_backup_second, take_backup};
 use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster, assert_fatal_at};
 use walvault_testkit::host::{Finished, write_for_pg};
-use walvault_testkit::pg::PgInstall;
 use walvault_testkit::workload::{self, Ledger, LedgerState};
 use walvault_testkit::{Cluster, Repo};
 
@@ -186,11 +185,9 @@ fn an_encrypted_repository_hides_the_data_restores_exactly_and_rotates_its_key()
     // With the key: exact point-in-time recovery, and the table whole.
     let target = &after_backup[20];
     let (restored, _) = backup::restore_and_recover(
-        PgInstall::default_install(),
         &repo,
         "enc-pitr",
-        &["--target-time", target.time.as_str()],
-        false,
+        Restore::with(&["--target-time", target.time.as_str()]),
     )?;
     assert_eq!(workload::ledger_contents(&restored)?, target.contents);
     assert_eq!(
@@ -257,11 +254,9 @@ fn an_encrypted_repository_hides_the_data_restores_exactly_and_rotates_its_key()
     assert_eq!(info["encryption"]["key"], "argon2id", "{info:#}");
     let target = &more[5];
     let (restored, _) = backup::restore_and_recover(
-        PgInstall::default_install(),
         &repo,
         "enc-rotated",
-        &["--target-time", target.time.as_str()],
-        false,
+        Restore::with(&["--target-time", target.time.as_str()]),
     )?;
     assert_eq!(workload::ledger_contents(&restored)?, target.contents);
     drop(restored);
@@ -269,7 +264,8 @@ fn an_encrypted_repository_hides_the_data_restores_exactly_and_rotates_its_key()
     // A tampered object stops a real recovery with FATAL, never an early promote.
     let victim = &last;
     repo.flip_middle_byte(&repo.object_key(victim))?;
-    let (mut tampered, _) = backup::restore_new_cluster(&repo, "enc-tampered", &["--backup", &b1.id])?;
+    let (mut tampered, _) =
+        backup::restore_new_cluster(&repo, "enc-tampered", Restore::with(&["--backup", &b1.id]))?;
     let log = tampered.start_expect_failure(RECOVERY_TIMEOUT)?;
     assert_fatal_at(&log, victim, "does not authenticate");
     tampered.assert_stopped_in_recovery_on_timeline_1()?;

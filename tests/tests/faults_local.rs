@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use walvault_testkit::agents::{ARCHIVE_AGENT, RESTORE_AGENT, exit};
-use walvault_testkit::backup::{self, take_backup};
+use walvault_testkit::backup::{self, Restore, take_backup};
 use walvault_testkit::daemon::{self, Daemon};
 use walvault_testkit::fixtures::{
     RECOVERY_TIMEOUT, archive_everything, archiving_cluster, prepare_restore, segment_range, wal_samples,
@@ -1069,7 +1069,7 @@ fn fault_truncated_and_corrupt_objects_on_s3_stop_recovery() -> Result<()> {
         repo.write(&chunk_key, &chunk)?;
     }
     // Repaired: the same restore succeeds, and recovery rebuilds the source's data.
-    let (mut target, _) = backup::restore_new_cluster(&repo, "s3-damage-repaired", &[])?;
+    let (mut target, _) = backup::restore_new_cluster(&repo, "s3-damage-repaired", Restore::default())?;
     target.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
     assert_eq!(
         workload::fingerprints(&target)?,

@@ -15,22 +15,18 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use rand::Rng;
 use walvault_testkit::agents::exit;
-use walvault_testkit::backup::{self, BackupSummary, take_backup};
+use walvault_testkit::backup::{
+    BackupSummary, Restore, assert_restores_to, restore_and_recover, take_backup,
+};
 use walvault_testkit::daemon::{self, Daemon};
-use walvault_testkit::fixtures::{ARCHIVE_TIMEOUT, archive_everything, archiving_cluster};
+use walvault_testkit::fixtures::{
+    ARCHIVE_TIMEOUT, BETWEEN_TRANSACTIONS, archive_everything, archiving_cluster,
+};
 use walvault_testkit::garage::Garage;
 use walvault_testkit::host::{self, Poll};
-use walvault_testkit::object::Sealed;
-use walvault_testkit::pg::PgInstall;
+use walvault_testkit::object::{KIND_SUMMARY, KIND_WAL_FILE, Sealed};
 use walvault_testkit::workload::{self, Ledger, LedgerState, TableFingerprint};
 use walvault_testkit::{Cluster, Repo};
-
-/// Pause between two ledger transactions, so that their commit times are well apart.
-const BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(20);
-/// Object kind of an archived WAL file (docs/FORMAT.md).
-const KIND_WAL_FILE: u8 = 1;
-/// Object kind of a time index summary (docs/FORMAT.md).
-const KIND_SUMMARY: u8 = 4;
 
 /// How the writer loads the cluster besides the ledger: payload rows (WAL volume) and forced
 /// segment switches (segments for the archiver).
@@ -219,21 +215,9 @@ fn fingerprints(cluster: &Cluster) -> Result<Vec<TableFingerprint>> {
     workload::fingerprints_of(cluster, &[(workload::LEDGER_TABLE, "id"), ("payload", "id")])
 }
 
-/// Restore `repo` into a new cluster with `args`, start it and wait until recovery has ended.
-/// Returns it with what the restore printed.
-fn restore_and_recover(repo: &Repo, name: &str, args: &[&str]) -> Result<(Cluster, String)> {
-    backup::restore_and_recover(PgInstall::default_install(), repo, name, args, false)
-}
-
-/// Restore to the instant `state` was recorded and check the ledger holds exactly that state.
-fn assert_restores_to(repo: &Repo, name: &str, state: &LedgerState) -> Result<()> {
-    backup::assert_ledger_restores_to(repo, name, state, &[], false)?;
-    Ok(())
-}
-
 /// Restore to the end of the archive and check every table holds what `expected` says.
 fn assert_restores_everything(repo: &Repo, name: &str, expected: &[TableFingerprint]) -> Result<()> {
-    let (restored, report) = restore_and_recover(repo, name, &[])?;
+    let (restored, report) = restore_and_recover(repo, name, Restore::default())?;
     let found = fingerprints(&restored)?;
     assert_eq!(
         found,
@@ -421,7 +405,7 @@ fn fault_s3_server_down_30s_during_archiving() -> Result<()> {
     // Back to an instant committed while the store was down: the WAL holding it was archived
     // only after the server came back.
     let during = &states[down_commits.start + down_commits.len() / 2];
-    assert_restores_to(&repo, "s3-down-pitr", during)?;
+    assert_restores_to(&repo, "s3-down-pitr", during, Restore::default())?;
     let expected = fingerprints(&source)?;
     assert_eq!(
         expected[0].rows,
@@ -488,7 +472,7 @@ fn fault_garage_rf3_loses_a_node_during_archiving() -> Result<()> {
 
     // With node 1 still down: reads need two replicas of three, as writes did.
     let target = &states[after_kill + (states.len() - after_kill) / 2];
-    assert_restores_to(&repo, "rf3-pitr", target)?;
+    assert_restores_to(&repo, "rf3-pitr", target, Restore::default())?;
     let expected = fingerprints(&source)?;
     stop_and_check_objects(source, &repo, &backup.start_wal, &last)?;
     assert_restores_everything(&repo, "rf3-all", &expected)?;
@@ -598,7 +582,7 @@ fn fault_daemon_sigkill_mid_upload_repeatedly() -> Result<()> {
     eprintln!("{segments} segments since the backup, {markers} spool markers, {compared} compared");
 
     let target = &states[states.len() * 2 / 3];
-    assert_restores_to(&repo, "daemon-sigkill-pitr", target)?;
+    assert_restores_to(&repo, "daemon-sigkill-pitr", target, Restore::default())?;
     assert_restores_everything(&repo, "daemon-sigkill-all", &expected)?;
     eprintln!(
         "fault_daemon_sigkill_mid_upload_repeatedly: {:.1?}",
@@ -648,7 +632,11 @@ fn fault_5xx_storm_during_backup_restore_and_prefetching_replay() -> Result<()> 
     let before_restore = proxy.injected().faults();
     proxy.fault_next(2);
     // Retries get the default minute, as in production: in a storm, 5 s can pass with no luck.
-    let (restored, printed) = restore_and_recover(&repo, "storm-restored", &["--retry-timeout", "60s"])?;
+    let (restored, printed) = restore_and_recover(
+        &repo,
+        "storm-restored",
+        Restore::with(&["--retry-timeout", "60s"]),
+    )?;
     let during_restore = proxy.injected().faults() - before_restore;
     let log = restored.log();
     let prefetched = log

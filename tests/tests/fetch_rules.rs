@@ -23,12 +23,22 @@ fn filled_repo() -> Result<Repo> {
     Ok(repo)
 }
 
-/// A data directory stand-in for `--pgdata`, as a flag value; with `standby.signal` when `standby`.
-fn pgdata(repo: &Repo, standby: bool) -> Result<String> {
-    let dir = repo
-        .scratch()
-        .subdir(if standby { "pgdata-standby" } else { "pgdata" })?;
-    if standby {
+/// The recovery a data directory is in, which decides what fetch may answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// Archive recovery (no `standby.signal`): a file that cannot be had stops it.
+    Archive,
+    /// Standby mode (`standby.signal`): PostgreSQL retries, or streams.
+    Standby,
+}
+
+/// A data directory stand-in for `--pgdata` in `recovery`, as a flag value.
+fn pgdata(repo: &Repo, recovery: Recovery) -> Result<String> {
+    let dir = repo.scratch().subdir(match recovery {
+        Recovery::Archive => "pgdata",
+        Recovery::Standby => "pgdata-standby",
+    })?;
+    if recovery == Recovery::Standby {
         write_for_pg(&dir.join("standby.signal"), b"")?;
     }
     Ok(dir.display().to_string())
@@ -94,7 +104,7 @@ fn fetch_from_a_missing_repository_stops_recovery_in_two_lines_at_most() -> Resu
     let (_, name) = wal_samples().segment(0);
     let location = Repo::uninitialized()?;
     let dest = dest_dir(&location)?.join("RECOVERYXLOG");
-    let plain_dir = pgdata(&location, false)?;
+    let plain_dir = pgdata(&location, Recovery::Archive)?;
     let plain = ["--retry-timeout", "3s", "--pgdata", &plain_dir];
     for args in [location.args(), location.args_with_url(location.nowhere_url())] {
         let run = agents().fetch_with(&args, &name, &dest, &plain);
@@ -110,7 +120,10 @@ fn unreadable_repository_stops_recovery_unless_standby() -> Result<()> {
     let (_, name) = wal_samples().segment(0);
     let repo = filled_repo()?;
     let dest = dest_dir(&repo)?.join("RECOVERYXLOG");
-    let (plain_dir, standby_dir) = (pgdata(&repo, false)?, pgdata(&repo, true)?);
+    let (plain_dir, standby_dir) = (
+        pgdata(&repo, Recovery::Archive)?,
+        pgdata(&repo, Recovery::Standby)?,
+    );
     let plain = ["--retry-timeout", "2s", "--pgdata", &plain_dir];
     let standby = ["--retry-timeout", "2s", "--pgdata", &standby_dir];
 
@@ -151,7 +164,10 @@ fn corrupt_or_truncated_object_stops_recovery_unless_standby() -> Result<()> {
     let samples = wal_samples();
     let repo = filled_repo()?;
     let dest = dest_dir(&repo)?.join("RECOVERYXLOG");
-    let (plain_dir, standby_dir) = (pgdata(&repo, false)?, pgdata(&repo, true)?);
+    let (plain_dir, standby_dir) = (
+        pgdata(&repo, Recovery::Archive)?,
+        pgdata(&repo, Recovery::Standby)?,
+    );
     let plain = ["--pgdata", &plain_dir];
     let standby = ["--pgdata", &standby_dir];
 
@@ -193,7 +209,7 @@ fn invalid_names_stop_recovery_and_never_look_missing() -> Result<()> {
         "000000010000000000000001\n",
     ] {
         agents().fetch(&repo, name, &dest, &[]).assert_code(exit::FATAL);
-        let standby = pgdata(&repo, true)?;
+        let standby = pgdata(&repo, Recovery::Standby)?;
         agents()
             .fetch(&repo, name, &dest, &["--pgdata", &standby])
             .assert_code(exit::NOT_FOUND_OR_RETRY);
@@ -214,12 +230,16 @@ fn bad_fetch_arguments_stop_recovery() -> Result<()> {
         &["fetch", "000000010000000000000001"][..],
     ] {
         let mut cmd = agents().command(walvault_testkit::agents::RESTORE_AGENT);
-        cmd.args(bad).args(repo.args()).current_dir(pgdata(&repo, false)?);
+        cmd.args(bad)
+            .args(repo.args())
+            .current_dir(pgdata(&repo, Recovery::Archive)?);
         let run = walvault_testkit::host::run(&mut cmd, std::time::Duration::from_secs(60))?;
         run.assert_code(exit::FATAL);
         assert_eq!(run.stderr.lines().count(), 1, "one line:\n{run}");
         let mut cmd = agents().command(walvault_testkit::agents::RESTORE_AGENT);
-        cmd.args(bad).args(repo.args()).current_dir(pgdata(&repo, true)?);
+        cmd.args(bad)
+            .args(repo.args())
+            .current_dir(pgdata(&repo, Recovery::Standby)?);
         walvault_testkit::host::run(&mut cmd, std::time::Duration::from_secs(60))?
             .assert_code(exit::NOT_FOUND_OR_RETRY);
     }

@@ -7,37 +7,12 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use walvault_testkit::backup::{self, BackupSummary, next_backup_second, take_backup};
-use walvault_testkit::fixtures::{archive_everything, archiving_cluster};
+use walvault_testkit::Repo;
+use walvault_testkit::backup::{
+    self, BackupSummary, Restore, assert_restores_to, next_backup_second, take_backup,
+};
+use walvault_testkit::fixtures::{BETWEEN_TRANSACTIONS, archive_everything, archiving_cluster};
 use walvault_testkit::workload::{self, Ledger, LedgerState, parse_lsn};
-use walvault_testkit::{Cluster, Repo};
-
-/// Pause between two ledger transactions, so that their commit times are well apart.
-const BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(20);
-
-/// A restored cluster recovered to a target, started and promoted.
-struct Restored {
-    cluster: Cluster,
-    /// What `restore-agent restore` printed.
-    report: String,
-}
-
-/// Restore to the instant `state` was recorded and check the ledger holds exactly that state.
-fn assert_restores_to(repo: &Repo, name: &str, state: &LedgerState, extra: &[&str]) -> Result<Restored> {
-    assert_restores_archiving(repo, name, state, extra, false)
-}
-
-/// [`assert_restores_to`], keeping the restored cluster's archiving into `repo` when `archive`.
-fn assert_restores_archiving(
-    repo: &Repo,
-    name: &str,
-    state: &LedgerState,
-    extra: &[&str],
-    archive: bool,
-) -> Result<Restored> {
-    let (cluster, report) = backup::assert_ledger_restores_to(repo, name, state, extra, archive)?;
-    Ok(Restored { cluster, report })
-}
 
 /// Which backup a restore says it restored.
 fn restored_backup(report: &str) -> Option<&str> {
@@ -81,14 +56,18 @@ fn restores_to_recorded_instants_around_two_online_backups() -> Result<()> {
         .filter(|s| s.unix_micros > first_done && s.unix_micros < second_begun)
         .collect();
     ensure!(!between.is_empty(), "no transaction between the two backups");
-    let r = assert_restores_to(&repo, "pitr-between", between[between.len() / 2], &[])?;
+    let (restored, report) = assert_restores_to(
+        &repo,
+        "pitr-between",
+        between[between.len() / 2],
+        Restore::default(),
+    )?;
     assert_eq!(
-        restored_backup(&r.report),
+        restored_backup(&report),
         Some(first.id.as_str()),
-        "a target between the backups must be served by the first:\n{}",
-        r.report
+        "a target between the backups must be served by the first:\n{report}"
     );
-    drop(r);
+    drop(restored);
 
     // The first state at or after the second backup's stop time as the agents report it: the
     // edge of the second backup's window, with transactions committing while it ended.
@@ -102,16 +81,15 @@ fn restores_to_recorded_instants_around_two_online_backups() -> Result<()> {
         "edge state {} (LSN {:X}); second backup stopped at LSN {:X}",
         edge.time, edge.lsn, second_stop_lsn
     );
-    drop(assert_restores_to(&repo, "pitr-edge", edge, &[])?);
+    drop(assert_restores_to(&repo, "pitr-edge", edge, Restore::default())?);
 
     // Near the end, in the last archived segment, with a few transactions after it.
     let late = &states[states.len() - 4];
-    let r = assert_restores_to(&repo, "pitr-late", late, &[])?;
+    let (_restored, report) = assert_restores_to(&repo, "pitr-late", late, Restore::default())?;
     assert_eq!(
-        restored_backup(&r.report),
+        restored_backup(&report),
         Some(second.id.as_str()),
-        "a late target must be served by the newest backup:\n{}",
-        r.report
+        "a late target must be served by the newest backup:\n{report}"
     );
     Ok(())
 }
@@ -139,7 +117,8 @@ fn restores_follow_the_timeline_asked_for() -> Result<()> {
 
     // Recover to the branch point and write on: PostgreSQL promotes to timeline 2, archived
     // into the same repository (history file and WAL) from the start.
-    let mut branch = assert_restores_archiving(&repo, "tli-branch", branch_point, &[], true)?.cluster;
+    let (mut branch, _) =
+        assert_restores_to(&repo, "tli-branch", branch_point, Restore::default().archiving())?;
     assert_eq!(branch.timeline()?, 2, "recovery to a target must open timeline 2");
     let mut ledger = Ledger::connect(&branch)?;
     let mut on_second = Vec::new();
@@ -186,21 +165,21 @@ fn restores_follow_the_timeline_asked_for() -> Result<()> {
         &repo,
         "tli-latest",
         late_on_second,
-        &["--target-timeline", "latest"],
+        Restore::with(&["--target-timeline", "latest"]),
     )?);
     // Before the branch point: the history both timelines share.
     drop(assert_restores_to(
         &repo,
         "tli-before-branch",
         before_branch,
-        &[],
+        Restore::default(),
     )?);
     // Timeline 1 explicitly, after the branch point: what only timeline 1 holds.
     drop(assert_restores_to(
         &repo,
         "tli-first",
         first_only,
-        &["--target-timeline", "1"],
+        Restore::with(&["--target-timeline", "1"]),
     )?);
     Ok(())
 }

@@ -47,7 +47,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use walvault_testkit::agents::{ARCHIVE_AGENT, RESTORE_AGENT};
-use walvault_testkit::backup::{self, BackupSummary};
+use walvault_testkit::backup::{self, BackupSummary, Restore};
 use walvault_testkit::daemon::Daemon;
 use walvault_testkit::garage::Garage;
 use walvault_testkit::host::{self, Finished, Poll, ScratchDir};
@@ -549,7 +549,7 @@ fn ensure_root() -> Result<()> {
 /// Restore with `args` (a backup, a target) into a new data directory, the tablespace `oid`
 /// mapped to a new location, and start it: the restore used backup `id`, and the server holds
 /// `expected` (see [`assert_restored`]).
-fn assert_restores_to(
+fn assert_restores_with_tablespace(
     pg: &'static PgInstall,
     repo: &Repo,
     name: &str,
@@ -564,7 +564,7 @@ fn assert_restores_to(
     let mut all = args.to_vec();
     all.extend(["--tablespace-map", &map]);
     let started = std::time::Instant::now();
-    let (restored, report) = backup::restore_and_recover(pg, repo, name, &all, false)?;
+    let (restored, report) = backup::restore_and_recover(repo, name, Restore::with(&all).on(pg))?;
     ensure!(
         report.contains(id),
         "{name}: backup {id} must be the one restored:\n{report}"
@@ -636,7 +636,7 @@ fn protocol_backup_restores_exactly(major: u32) -> Result<()> {
     let ended = daemon.stop()?;
     ensure!(ended.code() == Some(0), "daemon: {ended:?}\n{log}");
 
-    assert_restores_to(
+    assert_restores_with_tablespace(
         pg,
         &repo,
         &format!("protocol{major}-restored"),
@@ -987,10 +987,10 @@ fn incremental_chain_restores_exactly(major: u32) -> Result<()> {
     // From the first increment to the end of the archive; then exactly the second increment.
     let (b2, b3) = (second.taken.id.as_str(), third.taken.id.as_str());
     let name = format!("incremental{major}-end");
-    assert_restores_to(pg, &repo, &name, &["--backup", b2], b2, &at_end, &oid)?;
+    assert_restores_with_tablespace(pg, &repo, &name, &["--backup", b2], b2, &at_end, &oid)?;
     let name = format!("incremental{major}-third");
     let args = ["--backup", b3, "--target", "immediate"];
-    assert_restores_to(pg, &repo, &name, &args, b3, &at_third, &oid)?;
+    assert_restores_with_tablespace(pg, &repo, &name, &args, b3, &at_third, &oid)?;
     // Last, as it is about the figure and not the data.
     assert_reuse_counted(&second)?;
     assert_reuse_counted(&third)
@@ -1102,5 +1102,5 @@ fn matrix_protocol_backup_pg15_stream_daemon_backs_up_on_schedule_and_expires() 
     ensure!(ended.code() == Some(0), "daemon: {ended:?}\n{log}");
     let verify = restore_agent(&repo, &["verify", "--deep"])?;
     ensure!(verify.stdout.contains("verified 1 backups"), "verify:\n{verify}");
-    assert_restores_to(pg, &repo, "scheduled15-restored", &[], &newest, &expected, &oid)
+    assert_restores_with_tablespace(pg, &repo, "scheduled15-restored", &[], &newest, &expected, &oid)
 }

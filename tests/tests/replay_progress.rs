@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::Value;
 use walvault_testkit::agents::{RESTORE_AGENT, agents};
-use walvault_testkit::backup::{restore_new_cluster, take_backup};
+use walvault_testkit::backup::{Restore, restore_new_cluster, take_backup};
 use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
 use walvault_testkit::host::{Finished, ScratchDir};
 use walvault_testkit::workload::{self, Ledger, format_lsn, parse_lsn};
@@ -75,7 +75,7 @@ fn replay_progress_is_logged_and_reported_by_status() -> Result<()> {
     let (mut cluster, run) = restore_new_cluster(
         &repo,
         "progress-restored",
-        &["--target-time", &target.state.time, "--target-action", "pause"],
+        Restore::with(&["--target-time", &target.state.time, "--target-action", "pause"]),
     )?;
     let plan: Value =
         serde_json::from_slice(&std::fs::read(cluster.data_dir().join("walvault-recovery.json"))?)?;

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result, anyhow};
-use walvault_testkit::backup::{self, BackupSummary, restore_new_cluster, take_backup};
+use walvault_testkit::backup::{self, BackupSummary, Restore, restore_new_cluster, take_backup};
 use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
 use walvault_testkit::host::{Finished, ScratchDir, snapshot, write_for_pg};
 use walvault_testkit::workload::{self, TableFingerprint};
@@ -131,7 +131,8 @@ fn assert_gone(data: &Path, names: &[&str]) {
 #[test]
 fn delta_restore_brings_a_diverged_cluster_back_to_the_backup_and_to_a_target() -> Result<()> {
     let b = backed_up();
-    let (mut old, full) = restore_new_cluster(&b.repo, "delta-old", &["--target", "immediate"])?;
+    let (mut old, full) =
+        restore_new_cluster(&b.repo, "delta-old", Restore::with(&["--target", "immediate"]))?;
     let full_chunks = reported(&full, "fetched ")?;
     old.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
     assert_eq!(fingerprints(&old)?, b.at_backup, "the full restore itself");
@@ -193,7 +194,8 @@ fn delta_restore_brings_a_diverged_cluster_back_to_the_backup_and_to_a_target() 
 #[test]
 fn delta_restore_refuses_a_running_server_and_replaces_planted_links() -> Result<()> {
     let b = backed_up();
-    let (mut old, _) = restore_new_cluster(&b.repo, "delta-links", &["--target", "immediate"])?;
+    let (mut old, _) =
+        restore_new_cluster(&b.repo, "delta-links", Restore::with(&["--target", "immediate"]))?;
     old.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
     old.execute("CREATE TABLE still_here AS SELECT 42 AS answer")?;
     let run = backup::restore(&b.repo, &old.data_dir(), &["--delta", "--target", "immediate"])?;

@@ -10,13 +10,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use walvault_testkit::backup::{self, take_backup};
-use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
+use walvault_testkit::fixtures::{
+    BETWEEN_TRANSACTIONS, RECOVERY_TIMEOUT, archive_everything, archiving_cluster,
+};
 use walvault_testkit::host::snapshot;
 use walvault_testkit::workload;
 use walvault_testkit::{Cluster, Repo};
-
-/// Pause between two ledger transactions, so that their commit times are well apart.
-const BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(20);
 
 fn json(stdout: &str) -> Result<Value> {
     serde_json::from_str(stdout).with_context(|| format!("not JSON:\n{stdout}"))

@@ -13,16 +13,15 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
-use walvault_testkit::backup::{self, BackupSummary, restore_new_cluster, take_backup};
-use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
+use walvault_testkit::backup::{self, BackupSummary, Restore, restore_new_cluster, take_backup};
+use walvault_testkit::fixtures::{
+    BETWEEN_TRANSACTIONS, RECOVERY_TIMEOUT, archive_everything, archiving_cluster,
+};
 use walvault_testkit::host::{ScratchDir, snapshot, write_for_pg};
 use walvault_testkit::workload::{
     self, Ledger, LedgerCommit, LedgerContents, TableFingerprint, format_lsn, parse_lsn,
 };
 use walvault_testkit::{Cluster, Repo};
-
-/// Pause between two ledger transactions, so that their commit times are well apart.
-const BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(20);
 
 // ---------------------------------------------------------------------------------------------
 // Tablespaces
@@ -131,8 +130,11 @@ fn tablespaces_are_restored_only_where_the_dba_says() -> Result<()> {
     let chosen_parent = ScratchDir::new("ts-chosen")?;
     let chosen = chosen_parent.subdir("spaces")?;
     let chosen_str = chosen.to_str().context("UTF-8 scratch path")?;
-    let (mut restored, run) =
-        restore_new_cluster(&repo, "ts-restored", &["--tablespace-map-all", chosen_str])?;
+    let (mut restored, run) = restore_new_cluster(
+        &repo,
+        "ts-restored",
+        Restore::with(&["--tablespace-map-all", chosen_str]),
+    )?;
     assert!(
         run.stdout.contains(&backup.id),
         "the only backup is restored:\n{run}"
@@ -304,7 +306,7 @@ impl Recorded {
 /// check the ledger holds `expected`.
 fn assert_recovers_to(name: &str, args: &[&str], expected: &LedgerContents) -> Result<Cluster> {
     let r = recorded();
-    let (mut cluster, run) = restore_new_cluster(&r.repo, name, args)?;
+    let (mut cluster, run) = restore_new_cluster(&r.repo, name, Restore::with(args))?;
     cluster
         .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
         .with_context(|| format!("recovery of {name} ({args:?}), restored with:\n{}", run.stdout))?;
@@ -422,7 +424,7 @@ fn target_immediate_stops_where_the_backup_became_consistent() -> Result<()> {
 
 /// Like [`assert_recovers_to`], for a target whose state is checked by the caller.
 fn assert_recovers_to_any(name: &str, args: &[&str]) -> Result<Cluster> {
-    let (mut cluster, run) = restore_new_cluster(&recorded().repo, name, args)?;
+    let (mut cluster, run) = restore_new_cluster(&recorded().repo, name, Restore::with(args))?;
     cluster
         .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
         .with_context(|| format!("recovery of {name} ({args:?}), restored with:\n{}", run.stdout))?;
@@ -436,7 +438,7 @@ fn target_action_pause_holds_the_server_in_recovery_at_the_target() -> Result<()
     let (mut cluster, run) = restore_new_cluster(
         &r.repo,
         "target-pause",
-        &["--target-time", &target.state.time, "--target-action", "pause"],
+        Restore::with(&["--target-time", &target.state.time, "--target-action", "pause"]),
     )?;
     // Hot standby: the server answers once consistent, then replays on to the target.
     cluster.start()?;
@@ -492,13 +494,7 @@ fn a_backups_own_recovery_settings_never_steer_the_restore() -> Result<()> {
     let at_end = payload(&source)?;
     archive_everything(&source)?;
 
-    let (end, restored) = backup::restore_and_recover(
-        walvault_testkit::pg::PgInstall::default_install(),
-        &repo,
-        "owned-end",
-        &[],
-        false,
-    )?;
+    let (end, restored) = backup::restore_and_recover(&repo, "owned-end", Restore::default())?;
     ensure!(
         payload(&end)? == at_end,
         "restored with no target, the data must be the source's last state\n{restored}"
@@ -521,13 +517,8 @@ fn a_backups_own_recovery_settings_never_steer_the_restore() -> Result<()> {
         "the backup's own line must be visible, commented out:\n{conf}"
     );
 
-    let (rp, _) = backup::restore_and_recover(
-        walvault_testkit::pg::PgInstall::default_install(),
-        &repo,
-        "owned-rp",
-        &["--target-name", "owned-rp"],
-        false,
-    )?;
+    let (rp, _) =
+        backup::restore_and_recover(&repo, "owned-rp", Restore::with(&["--target-name", "owned-rp"]))?;
     ensure!(
         payload(&rp)? == at_rp,
         "restored to owned-rp, the data must be the state at the restore point"

@@ -10,14 +10,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use walvault_testkit::agents::{ARCHIVE_AGENT, RESTORE_AGENT, agents};
-use walvault_testkit::backup::{self, BackupSummary, next_backup_second, take_backup};
-use walvault_testkit::fixtures::{archive_everything, archiving_cluster};
+use walvault_testkit::backup::{
+    self, BackupSummary, Restore, assert_restores_to, next_backup_second, take_backup,
+};
+use walvault_testkit::fixtures::{BETWEEN_TRANSACTIONS, archive_everything, archiving_cluster};
 use walvault_testkit::host::{Finished, write_for_pg};
-use walvault_testkit::pg::PgInstall;
 use walvault_testkit::workload::{self, Ledger, LedgerState};
 use walvault_testkit::{Cluster, Repo};
-
-const BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(20);
 
 fn archive_agent(repo: &Repo, args: &[&str]) -> Finished {
     let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
@@ -40,12 +39,6 @@ fn steps(cluster: &Cluster, n: usize) -> Result<Vec<LedgerState>> {
         thread::sleep(BETWEEN_TRANSACTIONS);
     }
     Ok(out)
-}
-
-/// Restore to the instant `state` was recorded, on `timeline`, and check the ledger.
-fn assert_restores_to(repo: &Repo, name: &str, state: &LedgerState, timeline: &str) -> Result<()> {
-    backup::assert_ledger_restores_to(repo, name, state, &["--target-timeline", timeline], false)?;
-    Ok(())
 }
 
 /// A restore to `state` on `timeline` must be refused, writing nothing.
@@ -95,8 +88,7 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
 
     // Branch from a moment between B2 and B3: timeline 2, archived into the same repository.
     let args = ["--target-time", b[20].time.as_str()];
-    let (mut branch, _) =
-        backup::restore_and_recover(PgInstall::default_install(), &repo, "ret-branch", &args, true)?;
+    let (mut branch, _) = backup::restore_and_recover(&repo, "ret-branch", Restore::with(&args).archiving())?;
     assert_eq!(branch.timeline()?, 2);
     let d = steps(&branch, 30)?;
     let chunks_before_b4 = repo.backup_objects()?;
@@ -196,14 +188,12 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
 
     // Promised: every instant after B3 on timeline 1, after B4 on timeline 2, and B1 to its
     // consistency point.
-    assert_restores_to(&repo, "ret-c", &c[20], "1")?;
-    assert_restores_to(&repo, "ret-e", &e[15], "2")?;
+    assert_restores_to(&repo, "ret-c", &c[20], Restore::with(&["--target-timeline", "1"]))?;
+    assert_restores_to(&repo, "ret-e", &e[15], Restore::with(&["--target-timeline", "2"]))?;
     let (pinned, _) = backup::restore_and_recover(
-        PgInstall::default_install(),
         &repo,
         "ret-b1",
-        &["--backup", &b1.id, "--target", "immediate"],
-        false,
+        Restore::with(&["--backup", &b1.id, "--target", "immediate"]),
     )?;
     assert_eq!(
         workload::ledger_contents(&pinned)?,
@@ -232,10 +222,9 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
     );
 
     // Damage, each in its own copy: verify names the object and what depends on it.
-    let damaged = |what: &str, deep: bool, damage: &dyn Fn(&Repo) -> Result<String>| -> Result<()> {
+    let damaged = |what: &str, flags: &[&str], damage: &dyn Fn(&Repo) -> Result<String>| -> Result<()> {
         let copy = repo.copy()?;
         let key = damage(&copy)?;
-        let flags: &[&str] = if deep { &["--deep"] } else { &[] };
         let run = verify(&copy, flags);
         assert_eq!(
             run.code(),
@@ -253,30 +242,30 @@ fn expire_keeps_exactly_what_the_policy_promises_across_a_timeline_branch() -> R
         );
         Ok(())
     };
-    damaged("chunk removed", false, &|r| {
+    damaged("chunk removed", &[], &|r| {
         r.delete(&b4_chunks[0])?;
         Ok(b4_chunks[0].clone())
     })?;
-    damaged("chunk corrupted", true, &|r| {
+    damaged("chunk corrupted", &["--deep"], &|r| {
         r.flip_middle_byte(&b4_chunks[0])?;
         Ok(b4_chunks[0].clone())
     })?;
-    damaged("WAL segment removed", false, &|r| {
+    damaged("WAL segment removed", &[], &|r| {
         let key = r.object_key(&b4.stop_wal);
         r.delete(&key)?;
         Ok(key)
     })?;
-    damaged("WAL segment corrupted", true, &|r| {
+    damaged("WAL segment corrupted", &["--deep"], &|r| {
         let key = r.object_key(&b4.stop_wal);
         r.flip_middle_byte(&key)?;
         Ok(key)
     })?;
-    damaged("history file corrupted", false, &|r| {
+    damaged("history file corrupted", &[], &|r| {
         let key = r.object_key("00000002.history");
         r.flip_middle_byte(&key)?;
         Ok(key)
     })?;
-    damaged("history file removed", false, &|r| {
+    damaged("history file removed", &[], &|r| {
         r.delete(&r.object_key("00000002.history"))?;
         Ok(r.object_key("00000002.history"))
     })?;
@@ -350,11 +339,9 @@ fn a_backup_and_an_expire_started_together_never_lose_a_chunk() -> Result<()> {
     let last = last.context("a backup")?;
     // The newest backup restores, payload included.
     let (restored, _) = backup::restore_and_recover(
-        PgInstall::default_install(),
         &repo,
         "race-restored",
-        &["--backup", &last.id, "--target", "immediate"],
-        false,
+        Restore::with(&["--backup", &last.id, "--target", "immediate"]),
     )?;
     let payload = std::fs::read(restored.data_dir().join("walvault_race_payload"))?;
     assert_eq!(
@@ -400,7 +387,12 @@ fn keep_within_and_calendar_rules_from_the_command_line() -> Result<()> {
         .iter()
         .find(|s| s.unix_micros / 1000 < (b2_stop + b3_stop) / 2 && s.unix_micros / 1000 > b2_stop + 100)
         .context("a transaction early between B2 and B3")?;
-    assert_restores_to(&repo, "ret-within", early, "1")?;
+    assert_restores_to(
+        &repo,
+        "ret-within",
+        early,
+        Restore::with(&["--target-timeline", "1"]),
+    )?;
 
     // keep_daily: the newest backup of each day. B2 and B3 share a day unless the test ran
     // across midnight (UTC).

@@ -10,15 +10,13 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use walvault_testkit::backup::{self, take_backup, take_backup_with};
-use walvault_testkit::fixtures::{archive_everything, archiving_cluster_on};
+use walvault_testkit::backup::{self, Restore, take_backup, take_backup_with};
+use walvault_testkit::fixtures::{BETWEEN_TRANSACTIONS, archive_everything, archiving_cluster_on};
 use walvault_testkit::host::write_for_pg;
 use walvault_testkit::object::Sealed;
 use walvault_testkit::pg::PgInstall;
 use walvault_testkit::workload;
 use walvault_testkit::{Cluster, Repo};
-
-const BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(20);
 
 #[test]
 fn backup_from_a_standby_restores_past_it() -> Result<()> {
@@ -104,11 +102,9 @@ fn standby_backup(pg: &'static PgInstall) -> Result<()> {
         }
     }
     let (consistent, _) = backup::restore_and_recover(
-        pg,
         &as_left,
         &format!("sb{major}-consistent"),
-        &["--backup", &taken.id, "--target", "immediate"],
-        false,
+        Restore::with(&["--backup", &taken.id, "--target", "immediate"]).on(pg),
     )
     .context("the standby backup, recovered with only its own WAL")?;
     let at_consistency = workload::ledger_contents(&consistent)?;
@@ -130,8 +126,11 @@ fn standby_backup(pg: &'static PgInstall) -> Result<()> {
     let late = &states[states.len() - 3];
     for (what, state) in [("edge", edge), ("late", late)] {
         let name = format!("sb{major}-{what}");
-        let (restored, report) =
-            backup::restore_and_recover(pg, &repo, &name, &["--target-time", &state.time], false)?;
+        let (restored, report) = backup::restore_and_recover(
+            &repo,
+            &name,
+            Restore::with(&["--target-time", &state.time]).on(pg),
+        )?;
         ensure!(
             report.contains(&format!("restored backup {}", taken.id)),
             "{name}: a target after the standby backup must be served by it:\n{report}"

@@ -23,7 +23,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use walvault_testkit::backup::{self, take_backup};
+use walvault_testkit::backup::{self, Restore, take_backup};
 use walvault_testkit::cluster::InitOptions;
 use walvault_testkit::daemon::Daemon;
 use walvault_testkit::garage::Garage;
@@ -136,19 +136,29 @@ fn kill9(cluster: &Cluster) -> Result<Instant> {
     Ok(killed)
 }
 
+/// How the daemon streams: whether commits wait for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replication {
+    /// Commits do not wait: the daemon flushes every [`FLUSH`].
+    Asynchronous,
+    /// `--synchronous`, named in `synchronous_standby_names`: a commit is acknowledged once the
+    /// daemon has it.
+    Synchronous,
+}
+
 /// Stream, back up, write, kill, restore to the end: every commit acknowledged more than
-/// `FLUSH` + 1 s before the kill is restored (all of them with `synchronous`).
-fn kill_and_restore(major: u32, synchronous: bool) -> Result<()> {
+/// `FLUSH` + 1 s before the kill is restored (all of them with [`Replication::Synchronous`]).
+fn kill_and_restore(major: u32, replication: Replication) -> Result<()> {
     let pg = PgInstall::of_major(major)?;
     let repo = Repo::new_s3(Garage::shared())?;
     let cluster = streaming_cluster(pg, &format!("stream{major}"), &[])?;
     let flush = format!("{}ms", FLUSH.as_millis());
     let mut flags = vec!["--stream-flush", &flush];
-    if synchronous {
+    if replication == Replication::Synchronous {
         flags.push("--synchronous");
     }
     let daemon = Daemon::start_streaming(&repo, &pg_url(&cluster), &flags)?;
-    if synchronous {
+    if replication == Replication::Synchronous {
         // Commits wait for the daemon from now on.
         cluster.execute("ALTER SYSTEM SET synchronous_standby_names = 'walvault'")?;
         cluster.execute("SELECT pg_reload_conf()")?;
@@ -182,7 +192,8 @@ fn kill_and_restore(major: u32, synchronous: bool) -> Result<()> {
     let ended = daemon.stop()?;
     ensure!(ended.code() == Some(0), "daemon: {ended:?}\n{log}");
 
-    let (restored, _) = backup::restore_and_recover(pg, &repo, &format!("restored{major}"), &[], false)?;
+    let (restored, _) =
+        backup::restore_and_recover(&repo, &format!("restored{major}"), Restore::default().on(pg))?;
     let max = restored_ids(&restored)?;
     let newest = acked.last().map_or(0, |a| a.0);
     ensure!(
@@ -190,9 +201,9 @@ fn kill_and_restore(major: u32, synchronous: bool) -> Result<()> {
         "restored id {max}, but only {newest} were written"
     );
     let lost: Vec<&(i64, Instant)> = acked.iter().filter(|(id, _)| *id > max).collect();
-    let window = match synchronous {
-        true => Duration::ZERO,
-        false => FLUSH + Duration::from_secs(1),
+    let window = match replication {
+        Replication::Synchronous => Duration::ZERO,
+        Replication::Asynchronous => FLUSH + Duration::from_secs(1),
     };
     if let Some((id, at)) = lost.first() {
         let before_kill = killed.saturating_duration_since(*at);
@@ -210,7 +221,10 @@ fn kill_and_restore(major: u32, synchronous: bool) -> Result<()> {
     let oldest_lost = lost.first().map(|(_, at)| killed.saturating_duration_since(*at));
     eprintln!(
         "PostgreSQL {major}{}: {} commits acknowledged in 8 s, commit latency p50 {:?} p99 {:?}; restored {max}; lost {} acknowledged before the kill (the oldest {oldest_lost:?} before it), {} after",
-        if synchronous { " --synchronous" } else { "" },
+        match replication {
+            Replication::Synchronous => " --synchronous",
+            Replication::Asynchronous => "",
+        },
         acked.len(),
         pct(50),
         pct(99),
@@ -222,22 +236,22 @@ fn kill_and_restore(major: u32, synchronous: bool) -> Result<()> {
 
 #[test]
 fn matrix_stream_pg15_kill9_restores_every_commit_older_than_the_flush_interval() -> Result<()> {
-    kill_and_restore(15, false)
+    kill_and_restore(15, Replication::Asynchronous)
 }
 
 #[test]
 fn matrix_stream_pg18_kill9_restores_every_commit_older_than_the_flush_interval() -> Result<()> {
-    kill_and_restore(18, false)
+    kill_and_restore(18, Replication::Asynchronous)
 }
 
 #[test]
 fn matrix_stream_pg15_synchronous_restores_every_acknowledged_commit() -> Result<()> {
-    kill_and_restore(15, true)
+    kill_and_restore(15, Replication::Synchronous)
 }
 
 #[test]
 fn matrix_stream_pg18_synchronous_restores_every_acknowledged_commit() -> Result<()> {
-    kill_and_restore(18, true)
+    kill_and_restore(18, Replication::Synchronous)
 }
 
 /// `archive-agent daemon --stream` with `pg_url`: it must exit at once with one error line
@@ -393,7 +407,7 @@ fn matrix_stream_pg15_follows_a_failover_to_the_promoted_standby() -> Result<()>
         "no timeline switch logged:\n{log}"
     );
 
-    let (restored, _) = backup::restore_and_recover(pg, &repo, "failover-restored", &[], false)?;
+    let (restored, _) = backup::restore_and_recover(&repo, "failover-restored", Restore::default().on(pg))?;
     let rows = restored
         .query_rows("SELECT tli, count(*), min(id), max(id) FROM ledger GROUP BY tli ORDER BY tli")?;
     let expected = vec![
@@ -446,7 +460,7 @@ fn matrix_stream_pg15_beside_archive_command_both_store_the_same_segments() -> R
     // writes, and each writer makes sure afterwards that what is stored is its own bytes): never
     // a conflict, never a failure.
     ensure!(repo.archived_names()?.contains(&last), "{last} is not archived");
-    let (restored, _) = backup::restore_and_recover(pg, &repo, "beside-restored", &[], false)?;
+    let (restored, _) = backup::restore_and_recover(&repo, "beside-restored", Restore::default().on(pg))?;
     let n = restored.query_one_string("SELECT count(*)::text FROM pgbench_accounts")?;
     ensure!(n == "400000", "restored {n} accounts");
     Ok(())
@@ -512,7 +526,7 @@ fn matrix_stream_pg15_a_repository_outage_makes_the_stream_wait_and_loses_nothin
         log.contains("bytes behind the server"),
         "the log does not say how far behind:\n{log}"
     );
-    let (restored, _) = backup::restore_and_recover(pg, &repo, "outage-restored", &[], false)?;
+    let (restored, _) = backup::restore_and_recover(&repo, "outage-restored", Restore::default().on(pg))?;
     let n = restored.query_one_string("SELECT count(*)::text FROM rows")?;
     ensure!(n == "200000", "restored {n} rows");
     Ok(())
@@ -520,7 +534,7 @@ fn matrix_stream_pg15_a_repository_outage_makes_the_stream_wait_and_loses_nothin
 
 #[test]
 fn matrix_stream_pg14_kill9_restores_every_commit_older_than_the_flush_interval() -> Result<()> {
-    kill_and_restore(14, false)
+    kill_and_restore(14, Replication::Asynchronous)
 }
 
 #[test]
@@ -552,7 +566,7 @@ fn matrix_stream_pg15_follows_a_kill9_failover_and_restores_what_the_new_primary
 
     // The restore holds exactly what the new primary holds: the commits the standby had when it
     // was promoted (not those only the killed primary had), and what came after.
-    let (restored, _) = backup::restore_and_recover(pg, &repo, "crash-restored", &[], false)?;
+    let (restored, _) = backup::restore_and_recover(&repo, "crash-restored", Restore::default().on(pg))?;
     let max = restored_ids(&restored)?;
     ensure!(
         max == survived,

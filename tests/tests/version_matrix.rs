@@ -22,16 +22,16 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use walvault_testkit::backup::{self, take_backup};
+use walvault_testkit::backup::{self, Restore, take_backup};
 use walvault_testkit::daemon::{self, Daemon};
-use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster_on};
+use walvault_testkit::fixtures::{
+    BETWEEN_TRANSACTIONS, RECOVERY_TIMEOUT, archive_everything, archiving_cluster_on,
+};
 use walvault_testkit::host::{self, Poll};
 use walvault_testkit::pg::PgInstall;
 use walvault_testkit::workload::{self, Ledger, LedgerState, format_lsn};
 use walvault_testkit::{Cluster, Repo};
 
-/// Pause between ledger transactions, so that their commit times are well apart.
-const BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(20);
 const RESTORE_POINT: &str = "matrix-before-change";
 
 #[test]
@@ -176,7 +176,8 @@ fn end_to_end(major: u32) -> Result<()> {
     let index_checked = started.elapsed();
 
     // All of it replayed through restore-agent fetch, with the prefetcher.
-    let (replayed, report) = backup::restore_and_recover(pg, &repo, &name("replayed"), &[], false)?;
+    let (replayed, report) =
+        backup::restore_and_recover(&repo, &name("replayed"), Restore::default().on(pg))?;
     ensure!(
         report.contains(&format!("start PostgreSQL {major} to complete the recovery")),
         "restore should name the server version that must recover it:\n{report}"
@@ -208,11 +209,9 @@ fn end_to_end(major: u32) -> Result<()> {
     // Points in time: a recorded instant, and the restore point by name.
     let target = &early[10];
     let (at_time, _) = backup::restore_and_recover(
-        pg,
         &repo,
         &name("at-time"),
-        &["--target-time", &target.time],
-        false,
+        Restore::with(&["--target-time", &target.time]).on(pg),
     )?;
     assert_eq!(
         workload::ledger_contents(&at_time)?,
@@ -223,12 +222,10 @@ fn end_to_end(major: u32) -> Result<()> {
     drop(at_time);
     // By name, pausing there: while recovery waits, the prefetcher has the archived WAL after
     // the restore point downloaded, verified and spooled (it is not racing replay then).
-    let (mut at_name, _) = backup::restore_new_cluster_on(
-        pg,
+    let (mut at_name, _) = backup::restore_new_cluster(
         &repo,
         &name("at-name"),
-        &["--target-name", RESTORE_POINT, "--target-action", "pause"],
-        false,
+        Restore::with(&["--target-name", RESTORE_POINT, "--target-action", "pause"]).on(pg),
     )?;
     at_name.start()?;
     let spool = daemon::spool_dir(&at_name.data_dir()).join("prefetch");
@@ -281,11 +278,11 @@ fn end_to_end(major: u32) -> Result<()> {
     // archiving there; then a restore to an instant on timeline 2.
     let branch_at = &late[5];
     let (mut branch, _) = backup::restore_and_recover(
-        pg,
         &repo,
         &name("branch"),
-        &["--target-time", &branch_at.time],
-        true,
+        Restore::with(&["--target-time", &branch_at.time])
+            .on(pg)
+            .archiving(),
     )?;
     assert_eq!(workload::ledger_contents(&branch)?, branch_at.contents);
     assert_eq!(
@@ -301,11 +298,9 @@ fn end_to_end(major: u32) -> Result<()> {
     drop(branch);
     let target = &on_branch[8];
     let (followed, report) = backup::restore_and_recover(
-        pg,
         &repo,
         &name("followed"),
-        &["--target-time", &target.time, "--target-timeline", "latest"],
-        false,
+        Restore::with(&["--target-time", &target.time, "--target-timeline", "latest"]).on(pg),
     )?;
     assert_eq!(
         workload::ledger_contents(&followed)?,
