@@ -170,15 +170,9 @@ mod tests {
             ("--target-action", "promote, pause, shutdown"),
             ("--sync-method", "fsync, syncfs"),
         ] {
-            let e = Cli::try_parse_from([
-                "restore-agent",
-                "--pgdata",
-                "/srv/new",
-                flag,
-                "sometimes",
-            ])
-            .unwrap_err()
-            .to_string();
+            let e = Cli::try_parse_from(["restore-agent", "--pgdata", "/srv/new", flag, "sometimes"])
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("invalid value 'sometimes'"), "{e}");
             assert!(e.contains(&format!("[possible values: {allowed}]")), "{e}");
         }

@@ -142,7 +142,7 @@ pub(crate) async fn read_in_order(
 
 /// A chunk whose answer never came: a stage of the pipeline died (it panicked).
 pub(crate) fn never_read(id: &ChunkId) -> RestoreError {
-    RestoreError::Corrupt(format!("chunk {id} was never read"))
+    RestoreError::NeverRead(id.to_string())
 }
 
 /// The decoder: take each chunk in order as its read answers, with its decompressed share of
@@ -214,7 +214,7 @@ impl ChunkReader {
                 for s in senders {
                     let _ = s.send(Err(first
                         .take()
-                        .unwrap_or_else(|| RestoreError::Corrupt(msg.clone()))));
+                        .unwrap_or_else(|| RestoreError::SameRead(msg.clone()))));
                 }
                 return;
             }
@@ -252,12 +252,13 @@ impl ChunkReader {
                 id: first.id.to_string(),
             })?;
         if bytes.len() as u64 != hi - lo {
-            return Err(RestoreError::Corrupt(format!(
-                "pack {} (holding chunk {}) is shorter than the manifest says: bytes {lo}..{hi} gave {}",
-                place.pack,
-                first.id,
-                bytes.len()
-            )));
+            return Err(RestoreError::ShortPack {
+                pack: place.pack.to_string(),
+                id: first.id.to_string(),
+                from: lo,
+                to: hi,
+                got: bytes.len(),
+            });
         }
         Ok((bytes, lo))
     }
@@ -279,13 +280,12 @@ impl ChunkReader {
         };
         let header = self.sealer.read_header(sealed).map_err(corrupt)?;
         if header.original_len != r.len {
-            return Err(RestoreError::Corrupt(format!(
-                "chunk {} of {} holds {} bytes, the manifest says {}",
-                named(),
-                self.files[r.file].path.display(),
-                header.original_len,
-                r.len
-            )));
+            return Err(RestoreError::ChunkLength {
+                chunk: named(),
+                file: self.files[r.file].path.display().to_string(),
+                holds: header.original_len,
+                says: r.len,
+            });
         }
         match stored::open_into::<Chunk>(&self.sealer, id, sealed, out) {
             Ok(Chunk(content)) => Ok(content),

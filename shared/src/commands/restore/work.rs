@@ -180,10 +180,13 @@ fn lengths_agree(refs: &[ChunkRef], files: &[FileToWrite]) -> Result<(), Restore
                 .get(r.file)
                 .map(|f| f.path.display().to_string())
                 .unwrap_or_default();
-            return Err(RestoreError::Corrupt(format!(
-                "chunk {} is referenced as {len} bytes and as {} bytes (at chunk {} of {at})",
-                r.id, r.len, r.index
-            )));
+            return Err(RestoreError::ChunkLengths {
+                id: r.id.to_string(),
+                first: len,
+                second: r.len,
+                index: r.index,
+                path: at,
+            });
         }
     }
     Ok(())
