@@ -140,14 +140,14 @@ pub(crate) async fn write_backup(
         places,
         chunk_size: manifest.chunk_size,
     };
-    let mut transfer = pipeline::write(&from, files, (plan.parallel, plan.sync), &progress).await?;
+    let mut transfer = pipeline::write(&from, files, plan.parallel, plan.sync, &progress).await?;
     // Everything but pg_control is durable before pg_control is written: the files, the recovery
     // files (a pg_control without its backup_label would start as crash recovery from the
     // backup's checkpoint, silently wrong) and every name.
     write_recovery_files(plan, manifest)?;
     sync_dirs(&directories(plan, manifest))?;
     if let Some(pg_control) = pg_control {
-        transfer.add(pipeline::write(&from, pg_control, (1, SyncMethod::Fsync), &progress).await?);
+        transfer.add(pipeline::write(&from, pg_control, 1, SyncMethod::Fsync, &progress).await?);
         // pg_control's own name (rewritten in place, or removed and created again by --delta).
         let dest = destination(&plan.pgdata, &plan.tablespaces, PG_CONTROL);
         sync_dirs(&[dest

@@ -47,7 +47,8 @@ pub(crate) struct ChunkStore<'a> {
 pub(crate) async fn write(
     from: &ChunkStore<'_>,
     batch: Batch,
-    (parallel, sync): (usize, SyncMethod),
+    parallel: usize,
+    sync: SyncMethod,
     progress: &Arc<dyn Progress>,
 ) -> Result<Transfer, RestoreError> {
     let Batch {
