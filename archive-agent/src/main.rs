@@ -83,9 +83,8 @@ enum Command {
     Push {
         /// Path of the file to archive (%p); its last component is the WAL file name
         wal_path: PathBuf,
-        /// zstd level, 1 (fastest) to 19 (smallest) [default: 3]
-        #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", value_name = "LEVEL")]
-        compress_level: Option<i32>,
+        #[command(flatten)]
+        compress: walvault::config::CompressArgs,
     },
     /// Take an online base backup into the repository: of the cluster in --pgdata, read from
     /// disk, or without --pgdata over the replication protocol (BASE_BACKUP) from --pg-url
@@ -137,15 +136,11 @@ fn main() -> ExitCode {
         cli::allocator::rerun_with_lean_allocator("archive-agent");
     }
     cli::init_logging();
-    if let Command::Push {
-        wal_path,
-        compress_level,
-    } = &cli.command
-    {
+    if let Command::Push { wal_path, compress } = &cli.command {
         return ExitCode::from(walvault::commands::archive_command::push(
             &cli.repo,
             wal_path,
-            *compress_level,
+            compress.compress_level,
         ));
     }
     let what = cli.command.name();
@@ -203,7 +198,7 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Push { .. } => unreachable!("push maps its own exit codes"),
         Command::Backup { args } => {
-            let settings = repo.settings(args.compress_level)?;
+            let settings = repo.settings(args.compress.compress_level)?;
             let opts = args.options()?;
             let taken = block_on(walvault::commands::backup::take_and_log(
                 &settings,

@@ -51,6 +51,14 @@ impl RepoArgs {
     }
 }
 
+/// The zstd level of the commands that compress (`push`, `backup`): one flag, declared once.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct CompressArgs {
+    /// zstd level, 1 (fastest) to 19 (smallest) [default: compress_level in the TOML file, else 3]
+    #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", value_name = "LEVEL")]
+    pub compress_level: Option<i32>,
+}
+
 /// An encrypted repository's key source from the environment, never from a flag: PostgreSQL
 /// logs the command lines it runs. Either replaces the `[encryption]` table's key source.
 #[derive(Debug, Clone, Default)]

@@ -20,9 +20,8 @@ pub struct BackupArgs {
     /// and pg_hba.conf needs a line for the database (not a `replication` line)
     #[arg(long, env = "WALVAULT_PG_URL", value_name = "CONN")]
     pub pg_url: Option<String>,
-    /// zstd level for the chunks [default: 3]
-    #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", value_name = "LEVEL")]
-    pub compress_level: Option<i32>,
+    #[command(flatten)]
+    pub compress: crate::config::CompressArgs,
     /// Chunks compressed and uploaded in parallel (memory: this many chunks)
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub parallel: usize,
