@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use walvault::basebackup::chunk::chunk_id;
 use walvault::commands::restore::{
-    self, NoProgress, RestoreError, RestoreOptions, RestoreReport, TablespacePlan,
+    self, NoProgress, RestoreError, RestoreOptions, RestoreReport, TablespacePlacement,
 };
 use walvault::config::{RepoArgs, Settings};
 use walvault::repo::layout::chunk_key;
@@ -128,7 +128,7 @@ impl Env {
         self.put(&format!("backups/{ID}/manifest.wvo"), &sealed.bytes);
     }
 
-    async fn restore_with(&self, tablespaces: TablespacePlan) -> Result<RestoreReport, RestoreError> {
+    async fn restore_with(&self, tablespaces: TablespacePlacement) -> Result<RestoreReport, RestoreError> {
         let opts = RestoreOptions {
             parallel: 4,
             tablespaces,
@@ -139,7 +139,7 @@ impl Env {
 
     /// Store `manifest`, restore, and return the refusal after checking that nothing was
     /// written: no target, an empty sentinel, nothing else beside them.
-    async fn refused(&self, manifest: &Value, tablespaces: TablespacePlan, cause: &str) -> String {
+    async fn refused(&self, manifest: &Value, tablespaces: TablespacePlacement, cause: &str) -> String {
         self.put_manifest(manifest);
         let err = match self.restore_with(tablespaces).await {
             Ok(r) => panic!("restored {} files of a hostile manifest", r.files),
@@ -184,7 +184,7 @@ fn file_entry(path: &str) -> Value {
 async fn the_untampered_repository_restores() {
     let env = Env::new();
     env.put_manifest(&env.manifest());
-    let report = env.restore_with(TablespacePlan::default()).await.unwrap();
+    let report = env.restore_with(TablespacePlacement::default()).await.unwrap();
     assert_eq!((report.files, report.bytes), (1, FILE.len() as u64));
     assert_eq!(std::fs::read(env.target().join("base/1/1259")).unwrap(), FILE);
     assert!(env.target().join("backup_label").is_file());
@@ -197,7 +197,8 @@ async fn a_dotdot_path_is_refused() {
     let env = Env::new();
     let mut m = env.manifest();
     m["entries"][2]["path"] = "base/../../outside/evil".into();
-    env.refused(&m, TablespacePlan::default(), "'..' component").await;
+    env.refused(&m, TablespacePlacement::default(), "'..' component")
+        .await;
 }
 
 #[tokio::test]
@@ -205,7 +206,8 @@ async fn an_absolute_path_is_refused() {
     let env = Env::new();
     let mut m = env.manifest();
     m["entries"][2]["path"] = env.outside().join("evil").display().to_string().into();
-    env.refused(&m, TablespacePlan::default(), "absolute path").await;
+    env.refused(&m, TablespacePlacement::default(), "absolute path")
+        .await;
 }
 
 #[tokio::test]
@@ -215,7 +217,7 @@ async fn a_symlink_entry_is_refused() {
     let mut m = env.manifest();
     let link = json!({ "path": "base/link", "kind": "symlink", "mode": 0o777, "target": env.outside() });
     m["entries"].as_array_mut().unwrap().insert(1, link);
-    env.refused(&m, TablespacePlan::default(), "unknown variant `symlink`")
+    env.refused(&m, TablespacePlacement::default(), "unknown variant `symlink`")
         .await;
 }
 
@@ -231,7 +233,7 @@ async fn a_tablespace_the_dba_did_not_place_is_refused() {
     entries.push(entry("pg_tblspc", "dir", 0o700));
     entries.push(entry("pg_tblspc/16400", "dir", 0o700));
     entries.push(file_entry("pg_tblspc/16400/evil"));
-    env.refused(&m, TablespacePlan::default(), "choose where they go")
+    env.refused(&m, TablespacePlacement::default(), "choose where they go")
         .await;
 }
 
@@ -243,7 +245,7 @@ async fn the_manifests_tablespace_map_is_never_written() {
     let mut m = env.manifest();
     m["tablespace_map"] = format!("16400 {}\n", env.outside().display()).into();
     env.put_manifest(&m);
-    env.restore_with(TablespacePlan::default()).await.unwrap();
+    env.restore_with(TablespacePlacement::default()).await.unwrap();
     assert!(!env.target().join("tablespace_map").exists());
     assert!(std::fs::read_dir(env.outside()).unwrap().next().is_none());
 }
@@ -259,7 +261,7 @@ async fn a_path_through_a_file_or_a_tablespace_root_file_is_refused() {
         .push(file_entry("base/1/1259/x"));
     env.refused(
         &m,
-        TablespacePlan::default(),
+        TablespacePlacement::default(),
         "goes through \"base/1/1259\", which is a file",
     )
     .await;
@@ -270,7 +272,7 @@ async fn a_path_through_a_file_or_a_tablespace_root_file_is_refused() {
     let entries = m["entries"].as_array_mut().unwrap();
     entries.push(entry("pg_tblspc", "dir", 0o700));
     entries.push(file_entry("pg_tblspc/16400"));
-    let plan = TablespacePlan {
+    let plan = TablespacePlacement {
         all_under: Some(env.outside()),
         ..Default::default()
     };
@@ -284,7 +286,7 @@ async fn an_absurd_file_size_is_refused() {
     m["entries"][2]["size"] = (1u64 << 63).into();
     env.refused(
         &m,
-        TablespacePlan::default(),
+        TablespacePlacement::default(),
         "9223372036854775808 bytes, more than the limit",
     )
     .await;
@@ -295,7 +297,7 @@ async fn a_chunk_count_that_does_not_match_the_size_is_refused() {
     let env = Env::new();
     let mut m = env.manifest();
     m["entries"][2]["size"] = (3u64 << 20).into();
-    env.refused(&m, TablespacePlan::default(), "1 chunks for 3145728 bytes")
+    env.refused(&m, TablespacePlacement::default(), "1 chunks for 3145728 bytes")
         .await;
 }
 
@@ -308,7 +310,7 @@ async fn a_huge_entry_count_is_refused_before_entries_are_parsed() {
     m["entries"] = Value::Array(vec![Value::Null; walvault::basebackup::manifest::MAX_ENTRIES + 1]);
     env.refused(
         &m,
-        TablespacePlan::default(),
+        TablespacePlacement::default(),
         "10000001 entries, more than the limit",
     )
     .await;
@@ -325,8 +327,12 @@ async fn a_bad_chunk_id_is_refused() {
     ] {
         let mut m = env.manifest();
         m["entries"][2]["chunks"] = json!([bad]);
-        env.refused(&m, TablespacePlan::default(), "is not 64 lower-case hex digits")
-            .await;
+        env.refused(
+            &m,
+            TablespacePlacement::default(),
+            "is not 64 lower-case hex digits",
+        )
+        .await;
     }
 }
 
@@ -340,7 +346,7 @@ async fn special_modes_are_refused() {
     ] {
         let mut m = env.manifest();
         m["entries"][2]["mode"] = mode.into();
-        env.refused(&m, TablespacePlan::default(), cause).await;
+        env.refused(&m, TablespacePlacement::default(), cause).await;
     }
 }
 
@@ -354,7 +360,7 @@ async fn files_restore_writes_itself_and_duplicates_are_refused() {
         .insert(0, file_entry("backup_label")); // sorted, as a careful attacker would
     env.refused(
         &m,
-        TablespacePlan::default(),
+        TablespacePlacement::default(),
         "backup_label is written by restore itself",
     )
     .await;
@@ -364,7 +370,7 @@ async fn files_restore_writes_itself_and_duplicates_are_refused() {
         .as_array_mut()
         .unwrap()
         .push(entry("postgresql.auto.conf", "dir", 0o700));
-    env.refused(&m, TablespacePlan::default(), "can only be a file")
+    env.refused(&m, TablespacePlacement::default(), "can only be a file")
         .await;
 
     let mut m = env.manifest();
@@ -372,7 +378,8 @@ async fn files_restore_writes_itself_and_duplicates_are_refused() {
         .as_array_mut()
         .unwrap()
         .push(file_entry("base/1/1259"));
-    env.refused(&m, TablespacePlan::default(), "listed twice").await;
+    env.refused(&m, TablespacePlacement::default(), "listed twice")
+        .await;
 }
 
 #[tokio::test]
@@ -380,7 +387,7 @@ async fn a_backup_of_another_cluster_is_refused() {
     let env = Env::new();
     let mut m = env.manifest();
     m["system_identifier"] = (SYSID + 1).to_string().into();
-    env.refused(&m, TablespacePlan::default(), "the repository holds system")
+    env.refused(&m, TablespacePlacement::default(), "the repository holds system")
         .await;
 }
 
@@ -405,7 +412,7 @@ async fn a_chunk_claiming_a_huge_length_is_refused_before_decompressing() {
     m["entries"][2]["chunks"] = json!([id]);
     env.put_manifest(&m);
     let err = env
-        .restore_with(TablespacePlan::default())
+        .restore_with(TablespacePlacement::default())
         .await
         .unwrap_err()
         .to_string();

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use crate::basebackup::manifest::BackupIdError;
 use crate::cli::target_args::{TargetArgs, TargetError, parse_timeline};
 use crate::commands::restore::{
-    RecoveryTarget, RestoreOptions, SyncMethod, TablespacePlan, TargetAction, default_parallel,
+    RecoveryTarget, RestoreOptions, SyncMethod, TablespacePlacement, TargetAction, default_parallel,
 };
 use crate::config::RepoArgs;
 use crate::config::Settings;
@@ -109,8 +109,8 @@ impl RestoreArgs {
         })
     }
 
-    fn tablespaces(&self) -> Result<TablespacePlan, RestoreArgsError> {
-        let mut plan = TablespacePlan {
+    fn tablespaces(&self) -> Result<TablespacePlacement, RestoreArgsError> {
+        let mut plan = TablespacePlacement {
             all_under: self.tablespace_map_all.clone(),
             original: self.tablespace_original,
             ..Default::default()

@@ -50,7 +50,7 @@ mod work;
 pub use delta::DeltaReport;
 pub use error::RestoreError;
 use error::write_err;
-pub use options::{RestoreOptions, SyncMethod, TablespacePlan, default_parallel};
+pub use options::{RestoreOptions, SyncMethod, TablespacePlacement, default_parallel};
 pub use placement::check_before_writing;
 pub use plan::{DirectoryUse, PlannedBackup, PlannedFiles, PlannedRecovery, PlannedTimeline, RestorePlan};
 pub use progress::{NoProgress, Progress};
@@ -117,7 +117,7 @@ mod testing {
     use std::path::Path;
     use std::sync::Arc;
 
-    use super::delta::DeltaPlan;
+    use super::delta::DeltaComparison;
     use super::*;
     use crate::basebackup::manifest::{Entry, EntryKind, Manifest, Tablespace};
     use crate::repo::Store;
@@ -230,7 +230,11 @@ mod testing {
 
     /// The plan a restore of `m` with `opts` carries out (the tablespaces as `opts` maps them,
     /// timeline 1), made without choosing the backup from a catalog.
-    pub(super) fn plan_of(m: &Manifest, opts: &RestoreOptions, delta_work: Option<DeltaPlan>) -> RestorePlan {
+    pub(super) fn plan_of(
+        m: &Manifest,
+        opts: &RestoreOptions,
+        delta_work: Option<DeltaComparison>,
+    ) -> RestorePlan {
         plan::RestorePlan {
             pgdata: opts.pgdata.clone(),
             repository: "s3://bucket/repo".into(),

@@ -235,7 +235,7 @@ fn restore_options(opts: &DrillOptions, plan: &Plan, scratch: &Path, pgdata: &Pa
         parallel: opts.parallel,
         // The restore a DBA would run, so the drill's RTO is that restore's (and never a syncfs
         // of a scratch file system shared with a production server): the default sync method.
-        tablespaces: crate::commands::restore::TablespacePlan {
+        tablespaces: crate::commands::restore::TablespacePlacement {
             all_under: Some(scratch.join("tablespaces")),
             ..Default::default()
         },

@@ -88,9 +88,10 @@ struct PlannedFile {
     mode_differs: bool,
 }
 
-/// Everything a delta restore will do, decided before the first write.
+/// Everything a delta restore will do, decided before the first write: the comparison of the
+/// directory with the backup (what to remove, which chunks of which files to rewrite).
 #[derive(Debug, Clone)]
-pub(crate) struct DeltaPlan {
+pub(crate) struct DeltaComparison {
     /// Paths to remove, with whether each is a directory (removed with its contents). Never
     /// followed: a link is removed, not its target.
     remove: Vec<(PathBuf, bool)>,
@@ -98,7 +99,7 @@ pub(crate) struct DeltaPlan {
     report: DeltaReport,
 }
 
-impl DeltaPlan {
+impl DeltaComparison {
     /// What the comparison found, and what applying the plan rewrites and removes.
     pub(crate) fn report(&self) -> DeltaReport {
         self.report.clone()
@@ -191,7 +192,7 @@ pub(crate) async fn plan(
     m: &Manifest,
     pgdata: &Path,
     spaces: &BTreeMap<u32, PathBuf>,
-) -> Result<DeltaPlan, RestoreError> {
+) -> Result<DeltaComparison, RestoreError> {
     check_restorable(pgdata, false)?;
     for location in spaces.values() {
         check_restorable(location, true)?;
@@ -209,7 +210,7 @@ pub(crate) async fn plan(
         ..DeltaReport::default()
     };
     let files = plan_files(m, pgdata, spaces, compared, &mut report);
-    Ok(DeltaPlan {
+    Ok(DeltaComparison {
         remove,
         files,
         report,
@@ -455,7 +456,7 @@ fn compare(
 /// size; returns the chunks to write. `global/pg_control` is removed first: from then until the
 /// restore completes, no server can start on the directory.
 pub(crate) fn apply(
-    plan: DeltaPlan,
+    plan: DeltaComparison,
     m: &Manifest,
     pgdata: &Path,
     spaces: &BTreeMap<u32, PathBuf>,

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::delta::{self, DeltaPlan, DeltaReport};
+use super::delta::{self, DeltaComparison, DeltaReport};
 use super::pipeline::{self, ChunkStore, Transfer};
 use super::placement::destination;
 use super::plan::{DirectoryUse, RestorePlan};
@@ -128,7 +128,7 @@ pub(crate) async fn write_backup(
     sealer: &Sealer,
     plan: &RestorePlan,
     manifest: &Manifest,
-    delta: Option<DeltaPlan>,
+    delta: Option<DeltaComparison>,
     progress: Arc<dyn Progress>,
 ) -> Result<Written, RestoreError> {
     let (work, delta) = work_list(plan, manifest, delta)?;
@@ -180,7 +180,7 @@ pub(crate) struct Written {
 fn work_list(
     plan: &RestorePlan,
     manifest: &Manifest,
-    delta: Option<DeltaPlan>,
+    delta: Option<DeltaComparison>,
 ) -> Result<(WorkList, Option<DeltaReport>), RestoreError> {
     let (pgdata, spaces) = (&plan.pgdata, &plan.tablespaces);
     let (mut work, report) = match delta {

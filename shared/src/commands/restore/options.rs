@@ -47,8 +47,8 @@ pub struct RestoreOptions {
     pub sync: SyncMethod,
     /// The `restore_command` line to write (restore-agent fetch with the same repository settings).
     pub restore_command: String,
-    /// Where each tablespace goes; see [`TablespacePlan`].
-    pub tablespaces: TablespacePlan,
+    /// Where each tablespace goes; see [`TablespacePlacement`].
+    pub tablespaces: TablespacePlacement,
 }
 
 impl RestoreOptions {
@@ -69,7 +69,7 @@ impl RestoreOptions {
             parallel: 1,
             sync: SyncMethod::default(),
             restore_command: restore_command.into(),
-            tablespaces: TablespacePlan::default(),
+            tablespaces: TablespacePlacement::default(),
         }
     }
 }
@@ -77,7 +77,7 @@ impl RestoreOptions {
 /// Where tablespaces are restored. Their locations come from the manifest, which a restore must
 /// not trust to write outside the new data directory: the DBA chooses, explicitly.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TablespacePlan {
+pub struct TablespacePlacement {
     /// `--tablespace-map OID=DIR`.
     pub map: std::collections::BTreeMap<u32, PathBuf>,
     /// `--tablespace-map-all DIR`: every other tablespace to `DIR/<oid>`.

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::delta::{self, DeltaPlan, DeltaReport};
+use super::delta::{self, DeltaComparison, DeltaReport};
 use super::placement::{check_before_writing, is_empty_dir, place_tablespaces};
 use super::select::{ReplaySpan, choose_backup, replay_span};
 use super::{RestoreError, RestoreOptions, TimelineTarget};
@@ -48,7 +48,7 @@ pub struct RestorePlan {
     /// How the files written are made durable (`--sync-method`): how, not what.
     pub(crate) sync: super::SyncMethod,
     /// With `--delta`: the comparison of every existing file, consumed by the executor.
-    pub(crate) delta_work: Option<DeltaPlan>,
+    pub(crate) delta_work: Option<DeltaComparison>,
 }
 
 /// The backup restored.
@@ -202,7 +202,7 @@ pub(crate) async fn build(
         directories: count(EntryKind::Dir),
         bytes,
         bytes_to_write: delta_work.as_ref().map_or(bytes, |d| d.bytes_to_write(m)),
-        delta: delta_work.as_ref().map(DeltaPlan::report),
+        delta: delta_work.as_ref().map(DeltaComparison::report),
     };
     Ok(RestorePlan {
         pgdata: pgdata.clone(),
@@ -428,7 +428,7 @@ mod tests {
     use super::super::testing::{SYSID, fixture, options, with_tablespace};
     use super::*;
     use crate::catalog::testing::{at, nos, summary};
-    use crate::commands::restore::{TablespacePlan, TargetAction};
+    use crate::commands::restore::{TablespacePlacement, TargetAction};
     use crate::wal::lsn::tl;
 
     /// The fixture's backup (consistent in segment 2 of timeline 1 at 1795271530.12 s) and the
@@ -536,7 +536,7 @@ mod tests {
         let mut opts = options(&dir.path().join("data"));
         let err = plan_for(&cat, &opts).await.unwrap_err();
         assert!(matches!(err, RestoreError::TablespacesUnplaced { .. }), "{err}");
-        opts.tablespaces = TablespacePlan {
+        opts.tablespaces = TablespacePlacement {
             all_under: Some(dir.path().join("spaces")),
             ..Default::default()
         };
