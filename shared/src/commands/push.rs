@@ -537,14 +537,13 @@ pub async fn archive_source(
         }
         return Ok(outcome);
     }
-    let stored_size = sealed.stored_len;
-    let written = write_new(&to, sealed.body, staged).await?;
-    let outcome = confirm_ours(&to, &ours, written, check_first, stored_size).await?;
+    let written = write_new(&to, sealed, staged).await?;
+    let outcome = confirm_ours(&to, &ours, written, check_first).await?;
     // The segment is durable; now its entry in the time index. Derived data: a failure here is
     // logged and never fails the push (restore only loses precision for this segment). A summary
     // under the name of a segment this push has just stored describes nothing else: replaced.
     if let Some(s) = segment {
-        let summary = s.without_carry_if_it_failed(src, summary, carried).await;
+        let summary = s.retried_without_carry(src, summary, carried).await;
         let write = SummaryWrite::for_segment(outcome.newly_stored);
         record_summary(&store, &sealer, &s.seg, summary, repo.id(), how.spool, write).await;
     }
@@ -612,7 +611,7 @@ impl InlineSegment {
 
     /// The sealing pass's summary, or, when decoding with the previous segment's carry failed
     /// there, the segment summarized again alone.
-    async fn without_carry_if_it_failed(
+    async fn retried_without_carry(
         &self,
         src: WalSource,
         summary: Option<SummaryResult>,
@@ -678,21 +677,23 @@ async fn seal_and_look(
     })
 }
 
-/// What a create-only write of a sealed object answered: created or already there, and the
-/// entity tag of what it created, when the store gave one.
+/// A create-only write of a sealed object: what the store answered (created or already there),
+/// the entity tag of what it created when the store gave one, and the bytes written.
 struct Written {
     put: PutNew,
     etag: Option<String>,
+    stored_size: u64,
 }
 
 /// Write the sealed object under the key, create-only: the staged file published, or the
 /// parts put.
 async fn write_new(
     to: &Destination<'_>,
-    body: SealedBody,
+    sealed: StreamSealed,
     staged: Option<crate::repo::store::Staged>,
 ) -> Result<Written, PushError> {
-    let (put, etag) = match (body, staged) {
+    let stored_size = sealed.stored_len;
+    let (put, etag) = match (sealed.body, staged) {
         (SealedBody::File(f), Some(mut staged)) => {
             staged.file = Some(f);
             (to.store.publish_new(staged).await?, None)
@@ -700,22 +701,25 @@ async fn write_new(
         (SealedBody::Parts(parts), _) => to.store.put_new_parts(&to.key, parts).await?,
         (SealedBody::File(_), None) => unreachable!("a file sink comes from a staged object"),
     };
-    Ok(Written { put, etag })
+    Ok(Written {
+        put,
+        etag,
+        stored_size,
+    })
 }
 
-/// The outcome of a create-only write of `ours` (`stored_size` bytes), once what the store holds
-/// under the key is known to be these bytes.
+/// The outcome of a create-only write of `ours`, once what the store holds under the key is
+/// known to be these bytes.
 async fn confirm_ours(
     to: &Destination<'_>,
     ours: &Content,
     written: Written,
     check_first: bool,
-    stored_size: u64,
 ) -> Result<PushOutcome, PushError> {
     let outcome = PushOutcome {
         name: ours.name,
         size: ours.len,
-        stored_size,
+        stored_size: written.stored_size,
         newly_stored: true,
         hash: Some(ours.plain_hash),
     };
