@@ -238,75 +238,11 @@ async fn run(
     let cat = Catalog::load_listing(&reader).await?;
     refuse_damaged(&cat)?;
     let plan = retention::plan(policy, &cat, now_us);
-
-    let mut report = ExpireReport {
-        dry_run,
-        policy: policy.describe(),
-        unknown_timelines: plan.unknown_timelines.clone(),
-        ..ExpireReport::default()
-    };
-    for (m, d) in cat.backups().iter().zip(&plan.decisions) {
-        if d.kept() {
-            report.kept.push(Kept {
-                id: m.id.to_string(),
-                timeline: m.timeline,
-                stop_time: crate::time::format_micros(m.stop_time_us),
-                reasons: d.reasons.iter().copied().collect(),
-            });
-        } else {
-            report.expired.push(m.id.to_string());
-        }
-    }
-    if let Some(w) = &plan.window_from
-        && let Some(m) = cat.backup(w)
-    {
-        report.window_from = Some(w.to_string());
-        report.window_from_time = Some(crate::time::format_micros(m.stop_time_us));
-    }
-
-    // 1. Manifests (with any pin: an expired backup has none) of expired backups.
+    let mut report = ExpireReport::of_decisions(policy, &cat, &plan, dry_run);
     let expired: BTreeSet<&BackupId> = plan.expired().collect();
-    let mut manifest_keys: Vec<String> = expired.iter().map(|id| layout::manifest_key(id)).collect();
-    // Relation maps go with their manifest (deleted after it: a manifest never lacks its map
-    // through an expire cut off halfway).
-    manifest_keys.extend(expired.iter().map(|id| layout::relation_map_key(id)));
-    report.backups = Deleted {
-        objects: expired.len() as u64,
-        bytes: expired
-            .iter()
-            .filter_map(|id| cat.manifest_size(id))
-            .chain(expired.iter().filter_map(|id| cat.relation_map_size(id)))
-            .sum(),
-    };
-    // 2. WAL and summaries (history files are never deleted: retention.rs).
-    let wal_sizes: HashMap<&WalFileName, u64> = cat.wal_files().iter().map(|(n, size)| (n, *size)).collect();
-    let wal_keys: Vec<String> = plan.wal.iter().map(layout::wal_key).collect();
-    report.wal = Deleted {
-        objects: plan.wal.len() as u64,
-        bytes: plan.wal.iter().filter_map(|n| wal_sizes.get(n)).sum(),
-    };
-    let summary_sizes: HashMap<&SegmentName, u64> =
-        cat.summary_files().iter().map(|(s, size)| (s, *size)).collect();
-    let summary_keys: Vec<String> = plan.summaries.iter().map(layout::summary_key).collect();
-    report.summaries = Deleted {
-        objects: plan.summaries.len() as u64,
-        bytes: plan.summaries.iter().filter_map(|s| summary_sizes.get(s)).sum(),
-    };
+    let doomed = Doomed::counted(&cat, &plan, &expired, &mut report);
     if !dry_run {
-        // Recorded first: verify then knows which kept backups keep WAL to their consistency
-        // point only, even if this expire is cut off halfway.
-        let record = retention::RetentionRecord::new(policy, &plan.decisions, now_us);
-        let json = serde_json::to_vec_pretty(&record).expect("a retention record serializes");
-        store
-            .put(
-                layout::RETENTION_KEY,
-                repo.sealer().seal_record(layout::RETENTION_KEY, json),
-            )
-            .await?;
-        store.delete_many(&manifest_keys).await?;
-        for id in &expired {
-            tracing::info!(backup = %id, "expired");
-        }
+        retire_backups(repo, policy, &plan, &doomed.manifests, &expired, now_us).await?;
     }
 
     // 3. WAL, summaries, chunks and packs: only when no backup is in progress (repo/locks.rs). A
@@ -322,8 +258,8 @@ async fn run(
             report.deferred = Some(why);
             return Ok(report);
         }
-        store.delete_many(&wal_keys).await?;
-        store.delete_many(&summary_keys).await?;
+        store.delete_many(&doomed.wal).await?;
+        store.delete_many(&doomed.summaries).await?;
     }
     let current = match dry_run {
         true => cat.clone(),
@@ -331,6 +267,129 @@ async fn run(
         false => Catalog::refresh_listing(&reader, &cat).await?,
     };
     refuse_damaged(&current)?;
+    let garbage = unreferenced(repo, &current, &expired, &mut report).await?;
+    if !dry_run {
+        store.delete_many(&garbage).await?;
+    }
+    Ok(report)
+}
+
+impl ExpireReport {
+    /// What the plan decided for each backup, before anything is deleted.
+    fn of_decisions(policy: &Policy, cat: &Catalog, plan: &retention::Plan, dry_run: bool) -> ExpireReport {
+        let mut report = ExpireReport {
+            dry_run,
+            policy: policy.describe(),
+            unknown_timelines: plan.unknown_timelines.clone(),
+            ..ExpireReport::default()
+        };
+        for (m, d) in cat.backups().iter().zip(&plan.decisions) {
+            if d.kept() {
+                report.kept.push(Kept {
+                    id: m.id.to_string(),
+                    timeline: m.timeline,
+                    stop_time: crate::time::format_micros(m.stop_time_us),
+                    reasons: d.reasons.iter().copied().collect(),
+                });
+            } else {
+                report.expired.push(m.id.to_string());
+            }
+        }
+        if let Some(w) = &plan.window_from
+            && let Some(m) = cat.backup(w)
+        {
+            report.window_from = Some(w.to_string());
+            report.window_from_time = Some(crate::time::format_micros(m.stop_time_us));
+        }
+        report
+    }
+}
+
+/// The keys the plan deletes, by kind.
+struct Doomed {
+    /// Manifests of expired backups, then their relation maps.
+    manifests: Vec<String>,
+    wal: Vec<String>,
+    summaries: Vec<String>,
+}
+
+impl Doomed {
+    /// The keys of what the plan deletes, counted (objects and bytes) in `report`.
+    fn counted(
+        cat: &Catalog,
+        plan: &retention::Plan,
+        expired: &BTreeSet<&BackupId>,
+        report: &mut ExpireReport,
+    ) -> Doomed {
+        // 1. Manifests (with any pin: an expired backup has none) of expired backups.
+        let mut manifests: Vec<String> = expired.iter().map(|id| layout::manifest_key(id)).collect();
+        // Relation maps go with their manifest (deleted after it: a manifest never lacks its map
+        // through an expire cut off halfway).
+        manifests.extend(expired.iter().map(|id| layout::relation_map_key(id)));
+        report.backups = Deleted {
+            objects: expired.len() as u64,
+            bytes: expired
+                .iter()
+                .filter_map(|id| cat.manifest_size(id))
+                .chain(expired.iter().filter_map(|id| cat.relation_map_size(id)))
+                .sum(),
+        };
+        // 2. WAL and summaries (history files are never deleted: retention.rs).
+        let wal_sizes: HashMap<&WalFileName, u64> =
+            cat.wal_files().iter().map(|(n, size)| (n, *size)).collect();
+        report.wal = Deleted {
+            objects: plan.wal.len() as u64,
+            bytes: plan.wal.iter().filter_map(|n| wal_sizes.get(n)).sum(),
+        };
+        let summary_sizes: HashMap<&SegmentName, u64> =
+            cat.summary_files().iter().map(|(s, size)| (s, *size)).collect();
+        report.summaries = Deleted {
+            objects: plan.summaries.len() as u64,
+            bytes: plan.summaries.iter().filter_map(|s| summary_sizes.get(s)).sum(),
+        };
+        Doomed {
+            manifests,
+            wal: plan.wal.iter().map(layout::wal_key).collect(),
+            summaries: plan.summaries.iter().map(layout::summary_key).collect(),
+        }
+    }
+}
+
+/// Delete the expired backups' manifests and relation maps, after recording the decisions.
+async fn retire_backups(
+    repo: &Writer,
+    policy: &Policy,
+    plan: &retention::Plan,
+    manifest_keys: &[String],
+    expired: &BTreeSet<&BackupId>,
+    now_us: i64,
+) -> Result<(), ExpireError> {
+    let store = repo.writable();
+    // Recorded first: verify then knows which kept backups keep WAL to their consistency
+    // point only, even if this expire is cut off halfway.
+    let record = retention::RetentionRecord::new(policy, &plan.decisions, now_us);
+    let json = serde_json::to_vec_pretty(&record).expect("a retention record serializes");
+    store
+        .put(
+            layout::RETENTION_KEY,
+            repo.sealer().seal_record(layout::RETENTION_KEY, json),
+        )
+        .await?;
+    store.delete_many(manifest_keys).await?;
+    for id in expired {
+        tracing::info!(backup = %id, "expired");
+    }
+    Ok(())
+}
+
+/// The packs and chunks no backup kept in `current` refers to, and the relation maps of backups
+/// that never wrote their manifest: their keys, counted in `report`.
+async fn unreferenced(
+    repo: &Writer,
+    current: &Catalog,
+    expired: &BTreeSet<&BackupId>,
+    report: &mut ExpireReport,
+) -> Result<Vec<String>, ExpireError> {
     let kept = || current.backups().iter().filter(|m| !expired.contains(&m.id));
     let referenced = retention::referenced_chunks(kept());
     let listed_packs = retention::referenced_packs(kept());
@@ -360,10 +419,7 @@ async fn run(
             garbage.push(layout::relation_map_key(id));
         }
     }
-    if !dry_run {
-        store.delete_many(&garbage).await?;
-    }
-    Ok(report)
+    Ok(garbage)
 }
 
 /// Each listed object that `parse` recognises and `keep` does not keep: counted in `deleted` and

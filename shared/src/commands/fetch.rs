@@ -184,6 +184,32 @@ impl PendingSummary {
     }
 }
 
+/// The prefetcher's copy of `name`, moved to `dest`, with the newest transaction end spooled
+/// beside it when `with_commit` (a segment whose commit time is wanted); `None` when there is no
+/// copy or it is unusable (then the repository is asked).
+fn take_prefetched(p: &Prefetch, name: WalFileName, dest: &Path, with_commit: bool) -> Option<FetchOutcome> {
+    // Read before the copy is taken, which removes it.
+    let latest_commit = if with_commit {
+        p.spooled_commit(&name)
+    } else {
+        None
+    };
+    match p.take(&name, dest) {
+        Some(Ok(size)) => Some(FetchOutcome::Restored {
+            name,
+            size,
+            stored_size: 0,
+            prefetched: true,
+            latest_commit,
+        }),
+        Some(Err(e)) => {
+            tracing::warn!("prefetched {name} unusable ({e}); fetching it from the repository");
+            None
+        }
+        None => None,
+    }
+}
+
 async fn fetch_unbounded(
     settings: &Settings,
     name: &str,
@@ -200,25 +226,8 @@ async fn fetch_unbounded(
         _ => None,
     };
 
-    if let Some(p) = prefetch {
-        // Read before the copy is taken, which removes it.
-        let latest_commit = segment.and_then(|_| p.spooled_commit(&name));
-        match p.take(&name, dest) {
-            Some(Ok(size)) => {
-                let outcome = FetchOutcome::Restored {
-                    name,
-                    size,
-                    stored_size: 0,
-                    prefetched: true,
-                    latest_commit,
-                };
-                return Ok((outcome, None));
-            }
-            Some(Err(e)) => {
-                tracing::warn!("prefetched {name_str} unusable ({e}); fetching it from the repository")
-            }
-            None => {}
-        }
+    if let Some(outcome) = prefetch.and_then(|p| take_prefetched(p, name, dest, segment.is_some())) {
+        return Ok((outcome, None));
     }
 
     // A corrupt read is re-read once: a flipped bit in transit is not worth stopping recovery for,

@@ -278,53 +278,89 @@ pub fn describe(
     map: Option<&RelationMap>,
     min_rows: u64,
 ) -> (Option<String>, Vec<Action>, Vec<String>) {
+    let words = Words { e, map };
     let mut actions = Vec::new();
     let mut notes = Vec::new();
-    let db_oid =
-        e.db.or_else(|| e.unlinked.first().map(|l| l.db).filter(|&d| d != 0))
-            .or_else(|| e.rows.first().map(|r| r.rel.db))
-            .or(e.dropped_database);
-    let db_name = |oid: u32| {
-        map.and_then(|m| m.database(oid))
-            .map_or(format!("database {oid}"), |d| d.name.clone())
-    };
     if let Some(d) = e.dropped_database {
         actions.push(Action {
             kind: ActionKind::DropDatabase,
-            object: db_name(d),
+            object: words.database_name(d),
             object_kind: "database".into(),
             rows: None,
         });
     }
+    let truncated_tables = words.truncates(&mut actions);
+    if !e.unlinked.is_empty() {
+        words.unlinked_files(&truncated_tables, &mut actions, &mut notes);
+    }
+    words.many_rows(min_rows, &mut actions);
+    (
+        words.database_oid().map(|d| words.database_name(d)),
+        actions,
+        notes,
+    )
+}
 
-    // TRUNCATE records (wal_level = logical) name relations by OID.
-    let mut truncated_tables = Vec::new();
-    for &(db, oid) in &e.truncated {
-        match map.and_then(|m| m.relation_by_oid(db, oid)) {
-            Some(r) => {
-                truncated_tables.push((db, r.oid));
-                actions.push(Action {
-                    kind: ActionKind::Truncate,
-                    object: r.qualified(),
-                    object_kind: r.kind_word().into(),
-                    rows: None,
-                });
-            }
-            None => actions.push(Action {
-                kind: ActionKind::Truncate,
-                object: format!("relation {oid} in {}", db_name(db)),
-                object_kind: "relation".into(),
-                rows: None,
-            }),
-        }
+/// One event told in the words of a relation map (see [`describe`]).
+#[derive(Clone, Copy)]
+struct Words<'a> {
+    e: &'a ChangeEvent,
+    map: Option<&'a RelationMap>,
+}
+
+impl Words<'_> {
+    /// The database the event happened in.
+    fn database_oid(&self) -> Option<u32> {
+        let e = self.e;
+        e.db.or_else(|| e.unlinked.first().map(|l| l.db).filter(|&d| d != 0))
+            .or_else(|| e.rows.first().map(|r| r.rel.db))
+            .or(e.dropped_database)
     }
 
-    // Unlinked files: grouped by the table they belong to.
-    if !e.unlinked.is_empty() {
+    fn database_name(&self, oid: u32) -> String {
+        self.map
+            .and_then(|m| m.database(oid))
+            .map_or(format!("database {oid}"), |d| d.name.clone())
+    }
+
+    /// TRUNCATE records (wal_level = logical) name relations by OID: an action each; returns the
+    /// tables named (database, OID).
+    fn truncates(&self, actions: &mut Vec<Action>) -> Vec<(u32, u32)> {
+        let mut truncated_tables = Vec::new();
+        for &(db, oid) in &self.e.truncated {
+            match self.map.and_then(|m| m.relation_by_oid(db, oid)) {
+                Some(r) => {
+                    truncated_tables.push((db, r.oid));
+                    actions.push(Action {
+                        kind: ActionKind::Truncate,
+                        object: r.qualified(),
+                        object_kind: r.kind_word().into(),
+                        rows: None,
+                    });
+                }
+                None => actions.push(Action {
+                    kind: ActionKind::Truncate,
+                    object: format!("relation {oid} in {}", self.database_name(db)),
+                    object_kind: "relation".into(),
+                    rows: None,
+                }),
+            }
+        }
+        truncated_tables
+    }
+
+    /// Unlinked files: an action per table they belong to (those not truncated already), then
+    /// per file the map does not know; notes on what the WAL cannot tell.
+    fn unlinked_files(
+        &self,
+        truncated_tables: &[(u32, u32)],
+        actions: &mut Vec<Action>,
+        notes: &mut Vec<String>,
+    ) {
         let mut tables: Vec<(u32, &crate::basebackup::relmap::Relation)> = Vec::new();
         let mut unknown = Vec::new();
-        for loc in &e.unlinked {
-            match map.and_then(|m| m.relation(loc).map(|r| (m, r))) {
+        for loc in &self.e.unlinked {
+            match self.map.and_then(|m| m.relation(loc).map(|r| (m, r))) {
                 Some((m, r)) => {
                     let t = m.table_of(loc.db, r);
                     if !tables.iter().any(|(d, x)| *d == loc.db && x.oid == t.oid)
@@ -336,34 +372,9 @@ pub fn describe(
                 None => unknown.push(loc),
             }
         }
-        // pg_class rows deleted tell a drop; updated only, a new file for the same relation.
-        let kind_in = |db: u32| -> ActionKind {
-            let pg_class = map
-                .and_then(|m| m.database(db))
-                .filter(|d| d.error.is_none())
-                .and_then(|d| {
-                    d.relations
-                        .iter()
-                        .find(|r| r.schema == "pg_catalog" && r.name == "pg_class")
-                });
-            let Some(pg_class) = pg_class else {
-                return ActionKind::DropOrRewrite;
-            };
-            let (deleted, updated) = e
-                .rows
-                .iter()
-                .filter(|r| r.rel.db == db && r.rel.rel == pg_class.filenode)
-                .fold((0, 0), |(d, u), r| (d + r.deleted, u + r.updated));
-            let files = e.unlinked.iter().filter(|l| l.db == db).count() as u64;
-            match (deleted, updated) {
-                (d, _) if d >= files => ActionKind::Drop,
-                (0, u) if u > 0 => ActionKind::TruncateOrRewrite,
-                _ => ActionKind::DropOrRewrite,
-            }
-        };
         for (db, t) in &tables {
             actions.push(Action {
-                kind: kind_in(*db),
+                kind: self.unlink_kind(*db),
                 object: t.qualified(),
                 object_kind: t.kind_word().into(),
                 rows: None,
@@ -371,7 +382,7 @@ pub fn describe(
         }
         for loc in unknown {
             actions.push(Action {
-                kind: kind_in(loc.db),
+                kind: self.unlink_kind(loc.db),
                 object: format!("file {}/{}/{}", loc.spc, loc.db, loc.rel),
                 object_kind: "relation".into(),
                 rows: None,
@@ -382,41 +393,72 @@ pub fn describe(
                 "at wal_level = replica the WAL does not tell a TRUNCATE from a rewrite (VACUUM FULL, CLUSTER, ALTER TABLE ... TYPE, REFRESH MATERIALIZED VIEW): both give the table new files".into(),
             );
         }
-        if e.unlinked_cut {
+        if self.e.unlinked_cut {
             notes.push(
                 "the commit record lists more files than walvault keeps: some may be missing here".into(),
             );
         }
-        if map.is_none() {
+        if self.map.is_none() {
             notes.push("no backup before it recorded a relation map: relations are shown by file".into());
         }
     }
 
-    // Many rows of one relation.
-    for r in &e.rows {
-        let rel = map.and_then(|m| m.relation(&r.rel));
-        if rel.is_some_and(|x| x.is_system()) {
-            continue;
-        }
-        let (object, object_kind) = match rel {
-            Some(x) => (x.qualified(), x.kind_word().to_string()),
-            None => (
-                format!("file {}/{}/{}", r.rel.spc, r.rel.db, r.rel.rel),
-                "relation".to_string(),
-            ),
+    /// What unlinking files in database `db` was: pg_class rows deleted tell a drop; updated
+    /// only, a new file for the same relation.
+    fn unlink_kind(&self, db: u32) -> ActionKind {
+        let pg_class = self
+            .map
+            .and_then(|m| m.database(db))
+            .filter(|d| d.error.is_none())
+            .and_then(|d| {
+                d.relations
+                    .iter()
+                    .find(|r| r.schema == "pg_catalog" && r.name == "pg_class")
+            });
+        let Some(pg_class) = pg_class else {
+            return ActionKind::DropOrRewrite;
         };
-        for (kind, n) in [(ActionKind::Delete, r.deleted), (ActionKind::Update, r.updated)] {
-            if n >= min_rows {
-                actions.push(Action {
-                    kind,
-                    object: object.clone(),
-                    object_kind: object_kind.clone(),
-                    rows: Some(n),
-                });
+        let (deleted, updated) = self
+            .e
+            .rows
+            .iter()
+            .filter(|r| r.rel.db == db && r.rel.rel == pg_class.filenode)
+            .fold((0, 0), |(d, u), r| (d + r.deleted, u + r.updated));
+        let files = self.e.unlinked.iter().filter(|l| l.db == db).count() as u64;
+        match (deleted, updated) {
+            (d, _) if d >= files => ActionKind::Drop,
+            (0, u) if u > 0 => ActionKind::TruncateOrRewrite,
+            _ => ActionKind::DropOrRewrite,
+        }
+    }
+
+    /// Many rows of one relation (not a system catalog): a `DELETE` or `UPDATE` action each
+    /// from `min_rows` rows.
+    fn many_rows(&self, min_rows: u64, actions: &mut Vec<Action>) {
+        for r in &self.e.rows {
+            let rel = self.map.and_then(|m| m.relation(&r.rel));
+            if rel.is_some_and(|x| x.is_system()) {
+                continue;
+            }
+            let (object, object_kind) = match rel {
+                Some(x) => (x.qualified(), x.kind_word().to_string()),
+                None => (
+                    format!("file {}/{}/{}", r.rel.spc, r.rel.db, r.rel.rel),
+                    "relation".to_string(),
+                ),
+            };
+            for (kind, n) in [(ActionKind::Delete, r.deleted), (ActionKind::Update, r.updated)] {
+                if n >= min_rows {
+                    actions.push(Action {
+                        kind,
+                        object: object.clone(),
+                        object_kind: object_kind.clone(),
+                        rows: Some(n),
+                    });
+                }
             }
         }
     }
-    (db_oid.map(db_name), actions, notes)
 }
 
 /// The restore that recovers the moment just before `e`, when a backup before it exists:

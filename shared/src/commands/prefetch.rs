@@ -240,41 +240,11 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
     let commits = crate::replay::files::plan_for_fetch(pgdata).is_some();
     let mut last_wanted = pf.wanted();
     let mut last_change = Instant::now();
-    let mut retry: KeyedBackoff<WalFileName> = KeyedBackoff::default();
-    let mut tasks: JoinSet<(WalFileName, Result<bool, PrefetchError>)> = JoinSet::new();
-    let mut downloading: BTreeSet<WalFileName> = BTreeSet::new();
-    // Set when the spool could not be written: no new download before then.
-    let mut paused_until: Option<Instant> = None;
+    let mut downloads = Downloads::default();
     // The segments' reads, recorded for the debug log (what they cost, how they overlapped).
     let reads = crate::repo::reads::ReadStats::new();
     loop {
-        while let Some(done) = tasks.try_join_next() {
-            let (name, result) = done.expect("prefetch task panicked");
-            downloading.remove(&name);
-            match result {
-                Ok(true) => retry.succeeded(&name),
-                Ok(false) => retry.wait(name, Instant::now(), MISSING_RETRY),
-                Err(e @ PrefetchError::Spool { .. }) => {
-                    if paused_until.is_none_or(|t| Instant::now() >= t) {
-                        tracing::warn!(
-                            "prefetch {name}: {e}; prefetching paused for {}s, recovery fetches from the repository meanwhile",
-                            SPOOL_FAILURE_PAUSE.as_secs()
-                        );
-                    }
-                    paused_until = Some(Instant::now() + SPOOL_FAILURE_PAUSE);
-                    retry.wait(name, Instant::now(), MISSING_RETRY);
-                }
-                Err(e) => {
-                    let (failures, _) = retry.failed(name, Instant::now());
-                    // One line for the first failures, then one per power of two.
-                    if failures <= 2 || failures.is_power_of_two() {
-                        tracing::warn!(
-                            "prefetch {name}: {e} (failure {failures}; fetch will report it if recovery asks)"
-                        );
-                    }
-                }
-            }
-        }
+        downloads.collect_finished();
         if !pf.in_recovery() {
             break;
         }
@@ -294,52 +264,28 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
         if wanted != last_wanted {
             last_wanted = wanted;
             last_change = Instant::now();
-        } else if last_change.elapsed() > opts.idle_exit && tasks.is_empty() {
+        } else if last_change.elapsed() > opts.idle_exit && downloads.tasks.is_empty() {
             break;
         }
         if let Some(current) = wanted {
-            let ahead: Vec<WalFileName> = (1..=opts.depth)
-                .filter_map(|i| {
-                    let no = current.segment_no(seg_size)?.0.checked_add(i)?;
-                    // A segment past the last LSN has no name.
-                    no.checked_mul(u64::from(seg_size))?;
-                    Some(WalFileName::Segment(SegmentName::from_no(
-                        current.timeline,
-                        SegmentNo(no),
-                        seg_size,
-                    )))
-                })
-                .collect();
+            let ahead = segments_ahead(&current, opts.depth, seg_size);
             // Drop what recovery has passed or what belongs to another timeline.
             for name in pf.spooled() {
                 if !ahead.contains(&name) {
                     pf.drop_copy(&name);
                 }
             }
-            let spooled = pf.spooled();
-            for name in ahead {
-                if tasks.len() >= opts.parallel.max(1)
-                    || pf.spool_bytes() >= opts.max_bytes
-                    || paused_until.is_some_and(|t| Instant::now() < t)
-                {
-                    break;
-                }
-                if spooled.contains(&name)
-                    || downloading.contains(&name)
-                    || retry.waiting(&name, Instant::now())
-                {
-                    continue;
-                }
-                downloading.insert(name);
-                let (repo, path) = (std::sync::Arc::clone(&repo), pf.object_path(&name));
-                let commit_path = commits.then(|| pf.commit_path(&name));
-                let store = repo.store().recording(&reads);
-                tasks.spawn(async move { (name, download(&repo, &store, &name, &path, commit_path).await) });
-            }
+            let source = Source {
+                pf: &pf,
+                repo: &repo,
+                reads: &reads,
+                commits,
+            };
+            downloads.start(&source, ahead, opts);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    while tasks.join_next().await.is_some() {}
+    while downloads.tasks.join_next().await.is_some() {}
     tracing::debug!("prefetch reads of WAL: {}", reads.report().summary());
     if !pf.in_recovery() {
         let _ = std::fs::remove_dir_all(&pf.dir);
@@ -347,6 +293,101 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
         lease::release(&pf.dir.join("lock"));
     }
     Ok(())
+}
+
+/// The `depth` segments after `current` on its timeline (those past the last LSN have no name).
+fn segments_ahead(current: &SegmentName, depth: u64, seg_size: u32) -> Vec<WalFileName> {
+    (1..=depth)
+        .filter_map(|i| {
+            let no = current.segment_no(seg_size)?.0.checked_add(i)?;
+            // A segment past the last LSN has no name.
+            no.checked_mul(u64::from(seg_size))?;
+            Some(WalFileName::Segment(SegmentName::from_no(
+                current.timeline,
+                SegmentNo(no),
+                seg_size,
+            )))
+        })
+        .collect()
+}
+
+/// Where downloads come from and go: the spool, the repository, the read statistics, and
+/// whether each copy comes with its segment's newest transaction end.
+struct Source<'a> {
+    pf: &'a Prefetch,
+    repo: &'a std::sync::Arc<Reader>,
+    reads: &'a crate::repo::reads::ReadStats,
+    commits: bool,
+}
+
+/// The downloads running, and when each name may be tried again.
+#[derive(Default)]
+struct Downloads {
+    tasks: JoinSet<(WalFileName, Result<bool, PrefetchError>)>,
+    downloading: BTreeSet<WalFileName>,
+    retry: KeyedBackoff<WalFileName>,
+    /// Set when the spool could not be written: no new download before then.
+    paused_until: Option<Instant>,
+}
+
+impl Downloads {
+    /// Take the results of the downloads that ended: when to try each name again, a pause
+    /// when the spool could not be written, a warning for a copy that failed.
+    fn collect_finished(&mut self) {
+        while let Some(done) = self.tasks.try_join_next() {
+            let (name, result) = done.expect("prefetch task panicked");
+            self.downloading.remove(&name);
+            match result {
+                Ok(true) => self.retry.succeeded(&name),
+                Ok(false) => self.retry.wait(name, Instant::now(), MISSING_RETRY),
+                Err(e @ PrefetchError::Spool { .. }) => {
+                    if self.paused_until.is_none_or(|t| Instant::now() >= t) {
+                        tracing::warn!(
+                            "prefetch {name}: {e}; prefetching paused for {}s, recovery fetches from the repository meanwhile",
+                            SPOOL_FAILURE_PAUSE.as_secs()
+                        );
+                    }
+                    self.paused_until = Some(Instant::now() + SPOOL_FAILURE_PAUSE);
+                    self.retry.wait(name, Instant::now(), MISSING_RETRY);
+                }
+                Err(e) => {
+                    let (failures, _) = self.retry.failed(name, Instant::now());
+                    // One line for the first failures, then one per power of two.
+                    if failures <= 2 || failures.is_power_of_two() {
+                        tracing::warn!(
+                            "prefetch {name}: {e} (failure {failures}; fetch will report it if recovery asks)"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Start downloading the names of `ahead` not spooled, downloading or waiting already, in
+    /// order, while the parallelism, the spool's size and any pause allow.
+    fn start(&mut self, from: &Source<'_>, ahead: Vec<WalFileName>, opts: &PrefetchOptions) {
+        let spooled = from.pf.spooled();
+        for name in ahead {
+            if self.tasks.len() >= opts.parallel.max(1)
+                || from.pf.spool_bytes() >= opts.max_bytes
+                || self.paused_until.is_some_and(|t| Instant::now() < t)
+            {
+                break;
+            }
+            if spooled.contains(&name)
+                || self.downloading.contains(&name)
+                || self.retry.waiting(&name, Instant::now())
+            {
+                continue;
+            }
+            self.downloading.insert(name);
+            let (repo, path) = (std::sync::Arc::clone(from.repo), from.pf.object_path(&name));
+            let commit_path = from.commits.then(|| from.pf.commit_path(&name));
+            let store = repo.store().recording(from.reads);
+            self.tasks
+                .spawn(async move { (name, download(&repo, &store, &name, &path, commit_path).await) });
+        }
+    }
 }
 
 /// Download one segment, verify it as fetch would, and leave it decompressed and durable in the

@@ -497,145 +497,254 @@ pub async fn archive_source(
     src: WalSource,
     how: Archiving<'_>,
 ) -> Result<PushOutcome, PushError> {
-    let Archiving {
-        spool,
-        indexing,
-        listed_absent,
-    } = how;
-    let name = src.name;
-    check_cluster(repo, &name.to_string(), src.info.as_ref()).await?;
-    let store = repo.writable().clone();
-    let sealer = repo.sealer().clone();
-    let key = wal_key(&name);
-    let len = src.len;
+    check_cluster(repo, &src.name.to_string(), src.info.as_ref()).await?;
+    let (store, sealer) = (repo.writable().clone(), repo.sealer().clone());
+    let to = Destination {
+        store: &store,
+        sealer: &sealer,
+        key: wal_key(&src.name),
+    };
     // On a store that may overwrite: look before writing (unless a listing just did), and make
     // sure after it that what is there is ours.
     let check_first =
-        store.create_semantics_for(usize::try_from(len).unwrap_or(usize::MAX)) != CreateSemantics::Atomic;
-    let look_first = check_first && !listed_absent;
-    // A segment's name, size and start (the first page was checked against the name, so the
-    // start is in range).
-    let segment = match (name, src.info) {
-        (WalFileName::Segment(seg), Some(info)) if indexing == Indexing::Inline => {
-            timeindex::segment_start(&seg, info.segment_size)
-                .ok()
-                .map(|start| (seg, info.segment_size, start))
-        }
-        _ => None,
-    };
+        store.create_semantics_for(usize::try_from(src.len).unwrap_or(usize::MAX)) != CreateSemantics::Atomic;
+    let look_first = check_first && !how.listed_absent;
+    let segment = InlineSegment::of(&src, how.indexing);
     // The time index's carry from the previous segment, then one pass: hash, summary, seal.
     let (carried, summarizer) = match segment {
-        Some((seg, size, start)) => {
-            let carry = carry_for(&store, &sealer, &seg, size, repo.id(), spool).await;
-            match carry.map(|c| src.summarizer(start, Some(c))) {
-                Some(Ok(s)) => (true, Some(s)),
-                _ => (false, src.summarizer(start, None).ok()),
-            }
-        }
+        Some(s) => s.summarizer(&to, &src, repo.id(), how.spool).await,
         None => (false, None),
     };
-    let mut staged = if sealer.is_encrypted() {
+    let Sealing {
+        src,
+        sealed,
+        summary,
+        staged,
+        existing,
+    } = seal_and_look(settings, &to, src, summarizer, look_first).await?;
+    let ours = Content {
+        name: src.name,
+        len: src.len,
+        hash: sealed.header.blake3,
+        plain_hash: sealed.plain_hash,
+    };
+    if let Some(bytes) = existing {
+        let outcome = compare_existing(&to, &ours, &bytes)?;
+        // Archived already; indexed too, unless an earlier push stopped in between.
+        if let Some(s) = segment {
+            let write = SummaryWrite::KeepExisting;
+            record_summary(&store, &sealer, &s.seg, summary, repo.id(), how.spool, write).await;
+        }
+        return Ok(outcome);
+    }
+    let written = write_new(&to, sealed, staged).await?;
+    let outcome = confirm_ours(&to, &ours, written, check_first).await?;
+    // The segment is durable; now its entry in the time index. Derived data: a failure here is
+    // logged and never fails the push (restore only loses precision for this segment). A summary
+    // under the name of a segment this push has just stored describes nothing else: replaced.
+    if let Some(s) = segment {
+        let summary = s.retried_without_carry(src, summary, carried).await;
+        let write = SummaryWrite::for_segment(outcome.newly_stored);
+        record_summary(&store, &sealer, &s.seg, summary, repo.id(), how.spool, write).await;
+    }
+    Ok(outcome)
+}
+
+/// Where a push stores its file: the store, the sealer its objects are made with, and the key.
+struct Destination<'a> {
+    store: &'a WritableStore,
+    sealer: &'a Sealer,
+    key: String,
+}
+
+/// The file's content as the push sealed it: what a copy already stored must match.
+struct Content {
+    name: WalFileName,
+    len: u64,
+    /// The hash the repository names content by.
+    hash: [u8; 32],
+    plain_hash: blake3::Hash,
+}
+
+/// A segment this push records in the time index itself ([`Indexing::Inline`]): its name,
+/// size and start.
+#[derive(Debug, Clone, Copy)]
+struct InlineSegment {
+    seg: crate::wal::SegmentName,
+    size: u32,
+    start: Lsn,
+}
+
+impl InlineSegment {
+    /// The segment `src` is, when this push indexes it (the first page was checked against the
+    /// name, so the start is in range).
+    fn of(src: &WalSource, indexing: Indexing) -> Option<InlineSegment> {
+        match (src.name, src.info) {
+            (WalFileName::Segment(seg), Some(info)) if indexing == Indexing::Inline => {
+                timeindex::segment_start(&seg, info.segment_size)
+                    .ok()
+                    .map(|start| InlineSegment {
+                        seg,
+                        size: info.segment_size,
+                        start,
+                    })
+            }
+            _ => None,
+        }
+    }
+
+    /// A summarizer continuing the previous segment's carry (`true`) when it is known, else
+    /// one starting afresh.
+    async fn summarizer(
+        &self,
+        to: &Destination<'_>,
+        src: &WalSource,
+        repo: &crate::repo::RepoId,
+        spool: Option<&crate::local::handoff::Spool>,
+    ) -> (bool, Option<Summarizer>) {
+        let carry = carry_for(to.store, to.sealer, &self.seg, self.size, repo, spool).await;
+        match carry.map(|c| src.summarizer(self.start, Some(c))) {
+            Some(Ok(s)) => (true, Some(s)),
+            _ => (false, src.summarizer(self.start, None).ok()),
+        }
+    }
+
+    /// The sealing pass's summary, or, when decoding with the previous segment's carry failed
+    /// there, the segment summarized again alone.
+    async fn retried_without_carry(
+        &self,
+        src: WalSource,
+        summary: Option<SummaryResult>,
+        carried: bool,
+    ) -> Option<SummaryResult> {
+        let start = self.start;
+        match summary {
+            Some(Err(_)) if carried => blocking(src, move |s| s.summarize(start, None))
+                .await
+                .ok()
+                .and_then(|(_, r)| r.ok()),
+            other => other,
+        }
+    }
+}
+
+/// What the sealing pass leaves: the file (to summarize again), the sealed object, the summary
+/// made on the way, the staged object it was written to (a local repository), and what the
+/// store already held under the key, when it was looked at.
+struct Sealing {
+    src: WalSource,
+    sealed: StreamSealed,
+    summary: Option<SummaryResult>,
+    staged: Option<crate::repo::store::Staged>,
+    existing: Option<bytes::Bytes>,
+}
+
+/// Seal `src` (into a staged file on a local unencrypted repository, else in memory), and, when
+/// `look_first`, read what the store holds under the key while it is being sealed.
+async fn seal_and_look(
+    settings: &Settings,
+    to: &Destination<'_>,
+    src: WalSource,
+    summarizer: Option<Summarizer>,
+    look_first: bool,
+) -> Result<Sealing, PushError> {
+    let mut staged = if to.sealer.is_encrypted() {
         None
     } else {
-        store.stage(&key)?
+        to.store.stage(&to.key)?
     };
     let sink = match staged.as_mut().and_then(|s| s.file.take()) {
         Some(f) => StreamSink::File(f),
         None => StreamSink::Memory,
     };
-    let (level, s) = (settings.compress_level, sealer.clone());
-    let write_err = staging_error(key.clone(), store.url().to_string());
+    let (level, s) = (settings.compress_level, to.sealer.clone());
+    let write_err = staging_error(to.key.clone(), to.store.url().to_string());
     let seal = blocking(src, move |src| src.seal(&s, level, sink, summarizer, write_err));
-    // A store that may overwrite: look before writing, while the file is being sealed.
     let (sealing, existing) = if look_first {
-        let (sealing, existing) = tokio::join!(seal, store.get(&key));
+        let (sealing, existing) = tokio::join!(seal, to.store.get(&to.key));
         (sealing, existing?)
     } else {
         (seal.await, None)
     };
     let (src, sealed) = sealing?;
     let (sealed, summary) = sealed?;
-    if let Some(bytes) = existing {
-        let outcome = compare_existing(
-            &store,
-            &sealer,
-            &key,
-            &name,
-            &bytes,
-            &sealed.header.blake3,
-            sealed.plain_hash,
-            len,
-        )?;
-        // Archived already; indexed too, unless an earlier push stopped in between.
-        if let Some((seg, _, _)) = segment {
-            record_summary(
-                &store,
-                &sealer,
-                &seg,
-                summary,
-                repo.id(),
-                spool,
-                SummaryWrite::KeepExisting,
-            )
-            .await;
-        }
-        return Ok(outcome);
-    }
+    Ok(Sealing {
+        src,
+        sealed,
+        summary,
+        staged,
+        existing,
+    })
+}
+
+/// A create-only write of a sealed object: what the store answered (created or already there),
+/// the entity tag of what it created when the store gave one, and the bytes written.
+struct Written {
+    put: PutNew,
+    etag: Option<String>,
+    stored_size: u64,
+}
+
+/// Write the sealed object under the key, create-only: the staged file published, or the
+/// parts put.
+async fn write_new(
+    to: &Destination<'_>,
+    sealed: StreamSealed,
+    staged: Option<crate::repo::store::Staged>,
+) -> Result<Written, PushError> {
     let stored_size = sealed.stored_len;
-    let plain_hash = sealed.plain_hash;
-    let hash = sealed.header.blake3;
     let (put, etag) = match (sealed.body, staged) {
         (SealedBody::File(f), Some(mut staged)) => {
             staged.file = Some(f);
-            (store.publish_new(staged).await?, None)
+            (to.store.publish_new(staged).await?, None)
         }
-        (SealedBody::Parts(parts), _) => store.put_new_parts(&key, parts).await?,
+        (SealedBody::Parts(parts), _) => to.store.put_new_parts(&to.key, parts).await?,
         (SealedBody::File(_), None) => unreachable!("a file sink comes from a staged object"),
     };
-    let outcome = PushOutcome {
-        name,
-        size: len,
+    Ok(Written {
+        put,
+        etag,
         stored_size,
+    })
+}
+
+/// The outcome of a create-only write of `ours`, once what the store holds under the key is
+/// known to be these bytes.
+async fn confirm_ours(
+    to: &Destination<'_>,
+    ours: &Content,
+    written: Written,
+    check_first: bool,
+) -> Result<PushOutcome, PushError> {
+    let outcome = PushOutcome {
+        name: ours.name,
+        size: ours.len,
+        stored_size: written.stored_size,
         newly_stored: true,
-        hash: Some(plain_hash),
+        hash: Some(ours.plain_hash),
     };
-    let outcome = match put {
-        PutNew::Created if !check_first => outcome,
+    match written.put {
+        PutNew::Created if !check_first => Ok(outcome),
         // Already there (a retried push, or a racing writer): what is stored must be these bytes.
         PutNew::AlreadyExists => {
-            let bytes = read_back(&store, &key).await?;
-            compare_existing(&store, &sealer, &key, &name, &bytes, &hash, plain_hash, len)?
+            let bytes = read_back(to.store, &to.key).await?;
+            compare_existing(to, ours, &bytes)
         }
         // The store may have let a concurrent writer replace either copy: make sure what is
         // there is ours. The entity tag the write returned, seen again, proves it with a HEAD;
         // without one, read it back and compare.
         PutNew::Created => {
-            let ours = match (&etag, store.head(&key).await?) {
+            let same_tag = match (&written.etag, to.store.head(&to.key).await?) {
                 (Some(tag), Some((_, Some(now)))) => *tag == now,
                 _ => false,
             };
-            if !ours {
-                let bytes = read_back(&store, &key).await?;
-                compare_existing(&store, &sealer, &key, &name, &bytes, &hash, plain_hash, len)?;
+            if !same_tag {
+                let bytes = read_back(to.store, &to.key).await?;
+                compare_existing(to, ours, &bytes)?;
             }
-            outcome
+            Ok(outcome)
         }
-    };
-    // The segment is durable; now its entry in the time index. Derived data: a failure here is
-    // logged and never fails the push (restore only loses precision for this segment). A summary
-    // under the name of a segment this push has just stored describes nothing else: replaced.
-    if let Some((seg, _, start)) = segment {
-        let summary = match summary {
-            Some(Err(_)) if carried => blocking(src, move |s| s.summarize(start, None))
-                .await
-                .ok()
-                .and_then(|(_, r)| r.ok()),
-            other => other,
-        };
-        let write = SummaryWrite::for_segment(outcome.newly_stored);
-        record_summary(&store, &sealer, &seg, summary, repo.id(), spool, write).await;
     }
-    Ok(outcome)
 }
 
 /// A failure to write the staged copy of `key` in repository `repo`: a store error (transient).
@@ -764,50 +873,40 @@ async fn check_cluster(repo: &mut Writer, name: &str, info: Option<&SegmentInfo>
     Ok(())
 }
 
-/// The stored object `bytes` under `key` must be exactly this content (hash as the repository
-/// names content, and length): then the push is done, nothing written. Another content is a
+/// The stored object `bytes` under the key must be exactly `ours` (hash as the repository names
+/// content, and length): then the push is done, nothing written. Another content is a
 /// conflict; an object that does not open is corrupt.
-#[allow(clippy::too_many_arguments)]
-fn compare_existing(
-    store: &WritableStore,
-    sealer: &Sealer,
-    key: &str,
-    name: &WalFileName,
-    bytes: &[u8],
-    new_hash: &[u8; 32],
-    plain_hash: blake3::Hash,
-    len: u64,
-) -> Result<PushOutcome, PushError> {
-    let name_str = name.to_string();
+fn compare_existing(to: &Destination<'_>, ours: &Content, bytes: &[u8]) -> Result<PushOutcome, PushError> {
+    let name_str = ours.name.to_string();
     let corrupt = |source| PushError::StoredCorrupt {
         name: name_str.clone(),
-        key: key.to_string(),
-        repo: store.url().to_string(),
+        key: to.key.clone(),
+        repo: to.store.url().to_string(),
         source: Box::new(source),
     };
-    let header = sealer.read_header(bytes).map_err(corrupt)?;
-    if header.blake3 != *new_hash || header.original_len != len {
+    let header = to.sealer.read_header(bytes).map_err(corrupt)?;
+    if header.blake3 != ours.hash || header.original_len != ours.len {
         return Err(PushError::Conflict {
             name: name_str,
             stored_hash: header.blake3_hex(),
             stored_len: header.original_len,
-            new_hash: hex::encode(new_hash),
-            new_len: len,
+            new_hash: hex::encode(ours.hash),
+            new_len: ours.len,
         });
     }
     // Same hash in the header: make sure the stored copy really holds those bytes before telling
     // PostgreSQL it may recycle its own.
-    match crate::repo::stored::open::<crate::repo::stored::WalObject>(sealer, name, bytes) {
+    match crate::repo::stored::open::<crate::repo::stored::WalObject>(to.sealer, &ours.name, bytes) {
         Ok(_) => {}
         Err(Damage::Envelope(e)) => return Err(corrupt(e)),
         Err(Damage::Content(never)) => match never {},
     }
     Ok(PushOutcome {
-        name: *name,
-        size: len,
+        name: ours.name,
+        size: ours.len,
         stored_size: bytes.len() as u64,
         newly_stored: false,
-        hash: Some(plain_hash),
+        hash: Some(ours.plain_hash),
     })
 }
 

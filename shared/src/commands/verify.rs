@@ -238,27 +238,74 @@ async fn verify_once(
     cat.read_window_summaries(repo).await;
     let chunk_listing = repo.store().list(Kind::Chunk.dirname()).await?;
     let pack_listing = repo.store().list(Kind::Pack.dirname()).await?;
-    let mut report = VerifyReport {
-        deep,
-        backups: cat.backups().len() as u64,
-        wal_files: cat.wal_files().len() as u64,
-        summaries: cat.summary_files().len() as u64,
-        chunks: chunk_listing.len() as u64,
-        packs: pack_listing.len() as u64,
-        ..VerifyReport::default()
-    };
-    report.repository_objects = (cat.wal_files().len()
-        + cat.summary_files().len()
-        + cat.manifest_files().count()
-        + chunk_listing.len()
-        + pack_listing.len()) as u64;
-    report.repository_bytes = cat.wal_files().iter().map(|(_, n)| n).sum::<u64>()
-        + cat.summary_files().iter().map(|(_, n)| n).sum::<u64>()
-        + cat.manifest_files().map(|(_, n)| n).sum::<u64>()
-        + chunk_listing.iter().map(|(_, n)| n).sum::<u64>()
-        + pack_listing.iter().map(|(_, n)| n).sum::<u64>();
-    let mut problems = Vec::new();
+    let mut report = VerifyReport::counting(&cat, (&chunk_listing, &pack_listing), deep);
+    let mut problems = damaged_problems(&cat);
+    let (needed_by, packs) =
+        backup_data_problems(&cat, (&chunk_listing, &pack_listing), &mut report, &mut problems);
+    let consistency_only = consistency_only(repo, retention, &mut report, &mut problems);
+    wal_problems(&cat, &consistency_only, &mut problems);
+    missing_summaries(&cat, &mut problems);
+    if deep {
+        deep_read(
+            repo,
+            &cat,
+            (&chunk_listing, &pack_listing),
+            (&needed_by, &packs),
+            parallel,
+            &mut report,
+            &mut problems,
+        )
+        .await?;
+    }
+    for t in cat.timeline_ids() {
+        if let Some(w) = cat.window(t) {
+            report.windows.push(RestorableWindow {
+                timeline: t,
+                earliest: crate::time::format_micros(w.earliest),
+                latest_before: w.latest.map(crate::time::format_micros),
+                end_lsn: w.end_lsn.to_string(),
+            });
+        }
+    }
+    problems.sort_by(|a, b| (a.severity, &a.key).cmp(&(b.severity, &b.key)));
+    problems.dedup_by(|a, b| a.key == b.key && a.problem == b.problem);
+    report.problems = problems;
+    Ok(report)
+}
 
+impl VerifyReport {
+    /// A report counting what the repository holds (objects and bytes), no problem found yet.
+    fn counting(
+        cat: &Catalog,
+        (chunk_listing, pack_listing): (&Listing, &Listing),
+        deep: bool,
+    ) -> VerifyReport {
+        let mut report = VerifyReport {
+            deep,
+            backups: cat.backups().len() as u64,
+            wal_files: cat.wal_files().len() as u64,
+            summaries: cat.summary_files().len() as u64,
+            chunks: chunk_listing.len() as u64,
+            packs: pack_listing.len() as u64,
+            ..VerifyReport::default()
+        };
+        report.repository_objects = (cat.wal_files().len()
+            + cat.summary_files().len()
+            + cat.manifest_files().count()
+            + chunk_listing.len()
+            + pack_listing.len()) as u64;
+        report.repository_bytes = cat.wal_files().iter().map(|(_, n)| n).sum::<u64>()
+            + cat.summary_files().iter().map(|(_, n)| n).sum::<u64>()
+            + cat.manifest_files().map(|(_, n)| n).sum::<u64>()
+            + chunk_listing.iter().map(|(_, n)| n).sum::<u64>()
+            + pack_listing.iter().map(|(_, n)| n).sum::<u64>();
+        report
+    }
+}
+
+/// The objects the catalog could not read, and what each costs.
+fn damaged_problems(cat: &Catalog) -> Vec<Problem> {
+    let mut problems = Vec::new();
     for d in cat.damaged() {
         let affects = match &d.backup {
             Some(id) => format!("backup {id} cannot be restored"),
@@ -270,12 +317,18 @@ async fn verify_once(
             affects,
         ));
     }
+    problems
+}
 
-    let (needed_by, packs) =
-        backup_data_problems(&cat, (&chunk_listing, &pack_listing), &mut report, &mut problems);
-
-    // Backups the last expire's policy keeps to their consistency point only: the WAL after it
-    // was deleted on purpose, and is no gap.
+/// Backups the last expire's policy keeps to their consistency point only (from `retention`,
+/// `retention.json`; its policy goes in the report): the WAL after it was deleted on purpose,
+/// and is no gap.
+fn consistency_only(
+    repo: &Reader,
+    retention: Option<&[u8]>,
+    report: &mut VerifyReport,
+    problems: &mut Vec<Problem>,
+) -> BTreeSet<crate::basebackup::BackupId> {
     let mut consistency_only = BTreeSet::new();
     if let Some(stored) = retention {
         match stored::open::<RetentionRecord>(repo.sealer(), &(), stored) {
@@ -297,9 +350,11 @@ async fn verify_once(
             }),
         }
     }
-    wal_problems(&cat, &consistency_only, &mut problems);
+    consistency_only
+}
 
-    // Every archived segment should have its summary (push writes it right after the segment).
+/// Every archived segment should have its summary (push writes it right after the segment).
+fn missing_summaries(cat: &Catalog, problems: &mut Vec<Problem>) {
     let seg_size = cat.wal_segment_size();
     let summarized: BTreeSet<&SegmentName> = cat.summary_files().iter().map(|(s, _)| s).collect();
     for (name, _) in cat.wal_files() {
@@ -315,34 +370,6 @@ async fn verify_once(
             });
         }
     }
-
-    if deep {
-        deep_read(
-            repo,
-            &cat,
-            (&chunk_listing, &pack_listing),
-            (&needed_by, &packs),
-            parallel,
-            &mut report,
-            &mut problems,
-        )
-        .await?;
-    }
-
-    for t in cat.timeline_ids() {
-        if let Some(w) = cat.window(t) {
-            report.windows.push(RestorableWindow {
-                timeline: t,
-                earliest: crate::time::format_micros(w.earliest),
-                latest_before: w.latest.map(crate::time::format_micros),
-                end_lsn: w.end_lsn.to_string(),
-            });
-        }
-    }
-    problems.sort_by(|a, b| (a.severity, &a.key).cmp(&(b.severity, &b.key)));
-    problems.dedup_by(|a, b| a.key == b.key && a.problem == b.problem);
-    report.problems = problems;
-    Ok(report)
 }
 
 /// Chunks and packs: every chunk a manifest names must be listed (with some bytes), in its pack

@@ -554,28 +554,12 @@ impl WalDecoder {
             Phase::Ended { .. } => return Ok(Step::NeedMore),
             Phase::Padding { until } => {
                 let until = *until;
-                if pos >= until {
-                    self.state.phase = Phase::Boundary;
-                    return Ok(Step::Consumed(0));
-                }
-                let n = rest.len().min(usize::try_from(until - pos).unwrap_or(usize::MAX));
-                if n == 0 {
-                    return Ok(Step::NeedMore);
-                }
-                self.advance(n);
-                return Ok(Step::Consumed(n));
+                return Ok(self.skip_padding(rest, pos, until));
             }
             _ => {}
         }
         if pos.is_multiple_of(block) {
-            let long = pos.is_multiple_of(u64::from(self.state.segment_size));
-            let len = if long { LONG_HEADER_LEN } else { SHORT_HEADER_LEN };
-            let Some(header) = rest.get(..len) else {
-                return Ok(Step::NeedMore);
-            };
-            self.page_header(header, long)?;
-            self.advance(len);
-            return Ok(Step::Consumed(len));
+            return self.read_page_header(rest, pos);
         }
         // Bytes left on this page (never 0 here).
         let room = usize::try_from(block - pos % block).unwrap_or(usize::MAX);
@@ -595,35 +579,7 @@ impl WalDecoder {
                 self.advance(n);
                 Ok(Step::Consumed(n))
             }
-            Phase::Boundary => {
-                // Records are 8-aligned and pages end on 8-byte boundaries, so the length
-                // field is always on this page.
-                let Some(len) = rest.get(..4) else {
-                    return Ok(Step::NeedMore);
-                };
-                let tot_len = u32_at(len, 0);
-                if tot_len == 0 {
-                    self.state.phase = Phase::Ended { at: pos };
-                    return Ok(Step::NeedMore);
-                }
-                if !(RECORD_HEADER_LEN..=MAX_RECORD_LEN).contains(&tot_len) {
-                    return Err(DecodeError::BadRecordLength {
-                        lsn: Lsn(pos),
-                        len: tot_len,
-                    });
-                }
-                self.state.phase = Phase::Record(Box::new(Partial {
-                    lsn: pos,
-                    tot_len,
-                    got: 0,
-                    header: [0; RECORD_HEADER_LEN as usize],
-                    crc: crc32c::INIT,
-                    head: Vec::new(),
-                    layout: None,
-                    main: Vec::new(),
-                }));
-                Ok(Step::Consumed(0))
-            }
+            Phase::Boundary => self.start_record(rest, pos),
             Phase::Record(p) => {
                 let n;
                 if p.got < RECORD_HEADER_LEN {
@@ -663,8 +619,81 @@ impl WalDecoder {
         }
     }
 
+    /// The alignment padding after a skipped continuation, up to `until`; then a record boundary.
+    #[inline]
+    fn skip_padding(&mut self, rest: &[u8], pos: u64, until: u64) -> Step {
+        if pos >= until {
+            self.state.phase = Phase::Boundary;
+            return Step::Consumed(0);
+        }
+        let n = rest.len().min(usize::try_from(until - pos).unwrap_or(usize::MAX));
+        if n == 0 {
+            return Step::NeedMore;
+        }
+        self.advance(n);
+        Step::Consumed(n)
+    }
+
+    /// The header of the page starting at `pos` (long on a segment's first page), checked.
+    #[inline]
+    fn read_page_header(&mut self, rest: &[u8], pos: u64) -> Result<Step, DecodeError> {
+        let long = pos.is_multiple_of(u64::from(self.state.segment_size));
+        let len = if long { LONG_HEADER_LEN } else { SHORT_HEADER_LEN };
+        let Some(header) = rest.get(..len) else {
+            return Ok(Step::NeedMore);
+        };
+        self.page_header(header, long)?;
+        self.advance(len);
+        Ok(Step::Consumed(len))
+    }
+
+    /// At a record boundary: the record's length, then its reassembly begins; a length of zero
+    /// is the end of valid WAL.
+    #[inline]
+    fn start_record(&mut self, rest: &[u8], pos: u64) -> Result<Step, DecodeError> {
+        // Records are 8-aligned and pages end on 8-byte boundaries, so the length
+        // field is always on this page.
+        let Some(len) = rest.get(..4) else {
+            return Ok(Step::NeedMore);
+        };
+        let tot_len = u32_at(len, 0);
+        if tot_len == 0 {
+            self.state.phase = Phase::Ended { at: pos };
+            return Ok(Step::NeedMore);
+        }
+        if !(RECORD_HEADER_LEN..=MAX_RECORD_LEN).contains(&tot_len) {
+            return Err(DecodeError::BadRecordLength {
+                lsn: Lsn(pos),
+                len: tot_len,
+            });
+        }
+        self.state.phase = Phase::Record(Box::new(Partial {
+            lsn: pos,
+            tot_len,
+            got: 0,
+            header: [0; RECORD_HEADER_LEN as usize],
+            crc: crc32c::INIT,
+            head: Vec::new(),
+            layout: None,
+            main: Vec::new(),
+        }));
+        Ok(Step::Consumed(0))
+    }
+
     /// `XLogReaderValidatePageHeader`, plus the contrecord bookkeeping of `XLogDecodeNextRecord`.
     fn page_header(&mut self, h: &[u8], long: bool) -> Result<(), DecodeError> {
+        let (info, format) = self.validate_page_header(h, long)?;
+        self.follow_contrecord(h, info, format)
+    }
+
+    /// `XLogReaderValidatePageHeader`: magic, flags, address, timeline, and on a segment's first
+    /// page its geometry and system identifier; the page's magic, timeline and system identifier
+    /// are then the stream's. Returns the page's `xlp_info` and format.
+    fn validate_page_header(
+        &mut self,
+        h: &[u8],
+        long: bool,
+    ) -> Result<(u16, &'static WalFormat), DecodeError> {
         let st = &mut self.state;
         let lsn = st.pos;
         let magic = u16_at(h, 0);
@@ -723,7 +752,15 @@ impl WalDecoder {
         }
         st.magic = Some(magic);
         st.timeline = tli;
+        Ok((info, format))
+    }
 
+    /// The contrecord bookkeeping of `XLogDecodeNextRecord` at a page start: a record continued
+    /// from the previous page must be continued here with the bytes it lacks; the first page
+    /// read skips the continuation of a record begun before it.
+    fn follow_contrecord(&mut self, h: &[u8], info: u16, format: &WalFormat) -> Result<(), DecodeError> {
+        let st = &mut self.state;
+        let lsn = st.pos;
         let rem_len = u32_at(h, 16);
         let contrecord = info & XLP_FIRST_IS_CONTRECORD != 0;
         // XLP_FIRST_IS_OVERWRITE_CONTRECORD: the continuation the previous page promised was

@@ -158,59 +158,99 @@ pub(super) fn parse_layout(
     body_len: u32,
     image_compressed_bits: u8,
 ) -> Result<Option<Layout>, &'static str> {
-    struct Reader<'a> {
-        head: &'a [u8],
-        at: usize,
-        remaining: u64,
-    }
-    enum Short {
-        /// The record says it has fewer bytes than its headers need.
-        Record,
-        /// `head` does not hold them yet.
-        Head,
-    }
-    impl Reader<'_> {
-        fn take(&mut self, n: usize) -> Result<&[u8], Short> {
-            if self.remaining < n as u64 {
-                return Err(Short::Record);
-            }
-            let bytes = self.head.get(self.at..self.at + n).ok_or(Short::Head)?;
-            self.at += n;
-            self.remaining -= n as u64;
-            Ok(bytes)
-        }
-        fn u8(&mut self) -> Result<u8, Short> {
-            Ok(self.take(1)?[0])
-        }
-        fn u16(&mut self) -> Result<u16, Short> {
-            Ok(u16_at(self.take(2)?, 0))
-        }
-        fn u32(&mut self) -> Result<u32, Short> {
-            Ok(u32_at(self.take(4)?, 0))
-        }
-    }
-    let mut r = Reader {
+    let mut r = HeaderReader {
         head,
         at: 0,
         remaining: u64::from(body_len),
     };
-    let mut datatotal: u64 = 0;
-    let mut main_len: u32 = 0;
-    let mut max_block: Option<u8> = None;
-    let mut have_rel = false;
-    let mut first_rel: Option<[u32; 3]> = None;
-    let mut walk = |r: &mut Reader| -> Result<Result<(), &'static str>, Short> {
-        while r.remaining > datatotal {
+    let mut headers = BlockHeaders::default();
+    match headers.walk(&mut r, image_compressed_bits) {
+        Err(Short::Head) => return Ok(None),
+        Err(Short::Record) => return Err("record shorter than its block headers"),
+        Ok(Err(reason)) => return Err(reason),
+        Ok(Ok(())) => {}
+    }
+    if r.remaining != headers.datatotal {
+        return Err("block and main data lengths do not add up to the record length");
+    }
+    Ok(Some(Layout {
+        main_off: body_len - headers.main_len,
+        main_len: headers.main_len,
+        rel: headers.first_rel,
+    }))
+}
+
+/// Reads a record's block headers from `head`, within the `remaining` bytes the record says it
+/// has.
+struct HeaderReader<'a> {
+    head: &'a [u8],
+    at: usize,
+    remaining: u64,
+}
+
+/// Why a header could not be read.
+enum Short {
+    /// The record says it has fewer bytes than its headers need.
+    Record,
+    /// `head` does not hold them yet.
+    Head,
+}
+
+impl HeaderReader<'_> {
+    #[inline]
+    fn take(&mut self, n: usize) -> Result<&[u8], Short> {
+        if self.remaining < n as u64 {
+            return Err(Short::Record);
+        }
+        let bytes = self.head.get(self.at..self.at + n).ok_or(Short::Head)?;
+        self.at += n;
+        self.remaining -= n as u64;
+        Ok(bytes)
+    }
+    #[inline]
+    fn u8(&mut self) -> Result<u8, Short> {
+        Ok(self.take(1)?[0])
+    }
+    #[inline]
+    fn u16(&mut self) -> Result<u16, Short> {
+        Ok(u16_at(self.take(2)?, 0))
+    }
+    #[inline]
+    fn u32(&mut self) -> Result<u32, Short> {
+        Ok(u32_at(self.take(4)?, 0))
+    }
+}
+
+/// What the block headers read so far say.
+#[derive(Default)]
+struct BlockHeaders {
+    /// Bytes of block data, images and main data they announce.
+    datatotal: u64,
+    main_len: u32,
+    max_block: Option<u8>,
+    have_rel: bool,
+    first_rel: Option<[u32; 3]>,
+}
+
+impl BlockHeaders {
+    /// Read headers until the main data's (by convention the last) or the announced data fills
+    /// the rest of the record. The inner `Err`: why the record is malformed.
+    fn walk(
+        &mut self,
+        r: &mut HeaderReader,
+        image_compressed_bits: u8,
+    ) -> Result<Result<(), &'static str>, Short> {
+        while r.remaining > self.datatotal {
             match r.u8()? {
                 XLR_BLOCK_ID_DATA_SHORT => {
-                    main_len = u32::from(r.u8()?);
-                    datatotal += u64::from(main_len);
+                    self.main_len = u32::from(r.u8()?);
+                    self.datatotal += u64::from(self.main_len);
                     // By convention the main data header comes last.
                     break;
                 }
                 XLR_BLOCK_ID_DATA_LONG => {
-                    main_len = r.u32()?;
-                    datatotal += u64::from(main_len);
+                    self.main_len = r.u32()?;
+                    self.datatotal += u64::from(self.main_len);
                     break;
                 }
                 XLR_BLOCK_ID_ORIGIN => {
@@ -220,56 +260,57 @@ pub(super) fn parse_layout(
                     r.take(4)?;
                 }
                 id @ 0..=XLR_MAX_BLOCK_ID => {
-                    if max_block.is_some_and(|m| id <= m) {
-                        return Ok(Err("out-of-order block id"));
+                    if let Err(reason) = self.block(r, id, image_compressed_bits)? {
+                        return Ok(Err(reason));
                     }
-                    max_block = Some(id);
-                    let fork_flags = r.u8()?;
-                    let data_len = r.u16()?;
-                    if (fork_flags & BKPBLOCK_HAS_DATA != 0) != (data_len != 0) {
-                        return Ok(Err("BKPBLOCK_HAS_DATA does not match the data length"));
-                    }
-                    datatotal += u64::from(data_len);
-                    if fork_flags & BKPBLOCK_HAS_IMAGE != 0 {
-                        let bimg_len = r.u16()?;
-                        let _hole_offset = r.u16()?;
-                        let bimg_info = r.u8()?;
-                        let compressed = bimg_info & image_compressed_bits != 0;
-                        if compressed && bimg_info & BKPIMAGE_HAS_HOLE != 0 {
-                            let _hole_length = r.u16()?;
-                        }
-                        datatotal += u64::from(bimg_len);
-                    }
-                    if fork_flags & BKPBLOCK_SAME_REL == 0 {
-                        let rel = r.take(REL_LOCATOR_LEN)?;
-                        if !have_rel {
-                            first_rel = Some([u32_at(rel, 0), u32_at(rel, 4), u32_at(rel, 8)]);
-                        }
-                        have_rel = true;
-                    } else if !have_rel {
-                        return Ok(Err("BKPBLOCK_SAME_REL without a previous relation"));
-                    }
-                    let _block_number = r.u32()?;
                 }
                 _ => return Ok(Err("invalid block id")),
             }
         }
         Ok(Ok(()))
-    };
-    match walk(&mut r) {
-        Err(Short::Head) => return Ok(None),
-        Err(Short::Record) => return Err("record shorter than its block headers"),
-        Ok(Err(reason)) => return Err(reason),
-        Ok(Ok(())) => {}
     }
-    if r.remaining != datatotal {
-        return Err("block and main data lengths do not add up to the record length");
+
+    /// The header of block reference `id` (`XLogRecordBlockHeader`, its image header, its
+    /// relation unless the same as the previous block's, its block number).
+    #[inline]
+    fn block(
+        &mut self,
+        r: &mut HeaderReader,
+        id: u8,
+        image_compressed_bits: u8,
+    ) -> Result<Result<(), &'static str>, Short> {
+        if self.max_block.is_some_and(|m| id <= m) {
+            return Ok(Err("out-of-order block id"));
+        }
+        self.max_block = Some(id);
+        let fork_flags = r.u8()?;
+        let data_len = r.u16()?;
+        if (fork_flags & BKPBLOCK_HAS_DATA != 0) != (data_len != 0) {
+            return Ok(Err("BKPBLOCK_HAS_DATA does not match the data length"));
+        }
+        self.datatotal += u64::from(data_len);
+        if fork_flags & BKPBLOCK_HAS_IMAGE != 0 {
+            let bimg_len = r.u16()?;
+            let _hole_offset = r.u16()?;
+            let bimg_info = r.u8()?;
+            let compressed = bimg_info & image_compressed_bits != 0;
+            if compressed && bimg_info & BKPIMAGE_HAS_HOLE != 0 {
+                let _hole_length = r.u16()?;
+            }
+            self.datatotal += u64::from(bimg_len);
+        }
+        if fork_flags & BKPBLOCK_SAME_REL == 0 {
+            let rel = r.take(REL_LOCATOR_LEN)?;
+            if !self.have_rel {
+                self.first_rel = Some([u32_at(rel, 0), u32_at(rel, 4), u32_at(rel, 8)]);
+            }
+            self.have_rel = true;
+        } else if !self.have_rel {
+            return Ok(Err("BKPBLOCK_SAME_REL without a previous relation"));
+        }
+        let _block_number = r.u32()?;
+        Ok(Ok(()))
     }
-    Ok(Some(Layout {
-        main_off: body_len - main_len,
-        main_len,
-        rel: first_rel,
-    }))
 }
 
 fn time_at(main: &[u8]) -> Result<PgTime, &'static str> {
