@@ -65,6 +65,34 @@ pub(crate) fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// The bounds of one batch's pipeline, in what its semaphores count, from `--parallel` and the
+/// backup's chunk size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bounds {
+    /// Sealed bytes read and not yet decompressed, in KiB: [`SEALED_AHEAD`], two chunks at least.
+    pub sealed: usize,
+    /// One run's span at most, in KiB: [`run_bytes`].
+    pub run: usize,
+    /// Reads at once: [`held`].
+    pub reads: usize,
+    /// Decompressed bytes ahead of the files, in KiB: [`plain_ahead`].
+    pub plain: usize,
+    /// Decompressions at once: one per CPU, and at most `parallel`.
+    pub decoders: usize,
+}
+
+impl Bounds {
+    pub fn of(parallel: usize, chunk_size: u64) -> Bounds {
+        Bounds {
+            sealed: units(SEALED_AHEAD.max(2 * chunk_size)) as usize,
+            run: (run_bytes(parallel) / 1024) as usize,
+            reads: held(parallel),
+            plain: units(plain_ahead(chunk_size)) as usize,
+            decoders: parallel.clamp(1, cpus()),
+        }
+    }
+}
+
 /// Buffers of whole chunks, given back by the writers once written and taken again by the
 /// decoder: a restore decompresses into a few allocations instead of faulting in fresh pages for
 /// every chunk (a fifth of its CPU time before). Only chunks of the full chunk size use them, so

@@ -11,7 +11,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
 
 use super::RestoreError;
-use super::budget::{Buffers, RUN_MAX_BYTES, SEALED_AHEAD, cpus, held, plain_ahead, run_bytes, units};
+use super::budget::{Bounds, Buffers, RUN_MAX_BYTES, units};
+#[cfg(doc)]
+use super::budget::{SEALED_AHEAD, held, plain_ahead, run_bytes};
 use super::order::ChunkRef;
 use super::waits::WaitClock;
 use super::work::FileToWrite;
@@ -101,14 +103,14 @@ pub(crate) type Started = (
 pub(crate) async fn read_in_order(
     reader: Arc<ChunkReader>,
     to_fetch: Vec<ChunkRef>,
-    (parallel, chunk_size): (usize, u64),
+    bounds: Bounds,
     decoder: tokio::sync::mpsc::UnboundedSender<Read>,
     waits: Arc<WaitClock>,
 ) {
-    let budget = units(SEALED_AHEAD.max(2 * chunk_size)) as usize;
+    let budget = bounds.sealed;
     let room = Arc::new(Semaphore::new(budget));
-    let run_units = (run_bytes(parallel) / 1024) as usize;
-    let reads = Arc::new(Semaphore::new(held(parallel)));
+    let run_units = bounds.run;
+    let reads = Arc::new(Semaphore::new(bounds.reads));
     // Dropped with the reader when it is aborted: no read outlives the restore.
     let mut runs = JoinSet::new();
     let mut at = 0;
@@ -152,11 +154,12 @@ pub(crate) async fn decode_in_order(
     reader: Arc<ChunkReader>,
     mut reads: tokio::sync::mpsc::UnboundedReceiver<Read>,
     feeder: tokio::sync::mpsc::UnboundedSender<Started>,
-    (parallel, chunk_size): (usize, u64),
-    (waits, buffers): (Arc<WaitClock>, Arc<Buffers>),
+    bounds: Bounds,
+    waits: Arc<WaitClock>,
+    buffers: Arc<Buffers>,
 ) {
-    let plain = Arc::new(Semaphore::new(units(plain_ahead(chunk_size)) as usize));
-    let cpu = Arc::new(Semaphore::new(parallel.clamp(1, cpus())));
+    let plain = Arc::new(Semaphore::new(bounds.plain));
+    let cpu = Arc::new(Semaphore::new(bounds.decoders));
     // Dropped with the decoder when it is aborted.
     let mut decoding = JoinSet::new();
     while let Some((r, sealed, room)) = reads.recv().await {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::budget::{Buffers, OPEN_FILES};
+use super::budget::{Bounds, Buffers, OPEN_FILES};
 use super::chunk_reader::{ChunkReader, Read, Started, decode_in_order, never_read, read_in_order};
 use super::file_writer::{Piece, open_roots, syncfs_each, write_file};
 use super::order::ChunkRef;
@@ -136,12 +136,13 @@ impl Pipeline<'_> {
             files: Arc::clone(&self.files),
         });
         let waits = Arc::new(WaitClock::default());
+        let bounds = Bounds::of(self.parallel, self.from.chunk_size);
         let (sealed_tx, sealed_rx) = tokio::sync::mpsc::unbounded_channel::<Read>();
         let (plain_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<Started>();
         let reader = tokio::spawn(read_in_order(
             Arc::clone(&chunk_reader),
             to_fetch,
-            (self.parallel, self.from.chunk_size),
+            bounds,
             sealed_tx,
             Arc::clone(&waits),
         ));
@@ -150,19 +151,19 @@ impl Pipeline<'_> {
             chunk_reader,
             sealed_rx,
             plain_tx,
-            (self.parallel, self.from.chunk_size),
-            (Arc::clone(&waits), Arc::clone(&buffers)),
+            bounds,
+            Arc::clone(&waits),
+            Arc::clone(&buffers),
         ));
-        let mut writers: JoinSet<Result<u64, RestoreError>> = JoinSet::new();
+        let mut writers = FileWriters {
+            open: Arc::new(Semaphore::new(OPEN_FILES)),
+            running: JoinSet::new(),
+            waits: Arc::clone(&waits),
+            buffers,
+        };
         let mut done = Transfer::default();
         let fed = self
-            .feed(
-                &which,
-                refs,
-                &mut started,
-                &mut writers,
-                (&mut done, &waits, &buffers),
-            )
+            .feed(&which, refs, &mut started, &mut writers, &mut done)
             .await;
         // Whatever happened, nothing is left running: no read, no decompression, and no writer
         // that could create a file after the caller cleaned up.
@@ -171,7 +172,7 @@ impl Pipeline<'_> {
         started.close();
         while started.try_recv().is_ok() {}
         let mut first_err = fed.err();
-        while let Some(r) = writers.join_next().await {
+        while let Some(r) = writers.running.join_next().await {
             match r.expect("file writer panicked") {
                 Ok(bytes) => done.bytes_written += bytes,
                 Err(e) => {
@@ -194,28 +195,21 @@ impl Pipeline<'_> {
         which: &[usize],
         refs: Vec<(ChunkRef, Source)>,
         started: &mut tokio::sync::mpsc::UnboundedReceiver<Started>,
-        writers: &mut JoinSet<Result<u64, RestoreError>>,
-        (done, waits, buffers): (&mut Transfer, &WaitClock, &Arc<Buffers>),
+        to: &mut FileWriters,
+        done: &mut Transfer,
     ) -> Result<(), RestoreError> {
-        let open = Arc::new(Semaphore::new(OPEN_FILES));
         let mut kept: HashMap<ChunkId, Arc<Vec<u8>>> = HashMap::new();
         let mut left: HashMap<usize, usize> = HashMap::new();
         for (r, _) in &refs {
             *left.entry(r.file).or_default() += 1;
         }
-        let mut to = FileWriters {
-            open: &open,
-            writers,
-            waits,
-            buffers,
-        };
         for &file in which.iter().filter(|f| !left.contains_key(f)) {
-            drop(self.start(file, &mut to, done).await?);
+            drop(self.start(file, to, done).await?);
         }
         let mut senders: HashMap<usize, std::sync::mpsc::Sender<Piece>> = HashMap::new();
         for (r, source) in refs {
             if let std::collections::hash_map::Entry::Vacant(e) = senders.entry(r.file) {
-                e.insert(self.start(r.file, &mut to, done).await?);
+                e.insert(self.start(r.file, to, done).await?);
             }
             let (data, held) = match source {
                 Source::Fetch { keep } => {
@@ -224,7 +218,7 @@ impl Pipeline<'_> {
                     let (rx, permit) = started.recv().await.ok_or_else(|| never_read(&r.id))?;
                     // A run whose task died without answering (it panicked) is an error too.
                     let answer = rx.await.map_err(|_| never_read(&r.id))?;
-                    waits.add(&waits.writing, since);
+                    to.waits.add(&to.waits.writing, since);
                     let data = Arc::new(answer?);
                     done.chunks_fetched += 1;
                     done.bytes_fetched += r.len;
@@ -267,20 +261,20 @@ impl Pipeline<'_> {
     async fn start(
         &self,
         file: usize,
-        to: &mut FileWriters<'_>,
+        to: &mut FileWriters,
         done: &mut Transfer,
     ) -> Result<std::sync::mpsc::Sender<Piece>, RestoreError> {
         let since = std::time::Instant::now();
-        let slot = Arc::clone(to.open).acquire_owned().await.expect("never closed");
+        let slot = Arc::clone(&to.open).acquire_owned().await.expect("never closed");
         to.waits.add(&to.waits.files, since);
         // A writer that failed ends the restore now, not after every fetch.
-        while let Some(r) = to.writers.try_join_next() {
+        while let Some(r) = to.running.try_join_next() {
             done.bytes_written += r.expect("file writer panicked")?;
         }
         let (tx, rx) = std::sync::mpsc::channel::<Piece>();
         let (files, progress, fsync) = (Arc::clone(&self.files), Arc::clone(&self.progress), self.fsync);
-        let buffers = Arc::clone(to.buffers);
-        to.writers.spawn_blocking(move || {
+        let buffers = Arc::clone(&to.buffers);
+        to.running.spawn_blocking(move || {
             let r = write_file(&files[file], rx, fsync, &*progress, &buffers);
             drop(slot);
             r
@@ -291,9 +285,9 @@ impl Pipeline<'_> {
 
 /// What starting a file's writer needs: the slots ([`OPEN_FILES`]), where writers run, and
 /// what they report to.
-struct FileWriters<'a> {
-    open: &'a Arc<Semaphore>,
-    writers: &'a mut JoinSet<Result<u64, RestoreError>>,
-    waits: &'a WaitClock,
-    buffers: &'a Arc<Buffers>,
+struct FileWriters {
+    open: Arc<Semaphore>,
+    running: JoinSet<Result<u64, RestoreError>>,
+    waits: Arc<WaitClock>,
+    buffers: Arc<Buffers>,
 }
