@@ -55,6 +55,85 @@ pub enum ScheduledWhat {
     Latest,
 }
 
+/// The flags of the drill's server and checks, declared once for `restore-agent drill` and
+/// once more, by the same declaration, for the daemon's scheduled drills (their names prefixed
+/// `drill-`: `--drill-pg-bin`); both give a [`DrillServer`].
+macro_rules! drill_server_flags {
+    ($(#[$meta:meta])* $name:ident, $prefix:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, clap::Args)]
+        pub struct $name {
+            /// Directory with the backup's PostgreSQL version's postgres and pg_ctl [default:
+            /// /usr/lib/postgresql/<version>/bin, /usr/pgsql-<version>/bin, or pg_config --bindir]
+            #[arg(long = concat!($prefix, "pg-bin"), value_name = "DIR")]
+            pub pg_bin: Option<PathBuf>,
+            /// Where to make the scratch directory [default: the temp dir]
+            #[arg(long = concat!($prefix, "scratch"), value_name = "DIR")]
+            pub scratch: Option<PathBuf>,
+            /// OS user to run PostgreSQL as when running as root
+            #[arg(long = concat!($prefix, "run-as"), value_name = "USER", default_value = "postgres")]
+            pub run_as: String,
+            /// File of SQL queries separated by ';', each of which must return true (repeatable)
+            #[arg(long = concat!($prefix, "check-sql"), value_name = "FILE")]
+            pub check_sql: Vec<PathBuf>,
+            /// Database the check queries run in
+            #[arg(long = concat!($prefix, "check-db"), value_name = "DB", default_value = "postgres")]
+            pub check_db: String,
+            /// Also check every B-tree index (and from PostgreSQL 14 every table) with amcheck
+            #[arg(long = concat!($prefix, "amcheck"))]
+            pub amcheck: bool,
+            /// Recovery time objective, like 15m: a drill fails when restore and recovery take
+            /// longer
+            #[arg(long = concat!($prefix, "rto-target"), value_name = "DURATION")]
+            pub rto_target: Option<String>,
+            /// Recovery point objective, like 5m: a drill fails when the newest restorable commit
+            /// is older
+            #[arg(long = concat!($prefix, "rpo-target"), value_name = "DURATION")]
+            pub rpo_target: Option<String>,
+        }
+
+        impl $name {
+            /// The server and checks these flags ask for.
+            pub fn server(&self) -> Result<DrillServer, DrillArgsError> {
+                Ok(DrillServer {
+                    pg_bin: self.pg_bin.clone(),
+                    scratch: self.scratch.clone(),
+                    run_as: self.run_as.clone(),
+                    check_sql: check_sql(concat!("--", $prefix, "check-sql"), &self.check_sql)?,
+                    check_db: self.check_db.clone(),
+                    amcheck: self.amcheck,
+                    rto_target: self.rto_target.as_deref().map(parse_duration).transpose()?,
+                    rpo_target: self.rpo_target.as_deref().map(parse_duration).transpose()?,
+                })
+            }
+        }
+    };
+}
+
+drill_server_flags!(
+    /// `restore-agent drill`'s server and checks.
+    DrillServerArgs,
+    ""
+);
+drill_server_flags!(
+    /// The daemon's scheduled drills' server and checks (`--drill-*`).
+    ScheduledDrillServerArgs,
+    "drill-"
+);
+
+/// A drill's server and checks, as the flags give them.
+#[derive(Debug, Clone)]
+pub struct DrillServer {
+    pub pg_bin: Option<PathBuf>,
+    pub scratch: Option<PathBuf>,
+    pub run_as: String,
+    pub check_sql: Vec<PathBuf>,
+    pub check_db: String,
+    pub amcheck: bool,
+    pub rto_target: Option<std::time::Duration>,
+    pub rpo_target: Option<std::time::Duration>,
+}
+
 /// `restore-agent drill`'s flags.
 #[derive(Debug, clap::Args)]
 pub struct DrillArgs {
@@ -63,34 +142,11 @@ pub struct DrillArgs {
     pub target: Option<DrillWhat>,
     #[command(flatten)]
     pub goal: TargetArgs,
-    /// Directory with the backup's PostgreSQL version's postgres and pg_ctl [default:
-    /// /usr/lib/postgresql/<version>/bin, /usr/pgsql-<version>/bin, or pg_config --bindir]
-    #[arg(long, value_name = "DIR")]
-    pub pg_bin: Option<PathBuf>,
-    /// Where to make the scratch directory [default: the temp dir]
-    #[arg(long, value_name = "DIR")]
-    pub scratch: Option<PathBuf>,
-    /// OS user to run PostgreSQL as when the drill runs as root
-    #[arg(long, value_name = "USER", default_value = "postgres")]
-    pub run_as: String,
+    #[command(flatten)]
+    pub server: DrillServerArgs,
     /// Database role the checks connect as [default: the OS user PostgreSQL runs as]
     #[arg(long, value_name = "ROLE")]
     pub pg_user: Option<String>,
-    /// File of SQL queries separated by ';', each of which must return true (repeatable)
-    #[arg(long, value_name = "FILE")]
-    pub check_sql: Vec<PathBuf>,
-    /// Database the --check-sql queries run in
-    #[arg(long, value_name = "DB", default_value = "postgres")]
-    pub check_db: String,
-    /// Also check every B-tree index (and from PostgreSQL 14 every table) with amcheck
-    #[arg(long)]
-    pub amcheck: bool,
-    /// Recovery time objective, like 15m: the drill fails when restore and recovery take longer
-    #[arg(long, value_name = "DURATION")]
-    pub rto_target: Option<String>,
-    /// Recovery point objective, like 5m: the drill fails when the newest restorable commit is older
-    #[arg(long, value_name = "DURATION")]
-    pub rpo_target: Option<String>,
     /// Longest wait for recovery
     #[arg(long, value_name = "DURATION", default_value = "6h")]
     pub timeout: String,
@@ -119,19 +175,20 @@ impl DrillArgs {
             (None, Some(DrillWhat::Immediate)) => DrillTarget::Target(RecoveryTarget::Immediate),
             (None, Some(DrillWhat::Latest) | None) => DrillTarget::Latest,
         };
+        let server = self.server.server()?;
         Ok(DrillOptions {
             target,
             timeline: parse_timeline(&self.goal.target_timeline)?,
             exclusive: self.goal.target_exclusive,
-            pg_bin: self.pg_bin.clone(),
-            scratch: self.scratch.clone(),
-            run_as: Some(self.run_as.clone()),
+            pg_bin: server.pg_bin,
+            scratch: server.scratch,
+            run_as: Some(server.run_as),
             pg_user: self.pg_user.clone(),
-            check_sql: check_sql("--check-sql", &self.check_sql)?,
-            check_db: self.check_db.clone(),
-            amcheck: self.amcheck,
-            rto_target: self.rto_target.as_deref().map(parse_duration).transpose()?,
-            rpo_target: self.rpo_target.as_deref().map(parse_duration).transpose()?,
+            check_sql: server.check_sql,
+            check_db: server.check_db,
+            amcheck: server.amcheck,
+            rto_target: server.rto_target,
+            rpo_target: server.rpo_target,
             timeout: parse_duration(&self.timeout)?,
             parallel: self.parallel,
             restore_command: restore_command_line(restore_agent, settings, repo)?,
@@ -168,30 +225,8 @@ pub struct ScheduledDrillArgs {
     /// What the drills restore
     #[arg(long, value_name = "WHAT", value_enum, default_value_t = ScheduledWhat::Random)]
     pub drill_target: ScheduledWhat,
-    /// Directory with postgres and pg_ctl of the cluster's version [default: the usual places]
-    #[arg(long, value_name = "DIR")]
-    pub drill_pg_bin: Option<PathBuf>,
-    /// Where drills make their scratch directory [default: the temp dir]
-    #[arg(long, value_name = "DIR")]
-    pub drill_scratch: Option<PathBuf>,
-    /// OS user the drill's PostgreSQL runs as when the daemon runs as root
-    #[arg(long, value_name = "USER", default_value = "postgres")]
-    pub drill_run_as: String,
-    /// SQL file whose queries must each return true (repeatable)
-    #[arg(long, value_name = "FILE")]
-    pub drill_check_sql: Vec<PathBuf>,
-    /// Database the --drill-check-sql queries run in
-    #[arg(long, value_name = "DB", default_value = "postgres")]
-    pub drill_check_db: String,
-    /// Also run amcheck in drills
-    #[arg(long)]
-    pub drill_amcheck: bool,
-    /// Recovery time objective the drills are held to (e.g. 1h)
-    #[arg(long, value_name = "DURATION")]
-    pub drill_rto_target: Option<String>,
-    /// Recovery point objective the drills are held to (e.g. 15m)
-    #[arg(long, value_name = "DURATION")]
-    pub drill_rpo_target: Option<String>,
+    #[command(flatten)]
+    pub server: ScheduledDrillServerArgs,
 }
 
 impl ScheduledDrillArgs {
@@ -209,6 +244,7 @@ impl ScheduledDrillArgs {
                 restore_agent.display().to_string(),
             ));
         }
+        let server = self.server.server()?;
         Ok(DrillOptions {
             target: match self.drill_target {
                 ScheduledWhat::Latest => DrillTarget::Latest,
@@ -216,15 +252,15 @@ impl ScheduledDrillArgs {
             },
             timeline: TimelineTarget::Latest,
             exclusive: false,
-            pg_bin: self.drill_pg_bin.clone(),
-            scratch: self.drill_scratch.clone(),
-            run_as: Some(self.drill_run_as.clone()),
+            pg_bin: server.pg_bin,
+            scratch: server.scratch,
+            run_as: Some(server.run_as),
             pg_user: None,
-            check_sql: check_sql("--drill-check-sql", &self.drill_check_sql)?,
-            check_db: self.drill_check_db.clone(),
-            amcheck: self.drill_amcheck,
-            rto_target: self.drill_rto_target.as_deref().map(parse_duration).transpose()?,
-            rpo_target: self.drill_rpo_target.as_deref().map(parse_duration).transpose()?,
+            check_sql: server.check_sql,
+            check_db: server.check_db,
+            amcheck: server.amcheck,
+            rto_target: server.rto_target,
+            rpo_target: server.rpo_target,
             timeout: SCHEDULED_TIMEOUT,
             parallel: SCHEDULED_PARALLEL,
             restore_command: restore_command_line(&restore_agent, settings, repo)?,
@@ -235,4 +271,68 @@ impl ScheduledDrillArgs {
 
 fn check_sql(flag: &'static str, files: &[PathBuf]) -> Result<Vec<PathBuf>, DrillArgsError> {
     crate::commands::drill::check_sql_files(files).map_err(|source| DrillArgsError::CheckSql { flag, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Drill {
+        #[command(flatten)]
+        args: DrillArgs,
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Daemon {
+        #[command(flatten)]
+        args: ScheduledDrillArgs,
+    }
+
+    /// One declaration, two spellings: `drill --pg-bin` and `daemon --drill-pg-bin` give the same
+    /// server and checks.
+    #[test]
+    fn a_drill_and_a_scheduled_drill_read_the_same_flags() {
+        let flags = |prefix: &str| {
+            [
+                ("pg-bin", "/usr/lib/postgresql/15/bin"),
+                ("scratch", "/srv/scratch"),
+                ("run-as", "pgdrill"),
+                ("check-db", "app"),
+                ("rto-target", "15m"),
+                ("rpo-target", "5m"),
+            ]
+            .iter()
+            .flat_map(|(k, v)| [format!("--{prefix}{k}"), v.to_string()])
+            .chain([format!("--{prefix}amcheck")])
+            .collect::<Vec<_>>()
+        };
+        let drill = Drill::try_parse_from(std::iter::once("drill".to_string()).chain(flags("")))
+            .unwrap()
+            .args
+            .server
+            .server()
+            .unwrap();
+        let daemon = Daemon::try_parse_from(std::iter::once("daemon".to_string()).chain(flags("drill-")))
+            .unwrap()
+            .args
+            .server
+            .server()
+            .unwrap();
+        for s in [&drill, &daemon] {
+            assert_eq!(s.pg_bin.as_deref(), Some(Path::new("/usr/lib/postgresql/15/bin")));
+            assert_eq!(
+                (s.run_as.as_str(), s.check_db.as_str(), s.amcheck),
+                ("pgdrill", "app", true)
+            );
+            assert_eq!(s.rto_target, Some(std::time::Duration::from_secs(900)));
+            assert_eq!(s.rpo_target, Some(std::time::Duration::from_secs(300)));
+        }
+        assert_eq!(drill.scratch, daemon.scratch);
+        // Each command knows only its own spelling.
+        assert!(Drill::try_parse_from(["drill", "--drill-pg-bin", "/x"]).is_err());
+        assert!(Daemon::try_parse_from(["daemon", "--pg-bin", "/x"]).is_err());
+    }
 }
