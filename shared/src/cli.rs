@@ -26,6 +26,17 @@ pub fn default_pg_conn() -> String {
     )
 }
 
+/// The connection to the cluster (`backup`, `daemon`): one flag, declared once.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PgUrlArgs {
+    /// Connection to the cluster, libpq style or URL [default: from PGHOST, PGPORT, PGUSER, else
+    /// host=/var/run/postgresql port=5432 user=postgres]. Over the replication protocol (`backup`
+    /// without --pgdata, `daemon --stream`) several hosts and target_session_attrs are accepted;
+    /// pg_hba.conf needs a line for the database for a backup, a `replication` line for a stream
+    #[arg(long, env = "WALVAULT_PG_URL", value_name = "CONN")]
+    pub pg_url: Option<String>,
+}
+
 /// Parse the command line; on a usage error print one line and exit 2 (help and version exit 0).
 pub fn parse_or_exit<T: Parser>(program: &str) -> T {
     parse_or_exit_with(program, exit::USAGE)

@@ -14,12 +14,8 @@ pub struct BackupArgs {
     /// no access to the data directory, only a role with REPLICATION, from any host
     #[arg(long, env = "PGDATA", value_name = "DIR")]
     pub pgdata: Option<PathBuf>,
-    /// Connection to that cluster, libpq style or URL [default: from PGHOST, PGPORT, PGUSER,
-    /// else host=/var/run/postgresql port=5432 user=postgres]. Without --pgdata, a replication
-    /// connection as for `daemon --stream`: several hosts and target_session_attrs accepted,
-    /// and pg_hba.conf needs a line for the database (not a `replication` line)
-    #[arg(long, env = "WALVAULT_PG_URL", value_name = "CONN")]
-    pub pg_url: Option<String>,
+    #[command(flatten)]
+    pub conn: crate::cli::PgUrlArgs,
     #[command(flatten)]
     pub compress: crate::config::CompressArgs,
     /// Chunks compressed and uploaded in parallel (memory: this many chunks)
@@ -55,7 +51,7 @@ impl BackupArgs {
     pub fn options(&self) -> Result<BackupOptions, ConfigError> {
         Ok(BackupOptions {
             pgdata: self.pgdata.clone(),
-            pg_conn: self.pg_url.clone().unwrap_or_else(default_pg_conn),
+            pg_conn: self.conn.pg_url.clone().unwrap_or_else(default_pg_conn),
             chunk_size: DEFAULT_CHUNK_SIZE,
             parallel: self.parallel,
             wal_timeout: parse_duration(&self.wal_timeout)?,

@@ -59,9 +59,9 @@ pub struct DaemonArgs {
     /// Rescan pg_wal/archive_status at least this often, whatever the file watcher reports
     #[arg(long, default_value = "10s", value_name = "DURATION")]
     pub rescan_every: String,
-    /// Connection to the cluster, for --backup-every and --max-wal-age
-    #[arg(long, env = "WALVAULT_PG_URL", value_name = "CONN")]
-    pub pg_url: Option<String>,
+    /// The cluster, for --stream, --backup-every and --max-wal-age
+    #[command(flatten)]
+    pub conn: crate::cli::PgUrlArgs,
     /// Take a base backup this often (e.g. 24h); with --stream, over the replication protocol
     /// from --pg-url (PostgreSQL 15+, see `backup` without --pgdata), the first one interval
     /// after the start
@@ -108,7 +108,7 @@ impl DaemonArgs {
                 "--stream takes scheduled backups (--backup-every) over the protocol, and needs no WAL switches; schedule verifies and drills with a second daemon or cron".into(),
             ));
         }
-        let stream = match (self.stream, &self.pg_url) {
+        let stream = match (self.stream, &self.conn.pg_url) {
             (true, Some(url)) => Some(crate::commands::daemon::stream::StreamOptions {
                 target: crate::replication::conninfo::parse(url)
                     .map_err(|e| DaemonArgsError::Usage(e.to_string()))?,
@@ -128,7 +128,7 @@ impl DaemonArgs {
                 .parallel
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().min(4))),
             rescan_every: parse_duration(&self.rescan_every)?,
-            pg_conn: match (&self.pg_url, needs_conn) {
+            pg_conn: match (&self.conn.pg_url, needs_conn) {
                 (None, true) => Some(default_pg_conn()),
                 (url, _) => url.clone(),
             },
