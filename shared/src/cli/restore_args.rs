@@ -37,6 +37,12 @@ pub struct RestoreArgs {
     /// What PostgreSQL does at the target
     #[arg(long, value_enum, default_value_t)]
     pub target_action: TargetAction,
+    /// Restore only this database (a name, or an oid; repeatable), besides the system ones
+    /// (template0, template1, postgres) and the cluster-wide files: every other database's
+    /// files are left as holes, nothing fetched, and that database cannot be used after recovery
+    /// (drop it). Needs full_page_writes = on since the backup (PostgreSQL's default)
+    #[arg(long = "database", value_name = "NAME", conflicts_with = "delta")]
+    pub databases: Vec<String>,
     /// Backup to restore [default: the newest one consistent before the target]
     #[arg(long, value_name = "ID")]
     pub backup: Option<String>,
@@ -93,6 +99,7 @@ impl RestoreArgs {
             restore_command_line(restore_agent, settings, repo).map_err(RestoreArgsError::RestoreCommand)?;
         Ok(RestoreOptions {
             tablespaces: self.tablespaces()?,
+            databases: self.databases.clone(),
             pgdata: self.pgdata.clone(),
             backup: self.backup.as_deref().map(str::parse).transpose()?,
             target,

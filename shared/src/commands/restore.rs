@@ -36,6 +36,7 @@ mod execute;
 mod file_writer;
 mod options;
 mod order;
+mod partial;
 mod pipeline;
 mod placement;
 mod plan;
@@ -51,6 +52,7 @@ pub use delta::DeltaReport;
 pub use error::RestoreError;
 use error::write_err;
 pub use options::{RestoreOptions, SyncMethod, TablespacePlacement, default_parallel};
+pub use partial::{NamedDatabase, PlannedDatabases};
 pub use placement::check_before_writing;
 pub use plan::{DirectoryUse, PlannedBackup, PlannedFiles, PlannedRecovery, PlannedTimeline, RestorePlan};
 pub use progress::{NoProgress, Progress};
@@ -106,7 +108,7 @@ pub async fn plan_from(
     cat: &Catalog,
     opts: &RestoreOptions,
 ) -> Result<RestorePlan, RestoreError> {
-    plan::build(repo.sealer(), settings.repo.to_string(), cat, opts).await
+    plan::build(repo.store(), repo.sealer(), settings.repo.to_string(), cat, opts).await
 }
 
 #[cfg(test)]
@@ -135,6 +137,19 @@ mod testing {
 
     pub(super) fn options(pgdata: &Path) -> RestoreOptions {
         RestoreOptions::new(pgdata, "true")
+    }
+
+    /// A store in memory holding nothing.
+    pub(super) fn empty_store() -> Store {
+        use crate::repo::fault::{Fault, FaultStore};
+        use crate::repo::store::{CreateSemantics, WritableStore};
+        WritableStore::with_backend(
+            Arc::new(FaultStore::new(Fault::None)) as Arc<dyn object_store::ObjectStore>,
+            "s3://bucket/repo".parse().unwrap(),
+            CreateSemantics::CheckThenWrite,
+            crate::retry::RetryPolicy::with_total(std::time::Duration::from_secs(5)),
+        )
+        .reader()
     }
 
     pub(super) fn with_tablespace(location: &str) -> Manifest {
@@ -249,6 +264,7 @@ mod testing {
                 delta: None,
             },
             tablespaces: opts.tablespaces.map.clone(),
+            databases: None,
             recovery: plan::planned_recovery(
                 opts,
                 crate::wal::lsn::tl(1),

@@ -82,6 +82,19 @@ pub enum RestoreError {
     SameRead(String),
     #[error("chunk {0} was never read: a stage of the restore stopped (a bug: see the log above)")]
     NeverRead(String),
+    #[error("{}", unknown_database(name, backup, known, *unnamed))]
+    UnknownDatabase {
+        name: String,
+        backup: BackupId,
+        /// The backup's databases, as `name (oid)` or `oid`.
+        known: String,
+        /// The backup has no relation map: its databases have no names here.
+        unnamed: bool,
+    },
+    #[error("--database cannot be combined with --delta: restore the databases into an empty directory")]
+    DeltaWithDatabases,
+    #[error("reading the backup's relation map (the names of its databases): {0}")]
+    RelationMap(String),
     #[error(
         "backup {backup} has tablespaces ({list}); choose where they go: --tablespace-map OID=DIR, --tablespace-map-all DIR, or --tablespace-original"
     )]
@@ -103,6 +116,16 @@ pub enum RestoreError {
         entry: String,
         why: String,
     },
+}
+
+fn unknown_database(name: &str, backup: &BackupId, known: &str, unnamed: bool) -> String {
+    if unnamed {
+        format!(
+            "--database {name:?}: backup {backup} has no relation map to name its databases; give a database's oid ({known})"
+        )
+    } else {
+        format!("--database {name:?} is not a database of backup {backup} ({known})")
+    }
 }
 
 pub(super) fn write_err(p: &Path) -> impl Fn(std::io::Error) -> RestoreError + '_ {

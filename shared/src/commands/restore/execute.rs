@@ -209,7 +209,13 @@ fn lay_out(plan: &RestorePlan, manifest: &Manifest) -> Result<WorkList, RestoreE
     for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::File) {
         let dest = dest_of(&e.path);
         create_parent(&dest)?;
-        work.add(e, dest, true, 0..e.chunks.len(), manifest.chunk_size);
+        // A database a partial restore leaves out: its files at their size, holes, nothing
+        // fetched (see `restore::partial`).
+        let chunks = match &plan.databases {
+            Some(d) if d.zeroes(&e.path) => 0..0,
+            _ => 0..e.chunks.len(),
+        };
+        work.add(e, dest, true, chunks, manifest.chunk_size);
     }
     Ok(work)
 }

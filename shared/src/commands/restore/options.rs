@@ -49,6 +49,9 @@ pub struct RestoreOptions {
     pub restore_command: String,
     /// Where each tablespace goes; see [`TablespacePlacement`].
     pub tablespaces: TablespacePlacement,
+    /// `--database`: restore only these databases (names or oids) besides the system ones; the
+    /// others are left zeroed ([`super::partial`]). Empty: every database.
+    pub databases: Vec<String>,
 }
 
 impl RestoreOptions {
@@ -70,6 +73,7 @@ impl RestoreOptions {
             sync: SyncMethod::default(),
             restore_command: restore_command.into(),
             tablespaces: TablespacePlacement::default(),
+            databases: vec![],
         }
     }
 }

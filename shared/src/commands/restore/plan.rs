@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::delta::{self, DeltaComparison, DeltaReport};
+use super::partial::{self, PlannedDatabases};
 use super::placement::{check_before_writing, is_empty_dir, place_tablespaces};
 use super::select::{ReplaySpan, choose_backup, replay_span};
 use super::{RestoreError, RestoreOptions, TimelineTarget};
@@ -18,6 +19,7 @@ use crate::basebackup::BackupId;
 use crate::basebackup::manifest::{EntryKind, Manifest};
 use crate::catalog::Catalog;
 use crate::recovery_conf::{RecoverySettings, RecoveryTarget, quote};
+use crate::repo::Store;
 use crate::repo::object::Sealer;
 use crate::report::{Report, table};
 use crate::wal::{Lsn, TimelineId};
@@ -36,6 +38,8 @@ pub struct RestorePlan {
     /// Where each tablespace goes: oid -> directory (never the manifest's own location unless
     /// `--tablespace-original` says so).
     pub tablespaces: BTreeMap<u32, PathBuf>,
+    /// With `--database`: the databases restored and those left zeroed.
+    pub databases: Option<PlannedDatabases>,
     pub recovery: PlannedRecovery,
     /// The segments replay goes through, as far as the repository tells.
     pub replay: Option<ReplaySpan>,
@@ -133,6 +137,7 @@ impl PlannedRecovery {
 /// placed or placed badly, a manifest that fails its checks, with `--delta` a directory that
 /// is not a data directory. Writes nothing.
 pub(crate) async fn build(
+    store: &Store,
     sealer: &Sealer,
     repository: String,
     cat: &Catalog,
@@ -177,6 +182,13 @@ pub(crate) async fn build(
         ));
     }
     let bytes = check_before_writing(cat, m, opts, &spaces)?;
+    if opts.delta && !opts.databases.is_empty() {
+        return Err(RestoreError::DeltaWithDatabases);
+    }
+    let databases = partial::plan(store, sealer, m, &opts.databases).await?;
+    if let Some(d) = &databases {
+        checks.push(format!("--database: {}", d.describe()));
+    }
     checks.push(format!(
         "manifest of backup {} validated: {} entries of system {}, the repository's; every destination within PATH_MAX",
         m.id,
@@ -201,7 +213,11 @@ pub(crate) async fn build(
         files: count(EntryKind::File),
         directories: count(EntryKind::Dir),
         bytes,
-        bytes_to_write: delta_work.as_ref().map_or(bytes, |d| d.bytes_to_write(m)),
+        bytes_to_write: match (&delta_work, &databases) {
+            (Some(d), _) => d.bytes_to_write(m),
+            (None, Some(d)) => bytes - zeroed_bytes(m, d),
+            (None, None) => bytes,
+        },
         delta: delta_work.as_ref().map(DeltaComparison::report),
     };
     Ok(RestorePlan {
@@ -212,6 +228,7 @@ pub(crate) async fn build(
         recovery: planned_recovery(opts, timeline, !spaces.is_empty(), replay.is_some()),
         files,
         tablespaces: spaces,
+        databases,
         replay,
         checks,
         wal_segment_size: cat.wal_segment_size(),
@@ -219,6 +236,15 @@ pub(crate) async fn build(
         sync: opts.sync,
         delta_work,
     })
+}
+
+/// The bytes of the files a partial restore leaves zeroed (written as holes, never fetched).
+fn zeroed_bytes(m: &Manifest, d: &PlannedDatabases) -> u64 {
+    m.entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File && d.zeroes(&e.path))
+        .map(|e| e.size)
+        .sum()
 }
 
 /// How `opts.pgdata` is used; a non-empty one is refused without `--force` or `--delta`.
@@ -341,6 +367,9 @@ impl RestorePlan {
         for (oid, path) in &self.tablespaces {
             rows.push(row(&format!("tablespace {oid}"), path.display().to_string()));
         }
+        if let Some(d) = &self.databases {
+            rows.push(row("databases", d.describe()));
+        }
         rows.extend(self.recovery_rows());
         if let Some(span) = &self.replay {
             let to = if span.last_is_upper_bound {
@@ -388,7 +417,7 @@ impl RestorePlan {
 impl Serialize for RestorePlan {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("RestorePlan", 10)?;
+        let mut st = s.serialize_struct("RestorePlan", 11)?;
         st.serialize_field("pgdata", &self.pgdata)?;
         st.serialize_field("repository", &self.repository)?;
         st.serialize_field("backup", &self.backup)?;
@@ -396,6 +425,7 @@ impl Serialize for RestorePlan {
         st.serialize_field("timeline", &self.timeline)?;
         st.serialize_field("files", &self.files)?;
         st.serialize_field("tablespaces", &self.tablespaces)?;
+        st.serialize_field("databases", &self.databases)?;
         st.serialize_field("recovery", &self.recovery)?;
         st.serialize_field("replay", &self.replay)?;
         st.serialize_field("checks", &self.checks)?;
@@ -425,7 +455,7 @@ impl Report for RestorePlan {
 mod tests {
     use std::path::Path;
 
-    use super::super::testing::{SYSID, fixture, options, with_tablespace};
+    use super::super::testing::{SYSID, empty_store, fixture, options, with_tablespace};
     use super::*;
     use crate::catalog::testing::{at, nos, summary};
     use crate::commands::restore::{TablespacePlacement, TargetAction};
@@ -441,7 +471,7 @@ mod tests {
     }
 
     async fn plan_for(cat: &Catalog, opts: &RestoreOptions) -> Result<RestorePlan, RestoreError> {
-        build(&Sealer::plain(), "file:///repo".into(), cat, opts).await
+        build(&empty_store(), &Sealer::plain(), "file:///repo".into(), cat, opts).await
     }
 
     #[tokio::test]
