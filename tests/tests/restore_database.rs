@@ -103,7 +103,9 @@ fn make_backed() -> Result<Backed> {
     )?;
     source.execute("CHECKPOINT")?;
     let oid_of = |db: &str| {
-        source.query_one_string(&format!("SELECT oid::text FROM pg_database WHERE datname = '{db}'"))
+        source.query_one_string(&format!(
+            "SELECT oid::text FROM pg_database WHERE datname = '{db}'"
+        ))
     };
     let (shop_oid, analytics_oid) = (oid_of(SHOP)?, oid_of(ANALYTICS)?);
     let backup = take_backup(&source, &repo)?;
@@ -257,33 +259,58 @@ fn database_restore_fetches_only_the_named_database_and_recovers_it() -> Result<
         "--database {SHOP} must fetch well under half the bytes of a full restore ({full_bytes}), \
          it fetched {bytes}:\n{run}"
     );
-    assert!(chunks < full_chunks, "{chunks} chunks, the full restore {full_chunks}");
+    assert!(
+        chunks < full_chunks,
+        "{chunks} chunks, the full restore {full_chunks}"
+    );
+    // The plan names what is restored and what is left zeroed.
+    let names = |list: &str| -> Vec<String> {
+        report["plan"]["databases"][list]
+            .as_array()
+            .map(|dbs| {
+                dbs.iter()
+                    .filter_map(|d| d["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(names("zeroed"), [ANALYTICS], "{:#}", report["plan"]["databases"]);
+    for db in ["postgres", "template0", "template1", SHOP] {
+        assert!(
+            names("restored").iter().any(|n| n == db),
+            "{db} must be restored: {:#}",
+            report["plan"]["databases"]
+        );
+    }
 
-    // analytics: every relation file there, at its size, and zeroed; shop's restored.
+    // Both restores hold the same relation files, of the same sizes: analytics' all zeroes,
+    // shop's as the full restore wrote them.
     for (db, oid) in [(ANALYTICS, &b.analytics_oid), (SHOP, &b.shop_oid)] {
         let rel = format!("base/{oid}");
-        let in_full = relation_files(&full.data_dir().join(&rel))?;
-        let in_partial = relation_files(&partial.data_dir().join(&rel))?;
-        assert!(in_full.len() > 100, "{db}: {rel} of the full restore: {in_full:?}");
+        let (full_dir, partial_dir) = (full.data_dir().join(&rel), partial.data_dir().join(&rel));
+        let in_full = relation_files(&full_dir)?;
+        assert!(
+            in_full.len() > 100,
+            "{db}: {rel} of the full restore: {in_full:?}"
+        );
         assert_eq!(
-            in_partial, in_full,
+            relation_files(&partial_dir)?,
+            in_full,
             "{db}: {rel} must hold the same relation files, of the same sizes, as a full restore"
         );
-        let zeroed: Vec<&str> = in_partial
-            .iter()
-            .filter(|(_, len)| *len > 0)
-            .map(|(name, _)| name.as_str())
-            .filter(|name| all_zeroes(&partial.data_dir().join(&rel).join(name)).unwrap_or(false))
-            .collect();
-        let non_empty = in_partial.iter().filter(|(_, len)| *len > 0).count();
-        if db == ANALYTICS {
-            assert_eq!(
-                zeroed.len(),
-                non_empty,
-                "every relation file of {db} must be zeroed, not fetched"
-            );
-        } else {
-            assert!(zeroed.is_empty(), "{db} was restored, yet these files are zeroed: {zeroed:?}");
+        for (name, _) in &in_full {
+            let path = partial_dir.join(name);
+            if db == ANALYTICS {
+                assert!(
+                    all_zeroes(&path)?,
+                    "{db} is left out, yet {rel}/{name} holds data"
+                );
+            } else {
+                assert!(
+                    fs::read(&path)? == fs::read(full_dir.join(name))?,
+                    "{db} is restored, yet {rel}/{name} differs from the full restore's"
+                );
+            }
         }
     }
     drop(full);
@@ -305,9 +332,7 @@ fn database_restore_fetches_only_the_named_database_and_recovers_it() -> Result<
     // The database left out is dropped, as the DBA is told to; the cluster goes on.
     partial.execute(&format!("DROP DATABASE {ANALYTICS}"))?;
     assert_eq!(
-        partial.query_one_string(
-            "SELECT string_agg(datname, ',' ORDER BY datname) FROM pg_database"
-        )?,
+        partial.query_one_string("SELECT string_agg(datname, ',' ORDER BY datname) FROM pg_database")?,
         format!("postgres,{SHOP},template0,template1")
     );
     execute_in(
@@ -344,13 +369,18 @@ fn database_restore_refuses_a_database_the_backup_does_not_have() -> Result<()> 
 
     let run = backup::restore(&b.repo, &pgdata, &["--database", "nosuchdb"])?;
     run.assert_failed_naming(&["nosuchdb", SHOP, ANALYTICS]);
-    let naming: Vec<&str> = run.stderr.lines().filter(|l| l.contains("nosuchdb")).collect();
-    assert_eq!(naming.len(), 1, "one error line names the database: {run}");
+    let errors: Vec<&str> = run.stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {run}");
+    for named in ["nosuchdb", SHOP, ANALYTICS, "postgres"] {
+        assert!(
+            errors[0].contains(named),
+            "the error line names {named:?} (the database asked for, and those the backup has): {run}"
+        );
+    }
     assert!(
-        naming[0].contains(SHOP) && naming[0].contains(ANALYTICS),
-        "the error line names the databases the backup has: {run}"
+        !pgdata.exists(),
+        "a refused restore must not create --pgdata: {run}"
     );
-    assert!(!pgdata.exists(), "a refused restore must not create --pgdata: {run}");
 
     // A partial restore over an existing directory is not offered.
     let run = backup::restore(&b.repo, &pgdata, &["--database", SHOP, "--delta"])?;
@@ -359,6 +389,9 @@ fn database_restore_refuses_a_database_the_backup_does_not_have() -> Result<()> 
         run.stderr.contains("--delta") && run.stderr.contains("--database"),
         "{run}"
     );
-    assert!(!pgdata.exists(), "a refused restore must not create --pgdata: {run}");
+    assert!(
+        !pgdata.exists(),
+        "a refused restore must not create --pgdata: {run}"
+    );
     Ok(())
 }
