@@ -144,31 +144,9 @@ pub(crate) async fn build(
     opts: &RestoreOptions,
 ) -> Result<RestorePlan, RestoreError> {
     let (m, timeline) = choose_backup(cat, opts.backup.as_ref(), &opts.target, opts.timeline)?;
-    let mut checks = Vec::new();
     let pgdata = &opts.pgdata;
-    if let Some(pid) = crate::local::pgdata::running_postmaster(pgdata) {
-        return Err(RestoreError::ServerRunning {
-            dir: pgdata.display().to_string(),
-            pid,
-        });
-    }
-    checks.push(format!(
-        "no server runs on {} (no live postmaster.pid)",
-        pgdata.display()
-    ));
-    let directory = directory_use(opts)?;
-    checks.push(match directory {
-        DirectoryUse::Create => format!("{} does not exist: it is created", pgdata.display()),
-        DirectoryUse::UseEmpty => format!("{} is empty", pgdata.display()),
-        DirectoryUse::Replace => format!(
-            "{} is not empty: its contents are removed first (--force)",
-            pgdata.display()
-        ),
-        DirectoryUse::Rewrite => format!(
-            "{} is rewritten where it differs from the backup (--delta)",
-            pgdata.display()
-        ),
-    });
+    let mut checks = Vec::new();
+    let directory = check_directory(opts, &mut checks)?;
     let spaces = place_tablespaces(m, opts)?;
     for (oid, path) in &spaces {
         let state = if opts.delta {
@@ -236,6 +214,36 @@ pub(crate) async fn build(
         sync: opts.sync,
         delta_work,
     })
+}
+
+/// The data directory: refused when a server runs on it, else how it is used
+/// ([`directory_use`]); what was checked is added to `checks`.
+fn check_directory(opts: &RestoreOptions, checks: &mut Vec<String>) -> Result<DirectoryUse, RestoreError> {
+    let pgdata = &opts.pgdata;
+    if let Some(pid) = crate::local::pgdata::running_postmaster(pgdata) {
+        return Err(RestoreError::ServerRunning {
+            dir: pgdata.display().to_string(),
+            pid,
+        });
+    }
+    checks.push(format!(
+        "no server runs on {} (no live postmaster.pid)",
+        pgdata.display()
+    ));
+    let directory = directory_use(opts)?;
+    checks.push(match directory {
+        DirectoryUse::Create => format!("{} does not exist: it is created", pgdata.display()),
+        DirectoryUse::UseEmpty => format!("{} is empty", pgdata.display()),
+        DirectoryUse::Replace => format!(
+            "{} is not empty: its contents are removed first (--force)",
+            pgdata.display()
+        ),
+        DirectoryUse::Rewrite => format!(
+            "{} is rewritten where it differs from the backup (--delta)",
+            pgdata.display()
+        ),
+    });
+    Ok(directory)
 }
 
 /// The bytes of the files a partial restore leaves zeroed (written as holes, never fetched).
