@@ -137,16 +137,22 @@ impl AgentCommand {
         &self.program
     }
 
-    /// The arguments after the program, for a child process: the subcommand, the repository's
-    /// flags, then the subcommand's arguments.
+    /// The words after the program: the subcommand, the repository's flags, then the
+    /// subcommand's arguments.
+    fn words(&self) -> impl Iterator<Item = Word> + '_ {
+        std::iter::once(Word::Quoted(self.subcommand.into()))
+            .chain(self.repo.flags().into_iter().map(Word::Quoted))
+            .chain(self.args.iter().cloned())
+    }
+
+    /// The arguments after the program, for a child process (see [`AgentCommand::words`]).
     pub fn argv(&self) -> Vec<OsString> {
-        let mut argv: Vec<OsString> = vec![self.subcommand.into()];
-        argv.extend(self.repo.flags());
-        argv.extend(self.args.iter().map(|w| match w {
-            Word::Quoted(a) => a.clone(),
-            Word::Placeholder(p) => (*p).into(),
-        }));
-        argv
+        self.words()
+            .map(|w| match w {
+                Word::Quoted(a) => a,
+                Word::Placeholder(p) => p.into(),
+            })
+            .collect()
     }
 
     /// The environment the command needs besides its flags: the key file's variable.
@@ -167,11 +173,9 @@ impl AgentCommand {
             .map(|(k, v)| format!("{k}={}", sh_quote(&v.to_string_lossy())))
             .collect();
         words.push(sh_quote(&self.program.to_string_lossy()));
-        words.push(self.subcommand.to_string());
-        words.extend(self.repo.flags().iter().map(|f| sh_quote(&f.to_string_lossy())));
-        words.extend(self.args.iter().map(|w| match w {
+        words.extend(self.words().map(|w| match w {
             Word::Quoted(a) => sh_quote(&a.to_string_lossy()),
-            Word::Placeholder(p) => (*p).to_string(),
+            Word::Placeholder(p) => p.to_string(),
         }));
         words.join(" ")
     }

@@ -190,45 +190,41 @@ impl RecoverySettings {
     /// [`SET`] or [`STANDBY_ONLY`] parameter commented out, then walvault's block. `header` is
     /// the first line of the block (a comment naming the restore).
     pub fn render(&self, existing: Option<&str>, header: &str) -> String {
-        render(existing, header, self)
-    }
-}
-
-fn render(existing: Option<&str>, header: &str, s: &RecoverySettings) -> String {
-    let mut out = String::new();
-    for line in existing.unwrap_or_default().lines() {
-        match parameter_of(line) {
-            Some(p) if owned(&p) => {
-                out.push_str("# replaced by walvault restore: ");
-                out.push_str(line);
+        let mut out = String::new();
+        for line in existing.unwrap_or_default().lines() {
+            match parameter_of(line) {
+                Some(p) if owned(&p) => {
+                    out.push_str("# replaced by walvault restore: ");
+                    out.push_str(line);
+                }
+                _ => out.push_str(line),
             }
-            _ => out.push_str(line),
+            out.push('\n');
         }
-        out.push('\n');
-    }
-    let mut block = format!("# {}\n", header.replace('\n', " "));
-    let mut put = |k: &str, v: &str| block.push_str(&format!("{k} = {}\n", quote(v)));
-    put("restore_command", &s.restore_command);
-    // A delayed standby's or a previous restore's settings must not steer this recovery.
-    put("recovery_end_command", "");
-    put("recovery_min_apply_delay", "0");
-    let target = s.target.setting();
-    for kind in TARGET_KINDS {
-        if target.as_ref().is_none_or(|(k, _)| k != kind) {
-            put(kind, "");
+        let mut block = format!("# {}\n", header.replace('\n', " "));
+        let mut put = |k: &str, v: &str| block.push_str(&format!("{k} = {}\n", quote(v)));
+        put("restore_command", &self.restore_command);
+        // A delayed standby's or a previous restore's settings must not steer this recovery.
+        put("recovery_end_command", "");
+        put("recovery_min_apply_delay", "0");
+        let target = self.target.setting();
+        for kind in TARGET_KINDS {
+            if target.as_ref().is_none_or(|(k, _)| k != kind) {
+                put(kind, "");
+            }
         }
+        if let Some((k, v)) = &target {
+            put(k, v);
+        }
+        put(
+            "recovery_target_inclusive",
+            if self.inclusive { "on" } else { "off" },
+        );
+        put("recovery_target_action", self.action.as_str());
+        put("recovery_target_timeline", &self.timeline.value());
+        out.push_str(&block);
+        out
     }
-    if let Some((k, v)) = &target {
-        put(k, v);
-    }
-    put(
-        "recovery_target_inclusive",
-        if s.inclusive { "on" } else { "off" },
-    );
-    put("recovery_target_action", s.action.as_str());
-    put("recovery_target_timeline", &s.timeline.value());
-    out.push_str(&block);
-    out
 }
 
 #[cfg(test)]
@@ -272,11 +268,7 @@ mod tests {
 
     #[test]
     fn none_of_the_backups_recovery_settings_survive() {
-        let conf = render(
-            Some(PROMOTED_STANDBY),
-            "walvault restore",
-            &settings(RecoveryTarget::End),
-        );
+        let conf = settings(RecoveryTarget::End).render(Some(PROMOTED_STANDBY), "walvault restore");
         assert_eq!(effective(&conf, "max_connections").as_deref(), Some("50"));
         assert_eq!(
             effective(&conf, "restore_command").as_deref(),
@@ -308,11 +300,8 @@ mod tests {
 
     #[test]
     fn the_unused_targets_are_cleared_before_the_chosen_one_is_set() {
-        let conf = render(
-            Some(PROMOTED_STANDBY),
-            "walvault restore",
-            &settings(RecoveryTarget::Name("before 'drop'".into())),
-        );
+        let conf = settings(RecoveryTarget::Name("before 'drop'".into()))
+            .render(Some(PROMOTED_STANDBY), "walvault restore");
         assert_eq!(
             effective(&conf, "recovery_target_name").as_deref(),
             Some("before 'drop'")
@@ -342,7 +331,7 @@ mod tests {
     #[test]
     fn every_recovery_parameter_is_set_exactly_once_by_the_block() {
         for target in [RecoveryTarget::End, RecoveryTarget::Immediate] {
-            let conf = render(None, "walvault restore", &settings(target));
+            let conf = settings(target).render(None, "walvault restore");
             for p in SET {
                 let n = conf
                     .lines()
