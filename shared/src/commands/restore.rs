@@ -131,6 +131,30 @@ mod testing {
         Manifest::parse(include_bytes!("../../tests/fixtures/manifest-v1.json")).unwrap()
     }
 
+    /// Directory entries of a manifest, mode 0700.
+    pub(super) fn dirs(paths: &[&str]) -> Vec<Entry> {
+        paths
+            .iter()
+            .map(|d| Entry {
+                path: d.to_string(),
+                kind: EntryKind::Dir,
+                mode: 0o700,
+                size: 0,
+                chunks: vec![],
+            })
+            .collect()
+    }
+
+    /// A reference to chunk `id` of `len` bytes, chunk `index` of file `file`.
+    pub(super) fn r(
+        id: crate::basebackup::chunk::ChunkId,
+        len: u64,
+        file: usize,
+        index: u64,
+    ) -> super::order::ChunkRef {
+        super::order::ChunkRef { file, index, id, len }
+    }
+
     pub(super) fn catalog(sysid: u64) -> Catalog {
         crate::catalog::testing::empty_catalog(sysid)
     }
@@ -199,16 +223,7 @@ mod testing {
         );
         let mut m = fixture();
         m.chunk_size = chunk_size;
-        m.entries = ["base", "base/1"]
-            .iter()
-            .map(|d| Entry {
-                path: d.to_string(),
-                kind: EntryKind::Dir,
-                mode: 0o700,
-                size: 0,
-                chunks: vec![],
-            })
-            .collect();
+        m.entries = dirs(&["base", "base/1"]);
         let mut pack = PackBuilder::default();
         let mut packed = std::collections::HashSet::new();
         for (i, (name, content)) in files.iter().enumerate() {

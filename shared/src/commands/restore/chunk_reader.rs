@@ -306,9 +306,7 @@ impl ChunkReader {
 mod tests {
     use super::*;
 
-    fn r(id: ChunkId, len: u64, file: usize, index: u64) -> ChunkRef {
-        ChunkRef { file, index, id, len }
-    }
+    use super::super::testing::r;
 
     #[test]
     fn neighbours_in_a_pack_are_read_together_and_nothing_else_is() {

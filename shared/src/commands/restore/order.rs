@@ -89,9 +89,7 @@ fn most_open(order: &[ChunkRef]) -> usize {
 mod tests {
     use super::*;
 
-    fn r(id: ChunkId, len: u64, file: usize, index: u64) -> ChunkRef {
-        ChunkRef { file, index, id, len }
-    }
+    use super::super::testing::r;
 
     /// Two files packed together (as a backup's two tasks pack them) are restored in pack
     /// order; a chunk met again goes with its own file's neighbours; chunks stored on their own

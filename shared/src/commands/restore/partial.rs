@@ -180,20 +180,10 @@ fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::basebackup::manifest::Entry;
 
     fn manifest(dirs: &[&str]) -> Manifest {
         let mut m = super::super::testing::fixture();
-        m.entries = dirs
-            .iter()
-            .map(|d| Entry {
-                path: d.to_string(),
-                kind: EntryKind::Dir,
-                mode: 0o700,
-                size: 0,
-                chunks: vec![],
-            })
-            .collect();
+        m.entries = super::super::testing::dirs(dirs);
         m
     }
 

@@ -220,9 +220,7 @@ mod tests {
     const ONE: ChunkId = ChunkId::from_hash([1; 32]);
     const TAIL: ChunkId = ChunkId::from_hash([0x7a; 32]);
 
-    fn r(id: ChunkId, len: u64, file: usize, index: u64) -> ChunkRef {
-        ChunkRef { file, index, id, len }
-    }
+    use super::super::testing::r;
 
     fn targets(n: usize) -> Vec<FileToWrite> {
         (0..n)
