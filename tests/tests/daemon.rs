@@ -640,6 +640,17 @@ fn wait_archived(repo: &Repo, segment: &str, limit: Duration, d: &Daemon) -> Res
 fn markers_never_vouch_for_a_repository_recreated_at_the_same_url() -> Result<()> {
     let repo = Repo::new()?;
     let source = archiving_cluster("recreated", &repo, "")?;
+    // PostgreSQL's archiver waits (up to 30 s) for the daemon's marker before pushing, so the
+    // daemon, not push, uploads the files: the markers this test needs do not depend on who
+    // wins the race to a `.ready` file.
+    let marker = daemon::spool_dir(&source.data_dir()).join("archived/%f");
+    let gated = format!(
+        "i=0; while [ ! -e '{}' ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; {}",
+        marker.display(),
+        walvault_testkit::agents().archive_command(&repo, "")
+    );
+    source.set_conf(&[("archive_command", &gated)])?;
+    source.execute("SELECT pg_reload_conf()")?;
     let d = Daemon::start(&source, &repo, &[])?;
     workload::create_payload_table(&source)?;
     workload::insert_payload(&source, 1, 500)?;
