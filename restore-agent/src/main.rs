@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use walvault::cli;
 use walvault::cli::drill_args::DrillArgs;
+use walvault::cli::extract_args::ExtractArgs;
 use walvault::cli::progress_bar::Bar;
 use walvault::cli::restore_args::RestoreArgs;
 use walvault::config::RepoArgs;
@@ -119,6 +120,14 @@ enum Command {
         #[command(flatten)]
         args: DrillArgs,
     },
+    /// One table (or several, or whole schemas) of one database back from any instant: restores
+    /// only that database to the target in a scratch directory, starts a private PostgreSQL
+    /// there (socket only, archiving off), dumps the tables with pg_dump, and writes the dump
+    /// (--to) or restores it into the live database under new names in one transaction
+    /// (--into). The server is stopped and the scratch directory removed however it ends,
+    /// Ctrl-C included. `restore-agent find` prints this command for each destructive event
+    #[command(group(clap::ArgGroup::new("goal").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
+    Extract(ExtractArgs),
     /// How far the recovery of a data directory restored by `restore-agent restore` has got:
     /// segment n of the segments up to the target, the commit time reached, an ETA; or that it
     /// finished. Reads only the data directory. Exit status 1 when it holds no walvault recovery.
@@ -152,7 +161,10 @@ fn main() -> ExitCode {
         false => exit::USAGE,
     };
     let cli: Cli = cli::parse_or_exit_with("restore-agent", usage_code);
-    if matches!(cli.command, Command::Restore(_) | Command::Drill { .. }) {
+    if matches!(
+        cli.command,
+        Command::Restore(_) | Command::Drill { .. } | Command::Extract(_)
+    ) {
         cli::allocator::rerun_with_lean_allocator("restore-agent");
     }
     cli::init_logging();
@@ -254,6 +266,14 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<bool> {
             show(&evidence, args.deliver(&evidence)?)?;
             Ok(evidence.passed())
         }
+        Command::Extract(args) => {
+            let settings = repo.settings(None)?;
+            let opts = args.options(&settings, repo, &std::env::current_exe()?)?;
+            let report = block_on(until_interrupted(walvault::commands::extract::extract(
+                &settings, &opts,
+            )))??;
+            show(&report?, Format::from_json_flag(args.json)).map(|()| true)
+        }
         Command::Status { pgdata, json } => {
             let status = walvault::commands::status::status(&pgdata, now())?;
             show(&status, Format::from_json_flag(json)).map(|()| true)
@@ -268,6 +288,19 @@ fn info(repo: &RepoArgs, json: bool) -> anyhow::Result<bool> {
     let settings = repo.settings(None)?;
     let report = block_on(walvault::commands::info::info(&settings))??;
     show(&report, Format::from_json_flag(json)).map(|()| true)
+}
+
+/// `f`, unless Ctrl-C or SIGTERM comes first: then `f` is dropped, which stops what it started
+/// (extract's private server, its scratch directory) before the error returns.
+async fn until_interrupted<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        out = f => Ok(out),
+        _ = int.recv() => anyhow::bail!("interrupted: the private server was stopped and the scratch directory removed"),
+        _ = term.recv() => anyhow::bail!("terminated: the private server was stopped and the scratch directory removed"),
+    }
 }
 
 /// Run `f` to completion on a multi-threaded runtime.

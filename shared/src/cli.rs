@@ -6,6 +6,7 @@ pub mod allocator;
 pub mod backup_args;
 pub mod daemon_args;
 pub mod drill_args;
+pub mod extract_args;
 pub mod progress_bar;
 pub mod restore_args;
 pub mod target_args;

@@ -427,19 +427,61 @@ impl Cluster {
 
     /// A new connection as the superuser to database `postgres`.
     pub fn connect(&self) -> Result<postgres::Client> {
+        self.connect_to("postgres")
+    }
+
+    /// A connection to database `db`.
+    pub fn connect_to(&self, db: &str) -> Result<postgres::Client> {
         postgres::Config::new()
             .host("127.0.0.1")
             .port(self.port)
             .user("postgres")
-            .dbname("postgres")
+            .dbname(db)
             .connect_timeout(Duration::from_secs(10))
             .connect(postgres::NoTls)
-            .with_context(|| format!("connecting to cluster {} on port {}", self.name, self.port))
+            .with_context(|| {
+                format!(
+                    "connecting to database {db} of cluster {} on port {}",
+                    self.name, self.port
+                )
+            })
     }
 
     /// A libpq connection string for this cluster, for `--pg-url`.
     pub fn conn_string(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+        self.conn_string_to("postgres")
+    }
+
+    /// A libpq connection string for database `db` of this cluster.
+    pub fn conn_string_to(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+    }
+
+    /// Run SQL statements (separated by `;`) in database `db`, discarding results.
+    pub fn execute_in(&self, db: &str, sql: &str) -> Result<()> {
+        self.connect_to(db)?
+            .batch_execute(sql)
+            .with_context(|| format!("in database {db} of cluster {}: {sql}", self.name))
+    }
+
+    /// The single non-NULL value a query returns in database `db`, as text.
+    pub fn query_in(&self, db: &str, sql: &str) -> Result<String> {
+        let messages = self
+            .connect_to(db)?
+            .simple_query(sql)
+            .with_context(|| format!("in database {db} of cluster {}: {sql}", self.name))?;
+        messages
+            .iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .with_context(|| {
+                format!(
+                    "in database {db} of cluster {}: {sql} returned no value",
+                    self.name
+                )
+            })
     }
 
     /// Run SQL statements (separated by `;`), discarding results.

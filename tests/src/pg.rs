@@ -78,6 +78,11 @@ impl PgInstall {
         self.major
     }
 
+    /// The directory of its server programs (`--pg-bin` for drill and extract).
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
     /// A server program (`initdb`, `pg_ctl`, `postgres`) of this installation, run as the
     /// PostgreSQL user, with its libraries.
     pub fn command(&self, program: &str) -> Command {

@@ -8,15 +8,14 @@ use std::fs;
 use std::io::Read;
 use std::path::Path;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use serde_json::Value;
+use walvault_testkit::Repo;
 use walvault_testkit::agents::exit;
 use walvault_testkit::backup::{self, BackupSummary, Restore, restore_new_cluster, take_backup};
 use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
 use walvault_testkit::host::{Finished, ScratchDir};
-use walvault_testkit::{Cluster, Repo};
 
 /// The restore point the restores target: after the backup, before `orders` is dropped.
 const TARGET: &str = "before_orders_dropped";
@@ -46,39 +45,6 @@ fn backed_up() -> &'static Backed {
     BACKED.get_or_init(|| make_backed().unwrap_or_else(|e| panic!("{e:#}")))
 }
 
-/// A connection to database `db` of `cluster` (the testkit's own connect to `postgres` only).
-fn connect_to(cluster: &Cluster, db: &str) -> Result<postgres::Client> {
-    postgres::Config::new()
-        .host("127.0.0.1")
-        .port(cluster.port())
-        .user("postgres")
-        .dbname(db)
-        .connect_timeout(Duration::from_secs(10))
-        .connect(postgres::NoTls)
-        .with_context(|| format!("connecting to database {db} of cluster {}", cluster.name()))
-}
-
-/// Run SQL statements in database `db` of `cluster`.
-fn execute_in(cluster: &Cluster, db: &str, sql: &str) -> Result<()> {
-    connect_to(cluster, db)?
-        .batch_execute(sql)
-        .with_context(|| format!("in database {db} of cluster {}: {sql}", cluster.name()))
-}
-
-/// The single text value `sql` returns in database `db` of `cluster`.
-fn query_in(cluster: &Cluster, db: &str, sql: &str) -> Result<String> {
-    let messages = connect_to(cluster, db)?
-        .simple_query(sql)
-        .with_context(|| format!("in database {db} of cluster {}: {sql}", cluster.name()))?;
-    messages
-        .iter()
-        .find_map(|m| match m {
-            postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .ok_or_else(|| anyhow!("in database {db}: {sql} returned no value"))
-}
-
 fn make_backed() -> Result<Backed> {
     let repo = Repo::new()?;
     let mut source = archiving_cluster("db-source", &repo, "")?;
@@ -86,16 +52,14 @@ fn make_backed() -> Result<Backed> {
     source.execute(&format!("CREATE DATABASE {SHOP}"))?;
     source.execute(&format!("CREATE DATABASE {ANALYTICS}"))?;
     // About 8 MB of orders; rows of ~340 bytes stay in the heap (no TOAST, no compression).
-    execute_in(
-        &source,
+    source.execute_in(
         SHOP,
         "CREATE TABLE orders (id integer PRIMARY KEY, customer integer NOT NULL, note text NOT NULL);
          INSERT INTO orders
          SELECT g, g % 97, rpad(md5(g::text), 300, md5((g * 7)::text)) FROM generate_series(1, 20000) g",
     )?;
     // About six times as much in analytics: the data a partial restore must not fetch.
-    execute_in(
-        &source,
+    source.execute_in(
         ANALYTICS,
         "CREATE TABLE events (id bigint PRIMARY KEY, kind integer NOT NULL, payload text NOT NULL);
          INSERT INTO events
@@ -111,26 +75,23 @@ fn make_backed() -> Result<Backed> {
     let backup = take_backup(&source, &repo)?;
 
     // Past the backup, to the target: orders changed, analytics written.
-    execute_in(
-        &source,
+    source.execute_in(
         SHOP,
         "UPDATE orders SET note = 'changed ' || id, customer = customer + 1 WHERE id % 10 = 0;
          INSERT INTO orders SELECT g, g % 97, 'after the backup ' || g FROM generate_series(20001, 21000) g;
          DELETE FROM orders WHERE id % 97 = 0",
     )?;
-    execute_in(
-        &source,
+    source.execute_in(
         ANALYTICS,
         "INSERT INTO events SELECT g, 99, md5(g::text) FROM generate_series(110001, 115000) g;
          UPDATE events SET kind = kind + 100 WHERE id % 50 = 0",
     )?;
-    let orders_at_target = query_in(&source, SHOP, ORDERS_FINGERPRINT)?;
+    let orders_at_target = source.query_in(SHOP, ORDERS_FINGERPRINT)?;
     source.execute(&format!("SELECT pg_create_restore_point('{TARGET}')"))?;
 
     // Past the target: must not be replayed.
-    execute_in(&source, SHOP, "DROP TABLE orders")?;
-    execute_in(
-        &source,
+    source.execute_in(SHOP, "DROP TABLE orders")?;
+    source.execute_in(
         ANALYTICS,
         "DELETE FROM events WHERE id % 3 = 0;
          INSERT INTO events SELECT g, 7, md5(g::text) FROM generate_series(115001, 118000) g",
@@ -320,7 +281,7 @@ fn database_restore_fetches_only_the_named_database_and_recovers_it() -> Result<
         .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
         .with_context(|| format!("recovery of the --database {SHOP} restore:\n{run}"))?;
     assert_eq!(
-        query_in(&partial, SHOP, ORDERS_FINGERPRINT)?,
+        partial.query_in(SHOP, ORDERS_FINGERPRINT)?,
         b.orders_at_target,
         "{SHOP}.orders after recovery to {TARGET}\n{}",
         partial.log_tail()
@@ -335,8 +296,7 @@ fn database_restore_fetches_only_the_named_database_and_recovers_it() -> Result<
         partial.query_one_string("SELECT string_agg(datname, ',' ORDER BY datname) FROM pg_database")?,
         format!("postgres,{SHOP},template0,template1")
     );
-    execute_in(
-        &partial,
+    partial.execute_in(
         SHOP,
         "INSERT INTO orders SELECT g, 1, 'after recovery' FROM generate_series(900001, 900010) g",
     )?;

@@ -93,6 +93,20 @@ pub async fn restore_from(
     Ok(report)
 }
 
+/// Carry out a plan made by [`plan_from`] (a caller that checks the plan before writing, as
+/// `extract` checks its room).
+pub async fn restore_planned(
+    repo: &crate::repo::Reader,
+    cat: &Catalog,
+    plan: RestorePlan,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    let mut report = execute::execute(repo, cat, plan, progress).await?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
 /// What [`restore`] would do, decided with reads only: `restore-agent restore --dry-run`.
 /// Nothing is created, not even the data directory.
 pub async fn plan(settings: &Settings, opts: &RestoreOptions) -> Result<RestorePlan, RestoreError> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::commands::restore::RecoveryTarget;
 
 use super::evidence::{Check, Objective};
-use super::server::Server;
+use crate::commands::private_server::Server;
 
 /// Why a check could not be made or did not pass.
 #[derive(Debug, thiserror::Error)]

@@ -22,14 +22,13 @@ use crate::config::Settings;
 mod checks;
 mod evidence;
 mod plan;
-mod server;
 
+pub use crate::commands::private_server::ServerError;
 pub use checks::{ChecksError, check_sql_files};
 pub use evidence::{Check, Evidence, EvidenceError, FORMAT_NAME, FORMAT_VERSION, Objective, recent, store};
 pub use plan::{Plan, PlanError, plan};
-pub use server::ServerError;
 
-use server::{ScratchGuard, Server};
+use crate::commands::private_server::{self as server, ScratchGuard, Server};
 
 /// Which state a drill restores.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +101,7 @@ pub async fn run(settings: &Settings, opts: &DrillOptions) -> Evidence {
         newest_restorable_commit: None,
         checks: Vec::new(),
     };
-    let scratch = match server::make_scratch(opts.scratch.as_deref(), &ev.id) {
+    let scratch = match server::make_scratch(opts.scratch.as_deref(), "drill", &ev.id) {
         Ok(s) => s,
         Err(e) => {
             ev.failure = Some(format!("cannot make a scratch directory: {e}"));
@@ -113,6 +112,7 @@ pub async fn run(settings: &Settings, opts: &DrillOptions) -> Evidence {
     let guard = ScratchGuard {
         dir: scratch.clone(),
         keep: opts.keep,
+        purpose: "drill",
     };
     let mut server = None;
     let result = drill_in(settings, opts, &scratch, started, &mut ev, &mut server).await;
@@ -290,7 +290,7 @@ async fn prepare_server(
         .map_err(|e| failed("postgresql binaries", e))?;
     let user = server::os_user(opts.run_as.as_deref());
     let port = server::free_port().map_err(|e| failed("server", format!("no free port: {e}")))?;
-    server::write_drill_conf(&pgdata, scratch, port).map_err(|e| failed("server", e))?;
+    server::write_private_conf(&pgdata, scratch, port, "drill").map_err(|e| failed("server", e))?;
     if let Some(u) = &user {
         server::chown_tree(scratch, u)
             .await

@@ -1,12 +1,13 @@
-//! The drill's throwaway PostgreSQL: its scratch directory, the binaries of the backup's
-//! version, the configuration that makes it a private copy, the OS user it runs as, and
-//! starting it, waiting for the end of recovery, connecting and stopping it.
+//! A throwaway PostgreSQL on a restored copy, as `drill` and `extract` run one: its scratch
+//! directory, the binaries of the backup's version, the configuration that makes it a private
+//! copy, the OS user it runs as, and starting it, waiting for the end of recovery, connecting
+//! and stopping it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// What went wrong preparing, starting or reaching the drill's server.
+/// What went wrong preparing, starting or reaching the private server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The private configuration could not be written.
@@ -21,7 +22,7 @@ pub enum ServerError {
         stderr: String,
     },
     /// `seen` says what each candidate directory held.
-    #[error("no PostgreSQL {major} server found ({seen}); pass --pg-bin DIR")]
+    #[error("no PostgreSQL {major} server (postgres and pg_ctl) found ({seen}); pass --pg-bin DIR")]
     NoBinaries { major: u32, seen: String },
     #[error("pg_ctl: {0}")]
     PgCtlSpawn(std::io::Error),
@@ -36,38 +37,41 @@ pub enum ServerError {
     Query(#[from] tokio_postgres::Error),
 }
 
-/// Removes the scratch directory when the drill ends, however it ends (a daemon aborting it
-/// included), unless asked to keep it.
-pub(super) struct ScratchGuard {
+/// Removes the scratch directory when the command (`purpose`: drill, extract) ends, however it
+/// ends (a daemon aborting it, Ctrl-C), unless asked to keep it.
+pub(crate) struct ScratchGuard {
     pub dir: PathBuf,
     pub keep: bool,
+    pub purpose: &'static str,
 }
 
 impl Drop for ScratchGuard {
     fn drop(&mut self) {
+        let purpose = self.purpose;
         if self.keep {
-            tracing::info!(dir = %self.dir.display(), "drill: scratch directory kept");
+            tracing::info!(dir = %self.dir.display(), "{purpose}: scratch directory kept");
         } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), "drill: could not remove the scratch directory: {e}");
+            tracing::warn!(dir = %self.dir.display(), "{purpose}: could not remove the scratch directory: {e}");
         }
     }
 }
 
-/// A private (0700) directory for drill `id` under `parent` [default: the temp dir].
-pub(super) fn make_scratch(parent: Option<&Path>, id: &str) -> std::io::Result<PathBuf> {
+/// A private (0700) directory `walvault-<purpose>-<id>-<random>` under `parent` [default: the
+/// temp dir].
+pub(crate) fn make_scratch(parent: Option<&Path>, purpose: &str, id: &str) -> std::io::Result<PathBuf> {
     let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
-    let dir = parent.join(format!("walvault-drill-{id}-{:08x}", rand::random::<u32>()));
+    let dir = parent.join(format!("walvault-{purpose}-{id}-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     Ok(dir)
 }
 
-pub(super) fn free_port() -> std::io::Result<u16> {
+pub(crate) fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The user this process runs as, for the checks' role when PostgreSQL runs as ourselves.
-pub(super) fn current_user() -> String {
+pub(crate) fn current_user() -> String {
     std::env::var("USER").unwrap_or_else(|_| "postgres".into())
 }
 
@@ -77,7 +81,7 @@ fn is_root() -> bool {
 }
 
 /// The OS user to run PostgreSQL as: `None` to run it as ourselves (PostgreSQL refuses root).
-pub(super) fn os_user(run_as: Option<&str>) -> Option<String> {
+pub(crate) fn os_user(run_as: Option<&str>) -> Option<String> {
     match (is_root(), run_as) {
         (true, u) => Some(u.unwrap_or("postgres").to_string()),
         (false, _) => None,
@@ -87,7 +91,12 @@ pub(super) fn os_user(run_as: Option<&str>) -> Option<String> {
 /// Settings that make the restored server a private, harmless copy: no TCP, a socket in the
 /// scratch directory, its own pg_hba.conf (trust over that socket only), no archiving (it would
 /// push a new timeline into the repository), no SSL files from the source's host.
-pub(super) fn write_drill_conf(pgdata: &Path, scratch: &Path, port: u16) -> Result<(), ServerError> {
+pub(crate) fn write_private_conf(
+    pgdata: &Path,
+    scratch: &Path,
+    port: u16,
+    purpose: &str,
+) -> Result<(), ServerError> {
     use std::io::Write;
     let conf_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -97,7 +106,7 @@ pub(super) fn write_drill_conf(pgdata: &Path, scratch: &Path, port: u16) -> Resu
     std::fs::write(&hba, "local all all trust\n").map_err(conf_err(&hba))?;
     let q = |p: &Path| crate::recovery_conf::quote(&p.display().to_string());
     let lines = format!(
-        "\n# walvault drill: a private copy\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = {}\nhba_file = {}\narchive_mode = off\nssl = off\nhot_standby = on\nlogging_collector = off\nprimary_conninfo = ''\nprimary_slot_name = ''\n",
+        "\n# walvault {purpose}: a private copy\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = {}\nhba_file = {}\narchive_mode = off\nssl = off\nhot_standby = on\nlogging_collector = off\nprimary_conninfo = ''\nprimary_slot_name = ''\n",
         q(scratch),
         q(&hba)
     );
@@ -110,7 +119,7 @@ pub(super) fn write_drill_conf(pgdata: &Path, scratch: &Path, port: u16) -> Resu
 }
 
 /// Hand the scratch directory to the OS user PostgreSQL runs as.
-pub(super) async fn chown_tree(dir: &Path, user: &str) -> Result<(), ServerError> {
+pub(crate) async fn chown_tree(dir: &Path, user: &str) -> Result<(), ServerError> {
     let out = tokio::process::Command::new("chown")
         .args(["-R", &format!("{user}:")])
         .arg(dir)
@@ -142,7 +151,7 @@ async fn server_major(bin: &Path) -> Option<u32> {
 
 /// `--pg-bin`, else the usual places for `major`, else `pg_config --bindir`; the binaries must be
 /// of the backup's major version.
-pub(super) async fn find_pg_bin(given: Option<&Path>, major: u32) -> Result<PathBuf, ServerError> {
+pub(crate) async fn find_pg_bin(given: Option<&Path>, major: u32) -> Result<PathBuf, ServerError> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(g) = given {
         candidates.push(g.to_path_buf());
@@ -174,8 +183,8 @@ pub(super) async fn find_pg_bin(given: Option<&Path>, major: u32) -> Result<Path
     })
 }
 
-/// The drill's server.
-pub(super) struct Server {
+/// The private server.
+pub(crate) struct Server {
     bin: PathBuf,
     pgdata: PathBuf,
     log: PathBuf,
@@ -188,7 +197,8 @@ pub(super) struct Server {
 }
 
 impl Drop for Server {
-    /// A drill cut short (the daemon shutting down) must not leave a server behind.
+    /// A drill or extract cut short (the daemon shutting down, Ctrl-C) must not leave a server
+    /// behind.
     fn drop(&mut self) {
         if !self.stopped.load(Ordering::Relaxed) {
             let _ = self.stop_command().output();
@@ -296,9 +306,22 @@ impl Server {
             .port(self.port)
             .user(&self.db_user)
             .dbname(db)
-            .application_name("walvault drill")
+            .application_name("walvault")
             .connect_timeout(Duration::from_secs(10));
         c
+    }
+
+    /// libpq's connection arguments for the client programs (pg_dump): the socket, the port,
+    /// the role.
+    pub fn client_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--host".into(),
+            self.socket_dir.clone().into_os_string(),
+            "--port".into(),
+            self.port.to_string().into(),
+            "--username".into(),
+            self.db_user.clone().into(),
+        ]
     }
 
     pub async fn connect(&self, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -374,7 +397,7 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "no PostgreSQL 15 server found (/x: no postgres there); pass --pg-bin DIR"
+            "no PostgreSQL 15 server (postgres and pg_ctl) found (/x: no postgres there); pass --pg-bin DIR"
         );
         let e = ServerError::RecoveryTimeout {
             secs: 30,
