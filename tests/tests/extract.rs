@@ -303,6 +303,7 @@ fn extract_into_the_live_database_puts_the_table_beside_the_live_ones() -> Resul
         ],
     )
     .check()?;
+    eprintln!("{}", run.stdout);
     assert_scratch_empty(scratch.path(), &run);
     assert!(
         run.stdout.contains("table public.orders -> public.orders_back"),
@@ -561,5 +562,50 @@ fn ctrl_c_stops_the_private_server_and_removes_the_scratch() -> Result<()> {
         .collect();
     assert!(left.is_empty(), "left in the scratch: {left:?}: {stderr}");
     assert_eq!(std::fs::read_dir(out.path())?.count(), 0, "{stderr}");
+    Ok(())
+}
+
+/// `--schema`: a whole schema comes back beside the live one under a new name, its tables as
+/// recorded and the foreign keys between them kept.
+#[test]
+fn extract_a_schema_into_the_live_database() -> Result<()> {
+    let d = dropped_on(15);
+    let scratch = ScratchDir::new("extract-schema")?;
+    let run = extract(
+        d,
+        scratch.path(),
+        &[
+            "--schema",
+            "public",
+            "--into",
+            &d.source.conn_string_to(SHOP),
+            "--json",
+        ],
+    )
+    .check()?;
+    assert_scratch_empty(scratch.path(), &run);
+    let schema = format!("public_restored_{TARGET}");
+    assert_eq!(json(&run)?["schemas"][0][1], schema.as_str(), "{run}");
+    assert_eq!(
+        d.source
+            .query_in(SHOP, &fingerprint(&format!("{schema}.orders")))?,
+        d.orders_at_target
+    );
+    assert_eq!(
+        d.source
+            .query_in(SHOP, &fingerprint(&format!("{schema}.customers")))?,
+        d.customers_at_target
+    );
+    assert_eq!(
+        d.source.query_in(
+            SHOP,
+            &format!("SELECT confrelid::regclass::text FROM pg_constraint WHERE conname = 'orders_customer_fkey' AND connamespace = '{schema}'::regnamespace")
+        )?,
+        format!("{schema}.customers")
+    );
+    assert_eq!(
+        d.source.query_in(SHOP, &fingerprint("customers"))?,
+        d.customers_live
+    );
     Ok(())
 }
