@@ -298,8 +298,8 @@ async fn until_interrupted<F: std::future::Future>(f: F) -> anyhow::Result<F::Ou
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         out = f => Ok(out),
-        _ = int.recv() => anyhow::bail!("interrupted: the private server was stopped and the scratch directory removed"),
-        _ = term.recv() => anyhow::bail!("terminated: the private server was stopped and the scratch directory removed"),
+        _ = int.recv() => anyhow::bail!("interrupted: what extract started was stopped and its scratch directory removed"),
+        _ = term.recv() => anyhow::bail!("terminated: what extract started was stopped and its scratch directory removed"),
     }
 }
 
