@@ -31,7 +31,7 @@ fn fingerprint(table: &str) -> String {
     )
 }
 
-/// A repository holding one backup of a cluster with `shop` (orders, customers), `analytics`
+/// A repository (in the store `WALVAULT_TEST_STORE` names) holding one backup of a cluster with `shop` (orders, customers), `analytics`
 /// (the bulk of the data) and `crm`, and the archive to [`TARGET`] and past it; the source
 /// cluster still running, `orders` dropped there.
 struct Dropped {
@@ -57,7 +57,7 @@ fn dropped_on(major: u32) -> &'static Dropped {
 
 fn make_dropped(major: u32) -> Result<Dropped> {
     let pg = PgInstall::of_major(major)?;
-    let repo = Repo::new_file()?;
+    let repo = Repo::new()?;
     let source = archiving_cluster_on(pg, &format!("extract-pg{major}"), &repo, "")?;
     for db in [SHOP, "analytics", "crm"] {
         source.execute(&format!("CREATE DATABASE {db}"))?;
@@ -141,8 +141,8 @@ fn postmaster_pid(pid_file: &Path) -> Result<u32> {
         .ok_or_else(|| anyhow!("no pid in {}", pid_file.display()))
 }
 
-/// `restore-agent extract <repo> --database shop --target-name TARGET --scratch <scratch>
-/// --pg-bin <the source's server> <args>`.
+/// `restore-agent extract <repo> --database shop --scratch <scratch> --pg-bin <the source's
+/// server> <args>`, with `--target-name TARGET` unless `args` name a target.
 fn extract(d: &Dropped, scratch: &Path, args: &[&str]) -> Finished {
     let mut all: Vec<String> = vec!["extract".into()];
     all.extend(d.repo.args());
@@ -150,8 +150,6 @@ fn extract(d: &Dropped, scratch: &Path, args: &[&str]) -> Finished {
         [
             "--database",
             SHOP,
-            "--target-name",
-            TARGET,
             "--scratch",
             &scratch.display().to_string(),
             "--pg-bin",
@@ -159,6 +157,9 @@ fn extract(d: &Dropped, scratch: &Path, args: &[&str]) -> Finished {
         ]
         .map(String::from),
     );
+    if !args.iter().any(|a| a.starts_with("--target-")) {
+        all.extend(["--target-name", TARGET].map(String::from));
+    }
     all.extend(args.iter().map(|a| a.to_string()));
     agents().run("restore-agent", all)
 }
@@ -454,6 +455,20 @@ fn bad_input_is_refused_with_nothing_created() -> Result<()> {
         &run,
         &["table public.never_there did not exist in database shop", TARGET],
     );
+
+    let run = extract(
+        d,
+        scratch.path(),
+        &[
+            "--table",
+            "orders",
+            "--to",
+            &to,
+            "--target-time",
+            "2000-01-01 00:00:00",
+        ],
+    );
+    one_error(&run, &["2000-01-01"]);
 
     let mut all: Vec<String> = vec!["extract".into()];
     all.extend(d.repo.args());

@@ -152,6 +152,9 @@ pub async fn extract(settings: &Settings, opts: &ExtractOptions) -> Result<Extra
     s.wait_recovered(opts.timeout).await?;
     let recovery_seconds = t.elapsed().as_secs_f64();
 
+    let postgres = s.connect("postgres").await.map_err(ServerError::from)?;
+    copy::check_database(&postgres, &database, &target).await?;
+    drop(postgres);
     let client = s.connect(&database).await.map_err(ServerError::from)?;
     let prepared = copy::prepare(&client, opts, &target, into.is_some()).await?;
     drop(client);

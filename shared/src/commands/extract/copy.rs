@@ -11,6 +11,8 @@ use super::options::{ExtractOptions, MAX_IDENTIFIER, QualifiedName, Selection, q
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
+    #[error("database {database} did not exist at the target ({target}): it was dropped before it")]
+    NoDatabase { database: String, target: String },
     #[error("table {table} did not exist in database {database} at the target ({target})")]
     NoTable {
         table: QualifiedName,
@@ -61,6 +63,22 @@ pub struct Prepared {
     /// `pg_dump`'s selection: `--table=...` or `--schema=...` arguments.
     #[serde(skip)]
     pub dump_args: Vec<String>,
+}
+
+/// Whether `database` exists in the recovered copy (a database dropped between the backup and
+/// the target is restored from the backup, then dropped by replay). `c` is connected to
+/// `postgres`.
+pub async fn check_database(c: &Client, database: &str, target: &str) -> Result<(), CopyError> {
+    let found = c
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+        .await?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(CopyError::NoDatabase {
+            database: database.to_string(),
+            target: target.to_string(),
+        }),
+    }
 }
 
 /// Prepare the copy (connected as `c`) for `opts`; `rename` for `--into`.
