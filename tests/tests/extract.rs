@@ -315,8 +315,18 @@ fn extract_to_a_dump_gives_the_tables_as_recorded_on_pg14() -> Result<()> {
 /// with its identity sequence; the live `customers` is untouched; the foreign key to it is left
 /// out and said so. A second run finds the name taken and creates nothing.
 #[test]
-fn extract_into_the_live_database_puts_the_table_beside_the_live_ones() -> Result<()> {
-    let d = dropped_on(15);
+fn extract_into_the_live_database_puts_the_table_beside_the_live_ones_on_pg15() -> Result<()> {
+    into_live(15)
+}
+
+/// The same on PostgreSQL 14 (pg_dump, pg_restore and psql 15 against servers of 14).
+#[test]
+fn extract_into_the_live_database_puts_the_table_beside_the_live_ones_on_pg14() -> Result<()> {
+    into_live(14)
+}
+
+fn into_live(major: u32) -> Result<()> {
+    let d = dropped_on(major);
     let scratch = ScratchDir::new("extract-into")?;
     let conninfo = d.source.conn_string_to(SHOP);
     let run = extract(
