@@ -545,6 +545,7 @@ fn bad_input_is_refused_with_nothing_created() -> Result<()> {
 }
 
 /// Ctrl-C while the private server runs: extract stops it and removes the scratch directory.
+/// (An extract still running after a failed assertion is killed with the test process.)
 #[test]
 fn ctrl_c_stops_the_private_server_and_removes_the_scratch() -> Result<()> {
     let d = dropped_on(15);
@@ -560,6 +561,10 @@ fn ctrl_c_stops_the_private_server_and_removes_the_scratch() -> Result<()> {
             TARGET,
             "--table",
             "orders",
+            // Holds extract in the private server (the first row's condition sleeps), so that
+            // the interrupt lands there however fast the machine is.
+            "--where",
+            "pg_sleep(600) IS NULL",
             "--scratch",
         ])
         .arg(scratch.path())
@@ -600,7 +605,17 @@ fn ctrl_c_stops_the_private_server_and_removes_the_scratch() -> Result<()> {
     std::process::Command::new("kill")
         .args(["-INT", &agent])
         .status()?;
-    let status = child.wait()?;
+    let status = host::wait_for(
+        "extract to end after SIGINT",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || {
+            Ok(match child.try_wait()? {
+                Some(status) => Poll::Done(status),
+                None => Poll::Waiting("still running".into()),
+            })
+        },
+    )?;
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().expect("piped"), &mut stderr)?;
     assert!(!status.success(), "an interrupted extract fails: {stderr}");
