@@ -87,7 +87,9 @@ enum Command {
         compress: walvault::config::CompressArgs,
     },
     /// Take an online base backup into the repository: of the cluster in --pgdata, read from
-    /// disk, or without --pgdata over the replication protocol (BASE_BACKUP) from --pg-url
+    /// disk, or without --pgdata over the replication protocol (BASE_BACKUP) from --pg-url.
+    /// Exit status: 0 recorded; 1 failed, nothing recorded; 3 recorded, but pages of the
+    /// cluster failed their checksum (each named in the log and listed in the manifest)
     Backup {
         #[command(flatten)]
         args: BackupArgs,
@@ -145,7 +147,7 @@ fn main() -> ExitCode {
     }
     let what = cli.command.name();
     match run(&cli.repo, cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             tracing::error!("{what} failed: {e}");
             ExitCode::FAILURE
@@ -169,10 +171,10 @@ impl Command {
     }
 }
 
-/// Every subcommand but push: one library call, its report shown.
-fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<()> {
+/// Every subcommand but push: one library call, its report shown; the exit status.
+fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<u8> {
     let now = walvault::time::now_micros;
-    match command {
+    let shown = match command {
         Command::Init {
             pgdata,
             encrypt,
@@ -205,7 +207,8 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<()> {
                 &opts,
                 args.reading(),
             ))??;
-            show(&taken, args.json)
+            show(&taken, args.json)?;
+            return Ok(taken.exit_code());
         }
         Command::Expire { rules, dry_run, json } => {
             let settings = repo.settings(None)?;
@@ -229,7 +232,8 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<()> {
             tracing::info!("daemon stopped");
             Ok(())
         }
-    }
+    };
+    shown.map(|()| walvault::exit::SUCCESS)
 }
 
 /// Run `f` to completion on a multi-threaded runtime.

@@ -53,6 +53,9 @@ pub struct BackupInfo {
     pub reused_bytes: u64,
     /// Pinned: expire never deletes it.
     pub pinned: bool,
+    /// Damaged pages the backup found in the cluster (absent: pages were not checked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bad_pages: Option<u64>,
 }
 
 impl From<&Manifest> for BackupInfo {
@@ -75,6 +78,7 @@ impl From<&Manifest> for BackupInfo {
             reused_files: m.stats.reused_files,
             reused_bytes: m.stats.reused_bytes,
             pinned: false,
+            bad_pages: m.page_checks.as_ref().map(|c| c.bad_total),
         }
     }
 }
@@ -929,6 +933,7 @@ pub(crate) mod testing {
             packs: vec![],
             server_manifest: None,
             incremental_from: None,
+            page_checks: None,
             files: vec![],
         }
     }

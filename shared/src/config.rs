@@ -29,7 +29,7 @@ pub struct RepoArgs {
     /// Repository URL: file:///var/lib/walvault, s3://bucket/prefix or az://container/prefix
     #[arg(long, env = "WALVAULT_REPO", global = true, value_name = "URL")]
     pub repo: Option<String>,
-    /// TOML file with repo, compress_level, retry_timeout, [s3], [azure], [gcs] credentials, [retention], [encryption] [default: /etc/walvault/walvault.toml if it exists]
+    /// TOML file with repo, compress_level, retry_timeout, page_checksums, [s3], [azure], [gcs] credentials, [retention], [encryption] [default: /etc/walvault/walvault.toml if it exists]
     #[arg(long, env = "WALVAULT_CONFIG", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Give up on an unreachable repository after this long (500ms, 30s, 5m) [default: 60s]
@@ -105,6 +105,9 @@ pub struct Settings {
     /// Whether [`Settings::key`] came from the environment (another process run with the same
     /// configuration file does not find it there).
     pub key_from_env: bool,
+    /// `page_checksums` in the file (default true): whether backups from disk verify page
+    /// checksums; `--no-page-checksums` turns it off for one command.
+    pub page_checksums: bool,
 }
 
 /// The `[encryption]` table: where the key of an encrypted repository comes from. Never a
@@ -185,6 +188,7 @@ struct FileConfig {
     retention: RetentionSettings,
     #[serde(default)]
     encryption: EncryptionSettings,
+    page_checksums: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -362,6 +366,7 @@ impl Settings {
             retention: file.retention,
             key,
             key_from_env,
+            page_checksums: file.page_checksums.unwrap_or(true),
         })
     }
 

@@ -11,6 +11,11 @@ pub const USAGE: u8 = 2;
 /// push refused for good: same name with different bytes, WAL from another cluster, invalid WAL
 /// content. PostgreSQL keeps retrying (and pg_wal grows) until a human acts; the log says what to do.
 pub const REFUSED: u8 = 3;
+/// backup: the backup completed and is recorded, but pages of the cluster failed their
+/// checksum (each named in the log and listed in the manifest). The backup holds the data as it
+/// is on disk; a human should look at the damaged relations before relying on them. Not 1, so
+/// cron and monitoring can tell "found damage" from "no backup".
+pub const BACKUP_DAMAGED_PAGES: u8 = 3;
 /// fetch could not tell whether the file exists, or the stored copy is corrupt. Above 125, so
 /// PostgreSQL's startup process stops with FATAL instead of treating it as "end of archive" and
 /// promoting early. Not 143 (128 + SIGTERM), which PostgreSQL takes for a shutdown request.

@@ -42,6 +42,7 @@ impl Env {
             retention: Default::default(),
             key: None,
             key_from_env: false,
+            page_checksums: true,
         };
         Env { dir, settings }
     }

@@ -33,6 +33,8 @@ pub struct InitOptions {
     pub wal_segsize_mb: Option<u32>,
     /// The server to run ([`PgInstall::default_install`] when `None`).
     pub pg: Option<&'static PgInstall>,
+    /// `initdb --data-checksums`.
+    pub data_checksums: bool,
 }
 
 /// One PostgreSQL cluster owned by the test.
@@ -70,6 +72,9 @@ impl Cluster {
         }
         if let Some(mb) = opts.wal_segsize_mb {
             cmd.arg(format!("--wal-segsize={mb}"));
+        }
+        if opts.data_checksums {
+            cmd.arg("--data-checksums");
         }
         host::run(&mut cmd, COMMAND_LIMIT)?
             .check()

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::chunk::ChunkId;
 use super::pack::{PackRecord, Places};
+use super::page_checksum::{MAX_LISTED, PageChecks};
 use crate::repo::object::ObjectKind;
 use crate::repo::stored::{Envelope, Opened, StoredKind};
 use crate::wal::{Lsn, SegmentNo, TimelineId, WalFileName};
@@ -228,6 +229,11 @@ pub struct Manifest {
     /// unchanged blocks came from. Informational: every backup is complete on its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incremental_from: Option<BackupId>,
+    /// What the check of every relation page read found (see
+    /// [`crate::basebackup::page_checksum`]); absent when pages were not checked. Informational:
+    /// restore copies damaged pages as they were read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_checks: Option<PageChecks>,
 }
 
 /// Bytes stored as chunks of the manifest's `chunk_size`, outside the data directory.
@@ -424,19 +430,7 @@ impl Manifest {
                 self.chunk_size
             ));
         }
-        let mut oids = std::collections::BTreeSet::new();
-        for t in &self.tablespaces {
-            let bad = |why: String| Err(ManifestError::Tablespace { oid: t.oid, why });
-            if t.oid == 0 {
-                return bad("0 is not a valid oid".into());
-            }
-            if !oids.insert(t.oid) {
-                return bad("it is declared twice".into());
-            }
-            if let Err(why) = check_location(&t.location) {
-                return bad(format!("location {:?} {why}", shown(&t.location)));
-            }
-        }
+        let oids = self.check_tablespaces()?;
 
         let mut total: u64 = 0;
         for (i, e) in self.entries.iter().enumerate() {
@@ -475,6 +469,7 @@ impl Manifest {
             }
         }
         self.check_files()?;
+        self.check_page_checks()?;
         self.check_packs()
     }
 
@@ -533,6 +528,42 @@ impl Manifest {
     /// `files`: sorted, each naming a file entry, with one stored length per chunk. Restore
     /// never uses them, but a record that disagrees with its entry means the manifest was not
     /// written by walvault.
+    /// The tablespaces: valid oids, each once, with a location that can be created; their oids.
+    fn check_tablespaces(&self) -> Result<std::collections::BTreeSet<u32>, ManifestError> {
+        let mut oids = std::collections::BTreeSet::new();
+        for t in &self.tablespaces {
+            let bad = |why: String| Err(ManifestError::Tablespace { oid: t.oid, why });
+            if t.oid == 0 {
+                return bad("0 is not a valid oid".into());
+            }
+            if !oids.insert(t.oid) {
+                return bad("it is declared twice".into());
+            }
+            if let Err(why) = check_location(&t.location) {
+                return bad(format!("location {:?} {why}", shown(&t.location)));
+            }
+        }
+        Ok(oids)
+    }
+
+    /// The damaged pages listed: a bounded list of relative paths.
+    fn check_page_checks(&self) -> Result<(), ManifestError> {
+        let Some(checks) = &self.page_checks else {
+            return Ok(());
+        };
+        if checks.bad.len() > MAX_LISTED || (checks.bad.len() as u64) > checks.bad_total {
+            return Err(ManifestError::Implausible(format!(
+                "{} damaged pages listed of {} (at most {MAX_LISTED} are)",
+                checks.bad.len(),
+                checks.bad_total
+            )));
+        }
+        for page in &checks.bad {
+            check_relative_path(&page.path)?;
+        }
+        Ok(())
+    }
+
     fn check_files(&self) -> Result<(), ManifestError> {
         let mut entries = self.entries.iter();
         let mut prev: Option<&str> = None;
@@ -838,6 +869,7 @@ mod tests {
             packs: vec![],
             server_manifest: None,
             incremental_from: None,
+            page_checks: None,
             files: vec![],
         }
     }

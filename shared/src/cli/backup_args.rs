@@ -42,6 +42,12 @@ pub struct BackupArgs {
     /// stored complete. Otherwise a full backup, with a warning saying why
     #[arg(long)]
     pub incremental: bool,
+    /// Do not verify page checksums. By default, from --pgdata in a cluster with data
+    /// checksums on (initdb --data-checksums, or pg_checksums --enable), every page of every
+    /// relation file read is verified as PostgreSQL does; the backup still completes, names each
+    /// damaged page (database, relation, fork, block), records it in the manifest and exits 3
+    #[arg(long)]
+    pub no_page_checksums: bool,
     /// Print the manifest summary as JSON
     #[arg(long)]
     pub json: bool,
@@ -57,6 +63,7 @@ impl BackupArgs {
             wal_timeout: parse_duration(&self.wal_timeout)?,
             primary_conn: self.primary_url.clone(),
             incremental: self.incremental,
+            page_checksums: !self.no_page_checksums,
         })
     }
 

@@ -67,6 +67,10 @@ pub struct DaemonArgs {
     /// after the start
     #[arg(long, value_name = "DURATION")]
     pub backup_every: Option<String>,
+    /// Scheduled backups from --pgdata do not verify page checksums (see `backup
+    /// --no-page-checksums`; `page_checksums = false` in the TOML file does the same)
+    #[arg(long)]
+    pub no_page_checksums: bool,
     /// Force a WAL switch when nothing was archived for this long but WAL was written (e.g. 5m)
     #[arg(long, value_name = "DURATION")]
     pub max_wal_age: Option<String>,
@@ -133,6 +137,7 @@ impl DaemonArgs {
                 (url, _) => url.clone(),
             },
             backup_every: every(&self.backup_every)?,
+            page_checksums: !self.no_page_checksums && settings.page_checksums,
             max_wal_age: every(&self.max_wal_age)?,
             metrics_addr: self.metrics_addr,
             retention,

@@ -25,6 +25,7 @@ mod copy;
 mod error;
 mod finish;
 mod inventory;
+mod pages;
 mod protocol;
 mod rebuild;
 mod session;
@@ -69,6 +70,9 @@ pub struct BackupOptions {
     /// Over the protocol: an incremental backup (PostgreSQL 17+) on top of the newest backup
     /// when it was taken over the protocol too; else a full one, with a warning saying why.
     pub incremental: bool,
+    /// From disk, in a cluster with data checksums: verify every page of every relation file
+    /// read (`--no-page-checksums` turns it off).
+    pub page_checksums: bool,
 }
 
 /// Take a base backup into the repository, reading only the files that changed since the
@@ -127,10 +131,12 @@ async fn take_locked(
 
     let started = session.start().await?;
     let id = &started.id;
-    session
+    let names = session
         .store_relation_map(&opts.pg_conn, id, &store, repo.sealer())
         .await;
-    let (previous, copy_opts) = base_and_options(settings, opts, repo, &server, reading).await?;
+    let (previous, mut copy_opts) = base_and_options(settings, opts, repo, &server, reading).await?;
+    let wanted = opts.page_checksums && settings.page_checksums;
+    copy_opts.pages = pages::plan(wanted, server.pages, opts.chunk_size, started.start_lsn);
     let copy_started = std::time::Instant::now();
     // The clock read before any stat: the bound the next backup's reuse rule compares with.
     let copied = match Inventory::take(pgdata, inventory::wall_clock_ns()) {
@@ -150,8 +156,9 @@ async fn take_locked(
     }
     // Stop the backup even when copying failed, so the server is not left in backup mode.
     let stopped = session.stop().await;
-    let copied = copied?;
+    let mut copied = copied?;
     let stopped = stopped?;
+    let page_checks = copied.pages.take().map(|t| t.into_checks(names.as_ref()));
     finish_backup(
         &store,
         repo,
@@ -165,6 +172,7 @@ async fn take_locked(
             copied,
             server_manifest: None,
             incremental_from: None,
+            page_checks,
         },
         primary,
         opts.wal_timeout,
@@ -194,6 +202,7 @@ async fn base_and_options(
         parallel: opts.parallel,
         level: settings.compress_level,
         pg_version: server.pg_version,
+        pages: None,
     };
     Ok((previous, copy_opts))
 }
@@ -286,7 +295,11 @@ async fn take_over_protocol(
         stop_time_us,
         stop_tli: server.from_standby.then(|| received.end.timeline.get() as i32),
     };
-    let started = Started { id, start_time_us };
+    let started = Started {
+        id,
+        start_time_us,
+        start_lsn: start.lsn,
+    };
     let outcome = Outcome {
         server,
         started,
@@ -296,6 +309,7 @@ async fn take_over_protocol(
         copied: received.copied,
         server_manifest: Some(received.server_manifest),
         incremental_from,
+        page_checks: None,
     };
     finish_backup(&store, repo, lock, outcome, primary, opts.wal_timeout).await
 }
@@ -354,6 +368,17 @@ fn check_repo_cluster(sysid: u64, repo: &crate::repo::Writer) -> Result<(), Back
 #[serde(transparent)]
 pub struct Taken(pub crate::catalog::BackupInfo);
 
+impl Taken {
+    /// `archive-agent backup`'s exit status: [`crate::exit::BACKUP_DAMAGED_PAGES`] when the
+    /// backup found damaged pages.
+    pub fn exit_code(&self) -> u8 {
+        match self.0.bad_pages {
+            Some(n) if n > 0 => crate::exit::BACKUP_DAMAGED_PAGES,
+            _ => crate::exit::SUCCESS,
+        }
+    }
+}
+
 impl crate::report::Report for Taken {
     fn render(&self) -> String {
         self.0.id.clone()
@@ -382,5 +407,27 @@ pub async fn take_and_log(
         m.stop_wal,
         started.elapsed().as_secs_f64()
     );
+    log_page_checks(&m);
     Ok(Taken(crate::catalog::BackupInfo::from(&m)))
+}
+
+/// What the page check of backup `m` found, in one line.
+fn log_page_checks(m: &Manifest) {
+    let Some(c) = &m.page_checks else {
+        return;
+    };
+    if c.bad_total == 0 {
+        tracing::info!(
+            "page checksums: {} pages verified, none damaged ({} being written during the backup, left to WAL replay)",
+            c.checked,
+            c.recent
+        );
+        return;
+    }
+    tracing::error!(
+        "backup {} is recorded, but {} damaged pages were found in the cluster (named above, listed in the manifest, and by restore-agent verify); exit status {}",
+        m.id,
+        c.bad_total,
+        crate::exit::BACKUP_DAMAGED_PAGES
+    );
 }

@@ -245,6 +245,7 @@ async fn verify_once(
     let consistency_only = consistency_only(repo, retention, &mut report, &mut problems);
     wal_problems(&cat, &consistency_only, &mut problems);
     missing_summaries(&cat, &mut problems);
+    damaged_pages(&cat, &mut problems);
     if deep {
         deep_read(
             repo,
@@ -351,6 +352,39 @@ fn consistency_only(
         }
     }
     consistency_only
+}
+
+/// The damaged pages each backup found in the cluster and recorded (see
+/// `crate::basebackup::page_checksum`). Warnings: the backup restores what the cluster held, no
+/// worse, so verify's exit status (is the repository restorable) stays 0; the lines say which
+/// relations to look at, and which backups hold the damage.
+fn damaged_pages(cat: &Catalog, problems: &mut Vec<Problem>) {
+    for m in cat.backups() {
+        let Some(checks) = m.page_checks.as_ref().filter(|c| c.bad_total > 0) else {
+            continue;
+        };
+        let affects = format!(
+            "backup {} restores these pages as they were read (damaged in the cluster when it was taken)",
+            m.id
+        );
+        for page in &checks.bad {
+            problems.push(Problem {
+                severity: Severity::Warning,
+                key: layout::manifest_key(&m.id),
+                problem: format!("damaged page: {page}"),
+                affects: affects.clone(),
+            });
+        }
+        let unlisted = checks.bad_total - checks.bad.len() as u64;
+        if unlisted > 0 {
+            problems.push(Problem {
+                severity: Severity::Warning,
+                key: layout::manifest_key(&m.id),
+                problem: format!("{unlisted} more damaged pages, not listed"),
+                affects,
+            });
+        }
+    }
 }
 
 /// Every archived segment should have its summary (push writes it right after the segment).

@@ -18,9 +18,11 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::BackupError;
 use super::control::{self, CONTROL_FILE};
 use super::inventory::{Base, Inventory, Previous, Source, TakenOver};
+use super::pages::{self, PageCheck, Tally};
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
 use crate::basebackup::manifest::{BackupStats, Entry, FileRecord, Tablespace};
 use crate::basebackup::pack::{PACK_TARGET, PackBuilder, PackRecord};
+use crate::basebackup::page_checksum::{Checked, RelationFile};
 use crate::repo::WritableStore;
 use crate::repo::layout::pack_key;
 use crate::repo::object::Sealer;
@@ -39,6 +41,8 @@ pub(super) struct CopyOptions {
     /// zstd level.
     pub level: i32,
     pub pg_version: u32,
+    /// Verify the pages of relation files as they are read ([`super::pages`]).
+    pub pages: Option<PageCheck>,
 }
 
 /// What `copy_files` produced.
@@ -51,6 +55,8 @@ pub(super) struct Copied {
     /// The packs the entries' chunks are in: those this backup wrote, and those of the previous
     /// backup that hold a chunk it references.
     pub packs: Vec<PackRecord>,
+    /// What the page check found, when pages were checked.
+    pub pages: Option<Tally>,
 }
 
 /// Read, chunk and upload every file of `inventory` that changed since `previous` (every file
@@ -131,6 +137,8 @@ pub(super) struct Copier {
     parallel: usize,
     chunk_size: usize,
     pg_version: u32,
+    page_check: Option<PageCheck>,
+    pages: Tally,
     tasks: JoinSet<Result<ChunkDone, BackupError>>,
     entries: Vec<Entry>,
     /// One per entry: `None` for directories.
@@ -174,6 +182,8 @@ impl Copier {
             parallel,
             chunk_size: opts.chunk_size as usize,
             pg_version: opts.pg_version,
+            page_check: opts.pages,
+            pages: Tally::default(),
             tasks: JoinSet::new(),
             entries: Vec::with_capacity(sources),
             records: Vec::with_capacity(sources),
@@ -226,7 +236,10 @@ impl Copier {
         };
         self.entries.push(src.entry());
         let entry = self.entries.len() - 1;
-        let size = self.read_chunks(file, entry, &src.abs).await?;
+        let check = self
+            .page_check
+            .and_then(|c| Some((RelationFile::parse(&src.rel)?, c)));
+        let size = self.read_chunks(file, entry, &src.abs, check).await?;
         self.entries[entry].size = size;
         if let Some(Some(r)) = self.records.last_mut()
             && r.stat.is_some_and(|st| st.size != size)
@@ -262,17 +275,26 @@ impl Copier {
 
     /// Read `body` (at `abs`) chunk by chunk into entry `entry`, each chunk handed to a task
     /// that stores it, in order; returns the bytes read. Up to `parallel` chunks of a file are
-    /// read at once ([`Reads`]).
-    async fn read_chunks(&mut self, body: Body, entry: usize, abs: &Path) -> Result<u64, BackupError> {
+    /// read at once ([`Reads`]). With `check`, the pages of the relation file are verified.
+    async fn read_chunks(
+        &mut self,
+        body: Body,
+        entry: usize,
+        abs: &Path,
+        check: Option<(RelationFile, PageCheck)>,
+    ) -> Result<u64, BackupError> {
         let chunk_size = self.chunk_size;
-        let mut reads = Reads::new(body, chunk_size, self.parallel);
+        let mut reads = Reads::new(body, chunk_size, self.parallel, check);
         let mut size = 0u64;
         for idx in 0.. {
             let next = reads.next(&self.in_memory, &self.chunks).await;
-            let (buf, permit) = next.map_err(|source| BackupError::Read {
+            let (buf, permit, checked) = next.map_err(|source| BackupError::Read {
                 path: abs.display().to_string(),
                 source,
             })?;
+            if let (Some(checked), Some((file, _))) = (checked, &check) {
+                self.pages.add(&self.entries[entry].path, file, checked);
+            }
             let read = buf.len();
             if read == 0 {
                 break;
@@ -426,7 +448,16 @@ impl Copier {
         previous: Option<&Previous>,
         examined_after_ns: i64,
     ) -> Result<Copied, BackupError> {
-        let (entries, files, stats, written) = self.finish().await?;
+        let checking = self.page_check.is_some();
+        let (entries, files, stats, written, mut tally) = self.finish().await?;
+        if let (true, Some(p)) = (checking, previous) {
+            let taken: HashSet<&str> = files
+                .iter()
+                .filter(|f| f.read_by.is_some())
+                .map(|f| f.path.as_str())
+                .collect();
+            tally.carry(&p.manifest, &taken);
+        }
         let packs = packs_named(written, previous.map_or(&[][..], |p| &p.manifest.packs), &entries);
         Ok(Copied {
             entries,
@@ -435,15 +466,14 @@ impl Copier {
             stats,
             examined_after_us: examined_after_ns / 1000,
             packs,
+            pages: checking.then_some(tally),
         })
     }
 
     /// Wait for the last chunks and write the last pack, then attach every chunk to its entry:
-    /// the entries and the records of files with chunks, in path order, the counts and the packs
-    /// written.
-    async fn finish(
-        mut self,
-    ) -> Result<(Vec<Entry>, Vec<FileRecord>, BackupStats, Vec<PackRecord>), BackupError> {
+    /// the entries and the records of files with chunks, in path order, the counts, the packs
+    /// written and the pages checked.
+    async fn finish(mut self) -> Result<Finished, BackupError> {
         while let Some(done) = self.tasks.join_next().await {
             self.absorb(done.expect("chunk task panicked")?);
         }
@@ -454,6 +484,7 @@ impl Copier {
             chunk_hashes,
             lens,
             stats,
+            pages,
             ..
         } = self;
         for ((entry, _), hash) in chunk_hashes {
@@ -469,9 +500,12 @@ impl Copier {
             .collect();
         files.sort_by(|a, b| a.path.cmp(&b.path));
         entries.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok((entries, files, stats, written))
+        Ok((entries, files, stats, written, pages))
     }
 }
+
+/// What [`Copier::finish`] hands over.
+type Finished = (Vec<Entry>, Vec<FileRecord>, BackupStats, Vec<PackRecord>, Tally);
 
 /// Open `abs` and `fstat` it; `None` when it was dropped since the walk.
 async fn open(abs: &Path) -> Result<Option<(std::fs::File, std::fs::Metadata)>, BackupError> {
@@ -504,11 +538,16 @@ struct Reads {
     ahead: usize,
     /// The next chunk to start reading.
     next: u64,
-    in_flight: VecDeque<JoinHandle<(std::io::Result<Vec<u8>>, OwnedSemaphorePermit)>>,
+    /// A relation file whose pages are verified as they are read.
+    check: Option<(RelationFile, PageCheck)>,
+    in_flight: VecDeque<JoinHandle<ReadDone>>,
 }
 
+/// A chunk read, its share of the memory bound, and its pages checked.
+type ReadDone = (std::io::Result<Vec<u8>>, OwnedSemaphorePermit, Option<Checked>);
+
 impl Reads {
-    fn new(body: Body, chunk_size: usize, ahead: usize) -> Reads {
+    fn new(body: Body, chunk_size: usize, ahead: usize, check: Option<(RelationFile, PageCheck)>) -> Reads {
         let size = match &body {
             Body::Bytes(b) => b.len() as u64,
             Body::File(_, size) => *size,
@@ -519,6 +558,7 @@ impl Reads {
             expected: size.div_ceil(chunk_size.max(1) as u64),
             ahead: ahead.max(1),
             next: 0,
+            check,
             in_flight: VecDeque::new(),
         }
     }
@@ -529,7 +569,7 @@ impl Reads {
         &mut self,
         in_memory: &Arc<Semaphore>,
         chunks: &Arc<Chunks>,
-    ) -> std::io::Result<(Vec<u8>, OwnedSemaphorePermit)> {
+    ) -> std::io::Result<(Vec<u8>, OwnedSemaphorePermit, Option<Checked>)> {
         loop {
             let limit = if self.next < self.expected { self.ahead } else { 1 };
             if self.in_flight.len() >= limit {
@@ -541,17 +581,28 @@ impl Reads {
                 .expect("semaphore is never closed");
             let (body, chunks, len) = (Arc::clone(&self.body), Arc::clone(chunks), self.chunk_size);
             let offset = self.next * len as u64;
+            let check = self.check;
             self.in_flight.push_back(tokio::task::spawn_blocking(move || {
                 let mut buf = chunks.buffers.take(len);
                 let read = body.read_at(&mut buf, offset, len).map(|()| buf);
-                (read, permit)
+                // On the bytes just read, on the reading thread: a CPU pass over memory in
+                // cache, no second read except of a page that fails.
+                let checked = match (&read, check) {
+                    (Ok(buf), Some((file, check))) => {
+                        Some(pages::check_read(buf, offset, &file, check, |at, page| {
+                            body.read_at(page, at, pages::PAGE)
+                        }))
+                    }
+                    _ => None,
+                };
+                (read, permit, checked)
             }));
             self.next += 1;
         }
         // At least one read is in flight: the limit is never below one.
         let reading = self.in_flight.pop_front().expect("a read was started");
-        let (read, permit) = reading.await.expect("read task panicked");
-        Ok((read?, permit))
+        let (read, permit, checked) = reading.await.expect("read task panicked");
+        Ok((read?, permit, checked))
     }
 
     /// Wait for the reads still in flight (past the end of the file): none outlives its file.

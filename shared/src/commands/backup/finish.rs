@@ -88,6 +88,8 @@ pub(super) struct Outcome {
     pub server_manifest: Option<crate::basebackup::manifest::StoredBlob>,
     pub incremental_from: Option<crate::basebackup::manifest::BackupId>,
     pub copied: Copied,
+    /// What the page check found, when pages were checked.
+    pub page_checks: Option<crate::basebackup::page_checksum::PageChecks>,
 }
 
 /// The manifest of a backup that ended as `outcome` says, its WAL ending in `stop_seg`.
@@ -101,6 +103,7 @@ pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
         copied,
         server_manifest,
         incremental_from,
+        page_checks,
     } = outcome;
     Manifest {
         format: manifest::FORMAT_NAME.into(),
@@ -126,6 +129,7 @@ pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
         packs: copied.packs,
         server_manifest,
         incremental_from,
+        page_checks,
     }
 }
 

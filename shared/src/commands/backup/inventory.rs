@@ -584,6 +584,7 @@ mod tests {
                 packs: vec![],
                 server_manifest: None,
                 incremental_from: None,
+                page_checks: None,
             },
             take_over: true,
             absent: HashSet::new(),

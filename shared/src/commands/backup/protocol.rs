@@ -65,6 +65,8 @@ pub(super) fn connect(pg_conn: &str) -> Result<(Source, Server), BackupError> {
         from_standby: identity.in_recovery,
         sysid: identity.system_id,
         seg_size: identity.segment_size,
+        // BASE_BACKUP verifies checksums on the server (see `receive`).
+        pages: None,
     };
     if crate::wal::version::for_major(server.pg_version).is_none() {
         return Err(BackupError::Version(server.pg_version));

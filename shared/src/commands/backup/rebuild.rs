@@ -368,6 +368,7 @@ mod tests {
             parallel: 2,
             level: 1,
             pg_version: 17,
+            pages: None,
         };
         Copier::new(store, &Sealer::plain(), opts, previous, 4)
     }

@@ -4,6 +4,7 @@
 
 use super::BackupError;
 use crate::basebackup::manifest::BackupId;
+use crate::basebackup::relmap::RelationMap;
 use crate::repo::WritableStore;
 use crate::repo::object::Sealer;
 use crate::wal::{Lsn, SegmentName, SegmentNo};
@@ -26,6 +27,16 @@ pub(super) struct Server {
     pub from_standby: bool,
     pub sysid: u64,
     pub seg_size: u32,
+    /// How its pages are checked, when `data_checksums` is on (from its `pg_control`, through
+    /// `pg_control_init()`); `None` when off or not known (over the protocol).
+    pub pages: Option<PageLayout>,
+}
+
+/// A cluster with data checksums: its page size and blocks per segment file, as built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PageLayout {
+    pub blcksz: u32,
+    pub relseg_size: u32,
 }
 
 /// The connection a backup holds from before `pg_backup_start` until `pg_backup_stop`: a
@@ -41,6 +52,9 @@ pub(super) struct Started {
     pub id: BackupId,
     /// The server's clock just before the start.
     pub start_time_us: i64,
+    /// Where the backup starts (`pg_backup_start`'s LSN, the redo point of its checkpoint): a
+    /// page carrying this LSN or a later one is rewritten whole by WAL replay.
+    pub start_lsn: Lsn,
 }
 
 /// A backup as `pg_backup_stop` ended it.
@@ -94,6 +108,7 @@ impl Session {
             from_standby,
             sysid: sysid as u64,
             seg_size: seg_size as u32,
+            pages: page_layout(&client).await?,
         };
         Ok(Session {
             client,
@@ -117,24 +132,34 @@ impl Session {
         } else {
             "SELECT pg_start_backup($1, true, false)::text"
         };
-        self.client
+        let start: String = self
+            .client
             .query_one(start_sql, &[&label_text])
             .await
-            .map_err(sql_err)?;
-        tracing::info!(backup = %id, from_standby = self.server.from_standby, "backup started");
-        Ok(Started { id, start_time_us })
+            .map_err(sql_err)?
+            .get(0);
+        let start_lsn: Lsn = start
+            .parse()
+            .map_err(|_| BackupError::Sql(format!("bad start LSN {start:?}")))?;
+        tracing::info!(backup = %id, from_standby = self.server.from_standby, start = %start_lsn, "backup started");
+        Ok(Started {
+            id,
+            start_time_us,
+            start_lsn,
+        })
     }
 
-    /// Store the names for `restore-agent find`, as of the backup's start. Derived data: a
-    /// failure costs names, never the backup.
+    /// Store the names for `restore-agent find`, as of the backup's start, and return them (the
+    /// page check names damaged pages with them). Derived data: a failure costs names, never the
+    /// backup.
     pub async fn store_relation_map(
         &self,
         pg_conn: &str,
         id: &BackupId,
         store: &WritableStore,
         sealer: &Sealer,
-    ) {
-        store_relation_map(&self.client, pg_conn, id, store, sealer).await;
+    ) -> Option<RelationMap> {
+        store_relation_map(&self.client, pg_conn, id, store, sealer).await
     }
 
     /// `pg_backup_stop`, then the server's clock and (from a standby) the backup's stop
@@ -201,6 +226,23 @@ impl Session {
     }
 }
 
+/// The page layout of a cluster with data checksums on, as its control file records it; `None`
+/// when they are off.
+async fn page_layout(client: &tokio_postgres::Client) -> Result<Option<PageLayout>, BackupError> {
+    let row = client
+        .query_one(
+            "SELECT data_page_checksum_version, database_block_size, blocks_per_segment FROM pg_control_init()",
+            &[],
+        )
+        .await
+        .map_err(sql_err)?;
+    let (version, blcksz, relseg_size): (i32, i32, i32) = (row.get(0), row.get(1), row.get(2));
+    Ok((version != 0).then_some(PageLayout {
+        blcksz: blcksz as u32,
+        relseg_size: relseg_size as u32,
+    }))
+}
+
 /// Store the names for `restore-agent find`, read through `client` (and a session per database
 /// on `pg_conn`). Derived data: a failure costs names, never the backup, and is logged.
 pub(super) async fn store_relation_map(
@@ -209,14 +251,18 @@ pub(super) async fn store_relation_map(
     id: &BackupId,
     store: &WritableStore,
     sealer: &Sealer,
-) {
+) -> Option<RelationMap> {
     match crate::basebackup::relmap::read_from_server(client, pg_conn, id).await {
         Ok(map) => {
             if let Err(e) = crate::basebackup::relmap::store(store, sealer, &map).await {
                 tracing::warn!("the relation map was not stored: {e}");
             }
+            Some(map)
         }
-        Err(e) => tracing::warn!("the relation map could not be read: {}", sql_message(&e)),
+        Err(e) => {
+            tracing::warn!("the relation map could not be read: {}", sql_message(&e));
+            None
+        }
     }
 }
 

@@ -21,6 +21,8 @@ pub(crate) struct BackupJob {
     pub pgdata: Option<PathBuf>,
     pub conn: String,
     pub retention: Option<Policy>,
+    /// Verify page checksums (`--no-page-checksums` / `page_checksums = false` turn it off).
+    pub page_checksums: bool,
 }
 
 /// Take a backup, then expire with the retention policy if there is one (not after a failed
@@ -39,6 +41,7 @@ pub(crate) async fn scheduled_backup(
         wal_timeout: Duration::from_secs(600),
         primary_conn: None,
         incremental: false,
+        page_checksums: job.page_checksums,
     };
     let started = clock.now();
     match take_backup(&settings, &opts).await {
@@ -53,6 +56,14 @@ pub(crate) async fn scheduled_backup(
             metrics
                 .last_backup_bytes
                 .store(m.stats.logical_bytes, Ordering::Relaxed);
+            let bad_pages = m.page_checks.as_ref().map_or(0, |c| c.bad_total);
+            metrics.last_backup_bad_pages.store(bad_pages, Ordering::Relaxed);
+            if bad_pages > 0 {
+                tracing::error!(
+                    "scheduled backup {}: {bad_pages} damaged pages in the cluster (listed in its manifest and by restore-agent verify)",
+                    m.id
+                );
+            }
             tracing::info!(
                 "scheduled backup {} done: {} bytes, {} uploaded",
                 m.id,

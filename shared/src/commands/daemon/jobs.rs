@@ -75,6 +75,7 @@ impl Jobs {
                 pgdata: Some(pgdata.clone()),
                 conn: conn.clone(),
                 retention: opts.retention.clone(),
+                page_checksums: opts.page_checksums,
             });
         let drill_opts = opts.drill.clone().filter(|_| opts.drill_every.is_some());
         let switcher = opts

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub last_backup_unix: AtomicI64,
     pub last_backup_duration_ms: AtomicU64,
     pub last_backup_bytes: AtomicU64,
+    /// Damaged pages the last scheduled backup found (0 when it checked none).
+    pub last_backup_bad_pages: AtomicU64,
     pub backups_failed: AtomicU64,
     /// Restorable window of the newest timeline (Unix seconds; 0 when unknown).
     pub window_earliest_unix: AtomicI64,
@@ -239,6 +241,11 @@ impl Metrics {
                 "Bytes the last scheduled backup covered",
                 count(&self.last_backup_bytes),
             ),
+            gauge(
+                "last_backup_bad_pages",
+                "Pages of the cluster that failed their checksum in the last scheduled backup (recorded in its manifest)",
+                count(&self.last_backup_bad_pages),
+            ),
             counter(
                 "backups_failed_total",
                 "Scheduled backups that failed",
@@ -415,6 +422,7 @@ mod tests {
             &m.last_drill_ok,
             &m.last_drill_rto_ms,
             &m.last_drill_rpo_ms,
+            &m.last_backup_bad_pages,
         ];
         for (i, a) in u.into_iter().enumerate() {
             a.store(1001 + i as u64 * 1234, Ordering::Relaxed);

@@ -55,6 +55,8 @@ pub struct DaemonOptions {
     /// Connection for scheduled backups and forced WAL switches.
     pub pg_conn: Option<String>,
     pub backup_every: Option<Duration>,
+    /// Scheduled backups from disk verify page checksums.
+    pub page_checksums: bool,
     /// Force a WAL switch when WAL written this long ago is not archived yet.
     pub max_wal_age: Option<Duration>,
     pub metrics_addr: Option<SocketAddr>,
@@ -133,6 +135,7 @@ pub async fn run_with_clock(
                 pgdata: None,
                 conn,
                 retention: opts.retention.clone(),
+                page_checksums: opts.page_checksums,
             };
             tracing::info!(every = ?every, "backups over the replication protocol scheduled");
             tokio::spawn(backups::over_the_stream(
