@@ -1365,6 +1365,43 @@ mod tests {
         assert!(places.get(&cid("ef")).is_none());
     }
 
+    /// `manifest-v2-page-checks.json`: `manifest-v2.json` with the optional `page_checks`.
+    #[test]
+    fn frozen_v2_fixture_with_page_checks_parses() {
+        use super::super::page_checksum::{BadPage, Fork, PageChecks};
+        let json = include_bytes!("../../tests/fixtures/manifest-v2-page-checks.json");
+        let m = Manifest::parse(json).unwrap();
+        let expected = PageChecks {
+            checked: 136,
+            recent: 2,
+            bad_total: 1,
+            bad: vec![BadPage {
+                path: "base/1/1259".into(),
+                block: 0,
+                fork: Fork::Main,
+                database: Some("template1".into()),
+                relation: Some("pg_catalog.pg_class".into()),
+                reason: "checksum 0xde55, expected 0x961f".into(),
+            }],
+        };
+        assert_eq!(m.page_checks.as_ref(), Some(&expected));
+        assert_eq!(
+            Manifest {
+                page_checks: None,
+                ..m.clone()
+            },
+            sample_v2()
+        );
+        assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+        // Bounded, and every path relative.
+        let mut bad = m.clone();
+        bad.page_checks.as_mut().unwrap().bad[0].path = "../etc/passwd".into();
+        assert!(bad.validate().is_err());
+        let mut many = m;
+        many.page_checks.as_mut().unwrap().bad_total = 0;
+        assert_refused(&many, "damaged pages listed");
+    }
+
     #[test]
     fn packs_are_checked() {
         let mut v1 = sample_v2();
