@@ -544,6 +544,23 @@ mod tests {
         .unwrap();
         assert_eq!(flag.repo.as_str(), "file:///from/flag");
         assert_eq!(flag.compress_level, 9);
+        assert!(
+            flag.page_checksums,
+            "backups verify page checksums unless told not to"
+        );
+        let off_cfg = dir.path().join("off.toml");
+        std::fs::write(&off_cfg, "repo = \"file:///r\"\npage_checksums = false\n").unwrap();
+        let off = Settings::resolve(
+            &RepoArgs {
+                config: Some(off_cfg),
+                ..Default::default()
+            },
+            None,
+            KeyEnv::default(),
+            Path::new("/x"),
+        )
+        .unwrap();
+        assert!(!off.page_checksums);
     }
 
     #[test]
