@@ -42,6 +42,8 @@ impl Env {
             retention: Default::default(),
             key: None,
             key_from_env: false,
+            max_rate: None,
+            rate_limit: None,
         };
         Env { dir, settings }
     }
