@@ -426,6 +426,7 @@ mod tests {
             total_len: 0,
             kind,
             block_rel,
+            block: None,
             main_len: main.len() as u32,
             main,
         }

@@ -1,5 +1,6 @@
 //! PostgreSQL write-ahead log: file names, LSNs, timelines and page headers.
 
+pub mod catalog_rows;
 pub mod changes;
 mod crc32c;
 pub mod decode;
