@@ -1,6 +1,9 @@
 //! `restore-agent find` against a real PostgreSQL: a mass DELETE, a TRUNCATE and a DROP TABLE,
 //! each found at its commit time with its table's name, and each printed restore command run
-//! as printed, recovering exactly the rows as they were just before the event.
+//! as printed, recovering exactly the rows as they were just before the event. Tables created
+//! after the backup, and dropped, are named from the `pg_class` rows the WAL carries (on the
+//! oldest and newest PostgreSQL of the matrix too, whose `pg_class` rows differ in layout), and
+//! every table gets its `extract` line.
 
 use std::time::Duration;
 
@@ -8,8 +11,11 @@ use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::Value;
 use walvault_testkit::agents::RESTORE_AGENT;
 use walvault_testkit::backup::take_backup;
-use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
+use walvault_testkit::fixtures::{
+    RECOVERY_TIMEOUT, archive_everything, archiving_cluster, archiving_cluster_on,
+};
 use walvault_testkit::host;
+use walvault_testkit::pg::PgInstall;
 use walvault_testkit::workload::{TableFingerprint, table_fingerprint};
 use walvault_testkit::{Cluster, Repo, agents};
 
@@ -75,6 +81,55 @@ fn event(cluster: &Cluster, sql: &str) -> Result<Event> {
     })
 }
 
+/// After the backup: a schema and two tables with an index and a TOAST table each (the first
+/// `pg_class` insert after a checkpoint carries the page's full image, the next ones only their
+/// rows), filled, then dropped together.
+fn create_after_the_backup_and_drop(cluster: &Cluster) -> Result<Event> {
+    cluster.execute("CREATE SCHEMA sales; CHECKPOINT")?;
+    cluster.execute(
+        "CREATE TABLE sales.orders_2026 (id integer PRIMARY KEY, body text NOT NULL);
+         CREATE TABLE public.orders_late (id integer PRIMARY KEY, body text NOT NULL);
+         INSERT INTO sales.orders_2026 SELECT g, md5(g::text) FROM generate_series(1, 500) g;
+         INSERT INTO public.orders_late SELECT g, md5(g::text) FROM generate_series(1, 50) g",
+    )?;
+    event(cluster, "DROP TABLE sales.orders_2026, public.orders_late")
+}
+
+/// Find names the tables `created` dropped, created after the backup, from the WAL, each once
+/// (its index and TOAST table folded into it), and prints an extract of each.
+fn check_created_after_the_backup(found: &Value, created: &Event) -> Result<()> {
+    let e = event_with_xid(found, created.xid)?;
+    let mut said = actions(e);
+    said.sort();
+    let want = [
+        ("drop".to_string(), "public.orders_late".to_string(), None),
+        ("drop".to_string(), "sales.orders_2026".to_string(), None),
+    ];
+    ensure!(
+        said == want,
+        "xid {}: {said:?}, want {want:?}\n{e:#}",
+        created.xid
+    );
+    ensure!(
+        e["actions"]
+            .as_array()
+            .context("actions")?
+            .iter()
+            .all(|a| a["named_from_wal"].is_string()),
+        "{e:#}"
+    );
+    let extracts = e["extract_commands"].as_array().context("extract_commands")?;
+    for t in ["sales.orders_2026", "public.orders_late"] {
+        ensure!(
+            extracts
+                .iter()
+                .any(|c| c.as_str().is_some_and(|c| c.contains(&format!("--table {t} ")))),
+            "an extract of {t}: {e:#}"
+        );
+    }
+    Ok(())
+}
+
 fn find(repo: &Repo, pgdata: &str, extra: &[&str]) -> Result<Value> {
     let mut args = vec!["find".to_string()];
     args.extend(repo.args());
@@ -132,6 +187,7 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
         ))?;
     }
     take_backup(&source, &repo)?;
+    let created = create_after_the_backup_and_drop(&source)?;
 
     let delete = event(&source, "DELETE FROM victim_delete WHERE id <= 2500")?;
     source.execute("INSERT INTO victim_drop SELECT g, 'late' FROM generate_series(3001, 3100) g")?;
@@ -160,6 +216,7 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
         (&truncate, ("truncate_or_rewrite", "public.victim_truncate", None)),
         (&dropped, ("drop", "public.victim_drop", None)),
     ];
+    check_created_after_the_backup(&found, &created)?;
     for (ev, (kind, object, rows)) in &expectations {
         let e = event_with_xid(&found, ev.xid)?;
         let said = actions(e);
@@ -178,6 +235,21 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
         );
         ensure!(e["restorable"] == true, "{e:#}");
         ensure!(e["database"] == "postgres", "{e:#}");
+        let extract = format!(
+            " --database postgres --table {object} --target-xid {} --target-exclusive --to {object}.dump",
+            ev.xid
+        );
+        ensure!(
+            e["extract_commands"]
+                .as_array()
+                .context("extract_commands")?
+                .iter()
+                .any(|c| c
+                    .as_str()
+                    .is_some_and(|c| c.ends_with(&extract) && c.contains(" extract --repo "))),
+            "xid {}: an extract of {object} ending {extract:?}: {e:#}",
+            ev.xid
+        );
     }
     let truncate_notes = event_with_xid(&found, truncate.xid)?["notes"].to_string();
     ensure!(
@@ -199,9 +271,26 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
             "--pgdata NEW_PGDATA --target-xid {} --target-exclusive",
             dropped.xid
         ),
+        "DROP table sales.orders_2026".into(),
+        "DROP table public.orders_late".into(),
+        "named from the pg_class rows the WAL carries (created after backup".into(),
     ] {
         ensure!(human.contains(&line), "find's output must say {line:?}:\n{human}");
     }
+    let (head, tail) = (
+        format!(
+            "    extract just before it:  {} extract --repo ",
+            agents().restore_agent().display()
+        ),
+        format!(
+            " --database postgres --table sales.orders_2026 --target-xid {} --target-exclusive --to sales.orders_2026.dump",
+            created.xid
+        ),
+    );
+    ensure!(
+        human.lines().any(|l| l.starts_with(&head) && l.ends_with(&tail)),
+        "find's output must have a line {head:?}...{tail:?}:\n{human}"
+    );
 
     // Filters.
     let only = xids(&find(&repo, "X", &["--table", "victim_truncate"])?);
@@ -257,6 +346,24 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
             ev.before
         );
         restored.stop()?;
+    }
+    Ok(())
+}
+
+/// Tables created after the backup and dropped are named on the oldest and the newest
+/// PostgreSQL of the matrix (18 moved `relkind` with `relallfrozen`).
+#[test]
+fn find_names_tables_created_after_the_backup_on_pg13_and_pg18() -> Result<()> {
+    for major in [13, 18] {
+        let pg = PgInstall::of_major(major)?;
+        let repo = Repo::new()?;
+        let mut source = archiving_cluster_on(pg, &format!("find-created-{major}"), &repo, "")?;
+        take_backup(&source, &repo)?;
+        let created = create_after_the_backup_and_drop(&source)?;
+        archive_everything(&source)?;
+        source.stop()?;
+        let found = find(&repo, "X", &[])?;
+        check_created_after_the_backup(&found, &created).with_context(|| format!("PostgreSQL {major}"))?;
     }
     Ok(())
 }
