@@ -81,30 +81,38 @@ fn event(cluster: &Cluster, sql: &str) -> Result<Event> {
     })
 }
 
-/// After the backup: a schema and two tables with an index and a TOAST table each (the first
-/// `pg_class` insert after a checkpoint carries the page's full image, the next ones only their
-/// rows), filled, then dropped together.
-fn create_after_the_backup_and_drop(cluster: &Cluster) -> Result<Event> {
+/// Tables created after the backup: `sales.orders_2026` in a schema created after it too, the
+/// first `pg_class` insert after a checkpoint, which carries the page's full image; the next ones
+/// carry only their rows.
+const CREATED: &[&str] = &["sales.orders_2026", "public.orders_late"];
+
+/// After the backup: the schema `sales`, then `CREATED` and `more` (tables in schemas created
+/// before the backup), each with an index and a TOAST table, filled, then dropped together.
+fn create_after_the_backup_and_drop(cluster: &Cluster, more: &[&str]) -> Result<Event> {
     cluster.execute("CREATE SCHEMA sales; CHECKPOINT")?;
-    cluster.execute(
-        "CREATE TABLE sales.orders_2026 (id integer PRIMARY KEY, body text NOT NULL);
-         CREATE TABLE public.orders_late (id integer PRIMARY KEY, body text NOT NULL);
-         INSERT INTO sales.orders_2026 SELECT g, md5(g::text) FROM generate_series(1, 500) g;
-         INSERT INTO public.orders_late SELECT g, md5(g::text) FROM generate_series(1, 50) g",
-    )?;
-    event(cluster, "DROP TABLE sales.orders_2026, public.orders_late")
+    let tables: Vec<&str> = CREATED.iter().chain(more).copied().collect();
+    for t in &tables {
+        cluster.execute(&format!(
+            "CREATE TABLE {t} (id integer PRIMARY KEY, body text NOT NULL);
+             INSERT INTO {t} SELECT g, md5(g::text) FROM generate_series(1, 300) g"
+        ))?;
+    }
+    event(cluster, &format!("DROP TABLE {}", tables.join(", ")))
 }
 
-/// Find names the tables `created` dropped, created after the backup, from the WAL, each once
-/// (its index and TOAST table folded into it), and prints an extract of each.
-fn check_created_after_the_backup(found: &Value, created: &Event) -> Result<()> {
+/// Find names the tables `created` dropped (`CREATED` and `more`), created after the backup,
+/// from the WAL, each once (its index and TOAST table folded into it), and prints an extract of
+/// each.
+fn check_created_after_the_backup(found: &Value, created: &Event, more: &[&str]) -> Result<()> {
     let e = event_with_xid(found, created.xid)?;
     let mut said = actions(e);
     said.sort();
-    let want = [
-        ("drop".to_string(), "public.orders_late".to_string(), None),
-        ("drop".to_string(), "sales.orders_2026".to_string(), None),
-    ];
+    let tables: Vec<&str> = CREATED.iter().chain(more).copied().collect();
+    let mut want: Vec<(String, String, Option<u64>)> = tables
+        .iter()
+        .map(|t| ("drop".to_string(), t.to_string(), None))
+        .collect();
+    want.sort();
     ensure!(
         said == want,
         "xid {}: {said:?}, want {want:?}\n{e:#}",
@@ -119,7 +127,7 @@ fn check_created_after_the_backup(found: &Value, created: &Event) -> Result<()> 
         "{e:#}"
     );
     let extracts = e["extract_commands"].as_array().context("extract_commands")?;
-    for t in ["sales.orders_2026", "public.orders_late"] {
+    for t in tables {
         ensure!(
             extracts
                 .iter()
@@ -186,8 +194,10 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
              INSERT INTO {t} SELECT g, md5(g::text) FROM generate_series(1, 3000) g"
         ))?;
     }
+    // A schema the backup's relation map knows, for a table created after it.
+    source.execute("CREATE SCHEMA billing")?;
     take_backup(&source, &repo)?;
-    let created = create_after_the_backup_and_drop(&source)?;
+    let created = create_after_the_backup_and_drop(&source, &["billing.invoices"])?;
 
     let delete = event(&source, "DELETE FROM victim_delete WHERE id <= 2500")?;
     source.execute("INSERT INTO victim_drop SELECT g, 'late' FROM generate_series(3001, 3100) g")?;
@@ -216,7 +226,7 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
         (&truncate, ("truncate_or_rewrite", "public.victim_truncate", None)),
         (&dropped, ("drop", "public.victim_drop", None)),
     ];
-    check_created_after_the_backup(&found, &created)?;
+    check_created_after_the_backup(&found, &created, &["billing.invoices"])?;
     for (ev, (kind, object, rows)) in &expectations {
         let e = event_with_xid(&found, ev.xid)?;
         let said = actions(e);
@@ -359,11 +369,12 @@ fn find_names_tables_created_after_the_backup_on_pg13_and_pg18() -> Result<()> {
         let repo = Repo::new()?;
         let mut source = archiving_cluster_on(pg, &format!("find-created-{major}"), &repo, "")?;
         take_backup(&source, &repo)?;
-        let created = create_after_the_backup_and_drop(&source)?;
+        let created = create_after_the_backup_and_drop(&source, &[])?;
         archive_everything(&source)?;
         source.stop()?;
         let found = find(&repo, "X", &[])?;
-        check_created_after_the_backup(&found, &created).with_context(|| format!("PostgreSQL {major}"))?;
+        check_created_after_the_backup(&found, &created, &[])
+            .with_context(|| format!("PostgreSQL {major}"))?;
     }
     Ok(())
 }

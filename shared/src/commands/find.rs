@@ -397,11 +397,22 @@ impl Named {
         }
     }
 
-    fn from_wal(w: WalRelation) -> Named {
+    /// A relation the WAL named in database `db`; its schema's name from `map` when the WAL
+    /// did not carry it (a schema created before the backup).
+    fn from_wal(w: WalRelation, db: u32, map: Option<&RelationMap>) -> Named {
+        let mut rel = w.relation;
+        let schema = map.and_then(|m| m.schema_name(db, w.namespace));
+        let schema_known = match (w.schema_known, schema) {
+            (false, Some(name)) => {
+                rel.schema = name.to_string();
+                true
+            }
+            (known, _) => known,
+        };
         Named {
-            rel: w.relation,
+            rel,
             from_wal: Some(w.lsn),
-            schema_known: w.schema_known,
+            schema_known,
         }
     }
 }
@@ -438,7 +449,10 @@ impl Words<'_> {
         self.map
             .and_then(|m| m.relation(loc))
             .map(Named::from_map)
-            .or_else(|| self.wal.relation(loc.db, loc.rel).map(Named::from_wal))
+            .or_else(|| {
+                let w = self.wal.relation(loc.db, loc.rel)?;
+                Some(Named::from_wal(w, loc.db, self.map))
+            })
     }
 
     /// The relation `oid` of database `db`: the map's, else the WAL's.
@@ -446,7 +460,10 @@ impl Words<'_> {
         self.map
             .and_then(|m| m.relation_by_oid(db, oid))
             .map(Named::from_map)
-            .or_else(|| self.wal.relation_by_oid(db, oid).map(Named::from_wal))
+            .or_else(|| {
+                let w = self.wal.relation_by_oid(db, oid)?;
+                Some(Named::from_wal(w, db, self.map))
+            })
     }
 
     /// The table an index or TOAST relation belongs to (itself for a table), following owners
@@ -806,6 +823,10 @@ mod tests {
                     relation(100, 200, "r", "public", "orders", 0),
                     relation(101, 201, "i", "public", "orders_pkey", 100),
                 ],
+                schemas: vec![crate::basebackup::relmap::Schema {
+                    oid: 16399,
+                    name: "sales".into(),
+                }],
                 error: None,
             }],
         }
@@ -928,6 +949,7 @@ mod tests {
         );
         let tli = crate::wal::lsn::tl(1);
         let cat = WalCatalog::of(vec![
+            (tli, row(0x2000050, 16450, "invoices", 16399, "r")),
             (tli, row(0x2000100, 16400, "orders_2026", 2200, "r")),
             (tli, row(0x2000200, 16410, "pg_toast_16400", 99, "t")),
             (tli, index),
@@ -959,6 +981,20 @@ mod tests {
         assert_eq!(d.actions[0].describe(), "DROP table public.orders_2026");
         assert!(d.notes[0].contains("no backup before it recorded a relation map"));
         assert!(!d.database_named);
+    }
+
+    #[test]
+    fn a_table_created_after_the_backup_in_an_older_schema_gets_the_schema_name_from_the_map() {
+        let e = event(vec![loc(16450)], vec![rows(1259, 1, 0)]);
+        let d = describe(&e, Some(&map()), &created_after_the_backup(), 1000);
+        assert_eq!(d.actions[0].describe(), "DROP table sales.invoices");
+        assert!(d.actions[0].extractable_table());
+        let d = describe(&e, None, &created_after_the_backup(), 1000);
+        assert_eq!(d.actions[0].describe(), "DROP table <schema 16399>.invoices");
+        assert!(
+            !d.actions[0].extractable_table(),
+            "no extract of a table without its schema"
+        );
     }
 
     #[test]

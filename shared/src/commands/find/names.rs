@@ -81,6 +81,8 @@ pub struct WalRelation {
     pub relation: Relation,
     /// The `pg_class` insert that named it.
     pub lsn: Lsn,
+    /// Its schema's OID (`relnamespace`).
+    pub namespace: u32,
     /// Whether its schema's name is known (else `relation.schema` is a placeholder).
     pub schema_known: bool,
 }
@@ -113,6 +115,7 @@ impl WalNames {
                 owner: self.owner(db, c),
             },
             lsn: *lsn,
+            namespace: c.namespace,
             schema_known: schema.is_some(),
         })
     }
