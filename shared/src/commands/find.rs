@@ -614,11 +614,18 @@ impl Words<'_> {
         if from_wal.is_empty() {
             return;
         }
+        // Backup ids are start times to the second, which sort as the times do.
+        let event_second = self
+            .e
+            .time
+            .to_unix_micros()
+            .map(|us| BackupId::from_unix(us.div_euclid(1_000_000)));
         let whence = match self.map {
-            Some(m) => format!(
+            Some(m) if event_second.is_some_and(|s| m.backup < s) => format!(
                 "created after backup {}, whose relation map does not know them",
                 m.backup
             ),
+            Some(m) => format!("the relation map of backup {} does not know them", m.backup),
             None => "no backup before it recorded a relation map".to_string(),
         };
         notes.push(format!(
@@ -964,7 +971,9 @@ mod tests {
 
     #[test]
     fn a_table_created_after_the_backup_is_named_from_the_wal_once_for_all_its_files() {
-        let e = event(vec![loc(16400), loc(16405), loc(16410)], vec![rows(1259, 3, 0)]);
+        let mut e = event(vec![loc(16400), loc(16405), loc(16410)], vec![rows(1259, 3, 0)]);
+        // Minutes after the map's backup (20261122T143000Z).
+        e.time = PgTime::from_unix_micros(1_795_358_000_000_000).unwrap();
         let d = describe(&e, Some(&map()), &created_after_the_backup(), 1000);
         let said: Vec<String> = d.actions.iter().map(Action::describe).collect();
         assert_eq!(said, ["DROP table public.orders_2026"]);
@@ -981,6 +990,14 @@ mod tests {
         assert_eq!(d.actions[0].describe(), "DROP table public.orders_2026");
         assert!(d.notes[0].contains("no backup before it recorded a relation map"));
         assert!(!d.database_named);
+        // Named by the map of a backup taken after the event (none before it): said so.
+        e.time = PgTime(0);
+        let d = describe(&e, Some(&map()), &created_after_the_backup(), 1000);
+        assert!(
+            d.notes[0].contains("(the relation map of backup 20261122T143000Z does not know them)"),
+            "{:?}",
+            d.notes
+        );
     }
 
     #[test]
