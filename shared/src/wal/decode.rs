@@ -383,6 +383,7 @@ impl DecoderState {
                     && p.head.len() <= HEAD_CAP
                     && p.main.len() <= main_cap(&p.header)
                     && p.block.len() <= block_cap(p.header[17], p.header[16])
+                    && (p.block.is_empty() || p.layout.is_some())
                     && p.layout.is_none_or(|l| {
                         p.head.is_empty()
                             && u64::from(l.main_off) + u64::from(l.main_len) == u64::from(p.body_len())
@@ -941,7 +942,10 @@ fn capture(p: &mut Partial, chunk: &[u8], off: u32) {
         &layout,
         super::catalog_rows::reads_file,
     ) {
+        // Never past the range's length, whatever a resumed state held already.
+        let len = (range.end - range.start) as usize;
         keep(&mut p.block, range, chunk, off);
+        p.block.truncate(len);
     }
 }
 
