@@ -378,3 +378,28 @@ fn find_names_tables_created_after_the_backup_on_pg13_and_pg18() -> Result<()> {
     }
     Ok(())
 }
+
+/// With `wal_compression` on, the `pg_class` row in the page's full image (the first insert
+/// after a checkpoint) is read through each method's decompression.
+#[test]
+fn find_names_tables_whose_pg_class_rows_are_in_compressed_images() -> Result<()> {
+    for method in ["pglz", "lz4", "zstd"] {
+        let repo = Repo::new()?;
+        let mut source = archiving_cluster(&format!("find-compressed-{method}"), &repo, "")?;
+        source.execute(&format!("ALTER SYSTEM SET wal_compression = '{method}'"))?;
+        source.execute("SELECT pg_reload_conf()")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while source.query_one_string("SHOW wal_compression")? != method {
+            ensure!(std::time::Instant::now() < deadline, "wal_compression stays off");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        take_backup(&source, &repo)?;
+        let created = create_after_the_backup_and_drop(&source, &[])?;
+        archive_everything(&source)?;
+        source.stop()?;
+        let found = find(&repo, "X", &[])?;
+        check_created_after_the_backup(&found, &created, &[])
+            .with_context(|| format!("wal_compression = {method}"))?;
+    }
+    Ok(())
+}

@@ -13,13 +13,14 @@
 //! The catalogs are recognised by file: `pg_class` is file 1259, `pg_namespace` 2615 and
 //! `pg_index` 2610 in every database as initdb made them. After a `VACUUM FULL` of one of them
 //! its file has another number and its inserts are not read: `find` then shows such relations by
-//! file, as before. Compressed full-page images (`wal_compression`) and images of pages larger
-//! than 8 KiB are not read either.
+//! file, as before. Images of pages larger than 8 KiB are not read either; compressed ones
+//! (`wal_compression`) are ([`super::page_image`]).
 
 use serde::{Deserialize, Serialize};
 
 use super::lsn::Lsn;
-use super::record::{BKPIMAGE_HAS_HOLE, RM_HEAP_ID, RM_HEAP2_ID, WalRecord};
+use super::page_image;
+use super::record::{RM_HEAP_ID, RM_HEAP2_ID, WalRecord};
 
 /// `pg_class`'s file as initdb makes it (a mapped catalog: its `relfilenode` column is 0).
 pub const PG_CLASS: u32 = 1259;
@@ -41,7 +42,6 @@ const XLOG_HEAP_INIT_PAGE: u8 = 0x80;
 /// `SizeOfPageHeaderData`, and where `pd_lower` and `pd_pagesize_version` are in it.
 const PAGE_HEADER_LEN: usize = 24;
 const PD_LOWER_AT: usize = 12;
-const PD_PAGESIZE_AT: usize = 18;
 /// `LP_NORMAL`: a line pointer to a tuple.
 const LP_NORMAL: u32 = 1;
 /// `NAMEDATALEN`.
@@ -180,16 +180,15 @@ pub fn rows_of(rec: &WalRecord, pg_version: u32) -> Vec<CatalogRow> {
     let tuples: Vec<&[u8]> = match (rec.rmid, data.is_empty(), block.image()) {
         (RM_HEAP_ID, false, _) => inserted_tuple(data).into_iter().collect(),
         (RM_HEAP2_ID, false, _) => multi_inserted_tuples(data),
-        (_, true, Some(image)) if !block.header.compressed => {
-            let page = Page::restore(image, block.header.hole_offset, block.header.image_info);
+        (_, true, Some(image)) => {
+            let h = &block.header;
+            let page = page_image::restore(image, h.image_info, h.hole_offset, h.hole_length, pg_version);
             let offsets = inserted_offsets(rec);
-            return rows_from(
-                rec,
-                rel.db,
-                rel.rel,
-                pg_version,
-                page.iter().flat_map(|p| p.tuples(&offsets)),
-            );
+            let tuples = page
+                .as_deref()
+                .map(|p| page_tuples(p, &offsets))
+                .unwrap_or_default();
+            return rows_from(rec, rel.db, rel.rel, pg_version, tuples.into_iter());
         }
         _ => Vec::new(),
     };
@@ -274,54 +273,29 @@ fn inserted_offsets(rec: &WalRecord) -> Vec<u16> {
     (0..usize::from(n)).map_while(|i| u16_at(m, 4 + 2 * i)).collect()
 }
 
-/// A heap page put back together from a full-page image.
-struct Page(Vec<u8>);
-
-impl Page {
-    /// The page `image` stores: with its hole (zeros) put back at `hole_offset` when `info`
-    /// says it has one; the page size is the one its header records.
-    fn restore(image: &[u8], hole_offset: u16, info: u8) -> Option<Page> {
-        let size = usize::from(u16_at(image, PD_PAGESIZE_AT)? & 0xFF00);
-        if info & BKPIMAGE_HAS_HOLE == 0 {
-            return (image.len() == size).then(|| Page(image.to_vec()));
-        }
-        let hole = usize::from(hole_offset);
-        let hole_len = size.checked_sub(image.len())?;
-        if hole > image.len() || hole < PAGE_HEADER_LEN {
-            return None;
-        }
-        let mut page = Vec::with_capacity(size);
-        page.extend_from_slice(&image[..hole]);
-        page.resize(hole + hole_len, 0);
-        page.extend_from_slice(&image[hole..]);
-        Some(Page(page))
-    }
-
-    /// The tuples at line pointers `offsets` (1-based), from their `t_hoff`.
-    fn tuples(&self, offsets: &[u16]) -> Vec<&[u8]> {
-        let p = &self.0;
-        let lower = u16_at(p, PD_LOWER_AT).map_or(0, usize::from);
-        offsets
-            .iter()
-            .filter_map(|&off| {
-                let at = PAGE_HEADER_LEN + 4 * usize::from(off.checked_sub(1)?);
-                if at + 4 > lower {
-                    return None;
-                }
-                // ItemIdData { lp_off:15, lp_flags:2, lp_len:15 }, low bits first.
-                let lp = u32_at(p, at)?;
-                let (lp_off, flags, lp_len) = ((lp & 0x7FFF) as usize, (lp >> 15) & 3, (lp >> 17) as usize);
-                if flags != LP_NORMAL {
-                    return None;
-                }
-                let tuple = p.get(lp_off..lp_off + lp_len)?;
-                let t_hoff = usize::from(*tuple.get(T_HOFF_AT)?);
-                (t_hoff >= TUPLE_HEADER_LEN)
-                    .then(|| tuple.get(t_hoff..))
-                    .flatten()
-            })
-            .collect()
-    }
+/// The tuples of heap page `p` at line pointers `offsets` (1-based), from their `t_hoff`.
+fn page_tuples<'a>(p: &'a [u8], offsets: &[u16]) -> Vec<&'a [u8]> {
+    let lower = u16_at(p, PD_LOWER_AT).map_or(0, usize::from);
+    offsets
+        .iter()
+        .filter_map(|&off| {
+            let at = PAGE_HEADER_LEN + 4 * usize::from(off.checked_sub(1)?);
+            if at + 4 > lower {
+                return None;
+            }
+            // ItemIdData { lp_off:15, lp_flags:2, lp_len:15 }, low bits first.
+            let lp = u32_at(p, at)?;
+            let (lp_off, flags, lp_len) = ((lp & 0x7FFF) as usize, (lp >> 15) & 3, (lp >> 17) as usize);
+            if flags != LP_NORMAL {
+                return None;
+            }
+            let tuple = p.get(lp_off..lp_off + lp_len)?;
+            let t_hoff = usize::from(*tuple.get(T_HOFF_AT)?);
+            (t_hoff >= TUPLE_HEADER_LEN)
+                .then(|| tuple.get(t_hoff..))
+                .flatten()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -393,7 +367,7 @@ pub(crate) mod tests {
         page[PD_LOWER_AT..][..2].copy_from_slice(&(lower as u16).to_le_bytes());
         page[14..16].copy_from_slice(&(upper as u16).to_le_bytes());
         page[16..18].copy_from_slice(&8192u16.to_le_bytes());
-        page[PD_PAGESIZE_AT..][..2].copy_from_slice(&(8192u16 | 4).to_le_bytes());
+        page[18..20].copy_from_slice(&(8192u16 | 4).to_le_bytes()); // pd_pagesize_version
         let mut image = page[..lower].to_vec();
         image.extend_from_slice(&page[upper..]);
         (image, lower as u16)
@@ -431,7 +405,8 @@ pub(crate) mod tests {
                     data_len: data.len() as u16,
                     image_len: image_bytes.len() as u16,
                     hole_offset,
-                    image_info: if image.is_some() { BKPIMAGE_HAS_HOLE } else { 0 },
+                    hole_length: 0,
+                    image_info: if image.is_some() { 0x01 } else { 0 },
                     compressed: false,
                 },
                 bytes,
@@ -487,9 +462,17 @@ pub(crate) mod tests {
             rows[0].class,
             Some(class(16400, "orders_2026_pkey", 2200, 16400, "i"))
         );
-        // A compressed image is not read.
+        // The same image compressed (wal_compression = zstd), its hole's length in the header.
         let mut compressed = rec.clone();
-        compressed.block.as_mut().unwrap().header.compressed = true;
+        let b = compressed.block.as_mut().unwrap();
+        b.bytes = zstd::bulk::compress(&image, 3).unwrap();
+        b.header.image_len = b.bytes.len() as u16;
+        b.header.hole_length = 8192 - image.len() as u16;
+        b.header.image_info = 0x01 | 0x10; // BKPIMAGE_HAS_HOLE | BKPIMAGE_COMPRESS_ZSTD
+        b.header.compressed = true;
+        assert_eq!(rows_of(&compressed, 15), rows);
+        let b = compressed.block.as_mut().unwrap();
+        b.header.image_info = 0x01 | 0x08; // called LZ4, which it is not: no page, no row
         assert!(rows_of(&compressed, 15).is_empty());
         // A line pointer past pd_lower reads nothing.
         let far = record(

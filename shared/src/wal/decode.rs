@@ -59,7 +59,7 @@ pub const MAIN_CAP: usize = 72;
 /// relation files it drops, for up to thousands of each (`xl_xact_parsed_commit`).
 pub const XACT_MAIN_CAP: usize = 32 * 1024;
 
-/// Largest JSON a [`DecoderState`] serializes to (46,997 bytes), for any state
+/// Largest JSON a [`DecoderState`] serializes to (47,017 bytes), for any state
 /// [`WalDecoder::resume`] accepts: the widest phase (a record in progress) with every number at
 /// its widest (`u64::MAX` has 20 digits, `u32::MAX` 10, an LSN `FFFFFFFF/FFFFFFFF`), plus its
 /// three byte fields as base64 (4 characters per 3 bytes, padded), each at its cap: the 24-byte
@@ -81,6 +81,7 @@ const STATE_JSON_SKELETON: &str = concat!(
     r#""header":"","crc":4294967295,"head":"","#,
     r#""layout":{"main_off":4294967295,"main_len":4294967295,"rel":[4294967295,4294967295,4294967295],"#,
     r#""first":{"off":4294967295,"fork":255,"data_len":65535,"image_len":65535,"hole_offset":65535,"#,
+    r#""hole_length":65535,"#,
     r#""image_info":255,"compressed":false}},"#,
     r#""main":""}},"magic":65535,"system_identifier":18446744073709551615,"timeline":4294967295,"#,
     r#""prev":"FFFFFFFF/FFFFFFFF"}"#,
@@ -1486,6 +1487,7 @@ mod tests {
                         data_len: u16::MAX,
                         image_len: u16::MAX,
                         hole_offset: u16::MAX,
+                        hole_length: u16::MAX,
                         image_info: u8::MAX,
                         compressed: false,
                     }),
@@ -1501,7 +1503,7 @@ mod tests {
         };
         let json = serde_json::to_string(&state).unwrap();
         assert_eq!(json.len(), MAX_STATE_JSON_LEN);
-        assert_eq!(MAX_STATE_JSON_LEN, 46_997);
+        assert_eq!(MAX_STATE_JSON_LEN, 47_017);
         assert_eq!(serde_json::from_str::<DecoderState>(&json).unwrap(), state);
         // Every other phase is shorter.
         for phase in [

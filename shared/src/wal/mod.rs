@@ -7,6 +7,7 @@ pub mod decode;
 pub mod lsn;
 pub mod name;
 pub mod page;
+pub mod page_image;
 pub mod pgtime;
 pub mod record;
 pub mod summary;

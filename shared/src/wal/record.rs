@@ -53,7 +53,7 @@ const BKPBLOCK_SAME_REL: u8 = 0x80;
 const BKPBLOCK_FORK_MASK: u8 = 0x0F;
 /// `BKPIMAGE_HAS_HOLE`, the same in every version (the "compressed" bits are not:
 /// [`super::version::WalFormat::image_compressed_bits`]).
-pub const BKPIMAGE_HAS_HOLE: u8 = 0x01;
+const BKPIMAGE_HAS_HOLE: u8 = 0x01;
 /// `sizeof(RelFileNode)` / `sizeof(RelFileLocator)`: three OIDs in every version.
 const REL_LOCATOR_LEN: usize = 12;
 
@@ -157,6 +157,10 @@ pub struct FirstBlock {
     pub image_len: u16,
     /// `hole_offset`: where the page's unused middle, left out of the image, began.
     pub hole_offset: u16,
+    /// `hole_length`, written only for a compressed image with a hole (0 otherwise: a plain
+    /// image's hole is the page size less the image's length).
+    #[serde(default)]
+    pub hole_length: u16,
     /// `bimg_info`.
     pub image_info: u8,
     /// The image is compressed (this version's compressed bits of `bimg_info`).
@@ -394,6 +398,7 @@ impl BlockHeaders {
             data_len,
             image_len: 0,
             hole_offset: 0,
+            hole_length: 0,
             image_info: 0,
             compressed: false,
         };
@@ -403,7 +408,7 @@ impl BlockHeaders {
             let bimg_info = r.u8()?;
             let compressed = bimg_info & image_compressed_bits != 0;
             if compressed && bimg_info & BKPIMAGE_HAS_HOLE != 0 {
-                let _hole_length = r.u16()?;
+                first.hole_length = r.u16()?;
             }
             self.datatotal += u64::from(bimg_len);
             (
