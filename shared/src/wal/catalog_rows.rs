@@ -628,6 +628,31 @@ pub(crate) mod tests {
         assert_eq!(back, s2);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever a heap insert into a catalog carries, rows come out whole or not at all.
+        #[test]
+        fn arbitrary_inserts_never_panic(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            main in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..72),
+            multi: bool,
+            image: bool,
+            catalog in proptest::sample::select(vec![PG_CLASS, PG_NAMESPACE, PG_INDEX]),
+            version in 13u32..20,
+        ) {
+            let (rmid, info) = if multi { (RM_HEAP2_ID, 0x50) } else { (RM_HEAP_ID, 0x00) };
+            let rec = match image {
+                true => record(rmid, info, catalog, Some((&data, 24)), &[], main),
+                false => record(rmid, info, catalog, None, &data, main),
+            };
+            for row in rows_of(&rec, version) {
+                let kinds = [row.class.is_some(), row.namespace.is_some(), row.index.is_some()];
+                proptest::prop_assert_eq!(kinds.iter().filter(|&&k| k).count(), 1);
+            }
+        }
+    }
+
     #[test]
     fn garbage_never_panics() {
         for len in 0..200 {

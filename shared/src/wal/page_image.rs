@@ -268,6 +268,32 @@ mod tests {
         assert_eq!(lz4_decompress(&lz4_literals(&[7; 300]), 200), None);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any bytes, any header: a page of the size its header says, or none; never a panic.
+        #[test]
+        fn arbitrary_images_give_a_whole_page_or_none(
+            image in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            info: u8,
+            hole_offset: u16,
+            hole_length: u16,
+            version in 13u32..20,
+        ) {
+            if let Some(p) = restore(&image, info, hole_offset, hole_length, version) {
+                let size = usize::from(u16::from_le_bytes([p[PD_PAGESIZE_AT], p[PD_PAGESIZE_AT + 1]]) & 0xFF00);
+                proptest::prop_assert_eq!(p.len(), size);
+            }
+        }
+
+        /// pglz and LZ4 streams of literals give their bytes back.
+        #[test]
+        fn literal_streams_decompress_to_their_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 15..3000)) {
+            proptest::prop_assert_eq!(pglz_decompress(&pglz_literals(&bytes), MAX_PAGE), Some(bytes.clone()));
+            proptest::prop_assert_eq!(lz4_decompress(&lz4_literals(&bytes), MAX_PAGE), Some(bytes));
+        }
+    }
+
     #[test]
     fn garbage_never_panics() {
         for len in 0..300 {
