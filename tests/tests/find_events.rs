@@ -403,3 +403,94 @@ fn find_names_tables_whose_pg_class_rows_are_in_compressed_images() -> Result<()
     }
     Ok(())
 }
+
+/// The single text value `sql` returns in database `db` of `cluster`.
+fn query_in(cluster: &Cluster, db: &str, sql: &str) -> Result<String> {
+    let mut client = postgres::Config::new()
+        .host("127.0.0.1")
+        .port(cluster.port())
+        .user("postgres")
+        .dbname(db)
+        .connect_timeout(Duration::from_secs(10))
+        .connect(postgres::NoTls)
+        .with_context(|| format!("connecting to database {db}"))?;
+    let row = client
+        .query_one(sql, &[])
+        .with_context(|| format!("in {db}: {sql}"))?;
+    Ok(row.get(0))
+}
+
+/// A `DROP DATABASE` comes with a restore of just that database, which, run as printed, brings
+/// the database back with its rows as they were just before the drop.
+#[test]
+fn a_dropped_database_gets_a_restore_of_its_own_that_brings_it_back() -> Result<()> {
+    const ROWS: &str =
+        "SELECT count(*)::text || ' ' || md5(string_agg(id::text || body, ',' ORDER BY id)) FROM orders";
+    let repo = Repo::new()?;
+    let mut source = archiving_cluster("find-dropdb", &repo, "")?;
+    source.execute("CREATE DATABASE shop")?;
+    let fill = "CREATE TABLE orders (id integer PRIMARY KEY, body text NOT NULL);
+                INSERT INTO orders SELECT g, md5(g::text) FROM generate_series(1, 1000) g";
+    postgres::Config::new()
+        .host("127.0.0.1")
+        .port(source.port())
+        .user("postgres")
+        .dbname("shop")
+        .connect(postgres::NoTls)?
+        .batch_execute(fill)?;
+    take_backup(&source, &repo)?;
+    let mut shop = postgres::Config::new()
+        .host("127.0.0.1")
+        .port(source.port())
+        .user("postgres")
+        .dbname("shop")
+        .connect(postgres::NoTls)?;
+    shop.batch_execute("INSERT INTO orders SELECT g, 'after the backup' FROM generate_series(1001, 1100) g")?;
+    drop(shop);
+    let before = query_in(&source, "shop", ROWS)?;
+    source.execute("DROP DATABASE shop")?;
+    archive_everything(&source)?;
+    source.stop()?;
+
+    let mut restored = Cluster::uninitialized("find-dropdb-restored")?;
+    let pgdata = restored.data_dir();
+    let found = find(&repo, pgdata.to_str().context("utf-8")?, &[])?;
+    let e = found["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .find(|e| {
+            actions(e)
+                .iter()
+                .any(|(k, o, _)| k == "drop_database" && o == "shop")
+        })
+        .ok_or_else(|| anyhow!("find lists no DROP DATABASE shop: {found:#}"))?;
+    let command = e["extract_commands"][0]
+        .as_str()
+        .context("a restore of just shop")?
+        .to_string();
+    // DROP DATABASE marks the database invalid and removes its files before it commits:
+    // the restore stops before that began, not at the transaction.
+    ensure!(
+        command.contains(" restore --repo ")
+            && command.contains(" --database shop --target-lsn ")
+            && command.ends_with(" --target-exclusive"),
+        "{command}"
+    );
+    let mut sh = host::pg_user_command("sh");
+    sh.args(["-c", &command]);
+    host::run(&mut sh, Duration::from_secs(300))?
+        .check()
+        .with_context(|| format!("the printed command: {command}"))?;
+    restored.set_conf(&[("archive_mode", "off")])?;
+    restored
+        .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
+        .with_context(|| format!("recovery after {command}"))?;
+    let got = query_in(&restored, "shop", ROWS).with_context(|| format!("after `{command}`: {e:#}"))?;
+    ensure!(
+        got == before,
+        "after `{command}` shop holds {got}, it held {before} before the drop"
+    );
+    restored.stop()?;
+    Ok(())
+}

@@ -270,11 +270,12 @@ pub async fn find(repo: &Reader, opts: &FindOptions) -> Result<Found, FindError>
             continue;
         }
         let restorable = on_history.iter().any(|m| m.stop_lsn <= e.lsn);
-        let mut restore_args = vec![
-            "--target-xid".to_string(),
-            e.xid.to_string(),
-            "--target-exclusive".to_string(),
-        ];
+        let mut restore_args = match (e.dropped_database, e.drop_from) {
+            // The database is gone before the commit: stop where that began.
+            (Some(_), Some(at)) => vec!["--target-lsn".to_string(), at.to_string()],
+            _ => vec!["--target-xid".to_string(), e.xid.to_string()],
+        };
+        restore_args.push("--target-exclusive".to_string());
         if latest_history.timeline_at(e.lsn) != tli {
             restore_args.extend(["--target-timeline".to_string(), tli.to_string()]);
         }
@@ -362,6 +363,12 @@ pub fn describe(e: &ChangeEvent, map: Option<&RelationMap>, wal: &WalNames, min_
         let mut a = Action::on(ActionKind::DropDatabase, words.database_name(d), "database");
         a.named = words.database_named(d);
         actions.push(a);
+        notes.push(match e.drop_from {
+            Some(at) => format!(
+                "DROP DATABASE destroys the database before its transaction commits (it marks it invalid, then removes its files): the restore stops before {at}, where that began"
+            ),
+            None => "recorded by an older walvault, which did not note where DROP DATABASE began: a restore to just before the commit brings the database back invalid (it was marked so, and its files removed, before the commit); use --target-time or --target-lsn earlier than the drop".into(),
+        });
     }
     let truncated_tables = words.truncates(&mut actions);
     if !e.unlinked.is_empty() {
@@ -614,14 +621,16 @@ impl Words<'_> {
         if from_wal.is_empty() {
             return;
         }
-        // Backup ids are start times to the second, which sort as the times do.
+        // Backup ids are start times to the second, which sort as the times do. Within the same
+        // second the map is taken as the backup's before the event: find names from the newest
+        // backup before the event, and from one after it only when there is none before.
         let event_second = self
             .e
             .time
             .to_unix_micros()
             .map(|us| BackupId::from_unix(us.div_euclid(1_000_000)));
         let whence = match self.map {
-            Some(m) if event_second.is_some_and(|s| m.backup < s) => format!(
+            Some(m) if event_second.is_some_and(|s| m.backup <= s) => format!(
                 "created after backup {}, whose relation map does not know them",
                 m.backup
             ),
@@ -849,6 +858,7 @@ mod tests {
             unlinked_cut: false,
             truncated: vec![],
             dropped_database: None,
+            drop_from: None,
             rows,
         }
     }
@@ -1033,6 +1043,17 @@ mod tests {
         let mut dropped = event(vec![], vec![]);
         dropped.dropped_database = Some(5);
         let dd = describe(&dropped, Some(&map()), &none(), 1000);
+        assert!(
+            dd.notes[0].contains("recorded by an older walvault"),
+            "{:?}",
+            dd.notes
+        );
+        dropped.drop_from = Some(Lsn(0x3000010));
+        let notes = describe(&dropped, Some(&map()), &none(), 1000).notes;
+        assert!(
+            notes[0].contains("the restore stops before 0/3000010"),
+            "{notes:?}"
+        );
         let found = |d: Description, xid: u32| FoundEvent {
             time: "2026-11-22 14:40:00+00".into(),
             time_us: 0,

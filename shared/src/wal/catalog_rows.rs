@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::lsn::Lsn;
 use super::page_image;
-use super::record::{RM_HEAP_ID, RM_HEAP2_ID, WalRecord};
+use super::record::{RM_HEAP_ID, RM_HEAP2_ID, WalRecord, XLOG_HEAP_INPLACE};
 
 /// `pg_class`'s file as initdb makes it (a mapped catalog: its `relfilenode` column is 0).
 pub const PG_CLASS: u32 = 1259;
@@ -50,10 +50,47 @@ const NAME_LEN: usize = 64;
 /// materialized views (not views, composite types or foreign tables, which have no files).
 const KINDS_KEPT: &[u8] = b"rpiItSm";
 
-/// Whether a heap insert into file `filenode` may carry a row this module reads (the decoder
-/// keeps such records' first block).
+/// `pg_database`'s file as initdb makes it (a shared, mapped catalog).
+pub const PG_DATABASE: u32 = 1262;
+
+/// Whether a heap insert into file `filenode` may carry a row this module reads.
 pub fn reads_file(filenode: u32) -> bool {
     matches!(filenode, PG_CLASS | PG_NAMESPACE | PG_INDEX)
+}
+
+/// Whether the decoder keeps the first block of a record of resource manager `rmid` with
+/// `info` on file `filenode`: the inserts this module reads, and the in-place updates of
+/// `pg_database` ([`invalidated_database`]).
+pub fn keeps(rmid: u8, info: u8, filenode: u32) -> bool {
+    match (rmid, info & 0x70) {
+        (RM_HEAP_ID, XLOG_HEAP_INPLACE) => filenode == PG_DATABASE,
+        _ => reads_file(filenode),
+    }
+}
+
+/// The database whose `pg_database` row `rec` overwrites in place: its `oid`, the row's first
+/// column, from the block data of `XLOG_HEAP_INPLACE` (the row from `t_hoff`) or, when the
+/// block carries a full-page image instead, from the image at the line pointer the main data
+/// names (`xl_heap_inplace` starts with `offnum` in every version). `DROP DATABASE` does so to
+/// mark the database invalid before it removes its files, outside the transaction: a recovery
+/// that is to keep the database must stop before this record.
+pub fn invalidated_database(rec: &WalRecord, pg_version: u32) -> Option<u32> {
+    let block = rec.block.as_ref()?;
+    let is_inplace = rec.rmid == RM_HEAP_ID && rec.info & 0x70 == XLOG_HEAP_INPLACE;
+    if !is_inplace || rec.block_rel?.rel != PG_DATABASE {
+        return None;
+    }
+    let oid = match (block.data(), block.image()) {
+        (data, _) if !data.is_empty() => u32_at(data, 0),
+        (_, Some(image)) => {
+            let h = &block.header;
+            let page = page_image::restore(image, h.image_info, h.hole_offset, h.hole_length, pg_version)?;
+            let offnum = u16_at(&rec.main, 0)?;
+            page_tuples(&page, &[offnum]).first().and_then(|t| u32_at(t, 0))
+        }
+        _ => None,
+    };
+    oid.filter(|&o| o != 0)
 }
 
 /// A `pg_class` row: a relation created.
@@ -176,6 +213,9 @@ pub fn rows_of(rec: &WalRecord, pg_version: u32) -> Vec<CatalogRow> {
     let (Some(block), Some(rel)) = (&rec.block, rec.block_rel) else {
         return Vec::new();
     };
+    if !reads_file(rel.rel) || rec.rmid == RM_HEAP_ID && rec.info & 0x70 == XLOG_HEAP_INPLACE {
+        return Vec::new();
+    }
     let data = block.data();
     let tuples: Vec<&[u8]> = match (rec.rmid, data.is_empty(), block.image()) {
         (RM_HEAP_ID, false, _) => inserted_tuple(data).into_iter().collect(),
@@ -651,6 +691,30 @@ pub(crate) mod tests {
                 proptest::prop_assert_eq!(kinds.iter().filter(|&&k| k).count(), 1);
             }
         }
+    }
+
+    #[test]
+    fn the_database_an_in_place_update_marks_from_its_data_or_its_page_image() {
+        let mut row = 16500u32.to_le_bytes().to_vec();
+        row.extend_from_slice(&[7; 100]);
+        let data = record(RM_HEAP_ID, XLOG_HEAP_INPLACE, PG_DATABASE, None, &row, vec![3, 0]);
+        assert_eq!(invalidated_database(&data, 15), Some(16500));
+        let (image, hole) = page_image(&[tuple(&[1; 40]), tuple(&[2; 40]), tuple(&row)]);
+        let imaged = record(
+            RM_HEAP_ID,
+            XLOG_HEAP_INPLACE,
+            PG_DATABASE,
+            Some((&image, hole)),
+            &[],
+            vec![3, 0],
+        );
+        assert_eq!(invalidated_database(&imaged, 16), Some(16500));
+        // Not pg_database, or not in place: nothing.
+        let other = record(RM_HEAP_ID, XLOG_HEAP_INPLACE, PG_CLASS, None, &row, vec![3, 0]);
+        assert_eq!(invalidated_database(&other, 15), None);
+        let insert = record(RM_HEAP_ID, 0x00, PG_DATABASE, None, &row, vec![3, 0]);
+        assert_eq!(invalidated_database(&insert, 15), None);
+        assert!(rows_of(&data, 15).is_empty());
     }
 
     #[test]

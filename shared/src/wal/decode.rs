@@ -937,12 +937,7 @@ fn capture(p: &mut Partial, chunk: &[u8], off: u32) {
     let start = u64::from(layout.main_off);
     let end = start + u64::from(layout.main_len).min(main_cap(&p.header) as u64);
     keep(&mut p.main, start..end, chunk, off);
-    if let Some(range) = keeps_first_block(
-        p.header[17],
-        p.header[16],
-        &layout,
-        super::catalog_rows::reads_file,
-    ) {
+    if let Some(range) = keeps_first_block(p.header[17], p.header[16], &layout, super::catalog_rows::keeps) {
         // Never past the range's length, whatever a resumed state held already.
         let len = (range.end - range.start) as usize;
         keep(&mut p.block, range, chunk, off);
@@ -961,12 +956,7 @@ fn keep(kept: &mut Vec<u8>, range: std::ops::Range<u64>, chunk: &[u8], off: u32)
 
 /// The first block's image and data, when the record kept them whole.
 fn first_block(p: &mut Partial, layout: &Layout) -> Option<BlockPayload> {
-    let range = keeps_first_block(
-        p.header[17],
-        p.header[16],
-        layout,
-        super::catalog_rows::reads_file,
-    )?;
+    let range = keeps_first_block(p.header[17], p.header[16], layout, super::catalog_rows::keeps)?;
     let header = layout.first?;
     (p.block.len() as u64 == range.end - range.start).then(|| BlockPayload {
         header,

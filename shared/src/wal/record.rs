@@ -21,6 +21,9 @@ pub const RM_HEAP_ID: u8 = 10;
 const XLOG_HEAP_OPMASK: u8 = 0x70;
 pub const XLOG_HEAP_INSERT: u8 = 0x00;
 pub const XLOG_HEAP2_MULTI_INSERT: u8 = 0x50;
+/// `XLOG_HEAP_INPLACE` (`RM_HEAP_ID`): a row overwritten in place, outside any transaction's
+/// control (`DROP DATABASE` marks its database invalid so).
+pub const XLOG_HEAP_INPLACE: u8 = 0x70;
 /// Bytes of a first block's image and data kept: a whole 8 KiB page image (the default block
 /// size; larger pages' images are not kept) and some block data.
 pub const BLOCK_CAP: usize = 8192 + 1024;
@@ -192,30 +195,31 @@ impl BlockPayload {
     }
 }
 
-/// The part of a record body a heap insert's first block keeps, when it does: `XLOG_HEAP_INSERT`
-/// or `XLOG_HEAP2_MULTI_INSERT` into the main fork of a file `wanted` names, image and data at
-/// most [`BLOCK_CAP`] bytes. A range of body offsets.
+/// The part of a record body whose first block is kept, when it is: a heap insert or in-place
+/// update (see [`block_cap`]) into the main fork of a file `wanted` takes for this record
+/// (`wanted(rmid, info, filenode)`), image and data at most [`BLOCK_CAP`] bytes. A range of body
+/// offsets.
 pub(super) fn keeps_first_block(
     rmid: u8,
     info: u8,
     layout: &Layout,
-    wanted: impl Fn(u32) -> bool,
+    wanted: impl Fn(u8, u8, u32) -> bool,
 ) -> Option<std::ops::Range<u64>> {
-    let insert = matches!(
-        (rmid, info & XLOG_HEAP_OPMASK),
-        (RM_HEAP_ID, XLOG_HEAP_INSERT) | (RM_HEAP2_ID, XLOG_HEAP2_MULTI_INSERT)
-    );
     let first = layout
         .first
         .filter(|f| f.fork == 0 && f.payload_len() <= BLOCK_CAP)?;
     let rel = layout.rel?[2];
-    (insert && wanted(rel)).then(|| u64::from(first.off)..u64::from(first.off) + first.payload_len() as u64)
+    (block_cap(rmid, info) > 0 && wanted(rmid, info, rel))
+        .then(|| u64::from(first.off)..u64::from(first.off) + first.payload_len() as u64)
 }
 
-/// Bytes of a first block a record with this header may keep: [`BLOCK_CAP`] for heap inserts.
+/// Bytes of a first block a record with this header may keep: [`BLOCK_CAP`] for heap inserts
+/// and in-place updates.
 pub(super) fn block_cap(rmid: u8, info: u8) -> usize {
     match (rmid, info & XLOG_HEAP_OPMASK) {
-        (RM_HEAP_ID, XLOG_HEAP_INSERT) | (RM_HEAP2_ID, XLOG_HEAP2_MULTI_INSERT) => BLOCK_CAP,
+        (RM_HEAP_ID, XLOG_HEAP_INSERT | XLOG_HEAP_INPLACE) | (RM_HEAP2_ID, XLOG_HEAP2_MULTI_INSERT) => {
+            BLOCK_CAP
+        }
         _ => 0,
     }
 }
