@@ -421,13 +421,22 @@ fn query_in(cluster: &Cluster, db: &str, sql: &str) -> Result<String> {
 }
 
 /// A `DROP DATABASE` comes with a restore of just that database, which, run as printed, brings
-/// the database back with its rows as they were just before the drop.
+/// the database back with its rows as they were just before the drop: on PostgreSQL 15, and on
+/// 13 and 18, whose `pg_database` rows differ in layout.
 #[test]
 fn a_dropped_database_gets_a_restore_of_its_own_that_brings_it_back() -> Result<()> {
+    for major in [15, 13, 18] {
+        drop_database_and_restore_it(PgInstall::of_major(major)?)
+            .with_context(|| format!("PostgreSQL {major}"))?;
+    }
+    Ok(())
+}
+
+fn drop_database_and_restore_it(pg: &'static PgInstall) -> Result<()> {
     const ROWS: &str =
         "SELECT count(*)::text || ' ' || md5(string_agg(id::text || body, ',' ORDER BY id)) FROM orders";
     let repo = Repo::new()?;
-    let mut source = archiving_cluster("find-dropdb", &repo, "")?;
+    let mut source = archiving_cluster_on(pg, &format!("find-dropdb-{}", pg.major()), &repo, "")?;
     source.execute("CREATE DATABASE shop")?;
     let fill = "CREATE TABLE orders (id integer PRIMARY KEY, body text NOT NULL);
                 INSERT INTO orders SELECT g, md5(g::text) FROM generate_series(1, 1000) g";
@@ -452,7 +461,7 @@ fn a_dropped_database_gets_a_restore_of_its_own_that_brings_it_back() -> Result<
     archive_everything(&source)?;
     source.stop()?;
 
-    let mut restored = Cluster::uninitialized("find-dropdb-restored")?;
+    let mut restored = Cluster::uninitialized_on(&format!("find-dropdb-restored-{}", pg.major()), pg)?;
     let pgdata = restored.data_dir();
     let found = find(&repo, pgdata.to_str().context("utf-8")?, &[])?;
     let e = found["events"]

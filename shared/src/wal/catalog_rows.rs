@@ -68,29 +68,43 @@ pub fn keeps(rmid: u8, info: u8, filenode: u32) -> bool {
     }
 }
 
-/// The database whose `pg_database` row `rec` overwrites in place: its `oid`, the row's first
-/// column, from the block data of `XLOG_HEAP_INPLACE` (the row from `t_hoff`) or, when the
-/// block carries a full-page image instead, from the image at the line pointer the main data
-/// names (`xl_heap_inplace` starts with `offnum` in every version). `DROP DATABASE` does so to
-/// mark the database invalid before it removes its files, outside the transaction: a recovery
-/// that is to keep the database must stop before this record.
+/// `DATCONNLIMIT_INVALID_DB`: the `datconnlimit` of a database being dropped.
+const DATCONNLIMIT_INVALID_DB: i32 = -2;
+
+/// Offset of `datconnlimit` in a `pg_database` row: after `oid`, `datname`, `datdba`, `encoding`,
+/// then up to 14 the `name` columns `datcollate` and `datctype` and two bools (208), from 15
+/// `datlocprovider` and two or (17) three one-byte columns (80); checked against each
+/// version's `postgres.bki`.
+fn datconnlimit_at(pg_version: u32) -> usize {
+    if pg_version >= 15 { 80 } else { 208 }
+}
+
+/// The database whose `pg_database` row `rec` overwrites in place with `datconnlimit` = -2, as
+/// `DROP DATABASE` does to mark it invalid before it removes its files, outside the
+/// transaction: a recovery that is to keep the database must stop before this record. The row
+/// is the block data of `XLOG_HEAP_INPLACE` (from `t_hoff`) or, when the block carries a
+/// full-page image instead, in the image at the line pointer the main data names
+/// (`xl_heap_inplace` starts with `offnum` in every version).
 pub fn invalidated_database(rec: &WalRecord, pg_version: u32) -> Option<u32> {
     let block = rec.block.as_ref()?;
     let is_inplace = rec.rmid == RM_HEAP_ID && rec.info & 0x70 == XLOG_HEAP_INPLACE;
     if !is_inplace || rec.block_rel?.rel != PG_DATABASE {
         return None;
     }
-    let oid = match (block.data(), block.image()) {
-        (data, _) if !data.is_empty() => u32_at(data, 0),
+    let invalid = |row: &[u8]| {
+        let limit = u32_at(row, datconnlimit_at(pg_version))? as i32;
+        u32_at(row, 0).filter(|&o| o != 0 && limit == DATCONNLIMIT_INVALID_DB)
+    };
+    match (block.data(), block.image()) {
+        (data, _) if !data.is_empty() => invalid(data),
         (_, Some(image)) => {
             let h = &block.header;
             let page = page_image::restore(image, h.image_info, h.hole_offset, h.hole_length, pg_version)?;
             let offnum = u16_at(&rec.main, 0)?;
-            page_tuples(&page, &[offnum]).first().and_then(|t| u32_at(t, 0))
+            page_tuples(&page, &[offnum]).first().and_then(|t| invalid(t))
         }
         _ => None,
-    };
-    oid.filter(|&o| o != 0)
+    }
 }
 
 /// A `pg_class` row: a relation created.
@@ -695,10 +709,21 @@ pub(crate) mod tests {
 
     #[test]
     fn the_database_an_in_place_update_marks_from_its_data_or_its_page_image() {
+        // A pg_database row of 15 to 18 with datconnlimit -2 at 80 (13 and 14: at 208).
         let mut row = 16500u32.to_le_bytes().to_vec();
-        row.extend_from_slice(&[7; 100]);
+        row.extend_from_slice(&[7; 250]);
+        row[80..84].copy_from_slice(&(-2i32).to_le_bytes());
         let data = record(RM_HEAP_ID, XLOG_HEAP_INPLACE, PG_DATABASE, None, &row, vec![3, 0]);
         assert_eq!(invalidated_database(&data, 15), Some(16500));
+        assert_eq!(
+            invalidated_database(&data, 13),
+            None,
+            "VACUUM's datfrozenxid update, to 13"
+        );
+        let mut old = row.clone();
+        old[208..212].copy_from_slice(&(-2i32).to_le_bytes());
+        let old = record(RM_HEAP_ID, XLOG_HEAP_INPLACE, PG_DATABASE, None, &old, vec![3, 0]);
+        assert_eq!(invalidated_database(&old, 13), Some(16500));
         let (image, hole) = page_image(&[tuple(&[1; 40]), tuple(&[2; 40]), tuple(&row)]);
         let imaged = record(
             RM_HEAP_ID,

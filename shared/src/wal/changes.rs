@@ -620,7 +620,8 @@ mod tests {
             rel: catalog_rows::PG_DATABASE,
         });
         let mut row = 16500u32.to_le_bytes().to_vec();
-        row.extend_from_slice(&[0; 80]);
+        row.extend_from_slice(&[0; 100]);
+        row[80..84].copy_from_slice(&(-2i32).to_le_bytes()); // datconnlimit: invalid
         inplace.block = Some(BlockPayload {
             header: FirstBlock {
                 off: 0,
