@@ -200,7 +200,8 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<u8> {
         }
         Command::Push { .. } => unreachable!("push maps its own exit codes"),
         Command::Backup { args } => {
-            let settings = repo.settings(args.compress.compress_level)?;
+            let mut settings = repo.settings(args.compress.compress_level)?;
+            settings.cap_writes(args.max_rate);
             let opts = args.options()?;
             let taken = block_on(walvault::commands::backup::take_and_log(
                 &settings,
@@ -226,7 +227,8 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<u8> {
             show(&block_on(admin::pin(&settings, &id, None))??, false)
         }
         Command::Daemon { args } => {
-            let settings = repo.settings(None)?;
+            let mut settings = repo.settings(None)?;
+            settings.cap_writes(args.max_rate);
             let opts = args.options(repo, &settings)?;
             block_on(walvault::commands::daemon::serve(settings, opts))??;
             tracing::info!("daemon stopped");

@@ -87,9 +87,10 @@ enum Command {
     },
     /// List the destructive transactions in the archived WAL, newest first: DROP, TRUNCATE (or
     /// a rewrite), DROP DATABASE, and DELETE or UPDATE of many rows of one table. Each comes
-    /// with the restore command that recovers the moment just before it. Tables are named from
-    /// the relation map of the newest backup before the event; relations created after it show
-    /// by file number.
+    /// with the restore command that recovers the moment just before it, and an extract command
+    /// for each table it destroyed rows of (a restore of just the database for DROP DATABASE).
+    /// Tables are named from the relation map of the newest backup before the event, and those
+    /// created after it from the pg_class rows the WAL carries.
     Find {
         /// Only events at or after this time ('YYYY-MM-DD HH:MM:SS[+TZ]', UTC without a zone)
         #[arg(long, value_name = "TIME")]

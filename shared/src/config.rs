@@ -108,6 +108,12 @@ pub struct Settings {
     /// `page_checksums` in the file (default true): whether backups from disk verify page
     /// checksums; `--no-page-checksums` turns it off for one command.
     pub page_checksums: bool,
+    /// The file's `max_rate`: what [`Settings::cap_writes`] applies when no flag says.
+    pub max_rate: Option<crate::repo::rate::Rate>,
+    /// The cap every store opened with these settings shares, once [`Settings::cap_writes`]
+    /// set it (backup, copy and the daemon do; push does not: archiving must keep up with
+    /// the WAL PostgreSQL writes).
+    pub rate_limit: Option<std::sync::Arc<crate::repo::rate::RateLimit>>,
 }
 
 /// The `[encryption]` table: where the key of an encrypted repository comes from. Never a
@@ -178,6 +184,8 @@ struct FileConfig {
     repo: Option<String>,
     compress_level: Option<i32>,
     retry_timeout: Option<String>,
+    /// The cap on what backup, copy and the daemon send (`--max-rate`).
+    max_rate: Option<String>,
     #[serde(default)]
     s3: S3Settings,
     #[serde(default)]
@@ -193,6 +201,8 @@ struct FileConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("max_rate: {0}")]
+    Rate(#[from] crate::repo::rate::RateParseError),
     #[error(
         "no repository configured: pass --repo URL, set WALVAULT_REPO, or put repo = \"file:///path\" in a TOML file named by --config or WALVAULT_CONFIG"
     )]
@@ -356,7 +366,10 @@ impl Settings {
                 "the [encryption] table",
             )?,
         };
+        let max_rate = file.max_rate.as_deref().map(str::parse).transpose()?;
         Ok(Settings {
+            max_rate,
+            rate_limit: None,
             repo: repo.parse()?,
             compress_level,
             retry_timeout,
@@ -378,7 +391,21 @@ impl Settings {
             azure: self.azure.clone(),
             gcs: self.gcs.clone(),
             key: self.key.clone(),
+            rate_limit: self.rate_limit.clone(),
         }
+    }
+
+    /// Cap what this process writes to `flag` (`--max-rate` or `WALVAULT_MAX_RATE`), else to
+    /// the file's `max_rate`, else leave it uncapped; one cap for every store opened from here on.
+    pub fn cap_writes(&mut self, flag: Option<crate::repo::rate::Rate>) {
+        self.rate_limit = flag
+            .or(self.max_rate)
+            .map(|r| std::sync::Arc::new(crate::repo::rate::RateLimit::new(r)));
+    }
+
+    /// What a capped process sent so far (`None` when uncapped).
+    pub fn sent(&self) -> Option<crate::repo::rate::Sent> {
+        self.rate_limit.as_ref().map(|r| r.sent())
     }
 
     /// The most a push or fetch may take in all: the retry budget, plus one request in flight

@@ -114,6 +114,12 @@ impl AgentCommand {
             .placeholder("%p")
     }
 
+    /// The same program with the same repository settings, running `subcommand`, without this
+    /// command's arguments.
+    pub fn sibling(&self, subcommand: &'static str) -> AgentCommand {
+        AgentCommand::new(self.program.clone(), subcommand, &self.repo)
+    }
+
     /// With `arg` appended.
     pub fn arg(mut self, arg: impl Into<OsString>) -> AgentCommand {
         self.args.push(Word::Quoted(arg.into()));

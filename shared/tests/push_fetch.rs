@@ -43,6 +43,8 @@ impl Env {
             key: None,
             key_from_env: false,
             page_checksums: true,
+            max_rate: None,
+            rate_limit: None,
         };
         Env { dir, settings }
     }

@@ -159,6 +159,7 @@ fn agent_command(bin: &Path) -> Command {
         "WALVAULT_CONFIG",
         "WALVAULT_COMPRESS_LEVEL",
         "WALVAULT_RETRY_TIMEOUT",
+        "WALVAULT_MAX_RATE",
         "WALVAULT_ENCRYPTION_KEY_FILE",
         "WALVAULT_ENCRYPTION_KEY_COMMAND",
     ] {

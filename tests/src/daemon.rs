@@ -297,6 +297,21 @@ pub fn spool_dir(data_dir: &Path) -> PathBuf {
     data_dir.join(SPOOL_DIR)
 }
 
+/// Make `cluster`'s archiver wait (up to 30 s per file) for the daemon's "archived" marker of a
+/// file before running push, and reload: the daemon, not push, uploads each file, so a test of
+/// the markers or of push answering from them does not depend on who wins the race to a
+/// `.ready` file. Call it once the daemon runs (without one, each file waits the 30 s out).
+pub fn archiver_waits_for_daemon(cluster: &Cluster, repo: &Repo) -> Result<()> {
+    let marker = spool_dir(&cluster.data_dir()).join("archived/%f");
+    let gated = format!(
+        "i=0; while [ ! -e '{}' ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; {}",
+        marker.display(),
+        agents().archive_command(repo, "")
+    );
+    cluster.set_conf(&[("archive_command", &gated)])?;
+    cluster.execute("SELECT pg_reload_conf()")
+}
+
 /// Names with an "archived" marker in the spool (`archived/<name>`; temporary files, which
 /// start with a dot, left out), sorted. Empty when there is no spool.
 pub fn archived_markers(data_dir: &Path) -> Result<Vec<String>> {

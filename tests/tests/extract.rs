@@ -38,8 +38,9 @@ struct Dropped {
     repo: Repo,
     source: Cluster,
     pg: &'static PgInstall,
-    /// `orders` and `customers` at [`TARGET`].
+    /// `orders`, `customers` and the partitioned `payments` at [`TARGET`].
     orders_at_target: String,
+    payments_at_target: String,
     customers_at_target: String,
     /// `customers` now, in the live database.
     customers_live: String,
@@ -72,6 +73,11 @@ fn make_dropped(major: u32) -> Result<Dropped> {
              amount numeric(10, 2) NOT NULL CHECK (amount >= 0),
              note text NOT NULL);
          CREATE INDEX orders_customer_idx ON orders (customer);
+         CREATE TABLE payments (id integer, paid_on date NOT NULL, amount numeric NOT NULL,
+             PRIMARY KEY (id, paid_on)) PARTITION BY RANGE (paid_on);
+         CREATE TABLE payments_2025 PARTITION OF payments FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+         CREATE TABLE payments_2026 PARTITION OF payments FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+         INSERT INTO payments SELECT g, date '2025-06-01' + g % 400, g / 3.0 FROM generate_series(1, 3000) g;
          INSERT INTO orders (customer, amount, note)
          SELECT g % 300 + 1, (g % 1000) / 10.0, rpad(md5(g::text), 200, 'x') FROM generate_series(1, 8000) g",
     )?;
@@ -106,12 +112,17 @@ fn make_dropped(major: u32) -> Result<Dropped> {
          DELETE FROM orders WHERE id % 11 = 0;
          INSERT INTO customers SELECT g, 'new customer ' || g FROM generate_series(301, 320) g",
     )?;
+    source.execute_in(SHOP, "UPDATE payments SET amount = amount * 2 WHERE id % 9 = 0")?;
     let orders_at_target = source.query_in(SHOP, &fingerprint("orders"))?;
+    let payments_at_target = source.query_in(SHOP, &fingerprint("payments"))?;
     let customers_at_target = source.query_in(SHOP, &fingerprint("customers"))?;
     source.execute(&format!("SELECT pg_create_restore_point('{TARGET}')"))?;
 
     // The accident, and the live database going on.
-    source.execute_in(SHOP, "DROP TABLE orders")?;
+    source.execute_in(
+        SHOP,
+        "DROP TABLE orders; DELETE FROM payments WHERE paid_on >= '2026-01-01'",
+    )?;
     source.execute_in(
         SHOP,
         "INSERT INTO customers SELECT g, 'after the drop ' || g FROM generate_series(321, 400) g;
@@ -127,6 +138,7 @@ fn make_dropped(major: u32) -> Result<Dropped> {
         source,
         pg,
         orders_at_target,
+        payments_at_target,
         customers_at_target,
         customers_live,
     })
@@ -208,6 +220,8 @@ fn to_file(major: u32) -> Result<()> {
             "orders",
             "--table",
             "public.customers",
+            "--table",
+            "payments",
             "--to",
             &dump.display().to_string(),
             "--json",
@@ -228,6 +242,11 @@ fn to_file(major: u32) -> Result<()> {
     assert_eq!(
         d.source.query_in(&db, &fingerprint("customers"))?,
         d.customers_at_target
+    );
+    // A partitioned table comes with its partitions, which hold its rows.
+    assert_eq!(
+        d.source.query_in(&db, &fingerprint("payments"))?,
+        d.payments_at_target
     );
     // Its index, constraints and identity came along.
     assert_eq!(
@@ -401,6 +420,26 @@ fn into_live(major: u32) -> Result<()> {
     assert_eq!(
         d.source.query_in(SHOP, "SELECT count(*)::text FROM pg_class")?,
         before
+    );
+
+    // A partitioned table, its partitions renamed after it.
+    let run = extract(d, scratch.path(), &["--table", "payments", "--into", &conninfo]).check()?;
+    let name = format!("payments_restored_{TARGET}");
+    assert!(
+        run.stdout
+            .contains(&format!("table public.payments_2026 -> public.{name}_2026")),
+        "{run}"
+    );
+    assert_eq!(
+        d.source.query_in(SHOP, &fingerprint(&name))?,
+        d.payments_at_target
+    );
+    assert_eq!(
+        d.source.query_in(
+            SHOP,
+            &format!("SELECT count(*)::text FROM pg_inherits WHERE inhparent = '{name}'::regclass")
+        )?,
+        "2"
     );
 
     // The default name says which moment the copy is of; --where keeps a subset of rows.

@@ -1,6 +1,9 @@
 //! `restore-agent find` against a real PostgreSQL: a mass DELETE, a TRUNCATE and a DROP TABLE,
 //! each found at its commit time with its table's name, and each printed restore command run
-//! as printed, recovering exactly the rows as they were just before the event.
+//! as printed, recovering exactly the rows as they were just before the event. Tables created
+//! after the backup, and dropped, are named from the `pg_class` rows the WAL carries (on the
+//! oldest and newest PostgreSQL of the matrix too, whose `pg_class` rows differ in layout), and
+//! every table gets its `extract` line.
 
 use std::time::Duration;
 
@@ -8,8 +11,11 @@ use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::Value;
 use walvault_testkit::agents::RESTORE_AGENT;
 use walvault_testkit::backup::take_backup;
-use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
+use walvault_testkit::fixtures::{
+    RECOVERY_TIMEOUT, archive_everything, archiving_cluster, archiving_cluster_on,
+};
 use walvault_testkit::host;
+use walvault_testkit::pg::PgInstall;
 use walvault_testkit::workload::{TableFingerprint, table_fingerprint};
 use walvault_testkit::{Cluster, Repo, agents};
 
@@ -75,6 +81,63 @@ fn event(cluster: &Cluster, sql: &str) -> Result<Event> {
     })
 }
 
+/// Tables created after the backup: `sales.orders_2026` in a schema created after it too, the
+/// first `pg_class` insert after a checkpoint, which carries the page's full image; the next ones
+/// carry only their rows.
+const CREATED: &[&str] = &["sales.orders_2026", "public.orders_late"];
+
+/// After the backup: the schema `sales`, then `CREATED` and `more` (tables in schemas created
+/// before the backup), each with an index and a TOAST table, filled, then dropped together.
+fn create_after_the_backup_and_drop(cluster: &Cluster, more: &[&str]) -> Result<Event> {
+    cluster.execute("CREATE SCHEMA sales; CHECKPOINT")?;
+    let tables: Vec<&str> = CREATED.iter().chain(more).copied().collect();
+    for t in &tables {
+        cluster.execute(&format!(
+            "CREATE TABLE {t} (id integer PRIMARY KEY, body text NOT NULL);
+             INSERT INTO {t} SELECT g, md5(g::text) FROM generate_series(1, 300) g"
+        ))?;
+    }
+    event(cluster, &format!("DROP TABLE {}", tables.join(", ")))
+}
+
+/// Find names the tables `created` dropped (`CREATED` and `more`), created after the backup,
+/// from the WAL, each once (its index and TOAST table folded into it), and prints an extract of
+/// each.
+fn check_created_after_the_backup(found: &Value, created: &Event, more: &[&str]) -> Result<()> {
+    let e = event_with_xid(found, created.xid)?;
+    let mut said = actions(e);
+    said.sort();
+    let tables: Vec<&str> = CREATED.iter().chain(more).copied().collect();
+    let mut want: Vec<(String, String, Option<u64>)> = tables
+        .iter()
+        .map(|t| ("drop".to_string(), t.to_string(), None))
+        .collect();
+    want.sort();
+    ensure!(
+        said == want,
+        "xid {}: {said:?}, want {want:?}\n{e:#}",
+        created.xid
+    );
+    ensure!(
+        e["actions"]
+            .as_array()
+            .context("actions")?
+            .iter()
+            .all(|a| a["named_from_wal"].is_string()),
+        "{e:#}"
+    );
+    let extracts = e["extract_commands"].as_array().context("extract_commands")?;
+    for t in tables {
+        ensure!(
+            extracts
+                .iter()
+                .any(|c| c.as_str().is_some_and(|c| c.contains(&format!("--table {t} ")))),
+            "an extract of {t}: {e:#}"
+        );
+    }
+    Ok(())
+}
+
 fn find(repo: &Repo, pgdata: &str, extra: &[&str]) -> Result<Value> {
     let mut args = vec!["find".to_string()];
     args.extend(repo.args());
@@ -131,7 +194,10 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
              INSERT INTO {t} SELECT g, md5(g::text) FROM generate_series(1, 3000) g"
         ))?;
     }
+    // A schema the backup's relation map knows, for a table created after it.
+    source.execute("CREATE SCHEMA billing")?;
     take_backup(&source, &repo)?;
+    let created = create_after_the_backup_and_drop(&source, &["billing.invoices"])?;
 
     let delete = event(&source, "DELETE FROM victim_delete WHERE id <= 2500")?;
     source.execute("INSERT INTO victim_drop SELECT g, 'late' FROM generate_series(3001, 3100) g")?;
@@ -160,6 +226,7 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
         (&truncate, ("truncate_or_rewrite", "public.victim_truncate", None)),
         (&dropped, ("drop", "public.victim_drop", None)),
     ];
+    check_created_after_the_backup(&found, &created, &["billing.invoices"])?;
     for (ev, (kind, object, rows)) in &expectations {
         let e = event_with_xid(&found, ev.xid)?;
         let said = actions(e);
@@ -178,6 +245,21 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
         );
         ensure!(e["restorable"] == true, "{e:#}");
         ensure!(e["database"] == "postgres", "{e:#}");
+        let extract = format!(
+            " --database postgres --table {object} --target-xid {} --target-exclusive --to {object}.dump",
+            ev.xid
+        );
+        ensure!(
+            e["extract_commands"]
+                .as_array()
+                .context("extract_commands")?
+                .iter()
+                .any(|c| c
+                    .as_str()
+                    .is_some_and(|c| c.ends_with(&extract) && c.contains(" extract --repo "))),
+            "xid {}: an extract of {object} ending {extract:?}: {e:#}",
+            ev.xid
+        );
     }
     let truncate_notes = event_with_xid(&found, truncate.xid)?["notes"].to_string();
     ensure!(
@@ -199,9 +281,26 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
             "--pgdata NEW_PGDATA --target-xid {} --target-exclusive",
             dropped.xid
         ),
+        "DROP table sales.orders_2026".into(),
+        "DROP table public.orders_late".into(),
+        "named from the pg_class rows the WAL carries (created after backup".into(),
     ] {
         ensure!(human.contains(&line), "find's output must say {line:?}:\n{human}");
     }
+    let (head, tail) = (
+        format!(
+            "    extract just before it:  {} extract --repo ",
+            agents().restore_agent().display()
+        ),
+        format!(
+            " --database postgres --table sales.orders_2026 --target-xid {} --target-exclusive --to sales.orders_2026.dump",
+            created.xid
+        ),
+    );
+    ensure!(
+        human.lines().any(|l| l.starts_with(&head) && l.ends_with(&tail)),
+        "find's output must have a line {head:?}...{tail:?}:\n{human}"
+    );
 
     // Filters.
     let only = xids(&find(&repo, "X", &["--table", "victim_truncate"])?);
@@ -258,5 +357,149 @@ fn find_names_a_mass_delete_a_truncate_and_a_drop_and_its_commands_restore_the_m
         );
         restored.stop()?;
     }
+    Ok(())
+}
+
+/// Tables created after the backup and dropped are named on the oldest and the newest
+/// PostgreSQL of the matrix (18 moved `relkind` with `relallfrozen`).
+#[test]
+fn find_names_tables_created_after_the_backup_on_pg13_and_pg18() -> Result<()> {
+    for major in [13, 18] {
+        let pg = PgInstall::of_major(major)?;
+        let repo = Repo::new()?;
+        let mut source = archiving_cluster_on(pg, &format!("find-created-{major}"), &repo, "")?;
+        take_backup(&source, &repo)?;
+        let created = create_after_the_backup_and_drop(&source, &[])?;
+        archive_everything(&source)?;
+        source.stop()?;
+        let found = find(&repo, "X", &[])?;
+        check_created_after_the_backup(&found, &created, &[])
+            .with_context(|| format!("PostgreSQL {major}"))?;
+    }
+    Ok(())
+}
+
+/// With `wal_compression` on, the `pg_class` row in the page's full image (the first insert
+/// after a checkpoint) is read through each method's decompression.
+#[test]
+fn find_names_tables_whose_pg_class_rows_are_in_compressed_images() -> Result<()> {
+    for method in ["pglz", "lz4", "zstd"] {
+        let repo = Repo::new()?;
+        let mut source = archiving_cluster(&format!("find-compressed-{method}"), &repo, "")?;
+        source.execute(&format!("ALTER SYSTEM SET wal_compression = '{method}'"))?;
+        source.execute("SELECT pg_reload_conf()")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while source.query_one_string("SHOW wal_compression")? != method {
+            ensure!(std::time::Instant::now() < deadline, "wal_compression stays off");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        take_backup(&source, &repo)?;
+        let created = create_after_the_backup_and_drop(&source, &[])?;
+        archive_everything(&source)?;
+        source.stop()?;
+        let found = find(&repo, "X", &[])?;
+        check_created_after_the_backup(&found, &created, &[])
+            .with_context(|| format!("wal_compression = {method}"))?;
+    }
+    Ok(())
+}
+
+/// The single text value `sql` returns in database `db` of `cluster`.
+fn query_in(cluster: &Cluster, db: &str, sql: &str) -> Result<String> {
+    let mut client = postgres::Config::new()
+        .host("127.0.0.1")
+        .port(cluster.port())
+        .user("postgres")
+        .dbname(db)
+        .connect_timeout(Duration::from_secs(10))
+        .connect(postgres::NoTls)
+        .with_context(|| format!("connecting to database {db}"))?;
+    let row = client
+        .query_one(sql, &[])
+        .with_context(|| format!("in {db}: {sql}"))?;
+    Ok(row.get(0))
+}
+
+/// A `DROP DATABASE` comes with a restore of just that database, which, run as printed, brings
+/// the database back with its rows as they were just before the drop: on PostgreSQL 15, and on
+/// 13 and 18, whose `pg_database` rows differ in layout.
+#[test]
+fn a_dropped_database_gets_a_restore_of_its_own_that_brings_it_back() -> Result<()> {
+    for major in [15, 13, 18] {
+        drop_database_and_restore_it(PgInstall::of_major(major)?)
+            .with_context(|| format!("PostgreSQL {major}"))?;
+    }
+    Ok(())
+}
+
+fn drop_database_and_restore_it(pg: &'static PgInstall) -> Result<()> {
+    const ROWS: &str =
+        "SELECT count(*)::text || ' ' || md5(string_agg(id::text || body, ',' ORDER BY id)) FROM orders";
+    let repo = Repo::new()?;
+    let mut source = archiving_cluster_on(pg, &format!("find-dropdb-{}", pg.major()), &repo, "")?;
+    source.execute("CREATE DATABASE shop")?;
+    let fill = "CREATE TABLE orders (id integer PRIMARY KEY, body text NOT NULL);
+                INSERT INTO orders SELECT g, md5(g::text) FROM generate_series(1, 1000) g";
+    postgres::Config::new()
+        .host("127.0.0.1")
+        .port(source.port())
+        .user("postgres")
+        .dbname("shop")
+        .connect(postgres::NoTls)?
+        .batch_execute(fill)?;
+    take_backup(&source, &repo)?;
+    let mut shop = postgres::Config::new()
+        .host("127.0.0.1")
+        .port(source.port())
+        .user("postgres")
+        .dbname("shop")
+        .connect(postgres::NoTls)?;
+    shop.batch_execute("INSERT INTO orders SELECT g, 'after the backup' FROM generate_series(1001, 1100) g")?;
+    drop(shop);
+    let before = query_in(&source, "shop", ROWS)?;
+    source.execute("DROP DATABASE shop")?;
+    archive_everything(&source)?;
+    source.stop()?;
+
+    let mut restored = Cluster::uninitialized_on(&format!("find-dropdb-restored-{}", pg.major()), pg)?;
+    let pgdata = restored.data_dir();
+    let found = find(&repo, pgdata.to_str().context("utf-8")?, &[])?;
+    let e = found["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .find(|e| {
+            actions(e)
+                .iter()
+                .any(|(k, o, _)| k == "drop_database" && o == "shop")
+        })
+        .ok_or_else(|| anyhow!("find lists no DROP DATABASE shop: {found:#}"))?;
+    let command = e["extract_commands"][0]
+        .as_str()
+        .context("a restore of just shop")?
+        .to_string();
+    // DROP DATABASE marks the database invalid and removes its files before it commits:
+    // the restore stops before that began, not at the transaction.
+    ensure!(
+        command.contains(" restore --repo ")
+            && command.contains(" --database shop --target-lsn ")
+            && command.ends_with(" --target-exclusive"),
+        "{command}"
+    );
+    let mut sh = host::pg_user_command("sh");
+    sh.args(["-c", &command]);
+    host::run(&mut sh, Duration::from_secs(300))?
+        .check()
+        .with_context(|| format!("the printed command: {command}"))?;
+    restored.set_conf(&[("archive_mode", "off")])?;
+    restored
+        .start_and_wait_recovery_end(RECOVERY_TIMEOUT)
+        .with_context(|| format!("recovery after {command}"))?;
+    let got = query_in(&restored, "shop", ROWS).with_context(|| format!("after `{command}`: {e:#}"))?;
+    ensure!(
+        got == before,
+        "after `{command}` shop holds {got}, it held {before} before the drop"
+    );
+    restored.stop()?;
     Ok(())
 }

@@ -57,6 +57,13 @@ impl Relation {
     }
 }
 
+/// One schema (`pg_namespace` row).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schema {
+    pub oid: u32,
+    pub name: String,
+}
+
 /// One database.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Database {
@@ -64,6 +71,10 @@ pub struct Database {
     pub name: String,
     #[serde(default)]
     pub relations: Vec<Relation>,
+    /// Its schemas, so that a relation created after the backup in one of them (named from the
+    /// WAL, which gives the schema's OID) gets its schema's name. Absent in maps written before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schemas: Vec<Schema>,
     /// Why the relations could not be read (no connection allowed, refused by pg_hba.conf...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -98,6 +109,12 @@ impl RelationMap {
             .relations
             .iter()
             .find(|r| r.filenode == loc.rel)
+    }
+
+    /// The name of schema `oid` in database `db`.
+    pub fn schema_name(&self, db: u32, oid: u32) -> Option<&str> {
+        let d = self.database(db)?;
+        d.schemas.iter().find(|s| s.oid == oid).map(|s| s.name.as_str())
     }
 
     pub fn relation_by_oid(&self, db: u32, oid: u32) -> Option<&Relation> {
@@ -230,13 +247,14 @@ pub async fn read_from_server(
             oid: oid as u32,
             name: name.clone(),
             relations: Vec::new(),
+            schemas: Vec::new(),
             error: None,
         };
         match (&base, allowed) {
             (_, false) => db.error = Some("the database does not allow connections".into()),
             (None, true) => db.error = Some("the connection string could not be parsed".into()),
             (Some(base), true) => match relations_of(base, &name).await {
-                Ok(r) => db.relations = r,
+                Ok((relations, schemas)) => (db.relations, db.schemas) = (relations, schemas),
                 Err(e) => {
                     let message = e.as_db_error().map_or(e.to_string(), |d| d.message().to_string());
                     tracing::warn!(database = %name, "relation map: {message}");
@@ -254,18 +272,25 @@ pub async fn read_from_server(
     })
 }
 
+/// Database `dbname`'s relations and schemas.
 async fn relations_of(
     base: &tokio_postgres::Config,
     dbname: &str,
-) -> Result<Vec<Relation>, tokio_postgres::Error> {
+) -> Result<(Vec<Relation>, Vec<Schema>), tokio_postgres::Error> {
     let mut config = base.clone();
     config.dbname(dbname);
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     let task = tokio::spawn(connection);
     let rows = client.query(RELATIONS_SQL, &[]).await;
+    let schemas = client
+        .query(
+            "SELECT oid::int8, nspname::text FROM pg_namespace ORDER BY oid",
+            &[],
+        )
+        .await;
     drop(client);
     let _ = task.await;
-    Ok(rows?
+    let relations = rows?
         .into_iter()
         .map(|r| Relation {
             oid: r.get::<_, i64>(0) as u32,
@@ -275,7 +300,15 @@ async fn relations_of(
             name: r.get(4),
             owner: r.get::<_, i64>(5) as u32,
         })
-        .collect())
+        .collect();
+    let schemas = schemas?
+        .into_iter()
+        .map(|r| Schema {
+            oid: r.get::<_, i64>(0) as u32,
+            name: r.get(1),
+        })
+        .collect();
+    Ok((relations, schemas))
 }
 
 #[cfg(test)]
@@ -319,6 +352,7 @@ pub(crate) mod tests {
                     rel(102, 202, "t", "pg_toast_100", 100),
                     rel(103, 203, "i", "pg_toast_100_index", 102),
                 ],
+                schemas: vec![],
                 error: None,
             }],
         }

@@ -48,6 +48,10 @@ pub struct BackupArgs {
     /// damaged page (database, relation, fork, block), records it in the manifest and exits 3
     #[arg(long)]
     pub no_page_checksums: bool,
+    /// The most this backup sends per second to the repository, over all its parallel uploads
+    /// (like 20MiB, 500KiB, 10MB) [default: the file's max_rate, else no cap]
+    #[arg(long, env = "WALVAULT_MAX_RATE", value_name = "RATE")]
+    pub max_rate: Option<crate::repo::rate::Rate>,
     /// Print the manifest summary as JSON
     #[arg(long)]
     pub json: bool,

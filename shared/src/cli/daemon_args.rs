@@ -32,6 +32,11 @@ pub struct DaemonArgs {
     /// pg_wal/archive_status: no access to the data directory is needed
     #[arg(long, requires = "pg_url")]
     pub stream: bool,
+    /// The most the daemon sends per second to the repository, over all its uploads and
+    /// scheduled backups (like 20MiB); PostgreSQL's own archive_command (push) is never capped
+    /// [default: the file's max_rate, else no cap]
+    #[arg(long, env = "WALVAULT_MAX_RATE", value_name = "RATE")]
+    pub max_rate: Option<crate::repo::rate::Rate>,
     /// With --stream: store the segment being received at most this often while WAL flows
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     pub stream_flush: String,

@@ -363,16 +363,21 @@ fn check_repo_cluster(sysid: u64, repo: &crate::repo::Writer) -> Result<(), Back
     Ok(())
 }
 
-/// The backup taken: its id as text, its summary as JSON.
+/// The backup taken: its id as text, its summary as JSON; with `--max-rate`, also what was
+/// sent and at what rate.
 #[derive(Debug, Clone, serde::Serialize)]
-#[serde(transparent)]
-pub struct Taken(pub crate::catalog::BackupInfo);
+pub struct Taken {
+    #[serde(flatten)]
+    pub info: crate::catalog::BackupInfo,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent: Option<crate::repo::rate::Sent>,
+}
 
 impl Taken {
     /// `archive-agent backup`'s exit status: [`crate::exit::BACKUP_DAMAGED_PAGES`] when the
     /// backup found damaged pages.
     pub fn exit_code(&self) -> u8 {
-        match self.0.bad_pages {
+        match self.info.bad_pages {
             Some(n) if n > 0 => crate::exit::BACKUP_DAMAGED_PAGES,
             _ => crate::exit::SUCCESS,
         }
@@ -381,7 +386,7 @@ impl Taken {
 
 impl crate::report::Report for Taken {
     fn render(&self) -> String {
-        self.0.id.clone()
+        self.info.id.clone()
     }
 }
 
@@ -407,8 +412,22 @@ pub async fn take_and_log(
         m.stop_wal,
         started.elapsed().as_secs_f64()
     );
+    let sent = settings.sent();
+    if let Some(s) = &sent {
+        tracing::info!(
+            "backup {}: {} bytes sent in {:.1}s, {:.0} bytes/s (cap {} bytes/s)",
+            m.id,
+            s.bytes_sent,
+            s.seconds,
+            s.effective_rate,
+            s.max_rate
+        );
+    }
     log_page_checks(&m);
-    Ok(Taken(crate::catalog::BackupInfo::from(&m)))
+    Ok(Taken {
+        info: crate::catalog::BackupInfo::from(&m),
+        sent,
+    })
 }
 
 /// What the page check of backup `m` found, in one line.

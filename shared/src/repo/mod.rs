@@ -16,6 +16,7 @@ pub mod keys;
 pub mod layout;
 pub mod locks;
 pub mod object;
+pub mod rate;
 pub mod reads;
 pub mod repository;
 pub mod settings;

@@ -28,6 +28,9 @@ use super::settings::{AzureSettings, GcsSettings, S3Settings, Secret};
 use super::url::{RepoLocation, RepoUrl};
 use crate::retry::{RetryPolicy, Retryable};
 
+mod staged;
+pub use staged::Staged;
+
 /// Longest wait for a TCP (and TLS) connection to the object store.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a single request may take, body included. The largest object a push or fetch moves
@@ -53,6 +56,9 @@ pub struct StoreOptions {
     /// Where an encrypted repository's key comes from. Read by [`super::Repository`] only,
     /// never by the store.
     pub key: Option<super::keys::KeySource>,
+    /// The cap on what this process writes (`--max-rate`), shared by every store opened with
+    /// these options.
+    pub rate_limit: Option<Arc<super::rate::RateLimit>>,
 }
 
 /// A storage failure, classified.
@@ -193,23 +199,8 @@ pub struct Store {
     local_root: Option<std::path::PathBuf>,
     /// Where this handle's requests are recorded ([`Store::recording`]).
     reads: Option<ReadStats>,
-}
-
-/// An object being written to a local repository: a staging file beside its final name
-/// (`<name>#<digits>`, which listings skip), published with `link(2)` by
-/// [`WritableStore::publish_new`] or removed when dropped.
-#[derive(Debug)]
-pub struct Staged {
-    pub file: Option<std::fs::File>,
-    path: std::path::PathBuf,
-    dest: std::path::PathBuf,
-    key: String,
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
+    /// The process's cap on writes, if any.
+    rate: Option<Arc<super::rate::RateLimit>>,
 }
 
 /// The repository's object store, for archive-agent: a [`Store`] that can also write.
@@ -443,6 +434,7 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
         retry,
         local_root,
         reads: None,
+        rate: options.rate_limit.clone(),
     })
 }
 
@@ -512,6 +504,7 @@ impl Store {
             retry,
             local_root: None,
             reads: None,
+            rate: None,
         }
     }
 
@@ -776,10 +769,18 @@ impl WritableStore {
             .await
     }
 
+    /// Wait until the process's cap lets `bytes` more be sent.
+    async fn throttle(&self, bytes: usize) {
+        if let Some(rate) = &self.rate {
+            rate.acquire(bytes as u64).await;
+        }
+    }
+
     async fn put_once(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         if self.uses_parts(bytes.len()) {
             return self.put_in_parts(key, bytes).await;
         }
+        self.throttle(bytes.len()).await;
         self.inner
             .put(&self.path(key), PutPayload::from(bytes))
             .await
@@ -798,6 +799,7 @@ impl WritableStore {
         let mut at = 0;
         while at < bytes.len() {
             let end = (at + PART_SIZE).min(bytes.len());
+            self.throttle(end - at).await;
             if let Err(e) = upload.put_part(PutPayload::from(bytes.slice(at..end))).await {
                 let _ = upload.abort().await;
                 return Err(self.error("write", key, e));
@@ -880,6 +882,7 @@ impl WritableStore {
                 .await
                 .map(|()| (PutNew::Created, None));
         }
+        self.throttle(payload.content_length()).await;
         let path = self.path(key);
         let opts = PutOptions {
             mode: PutMode::Create,
@@ -932,68 +935,6 @@ impl WritableStore {
         let honoured = result?;
         cleanup?;
         Ok(honoured)
-    }
-
-    /// A staging file for `key` in a local repository (`None` for object stores): the object
-    /// is written into it by the caller and published with [`WritableStore::publish_new`].
-    pub fn stage(&self, key: &str) -> Result<Option<Staged>, StoreError> {
-        let Some(root) = &self.local_root else {
-            return Ok(None);
-        };
-        let dest = key.split('/').fold(root.clone(), |p, part| p.join(part));
-        let fail = |e: std::io::Error| self.error_io("write", key, e);
-        for n in 1u32.. {
-            let mut path = dest.clone().into_os_string();
-            path.push(format!("#{}{n}", std::process::id()));
-            let path = std::path::PathBuf::from(path);
-            match std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(file) => {
-                    return Ok(Some(Staged {
-                        file: Some(file),
-                        path,
-                        dest,
-                        key: key.to_string(),
-                    }));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    let parent = dest.parent().expect("a key names a file under the root");
-                    std::fs::create_dir_all(parent).map_err(fail)?;
-                    crate::local::crashsafe::sync_dir(parent.parent().unwrap_or(root)).map_err(fail)?;
-                }
-                Err(e) => return Err(fail(e)),
-            }
-        }
-        unreachable!("some staging name is free")
-    }
-
-    /// Publish a staged object under its key only if none exists there: the file is synced,
-    /// hard-linked to its name (which fails if the name exists: atomic and exclusive), and the
-    /// directory synced, so the object is durable when this returns.
-    pub async fn publish_new(&self, mut staged: Staged) -> Result<PutNew, StoreError> {
-        let key = staged.key.clone();
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let fail = |e: std::io::Error| this.error_io("write", &staged.key, e);
-            if let Some(file) = staged.file.take() {
-                file.sync_all().map_err(fail)?;
-            }
-            match std::fs::hard_link(&staged.path, &staged.dest) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(PutNew::AlreadyExists),
-                Err(e) => return Err(fail(e)),
-            }
-            let parent = staged.dest.parent().expect("a key names a file under the root");
-            crate::local::crashsafe::sync_dir(parent).map_err(fail)?;
-            Ok(PutNew::Created)
-        })
-        .await
-        .map_err(|e| self.error_io("write", &key, std::io::Error::other(e)))?
     }
 }
 

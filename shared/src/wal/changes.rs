@@ -25,6 +25,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::catalog_rows;
 use super::decode::{RM_XACT_ID, RelFileLocator, WalRecord};
 use super::lsn::Lsn;
 use super::pgtime::PgTime;
@@ -46,6 +47,7 @@ const XLOG_HEAP_DELETE: u8 = 0x10;
 const XLOG_HEAP_UPDATE: u8 = 0x20;
 const XLOG_HEAP_TRUNCATE: u8 = 0x30;
 const XLOG_HEAP_HOT_UPDATE: u8 = 0x40;
+const XLOG_HEAP_INPLACE: u8 = 0x70;
 
 const XLOG_XACT_OPMASK: u8 = 0x70;
 const XLOG_XACT_COMMIT: u8 = 0x00;
@@ -106,6 +108,12 @@ pub struct ChangeEvent {
     /// The database OID a `DROP DATABASE` removed.
     #[serde(default)]
     pub dropped_database: Option<u32>,
+    /// For a `DROP DATABASE`: the first record that destroys the database whether the
+    /// transaction commits or not: the in-place update of its `pg_database` row marking it
+    /// invalid (PostgreSQL 13.12, 14.9, 15.4, 16 and later), else the `XLOG_DBASE_DROP` record
+    /// that removes its files. Recovery that is to keep the database stops before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_from: Option<Lsn>,
     /// Rows deleted or updated per relation: every relation the transaction changed when it
     /// unlinked files (catalogs included, which tells a drop from a rewrite), else those that
     /// lost at least [`ROW_FLOOR`] rows.
@@ -122,7 +130,17 @@ struct OpenXact {
     truncated: Vec<(u32, u32)>,
     #[serde(default)]
     dropped_database: Option<u32>,
+    /// See [`ChangeEvent::drop_from`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    drop_from: Option<Lsn>,
+    /// Only in the entry of transaction id 0 (never a transaction's): the latest in-place updates
+    /// of `pg_database` rows, (database, record), which carry no transaction id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    invalidated: Vec<(u32, Lsn)>,
 }
+
+/// In-place updates of `pg_database` remembered (see [`OpenXact::invalidated`]).
+const MAX_INVALIDATED: usize = 16;
 
 impl OpenXact {
     fn weight(&self) -> u64 {
@@ -177,6 +195,7 @@ impl OpenXact {
             self.note_truncated(t);
         }
         self.dropped_database = self.dropped_database.or(other.dropped_database);
+        self.drop_from = self.drop_from.or(other.drop_from);
     }
 }
 
@@ -196,6 +215,7 @@ impl From<Vec<OpenXact>> for ChangeTracker {
             .map(|mut x| {
                 x.rows.truncate(MAX_RELS);
                 x.truncated.truncate(MAX_LISTED);
+                x.invalidated.truncate(MAX_INVALIDATED);
                 (x.xid, x)
             })
             .collect();
@@ -305,6 +325,16 @@ impl ChangeTracker {
     /// data comes back as an event.
     pub fn record(&mut self, rec: &WalRecord, pg_version: u32) -> Option<ChangeEvent> {
         match rec.rmid {
+            RM_HEAP_ID if rec.info & XLOG_HEAP_OPMASK == XLOG_HEAP_INPLACE => {
+                let db = catalog_rows::invalidated_database(rec, pg_version)?;
+                let list = &mut self.entry(0)?.invalidated;
+                list.retain(|(d, _)| *d != db);
+                if list.len() >= MAX_INVALIDATED {
+                    list.remove(0);
+                }
+                list.push((db, rec.lsn));
+                None
+            }
             RM_HEAP_ID if rec.xid != 0 => {
                 let op = rec.info & XLOG_HEAP_OPMASK;
                 let (deleted, updated) = match op {
@@ -332,7 +362,14 @@ impl ChangeTracker {
             RM_DBASE_ID if rec.xid != 0 && rec.info & 0xF0 == dbase_drop_info(pg_version) => {
                 // xl_dbase_drop_rec { Oid db_id; ... }
                 let db = le_u32(&rec.main, 0)?;
-                self.entry(rec.xid)?.dropped_database = Some(db);
+                let invalidated = self
+                    .open
+                    .get(&0)
+                    .and_then(|z| z.invalidated.iter().find(|(d, _)| *d == db))
+                    .map(|&(_, lsn)| lsn);
+                let x = self.entry(rec.xid)?;
+                x.dropped_database = Some(db);
+                x.drop_from = x.drop_from.or(invalidated).or(Some(rec.lsn));
                 None
             }
             RM_XACT_ID => self.xact(rec),
@@ -373,6 +410,7 @@ impl ChangeTracker {
                     unlinked_cut: d.cut,
                     truncated: x.truncated,
                     dropped_database: x.dropped_database,
+                    drop_from: x.drop_from,
                     rows,
                 })
             }
@@ -426,6 +464,7 @@ mod tests {
             total_len: 0,
             kind,
             block_rel,
+            block: None,
             main_len: main.len() as u32,
             main,
         }
@@ -566,6 +605,54 @@ mod tests {
             t.record(&rec(RM_XACT_ID, 0x80, 32, None, commit_main(5, &[], &[])), 15),
             None
         );
+    }
+
+    #[test]
+    fn a_dropped_database_is_gone_from_its_in_place_invalidation_on() {
+        use crate::wal::record::{BlockPayload, FirstBlock};
+        // XLOG_HEAP_INPLACE of pg_database's row of database 16500 (no transaction id), then
+        // DROP DATABASE's records in transaction 31; its drop record is at 3100.
+        let mut inplace = rec(RM_HEAP_ID, XLOG_HEAP_INPLACE, 0, None, vec![1, 0]);
+        inplace.lsn = Lsn(0x2000);
+        inplace.block_rel = Some(RelFileLocator {
+            spc: 1664,
+            db: 0,
+            rel: catalog_rows::PG_DATABASE,
+        });
+        let mut row = 16500u32.to_le_bytes().to_vec();
+        row.extend_from_slice(&[0; 100]);
+        row[80..84].copy_from_slice(&(-2i32).to_le_bytes()); // datconnlimit: invalid
+        inplace.block = Some(BlockPayload {
+            header: FirstBlock {
+                off: 0,
+                fork: 0,
+                data_len: row.len() as u16,
+                image_len: 0,
+                hole_offset: 0,
+                hole_length: 0,
+                image_info: 0,
+                compressed: false,
+            },
+            bytes: row,
+        });
+        let mut t = ChangeTracker::default();
+        assert_eq!(t.record(&inplace, 16), None);
+        let back: ChangeTracker = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        let mut t = back; // carried into the next segment
+        for (db, xid) in [(16500u32, 31), (16600, 32)] {
+            t.record(&rec(RM_DBASE_ID, 0x20, xid, None, db.to_le_bytes().to_vec()), 16);
+            let e = t
+                .record(&rec(RM_XACT_ID, 0x80, xid, None, commit_main(4, &[], &[])), 16)
+                .unwrap();
+            assert_eq!(e.dropped_database, Some(db));
+            // 16600 was not marked invalid first (an older minor release): its drop record.
+            let want = if db == 16500 {
+                Lsn(0x2000)
+            } else {
+                Lsn(u64::from(xid) * 100)
+            };
+            assert_eq!(e.drop_from, Some(want), "database {db}");
+        }
     }
 
     #[test]

@@ -28,8 +28,8 @@ use super::lsn::Lsn;
 use super::page::{LONG_HEADER_LEN, XLP_LONG_HEADER};
 pub use super::pgtime::PgTime;
 use super::record::{
-    Layout, XLOG_XACT_COMMIT, XLOG_XACT_COMMIT_PREPARED, XLOG_XACT_OPMASK, classify, parse_layout, u16_at,
-    u32_at, u64_at,
+    BlockPayload, Layout, XLOG_XACT_COMMIT, XLOG_XACT_COMMIT_PREPARED, XLOG_XACT_OPMASK, block_cap, classify,
+    keeps_first_block, parse_layout, u16_at, u32_at, u64_at,
 };
 pub use super::record::{RM_XACT_ID, RM_XLOG_ID, RecordKind, RelFileLocator, WalRecord};
 use super::version::{self, WalFormat};
@@ -59,7 +59,7 @@ pub const MAIN_CAP: usize = 72;
 /// relation files it drops, for up to thousands of each (`xl_xact_parsed_commit`).
 pub const XACT_MAIN_CAP: usize = 32 * 1024;
 
-/// Largest JSON a [`DecoderState`] serializes to (46,868 bytes), for any state
+/// Largest JSON a [`DecoderState`] serializes to (47,017 bytes), for any state
 /// [`WalDecoder::resume`] accepts: the widest phase (a record in progress) with every number at
 /// its widest (`u64::MAX` has 20 digits, `u32::MAX` 10, an LSN `FFFFFFFF/FFFFFFFF`), plus its
 /// three byte fields as base64 (4 characters per 3 bytes, padded), each at its cap: the 24-byte
@@ -79,7 +79,10 @@ const STATE_JSON_SKELETON: &str = concat!(
     r#"{"segment_size":4294967295,"block_size":4294967295,"pos":"FFFFFFFF/FFFFFFFF","#,
     r#""phase":{"Record":{"lsn":18446744073709551615,"tot_len":4294967295,"got":4294967295,"#,
     r#""header":"","crc":4294967295,"head":"","#,
-    r#""layout":{"main_off":4294967295,"main_len":4294967295,"rel":[4294967295,4294967295,4294967295]},"#,
+    r#""layout":{"main_off":4294967295,"main_len":4294967295,"rel":[4294967295,4294967295,4294967295],"#,
+    r#""first":{"off":4294967295,"fork":255,"data_len":65535,"image_len":65535,"hole_offset":65535,"#,
+    r#""hole_length":65535,"#,
+    r#""image_info":255,"compressed":false}},"#,
     r#""main":""}},"magic":65535,"system_identifier":18446744073709551615,"timeline":4294967295,"#,
     r#""prev":"FFFFFFFF/FFFFFFFF"}"#,
 );
@@ -192,6 +195,10 @@ struct Partial {
     /// The first [`main_cap`] bytes of the main data.
     #[serde(with = "byte_field")]
     main: Vec<u8>,
+    /// The first block's image and data, for the catalog inserts [`super::catalog_rows`] reads
+    /// (at most [`super::record::BLOCK_CAP`] bytes, and never with a commit's main data).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "byte_field")]
+    block: Vec<u8>,
 }
 
 /// The stored form of a [`Partial`]'s bytes: written as base64 text (standard alphabet, padded),
@@ -376,6 +383,8 @@ impl DecoderState {
                     && p.lsn.checked_add(u64::from(p.got)).is_some_and(|e| e <= pos)
                     && p.head.len() <= HEAD_CAP
                     && p.main.len() <= main_cap(&p.header)
+                    && p.block.len() <= block_cap(p.header[17], p.header[16])
+                    && (p.block.is_empty() || p.layout.is_some())
                     && p.layout.is_none_or(|l| {
                         p.head.is_empty()
                             && u64::from(l.main_off) + u64::from(l.main_len) == u64::from(p.body_len())
@@ -676,6 +685,7 @@ impl WalDecoder {
             head: Vec::new(),
             layout: None,
             main: Vec::new(),
+            block: Vec::new(),
         }));
         Ok(Step::Consumed(0))
     }
@@ -848,7 +858,7 @@ impl WalDecoder {
                     .map_err(malformed)?
                     .ok_or(malformed("record data shorter than its block headers"))?,
             );
-            capture_main(&mut p, &head, 0);
+            capture(&mut p, &head, 0);
         }
         let computed = !crc32c::update(p.crc, &p.header[..CRC_OFFSET]);
         let stored = u32_at(&p.header, CRC_OFFSET);
@@ -867,6 +877,7 @@ impl WalDecoder {
         );
         let kind = classify(rmid, info, &p.main).map_err(|reason| DecodeError::Malformed { lsn, reason })?;
         let layout = p.layout.expect("layout parsed above");
+        let block = first_block(&mut p, &layout);
         let aligned = align_up(self.state.pos.0, ALIGN);
         let end = match kind {
             // Like xlogreader: the switch record "extends" to the end of its segment.
@@ -885,6 +896,7 @@ impl WalDecoder {
             total_len: p.tot_len,
             kind,
             block_rel: layout.rel.map(|[spc, db, rel]| RelFileLocator { spc, db, rel }),
+            block,
             main: p.main,
             main_len: layout.main_len,
         })
@@ -896,7 +908,7 @@ fn absorb_body(p: &mut Partial, chunk: &[u8], image_bits: u8) -> Result<(), Deco
     p.crc = crc32c::update(p.crc, chunk);
     let off = p.body_got();
     if p.layout.is_some() {
-        capture_main(p, chunk, off);
+        capture(p, chunk, off);
         return Ok(());
     }
     let take = (HEAD_CAP - p.head.len()).min(chunk.len());
@@ -912,24 +924,44 @@ fn absorb_body(p: &mut Partial, chunk: &[u8], image_bits: u8) -> Result<(), Deco
             .map_err(malformed)?
             .ok_or(malformed("block headers longer than any PostgreSQL writes"))?;
         p.layout = Some(layout);
-        capture_main(p, &head, 0);
-        capture_main(p, &chunk[take..], off + take as u32);
+        capture(p, &head, 0);
+        capture(p, &chunk[take..], off + take as u32);
     }
     Ok(())
 }
 
-/// Keep the part of `chunk` (body bytes from offset `off`) that falls in the first
-/// [`main_cap`] bytes of the main data.
-fn capture_main(p: &mut Partial, chunk: &[u8], off: u32) {
+/// Keep the parts of `chunk` (body bytes from offset `off`) that fall in the first
+/// [`main_cap`] bytes of the main data, or in the first block a catalog insert keeps.
+fn capture(p: &mut Partial, chunk: &[u8], off: u32) {
     let Some(layout) = p.layout else { return };
     let start = u64::from(layout.main_off);
     let end = start + u64::from(layout.main_len).min(main_cap(&p.header) as u64);
-    let (c_start, c_end) = (u64::from(off), u64::from(off) + chunk.len() as u64);
-    let (s, e) = (start.max(c_start), end.min(c_end));
-    if s < e {
-        p.main
-            .extend_from_slice(&chunk[(s - c_start) as usize..(e - c_start) as usize]);
+    keep(&mut p.main, start..end, chunk, off);
+    if let Some(range) = keeps_first_block(p.header[17], p.header[16], &layout, super::catalog_rows::keeps) {
+        // Never past the range's length, whatever a resumed state held already.
+        let len = (range.end - range.start) as usize;
+        keep(&mut p.block, range, chunk, off);
+        p.block.truncate(len);
     }
+}
+
+/// Append to `kept` the bytes of `chunk` (body bytes from offset `off`) within `range`.
+fn keep(kept: &mut Vec<u8>, range: std::ops::Range<u64>, chunk: &[u8], off: u32) {
+    let (c_start, c_end) = (u64::from(off), u64::from(off) + chunk.len() as u64);
+    let (s, e) = (range.start.max(c_start), range.end.min(c_end));
+    if s < e {
+        kept.extend_from_slice(&chunk[(s - c_start) as usize..(e - c_start) as usize]);
+    }
+}
+
+/// The first block's image and data, when the record kept them whole.
+fn first_block(p: &mut Partial, layout: &Layout) -> Option<BlockPayload> {
+    let range = keeps_first_block(p.header[17], p.header[16], layout, super::catalog_rows::keeps)?;
+    let header = layout.first?;
+    (p.block.len() as u64 == range.end - range.start).then(|| BlockPayload {
+        header,
+        bytes: std::mem::take(&mut p.block),
+    })
 }
 
 #[cfg(test)]
@@ -1439,8 +1471,20 @@ mod tests {
                     main_off: u32::MAX,
                     main_len: u32::MAX,
                     rel: Some([u32::MAX; 3]),
+                    first: Some(crate::wal::record::FirstBlock {
+                        off: u32::MAX,
+                        fork: u8::MAX,
+                        data_len: u16::MAX,
+                        image_len: u16::MAX,
+                        hole_offset: u16::MAX,
+                        hole_length: u16::MAX,
+                        image_info: u8::MAX,
+                        compressed: false,
+                    }),
                 }),
                 main: vec![0xFF; XACT_MAIN_CAP],
+                // Never kept with a commit's main data (block_cap is 0 for a commit).
+                block: vec![],
             })),
             magic: Some(u16::MAX),
             system_identifier: Some(u64::MAX),
@@ -1449,7 +1493,7 @@ mod tests {
         };
         let json = serde_json::to_string(&state).unwrap();
         assert_eq!(json.len(), MAX_STATE_JSON_LEN);
-        assert_eq!(MAX_STATE_JSON_LEN, 46_868);
+        assert_eq!(MAX_STATE_JSON_LEN, 47_017);
         assert_eq!(serde_json::from_str::<DecoderState>(&json).unwrap(), state);
         // Every other phase is shorter.
         for phase in [

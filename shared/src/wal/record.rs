@@ -12,6 +12,21 @@ use super::pgtime::PgTime;
 pub const RM_XLOG_ID: u8 = 0;
 /// `RM_XACT_ID`.
 pub const RM_XACT_ID: u8 = 1;
+/// `RM_HEAP2_ID`.
+pub const RM_HEAP2_ID: u8 = 9;
+/// `RM_HEAP_ID`.
+pub const RM_HEAP_ID: u8 = 10;
+/// `XLOG_HEAP_OPMASK` and the heap inserts whose first block [`WalRecord::block`] may keep:
+/// `XLOG_HEAP_INSERT` (`RM_HEAP_ID`) and `XLOG_HEAP2_MULTI_INSERT` (`RM_HEAP2_ID`).
+const XLOG_HEAP_OPMASK: u8 = 0x70;
+pub const XLOG_HEAP_INSERT: u8 = 0x00;
+pub const XLOG_HEAP2_MULTI_INSERT: u8 = 0x50;
+/// `XLOG_HEAP_INPLACE` (`RM_HEAP_ID`): a row overwritten in place, outside any transaction's
+/// control (`DROP DATABASE` marks its database invalid so).
+pub const XLOG_HEAP_INPLACE: u8 = 0x70;
+/// Bytes of a first block's image and data kept: a whole 8 KiB page image (the default block
+/// size; larger pages' images are not kept) and some block data.
+pub const BLOCK_CAP: usize = 8192 + 1024;
 
 /// `XLR_RMGR_INFO_MASK`: the `xl_info` bits that belong to the resource manager.
 const XLR_RMGR_INFO_MASK: u8 = 0xF0;
@@ -38,6 +53,7 @@ const XLR_BLOCK_ID_TOPLEVEL_XID: u8 = 252;
 const BKPBLOCK_HAS_IMAGE: u8 = 0x10;
 const BKPBLOCK_HAS_DATA: u8 = 0x20;
 const BKPBLOCK_SAME_REL: u8 = 0x80;
+const BKPBLOCK_FORK_MASK: u8 = 0x0F;
 /// `BKPIMAGE_HAS_HOLE`, the same in every version (the "compressed" bits are not:
 /// [`super::version::WalFormat::image_compressed_bits`]).
 const BKPIMAGE_HAS_HOLE: u8 = 0x01;
@@ -98,6 +114,9 @@ pub struct WalRecord {
     pub kind: RecordKind,
     /// The relation of the first block reference (the heap page a `DELETE` or `UPDATE` changed).
     pub block_rel: Option<RelFileLocator>,
+    /// The first block reference's image and data, kept whole for the heap inserts into the
+    /// catalogs [`super::catalog_rows`] reads (see [`keeps_first_block`]); `None` otherwise.
+    pub block: Option<BlockPayload>,
     /// The first bytes of the main data: all of it up to [`super::decode::MAIN_CAP`] ([`super::decode::XACT_MAIN_CAP`] for a
     /// commit record).
     pub main: Vec<u8>,
@@ -128,6 +147,83 @@ impl RelFileLocator {
     }
 }
 
+/// Where the first block reference's image and data are, and what its header says of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirstBlock {
+    /// Offset in the record body where its image (if any) begins, its data right after.
+    pub off: u32,
+    /// `fork_flags & BKPBLOCK_FORK_MASK` (0: the main fork).
+    pub fork: u8,
+    /// Bytes of block data.
+    pub data_len: u16,
+    /// `bimg_len`: bytes of the full-page image stored (0: no image).
+    pub image_len: u16,
+    /// `hole_offset`: where the page's unused middle, left out of the image, began.
+    pub hole_offset: u16,
+    /// `hole_length`, written only for a compressed image with a hole (0 otherwise: a plain
+    /// image's hole is the page size less the image's length).
+    #[serde(default)]
+    pub hole_length: u16,
+    /// `bimg_info`.
+    pub image_info: u8,
+    /// The image is compressed (this version's compressed bits of `bimg_info`).
+    pub compressed: bool,
+}
+
+impl FirstBlock {
+    fn payload_len(&self) -> usize {
+        usize::from(self.image_len) + usize::from(self.data_len)
+    }
+}
+
+/// The bytes of a first block reference ([`FirstBlock`]): its image, then its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockPayload {
+    pub header: FirstBlock,
+    pub bytes: Vec<u8>,
+}
+
+impl BlockPayload {
+    /// The full-page image as stored (hole left out), if the block has one.
+    pub fn image(&self) -> Option<&[u8]> {
+        (self.header.image_len > 0).then(|| &self.bytes[..usize::from(self.header.image_len)])
+    }
+
+    /// The block data.
+    pub fn data(&self) -> &[u8] {
+        &self.bytes[usize::from(self.header.image_len)..]
+    }
+}
+
+/// The part of a record body whose first block is kept, when it is: a heap insert or in-place
+/// update (see [`block_cap`]) into the main fork of a file `wanted` takes for this record
+/// (`wanted(rmid, info, filenode)`), image and data at most [`BLOCK_CAP`] bytes. A range of body
+/// offsets.
+pub(super) fn keeps_first_block(
+    rmid: u8,
+    info: u8,
+    layout: &Layout,
+    wanted: impl Fn(u8, u8, u32) -> bool,
+) -> Option<std::ops::Range<u64>> {
+    let first = layout
+        .first
+        .filter(|f| f.fork == 0 && f.payload_len() <= BLOCK_CAP)?;
+    let rel = layout.rel?[2];
+    (block_cap(rmid, info) > 0 && wanted(rmid, info, rel))
+        .then(|| u64::from(first.off)..u64::from(first.off) + first.payload_len() as u64)
+}
+
+/// Bytes of a first block a record with this header may keep: [`BLOCK_CAP`] for heap inserts
+/// and in-place updates.
+pub(super) fn block_cap(rmid: u8, info: u8) -> usize {
+    match (rmid, info & XLOG_HEAP_OPMASK) {
+        (RM_HEAP_ID, XLOG_HEAP_INSERT | XLOG_HEAP_INPLACE) | (RM_HEAP2_ID, XLOG_HEAP2_MULTI_INSERT) => {
+            BLOCK_CAP
+        }
+        _ => 0,
+    }
+}
+
 /// Where the block headers say the main data is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Layout {
@@ -137,6 +233,9 @@ pub(super) struct Layout {
     /// The first block reference's relation (`RelFileLocator`: tablespace, database, file).
     #[serde(default)]
     pub(super) rel: Option<[u32; 3]>,
+    /// The first block reference's image and data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) first: Option<FirstBlock>,
 }
 
 /// Little-endian fields at `at` (the caller has checked the length).
@@ -177,6 +276,11 @@ pub(super) fn parse_layout(
         main_off: body_len - headers.main_len,
         main_len: headers.main_len,
         rel: headers.first_rel,
+        // Block images and data follow the headers, the first block's first.
+        first: headers.first.map(|f| FirstBlock {
+            off: r.at as u32,
+            ..f
+        }),
     }))
 }
 
@@ -230,6 +334,8 @@ struct BlockHeaders {
     max_block: Option<u8>,
     have_rel: bool,
     first_rel: Option<[u32; 3]>,
+    /// The first block's header (its `off` set once every header is read).
+    first: Option<FirstBlock>,
 }
 
 impl BlockHeaders {
@@ -282,6 +388,7 @@ impl BlockHeaders {
         if self.max_block.is_some_and(|m| id <= m) {
             return Ok(Err("out-of-order block id"));
         }
+        let is_first = self.max_block.is_none();
         self.max_block = Some(id);
         let fork_flags = r.u8()?;
         let data_len = r.u16()?;
@@ -289,15 +396,34 @@ impl BlockHeaders {
             return Ok(Err("BKPBLOCK_HAS_DATA does not match the data length"));
         }
         self.datatotal += u64::from(data_len);
+        let mut first = FirstBlock {
+            off: 0,
+            fork: fork_flags & BKPBLOCK_FORK_MASK,
+            data_len,
+            image_len: 0,
+            hole_offset: 0,
+            hole_length: 0,
+            image_info: 0,
+            compressed: false,
+        };
         if fork_flags & BKPBLOCK_HAS_IMAGE != 0 {
             let bimg_len = r.u16()?;
-            let _hole_offset = r.u16()?;
+            let hole_offset = r.u16()?;
             let bimg_info = r.u8()?;
             let compressed = bimg_info & image_compressed_bits != 0;
             if compressed && bimg_info & BKPIMAGE_HAS_HOLE != 0 {
-                let _hole_length = r.u16()?;
+                first.hole_length = r.u16()?;
             }
             self.datatotal += u64::from(bimg_len);
+            (
+                first.image_len,
+                first.hole_offset,
+                first.image_info,
+                first.compressed,
+            ) = (bimg_len, hole_offset, bimg_info, compressed);
+        }
+        if is_first {
+            self.first = Some(first);
         }
         if fork_flags & BKPBLOCK_SAME_REL == 0 {
             let rel = r.take(REL_LOCATOR_LEN)?;

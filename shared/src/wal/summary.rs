@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::catalog_rows::{self, CatalogRow};
 use super::changes::{ChangeEvent, ChangeTracker};
 use super::decode::{DecodeError, DecoderState, RecordKind, WalDecoder, WalRecord};
 use super::lsn::Lsn;
@@ -23,6 +24,8 @@ const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
 const FEED_CHUNK: usize = 8192;
 /// Change events kept per segment; more are counted in `events_dropped`.
 pub const MAX_EVENTS: usize = 4096;
+/// Catalog rows kept per segment; past them `catalog_rows_cut` is set.
+pub const MAX_CATALOG_ROWS: usize = 4096;
 
 /// A named restore point (`pg_create_restore_point`): a `recovery_target_name`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,10 +85,23 @@ pub struct SegmentSummary {
     /// Events past [`MAX_EVENTS`], not kept.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub events_dropped: u64,
+    /// Rows inserted into `pg_class`, `pg_namespace` and `pg_index` in this segment
+    /// ([`super::catalog_rows`]): the relations and schemas created, which `find` names
+    /// relations by when the relation map of a backup does not know them. Absent when none, and
+    /// in summaries written before walvault recorded them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub catalog_rows: Vec<CatalogRow>,
+    /// More than [`MAX_CATALOG_ROWS`] rows: the ones after were not kept.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub catalog_rows_cut: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl SegmentSummary {
@@ -109,6 +125,18 @@ impl SegmentSummary {
             end_of_wal: None,
             events: Some(Vec::new()),
             events_dropped: 0,
+            catalog_rows: Vec::new(),
+            catalog_rows_cut: false,
+        }
+    }
+
+    fn add_catalog_rows(&mut self, rows: Vec<CatalogRow>) {
+        for row in rows {
+            if self.catalog_rows.len() < MAX_CATALOG_ROWS {
+                self.catalog_rows.push(row);
+            } else {
+                self.catalog_rows_cut = true;
+            }
         }
     }
 
@@ -273,7 +301,12 @@ impl Summarizer {
         for piece in bytes.chunks(FEED_CHUNK) {
             self.decoder.feed(piece);
             while let Some(rec) = self.decoder.poll()? {
-                if let Some(e) = self.changes.record(&rec, self.decoder.pg_version().unwrap_or(0)) {
+                let pg_version = self.decoder.pg_version().unwrap_or(0);
+                if rec.block.is_some() {
+                    self.summary
+                        .add_catalog_rows(catalog_rows::rows_of(&rec, pg_version));
+                }
+                if let Some(e) = self.changes.record(&rec, pg_version) {
                     self.summary.add_event(e);
                 }
                 self.summary.add(rec);
@@ -480,6 +513,48 @@ mod tests {
         assert_eq!(again, s);
         // Written before walvault recorded change events: not searched, which find reports.
         assert_eq!(s.events, None);
+    }
+
+    #[test]
+    fn frozen_fixture_v1_with_catalog_rows() {
+        let json = r#"{
+            "start": "0/3000000", "pg_version": 15, "end_of_records": "0/3FFFFF8",
+            "records": 4, "first_record": "0/2FFFF80", "last_record": "0/3063000",
+            "commits": 1, "aborts": 0,
+            "first_commit": 817040001000000, "last_commit": 817040001000000,
+            "min_commit": 817040001000000, "max_commit": 817040001000000,
+            "restore_points": [], "ends_with_switch": false, "skipped_continuation": false,
+            "end_of_wal": null, "events": [],
+            "catalog_rows": [
+              { "lsn": "0/3062F10", "xid": 731, "db": 5,
+                "class": { "oid": 16400, "name": "orders_2026", "namespace": 2200, "filenode": 16400, "tablespace": 0, "kind": "r" } },
+              { "lsn": "0/3062E00", "xid": 731, "db": 5, "namespace": { "oid": 16399, "name": "sales" } },
+              { "lsn": "0/3063010", "xid": 731, "db": 5, "index": { "index": 16405, "table": 16400 } },
+              { "lsn": "0/3063020", "xid": 731, "db": 5, "a_row_kind_of_a_later_walvault": {} }
+            ],
+            "catalog_rows_cut": true
+        }"#;
+        let s: SegmentSummary = serde_json::from_str(json).unwrap();
+        let rows = &s.catalog_rows;
+        assert_eq!(rows.len(), 4);
+        let class = rows[0].class.as_ref().unwrap();
+        assert_eq!(
+            (
+                rows[0].lsn,
+                rows[0].db,
+                class.oid,
+                class.name.as_str(),
+                class.namespace,
+                class.filenode
+            ),
+            (Lsn(0x306_2F10), 5, 16400, "orders_2026", 2200, 16400)
+        );
+        assert_eq!(rows[1].namespace.as_ref().unwrap().name, "sales");
+        assert_eq!(rows[2].index.unwrap().table, 16400);
+        assert!(rows[3].class.is_none() && rows[3].namespace.is_none() && rows[3].index.is_none());
+        assert!(s.catalog_rows_cut);
+        let again: SegmentSummary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(again, s);
     }
 
     #[test]

@@ -308,3 +308,33 @@ pub(crate) fn image_then_main(bimg_info: u8, hole_field: bool, img: u16, main: &
     b.extend_from_slice(main);
     b
 }
+
+/// A body with one block reference to file `rel` of database 5, main fork: a full-page image
+/// (`image` with its hole at the offset given, not compressed) when given, block `data`, then
+/// `main`.
+pub(crate) fn block_then_main(rel: u32, image: Option<(&[u8], u16)>, data: &[u8], main: &[u8]) -> Vec<u8> {
+    let mut flags = 0u8;
+    if image.is_some() {
+        flags |= 0x10;
+    }
+    if !data.is_empty() {
+        flags |= 0x20;
+    }
+    let mut b = vec![0, flags];
+    b.extend_from_slice(&(data.len() as u16).to_le_bytes());
+    if let Some((img, hole_offset)) = image {
+        b.extend_from_slice(&(img.len() as u16).to_le_bytes());
+        b.extend_from_slice(&hole_offset.to_le_bytes());
+        b.push(0x01); // BKPIMAGE_HAS_HOLE
+    }
+    for w in [1663u32, 5, rel, 0] {
+        b.extend_from_slice(&w.to_le_bytes()); // RelFileLocator, then the block number
+    }
+    main_header(&mut b, main);
+    if let Some((img, _)) = image {
+        b.extend_from_slice(img);
+    }
+    b.extend_from_slice(data);
+    b.extend_from_slice(main);
+    b
+}

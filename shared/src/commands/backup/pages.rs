@@ -188,6 +188,7 @@ mod tests {
             databases: vec![Database {
                 oid: 16384,
                 name: "app".into(),
+                schemas: vec![],
                 relations: vec![relation(16390, 16397, "r", "public", "orders", 0)],
                 error: None,
             }],

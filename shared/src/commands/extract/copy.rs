@@ -91,12 +91,23 @@ pub async fn prepare(
     let mut p = Prepared::default();
     match &opts.selection {
         Selection::Tables(tables) => {
-            let mut oids = Vec::new();
-            for t in tables {
-                oids.push(table_oid(c, t, &opts.database, target).await?);
-            }
-            for (t, oid) in tables.iter().zip(&oids) {
-                let table = prepare_table(c, opts, t, (*oid, &oids), rename, &mut p).await?;
+            let wanted = with_partitions(c, tables, &opts.database, target).await?;
+            let oids: Vec<u32> = wanted.iter().map(|w| w.oid).collect();
+            let mut new_names: Vec<String> = Vec::new();
+            for w in &wanted {
+                // A named table gets its new name; a partition follows its parent's.
+                let new_name = match w.parent {
+                    None => opts.new_name(&w.name.name),
+                    Some(i) => dependent_name(&w.name.name, &wanted[i].name.name, &new_names[i]),
+                };
+                new_names.push(new_name.clone());
+                let how = TableWork {
+                    oid: w.oid,
+                    selected: &oids,
+                    new_name: rename.then_some(new_name),
+                    filter: w.parent.is_none(),
+                };
+                let table = prepare_table(c, opts, &w.name, how, &mut p).await?;
                 p.relations.push(table.delivered.clone());
                 p.dump_args.push(format!("--table={}", table.delivered.quoted()));
                 p.tables.push(table);
@@ -151,17 +162,78 @@ fn relkind_name(kind: &str) -> &'static str {
     }
 }
 
-/// Filter, count and (for `--into`) rename one table (`oid`, among the `selected`) and what
-/// carries its name.
+/// A table to extract: named on the command line, or a partition of one (`parent`: its index
+/// in the list).
+struct Wanted {
+    name: QualifiedName,
+    oid: u32,
+    parent: Option<usize>,
+}
+
+/// `tables` (each checked to have existed at the target) and, after them, every partition of a
+/// partitioned one, at any depth: pg_dump's `--table` takes a partitioned table without its
+/// partitions, which hold the rows.
+async fn with_partitions(
+    c: &Client,
+    tables: &[QualifiedName],
+    database: &str,
+    target: &str,
+) -> Result<Vec<Wanted>, CopyError> {
+    let mut wanted = Vec::new();
+    for t in tables {
+        let oid = table_oid(c, t, database, target).await?;
+        wanted.push(Wanted {
+            name: t.clone(),
+            oid,
+            parent: None,
+        });
+    }
+    let mut i = 0;
+    while i < wanted.len() {
+        let rows = c
+            .query(
+                "SELECT c.oid, n.nspname::text, c.relname::text FROM pg_inherits i \
+                 JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE i.inhparent = $1 AND c.relispartition ORDER BY 3",
+                &[&wanted[i].oid],
+            )
+            .await?;
+        for r in rows {
+            let oid: u32 = r.get(0);
+            if wanted.iter().all(|w| w.oid != oid) {
+                wanted.push(Wanted {
+                    name: QualifiedName {
+                        schema: r.get(1),
+                        name: r.get(2),
+                    },
+                    oid,
+                    parent: Some(i),
+                });
+            }
+        }
+        i += 1;
+    }
+    Ok(wanted)
+}
+
+/// What to do to one table: its `oid` among the `selected`, its `new_name` for `--into`, and
+/// whether `--where` applies (to the tables named; their partitions are filtered with them).
+struct TableWork<'a> {
+    oid: u32,
+    selected: &'a [u32],
+    new_name: Option<String>,
+    filter: bool,
+}
+
+/// Filter, count and (for `--into`) rename one table and what carries its name.
 async fn prepare_table(
     c: &Client,
     opts: &ExtractOptions,
     t: &QualifiedName,
-    (oid, selected): (u32, &[u32]),
-    rename: bool,
+    how: TableWork<'_>,
     p: &mut Prepared,
 ) -> Result<ExtractedTable, CopyError> {
-    if let Some(filter) = &opts.row_filter {
+    if let Some(filter) = opts.row_filter.as_ref().filter(|_| how.filter) {
         c.batch_execute(&format!(
             "DELETE FROM {} WHERE NOT coalesce(({filter}), false)",
             t.quoted()
@@ -178,11 +250,11 @@ async fn prepare_table(
         .await?
         .get(0);
     let mut delivered = t.clone();
-    if rename {
+    if let Some(new_name) = how.new_name {
         p.left_out
-            .extend(drop_outside_foreign_keys(c, &[oid], selected).await?);
-        delivered.name = opts.new_name(&t.name);
-        for (kind, name) in dependents(c, oid).await? {
+            .extend(drop_outside_foreign_keys(c, &[how.oid], how.selected).await?);
+        delivered.name = new_name;
+        for (kind, name) in dependents(c, how.oid).await? {
             let new = dependent_name(&name, &t.name, &delivered.name);
             let sql_kind = if kind == "index" { "INDEX" } else { "SEQUENCE" };
             c.batch_execute(&format!(
@@ -199,7 +271,6 @@ async fn prepare_table(
                 name: new,
             });
         }
-        delivered.name = opts.new_name(&t.name);
         c.batch_execute(&format!(
             "ALTER TABLE {} RENAME TO {}",
             t.quoted(),
