@@ -149,6 +149,17 @@ async fn server_major(bin: &Path) -> Option<u32> {
     v.split(['.', 'b', 'r', 'd']).next()?.parse().ok()
 }
 
+/// The directory `pg_config --bindir` names, when there is a `pg_config` on PATH.
+pub(crate) async fn pg_config_bindir() -> Option<PathBuf> {
+    let out = tokio::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .await
+        .ok()?;
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!dir.is_empty()).then(|| PathBuf::from(dir))
+}
+
 /// `--pg-bin`, else the usual places for `major`, else `pg_config --bindir`; the binaries must be
 /// of the backup's major version.
 pub(crate) async fn find_pg_bin(given: Option<&Path>, major: u32) -> Result<PathBuf, ServerError> {
@@ -158,16 +169,7 @@ pub(crate) async fn find_pg_bin(given: Option<&Path>, major: u32) -> Result<Path
     } else {
         candidates.push(PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
         candidates.push(PathBuf::from(format!("/usr/pgsql-{major}/bin")));
-        if let Ok(out) = tokio::process::Command::new("pg_config")
-            .arg("--bindir")
-            .output()
-            .await
-        {
-            let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            if !dir.is_empty() {
-                candidates.push(PathBuf::from(dir));
-            }
-        }
+        candidates.extend(pg_config_bindir().await);
     }
     let mut seen = Vec::new();
     for c in candidates {

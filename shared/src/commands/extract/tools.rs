@@ -88,16 +88,7 @@ async fn candidates(given: Option<&Path>, at_least: u32) -> Vec<PathBuf> {
         dirs.push(PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")));
         dirs.push(PathBuf::from(format!("/usr/pgsql-{v}/bin")));
     }
-    if let Ok(out) = tokio::process::Command::new("pg_config")
-        .arg("--bindir")
-        .output()
-        .await
-    {
-        let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !dir.is_empty() {
-            dirs.push(PathBuf::from(dir));
-        }
-    }
+    dirs.extend(crate::commands::private_server::pg_config_bindir().await);
     if let Some(path) = std::env::var_os("PATH") {
         dirs.extend(std::env::split_paths(&path));
     }
