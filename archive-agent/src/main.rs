@@ -56,9 +56,44 @@ enum Command {
         /// the key from key_file or key_command in the [encryption] table, or from
         /// WALVAULT_ENCRYPTION_KEY_FILE / WALVAULT_ENCRYPTION_KEY_COMMAND). Every later command
         /// needs that key; without it the repository cannot be read by anyone, you included.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "copy_of")]
         encrypt: bool,
+        /// Create a second copy of the repository at URL instead of a new repository: same id,
+        /// cluster and encryption (the same key opens both), empty until `archive-agent copy`
+        /// or `daemon --copy-to` fills it. The 3-2-1 rule: a second copy on another store.
+        #[arg(long, value_name = "URL", conflicts_with = "pgdata")]
+        copy_of: Option<String>,
         /// Print the repository's id and URL as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy the repository to its second copy (made by `init --copy-of`): everything the target
+    /// lacks (backups, WAL, time index, history files, finder and retention records), each
+    /// object checked as the target opens it before it is written, at most --parallel at once;
+    /// a backup appears there only once all its data is there. Incremental (a second run right
+    /// after the first writes nothing) and resumable (run it again). Deletes nothing on the
+    /// target unless --prune. Exit status: 0 complete; 1 failed; 3 incomplete (objects damaged
+    /// in the source or different on the target: each named)
+    Copy {
+        /// The second copy's URL (file://, s3://, az://, gs://)
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// TOML file with the target's [s3] / [azure] / [gcs] credentials, when they differ
+        /// from the source's [default: the source's configuration]
+        #[arg(long, value_name = "FILE")]
+        to_config: Option<PathBuf>,
+        /// Objects read, checked and written at once
+        #[arg(long, default_value_t = walvault::commands::copy::DEFAULT_PARALLEL, value_name = "N")]
+        parallel: usize,
+        /// Also delete from the target what expire deleted from the source (backups older than
+        /// the source's newest, WAL below its oldest segment, data no remaining backup needs);
+        /// never anything while the source holds no backup
+        #[arg(long)]
+        prune: bool,
+        /// Cap on the bytes written per second (like 20MiB) [default: the file's max_rate]
+        #[arg(long, env = "WALVAULT_MAX_RATE", value_name = "RATE")]
+        max_rate: Option<walvault::repo::rate::Rate>,
+        /// Print the report as JSON
         #[arg(long)]
         json: bool,
     },
@@ -161,6 +196,7 @@ impl Command {
         match self {
             Command::Init { .. } => "init",
             Command::Rekey { .. } => "rekey",
+            Command::Copy { .. } => "copy",
             Command::Push { .. } => "push",
             Command::Backup { .. } => "backup",
             Command::Expire { .. } => "expire",
@@ -176,9 +212,19 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<u8> {
     let now = walvault::time::now_micros;
     let shown = match command {
         Command::Init {
+            copy_of: Some(source),
+            json,
+            ..
+        } => {
+            let settings = repo.settings(None)?;
+            let source = other_repo(repo, source, None).settings(None)?;
+            show(&block_on(admin::init_copy(&settings, &source))??, json)
+        }
+        Command::Init {
             pgdata,
             encrypt,
             json,
+            copy_of: None,
         } => {
             let settings = repo.settings(None)?;
             show(
@@ -199,6 +245,22 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<u8> {
             show(&block_on(admin::rekey(&settings, &new_key, now()))??, false)
         }
         Command::Push { .. } => unreachable!("push maps its own exit codes"),
+        Command::Copy {
+            to,
+            to_config,
+            parallel,
+            prune,
+            max_rate,
+            json,
+        } => {
+            let from = repo.settings(None)?;
+            let mut target = other_repo(repo, to, to_config).settings(None)?;
+            target.cap_writes(max_rate);
+            let opts = walvault::commands::copy::CopyOptions { parallel, prune };
+            let report = block_on(walvault::commands::copy::copy_repository(&from, &target, &opts))??;
+            show(&report, json)?;
+            return Ok(report.exit_code());
+        }
         Command::Backup { args } => {
             let mut settings = repo.settings(args.compress.compress_level)?;
             settings.cap_writes(args.max_rate);
@@ -236,6 +298,16 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<u8> {
         }
     };
     shown.map(|()| walvault::exit::SUCCESS)
+}
+
+/// The flags of another repository (a copy's source or target): `url`, read with `config`
+/// (else the same configuration file), with the same retry timeout.
+fn other_repo(repo: &RepoArgs, url: String, config: Option<PathBuf>) -> RepoArgs {
+    RepoArgs {
+        repo: Some(url),
+        config: config.or_else(|| repo.config.clone()),
+        retry_timeout: repo.retry_timeout.clone(),
+    }
 }
 
 /// Run `f` to completion on a multi-threaded runtime.

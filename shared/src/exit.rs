@@ -16,6 +16,10 @@ pub const REFUSED: u8 = 3;
 /// is on disk; a human should look at the damaged relations before relying on them. Not 1, so
 /// cron and monitoring can tell "found damage" from "no backup".
 pub const BACKUP_DAMAGED_PAGES: u8 = 3;
+/// copy: everything that could be copied is on the target, but objects were left behind
+/// (damaged in the source, different on the target, or a manifest whose data is not there yet),
+/// each named in the log and the report: the copy is not a full copy until a human looks.
+pub const COPY_INCOMPLETE: u8 = 3;
 /// fetch could not tell whether the file exists, or the stored copy is corrupt. Above 125, so
 /// PostgreSQL's startup process stops with FATAL instead of treating it as "end of archive" and
 /// promoting early. Not 143 (128 + SIGTERM), which PostgreSQL takes for a shutdown request.

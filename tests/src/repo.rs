@@ -88,6 +88,20 @@ impl Repo {
         }
     }
 
+    /// A location in store `kind` where no repository is yet (for a second copy on another store).
+    pub fn uninitialized_in(kind: StoreKind) -> Result<Repo> {
+        match kind {
+            StoreKind::File => Repo::file_location(),
+            StoreKind::S3 => Repo::s3_location(Garage::shared()),
+            StoreKind::Azure => Repo::azure_location(Azurite::shared()),
+        }
+    }
+
+    /// The configuration file with the store's credentials, when it has one.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
     /// `archive-agent init` here (as the PostgreSQL user, like every agent the tests run).
     pub fn init(&self, extra: &[&str]) -> crate::host::Finished {
         let mut args = vec!["init".to_string()];

@@ -35,6 +35,9 @@ pub struct Created {
     /// The cluster it is bound to, when `--pgdata` named it.
     pub cluster: Option<ClusterIdentity>,
     pub encrypted: bool,
+    /// With `--copy-of`: the repository this one is a second copy of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_of: Option<String>,
 }
 
 impl Report for Created {
@@ -50,6 +53,12 @@ impl Report for Created {
                 self.repository, self.id
             ),
         };
+        if let Some(source) = &self.copy_of {
+            out = format!(
+                "created {encrypted}repository {} (id {}) as a second copy of {source}\nfill it with `archive-agent copy --repo {source} --to {}`, or keep it filled with `archive-agent daemon --copy-to {}`",
+                self.repository, self.id, self.repository, self.repository
+            );
+        }
         if self.encrypted {
             out.push_str(
                 "\nkeep the key safe and apart from the repository: without it nothing in the repository can be read",
@@ -80,6 +89,21 @@ pub async fn init(
         id: created.id().clone(),
         cluster: created.cluster().copied(),
         encrypted: created.sealer().is_encrypted(),
+        copy_of: None,
+    })
+}
+
+/// `archive-agent init --copy-of SOURCE`: create, at `settings`' repository, a second copy of
+/// the repository `source` names (same id, cluster and encryption record; empty until copied).
+pub async fn init_copy(settings: &Settings, source: &Settings) -> Result<Created, AdminError> {
+    let from = crate::repo::Reader::open(&source.repo, &source.store_options()).await?;
+    let created = Writer::init_copy(&settings.repo, &settings.store_options(), &from).await?;
+    Ok(Created {
+        repository: settings.repo.to_string(),
+        id: created.id().clone(),
+        cluster: from.cluster().copied(),
+        encrypted: created.sealer().is_encrypted(),
+        copy_of: Some(source.repo.to_string()),
     })
 }
 
@@ -121,6 +145,7 @@ mod tests {
             id: serde_json::from_str("\"0123456789abcdef0123456789abcdef\"").unwrap(),
             cluster: None,
             encrypted: true,
+            copy_of: None,
         };
         let text = to_string(&created, Format::Text);
         assert!(text.starts_with("created encrypted repository file:///srv/repo (id 0123456789abcdef0123456789abcdef); the first WAL segment archived binds it"), "{text}");

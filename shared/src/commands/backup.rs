@@ -21,7 +21,6 @@
 //! (`copy`), and the wait for WAL and the manifest (`finish`).
 
 mod control;
-mod copy;
 mod error;
 mod finish;
 mod inventory;
@@ -29,6 +28,7 @@ mod pages;
 mod protocol;
 mod rebuild;
 mod session;
+mod upload;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,15 +37,15 @@ use crate::basebackup::label;
 use crate::basebackup::manifest::{BackupId, Manifest};
 use crate::config::Settings;
 use crate::repo::locks::{Lock, LockKind};
-use copy::CopyOptions;
 use finish::Outcome;
 use inventory::Inventory;
 use session::{Primary, Server, Session, Started, Stopped};
+use upload::CopyOptions;
 
 pub use crate::repo::layout::manifest_key;
-pub use copy::PACKS_IN_FLIGHT;
 pub use error::BackupError;
 pub use inventory::FileReading;
+pub use upload::PACKS_IN_FLIGHT;
 
 /// Default chunk size: see README, "Chunking", for the measurement behind it.
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
@@ -140,7 +140,7 @@ async fn take_locked(
     let copy_started = std::time::Instant::now();
     // The clock read before any stat: the bound the next backup's reuse rule compares with.
     let copied = match Inventory::take(pgdata, inventory::wall_clock_ns()) {
-        Ok(files) => copy::copy_files(&store, repo.sealer(), files, copy_opts, previous.as_ref()).await,
+        Ok(files) => upload::copy_files(&store, repo.sealer(), files, copy_opts, previous.as_ref()).await,
         Err(e) => Err(e),
     };
     if let Ok(c) = &copied {
@@ -252,7 +252,7 @@ async fn take_over_protocol(
         true => protocol::increment_of(&mut source, previous.as_ref(), &store, repo.sealer()).await?,
         false => None,
     };
-    let copier = copy::Copier::new(&store, repo.sealer(), copy_opts, previous.as_ref(), 1024);
+    let copier = upload::Copier::new(&store, repo.sealer(), copy_opts, previous.as_ref(), 1024);
     let examined_after_ns = inventory::wall_clock_ns();
     let copy_started = std::time::Instant::now();
     let upload = increment.as_ref().map(|i| i.server_manifest.as_slice());

@@ -30,13 +30,13 @@ use crate::commands::restore::{self, RestoreError, RestoreOptions, RestorePlan, 
 use crate::config::Settings;
 use crate::report::Report;
 
-pub mod copy;
 pub mod live;
 pub mod options;
+pub mod prepare;
 pub mod tools;
 
-pub use copy::{CopyError, ExtractedTable, Prepared};
 pub use options::{Destination, ExtractOptions, QualifiedName, Selection, SelectionError};
+pub use prepare::{CopyError, ExtractedTable, Prepared};
 pub use tools::{ClientTools, ToolError};
 
 /// Room kept free in the scratch directory beyond the restored files: WAL segments replayed
@@ -153,10 +153,10 @@ pub async fn extract(settings: &Settings, opts: &ExtractOptions) -> Result<Extra
     let recovery_seconds = t.elapsed().as_secs_f64();
 
     let postgres = s.connect("postgres").await.map_err(ServerError::from)?;
-    copy::check_database(&postgres, &database, &target).await?;
+    prepare::check_database(&postgres, &database, &target).await?;
     drop(postgres);
     let client = s.connect(&database).await.map_err(ServerError::from)?;
-    let prepared = copy::prepare(&client, opts, &target, into.is_some()).await?;
+    let prepared = prepare::prepare(&client, opts, &target, into.is_some()).await?;
     drop(client);
     let mut report = ExtractReport {
         database: database.clone(),

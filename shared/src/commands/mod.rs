@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod archive_command;
 pub mod backup;
+pub mod copy;
 pub mod daemon;
 pub mod drill;
 pub mod expire;

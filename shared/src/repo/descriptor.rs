@@ -49,6 +49,11 @@ pub struct RepoDescriptor {
     /// probed, and local ones, whose writes are exclusive anyway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_only_honoured: Option<bool>,
+    /// A second copy's source, as `archive-agent init --copy-of` was given it (credentials
+    /// redacted), for people: `restore-agent info` shows it. The copy has the source's id,
+    /// cluster and encryption record, so its objects are the source's, byte for byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_of: Option<String>,
     /// A version 1 repository's derived id ([`RepoId::of_v1`]); never written.
     #[serde(skip)]
     v1_id: Option<RepoId>,
@@ -81,7 +86,19 @@ impl RepoDescriptor {
             created_by: Some(format!("walvault {}", env!("CARGO_PKG_VERSION"))),
             encryption: None,
             create_only_honoured: None,
+            copy_of: None,
             v1_id: None,
+        }
+    }
+
+    /// The descriptor of a second copy of the repository `self` describes, at `source_url`:
+    /// the same id, cluster and encryption record; the store's create-only behaviour is the
+    /// copy's own, probed again.
+    pub fn for_copy(&self, source_url: &str) -> RepoDescriptor {
+        RepoDescriptor {
+            create_only_honoured: None,
+            copy_of: Some(source_url.to_string()),
+            ..self.clone()
         }
     }
 

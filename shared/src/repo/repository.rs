@@ -355,25 +355,9 @@ impl Writer {
         encrypt: bool,
     ) -> Result<Writer, RepoError> {
         let store = WritableStore::open_to_create(url, options)?;
-        if let Some(existing) = store.get(DESCRIPTOR_KEY).await? {
-            return Err(match RepoDescriptor::parse(&existing) {
-                Ok(d) => RepoError::AlreadyExists {
-                    repo: url.to_string(),
-                    id: d.id().clone(),
-                },
-                Err(source) => RepoError::Descriptor {
-                    repo: url.to_string(),
-                    source,
-                },
-            });
-        }
+        refuse_existing(&store, url).await?;
         let mut descriptor = RepoDescriptor::new(cluster, now_micros);
-        if !store.is_local() {
-            let probe = format!("{}{}", super::layout::PROBE_PREFIX, descriptor.id());
-            let honoured = store.probe_create_only(&probe).await?;
-            tracing::info!(repo = %url, honoured, "probed whether the store refuses a second create-only write");
-            descriptor.create_only_honoured = Some(honoured);
-        }
+        probe_create_only(&store, &mut descriptor).await?;
         match (encrypt, &options.key) {
             (false, Some(_)) => {
                 return Err(RepoError::InitKeyWithoutEncrypt {
@@ -397,27 +381,89 @@ impl Writer {
             }
             (false, None) => {}
         }
-        let json = Bytes::from(descriptor.to_json());
-        if store.put_new(DESCRIPTOR_KEY, json.clone()).await? == PutNew::AlreadyExists {
-            let d = read_descriptor(&store).await?;
-            return Err(RepoError::AlreadyExists {
-                repo: url.to_string(),
-                id: d.id().clone(),
-            });
-        }
-        // A store that ignores create-only writes may have let a racing init replace ours. (Opening
-        // it also proves the key source gives the key just wrapped: a key command that answers
-        // differently each time is caught here, not at the first push.)
-        let writer = Writer::on_store(store, options.key.as_ref()).await?;
-        if writer.id() != descriptor.id() {
-            return Err(RepoError::AlreadyExists {
-                repo: url.to_string(),
-                id: writer.id().clone(),
-            });
+        write_descriptor(store, &descriptor, options.key.as_ref()).await
+    }
+
+    /// Create a second copy of `source` at `url` (`archive-agent init --copy-of`): its
+    /// descriptor with the same id, cluster and encryption record, so that `archive-agent copy`
+    /// copies objects byte for byte. The configured key must open the source (it was opened
+    /// with it), and so opens the copy.
+    pub async fn init_copy(
+        url: &RepoUrl,
+        options: &StoreOptions,
+        source: &Reader,
+    ) -> Result<Writer, RepoError> {
+        let store = WritableStore::open_to_create(url, options)?;
+        refuse_existing(&store, url).await?;
+        let mut descriptor = source.descriptor().for_copy(&source.url().to_string());
+        probe_create_only(&store, &mut descriptor).await?;
+        let writer = write_descriptor(store, &descriptor, options.key.as_ref()).await?;
+        if let Some(bytes) = source.store().get(CLUSTER_KEY).await? {
+            writer.store.put_new(CLUSTER_KEY, bytes).await?;
         }
         Ok(writer)
     }
+}
 
+/// Refuse to create a repository where `walvault.json` is already there.
+async fn refuse_existing(store: &WritableStore, url: &RepoUrl) -> Result<(), RepoError> {
+    let Some(existing) = store.get(DESCRIPTOR_KEY).await? else {
+        return Ok(());
+    };
+    Err(match RepoDescriptor::parse(&existing) {
+        Ok(d) => RepoError::AlreadyExists {
+            repo: url.to_string(),
+            id: d.id().clone(),
+        },
+        Err(source) => RepoError::Descriptor {
+            repo: url.to_string(),
+            source,
+        },
+    })
+}
+
+/// Learn whether the store refuses a second create-only write (not asked of a local one, whose
+/// writes are exclusive anyway), and record it in `descriptor`.
+async fn probe_create_only(store: &WritableStore, descriptor: &mut RepoDescriptor) -> Result<(), RepoError> {
+    if store.is_local() {
+        return Ok(());
+    }
+    let probe = format!("{}{}", super::layout::PROBE_PREFIX, descriptor.id());
+    let honoured = store.probe_create_only(&probe).await?;
+    tracing::info!(repo = %store.url(), honoured, "probed whether the store refuses a second create-only write");
+    descriptor.create_only_honoured = Some(honoured);
+    Ok(())
+}
+
+/// Write a new repository's descriptor create-only, and open what is then there.
+async fn write_descriptor(
+    store: WritableStore,
+    descriptor: &RepoDescriptor,
+    key: Option<&KeySource>,
+) -> Result<Writer, RepoError> {
+    let url = store.url().clone();
+    let json = Bytes::from(descriptor.to_json());
+    if store.put_new(DESCRIPTOR_KEY, json).await? == PutNew::AlreadyExists {
+        let d = read_descriptor(&store).await?;
+        return Err(RepoError::AlreadyExists {
+            repo: url.to_string(),
+            id: d.id().clone(),
+        });
+    }
+    // A store that ignores create-only writes may have let a racing init replace ours. (Opening
+    // it also proves the key source gives the key just wrapped: a key command that answers
+    // differently each time is caught here, not at the first push.)
+    let writer = Writer::on_store(store, key).await?;
+    if writer.id() != descriptor.id() {
+        return Err(RepoError::AlreadyExists {
+            repo: url.to_string(),
+            id: writer.id().clone(),
+        });
+    }
+    Ok(writer)
+}
+
+impl Writer {
     /// The store, for writing.
     pub fn writable(&self) -> &WritableStore {
         &self.store

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use super::BackupError;
-use super::copy::Copied;
 use super::session::{Server, Started, Stopped};
+use super::upload::Copied;
 use crate::basebackup::label::{self, BackupLabel};
 use crate::basebackup::manifest::{self, Manifest};
 use crate::repo::layout::{manifest_key, wal_key};

@@ -3,7 +3,7 @@
 //! directory nor more than the `REPLICATION` attribute. The server does the start and the stop
 //! and applies its own exclusions; its tar archives are read as they stream
 //! ([`crate::replication::tar`]) and each file goes through the same chunk pipeline as a
-//! backup from disk ([`super::copy::Copier`]), so the backup is stored in the same format.
+//! backup from disk ([`super::upload::Copier`]), so the backup is stored in the same format.
 //!
 //! Every file's CRC-32C is computed as it streams and checked, with its size, against the
 //! `backup_manifest` the server sends last ([`ServerManifest`]), whose own SHA-256 proves it
@@ -15,10 +15,10 @@ use std::collections::BTreeMap;
 
 use super::BackupError;
 use super::control::{CONTROL_FILE, control_crc_holds};
-use super::copy::{Copied, Copier, Streamed};
 use super::inventory::Previous;
 use super::rebuild::{Prior, Rebuild};
 use super::session::Server;
+use super::upload::{Copied, Copier, Streamed};
 use crate::basebackup::chunk::read_chunk;
 use crate::basebackup::incremental;
 use crate::basebackup::manifest::{BackupId, Entry, EntryKind, StoredBlob, Tablespace};

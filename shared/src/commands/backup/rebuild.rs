@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 
 use super::BackupError;
-use super::copy::{Copier, Streamed};
+use super::upload::{Copier, Streamed};
 use crate::basebackup::chunk::{ChunkError, ChunkId, read_chunk};
 use crate::basebackup::incremental::{self, Header, IncrementalError};
 use crate::basebackup::manifest::{Entry, EntryKind};
@@ -344,8 +344,8 @@ mod tests {
     use super::*;
     use crate::basebackup::incremental::MAGIC;
     use crate::basebackup::manifest::Manifest;
-    use crate::commands::backup::copy::CopyOptions;
     use crate::commands::backup::inventory::Previous;
+    use crate::commands::backup::upload::CopyOptions;
     use crate::repo::WritableStore;
     use crate::repo::fault::{Fault, FaultStore};
     use crate::repo::store::CreateSemantics;

@@ -1,0 +1,222 @@
+//! `archive-agent init --copy-of` and `archive-agent copy --to`: a second copy of the repository,
+//! on another store, that restores exactly on its own.
+//! - A copy cut off by a signal leaves a target that verifies (no backup without its data), and
+//!   the next run finishes it; a copy right after a complete one writes nothing.
+//! - Every object of the source is on the target byte for byte (read here, not through walvault).
+//! - With the source unreachable, a restore from the copy reaches the exact state asked for.
+//! - `--prune` follows expire and nothing else; a damaged source object is not spread.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use walvault_testkit::agents::{ARCHIVE_AGENT, RESTORE_AGENT, agents};
+use walvault_testkit::backup::{self, Restore, next_backup_second, take_backup};
+use walvault_testkit::fixtures::{archive_everything, archiving_cluster};
+use walvault_testkit::host::Finished;
+use walvault_testkit::repo::StoreKind;
+use walvault_testkit::workload::{self, Ledger, LedgerState};
+use walvault_testkit::{Cluster, Repo};
+
+/// `archive-agent copy` from `source` to `target`, with the credentials each needs.
+fn copy_args(source: &Repo, target: &Repo, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["copy".to_string()];
+    args.extend(source.args());
+    args.extend(["--to".to_string(), target.url()]);
+    if let Some(c) = target.config_path() {
+        args.extend(["--to-config".to_string(), c.display().to_string()]);
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn copy(source: &Repo, target: &Repo, extra: &[&str]) -> Finished {
+    let mut extra = extra.to_vec();
+    extra.push("--json");
+    agents().run(ARCHIVE_AGENT, copy_args(source, target, &extra))
+}
+
+fn report(run: &Finished) -> Result<Value> {
+    serde_json::from_str(&run.stdout).with_context(|| format!("copy printed no JSON:\n{run}"))
+}
+
+/// A second copy of `source` in store `kind` (`init --copy-of`), empty.
+fn copy_location(source: &Repo, kind: StoreKind) -> Result<Repo> {
+    let target = Repo::uninitialized_in(kind)?;
+    let mut args = vec!["init".to_string(), "--repo".into(), target.url()];
+    // One configuration file must give both stores' credentials: the object store's one.
+    if let Some(c) = target.config_path().or(source.config_path()) {
+        args.extend(["--config".to_string(), c.display().to_string()]);
+    }
+    args.extend(["--copy-of".to_string(), source.url()]);
+    agents().run(ARCHIVE_AGENT, args).check()?;
+    ensure!(target.id()? == source.id()?, "the copy has the source's id");
+    Ok(target)
+}
+
+fn steps(cluster: &Cluster, n: usize) -> Result<Vec<LedgerState>> {
+    let mut ledger = Ledger::connect(cluster)?;
+    (0..n).map(|_| ledger.step()).collect()
+}
+
+/// Every object of `source` but its descriptor and locks is on `target` with the same bytes.
+fn assert_same_objects(source: &Repo, target: &Repo) -> Result<usize> {
+    let theirs = target.files()?;
+    let mut n = 0;
+    for key in source.files()?.keys() {
+        if key == "walvault.json" || key.starts_with("locks/") {
+            continue;
+        }
+        ensure!(theirs.contains_key(key), "{key} is not on the copy");
+        ensure!(
+            source.read(key)? == target.read(key)?,
+            "{key} differs on the copy"
+        );
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[test]
+fn a_copy_on_another_store_restores_exactly_on_its_own() -> Result<()> {
+    let repo = Repo::new()?;
+    let mut source = archiving_cluster("copy-source", &repo, "")?;
+    workload::create_ledger(&source)?;
+    source.execute(
+        "CREATE TABLE payload (id integer, body text);
+         INSERT INTO payload SELECT g, md5(g::text) || md5((g * 7)::text) FROM generate_series(1, 60000) g",
+    )?;
+    steps(&source, 5)?;
+    take_backup(&source, &repo)?;
+    next_backup_second();
+    let after = steps(&source, 20)?;
+    take_backup(&source, &repo)?;
+    steps(&source, 10)?;
+    archive_everything(&source)?;
+    source.stop()?;
+
+    // Another store than the source's: file to S3, or S3 / Azure to file.
+    let other = match repo.kind() {
+        StoreKind::File => StoreKind::S3,
+        StoreKind::S3 | StoreKind::Azure => StoreKind::File,
+    };
+    let target = copy_location(&repo, other)?;
+
+    // Cut off after a second at 1 MiB/s: part of it is there, and what is there verifies.
+    let mut cut = agents().command(ARCHIVE_AGENT);
+    cut.args(copy_args(&repo, &target, &["--max-rate", "1MiB"]));
+    let mut child = cut.spawn().context("spawning copy")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    // SIGTERM to runuser, which passes it on: archive-agent copy dies where it is.
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    let partial = target.files()?.len();
+    let mut verify = vec!["verify".to_string()];
+    verify.extend(target.args());
+    let checked = agents().run(RESTORE_AGENT, &verify);
+    ensure!(
+        checked.code() == Some(0),
+        "a copy cut off after {partial} objects must still verify:\n{checked}"
+    );
+
+    let first = report(&copy(&repo, &target, &[]).check()?)?;
+    ensure!(
+        first["copied"]["objects"].as_u64() > Some(0),
+        "the second run copies what the first left: {first:#}"
+    );
+    let n = assert_same_objects(&repo, &target)?;
+    let again = report(&copy(&repo, &target, &[]).check()?)?;
+    assert_eq!(
+        again["copied"]["objects"], 0,
+        "a second copy writes nothing: {again:#}"
+    );
+    assert_eq!(again["present"]["objects"].as_u64(), Some(n as u64), "{again:#}");
+
+    // The source gone: the copy alone restores to the instant asked for.
+    repo.set_reachable(false)?;
+    let target_state = &after[12];
+    let restored = backup::assert_restores_to(&target, "copy-restored", target_state, Restore::default());
+    repo.set_reachable(true)?;
+    let (restored, _) = restored?;
+    assert_eq!(
+        restored.query_one_string("SELECT count(*) FROM payload")?,
+        "60000"
+    );
+    Ok(())
+}
+
+#[test]
+fn prune_follows_expire_and_damaged_objects_are_not_spread() -> Result<()> {
+    let repo = Repo::new()?;
+    let mut source = archiving_cluster("copy-prune", &repo, "")?;
+    workload::create_ledger(&source)?;
+    steps(&source, 5)?;
+    let first = take_backup(&source, &repo)?;
+    next_backup_second();
+    steps(&source, 5)?;
+    archive_everything(&source)?;
+    source.execute("SELECT pg_switch_wal()")?;
+    take_backup(&source, &repo)?;
+    let kept = steps(&source, 10)?;
+    archive_everything(&source)?;
+    let target = copy_location(&repo, repo.kind())?;
+    copy(&repo, &target, &[]).check()?;
+    let first_manifest = repo.manifest_key(&first.id);
+    ensure!(target.has(&first_manifest), "both backups are on the copy");
+
+    // Expire on the source removes the first backup and the WAL only it needed; prune follows.
+    let mut expire = vec!["expire".to_string()];
+    expire.extend(repo.args());
+    expire.extend(["--keep-last", "1"].map(String::from));
+    agents().run(ARCHIVE_AGENT, expire).check()?;
+    ensure!(!repo.has(&first_manifest), "expire removed the first backup");
+    let gone: Vec<String> = target
+        .files()?
+        .into_keys()
+        .filter(|k| k.starts_with("wal/0") && !repo.has(k))
+        .collect();
+    ensure!(!gone.is_empty(), "expire removed WAL the copy still holds");
+    // Without --prune the copy keeps it all.
+    copy(&repo, &target, &[]).check()?;
+    ensure!(target.has(&first_manifest), "no --prune, nothing deleted");
+    let pruned = report(&copy(&repo, &target, &["--prune"]).check()?)?;
+    ensure!(pruned["pruned"]["objects"].as_u64() > Some(0), "{pruned:#}");
+    ensure!(!target.has(&first_manifest), "pruned: the expired backup");
+    for key in &gone {
+        ensure!(
+            !target.has(key),
+            "{key} is gone from the source, so prune removes it from the copy (the copy holds {:?})",
+            target.files()?.into_keys().collect::<Vec<_>>()
+        );
+    }
+    assert_same_objects(&repo, &target)?;
+
+    // A damaged segment in the source is refused, named, and not spread.
+    steps(&source, 10)?;
+    let last = archive_everything(&source)?;
+    source.stop()?;
+    let key = repo.object_key(&last);
+    let mut bytes = repo.read(&key)?;
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    repo.write(&key, &bytes)?;
+    let run = copy(&repo, &target, &[]);
+    run.assert_code(3);
+    let damaged = report(&run)?;
+    ensure!(
+        damaged["damaged"].to_string().contains(&last),
+        "the damaged segment is named: {damaged:#}"
+    );
+    ensure!(!target.has(&key), "a damaged object is never copied");
+
+    // The copy still restores to a state it holds.
+    let (restored, _) = backup::restore_and_recover(
+        &target,
+        "copy-pruned",
+        Restore::with(&["--target-time", kept[5].time.as_str()]),
+    )?;
+    assert_eq!(workload::ledger_contents(&restored)?, kept[5].contents);
+    Ok(())
+}
