@@ -217,7 +217,7 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<u8> {
             ..
         } => {
             let settings = repo.settings(None)?;
-            let source = other_repo(repo, source, None).settings(None)?;
+            let source = repo.elsewhere(&source, None).settings(None)?;
             show(&block_on(admin::init_copy(&settings, &source))??, json)
         }
         Command::Init {
@@ -254,7 +254,7 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<u8> {
             json,
         } => {
             let from = repo.settings(None)?;
-            let mut target = other_repo(repo, to, to_config).settings(None)?;
+            let mut target = repo.elsewhere(&to, to_config.as_deref()).settings(None)?;
             target.cap_writes(max_rate);
             let opts = walvault::commands::copy::CopyOptions { parallel, prune };
             let report = block_on(walvault::commands::copy::copy_repository(&from, &target, &opts))??;
@@ -298,16 +298,6 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<u8> {
         }
     };
     shown.map(|()| walvault::exit::SUCCESS)
-}
-
-/// The flags of another repository (a copy's source or target): `url`, read with `config`
-/// (else the same configuration file), with the same retry timeout.
-fn other_repo(repo: &RepoArgs, url: String, config: Option<PathBuf>) -> RepoArgs {
-    RepoArgs {
-        repo: Some(url),
-        config: config.or_else(|| repo.config.clone()),
-        retry_timeout: repo.retry_timeout.clone(),
-    }
 }
 
 /// Run `f` to completion on a multi-threaded runtime.

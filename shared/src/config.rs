@@ -38,6 +38,16 @@ pub struct RepoArgs {
 }
 
 impl RepoArgs {
+    /// The flags of another repository (a copy's source or target): `url`, read with `config`
+    /// (else the same configuration file), with the same retry timeout.
+    pub fn elsewhere(&self, url: &str, config: Option<&Path>) -> RepoArgs {
+        RepoArgs {
+            repo: Some(url.to_string()),
+            config: config.map(Path::to_path_buf).or_else(|| self.config.clone()),
+            retry_timeout: self.retry_timeout.clone(),
+        }
+    }
+
     /// The settings these flags give, with the key from the environment ([`KeyEnv::read`]), the
     /// TOML file they name (else [`DEFAULT_CONFIG_PATH`] if it exists) and the defaults;
     /// `compress_level` is a command's own flag.

@@ -220,3 +220,66 @@ fn prune_follows_expire_and_damaged_objects_are_not_spread() -> Result<()> {
     assert_eq!(workload::ledger_contents(&restored)?, kept[5].contents);
     Ok(())
 }
+
+#[test]
+fn the_daemon_keeps_a_second_copy_within_its_lag() -> Result<()> {
+    let repo = Repo::new()?;
+    let mut source = archiving_cluster("copy-daemon", &repo, "")?;
+    let target = copy_location(&repo, repo.kind())?;
+    let mut extra = vec![
+        "--copy-to".to_string(),
+        target.url(),
+        "--copy-every".into(),
+        "1s".into(),
+    ];
+    if let Some(c) = target.config_path() {
+        extra.extend(["--copy-to-config".to_string(), c.display().to_string()]);
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let daemon = walvault_testkit::daemon::Daemon::start(&source, &repo, &extra)?;
+    workload::create_ledger(&source)?;
+    take_backup(&source, &repo)?;
+    let states = steps(&source, 20)?;
+    let last = archive_everything(&source)?;
+    // The newest segment reaches the copy without anyone running copy, and the metrics say how
+    // far behind the copy is.
+    let key = repo.object_key(&last);
+    walvault_testkit::host::wait_for(
+        "the newest segment on the copy, and a complete pass after it",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            let ok = daemon.metric("walvault_copy_last_ok")? == Some(1.0);
+            Ok(match target.has(&key) && ok {
+                true => walvault_testkit::host::Poll::Done(()),
+                false => walvault_testkit::host::Poll::Waiting(format!(
+                    "{} objects on the copy, copy_last_ok {:?}",
+                    target.files()?.len(),
+                    daemon.metric("walvault_copy_last_ok")?
+                )),
+            })
+        },
+    )?;
+    let lag = daemon
+        .metric("walvault_copy_lag_seconds")?
+        .context("no copy_lag_seconds")?;
+    ensure!((0.0..30.0).contains(&lag), "copy_lag_seconds {lag}");
+    ensure!(
+        daemon.metric("walvault_copy_lag_bytes")?.is_some(),
+        "copy_lag_bytes is exposed"
+    );
+    ensure!(
+        daemon.metric("walvault_copy_bytes_total")? > Some(0.0),
+        "the copy moved bytes"
+    );
+    daemon.stop()?;
+    source.stop()?;
+    // What the daemon copied restores on its own.
+    let (restored, _) = backup::restore_and_recover(
+        &target,
+        "copy-daemon-restored",
+        Restore::with(&["--target-time", states[15].time.as_str()]),
+    )?;
+    assert_eq!(workload::ledger_contents(&restored)?, states[15].contents);
+    Ok(())
+}

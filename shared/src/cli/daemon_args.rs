@@ -92,6 +92,26 @@ pub struct DaemonArgs {
     /// Restore drills on a schedule (evidence stored in the repository)
     #[command(flatten)]
     pub drill: Box<ScheduledDrillArgs>,
+    /// Keep a second copy of the repository at URL (created by `archive-agent init --copy-of`):
+    /// a copy pass (see `archive-agent copy`) every --copy-every, on its own, so a slow second
+    /// store never holds up archiving; metrics walvault_copy_lag_seconds and _bytes
+    #[arg(long, value_name = "URL")]
+    pub copy_to: Option<String>,
+    /// A copy pass at least this often: the lag the second copy is kept within, plus the time
+    /// a pass takes
+    #[arg(long, default_value = "1m", value_name = "DURATION", requires = "copy_to")]
+    pub copy_every: String,
+    /// TOML file with the second repository's store credentials, when they differ from the
+    /// first's [default: the daemon's configuration]
+    #[arg(long, value_name = "FILE", requires = "copy_to")]
+    pub copy_to_config: Option<PathBuf>,
+    /// Objects each copy pass moves at once
+    #[arg(long, default_value_t = 4, value_name = "N", requires = "copy_to")]
+    pub copy_parallel: usize,
+    /// Each copy pass also deletes from the second repository what expire deleted from the
+    /// first (see `archive-agent copy --prune`)
+    #[arg(long, requires = "copy_to")]
+    pub copy_prune: bool,
 }
 
 impl DaemonArgs {
@@ -149,7 +169,31 @@ impl DaemonArgs {
             verify_every: every(&self.verify_every)?,
             drill_every,
             drill,
+            copy: self.copy_job(repo, settings)?,
         })
+    }
+
+    /// The second repository to keep, with the daemon's write cap shared.
+    fn copy_job(
+        &self,
+        repo: &RepoArgs,
+        settings: &Settings,
+    ) -> Result<Option<crate::commands::daemon::CopyJob>, DaemonArgsError> {
+        let Some(url) = &self.copy_to else {
+            return Ok(None);
+        };
+        let mut target = repo
+            .elsewhere(url, self.copy_to_config.as_deref())
+            .settings(None)?;
+        target.rate_limit = settings.rate_limit.clone();
+        Ok(Some(crate::commands::daemon::CopyJob {
+            target,
+            every: parse_duration(&self.copy_every)?,
+            opts: crate::commands::copy::CopyOptions {
+                parallel: self.copy_parallel.max(1),
+                prune: self.copy_prune,
+            },
+        }))
     }
 
     fn drill_every(&self) -> Result<Option<std::time::Duration>, ConfigError> {

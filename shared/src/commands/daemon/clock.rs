@@ -101,6 +101,7 @@ mod tests {
             ("backups.rs", include_str!("backups.rs")),
             ("verifies.rs", include_str!("verifies.rs")),
             ("drills.rs", include_str!("drills.rs")),
+            ("copies.rs", include_str!("copies.rs")),
             ("window.rs", include_str!("window.rs")),
             ("wal_switch.rs", include_str!("wal_switch.rs")),
         ];

@@ -61,6 +61,16 @@ pub struct Metrics {
     /// 4 lost; and its `safe_wal_size` (-1 when unknown or unlimited).
     pub stream_slot_wal_status: AtomicU64,
     pub stream_slot_safe_wal_bytes: AtomicI64,
+    /// `--copy-to`: 1 when a second repository is kept (the `copy_` families are shown only then).
+    pub copying: AtomicU64,
+    /// Seconds since the start of the last complete copy pass (-1 before the first).
+    pub copy_lag_seconds: AtomicI64,
+    /// Bytes the last copy pass found missing from the second repository.
+    pub copy_lag_bytes: AtomicU64,
+    /// 1 when the last copy pass left nothing behind.
+    pub copy_last_ok: AtomicU64,
+    pub copy_bytes: AtomicU64,
+    pub copy_failed: AtomicU64,
 }
 
 /// One metric as exposed: its name (with labels, without the `walvault_` prefix), type, help
@@ -114,6 +124,7 @@ impl Metrics {
             .chain(self.verify_samples())
             .chain(self.drill_samples())
             .chain(self.stream_samples())
+            .chain(self.copy_samples())
             .chain([gauge("up", "The daemon is running", "1".into())]);
         let mut out = String::new();
         for Sample {
@@ -129,6 +140,40 @@ impl Metrics {
             ));
         }
         out
+    }
+
+    /// How far behind the second repository is (`--copy-to`; nothing without it).
+    fn copy_samples(&self) -> Vec<Sample> {
+        if self.copying.load(Ordering::Relaxed) == 0 {
+            return Vec::new();
+        }
+        vec![
+            gauge(
+                "copy_lag_seconds",
+                "Seconds since the start of the last complete copy pass: the second repository holds everything the first held then (-1 before the first)",
+                unix(&self.copy_lag_seconds),
+            ),
+            gauge(
+                "copy_lag_bytes",
+                "Bytes the last copy pass found missing from the second repository",
+                count(&self.copy_lag_bytes),
+            ),
+            gauge(
+                "copy_last_ok",
+                "1 when the last copy pass left nothing behind, 0 otherwise",
+                count(&self.copy_last_ok),
+            ),
+            counter(
+                "copy_bytes_total",
+                "Bytes copied to the second repository",
+                &self.copy_bytes,
+            ),
+            counter(
+                "copy_failed_total",
+                "Copy passes that failed (the second repository unreachable, or the first)",
+                &self.copy_failed,
+            ),
+        ]
     }
 
     /// What the stream reports (all zero without `--stream`).
@@ -455,5 +500,18 @@ mod tests {
     #[test]
     fn render_exposes_every_metric_under_its_name() {
         assert_eq!(distinct().render(), include_str!("testdata/metrics.prom"));
+    }
+
+    #[test]
+    fn the_copy_lag_is_shown_only_when_a_second_repository_is_kept() {
+        let m = distinct();
+        m.copying.store(1, Ordering::Relaxed);
+        m.copy_lag_seconds.store(42, Ordering::Relaxed);
+        m.copy_lag_bytes.store(4096, Ordering::Relaxed);
+        let text = m.render();
+        assert!(text.contains("\nwalvault_copy_lag_seconds 42\n"), "{text}");
+        assert!(text.contains("\nwalvault_copy_lag_bytes 4096\n"), "{text}");
+        assert!(text.contains("# TYPE walvault_copy_bytes_total counter"));
+        assert!(!distinct().render().contains("copy_"));
     }
 }

@@ -11,6 +11,7 @@
 
 mod backups;
 mod clock;
+mod copies;
 mod drills;
 mod indexer;
 mod jobs;
@@ -32,6 +33,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 pub use self::clock::{Clock, ManualClock, SystemClock};
+pub use self::copies::CopyJob;
 use self::jobs::Jobs;
 pub use self::metrics::Metrics;
 use self::repo_watch::RepoWatch;
@@ -67,6 +69,8 @@ pub struct DaemonOptions {
     /// Run a restore drill this often, storing its evidence in the repository.
     pub drill_every: Option<Duration>,
     pub drill: Option<crate::commands::drill::DrillOptions>,
+    /// Keep a second repository within a stated lag (`--copy-to`).
+    pub copy: Option<CopyJob>,
 }
 
 /// Why the daemon could not start.
@@ -126,6 +130,16 @@ pub async fn run_with_clock(
     if let Some(addr) = opts.metrics_addr {
         metrics::serve(addr, Arc::clone(&metrics)).await?;
     }
+    // Aborted when dropped, at the end of the run, whichever way it ends.
+    let _copies = opts.copy.clone().map(|job| {
+        tracing::info!(to = %job.target.repo, every = ?job.every, "keeping a second copy of the repository");
+        AbortOnDrop(tokio::spawn(copies::keep_copying(
+            Arc::clone(&settings),
+            job,
+            Arc::clone(&metrics),
+            Arc::clone(&clock),
+        )))
+    });
     if let Some(stream) = opts.stream.clone() {
         tracing::info!(repo = %settings.repo, "daemon started (streaming)");
         // Backups over the protocol from the same connection string, while the stream stores
@@ -203,6 +217,15 @@ pub async fn run_with_clock(
     repo_watch.stop();
     jobs.abort();
     Ok(())
+}
+
+/// A task stopped when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The spool shared with push, its markers' directory created.
