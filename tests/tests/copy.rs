@@ -283,3 +283,36 @@ fn the_daemon_keeps_a_second_copy_within_its_lag() -> Result<()> {
     assert_eq!(workload::ledger_contents(&restored)?, states[15].contents);
     Ok(())
 }
+
+#[test]
+fn an_encrypted_repository_copies_sealed_and_opens_with_the_same_key() -> Result<()> {
+    const KEY: &str = "copy test passphrase, stretched by argon2id";
+    let repo = Repo::new_encrypted(KEY)?;
+    let mut source = archiving_cluster("copy-encrypted", &repo, "")?;
+    workload::create_ledger(&source)?;
+    take_backup(&source, &repo)?;
+    let states = steps(&source, 10)?;
+    archive_everything(&source)?;
+    source.stop()?;
+    let mut target = copy_location(&repo, repo.kind())?;
+    ensure!(
+        target.read("walvault.json")? != repo.read("walvault.json")?,
+        "the copy's descriptor names its source"
+    );
+    copy(&repo, &target, &[]).check()?;
+    // Byte for byte: the sealed objects are the source's, never decrypted on the way.
+    assert_same_objects(&repo, &target)?;
+    // Without the key the copy is as closed as the source; with it, it restores.
+    let mut restore = vec!["info".to_string()];
+    restore.extend(target.args());
+    let keyless = agents().run(RESTORE_AGENT, &restore);
+    ensure!(keyless.code() != Some(0), "no key, no info:\n{keyless}");
+    target.use_key("key", KEY)?;
+    let (restored, _) = backup::restore_and_recover(
+        &target,
+        "copy-encrypted-restored",
+        Restore::with(&["--target-time", states[6].time.as_str()]),
+    )?;
+    assert_eq!(workload::ledger_contents(&restored)?, states[6].contents);
+    Ok(())
+}

@@ -43,6 +43,46 @@ pub struct InfoReport {
     pub damaged: Vec<Damaged>,
     /// The most recent drills, newest first.
     pub drills: Vec<Evidence>,
+    /// With a second copy of the repository: each one's window, the first then the second.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub side_by_side: Vec<WindowRow>,
+}
+
+/// One repository's reach, as the side-by-side table shows it: what a restore from it alone
+/// can reach on the newest timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WindowRow {
+    pub repository: String,
+    pub repository_id: RepoId,
+    pub backups: usize,
+    pub newest_backup: Option<String>,
+    pub timeline: Option<TimelineId>,
+    /// The newest segment of that timeline's last run of WAL.
+    pub wal_to: Option<String>,
+    pub restorable_from: Option<String>,
+    pub restorable_to: Option<String>,
+    pub damaged: usize,
+}
+
+impl WindowRow {
+    pub fn of(report: &InfoReport) -> WindowRow {
+        let newest = report.timelines.iter().max_by_key(|t| t.timeline);
+        WindowRow {
+            repository: report.repository.clone(),
+            repository_id: report.repository_id.clone(),
+            backups: report.backups.len(),
+            newest_backup: report.backups.last().map(|b| b.id.to_string()),
+            timeline: newest.map(|t| t.timeline),
+            wal_to: newest.and_then(|t| t.wal.last()).map(|r| r.last.clone()),
+            restorable_from: newest
+                .and_then(|t| t.restorable.as_ref())
+                .map(|r| r.earliest.clone()),
+            restorable_to: newest
+                .and_then(|t| t.restorable.as_ref())
+                .and_then(|r| r.latest_before.clone()),
+            damaged: report.damaged.len(),
+        }
+    }
 }
 
 /// How an encrypted repository is keyed (never the key).
@@ -97,6 +137,15 @@ pub struct RestorePointInfo {
     pub time: Option<String>,
 }
 
+/// [`info`] of the repository `settings` names, with its window and that of its second copy
+/// `copy` (`restore-agent info --fallback-repo`) side by side.
+pub async fn info_with_copy(settings: &Settings, copy: &Settings) -> Result<InfoReport, InfoError> {
+    let mut report = info(settings).await?;
+    let second = info(copy).await?;
+    report.side_by_side = vec![WindowRow::of(&report), WindowRow::of(&second)];
+    Ok(report)
+}
+
 /// Open the repository read-only and describe it.
 pub async fn info(settings: &Settings) -> Result<InfoReport, InfoError> {
     let repo = Reader::open(&settings.repo, &settings.store_options()).await?;
@@ -131,6 +180,7 @@ pub fn describe(
         timelines,
         damaged: cat.damaged().to_vec(),
         drills,
+        side_by_side: Vec::new(),
     }
 }
 
@@ -173,6 +223,7 @@ impl Report for InfoReport {
     fn render(&self) -> String {
         let mut out = String::new();
         self.render_header(&mut out);
+        self.render_side_by_side(&mut out);
         self.render_backups(&mut out);
         self.render_timelines(&mut out);
         for d in &self.damaged {
@@ -225,6 +276,49 @@ impl InfoReport {
                 e.cipher,
                 e.wrapped_at.as_deref().unwrap_or("at init")
             );
+        }
+        out.push('\n');
+    }
+
+    /// Each copy's reach, one line each, the first repository first.
+    fn render_side_by_side(&self, out: &mut String) {
+        if self.side_by_side.is_empty() {
+            return;
+        }
+        let width = self
+            .side_by_side
+            .iter()
+            .map(|r| r.repository.len())
+            .max()
+            .unwrap_or(10)
+            .max(10);
+        let head = format!(
+            "{:<width$}  {:>7}  {:<18}  {:<24}  {:<24}  {:<24}",
+            "copy", "backups", "newest backup", "wal to", "restorable from", "to just before"
+        );
+        let _ = writeln!(out, "{}", head.trim_end());
+        let first_id = &self.side_by_side[0].repository_id;
+        for r in &self.side_by_side {
+            let line = format!(
+                "{:<width$}  {:>7}  {:<18}  {:<24}  {:<24}  {:<24}{}{}",
+                r.repository,
+                r.backups,
+                r.newest_backup.as_deref().unwrap_or("-"),
+                r.wal_to.as_deref().unwrap_or("-"),
+                r.restorable_from.as_deref().unwrap_or("-"),
+                r.restorable_to.as_deref().unwrap_or("-"),
+                if r.damaged > 0 {
+                    format!("  {} damaged", r.damaged)
+                } else {
+                    String::new()
+                },
+                if &r.repository_id != first_id {
+                    format!("  NOT A COPY (id {})", r.repository_id)
+                } else {
+                    String::new()
+                },
+            );
+            let _ = writeln!(out, "{}", line.trim_end());
         }
         out.push('\n');
     }
@@ -356,6 +450,44 @@ mod tests {
             "{text}"
         );
         assert_eq!(lines.len(), 7, "{text}");
+    }
+
+    #[test]
+    fn two_copies_show_their_windows_side_by_side() {
+        let mut report = describe("file:///srv/repo".into(), &catalog(), None, vec![]);
+        let behind = describe(
+            "s3://second/repo".into(),
+            &empty_catalog(7).with_segments([(tl(1), nos(&[2, 3]))].into()),
+            None,
+            vec![],
+        );
+        let mut second = WindowRow::of(&behind);
+        second.repository_id = report.repository_id.clone();
+        report.side_by_side = vec![WindowRow::of(&report), second];
+        let text = to_string(&report, Format::Text);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[2].starts_with("copy              backups  newest backup"),
+            "{text}"
+        );
+        assert!(
+            lines[3].starts_with("file:///srv/repo        1  20261123T101010Z    000000010000000000000005"),
+            "{text}"
+        );
+        assert!(
+            lines[4].starts_with("s3://second/repo        0  -                   000000010000000000000003"),
+            "{text}"
+        );
+        assert!(!text.contains("NOT A COPY"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&to_string(&report, Format::Json)).unwrap();
+        assert_eq!(v["side_by_side"][1]["wal_to"], "000000010000000000000003");
+        assert_eq!(v["side_by_side"][1]["backups"], 0);
+        // A repository that is not a copy says so.
+        report.side_by_side[1] = WindowRow::of(&behind);
+        assert!(to_string(&report, Format::Text).contains("NOT A COPY"));
+        // Alone, the report has no such table or field.
+        let alone = describe("file:///srv/repo".into(), &catalog(), None, vec![]);
+        assert!(!to_string(&alone, Format::Json).contains("side_by_side"));
     }
 
     #[test]
