@@ -44,8 +44,13 @@ fn report(run: &Finished) -> Result<Value> {
 fn copy_location(source: &Repo, kind: StoreKind) -> Result<Repo> {
     let target = Repo::uninitialized_in(kind)?;
     let mut args = vec!["init".to_string(), "--repo".into(), target.url()];
-    // One configuration file must give both stores' credentials: the object store's one.
-    if let Some(c) = target.config_path().or(source.config_path()) {
+    // One configuration file must give both stores' credentials (and an encrypted source's
+    // key): the source's when both are on one store, else the object store's.
+    let config = match target.kind() == source.kind() {
+        true => source.config_path().or(target.config_path()),
+        false => target.config_path().or(source.config_path()),
+    };
+    if let Some(c) = config {
         args.extend(["--config".to_string(), c.display().to_string()]);
     }
     args.extend(["--copy-of".to_string(), source.url()]);
@@ -270,7 +275,9 @@ fn the_daemon_keeps_a_second_copy_within_its_lag() -> Result<()> {
     );
     ensure!(
         daemon.metric("walvault_copy_bytes_total")? > Some(0.0),
-        "the copy moved bytes"
+        "the copy moved bytes:\n{}\n{}",
+        daemon.http_get("/metrics")?,
+        daemon.log()
     );
     daemon.stop()?;
     source.stop()?;
@@ -299,10 +306,13 @@ fn an_encrypted_repository_copies_sealed_and_opens_with_the_same_key() -> Result
         target.read("walvault.json")? != repo.read("walvault.json")?,
         "the copy's descriptor names its source"
     );
+    // The copy's own configuration needs the key too (on an object store it has one of its own).
+    target.use_key("key", KEY)?;
     copy(&repo, &target, &[]).check()?;
     // Byte for byte: the sealed objects are the source's, never decrypted on the way.
     assert_same_objects(&repo, &target)?;
     // Without the key the copy is as closed as the source; with it, it restores.
+    target.forget_key()?;
     let mut restore = vec!["info".to_string()];
     restore.extend(target.args());
     let keyless = agents().run(RESTORE_AGENT, &restore);
