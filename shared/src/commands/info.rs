@@ -10,7 +10,7 @@ use crate::catalog::{BackupInfo, Catalog, CatalogError, Damaged, SegmentRange};
 use crate::commands::drill::{Evidence, Objective};
 use crate::config::Settings;
 use crate::repo::keys::{EncryptionRecord, Kdf};
-use crate::repo::{ClusterIdentity, Reader, RepoError, RepoId, StoreError};
+use crate::repo::{ClusterIdentity, RepoError, RepoId, StoreError};
 use crate::report::{Report, human_bytes};
 use crate::time::format_micros;
 use crate::wal::TimelineId;
@@ -99,7 +99,7 @@ pub struct RestorePointInfo {
 
 /// Open the repository read-only and describe it.
 pub async fn info(settings: &Settings) -> Result<InfoReport, InfoError> {
-    let repo = Reader::open(&settings.repo, &settings.store_options()).await?;
+    let repo = settings.open_reader().await?;
     let encryption = repo.descriptor().encryption.as_ref().map(EncryptionInfo::from);
     let drills = crate::commands::drill::recent(&repo, RECENT_DRILLS).await?;
     let cat = Catalog::load(&repo).await?;

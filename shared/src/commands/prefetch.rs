@@ -221,7 +221,7 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
     if !pf.claim().map_err(PrefetchError::spool(&pf.dir))? {
         return Ok(()); // another prefetcher serves this data directory
     }
-    let repo = match Reader::open(&settings.repo, &settings.store_options()).await {
+    let repo = match settings.open_reader().await {
         Ok(r) => std::sync::Arc::new(r),
         Err(e) => {
             lease::release(&pf.dir.join("lock"));
