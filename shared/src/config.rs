@@ -581,6 +581,33 @@ mod tests {
     }
 
     #[test]
+    fn the_fallback_repository_comes_from_the_flag_else_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("w.toml");
+        std::fs::write(
+            &cfg,
+            "repo = \"file:///a\"\nfallback_repo = \"s3://dr/walvault\"\n",
+        )
+        .unwrap();
+        let resolve = |flag: Option<&str>| {
+            let args = RepoArgs {
+                config: Some(cfg.clone()),
+                ..Default::default()
+            }
+            .with_fallback(FallbackArgs {
+                fallback_repo: flag.map(str::to_string),
+            });
+            Settings::resolve(&args, None, KeyEnv::default(), Path::new("/nonexistent")).unwrap()
+        };
+        let from_file = resolve(None).fallback_repo.unwrap();
+        assert_eq!(from_file.as_str(), "s3://dr/walvault");
+        let from_flag = resolve(Some("file:///b")).fallback_repo.unwrap();
+        assert_eq!(from_flag.as_str(), "file:///b");
+        std::fs::write(&cfg, "repo = \"file:///a\"\n").unwrap();
+        assert_eq!(resolve(None).fallback_repo, None);
+    }
+
+    #[test]
     fn flag_beats_file_and_file_fills_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("w.toml");

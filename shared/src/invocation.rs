@@ -341,6 +341,29 @@ mod tests {
         assert!(!line.contains("vault"));
     }
 
+    /// The restored server's restore_command reads from the same fallback repository.
+    #[test]
+    fn a_fallback_repository_given_is_passed_on() {
+        let given = RepoArgs {
+            repo: Some("file:///r".into()),
+            fallback_repo: Some("s3://dr/walvault".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(
+            &given,
+            None,
+            Default::default(),
+            std::path::Path::new("/nonexistent"),
+        )
+        .unwrap();
+        let inv = RepoInvocation::new(&s, &given).unwrap();
+        let line = AgentCommand::restore_command("/usr/bin/restore-agent", &inv).shell_line();
+        assert_eq!(
+            line,
+            "/usr/bin/restore-agent fetch --repo file:///r --fallback-repo s3://dr/walvault %f %p"
+        );
+    }
+
     #[test]
     fn quoting() {
         assert_eq!(sh_quote("plain/path-1.2"), "plain/path-1.2");

@@ -269,7 +269,10 @@ async fn fetch_unbounded(
             Err(Damage::Content(never)) => match never {},
             Err(Damage::Envelope(source)) if rereads == 0 => {
                 let open = |b: &[u8]| stored::open::<WalObject>(reader.sealer(), &name, b);
-                if let Some(file) = store.reread_from_fallback(&key, None, source.to_string(), open).await {
+                if let Some(file) = store
+                    .reread_from_fallback(&key, None, source.to_string(), open)
+                    .await
+                {
                     break (reader, file.stored_len, file.content);
                 }
                 return Err(FetchError::Corrupt {

@@ -120,7 +120,10 @@ pub async fn read(store: &Store, sealer: &Sealer, seg: &SegmentName) -> Result<O
             let open = |b: &[u8]| sealer.open(b, ObjectKind::StreamPiece, &name);
             let content = match open(&bytes) {
                 Ok((_, content)) => content,
-                Err(source) => match store.reread_from_fallback(&p.key, None, source.to_string(), open).await {
+                Err(source) => match store
+                    .reread_from_fallback(&p.key, None, source.to_string(), open)
+                    .await
+                {
                     Some((_, content)) => content,
                     None => {
                         return Err(PieceError::Damaged {

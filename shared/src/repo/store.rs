@@ -203,7 +203,7 @@ pub struct Store {
     /// The process's cap on writes, if any.
     rate: Option<Arc<super::rate::RateLimit>>,
     /// A copy of the repository that answers for what this one lacks (`--fallback-repo`).
-    fallback: Option<Arc<fallback::Fallback>>,
+    fallback: Option<Arc<Store>>,
 }
 
 /// The repository's object store, for archive-agent: a [`Store`] that can also write.

@@ -99,7 +99,11 @@ impl<'a> Objects<'a> {
             Err(reason) => reason,
         };
         let reopen = |b: &[u8]| open::<K>(self.sealer, id, b);
-        match self.store.reread_from_fallback(&key, None, reason.to_string(), reopen).await {
+        match self
+            .store
+            .reread_from_fallback(&key, None, reason.to_string(), reopen)
+            .await
+        {
             Some(value) => Ok(Some(value)),
             None => Err(ReadError::Damaged { key, reason }),
         }

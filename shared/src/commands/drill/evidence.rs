@@ -174,7 +174,9 @@ pub async fn recent(repo: &crate::repo::Reader, n: usize) -> Result<Vec<Evidence
         let record = match read_record(repo, &key, &bytes) {
             Err(e) => {
                 let reopen = |b: &[u8]| read_record(repo, &key, b);
-                let again = repo.store().reread_from_fallback(&key, None, e.to_string(), reopen);
+                let again = repo
+                    .store()
+                    .reread_from_fallback(&key, None, e.to_string(), reopen);
                 again.await.ok_or(e)
             }
             read => read,
