@@ -270,26 +270,22 @@ impl ChunkReader {
                 pack: place.pack.to_string(),
                 id: first.id.to_string(),
             })?;
+        let short = |got: usize| RestoreError::ShortPack {
+            pack: place.pack.to_string(),
+            id: first.id.to_string(),
+            from: lo,
+            to: hi,
+            got,
+        };
         if bytes.len() as u64 != hi - lo {
-            let short = RestoreError::ShortPack {
-                pack: place.pack.to_string(),
-                id: first.id.to_string(),
-                from: lo,
-                to: hi,
-                got: bytes.len(),
-            };
+            // A truncated pack: the fallback repository's copy of the span, if it is whole.
             let whole = |b: &[u8]| match b.len() as u64 == hi - lo {
                 true => Ok(bytes::Bytes::copy_from_slice(b)),
-                false => Err(format!("{} bytes", b.len())),
+                false => Err(short(b.len())),
             };
-            return match self
-                .store
-                .reread_from_fallback(&key, Some(lo..hi), short.to_string(), whole)
-                .await
-            {
-                Some(bytes) => Ok((bytes, lo)),
-                None => Err(short),
-            };
+            let damage = short(bytes.len()).to_string();
+            let again = self.store.reread_from_fallback(&key, Some(lo..hi), damage, whole);
+            return again.await.map(|b| (b, lo)).ok_or_else(|| short(bytes.len()));
         }
         Ok((bytes, lo))
     }
