@@ -161,10 +161,10 @@ impl Store {
         Ok(union(here, there))
     }
 
-    /// The fallback's copy of `key` (bytes `range` of it, when given), opened by `open`, for a
-    /// copy read from this store that did not open (`damage` says why, for the log). `None`, the caller's
-    /// error standing, when there is no fallback or its copy is missing, unreadable or does not
-    /// open either (logged).
+    /// The fallback's copy of `key` (bytes `range` of it, when given), opened by `open`, for
+    /// bytes read through this store that did not open (`damage` says why, for the log).
+    /// `None`, the caller's error standing, when there is no fallback or its copy is missing,
+    /// unreadable or does not open either (logged).
     pub async fn reread_from_fallback<T, E: Display>(
         &self,
         key: &str,
@@ -181,17 +181,13 @@ impl Store {
             Ok(Some(bytes)) => bytes,
             Ok(None) => {
                 tracing::warn!(
-                    "{key} is damaged in {} and missing in fallback repository {}",
-                    self.url,
+                    "{key} does not open ({damage}), and fallback repository {} has none",
                     f.url
                 );
                 return None;
             }
             Err(e) => {
-                tracing::warn!(
-                    "{key} is damaged in {}, and the fallback's copy cannot be read: {e}",
-                    self.url
-                );
+                tracing::warn!("{key} does not open ({damage}), and the fallback's copy cannot be read: {e}");
                 return None;
             }
         };
@@ -201,7 +197,10 @@ impl Store {
                 Some(value)
             }
             Err(e) => {
-                tracing::warn!("{key} is damaged in fallback repository {} too: {e}", f.url);
+                tracing::warn!(
+                    "{key} does not open ({damage}), nor does fallback repository {}'s copy: {e}",
+                    f.url
+                );
                 None
             }
         }
