@@ -234,6 +234,18 @@ fn fetch_takes_a_segment_only_the_copy_has_and_not_found_stays_not_found() -> Re
         .assert_code(exit::NOT_FOUND_OR_RETRY);
     ensure!(!dest.exists());
 
+    // The first repository gone entirely (its walvault.json deleted): the copy alone serves.
+    let gone = a.pristine.copy()?;
+    gone.delete(walvault_testkit::repo::DESCRIPTOR)?;
+    let dest = dest_dir.join("gone");
+    let run = agents().fetch(&gone, &a.after_backup, &dest, &with_copy);
+    run.assert_code(exit::SUCCESS);
+    ensure!(fs::read(&dest)? == want, "fetched bytes differ from the copy's");
+    ensure!(
+        run.stderr.contains("reading everything from fallback repository"),
+        "{run}"
+    );
+
     // A copy of another repository is refused, in one line, as any bad repository.
     let other = Repo::new()?;
     let mut wrong: Vec<&str> = plain.to_vec();
