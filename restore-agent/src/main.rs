@@ -10,7 +10,7 @@ use walvault::cli::drill_args::DrillArgs;
 use walvault::cli::extract_args::ExtractArgs;
 use walvault::cli::progress_bar::Bar;
 use walvault::cli::restore_args::RestoreArgs;
-use walvault::config::RepoArgs;
+use walvault::config::{FallbackArgs, RepoArgs};
 use walvault::exit;
 use walvault::report::{Format, Report};
 
@@ -25,7 +25,12 @@ Exit status of fetch: 0 restored (verified), 1 not in the repository (PostgreSQL
 there), 200 anything else (the repository could not be read, the stored copy is corrupt, a bad
 argument or file name, an internal error): recovery stops with FATAL instead of ending early. In
 standby mode (standby.signal present) failures exit 1 instead, as PostgreSQL retries there. Other
-commands exit 2 on bad arguments.";
+commands exit 2 on bad arguments.
+
+With a second copy of the repository (archive-agent copy), --fallback-repo reads from it whatever
+the first lacks or holds damaged, e.g.
+    restore_command = 'restore-agent fetch --fallback-repo s3://dr-bucket/walvault %f %p'
+A file missing from both is still not found (exit 1).";
 
 /// Restore PostgreSQL WAL from a walvault repository.
 #[derive(Debug, Parser)]
@@ -33,6 +38,8 @@ commands exit 2 on bad arguments.";
 struct Cli {
     #[command(flatten)]
     repo: RepoArgs,
+    #[command(flatten)]
+    fallback: FallbackArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -169,6 +176,7 @@ fn main() -> ExitCode {
         cli::allocator::rerun_with_lean_allocator("restore-agent");
     }
     cli::init_logging();
+    let repo = cli.repo.with_fallback(cli.fallback);
     let (failed, failure_code) = match &cli.command {
         Command::Fetch {
             wal_name,
@@ -188,7 +196,7 @@ fn main() -> ExitCode {
             };
             let program = std::env::current_exe().ok();
             return ExitCode::from(walvault::commands::restore_command::fetch(
-                &cli.repo,
+                &repo,
                 &req,
                 program.as_deref(),
             ));
@@ -198,7 +206,7 @@ fn main() -> ExitCode {
         Command::Drill { .. } => ("", ExitCode::from(exit::USAGE)),
         _ => ("", ExitCode::FAILURE),
     };
-    match run(&cli.repo, cli.command) {
+    match run(&repo, cli.command) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -347,7 +355,7 @@ fn invoked_as_fetch() -> bool {
         let arg = arg.to_string_lossy();
         match arg.as_ref() {
             // Global options that take a value as the next word.
-            "--repo" | "--config" | "--retry-timeout" => {
+            "--repo" | "--config" | "--retry-timeout" | "--fallback-repo" => {
                 args.next();
             }
             a if a.starts_with('-') => {}

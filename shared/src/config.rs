@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::repo::keys::KeySource;
 pub use crate::repo::settings::{AzureSettings, GcsSettings, S3Settings, Secret};
 use crate::repo::url::UrlError;
-use crate::repo::{RepoUrl, StoreOptions};
+use crate::repo::{Reader, RepoError, RepoUrl, Store, StoreError, StoreOptions};
 
 /// Read when neither `--config` nor `WALVAULT_CONFIG` names a file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/walvault/walvault.toml";
@@ -29,22 +29,46 @@ pub struct RepoArgs {
     /// Repository URL: file:///var/lib/walvault, s3://bucket/prefix or az://container/prefix
     #[arg(long, env = "WALVAULT_REPO", global = true, value_name = "URL")]
     pub repo: Option<String>,
-    /// TOML file with repo, compress_level, retry_timeout, page_checksums, [s3], [azure], [gcs] credentials, [retention], [encryption] [default: /etc/walvault/walvault.toml if it exists]
+    /// TOML file with repo, fallback_repo, compress_level, retry_timeout, page_checksums, [s3], [azure], [gcs] credentials, [retention], [encryption] [default: /etc/walvault/walvault.toml if it exists]
     #[arg(long, env = "WALVAULT_CONFIG", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Give up on an unreachable repository after this long (500ms, 30s, 5m) [default: 60s]
     #[arg(long, env = "WALVAULT_RETRY_TIMEOUT", global = true, value_name = "DURATION")]
     pub retry_timeout: Option<String>,
+    /// restore-agent's `--fallback-repo` ([`FallbackArgs`]), which restore-agent puts here once
+    /// parsed ([`RepoArgs::with_fallback`]); archive-agent has no such flag.
+    #[arg(skip)]
+    pub fallback_repo: Option<String>,
+}
+
+/// restore-agent's second repository: a flag of its own, since only a reader can use one.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FallbackArgs {
+    /// A copy of the repository (made by `archive-agent copy`: same repository id, same key) to
+    /// read whatever is missing or damaged in --repo from, e.g. s3://dr-bucket/walvault. Each
+    /// object served from it is logged once. Every command reads through it except verify,
+    /// which judges --repo alone. [default: fallback_repo in the TOML file]
+    #[arg(long, env = "WALVAULT_FALLBACK_REPO", global = true, value_name = "URL")]
+    pub fallback_repo: Option<String>,
 }
 
 impl RepoArgs {
     /// The flags of another repository (a copy's source or target): `url`, read with `config`
-    /// (else the same configuration file), with the same retry timeout.
+    /// (else the same configuration file), with the same retry timeout, and no fallback.
     pub fn elsewhere(&self, url: &str, config: Option<&Path>) -> RepoArgs {
         RepoArgs {
             repo: Some(url.to_string()),
             config: config.map(Path::to_path_buf).or_else(|| self.config.clone()),
             retry_timeout: self.retry_timeout.clone(),
+            fallback_repo: None,
+        }
+    }
+
+    /// These flags with restore-agent's `--fallback-repo`.
+    pub fn with_fallback(self, fallback: FallbackArgs) -> RepoArgs {
+        RepoArgs {
+            fallback_repo: fallback.fallback_repo,
+            ..self
         }
     }
 
@@ -97,6 +121,9 @@ impl KeyEnv {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub repo: RepoUrl,
+    /// restore-agent's copy of the repository, read for what `repo` lacks: `--fallback-repo`
+    /// or `WALVAULT_FALLBACK_REPO`, else the file's `fallback_repo`.
+    pub fallback_repo: Option<RepoUrl>,
     pub compress_level: i32,
     pub retry_timeout: Duration,
     /// S3 settings from the file's `[s3]` table; `AWS_*` environment variables take precedence.
@@ -192,6 +219,8 @@ impl RetentionSettings {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     repo: Option<String>,
+    /// restore-agent's copy of the repository (`--fallback-repo`).
+    fallback_repo: Option<String>,
     compress_level: Option<i32>,
     retry_timeout: Option<String>,
     /// The cap on what backup, copy and the daemon send (`--max-rate`).
@@ -351,6 +380,7 @@ impl Settings {
             None => FileConfig::default(),
         };
         let repo = args.repo.clone().or(file.repo).ok_or(ConfigError::NoRepository)?;
+        let fallback_repo = args.fallback_repo.clone().or(file.fallback_repo);
         let compress_level = compress_level
             .or(file.compress_level)
             .unwrap_or(DEFAULT_COMPRESS_LEVEL);
@@ -381,6 +411,7 @@ impl Settings {
             max_rate,
             rate_limit: None,
             repo: repo.parse()?,
+            fallback_repo: fallback_repo.as_deref().map(str::parse).transpose()?,
             compress_level,
             retry_timeout,
             s3: file.s3,
@@ -403,6 +434,20 @@ impl Settings {
             key: self.key.clone(),
             rate_limit: self.rate_limit.clone(),
         }
+    }
+
+    /// The repository, opened for reading, with the fallback repository, when one is set,
+    /// answering for what it lacks ([`Reader::open_with_fallback`]): how every restore-agent
+    /// command but verify opens it.
+    pub async fn open_reader(&self) -> Result<Reader, RepoError> {
+        Reader::open_with_fallback(&self.repo, self.fallback_repo.as_ref(), &self.store_options()).await
+    }
+
+    /// The repository's store, with the fallback repository's behind it when one is set
+    /// ([`Store::open_with_fallback`]), for a command that reads the descriptor beside its first
+    /// object ([`Reader::on_stores`]).
+    pub async fn open_store(&self) -> Result<Store, StoreError> {
+        Store::open_with_fallback(&self.repo, self.fallback_repo.as_ref(), &self.store_options()).await
     }
 
     /// Cap what this process writes to `flag` (`--max-rate` or `WALVAULT_MAX_RATE`), else to
@@ -544,6 +589,33 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(s.retention.policy(&zero), Err(ConfigError::ZeroRule)));
+    }
+
+    #[test]
+    fn the_fallback_repository_comes_from_the_flag_else_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("w.toml");
+        std::fs::write(
+            &cfg,
+            "repo = \"file:///a\"\nfallback_repo = \"s3://dr/walvault\"\n",
+        )
+        .unwrap();
+        let resolve = |flag: Option<&str>| {
+            let args = RepoArgs {
+                config: Some(cfg.clone()),
+                ..Default::default()
+            }
+            .with_fallback(FallbackArgs {
+                fallback_repo: flag.map(str::to_string),
+            });
+            Settings::resolve(&args, None, KeyEnv::default(), Path::new("/nonexistent")).unwrap()
+        };
+        let from_file = resolve(None).fallback_repo.unwrap();
+        assert_eq!(from_file.as_str(), "s3://dr/walvault");
+        let from_flag = resolve(Some("file:///b")).fallback_repo.unwrap();
+        assert_eq!(from_flag.as_str(), "file:///b");
+        std::fs::write(&cfg, "repo = \"file:///a\"\n").unwrap();
+        assert_eq!(resolve(None).fallback_repo, None);
     }
 
     #[test]

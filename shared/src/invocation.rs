@@ -25,6 +25,8 @@ pub struct RepoInvocation {
     pub config: Option<PathBuf>,
     /// `--retry-timeout`, as given.
     pub retry_timeout: Option<String>,
+    /// restore-agent's `--fallback-repo`, as given (from the file, `--config` carries it).
+    pub fallback_repo: Option<String>,
     /// `WALVAULT_ENCRYPTION_KEY_FILE`, absolute, when the key came from it.
     pub key_file: Option<PathBuf>,
     /// Whether the key came from `WALVAULT_ENCRYPTION_KEY_COMMAND`, which is not copied.
@@ -43,6 +45,7 @@ impl RepoInvocation {
             repo: settings.repo.as_str().to_string(),
             config: given.config.as_deref().map(std::path::absolute).transpose()?,
             retry_timeout: given.retry_timeout.clone(),
+            fallback_repo: given.fallback_repo.clone(),
             key_file,
             key_command_left_out,
         })
@@ -57,6 +60,9 @@ impl RepoInvocation {
         }
         if let Some(t) = &self.retry_timeout {
             args.extend(["--retry-timeout".into(), t.into()]);
+        }
+        if let Some(f) = &self.fallback_repo {
+            args.extend(["--fallback-repo".into(), f.into()]);
         }
         args
     }
@@ -208,6 +214,7 @@ mod tests {
             repo: "s3://bucket/my repo".into(),
             config: Some("/etc/wal vault/w.toml".into()),
             retry_timeout: Some("5m".into()),
+            fallback_repo: None,
             key_file: key_file.map(PathBuf::from),
             key_command_left_out: false,
         }
@@ -332,6 +339,29 @@ mod tests {
         let line = AgentCommand::restore_command("/usr/bin/restore-agent", &inv).shell_line();
         assert_eq!(line, "/usr/bin/restore-agent fetch --repo file:///r %f %p");
         assert!(!line.contains("vault"));
+    }
+
+    /// The restored server's restore_command reads from the same fallback repository.
+    #[test]
+    fn a_fallback_repository_given_is_passed_on() {
+        let given = RepoArgs {
+            repo: Some("file:///r".into()),
+            fallback_repo: Some("s3://dr/walvault".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(
+            &given,
+            None,
+            Default::default(),
+            std::path::Path::new("/nonexistent"),
+        )
+        .unwrap();
+        let inv = RepoInvocation::new(&s, &given).unwrap();
+        let line = AgentCommand::restore_command("/usr/bin/restore-agent", &inv).shell_line();
+        assert_eq!(
+            line,
+            "/usr/bin/restore-agent fetch --repo file:///r --fallback-repo s3://dr/walvault %f %p"
+        );
     }
 
     #[test]

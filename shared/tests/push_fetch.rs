@@ -34,6 +34,7 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let settings = Settings {
             repo: format!("file://{}/repo", dir.path().display()).parse().unwrap(),
+            fallback_repo: None,
             compress_level: 3,
             retry_timeout: Duration::from_millis(300),
             s3: Default::default(),

@@ -156,6 +156,7 @@ fn agent_command(bin: &Path) -> Command {
     let mut cmd = host::pg_user_command(bin);
     for var in [
         "WALVAULT_REPO",
+        "WALVAULT_FALLBACK_REPO",
         "WALVAULT_CONFIG",
         "WALVAULT_COMPRESS_LEVEL",
         "WALVAULT_RETRY_TIMEOUT",

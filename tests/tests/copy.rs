@@ -216,6 +216,20 @@ fn prune_follows_expire_and_damaged_objects_are_not_spread() -> Result<()> {
     );
     ensure!(!target.has(&key), "a damaged object is never copied");
 
+    // info with the copy behind: each repository's reach side by side, the copy one segment short.
+    let mut info = vec!["info".to_string(), "--json".into()];
+    info.extend(repo.args());
+    info.extend(["--fallback-repo".to_string(), target.url()]);
+    let shown: Value = serde_json::from_str(&agents().run(RESTORE_AGENT, &info).check()?.stdout)?;
+    let rows = &shown["side_by_side"];
+    assert_eq!(rows[0]["repository"], repo.url().as_str(), "{shown:#}");
+    assert_eq!(rows[0]["wal_to"], last.as_str(), "{shown:#}");
+    assert_eq!(rows[1]["repository"], target.url().as_str(), "{shown:#}");
+    ensure!(
+        rows[1]["wal_to"].as_str() < Some(last.as_str()),
+        "the copy lacks the damaged segment: {shown:#}"
+    );
+
     // The copy still restores to a state it holds.
     let (restored, _) = backup::restore_and_recover(
         &target,
@@ -249,19 +263,37 @@ fn the_daemon_keeps_a_second_copy_within_its_lag() -> Result<()> {
     // The newest segment reaches the copy without anyone running copy, and the metrics say how
     // far behind the copy is.
     let key = repo.object_key(&last);
+    let poll = Duration::from_millis(200);
     walvault_testkit::host::wait_for(
-        "the newest segment on the copy, and a complete pass after it",
+        "the newest segment on the copy",
         Duration::from_secs(60),
-        Duration::from_millis(200),
+        poll,
         || {
-            let ok = daemon.metric("walvault_copy_last_ok")? == Some(1.0);
-            Ok(match target.has(&key) && ok {
+            Ok(match target.has(&key) {
                 true => walvault_testkit::host::Poll::Done(()),
                 false => walvault_testkit::host::Poll::Waiting(format!(
-                    "{} objects on the copy, copy_last_ok {:?}",
-                    target.files()?.len(),
-                    daemon.metric("walvault_copy_last_ok")?
+                    "{} objects on the copy",
+                    target.files()?.len()
                 )),
+            })
+        },
+    )?;
+    // Then a complete pass that started after it was there: everything up to it is on the copy.
+    let there = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64()
+        .ceil();
+    walvault_testkit::host::wait_for(
+        "a complete copy pass after it",
+        Duration::from_secs(60),
+        poll,
+        || {
+            let complete = daemon
+                .metric("walvault_copy_complete_timestamp_seconds")?
+                .unwrap_or(0.0);
+            Ok(match complete >= there {
+                true => walvault_testkit::host::Poll::Done(()),
+                false => walvault_testkit::host::Poll::Waiting(format!("last complete pass from {complete}")),
             })
         },
     )?;

@@ -56,6 +56,10 @@ pub async fn read_chunk(
     places: &Places,
     id: &ChunkId,
 ) -> Result<Vec<u8>, ChunkError> {
+    let (key, range) = match places.get(id) {
+        Some(p) => (pack_key(&p.pack), Some(p.range())),
+        None => (chunk_key(id), None),
+    };
     let sealed = match places.get(id) {
         Some(p) => store
             .get_range(&pack_key(&p.pack), p.range())
@@ -74,7 +78,13 @@ pub async fn read_chunk(
         id: id.to_string(),
         source: Box::new(source),
     };
-    match stored::open::<Chunk>(sealer, id, &sealed) {
+    let damage = match stored::open::<Chunk>(sealer, id, &sealed) {
+        Ok(Chunk(content)) => return Ok(content),
+        Err(damage) => damage,
+    };
+    let reopen = |b: &[u8]| stored::open::<Chunk>(sealer, id, b);
+    let again = store.reread_from_fallback(&key, range, damage.to_string(), reopen);
+    match again.await.ok_or(damage) {
         Ok(Chunk(content)) => Ok(content),
         Err(Damage::Envelope(e)) => Err(corrupt(e)),
         Err(Damage::Content(MisnamedChunk { found })) => Err(corrupt(ObjectError::ContentHash {

@@ -112,7 +112,7 @@ pub struct ExtractReport {
 pub async fn extract(settings: &Settings, opts: &ExtractOptions) -> Result<ExtractReport, ExtractError> {
     let started = Instant::now();
     opts.check()?;
-    let reader = crate::repo::Reader::open(&settings.repo, &settings.store_options()).await?;
+    let reader = settings.open_reader().await?;
     let cat = Catalog::load(&reader).await?;
     let id = crate::time::format_compact(crate::time::now_micros().div_euclid(1_000_000));
     let scratch = server::make_scratch(opts.scratch.as_deref(), "extract", &id).map_err(|source| {

@@ -238,14 +238,14 @@ async fn fetch_unbounded(
     // is what is served, never the pieces, and never "not found".
     let mut streamed: Option<Vec<u8>> = None;
     let mut looked_twice = false;
-    let store = Store::open_retrying(&settings.repo, &settings.store_options()).await?;
+    let store = settings.open_store().await?;
     let mut summary = segment.map(|s| PendingSummary::start(&store, s));
     let (reader, stored, content) = loop {
         // The descriptor and the file in one round trip; an absent file counts as absent only
         // once the descriptor proves this is the repository.
         let (reader, object) = tokio::try_join!(
             async {
-                Reader::on_store(store.clone(), settings.key.as_ref())
+                Reader::on_stores(store.clone(), settings.key.as_ref())
                     .await
                     .map_err(FetchError::from)
             },
@@ -268,6 +268,13 @@ async fn fetch_unbounded(
             Ok(file) => break (reader, file.stored_len, file.content),
             Err(Damage::Content(never)) => match never {},
             Err(Damage::Envelope(source)) if rereads == 0 => {
+                let open = |b: &[u8]| stored::open::<WalObject>(reader.sealer(), &name, b);
+                if let Some(file) = store
+                    .reread_from_fallback(&key, None, source.to_string(), open)
+                    .await
+                {
+                    break (reader, file.stored_len, file.content);
+                }
                 return Err(FetchError::Corrupt {
                     name: name_str,
                     key,

@@ -742,7 +742,7 @@ pub async fn find_in(
     opts: &FindOptions,
     command: &AgentCommand,
 ) -> Result<FindReport, FindError> {
-    let repo = Reader::open(&settings.repo, &settings.store_options()).await?;
+    let repo = settings.open_reader().await?;
     Ok(FindReport::new(find(&repo, opts).await?, command))
 }
 
@@ -1030,6 +1030,7 @@ mod tests {
             repo: "file:///var/lib/walvault".into(),
             config: None,
             retry_timeout: None,
+            fallback_repo: None,
             key_file: None,
             key_command_left_out: false,
         };

@@ -10,7 +10,7 @@ use crate::catalog::{BackupInfo, Catalog, CatalogError, Damaged, SegmentRange};
 use crate::commands::drill::{Evidence, Objective};
 use crate::config::Settings;
 use crate::repo::keys::{EncryptionRecord, Kdf};
-use crate::repo::{ClusterIdentity, Reader, RepoError, RepoId, StoreError};
+use crate::repo::{ClusterIdentity, RepoError, RepoId, StoreError};
 use crate::report::{Report, human_bytes};
 use crate::time::format_micros;
 use crate::wal::TimelineId;
@@ -53,7 +53,8 @@ pub struct InfoReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WindowRow {
     pub repository: String,
-    pub repository_id: RepoId,
+    /// `None` when it could not be read.
+    pub repository_id: Option<RepoId>,
     pub backups: usize,
     pub newest_backup: Option<String>,
     pub timeline: Option<TimelineId>,
@@ -62,14 +63,33 @@ pub struct WindowRow {
     pub restorable_from: Option<String>,
     pub restorable_to: Option<String>,
     pub damaged: usize,
+    /// Why the repository could not be read alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl WindowRow {
+    /// The row of a repository that could not be read.
+    pub fn unreadable(repository: String, e: &InfoError) -> WindowRow {
+        WindowRow {
+            repository,
+            repository_id: None,
+            backups: 0,
+            newest_backup: None,
+            timeline: None,
+            wal_to: None,
+            restorable_from: None,
+            restorable_to: None,
+            damaged: 0,
+            error: Some(e.to_string()),
+        }
+    }
+
     pub fn of(report: &InfoReport) -> WindowRow {
         let newest = report.timelines.iter().max_by_key(|t| t.timeline);
         WindowRow {
             repository: report.repository.clone(),
-            repository_id: report.repository_id.clone(),
+            repository_id: Some(report.repository_id.clone()),
             backups: report.backups.len(),
             newest_backup: report.backups.last().map(|b| b.id.to_string()),
             timeline: newest.map(|t| t.timeline),
@@ -81,6 +101,7 @@ impl WindowRow {
                 .and_then(|t| t.restorable.as_ref())
                 .and_then(|r| r.latest_before.clone()),
             damaged: report.damaged.len(),
+            error: None,
         }
     }
 }
@@ -137,18 +158,32 @@ pub struct RestorePointInfo {
     pub time: Option<String>,
 }
 
-/// [`info`] of the repository `settings` names, with its window and that of its second copy
-/// `copy` (`restore-agent info --fallback-repo`) side by side.
-pub async fn info_with_copy(settings: &Settings, copy: &Settings) -> Result<InfoReport, InfoError> {
-    let mut report = info(settings).await?;
-    let second = info(copy).await?;
-    report.side_by_side = vec![WindowRow::of(&report), WindowRow::of(&second)];
+/// Open the repository read-only and describe it. With `--fallback-repo`, what both hold
+/// together, and each one's own window side by side (each read alone: a repository whose
+/// descriptor cannot be read gets a row saying why).
+pub async fn info(settings: &Settings) -> Result<InfoReport, InfoError> {
+    let mut report = describe_repository(settings).await?;
+    if let Some(copy) = &settings.fallback_repo {
+        let alone = |repo: &crate::repo::RepoUrl| Settings {
+            repo: repo.clone(),
+            fallback_repo: None,
+            ..settings.clone()
+        };
+        let mut rows = Vec::new();
+        for repo in [&settings.repo, copy] {
+            rows.push(match describe_repository(&alone(repo)).await {
+                Ok(r) => WindowRow::of(&r),
+                Err(e) => WindowRow::unreadable(repo.to_string(), &e),
+            });
+        }
+        report.side_by_side = rows;
+    }
     Ok(report)
 }
 
-/// Open the repository read-only and describe it.
-pub async fn info(settings: &Settings) -> Result<InfoReport, InfoError> {
-    let repo = Reader::open(&settings.repo, &settings.store_options()).await?;
+/// One repository (with its fallback, when one is set) described.
+async fn describe_repository(settings: &Settings) -> Result<InfoReport, InfoError> {
+    let repo = settings.open_reader().await?;
     let encryption = repo.descriptor().encryption.as_ref().map(EncryptionInfo::from);
     let drills = crate::commands::drill::recent(&repo, RECENT_DRILLS).await?;
     let cat = Catalog::load(&repo).await?;
@@ -297,8 +332,12 @@ impl InfoReport {
             "copy", "backups", "newest backup", "wal to", "restorable from", "to just before"
         );
         let _ = writeln!(out, "{}", head.trim_end());
-        let first_id = &self.side_by_side[0].repository_id;
+        let first_id = &self.repository_id;
         for r in &self.side_by_side {
+            if let Some(e) = &r.error {
+                let _ = writeln!(out, "{:<width$}  cannot be read: {e}", r.repository);
+                continue;
+            }
             let line = format!(
                 "{:<width$}  {:>7}  {:<18}  {:<24}  {:<24}  {:<24}{}{}",
                 r.repository,
@@ -312,8 +351,11 @@ impl InfoReport {
                 } else {
                     String::new()
                 },
-                if &r.repository_id != first_id {
-                    format!("  NOT A COPY (id {})", r.repository_id)
+                if r.repository_id.as_ref() != Some(first_id) {
+                    format!(
+                        "  NOT A COPY (id {})",
+                        r.repository_id.as_ref().map_or("?", |i| i.as_str())
+                    )
                 } else {
                     String::new()
                 },
@@ -462,7 +504,7 @@ mod tests {
             vec![],
         );
         let mut second = WindowRow::of(&behind);
-        second.repository_id = report.repository_id.clone();
+        second.repository_id = Some(report.repository_id.clone());
         report.side_by_side = vec![WindowRow::of(&report), second];
         let text = to_string(&report, Format::Text);
         let lines: Vec<&str> = text.lines().collect();

@@ -221,7 +221,7 @@ pub async fn run(settings: &Settings, pgdata: &Path, opts: &PrefetchOptions) -> 
     if !pf.claim().map_err(PrefetchError::spool(&pf.dir))? {
         return Ok(()); // another prefetcher serves this data directory
     }
-    let repo = match Reader::open(&settings.repo, &settings.store_options()).await {
+    let repo = match settings.open_reader().await {
         Ok(r) => std::sync::Arc::new(r),
         Err(e) => {
             lease::release(&pf.dir.join("lock"));
@@ -415,12 +415,20 @@ async fn download(
             .and_then(|s| s.latest_commit_us()),
         _ => None,
     };
-    let (name, path, repo) = (*name, path.to_path_buf(), repo.clone());
+    let (name, path, repo, store) = (*name, path.to_path_buf(), repo.clone(), store.clone());
     let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let spool_dir = dir.clone();
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        let WalObject { content, .. } = stored::open::<WalObject>(repo.sealer(), &name, &bytes)
-            .map_err(|e| PrefetchError::Unusable(e.to_string()))?;
+        let open = |b: &[u8]| stored::open::<WalObject>(repo.sealer(), &name, b);
+        let opened = match open(&bytes) {
+            // Rare: the fallback repository's copy, waited for on this blocking thread.
+            Err(damage) if store.fallback().is_some() => runtime
+                .block_on(store.reread_from_fallback(&key, None, damage.to_string(), open))
+                .ok_or(damage),
+            opened => opened,
+        };
+        let WalObject { content, .. } = opened.map_err(|e| PrefetchError::Unusable(e.to_string()))?;
         repo.check_wal(&name, &content)
             .map_err(|e| PrefetchError::Unusable(e.to_string()))?;
         if let (Some(p), Some(t)) = (&commit_path, latest_commit) {

@@ -69,7 +69,7 @@ pub async fn restore(
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let repo = crate::repo::Reader::open(&settings.repo, &settings.store_options()).await?;
+    let repo = settings.open_reader().await?;
     let cat = Catalog::load(&repo).await?;
     let plan = plan_from(settings, &repo, &cat, opts).await?;
     let mut report = execute::execute(&repo, &cat, plan, progress).await?;
@@ -110,7 +110,7 @@ pub async fn restore_planned(
 /// What [`restore`] would do, decided with reads only: `restore-agent restore --dry-run`.
 /// Nothing is created, not even the data directory.
 pub async fn plan(settings: &Settings, opts: &RestoreOptions) -> Result<RestorePlan, RestoreError> {
-    let repo = crate::repo::Reader::open(&settings.repo, &settings.store_options()).await?;
+    let repo = settings.open_reader().await?;
     let cat = Catalog::load(&repo).await?;
     plan_from(settings, &repo, &cat, opts).await
 }

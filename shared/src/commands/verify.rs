@@ -170,6 +170,12 @@ pub async fn verify_repository(
     deep: bool,
     parallel: usize,
 ) -> Result<Verified, VerifyError> {
+    if let Some(fallback) = &settings.fallback_repo {
+        tracing::info!(
+            "verify judges {} alone: fallback repository {fallback} is not read",
+            settings.repo
+        );
+    }
     let repo = Reader::open(&settings.repo, &settings.store_options()).await?;
     Ok(verify(&repo, deep, parallel).await?.into())
 }

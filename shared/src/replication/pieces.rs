@@ -117,12 +117,22 @@ pub async fn read(store: &Store, sealer: &Sealer, seg: &SegmentName) -> Result<O
                 continue 'again;
             };
             let name = layout::stream_piece_name(seg, p.from, p.to);
-            let (_, content) = sealer
-                .open(&bytes, ObjectKind::StreamPiece, &name)
-                .map_err(|source| PieceError::Damaged {
-                    key: p.key.clone(),
-                    source,
-                })?;
+            let open = |b: &[u8]| sealer.open(b, ObjectKind::StreamPiece, &name);
+            let content = match open(&bytes) {
+                Ok((_, content)) => content,
+                Err(source) => match store
+                    .reread_from_fallback(&p.key, None, source.to_string(), open)
+                    .await
+                {
+                    Some((_, content)) => content,
+                    None => {
+                        return Err(PieceError::Damaged {
+                            key: p.key.clone(),
+                            source,
+                        });
+                    }
+                },
+            };
             let expected = (p.to - p.from) as usize;
             if content.len() != expected {
                 return Err(PieceError::WrongLength {

@@ -58,6 +58,15 @@ pub enum RepoError {
         "repository {repo} is not encrypted: it has no key to rotate (encryption is chosen when the repository is created, by `archive-agent init --encrypt`)"
     )]
     NothingToRekey { repo: String },
+    #[error(
+        "fallback repository {fallback} is not a copy of repository {repo}: its id is {fallback_id}, not {id} (--fallback-repo / WALVAULT_FALLBACK_REPO / fallback_repo must name a copy made by `archive-agent copy`)"
+    )]
+    NotACopy {
+        repo: String,
+        fallback: String,
+        id: RepoId,
+        fallback_id: RepoId,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -302,6 +311,52 @@ impl Reader {
     /// repository created without `--pgdata`, one for `cluster.json`), each retried as any.
     pub async fn open(url: &RepoUrl, options: &StoreOptions) -> Result<Reader, RepoError> {
         Reader::on_store(Store::open_retrying(url, options).await?, options.key.as_ref()).await
+    }
+
+    /// Open the repository at `url` for reading, with the copy at `fallback`, when given,
+    /// answering for what it lacks ([`Reader::on_stores`]).
+    pub async fn open_with_fallback(
+        url: &RepoUrl,
+        fallback: Option<&RepoUrl>,
+        options: &StoreOptions,
+    ) -> Result<Reader, RepoError> {
+        let store = Store::open_with_fallback(url, fallback, options).await?;
+        Reader::on_stores(store, options.key.as_ref()).await
+    }
+
+    /// [`Repository::on_store`], and when `store` has a fallback ([`Store::with_fallback`]), the
+    /// fallback repository opened too (its descriptor read, its key unwrapped with `key`) and
+    /// refused unless it has the same id. When `store` holds no repository at all (no
+    /// `walvault.json`: a deleted or ransomed bucket), the fallback alone is the repository.
+    pub async fn on_stores(store: Store, key: Option<&KeySource>) -> Result<Reader, RepoError> {
+        let Some(fallback) = store.fallback().cloned() else {
+            return Reader::on_store(store, key).await;
+        };
+        let (first, second) = tokio::join!(
+            Reader::on_store(store.without_fallback(), key),
+            Reader::on_store(fallback, key)
+        );
+        let second = second?;
+        let mut first = match first {
+            Ok(first) => first,
+            Err(RepoError::NotInitialized { .. }) => {
+                store.report_running_from_fallback();
+                return Ok(second);
+            }
+            Err(e) => return Err(e),
+        };
+        if first.id() != second.id() {
+            return Err(RepoError::NotACopy {
+                repo: first.url().to_string(),
+                fallback: second.url().to_string(),
+                id: first.id().clone(),
+                fallback_id: second.id().clone(),
+            });
+        }
+        first.store = store;
+        // A repository bound by cluster.json that only the copy still holds.
+        first.cluster = first.cluster.or(second.cluster);
+        Ok(first)
     }
 
     /// Read the descriptor again: whether the repository at this URL is still the one opened.

@@ -28,6 +28,7 @@ use super::settings::{AzureSettings, GcsSettings, S3Settings, Secret};
 use super::url::{RepoLocation, RepoUrl};
 use crate::retry::{RetryPolicy, Retryable};
 
+mod fallback;
 mod staged;
 pub use staged::Staged;
 
@@ -201,6 +202,8 @@ pub struct Store {
     reads: Option<ReadStats>,
     /// The process's cap on writes, if any.
     rate: Option<Arc<super::rate::RateLimit>>,
+    /// A copy of the repository that answers for what this one lacks (`--fallback-repo`).
+    fallback: Option<Arc<Store>>,
 }
 
 /// The repository's object store, for archive-agent: a [`Store`] that can also write.
@@ -234,6 +237,7 @@ impl std::fmt::Debug for Store {
             .field("prefix", &self.prefix)
             .field("create", &self.create)
             .field("retry", &self.retry)
+            .field("fallback", &self.fallback().map(Store::url))
             .finish_non_exhaustive()
     }
 }
@@ -435,6 +439,7 @@ fn open(url: &RepoUrl, options: &StoreOptions, create_local: bool) -> Result<Sto
         local_root,
         reads: None,
         rate: options.rate_limit.clone(),
+        fallback: None,
     })
 }
 
@@ -505,6 +510,7 @@ impl Store {
             local_root: None,
             reads: None,
             rate: None,
+            fallback: None,
         }
     }
 
@@ -536,6 +542,7 @@ impl Store {
     pub fn recording(&self, stats: &ReadStats) -> Store {
         Store {
             reads: Some(stats.clone()),
+            fallback: self.fallback.as_ref().map(|f| Arc::new(f.recording(stats))),
             ..self.clone()
         }
     }
@@ -550,8 +557,8 @@ impl Store {
         self.local_root.is_some()
     }
 
-    /// Size and entity tag of an object, `None` when it does not exist (one HEAD request).
-    pub async fn head(&self, key: &str) -> Result<Option<(u64, Option<String>)>, StoreError> {
+    /// Size and entity tag of an object here, `None` when it does not exist (one HEAD request).
+    async fn head_here(&self, key: &str) -> Result<Option<(u64, Option<String>)>, StoreError> {
         let path = self.path(key);
         self.retried("check", key, || async {
             let req = self.begin("check");
@@ -613,8 +620,8 @@ impl Store {
             .map_err(|(e, attempts)| StoreError { attempts, ..e })
     }
 
-    /// Read a whole object; `None` when it does not exist.
-    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+    /// Read a whole object here; `None` when it does not exist.
+    async fn get_here(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let path = self.path(key);
         self.retried("read", key, || async {
             let mut req = self.begin("read");
@@ -635,10 +642,10 @@ impl Store {
         .await
     }
 
-    /// Read bytes `range` of an object (one ranged GET); `None` when it does not exist. A range
-    /// past the object's end gives the bytes there are (a HEAD tells, once the read failed), so
-    /// that a short object is reported by the caller at once rather than retried.
-    pub async fn get_range(
+    /// Read bytes `range` of an object here (one ranged GET); `None` when it does not exist. A
+    /// range past the object's end gives the bytes there are (a HEAD tells, once the read
+    /// failed), so that a short object is reported by the caller at once rather than retried.
+    async fn get_range_here(
         &self,
         key: &str,
         range: std::ops::Range<u64>,
@@ -697,9 +704,10 @@ impl Store {
         Ok(self.head(key).await?.map(|(size, _)| size))
     }
 
-    /// Every object under `prefix` (a key prefix ending at a `/` boundary), as keys relative to the
-    /// repository with their sizes, sorted by key. A listing that fails midway is made again whole.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    /// Every object here under `prefix` (a key prefix ending at a `/` boundary), as keys relative
+    /// to the repository with their sizes, sorted by key. A listing that fails midway is made
+    /// again whole.
+    async fn list_here(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
         use futures::TryStreamExt;
         let base = self.path(prefix.trim_end_matches('/'));
         let strip = self.prefix.as_ref().len() + usize::from(!self.prefix.as_ref().is_empty());

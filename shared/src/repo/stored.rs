@@ -87,15 +87,26 @@ impl<'a> Objects<'a> {
             .ok_or_else(|| ReadError::Missing { key: K::key(id) })
     }
 
-    /// Object `id` of kind `K`; `None` when it does not exist.
+    /// Object `id` of kind `K`; `None` when it does not exist. A copy that does not open is read
+    /// again from the store's fallback repository, when it has one.
     pub async fn read_if_present<K: StoredKind>(&self, id: &K::Id) -> Result<Option<K>, ReadError<K::Error>> {
         let key = K::key(id);
         let Some(bytes) = self.store.get(&key).await? else {
             return Ok(None);
         };
-        open::<K>(self.sealer, id, &bytes)
-            .map(Some)
-            .map_err(|reason| ReadError::Damaged { key, reason })
+        let reason = match open::<K>(self.sealer, id, &bytes) {
+            Ok(value) => return Ok(Some(value)),
+            Err(reason) => reason,
+        };
+        let reopen = |b: &[u8]| open::<K>(self.sealer, id, b);
+        match self
+            .store
+            .reread_from_fallback(&key, None, reason.to_string(), reopen)
+            .await
+        {
+            Some(value) => Ok(Some(value)),
+            None => Err(ReadError::Damaged { key, reason }),
+        }
     }
 }
 

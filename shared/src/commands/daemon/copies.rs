@@ -55,6 +55,9 @@ impl Lag {
                     .store(u64::from(report.complete()), Ordering::Relaxed);
                 if report.complete() {
                     self.complete_from = Some(started);
+                    metrics
+                        .copy_complete_unix
+                        .store(started / 1_000_000, Ordering::Relaxed);
                 }
             }
             Err(_) => {
@@ -133,6 +136,7 @@ mod tests {
         };
         lag.passed(10_000_000, &Ok(done), &metrics);
         assert_eq!(lag.seconds(70_000_000), 60);
+        assert_eq!(metrics.copy_complete_unix.load(Ordering::Relaxed), 10);
         assert_eq!(metrics.copy_lag_bytes.load(Ordering::Relaxed), 3000);
         assert_eq!(metrics.copy_last_ok.load(Ordering::Relaxed), 1);
         // An incomplete pass or a failed one moves nothing: the lag keeps growing.

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub copy_lag_seconds: AtomicI64,
     /// Bytes the last copy pass found missing from the second repository.
     pub copy_lag_bytes: AtomicU64,
+    /// When (Unix seconds) the last complete copy pass started (0 before the first).
+    pub copy_complete_unix: AtomicI64,
     /// 1 when the last copy pass left nothing behind.
     pub copy_last_ok: AtomicU64,
     pub copy_bytes: AtomicU64,
@@ -152,6 +154,11 @@ impl Metrics {
                 "copy_lag_seconds",
                 "Seconds since the start of the last complete copy pass: the second repository holds everything the first held then (-1 before the first)",
                 unix(&self.copy_lag_seconds),
+            ),
+            gauge(
+                "copy_complete_timestamp_seconds",
+                "When the last complete copy pass started: the second repository holds everything the first held then (0 before the first)",
+                unix(&self.copy_complete_unix),
             ),
             gauge(
                 "copy_lag_bytes",

@@ -171,7 +171,17 @@ pub async fn recent(repo: &crate::repo::Reader, n: usize) -> Result<Vec<Evidence
         let Some(bytes) = repo.store().get(&key).await? else {
             continue;
         };
-        match read_record(repo, &key, &bytes) {
+        let record = match read_record(repo, &key, &bytes) {
+            Err(e) => {
+                let reopen = |b: &[u8]| read_record(repo, &key, b);
+                let again = repo
+                    .store()
+                    .reread_from_fallback(&key, None, e.to_string(), reopen);
+                again.await.ok_or(e)
+            }
+            read => read,
+        };
+        match record {
             Ok(ev) if ev.format == FORMAT_NAME => out.push(ev),
             Ok(_) => tracing::warn!("{key}: not a drill record"),
             Err(e) => tracing::warn!("{key}: unreadable drill record: {e}"),

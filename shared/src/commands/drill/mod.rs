@@ -169,7 +169,8 @@ async fn drill_in(
     server: &mut Option<Server>,
 ) -> Result<(), Failed> {
     // 1. Plan.
-    let reader = crate::repo::Reader::open(&settings.repo, &settings.store_options())
+    let reader = settings
+        .open_reader()
         .await
         .map_err(|e| failed("repository", e))?;
     let cat = Catalog::load(&reader)

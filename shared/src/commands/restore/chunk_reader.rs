@@ -179,8 +179,15 @@ pub(crate) async fn decode_in_order(
         waits.add(&waits.decoding, since);
         let core = Arc::clone(&cpu).acquire_owned().await.expect("never closed");
         let (reader, out) = (Arc::clone(&reader), buffers.take(r.len));
+        let runtime = tokio::runtime::Handle::current();
         decoding.spawn_blocking(move || {
-            let opened = sealed.and_then(|bytes| reader.open(&r, &bytes, out));
+            let opened = match sealed.and_then(|bytes| reader.open(&r, &bytes, out)) {
+                // Rare: waited for here, on this blocking thread, rather than in the pipeline.
+                Err(damage) if reader.store.fallback().is_some() && is_damage(&damage) => runtime
+                    .block_on(reader.reopen_from_fallback(&r, &damage))
+                    .ok_or(damage),
+                opened => opened,
+            };
             // The sealed bytes and their share go before the answer: the reader may go on.
             drop(room);
             drop(core);
@@ -189,6 +196,15 @@ pub(crate) async fn decode_in_order(
         while decoding.try_join_next().is_some() {}
     }
     while decoding.join_next().await.is_some() {}
+}
+
+/// Whether `e` says that bytes read did not open, which the fallback repository's copy may mend
+/// (a store error or a missing object is not: the store asked the fallback already).
+fn is_damage(e: &RestoreError) -> bool {
+    matches!(
+        e,
+        RestoreError::Chunk(ChunkError::Corrupt { .. }) | RestoreError::ChunkLength { .. }
+    )
 }
 
 /// What reads a restore's chunks from the store and opens them.
@@ -254,16 +270,38 @@ impl ChunkReader {
                 pack: place.pack.to_string(),
                 id: first.id.to_string(),
             })?;
+        let short = |got: usize| RestoreError::ShortPack {
+            pack: place.pack.to_string(),
+            id: first.id.to_string(),
+            from: lo,
+            to: hi,
+            got,
+        };
         if bytes.len() as u64 != hi - lo {
-            return Err(RestoreError::ShortPack {
-                pack: place.pack.to_string(),
-                id: first.id.to_string(),
-                from: lo,
-                to: hi,
-                got: bytes.len(),
-            });
+            // A truncated pack: the fallback repository's copy of the span, if it is whole.
+            let whole = |b: &[u8]| match b.len() as u64 == hi - lo {
+                true => Ok(bytes::Bytes::copy_from_slice(b)),
+                false => Err(short(b.len())),
+            };
+            let damage = short(bytes.len()).to_string();
+            let again = self.store.reread_from_fallback(&key, Some(lo..hi), damage, whole);
+            return again.await.map(|b| (b, lo)).ok_or_else(|| short(bytes.len()));
         }
         Ok((bytes, lo))
+    }
+
+    /// Chunk `r` opened from the fallback repository's copy of its pack (or of itself), for
+    /// one whose copy here did not open (`damage`); `None` without a fallback, or when the
+    /// fallback's copy does not open either.
+    async fn reopen_from_fallback(&self, r: &ChunkRef, damage: &RestoreError) -> Option<Vec<u8>> {
+        let (key, range) = match self.places.get(&r.id) {
+            Some(p) => (pack_key(&p.pack), Some(p.range())),
+            None => (Chunk::key(&r.id), None),
+        };
+        let open = |b: &[u8]| self.open(r, b, Vec::new());
+        self.store
+            .reread_from_fallback(&key, range, damage.to_string(), open)
+            .await
     }
 
     /// Open chunk `r` from its sealed bytes and verify it. The header's length is compared with
