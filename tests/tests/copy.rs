@@ -326,7 +326,8 @@ fn the_daemon_keeps_a_second_copy_within_its_lag() -> Result<()> {
 #[test]
 fn an_encrypted_repository_copies_sealed_and_opens_with_the_same_key() -> Result<()> {
     const KEY: &str = "copy test passphrase, stretched by argon2id";
-    let repo = Repo::new_encrypted(KEY)?;
+    const NEW_KEY: &str = "9f2b6c1e4d8a0f3b7c5e9a1d2f4b6c8e0a2c4e6f8b1d3f5a7c9e0b2d4f6a8c1e";
+    let mut repo = Repo::new_encrypted(KEY)?;
     let mut source = archiving_cluster("copy-encrypted", &repo, "")?;
     workload::create_ledger(&source)?;
     take_backup(&source, &repo)?;
@@ -343,13 +344,30 @@ fn an_encrypted_repository_copies_sealed_and_opens_with_the_same_key() -> Result
     copy(&repo, &target, &[]).check()?;
     // Byte for byte: the sealed objects are the source's, never decrypted on the way.
     assert_same_objects(&repo, &target)?;
+
+    // The source's key rotated: the next copy carries the new wrap over, and the copy opens
+    // with the new key only, like its source.
+    let new_key = repo.scratch().path().join("new-key");
+    walvault_testkit::host::write_for_pg(&new_key, NEW_KEY.as_bytes())?;
+    let mut rekey = vec!["rekey".to_string()];
+    rekey.extend(repo.args());
+    rekey.extend(["--new-key-file".to_string(), new_key.display().to_string()]);
+    agents().run(ARCHIVE_AGENT, rekey).check()?;
+    repo.use_key("key", NEW_KEY)?;
+    target.use_key("key", NEW_KEY)?;
+    copy(&repo, &target, &[]).check()?;
+    let wrap = |r: &Repo| -> Result<Value> {
+        let d: Value = serde_json::from_slice(&r.read("walvault.json")?)?;
+        Ok(d["encryption"].clone())
+    };
+    assert_eq!(wrap(&target)?, wrap(&repo)?, "the copy's wrap is the source's");
     // Without the key the copy is as closed as the source; with it, it restores.
     target.forget_key()?;
     let mut restore = vec!["info".to_string()];
     restore.extend(target.args());
     let keyless = agents().run(RESTORE_AGENT, &restore);
     ensure!(keyless.code() != Some(0), "no key, no info:\n{keyless}");
-    target.use_key("key", KEY)?;
+    target.use_key("key", NEW_KEY)?;
     let (restored, _) = backup::restore_and_recover(
         &target,
         "copy-encrypted-restored",

@@ -208,6 +208,7 @@ pub async fn copy_repository(
         return Err(CopyError::SameLocation(to.repo.to_string()));
     }
     let source = Reader::open(&from.repo, &from.store_options()).await?;
+    crate::repo::repository::follow_rekey(&to.repo, &to.store_options(), &source).await?;
     let target = Writer::open_writable(&to.repo, &to.store_options()).await?;
     let mut report = copy(&source, &target, opts).await?;
     report.sent = to.rate_limit.as_ref().map(|r| r.sent());

@@ -460,6 +460,32 @@ impl Writer {
     }
 }
 
+/// Bring a second copy's key wrap up to its source's after `archive-agent rekey` on the source
+/// (`archive-agent copy`): the copy at `url` has the source's id, and the same master key wrapped
+/// under the old key, which the configuration no longer gives. Its descriptor takes the
+/// source's `encryption` record, which the configured key has just opened, and keeps everything
+/// else its own. Returns whether it changed; a location that is no copy of `source` is left
+/// alone (opening it says why).
+pub async fn follow_rekey(url: &RepoUrl, options: &StoreOptions, source: &Reader) -> Result<bool, RepoError> {
+    let Some(wrap) = source.descriptor().encryption.clone() else {
+        return Ok(false);
+    };
+    let store = WritableStore::open_retrying(url, options).await?;
+    let Some(bytes) = store.get(DESCRIPTOR_KEY).await? else {
+        return Ok(false);
+    };
+    let Ok(mut copy) = RepoDescriptor::parse(&bytes) else {
+        return Ok(false);
+    };
+    if copy.id() != source.id() || copy.encryption.is_none() || copy.encryption.as_ref() == Some(&wrap) {
+        return Ok(false);
+    }
+    copy.encryption = Some(wrap);
+    store.put(DESCRIPTOR_KEY, Bytes::from(copy.to_json())).await?;
+    tracing::info!(repo = %url, "the source was rekeyed: the copy's key wrap follows it");
+    Ok(true)
+}
+
 /// Refuse to create a repository where `walvault.json` is already there.
 async fn refuse_existing(store: &WritableStore, url: &RepoUrl) -> Result<(), RepoError> {
     let Some(existing) = store.get(DESCRIPTOR_KEY).await? else {
