@@ -3,11 +3,13 @@
 //! takes (`*_args`), and the progress bar a restore draws on a terminal.
 
 pub mod allocator;
+pub mod archive_agent;
 pub mod backup_args;
 pub mod daemon_args;
 pub mod drill_args;
 pub mod extract_args;
 pub mod progress_bar;
+pub mod restore_agent;
 pub mod restore_args;
 pub mod target_args;
 
