@@ -4,8 +4,9 @@
 # on a real S3 server: Garage on loopback, az:// repositories on Azurite); the fault tests; the
 # version matrix (real PostgreSQL 13, 14, 15, 16, 17 and 18 servers end to end on file://); and
 # every fuzz target replaying its committed seeds and the findings beside the checkout (random
-# exploration is scripts/fuzz.sh, run on its own: docs/FUZZING.md). Installs PostgreSQL 15, the
-# matrix's servers, Garage, Azurite and cargo-fuzz when missing. Prints how long each part took.
+# exploration is scripts/fuzz.sh, run on its own: docs/FUZZING.md); and the shipped Prometheus
+# alert rules through promtool (deploy/prometheus). Installs PostgreSQL 15, the matrix's servers,
+# Garage, Azurite, cargo-fuzz and promtool when missing. Prints how long each part took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${WALVAULT_TEST_THREADS:-2}
@@ -22,6 +23,10 @@ part "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 # The architecture's limits (docs/ARCHITECTURE.md): binary sizes, function and file lengths,
 # typed errors, no import circles.
 part "architecture" python3 scripts/arch-check.py
+# The alert rules in deploy/prometheus: valid, and each alert firing and silent where its unit
+# tests say (the metric names they use are checked against the daemon's by a unit test in
+# shared/src/commands/daemon/metrics.rs).
+part "alert rules (promtool)" scripts/check-alerts.sh
 # The end-to-end tests drive the agent binaries: build them with the same profile first.
 part "build" cargo build --release --workspace --bins --locked
 # Unit and property tests, end-to-end tests on file:// repositories, and the fault tests (each

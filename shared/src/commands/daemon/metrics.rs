@@ -448,6 +448,8 @@ async fn answer(mut sock: tokio::net::TcpStream, metrics: Arc<Metrics>) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     /// Every field set to a value of its own, so that a metric showing another's value shows.
@@ -520,5 +522,68 @@ mod tests {
         assert!(text.contains("\nwalvault_copy_lag_bytes 4096\n"), "{text}");
         assert!(text.contains("# TYPE walvault_copy_bytes_total counter"));
         assert!(!distinct().render().contains("copy_"));
+    }
+
+    /// The alert rules, their promtool tests and the Grafana dashboard shipped in `deploy/` name
+    /// only metrics the daemon exports (with `--copy-to`, so every family shows): a renamed or
+    /// removed metric fails here instead of leaving an alert that can never fire.
+    #[test]
+    fn the_shipped_alerts_and_dashboard_use_only_exported_metrics() {
+        let m = Metrics::default();
+        m.copying.store(1, Ordering::Relaxed);
+        let text = m.render();
+        let exported: BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        for (file, deployed) in [
+            (
+                "walvault-alerts.yml",
+                include_str!("../../../../deploy/prometheus/walvault-alerts.yml"),
+            ),
+            (
+                "walvault-alerts.test.yml",
+                include_str!("../../../../deploy/prometheus/walvault-alerts.test.yml"),
+            ),
+            (
+                "walvault-alerts.schedule.test.yml",
+                include_str!("../../../../deploy/prometheus/walvault-alerts.schedule.test.yml"),
+            ),
+            (
+                "walvault-dashboard.json",
+                include_str!("../../../../deploy/grafana/walvault-dashboard.json"),
+            ),
+        ] {
+            let used = metric_names(deployed);
+            assert!(!used.is_empty(), "{file} names no metric");
+            let unknown: Vec<_> = used.difference(&exported).collect();
+            assert!(
+                unknown.is_empty(),
+                "{file} uses metrics the daemon does not export: {unknown:?}"
+            );
+        }
+    }
+
+    /// Every `walvault_<name>` in `text` that does not continue another identifier.
+    fn metric_names(text: &str) -> BTreeSet<&str> {
+        const PREFIX: &str = "walvault_";
+        let ident = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+        let mut names = BTreeSet::new();
+        for (at, _) in text.match_indices(PREFIX) {
+            if text[..at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| ident(c) || c.is_ascii_uppercase())
+            {
+                continue;
+            }
+            let rest = &text[at + PREFIX.len()..];
+            let len = rest.find(|c: char| !ident(c)).unwrap_or(rest.len());
+            if len > 0 {
+                names.insert(&text[at..at + PREFIX.len() + len]);
+            }
+        }
+        names
     }
 }
