@@ -280,7 +280,7 @@ impl Metrics {
         vec![
             gauge(
                 "last_backup_timestamp_seconds",
-                "When the last scheduled backup finished",
+                "When the newest backup finished: the daemon's own, or the newest in the repository (read every minute)",
                 unix(&self.last_backup_unix),
             ),
             gauge(

@@ -21,6 +21,13 @@ pub(crate) async fn update_window(repo: Reader, metrics: Arc<Metrics>, last: Las
             metrics
                 .backups
                 .store(cat.backups().len() as u64, Ordering::Relaxed);
+            // The newest backup in the repository, whoever took it (cron, another host, this
+            // daemon before a restart): the backup-age alert holds from the first refresh.
+            if let Some(newest) = cat.backups().iter().map(|m| m.stop_time_us).max() {
+                metrics
+                    .last_backup_unix
+                    .fetch_max(newest / 1_000_000, Ordering::Relaxed);
+            }
             let tli = cat.timeline_ids().last().copied().unwrap_or(TimelineId::FIRST);
             if let Some(w) = cat.window(tli) {
                 metrics
