@@ -7,7 +7,8 @@
 #   packaging/build-deb.sh [OUT_DIR]        -> OUT_DIR/walvault_<version>-1_<arch>.deb (default target/debian)
 #
 # Needs cargo, dpkg-deb (dpkg) and dpkg-shlibdeps (dpkg-dev, for the Depends line; libc6 and
-# libgcc-s1 are assumed without it). BIN_DIR=dir skips the build and packages the agents found there.
+# libgcc-s1 are assumed without it). BIN_DIR=dir skips the build and packages the agents found there
+# (and uses the walvault-gen-docs beside them, if any).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/debian}
@@ -17,6 +18,8 @@ if [ -z "${BIN_DIR:-}" ]; then
     cargo build --release --locked -p archive-agent -p restore-agent -p walvault-packaging
     BIN_DIR=target/release
     gen=target/release/walvault-gen-docs
+elif [ -x "$BIN_DIR/walvault-gen-docs" ]; then
+    gen=$BIN_DIR/walvault-gen-docs  # built beside the agents (cargo build --workspace --bins)
 else
     cargo build --locked -p walvault-packaging
     gen=target/debug/walvault-gen-docs
