@@ -34,6 +34,10 @@ root_domain = ".s3.garage.localhost"
 [admin]
 api_bind_addr = "$bind:${GARAGE_ADMIN_PORT:-3903}"
 TOML
+# With arguments, run them instead of the server (`garage -c /etc/garage.toml status`, sh).
+if [ $# -gt 0 ]; then
+  exec "$@"
+fi
 garage -c /etc/garage.toml server &
 server=$!
 trap 'kill -TERM $server' TERM INT
