@@ -49,18 +49,22 @@ fi
 work=$(mktemp -d /var/tmp/walvault-images.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
+id_of() { "$podman" image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
+# drop_old ID IMAGE: the image IMAGE named before this build, now nameless, goes.
+drop_old() { if [ -n "$1" ] && [ "$1" != "$(id_of "$2")" ]; then "$podman" rmi "$1" >/dev/null 2>&1 || true; fi; }
 label_of() { "$podman" image inspect --format '{{index .Labels "walvault.inputs"}}' "$1" 2>/dev/null || true; }
 # fresh IMAGE HASH: true when IMAGE exists and was built from inputs hashing to HASH.
 fresh() { [ $rebuild = 0 ] && [ "$(label_of "$1")" = "$2" ]; }
 
 # base IMAGE VARIANT PACKAGES: a root file system from Debian's packages, imported as IMAGE.
 base() {
-  local image=$1 variant=$2 packages=$3 hash
+  local image=$1 variant=$2 packages=$3 hash old
   hash=$(echo "$suite $variant $packages $mirror $SOURCE_DATE_EPOCH" | sha256sum | cut -c1-16)
   if fresh "$image" "$hash"; then
     echo "build-images: $image is up to date" >&2
     return
   fi
+  old=$(id_of "$image")
   echo "build-images: mmdebstrap --variant=$variant --include=$packages $suite -> $image" >&2
   # No documentation or translations; no "main" cluster (the entry point creates one in $PGDATA).
   mmdebstrap --quiet --variant="$variant" --include="$packages" \
@@ -73,18 +77,21 @@ base() {
   "$podman" import --quiet --change "LABEL walvault.inputs=$hash" --change 'CMD ["/bin/bash"]' \
     "$work/base.tar" "$image" >/dev/null
   rm -f "$work/base.tar"
+  drop_old "$old" "$image"
 }
 
 # layer IMAGE BASE CONTEXT: the Containerfile in CONTEXT on top of BASE, imported as IMAGE.
 layer() {
-  local image=$1 base_image=$2 context=$3 hash
+  local image=$1 base_image=$2 context=$3 hash old
   hash=$( (label_of "$base_image"; cd "$context" && sha256sum ./*) | sha256sum | cut -c1-16)
   if fresh "$image" "$hash"; then
     echo "build-images: $image is up to date" >&2
     return
   fi
+  old=$(id_of "$image")
   echo "build-images: $image (on $base_image)" >&2
   "$podman" build --quiet --pull=never --label "walvault.inputs=$hash" -t "$image" "$context" >/dev/null
+  drop_old "$old" "$image"
 }
 
 base walvault-base:$suite apt "$pg_packages"

@@ -157,8 +157,12 @@ after=$(python3 -c 'import json,sys; print(len(json.load(sys.stdin)["backups"]))
 checked "archive-agent backup --pg-url (replication protocol, no data volume) in a container: $after backups"
 
 # 5. Writes, the recorded moment, more writes after it.
-podman exec -u postgres "$p-pg" pgbench -q -T 5 -c 2 -p "$pg_port" postgres >/dev/null 2>&1 ||
-  fail "pgbench workload"
+pgbench() {
+  local out
+  out=$(podman exec -u postgres "$p-pg" pgbench -p "$pg_port" "$@" postgres 2>&1) || fail "pgbench $*: $out"
+  grep -E '^number of transactions actually processed' <<<"$out" >&2 || true
+}
+pgbench -T 5 -c 2
 as_pg_sql "$p-pg" "$pg_port" "insert into orders (item, qty) select 'more-' || g, g from generate_series(1, 2000) g;
   update orders set qty = qty + 1 where id % 3 = 0;"
 checksum_sql="select count(*) || ' ' || md5(string_agg(o::text, ',' order by id)) from orders o"
@@ -166,8 +170,7 @@ moment=$(as_pg_sql "$p-pg" "$pg_port" "select to_char(clock_timestamp() at time 
 at_moment=$(as_pg_sql "$p-pg" "$pg_port" "$checksum_sql")
 sleep 1
 as_pg_sql "$p-pg" "$pg_port" "delete from orders where id % 5 = 0; insert into orders (item, qty) values ('after', 1);"
-podman exec -u postgres "$p-pg" pgbench -q -T 3 -c 2 -p "$pg_port" postgres >/dev/null 2>&1 ||
-  fail "pgbench workload after the moment"
+pgbench -T 3 -c 2
 now=$(as_pg_sql "$p-pg" "$pg_port" "$checksum_sql")
 [ "$now" != "$at_moment" ] || fail "the writes after the moment changed nothing"
 switched=$(as_pg_sql "$p-pg" "$pg_port" "select pg_walfile_name(pg_switch_wal())")
