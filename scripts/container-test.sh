@@ -35,11 +35,14 @@ if ! command -v podman >/dev/null || ! command -v mmdebstrap >/dev/null || ! com
     podman runc mmdebstrap >/dev/null || skip "apt-get install podman runc mmdebstrap failed"
 fi
 # Containers in a container: cgroupfs (no systemd to ask), no ulimits to raise, runc.
+# A containers.conf of the machine's own is left alone; the settings go into a drop-in beside it.
 if ! grep -qs cgroup_manager /etc/containers/containers.conf /etc/containers/containers.conf.d/*.conf; then
-  mkdir -p /etc/containers/containers.conf.d
+  conf_file=/etc/containers/containers.conf
+  if [ -e $conf_file ]; then conf_file=/etc/containers/containers.conf.d/50-walvault.conf; fi
+  mkdir -p "$(dirname $conf_file)"
   printf '%s\n' '[containers]' 'default_ulimits = []' '[engine]' 'cgroup_manager = "cgroupfs"' \
-    'runtime = "runc"' > /etc/containers/containers.conf.d/50-walvault.conf
-  say "wrote /etc/containers/containers.conf.d/50-walvault.conf"
+    'runtime = "runc"' > $conf_file
+  say "wrote $conf_file"
 fi
 podman info >/dev/null 2>&1 || skip "podman info fails here: $(podman info 2>&1 | tail -1)"
 
