@@ -25,6 +25,7 @@ use crate::basebackup::manifest::{BackupId, Entry, EntryKind, StoredBlob, Tables
 use crate::basebackup::server_manifest::{
     Algorithm, FileSum, MAX_MANIFEST_LEN, ServerManifest, ServerManifestError, WalRange,
 };
+use crate::local::handoff::SPOOL_DIR;
 use crate::replication::backup_stream::{self, BackupStream, CopyMessage};
 use crate::replication::source::{self, Source};
 use crate::replication::tar::{self, Event, Kind, Member};
@@ -192,6 +193,8 @@ enum Sink {
     Kept(Vec<u8>),
     /// An incremental member, put back together over the previous backup's copy.
     Rebuild(Box<Rebuild>),
+    /// In the daemon's spool: checked against the server's manifest, never stored.
+    Discard,
 }
 
 /// The largest file kept whole (`pg_control` is 8 KiB, a label far less).
@@ -301,7 +304,11 @@ impl Receiver {
     fn start(&mut self, prefix: &str, m: Member) -> Result<(), BackupError> {
         let path = format!("{prefix}{}", m.name);
         let mode = m.mode & 0o7777;
+        // The server sends the daemon's spool like any directory it does not know; a backup never
+        // holds it (a manifest naming it is refused as damaged), so it is read and dropped.
+        let spool = prefix.is_empty() && in_spool(&path);
         self.current = Some(match m.kind {
+            Kind::Dir if spool => Current::Nothing,
             Kind::Dir => {
                 self.copier.add_dir(entry(&path, EntryKind::Dir, mode));
                 Current::Nothing
@@ -319,7 +326,9 @@ impl Receiver {
                     .rsplit('/')
                     .next()
                     .is_some_and(|n| n.starts_with(incremental::PREFIX));
-                let sink = if kept {
+                let sink = if spool {
+                    Sink::Discard
+                } else if kept {
                     Sink::Kept(Vec::new())
                 } else if rebuilt {
                     let (Some(prior), Some(full)) = (&self.prior, incremental::full_path(&path)) else {
@@ -364,6 +373,7 @@ impl Receiver {
                 buf.extend_from_slice(data);
                 Ok(())
             }
+            Sink::Discard => Ok(()),
         }
     }
 
@@ -387,6 +397,7 @@ impl Receiver {
                 r.finish(&mut self.copier, prior, size).await
             }
             Sink::Kept(bytes) => self.kept(path, bytes).await,
+            Sink::Discard => Ok(()),
         }
     }
 
@@ -417,6 +428,12 @@ impl Receiver {
         }
         Ok(())
     }
+}
+
+/// Whether `path`, relative to the data directory, is the daemon's spool or inside it.
+fn in_spool(path: &str) -> bool {
+    path.strip_prefix(SPOOL_DIR)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// The label of the complete backup walvault stores: an incremental backup's label without its
@@ -548,5 +565,24 @@ mod tests {
              START TIMELINE: 1\n"
         );
         assert_eq!(complete_label("START TIMELINE: 1\n"), "START TIMELINE: 1\n");
+    }
+
+    #[test]
+    fn the_spool_and_only_the_spool_is_dropped() {
+        for p in [
+            "walvault.spool",
+            "walvault.spool/archived",
+            "walvault.spool/archived/x.done",
+        ] {
+            assert!(in_spool(p), "{p}");
+        }
+        for p in [
+            "walvault.spool2",
+            "walvault.spoolx/a",
+            "base/1/walvault.spool",
+            "pg_wal",
+        ] {
+            assert!(!in_spool(p), "{p}");
+        }
     }
 }
