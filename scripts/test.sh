@@ -4,13 +4,30 @@
 # on a real S3 server: Garage on loopback, az:// repositories on Azurite); the fault tests; the
 # version matrix (real PostgreSQL 13, 14, 15, 16, 17 and 18 servers end to end on file://); and
 # every fuzz target replaying its committed seeds and the findings beside the checkout (random
-# exploration is scripts/fuzz.sh, run on its own: docs/FUZZING.md); and the shipped Prometheus
-# alert rules through promtool (deploy/prometheus). Installs PostgreSQL 15, the matrix's servers,
-# Garage, Azurite, cargo-fuzz and promtool when missing. Prints how long each part took.
+# exploration is scripts/fuzz.sh, run on its own: docs/FUZZING.md); the shipped Prometheus
+# alert rules through promtool (deploy/prometheus); the Kubernetes example against the Kubernetes
+# schemas (deploy/kubernetes); and, with podman, the deployment for real: the container story
+# (scripts/container-test.sh) and the Debian package installed in a clean container booting
+# systemd (packaging/test-deb.sh). Installs PostgreSQL 15, the matrix's servers, Garage, Azurite,
+# cargo-fuzz, promtool, kubernetes-validate, podman and mmdebstrap when missing. Prints how long
+# each part took, and says plainly which parts it skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${WALVAULT_TEST_THREADS:-2}
 timings=()
+skipped=()
+# Run a part that exits 77 when this machine cannot run it (no container runtime): say so, and
+# go on.
+skippable() {
+  local rc=0
+  "$@" || rc=$?
+  if [ "$rc" = 77 ]; then
+    echo "walvault: SKIPPED $* (podman cannot run containers on this machine)" >&2
+    skipped+=("$*")
+    return 0
+  fi
+  return "$rc"
+}
 part() {
   local name=$1 start=$SECONDS
   shift
@@ -29,6 +46,13 @@ part "architecture" python3 scripts/arch-check.py
 part "alert rules (promtool)" scripts/check-alerts.sh
 # The end-to-end tests drive the agent binaries: build them with the same profile first.
 part "build" cargo build --release --workspace --bins --locked
+# The Kubernetes example (deploy/kubernetes), strictly against the Kubernetes schemas.
+part "kubernetes manifests (strict)" scripts/validate-kubernetes.sh
+# Deployment that has run: images built from Debian's packages (no registry), PostgreSQL archiving
+# with the daemon as a sidecar, backups, a point-in-time restore checked row for row and a drill,
+# all in containers; then the .deb installed in a clean container booting systemd.
+part "containers (podman)" skippable env BIN_DIR=target/release scripts/container-test.sh --keep-images
+part "Debian package (clean container, systemd)" skippable env BIN_DIR=target/release packaging/test-deb.sh
 # Unit and property tests, end-to-end tests on file:// repositories, and the fault tests (each
 # runs its own Garage, whatever the store below).
 part "unit + e2e on file:// (PostgreSQL 15) + faults" \
@@ -46,3 +70,7 @@ part "e2e on az:// (Azurite, PostgreSQL 15)" env WALVAULT_TEST_STORE=azure \
 part "fuzz" scripts/fuzz-replay.sh
 echo "walvault: time per part" >&2
 printf '  %s\n' "${timings[@]}" >&2
+if [ ${#skipped[@]} -gt 0 ]; then
+  echo "walvault: SKIPPED (not run on this machine):" >&2
+  printf '  %s\n' "${skipped[@]}" >&2
+fi
