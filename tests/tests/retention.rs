@@ -439,11 +439,12 @@ fn keep_within_and_calendar_rules_from_the_command_line() -> Result<()> {
     take_backup(&source, &repo)?;
     let backup_lock = "locks/backup-0123456789abcdef0123456789abcdef.json";
     repo.write(backup_lock, lock("backup").as_bytes())?;
-    let wal_and_chunks = |r: &Repo| -> Result<usize> {
+    // The keys, not their number: PostgreSQL's archiver may add a segment meanwhile.
+    let wal_and_chunks = |r: &Repo| -> Result<std::collections::BTreeSet<String>> {
         Ok(r.files()?
-            .keys()
+            .into_keys()
             .filter(|k| k.starts_with("wal/") || k.starts_with("index/") || k.starts_with("chunks/"))
-            .count())
+            .collect())
     };
     let before = wal_and_chunks(&repo)?;
     let run = archive_agent(&repo, &["expire", "--keep-last", "1", "--json"]).check()?;
@@ -454,10 +455,11 @@ fn keep_within_and_calendar_rules_from_the_command_line() -> Result<()> {
             .is_some_and(|d| d.contains("backup by the test")),
         "{report:#}"
     );
-    assert_eq!(
-        wal_and_chunks(&repo)?,
-        before,
-        "nothing a running backup may need is deleted"
+    let after = wal_and_chunks(&repo)?;
+    let gone: Vec<&String> = before.difference(&after).collect();
+    assert!(
+        gone.is_empty(),
+        "nothing a running backup may need is deleted, yet {gone:?} went"
     );
     assert!(
         !repo.has(&repo.manifest_key(&b2.id)),
@@ -468,7 +470,7 @@ fn keep_within_and_calendar_rules_from_the_command_line() -> Result<()> {
     let report: serde_json::Value = serde_json::from_str(&run.stdout)?;
     assert!(report["deferred"].is_null(), "{report:#}");
     assert!(
-        wal_and_chunks(&repo)? < before,
+        !before.is_subset(&wal_and_chunks(&repo)?),
         "the next expire collects what waited"
     );
     let ok = verify(&repo, &[]);
