@@ -126,3 +126,49 @@ impl StoredKind for Chunk {
         }
     }
 }
+
+/// Why a pack read whole is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum PackDamage {
+    #[error("its bytes hash to {0}, not to its name")]
+    Hash(super::pack::PackId),
+    #[error("it holds {found} bytes, its manifest lists {listed}")]
+    Short { found: u64, listed: u64 },
+    #[error("chunk {id} at offset {offset}: {source}")]
+    Chunk {
+        id: ChunkId,
+        offset: u64,
+        source: Damage<MisnamedChunk>,
+    },
+}
+
+/// Check pack `id`, read whole as `bytes`: they hash to its name and, when a manifest lists it
+/// (`record`), hold every chunk it places there, each of which opens (`verify --deep`, and
+/// `archive-agent copy` before it writes the pack).
+pub fn check_pack(
+    sealer: &Sealer,
+    id: super::pack::PackId,
+    bytes: &[u8],
+    record: Option<&super::pack::PackRecord>,
+) -> Result<(), PackDamage> {
+    let found = super::pack::PackId::of(bytes);
+    if found != id {
+        return Err(PackDamage::Hash(found));
+    }
+    let Some(record) = record else { return Ok(()) };
+    if (bytes.len() as u64) < record.len() {
+        return Err(PackDamage::Short {
+            found: bytes.len() as u64,
+            listed: record.len(),
+        });
+    }
+    for (chunk, place) in record.places() {
+        let sealed = &bytes[place.offset as usize..(place.offset + place.len) as usize];
+        stored::open::<Chunk>(sealer, &chunk, sealed).map_err(|source| PackDamage::Chunk {
+            id: chunk,
+            offset: place.offset,
+            source,
+        })?;
+    }
+    Ok(())
+}

@@ -240,19 +240,26 @@ fn same_repository(source: &Reader, target: &Writer) -> Result<(), CopyError> {
     Ok(())
 }
 
-/// Every object copy knows in a repository, with its stored size.
+/// Every object copy knows in a repository, with its stored size: backups first.
 async fn listing(store: &crate::repo::Store) -> Result<BTreeMap<Object, u64>, StoreError> {
+    let mut out = listed(store, &[objects::BACKUPS]).await?;
+    out.extend(listed(store, &objects::LISTED_AFTER_BACKUPS).await?);
+    for o in [Object::Cluster, Object::Retention] {
+        if let Some(size) = store.size(&o.key()).await? {
+            out.insert(o, size);
+        }
+    }
+    Ok(out)
+}
+
+/// The objects copy knows under `dirs`, with their stored sizes.
+async fn listed(store: &crate::repo::Store, dirs: &[&str]) -> Result<BTreeMap<Object, u64>, StoreError> {
     let mut out = BTreeMap::new();
-    for dir in objects::LISTED {
+    for dir in dirs {
         for (key, size) in store.list(dir).await? {
             if let Some(o) = Object::of_key(&key) {
                 out.insert(o, size);
             }
-        }
-    }
-    for o in [Object::Cluster, Object::Retention] {
-        if let Some(size) = store.size(&o.key()).await? {
-            out.insert(o, size);
         }
     }
     Ok(out)
@@ -268,25 +275,9 @@ pub async fn copy(source: &Reader, target: &Writer, opts: &CopyOptions) -> Resul
         id: Some(source.id().clone()),
         ..CopyReport::default()
     };
-    // Backups first: each manifest listed here has its data in the listing that follows.
-    let mut src: BTreeMap<Object, u64> = BTreeMap::new();
-    for (key, size) in source
-        .store()
-        .list(crate::repo::layout::Kind::Backup.dirname())
-        .await?
-    {
-        if let Some(o) = Object::of_key(&key) {
-            src.insert(o, size);
-        }
-    }
-    let manifests: BTreeSet<Object> = src
-        .keys()
-        .filter(|o| matches!(o, Object::Manifest(_)))
-        .cloned()
-        .collect();
-    src.extend(listing(source.store()).await?);
-    // A manifest that appeared after the first listing waits for the next copy.
-    src.retain(|o, _| !matches!(o, Object::Manifest(_)) || manifests.contains(o));
+    // Backups first: each manifest listed has its data in the listings that follow. One that
+    // appears after them waits for the next copy.
+    let src = listing(source.store()).await?;
     let dst = listing(target.store()).await?;
     let records = new_manifests_records(source, &src, &dst).await?;
     let ctx = Arc::new(Context {
@@ -370,17 +361,7 @@ struct OnTarget {
 impl OnTarget {
     fn of(listing: &BTreeMap<Object, u64>) -> OnTarget {
         let mut out = OnTarget::default();
-        for o in listing.keys() {
-            match o {
-                Object::Pack(id) => {
-                    out.packs.insert(*id);
-                }
-                Object::Chunk(id) => {
-                    out.chunks.insert(*id);
-                }
-                _ => {}
-            }
-        }
+        listing.keys().for_each(|o| out.add(o));
         out
     }
 

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::basebackup::chunk::{Chunk, ChunkId, MisnamedChunk};
+use crate::basebackup::chunk::{Chunk, ChunkId, MisnamedChunk, PackDamage, check_pack};
 use crate::basebackup::pack::{PackId, PackRecord};
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
@@ -693,16 +693,8 @@ enum DeepCheckError {
     Chunk(#[from] Damage<MisnamedChunk>),
     #[error("check failed: {0}")]
     Task(String),
-    #[error("its bytes hash to {0}, not to its name")]
-    PackHash(PackId),
-    #[error("it holds {found} bytes, its manifest lists {listed}")]
-    PackShort { found: u64, listed: u64 },
-    #[error("chunk {id} at {offset}: {source}")]
-    Packed {
-        id: ChunkId,
-        offset: u64,
-        source: Damage<MisnamedChunk>,
-    },
+    #[error(transparent)]
+    Pack(#[from] PackDamage),
 }
 
 /// Open `item`, read whole as `bytes`, and check it as its kind requires.
@@ -719,27 +711,7 @@ fn deep_check(repo: &Reader, item: DeepItem, bytes: &[u8]) -> Result<(), DeepChe
         DeepItem::Chunk(id) => {
             stored::open::<Chunk>(sealer, &id, bytes)?;
         }
-        DeepItem::Pack(id, record) => {
-            let found = PackId::of(bytes);
-            if found != id {
-                return Err(DeepCheckError::PackHash(found));
-            }
-            let Some(record) = record else { return Ok(()) };
-            if (bytes.len() as u64) < record.len() {
-                return Err(DeepCheckError::PackShort {
-                    found: bytes.len() as u64,
-                    listed: record.len(),
-                });
-            }
-            for (chunk, place) in record.places() {
-                let sealed = &bytes[place.offset as usize..(place.offset + place.len) as usize];
-                stored::open::<Chunk>(sealer, &chunk, sealed).map_err(|source| DeepCheckError::Packed {
-                    id: chunk,
-                    offset: place.offset,
-                    source,
-                })?;
-            }
-        }
+        DeepItem::Pack(id, record) => check_pack(sealer, id, bytes, record.as_ref())?,
     }
     Ok(())
 }

@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 
 use crate::basebackup::BackupId;
-use crate::basebackup::chunk::{Chunk, MisnamedChunk};
+use crate::basebackup::chunk::{Chunk, MisnamedChunk, PackDamage, check_pack};
 use crate::basebackup::chunk_id::{ChunkId, PackId};
 use crate::basebackup::manifest::{Manifest, ManifestError};
 use crate::basebackup::pack::PackRecord;
@@ -54,11 +54,13 @@ pub enum Phase {
     Records,
 }
 
-/// The directories listed to find every object copy knows; `cluster.json` and `retention.json`
-/// are read by name.
-pub const LISTED: [&str; 7] = [
-    "chunks/", "packs/", "wal/", "index/", "stream/", "backups/", "drills/",
-];
+/// The directory of backups: listed first by a copy, so that each manifest it sees has its
+/// data in the listings of [`LISTED_AFTER_BACKUPS`] (a backup writes its data first).
+pub const BACKUPS: &str = "backups/";
+
+/// The other directories listed to find every object copy knows; `cluster.json` and
+/// `retention.json` are read by name.
+pub const LISTED_AFTER_BACKUPS: [&str; 6] = ["chunks/", "packs/", "wal/", "index/", "stream/", "drills/"];
 
 /// Why an object read from the source cannot be copied.
 #[derive(Debug, thiserror::Error)]
@@ -79,16 +81,8 @@ pub enum CheckError {
     Record(serde_json::Error),
     #[error("a segment of another cluster, or not a segment: {0}")]
     ForeignWal(#[from] crate::repo::WalCheckError),
-    #[error("its bytes hash to {0}, not to its name")]
-    PackHash(PackId),
-    #[error("it holds {found} bytes, its manifest lists {listed}")]
-    PackShort { found: u64, listed: u64 },
-    #[error("chunk {id} at offset {offset}: {source}")]
-    Packed {
-        id: ChunkId,
-        offset: u64,
-        source: Damage<MisnamedChunk>,
-    },
+    #[error(transparent)]
+    Pack(#[from] PackDamage),
 }
 
 /// What a checked object needs on the target before it may be written there.
@@ -188,7 +182,7 @@ impl Object {
             Object::Chunk(id) => {
                 stored::open::<Chunk>(sealer, id, bytes)?;
             }
-            Object::Pack(id) => check_pack(target, *id, bytes, records.get(id))?,
+            Object::Pack(id) => check_pack(sealer, *id, bytes, records.get(id))?,
             Object::Wal(name) => {
                 let file = stored::open::<WalObject>(sealer, name, bytes)?;
                 target.check_wal(name, &file.content)?;
@@ -225,35 +219,6 @@ pub fn needs_of(m: &Manifest) -> Needs {
         packs: crate::retention::referenced_packs([m]),
         chunks: crate::retention::referenced_chunks([m]),
     }
-}
-
-/// A pack: its bytes hash to its name and, when a manifest lists it, every chunk in it opens.
-fn check_pack<S: AsRef<Store>>(
-    target: &Repository<S>,
-    id: PackId,
-    bytes: &[u8],
-    record: Option<&PackRecord>,
-) -> Result<(), CheckError> {
-    let found = PackId::of(bytes);
-    if found != id {
-        return Err(CheckError::PackHash(found));
-    }
-    let Some(record) = record else { return Ok(()) };
-    if (bytes.len() as u64) < record.len() {
-        return Err(CheckError::PackShort {
-            found: bytes.len() as u64,
-            listed: record.len(),
-        });
-    }
-    for (chunk, place) in record.places() {
-        let sealed = &bytes[place.offset as usize..(place.offset + place.len) as usize];
-        stored::open::<Chunk>(target.sealer(), &chunk, sealed).map_err(|source| CheckError::Packed {
-            id: chunk,
-            offset: place.offset,
-            source,
-        })?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
