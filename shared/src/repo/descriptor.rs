@@ -224,6 +224,28 @@ mod tests {
         );
     }
 
+    /// A second copy's descriptor: the source's identity, its own store's probe, and the
+    /// optional `copy_of`, which round-trips and which a descriptor without it does not need.
+    #[test]
+    fn a_copy_keeps_its_source_identity_and_names_it() {
+        let mut source = RepoDescriptor::new(None, 1_700_000_000_000_000);
+        source.create_only_honoured = Some(true);
+        let copy = source.for_copy("s3://main/walvault");
+        assert_eq!(copy.id(), source.id());
+        assert_eq!(
+            (copy.version, &copy.cluster, &copy.encryption),
+            (source.version, &source.cluster, &source.encryption)
+        );
+        assert_eq!(
+            copy.create_only_honoured, None,
+            "probed again on the copy's store"
+        );
+        let json = String::from_utf8(copy.to_json()).unwrap();
+        assert!(json.contains("\"copy_of\": \"s3://main/walvault\""), "{json}");
+        assert_eq!(RepoDescriptor::parse(json.as_bytes()).unwrap(), copy);
+        assert!(!String::from_utf8(source.to_json()).unwrap().contains("copy_of"));
+    }
+
     #[test]
     fn round_trips_and_refuses_unknown_versions() {
         let d = RepoDescriptor::new(
