@@ -933,6 +933,7 @@ pub(crate) mod testing {
             packs: vec![],
             server_manifest: None,
             incremental_from: None,
+            generation: 0,
             page_checks: None,
             files: vec![],
         }

@@ -200,6 +200,11 @@ pub struct RetentionSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[arg(long, value_name = "ZONE")]
     pub timezone: Option<String>,
+    /// Rewrite the packs with the most dead bytes (chunks only expired backups used) until at
+    /// most PERCENT of all pack bytes stays dead; 100 rewrites nothing [default: 10]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub max_dead: Option<u8>,
 }
 
 impl RetentionSettings {

@@ -43,7 +43,13 @@ pub struct Policy {
     pub keep_yearly: Option<u32>,
     /// The time zone calendar periods are taken in (UTC when `None`).
     pub timezone: Option<jiff::tz::TimeZone>,
+    /// What share of all pack bytes may stay dead after an expire (see
+    /// [`crate::basebackup::pack_space`]); [`DEFAULT_MAX_DEAD`] when `None`.
+    pub max_dead: Option<u8>,
 }
+
+/// The share of pack bytes an expire leaves dead when nothing says otherwise, in percent.
+pub const DEFAULT_MAX_DEAD: u8 = 10;
 
 impl Policy {
     /// Whether no rule is set (expire refuses then: it would keep only the newest backup).
@@ -134,6 +140,7 @@ impl RetentionSettings {
             keep_monthly: rules.keep_monthly,
             keep_yearly: rules.keep_yearly,
             timezone,
+            max_dead: flags.max_dead.or(self.max_dead).map(|p| p.min(100)),
         })
     }
 }
@@ -174,6 +181,7 @@ impl RetentionRecord {
                     .timezone
                     .as_ref()
                     .and_then(|t| t.iana_name().map(str::to_string)),
+                max_dead: policy.max_dead,
             },
             consistency_only: decisions
                 .iter()

@@ -13,6 +13,7 @@ pub mod agents;
 pub mod azurite;
 pub mod backup;
 pub mod cluster;
+pub mod copy;
 pub mod daemon;
 pub mod dirwatch;
 pub mod faultproxy;

@@ -12,52 +12,11 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use walvault_testkit::agents::{ARCHIVE_AGENT, RESTORE_AGENT, agents};
 use walvault_testkit::backup::{self, Restore, next_backup_second, take_backup};
+use walvault_testkit::copy::{copy, copy_args, copy_location, report};
 use walvault_testkit::fixtures::{archive_everything, archiving_cluster};
-use walvault_testkit::host::Finished;
 use walvault_testkit::repo::StoreKind;
 use walvault_testkit::workload::{self, Ledger, LedgerState};
 use walvault_testkit::{Cluster, Repo};
-
-/// `archive-agent copy` from `source` to `target`, with the credentials each needs.
-fn copy_args(source: &Repo, target: &Repo, extra: &[&str]) -> Vec<String> {
-    let mut args = vec!["copy".to_string()];
-    args.extend(source.args());
-    args.extend(["--to".to_string(), target.url()]);
-    if let Some(c) = target.config_path() {
-        args.extend(["--to-config".to_string(), c.display().to_string()]);
-    }
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
-}
-
-fn copy(source: &Repo, target: &Repo, extra: &[&str]) -> Finished {
-    let mut extra = extra.to_vec();
-    extra.push("--json");
-    agents().run(ARCHIVE_AGENT, copy_args(source, target, &extra))
-}
-
-fn report(run: &Finished) -> Result<Value> {
-    serde_json::from_str(&run.stdout).with_context(|| format!("copy printed no JSON:\n{run}"))
-}
-
-/// A second copy of `source` in store `kind` (`init --copy-of`), empty.
-fn copy_location(source: &Repo, kind: StoreKind) -> Result<Repo> {
-    let target = Repo::uninitialized_in(kind)?;
-    let mut args = vec!["init".to_string(), "--repo".into(), target.url()];
-    // One configuration file must give both stores' credentials (and an encrypted source's
-    // key): the source's when both are on one store, else the object store's.
-    let config = match target.kind() == source.kind() {
-        true => source.config_path().or(target.config_path()),
-        false => target.config_path().or(source.config_path()),
-    };
-    if let Some(c) = config {
-        args.extend(["--config".to_string(), c.display().to_string()]);
-    }
-    args.extend(["--copy-of".to_string(), source.url()]);
-    agents().run(ARCHIVE_AGENT, args).check()?;
-    ensure!(target.id()? == source.id()?, "the copy has the source's id");
-    Ok(target)
-}
 
 fn steps(cluster: &Cluster, n: usize) -> Result<Vec<LedgerState>> {
     let mut ledger = Ledger::connect(cluster)?;

@@ -234,6 +234,15 @@ pub struct Manifest {
     /// restore copies damaged pages as they were read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_checks: Option<PageChecks>,
+    /// How many times `expire` has written this manifest again, each time listing new packs
+    /// for packs it rewrote ([`crate::basebackup::pack_space`]); 0, and absent, as the backup
+    /// wrote it. A copy replaces its manifest with one of a higher generation.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub generation: u32,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
 }
 
 /// Bytes stored as chunks of the manifest's `chunk_size`, outside the data directory.
@@ -869,6 +878,7 @@ mod tests {
             packs: vec![],
             server_manifest: None,
             incremental_from: None,
+            generation: 0,
             page_checks: None,
             files: vec![],
         }

@@ -12,6 +12,7 @@ pub mod incremental;
 pub mod label;
 pub mod manifest;
 pub mod pack;
+pub mod pack_space;
 pub mod page_checksum;
 pub mod relmap;
 pub mod reuse;

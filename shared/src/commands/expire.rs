@@ -21,6 +21,9 @@ use crate::report::Report;
 use crate::retention::{self, Policy, Reason};
 use crate::wal::{SegmentName, TimelineId, WalFileName};
 
+mod repack;
+pub use repack::RepackReport;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExpireError {
     #[error(
@@ -39,6 +42,14 @@ pub enum ExpireError {
     Busy(String),
     #[error("no backup {0} in the repository")]
     NoSuchBackup(BackupId),
+    #[error(
+        "this expire's lock went stale while it repacked: no manifest was rewritten (the new packs are collected by the next expire)"
+    )]
+    LockLost,
+    #[error("cannot write backup {id}'s manifest again after a repack: {why}")]
+    Rewrite { id: BackupId, why: String },
+    #[error("a repack task failed: {0}")]
+    Task(String),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
@@ -88,6 +99,8 @@ pub struct ExpireReport {
     pub locks: Deleted,
     /// Why chunks were left for the next expire, when they were.
     pub deferred: Option<String>,
+    /// The packs rewritten to reclaim their dead bytes; `None` when the expire deferred it.
+    pub repack: Option<RepackReport>,
     /// Timelines kept whole because no history file says where they came from.
     pub unknown_timelines: Vec<TimelineId>,
 }
@@ -151,6 +164,9 @@ impl Report for ExpireReport {
             ("stale locks", &self.locks),
         ] {
             let _ = writeln!(out, "{verb} {:>7} {what} ({} bytes)", d.objects, d.bytes);
+        }
+        if let Some(r) = &self.repack {
+            r.render(&mut out, self.dry_run);
         }
         if let Some(why) = &self.deferred {
             let _ = writeln!(
@@ -218,20 +234,21 @@ pub async fn expire(
             return Err(refusal);
         }
     }
-    let result = run(repo, policy, lock.is_none(), now_us).await;
+    let result = run(repo, policy, lock.as_ref(), now_us).await;
     if let Some(lock) = lock {
         lock.release().await;
     }
     result
 }
 
-/// The expire itself; unless `dry_run`, this process holds the expire lock.
+/// The expire itself, under `lock`; a dry run without one.
 async fn run(
     repo: &Writer,
     policy: &Policy,
-    dry_run: bool,
+    lock: Option<&Lock>,
     now_us: i64,
 ) -> Result<ExpireReport, ExpireError> {
+    let dry_run = lock.is_none();
     let reader = repo.reader();
     let store = repo.writable();
     // The time index is listed, not read: expire needs only which summaries exist.
@@ -271,6 +288,14 @@ async fn run(
     if !dry_run {
         store.delete_many(&garbage).await?;
     }
+    // 4. Packs mostly dead: their live chunks into new packs (repack.rs).
+    let kept: Vec<&crate::basebackup::Manifest> = current
+        .backups()
+        .iter()
+        .filter(|m| !expired.contains(&m.id))
+        .collect();
+    let max_dead = policy.max_dead.unwrap_or(retention::DEFAULT_MAX_DEAD);
+    report.repack = Some(repack::repack(repo, &kept, max_dead, lock).await?);
     Ok(report)
 }
 

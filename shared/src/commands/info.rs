@@ -41,6 +41,9 @@ pub struct InfoReport {
     pub backups: Vec<BackupInfo>,
     pub timelines: Vec<TimelineInfo>,
     pub damaged: Vec<Damaged>,
+    /// The packs the backups list, and the bytes in them no backup references (what
+    /// `archive-agent expire` reclaims by repacking).
+    pub packs: crate::basebackup::pack_space::Space,
     /// The most recent drills, newest first.
     pub drills: Vec<Evidence>,
     /// With a second copy of the repository: each one's window, the first then the second.
@@ -214,6 +217,9 @@ pub fn describe(
         backups,
         timelines,
         damaged: cat.damaged().to_vec(),
+        packs: crate::basebackup::pack_space::Space::of(&crate::basebackup::pack_space::usage(
+            cat.backups().iter(),
+        )),
         drills,
         side_by_side: Vec::new(),
     }
@@ -310,6 +316,18 @@ impl InfoReport {
                 "encrypted: {}, keyed chunk ids, key {kdf} (wrapped {})",
                 e.cipher,
                 e.wrapped_at.as_deref().unwrap_or("at init")
+            );
+        }
+        let p = &self.packs;
+        if p.packs > 0 {
+            let _ = writeln!(
+                out,
+                "packs: {} holding {}, of which {} ({:.1}%) are chunks no backup references (expire repacks above max_dead, {}% by default)",
+                p.packs,
+                human_bytes(p.bytes),
+                human_bytes(p.dead_bytes),
+                p.dead_percent(),
+                crate::retention::DEFAULT_MAX_DEAD
             );
         }
         out.push('\n');

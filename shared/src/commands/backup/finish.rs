@@ -130,6 +130,7 @@ pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
         server_manifest,
         incremental_from,
         page_checks,
+        generation: 0,
     }
 }
 

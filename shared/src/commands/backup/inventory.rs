@@ -584,6 +584,7 @@ mod tests {
                 packs: vec![],
                 server_manifest: None,
                 incremental_from: None,
+                generation: 0,
                 page_checks: None,
             },
             take_over: true,

@@ -90,6 +90,8 @@ pub enum CheckError {
 pub struct Needs {
     pub packs: BTreeSet<PackId>,
     pub chunks: BTreeSet<ChunkId>,
+    /// A manifest's generation: one an expire's repack wrote again replaces a lower one.
+    pub generation: u32,
 }
 
 impl Object {
@@ -218,6 +220,7 @@ pub fn needs_of(m: &Manifest) -> Needs {
     Needs {
         packs: crate::retention::referenced_packs([m]),
         chunks: crate::retention::referenced_chunks([m]),
+        generation: m.generation,
     }
 }
 
