@@ -96,9 +96,13 @@ SKIPPED = {"azure": {"WAL-RUS": "no Azure backend (WAL-RUS 0.3.0: file://, s3://
 STAND_IN = {"azure": "s3"}
 
 
+# The tools this run measures (--tools): all of TOOLS unless narrowed.
+RUN_TOOLS = list(TOOLS)
+
+
 def store_tools(kind):
     """The tools measured on a store of this kind, in TOOLS' order."""
-    return [t for t in TOOLS if t not in SKIPPED.get(kind, {})]
+    return [t for t in TOOLS if t not in SKIPPED.get(kind, {}) and t in RUN_TOOLS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -756,7 +760,8 @@ def backup_round(ctx, store, rnd, c, shape):
             "WAL-RUS": lambda: Walrus(ctx, store, store.loc(f"bk-{sh}-walrus-{r}"), f"bk-{sh}-{tag}")}
     tools = {t: make[t]() for t in names}
     tools["walvault"].init(c.data)
-    tools["pgBackRest"].init()
+    if "pgBackRest" in tools:
+        tools["pgBackRest"].init()
     # Every tool's backup needs its WAL (walvault and pgBackRest wait for the backup's last
     # segment; WAL-RUS builds its delta map from the archived WAL): archive to all of them.
     # The pushes run at once, so that a backup waiting for its last segment waits for the
@@ -850,7 +855,7 @@ def backup_round(ctx, store, rnd, c, shape):
                 f"{res['second_change'][tool]['stored_bytes']} B")
 
     if ctx.want("delta"):
-        for tool in ("walvault", "pgBackRest"):
+        for tool in [t for t in ("walvault", "pgBackRest") if t in tools]:
             if tool == "walvault" and not ctx.walvault_delta:
                 res["delta_restore"][tool] = {"seconds": None, "note": "restore-agent restore has no --delta"}
                 continue
@@ -1422,6 +1427,10 @@ def main():
                     help="walvault restore's --sync-method [fsync, its default]")
     ap.add_argument("--stores", default="file,s3", help=f"comma-separated: {','.join(STORE_KINDS)} [file,s3]")
     ap.add_argument("--only", default=",".join(SCENARIOS), help=f"scenarios: {','.join(SCENARIOS)}")
+    ap.add_argument("--tools", default=",".join(TOOLS),
+                    help=f"comma-separated, walvault always included: {','.join(TOOLS)} [all]; a subset only "
+                         "with the backup scenarios (full, restore, second, delta): walvault's own costs, the "
+                         "limits beside them, no ratio to an absent rival")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench/results/rivals.json"))
     ap.add_argument("--markdown", metavar="FILE", help="also write the Markdown table to FILE")
     ap.add_argument("--from-json", metavar="JSON", help="only print the tables of an earlier run's JSON")
@@ -1444,6 +1453,12 @@ def main():
     bad = (only - set(SCENARIOS)) | (set(stores) - set(STORE_KINDS))
     if bad:
         sys.exit(f"unknown scenario or store: {', '.join(sorted(bad))}")
+    tools = ["walvault"] + [t for t in args.tools.split(",") if t and t != "walvault"]
+    if set(tools) - set(TOOLS):
+        sys.exit(f"unknown tool: {', '.join(sorted(set(tools) - set(TOOLS)))}")
+    if set(tools) != set(TOOLS) and only & {"archive", "replay"}:
+        sys.exit("--tools: the WAL scenarios (archive, replay) run every tool")
+    RUN_TOOLS[:] = [t for t in TOOLS if t in tools]
     parallels = []
     for x in args.parallel.split(","):
         if not x.strip().isdigit() or int(x) < 1:
@@ -1458,7 +1473,7 @@ def main():
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(s, on_signal)
 
-    versions = check_rivals()
+    versions = check_rivals() if len(RUN_TOOLS) > 1 else {}
     if set(stores) & set(S3_KINDS):
         if shutil.which("stunnel") is None:
             s3b.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4")
@@ -1499,7 +1514,8 @@ def main():
         "config": {"rounds": rounds, "shapes": [x.spec for x in shapes], "wal_mib": wal_mib, "parallel": parallels[0],
                    "stores": stores, "only": sorted(only), "quick": args.quick, "bin_dir": BIN_DIR,
                    "bench_commit": git, "walvault_delta_restore": ctx.walvault_delta,
-                   "walvault_sync_method": ctx.walvault_sync, "parallel_curve": parallels},
+                   "walvault_sync_method": ctx.walvault_sync, "parallel_curve": parallels,
+                   "tools": RUN_TOOLS},
         "versions": versions, "stores": {}, "shapes": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "nproc": os.cpu_count()}
     log(f"work directory {work}; {versions}")
