@@ -24,6 +24,8 @@ import sys
 
 # Assumed for the projection (printed with it).
 NIC_GBPS = 25.0             # the host's network, Gbit/s
+STORED_RATIO = 0.33         # stored bytes per byte of the cluster (production data: ~3x; pgbench ~20x)
+DISK_GBS = 2.0              # the host's local disk, GB/s (what a backup reads, a restore writes)
 S3_STREAM_MBPS = 90.0       # one S3 connection's throughput, MB/s (AWS: ~85-90 MB/s per connection)
 S3_PREFIX_PUTS = 3500       # S3's request rate per prefix and second (PUT; GET 5,500)
 S3_LATENCY_S = 0.020        # first byte of a request in a cloud region
@@ -54,9 +56,7 @@ def requests(m):
     s3 = (m or {}).get("s3")
     if not isinstance(s3, dict):
         return None
-    if "total" in s3:
-        return s3["total"]
-    return sum(v for v in s3.values() if isinstance(v, (int, float)))
+    return sum(v for v in s3.get("requests", {}).values() if isinstance(v, (int, float)))
 
 
 def points(results, kind, op):
@@ -89,14 +89,16 @@ def fit(pts, key, terms):
 
 def project_time(f, gb, kfiles, streams, store):
     """Seconds at `streams`: the CPU-bound byte and file costs divide over the streams (a host
-    with a core per stream), bounded below by the network; the constant does not scale."""
+    with a core per stream), bounded below by the local disk and, on S3, by the network and
+    the per-connection throughput; the constant does not scale."""
     if f is None:
         return None
     scale = MEASURED_STREAMS / streams
     cpu = max(f["gb"], 0) * gb * scale + max(f["kfiles"], 0) * kfiles * scale
-    floor = 0.0
+    floor = gb / DISK_GBS
     if store != "file":
-        floor = max(gb * 8 / NIC_GBPS, gb * 1000 / (S3_STREAM_MBPS * streams))
+        stored = gb * STORED_RATIO
+        floor = max(floor, stored * 8 / NIC_GBPS, stored * 1000 / (S3_STREAM_MBPS * streams))
     return max(f["const"], 0) + max(cpu, floor)
 
 
@@ -109,7 +111,7 @@ def main():
     with open(args.json) as f:
         results = json.load(f)
     gb, kfiles = args.tb * 1000, args.files / 1000
-    proj = {"assumptions": {"nic_gbps": NIC_GBPS, "s3_stream_mbps": S3_STREAM_MBPS,
+    proj = {"assumptions": {"nic_gbps": NIC_GBPS, "disk_gb_per_s": DISK_GBS, "stored_ratio": STORED_RATIO, "s3_stream_mbps": S3_STREAM_MBPS,
                             "s3_prefix_puts_per_s": S3_PREFIX_PUTS, "s3_latency_s": S3_LATENCY_S,
                             "measured_streams": MEASURED_STREAMS},
             "target": {"gb": gb, "files": args.files}, "fits": {}, "rows": []}
@@ -147,8 +149,10 @@ def main():
               + ("–" if r["requests"] is None else f"{r['requests']:,.0f}")
               + f" | {r['rss_mib']:,.0f} MiB | {r['files_share'] * 100:.0f}% |")
     print(f"\nAssumed: a core per stream (the CPU costs per byte and per file, measured at {MEASURED_STREAMS} streams "
-          f"on 2 cores, divide by streams / {MEASURED_STREAMS}); S3 at {S3_STREAM_MBPS:g} MB/s per connection and "
-          f"a {NIC_GBPS:g} Gbit/s network (the floor of every S3 byte term); peak RSS as measured (it does not "
+          f"on 2 cores, divide by streams / {MEASURED_STREAMS}); S3 at {S3_STREAM_MBPS:g} MB/s per connection (one per "
+          f"stream) carrying {STORED_RATIO:g} stored bytes per byte of the cluster, and "
+          f"a {NIC_GBPS:g} Gbit/s network (the floor of every S3 byte term), a local disk of {DISK_GBS:g} GB/s "
+          "(the floor of every byte term); peak RSS as measured (it does not "
           "depend on streams in this model).")
     results["projection"] = proj
     with open(args.json, "w") as f:

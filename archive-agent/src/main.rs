@@ -132,7 +132,7 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<u8> {
 
 /// Run `f` to completion on a multi-threaded runtime.
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
-    Ok(tokio::runtime::Runtime::new()?.block_on(f))
+    Ok(walvault::cli::threads::runtime()?.block_on(f))
 }
 
 /// Print the report: as JSON with `--json`, else as text.

@@ -170,7 +170,7 @@ async fn until_interrupted<F: std::future::Future>(f: F) -> anyhow::Result<F::Ou
 
 /// Run `f` to completion on a multi-threaded runtime.
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
-    Ok(tokio::runtime::Runtime::new()?.block_on(f))
+    Ok(walvault::cli::threads::runtime()?.block_on(f))
 }
 
 fn show(report: &impl Report, format: Format) -> anyhow::Result<()> {
@@ -182,7 +182,7 @@ fn run_restore(repo: &RepoArgs, args: RestoreArgs) -> anyhow::Result<()> {
     let settings = repo.settings(None)?;
     let opts = args.options(&settings, repo, &std::env::current_exe()?)?;
     let json = args.json;
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = walvault::cli::threads::runtime()?;
     if args.dry_run {
         let plan = rt.block_on(walvault::commands::restore::plan(&settings, &opts))?;
         emit(&plan, Format::from_json_flag(json))?;

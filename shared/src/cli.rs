@@ -12,6 +12,7 @@ pub mod progress_bar;
 pub mod restore_agent;
 pub mod restore_args;
 pub mod target_args;
+pub mod threads;
 
 use clap::Parser;
 

@@ -2,7 +2,8 @@
 //! chunks only they used are no longer stored, though they shared packs with chunks the kept
 //! backups use (`expire` rewrites those packs, `--max-dead`). What a DBA checks: `info` reports
 //! the dead bytes before and none after; the repository holds exactly the packs the kept
-//! backups list; `verify --deep` passes; each kept backup restores exactly; and a second copy
+//! backups list; `verify --deep` passes; each kept backup restores exactly; the next backup
+//! still takes unchanged files over unread; and a second copy
 //! kept by `archive-agent copy` follows the rewrite and still restores on its own.
 
 use anyhow::{Context, Result, ensure};
@@ -140,7 +141,16 @@ fn expire_reclaims_the_chunks_only_expired_backups_used() -> Result<()> {
         assert_eq!(&bulk_md5(&restored)?, md5, "backup {}: the bulk table", b.id);
     }
 
-    // 4. The copy follows: the rewritten manifests replace its own, the old packs go with
+    // 4. The next backup still takes the unchanged files over unread: the manifests written
+    // again kept each file's stat, which the catalog's copies leave out.
+    next_backup_second();
+    let next = take_backup(&source, &repo)?;
+    ensure!(
+        next.reused_files > 0,
+        "a backup after the repack reused nothing: {next:?}"
+    );
+
+    // 5. The copy follows: the rewritten manifests replace its own, the old packs go with
     // --prune, and it restores on its own.
     let followed = report(&copy(&repo, &target, &["--prune"]).check()?)?;
     assert_eq!(

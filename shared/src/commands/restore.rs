@@ -21,6 +21,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use self::budget::OPEN_FILES;
 pub use self::waits::Waits;
 #[cfg(doc)]
 use crate::basebackup::manifest::Manifest;

@@ -98,14 +98,25 @@ pub(super) async fn repack(
     }
     let mut after: Vec<Manifest> = Vec::with_capacity(kept.len());
     for m in kept {
-        match repacker.rewrite(m, &repacked) {
-            Some(new) => {
-                write_manifest(repo, &new).await?;
-                report.manifests += 1;
-                after.push(new);
-            }
-            None => after.push((*m).clone()),
+        if repacker.rewrite(m, &repacked).is_none() {
+            after.push((*m).clone());
+            continue;
         }
+        // Rewritten from the manifest as stored, whole: the catalog's copy lacks each file's
+        // stat and stored lengths, which the next backup's reuse reads.
+        let whole = crate::catalog::load_manifest(repo.store(), repo.sealer(), &m.id).await?;
+        if whole.packs != m.packs {
+            return Err(ExpireError::Rewrite {
+                id: m.id.clone(),
+                why: "it changed while the expire ran".into(),
+            });
+        }
+        let new = repacker
+            .rewrite(&whole, &repacked)
+            .expect("lists a repacked pack");
+        write_manifest(repo, &new).await?;
+        report.manifests += 1;
+        after.push(new);
     }
     report.after = Space::of(&pack_space::usage(after.iter()));
     tracing::info!(
