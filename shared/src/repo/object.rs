@@ -14,6 +14,9 @@ use chacha20poly1305::{Tag, XNonce};
 
 use super::keys::RepoKeys;
 
+mod contexts;
+use contexts::{Hashing, compress_after, decompress_into};
+
 pub const MAGIC: &[u8; 8] = b"WALVAULT";
 /// The plain format.
 pub const VERSION: u16 = 1;
@@ -172,22 +175,43 @@ fn seal_with(
     hash: [u8; 32],
     level: i32,
 ) -> std::io::Result<SealedObject> {
+    let (header_len, tag_len) = room(keys, name);
+    // Compress into the object after room for the header, and encrypt in place there (a large
+    // object straight there: no second copy of 16 MiB segments in flight).
+    let (out, compressed_len) = compress_after(content, level, header_len, tag_len)?;
+    debug_assert_eq!(out.len(), header_len + compressed_len + tag_len);
+    finish_sealing(keys, kind, name, out, compressed_len, content.len() as u64, hash)
+}
+
+/// The room an object named `name` takes before its payload (its header) and after it (the
+/// encrypted object's tag).
+fn room(keys: Option<&RepoKeys>, name: &str) -> (usize, usize) {
     assert!(
         !name.is_empty() && name.len() <= MAX_NAME_LEN,
         "names are validated before sealing"
     );
     let fixed = if keys.is_some() { FIXED_LEN_V2 } else { FIXED_LEN };
     let tag_len = if keys.is_some() { TAG_LEN } else { 0 };
-    // Compress into the object after room for the header, and encrypt in place there (a large
-    // object straight there: no second copy of 16 MiB segments in flight).
-    let header_len = fixed + name.len() + CRC_LEN;
-    let (mut out, compressed_len) = compress_after(content, level, header_len, tag_len)?;
-    debug_assert_eq!(out.len(), header_len + compressed_len + tag_len);
+    (fixed + name.len() + CRC_LEN, tag_len)
+}
+
+/// `out`: room for the header, `compressed_len` bytes of zstd frame, room for the tag. The
+/// header written, the payload encrypted in place when `keys` are given.
+fn finish_sealing(
+    keys: Option<&RepoKeys>,
+    kind: ObjectKind,
+    name: &str,
+    mut out: Vec<u8>,
+    compressed_len: usize,
+    original_len: u64,
+    hash: [u8; 32],
+) -> std::io::Result<SealedObject> {
+    let (header_len, tag_len) = room(keys, name);
     let header = ObjectHeader {
         kind,
         codec: Codec::Zstd,
         name: name.to_string(),
-        original_len: content.len() as u64,
+        original_len,
         blake3: hash,
         payload_len: (compressed_len + tag_len) as u64,
         nonce: keys.map(|_| rand::random()),
@@ -212,89 +236,6 @@ fn seal_with(
     Ok(SealedObject {
         header,
         bytes: Bytes::from(out),
-    })
-}
-
-/// Objects at most this large are compressed into a kept buffer ([`Compressing`]) and copied
-/// out at their compressed size; larger ones (16 MiB WAL segments) straight into the object.
-const SCRATCH_MAX: usize = 4 << 20;
-
-/// A zstd compression context at `level` and a buffer to compress into, kept for the next
-/// object: a context made per object (`zstd::bulk::compress_to_buffer`) spent 2% of a backup's
-/// CPU clearing itself, and a zeroed buffer of the compression bound per object 5% in page
-/// faults and memset (most of a megabyte each, for some 50 KiB of pgbench data).
-struct Compressing {
-    level: i32,
-    context: zstd::bulk::Compressor<'static>,
-    out: Vec<u8>,
-}
-
-/// The kept [`Compressing`]s: as many as have been in use at once, up to [`KEPT_COMPRESSORS`]
-/// (each some 2 MiB). Kept in a pool rather than per thread: a backup's blocking threads come and
-/// go, and each would have kept its own.
-static COMPRESSORS: std::sync::Mutex<Vec<Compressing>> = std::sync::Mutex::new(Vec::new());
-const KEPT_COMPRESSORS: usize = 4;
-
-/// Run `with` on a kept context set to `level` and its kept buffer (a new pair when none is
-/// free), then keep them for the next object.
-fn compressing<T>(
-    level: i32,
-    with: impl FnOnce(&mut zstd::bulk::Compressor<'static>, &mut Vec<u8>) -> std::io::Result<T>,
-) -> std::io::Result<T> {
-    let kept = COMPRESSORS.lock().unwrap_or_else(|e| e.into_inner()).pop();
-    let mut c = match kept {
-        Some(mut c) => {
-            if c.level != level {
-                c.context.set_compression_level(level)?;
-                c.level = level;
-            }
-            c
-        }
-        None => Compressing {
-            level,
-            context: zstd::bulk::Compressor::new(level)?,
-            out: Vec::new(),
-        },
-    };
-    let result = with(&mut c.context, &mut c.out);
-    if c.out.capacity() > 2 * SCRATCH_MAX {
-        c.out = Vec::new();
-    }
-    let mut pool = COMPRESSORS.lock().unwrap_or_else(|e| e.into_inner());
-    if pool.len() < KEPT_COMPRESSORS {
-        pool.push(c);
-    }
-    result
-}
-
-/// `content` compressed at `level`, after `header_len` bytes of room and with `tag_len` bytes
-/// of room after it: the object's buffer, sized to what it holds, and the compressed length.
-fn compress_after(
-    content: &[u8],
-    level: i32,
-    header_len: usize,
-    tag_len: usize,
-) -> std::io::Result<(Vec<u8>, usize)> {
-    let bound = zstd::zstd_safe::compress_bound(content.len());
-    compressing(level, |context, scratch| {
-        if content.len() > SCRATCH_MAX {
-            let mut out = Vec::with_capacity(header_len + bound + tag_len);
-            out.resize(header_len, 0);
-            // After the header's room: a cursor's position is where the frame starts.
-            let mut after = std::io::Cursor::new(&mut out);
-            after.set_position(header_len as u64);
-            let n = context.compress_to_buffer(content, &mut after)?;
-            out.resize(header_len + n + tag_len, 0);
-            return Ok((out, n));
-        }
-        scratch.clear();
-        scratch.reserve(bound);
-        let n = context.compress_to_buffer(content, scratch)?;
-        let mut out = Vec::with_capacity(header_len + n + tag_len);
-        out.resize(header_len, 0);
-        out.extend_from_slice(&scratch[..n]);
-        out.resize(header_len + n + tag_len, 0);
-        Ok((out, n))
     })
 }
 
@@ -638,30 +579,6 @@ fn of_this_repository(header: ObjectHeader, encrypted: bool) -> Result<ObjectHea
     }
 }
 
-/// The kept decompression contexts (some 100 KiB each to allocate): as many as have been in use
-/// at once, up to [`KEPT_DECOMPRESSORS`]. Kept in a pool rather than one per thread, as the
-/// compression contexts are: a restore's blocking threads come and go (its writers use them too),
-/// and with one context per thread a restore of 61,000 small files had made 324 and held 31 MiB
-/// of them at its peak (heaptrack).
-static DECOMPRESSORS: std::sync::Mutex<Vec<zstd::bulk::Decompressor<'static>>> =
-    std::sync::Mutex::new(Vec::new());
-const KEPT_DECOMPRESSORS: usize = 4;
-
-/// Decompress the zstd frame `payload` into `out`'s spare capacity (at most that much).
-fn decompress_into(payload: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
-    let kept = DECOMPRESSORS.lock().unwrap_or_else(|e| e.into_inner()).pop();
-    let mut d = match kept {
-        Some(d) => d,
-        None => zstd::bulk::Decompressor::new()?,
-    };
-    let result = d.decompress_to_buffer(payload, out);
-    let mut pool = DECOMPRESSORS.lock().unwrap_or_else(|e| e.into_inner());
-    if pool.len() < KEPT_DECOMPRESSORS {
-        pool.push(d);
-    }
-    result
-}
-
 /// Open `bytes` (see [`Sealer::open`]), the content written into `out` (emptied first; its
 /// allocation is reused when large enough, so a reader of many objects need not fault in fresh
 /// pages for each).
@@ -798,6 +715,45 @@ impl Sealer {
         self.keys.as_ref().map(|k| k.content_hasher())
     }
 
+    /// Seal what `write` writes as object `name` of `kind`, compressed and hashed as it is
+    /// written: neither the content nor room for its compression bound is held whole. A
+    /// manifest of 61,000 files is some 18 MB of JSON, and a backup's peak memory was that
+    /// document and as much again for its compression (heaptrack). The object is the same
+    /// format as [`Sealer::seal`]'s: one zstd frame (its content size is not in the frame header).
+    pub fn seal_writer(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        level: i32,
+        write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> std::io::Result<SealedObject> {
+        let keys = self.keys.as_deref();
+        let (header_len, tag_len) = room(keys, name);
+        let mut writer = Hashing {
+            hasher: self.content_hasher().unwrap_or_default(),
+            len: 0,
+            inner: zstd::stream::write::Encoder::new(vec![0u8; header_len], level)?,
+        };
+        // In pieces of 64 KiB, whatever sizes `write` writes (a serializer writes tokens).
+        let mut buffered = std::io::BufWriter::with_capacity(1 << 16, &mut writer);
+        write(&mut buffered)?;
+        std::io::Write::flush(&mut buffered)?;
+        drop(buffered);
+        let Hashing { hasher, len, inner } = writer;
+        let mut out = inner.finish()?;
+        let compressed_len = out.len() - header_len;
+        out.resize(out.len() + tag_len, 0);
+        finish_sealing(
+            keys,
+            kind,
+            name,
+            out,
+            compressed_len,
+            len,
+            *hasher.finalize().as_bytes(),
+        )
+    }
+
     /// Compress and seal `content` as object `name` of `kind`.
     pub fn seal(
         &self,
@@ -930,6 +886,7 @@ impl Sealer {
 
 #[cfg(test)]
 mod tests {
+    use super::contexts::SCRATCH_MAX;
     use super::*;
     use proptest::prelude::*;
 
@@ -967,6 +924,37 @@ mod tests {
                 let (header, back) = sealer.open(&sealed.bytes, ObjectKind::WalFile, NAME).unwrap();
                 assert_eq!(back, content);
                 assert_eq!(header.original_len, content.len() as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn an_object_sealed_as_it_is_written_opens_as_one_sealed_whole() {
+        let big: Vec<u8> = (0..(SCRATCH_MAX + 123_457) as u32)
+            .map(|i| (i % 251) as u8 ^ (i >> 13) as u8)
+            .collect();
+        for sealer in [Sealer::plain(), Sealer::encrypted(keys_for(REPO_A))] {
+            for content in [&sample()[..], &big[..], &sample()[..1]] {
+                // Written in uneven pieces, as a serializer writes.
+                let streamed = sealer
+                    .seal_writer(ObjectKind::Manifest, NAME, 3, |w| {
+                        content.chunks(7_777).try_for_each(|piece| w.write_all(piece))
+                    })
+                    .unwrap();
+                let whole = sealer.seal(ObjectKind::Manifest, NAME, content, 3).unwrap();
+                assert_eq!(streamed.header.blake3, whole.header.blake3);
+                assert_eq!(streamed.header.original_len, content.len() as u64);
+                let (header, back) = sealer.open(&streamed.bytes, ObjectKind::Manifest, NAME).unwrap();
+                assert_eq!(back, content);
+                assert_eq!(
+                    header.payload_len,
+                    streamed.bytes.len() as u64 - header.encoded_len() as u64
+                );
+                // Damage is found as in any sealed object.
+                let mut bad = streamed.bytes.to_vec();
+                let last = bad.len() - 1;
+                bad[last] ^= 1;
+                assert!(sealer.open(&bad, ObjectKind::Manifest, NAME).is_err());
             }
         }
     }

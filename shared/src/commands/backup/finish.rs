@@ -144,7 +144,9 @@ pub(super) async fn record(
 ) -> Result<Manifest, BackupError> {
     let id = &manifest.id;
     let sealed = sealer
-        .seal(ObjectKind::Manifest, id.as_str(), &manifest.to_json(), 3)
+        .seal_writer(ObjectKind::Manifest, id.as_str(), 3, |w| {
+            serde_json::to_writer(w, &manifest).map_err(std::io::Error::other)
+        })
         .map_err(|e| BackupError::Read {
             path: "manifest".into(),
             source: e,

@@ -231,7 +231,9 @@ async fn write_manifest(repo: &Writer, m: &Manifest) -> Result<(), ExpireError> 
     })?;
     let sealed = repo
         .sealer()
-        .seal(ObjectKind::Manifest, m.id.as_str(), &m.to_json(), 3)
+        .seal_writer(ObjectKind::Manifest, m.id.as_str(), 3, |w| {
+            serde_json::to_writer(w, m).map_err(std::io::Error::other)
+        })
         .map_err(|e| ExpireError::Rewrite {
             id: m.id.clone(),
             why: e.to_string(),
