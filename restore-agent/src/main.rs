@@ -89,7 +89,10 @@ fn run(repo: &RepoArgs, command: Command) -> anyhow::Result<bool> {
                 parallel,
                 ..Default::default()
             };
-            block_on(walvault::commands::prefetch::run(&settings, &pgdata, &opts))??;
+            // Tokio's default blocking pool: each of its `--parallel` tasks may wait on this
+            // thread for a read from the fallback repository (walvault::cli::threads).
+            tokio::runtime::Runtime::new()?
+                .block_on(walvault::commands::prefetch::run(&settings, &pgdata, &opts))?;
             Ok(true)
         }
         Command::Restore(args) => run_restore(repo, args).map(|()| true),

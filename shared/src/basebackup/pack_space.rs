@@ -128,6 +128,20 @@ pub fn choose(usage: &BTreeMap<PackId, PackUse>, max_dead_percent: u8) -> Vec<Pa
     out
 }
 
+/// The first of `chosen` whose bytes add up to at most `budget` (always the first one).
+pub fn within(usage: &BTreeMap<PackId, PackUse>, chosen: Vec<PackId>, budget: u64) -> Vec<PackId> {
+    let mut total = 0u64;
+    chosen
+        .into_iter()
+        .enumerate()
+        .take_while(|(i, id)| {
+            total += usage.get(id).map_or(0, PackUse::bytes);
+            *i == 0 || total <= budget
+        })
+        .map(|(_, id)| id)
+        .collect()
+}
+
 /// Builds the new packs of a repack: the live chunks of the old packs, as sealed bytes, each
 /// chunk once.
 #[derive(Debug, Default)]
@@ -182,23 +196,29 @@ impl Repacker {
     }
 
     /// `m` listing the new packs instead of the `repacked` ones, one generation on; `None` when
-    /// it lists none of them. Every chunk `m` finds in an old pack is in a new one (a live
-    /// chunk), so the rewritten manifest references exactly the same bytes.
+    /// it lists none of them. Every chunk `m` read from a repacked pack (its first place) is in
+    /// a new one (a live chunk), and the new packs are listed first, so that such a chunk is
+    /// read from the copy just checked even when `m` lists it in another pack too (one left
+    /// out of the repack as damaged, say): the rewritten manifest reads the same bytes.
     pub fn rewrite(&self, m: &Manifest, repacked: &HashSet<PackId>) -> Option<Manifest> {
         if !m.packs.iter().any(|p| repacked.contains(&p.id)) {
             return None;
         }
-        let kept: Vec<&PackRecord> = m.packs.iter().filter(|p| !repacked.contains(&p.id)).collect();
-        let placed_in_kept: HashSet<ChunkId> = kept.iter().flat_map(|p| p.chunks.iter().copied()).collect();
+        let places = m.places();
         let wanted: HashSet<PackId> = live_chunks([m])
             .into_iter()
-            .filter(|c| !placed_in_kept.contains(c))
+            .filter(|c| places.get(c).is_some_and(|p| repacked.contains(&p.pack)))
             .filter_map(|c| self.moved.get(&c).copied())
             .collect();
         let mut out = m.clone();
-        out.packs = kept.into_iter().cloned().collect();
+        out.packs = self
+            .records
+            .iter()
+            .filter(|r| wanted.contains(&r.id))
+            .cloned()
+            .collect();
         out.packs
-            .extend(self.records.iter().filter(|r| wanted.contains(&r.id)).cloned());
+            .extend(m.packs.iter().filter(|p| !repacked.contains(&p.id)).cloned());
         out.generation += 1;
         Some(out)
     }
@@ -274,6 +294,10 @@ mod tests {
         assert_eq!(choose(&u, 20), vec![a.id]);
         assert_eq!(choose(&u, 40), Vec::<PackId>::new());
         assert_eq!(choose(&u, 100), Vec::<PackId>::new());
+        // A budget of bytes per expire: the first always, then as many as fit.
+        assert_eq!(within(&u, vec![a.id, b.id], 0), vec![a.id]);
+        assert_eq!(within(&u, vec![a.id, b.id], 599), vec![a.id]);
+        assert_eq!(within(&u, vec![a.id, b.id], 600), vec![a.id, b.id]);
     }
 
     #[test]
@@ -323,6 +347,12 @@ mod tests {
                 );
             }
         }
+        // A chunk also listed in a pack left out of the repack (damaged) is read from the new
+        // pack, whose copy was checked.
+        let (_, dup) = pack(&[1], 100);
+        let both = manifest(&[1], &[&a, &dup]);
+        let new = r.rewrite(&both, &repacked).unwrap();
+        assert_ne!(new.places().get(&cid(1)).unwrap().pack, dup.id);
         // kept2 references nothing of b: it does not list the new pack for b's sake only, and
         // it lists the new pack (for chunk 3).
         let new2 = r.rewrite(&kept2, &repacked).unwrap();

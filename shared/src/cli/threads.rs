@@ -9,12 +9,21 @@
 //! stack and mimalloc's per-thread heap: its peak RSS was 100 to 147 MiB. The pool is therefore
 //! bounded, and an idle thread goes after a second.
 
-/// At most this many blocking threads. The only blocking tasks that wait for others are
-/// restore's writers (at most [`crate::commands::restore::OPEN_FILES`], each waiting for the
-/// pieces other blocking tasks decode and read): 32 more are left for those. Every other blocking
-/// task (a backup's reads and compression, an upload's sealing, a copy's checks) is awaited from
-/// async code and waits for nothing, so above the bound it waits in the queue instead.
-pub const BLOCKING_THREADS: usize = crate::commands::restore::OPEN_FILES + 32;
+/// At most this many blocking threads. Blocking tasks that wait for other blocking work must
+/// always leave threads for it, or they wait forever:
+/// * restore's writers, at most [`crate::commands::restore::OPEN_FILES`], each waiting for the
+///   pieces other blocking tasks decode and read;
+/// * restore's decoders, at most one per CPU, waiting for a `--fallback-repo` read (a local
+///   read, or a DNS lookup, takes a blocking thread).
+///
+/// Twice the CPUs and 32 more are left for that. Every other blocking task (a backup's reads and
+/// compression, an upload's sealing, a copy's checks) is awaited from async code and waits for
+/// nothing, so above the bound it waits in the queue instead. `restore-agent prefetch`, whose
+/// `--parallel` tasks may each wait for a fallback read, runs on tokio's default pool.
+pub fn blocking_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    crate::commands::restore::OPEN_FILES + 2 * cpus + 32
+}
 
 /// How long an idle blocking thread is kept.
 pub const KEEP_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -23,7 +32,7 @@ pub const KEEP_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .max_blocking_threads(BLOCKING_THREADS)
+        .max_blocking_threads(blocking_threads())
         .thread_keep_alive(KEEP_IDLE)
         .build()
 }

@@ -473,22 +473,26 @@ async fn transfer(
     let len = bytes.len() as u64;
     if there.is_some() && o.write_once() {
         // Written once, yet not the size the source has: damaged on the target, or different.
-        let theirs = match target.get(&key).await? {
-            Some(theirs) => check(ctx, o, theirs).await?.ok(),
-            None => None,
+        let (theirs, their_bytes) = match target.get(&key).await? {
+            Some(b) => (check(ctx, o, b.clone()).await?.ok(), b),
+            None => (None, Bytes::new()),
         };
-        match theirs {
-            // A manifest the source's expire wrote again over new packs (now on the target).
-            Some(theirs) if matches!(o, Object::Manifest(_)) && needs.generation > theirs.generation => {
+        match (theirs, o) {
+            // A manifest the source's expire wrote again over new packs (now on the target):
+            // the same backup, only its packs and generation differ.
+            (Some(theirs), Object::Manifest(id))
+                if needs.generation > theirs.generation
+                    && objects::same_backup(ctx.checker.sealer(), id, &bytes, &their_bytes) =>
+            {
                 target.put(&key, bytes).await?;
                 return Ok(Outcome::Copied(len));
             }
-            Some(_) => {
+            (Some(_), _) => {
                 return Ok(Outcome::Conflict(
                     "the target holds an intact object of this name with other bytes".into(),
                 ));
             }
-            None => {}
+            (None, _) => {}
         }
         target.put(&key, bytes).await?;
         return Ok(Outcome::Repaired(len));

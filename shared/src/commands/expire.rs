@@ -43,7 +43,7 @@ pub enum ExpireError {
     #[error("no backup {0} in the repository")]
     NoSuchBackup(BackupId),
     #[error(
-        "this expire's lock went stale while it repacked: no manifest was rewritten (the new packs are collected by the next expire)"
+        "this expire's lock went stale while it repacked: it stopped before writing the next manifest (every manifest names packs that are stored; the next expire goes on)"
     )]
     LockLost,
     #[error("cannot write backup {id}'s manifest again after a repack: {why}")]

@@ -216,6 +216,19 @@ impl Object {
 }
 
 /// The packs and the chunks stored on their own that a backup's restore reads.
+/// Whether two sealed manifests of backup `id` describe the same backup: equal but for the packs
+/// they list and their generation (what an expire's repack changes).
+pub fn same_backup(sealer: &crate::repo::object::Sealer, id: &BackupId, a: &[u8], b: &[u8]) -> bool {
+    let open = |bytes: &[u8]| {
+        stored::open::<Manifest>(sealer, id, bytes).ok().map(|mut m| {
+            m.packs = Vec::new();
+            m.generation = 0;
+            m
+        })
+    };
+    matches!((open(a), open(b)), (Some(a), Some(b)) if a == b)
+}
+
 pub fn needs_of(m: &Manifest) -> Needs {
     Needs {
         packs: crate::retention::referenced_packs([m]),
@@ -227,6 +240,33 @@ pub fn needs_of(m: &Manifest) -> Needs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repacked_manifest_is_the_same_backup_and_another_is_not() {
+        use crate::repo::object::{ObjectKind, Sealer};
+        let sealer = Sealer::plain();
+        let mut m = crate::catalog::testing::manifest("20261121T143200Z", 1, 2, 1_000_000);
+        m.start_wal = "000000010000000000000002".into();
+        m.stop_wal = "000000010000000000000002".into();
+        let seal = |m: &Manifest| {
+            sealer
+                .seal(ObjectKind::Manifest, m.id.as_str(), &m.to_json(), 3)
+                .unwrap()
+                .bytes
+        };
+        let mut repacked = m.clone();
+        repacked.generation = 1;
+        repacked.packs = vec![PackRecord {
+            id: PackId::of(b"new"),
+            chunks: vec!["ab".repeat(32).parse().unwrap()],
+            lengths: vec![100],
+        }];
+        let mut other = m.clone();
+        other.stop_time_us += 1;
+        assert!(same_backup(&sealer, &m.id, &seal(&m), &seal(&repacked)));
+        assert!(!same_backup(&sealer, &m.id, &seal(&m), &seal(&other)));
+        assert!(!same_backup(&sealer, &m.id, &seal(&m), b"not a manifest"));
+    }
 
     #[test]
     fn every_object_kind_round_trips_through_its_key() {

@@ -35,6 +35,11 @@ use super::ExpireError;
 /// Packs read at once (4 MiB each).
 const READ_AHEAD: usize = 2;
 
+/// Pack bytes one expire rewrites at most; the rest waits for the next one. An expire holds the
+/// lock backups wait for (30 minutes at most): the first expire of a large repository with much
+/// dead must not keep them waiting past that.
+const REPACK_BUDGET: u64 = 4 << 30;
+
 /// What the repack did (or, with `--dry-run`, would do).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RepackReport {
@@ -65,7 +70,7 @@ pub(super) async fn repack(
     lock: Option<&Lock>,
 ) -> Result<RepackReport, ExpireError> {
     let usage = pack_space::usage(kept.iter().copied());
-    let chosen = pack_space::choose(&usage, max_dead);
+    let chosen = pack_space::within(&usage, pack_space::choose(&usage, max_dead), REPACK_BUDGET);
     let before = Space::of(&usage);
     let mut report = RepackReport {
         max_dead_percent: max_dead,
@@ -92,10 +97,9 @@ pub(super) async fn repack(
     if repacked.is_empty() {
         return Ok(report);
     }
-    // The new packs are all written: each kept manifest may now name them.
-    if !lock.still_held().await? {
-        return Err(ExpireError::LockLost);
-    }
+    // The new packs are all written: each kept manifest may now name them, as long as this
+    // expire's lock holds (checked before each write, as a backup checks before its manifest:
+    // another expire that found it stale would delete the new packs as unlisted).
     let mut after: Vec<Manifest> = Vec::with_capacity(kept.len());
     for m in kept {
         if repacker.rewrite(m, &repacked).is_none() {
@@ -114,6 +118,9 @@ pub(super) async fn repack(
         let new = repacker
             .rewrite(&whole, &repacked)
             .expect("lists a repacked pack");
+        if !lock.still_held().await? {
+            return Err(ExpireError::LockLost);
+        }
         write_manifest(repo, &new).await?;
         report.manifests += 1;
         after.push(new);
