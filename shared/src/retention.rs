@@ -536,13 +536,7 @@ pub fn referenced_chunks<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) 
     let mut out = BTreeSet::new();
     for m in manifests {
         let places = m.places();
-        out.extend(
-            m.entries
-                .iter()
-                .flat_map(|e| e.chunks.iter().copied())
-                .chain(m.server_manifest.iter().flat_map(|b| b.chunks.iter().copied()))
-                .filter(|c| places.get(c).is_none()),
-        );
+        out.extend(m.chunk_refs().filter(|c| places.get(c).is_none()));
     }
     out
 }

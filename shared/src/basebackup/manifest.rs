@@ -529,6 +529,15 @@ impl Manifest {
         Ok(())
     }
 
+    /// Every chunk the backup references, in file order, then those of the server's
+    /// `backup_manifest` (repeats included).
+    pub fn chunk_refs(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.entries
+            .iter()
+            .flat_map(|e| e.chunks.iter().copied())
+            .chain(self.server_manifest.iter().flat_map(|b| b.chunks.iter().copied()))
+    }
+
     /// Where each packed chunk is.
     pub fn places(&self) -> Places {
         Places::of(&self.packs)
@@ -1373,6 +1382,28 @@ mod tests {
         );
         // Stored on its own.
         assert!(places.get(&cid("ef")).is_none());
+    }
+
+    /// `manifest-v2-repacked.json`: `manifest-v2.json` as an expire writes it again after a
+    /// repack, with the optional `generation` (absent, it is 0, and it is not written when 0).
+    #[test]
+    fn frozen_v2_fixture_with_a_generation_parses() {
+        let m = Manifest::parse(include_bytes!("../../tests/fixtures/manifest-v2-repacked.json")).unwrap();
+        assert_eq!(m.generation, 1);
+        assert_eq!(
+            Manifest {
+                generation: 0,
+                ..m.clone()
+            },
+            sample_v2()
+        );
+        assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+        assert_eq!(sample_v2().generation, 0);
+        assert!(
+            !String::from_utf8(sample_v2().to_json())
+                .unwrap()
+                .contains("generation")
+        );
     }
 
     /// `manifest-v2-page-checks.json`: `manifest-v2.json` with the optional `page_checks`.

@@ -22,12 +22,7 @@ use super::pack::{PackBuilder, PackId, PackRecord};
 
 /// Every chunk the manifests reference, packed or not.
 pub fn live_chunks<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> HashSet<ChunkId> {
-    let mut out = HashSet::new();
-    for m in manifests {
-        out.extend(m.entries.iter().flat_map(|e| e.chunks.iter().copied()));
-        out.extend(m.server_manifest.iter().flat_map(|b| b.chunks.iter().copied()));
-    }
-    out
+    manifests.into_iter().flat_map(Manifest::chunk_refs).collect()
 }
 
 /// One pack some kept manifest lists: how much of it is live.

@@ -15,7 +15,7 @@ use chacha20poly1305::{Tag, XNonce};
 use super::keys::RepoKeys;
 
 mod contexts;
-use contexts::{Hashing, compress_after, decompress_into};
+use contexts::{compress_after, decompress_into};
 
 pub const MAGIC: &[u8; 8] = b"WALVAULT";
 /// The plain format.
@@ -175,43 +175,22 @@ fn seal_with(
     hash: [u8; 32],
     level: i32,
 ) -> std::io::Result<SealedObject> {
-    let (header_len, tag_len) = room(keys, name);
-    // Compress into the object after room for the header, and encrypt in place there (a large
-    // object straight there: no second copy of 16 MiB segments in flight).
-    let (out, compressed_len) = compress_after(content, level, header_len, tag_len)?;
-    debug_assert_eq!(out.len(), header_len + compressed_len + tag_len);
-    finish_sealing(keys, kind, name, out, compressed_len, content.len() as u64, hash)
-}
-
-/// The room an object named `name` takes before its payload (its header) and after it (the
-/// encrypted object's tag).
-fn room(keys: Option<&RepoKeys>, name: &str) -> (usize, usize) {
     assert!(
         !name.is_empty() && name.len() <= MAX_NAME_LEN,
         "names are validated before sealing"
     );
     let fixed = if keys.is_some() { FIXED_LEN_V2 } else { FIXED_LEN };
     let tag_len = if keys.is_some() { TAG_LEN } else { 0 };
-    (fixed + name.len() + CRC_LEN, tag_len)
-}
-
-/// `out`: room for the header, `compressed_len` bytes of zstd frame, room for the tag. The
-/// header written, the payload encrypted in place when `keys` are given.
-fn finish_sealing(
-    keys: Option<&RepoKeys>,
-    kind: ObjectKind,
-    name: &str,
-    mut out: Vec<u8>,
-    compressed_len: usize,
-    original_len: u64,
-    hash: [u8; 32],
-) -> std::io::Result<SealedObject> {
-    let (header_len, tag_len) = room(keys, name);
+    // Compress into the object after room for the header, and encrypt in place there (a large
+    // object straight there: no second copy of 16 MiB segments in flight).
+    let header_len = fixed + name.len() + CRC_LEN;
+    let (mut out, compressed_len) = compress_after(content, level, header_len, tag_len)?;
+    debug_assert_eq!(out.len(), header_len + compressed_len + tag_len);
     let header = ObjectHeader {
         kind,
         codec: Codec::Zstd,
         name: name.to_string(),
-        original_len,
+        original_len: content.len() as u64,
         blake3: hash,
         payload_len: (compressed_len + tag_len) as u64,
         nonce: keys.map(|_| rand::random()),
@@ -298,7 +277,8 @@ pub struct StreamSealer {
     keys: Option<Arc<RepoKeys>>,
     kind: ObjectKind,
     name: String,
-    original_len: u64,
+    /// `None` when the length is not known in advance ([`Sealer::seal_writer`]).
+    original_len: Option<u64>,
     fed: u64,
     header_len: usize,
     hasher: blake3::Hasher,
@@ -356,8 +336,10 @@ impl StreamSealer {
     pub fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
         use std::io::Write;
         self.fed += data.len() as u64;
-        if self.fed > self.original_len {
-            return Err(changed_size(self.original_len, self.fed));
+        if let Some(len) = self.original_len
+            && self.fed > len
+        {
+            return Err(changed_size(len, self.fed));
         }
         self.hasher.update(data);
         if let Some(p) = &mut self.plain {
@@ -366,11 +348,13 @@ impl StreamSealer {
         self.encoder.write_all(data)
     }
 
-    /// Complete the object once all `original_len` bytes were fed.
+    /// Complete the object once all `original_len` bytes (when given) were fed.
     pub fn finish(self) -> std::io::Result<StreamSealed> {
         use std::io::{Seek, Write};
-        if self.fed != self.original_len {
-            return Err(changed_size(self.original_len, self.fed));
+        if let Some(len) = self.original_len
+            && self.fed != len
+        {
+            return Err(changed_size(len, self.fed));
         }
         let hash = *self.hasher.finalize().as_bytes();
         let plain_hash = match &self.plain {
@@ -390,7 +374,7 @@ impl StreamSealer {
             kind: self.kind,
             codec: Codec::Zstd,
             name: self.name,
-            original_len: self.original_len,
+            original_len: self.fed,
             blake3: hash,
             payload_len: compressed_len + tag_len as u64,
             nonce: self.keys.as_ref().map(|_| rand::random()),
@@ -715,11 +699,12 @@ impl Sealer {
         self.keys.as_ref().map(|k| k.content_hasher())
     }
 
-    /// Seal what `write` writes as object `name` of `kind`, compressed and hashed as it is
-    /// written: neither the content nor room for its compression bound is held whole. A
-    /// manifest of 61,000 files is some 18 MB of JSON, and a backup's peak memory was that
-    /// document and as much again for its compression (heaptrack). The object is the same
-    /// format as [`Sealer::seal`]'s: one zstd frame (its content size is not in the frame header).
+    /// Seal what `write` writes as object `name` of `kind`, whose length is not known in
+    /// advance: a [`StreamSealer`] in memory, so neither the content nor room for its
+    /// compression bound is held whole. A manifest of 61,000 files is some 18 MB of JSON, and a
+    /// backup's peak memory was that document and as much again for its compression
+    /// (heaptrack). The object is the same format as [`Sealer::seal`]'s: one zstd frame (its
+    /// content size is not in the frame header).
     pub fn seal_writer(
         &self,
         kind: ObjectKind,
@@ -727,31 +712,28 @@ impl Sealer {
         level: i32,
         write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
     ) -> std::io::Result<SealedObject> {
-        let keys = self.keys.as_deref();
-        let (header_len, tag_len) = room(keys, name);
-        let mut writer = Hashing {
-            hasher: self.content_hasher().unwrap_or_default(),
-            len: 0,
-            inner: zstd::stream::write::Encoder::new(vec![0u8; header_len], level)?,
-        };
-        // In pieces of 64 KiB, whatever sizes `write` writes (a serializer writes tokens).
-        let mut buffered = std::io::BufWriter::with_capacity(1 << 16, &mut writer);
+        use std::io::Write;
+        /// Feeds a [`StreamSealer`] what it is written.
+        struct Feed<'a>(&'a mut StreamSealer);
+        impl Write for Feed<'_> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.write(buf).map(|()| buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut stream = self.stream_of(kind, name, None, level, StreamSink::Memory)?;
+        // In pieces of STREAM_PART, whatever sizes `write` writes (a serializer writes tokens).
+        let mut buffered = std::io::BufWriter::with_capacity(STREAM_PART, Feed(&mut stream));
         write(&mut buffered)?;
-        std::io::Write::flush(&mut buffered)?;
+        buffered.flush()?;
         drop(buffered);
-        let Hashing { hasher, len, inner } = writer;
-        let mut out = inner.finish()?;
-        let compressed_len = out.len() - header_len;
-        out.resize(out.len() + tag_len, 0);
-        finish_sealing(
-            keys,
-            kind,
-            name,
-            out,
-            compressed_len,
-            len,
-            *hasher.finalize().as_bytes(),
-        )
+        let sealed = stream.finish()?;
+        Ok(SealedObject {
+            header: sealed.header,
+            bytes: Bytes::from(sealed.body.concat()?),
+        })
     }
 
     /// Compress and seal `content` as object `name` of `kind`.
@@ -790,6 +772,19 @@ impl Sealer {
         level: i32,
         sink: StreamSink,
     ) -> std::io::Result<StreamSealer> {
+        self.stream_of(kind, name, Some(original_len), level, sink)
+    }
+
+    /// [`Sealer::stream`], of content whose length may not be known in advance (`None`: any
+    /// length is accepted, and the frame does not record it).
+    fn stream_of(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        original_len: Option<u64>,
+        level: i32,
+        sink: StreamSink,
+    ) -> std::io::Result<StreamSealer> {
         use std::io::{Seek, Write};
         assert!(
             !name.is_empty() && name.len() <= MAX_NAME_LEN,
@@ -817,8 +812,10 @@ impl Sealer {
             }
         };
         let mut encoder = zstd::stream::write::Encoder::new(writer, level)?;
-        encoder.set_pledged_src_size(Some(original_len))?;
-        encoder.include_contentsize(true)?;
+        if let Some(len) = original_len {
+            encoder.set_pledged_src_size(Some(len))?;
+            encoder.include_contentsize(true)?;
+        }
         encoder.include_checksum(false)?;
         let (hasher, plain) = match &self.keys {
             Some(k) => (k.content_hasher(), Some(blake3::Hasher::new())),
@@ -906,13 +903,18 @@ mod tests {
         assert_eq!(header.blake3_hex(), blake3::hash(&content).to_hex().to_string());
     }
 
+    /// Content larger than [`SCRATCH_MAX`], compressible: sealed straight into the object.
+    fn larger_than_scratch() -> Vec<u8> {
+        (0..(SCRATCH_MAX + 123_457) as u32)
+            .map(|i| (i % 251) as u8 ^ (i >> 13) as u8)
+            .collect()
+    }
+
     /// Small and large objects (through a kept buffer, or straight into the object), at two
     /// levels with the same kept contexts, plain and encrypted: each opens to its content.
     #[test]
     fn objects_of_every_size_and_level_round_trip() {
-        let big: Vec<u8> = (0..(SCRATCH_MAX + 123_457) as u32)
-            .map(|i| (i % 251) as u8 ^ (i >> 13) as u8)
-            .collect();
+        let big = larger_than_scratch();
         for sealer in [Sealer::plain(), Sealer::encrypted(keys_for(REPO_A))] {
             for (content, level) in [
                 (&sample()[..], 3),
@@ -930,9 +932,7 @@ mod tests {
 
     #[test]
     fn an_object_sealed_as_it_is_written_opens_as_one_sealed_whole() {
-        let big: Vec<u8> = (0..(SCRATCH_MAX + 123_457) as u32)
-            .map(|i| (i % 251) as u8 ^ (i >> 13) as u8)
-            .collect();
+        let big = larger_than_scratch();
         for sealer in [Sealer::plain(), Sealer::encrypted(keys_for(REPO_A))] {
             for content in [&sample()[..], &big[..], &sample()[..1]] {
                 // Written in uneven pieces, as a serializer writes.

@@ -215,7 +215,6 @@ impl Object {
     }
 }
 
-/// The packs and the chunks stored on their own that a backup's restore reads.
 /// Whether two sealed manifests of backup `id` describe the same backup: equal but for the packs
 /// they list and their generation (what an expire's repack changes).
 pub fn same_backup(sealer: &crate::repo::object::Sealer, id: &BackupId, a: &[u8], b: &[u8]) -> bool {
@@ -229,6 +228,7 @@ pub fn same_backup(sealer: &crate::repo::object::Sealer, id: &BackupId, a: &[u8]
     matches!((open(a), open(b)), (Some(a), Some(b)) if a == b)
 }
 
+/// The packs and the chunks stored on their own that a backup's restore reads.
 pub fn needs_of(m: &Manifest) -> Needs {
     Needs {
         packs: crate::retention::referenced_packs([m]),

@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::basebackup::Manifest;
 use crate::basebackup::chunk::check_pack;
 use crate::basebackup::pack::{PackId, PackRecord};
-use crate::basebackup::pack_space::{self, Repacker, Space};
+use crate::basebackup::pack_space::{self, PackUse, Repacker, Space};
 use crate::repo::Writer;
 use crate::repo::layout;
 use crate::repo::locks::Lock;
@@ -91,9 +91,9 @@ pub(super) async fn repack(
         return Ok(report);
     }
     let live = pack_space::live_chunks(kept.iter().copied());
-    let records: Vec<PackRecord> = chosen.iter().map(|id| usage[id].record.clone()).collect();
+    let packs: Vec<PackUse> = chosen.iter().map(|id| usage[id].clone()).collect();
     let mut repacker = Repacker::default();
-    let repacked = copy_live(repo, records, &live, &mut repacker, &mut report).await?;
+    let repacked = copy_live(repo, packs, &live, &mut repacker, &mut report).await?;
     if repacked.is_empty() {
         return Ok(report);
     }
@@ -102,7 +102,7 @@ pub(super) async fn repack(
     // another expire that found it stale would delete the new packs as unlisted).
     let mut after: Vec<Manifest> = Vec::with_capacity(kept.len());
     for m in kept {
-        if repacker.rewrite(m, &repacked).is_none() {
+        if !m.packs.iter().any(|p| repacked.contains(&p.id)) {
             after.push((*m).clone());
             continue;
         }
@@ -154,17 +154,18 @@ impl RepackReport {
 /// written as they fill; the packs whose live chunks are all in new packs.
 async fn copy_live(
     repo: &Writer,
-    records: Vec<PackRecord>,
+    packs: Vec<PackUse>,
     live: &HashSet<crate::basebackup::chunk_id::ChunkId>,
     repacker: &mut Repacker,
     report: &mut RepackReport,
 ) -> Result<HashSet<PackId>, ExpireError> {
     let store = repo.store().clone();
     let sealer = repo.sealer().clone();
-    let mut reads = futures::stream::iter(records)
-        .map(|record| {
+    let mut reads = futures::stream::iter(packs)
+        .map(|pack| {
             let (store, sealer) = (store.clone(), sealer.clone());
             async move {
+                let record = &pack.record;
                 let bytes = store.get(&layout::pack_key(&record.id)).await?;
                 let checked = match bytes {
                     None => Err("missing".to_string()),
@@ -179,13 +180,13 @@ async fn copy_live(
                         .map_err(|e| ExpireError::Task(e.to_string()))?
                     }
                 };
-                Ok::<_, ExpireError>((record, checked))
+                Ok::<_, ExpireError>((pack, checked))
             }
         })
         .buffered(READ_AHEAD);
     let mut repacked = HashSet::new();
     while let Some(read) = reads.next().await {
-        let (record, checked) = read?;
+        let (PackUse { record, live_bytes }, checked) = read?;
         let bytes = match checked {
             Ok(bytes) => bytes,
             Err(why) => {
@@ -196,19 +197,10 @@ async fn copy_live(
                 continue;
             }
         };
-        let live_bytes: u64 = record
-            .chunks
-            .iter()
-            .zip(&record.lengths)
-            .filter(|(c, _)| live.contains(c))
-            .map(|(_, l)| l)
-            .sum();
         for (bytes, new) in repacker.add_pack(&record, &bytes, live) {
             write_pack(repo, bytes, &new).await?;
         }
-        report.packs += 1;
-        report.bytes += record.len();
-        report.live_bytes += live_bytes;
+        report.count_rewritten(&record, live_bytes);
         repacked.insert(record.id);
     }
     if let Some((bytes, new)) = repacker.finish() {

@@ -1,25 +1,4 @@
-//! The zstd contexts sealing and opening objects use, kept in pools between objects, and the
-//! writer that hashes what [`super::Sealer::seal_writer`] compresses.
-
-/// A writer that hashes and counts what it passes on.
-pub(super) struct Hashing<W> {
-    pub(super) hasher: blake3::Hasher,
-    pub(super) len: u64,
-    pub(super) inner: W,
-}
-
-impl<W: std::io::Write> std::io::Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
+//! The zstd contexts sealing and opening objects use, kept in pools between objects.
 
 /// Objects at most this large are compressed into a kept buffer ([`Compressing`]) and copied
 /// out at their compressed size; larger ones (16 MiB WAL segments) straight into the object.
