@@ -110,12 +110,14 @@ fn a_second_backup_reads_only_what_changed_and_restores_exactly() -> Result<()> 
         "the report counts what the manifest says"
     );
 
-    // --read-all reads every file again, and finds all but the few changed chunks stored.
+    // --read-all reads every file again, and finds all but the few changed chunks stored: a
+    // small file changed since the first backup also stores again the chunk it shares with its
+    // neighbours (those the second backup took over), about a tenth of the first backup here.
     next_backup_second();
     let third = take_backup_with(&source, &repo, &["--read-all"])?;
     assert_eq!(third.reused_files, 0, "--read-all takes nothing over: {third:?}");
     assert!(
-        third.logical_bytes >= second.logical_bytes && third.new_bytes * 10 < first.new_bytes,
+        third.logical_bytes >= second.logical_bytes && third.new_bytes * 5 < first.new_bytes,
         "--read-all reads everything but stores only what changed: {third:?} vs {first:?}"
     );
 

@@ -15,10 +15,14 @@ use crate::repo::stored::{Envelope, Opened, StoredKind};
 use crate::wal::{Lsn, SegmentNo, TimelineId, WalFileName};
 
 pub const FORMAT_NAME: &str = "walvault-backup-manifest";
-/// The version written: 2, which may list packs. Version 1 (no packs) is still read.
+/// The version written: 2, which may list packs, or 3 when a file is a slice of a chunk it
+/// shares with other small files ([`Within`]). Version 1 (no packs) is still read.
 pub const FORMAT_VERSION: u32 = 2;
+/// The version of a manifest some of whose files are slices of a shared chunk: a reader that
+/// knows only version 2 would write the whole chunk into each of them, so it must refuse.
+pub const FORMAT_VERSION_WITHIN: u32 = 3;
 /// The versions read.
-pub const FORMAT_VERSIONS: std::ops::RangeInclusive<u32> = 1..=2;
+pub const FORMAT_VERSIONS: std::ops::RangeInclusive<u32> = 1..=3;
 /// The chunks all packs list together.
 pub const MAX_PACKED_CHUNKS: usize = 100_000_000;
 /// One pack.
@@ -118,6 +122,32 @@ pub struct Entry {
     /// blake3 ids of the chunks, in order; their sizes are `chunk_size` except the last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<ChunkId>,
+    /// A small file stored with others in one chunk (version 3): its bytes are `size` bytes at
+    /// [`Within::at`] of its only chunk, which is [`Within::of`] bytes long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub within: Option<Within>,
+}
+
+/// Where a small file's bytes lie in the chunk it shares with its neighbours: small files are
+/// compressed together, as one stream compresses them, rather than each alone (see
+/// `docs/FORMAT.md`, "Small files").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Within {
+    /// Offset of the file's first byte in the chunk's content.
+    pub at: u64,
+    /// Length of the chunk's content (at most `chunk_size`).
+    pub of: u64,
+}
+
+impl Entry {
+    /// The content length of chunk `idx` of this file in chunks of `chunk_size` (the whole
+    /// shared chunk for a file [`Entry::within`] one).
+    pub fn chunk_len(&self, idx: usize, chunk_size: u64) -> u64 {
+        match self.within {
+            Some(w) => w.of,
+            None => chunk_size.min(self.size - idx as u64 * chunk_size),
+        }
+    }
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -689,15 +719,7 @@ impl Manifest {
                         e.size
                     ));
                 }
-                let expected = e.size.div_ceil(self.chunk_size);
-                if e.chunks.len() as u64 != expected {
-                    return bad(format!(
-                        "{} chunks for {} bytes in chunks of {} (expected {expected})",
-                        e.chunks.len(),
-                        e.size,
-                        self.chunk_size
-                    ));
-                }
+                self.check_chunks(e)?;
             }
         }
         // A tablespace lives outside the data directory, whose 0700 mode protects the rest.
@@ -705,6 +727,40 @@ impl Manifest {
             return bad(format!(
                 "mode {:o} is group or world writable in a tablespace, outside the data directory",
                 e.mode
+            ));
+        }
+        Ok(())
+    }
+
+    /// A file's chunks agree with its size: `chunk_size` each but the last, or one shared
+    /// chunk holding the file's bytes ([`Entry::within`]).
+    fn check_chunks(&self, e: &Entry) -> Result<(), ManifestError> {
+        if let Some(w) = e.within {
+            return match (e.chunks.len(), w.at.checked_add(e.size)) {
+                (1, Some(end)) if e.size > 0 && end <= w.of && w.of <= self.chunk_size => Ok(()),
+                _ => Err(entry_err(
+                    &e.path,
+                    format!(
+                        "{} bytes at {} of a shared chunk of {} ({} chunks; chunks of {})",
+                        e.size,
+                        w.at,
+                        w.of,
+                        e.chunks.len(),
+                        self.chunk_size
+                    ),
+                )),
+            };
+        }
+        let expected = e.size.div_ceil(self.chunk_size);
+        if e.chunks.len() as u64 != expected {
+            return Err(entry_err(
+                &e.path,
+                format!(
+                    "{} chunks for {} bytes in chunks of {} (expected {expected})",
+                    e.chunks.len(),
+                    e.size,
+                    self.chunk_size
+                ),
             ));
         }
         Ok(())
@@ -868,6 +924,7 @@ mod tests {
             tablespaces: vec![],
             entries: vec![
                 Entry {
+                    within: None,
                     path: "base".into(),
                     kind: EntryKind::Dir,
                     mode: 0o700,
@@ -875,6 +932,7 @@ mod tests {
                     chunks: vec![],
                 },
                 Entry {
+                    within: None,
                     path: "base/1/1259".into(),
                     kind: EntryKind::File,
                     mode: 0o600,
@@ -902,6 +960,7 @@ mod tests {
     /// What `manifest-v1-files.json` holds: a backup that took `base/1/1259` over unread.
     fn sample_with_files() -> Manifest {
         let file = |path: &str, size: u64, chunks: &[&str]| Entry {
+            within: None,
             path: path.into(),
             kind: EntryKind::File,
             mode: 0o600,
@@ -1062,6 +1121,7 @@ mod tests {
 
     fn file(path: &str, mode: u32, size: u64) -> Entry {
         Entry {
+            within: None,
             path: path.into(),
             kind: EntryKind::File,
             mode,
@@ -1072,6 +1132,7 @@ mod tests {
 
     fn dir(path: &str, mode: u32) -> Entry {
         Entry {
+            within: None,
             path: path.into(),
             kind: EntryKind::Dir,
             mode,
@@ -1322,6 +1383,7 @@ mod tests {
         // JSON of a million chunk ids is slow to build in a debug test).
         let entries = (0..1025)
             .map(|i| Entry {
+                within: None,
                 path: format!("f{i:04}"),
                 kind: EntryKind::File,
                 mode: 0o600,
@@ -1350,6 +1412,7 @@ mod tests {
         let mut m = sample();
         m.version = 2;
         m.entries.push(Entry {
+            within: None,
             path: "base/1/1249".into(),
             kind: EntryKind::File,
             mode: 0o600,
@@ -1382,6 +1445,62 @@ mod tests {
         );
         // Stored on its own.
         assert!(places.get(&cid("ef")).is_none());
+    }
+
+    /// `manifest-v3-within.json`: `manifest-v2.json` with two small files sharing one chunk of
+    /// 12,288 bytes, `base/1/112` its first 8,192 and `base/1/113` the 4,096 after them.
+    fn sample_v3() -> Manifest {
+        let mut m = sample_v2();
+        m.version = FORMAT_VERSION_WITHIN;
+        let shared = |path: &str, size: u64, at: u64| Entry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            size,
+            chunks: vec![cid("12")],
+            within: Some(Within { at, of: 12288 }),
+        };
+        m.entries.push(shared("base/1/112", 8192, 0));
+        m.entries.push(shared("base/1/113", 4096, 8192));
+        m.entries.sort_by(|a, b| a.path.cmp(&b.path));
+        m.packs[0].chunks.push(cid("12"));
+        m.packs[0].lengths.push(140);
+        m
+    }
+
+    #[test]
+    fn frozen_v3_fixture_parses_with_files_sharing_a_chunk() {
+        let m = Manifest::parse(include_bytes!("../../tests/fixtures/manifest-v3-within.json")).unwrap();
+        assert_eq!(m, sample_v3());
+        assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+        let small = m.entries.iter().find(|e| e.path == "base/1/113").unwrap();
+        assert_eq!(small.chunk_len(0, m.chunk_size), 12288);
+        let large = m.entries.iter().find(|e| e.path == "base/1/1249").unwrap();
+        assert_eq!(large.chunk_len(1, m.chunk_size), 8192);
+    }
+
+    #[test]
+    fn a_file_must_lie_within_the_chunk_it_shares() {
+        let with = |at: u64, of: u64, size: u64, chunks: usize| {
+            let mut m = sample_v3();
+            let e = m.entries.iter_mut().find(|e| e.path == "base/1/113").unwrap();
+            e.within = Some(Within { at, of });
+            e.size = size;
+            e.chunks = vec![cid("12"); chunks];
+            m
+        };
+        with(8192, 12288, 4096, 1).validate().unwrap();
+        // Past the chunk's end, around the end of u64, a chunk larger than the chunk size, an
+        // empty file, and a shared chunk that is not the file's only one.
+        assert_refused(
+            &with(8193, 12288, 4096, 1),
+            "4096 bytes at 8193 of a shared chunk of 12288",
+        );
+        assert_refused(&with(u64::MAX, 12288, 4096, 1), "of a shared chunk");
+        assert_refused(&with(0, (1 << 20) + 1, 4096, 1), "chunks of 1048576");
+        assert_refused(&with(0, 12288, 0, 1), "0 bytes at 0");
+        assert_refused(&with(0, 12288, 4096, 2), "(2 chunks");
+        assert_refused(&with(0, 12288, 4096, 0), "(0 chunks");
     }
 
     /// `manifest-v2-repacked.json`: `manifest-v2.json` as an expire writes it again after a
@@ -1478,11 +1597,11 @@ mod tests {
         let err = Manifest::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(err.to_string().contains("10001 tablespaces"), "{err}");
         // A newer version is still reported as such whatever its entries look like.
-        v["version"] = 3.into();
+        v["version"] = 4.into();
         v["entries"] = serde_json::json!({"a": 1});
         assert!(matches!(
             Manifest::parse(&serde_json::to_vec(&v).unwrap()),
-            Err(ManifestError::UnsupportedVersion(3))
+            Err(ManifestError::UnsupportedVersion(4))
         ));
     }
 

@@ -240,6 +240,7 @@ mod tests {
     fn manifest(refs: &[u8], packs: &[&PackRecord]) -> Manifest {
         let mut m = crate::catalog::testing::manifest("20260101T000000Z", 1, 0, 0);
         m.entries = vec![crate::basebackup::manifest::Entry {
+            within: None,
             path: "base/1/1".into(),
             kind: crate::basebackup::manifest::EntryKind::File,
             mode: 0o600,

@@ -151,6 +151,7 @@ mod testing {
         paths
             .iter()
             .map(|d| Entry {
+                within: None,
                 path: d.to_string(),
                 kind: EntryKind::Dir,
                 mode: 0o700,
@@ -167,7 +168,13 @@ mod testing {
         file: usize,
         index: u64,
     ) -> super::order::ChunkRef {
-        super::order::ChunkRef { file, index, id, len }
+        super::order::ChunkRef {
+            file,
+            index,
+            id,
+            len,
+            within: None,
+        }
     }
 
     pub(super) fn catalog(sysid: u64) -> Catalog {
@@ -198,6 +205,7 @@ mod testing {
             location: location.into(),
         }];
         m.entries.push(Entry {
+            within: None,
             path: "pg_tblspc/16400".into(),
             kind: EntryKind::Dir,
             mode: 0o700,
@@ -255,6 +263,7 @@ mod testing {
                 chunks.push(chunk_id(&sealer, piece));
             }
             m.entries.push(Entry {
+                within: None,
                 path: format!("base/1/{name}"),
                 kind: EntryKind::File,
                 mode: 0o600,

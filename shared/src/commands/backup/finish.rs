@@ -105,9 +105,15 @@ pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
         incremental_from,
         page_checks,
     } = outcome;
+    // Version 3 only when it must be: a reader of version 2 restores every other backup.
+    let version = if copied.entries.iter().any(|e| e.within.is_some()) {
+        manifest::FORMAT_VERSION_WITHIN
+    } else {
+        manifest::FORMAT_VERSION
+    };
     Manifest {
         format: manifest::FORMAT_NAME.into(),
-        version: manifest::FORMAT_VERSION,
+        version,
         id: started.id,
         system_identifier: server.sysid,
         pg_version: server.pg_version,

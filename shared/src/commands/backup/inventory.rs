@@ -39,6 +39,7 @@ impl Source {
     /// Its manifest entry, before any chunk is attached.
     pub fn entry(&self) -> Entry {
         Entry {
+            within: None,
             path: self.rel.clone(),
             kind: if self.is_dir {
                 EntryKind::Dir
@@ -408,6 +409,7 @@ impl Base<'_> {
         let mut taken = src.entry();
         taken.size = entry.size;
         taken.chunks = entry.chunks.clone();
+        taken.within = entry.within;
         Some(TakenOver {
             entry: taken,
             record: FileRecord {
@@ -535,6 +537,7 @@ mod tests {
 
     fn file(path: &str, size: u64, chunks: &[&str]) -> Entry {
         Entry {
+            within: None,
             path: path.into(),
             kind: EntryKind::File,
             mode: 0o600,
@@ -574,12 +577,17 @@ mod tests {
                     file("base/5/16384", 8192, &["ab", "cd"]),
                     file("base/5/16390", 8192, &["ef"]),
                     file("base/5/16391", 8192, &["01"]),
+                    crate::basebackup::manifest::Entry {
+                        within: Some(crate::basebackup::manifest::Within { at: 8192, of: 24576 }),
+                        ..file("base/5/16392", 8192, &["23"])
+                    },
                 ],
                 stats: Default::default(),
                 files_examined_after_us: examined_after_us,
                 files: vec![
                     record("base/5/16384", vec![100, 200], None),
                     record("base/5/16390", vec![300], Some("20261121T143200Z")),
+                    record("base/5/16392", vec![400], None),
                 ],
                 packs: vec![],
                 server_manifest: None,
@@ -624,6 +632,15 @@ mod tests {
             .take_over(&source("base/5/16390"), stat(8192, 900), now)
             .unwrap();
         assert_eq!(taken.record.read_by, Some("20261121T143200Z".parse().unwrap()));
+        // A small file keeps its place in the chunk it shares with its neighbours.
+        let taken = base
+            .take_over(&source("base/5/16392"), stat(8192, 900), now)
+            .unwrap();
+        assert_eq!(
+            taken.entry.within,
+            Some(crate::basebackup::manifest::Within { at: 8192, of: 24576 })
+        );
+        assert_eq!(taken.entry.chunks, vec![ChunkId::from_hash([0x23; 32])]);
     }
 
     #[test]
@@ -669,7 +686,8 @@ mod tests {
             hex::decode_to_slice(c.repeat(32), &mut h).unwrap();
             h
         };
-        assert_eq!(lens.len(), 4);
+        assert_eq!(lens.len(), 5);
+        assert_eq!(lens[&hash("23")], Some(400));
         assert_eq!(lens[&hash("ab")], Some(100));
         assert_eq!(lens[&hash("cd")], Some(200));
         assert_eq!(lens[&hash("ef")], Some(300));

@@ -448,6 +448,7 @@ fn complete_label(label: &str) -> String {
 
 fn entry(path: &str, kind: EntryKind, mode: u32) -> Entry {
     Entry {
+        within: None,
         path: path.to_string(),
         kind,
         mode,
@@ -529,7 +530,9 @@ pub(super) async fn increment_of(
     let files = m
         .entries
         .iter()
-        .filter(|e| e.kind == EntryKind::File)
+        // A file sharing its chunk with others comes from a backup of the files, which has no
+        // server manifest to build on: never here, and never built on.
+        .filter(|e| e.kind == EntryKind::File && e.within.is_none())
         .map(|e| (e.path.clone(), e.clone()))
         .collect();
     tracing::info!(base = %m.id, "incremental backup on top of {}", m.id);

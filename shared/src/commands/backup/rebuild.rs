@@ -81,6 +81,7 @@ impl Rebuild {
     pub fn new(prior: &Prior, member: String, path: &str, file: Streamed) -> Rebuild {
         let prior_known = prior.files.contains_key(path);
         let previous = prior.files.get(path).cloned().unwrap_or(Entry {
+            within: None,
             path: path.to_string(),
             kind: EntryKind::File,
             mode: 0o600,
@@ -375,6 +376,7 @@ mod tests {
 
     fn file_entry(path: &str) -> Entry {
         Entry {
+            within: None,
             path: path.into(),
             kind: EntryKind::File,
             mode: 0o600,

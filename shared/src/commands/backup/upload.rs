@@ -20,7 +20,7 @@ use super::control::{self, CONTROL_FILE};
 use super::inventory::{Base, Inventory, Previous, Source, TakenOver};
 use super::pages::{self, PageCheck, Tally};
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
-use crate::basebackup::manifest::{BackupStats, Entry, FileRecord, Tablespace};
+use crate::basebackup::manifest::{BackupStats, Entry, FileRecord, Tablespace, Within};
 use crate::basebackup::pack::{PACK_TARGET, PackBuilder, PackRecord};
 use crate::basebackup::page_checksum::{Checked, RelationFile};
 use crate::repo::WritableStore;
@@ -31,6 +31,42 @@ use crate::repo::object::Sealer;
 /// a round trip that waits, and several overlap it with the next packs' compression. On a local
 /// repository two: one written and synced while the next fills.
 pub const PACKS_IN_FLIGHT: usize = 4;
+
+/// Files of at most this many bytes (and a quarter of the chunk size) are stored together, in
+/// chunks shared with their neighbours in the walk, rather than each in a chunk of its own
+/// ([`Within`]): a cluster of many small relations compressed each file alone stored three times
+/// what one stream does (28.6 MB against 9.2 for 61,000 files, 10.5 in chunks of 1 MiB), and
+/// paid a chunk's envelope per file.
+pub const SMALL_FILE: u64 = 128 << 10;
+
+/// A shared chunk is closed once it holds this many bytes (or the chunk size, if smaller)...
+pub const SHARED_TARGET: usize = 1 << 20;
+
+/// ...or once it holds a quarter of that and the file just added is one whose path ends a
+/// shared chunk ([`ends_shared`]).
+const SHARED_MIN_DIVISOR: usize = 4;
+
+/// Whether a shared chunk that holds enough ends after the file at `path`: about one path in
+/// eight, chosen by the path's hash, so that where chunks end depends on the paths around a
+/// change and not on every size before it. A backup that reads every file again
+/// (`--read-all`) then stores again only the shared chunks around the files that changed: cut
+/// by size alone, one file grown by a page would shift every chunk after it.
+fn ends_shared(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    blake3::hash(name.as_bytes()).as_bytes()[0].is_multiple_of(8)
+}
+
+/// The directory of `path`.
+fn parent(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(dir, _)| dir)
+}
+
+/// The shared chunk being filled: its bytes, and each file in it with its offset.
+#[derive(Default)]
+struct SharedChunk {
+    buf: Vec<u8>,
+    members: Vec<(usize, u64)>,
+}
 
 /// How to copy.
 #[derive(Debug, Clone, Copy)]
@@ -148,6 +184,11 @@ pub(super) struct Copier {
     /// The stored length of every distinct chunk.
     lens: HashMap<[u8; 32], u64>,
     stats: BackupStats,
+    /// Small files being gathered into one chunk.
+    shared: SharedChunk,
+    /// Shared chunks in the pipeline, by the entry of their first file: their files with their
+    /// offsets, and their length.
+    sharing: HashMap<usize, (Vec<(usize, u64)>, u64)>,
 }
 
 impl Copier {
@@ -190,6 +231,8 @@ impl Copier {
             chunk_hashes: BTreeMap::new(),
             lens: HashMap::new(),
             stats: BackupStats::default(),
+            shared: SharedChunk::default(),
+            sharing: HashMap::new(),
         }
     }
 
@@ -239,7 +282,13 @@ impl Copier {
         let check = self
             .page_check
             .and_then(|c| Some((RelationFile::parse(&src.rel)?, c)));
-        let size = self.read_chunks(file, entry, &src.abs, check).await?;
+        let small = SMALL_FILE.min(self.chunk_size as u64 / 4);
+        let size = match file {
+            Body::File(f, len) if (1..=small).contains(&len) => {
+                self.read_small(f, len, entry, &src.abs, check).await?
+            }
+            file => self.read_chunks(file, entry, &src.abs, check).await?,
+        };
         self.entries[entry].size = size;
         if let Some(Some(r)) = self.records.last_mut()
             && r.stat.is_some_and(|st| st.size != size)
@@ -300,6 +349,7 @@ impl Copier {
                 break;
             }
             size += read as u64;
+            self.stats.chunks += 1;
             self.spawn_chunk(entry, idx, buf, permit)?;
             if read < chunk_size {
                 break;
@@ -307,6 +357,81 @@ impl Copier {
         }
         reads.finish().await;
         Ok(size)
+    }
+
+    /// Read small file `f` (`len` bytes when opened, and no more: as `pg_basebackup` sends a
+    /// file that grows while it is read) into the shared chunk being filled, which is closed
+    /// first when the file would not fit in it; returns the bytes read. With `check`, the pages
+    /// of the relation file are verified.
+    async fn read_small(
+        &mut self,
+        f: std::fs::File,
+        len: u64,
+        entry: usize,
+        abs: &Path,
+        check: Option<(RelationFile, PageCheck)>,
+    ) -> Result<u64, BackupError> {
+        let target = SHARED_TARGET.min(self.chunk_size);
+        // A shared chunk holds the files of one directory: the same catalogs in two databases
+        // then make the same chunks, stored once.
+        let other_dir = self.shared.members.first().is_some_and(|&(first, _)| {
+            parent(&self.entries[first].path) != parent(&self.entries[entry].path)
+        });
+        if other_dir || self.shared.buf.len() + len as usize > target {
+            self.close_shared().await?;
+        }
+        let (read, checked) = tokio::task::spawn_blocking(move || {
+            let body = Body::File(f, len);
+            let mut buf = Vec::new();
+            let read = body.read_at(&mut buf, 0, len as usize);
+            let checked = match (&read, check) {
+                (Ok(()), Some((file, check))) => {
+                    Some(pages::check_read(&buf, 0, &file, check, |at, page| {
+                        body.read_at(page, at, pages::PAGE)
+                    }))
+                }
+                _ => None,
+            };
+            (read.map(|()| buf), checked)
+        })
+        .await
+        .expect("read task panicked");
+        let bytes = read.map_err(|source| BackupError::Read {
+            path: abs.display().to_string(),
+            source,
+        })?;
+        if let (Some(checked), Some((file, _))) = (checked, &check) {
+            self.pages.add(&self.entries[entry].path, file, checked);
+        }
+        if bytes.is_empty() {
+            return Ok(0);
+        }
+        if self.shared.buf.capacity() == 0 {
+            self.shared.buf = self.chunks.buffers.take(target);
+        }
+        let at = self.shared.buf.len() as u64;
+        self.shared.buf.extend_from_slice(&bytes);
+        self.shared.members.push((entry, at));
+        self.stats.chunks += 1;
+        let fill = self.shared.buf.len();
+        if fill >= target || (fill >= target / SHARED_MIN_DIVISOR && ends_shared(&self.entries[entry].path)) {
+            self.close_shared().await?;
+        }
+        Ok(bytes.len() as u64)
+    }
+
+    /// Hand the shared chunk being filled, if any, to the pipeline.
+    async fn close_shared(&mut self) -> Result<(), BackupError> {
+        let SharedChunk { buf, members } = std::mem::take(&mut self.shared);
+        let Some(&(first, _)) = members.first() else {
+            return Ok(());
+        };
+        let permit = Arc::clone(&self.in_memory)
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
+        self.sharing.insert(first, (members, buf.len() as u64));
+        self.spawn_chunk(first, 0, buf, permit)
     }
 
     /// Hand chunk `idx` of entry `entry` to a task that stores it, and count the chunks
@@ -318,7 +443,6 @@ impl Copier {
         buf: Vec<u8>,
         permit: OwnedSemaphorePermit,
     ) -> Result<(), BackupError> {
-        self.stats.chunks += 1;
         let chunks = Arc::clone(&self.chunks);
         self.tasks.spawn(async move {
             let (hash, stored) = chunks.store(buf, permit).await?;
@@ -423,6 +547,7 @@ impl Copier {
         file.size += buf.len() as u64;
         let idx = file.next_idx;
         file.next_idx += 1;
+        self.stats.chunks += 1;
         self.spawn_chunk(file.entry, idx, buf, permit)
     }
 
@@ -437,17 +562,29 @@ impl Copier {
             }
             self.lens.insert(done.hash, stored_len);
         }
+        if let Some((members, of)) = self.sharing.remove(&done.entry) {
+            // A shared chunk: the only chunk of each of its files. One file alone in it is
+            // simply that file's chunk.
+            for &(entry, at) in &members {
+                self.chunk_hashes.insert((entry, 0), done.hash);
+                if members.len() > 1 {
+                    self.entries[entry].within = Some(Within { at, of });
+                }
+            }
+            return;
+        }
         self.chunk_hashes.insert((done.entry, done.idx), done.hash);
     }
 
     /// Wait for the last chunks and write the last pack: what was copied, with `tablespaces`,
     /// on top of `previous`, every file examined after `examined_after_ns`.
     pub(super) async fn into_copied(
-        self,
+        mut self,
         tablespaces: Vec<Tablespace>,
         previous: Option<&Previous>,
         examined_after_ns: i64,
     ) -> Result<Copied, BackupError> {
+        self.close_shared().await?;
         let checking = self.page_check.is_some();
         let (entries, files, stats, written, mut tally) = self.finish().await?;
         if let (true, Some(p)) = (checking, previous) {
@@ -802,4 +939,149 @@ const _: () = assert!(PACK_TARGET <= 64 << 20, "packs are held in memory");
 
 fn blocking_err(e: tokio::task::JoinError) -> ChunkError {
     ChunkError::Compress(std::io::Error::other(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::basebackup::chunk::read_chunk;
+    use crate::basebackup::pack::Places;
+    use crate::repo::fault::{Fault, FaultStore};
+    use crate::repo::store::CreateSemantics;
+
+    fn store() -> WritableStore {
+        WritableStore::with_backend(
+            Arc::new(FaultStore::new(Fault::None)) as Arc<dyn object_store::ObjectStore>,
+            "s3://bucket/repo".parse().unwrap(),
+            CreateSemantics::CheckThenWrite,
+            crate::retry::RetryPolicy::with_total(std::time::Duration::from_secs(5)),
+        )
+    }
+
+    /// Bytes of a file, distinct per seed.
+    fn content(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    }
+
+    /// Back up `files` (path, content) as a data directory would be walked, and read every
+    /// file back from the repository as a restore does: from its chunks, or its slice of the
+    /// chunk it shares.
+    async fn backed_up(files: &[(&str, Vec<u8>)]) -> (Vec<Entry>, Vec<(String, Vec<u8>)>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sources = vec![];
+        for (rel, bytes) in files {
+            let abs = dir.path().join(rel);
+            std::fs::create_dir_all(abs.parent().unwrap()).unwrap();
+            std::fs::write(&abs, bytes).unwrap();
+            sources.push(Source {
+                abs,
+                rel: rel.to_string(),
+                is_dir: false,
+                mode: 0o600,
+            });
+        }
+        let store = store();
+        let opts = CopyOptions {
+            chunk_size: 1 << 20,
+            parallel: 2,
+            level: 3,
+            pg_version: 17,
+            pages: None,
+        };
+        let inventory = Inventory {
+            sources,
+            tablespaces: vec![],
+            examined_after_ns: 0,
+        };
+        let copied = copy_files(&store, &Sealer::plain(), inventory, opts, None)
+            .await
+            .unwrap();
+        let places = Places::of(&copied.packs);
+        let mut read = vec![];
+        for e in &copied.entries {
+            let mut bytes = vec![];
+            for id in &e.chunks {
+                let chunk = read_chunk(&store.reader(), &Sealer::plain(), &places, id)
+                    .await
+                    .unwrap();
+                assert_eq!(chunk.len() as u64, e.chunk_len(bytes.len(), 1 << 20));
+                match e.within {
+                    Some(w) => bytes.extend_from_slice(&chunk[w.at as usize..(w.at + e.size) as usize]),
+                    None => bytes.extend_from_slice(&chunk),
+                }
+            }
+            read.push((e.path.clone(), bytes));
+        }
+        (copied.entries, read)
+    }
+
+    #[tokio::test]
+    async fn small_files_of_a_directory_share_a_chunk_and_each_reads_back_as_it_was() {
+        let files = [
+            ("base/1/100", content(5000, 1)),
+            ("base/1/101", content(3000, 2)),
+            ("base/1/102", content(SMALL_FILE as usize + 1, 3)),
+            ("base/1/103", vec![]),
+            ("base/1/104", content(8192, 4)),
+            ("base/2/100", content(5000, 1)),
+        ];
+        let (entries, read) = backed_up(&files).await;
+        for ((path, want), (got_path, got)) in files.iter().zip(&read) {
+            assert_eq!(
+                (*path, want),
+                (got_path.as_str(), got),
+                "{path} reads back as it was"
+            );
+        }
+        let by = |p: &str| entries.iter().find(|e| e.path == p).unwrap();
+        // The small files of base/1 share one chunk, one after the other; the large file and the
+        // empty one are on their own.
+        let shared = by("base/1/100").chunks[0];
+        assert_eq!(by("base/1/100").within, Some(Within { at: 0, of: 16192 }));
+        assert_eq!(by("base/1/101").within, Some(Within { at: 5000, of: 16192 }));
+        assert_eq!(by("base/1/104").within, Some(Within { at: 8000, of: 16192 }));
+        assert!(
+            ["base/1/101", "base/1/104"]
+                .iter()
+                .all(|p| by(p).chunks == [shared])
+        );
+        assert_eq!(
+            (by("base/1/102").within, by("base/1/102").chunks.len()),
+            (None, 1)
+        );
+        assert!(by("base/1/103").chunks.is_empty());
+        // Alone in its directory, a small file is its own chunk: the same bytes as any file
+        // with that content.
+        assert_eq!(by("base/2/100").within, None);
+        assert_eq!(
+            by("base/2/100").chunks[0],
+            ChunkId::from_hash(*blake3::hash(&files[0].1).as_bytes())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shared_chunk_ends_at_its_target_and_a_file_never_straddles_two() {
+        // 300 files of 5,000 bytes: 1.5 MB, more than one shared chunk holds.
+        let names: Vec<String> = (0..300).map(|i| format!("base/5/{}", 20000 + i)).collect();
+        let files: Vec<(&str, Vec<u8>)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), content(5000, i as u8)))
+            .collect();
+        let (entries, read) = backed_up(&files).await;
+        for ((path, want), (_, got)) in files.iter().zip(&read) {
+            assert_eq!(want, got, "{path} reads back as it was");
+        }
+        let chunks: std::collections::HashSet<ChunkId> = entries.iter().map(|e| e.chunks[0]).collect();
+        assert!(
+            chunks.len() >= 2,
+            "1.5 MB of small files make more than one shared chunk"
+        );
+        for e in &entries {
+            let w = e.within.expect("every file shares its chunk");
+            assert!(w.of as usize <= SHARED_TARGET && w.at + e.size <= w.of, "{e:?}");
+        }
+    }
 }

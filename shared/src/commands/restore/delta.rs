@@ -45,8 +45,13 @@ pub struct DeltaReport {
     pub files_unchanged: u64,
     /// Files created: missing, or replacing what was not a regular file of its own there.
     pub files_created: u64,
-    /// Chunk positions written: content that differed, was missing, or is in a created file.
+    /// Chunk positions written: content that differed, was missing, or is in a created file
+    /// (or fetched to be compared: below).
     pub chunks_rewritten: u64,
+    /// Existing small files that share their chunk with others: nothing on disk can be compared
+    /// with such a chunk's id, so the chunk is fetched and each file is compared with its slice
+    /// as it arrives, and written only where it differs.
+    pub files_compared_as_fetched: u64,
     /// Files, links and directories the backup does not have (or of the wrong kind), removed; a
     /// directory counts once, with everything in it.
     pub removed: u64,
@@ -110,10 +115,11 @@ impl DeltaComparison {
         self.files
             .iter()
             .flat_map(|f| {
-                let size = m.entries[f.entry].size;
-                f.rewrite
-                    .iter()
-                    .map(move |&i| m.chunk_size.min(size - i as u64 * m.chunk_size))
+                let e = &m.entries[f.entry];
+                f.rewrite.iter().map(move |&i| match e.within {
+                    Some(_) => e.size,
+                    None => e.chunk_len(i, m.chunk_size),
+                })
             })
             .sum()
     }
@@ -339,9 +345,15 @@ async fn compare_all(
             .await
             .expect("semaphore is never closed");
         let e = &m.entries[c.entry];
-        let (sealer, chunks, size) = (sealer.clone(), e.chunks.clone(), e.size);
+        let (sealer, chunks, size, shared) = (sealer.clone(), e.chunks.clone(), e.size, e.within.is_some());
         tasks.spawn_blocking(move || {
-            let (hashed, differ) = compare(&sealer, &c.dest, c.len, size, chunk_size, &chunks)?;
+            // A small file's shared chunk names the bytes of its neighbours too: nothing on disk
+            // can be compared with it, and the file is written again (it is small).
+            let (hashed, differ) = if shared {
+                (0, vec![0])
+            } else {
+                compare(&sealer, &c.dest, c.len, size, chunk_size, &chunks)?
+            };
             drop(permit);
             let Candidate {
                 entry,
@@ -388,7 +400,11 @@ fn plan_files(
         }
         let p = match compared.remove(&i) {
             Some(c) => {
-                report.files_checked += 1;
+                if e.within.is_some() {
+                    report.files_compared_as_fetched += 1;
+                } else {
+                    report.files_checked += 1;
+                }
                 report.bytes_hashed += c.hashed;
                 let mode_differs = c.mode != e.mode & 0o7777;
                 if c.differ.is_empty() && !mode_differs && c.len == e.size {

@@ -209,6 +209,18 @@ pub(crate) fn open_for_write(path: &Path) -> Result<std::fs::File, RestoreError>
     open_nofollow(path, true)
 }
 
+/// Open an existing regular file for reading and writing, never through a symbolic link (see
+/// [`open_for_write`]).
+pub(crate) fn open_to_compare(path: &Path) -> Result<std::fs::File, RestoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(write_err(path))
+}
+
 /// Open `path` for reading, or writing, never through a symbolic link.
 pub(crate) fn open_nofollow(path: &Path, write: bool) -> Result<std::fs::File, RestoreError> {
     use std::os::unix::fs::OpenOptionsExt;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::budget::Buffers;
-use super::direct::{Sink, create_new, open_for_write};
+use super::direct::{Sink, create_new, open_for_write, open_to_compare};
 use super::work::FileToWrite;
 use super::{Progress, RestoreError, write_err};
 
@@ -33,8 +33,21 @@ pub const WRITE_RUN: u64 = 4 << 20;
 /// One chunk's bytes on their way to a file, holding their share of the memory bound.
 pub(crate) struct Piece {
     pub offset: u64,
+    /// The part of `data` written (a small file's slice of a shared chunk), else all of it.
+    pub range: Option<std::ops::Range<usize>>,
     pub data: Arc<Vec<u8>>,
     pub _held: Option<OwnedSemaphorePermit>,
+}
+
+impl Piece {
+    /// The bytes written. The manifest's validation and the chunk's length check bound the
+    /// range (a shared chunk's file lies within it).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match &self.range {
+            Some(r) => &self.data[r.clone()],
+            None => &self.data,
+        }
+    }
 }
 
 /// Write one file from the pieces `rx` delivers until its sender is dropped, set its mode, and
@@ -50,6 +63,8 @@ pub(crate) fn write_file(
     let path = &target.path;
     let file = if target.create {
         create_new(path)?
+    } else if target.compare {
+        open_to_compare(path)?
     } else {
         open_for_write(path)?
     };
@@ -58,9 +73,16 @@ pub(crate) fn write_file(
     let mut next = None;
     while let Some(run) = next_run(&rx, &mut next) {
         let offset = run[0].offset;
-        let slices: Vec<&[u8]> = run.iter().map(|p| p.data.as_slice()).collect();
-        sink.write_run(&slices, offset).map_err(write_err(path))?;
+        let slices: Vec<&[u8]> = run.iter().map(Piece::bytes).collect();
         let len: u64 = slices.iter().map(|s| s.len() as u64).sum();
+        if target.compare && on_disk(&file, &slices, offset).map_err(write_err(path))? {
+            progress.advance(len);
+            for piece in run {
+                buffers.give(piece.data);
+            }
+            continue;
+        }
+        sink.write_run(&slices, offset).map_err(write_err(path))?;
         written += len;
         end = end.max(offset + len);
         progress.advance(len);
@@ -89,6 +111,23 @@ pub(crate) fn write_file(
     Ok(written)
 }
 
+/// Whether `file` holds `run` at `offset` already.
+fn on_disk(file: &std::fs::File, run: &[&[u8]], offset: u64) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut at = offset;
+    let mut there = Vec::new();
+    for piece in run {
+        there.resize(piece.len(), 0);
+        match file.read_exact_at(&mut there, at) {
+            Ok(()) if there == *piece => at += piece.len() as u64,
+            Ok(()) => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
 /// The next pieces to write with one call: the first that arrives (`next`, or from `rx`), and
 /// those already waiting that continue it, up to [`WRITE_RUN`] bytes; a waiting piece that does
 /// not continue it is left in `next`. None once the sender is gone and nothing is left.
@@ -97,14 +136,14 @@ fn next_run(rx: &std::sync::mpsc::Receiver<Piece>, next: &mut Option<Piece>) -> 
         Some(p) => p,
         None => rx.recv().ok()?,
     };
-    let mut end = first.offset + first.data.len() as u64;
-    let mut bytes = first.data.len() as u64;
+    let mut end = first.offset + first.bytes().len() as u64;
+    let mut bytes = first.bytes().len() as u64;
     let mut run = vec![first];
     while bytes < WRITE_RUN {
         match rx.try_recv() {
             Ok(p) if p.offset == end => {
-                end += p.data.len() as u64;
-                bytes += p.data.len() as u64;
+                end += p.bytes().len() as u64;
+                bytes += p.bytes().len() as u64;
                 run.push(p);
             }
             Ok(p) => {

@@ -15,6 +15,9 @@ pub(crate) struct ChunkRef {
     pub index: u64,
     pub id: ChunkId,
     pub len: u64,
+    /// A small file's only chunk, shared with its neighbours: the file is the chunk's bytes
+    /// from this offset, as long as the file ([`crate::basebackup::manifest::Within`]).
+    pub within: Option<u64>,
 }
 
 /// Where a reference goes in the restore's order: its chunk's place in the order the backup
@@ -45,7 +48,8 @@ pub(crate) fn in_pack_order(refs: Vec<ChunkRef>, places: &Places, most: usize) -
                     Some((seq, offset)) => (false, seq, offset),
                     None => (true, 0, 0),
                 };
-                seen.insert(r.id).then_some(key)
+                // A shared chunk's files are restored side by side, whichever met it first.
+                (seen.insert(r.id) || r.within.is_some()).then_some(key)
             })
             .collect();
         let fallback = own.iter().flatten().next().copied().unwrap_or((true, 0, 0));

@@ -238,6 +238,9 @@ impl Pipeline<'_> {
             };
             let piece = Piece {
                 offset: r.index * self.from.chunk_size,
+                range: r
+                    .within
+                    .map(|at| at as usize..(at + self.files[r.file].size) as usize),
                 data,
                 _held: held,
             };

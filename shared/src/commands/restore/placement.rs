@@ -296,6 +296,7 @@ mod tests {
         clash.entries.insert(
             0,
             Entry {
+                within: None,
                 path: format!(".backup_label.walvault-{}.tmp", std::process::id()),
                 kind: EntryKind::File,
                 mode: 0o600,

@@ -29,6 +29,10 @@ pub(crate) struct FileToWrite {
     /// Create it (it must not exist: never follows or replaces anything); otherwise it exists
     /// at its size and is opened without following a link (`--delta`).
     pub create: bool,
+    /// An existing file (`--delta`) the plan could not compare with the backup: a small file
+    /// sharing its chunk, whose id names its neighbours' bytes too. Its bytes on disk are
+    /// compared with the backup's as they arrive, and written only where they differ.
+    pub compare: bool,
 }
 
 /// The files a restore writes and the chunk references to write into them.
@@ -59,13 +63,13 @@ impl WorkList {
     ) {
         let file = self.files.len();
         for idx in which {
-            let offset = idx as u64 * chunk_size;
-            // validate() checked the chunk count against the size: offset < size.
+            // validate() checked the chunk count against the size.
             self.refs.push(ChunkRef {
                 file,
                 index: idx as u64,
                 id: e.chunks[idx],
-                len: chunk_size.min(e.size - offset),
+                len: e.chunk_len(idx, chunk_size),
+                within: e.within.map(|w| w.at),
             });
         }
         if e.path == PG_CONTROL {
@@ -76,6 +80,7 @@ impl WorkList {
             mode: e.mode,
             size: e.size,
             create,
+            compare: !create && e.within.is_some(),
         });
     }
 
@@ -229,6 +234,7 @@ mod tests {
                 mode: 0o600,
                 size: 0,
                 create: true,
+                compare: false,
             })
             .collect()
     }
