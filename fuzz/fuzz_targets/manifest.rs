@@ -59,8 +59,21 @@ fn check_manifest(data: &[u8]) {
                 .all(|c| parse_chunk_key(&chunk_key(c)) == Some(*c) && chunk_key(c).starts_with("chunks/")),
             "{e:?}"
         );
-        if e.kind == EntryKind::File {
-            assert_eq!(e.chunks.len() as u64, e.size.div_ceil(m.chunk_size), "{e:?}");
+        match e.within {
+            // A small file sharing its chunk: its only chunk, which holds it whole (version 3).
+            Some(w) => assert!(
+                e.kind == EntryKind::File
+                    && m.version >= 3
+                    && e.chunks.len() == 1
+                    && e.size > 0
+                    && w.at.checked_add(e.size).is_some_and(|end| end <= w.of)
+                    && w.of <= m.chunk_size,
+                "{e:?}"
+            ),
+            None if e.kind == EntryKind::File => {
+                assert_eq!(e.chunks.len() as u64, e.size.div_ceil(m.chunk_size), "{e:?}");
+            }
+            None => {}
         }
     }
     check_manifest_rules(&m);

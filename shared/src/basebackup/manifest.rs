@@ -288,9 +288,7 @@ pub enum ManifestError {
     Invalid(String),
     #[error("manifest has format {0:?}")]
     WrongFormat(String),
-    #[error(
-        "manifest format version {0} is newer than this walvault understands (1 and 2); upgrade walvault"
-    )]
+    #[error("manifest format version {0} is newer than this walvault understands (1 to 3); upgrade walvault")]
     UnsupportedVersion(u32),
     /// A path that could leave the directory it is restored into.
     #[error("entry {path:?} is unsafe: {why}")]
@@ -507,6 +505,7 @@ impl Manifest {
                 }
             }
         }
+        self.check_shared_lengths()?;
         self.check_files()?;
         self.check_page_checks()?;
         self.check_packs()
@@ -699,7 +698,7 @@ impl Manifest {
                         e.mode
                     ));
                 }
-                if e.size != 0 || !e.chunks.is_empty() {
+                if e.size != 0 || !e.chunks.is_empty() || e.within.is_some() {
                     return bad("a directory has no size and no chunks".into());
                 }
             }
@@ -732,10 +731,37 @@ impl Manifest {
         Ok(())
     }
 
+    /// Every file within one shared chunk gives it the same length.
+    fn check_shared_lengths(&self) -> Result<(), ManifestError> {
+        let mut of: std::collections::HashMap<&ChunkId, u64> = std::collections::HashMap::new();
+        for e in &self.entries {
+            let (Some(w), Some(id)) = (e.within, e.chunks.first()) else {
+                continue;
+            };
+            let first = *of.entry(id).or_insert(w.of);
+            if first != w.of {
+                return Err(entry_err(
+                    &e.path,
+                    format!(
+                        "its shared chunk {id} is {} bytes long, and {first} for another file",
+                        w.of
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// A file's chunks agree with its size: `chunk_size` each but the last, or one shared
     /// chunk holding the file's bytes ([`Entry::within`]).
     fn check_chunks(&self, e: &Entry) -> Result<(), ManifestError> {
         if let Some(w) = e.within {
+            if self.version < FORMAT_VERSION_WITHIN {
+                return Err(entry_err(
+                    &e.path,
+                    format!("a shared chunk in a manifest of version {}", self.version),
+                ));
+            }
             return match (e.chunks.len(), w.at.checked_add(e.size)) {
                 (1, Some(end)) if e.size > 0 && end <= w.of && w.of <= self.chunk_size => Ok(()),
                 _ => Err(entry_err(
@@ -1501,6 +1527,17 @@ mod tests {
         assert_refused(&with(0, 12288, 0, 1), "0 bytes at 0");
         assert_refused(&with(0, 12288, 4096, 2), "(2 chunks");
         assert_refused(&with(0, 12288, 4096, 0), "(0 chunks");
+        // Two lengths for one shared chunk, a shared chunk before version 3, a directory in one.
+        assert_refused(
+            &with(0, 8192, 4096, 1),
+            "is 8192 bytes long, and 12288 for another file",
+        );
+        let mut m = sample_v3();
+        m.version = 2;
+        assert_refused(&m, "a shared chunk in a manifest of version 2");
+        let mut m = sample_v3();
+        m.entries[0].within = Some(Within { at: 0, of: 1 });
+        assert_refused(&m, "a directory has no size and no chunks");
     }
 
     /// `manifest-v2-repacked.json`: `manifest-v2.json` as an expire writes it again after a

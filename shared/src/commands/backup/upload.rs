@@ -42,13 +42,14 @@ pub const SMALL_FILE: u64 = 128 << 10;
 /// A shared chunk is closed once it holds this many bytes (or the chunk size, if smaller)...
 pub const SHARED_TARGET: usize = 1 << 20;
 
-/// ...or once it holds a quarter of that and the file just added is one whose path ends a
+/// ...or once it holds a quarter of that and the file just added is one whose name ends a
 /// shared chunk ([`ends_shared`]).
 const SHARED_MIN_DIVISOR: usize = 4;
 
-/// Whether a shared chunk that holds enough ends after the file at `path`: about one path in
-/// eight, chosen by the path's hash, so that where chunks end depends on the paths around a
-/// change and not on every size before it. A backup that reads every file again
+/// Whether a shared chunk that holds enough ends after the file at `path`: about one name in
+/// eight, chosen by the hash of the file's name, so that where chunks end depends on the names
+/// around a change and not on every size before it (and the same catalogs in two databases are
+/// cut alike). A backup that reads every file again
 /// (`--read-all`) then stores again only the shared chunks around the files that changed: cut
 /// by size alone, one file grown by a page would shift every chunk after it.
 fn ends_shared(path: &str) -> bool {
@@ -1002,11 +1003,11 @@ mod tests {
         let mut read = vec![];
         for e in &copied.entries {
             let mut bytes = vec![];
-            for id in &e.chunks {
+            for (idx, id) in e.chunks.iter().enumerate() {
                 let chunk = read_chunk(&store.reader(), &Sealer::plain(), &places, id)
                     .await
                     .unwrap();
-                assert_eq!(chunk.len() as u64, e.chunk_len(bytes.len(), 1 << 20));
+                assert_eq!(chunk.len() as u64, e.chunk_len(idx, 1 << 20));
                 match e.within {
                     Some(w) => bytes.extend_from_slice(&chunk[w.at as usize..(w.at + e.size) as usize]),
                     None => bytes.extend_from_slice(&chunk),

@@ -348,7 +348,8 @@ async fn compare_all(
         let (sealer, chunks, size, shared) = (sealer.clone(), e.chunks.clone(), e.size, e.within.is_some());
         tasks.spawn_blocking(move || {
             // A small file's shared chunk names the bytes of its neighbours too: nothing on disk
-            // can be compared with it, and the file is written again (it is small).
+            // can be compared with it. The file is compared with its slice as the chunk arrives
+            // (`FileToWrite::compare`), and written only where it differs.
             let (hashed, differ) = if shared {
                 (0, vec![0])
             } else {
@@ -508,7 +509,10 @@ pub(crate) fn apply(
             }
             Prepare::Resize => {
                 use std::os::unix::fs::PermissionsExt;
-                if !f.rewrite.is_empty() || f.mode_differs {
+                // A small file compared as its chunk arrives keeps its mode unless it must change
+                // (it is written only if it differs, and its owner can write it).
+                let compared_as_fetched = e.within.is_some() && !f.mode_differs && e.mode & 0o200 != 0;
+                if (!f.rewrite.is_empty() || f.mode_differs) && !compared_as_fetched {
                     // Owner-writable while it is rewritten; `fill` sets the backup's mode after.
                     let file = open_nofollow(&f.dest, false)?;
                     file.set_permissions(std::fs::Permissions::from_mode(0o600))

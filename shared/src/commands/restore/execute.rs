@@ -131,7 +131,7 @@ pub(crate) async fn write_backup(
     delta: Option<DeltaComparison>,
     progress: Arc<dyn Progress>,
 ) -> Result<Written, RestoreError> {
-    let (work, delta) = work_list(plan, manifest, delta)?;
+    let (work, mut delta) = work_list(plan, manifest, delta)?;
     let places = Arc::new(manifest.places());
     let (files, pg_control) = work.into_batches(&places)?;
     let from = ChunkStore {
@@ -153,6 +153,12 @@ pub(crate) async fn write_backup(
         sync_dirs(&[dest
             .parent()
             .map_or_else(|| plan.pgdata.clone(), Path::to_path_buf)])?;
+    }
+    if let Some(d) = delta.as_mut() {
+        // Small files compared as their shared chunks arrived, found as the backup has them:
+        // unchanged, their one chunk position not rewritten.
+        d.files_unchanged += transfer.files_found_equal;
+        d.chunks_rewritten -= transfer.files_found_equal;
     }
     let files = manifest
         .entries
@@ -463,6 +469,89 @@ mod tests {
         let written = delta_write(plan).await;
         assert_eq!(faults.requests(), before);
         assert_eq!(written.delta.unwrap().files_unchanged, 2);
+    }
+
+    /// Small files sharing one chunk (as a backup stores them) are each restored from their
+    /// slice, with the chunk fetched once; a delta restore compares each with its slice as the
+    /// chunk arrives and writes only the one that differs.
+    #[tokio::test]
+    async fn files_sharing_a_chunk_are_restored_from_their_slices_and_compared_by_delta() {
+        use crate::basebackup::manifest::{Entry, Within};
+        let small: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| vec![i + 1; 3000 + usize::from(i) * 700])
+            .collect();
+        let joined = small.concat();
+        // The shared chunk, stored as the content of one file, then named by three.
+        let (faults, store, sealer, mut m) = stored_backup(&[("shared", joined.clone())], 1 << 16).await;
+        let chunk = m.entries.pop().unwrap().chunks[0];
+        m.version = crate::basebackup::manifest::FORMAT_VERSION_WITHIN;
+        let mut at = 0;
+        for (i, content) in small.iter().enumerate() {
+            m.entries.push(Entry {
+                path: format!("base/1/{}", 16384 + i),
+                kind: EntryKind::File,
+                mode: 0o600,
+                size: content.len() as u64,
+                chunks: vec![chunk],
+                within: Some(Within {
+                    at,
+                    of: joined.len() as u64,
+                }),
+            });
+            at += content.len() as u64;
+        }
+        m.validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(&dir.path().join("data"));
+        let before = faults.requests();
+        let written = write_backup(
+            &store,
+            &sealer,
+            &plan_of(&m, &opts, None),
+            &m,
+            None,
+            Arc::new(NoProgress),
+        )
+        .await
+        .unwrap();
+        assert_eq!(faults.requests() - before, 1, "the shared chunk is read once");
+        assert_eq!(written.transfer.chunks_fetched, 1);
+        let data = opts.pgdata.clone();
+        let file = |i: usize| data.join(format!("base/1/{}", 16384 + i));
+        for (i, content) in small.iter().enumerate() {
+            assert_eq!(&std::fs::read(file(i)).unwrap(), content, "file {i}");
+        }
+
+        // The second file changed (same size) in the old directory: only it is written.
+        std::fs::write(file(1), vec![9u8; small[1].len()]).unwrap();
+        std::fs::write(data.join("PG_VERSION"), b"15\n").unwrap();
+        opts.delta = true;
+        let plan = delta::plan(&sealer, &m, &data, &BTreeMap::new()).await.unwrap();
+        let written = write_backup(
+            &store,
+            &sealer,
+            &plan_of(&m, &opts, None),
+            &m,
+            Some(plan),
+            Arc::new(NoProgress),
+        )
+        .await
+        .unwrap();
+        for (i, content) in small.iter().enumerate() {
+            assert_eq!(
+                &std::fs::read(file(i)).unwrap(),
+                content,
+                "file {i} after the delta"
+            );
+        }
+        let report = written.delta.unwrap();
+        assert_eq!(report.files_compared_as_fetched, 3, "{report:?}");
+        assert_eq!(
+            (report.files_unchanged, report.chunks_rewritten),
+            (2, 1),
+            "{report:?}"
+        );
+        assert_eq!(written.transfer.bytes_written, small[1].len() as u64);
     }
 
     #[tokio::test]

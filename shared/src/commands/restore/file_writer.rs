@@ -50,15 +50,23 @@ impl Piece {
     }
 }
 
+/// What writing one file did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileWritten {
+    pub bytes: u64,
+    /// A file compared as its bytes arrived ([`FileToWrite::compare`]) held them all already.
+    pub found_equal: bool,
+}
+
 /// Write one file from the pieces `rx` delivers until its sender is dropped, set its mode, and
-/// (`fsync`) make it durable. Returns the bytes written.
+/// (`fsync`) make it durable.
 pub(crate) fn write_file(
     target: &FileToWrite,
     rx: std::sync::mpsc::Receiver<Piece>,
     fsync: bool,
     progress: &dyn Progress,
     buffers: &Buffers,
-) -> Result<u64, RestoreError> {
+) -> Result<FileWritten, RestoreError> {
     use std::os::unix::fs::PermissionsExt;
     let path = &target.path;
     let file = if target.create {
@@ -103,12 +111,26 @@ pub(crate) fn write_file(
     if target.create && end != target.size {
         file.set_len(target.size).map_err(write_err(path))?;
     }
-    file.set_permissions(std::fs::Permissions::from_mode(target.mode & 0o7777))
-        .map_err(write_err(path))?;
-    if fsync {
-        file.sync_all().map_err(write_err(path))?;
+    let mode = target.mode & 0o7777;
+    let found_equal = target.compare && written == 0;
+    // A file found as the backup has it is left alone, as a delta restore leaves the files its
+    // plan found unchanged: not even its inode is written (a change of mode, and its `fsync`,
+    // would cost a journal commit per file).
+    let unchanged = found_equal
+        && file
+            .metadata()
+            .is_ok_and(|m| m.permissions().mode() & 0o7777 == mode);
+    if !unchanged {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(write_err(path))?;
+        if fsync {
+            file.sync_all().map_err(write_err(path))?;
+        }
     }
-    Ok(written)
+    Ok(FileWritten {
+        bytes: written,
+        found_equal,
+    })
 }
 
 /// Whether `file` holds `run` at `offset` already.

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 
 use super::budget::{Bounds, Buffers, OPEN_FILES};
 use super::chunk_reader::{ChunkReader, Read, Started, decode_in_order, never_read, read_in_order};
-use super::file_writer::{Piece, open_roots, syncfs_each, write_file};
+use super::file_writer::{FileWritten, Piece, open_roots, syncfs_each, write_file};
 use super::order::ChunkRef;
 use super::waits::{WaitClock, Waits};
 use super::work::{Batch, FileToWrite, Source};
@@ -87,15 +87,25 @@ pub(crate) struct Transfer {
     pub bytes_fetched: u64,
     /// Bytes written into files.
     pub bytes_written: u64,
+    /// Files compared as their bytes arrived ([`super::work::FileToWrite::compare`]) and found
+    /// to hold them already: nothing written.
+    pub files_found_equal: u64,
     /// Where the pipeline waited.
     pub waits: Waits,
 }
 
 impl Transfer {
+    /// Count what one file's writer did.
+    fn count(&mut self, w: FileWritten) {
+        self.bytes_written += w.bytes;
+        self.files_found_equal += u64::from(w.found_equal);
+    }
+
     pub(crate) fn add(&mut self, o: Transfer) {
         self.chunks_fetched += o.chunks_fetched;
         self.bytes_fetched += o.bytes_fetched;
         self.bytes_written += o.bytes_written;
+        self.files_found_equal += o.files_found_equal;
         self.waits.add(o.waits);
     }
 }
@@ -174,7 +184,7 @@ impl Pipeline<'_> {
         let mut first_err = fed.err();
         while let Some(r) = writers.running.join_next().await {
             match r.expect("file writer panicked") {
-                Ok(bytes) => done.bytes_written += bytes,
+                Ok(w) => done.count(w),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
@@ -272,7 +282,7 @@ impl Pipeline<'_> {
         to.waits.add(&to.waits.files, since);
         // A writer that failed ends the restore now, not after every fetch.
         while let Some(r) = to.running.try_join_next() {
-            done.bytes_written += r.expect("file writer panicked")?;
+            done.count(r.expect("file writer panicked")?);
         }
         let (tx, rx) = std::sync::mpsc::channel::<Piece>();
         let (files, progress, fsync) = (Arc::clone(&self.files), Arc::clone(&self.progress), self.fsync);
@@ -290,7 +300,7 @@ impl Pipeline<'_> {
 /// what they report to.
 struct FileWriters {
     open: Arc<Semaphore>,
-    running: JoinSet<Result<u64, RestoreError>>,
+    running: JoinSet<Result<FileWritten, RestoreError>>,
     waits: Arc<WaitClock>,
     buffers: Arc<Buffers>,
 }
