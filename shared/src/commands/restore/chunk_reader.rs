@@ -165,7 +165,7 @@ pub(crate) async fn decode_in_order(
     while let Some((r, sealed, room)) = reads.recv().await {
         let since = std::time::Instant::now();
         let held = Arc::clone(&plain)
-            .acquire_many_owned(units(r.len))
+            .acquire_many_owned(units(buffers.charge(r.len)))
             .await
             .expect("never closed");
         waits.add(&waits.decoding_room, since);
