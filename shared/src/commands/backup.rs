@@ -24,6 +24,7 @@ mod control;
 mod error;
 mod finish;
 mod inventory;
+mod open_ahead;
 mod pages;
 mod protocol;
 mod rebuild;

@@ -18,6 +18,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::BackupError;
 use super::control::{self, CONTROL_FILE};
 use super::inventory::{Base, Inventory, Previous, Source, TakenOver};
+use super::open_ahead::OpenAhead;
 use super::pages::{self, PageCheck, Tally};
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
 use crate::basebackup::manifest::{BackupStats, Entry, FileRecord, Tablespace, Within};
@@ -112,8 +113,12 @@ pub(super) async fn copy_files(
     } = inventory;
     let base = previous.filter(|p| p.take_over).map(Previous::base);
     let mut copier = Copier::new(store, sealer, opts, previous, sources.len());
-    for src in &sources {
-        copier.copy(src, base.as_ref(), examined_after_ns).await?;
+    let sources = Arc::new(sources);
+    let mut opened = OpenAhead::start(Arc::clone(&sources));
+    for src in sources.iter() {
+        copier
+            .copy(src, &mut opened, base.as_ref(), examined_after_ns)
+            .await?;
     }
     copier.into_copied(tablespaces, previous, examined_after_ns).await
 }
@@ -242,6 +247,7 @@ impl Copier {
     async fn copy(
         &mut self,
         src: &Source,
+        opened: &mut OpenAhead,
         base: Option<&Base<'_>>,
         clock_ns: i64,
     ) -> Result<(), BackupError> {
@@ -261,7 +267,7 @@ impl Copier {
             }));
             Body::Bytes(bytes)
         } else {
-            let Some((f, meta)) = open(&src.abs).await? else {
+            let Some((f, meta)) = opened.next(src).await? else {
                 return Ok(());
             };
             // fstat before the first read: the content read holds every write before it.
@@ -644,24 +650,6 @@ impl Copier {
 
 /// What [`Copier::finish`] hands over.
 type Finished = (Vec<Entry>, Vec<FileRecord>, BackupStats, Vec<PackRecord>, Tally);
-
-/// Open `abs` and `fstat` it; `None` when it was dropped since the walk.
-async fn open(abs: &Path) -> Result<Option<(std::fs::File, std::fs::Metadata)>, BackupError> {
-    let opened = tokio::task::spawn_blocking({
-        let abs = abs.to_path_buf();
-        move || std::fs::File::open(&abs).and_then(|f| f.metadata().map(|m| (f, m)))
-    })
-    .await
-    .expect("open task panicked");
-    match opened {
-        Ok(f) => Ok(Some(f)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(BackupError::Read {
-            path: abs.display().to_string(),
-            source,
-        }),
-    }
-}
 
 /// A file's chunks being read, up to `ahead` at once (each holding its share of the memory
 /// bound), and handed out in order. A buffered read is the kernel copying from its page cache,
