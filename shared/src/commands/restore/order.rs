@@ -138,4 +138,36 @@ mod tests {
         // Two files open at once is more than one: file order.
         assert_eq!(order(in_pack_order(refs.clone(), &places, 1)), order(refs));
     }
+
+    /// The small files sharing a chunk go together, at the chunk's place, wherever they are in
+    /// file order: the chunk is fetched once and kept only while they are written.
+    #[test]
+    fn the_files_of_a_shared_chunk_go_together_at_its_place() {
+        use crate::basebackup::pack::{PackId, PackRecord};
+        let c = |b: u8| ChunkId::from_hash([b; 32]);
+        let pack = PackRecord {
+            id: PackId::from_hash([9; 32]),
+            chunks: vec![c(0x5a), c(0xb0)],
+            lengths: vec![100; 2],
+        };
+        let places = Places::of([&pack]);
+        let shared = |file: usize, at: u64| ChunkRef {
+            within: Some(at),
+            ..r(c(0x5a), 12288, file, 0)
+        };
+        // Files 0 and 2 share chunk 5a; file 1, between them, is b0, after 5a in the pack.
+        let refs = vec![shared(0, 0), r(c(0xb0), 8, 1, 0), shared(2, 8192)];
+        let ordered = in_pack_order(refs, &places, 32);
+        let files: Vec<usize> = ordered.iter().map(|r| r.file).collect();
+        assert_eq!(files, [0, 2, 1]);
+        let plan = super::super::work::sources(&ordered, 1 << 20);
+        assert_eq!(
+            plan,
+            [
+                super::super::work::Source::Fetch { keep: true },
+                super::super::work::Source::Kept { last: true },
+                super::super::work::Source::Fetch { keep: false },
+            ]
+        );
+    }
 }
