@@ -1,5 +1,6 @@
-//! Opening a backup's files ahead of the copier: one blocking thread opens and `fstat`s them in
-//! the copier's order, at most [`OPEN_AHEAD`] before it. Each file's open had been a hop to a
+//! Opening a backup's files ahead of the copier: a thread of its own (not one of the runtime's
+//! blocking pool, which it would hold for the whole backup) opens and `fstat`s them in the
+//! copier's order, at most [`OPEN_AHEAD`] before it. Each file's open had been a hop to a
 //! blocking thread and back, one file after the other: with 61,000 small files that was a
 //! large part of a backup that reads nothing new (every file is only opened, `fstat`ed and taken
 //! over unread).
@@ -11,7 +12,8 @@ use super::BackupError;
 use super::control::CONTROL_FILE;
 use super::inventory::Source;
 
-/// Files opened and not yet taken by the copier, at most (each holds a descriptor).
+/// Files opened and not yet taken by the copier, at most (each holds a descriptor; with the one
+/// being handed over and the copier's own, two more are open).
 pub const OPEN_AHEAD: usize = 64;
 
 /// A file opened with what `fstat` said of it; `None` when it was dropped since the walk.
@@ -19,33 +21,42 @@ pub(super) type Opened = Option<(std::fs::File, std::fs::Metadata)>;
 
 /// The files of a backup being opened ahead, in order.
 pub(super) struct OpenAhead {
-    rx: tokio::sync::mpsc::Receiver<Result<Opened, BackupError>>,
+    /// Each file with its index in the sources, checked against the copier's.
+    rx: tokio::sync::mpsc::Receiver<(usize, Result<Opened, BackupError>)>,
 }
 
 impl OpenAhead {
     /// Start opening every source that [`opens`] says the copier opens, in order.
     pub(super) fn start(sources: Arc<Vec<Source>>) -> OpenAhead {
         let (tx, rx) = tokio::sync::mpsc::channel(OPEN_AHEAD);
-        // Ends when every file is opened, or when the copier stops taking them (it failed).
-        drop(tokio::task::spawn_blocking(move || {
-            for src in sources.iter().filter(|s| opens(s)) {
-                if tx.blocking_send(open(&src.abs)).is_err() {
-                    return;
+        // Ends when every file is opened, or when the copier stops taking them (it failed). Not
+        // started (no thread to be had): the copier's first file reports it.
+        let _ = std::thread::Builder::new()
+            .name("walvault-open".into())
+            .spawn(move || {
+                for (at, src) in sources.iter().enumerate().filter(|(_, s)| opens(s)) {
+                    if tx.blocking_send((at, open(&src.abs))).is_err() {
+                        return;
+                    }
                 }
-            }
-        }));
+            });
         OpenAhead { rx }
     }
 
-    /// The next file the copier opens: it must be `src` (the copier takes them in order).
-    pub(super) async fn next(&mut self, src: &Source) -> Result<Opened, BackupError> {
-        debug_assert!(opens(src));
-        self.rx.recv().await.unwrap_or_else(|| {
-            Err(BackupError::Read {
-                path: src.abs.display().to_string(),
-                source: std::io::Error::other("the thread opening files ended early"),
-            })
-        })
+    /// Source `at`, the next file the copier opens (it takes them in order: anything else is
+    /// refused rather than a file taken for another).
+    pub(super) async fn next(&mut self, at: usize, src: &Source) -> Result<Opened, BackupError> {
+        let failed = |why: &str| BackupError::Read {
+            path: src.abs.display().to_string(),
+            source: std::io::Error::other(why.to_string()),
+        };
+        match self.rx.recv().await {
+            Some((opened_at, opened)) if opened_at == at => opened,
+            Some(_) => Err(failed(
+                "the files opened ahead are out of step with the backup (a bug)",
+            )),
+            None => Err(failed("the thread opening files ended early")),
+        }
     }
 }
 
@@ -97,9 +108,13 @@ mod tests {
         ]);
         let mut ahead = OpenAhead::start(Arc::clone(&sources));
         let mut lens = vec![];
-        for src in sources.iter().filter(|s| opens(s)) {
-            lens.push(ahead.next(src).await.unwrap().map(|(_, m)| m.len()));
+        for (at, src) in sources.iter().enumerate().filter(|(_, s)| opens(s)) {
+            lens.push(ahead.next(at, src).await.unwrap().map(|(_, m)| m.len()));
         }
         assert_eq!(lens, [Some(3), None, Some(5)]);
+        // Asked for another file than the next one opened: refused, not handed the wrong one.
+        let mut ahead = OpenAhead::start(Arc::clone(&sources));
+        let err = ahead.next(3, &sources[3]).await.unwrap_err();
+        assert!(err.to_string().contains("out of step"), "{err}");
     }
 }

@@ -115,9 +115,9 @@ pub(super) async fn copy_files(
     let mut copier = Copier::new(store, sealer, opts, previous, sources.len());
     let sources = Arc::new(sources);
     let mut opened = OpenAhead::start(Arc::clone(&sources));
-    for src in sources.iter() {
+    for (at, src) in sources.iter().enumerate() {
         copier
-            .copy(src, &mut opened, base.as_ref(), examined_after_ns)
+            .copy((at, src), &mut opened, base.as_ref(), examined_after_ns)
             .await?;
     }
     copier.into_copied(tablespaces, previous, examined_after_ns).await
@@ -242,11 +242,11 @@ impl Copier {
         }
     }
 
-    /// Copy one source, or take it over from `base`; a file gone since the walk is left out
-    /// (WAL replay recreates the truth).
+    /// Copy source `at` (a file opened ahead by `opened`), or take it over from `base`; a file
+    /// gone since the walk is left out (WAL replay recreates the truth).
     async fn copy(
         &mut self,
-        src: &Source,
+        (at, src): (usize, &Source),
         opened: &mut OpenAhead,
         base: Option<&Base<'_>>,
         clock_ns: i64,
@@ -267,7 +267,7 @@ impl Copier {
             }));
             Body::Bytes(bytes)
         } else {
-            let Some((f, meta)) = opened.next(src).await? else {
+            let Some((f, meta)) = opened.next(at, src).await? else {
                 return Ok(());
             };
             // fstat before the first read: the content read holds every write before it.

@@ -93,11 +93,26 @@ impl Bounds {
     }
 }
 
-/// Buffers of whole chunks, given back by the writers once written and taken again by the
+/// Whether a chunk of `len` bytes (of a backup in chunks of `chunk_size`) is decompressed into a
+/// kept buffer of the chunk size ([`Buffers`]): a whole chunk, or one of at least a quarter of it
+/// (small files' shared chunks, of 256 KiB to 1 MiB). A fresh allocation of each of those, made
+/// on one thread and freed on another, left a many-files restore at 280 MiB of peak RSS.
+fn pooled(len: u64, chunk_size: u64) -> bool {
+    len <= chunk_size && len.saturating_mul(4) >= chunk_size
+}
+
+/// The bytes a decompressed chunk of `len` bytes holds in memory: the buffer it is decompressed
+/// into, the whole chunk size when it is [`pooled`]. What the memory bound and the restore's
+/// budget for repeated chunks ([`REPEAT_BUDGET`]) count.
+pub(crate) fn held_len(len: u64, chunk_size: u64) -> u64 {
+    if pooled(len, chunk_size) { chunk_size } else { len }
+}
+
+/// Buffers of the chunk size, given back by the writers once written and taken again by the
 /// decoder: a restore decompresses into a few allocations instead of faulting in fresh pages for
-/// every chunk (a fifth of its CPU time before). Only chunks of the full chunk size use them, so
-/// a buffer never holds more than the share its chunk was counted; at most as many are kept as
-/// fit in [`plain_ahead`], plus two per CPU.
+/// every chunk (a fifth of its CPU time before). Only [`pooled`] chunks use them, each counted at
+/// the whole buffer ([`held_len`]), so a buffer never holds more than the share its chunk was
+/// counted; at most as many are kept as fit in [`plain_ahead`], plus two per CPU.
 #[derive(Debug)]
 pub(crate) struct Buffers {
     free: std::sync::Mutex<Vec<Vec<u8>>>,
@@ -114,29 +129,15 @@ impl Buffers {
         }
     }
 
-    /// Whether a chunk of `len` bytes is decompressed into a kept buffer: a whole chunk, or
-    /// one of at least a quarter of it (small files' shared chunks, of 256 KiB to 1 MiB). A
-    /// fresh allocation of each of those, made on one thread and freed on another, left a
-    /// many-files restore at 280 MiB of peak RSS.
-    fn pooled(&self, len: u64) -> bool {
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        len <= self.chunk_size && len.saturating_mul(4) >= self.chunk_size
-    }
-
-    /// What a chunk of `len` bytes counts in the memory bound: the buffer it is decompressed
-    /// into.
+    /// What a chunk of `len` bytes counts in the memory bound ([`held_len`]).
     pub fn charge(&self, len: u64) -> u64 {
-        if self.pooled(len) {
-            self.chunk_size as u64
-        } else {
-            len
-        }
+        held_len(len, self.chunk_size as u64)
     }
 
     /// A buffer for a chunk of `len` bytes: a kept one (or a new one of the chunk size) when it
-    /// is [`pooled`](Buffers::pooled), else an empty one.
+    /// is [`pooled`], else an empty one.
     pub fn take(&self, len: u64) -> Vec<u8> {
-        if !self.pooled(len) {
+        if !pooled(len, self.chunk_size as u64) {
             return Vec::new();
         }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
@@ -162,7 +163,8 @@ mod tests {
     use super::*;
 
     /// A whole chunk's buffer comes back once written (nothing else holding it) and is taken
-    /// again; a shorter chunk's never is, so a buffer holds no more than its chunk was counted.
+    /// again, also for a shared chunk of a quarter of the chunk size or more (counted as a whole
+    /// one); a shorter chunk's never is, so a buffer holds no more than its chunk was counted.
     #[test]
     fn buffers_are_reused_for_whole_and_shared_chunks_only() {
         let b = Buffers::new(1024);
