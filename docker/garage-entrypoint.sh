@@ -49,7 +49,15 @@ if [ -n "${GARAGE_KEY_ID:-}" ] && [ -n "${GARAGE_SECRET_KEY:-}" ] && [ -n "${GAR
     [ $tries -lt 300 ] || { echo "garage-entrypoint: the server did not answer within 60 s" >&2; exit 1; }
     sleep 0.2
   done
-  if g layout show 2>/dev/null | grep -q 'No nodes currently have a role'; then
+  # The layout as the server shows it, once it answers (a failed `layout show` is not "no role":
+  # taken for one, the node would never get its role and no bucket could ever be created).
+  tries=0
+  until layout=$(g layout show 2>/dev/null); do
+    tries=$((tries + 1))
+    [ $tries -lt 300 ] || { echo "garage-entrypoint: the layout could not be read within 60 s" >&2; exit 1; }
+    sleep 0.2
+  done
+  if echo "$layout" | grep -q 'No nodes currently have a role'; then
     g layout assign -z dc1 -c 1G "${node%%@*}" >/dev/null
     g layout apply --version 1 >/dev/null
   fi

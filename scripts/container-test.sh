@@ -23,7 +23,17 @@ done
 SKIP=77
 say() { echo "container-test: $*" >&2; }
 skip() { say "SKIPPED: $*"; exit $SKIP; }
-fail() { say "FAILED: $*"; exit 1; }
+# On failure, the last lines of each of this run's containers say why (they are removed next).
+fail() {
+  say "FAILED: $*"
+  if [ -n "${p:-}" ]; then
+    for c in $(podman ps -a --format '{{.Names}}' 2>/dev/null | grep "^$p-" || true); do
+      say "--- the last lines of container $c:"
+      podman logs --tail 20 "$c" 2>&1 | sed 's/^/    /' >&2 || true
+    done
+  fi
+  exit 1
+}
 checked() { say "ok: $*"; }
 started=$SECONDS
 
@@ -78,9 +88,15 @@ say "images ready in $((SECONDS - build_start)) s"
 podman run --rm --network host walvault:bookworm true >/dev/null 2>&1 ||
   skip "podman cannot run a container here: $(podman run --rm --network host walvault:bookworm true 2>&1 | tail -1)"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-s3_port=$(free_port) rpc_port=$(free_port) admin_port=$(free_port) pg_port=$(free_port)
-restored_port=$(free_port) metrics_port=$(free_port)
+# Six free ports, distinct: all bound at once before any is let go (one at a time, the kernel may
+# hand out the same port twice, and Garage, given one port for two of its listeners, never
+# starts).
+read -r s3_port rpc_port admin_port pg_port restored_port metrics_port < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(6)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')
 key_id=GK$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
 secret=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
 pg_password=$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
