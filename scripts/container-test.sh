@@ -168,7 +168,9 @@ backups=$(python3 -c 'import json,sys; print(len(json.load(sys.stdin)["backups"]
 [ "$backups" -ge 1 ] || fail "the repository lists no backup after the daemon's"
 checked "the daemon's scheduled backup: $backups backup(s) in the repository (restore-agent info --json)"
 # The Kubernetes CronJob's backup: over the replication protocol, from a container without the
-# data volume (no --pgdata, no PGDATA).
+# data volume (no --pgdata, no PGDATA). A backup is named by the second it starts in: started in
+# the second of the daemon's, it would be refused ("already exists; wait a second and retry").
+sleep 1
 run --rm "${conf[@]}" walvault:bookworm archive-agent backup --pg-url "$pg_url" >&2
 info=$(run --rm "${conf[@]}" walvault:bookworm restore-agent info --json)
 after=$(python3 -c 'import json,sys; print(len(json.load(sys.stdin)["backups"]))' <<<"$info")

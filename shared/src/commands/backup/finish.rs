@@ -13,7 +13,7 @@ use crate::basebackup::manifest::{self, Manifest};
 use crate::repo::layout::{manifest_key, wal_key};
 use crate::repo::locks::Lock;
 use crate::repo::object::ObjectKind;
-use crate::repo::store::PutNew;
+use crate::repo::store::{CreateSemantics, PutNew};
 use crate::repo::{Store, WritableStore};
 use crate::wal::{Lsn, SegmentName, WalFileName};
 
@@ -162,7 +162,16 @@ pub(super) async fn record(
             minutes: crate::repo::locks::STALE_AFTER.as_secs() / 60,
         });
     }
-    if store.put_new(&manifest_key(id), sealed.bytes).await? == PutNew::AlreadyExists {
+    let key = manifest_key(id);
+    // A store that ignores create-only writes (Garage, and several S3 stores) would let a backup
+    // started in the same second (a scheduled one and a manual one) replace the other's
+    // manifest without a word: look first.
+    if store.create_semantics_for(sealed.bytes.len()) == CreateSemantics::CheckThenWrite
+        && store.reader().size(&key).await?.is_some()
+    {
+        return Err(BackupError::Exists(manifest.id));
+    }
+    if store.put_new(&key, sealed.bytes).await? == PutNew::AlreadyExists {
         return Err(BackupError::Exists(manifest.id));
     }
     Ok(manifest)
@@ -219,6 +228,52 @@ mod tests {
                 "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nSTART TIMELINE: 0\n"
             )
             .is_err()
+        );
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::repo::fault::{Fault, FaultStore};
+    use crate::repo::locks::LockKind;
+    use crate::repo::object::Sealer;
+
+    /// A store that ignores create-only writes (as Garage does): a second backup of the same id
+    /// (started in the same second) is refused, and the first one's manifest stays.
+    #[tokio::test]
+    async fn a_second_backup_of_the_same_id_never_replaces_the_first() {
+        let store = WritableStore::with_backend(
+            Arc::new(FaultStore::new(Fault::IgnoreCreateOnly)) as Arc<dyn object_store::ObjectStore>,
+            "s3://bucket/repo".parse().unwrap(),
+            CreateSemantics::CheckThenWrite,
+            crate::retry::RetryPolicy::with_total(std::time::Duration::from_secs(5)),
+        );
+        let plain = Sealer::plain();
+        let lock = Lock::take(&store, &plain, LockKind::Backup, "backup")
+            .await
+            .unwrap();
+        let first = Manifest::parse(include_bytes!("../../../tests/fixtures/manifest-v1.json")).unwrap();
+        let mut second = first.clone();
+        second.stop_lsn = Lsn(second.stop_lsn.0 + 8);
+        record(&store, &plain, &lock, first.clone()).await.unwrap();
+        let err = record(&store, &plain, &lock, second).await.unwrap_err();
+        assert!(
+            matches!(&err, BackupError::Exists(id) if *id == first.id),
+            "{err}"
+        );
+        let stored = store
+            .reader()
+            .get(&manifest_key(&first.id))
+            .await
+            .unwrap()
+            .unwrap();
+        let opened = crate::repo::stored::open::<Manifest>(&plain, &first.id, &stored).unwrap();
+        assert_eq!(
+            opened.stop_lsn, first.stop_lsn,
+            "the first backup's manifest is kept"
         );
     }
 }
