@@ -102,9 +102,11 @@ fn pooled(len: u64, chunk_size: u64) -> bool {
 }
 
 /// The bytes a decompressed chunk of `len` bytes holds in memory: the buffer it is decompressed
-/// into, the whole chunk size when it is [`pooled`]. What the memory bound and the restore's
-/// budget for repeated chunks ([`REPEAT_BUDGET`]) count.
-pub(crate) fn held_len(len: u64, chunk_size: u64) -> u64 {
+/// into, the whole chunk size when it is [`pooled`]; what the memory bound counts. (The budget for
+/// repeated chunks, [`REPEAT_BUDGET`], counts their lengths: counting a pooled chunk's whole
+/// buffer there, the repeated chunks of a backup in small chunks stopped fitting and a PostgreSQL
+/// 14 restore fetched its chunks six times over, 461 MB for 71.)
+fn held_len(len: u64, chunk_size: u64) -> u64 {
     if pooled(len, chunk_size) { chunk_size } else { len }
 }
 

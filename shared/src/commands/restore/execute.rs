@@ -133,7 +133,7 @@ pub(crate) async fn write_backup(
 ) -> Result<Written, RestoreError> {
     let (work, mut delta) = work_list(plan, manifest, delta)?;
     let places = Arc::new(manifest.places());
-    let (files, pg_control) = work.into_batches(&places, manifest.chunk_size)?;
+    let (files, pg_control) = work.into_batches(&places)?;
     let from = ChunkStore {
         store,
         sealer,

@@ -160,7 +160,7 @@ mod tests {
         let ordered = in_pack_order(refs, &places, 32);
         let files: Vec<usize> = ordered.iter().map(|r| r.file).collect();
         assert_eq!(files, [0, 2, 1]);
-        let plan = super::super::work::sources(&ordered, 1 << 20, |len| len);
+        let plan = super::super::work::sources(&ordered, 1 << 20);
         assert_eq!(
             plan,
             [

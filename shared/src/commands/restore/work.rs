@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::RestoreError;
-use super::budget::{OPEN_FILES, REPEAT_BUDGET, held_len};
+use super::budget::{OPEN_FILES, REPEAT_BUDGET};
 use super::order::{ChunkRef, in_pack_order};
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::manifest::Entry;
@@ -88,18 +88,14 @@ impl WorkList {
     /// `global/pg_control`, in the order the packs hold their chunks, each chunk fetched once
     /// while it fits in [`REPEAT_BUDGET`]; then `global/pg_control` alone (none if the backup has
     /// none). A contradiction anywhere is refused before anything is fetched.
-    pub(crate) fn into_batches(
-        self,
-        places: &Places,
-        chunk_size: u64,
-    ) -> Result<(Batch, Option<Batch>), RestoreError> {
+    pub(crate) fn into_batches(self, places: &Places) -> Result<(Batch, Option<Batch>), RestoreError> {
         let WorkList {
             files,
             refs,
             pg_control,
             roots,
         } = self;
-        let (early, late) = split_last(refs, &files, pg_control, places, chunk_size)?;
+        let (early, late) = split_last(refs, &files, pg_control, places)?;
         let files = Arc::new(files);
         let first = Batch {
             files: Arc::clone(&files),
@@ -148,9 +144,8 @@ pub(crate) enum Source {
 }
 
 /// Decide, for each reference in order, whether it fetches or reuses what an earlier one kept,
-/// keeping at most `budget` bytes at any time, a chunk of `len` bytes holding `held(len)` (its
-/// buffer: [`super::budget::held_len`]).
-pub(crate) fn sources(refs: &[ChunkRef], budget: u64, held: impl Fn(u64) -> u64) -> Vec<Source> {
+/// keeping at most `budget` bytes at any time.
+pub(crate) fn sources(refs: &[ChunkRef], budget: u64) -> Vec<Source> {
     let mut left: HashMap<&ChunkId, usize> = HashMap::new();
     for r in refs {
         *left.entry(&r.id).or_default() += 1;
@@ -168,11 +163,10 @@ pub(crate) fn sources(refs: &[ChunkRef], budget: u64, held: impl Fn(u64) -> u64)
             }
             out.push(Source::Kept { last: later == 0 });
         } else {
-            let holds = held(r.len);
-            let keep = later > 0 && kept_bytes + holds <= budget;
+            let keep = later > 0 && kept_bytes + r.len <= budget;
             if keep {
-                kept.insert(&r.id, holds);
-                kept_bytes += holds;
+                kept.insert(&r.id, r.len);
+                kept_bytes += r.len;
             }
             out.push(Source::Fetch { keep });
         }
@@ -213,13 +207,12 @@ fn split_last(
     files: &[FileToWrite],
     last: Option<usize>,
     places: &Places,
-    chunk_size: u64,
 ) -> Result<(Planned, Vec<ChunkRef>), RestoreError> {
     refs.sort_by_key(|r| (r.file, r.index));
     lengths_agree(&refs, files)?;
     let (late, early): (Vec<ChunkRef>, Vec<ChunkRef>) = refs.into_iter().partition(|r| Some(r.file) == last);
     let early = in_pack_order(early, places, OPEN_FILES / 2);
-    let plan = sources(&early, REPEAT_BUDGET, |len| held_len(len, chunk_size));
+    let plan = sources(&early, REPEAT_BUDGET);
     Ok((early.into_iter().zip(plan).collect(), late))
 }
 
@@ -255,7 +248,7 @@ mod tests {
             r(ZERO, 8, 1, 0),
             r(TAIL, 3, 1, 1),
         ];
-        let s = sources(&refs, 1 << 20, |len| len);
+        let s = sources(&refs, 1 << 20);
         use Source::*;
         assert_eq!(
             s,
@@ -266,28 +259,6 @@ mod tests {
                 Kept { last: true },
                 Fetch { keep: false },
             ]
-        );
-    }
-
-    /// A kept chunk counts the buffer it holds: a shared chunk of small files is decompressed
-    /// into a buffer of the whole chunk size.
-    #[test]
-    fn a_kept_chunk_counts_the_buffer_it_holds() {
-        let refs = vec![
-            r(ZERO, 300, 0, 0),
-            r(ONE, 300, 1, 0),
-            r(ZERO, 300, 2, 0),
-            r(ONE, 300, 3, 0),
-        ];
-        let (fetch, kept) = (|keep| Source::Fetch { keep }, |last| Source::Kept { last });
-        assert_eq!(
-            sources(&refs, 1500, |len| len),
-            [fetch(true), fetch(true), kept(true), kept(true)]
-        );
-        // In chunks of 1,024 bytes each holds 1,024: only one fits in 1,500.
-        assert_eq!(
-            sources(&refs, 1500, |len| held_len(len, 1024)),
-            [fetch(true), fetch(false), kept(true), fetch(false)]
         );
     }
 
@@ -303,7 +274,7 @@ mod tests {
             r(TAIL, 3, 1, 0),
             r(TAIL, 3, 1, 1),
         ];
-        let s = sources(&refs, 12, |len| len);
+        let s = sources(&refs, 12);
         use Source::*;
         assert_eq!(
             s,
@@ -329,7 +300,7 @@ mod tests {
             r(ZERO, 8, 1, 0),
             r(ONE, 8, 2, 0),
         ];
-        let (early, late) = split_last(refs, &targets(3), Some(0), &Places::default(), 4096).unwrap();
+        let (early, late) = split_last(refs, &targets(3), Some(0), &Places::default()).unwrap();
         use Source::*;
         assert_eq!(
             early,
@@ -345,7 +316,6 @@ mod tests {
             &targets(2),
             Some(0),
             &Places::default(),
-            4096,
         )
         .unwrap_err();
         assert!(err.to_string().contains("referenced as"), "{err}");
