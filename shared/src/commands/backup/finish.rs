@@ -245,12 +245,8 @@ mod record_tests {
     /// (started in the same second) is refused, and the first one's manifest stays.
     #[tokio::test]
     async fn a_second_backup_of_the_same_id_never_replaces_the_first() {
-        let store = WritableStore::with_backend(
-            Arc::new(FaultStore::new(Fault::IgnoreCreateOnly)) as Arc<dyn object_store::ObjectStore>,
-            "s3://bucket/repo".parse().unwrap(),
-            CreateSemantics::CheckThenWrite,
-            crate::retry::RetryPolicy::with_total(std::time::Duration::from_secs(5)),
-        );
+        let faults = Arc::new(FaultStore::new(Fault::IgnoreCreateOnly));
+        let store = FaultStore::s3_like(&faults, std::time::Duration::from_secs(5));
         let plain = Sealer::plain();
         let lock = Lock::take(&store, &plain, LockKind::Backup, "backup")
             .await

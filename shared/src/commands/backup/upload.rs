@@ -938,15 +938,10 @@ mod tests {
     use crate::basebackup::chunk::read_chunk;
     use crate::basebackup::pack::Places;
     use crate::repo::fault::{Fault, FaultStore};
-    use crate::repo::store::CreateSemantics;
 
     fn store() -> WritableStore {
-        WritableStore::with_backend(
-            Arc::new(FaultStore::new(Fault::None)) as Arc<dyn object_store::ObjectStore>,
-            "s3://bucket/repo".parse().unwrap(),
-            CreateSemantics::CheckThenWrite,
-            crate::retry::RetryPolicy::with_total(std::time::Duration::from_secs(5)),
-        )
+        let faults = Arc::new(FaultStore::new(Fault::None));
+        FaultStore::s3_like(&faults, std::time::Duration::from_secs(5))
     }
 
     /// Bytes of a file, distinct per seed.
