@@ -11,6 +11,8 @@
 //!   the other rules of `docs/FORMAT.md` ("Validation") that need no repository: sorted unique
 //!   paths, nothing under a file, modes, sizes, names restore owns, tablespaces, header fields;
 //!   and it round-trips through its JSON;
+//! * chunks stored as differences (version 4) are sorted, each once, each read from a packed
+//!   difference and a base that are both stored whole;
 //! * an accepted descriptor or summary round-trips through its JSON;
 //! * a carried decoder state from the repository is either refused or resumes and decodes
 //!   following bytes without panicking.
@@ -21,6 +23,7 @@ use std::path::{Component, Path};
 use libfuzzer_sys::fuzz_target;
 use walvault::basebackup::BackupId;
 use walvault::basebackup::manifest::{EntryKind, Manifest};
+use walvault::basebackup::pack::Places;
 use walvault::repo::RepoDescriptor;
 use walvault::repo::layout::{chunk_key, parse_chunk_key};
 use walvault::timeindex::StoredSummary;
@@ -76,10 +79,32 @@ fn check_manifest(data: &[u8]) {
             None => {}
         }
     }
+    check_deltas(&m);
     check_manifest_rules(&m);
     let again = Manifest::parse(&m.to_json()).expect("a manifest's own JSON parses");
     assert_eq!(again, m);
     assert_eq!(m.id.as_str().parse::<BackupId>().as_ref(), Ok(&m.id));
+}
+
+/// Chunks stored as differences (version 4): sorted and each once, read from a packed
+/// difference and a base both stored whole, so that a restore never follows a chain.
+fn check_deltas(m: &Manifest) {
+    if m.deltas.is_empty() {
+        return;
+    }
+    assert!(m.version >= 4, "deltas in version {}", m.version);
+    let packed = Places::of(&m.packs);
+    let places = m.places();
+    for pair in m.deltas.windows(2) {
+        assert!(pair[0].chunk < pair[1].chunk, "{pair:?}");
+    }
+    for d in &m.deltas {
+        assert!(packed.get(&d.xor).is_some(), "{d:?}");
+        assert!(d.base != d.chunk && d.xor != d.chunk, "{d:?}");
+        for whole in [&d.base, &d.xor] {
+            assert!(places.delta(whole).is_none(), "a chain: {d:?}");
+        }
+    }
 }
 
 /// The rules of FORMAT.md, "Validation", that need no repository or target directory.

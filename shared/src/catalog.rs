@@ -941,6 +941,7 @@ pub(crate) mod testing {
             server_manifest: None,
             incremental_from: None,
             generation: 0,
+            deltas: vec![],
             page_checks: None,
             files: vec![],
         }

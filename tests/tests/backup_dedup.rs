@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use walvault_testkit::agents::{ARCHIVE_AGENT, RESTORE_AGENT, agents};
 use walvault_testkit::backup::{self, next_backup_second, take_backup};
 use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
 use walvault_testkit::workload;
@@ -106,6 +107,68 @@ fn second_backup_after_a_small_change_stores_only_the_change() -> Result<()> {
         objects_first * 20 < first.new_chunks,
         "the first backup's {} chunks took {objects_first} objects",
         first.new_chunks
+    );
+    Ok(())
+}
+
+/// A random 1% of pgbench's accounts updated touches most of the table's pages, so every 1 MiB
+/// chunk of it changed; yet each page changed by a few bytes. The second backup stores each
+/// changed chunk as its difference from the first backup's: a fraction of what storing the
+/// chunks again costs. Once the first backup has expired, the chunks the differences are from
+/// stay, and the second still restores exactly on its own.
+#[test]
+fn a_random_one_percent_update_stores_the_changed_bytes_and_restores_after_the_first_expires() -> Result<()> {
+    let repo = Repo::new()?;
+    let mut source = archiving_cluster("delta-source", &repo, "")?;
+    workload::create_payload_table(&source)?;
+    source.pgbench(&["-i", "-s", &SCALE.to_string(), "-q"])?;
+    source.execute("CHECKPOINT")?;
+    let first = take_backup(&source, &repo)?;
+
+    let rows = SCALE * 100_000;
+    source.execute(&format!(
+        "UPDATE pgbench_accounts SET abalance = abalance + 1
+         WHERE aid IN (SELECT 1 + (random() * {})::int FROM generate_series(1, {}));
+         CHECKPOINT",
+        rows - 1,
+        rows / 100
+    ))?;
+    next_backup_second();
+    let second = take_backup(&source, &repo)?;
+    eprintln!("first: {first:?}\nsecond: {second:?}");
+    assert!(
+        second.new_bytes * 4 < first.new_bytes,
+        "the second backup stored {} bytes, not under a quarter of the first's {}: its changed \
+         chunks were not stored as differences",
+        second.new_bytes,
+        first.new_bytes
+    );
+
+    source.execute("UPDATE pgbench_branches SET bbalance = bbalance + 3")?;
+    archive_everything(&source)?;
+    let expected = workload::fingerprints(&source)?;
+    source.stop()?;
+
+    // The first backup expires; what the second's differences are read from stays.
+    let mut args = vec!["expire".to_string(), "--keep-last".into(), "1".into()];
+    args.extend(repo.args());
+    agents().run(ARCHIVE_AGENT, args).check()?;
+    let mut args = vec!["verify".to_string()];
+    args.extend(repo.args());
+    agents().run(RESTORE_AGENT, args).check()?;
+
+    let mut restored = Cluster::uninitialized("delta-restored")?;
+    let run = backup::restore(&repo, &restored.data_dir(), &[])?.check()?;
+    assert!(
+        run.stdout.contains(&format!("restored backup {}", second.id)),
+        "{run}"
+    );
+    restored.set_conf(&[("archive_mode", "off")])?;
+    restored.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
+    assert_eq!(
+        workload::fingerprints(&restored)?,
+        expected,
+        "the backup stored as differences restored other data than the source's"
     );
     Ok(())
 }

@@ -49,8 +49,54 @@ pub fn seal_chunk(sealer: &Sealer, hash: [u8; 32], data: &[u8], level: i32) -> R
     Ok(sealed.bytes)
 }
 
-/// Chunk `id`'s content, read from its pack (`places`) or its own object, and verified.
+/// Chunk `id`'s content, read from its pack (`places`) or its own object, and verified; a chunk
+/// stored as a difference ([`Places::delta`]) is read with its base and put back together.
 pub async fn read_chunk(
+    store: &Store,
+    sealer: &Sealer,
+    places: &Places,
+    id: &ChunkId,
+) -> Result<Vec<u8>, ChunkError> {
+    let Some(d) = places.delta(id).copied() else {
+        return read_whole(store, sealer, places, id).await;
+    };
+    let (diff, base) = tokio::join!(
+        read_whole(store, sealer, places, &d.xor),
+        read_whole(store, sealer, places, &d.base)
+    );
+    let mut content = diff?;
+    undo_delta(sealer, id, &mut content, &base?)?;
+    Ok(content)
+}
+
+/// `a` exclusive-or'ed with `b`, byte by byte, in place (`b` read as zeroes past its end; its
+/// bytes past `a`'s end ignored): a chunk's difference from its base, and back.
+pub fn xor_into(a: &mut [u8], b: &[u8]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x ^= *y;
+    }
+}
+
+/// Put chunk `id` back together from its difference `diff` (replaced by the content) and its
+/// `base`, and check that the result is what `id` names: a wrong base is an error, never
+/// other bytes restored.
+pub fn undo_delta(sealer: &Sealer, id: &ChunkId, diff: &mut [u8], base: &[u8]) -> Result<(), ChunkError> {
+    xor_into(diff, base);
+    let found = sealer.content_hash(diff);
+    if found == *id.hash() {
+        return Ok(());
+    }
+    Err(ChunkError::Corrupt {
+        id: id.to_string(),
+        source: Box::new(ObjectError::ContentHash {
+            expected: id.to_string(),
+            found: hex::encode(found),
+        }),
+    })
+}
+
+/// Chunk `id`'s own sealed bytes, opened: from its pack or its own object.
+async fn read_whole(
     store: &Store,
     sealer: &Sealer,
     places: &Places,

@@ -8,6 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::chunk::ChunkId;
+pub use super::pack::Delta;
 use super::pack::{PackRecord, Places};
 use super::page_checksum::{MAX_LISTED, PageChecks};
 use crate::repo::object::ObjectKind;
@@ -21,8 +22,13 @@ pub const FORMAT_VERSION: u32 = 2;
 /// The version of a manifest some of whose files are slices of a shared chunk: a reader that
 /// knows only version 2 would write the whole chunk into each of them, so it must refuse.
 pub const FORMAT_VERSION_WITHIN: u32 = 3;
+/// The version of a manifest some of whose chunks are stored as differences from an earlier
+/// chunk ([`Delta`]): a reader that knows only version 3 would find no object for them.
+pub const FORMAT_VERSION_DELTA: u32 = 4;
 /// The versions read.
-pub const FORMAT_VERSIONS: std::ops::RangeInclusive<u32> = 1..=3;
+pub const FORMAT_VERSIONS: std::ops::RangeInclusive<u32> = 1..=4;
+/// Chunks stored as differences, at most (as many as packs may list).
+pub const MAX_DELTAS: usize = MAX_PACKED_CHUNKS;
 /// The chunks all packs list together.
 pub const MAX_PACKED_CHUNKS: usize = 100_000_000;
 /// One pack.
@@ -269,6 +275,10 @@ pub struct Manifest {
     /// wrote it. A copy replaces its manifest with one of a higher generation.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub generation: u32,
+    /// The chunks stored as differences from earlier ones (version 4), sorted by
+    /// [`Delta::chunk`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<Delta>,
 }
 
 fn is_zero_u32(v: &u32) -> bool {
@@ -288,7 +298,7 @@ pub enum ManifestError {
     Invalid(String),
     #[error("manifest has format {0:?}")]
     WrongFormat(String),
-    #[error("manifest format version {0} is newer than this walvault understands (1 to 3); upgrade walvault")]
+    #[error("manifest format version {0} is newer than this walvault understands (1 to 4); upgrade walvault")]
     UnsupportedVersion(u32),
     /// A path that could leave the directory it is restored into.
     #[error("entry {path:?} is unsafe: {why}")]
@@ -508,7 +518,8 @@ impl Manifest {
         self.check_shared_lengths()?;
         self.check_files()?;
         self.check_page_checks()?;
-        self.check_packs()
+        self.check_packs()?;
+        self.check_deltas()
     }
 
     /// `packs`: only in version 2, each named once, each chunk's stored length within what a
@@ -559,17 +570,64 @@ impl Manifest {
     }
 
     /// Every chunk the backup references, in file order, then those of the server's
-    /// `backup_manifest` (repeats included).
+    /// `backup_manifest`, then the chunks each [`Delta`] is read from (its base and its
+    /// difference), repeats included: what must stay stored for the backup to restore.
     pub fn chunk_refs(&self) -> impl Iterator<Item = ChunkId> + '_ {
         self.entries
             .iter()
             .flat_map(|e| e.chunks.iter().copied())
             .chain(self.server_manifest.iter().flat_map(|b| b.chunks.iter().copied()))
+            .chain(self.deltas.iter().flat_map(|d| [d.base, d.xor]))
     }
 
-    /// Where each packed chunk is.
+    /// Where each packed chunk is, and how each chunk stored as a difference is read.
     pub fn places(&self) -> Places {
-        Places::of(&self.packs)
+        Places::of(&self.packs).with_deltas(&self.deltas)
+    }
+
+    /// `deltas`: only in version 4, sorted by chunk and each chunk once, each read from a
+    /// packed difference and a base that are themselves stored whole, so that a restore reads
+    /// two chunks for one and never follows a chain.
+    fn check_deltas(&self) -> Result<(), ManifestError> {
+        let implausible = |s: String| Err(ManifestError::Implausible(s));
+        if self.deltas.is_empty() {
+            return Ok(());
+        }
+        if self.version < FORMAT_VERSION_DELTA {
+            return implausible(format!(
+                "a manifest of version {} lists chunks stored as differences",
+                self.version
+            ));
+        }
+        if self.deltas.len() > MAX_DELTAS {
+            return implausible(format!("more than {MAX_DELTAS} chunks stored as differences"));
+        }
+        if let Some(w) = self.deltas.windows(2).find(|w| w[0].chunk >= w[1].chunk) {
+            return implausible(format!(
+                "chunks stored as differences are not sorted, or repeat one ({})",
+                w[1].chunk
+            ));
+        }
+        let packed = Places::of(&self.packs);
+        // Read from a difference only: listed as a delta and placed nowhere whole.
+        let derived = |id: &ChunkId| {
+            packed.get(id).is_none() && self.deltas.binary_search_by(|d| d.chunk.cmp(id)).is_ok()
+        };
+        for d in &self.deltas {
+            if d.base == d.chunk || d.xor == d.chunk || derived(&d.base) || derived(&d.xor) {
+                return implausible(format!(
+                    "chunk {} is a difference from a chunk that is not stored whole",
+                    d.chunk
+                ));
+            }
+            if packed.get(&d.xor).is_none() {
+                return implausible(format!(
+                    "the difference {} of chunk {} is in none of the packs listed",
+                    d.xor, d.chunk
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// `files`: sorted, each naming a file entry, with one stored length per chunk. Restore
@@ -972,6 +1030,7 @@ mod tests {
             server_manifest: None,
             incremental_from: None,
             generation: 0,
+            deltas: vec![],
             page_checks: None,
             files: vec![],
         }
@@ -1505,6 +1564,75 @@ mod tests {
         assert_eq!(large.chunk_len(1, m.chunk_size), 8192);
     }
 
+    /// `manifest-v4-delta.json`: `manifest-v2.json` with `base/1/2619`, whose only chunk is
+    /// stored as its difference (chunk `88…`, packed) from `base/1/1259`'s chunk `ab…`.
+    fn sample_v4() -> Manifest {
+        let mut m = sample_v2();
+        m.version = FORMAT_VERSION_DELTA;
+        m.entries.push(Entry {
+            within: None,
+            path: "base/1/2619".into(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            size: 8192,
+            chunks: vec![cid("77")],
+        });
+        m.packs[0].chunks.push(cid("88"));
+        m.packs[0].lengths.push(60);
+        m.deltas = vec![Delta {
+            chunk: cid("77"),
+            base: cid("ab"),
+            xor: cid("88"),
+        }];
+        m
+    }
+
+    #[test]
+    fn frozen_v4_fixture_parses_with_a_chunk_stored_as_a_difference() {
+        let m = Manifest::parse(include_bytes!("../../tests/fixtures/manifest-v4-delta.json")).unwrap();
+        assert_eq!(m, sample_v4());
+        assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+        let places = m.places();
+        // Read where its difference is, with its base; what must stay stored names both.
+        assert_eq!(places.get(&cid("77")), places.get(&cid("88")));
+        assert_eq!(places.delta(&cid("77")).map(|d| d.base), Some(cid("ab")));
+        assert!(places.delta(&cid("ab")).is_none());
+        let refs: Vec<ChunkId> = m.chunk_refs().collect();
+        assert!(refs.contains(&cid("88")) && refs.contains(&cid("ab")));
+    }
+
+    #[test]
+    fn a_difference_is_from_a_chunk_stored_whole_and_is_packed() {
+        let refused = |f: &dyn Fn(&mut Manifest), needle: &str| {
+            let mut m = sample_v4();
+            f(&mut m);
+            assert_refused(&m, needle);
+        };
+        refused(
+            &|m| m.version = 3,
+            "a manifest of version 3 lists chunks stored as differences",
+        );
+        // Its difference in no pack listed (stored on its own, or gone).
+        refused(&|m| m.deltas[0].xor = cid("ef"), "is in none of the packs listed");
+        // A chain: from a chunk that is itself a difference.
+        refused(
+            &|m| {
+                m.deltas.insert(
+                    0,
+                    Delta {
+                        chunk: cid("66"),
+                        base: cid("ab"),
+                        xor: cid("88"),
+                    },
+                );
+                m.deltas[1].base = cid("66");
+            },
+            "is a difference from a chunk that is not stored whole",
+        );
+        refused(&|m| m.deltas[0].base = cid("77"), "not stored whole");
+        refused(&|m| m.deltas.push(m.deltas[0]), "not sorted, or repeat one");
+    }
+
     #[test]
     fn a_file_must_lie_within_the_chunk_it_shares() {
         let with = |at: u64, of: u64, size: u64, chunks: usize| {
@@ -1634,11 +1762,11 @@ mod tests {
         let err = Manifest::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(err.to_string().contains("10001 tablespaces"), "{err}");
         // A newer version is still reported as such whatever its entries look like.
-        v["version"] = 4.into();
+        v["version"] = 5.into();
         v["entries"] = serde_json::json!({"a": 1});
         assert!(matches!(
             Manifest::parse(&serde_json::to_vec(&v).unwrap()),
-            Err(ManifestError::UnsupportedVersion(4))
+            Err(ManifestError::UnsupportedVersion(5))
         ));
     }
 

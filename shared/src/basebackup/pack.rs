@@ -64,6 +64,22 @@ impl PackRecord {
     }
 }
 
+/// A chunk stored as its difference from a chunk an earlier backup stored whole, at the same
+/// place of the same file (manifest version 4; see `docs/FORMAT.md`, "Chunks stored as differences"):
+/// its content is `xor`'s content, byte by byte exclusive-or'ed with `base`'s (read as zeroes
+/// past `base`'s end). A changed page or a tuple changed in place leaves the rest of a 1 MiB
+/// chunk equal, and the difference compresses to the bytes that changed. `base` is always a
+/// chunk stored whole, so a restore reads two chunks for one, never a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Delta {
+    /// The content's id, as entries reference it.
+    pub chunk: ChunkId,
+    /// The chunk stored whole the difference is from.
+    pub base: ChunkId,
+    /// The chunk holding the difference: as long as the content, and packed.
+    pub xor: ChunkId,
+}
+
 /// Where a packed chunk's sealed bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Place {
@@ -81,11 +97,16 @@ impl Place {
 /// Where every packed chunk of a manifest is; a chunk not here is stored on its own (manifest
 /// v1, or a chunk an older backup stored so). The first place listed wins when a chunk is in
 /// two packs (both hold the same bytes).
+///
+/// A chunk stored as a difference ([`Delta`], manifest v4) is placed where its difference is:
+/// what reads its place reads the difference, and opens it with [`Places::delta`]'s base.
 #[derive(Debug, Default, Clone)]
 pub struct Places {
     places: HashMap<ChunkId, Place>,
     /// Each pack's position in the manifest's list (the order the backup wrote them).
     seq: HashMap<PackId, u32>,
+    /// The chunks stored as differences, by content id (none placed whole).
+    deltas: HashMap<ChunkId, Delta>,
 }
 
 impl Places {
@@ -98,17 +119,43 @@ impl Places {
                 places.entry(id).or_insert(place);
             }
         }
-        Places { places, seq }
+        Places {
+            places,
+            seq,
+            deltas: HashMap::new(),
+        }
     }
 
+    /// These places, and `deltas` read from their differences' places (a chunk placed whole
+    /// is read whole, whatever a delta says of it).
+    pub fn with_deltas(mut self, deltas: &[Delta]) -> Places {
+        self.deltas = deltas
+            .iter()
+            .filter(|d| !self.places.contains_key(&d.chunk))
+            .map(|d| (d.chunk, *d))
+            .collect();
+        self
+    }
+
+    /// Where chunk `id`'s sealed bytes are: its own, or for a chunk stored as a difference, the
+    /// difference's.
     pub fn get(&self, id: &ChunkId) -> Option<&Place> {
-        self.places.get(id)
+        match self.places.get(id) {
+            Some(p) => Some(p),
+            None => self.places.get(&self.deltas.get(id)?.xor),
+        }
+    }
+
+    /// How chunk `id` is read when it is stored as a difference: the bytes at its place
+    /// ([`Places::get`]) are chunk [`Delta::xor`], to combine with [`Delta::base`].
+    pub fn delta(&self, id: &ChunkId) -> Option<&Delta> {
+        self.deltas.get(id)
     }
 
     /// Where chunk `id` lies in the order the backup wrote it: its pack's position in the
     /// manifest, and its offset there.
     pub fn position(&self, id: &ChunkId) -> Option<(u32, u64)> {
-        let place = self.places.get(id)?;
+        let place = self.get(id)?;
         Some((*self.seq.get(&place.pack)?, place.offset))
     }
 

@@ -21,7 +21,9 @@
 //! (`copy`), and the wait for WAL and the manifest (`finish`).
 
 mod control;
+mod differences;
 mod error;
+mod file_reads;
 mod finish;
 mod inventory;
 mod open_ahead;

@@ -442,7 +442,13 @@ fn backup_data_problems<'a>(
             .entries
             .iter()
             .flat_map(|e| e.chunks.iter().map(|c| (c, e.path.as_str())));
-        for (c, path) in files.chain(server_manifest) {
+        // A chunk stored as a difference is read with its base (the difference itself is
+        // where `places` puts the chunk).
+        let bases = m
+            .deltas
+            .iter()
+            .map(|d| (&d.base, "a base of chunks stored as differences"));
+        for (c, path) in files.chain(server_manifest).chain(bases) {
             let users = match places.get(c) {
                 Some(place) => packs.needed_by.entry(place.pack).or_default(),
                 None => needed_by.entry(*c).or_default(),

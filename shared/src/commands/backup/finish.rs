@@ -105,8 +105,10 @@ pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
         incremental_from,
         page_checks,
     } = outcome;
-    // Version 3 only when it must be: a reader of version 2 restores every other backup.
-    let version = if copied.entries.iter().any(|e| e.within.is_some()) {
+    // Version 3 or 4 only when it must be: a reader of version 2 restores every other backup.
+    let version = if !copied.deltas.is_empty() {
+        manifest::FORMAT_VERSION_DELTA
+    } else if copied.entries.iter().any(|e| e.within.is_some()) {
         manifest::FORMAT_VERSION_WITHIN
     } else {
         manifest::FORMAT_VERSION
@@ -137,6 +139,7 @@ pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
         incremental_from,
         page_checks,
         generation: 0,
+        deltas: copied.deltas,
     }
 }
 

@@ -325,17 +325,40 @@ impl Previous {
             .map(|p| p.id)
             .collect();
         let places = self.manifest.places();
+        let stored = |c: &ChunkId| match places.get(c) {
+            Some(place) => whole.contains(&place.pack),
+            None => chunks.contains(c),
+        };
         Ok(self
             .manifest
             .entries
             .iter()
             .flat_map(|e| e.chunks.iter())
-            .filter(|c| match places.get(c) {
-                Some(place) => !whole.contains(&place.pack),
-                None => !chunks.contains(c),
-            })
+            // A chunk stored as a difference needs its base too.
+            .filter(|c| !stored(c) || places.delta(c).is_some_and(|d| !stored(&d.base)))
             .copied()
             .collect())
+    }
+
+    /// For each file it read whole (not a slice of a shared chunk), the chunk each piece of the
+    /// next backup's copy may be stored as a difference from: its own chunk, or the base of its
+    /// own chunk when that is a difference already (so that a difference is always from a
+    /// chunk stored whole). Pieces whose chunk is [`Previous::absent`] have none.
+    pub fn delta_bases(&self) -> HashMap<String, Vec<Option<ChunkId>>> {
+        let places = self.manifest.places();
+        self.manifest
+            .entries
+            .iter()
+            .filter(|e| e.within.is_none() && !e.chunks.is_empty())
+            .map(|e| {
+                let bases = e
+                    .chunks
+                    .iter()
+                    .map(|c| (!self.absent.contains(c)).then(|| places.delta(c).map_or(*c, |d| d.base)))
+                    .collect();
+                (e.path.clone(), bases)
+            })
+            .collect()
     }
 
     /// The stored length of every chunk it references and that is not [`Previous::absent`],
@@ -593,6 +616,7 @@ mod tests {
                 server_manifest: None,
                 incremental_from: None,
                 generation: 0,
+                deltas: vec![],
                 page_checks: None,
             },
             take_over: true,

@@ -7,23 +7,25 @@
 //! stores, whose writes wait on the network rather than the CPU. Files the previous backup read
 //! and that did not change since are taken over unread, with their chunks and packs.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 
 use super::BackupError;
 use super::control::{self, CONTROL_FILE};
+use super::differences::{DeltaBases, Sealed, deltas_named, seal_delta};
+use super::file_reads::{Body, Buffers, Reads};
 use super::inventory::{Base, Inventory, Previous, Source, TakenOver};
 use super::open_ahead::OpenAhead;
 use super::pages::{self, PageCheck, Tally};
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
-use crate::basebackup::manifest::{BackupStats, Entry, FileRecord, Tablespace, Within};
+use crate::basebackup::manifest::{BackupStats, Delta, Entry, FileRecord, Tablespace, Within};
 use crate::basebackup::pack::{PACK_TARGET, PackBuilder, PackRecord};
-use crate::basebackup::page_checksum::{Checked, RelationFile};
+use crate::basebackup::page_checksum::RelationFile;
 use crate::repo::WritableStore;
 use crate::repo::layout::pack_key;
 use crate::repo::object::Sealer;
@@ -95,6 +97,9 @@ pub(super) struct Copied {
     pub packs: Vec<PackRecord>,
     /// What the page check found, when pages were checked.
     pub pages: Option<Tally>,
+    /// The chunks the entries reference that are stored as differences, sorted by chunk: those
+    /// this backup stored, and those of the previous backup it references again.
+    pub deltas: Vec<Delta>,
 }
 
 /// Read, chunk and upload every file of `inventory` that changed since `previous` (every file
@@ -123,13 +128,20 @@ pub(super) async fn copy_files(
     copier.into_copied(tablespaces, previous, examined_after_ns).await
 }
 
-/// The packs a manifest with `entries` lists: every pack this backup wrote, then each of the
-/// previous backup's packs that holds a chunk the entries reference and no new pack holds.
-fn packs_named(written: Vec<PackRecord>, previous: &[PackRecord], entries: &[Entry]) -> Vec<PackRecord> {
+/// The packs a manifest with `entries` and `deltas` lists: every pack this backup wrote, then
+/// each of the previous backup's packs that holds a chunk the entries reference (or a delta
+/// is read from) and no new pack holds.
+fn packs_named(
+    written: Vec<PackRecord>,
+    previous: &[PackRecord],
+    entries: &[Entry],
+    deltas: &[Delta],
+) -> Vec<PackRecord> {
     let in_new: HashSet<ChunkId> = written.iter().flat_map(|p| p.chunks.iter().copied()).collect();
     let referenced: HashSet<ChunkId> = entries
         .iter()
         .flat_map(|e| e.chunks.iter().copied())
+        .chain(deltas.iter().flat_map(|d| [d.base, d.xor]))
         .filter(|c| !in_new.contains(c))
         .collect();
     let mut packs = written;
@@ -167,6 +179,8 @@ struct ChunkDone {
     hash: [u8; 32],
     /// `None`: the same bytes were already met in this backup (counted there).
     stored: Option<(u64, bool)>,
+    /// Stored as a difference: from this base, in this chunk.
+    delta: Option<(ChunkId, ChunkId)>,
 }
 
 /// The reader's state: the manifest being assembled and the chunk tasks in flight.
@@ -195,6 +209,8 @@ pub(super) struct Copier {
     /// Shared chunks in the pipeline, by the entry of their first file: their files with their
     /// offsets, and their length.
     sharing: HashMap<usize, (Vec<(usize, u64)>, u64)>,
+    /// The chunks this backup stored as differences: content hash -> (base, difference).
+    deltas: HashMap<[u8; 32], (ChunkId, ChunkId)>,
 }
 
 impl Copier {
@@ -207,6 +223,7 @@ impl Copier {
         sources: usize,
     ) -> Copier {
         let known = previous.map(Previous::chunk_lengths).unwrap_or_default();
+        let bases = previous.map(|p| DeltaBases::of(store, p));
         let parallel = opts.parallel.max(1);
         let packs_in_flight = if store.is_local() { 2 } else { PACKS_IN_FLIGHT };
         Copier {
@@ -216,7 +233,9 @@ impl Copier {
                 cpu: Semaphore::new(parallel),
                 seen: Mutex::default(),
                 known,
-                buffers: Buffers::default(),
+                bases,
+                xors: Mutex::default(),
+                buffers: Arc::new(Buffers::default()),
                 level: opts.level,
                 packs: Packs {
                     store: store.clone(),
@@ -239,6 +258,7 @@ impl Copier {
             stats: BackupStats::default(),
             shared: SharedChunk::default(),
             sharing: HashMap::new(),
+            deltas: HashMap::new(),
         }
     }
 
@@ -343,7 +363,7 @@ impl Copier {
         let mut reads = Reads::new(body, chunk_size, self.parallel, check);
         let mut size = 0u64;
         for idx in 0.. {
-            let next = reads.next(&self.in_memory, &self.chunks).await;
+            let next = reads.next(&self.in_memory, &self.chunks.buffers).await;
             let (buf, permit, checked) = next.map_err(|source| BackupError::Read {
                 path: abs.display().to_string(),
                 source,
@@ -357,7 +377,8 @@ impl Copier {
             }
             size += read as u64;
             self.stats.chunks += 1;
-            self.spawn_chunk(entry, idx, buf, permit)?;
+            let base = self.chunks.base_of(&self.entries[entry].path, idx);
+            self.spawn_chunk(entry, idx, buf, permit, base)?;
             if read < chunk_size {
                 break;
             }
@@ -438,26 +459,28 @@ impl Copier {
             .await
             .expect("semaphore is never closed");
         self.sharing.insert(first, (members, buf.len() as u64));
-        self.spawn_chunk(first, 0, buf, permit)
+        self.spawn_chunk(first, 0, buf, permit, None)
     }
 
-    /// Hand chunk `idx` of entry `entry` to a task that stores it, and count the chunks
-    /// finished meanwhile.
+    /// Hand chunk `idx` of entry `entry` to a task that stores it (as a difference from
+    /// `base` when that pays), and count the chunks finished meanwhile.
     fn spawn_chunk(
         &mut self,
         entry: usize,
         idx: usize,
         buf: Vec<u8>,
         permit: OwnedSemaphorePermit,
+        base: Option<ChunkId>,
     ) -> Result<(), BackupError> {
         let chunks = Arc::clone(&self.chunks);
         self.tasks.spawn(async move {
-            let (hash, stored) = chunks.store(buf, permit).await?;
+            let (hash, stored, delta) = chunks.store(buf, permit, base).await?;
             Ok(ChunkDone {
                 entry,
                 idx,
                 hash,
                 stored,
+                delta,
             })
         });
         while let Some(done) = self.tasks.try_join_next() {
@@ -555,7 +578,7 @@ impl Copier {
         let idx = file.next_idx;
         file.next_idx += 1;
         self.stats.chunks += 1;
-        self.spawn_chunk(file.entry, idx, buf, permit)
+        self.spawn_chunk(file.entry, idx, buf, permit, None)
     }
 
     /// Count a chunk the pipeline finished, and note its hash for its entry.
@@ -568,6 +591,9 @@ impl Copier {
                 self.stats.new_bytes += stored_len;
             }
             self.lens.insert(done.hash, stored_len);
+        }
+        if let Some(d) = done.delta {
+            self.deltas.insert(done.hash, d);
         }
         if let Some((members, of)) = self.sharing.remove(&done.entry) {
             // A shared chunk: the only chunk of each of its files. One file alone in it is
@@ -593,7 +619,7 @@ impl Copier {
     ) -> Result<Copied, BackupError> {
         self.close_shared().await?;
         let checking = self.page_check.is_some();
-        let (entries, files, stats, written, mut tally) = self.finish().await?;
+        let (entries, files, stats, written, mut tally, new_deltas) = self.finish().await?;
         if let (true, Some(p)) = (checking, previous) {
             let taken: HashSet<&str> = files
                 .iter()
@@ -602,7 +628,13 @@ impl Copier {
                 .collect();
             tally.carry(&p.manifest, &taken);
         }
-        let packs = packs_named(written, previous.map_or(&[][..], |p| &p.manifest.packs), &entries);
+        let deltas = deltas_named(&entries, &written, new_deltas, previous);
+        let packs = packs_named(
+            written,
+            previous.map_or(&[][..], |p| &p.manifest.packs),
+            &entries,
+            &deltas,
+        );
         Ok(Copied {
             entries,
             files,
@@ -611,6 +643,7 @@ impl Copier {
             examined_after_us: examined_after_ns / 1000,
             packs,
             pages: checking.then_some(tally),
+            deltas,
         })
     }
 
@@ -629,6 +662,7 @@ impl Copier {
             lens,
             stats,
             pages,
+            deltas,
             ..
         } = self;
         for ((entry, _), hash) in chunk_hashes {
@@ -644,153 +678,19 @@ impl Copier {
             .collect();
         files.sort_by(|a, b| a.path.cmp(&b.path));
         entries.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok((entries, files, stats, written, pages))
+        Ok((entries, files, stats, written, pages, deltas))
     }
 }
 
 /// What [`Copier::finish`] hands over.
-type Finished = (Vec<Entry>, Vec<FileRecord>, BackupStats, Vec<PackRecord>, Tally);
-
-/// A file's chunks being read, up to `ahead` at once (each holding its share of the memory
-/// bound), and handed out in order. A buffered read is the kernel copying from its page cache,
-/// at about 1.4 GB/s per thread on this machine: one read at a time was what a backup of pgbench
-/// scale 300 waited on.
-struct Reads {
-    body: Arc<Body>,
-    chunk_size: usize,
-    /// The chunks the file had when opened: up to `ahead` of them are read at once; past them
-    /// (it grew), one at a time.
-    expected: u64,
-    ahead: usize,
-    /// The next chunk to start reading.
-    next: u64,
-    /// A relation file whose pages are verified as they are read.
-    check: Option<(RelationFile, PageCheck)>,
-    in_flight: VecDeque<JoinHandle<ReadDone>>,
-}
-
-/// A chunk read, its share of the memory bound, and its pages checked.
-type ReadDone = (std::io::Result<Vec<u8>>, OwnedSemaphorePermit, Option<Checked>);
-
-impl Reads {
-    fn new(body: Body, chunk_size: usize, ahead: usize, check: Option<(RelationFile, PageCheck)>) -> Reads {
-        let size = match &body {
-            Body::Bytes(b) => b.len() as u64,
-            Body::File(_, size) => *size,
-        };
-        Reads {
-            body: Arc::new(body),
-            chunk_size,
-            expected: size.div_ceil(chunk_size.max(1) as u64),
-            ahead: ahead.max(1),
-            next: 0,
-            check,
-            in_flight: VecDeque::new(),
-        }
-    }
-
-    /// The next chunk in order (shorter than a chunk, or empty, at the end of the file: the
-    /// caller asks for no more after that), with its share of `in_memory`.
-    async fn next(
-        &mut self,
-        in_memory: &Arc<Semaphore>,
-        chunks: &Arc<Chunks>,
-    ) -> std::io::Result<(Vec<u8>, OwnedSemaphorePermit, Option<Checked>)> {
-        loop {
-            let limit = if self.next < self.expected { self.ahead } else { 1 };
-            if self.in_flight.len() >= limit {
-                break;
-            }
-            let permit = Arc::clone(in_memory)
-                .acquire_owned()
-                .await
-                .expect("semaphore is never closed");
-            let (body, chunks, len) = (Arc::clone(&self.body), Arc::clone(chunks), self.chunk_size);
-            let offset = self.next * len as u64;
-            let check = self.check;
-            self.in_flight.push_back(tokio::task::spawn_blocking(move || {
-                let mut buf = chunks.buffers.take(len);
-                let read = body.read_at(&mut buf, offset, len).map(|()| buf);
-                // On the bytes just read, on the reading thread: a CPU pass over memory in
-                // cache, no second read except of a page that fails.
-                let checked = match (&read, check) {
-                    (Ok(buf), Some((file, check))) => {
-                        Some(pages::check_read(buf, offset, &file, check, |at, page| {
-                            body.read_at(page, at, pages::PAGE)
-                        }))
-                    }
-                    _ => None,
-                };
-                (read, permit, checked)
-            }));
-            self.next += 1;
-        }
-        // At least one read is in flight: the limit is never below one.
-        let reading = self.in_flight.pop_front().expect("a read was started");
-        let (read, permit, checked) = reading.await.expect("read task panicked");
-        Ok((read?, permit, checked))
-    }
-
-    /// Wait for the reads still in flight (past the end of the file): none outlives its file.
-    async fn finish(mut self) {
-        while let Some(reading) = self.in_flight.pop_front() {
-            let _ = reading.await;
-        }
-    }
-}
-
-/// What a file's chunks are read from: `pg_control`'s checked bytes, or the file opened with
-/// its size when it was opened.
-enum Body {
-    Bytes(Vec<u8>),
-    File(std::fs::File, u64),
-}
-
-impl Body {
-    /// Read up to `len` bytes at `offset` into `buf` (emptied first), fewer only at the end.
-    fn read_at(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> std::io::Result<()> {
-        buf.clear();
-        match self {
-            Body::Bytes(b) => {
-                let from = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
-                buf.extend_from_slice(&b[from..(from + len).min(b.len())]);
-            }
-            Body::File(f, _) => {
-                buf.reserve_exact(len);
-                while buf.len() < len {
-                    let at = offset + buf.len() as u64;
-                    // Into uninitialised capacity (no zeroing), straight from the cache.
-                    let n = rustix::io::pread(f, rustix::buffer::spare_capacity(buf), at)?;
-                    if n == 0 {
-                        break;
-                    }
-                }
-                // A buffer with room for more read past the chunk: the next chunk's bytes.
-                buf.truncate(len);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Chunk buffers handed back once a chunk is hashed (and sealed), so that the next chunks are
-/// read into memory already mapped: a fresh chunk-sized allocation each time costs page faults
-/// and the kernel's zeroing of every page. Holds at most as many as are in flight.
-#[derive(Default)]
-struct Buffers(Mutex<Vec<Vec<u8>>>);
-
-impl Buffers {
-    fn take(&self, capacity: usize) -> Vec<u8> {
-        let mut buf = self.0.lock().expect("never poisoned").pop().unwrap_or_default();
-        buf.clear();
-        buf.reserve_exact(capacity);
-        buf
-    }
-
-    fn give(&self, buf: Vec<u8>) {
-        self.0.lock().expect("never poisoned").push(buf);
-    }
-}
+type Finished = (
+    Vec<Entry>,
+    Vec<FileRecord>,
+    BackupStats,
+    Vec<PackRecord>,
+    Tally,
+    HashMap<[u8; 32], (ChunkId, ChunkId)>,
+);
 
 /// What the chunk tasks share: where chunks go and what is known of them.
 struct Chunks {
@@ -802,7 +702,11 @@ struct Chunks {
     seen: Mutex<HashSet<[u8; 32]>>,
     /// The chunks the previous backup names, with their stored lengths when recorded.
     known: HashMap<[u8; 32], Option<u64>>,
-    buffers: Buffers,
+    /// The previous backup's chunks a new chunk may be stored as a difference from.
+    bases: Option<DeltaBases>,
+    /// The differences this backup stored.
+    xors: Mutex<HashSet<[u8; 32]>>,
+    buffers: Arc<Buffers>,
     level: i32,
     packs: Packs,
 }
@@ -811,6 +715,10 @@ struct Chunks {
 enum Step {
     Met,
     Known(u64),
+    /// New, not sealed: it may be stored as a difference (`ask`: as for [`Step::Sealed`]).
+    Fresh {
+        ask: bool,
+    },
     /// Sealed; `ask`: look it up before packing it (the previous backup names it without its
     /// stored length, so it may be a chunk stored on its own).
     Sealed {
@@ -819,46 +727,96 @@ enum Step {
     },
 }
 
+/// What a backup keeps of a chunk it stores: its hash, and for the first time its bytes are
+/// met, its stored length and whether this backup stored it; and when it is stored as a
+/// difference, its base and difference.
+type Kept = ([u8; 32], Option<(u64, bool)>, Option<(ChunkId, ChunkId)>);
+
 impl Chunks {
+    /// The chunk piece `idx` of the file at `path` may be stored as a difference from.
+    fn base_of(&self, path: &str, idx: usize) -> Option<ChunkId> {
+        self.bases.as_ref()?.base_of(path, idx)
+    }
+
     /// Hash one chunk and store it unless this backup met the same bytes already (`seen`) or
-    /// the previous backup holds them (`known`). Hashing and compressing run on blocking
-    /// threads, at most `cpu`'s permits at once. `held`, the chunk's share of the read-ahead, is
-    /// given back once the chunk is in a pack, or its full pack is written: what waits on the
-    /// store is packs, not read buffers. Returns the chunk's hash and, for the first time its
-    /// bytes are met, its stored length and whether this backup stored it.
+    /// the previous backup holds them (`known`); a new chunk with a `base` (the previous
+    /// backup's at the same place) is stored as its difference from it when few of its bytes
+    /// differ. Hashing and compressing run on blocking threads, at most `cpu`'s permits at
+    /// once. `held`, the chunk's share of the read-ahead, is given back once the chunk is in a
+    /// pack, or its full pack is written: what waits on the store is packs, not read buffers.
     async fn store(
         self: Arc<Self>,
         data: Vec<u8>,
         held: tokio::sync::OwnedSemaphorePermit,
-    ) -> Result<([u8; 32], Option<(u64, bool)>), BackupError> {
+        base: Option<ChunkId>,
+    ) -> Result<Kept, BackupError> {
         let permit = self.cpu.acquire().await.expect("semaphore is never closed");
         // Hash, and seal in the same blocking call (one hop per chunk).
         let (hash, step, data) = tokio::task::spawn_blocking({
             let this = Arc::clone(&self);
-            move || this.hash_and_seal(data)
+            move || this.hash_and_seal(data, base)
         })
         .await
         .map_err(blocking_err)?;
         drop(permit);
-        self.buffers.give(data);
         let (sealed, ask) = match step {
-            Step::Met => return Ok((hash, None)),
-            Step::Known(len) => return Ok((hash, Some((len, false)))),
-            Step::Sealed { sealed, ask } => (sealed?, ask),
+            Step::Met => {
+                self.buffers.give(data);
+                return Ok((hash, None, None));
+            }
+            Step::Known(len) => {
+                self.buffers.give(data);
+                return Ok((hash, Some((len, false)), None));
+            }
+            Step::Sealed { sealed, ask } => {
+                self.buffers.give(data);
+                (Sealed::Whole(sealed), ask)
+            }
+            Step::Fresh { ask } => {
+                if ask && let Some(len) = chunk::stored_len(&self.store, &ChunkId::from_hash(hash)).await? {
+                    self.buffers.give(data);
+                    return Ok((hash, Some((len, false)), None));
+                }
+                let base = base.expect("a fresh chunk has a base");
+                (self.seal_against(hash, data, base).await?, false)
+            }
         };
         let id = ChunkId::from_hash(hash);
         if ask && let Some(len) = chunk::stored_len(&self.store, &id).await? {
-            return Ok((hash, Some((len, false))));
+            return Ok((hash, Some((len, false)), None));
         }
-        let len = sealed.len() as u64;
-        self.packs.add(id, sealed).await?;
-        drop(held);
-        Ok((hash, Some((len, true))))
+        match sealed {
+            Sealed::Whole(sealed) => {
+                let sealed = sealed?;
+                let len = sealed.len() as u64;
+                self.packs.add(id, sealed).await?;
+                drop(held);
+                Ok((hash, Some((len, true)), None))
+            }
+            Sealed::Delta { xor, sealed } => {
+                let (len, uploaded) = match sealed {
+                    Some(sealed) => {
+                        let sealed = sealed?;
+                        let len = sealed.len() as u64;
+                        self.packs.add(xor, sealed).await?;
+                        (len, true)
+                    }
+                    // Counted where it was stored.
+                    None => (0, false),
+                };
+                drop(held);
+                Ok((
+                    hash,
+                    Some((len, uploaded)),
+                    Some((base.expect("a delta has a base"), xor)),
+                ))
+            }
+        }
     }
 
-    /// The blocking half: hash `data`, and seal it when it is new. Hands `data` back (for
-    /// [`Buffers`]).
-    fn hash_and_seal(&self, data: Vec<u8>) -> ([u8; 32], Step, Vec<u8>) {
+    /// The blocking half: hash `data`, and seal it when it is new (unless it may be stored as a
+    /// difference from `base`: [`Step::Fresh`]). Hands `data` back (for [`Buffers`]).
+    fn hash_and_seal(&self, data: Vec<u8>, base: Option<ChunkId>) -> ([u8; 32], Step, Vec<u8>) {
         let hash = self.sealer.content_hash(&data);
         // The same bytes twice in one backup (zeroed pages, identical files): stored once.
         if !self.seen.lock().expect("never poisoned").insert(hash) {
@@ -870,8 +828,37 @@ impl Chunks {
             Some(None) => true,
             None => false,
         };
+        if base.is_some_and(|b| *b.hash() != hash) {
+            return (hash, Step::Fresh { ask }, data);
+        }
         let sealed = chunk::seal_chunk(&self.sealer, hash, &data, self.level);
         (hash, Step::Sealed { sealed, ask }, data)
+    }
+
+    /// New chunk `data` (hash `hash`) sealed as its difference from chunk `base` when at most
+    /// one byte in [`DELTA_MAX_CHANGED_DIVISOR`] differs, else whole. A base that cannot be
+    /// read (gone, damaged) only costs the difference: the chunk is stored whole.
+    async fn seal_against(
+        self: &Arc<Self>,
+        hash: [u8; 32],
+        data: Vec<u8>,
+        base: ChunkId,
+    ) -> Result<Sealed, BackupError> {
+        let bases = self
+            .bases
+            .as_ref()
+            .expect("a base comes from the previous backup");
+        let base_bytes = bases.read(&self.sealer, &base).await;
+        let _cpu = self.cpu.acquire().await.expect("semaphore is never closed");
+        let this = Arc::clone(self);
+        let (sealed, data) = tokio::task::spawn_blocking(move || {
+            let sealed = seal_delta(&this.sealer, this.level, &this.xors, hash, &data, base_bytes);
+            (sealed, data)
+        })
+        .await
+        .map_err(blocking_err)?;
+        self.buffers.give(data);
+        Ok(sealed)
     }
 }
 

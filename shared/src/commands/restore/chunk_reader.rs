@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::RestoreError;
 use super::budget::{Bounds, Buffers, RUN_MAX_BYTES, units};
@@ -17,7 +17,7 @@ use super::budget::{SEALED_AHEAD, held, plain_ahead, run_bytes};
 use super::order::ChunkRef;
 use super::waits::WaitClock;
 use super::work::FileToWrite;
-use crate::basebackup::chunk::{Chunk, ChunkError, ChunkId, MisnamedChunk};
+use crate::basebackup::chunk::{Chunk, ChunkError, ChunkId, MisnamedChunk, read_chunk, undo_delta};
 use crate::basebackup::pack::{Place, Places};
 use crate::repo::Store;
 use crate::repo::layout::pack_key;
@@ -85,12 +85,22 @@ fn sealed_charge(run: &[ChunkRef], places: &Places) -> usize {
 
 /// A chunk whose read was started in order: its sealed bytes will arrive on the receiver. The
 /// share of [`SEALED_AHEAD`] is its run's, given back once every chunk of the run is
-/// decompressed (they hold slices of one buffer).
+/// decompressed (they hold slices of one buffer). A chunk stored as a difference comes with
+/// the read of its base, started with it.
 pub(crate) type Read = (
     ChunkRef,
     oneshot::Receiver<Result<bytes::Bytes, RestoreError>>,
     Arc<OwnedSemaphorePermit>,
+    Option<BaseRead>,
 );
+
+/// The read of a base ([`crate::basebackup::manifest::Delta::base`]) under way, with its share
+/// of [`BASES_AHEAD`].
+pub(crate) type BaseRead = (JoinHandle<Result<Vec<u8>, ChunkError>>, OwnedSemaphorePermit);
+
+/// Bases read ahead of their decompression, at most: each is a chunk in memory, and on an
+/// object store a request whose wait overlaps the others'.
+pub const BASES_AHEAD: usize = 8;
 
 /// A chunk decompressed in order, with its share of [`plain_ahead`].
 pub(crate) type Started = (
@@ -111,6 +121,7 @@ pub(crate) async fn read_in_order(
     let room = Arc::new(Semaphore::new(budget));
     let run_units = bounds.run;
     let reads = Arc::new(Semaphore::new(bounds.reads));
+    let bases = Arc::new(Semaphore::new(BASES_AHEAD));
     // Dropped with the reader when it is aborted: no read outlives the restore.
     let mut runs = JoinSet::new();
     let mut at = 0;
@@ -127,15 +138,28 @@ pub(crate) async fn read_in_order(
                 .expect("never closed"),
         );
         waits.add(&waits.reading, since);
-        let mut senders = Vec::with_capacity(run.len());
-        for r in &run {
-            let (s, rx) = oneshot::channel();
-            if decoder.send((*r, rx, Arc::clone(&room))).is_err() {
+        let (senders, answers): (Vec<_>, Vec<_>) = run.iter().map(|_| oneshot::channel()).unzip();
+        // The run's read first: a base's share may wait for chunks of this run to be decoded.
+        let chunks = run.clone();
+        runs.spawn(Arc::clone(&reader).fetch_run(run, senders, reading));
+        for (r, rx) in chunks.into_iter().zip(answers) {
+            let base = match reader.places.delta(&r.id) {
+                Some(d) => {
+                    let since = std::time::Instant::now();
+                    let permit = Arc::clone(&bases).acquire_owned().await.expect("never closed");
+                    waits.add(&waits.reading, since);
+                    let (reader, base) = (Arc::clone(&reader), d.base);
+                    let read = tokio::spawn(async move {
+                        read_chunk(&reader.store, &reader.sealer, &reader.places, &base).await
+                    });
+                    Some((read, permit))
+                }
+                None => None,
+            };
+            if decoder.send((r, rx, Arc::clone(&room), base)).is_err() {
                 return;
             }
-            senders.push(s);
         }
-        runs.spawn(Arc::clone(&reader).fetch_run(run, senders, reading));
         while runs.try_join_next().is_some() {}
         at = end;
     }
@@ -162,7 +186,7 @@ pub(crate) async fn decode_in_order(
     let cpu = Arc::new(Semaphore::new(bounds.decoders));
     // Dropped with the decoder when it is aborted.
     let mut decoding = JoinSet::new();
-    while let Some((r, sealed, room)) = reads.recv().await {
+    while let Some((r, sealed, room, base)) = reads.recv().await {
         let since = std::time::Instant::now();
         let held = Arc::clone(&plain)
             .acquire_many_owned(units(buffers.charge(r.len)))
@@ -181,10 +205,27 @@ pub(crate) async fn decode_in_order(
         let (reader, out) = (Arc::clone(&reader), buffers.take(r.len));
         let runtime = tokio::runtime::Handle::current();
         decoding.spawn_blocking(move || {
-            let opened = match sealed.and_then(|bytes| reader.open(&r, &bytes, out)) {
+            // A chunk stored as a difference: its base, whose read the reader started.
+            let (base, _base_share) = match base {
+                Some((read, share)) => match runtime
+                    .block_on(read)
+                    .unwrap_or_else(|_| Err(base_never_read(&r.id)))
+                {
+                    Ok(b) => (Some(b), Some(share)),
+                    Err(e) => {
+                        drop(room);
+                        drop(core);
+                        let _ = tx.send(Err(e.into()));
+                        return;
+                    }
+                },
+                None => (None, None),
+            };
+            let base = base.as_deref();
+            let opened = match sealed.and_then(|bytes| reader.open(&r, &bytes, out, base)) {
                 // Rare: waited for here, on this blocking thread, rather than in the pipeline.
                 Err(damage) if reader.store.fallback().is_some() && is_damage(&damage) => runtime
-                    .block_on(reader.reopen_from_fallback(&r, &damage))
+                    .block_on(reader.reopen_from_fallback(&r, &damage, base))
                     .ok_or(damage),
                 opened => opened,
             };
@@ -196,6 +237,13 @@ pub(crate) async fn decode_in_order(
         while decoding.try_join_next().is_some() {}
     }
     while decoding.join_next().await.is_some() {}
+}
+
+/// A base whose read task died without answering (it panicked).
+fn base_never_read(id: &ChunkId) -> ChunkError {
+    ChunkError::Compress(std::io::Error::other(format!(
+        "the base of chunk {id} was never read"
+    )))
 }
 
 /// Whether `e` says that bytes read did not open, which the fallback repository's copy may mend
@@ -293,12 +341,17 @@ impl ChunkReader {
     /// Chunk `r` opened from the fallback repository's copy of its pack (or of itself), for
     /// one whose copy here did not open (`damage`); `None` without a fallback, or when the
     /// fallback's copy does not open either.
-    async fn reopen_from_fallback(&self, r: &ChunkRef, damage: &RestoreError) -> Option<Vec<u8>> {
+    async fn reopen_from_fallback(
+        &self,
+        r: &ChunkRef,
+        damage: &RestoreError,
+        base: Option<&[u8]>,
+    ) -> Option<Vec<u8>> {
         let (key, range) = match self.places.get(&r.id) {
             Some(p) => (pack_key(&p.pack), Some(p.range())),
             None => (Chunk::key(&r.id), None),
         };
-        let open = |b: &[u8]| self.open(r, b, Vec::new());
+        let open = |b: &[u8]| self.open(r, b, Vec::new(), base);
         self.store
             .reread_from_fallback(&key, range, damage.to_string(), open)
             .await
@@ -307,9 +360,32 @@ impl ChunkReader {
     /// Open chunk `r` from its sealed bytes and verify it. The header's length is compared with
     /// the manifest's before decompressing, so a hostile chunk cannot make the restore allocate
     /// more than the manifest's chunk size (times the chunks [`held`]); the rest is the typed
-    /// read of a [`Chunk`] (envelope, hash, and that the content is what the id names).
-    fn open(&self, r: &ChunkRef, sealed: &[u8], out: Vec<u8>) -> Result<Vec<u8>, RestoreError> {
-        let id = &r.id;
+    /// read of a [`Chunk`] (envelope, hash, and that the content is what the id names). A chunk
+    /// stored as a difference is opened as its difference, then put back together with `base`
+    /// and checked against its own id.
+    fn open(
+        &self,
+        r: &ChunkRef,
+        sealed: &[u8],
+        out: Vec<u8>,
+        base: Option<&[u8]>,
+    ) -> Result<Vec<u8>, RestoreError> {
+        if let (Some(d), Some(base)) = (self.places.delta(&r.id), base) {
+            let mut content = self.open_as(r, &d.xor, sealed, out)?;
+            undo_delta(&self.sealer, &r.id, &mut content, base)?;
+            return Ok(content);
+        }
+        self.open_as(r, &r.id, sealed, out)
+    }
+
+    /// Open the sealed bytes at `r`'s place as chunk `id`.
+    fn open_as(
+        &self,
+        r: &ChunkRef,
+        id: &ChunkId,
+        sealed: &[u8],
+        out: Vec<u8>,
+    ) -> Result<Vec<u8>, RestoreError> {
         // A packed chunk is named with its pack, the object to look at.
         let named = || match self.places.get(id) {
             Some(p) => format!("{id} (in pack {})", p.pack),
