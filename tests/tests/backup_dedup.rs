@@ -149,6 +149,28 @@ fn a_random_one_percent_update_stores_the_changed_bytes_and_restores_after_the_f
     let expected = workload::fingerprints(&source)?;
     source.stop()?;
 
+    // The first backup restored (as a DBA's old copy), then the second over it with --delta:
+    // the chunks stored as differences are put back together from the bases the files hold.
+    let old = Cluster::uninitialized("delta-old")?;
+    backup::restore(
+        &repo,
+        &old.data_dir(),
+        &["--backup", &first.id, "--target", "immediate"],
+    )?
+    .check()?;
+    let run = backup::restore(&repo, &old.data_dir(), &["--delta"])?.check()?;
+    let on_disk: u64 = run
+        .stdout
+        .split(" from bases on disk")
+        .next()
+        .and_then(|s| s.rsplit('(').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        on_disk > 10,
+        "the delta restore read the bases from the files it rewrote:\n{run}"
+    );
+
     // The first backup expires; what the second's differences are read from stays.
     let mut args = vec!["expire".to_string(), "--keep-last".into(), "1".into()];
     args.extend(repo.args());
@@ -169,6 +191,15 @@ fn a_random_one_percent_update_stores_the_changed_bytes_and_restores_after_the_f
         workload::fingerprints(&restored)?,
         expected,
         "the backup stored as differences restored other data than the source's"
+    );
+    restored.stop()?;
+    let mut old = old;
+    old.set_conf(&[("archive_mode", "off")])?;
+    old.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
+    assert_eq!(
+        workload::fingerprints(&old)?,
+        expected,
+        "the delta restore over the first backup's copy restored other data than the source's"
     );
     Ok(())
 }

@@ -95,6 +95,106 @@ pub fn undo_delta(sealer: &Sealer, id: &ChunkId, diff: &mut [u8], base: &[u8]) -
     })
 }
 
+/// The longest stretch of a pack [`sealed_runs`] reads at once, and the most bytes in it no
+/// chunk of the run needs.
+pub const SEALED_RUN_MAX: u64 = 4 << 20;
+pub const SEALED_RUN_SLACK: u64 = 256 << 10;
+
+/// `ids` (in the order they are needed) cut into runs of neighbours in one pack, each read
+/// with one ranged read ([`read_sealed_run`]): at most `max_chunks` chunks, a span of at most
+/// [`SEALED_RUN_MAX`] of which at most [`SEALED_RUN_SLACK`] is not theirs. A chunk stored on its
+/// own is a run of one. Each run as a range of `ids`.
+pub fn sealed_runs(places: &Places, ids: &[ChunkId], max_chunks: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < ids.len() {
+        let mut end = at + 1;
+        if let Some(first) = places.get(&ids[at]) {
+            let (mut lo, mut hi, mut needed) = (first.offset, first.offset + first.len, first.len);
+            while end < ids.len() && end - at < max_chunks.max(1) {
+                let Some(p) = places.get(&ids[end]).filter(|p| p.pack == first.pack) else {
+                    break;
+                };
+                let (l, h) = (lo.min(p.offset), hi.max(p.offset + p.len));
+                let more = if p.offset >= lo && p.offset + p.len <= hi {
+                    0
+                } else {
+                    p.len
+                };
+                if h - l > SEALED_RUN_MAX || h - l > needed + more + SEALED_RUN_SLACK {
+                    break;
+                }
+                (lo, hi, needed) = (l, h, needed + more);
+                end += 1;
+            }
+        }
+        out.push(at..end);
+        at = end;
+    }
+    out
+}
+
+/// The sealed bytes of each of `ids`, one run of [`sealed_runs`]: neighbours in one pack read
+/// with one ranged read (a chunk stored on its own, with one read).
+pub async fn read_sealed_run(
+    store: &Store,
+    places: &Places,
+    ids: &[ChunkId],
+) -> Result<Vec<Bytes>, ChunkError> {
+    let Some(first) = ids.first() else {
+        return Ok(vec![]);
+    };
+    let Some(place) = places.get(first) else {
+        let bytes = store
+            .get(&chunk_key(first))
+            .await?
+            .ok_or_else(|| ChunkError::Missing {
+                id: first.to_string(),
+            })?;
+        return Ok(vec![bytes; ids.len()]);
+    };
+    let (mut lo, mut hi) = (place.offset, place.offset + place.len);
+    for id in &ids[1..] {
+        let p = places
+            .get(id)
+            .filter(|p| p.pack == place.pack)
+            .expect("a run is in one pack");
+        (lo, hi) = (lo.min(p.offset), hi.max(p.offset + p.len));
+    }
+    let missing = || ChunkError::MissingPack {
+        pack: place.pack.to_string(),
+        id: first.to_string(),
+    };
+    let bytes = store
+        .get_range(&pack_key(&place.pack), lo..hi)
+        .await?
+        .filter(|b| b.len() as u64 == hi - lo)
+        .ok_or_else(missing)?;
+    Ok(ids
+        .iter()
+        .map(|id| {
+            let p = places.get(id).expect("placed above");
+            bytes.slice((p.offset - lo) as usize..(p.offset - lo + p.len) as usize)
+        })
+        .collect())
+}
+
+/// Chunk `id` (stored whole) opened from its sealed bytes and verified; when they do not open
+/// (damaged, or a truncated read), read again on its own ([`read_chunk`], which asks a
+/// fallback repository).
+pub async fn open_sealed(
+    store: &Store,
+    sealer: &Sealer,
+    places: &Places,
+    id: &ChunkId,
+    sealed: &[u8],
+) -> Result<Vec<u8>, ChunkError> {
+    match stored::open::<Chunk>(sealer, id, sealed) {
+        Ok(Chunk(content)) => Ok(content),
+        Err(_) => read_whole(store, sealer, places, id).await,
+    }
+}
+
 /// Chunk `id`'s own sealed bytes, opened: from its pack or its own object.
 async fn read_whole(
     store: &Store,

@@ -12,9 +12,11 @@
 //! bytes are compared, not assumed: a restore checks the result against the chunk's id.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 
 use super::inventory::Previous;
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
@@ -28,39 +30,160 @@ use crate::repo::{Store, WritableStore};
 /// difference would compress little better than the chunk, and a restore reads two chunks.
 pub(super) const DELTA_MAX_CHANGED_DIVISOR: usize = 2;
 
+/// Bases read at once, ahead of need, when a file's pieces change one after the other (a table
+/// updated throughout): each a ranged read of neighbours in a pack, so that an object store
+/// answers a request per run rather than per chunk.
+const READ_AHEAD: usize = 16;
+
+/// Bases read ahead and not yet asked for, at most: the oldest are forgotten (and read again if
+/// asked for).
+const AHEAD_MAX: usize = 48;
+
+/// The sealed bytes of a base, being read ([`Shared`]: every chunk task asking for it awaits
+/// the same read); `None` when the read failed (the base is then read on its own).
+type SealedRead = Shared<BoxFuture<'static, Option<Bytes>>>;
+
+/// Where a piece of a file being backed up was in the previous backup: the chunk it may be
+/// stored as a difference from, and the file and index (for reading ahead).
+#[derive(Debug, Clone)]
+pub(super) struct BaseRef {
+    pub id: ChunkId,
+    pub path: Arc<str>,
+    pub idx: usize,
+}
+
 /// The previous backup's chunks, as a backup reads them to store a chunk as a difference.
 pub(super) struct DeltaBases {
     store: Store,
-    places: Places,
+    places: Arc<Places>,
     /// See [`Previous::delta_bases`].
     by_path: HashMap<String, Vec<Option<ChunkId>>>,
+    ahead: Mutex<Ahead>,
+}
+
+/// The bases being read or read ahead.
+#[derive(Default)]
+struct Ahead {
+    /// By id, with the order they were started in; `None` once asked for (its bytes are let
+    /// go, and it is not read ahead again).
+    reads: HashMap<ChunkId, (u64, Option<SealedRead>)>,
+    started: u64,
+    /// The last piece asked for: a piece near it in the same file means its pieces change one
+    /// after the other, and the bases after it are read ahead.
+    last: Option<(Arc<str>, usize)>,
 }
 
 impl DeltaBases {
     pub(super) fn of(store: &WritableStore, previous: &Previous) -> DeltaBases {
         DeltaBases {
             store: store.reader(),
-            places: previous.manifest.places(),
+            places: Arc::new(previous.manifest.places()),
             by_path: previous.delta_bases(),
+            ahead: Mutex::default(),
         }
     }
 
     /// The chunk piece `idx` of the file at `path` may be stored as a difference from.
-    pub(super) fn base_of(&self, path: &str, idx: usize) -> Option<ChunkId> {
-        *self.by_path.get(path)?.get(idx)?
+    pub(super) fn base_of(&self, path: &Arc<str>, idx: usize) -> Option<BaseRef> {
+        let id = (*self.by_path.get(&**path)?.get(idx)?)?;
+        Some(BaseRef {
+            id,
+            path: Arc::clone(path),
+            idx,
+        })
     }
 
-    /// Chunk `base`'s bytes; `None`, with a warning, when they cannot be read (gone, damaged):
-    /// that only costs the difference, the new chunk is stored whole.
-    pub(super) async fn read(&self, sealer: &Sealer, base: &ChunkId) -> Option<Vec<u8>> {
-        match chunk::read_chunk(&self.store, sealer, &self.places, base).await {
-            Ok(b) => Some(b),
+    /// Base `b`'s bytes; `None`, with a warning, when they cannot be read (gone, damaged): that
+    /// only costs the difference, the new chunk is stored whole.
+    pub(super) async fn read(&self, sealer: &Sealer, b: &BaseRef) -> Option<Vec<u8>> {
+        let read = self.read_of(b);
+        let sealed = read.await;
+        if let Some((_, r)) = self.ahead.lock().expect("never poisoned").reads.get_mut(&b.id) {
+            *r = None;
+        }
+        let opened = match sealed {
+            Some(bytes) => chunk::open_sealed(&self.store, sealer, &self.places, &b.id, &bytes).await,
+            None => chunk::read_chunk(&self.store, sealer, &self.places, &b.id).await,
+        };
+        match opened {
+            Ok(bytes) => Some(bytes),
             Err(e) => {
+                let base = b.id;
                 tracing::warn!(
                     "chunk {base} of the previous backup cannot be read ({e}); storing the new one whole"
                 );
                 None
             }
+        }
+    }
+
+    /// The read of base `b`: under way already (read ahead), or started now; and when the
+    /// file's pieces change one after the other, the reads of the bases after it.
+    fn read_of(&self, b: &BaseRef) -> SealedRead {
+        let mut a = self.ahead.lock().expect("never poisoned");
+        let dense = a
+            .last
+            .as_ref()
+            .is_some_and(|(path, idx)| *path == b.path && idx.abs_diff(b.idx) <= 4);
+        a.last = Some((Arc::clone(&b.path), b.idx));
+        let read = match a.reads.get(&b.id) {
+            Some((_, Some(r))) => r.clone(),
+            // Never read, or asked for before (the same base twice): read now.
+            _ => {
+                self.start(&mut a, vec![b.id]);
+                a.reads[&b.id].1.clone().expect("just started")
+            }
+        };
+        let bases = &self.by_path[&*b.path];
+        let after = || bases.iter().skip(b.idx + 1).map_while(|c| *c);
+        // Once less than half a run is read ahead, the next run: the following bases not yet
+        // being read.
+        if dense
+            && after()
+                .take(READ_AHEAD)
+                .filter(|c| a.reads.contains_key(c))
+                .count()
+                < READ_AHEAD / 2
+        {
+            let next: Vec<ChunkId> = after()
+                .skip_while(|c| a.reads.contains_key(c))
+                .take(READ_AHEAD)
+                .take_while(|c| !a.reads.contains_key(c))
+                .collect();
+            if !next.is_empty() {
+                self.start(&mut a, next);
+            }
+        }
+        read
+    }
+
+    /// Start reading the first run of `ids` ([`chunk::sealed_runs`]) with one ranged read, in a
+    /// task of its own, and note each of its bases' reads; forget the oldest beyond
+    /// [`AHEAD_MAX`].
+    fn start(&self, a: &mut Ahead, ids: Vec<ChunkId>) {
+        let run = chunk::sealed_runs(&self.places, &ids, READ_AHEAD)
+            .into_iter()
+            .next()
+            .unwrap_or(0..0);
+        let ids: Vec<ChunkId> = ids[run].to_vec();
+        let (store, places, wanted) = (self.store.clone(), Arc::clone(&self.places), ids.clone());
+        let task = tokio::spawn(async move { chunk::read_sealed_run(&store, &places, &wanted).await.ok() });
+        let whole = async move { task.await.ok().flatten().map(Arc::new) }
+            .boxed()
+            .shared();
+        for (i, id) in ids.into_iter().enumerate() {
+            let one = whole
+                .clone()
+                .map(move |run| run.and_then(|r| r.get(i).cloned()))
+                .boxed()
+                .shared();
+            a.started += 1;
+            let n = a.started;
+            a.reads.insert(id, (n, Some(one)));
+        }
+        while a.reads.len() > AHEAD_MAX {
+            let oldest = a.reads.iter().min_by_key(|(_, (n, _))| *n).map(|(id, _)| *id);
+            a.reads.remove(&oldest.expect("not empty"));
         }
     }
 }

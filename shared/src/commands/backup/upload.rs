@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 
 use super::BackupError;
 use super::control::{self, CONTROL_FILE};
-use super::differences::{DeltaBases, Sealed, deltas_named, seal_delta};
+use super::differences::{BaseRef, DeltaBases, Sealed, deltas_named, seal_delta};
 use super::file_reads::{Body, Buffers, Reads};
 use super::inventory::{Base, Inventory, Previous, Source, TakenOver};
 use super::open_ahead::OpenAhead;
@@ -362,6 +362,7 @@ impl Copier {
         let chunk_size = self.chunk_size;
         let mut reads = Reads::new(body, chunk_size, self.parallel, check);
         let mut size = 0u64;
+        let path: Arc<str> = Arc::from(self.entries[entry].path.as_str());
         for idx in 0.. {
             let next = reads.next(&self.in_memory, &self.chunks.buffers).await;
             let (buf, permit, checked) = next.map_err(|source| BackupError::Read {
@@ -377,7 +378,7 @@ impl Copier {
             }
             size += read as u64;
             self.stats.chunks += 1;
-            let base = self.chunks.base_of(&self.entries[entry].path, idx);
+            let base = self.chunks.base_of(&path, idx);
             self.spawn_chunk(entry, idx, buf, permit, base)?;
             if read < chunk_size {
                 break;
@@ -470,7 +471,7 @@ impl Copier {
         idx: usize,
         buf: Vec<u8>,
         permit: OwnedSemaphorePermit,
-        base: Option<ChunkId>,
+        base: Option<BaseRef>,
     ) -> Result<(), BackupError> {
         let chunks = Arc::clone(&self.chunks);
         self.tasks.spawn(async move {
@@ -734,7 +735,7 @@ type Kept = ([u8; 32], Option<(u64, bool)>, Option<(ChunkId, ChunkId)>);
 
 impl Chunks {
     /// The chunk piece `idx` of the file at `path` may be stored as a difference from.
-    fn base_of(&self, path: &str, idx: usize) -> Option<ChunkId> {
+    fn base_of(&self, path: &Arc<str>, idx: usize) -> Option<BaseRef> {
         self.bases.as_ref()?.base_of(path, idx)
     }
 
@@ -748,13 +749,14 @@ impl Chunks {
         self: Arc<Self>,
         data: Vec<u8>,
         held: tokio::sync::OwnedSemaphorePermit,
-        base: Option<ChunkId>,
+        base: Option<BaseRef>,
     ) -> Result<Kept, BackupError> {
         let permit = self.cpu.acquire().await.expect("semaphore is never closed");
         // Hash, and seal in the same blocking call (one hop per chunk).
         let (hash, step, data) = tokio::task::spawn_blocking({
             let this = Arc::clone(&self);
-            move || this.hash_and_seal(data, base)
+            let from = base.as_ref().map(|b| b.id);
+            move || this.hash_and_seal(data, from)
         })
         .await
         .map_err(blocking_err)?;
@@ -777,7 +779,7 @@ impl Chunks {
                     self.buffers.give(data);
                     return Ok((hash, Some((len, false)), None));
                 }
-                let base = base.expect("a fresh chunk has a base");
+                let base = base.as_ref().expect("a fresh chunk has a base");
                 (self.seal_against(hash, data, base).await?, false)
             }
         };
@@ -808,7 +810,7 @@ impl Chunks {
                 Ok((
                     hash,
                     Some((len, uploaded)),
-                    Some((base.expect("a delta has a base"), xor)),
+                    Some((base.expect("a delta has a base").id, xor)),
                 ))
             }
         }
@@ -842,13 +844,13 @@ impl Chunks {
         self: &Arc<Self>,
         hash: [u8; 32],
         data: Vec<u8>,
-        base: ChunkId,
+        base: &BaseRef,
     ) -> Result<Sealed, BackupError> {
         let bases = self
             .bases
             .as_ref()
             .expect("a base comes from the previous backup");
-        let base_bytes = bases.read(&self.sealer, &base).await;
+        let base_bytes = bases.read(&self.sealer, base).await;
         let _cpu = self.cpu.acquire().await.expect("semaphore is never closed");
         let this = Arc::clone(self);
         let (sealed, data) = tokio::task::spawn_blocking(move || {

@@ -5,10 +5,11 @@
 //! decompressed and verified in order within [`plain_ahead`], at most one per CPU at once
 //! ([`decode_in_order`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 
 use super::RestoreError;
 use super::budget::{Bounds, Buffers, RUN_MAX_BYTES, units};
@@ -16,8 +17,11 @@ use super::budget::{Bounds, Buffers, RUN_MAX_BYTES, units};
 use super::budget::{SEALED_AHEAD, held, plain_ahead, run_bytes};
 use super::order::ChunkRef;
 use super::waits::WaitClock;
-use super::work::FileToWrite;
-use crate::basebackup::chunk::{Chunk, ChunkError, ChunkId, MisnamedChunk, read_chunk, undo_delta};
+use super::work::{BasesHere, FileToWrite};
+use crate::basebackup::chunk::{
+    Chunk, ChunkError, ChunkId, MisnamedChunk, open_sealed, read_chunk, read_sealed_run, sealed_runs,
+    undo_delta,
+};
 use crate::basebackup::pack::{Place, Places};
 use crate::repo::Store;
 use crate::repo::layout::pack_key;
@@ -94,13 +98,76 @@ pub(crate) type Read = (
     Option<BaseRead>,
 );
 
-/// The read of a base ([`crate::basebackup::manifest::Delta::base`]) under way, with its share
-/// of [`BASES_AHEAD`].
-pub(crate) type BaseRead = (JoinHandle<Result<Vec<u8>, ChunkError>>, OwnedSemaphorePermit);
+/// The read of a base ([`crate::basebackup::manifest::Delta::base`]) under way: its sealed
+/// bytes (an error: read it on its own), with the share of [`BASES_AHEAD`] of the run's bases.
+pub(crate) type BaseRead = (
+    oneshot::Receiver<Result<bytes::Bytes, ()>>,
+    Arc<OwnedSemaphorePermit>,
+);
 
-/// Bases read ahead of their decompression, at most: each is a chunk in memory, and on an
-/// object store a request whose wait overlaps the others'.
-pub const BASES_AHEAD: usize = 8;
+/// Sealed bytes of bases read ahead of their decompression, at most, in KiB: read in runs of
+/// neighbours (a backup packs the differences of a file's chunks side by side, and their bases
+/// lie side by side in the packs of the backup before), each run with one ranged read.
+pub const BASES_AHEAD: usize = 8 << 10;
+
+/// Start reading the bases of the chunks of `run` stored as differences (those not on disk,
+/// [`BasesHere`]), in runs of neighbours, once their sealed bytes fit in [`BASES_AHEAD`] (all
+/// the run's at once: a share held while waiting for another could wait for itself); by index
+/// in `run`. `None` when the restore is stopping.
+async fn read_bases(
+    reader: &Arc<ChunkReader>,
+    run: &[ChunkRef],
+    bases: &Arc<Semaphore>,
+    waits: &WaitClock,
+) -> Option<HashMap<usize, BaseRead>> {
+    let mut out = HashMap::new();
+    let wanted: Vec<(usize, ChunkId)> = run
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !reader.bases_here.contains_key(&r.id))
+        .filter_map(|(i, r)| Some((i, reader.places.delta(&r.id)?.base)))
+        .collect();
+    if wanted.is_empty() {
+        return Some(out);
+    }
+    let ids: Vec<ChunkId> = wanted.iter().map(|(_, b)| *b).collect();
+    let kib: usize = ids
+        .iter()
+        .map(|id| {
+            reader
+                .places
+                .get(id)
+                .map_or(1024, |p| p.len.div_ceil(1024) as usize + 1)
+        })
+        .sum();
+    let since = std::time::Instant::now();
+    let share = Arc::clone(bases)
+        .acquire_many_owned(kib.min(BASES_AHEAD) as u32)
+        .await
+        .ok()?;
+    waits.add(&waits.reading, since);
+    let share = Arc::new(share);
+    for range in sealed_runs(&reader.places, &ids, usize::MAX) {
+        let mut answers = Vec::with_capacity(range.len());
+        for &(i, _) in &wanted[range.clone()] {
+            let (tx, rx) = oneshot::channel();
+            out.insert(i, (rx, Arc::clone(&share)));
+            answers.push(tx);
+        }
+        let (reader, ids) = (Arc::clone(reader), ids[range].to_vec());
+        tokio::spawn(async move {
+            match read_sealed_run(&reader.store, &reader.places, &ids).await {
+                Ok(sealed) => answers.into_iter().zip(sealed).for_each(|(tx, b)| {
+                    let _ = tx.send(Ok(b));
+                }),
+                Err(_) => answers.into_iter().for_each(|tx| {
+                    let _ = tx.send(Err(()));
+                }),
+            }
+        });
+    }
+    Some(out)
+}
 
 /// A chunk decompressed in order, with its share of [`plain_ahead`].
 pub(crate) type Started = (
@@ -142,20 +209,12 @@ pub(crate) async fn read_in_order(
         // The run's read first: a base's share may wait for chunks of this run to be decoded.
         let chunks = run.clone();
         runs.spawn(Arc::clone(&reader).fetch_run(run, senders, reading));
-        for (r, rx) in chunks.into_iter().zip(answers) {
-            let base = match reader.places.delta(&r.id) {
-                Some(d) => {
-                    let since = std::time::Instant::now();
-                    let permit = Arc::clone(&bases).acquire_owned().await.expect("never closed");
-                    waits.add(&waits.reading, since);
-                    let (reader, base) = (Arc::clone(&reader), d.base);
-                    let read = tokio::spawn(async move {
-                        read_chunk(&reader.store, &reader.sealer, &reader.places, &base).await
-                    });
-                    Some((read, permit))
-                }
-                None => None,
-            };
+        let mut base_reads = match read_bases(&reader, &chunks, &bases, &waits).await {
+            Some(reads) => reads,
+            None => return,
+        };
+        for (i, (r, rx)) in chunks.into_iter().zip(answers).enumerate() {
+            let base = base_reads.remove(&i);
             if decoder.send((r, rx, Arc::clone(&room), base)).is_err() {
                 return;
             }
@@ -205,12 +264,11 @@ pub(crate) async fn decode_in_order(
         let (reader, out) = (Arc::clone(&reader), buffers.take(r.len));
         let runtime = tokio::runtime::Handle::current();
         decoding.spawn_blocking(move || {
-            // A chunk stored as a difference: its base, whose read the reader started.
+            // A chunk stored as a difference: its base, whose read the reader started, or in the
+            // file a delta restore rewrites.
+            let here = base.is_none().then(|| reader.base_here(&r)).flatten();
             let (base, _base_share) = match base {
-                Some((read, share)) => match runtime
-                    .block_on(read)
-                    .unwrap_or_else(|_| Err(base_never_read(&r.id)))
-                {
+                Some((read, share)) => match runtime.block_on(reader.base(&r, read)) {
                     Ok(b) => (Some(b), Some(share)),
                     Err(e) => {
                         drop(room);
@@ -219,10 +277,24 @@ pub(crate) async fn decode_in_order(
                         return;
                     }
                 },
-                None => (None, None),
+                None => (here, None),
             };
             let base = base.as_deref();
-            let opened = match sealed.and_then(|bytes| reader.open(&r, &bytes, out, base)) {
+            let opened = sealed.and_then(|bytes| match reader.open(&r, &bytes, out, base) {
+                // The file did not hold the base after all: the repository's.
+                Err(_) if base.is_some() && reader.bases_here.contains_key(&r.id) => {
+                    let d = reader.places.delta(&r.id).expect("a base is read for a delta");
+                    let base = runtime.block_on(read_chunk(
+                        &reader.store,
+                        &reader.sealer,
+                        &reader.places,
+                        &d.base,
+                    ))?;
+                    reader.open(&r, &bytes, Vec::new(), Some(&base))
+                }
+                opened => opened,
+            });
+            let opened = match opened {
                 // Rare: waited for here, on this blocking thread, rather than in the pipeline.
                 Err(damage) if reader.store.fallback().is_some() && is_damage(&damage) => runtime
                     .block_on(reader.reopen_from_fallback(&r, &damage, base))
@@ -237,13 +309,6 @@ pub(crate) async fn decode_in_order(
         while decoding.try_join_next().is_some() {}
     }
     while decoding.join_next().await.is_some() {}
-}
-
-/// A base whose read task died without answering (it panicked).
-fn base_never_read(id: &ChunkId) -> ChunkError {
-    ChunkError::Compress(std::io::Error::other(format!(
-        "the base of chunk {id} was never read"
-    )))
 }
 
 /// Whether `e` says that bytes read did not open, which the fallback repository's copy may mend
@@ -262,9 +327,40 @@ pub(crate) struct ChunkReader {
     pub places: Arc<Places>,
     /// The files the chunks go to, to name them in errors.
     pub files: Arc<Vec<FileToWrite>>,
+    /// Bases on disk (`--delta`).
+    pub bases_here: Arc<BasesHere>,
 }
 
 impl ChunkReader {
+    /// The base of chunk `r` (stored as a difference): the sealed bytes its run's read brings,
+    /// opened; or read on its own when that read failed.
+    async fn base(
+        &self,
+        r: &ChunkRef,
+        read: oneshot::Receiver<Result<bytes::Bytes, ()>>,
+    ) -> Result<Vec<u8>, ChunkError> {
+        let id = self.places.delta(&r.id).expect("a base is read for a delta").base;
+        match read.await {
+            Ok(Ok(sealed)) => open_sealed(&self.store, &self.sealer, &self.places, &id, &sealed).await,
+            // Its run's read failed (or its task died): read on its own, from a fallback too.
+            _ => read_chunk(&self.store, &self.sealer, &self.places, &id).await,
+        }
+    }
+
+    /// The base of chunk `r`, stored as a difference, read from the file a delta restore
+    /// rewrites ([`BasesHere`]): `r.len` bytes at its place (a base shorter than the chunk is
+    /// followed by the zeroes the file was extended with). `None` when it has none there, or it
+    /// cannot be read: the repository's is read then.
+    fn base_here(&self, r: &ChunkRef) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        self.places.delta(&r.id)?;
+        let (path, offset) = self.bases_here.get(&r.id)?;
+        let file = super::direct::open_nofollow(path, false).ok()?;
+        let mut buf = vec![0u8; usize::try_from(r.len).ok()?];
+        file.read_exact_at(&mut buf, *offset).ok()?;
+        Some(buf)
+    }
+
     /// Read the chunks of `run` (see [`run_end`]) with one read and answer each chunk's sealed
     /// bytes on its sender, in order (slices of one buffer). A failure answers every chunk.
     async fn fetch_run(

@@ -32,6 +32,7 @@ use super::work::{PG_CONTROL, WorkList};
 use super::{RestoreError, write_err};
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::manifest::{EntryKind, Manifest};
+use crate::basebackup::pack::Places;
 use crate::repo::object::Sealer;
 
 /// What a delta restore found and did.
@@ -52,6 +53,9 @@ pub struct DeltaReport {
     /// with such a chunk's id, so the chunk is fetched and each file is compared with its slice
     /// as it arrives, and written only where it differs.
     pub files_compared_as_fetched: u64,
+    /// Chunks rewritten that are stored as differences from what the file holds there (from
+    /// the backup before): put back together from the file's bytes, not the repository's base.
+    pub bases_on_disk: u64,
     /// Files, links and directories the backup does not have (or of the wrong kind), removed; a
     /// directory counts once, with everything in it.
     pub removed: u64,
@@ -89,6 +93,8 @@ struct PlannedFile {
     prepare: Prepare,
     /// Chunks to write.
     rewrite: Vec<usize>,
+    /// Those of them stored as a difference whose base is what the file holds there now.
+    bases_here: Vec<usize>,
     /// Whether the mode on disk differs from the backup's.
     mode_differs: bool,
 }
@@ -325,6 +331,10 @@ struct Compared {
     hashed: u64,
     /// The chunks whose content differs or is missing.
     differ: Vec<usize>,
+    /// Those of them stored as a difference ([`crate::basebackup::manifest::Delta`]) whose base
+    /// the file holds at their place: the restore reads it there rather than from the
+    /// repository (a cluster restored over the directory of the backup before).
+    bases_here: Vec<usize>,
 }
 
 /// Compare each candidate with the backup's chunks, as many at once as there are cores (reading
@@ -338,6 +348,7 @@ async fn compare_all(
     let permits = Arc::new(Semaphore::new(workers));
     let mut tasks: JoinSet<Result<(usize, Compared), RestoreError>> = JoinSet::new();
     let chunk_size = m.chunk_size;
+    let places = Arc::new(m.places());
     let mut compared = BTreeMap::new();
     for c in candidates {
         let permit = Arc::clone(&permits)
@@ -346,14 +357,15 @@ async fn compare_all(
             .expect("semaphore is never closed");
         let e = &m.entries[c.entry];
         let (sealer, chunks, size, shared) = (sealer.clone(), e.chunks.clone(), e.size, e.within.is_some());
+        let places = Arc::clone(&places);
         tasks.spawn_blocking(move || {
             // A small file's shared chunk names the bytes of its neighbours too: nothing on disk
             // can be compared with it. The file is compared with its slice as the chunk arrives
             // (`FileToWrite::compare`), and written only where it differs.
-            let (hashed, differ) = if shared {
-                (0, vec![0])
+            let (hashed, differ, bases_here) = if shared {
+                (0, vec![0], vec![])
             } else {
-                compare(&sealer, &c.dest, c.len, size, chunk_size, &chunks)?
+                compare(&sealer, &places, &c.dest, (c.len, size, chunk_size), &chunks)?
             };
             drop(permit);
             let Candidate {
@@ -370,6 +382,7 @@ async fn compare_all(
                     mode,
                     hashed,
                     differ,
+                    bases_here,
                 },
             ))
         });
@@ -417,6 +430,7 @@ fn plan_files(
                     dest: c.dest,
                     prepare: Prepare::Resize,
                     rewrite: c.differ,
+                    bases_here: c.bases_here,
                     mode_differs,
                 }
             }
@@ -427,30 +441,32 @@ fn plan_files(
                     dest: destination(pgdata, spaces, &e.path),
                     prepare: Prepare::Create,
                     rewrite: (0..e.chunks.len()).collect(),
+                    bases_here: vec![],
                     mode_differs: true,
                 }
             }
         };
         report.chunks_rewritten += p.rewrite.len() as u64;
+        report.bases_on_disk += p.bases_here.len() as u64;
         planned.push(p);
     }
     planned
 }
 
 /// Compare the existing file `dest` (`len` bytes) with the backup's `chunks` of a file of `size`
-/// bytes: the indexes of the chunks whose content differs or is missing, and the bytes hashed.
+/// bytes: the bytes hashed, the indexes of the chunks whose content differs or is missing, and
+/// those of them stored as a difference from what the file holds there ([`Compared::bases_here`]).
 fn compare(
     sealer: &Sealer,
+    places: &Places,
     dest: &Path,
-    len: u64,
-    size: u64,
-    chunk_size: u64,
+    (len, size, chunk_size): (u64, u64, u64),
     chunks: &[ChunkId],
-) -> Result<(u64, Vec<usize>), RestoreError> {
+) -> Result<(u64, Vec<usize>, Vec<usize>), RestoreError> {
     use std::os::unix::fs::FileExt;
     let file = open_nofollow(dest, false)?;
     let mut buf = vec![0u8; usize::try_from(chunk_size.min(size.min(len))).unwrap_or(0)];
-    let (mut hashed, mut differ) = (0u64, Vec::new());
+    let (mut hashed, mut differ, mut bases_here) = (0u64, Vec::new(), Vec::new());
     for (idx, id) in chunks.iter().enumerate() {
         let offset = idx as u64 * chunk_size;
         let want = chunk_size.min(size - offset);
@@ -462,11 +478,15 @@ fn compare(
         let slice = &mut buf[..want as usize];
         file.read_exact_at(slice, offset).map_err(write_err(dest))?;
         hashed += want;
-        if sealer.content_hash(slice) != *id.hash() {
+        let found = sealer.content_hash(slice);
+        if found != *id.hash() {
             differ.push(idx);
+            if places.delta(id).is_some_and(|d| *d.base.hash() == found) {
+                bases_here.push(idx);
+            }
         }
     }
-    Ok((hashed, differ))
+    Ok((hashed, differ, bases_here))
 }
 
 /// Carry out the plan's changes to the directory tree, leaving every file of the plan at its
@@ -522,6 +542,9 @@ pub(crate) fn apply(
                     .set_len(e.size)
                     .map_err(write_err(&f.dest))?;
             }
+        }
+        for &idx in &f.bases_here {
+            fill.base_here(e.chunks[idx], f.dest.clone(), idx as u64 * m.chunk_size);
         }
         fill.add(e, f.dest, false, f.rewrite.into_iter(), m.chunk_size);
     }

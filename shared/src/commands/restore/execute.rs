@@ -131,14 +131,16 @@ pub(crate) async fn write_backup(
     delta: Option<DeltaComparison>,
     progress: Arc<dyn Progress>,
 ) -> Result<Written, RestoreError> {
-    let (work, mut delta) = work_list(plan, manifest, delta)?;
+    let (mut work, mut delta) = work_list(plan, manifest, delta)?;
     let places = Arc::new(manifest.places());
+    let bases_here = Arc::new(std::mem::take(&mut work.bases_here));
     let (files, pg_control) = work.into_batches(&places)?;
     let from = ChunkStore {
         store,
         sealer,
         places,
         chunk_size: manifest.chunk_size,
+        bases_here,
     };
     let mut transfer = pipeline::write(&from, files, plan.parallel, plan.sync, &progress).await?;
     // Everything but pg_control is durable before pg_control is written: the files, the recovery

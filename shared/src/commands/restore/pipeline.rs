@@ -23,7 +23,7 @@ use super::chunk_reader::{ChunkReader, Read, Started, decode_in_order, never_rea
 use super::file_writer::{FileWritten, Piece, open_roots, syncfs_each, write_file};
 use super::order::ChunkRef;
 use super::waits::{WaitClock, Waits};
-use super::work::{Batch, FileToWrite, Source};
+use super::work::{BasesHere, Batch, FileToWrite, Source};
 use super::{Progress, RestoreError, SyncMethod};
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::pack::Places;
@@ -38,6 +38,8 @@ pub(crate) struct ChunkStore<'a> {
     pub sealer: &'a Sealer,
     pub places: Arc<Places>,
     pub chunk_size: u64,
+    /// Bases of chunks stored as differences read from disk (`--delta`: [`BasesHere`]).
+    pub bases_here: Arc<BasesHere>,
 }
 
 /// Write `batch`: every file it names, from its references, with at most `parallel` chunks
@@ -144,6 +146,7 @@ impl Pipeline<'_> {
             sealer: self.from.sealer.clone(),
             places: Arc::clone(&self.from.places),
             files: Arc::clone(&self.files),
+            bases_here: Arc::clone(&self.from.bases_here),
         });
         let waits = Arc::new(WaitClock::default());
         let bounds = Bounds::of(self.parallel, self.from.chunk_size);

@@ -367,8 +367,8 @@ impl RestorePlan {
             rows.push(row(
                 "delta",
                 format!(
-                    "checked {} existing files ({} bytes hashed), {} unchanged; compares {} small files with their shared chunks as they are fetched; rewrites {} chunks, creates {} files, removes {} files and directories",
-                    d.files_checked, d.bytes_hashed, d.files_unchanged, d.files_compared_as_fetched, d.chunks_rewritten, d.files_created, d.removed
+                    "checked {} existing files ({} bytes hashed), {} unchanged; compares {} small files with their shared chunks as they are fetched; rewrites {} chunks ({} from bases on disk), creates {} files, removes {} files and directories",
+                    d.files_checked, d.bytes_hashed, d.files_unchanged, d.files_compared_as_fetched, d.chunks_rewritten, d.bases_on_disk, d.files_created, d.removed
                 ),
             ));
         }

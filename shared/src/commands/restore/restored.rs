@@ -50,8 +50,8 @@ impl Report for RestoreReport {
         )];
         if let Some(d) = &self.delta {
             lines.push(format!(
-                "delta: checked {} existing files ({} bytes hashed), {} unchanged; compared {} small files with their shared chunks; rewrote {} chunks, created {} files, removed {} files and directories",
-                d.files_checked, d.bytes_hashed, d.files_unchanged, d.files_compared_as_fetched, d.chunks_rewritten, d.files_created, d.removed
+                "delta: checked {} existing files ({} bytes hashed), {} unchanged; compared {} small files with their shared chunks; rewrote {} chunks ({} from bases on disk), created {} files, removed {} files and directories",
+                d.files_checked, d.bytes_hashed, d.files_unchanged, d.files_compared_as_fetched, d.chunks_rewritten, d.bases_on_disk, d.files_created, d.removed
             ));
         }
         lines.push(format!(

@@ -48,7 +48,17 @@ pub(crate) struct WorkList {
     /// The data directory and every tablespace directory: with `--sync-method syncfs`, their
     /// file systems are synced even when no file is written (a `--delta` that only removed).
     pub roots: Vec<PathBuf>,
+    /// Chunks stored as differences whose base a file being rewritten holds (`--delta`): the
+    /// file and the offset to read it at ([`BasesHere`]).
+    pub bases_here: BasesHere,
 }
+
+/// Chunks stored as a difference whose base is on disk, in a file a delta restore rewrites: the
+/// file and the offset of the chunk's place. The base is read there, before the chunk is written
+/// over it (a place is written only with its own chunk, once that is put back together), rather
+/// than from the repository; a restore checks what it puts back together against the chunk's id,
+/// and reads the base from the repository when the bytes on disk do not give it.
+pub(crate) type BasesHere = HashMap<ChunkId, (PathBuf, u64)>;
 
 impl WorkList {
     /// Add file entry `e` at `dest`, with its chunks `which` to write; `create`: see
@@ -84,6 +94,11 @@ impl WorkList {
         });
     }
 
+    /// Chunk `id`, stored as a difference, may read its base from `file` at `offset`.
+    pub(crate) fn base_here(&mut self, id: ChunkId, file: PathBuf, offset: u64) {
+        self.bases_here.entry(id).or_insert((file, offset));
+    }
+
     /// The work in the two batches a restore writes one after the other: every file but
     /// `global/pg_control`, in the order the packs hold their chunks, each chunk fetched once
     /// while it fits in [`REPEAT_BUDGET`]; then `global/pg_control` alone (none if the backup has
@@ -94,6 +109,7 @@ impl WorkList {
             refs,
             pg_control,
             roots,
+            bases_here: _,
         } = self;
         let (early, late) = split_last(refs, &files, pg_control, places)?;
         let files = Arc::new(files);
