@@ -13,7 +13,8 @@ Scenarios (--only, comma-separated; default all):
   restore   restore of that backup into an empty directory: seconds, peak RSS
   second    second backup with no change, then after ~1% of pgbench_accounts rows were updated:
             seconds and bytes added to the repository
-  delta     restore of the changed backup over the directory restored by `restore` (--delta)
+  delta     restore of the changed backup into an empty directory, then over the directory
+            restored by `restore` (--delta)
   archive   a real WAL backlog drained through each tool's daemon / asynchronous path
   replay    that WAL replayed through each tool's restore_command, against cp from a local dir
 (peak RSS and, on S3, requests per segment and bytes/objects stored are taken along the way.)
@@ -774,7 +775,8 @@ def backup_round(ctx, store, rnd, c, shape):
     c.psql("select pg_switch_wal()")
     wait_archived(c)
     order = names[rnd % len(names):] + names[:rnd % len(names)]
-    res = {k: {} for k in ("full", "restore", "second_nochange", "second_change", "delta_restore")}
+    res = {k: {} for k in ("full", "restore", "second_nochange", "second_change", "restore_changed",
+                           "delta_restore")}
     want = digest(c.port)
 
     def backup(tool, kind):
@@ -855,6 +857,21 @@ def backup_round(ctx, store, rnd, c, shape):
                 f"{res['second_change'][tool]['stored_bytes']} B")
 
     if ctx.want("delta"):
+        # The newest backup, as a DBA restores it after a loss: each tool's changed backup (a
+        # walvault backup with chunks stored as differences, pgBackRest's incremental, WAL-RUS's
+        # delta) into an empty directory.
+        for tool in order:
+            dest = os.path.join(ctx.work, f"rs2-{tag}-{tool}")
+            reqs = store.counters()
+            secs, synced, rss, _ = durable(tools[tool].restore(dest), dest, store.env)
+            res["restore_changed"][tool] = {"seconds": synced, "seconds_no_sync": secs,
+                                            "peak_rss_mib": round(rss / 1024, 1)}
+            if reqs is not None:
+                res["restore_changed"][tool]["s3"] = store.requests(reqs)
+            log(f"  {tag} restore of the changed backup {tool}: {synced} s until durable")
+            if tool == "walvault":
+                res["restore_changed"][tool]["verified"] = verify_restore(ctx, store, dest, want, tag + "-changed")
+            shutil.rmtree(dest, ignore_errors=True)
         for tool in [t for t in ("walvault", "pgBackRest") if t in tools]:
             if tool == "walvault" and not ctx.walvault_delta:
                 res["delta_restore"][tool] = {"seconds": None, "note": "restore-agent restore has no --delta"}
@@ -1096,6 +1113,7 @@ ROWS = [
     ("second backup, no change, stored", "second_nochange", "stored_bytes", "MiB", True, MIB),
     ("second backup, 1% changed", "second_change", "seconds", "s", True, 1),
     ("second backup, 1% changed, stored", "second_change", "stored_bytes", "MiB", True, MIB),
+    ("restore of the changed backup, until durable", "restore_changed", "seconds", "s", True, 1),
     ("delta restore over the old directory", "delta_restore", "seconds", "s", True, 1),
     ("WAL archiving, daemon / async", "archive", "segments_per_s", "segments/s", False, 1),
     ("WAL archiving, daemon peak RSS (largest process)", "archive", ("daemon", "peak_rss_mib"), "MiB", True, 1),
