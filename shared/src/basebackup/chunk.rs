@@ -179,16 +179,28 @@ pub async fn read_sealed_run(
         .collect())
 }
 
-/// Chunk `id` (stored whole) opened from its sealed bytes and verified; when they do not open
-/// (damaged, or a truncated read), read again on its own ([`read_chunk`], which asks a
-/// fallback repository).
+/// Chunk `id` (stored whole, of at most `max_len` bytes: its header is checked before anything
+/// is decompressed) opened from its sealed bytes and verified; when they do not open (damaged,
+/// or a truncated read), read again on its own ([`read_chunk`], which asks a fallback
+/// repository).
 pub async fn open_sealed(
     store: &Store,
     sealer: &Sealer,
     places: &Places,
-    id: &ChunkId,
+    (id, max_len): (&ChunkId, u64),
     sealed: &[u8],
 ) -> Result<Vec<u8>, ChunkError> {
+    if let Ok(h) = sealer.read_header(sealed)
+        && h.original_len > max_len
+    {
+        return Err(ChunkError::Corrupt {
+            id: id.to_string(),
+            source: Box::new(ObjectError::ContentLength {
+                expected: max_len,
+                found: h.original_len,
+            }),
+        });
+    }
     match stored::open::<Chunk>(sealer, id, sealed) {
         Ok(Chunk(content)) => Ok(content),
         Err(_) => read_whole(store, sealer, places, id).await,
@@ -317,4 +329,74 @@ pub fn check_pack(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::basebackup::pack::{PackBuilder, PackRecord};
+
+    fn cid(b: u8) -> ChunkId {
+        ChunkId::from_hash([b; 32])
+    }
+
+    fn pack(ids: &[u8], len: usize) -> (Bytes, PackRecord) {
+        let mut b = PackBuilder::default();
+        for i in ids {
+            b.add(cid(*i), &vec![*i; len]);
+        }
+        b.seal()
+    }
+
+    #[test]
+    fn neighbours_in_a_pack_make_one_run_and_nothing_else_does() {
+        let (_, a) = pack(&[1, 2, 3, 4, 5], 100);
+        let (_, far) = pack(&[6, 7], SEALED_RUN_SLACK as usize + 1);
+        let (_, b) = pack(&[8], 100);
+        let places = Places::of([&a, &far, &b]);
+        // 1 and 2 side by side (in any order, 1 met twice); 8 in another pack; 9 stored on its
+        // own; 3 and 5 with only 4 between them; at most two chunks a run.
+        let ids: Vec<ChunkId> = [2, 1, 1, 8, 9, 3, 5].iter().map(|&i| cid(i)).collect();
+        assert_eq!(sealed_runs(&places, &ids, 8), vec![0..3, 3..4, 4..5, 5..7]);
+        assert_eq!(sealed_runs(&places, &ids, 2), vec![0..2, 2..3, 3..4, 4..5, 5..7]);
+        // A gap wider than the slack ends a run.
+        let ids: Vec<ChunkId> = [6, 7].iter().map(|&i| cid(i)).collect();
+        assert_eq!(sealed_runs(&places, &ids, 8), vec![0..2]);
+        let (_, gap) = pack(&[10, 11, 12], SEALED_RUN_SLACK as usize + 1);
+        let places = Places::of([&gap]);
+        let ids: Vec<ChunkId> = [10, 12].iter().map(|&i| cid(i)).collect();
+        assert_eq!(sealed_runs(&places, &ids, 8), vec![0..1, 1..2]);
+    }
+
+    #[tokio::test]
+    async fn a_run_is_read_with_one_ranged_read_and_each_chunk_opens() {
+        use std::sync::Arc;
+        let faults = Arc::new(crate::repo::fault::FaultStore::new(
+            crate::repo::fault::Fault::None,
+        ));
+        let store = crate::repo::fault::FaultStore::s3_like(&faults, std::time::Duration::from_secs(5));
+        let sealer = Sealer::plain();
+        let contents: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 5000 + i as usize]).collect();
+        let mut b = PackBuilder::default();
+        let mut ids = vec![];
+        for c in &contents {
+            let id = chunk_id(&sealer, c);
+            b.add(id, &seal_chunk(&sealer, *id.hash(), c, 3).unwrap());
+            ids.push(id);
+        }
+        let (bytes, record) = b.seal();
+        store.put(&pack_key(&record.id), bytes).await.unwrap();
+        let places = Places::of([&record]);
+        let wanted = [ids[2], ids[0]];
+        let sealed = read_sealed_run(&store.reader(), &places, &wanted).await.unwrap();
+        for (id, s) in wanted.iter().zip(&sealed) {
+            let opened = open_sealed(&store.reader(), &sealer, &places, (id, 1 << 20), s)
+                .await
+                .unwrap();
+            assert_eq!(chunk_id(&sealer, &opened), *id);
+        }
+        // Longer than a chunk may be: refused before it is decompressed.
+        let err = open_sealed(&store.reader(), &sealer, &places, (&ids[2], 100), &sealed[0]).await;
+        assert!(matches!(err, Err(ChunkError::Corrupt { .. })), "{err:?}");
+    }
 }

@@ -59,6 +59,8 @@ pub(super) struct DeltaBases {
     /// See [`Previous::delta_bases`].
     by_path: HashMap<String, Vec<Option<ChunkId>>>,
     ahead: Mutex<Ahead>,
+    /// The previous backup's chunk size: no base is longer.
+    chunk_size: u64,
 }
 
 /// The bases being read or read ahead.
@@ -80,6 +82,7 @@ impl DeltaBases {
             places: Arc::new(previous.manifest.places()),
             by_path: previous.delta_bases(),
             ahead: Mutex::default(),
+            chunk_size: previous.manifest.chunk_size,
         }
     }
 
@@ -102,7 +105,16 @@ impl DeltaBases {
             *r = None;
         }
         let opened = match sealed {
-            Some(bytes) => chunk::open_sealed(&self.store, sealer, &self.places, &b.id, &bytes).await,
+            Some(bytes) => {
+                chunk::open_sealed(
+                    &self.store,
+                    sealer,
+                    &self.places,
+                    (&b.id, self.chunk_size),
+                    &bytes,
+                )
+                .await
+            }
             None => chunk::read_chunk(&self.store, sealer, &self.places, &b.id).await,
         };
         match opened {
@@ -114,6 +126,13 @@ impl DeltaBases {
                 );
                 None
             }
+        }
+    }
+
+    /// Base `b` is not needed (its piece is unchanged): its bytes, if read ahead, are let go.
+    pub(super) fn forget(&self, b: &BaseRef) {
+        if let Some((_, r)) = self.ahead.lock().expect("never poisoned").reads.get_mut(&b.id) {
+            *r = None;
         }
     }
 

@@ -64,4 +64,9 @@ pub enum BackupError {
     ServerManifest(#[from] crate::basebackup::server_manifest::ServerManifestError),
     #[error("a backup with id {0} already exists; wait a second and retry")]
     Exists(BackupId),
+    /// What a restore would refuse is never recorded: a bug, not a backup.
+    #[error(
+        "the backup's manifest fails its own checks ({0}); the backup was not recorded (a bug in walvault: please report it)"
+    )]
+    Unsound(String),
 }

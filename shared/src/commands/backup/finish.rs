@@ -151,6 +151,10 @@ pub(super) async fn record(
     lock: &Lock,
     manifest: Manifest,
 ) -> Result<Manifest, BackupError> {
+    // Checked as a restore will check it, before it exists.
+    manifest
+        .validate()
+        .map_err(|e| BackupError::Unsound(e.to_string()))?;
     let id = &manifest.id;
     let sealed = sealer
         .seal_writer(ObjectKind::Manifest, id.as_str(), 3, |w| {

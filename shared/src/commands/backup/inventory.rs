@@ -336,6 +336,13 @@ impl Previous {
             .flat_map(|e| e.chunks.iter())
             // A chunk stored as a difference needs its base too.
             .filter(|c| !stored(c) || places.delta(c).is_some_and(|d| !stored(&d.base)))
+            .chain(
+                self.manifest
+                    .deltas
+                    .iter()
+                    .map(|d| &d.base)
+                    .filter(|b| !stored(b)),
+            )
             .copied()
             .collect())
     }
@@ -377,6 +384,20 @@ impl Previous {
                 let known = lens.entry(*id.hash()).or_insert(len);
                 *known = known.or(len);
             }
+        }
+        // The bases of its chunks stored as differences are stored whole: met again as content,
+        // they are named as they are, never stored as a difference themselves (which would
+        // leave the differences from them without a base to read).
+        let places = self.manifest.places();
+        for d in self
+            .manifest
+            .deltas
+            .iter()
+            .filter(|d| !self.absent.contains(&d.base))
+        {
+            let len = places.get(&d.base).map(|p| p.len);
+            let known = lens.entry(*d.base.hash()).or_insert(len);
+            *known = known.or(len);
         }
         lens
     }

@@ -761,6 +761,9 @@ impl Chunks {
         .await
         .map_err(blocking_err)?;
         drop(permit);
+        if let (Step::Met | Step::Known(_), Some(b), Some(bases)) = (&step, &base, &self.bases) {
+            bases.forget(b);
+        }
         let (sealed, ask) = match step {
             Step::Met => {
                 self.buffers.give(data);

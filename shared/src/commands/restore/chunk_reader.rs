@@ -110,65 +110,6 @@ pub(crate) type BaseRead = (
 /// lie side by side in the packs of the backup before), each run with one ranged read.
 pub const BASES_AHEAD: usize = 8 << 10;
 
-/// Start reading the bases of the chunks of `run` stored as differences (those not on disk,
-/// [`BasesHere`]), in runs of neighbours, once their sealed bytes fit in [`BASES_AHEAD`] (all
-/// the run's at once: a share held while waiting for another could wait for itself); by index
-/// in `run`. `None` when the restore is stopping.
-async fn read_bases(
-    reader: &Arc<ChunkReader>,
-    run: &[ChunkRef],
-    bases: &Arc<Semaphore>,
-    waits: &WaitClock,
-) -> Option<HashMap<usize, BaseRead>> {
-    let mut out = HashMap::new();
-    let wanted: Vec<(usize, ChunkId)> = run
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| !reader.bases_here.contains_key(&r.id))
-        .filter_map(|(i, r)| Some((i, reader.places.delta(&r.id)?.base)))
-        .collect();
-    if wanted.is_empty() {
-        return Some(out);
-    }
-    let ids: Vec<ChunkId> = wanted.iter().map(|(_, b)| *b).collect();
-    let kib: usize = ids
-        .iter()
-        .map(|id| {
-            reader
-                .places
-                .get(id)
-                .map_or(1024, |p| p.len.div_ceil(1024) as usize + 1)
-        })
-        .sum();
-    let since = std::time::Instant::now();
-    let share = Arc::clone(bases)
-        .acquire_many_owned(kib.min(BASES_AHEAD) as u32)
-        .await
-        .ok()?;
-    waits.add(&waits.reading, since);
-    let share = Arc::new(share);
-    for range in sealed_runs(&reader.places, &ids, usize::MAX) {
-        let mut answers = Vec::with_capacity(range.len());
-        for &(i, _) in &wanted[range.clone()] {
-            let (tx, rx) = oneshot::channel();
-            out.insert(i, (rx, Arc::clone(&share)));
-            answers.push(tx);
-        }
-        let (reader, ids) = (Arc::clone(reader), ids[range].to_vec());
-        tokio::spawn(async move {
-            match read_sealed_run(&reader.store, &reader.places, &ids).await {
-                Ok(sealed) => answers.into_iter().zip(sealed).for_each(|(tx, b)| {
-                    let _ = tx.send(Ok(b));
-                }),
-                Err(_) => answers.into_iter().for_each(|tx| {
-                    let _ = tx.send(Err(()));
-                }),
-            }
-        });
-    }
-    Some(out)
-}
-
 /// A chunk decompressed in order, with its share of [`plain_ahead`].
 pub(crate) type Started = (
     oneshot::Receiver<Result<Vec<u8>, RestoreError>>,
@@ -209,20 +150,124 @@ pub(crate) async fn read_in_order(
         // The run's read first: a base's share may wait for chunks of this run to be decoded.
         let chunks = run.clone();
         runs.spawn(Arc::clone(&reader).fetch_run(run, senders, reading));
-        let mut base_reads = match read_bases(&reader, &chunks, &bases, &waits).await {
-            Some(reads) => reads,
-            None => return,
+        let to = Dispatch {
+            reader: &reader,
+            decoder: &decoder,
+            room: &room,
+            bases: &bases,
+            waits: &waits,
         };
-        for (i, (r, rx)) in chunks.into_iter().zip(answers).enumerate() {
-            let base = base_reads.remove(&i);
-            if decoder.send((r, rx, Arc::clone(&room), base)).is_err() {
-                return;
-            }
+        if !to.send_run(chunks, answers, &mut runs).await {
+            return;
         }
         while runs.try_join_next().is_some() {}
         at = end;
     }
     while runs.join_next().await.is_some() {}
+}
+
+/// Where the reader hands a run's chunks: the decoder, with the run's share of
+/// [`SEALED_AHEAD`], and the reads of the bases of those stored as differences within
+/// [`BASES_AHEAD`].
+struct Dispatch<'a> {
+    reader: &'a Arc<ChunkReader>,
+    decoder: &'a tokio::sync::mpsc::UnboundedSender<Read>,
+    room: &'a Arc<OwnedSemaphorePermit>,
+    bases: &'a Arc<Semaphore>,
+    waits: &'a WaitClock,
+}
+
+impl Dispatch<'_> {
+    /// Hand the chunks of a run (whose read is started) to the decoder in order, each with its
+    /// answer. The bases of those stored as differences (and not on disk, [`BasesHere`]) are read
+    /// in runs of neighbours ([`sealed_runs`]), each once its sealed bytes fit in
+    /// [`BASES_AHEAD`], with every chunk before it handed on first: a share is only ever waited
+    /// for while the chunks holding the others can be decoded. False when the restore is
+    /// stopping.
+    async fn send_run(
+        &self,
+        chunks: Vec<ChunkRef>,
+        answers: Vec<oneshot::Receiver<Result<bytes::Bytes, RestoreError>>>,
+        runs: &mut JoinSet<()>,
+    ) -> bool {
+        let reader = self.reader;
+        let wanted: Vec<(usize, ChunkId)> = chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !reader.bases_here.contains_key(&r.id))
+            .filter_map(|(i, r)| Some((i, reader.places.delta(&r.id)?.base)))
+            .collect();
+        let ids: Vec<ChunkId> = wanted.iter().map(|(_, b)| *b).collect();
+        let mut pending = chunks.into_iter().zip(answers).enumerate().peekable();
+        for range in sealed_runs(&reader.places, &ids, usize::MAX) {
+            let (first, last) = (wanted[range.start].0, wanted[range.end - 1].0);
+            while let Some((_, (r, rx))) = pending.next_if(|(i, _)| *i < first) {
+                if self.decoder.send((r, rx, Arc::clone(self.room), None)).is_err() {
+                    return false;
+                }
+            }
+            let Some(mut reads) = self.read_bases(&wanted[range.clone()], &ids[range], runs).await else {
+                return false;
+            };
+            while let Some((i, (r, rx))) = pending.next_if(|(i, _)| *i <= last) {
+                if self
+                    .decoder
+                    .send((r, rx, Arc::clone(self.room), reads.remove(&i)))
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+        }
+        for (_, (r, rx)) in pending {
+            if self.decoder.send((r, rx, Arc::clone(self.room), None)).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Start reading bases `ids` (one run of neighbours, for the chunks `wanted` names by index)
+    /// with one ranged read, in `runs` (none outlives the restore), once their sealed bytes fit
+    /// in [`BASES_AHEAD`]; each chunk's read by its index. `None` when the restore is stopping.
+    async fn read_bases(
+        &self,
+        wanted: &[(usize, ChunkId)],
+        ids: &[ChunkId],
+        runs: &mut JoinSet<()>,
+    ) -> Option<HashMap<usize, BaseRead>> {
+        let places = &self.reader.places;
+        let kib: usize = ids
+            .iter()
+            .map(|id| places.get(id).map_or(1024, |p| p.len.div_ceil(1024) as usize + 1))
+            .sum();
+        let since = std::time::Instant::now();
+        let share = Arc::clone(self.bases)
+            .acquire_many_owned(kib.min(BASES_AHEAD) as u32)
+            .await
+            .ok()?;
+        self.waits.add(&self.waits.reading, since);
+        let share = Arc::new(share);
+        let mut out = HashMap::new();
+        let mut answers = Vec::with_capacity(ids.len());
+        for &(i, _) in wanted {
+            let (tx, rx) = oneshot::channel();
+            out.insert(i, (rx, Arc::clone(&share)));
+            answers.push(tx);
+        }
+        let (reader, ids) = (Arc::clone(self.reader), ids.to_vec());
+        runs.spawn(async move {
+            match read_sealed_run(&reader.store, &reader.places, &ids).await {
+                Ok(sealed) => answers.into_iter().zip(sealed).for_each(|(tx, b)| {
+                    let _ = tx.send(Ok(b));
+                }),
+                Err(_) => answers.into_iter().for_each(|tx| {
+                    let _ = tx.send(Err(()));
+                }),
+            }
+        });
+        Some(out)
+    }
 }
 
 /// A chunk whose answer never came: a stage of the pipeline died (it panicked).
@@ -264,43 +309,7 @@ pub(crate) async fn decode_in_order(
         let (reader, out) = (Arc::clone(&reader), buffers.take(r.len));
         let runtime = tokio::runtime::Handle::current();
         decoding.spawn_blocking(move || {
-            // A chunk stored as a difference: its base, whose read the reader started, or in the
-            // file a delta restore rewrites.
-            let here = base.is_none().then(|| reader.base_here(&r)).flatten();
-            let (base, _base_share) = match base {
-                Some((read, share)) => match runtime.block_on(reader.base(&r, read)) {
-                    Ok(b) => (Some(b), Some(share)),
-                    Err(e) => {
-                        drop(room);
-                        drop(core);
-                        let _ = tx.send(Err(e.into()));
-                        return;
-                    }
-                },
-                None => (here, None),
-            };
-            let base = base.as_deref();
-            let opened = sealed.and_then(|bytes| match reader.open(&r, &bytes, out, base) {
-                // The file did not hold the base after all: the repository's.
-                Err(_) if base.is_some() && reader.bases_here.contains_key(&r.id) => {
-                    let d = reader.places.delta(&r.id).expect("a base is read for a delta");
-                    let base = runtime.block_on(read_chunk(
-                        &reader.store,
-                        &reader.sealer,
-                        &reader.places,
-                        &d.base,
-                    ))?;
-                    reader.open(&r, &bytes, Vec::new(), Some(&base))
-                }
-                opened => opened,
-            });
-            let opened = match opened {
-                // Rare: waited for here, on this blocking thread, rather than in the pipeline.
-                Err(damage) if reader.store.fallback().is_some() && is_damage(&damage) => runtime
-                    .block_on(reader.reopen_from_fallback(&r, &damage, base))
-                    .ok_or(damage),
-                opened => opened,
-            };
+            let opened = sealed.and_then(|bytes| reader.decode(&r, &bytes, out, base, &runtime));
             // The sealed bytes and their share go before the answer: the reader may go on.
             drop(room);
             drop(core);
@@ -329,9 +338,53 @@ pub(crate) struct ChunkReader {
     pub files: Arc<Vec<FileToWrite>>,
     /// Bases on disk (`--delta`).
     pub bases_here: Arc<BasesHere>,
+    /// The backup's chunk size: no base is longer.
+    pub chunk_size: u64,
 }
 
 impl ChunkReader {
+    /// Chunk `r` opened from its sealed bytes and verified, on a decoder's blocking thread (see
+    /// [`ChunkReader::open`]); a chunk stored as a difference with its base: the one whose read
+    /// the reader started, or the one in the file a delta restore rewrites, or (when that file
+    /// does not give it) the repository's. A chunk that does not open is read again from the
+    /// fallback repository, if there is one.
+    fn decode(
+        &self,
+        r: &ChunkRef,
+        sealed: &[u8],
+        out: Vec<u8>,
+        base: Option<BaseRead>,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Vec<u8>, RestoreError> {
+        let from_repository =
+            |id: &ChunkId| runtime.block_on(read_chunk(&self.store, &self.sealer, &self.places, id));
+        let delta = self.places.delta(&r.id).copied();
+        let (mut base, _share) = match (base, delta) {
+            (Some((read, share)), _) => (Some(runtime.block_on(self.base(r, read))?), Some(share)),
+            (None, Some(d)) => match self.base_here(r) {
+                Some(here) => (Some(here), None),
+                None => (Some(from_repository(&d.base)?), None),
+            },
+            (None, None) => (None, None),
+        };
+        let mut opened = self.open(r, sealed, out, base.as_deref());
+        if opened.is_err()
+            && let Some(d) = delta.filter(|_| self.bases_here.contains_key(&r.id))
+        {
+            // The file did not hold the base after all: the repository's.
+            let b = from_repository(&d.base)?;
+            opened = self.open(r, sealed, Vec::new(), Some(&b));
+            base = Some(b);
+        }
+        match opened {
+            // Rare: waited for here, on this blocking thread, rather than in the pipeline.
+            Err(damage) if self.store.fallback().is_some() && is_damage(&damage) => runtime
+                .block_on(self.reopen_from_fallback(r, &damage, base.as_deref()))
+                .ok_or(damage),
+            opened => opened,
+        }
+    }
+
     /// The base of chunk `r` (stored as a difference): the sealed bytes its run's read brings,
     /// opened; or read on its own when that read failed.
     async fn base(
@@ -341,7 +394,16 @@ impl ChunkReader {
     ) -> Result<Vec<u8>, ChunkError> {
         let id = self.places.delta(&r.id).expect("a base is read for a delta").base;
         match read.await {
-            Ok(Ok(sealed)) => open_sealed(&self.store, &self.sealer, &self.places, &id, &sealed).await,
+            Ok(Ok(sealed)) => {
+                open_sealed(
+                    &self.store,
+                    &self.sealer,
+                    &self.places,
+                    (&id, self.chunk_size),
+                    &sealed,
+                )
+                .await
+            }
             // Its run's read failed (or its task died): read on its own, from a fallback too.
             _ => read_chunk(&self.store, &self.sealer, &self.places, &id).await,
         }

@@ -147,6 +147,7 @@ impl Pipeline<'_> {
             places: Arc::clone(&self.from.places),
             files: Arc::clone(&self.files),
             bases_here: Arc::clone(&self.from.bases_here),
+            chunk_size: self.from.chunk_size,
         });
         let waits = Arc::new(WaitClock::default());
         let bounds = Bounds::of(self.parallel, self.from.chunk_size);
