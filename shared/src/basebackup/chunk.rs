@@ -100,6 +100,55 @@ pub fn undo_delta(sealer: &Sealer, id: &ChunkId, diff: &mut [u8], base: &[u8]) -
 pub const SEALED_RUN_MAX: u64 = 4 << 20;
 pub const SEALED_RUN_SLACK: u64 = 256 << 10;
 
+/// The end of the run of neighbours in one pack that starts at `at` among the `n` chunks
+/// `id(0..n)` (in the order they are needed): the chunks after it that lie in the same pack,
+/// read together with one ranged read whose span wastes at most `slack` beyond what the run
+/// needs (a chunk met twice costs nothing more), as long as `fits(span, chunks)` for the run
+/// with the next one in it. A chunk stored on its own is a run of one. The restore's runs
+/// (`restore::chunk_reader::run_end`) and the runs of bases ([`sealed_runs`]) are cut alike.
+pub fn neighbours_end(
+    places: &Places,
+    (at, n): (usize, usize),
+    id: impl Fn(usize) -> ChunkId,
+    slack: u64,
+    fits: impl Fn(u64, usize) -> bool,
+) -> usize {
+    let Some(first) = places.get(&id(at)) else {
+        return at + 1;
+    };
+    let (mut lo, mut hi, mut needed) = (first.offset, first.offset + first.len, first.len);
+    let mut end = at + 1;
+    while end < n {
+        let Some(p) = places.get(&id(end)).filter(|p| p.pack == first.pack) else {
+            break;
+        };
+        let (l, h) = (lo.min(p.offset), hi.max(p.offset + p.len));
+        let more = if p.offset >= lo && p.offset + p.len <= hi {
+            0
+        } else {
+            p.len
+        };
+        if h - l > needed + more + slack || !fits(h - l, end + 1 - at) {
+            break;
+        }
+        (lo, hi, needed) = (l, h, needed + more);
+        end += 1;
+    }
+    end
+}
+
+/// The bytes of the pack one read of chunks `ids` covers: from the first of the packed ones to
+/// the end of the last (`None` when none is packed).
+pub fn span_of<'a>(
+    places: &Places,
+    ids: impl IntoIterator<Item = &'a ChunkId>,
+) -> Option<std::ops::Range<u64>> {
+    ids.into_iter()
+        .filter_map(|id| places.get(id))
+        .map(|p| p.range())
+        .reduce(|a, b| a.start.min(b.start)..a.end.max(b.end))
+}
+
 /// `ids` (in the order they are needed) cut into runs of neighbours in one pack, each read
 /// with one ranged read ([`read_sealed_run`]): at most `max_chunks` chunks, a span of at most
 /// [`SEALED_RUN_MAX`] of which at most [`SEALED_RUN_SLACK`] is not theirs. A chunk stored on its
@@ -108,26 +157,8 @@ pub fn sealed_runs(places: &Places, ids: &[ChunkId], max_chunks: usize) -> Vec<s
     let mut out = Vec::new();
     let mut at = 0;
     while at < ids.len() {
-        let mut end = at + 1;
-        if let Some(first) = places.get(&ids[at]) {
-            let (mut lo, mut hi, mut needed) = (first.offset, first.offset + first.len, first.len);
-            while end < ids.len() && end - at < max_chunks.max(1) {
-                let Some(p) = places.get(&ids[end]).filter(|p| p.pack == first.pack) else {
-                    break;
-                };
-                let (l, h) = (lo.min(p.offset), hi.max(p.offset + p.len));
-                let more = if p.offset >= lo && p.offset + p.len <= hi {
-                    0
-                } else {
-                    p.len
-                };
-                if h - l > SEALED_RUN_MAX || h - l > needed + more + SEALED_RUN_SLACK {
-                    break;
-                }
-                (lo, hi, needed) = (l, h, needed + more);
-                end += 1;
-            }
-        }
+        let fits = |span: u64, chunks: usize| span <= SEALED_RUN_MAX && chunks <= max_chunks.max(1);
+        let end = neighbours_end(places, (at, ids.len()), |i| ids[i], SEALED_RUN_SLACK, fits);
         out.push(at..end);
         at = end;
     }
@@ -153,14 +184,11 @@ pub async fn read_sealed_run(
             })?;
         return Ok(vec![bytes; ids.len()]);
     };
-    let (mut lo, mut hi) = (place.offset, place.offset + place.len);
-    for id in &ids[1..] {
-        let p = places
-            .get(id)
-            .filter(|p| p.pack == place.pack)
-            .expect("a run is in one pack");
-        (lo, hi) = (lo.min(p.offset), hi.max(p.offset + p.len));
-    }
+    debug_assert!(
+        ids.iter()
+            .all(|id| places.get(id).is_some_and(|p| p.pack == place.pack))
+    );
+    let std::ops::Range { start: lo, end: hi } = span_of(places, ids).unwrap_or_else(|| place.range());
     let missing = || ChunkError::MissingPack {
         pack: place.pack.to_string(),
         id: first.to_string(),

@@ -28,7 +28,7 @@ use crate::repo::{Store, WritableStore};
 /// A chunk is stored as its difference from the previous backup's chunk at the same place
 /// ([`Delta`]) when at most this share of its bytes differ (one in this many): past it the
 /// difference would compress little better than the chunk, and a restore reads two chunks.
-pub(super) const DELTA_MAX_CHANGED_DIVISOR: usize = 2;
+const DELTA_MAX_CHANGED_DIVISOR: usize = 2;
 
 /// Bases read at once, ahead of need, when a file's pieces change one after the other (a table
 /// updated throughout): each a ranged read of neighbours in a pack, so that an object store
@@ -77,10 +77,11 @@ struct Ahead {
 
 impl DeltaBases {
     pub(super) fn of(store: &WritableStore, previous: &Previous) -> DeltaBases {
+        let places = previous.manifest.places();
         DeltaBases {
             store: store.reader(),
-            places: Arc::new(previous.manifest.places()),
-            by_path: previous.delta_bases(),
+            by_path: previous.delta_bases(&places),
+            places: Arc::new(places),
             ahead: Mutex::default(),
             chunk_size: previous.manifest.chunk_size,
         }
@@ -99,11 +100,8 @@ impl DeltaBases {
     /// Base `b`'s bytes; `None`, with a warning, when they cannot be read (gone, damaged): that
     /// only costs the difference, the new chunk is stored whole.
     pub(super) async fn read(&self, sealer: &Sealer, b: &BaseRef) -> Option<Vec<u8>> {
-        let read = self.read_of(b);
-        let sealed = read.await;
-        if let Some((_, r)) = self.ahead.lock().expect("never poisoned").reads.get_mut(&b.id) {
-            *r = None;
-        }
+        let sealed = self.read_of(b).await;
+        self.forget(b);
         let opened = match sealed {
             Some(bytes) => {
                 chunk::open_sealed(
@@ -129,7 +127,8 @@ impl DeltaBases {
         }
     }
 
-    /// Base `b` is not needed (its piece is unchanged): its bytes, if read ahead, are let go.
+    /// Base `b` is not needed (any more: its piece is unchanged, or its bytes were taken): its
+    /// bytes, if read ahead, are let go, and it is not read ahead again.
     pub(super) fn forget(&self, b: &BaseRef) {
         if let Some((_, r)) = self.ahead.lock().expect("never poisoned").reads.get_mut(&b.id) {
             *r = None;

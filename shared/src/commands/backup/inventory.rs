@@ -11,6 +11,7 @@ use super::control::CONTROL_FILE;
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::exclude::{self, Decision};
 use crate::basebackup::manifest::{BackupId, Entry, EntryKind, FileRecord, FileStat, Manifest, Tablespace};
+use crate::basebackup::pack::Places;
 use crate::repo::Store;
 use crate::repo::object::Sealer;
 
@@ -351,8 +352,7 @@ impl Previous {
     /// next backup's copy may be stored as a difference from: its own chunk, or the base of its
     /// own chunk when that is a difference already (so that a difference is always from a
     /// chunk stored whole). Pieces whose chunk is [`Previous::absent`] have none.
-    pub fn delta_bases(&self) -> HashMap<String, Vec<Option<ChunkId>>> {
-        let places = self.manifest.places();
+    pub fn delta_bases(&self, places: &Places) -> HashMap<String, Vec<Option<ChunkId>>> {
         self.manifest
             .entries
             .iter()
@@ -373,31 +373,27 @@ impl Previous {
     pub fn chunk_lengths(&self) -> HashMap<[u8; 32], Option<u64>> {
         let records = self.manifest.file_records();
         let mut lens: HashMap<[u8; 32], Option<u64>> = HashMap::new();
+        // A length recorded for any reference to the chunk is its length.
+        let mut note = |id: &ChunkId, len: Option<u64>| {
+            if !self.absent.contains(id) {
+                let known = lens.entry(*id.hash()).or_insert(len);
+                *known = known.or(len);
+            }
+        };
         for e in &self.manifest.entries {
             let stored = records.get(e.path.as_str()).map(|r| &r.stored);
             for (i, id) in e.chunks.iter().enumerate() {
-                if self.absent.contains(id) {
-                    continue;
-                }
-                let len = stored.and_then(|s| s.get(i).copied());
-                // A length recorded for any reference to the chunk is its length.
-                let known = lens.entry(*id.hash()).or_insert(len);
-                *known = known.or(len);
+                note(id, stored.and_then(|s| s.get(i).copied()));
             }
         }
         // The bases of its chunks stored as differences are stored whole: met again as content,
         // they are named as they are, never stored as a difference themselves (which would
         // leave the differences from them without a base to read).
-        let places = self.manifest.places();
-        for d in self
-            .manifest
-            .deltas
-            .iter()
-            .filter(|d| !self.absent.contains(&d.base))
-        {
-            let len = places.get(&d.base).map(|p| p.len);
-            let known = lens.entry(*d.base.hash()).or_insert(len);
-            *known = known.or(len);
+        if !self.manifest.deltas.is_empty() {
+            let places = Places::of(&self.manifest.packs);
+            for d in &self.manifest.deltas {
+                note(&d.base, places.get(&d.base).map(|p| p.len));
+            }
         }
         lens
     }

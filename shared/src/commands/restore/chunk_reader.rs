@@ -19,10 +19,10 @@ use super::order::ChunkRef;
 use super::waits::WaitClock;
 use super::work::{BasesHere, FileToWrite};
 use crate::basebackup::chunk::{
-    Chunk, ChunkError, ChunkId, MisnamedChunk, open_sealed, read_chunk, read_sealed_run, sealed_runs,
-    undo_delta,
+    Chunk, ChunkError, ChunkId, MisnamedChunk, neighbours_end, open_sealed, read_chunk, read_sealed_run,
+    sealed_runs, span_of, undo_delta,
 };
-use crate::basebackup::pack::{Place, Places};
+use crate::basebackup::pack::Places;
 use crate::repo::Store;
 use crate::repo::layout::pack_key;
 use crate::repo::object::{ObjectError, Sealer};
@@ -38,42 +38,16 @@ pub const RUN_SLACK: u64 = 256 << 10;
 /// wastes at most [`RUN_SLACK`] plus what the run needs, and whose sealed share (see
 /// [`sealed_charge`]) is at most `max_units`. A chunk stored on its own is a run of one.
 pub(crate) fn run_end(refs: &[ChunkRef], at: usize, places: &Places, max_units: usize) -> usize {
-    let Some(first) = places.get(&refs[at].id) else {
-        return at + 1;
+    let fits = |span: u64, chunks: usize| {
+        span <= RUN_MAX_BYTES && span.div_ceil(1024) as usize + chunks <= max_units
     };
-    let (mut lo, mut hi, mut needed) = (first.offset, first.offset + first.len, first.len);
-    let mut end = at + 1;
-    while let Some(r) = refs.get(end) {
-        let Some(p) = places.get(&r.id).filter(|p| p.pack == first.pack) else {
-            break;
-        };
-        let (l, h) = (lo.min(p.offset), hi.max(p.offset + p.len));
-        let span = h - l;
-        // A chunk already in the span (met twice) costs nothing more to read.
-        let more = if p.offset >= lo && p.offset + p.len <= hi {
-            0
-        } else {
-            p.len
-        };
-        if span > RUN_MAX_BYTES
-            || span > needed + more + RUN_SLACK
-            || span.div_ceil(1024) as usize + (end + 1 - at) > max_units
-        {
-            break;
-        }
-        (lo, hi, needed) = (l, h, needed + more);
-        end += 1;
-    }
-    end
+    neighbours_end(places, (at, refs.len()), |i| refs[i].id, RUN_SLACK, fits)
 }
 
 /// The bytes of the pack one read of `run` covers: from the first of its packed chunks to the
 /// end of the last (`None` for a chunk stored on its own).
 fn span(run: &[ChunkRef], places: &Places) -> Option<std::ops::Range<u64>> {
-    run.iter()
-        .filter_map(|r| places.get(&r.id))
-        .map(Place::range)
-        .reduce(|a, b| a.start.min(b.start)..a.end.max(b.end))
+    span_of(places, run.iter().map(|r| &r.id))
 }
 
 /// The share of [`SEALED_AHEAD`] a run takes, in KiB: the bytes its read brings in (sealed chunks
@@ -415,7 +389,6 @@ impl ChunkReader {
     /// cannot be read: the repository's is read then.
     fn base_here(&self, r: &ChunkRef) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        self.places.delta(&r.id)?;
         let (path, offset) = self.bases_here.get(&r.id)?;
         let file = super::direct::open_nofollow(path, false).ok()?;
         let mut buf = vec![0u8; usize::try_from(r.len).ok()?];
