@@ -862,13 +862,9 @@ def backup_round(ctx, store, rnd, c, shape):
         # delta) into an empty directory.
         for tool in order:
             dest = os.path.join(ctx.work, f"rs2-{tag}-{tool}")
-            reqs = store.counters()
-            secs, synced, rss, _ = durable(tools[tool].restore(dest), dest, store.env)
-            res["restore_changed"][tool] = {"seconds": synced, "seconds_no_sync": secs,
-                                            "peak_rss_mib": round(rss / 1024, 1)}
-            if reqs is not None:
-                res["restore_changed"][tool]["s3"] = store.requests(reqs)
-            log(f"  {tag} restore of the changed backup {tool}: {synced} s until durable")
+            res["restore_changed"][tool] = timed_restore(tools[tool], dest, store)
+            log(f"  {tag} restore of the changed backup {tool}: "
+                f"{res['restore_changed'][tool]['seconds']} s until durable")
             if tool == "walvault":
                 res["restore_changed"][tool]["verified"] = verify_restore(ctx, store, dest, want, tag + "-changed")
             shutil.rmtree(dest, ignore_errors=True)
@@ -876,13 +872,8 @@ def backup_round(ctx, store, rnd, c, shape):
             if tool == "walvault" and not ctx.walvault_delta:
                 res["delta_restore"][tool] = {"seconds": None, "note": "restore-agent restore has no --delta"}
                 continue
-            reqs = store.counters()
-            secs, synced, rss, _ = durable(tools[tool].restore(dirs[tool], delta=True), dirs[tool], store.env)
-            res["delta_restore"][tool] = {"seconds": synced, "seconds_no_sync": secs,
-                                          "peak_rss_mib": round(rss / 1024, 1)}
-            if reqs is not None:
-                res["delta_restore"][tool]["s3"] = store.requests(reqs)
-            log(f"  {tag} delta restore {tool}: {secs} s")
+            res["delta_restore"][tool] = timed_restore(tools[tool], dirs[tool], store, delta=True)
+            log(f"  {tag} delta restore {tool}: {res['delta_restore'][tool]['seconds_no_sync']} s")
             if tool == "walvault":
                 res["delta_restore"]["walvault"]["verified"] = verify_restore(ctx, store, dirs["walvault"], want, tag)
     for d in dirs.values():
@@ -891,6 +882,17 @@ def backup_round(ctx, store, rnd, c, shape):
     c.psql("select pg_reload_conf()")
     mark_skipped(res, store.kind)
     return res
+
+
+def timed_restore(tool, dest, store, delta=False):
+    """`tool`'s restore into `dest` (over it with `delta`), timed until durable: seconds, seconds
+    until it exited, peak RSS, and on an object store its requests."""
+    reqs = store.counters()
+    secs, synced, rss, _ = durable(tool.restore(dest, delta=delta), dest, store.env)
+    out = {"seconds": synced, "seconds_no_sync": secs, "peak_rss_mib": round(rss / 1024, 1)}
+    if reqs is not None:
+        out["s3"] = store.requests(reqs)
+    return out
 
 
 def mark_skipped(res, kind):

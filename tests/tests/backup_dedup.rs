@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use walvault_testkit::agents::{ARCHIVE_AGENT, RESTORE_AGENT, agents};
-use walvault_testkit::backup::{self, next_backup_second, take_backup};
+use walvault_testkit::backup::{self, Restore, next_backup_second, restore_and_recover, take_backup};
 use walvault_testkit::fixtures::{RECOVERY_TIMEOUT, archive_everything, archiving_cluster};
 use walvault_testkit::workload;
 use walvault_testkit::{Cluster, Repo};
@@ -70,14 +70,11 @@ fn second_backup_after_a_small_change_stores_only_the_change() -> Result<()> {
     let expected = workload::fingerprints(&source)?;
     source.stop()?;
 
-    let mut restored = Cluster::uninitialized("dedup-restored")?;
-    let run = backup::restore(&repo, &restored.data_dir(), &[])?.check()?;
+    let (restored, run) = restore_and_recover(&repo, "dedup-restored", Restore::default())?;
     assert!(
-        run.stdout.contains(&format!("restored backup {}", second.id)),
+        run.contains(&format!("restored backup {}", second.id)),
         "without a target, the newest backup is restored:\n{run}"
     );
-    restored.set_conf(&[("archive_mode", "off")])?;
-    restored.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
     assert_eq!(
         workload::fingerprints(&restored)?,
         expected,
@@ -179,14 +176,8 @@ fn a_random_one_percent_update_stores_the_changed_bytes_and_restores_after_the_f
     args.extend(repo.args());
     agents().run(RESTORE_AGENT, args).check()?;
 
-    let mut restored = Cluster::uninitialized("delta-restored")?;
-    let run = backup::restore(&repo, &restored.data_dir(), &[])?.check()?;
-    assert!(
-        run.stdout.contains(&format!("restored backup {}", second.id)),
-        "{run}"
-    );
-    restored.set_conf(&[("archive_mode", "off")])?;
-    restored.start_and_wait_recovery_end(RECOVERY_TIMEOUT)?;
+    let (mut restored, run) = restore_and_recover(&repo, "delta-restored", Restore::default())?;
+    assert!(run.contains(&format!("restored backup {}", second.id)), "{run}");
     assert_eq!(
         workload::fingerprints(&restored)?,
         expected,
