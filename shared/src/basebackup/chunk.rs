@@ -95,6 +95,48 @@ pub fn undo_delta(sealer: &Sealer, id: &ChunkId, diff: &mut [u8], base: &[u8]) -
     })
 }
 
+/// Chunk `id`, stored as the difference `diff` from `base`: the difference opened from its
+/// sealed bytes (into `out`) and put back together. The difference is not hashed on its own:
+/// what it becomes is checked against `id`, which proves the difference and the base together.
+/// Only when that fails is the difference hashed, to name the one that is wrong (a restore reads
+/// the repository's base again when the base it had was not this chunk's).
+pub fn open_difference(
+    sealer: &Sealer,
+    (id, diff): (&ChunkId, &ChunkId),
+    sealed: &[u8],
+    out: Vec<u8>,
+    base: &[u8],
+) -> Result<Vec<u8>, ChunkError> {
+    let damaged = |source| ChunkError::Corrupt {
+        id: format!("{id} (its difference {diff})"),
+        source: Box::new(source),
+    };
+    let (header, mut content) = sealer
+        .open_into_unhashed(sealed, ObjectKind::Chunk, &diff.to_string(), out)
+        .map_err(damaged)?;
+    xor_into(&mut content, base);
+    let found = sealer.content_hash(&content);
+    if found == *id.hash() {
+        return Ok(content);
+    }
+    xor_into(&mut content, base);
+    sealer.check_hash(&header, &content).map_err(damaged)?;
+    if header.blake3 != *diff.hash() {
+        return Err(damaged(ObjectError::ContentHash {
+            expected: diff.to_string(),
+            found: header.blake3_hex(),
+        }));
+    }
+    // The difference is sound: the base was not this chunk's.
+    Err(ChunkError::Corrupt {
+        id: id.to_string(),
+        source: Box::new(ObjectError::ContentHash {
+            expected: id.to_string(),
+            found: hex::encode(found),
+        }),
+    })
+}
+
 /// The longest stretch of a pack [`sealed_runs`] reads at once, and the most bytes in it no
 /// chunk of the run needs.
 pub const SEALED_RUN_MAX: u64 = 4 << 20;
@@ -426,5 +468,43 @@ mod tests {
         // Longer than a chunk may be: refused before it is decompressed.
         let err = open_sealed(&store.reader(), &sealer, &places, (&ids[2], 100), &sealed[0]).await;
         assert!(matches!(err, Err(ChunkError::Corrupt { .. })), "{err:?}");
+    }
+
+    /// A chunk stored as a difference opens with its base and only with it: a wrong base is
+    /// named as the chunk's mismatch (a restore then reads the repository's base), a damaged
+    /// difference as the difference's, and neither gives other bytes.
+    #[test]
+    fn a_difference_opens_with_its_base_and_names_what_is_wrong() {
+        let sealer = Sealer::plain();
+        let content: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        // Noise either side, so that the stored difference is its own bytes (zstd keeps them
+        // raw) and a changed byte changes what it opens to.
+        let base: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
+            .collect();
+        let mut diff = content.clone();
+        xor_into(&mut diff, &base);
+        let (id, diff_id) = (chunk_id(&sealer, &content), chunk_id(&sealer, &diff));
+        let sealed = seal_chunk(&sealer, *diff_id.hash(), &diff, 3).unwrap();
+        let opened = open_difference(&sealer, (&id, &diff_id), &sealed, Vec::new(), &base).unwrap();
+        assert_eq!(opened, content);
+
+        let mut wrong = base.clone();
+        wrong[20000] ^= 1;
+        let err = open_difference(&sealer, (&id, &diff_id), &sealed, Vec::new(), &wrong).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&id.to_string()) && !msg.contains("difference"),
+            "{msg}"
+        );
+
+        let mut damaged = sealed.to_vec();
+        let n = damaged.len();
+        damaged[n / 2] ^= 1;
+        let err = open_difference(&sealer, (&id, &diff_id), &damaged, Vec::new(), &base).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("its difference {diff_id}")), "{msg}");
     }
 }

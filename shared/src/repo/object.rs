@@ -571,6 +571,34 @@ fn open_with(
     bytes: &[u8],
     kind: ObjectKind,
     expected_name: &str,
+    out: Vec<u8>,
+) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+    let (header, content) = open_unhashed(keys, bytes, kind, expected_name, out)?;
+    check_hash(keys, &header, &content)?;
+    Ok((header, content))
+}
+
+/// Whether `content` has the hash `header` records (keyed in an encrypted repository).
+fn check_hash(keys: Option<&RepoKeys>, header: &ObjectHeader, content: &[u8]) -> Result<(), ObjectError> {
+    let found = match keys {
+        Some(k) => k.content_hash(content),
+        None => *blake3::hash(content).as_bytes(),
+    };
+    if found != header.blake3 {
+        return Err(ObjectError::ContentHash {
+            expected: header.blake3_hex(),
+            found: hex::encode(found),
+        });
+    }
+    Ok(())
+}
+
+/// [`open_with`] but for the content's hash: header, authenticity (encrypted), name and length.
+fn open_unhashed(
+    keys: Option<&RepoKeys>,
+    bytes: &[u8],
+    kind: ObjectKind,
+    expected_name: &str,
     mut out: Vec<u8>,
 ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
     let header = of_this_repository(read_header(bytes)?, keys.is_some())?;
@@ -642,16 +670,6 @@ fn open_with(
         return Err(ObjectError::ContentLength {
             expected: header.original_len,
             found: content.len() as u64,
-        });
-    }
-    let found = match keys {
-        Some(k) => k.content_hash(&content),
-        None => *blake3::hash(&content).as_bytes(),
-    };
-    if found != header.blake3 {
-        return Err(ObjectError::ContentHash {
-            expected: header.blake3_hex(),
-            found: hex::encode(found),
         });
     }
     Ok((header, content))
@@ -853,6 +871,26 @@ impl Sealer {
         out: Vec<u8>,
     ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
         open_with(self.keys.as_deref(), bytes, kind, expected_name, out)
+    }
+
+    /// [`Sealer::open_into`] without hashing the content: for content that is checked by what
+    /// it becomes (a chunk's difference, checked with its base against the chunk's own id: see
+    /// [`crate::basebackup::chunk::open_difference`]). Everything else is checked: header, name,
+    /// length, and in an encrypted repository authenticity. [`Sealer::check_hash`] does the rest.
+    pub fn open_into_unhashed(
+        &self,
+        bytes: &[u8],
+        kind: ObjectKind,
+        expected_name: &str,
+        out: Vec<u8>,
+    ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+        open_unhashed(self.keys.as_deref(), bytes, kind, expected_name, out)
+    }
+
+    /// Whether `content` has the hash `header` records: the check [`Sealer::open_into_unhashed`]
+    /// leaves out.
+    pub fn check_hash(&self, header: &ObjectHeader, content: &[u8]) -> Result<(), ObjectError> {
+        check_hash(self.keys.as_deref(), header, content)
     }
 
     /// The header, checked to be of this repository's kind (plain or encrypted). Not authenticated:

@@ -148,6 +148,7 @@ impl Pipeline<'_> {
             files: Arc::clone(&self.files),
             bases_here: Arc::clone(&self.from.bases_here),
             chunk_size: self.from.chunk_size,
+            disk_bases: std::sync::Mutex::default(),
         });
         let waits = Arc::new(WaitClock::default());
         let bounds = Bounds::of(self.parallel, self.from.chunk_size);
