@@ -217,6 +217,18 @@ pub(super) enum Sealed {
     },
 }
 
+/// How many of `bytes` are not zero. Counted a block of 64 at a time into a byte, which the
+/// compiler turns into vector compares: byte by byte into a `usize` it widened every byte, and
+/// that count was a fifth of a second backup's CPU time after a random 1% update.
+fn nonzero_bytes(bytes: &[u8]) -> usize {
+    let blocks = bytes.chunks_exact(64);
+    let rest = blocks.remainder().iter().filter(|b| **b != 0).count();
+    blocks
+        .map(|b| b.iter().map(|x| u8::from(*x != 0)).sum::<u8>() as usize)
+        .sum::<usize>()
+        + rest
+}
+
 /// New chunk `data` (hash `hash`) sealed as its difference from `base` (its bytes, `None` when
 /// they could not be read) when at most one byte in [`DELTA_MAX_CHANGED_DIVISOR`] differs, else
 /// whole. `xors`: the differences this backup stored, each stored once.
@@ -234,7 +246,7 @@ pub(super) fn seal_delta(
     };
     diff.resize(data.len(), 0);
     chunk::xor_into(&mut diff, data);
-    let changed = diff.iter().filter(|b| **b != 0).count();
+    let changed = nonzero_bytes(&diff);
     if changed * DELTA_MAX_CHANGED_DIVISOR > data.len() {
         return whole();
     }
@@ -295,6 +307,18 @@ mod tests {
 
     const CS: usize = 1 << 20;
     const PATH: &str = "base/5/16384";
+
+    #[test]
+    fn nonzero_bytes_are_counted_whatever_the_length() {
+        let bytes: Vec<u8> = (0..1000u32)
+            .map(|i| if i % 3 == 0 { 0 } else { (i % 256) as u8 })
+            .collect();
+        for n in [0, 1, 63, 64, 65, 128, 999, 1000] {
+            let want = bytes[..n].iter().filter(|b| **b != 0).count();
+            assert_eq!(nonzero_bytes(&bytes[..n]), want, "{n} bytes");
+        }
+        assert_eq!(nonzero_bytes(&[0xff; 64 * 5]), 64 * 5);
+    }
 
     /// Bytes that do not compress: what a chunk stored whole costs in full.
     fn noise(len: usize, seed: u64) -> Vec<u8> {
