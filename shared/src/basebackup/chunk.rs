@@ -114,11 +114,9 @@ pub fn open_difference(
     let (header, mut content) = sealer
         .open_into_unhashed(sealed, ObjectKind::Chunk, &diff.to_string(), out)
         .map_err(damaged)?;
-    xor_into(&mut content, base);
-    let found = sealer.content_hash(&content);
-    if found == *id.hash() {
+    let Err(mismatch) = undo_delta(sealer, id, &mut content, base) else {
         return Ok(content);
-    }
+    };
     xor_into(&mut content, base);
     sealer.check_hash(&header, &content).map_err(damaged)?;
     if header.blake3 != *diff.hash() {
@@ -128,13 +126,7 @@ pub fn open_difference(
         }));
     }
     // The difference is sound: the base was not this chunk's.
-    Err(ChunkError::Corrupt {
-        id: id.to_string(),
-        source: Box::new(ObjectError::ContentHash {
-            expected: id.to_string(),
-            found: hex::encode(found),
-        }),
-    })
+    Err(mismatch)
 }
 
 /// The longest stretch of a pack [`sealed_runs`] reads at once, and the most bytes in it no
