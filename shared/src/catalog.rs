@@ -274,6 +274,12 @@ impl Catalog {
         self.backups.iter().find(|m| &m.id == id)
     }
 
+    /// Backup `id`'s manifest, the rest of the catalog let go (a restore holds one manifest
+    /// while it writes, not every backup's).
+    pub fn into_backup(self, id: &BackupId) -> Option<Manifest> {
+        self.backups.into_iter().find(|m| &m.id == id)
+    }
+
     /// Backups with a pin (expire never deletes them).
     pub fn pinned(&self) -> &BTreeSet<BackupId> {
         &self.pinned

@@ -126,7 +126,11 @@ pub struct Entry {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub size: u64,
     /// blake3 ids of the chunks, in order; their sizes are `chunk_size` except the last.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "exact_vec"
+    )]
     pub chunks: Vec<ChunkId>,
     /// A small file stored with others in one chunk (version 3): its bytes are `size` bytes at
     /// [`Within::at`] of its only chunk, which is [`Within::of`] bytes long.
@@ -154,6 +158,19 @@ impl Entry {
             None => chunk_size.min(self.size - idx as u64 * chunk_size),
         }
     }
+}
+
+/// A list read at the length it has: a JSON array gives no length ahead, so a list grows as it
+/// is read, and a file of one chunk held room for four (128 bytes for 32; 4.8 MB of a restore's
+/// heap at 61,000 files, `heaptrack`).
+fn exact_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let mut v = Vec::<T>::deserialize(d)?;
+    v.shrink_to_fit();
+    Ok(v)
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -1040,6 +1057,26 @@ mod tests {
     fn frozen_v1_fixture_parses() {
         let m = Manifest::parse(include_bytes!("../../tests/fixtures/manifest-v1.json")).unwrap();
         assert_eq!(m, sample());
+    }
+
+    /// A restore holds every entry of its manifest: each file's chunk list is read at its length,
+    /// not at the room a growing list leaves (four ids for a file of one chunk).
+    #[test]
+    fn a_parsed_chunk_list_takes_the_room_of_its_chunks() {
+        let mut m = sample();
+        for (i, e) in m.entries.iter_mut().enumerate() {
+            if e.kind == EntryKind::File {
+                e.size = m.chunk_size * (i as u64 % 3) + 1;
+                e.chunks = (0..=i % 3)
+                    .map(|k| ChunkId::from_hash([(i + k) as u8; 32]))
+                    .collect();
+            }
+        }
+        let parsed = Manifest::parse(&m.to_json()).unwrap();
+        assert_eq!(parsed, m);
+        for e in parsed.entries.iter().filter(|e| e.kind == EntryKind::File) {
+            assert_eq!(e.chunks.capacity(), e.chunks.len(), "{}", e.path);
+        }
     }
 
     /// What `manifest-v1-files.json` holds: a backup that took `base/1/1259` over unread.

@@ -73,7 +73,8 @@ pub async fn restore(
     let repo = settings.open_reader().await?;
     let cat = Catalog::load(&repo).await?;
     let plan = plan_from(settings, &repo, &cat, opts).await?;
-    let mut report = execute::execute(&repo, &cat, plan, progress).await?;
+    let manifest = execute::chosen_manifest(cat, &plan.backup.id)?;
+    let mut report = execute::execute(&repo, manifest, plan, progress).await?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -89,7 +90,8 @@ pub async fn restore_from(
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     let plan = plan_from(settings, repo, cat, opts).await?;
-    let mut report = execute::execute(repo, cat, plan, progress).await?;
+    let manifest = execute::copied_manifest(cat, &plan.backup.id)?;
+    let mut report = execute::execute(repo, manifest, plan, progress).await?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -103,7 +105,8 @@ pub async fn restore_planned(
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let mut report = execute::execute(repo, cat, plan, progress).await?;
+    let manifest = execute::copied_manifest(cat, &plan.backup.id)?;
+    let mut report = execute::execute(repo, manifest, plan, progress).await?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
