@@ -224,6 +224,7 @@ pub struct FileStat {
 pub struct FileRecord {
     pub path: String,
     /// Stored (sealed, compressed) length of each of the entry's chunks, in order.
+    #[serde(deserialize_with = "exact_vec")]
     pub stored: Vec<u64>,
     /// Absent when the file was not read by this backup's process in a way that can vouch for it
     /// (`global/pg_control`, which is reread until its CRC checks).

@@ -157,6 +157,9 @@ async fn take_locked(
             copy_started.elapsed().as_secs_f64()
         );
     }
+    // The previous backup's manifest is not needed past the copy: let go of it before this
+    // backup's manifest is written (both at once were a second backup's peak of memory).
+    drop(previous);
     // Stop the backup even when copying failed, so the server is not left in backup mode.
     let stopped = session.stop().await;
     let mut copied = copied?;
