@@ -140,6 +140,9 @@ async fn take_locked(
     let (previous, mut copy_opts) = base_and_options(settings, opts, repo, &server, reading).await?;
     let wanted = opts.page_checksums && settings.page_checksums;
     copy_opts.pages = pages::plan(wanted, server.pages, opts.chunk_size, started.start_lsn);
+    // The relation map names the relations of damaged pages; stored, it is needed here only
+    // when pages are checked (3.6 MB of a backup's memory with 20,000 relations).
+    let names = names.filter(|_| copy_opts.pages.is_some());
     let copy_started = std::time::Instant::now();
     // The clock read before any stat: the bound the next backup's reuse rule compares with.
     let copied = match Inventory::take(pgdata, inventory::wall_clock_ns()) {
