@@ -160,14 +160,9 @@ impl Entry {
     }
 }
 
-/// A list read at the length it has: a JSON array gives no length ahead, so a list grows as it
-/// is read, and a file of one chunk held room for four (128 bytes for 32; 4.8 MB of a restore's
-/// heap at 61,000 files, `heaptrack`).
-fn exact_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
+/// A list at its length: read from JSON it grows as read, and a one-chunk file held room for four
+/// (4.8 MB of a restore's heap at 61,000 files, `heaptrack`).
+fn exact_vec<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
     let mut v = Vec::<T>::deserialize(d)?;
     v.shrink_to_fit();
     Ok(v)
