@@ -687,13 +687,18 @@ impl Copier {
                 r.stored.extend_from_slice(&stored);
             }
         }
-        let mut files: Vec<FileRecord> = records
-            .into_iter()
-            .zip(&entries)
-            .filter_map(|(r, e)| r.filter(|_| !e.chunks.is_empty()))
-            .collect();
-        files.sort_by(|a, b| a.path.cmp(&b.path));
-        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        // A file without chunks (empty) has no record: dropped where it is, so that the others
+        // are collected into the same allocation rather than a copy beside it.
+        for (r, e) in records.iter_mut().zip(&entries) {
+            if e.chunks.is_empty() {
+                *r = None;
+            }
+        }
+        let mut files: Vec<FileRecord> = records.into_iter().flatten().collect();
+        // Paths are unique: sorted in place, with no scratch (a stable sort takes room for a
+        // copy of up to 8 MB: 7.3 MB for the records of 61,000 files).
+        files.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
         Ok((entries, files, stats, written, pages, deltas))
     }
 }

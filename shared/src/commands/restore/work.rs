@@ -224,7 +224,8 @@ fn split_last(
     last: Option<usize>,
     places: &Places,
 ) -> Result<(Planned, Vec<ChunkRef>), RestoreError> {
-    refs.sort_by_key(|r| (r.file, r.index));
+    // Each (file, index) once: sorted in place, with no scratch the size of the list.
+    refs.sort_unstable_by_key(|r| (r.file, r.index));
     lengths_agree(&refs, files)?;
     let (late, early): (Vec<ChunkRef>, Vec<ChunkRef>) = refs.into_iter().partition(|r| Some(r.file) == last);
     let early = in_pack_order(early, places, OPEN_FILES / 2);
