@@ -51,7 +51,8 @@ part "build" cargo build --release --workspace --bins --locked
 # stores and the containers: the targets are built beside them, at the lowest CPU and I/O
 # priority, and the fuzz part at the end waits for that build (in its own log until then).
 fuzz_build_log=$(mktemp)
-# Its own process group (setsid), so that a failure here stops the whole build.
+# In its own process group (setsid): if the suite stops early, the trap stops the whole build,
+# cargo and rustc with it.
 setsid nice -n 19 ionice -c 3 scripts/fuzz-build.sh >"$fuzz_build_log" 2>&1 &
 fuzz_build=$!
 trap 'kill -- -"$fuzz_build" 2>/dev/null || true; rm -f "$fuzz_build_log"' EXIT
