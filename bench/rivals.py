@@ -685,8 +685,11 @@ def make_backup_cluster(ctx, shape):
     pg(f"{PG}/initdb -A trust -U postgres -D {c.data}")
     with open(os.path.join(c.data, "postgresql.conf"), "a") as f:
         # max_wal_size 1GB: the scale 300 shape must leave room on the disk for its restores.
+        # The digest reads every table in one statement, locking each and its key: the lock
+        # table (max_locks_per_transaction * 100 connections) must hold 3 per table.
+        locks = max(256, 3 * (getattr(shape, "tables", None) or 0) // 100)
         f.write("archive_mode = on\narchive_command = '/bin/true'\nmax_wal_size = 1GB\n"
-                "checkpoint_timeout = 30min\nmax_locks_per_transaction = 256\n")
+                f"checkpoint_timeout = 30min\nmax_locks_per_transaction = {locks}\n")
     cluster_start(c, {})
     shape.populate(c)
     c.psql("vacuum analyze")

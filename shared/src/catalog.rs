@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::basebackup::BackupId;
 use crate::basebackup::chunk::ChunkError;
+use crate::basebackup::manifest::outline::{Held, ManifestOutline};
 use crate::basebackup::manifest::{Manifest, ManifestError};
 use crate::repo::layout::{self, Kind};
 use crate::repo::object::{ObjectError, Sealer};
@@ -168,15 +169,26 @@ impl Window {
 impl Catalog {
     /// Read everything the repository holds: every manifest, history file and summary.
     pub async fn load(repo: &Reader) -> Result<Catalog, CatalogError> {
-        Catalog::refresh(repo, None).await
+        Catalog::read(repo, None, true, Held::Whole).await
     }
 
-    /// [`Catalog::load`], reusing what `previous` (an earlier load of the same repository) read:
-    /// the listings are made again, but only manifests and summaries that appeared since are
-    /// downloaded (both are written once and never change); those gone are dropped. History
-    /// files, a few small objects, and damaged objects are read again.
-    pub async fn refresh(repo: &Reader, previous: Option<&Catalog>) -> Result<Catalog, CatalogError> {
-        Catalog::read(repo, previous, true).await
+    /// [`Catalog::load`] with each manifest's outline only ([`crate::basebackup::manifest::outline`]):
+    /// what choosing a backup and the restorable windows need, in memory that does not grow with
+    /// the backups' files. A restore then reads its one backup's manifest whole
+    /// ([`load_manifest`]).
+    pub async fn load_outlines(repo: &Reader) -> Result<Catalog, CatalogError> {
+        Catalog::refresh_outlines(repo, None).await
+    }
+
+    /// [`Catalog::load_outlines`], reusing what `previous` (an earlier load of the same
+    /// repository) read: the listings are made again, but only manifests and summaries that
+    /// appeared since are downloaded (both are written once and never change); those gone are
+    /// dropped. History files, a few small objects, and damaged objects are read again.
+    pub async fn refresh_outlines(
+        repo: &Reader,
+        previous: Option<&Catalog>,
+    ) -> Result<Catalog, CatalogError> {
+        Catalog::read(repo, previous, true, Held::Outline).await
     }
 
     /// [`Catalog::load`] without reading the time index: summaries are listed
@@ -184,12 +196,12 @@ impl Catalog {
     /// LIST requests plus one GET per manifest and history file. For expire and verify;
     /// [`Catalog::read_window_summaries`] then reads the few a window needs.
     pub async fn load_listing(repo: &Reader) -> Result<Catalog, CatalogError> {
-        Catalog::read(repo, None, false).await
+        Catalog::read(repo, None, false, Held::Whole).await
     }
 
     /// [`Catalog::load_listing`] again, downloading only the manifests `previous` lacks.
     pub async fn refresh_listing(repo: &Reader, previous: &Catalog) -> Result<Catalog, CatalogError> {
-        Catalog::read(repo, Some(previous), false).await
+        Catalog::read(repo, Some(previous), false, Held::Whole).await
     }
 
     /// Read the summaries the restorable windows need: on each timeline, from the end of the
@@ -224,17 +236,19 @@ impl Catalog {
     }
 
     /// The three listings (`backups/`, `wal/`, `index/`), each read by a function of its own,
-    /// put together. `previous` is reused only if it is a catalog of this repository and cluster.
+    /// put together, each manifest `held` whole or as its outline. `previous` is reused only if
+    /// it is a catalog of this repository and cluster.
     async fn read(
         repo: &Reader,
         previous: Option<&Catalog>,
         read_summaries: bool,
+        held: Held,
     ) -> Result<Catalog, CatalogError> {
         let previous = previous.filter(|p| p.repo_id == *repo.id() && p.cluster.as_ref() == repo.cluster());
         let cluster = repo.cluster().copied();
         let seg_size = cluster.map_or(DEFAULT_SEGMENT_SIZE, |c| c.wal_segment_size);
         let mut damaged = Vec::new();
-        let backups = read_backups(repo, previous, &mut damaged).await?;
+        let backups = read_backups(repo, previous, held, &mut damaged).await?;
         let wal = read_wal(repo, seg_size, &mut damaged).await?;
         let index = read_index(repo, seg_size, previous, read_summaries).await?;
         Ok(Catalog {
@@ -272,12 +286,6 @@ impl Catalog {
     /// Backup `id`, if its manifest was read and validated.
     pub fn backup(&self, id: &BackupId) -> Option<&Manifest> {
         self.backups.iter().find(|m| &m.id == id)
-    }
-
-    /// Backup `id`'s manifest, the rest of the catalog let go (a restore holds one manifest
-    /// while it writes, not every backup's).
-    pub fn into_backup(self, id: &BackupId) -> Option<Manifest> {
-        self.backups.into_iter().find(|m| &m.id == id)
     }
 
     /// Backups with a pin (expire never deletes them).
@@ -578,6 +586,7 @@ struct BackupListing {
 async fn read_backups(
     repo: &Reader,
     previous: Option<&Catalog>,
+    held: Held,
     damaged: &mut Vec<Damaged>,
 ) -> Result<BackupListing, CatalogError> {
     let mut out = BackupListing::default();
@@ -588,7 +597,7 @@ async fn read_backups(
             out.relation_map_bytes.insert(id, size);
         } else if let Some(id) = layout::parse_manifest_key(&key) {
             out.manifest_bytes.insert(id.clone(), size);
-            match manifest_of(repo, previous, &id).await {
+            match manifest_of(repo, previous, &id, held).await {
                 Ok(m) => out.manifests.push(m),
                 Err(e) => set_aside(damaged, &key, format!("backup {id}"), Some(id), e)?,
             }
@@ -599,14 +608,21 @@ async fn read_backups(
     Ok(out)
 }
 
-/// Backup `id`'s manifest: `previous`'s copy when it has one, else read from the repository.
+/// Backup `id`'s manifest, `held` whole or as its outline: `previous`'s copy when it has one
+/// held so, else read from the repository.
 async fn manifest_of(
     repo: &Reader,
     previous: Option<&Catalog>,
     id: &BackupId,
+    held: Held,
 ) -> Result<Manifest, CatalogError> {
-    match previous.and_then(|p| p.backup(id)) {
+    match previous.and_then(|p| p.backup(id)).filter(|m| m.held == held) {
         Some(m) => Ok(m.clone()),
+        None if held == Held::Outline => Objects::new(repo.store(), repo.sealer())
+            .read::<ManifestOutline>(id)
+            .await
+            .map(|o| o.0)
+            .map_err(CatalogError::of_manifest),
         None => {
             let mut m = load_manifest(repo.store(), repo.sealer(), id).await?;
             // Each file's stat and stored lengths are for the next backup, which reads its base's
@@ -948,6 +964,7 @@ pub(crate) mod testing {
             incremental_from: None,
             generation: 0,
             deltas: vec![],
+            held: Default::default(),
             page_checks: None,
             files: vec![],
         }
@@ -1041,12 +1058,26 @@ mod tests {
         let repo = Writer::on_store(store, None).await.unwrap().reader();
 
         let before = faults.requests();
-        let first = Catalog::load(&repo).await.unwrap();
+        let first = Catalog::load_outlines(&repo).await.unwrap();
         assert_eq!(first.backups.len(), 1, "{:?}", first.damaged);
         assert_eq!(faults.requests() - before, 4, "three listings and one manifest");
+        assert!(!first.backups[0].is_whole() && first.backups[0].entries.is_empty());
         let before = faults.requests();
-        let again = Catalog::refresh(&repo, Some(&first)).await.unwrap();
+        let again = Catalog::refresh_outlines(&repo, Some(&first)).await.unwrap();
         assert_eq!(again.backups[0].id, m.id);
         assert_eq!(faults.requests() - before, 3, "the listings only");
+        // Outlines are never taken for whole manifests: a catalog that needs the files reads
+        // them.
+        let before = faults.requests();
+        let whole = Catalog::read(&repo, Some(&again), false, Held::Whole)
+            .await
+            .unwrap();
+        assert_eq!(
+            faults.requests() - before,
+            4,
+            "the listings and the manifest, whole"
+        );
+        assert_eq!(whole.backups[0].entries, m.entries);
+        assert!(whole.backups[0].is_whole());
     }
 }

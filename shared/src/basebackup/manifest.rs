@@ -7,12 +7,12 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub mod outline;
+
 use super::chunk::ChunkId;
 pub use super::pack::Delta;
 use super::pack::{PackRecord, Places};
 use super::page_checksum::{MAX_LISTED, PageChecks};
-use crate::repo::object::ObjectKind;
-use crate::repo::stored::{Envelope, Opened, StoredKind};
 use crate::wal::{Lsn, SegmentNo, TimelineId, WalFileName};
 
 pub const FORMAT_NAME: &str = "walvault-backup-manifest";
@@ -292,6 +292,9 @@ pub struct Manifest {
     /// [`Delta::chunk`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deltas: Vec<Delta>,
+    /// Whether this value holds the whole manifest or only its outline (never stored).
+    #[serde(skip)]
+    pub held: outline::Held,
 }
 
 fn is_zero_u32(v: &u32) -> bool {
@@ -331,6 +334,28 @@ fn shown(path: &str) -> String {
     match path.char_indices().nth(MAX) {
         Some((at, _)) => format!("{}...", &path[..at]),
         None => path.to_string(),
+    }
+}
+
+/// A document no larger than a manifest may be.
+pub(super) fn check_size(bytes: &[u8]) -> Result<(), ManifestError> {
+    match bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        true => Err(ManifestError::Implausible(format!(
+            "{} bytes of JSON, more than the limit of {MAX_MANIFEST_BYTES}",
+            bytes.len()
+        ))),
+        false => Ok(()),
+    }
+}
+
+/// A manifest of this format at a version this build reads.
+pub(super) fn check_format(format: &str, version: u32) -> Result<(), ManifestError> {
+    if format != FORMAT_NAME {
+        return Err(ManifestError::WrongFormat(shown(format)));
+    }
+    match FORMAT_VERSIONS.contains(&version) {
+        true => Ok(()),
+        false => Err(ManifestError::UnsupportedVersion(version)),
     }
 }
 
@@ -407,12 +432,7 @@ impl Manifest {
     /// Parse and validate ([`Manifest::validate`]). The size of the document and the number of
     /// entries and tablespaces are checked before any entry is allocated.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(ManifestError::Implausible(format!(
-                "{} bytes of JSON, more than the limit of {MAX_MANIFEST_BYTES}",
-                bytes.len()
-            )));
-        }
+        check_size(bytes)?;
         #[derive(Deserialize)]
         struct Probe {
             format: String,
@@ -426,12 +446,7 @@ impl Manifest {
         }
         let probe: Probe =
             serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
-        if probe.format != FORMAT_NAME {
-            return Err(ManifestError::WrongFormat(shown(&probe.format)));
-        }
-        if !FORMAT_VERSIONS.contains(&probe.version) {
-            return Err(ManifestError::UnsupportedVersion(probe.version));
-        }
+        check_format(&probe.format, probe.version)?;
         check_counts(probe.entries.0.max(probe.files.0), probe.tablespaces.0)?;
         let m: Manifest = serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
         m.validate()?;
@@ -968,33 +983,6 @@ pub fn check_relative_path(path: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
-/// `backups/<id>/manifest.wvo`: a manifest is read back whole and validated, and must be the
-/// manifest of the backup its key names.
-impl StoredKind for Manifest {
-    type Id = BackupId;
-    type Error = ManifestError;
-    const ENVELOPE: Envelope = Envelope::Sealed(ObjectKind::Manifest);
-
-    fn key(id: &BackupId) -> String {
-        crate::repo::layout::manifest_key(id)
-    }
-
-    fn name(id: &BackupId) -> String {
-        id.as_str().to_string()
-    }
-
-    fn parse(opened: Opened, id: &BackupId) -> Result<Manifest, ManifestError> {
-        let m = Manifest::parse(&opened.content)?;
-        if &m.id != id {
-            return Err(ManifestError::Implausible(format!(
-                "manifest of {} stored as {id}",
-                m.id
-            )));
-        }
-        Ok(m)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::pack::PackRecord;
@@ -1044,6 +1032,7 @@ mod tests {
             incremental_from: None,
             generation: 0,
             deltas: vec![],
+            held: Default::default(),
             page_checks: None,
             files: vec![],
         }

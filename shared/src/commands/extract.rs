@@ -113,7 +113,7 @@ pub async fn extract(settings: &Settings, opts: &ExtractOptions) -> Result<Extra
     let started = Instant::now();
     opts.check()?;
     let reader = settings.open_reader().await?;
-    let cat = Catalog::load(&reader).await?;
+    let cat = Catalog::load_outlines(&reader).await?;
     let id = crate::time::format_compact(crate::time::now_micros().div_euclid(1_000_000));
     let scratch = server::make_scratch(opts.scratch.as_deref(), "extract", &id).map_err(|source| {
         ExtractError::Scratch {
@@ -127,7 +127,9 @@ pub async fn extract(settings: &Settings, opts: &ExtractOptions) -> Result<Extra
         purpose: "extract",
     };
     let pgdata = scratch.join("data");
-    let plan = restore::plan_from(settings, &reader, &cat, &restore_options(opts, &scratch, &pgdata)).await?;
+    let (plan, manifest) =
+        restore::prepare(settings, &reader, &cat, &restore_options(opts, &scratch, &pgdata)).await?;
+    drop(cat);
     let major = plan.backup.pg_version;
     let bin = server::find_pg_bin(opts.pg_bin.as_deref(), major).await?;
     let into = match &opts.destination {
@@ -146,7 +148,7 @@ pub async fn extract(settings: &Settings, opts: &ExtractOptions) -> Result<Extra
     let target = plan.recovery.target().describe();
     let database = database_name(opts, &plan)?;
 
-    let restored = restore::restore_planned(&reader, &cat, plan, Arc::new(restore::NoProgress)).await?;
+    let restored = restore::restore_planned(&reader, plan, manifest, Arc::new(restore::NoProgress)).await?;
     let s = start_server(opts, &scratch, pgdata, bin).await?;
     let t = Instant::now();
     s.wait_recovered(opts.timeout).await?;

@@ -23,7 +23,6 @@ use std::time::Instant;
 
 pub use self::budget::OPEN_FILES;
 pub use self::waits::Waits;
-#[cfg(doc)]
 use crate::basebackup::manifest::Manifest;
 use crate::catalog::Catalog;
 use crate::config::Settings;
@@ -62,8 +61,9 @@ pub use select::{ReplaySpan, choose_backup, replay_span, resolve_timeline};
 
 pub use crate::recovery_conf::{RecoveryTarget, TargetAction, TimelineTarget};
 
-/// Restore a backup into `opts.pgdata` and write the recovery settings: [`plan_from`], then the
-/// executor.
+/// Restore a backup into `opts.pgdata` and write the recovery settings: [`prepare`], then the
+/// executor. The catalog holds outlines ([`Catalog::load_outlines`]) and is let go before the
+/// files are written: what the restore holds from there is one manifest.
 pub async fn restore(
     settings: &Settings,
     opts: &RestoreOptions,
@@ -71,9 +71,9 @@ pub async fn restore(
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     let repo = settings.open_reader().await?;
-    let cat = Catalog::load(&repo).await?;
-    let plan = plan_from(settings, &repo, &cat, opts).await?;
-    let manifest = execute::chosen_manifest(cat, &plan.backup.id)?;
+    let cat = Catalog::load_outlines(&repo).await?;
+    let (plan, manifest) = prepare(settings, &repo, &cat, opts).await?;
+    drop(cat);
     let mut report = execute::execute(&repo, manifest, plan, progress).await?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -89,23 +89,21 @@ pub async fn restore_from(
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let plan = plan_from(settings, repo, cat, opts).await?;
-    let manifest = execute::copied_manifest(cat, &plan.backup.id)?;
+    let (plan, manifest) = prepare(settings, repo, cat, opts).await?;
     let mut report = execute::execute(repo, manifest, plan, progress).await?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
 
-/// Carry out a plan made by [`plan_from`] (a caller that checks the plan before writing, as
-/// `extract` checks its room).
+/// Carry out a plan made by [`prepare`], with the manifest it returned (a caller that checks the
+/// plan before writing, as `extract` checks its room).
 pub async fn restore_planned(
     repo: &crate::repo::Reader,
-    cat: &Catalog,
     plan: RestorePlan,
+    manifest: Manifest,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let manifest = execute::copied_manifest(cat, &plan.backup.id)?;
     let mut report = execute::execute(repo, manifest, plan, progress).await?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -115,7 +113,7 @@ pub async fn restore_planned(
 /// Nothing is created, not even the data directory.
 pub async fn plan(settings: &Settings, opts: &RestoreOptions) -> Result<RestorePlan, RestoreError> {
     let repo = settings.open_reader().await?;
-    let cat = Catalog::load(&repo).await?;
+    let cat = Catalog::load_outlines(&repo).await?;
     plan_from(settings, &repo, &cat, opts).await
 }
 
@@ -126,6 +124,17 @@ pub async fn plan_from(
     cat: &Catalog,
     opts: &RestoreOptions,
 ) -> Result<RestorePlan, RestoreError> {
+    prepare(settings, repo, cat, opts).await.map(|(plan, _)| plan)
+}
+
+/// [`plan_from`], with the chosen backup's whole manifest, read once (the catalog may hold only
+/// outlines), for the executor to write from.
+pub async fn prepare(
+    settings: &Settings,
+    repo: &crate::repo::Reader,
+    cat: &Catalog,
+    opts: &RestoreOptions,
+) -> Result<(RestorePlan, Manifest), RestoreError> {
     plan::build(repo.store(), repo.sealer(), settings.repo.to_string(), cat, opts).await
 }
 

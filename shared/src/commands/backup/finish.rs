@@ -140,6 +140,7 @@ pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
         page_checks,
         generation: 0,
         deltas: copied.deltas,
+        held: Default::default(),
     }
 }
 

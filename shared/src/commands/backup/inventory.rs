@@ -635,6 +635,7 @@ mod tests {
                 incremental_from: None,
                 generation: 0,
                 deltas: vec![],
+                held: Default::default(),
                 page_checks: None,
             },
             take_over: true,

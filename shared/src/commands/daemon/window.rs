@@ -13,10 +13,10 @@ use crate::wal::TimelineId;
 pub(crate) type LastCatalog = Arc<tokio::sync::Mutex<Option<Catalog>>>;
 
 /// Refresh the restorable-window gauges from the repository catalog (incrementally: see
-/// [`Catalog::refresh`]).
+/// [`Catalog::refresh_outlines`]).
 pub(crate) async fn update_window(repo: Reader, metrics: Arc<Metrics>, last: LastCatalog) {
     let mut last = last.lock().await;
-    match Catalog::refresh(&repo, last.as_ref()).await {
+    match Catalog::refresh_outlines(&repo, last.as_ref()).await {
         Ok(cat) => {
             metrics
                 .backups

@@ -173,7 +173,7 @@ async fn drill_in(
         .open_reader()
         .await
         .map_err(|e| failed("repository", e))?;
-    let cat = Catalog::load(&reader)
+    let cat = Catalog::load_outlines(&reader)
         .await
         .map_err(|e| failed("repository", e))?;
     let plan = plan(&cat, &opts.target, rand::random::<f64>()).map_err(|e| failed("plan", e))?;

@@ -23,26 +23,10 @@ use super::recovery_files::{write_recovery_files, write_replay_plan};
 use super::tree::{clear_dir, create_dir, create_parent};
 use super::work::{PG_CONTROL, WorkList};
 use super::{Progress, RestoreError, RestoreReport, SyncMethod, write_err};
-use crate::basebackup::manifest::{BackupId, EntryKind, Manifest};
-use crate::catalog::Catalog;
+use crate::basebackup::manifest::{EntryKind, Manifest};
 use crate::repo::Store;
 use crate::repo::object::Sealer;
 use crate::repo::reads::{ReadReport, ReadStats};
-
-/// Backup `id`'s manifest, taken out of catalog `cat`, which is let go: what the restore holds
-/// from here on is one manifest, not every backup's (see [`write_backup`]).
-pub(crate) fn chosen_manifest(cat: Catalog, id: &BackupId) -> Result<Manifest, RestoreError> {
-    cat.into_backup(id)
-        .ok_or_else(|| RestoreError::UnknownBackup(id.clone()))
-}
-
-/// A copy of backup `id`'s manifest from catalog `cat`, which the caller keeps (a drill, an
-/// extract).
-pub(crate) fn copied_manifest(cat: &Catalog, id: &BackupId) -> Result<Manifest, RestoreError> {
-    cat.backup(id)
-        .cloned()
-        .ok_or_else(|| RestoreError::UnknownBackup(id.clone()))
-}
 
 /// Carry out `plan` with `manifest`, the manifest of its backup, from repository `repo`. The
 /// report's `seconds` is left at zero for the caller, who knows when the restore began.
@@ -52,7 +36,9 @@ pub(crate) async fn execute(
     mut plan: RestorePlan,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport, RestoreError> {
-    if manifest.id != plan.backup.id {
+    // Files are written from a whole manifest of the plan's backup, never from an outline
+    // (which lists no files) nor another backup's.
+    if manifest.id != plan.backup.id || !manifest.is_whole() {
         return Err(RestoreError::UnknownBackup(plan.backup.id.clone()));
     }
     let created = !plan.pgdata.exists();

@@ -135,15 +135,18 @@ impl PlannedRecovery {
 /// (sealed by `sealer`). Refuses, in this order: no backup reaching the target, a server running
 /// on the directory, a non-empty directory (without `--force` or `--delta`), tablespaces not
 /// placed or placed badly, a manifest that fails its checks, with `--delta` a directory that
-/// is not a data directory. Writes nothing.
+/// is not a data directory. Writes nothing. Returns the plan and the chosen backup's whole
+/// manifest, which the executor writes from.
 pub(crate) async fn build(
     store: &Store,
     sealer: &Sealer,
     repository: String,
     cat: &Catalog,
     opts: &RestoreOptions,
-) -> Result<RestorePlan, RestoreError> {
-    let (m, timeline) = choose_backup(cat, opts.backup.as_ref(), &opts.target, opts.timeline)?;
+) -> Result<(RestorePlan, Manifest), RestoreError> {
+    let (chosen, timeline) = choose_backup(cat, opts.backup.as_ref(), &opts.target, opts.timeline)?;
+    let whole = whole_manifest(store, sealer, chosen).await?;
+    let m = &whole;
     let pgdata = &opts.pgdata;
     let mut checks = Vec::new();
     let directory = check_directory(opts, &mut checks)?;
@@ -198,7 +201,7 @@ pub(crate) async fn build(
         },
         delta: delta_work.as_ref().map(DeltaComparison::report),
     };
-    Ok(RestorePlan {
+    let plan = RestorePlan {
         pgdata: pgdata.clone(),
         repository,
         backup: planned_backup(m),
@@ -213,7 +216,20 @@ pub(crate) async fn build(
         parallel: opts.parallel,
         sync: opts.sync,
         delta_work,
-    })
+    };
+    Ok((plan, whole))
+}
+
+/// The whole manifest of backup `chosen`, which a catalog of outlines holds only the outline of
+/// ([`Catalog::load_outlines`]): read again, once, for the one backup the restore writes. Its
+/// file records are let go: they are the next backup's, never a restore's.
+async fn whole_manifest(store: &Store, sealer: &Sealer, chosen: &Manifest) -> Result<Manifest, RestoreError> {
+    if chosen.is_whole() {
+        return Ok(chosen.clone());
+    }
+    let mut m = crate::catalog::load_manifest(store, sealer, &chosen.id).await?;
+    m.files = Vec::new();
+    Ok(m)
 }
 
 /// The data directory: refused when a server runs on it, else how it is used
@@ -479,7 +495,9 @@ mod tests {
     }
 
     async fn plan_for(cat: &Catalog, opts: &RestoreOptions) -> Result<RestorePlan, RestoreError> {
-        build(&empty_store(), &Sealer::plain(), "file:///repo".into(), cat, opts).await
+        build(&empty_store(), &Sealer::plain(), "file:///repo".into(), cat, opts)
+            .await
+            .map(|(plan, _)| plan)
     }
 
     #[tokio::test]

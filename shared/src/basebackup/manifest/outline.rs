@@ -1,0 +1,257 @@
+//! A manifest read whole, or only for what it says of its backup: its outline.
+//!
+//! Choosing a backup (restore's selection, the restorable windows, `find`, a drill's plan) needs
+//! each backup's LSNs, times, timeline and counts, never its files. A catalog of outlines holds
+//! none of the entries, file records, packs or differences, which grow with the number of files:
+//! a repository of 14 backups of 61,000 files held 14 manifests of some 12 MB each in every
+//! restore and in the daemon. The one backup a restore writes is then read whole
+//! ([`Manifest`]'s [`StoredKind`]), once.
+//!
+//! An outline is parsed from the same stored document (`docs/FORMAT.md`, "Manifest"): the lists
+//! are skipped as they are read, never allocated, and what is kept is validated as a whole
+//! manifest's is.
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use super::{
+    BackupId, BackupStats, Manifest, ManifestError, StoredBlob, Tablespace, check_format, check_size,
+};
+use crate::basebackup::page_checksum::PageChecks;
+use crate::repo::object::ObjectKind;
+use crate::repo::stored::{Envelope, Opened, StoredKind};
+use crate::wal::{Lsn, TimelineId};
+
+/// How much of its stored manifest a [`Manifest`] value holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Held {
+    /// Everything stored, as written (a catalog may still drop the file records, which only
+    /// the next backup reads).
+    #[default]
+    Whole,
+    /// The outline: `entries`, `files`, `packs` and `deltas` are left empty. Never written,
+    /// restored or compared with a directory.
+    Outline,
+}
+
+/// The manifest of a backup, read for its outline only (see the module's documentation).
+#[derive(Debug, Clone)]
+pub struct ManifestOutline(pub Manifest);
+
+/// What an outline keeps of the stored document: every field but the lists that grow with the
+/// files. A field added to [`Manifest`] must be added here too: [`Outline::into_manifest`] names
+/// every field and does not compile without it.
+#[derive(Deserialize)]
+struct Outline {
+    format: String,
+    version: u32,
+    id: BackupId,
+    #[serde(with = "crate::repo::identity::u64_string")]
+    system_identifier: u64,
+    pg_version: u32,
+    timeline: TimelineId,
+    start_lsn: Lsn,
+    stop_lsn: Lsn,
+    start_time_us: i64,
+    stop_time_us: i64,
+    start_wal: String,
+    stop_wal: String,
+    chunk_size: u64,
+    backup_label: String,
+    #[serde(default)]
+    tablespace_map: Option<String>,
+    #[serde(default)]
+    tablespaces: Vec<Tablespace>,
+    /// Required, as in a whole manifest; skipped as read.
+    #[allow(dead_code)]
+    entries: IgnoredAny,
+    stats: BackupStats,
+    #[serde(default)]
+    files_examined_after_us: Option<i64>,
+    #[serde(default)]
+    server_manifest: Option<StoredBlob>,
+    #[serde(default)]
+    incremental_from: Option<BackupId>,
+    #[serde(default)]
+    page_checks: Option<PageChecks>,
+    #[serde(default)]
+    generation: u32,
+}
+
+impl Outline {
+    fn into_manifest(self) -> Manifest {
+        Manifest {
+            format: self.format,
+            version: self.version,
+            id: self.id,
+            system_identifier: self.system_identifier,
+            pg_version: self.pg_version,
+            timeline: self.timeline,
+            start_lsn: self.start_lsn,
+            stop_lsn: self.stop_lsn,
+            start_time_us: self.start_time_us,
+            stop_time_us: self.stop_time_us,
+            start_wal: self.start_wal,
+            stop_wal: self.stop_wal,
+            chunk_size: self.chunk_size,
+            backup_label: self.backup_label,
+            tablespace_map: self.tablespace_map,
+            tablespaces: self.tablespaces,
+            entries: Vec::new(),
+            stats: self.stats,
+            files_examined_after_us: self.files_examined_after_us,
+            files: Vec::new(),
+            packs: Vec::new(),
+            server_manifest: self.server_manifest,
+            incremental_from: self.incremental_from,
+            page_checks: self.page_checks,
+            generation: self.generation,
+            deltas: Vec::new(),
+            held: Held::Outline,
+        }
+    }
+}
+
+impl Manifest {
+    /// The outline of the manifest `bytes` hold, validated as [`Manifest::parse`] validates a
+    /// whole one (the lists aside, which it does not hold).
+    pub fn parse_outline(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        check_size(bytes)?;
+        let o: Outline = serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
+        check_format(&o.format, o.version)?;
+        let m = o.into_manifest();
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Whether this value holds the whole manifest (not only its outline).
+    pub fn is_whole(&self) -> bool {
+        self.held == Held::Whole
+    }
+}
+
+fn stored_as(m: Manifest, id: &BackupId) -> Result<Manifest, ManifestError> {
+    match &m.id == id {
+        true => Ok(m),
+        false => Err(ManifestError::Implausible(format!(
+            "manifest of {} stored as {id}",
+            m.id
+        ))),
+    }
+}
+
+/// `backups/<id>/manifest.wvo`: a manifest is read back whole and validated, and must be the
+/// manifest of the backup its key names.
+impl StoredKind for Manifest {
+    type Id = BackupId;
+    type Error = ManifestError;
+    const ENVELOPE: Envelope = Envelope::Sealed(ObjectKind::Manifest);
+
+    fn key(id: &BackupId) -> String {
+        crate::repo::layout::manifest_key(id)
+    }
+
+    fn name(id: &BackupId) -> String {
+        id.as_str().to_string()
+    }
+
+    fn parse(opened: Opened, id: &BackupId) -> Result<Manifest, ManifestError> {
+        stored_as(Manifest::parse(&opened.content)?, id)
+    }
+}
+
+/// The same object as [`Manifest`]'s, read for its outline.
+impl StoredKind for ManifestOutline {
+    type Id = BackupId;
+    type Error = ManifestError;
+    const ENVELOPE: Envelope = <Manifest as StoredKind>::ENVELOPE;
+
+    fn key(id: &BackupId) -> String {
+        <Manifest as StoredKind>::key(id)
+    }
+
+    fn name(id: &BackupId) -> String {
+        <Manifest as StoredKind>::name(id)
+    }
+
+    fn parse(opened: Opened, id: &BackupId) -> Result<ManifestOutline, ManifestError> {
+        stored_as(Manifest::parse_outline(&opened.content)?, id).map(ManifestOutline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::basebackup::manifest::{Entry, EntryKind};
+
+    /// Every stored version's fixture, with its lists.
+    const FIXTURES: [&[u8]; 7] = [
+        include_bytes!("../../../tests/fixtures/manifest-v1.json"),
+        include_bytes!("../../../tests/fixtures/manifest-v1-files.json"),
+        include_bytes!("../../../tests/fixtures/manifest-v2.json"),
+        include_bytes!("../../../tests/fixtures/manifest-v2-page-checks.json"),
+        include_bytes!("../../../tests/fixtures/manifest-v2-repacked.json"),
+        include_bytes!("../../../tests/fixtures/manifest-v3-within.json"),
+        include_bytes!("../../../tests/fixtures/manifest-v4-delta.json"),
+    ];
+
+    #[test]
+    fn an_outline_is_the_whole_manifest_without_its_lists() {
+        for bytes in FIXTURES {
+            let m = Manifest::parse(bytes).unwrap();
+            assert!(m.is_whole() && !m.entries.is_empty());
+            let o = Manifest::parse_outline(bytes).unwrap();
+            assert!(!o.is_whole());
+            assert!(o.entries.is_empty() && o.files.is_empty() && o.packs.is_empty() && o.deltas.is_empty());
+            let mut expected = m.clone();
+            expected.entries.clear();
+            expected.files.clear();
+            expected.packs.clear();
+            expected.deltas.clear();
+            expected.held = Held::Outline;
+            assert_eq!(o, expected, "every other field as stored (version {})", m.version);
+        }
+    }
+
+    #[test]
+    fn an_outline_is_refused_where_the_whole_manifest_is() {
+        let m = Manifest::parse(FIXTURES[0]).unwrap();
+        let json = |m: &Manifest| m.to_json();
+        let mut later = m.clone();
+        later.version = 99;
+        assert!(matches!(
+            Manifest::parse_outline(&json(&later)),
+            Err(ManifestError::UnsupportedVersion(99))
+        ));
+        let mut reversed = m.clone();
+        reversed.start_lsn = Lsn(reversed.stop_lsn.0 + 1);
+        assert!(Manifest::parse(&json(&reversed)).is_err());
+        assert!(Manifest::parse_outline(&json(&reversed)).is_err());
+        let mut no_entries: serde_json::Value = serde_json::from_slice(&json(&m)).unwrap();
+        no_entries.as_object_mut().unwrap().remove("entries");
+        let bytes = serde_json::to_vec(&no_entries).unwrap();
+        assert!(Manifest::parse(&bytes).is_err());
+        assert!(
+            Manifest::parse_outline(&bytes).is_err(),
+            "entries are required in both"
+        );
+        // A hostile entry is the whole manifest's to refuse: an outline never holds one, and
+        // nothing is written from an outline.
+        let mut hostile = m.clone();
+        hostile.entries.push(Entry {
+            path: "base/../../etc/passwd".into(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            size: 0,
+            chunks: vec![],
+            within: None,
+        });
+        assert!(Manifest::parse(&json(&hostile)).is_err());
+        assert!(
+            Manifest::parse_outline(&json(&hostile))
+                .unwrap()
+                .entries
+                .is_empty()
+        );
+    }
+}
