@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::basebackup::BackupId;
 use crate::basebackup::chunk::ChunkError;
-use crate::basebackup::manifest::outline::{Held, ManifestOutline};
+use crate::basebackup::manifest::outline::{Held, ManifestOutline, ManifestWithoutRecords};
 use crate::basebackup::manifest::{Manifest, ManifestError};
 use crate::repo::layout::{self, Kind};
 use crate::repo::object::{ObjectError, Sealer};
@@ -623,14 +623,9 @@ async fn manifest_of(
             .await
             .map(|o| o.0)
             .map_err(CatalogError::of_manifest),
-        None => {
-            let mut m = load_manifest(repo.store(), repo.sealer(), id).await?;
-            // Each file's stat and stored lengths are for the next backup, which reads its base's
-            // manifest itself (backup/inventory.rs): a catalog holds every manifest, and those
-            // records were a third of a manifest's memory (10 MiB at 61,000 files).
-            m.files = Vec::new();
-            Ok(m)
-        }
+        // Each file's stat and stored lengths are for the next backup, which reads its base's
+        // manifest itself (backup/inventory.rs): never parsed into a catalog.
+        None => load_manifest_without_records(repo.store(), repo.sealer(), id).await,
     }
 }
 
@@ -780,6 +775,20 @@ pub async fn load_manifest(store: &Store, sealer: &Sealer, id: &BackupId) -> Res
     Objects::new(store, sealer)
         .read::<Manifest>(id)
         .await
+        .map_err(CatalogError::of_manifest)
+}
+
+/// Backup `id`'s manifest without its file records ([`Manifest::parse_without_records`]): what a
+/// restore writes from.
+pub async fn load_manifest_without_records(
+    store: &Store,
+    sealer: &Sealer,
+    id: &BackupId,
+) -> Result<Manifest, CatalogError> {
+    Objects::new(store, sealer)
+        .read::<ManifestWithoutRecords>(id)
+        .await
+        .map(|m| m.0)
         .map_err(CatalogError::of_manifest)
 }
 

@@ -134,7 +134,13 @@ fn backup(data: &Path, out: &Path, parallel: usize, piece: u64) -> Result<()> {
                     break;
                 };
                 buf.resize(len as usize, 0);
-                let f = File::open(data.join(&files[file].0))?;
+                // A file removed since the walk (a running server's temporary and statistics
+                // files) is left out, as a backup leaves it out.
+                let f = match File::open(data.join(&files[file].0)) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e).with_context(|| files[file].0.display().to_string()),
+                };
                 // A file that shrank since the walk (PostgreSQL truncates) reads short: keep what is there.
                 let n = read_at_most(&f, &mut buf, offset)?;
                 let z = zstd::bulk::compress(&buf[..n], 3)?;

@@ -432,6 +432,15 @@ impl Manifest {
     /// Parse and validate ([`Manifest::validate`]). The size of the document and the number of
     /// entries and tablespaces are checked before any entry is allocated.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        Manifest::check_before_parsing(bytes)?;
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// The size of the document, its format and version, and the number of entries and
+    /// tablespaces, checked before any entry is allocated.
+    fn check_before_parsing(bytes: &[u8]) -> Result<(), ManifestError> {
         check_size(bytes)?;
         #[derive(Deserialize)]
         struct Probe {
@@ -447,10 +456,7 @@ impl Manifest {
         let probe: Probe =
             serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
         check_format(&probe.format, probe.version)?;
-        check_counts(probe.entries.0.max(probe.files.0), probe.tablespaces.0)?;
-        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
-        m.validate()?;
-        Ok(m)
+        check_counts(probe.entries.0.max(probe.files.0), probe.tablespaces.0)
     }
 
     /// Everything a restore relies on, checked in one pass, before it writes anything (see

@@ -15,7 +15,8 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 
 use super::{
-    BackupId, BackupStats, Manifest, ManifestError, StoredBlob, Tablespace, check_format, check_size,
+    BackupId, BackupStats, Delta, Entry, Manifest, ManifestError, PackRecord, StoredBlob, Tablespace,
+    check_format, check_size,
 };
 use crate::basebackup::page_checksum::PageChecks;
 use crate::repo::object::ObjectKind;
@@ -38,11 +39,13 @@ pub enum Held {
 #[derive(Debug, Clone)]
 pub struct ManifestOutline(pub Manifest);
 
-/// What an outline keeps of the stored document: every field but the lists that grow with the
-/// files. A field added to [`Manifest`] must be added here too: [`Outline::into_manifest`] names
-/// every field and does not compile without it.
+/// What a partial read keeps of the stored document: every field but the file records, and the
+/// entries, packs and differences as `E`, `P` and `D` say (kept, or skipped as read). A field
+/// added to [`Manifest`] must be added here too: [`Parts::into_manifest`] names every field and
+/// does not compile without it.
 #[derive(Deserialize)]
-struct Outline {
+#[serde(bound = "E: Kept<Entry>, P: Kept<PackRecord>, D: Kept<Delta>")]
+struct Parts<E, P, D> {
     format: String,
     version: u32,
     id: BackupId,
@@ -62,9 +65,8 @@ struct Outline {
     tablespace_map: Option<String>,
     #[serde(default)]
     tablespaces: Vec<Tablespace>,
-    /// Required, as in a whole manifest; skipped as read.
-    #[allow(dead_code)]
-    entries: IgnoredAny,
+    /// Required, as in a whole manifest.
+    entries: E,
     stats: BackupStats,
     #[serde(default)]
     files_examined_after_us: Option<i64>,
@@ -76,10 +78,32 @@ struct Outline {
     page_checks: Option<PageChecks>,
     #[serde(default)]
     generation: u32,
+    #[serde(default)]
+    packs: P,
+    #[serde(default)]
+    deltas: D,
 }
 
-impl Outline {
-    fn into_manifest(self) -> Manifest {
+/// A list a partial read keeps ([`Vec`], at its length) or skips as it is read ([`IgnoredAny`]).
+trait Kept<T>: for<'de> Deserialize<'de> + Default {
+    fn kept(self) -> Vec<T>;
+}
+
+impl<T: for<'de> Deserialize<'de>> Kept<T> for Vec<T> {
+    fn kept(mut self) -> Vec<T> {
+        self.shrink_to_fit();
+        self
+    }
+}
+
+impl<T> Kept<T> for IgnoredAny {
+    fn kept(self) -> Vec<T> {
+        Vec::new()
+    }
+}
+
+impl<E: Kept<Entry>, P: Kept<PackRecord>, D: Kept<Delta>> Parts<E, P, D> {
+    fn into_manifest(self, held: Held) -> Manifest {
         Manifest {
             format: self.format,
             version: self.version,
@@ -97,17 +121,17 @@ impl Outline {
             backup_label: self.backup_label,
             tablespace_map: self.tablespace_map,
             tablespaces: self.tablespaces,
-            entries: Vec::new(),
+            entries: self.entries.kept(),
             stats: self.stats,
             files_examined_after_us: self.files_examined_after_us,
             files: Vec::new(),
-            packs: Vec::new(),
+            packs: self.packs.kept(),
             server_manifest: self.server_manifest,
             incremental_from: self.incremental_from,
             page_checks: self.page_checks,
             generation: self.generation,
-            deltas: Vec::new(),
-            held: Held::Outline,
+            deltas: self.deltas.kept(),
+            held,
         }
     }
 }
@@ -117,9 +141,22 @@ impl Manifest {
     /// whole one (the lists aside, which it does not hold).
     pub fn parse_outline(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         check_size(bytes)?;
-        let o: Outline = serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
+        let o: Parts<IgnoredAny, IgnoredAny, IgnoredAny> =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
         check_format(&o.format, o.version)?;
-        let m = o.into_manifest();
+        let m = o.into_manifest(Held::Outline);
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// The manifest `bytes` hold without its file records, which only the next backup reads
+    /// (they were a third of a manifest's memory: 10 MiB at 61,000 files), validated as
+    /// [`Manifest::parse`] validates it. What a catalog and a restore hold.
+    pub fn parse_without_records(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        Manifest::check_before_parsing(bytes)?;
+        let p: Parts<Vec<Entry>, Vec<PackRecord>, Vec<Delta>> =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
+        let m = p.into_manifest(Held::Whole);
         m.validate()?;
         Ok(m)
     }
@@ -179,6 +216,29 @@ impl StoredKind for ManifestOutline {
     }
 }
 
+/// The manifest of a backup, read without its file records ([`Manifest::parse_without_records`]).
+#[derive(Debug, Clone)]
+pub struct ManifestWithoutRecords(pub Manifest);
+
+/// The same object as [`Manifest`]'s, read without its file records.
+impl StoredKind for ManifestWithoutRecords {
+    type Id = BackupId;
+    type Error = ManifestError;
+    const ENVELOPE: Envelope = <Manifest as StoredKind>::ENVELOPE;
+
+    fn key(id: &BackupId) -> String {
+        <Manifest as StoredKind>::key(id)
+    }
+
+    fn name(id: &BackupId) -> String {
+        <Manifest as StoredKind>::name(id)
+    }
+
+    fn parse(opened: Opened, id: &BackupId) -> Result<ManifestWithoutRecords, ManifestError> {
+        stored_as(Manifest::parse_without_records(&opened.content)?, id).map(ManifestWithoutRecords)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +271,30 @@ mod tests {
             expected.held = Held::Outline;
             assert_eq!(o, expected, "every other field as stored (version {})", m.version);
         }
+    }
+
+    #[test]
+    fn a_manifest_without_records_is_the_whole_manifest_without_its_file_records() {
+        for bytes in FIXTURES {
+            let mut m = Manifest::parse(bytes).unwrap();
+            let lean = Manifest::parse_without_records(bytes).unwrap();
+            assert!(lean.is_whole() && lean.files.is_empty());
+            m.files.clear();
+            assert_eq!(lean, m, "version {}", m.version);
+        }
+        let mut hostile = Manifest::parse(FIXTURES[1]).unwrap();
+        assert!(!hostile.files.is_empty());
+        hostile.files[0].path = "base/../../etc/passwd".into();
+        assert!(Manifest::parse(&hostile.to_json()).is_err());
+        assert!(
+            Manifest::parse_without_records(&hostile.to_json()).is_ok(),
+            "records are not read"
+        );
+        hostile.entries[1].path = "base/../../etc/passwd".into();
+        assert!(
+            Manifest::parse_without_records(&hostile.to_json()).is_err(),
+            "entries are"
+        );
     }
 
     #[test]

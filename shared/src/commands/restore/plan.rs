@@ -222,14 +222,12 @@ pub(crate) async fn build(
 
 /// The whole manifest of backup `chosen`, which a catalog of outlines holds only the outline of
 /// ([`Catalog::load_outlines`]): read again, once, for the one backup the restore writes. Its
-/// file records are let go: they are the next backup's, never a restore's.
+/// file records are not read: they are the next backup's, never a restore's.
 async fn whole_manifest(store: &Store, sealer: &Sealer, chosen: &Manifest) -> Result<Manifest, RestoreError> {
     if chosen.is_whole() {
         return Ok(chosen.clone());
     }
-    let mut m = crate::catalog::load_manifest(store, sealer, &chosen.id).await?;
-    m.files = Vec::new();
-    Ok(m)
+    Ok(crate::catalog::load_manifest_without_records(store, sealer, &chosen.id).await?)
 }
 
 /// The data directory: refused when a server runs on it, else how it is used
