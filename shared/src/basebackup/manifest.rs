@@ -366,6 +366,26 @@ fn entry_err(path: &str, why: impl Into<String>) -> ManifestError {
     }
 }
 
+/// What is read of a manifest before any entry is allocated: its format, version and counts.
+#[derive(Deserialize)]
+struct Probe {
+    format: String,
+    version: u32,
+    #[serde(default)]
+    entries: Count,
+    #[serde(default)]
+    tablespaces: Count,
+    #[serde(default)]
+    files: Count,
+}
+
+impl Probe {
+    fn check(&self) -> Result<(), ManifestError> {
+        check_format(&self.format, self.version)?;
+        check_counts(self.entries.0.max(self.files.0), self.tablespaces.0)
+    }
+}
+
 /// Counts the elements of a JSON array without keeping them (anything else counts 0), so the
 /// number of entries is known before a single one is allocated.
 #[derive(Default)]
@@ -442,21 +462,9 @@ impl Manifest {
     /// tablespaces, checked before any entry is allocated.
     fn check_before_parsing(bytes: &[u8]) -> Result<(), ManifestError> {
         check_size(bytes)?;
-        #[derive(Deserialize)]
-        struct Probe {
-            format: String,
-            version: u32,
-            #[serde(default)]
-            entries: Count,
-            #[serde(default)]
-            tablespaces: Count,
-            #[serde(default)]
-            files: Count,
-        }
-        let probe: Probe =
-            serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
-        check_format(&probe.format, probe.version)?;
-        check_counts(probe.entries.0.max(probe.files.0), probe.tablespaces.0)
+        serde_json::from_slice::<Probe>(bytes)
+            .map_err(|e| ManifestError::Invalid(e.to_string()))?
+            .check()
     }
 
     /// Everything a restore relies on, checked in one pass, before it writes anything (see

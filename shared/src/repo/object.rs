@@ -15,7 +15,10 @@ use chacha20poly1305::{Tag, XNonce};
 use super::keys::RepoKeys;
 
 mod contexts;
+mod streamed;
+
 use contexts::{compress_after, decompress_into};
+pub use streamed::ContentReader;
 
 pub const MAGIC: &[u8; 8] = b"WALVAULT";
 /// The plain format.
@@ -599,8 +602,20 @@ fn open_unhashed(
     bytes: &[u8],
     kind: ObjectKind,
     expected_name: &str,
-    mut out: Vec<u8>,
+    out: Vec<u8>,
 ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+    let (header, payload) = open_payload(keys, bytes, kind, expected_name)?;
+    expand(header, &payload, out)
+}
+
+/// The header, checked (kind, payload length, name), and the payload, authenticated and
+/// decrypted in an encrypted repository: what is left to open is the codec's.
+fn open_payload<'b>(
+    keys: Option<&RepoKeys>,
+    bytes: &'b [u8],
+    kind: ObjectKind,
+    expected_name: &str,
+) -> Result<(ObjectHeader, std::borrow::Cow<'b, [u8]>), ObjectError> {
     let header = of_this_repository(read_header(bytes)?, keys.is_some())?;
     if header.kind != kind {
         return Err(ObjectError::WrongKind {
@@ -622,7 +637,6 @@ fn open_unhashed(
             found: header.name,
         });
     }
-    let decrypted;
     let payload = match (keys, header.nonce) {
         (Some(k), Some(nonce)) => {
             let Some(body_len) = payload.len().checked_sub(TAG_LEN) else {
@@ -637,11 +651,19 @@ fn open_unhashed(
                     Tag::from_slice(&payload[body_len..]),
                 )
                 .map_err(|_| ObjectError::Authentication)?;
-            decrypted = body;
-            &decrypted[..]
+            std::borrow::Cow::Owned(body)
         }
-        _ => payload,
+        _ => std::borrow::Cow::Borrowed(payload),
     };
+    Ok((header, payload))
+}
+
+/// The codec's part of [`open_unhashed`]: `payload` expanded into `out`, to the header's length.
+fn expand(
+    header: ObjectHeader,
+    payload: &[u8],
+    mut out: Vec<u8>,
+) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
     out.clear();
     let content = match header.codec {
         Codec::None => {
@@ -860,6 +882,18 @@ impl Sealer {
         expected_name: &str,
     ) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
         open_with(self.keys.as_deref(), bytes, kind, expected_name, Vec::new())
+    }
+
+    /// [`Sealer::open`], the content read as it is decompressed ([`ContentReader`]): header,
+    /// name and authenticity are checked here, the content's length and hash at its end.
+    pub fn open_reader<'b>(
+        &self,
+        bytes: &'b [u8],
+        kind: ObjectKind,
+        expected_name: &str,
+    ) -> Result<ContentReader<'b>, ObjectError> {
+        let (header, payload) = open_payload(self.keys.as_deref(), bytes, kind, expected_name)?;
+        ContentReader::new(header, payload, self.keys.as_deref())
     }
 
     /// [`Sealer::open`], the content written into `out` (emptied first, its allocation reused).
@@ -1083,7 +1117,7 @@ mod tests {
         }
     }
 
-    fn keys_for(repo: &str) -> Arc<RepoKeys> {
+    pub(super) fn keys_for(repo: &str) -> Arc<RepoKeys> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
         std::fs::write(&path, "ab".repeat(32)).unwrap();
@@ -1161,7 +1195,7 @@ mod tests {
         );
     }
 
-    const REPO_A: &str = "0123456789abcdef0123456789abcdef";
+    pub(super) const REPO_A: &str = "0123456789abcdef0123456789abcdef";
     const REPO_B: &str = "fedcba9876543210fedcba9876543210";
 
     #[test]

@@ -44,7 +44,32 @@ pub trait StoredKind: Sized {
     }
     /// The value, from the content of object `id` (untrusted: it comes from the repository).
     fn parse(opened: Opened, id: &Self::Id) -> Result<Self, Self::Error>;
+
+    /// The value of a sealed object of this kind, as read (`bytes`): by default the content is
+    /// opened whole (into `out`) and [`StoredKind::parse`]d. A kind whose documents are large
+    /// parses them from the content as it is decompressed ([`Sealer::open_reader`]), so that it
+    /// is never held whole.
+    fn open_sealed(
+        sealer: &Sealer,
+        kind: ObjectKind,
+        bytes: &[u8],
+        id: &Self::Id,
+        out: Vec<u8>,
+    ) -> Opening<Self> {
+        let (header, content) = sealer
+            .open_into(bytes, kind, &Self::name(id), out)
+            .map_err(Damage::Envelope)?;
+        let opened = Opened {
+            header: Some(header),
+            content,
+            stored_len: bytes.len() as u64,
+        };
+        Self::parse(opened, id).map_err(Damage::Content)
+    }
 }
+
+/// A value of kind `K` opened, or why the object is unusable.
+pub type Opening<K> = Result<K, Damage<<K as StoredKind>::Error>>;
 
 /// Why an object that was read is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -126,16 +151,7 @@ pub fn open_into<K: StoredKind>(
 ) -> Result<K, Damage<K::Error>> {
     let stored_len = bytes.len() as u64;
     let opened = match K::ENVELOPE {
-        Envelope::Sealed(kind) => {
-            let (header, content) = sealer
-                .open_into(bytes, kind, &K::name(id), out)
-                .map_err(Damage::Envelope)?;
-            Opened {
-                header: Some(header),
-                content,
-                stored_len,
-            }
-        }
+        Envelope::Sealed(kind) => return K::open_sealed(sealer, kind, bytes, id, out),
         Envelope::Record => Opened {
             header: None,
             content: sealer.open_record(&K::key(id), bytes).map_err(Damage::Envelope)?,

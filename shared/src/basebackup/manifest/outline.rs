@@ -19,8 +19,11 @@ use super::{
     check_format, check_size,
 };
 use crate::basebackup::page_checksum::PageChecks;
-use crate::repo::object::ObjectKind;
-use crate::repo::stored::{Envelope, Opened, StoredKind};
+use serde::de::DeserializeOwned;
+
+use super::{MAX_MANIFEST_BYTES, Probe};
+use crate::repo::object::{ObjectKind, Sealer};
+use crate::repo::stored::{Damage, Envelope, Opened, Opening, StoredKind};
 use crate::wal::{Lsn, TimelineId};
 
 /// How much of its stored manifest a [`Manifest`] value holds.
@@ -141,12 +144,7 @@ impl Manifest {
     /// whole one (the lists aside, which it does not hold).
     pub fn parse_outline(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         check_size(bytes)?;
-        let o: Parts<IgnoredAny, IgnoredAny, IgnoredAny> =
-            serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
-        check_format(&o.format, o.version)?;
-        let m = o.into_manifest(Held::Outline);
-        m.validate()?;
-        Ok(m)
+        outline_of(serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?)
     }
 
     /// The manifest `bytes` hold without its file records, which only the next backup reads
@@ -154,17 +152,75 @@ impl Manifest {
     /// [`Manifest::parse`] validates it. What a catalog and a restore hold.
     pub fn parse_without_records(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         Manifest::check_before_parsing(bytes)?;
-        let p: Parts<Vec<Entry>, Vec<PackRecord>, Vec<Delta>> =
-            serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
-        let m = p.into_manifest(Held::Whole);
-        m.validate()?;
-        Ok(m)
+        without_records_of(serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?)
     }
 
     /// Whether this value holds the whole manifest (not only its outline).
     pub fn is_whole(&self) -> bool {
         self.held == Held::Whole
     }
+}
+
+type Lists = Parts<Vec<Entry>, Vec<PackRecord>, Vec<Delta>>;
+type NoLists = Parts<IgnoredAny, IgnoredAny, IgnoredAny>;
+
+fn outline_of(o: NoLists) -> Result<Manifest, ManifestError> {
+    check_format(&o.format, o.version)?;
+    let m = o.into_manifest(Held::Outline);
+    m.validate()?;
+    Ok(m)
+}
+
+fn without_records_of(p: Lists) -> Result<Manifest, ManifestError> {
+    let m = p.into_manifest(Held::Whole);
+    m.validate()?;
+    Ok(m)
+}
+
+/// `T`, parsed from manifest object `bytes` of backup `id` as its content is decompressed
+/// ([`Sealer::open_reader`]): the document is never held whole (some 80 MB of JSON at 300,000
+/// files). Content that does not verify at its end is a damaged object, whatever the parser
+/// made of it.
+fn streamed<T: DeserializeOwned>(
+    sealer: &Sealer,
+    kind: ObjectKind,
+    bytes: &[u8],
+    id: &BackupId,
+) -> Result<T, Damage<ManifestError>> {
+    let mut r = sealer
+        .open_reader(bytes, kind, id.as_str())
+        .map_err(Damage::Envelope)?;
+    if r.header().original_len > MAX_MANIFEST_BYTES {
+        return Err(Damage::Content(ManifestError::Implausible(format!(
+            "{} bytes of JSON, more than the limit of {MAX_MANIFEST_BYTES}",
+            r.header().original_len
+        ))));
+    }
+    let parsed = serde_json::from_reader::<_, T>(std::io::BufReader::with_capacity(1 << 16, &mut r));
+    if let Some(e) = r.failure() {
+        return Err(Damage::Envelope(e.clone()));
+    }
+    let value = parsed.map_err(|e| Damage::Content(ManifestError::Invalid(e.to_string())))?;
+    match r.verified() {
+        true => Ok(value),
+        false => Err(Damage::Content(ManifestError::Invalid(
+            "the document ends before its content does".into(),
+        ))),
+    }
+}
+
+/// [`streamed`], the format, version and counts first checked in a pass of their own (the
+/// content decompressed twice, never held), before any entry is allocated.
+fn streamed_checked<T: DeserializeOwned>(
+    sealer: &Sealer,
+    kind: ObjectKind,
+    bytes: &[u8],
+    id: &BackupId,
+) -> Result<T, Damage<ManifestError>> {
+    streamed::<Probe>(sealer, kind, bytes, id)?
+        .check()
+        .map_err(Damage::Content)?;
+    streamed(sealer, kind, bytes, id)
 }
 
 fn stored_as(m: Manifest, id: &BackupId) -> Result<Manifest, ManifestError> {
@@ -195,6 +251,19 @@ impl StoredKind for Manifest {
     fn parse(opened: Opened, id: &BackupId) -> Result<Manifest, ManifestError> {
         stored_as(Manifest::parse(&opened.content)?, id)
     }
+
+    fn open_sealed(
+        sealer: &Sealer,
+        kind: ObjectKind,
+        bytes: &[u8],
+        id: &BackupId,
+        _: Vec<u8>,
+    ) -> Opening<Manifest> {
+        let m: Manifest = streamed_checked(sealer, kind, bytes, id)?;
+        m.validate()
+            .and_then(|()| stored_as(m, id))
+            .map_err(Damage::Content)
+    }
 }
 
 /// The same object as [`Manifest`]'s, read for its outline.
@@ -213,6 +282,20 @@ impl StoredKind for ManifestOutline {
 
     fn parse(opened: Opened, id: &BackupId) -> Result<ManifestOutline, ManifestError> {
         stored_as(Manifest::parse_outline(&opened.content)?, id).map(ManifestOutline)
+    }
+
+    fn open_sealed(
+        sealer: &Sealer,
+        kind: ObjectKind,
+        bytes: &[u8],
+        id: &BackupId,
+        _: Vec<u8>,
+    ) -> Opening<ManifestOutline> {
+        let o: NoLists = streamed(sealer, kind, bytes, id)?;
+        outline_of(o)
+            .and_then(|m| stored_as(m, id))
+            .map(ManifestOutline)
+            .map_err(Damage::Content)
     }
 }
 
@@ -236,6 +319,20 @@ impl StoredKind for ManifestWithoutRecords {
 
     fn parse(opened: Opened, id: &BackupId) -> Result<ManifestWithoutRecords, ManifestError> {
         stored_as(Manifest::parse_without_records(&opened.content)?, id).map(ManifestWithoutRecords)
+    }
+
+    fn open_sealed(
+        sealer: &Sealer,
+        kind: ObjectKind,
+        bytes: &[u8],
+        id: &BackupId,
+        _: Vec<u8>,
+    ) -> Opening<ManifestWithoutRecords> {
+        let p: Lists = streamed_checked(sealer, kind, bytes, id)?;
+        without_records_of(p)
+            .and_then(|m| stored_as(m, id))
+            .map(ManifestWithoutRecords)
+            .map_err(Damage::Content)
     }
 }
 
@@ -295,6 +392,64 @@ mod tests {
             Manifest::parse_without_records(&hostile.to_json()).is_err(),
             "entries are"
         );
+    }
+
+    /// What each kind reads from a stored manifest, parsed as its content is decompressed, is
+    /// what it parses from the content whole; damage is the envelope's, never the document's.
+    #[test]
+    fn manifests_read_as_they_are_decompressed_are_those_parsed_whole() {
+        use crate::repo::object::{ObjectError, SealedObject};
+        use crate::repo::stored::open;
+        let sealer = Sealer::plain();
+        for bytes in FIXTURES {
+            let m = Manifest::parse(bytes).unwrap();
+            let sealed = SealedObject::seal(ObjectKind::Manifest, m.id.as_str(), bytes, 3).unwrap();
+            let whole = open::<Manifest>(&sealer, &m.id, &sealed.bytes).unwrap();
+            assert_eq!(whole, m);
+            let outline = open::<ManifestOutline>(&sealer, &m.id, &sealed.bytes).unwrap().0;
+            assert_eq!(outline, Manifest::parse_outline(bytes).unwrap());
+            let lean = open::<ManifestWithoutRecords>(&sealer, &m.id, &sealed.bytes)
+                .unwrap()
+                .0;
+            assert_eq!(lean, Manifest::parse_without_records(bytes).unwrap());
+            // Stored under another backup's name: refused by each.
+            let other: BackupId = "20200101T000000Z".parse().unwrap();
+            assert!(open::<Manifest>(&sealer, &other, &sealed.bytes).is_err());
+            assert!(open::<ManifestOutline>(&sealer, &other, &sealed.bytes).is_err());
+        }
+        let m = Manifest::parse(FIXTURES[0]).unwrap();
+        // Bytes changed inside the compressed payload: the object is damaged, whatever JSON the
+        // parser was given before the end showed it.
+        let sealed = SealedObject::seal(ObjectKind::Manifest, m.id.as_str(), FIXTURES[0], 3).unwrap();
+        let mut bad = sealed.bytes.to_vec();
+        let at = bad.len() - 20;
+        bad[at] ^= 0x20;
+        for result in [
+            open::<Manifest>(&sealer, &m.id, &bad).map(|_| ()),
+            open::<ManifestOutline>(&sealer, &m.id, &bad).map(|_| ()),
+            open::<ManifestWithoutRecords>(&sealer, &m.id, &bad).map(|_| ()),
+        ] {
+            assert!(
+                matches!(
+                    result,
+                    Err(Damage::Envelope(
+                        ObjectError::ContentHash { .. }
+                            | ObjectError::Decompress(_)
+                            | ObjectError::ContentLength { .. }
+                    ))
+                ),
+                "{result:?}"
+            );
+        }
+        // A sound object whose document is not a manifest: the content's fault.
+        let sealed = SealedObject::seal(ObjectKind::Manifest, m.id.as_str(), b"{\"format\": 1}", 3).unwrap();
+        for result in [
+            open::<Manifest>(&sealer, &m.id, &sealed.bytes).map(|_| ()),
+            open::<ManifestOutline>(&sealer, &m.id, &sealed.bytes).map(|_| ()),
+            open::<ManifestWithoutRecords>(&sealer, &m.id, &sealed.bytes).map(|_| ()),
+        ] {
+            assert!(matches!(result, Err(Damage::Content(_))), "{result:?}");
+        }
     }
 
     #[test]
