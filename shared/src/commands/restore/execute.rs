@@ -283,7 +283,11 @@ impl Pages {
         }
         *started = true;
         let mut page = left.split_off(left.len().saturating_sub(page_files));
-        left.shrink_to_fit();
+        // The room of the entries written goes back once it is half the list's: shrinking is a
+        // copy of what is left, which after every page would double the list for a moment.
+        if left.len() < left.capacity() / 2 {
+            left.shrink_to_fit();
+        }
         page.reverse();
         let mut work = WorkList {
             roots: plan.roots(),
