@@ -328,75 +328,72 @@ impl StoredKind for Manifest {
     }
 }
 
-/// The same object as [`Manifest`]'s, read for its outline.
-impl StoredKind for ManifestOutline {
-    type Id = BackupId;
-    type Error = ManifestError;
-    const ENVELOPE: Envelope = <Manifest as StoredKind>::ENVELOPE;
+/// The same object as [`Manifest`]'s under the same key and name, parsed by a view of its own:
+/// `$parse` from content opened whole, `$streamed` as it is decompressed.
+macro_rules! manifest_view {
+    ($view:ident, $parse:path, $streamed:path) => {
+        impl StoredKind for $view {
+            type Id = BackupId;
+            type Error = ManifestError;
+            const ENVELOPE: Envelope = <Manifest as StoredKind>::ENVELOPE;
 
-    fn key(id: &BackupId) -> String {
-        <Manifest as StoredKind>::key(id)
-    }
+            fn key(id: &BackupId) -> String {
+                <Manifest as StoredKind>::key(id)
+            }
 
-    fn name(id: &BackupId) -> String {
-        <Manifest as StoredKind>::name(id)
-    }
+            fn name(id: &BackupId) -> String {
+                <Manifest as StoredKind>::name(id)
+            }
 
-    fn parse(opened: Opened, id: &BackupId) -> Result<ManifestOutline, ManifestError> {
-        stored_as(Manifest::parse_outline(&opened.content)?, id).map(ManifestOutline)
-    }
+            fn parse(opened: Opened, id: &BackupId) -> Result<$view, ManifestError> {
+                stored_as($parse(&opened.content)?, id).map($view)
+            }
 
-    fn open_sealed(
-        sealer: &Sealer,
-        kind: ObjectKind,
-        bytes: &[u8],
-        id: &BackupId,
-        _: Vec<u8>,
-    ) -> Opening<ManifestOutline> {
-        let o: NoLists = streamed(sealer, kind, bytes, id)?;
-        outline_of(o)
-            .and_then(|m| stored_as(m, id))
-            .map(ManifestOutline)
-            .map_err(Damage::Content)
-    }
+            fn open_sealed(
+                sealer: &Sealer,
+                kind: ObjectKind,
+                bytes: &[u8],
+                id: &BackupId,
+                _: Vec<u8>,
+            ) -> Opening<$view> {
+                let m = $streamed(sealer, kind, bytes, id)?;
+                stored_as(m, id).map($view).map_err(Damage::Content)
+            }
+        }
+    };
 }
+
+/// The outline of manifest object `bytes`, parsed as it is decompressed.
+fn streamed_outline(
+    sealer: &Sealer,
+    kind: ObjectKind,
+    bytes: &[u8],
+    id: &BackupId,
+) -> Result<Manifest, Damage<ManifestError>> {
+    outline_of(streamed(sealer, kind, bytes, id)?).map_err(Damage::Content)
+}
+
+/// Manifest object `bytes` without its file records, parsed as it is decompressed.
+fn streamed_without_records(
+    sealer: &Sealer,
+    kind: ObjectKind,
+    bytes: &[u8],
+    id: &BackupId,
+) -> Result<Manifest, Damage<ManifestError>> {
+    without_records_of(streamed_checked(sealer, kind, bytes, id)?).map_err(Damage::Content)
+}
+
+manifest_view!(ManifestOutline, Manifest::parse_outline, streamed_outline);
 
 /// The manifest of a backup, read without its file records ([`Manifest::parse_without_records`]).
 #[derive(Debug, Clone)]
 pub struct ManifestWithoutRecords(pub Manifest);
 
-/// The same object as [`Manifest`]'s, read without its file records.
-impl StoredKind for ManifestWithoutRecords {
-    type Id = BackupId;
-    type Error = ManifestError;
-    const ENVELOPE: Envelope = <Manifest as StoredKind>::ENVELOPE;
-
-    fn key(id: &BackupId) -> String {
-        <Manifest as StoredKind>::key(id)
-    }
-
-    fn name(id: &BackupId) -> String {
-        <Manifest as StoredKind>::name(id)
-    }
-
-    fn parse(opened: Opened, id: &BackupId) -> Result<ManifestWithoutRecords, ManifestError> {
-        stored_as(Manifest::parse_without_records(&opened.content)?, id).map(ManifestWithoutRecords)
-    }
-
-    fn open_sealed(
-        sealer: &Sealer,
-        kind: ObjectKind,
-        bytes: &[u8],
-        id: &BackupId,
-        _: Vec<u8>,
-    ) -> Opening<ManifestWithoutRecords> {
-        let p: Lists = streamed_checked(sealer, kind, bytes, id)?;
-        without_records_of(p)
-            .and_then(|m| stored_as(m, id))
-            .map(ManifestWithoutRecords)
-            .map_err(Damage::Content)
-    }
-}
+manifest_view!(
+    ManifestWithoutRecords,
+    Manifest::parse_without_records,
+    streamed_without_records
+);
 
 #[cfg(test)]
 mod tests {

@@ -391,8 +391,8 @@ mod tests {
         }
     }
 
-    /// A store that refuses every read fails the restore with that error, and once the error is
-    /// returned nothing is still writing: the caller may remove the directory safely.
+    /// Pages of any size write every file, `global/pg_control` among them, and a backup of
+    /// directories alone still lays them out.
     #[tokio::test]
     async fn a_restore_in_pages_writes_every_file_pg_control_included() {
         const CS: usize = 4096;
@@ -468,6 +468,8 @@ mod tests {
         assert!(opts.pgdata.join("global").is_dir() && opts.pgdata.join("base/1").is_dir());
     }
 
+    /// A store that refuses every read fails the restore with that error, and once the error is
+    /// returned nothing is still writing: the caller may remove the directory safely.
     #[tokio::test]
     async fn a_failed_fetch_fails_the_restore_and_leaves_no_writer_running() {
         const CS: usize = 4096;
