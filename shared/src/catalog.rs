@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::basebackup::BackupId;
 use crate::basebackup::chunk::ChunkError;
 use crate::basebackup::manifest::outline::{Held, ManifestOutline, ManifestWithoutRecords};
+use crate::basebackup::manifest::paged::PagedManifest;
 use crate::basebackup::manifest::{Manifest, ManifestError};
 use crate::repo::layout::{self, Kind};
 use crate::repo::object::{ObjectError, Sealer};
@@ -169,15 +170,22 @@ impl Window {
 impl Catalog {
     /// Read everything the repository holds: every manifest, history file and summary.
     pub async fn load(repo: &Reader) -> Result<Catalog, CatalogError> {
-        Catalog::read(repo, None, true, Held::Whole).await
+        Catalog::read(repo, None, Summaries::Whole, Held::Whole).await
     }
 
     /// [`Catalog::load`] with each manifest's outline only ([`crate::basebackup::manifest::outline`]):
     /// what choosing a backup and the restorable windows need, in memory that does not grow with
-    /// the backups' files. A restore then reads its one backup's manifest whole
-    /// ([`load_manifest`]).
+    /// the backups' files. A restore then reads its one backup's manifest ([`load_paged_manifest`]).
+    /// The summaries are read for their times and restore points alone
+    /// ([`Summaries::Times`]).
     pub async fn load_outlines(repo: &Reader) -> Result<Catalog, CatalogError> {
         Catalog::refresh_outlines(repo, None).await
+    }
+
+    /// [`Catalog::load_outlines`] with whole summaries, the changes and catalog rows each
+    /// records included: what `find` searches.
+    pub async fn load_outlines_and_changes(repo: &Reader) -> Result<Catalog, CatalogError> {
+        Catalog::read(repo, None, Summaries::Whole, Held::Outline).await
     }
 
     /// [`Catalog::load_outlines`], reusing what `previous` (an earlier load of the same
@@ -188,7 +196,7 @@ impl Catalog {
         repo: &Reader,
         previous: Option<&Catalog>,
     ) -> Result<Catalog, CatalogError> {
-        Catalog::read(repo, previous, true, Held::Outline).await
+        Catalog::read(repo, previous, Summaries::Times, Held::Outline).await
     }
 
     /// [`Catalog::load`] without reading the time index: summaries are listed
@@ -196,12 +204,12 @@ impl Catalog {
     /// LIST requests plus one GET per manifest and history file. For expire and verify;
     /// [`Catalog::read_window_summaries`] then reads the few a window needs.
     pub async fn load_listing(repo: &Reader) -> Result<Catalog, CatalogError> {
-        Catalog::read(repo, None, false, Held::Whole).await
+        Catalog::read(repo, None, Summaries::None, Held::Whole).await
     }
 
     /// [`Catalog::load_listing`] again, downloading only the manifests `previous` lacks.
     pub async fn refresh_listing(repo: &Reader, previous: &Catalog) -> Result<Catalog, CatalogError> {
-        Catalog::read(repo, Some(previous), false, Held::Whole).await
+        Catalog::read(repo, Some(previous), Summaries::None, Held::Whole).await
     }
 
     /// Read the summaries the restorable windows need: on each timeline, from the end of the
@@ -241,7 +249,7 @@ impl Catalog {
     async fn read(
         repo: &Reader,
         previous: Option<&Catalog>,
-        read_summaries: bool,
+        read_summaries: Summaries,
         held: Held,
     ) -> Result<Catalog, CatalogError> {
         let previous = previous.filter(|p| p.repo_id == *repo.id() && p.cluster.as_ref() == repo.cluster());
@@ -702,13 +710,26 @@ struct IndexListing {
     files: Vec<(SegmentName, u64)>,
 }
 
-/// List `index/`: every summary, and with `read_summaries`, each read (or taken from
-/// `previous`: a summary never changes).
+/// How much of the time index a catalog reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Summaries {
+    /// Listed, not read.
+    None,
+    /// Each summary read without the changes and catalog rows it records ([`SegmentSummary`]'s
+    /// `events` and `catalog_rows`, some 4,096 each a segment): only `find` searches them, and a
+    /// repository's WAL of 50,000 tables created held 36 MB of them in every restore.
+    Times,
+    /// Each summary read whole.
+    Whole,
+}
+
+/// List `index/`: every summary, and unless `read_summaries` is [`Summaries::None`], each read
+/// (or taken from `previous`, read the same way: a summary never changes).
 async fn read_index(
     repo: &Reader,
     seg_size: u32,
     previous: Option<&Catalog>,
-    read_summaries: bool,
+    read_summaries: Summaries,
 ) -> Result<IndexListing, CatalogError> {
     let mut out = IndexListing::default();
     for (key, size) in repo.store().list(Kind::Index.dirname()).await? {
@@ -716,9 +737,13 @@ async fn read_index(
             continue;
         };
         out.files.push((seg, size));
-        if read_summaries {
+        if read_summaries != Summaries::None {
             let at = seg.segment_no(seg_size).map(|no| (seg.timeline, no));
-            if let (Some(at), Some(s)) = (at, summary_of(repo, previous, &seg, at).await) {
+            if let (Some(at), Some(mut s)) = (at, summary_of(repo, previous, &seg, at).await) {
+                if read_summaries == Summaries::Times {
+                    s.events = None;
+                    s.catalog_rows = Vec::new();
+                }
                 out.summaries.insert(at, s);
             }
         }
@@ -792,6 +817,19 @@ pub async fn load_manifest_without_records(
         .map_err(CatalogError::of_manifest)
 }
 
+/// Backup `id`'s manifest held as stored, its frame parsed ([`PagedManifest`]): what a restore
+/// writes from, reading the entries a page at a time.
+pub async fn load_paged_manifest(
+    store: &Store,
+    sealer: &Sealer,
+    id: &BackupId,
+) -> Result<PagedManifest, CatalogError> {
+    Objects::new(store, sealer)
+        .read::<PagedManifest>(id)
+        .await
+        .map_err(CatalogError::of_manifest)
+}
+
 impl CatalogError {
     /// A manifest that could not be read, as the catalog reports it.
     fn of_manifest(e: ReadError<ManifestError>) -> CatalogError {
@@ -801,17 +839,19 @@ impl CatalogError {
                 key,
                 source: Box::new(ManifestError::Invalid("missing".into())),
             },
-            ReadError::Damaged {
-                key,
-                reason: Damage::Envelope(e),
-            } => CatalogError::Corrupt {
+            ReadError::Damaged { key, reason } => CatalogError::of_damaged_manifest(key, reason),
+        }
+    }
+
+    /// Manifest `key`, read, found damaged (as its entries are read again, too: see
+    /// [`PagedManifest`]).
+    pub fn of_damaged_manifest(key: String, reason: Damage<ManifestError>) -> CatalogError {
+        match reason {
+            Damage::Envelope(e) => CatalogError::Corrupt {
                 key,
                 source: Box::new(e),
             },
-            ReadError::Damaged {
-                key,
-                reason: Damage::Content(e),
-            } => CatalogError::Manifest {
+            Damage::Content(e) => CatalogError::Manifest {
                 key,
                 source: Box::new(e),
             },
@@ -1078,7 +1118,7 @@ mod tests {
         // Outlines are never taken for whole manifests: a catalog that needs the files reads
         // them.
         let before = faults.requests();
-        let whole = Catalog::read(&repo, Some(&again), false, Held::Whole)
+        let whole = Catalog::read(&repo, Some(&again), Summaries::None, Held::Whole)
             .await
             .unwrap();
         assert_eq!(

@@ -7,7 +7,11 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+mod entry_checks;
 pub mod outline;
+pub mod paged;
+
+use entry_checks::EntryChecks;
 
 use super::chunk::ChunkId;
 pub use super::pack::Delta;
@@ -519,45 +523,10 @@ impl Manifest {
                 self.chunk_size
             ));
         }
-        let oids = self.check_tablespaces()?;
-
-        let mut total: u64 = 0;
-        for (i, e) in self.entries.iter().enumerate() {
-            check_relative_path(&e.path)?;
-            self.check_entry(e, &oids)?;
-            if i > 0 {
-                let prev = &self.entries[i - 1].path;
-                if prev.as_bytes() == e.path.as_bytes() {
-                    return Err(entry_err(&e.path, "it is listed twice"));
-                }
-                if prev.as_bytes() > e.path.as_bytes() {
-                    return Err(entry_err(
-                        &e.path,
-                        format!("entries are not sorted by path (it follows {:?})", shown(prev)),
-                    ));
-                }
-            }
-            total = match total.checked_add(e.size) {
-                Some(t) if t <= MAX_TOTAL_SIZE => t,
-                _ => {
-                    return implausible(format!("the files add up to more than {MAX_TOTAL_SIZE} bytes"));
-                }
-            };
-            // Nothing may be restored through a file: `a` a file and `a/b` an entry. Entries are
-            // sorted, so the paths under `a/` form one run after `a`.
-            if e.kind == EntryKind::File {
-                let under = format!("{}/", e.path);
-                let rest = &self.entries[i + 1..];
-                let at = rest.partition_point(|x| x.path.as_bytes() < under.as_bytes());
-                if let Some(child) = rest.get(at).filter(|x| x.path.starts_with(&under)) {
-                    return Err(entry_err(
-                        &child.path,
-                        format!("it goes through {:?}, which is a file", shown(&e.path)),
-                    ));
-                }
-            }
+        let mut checks = EntryChecks::new(self)?;
+        for e in &self.entries {
+            checks.check(e)?;
         }
-        self.check_shared_lengths()?;
         self.check_files()?;
         self.check_page_checks()?;
         self.check_packs()?;
@@ -753,161 +722,7 @@ impl Manifest {
     pub fn file_records(&self) -> std::collections::HashMap<&str, &FileRecord> {
         self.files.iter().map(|f| (f.path.as_str(), f)).collect()
     }
-
-    /// The rules for one entry on its own.
-    fn check_entry(&self, e: &Entry, oids: &std::collections::BTreeSet<u32>) -> Result<(), ManifestError> {
-        let bad = |why: String| Err(entry_err(&e.path, why));
-        let first = e.path.split('/').next().unwrap_or_default();
-        let is_root = first.len() == e.path.len();
-        if let Some(owner) = RESERVED
-            .iter()
-            .find(|(name, _)| *name == first)
-            .map(|(_, owner)| owner)
-        {
-            return bad(format!("{first} {owner}"));
-        }
-        if MUST_BE_FILES.contains(&first) && (!is_root || e.kind != EntryKind::File) {
-            return bad(format!(
-                "{first} can only be a file (restore reads, appends to or removes it)"
-            ));
-        }
-        if first == "postgresql.auto.conf" && e.size > MAX_TEXT_LEN as u64 {
-            return bad(format!(
-                "postgresql.auto.conf is {} bytes, more than {MAX_TEXT_LEN} (restore reads it into memory)",
-                e.size
-            ));
-        }
-        if e.mode & !0o7777 != 0 {
-            return bad(format!(
-                "mode {:o} has file type bits (devices, fifos, sockets and links are never restored)",
-                e.mode
-            ));
-        }
-        let tablespace = tablespace_part(&e.path).filter(|(oid, _)| oids.contains(oid));
-        match e.kind {
-            EntryKind::Dir => {
-                if e.mode & 0o5000 != 0 {
-                    return bad(format!(
-                        "directory mode {:o} has the setuid or sticky bit",
-                        e.mode
-                    ));
-                }
-                if e.mode & 0o700 != 0o700 {
-                    return bad(format!(
-                        "directory mode {:o} lacks owner rwx (restore could not fill or clean it)",
-                        e.mode
-                    ));
-                }
-                if e.size != 0 || !e.chunks.is_empty() || e.within.is_some() {
-                    return bad("a directory has no size and no chunks".into());
-                }
-            }
-            EntryKind::File => {
-                if e.mode & 0o7000 != 0 {
-                    return bad(format!(
-                        "file mode {:o} has setuid, setgid or sticky bits",
-                        e.mode
-                    ));
-                }
-                if matches!(tablespace, Some((_, None))) {
-                    return bad("a tablespace's root is a directory, not a file".into());
-                }
-                if e.size > MAX_FILE_SIZE {
-                    return bad(format!(
-                        "{} bytes, more than the limit of {MAX_FILE_SIZE}",
-                        e.size
-                    ));
-                }
-                self.check_chunks(e)?;
-            }
-        }
-        // A tablespace lives outside the data directory, whose 0700 mode protects the rest.
-        if tablespace.is_some() && e.mode & 0o022 != 0 {
-            return bad(format!(
-                "mode {:o} is group or world writable in a tablespace, outside the data directory",
-                e.mode
-            ));
-        }
-        Ok(())
-    }
-
-    /// Every file within one shared chunk gives it the same length.
-    fn check_shared_lengths(&self) -> Result<(), ManifestError> {
-        let mut of: std::collections::HashMap<&ChunkId, u64> = std::collections::HashMap::new();
-        for e in &self.entries {
-            let (Some(w), Some(id)) = (e.within, e.chunks.first()) else {
-                continue;
-            };
-            let first = *of.entry(id).or_insert(w.of);
-            if first != w.of {
-                return Err(entry_err(
-                    &e.path,
-                    format!(
-                        "its shared chunk {id} is {} bytes long, and {first} for another file",
-                        w.of
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// A file's chunks agree with its size: `chunk_size` each but the last, or one shared
-    /// chunk holding the file's bytes ([`Entry::within`]).
-    fn check_chunks(&self, e: &Entry) -> Result<(), ManifestError> {
-        if let Some(w) = e.within {
-            if self.version < FORMAT_VERSION_WITHIN {
-                return Err(entry_err(
-                    &e.path,
-                    format!("a shared chunk in a manifest of version {}", self.version),
-                ));
-            }
-            return match (e.chunks.len(), w.at.checked_add(e.size)) {
-                (1, Some(end)) if e.size > 0 && end <= w.of && w.of <= self.chunk_size => Ok(()),
-                _ => Err(entry_err(
-                    &e.path,
-                    format!(
-                        "{} bytes at {} of a shared chunk of {} ({} chunks; chunks of {})",
-                        e.size,
-                        w.at,
-                        w.of,
-                        e.chunks.len(),
-                        self.chunk_size
-                    ),
-                )),
-            };
-        }
-        let expected = e.size.div_ceil(self.chunk_size);
-        if e.chunks.len() as u64 != expected {
-            return Err(entry_err(
-                &e.path,
-                format!(
-                    "{} chunks for {} bytes in chunks of {} (expected {expected})",
-                    e.chunks.len(),
-                    e.size,
-                    self.chunk_size
-                ),
-            ));
-        }
-        Ok(())
-    }
 }
-
-/// Root names a backup never holds because restore writes them itself (or they are walvault's),
-/// with why.
-const RESERVED: [(&str, &str); 3] = [
-    ("backup_label", "is written by restore itself, from the manifest"),
-    (
-        "tablespace_map",
-        "is written by restore itself, from the chosen locations",
-    ),
-    (
-        crate::local::handoff::SPOOL_DIR,
-        "is walvault's local spool, never part of a backup",
-    ),
-];
-/// Root names restore reads, appends to or removes: if a backup holds them, they are files.
-const MUST_BE_FILES: [&str; 3] = ["postgresql.auto.conf", "recovery.signal", "standby.signal"];
 
 /// The most a sealed chunk of `chunk_size` bytes may take: its content uncompressed (zstd's
 /// worst case adds under 1/128), its header and name, and an encrypted repository's nonce and tag.

@@ -214,7 +214,7 @@ pub async fn find(repo: &Reader, opts: &FindOptions) -> Result<Found, FindError>
     if opts.min_rows < ROW_FLOOR {
         return Err(FindError::MinRows(opts.min_rows));
     }
-    let cat = Catalog::load_outlines(repo).await?;
+    let cat = Catalog::load_outlines_and_changes(repo).await?;
     // Read as events need them: one GET per backup that names an event, not per backup.
     let mut maps: HashMap<BackupId, Option<RelationMap>> = HashMap::new();
     let latest = cat.latest_timeline();

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 pub use self::budget::OPEN_FILES;
 pub use self::waits::Waits;
-use crate::basebackup::manifest::Manifest;
+use crate::basebackup::manifest::paged::PagedManifest;
 use crate::catalog::Catalog;
 use crate::config::Settings;
 
@@ -63,7 +63,7 @@ pub use crate::recovery_conf::{RecoveryTarget, TargetAction, TimelineTarget};
 
 /// Restore a backup into `opts.pgdata` and write the recovery settings: [`prepare`], then the
 /// executor. The catalog holds outlines ([`Catalog::load_outlines`]) and is let go before the
-/// files are written: what the restore holds from there is one manifest.
+/// files are written: what the restore holds from there is one manifest, as stored.
 pub async fn restore(
     settings: &Settings,
     opts: &RestoreOptions,
@@ -100,7 +100,7 @@ pub async fn restore_from(
 pub async fn restore_planned(
     repo: &crate::repo::Reader,
     plan: RestorePlan,
-    manifest: Manifest,
+    manifest: PagedManifest,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
@@ -127,14 +127,14 @@ pub async fn plan_from(
     prepare(settings, repo, cat, opts).await.map(|(plan, _)| plan)
 }
 
-/// [`plan_from`], with the chosen backup's whole manifest, read once (the catalog may hold only
-/// outlines), for the executor to write from.
+/// [`plan_from`], with the chosen backup's manifest held as stored, read once (the catalog may
+/// hold only outlines), its entries checked, for the executor to write from.
 pub async fn prepare(
     settings: &Settings,
     repo: &crate::repo::Reader,
     cat: &Catalog,
     opts: &RestoreOptions,
-) -> Result<(RestorePlan, Manifest), RestoreError> {
+) -> Result<(RestorePlan, PagedManifest), RestoreError> {
     plan::build(repo.store(), repo.sealer(), settings.repo.to_string(), cat, opts).await
 }
 
@@ -187,6 +187,13 @@ mod testing {
             len,
             within: None,
         }
+    }
+
+    /// `m` held as a restore holds the manifest it writes from, its entries checked.
+    pub(super) fn paged(m: &Manifest) -> PagedManifest {
+        let mut p = PagedManifest::of(m).unwrap();
+        p.check(|_| Ok::<(), RestoreError>(())).unwrap();
+        p
     }
 
     pub(super) fn catalog(sysid: u64) -> Catalog {

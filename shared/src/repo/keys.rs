@@ -464,6 +464,22 @@ impl RepoKeys {
     }
 }
 
+/// Keys for tests: an encrypted repository's sealer.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// The sealer of a new encrypted repository with id `repo` (a key file of 32 bytes).
+    pub(crate) fn sealer(repo: &str) -> crate::repo::object::Sealer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        std::fs::write(&path, "ab".repeat(32)).unwrap();
+        let id = RepoId::try_from(repo.to_string()).unwrap();
+        let keys = RepoKeys::generate(&KeySource::File(path), &id, None).unwrap().0;
+        crate::repo::object::Sealer::encrypted(keys)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,6 +36,10 @@ pub enum Held {
     /// The outline: `entries`, `files`, `packs` and `deltas` are left empty. Never written,
     /// restored or compared with a directory.
     Outline,
+    /// A restore's frame ([`super::paged::PagedManifest`]): the packs and differences, the
+    /// directories alone as `entries` once the entries were read, and no file records. The files
+    /// are read from the stored manifest as they are written.
+    Paged,
 }
 
 /// The manifest of a backup, read for its outline only (see the module's documentation).
@@ -225,6 +229,31 @@ impl Manifest {
 
 type Lists = Parts<Presized<Entry>, Vec<PackRecord>, Vec<Delta>>;
 type NoLists = Parts<IgnoredAny, IgnoredAny, IgnoredAny>;
+type NoEntries = Parts<IgnoredAny, Vec<PackRecord>, Vec<Delta>>;
+
+/// A restore's frame of the manifest `bytes` hold ([`Held::Paged`], no entries yet), validated
+/// as far as it goes.
+pub(super) fn frame_of_json(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+    Manifest::check_before_parsing(bytes)?;
+    frame_of(serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?)
+}
+
+/// [`frame_of_json`] of manifest object `bytes`, parsed as it is decompressed.
+pub(super) fn streamed_frame(
+    sealer: &Sealer,
+    kind: ObjectKind,
+    bytes: &[u8],
+    id: &BackupId,
+) -> Result<Manifest, Damage<ManifestError>> {
+    let m = frame_of(streamed_checked(sealer, kind, bytes, id)?).map_err(Damage::Content)?;
+    stored_as(m, id).map_err(Damage::Content)
+}
+
+fn frame_of(p: NoEntries) -> Result<Manifest, ManifestError> {
+    let m = p.into_manifest(Held::Paged);
+    m.validate()?;
+    Ok(m)
+}
 
 fn outline_of(o: NoLists) -> Result<Manifest, ManifestError> {
     check_format(&o.format, o.version)?;
@@ -285,7 +314,7 @@ fn streamed_checked<T: DeserializeOwned>(
     streamed(sealer, kind, bytes, id)
 }
 
-fn stored_as(m: Manifest, id: &BackupId) -> Result<Manifest, ManifestError> {
+pub(super) fn stored_as(m: Manifest, id: &BackupId) -> Result<Manifest, ManifestError> {
     match &m.id == id {
         true => Ok(m),
         false => Err(ManifestError::Implausible(format!(
@@ -396,12 +425,12 @@ manifest_view!(
 );
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::basebackup::manifest::{Entry, EntryKind};
 
     /// Every stored version's fixture, with its lists.
-    const FIXTURES: [&[u8]; 7] = [
+    pub(in crate::basebackup::manifest) const FIXTURES: [&[u8]; 7] = [
         include_bytes!("../../../tests/fixtures/manifest-v1.json"),
         include_bytes!("../../../tests/fixtures/manifest-v1-files.json"),
         include_bytes!("../../../tests/fixtures/manifest-v2.json"),

@@ -5,8 +5,10 @@ use std::path::Path;
 use crate::basebackup::BackupId;
 use crate::basebackup::chunk::ChunkError;
 use crate::basebackup::manifest::ManifestError;
+use crate::basebackup::manifest::paged::{EntriesError, PagedManifest};
 use crate::catalog::CatalogError;
 use crate::repo::StoreError;
+use crate::repo::stored::Damage;
 use crate::wal::TimelineId;
 
 #[derive(Debug, thiserror::Error)]
@@ -132,5 +134,22 @@ pub(super) fn write_err(p: &Path) -> impl Fn(std::io::Error) -> RestoreError + '
     move |source| RestoreError::Write {
         path: p.display().to_string(),
         source,
+    }
+}
+
+/// The manifest of backup `id`, found damaged as its entries were read again.
+pub(crate) fn damaged(id: BackupId, reason: Damage<ManifestError>) -> RestoreError {
+    CatalogError::of_damaged_manifest(crate::repo::layout::manifest_key(&id), reason).into()
+}
+
+/// What reading `paged`'s entries stopped on, as the restore reports it.
+pub(crate) fn entries_error(paged: &PagedManifest, e: EntriesError<RestoreError>) -> RestoreError {
+    match e {
+        EntriesError::Manifest(reason) => damaged(paged.id().clone(), reason),
+        EntriesError::Stopped(e) => e,
+        EntriesError::Unchecked => RestoreError::Manifest {
+            backup: paged.id().clone(),
+            source: Box::new(ManifestError::Invalid(e.to_string())),
+        },
     }
 }

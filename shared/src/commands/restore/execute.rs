@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::delta::{self, DeltaComparison, DeltaReport};
+use super::error::damaged;
 use super::pipeline::{self, ChunkStore, Transfer};
 use super::placement::destination;
 use super::plan::{DirectoryUse, RestorePlan};
@@ -24,6 +25,8 @@ use super::recovery_files::{write_recovery_files, write_replay_plan};
 use super::tree::{clear_dir, create_dir, create_parent};
 use super::work::{BasesHere, PG_CONTROL, WorkList};
 use super::{Progress, RestoreError, RestoreReport, SyncMethod, write_err};
+use crate::basebackup::BackupId;
+use crate::basebackup::manifest::paged::{EntriesError, FileEntries, PagedManifest};
 use crate::basebackup::manifest::{Entry, EntryKind, Manifest};
 use crate::repo::Store;
 use crate::repo::object::Sealer;
@@ -33,13 +36,13 @@ use crate::repo::reads::{ReadReport, ReadStats};
 /// report's `seconds` is left at zero for the caller, who knows when the restore began.
 pub(crate) async fn execute(
     repo: &crate::repo::Reader,
-    manifest: Manifest,
+    manifest: PagedManifest,
     mut plan: RestorePlan,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport, RestoreError> {
-    // Files are written from a whole manifest of the plan's backup, never from an outline
-    // (which lists no files) nor another backup's.
-    if manifest.id != plan.backup.id || !manifest.is_whole() {
+    // Files are written from the manifest of the plan's backup, its entries checked, never from
+    // another backup's.
+    if manifest.id() != &plan.backup.id || manifest.counts().is_none() {
         return Err(RestoreError::UnknownBackup(plan.backup.id.clone()));
     }
     let created = !plan.pgdata.exists();
@@ -121,23 +124,24 @@ fn log_reads(reads: &ReadReport, transfer: &Transfer) {
     }
 }
 
-/// The most files a full restore lays out and writes at once. What grows with a backup's files
-/// is its work list (some 150 bytes a file) and the manifest's entries (some 200); a page bounds
-/// the first, and each page's entries are let go once laid out. Each page is written as a batch
-/// of its own, its chunks in pack order, so a chunk two pages share is fetched by each.
+/// The most files a full restore writes at once. What grows with a backup's files is its work
+/// list (some 150 bytes a file) and the manifest's entries (some 150): a page bounds both, the
+/// entries read from the stored manifest a page ahead of the one written. Each page is written
+/// as a batch of its own, its chunks in pack order, so a chunk two pages share is fetched by
+/// each.
 pub(crate) const PAGE_FILES: usize = 16_384;
 
 /// Write the backup's directories and files (over the existing ones with a `delta` plan), the
 /// recovery files, then `global/pg_control`: steps 2 to 5 of the module's list.
 ///
 /// A full restore lays out its directories, then writes its files a page of [`PAGE_FILES`] at a
-/// time, in path order, the manifest's entries let go as they are laid out; `--delta` writes
-/// what differs in one batch.
+/// time, in path order, as the manifest's entries are read; `--delta` writes what differs in one
+/// batch.
 pub(crate) async fn write_backup(
     store: &Store,
     sealer: &Sealer,
     plan: &RestorePlan,
-    manifest: Manifest,
+    manifest: PagedManifest,
     delta: Option<DeltaComparison>,
     progress: Arc<dyn Progress>,
 ) -> Result<Written, RestoreError> {
@@ -149,30 +153,26 @@ async fn write_in_pages(
     store: &Store,
     sealer: &Sealer,
     plan: &RestorePlan,
-    mut manifest: Manifest,
+    manifest: PagedManifest,
     delta: Option<DeltaComparison>,
     progress: Arc<dyn Progress>,
     page_files: usize,
 ) -> Result<Written, RestoreError> {
-    let places = Arc::new(manifest.places());
-    let dirs = directories(plan, &manifest);
-    let files = manifest
-        .entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .count() as u64;
-    manifest.packs = Vec::new();
-    manifest.deltas = Vec::new();
+    let frame = manifest.frame();
+    let places = Arc::new(frame.places());
+    let dirs = directories(plan, frame);
+    let files = manifest.counts().map_or(0, |c| c.files);
     let (mut pages, mut delta, bases_here) = match delta {
         Some(d) => {
-            let (mut work, report) = delta::apply(d, &manifest, &plan.pgdata, &plan.tablespaces)?;
-            manifest.entries = Vec::new();
+            let whole = manifest.whole().map_err(|r| damaged(frame.id.clone(), r))?;
+            let (mut work, report) = delta::apply(d, &whole, &plan.pgdata, &plan.tablespaces)?;
+            drop(whole);
             work.roots = plan.roots();
             let bases = std::mem::take(&mut work.bases_here);
             (Pages::One(Some(work)), Some(report), bases)
         }
         None => (
-            Pages::lay_out(plan, &mut manifest, page_files)?,
+            Pages::lay_out(plan, &manifest, page_files)?,
             None,
             BasesHere::default(),
         ),
@@ -181,12 +181,12 @@ async fn write_in_pages(
         store,
         sealer,
         places,
-        chunk_size: manifest.chunk_size,
+        chunk_size: frame.chunk_size,
         bases_here: Arc::new(bases_here),
     };
     let mut transfer = Transfer::default();
     let mut pg_control = None;
-    while let Some(work) = pages.next(plan, manifest.chunk_size)? {
+    while let Some(work) = pages.next(plan, frame.chunk_size).await? {
         let (batch, last) = work.into_batches(&from.places)?;
         pg_control = pg_control.or(last);
         transfer.add(pipeline::write(&from, batch, plan.parallel, plan.sync, &progress).await?);
@@ -194,7 +194,7 @@ async fn write_in_pages(
     // Everything but pg_control is durable before pg_control is written: the files, the recovery
     // files (a pg_control without its backup_label would start as crash recovery from the
     // backup's checkpoint, silently wrong) and every name.
-    write_recovery_files(plan, &manifest)?;
+    write_recovery_files(plan, frame)?;
     sync_dirs(&dirs)?;
     if let Some(pg_control) = pg_control {
         transfer.add(pipeline::write(&from, pg_control, 1, SyncMethod::Fsync, &progress).await?);
@@ -230,65 +230,96 @@ pub(crate) struct Written {
 enum Pages {
     /// `--delta`: what differs, in one list.
     One(Option<WorkList>),
-    /// A full restore: the backup's file entries not yet laid out, last first (a page is split
-    /// off the end); `started` once the first page was given (a backup without files still
-    /// gives one, empty, so that its file systems are synced).
+    /// A full restore: pages of file entries, in path order, as a thread reads them from the
+    /// stored manifest ([`read_pages`]), one page ahead of the one written; `started` once the
+    /// first page was given (a backup without files still gives one, empty, so that its file
+    /// systems are synced).
     Full {
-        left: Vec<Entry>,
+        pages: tokio::sync::mpsc::Receiver<Vec<Entry>>,
+        reader: Option<tokio::task::JoinHandle<Result<u64, EntriesError<Gone>>>>,
+        /// The files the plan's read of the entries counted.
+        expected: u64,
+        backup: BackupId,
         started: bool,
-        page_files: usize,
     },
 }
 
+/// The writer of the pages is gone (it stopped on an error of its own).
+#[derive(Debug, thiserror::Error)]
+#[error("the restore stopped")]
+struct Gone;
+
 impl Pages {
-    /// Create the backup's directories and take its file entries out of `manifest`. Entries are
-    /// sorted, so a directory comes before what it holds; a parent the manifest does not list
-    /// is created 0700 (validation made sure no entry goes through a file).
+    /// Create the backup's directories and start reading its file entries. Entries are sorted,
+    /// so a directory comes before what it holds; a parent the manifest does not list is created
+    /// 0700 (validation made sure no entry goes through a file).
     fn lay_out(
         plan: &RestorePlan,
-        manifest: &mut Manifest,
+        manifest: &PagedManifest,
         page_files: usize,
     ) -> Result<Pages, RestoreError> {
+        let backup = manifest.id().clone();
+        let entries = manifest.file_entries().map_err(|e| bug(&backup, e))?;
         create_dir(&plan.pgdata, 0o700)?;
-        for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+        for e in manifest
+            .frame()
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Dir)
+        {
             let dest = destination(&plan.pgdata, &plan.tablespaces, &e.path);
             create_parent(&dest)?;
             create_dir(&dest, e.mode)?;
         }
-        let mut left: Vec<Entry> = std::mem::take(&mut manifest.entries)
-            .into_iter()
-            .filter(|e| e.kind == EntryKind::File)
-            .collect();
-        left.reverse();
+        let (tx, pages) = tokio::sync::mpsc::channel(1);
+        let page_files = page_files.max(1);
+        let reader = tokio::task::spawn_blocking(move || read_pages(&entries, page_files, &tx));
         Ok(Pages::Full {
-            left,
+            pages,
+            reader: Some(reader),
+            expected: manifest.counts().map_or(0, |c| c.files),
+            backup,
             started: false,
-            page_files: page_files.max(1),
         })
     }
 
     /// The next page's work list: for a full restore, up to a page of files to create with
     /// all their chunk references (their parents created), their entries let go.
-    fn next(&mut self, plan: &RestorePlan, chunk_size: u64) -> Result<Option<WorkList>, RestoreError> {
-        let (left, started, page_files) = match self {
+    async fn next(&mut self, plan: &RestorePlan, chunk_size: u64) -> Result<Option<WorkList>, RestoreError> {
+        let (pages, reader, expected, backup, started) = match self {
             Pages::One(work) => return Ok(work.take()),
             Pages::Full {
-                left,
+                pages,
+                reader,
+                expected,
+                backup,
                 started,
-                page_files,
-            } => (left, started, *page_files),
+            } => (pages, reader, *expected, backup, started),
         };
-        if left.is_empty() && *started {
-            return Ok(None);
-        }
+        let page = match pages.recv().await {
+            Some(page) => page,
+            None => {
+                // The reader is done: whatever it stopped on is the restore's error.
+                if let Some(reader) = reader.take() {
+                    let read = reader.await.map_err(|e| bug(backup, e))?;
+                    let files = read.map_err(|e| match e {
+                        EntriesError::Manifest(reason) => damaged(backup.clone(), reason),
+                        other => bug(backup, other),
+                    })?;
+                    if files != expected {
+                        return Err(bug(
+                            backup,
+                            format!("{files} files read, {expected} counted when they were checked"),
+                        ));
+                    }
+                }
+                if std::mem::replace(started, true) {
+                    return Ok(None);
+                }
+                Vec::new()
+            }
+        };
         *started = true;
-        let mut page = left.split_off(left.len().saturating_sub(page_files));
-        // The room of the entries written goes back once it is half the list's: shrinking is a
-        // copy of what is left, which after every page would double the list for a moment.
-        if left.len() < left.capacity() / 2 {
-            left.shrink_to_fit();
-        }
-        page.reverse();
         let mut work = WorkList {
             roots: plan.roots(),
             ..WorkList::default()
@@ -306,6 +337,38 @@ impl Pages {
         }
         Ok(Some(work))
     }
+}
+
+/// A manifest's entries read against what reading them before found: a bug.
+fn bug(backup: &BackupId, what: impl std::fmt::Display) -> RestoreError {
+    RestoreError::Manifest {
+        backup: backup.clone(),
+        source: Box::new(crate::basebackup::manifest::ManifestError::Invalid(format!(
+            "its entries, read again: {what}"
+        ))),
+    }
+}
+
+/// Read the file entries of `entries` in pages of `page_files`, each sent to `tx` once full
+/// (the last as it is); how many there were.
+fn read_pages(
+    entries: &FileEntries,
+    page_files: usize,
+    tx: &tokio::sync::mpsc::Sender<Vec<Entry>>,
+) -> Result<u64, EntriesError<Gone>> {
+    let mut page = Vec::with_capacity(page_files);
+    let files = entries.files(|e| {
+        page.push(e);
+        if page.len() == page_files {
+            let full = std::mem::replace(&mut page, Vec::with_capacity(page_files));
+            tx.blocking_send(full).map_err(|_| Gone)?;
+        }
+        Ok(())
+    })?;
+    if !page.is_empty() {
+        tx.blocking_send(page).map_err(|_| EntriesError::Stopped(Gone))?;
+    }
+    Ok(files)
 }
 
 /// The directories whose entries name what the restore wrote: the backup's, every root, and the
@@ -332,7 +395,7 @@ fn sync_dirs(dirs: &[PathBuf]) -> Result<(), RestoreError> {
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::super::testing::{options, plan_of, stored_backup, stored_backup_sealed};
+    use super::super::testing::{options, paged, plan_of, stored_backup, stored_backup_sealed};
     use super::*;
     use crate::commands::restore::{NoProgress, SyncMethod};
 
@@ -361,7 +424,7 @@ mod tests {
                 &store,
                 &sealer,
                 &plan_of(&m, &opts, None),
-                m.clone(),
+                paged(&m),
                 None,
                 Arc::new(NoProgress),
             )
@@ -430,7 +493,7 @@ mod tests {
                 &store,
                 &sealer,
                 &plan,
-                m.clone(),
+                paged(&m),
                 None,
                 Arc::new(NoProgress),
                 page,
@@ -457,7 +520,7 @@ mod tests {
             &store,
             &sealer,
             &plan_of(&empty, &opts, None),
-            empty.clone(),
+            paged(&empty),
             None,
             Arc::new(NoProgress),
             2,
@@ -485,7 +548,7 @@ mod tests {
             &store,
             &sealer,
             &plan_of(&m, &opts, None),
-            m.clone(),
+            paged(&m),
             None,
             Arc::new(NoProgress),
         )
@@ -552,7 +615,7 @@ mod tests {
             &store,
             &sealer,
             &plan_of(&m, &opts, None),
-            m.clone(),
+            paged(&m),
             None,
             Arc::new(NoProgress),
         )
@@ -581,7 +644,7 @@ mod tests {
                     store,
                     sealer,
                     &plan_of(m, opts, None),
-                    m.clone(),
+                    paged(m),
                     Some(plan),
                     Arc::new(NoProgress),
                 )
@@ -667,7 +730,7 @@ mod tests {
             &store,
             &sealer,
             &plan_of(&m, &opts, None),
-            m.clone(),
+            paged(&m),
             None,
             Arc::new(NoProgress),
         )
@@ -690,7 +753,7 @@ mod tests {
             &store,
             &sealer,
             &plan_of(&m, &opts, None),
-            m.clone(),
+            paged(&m),
             Some(plan),
             Arc::new(NoProgress),
         )

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::{RestoreError, RestoreOptions, write_err};
+use crate::basebackup::manifest::paged::{EntryCounts, PagedManifest};
 use crate::basebackup::manifest::{self, Manifest, ManifestError};
 use crate::catalog::Catalog;
 
@@ -129,25 +130,21 @@ fn temp_names() -> Vec<String> {
 }
 
 /// The checks of a backup's manifest that depend on the restore: run after the tablespaces are
-/// placed and before anything is written. The manifest is validated again in full (it normally
-/// was when the catalog loaded it), then: it belongs to the repository's cluster, every
-/// destination fits in PATH_MAX, and no entry collides with a temporary file restore writes.
-/// Returns the bytes the files add up to.
+/// placed and before anything is written. The manifest's frame is validated again and every
+/// entry read and checked ([`PagedManifest::check`], as [`Manifest::validate`] checks them),
+/// then: it belongs to the repository's cluster, every destination fits in PATH_MAX, and no
+/// entry collides with a temporary file restore writes. Returns what the entries count.
 pub fn check_before_writing(
     cat: &Catalog,
-    m: &Manifest,
+    paged: &mut PagedManifest,
     opts: &RestoreOptions,
     spaces: &BTreeMap<u32, PathBuf>,
-) -> Result<u64, RestoreError> {
+) -> Result<EntryCounts, RestoreError> {
+    let m = paged.frame();
     m.validate().map_err(|source| RestoreError::Manifest {
         backup: m.id.clone(),
         source: Box::new(source),
     })?;
-    let refuse = |entry: &str, why: String| RestoreError::Refused {
-        backup: m.id.clone(),
-        entry: entry.chars().take(200).collect(),
-        why,
-    };
     // A backup's WAL binds the repository before its manifest is written: no cluster, no backup.
     let sysid = cat.cluster().map_or(0, |c| c.system_identifier);
     if m.system_identifier != sysid {
@@ -159,9 +156,14 @@ pub fn check_before_writing(
             ))),
         });
     }
+    let backup = m.id.clone();
+    let refuse = |entry: &str, why: String| RestoreError::Refused {
+        backup: backup.clone(),
+        entry: entry.chars().take(200).collect(),
+        why,
+    };
     let temp = temp_names();
-    let mut total = 0u64;
-    for e in &m.entries {
+    let counted = paged.check(|e| {
         let first = e.path.split('/').next().unwrap_or_default();
         if temp.iter().any(|t| t == first) {
             return Err(refuse(
@@ -179,10 +181,9 @@ pub fn check_before_writing(
                 ),
             ));
         }
-        // validate() bounded the sum.
-        total += e.size;
-    }
-    Ok(total)
+        Ok(())
+    });
+    counted.map_err(|e| super::error::entries_error(paged, e))
 }
 
 pub(crate) fn is_empty_dir(p: &Path) -> Result<bool, RestoreError> {
@@ -258,6 +259,10 @@ mod tests {
         assert!(err.to_string().contains("overlaps another tablespace"), "{err}");
     }
 
+    fn held(m: &Manifest) -> PagedManifest {
+        PagedManifest::of(m).unwrap()
+    }
+
     #[test]
     fn pre_write_checks_refuse_with_the_backup_and_the_entry() {
         let dir = tempfile::tempdir().unwrap();
@@ -265,25 +270,27 @@ mod tests {
         let none = BTreeMap::new();
         let m = fixture();
         assert_eq!(
-            check_before_writing(&catalog(SYSID), &m, &opts, &none).unwrap(),
+            check_before_writing(&catalog(SYSID), &mut held(&m), &opts, &none)
+                .unwrap()
+                .bytes,
             8192
         );
 
-        let err = check_before_writing(&catalog(SYSID + 1), &m, &opts, &none).unwrap_err();
+        let err = check_before_writing(&catalog(SYSID + 1), &mut held(&m), &opts, &none).unwrap_err();
         assert!(err.to_string().starts_with("backup 20261121T143200Z: "), "{err}");
         assert!(err.to_string().contains("the repository holds system"), "{err}");
 
         // A manifest built in memory (never parsed) is validated all the same.
         let mut bad = fixture();
         bad.entries[1].path = "base/../../etc/passwd".into();
-        let err = check_before_writing(&catalog(SYSID), &bad, &opts, &none).unwrap_err();
+        let err = check_before_writing(&catalog(SYSID), &mut held(&bad), &opts, &none).unwrap_err();
         assert!(err.to_string().contains("'..' component"), "{err}");
 
         // A destination past PATH_MAX, though the relative path is within it.
         let mut long = fixture();
         long.entries[1].path = format!("base/{}", vec!["d".repeat(200); 20].join("/"));
         let deep = options(&dir.path().join("x".repeat(200)).join("y".repeat(200)));
-        let err = check_before_writing(&catalog(SYSID), &long, &deep, &none).unwrap_err();
+        let err = check_before_writing(&catalog(SYSID), &mut held(&long), &deep, &none).unwrap_err();
         assert!(err.to_string().contains("more than PATH_MAX"), "{err}");
         assert!(
             err.to_string()
@@ -304,7 +311,7 @@ mod tests {
                 chunks: vec![],
             },
         );
-        let err = check_before_writing(&catalog(SYSID), &clash, &opts, &none).unwrap_err();
+        let err = check_before_writing(&catalog(SYSID), &mut held(&clash), &opts, &none).unwrap_err();
         assert!(err.to_string().contains("restore writes its own files"), "{err}");
         assert!(!dir.path().join("data").exists(), "nothing was written");
     }

@@ -11,12 +11,14 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::delta::{self, DeltaComparison, DeltaReport};
+use super::error::{damaged, entries_error};
 use super::partial::{self, PlannedDatabases};
 use super::placement::{check_before_writing, is_empty_dir, place_tablespaces};
 use super::select::{ReplaySpan, choose_backup, replay_span};
 use super::{RestoreError, RestoreOptions, TimelineTarget};
 use crate::basebackup::BackupId;
-use crate::basebackup::manifest::{EntryKind, Manifest};
+use crate::basebackup::manifest::Manifest;
+use crate::basebackup::manifest::paged::PagedManifest;
 use crate::catalog::Catalog;
 use crate::recovery_conf::{RecoverySettings, RecoveryTarget, quote};
 use crate::repo::Store;
@@ -135,22 +137,22 @@ impl PlannedRecovery {
 /// (sealed by `sealer`). Refuses, in this order: no backup reaching the target, a server running
 /// on the directory, a non-empty directory (without `--force` or `--delta`), tablespaces not
 /// placed or placed badly, a manifest that fails its checks, with `--delta` a directory that
-/// is not a data directory. Writes nothing. Returns the plan and the chosen backup's whole
-/// manifest, which the executor writes from.
+/// is not a data directory. Writes nothing. Returns the plan and the chosen backup's manifest,
+/// held as stored, its entries checked (and, with `--delta`, compared) in a pass of their own:
+/// the executor reads them again as it writes.
 pub(crate) async fn build(
     store: &Store,
     sealer: &Sealer,
     repository: String,
     cat: &Catalog,
     opts: &RestoreOptions,
-) -> Result<(RestorePlan, Manifest), RestoreError> {
+) -> Result<(RestorePlan, PagedManifest), RestoreError> {
     let (chosen, timeline) = choose_backup(cat, opts.backup.as_ref(), &opts.target, opts.timeline)?;
-    let whole = whole_manifest(store, sealer, chosen).await?;
-    let m = &whole;
+    let mut paged = paged_manifest(store, sealer, chosen).await?;
     let pgdata = &opts.pgdata;
     let mut checks = Vec::new();
     let directory = check_directory(opts, &mut checks)?;
-    let spaces = place_tablespaces(m, opts)?;
+    let spaces = place_tablespaces(paged.frame(), opts)?;
     for (oid, path) in &spaces {
         let state = if opts.delta {
             "rewritten (--delta)"
@@ -162,7 +164,10 @@ pub(crate) async fn build(
             path.display()
         ));
     }
-    let bytes = check_before_writing(cat, m, opts, &spaces)?;
+    let counts = check_before_writing(cat, &mut paged, opts, &spaces)?;
+    let bytes = counts.bytes;
+    // The directories alone, from here on.
+    let m = paged.frame();
     if opts.delta && !opts.databases.is_empty() {
         return Err(RestoreError::DeltaWithDatabases);
     }
@@ -173,12 +178,17 @@ pub(crate) async fn build(
     checks.push(format!(
         "manifest of backup {} validated: {} entries of system {}, the repository's; every destination within PATH_MAX",
         m.id,
-        m.entries.len(),
+        counts.files + counts.directories,
         m.system_identifier
     ));
-    // Delta: every comparison before the first write.
+    // Delta: every comparison before the first write, with every entry held.
     let delta_work = match opts.delta {
-        true => Some(delta::plan(sealer, m, pgdata, &spaces).await?),
+        true => {
+            let whole = paged.whole().map_err(|d| damaged(paged.id().clone(), d))?;
+            let work = delta::plan(sealer, &whole, pgdata, &spaces).await?;
+            let to_write = work.bytes_to_write(&whole);
+            Some((work, to_write))
+        }
         false => None,
     };
     if delta_work.is_some() {
@@ -188,18 +198,17 @@ pub(crate) async fn build(
         ));
     }
     let replay = replay_span(cat, m, timeline, &opts.target, opts.exclusive);
-    let count = |kind| m.entries.iter().filter(|e| e.kind == kind).count() as u64;
     let files = PlannedFiles {
         directory,
-        files: count(EntryKind::File),
-        directories: count(EntryKind::Dir),
+        files: counts.files,
+        directories: counts.directories,
         bytes,
         bytes_to_write: match (&delta_work, &databases) {
-            (Some(d), _) => d.bytes_to_write(m),
-            (None, Some(d)) => bytes - zeroed_bytes(m, d),
+            (Some((_, to_write)), _) => *to_write,
+            (None, Some(d)) => bytes - zeroed_bytes(&paged, d)?,
             (None, None) => bytes,
         },
-        delta: delta_work.as_ref().map(DeltaComparison::report),
+        delta: delta_work.as_ref().map(|(d, _)| d.report()),
     };
     let plan = RestorePlan {
         pgdata: pgdata.clone(),
@@ -215,19 +224,27 @@ pub(crate) async fn build(
         wal_segment_size: cat.wal_segment_size(),
         parallel: opts.parallel,
         sync: opts.sync,
-        delta_work,
+        delta_work: delta_work.map(|(d, _)| d),
     };
-    Ok((plan, whole))
+    Ok((plan, paged))
 }
 
-/// The whole manifest of backup `chosen`, which a catalog of outlines holds only the outline of
-/// ([`Catalog::load_outlines`]): read again, once, for the one backup the restore writes. Its
-/// file records are not read: they are the next backup's, never a restore's.
-async fn whole_manifest(store: &Store, sealer: &Sealer, chosen: &Manifest) -> Result<Manifest, RestoreError> {
+/// The manifest of backup `chosen` held as stored ([`PagedManifest`]): read again, once, for the
+/// one backup the restore writes (a catalog of outlines holds no entries). Its file records are
+/// not read: they are the next backup's, never a restore's.
+async fn paged_manifest(
+    store: &Store,
+    sealer: &Sealer,
+    chosen: &Manifest,
+) -> Result<PagedManifest, RestoreError> {
     if chosen.is_whole() {
-        return Ok(chosen.clone());
+        // A catalog read whole (a test's): the manifest it holds, as its document.
+        return PagedManifest::of(chosen).map_err(|source| RestoreError::Manifest {
+            backup: chosen.id.clone(),
+            source: Box::new(source),
+        });
     }
-    Ok(crate::catalog::load_manifest_without_records(store, sealer, &chosen.id).await?)
+    Ok(crate::catalog::load_paged_manifest(store, sealer, &chosen.id).await?)
 }
 
 /// The data directory: refused when a server runs on it, else how it is used
@@ -260,13 +277,19 @@ fn check_directory(opts: &RestoreOptions, checks: &mut Vec<String>) -> Result<Di
     Ok(directory)
 }
 
-/// The bytes of the files a partial restore leaves zeroed (written as holes, never fetched).
-fn zeroed_bytes(m: &Manifest, d: &PlannedDatabases) -> u64 {
-    m.entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File && d.zeroes(&e.path))
-        .map(|e| e.size)
-        .sum()
+/// The bytes of the files a partial restore leaves zeroed (written as holes, never fetched): a
+/// read of the entries of its own.
+fn zeroed_bytes(paged: &PagedManifest, d: &PlannedDatabases) -> Result<u64, RestoreError> {
+    let mut zeroed = 0u64;
+    paged
+        .files(|e| {
+            if d.zeroes(&e.path) {
+                zeroed += e.size;
+            }
+            Ok(())
+        })
+        .map_err(|e| entries_error(paged, e))?;
+    Ok(zeroed)
 }
 
 /// How `opts.pgdata` is used; a non-empty one is refused without `--force` or `--delta`.
