@@ -125,6 +125,10 @@ pub(super) async fn copy_files(
             .copy((at, src), &mut opened, base.as_ref(), examined_after_ns)
             .await?;
     }
+    // The walk is not needed past the last file: let go of it before the manifest's lists are
+    // put together (14.7 MB of 125 MB of heap at that peak with 201,000 files).
+    drop(opened);
+    drop(sources);
     copier.into_copied(tablespaces, previous, examined_after_ns).await
 }
 
@@ -688,13 +692,19 @@ impl Copier {
             }
         }
         // A file without chunks (empty) has no record: dropped where it is, so that the others
-        // are collected into the same allocation rather than a copy beside it.
+        // are collected into the same allocation rather than a copy beside it. (`flatten` does
+        // not collect in place: its copy grew by doubling beside the records, 31 MB at 201,000
+        // files; a `map` over the list's own iterator does.)
         for (r, e) in records.iter_mut().zip(&entries) {
             if e.chunks.is_empty() {
                 *r = None;
             }
         }
-        let mut files: Vec<FileRecord> = records.into_iter().flatten().collect();
+        records.retain(Option::is_some);
+        let mut files: Vec<FileRecord> = records
+            .into_iter()
+            .map(|r| r.expect("kept: it is some"))
+            .collect();
         // Paths are unique: sorted in place, with no scratch (a stable sort takes room for a
         // copy of up to 8 MB: 7.3 MB for the records of 61,000 files).
         files.sort_unstable_by(|a, b| a.path.cmp(&b.path));
