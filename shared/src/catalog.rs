@@ -1129,4 +1129,56 @@ mod tests {
         assert_eq!(whole.backups[0].entries, m.entries);
         assert!(whole.backups[0].is_whole());
     }
+
+    /// A restore's catalog reads each summary for its times and restore points: the changes
+    /// only `find` searches are left out, and `find`'s catalog keeps them.
+    #[tokio::test]
+    async fn summaries_are_read_without_their_changes_unless_searched() {
+        use crate::repo::fault::{Fault, FaultStore};
+        use crate::repo::store::{CreateSemantics, WritableStore};
+        use crate::repo::{RepoDescriptor, Writer};
+        use crate::timeindex::{SummaryWrite, store_summary};
+        use std::sync::Arc;
+
+        let store = WritableStore::with_backend(
+            Arc::new(FaultStore::new(Fault::None)) as Arc<dyn object_store::ObjectStore>,
+            "s3://b/r".parse().unwrap(),
+            CreateSemantics::CheckThenWrite,
+            crate::retry::RetryPolicy::with_total(std::time::Duration::from_secs(1)),
+        );
+        let cluster = ClusterIdentity {
+            system_identifier: 1,
+            wal_segment_size: 16 << 20,
+            wal_block_size: 8192,
+            pg_version: 15,
+        };
+        store
+            .put(
+                "walvault.json",
+                RepoDescriptor::new(Some(cluster), 0).to_json().into(),
+            )
+            .await
+            .unwrap();
+        let mut s = testing::summary(3, 1_795_271_550);
+        s.events = Some(Vec::new());
+        let seg = SegmentName::from_no(tl(1), SegmentNo(3), 16 << 20);
+        store_summary(
+            &store,
+            &Sealer::plain(),
+            &seg,
+            s.clone(),
+            None,
+            SummaryWrite::Replace,
+        )
+        .await
+        .unwrap();
+        let repo = Writer::on_store(store, None).await.unwrap().reader();
+        let at = (tl(1), SegmentNo(3));
+        let restore = Catalog::load_outlines(&repo).await.unwrap();
+        let read = &restore.summaries[&at];
+        assert_eq!((read.events.as_ref(), read.catalog_rows.len()), (None, 0));
+        assert_eq!((read.max_commit, read.commits), (s.max_commit, s.commits));
+        let search = Catalog::load_outlines_and_changes(&repo).await.unwrap();
+        assert_eq!(search.summaries[&at], s, "find reads it whole");
+    }
 }

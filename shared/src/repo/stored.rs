@@ -3,6 +3,8 @@
 //! does the rest (the request, the envelope opened and, in an encrypted repository,
 //! authenticated, the content parsed) and tells a missing object from a damaged one.
 
+use bytes::Bytes;
+
 use super::layout;
 use super::object::{ObjectError, ObjectHeader, ObjectKind, Sealer};
 use super::store::{Store, StoreError};
@@ -66,6 +68,12 @@ pub trait StoredKind: Sized {
         };
         Self::parse(opened, id).map_err(Damage::Content)
     }
+
+    /// [`StoredKind::open_sealed`] of the bytes a read returned, for a kind that keeps them
+    /// (shared, never copied): by default, as any bytes.
+    fn open_sealed_read(sealer: &Sealer, kind: ObjectKind, bytes: &Bytes, id: &Self::Id) -> Opening<Self> {
+        Self::open_sealed(sealer, kind, bytes, id, Vec::new())
+    }
 }
 
 /// A value of kind `K` opened, or why the object is unusable.
@@ -119,7 +127,11 @@ impl<'a> Objects<'a> {
         let Some(bytes) = self.store.get(&key).await? else {
             return Ok(None);
         };
-        let reason = match open::<K>(self.sealer, id, &bytes) {
+        let opened = match K::ENVELOPE {
+            Envelope::Sealed(kind) => K::open_sealed_read(self.sealer, kind, &bytes, id),
+            Envelope::Record => open::<K>(self.sealer, id, &bytes),
+        };
+        let reason = match opened {
             Ok(value) => return Ok(Some(value)),
             Err(reason) => reason,
         };

@@ -373,6 +373,7 @@ impl StoredKind for PagedManifest {
         Ok(m)
     }
 
+    /// Bytes not read by this process's store (a fallback repository's copy): copied.
     fn open_sealed(
         sealer: &Sealer,
         kind: ObjectKind,
@@ -380,9 +381,19 @@ impl StoredKind for PagedManifest {
         id: &BackupId,
         _: Vec<u8>,
     ) -> Opening<PagedManifest> {
+        Self::open_sealed_read(sealer, kind, &Bytes::copy_from_slice(bytes), id)
+    }
+
+    /// The bytes read, kept as they are (4.3 MB at 200,000 files: a copy was that much more).
+    fn open_sealed_read(
+        sealer: &Sealer,
+        kind: ObjectKind,
+        bytes: &Bytes,
+        id: &BackupId,
+    ) -> Opening<PagedManifest> {
         let frame = streamed_frame(sealer, kind, bytes, id)?;
         let held = HeldBytes::Sealed {
-            stored: Bytes::copy_from_slice(bytes),
+            stored: bytes.clone(),
             sealer: sealer.clone(),
             kind,
         };
