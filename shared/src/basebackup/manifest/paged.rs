@@ -32,6 +32,8 @@ pub struct PagedManifest {
     source: EntrySource,
     /// What [`Self::check`] counted; `None` until it read every entry.
     counted: Option<EntryCounts>,
+    /// The frame's packs and differences were let go ([`Self::let_go_of_places`]).
+    places_let_go: bool,
 }
 
 /// What reading every entry of a manifest once counted.
@@ -109,6 +111,7 @@ impl PagedManifest {
             },
             frame,
             counted: None,
+            places_let_go: false,
         }
     }
 
@@ -120,6 +123,15 @@ impl PagedManifest {
 
     pub fn id(&self) -> &BackupId {
         &self.frame.id
+    }
+
+    /// Let go of the frame's packs and differences, once what reads chunks holds their places
+    /// ([`Manifest::places`]): a list of every chunk the backup's packs hold, which the restore
+    /// held twice (40 MB each at 1,000,000 chunks). [`Self::whole`] is refused from then on.
+    pub fn let_go_of_places(&mut self) {
+        self.frame.packs = Vec::new();
+        self.frame.deltas = Vec::new();
+        self.places_let_go = true;
     }
 
     /// What [`Self::check`] counted, once it read every entry.
@@ -186,6 +198,11 @@ impl PagedManifest {
     /// The whole manifest (its file records aside), every entry held: for what compares every
     /// file at once (`--delta`).
     pub fn whole(&self) -> Result<Manifest, Damage<ManifestError>> {
+        if self.places_let_go {
+            return Err(Damage::Content(ManifestError::Invalid(
+                "its packs were let go before it was read whole".into(),
+            )));
+        }
         let mut m = self.frame.clone();
         m.held = Held::Whole;
         let mut entries = Vec::with_capacity(self.counted.map_or(0, |c| (c.files + c.directories) as usize));
@@ -484,6 +501,11 @@ mod tests {
                 frame.held = Held::Paged;
                 assert_eq!(paged.frame(), &frame, "every other field as stored");
                 assert!(!paged.frame().is_whole());
+                // Once the places are held elsewhere: the files still read, never the whole.
+                paged.let_go_of_places();
+                assert!(paged.frame().packs.is_empty() && paged.frame().deltas.is_empty());
+                assert_eq!(read(&paged).1, files);
+                assert!(paged.whole().is_err());
             }
         }
     }

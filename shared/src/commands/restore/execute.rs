@@ -153,18 +153,17 @@ async fn write_in_pages(
     store: &Store,
     sealer: &Sealer,
     plan: &RestorePlan,
-    manifest: PagedManifest,
+    mut manifest: PagedManifest,
     delta: Option<DeltaComparison>,
     progress: Arc<dyn Progress>,
     page_files: usize,
 ) -> Result<Written, RestoreError> {
-    let frame = manifest.frame();
-    let places = Arc::new(frame.places());
-    let dirs = directories(plan, frame);
+    let places = Arc::new(manifest.frame().places());
+    let dirs = directories(plan, manifest.frame());
     let files = manifest.counts().map_or(0, |c| c.files);
     let (mut pages, mut delta, bases_here) = match delta {
         Some(d) => {
-            let whole = manifest.whole().map_err(|r| damaged(frame.id.clone(), r))?;
+            let whole = manifest.whole().map_err(|r| damaged(manifest.id().clone(), r))?;
             let (mut work, report) = delta::apply(d, &whole, &plan.pgdata, &plan.tablespaces)?;
             drop(whole);
             work.roots = plan.roots();
@@ -177,6 +176,8 @@ async fn write_in_pages(
             BasesHere::default(),
         ),
     };
+    manifest.let_go_of_places();
+    let frame = manifest.frame();
     let from = ChunkStore {
         store,
         sealer,
