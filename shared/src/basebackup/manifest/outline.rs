@@ -314,9 +314,14 @@ fn streamed_checked<T: DeserializeOwned>(
     streamed(sealer, kind, bytes, id)
 }
 
-pub(super) fn stored_as(m: Manifest, id: &BackupId) -> Result<Manifest, ManifestError> {
+fn stored_as(m: Manifest, id: &BackupId) -> Result<Manifest, ManifestError> {
+    is_stored_as(&m, id).map(|()| m)
+}
+
+/// `m` is the manifest of the backup its key names, `id`.
+pub(super) fn is_stored_as(m: &Manifest, id: &BackupId) -> Result<(), ManifestError> {
     match &m.id == id {
-        true => Ok(m),
+        true => Ok(()),
         false => Err(ManifestError::Implausible(format!(
             "manifest of {} stored as {id}",
             m.id

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::entry_checks::EntryChecks;
-use super::outline::{Held, frame_of_json, streamed_frame};
+use super::outline::{Held, frame_of_json, is_stored_as, streamed_frame};
 use super::{BackupId, Entry, EntryKind, Manifest, ManifestError};
 use crate::repo::object::{ObjectKind, Sealer};
 use crate::repo::stored::{Damage, Envelope, Opened, Opening, StoredKind};
@@ -176,15 +176,7 @@ impl PagedManifest {
         if self.counted.is_none() {
             return Err(EntriesError::Unchecked);
         }
-        let mut files = 0u64;
-        self.source.read(&mut |e: Entry| match e.kind {
-            EntryKind::Dir => Ok(()),
-            EntryKind::File => {
-                files += 1;
-                each(e)
-            }
-        })?;
-        Ok(files)
+        self.source.files(&mut each)
     }
 
     /// A handle that reads the same file entries from another thread ([`FileEntries::files`]).
@@ -229,8 +221,15 @@ pub struct FileEntries(EntrySource);
 impl FileEntries {
     /// As [`PagedManifest::files`].
     pub fn files<E>(&self, mut each: impl FnMut(Entry) -> Result<(), E>) -> Result<u64, EntriesError<E>> {
+        self.0.files(&mut each)
+    }
+}
+
+impl EntrySource {
+    /// Give `each` every file entry in order, each checked first; how many there were.
+    fn files<E>(&self, each: &mut dyn FnMut(Entry) -> Result<(), E>) -> Result<u64, EntriesError<E>> {
         let mut files = 0u64;
-        self.0.read(&mut |e: Entry| match e.kind {
+        self.read(&mut |e: Entry| match e.kind {
             EntryKind::Dir => Ok(()),
             EntryKind::File => {
                 files += 1;
@@ -239,9 +238,7 @@ impl FileEntries {
         })?;
         Ok(files)
     }
-}
 
-impl EntrySource {
     /// Give `each` every entry in order, each checked first; the content verified at its end.
     fn read<E>(&self, each: &mut dyn FnMut(Entry) -> Result<(), E>) -> Result<(), EntriesError<E>> {
         let content = |e: ManifestError| EntriesError::Manifest(Damage::Content(e));
@@ -386,7 +383,7 @@ impl StoredKind for PagedManifest {
 
     fn parse(opened: Opened, id: &BackupId) -> Result<PagedManifest, ManifestError> {
         let m = PagedManifest::from_json(opened.content)?;
-        super::outline::stored_as(m.frame.clone(), id)?;
+        is_stored_as(&m.frame, id)?;
         Ok(m)
     }
 
