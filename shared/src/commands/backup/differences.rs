@@ -301,7 +301,7 @@ mod tests {
 
     use super::*;
     use crate::basebackup::manifest::Manifest;
-    use crate::commands::backup::inventory::{Inventory, Source};
+    use crate::commands::backup::inventory::{Inventory, Roots, Source};
     use crate::commands::backup::upload::{Copied, CopyOptions, copy_files};
     use crate::repo::fault::{Fault, FaultStore};
 
@@ -336,16 +336,17 @@ mod tests {
     /// Back up one relation file holding `content`, on top of `previous`.
     async fn back_up(store: &WritableStore, content: &[u8], previous: Option<&Previous>) -> Copied {
         let dir = tempfile::tempdir().unwrap();
-        let abs = dir.path().join("16384");
+        let abs = dir.path().join(PATH);
+        std::fs::create_dir_all(abs.parent().unwrap()).unwrap();
         std::fs::write(&abs, content).unwrap();
         let inventory = Inventory {
             sources: vec![Source {
-                abs,
                 rel: PATH.into(),
                 is_dir: false,
                 mode: 0o600,
             }],
             tablespaces: vec![],
+            roots: Roots::of(dir.path()),
             examined_after_ns: 0,
         };
         let opts = CopyOptions {

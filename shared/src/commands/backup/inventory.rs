@@ -27,10 +27,10 @@ pub enum FileReading {
     All,
 }
 
-/// A file or directory to back up: where it is on disk and its path in the manifest.
+/// A file or directory to back up: its path in the manifest (where it is on disk is
+/// [`Roots::path`] of it: a path each, for every file of a cluster, took 14 MB at 201,000 files).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Source {
-    pub abs: PathBuf,
     pub rel: String,
     pub is_dir: bool,
     pub mode: u32,
@@ -62,6 +62,8 @@ pub(super) struct Inventory {
     /// every page copied (basebackup.c sends it last for this reason).
     pub sources: Vec<Source>,
     pub tablespaces: Vec<Tablespace>,
+    /// Where the sources are on disk.
+    pub roots: Roots,
     /// This host's wall clock (Unix ns) before the walk: every file is examined after it, the
     /// bound the next backup's reuse rule compares file times with.
     pub examined_after_ns: i64,
@@ -70,14 +72,50 @@ pub(super) struct Inventory {
 impl Inventory {
     /// Walk `pgdata`, whose examination starts at `examined_after_ns` on this host's clock.
     pub fn take(pgdata: &Path, examined_after_ns: i64) -> Result<Inventory, BackupError> {
-        let (mut sources, tablespaces) = walk(pgdata)?;
+        let (mut sources, tablespaces, roots) = walk(pgdata)?;
         // Stable: every other source stays in path order.
         sources.sort_by_key(|s| s.rel == CONTROL_FILE);
         Ok(Inventory {
             sources,
             tablespaces,
+            roots,
             examined_after_ns,
         })
+    }
+}
+
+/// Where a backup's sources are on disk: the data directory, and each tablespace's location
+/// (what its link `pg_tblspc/<oid>` pointed to when the walk read it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Roots {
+    pgdata: PathBuf,
+    /// `pg_tblspc/<oid>` and its location.
+    tablespaces: Vec<(String, PathBuf)>,
+}
+
+impl Roots {
+    /// Just a data directory, no tablespace.
+    pub fn of(pgdata: &Path) -> Roots {
+        Roots {
+            pgdata: pgdata.to_path_buf(),
+            tablespaces: Vec::new(),
+        }
+    }
+
+    /// Where the source at manifest path `rel` is on disk: under its tablespace's location when
+    /// it is in one, else under the data directory.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        for (link, location) in &self.tablespaces {
+            if let Some(rest) = rel.strip_prefix(link.as_str()) {
+                if rest.is_empty() {
+                    return location.clone();
+                }
+                if let Some(rest) = rest.strip_prefix('/') {
+                    return location.join(rest);
+                }
+            }
+        }
+        self.pgdata.join(rel)
     }
 }
 
@@ -89,9 +127,10 @@ pub(super) fn wall_clock_ns() -> i64 {
 }
 
 /// List the data directory and tablespaces, applying PostgreSQL's exclusions.
-fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>), BackupError> {
+fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>, Roots), BackupError> {
     let mut out = Vec::new();
     let mut tablespaces = Vec::new();
+    let mut roots = Roots::of(pgdata);
     let mut stack = vec![(pgdata.to_path_buf(), String::new())];
     while let Some((dir, rel_dir)) = stack.pop() {
         let Some(listed) = list_dir(&dir, &rel_dir)? else {
@@ -120,8 +159,8 @@ fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>), BackupError> {
                         oid,
                         location: target.display().to_string(),
                     });
+                    roots.tablespaces.push((rel.clone(), target.clone()));
                     out.push(Source {
-                        abs: target.clone(),
                         rel: rel.clone(),
                         is_dir: true,
                         mode: 0o700,
@@ -136,17 +175,12 @@ fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>), BackupError> {
                 continue; // sockets, stray symlinks: not part of a cluster
             }
             let mode = meta.permissions().mode() & 0o7777;
-            let source = Source {
-                abs,
-                rel,
-                is_dir,
-                mode,
-            };
+            let source = Source { rel, is_dir, mode };
             match exclude::decide(&source.rel, is_dir) {
                 Decision::Skip => {}
-                Decision::EmptyDir => push_empty_dir(&mut out, source),
+                Decision::EmptyDir => push_empty_dir(&mut out, source, &abs),
                 Decision::Include if is_dir => {
-                    stack.push((source.abs.clone(), source.rel.clone()));
+                    stack.push((abs, source.rel.clone()));
                     out.push(source);
                 }
                 Decision::Include => {
@@ -159,7 +193,7 @@ fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>), BackupError> {
     }
     // Paths are unique: sorted in place, with no scratch the size of the list.
     out.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
-    Ok((out, tablespaces))
+    Ok((out, tablespaces, roots))
 }
 
 fn read_err(p: &Path, source: std::io::Error) -> BackupError {
@@ -191,13 +225,12 @@ fn list_dir(dir: &Path, rel_dir: &str) -> Result<Option<Vec<(String, PathBuf)>>,
 
 /// A directory kept empty; for `pg_wal`, its subdirectories kept empty too, as basebackup.c
 /// sends them: archive_status, and from PostgreSQL 17 the WAL summarizer's summaries.
-fn push_empty_dir(out: &mut Vec<Source>, dir: Source) {
+fn push_empty_dir(out: &mut Vec<Source>, dir: Source, abs: &Path) {
     let subdirs = if dir.rel == "pg_wal" {
         ["archive_status", "summaries"]
             .into_iter()
-            .filter(|sub| *sub == "archive_status" || dir.abs.join(sub).is_dir())
+            .filter(|sub| *sub == "archive_status" || abs.join(sub).is_dir())
             .map(|sub| Source {
-                abs: dir.abs.join(sub),
                 rel: format!("pg_wal/{sub}"),
                 is_dir: true,
                 mode: dir.mode,
@@ -541,14 +574,15 @@ mod tests {
         );
         let by_rel = |rel: &str| inv.sources.iter().find(|s| s.rel == rel).unwrap();
         let ts = by_rel("pg_tblspc/16500");
+        assert_eq!((ts.is_dir, ts.mode), (true, 0o700));
+        assert_eq!(inv.roots.path(&ts.rel), space.path());
         assert_eq!(
-            (ts.abs.as_path(), ts.is_dir, ts.mode),
-            (space.path(), true, 0o700)
-        );
-        assert_eq!(
-            by_rel("pg_tblspc/16500/PG_15_202209061/5/16501").abs,
+            inv.roots.path("pg_tblspc/16500/PG_15_202209061/5/16501"),
             space.path().join("PG_15_202209061/5/16501")
         );
+        // A tablespace whose oid starts another's is not taken for it.
+        assert_eq!(inv.roots.path("pg_tblspc/165001"), d.join("pg_tblspc/165001"));
+        assert_eq!(inv.roots.path("global/1262"), d.join("global/1262"));
         let conf = by_rel("postgresql.conf");
         assert_eq!((conf.is_dir, conf.mode), (false, 0o640));
         assert!(by_rel("pg_wal/archive_status").is_dir);
@@ -645,7 +679,6 @@ mod tests {
 
     fn source(rel: &str) -> Source {
         Source {
-            abs: PathBuf::from("/data").join(rel),
             rel: rel.into(),
             is_dir: false,
             mode: 0o600,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::BackupError;
 use super::control::CONTROL_FILE;
-use super::inventory::Source;
+use super::inventory::{Roots, Source};
 
 /// Files opened and not yet taken by the copier, at most (each holds a descriptor; with the one
 /// being handed over and the copier's own, two more are open).
@@ -23,31 +23,36 @@ pub(super) type Opened = Option<(std::fs::File, std::fs::Metadata)>;
 pub(super) struct OpenAhead {
     /// Each file with its index in the sources, checked against the copier's.
     rx: tokio::sync::mpsc::Receiver<(usize, Result<Opened, BackupError>)>,
+    roots: Roots,
 }
 
 impl OpenAhead {
     /// Start opening every source that [`opens`] says the copier opens, in order.
-    pub(super) fn start(sources: Arc<Vec<Source>>) -> OpenAhead {
+    pub(super) fn start(sources: Arc<Vec<Source>>, roots: &Roots) -> OpenAhead {
         let (tx, rx) = tokio::sync::mpsc::channel(OPEN_AHEAD);
+        let on_disk = roots.clone();
         // Ends when every file is opened, or when the copier stops taking them (it failed). Not
         // started (no thread to be had): the copier's first file reports it.
         let _ = std::thread::Builder::new()
             .name("walvault-open".into())
             .spawn(move || {
                 for (at, src) in sources.iter().enumerate().filter(|(_, s)| opens(s)) {
-                    if tx.blocking_send((at, open(&src.abs))).is_err() {
+                    if tx.blocking_send((at, open(&on_disk.path(&src.rel)))).is_err() {
                         return;
                     }
                 }
             });
-        OpenAhead { rx }
+        OpenAhead {
+            rx,
+            roots: roots.clone(),
+        }
     }
 
     /// Source `at`, the next file the copier opens (it takes them in order: anything else is
     /// refused rather than a file taken for another).
     pub(super) async fn next(&mut self, at: usize, src: &Source) -> Result<Opened, BackupError> {
         let failed = |why: &str| BackupError::Read {
-            path: src.abs.display().to_string(),
+            path: self.roots.path(&src.rel).display().to_string(),
             source: std::io::Error::other(why.to_string()),
         };
         match self.rx.recv().await {
@@ -80,13 +85,10 @@ fn open(abs: &Path) -> Result<Opened, BackupError> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
 
-    fn source(abs: PathBuf, rel: &str, is_dir: bool) -> Source {
+    fn source(rel: &str, is_dir: bool) -> Source {
         Source {
-            abs,
             rel: rel.into(),
             is_dir,
             mode: 0o600,
@@ -96,24 +98,25 @@ mod tests {
     #[tokio::test]
     async fn files_are_opened_in_order_skipping_directories_pg_control_and_the_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        std::fs::write(&a, b"one").unwrap();
-        std::fs::write(&b, b"three").unwrap();
+        std::fs::create_dir(dir.path().join("base")).unwrap();
+        std::fs::write(dir.path().join("base/a"), b"one").unwrap();
+        std::fs::write(dir.path().join("base/b"), b"three").unwrap();
         let sources = Arc::new(vec![
-            source(dir.path().to_path_buf(), "base", true),
-            source(a, "base/a", false),
-            source(dir.path().join("gone"), "base/gone", false),
-            source(b, "base/b", false),
-            source(dir.path().join("global/pg_control"), CONTROL_FILE, false),
+            source("base", true),
+            source("base/a", false),
+            source("base/gone", false),
+            source("base/b", false),
+            source(CONTROL_FILE, false),
         ]);
-        let mut ahead = OpenAhead::start(Arc::clone(&sources));
+        let roots = Roots::of(dir.path());
+        let mut ahead = OpenAhead::start(Arc::clone(&sources), &roots);
         let mut lens = vec![];
         for (at, src) in sources.iter().enumerate().filter(|(_, s)| opens(s)) {
             lens.push(ahead.next(at, src).await.unwrap().map(|(_, m)| m.len()));
         }
         assert_eq!(lens, [Some(3), None, Some(5)]);
         // Asked for another file than the next one opened: refused, not handed the wrong one.
-        let mut ahead = OpenAhead::start(Arc::clone(&sources));
+        let mut ahead = OpenAhead::start(Arc::clone(&sources), &roots);
         let err = ahead.next(3, &sources[3]).await.unwrap_err();
         assert!(err.to_string().contains("out of step"), "{err}");
     }

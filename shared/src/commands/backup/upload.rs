@@ -19,7 +19,7 @@ use super::BackupError;
 use super::control::{self, CONTROL_FILE};
 use super::differences::{BaseRef, DeltaBases, Sealed, deltas_named, seal_delta};
 use super::file_reads::{Body, Buffers, Reads};
-use super::inventory::{Base, Inventory, Previous, Source, TakenOver};
+use super::inventory::{Base, Inventory, Previous, Roots, Source, TakenOver};
 use super::open_ahead::OpenAhead;
 use super::pages::{self, PageCheck, Tally};
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
@@ -114,15 +114,16 @@ pub(super) async fn copy_files(
     let Inventory {
         sources,
         tablespaces,
+        roots,
         examined_after_ns,
     } = inventory;
     let base = previous.filter(|p| p.take_over).map(Previous::base);
     let mut copier = Copier::new(store, sealer, opts, previous, sources.len());
     let sources = Arc::new(sources);
-    let mut opened = OpenAhead::start(Arc::clone(&sources));
+    let mut opened = OpenAhead::start(Arc::clone(&sources), &roots);
     for (at, src) in sources.iter().enumerate() {
         copier
-            .copy((at, src), &mut opened, base.as_ref(), examined_after_ns)
+            .copy((at, src), &roots, &mut opened, base.as_ref(), examined_after_ns)
             .await?;
     }
     // The walk is not needed past the last file: let go of it before the manifest's lists are
@@ -271,6 +272,7 @@ impl Copier {
     async fn copy(
         &mut self,
         (at, src): (usize, &Source),
+        roots: &Roots,
         opened: &mut OpenAhead,
         base: Option<&Base<'_>>,
         clock_ns: i64,
@@ -282,7 +284,7 @@ impl Copier {
         }
         let file = if src.rel == CONTROL_FILE {
             // Whole, and only once its CRC checks (see `read_control_file`).
-            let bytes = control::read_control_file(&src.abs, self.pg_version).await?;
+            let bytes = control::read_control_file(&roots.path(&src.rel), self.pg_version).await?;
             self.records.push(Some(FileRecord {
                 path: src.rel.clone(),
                 stored: vec![],
@@ -316,9 +318,13 @@ impl Copier {
         let small = SMALL_FILE.min(self.chunk_size as u64 / 4);
         let size = match file {
             Body::File(f, len) if (1..=small).contains(&len) => {
-                self.read_small(f, len, entry, &src.abs, check).await?
+                self.read_small(f, len, entry, &roots.path(&src.rel), check)
+                    .await?
             }
-            file => self.read_chunks(file, entry, &src.abs, check).await?,
+            file => {
+                self.read_chunks(file, entry, &roots.path(&src.rel), check)
+                    .await?
+            }
         };
         self.entries[entry].size = size;
         if let Some(Some(r)) = self.records.last_mut()
@@ -982,7 +988,6 @@ mod tests {
             std::fs::create_dir_all(abs.parent().unwrap()).unwrap();
             std::fs::write(&abs, bytes).unwrap();
             sources.push(Source {
-                abs,
                 rel: rel.to_string(),
                 is_dir: false,
                 mode: 0o600,
@@ -999,6 +1004,7 @@ mod tests {
         let inventory = Inventory {
             sources,
             tablespaces: vec![],
+            roots: Roots::of(dir.path()),
             examined_after_ns: 0,
         };
         let copied = copy_files(&store, &Sealer::plain(), inventory, opts, None)
