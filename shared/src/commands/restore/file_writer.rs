@@ -113,19 +113,19 @@ pub(crate) fn write_file(
     }
     let mode = target.mode & 0o7777;
     let found_equal = target.compare && written == 0;
-    // A file found as the backup has it is left alone, as a delta restore leaves the files its
-    // plan found unchanged: not even its inode is written (a change of mode, and its `fsync`,
-    // would cost a journal commit per file).
-    let unchanged = found_equal
-        && file
-            .metadata()
-            .is_ok_and(|m| m.permissions().mode() & 0o7777 == mode);
-    if !unchanged {
+    // A mode already right is not set again: the change would write the inode for nothing (a
+    // created file has the mode it was created with, 0600, unless the umask took some away).
+    let mode_right = file
+        .metadata()
+        .is_ok_and(|m| m.permissions().mode() & 0o7777 == mode);
+    if !mode_right {
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(write_err(path))?;
-        if fsync {
-            file.sync_all().map_err(write_err(path))?;
-        }
+    }
+    // A file found as the backup has it is left alone, as a delta restore leaves the files its
+    // plan found unchanged: not even its `fsync` (a journal commit per file).
+    if fsync && !(found_equal && mode_right) {
+        file.sync_all().map_err(write_err(path))?;
     }
     Ok(FileWritten {
         bytes: written,
