@@ -8,7 +8,6 @@
 //! and that did not change since are taken over unread, with their chunks and packs.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -315,13 +314,9 @@ impl Copier {
         let small = SMALL_FILE.min(self.chunk_size as u64 / 4);
         let size = match file {
             Body::File(f, len) if (1..=small).contains(&len) => {
-                self.read_small(f, len, entry, &roots.path(&src.rel), check)
-                    .await?
+                self.read_small(f, len, entry, roots, check).await?
             }
-            file => {
-                self.read_chunks(file, entry, &roots.path(&src.rel), check)
-                    .await?
-            }
+            file => self.read_chunks(file, entry, roots, check).await?,
         };
         self.entries[entry].size = size;
         if let Some(Some(r)) = self.records.last_mut()
@@ -356,14 +351,14 @@ impl Copier {
         self.entries.push(entry);
     }
 
-    /// Read `body` (at `abs`) chunk by chunk into entry `entry`, each chunk handed to a task
+    /// Read `body` (entry `entry`'s file, under `roots`) chunk by chunk, each chunk handed to a task
     /// that stores it, in order; returns the bytes read. Up to `parallel` chunks of a file are
     /// read at once ([`Reads`]). With `check`, the pages of the relation file are verified.
     async fn read_chunks(
         &mut self,
         body: Body,
         entry: usize,
-        abs: &Path,
+        roots: &Roots,
         check: Option<(RelationFile, PageCheck)>,
     ) -> Result<u64, BackupError> {
         let chunk_size = self.chunk_size;
@@ -373,7 +368,7 @@ impl Copier {
         for idx in 0.. {
             let next = reads.next(&self.in_memory, &self.chunks.buffers).await;
             let (buf, permit, checked) = next.map_err(|source| BackupError::Read {
-                path: abs.display().to_string(),
+                path: roots.path(&self.entries[entry].path).display().to_string(),
                 source,
             })?;
             if let (Some(checked), Some((file, _))) = (checked, &check) {
@@ -404,7 +399,7 @@ impl Copier {
         f: std::fs::File,
         len: u64,
         entry: usize,
-        abs: &Path,
+        roots: &Roots,
         check: Option<(RelationFile, PageCheck)>,
     ) -> Result<u64, BackupError> {
         let target = SHARED_TARGET.min(self.chunk_size);
@@ -433,7 +428,7 @@ impl Copier {
         .await
         .expect("read task panicked");
         let bytes = read.map_err(|source| BackupError::Read {
-            path: abs.display().to_string(),
+            path: roots.path(&self.entries[entry].path).display().to_string(),
             source,
         })?;
         if let (Some(checked), Some((file, _))) = (checked, &check) {
@@ -663,8 +658,8 @@ impl Copier {
     }
 
     /// Wait for the last chunks and write the last pack, then give each file read its chunks'
-    /// stored lengths: the entries and the records of files with chunks, in path order, the counts, the packs
-    /// written and the pages checked.
+    /// stored lengths: the entries and the records of files with chunks, in path order, the
+    /// counts, the packs written and the pages checked.
     async fn finish(mut self) -> Result<Finished, BackupError> {
         while let Some(done) = self.tasks.join_next().await {
             self.absorb(done.expect("chunk task panicked")?);
@@ -991,7 +986,6 @@ mod tests {
         FaultStore::s3_like(&faults, std::time::Duration::from_secs(5))
     }
 
-    /// Bytes of a file, distinct per seed.
     #[test]
     fn chunks_finishing_in_any_order_take_their_places_in_room_that_doubles() {
         let id = |i: u8| ChunkId::from_hash([i + 1; 32]);
@@ -1019,6 +1013,7 @@ mod tests {
         assert_eq!(gap, [UNFILLED, UNFILLED, id(2)]);
     }
 
+    /// Bytes of a file, distinct per seed.
     fn content(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
     }
