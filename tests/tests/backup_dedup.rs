@@ -92,11 +92,17 @@ fn second_backup_after_a_small_change_stores_only_the_change() -> Result<()> {
         second.new_bytes, growth,
         "the second backup's new_bytes differ from what the repository gained: {second:?}"
     );
+    // Counted in chunks: the change, plus one chunk for each small file PostgreSQL touched in
+    // between (pg_control, pg_xact, catalogs that autovacuum or the checkpoint rewrote). How many
+    // such files there are depends on PostgreSQL's timing, so the count is held against every
+    // chunk the second backup names (about a thousand), not against the first backup's new
+    // chunks (about two hundred, as the three databases' catalogs share theirs): CI saw 21
+    // against 191 once.
     assert!(
-        second.new_chunks * 10 < first.new_chunks && second.new_chunks > 0,
-        "the second backup stored {} chunks anew, the first {}",
+        second.new_chunks * 10 < second.chunks && second.new_chunks > 0,
+        "the second backup stored {} of its {} chunks anew",
         second.new_chunks,
-        first.new_chunks
+        second.chunks
     );
     // Packed: a few objects per backup, not one per chunk.
     let objects_first = chunks_after_first.len() as u64;
