@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 mod entry_checks;
 pub mod outline;
 pub mod paged;
+pub mod written;
 
 use entry_checks::EntryChecks;
 
@@ -477,9 +478,15 @@ impl Manifest {
     /// write outside the directories the DBA chose, create special files or modes, or allocate
     /// or write without bound.
     pub fn validate(&self) -> Result<(), ManifestError> {
+        self.validate_lists(&written::Held::of(self))
+    }
+
+    /// [`Manifest::validate`] with `lists` as the entries and file records (a manifest whose
+    /// lists are given one item at a time as it is written, [`written`]).
+    pub fn validate_lists(&self, lists: &dyn written::Lists) -> Result<(), ManifestError> {
         let implausible = |s: String| Err(ManifestError::Implausible(s));
         check_counts(
-            self.entries.len().max(self.files.len()) as u64,
+            lists.entry_count().max(lists.file_count()),
             self.tablespaces.len() as u64,
         )?;
         if !(1..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
@@ -524,10 +531,13 @@ impl Manifest {
             ));
         }
         let mut checks = EntryChecks::new(self)?;
-        for e in &self.entries {
-            checks.check(e)?;
-        }
-        self.check_files()?;
+        lists.each_entry(&mut |e| checks.check(e))?;
+        let mut prev: Option<String> = None;
+        lists.each_file(&mut |f, e| {
+            written::check_file(f, e, prev.as_deref())?;
+            prev = Some(f.path.clone());
+            Ok(())
+        })?;
         self.check_page_checks()?;
         self.check_packs()?;
         self.check_deltas()
@@ -676,44 +686,6 @@ impl Manifest {
         }
         for page in &checks.bad {
             check_relative_path(&page.path)?;
-        }
-        Ok(())
-    }
-
-    fn check_files(&self) -> Result<(), ManifestError> {
-        let mut entries = self.entries.iter();
-        let mut prev: Option<&str> = None;
-        for f in &self.files {
-            if prev.is_some_and(|p| p.as_bytes() >= f.path.as_bytes()) {
-                return Err(entry_err(
-                    &f.path,
-                    "file records are not sorted by path, or repeat one",
-                ));
-            }
-            prev = Some(&f.path);
-            // Both lists are sorted: one pass over the entries finds every record's entry.
-            let Some(e) = entries.find(|e| e.path == f.path) else {
-                return Err(entry_err(&f.path, "a file record names no entry"));
-            };
-            if e.kind != EntryKind::File {
-                return Err(entry_err(&f.path, "a file record names a directory"));
-            }
-            if e.chunks.len() != f.stored.len() {
-                return Err(entry_err(
-                    &f.path,
-                    format!(
-                        "its file record has {} stored lengths for {} chunks",
-                        f.stored.len(),
-                        e.chunks.len()
-                    ),
-                ));
-            }
-            if f.stat.is_some_and(|st| st.size != e.size) {
-                return Err(entry_err(
-                    &f.path,
-                    "its file record's stat disagrees with its size",
-                ));
-            }
         }
         Ok(())
     }

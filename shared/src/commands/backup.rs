@@ -26,6 +26,7 @@ mod error;
 mod file_reads;
 mod finish;
 mod inventory;
+mod listing;
 mod open_ahead;
 mod pages;
 mod protocol;
@@ -233,7 +234,8 @@ async fn finish_backup(
         Primary::complete_stop_segment(primary, &stop_seg, seg_size).await;
     }
     finish::wait_for_wal(store, &outcome.label.start_wal, &stop_seg, seg_size, wal_timeout).await?;
-    finish::record(store, repo.sealer(), lock, finish::manifest(outcome, stop_seg)).await
+    let (frame, listing) = finish::manifest(outcome, stop_seg);
+    finish::record(store, repo.sealer(), lock, frame, &listing).await
 }
 
 /// A backup over the replication protocol, under `lock`: `BASE_BACKUP` does the start and the

@@ -20,7 +20,7 @@ use futures::future::{BoxFuture, Shared};
 
 use super::inventory::Previous;
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
-use crate::basebackup::manifest::{Delta, Entry};
+use crate::basebackup::manifest::Delta;
 use crate::basebackup::pack::{PackRecord, Places};
 use crate::repo::object::Sealer;
 use crate::repo::{Store, WritableStore};
@@ -267,11 +267,11 @@ pub(super) fn seal_delta(
     }
 }
 
-/// The deltas a manifest with `entries` lists, sorted: those this backup stored (`new`), and
-/// for each chunk the entries reference that the previous backup stored as a difference (met
+/// The deltas a manifest whose entries name `named` lists, sorted: those this backup stored
+/// (`new`), and for each chunk named that the previous backup stored as a difference (met
 /// again, or in a file taken over unread), its delta, unless this backup stored it whole.
-pub(super) fn deltas_named(
-    entries: &[Entry],
+pub(super) fn deltas_named<'a>(
+    named: impl Iterator<Item = &'a ChunkId>,
     written: &[PackRecord],
     new: HashMap<[u8; 32], (ChunkId, ChunkId)>,
     previous: Option<&Previous>,
@@ -286,7 +286,7 @@ pub(super) fn deltas_named(
     if let Some(p) = previous.filter(|p| !p.manifest.deltas.is_empty()) {
         let whole: HashSet<ChunkId> = written.iter().flat_map(|p| p.chunks.iter().copied()).collect();
         let theirs: HashMap<ChunkId, Delta> = p.manifest.deltas.iter().map(|d| (d.chunk, *d)).collect();
-        for c in entries.iter().flat_map(|e| e.chunks.iter()) {
+        for c in named {
             if let Some(d) = theirs.get(c).filter(|_| !whole.contains(c)) {
                 out.entry(*c).or_insert(*d);
             }
@@ -367,8 +367,7 @@ mod tests {
         let mut m = Manifest::parse(include_bytes!("../../../tests/fixtures/manifest-v1.json")).unwrap();
         m.chunk_size = CS as u64;
         m.version = if copied.deltas.is_empty() { 2 } else { 4 };
-        m.entries = copied.entries;
-        m.files = copied.files;
+        (m.entries, m.files) = copied.listing.lists();
         m.packs = copied.packs;
         m.deltas = copied.deltas;
         let manifest = Manifest::parse(&m.to_json()).expect("a manifest with deltas validates");

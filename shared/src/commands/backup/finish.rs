@@ -6,9 +6,12 @@
 use std::time::Duration;
 
 use super::BackupError;
+use super::listing::Listing;
 use super::session::{Server, Started, Stopped};
 use super::upload::Copied;
 use crate::basebackup::label::{self, BackupLabel};
+use crate::basebackup::manifest::outline::Held;
+use crate::basebackup::manifest::written::Lists;
 use crate::basebackup::manifest::{self, Manifest};
 use crate::repo::layout::{manifest_key, wal_key};
 use crate::repo::locks::Lock;
@@ -92,8 +95,9 @@ pub(super) struct Outcome {
     pub page_checks: Option<crate::basebackup::page_checksum::PageChecks>,
 }
 
-/// The manifest of a backup that ended as `outcome` says, its WAL ending in `stop_seg`.
-pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
+/// The manifest of a backup that ended as `outcome` says, its WAL ending in `stop_seg`: its
+/// frame, with no entries nor file records, and the list they are written from.
+pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> (Manifest, Listing) {
     let Outcome {
         server,
         started,
@@ -108,12 +112,12 @@ pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
     // Version 3 or 4 only when it must be: a reader of version 2 restores every other backup.
     let version = if !copied.deltas.is_empty() {
         manifest::FORMAT_VERSION_DELTA
-    } else if copied.entries.iter().any(|e| e.within.is_some()) {
+    } else if copied.listing.any_within() {
         manifest::FORMAT_VERSION_WITHIN
     } else {
         manifest::FORMAT_VERSION
     };
-    Manifest {
+    let frame = Manifest {
         format: manifest::FORMAT_NAME.into(),
         version,
         id: started.id,
@@ -130,10 +134,10 @@ pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
         backup_label: stopped.backup_label,
         tablespace_map: stopped.spcmap.filter(|s| !s.is_empty()),
         tablespaces: copied.tablespaces,
-        entries: copied.entries,
+        entries: vec![],
         stats: copied.stats,
         files_examined_after_us: Some(copied.examined_after_us),
-        files: copied.files,
+        files: vec![],
         packs: copied.packs,
         server_manifest,
         incremental_from,
@@ -141,25 +145,28 @@ pub(super) fn manifest(outcome: Outcome, stop_seg: SegmentName) -> Manifest {
         generation: 0,
         deltas: copied.deltas,
         held: Default::default(),
-    }
+    };
+    (frame, copied.listing)
 }
 
-/// Write `manifest`, the backup's last object, while `lock` still holds: a lock gone stale
-/// means an expire may have collected chunks the backup relies on.
+/// Write `manifest` with `lists` as its entries and file records, the backup's last object,
+/// while `lock` still holds: a lock gone stale means an expire may have collected chunks the
+/// backup relies on. Gives back its outline ([`Held::Outline`]).
 pub(super) async fn record(
     store: &WritableStore,
     sealer: &crate::repo::object::Sealer,
     lock: &Lock,
-    manifest: Manifest,
+    mut manifest: Manifest,
+    lists: &dyn Lists,
 ) -> Result<Manifest, BackupError> {
     // Checked as a restore will check it, before it exists.
     manifest
-        .validate()
+        .validate_lists(lists)
         .map_err(|e| BackupError::Unsound(e.to_string()))?;
     let id = &manifest.id;
     let sealed = sealer
         .seal_writer(ObjectKind::Manifest, id.as_str(), 3, |w| {
-            serde_json::to_writer(w, &manifest).map_err(std::io::Error::other)
+            manifest.write_json(w, lists).map_err(std::io::Error::other)
         })
         .map_err(|e| BackupError::Read {
             path: "manifest".into(),
@@ -182,6 +189,11 @@ pub(super) async fn record(
     if store.put_new(&key, sealed.bytes).await? == PutNew::AlreadyExists {
         return Err(BackupError::Exists(manifest.id));
     }
+    manifest.entries = vec![];
+    manifest.files = vec![];
+    manifest.packs = vec![];
+    manifest.deltas = vec![];
+    manifest.held = Held::Outline;
     Ok(manifest)
 }
 
@@ -245,6 +257,7 @@ mod record_tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::basebackup::manifest::written;
     use crate::repo::fault::{Fault, FaultStore};
     use crate::repo::locks::LockKind;
     use crate::repo::object::Sealer;
@@ -262,8 +275,20 @@ mod record_tests {
         let first = Manifest::parse(include_bytes!("../../../tests/fixtures/manifest-v1.json")).unwrap();
         let mut second = first.clone();
         second.stop_lsn = Lsn(second.stop_lsn.0 + 8);
-        record(&store, &plain, &lock, first.clone()).await.unwrap();
-        let err = record(&store, &plain, &lock, second).await.unwrap_err();
+        let lists = |m: &Manifest| {
+            let mut frame = m.clone();
+            frame.entries = vec![];
+            frame.files = vec![];
+            (frame, m.clone())
+        };
+        let (frame, whole) = lists(&first);
+        record(&store, &plain, &lock, frame, &written::Held::of(&whole))
+            .await
+            .unwrap();
+        let (frame, whole) = lists(&second);
+        let err = record(&store, &plain, &lock, frame, &written::Held::of(&whole))
+            .await
+            .unwrap_err();
         assert!(
             matches!(&err, BackupError::Exists(id) if *id == first.id),
             "{err}"

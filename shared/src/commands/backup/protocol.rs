@@ -131,7 +131,7 @@ pub(super) async fn receive(
         files = sent.len(),
         "every file streamed matches the server's backup manifest (size and CRC-32C)"
     );
-    let mut blob = copier.begin_streamed(entry(SERVER_MANIFEST_PATH, EntryKind::File, 0o600));
+    let mut blob = copier.begin_streamed(entry(SERVER_MANIFEST_PATH, EntryKind::File, 0o600))?;
     copier.stream(&mut blob, &manifest_bytes).await?;
     copier.end_streamed(blob).await?;
     let mut copied = copier
@@ -149,13 +149,10 @@ pub(super) async fn receive(
 
 /// The server's manifest taken out of what was copied: kept beside the files, not among them.
 fn take_out(copied: &mut Copied) -> StoredBlob {
-    let at = copied
-        .entries
-        .iter()
-        .position(|e| e.path == SERVER_MANIFEST_PATH)
+    let e = copied
+        .listing
+        .take_out(SERVER_MANIFEST_PATH)
         .expect("the server's manifest went through the pipeline");
-    let e = copied.entries.remove(at);
-    copied.files.retain(|f| f.path != SERVER_MANIFEST_PATH);
     copied.stats.files -= 1;
     copied.stats.logical_bytes -= e.size;
     StoredBlob {
@@ -259,7 +256,7 @@ impl Receiver {
                 }
                 self.tablespaces.push(Tablespace { oid, location });
                 let root = format!("pg_tblspc/{oid}");
-                self.copier.add_dir(entry(&root, EntryKind::Dir, 0o700));
+                self.copier.add_dir(entry(&root, EntryKind::Dir, 0o700))?;
                 format!("{root}/")
             }
         };
@@ -310,7 +307,7 @@ impl Receiver {
         self.current = Some(match m.kind {
             Kind::Dir if spool => Current::Nothing,
             Kind::Dir => {
-                self.copier.add_dir(entry(&path, EntryKind::Dir, mode));
+                self.copier.add_dir(entry(&path, EntryKind::Dir, mode))?;
                 Current::Nothing
             }
             // pg_tblspc/<oid>: the tablespace comes as its own archive.
@@ -336,10 +333,10 @@ impl Receiver {
                             "the server sent the incremental file {path} for a full backup"
                         )));
                     };
-                    let file = self.copier.begin_streamed(entry(&full, EntryKind::File, mode));
+                    let file = self.copier.begin_streamed(entry(&full, EntryKind::File, mode))?;
                     Sink::Rebuild(Box::new(Rebuild::new(prior, path.clone(), &full, file)))
                 } else {
-                    Sink::Pipeline(self.copier.begin_streamed(entry(&path, EntryKind::File, mode)))
+                    Sink::Pipeline(self.copier.begin_streamed(entry(&path, EntryKind::File, mode))?)
                 };
                 Current::File(Box::new(FileInProgress {
                     path,
@@ -420,7 +417,7 @@ impl Receiver {
                 }
                 let mut file = self
                     .copier
-                    .begin_streamed(entry(CONTROL_FILE, EntryKind::File, 0o600));
+                    .begin_streamed(entry(CONTROL_FILE, EntryKind::File, 0o600))?;
                 self.copier.stream(&mut file, &bytes).await?;
                 self.copier.end_streamed(file).await?;
                 self.control_seen = true;

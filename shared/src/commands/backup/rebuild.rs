@@ -291,7 +291,7 @@ impl Rebuild {
                     self.building = other;
                     // Untouched: the previous backup's chunk when it is this one whole.
                     match self.reusable(copier, prior, i) {
-                        Some((id, stored)) => copier.reuse_chunk(&mut self.file, id, len, stored),
+                        Some((id, stored)) => copier.reuse_chunk(&mut self.file, id, len, stored)?,
                         None => {
                             let buf = self.base(prior, i).await?;
                             copier.stream(&mut self.file, &buf).await?;
@@ -388,15 +388,14 @@ mod tests {
     /// The previous backup: `content` stored as `base/1/f` through the pipeline.
     async fn previous_backup(store: &WritableStore, content: &[u8]) -> Previous {
         let mut c = copier(store, None);
-        let mut f = c.begin_streamed(file_entry("base/1/f"));
+        let mut f = c.begin_streamed(file_entry("base/1/f")).unwrap();
         c.stream(&mut f, content).await.unwrap();
         c.end_streamed(f).await.unwrap();
         let copied = c.into_copied(vec![], None, 0).await.unwrap();
         let mut manifest =
             Manifest::parse(include_bytes!("../../../tests/fixtures/manifest-v1.json")).unwrap();
         manifest.chunk_size = CS;
-        manifest.entries = copied.entries;
-        manifest.files = copied.files;
+        (manifest.entries, manifest.files) = copied.listing.lists();
         manifest.packs = copied.packs;
         Previous {
             manifest,
@@ -435,7 +434,7 @@ mod tests {
             block_size: BS,
         };
         let mut c = copier(&store, Some(&previous));
-        let file = c.begin_streamed(file_entry("base/1/f"));
+        let file = c.begin_streamed(file_entry("base/1/f")).unwrap();
         let mut r = Rebuild::new(&prior, "base/1/INCREMENTAL.f".into(), "base/1/f", file);
         for p in member.chunks(piece) {
             r.feed(&mut c, &prior, p).await.unwrap();
@@ -443,7 +442,7 @@ mod tests {
         r.finish(&mut c, &prior, member.len() as u64).await.unwrap();
         let copied = c.into_copied(vec![], Some(&previous), 0).await.unwrap();
         let places = crate::basebackup::pack::Places::of(&copied.packs);
-        let e = &copied.entries[0];
+        let e = &copied.listing.lists().0[0];
         let mut out = Vec::new();
         for id in &e.chunks {
             out.extend(

@@ -19,10 +19,11 @@ use super::control::{self, CONTROL_FILE};
 use super::differences::{BaseRef, DeltaBases, Sealed, deltas_named, seal_delta};
 use super::file_reads::{Body, Buffers, Reads};
 use super::inventory::{Base, Inventory, Previous, Roots, Source, TakenOver};
+use super::listing::{ItemNo, Listing, Place};
 use super::open_ahead::OpenAhead;
 use super::pages::{self, PageCheck, Tally};
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
-use crate::basebackup::manifest::{BackupStats, Delta, Entry, FileRecord, Tablespace, Within};
+use crate::basebackup::manifest::{BackupStats, Delta, Entry, Tablespace, Within};
 use crate::basebackup::pack::{PACK_TARGET, PackBuilder, PackRecord};
 use crate::basebackup::page_checksum::RelationFile;
 use crate::repo::WritableStore;
@@ -64,11 +65,12 @@ fn parent(path: &str) -> &str {
     path.rsplit_once('/').map_or("", |(dir, _)| dir)
 }
 
-/// The shared chunk being filled: its bytes, and each file in it with its offset.
+/// The shared chunk being filled: its bytes, its place, and each file in it with its offset.
 #[derive(Default)]
 struct SharedChunk {
     buf: Vec<u8>,
-    members: Vec<(usize, u64)>,
+    place: Option<Place>,
+    members: Vec<(ItemNo, u64)>,
 }
 
 /// How to copy.
@@ -86,8 +88,8 @@ pub(super) struct CopyOptions {
 
 /// What `copy_files` produced.
 pub(super) struct Copied {
-    pub entries: Vec<Entry>,
-    pub files: Vec<FileRecord>,
+    /// The manifest's entries and file records, in path order.
+    pub listing: Listing,
     pub tablespaces: Vec<Tablespace>,
     pub stats: BackupStats,
     pub examined_after_us: i64,
@@ -102,7 +104,7 @@ pub(super) struct Copied {
 }
 
 /// Read, chunk and upload every file of `inventory` that changed since `previous` (every file
-/// without one); returns the manifest entries and file records in path order.
+/// without one); returns the manifest's entries and file records ([`Listing`]).
 pub(super) async fn copy_files(
     store: &WritableStore,
     sealer: &Sealer,
@@ -132,19 +134,18 @@ pub(super) async fn copy_files(
     copier.into_copied(tablespaces, previous, examined_after_ns).await
 }
 
-/// The packs a manifest with `entries` and `deltas` lists: every pack this backup wrote, then
-/// each of the previous backup's packs that holds a chunk the entries reference (or a delta
-/// is read from) and no new pack holds.
-fn packs_named(
+/// The packs a manifest whose entries name `named` and that lists `deltas` lists: every pack
+/// this backup wrote, then each of the previous backup's packs that holds a chunk the entries
+/// reference (or a delta is read from) and no new pack holds.
+fn packs_named<'a>(
     written: Vec<PackRecord>,
     previous: &[PackRecord],
-    entries: &[Entry],
+    named: impl Iterator<Item = &'a ChunkId>,
     deltas: &[Delta],
 ) -> Vec<PackRecord> {
     let in_new: HashSet<ChunkId> = written.iter().flat_map(|p| p.chunks.iter().copied()).collect();
-    let referenced: HashSet<ChunkId> = entries
-        .iter()
-        .flat_map(|e| e.chunks.iter().copied())
+    let referenced: HashSet<ChunkId> = named
+        .copied()
         .chain(deltas.iter().flat_map(|d| [d.base, d.xor]))
         .filter(|c| !in_new.contains(c))
         .collect();
@@ -161,7 +162,7 @@ fn packs_named(
 /// A file being streamed into the pipeline ([`Copier::begin_streamed`]).
 #[derive(Default)]
 pub(super) struct Streamed {
-    entry: usize,
+    entry: ItemNo,
     next_idx: usize,
     /// The chunk being filled.
     buf: Vec<u8>,
@@ -178,8 +179,7 @@ impl Streamed {
 
 /// What the chunk pipeline did with one chunk.
 struct ChunkDone {
-    entry: usize,
-    idx: usize,
+    place: Place,
     hash: [u8; 32],
     /// `None`: the same bytes were already met in this backup (counted there).
     stored: Option<(u64, bool)>,
@@ -200,17 +200,13 @@ pub(super) struct Copier {
     page_check: Option<PageCheck>,
     pages: Tally,
     tasks: JoinSet<Result<ChunkDone, BackupError>>,
-    entries: Vec<Entry>,
-    /// One per entry: `None` for directories.
-    records: Vec<Option<FileRecord>>,
-    /// The stored length of every distinct chunk.
-    lens: HashMap<[u8; 32], u64>,
+    listing: Listing,
     stats: BackupStats,
     /// Small files being gathered into one chunk.
     shared: SharedChunk,
-    /// Shared chunks in the pipeline, by the entry of their first file: their files with their
-    /// offsets, and their length.
-    sharing: HashMap<usize, (Vec<(usize, u64)>, u64)>,
+    /// Shared chunks in the pipeline, by their place: their files with their offsets, and
+    /// their length.
+    sharing: HashMap<Place, (Vec<(ItemNo, u64)>, u64)>,
     /// The chunks this backup stored as differences: content hash -> (base, difference).
     deltas: HashMap<[u8; 32], (ChunkId, ChunkId)>,
 }
@@ -253,9 +249,7 @@ impl Copier {
             page_check: opts.pages,
             pages: Tally::default(),
             tasks: JoinSet::new(),
-            entries: Vec::with_capacity(sources),
-            records: Vec::with_capacity(sources),
-            lens: HashMap::new(),
+            listing: Listing::with_capacity(sources),
             stats: BackupStats::default(),
             shared: SharedChunk::default(),
             sharing: HashMap::new(),
@@ -274,20 +268,13 @@ impl Copier {
         clock_ns: i64,
     ) -> Result<(), BackupError> {
         if src.is_dir {
-            self.entries.push(src.entry());
-            self.records.push(None);
+            self.listing.push_dir(&src.rel, src.mode)?;
             return Ok(());
         }
-        let file = if src.rel == CONTROL_FILE {
+        let (file, stat) = if src.rel == CONTROL_FILE {
             // Whole, and only once its CRC checks (see `read_control_file`).
             let bytes = control::read_control_file(&roots.path(&src.rel), self.pg_version).await?;
-            self.records.push(Some(FileRecord {
-                path: src.rel.clone(),
-                stored: vec![],
-                stat: None,
-                read_by: None,
-            }));
-            Body::Bytes(bytes)
+            (Body::Bytes(bytes), None)
         } else {
             let Some((f, meta)) = opened.next(at, src).await? else {
                 return Ok(());
@@ -295,19 +282,11 @@ impl Copier {
             // fstat before the first read: the content read holds every write before it.
             let stat = crate::basebackup::reuse::file_stat(&meta);
             if let Some(taken) = base.and_then(|b| b.take_over(src, stat, clock_ns)) {
-                self.take_over(taken);
-                return Ok(());
+                return self.take_over(taken);
             }
-            self.records.push(Some(FileRecord {
-                path: src.rel.clone(),
-                stored: vec![],
-                stat: Some(stat),
-                read_by: None,
-            }));
-            Body::File(f, meta.len())
+            (Body::File(f, meta.len()), Some(stat))
         };
-        self.entries.push(src.entry());
-        let entry = self.entries.len() - 1;
+        let entry = self.listing.push_file(&src.rel, src.mode, stat)?;
         let check = self
             .page_check
             .and_then(|c| Some((RelationFile::parse(&src.rel)?, c)));
@@ -318,27 +297,20 @@ impl Copier {
             }
             file => self.read_chunks(file, entry, roots, check).await?,
         };
-        self.entries[entry].size = size;
-        if let Some(Some(r)) = self.records.last_mut()
-            && r.stat.is_some_and(|st| st.size != size)
-        {
-            // Written while read: the next backup reads it again anyway.
-            r.stat = None;
-        }
+        self.listing.set_size(entry, size);
         self.stats.files += 1;
         self.stats.logical_bytes += size;
         Ok(())
     }
 
     /// Count a file taken over unread, its chunks stored once whichever file names them.
-    fn take_over(&mut self, taken: TakenOver) {
+    fn take_over(&mut self, taken: TakenOver) -> Result<(), BackupError> {
         let TakenOver { entry, record } = taken;
         let mut seen = self.chunks.seen.lock().expect("never poisoned");
         for (id, len) in entry.chunks.iter().zip(&record.stored) {
-            let hash = *id.hash();
-            if seen.insert(hash) {
+            if seen.insert(*id.hash()) {
                 self.stats.stored_bytes += len;
-                self.lens.insert(hash, *len);
+                self.listing.note_len(id, *len);
             }
         }
         drop(seen);
@@ -347,8 +319,8 @@ impl Copier {
         self.stats.logical_bytes += entry.size;
         self.stats.reused_files += 1;
         self.stats.reused_bytes += entry.size;
-        self.records.push(Some(record));
-        self.entries.push(entry);
+        self.listing.push_taken(&entry, &record)?;
+        Ok(())
     }
 
     /// Read `body` (entry `entry`'s file, under `roots`) chunk by chunk, each chunk handed to a task
@@ -364,15 +336,15 @@ impl Copier {
         let chunk_size = self.chunk_size;
         let mut reads = Reads::new(body, chunk_size, self.parallel, check);
         let mut size = 0u64;
-        let path: Arc<str> = Arc::from(self.entries[entry].path.as_str());
+        let path: Arc<str> = Arc::from(self.listing.path(entry));
         for idx in 0.. {
             let next = reads.next(&self.in_memory, &self.chunks.buffers).await;
             let (buf, permit, checked) = next.map_err(|source| BackupError::Read {
-                path: roots.path(&self.entries[entry].path).display().to_string(),
+                path: roots.path(&path).display().to_string(),
                 source,
             })?;
             if let (Some(checked), Some((file, _))) = (checked, &check) {
-                self.pages.add(&self.entries[entry].path, file, checked);
+                self.pages.add(&path, file, checked);
             }
             let read = buf.len();
             if read == 0 {
@@ -381,7 +353,8 @@ impl Copier {
             size += read as u64;
             self.stats.chunks += 1;
             let base = self.chunks.base_of(&path, idx);
-            self.spawn_chunk(entry, idx, buf, permit, base)?;
+            let place = self.listing.next_place(entry, idx)?;
+            self.spawn_chunk(place, buf, permit, base)?;
             if read < chunk_size {
                 break;
             }
@@ -405,9 +378,10 @@ impl Copier {
         let target = SHARED_TARGET.min(self.chunk_size);
         // A shared chunk holds the files of one directory: the same catalogs in two databases
         // then make the same chunks, stored once.
-        let other_dir = self.shared.members.first().is_some_and(|&(first, _)| {
-            parent(&self.entries[first].path) != parent(&self.entries[entry].path)
-        });
+        let other_dir =
+            self.shared.members.first().is_some_and(|&(first, _)| {
+                parent(self.listing.path(first)) != parent(self.listing.path(entry))
+            });
         if other_dir || self.shared.buf.len() + len as usize > target {
             self.close_shared().await?;
         }
@@ -428,11 +402,11 @@ impl Copier {
         .await
         .expect("read task panicked");
         let bytes = read.map_err(|source| BackupError::Read {
-            path: roots.path(&self.entries[entry].path).display().to_string(),
+            path: roots.path(self.listing.path(entry)).display().to_string(),
             source,
         })?;
         if let (Some(checked), Some((file, _))) = (checked, &check) {
-            self.pages.add(&self.entries[entry].path, file, checked);
+            self.pages.add(self.listing.path(entry), file, checked);
         }
         if bytes.is_empty() {
             return Ok(0);
@@ -440,12 +414,17 @@ impl Copier {
         if self.shared.buf.capacity() == 0 {
             self.shared.buf = self.chunks.buffers.take(target);
         }
+        let place = match self.shared.place {
+            Some(place) => place,
+            None => *self.shared.place.insert(self.listing.shared_place()?),
+        };
+        self.listing.share(entry, place)?;
         let at = self.shared.buf.len() as u64;
         self.shared.buf.extend_from_slice(&bytes);
         self.shared.members.push((entry, at));
         self.stats.chunks += 1;
         let fill = self.shared.buf.len();
-        if fill >= target || (fill >= target / SHARED_MIN_DIVISOR && ends_shared(&self.entries[entry].path)) {
+        if fill >= target || (fill >= target / SHARED_MIN_DIVISOR && ends_shared(self.listing.path(entry))) {
             self.close_shared().await?;
         }
         Ok(bytes.len() as u64)
@@ -453,24 +432,23 @@ impl Copier {
 
     /// Hand the shared chunk being filled, if any, to the pipeline.
     async fn close_shared(&mut self) -> Result<(), BackupError> {
-        let SharedChunk { buf, members } = std::mem::take(&mut self.shared);
-        let Some(&(first, _)) = members.first() else {
+        let SharedChunk { buf, place, members } = std::mem::take(&mut self.shared);
+        let Some(place) = place.filter(|_| !members.is_empty()) else {
             return Ok(());
         };
         let permit = Arc::clone(&self.in_memory)
             .acquire_owned()
             .await
             .expect("semaphore is never closed");
-        self.sharing.insert(first, (members, buf.len() as u64));
-        self.spawn_chunk(first, 0, buf, permit, None)
+        self.sharing.insert(place, (members, buf.len() as u64));
+        self.spawn_chunk(place, buf, permit, None)
     }
 
-    /// Hand chunk `idx` of entry `entry` to a task that stores it (as a difference from
-    /// `base` when that pays), and count the chunks finished meanwhile.
+    /// Hand the chunk at `place` to a task that stores it (as a difference from `base` when
+    /// that pays), and count the chunks finished meanwhile.
     fn spawn_chunk(
         &mut self,
-        entry: usize,
-        idx: usize,
+        place: Place,
         buf: Vec<u8>,
         permit: OwnedSemaphorePermit,
         base: Option<BaseRef>,
@@ -479,15 +457,14 @@ impl Copier {
         self.tasks.spawn(async move {
             let (hash, stored, delta) = chunks.store(buf, permit, base).await?;
             Ok(ChunkDone {
-                entry,
-                idx,
+                place,
                 hash,
                 stored,
                 delta,
             })
         });
         while let Some(done) = self.tasks.try_join_next() {
-            self.absorb(done.expect("chunk task panicked")?);
+            self.absorb(done.expect("chunk task panicked")?)?;
         }
         Ok(())
     }
@@ -495,26 +472,18 @@ impl Copier {
     /// Start a file whose bytes arrive from a stream (a `BASE_BACKUP` tar member) rather than
     /// from disk: it is chunked as they come ([`Copier::stream`]). A file streamed has no
     /// `stat`: the next backup from disk reads it.
-    pub(super) fn begin_streamed(&mut self, entry: Entry) -> Streamed {
-        self.records.push(Some(FileRecord {
-            path: entry.path.clone(),
-            stored: vec![],
-            stat: None,
-            read_by: None,
-        }));
-        self.entries.push(entry);
-        Streamed {
-            entry: self.entries.len() - 1,
+    pub(super) fn begin_streamed(&mut self, entry: Entry) -> Result<Streamed, BackupError> {
+        Ok(Streamed {
+            entry: self.listing.push_entry(&entry)?,
             next_idx: 0,
             buf: self.chunks.buffers.take(self.chunk_size),
             size: 0,
-        }
+        })
     }
 
     /// A directory of a streamed backup.
-    pub(super) fn add_dir(&mut self, entry: Entry) {
-        self.entries.push(entry);
-        self.records.push(None);
+    pub(super) fn add_dir(&mut self, entry: Entry) -> Result<(), BackupError> {
+        self.listing.push_entry(&entry).map(drop)
     }
 
     /// More bytes of `file`: each full chunk goes to the pipeline, waiting for room in memory.
@@ -540,7 +509,7 @@ impl Copier {
         } else {
             self.hand_off(&mut file, last).await?;
         }
-        self.entries[file.entry].size = file.size;
+        self.listing.set_size(file.entry, file.size);
         self.stats.files += 1;
         self.stats.logical_bytes += file.size;
         Ok(())
@@ -554,17 +523,30 @@ impl Copier {
 
     /// The next chunk of `file` is `id` (`len` bytes, stored as `stored_len`), which the
     /// previous backup holds: named, never read nor stored again. Only at a chunk boundary.
-    pub(super) fn reuse_chunk(&mut self, file: &mut Streamed, id: ChunkId, len: u64, stored_len: u64) {
+    pub(super) fn reuse_chunk(
+        &mut self,
+        file: &mut Streamed,
+        id: ChunkId,
+        len: u64,
+        stored_len: u64,
+    ) -> Result<(), BackupError> {
         debug_assert!(file.buf.is_empty(), "a chunk is reused only at a chunk boundary");
-        let hash = *id.hash();
-        if self.chunks.seen.lock().expect("never poisoned").insert(hash) {
+        if self
+            .chunks
+            .seen
+            .lock()
+            .expect("never poisoned")
+            .insert(*id.hash())
+        {
             self.stats.stored_bytes += stored_len;
-            self.lens.insert(hash, stored_len);
+            self.listing.note_len(&id, stored_len);
         }
-        self.attach(file.entry, file.next_idx, hash);
+        let place = self.listing.next_place(file.entry, file.next_idx)?;
+        self.listing.fill(place, id, None);
         file.next_idx += 1;
         file.size += len;
         self.stats.chunks += 1;
+        Ok(())
     }
 
     /// `bytes` of a file came from the previous backup rather than the server (an increment).
@@ -578,14 +560,16 @@ impl Copier {
             .await
             .expect("semaphore is never closed");
         file.size += buf.len() as u64;
-        let idx = file.next_idx;
+        let place = self.listing.next_place(file.entry, file.next_idx)?;
         file.next_idx += 1;
         self.stats.chunks += 1;
-        self.spawn_chunk(file.entry, idx, buf, permit, None)
+        self.spawn_chunk(place, buf, permit, None)
     }
 
-    /// Count a chunk the pipeline finished, and note its hash for its entry.
-    fn absorb(&mut self, done: ChunkDone) {
+    /// Count a chunk the pipeline finished, and put its id in its place.
+    fn absorb(&mut self, done: ChunkDone) -> Result<(), BackupError> {
+        let id = ChunkId::from_hash(done.hash);
+        let mut stored = None;
         if let Some((stored_len, uploaded)) = done.stored {
             // Each distinct chunk reaches here once (see `seen`).
             self.stats.stored_bytes += stored_len;
@@ -593,30 +577,22 @@ impl Copier {
                 self.stats.new_chunks += 1;
                 self.stats.new_bytes += stored_len;
             }
-            self.lens.insert(done.hash, stored_len);
+            stored = Some(stored_len);
         }
+        self.listing.fill(done.place, id, stored);
         if let Some(d) = done.delta {
             self.deltas.insert(done.hash, d);
         }
-        if let Some((members, of)) = self.sharing.remove(&done.entry) {
+        if let Some((members, of)) = self.sharing.remove(&done.place)
+            && members.len() > 1
+        {
             // A shared chunk: the only chunk of each of its files. One file alone in it is
             // simply that file's chunk.
             for &(entry, at) in &members {
-                self.attach(entry, 0, done.hash);
-                if members.len() > 1 {
-                    self.entries[entry].within = Some(Within { at, of });
-                }
+                self.listing.set_within(entry, Within { at, of })?;
             }
-            return;
         }
-        self.attach(done.entry, done.idx, done.hash);
-    }
-
-    /// Chunk `idx` of entry `entry` is `hash`, in its place in the entry's list: chunks finish in
-    /// any order, a place not yet filled holds [`UNFILLED`]. (A map of every chunk by entry and
-    /// place until the end took some 70 bytes a chunk, 17 MB at 251,000 chunks.)
-    fn attach(&mut self, entry: usize, idx: usize, hash: [u8; 32]) {
-        put_in_place(&mut self.entries[entry].chunks, idx, ChunkId::from_hash(hash));
+        Ok(())
     }
 
     /// Wait for the last chunks and write the last pack: what was copied, with `tablespaces`,
@@ -629,25 +605,31 @@ impl Copier {
     ) -> Result<Copied, BackupError> {
         self.close_shared().await?;
         let checking = self.page_check.is_some();
-        let (entries, files, stats, written, mut tally, new_deltas) = self.finish().await?;
+        while let Some(done) = self.tasks.join_next().await {
+            self.absorb(done.expect("chunk task panicked")?)?;
+        }
+        let written = self.chunks.packs.finish().await?;
+        let Copier {
+            mut listing,
+            stats,
+            pages: mut tally,
+            deltas: new_deltas,
+            ..
+        } = self;
+        listing.seal()?;
         if let (true, Some(p)) = (checking, previous) {
-            let taken: HashSet<&str> = files
-                .iter()
-                .filter(|f| f.read_by.is_some())
-                .map(|f| f.path.as_str())
-                .collect();
+            let taken: HashSet<&str> = listing.taken_paths().collect();
             tally.carry(&p.manifest, &taken);
         }
-        let deltas = deltas_named(&entries, &written, new_deltas, previous);
+        let deltas = deltas_named(listing.chunk_ids(), &written, new_deltas, previous);
         let packs = packs_named(
             written,
             previous.map_or(&[][..], |p| &p.manifest.packs),
-            &entries,
+            listing.chunk_ids(),
             &deltas,
         );
         Ok(Copied {
-            entries,
-            files,
+            listing,
             tablespaces,
             stats,
             examined_after_us: examined_after_ns / 1000,
@@ -656,92 +638,7 @@ impl Copier {
             deltas,
         })
     }
-
-    /// Wait for the last chunks and write the last pack, then give each file read its chunks'
-    /// stored lengths: the entries and the records of files with chunks, in path order, the
-    /// counts, the packs written and the pages checked.
-    async fn finish(mut self) -> Result<Finished, BackupError> {
-        while let Some(done) = self.tasks.join_next().await {
-            self.absorb(done.expect("chunk task panicked")?);
-        }
-        let written = self.chunks.packs.finish().await?;
-        let Copier {
-            mut entries,
-            mut records,
-            lens,
-            stats,
-            pages,
-            deltas,
-            ..
-        } = self;
-        // Each file's lists at their length, its records' stored lengths beside its chunks.
-        for (e, r) in entries.iter_mut().zip(records.iter_mut()) {
-            if e.chunks.contains(&UNFILLED) {
-                return Err(BackupError::Unsound(format!(
-                    "a chunk of {} was never attached",
-                    e.path
-                )));
-            }
-            e.chunks.shrink_to_fit();
-            // A file taken over came with its stored lengths (and names its reader).
-            if let Some(r) = r
-                && r.read_by.is_none()
-            {
-                r.stored.reserve_exact(e.chunks.len());
-                r.stored.extend(e.chunks.iter().map(|c| lens[c.hash()]));
-            }
-        }
-        // A file without chunks (empty) has no record: dropped where it is, so that the others
-        // are collected into the same allocation rather than a copy beside it. (`flatten` does
-        // not collect in place: its copy grew by doubling beside the records, 31 MB at 201,000
-        // files; a `map` over the list's own iterator does.)
-        for (r, e) in records.iter_mut().zip(&entries) {
-            if e.chunks.is_empty() {
-                *r = None;
-            }
-        }
-        records.retain(Option::is_some);
-        let mut files: Vec<FileRecord> = records
-            .into_iter()
-            .map(|r| r.expect("kept: it is some"))
-            .collect();
-        // Paths are unique: sorted in place, with no scratch (a stable sort takes room for a
-        // copy of up to 8 MB: 7.3 MB for the records of 61,000 files).
-        files.sort_unstable_by(|a, b| a.path.cmp(&b.path));
-        entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
-        Ok((entries, files, stats, written, pages, deltas))
-    }
 }
-
-/// A place in an entry's chunk list whose chunk has not finished yet ([`Copier::attach`]).
-const UNFILLED: ChunkId = ChunkId::from_hash([0; 32]);
-
-/// Put `id` at place `idx` of `chunks`, places between the last filled and it left
-/// [`UNFILLED`]. Room for exactly one chunk at first (most files have one; a `Vec` grown by one
-/// takes room for four), then twice as much each time it is full.
-fn put_in_place(chunks: &mut Vec<ChunkId>, idx: usize, id: ChunkId) {
-    if idx >= chunks.len() {
-        if idx >= chunks.capacity() {
-            let want = match chunks.capacity() {
-                0 => idx + 1,
-                room => (idx + 1).max(room * 2),
-            };
-            chunks.reserve_exact(want - chunks.len());
-        }
-        chunks.resize(idx + 1, UNFILLED);
-    }
-    chunks[idx] = id;
-}
-
-/// What [`Copier::finish`] hands over.
-type Finished = (
-    Vec<Entry>,
-    Vec<FileRecord>,
-    BackupStats,
-    Vec<PackRecord>,
-    Tally,
-    HashMap<[u8; 32], (ChunkId, ChunkId)>,
-);
 
 /// What the chunk tasks share: where chunks go and what is known of them.
 struct Chunks {
@@ -986,33 +883,6 @@ mod tests {
         FaultStore::s3_like(&faults, std::time::Duration::from_secs(5))
     }
 
-    #[test]
-    fn chunks_finishing_in_any_order_take_their_places_in_room_that_doubles() {
-        let id = |i: u8| ChunkId::from_hash([i + 1; 32]);
-        let mut one = vec![];
-        put_in_place(&mut one, 0, id(0));
-        assert_eq!((one.clone(), one.capacity()), (vec![id(0)], 1));
-        let mut chunks = vec![];
-        // 1,000 chunks, each run of ten finishing backwards.
-        for run in (0..1000usize).collect::<Vec<_>>().chunks(10) {
-            for &i in run.iter().rev() {
-                put_in_place(&mut chunks, i, id((i % 200) as u8));
-                assert!(
-                    chunks.capacity() <= 2 * chunks.len(),
-                    "{} for {}",
-                    chunks.capacity(),
-                    chunks.len()
-                );
-            }
-            assert!(!chunks.contains(&UNFILLED));
-        }
-        let want: Vec<ChunkId> = (0..1000usize).map(|i| id((i % 200) as u8)).collect();
-        assert_eq!(chunks, want);
-        let mut gap = vec![];
-        put_in_place(&mut gap, 2, id(2));
-        assert_eq!(gap, [UNFILLED, UNFILLED, id(2)]);
-    }
-
     /// Bytes of a file, distinct per seed.
     fn content(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
@@ -1052,8 +922,9 @@ mod tests {
             .await
             .unwrap();
         let places = Places::of(&copied.packs);
+        let (entries, _) = copied.listing.lists();
         let mut read = vec![];
-        for e in &copied.entries {
+        for e in &entries {
             let mut bytes = vec![];
             for (idx, id) in e.chunks.iter().enumerate() {
                 let chunk = read_chunk(&store.reader(), &Sealer::plain(), &places, id)
@@ -1067,7 +938,7 @@ mod tests {
             }
             read.push((e.path.clone(), bytes));
         }
-        (copied.entries, read)
+        (entries, read)
     }
 
     #[tokio::test]
