@@ -301,7 +301,7 @@ mod tests {
 
     use super::*;
     use crate::basebackup::manifest::Manifest;
-    use crate::commands::backup::inventory::{Inventory, Roots, Source};
+    use crate::commands::backup::inventory::{Inventory, Roots, Source, Walk};
     use crate::commands::backup::upload::{Copied, CopyOptions, copy_files};
     use crate::repo::fault::{Fault, FaultStore};
 
@@ -340,11 +340,12 @@ mod tests {
         std::fs::create_dir_all(abs.parent().unwrap()).unwrap();
         std::fs::write(&abs, content).unwrap();
         let inventory = Inventory {
-            sources: vec![Source {
+            sources: Walk::of(vec![Source {
                 rel: PATH.into(),
                 is_dir: false,
                 mode: 0o600,
-            }],
+            }])
+            .unwrap(),
             tablespaces: vec![],
             roots: Roots::of(dir.path()),
             examined_after_ns: 0,

@@ -10,8 +10,10 @@
 //! the same one).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::BackupError;
+use super::inventory::{Names, Walk};
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::manifest::written::{EachFile, Lists};
 use crate::basebackup::manifest::{BackupId, Entry, EntryKind, FileRecord, FileStat, ManifestError, Within};
@@ -59,9 +61,11 @@ struct Record {
 /// See the module's documentation.
 #[derive(Debug, Default)]
 pub(super) struct Listing {
-    /// Every path, one after the other; item `i`'s ends at `ends[i]`.
-    names: String,
-    ends: Vec<u32>,
+    /// A backup of a data directory: its walk, whose sources are the first items, named by the
+    /// walk's own names (not copied again), and not in the manifest until copied.
+    walk: Option<Arc<Walk>>,
+    /// The names of the items after the walk's.
+    names: Names,
     items: Vec<Item>,
     places: Vec<ChunkId>,
     records: Vec<Record>,
@@ -71,6 +75,8 @@ pub(super) struct Listing {
     order: Vec<u32>,
     /// The stored length of every distinct chunk this backup stored or met.
     lens: HashMap<[u8; 32], u64>,
+    /// The item whose chunks are being read ([`Listing::next_place`]).
+    reading: Option<ItemNo>,
 }
 
 fn too_many(what: &str) -> BackupError {
@@ -85,37 +91,44 @@ impl Listing {
     /// A list with room for about `entries` entries.
     pub(super) fn with_capacity(entries: usize) -> Listing {
         Listing {
-            ends: Vec::with_capacity(entries),
             items: Vec::with_capacity(entries),
             records: Vec::with_capacity(entries),
             ..Listing::default()
         }
     }
 
-    fn push(
-        &mut self,
-        path: &str,
-        mode: u32,
-        flags: u8,
-        record: Option<Record>,
-    ) -> Result<ItemNo, BackupError> {
-        self.names.push_str(path);
-        self.ends.push(u32_of(self.names.len(), "bytes of paths")?);
-        let record = match record {
-            Some(r) => {
-                self.records.push(r);
-                u32_of(self.records.len() - 1, "file records")?
-            }
-            None => NO_RECORD,
-        };
-        self.items.push(Item {
+    /// A list whose first items are `walk`'s sources, each left out of the manifest until it
+    /// is copied ([`Listing::found`], [`Listing::file_at`], [`Listing::taken_at`]).
+    pub(super) fn of_walk(walk: Arc<Walk>) -> Listing {
+        let mut l = Listing::with_capacity(walk.len());
+        l.items.extend(walk.iter().map(|src| Item {
             size: 0,
-            mode,
-            first: u32_of(self.places.len(), "chunks")?,
+            mode: src.mode,
+            first: 0,
             count: 0,
             at: 0,
             of: 0,
-            record,
+            record: NO_RECORD,
+            flags: GONE | if src.is_dir { DIR } else { 0 },
+        }));
+        l.walk = Some(walk);
+        l
+    }
+
+    fn walked(&self) -> usize {
+        self.walk.as_ref().map_or(0, |w| w.len())
+    }
+
+    fn push(&mut self, path: &str, mode: u32, flags: u8) -> Result<ItemNo, BackupError> {
+        self.names.push(path)?;
+        self.items.push(Item {
+            size: 0,
+            mode,
+            first: 0,
+            count: 0,
+            at: 0,
+            of: 0,
+            record: NO_RECORD,
             flags,
         });
         Ok(self.items.len() - 1)
@@ -123,7 +136,7 @@ impl Listing {
 
     /// A directory.
     pub(super) fn push_dir(&mut self, path: &str, mode: u32) -> Result<ItemNo, BackupError> {
-        self.push(path, mode, DIR, None)
+        self.push(path, mode, DIR)
     }
 
     /// A file about to be read, as `stat` saw it (`None`: nothing vouches for it); its size and
@@ -134,21 +147,46 @@ impl Listing {
         mode: u32,
         stat: Option<FileStat>,
     ) -> Result<ItemNo, BackupError> {
-        let record = Record {
-            stat: stat.map(|s| (s.mtime_ns, s.ctime_ns, s.ino, s.dev)),
-            read_by: 0,
-            taken: 0,
-        };
-        let at = self.push(path, mode, 0, Some(record))?;
-        if let Some(s) = stat {
-            self.items[at].size = s.size;
-        }
+        let at = self.push(path, mode, 0)?;
+        self.file_at(at, stat)?;
         Ok(at)
     }
 
-    /// A file taken over unread from a previous backup: its entry and record as that backup
-    /// wrote them.
-    pub(super) fn push_taken(&mut self, entry: &Entry, record: &FileRecord) -> Result<ItemNo, BackupError> {
+    /// Source `at` of the walk, a directory, is copied.
+    pub(super) fn found(&mut self, at: ItemNo) {
+        self.items[at].flags &= !GONE;
+    }
+
+    /// Item `at` is a file about to be read, as `stat` saw it (`None`: nothing vouches for it).
+    pub(super) fn file_at(&mut self, at: ItemNo, stat: Option<FileStat>) -> Result<(), BackupError> {
+        self.add_record(
+            at,
+            Record {
+                stat: stat.map(|s| (s.mtime_ns, s.ctime_ns, s.ino, s.dev)),
+                read_by: 0,
+                taken: 0,
+            },
+        )?;
+        self.items[at].size = stat.map_or(0, |s| s.size);
+        Ok(())
+    }
+
+    fn add_record(&mut self, at: ItemNo, r: Record) -> Result<(), BackupError> {
+        self.records.push(r);
+        let item = &mut self.items[at];
+        item.record = u32_of(self.records.len() - 1, "file records")?;
+        item.flags &= !GONE;
+        Ok(())
+    }
+
+    /// Item `at` is a file taken over unread: its entry and record as the previous backup wrote
+    /// them.
+    pub(super) fn taken_at(
+        &mut self,
+        at: ItemNo,
+        entry: &Entry,
+        record: &FileRecord,
+    ) -> Result<(), BackupError> {
         let read_by = match &record.read_by {
             None => 0,
             Some(id) => match self.readers.iter().position(|r| r == id) {
@@ -170,15 +208,17 @@ impl Listing {
             read_by: u32_of(read_by, "backups")?,
             taken,
         };
-        let at = self.push(&entry.path, entry.mode, 0, Some(rec))?;
+        self.add_record(at, rec)?;
+        let first = u32_of(self.places.len(), "chunks")?;
         self.places.extend_from_slice(&entry.chunks);
         let item = &mut self.items[at];
         item.size = entry.size;
+        item.first = first;
         item.count = u32_of(entry.chunks.len(), "chunks")?;
         if let Some(w) = entry.within {
             self.set_within(at, w)?;
         }
-        Ok(at)
+        Ok(())
     }
 
     /// An entry as a stream gives it (its chunks to come): a directory, or a file no stat
@@ -192,8 +232,10 @@ impl Listing {
 
     /// Item `at`'s path.
     pub(super) fn path(&self, at: ItemNo) -> &str {
-        let start = if at == 0 { 0 } else { self.ends[at - 1] as usize };
-        &self.names[start..self.ends[at] as usize]
+        match &self.walk {
+            Some(w) if at < w.len() => w.names.get(at),
+            _ => self.names.get(at - self.walked()),
+        }
     }
 
     /// Item `at` is `size` bytes long; a stat of another size no longer vouches for it
@@ -208,20 +250,33 @@ impl Listing {
         item.size = size;
     }
 
-    /// The place of chunk `idx` of item `at`, the last item added, whose chunks are being read:
-    /// its places are the last ones, and the next chunk takes the next.
+    /// The place of chunk `idx` of item `at`, whose chunks are read one after the other: its
+    /// first chunk starts its places, and each next chunk takes the next one, with no other
+    /// place taken in between.
     pub(super) fn next_place(&mut self, at: ItemNo, idx: usize) -> Result<Place, BackupError> {
-        let last = at + 1 == self.items.len();
-        let item = &mut self.items[at];
-        if !last || idx != item.count as usize || (item.first + item.count) as usize != self.places.len() {
+        let end = self.places.len();
+        let item = self.items[at];
+        let in_order = match idx {
+            0 => item.count == 0,
+            _ => {
+                self.reading == Some(at)
+                    && idx == item.count as usize
+                    && (item.first + item.count) as usize == end
+            }
+        };
+        if !in_order {
             return Err(BackupError::Unsound(format!(
                 "chunk {idx} of {} came out of its order",
                 self.path(at)
             )));
         }
-        item.count += 1;
+        if idx == 0 {
+            self.items[at].first = u32_of(end, "chunks")?;
+            self.reading = Some(at);
+        }
+        self.items[at].count += 1;
         self.places.push(UNFILLED);
-        Ok(self.places.len() - 1)
+        Ok(end)
     }
 
     /// A place of its own, for a chunk several small files share ([`Listing::share`]).
@@ -449,6 +504,7 @@ impl Lists for Listing {
 
 #[cfg(test)]
 mod tests {
+    use super::super::inventory::Source;
     use super::*;
 
     fn id(i: u8) -> ChunkId {
@@ -465,18 +521,36 @@ mod tests {
         }
     }
 
-    /// A walk's order (a directory before its files, `1.2` after `1/`) written in path order,
-    /// chunks finishing in any order, small files sharing a chunk, a file taken over.
+    /// A walk (one file of it gone before it was copied) and chunks finishing in any order,
+    /// small files sharing a chunk, a file taken over: written in path order (`1.2` before
+    /// `1/2`), each file with its chunks in place.
     #[test]
     fn entries_and_records_come_out_in_path_order_with_their_chunks_in_place() {
-        let mut l = Listing::with_capacity(4);
-        l.push_dir("base", 0o700).unwrap();
-        l.push_dir("base/1", 0o700).unwrap();
-        let big = l.push_file("base/1/2", 0o600, Some(stat(3 << 20))).unwrap();
+        let src = |rel: &str, is_dir: bool| Source {
+            rel: rel.into(),
+            is_dir,
+            mode: if is_dir { 0o700 } else { 0o600 },
+        };
+        let walk = Walk::of(vec![
+            src("base", true),
+            src("base/0", false),
+            src("base/1", true),
+            src("base/1.2", false),
+            src("base/1/2", false),
+            src("base/1/3", false),
+            src("base/gone", false),
+        ])
+        .unwrap();
+        let mut l = Listing::of_walk(Arc::new(walk));
+        l.found(0);
+        l.found(2);
+        let big = 4;
+        l.file_at(big, Some(stat(3 << 20))).unwrap();
         let places: Vec<Place> = (0..3).map(|i| l.next_place(big, i).unwrap()).collect();
         let shared = l.shared_place().unwrap();
-        let a = l.push_file("base/1/3", 0o600, Some(stat(100))).unwrap();
-        let b = l.push_file("base/1.2", 0o600, Some(stat(50))).unwrap();
+        let (a, b) = (5, 3);
+        l.file_at(a, Some(stat(100))).unwrap();
+        l.file_at(b, Some(stat(50))).unwrap();
         l.share(a, shared).unwrap();
         l.share(b, shared).unwrap();
         let previous = Entry {
@@ -488,7 +562,8 @@ mod tests {
             within: None,
         };
         let by: BackupId = "20260101T000000Z".parse().unwrap();
-        l.push_taken(
+        l.taken_at(
+            1,
             &previous,
             &FileRecord {
                 path: "base/0".into(),
@@ -498,6 +573,8 @@ mod tests {
             },
         )
         .unwrap();
+        // A directory of a stream, after the walk's.
+        l.push_dir("pg_wal", 0o700).unwrap();
         // Backwards, the shared chunk among them; one chunk met twice is stored once.
         l.fill(places[2], id(2), Some(12));
         l.fill(shared, id(5), Some(15));
@@ -518,11 +595,15 @@ mod tests {
         let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["base", "base/0", "base/1", "base/1.2", "base/1/2", "base/1/3"]
+            [
+                "base", "base/0", "base/1", "base/1.2", "base/1/2", "base/1/3", "pg_wal"
+            ],
+            "in path order, the file gone since the walk left out"
         );
         assert_eq!(entries[4].chunks, [id(1), id(1), id(2)]);
         assert_eq!(entries[3].within, Some(Within { at: 100, of: 150 }));
-        assert_eq!(entries[1], previous);
+        assert_eq!(entries[1].chunks, previous.chunks);
+        assert_eq!((entries[1].mode, entries[1].size), (0o600, 7), "the walk's mode");
         let record =
             |path: &str, stored: &[u64], stat: Option<FileStat>, read_by: Option<&BackupId>| FileRecord {
                 path: path.into(),
@@ -556,10 +637,16 @@ mod tests {
         let mut l = Listing::default();
         let f = l.push_file("a", 0o600, None).unwrap();
         let g = l.push_file("b", 0o600, None).unwrap();
-        assert!(l.next_place(f, 0).is_err(), "f's chunks cannot follow g's start");
         let p = l.next_place(g, 0).unwrap();
         assert!(l.next_place(g, 2).is_err(), "chunk 1 comes before chunk 2");
+        assert!(l.next_place(g, 0).is_err(), "chunk 0 comes once");
+        let q = l.next_place(f, 0).unwrap();
+        assert!(
+            l.next_place(g, 1).is_err(),
+            "g's chunks do not resume once f's began"
+        );
         l.fill(p, id(0), Some(5));
+        l.fill(q, id(1), Some(6));
         l.set_size(g, 5);
         // Taken out once sealed, as the server's manifest is.
         l.seal().unwrap();
@@ -568,10 +655,10 @@ mod tests {
         assert!(l.take_out("b").is_none());
         let (entries, files) = l.lists();
         assert_eq!(entries.len(), 1);
-        assert!(files.is_empty(), "a file with no chunks has no record");
+        assert_eq!(files.len(), 1);
         assert_eq!(
             l.chunk_ids().collect::<Vec<_>>(),
-            [&id(0)],
+            [&id(0), &id(1)],
             "what it named is still named"
         );
     }

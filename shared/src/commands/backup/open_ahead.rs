@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::BackupError;
 use super::control::CONTROL_FILE;
-use super::inventory::{Roots, Source};
+use super::inventory::{At, Roots, Walk};
 
 /// Files opened and not yet taken by the copier, at most (each holds a descriptor; with the one
 /// being handed over and the copier's own, two more are open).
@@ -28,7 +28,7 @@ pub(super) struct OpenAhead {
 
 impl OpenAhead {
     /// Start opening every source that [`opens`] says the copier opens, in order.
-    pub(super) fn start(sources: Arc<Vec<Source>>, roots: &Roots) -> OpenAhead {
+    pub(super) fn start(sources: Arc<Walk>, roots: &Roots) -> OpenAhead {
         let (tx, rx) = tokio::sync::mpsc::channel(OPEN_AHEAD);
         let on_disk = roots.clone();
         // Ends when every file is opened, or when the copier stops taking them (it failed). Not
@@ -37,7 +37,7 @@ impl OpenAhead {
             .name("walvault-open".into())
             .spawn(move || {
                 for (at, src) in sources.iter().enumerate().filter(|(_, s)| opens(s)) {
-                    if tx.blocking_send((at, open(&on_disk.path(&src.rel)))).is_err() {
+                    if tx.blocking_send((at, open(&on_disk.path(src.rel)))).is_err() {
                         return;
                     }
                 }
@@ -50,9 +50,9 @@ impl OpenAhead {
 
     /// Source `at`, the next file the copier opens (it takes them in order: anything else is
     /// refused rather than a file taken for another).
-    pub(super) async fn next(&mut self, at: usize, src: &Source) -> Result<Opened, BackupError> {
+    pub(super) async fn next(&mut self, at: usize, src: At<'_>) -> Result<Opened, BackupError> {
         let failed = |why: &str| BackupError::Read {
-            path: self.roots.path(&src.rel).display().to_string(),
+            path: self.roots.path(src.rel).display().to_string(),
             source: std::io::Error::other(why.to_string()),
         };
         match self.rx.recv().await {
@@ -67,7 +67,7 @@ impl OpenAhead {
 
 /// Whether the copier opens `src`: a file, but `global/pg_control` (read whole until its CRC
 /// checks).
-pub(super) fn opens(src: &Source) -> bool {
+pub(super) fn opens(src: &At<'_>) -> bool {
     !src.is_dir && src.rel != CONTROL_FILE
 }
 
@@ -87,8 +87,8 @@ fn open(abs: &Path) -> Result<Opened, BackupError> {
 mod tests {
     use super::*;
 
-    fn source(rel: &str, is_dir: bool) -> Source {
-        Source {
+    fn source(rel: &str, is_dir: bool) -> super::super::inventory::Source {
+        super::super::inventory::Source {
             rel: rel.into(),
             is_dir,
             mode: 0o600,
@@ -101,13 +101,16 @@ mod tests {
         std::fs::create_dir(dir.path().join("base")).unwrap();
         std::fs::write(dir.path().join("base/a"), b"one").unwrap();
         std::fs::write(dir.path().join("base/b"), b"three").unwrap();
-        let sources = Arc::new(vec![
-            source("base", true),
-            source("base/a", false),
-            source("base/gone", false),
-            source("base/b", false),
-            source(CONTROL_FILE, false),
-        ]);
+        let sources = Arc::new(
+            Walk::of(vec![
+                source("base", true),
+                source("base/a", false),
+                source("base/gone", false),
+                source("base/b", false),
+                source(CONTROL_FILE, false),
+            ])
+            .unwrap(),
+        );
         let roots = Roots::of(dir.path());
         let mut ahead = OpenAhead::start(Arc::clone(&sources), &roots);
         let mut lens = vec![];
@@ -117,7 +120,7 @@ mod tests {
         assert_eq!(lens, [Some(3), None, Some(5)]);
         // Asked for another file than the next one opened: refused, not handed the wrong one.
         let mut ahead = OpenAhead::start(Arc::clone(&sources), &roots);
-        let err = ahead.next(3, &sources[3]).await.unwrap_err();
+        let err = ahead.next(3, sources.get(3)).await.unwrap_err();
         assert!(err.to_string().contains("out of step"), "{err}");
     }
 }
