@@ -492,7 +492,9 @@ impl Previous {
     /// The stored length of every chunk it references and that is not [`Previous::absent`],
     /// when it recorded one (`None`: ask).
     pub fn chunk_lengths(&self) -> HashMap<[u8; 32], Option<u64>> {
-        let records = self.manifest.file_records();
+        // Both lists are sorted by path: one pass over the records finds each entry's (a map of
+        // every record by path took 13 MB at 300,000 files).
+        let mut records = self.manifest.files.iter().peekable();
         let mut lens: HashMap<[u8; 32], Option<u64>> = HashMap::new();
         // A length recorded for any reference to the chunk is its length.
         let mut note = |id: &ChunkId, len: Option<u64>| {
@@ -502,7 +504,8 @@ impl Previous {
             }
         };
         for e in &self.manifest.entries {
-            let stored = records.get(e.path.as_str()).map(|r| &r.stored);
+            while records.next_if(|r| r.path < e.path).is_some() {}
+            let stored = records.peek().filter(|r| r.path == e.path).map(|r| &r.stored);
             for (i, id) in e.chunks.iter().enumerate() {
                 note(id, stored.and_then(|s| s.get(i).copied()));
             }
@@ -523,13 +526,8 @@ impl Previous {
     pub fn base(&self) -> Base<'_> {
         Base {
             id: &self.manifest.id,
-            entries: self
-                .manifest
-                .entries
-                .iter()
-                .map(|e| (e.path.as_str(), e))
-                .collect(),
-            records: self.manifest.file_records(),
+            entries: &self.manifest.entries,
+            records: &self.manifest.files,
             examined_after_ns: self
                 .manifest
                 .files_examined_after_us
@@ -541,8 +539,10 @@ impl Previous {
 /// The previous backup's files by path, and when it started examining them.
 pub(super) struct Base<'a> {
     id: &'a BackupId,
-    entries: HashMap<&'a str, &'a Entry>,
-    records: HashMap<&'a str, &'a FileRecord>,
+    /// Sorted by path, as a manifest's lists are (checked as it was read): found by a binary
+    /// search (a map of each list by path took some 26 MB at 300,000 files).
+    entries: &'a [Entry],
+    records: &'a [FileRecord],
     examined_after_ns: Option<i64>,
 }
 
@@ -559,8 +559,14 @@ impl Base<'_> {
     /// write since the previous backup read it; `clock_ns` is this backup's examination start.
     /// `None`: the file must be read.
     pub fn take_over(&self, src: At<'_>, stat: FileStat, clock_ns: i64) -> Option<TakenOver> {
-        let entry = self.entries.get(src.rel)?;
-        let record = self.records.get(src.rel)?;
+        let entry = &self.entries[self
+            .entries
+            .binary_search_by(|e| e.path.as_str().cmp(src.rel))
+            .ok()?];
+        let record = &self.records[self
+            .records
+            .binary_search_by(|r| r.path.as_str().cmp(src.rel))
+            .ok()?];
         let prev_ns = self.examined_after_ns?;
         if let Err(why) = crate::basebackup::reuse::may_reuse(record.stat.as_ref(), prev_ns, &stat, clock_ns)
         {
