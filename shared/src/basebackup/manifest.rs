@@ -689,11 +689,6 @@ impl Manifest {
         }
         Ok(())
     }
-
-    /// The records of `files` by path.
-    pub fn file_records(&self) -> std::collections::HashMap<&str, &FileRecord> {
-        self.files.iter().map(|f| (f.path.as_str(), f)).collect()
-    }
 }
 
 /// The most a sealed chunk of `chunk_size` bytes may take: its content uncompressed (zstd's

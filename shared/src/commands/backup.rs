@@ -263,7 +263,13 @@ async fn take_over_protocol(
         true => protocol::increment_of(&mut source, previous.as_ref(), &store, repo.sealer()).await?,
         false => None,
     };
-    let copier = upload::Copier::new(&store, repo.sealer(), copy_opts, previous.as_ref(), 1024);
+    let copier = upload::Copier::new(
+        &store,
+        repo.sealer(),
+        copy_opts,
+        previous.as_ref(),
+        listing::Listing::with_capacity(1024),
+    );
     let examined_after_ns = inventory::wall_clock_ns();
     let copy_started = std::time::Instant::now();
     let upload = increment.as_ref().map(|i| i.server_manifest.as_slice());

@@ -221,23 +221,33 @@ impl<'a> Out<'a> {
     }
 }
 
+/// Write as a sequence of `count` what `walk` gives its callback, one at a time: the first
+/// error of the serializer, or of `walk`, ends it.
+fn write_seq<S: Serializer, T: Serialize>(
+    s: S,
+    count: u64,
+    walk: impl FnOnce(&mut dyn FnMut(&T) -> Result<(), ManifestError>) -> Result<(), ManifestError>,
+) -> Result<S::Ok, S::Error> {
+    let mut seq = s.serialize_seq(usize::try_from(count).ok())?;
+    let mut failed = None;
+    let walked = walk(&mut |item| {
+        seq.serialize_element(item).map_err(|err| {
+            failed = Some(err);
+            ManifestError::Invalid("written".into())
+        })
+    });
+    match (failed, walked) {
+        (Some(err), _) => Err(err),
+        (None, Err(e)) => Err(S::Error::custom(e)),
+        (None, Ok(())) => seq.end(),
+    }
+}
+
 struct Entries<'a>(&'a dyn Lists);
 
 impl Serialize for Entries<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(usize::try_from(self.0.entry_count()).ok())?;
-        let mut failed = None;
-        let walked = self.0.each_entry(&mut |e| {
-            seq.serialize_element(e).map_err(|err| {
-                failed = Some(err);
-                ManifestError::Invalid("written".into())
-            })
-        });
-        match (failed, walked) {
-            (Some(err), _) => Err(err),
-            (None, Err(e)) => Err(S::Error::custom(e)),
-            (None, Ok(())) => seq.end(),
-        }
+        write_seq(s, self.0.entry_count(), |each| self.0.each_entry(each))
     }
 }
 
@@ -251,19 +261,9 @@ impl Files<'_> {
 
 impl Serialize for Files<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(usize::try_from(self.0.file_count()).ok())?;
-        let mut failed = None;
-        let walked = self.0.each_file(&mut |f, _| {
-            seq.serialize_element(f).map_err(|err| {
-                failed = Some(err);
-                ManifestError::Invalid("written".into())
-            })
-        });
-        match (failed, walked) {
-            (Some(err), _) => Err(err),
-            (None, Err(e)) => Err(S::Error::custom(e)),
-            (None, Ok(())) => seq.end(),
-        }
+        write_seq(s, self.0.file_count(), |each| {
+            self.0.each_file(&mut |f, _| each(f))
+        })
     }
 }
 

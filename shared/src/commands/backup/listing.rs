@@ -19,7 +19,7 @@ use crate::basebackup::manifest::written::{EachFile, Lists};
 use crate::basebackup::manifest::{BackupId, Entry, EntryKind, FileRecord, FileStat, ManifestError, Within};
 
 /// A chunk place whose chunk has not finished yet.
-pub(super) const UNFILLED: ChunkId = ChunkId::from_hash([0; 32]);
+const UNFILLED: ChunkId = ChunkId::from_hash([0; 32]);
 
 /// An index into [`Listing`]'s items: an entry, in the order entries were added.
 pub(super) type ItemNo = usize;
@@ -443,7 +443,7 @@ impl Listing {
         }))
     }
 
-    /// The entries and file records, whole (for a backup over the protocol's tests).
+    /// The entries and file records, whole (for tests).
     #[cfg(test)]
     pub(super) fn lists(&self) -> (Vec<Entry>, Vec<FileRecord>) {
         let mut entries = Vec::new();

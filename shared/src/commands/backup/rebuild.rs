@@ -346,6 +346,7 @@ mod tests {
     use crate::basebackup::incremental::MAGIC;
     use crate::basebackup::manifest::Manifest;
     use crate::commands::backup::inventory::Previous;
+    use crate::commands::backup::listing::Listing;
     use crate::commands::backup::upload::CopyOptions;
     use crate::repo::WritableStore;
     use crate::repo::fault::{Fault, FaultStore};
@@ -371,7 +372,7 @@ mod tests {
             pg_version: 17,
             pages: None,
         };
-        Copier::new(store, &Sealer::plain(), opts, previous, 4)
+        Copier::new(store, &Sealer::plain(), opts, previous, Listing::with_capacity(4))
     }
 
     fn file_entry(path: &str) -> Entry {

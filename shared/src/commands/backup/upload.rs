@@ -119,10 +119,10 @@ pub(super) async fn copy_files(
         examined_after_ns,
     } = inventory;
     let base = previous.filter(|p| p.take_over).map(Previous::base);
-    let mut copier = Copier::new(store, sealer, opts, previous, 0);
     let sources = Arc::new(sources);
     // The walk's sources are the list's first entries, named by the walk.
-    copier.listing = Listing::of_walk(Arc::clone(&sources));
+    let listing = Listing::of_walk(Arc::clone(&sources));
+    let mut copier = Copier::new(store, sealer, opts, previous, listing);
     let mut opened = OpenAhead::start(Arc::clone(&sources), &roots);
     for (at, src) in sources.iter().enumerate() {
         copier
@@ -212,13 +212,13 @@ pub(super) struct Copier {
 }
 
 impl Copier {
-    /// A copier for about `sources` files, which stores no chunk `previous` holds.
+    /// A copier filling `listing`, which stores no chunk `previous` holds.
     pub(super) fn new(
         store: &WritableStore,
         sealer: &Sealer,
         opts: CopyOptions,
         previous: Option<&Previous>,
-        sources: usize,
+        listing: Listing,
     ) -> Copier {
         let known = previous.map(Previous::chunk_lengths).unwrap_or_default();
         let bases = previous.map(|p| DeltaBases::of(store, p));
@@ -249,7 +249,7 @@ impl Copier {
             page_check: opts.pages,
             pages: Tally::default(),
             tasks: JoinSet::new(),
-            listing: Listing::with_capacity(sources),
+            listing,
             stats: BackupStats::default(),
             shared: SharedChunk::default(),
             sharing: HashMap::new(),
