@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! limits backup  --data PGDATA --out DIR [--parallel N] [--piece BYTES]
-//! limits restore --from DIR --to DEST [--parallel N]
+//! limits restore --from DIR --to DEST [--parallel N] [--writers W]
 //! ```
 //!
 //! `backup` reads every regular file of PGDATA in pieces of `--piece` bytes (1 MiB, walvault's
@@ -13,7 +13,9 @@
 //! offset, pack, position and compressed length of every piece) is written last. `restore` is
 //! its inverse on those bytes, measured in two parts whose larger is the limit (a restore that
 //! overlapped them perfectly would take that long): `N` threads read every piece from the packs
-//! and decompress it, keeping nothing; then `N` threads create the same files at the same sizes,
+//! and decompress it, keeping nothing; then `W` threads (64 by default: as many files as
+//! walvault's restore writes at once, since writing and syncing wait on the disk, not on a core)
+//! create the same files at the same sizes,
 //! each file written front to back in 1 MiB writes by one thread, made durable the cheaper of
 //! two ways, both measured: each file and directory synced as it is finished, or the file
 //! system synced once at the end (`sync -f`, as a tool that syncs nothing pays after it). WAL (`pg_wal/`) and `postmaster.pid` are left out, as every tool
@@ -49,10 +51,11 @@ fn main() -> Result<()> {
         Some("restore") => {
             let from = PathBuf::from(arg(&args, "--from").context("--from")?);
             let to = PathBuf::from(arg(&args, "--to").context("--to")?);
-            restore(&from, &to, parallel)
+            let writers: usize = arg(&args, "--writers").map_or(Ok(64), |v| v.parse())?;
+            restore(&from, &to, parallel, writers)
         }
         _ => bail!(
-            "usage: limits backup --data PGDATA --out DIR | restore --from DIR --to DEST [--parallel N]"
+            "usage: limits backup --data PGDATA --out DIR | restore --from DIR --to DEST [--parallel N] [--writers W]"
         ),
     }
 }
@@ -192,7 +195,7 @@ fn read_at_most(f: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
     Ok(n)
 }
 
-fn restore(from: &Path, to: &Path, parallel: usize) -> Result<()> {
+fn restore(from: &Path, to: &Path, parallel: usize, writers: usize) -> Result<()> {
     let index: serde_json::Value = serde_json::from_slice(&std::fs::read(from.join("index.json"))?)?;
     let files: Vec<(PathBuf, u64)> = index["files"]
         .as_array()
@@ -241,12 +244,15 @@ fn restore(from: &Path, to: &Path, parallel: usize) -> Result<()> {
     })?;
     let decompress = t0.elapsed().as_secs_f64();
     // 2. Create and write the same files (the same sizes), each by one thread front to back in
-    // 1 MiB writes, `parallel` files at once, made durable in the cheaper of two ways: each
+    // 1 MiB writes, `writers` files at once, made durable in the cheaper of two ways: each
     // file synced as it is finished, or none, then the whole file system at once (`sync -f`).
-    let each = write_files(to, &files, &dirs, parallel, true)?;
-    std::fs::remove_dir_all(to)?;
+    // The second way writes beside the first (`<to>-once`) rather than over it once removed: on
+    // a disk mounted with `discard`, writes right after a large deletion run at a third of their
+    // speed for a minute or more, which would be measured, not the way of syncing. Both trees
+    // are left for the caller to remove.
+    let each = write_files(to, &files, &dirs, writers, true)?;
     std::process::Command::new("sync").status()?;
-    let once = write_files(to, &files, &dirs, parallel, false)?;
+    let once = write_files(&once_dir(to), &files, &dirs, writers, false)?;
     let write = each.min(once);
     let bytes: u64 = files.iter().map(|f| f.1).sum();
     println!(
@@ -256,6 +262,13 @@ fn restore(from: &Path, to: &Path, parallel: usize) -> Result<()> {
                            "write_sync_once_seconds": once, "files": files.len(), "bytes": bytes})
     );
     Ok(())
+}
+
+/// Where the restore limit writes its second copy, synced once (`<to>-once`).
+fn once_dir(to: &Path) -> PathBuf {
+    let mut name = to.as_os_str().to_owned();
+    name.push("-once");
+    PathBuf::from(name)
 }
 
 /// Create `files` under `to` and write them (see `restore`), durable when this returns: each
