@@ -20,7 +20,7 @@ use futures::future::{BoxFuture, Shared};
 
 use super::inventory::Previous;
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
-use crate::basebackup::manifest::Delta;
+use crate::basebackup::manifest::{Delta, Entry, Manifest};
 use crate::basebackup::pack::{PackRecord, Places};
 use crate::repo::object::Sealer;
 use crate::repo::{Store, WritableStore};
@@ -56,8 +56,12 @@ pub(super) struct BaseRef {
 pub(super) struct DeltaBases {
     store: Store,
     places: Arc<Places>,
-    /// See [`Previous::delta_bases`].
-    by_path: HashMap<String, Vec<Option<ChunkId>>>,
+    /// The previous backup's manifest: its files' chunks, found by a binary search over its
+    /// sorted entries ([`DeltaBases::whole_file`]), not through a map of every file read whole
+    /// that copies each path and its chunk ids.
+    manifest: Arc<Manifest>,
+    /// [`Previous::absent`]: no base.
+    absent: HashSet<ChunkId>,
     ahead: Mutex<Ahead>,
     /// The previous backup's chunk size: no base is longer.
     chunk_size: u64,
@@ -80,16 +84,33 @@ impl DeltaBases {
         let places = previous.manifest.places();
         DeltaBases {
             store: store.reader(),
-            by_path: previous.delta_bases(&places),
+            manifest: Arc::clone(&previous.manifest),
+            absent: previous.absent.clone(),
             places: Arc::new(places),
             ahead: Mutex::default(),
             chunk_size: previous.manifest.chunk_size,
         }
     }
 
+    /// The previous backup's file at `path` when it read it whole (not as a slice of a shared
+    /// chunk) and it has chunks.
+    fn whole_file(&self, path: &str) -> Option<&Entry> {
+        let entries = &self.manifest.entries;
+        let e = &entries[entries.binary_search_by(|e| e.path.as_str().cmp(path)).ok()?];
+        (e.within.is_none() && !e.chunks.is_empty()).then_some(e)
+    }
+
+    /// The chunk piece `idx` of file `e` may be stored as a difference from: its own chunk, or
+    /// the base of its own chunk when that is a difference already (so that a difference is
+    /// always from a chunk stored whole). None past its end, or for a chunk [`Previous::absent`].
+    fn base_in(&self, e: &Entry, idx: usize) -> Option<ChunkId> {
+        let c = e.chunks.get(idx)?;
+        (!self.absent.contains(c)).then(|| self.places.delta(c).map_or(*c, |d| d.base))
+    }
+
     /// The chunk piece `idx` of the file at `path` may be stored as a difference from.
     pub(super) fn base_of(&self, path: &Arc<str>, idx: usize) -> Option<BaseRef> {
-        let id = (*self.by_path.get(&**path)?.get(idx)?)?;
+        let id = self.base_in(self.whole_file(path)?, idx)?;
         Some(BaseRef {
             id,
             path: Arc::clone(path),
@@ -152,8 +173,10 @@ impl DeltaBases {
                 a.reads[&b.id].1.clone().expect("just started")
             }
         };
-        let bases = &self.by_path[&*b.path];
-        let after = || bases.iter().skip(b.idx + 1).map_while(|c| *c);
+        let Some(file) = self.whole_file(&b.path) else {
+            return read;
+        };
+        let after = || (b.idx + 1..file.chunks.len()).map_while(|i| self.base_in(file, i));
         // Once less than half a run is read ahead, the next run: the following bases not yet
         // being read.
         if dense
@@ -373,7 +396,7 @@ mod tests {
         m.deltas = copied.deltas;
         let manifest = Manifest::parse(&m.to_json()).expect("a manifest with deltas validates");
         Previous {
-            manifest,
+            manifest: Arc::new(manifest),
             take_over: false,
             absent: Default::default(),
         }

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::BackupError;
 use super::control::CONTROL_FILE;
@@ -334,7 +335,8 @@ fn push_empty_dir(out: &mut Vec<Source>, dir: Source, abs: &Path) {
 /// its lock, so that every chunk it names stays in the repository until the new manifest is
 /// written (an expire collects chunks only when no backup lock is live).
 pub(super) struct Previous {
-    pub manifest: Manifest,
+    /// Shared with the chunk tasks' [`super::differences::DeltaBases`].
+    pub manifest: Arc<Manifest>,
     /// Whether its unchanged files may be taken over unread ([`FileReading::Changed`]).
     pub take_over: bool,
     /// Chunks it names that are not to be relied on: with [`FileReading::All`], those whose
@@ -416,7 +418,7 @@ impl Previous {
             return None;
         }
         Some(Previous {
-            manifest,
+            manifest: Arc::new(manifest),
             take_over: true,
             absent: HashSet::new(),
         })
@@ -467,26 +469,6 @@ impl Previous {
             )
             .copied()
             .collect())
-    }
-
-    /// For each file it read whole (not a slice of a shared chunk), the chunk each piece of the
-    /// next backup's copy may be stored as a difference from: its own chunk, or the base of its
-    /// own chunk when that is a difference already (so that a difference is always from a
-    /// chunk stored whole). Pieces whose chunk is [`Previous::absent`] have none.
-    pub fn delta_bases(&self, places: &Places) -> HashMap<String, Vec<Option<ChunkId>>> {
-        self.manifest
-            .entries
-            .iter()
-            .filter(|e| e.within.is_none() && !e.chunks.is_empty())
-            .map(|e| {
-                let bases = e
-                    .chunks
-                    .iter()
-                    .map(|c| (!self.absent.contains(c)).then(|| places.delta(c).map_or(*c, |d| d.base)))
-                    .collect();
-                (e.path.clone(), bases)
-            })
-            .collect()
     }
 
     /// The stored length of every chunk it references and that is not [`Previous::absent`],
@@ -724,7 +706,7 @@ mod tests {
             read_by: read_by.map(|id| id.parse().unwrap()),
         };
         Previous {
-            manifest: Manifest {
+            manifest: Arc::new(Manifest {
                 format: crate::basebackup::manifest::FORMAT_NAME.into(),
                 version: crate::basebackup::manifest::FORMAT_VERSION,
                 id: "20261122T143200Z".parse().unwrap(),
@@ -764,7 +746,7 @@ mod tests {
                 deltas: vec![],
                 held: Default::default(),
                 page_checks: None,
-            },
+            }),
             take_over: true,
             absent: HashSet::new(),
         }

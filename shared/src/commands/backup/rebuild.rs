@@ -399,7 +399,7 @@ mod tests {
         (manifest.entries, manifest.files) = copied.listing.lists();
         manifest.packs = copied.packs;
         Previous {
-            manifest,
+            manifest: std::sync::Arc::new(manifest),
             take_over: false,
             absent: Default::default(),
         }
