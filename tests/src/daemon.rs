@@ -93,10 +93,13 @@ impl Daemon {
         let log_path = dir.path().join("daemon.log");
         let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = agents().command(ARCHIVE_AGENT);
-        cmd.arg("daemon")
-            .args(repo.args())
-            .args(what)
-            .args(["--metrics-addr", &addr.to_string()])
+        cmd.arg("daemon").args(repo.args()).args(what);
+        if what.contains(&"--stream") && !extra.contains(&"--stream-dir") {
+            // Its working directory inside this scratch directory, removed with it: the default,
+            // one per repository in the system's temporary directory, outlives the test.
+            cmd.arg("--stream-dir").arg(dir.path().join("stream"));
+        }
+        cmd.args(["--metrics-addr", &addr.to_string()])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

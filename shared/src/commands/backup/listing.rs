@@ -5,8 +5,8 @@
 //!
 //! Held as manifest entries and file records, each file took some 250 bytes (two copies of its
 //! path, a list of chunk ids of its own, a record with room for what is not known yet): 76 MiB
-//! of a backup's 128 MiB peak at 300,963 files. Here a file takes its path's bytes, 40 bytes of
-//! item, 48 of record, and 32 for each chunk of its own (the small files of a shared chunk name
+//! of a backup's 123 MiB peak at 300,963 files. Here a file takes its path's bytes, 32 bytes of
+//! item, 40 of record, and 32 for each chunk of its own (the small files of a shared chunk name
 //! the same one).
 
 use std::collections::HashMap;
@@ -31,12 +31,16 @@ const DIR: u8 = 1;
 const WITHIN: u8 = 2;
 /// Left out of the manifest ([`Listing::take_out`]).
 const GONE: u8 = 4;
+/// Its record's stat vouches for it (else its record has none).
+const STAT: u8 = 8;
 const NO_RECORD: u32 = u32::MAX;
 
+/// 32 bytes.
 #[derive(Debug, Clone, Copy)]
 struct Item {
     size: u64,
-    mode: u32,
+    /// A file's mode fits in 16 bits (type and permissions); see [`mode_of`].
+    mode: u16,
     /// Its chunks are places `first..first + count`.
     first: u32,
     count: u32,
@@ -47,11 +51,14 @@ struct Item {
     flags: u8,
 }
 
-/// What is known of a file read or taken over, beyond its entry.
-#[derive(Debug, Clone, Copy)]
+/// What is known of a file read or taken over, beyond its entry: 40 bytes.
+#[derive(Debug, Clone, Copy, Default)]
 struct Record {
-    /// `stat` less its size, which is the entry's ([`FileStat`]); `None`: no stat vouches for it.
-    stat: Option<(i64, i64, u64, u64)>,
+    /// `stat` less its size, which is the entry's ([`FileStat`]), when its item has `STAT`.
+    mtime_ns: i64,
+    ctime_ns: i64,
+    ino: u64,
+    dev: u64,
     /// 1 + the index of the backup that read it in `readers`; 0: this one.
     read_by: u32,
     /// A file taken over: its stored lengths, `taken..taken + count` of `taken_lens`.
@@ -87,6 +94,25 @@ fn u32_of(n: usize, what: &str) -> Result<u32, BackupError> {
     u32::try_from(n).map_err(|_| too_many(what))
 }
 
+/// `mode` in an item's 16 bits. A mode from `stat` always fits; one that does not (from a
+/// stream) is kept as all ones, which the manifest's checks refuse as a file type, as they
+/// would have refused it.
+fn mode_of(mode: u32) -> u16 {
+    u16::try_from(mode).unwrap_or(u16::MAX)
+}
+
+impl Record {
+    fn of(stat: Option<FileStat>) -> Record {
+        stat.map_or_else(Record::default, |s| Record {
+            mtime_ns: s.mtime_ns,
+            ctime_ns: s.ctime_ns,
+            ino: s.ino,
+            dev: s.dev,
+            ..Record::default()
+        })
+    }
+}
+
 impl Listing {
     /// A list with room for about `entries` entries.
     pub(super) fn with_capacity(entries: usize) -> Listing {
@@ -103,7 +129,7 @@ impl Listing {
         let mut l = Listing::with_capacity(walk.len());
         l.items.extend(walk.iter().map(|src| Item {
             size: 0,
-            mode: src.mode,
+            mode: mode_of(src.mode),
             first: 0,
             count: 0,
             at: 0,
@@ -123,7 +149,7 @@ impl Listing {
         self.names.push(path)?;
         self.items.push(Item {
             size: 0,
-            mode,
+            mode: mode_of(mode),
             first: 0,
             count: 0,
             at: 0,
@@ -159,23 +185,21 @@ impl Listing {
 
     /// Item `at` is a file about to be read, as `stat` saw it (`None`: nothing vouches for it).
     pub(super) fn file_at(&mut self, at: ItemNo, stat: Option<FileStat>) -> Result<(), BackupError> {
-        self.add_record(
-            at,
-            Record {
-                stat: stat.map(|s| (s.mtime_ns, s.ctime_ns, s.ino, s.dev)),
-                read_by: 0,
-                taken: 0,
-            },
-        )?;
+        self.add_record(at, Record::of(stat), stat.is_some())?;
         self.items[at].size = stat.map_or(0, |s| s.size);
         Ok(())
     }
 
-    fn add_record(&mut self, at: ItemNo, r: Record) -> Result<(), BackupError> {
+    fn add_record(&mut self, at: ItemNo, r: Record, has_stat: bool) -> Result<(), BackupError> {
         self.records.push(r);
         let item = &mut self.items[at];
         item.record = u32_of(self.records.len() - 1, "file records")?;
         item.flags &= !GONE;
+        if has_stat {
+            item.flags |= STAT;
+        } else {
+            item.flags &= !STAT;
+        }
         Ok(())
     }
 
@@ -197,18 +221,15 @@ impl Listing {
                 }
             },
         };
-        let stat = record
-            .stat
-            .filter(|s| s.size == entry.size)
-            .map(|s| (s.mtime_ns, s.ctime_ns, s.ino, s.dev));
+        let stat = record.stat.filter(|s| s.size == entry.size);
         let taken = u32_of(self.taken_lens.len(), "chunks")?;
         self.taken_lens.extend_from_slice(&record.stored);
         let rec = Record {
-            stat,
             read_by: u32_of(read_by, "backups")?,
             taken,
+            ..Record::of(stat)
         };
-        self.add_record(at, rec)?;
+        self.add_record(at, rec, stat.is_some())?;
         let first = u32_of(self.places.len(), "chunks")?;
         self.places.extend_from_slice(&entry.chunks);
         let item = &mut self.items[at];
@@ -242,10 +263,8 @@ impl Listing {
     /// (written while read: the next backup reads it again anyway).
     pub(super) fn set_size(&mut self, at: ItemNo, size: u64) {
         let item = &mut self.items[at];
-        if item.size != size
-            && let Some(r) = self.records.get_mut(item.record as usize)
-        {
-            r.stat = None;
+        if item.size != size {
+            item.flags &= !STAT;
         }
         item.size = size;
     }
@@ -394,7 +413,7 @@ impl Listing {
             } else {
                 EntryKind::File
             },
-            mode: i.mode,
+            mode: u32::from(i.mode),
             size: i.size,
             chunks: self.places[i.first as usize..(i.first + i.count) as usize].to_vec(),
             within: (i.flags & WITHIN != 0).then_some(Within {
@@ -432,12 +451,12 @@ impl Listing {
         Ok(Some(FileRecord {
             path: e.path.clone(),
             stored,
-            stat: r.stat.map(|(mtime_ns, ctime_ns, ino, dev)| FileStat {
+            stat: (i.flags & STAT != 0).then_some(FileStat {
                 size: e.size,
-                mtime_ns,
-                ctime_ns,
-                ino,
-                dev,
+                mtime_ns: r.mtime_ns,
+                ctime_ns: r.ctime_ns,
+                ino: r.ino,
+                dev: r.dev,
             }),
             read_by: (r.read_by != 0).then(|| self.readers[r.read_by as usize - 1].clone()),
         }))
@@ -519,6 +538,29 @@ mod tests {
             ino: 30,
             dev: 40,
         }
+    }
+
+    /// What a file costs the list: 32 bytes of item and 40 of record, besides its path and
+    /// chunks. A mode that does not fit an item's 16 bits stays one the manifest refuses.
+    #[test]
+    fn items_and_records_stay_small_and_an_odd_mode_stays_refused() {
+        assert_eq!(std::mem::size_of::<Item>(), 32);
+        assert_eq!(std::mem::size_of::<Record>(), 40);
+        assert_eq!(mode_of(0o600), 0o600);
+        assert_eq!(mode_of(0o100_600), 0o100_600);
+        assert_ne!(
+            u32::from(mode_of(0o1_000_600)) & !0o7777,
+            0,
+            "the file type bits refuse it"
+        );
+        // A stat is kept only while the size it saw is the file's.
+        let mut l = Listing::default();
+        let at = l.push_file("base/1", 0o600, Some(stat(7))).unwrap();
+        assert_ne!(l.items[at].flags & STAT, 0);
+        l.set_size(at, 7);
+        assert_ne!(l.items[at].flags & STAT, 0);
+        l.set_size(at, 8);
+        assert_eq!(l.items[at].flags & STAT, 0);
     }
 
     /// A walk (one file of it gone before it was copied) and chunks finishing in any order,
