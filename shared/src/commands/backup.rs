@@ -27,8 +27,10 @@ mod file_reads;
 mod finish;
 mod inventory;
 mod listing;
+mod names;
 mod open_ahead;
 mod pages;
+mod prior_files;
 mod protocol;
 mod rebuild;
 mod session;
@@ -156,7 +158,7 @@ async fn take_locked(
             files = c.stats.files,
             reused_files = c.stats.reused_files,
             read_bytes = c.stats.logical_bytes - c.stats.reused_bytes,
-            base = previous.as_ref().map(|p| p.manifest.id.to_string()),
+            base = previous.as_ref().map(|p| p.frame.id.to_string()),
             "files copied in {:.2}s",
             copy_started.elapsed().as_secs_f64()
         );

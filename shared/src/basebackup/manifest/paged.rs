@@ -19,7 +19,7 @@ use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, V
 
 use super::entry_checks::EntryChecks;
 use super::outline::{Held, frame_of_json, is_stored_as, streamed_frame};
-use super::{BackupId, Entry, EntryKind, Manifest, ManifestError};
+use super::{BackupId, Entry, EntryKind, FileRecord, Manifest, ManifestError};
 use crate::repo::object::{ObjectKind, Sealer};
 use crate::repo::stored::{Damage, Envelope, Opened, Opening, StoredKind};
 
@@ -179,6 +179,19 @@ impl PagedManifest {
         self.source.files(&mut each)
     }
 
+    /// Read the stored manifest once to its end, giving `each` every entry in path order, each
+    /// checked as [`Manifest::validate`] checks it, and `record` every file record as it is
+    /// (the caller checks them against the entries). Nothing given may be acted on before this
+    /// returns `Ok`: the content is verified at its end. What a backup builds on reads
+    /// ([`crate::commands`]' previous backup), never holding the document or its lists parsed.
+    pub fn lists<E>(
+        &self,
+        mut each: impl FnMut(Entry) -> Result<(), E>,
+        mut record: impl FnMut(FileRecord) -> Result<(), E>,
+    ) -> Result<(), EntriesError<E>> {
+        self.source.read_lists(&mut each, Some(&mut record))
+    }
+
     /// A handle that reads the same file entries from another thread ([`FileEntries::files`]).
     pub fn file_entries(&self) -> Result<FileEntries, EntriesError<std::convert::Infallible>> {
         match self.counted {
@@ -241,14 +254,23 @@ impl EntrySource {
 
     /// Give `each` every entry in order, each checked first; the content verified at its end.
     fn read<E>(&self, each: &mut dyn FnMut(Entry) -> Result<(), E>) -> Result<(), EntriesError<E>> {
+        self.read_lists(each, None)
+    }
+
+    /// [`Self::read`], and every file record to `record` when given (else they are skipped).
+    fn read_lists<E>(
+        &self,
+        each: &mut dyn FnMut(Entry) -> Result<(), E>,
+        record: Option<&mut dyn FnMut(FileRecord) -> Result<(), E>>,
+    ) -> Result<(), EntriesError<E>> {
         let content = |e: ManifestError| EntriesError::Manifest(Damage::Content(e));
         match &self.held {
-            HeldBytes::Json(json) => entries_from(&mut &json[..], &self.header, each),
+            HeldBytes::Json(json) => lists_from(&mut &json[..], &self.header, each, record),
             HeldBytes::Sealed { stored, sealer, kind } => {
                 let mut r = sealer
                     .open_reader(stored, *kind, self.header.id.as_str())
                     .map_err(|e| EntriesError::Manifest(Damage::Envelope(e)))?;
-                let parsed = entries_from(&mut r, &self.header, each);
+                let parsed = lists_from(&mut r, &self.header, each, record);
                 if let Some(e) = r.failure() {
                     return Err(EntriesError::Manifest(Damage::Envelope(e.clone())));
                 }
@@ -264,45 +286,54 @@ impl EntrySource {
     }
 }
 
-/// Parse document `r`'s entries, skipping every other field, giving each to `each` once
-/// checked ([`EntryChecks`], with `header`'s version, chunk size and tablespaces).
-fn entries_from<E>(
+/// Parse document `r`'s entries, giving each to `each` once checked ([`EntryChecks`], with
+/// `header`'s version, chunk size and tablespaces), and its file records to `record` as they
+/// are (when given; else they are skipped with every other field).
+fn lists_from<E>(
     r: &mut dyn Read,
     header: &Manifest,
     each: &mut dyn FnMut(Entry) -> Result<(), E>,
+    mut record: Option<&mut dyn FnMut(FileRecord) -> Result<(), E>>,
 ) -> Result<(), EntriesError<E>> {
     let content = |e: ManifestError| EntriesError::Manifest(Damage::Content(e));
     let mut checks = EntryChecks::new(header).map_err(content)?;
-    let mut stop: Option<EntriesError<E>> = None;
+    let stop: std::cell::RefCell<Option<EntriesError<E>>> = std::cell::RefCell::new(None);
+    let stopped = |outcome: Result<(), EntriesError<E>>| match outcome {
+        Ok(()) => true,
+        Err(e) => {
+            *stop.borrow_mut() = Some(e);
+            false
+        }
+    };
     let mut on_entry = |e: Entry| -> bool {
-        let outcome = match checks.check(&e) {
+        stopped(match checks.check(&e) {
             Ok(()) => each(e).map_err(EntriesError::Stopped),
             Err(refused) => Err(content(refused)),
-        };
-        match outcome {
-            Ok(()) => true,
-            Err(e) => {
-                stop = Some(e);
-                false
-            }
-        }
+        })
+    };
+    let wants_records = record.is_some();
+    let mut on_record = |f: FileRecord| -> bool {
+        let give = record.as_mut().expect("records are read only when asked for");
+        stopped(give(f).map_err(EntriesError::Stopped))
     };
     let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(1 << 16, r));
     let parsed = Document {
         on_entry: &mut on_entry,
+        on_record: wants_records.then_some(&mut on_record as &mut dyn FnMut(FileRecord) -> bool),
     }
     .deserialize(&mut de)
     .and_then(|()| de.end());
-    if let Some(e) = stop {
+    if let Some(e) = stop.into_inner() {
         return Err(e);
     }
     parsed.map_err(|e| content(ManifestError::Invalid(e.to_string())))
 }
 
-/// The manifest document, its `entries` given one at a time to `on_entry` (which says whether
-/// to go on), everything else skipped.
+/// The manifest document, its `entries` given one at a time to `on_entry` and its `files` to
+/// `on_record` when set (each says whether to go on), everything else skipped.
 struct Document<'a> {
     on_entry: &'a mut dyn FnMut(Entry) -> bool,
+    on_record: Option<&'a mut dyn FnMut(FileRecord) -> bool>,
 }
 
 impl<'de> DeserializeSeed<'de> for Document<'_> {
@@ -317,48 +348,61 @@ impl<'de> Visitor<'de> for Document<'_> {
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a manifest")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut seen = false;
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        let (mut entries, mut files) = (false, false);
         while let Some(key) = map.next_key::<String>()? {
-            if key != "entries" {
-                map.next_value::<IgnoredAny>()?;
-                continue;
+            match (key.as_str(), &mut self.on_record) {
+                ("entries", _) => {
+                    if std::mem::replace(&mut entries, true) {
+                        return Err(A::Error::duplicate_field("entries"));
+                    }
+                    map.next_value_seed(Each {
+                        on: &mut *self.on_entry,
+                        what: "a list of entries",
+                    })?;
+                }
+                ("files", Some(on_record)) => {
+                    if std::mem::replace(&mut files, true) {
+                        return Err(A::Error::duplicate_field("files"));
+                    }
+                    map.next_value_seed(Each {
+                        on: &mut **on_record,
+                        what: "a list of file records",
+                    })?;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
-            if seen {
-                return Err(A::Error::duplicate_field("entries"));
-            }
-            seen = true;
-            map.next_value_seed(EntryList {
-                on_entry: &mut *self.on_entry,
-            })?;
         }
-        match seen {
+        match entries {
             true => Ok(()),
             false => Err(A::Error::missing_field("entries")),
         }
     }
 }
 
-/// The `entries` array, each element given to `on_entry` as it is parsed.
-struct EntryList<'a> {
-    on_entry: &'a mut dyn FnMut(Entry) -> bool,
+/// A list, each element given to `on` as it is parsed.
+struct Each<'a, T> {
+    on: &'a mut dyn FnMut(T) -> bool,
+    what: &'static str,
 }
 
-impl<'de> DeserializeSeed<'de> for EntryList<'_> {
+impl<'de, T: serde::Deserialize<'de>> DeserializeSeed<'de> for Each<'_, T> {
     type Value = ();
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_seq(self)
     }
 }
 
-impl<'de> Visitor<'de> for EntryList<'_> {
+impl<'de, T: serde::Deserialize<'de>> Visitor<'de> for Each<'_, T> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a list of entries")
+        f.write_str(self.what)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(e) = seq.next_element::<Entry>()? {
-            if !(self.on_entry)(e) {
+        while let Some(e) = seq.next_element::<T>()? {
+            if !(self.on)(e) {
                 return Err(A::Error::custom("stopped"));
             }
         }

@@ -19,8 +19,9 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
 use super::inventory::Previous;
+use super::prior_files::PriorFiles;
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
-use crate::basebackup::manifest::{Delta, Entry, Manifest};
+use crate::basebackup::manifest::Delta;
 use crate::basebackup::pack::{PackRecord, Places};
 use crate::repo::object::Sealer;
 use crate::repo::{Store, WritableStore};
@@ -56,10 +57,10 @@ pub(super) struct BaseRef {
 pub(super) struct DeltaBases {
     store: Store,
     places: Arc<Places>,
-    /// The previous backup's manifest: its files' chunks, found by a binary search over its
-    /// sorted entries ([`DeltaBases::whole_file`]), not through a map of every file read whole
-    /// that copies each path and its chunk ids.
-    manifest: Arc<Manifest>,
+    /// The previous backup's files: their chunks, found by a binary search over its sorted
+    /// paths ([`DeltaBases::whole_file`]), not through a map of every file read whole that
+    /// copies each path and its chunk ids.
+    files: Arc<PriorFiles>,
     /// [`Previous::absent`]: no base.
     absent: HashSet<ChunkId>,
     ahead: Mutex<Ahead>,
@@ -81,30 +82,29 @@ struct Ahead {
 
 impl DeltaBases {
     pub(super) fn of(store: &WritableStore, previous: &Previous) -> DeltaBases {
-        let places = previous.manifest.places();
+        let places = previous.frame.places();
         DeltaBases {
             store: store.reader(),
-            manifest: Arc::clone(&previous.manifest),
+            files: Arc::clone(&previous.files),
             absent: previous.absent.clone(),
             places: Arc::new(places),
             ahead: Mutex::default(),
-            chunk_size: previous.manifest.chunk_size,
+            chunk_size: previous.frame.chunk_size,
         }
     }
 
     /// The previous backup's file at `path` when it read it whole (not as a slice of a shared
     /// chunk) and it has chunks.
-    fn whole_file(&self, path: &str) -> Option<&Entry> {
-        let entries = &self.manifest.entries;
-        let e = &entries[entries.binary_search_by(|e| e.path.as_str().cmp(path)).ok()?];
-        (e.within.is_none() && !e.chunks.is_empty()).then_some(e)
+    fn whole_file(&self, path: &str) -> Option<usize> {
+        let at = self.files.find(path)?;
+        (self.files.is_file(at) && !self.files.is_within(at) && self.files.chunk_count(at) > 0).then_some(at)
     }
 
-    /// The chunk piece `idx` of file `e` may be stored as a difference from: its own chunk, or
+    /// The chunk piece `idx` of file `at` may be stored as a difference from: its own chunk, or
     /// the base of its own chunk when that is a difference already (so that a difference is
     /// always from a chunk stored whole). None past its end, or for a chunk [`Previous::absent`].
-    fn base_in(&self, e: &Entry, idx: usize) -> Option<ChunkId> {
-        let c = e.chunks.get(idx)?;
+    fn base_in(&self, at: usize, idx: usize) -> Option<ChunkId> {
+        let c = self.files.chunk(at, idx)?;
         (!self.absent.contains(c)).then(|| self.places.delta(c).map_or(*c, |d| d.base))
     }
 
@@ -176,7 +176,7 @@ impl DeltaBases {
         let Some(file) = self.whole_file(&b.path) else {
             return read;
         };
-        let after = || (b.idx + 1..file.chunks.len()).map_while(|i| self.base_in(file, i));
+        let after = || (b.idx + 1..self.files.chunk_count(file)).map_while(|i| self.base_in(file, i));
         // Once less than half a run is read ahead, the next run: the following bases not yet
         // being read.
         if dense
@@ -306,9 +306,9 @@ pub(super) fn deltas_named<'a>(
             (chunk, Delta { chunk, base, xor })
         })
         .collect();
-    if let Some(p) = previous.filter(|p| !p.manifest.deltas.is_empty()) {
+    if let Some(p) = previous.filter(|p| !p.frame.deltas.is_empty()) {
         let whole: HashSet<ChunkId> = written.iter().flat_map(|p| p.chunks.iter().copied()).collect();
-        let theirs: HashMap<ChunkId, Delta> = p.manifest.deltas.iter().map(|d| (d.chunk, *d)).collect();
+        let theirs: HashMap<ChunkId, Delta> = p.frame.deltas.iter().map(|d| (d.chunk, *d)).collect();
         for c in named {
             if let Some(d) = theirs.get(c).filter(|_| !whole.contains(c)) {
                 out.entry(*c).or_insert(*d);
@@ -387,7 +387,7 @@ mod tests {
 
     /// The manifest a backup that copied `copied` writes (checked as a restore checks it), and
     /// what the next backup builds on.
-    fn recorded(copied: Copied) -> Previous {
+    fn recorded(copied: Copied) -> Recorded {
         let mut m = Manifest::parse(include_bytes!("../../../tests/fixtures/manifest-v1.json")).unwrap();
         m.chunk_size = CS as u64;
         m.version = if copied.deltas.is_empty() { 2 } else { 4 };
@@ -395,15 +395,19 @@ mod tests {
         m.packs = copied.packs;
         m.deltas = copied.deltas;
         let manifest = Manifest::parse(&m.to_json()).expect("a manifest with deltas validates");
-        Previous {
-            manifest: Arc::new(manifest),
-            take_over: false,
-            absent: Default::default(),
-        }
+        let mut previous = Previous::of(&manifest);
+        previous.take_over = false;
+        Recorded { manifest, previous }
+    }
+
+    /// A backup's manifest, and the backup as the next one reads it.
+    struct Recorded {
+        manifest: Manifest,
+        previous: Previous,
     }
 
     /// The file as a restore reads it, from the backup's own manifest only.
-    async fn read_back(store: &WritableStore, b: &Previous) -> Vec<u8> {
+    async fn read_back(store: &WritableStore, b: &Recorded) -> Vec<u8> {
         let places = b.manifest.places();
         let mut out = vec![];
         let reader = store.reader();
@@ -433,7 +437,7 @@ mod tests {
         }
         v2[2 * CS..3 * CS].copy_from_slice(&noise(CS, 2));
         v2.extend(noise(1000, 3));
-        let copied = back_up(&store, &v2, Some(&b1)).await;
+        let copied = back_up(&store, &v2, Some(&b1.previous)).await;
         let uploaded = copied.stats.new_bytes;
         let b2 = recorded(copied);
         assert_eq!(
@@ -468,7 +472,7 @@ mod tests {
         // read from the second backup's difference.
         let mut v3 = v2.clone();
         v3[CS / 2] ^= 0xff;
-        let b3 = recorded(back_up(&store, &v3, Some(&b2)).await);
+        let b3 = recorded(back_up(&store, &v3, Some(&b2.previous)).await);
         assert_eq!(
             read_back(&store, &b3).await,
             v3,

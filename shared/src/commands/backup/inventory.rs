@@ -9,8 +9,11 @@ use std::sync::Arc;
 
 use super::BackupError;
 use super::control::CONTROL_FILE;
+use super::names::Names;
+use super::prior_files::PriorFiles;
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::exclude::{self, Decision};
+use crate::basebackup::manifest::paged::PagedManifest;
 use crate::basebackup::manifest::{BackupId, Entry, EntryKind, FileRecord, FileStat, Manifest, Tablespace};
 use crate::basebackup::pack::Places;
 use crate::repo::Store;
@@ -78,17 +81,46 @@ const WALK_DIR: u32 = 1 << 31;
 
 impl Walk {
     /// The sources in this order.
+    #[cfg(test)]
     pub fn of(sources: Vec<Source>) -> Result<Walk, BackupError> {
         let mut walk = Walk {
             names: Names::default(),
             meta: Vec::with_capacity(sources.len()),
         };
         for s in sources {
-            walk.names.push(&s.rel)?;
-            walk.meta.push(s.mode | if s.is_dir { WALK_DIR } else { 0 });
+            walk.push(s)?;
         }
         walk.names.shrink_to_fit();
         Ok(walk)
+    }
+
+    fn push(&mut self, s: Source) -> Result<(), BackupError> {
+        self.names.push(&s.rel)?;
+        self.meta.push(s.mode | if s.is_dir { WALK_DIR } else { 0 });
+        Ok(())
+    }
+
+    /// The same sources in path order, but `last` (when there) after every other. Sorted
+    /// through their indexes, then copied once into room of the exact size: a walk of 300,963
+    /// files held as a `Source` each peaked at 71 MiB, most of the backup's peak.
+    fn sorted(self, last: &str) -> Result<Walk, BackupError> {
+        let key = |i: u32| {
+            let rel = self.names.get(i as usize);
+            (rel == last, rel)
+        };
+        let n = u32::try_from(self.len())
+            .map_err(|_| BackupError::Unsound("more than 4 billion files in one backup".into()))?;
+        let mut order: Vec<u32> = (0..n).collect();
+        // Paths are unique: sorted in place, with no scratch.
+        order.sort_unstable_by(|&a, &b| key(a).cmp(&key(b)));
+        let mut names = Names::default();
+        names.reserve(order.len(), self.names.bytes());
+        let mut meta = Vec::with_capacity(order.len());
+        for i in order {
+            names.push(self.names.get(i as usize))?;
+            meta.push(self.meta[i as usize]);
+        }
+        Ok(Walk { names, meta })
     }
 
     pub fn len(&self) -> usize {
@@ -110,35 +142,6 @@ impl Walk {
     }
 }
 
-/// Paths one after the other in one string, each found by where it ends.
-#[derive(Debug, Default)]
-pub(super) struct Names {
-    text: String,
-    ends: Vec<u32>,
-}
-
-impl Names {
-    /// Add `name`; its index.
-    pub fn push(&mut self, name: &str) -> Result<usize, BackupError> {
-        self.text.push_str(name);
-        let end = u32::try_from(self.text.len())
-            .map_err(|_| BackupError::Unsound("more than 4 GiB of paths in one backup".into()))?;
-        self.ends.push(end);
-        Ok(self.ends.len() - 1)
-    }
-
-    /// Name `at`.
-    pub fn get(&self, at: usize) -> &str {
-        let start = if at == 0 { 0 } else { self.ends[at - 1] as usize };
-        &self.text[start..self.ends[at] as usize]
-    }
-
-    fn shrink_to_fit(&mut self) {
-        self.text.shrink_to_fit();
-        self.ends.shrink_to_fit();
-    }
-}
-
 /// The files and directories a backup copies.
 #[derive(Debug)]
 pub(super) struct Inventory {
@@ -157,11 +160,9 @@ pub(super) struct Inventory {
 impl Inventory {
     /// Walk `pgdata`, whose examination starts at `examined_after_ns` on this host's clock.
     pub fn take(pgdata: &Path, examined_after_ns: i64) -> Result<Inventory, BackupError> {
-        let (mut sources, tablespaces, roots) = walk(pgdata)?;
-        // Stable: every other source stays in path order.
-        sources.sort_by_key(|s| s.rel == CONTROL_FILE);
+        let (sources, tablespaces, roots) = walk(pgdata)?;
         Ok(Inventory {
-            sources: Walk::of(sources)?,
+            sources: sources.sorted(CONTROL_FILE)?,
             tablespaces,
             roots,
             examined_after_ns,
@@ -211,9 +212,9 @@ pub(super) fn wall_clock_ns() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// List the data directory and tablespaces, applying PostgreSQL's exclusions.
-fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>, Roots), BackupError> {
-    let mut out = Vec::new();
+/// List the data directory and tablespaces, applying PostgreSQL's exclusions (in no order).
+fn walk(pgdata: &Path) -> Result<(Walk, Vec<Tablespace>, Roots), BackupError> {
+    let mut out = Walk::default();
     let mut tablespaces = Vec::new();
     let mut roots = Roots::of(pgdata);
     let mut stack = vec![(pgdata.to_path_buf(), String::new())];
@@ -221,14 +222,11 @@ fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>, Roots), BackupEr
         let Some(listed) = list_dir(&dir, &rel_dir)? else {
             continue;
         };
-        let names: Vec<&str> = listed.iter().map(String::as_str).collect();
-        let unlogged = exclude::unlogged_files(&names);
-        let unlogged: Vec<String> = unlogged.into_iter().map(str::to_string).collect();
-        drop(names);
-        for name in listed {
-            let abs = dir.join(&name);
+        let unlogged = exclude::unlogged_files(listed.iter());
+        for name in listed.iter() {
+            let abs = dir.join(name);
             let rel = if rel_dir.is_empty() {
-                name.clone()
+                name.to_string()
             } else {
                 format!("{rel_dir}/{name}")
             };
@@ -251,7 +249,7 @@ fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>, Roots), BackupEr
                         rel: rel.clone(),
                         is_dir: true,
                         mode: 0o700,
-                    });
+                    })?;
                     stack.push((target, rel));
                 }
                 continue;
@@ -265,21 +263,19 @@ fn walk(pgdata: &Path) -> Result<(Vec<Source>, Vec<Tablespace>, Roots), BackupEr
             let source = Source { rel, is_dir, mode };
             match exclude::decide(&source.rel, is_dir) {
                 Decision::Skip => {}
-                Decision::EmptyDir => push_empty_dir(&mut out, source, &abs),
+                Decision::EmptyDir => push_empty_dir(&mut out, source, &abs)?,
                 Decision::Include if is_dir => {
                     stack.push((abs, source.rel.clone()));
-                    out.push(source);
+                    out.push(source)?;
                 }
                 Decision::Include => {
-                    if !unlogged.contains(&name) {
-                        out.push(source);
+                    if !unlogged.contains(name) {
+                        out.push(source)?;
                     }
                 }
             }
         }
     }
-    // Paths are unique: sorted in place, with no scratch the size of the list.
-    out.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
     Ok((out, tablespaces, roots))
 }
 
@@ -291,30 +287,32 @@ fn read_err(p: &Path, source: std::io::Error) -> BackupError {
 }
 
 /// The UTF-8 names in `dir` (`rel_dir` in the backup); `None` when the directory was dropped
-/// while the walk went (DROP DATABASE): not an error, WAL replays it. (Names only: a path
-/// beside each took 100 bytes a file of a directory of 300,000 files.)
-fn list_dir(dir: &Path, rel_dir: &str) -> Result<Option<Vec<String>>, BackupError> {
+/// while the walk went (DROP DATABASE): not an error, WAL replays it. (Names only, in one
+/// string: a path beside each took 100 bytes a file of a directory of 300,000 files, a
+/// `String` each some 40.)
+fn list_dir(dir: &Path, rel_dir: &str) -> Result<Option<Names>, BackupError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel_dir.is_empty() => return Ok(None),
         Err(e) => return Err(read_err(dir, e)),
     };
-    let mut listed = Vec::new();
+    let mut listed = Names::default();
     for e in entries {
         let e = e.map_err(|err| read_err(dir, err))?;
-        let Ok(name) = e.file_name().into_string() else {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else {
             tracing::warn!(path = %e.path().display(), "skipping a file whose name is not UTF-8");
             continue;
         };
-        listed.push(name);
+        listed.push(name)?;
     }
     Ok(Some(listed))
 }
 
 /// A directory kept empty; for `pg_wal`, its subdirectories kept empty too, as basebackup.c
 /// sends them: archive_status, and from PostgreSQL 17 the WAL summarizer's summaries.
-fn push_empty_dir(out: &mut Vec<Source>, dir: Source, abs: &Path) {
-    let subdirs = if dir.rel == "pg_wal" {
+fn push_empty_dir(out: &mut Walk, dir: Source, abs: &Path) -> Result<(), BackupError> {
+    let subdirs: Vec<Source> = if dir.rel == "pg_wal" {
         ["archive_status", "summaries"]
             .into_iter()
             .filter(|sub| *sub == "archive_status" || abs.join(sub).is_dir())
@@ -327,16 +325,20 @@ fn push_empty_dir(out: &mut Vec<Source>, dir: Source, abs: &Path) {
     } else {
         vec![]
     };
-    out.push(dir);
-    out.extend(subdirs);
+    out.push(dir)?;
+    subdirs.into_iter().try_for_each(|s| out.push(s))
 }
 
 /// The backup a new one builds on: the newest of the same cluster, read once the backup holds
 /// its lock, so that every chunk it names stays in the repository until the new manifest is
 /// written (an expire collects chunks only when no backup lock is live).
 pub(super) struct Previous {
-    /// Shared with the chunk tasks' [`super::differences::DeltaBases`].
-    pub manifest: Arc<Manifest>,
+    /// Its manifest but for the entries and file records ([`PriorFiles`]): the packs, the
+    /// differences, the page checks.
+    pub frame: Arc<Manifest>,
+    /// Its entries and file records, shared with the chunk tasks'
+    /// [`super::differences::DeltaBases`].
+    pub files: Arc<PriorFiles>,
     /// Whether its unchanged files may be taken over unread ([`FileReading::Changed`]).
     pub take_over: bool,
     /// Chunks it names that are not to be relied on: with [`FileReading::All`], those whose
@@ -369,7 +371,7 @@ pub(super) async fn base_of(
         previous.absent = previous.absent_from(store).await?;
         if !previous.absent.is_empty() {
             tracing::warn!(
-                backup = %previous.manifest.id,
+                backup = %previous.frame.id,
                 chunks = previous.absent.len(),
                 "chunks of the previous backup are missing from the repository; storing them again"
             );
@@ -400,28 +402,45 @@ impl Previous {
         pg_version: u32,
         chunk_size: u64,
     ) -> Option<Previous> {
-        let manifest = match crate::catalog::load_manifest(store, sealer, id).await {
+        let paged = match crate::catalog::load_paged_manifest(store, sealer, id).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(backup = %id, "the previous backup cannot be read ({e}); reading every file");
                 return None;
             }
         };
-        if manifest.system_identifier != sysid
-            || manifest.pg_version != pg_version
-            || manifest.chunk_size != chunk_size
-        {
+        let m = paged.frame();
+        if m.system_identifier != sysid || m.pg_version != pg_version || m.chunk_size != chunk_size {
             tracing::info!(
                 backup = %id,
                 "the previous backup is of another cluster, version or chunk size; reading every file"
             );
             return None;
         }
-        Some(Previous {
-            manifest: Arc::new(manifest),
+        match Previous::of_paged(&paged) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(backup = %id, "the previous backup cannot be read ({e}); reading every file");
+                None
+            }
+        }
+    }
+
+    /// The previous backup whose stored manifest `paged` holds, its lists read compactly.
+    fn of_paged(paged: &PagedManifest) -> Result<Previous, BackupError> {
+        let files = PriorFiles::read(paged)?;
+        Ok(Previous {
+            frame: Arc::new(paged.frame().clone()),
+            files: Arc::new(files),
             take_over: true,
             absent: HashSet::new(),
         })
+    }
+
+    /// Backup `m` as the previous one, as a backup reads it from the repository.
+    #[cfg(test)]
+    pub fn of(m: &Manifest) -> Previous {
+        Previous::of_paged(&PagedManifest::of(m).expect("a valid manifest")).expect("a valid manifest")
     }
 
     /// The chunks it names whose pack (or, for a chunk stored on its own, whose object) the
@@ -442,41 +461,31 @@ impl Previous {
             .filter_map(|(k, size)| parse_chunk_key(k).filter(|_| *size > 0))
             .collect();
         let whole: HashSet<_> = self
-            .manifest
+            .frame
             .packs
             .iter()
             .filter(|p| packs.get(&p.id).is_some_and(|&size| size >= p.len()))
             .map(|p| p.id)
             .collect();
-        let places = self.manifest.places();
+        let places = self.frame.places();
         let stored = |c: &ChunkId| match places.get(c) {
             Some(place) => whole.contains(&place.pack),
             None => chunks.contains(c),
         };
-        Ok(self
-            .manifest
-            .entries
-            .iter()
-            .flat_map(|e| e.chunks.iter())
+        let mut absent = HashSet::new();
+        self.files.each_chunk(|c, _| {
             // A chunk stored as a difference needs its base too.
-            .filter(|c| !stored(c) || places.delta(c).is_some_and(|d| !stored(&d.base)))
-            .chain(
-                self.manifest
-                    .deltas
-                    .iter()
-                    .map(|d| &d.base)
-                    .filter(|b| !stored(b)),
-            )
-            .copied()
-            .collect())
+            if !stored(c) || places.delta(c).is_some_and(|d| !stored(&d.base)) {
+                absent.insert(*c);
+            }
+        });
+        absent.extend(self.frame.deltas.iter().map(|d| d.base).filter(|b| !stored(b)));
+        Ok(absent)
     }
 
     /// The stored length of every chunk it references and that is not [`Previous::absent`],
     /// when it recorded one (`None`: ask).
     pub fn chunk_lengths(&self) -> HashMap<[u8; 32], Option<u64>> {
-        // Both lists are sorted by path: one pass over the records finds each entry's (a map of
-        // every record by path took 13 MB at 300,000 files).
-        let mut records = self.manifest.files.iter().peekable();
         let mut lens: HashMap<[u8; 32], Option<u64>> = HashMap::new();
         // A length recorded for any reference to the chunk is its length.
         let mut note = |id: &ChunkId, len: Option<u64>| {
@@ -485,19 +494,13 @@ impl Previous {
                 *known = known.or(len);
             }
         };
-        for e in &self.manifest.entries {
-            while records.next_if(|r| r.path < e.path).is_some() {}
-            let stored = records.peek().filter(|r| r.path == e.path).map(|r| &r.stored);
-            for (i, id) in e.chunks.iter().enumerate() {
-                note(id, stored.and_then(|s| s.get(i).copied()));
-            }
-        }
+        self.files.each_chunk(&mut note);
         // The bases of its chunks stored as differences are stored whole: met again as content,
         // they are named as they are, never stored as a difference themselves (which would
         // leave the differences from them without a base to read).
-        if !self.manifest.deltas.is_empty() {
-            let places = Places::of(&self.manifest.packs);
-            for d in &self.manifest.deltas {
+        if !self.frame.deltas.is_empty() {
+            let places = Places::of(&self.frame.packs);
+            for d in &self.frame.deltas {
                 note(&d.base, places.get(&d.base).map(|p| p.len));
             }
         }
@@ -507,11 +510,10 @@ impl Previous {
     /// Its files, indexed for taking them over.
     pub fn base(&self) -> Base<'_> {
         Base {
-            id: &self.manifest.id,
-            entries: &self.manifest.entries,
-            records: &self.manifest.files,
+            id: &self.frame.id,
+            files: &self.files,
             examined_after_ns: self
-                .manifest
+                .frame
                 .files_examined_after_us
                 .map(|us| us.saturating_mul(1000)),
         }
@@ -521,10 +523,7 @@ impl Previous {
 /// The previous backup's files by path, and when it started examining them.
 pub(super) struct Base<'a> {
     id: &'a BackupId,
-    /// Sorted by path, as a manifest's lists are (checked as it was read): found by a binary
-    /// search (a map of each list by path took some 26 MB at 300,000 files).
-    entries: &'a [Entry],
-    records: &'a [FileRecord],
+    files: &'a PriorFiles,
     examined_after_ns: Option<i64>,
 }
 
@@ -541,31 +540,26 @@ impl Base<'_> {
     /// write since the previous backup read it; `clock_ns` is this backup's examination start.
     /// `None`: the file must be read.
     pub fn take_over(&self, src: At<'_>, stat: FileStat, clock_ns: i64) -> Option<TakenOver> {
-        let entry = &self.entries[self
-            .entries
-            .binary_search_by(|e| e.path.as_str().cmp(src.rel))
-            .ok()?];
-        let record = &self.records[self
-            .records
-            .binary_search_by(|r| r.path.as_str().cmp(src.rel))
-            .ok()?];
+        let at = self.files.find(src.rel)?;
+        let record = self.files.record(at)?;
         let prev_ns = self.examined_after_ns?;
         if let Err(why) = crate::basebackup::reuse::may_reuse(record.stat.as_ref(), prev_ns, &stat, clock_ns)
         {
             tracing::debug!(path = %src.rel, ?why, "reading");
             return None;
         }
+        let entry = self.files.entry(at);
         let mut taken = src.entry();
         taken.size = entry.size;
-        taken.chunks = entry.chunks.clone();
+        taken.chunks = entry.chunks;
         taken.within = entry.within;
         Some(TakenOver {
             entry: taken,
             record: FileRecord {
                 path: src.rel.to_string(),
-                stored: record.stored.clone(),
+                stored: record.stored,
                 stat: Some(stat),
-                read_by: Some(record.read_by.clone().unwrap_or_else(|| self.id.clone())),
+                read_by: Some(record.read_by.unwrap_or_else(|| self.id.clone())),
             },
         })
     }
@@ -699,57 +693,53 @@ mod tests {
     /// A previous backup that examined its files at t = 1000 s: `base/5/16384` read by it,
     /// `base/5/16390` taken over from an older backup, `base/5/16391` without a record.
     fn previous(examined_after_us: Option<i64>) -> Previous {
-        let record = |path: &str, stored: Vec<u64>, read_by: Option<&str>| FileRecord {
+        let record = |path: &str, size: u64, stored: Vec<u64>, read_by: Option<&str>| FileRecord {
             path: path.into(),
             stored,
-            stat: Some(stat(8192, 900)),
+            stat: Some(stat(size, 900)),
             read_by: read_by.map(|id| id.parse().unwrap()),
         };
-        Previous {
-            manifest: Arc::new(Manifest {
-                format: crate::basebackup::manifest::FORMAT_NAME.into(),
-                version: crate::basebackup::manifest::FORMAT_VERSION,
-                id: "20261122T143200Z".parse().unwrap(),
-                system_identifier: 7,
-                pg_version: 15,
-                timeline: crate::wal::lsn::tl(1),
-                start_lsn: Lsn(0x5000028),
-                stop_lsn: Lsn(0x5000100),
-                start_time_us: 0,
-                stop_time_us: 0,
-                start_wal: "000000010000000000000005".into(),
-                stop_wal: "000000010000000000000005".into(),
-                chunk_size: 1 << 20,
-                backup_label: String::new(),
-                tablespace_map: None,
-                tablespaces: vec![],
-                entries: vec![
-                    file("base/5/16384", 8192, &["ab", "cd"]),
-                    file("base/5/16390", 8192, &["ef"]),
-                    file("base/5/16391", 8192, &["01"]),
-                    crate::basebackup::manifest::Entry {
-                        within: Some(crate::basebackup::manifest::Within { at: 8192, of: 24576 }),
-                        ..file("base/5/16392", 8192, &["23"])
-                    },
-                ],
-                stats: Default::default(),
-                files_examined_after_us: examined_after_us,
-                files: vec![
-                    record("base/5/16384", vec![100, 200], None),
-                    record("base/5/16390", vec![300], Some("20261121T143200Z")),
-                    record("base/5/16392", vec![400], None),
-                ],
-                packs: vec![],
-                server_manifest: None,
-                incremental_from: None,
-                generation: 0,
-                deltas: vec![],
-                held: Default::default(),
-                page_checks: None,
-            }),
-            take_over: true,
-            absent: HashSet::new(),
-        }
+        Previous::of(&Manifest {
+            format: crate::basebackup::manifest::FORMAT_NAME.into(),
+            version: crate::basebackup::manifest::FORMAT_VERSION_WITHIN,
+            id: "20261122T143200Z".parse().unwrap(),
+            system_identifier: 7,
+            pg_version: 15,
+            timeline: crate::wal::lsn::tl(1),
+            start_lsn: Lsn(0x5000028),
+            stop_lsn: Lsn(0x5000100),
+            start_time_us: 0,
+            stop_time_us: 0,
+            start_wal: "000000010000000000000005".into(),
+            stop_wal: "000000010000000000000005".into(),
+            chunk_size: 8192,
+            backup_label: String::new(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            entries: vec![
+                file("base/5/16384", 16384, &["ab", "cd"]),
+                file("base/5/16390", 8192, &["ef"]),
+                file("base/5/16391", 8192, &["01"]),
+                crate::basebackup::manifest::Entry {
+                    within: Some(crate::basebackup::manifest::Within { at: 4096, of: 8192 }),
+                    ..file("base/5/16392", 4096, &["23"])
+                },
+            ],
+            stats: Default::default(),
+            files_examined_after_us: examined_after_us,
+            files: vec![
+                record("base/5/16384", 16384, vec![100, 200], None),
+                record("base/5/16390", 8192, vec![300], Some("20261121T143200Z")),
+                record("base/5/16392", 4096, vec![400], None),
+            ],
+            packs: vec![],
+            server_manifest: None,
+            incremental_from: None,
+            generation: 0,
+            deltas: vec![],
+            held: Default::default(),
+            page_checks: None,
+        })
     }
 
     fn source(rel: &str) -> At<'_> {
@@ -766,16 +756,16 @@ mod tests {
         let base = prev.base();
         let now = 2000 * S;
         let taken = base
-            .take_over(source("base/5/16384"), stat(8192, 900), now)
+            .take_over(source("base/5/16384"), stat(16384, 900), now)
             .unwrap();
-        assert_eq!(taken.entry, file("base/5/16384", 8192, &["ab", "cd"]));
+        assert_eq!(taken.entry, file("base/5/16384", 16384, &["ab", "cd"]));
         assert_eq!(
             taken.record,
             FileRecord {
                 path: "base/5/16384".into(),
                 stored: vec![100, 200],
-                stat: Some(stat(8192, 900)),
-                read_by: Some(prev.manifest.id.clone()),
+                stat: Some(stat(16384, 900)),
+                read_by: Some(prev.frame.id.clone()),
             }
         );
         // Taken over twice: still named after the backup that read it.
@@ -785,11 +775,11 @@ mod tests {
         assert_eq!(taken.record.read_by, Some("20261121T143200Z".parse().unwrap()));
         // A small file keeps its place in the chunk it shares with its neighbours.
         let taken = base
-            .take_over(source("base/5/16392"), stat(8192, 900), now)
+            .take_over(source("base/5/16392"), stat(4096, 900), now)
             .unwrap();
         assert_eq!(
             taken.entry.within,
-            Some(crate::basebackup::manifest::Within { at: 8192, of: 24576 })
+            Some(crate::basebackup::manifest::Within { at: 4096, of: 8192 })
         );
         assert_eq!(taken.entry.chunks, vec![ChunkId::from_hash([0x23; 32])]);
     }
@@ -800,24 +790,25 @@ mod tests {
         let base = prev.base();
         let now = 2000 * S;
         assert_eq!(
-            base.take_over(source("base/5/16384"), stat(16384, 900), now),
+            base.take_over(source("base/5/16384"), stat(32768, 900), now),
             None
         );
         assert_eq!(
-            base.take_over(source("base/5/16384"), stat(8192, 1500), now),
+            base.take_over(source("base/5/16384"), stat(16384, 1500), now),
             None
         );
         assert_eq!(base.take_over(source("base/5/16391"), stat(8192, 900), now), None);
         assert_eq!(base.take_over(source("base/5/99999"), stat(8192, 900), now), None);
         // The clock went back: nothing is compared.
         assert_eq!(
-            base.take_over(source("base/5/16384"), stat(8192, 900), 999 * S),
+            base.take_over(source("base/5/16384"), stat(16384, 900), 999 * S),
             None
         );
         // A manifest from before files were reused says nothing of when it examined them.
         let old = previous(None);
         assert_eq!(
-            old.base().take_over(source("base/5/16384"), stat(8192, 900), now),
+            old.base()
+                .take_over(source("base/5/16384"), stat(16384, 900), now),
             None
         );
     }

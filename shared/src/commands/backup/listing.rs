@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::BackupError;
-use super::inventory::{Names, Walk};
+use super::inventory::Walk;
+use super::names::Names;
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::manifest::written::{EachFile, Lists};
 use crate::basebackup::manifest::{BackupId, Entry, EntryKind, FileRecord, FileStat, ManifestError, Within};
@@ -230,8 +231,20 @@ impl Listing {
             ..Record::of(stat)
         };
         self.add_record(at, rec, stat.is_some())?;
-        let first = u32_of(self.places.len(), "chunks")?;
-        self.places.extend_from_slice(&entry.chunks);
+        // The small files of a shared chunk, taken over one after the other, share its place as
+        // they shared it when read.
+        let shared = match (&entry.within, &entry.chunks[..], self.places.last()) {
+            (Some(_), [id], Some(last)) if id == last => Some(self.places.len() - 1),
+            _ => None,
+        };
+        let first = match shared {
+            Some(place) => u32_of(place, "chunks")?,
+            None => {
+                let first = u32_of(self.places.len(), "chunks")?;
+                self.places.extend_from_slice(&entry.chunks);
+                first
+            }
+        };
         let item = &mut self.items[at];
         item.size = entry.size;
         item.first = first;
@@ -672,6 +685,44 @@ mod tests {
         frame.files = vec![];
         frame.version = 3;
         frame.validate_lists(&l).unwrap();
+    }
+
+    /// Small files taken over one after the other name their shared chunk through one place; a
+    /// file read whole that happens to hold the same chunk keeps a place of its own.
+    #[test]
+    fn small_files_taken_over_together_share_one_place() {
+        let mut l = Listing::default();
+        let by: BackupId = "20260101T000000Z".parse().unwrap();
+        let mut take = |path: &str, within: Option<Within>, chunk: u8| {
+            let at = l.push_file(path, 0o600, None).unwrap();
+            let e = Entry {
+                path: path.into(),
+                kind: EntryKind::File,
+                mode: 0o600,
+                size: 10,
+                chunks: vec![id(chunk)],
+                within,
+            };
+            let r = FileRecord {
+                path: path.into(),
+                stored: vec![20],
+                stat: Some(stat(10)),
+                read_by: Some(by.clone()),
+            };
+            l.taken_at(at, &e, &r).unwrap();
+        };
+        take("a", Some(Within { at: 0, of: 30 }), 1);
+        take("b", Some(Within { at: 10, of: 30 }), 1);
+        take("c", Some(Within { at: 20, of: 30 }), 1);
+        take("d", None, 1);
+        take("e", Some(Within { at: 0, of: 30 }), 2);
+        assert_eq!(l.places, [id(1), id(1), id(2)]);
+        l.seal().unwrap();
+        let (entries, files) = l.lists();
+        let chunks: Vec<&[ChunkId]> = entries.iter().map(|e| &e.chunks[..]).collect();
+        assert_eq!(chunks, [&[id(1)][..], &[id(1)], &[id(1)], &[id(1)], &[id(2)]]);
+        assert_eq!(entries[1].within, Some(Within { at: 10, of: 30 }));
+        assert!(files.iter().all(|f| f.stored == [20]));
     }
 
     #[test]

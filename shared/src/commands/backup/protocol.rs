@@ -489,7 +489,7 @@ pub(super) async fn increment_of(
     let Some(previous) = previous else {
         return full("the repository holds no backup of this cluster to build on".into());
     };
-    let m = &previous.manifest;
+    let m = &previous.frame;
     let Some(blob) = &m.server_manifest else {
         return full(format!(
             "the newest backup, {}, was not taken over the replication protocol",
@@ -524,13 +524,12 @@ pub(super) async fn increment_of(
             ),
         )));
     }
-    let files = m
-        .entries
-        .iter()
+    let prior = &previous.files;
+    let files = (0..prior.len())
         // A file sharing its chunk with others comes from a backup of the files, which has no
         // server manifest to build on: never here, and never built on.
-        .filter(|e| e.kind == EntryKind::File && e.within.is_none())
-        .map(|e| (e.path.clone(), e.clone()))
+        .filter(|&at| prior.is_file(at) && !prior.is_within(at))
+        .map(|at| (prior.path(at).to_string(), prior.entry(at)))
         .collect();
     tracing::info!(base = %m.id, "incremental backup on top of {}", m.id);
     Ok(Some(Increment {

@@ -396,13 +396,12 @@ mod tests {
         let mut manifest =
             Manifest::parse(include_bytes!("../../../tests/fixtures/manifest-v1.json")).unwrap();
         manifest.chunk_size = CS;
+        manifest.version = crate::basebackup::manifest::FORMAT_VERSION;
         (manifest.entries, manifest.files) = copied.listing.lists();
         manifest.packs = copied.packs;
-        Previous {
-            manifest: std::sync::Arc::new(manifest),
-            take_over: false,
-            absent: Default::default(),
-        }
+        let mut previous = Previous::of(&manifest);
+        previous.take_over = false;
+        previous
     }
 
     /// The incremental member carrying `blocks` of `new`, truncated at `truncation`.
@@ -425,12 +424,14 @@ mod tests {
     async fn rebuilt(prior_content: &[u8], member: &[u8], piece: usize) -> (Vec<u8>, u64) {
         let store = store();
         let previous = previous_backup(&store, prior_content).await;
-        let m = &previous.manifest;
+        let files = &previous.files;
         let prior = Prior {
             store: store.reader(),
             sealer: Sealer::plain(),
-            places: Arc::new(m.places()),
-            files: m.entries.iter().map(|e| (e.path.clone(), e.clone())).collect(),
+            places: Arc::new(previous.frame.places()),
+            files: (0..files.len())
+                .map(|at| (files.path(at).to_string(), files.entry(at)))
+                .collect(),
             chunk_size: CS,
             block_size: BS,
         };

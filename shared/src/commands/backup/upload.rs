@@ -619,12 +619,12 @@ impl Copier {
         listing.seal()?;
         if let (true, Some(p)) = (checking, previous) {
             let taken: HashSet<&str> = listing.taken_paths().collect();
-            tally.carry(&p.manifest, &taken);
+            tally.carry(&p.frame, &taken);
         }
         let deltas = deltas_named(listing.chunk_ids(), &written, new_deltas, previous);
         let packs = packs_named(
             written,
-            previous.map_or(&[][..], |p| &p.manifest.packs),
+            previous.map_or(&[][..], |p| &p.frame.packs),
             listing.chunk_ids(),
             &deltas,
         );
