@@ -121,6 +121,8 @@ impl PriorFiles {
             None => (0, 0),
         };
         let first = u32_of(self.refs.len() as u64, &e.path, "chunks")?;
+        // Its end fits too: `first + count` is computed in 32 bits.
+        u32_of((self.refs.len() + e.chunks.len()) as u64, &e.path, "chunks")?;
         for id in &e.chunks {
             if self.ids.last() != Some(id) {
                 self.ids.push(*id);
@@ -182,6 +184,7 @@ impl PriorFiles {
             },
         };
         let first = u32_of(self.stored.len() as u64, &r.path, "chunks")?;
+        u32_of((self.stored.len() + r.stored.len()) as u64, &r.path, "chunks")?;
         for len in &r.stored {
             self.stored.push(u32_of(*len, &r.path, "a stored length")?);
         }
