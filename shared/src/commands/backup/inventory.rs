@@ -541,13 +541,15 @@ impl Base<'_> {
     /// `None`: the file must be read.
     pub fn take_over(&self, src: At<'_>, stat: FileStat, clock_ns: i64) -> Option<TakenOver> {
         let at = self.files.find(src.rel)?;
-        let record = self.files.record(at)?;
         let prev_ns = self.examined_after_ns?;
-        if let Err(why) = crate::basebackup::reuse::may_reuse(record.stat.as_ref(), prev_ns, &stat, clock_ns)
+        // Checked before the record is built: a file that changed is read, and needs none.
+        if let Err(why) =
+            crate::basebackup::reuse::may_reuse(self.files.stat(at).as_ref(), prev_ns, &stat, clock_ns)
         {
             tracing::debug!(path = %src.rel, ?why, "reading");
             return None;
         }
+        let record = self.files.record(at)?;
         let entry = self.files.entry(at);
         let mut taken = src.entry();
         taken.size = entry.size;
@@ -570,7 +572,6 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     use super::*;
-    use crate::wal::Lsn;
 
     fn write(path: &Path, mode: u32) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -699,47 +700,27 @@ mod tests {
             stat: Some(stat(size, 900)),
             read_by: read_by.map(|id| id.parse().unwrap()),
         };
-        Previous::of(&Manifest {
-            format: crate::basebackup::manifest::FORMAT_NAME.into(),
-            version: crate::basebackup::manifest::FORMAT_VERSION_WITHIN,
-            id: "20261122T143200Z".parse().unwrap(),
-            system_identifier: 7,
-            pg_version: 15,
-            timeline: crate::wal::lsn::tl(1),
-            start_lsn: Lsn(0x5000028),
-            stop_lsn: Lsn(0x5000100),
-            start_time_us: 0,
-            stop_time_us: 0,
-            start_wal: "000000010000000000000005".into(),
-            stop_wal: "000000010000000000000005".into(),
-            chunk_size: 8192,
-            backup_label: String::new(),
-            tablespace_map: None,
-            tablespaces: vec![],
-            entries: vec![
-                file("base/5/16384", 16384, &["ab", "cd"]),
-                file("base/5/16390", 8192, &["ef"]),
-                file("base/5/16391", 8192, &["01"]),
-                crate::basebackup::manifest::Entry {
-                    within: Some(crate::basebackup::manifest::Within { at: 4096, of: 8192 }),
-                    ..file("base/5/16392", 4096, &["23"])
-                },
-            ],
-            stats: Default::default(),
-            files_examined_after_us: examined_after_us,
-            files: vec![
-                record("base/5/16384", 16384, vec![100, 200], None),
-                record("base/5/16390", 8192, vec![300], Some("20261121T143200Z")),
-                record("base/5/16392", 4096, vec![400], None),
-            ],
-            packs: vec![],
-            server_manifest: None,
-            incremental_from: None,
-            generation: 0,
-            deltas: vec![],
-            held: Default::default(),
-            page_checks: None,
-        })
+        let mut m = crate::catalog::testing::manifest("20261122T143200Z", 1, 5, 1_000_000);
+        m.version = crate::basebackup::manifest::FORMAT_VERSION_WITHIN;
+        "000000010000000000000005".clone_into(&mut m.start_wal);
+        "000000010000000000000005".clone_into(&mut m.stop_wal);
+        m.chunk_size = 8192;
+        m.entries = vec![
+            file("base/5/16384", 16384, &["ab", "cd"]),
+            file("base/5/16390", 8192, &["ef"]),
+            file("base/5/16391", 8192, &["01"]),
+            crate::basebackup::manifest::Entry {
+                within: Some(crate::basebackup::manifest::Within { at: 4096, of: 8192 }),
+                ..file("base/5/16392", 4096, &["23"])
+            },
+        ];
+        m.files_examined_after_us = examined_after_us;
+        m.files = vec![
+            record("base/5/16384", 16384, vec![100, 200], None),
+            record("base/5/16390", 8192, vec![300], Some("20261121T143200Z")),
+            record("base/5/16392", 4096, vec![400], None),
+        ];
+        Previous::of(&m)
     }
 
     fn source(rel: &str) -> At<'_> {

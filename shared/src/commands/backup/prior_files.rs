@@ -301,6 +301,19 @@ impl PriorFiles {
         }
     }
 
+    /// What entry `at`'s file record says `stat` saw, when it has a record with a stat.
+    pub(super) fn stat(&self, at: usize) -> Option<FileStat> {
+        let i = self.items[at];
+        let r = self.records.get(i.record as usize)?;
+        (i.flags & STAT != 0).then_some(FileStat {
+            size: i.size,
+            mtime_ns: r.mtime_ns,
+            ctime_ns: r.ctime_ns,
+            ino: r.ino,
+            dev: r.dev,
+        })
+    }
+
     /// Entry `at`'s file record, as the manifest listed it, when it has one.
     pub(super) fn record(&self, at: usize) -> Option<FileRecord> {
         let i = self.items[at];
@@ -308,13 +321,7 @@ impl PriorFiles {
         Some(FileRecord {
             path: self.path(at).to_string(),
             stored: self.stored_of(at)?.iter().map(|&l| u64::from(l)).collect(),
-            stat: (i.flags & STAT != 0).then_some(FileStat {
-                size: i.size,
-                mtime_ns: r.mtime_ns,
-                ctime_ns: r.ctime_ns,
-                ino: r.ino,
-                dev: r.dev,
-            }),
+            stat: self.stat(at),
             read_by: match r.read_by {
                 0 => None,
                 n => Some(self.readers[n as usize - 1].clone()),
