@@ -507,6 +507,17 @@ impl Previous {
         lens
     }
 
+    /// Whether a file it read may be taken over as it is now, for a thread of its own (see
+    /// [`Unchanged`]); `None` when its files may not be taken over.
+    pub fn unchanged(&self, clock_ns: i64) -> Option<Unchanged> {
+        Some(Unchanged {
+            files: Arc::clone(&self.files),
+            prev_ns: self.frame.files_examined_after_us?.saturating_mul(1000),
+            clock_ns,
+        })
+        .filter(|_| self.take_over)
+    }
+
     /// Its files, indexed for taking them over.
     pub fn base(&self) -> Base<'_> {
         Base {
@@ -525,6 +536,31 @@ pub(super) struct Base<'a> {
     id: &'a BackupId,
     files: &'a PriorFiles,
     examined_after_ns: Option<i64>,
+}
+
+/// The rule that takes a file over ([`crate::basebackup::reuse`]) against the previous backup's
+/// files, owned: what opens files ahead asks it first, on a `stat` of the path, and opens only
+/// the files it does not take (a file taken over needs no descriptor: its `open`, `fstat` and
+/// `close` were most of a backup that changed nothing).
+pub(super) struct Unchanged {
+    files: Arc<PriorFiles>,
+    prev_ns: i64,
+    clock_ns: i64,
+}
+
+impl Unchanged {
+    /// Whether the file at `rel`, as `stat` sees it now, is the one the previous backup read.
+    pub fn holds(&self, rel: &str, stat: &FileStat) -> bool {
+        self.files.find(rel).is_some_and(|at| {
+            crate::basebackup::reuse::may_reuse(
+                self.files.stat(at).as_ref(),
+                self.prev_ns,
+                stat,
+                self.clock_ns,
+            )
+            .is_ok()
+        })
+    }
 }
 
 /// A file taken over from the previous backup unread: its entry with the previous chunks, and

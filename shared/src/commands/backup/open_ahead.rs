@@ -10,14 +10,25 @@ use std::sync::Arc;
 
 use super::BackupError;
 use super::control::CONTROL_FILE;
-use super::inventory::{At, Roots, Walk};
+use super::inventory::{At, Roots, Unchanged, Walk};
+use crate::basebackup::manifest::FileStat;
 
 /// Files opened and not yet taken by the copier, at most (each holds a descriptor; with the one
 /// being handed over and the copier's own, two more are open).
 pub const OPEN_AHEAD: usize = 64;
 
 /// A file opened with what `fstat` said of it; `None` when it was dropped since the walk.
-pub(super) type Opened = Option<(std::fs::File, std::fs::Metadata)>;
+pub(super) type Opened = Option<Ahead>;
+
+/// A file as the thread left it for the copier.
+#[derive(Debug)]
+pub(super) enum Ahead {
+    /// Opened, with what `fstat` said of it.
+    Open(std::fs::File, std::fs::Metadata),
+    /// Not opened: a `stat` of its path found it as the previous backup read it
+    /// ([`Unchanged::holds`]), to be taken over.
+    Unchanged(FileStat),
+}
 
 /// The files of a backup being opened ahead, in order.
 pub(super) struct OpenAhead {
@@ -27,8 +38,9 @@ pub(super) struct OpenAhead {
 }
 
 impl OpenAhead {
-    /// Start opening every source that [`opens`] says the copier opens, in order.
-    pub(super) fn start(sources: Arc<Walk>, roots: &Roots) -> OpenAhead {
+    /// Start opening every source that [`opens`] says the copier opens, in order, but those
+    /// `unchanged` holds as they are.
+    pub(super) fn start(sources: Arc<Walk>, roots: &Roots, unchanged: Option<Unchanged>) -> OpenAhead {
         let (tx, rx) = tokio::sync::mpsc::channel(OPEN_AHEAD);
         let on_disk = roots.clone();
         // Ends when every file is opened, or when the copier stops taking them (it failed). Not
@@ -37,7 +49,8 @@ impl OpenAhead {
             .name("walvault-open".into())
             .spawn(move || {
                 for (at, src) in sources.iter().enumerate().filter(|(_, s)| opens(s)) {
-                    if tx.blocking_send((at, open(&on_disk.path(src.rel)))).is_err() {
+                    let ahead = open(&on_disk.path(src.rel), src.rel, unchanged.as_ref());
+                    if tx.blocking_send((at, ahead)).is_err() {
                         return;
                     }
                 }
@@ -71,10 +84,21 @@ pub(super) fn opens(src: &At<'_>) -> bool {
     !src.is_dir && src.rel != CONTROL_FILE
 }
 
-/// Open `abs` and `fstat` it; `None` when it was dropped since the walk.
-fn open(abs: &Path) -> Result<Opened, BackupError> {
+/// `abs` (`rel` in the backup) left unopened when `unchanged` holds it as a `stat` of its path
+/// finds it (a regular file), else opened and `fstat`ed; `None` when it was dropped since the
+/// walk.
+fn open(abs: &Path, rel: &str, unchanged: Option<&Unchanged>) -> Result<Opened, BackupError> {
+    if let Some(u) = unchanged
+        && let Ok(meta) = std::fs::symlink_metadata(abs)
+        && meta.is_file()
+    {
+        let stat = crate::basebackup::reuse::file_stat(&meta);
+        if u.holds(rel, &stat) {
+            return Ok(Some(Ahead::Unchanged(stat)));
+        }
+    }
     match std::fs::File::open(abs).and_then(|f| f.metadata().map(|m| (f, m))) {
-        Ok(f) => Ok(Some(f)),
+        Ok((f, m)) => Ok(Some(Ahead::Open(f, m))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(BackupError::Read {
             path: abs.display().to_string(),
@@ -112,15 +136,88 @@ mod tests {
             .unwrap(),
         );
         let roots = Roots::of(dir.path());
-        let mut ahead = OpenAhead::start(Arc::clone(&sources), &roots);
+        let mut ahead = OpenAhead::start(Arc::clone(&sources), &roots, None);
         let mut lens = vec![];
         for (at, src) in sources.iter().enumerate().filter(|(_, s)| opens(s)) {
-            lens.push(ahead.next(at, src).await.unwrap().map(|(_, m)| m.len()));
+            lens.push(ahead.next(at, src).await.unwrap().map(|a| match a {
+                Ahead::Open(_, m) => m.len(),
+                Ahead::Unchanged(_) => panic!("nothing to take over"),
+            }));
         }
         assert_eq!(lens, [Some(3), None, Some(5)]);
         // Asked for another file than the next one opened: refused, not handed the wrong one.
-        let mut ahead = OpenAhead::start(Arc::clone(&sources), &roots);
+        let mut ahead = OpenAhead::start(Arc::clone(&sources), &roots, None);
         let err = ahead.next(3, sources.get(3)).await.unwrap_err();
         assert!(err.to_string().contains("out of step"), "{err}");
+    }
+
+    /// A file the previous backup read and that has not changed since is left unopened, found
+    /// by a `stat` of its path; one that changed, or that it never recorded, is opened.
+    #[tokio::test]
+    async fn unchanged_files_are_not_opened() {
+        use crate::basebackup::manifest::{Entry, EntryKind, FileRecord};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("base")).unwrap();
+        for (name, bytes) in [("a", &b"one"[..]), ("b", b"three"), ("c", b"seven")] {
+            std::fs::write(dir.path().join("base").join(name), bytes).unwrap();
+        }
+        let stat_of = |name: &str| {
+            crate::basebackup::reuse::file_stat(
+                &std::fs::metadata(dir.path().join("base").join(name)).unwrap(),
+            )
+        };
+        let mut m = crate::catalog::testing::manifest("20260101T000000Z", 1, 5, 2_000_000);
+        "000000010000000000000005".clone_into(&mut m.start_wal);
+        "000000010000000000000005".clone_into(&mut m.stop_wal);
+        let id = |c: char| c.to_string().repeat(64).parse().unwrap();
+        let file = |name: &str, size: u64, c: char| Entry {
+            path: format!("base/{name}"),
+            kind: EntryKind::File,
+            mode: 0o600,
+            size,
+            chunks: vec![id(c)],
+            within: None,
+        };
+        m.entries = vec![file("a", 3, 'a'), file("b", 5, 'b'), file("c", 5, 'c')];
+        let record = |name: &str, stat| FileRecord {
+            path: format!("base/{name}"),
+            stored: vec![9],
+            stat: Some(stat),
+            read_by: None,
+        };
+        // `b` was 5 bytes of other times when the previous backup read it; `c` has no record.
+        let mut then_b = stat_of("b");
+        then_b.mtime_ns -= 1;
+        m.files = vec![record("a", stat_of("a")), record("b", then_b)];
+        let now_ns = super::super::inventory::wall_clock_ns();
+        // The previous backup examined its files well after they were last written.
+        m.files_examined_after_us = Some(now_ns / 1000 + 10_000_000);
+        let previous = super::super::inventory::Previous::of(&m);
+        let sources = Arc::new(
+            Walk::of(vec![
+                source("base", true),
+                source("base/a", false),
+                source("base/b", false),
+                source("base/c", false),
+            ])
+            .unwrap(),
+        );
+        let unchanged = previous.unchanged(now_ns + 20_000_000_000);
+        let mut ahead = OpenAhead::start(Arc::clone(&sources), &Roots::of(dir.path()), unchanged);
+        let mut got = vec![];
+        for (at, src) in sources.iter().enumerate().filter(|(_, s)| opens(s)) {
+            got.push(match ahead.next(at, src).await.unwrap().unwrap() {
+                Ahead::Open(_, m) => format!("opened {}", m.len()),
+                Ahead::Unchanged(s) => format!("unchanged {}", s.size),
+            });
+        }
+        assert_eq!(got, ["unchanged 3", "opened 5", "opened 5"]);
+        // With this backup's clock before the previous one's, nothing is compared.
+        let unchanged = previous.unchanged(now_ns);
+        let mut ahead = OpenAhead::start(Arc::clone(&sources), &Roots::of(dir.path()), unchanged);
+        assert!(matches!(
+            ahead.next(1, sources.get(1)).await.unwrap(),
+            Some(Ahead::Open(..))
+        ));
     }
 }

@@ -20,7 +20,7 @@ use super::differences::{BaseRef, DeltaBases, Sealed, deltas_named, seal_delta};
 use super::file_reads::{Body, Buffers, Reads};
 use super::inventory::{At, Base, Inventory, Previous, Roots, TakenOver};
 use super::listing::{ItemNo, Listing, Place};
-use super::open_ahead::OpenAhead;
+use super::open_ahead::{Ahead, OpenAhead};
 use super::pages::{self, PageCheck, Tally};
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
 use crate::basebackup::manifest::{BackupStats, Delta, Entry, Tablespace, Within};
@@ -123,7 +123,8 @@ pub(super) async fn copy_files(
     // The walk's sources are the list's first entries, named by the walk.
     let listing = Listing::of_walk(Arc::clone(&sources));
     let mut copier = Copier::new(store, sealer, opts, previous, listing);
-    let mut opened = OpenAhead::start(Arc::clone(&sources), &roots);
+    let unchanged = previous.and_then(|p| p.unchanged(examined_after_ns));
+    let mut opened = OpenAhead::start(Arc::clone(&sources), &roots, unchanged);
     for (at, src) in sources.iter().enumerate() {
         copier
             .copy((at, src), &roots, &mut opened, base.as_ref(), examined_after_ns)
@@ -276,8 +277,21 @@ impl Copier {
             let bytes = control::read_control_file(&roots.path(src.rel), self.pg_version).await?;
             (Body::Bytes(bytes), None)
         } else {
-            let Some((f, meta)) = opened.next(at, src).await? else {
-                return Ok(());
+            let (f, meta) = match opened.next(at, src).await? {
+                None => return Ok(()),
+                Some(Ahead::Open(f, meta)) => (f, meta),
+                Some(Ahead::Unchanged(stat)) => {
+                    match base.and_then(|b| b.take_over(src, stat, clock_ns)) {
+                        Some(taken) => return self.take_over(at, taken),
+                        // Held by the same rule on the same files: never.
+                        None => {
+                            return Err(BackupError::Unsound(format!(
+                                "{} was found unchanged, then not",
+                                src.rel
+                            )));
+                        }
+                    }
+                }
             };
             // fstat before the first read: the content read holds every write before it.
             let stat = crate::basebackup::reuse::file_stat(&meta);
