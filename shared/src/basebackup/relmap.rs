@@ -179,9 +179,13 @@ impl StoredKind for RelationMap {
 /// Store backup `id`'s map (compressed, sealed like every object of the repository).
 pub async fn store(store: &WritableStore, sealer: &Sealer, map: &RelationMap) -> Result<(), RelMapError> {
     let key = layout::relation_map_key(&map.backup);
-    let json = serde_json::to_vec(map).expect("a relation map serializes");
+    // Serialized into the compressor as it goes: 200,000 relations are some 30 MB of JSON, and
+    // held whole with room for their compression they were a backup's peak of memory (73 MiB
+    // of heap at 300,963 files, heaptrack).
     let sealed = sealer
-        .seal(ObjectKind::Record, &key, &json, 3)
+        .seal_writer(ObjectKind::Record, &key, 3, |w| {
+            serde_json::to_writer(w, map).map_err(std::io::Error::other)
+        })
         .map_err(|e| RelMapError::Corrupt {
             key: key.clone(),
             message: e.to_string(),

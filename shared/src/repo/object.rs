@@ -752,6 +752,24 @@ impl Sealer {
         level: i32,
         write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
     ) -> std::io::Result<SealedObject> {
+        let sealed = self.seal_writer_parts(kind, name, level, write)?;
+        Ok(SealedObject {
+            header: sealed.header,
+            bytes: Bytes::from(sealed.body.concat()?),
+        })
+    }
+
+    /// [`Sealer::seal_writer`], the object left in its pieces of [`STREAM_PART`] bytes
+    /// ([`SealedBody::Parts`], header first), to be stored as they are
+    /// ([`crate::repo::WritableStore::put_new_parts`]): a backup's manifest is not held twice
+    /// (6.4 MiB each at 300,963 files).
+    pub fn seal_writer_parts(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        level: i32,
+        write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> std::io::Result<StreamSealed> {
         use std::io::Write;
         /// Feeds a [`StreamSealer`] what it is written.
         struct Feed<'a>(&'a mut StreamSealer);
@@ -769,11 +787,7 @@ impl Sealer {
         write(&mut buffered)?;
         buffered.flush()?;
         drop(buffered);
-        let sealed = stream.finish()?;
-        Ok(SealedObject {
-            header: sealed.header,
-            bytes: Bytes::from(sealed.body.concat()?),
-        })
+        stream.finish()
     }
 
     /// Compress and seal `content` as object `name` of `kind`.

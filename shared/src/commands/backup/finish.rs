@@ -15,7 +15,7 @@ use crate::basebackup::manifest::written::Lists;
 use crate::basebackup::manifest::{self, Manifest};
 use crate::repo::layout::{manifest_key, wal_key};
 use crate::repo::locks::Lock;
-use crate::repo::object::ObjectKind;
+use crate::repo::object::{ObjectKind, SealedBody};
 use crate::repo::store::{CreateSemantics, PutNew};
 use crate::repo::{Store, WritableStore};
 use crate::wal::{Lsn, SegmentName, WalFileName};
@@ -165,7 +165,7 @@ pub(super) async fn record(
         .map_err(|e| BackupError::Unsound(e.to_string()))?;
     let id = &manifest.id;
     let sealed = sealer
-        .seal_writer(ObjectKind::Manifest, id.as_str(), 3, |w| {
+        .seal_writer_parts(ObjectKind::Manifest, id.as_str(), 3, |w| {
             manifest.write_json(w, lists).map_err(std::io::Error::other)
         })
         .map_err(|e| BackupError::Read {
@@ -181,12 +181,15 @@ pub(super) async fn record(
     // A store that ignores create-only writes (Garage, and several S3 stores) would let a backup
     // started in the same second (a scheduled one and a manual one) replace the other's
     // manifest without a word: look first.
-    if store.create_semantics_for(sealed.bytes.len()) == CreateSemantics::CheckThenWrite
+    let SealedBody::Parts(parts) = sealed.body else {
+        unreachable!("sealed in memory")
+    };
+    if store.create_semantics_for(sealed.stored_len as usize) == CreateSemantics::CheckThenWrite
         && store.reader().size(&key).await?.is_some()
     {
         return Err(BackupError::Exists(manifest.id));
     }
-    if store.put_new(&key, sealed.bytes).await? == PutNew::AlreadyExists {
+    if store.put_new_parts(&key, parts).await?.0 == PutNew::AlreadyExists {
         return Err(BackupError::Exists(manifest.id));
     }
     manifest.entries = vec![];

@@ -14,7 +14,7 @@ use super::prior_files::PriorFiles;
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::exclude::{self, Decision};
 use crate::basebackup::manifest::paged::PagedManifest;
-use crate::basebackup::manifest::{BackupId, Entry, EntryKind, FileRecord, FileStat, Manifest, Tablespace};
+use crate::basebackup::manifest::{BackupId, FileStat, Manifest, Tablespace};
 use crate::basebackup::pack::Places;
 use crate::repo::Store;
 use crate::repo::object::Sealer;
@@ -46,24 +46,6 @@ pub(super) struct At<'a> {
     pub rel: &'a str,
     pub is_dir: bool,
     pub mode: u32,
-}
-
-impl At<'_> {
-    /// Its manifest entry, before any chunk is attached.
-    pub fn entry(&self) -> Entry {
-        Entry {
-            within: None,
-            path: self.rel.to_string(),
-            kind: if self.is_dir {
-                EntryKind::Dir
-            } else {
-                EntryKind::File
-            },
-            mode: self.mode,
-            size: 0,
-            chunks: vec![],
-        }
-    }
 }
 
 /// Every path of a walk in one string ([`Names`]), with each source's kind and mode: a
@@ -521,7 +503,6 @@ impl Previous {
     /// Its files, indexed for taking them over.
     pub fn base(&self) -> Base<'_> {
         Base {
-            id: &self.frame.id,
             files: &self.files,
             examined_after_ns: self
                 .frame
@@ -533,7 +514,6 @@ impl Previous {
 
 /// The previous backup's files by path, and when it started examining them.
 pub(super) struct Base<'a> {
-    id: &'a BackupId,
     files: &'a PriorFiles,
     examined_after_ns: Option<i64>,
 }
@@ -563,12 +543,12 @@ impl Unchanged {
     }
 }
 
-/// A file taken over from the previous backup unread: its entry with the previous chunks, and
-/// its record naming the backup that read it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A file taken over from the previous backup unread: the previous backup's entry `at` in its
+/// [`PriorFiles`], whose chunks, stored lengths and stat are the file's (the new backup's list
+/// names them there rather than copying them: [`super::listing::Listing::taken_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct TakenOver {
-    pub entry: Entry,
-    pub record: FileRecord,
+    pub at: usize,
 }
 
 impl Base<'_> {
@@ -578,28 +558,15 @@ impl Base<'_> {
     pub fn take_over(&self, src: At<'_>, stat: FileStat, clock_ns: i64) -> Option<TakenOver> {
         let at = self.files.find(src.rel)?;
         let prev_ns = self.examined_after_ns?;
-        // Checked before the record is built: a file that changed is read, and needs none.
         if let Err(why) =
             crate::basebackup::reuse::may_reuse(self.files.stat(at).as_ref(), prev_ns, &stat, clock_ns)
         {
             tracing::debug!(path = %src.rel, ?why, "reading");
             return None;
         }
-        let record = self.files.record(at)?;
-        let entry = self.files.entry(at);
-        let mut taken = src.entry();
-        taken.size = entry.size;
-        taken.chunks = entry.chunks;
-        taken.within = entry.within;
-        Some(TakenOver {
-            entry: taken,
-            record: FileRecord {
-                path: src.rel.to_string(),
-                stored: record.stored,
-                stat: Some(stat),
-                read_by: Some(record.read_by.unwrap_or_else(|| self.id.clone())),
-            },
-        })
+        // A file with no record names no stored lengths: read (never the case for a stat).
+        self.files.stored_of(at)?;
+        Some(TakenOver { at })
     }
 }
 
@@ -706,6 +673,8 @@ mod tests {
 
     const S: i64 = 1_000_000_000;
 
+    use crate::basebackup::manifest::{Entry, EntryKind, FileRecord};
+
     fn stat(size: u64, mtime_s: i64) -> FileStat {
         FileStat {
             size,
@@ -767,38 +736,63 @@ mod tests {
         }
     }
 
+    /// Taken over, a file is written with the previous backup's chunks and stored lengths, its
+    /// stat, the walk's mode and the backup that read it.
     #[test]
     fn unchanged_files_are_taken_over_with_their_chunks_and_reader() {
+        use crate::basebackup::manifest::Within;
         let prev = previous(Some(1000 * 1_000_000));
         let base = prev.base();
         let now = 2000 * S;
-        let taken = base
-            .take_over(source("base/5/16384"), stat(16384, 900), now)
-            .unwrap();
-        assert_eq!(taken.entry, file("base/5/16384", 16384, &["ab", "cd"]));
+        let paths = ["base/5/16384", "base/5/16390", "base/5/16392"];
+        let walk = Walk::of(
+            paths
+                .iter()
+                .map(|p| Source {
+                    rel: (*p).into(),
+                    is_dir: false,
+                    mode: 0o640,
+                })
+                .collect(),
+        )
+        .unwrap();
+        let prior = Some((Arc::clone(&prev.files), prev.frame.id.clone()));
+        let mut listing = super::super::listing::Listing::of_walk(Arc::new(walk), prior);
+        for (at, (path, size)) in paths.iter().zip([16384, 8192, 4096]).enumerate() {
+            let taken = base.take_over(source(path), stat(size, 900), now).unwrap();
+            assert_eq!(prev.files.path(taken.at), *path);
+            listing.taken_at(at, taken.at).unwrap();
+        }
+        listing.seal().unwrap();
+        let (entries, files) = listing.lists();
+        let mode = |e: Entry| Entry { mode: 0o640, ..e };
         assert_eq!(
-            taken.record,
-            FileRecord {
-                path: "base/5/16384".into(),
-                stored: vec![100, 200],
-                stat: Some(stat(16384, 900)),
-                read_by: Some(prev.frame.id.clone()),
-            }
+            entries,
+            [
+                mode(file("base/5/16384", 16384, &["ab", "cd"])),
+                mode(file("base/5/16390", 8192, &["ef"])),
+                Entry {
+                    within: Some(Within { at: 4096, of: 8192 }),
+                    ..mode(file("base/5/16392", 4096, &["23"]))
+                },
+            ]
         );
-        // Taken over twice: still named after the backup that read it.
-        let taken = base
-            .take_over(source("base/5/16390"), stat(8192, 900), now)
-            .unwrap();
-        assert_eq!(taken.record.read_by, Some("20261121T143200Z".parse().unwrap()));
-        // A small file keeps its place in the chunk it shares with its neighbours.
-        let taken = base
-            .take_over(source("base/5/16392"), stat(4096, 900), now)
-            .unwrap();
+        let record = |path: &str, size: u64, stored: Vec<u64>, read_by: &str| FileRecord {
+            path: path.into(),
+            stored,
+            stat: Some(stat(size, 900)),
+            read_by: Some(read_by.parse().unwrap()),
+        };
         assert_eq!(
-            taken.entry.within,
-            Some(crate::basebackup::manifest::Within { at: 4096, of: 8192 })
+            files,
+            [
+                record("base/5/16384", 16384, vec![100, 200], "20261122T143200Z"),
+                // Taken over twice: still named after the backup that read it.
+                record("base/5/16390", 8192, vec![300], "20261121T143200Z"),
+                record("base/5/16392", 4096, vec![400], "20261122T143200Z"),
+            ]
         );
-        assert_eq!(taken.entry.chunks, vec![ChunkId::from_hash([0x23; 32])]);
+        assert_eq!(listing.taken_paths().count(), 3);
     }
 
     #[test]

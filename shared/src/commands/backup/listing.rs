@@ -6,7 +6,7 @@
 //! Held as manifest entries and file records, each file took some 250 bytes (two copies of its
 //! path, a list of chunk ids of its own, a record with room for what is not known yet): 76 MiB
 //! of a backup's 123 MiB peak at 300,963 files. Here a file takes its path's bytes, 32 bytes of
-//! item, 40 of record, and 32 for each chunk of its own (the small files of a shared chunk name
+//! item, 32 of record, and 32 for each chunk of its own (the small files of a shared chunk name
 //! the same one).
 
 use std::collections::HashMap;
@@ -15,6 +15,7 @@ use std::sync::Arc;
 use super::BackupError;
 use super::inventory::Walk;
 use super::names::Names;
+use super::prior_files::PriorFiles;
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::manifest::written::{EachFile, Lists};
 use crate::basebackup::manifest::{BackupId, Entry, EntryKind, FileRecord, FileStat, ManifestError, Within};
@@ -34,6 +35,9 @@ const WITHIN: u8 = 2;
 const GONE: u8 = 4;
 /// Its record's stat vouches for it (else its record has none).
 const STAT: u8 = 8;
+/// Taken over from the previous backup unread: its chunks, stored lengths and stat are the
+/// previous backup's entry `record` in [`Listing::prior`], named there rather than copied.
+const TAKEN: u8 = 16;
 const NO_RECORD: u32 = u32::MAX;
 
 /// 32 bytes.
@@ -52,7 +56,8 @@ struct Item {
     flags: u8,
 }
 
-/// What is known of a file read or taken over, beyond its entry: 40 bytes.
+/// How `stat` saw a file this backup read, beyond its entry: 32 bytes (a file taken over has
+/// none: it names the previous backup's, [`TAKEN`]).
 #[derive(Debug, Clone, Copy, Default)]
 struct Record {
     /// `stat` less its size, which is the entry's ([`FileStat`]), when its item has `STAT`.
@@ -60,10 +65,6 @@ struct Record {
     ctime_ns: i64,
     ino: u64,
     dev: u64,
-    /// 1 + the index of the backup that read it in `readers`; 0: this one.
-    read_by: u32,
-    /// A file taken over: its stored lengths, `taken..taken + count` of `taken_lens`.
-    taken: u32,
 }
 
 /// See the module's documentation.
@@ -77,8 +78,8 @@ pub(super) struct Listing {
     items: Vec<Item>,
     places: Vec<ChunkId>,
     records: Vec<Record>,
-    taken_lens: Vec<u64>,
-    readers: Vec<BackupId>,
+    /// The previous backup's files, and its id: what the files taken over name.
+    prior: Option<(Arc<PriorFiles>, BackupId)>,
     /// Once sorted ([`Listing::seal`]): the items in path order.
     order: Vec<u32>,
     /// The stored length of every distinct chunk this backup stored or met.
@@ -109,7 +110,6 @@ impl Record {
             ctime_ns: s.ctime_ns,
             ino: s.ino,
             dev: s.dev,
-            ..Record::default()
         })
     }
 }
@@ -125,9 +125,15 @@ impl Listing {
     }
 
     /// A list whose first items are `walk`'s sources, each left out of the manifest until it
-    /// is copied ([`Listing::found`], [`Listing::file_at`], [`Listing::taken_at`]).
-    pub(super) fn of_walk(walk: Arc<Walk>) -> Listing {
+    /// is copied ([`Listing::found`], [`Listing::file_at`], [`Listing::taken_at`]). The files
+    /// it takes over are `prior`'s: the previous backup's files, and its id.
+    pub(super) fn of_walk(walk: Arc<Walk>, prior: Option<(Arc<PriorFiles>, BackupId)>) -> Listing {
         let mut l = Listing::with_capacity(walk.len());
+        if prior.is_some() {
+            // Most files are taken over, and those need no record of their own.
+            l.records = Vec::with_capacity(walk.len() / 8);
+        }
+        l.prior = prior;
         l.items.extend(walk.iter().map(|src| Item {
             size: 0,
             mode: mode_of(src.mode),
@@ -204,52 +210,40 @@ impl Listing {
         Ok(())
     }
 
-    /// Item `at` is a file taken over unread: its entry and record as the previous backup wrote
-    /// them.
-    pub(super) fn taken_at(
-        &mut self,
-        at: ItemNo,
-        entry: &Entry,
-        record: &FileRecord,
-    ) -> Result<(), BackupError> {
-        let read_by = match &record.read_by {
-            None => 0,
-            Some(id) => match self.readers.iter().position(|r| r == id) {
-                Some(i) => i + 1,
-                None => {
-                    self.readers.push(id.clone());
-                    self.readers.len()
-                }
-            },
+    /// The previous backup's files, when it builds on one.
+    pub(super) fn prior_files(&self) -> Option<&Arc<PriorFiles>> {
+        self.prior.as_ref().map(|(f, _)| f)
+    }
+
+    /// Item `at` is a file taken over unread: the previous backup's entry `prior_at`, whose
+    /// chunks, stored lengths and stat it names there ([`Listing::of_walk`]), with the mode
+    /// the walk saw. Nothing is copied: 32 bytes of item is all it costs.
+    pub(super) fn taken_at(&mut self, at: ItemNo, prior_at: usize) -> Result<(), BackupError> {
+        let Some((files, _)) = &self.prior else {
+            return Err(BackupError::Unsound(format!(
+                "{} was taken over from no previous backup",
+                self.path(at)
+            )));
         };
-        let stat = record.stat.filter(|s| s.size == entry.size);
-        let taken = u32_of(self.taken_lens.len(), "chunks")?;
-        self.taken_lens.extend_from_slice(&record.stored);
-        let rec = Record {
-            read_by: u32_of(read_by, "backups")?,
-            taken,
-            ..Record::of(stat)
-        };
-        self.add_record(at, rec, stat.is_some())?;
-        // The small files of a shared chunk, taken over one after the other, share its place as
-        // they shared it when read.
-        let shared = match (&entry.within, &entry.chunks[..], self.places.last()) {
-            (Some(_), [id], Some(last)) if id == last => Some(self.places.len() - 1),
-            _ => None,
-        };
-        let first = match shared {
-            Some(place) => u32_of(place, "chunks")?,
-            None => {
-                let first = u32_of(self.places.len(), "chunks")?;
-                self.places.extend_from_slice(&entry.chunks);
-                first
-            }
-        };
+        if !files.is_file(prior_at) || files.stored_of(prior_at).is_none() {
+            return Err(BackupError::Unsound(format!(
+                "{} was taken over from an entry with no file record",
+                self.path(at)
+            )));
+        }
+        let (size, count, within) = (
+            files.size(prior_at),
+            u32_of(files.chunk_count(prior_at), "chunks")?,
+            files.within(prior_at),
+        );
+        let stat = files.stat(prior_at).is_some();
         let item = &mut self.items[at];
-        item.size = entry.size;
-        item.first = first;
-        item.count = u32_of(entry.chunks.len(), "chunks")?;
-        if let Some(w) = entry.within {
+        item.size = size;
+        item.first = 0;
+        item.count = count;
+        item.record = u32_of(prior_at, "file records")?;
+        item.flags = TAKEN | if stat { STAT } else { 0 };
+        if let Some(w) = within {
             self.set_within(at, w)?;
         }
         Ok(())
@@ -367,7 +361,13 @@ impl Listing {
 
     /// Every chunk an entry names (those left out too: what they name is still the backup's).
     pub(super) fn chunk_ids(&self) -> impl Iterator<Item = &ChunkId> {
-        self.places.iter()
+        let taken = self.prior.iter().flat_map(|(files, _)| {
+            self.items
+                .iter()
+                .filter(|i| i.flags & TAKEN != 0)
+                .flat_map(|i| files.chunks(i.record as usize))
+        });
+        self.places.iter().chain(taken)
     }
 
     /// The paths of the files taken over unread.
@@ -375,13 +375,7 @@ impl Listing {
         self.items
             .iter()
             .enumerate()
-            .filter(|(_, i)| {
-                i.flags & GONE == 0
-                    && self
-                        .records
-                        .get(i.record as usize)
-                        .is_some_and(|r| r.read_by != 0)
-            })
+            .filter(|(_, i)| i.flags & GONE == 0 && i.flags & TAKEN != 0)
             .map(|(at, _)| self.path(at))
     }
 
@@ -401,7 +395,7 @@ impl Listing {
             let owner = (0..self.items.len())
                 .find(|&i| {
                     let it = self.items[i];
-                    (it.first as usize..(it.first + it.count) as usize).contains(&at)
+                    it.flags & TAKEN == 0 && (it.first as usize..(it.first + it.count) as usize).contains(&at)
                 })
                 .map_or("a file", |i| self.path(i));
             return Err(BackupError::Unsound(format!(
@@ -428,7 +422,12 @@ impl Listing {
             },
             mode: u32::from(i.mode),
             size: i.size,
-            chunks: self.places[i.first as usize..(i.first + i.count) as usize].to_vec(),
+            chunks: match &self.prior {
+                Some((files, _)) if i.flags & TAKEN != 0 => {
+                    files.chunks(i.record as usize).copied().collect()
+                }
+                _ => self.places[i.first as usize..(i.first + i.count) as usize].to_vec(),
+            },
             within: (i.flags & WITHIN != 0).then_some(Within {
                 at: u64::from(i.at),
                 of: u64::from(i.of),
@@ -439,28 +438,39 @@ impl Listing {
     /// Item `at`'s file record, when it has one and chunks.
     fn record(&self, at: ItemNo, e: &Entry) -> Result<Option<FileRecord>, ManifestError> {
         let i = self.items[at];
-        let Some(r) = self.records.get(i.record as usize) else {
-            return Ok(None);
-        };
         if e.chunks.is_empty() {
             return Ok(None);
         }
-        let stored = if r.read_by == 0 {
-            e.chunks
-                .iter()
-                .map(|c| {
-                    self.lens
-                        .get(c.hash())
-                        .copied()
-                        .ok_or_else(|| ManifestError::Entry {
-                            path: e.path.clone(),
-                            why: format!("its chunk {c} has no stored length"),
-                        })
-                })
-                .collect::<Result<Vec<u64>, _>>()?
-        } else {
-            self.taken_lens[r.taken as usize..r.taken as usize + e.chunks.len()].to_vec()
+        if let Some((files, id)) = self.prior.as_ref().filter(|_| i.flags & TAKEN != 0) {
+            let p = i.record as usize;
+            return Ok(Some(FileRecord {
+                path: e.path.clone(),
+                stored: files
+                    .stored_of(p)
+                    .unwrap_or(&[])
+                    .iter()
+                    .map(|&l| u64::from(l))
+                    .collect(),
+                stat: files.stat(p),
+                read_by: Some(files.reader(p).unwrap_or(id).clone()),
+            }));
+        }
+        let Some(r) = self.records.get(i.record as usize) else {
+            return Ok(None);
         };
+        let stored = e
+            .chunks
+            .iter()
+            .map(|c| {
+                self.lens
+                    .get(c.hash())
+                    .copied()
+                    .ok_or_else(|| ManifestError::Entry {
+                        path: e.path.clone(),
+                        why: format!("its chunk {c} has no stored length"),
+                    })
+            })
+            .collect::<Result<Vec<u64>, _>>()?;
         Ok(Some(FileRecord {
             path: e.path.clone(),
             stored,
@@ -471,7 +481,7 @@ impl Listing {
                 ino: r.ino,
                 dev: r.dev,
             }),
-            read_by: (r.read_by != 0).then(|| self.readers[r.read_by as usize - 1].clone()),
+            read_by: None,
         }))
     }
 
@@ -553,12 +563,12 @@ mod tests {
         }
     }
 
-    /// What a file costs the list: 32 bytes of item and 40 of record, besides its path and
+    /// What a file costs the list: 32 bytes of item and 32 of record, besides its path and
     /// chunks. A mode that does not fit an item's 16 bits stays one the manifest refuses.
     #[test]
     fn items_and_records_stay_small_and_an_odd_mode_stays_refused() {
         assert_eq!(std::mem::size_of::<Item>(), 32);
-        assert_eq!(std::mem::size_of::<Record>(), 40);
+        assert_eq!(std::mem::size_of::<Record>(), 32);
         assert_eq!(mode_of(0o600), 0o600);
         assert_eq!(mode_of(0o100_600), 0o100_600);
         assert_ne!(
@@ -596,7 +606,7 @@ mod tests {
             src("base/gone", false),
         ])
         .unwrap();
-        let mut l = Listing::of_walk(Arc::new(walk));
+        let mut l = Listing::of_walk(Arc::new(walk), None);
         l.found(0);
         l.found(2);
         let big = 4;
@@ -616,18 +626,18 @@ mod tests {
             chunks: vec![id(9)],
             within: None,
         };
-        let by: BackupId = "20260101T000000Z".parse().unwrap();
-        l.taken_at(
-            1,
-            &previous,
-            &FileRecord {
+        let by: BackupId = "20251201T000000Z".parse().unwrap();
+        let files = PriorFiles::testing(
+            vec![previous.clone()],
+            vec![FileRecord {
                 path: "base/0".into(),
                 stored: vec![99],
                 stat: Some(stat(7)),
                 read_by: Some(by.clone()),
-            },
-        )
-        .unwrap();
+            }],
+        );
+        l.prior = Some((Arc::new(files), "20260101T000000Z".parse().unwrap()));
+        l.taken_at(1, 0).unwrap();
         // A directory of a stream, after the walk's.
         l.push_dir("pg_wal", 0o700).unwrap();
         // Backwards, the shared chunk among them; one chunk met twice is stored once.
@@ -687,42 +697,65 @@ mod tests {
         frame.validate_lists(&l).unwrap();
     }
 
-    /// Small files taken over one after the other name their shared chunk through one place; a
-    /// file read whole that happens to hold the same chunk keeps a place of its own.
+    /// Files taken over name the previous backup's chunks, stored lengths and stat where it
+    /// holds them: no chunk place and no record of their own. Its own reads are named after it.
     #[test]
-    fn small_files_taken_over_together_share_one_place() {
-        let mut l = Listing::default();
-        let by: BackupId = "20260101T000000Z".parse().unwrap();
-        let mut take = |path: &str, within: Option<Within>, chunk: u8| {
-            let at = l.push_file(path, 0o600, None).unwrap();
-            let e = Entry {
-                path: path.into(),
-                kind: EntryKind::File,
-                mode: 0o600,
-                size: 10,
-                chunks: vec![id(chunk)],
-                within,
-            };
-            let r = FileRecord {
-                path: path.into(),
-                stored: vec![20],
-                stat: Some(stat(10)),
-                read_by: Some(by.clone()),
-            };
-            l.taken_at(at, &e, &r).unwrap();
+    fn files_taken_over_cost_their_item_alone() {
+        let file = |path: &str, within: Option<Within>, chunk: u8| Entry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            size: 10,
+            chunks: vec![id(chunk)],
+            within,
         };
-        take("a", Some(Within { at: 0, of: 30 }), 1);
-        take("b", Some(Within { at: 10, of: 30 }), 1);
-        take("c", Some(Within { at: 20, of: 30 }), 1);
-        take("d", None, 1);
-        take("e", Some(Within { at: 0, of: 30 }), 2);
-        assert_eq!(l.places, [id(1), id(1), id(2)]);
+        let record = |path: &str, read_by: Option<&str>| FileRecord {
+            path: path.into(),
+            stored: vec![20],
+            stat: Some(stat(10)),
+            read_by: read_by.map(|b| b.parse().unwrap()),
+        };
+        let entries = vec![
+            file("a", Some(Within { at: 0, of: 30 }), 1),
+            file("b", Some(Within { at: 10, of: 30 }), 1),
+            file("c", None, 2),
+            file("d", None, 3),
+        ];
+        let files = PriorFiles::testing(
+            entries.clone(),
+            vec![
+                record("a", None),
+                record("b", Some("20251201T000000Z")),
+                record("c", None),
+            ],
+        );
+        let mut l = Listing {
+            prior: Some((Arc::new(files), "20260101T000000Z".parse().unwrap())),
+            ..Listing::default()
+        };
+        for (prior_at, path) in ["a", "b", "c"].into_iter().enumerate() {
+            let at = l.push(path, 0o600, 0).unwrap();
+            assert!(l.taken_at(at, 3).is_err(), "an entry without a record is read");
+            l.taken_at(at, prior_at).unwrap();
+        }
+        assert!(l.places.is_empty() && l.records.is_empty());
         l.seal().unwrap();
-        let (entries, files) = l.lists();
-        let chunks: Vec<&[ChunkId]> = entries.iter().map(|e| &e.chunks[..]).collect();
-        assert_eq!(chunks, [&[id(1)][..], &[id(1)], &[id(1)], &[id(1)], &[id(2)]]);
-        assert_eq!(entries[1].within, Some(Within { at: 10, of: 30 }));
-        assert!(files.iter().all(|f| f.stored == [20]));
+        let (got, records) = l.lists();
+        assert_eq!(got, entries[..3]);
+        let readers: Vec<String> = records
+            .iter()
+            .map(|r| r.read_by.as_ref().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            readers,
+            ["20260101T000000Z", "20251201T000000Z", "20260101T000000Z"]
+        );
+        assert!(
+            records
+                .iter()
+                .all(|r| r.stored == [20] && r.stat == Some(stat(10)))
+        );
+        assert_eq!(l.chunk_ids().collect::<Vec<_>>(), [&id(1), &id(1), &id(2)]);
     }
 
     #[test]

@@ -90,6 +90,11 @@ impl Tally {
         );
     }
 
+    /// Whether it found a damaged page (its relation's name is then looked for).
+    pub fn has_damage(&self) -> bool {
+        !self.bad.is_empty()
+    }
+
     /// Every damaged page named (with `map` when there is one, else by its file) and logged,
     /// as the manifest records them.
     pub fn into_checks(self, map: Option<&RelationMap>) -> PageChecks {

@@ -211,6 +211,25 @@ impl PriorFiles {
         Ok(())
     }
 
+    /// The lists of a manifest held whole (tests).
+    #[cfg(test)]
+    pub(super) fn of(m: &crate::basebackup::manifest::Manifest) -> PriorFiles {
+        PriorFiles::read(&PagedManifest::of(m).expect("a valid manifest")).expect("a valid manifest")
+    }
+
+    /// The files of a previous backup `20260101T000000Z` that listed `entries` and `files`
+    /// (tests).
+    #[cfg(test)]
+    pub(super) fn testing(entries: Vec<Entry>, files: Vec<FileRecord>) -> PriorFiles {
+        let mut m = crate::catalog::testing::manifest("20260101T000000Z", 1, 5, 2_000_000);
+        "000000010000000000000005".clone_into(&mut m.start_wal);
+        "000000010000000000000005".clone_into(&mut m.stop_wal);
+        m.version = crate::basebackup::manifest::FORMAT_VERSION_WITHIN;
+        m.entries = entries;
+        m.files = files;
+        PriorFiles::of(&m)
+    }
+
     /// How many entries.
     pub(super) fn len(&self) -> usize {
         self.items.len()
@@ -275,7 +294,29 @@ impl PriorFiles {
         }
     }
 
-    fn stored_of(&self, at: usize) -> Option<&[u32]> {
+    /// Entry `at`'s size.
+    pub(super) fn size(&self, at: usize) -> u64 {
+        self.items[at].size
+    }
+
+    /// Where entry `at`'s bytes lie in its only chunk, when it shares one.
+    pub(super) fn within(&self, at: usize) -> Option<Within> {
+        let i = self.items[at];
+        (i.flags & WITHIN != 0).then_some(Within {
+            at: u64::from(i.at),
+            of: u64::from(i.of),
+        })
+    }
+
+    /// The backup its file record names as the one that read entry `at`'s file, when one is
+    /// named (else the previous backup read it, or it has no record).
+    pub(super) fn reader(&self, at: usize) -> Option<&BackupId> {
+        let r = self.records.get(self.items[at].record as usize)?;
+        r.read_by.checked_sub(1).map(|n| &self.readers[n as usize])
+    }
+
+    /// Entry `at`'s stored lengths, one per chunk, when it has a record.
+    pub(super) fn stored_of(&self, at: usize) -> Option<&[u32]> {
         let i = self.items[at];
         let r = self.records.get(i.record as usize)?;
         Some(&self.stored[r.first as usize..(r.first + i.count) as usize])
@@ -294,10 +335,7 @@ impl PriorFiles {
             mode: u32::from(i.mode),
             size: i.size,
             chunks: self.chunks(at).copied().collect(),
-            within: (i.flags & WITHIN != 0).then_some(Within {
-                at: u64::from(i.at),
-                of: u64::from(i.of),
-            }),
+            within: self.within(at),
         }
     }
 
@@ -314,7 +352,8 @@ impl PriorFiles {
         })
     }
 
-    /// Entry `at`'s file record, as the manifest listed it, when it has one.
+    /// Entry `at`'s file record, as the manifest listed it, when it has one (tests).
+    #[cfg(test)]
     pub(super) fn record(&self, at: usize) -> Option<FileRecord> {
         let i = self.items[at];
         let r = self.records.get(i.record as usize)?;
@@ -322,10 +361,7 @@ impl PriorFiles {
             path: self.path(at).to_string(),
             stored: self.stored_of(at)?.iter().map(|&l| u64::from(l)).collect(),
             stat: self.stat(at),
-            read_by: match r.read_by {
-                0 => None,
-                n => Some(self.readers[n as usize - 1].clone()),
-            },
+            read_by: (r.read_by != 0).then(|| self.readers[r.read_by as usize - 1].clone()),
         })
     }
 }

@@ -4,7 +4,6 @@
 
 use super::BackupError;
 use crate::basebackup::manifest::BackupId;
-use crate::basebackup::relmap::RelationMap;
 use crate::repo::WritableStore;
 use crate::repo::object::Sealer;
 use crate::wal::{Lsn, SegmentName, SegmentNo};
@@ -149,16 +148,15 @@ impl Session {
         })
     }
 
-    /// Store the names for `restore-agent find`, as of the backup's start, and return them (the
-    /// page check names damaged pages with them). Derived data: a failure costs names, never the
-    /// backup.
+    /// Store the names for `restore-agent find` (and for damaged pages), as of the backup's
+    /// start. Derived data: a failure costs names, never the backup.
     pub async fn store_relation_map(
         &self,
         pg_conn: &str,
         id: &BackupId,
         store: &WritableStore,
         sealer: &Sealer,
-    ) -> Option<RelationMap> {
+    ) {
         store_relation_map(&self.client, pg_conn, id, store, sealer).await
     }
 
@@ -251,18 +249,14 @@ pub(super) async fn store_relation_map(
     id: &BackupId,
     store: &WritableStore,
     sealer: &Sealer,
-) -> Option<RelationMap> {
+) {
     match crate::basebackup::relmap::read_from_server(client, pg_conn, id).await {
         Ok(map) => {
             if let Err(e) = crate::basebackup::relmap::store(store, sealer, &map).await {
                 tracing::warn!("the relation map was not stored: {e}");
             }
-            Some(map)
         }
-        Err(e) => {
-            tracing::warn!("the relation map could not be read: {}", sql_message(&e));
-            None
-        }
+        Err(e) => tracing::warn!("the relation map could not be read: {}", sql_message(&e)),
     }
 }
 

@@ -121,7 +121,10 @@ pub(super) async fn copy_files(
     let base = previous.filter(|p| p.take_over).map(Previous::base);
     let sources = Arc::new(sources);
     // The walk's sources are the list's first entries, named by the walk.
-    let listing = Listing::of_walk(Arc::clone(&sources));
+    let prior = previous
+        .filter(|p| p.take_over)
+        .map(|p| (Arc::clone(&p.files), p.frame.id.clone()));
+    let listing = Listing::of_walk(Arc::clone(&sources), prior);
     let mut copier = Copier::new(store, sealer, opts, previous, listing);
     let unchanged = previous.and_then(|p| p.unchanged(examined_after_ns));
     let mut opened = OpenAhead::start(Arc::clone(&sources), &roots, unchanged);
@@ -320,21 +323,23 @@ impl Copier {
 
     /// Count a file taken over unread, its chunks stored once whichever file names them.
     fn take_over(&mut self, at: ItemNo, taken: TakenOver) -> Result<(), BackupError> {
-        let TakenOver { entry, record } = taken;
+        self.listing.taken_at(at, taken.at)?;
+        let files = Arc::clone(self.listing.prior_files().expect("taken_at checked it"));
+        let (size, lens) = (files.size(taken.at), files.stored_of(taken.at).unwrap_or(&[]));
         let mut seen = self.chunks.seen.lock().expect("never poisoned");
-        for (id, len) in entry.chunks.iter().zip(&record.stored) {
+        for (id, &len) in files.chunks(taken.at).zip(lens) {
             if seen.insert(*id.hash()) {
-                self.stats.stored_bytes += len;
-                self.listing.note_len(id, *len);
+                self.stats.stored_bytes += u64::from(len);
+                self.listing.note_len(id, u64::from(len));
             }
         }
         drop(seen);
         self.stats.files += 1;
-        self.stats.chunks += entry.chunks.len() as u64;
-        self.stats.logical_bytes += entry.size;
+        self.stats.chunks += lens.len() as u64;
+        self.stats.logical_bytes += size;
         self.stats.reused_files += 1;
-        self.stats.reused_bytes += entry.size;
-        self.listing.taken_at(at, &entry, &record)
+        self.stats.reused_bytes += size;
+        Ok(())
     }
 
     /// Read `body` (entry `entry`'s file, under `roots`) chunk by chunk, each chunk handed to a task
