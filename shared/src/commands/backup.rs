@@ -160,8 +160,9 @@ async fn take_locked(
             copy_started.elapsed().as_secs_f64()
         );
     }
-    // The previous backup's manifest is not needed past the copy: let go of it before this
-    // backup's manifest is written (both at once were a second backup's peak of memory).
+    // What this backup's manifest does not name of the previous one (its packs, differences
+    // and page checks, the chunks it lacks) is let go of before the manifest is written; its
+    // files stay, held by the list, which names the files taken over there.
     drop(previous);
     // Stop the backup even when copying failed, so the server is not left in backup mode.
     let stopped = session.stop().await;
