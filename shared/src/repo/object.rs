@@ -770,6 +770,20 @@ impl Sealer {
         level: i32,
         write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
     ) -> std::io::Result<StreamSealed> {
+        self.seal_writer_into(kind, name, level, StreamSink::Memory, write)
+    }
+
+    /// [`Sealer::seal_writer_parts`] into `sink`: a staging file of a local repository holds
+    /// the object instead of memory ([`crate::repo::WritableStore::stage`]; plain repositories
+    /// only, as for [`Sealer::stream`]).
+    pub fn seal_writer_into(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        level: i32,
+        sink: StreamSink,
+        write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> std::io::Result<StreamSealed> {
         use std::io::Write;
         /// Feeds a [`StreamSealer`] what it is written.
         struct Feed<'a>(&'a mut StreamSealer);
@@ -781,7 +795,7 @@ impl Sealer {
                 Ok(())
             }
         }
-        let mut stream = self.stream_of(kind, name, None, level, StreamSink::Memory)?;
+        let mut stream = self.stream_of(kind, name, None, level, sink)?;
         // In pieces of STREAM_PART, whatever sizes `write` writes (a serializer writes tokens).
         let mut buffered = std::io::BufWriter::with_capacity(STREAM_PART, Feed(&mut stream));
         write(&mut buffered)?;

@@ -15,7 +15,7 @@ use crate::basebackup::manifest::written::Lists;
 use crate::basebackup::manifest::{self, Manifest};
 use crate::repo::layout::{manifest_key, wal_key};
 use crate::repo::locks::Lock;
-use crate::repo::object::{ObjectKind, SealedBody};
+use crate::repo::object::{ObjectKind, SealedBody, StreamSink};
 use crate::repo::store::{CreateSemantics, PutNew};
 use crate::repo::{Store, WritableStore};
 use crate::wal::{Lsn, SegmentName, WalFileName};
@@ -156,7 +156,7 @@ pub(super) async fn record(
     store: &WritableStore,
     sealer: &crate::repo::object::Sealer,
     lock: &Lock,
-    mut manifest: Manifest,
+    manifest: Manifest,
     lists: &dyn Lists,
 ) -> Result<Manifest, BackupError> {
     // Checked as a restore will check it, before it exists.
@@ -164,8 +164,20 @@ pub(super) async fn record(
         .validate_lists(lists)
         .map_err(|e| BackupError::Unsound(e.to_string()))?;
     let id = &manifest.id;
+    let key = manifest_key(id);
+    // On a local plain repository the sealed manifest goes straight into a staging file, then
+    // is published under its name (as push publishes a segment): never held in memory (6.4
+    // MiB at 300,963 files, at a backup's end, where its peak is).
+    let mut staged = match sealer.is_encrypted() {
+        true => None,
+        false => store.stage(&key)?,
+    };
+    let sink = match staged.as_mut().and_then(|s| s.file.take()) {
+        Some(f) => StreamSink::File(f),
+        None => StreamSink::Memory,
+    };
     let sealed = sealer
-        .seal_writer_parts(ObjectKind::Manifest, id.as_str(), 3, |w| {
+        .seal_writer_into(ObjectKind::Manifest, id.as_str(), 3, sink, |w| {
             manifest.write_json(w, lists).map_err(std::io::Error::other)
         })
         .map_err(|e| BackupError::Read {
@@ -177,13 +189,21 @@ pub(super) async fn record(
             minutes: crate::repo::locks::STALE_AFTER.as_secs() / 60,
         });
     }
-    let key = manifest_key(id);
+    let parts = match (sealed.body, staged) {
+        (SealedBody::File(f), Some(mut staged)) => {
+            staged.file = Some(f);
+            // link(2): exclusive, and durable when it returns.
+            if store.publish_new(staged).await? == PutNew::AlreadyExists {
+                return Err(BackupError::Exists(manifest.id));
+            }
+            return Ok(outline(manifest));
+        }
+        (SealedBody::Parts(parts), _) => parts,
+        (SealedBody::File(_), None) => unreachable!("a file sink comes from a staged object"),
+    };
     // A store that ignores create-only writes (Garage, and several S3 stores) would let a backup
     // started in the same second (a scheduled one and a manual one) replace the other's
     // manifest without a word: look first.
-    let SealedBody::Parts(parts) = sealed.body else {
-        unreachable!("sealed in memory")
-    };
     if store.create_semantics_for(sealed.stored_len as usize) == CreateSemantics::CheckThenWrite
         && store.reader().size(&key).await?.is_some()
     {
@@ -192,12 +212,17 @@ pub(super) async fn record(
     if store.put_new_parts(&key, parts).await?.0 == PutNew::AlreadyExists {
         return Err(BackupError::Exists(manifest.id));
     }
+    Ok(outline(manifest))
+}
+
+/// `manifest` once written: its outline ([`Held::Outline`]).
+fn outline(mut manifest: Manifest) -> Manifest {
     manifest.entries = vec![];
     manifest.files = vec![];
     manifest.packs = vec![];
     manifest.deltas = vec![];
     manifest.held = Held::Outline;
-    Ok(manifest)
+    manifest
 }
 
 #[cfg(test)]
