@@ -752,30 +752,19 @@ impl Sealer {
         level: i32,
         write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
     ) -> std::io::Result<SealedObject> {
-        let sealed = self.seal_writer_parts(kind, name, level, write)?;
+        let sealed = self.seal_writer_into(kind, name, level, StreamSink::Memory, write)?;
         Ok(SealedObject {
             header: sealed.header,
             bytes: Bytes::from(sealed.body.concat()?),
         })
     }
 
-    /// [`Sealer::seal_writer`], the object left in its pieces of [`STREAM_PART`] bytes
-    /// ([`SealedBody::Parts`], header first), to be stored as they are
-    /// ([`crate::repo::WritableStore::put_new_parts`]): a backup's manifest is not held twice
-    /// (6.4 MiB each at 300,963 files).
-    pub fn seal_writer_parts(
-        &self,
-        kind: ObjectKind,
-        name: &str,
-        level: i32,
-        write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
-    ) -> std::io::Result<StreamSealed> {
-        self.seal_writer_into(kind, name, level, StreamSink::Memory, write)
-    }
-
-    /// [`Sealer::seal_writer_parts`] into `sink`: a staging file of a local repository holds
-    /// the object instead of memory ([`crate::repo::WritableStore::stage`]; plain repositories
-    /// only, as for [`Sealer::stream`]).
+    /// [`Sealer::seal_writer`] into `sink`, the object left there: in memory, in its pieces of
+    /// [`STREAM_PART`] bytes ([`SealedBody::Parts`], header first, to be stored as they are by
+    /// [`crate::repo::WritableStore::put_new_parts`]), or in a staging file of a local
+    /// repository, which then holds the object instead of memory
+    /// ([`crate::repo::WritableStore::stage`]; plain repositories only, as for
+    /// [`Sealer::stream`]).
     pub fn seal_writer_into(
         &self,
         kind: ObjectKind,
