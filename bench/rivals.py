@@ -1599,7 +1599,8 @@ def main():
                     help=f"comma-separated, walvault always included: {','.join(TOOLS)} [all]; a subset only "
                          "with the backup scenarios (full, restore, second, delta): walvault's own costs, the "
                          "limits beside them, no ratio to an absent rival")
-    ap.add_argument("--json", default=os.path.join(ROOT, "bench/results/rivals.json"))
+    ap.add_argument("--json", help="where the results go [bench/results/rivals.json]; with --from-json, "
+                    "where the rounds of its files are written together")
     ap.add_argument("--markdown", metavar="FILE", help="also write the Markdown table to FILE")
     ap.add_argument("--append", action="store_true",
                     help="add this run's rounds to those already in --json (a shape or store at a time)")
@@ -1607,6 +1608,8 @@ def main():
                     help="only print the tables of an earlier run's JSON (of several, their rounds together)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
     args = ap.parse_args()
+    if args.append and not args.json:
+        sys.exit("--append: name the JSON to add to with --json")
     if args.from_json:
         results = None
         for name in args.from_json:
@@ -1616,12 +1619,17 @@ def main():
             if why:
                 sys.exit(f"{name}: cannot be put beside the others: {why}")
             results = merge_results(results, one) if results else one
+        if args.json:
+            results["summary"] = summarize(results)
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
         text = markdown(results, summarize(results))
         print(text)
         if args.markdown:
             with open(args.markdown, "w") as f:
                 f.write(text + "\n")
         return
+    args.json = args.json or os.path.join(ROOT, "bench/results/rivals.json")
     rounds = args.rounds or (1 if args.quick else 3)
     shapes = [Shape(x) for x in (args.shapes or str(args.scale or (5 if args.quick else 50))).split(",") if x]
     wal_mib = args.wal_mib or (128 if args.quick else 1200)

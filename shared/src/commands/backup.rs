@@ -35,6 +35,7 @@ mod protocol;
 mod rebuild;
 mod session;
 mod upload;
+mod walk;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -140,12 +141,16 @@ async fn take_locked(
     session
         .store_relation_map(&opts.pg_conn, id, &store, repo.sealer())
         .await;
-    let (previous, mut copy_opts) = base_and_options(settings, opts, repo, &server, reading).await?;
+    let copy_started = std::time::Instant::now();
+    // The walk first, then the previous backup read against it: its files name the walk's
+    // paths rather than holding them again. The clock is read before any stat: the bound the
+    // next backup's reuse rule compares with.
+    let files = Inventory::take(pgdata, inventory::wall_clock_ns());
+    let walk = files.as_ref().ok().map(|f| &f.sources);
+    let (previous, mut copy_opts) = base_and_options(settings, opts, repo, &server, reading, walk).await?;
     let wanted = opts.page_checksums && settings.page_checksums;
     copy_opts.pages = pages::plan(wanted, server.pages, opts.chunk_size, started.start_lsn);
-    let copy_started = std::time::Instant::now();
-    // The clock read before any stat: the bound the next backup's reuse rule compares with.
-    let copied = match Inventory::take(pgdata, inventory::wall_clock_ns()) {
+    let copied = match files {
         Ok(files) => upload::copy_files(&store, repo.sealer(), files, copy_opts, previous.as_ref()).await,
         Err(e) => Err(e),
     };
@@ -202,13 +207,15 @@ async fn take_locked(
     .await
 }
 
-/// The backup a backup of `server` builds on (see [`inventory::base_of`]), and how to copy.
+/// The backup a backup of `server` builds on (see [`inventory::base_of`]; its files name the
+/// paths of `walk`, when the backup walked a data directory), and how to copy.
 async fn base_and_options(
     settings: &Settings,
     opts: &BackupOptions,
     repo: &crate::repo::Writer,
     server: &Server,
     reading: FileReading,
+    walk: Option<&std::sync::Arc<walk::Walk>>,
 ) -> Result<(Option<inventory::Previous>, CopyOptions), BackupError> {
     let previous = inventory::base_of(
         repo.writable(),
@@ -217,6 +224,7 @@ async fn base_and_options(
         server.sysid,
         server.pg_version,
         opts.chunk_size,
+        walk,
     )
     .await?;
     let copy_opts = CopyOptions {
@@ -270,7 +278,7 @@ async fn take_over_protocol(
     // The server the walsender settled on, as an ordinary session (its dbname defaults to
     // postgres, as the walsender's does).
     relation_map_over_sql(&host.plain_conninfo, &id, &store, repo.sealer()).await;
-    let (previous, copy_opts) = base_and_options(settings, opts, repo, &server, reading).await?;
+    let (previous, copy_opts) = base_and_options(settings, opts, repo, &server, reading, None).await?;
     let increment = match opts.incremental {
         true => protocol::increment_of(&mut source, previous.as_ref(), &store, repo.sealer()).await?,
         false => None,

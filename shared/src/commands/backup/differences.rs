@@ -324,8 +324,9 @@ mod tests {
 
     use super::*;
     use crate::basebackup::manifest::Manifest;
-    use crate::commands::backup::inventory::{Inventory, Roots, Source, Walk};
+    use crate::commands::backup::inventory::{Inventory, Roots};
     use crate::commands::backup::upload::{Copied, CopyOptions, copy_files};
+    use crate::commands::backup::walk::{Source, Walk};
     use crate::repo::fault::{Fault, FaultStore};
 
     const CS: usize = 1 << 20;
@@ -363,12 +364,14 @@ mod tests {
         std::fs::create_dir_all(abs.parent().unwrap()).unwrap();
         std::fs::write(&abs, content).unwrap();
         let inventory = Inventory {
-            sources: Walk::of(vec![Source {
-                rel: PATH.into(),
-                is_dir: false,
-                mode: 0o600,
-            }])
-            .unwrap(),
+            sources: Arc::new(
+                Walk::of(vec![Source {
+                    rel: PATH.into(),
+                    is_dir: false,
+                    mode: 0o600,
+                }])
+                .unwrap(),
+            ),
             tablespaces: vec![],
             roots: Roots::of(dir.path()),
             examined_after_ns: 0,

@@ -11,6 +11,7 @@ use super::BackupError;
 use super::control::CONTROL_FILE;
 use super::names::Names;
 use super::prior_files::PriorFiles;
+use super::walk::{At, Source, Walk};
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::exclude::{self, Decision};
 use crate::basebackup::manifest::paged::PagedManifest;
@@ -31,106 +32,15 @@ pub enum FileReading {
     All,
 }
 
-/// A file or directory to back up: its path in the manifest (where it is on disk is
-/// [`Roots::path`] of it: a path each, for every file of a cluster, took 14 MB at 201,000 files).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Source {
-    pub rel: String,
-    pub is_dir: bool,
-    pub mode: u32,
-}
-
-/// A source as the walk holds it ([`Walk::get`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct At<'a> {
-    pub rel: &'a str,
-    pub is_dir: bool,
-    pub mode: u32,
-}
-
-/// Every path of a walk in one string ([`Names`]), with each source's kind and mode: a
-/// [`Source`] each took some 80 bytes at 300,963 files (24 MB), and its copier's list of what
-/// it copied names them again ([`super::listing::Listing`] shares these).
-#[derive(Debug, Default)]
-pub(super) struct Walk {
-    pub names: Names,
-    /// Mode bits, and [`WALK_DIR`] for a directory.
-    meta: Vec<u32>,
-}
-
-/// Set in [`Walk`]'s `meta` for a directory.
-const WALK_DIR: u32 = 1 << 31;
-
-impl Walk {
-    /// The sources in this order.
-    #[cfg(test)]
-    pub fn of(sources: Vec<Source>) -> Result<Walk, BackupError> {
-        let mut walk = Walk {
-            names: Names::default(),
-            meta: Vec::with_capacity(sources.len()),
-        };
-        for s in sources {
-            walk.push(s)?;
-        }
-        walk.names.shrink_to_fit();
-        Ok(walk)
-    }
-
-    fn push(&mut self, s: Source) -> Result<(), BackupError> {
-        self.names.push(&s.rel)?;
-        self.meta.push(s.mode | if s.is_dir { WALK_DIR } else { 0 });
-        Ok(())
-    }
-
-    /// The same sources in path order, but `last` (when there) after every other. Sorted
-    /// through their indexes, then copied once into room of the exact size: a walk of 300,963
-    /// files held as a `Source` each peaked at 71 MiB, most of the backup's peak.
-    fn sorted(self, last: &str) -> Result<Walk, BackupError> {
-        let key = |i: u32| {
-            let rel = self.names.get(i as usize);
-            (rel == last, rel)
-        };
-        let n = u32::try_from(self.len())
-            .map_err(|_| BackupError::Unsound("more than 4 billion files in one backup".into()))?;
-        let mut order: Vec<u32> = (0..n).collect();
-        // Paths are unique: sorted in place, with no scratch.
-        order.sort_unstable_by(|&a, &b| key(a).cmp(&key(b)));
-        let mut names = Names::default();
-        names.reserve(order.len(), self.names.bytes());
-        let mut meta = Vec::with_capacity(order.len());
-        for i in order {
-            names.push(self.names.get(i as usize))?;
-            meta.push(self.meta[i as usize]);
-        }
-        Ok(Walk { names, meta })
-    }
-
-    pub fn len(&self) -> usize {
-        self.meta.len()
-    }
-
-    /// Source `at`.
-    pub fn get(&self, at: usize) -> At<'_> {
-        let meta = self.meta[at];
-        At {
-            rel: self.names.get(at),
-            is_dir: meta & WALK_DIR != 0,
-            mode: meta & !WALK_DIR,
-        }
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = At<'_>> {
-        (0..self.len()).map(|at| self.get(at))
-    }
-}
-
 /// The files and directories a backup copies.
 #[derive(Debug)]
 pub(super) struct Inventory {
     /// In the order they are copied: by path, but `global/pg_control` last. A standby backup
     /// ends at the minRecoveryPoint recorded in the copy, which must be at least as new as
     /// every page copied (basebackup.c sends it last for this reason).
-    pub sources: Walk,
+    /// Shared with the list of what the backup copied and with the previous backup's files,
+    /// which name its paths.
+    pub sources: Arc<Walk>,
     pub tablespaces: Vec<Tablespace>,
     /// Where the sources are on disk.
     pub roots: Roots,
@@ -144,7 +54,7 @@ impl Inventory {
     pub fn take(pgdata: &Path, examined_after_ns: i64) -> Result<Inventory, BackupError> {
         let (sources, tablespaces, roots) = walk(pgdata)?;
         Ok(Inventory {
-            sources: sources.sorted(CONTROL_FILE)?,
+            sources: Arc::new(sources.sorted(CONTROL_FILE)?),
             tablespaces,
             roots,
             examined_after_ns,
@@ -340,10 +250,11 @@ pub(super) async fn base_of(
     sysid: u64,
     pg_version: u32,
     chunk_size: u64,
+    walk: Option<&Arc<Walk>>,
 ) -> Result<Option<Previous>, BackupError> {
     let newest = newest_backup(store).await?;
     let Some(mut previous) = (match &newest {
-        Some(id) => Previous::load(store, sealer, id, sysid, pg_version, chunk_size).await,
+        Some(id) => Previous::load(store, sealer, id, sysid, pg_version, chunk_size, walk).await,
         None => None,
     }) else {
         return Ok(None);
@@ -376,6 +287,7 @@ impl Previous {
     /// Backup `id`, when it can serve as a base for `sysid`'s backup in chunks of `chunk_size`.
     /// `None` when it cannot be read or does not fit: the backup then reads every file, which
     /// is always safe.
+    /// Its files name the paths `walk` has by their place there ([`PriorFiles::read`]).
     async fn load(
         store: &Store,
         sealer: &Sealer,
@@ -383,6 +295,7 @@ impl Previous {
         sysid: u64,
         pg_version: u32,
         chunk_size: u64,
+        walk: Option<&Arc<Walk>>,
     ) -> Option<Previous> {
         let paged = match crate::catalog::load_paged_manifest(store, sealer, id).await {
             Ok(m) => m,
@@ -399,7 +312,7 @@ impl Previous {
             );
             return None;
         }
-        match Previous::of_paged(&paged) {
+        match Previous::of_paged(&paged, walk.cloned()) {
             Ok(p) => Some(p),
             Err(e) => {
                 tracing::warn!(backup = %id, "the previous backup cannot be read ({e}); reading every file");
@@ -409,8 +322,8 @@ impl Previous {
     }
 
     /// The previous backup whose stored manifest `paged` holds, its lists read compactly.
-    fn of_paged(paged: &PagedManifest) -> Result<Previous, BackupError> {
-        let files = PriorFiles::read(paged)?;
+    fn of_paged(paged: &PagedManifest, walk: Option<Arc<Walk>>) -> Result<Previous, BackupError> {
+        let files = PriorFiles::read(paged, walk)?;
         Ok(Previous {
             frame: Arc::new(paged.frame().clone()),
             files: Arc::new(files),
@@ -422,7 +335,7 @@ impl Previous {
     /// Backup `m` as the previous one, as a backup reads it from the repository.
     #[cfg(test)]
     pub fn of(m: &Manifest) -> Previous {
-        Previous::of_paged(&PagedManifest::of(m).expect("a valid manifest")).expect("a valid manifest")
+        Previous::of_paged(&PagedManifest::of(m).expect("a valid manifest"), None).expect("a valid manifest")
     }
 
     /// The chunks it names whose pack (or, for a chunk stored on its own, whose object) the

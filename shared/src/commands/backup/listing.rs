@@ -13,9 +13,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::BackupError;
-use super::inventory::Walk;
 use super::names::Names;
 use super::prior_files::PriorFiles;
+use super::walk::Walk;
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::manifest::written::{EachFile, Lists};
 use crate::basebackup::manifest::{BackupId, Entry, EntryKind, FileRecord, FileStat, ManifestError, Within};
@@ -546,7 +546,7 @@ impl Lists for Listing {
 
 #[cfg(test)]
 mod tests {
-    use super::super::inventory::Source;
+    use super::super::walk::Source;
     use super::*;
 
     fn id(i: u8) -> ChunkId {

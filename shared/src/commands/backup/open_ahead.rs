@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use super::BackupError;
 use super::control::CONTROL_FILE;
-use super::inventory::{At, Roots, Unchanged, Walk};
+use super::inventory::{Roots, Unchanged};
+use super::walk::{At, Walk};
 use crate::basebackup::manifest::FileStat;
 
 /// Files opened and not yet taken by the copier, at most (each holds a descriptor; with the one
@@ -111,8 +112,8 @@ fn open(abs: &Path, rel: &str, unchanged: Option<&Unchanged>) -> Result<Opened, 
 mod tests {
     use super::*;
 
-    fn source(rel: &str, is_dir: bool) -> super::super::inventory::Source {
-        super::super::inventory::Source {
+    fn source(rel: &str, is_dir: bool) -> super::super::walk::Source {
+        super::super::walk::Source {
             rel: rel.into(),
             is_dir,
             mode: 0o600,

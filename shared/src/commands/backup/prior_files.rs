@@ -6,13 +6,20 @@
 //! and how it looked then (to take it over unread), its chunks (to take them over, or to store a
 //! changed chunk as its difference from the old one), and the stored length of every chunk.
 //! Parsed whole, the manifest's lists took some 230 bytes a file (70 MiB of a second backup's
-//! 146 MiB peak at 300,963 files), held until the copy ended. Here a file takes its path's
-//! bytes, 32 bytes of item, 4 for each chunk it names (the distinct chunk ids are kept once
-//! each, in the order met: the small files of a shared chunk name the same), 40 bytes of record
-//! and 4 for each stored length.
+//! 146 MiB peak at 300,963 files), held until the copy ended. Here a file takes 32 bytes of
+//! item, 4 for each chunk it names (the distinct chunk ids are kept once each, in the order met:
+//! the small files of a shared chunk name the same), 32 bytes of record and 4 for each stored
+//! length. Its path is the walk's: the backup walks its data directory first and reads the
+//! previous manifest against it, both in path order, so an entry names the walk's path by its
+//! index there (the same paths held twice took 6.3 MiB at 300,963 files); only the paths the
+//! walk does not have (files gone since), or every path when there is no walk (a backup over
+//! the replication protocol), are held here.
+
+use std::sync::Arc;
 
 use super::BackupError;
 use super::names::Names;
+use super::walk::Walk;
 use crate::basebackup::chunk::ChunkId;
 use crate::basebackup::manifest::paged::{EntriesError, PagedManifest};
 use crate::basebackup::manifest::{BackupId, Entry, EntryKind, FileRecord, FileStat, Within};
@@ -21,38 +28,43 @@ const DIR: u8 = 1;
 const WITHIN: u8 = 2;
 /// Its record has a stat (it vouches for the file as it was read).
 const STAT: u8 = 4;
-const NO_RECORD: u32 = u32::MAX;
+/// It has a file record (`records[at]`).
+const RECORD: u8 = 8;
+/// Its path is `own`'s, not the walk's.
+const OWN: u8 = 16;
 
 /// An entry: 32 bytes.
 #[derive(Debug, Clone, Copy)]
 struct Item {
     size: u64,
-    /// Its chunks are `refs[first..first + count]`.
+    /// Its chunks are `refs[first..first + count]`, their stored lengths
+    /// `stored[first..first + count]`.
     first: u32,
     count: u32,
     /// [`Within`], when `WITHIN` is set.
     at: u32,
     of: u32,
-    record: u32,
+    /// Its path: the walk's source `name`, or `own`'s name `name` with `OWN`.
+    name: u32,
     mode: u16,
     flags: u8,
 }
 
-/// A file record: 40 bytes. Its stat's size is its entry's (a record whose stat disagrees is
-/// refused as [`Manifest::validate`] refuses it).
+/// A file record, at its entry's index: 32 bytes. Its stat's size is its entry's (a record
+/// whose stat disagrees is refused as [`Manifest::validate`] refuses it); its stored lengths
+/// are beside its entry's chunks.
 ///
 /// [`Manifest::validate`]: crate::basebackup::manifest::Manifest::validate
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Record {
     mtime_ns: i64,
     ctime_ns: i64,
     ino: u64,
-    dev: u64,
+    /// Its device: `devs[dev]` (a backup's files are on a few).
+    dev: u32,
     /// 1 + the index of the backup that read it in `readers`; 0: none named (the previous
     /// backup read it).
     read_by: u32,
-    /// Its stored lengths are `stored[first..first + count]`, `count` its entry's.
-    first: u32,
 }
 
 /// Why a previous backup's lists cannot be built on.
@@ -63,18 +75,27 @@ fn refused(path: &str, why: &str) -> BackupError {
 /// See the module's documentation.
 #[derive(Debug, Default)]
 pub(super) struct PriorFiles {
-    /// The entries' paths, in path order.
-    names: Names,
+    /// The new backup's walk, whose paths name the entries it has.
+    walk: Option<Arc<Walk>>,
+    /// The paths of the entries the walk does not have (every entry's without a walk).
+    own: Names,
+    /// In path order.
     items: Vec<Item>,
     /// The distinct chunk ids, each once for a run of references to it.
     ids: Vec<ChunkId>,
     /// Each entry's chunks, as indexes into `ids`.
     refs: Vec<u32>,
+    /// One per entry once the first record is met; an entry's is its record when `RECORD` is
+    /// set.
     records: Vec<Record>,
+    /// Beside `refs`: each chunk's stored length, when its entry has a record (else 0).
     stored: Vec<u32>,
+    devs: Vec<u64>,
     readers: Vec<BackupId>,
     /// Where the next record's entry is looked for: records come in path order too.
     cursor: usize,
+    /// Where the next entry's path is looked for in the walk.
+    walked: usize,
 }
 
 fn u32_of(n: u64, path: &str, what: &str) -> Result<u32, BackupError> {
@@ -84,11 +105,15 @@ fn u32_of(n: u64, path: &str, what: &str) -> Result<u32, BackupError> {
 impl PriorFiles {
     /// The lists of `manifest`, read once from its stored object to its end: entries checked as
     /// [`Manifest::validate`] checks them, and each file record as it does (in path order,
-    /// naming a file entry, a stored length for each chunk, a stat of the entry's size).
+    /// naming a file entry, a stored length for each chunk, a stat of the entry's size). Paths
+    /// the new backup's `walk` has are named by their place there.
     ///
     /// [`Manifest::validate`]: crate::basebackup::manifest::Manifest::validate
-    pub(super) fn read(manifest: &PagedManifest) -> Result<PriorFiles, BackupError> {
-        let mut files = std::cell::RefCell::new(PriorFiles::default());
+    pub(super) fn read(manifest: &PagedManifest, walk: Option<Arc<Walk>>) -> Result<PriorFiles, BackupError> {
+        let mut files = std::cell::RefCell::new(PriorFiles {
+            walk,
+            ..PriorFiles::default()
+        });
         manifest
             .lists(
                 |e| files.borrow_mut().push_entry(e),
@@ -99,13 +124,24 @@ impl PriorFiles {
                 other => BackupError::Unsound(format!("the previous backup's manifest: {other}")),
             })?;
         let f = files.get_mut();
-        f.names.shrink_to_fit();
+        f.own.shrink_to_fit();
         f.items.shrink_to_fit();
         f.ids.shrink_to_fit();
         f.refs.shrink_to_fit();
-        f.records.shrink_to_fit();
         f.stored.shrink_to_fit();
         Ok(files.into_inner())
+    }
+
+    /// Where `path` is named: the walk's index of it, or its place in `own` (with `OWN`).
+    /// Paths come in path order, as the walk's are (but its last, the control file).
+    fn name(&mut self, path: &str) -> Result<(u32, u8), BackupError> {
+        if let Some(walk) = &self.walk
+            && let Some(at) = walk.position(path, &mut self.walked)
+        {
+            return Ok((u32_of(at as u64, path, "files")?, 0));
+        }
+        let at = self.own.push(path)?;
+        Ok((u32_of(at as u64, path, "files")?, OWN))
     }
 
     fn push_entry(&mut self, e: Entry) -> Result<(), BackupError> {
@@ -129,29 +165,36 @@ impl PriorFiles {
             }
             self.refs
                 .push(u32_of(self.ids.len() as u64 - 1, &e.path, "chunks")?);
+            self.stored.push(0);
         }
-        self.names.push(&e.path)?;
+        let (name, own) = self.name(&e.path)?;
         self.items.push(Item {
             size: e.size,
             first,
             count: u32_of(e.chunks.len() as u64, &e.path, "chunks")?,
             at,
             of,
-            record: NO_RECORD,
+            name,
             mode,
             flags: if e.kind == EntryKind::Dir { DIR } else { 0 }
-                | if e.within.is_some() { WITHIN } else { 0 },
+                | if e.within.is_some() { WITHIN } else { 0 }
+                | own,
         });
         Ok(())
     }
 
     fn push_record(&mut self, r: FileRecord) -> Result<(), BackupError> {
+        if self.records.is_empty() {
+            // Every entry is in: a record each, at its entry's index, set where there is one.
+            self.items.shrink_to_fit();
+            self.records = vec![Record::default(); self.items.len()];
+        }
         // Both lists are in path order: the record's entry is at or after the last one's.
-        while self.cursor < self.items.len() && self.names.get(self.cursor) < r.path.as_str() {
+        while self.cursor < self.items.len() && self.path(self.cursor) < r.path.as_str() {
             self.cursor += 1;
         }
         let at = self.cursor;
-        if at == self.items.len() || self.names.get(at) != r.path {
+        if at == self.items.len() || self.path(at) != r.path {
             return Err(refused(
                 &r.path,
                 "a file record names no entry, or is out of order",
@@ -161,7 +204,7 @@ impl PriorFiles {
         if item.flags & DIR != 0 {
             return Err(refused(&r.path, "a file record names a directory"));
         }
-        if item.record != NO_RECORD {
+        if item.flags & RECORD != 0 {
             return Err(refused(&r.path, "it has two file records"));
         }
         if r.stored.len() != item.count as usize {
@@ -183,10 +226,9 @@ impl PriorFiles {
                 }
             },
         };
-        let first = u32_of(self.stored.len() as u64, &r.path, "chunks")?;
-        u32_of((self.stored.len() + r.stored.len()) as u64, &r.path, "chunks")?;
-        for len in &r.stored {
-            self.stored.push(u32_of(*len, &r.path, "a stored length")?);
+        let first = item.first as usize;
+        for (k, len) in r.stored.iter().enumerate() {
+            self.stored[first + k] = u32_of(*len, &r.path, "a stored length")?;
         }
         let s = r.stat.unwrap_or(FileStat {
             size: 0,
@@ -195,16 +237,22 @@ impl PriorFiles {
             ino: 0,
             dev: 0,
         });
-        self.records.push(Record {
+        let dev = match self.devs.iter().position(|&d| d == s.dev) {
+            Some(i) => i,
+            None => {
+                self.devs.push(s.dev);
+                self.devs.len() - 1
+            }
+        };
+        self.records[at] = Record {
             mtime_ns: s.mtime_ns,
             ctime_ns: s.ctime_ns,
             ino: s.ino,
-            dev: s.dev,
+            dev: u32_of(dev as u64, &r.path, "devices")?,
             read_by: u32_of(read_by as u64, &r.path, "backups")?,
-            first,
-        });
+        };
         let item = &mut self.items[at];
-        item.record = u32_of(self.records.len() as u64 - 1, &r.path, "file records")?;
+        item.flags |= RECORD;
         if r.stat.is_some() {
             item.flags |= STAT;
         }
@@ -214,7 +262,7 @@ impl PriorFiles {
     /// The lists of a manifest held whole (tests).
     #[cfg(test)]
     pub(super) fn of(m: &crate::basebackup::manifest::Manifest) -> PriorFiles {
-        PriorFiles::read(&PagedManifest::of(m).expect("a valid manifest")).expect("a valid manifest")
+        PriorFiles::read(&PagedManifest::of(m).expect("a valid manifest"), None).expect("a valid manifest")
     }
 
     /// The files of a previous backup `20260101T000000Z` that listed `entries` and `files`
@@ -240,7 +288,7 @@ impl PriorFiles {
         let (mut lo, mut hi) = (0, self.items.len());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match self.names.get(mid).cmp(path) {
+            match self.path(mid).cmp(path) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
                 std::cmp::Ordering::Equal => return Some(mid),
@@ -251,7 +299,16 @@ impl PriorFiles {
 
     /// Entry `at`'s path.
     pub(super) fn path(&self, at: usize) -> &str {
-        self.names.get(at)
+        let i = &self.items[at];
+        match (&self.walk, i.flags & OWN) {
+            (Some(walk), 0) => walk.names.get(i.name as usize),
+            _ => self.own.get(i.name as usize),
+        }
+    }
+
+    /// Entry `at`'s file record, when it has one.
+    fn record_of(&self, at: usize) -> Option<&Record> {
+        (self.items[at].flags & RECORD != 0).then(|| &self.records[at])
     }
 
     /// Whether entry `at` is a file that lies within a shared chunk.
@@ -311,15 +368,15 @@ impl PriorFiles {
     /// The backup its file record names as the one that read entry `at`'s file, when one is
     /// named (else the previous backup read it, or it has no record).
     pub(super) fn reader(&self, at: usize) -> Option<&BackupId> {
-        let r = self.records.get(self.items[at].record as usize)?;
+        let r = self.record_of(at)?;
         r.read_by.checked_sub(1).map(|n| &self.readers[n as usize])
     }
 
     /// Entry `at`'s stored lengths, one per chunk, when it has a record.
     pub(super) fn stored_of(&self, at: usize) -> Option<&[u32]> {
+        self.record_of(at)?;
         let i = self.items[at];
-        let r = self.records.get(i.record as usize)?;
-        Some(&self.stored[r.first as usize..(r.first + i.count) as usize])
+        Some(&self.stored[i.first as usize..(i.first + i.count) as usize])
     }
 
     /// Entry `at`, as the manifest listed it.
@@ -342,21 +399,20 @@ impl PriorFiles {
     /// What entry `at`'s file record says `stat` saw, when it has a record with a stat.
     pub(super) fn stat(&self, at: usize) -> Option<FileStat> {
         let i = self.items[at];
-        let r = self.records.get(i.record as usize)?;
+        let r = self.record_of(at)?;
         (i.flags & STAT != 0).then_some(FileStat {
             size: i.size,
             mtime_ns: r.mtime_ns,
             ctime_ns: r.ctime_ns,
             ino: r.ino,
-            dev: r.dev,
+            dev: self.devs[r.dev as usize],
         })
     }
 
     /// Entry `at`'s file record, as the manifest listed it, when it has one (tests).
     #[cfg(test)]
     pub(super) fn record(&self, at: usize) -> Option<FileRecord> {
-        let i = self.items[at];
-        let r = self.records.get(i.record as usize)?;
+        let r = self.record_of(at)?;
         Some(FileRecord {
             path: self.path(at).to_string(),
             stored: self.stored_of(at)?.iter().map(|&l| u64::from(l)).collect(),
@@ -447,7 +503,86 @@ mod tests {
     }
 
     fn read(m: &Manifest) -> Result<PriorFiles, BackupError> {
-        PriorFiles::read(&PagedManifest::of(m).unwrap())
+        PriorFiles::read(&PagedManifest::of(m).unwrap(), None)
+    }
+
+    #[test]
+    fn an_entry_and_a_record_take_32_bytes_each() {
+        assert_eq!(std::mem::size_of::<Item>(), 32);
+        assert_eq!(std::mem::size_of::<Record>(), 32);
+    }
+
+    #[test]
+    fn paths_the_walk_has_are_named_by_their_place_in_it() {
+        use super::super::walk::Source;
+        let m = manifest();
+        // A new backup's walk: in path order but for the control file, last; "base/1/2" and
+        // "base/1/4" gone since, "base/1/0" and "pg_wal" new.
+        let walk: Vec<&str> = vec![
+            "PG_VERSION",
+            "base",
+            "base/1",
+            "base/1/0",
+            "base/1/1",
+            "base/1/3",
+            "global",
+            "pg_wal",
+            "global/pg_control",
+        ];
+        let walk = Arc::new(
+            Walk::of(
+                walk.iter()
+                    .map(|rel| Source {
+                        rel: (*rel).into(),
+                        is_dir: false,
+                        mode: 0o600,
+                    })
+                    .collect(),
+            )
+            .unwrap(),
+        );
+        let p = PriorFiles::read(&PagedManifest::of(&m).unwrap(), Some(Arc::clone(&walk))).unwrap();
+        // Only the paths the walk lacks are held again.
+        assert_eq!(p.own.iter().collect::<Vec<_>>(), ["base/1/2", "base/1/4"]);
+        let back: Vec<Entry> = (0..p.len()).map(|at| p.entry(at)).collect();
+        assert_eq!(back, m.entries);
+        let records: Vec<FileRecord> = (0..p.len()).filter_map(|at| p.record(at)).collect();
+        assert_eq!(records, m.files);
+        for (at, e) in m.entries.iter().enumerate() {
+            assert_eq!(p.find(&e.path), Some(at), "{}", e.path);
+        }
+        for missing in ["base/1/0", "pg_wal", "zzz", ""] {
+            assert_eq!(p.find(missing), None, "{missing}");
+        }
+        // The control file, last in the walk, is named there.
+        let control = p.find("global/pg_control").unwrap();
+        assert_eq!(p.items[control].flags & OWN, 0);
+        assert_eq!(p.items[control].name as usize, walk.len() - 1);
+    }
+
+    #[test]
+    fn a_walk_is_found_in_one_pass_in_path_order() {
+        use super::super::walk::Source;
+        let source = |rel: &str| Source {
+            rel: rel.into(),
+            is_dir: false,
+            mode: 0o600,
+        };
+        let walk = Walk::of(["a", "b/1", "b/2", "d", "c"].map(source).to_vec()).unwrap();
+        let mut cursor = 0;
+        let asked: Vec<_> = ["0", "a", "b", "b/2", "c", "c/1", "d", "e"]
+            .iter()
+            .map(|rel| walk.position(rel, &mut cursor))
+            .collect();
+        assert_eq!(
+            asked,
+            [None, Some(0), None, Some(2), Some(4), None, Some(3), None]
+        );
+        // The last source alone, and an empty walk.
+        let one = Walk::of(vec![source("x")]).unwrap();
+        assert_eq!(one.position("x", &mut 0), Some(0));
+        assert_eq!(one.position("y", &mut 0), None);
+        assert_eq!(Walk::of(vec![]).unwrap().position("x", &mut 0), None);
     }
 
     #[test]

@@ -18,10 +18,11 @@ use super::BackupError;
 use super::control::{self, CONTROL_FILE};
 use super::differences::{BaseRef, DeltaBases, Sealed, deltas_named, seal_delta};
 use super::file_reads::{Body, Buffers, Reads};
-use super::inventory::{At, Base, Inventory, Previous, Roots, TakenOver};
+use super::inventory::{Base, Inventory, Previous, Roots, TakenOver};
 use super::listing::{ItemNo, Listing, Place};
 use super::open_ahead::{Ahead, OpenAhead};
 use super::pages::{self, PageCheck, Tally};
+use super::walk::At;
 use crate::basebackup::chunk::{self, ChunkError, ChunkId};
 use crate::basebackup::manifest::{BackupStats, Delta, Entry, Tablespace, Within};
 use crate::basebackup::pack::{PACK_TARGET, PackBuilder, PackRecord};
@@ -119,7 +120,6 @@ pub(super) async fn copy_files(
         examined_after_ns,
     } = inventory;
     let base = previous.filter(|p| p.take_over).map(Previous::base);
-    let sources = Arc::new(sources);
     // The walk's sources are the list's first entries, named by the walk.
     let prior = previous
         .filter(|p| p.take_over)
@@ -892,7 +892,7 @@ fn blocking_err(e: tokio::task::JoinError) -> ChunkError {
 mod tests {
     use std::sync::Arc;
 
-    use super::super::inventory::{Source, Walk};
+    use super::super::walk::{Source, Walk};
     use super::*;
     use crate::basebackup::chunk::read_chunk;
     use crate::basebackup::pack::Places;
@@ -933,7 +933,7 @@ mod tests {
             pages: None,
         };
         let inventory = Inventory {
-            sources: Walk::of(sources).unwrap(),
+            sources: Arc::new(Walk::of(sources).unwrap()),
             tablespaces: vec![],
             roots: Roots::of(dir.path()),
             examined_after_ns: 0,
