@@ -272,7 +272,7 @@ impl Copier {
         clock_ns: i64,
     ) -> Result<(), BackupError> {
         if src.is_dir {
-            self.listing.found(at);
+            self.listing.found(at)?;
             return Ok(());
         }
         let (file, stat) = if src.rel == CONTROL_FILE {
@@ -315,7 +315,7 @@ impl Copier {
             }
             file => self.read_chunks(file, entry, roots, check).await?,
         };
-        self.listing.set_size(entry, size);
+        self.listing.set_size(entry, size)?;
         self.stats.files += 1;
         self.stats.logical_bytes += size;
         Ok(())
@@ -528,7 +528,7 @@ impl Copier {
         } else {
             self.hand_off(&mut file, last).await?;
         }
-        self.listing.set_size(file.entry, file.size);
+        self.listing.set_size(file.entry, file.size)?;
         self.stats.files += 1;
         self.stats.logical_bytes += file.size;
         Ok(())
