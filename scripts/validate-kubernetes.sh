@@ -9,7 +9,7 @@ venv=${VENV:-target/kubernetes-validate-venv}
 version=1.37.0 # kubernetes-validate, pinned
 if ! "$venv/bin/kubernetes-validate" --version 2>/dev/null | grep -q "$version"; then
   echo "validate-kubernetes: installing kubernetes-validate $version into $venv" >&2
-  python3 -m venv "$venv"
+  python3 -m venv --clear "$venv" # --clear: a venv moved with its target/ keeps stale paths
   "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$version"
 fi
 args=(--strict)
