@@ -1511,16 +1511,18 @@ def merge_results(old, new):
     """`new`'s rounds added to `old`'s (each round keeps every tool's figures of that round, so
     per-round ratios stay within one run). Each round is stamped with the index of its run in
     "runs" (commit, versions, start); shapes and stores absent from `old` are taken whole."""
+    def store_sets(results):  # every {store: {"rounds"}} of a results JSON
+        for sh in results.get("shapes", {}).values():
+            yield sh["stores"]
+            yield from (part["stores"] for part in sh.get("curve", {}).values())
+        yield results.get("stores", {})
+
     runs = runs_of(old)
     if not old.get("runs"):
-        for sh in old.get("shapes", {}).values():
-            for part in [sh] + list(sh.get("curve", {}).values()):
-                for st in part.get("stores", {}).values():
-                    for r in st["rounds"]:
-                        r.setdefault("run", 0)
-        for st in old.get("stores", {}).values():
-            for r in st["rounds"]:
-                r.setdefault("run", 0)
+        for stores in store_sets(old):
+            for st in stores.values():
+                for r in st["rounds"]:
+                    r.setdefault("run", 0)
     index = len(runs)
     runs = runs + runs_of(new)
 

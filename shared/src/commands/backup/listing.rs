@@ -231,10 +231,7 @@ impl Listing {
                         .expect("a slot without an item is the walk's")
                         .get(at),
                 );
-                let i = u32_of(self.items.len(), "entries")?;
-                if i & TAKEN != 0 {
-                    return Err(too_many("entries"));
-                }
+                let i = self.next_item()?;
                 self.items.push(item);
                 self.slots.as_mut().expect("only slots are empty or taken")[at] = i;
                 i as usize
@@ -243,12 +240,18 @@ impl Listing {
         Ok(&mut self.items[i])
     }
 
-    fn push(&mut self, path: &str, mode: u32, flags: u8) -> Result<ItemNo, BackupError> {
+    /// The index the next item takes in `items`; with slots, one a slot can hold.
+    fn next_item(&self) -> Result<u32, BackupError> {
         let i = u32_of(self.items.len(), "entries")?;
+        if self.slots.is_some() && i & TAKEN != 0 {
+            return Err(too_many("entries"));
+        }
+        Ok(i)
+    }
+
+    fn push(&mut self, path: &str, mode: u32, flags: u8) -> Result<ItemNo, BackupError> {
+        let i = self.next_item()?;
         if let Some(slots) = &mut self.slots {
-            if i & TAKEN != 0 {
-                return Err(too_many("entries"));
-            }
             slots.push(i);
         }
         self.names.push(path)?;
@@ -386,15 +389,11 @@ impl Listing {
                 self.path(at)
             )));
         }
-        let first = u32_of(end, "chunks")?;
-        let item = self.item_mut(at)?;
         if idx == 0 {
-            item.first = first;
-        }
-        item.count += 1;
-        if idx == 0 {
+            self.item_mut(at)?.first = u32_of(end, "chunks")?;
             self.reading = Some(at);
         }
+        self.item_mut(at)?.count += 1;
         self.places.push(UNFILLED);
         Ok(end)
     }
@@ -446,13 +445,11 @@ impl Listing {
 
     /// Whether any file lies within a shared chunk.
     pub(super) fn any_within(&self) -> bool {
-        (0..self.len())
-            .filter(|&at| self.is_live(at))
-            .any(|at| match self.slot(at) {
-                Slot::Item(i) => self.items[i].flags & WITHIN != 0,
-                Slot::Taken { prior, .. } => self.prior_files().is_some_and(|f| f.is_within(prior)),
-                Slot::Empty => false,
-            })
+        (0..self.len()).any(|at| match self.slot(at) {
+            Slot::Item(i) => self.items[i].flags & (GONE | WITHIN) == WITHIN,
+            Slot::Taken { prior, out: false } => self.prior_files().is_some_and(|f| f.is_within(prior)),
+            Slot::Taken { out: true, .. } | Slot::Empty => false,
+        })
     }
 
     /// The previous backup's entries of the files taken over, and whether each is left out.

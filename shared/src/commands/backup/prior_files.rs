@@ -98,6 +98,15 @@ pub(super) struct PriorFiles {
     walked: usize,
 }
 
+/// Where `value` is in `list`, a list of the few distinct values met (backups that read a
+/// file, devices), added at its end when first met.
+fn index_in<T: PartialEq + Clone>(list: &mut Vec<T>, value: &T) -> usize {
+    list.iter().position(|v| v == value).unwrap_or_else(|| {
+        list.push(value.clone());
+        list.len() - 1
+    })
+}
+
 fn u32_of(n: u64, path: &str, what: &str) -> Result<u32, BackupError> {
     u32::try_from(n).map_err(|_| refused(path, &format!("{what} beyond what a backup's list holds")))
 }
@@ -218,13 +227,7 @@ impl PriorFiles {
         }
         let read_by = match &r.read_by {
             None => 0,
-            Some(id) => match self.readers.iter().position(|b| b == id) {
-                Some(i) => i + 1,
-                None => {
-                    self.readers.push(id.clone());
-                    self.readers.len()
-                }
-            },
+            Some(id) => 1 + index_in(&mut self.readers, id),
         };
         let first = item.first as usize;
         for (k, len) in r.stored.iter().enumerate() {
@@ -237,13 +240,7 @@ impl PriorFiles {
             ino: 0,
             dev: 0,
         });
-        let dev = match self.devs.iter().position(|&d| d == s.dev) {
-            Some(i) => i,
-            None => {
-                self.devs.push(s.dev);
-                self.devs.len() - 1
-            }
-        };
+        let dev = index_in(&mut self.devs, &s.dev);
         self.records[at] = Record {
             mtime_ns: s.mtime_ns,
             ctime_ns: s.ctime_ns,
