@@ -73,6 +73,8 @@ import s3_bench as s3b  # noqa: E402  (Garage, its metrics and bucket counters)
 PG = ab.PG
 ROOT = ab.ROOT
 BIN_DIR = os.environ.get("WALVAULT_BIN_DIR", os.path.join(ROOT, "target/release"))
+# With BENCH_LOG_DIR set, every timed command and its stderr are appended to commands.log there.
+LOG_DIR = os.environ.get("BENCH_LOG_DIR")
 RIVALS = os.environ.get("WALVAULT_RIVALS_BIN", "/var/cache/walvault-rivals/bin")
 RIVALS_BUILD = os.environ.get("WALVAULT_RIVALS_BUILD", "/work/shared/rivals/build.sh")
 PGBR_VERSION = "2.59.1"
@@ -177,6 +179,10 @@ def timed(cmd, env=None, cwd=None, check=True):
     out.seek(0)
     err.seek(0)
     stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if LOG_DIR:
+        # Every timed command's stderr, with its time: where a tool's own log says it waited.
+        with open(os.path.join(LOG_DIR, "commands.log"), "a") as f:
+            f.write(f"=== {time.strftime('%H:%M:%S')} {secs:.3f} s rc {p.returncode}: {cmd}\n{stderr}\n")
     if check and p.returncode != 0:
         raise RuntimeError(f"failed ({p.returncode}): {cmd}\n{stdout[-1500:]}\n{stderr[-3000:]}")
     return round(secs, 3), ru.ru_maxrss, stdout
@@ -764,6 +770,23 @@ def verify_restore(ctx, store, dest, want, tag):
     return got
 
 
+# How long before a backup the source's last write must lie for walvault to take the file over
+# unread from that backup at the next one (shared/src/basebackup/reuse.rs, SETTLE): a write in the
+# same timestamp tick as the backup's stat would not show.
+REUSE_SETTLE_S = 5
+
+
+def quiesce(c):
+    """Write out what the digest and the cluster's start left dirty (hint bits), then wait until
+    the source's last write is REUSE_SETTLE_S old, as on a server whose data was not loaded
+    seconds before its full backup. Without it, every file the bench's own load or checkpoint
+    wrote just before the first backup is read again by walvault's second backup, and "second
+    backup, no change" measures that re-read (786 MB at pgbench 50) rather than a backup of a
+    cluster where nothing changed. Every tool runs after the same wait."""
+    c.psql("checkpoint")
+    time.sleep(REUSE_SETTLE_S)
+
+
 def limits(ctx, c, tag):
     """The physical limits on this machine for this shape (bench/src/bin/limits.rs): backup =
     read the data directory and compress it at --parallel; restore = the larger of decompressing
@@ -822,6 +845,7 @@ def backup_round(ctx, store, rnd, c, shape):
     res = {k: {} for k in ("full", "restore", "second_nochange", "second_change", "restore_changed",
                            "delta_restore")}
     want = digest(c.port)
+    quiesce(c)
 
     def backup(tool, kind):
         t = tools[tool]
