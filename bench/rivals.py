@@ -75,6 +75,8 @@ ROOT = ab.ROOT
 BIN_DIR = os.environ.get("WALVAULT_BIN_DIR", os.path.join(ROOT, "target/release"))
 # With BENCH_LOG_DIR set, every timed command and its stderr are appended to commands.log there.
 LOG_DIR = os.environ.get("BENCH_LOG_DIR")
+if LOG_DIR:
+    os.makedirs(LOG_DIR, exist_ok=True)
 RIVALS = os.environ.get("WALVAULT_RIVALS_BIN", "/var/cache/walvault-rivals/bin")
 RIVALS_BUILD = os.environ.get("WALVAULT_RIVALS_BUILD", "/work/shared/rivals/build.sh")
 PGBR_VERSION = "2.59.1"

@@ -253,7 +253,11 @@ async fn finish_backup(
     if outcome.server.from_standby {
         Primary::complete_stop_segment(primary, &stop_seg, seg_size).await;
     }
+    let since = std::time::Instant::now();
     finish::wait_for_wal(store, &outcome.label.start_wal, &stop_seg, seg_size, wal_timeout).await?;
+    // Where a backup with little to copy spends its time, and what an archiver that is behind
+    // costs it.
+    tracing::info!(stop = %stop_seg, "the backup's WAL is in the repository after {:.2?}", since.elapsed());
     let (frame, listing) = finish::manifest(outcome, stop_seg);
     finish::record(store, repo.sealer(), lock, frame, &listing).await
 }

@@ -59,9 +59,7 @@ pub(super) async fn wait_for_wal(
         return Err(BackupError::Label(label::LabelError("a segment number in range")));
     };
     let deadline = tokio::time::Instant::now() + timeout;
-    // The stop segment was just completed: archiving it takes milliseconds when all is well, so
-    // look again soon, then less and less often.
-    let mut pause = Duration::from_millis(10);
+    let mut looks = Looks::default();
     for no in first.through(last) {
         let seg = SegmentName::from_no(stop.timeline, no, seg_size);
         let key = wal_key(&WalFileName::Segment(seg));
@@ -72,11 +70,39 @@ pub(super) async fn wait_for_wal(
                     waited: timeout,
                 });
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
+            tokio::time::sleep(looks.next_pause()).await;
         }
     }
     Ok(())
+}
+
+/// How long [`wait_for_wal`] pauses before each look at the repository. The stop segment was
+/// just completed, and archiving it takes tens of milliseconds when all is well (a push: its
+/// process, compression and `fsync`, or its PUT): the first [`Looks::SOON`] looks are
+/// [`Looks::FIRST`] apart, so that a backup with little to copy, which is mostly this wait,
+/// does not sleep long past the push (doubling from the first look, a push done at 75 ms was
+/// seen at 150). Then the pause doubles up to [`Looks::MOST`]: an archiver that is behind costs
+/// a look or five a second, on a remote store requests.
+#[derive(Debug, Default)]
+struct Looks {
+    made: u32,
+    pause: Duration,
+}
+
+impl Looks {
+    const FIRST: Duration = Duration::from_millis(10);
+    const SOON: u32 = 20;
+    const MOST: Duration = Duration::from_millis(200);
+
+    fn next_pause(&mut self) -> Duration {
+        self.made += 1;
+        self.pause = if self.made <= Self::SOON {
+            Self::FIRST
+        } else {
+            (self.pause * 2).min(Self::MOST)
+        };
+        self.pause
+    }
 }
 
 /// What a backup learnt in each phase, for its manifest.
@@ -261,6 +287,20 @@ mod tests {
         assert_eq!(seg(0x4000000, None), "000000010000000000000003");
         // A standby that stayed on the label's timeline.
         assert_eq!(seg(0x3000100, Some(1)), "000000010000000000000003");
+    }
+
+    #[test]
+    fn the_wal_wait_looks_often_at_first_then_less_and_less_often() {
+        let mut looks = Looks::default();
+        let pauses: Vec<u64> = (0..30).map(|_| looks.next_pause().as_millis() as u64).collect();
+        // A push done at 75 ms is seen by 80 ms, not at 150 as when the pause doubled from the
+        // first look.
+        assert!(pauses[..20].iter().all(|&p| p == 10), "{pauses:?}");
+        assert_eq!(&pauses[20..25], &[20, 40, 80, 160, 200]);
+        assert!(pauses[25..].iter().all(|&p| p == 200), "{pauses:?}");
+        // An archiver that is behind costs at most 5 looks a second once past the first ones.
+        let first_second: u64 = pauses[..25].iter().sum();
+        assert!(first_second < 1000, "{first_second}");
     }
 
     #[test]
