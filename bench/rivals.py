@@ -142,7 +142,7 @@ def tool_env(extra=None):
 #
 # Why (session 61): this machine's root file system is ext4 *without a journal* (/proc/fs/jbd2
 # is empty). In that mode ext4 does not hand out an inode number freed less than 60 s before
-# (fs/ext4/ialloc.c, recently_deleted(), RECENTCY_MIN = 60 since Linux 5.7; 300 s while the
+# (fs/ext4/ialloc.c, recently_deleted(), RECENTCY_MIN = 60 since a 2020 change; 300 s while the
 # inode table block is still dirty, hence the `sync`): every file created in that minute skips
 # the recently freed inodes one by one, under its directory's lock (session 57's `perf`: 30% of
 # the samples in recently_deleted). The window is a minute whatever the count, so a deletion of
