@@ -6,8 +6,9 @@
 #   SHAPE=pgbench SCALE=50 bench/restore_variants.sh "--sync-method syncfs" "--sync-method fsync"
 #   SHAPE=many bench/restore_variants.sh ...   # 10,000 tables of 50 rows with their keys (~41,000 files)
 #
-# SETTLE=N waits N seconds after deleting the previous restore (ext4 avoids reusing inodes freed
-# in the last ~30 s, which makes a restore right after a delete slower). Run as root (PostgreSQL
+# SETTLE=N waits N seconds after deleting the previous restore (ext4 without a journal, as here,
+# does not reuse inodes freed in the last 60 s, which makes a restore right after a delete slower:
+# docs/BENCH.md, "The disk after a deletion"; SETTLE=62 waits it out). Run as root (PostgreSQL
 # runs as postgres). The cluster and its backup are kept in $WORK (default /var/tmp/walvault-rv-$SHAPE)
 # and reused; delete it to start over. Binaries from $BIN (default target/release); a variant that
 # begins with @DIR uses the restore-agent in DIR instead (to compare two builds, interleaved):
