@@ -812,14 +812,15 @@ def quiesce(c):
     time.sleep(REUSE_SETTLE_S)
 
 
-def rounds_before(earlier, spec, kind):
-    """How many rounds of shape `spec` on store `kind` the JSON appended to holds already: an
-    appended run's rounds go on rotating the order of the tools from there, so that each tool
-    goes first as often as the others across runs (the first of a round meets the disk as the
-    bench's deletions left it)."""
+def rounds_before(earlier, kind, spec=None):
+    """How many rounds on store `kind` the JSON appended to holds already, of shape `spec` (or,
+    without one, of the WAL scenarios): an appended run's rounds go on rotating the order of the
+    tools from there, so that each tool goes first as often as the others across runs (the first
+    of a round meets the disk as the bench's deletions left it)."""
     if earlier is None:
         return 0
-    return len(earlier.get("shapes", {}).get(spec, {}).get("stores", {}).get(kind, {}).get("rounds", []))
+    held = earlier.get("shapes", {}).get(spec, {}) if spec is not None else earlier
+    return len(held.get("stores", {}).get(kind, {}).get("rounds", []))
 
 
 def limits(ctx, c, tag):
@@ -1823,7 +1824,7 @@ def main():
                                 + (f", parallel {n}" if ctx.curve else ""))
                             cluster_start(bk, store.env)  # the postmaster's environment: this store's
                             try:
-                                run_r = backup_round(ctx, store, rnd + rounds_before(earlier, shape.spec, kind),
+                                run_r = backup_round(ctx, store, rnd + rounds_before(earlier, kind, shape.spec),
                                                      bk, shape)
                             finally:
                                 cluster_stop(bk)
@@ -1839,8 +1840,7 @@ def main():
                 for kind in stores:
                     store = Store(kind, work, garage, stunnels.get(kind), azurite)
                     log(f"WAL, {kind}: round {rnd + 1} of {rounds}")
-                    prior = len(earlier.get("stores", {}).get(kind, {}).get("rounds", [])) if earlier else 0
-                    run_r = wal_round(ctx, store, rnd + prior)
+                    run_r = wal_round(ctx, store, rnd + rounds_before(earlier, kind))
                     run_r["loadavg_1m"] = round(os.getloadavg()[0], 2)
                     results["stores"][kind]["rounds"].append(run_r)
         ok = True
