@@ -613,7 +613,8 @@ fn ctrl_c_stops_the_private_server_and_removes_the_scratch() -> Result<()> {
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn()?;
     host::kill_with_this_process(child.id());
-    let pid_file = host::wait_for(
+    // PostgreSQL creates postmaster.pid, then writes it: wait for the pid, not for the file.
+    let postmaster = host::wait_for(
         "the private server to start",
         Duration::from_secs(120),
         Duration::from_millis(20),
@@ -621,14 +622,13 @@ fn ctrl_c_stops_the_private_server_and_removes_the_scratch() -> Result<()> {
             let found = std::fs::read_dir(scratch.path())?
                 .flatten()
                 .map(|e| e.path().join("data/postmaster.pid"))
-                .find(|p| p.exists());
+                .find_map(|p| postmaster_pid(&p).ok());
             Ok(match found {
-                Some(p) => Poll::Done(p),
-                None => Poll::Waiting("no postmaster.pid yet".into()),
+                Some(pid) => Poll::Done(pid),
+                None => Poll::Waiting("no pid in a postmaster.pid yet".into()),
             })
         },
     )?;
-    let postmaster = postmaster_pid(&pid_file)?;
     // SIGINT to the agent, as Ctrl-C in a terminal would (as root it runs under runuser: its
     // child).
     let agent = match host::is_root() {
